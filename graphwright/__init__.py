@@ -1,0 +1,16 @@
+"""graphwright: a compiler for pretrained transformer LLMs.
+
+Capture an unmodified Hugging Face model as a step graph with explicit KV state, rewrite it
+with training-free passes, and run or export the result.
+"""
+
+__version__ = "0.1.0"
+
+from .capture import capture
+from .compile import compile  # noqa: A004
+from .compiled import CompiledModel
+from .errors import CaptureError, GraphwrightError, ModelLoadError, RecipeError
+from .models import BUILTIN_MODELS, load_model
+
+__all__ = ["__version__", "capture", "compile", "CompiledModel", "load_model", "BUILTIN_MODELS",
+           "GraphwrightError", "RecipeError", "CaptureError", "ModelLoadError"]

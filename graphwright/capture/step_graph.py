@@ -1,0 +1,92 @@
+"""The step graph: a pure function ``(input_ids, positions, logits_index, state...) -> (logits, state...)``.
+
+One graph serves prefill and decode. ``state`` is the explicit KV cache: the key positions
+[B, S] followed, per layer, by keys and values. Passes may change what a layer's state holds
+(latent K/V, per-head evicted caches); they do so by editing the graph *and* the
+``StateSpec`` list, which is what the runtime reads to allocate, thread and account for the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One state tensor threaded from a step's outputs to the next step's inputs.
+
+    ``shape``: the tensor's shape with ``-1`` for the batch dimension and ``0`` for the
+    sequence dimension (``seq_dim``) of an empty cache. ``kind`` is ``"positions"`` for
+    bookkeeping or ``"kv"`` for bytes that count as KV cache.
+    """
+
+    name: str
+    kind: str  # "positions" | "kv"
+    shape: tuple
+    dtype: torch.dtype
+    seq_dim: int
+    layer: int | None = None
+
+    def empty(self, batch: int, device=None) -> torch.Tensor:
+        shape = [batch if s == -1 else s for s in self.shape]
+        shape[self.seq_dim] = 0
+        return torch.zeros(shape, dtype=self.dtype, device=device)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Facts about the captured model that passes, runtime and reports need."""
+
+    architecture: str
+    model_type: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    dtype: torch.dtype
+    eos_token_id: tuple = ()
+    pad_token_id: int | None = None
+    max_positions: int | None = None
+    is_moe: bool = False
+    attention_modules: tuple = ()  # module path per layer
+    moe_modules: tuple = ()  # module path per MoE block
+
+    def dense_kv_bytes_per_token(self) -> int:
+        """Bytes one token occupies in a dense cache: 2 (K and V) x layers x KV heads x head dim."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.tensor([], dtype=self.dtype).element_size()
+
+
+@dataclass
+class StepGraph:
+    """A captured (and possibly rewritten) step graph with its state layout."""
+
+    gm: torch.fx.GraphModule
+    info: ModelInfo
+    state: list  # list[StateSpec], in graph input/output order
+    notes: dict = field(default_factory=dict)  # per-pass decisions, filled by passes
+
+    def init_state(self, batch: int, device=None) -> list:
+        return [s.empty(batch, device) for s in self.state]
+
+    def __call__(self, input_ids, positions, logits_index, state):
+        out = self.gm(input_ids, positions, logits_index, *state)
+        return out[0], list(out[1:])
+
+    def copy(self) -> "StepGraph":
+        """A deep copy of the graph structure sharing parameter tensors (passes rewrite copies)."""
+        import copy
+
+        gm = torch.fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph))
+        for attr in ("_in_spec", "_out_spec"):
+            if hasattr(self.gm, attr):
+                setattr(gm, attr, getattr(self.gm, attr))
+        if hasattr(self.gm, "_graphwright_codegen"):
+            gm._graphwright_codegen = self.gm._graphwright_codegen
+        return replace(self, gm=gm, state=list(self.state), notes={k: v for k, v in self.notes.items()})
+
+    def nodes(self, target=None):
+        return [n for n in self.gm.graph.nodes if n.op == "call_function" and (target is None or n.target == target)]

@@ -1,0 +1,34 @@
+"""Lower a step graph's graphwright ops to a backend's implementations.
+
+``cm.graph`` keeps the graphwright ops (what passes, inspection and export read). The runtime
+runs a lowered copy whose op nodes call the backend's functions directly. Backends are data: a
+table from op to implementation, so adding one (Triton, ...) is a new table, not a new pipeline.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..capture.ops import ATTENTION, MOE_EXPERTS, attention_reference, moe_experts_reference
+from .torch.attention import attention_sdpa
+
+BACKEND_TABLES = {
+    "reference": {ATTENTION: attention_reference, MOE_EXPERTS: moe_experts_reference},
+    "torch": {ATTENTION: attention_sdpa, MOE_EXPERTS: moe_experts_reference},
+}
+
+
+def lower(gm: torch.fx.GraphModule, backend: str = "torch") -> torch.fx.GraphModule:
+    """A copy of ``gm`` whose graphwright op nodes call ``backend``'s implementations."""
+    if backend not in BACKEND_TABLES:
+        raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKEND_TABLES)}")
+    table = BACKEND_TABLES[backend]
+    graph = copy.deepcopy(gm.graph)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in table:
+            node.target = table[node.target]
+    out = torch.fx.GraphModule(gm, graph)
+    out.recompile()
+    return out

@@ -1,0 +1,131 @@
+"""The prefill/decode loop over a step function, with left padding and KV accounting.
+
+One loop serves every backend: anything with ``step(input_ids, positions, logits_index, state)
+-> (logits, state)`` and a list of ``StateSpec`` (the torch step graph, an ONNX Runtime session).
+The runtime owns the cache: it allocates the empty state, threads each step's state outputs into
+the next step, and measures what the state really holds.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .sampling import choose_next
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] 0/1 mask -> absolute positions, -1 on padding (real tokens count from 0)."""
+    pos = attention_mask.long().cumsum(dim=1) - 1
+    return pos.masked_fill(attention_mask == 0, -1)
+
+
+def state_bytes(state, specs, kind: str = "kv") -> int:
+    return sum(t.numel() * t.element_size() for t, s in zip(state, specs) if s.kind == kind)
+
+
+def check_prompt(input_ids, attention_mask, vocab_size: int):
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids must be a LongTensor [batch, seq]; got {type(input_ids).__name__}")
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids must be [batch, seq] with seq >= 1; got shape {list(input_ids.shape)}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be integer token ids; got dtype {input_ids.dtype}")
+    if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size:
+        raise ValueError(f"token ids must be in [0, {vocab_size}); got range [{int(input_ids.min())}, {int(input_ids.max())}]")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {list(attention_mask.shape)} != input_ids shape {list(input_ids.shape)}")
+    if bool((attention_mask.sum(dim=1) == 0).any()):
+        raise ValueError("every row of attention_mask needs at least one real (1) token")
+    if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
+        raise ValueError("attention_mask must be left-padded (zeros before ones in each row)")
+    return input_ids.long(), attention_mask.long()
+
+
+class Runtime:
+    """Generation and scoring over a step function with explicit state."""
+
+    def __init__(self, step, specs, info):
+        self.step = step
+        self.specs = specs
+        self.info = info
+        self.last_stats: dict = {}
+
+    @torch.inference_mode()
+    def logits(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """Logits [B, T, V] for every prompt position (one prefill step)."""
+        input_ids, attention_mask = check_prompt(input_ids, attention_mask, self.info.vocab_size)
+        B, T = input_ids.shape
+        state = [s.empty(B, input_ids.device) for s in self.specs]
+        logits, _ = self.step(input_ids, positions_from_mask(attention_mask), torch.arange(T, device=input_ids.device), state)
+        return logits
+
+    @torch.inference_mode()
+    def generate(self, input_ids, max_new_tokens: int = 32, attention_mask=None, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None, seed: int | None = None,
+                 eos_token_id=None, pad_token_id=None) -> torch.Tensor:
+        """Token ids [B, T + n] like Hugging Face ``generate``: prompt, then new tokens (greedy by default).
+
+        Stops when every row has produced an EOS or after ``max_new_tokens``; finished rows are
+        filled with ``pad_token_id``.
+        """
+        input_ids, attention_mask = check_prompt(input_ids, attention_mask, self.info.vocab_size)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
+        eos = self.info.eos_token_id if eos_token_id is None else (
+            (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
+        pad = pad_token_id if pad_token_id is not None else (self.info.pad_token_id if self.info.pad_token_id is not None else (eos[0] if eos else 0))
+        gen = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
+        B, T = input_ids.shape
+        device = input_ids.device
+        state = [s.empty(B, device) for s in self.specs]
+        positions = positions_from_mask(attention_mask)
+        eos_t = torch.tensor(eos, device=device) if eos else None
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        tokens = [input_ids]
+        peak = 0
+
+        t0 = time.perf_counter()
+        logits, state = self.step(input_ids, positions, torch.tensor([T - 1], device=device), state)
+        prefill_s = time.perf_counter() - t0
+        peak = max(peak, state_bytes(state, self.specs))
+        next_pos = positions[:, -1:] + 1
+        t1 = time.perf_counter()
+        steps = 0
+        for i in range(max_new_tokens):
+            nxt = choose_next(logits[:, -1], do_sample, temperature, top_k, top_p, gen)
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+            tokens.append(nxt[:, None])
+            if eos_t is not None:
+                finished = finished | torch.isin(nxt, eos_t)
+            if i == max_new_tokens - 1 or bool(finished.all()):
+                break
+            logits, state = self.step(nxt[:, None], next_pos, torch.zeros(1, dtype=torch.long, device=device), state)
+            next_pos = next_pos + 1
+            steps += 1
+            peak = max(peak, state_bytes(state, self.specs))
+        decode_s = time.perf_counter() - t1
+        out = torch.cat(tokens, dim=1)
+        kv = state_bytes(state, self.specs)
+        seq_len = T + steps
+        dense = self.info.dense_kv_bytes_per_token() * B * seq_len
+        self.last_stats = {
+            "batch": B,
+            "prompt_tokens": int(attention_mask.sum()),
+            "new_tokens": out.shape[1] - T,
+            "kv_bytes": kv,
+            "kv_bytes_dense": dense,
+            "kv_fraction": kv / dense if dense else 0.0,
+            "kv_peak_bytes": peak,
+            "kv_index_bytes": state_bytes(state, self.specs, "positions"),
+            "prefill_s": prefill_s,
+            "decode_s": decode_s,
+            "prefill_tokens_per_s": int(attention_mask.sum()) / prefill_s if prefill_s > 0 else 0.0,
+            "decode_tokens_per_s": B * steps / decode_s if steps and decode_s > 0 else 0.0,
+        }
+        return out
