@@ -1,0 +1,147 @@
+"""What a rewrite pass is: a small object with a recipe name, declared arguments, and ``run``.
+
+A pass rewrites the step graph (nodes, parameters and the ``StateSpec`` list) and never
+touches the Hugging Face module. It records what it did in ``sg.notes[name]`` as plain data::
+
+    sg.notes["lowrank_kv"] = {
+        "per_layer": {0: {"r_k": 96, "r_v": 80}, 1: {...}},   # shown by cm.report()
+        "counts": {"attention_rewritten": 30},                # asserted by tests
+        "settings": {...},                                    # how it was calibrated
+    }
+
+and tags each attention node it changes with ``node.meta["graphwright"]["variant"]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ..errors import RecipeError
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One declared pass argument: type, default, allowed range or choices, and a one-line doc.
+
+    ``type`` is one of ``bool, int, float, str, list, dict`` or a tuple of them (e.g.
+    ``(int, float)`` for "a fraction or a token count"). ``default=None`` with
+    ``required=False`` means "computed by the pass when not given".
+    """
+
+    name: str
+    type: Any
+    default: Any = None
+    doc: str = ""
+    choices: tuple | None = None
+    min: float | None = None
+    max: float | None = None
+    required: bool = False
+
+
+@dataclass
+class PassContext:
+    """What passes may read besides the graph: the source model, tokenizer and calibration data."""
+
+    model: Any = None
+    tokenizer: Any = None
+    calibration_ids: Any = None  # LongTensor [B, T] of calibration text, when a pass profiles
+    extra: dict = field(default_factory=dict)
+
+
+class Pass:
+    """Base class of rewrite passes. Subclasses set ``name``, ``exact``, ``args`` and ``run``."""
+
+    name: ClassVar[str] = ""
+    exact: ClassVar[bool] = False
+    args: ClassVar[tuple[Arg, ...]] = ()
+    doc: ClassVar[str] = ""
+
+    def __init__(self, **values):
+        self.values = validate_args(self.name, self.args, values)
+
+    def __getattr__(self, item):
+        values = self.__dict__.get("values", {})
+        if item in values:
+            return values[item]
+        raise AttributeError(item)
+
+    def applies_to(self, sg) -> str | None:
+        """None when the pass applies to this graph; otherwise the reason it does not."""
+        return None
+
+    def is_identity(self) -> bool:
+        """True when these argument values make the pass exact (its 'exact setting')."""
+        return self.exact
+
+    def run(self, sg, ctx: PassContext):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.values.items())})"
+
+
+PASS_REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make a pass available to recipes under ``cls.name``."""
+    if not cls.name or cls.name in PASS_REGISTRY:
+        raise ValueError(f"pass name {cls.name!r} is empty or already registered")
+    PASS_REGISTRY[cls.name] = cls
+    return cls
+
+
+def _type_name(t) -> str:
+    if isinstance(t, tuple):
+        return " or ".join(_type_name(x) for x in t)
+    return getattr(t, "__name__", str(t))
+
+
+def _check_type(pass_name: str, arg: Arg, value):
+    types = arg.type if isinstance(arg.type, tuple) else (arg.type,)
+    ok = False
+    for t in types:
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            ok = True
+            if int not in types:
+                value = float(value)
+            break
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+            break
+        if t not in (int, float) and isinstance(value, t):
+            ok = True
+            break
+    if not ok:
+        raise RecipeError(f"{pass_name}: argument {arg.name!r} must be {_type_name(arg.type)}; got {value!r} ({type(value).__name__})")
+    if arg.choices is not None and value not in arg.choices:
+        raise RecipeError(f"{pass_name}: argument {arg.name!r} must be one of {list(arg.choices)}; got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value != value:  # NaN
+            raise RecipeError(f"{pass_name}: argument {arg.name!r} must be a number; got NaN")
+        lo = "-inf" if arg.min is None else arg.min
+        hi = "inf" if arg.max is None else arg.max
+        if (arg.min is not None and value < arg.min) or (arg.max is not None and value > arg.max):
+            raise RecipeError(f"{pass_name}: argument {arg.name!r} = {value!r} is out of range [{lo}, {hi}]")
+    return value
+
+
+def validate_args(pass_name: str, declared: tuple[Arg, ...], values: dict) -> dict:
+    """Check names, types and ranges; fill defaults. Raises ``RecipeError`` naming the problem."""
+    by_name = {a.name: a for a in declared}
+    unknown = [k for k in values if k not in by_name]
+    if unknown:
+        valid = ", ".join(by_name) or "(none)"
+        raise RecipeError(f"{pass_name}: unknown argument {unknown[0]!r}; valid arguments: {valid}")
+    out = {}
+    for a in declared:
+        if a.name in values and values[a.name] is not None:
+            out[a.name] = _check_type(pass_name, a, values[a.name])
+        elif a.required:
+            raise RecipeError(f"{pass_name}: argument {a.name!r} is required ({a.doc})")
+        else:
+            out[a.name] = a.default
+    return out
