@@ -1,0 +1,69 @@
+"""``graphwright demo``: the built-in real model before and after the richest working recipe."""
+
+from __future__ import annotations
+
+import time
+
+from rich.table import Table
+
+from .common import add_model_args, add_recipe_arg, compile_model, console, encode, load, write_json
+
+# The richest recipe that works today; each pass issue adds its pass here.
+DEMO_RECIPE = "noop"
+DEMO_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+
+
+def add_parser(sub):
+    p = sub.add_parser("demo", help="load SmolLM2-135M, compile it with the demo recipe, compare before/after",
+                       description="Generate from a prompt with the original model and the compiled one; "
+                                   "show the report, KV memory and speed side by side.")
+    add_model_args(p)
+    add_recipe_arg(p, default=DEMO_RECIPE)
+    p.add_argument("--prompt", default=DEMO_PROMPT)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--out", default="out/demo", help="folder for demo.json")
+
+
+def _hf_generate(model, ids, n):
+    """The original model with Hugging Face's own generate and cache, for the 'before' column."""
+    import torch
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, return_dict_in_generate=True)
+    seconds = time.perf_counter() - t0
+    cache = out.past_key_values
+    kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return out.sequences, seconds, kv
+
+
+def run(args):
+    model, tok = load(args)
+    cm = compile_model(model, tok, args.recipe)
+    console.print(cm.report())
+    ids = encode(tok, args.prompt)
+    before, hf_s, hf_kv = _hf_generate(model, ids, args.max_new_tokens)
+    after = cm.generate(ids, max_new_tokens=args.max_new_tokens)
+    stats = cm.last_stats
+    our_s = stats["prefill_s"] + stats["decode_s"]
+    n_before, n_after = before.shape[1] - ids.shape[1], after.shape[1] - ids.shape[1]
+    text_before = tok.decode(before[0, ids.shape[1]:], skip_special_tokens=True)
+    text_after = tok.decode(after[0, ids.shape[1]:], skip_special_tokens=True)
+
+    table = Table(title=f"{args.model}: before vs after  (recipe: {cm.recipe or 'identity'})")
+    table.add_column("")
+    table.add_column("HF model (before)", overflow="fold")
+    table.add_column("graphwright (after)", overflow="fold")
+    table.add_row("text", text_before, text_after)
+    table.add_row("new tokens", str(n_before), str(n_after))
+    table.add_row("tokens/s (prefill+decode)", f"{n_before / hf_s:.1f}", f"{n_after / our_s:.1f}")
+    table.add_row("KV cache", f"{hf_kv / 2**20:.2f} MiB", f"{stats['kv_bytes'] / 2**20:.2f} MiB ({stats['kv_fraction']:.0%} of dense)")
+    table.add_row("same tokens", "", "yes" if before.shape == after.shape and bool((before == after).all()) else "no")
+    console.print(table)
+    path = write_json({
+        "model": args.model, "recipe": str(cm.recipe or "identity"), "prompt": args.prompt,
+        "before": {"text": text_before, "new_tokens": n_before, "seconds": hf_s, "kv_bytes": hf_kv},
+        "after": {"text": text_after, "new_tokens": n_after, "stats": stats},
+        "report": cm.report().to_dict(),
+    }, f"{args.out}/demo.json")
+    console.print(f"[dim]written {path}[/]")
