@@ -12,6 +12,8 @@ Conventions (shared by all attention variants):
 * ``q_pos``: [B, T] int64 absolute positions of the queries; -1 marks a left-padding token.
 * ``k_pos``: [B, S] (or [B, H_kv, S] for per-head caches) int64 absolute positions of the keys;
   -1 marks an empty or padding slot that is never attended.
+* ``key_bias`` (optional): [B, H, S] additive pre-softmax bias per query head and key column,
+  shared by every query row (PASTA steering adds log(alpha) here; no T x S mask is built).
 * A key is visible to a query iff ``0 <= k_pos <= q_pos`` (and ``q_pos - k_pos < window``
   when ``window > 0``). Padding query rows (q_pos = -1) see every valid key: their output is
   finite garbage that is never read, instead of the NaN a fully masked softmax would give.
@@ -47,8 +49,9 @@ def attention_reference(
     k_pos: torch.Tensor,
     scale: float,
     window: int = 0,
+    key_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal (optionally windowed) grouped-query attention; returns [B, H, T, Dv].
+    """Causal (optionally windowed, optionally key-biased) grouped-query attention; returns [B, H, T, Dv].
 
     Scores and softmax are computed in fp32 and cast back to v's dtype, so low-precision
     variants are judged against the same math.
@@ -60,13 +63,15 @@ def attention_reference(
     # KV head, with no copy of K or V per query head.
     qg = q.reshape(B, Hk, g * T, D).float()
     scores = torch.matmul(qg, k.float().transpose(-1, -2)).view(B, Hk, g, T, S) * scale
+    if key_bias is not None:
+        scores = scores + key_bias.float().view(B, Hk, g, 1, S)
     scores = scores.masked_fill(~visible_mask(q_pos, k_pos, window), torch.finfo(torch.float32).min)
     probs = torch.softmax(scores, dim=-1).view(B, Hk, g * T, S)
     out = torch.matmul(probs, v.float())  # [B, Hk, g*T, Dv]
     return out.reshape(B, H, T, v.shape[-1]).to(v.dtype)
 
 
-def _check_attention_args(q, k, v, q_pos, k_pos):
+def _check_attention_args(q, k, v, q_pos, k_pos, key_bias=None):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"graphwright.attention wants 4-D q/k/v [B, H, T, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[1] % k.shape[1] != 0:
@@ -77,6 +82,8 @@ def _check_attention_args(q, k, v, q_pos, k_pos):
         raise ValueError(f"q_pos must be [B, T] = {[q.shape[0], q.shape[2]]}; got {list(q_pos.shape)}")
     if k_pos.shape[-1] != k.shape[2]:
         raise ValueError(f"k_pos last dim must equal S = {k.shape[2]}; got {list(k_pos.shape)}")
+    if key_bias is not None and tuple(key_bias.shape) != (q.shape[0], q.shape[1], k.shape[2]):
+        raise ValueError(f"key_bias must be [B, H, S] = {[q.shape[0], q.shape[1], k.shape[2]]}; got {list(key_bias.shape)}")
 
 
 @torch.library.custom_op(f"{_LIB}::attention", mutates_args=())
@@ -88,14 +95,15 @@ def attention(
     k_pos: torch.Tensor,
     scale: float,
     window: int = 0,
+    key_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One layer's attention; the torch implementation is the reference."""
-    _check_attention_args(q, k, v, q_pos, k_pos)
-    return attention_reference(q, k, v, q_pos, k_pos, scale, window)
+    _check_attention_args(q, k, v, q_pos, k_pos, key_bias)
+    return attention_reference(q, k, v, q_pos, k_pos, scale, window, key_bias)
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, q_pos, k_pos, scale, window=0):
+def _attention_fake(q, k, v, q_pos, k_pos, scale, window=0, key_bias=None):
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[-1]), dtype=v.dtype)
 
 

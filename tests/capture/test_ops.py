@@ -119,3 +119,25 @@ def test_moe_reference_matches_transformers_experts(tiny):
     assert ops.moe_experts_reference(x, idx1, w, experts.gate_up_proj, experts.down_proj, "silu").shape == (13, 64)
     one = ops.moe_experts_reference(x[:1], idx[:1], w[:1], experts.gate_up_proj, experts.down_proj, "silu")
     assert torch.allclose(one, want[:1], atol=1e-6)
+
+
+def test_key_bias_reweights_columns_like_pasta():
+    """A bias of log(a) on some key columns multiplies their unnormalised attention by a."""
+    q, k, v, qp, kp = _case(1, 4, 2, 3, 6, 8, pad_rows=False)
+    a = 0.01
+    bias = torch.zeros(1, 4, 6)
+    bias[:, 1, :3] = torch.log(torch.tensor(a))  # head 1 down-weights the first 3 keys
+    got = ops.attention_reference(q, k, v, qp, kp, 0.5, key_bias=bias)
+    base = ops.attention_reference(q, k, v, qp, kp, 0.5)
+    assert torch.equal(got[:, [0, 2, 3]], base[:, [0, 2, 3]])  # untouched heads are bit-identical
+    # closed form for head 1: p'_j = w_j p_j / sum_i w_i p_i with w = a on the biased columns
+    s = (q[0, 1] @ k[0, 0].T) * 0.5
+    s = s.masked_fill(~(kp[0][None] <= qp[0][:, None]), float("-inf"))
+    p = torch.softmax(s, -1)
+    w = torch.ones(6)
+    w[:3] = a
+    p2 = p * w / (p * w).sum(-1, keepdim=True)
+    assert torch.allclose(got[0, 1], p2 @ v[0, 0], atol=1e-6)
+    assert torch.allclose(attention_sdpa(q, k, v, qp, kp, 0.5, 0, bias), got, atol=1e-5)
+    with pytest.raises(ValueError, match=r"key_bias must be \[B, H, S\]"):
+        torch.ops.graphwright.attention(q, k, v, qp, kp, 0.5, 0, bias[:, :2])

@@ -13,9 +13,13 @@ import torch.nn.functional as F
 from ...capture.ops import visible_mask
 
 
-def attention_sdpa(q, k, v, q_pos, k_pos, scale, window=0):
+def attention_sdpa(q, k, v, q_pos, k_pos, scale, window=0, key_bias=None):
     B, H, T, _ = q.shape
-    Hk = k.shape[1]
+    Hk, S = k.shape[1], k.shape[2]
     mask = visible_mask(q_pos, k_pos, window)  # [B, Hk|1, 1, T, S]
-    mask = mask[:, :, 0] if mask.shape[1] == 1 else mask.expand(B, Hk, H // Hk, T, k.shape[2]).reshape(B, H, T, k.shape[2])
+    mask = mask[:, :, 0] if mask.shape[1] == 1 else mask.expand(B, Hk, H // Hk, T, S).reshape(B, H, T, S)
+    if key_bias is not None:
+        # additive float mask: the per-(head, key) bias broadcast over query rows
+        neg = torch.finfo(torch.float32).min
+        mask = torch.where(mask, key_bias.float()[:, :, None, :], neg).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=Hk != H)
