@@ -11,7 +11,8 @@ from .compile import compile  # noqa: A004
 from .compiled import CompiledModel
 from .errors import CaptureError, GraphwrightError, ModelLoadError, RecipeError
 from .models import BUILTIN_MODELS, load_model
+from .recipes import Recipe
 from . import inspect  # noqa: E402  (graphwright.inspect.diff / to_networkx / render)
 
 __all__ = ["__version__", "capture", "compile", "CompiledModel", "load_model", "BUILTIN_MODELS",
-           "GraphwrightError", "RecipeError", "CaptureError", "ModelLoadError", "inspect"]
+           "GraphwrightError", "RecipeError", "CaptureError", "ModelLoadError", "inspect", "Recipe"]

@@ -88,6 +88,17 @@ def _per_layer(note: dict, layer: int):
     return per.get(layer, per.get(str(layer)))
 
 
+def _verification_line(p: dict) -> str:
+    """'noop: exact, max |dlogit| 0' / 'lowrank_kv: lossy, max |dlogit| 0.41, KL 0.0021' on the probe."""
+    diff, kl = p.get("max_abs_logit_diff"), p.get("kl")
+    line = f"{p.get('name')}: {'exact' if p.get('exact') else 'lossy'}"
+    if diff is not None:
+        line += f", max |dlogit| {diff:.3g}"
+    if kl is not None and not p.get("exact"):
+        line += f", KL {kl:.3g}"
+    return line
+
+
 @dataclass
 class Report:
     """Per-layer rows plus a model summary; ``to_dict()`` for JSON, ``print(report)`` for people."""
@@ -121,10 +132,11 @@ class Report:
         grid.add_row("KV bytes/token", f"{s['kv_bytes_per_token']:,} of {s['dense_kv_bytes_per_token']:,} dense "
                                        f"(ratio {s['kv_ratio']:.3f})")
         grid.add_row("Nodes", compact(s["node_counts"], max_items=16))
-        if self.extra.get("verification"):
-            grid.add_row("Verification", compact(self.extra["verification"]))
+        passes = (self.extra.get("verification") or {}).get("passes") or []
+        if passes:
+            grid.add_row("Verification", Text("; ".join(_verification_line(p) for p in passes)))
         if self.extra.get("last_stats"):
-            grid.add_row("Last run", compact(self.extra["last_stats"]))
+            grid.add_row("Last run", Text(compact(self.extra["last_stats"])))
         return grid
 
     def table(self) -> Table:
