@@ -1,0 +1,62 @@
+"""Score a sequence through the runtime's own prefill + decode steps (streaming NLL).
+
+Full-prompt logits (``Runtime.logits``) come from one prefill step, so a pass that compresses
+or evicts the KV cache *after* prefill never touches them. ``score_stream`` instead prefills a
+prefix and then feeds every remaining token through a decode step with the cache the runtime
+threads, exactly as ``generate`` would: the scores then reflect what the compressed cache
+really remembers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood in float32: logits [B, N, V], targets [B, N] -> [B, N]."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -logp.gather(-1, targets[..., None]).squeeze(-1)
+
+
+def _runtime_of(runtime_or_cm):
+    rt = getattr(runtime_or_cm, "_runtime", runtime_or_cm)
+    if not (hasattr(rt, "step") and hasattr(rt, "specs")):
+        raise TypeError(f"score_stream needs a CompiledModel or Runtime; got {type(runtime_or_cm).__name__}")
+    return rt
+
+
+@torch.inference_mode()
+def score_stream(runtime_or_cm, input_ids: torch.Tensor, prefix_len: int, progress=None) -> torch.Tensor:
+    """NLL of tokens 1..T-1 of ``input_ids`` [B, T] (or [T]) scored as prefill + decode.
+
+    The first ``prefix_len`` tokens are one prefill step (logits for all of them); each later
+    token is one decode step at its absolute position. Returns [B, T-1] float32 (or [T-1]),
+    where entry ``t`` is -log p(input_ids[t+1] | input_ids[:t+1]). ``progress`` is an optional
+    tqdm bar advanced once per decoded token.
+    """
+    rt = _runtime_of(runtime_or_cm)
+    squeeze = input_ids.dim() == 1
+    ids = input_ids[None] if squeeze else input_ids
+    ids = ids.long()
+    B, T = ids.shape
+    if T < 2:
+        raise ValueError(f"score_stream needs at least 2 tokens; got {T}")
+    if not 1 <= prefix_len <= T:
+        raise ValueError(f"prefix_len must be in [1, {T}]; got {prefix_len}")
+    device = ids.device
+    state = [s.empty(B, device) for s in rt.specs]
+    positions = torch.arange(T, device=device).expand(B, T)
+
+    logits, state = rt.step(ids[:, :prefix_len], positions[:, :prefix_len],
+                            torch.arange(prefix_len, device=device), state)
+    n = min(prefix_len, T - 1)  # the prefix's last logits predict token prefix_len (if any)
+    nll = [token_nll(logits[:, :n], ids[:, 1:n + 1])]
+    zero = torch.zeros(1, dtype=torch.long, device=device)
+    for t in range(prefix_len, T - 1):
+        logits, state = rt.step(ids[:, t:t + 1], positions[:, t:t + 1], zero, state)
+        nll.append(token_nll(logits[:, -1:], ids[:, t + 1:t + 2]))
+        if progress is not None:
+            progress.update(1)
+    out = torch.cat(nll, dim=1)
+    return out[0] if squeeze else out

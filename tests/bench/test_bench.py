@@ -1,0 +1,38 @@
+"""bench_generate returns its documented measurements (speed itself is never asserted)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from graphwright.bench import bench_generate, format_bench
+from graphwright.bench.generate import METRICS
+
+
+def test_bench_generate_reports_medians_and_ratios(tiny, compiled_tiny):
+    ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    r = bench_generate(tiny("tiny-llama"), compiled_tiny("tiny-llama"), ids, max_new_tokens=5, repeats=2,
+                       warmup=1, progress=False)
+    assert {"batch", "prompt_tokens", "new_tokens", "repeats", "warmup", "hf", "graphwright", "ratios",
+            "same_tokens", "runs"} <= set(r)
+    assert r["prompt_tokens"] == 12 and r["new_tokens"] == 5 and len(r["runs"]["hf"]) == 2
+    for side in ("hf", "graphwright"):
+        assert all(r[side][k] > 0 for k in METRICS), side
+    assert all(r["ratios"][k] > 0 for k in METRICS)
+    # identity recipe: same greedy tokens and the same dense cache (12 + 5 - 1 slots)
+    assert r["same_tokens"] and r["ratios"]["kv_bytes"] == 1.0
+    assert r["graphwright"]["kv_bytes"] == r["graphwright"]["kv_bytes_dense"] == 2 * 2 * 2 * 16 * 4 * 16
+    table = format_bench(r)
+    assert "decode_tokens_per_s" in table and "graphwright/HF" in table
+    json.dumps(r)  # plain data
+
+
+def test_bench_runtime_script(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_runtime", Path(__file__).parents[2] / "bench" / "bench_runtime.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "b.json"
+    mod.main(["--model", "tiny-llama", "--prompt", "8", "--new", "3", "--repeats", "1", "--warmup", "0", "--out", str(out)])
+    assert "graphwright/HF decode tokens/s = " in capsys.readouterr().out
+    assert json.loads(out.read_text())["new_tokens"] == 3
