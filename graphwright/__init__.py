@@ -12,7 +12,10 @@ from .compiled import CompiledModel
 from .errors import CaptureError, GraphwrightError, ModelLoadError, RecipeError
 from .models import BUILTIN_MODELS, load_model
 from .recipes import Recipe
+from .codegen.onnx.export import export_onnx
+from .runtime.onnx_runtime import load
 from . import inspect  # noqa: E402  (graphwright.inspect.diff / to_networkx / render)
 
 __all__ = ["__version__", "capture", "compile", "CompiledModel", "load_model", "BUILTIN_MODELS",
-           "GraphwrightError", "RecipeError", "CaptureError", "ModelLoadError", "inspect", "Recipe"]
+           "GraphwrightError", "RecipeError", "CaptureError", "ModelLoadError", "inspect", "Recipe",
+           "export_onnx", "load"]

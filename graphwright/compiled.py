@@ -27,8 +27,8 @@ class CompiledModel:
         self._lowered = lower(step_graph.gm, backend)
         self._runtime = Runtime(self._step, step_graph.state, step_graph.info)
 
-    def _step(self, input_ids, positions, logits_index, state):
-        out = self._lowered(input_ids, positions, logits_index, *state)
+    def _step(self, input_ids, positions, logits_index, state, **extras):
+        out = self._lowered(input_ids, positions, logits_index, *state, **extras)
         return out[0], list(out[1:])
 
     @property
@@ -43,11 +43,36 @@ class CompiledModel:
     def last_stats(self) -> dict:
         return self._runtime.last_stats
 
-    def generate(self, input_ids, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
-        return self._runtime.generate(input_ids, max_new_tokens=max_new_tokens, **kwargs)
+    def generate(self, input_ids, max_new_tokens: int = 32, emphasis=None, **kwargs) -> torch.Tensor:
+        """Token ids like HF ``generate``. ``emphasis`` (steered models): ``[(start, end), ...]`` token
+        spans of the unpadded prompt, end exclusive, or one such list per row of a batch."""
+        extras = self._extras(emphasis, input_ids, kwargs.get("attention_mask"))
+        return self._runtime.generate(input_ids, max_new_tokens=max_new_tokens, extras=extras, **kwargs)
 
-    def logits(self, input_ids, attention_mask=None) -> torch.Tensor:
-        return self._runtime.logits(input_ids, attention_mask)
+    def logits(self, input_ids, attention_mask=None, emphasis=None) -> torch.Tensor:
+        return self._runtime.logits(input_ids, attention_mask, extras=self._extras(emphasis, input_ids, attention_mask))
+
+    def generate_text(self, prompt, emphasis=None, max_new_tokens: int = 64, chat: bool = True, **kwargs):
+        """Generate from text; ``emphasis``: substrings or ``(char_start, char_end)`` spans of the prompt.
+
+        A list of prompts is a left-padded batch (then ``emphasis`` is one list per prompt).
+        Returns the new text (a list for a list of prompts).
+        """
+        from .steer.spans import encode_with_emphasis
+
+        if self.tokenizer is None:
+            raise ValueError("generate_text needs a tokenizer: compile with tokenizer=...")
+        ids, mask, spans = encode_with_emphasis(self.tokenizer, prompt, emphasis, chat=chat)
+        out = self.generate(ids, max_new_tokens=max_new_tokens, attention_mask=mask, emphasis=spans, **kwargs)
+        texts = [self.tokenizer.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]
+        return texts if isinstance(prompt, (list, tuple)) else texts[0]
+
+    def _extras(self, emphasis, input_ids, attention_mask) -> dict:
+        if emphasis is None:
+            return {}
+        from .steer.emphasis import steer_extras
+
+        return steer_extras(self.step_graph, emphasis, input_ids, attention_mask)
 
     def report(self):
         from .inspect.report import build_report

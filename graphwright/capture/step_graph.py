@@ -36,6 +36,24 @@ class StateSpec:
 
 
 @dataclass(frozen=True)
+class ExtraInput:
+    """A per-request graph input besides ids, positions and state (e.g. steering weights).
+
+    Passes that need per-request data add a trailing placeholder named ``name`` whose default is
+    ``None`` ("not given": the graph then behaves as if the pass were absent), and list it here
+    so the runtime knows to feed it. Extra inputs are step-invariant: they are indexed by
+    absolute token position, not by cache column, so one tensor serves prefill and every decode
+    step and survives KV eviction. ``kind`` says which helper builds it (``"steer"``: see
+    ``graphwright.steer.emphasis``); ``meta`` holds what that helper needs (plain data).
+    """
+
+    name: str
+    kind: str
+    doc: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """Facts about the captured model that passes, runtime and reports need."""
 
@@ -68,12 +86,13 @@ class StepGraph:
     info: ModelInfo
     state: list  # list[StateSpec], in graph input/output order
     notes: dict = field(default_factory=dict)  # per-pass decisions, filled by passes
+    extra_inputs: list = field(default_factory=list)  # list[ExtraInput], trailing placeholders after the state
 
     def init_state(self, batch: int, device=None) -> list:
         return [s.empty(batch, device) for s in self.state]
 
-    def __call__(self, input_ids, positions, logits_index, state):
-        out = self.gm(input_ids, positions, logits_index, *state)
+    def __call__(self, input_ids, positions, logits_index, state, **extras):
+        out = self.gm(input_ids, positions, logits_index, *state, **extras)
         return out[0], list(out[1:])
 
     def copy(self) -> "StepGraph":
@@ -86,7 +105,8 @@ class StepGraph:
                 setattr(gm, attr, getattr(self.gm, attr))
         if hasattr(self.gm, "_graphwright_codegen"):
             gm._graphwright_codegen = self.gm._graphwright_codegen
-        return replace(self, gm=gm, state=list(self.state), notes={k: v for k, v in self.notes.items()})
+        return replace(self, gm=gm, state=list(self.state), notes={k: v for k, v in self.notes.items()},
+                       extra_inputs=list(self.extra_inputs))
 
     def nodes(self, target=None):
         return [n for n in self.gm.graph.nodes if n.op == "call_function" and (target is None or n.target == target)]

@@ -1,24 +1,46 @@
-"""``graphwright export``: write the compiled step graph as an ONNX artifact."""
+"""``graphwright export``: compile a model with a recipe and write it as an ONNX artifact."""
 
 from __future__ import annotations
 
-from .common import add_model_args, add_recipe_arg
+from pathlib import Path
+
+from .common import add_model_args, add_recipe_arg, compile_model, console, load
 
 
 def add_parser(sub):
-    p = sub.add_parser("export", help="export a compiled model to ONNX (lands with the ONNX issue)",
-                       description="Compile MODEL with RECIPE and export it as ONNX to OUT.")
+    p = sub.add_parser("export", help="export a compiled model to ONNX (model.onnx + graphwright.json)",
+                       description="Compile MODEL with RECIPE, export it as ONNX to OUT and verify the artifact "
+                                   "in ONNX Runtime against the torch module.")
     add_model_args(p)
     add_recipe_arg(p)
-    p.add_argument("--out", default="out/onnx")
+    p.add_argument("--out", default="out/onnx", help="output directory (default: %(default)s)")
+    p.add_argument("--opset", type=int, default=23, help="ONNX opset, >= 23 (default: %(default)s)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip running the artifact against the torch module")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty directory that is not a previous graphwright export")
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def run(args):
+    import json
+
     import graphwright as gw
 
-    if not hasattr(gw, "export_onnx"):
-        raise NotImplementedError("ONNX export is not implemented yet (tracked by the ONNX export issue)")
-    from .common import compile_model, load
-
     model, tok = load(args)
-    gw.export_onnx(compile_model(model, tok, args.recipe), args.out)
+    cm = compile_model(model, tok, args.recipe)
+    with console.status(f"exporting to {args.out} ..."):
+        out = gw.export_onnx(cm, args.out, opset=args.opset, verify=args.verify, overwrite=args.overwrite)
+    meta = json.loads((out / "graphwright.json").read_text())
+    model_bytes = sum((out / f).stat().st_size for f in ("model.onnx", "model.onnx.data") if (out / f).exists())
+    console.print(f"wrote [bold]{out}[/]: model {model_bytes / 2**20:.1f} MiB, {_size(out) / 2**20:.1f} MiB in all "
+                  f"(opset {meta['opset']}, recipe {meta['recipe']})")
+    v = meta.get("verification")
+    if v:
+        steps = ", ".join(f"{s['step']} {s['max_abs_logit_diff']:.2g}" for s in v["steps"])
+        console.print(f"verified in ONNX Runtime: max |dlogit| {v['max_abs_logit_diff']:.3g} <= {v['tolerance']:g} ({steps})")
+    else:
+        console.print("not verified (--no-verify)")

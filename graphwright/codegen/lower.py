@@ -12,11 +12,22 @@ import copy
 import torch
 
 from ..capture.ops import ATTENTION, MOE_EXPERTS, attention_reference, moe_experts_reference
+from ..ops.fused_moe import FUSED_MOE, fused_moe_reference
+from ..ops.eviction import REFERENCES as EVICTION_REFERENCES
+from ..ops.latent_attention import LATENT_ATTENTION, latent_attention_reference
 from .torch.attention import attention_sdpa
+from .torch.latent_attention import latent_attention_sdpa
+from .torch.moe import fused_moe_auto, fused_moe_sorted, fused_moe_triton
 
 BACKEND_TABLES = {
-    "reference": {ATTENTION: attention_reference, MOE_EXPERTS: moe_experts_reference},
-    "torch": {ATTENTION: attention_sdpa, MOE_EXPERTS: moe_experts_reference},
+    "reference": {ATTENTION: attention_reference, MOE_EXPERTS: moe_experts_reference,
+                  LATENT_ATTENTION: latent_attention_reference, FUSED_MOE: fused_moe_reference,
+                  **EVICTION_REFERENCES},
+    "torch": {ATTENTION: attention_sdpa, MOE_EXPERTS: moe_experts_reference,
+              LATENT_ATTENTION: latent_attention_sdpa,
+              # a dict = one implementation per node.meta["graphwright"]["impl"] (set by fuse_moe(impl=...))
+              FUSED_MOE: {"auto": fused_moe_auto, "sorted": fused_moe_sorted, "triton": fused_moe_triton},
+              **EVICTION_REFERENCES},
 }
 
 
@@ -28,7 +39,10 @@ def lower(gm: torch.fx.GraphModule, backend: str = "torch") -> torch.fx.GraphMod
     graph = copy.deepcopy(gm.graph)
     for node in graph.nodes:
         if node.op == "call_function" and node.target in table:
-            node.target = table[node.target]
+            impl = table[node.target]
+            if isinstance(impl, dict):
+                impl = impl[node.meta.get("graphwright", {}).get("impl") or "auto"]
+            node.target = impl
     out = torch.fx.GraphModule(gm, graph)
     out.recompile()
     return out

@@ -4,3 +4,7 @@ Add one import line per pass module below; the recipe machinery finds passes by 
 """
 
 from . import noop  # noqa: F401
+from . import lowrank_kv  # noqa: F401
+from . import fuse_moe  # noqa: F401
+from . import steer  # noqa: F401
+from . import fastgen, h2o, snapkv, streaming  # noqa: F401

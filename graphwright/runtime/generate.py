@@ -4,6 +4,11 @@ One loop serves every backend: anything with ``step(input_ids, positions, logits
 -> (logits, state)`` and a list of ``StateSpec`` (the torch step graph, an ONNX Runtime session).
 The runtime owns the cache: it allocates the empty state, threads each step's state outputs into
 the next step, and measures what the state really holds.
+
+Graphs rewritten by passes that need per-request data (steering) take extra named inputs
+(``StepGraph.extra_inputs``); ``generate``/``logits`` forward a dict of them, unchanged, to every
+step. They are step-invariant by contract (indexed by absolute position), so the loop never has
+to rebuild them, and steps that take no extras never see the keyword.
 """
 
 from __future__ import annotations
@@ -23,6 +28,23 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def state_bytes(state, specs, kind: str = "kv") -> int:
     return sum(t.numel() * t.element_size() for t, s in zip(state, specs) if s.kind == kind)
+
+
+def kept_tokens_per_head(state, specs, num_layers: int, num_kv_heads: int):
+    """Per layer, a [B, H_kv] LongTensor of real tokens the cache holds (None where unknown).
+
+    Read from positions state (-1 = empty or padding slot, never counted): a layer's per-head
+    ``key_positions{layer}`` [B, H_kv, S] when an eviction pass gave it one, else the shared
+    ``key_positions`` [B, S] (every head holds the same tokens).
+    """
+    shared, per = None, {}
+    for t, s in zip(state, specs):
+        if s.kind == "positions" and s.name.startswith("key_positions"):
+            if s.layer is None:
+                shared = (t >= 0).sum(dim=-1)[:, None].expand(-1, num_kv_heads)
+            else:
+                per[s.layer] = (t >= 0).sum(dim=-1)
+    return [per.get(i, shared) for i in range(num_layers)]
 
 
 def check_prompt(input_ids, attention_mask, vocab_size: int):
@@ -57,23 +79,25 @@ class Runtime:
         self.last_stats: dict = {}
 
     @torch.inference_mode()
-    def logits(self, input_ids, attention_mask=None) -> torch.Tensor:
+    def logits(self, input_ids, attention_mask=None, extras: dict | None = None) -> torch.Tensor:
         """Logits [B, T, V] for every prompt position (one prefill step)."""
+        extras = extras or {}
         input_ids, attention_mask = check_prompt(input_ids, attention_mask, self.info.vocab_size)
         B, T = input_ids.shape
         state = [s.empty(B, input_ids.device) for s in self.specs]
-        logits, _ = self.step(input_ids, positions_from_mask(attention_mask), torch.arange(T, device=input_ids.device), state)
+        logits, _ = self.step(input_ids, positions_from_mask(attention_mask), torch.arange(T, device=input_ids.device), state, **extras)
         return logits
 
     @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens: int = 32, attention_mask=None, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None, seed: int | None = None,
-                 eos_token_id=None, pad_token_id=None) -> torch.Tensor:
+                 eos_token_id=None, pad_token_id=None, extras: dict | None = None) -> torch.Tensor:
         """Token ids [B, T + n] like Hugging Face ``generate``: prompt, then new tokens (greedy by default).
 
         Stops when every row has produced an EOS or after ``max_new_tokens``; finished rows are
-        filled with ``pad_token_id``.
+        filled with ``pad_token_id``. ``extras``: named extra graph inputs fed to every step.
         """
+        extras = extras or {}
         input_ids, attention_mask = check_prompt(input_ids, attention_mask, self.info.vocab_size)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
@@ -91,7 +115,7 @@ class Runtime:
         peak = 0
 
         t0 = time.perf_counter()
-        logits, state = self.step(input_ids, positions, torch.tensor([T - 1], device=device), state)
+        logits, state = self.step(input_ids, positions, torch.tensor([T - 1], device=device), state, **extras)
         prefill_s = time.perf_counter() - t0
         peak = max(peak, state_bytes(state, self.specs))
         next_pos = positions[:, -1:] + 1
@@ -105,7 +129,7 @@ class Runtime:
                 finished = finished | torch.isin(nxt, eos_t)
             if i == max_new_tokens - 1 or bool(finished.all()):
                 break
-            logits, state = self.step(nxt[:, None], next_pos, torch.zeros(1, dtype=torch.long, device=device), state)
+            logits, state = self.step(nxt[:, None], next_pos, torch.zeros(1, dtype=torch.long, device=device), state, **extras)
             next_pos = next_pos + 1
             steps += 1
             peak = max(peak, state_bytes(state, self.specs))
@@ -114,6 +138,10 @@ class Runtime:
         kv = state_bytes(state, self.specs)
         seq_len = T + steps
         dense = self.info.dense_kv_bytes_per_token() * B * seq_len
+        kept = kept_tokens_per_head(state, self.specs, self.info.num_layers, self.info.num_kv_heads)
+        known = [k for k in kept if k is not None]
+        # real tokens each head would hold without eviction: the row's prompt plus the fed-back tokens
+        real = (attention_mask.sum(dim=1) + steps)[:, None]
         self.last_stats = {
             "batch": B,
             "prompt_tokens": int(attention_mask.sum()),
@@ -123,6 +151,9 @@ class Runtime:
             "kv_fraction": kv / dense if dense else 0.0,
             "kv_peak_bytes": peak,
             "kv_index_bytes": state_bytes(state, self.specs, "positions"),
+            "kept_tokens_per_head": [k.tolist() if k is not None else None for k in kept],
+            "kept_fraction": (sum(float(k.sum()) for k in known) / (len(known) * float(real.sum()) * self.info.num_kv_heads)
+                              if known else None),
             "prefill_s": prefill_s,
             "decode_s": decode_s,
             "prefill_tokens_per_s": int(attention_mask.sum()) / prefill_s if prefill_s > 0 else 0.0,

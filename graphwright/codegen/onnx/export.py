@@ -1,0 +1,259 @@
+"""``graphwright.export_onnx(cm, out_dir)``: the rewritten step graph as an ONNX artifact.
+
+Route: ``torch.export`` of ``cm.graph`` (which still holds graphwright's custom op nodes) with
+every dynamic dim read from the state specs, then ``torch.onnx.export`` of that program with
+the translation table of ``translations.py`` standing in for the custom ops. The artifact is
+the same step function as the torch module, so one runtime loop drives both.
+
+Layout of ``out_dir``: ``model.onnx`` (+ ``model.onnx.data`` external weights),
+``graphwright.json`` (what a loader needs besides the graph: state specs, model info, report,
+verification) and ``tokenizer/`` when the compiled model has one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ...errors import GraphwrightError
+from ...runtime.generate import positions_from_mask
+from ...runtime.onnx_runtime import FORMAT, METADATA, MODEL, OnnxStep, info_to_json, read_metadata, spec_to_json
+
+EXTERNAL_DATA = MODEL + ".data"
+TOKENIZER_DIR = "tokenizer"
+FORMAT_VERSION = 1
+# Max |logit| difference allowed between the artifact and the torch module on the probe.
+TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
+
+INPUTS = ("input_ids", "positions", "logits_index")
+
+
+def io_names(specs) -> tuple[list, list]:
+    """Graph input and output names: state tensors keep their spec name in, ``<name>_next`` out."""
+    return [*INPUTS, *(s.name for s in specs)], ["logits", *(f"{s.name}_next" for s in specs)]
+
+
+def example_inputs(specs, batch: int = 2, seq: int = 3, cache: int = 5):
+    """Tracing inputs: a step of ``seq`` new tokens after ``cache`` cached ones.
+
+    Sizes are distinct and > 1 so export does not specialise a dynamic dim to 0/1 or tie two
+    unrelated dims together; positions are consistent (cache slots 0..cache-1, then the tokens).
+    """
+    ids = torch.zeros(batch, seq, dtype=torch.long)
+    pos = torch.arange(cache, cache + seq).expand(batch, seq).contiguous()
+    logits_index = torch.arange(seq - 2, seq)
+    state = []
+    for spec in specs:
+        shape = [batch if d == -1 else d for d in spec.shape]
+        shape[spec.seq_dim] = cache
+        if spec.kind == "positions":
+            t = torch.arange(cache).expand(*shape).contiguous().to(spec.dtype) if spec.seq_dim == len(shape) - 1 \
+                else torch.zeros(shape, dtype=spec.dtype)
+        else:
+            t = torch.zeros(shape, dtype=spec.dtype)
+        state.append(t)
+    return (ids, pos, logits_index, *state)
+
+
+def dynamic_shapes(specs):
+    """Batch, new-token, logits-index and every spec's batch/seq dim dynamic; export infers the
+    relations (``Dim.DYNAMIC``), so per-layer cache lengths or latent layouts need no code here."""
+    dyn = torch.export.Dim.DYNAMIC
+    per_spec = []
+    for spec in specs:
+        dims = {i: dyn for i, d in enumerate(spec.shape) if d == -1}
+        dims[spec.seq_dim] = dyn
+        per_spec.append(dims)
+    return ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn}, *per_spec)
+
+
+def _prepare_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to write into a non-empty folder that is not a previous export unless ``overwrite``.
+
+    Only the files an export writes are removed, never anything else in the folder.
+    """
+    if out.exists() and not out.is_dir():
+        raise GraphwrightError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        try:
+            read_metadata(out)
+        except GraphwrightError:
+            raise GraphwrightError(f"{out}: directory is not empty and is not a graphwright export; "
+                                   "choose an empty or new directory, or pass overwrite=True") from None
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (MODEL, EXTERNAL_DATA, METADATA):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
+
+
+def _to_onnx(cm, path: Path, opset: int, external_data: bool) -> dict:
+    from .translations import graphwright_ops, translation_table  # onnxscript: imported only when exporting
+
+    sg = cm.step_graph
+    table = translation_table()
+    missing = sorted(str(op) for op in graphwright_ops(sg.gm) if op not in table)
+    if missing:
+        raise GraphwrightError(f"no ONNX translation for {', '.join(missing)}: add one with "
+                               "@register(op) in a module of graphwright/codegen/onnx/")
+    args = example_inputs(sg.state)
+    inputs, outputs = io_names(sg.state)
+    t0 = time.perf_counter()
+    try:
+        ep = torch.export.export(sg.gm, args, dynamic_shapes=dynamic_shapes(sg.state), strict=False)
+    except Exception as exc:  # noqa: BLE001 - re-raised with what failed
+        raise GraphwrightError(f"torch.export of the step graph failed: {type(exc).__name__}: {str(exc).strip()[:500]}") from exc
+    t1 = time.perf_counter()
+    try:
+        program = torch.onnx.export(ep, (), dynamo=True, custom_translation_table=table, opset_version=opset,
+                                    input_names=inputs, output_names=outputs, optimize=True, verbose=False)
+    except Exception as exc:  # noqa: BLE001
+        raise GraphwrightError(f"ONNX translation failed: {type(exc).__name__}: {str(exc).strip()[:500]}") from exc
+    program.save(str(path), external_data=external_data)
+    return {"torch_export_s": round(t1 - t0, 2), "onnx_export_s": round(time.perf_counter() - t1, 2)}
+
+
+def probe(vocab: int, lengths=(7, 4), seed: int = 0):
+    """A left-padded batch of 2 prompts (ids avoid the low special ids)."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.randint(min(3, vocab - 1), vocab, (len(lengths), T), generator=g)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, T - n:] = 1
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@torch.inference_mode()
+def verify_artifact(cm, onnx_step, decode_steps: int = 3) -> dict:
+    """Run the artifact and the torch step graph side by side: prefill (all positions) then
+    ``decode_steps`` greedy decode steps on the torch tokens; each keeps its own state.
+    Raises ``GraphwrightError`` naming the step when max |dlogit| exceeds the dtype's tolerance."""
+    sg = cm.step_graph
+    tol = TOLERANCE.get(sg.info.dtype, 1e-3)
+    ids, mask = probe(sg.info.vocab_size)
+    B, T = ids.shape
+    pos = positions_from_mask(mask)
+    st_t = sg.init_state(B)
+    st_o = [t.clone() for t in st_t]
+    diffs = []
+    real = mask.bool()
+    step_in = (ids, pos, torch.arange(T))
+    for step in range(decode_steps + 1):
+        lt, st_t = sg(*step_in, st_t)
+        lo, st_o = onnx_step(*step_in, st_o)
+        if lo.shape != lt.shape:
+            raise GraphwrightError(f"ONNX verification failed at {'prefill' if step == 0 else f'decode step {step}'}: "
+                                   f"logits shape {list(lo.shape)} != torch {list(lt.shape)}")
+        d = (lo.float() - lt.float())
+        d = d[real] if step == 0 else d
+        diff = float(d.abs().max())
+        name = "prefill" if step == 0 else f"decode step {step}"
+        diffs.append({"step": name, "max_abs_logit_diff": diff})
+        if not diff <= tol:  # also catches NaN
+            raise GraphwrightError(f"ONNX verification failed at {name}: max |logit difference| {diff:.3g} > {tol:g} "
+                                   f"(batch {B}, left-padded, {sg.info.dtype})")
+        nxt = lt[:, -1].argmax(-1, keepdim=True)
+        step_in = (nxt, step_in[1][:, -1:] + 1, torch.zeros(1, dtype=torch.long))
+    return {"passed": True, "tolerance": tol, "max_abs_logit_diff": max(d["max_abs_logit_diff"] for d in diffs),
+            "steps": diffs, "probe": {"batch": B, "prompt_lengths": [int(x) for x in mask.sum(1)], "decode_steps": decode_steps}}
+
+
+def _layers(sg) -> list:
+    """Per-layer cache layout: the state tensors each layer owns, bytes per token, attention variant."""
+    from ...inspect.report import spec_bytes_per_token
+
+    variants = {}
+    for node in sg.gm.graph.nodes:
+        meta = node.meta.get("graphwright") or {}
+        if meta.get("layer") is not None and meta.get("op"):
+            variants.setdefault(meta["layer"], {})[meta["op"]] = meta.get("variant")
+    rows = []
+    for layer in range(sg.info.num_layers):
+        specs = [s for s in sg.state if s.layer == layer]
+        rows.append({"layer": layer, "state": [s.name for s in specs],
+                     "kv_bytes_per_token": sum(spec_bytes_per_token(s) for s in specs if s.kind == "kv"),
+                     "variants": variants.get(layer, {})})
+    return rows
+
+
+def _metadata(cm, opset: int, external: bool, timings: dict) -> dict:
+    from ... import __version__
+
+    sg = cm.step_graph
+    inputs, outputs = io_names(sg.state)
+    recipe = str(cm.recipe) if cm.recipe is not None else ""
+    try:
+        report = cm.report().to_dict()
+    except Exception:  # noqa: BLE001 - the report is informative only; never block an export on it
+        report = None
+    info = sg.info
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "graphwright_version": __version__,
+        "torch_version": torch.__version__,
+        "recipe": recipe or "identity",
+        "opset": opset,
+        "model_file": MODEL,
+        "external_data": EXTERNAL_DATA if external else None,
+        "inputs": inputs,
+        "outputs": outputs,
+        "state": [spec_to_json(s) for s in sg.state],
+        "model": {"architecture": info.architecture, "layers": info.num_layers, "heads": info.num_heads,
+                  "kv_heads": info.num_kv_heads, "head_dim": info.head_dim, "vocab": info.vocab_size,
+                  "eos": list(info.eos_token_id), "pad": info.pad_token_id, "dtype": str(info.dtype).replace("torch.", "")},
+        "model_info": info_to_json(info),
+        "layers": _layers(sg),
+        "tokenizer": TOKENIZER_DIR if cm.tokenizer is not None else None,
+        "report": report,
+        "export": timings,
+        "verification": None,
+    }
+
+
+def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify: bool = True,
+                overwrite: bool = False) -> Path:
+    """Write ``cm`` (a ``CompiledModel``) to ``out_dir`` as ``model.onnx`` + ``graphwright.json``.
+
+    ``external_data``: weights go to ``model.onnx.data`` next to the graph (needed above 2 GB,
+    and lets ORT map them); False embeds them in one file. ``verify``: run the artifact in ONNX
+    Runtime against the torch step graph on a left-padded batch-2 probe (prefill + 3 decode
+    steps) and raise ``GraphwrightError`` on a mismatch. ``overwrite``: allow writing into a
+    non-empty folder that is not a previous export. Returns the output folder.
+    """
+    import onnx
+
+    if not hasattr(cm, "step_graph"):
+        raise TypeError(f"export_onnx expects a CompiledModel (from graphwright.compile); got {type(cm).__name__}")
+    if opset < 23:
+        raise ValueError(f"opset must be >= 23 (the Attention operator); got {opset}")
+    out = Path(out_dir)
+    _prepare_dir(out, overwrite)
+    path = out / MODEL
+    timings = _to_onnx(cm, path, opset, external_data)
+    external = (out / EXTERNAL_DATA).exists()
+    t0 = time.perf_counter()
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # noqa: BLE001
+        raise GraphwrightError(f"{path}: onnx.checker rejected the exported model: {str(exc).strip()[:500]}") from exc
+    timings["check_s"] = round(time.perf_counter() - t0, 2)
+    if cm.tokenizer is not None:
+        cm.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+    meta = _metadata(cm, opset, external, timings)
+    meta_path = out / METADATA
+    meta_path.write_text(json.dumps(meta, indent=2))
+    if verify:
+        step = OnnxStep(path, meta["inputs"], meta["outputs"], providers=["CPUExecutionProvider"])
+        try:
+            meta["verification"] = verify_artifact(cm, step)
+        except GraphwrightError as exc:
+            meta["verification"] = {"passed": False, "error": str(exc)}
+            raise
+        finally:
+            meta_path.write_text(json.dumps(meta, indent=2))
+    return out

@@ -1,0 +1,69 @@
+"""``h2o``: Heavy-Hitter Oracle KV eviction.
+
+Technique (arXiv 2306.14048, "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large
+Language Models"; reference code ``h2o_hf/utils_real_drop/modify_llama.py::H2OKVCache_LayerWise``).
+Each cached key carries a score, the attention it has received summed over every query so far
+(prompt rows at prefill, one row per decode step). After prefill and after every decode step the
+cache keeps the last ``recent`` tokens plus the ``heavy`` highest-scoring older tokens; the score
+buffer shrinks with the cache. Defaults heavy = recent = 0.1 (a 20% budget).
+
+Setting here: per (batch row, KV head) selection, scores averaged over the g query heads of a KV
+head (the paper's models are MHA); ``heavy``/``recent`` are fractions of the row's current length
+(floats; the budget follows the sequence, as in the paper's ratio-based runs) or fixed token
+counts (ints >= 1, as in the real-drop cache). Prefill runs dense: the first generated token
+equals the dense model's. Cache state per layer: k, v [B, Hk, S_l, D], positions [B, Hk, S_l]
+(-1 in padding slots) and fp32 scores [B, Hk, S_l].
+
+Exact setting: ``heavy`` or ``recent`` a fraction >= 1.0 (budget >= length).
+Invariants tested (``tests/passes/test_h2o.py``): identity at the exact setting (tiny Llama and
+Qwen2, batch 2 left-padded, 32 new tokens); first token equals dense; the budget holds over 500
+decode steps; the op's kept set equals a slow loop oracle on random attention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops.eviction import EVICT_H2O
+from .base import Arg, Pass, PassContext, register_pass
+from .eviction_common import aux_state, evict_node, find_sites, frac_or_count, positions_name, rewrite_layers
+
+
+@register_pass
+class H2O(Pass):
+    name = "h2o"
+    exact = False
+    doc = "H2O: keep recent tokens plus heavy hitters by cumulative attention (per KV head), after prefill and each step."
+    args = (
+        Arg("heavy", (int, float), 0.1, "heavy hitters: fraction of the current length (float) or token count (int)", min=0),
+        Arg("recent", (int, float), 0.1, "recent window: fraction of the current length (float) or token count (int)", min=0),
+    )
+
+    def is_identity(self) -> bool:
+        return any(isinstance(x, float) and x >= 1.0 for x in (self.heavy, self.recent))
+
+    def applies_to(self, sg) -> str | None:
+        sites = find_sites(sg)
+        return sites if isinstance(sites, str) else None
+
+    def run(self, sg, ctx: PassContext):
+        hn, hf = frac_or_count(self.heavy)
+        rn, rf = frac_or_count(self.recent)
+        hk = sg.info.num_kv_heads
+
+        def build(sg, ed, site, kp_all):
+            score = aux_state(ed, site, "attn_score", torch.float32, hk)
+            a = site.args
+            outs = evict_node(sg, ed, site, EVICT_H2O, (a["q"], a["k"], a["v"], a["q_pos"], kp_all, score, a["scale"],
+                                                        hn, hf, rn, rf), 4, "h2o")
+            names = (site.k_name, site.v_name, positions_name(site.layer), f"attn_score{site.layer}")
+            return dict(zip(names, outs))
+
+        layers = rewrite_layers(sg, "h2o", build)
+        budget = {"heavy": self.heavy, "recent": self.recent}
+        sg.notes["h2o"] = {
+            "per_layer": {layer: dict(budget) for layer in layers},
+            "counts": {"layers_evicted": len(layers)},
+            "settings": {**self.values, "score": "cumulative attention, mean over query heads of a KV head"},
+        }
+        return sg

@@ -1,0 +1,153 @@
+"""``lowrank_kv``: LoRC, low-rank compression of the KV cache through the K/V weights.
+
+Technique (arXiv 2410.03111, "LoRC: Low-Rank Compression for LLMs KV Cache with a Progressive
+Compression Strategy"). Training- and data-free. Per layer, the key and value projections
+(all KV heads jointly) are replaced by their truncated SVD, W = A B with A = U_r S_r [d x r]
+(the "down" projection) and B = V_r^T [r x H_kv*D] (the "up" projection), and the cache stores
+the r-dimensional latents C = x A instead of K and V. Biases are kept exactly:
+K = (x A) B + b_K (Qwen2 has k/v biases).
+
+* Keys: RoPE sits between B_K and the dot product, so B_K cannot be folded into the queries;
+  the new ``graphwright.latent_attention`` op rebuilds K = RoPE_{k_pos}(C_K B_K + b_K) at the
+  keys' absolute positions every step (memory falls, key compute does not).
+* Values, ``value_path="absorbed"`` (default): the op attends over C_V directly (output
+  [B, H, T, r_v]) and B_V is folded into o_proj: W_O'[:, h-block] = W_O[:, h-block] B_V,kv(h)^T
+  ([hidden, H*r_v]); b_V is folded into o_proj's bias (exact: softmax rows sum to 1).
+  ``value_path="reconstruct"`` rebuilds V = C_V B_V + b_V inside the op (used to test the fold).
+* Ranks: ``schedule="progressive"`` (default) gives shallow layers more rank from cumulative
+  condition numbers; ``"uniform"`` the same fraction everywhere; the total meets ``keep`` (the
+  fraction of dense KV bytes kept over the whole model) within 1%. See ``lowrank_ranks.py``.
+
+Exact setting: ``keep=1.0`` (full rank r = min(d, H_kv*D)): W = A B up to fp64 round-off, so
+logits match the dense graph (fp32, 1e-4) and greedy tokens are identical.
+
+Invariants tested (``tests/passes/test_lowrank_kv.py``): full rank reproduces logits and greedy
+tokens (batch 2, left padding); absorbed and reconstruct agree at any rank; one projection's
+spectral error equals sigma_{r+1}; progressive ranks are non-increasing with depth; cache bytes
+equal sum_l (r_k + r_v) * B * S * elsize and kv_bytes / kv_bytes_dense is the planned fraction;
+the realised keep is within 1% of ``keep``; the pass does not apply twice; op reference vs fake.
+
+Supported: Llama-style models with separate k_proj/v_proj (Llama, Mistral, Qwen2, SmolLM2) or a
+fused qkv_proj (Phi-3), with rotary embeddings (full or partial, one rotary table). GPT-2 (fused
+Conv1D ``c_attn`` and learned absolute positions) is refused by ``applies_to`` with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from ..capture.ops import ATTENTION
+from ..ops.latent_attention import LATENT_ATTENTION
+from .base import Arg, Pass, PassContext, register_pass
+from .lowrank_ranks import allocate_ranks, default_bounds
+from .lowrank_rewrite import LayerSite, find_rope, locate_layer, rewrite_layer, set_fake_vals, shrink_fused_qkv
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Small fp64 LAPACK calls run ~20x faster on one thread than on a contended pool (measured:
+    a 576x192 SVD took 1.4 s on 2 busy threads, 0.05 s on one)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@register_pass
+class LowRankKV(Pass):
+    name = "lowrank_kv"
+    exact = False
+    doc = "LoRC: cache SVD latents of W_K/W_V (progressive per-layer ranks), rebuild K, absorb V into o_proj."
+    args = (
+        Arg("keep", float, 0.5, "fraction of dense KV bytes kept over the whole model (met within 1%)", min=1e-6, max=1.0),
+        Arg("schedule", str, "progressive", "per-layer rank schedule", choices=("progressive", "uniform")),
+        Arg("min_keep", float, None, "lower bound of a layer's keep fraction (progressive)", min=0.0, max=1.0),
+        Arg("max_keep", float, None, "upper bound of a layer's keep fraction (progressive)", min=0.0, max=1.0),
+        Arg("value_path", str, "absorbed", "fold B_V into o_proj or rebuild V", choices=("absorbed", "reconstruct")),
+    )
+
+    def __init__(self, **values):
+        super().__init__(**values)
+        from ..errors import RecipeError
+
+        if self.values["keep"] <= 0:
+            raise RecipeError("lowrank_kv: argument 'keep' must be in (0, 1]")
+        lo, hi = default_bounds(self.keep, self.min_keep, self.max_keep)
+        if self.schedule == "progressive" and not (lo <= self.keep <= hi):
+            raise RecipeError(f"lowrank_kv: keep={self.keep} must lie within [min_keep, max_keep] = [{lo}, {hi}]")
+
+    def is_identity(self) -> bool:
+        return self.keep >= 1.0
+
+    def applies_to(self, sg) -> str | None:
+        if sg.nodes(LATENT_ATTENTION):
+            return "the graph already has low-rank (latent) attention; lowrank_kv applies once"
+        attn = sg.nodes(ATTENTION)
+        if not attn:
+            return "the graph has no graphwright.attention nodes to rewrite"
+        rope = find_rope(sg.gm)
+        if isinstance(rope, str):
+            return rope
+        for node in attn:
+            site = locate_layer(sg, node)
+            if isinstance(site, str):
+                return site
+            if self.value_path == "absorbed" and site.o_linear is None:
+                return (f"layer {site.layer}: attention output does not reach an o_proj linear through reshapes; "
+                        "use value_path='reconstruct'")
+        return None
+
+    def run(self, sg, ctx: PassContext):
+        t0 = time.perf_counter()
+        reason = self.applies_to(sg)
+        if reason:
+            from ..errors import RecipeError
+
+            raise RecipeError(f"lowrank_kv does not apply to {sg.info.architecture}: {reason}")
+        gm = sg.gm
+        rope = find_rope(gm)
+        sites: list[LayerSite] = sorted((locate_layer(sg, n) for n in sg.nodes(ATTENTION)), key=lambda s: s.layer)
+        # fp64 SVD of W^T = U S V^T per layer and projection (d x width), all KV heads jointly
+        with single_thread():
+            svd_k = [torch.linalg.svd(s.w_k.double().T, full_matrices=False) for s in sites]
+            svd_v = [torch.linalg.svd(s.w_v.double().T, full_matrices=False) for s in sites]
+        plan = allocate_ranks([s[1] for s in svd_k], [s[1] for s in svd_v], sites[0].w_k.shape[0], sites[0].w_v.shape[0],
+                              self.keep, self.schedule, self.min_keep, self.max_keep)
+        elsize = torch.empty((), dtype=sg.info.dtype).element_size()
+        per_layer = {}
+        for i, site in enumerate(sites):
+            r_k, r_v = plan.r_k[i], plan.r_v[i]
+            with single_thread():
+                rewrite_layer(sg, site, svd_k[i], svd_v[i], r_k, r_v, rope, absorbed=self.value_path == "absorbed")
+            sk, sv = svd_k[i][1], svd_v[i][1]
+            per_layer[site.layer] = {
+                "r_k": r_k, "r_v": r_v,
+                "keep": round((r_k + r_v) / (plan.width_k + plan.width_v), 4),
+                "kv_bytes_per_token": (r_k + r_v) * elsize,
+                "sigma_k_next": float(sk[r_k]) if r_k < sk.numel() else 0.0,
+                "sigma_v_next": float(sv[r_v]) if r_v < sv.numel() else 0.0,
+                "kappa_k": round(plan.kappa_k[i], 3), "kappa_v": round(plan.kappa_v[i], 3),
+            }
+        gm.graph.eliminate_dead_code()
+        for site in sites:
+            shrink_fused_qkv(sg, site)
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+        set_fake_vals(gm, [n for site in sites for n in site.touched if n.graph is gm.graph and not n._erased])
+        sg.notes["lowrank_kv"] = {
+            "per_layer": per_layer,
+            "counts": {"attention_rewritten": len(sites), "latent_dims": sum(plan.r_k) + sum(plan.r_v),
+                       "dense_dims": plan.dense},
+            "settings": {**{k: v for k, v in self.values.items()}, **plan.settings,
+                         "realised_keep": plan.realised_keep, "target_dims": plan.target,
+                         "rope_scaling": rope.scaling, "rope_dims": 2 * int(rope.inv_freq_shape),
+                         "seconds": round(time.perf_counter() - t0, 2)},
+        }
+        return sg
+

@@ -1,0 +1,334 @@
+"""Graph surgery for ``lowrank_kv``: find a layer's K/V/O projections and swap in the latent path.
+
+Per layer the captured graph has::
+
+    x -> linear(W_K, b_K) -> view/transpose -> RoPE -> k_new;  k_all = cat([k_cache, k_new], 2)
+    x -> linear(W_V, b_V) -> view/transpose ->         v_new;  v_all = cat([v_cache, v_new], 2)
+    attention(q, k_all, v_all, q_pos, k_pos, scale, window) -> transpose -> reshape -> linear(W_O)
+
+(or one fused ``qkv_proj`` linear sliced into q/k/v, Phi-3). The rewrite adds::
+
+    c_k_all = cat([c_k_cache, linear(x, A_K^T)], 1)          # [B, S, r_k]
+    c_v_all = cat([c_v_cache, linear(x, A_V^T)], 1)          # [B, S, r_v]
+    latent_attention(q, c_k_all, c_v_all, B_K, b_K, B_V|None, b_V|None, q_pos, k_pos, inv_freq, ...)
+
+and, in absorbed mode, gives the o_proj linear the folded weight [hidden, H*r_v] (and bias).
+The old K/V paths become dead and are removed by dead-code elimination.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..capture.step_graph import StateSpec
+from ..ops.latent_attention import LATENT_ATTENTION
+
+aten = torch.ops.aten
+_PREFIX = "hf."
+_NUM_FIXED_INPUTS = 3  # input_ids, positions, logits_index precede the state placeholders
+_PASS_THROUGH = {aten.transpose.int, aten.reshape.default, aten.view.default, aten.clone.default,
+                 aten.contiguous.default, aten._unsafe_view.default}
+
+
+@dataclass
+class RopeInfo:
+    node: torch.fx.Node  # get_attr of inv_freq
+    scaling: float  # transformers' attention_scaling (the constant multiplying cos and sin)
+    inv_freq_shape: int
+
+
+@dataclass
+class LayerSite:
+    layer: int
+    module: str
+    attn: torch.fx.Node
+    x: torch.fx.Node  # input of the K/V projections
+    w_k: torch.Tensor  # [H_kv*D, d] (torch Linear layout)
+    b_k: torch.Tensor | None
+    w_v: torch.Tensor
+    b_v: torch.Tensor | None
+    k_cat: torch.fx.Node
+    v_cat: torch.fx.Node
+    k_cache: torch.fx.Node
+    v_cache: torch.fx.Node
+    o_linear: torch.fx.Node | None  # the o_proj linear fed by this attention (absorbed mode)
+    qkv_linear: torch.fx.Node | None  # fused projection (Phi-3), shrunk to its q rows afterwards
+    q_rows: int
+    touched: list | None = None  # nodes added or re-shaped by the rewrite (their meta['val'] is recomputed)
+
+
+def _attr(gm, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj.detach() if isinstance(obj, torch.Tensor) else obj
+
+
+def find_rope(gm) -> RopeInfo | str:
+    """The model's one rotary table and its attention_scaling, or why there is none."""
+    nodes = [n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).endswith("inv_freq")]
+    if not nodes:
+        return ("no rotary embedding (inv_freq) in the graph: lowrank_kv rebuilds keys with RoPE and supports "
+                "rotary models (Llama, Mistral, Qwen2, Phi-3); GPT-2-style learned positions are not supported")
+    if len({str(n.target) for n in nodes}) > 1:
+        return f"more than one rotary table ({sorted({str(n.target) for n in nodes})}); lowrank_kv supports one"
+    node = nodes[0]
+    # inv_freq -> mul(positions) -> cat -> cos -> mul(cos, attention_scaling): read the constant
+    frontier, seen, scaling = [node], set(), 1.0
+    for _ in range(6):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u in seen:
+                    continue
+                seen.add(u)
+                if u.target is aten.cos.default:
+                    for m in u.users:
+                        consts = [a for a in m.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+                        if m.target is aten.mul.Tensor and consts:
+                            scaling = float(consts[0])
+                    return RopeInfo(node, scaling, int(_attr(gm, str(node.target)).shape[0]))
+                nxt.append(u)
+        frontier = nxt
+    return RopeInfo(node, scaling, int(_attr(gm, str(node.target)).shape[0]))
+
+
+def _linear_of(gm, target: str):
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.target == target:
+            for u in n.users:
+                if u.target is aten.linear.default and u.args[1] is n:
+                    return u
+    return None
+
+
+def _bias(gm, lin) -> torch.Tensor | None:
+    b = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
+    return None if b is None else _attr(gm, str(b.target))
+
+
+def _o_linear(attn):
+    """Follow attention -> transpose -> reshape ... -> linear (single-user chain)."""
+    n = attn
+    for _ in range(6):
+        if len(n.users) != 1:
+            return None
+        (u,) = n.users
+        if u.target is aten.linear.default and u.args[0] is n:
+            return u
+        if u.target not in _PASS_THROUGH:
+            return None
+        n = u
+    return None
+
+
+def _cache_cat(node, dim: int):
+    """k_all = cat([cache_placeholder, new], dim) -> (cat, placeholder) or None."""
+    if node.target is not aten.cat.default or len(node.args[0]) != 2:
+        return None
+    d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    ph = node.args[0][0]
+    if d != dim or ph.op != "placeholder":
+        return None
+    return node, ph
+
+
+def locate_layer(sg, attn) -> LayerSite | str:
+    """Everything the rewrite needs for one attention node, or why the layer cannot be rewritten."""
+    gm, info = sg.gm, sg.info
+    meta = attn.meta.get("graphwright") or {}
+    layer, module = meta.get("layer"), meta.get("module", "")
+    where = f"layer {layer} ({module})"
+    if len(attn.args) < 6:
+        return f"{where}: unexpected attention node arguments"
+    kc, vc = _cache_cat(attn.args[1], 2), _cache_cat(attn.args[2], 2)
+    if kc is None or vc is None:
+        return f"{where}: keys/values are not cat([cache, new], dim=2) of a dense cache input"
+    H, D, Hk = info.num_heads, info.head_dim, info.num_kv_heads
+    prefix = _PREFIX + module
+    lk, lv = _linear_of(gm, prefix + ".k_proj.weight"), _linear_of(gm, prefix + ".v_proj.weight")
+    qkv, q_rows = None, 0
+    if lk is not None and lv is not None:
+        if lk.args[0] is not lv.args[0]:
+            return f"{where}: k_proj and v_proj read different inputs"
+        x = lk.args[0]
+        w_k, b_k, w_v, b_v = _attr(gm, str(lk.args[1].target)), _bias(gm, lk), _attr(gm, str(lv.args[1].target)), _bias(gm, lv)
+    else:
+        qkv = _linear_of(gm, prefix + ".qkv_proj.weight")
+        if qkv is None:
+            return (f"{where} has no k_proj/v_proj or fused qkv_proj Linear (GPT-2's Conv1D c_attn is not supported "
+                    "by lowrank_kv)")
+        x = qkv.args[0]
+        w, b = _attr(gm, str(qkv.args[1].target)), _bias(gm, qkv)
+        q_rows, kv_rows = H * D, Hk * D
+        if w.shape[0] != q_rows + 2 * kv_rows:
+            return f"{where}: qkv_proj has {w.shape[0]} rows, expected {q_rows + 2 * kv_rows}"
+        w_k, w_v = w[q_rows:q_rows + kv_rows], w[q_rows + kv_rows:]
+        b_k, b_v = (None, None) if b is None else (b[q_rows:q_rows + kv_rows], b[q_rows + kv_rows:])
+    if w_k.shape[0] != Hk * D or w_v.shape[0] % Hk:
+        return f"{where}: k/v projection widths {w_k.shape[0]}/{w_v.shape[0]} do not match {Hk} KV heads x {D}"
+    return LayerSite(layer=int(layer), module=module, attn=attn, x=x, w_k=w_k, b_k=b_k, w_v=w_v, b_v=b_v,
+                     k_cat=kc[0], v_cat=vc[0], k_cache=kc[1], v_cache=vc[1], o_linear=_o_linear(attn),
+                     qkv_linear=qkv, q_rows=q_rows)
+
+
+def _param(gm, name: str, t: torch.Tensor, dtype) -> str:
+    gm.register_parameter(name, torch.nn.Parameter(t.to(dtype).contiguous(), requires_grad=False))
+    return name
+
+
+def _absorbed_o(w_o: torch.Tensor, b_o, up_v: torch.Tensor, b_v, num_heads: int, num_kv_heads: int):
+    """W_O'[:, h-block] = W_O[:, h-block] @ B_V[:, kv(h)-block]^T; b_O' = b_O + W_O @ repeat(b_V). fp64."""
+    hidden = w_o.shape[0]
+    g = num_heads // num_kv_heads
+    dv = up_v.shape[1] // num_kv_heads
+    wo = w_o.double().view(hidden, num_kv_heads, g, dv)  # query head h = kv * g + j (repeat_kv order)
+    bv = up_v.double().view(-1, num_kv_heads, dv)  # [r_v, Hk, Dv]
+    w_new = torch.einsum("okgd,rkd->okgr", wo, bv).reshape(hidden, -1)
+    b_new = None if b_o is None else b_o.double()
+    if b_v is not None:
+        bv_rep = b_v.double().view(num_kv_heads, 1, dv).expand(num_kv_heads, g, dv).reshape(-1)
+        b_new = (0 if b_new is None else b_new) + w_o.double() @ bv_rep
+    return w_new, b_new
+
+
+def _copy_meta(dst, src):
+    for k in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if k in src.meta:
+            dst.meta[k] = src.meta[k]
+
+
+def rewrite_layer(sg, site: LayerSite, svd_k, svd_v, r_k: int, r_v: int, rope: RopeInfo, absorbed: bool) -> None:
+    """Replace one layer's dense K/V cache and attention by the latent path (see module docstring)."""
+    gm, info, graph = sg.gm, sg.info, sg.gm.graph
+    dtype, l, attn = info.dtype, site.layer, site.attn
+    (uk, sk, vhk), (uv, sv, vhv) = svd_k, svd_v
+    down_k = (uk[:, :r_k] * sk[:r_k]).T  # A_K^T [r_k, d]: singular values on the down side
+    down_v = (uv[:, :r_v] * sv[:r_v]).T
+    up_k, up_v = vhk[:r_k], vhv[:r_v]  # B [r, H_kv*D]
+    names = {
+        "k_down": _param(gm, f"gw_lowrank_l{l}_k_down", down_k, dtype),
+        "v_down": _param(gm, f"gw_lowrank_l{l}_v_down", down_v, dtype),
+        "k_up": _param(gm, f"gw_lowrank_l{l}_k_up", up_k, dtype),
+    }
+    if site.b_k is not None:
+        names["k_bias"] = _param(gm, f"gw_lowrank_l{l}_k_bias", site.b_k, dtype)
+    if not absorbed:
+        names["v_up"] = _param(gm, f"gw_lowrank_l{l}_v_up", up_v, dtype)
+        if site.b_v is not None:
+            names["v_bias"] = _param(gm, f"gw_lowrank_l{l}_v_bias", site.b_v, dtype)
+    q, q_pos, k_pos, scale = attn.args[0], attn.args[3], attn.args[4], attn.args[5]
+    window = attn.args[6] if len(attn.args) > 6 else attn.kwargs.get("window", 0)
+    with graph.inserting_before(attn):
+        get = {k: graph.get_attr(v) for k, v in names.items()}
+        lat_k = graph.call_function(aten.linear.default, (site.x, get["k_down"]))
+        lat_v = graph.call_function(aten.linear.default, (site.x, get["v_down"]))
+        c_k = graph.call_function(aten.cat.default, ([site.k_cache, lat_k], 1))  # [B, S, r_k]
+        c_v = graph.call_function(aten.cat.default, ([site.v_cache, lat_v], 1))  # [B, S, r_v]
+        new = graph.call_function(LATENT_ATTENTION, (
+            q, c_k, c_v, get["k_up"], get.get("k_bias"), get.get("v_up"), get.get("v_bias"),
+            q_pos, k_pos, rope.node, rope.scaling, scale, window))
+    for n in (lat_k, lat_v, c_k, c_v, *get.values()):
+        _copy_meta(n, site.k_cat)
+    _copy_meta(new, attn)
+    new.meta["graphwright"] = {**(attn.meta.get("graphwright") or {}), "variant": "lowrank"}
+    attn.replace_all_uses_with(new)
+    graph.erase_node(attn)
+    site.touched = [*get.values(), lat_k, lat_v, c_k, c_v, new]
+    site.k_cat.replace_all_uses_with(c_k)
+    site.v_cat.replace_all_uses_with(c_v)
+    if absorbed:
+        _absorb_into_o(sg, site, new, up_v)
+    _update_state(sg, site, r_k, r_v)
+
+
+def _absorb_into_o(sg, site, new_attn, up_v) -> None:
+    gm, info, graph = sg.gm, sg.info, sg.gm.graph
+    lin = _o_linear(new_attn)
+    if lin is None:
+        raise RuntimeError(f"layer {site.layer}: attention output does not feed an o_proj linear through reshapes; "
+                           "use value_path='reconstruct'")
+    w_o = _attr(gm, str(lin.args[1].target))
+    b_o = _bias(gm, lin)
+    w_new, b_new = _absorbed_o(w_o, b_o, up_v, site.b_v, info.num_heads, info.num_kv_heads)
+    l = site.layer
+    with graph.inserting_before(lin):
+        w_node = graph.get_attr(_param(gm, f"gw_lowrank_l{l}_o_absorbed", w_new, info.dtype))
+        b_node = None if b_new is None else graph.get_attr(_param(gm, f"gw_lowrank_l{l}_o_bias", b_new, info.dtype))
+    lin.args = (lin.args[0], w_node) + ((b_node,) if b_node is not None else ())
+    site.touched += [w_node, lin] + ([b_node] if b_node is not None else [])
+    # the head-merging reshape must not hard-code H*D: give it -1 for the new width H*r_v
+    n = lin.args[0]
+    while n is not new_attn:
+        site.touched.append(n)
+        if n.target in (aten.reshape.default, aten.view.default, aten._unsafe_view.default):
+            shape = list(n.args[1])
+            if isinstance(shape[-1], int) and shape[-1] != -1:
+                n.args = (n.args[0], shape[:-1] + [-1])
+        n = n.args[0]
+
+
+def _update_state(sg, site, r_k: int, r_v: int) -> None:
+    placeholders = [n for n in sg.gm.graph.nodes if n.op == "placeholder"]
+    for ph, r, kind in ((site.k_cache, r_k, "k"), (site.v_cache, r_v, "v")):
+        i = placeholders.index(ph) - _NUM_FIXED_INPUTS
+        old = sg.state[i]
+        sg.state[i] = StateSpec(f"{kind}{site.layer}_latent", "kv", (-1, 0, r), old.dtype, seq_dim=1, layer=site.layer)
+        val = ph.meta.get("val")
+        if val is not None:  # keep export's symbolic batch / cache-length sizes
+            from torch._guards import detect_fake_mode
+
+            mode = detect_fake_mode([val])
+            with mode:
+                ph.meta["val"] = torch.empty((val.shape[0], val.shape[2], r), dtype=val.dtype)
+
+
+def shrink_fused_qkv(sg, site: LayerSite) -> None:
+    """After DCE, a fused qkv_proj whose k/v slices died computes only its q rows."""
+    lin = site.qkv_linear
+    if lin is None or not lin.users:
+        return
+    for u in lin.users:
+        if u.target is not aten.slice.Tensor or u.args[1] not in (-1, 2) or u.args[3] > site.q_rows:
+            return
+    gm, dtype = sg.gm, sg.info.dtype
+    w, b = _attr(gm, str(lin.args[1].target)), _bias(gm, lin)
+    with gm.graph.inserting_before(lin):
+        w_node = gm.graph.get_attr(_param(gm, f"gw_lowrank_l{site.layer}_q_proj", w[:site.q_rows], dtype))
+        b_node = None if b is None else gm.graph.get_attr(_param(gm, f"gw_lowrank_l{site.layer}_q_bias", b[:site.q_rows], dtype))
+    lin.args = (lin.args[0], w_node) + ((b_node,) if b_node is not None else ())
+    site.touched += [w_node, lin] + ([b_node] if b_node is not None else [])
+
+
+def set_fake_vals(gm, nodes) -> None:
+    """Fill ``meta['val']`` of ``nodes`` (in graph order) by running them on export's fake tensors.
+
+    Local on purpose: re-propagating the whole graph with FakeTensorProp costs ~20 s for a
+    30-layer model, while only the nodes the rewrite added or re-shaped need new values.
+    """
+    from torch._guards import detect_fake_mode
+
+    vals = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    mode = detect_fake_mode([v for v in vals if v is not None])
+    if mode is None:
+        return
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+
+    def val(a):
+        if isinstance(a, torch.fx.Node):
+            return a.meta.get("val")
+        if isinstance(a, (list, tuple)):
+            return type(a)(val(x) for x in a)
+        return a
+
+    with mode:
+        for n in sorted(nodes, key=order.__getitem__):
+            if n.op == "get_attr":
+                n.meta["val"] = mode.from_tensor(_attr(gm, str(n.target)), static_shapes=True)
+            elif n.op == "call_function":
+                try:
+                    n.meta["val"] = n.target(*val(n.args), **val(n.kwargs))
+                except Exception:  # noqa: BLE001 - shapes are informational; never fail the rewrite
+                    n.meta.pop("val", None)

@@ -1,0 +1,67 @@
+"""``snapkv``: SnapKV prompt compression.
+
+Technique (arXiv 2404.14469, "SnapKV: LLM Knows What You are Looking for Before Generation";
+reference code ``snapkv/monkeypatch/snapkv_utils.py::SnapKVCluster.update_kv``). After prefill,
+when the prompt is longer than the budget C, the last ``window`` prompt queries (the observation
+window, causal inside it) score every earlier key: softmax rows summed over the window, smoothed
+with a 1-D pooling of width ``kernel`` (stride 1, zero padding kernel//2), and each head keeps its
+top C - window prefix keys plus the window itself. Decode then appends every new token; nothing
+is evicted later. Defaults C = 2048, window = 32, kernel = 5, avg pooling (the paper's LongBench
+ablations also use kernel 7 with max pooling).
+
+Setting here: selection per (batch row, KV head) with scores averaged over its g query heads
+(the reference is MHA); rows shorter than the budget keep everything; left padding is dropped.
+Prefill attention is dense, so the first generated token equals the dense model's.
+
+Exact setting: budget >= prompt length (input dependent: the pass itself is lossy).
+Invariants tested (``tests/passes/test_snapkv.py``): budget >= length gives identical tokens
+(tiny Llama and Qwen2, batch 2 left-padded); first token equals dense; after prefill each head
+holds exactly min(length, budget) tokens and grows by one per step; the op's kept set equals a
+slow loop oracle on random attention.
+"""
+
+from __future__ import annotations
+
+from ..errors import RecipeError
+from ..ops.eviction import EVICT_SNAPKV
+from .base import Arg, Pass, PassContext, register_pass
+from .eviction_common import evict_node, find_sites, positions_name, rewrite_layers
+
+
+@register_pass
+class SnapKV(Pass):
+    name = "snapkv"
+    exact = False
+    doc = "SnapKV: after prefill keep per KV head the prompt keys the last `window` queries attend to most."
+    args = (
+        Arg("budget", int, 2048, "tokens kept per head after prefill (window included)", min=1),
+        Arg("window", int, 32, "observation window: the last prompt queries that vote", min=1),
+        Arg("kernel", int, 5, "pooling width (odd)", min=1),
+        Arg("pool", str, "avg", "pooling of the window scores", choices=("avg", "max")),
+    )
+
+    def __init__(self, **values):
+        super().__init__(**values)
+        if self.window > self.budget:
+            raise RecipeError(f"snapkv: window={self.window} must not exceed budget={self.budget}")
+        if self.kernel % 2 == 0:
+            raise RecipeError(f"snapkv: kernel={self.kernel} must be odd (centred pooling)")
+
+    def applies_to(self, sg) -> str | None:
+        sites = find_sites(sg)
+        return sites if isinstance(sites, str) else None
+
+    def run(self, sg, ctx: PassContext):
+        def build(sg, ed, site, kp_all):
+            a = site.args
+            outs = evict_node(sg, ed, site, EVICT_SNAPKV, (a["q"], a["k"], a["v"], a["q_pos"], kp_all, a["scale"],
+                                                           self.budget, self.window, self.kernel, self.pool), 3, "snapkv")
+            return dict(zip((site.k_name, site.v_name, positions_name(site.layer)), outs))
+
+        layers = rewrite_layers(sg, "snapkv", build)
+        sg.notes["snapkv"] = {
+            "per_layer": {layer: {"budget": self.budget} for layer in layers},
+            "counts": {"layers_evicted": len(layers)},
+            "settings": dict(self.values),
+        }
+        return sg

@@ -1,0 +1,189 @@
+"""``steer``: PASTA attention steering (Zhang et al., arXiv 2311.02262), as a key bias.
+
+Paper in one paragraph. An instruction-tuned LLM often under-attends to the part of a long
+prompt the user cares about (an instruction buried in context, a counterfactual fact). PASTA
+lets the user *emphasize* spans and, in a small set of attention heads only, rescales the
+attention of every query row: emphasized keys keep their weight, all other prompt keys are
+multiplied by ``alpha`` (0.01), and rows are renormalised:
+
+    T(A)_ij = A_ij / C_i          for j in G (emphasized)
+            = alpha * A_ij / C_i  for j not in G (prompt),   C_i = sum_G A_ij + alpha * sum_notG A_ij
+
+which is exactly adding ``log(alpha)`` to the pre-softmax scores of non-emphasized prompt
+columns (the official code's ``exclude`` mode). Generated-token columns are never scaled; decode
+steps are steered too. Which heads to steer matters: the paper profiles single heads per task
+(``graphwright.steer.profile``); AutoPASTA (arXiv 2409.10790) does it coarse-to-fine.
+
+Graph change. Each selected layer's ``graphwright.attention`` node gets
+``key_bias = steer_key_bias(steer_weights, k_pos, coef)`` with ``coef`` [H] a buffer holding
+``log(alpha)`` on the selected heads and 0 elsewhere, and ``steer_weights`` [B, P] one new,
+optional graph input (``StepGraph.extra_inputs``) built by the runtime from emphasized spans
+(``cm.generate(ids, emphasis=[(start, end)])``). No T x S mask is ever built, and the bias is
+indexed by absolute position so it needs no update during decode. Without emphasis the input
+is None and the graph runs the base model's exact path. KV state is unchanged.
+
+Arguments: ``alpha`` (default 0.01; alpha = 1 is the exact setting; alpha > 1 de-emphasizes),
+``heads`` ({layer: [heads]}, a list of whole layers, a JSON head-set file, ``"all"``, or
+``"auto"`` = the head set cached by the last ``profile_heads`` run for this model), ``mode``
+(``exclude`` as the paper, or ``include``: +log(alpha) on the spans then -log(alpha) on all
+prompt columns, so include(1/alpha) == exclude(alpha) for one span).
+
+Invariants tested (``tests/passes/test_steer.py``): alpha = 1 reproduces logits and tokens;
+unselected heads' attention probabilities are bit-identical to the base; selected heads match
+T(A); include(1/alpha) == exclude(alpha); decode columns stay unscaled; batches with left
+padding and different spans per row; bad spans and bad heads raise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..capture.ops import ATTENTION
+from ..capture.step_graph import ExtraInput
+from ..errors import RecipeError
+from ..steer.bias import STEER_INPUT, steer_key_bias
+from ..steer.heads import auto_head_path
+from .base import Arg, Pass, PassContext, register_pass
+
+KEY_BIAS_ARG = 7  # position of key_bias in graphwright.attention(q, k, v, q_pos, k_pos, scale, window, key_bias)
+
+
+def parse_heads(heads, num_layers: int, num_heads: int, model_key: str | None = None) -> dict:
+    """``{layer: sorted heads}`` from any accepted form; RecipeError naming the valid ranges."""
+    ranges = f"layers 0..{num_layers - 1}, heads 0..{num_heads - 1}"
+    if isinstance(heads, str):
+        if heads == "all":
+            return {layer: list(range(num_heads)) for layer in range(num_layers)}
+        if heads == "auto":
+            path = auto_head_path(model_key)
+            if not path.exists():
+                raise RecipeError(f"steer: heads='auto' needs a profiled head set for this model and none is cached at {path}; "
+                                  "create one with `graphwright steer profile --task json` or "
+                                  "graphwright.steer.profile.profile_heads(cm, task)")
+            heads = str(path)
+        path = Path(heads)
+        if not path.exists():
+            raise RecipeError(f"steer: heads={heads!r} is neither 'all', 'auto', nor an existing JSON head-set file")
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as exc:
+            raise RecipeError(f"steer: head-set file {path} is not valid JSON: {exc}") from exc
+        heads = data.get("heads", data) if isinstance(data, dict) else data
+    if isinstance(heads, (list, tuple)):  # pastalib's list form: whole layers
+        heads = {layer: list(range(num_heads)) for layer in heads}
+    if not isinstance(heads, Mapping):
+        raise RecipeError(f"steer: heads must be {{layer: [heads]}}, a list of layers, a JSON path, 'all' or 'auto'; got {heads!r}")
+    out: dict = {}
+    for key, hs in heads.items():
+        try:
+            layer = int(key)
+        except (TypeError, ValueError):
+            raise RecipeError(f"steer: head-set key {key!r} is not a layer index ({ranges})") from None
+        if not 0 <= layer < num_layers:
+            raise RecipeError(f"steer: layer {layer} is out of range ({ranges})")
+        hs = list(hs) if isinstance(hs, (list, tuple)) else [hs]
+        for h in hs:
+            if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < num_heads:
+                raise RecipeError(f"steer: head {h!r} of layer {layer} is out of range ({ranges})")
+        if hs:
+            out[layer] = sorted(set(out.get(layer, [])) | set(hs))
+    if not out:
+        raise RecipeError(f"steer: the head set is empty; give at least one head ({ranges})")
+    return dict(sorted(out.items()))
+
+
+@register_pass
+class Steer(Pass):
+    name = "steer"
+    exact = False
+    args = (
+        Arg("alpha", float, 0.01, "scale of non-emphasized prompt attention (1 = no change)", min=1e-9),
+        Arg("heads", (Mapping, list, tuple, str), None, "{layer: [heads]}, [layers], a JSON head-set path, 'all' or 'auto'",
+            required=True),
+        Arg("mode", str, "exclude", "exclude: scale non-emphasized columns; include: the paper's include mode",
+            choices=("exclude", "include")),
+    )
+    doc = "PASTA attention steering: emphasize user spans in selected heads via a per-key bias."
+
+    def is_identity(self) -> bool:
+        return self.alpha == 1.0
+
+    def applies_to(self, sg) -> str | None:
+        if not sg.nodes(ATTENTION):
+            return "the graph has no graphwright.attention nodes to steer"
+        if any(x.name == STEER_INPUT for x in getattr(sg, "extra_inputs", [])):
+            return "the graph is already steered (apply steer once)"
+        return None
+
+    def run(self, sg, ctx: PassContext):
+        from ..steer.heads import model_key
+
+        info = sg.info
+        heads = parse_heads(self.heads, info.num_layers, info.num_heads, model_key(sg))
+        by_layer = {n.meta.get("graphwright", {}).get("layer"): n for n in sg.nodes(ATTENTION)}
+        missing = [layer for layer in heads if layer not in by_layer]
+        if missing:
+            raise RecipeError(f"steer: layer(s) {missing} have no graphwright.attention node to steer "
+                              f"(steerable layers: {sorted(k for k in by_layer if k is not None)})")
+        gm, graph = sg.gm, sg.gm.graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        with graph.inserting_after(placeholders[-1]):
+            weights = graph.placeholder(STEER_INPUT, default_value=None)
+        log_alpha = math.log(self.alpha)
+        per_layer = {}
+        for layer, hs in heads.items():
+            node = by_layer[layer]
+            if _key_bias(node) is not None:
+                raise RecipeError(f"steer: layer {layer}'s attention already has a key bias from another pass")
+            coef = torch.zeros(info.num_heads, dtype=torch.float32)
+            coef[hs] = log_alpha
+            buf = f"steer_coef_{layer}"
+            gm.register_buffer(buf, coef.to(_device(gm)))
+            with graph.inserting_before(node):
+                c = graph.get_attr(buf)
+                bias = graph.call_function(steer_key_bias, (weights, node.args[4], c))
+            bias.meta["graphwright"] = {"op": "steer_key_bias", "layer": layer, "module": node.meta.get("graphwright", {}).get("module"),
+                                        "variant": "steered"}
+            _set_key_bias(node, bias)
+            meta = node.meta.setdefault("graphwright", {})
+            old = meta.get("variant")
+            meta["variant"] = "steered" if old in (None, "", "dense") else f"{old}+steered"
+            per_layer[layer] = {"heads": list(hs)}
+        graph.lint()
+        gm.recompile()
+        sg.extra_inputs = [*sg.extra_inputs, ExtraInput(STEER_INPUT, "steer", "PASTA weights [B, P]: multiples of log(alpha) per prompt position",
+                                                         {"mode": self.mode, "alpha": self.alpha})]
+        sg.notes["steer"] = {
+            "per_layer": per_layer,
+            "counts": {"layers_steered": len(per_layer), "heads_steered": sum(len(v) for v in heads.values()),
+                       "heads_total": info.num_layers * info.num_heads},
+            "settings": {"alpha": self.alpha, "mode": self.mode, "log_alpha": log_alpha,
+                         "heads_source": self.heads if isinstance(self.heads, str) else "explicit", "input": STEER_INPUT},
+        }
+        return sg
+
+
+def _key_bias(node):
+    if len(node.args) > KEY_BIAS_ARG:
+        return node.args[KEY_BIAS_ARG]
+    return node.kwargs.get("key_bias")
+
+
+def _set_key_bias(node, value):
+    if len(node.args) > KEY_BIAS_ARG:
+        args = list(node.args)
+        args[KEY_BIAS_ARG] = value
+        node.args = tuple(args)
+    else:
+        node.update_kwarg("key_bias", value)
+
+
+def _device(gm) -> torch.device:
+    for t in gm.parameters():
+        return t.device
+    return torch.device("cpu")

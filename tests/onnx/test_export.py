@@ -1,0 +1,114 @@
+"""ONNX export: the artifact passes onnx.checker, reproduces the torch runtime in ONNX Runtime
+(greedy tokens exactly, logits within 1e-4) and loads with clear errors when broken.
+
+Each tiny model is exported once per module (export dominates the cost) and shared by the tests.
+"""
+
+import functools
+import json
+import shutil
+
+import onnx
+import pytest
+import torch
+
+import graphwright as gw
+from graphwright.errors import GraphwrightError
+from tests.conftest import _compiled, left_padded_batch
+
+MODELS = ("tiny-llama", "tiny-qwen2", "tiny-phi3", "tiny-mistral", "tiny-gpt2", "tiny-mixtral")
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("onnx")
+
+    @functools.lru_cache(maxsize=None)
+    def get(name):
+        out = root / name
+        gw.export_onnx(_compiled(name), out)
+        return out
+
+    return get
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_onnx_matches_torch_runtime(name, exports):
+    cm, out = _compiled(name), exports(name)
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+    meta = json.loads((out / "graphwright.json").read_text())
+    assert meta["verification"]["passed"] and meta["verification"]["max_abs_logit_diff"] <= 1e-4
+    rt = gw.load(out)
+    # lengths 30 and 21 + 24 new tokens: tiny-mistral's 16-token sliding window is passed in prefill and decode
+    ids, mask = left_padded_batch(256, [30, 21], seed=4)
+    got = rt.logits(ids, mask)
+    want = cm.logits(ids, mask)
+    real = mask.bool()
+    assert (got[real] - want[real]).abs().max().item() <= 1e-4
+    want_tokens = cm.generate(ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[], pad_token_id=0)
+    got_tokens = rt.generate(ids, attention_mask=mask, max_new_tokens=24, eos_token_id=[], pad_token_id=0)
+    assert got_tokens.shape == (2, 30 + 24)
+    assert torch.equal(got_tokens, want_tokens)
+    assert rt.last_stats["kv_bytes"] == cm.last_stats["kv_bytes"]
+
+
+def test_metadata_describes_state_and_model(exports):
+    cm, out = _compiled("tiny-mixtral"), exports("tiny-mixtral")
+    meta = json.loads((out / "graphwright.json").read_text())
+    assert meta["format"] == "graphwright-onnx" and meta["opset"] == 23 and meta["recipe"] == "identity"
+    assert [s["name"] for s in meta["state"]] == [s.name for s in cm.step_graph.state]
+    k0 = next(s for s in meta["state"] if s["name"] == "k0")
+    assert k0 == {"name": "k0", "kind": "kv", "shape": [-1, 2, 0, 16], "dtype": "float32", "seq_dim": 2, "layer": 0}
+    assert meta["inputs"][:4] == ["input_ids", "positions", "logits_index", "key_positions"]
+    assert meta["outputs"][0] == "logits" and len(meta["outputs"]) == len(meta["inputs"]) - 2
+    assert meta["model"]["layers"] == 2 and meta["model"]["vocab"] == 256 and meta["model"]["eos"] == [2]
+    assert [row["state"] for row in meta["layers"]] == [["k0", "v0"], ["k1", "v1"]]
+    nodes = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    assert "Attention" in nodes and "ScatterND" in nodes  # opset-23 attention; MoE in standard ops
+    rep = gw.load(out).report()
+    assert rep.summary["architecture"] == "MixtralForCausalLM" and len(rep.rows) == 2
+
+
+def test_refuses_foreign_non_empty_dir(tmp_path, exports):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(GraphwrightError, match="not empty"):
+        gw.export_onnx(_compiled("tiny-llama"), tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_reexport_into_previous_export(tmp_path, exports):
+    """A folder holding a previous export is replaced without overwrite=True."""
+    shutil.copytree(exports("tiny-llama"), tmp_path / "x")
+    (tmp_path / "x" / "model.onnx").write_bytes(b"stale")
+    gw.export_onnx(_compiled("tiny-llama"), tmp_path / "x", verify=False)
+    onnx.checker.check_model(str(tmp_path / "x" / "model.onnx"))
+
+
+def test_load_errors_are_clear(tmp_path, exports):
+    with pytest.raises(GraphwrightError, match="missing graphwright.json"):
+        gw.load(tmp_path)
+    bad = tmp_path / "bad"
+    shutil.copytree(exports("tiny-llama"), bad)
+    (bad / "model.onnx").write_bytes(b"\x00not an onnx model")
+    with pytest.raises(GraphwrightError, match="cannot load the model"):
+        gw.load(bad)
+    (bad / "model.onnx").unlink()
+    with pytest.raises(GraphwrightError, match="missing model.onnx"):
+        gw.load(bad)
+    (bad / "graphwright.json").write_text("{ truncated")
+    with pytest.raises(GraphwrightError, match="corrupt metadata"):
+        gw.load(bad)
+
+
+@pytest.mark.slow
+def test_smollm2_onnx_greedy_matches_torch(tmp_path):
+    model, tok = gw.load_model("smollm2-135m")
+    cm = gw.compile(model, tokenizer=tok)
+    gw.export_onnx(cm, tmp_path / "smol")
+    rt = gw.load(tmp_path / "smol")
+    assert rt.tokenizer is not None
+    enc = tok(["The capital of France is", "Once upon a time, in a small village, there lived"],
+              return_tensors="pt", padding=True, padding_side="left")
+    want = cm.generate(enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=32, eos_token_id=[])
+    got = rt.generate(enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=32, eos_token_id=[])
+    assert torch.equal(got, want)

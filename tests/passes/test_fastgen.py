@@ -1,0 +1,143 @@
+"""fastgen: exact at recovery 1.0, dense prefill, profiling math, local == sliding window, full heads keep all."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphwright.capture.ops import ATTENTION
+from graphwright.compiled import CompiledModel
+from graphwright.ops.eviction_ref import LADDER, PUNCT, SPECIAL
+from graphwright.ops.fastgen_ref import fastgen_choose, fastgen_profile, fastgen_reference
+from graphwright.passes.fastgen import FastGen, token_class_table
+from tests.conftest import left_padded_batch
+from tests.passes.eviction_helpers import (colsum_oracle, decode_loop, floor_budget, op_decode_loop, probs_oracle,
+                                           run_pass, state_of, topk_oracle)
+from tests.passes.test_eviction_ops import SCALE, prefill_step
+
+LENGTHS = [12, 7]
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_recovery_one_is_identity(compiled_tiny, name):
+    cm = compiled_tiny(name)
+    ids, mask = left_padded_batch(256, LENGTHS, seed=1)
+    want_logits, want, _ = decode_loop(cm, ids, mask, 32)
+    got_logits, got, _ = decode_loop(run_pass(cm, FastGen(recovery=1.0)), ids, mask, 32)
+    assert torch.equal(got, want)
+    assert (got_logits - want_logits).abs().max() <= 1e-4
+
+
+def test_recovered_mass_equals_independent_computation():
+    q, k, v, q_pos, k_pos = prefill_step(lengths=(16, 11), seed=3)
+    B, H, T, _ = q.shape
+    Hk, g = k.shape[1], H // k.shape[1]
+    cls = torch.randint(0, 3, (B, Hk, T), generator=torch.Generator().manual_seed(0)).to(torch.int8)
+    rec, _ = fastgen_profile(q, k, q_pos, k_pos, cls, SCALE, 0, 0.3, 0, 0.3)
+    P = probs_oracle(q, k, q_pos, k_pos, SCALE)
+    cs = colsum_oracle(q, k, q_pos, k_pos, SCALE)
+    for b in range(B):
+        n = int((q_pos[b] >= 0).sum())
+        for h in range(Hk):
+            valid = [s for s in range(T) if k_pos[b, h, s] >= 0]
+            freq = set(topk_oracle(cs[b, h], valid, floor_budget(0.3, n)))
+            w = floor_budget(0.3, n)
+            for p in range(4):
+                total = 0.0
+                for t in range(T):
+                    if q_pos[b, t] < 0:
+                        continue
+                    kept = {s for s in valid if cls[b, h, s] == SPECIAL or k_pos[b, h, s] == q_pos[b, t]
+                            or (p >= 1 and cls[b, h, s] == PUNCT) or (p >= 2 and s in freq)
+                            or (p >= 3 and 0 <= q_pos[b, t] - k_pos[b, h, s] <= w)}
+                    total += sum(float(P[b, hq, t, s]) for hq in range(h * g, (h + 1) * g) for s in kept)
+                assert abs(total / (n * g) - float(rec[b, h, p])) < 1e-5
+    assert (rec[..., 4] == 1).all() and (rec[..., 1:] >= rec[..., :-1] - 1e-6).all()  # the ladder only adds
+
+
+def test_choose_cheapest_policy_and_l1_rule():
+    rec = torch.tensor([[[0.5, 0.93, 0.96, 0.99, 1.0], [0.2, 0.3, 0.4, 0.5, 1.0]]])
+    assert fastgen_choose(rec, 0.95, "mass", "").tolist() == [[2, 4]]
+    assert fastgen_choose(rec, 0.9, "l1", "").tolist() == [[2, 4]]  # l1: m >= (1 + 0.9) / 2 = 0.95
+    assert fastgen_choose(rec, 0.5, "mass", "").tolist() == [[0, 3]]
+    assert fastgen_choose(rec, 1.0, "mass", "").tolist() == [[4, 4]]
+    assert fastgen_choose(rec, 0.5, "mass", "local").tolist() == [[3, 3]]
+
+
+def test_first_token_equals_dense_while_evicting(compiled_tiny):
+    cm = compiled_tiny("tiny-llama")
+    ids, mask = left_padded_batch(256, [20, 9], seed=2)
+    dense, _, _ = decode_loop(cm, ids, mask, 0)
+    ev = run_pass(cm, FastGen(recovery=0.9))
+    logits, _, state = decode_loop(ev, ids, mask, 0)
+    assert torch.equal(logits[0], dense[0])
+    kept = torch.stack([(state_of(ev, state, f"key_positions{i}") >= 0).sum(-1) for i in range(2)])
+    # kept is [layer, row, kv head]: the 20-token row lost tokens somewhere, and no head holds more than its row
+    assert int(kept[:, 0].min()) < 20
+    assert int(kept[:, 0].max()) <= 20 and int(kept[:, 1].max()) <= 9
+
+
+def test_forced_local_equals_sliding_window(compiled_tiny):
+    cm = compiled_tiny("tiny-llama")
+    ids, mask = left_padded_batch(256, [5, 3], seed=4)  # prompts shorter than the window: prefill is identical
+    ev = run_pass(cm, FastGen(force="local", local=6, frequent=0))
+    sg = cm.step_graph.copy()
+    for node in sg.nodes(ATTENTION):  # a query sees itself + the 6 most recent cached tokens
+        node.update_arg(6, 7) if len(node.args) > 6 else node.update_kwarg("window", 7)
+    sg.gm.recompile()
+    want_logits, want, _ = decode_loop(CompiledModel(sg), ids, mask, 30)
+    got_logits, got, _ = decode_loop(ev, ids, mask, 30)
+    assert torch.equal(got, want)
+    assert (got_logits - want_logits).abs().max() <= 1e-4
+
+
+def test_full_heads_never_evict_in_the_model(compiled_tiny):
+    cm = compiled_tiny("tiny-llama")
+    ids, mask = left_padded_batch(256, LENGTHS, seed=5)
+    ev = run_pass(cm, FastGen(recovery=0.9))
+    seen = set()
+
+    def check(i, state):
+        for layer in range(2):
+            pol = state_of(ev, state, f"fastgen_policy{layer}")[..., 0]
+            kept = (state_of(ev, state, f"key_positions{layer}") >= 0).sum(-1)
+            real = torch.tensor(LENGTHS)[:, None] + i
+            assert (kept[pol == 4] == real.expand_as(kept)[pol == 4]).all()
+            assert (kept[pol < 4] <= real.expand_as(kept)[pol < 4]).all()
+            seen.update(pol.flatten().tolist())
+
+    decode_loop(ev, ids, mask, 12, on_step=check)
+    assert 4 in seen and len(seen) > 1  # both full and lossy heads were exercised
+
+
+def test_budgets_hold_over_500_steps():
+    """Policy state given (decode path): head 0 full keeps everything, head 1 'frequent' keeps 0.3 L."""
+    policy = torch.tensor([[[4], [2]]])
+
+    def op(q, k, v, q_pos, k_pos, score, cls, pol):
+        new_cls = torch.zeros(q_pos.shape, dtype=torch.int8)
+        out = fastgen_reference(q, k, v, q_pos, k_pos, score, cls, new_cls, pol, SCALE, 0.95, 0, 0.3, 0, 0.3, "mass", "")
+        return out
+
+    def check(L, k_pos, extra):
+        kept = (k_pos >= 0).sum(-1)[0]
+        assert int(kept[0]) == L and int(kept[1]) == floor_budget(0.3, L)
+
+    op_decode_loop(op, [torch.zeros(1, 2, 0), torch.zeros(1, 2, 0, dtype=torch.int8), policy], 500, on_step=check)
+
+
+def test_token_class_table_from_tokenizer():
+    class Tok:
+        all_special_ids = [0, 1]
+        vocab = ["<s>", "</s>", "hello", ".", " ,", "\n", "a.", "?!", "\ufffd"]
+
+        def __len__(self):
+            return len(self.vocab)
+
+        def batch_decode(self, seqs):
+            return [self.vocab[s[0]] for s in seqs]
+
+    table = token_class_table(Tok(), 12)
+    assert table.tolist() == [SPECIAL, SPECIAL, 0, PUNCT, PUNCT, PUNCT, 0, PUNCT, 0, 0, 0, 0]
+    assert token_class_table(None, 4).tolist() == [0, 0, 0, 0]
+    assert LADDER == ("special", "punct", "frequent", "local", "full")
