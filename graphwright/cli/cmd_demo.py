@@ -8,8 +8,9 @@ from rich.table import Table
 
 from .common import add_model_args, add_recipe_arg, compile_model, console, encode, load, write_json
 
-# The richest recipe that works today; each pass issue adds its pass here.
-DEMO_RECIPE = "noop"
+# The richest recipe that works today on each kind of model; each pass issue adds its pass here.
+DEMO_RECIPE = "lowrank_kv(keep=0.5)"
+DEMO_RECIPE_MOE = "fuse_moe + lowrank_kv(keep=0.5)"
 DEMO_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
@@ -18,7 +19,7 @@ def add_parser(sub):
                        description="Generate from a prompt with the original model and the compiled one; "
                                    "show the report, KV memory and speed side by side.")
     add_model_args(p)
-    add_recipe_arg(p, default=DEMO_RECIPE)
+    add_recipe_arg(p, default=None)
     p.add_argument("--prompt", default=DEMO_PROMPT)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--out", default="out/demo", help="folder for demo.json")
@@ -37,9 +38,18 @@ def _hf_generate(model, ids, n):
     return out.sequences, seconds, kv
 
 
+def demo_recipe(model) -> str:
+    """The demo recipe for this model: MoE models also get their dispatch fused."""
+    cfg = getattr(model, "config", None)
+    is_moe = any(getattr(cfg, k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
+    return DEMO_RECIPE_MOE if is_moe else DEMO_RECIPE
+
+
 def run(args):
     model, tok = load(args)
-    cm = compile_model(model, tok, args.recipe)
+    recipe = args.recipe if args.recipe is not None else demo_recipe(model)
+    console.print(f"recipe: [bold]{recipe}[/]")
+    cm = compile_model(model, tok, recipe)
     console.print(cm.report())
     ids = encode(tok, args.prompt)
     before, hf_s, hf_kv = _hf_generate(model, ids, args.max_new_tokens)

@@ -11,7 +11,8 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "compile", "inspect", "generate", "export", "eval", "bench")
+COMMANDS = ("demo", "compile", "inspect", "generate", "export", "eval", "bench",
+            "steer")  # steer: PASTA head profiling and held-out accuracy
 
 
 def build_parser() -> argparse.ArgumentParser:

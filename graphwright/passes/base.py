@@ -134,8 +134,12 @@ def validate_args(pass_name: str, declared: tuple[Arg, ...], values: dict) -> di
     by_name = {a.name: a for a in declared}
     unknown = [k for k in values if k not in by_name]
     if unknown:
+        import difflib
+
         valid = ", ".join(by_name) or "(none)"
-        raise RecipeError(f"{pass_name}: unknown argument {unknown[0]!r}; valid arguments: {valid}")
+        close = difflib.get_close_matches(unknown[0], list(by_name), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RecipeError(f"{pass_name}: unknown argument {unknown[0]!r}{hint}; valid arguments: {valid}")
     out = {}
     for a in declared:
         if a.name in values and values[a.name] is not None:

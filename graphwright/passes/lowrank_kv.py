@@ -27,9 +27,14 @@ spectral error equals sigma_{r+1}; progressive ranks are non-increasing with dep
 equal sum_l (r_k + r_v) * B * S * elsize and kv_bytes / kv_bytes_dense is the planned fraction;
 the realised keep is within 1% of ``keep``; the pass does not apply twice; op reference vs fake.
 
-Supported: Llama-style models with separate k_proj/v_proj (Llama, Mistral, Qwen2, SmolLM2) or a
-fused qkv_proj (Phi-3), with rotary embeddings (full or partial, one rotary table). GPT-2 (fused
-Conv1D ``c_attn`` and learned absolute positions) is refused by ``applies_to`` with the reason.
+Supported: Llama-style models with separate k_proj/v_proj (Llama, Mistral, Qwen2, SmolLM2), a
+fused qkv_proj (Phi-3) or GPT-2's fused Conv1D ``c_attn`` (sliced into its K and V columns; the
+dead K/V columns are dropped so c_attn computes only q). Keys are rotated when the graph has one
+rotary table (full or partial) and rebuilt unrotated when it has none (GPT-2's learned absolute
+positions are added to the hidden state, not the keys; ``applies_to`` checks that nothing but
+reshapes sits between the key projection and the cache). Refused with the reason: a second
+lowrank_kv, attention carrying a steering ``key_bias`` (apply lowrank_kv before steer), other
+key transforms. Not done: folding B_K into the queries for no-RoPE models (keys are rebuilt).
 """
 
 from __future__ import annotations
@@ -94,7 +99,7 @@ class LowRankKV(Pass):
         if isinstance(rope, str):
             return rope
         for node in attn:
-            site = locate_layer(sg, node)
+            site = locate_layer(sg, node, rope)
             if isinstance(site, str):
                 return site
             if self.value_path == "absorbed" and site.o_linear is None:
@@ -111,7 +116,7 @@ class LowRankKV(Pass):
             raise RecipeError(f"lowrank_kv does not apply to {sg.info.architecture}: {reason}")
         gm = sg.gm
         rope = find_rope(gm)
-        sites: list[LayerSite] = sorted((locate_layer(sg, n) for n in sg.nodes(ATTENTION)), key=lambda s: s.layer)
+        sites: list[LayerSite] = sorted((locate_layer(sg, n, rope) for n in sg.nodes(ATTENTION)), key=lambda s: s.layer)
         # fp64 SVD of W^T = U S V^T per layer and projection (d x width), all KV heads jointly
         with single_thread():
             svd_k = [torch.linalg.svd(s.w_k.double().T, full_matrices=False) for s in sites]
@@ -146,7 +151,8 @@ class LowRankKV(Pass):
                        "dense_dims": plan.dense},
             "settings": {**{k: v for k, v in self.values.items()}, **plan.settings,
                          "realised_keep": plan.realised_keep, "target_dims": plan.target,
-                         "rope_scaling": rope.scaling, "rope_dims": 2 * int(rope.inv_freq_shape),
+                         "rope_scaling": None if rope is None else rope.scaling,
+                         "rope_dims": 0 if rope is None else 2 * int(rope.inv_freq_shape),
                          "seconds": round(time.perf_counter() - t0, 2)},
         }
         return sg

@@ -6,7 +6,9 @@ Per layer the captured graph has::
     x -> linear(W_V, b_V) -> view/transpose ->         v_new;  v_all = cat([v_cache, v_new], 2)
     attention(q, k_all, v_all, q_pos, k_pos, scale, window) -> transpose -> reshape -> linear(W_O)
 
-(or one fused ``qkv_proj`` linear sliced into q/k/v, Phi-3). The rewrite adds::
+(or one fused ``qkv_proj`` linear sliced into q/k/v, Phi-3; or GPT-2's fused Conv1D ``c_attn``,
+captured as ``addmm(b, x2d, W[d, 3d])`` and split into q/k/v, with no RoPE on the key path).
+The rewrite adds::
 
     c_k_all = cat([c_k_cache, linear(x, A_K^T)], 1)          # [B, S, r_k]
     c_v_all = cat([c_v_cache, linear(x, A_V^T)], 1)          # [B, S, r_v]
@@ -18,6 +20,7 @@ The old K/V paths become dead and are removed by dead-code elimination.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +33,9 @@ _PREFIX = "hf."
 _NUM_FIXED_INPUTS = 3  # input_ids, positions, logits_index precede the state placeholders
 _PASS_THROUGH = {aten.transpose.int, aten.reshape.default, aten.view.default, aten.clone.default,
                  aten.contiguous.default, aten._unsafe_view.default}
+# what may sit between a key projection and the cache cat when the model has no rotary table
+_KEY_PATH_OK = _PASS_THROUGH | {aten.split.Tensor, aten.split_with_sizes.default, aten.slice.Tensor,
+                                aten.alias.default, aten.permute.default, operator.getitem}
 
 
 @dataclass
@@ -54,8 +60,9 @@ class LayerSite:
     k_cache: torch.fx.Node
     v_cache: torch.fx.Node
     o_linear: torch.fx.Node | None  # the o_proj linear fed by this attention (absorbed mode)
-    qkv_linear: torch.fx.Node | None  # fused projection (Phi-3), shrunk to its q rows afterwards
+    qkv_linear: torch.fx.Node | None  # fused projection (Phi-3 linear, GPT-2 addmm), shrunk to its q rows afterwards
     q_rows: int
+    conv1d: bool = False  # qkv_linear is GPT-2's addmm(b, x2d, W[in, out]) rather than linear(x, W[out, in])
     touched: list | None = None  # nodes added or re-shaped by the rewrite (their meta['val'] is recomputed)
 
 
@@ -66,12 +73,11 @@ def _attr(gm, target: str) -> torch.Tensor:
     return obj.detach() if isinstance(obj, torch.Tensor) else obj
 
 
-def find_rope(gm) -> RopeInfo | str:
-    """The model's one rotary table and its attention_scaling, or why there is none."""
+def find_rope(gm) -> RopeInfo | str | None:
+    """The model's one rotary table and its attention_scaling; None without one (GPT-2); or why not usable."""
     nodes = [n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).endswith("inv_freq")]
     if not nodes:
-        return ("no rotary embedding (inv_freq) in the graph: lowrank_kv rebuilds keys with RoPE and supports "
-                "rotary models (Llama, Mistral, Qwen2, Phi-3); GPT-2-style learned positions are not supported")
+        return None  # keys are then rebuilt unrotated; locate_layer checks the key path has no rotation
     if len({str(n.target) for n in nodes}) > 1:
         return f"more than one rotary table ({sorted({str(n.target) for n in nodes})}); lowrank_kv supports one"
     node = nodes[0]
@@ -104,6 +110,16 @@ def _linear_of(gm, target: str):
     return None
 
 
+def _addmm_of(gm, target: str):
+    """GPT-2's Conv1D: addmm(bias, x2d, weight[in, out])."""
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.target == target:
+            for u in n.users:
+                if u.target is aten.addmm.default and u.args[2] is n:
+                    return u
+    return None
+
+
 def _bias(gm, lin) -> torch.Tensor | None:
     b = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
     return None if b is None else _attr(gm, str(b.target))
@@ -116,7 +132,7 @@ def _o_linear(attn):
         if len(n.users) != 1:
             return None
         (u,) = n.users
-        if u.target is aten.linear.default and u.args[0] is n:
+        if (u.target is aten.linear.default and u.args[0] is n) or (u.target is aten.addmm.default and u.args[1] is n):
             return u
         if u.target not in _PASS_THROUGH:
             return None
@@ -135,7 +151,19 @@ def _cache_cat(node, dim: int):
     return node, ph
 
 
-def locate_layer(sg, attn) -> LayerSite | str:
+def _unrotated_key_path(new_k, proj) -> str | None:
+    """Without a rotary table, the keys must reach the cache from ``proj`` through reshapes only."""
+    n = new_k
+    while n is not proj:
+        if not isinstance(n, torch.fx.Node) or n.op != "call_function" or n.target not in _KEY_PATH_OK:
+            what = n.target if isinstance(n, torch.fx.Node) else n
+            return (f"keys are transformed by {what} between the projection and the cache and the graph has no "
+                    "rotary table (inv_freq): lowrank_kv supports RoPE or unrotated keys only")
+        n = n.args[0]
+    return None
+
+
+def locate_layer(sg, attn, rope=None) -> LayerSite | str:
     """Everything the rewrite needs for one attention node, or why the layer cannot be rewritten."""
     gm, info = sg.gm, sg.info
     meta = attn.meta.get("graphwright") or {}
@@ -143,14 +171,31 @@ def locate_layer(sg, attn) -> LayerSite | str:
     where = f"layer {layer} ({module})"
     if len(attn.args) < 6:
         return f"{where}: unexpected attention node arguments"
+    if (attn.args[7] if len(attn.args) > 7 else attn.kwargs.get("key_bias")) is not None:
+        return (f"{where}: attention carries a key_bias (steering); apply lowrank_kv before steer, "
+                "latent attention has no key_bias input")
     kc, vc = _cache_cat(attn.args[1], 2), _cache_cat(attn.args[2], 2)
     if kc is None or vc is None:
         return f"{where}: keys/values are not cat([cache, new], dim=2) of a dense cache input"
     H, D, Hk = info.num_heads, info.head_dim, info.num_kv_heads
     prefix = _PREFIX + module
     lk, lv = _linear_of(gm, prefix + ".k_proj.weight"), _linear_of(gm, prefix + ".v_proj.weight")
-    qkv, q_rows = None, 0
-    if lk is not None and lv is not None:
+    qkv, q_rows, conv1d = None, 0, False
+    c_attn = _addmm_of(gm, prefix + ".c_attn.weight")
+    if c_attn is not None:  # GPT-2: Conv1D weight [d, 3*H*D] (in x out), columns q | k | v
+        qkv, conv1d, x2d = c_attn, True, c_attn.args[1]
+        x = x2d.args[0] if x2d.target in (aten.view.default, aten.reshape.default) else None
+        val = getattr(x, "meta", {}).get("val")
+        if val is None or val.dim() != 3:
+            return f"{where}: c_attn input is not a [B, T, d] hidden state flattened by a view"
+        w = _attr(gm, str(c_attn.args[2].target)).T
+        b = _attr(gm, str(c_attn.args[0].target))
+        q_rows, kv_rows = H * D, Hk * D
+        if w.shape[0] != q_rows + 2 * kv_rows:
+            return f"{where}: c_attn has {w.shape[0]} output columns, expected {q_rows + 2 * kv_rows}"
+        w_k, w_v = w[q_rows:q_rows + kv_rows], w[q_rows + kv_rows:]
+        b_k, b_v = b[q_rows:q_rows + kv_rows], b[q_rows + kv_rows:]
+    elif lk is not None and lv is not None:
         if lk.args[0] is not lv.args[0]:
             return f"{where}: k_proj and v_proj read different inputs"
         x = lk.args[0]
@@ -158,8 +203,7 @@ def locate_layer(sg, attn) -> LayerSite | str:
     else:
         qkv = _linear_of(gm, prefix + ".qkv_proj.weight")
         if qkv is None:
-            return (f"{where} has no k_proj/v_proj or fused qkv_proj Linear (GPT-2's Conv1D c_attn is not supported "
-                    "by lowrank_kv)")
+            return f"{where} has no k_proj/v_proj, fused qkv_proj Linear or GPT-2 Conv1D c_attn"
         x = qkv.args[0]
         w, b = _attr(gm, str(qkv.args[1].target)), _bias(gm, qkv)
         q_rows, kv_rows = H * D, Hk * D
@@ -169,9 +213,13 @@ def locate_layer(sg, attn) -> LayerSite | str:
         b_k, b_v = (None, None) if b is None else (b[q_rows:q_rows + kv_rows], b[q_rows + kv_rows:])
     if w_k.shape[0] != Hk * D or w_v.shape[0] % Hk:
         return f"{where}: k/v projection widths {w_k.shape[0]}/{w_v.shape[0]} do not match {Hk} KV heads x {D}"
+    if rope is None:
+        reason = _unrotated_key_path(kc[0].args[0][1], qkv if qkv is not None else lk)
+        if reason:
+            return f"{where}: {reason}"
     return LayerSite(layer=int(layer), module=module, attn=attn, x=x, w_k=w_k, b_k=b_k, w_v=w_v, b_v=b_v,
                      k_cat=kc[0], v_cat=vc[0], k_cache=kc[1], v_cache=vc[1], o_linear=_o_linear(attn),
-                     qkv_linear=qkv, q_rows=q_rows)
+                     qkv_linear=qkv, q_rows=q_rows, conv1d=conv1d)
 
 
 def _param(gm, name: str, t: torch.Tensor, dtype) -> str:
@@ -200,7 +248,7 @@ def _copy_meta(dst, src):
             dst.meta[k] = src.meta[k]
 
 
-def rewrite_layer(sg, site: LayerSite, svd_k, svd_v, r_k: int, r_v: int, rope: RopeInfo, absorbed: bool) -> None:
+def rewrite_layer(sg, site: LayerSite, svd_k, svd_v, r_k: int, r_v: int, rope: RopeInfo | None, absorbed: bool) -> None:
     """Replace one layer's dense K/V cache and attention by the latent path (see module docstring)."""
     gm, info, graph = sg.gm, sg.info, sg.gm.graph
     dtype, l, attn = info.dtype, site.layer, site.attn
@@ -229,7 +277,7 @@ def rewrite_layer(sg, site: LayerSite, svd_k, svd_v, r_k: int, r_v: int, rope: R
         c_v = graph.call_function(aten.cat.default, ([site.v_cache, lat_v], 1))  # [B, S, r_v]
         new = graph.call_function(LATENT_ATTENTION, (
             q, c_k, c_v, get["k_up"], get.get("k_bias"), get.get("v_up"), get.get("v_bias"),
-            q_pos, k_pos, rope.node, rope.scaling, scale, window))
+            q_pos, k_pos, None if rope is None else rope.node, 1.0 if rope is None else rope.scaling, scale, window))
     for n in (lat_k, lat_v, c_k, c_v, *get.values()):
         _copy_meta(n, site.k_cat)
     _copy_meta(new, attn)
@@ -250,23 +298,32 @@ def _absorb_into_o(sg, site, new_attn, up_v) -> None:
     if lin is None:
         raise RuntimeError(f"layer {site.layer}: attention output does not feed an o_proj linear through reshapes; "
                            "use value_path='reconstruct'")
-    w_o = _attr(gm, str(lin.args[1].target))
-    b_o = _bias(gm, lin)
+    conv1d = lin.target is aten.addmm.default  # GPT-2 c_proj: addmm(b, x2d, W[in, out])
+    if conv1d:
+        w_o, b_o = _attr(gm, str(lin.args[2].target)).T, _attr(gm, str(lin.args[0].target))
+    else:
+        w_o, b_o = _attr(gm, str(lin.args[1].target)), _bias(gm, lin)
     w_new, b_new = _absorbed_o(w_o, b_o, up_v, site.b_v, info.num_heads, info.num_kv_heads)
     l = site.layer
     with graph.inserting_before(lin):
-        w_node = graph.get_attr(_param(gm, f"gw_lowrank_l{l}_o_absorbed", w_new, info.dtype))
+        w_node = graph.get_attr(_param(gm, f"gw_lowrank_l{l}_o_absorbed", w_new.T if conv1d else w_new, info.dtype))
         b_node = None if b_new is None else graph.get_attr(_param(gm, f"gw_lowrank_l{l}_o_bias", b_new, info.dtype))
-    lin.args = (lin.args[0], w_node) + ((b_node,) if b_node is not None else ())
+    if conv1d:
+        lin.args = (b_node, lin.args[1], w_node)
+        inp = lin.args[1]
+    else:
+        lin.args = (lin.args[0], w_node) + ((b_node,) if b_node is not None else ())
+        inp = lin.args[0]
     site.touched += [w_node, lin] + ([b_node] if b_node is not None else [])
-    # the head-merging reshape must not hard-code H*D: give it -1 for the new width H*r_v
-    n = lin.args[0]
+    # the head-merging reshapes must not hard-code H*D: their last dim becomes the new width H*r_v
+    width = info.num_heads * up_v.shape[0]
+    n = inp
     while n is not new_attn:
         site.touched.append(n)
         if n.target in (aten.reshape.default, aten.view.default, aten._unsafe_view.default):
             shape = list(n.args[1])
             if isinstance(shape[-1], int) and shape[-1] != -1:
-                n.args = (n.args[0], shape[:-1] + [-1])
+                n.args = (n.args[0], shape[:-1] + [width])
         n = n.args[0]
 
 
@@ -290,6 +347,9 @@ def shrink_fused_qkv(sg, site: LayerSite) -> None:
     lin = site.qkv_linear
     if lin is None or not lin.users:
         return
+    if site.conv1d:
+        _shrink_c_attn(sg, site)
+        return
     for u in lin.users:
         if u.target is not aten.slice.Tensor or u.args[1] not in (-1, 2) or u.args[3] > site.q_rows:
             return
@@ -300,6 +360,27 @@ def shrink_fused_qkv(sg, site: LayerSite) -> None:
         b_node = None if b is None else gm.graph.get_attr(_param(gm, f"gw_lowrank_l{site.layer}_q_bias", b[:site.q_rows], dtype))
     lin.args = (lin.args[0], w_node) + ((b_node,) if b_node is not None else ())
     site.touched += [w_node, lin] + ([b_node] if b_node is not None else [])
+
+
+def _shrink_c_attn(sg, site: LayerSite) -> None:
+    """GPT-2: addmm -> view[..., 3d] -> split(d, 2) whose only live chunk is q: keep W[:, :d]."""
+    lin, d = site.qkv_linear, site.q_rows
+    (view,) = lin.users if len(lin.users) == 1 else (None,)
+    if view is None or view.target is not aten.view.default or len(view.users) != 1:
+        return
+    (split,) = view.users
+    if split.target is not aten.split.Tensor or split.args[1] != d or split.args[2] not in (-1, 2):
+        return
+    if any(u.target is not operator.getitem or u.args[1] != 0 for u in split.users):
+        return
+    gm, dtype = sg.gm, sg.info.dtype
+    w, b = _attr(gm, str(lin.args[2].target)), _attr(gm, str(lin.args[0].target))
+    with gm.graph.inserting_before(lin):
+        w_node = gm.graph.get_attr(_param(gm, f"gw_lowrank_l{site.layer}_q_proj", w[:, :d], dtype))
+        b_node = gm.graph.get_attr(_param(gm, f"gw_lowrank_l{site.layer}_q_bias", b[:d], dtype))
+    lin.args = (b_node, lin.args[1], w_node)
+    view.args = (view.args[0], list(view.args[1][:-1]) + [d])
+    site.touched += [w_node, b_node, lin, view, split, *split.users]
 
 
 def set_fake_vals(gm, nodes) -> None:

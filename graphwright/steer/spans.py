@@ -90,3 +90,27 @@ def encode_with_emphasis(tok, prompt, emphasis=None, chat: bool = True):
         mask[b, T - len(row):] = 1
     spans = [s for _, s in encoded]
     return ids, mask, (spans if emphasis is not None else None)
+
+
+MARK = "**"
+
+
+def parse_marked(text: str) -> tuple[str, list]:
+    """``("plain text", [(char_start, char_end)])`` from text with ``**emphasized**`` parts (the CLI form).
+
+    Markers must pair up and enclose something; the returned spans index the text without them.
+    """
+    parts = text.split(MARK)
+    if len(parts) == 1:
+        raise ValueError("--emphasis with no substrings wants the prompt to mark emphasized parts as **...**; none found")
+    if len(parts) % 2 == 0:
+        raise ValueError(f"unbalanced {MARK} markers in the prompt: {len(parts) - 1} found, they must come in pairs")
+    plain, spans, at = [], [], 0
+    for i, part in enumerate(parts):
+        if i % 2 == 1:
+            if not part:
+                raise ValueError(f"an empty {MARK}{MARK} emphasis at character {at} of the prompt")
+            spans.append((at, at + len(part)))
+        plain.append(part)
+        at += len(part)
+    return "".join(plain), spans

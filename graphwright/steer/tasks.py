@@ -5,7 +5,7 @@ sentences -- followed by the paper's instruction (``InstructionEvaluator`` promp
 two unrelated sentences after it, so the instruction is *buried* and a small model tends to
 continue the story instead of obeying it. The instruction sentence is the emphasized span, as in
 the paper's code. Everything is generated from a seed (no data files, no downloads); train and
-held-out splits come from one seeded stream and never share a person.
+held-out splits come from separate seeded streams and never share a person.
 
 Tasks are plain objects: a ``Task`` holds ``Example``s and a scorer ``score(generation, example)
 -> {metric: 0/1}``; ``Task.evaluate(generations)`` averages them. ``metric`` names the one used to
@@ -109,10 +109,12 @@ def score_pronoun(generation: str, ex: Example) -> dict:
 
 # ---- generators ----
 
-def _person(rng: random.Random, used: set):
+def _person(rng: random.Random, used: set, last_names: list):
+    if len(used) >= 2 * len(FIRST["she"]) * len(last_names):
+        raise ValueError(f"at most {2 * len(FIRST['she']) * len(last_names)} distinct people per split")
     while True:
         gender = rng.choice(["she", "he"])
-        name = f"{rng.choice(FIRST[gender])} {rng.choice(LAST)}"
+        name = f"{rng.choice(FIRST[gender])} {rng.choice(last_names)}"
         if name not in used:
             used.add(name)
             return name, gender
@@ -125,10 +127,10 @@ def _bio(rng: random.Random, name: str, gender: str, occupation: str) -> str:
     return " ".join(sents)
 
 
-def _examples(kind: str, n: int, rng: random.Random, used: set) -> list:
-    out = []
+def _examples(kind: str, n: int, rng: random.Random, last_names: list) -> list:
+    out, used = [], set()
     for _ in range(n):
-        name, gender = _person(rng, used)
+        name, gender = _person(rng, used, last_names)
         occupation = rng.choice(OCCUPATIONS)
         instruction = (JSON_INSTRUCTION if kind == "json" else PRONOUN_INSTRUCTION).format(name=name)
         after = " ".join(rng.sample(AFTER, rng.randint(1, 2)))
@@ -141,20 +143,21 @@ TASKS = {"json": (score_json, "json_pred_acc"), "pronoun": (score_pronoun, "pron
 
 
 def make_splits(name: str, n_train: int = 24, n_test: int = 40, seed: int = 0) -> tuple:
-    """(train Task, held-out Task), disjoint in people, from one seeded stream."""
+    """(train Task, held-out Task). Each split has its own seeded stream and its own half of the
+    surnames, so the splits never share a person and the held-out split does not depend on
+    ``n_train`` (profile on any number of training examples, measure on the same test set)."""
     if name not in TASKS:
         raise ValueError(f"unknown steering task {name!r}; available: {', '.join(TASKS)}")
-    rng = random.Random(f"{name}/{seed}")
-    used: set = set()
     scorer, metric = TASKS[name]
-    train = _examples(name, n_train, rng, used)
-    test = _examples(name, n_test, rng, used)
+    half = len(LAST) // 2
+    train = _examples(name, n_train, random.Random(f"{name}/{seed}/train"), LAST[:half])
+    test = _examples(name, n_test, random.Random(f"{name}/{seed}/test"), LAST[half:])
     return Task(name, train, scorer, metric), Task(name, test, scorer, metric)
 
 
 def make_task(name: str, n: int = 24, seed: int = 0, split: str = "train") -> Task:
-    """One split; ``split="test"`` gives the held-out examples that follow the 24 training ones."""
+    """One split of ``make_splits`` (``split="test"`` = the held-out people)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
-    train, test = make_splits(name, n if split == "train" else 24, n if split == "test" else 0, seed)
+    train, test = make_splits(name, n if split == "train" else 0, n if split == "test" else 0, seed)
     return train if split == "train" else test

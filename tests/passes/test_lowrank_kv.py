@@ -163,9 +163,21 @@ def test_applies_once_and_composes_with_identity():
     done.gm.graph.lint()
 
 
-def test_refuses_gpt2_and_bad_args():
-    reason = LowRankKV().applies_to(_captured("tiny-gpt2"))
-    assert reason and "GPT-2" in reason
+def test_gpt2_fused_conv1d_qkv():
+    """GPT-2: c_attn (Conv1D, fused q|k|v, learned positions, no RoPE) is sliced; full rank is exact."""
+    assert LowRankKV().applies_to(_captured("tiny-gpt2")) is None
+    ident, full = _compiled("tiny-gpt2"), lowrank("tiny-gpt2", keep=1.0)
+    ids, mask = _batch()
+    real = mask.bool()
+    assert (ident.logits(ids, mask) - full.logits(ids, mask)).abs()[real].max().item() <= 1e-4
+    assert torch.equal(ident.generate(ids, 16, attention_mask=mask, eos_token_id=[]),
+                       full.generate(ids, 16, attention_mask=mask, eos_token_id=[]))
+    outs = [lowrank("tiny-gpt2", keep=0.5, value_path=vp).logits(ids, mask) for vp in ("absorbed", "reconstruct")]
+    assert (outs[0] - outs[1]).abs()[real].max().item() <= 1e-4
+    assert (outs[0] - ident.logits(ids, mask)).abs()[real].max().item() > 1e-3
+
+
+def test_refuses_bad_args():
     with pytest.raises(RecipeError):
         LowRankKV(keep=0.0)
     with pytest.raises(RecipeError, match="min_keep"):
