@@ -9,8 +9,8 @@ from rich.table import Table
 from .common import add_model_args, add_recipe_arg, compile_model, console, encode, load, write_json
 
 # The richest recipe that works today on each kind of model; each pass issue adds its pass here.
-DEMO_RECIPE = "lowrank_kv(keep=0.5)"
-DEMO_RECIPE_MOE = "fuse_moe + lowrank_kv(keep=0.5)"
+DEMO_RECIPE = "lowrank_kv(keep=0.6)"
+DEMO_RECIPE_MOE = "fuse_moe + lowrank_kv(keep=0.6)"
 DEMO_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 

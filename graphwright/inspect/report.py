@@ -146,7 +146,8 @@ class Report:
         for key, header in self.columns:
             numeric = key in ("layer", "kv_bytes_per_token", "dense_kv_bytes_per_token", "kv_ratio")
             footer = self._cell(key, total[key]) if key in total else ""
-            t.add_column(header, footer=footer, justify="right" if numeric else "left", overflow="fold")
+            t.add_column(header, footer=footer, justify="right" if numeric else "left",
+                         overflow="fold", no_wrap=key == "module")
         for row in self.rows:
             cells = [self._cell(k, row.get(k)) for k, _ in self.columns]
             style = "" if row.get("attention") in (None, "dense") else "cyan"
@@ -214,6 +215,9 @@ def build_report(cm) -> Report:
         }
         for name, note in pass_notes:
             decided = _per_layer(note, layer)
+            show = note.get("show")  # a pass may name the per-layer keys worth a terminal column
+            if isinstance(decided, dict) and show:
+                decided = {k: decided[k] for k in show if k in decided}
             row[name] = None if decided is None else (compact(decided) or "-")
         rows.append(row)
 
@@ -238,5 +242,6 @@ def build_report(cm) -> Report:
         "passes": [name for name, _ in pass_notes],
     }
     extra = {"verification": dict(getattr(cm, "verification", None) or {}),
-             "last_stats": dict(getattr(cm, "last_stats", None) or {})}
+             "last_stats": dict(getattr(cm, "last_stats", None) or {}),
+             "notes": {name: note for name, note in pass_notes}}  # every decision in full, for .to_dict()
     return Report(summary=summary, rows=rows, columns=columns, extra=extra)

@@ -7,6 +7,7 @@ touches the Hugging Face module. It records what it did in ``sg.notes[name]`` as
         "per_layer": {0: {"r_k": 96, "r_v": 80}, 1: {...}},   # shown by cm.report()
         "counts": {"attention_rewritten": 30},                # asserted by tests
         "settings": {...},                                    # how it was calibrated
+        "show": ["r_k", "r_v"],       # optional: per-layer keys in the terminal column (to_dict has all)
     }
 
 and tags each attention node it changes with ``node.meta["graphwright"]["variant"]``.

@@ -54,6 +54,14 @@ def test_pass_notes_become_columns_and_override_kv_bytes(compiled_tiny):
     assert "lowrank_kv" in text and "r_k=12 r_v=8" in text
 
 
+def test_show_key_limits_the_column_not_the_data(compiled_tiny):
+    sg = compiled_tiny("tiny-llama").step_graph.copy()
+    sg.notes["lowrank_kv"] = {"per_layer": {0: {"r_k": 12, "r_v": 8, "sigma_k_next": 0.25}}, "show": ["r_k"]}
+    report = gi.build_report(sg)
+    assert report.rows[0]["lowrank_kv"] == "r_k=12"
+    assert report.to_dict()["notes"]["lowrank_kv"]["per_layer"]["0"]["sigma_k_next"] == 0.25
+
+
 def test_variant_tag_shows_in_report(compiled_tiny):
     sg = compiled_tiny("tiny-llama").step_graph.copy()
     attn = [n for n in sg.gm.graph.nodes if (n.meta.get("graphwright") or {}).get("op") == "attention"]
