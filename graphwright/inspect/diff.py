@@ -9,15 +9,15 @@ structurally: by name first (FX keeps names across ``StepGraph.copy()``), then b
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 
 import torch
 from rich import box
-from rich.console import Console, Group
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from .plain import plain_text
 from .nodes import format_shapes, gw_meta, layer_from_path, layer_map, node_shapes, target_name, unwrap
 from .report import jsonable, spec_bytes_per_token
 
@@ -161,10 +161,7 @@ class GraphDiff:
         yield Group(*parts)
 
     def __str__(self) -> str:
-        console = Console(record=True, width=120, file=io.StringIO(), color_system=None, no_color=True,
-                          force_terminal=False, force_jupyter=False, legacy_windows=False)
-        console.print(self)
-        return "\n".join(line.rstrip() for line in console.export_text(styles=False).splitlines()) + "\n"
+        return plain_text(self)
 
     __repr__ = __str__
 

@@ -9,16 +9,16 @@ It is plain data first (``to_dict``) and a rich table second (``print(report)``)
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass, field
 
 import torch
 from rich import box
-from rich.console import Console, Group
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from .plain import plain_text
 from .nodes import gw_meta, unwrap
 
 BASE_COLUMNS = (
@@ -158,10 +158,7 @@ class Report:
         yield Group(Text("graphwright report", style="bold underline"), self.summary_table(), self.table())
 
     def __str__(self) -> str:
-        console = Console(record=True, width=120, file=io.StringIO(), color_system=None, no_color=True,
-                          force_terminal=False, force_jupyter=False, legacy_windows=False)
-        console.print(self)
-        return "\n".join(line.rstrip() for line in console.export_text(styles=False).splitlines()) + "\n"
+        return plain_text(self)
 
     __repr__ = __str__
 
