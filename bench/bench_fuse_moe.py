@@ -71,9 +71,10 @@ def bench_layer(model, n: int, repeats: int) -> dict:
     set_experts(model, "eager")
     want = block(x).view(n, d)
     got = fused_moe_sorted(x.view(n, d), *args)[0]
-    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+    tol = 1e-6 * float(want.abs().max())  # outputs reach ~1e4 here: compare relative to their scale
+    assert torch.allclose(got, want, atol=tol, rtol=1e-5), (got - want).abs().max()
     set_experts(model, "grouped_mm")  # check that HF's grouped_mm path runs (and agrees) on CPU
-    assert torch.allclose(block(x).view(n, d), want, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(block(x).view(n, d), want, atol=tol, rtol=1e-5)
     reps = repeats * (1 if n > 64 else 10)
     return alternate({
         "hf_eager": hf_variant(model, "eager", lambda: block(x)),

@@ -13,23 +13,28 @@ from statistics import median, median_low
 import torch
 from tqdm.auto import tqdm
 
+from .memory import PeakMemory
 from .timing import hf_generate, hf_prefill
 
-METRICS = ("prefill_tokens_per_s", "decode_tokens_per_s", "prefill_s", "decode_s", "kv_bytes", "kv_peak_bytes")
+METRICS = ("prefill_tokens_per_s", "decode_tokens_per_s", "prefill_s", "decode_s", "kv_bytes", "kv_peak_bytes",
+           "peak_mem_bytes")
 
 
 def _ours(cm, input_ids, attention_mask, max_new_tokens):
-    out = cm.generate(input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask, eos_token_id=[])
-    s = dict(cm.last_stats)
+    with PeakMemory(input_ids.device) as mem:
+        out = cm.generate(input_ids, max_new_tokens=max_new_tokens, attention_mask=attention_mask, eos_token_id=[])
+    s = {**cm.last_stats, "peak_mem_bytes": mem.peak_bytes}
     return out, {k: s[k] for k in (*METRICS, "kv_bytes_dense")}
 
 
 def _theirs(model, input_ids, attention_mask, max_new_tokens, pad):
     prefill_s = hf_prefill(model, input_ids, attention_mask)
-    g = hf_generate(model, input_ids, attention_mask, max_new_tokens, pad_token_id=pad)
+    with PeakMemory(input_ids.device) as mem:
+        g = hf_generate(model, input_ids, attention_mask, max_new_tokens, pad_token_id=pad)
     prompt = int(attention_mask.sum())
     row = {"prefill_s": prefill_s, "prefill_tokens_per_s": prompt / prefill_s if prefill_s > 0 else 0.0,
-           **{k: g[k] for k in ("decode_s", "decode_tokens_per_s", "kv_bytes", "kv_peak_bytes")}}
+           **{k: g[k] for k in ("decode_s", "decode_tokens_per_s", "kv_bytes", "kv_peak_bytes")},
+           "peak_mem_bytes": mem.peak_bytes}
     return g["tokens"], row
 
 
@@ -45,7 +50,8 @@ def bench_generate(base_model, cm, input_ids, max_new_tokens: int = 64, repeats:
     Returns plain data: ``{"batch", "prompt_tokens", "new_tokens", "repeats", "warmup",
     "hf": {metric: median}, "graphwright": {metric: median}, "ratios": {metric: ours/hf},
     "same_tokens": bool, "runs": {"hf": [...], "graphwright": [...]}}`` with metrics
-    prefill/decode tokens/s and seconds, ``kv_bytes`` (cache at the end) and ``kv_peak_bytes``.
+    prefill/decode tokens/s and seconds, ``kv_bytes`` (cache at the end), ``kv_peak_bytes`` and
+    ``peak_mem_bytes`` (peak process memory increase during the generation, ``memory.py``).
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0; got repeats={repeats}, warmup={warmup}")
@@ -83,7 +89,7 @@ def format_bench(result: dict) -> str:
     for col, just in (("metric", "left"), ("HF", "right"), ("graphwright", "right"), ("graphwright/HF", "right")):
         t.add_column(col, justify=just)
     fmt = {"prefill_tokens_per_s": "{:,.1f}", "decode_tokens_per_s": "{:,.1f}", "prefill_s": "{:.4f}",
-           "decode_s": "{:.4f}", "kv_bytes": "{:,.0f}", "kv_peak_bytes": "{:,.0f}"}
+           "decode_s": "{:.4f}", "kv_bytes": "{:,.0f}", "kv_peak_bytes": "{:,.0f}", "peak_mem_bytes": "{:,.0f}"}
     for k, f in fmt.items():
         t.add_row(k, f.format(result["hf"][k]), f.format(result["graphwright"][k]), f"{result['ratios'][k]:.2f}")
     t.caption = f"same greedy tokens: {'yes' if result['same_tokens'] else 'no'}"

@@ -17,9 +17,11 @@ def test_bench_generate_reports_medians_and_ratios(tiny, compiled_tiny):
     assert {"batch", "prompt_tokens", "new_tokens", "repeats", "warmup", "hf", "graphwright", "ratios",
             "same_tokens", "runs"} <= set(r)
     assert r["prompt_tokens"] == 12 and r["new_tokens"] == 5 and len(r["runs"]["hf"]) == 2
+    timed = [k for k in METRICS if k != "peak_mem_bytes"]  # a tiny model may not grow the process at all
     for side in ("hf", "graphwright"):
-        assert all(r[side][k] > 0 for k in METRICS), side
-    assert all(r["ratios"][k] > 0 for k in METRICS)
+        assert all(r[side][k] > 0 for k in timed), side
+        assert r[side]["peak_mem_bytes"] >= 0
+    assert all(r["ratios"][k] > 0 for k in timed)
     # identity recipe: same greedy tokens and the same dense cache (12 + 5 - 1 slots)
     assert r["same_tokens"] and r["ratios"]["kv_bytes"] == 1.0
     assert r["graphwright"]["kv_bytes"] == r["graphwright"]["kv_bytes_dense"] == 2 * 2 * 2 * 16 * 4 * 16
@@ -36,3 +38,19 @@ def test_bench_runtime_script(tmp_path, capsys):
     mod.main(["--model", "tiny-llama", "--prompt", "8", "--new", "3", "--repeats", "1", "--warmup", "0", "--out", str(out)])
     assert "graphwright/HF decode tokens/s = " in capsys.readouterr().out
     assert json.loads(out.read_text())["new_tokens"] == 3
+
+
+def test_peak_memory_sees_a_transient_allocation():
+    from graphwright.bench.memory import PeakMemory
+
+    with PeakMemory() as m:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched so it is resident
+        x.add_(1)
+        import time
+
+        time.sleep(0.05)  # several poll intervals
+        del x
+    assert 48 * 2**20 <= m.peak_bytes <= 256 * 2**20, m.peak_bytes
+    with PeakMemory() as small:
+        pass
+    assert small.peak_bytes < 16 * 2**20
