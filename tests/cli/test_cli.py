@@ -1,0 +1,60 @@
+"""The ``graphwright`` command line on tiny models: every command's help, JSON results, clean errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from graphwright.cli.main import COMMANDS, main
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: graphwright {command}") and "--" in out
+
+
+def test_python_dash_m_runs_the_cli():
+    r = subprocess.run([sys.executable, "-m", "graphwright", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and all(c in r.stdout for c in COMMANDS)
+
+
+def test_compile_writes_the_report_as_json(tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert main(["compile", "--model", "tiny-llama", "--recipe", "lowrank_kv(keep=0.5)", "--json", str(out), "--diff"]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["summary"]["recipe"].startswith("lowrank_kv(keep=0.5")
+    assert [r["attention"] for r in rep["rows"]] == ["lowrank", "lowrank"]
+    assert abs(rep["summary"]["kv_ratio"] - 0.5) <= 0.01
+    printed = capsys.readouterr().out
+    assert "lowrank_kv" in printed and "removed" in printed  # report and diff were printed
+
+
+@pytest.mark.parametrize("recipe, needle", [
+    ("lowrank_kv(kep=0.5)", "did you mean 'keep'"),
+    ("no_such_pass", "unknown pass 'no_such_pass'"),
+    ("fuse_moe", "no MoE"),
+    ("lowrank_kv(keep=2)", "keep"),
+])
+def test_bad_recipes_exit_2_with_a_message(recipe, needle, capsys):
+    assert main(["compile", "--model", "tiny-llama", "--recipe", recipe]) == 2
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert out.startswith("error:") and needle in out and "Traceback" not in out
+
+
+def test_missing_model_file_is_a_clean_error(tmp_path, capsys):
+    assert main(["compile", "--model", str(tmp_path / "nope.gguf")]) == 2
+    assert "nope.gguf" in capsys.readouterr().out
+
+
+def test_inspect_writes_picture_graph_and_diff(tmp_path):
+    assert main(["inspect", "--model", "tiny-qwen2", "--recipe", "lowrank_kv(keep=0.6)", "--out", str(tmp_path)]) == 0
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"graph.html", "report.json", "diff.json"} <= names
+    diff = json.loads((tmp_path / "diff.json").read_text())
+    assert diff  # the lowrank rewrite changed the graph
+    assert "<html" in (tmp_path / "graph.html").read_text().lower()
