@@ -52,6 +52,13 @@ def write_json(data, path) -> Path:
     return path
 
 
+def print_error(msg) -> None:
+    """Print an error unwrapped (paths stay copy-pasteable) and without markup parsing."""
+    from rich.text import Text
+
+    console.print(Text.assemble(("error: ", "bold red"), str(msg)), soft_wrap=True)
+
+
 def fail(msg: str) -> None:
-    console.print(f"[bold red]error:[/] {msg}")
+    print_error(msg)
     sys.exit(2)

@@ -31,9 +31,9 @@ def main(argv=None) -> int:
     try:
         return importlib.import_module(f"graphwright.cli.cmd_{args.command}").run(args) or 0
     except (GraphwrightError, ValueError, FileNotFoundError, NotImplementedError) as exc:
-        from .common import console
+        from .common import print_error
 
-        console.print(f"[bold red]error:[/] {exc}")
+        print_error(exc)
         return 2
 
 
