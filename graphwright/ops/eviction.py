@@ -14,6 +14,11 @@ eviction op rather than asking the attention op for them: the attention op and a
 (SDPA, Triton, ONNX ``Attention``) stay unchanged, and at decode the extra work is g*S dot
 products per KV head, the same order as the gather that compacts the cache anyway.
 
+Eviction from latent caches (``lowrank_kv`` first) scores with keys rebuilt by
+``graphwright.latent_keys`` (fp32 [B, Hk, S, D], the same keys ``graphwright.latent_attention``
+attends to) and passes the shared latent payload as a one-head ``v`` ([B, 1, S, r]): the op then
+keeps the union of the KV heads' sets (see ``eviction_ref.compact``).
+
 StreamingLLM also needs ``graphwright.rope_invert`` (post-RoPE -> pre-RoPE at absolute positions)
 and ``graphwright.rope_cache_index`` (rotate q and the pre-RoPE cache by cache index).
 
@@ -30,6 +35,7 @@ from torch import Tensor
 
 from .eviction_ref import h2o_reference, snapkv_reference, streaming_reference
 from .fastgen_ref import fastgen_reference
+from .latent_attention import rebuild_keys
 from .rope_index_ref import rope_cache_index_reference, rope_invert_reference
 
 _LIB = "graphwright"
@@ -44,7 +50,7 @@ def _fresh(outs, *inputs):
 def _fake_cache(k, v, k_pos, *extras):
     n = torch.library.get_ctx().new_dynamic_size()
     B, Hk = k.shape[:2]
-    return (k.new_empty(B, Hk, n, k.shape[-1]), v.new_empty(B, Hk, n, v.shape[-1]), k_pos.new_empty(B, Hk, n),
+    return (k.new_empty(B, Hk, n, k.shape[-1]), v.new_empty(B, v.shape[1], n, v.shape[-1]), k_pos.new_empty(B, Hk, n),
             *[e.new_empty(B, Hk, n) for e in extras])
 
 
@@ -128,12 +134,32 @@ def _(q, k, k_pos, inv_freq, scaling):
     return torch.empty_like(q), torch.empty_like(k)
 
 
+def latent_keys_reference(c_k: Tensor, k_up: Tensor, k_bias: Optional[Tensor], k_pos: Tensor,
+                          inv_freq: Optional[Tensor], rope_scaling: float, head_dim: int) -> Tensor:
+    """Keys [B, Hk, S, D] fp32 of a latent cache c_k [B, S, r_k], rotated at k_pos [B, S] (as latent_attention does)."""
+    return rebuild_keys(c_k, k_up, k_bias, k_pos, inv_freq, rope_scaling, head_dim)
+
+
+@torch.library.custom_op(f"{_LIB}::latent_keys", mutates_args=())
+def latent_keys(c_k: Tensor, k_up: Tensor, k_bias: Optional[Tensor], k_pos: Tensor, inv_freq: Optional[Tensor],
+                rope_scaling: float, head_dim: int) -> Tensor:
+    """Rebuild the post-RoPE keys of a latent cache, for eviction scores."""
+    return latent_keys_reference(c_k, k_up, k_bias, k_pos, inv_freq, rope_scaling, head_dim)
+
+
+@latent_keys.register_fake
+def _(c_k, k_up, k_bias, k_pos, inv_freq, rope_scaling, head_dim):
+    B, S, _ = c_k.shape
+    return c_k.new_empty(B, k_up.shape[1] // head_dim, S, head_dim, dtype=torch.float32)
+
+
 EVICT_H2O = torch.ops.graphwright.evict_h2o.default
 EVICT_SNAPKV = torch.ops.graphwright.evict_snapkv.default
 EVICT_FASTGEN = torch.ops.graphwright.evict_fastgen.default
 EVICT_STREAMING = torch.ops.graphwright.evict_streaming.default
 ROPE_INVERT = torch.ops.graphwright.rope_invert.default
 ROPE_CACHE_INDEX = torch.ops.graphwright.rope_cache_index.default
+LATENT_KEYS = torch.ops.graphwright.latent_keys.default
 EVICT_OPS = (EVICT_H2O, EVICT_SNAPKV, EVICT_FASTGEN, EVICT_STREAMING)
 
 # op -> reference implementation: the lowering tables ("reference" and "torch" backends) use these
@@ -144,4 +170,5 @@ REFERENCES = {
     EVICT_STREAMING: streaming_reference,
     ROPE_INVERT: rope_invert_reference,
     ROPE_CACHE_INDEX: rope_cache_index_reference,
+    LATENT_KEYS: latent_keys_reference,
 }

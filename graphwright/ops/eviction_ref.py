@@ -87,11 +87,17 @@ def compact(keep, k, v, k_pos, extras=()):
 
     Returns ``(k, v, k_pos, *extras)`` with S' = max kept count. Inputs are returned as they are
     when nothing is dropped (the lowered graph may alias; the custom-op wrappers copy).
+
+    A ``v`` with one head while there are several KV heads ([B, 1, S, r]: a latent cache row shared
+    by every head) can only be compacted with one set, so the heads' sets are merged first: a slot
+    is kept for every head if any head keeps it (union).
     """
     keep = keep & (k_pos >= 0)
+    B, Hk, S = keep.shape
+    if v.shape[1] == 1 and Hk > 1:
+        keep = keep.any(dim=1, keepdim=True).expand(B, Hk, S) & (k_pos >= 0)
     if bool(keep.all()):
         return (k, v, k_pos, *extras)
-    B, Hk, S = keep.shape
     count = keep.sum(dim=-1)
     n = int(count.max()) if keep.numel() else 0
     # a stable sort of "dropped?" puts the kept slots first and leaves them in slot (= position) order
@@ -99,8 +105,9 @@ def compact(keep, k, v, k_pos, extras=()):
     valid = torch.arange(n, device=keep.device) < count[..., None]  # [B, Hk, n]
 
     def take(x):
-        idx = order if x.dim() == 3 else order[..., None].expand(B, Hk, n, x.shape[-1])
-        m = valid if x.dim() == 3 else valid[..., None]
+        h = x.shape[1]  # Hk, or 1 for a shared payload (then every head has the same order)
+        idx = order[:, :h] if x.dim() == 3 else order[:, :h, :, None].expand(B, h, n, x.shape[-1])
+        m = valid[:, :h] if x.dim() == 3 else valid[:, :h, :, None]
         return x.gather(2, idx).masked_fill(~m, 0)
 
     pos = k_pos.gather(2, order).masked_fill(~valid, -1)

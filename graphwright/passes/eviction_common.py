@@ -16,6 +16,15 @@ so each layer owns per-head positions state [B, Hk, S_l] (padded with -1 where a
 tokens) plus whatever the policy needs (cumulative scores, token classes, policy ids), declared as
 ``StateSpec``s the runtime allocates and threads. The shared [B, S] key positions are dropped
 once no layer reads them. Everything stays a pure step function.
+
+Latent layers (``lowrank_kv`` ran first: ``graphwright.latent_attention`` over c_k [B, S, r_k],
+c_v [B, S, r_v]) are evicted too. A latent row is shared by every KV head, so a layer keeps the
+*union* of its heads' keep sets: the policy op scores with keys rebuilt from the latents
+(``graphwright.latent_keys``) and compacts one shared payload cat([c_k, c_v], -1)[:, None]
+([B, 1, S, r_k + r_v]); a payload with one head makes ``compact`` merge the heads' sets. Each head
+still selects by its own policy and budget; the layer holds at most H_kv times a head's budget
+(and nothing is dropped while one head is ``full``). Per-head positions stay [B, Hk, S_l], equal
+across heads, so the runtime's kept-token counts describe what the latent cache really holds.
 """
 
 from __future__ import annotations
@@ -28,8 +37,12 @@ import torch
 
 from ..capture.ops import ATTENTION
 from ..capture.step_graph import StateSpec
+from ..ops.eviction import LATENT_KEYS
+from ..ops.latent_attention import LATENT_ATTENTION
 
 ATTN_ARGS = ("q", "k", "v", "q_pos", "k_pos", "scale", "window", "key_bias")
+LATENT_ARGS = ("q", "c_k", "c_v", "k_up", "k_bias", "v_up", "v_bias", "q_pos", "k_pos", "inv_freq", "rope_scaling",
+               "scale", "window")
 SHARED_POSITIONS = "key_positions"
 
 
@@ -49,9 +62,15 @@ class LayerSite:
     v_cache: torch.fx.Node
     k_name: str  # their state names
     v_name: str
+    latent: bool = False  # graphwright.latent_attention over a latent cache shared by the KV heads
+    latent_k_width: int = 0  # r_k: where c_k ends in the shared payload
 
     def arg(self, name):
         return self.args.get(name)
+
+    @property
+    def arg_names(self):
+        return LATENT_ARGS if self.latent else ATTN_ARGS
 
 
 class StateEditor:
@@ -114,7 +133,8 @@ class StateEditor:
 
 
 def attention_args(node) -> dict:
-    d = {name: a for name, a in zip(ATTN_ARGS, node.args)}
+    names = LATENT_ARGS if node.target is LATENT_ATTENTION else ATTN_ARGS
+    d = {name: a for name, a in zip(names, node.args)}
     d.update(node.kwargs)
     return d
 
@@ -122,16 +142,18 @@ def attention_args(node) -> dict:
 def locate_layer(ed: StateEditor, node) -> LayerSite | str:
     """The layer's cache placeholders, or the reason the layout is not the captured dense one."""
     layer = node.meta.get("graphwright", {}).get("layer")
+    latent = node.target is LATENT_ATTENTION
     args = attention_args(node)
     where = f"layer {layer}"
     if args.get("key_bias") is not None:
         return f"{where}: attention has a key_bias (steering); apply eviction before steer"
     caches = []
-    for name in ("k", "v"):
+    for name in ("c_k", "c_v") if latent else ("k", "v"):
         cat = args[name]
+        dims = (1, -2) if latent else (2, -2)
         if not (isinstance(cat, torch.fx.Node) and cat.target is torch.ops.aten.cat.default
-                and len(cat.args[0]) == 2 and cat.args[1] in (2, -2)):
-            return f"{where}: attention {name} is not cat([cache, new], 2) (already rewritten?)"
+                and len(cat.args[0]) == 2 and cat.args[1] in dims):
+            return f"{where}: attention {name} is not cat([cache, new], {dims[0]}) (already rewritten?)"
         e = ed.by_placeholder(cat.args[0][0])
         if e is None or e[0].kind != "kv":
             return f"{where}: attention {name} does not read a kv state input"
@@ -141,14 +163,15 @@ def locate_layer(ed: StateEditor, node) -> LayerSite | str:
     if shared is None or not (isinstance(kp, torch.fx.Node) and kp.target is torch.ops.aten.cat.default
                               and kp.args[0][0] is shared[1]):
         return f"{where}: key positions are already per layer (an eviction pass applies once)"
-    return LayerSite(layer, node, args, caches[0][1], caches[1][1], caches[0][0].name, caches[1][0].name)
+    return LayerSite(layer, node, args, caches[0][1], caches[1][1], caches[0][0].name, caches[1][0].name,
+                     latent, caches[0][0].shape[-1] if latent else 0)
 
 
 def find_sites(sg) -> list[LayerSite] | str:
     """Every attention layer's site (sorted by layer), or the first reason one cannot be rewritten."""
-    nodes = sg.nodes(ATTENTION)
+    nodes = sg.nodes(ATTENTION) + sg.nodes(LATENT_ATTENTION)
     if not nodes:
-        return "the graph has no graphwright.attention nodes (latent or other attention cannot be evicted yet)"
+        return "the graph has no graphwright.attention or graphwright.latent_attention nodes to evict from"
     ed = StateEditor(sg)
     sites = []
     for n in nodes:
@@ -210,16 +233,25 @@ def rewrite_layers(sg, variant: str, build: BuildFn, layers=None) -> list[int]:
             # this step's positions, one copy per KV head: [B, T] -> [B, Hk, T]
             per_head = call(graph, torch.ops.aten.expand.default, call(graph, torch.ops.aten.unsqueeze.default, pos, 1), [-1, hk, -1])
             kp_all = call(graph, torch.ops.aten.cat.default, [kp_in, per_head], 2)
-        i = ATTN_ARGS.index("k_pos")
+        attn_kp = kp_all
+        if site.latent:
+            with graph.inserting_before(site.attn):
+                # every head holds the same (union) set: head 0's positions are the latent rows' positions
+                attn_kp = call(graph, torch.ops.aten.select.int, kp_all, 1, 0)  # [B, S_l + T]
+                site.args["k"] = call(graph, LATENT_KEYS, site.args["c_k"], site.args["k_up"], site.args["k_bias"],
+                                      attn_kp, site.args["inv_freq"], site.args["rope_scaling"], sg.info.head_dim)
+                payload = call(graph, torch.ops.aten.cat.default, [site.args["c_k"], site.args["c_v"]], -1)
+                site.args["v"] = call(graph, torch.ops.aten.unsqueeze.default, payload, 1)  # [B, 1, S, r_k + r_v]
+        i = site.arg_names.index("k_pos")
         if i < len(site.attn.args):
-            site.attn.update_arg(i, kp_all)
+            site.attn.update_arg(i, attn_kp)
         else:
-            site.attn.update_kwarg("k_pos", kp_all)
+            site.attn.update_kwarg("k_pos", attn_kp)
         site.args["k_pos"] = kp_all
         for name, node in build(sg, ed, site, kp_all).items():
             ed.set_output(name, node)
         meta = site.attn.meta.setdefault("graphwright", {})
-        meta["variant"] = variant
+        meta["variant"] = f"{meta['variant']}+{variant}" if site.latent and meta.get("variant") else variant
         done.append(site.layer)
     ed.drop_unused_shared_positions()
     ed.commit()
@@ -227,6 +259,20 @@ def rewrite_layers(sg, variant: str, build: BuildFn, layers=None) -> list[int]:
     graph.lint()
     sg.gm.recompile()
     return done
+
+
+def cache_outputs(sg, site: LayerSite, k_out, v_out) -> dict:
+    """{k state: node, v state: node} from an eviction op's k, v outputs (latent: split the shared payload)."""
+    if not site.latent:
+        return {site.k_name: k_out, site.v_name: v_out}
+    graph, r = sg.gm.graph, site.latent_k_width
+    with graph.inserting_after(v_out):
+        rows = call(graph, torch.ops.aten.select.int, v_out, 1, 0)  # [B, S', r_k + r_v]
+    with graph.inserting_after(rows):
+        c_k = call(graph, torch.ops.aten.slice.Tensor, rows, -1, 0, r)
+    with graph.inserting_after(c_k):
+        c_v = call(graph, torch.ops.aten.slice.Tensor, rows, -1, r, 2 ** 62)
+    return {site.k_name: c_k, site.v_name: c_v}
 
 
 def evict_node(sg, ed, site: LayerSite, op, args: tuple, n_out: int, variant: str) -> list:
@@ -241,6 +287,14 @@ def evict_node(sg, ed, site: LayerSite, op, args: tuple, n_out: int, variant: st
 def aux_state(ed, site, name: str, dtype, hk: int) -> torch.fx.Node:
     """A per-slot bookkeeping state [B, Hk, S_l] (kind "positions": counted as index bytes, not KV)."""
     return ed.add(StateSpec(f"{name}{site.layer}", "positions", (-1, hk, 0), dtype, seq_dim=2, layer=site.layer))
+
+
+def latent_settings(sg) -> dict:
+    """Notes settings describing latent layers (empty when there are none)."""
+    layers = sorted(n.meta.get("graphwright", {}).get("layer") for n in sg.nodes(LATENT_ATTENTION))
+    if not layers:
+        return {}
+    return {"latent_layers": len(layers), "latent_rule": "union of the KV heads' keep sets (one latent row per token)"}
 
 
 def frac_or_count(x) -> tuple[int, float]:

@@ -41,7 +41,8 @@ from ..capture.step_graph import StateSpec
 from ..ops.eviction import EVICT_FASTGEN
 from ..ops.eviction_ref import LADDER, PUNCT, SPECIAL
 from .base import Arg, Pass, PassContext, register_pass
-from .eviction_common import aux_state, call, evict_node, find_sites, frac_or_count, positions_name, rewrite_layers
+from .eviction_common import (aux_state, cache_outputs, call, evict_node, find_sites, frac_or_count, latent_settings,
+                              positions_name, rewrite_layers)
 
 TABLE = "fastgen_token_class"
 
@@ -106,19 +107,21 @@ class FastGen(Pass):
             outs = evict_node(sg, ed, site, EVICT_FASTGEN,
                               (a["q"], a["k"], a["v"], a["q_pos"], kp_all, score, cls, new_class, pol, a["scale"],
                                float(self.recovery), ln, lf, fn, ff, self.criterion, self.force or ""), 6, "fastgen")
-            names = (site.k_name, site.v_name, positions_name(layer), f"attn_score{layer}", f"token_class{layer}",
-                     f"fastgen_policy{layer}")
-            return dict(zip(names, outs))
+            names = (positions_name(layer), f"attn_score{layer}", f"token_class{layer}", f"fastgen_policy{layer}")
+            return {**cache_outputs(sg, site, *outs[:2]), **dict(zip(names, outs[2:]))}
 
         layers = rewrite_layers(sg, "fastgen", build)
         per_layer = {layer: {} for layer in layers}
+        calib = {}  # KV heads per policy on the calibration text (what the report can say before any prompt)
         for layer, pols in calibration_policies(sg, ctx).items():
             per_layer[layer]["calib_policies"] = ",".join(LADDER[p] for p in pols)
+            for p in pols:
+                calib[f"calib_{LADDER[p]}"] = calib.get(f"calib_{LADDER[p]}", 0) + 1
         sg.notes["fastgen"] = {
             "per_layer": per_layer,
             "counts": {"layers_evicted": len(layers), "special_ids": int((table == SPECIAL).sum()),
-                       "punct_ids": int((table == PUNCT).sum())},
-            "settings": {**self.values, "ladder": list(LADDER)},
+                       "punct_ids": int((table == PUNCT).sum()), **calib},
+            "settings": {**self.values, "ladder": list(LADDER), **latent_settings(sg)},
         }
         return sg
 

@@ -26,7 +26,8 @@ import torch
 
 from ..ops.eviction import EVICT_H2O
 from .base import Arg, Pass, PassContext, register_pass
-from .eviction_common import aux_state, evict_node, find_sites, frac_or_count, positions_name, rewrite_layers
+from .eviction_common import (aux_state, cache_outputs, evict_node, find_sites, frac_or_count, latent_settings,
+                              positions_name, rewrite_layers)
 
 
 @register_pass
@@ -56,14 +57,14 @@ class H2O(Pass):
             a = site.args
             outs = evict_node(sg, ed, site, EVICT_H2O, (a["q"], a["k"], a["v"], a["q_pos"], kp_all, score, a["scale"],
                                                         hn, hf, rn, rf), 4, "h2o")
-            names = (site.k_name, site.v_name, positions_name(site.layer), f"attn_score{site.layer}")
-            return dict(zip(names, outs))
+            return {**cache_outputs(sg, site, *outs[:2]), positions_name(site.layer): outs[2], f"attn_score{site.layer}": outs[3]}
 
         layers = rewrite_layers(sg, "h2o", build)
         budget = {"heavy": self.heavy, "recent": self.recent}
         sg.notes["h2o"] = {
             "per_layer": {layer: dict(budget) for layer in layers},
             "counts": {"layers_evicted": len(layers)},
-            "settings": {**self.values, "score": "cumulative attention, mean over query heads of a KV head"},
+            "settings": {**self.values, "score": "cumulative attention, mean over query heads of a KV head",
+                         **latent_settings(sg)},
         }
         return sg

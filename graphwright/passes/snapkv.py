@@ -6,7 +6,8 @@ when the prompt is longer than the budget C, the last ``window`` prompt queries 
 window, causal inside it) score every earlier key: softmax rows summed over the window, smoothed
 with a 1-D pooling of width ``kernel`` (stride 1, zero padding kernel//2), and each head keeps its
 top C - window prefix keys plus the window itself. Decode then appends every new token; nothing
-is evicted later. Defaults C = 2048, window = 32, kernel = 5, avg pooling (the paper's LongBench
+is evicted later. Defaults C = 2048, window = 32 (here min(32, budget // 2), so that a small budget
+such as ``snapkv(budget=16)`` still works and keeps selected prefix tokens), kernel = 5, avg pooling (the paper's LongBench
 ablations also use kernel 7 with max pooling).
 
 Setting here: selection per (batch row, KV head) with scores averaged over its g query heads
@@ -25,7 +26,7 @@ from __future__ import annotations
 from ..errors import RecipeError
 from ..ops.eviction import EVICT_SNAPKV
 from .base import Arg, Pass, PassContext, register_pass
-from .eviction_common import evict_node, find_sites, positions_name, rewrite_layers
+from .eviction_common import cache_outputs, evict_node, find_sites, latent_settings, positions_name, rewrite_layers
 
 
 @register_pass
@@ -35,15 +36,20 @@ class SnapKV(Pass):
     doc = "SnapKV: after prefill keep per KV head the prompt keys the last `window` queries attend to most."
     args = (
         Arg("budget", int, 2048, "tokens kept per head after prefill (window included)", min=1),
-        Arg("window", int, 32, "observation window: the last prompt queries that vote", min=1),
+        Arg("window", int, None, "observation window: the last prompt queries that vote (default min(32, budget // 2))",
+            min=1),
         Arg("kernel", int, 5, "pooling width (odd)", min=1),
         Arg("pool", str, "avg", "pooling of the window scores", choices=("avg", "max")),
     )
 
     def __init__(self, **values):
         super().__init__(**values)
+        if self.window is None:  # the paper's 32, shrunk so that small budgets still keep selected prefix tokens
+            self.values["window"] = min(32, max(1, self.budget // 2))
         if self.window > self.budget:
-            raise RecipeError(f"snapkv: window={self.window} must not exceed budget={self.budget}")
+            raise RecipeError(f"snapkv: window={self.window} must not exceed budget={self.budget}; pass window <= "
+                              f"{self.budget} (or leave it out: the default is min(32, budget // 2) = "
+                              f"{min(32, max(1, self.budget // 2))})")
         if self.kernel % 2 == 0:
             raise RecipeError(f"snapkv: kernel={self.kernel} must be odd (centred pooling)")
 
@@ -56,12 +62,12 @@ class SnapKV(Pass):
             a = site.args
             outs = evict_node(sg, ed, site, EVICT_SNAPKV, (a["q"], a["k"], a["v"], a["q_pos"], kp_all, a["scale"],
                                                            self.budget, self.window, self.kernel, self.pool), 3, "snapkv")
-            return dict(zip((site.k_name, site.v_name, positions_name(site.layer)), outs))
+            return {**cache_outputs(sg, site, *outs[:2]), positions_name(site.layer): outs[2]}
 
         layers = rewrite_layers(sg, "snapkv", build)
         sg.notes["snapkv"] = {
             "per_layer": {layer: {"budget": self.budget} for layer in layers},
             "counts": {"layers_evicted": len(layers)},
-            "settings": dict(self.values),
+            "settings": {**self.values, **latent_settings(sg)},
         }
         return sg

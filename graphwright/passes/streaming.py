@@ -72,6 +72,9 @@ class Streaming(Pass):
         sites = find_sites(sg)
         if isinstance(sites, str):
             return sites
+        if any(site.latent for site in sites):
+            return ("streaming does not apply to latent attention (lowrank_kv): its keys are rebuilt and rotated at "
+                    "absolute positions inside graphwright.latent_attention; use fastgen, h2o or snapkv with lowrank_kv")
         rot = find_rotary(sg.gm)
         return rot if isinstance(rot, str) else None
 

@@ -141,3 +141,47 @@ def test_token_class_table_from_tokenizer():
     assert table.tolist() == [SPECIAL, SPECIAL, 0, PUNCT, PUNCT, PUNCT, 0, PUNCT, 0, 0, 0, 0]
     assert token_class_table(None, 4).tolist() == [0, 0, 0, 0]
     assert LADDER == ("special", "punct", "frequent", "local", "full")
+
+
+@pytest.mark.slow
+def test_smollm2_profiles_real_heads():
+    """On the real model: tokenizer-derived sets, dense first token, lossy heads really shrink, full heads never do."""
+    import graphwright as gw
+    from graphwright.eval.data import read_text
+    from graphwright.eval.perplexity import encode_text
+
+    model, tok = gw.load_model("smollm2-135m")
+    dense = gw.compile(model, tokenizer=tok, verify=False)
+    ev = run_pass(dense, FastGen(recovery=0.9), tokenizer=tok)
+    counts = ev.step_graph.notes["fastgen"]["counts"]
+    assert counts["special_ids"] >= 2 and counts["punct_ids"] > 50  # from the real tokenizer
+    ids = encode_text(tok, read_text(), 160)
+    want_logits, want, _ = decode_loop(dense, ids, torch.ones_like(ids), 4)
+    pols, kept = [], []
+
+    def check(i, state):
+        for layer in range(ev.info.num_layers):
+            pol = state_of(ev, state, f"fastgen_policy{layer}")[0, :, 0]
+            n = (state_of(ev, state, f"key_positions{layer}") >= 0).sum(-1)[0]
+            assert (n[pol == 4] == 160 + i).all() and (n <= 160 + i).all()
+            pols.extend(pol.tolist())
+            kept.append(float(n.float().mean()) / (160 + i))
+
+    logits, got, _ = decode_loop(ev, ids, torch.ones_like(ids), 4, on_step=check)
+    assert torch.equal(logits[0], want_logits[0])  # prefill is dense
+    assert len(set(pols)) >= 2 and min(pols) < 4  # real heads pick different, lossy policies
+    assert sum(kept) / len(kept) < 0.9  # and the cache really shrinks
+
+
+def test_report_shows_calibration_policies(compiled_tiny):
+    from graphwright.passes.base import PassContext
+
+    cm = compiled_tiny("tiny-llama")
+    ids, _ = left_padded_batch(256, [40], seed=6)
+    sg = FastGen(recovery=0.9).run(cm.step_graph.copy(), PassContext(calibration_ids=ids))
+    note = sg.notes["fastgen"]
+    calib = {k: v for k, v in note["counts"].items() if k.startswith("calib_")}
+    assert sum(calib.values()) == cm.info.num_layers * cm.info.num_kv_heads
+    per = [note["per_layer"][layer]["calib_policies"].split(",") for layer in range(cm.info.num_layers)]
+    assert all(len(p) == cm.info.num_kv_heads and set(p) <= set(LADDER) for p in per)
+    assert "calib_policies=" in str(CompiledModel(sg).report())

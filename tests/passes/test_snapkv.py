@@ -46,8 +46,10 @@ def test_no_eviction_during_500_decode_steps():
     assert seen == [6 + i for i in range(501)]
 
 
-def test_bad_arguments():
-    with pytest.raises(RecipeError, match="window"):
+def test_bad_arguments_and_default_window():
+    with pytest.raises(RecipeError, match=r"window=8 must not exceed budget=4; pass window <= 4"):
         SnapKV(budget=4, window=8)
+    # the window defaults to min(32, budget // 2), so a small budget alone is a valid recipe
+    assert [SnapKV(budget=b).window for b in (16, 2048, 1)] == [8, 32, 1]
     with pytest.raises(RecipeError, match="odd"):
         SnapKV(kernel=4)
