@@ -46,6 +46,12 @@ class CompiledModel:
     def generate(self, input_ids, max_new_tokens: int = 32, emphasis=None, **kwargs) -> torch.Tensor:
         """Token ids like HF ``generate``. ``emphasis`` (steered models): ``[(start, end), ...]`` token
         spans of the unpadded prompt, end exclusive, or one such list per row of a batch."""
+        if "gemfilter" in self.step_graph.notes:  # prompt selection pass first (graphwright/runtime/gemfilter.py)
+            if emphasis is not None:
+                raise ValueError("emphasis spans index the full prompt; they cannot be combined with gemfilter")
+            from .runtime.gemfilter import gemfilter_generate
+
+            return gemfilter_generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
         extras = self._extras(emphasis, input_ids, kwargs.get("attention_mask"))
         return self._runtime.generate(input_ids, max_new_tokens=max_new_tokens, extras=extras, **kwargs)
 

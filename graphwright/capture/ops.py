@@ -15,7 +15,8 @@ Conventions (shared by all attention variants):
 * ``key_bias`` (optional): [B, H, S] additive pre-softmax bias per query head and key column,
   shared by every query row (PASTA steering adds log(alpha) here; no T x S mask is built).
 * A key is visible to a query iff ``0 <= k_pos <= q_pos`` (and ``q_pos - k_pos < window``
-  when ``window > 0``). Padding query rows (q_pos = -1) see every valid key: their output is
+  when ``window > 0``, unless ``k_pos < sinks``: the first ``sinks`` positions stay visible to
+  every later query, StreamingLLM's attention sinks as a mask; ``sinks`` has no effect without a window). Padding query rows (q_pos = -1) see every valid key: their output is
   finite garbage that is never read, instead of the NaN a fully masked softmax would give.
 """
 
@@ -26,7 +27,7 @@ import torch
 _LIB = "graphwright"
 
 
-def visible_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int = 0) -> torch.Tensor:
+def visible_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int = 0, sinks: int = 0) -> torch.Tensor:
     """Boolean visibility [B, 1|H_kv, 1, T, S] of keys for queries (True = attend).
 
     Shaped to broadcast against scores laid out as [B, H_kv, g, T, S].
@@ -37,7 +38,8 @@ def visible_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int = 0) -> t
     qp = q_pos[:, None, None, :, None]  # [B, 1, 1, T, 1]
     causal = kp <= qp
     if window > 0:
-        causal = causal & (qp - kp < window)
+        recent = qp - kp < window
+        causal = causal & ((recent | (kp < sinks)) if sinks > 0 else recent)
     return (kp >= 0) & (causal | (qp < 0))
 
 
@@ -50,6 +52,7 @@ def attention_reference(
     scale: float,
     window: int = 0,
     key_bias: torch.Tensor | None = None,
+    sinks: int = 0,
 ) -> torch.Tensor:
     """Causal (optionally windowed, optionally key-biased) grouped-query attention; returns [B, H, T, Dv].
 
@@ -65,7 +68,7 @@ def attention_reference(
     scores = torch.matmul(qg, k.float().transpose(-1, -2)).view(B, Hk, g, T, S) * scale
     if key_bias is not None:
         scores = scores + key_bias.float().view(B, Hk, g, 1, S)
-    scores = scores.masked_fill(~visible_mask(q_pos, k_pos, window), torch.finfo(torch.float32).min)
+    scores = scores.masked_fill(~visible_mask(q_pos, k_pos, window, sinks), torch.finfo(torch.float32).min)
     probs = torch.softmax(scores, dim=-1).view(B, Hk, g * T, S)
     out = torch.matmul(probs, v.float())  # [B, Hk, g*T, Dv]
     return out.reshape(B, H, T, v.shape[-1]).to(v.dtype)
@@ -96,14 +99,15 @@ def attention(
     scale: float,
     window: int = 0,
     key_bias: torch.Tensor | None = None,
+    sinks: int = 0,
 ) -> torch.Tensor:
     """One layer's attention; the torch implementation is the reference."""
     _check_attention_args(q, k, v, q_pos, k_pos, key_bias)
-    return attention_reference(q, k, v, q_pos, k_pos, scale, window, key_bias)
+    return attention_reference(q, k, v, q_pos, k_pos, scale, window, key_bias, sinks)
 
 
 @attention.register_fake
-def _attention_fake(q, k, v, q_pos, k_pos, scale, window=0, key_bias=None):
+def _attention_fake(q, k, v, q_pos, k_pos, scale, window=0, key_bias=None, sinks=0):
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[-1]), dtype=v.dtype)
 
 

@@ -8,3 +8,4 @@ from . import lowrank_kv  # noqa: F401
 from . import fuse_moe  # noqa: F401
 from . import steer  # noqa: F401
 from . import fastgen, h2o, snapkv, streaming  # noqa: F401
+from . import block_sparse, gemfilter, window  # noqa: F401

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from ...capture.ops import visible_mask
 
 
-def attention_sdpa(q, k, v, q_pos, k_pos, scale, window=0, key_bias=None):
+def attention_sdpa(q, k, v, q_pos, k_pos, scale, window=0, key_bias=None, sinks=0):
     B, H, T, _ = q.shape
     Hk, S = k.shape[1], k.shape[2]
-    mask = visible_mask(q_pos, k_pos, window)  # [B, Hk|1, 1, T, S]
+    mask = visible_mask(q_pos, k_pos, window, sinks)  # [B, Hk|1, 1, T, S]
     mask = mask[:, :, 0] if mask.shape[1] == 1 else mask.expand(B, Hk, H // Hk, T, S).reshape(B, H, T, S)
     if key_bias is not None:
         # additive float mask: the per-(head, key) bias broadcast over query rows

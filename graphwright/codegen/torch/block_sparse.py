@@ -1,0 +1,52 @@
+"""Torch-backend block-sparse attention: gather the kept blocks, then SDPA over them.
+
+Same semantics as ``graphwright.ops.block_sparse.block_sparse_reference`` (tested against it).
+Decode (T = 1) gathers only the ``top_k * block`` keys and values of the kept blocks per KV head,
+so the softmax and the value reads shrink from S to at most top_k * block columns; block
+selection itself reads the page statistics of the whole cache (Quest: min/max; MoBA: mean), which
+are recomputed each step because the cache layout has no page-summary state yet. Prefill and
+any non-standard layout fall back to dense SDPA / the masked reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...ops.block_sparse import block_ids, block_sparse_reference, select_blocks
+from .attention import attention_sdpa
+
+
+def block_sparse_sdpa(q, k, v, q_pos, k_pos, scale, block, top_k, mode, prefill=False):
+    B, H, T, D = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    if T > 1 and not prefill:
+        return attention_sdpa(q, k, v, q_pos, k_pos, scale)
+    if T != 1 or k_pos.dim() != 2:
+        return block_sparse_reference(q, k, v, q_pos, k_pos, scale, block, top_k, mode, prefill)
+    blk = block_ids(k_pos, block)  # [B, S], nondecreasing for the runtime's left-padded cache
+    if bool((blk[:, 1:] < blk[:, :-1]).any()):
+        return block_sparse_reference(q, k, v, q_pos, k_pos, scale, block, top_k, mode, prefill)
+    top, ok, nb = select_blocks(q, k, q_pos, k_pos, block, top_k, mode)  # [B, Hk, 1, kk]
+    if nb <= top_k:  # every candidate block is kept: plain causal attention
+        return attention_sdpa(q, k, v, q_pos, k_pos, scale)
+    kk = top.shape[-1]
+    # first column of each kept block, then `block` consecutive columns (blocks are contiguous)
+    starts = torch.searchsorted(blk.contiguous(), top.reshape(B, Hk * kk)).view(B, Hk, kk, 1)
+    cols = starts + torch.arange(block, device=q.device)  # [B, Hk, kk, block]
+    inside = cols < S
+    cols = cols.clamp(max=S - 1).view(B, Hk, kk * block)
+    same = blk[:, None, :].expand(B, Hk, S).gather(2, cols) == top.reshape(B, Hk, kk, 1).expand(-1, -1, -1, block).reshape(B, Hk, -1)
+    kp = k_pos[:, None, :].expand(B, Hk, S).gather(2, cols)
+    keep = inside.view(B, Hk, -1) & same & ok.reshape(B, Hk, kk, 1).expand(-1, -1, -1, block).reshape(B, Hk, -1)
+    keep = keep & (kp >= 0) & ((kp <= q_pos[:, None, :]) | (q_pos[:, None, :] < 0))  # [B, Hk, L]
+    # one row gather over the flattened cache: whole D-wide rows are copied (much faster on CPU than
+    # gather with an expanded index or advanced indexing)
+    rows = (cols + (torch.arange(B * Hk, device=q.device) * S).view(B, Hk, 1)).flatten()
+    kg = k.reshape(B * Hk * S, D).index_select(0, rows).view(B, Hk, -1, D)
+    vg = v.reshape(B * Hk * S, v.shape[-1]).index_select(0, rows).view(B, Hk, -1, v.shape[-1])
+    # one query row per head over at most top_k * block columns: plain fp32 matmuls beat masked SDPA here
+    g = H // Hk
+    scores = torch.matmul(q.reshape(B, Hk, g, D).float(), kg.float().transpose(-1, -2)) * scale  # [B, Hk, g, L]
+    scores = scores.masked_fill(~keep[:, :, None, :], torch.finfo(torch.float32).min)
+    out = torch.matmul(torch.softmax(scores, dim=-1), vg.float())  # [B, Hk, g, Dv]
+    return out.reshape(B, H, 1, v.shape[-1]).to(v.dtype)

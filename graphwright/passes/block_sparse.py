@@ -1,0 +1,100 @@
+"""``block_sparse``: each decode query attends only to its top-k key blocks (Quest or MoBA selection).
+
+Based on Quest (arXiv:2406.10774) and MoBA (arXiv:2502.13189); the op's docstring
+(``graphwright/ops/block_sparse.py``) defines the selection. Quest scores a page of keys with
+the upper bound U = sum_d max(q_d min_d, q_d max_d); MoBA with the gate q . mean(K_block), its
+own block forced and future blocks excluded. GQA: scores are averaged over a group's query
+heads and blocks are chosen per KV head. Keys are never dropped from the cache; the saving is
+the keys/values read and the softmax width per decode step.
+
+Graph change. Every ``graphwright.attention`` node of a layer not in ``dense_layers`` becomes
+``graphwright.block_sparse_attention(q, k, v, q_pos, k_pos, scale, block, top_k, mode, prefill)``
+(same leading arguments: one node kind for the variant; backends pick their kernel from the
+arguments). KV state is unchanged.
+
+Arguments: ``block`` (64), ``top_k`` (8), ``mode`` (``quest`` | ``moba``), ``dense_layers``
+([0, 1]: Quest keeps the first two layers dense), ``prefill`` (False; True sparsifies prefill
+too, MoBA only). Exact setting: ``top_k >= number of blocks`` (ceil(length / block)).
+Invariants tested (``tests/passes/test_block_sparse.py``): top_k >= blocks gives identity logits
+and greedy tokens in both modes; the op equals a naive per-query loop on random inputs; the
+torch gather kernel equals the reference; U >= the true max score of every page; bad arguments
+raise RecipeError.
+"""
+
+from __future__ import annotations
+
+from ..capture.ops import ATTENTION
+from ..errors import RecipeError
+from ..ops.block_sparse import BLOCK_SPARSE_ATTENTION, MODES
+from .base import Arg, Pass, PassContext, register_pass
+
+
+def _arg(node, i, name, default=None):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+@register_pass
+class BlockSparse(Pass):
+    name = "block_sparse"
+    exact = False
+    doc = "Quest / MoBA block-sparse attention: decode attends only to the top-k key blocks per KV head."
+    args = (
+        Arg("block", int, 64, "keys per block (page)", min=1),
+        Arg("top_k", int, 8, "blocks each query attends to", min=1),
+        Arg("mode", str, "quest", "block scoring: quest (min/max page bound) or moba (mean-key gate)", choices=MODES),
+        Arg("dense_layers", list, [0, 1], "layers kept dense"),
+        Arg("prefill", bool, False, "also sparsify prefill (mode='moba' only)"),
+    )
+
+    def applies_to(self, sg) -> str | None:
+        nodes = sg.nodes(ATTENTION)
+        if not nodes:
+            return "the graph has no graphwright.attention nodes (apply block_sparse before lowrank_kv)"
+        for n in nodes:
+            layer = n.meta.get("graphwright", {}).get("layer")
+            if _arg(n, 6, "window", 0) or _arg(n, 7, "key_bias") is not None or _arg(n, 8, "sinks", 0):
+                return f"layer {layer}: attention already has a window, sinks or key bias; block_sparse needs plain causal attention"
+            val = getattr(n.args[4], "meta", {}).get("val")
+            if val is not None and val.dim() != 2:
+                return f"layer {layer}: key positions are per head (an eviction pass ran); apply block_sparse first"
+        return None
+
+    def run(self, sg, ctx: PassContext):
+        if self.prefill and self.mode != "moba":
+            raise RecipeError("block_sparse: prefill=true needs mode='moba' (Quest keeps full attention in prefill)")
+        n_layers = sg.info.num_layers
+        for layer in self.dense_layers:
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+                raise RecipeError(f"block_sparse: dense_layers entry {layer!r} is out of range (layers 0..{n_layers - 1})")
+        dense = set(self.dense_layers)
+        graph = sg.gm.graph
+        per_layer, done = {}, 0
+        for node in sg.nodes(ATTENTION):
+            meta = node.meta.setdefault("graphwright", {})
+            layer = meta.get("layer")
+            if layer in dense:
+                per_layer[layer] = {"mode": "dense"}
+                continue
+            q, k, v, q_pos, k_pos, scale = node.args[:6]
+            with graph.inserting_before(node):
+                new = graph.call_function(BLOCK_SPARSE_ATTENTION, (q, k, v, q_pos, k_pos, scale, self.block, self.top_k,
+                                                                   self.mode, self.prefill))
+            new.meta.update({key: val for key, val in node.meta.items() if key != "graphwright"})
+            # op stays "attention" (the layer's attention, for reports); the variant names the kind
+            new.meta["graphwright"] = {**meta, "op": "attention", "variant": f"block_sparse:{self.mode}"}
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            per_layer[layer] = {"mode": self.mode, "block": self.block, "top_k": self.top_k}
+            done += 1
+        if done == 0:
+            raise RecipeError(f"block_sparse: dense_layers={sorted(dense)} leaves no layer to sparsify (layers 0..{n_layers - 1})")
+        graph.lint()
+        sg.gm.recompile()
+        sg.notes["block_sparse"] = {
+            "per_layer": dict(sorted(per_layer.items())),
+            "counts": {"layers_sparse": done, "layers_dense": len(per_layer) - done},
+            "settings": {"block": self.block, "top_k": self.top_k, "mode": self.mode, "prefill": self.prefill,
+                         "keys_attended_per_step": self.block * self.top_k},
+            "show": ["mode", "top_k"],
+        }
+        return sg

@@ -1,0 +1,189 @@
+"""``window``: sliding-window attention with attention sinks, as a mask only (no eviction).
+
+Based on StreamingLLM (arXiv:2309.17453): a query sees the first ``sinks`` positions plus the
+last ``size`` positions up to itself. Unlike ``streaming`` nothing leaves the cache and RoPE
+positions are untouched: this is the attention *pattern* alone, for the layers or heads chosen.
+
+Graph change. Whole layers: the layer's ``graphwright.attention`` node gets ``window=size`` and
+``sinks=sinks`` (its ``sinks`` argument; one node kind, so every backend picks its kernel from the
+arguments). Chosen heads of a layer (``heads={layer: [query heads]}``): the node is split into two
+``graphwright.attention`` nodes over ``index_select``-ed query heads (and their KV heads: whole
+GQA groups keep their grouping, partial groups use one KV head per query head), one windowed
+and one dense, whose outputs are concatenated and put back in head order.
+
+Arguments: ``size`` (required, >= 1), ``sinks`` (default 4), ``layers`` (default all) or
+``heads``. Exact setting: ``size >= sequence length`` (every key is inside the window).
+Invariants tested (``tests/passes/test_window.py``): size >= length gives identity logits and
+greedy tokens; a windowed layer equals a naive masked-softmax oracle; head splitting leaves the
+unselected heads bit-identical; bad layers / heads / an already-windowed model raise RecipeError.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from ..capture.ops import ATTENTION
+from ..errors import RecipeError
+from .base import Arg, Pass, PassContext, register_pass
+
+aten = torch.ops.aten
+WINDOW_ARG, KEY_BIAS_ARG = 6, 7
+
+
+def _arg(node, i, name, default=None):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _set_window(node, size: int, sinks: int):
+    args = list(node.args)
+    if len(args) > WINDOW_ARG:
+        args[WINDOW_ARG] = size
+        node.args = tuple(args)
+    else:
+        node.update_kwarg("window", size)
+    if sinks:
+        node.update_kwarg("sinks", sinks)
+
+
+def _by_layer(sg) -> dict:
+    return {n.meta.get("graphwright", {}).get("layer"): n for n in sg.nodes(ATTENTION)}
+
+
+def parse_selection(layers, heads, num_layers: int, num_heads: int) -> dict:
+    """``{layer: None (whole layer) | sorted query heads}``; RecipeError naming the valid ranges."""
+    ranges = f"layers 0..{num_layers - 1}, heads 0..{num_heads - 1}"
+    if layers is not None and heads is not None:
+        raise RecipeError("window: give either layers=[...] or heads={layer: [heads]}, not both")
+    if heads is not None:
+        if not isinstance(heads, Mapping) or not heads:
+            raise RecipeError(f"window: heads must be a non-empty {{layer: [query heads]}} mapping ({ranges}); got {heads!r}")
+        out = {}
+        for key, hs in heads.items():
+            try:
+                layer = int(key)
+            except (TypeError, ValueError):
+                raise RecipeError(f"window: heads key {key!r} is not a layer index ({ranges})") from None
+            hs = list(hs) if isinstance(hs, (list, tuple)) else [hs]
+            if not 0 <= layer < num_layers or not hs:
+                raise RecipeError(f"window: layer {layer} out of range or with no heads ({ranges})")
+            for h in hs:
+                if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < num_heads:
+                    raise RecipeError(f"window: head {h!r} of layer {layer} is out of range ({ranges})")
+            hs = sorted(set(hs))
+            out[layer] = None if len(hs) == num_heads else hs
+        return dict(sorted(out.items()))
+    if layers is None:
+        return {layer: None for layer in range(num_layers)}
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
+            raise RecipeError(f"window: layer {layer!r} is out of range ({ranges})")
+    if not layers:
+        raise RecipeError(f"window: layers is empty; give at least one layer ({ranges})")
+    return {layer: None for layer in sorted(set(layers))}
+
+
+@register_pass
+class Window(Pass):
+    name = "window"
+    exact = False
+    doc = "Sliding-window attention with attention sinks (masking only) for chosen layers or heads."
+    args = (
+        Arg("size", int, None, "window length in tokens (the query and size-1 earlier positions)", min=1, required=True),
+        Arg("sinks", int, 4, "first positions every query always sees (attention sinks)", min=0),
+        Arg("layers", list, None, "layers to window (default: all)"),
+        Arg("heads", Mapping, None, "{layer: [query heads]} to window only those heads"),
+    )
+
+    def applies_to(self, sg) -> str | None:
+        nodes = sg.nodes(ATTENTION)
+        if not nodes:
+            return "the graph has no graphwright.attention nodes to window"
+        for n in nodes:
+            if _arg(n, WINDOW_ARG, "window", 0):
+                return (f"layer {n.meta.get('graphwright', {}).get('layer')} already has a sliding window "
+                        f"({_arg(n, WINDOW_ARG, 'window', 0)}) from the model or an earlier window pass")
+        return None
+
+    def run(self, sg, ctx: PassContext):
+        info = sg.info
+        sel = parse_selection(self.layers, self.heads, info.num_layers, info.num_heads)
+        by_layer = _by_layer(sg)
+        missing = [layer for layer in sel if layer not in by_layer]
+        if missing:
+            raise RecipeError(f"window: layer(s) {missing} have no graphwright.attention node "
+                              f"(layers with one: {sorted(k for k in by_layer if k is not None)})")
+        per_layer = {}
+        for layer, hs in sel.items():
+            node = by_layer[layer]
+            if hs is None:
+                _set_window(node, self.size, self.sinks)
+                node.meta.setdefault("graphwright", {})["variant"] = "window"
+                per_layer[layer] = {"size": self.size, "sinks": self.sinks, "heads": "all"}
+            else:
+                _split_heads(sg, node, hs, self.size, self.sinks)
+                per_layer[layer] = {"size": self.size, "sinks": self.sinks, "heads": hs}
+        sg.gm.graph.lint()
+        sg.gm.recompile()
+        sg.notes["window"] = {
+            "per_layer": per_layer,
+            "counts": {"layers_windowed": sum(1 for v in per_layer.values() if v["heads"] == "all"),
+                       "layers_split": sum(1 for v in per_layer.values() if v["heads"] != "all"),
+                       "heads_windowed": sum(info.num_heads if v["heads"] == "all" else len(v["heads"]) for v in per_layer.values())},
+            "settings": {"size": self.size, "sinks": self.sinks, "masking_only": True},
+            "show": ["size", "sinks"],
+        }
+        return sg
+
+
+def _device(gm) -> torch.device:
+    for t in gm.parameters():
+        return t.device
+    return torch.device("cpu")
+
+
+def _index(sg, name: str, idx: list):
+    sg.gm.register_buffer(name, torch.tensor(idx, dtype=torch.long, device=_device(sg.gm)))
+    return sg.gm.graph.get_attr(name)
+
+
+def _groups(hs: list, g: int):
+    """(query heads, KV heads) for one attention over ``hs``: whole groups keep GQA, else one KV per query head."""
+    kv = sorted({h // g for h in hs})
+    if sorted(h for k in kv for h in range(k * g, (k + 1) * g)) == hs:
+        return hs, kv
+    return hs, [h // g for h in hs]
+
+
+def _split_heads(sg, node, hs: list, size: int, sinks: int):
+    info, graph = sg.info, sg.gm.graph
+    if _arg(node, KEY_BIAS_ARG, "key_bias") is not None:
+        raise RecipeError("window: per-head windows on a layer with a key_bias (steering) are not supported; apply window before steer")
+    k_pos = node.args[4]
+    val = getattr(k_pos, "meta", {}).get("val")
+    if val is not None and val.dim() != 2:
+        raise RecipeError("window: per-head windows need shared key positions; apply window before eviction passes")
+    layer = node.meta.get("graphwright", {}).get("layer")
+    g = info.num_heads // info.num_kv_heads
+    rest = [h for h in range(info.num_heads) if h not in hs]
+    q, k, v, q_pos, _, scale = node.args[:6]
+    outs = []
+    with graph.inserting_before(node):
+        for tag, heads, w, s in (("win", hs, size, sinks), ("dense", rest, 0, 0)):
+            qh, kvh = _groups(heads, g)
+            qi = _index(sg, f"gw_window_l{layer}_{tag}_q", qh)
+            ki = _index(sg, f"gw_window_l{layer}_{tag}_kv", kvh)
+            sub = [graph.call_function(aten.index_select.default, (t, 1, i)) for t, i in ((q, qi), (k, ki), (v, ki))]
+            kwargs = {"sinks": s} if s else {}
+            a = graph.call_function(ATTENTION, (*sub, q_pos, k_pos, scale, w), kwargs)
+            a.meta.update({key: val for key, val in node.meta.items() if key in ("nn_module_stack", "stack_trace")})
+            a.meta["graphwright"] = {**node.meta.get("graphwright", {}), "variant": "window" if w else "dense", "heads": heads}
+            outs.append(a)
+        cat = graph.call_function(aten.cat.default, (outs, 1))
+        inv = [0] * info.num_heads
+        for i, h in enumerate(hs + rest):
+            inv[h] = i
+        out = graph.call_function(aten.index_select.default, (cat, 1, _index(sg, f"gw_window_l{layer}_order", inv)))
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
