@@ -7,7 +7,7 @@ from .compiled import CompiledModel
 from .models import load_model
 from .models.dtypes import parse_dtype
 
-BACKENDS = ("torch", "reference")
+BACKENDS = ("torch", "reference", "triton")
 
 
 def compile(model, recipe=None, tokenizer=None, backend: str = "torch", dtype=None, verify: bool = True) -> CompiledModel:  # noqa: A001
