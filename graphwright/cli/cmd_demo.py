@@ -22,7 +22,8 @@ def add_parser(sub):
     add_recipe_arg(p, default=None)
     p.add_argument("--prompt", default=DEMO_PROMPT)
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--out", default="out/demo", help="folder for demo.json")
+    p.add_argument("--out", default="out/demo", help="folder for demo.json (and the ONNX artifact in <out>/onnx)")
+    p.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip writing the ONNX artifact")
 
 
 def _hf_generate(model, ids, n):
@@ -77,3 +78,14 @@ def run(args):
         "report": cm.report().to_dict(),
     }, f"{args.out}/demo.json")
     console.print(f"[dim]written {path}[/]")
+    if args.onnx:
+        _export(cm, f"{args.out}/onnx")
+
+
+def _export(cm, out: str) -> None:
+    """Write the compiled model as an ONNX artifact (verified in ONNX Runtime) and say where."""
+    import graphwright as gw
+
+    with console.status(f"exporting ONNX to {out} ..."):
+        path = gw.export_onnx(cm, out, overwrite=True)
+    console.print(f"ONNX artifact: [bold]{path}[/] (run it with graphwright.load({str(path)!r}).generate(...))")

@@ -70,9 +70,16 @@ def default_providers() -> list:
 
 
 class OnnxStep:
-    """An ``onnxruntime.InferenceSession`` as a graphwright step function."""
+    """An ``onnxruntime.InferenceSession`` as a graphwright step function.
 
-    def __init__(self, model_path, input_names, output_names, providers=None, session_options=None):
+    ``state_names``: the state in step order; a state whose ``<name>_next`` is not a graph output
+    is produced by a runtime op (``records``, see ``codegen/onnx/split.py``) applied to the
+    session's ``cut<i>`` outputs. ``extras``: the extra inputs (name -> kind); one not given
+    is fed as zeros [B, 1] (for steering that is the unsteered path: the bias is exactly 0).
+    """
+
+    def __init__(self, model_path, input_names, output_names, providers=None, session_options=None,
+                 state_names=None, records=(), extras=None):
         import onnxruntime as ort
 
         self.session = ort.InferenceSession(str(model_path), sess_options=session_options,
@@ -83,15 +90,37 @@ class OnnxStep:
             raise GraphwrightError(f"{model_path}: graph inputs/outputs {got_in} -> {got_out} do not match "
                                    f"{METADATA} ({list(input_names)} -> {list(output_names)})")
         self.input_names = got_in
+        self.output_names = got_out
+        self.extras = dict(extras or {})
+        self.state_names = list(state_names) if state_names is not None else \
+            [n[:-len("_next")] for n in got_out[1:] if n.endswith("_next")]
+        self.records = list(records)
 
-    def __call__(self, input_ids, positions, logits_index, state):
-        tensors = (input_ids, positions, logits_index, *state)
+    @classmethod
+    def from_metadata(cls, model_path, meta: dict, providers=None, session_options=None) -> "OnnxStep":
+        return cls(model_path, meta["inputs"], meta["outputs"], providers, session_options,
+                   state_names=[s["name"] for s in meta["state"]], records=meta.get("runtime_ops") or (),
+                   extras={x["name"]: x["kind"] for x in meta.get("extra_inputs") or ()})
+
+    def __call__(self, input_ids, positions, logits_index, state, **extras):
+        unknown = set(extras) - set(self.extras)
+        if unknown:
+            raise GraphwrightError(f"unknown extra input(s) {sorted(unknown)}; this model takes {sorted(self.extras) or 'none'}")
+        B = input_ids.shape[0]
+        extra = [extras[n] if extras.get(n) is not None else torch.zeros(B, 1) for n in self.extras]
+        tensors = (input_ids, positions, logits_index, *state, *extra)
         feeds = {name: t.detach().cpu().contiguous().numpy() for name, t in zip(self.input_names, tensors)}
         out = self.session.run(None, feeds)
-        out = [torch.from_numpy(o) for o in out]
+        out = dict(zip(self.output_names, (torch.from_numpy(o) for o in out)))
+        if self.records:
+            from ..codegen.onnx.split import run_records
+
+            ins = dict(zip(self.input_names, tensors))
+            out.update({f"{k}_next": v for k, v in run_records(self.records, out, ins).items()})
+        res = [out["logits"], *(out[f"{n}_next"] for n in self.state_names)]
         if input_ids.device.type != "cpu":
-            out = [o.to(input_ids.device) for o in out]
-        return out[0], out[1:]
+            res = [o.to(input_ids.device) for o in res]
+        return res[0], res[1:]
 
 
 def read_metadata(path) -> dict:
@@ -127,7 +156,7 @@ class OnnxModel:
         self.state_specs = [spec_from_json(s) for s in meta["state"]]
         self.recipe = meta.get("recipe")
         try:
-            self.step = OnnxStep(model_path, meta["inputs"], meta["outputs"], providers, session_options)
+            self.step = OnnxStep.from_metadata(model_path, meta, providers, session_options)
         except GraphwrightError:
             raise
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for corrupt files
@@ -153,11 +182,25 @@ class OnnxModel:
     def last_stats(self) -> dict:
         return self._runtime.last_stats
 
-    def generate(self, input_ids, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
-        return self._runtime.generate(input_ids, max_new_tokens=max_new_tokens, **kwargs)
+    def generate(self, input_ids, max_new_tokens: int = 32, emphasis=None, **kwargs) -> torch.Tensor:
+        """Like ``CompiledModel.generate``; ``emphasis`` (steered exports): token spans per row."""
+        extras = self._extras(emphasis, input_ids, kwargs.get("attention_mask"))
+        return self._runtime.generate(input_ids, max_new_tokens=max_new_tokens, extras=extras, **kwargs)
 
-    def logits(self, input_ids, attention_mask=None) -> torch.Tensor:
-        return self._runtime.logits(input_ids, attention_mask)
+    def logits(self, input_ids, attention_mask=None, emphasis=None) -> torch.Tensor:
+        return self._runtime.logits(input_ids, attention_mask, extras=self._extras(emphasis, input_ids, attention_mask))
+
+    def _extras(self, emphasis, input_ids, attention_mask) -> dict:
+        if emphasis is None:
+            return {}
+        from types import SimpleNamespace
+
+        from ..capture.step_graph import ExtraInput
+        from ..steer.emphasis import steer_extras
+
+        specs = [ExtraInput(x["name"], x["kind"], x.get("doc", ""), dict(x.get("meta") or {}))
+                 for x in self.metadata.get("extra_inputs") or ()]
+        return steer_extras(SimpleNamespace(extra_inputs=specs), emphasis, input_ids, attention_mask)
 
     def report(self):
         """The compile-time per-layer report stored in the export, with this runtime's last stats."""

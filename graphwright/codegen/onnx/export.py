@@ -30,11 +30,25 @@ FORMAT_VERSION = 1
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
 
 INPUTS = ("input_ids", "positions", "logits_index")
+# Example shape of an extra input per kind (batch first): steer weights are [B, P] float32, P prompt positions.
+EXTRA_EXAMPLES = {"steer": ((7,), torch.float32)}
 
 
-def io_names(specs) -> tuple[list, list]:
-    """Graph input and output names: state tensors keep their spec name in, ``<name>_next`` out."""
-    return [*INPUTS, *(s.name for s in specs)], ["logits", *(f"{s.name}_next" for s in specs)]
+def io_names(specs, extras=()) -> tuple[list, list]:
+    """Graph input and output names: state tensors keep their spec name in, ``<name>_next`` out;
+    extra inputs (steering weights) follow the state under their own names."""
+    return ([*INPUTS, *(s.name for s in specs), *(x.name for x in extras)],
+            ["logits", *(f"{s.name}_next" for s in specs)])
+
+
+def check_extras(extras) -> None:
+    unknown = [x.name for x in extras if x.kind not in EXTRA_EXAMPLES]
+    if unknown:
+        raise GraphwrightError(f"extra graph input(s) {unknown} have no ONNX export rule; known kinds: {sorted(EXTRA_EXAMPLES)}")
+
+
+def extra_examples(extras, batch: int = 2) -> list:
+    return [torch.zeros(batch, *EXTRA_EXAMPLES[x.kind][0], dtype=EXTRA_EXAMPLES[x.kind][1]) for x in extras]
 
 
 def example_inputs(specs, batch: int = 2, seq: int = 3, cache: int = 5):
@@ -71,6 +85,11 @@ def dynamic_shapes(specs):
     return ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, {0: dyn}, *per_spec)
 
 
+def extra_dynamic_shapes(extras) -> list:
+    dyn = torch.export.Dim.DYNAMIC
+    return [{i: dyn for i in range(1 + len(EXTRA_EXAMPLES[x.kind][0]))} for x in extras]
+
+
 def _prepare_dir(out: Path, overwrite: bool) -> None:
     """Refuse to write into a non-empty folder that is not a previous export unless ``overwrite``.
 
@@ -91,19 +110,26 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
 
 
 def _to_onnx(cm, path: Path, opset: int, external_data: bool) -> dict:
+    """Export the step graph (minus the ops left to the runtime, ``split.py``); returns timings,
+    the ONNX output names and the runtime-op records."""
+    from .split import split
     from .translations import graphwright_ops, translation_table  # onnxscript: imported only when exporting
 
     sg = cm.step_graph
+    extras = list(sg.extra_inputs)
+    check_extras(extras)
+    inputs, outputs = io_names(sg.state, extras)
+    gm, records, outputs = split(sg.gm, inputs, [s.name for s in sg.state])
     table = translation_table()
-    missing = sorted(str(op) for op in graphwright_ops(sg.gm) if op not in table)
+    missing = sorted(str(op) for op in graphwright_ops(gm) if op not in table)
     if missing:
         raise GraphwrightError(f"no ONNX translation for {', '.join(missing)}: add one with "
                                "@register(op) in a module of graphwright/codegen/onnx/")
-    args = example_inputs(sg.state)
-    inputs, outputs = io_names(sg.state)
+    args = (*example_inputs(sg.state), *extra_examples(extras))
     t0 = time.perf_counter()
     try:
-        ep = torch.export.export(sg.gm, args, dynamic_shapes=dynamic_shapes(sg.state), strict=False)
+        ep = torch.export.export(gm, args, dynamic_shapes=(*dynamic_shapes(sg.state), *extra_dynamic_shapes(extras)),
+                                 strict=False)
     except Exception as exc:  # noqa: BLE001 - re-raised with what failed
         raise GraphwrightError(f"torch.export of the step graph failed: {type(exc).__name__}: {str(exc).strip()[:500]}") from exc
     t1 = time.perf_counter()
@@ -113,7 +139,8 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool) -> dict:
     except Exception as exc:  # noqa: BLE001
         raise GraphwrightError(f"ONNX translation failed: {type(exc).__name__}: {str(exc).strip()[:500]}") from exc
     program.save(str(path), external_data=external_data)
-    return {"torch_export_s": round(t1 - t0, 2), "onnx_export_s": round(time.perf_counter() - t1, 2)}
+    timings = {"torch_export_s": round(t1 - t0, 2), "onnx_export_s": round(time.perf_counter() - t1, 2)}
+    return timings, outputs, records
 
 
 def probe(vocab: int, lengths=(7, 4), seed: int = 0):
@@ -127,12 +154,24 @@ def probe(vocab: int, lengths=(7, 4), seed: int = 0):
     return ids.masked_fill(mask == 0, 0), mask
 
 
+def probe_extras(extras, mask) -> dict:
+    """Non-trivial extra inputs for the probe, so the verification exercises their path: steering
+    weights of 1 (one log(alpha)) on every other prompt position."""
+    out = {}
+    for x in extras:
+        if x.kind == "steer":
+            B, T = mask.shape
+            out[x.name] = (torch.arange(T) % 2).float().expand(B, T).contiguous()
+    return out
+
+
 @torch.inference_mode()
 def verify_artifact(cm, onnx_step, decode_steps: int = 3) -> dict:
     """Run the artifact and the torch step graph side by side: prefill (all positions) then
     ``decode_steps`` greedy decode steps on the torch tokens; each keeps its own state.
     Raises ``GraphwrightError`` naming the step when max |dlogit| exceeds the dtype's tolerance."""
     sg = cm.step_graph
+    torch_step = cm._step  # the lowered module the torch runtime runs
     tol = TOLERANCE.get(sg.info.dtype, 1e-3)
     ids, mask = probe(sg.info.vocab_size)
     B, T = ids.shape
@@ -141,10 +180,11 @@ def verify_artifact(cm, onnx_step, decode_steps: int = 3) -> dict:
     st_o = [t.clone() for t in st_t]
     diffs = []
     real = mask.bool()
+    extras = probe_extras(sg.extra_inputs, mask)
     step_in = (ids, pos, torch.arange(T))
     for step in range(decode_steps + 1):
-        lt, st_t = sg(*step_in, st_t)
-        lo, st_o = onnx_step(*step_in, st_o)
+        lt, st_t = torch_step(*step_in, st_t, **extras)
+        lo, st_o = onnx_step(*step_in, st_o, **extras)
         if lo.shape != lt.shape:
             raise GraphwrightError(f"ONNX verification failed at {'prefill' if step == 0 else f'decode step {step}'}: "
                                    f"logits shape {list(lo.shape)} != torch {list(lt.shape)}")
@@ -180,11 +220,11 @@ def _layers(sg) -> list:
     return rows
 
 
-def _metadata(cm, opset: int, external: bool, timings: dict) -> dict:
+def _metadata(cm, opset: int, external: bool, timings: dict, outputs: list, records: list) -> dict:
     from ... import __version__
 
     sg = cm.step_graph
-    inputs, outputs = io_names(sg.state)
+    inputs, _ = io_names(sg.state, sg.extra_inputs)
     recipe = str(cm.recipe) if cm.recipe is not None else ""
     try:
         report = cm.report().to_dict()
@@ -203,6 +243,8 @@ def _metadata(cm, opset: int, external: bool, timings: dict) -> dict:
         "inputs": inputs,
         "outputs": outputs,
         "state": [spec_to_json(s) for s in sg.state],
+        "extra_inputs": [{"name": x.name, "kind": x.kind, "doc": x.doc, "meta": dict(x.meta)} for x in sg.extra_inputs],
+        "runtime_ops": records,
         "model": {"architecture": info.architecture, "layers": info.num_layers, "heads": info.num_heads,
                   "kv_heads": info.num_kv_heads, "head_dim": info.head_dim, "vocab": info.vocab_size,
                   "eos": list(info.eos_token_id), "pad": info.pad_token_id, "dtype": str(info.dtype).replace("torch.", "")},
@@ -234,7 +276,7 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
     out = Path(out_dir)
     _prepare_dir(out, overwrite)
     path = out / MODEL
-    timings = _to_onnx(cm, path, opset, external_data)
+    timings, outputs, records = _to_onnx(cm, path, opset, external_data)
     external = (out / EXTERNAL_DATA).exists()
     t0 = time.perf_counter()
     try:
@@ -244,11 +286,11 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
     timings["check_s"] = round(time.perf_counter() - t0, 2)
     if cm.tokenizer is not None:
         cm.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
-    meta = _metadata(cm, opset, external, timings)
+    meta = _metadata(cm, opset, external, timings, outputs, records)
     meta_path = out / METADATA
     meta_path.write_text(json.dumps(meta, indent=2))
     if verify:
-        step = OnnxStep(path, meta["inputs"], meta["outputs"], providers=["CPUExecutionProvider"])
+        step = OnnxStep.from_metadata(path, meta, providers=["CPUExecutionProvider"])
         try:
             meta["verification"] = verify_artifact(cm, step)
         except GraphwrightError as exc:

@@ -18,7 +18,7 @@ from onnxscript import opset23 as op
 from ...capture.ops import ATTENTION
 
 # Modules of this package that are infrastructure, not translations.
-_NOT_TRANSLATIONS = {"export", "translations"}
+_NOT_TRANSLATIONS = {"export", "translations", "split"}
 
 TRANSLATIONS: dict = {}
 
@@ -57,11 +57,11 @@ MASKED = float(torch.finfo(torch.float32).min)
 FLOAT = 1  # onnx.TensorProtocol.FLOAT
 
 
-def additive_mask(q_pos, k_pos, window: int, num_heads: int, key_bias=None):
+def additive_mask(q_pos, k_pos, window: int, num_heads: int, key_bias=None, sinks: int = 0):
     """fp32 additive mask [B, 1|H, T, S]: 0 where key j is visible to query i, MASKED elsewhere.
 
-    Visible iff 0 <= k_pos[j] <= q_pos[i] (and q_pos - k_pos < window when window > 0); padding
-    query rows (q_pos = -1) see every valid key. ``k_pos`` is [B, S] or per-KV-head [B, Hk, S]
+    Visible iff 0 <= k_pos[j] <= q_pos[i] (and q_pos - k_pos < window or k_pos < sinks when
+    window > 0); padding query rows (q_pos = -1) see every valid key. ``k_pos`` is [B, S] or per-KV-head [B, Hk, S]
     (then the mask is repeated over each group's query heads). ``key_bias`` [B, H, S] is added to
     every query row. Built from positions inside the graph, so the runtime passes no mask.
     """
@@ -71,7 +71,10 @@ def additive_mask(q_pos, k_pos, window: int, num_heads: int, key_bias=None):
     qp = op.Unsqueeze(q_pos, [1, 3])  # [B, 1, T, 1]
     causal = op.LessOrEqual(kp, qp)
     if window > 0:
-        causal = op.And(causal, op.Less(op.Sub(qp, kp), op.Constant(value_int=window)))
+        recent = op.Less(op.Sub(qp, kp), op.Constant(value_int=window))
+        if sinks > 0:  # the first `sinks` positions stay visible (attention sinks)
+            recent = op.Or(recent, op.Less(kp, op.Constant(value_int=sinks)))
+        causal = op.And(causal, recent)
     visible = op.And(op.GreaterOrEqual(kp, zero), op.Or(causal, op.Less(qp, zero)))
     mask = op.Where(visible, op.Constant(value_float=0.0), op.Constant(value_float=MASKED))
     if per_head:
@@ -91,7 +94,7 @@ def additive_mask(q_pos, k_pos, window: int, num_heads: int, key_bias=None):
 
 
 @register(ATTENTION)
-def attention(q, k, v, q_pos, k_pos, scale: float, window: int = 0, key_bias=None):
+def attention(q, k, v, q_pos, k_pos, scale: float, window: int = 0, key_bias=None, sinks: int = 0):
     """Opset-23 ``Attention`` (GQA via its head attributes) with the visibility as an additive mask.
 
     Computed in fp32 like the reference (low-precision inputs are cast up, the output back to v's
@@ -99,7 +102,7 @@ def attention(q, k, v, q_pos, k_pos, scale: float, window: int = 0, key_bias=Non
     MHA, windows and left padding (tests/onnx), so no MatMul/Softmax fallback is needed.
     """
     num_heads, num_kv = q.shape[1], k.shape[1]
-    mask = additive_mask(q_pos, k_pos, window, num_heads, key_bias)
+    mask = additive_mask(q_pos, k_pos, window, num_heads, key_bias, sinks)
     q32, k32, v32 = (op.Cast(t, to=FLOAT) for t in (q, k, v))
     y, _, _, _ = op.Attention(q32, k32, v32, mask, scale=float(scale),
                               q_num_heads=int(num_heads), kv_num_heads=int(num_kv))

@@ -1,0 +1,71 @@
+"""ONNX translation of ``graphwright.latent_attention`` (LoRC): MatMuls and RoPE around opset-23 Attention.
+
+The cache inputs/outputs of the artifact are the latents c_k [B, S, r_k] and c_v [B, S, r_v], so
+the ONNX model keeps the memory saving. Per step the translation does what the reference
+(``ops/latent_attention.py``) does, in fp32:
+
+* K = RoPE_{k_pos}(c_k @ k_up + k_bias) reshaped to [B, H_kv, S, D] (rotate_half on the first
+  R = 2 len(inv_freq) dims, positions clamped at 0 for empty slots, cos/sin times rope_scaling);
+* V = c_v @ v_up + v_bias per KV head (reconstruct), or in absorbed mode the latent c_v itself,
+  one value stream shared by all heads (broadcast to the KV heads, since ``Attention`` wants K
+  and V to have the same head count; v_head_size = r_v may differ from D);
+* the visibility mask and ``Attention`` are the ones of ``graphwright.attention``.
+"""
+
+from __future__ import annotations
+
+from onnxscript import opset23 as op
+
+from ...ops.latent_attention import LATENT_ATTENTION
+from .translations import FLOAT, additive_mask, register
+
+
+def _heads(x, num_heads: int):
+    """[B, S, n*E] -> [B, n, S, E]."""
+    return op.Transpose(op.Reshape(x, op.Constant(value_ints=[0, 0, num_heads, -1])), perm=[0, 2, 1, 3])
+
+
+def _rope(k, k_pos, inv_freq, rope_scaling: float, head_dim: int):
+    """Rotate k [B, Hk, S, D] (fp32) at positions k_pos [B, S]; rotate_half convention."""
+    half = inv_freq.shape[0]
+    rdim = 2 * half
+    pos = op.Cast(op.Max(k_pos, op.Constant(value_int=0)), to=FLOAT)
+    freqs = op.Mul(op.Unsqueeze(pos, [2]), op.Cast(inv_freq, to=FLOAT))  # [B, S, R/2]
+    emb = op.Unsqueeze(op.Concat(freqs, freqs, axis=-1), [1])  # [B, 1, S, R]
+    scaling = op.Constant(value_float=float(rope_scaling))
+    cos, sin = op.Mul(op.Cos(emb), scaling), op.Mul(op.Sin(emb), scaling)
+    axis = op.Constant(value_ints=[3])
+
+    def dims(a, b):
+        return op.Slice(k, op.Constant(value_ints=[a]), op.Constant(value_ints=[b]), axis)
+
+    rot = dims(0, rdim)
+    rotated = op.Concat(op.Neg(dims(half, rdim)), dims(0, half), axis=-1)
+    out = op.Add(op.Mul(rot, cos), op.Mul(rotated, sin))
+    return op.Concat(out, dims(rdim, head_dim), axis=-1) if rdim < head_dim else out
+
+
+@register(LATENT_ATTENTION)
+def latent_attention(q, c_k, c_v, k_up, k_bias, v_up, v_bias, q_pos, k_pos, inv_freq,
+                     rope_scaling: float, scale: float, window: int = 0):
+    num_heads, head_dim = q.shape[1], q.shape[3]
+    num_kv = k_up.shape[1] // head_dim
+    k = op.MatMul(op.Cast(c_k, to=FLOAT), op.Cast(k_up, to=FLOAT))
+    if k_bias is not None:
+        k = op.Add(k, op.Cast(k_bias, to=FLOAT))
+    k = _heads(k, num_kv)
+    if inv_freq is not None:
+        k = _rope(k, k_pos, inv_freq, rope_scaling, head_dim)
+    if v_up is not None:
+        v = op.MatMul(op.Cast(c_v, to=FLOAT), op.Cast(v_up, to=FLOAT))
+        if v_bias is not None:
+            v = op.Add(v, op.Cast(v_bias, to=FLOAT))
+        v = _heads(v, num_kv)
+    else:  # absorbed: the latent values, the same stream for every KV head
+        v = op.Unsqueeze(op.Cast(c_v, to=FLOAT), [1])
+        if num_kv > 1:
+            v = op.Expand(v, op.Constant(value_ints=[1, num_kv, 1, 1]))
+    mask = additive_mask(q_pos, k_pos, window, num_heads)
+    y, _, _, _ = op.Attention(op.Cast(q, to=FLOAT), k, v, mask, scale=float(scale),
+                              q_num_heads=int(num_heads), kv_num_heads=int(num_kv))
+    return op.CastLike(y, q)

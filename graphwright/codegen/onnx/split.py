@@ -1,0 +1,105 @@
+"""The graph/runtime split for KV-eviction ops: the artifact stops at each eviction op's inputs.
+
+Why a split and not an in-graph translation: an eviction op's output length is data dependent
+(the largest kept count over rows and heads, an unbacked size in ``torch.export``), and its
+selection has input-dependent control flow (FastGen profiles once at prefill, SnapKV only
+compresses the prompt). ONNX can express the pieces (TopK with a runtime k, GatherElements), but
+the exporter cannot yet carry unbacked output sizes from a custom op's translation into the
+state outputs. So ``split`` rewrites a copy of the step graph: every ``graphwright.evict_*`` node
+is removed, the tensors it read become extra graph outputs (``cut<i>``), and the state outputs
+it produced leave the graph. The ONNX Runtime step (``runtime/onnx_runtime.py``) runs the
+session, then calls the same custom op (whose torch implementation is the reference) on the cut
+tensors, so the cache it keeps is bit-for-bit what the torch runtime keeps.
+
+``graphwright.json`` records each cut op as ``{"op", "layer", "args": [{"output": name} |
+{"input": name} | {"value": v}], "results": [state name | None per op output]}``.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+
+from ...ops.eviction import EVICT_OPS
+
+RUNTIME_OPS = set(EVICT_OPS)
+
+
+def split(gm: torch.fx.GraphModule, input_names: list, state_names: list):
+    """A copy of ``gm`` without its runtime ops, and the records that let the runtime apply them.
+
+    ``input_names``: graph input names in placeholder order; ``state_names``: state names in
+    output order (after the logits). Returns ``(gm, records, output_names)``.
+    """
+    gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    graph = gm.graph
+    placeholders = {n: input_names[i] for i, n in enumerate(n for n in graph.nodes if n.op == "placeholder")}
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    outs = list(out_node.args[0])
+    names = ["logits", *(f"{s}_next" for s in state_names)]
+    cut_nodes, records = [], []
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in RUNTIME_OPS]:
+        if node.kwargs:
+            raise ValueError(f"{node.target}: keyword arguments are not supported by the graph/runtime split")
+        args = []
+        for a in node.args:
+            if isinstance(a, torch.fx.Node):
+                if a in placeholders:
+                    args.append({"input": placeholders[a]})
+                else:
+                    if a not in cut_nodes:
+                        cut_nodes.append(a)
+                    args.append({"output": f"cut{cut_nodes.index(a)}"})
+            elif isinstance(a, (list, tuple)) and any(isinstance(x, torch.fx.Node) for x in a):
+                raise ValueError(f"{node.target}: list arguments of tensors are not supported by the split")
+            else:
+                args.append({"value": a})
+        for user in list(node.users):
+            if user.target is not operator.getitem or set(user.users) - {out_node}:
+                raise ValueError(f"{node.target} (layer {node.meta.get('graphwright', {}).get('layer')}): its outputs "
+                                 "feed more than the next step's state; the graph/runtime split cannot cut it")
+        n_out = len(node.meta["val"]) if isinstance(node.meta.get("val"), (list, tuple)) else \
+            1 + max((u.args[1] for u in node.users), default=-1)
+        results = [None] * n_out
+        for user in list(node.users):
+            for j, o in enumerate(outs):
+                if o is user:
+                    results[user.args[1]] = state_names[j - 1]
+                    outs[j] = None
+        out_node.args = (tuple(outs),)
+        for user in list(node.users):
+            graph.erase_node(user)
+        graph.erase_node(node)
+        records.append({"op": node.target.name(), "layer": node.meta.get("graphwright", {}).get("layer"),
+                        "args": args, "results": results})
+    keep = [j for j, o in enumerate(outs) if o is not None]
+    out_node.args = (tuple([outs[j] for j in keep] + cut_nodes),)
+    graph.lint()
+    gm.recompile()
+    return gm, records, [names[j] for j in keep] + [f"cut{i}" for i in range(len(cut_nodes))]
+
+
+def references() -> dict:
+    """Qualified op name -> pure-torch reference (what the torch runtime's lowering runs too)."""
+    from ...ops.eviction import REFERENCES
+
+    return {op.name(): fn for op, fn in REFERENCES.items()}
+
+
+def run_records(records: list, outputs: dict, inputs: dict) -> dict:
+    """Apply the cut ops with their references -> {state name: tensor}."""
+    refs = references()
+    state = {}
+    for rec in records:
+        args = [outputs[a["output"]] if "output" in a else inputs[a["input"]] if "input" in a else a["value"]
+                for a in rec["args"]]
+        if rec["op"] not in refs:
+            raise ValueError(f"runtime op {rec['op']!r} has no reference here; known: {sorted(refs)}")
+        res = refs[rec["op"]](*args)
+        res = res if isinstance(res, (list, tuple)) else (res,)
+        for r, tensor in zip(rec["results"], res):
+            if r is not None:
+                state[r] = tensor
+    return state
