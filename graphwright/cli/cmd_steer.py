@@ -85,8 +85,8 @@ def _profile(args):
     res = profile_heads(cm, train, mode=args.mode, top_layers=args.top_layers, top_heads=args.top_heads, alpha=args.alpha,
                         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, out=args.out, chat=not args.no_chat)
     sc = res["scores"]
-    metric = train.metric
-    console.print(f"head set for {train.name}: {res['heads']}")
+    metric = res["settings"]["metric"]
+    console.print(f"head set for {res['settings']['task']}: {res['heads']}")
     console.print(f"training split ({len(train.examples)} examples) {metric}: unsteered {sc['baseline'][metric]:.3f}, "
                   f"steered {sc['final'][metric]:.3f}")
     console.print(f"[dim]written {args.out}[/]")
@@ -107,12 +107,13 @@ def _eval(args):
     rows = compare_head_sets(cm, test, sets, alpha=args.alpha, max_new_tokens=args.max_new_tokens,
                              batch_size=args.batch_size, chat=not args.no_chat)
     metrics = [k for k in rows[0] if k not in ("config", "heads", "examples", "samples")]
-    table = Table(title=f"steer eval: {test.name} held-out ({len(test.examples)} examples) on {args.model}, alpha={args.alpha}")
+    name = getattr(test, "name", "task")
+    table = Table(title=f"steer eval: {name} held-out ({len(test.examples)} examples) on {args.model}, alpha={args.alpha}")
     for col in ("config", "heads", *metrics):
         table.add_column(col)
     for r in rows:
         table.add_row(r["config"], str(r["heads"]), *(f"{r[m]:.3f}" for m in metrics))
     console.print(table)
-    path = write_json({"task": test.name, "model": args.model, "alpha": args.alpha, "head_set": heads, "rows": rows},
-                      f"{args.out}/steer_eval_{test.name}.json")
+    path = write_json({"task": name, "model": args.model, "alpha": args.alpha, "head_set": heads, "rows": rows},
+                      f"{args.out}/steer_eval_{name}.json")
     console.print(f"[dim]written {path}[/]")

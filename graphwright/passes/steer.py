@@ -28,7 +28,7 @@ Arguments: ``alpha`` (default 0.01; alpha = 1 is the exact setting; alpha > 1 de
 (``exclude`` as the paper, or ``include``: +log(alpha) on the spans then -log(alpha) on all
 prompt columns, so include(1/alpha) == exclude(alpha) for one span).
 
-Invariants tested (``tests/passes/test_steer.py``): alpha = 1 reproduces logits and tokens;
+Invariants tested (``tests/steer/test_steer_pass.py``, ``test_steer_emphasis.py``): alpha = 1 reproduces logits and tokens;
 unselected heads' attention probabilities are bit-identical to the base; selected heads match
 T(A); include(1/alpha) == exclude(alpha); decode columns stay unscaled; batches with left
 padding and different spans per row; bad spans and bad heads raise.

@@ -26,6 +26,7 @@ import torch
 
 from .bias import STEER_INPUT
 from .heads import auto_head_path, model_key, save_head_set
+from .tasks import evaluate_task, subset, task_metric
 
 
 def steerable(cm, tokenizer=None):
@@ -90,11 +91,11 @@ def run_task(cm, task, heads=None, alpha: float = 0.01, batch_size: int = 8, max
         else:
             with steering_heads(cm, heads, alpha):
                 gens += cm.generate_text(prompts, emphasis=emph, max_new_tokens=max_new_tokens, chat=chat)
-    return task.evaluate(gens), gens
+    return evaluate_task(task, gens), gens
 
 
 def _rank_key(task, scores: dict):
-    return (scores[task.metric], sum(scores.values()) / len(scores))
+    return (scores[task_metric(task, scores)], sum(scores.values()) / len(scores))
 
 
 def profile_heads(model_or_cm, task, examples: int | None = None, mode: str = "coarse_to_fine", top_layers: int = 3,
@@ -112,13 +113,13 @@ def profile_heads(model_or_cm, task, examples: int | None = None, mode: str = "c
         raise ValueError(f"mode must be 'coarse_to_fine', 'layers' or 'heads'; got {mode!r}")
     cm = steerable(model_or_cm, tokenizer)
     if examples is not None:
-        task = type(task)(task.name, task.examples[:examples], task.scorer, task.metric)
+        task = subset(task, examples)
     L, H = cm.info.num_layers, cm.info.num_heads
     n_runs = 2 + (L if mode != "heads" else 0) + (min(top_layers, L) * H if mode == "coarse_to_fine" else 0) + (L * H if mode == "heads" else 0)
     kw = dict(alpha=alpha, batch_size=batch_size, max_new_tokens=max_new_tokens, chat=chat)
     record = {"baseline": None, "layers": {}, "heads": {}, "final": None}
     with Progress(disable=not progress, transient=False) as bar:
-        job = bar.add_task(f"profiling {task.name} heads", total=n_runs)
+        job = bar.add_task(f"profiling {getattr(task, 'name', 'task')} heads", total=n_runs)
 
         def run(heads):
             scores, _ = run_task(cm, task, heads, **kw)
@@ -144,7 +145,7 @@ def profile_heads(model_or_cm, task, examples: int | None = None, mode: str = "c
                 best.setdefault(layer, []).append(h)
         record["final"] = run(best)
     best = {layer: sorted(hs) for layer, hs in sorted(best.items())}
-    settings = {"task": task.name, "metric": task.metric, "examples": len(task.examples), "mode": mode,
+    settings = {"task": getattr(task, "name", type(task).__name__), "metric": task_metric(task, record["baseline"]), "examples": len(task.examples), "mode": mode,
                 "top_layers": top_layers, "top_heads": top_heads, "alpha": alpha, "max_new_tokens": max_new_tokens,
                 "chat": chat, "model_key": model_key(cm.step_graph)}
     result = {"heads": best, "scores": record, "settings": settings}

@@ -9,7 +9,9 @@ held-out splits come from separate seeded streams and never share a person.
 
 Tasks are plain objects: a ``Task`` holds ``Example``s and a scorer ``score(generation, example)
 -> {metric: 0/1}``; ``Task.evaluate(generations)`` averages them. ``metric`` names the one used to
-rank heads.
+rank heads. Any object with ``name``, ``examples`` (each with ``.prompt`` and ``.emphasis``, a
+tuple of substrings) and either ``evaluate(generations)`` or ``scorer`` works the same
+(``evaluate_task``), so users bring their own tasks.
 """
 
 from __future__ import annotations
@@ -67,8 +69,40 @@ class Task:
         """Mean of every metric over the examples (``generations`` aligned with ``examples``)."""
         if len(generations) != len(self.examples):
             raise ValueError(f"{len(generations)} generations for {len(self.examples)} examples")
-        rows = [self.scorer(g, ex) for g, ex in zip(generations, self.examples)]
-        return {k: sum(float(r[k]) for r in rows) / len(rows) for k in rows[0]}
+        return _scores_mean([self.scorer(g, ex) for g, ex in zip(generations, self.examples)])
+
+
+def _scores_mean(rows: list) -> dict:
+    return {k: sum(float(r[k]) for r in rows) / len(rows) for k in rows[0]}
+
+
+def evaluate_task(task, generations) -> dict:
+    """Mean scores of ``generations`` on any task-like object: its ``evaluate(generations)`` if it
+    has one, else the mean of ``task.scorer(generation, example)`` over ``task.examples``."""
+    if hasattr(task, "evaluate"):
+        return task.evaluate(generations)
+    if not callable(getattr(task, "scorer", None)):
+        raise ValueError(f"task {task!r} needs an evaluate(generations) method or a scorer(generation, example) function")
+    if len(generations) != len(task.examples):
+        raise ValueError(f"{len(generations)} generations for {len(task.examples)} examples")
+    return _scores_mean([task.scorer(g, ex) for g, ex in zip(generations, task.examples)])
+
+
+def task_metric(task, scores: dict) -> str:
+    """The metric heads are ranked by: ``task.metric``, else the first one the scorer returns."""
+    metric = getattr(task, "metric", None) or next(iter(scores))
+    if metric not in scores:
+        raise ValueError(f"task metric {metric!r} is not among the scorer's metrics {sorted(scores)}")
+    return metric
+
+
+def subset(task, n: int):
+    """The task restricted to its first ``n`` examples (a shallow copy; the original is untouched)."""
+    import copy
+
+    out = copy.copy(task)
+    out.examples = list(task.examples)[:n]
+    return out
 
 
 # ---- scorers (the paper's metrics, pastalib evaluation/evaluator.py) ----
