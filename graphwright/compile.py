@@ -25,6 +25,8 @@ def compile(model, recipe=None, tokenizer=None, backend: str = "torch", dtype=No
         tokenizer = tokenizer if tokenizer is not None else loaded_tok
     elif dtype is not None and next(model.parameters()).dtype != dtype:
         model = model.to(dtype)
+    if backend == "triton":
+        _check_triton_device(model)
     sg = capture(model)
     from .passes.pipeline import run_recipe
 
@@ -32,3 +34,14 @@ def compile(model, recipe=None, tokenizer=None, backend: str = "torch", dtype=No
     cm = CompiledModel(sg, tokenizer=tokenizer, recipe=parsed, backend=backend, source=model)
     cm.verification = verification
     return cm
+
+
+def _check_triton_device(model) -> None:
+    """Triton kernels need CUDA tensors, or the interpreter (``TRITON_INTERPRET=1``, tests only)."""
+    import os
+
+    device = next(model.parameters()).device
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' needs the model on a CUDA device (it is on {device.type}); "
+                         "on CPU use backend='torch' (or set TRITON_INTERPRET=1 to run the kernels in the "
+                         "Triton interpreter: correct but slow, for tests)")

@@ -23,7 +23,7 @@ def run(args):
     from ..bench import bench_generate, format_bench
 
     model, tok = load(args)
-    cm = compile_model(model, tok, args.recipe)
+    cm = compile_model(model, tok, args.recipe, args.backend)
     g = torch.Generator().manual_seed(0)
     vocab = cm.info.vocab_size
     ids = torch.randint(min(100, vocab - 1), vocab, (args.batch, args.prompt), generator=g)

@@ -18,7 +18,7 @@ def run(args):
     import graphwright as gw
 
     model, tok = load(args)
-    cm = compile_model(model, tok, args.recipe)
+    cm = compile_model(model, tok, args.recipe, args.backend)
     report = cm.report()
     console.print(report)
     if args.diff:

@@ -50,7 +50,7 @@ def run(args):
     model, tok = load(args)
     recipe = args.recipe if args.recipe is not None else demo_recipe(model)
     console.print(f"recipe: [bold]{recipe}[/]")
-    cm = compile_model(model, tok, recipe)
+    cm = compile_model(model, tok, recipe, args.backend)
     console.print(cm.report())
     ids = encode(tok, args.prompt)
     before, hf_s, hf_kv = _hf_generate(model, ids, args.max_new_tokens)

@@ -41,7 +41,7 @@ def _one(args, base, tok, recipe):
     from ..eval.niah import compare_niah, needle_grid
     from ..eval.perplexity import compare_perplexity
 
-    cm = compile_model(base, tok, recipe)
+    cm = compile_model(base, tok, recipe, args.backend)
     if args.task == "ppl":
         r = compare_perplexity(base, cm, tokenizer=tok, path=args.text, max_tokens=args.tokens,
                                window=args.window, stride=args.stride, mode=args.mode)

@@ -31,7 +31,7 @@ def run(args):
     import graphwright as gw
 
     model, tok = load(args)
-    cm = compile_model(model, tok, args.recipe)
+    cm = compile_model(model, tok, args.recipe, args.backend)
     with console.status(f"exporting to {args.out} ..."):
         out = gw.export_onnx(cm, args.out, opset=args.opset, verify=args.verify, overwrite=args.overwrite)
     meta = json.loads((out / "graphwright.json").read_text())

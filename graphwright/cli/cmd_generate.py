@@ -25,7 +25,7 @@ def add_parser(sub):
 
 def run(args):
     model, tok = load(args)
-    cm = compile_model(model, tok, args.recipe)
+    cm = compile_model(model, tok, args.recipe, args.backend)
     prompt, spans = args.prompt, None
     if args.emphasis is not None:
         from ..steer.spans import encode_with_emphasis, parse_marked

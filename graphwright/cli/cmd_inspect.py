@@ -19,7 +19,7 @@ def run(args):
     import graphwright as gw
 
     model, tok = load(args)
-    cm = compile_model(model, tok, args.recipe)
+    cm = compile_model(model, tok, args.recipe, args.backend)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gw.inspect.render(cm, out / "graph.html")

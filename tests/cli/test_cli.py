@@ -58,3 +58,20 @@ def test_inspect_writes_picture_graph_and_diff(tmp_path):
     diff = json.loads((tmp_path / "diff.json").read_text())
     assert diff  # the lowrank rewrite changed the graph
     assert "<html" in (tmp_path / "graph.html").read_text().lower()
+
+
+def test_triton_backend_on_cpu_is_a_clean_error(monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["compile", "--model", "tiny-llama", "--backend", "triton"]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("error: backend='triton' needs the model on a CUDA device (it is on cpu)")
+    assert "backend='torch'" in out
+
+
+def test_backend_choice_reaches_the_compiled_model(tmp_path, capsys):
+    out = tmp_path / "report.json"
+    assert main(["compile", "--model", "tiny-llama", "--backend", "reference", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["summary"]["backend"] == "reference"
+    with pytest.raises(SystemExit) as e:
+        main(["compile", "--model", "tiny-llama", "--backend", "cuda"])
+    assert e.value.code == 2 and "invalid choice: 'cuda'" in capsys.readouterr().err
