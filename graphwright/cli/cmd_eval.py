@@ -36,24 +36,28 @@ def add_parser(sub):
     p.add_argument("--out", default="results/eval", help="folder for eval.json (and eval.png when sweeping)")
 
 
-def _one(args, base, tok, recipe):
+def _one(args, base, tok, recipe, memo):
+    """One recipe against the base; ``memo`` keeps the base side's results across a sweep."""
     from ..eval.agreement import compare_greedy
     from ..eval.niah import compare_niah, needle_grid
     from ..eval.perplexity import compare_perplexity
 
     cm = compile_model(base, tok, recipe, args.backend)
     if args.task == "ppl":
-        r = compare_perplexity(base, cm, tokenizer=tok, path=args.text, max_tokens=args.tokens,
-                               window=args.window, stride=args.stride, mode=args.mode)
+        r = compare_perplexity(base, cm, tokenizer=tok, base_result=memo.get("ppl"), path=args.text,
+                               max_tokens=args.tokens, window=args.window, stride=args.stride, mode=args.mode)
+        memo["ppl"] = r["base"]
         row = {"recipe": str(cm.recipe or "identity"), "ppl_base": r["base"]["ppl"], "ppl": r["compiled"]["ppl"],
                "delta": r["delta"], "kv_fraction": cm.report().summary["kv_ratio"]}
     elif args.task == "agree":
-        r = compare_greedy(base, cm, tok, n_prompts=args.prompts, max_new_tokens=args.new_tokens)
+        r = compare_greedy(base, cm, tok, n_prompts=args.prompts, max_new_tokens=args.new_tokens,
+                           base_cache=memo.setdefault("agree", {}))
         row = {"recipe": str(cm.recipe or "identity"), "prefix": r["prefix"], "match": r["match"], "exact": r["exact"],
                "kv_fraction": cm.report().summary["kv_ratio"]}
     else:
         cases = needle_grid(tok, lengths=args.lengths, depths=args.depths, seed=0)
-        r = compare_niah(base, cm, tok, cases)
+        r = compare_niah(base, cm, tok, cases, base_result=memo.get("niah"))
+        memo["niah"] = r["base"]
         row = {"recipe": str(cm.recipe or "identity"), "acc_base": r["base"]["accuracy"], "acc": r["compiled"]["accuracy"],
                "kv_fraction": cm.report().summary["kv_ratio"]}
     return row, r
@@ -67,9 +71,9 @@ def run(args):
         recipes = [(t, v, t.replace("{}", v)) for t in args.sweep for v in args.values]
     else:
         recipes = [(None, None, args.recipe)]
-    rows, raw = [], []
+    rows, raw, memo = [], [], {}
     for template, value, recipe in recipes:
-        row, r = _one(args, model, tok, recipe)
+        row, r = _one(args, model, tok, recipe, memo)
         if value is not None:
             row["value"] = float(value) if value.replace(".", "", 1).isdigit() else value
         if args.sweep and len(args.sweep) > 1:

@@ -48,10 +48,11 @@ def _continuation(model_or_cm, ids, max_new_tokens: int) -> torch.Tensor:
 
 
 def compare_greedy(base, cm, tokenizer=None, n_prompts: int = 20, prompt_tokens: int = 48, max_new_tokens: int = 32,
-                   seed: int = 0, path=None, progress: bool = True, prompts=None) -> dict:
+                   seed: int = 0, path=None, progress: bool = True, prompts=None, base_cache: dict | None = None) -> dict:
     """Greedy continuations of ``base`` and ``cm`` on the same prompts; agreement as plain data.
 
     ``prompts``: LongTensors [1, T] to use instead of passages of the text (then no tokenizer is needed).
+    ``base_cache``: a dict shared across calls (a sweep) so the base model decodes each prompt once.
     """
     if prompts is None:
         if tokenizer is None:
@@ -60,7 +61,12 @@ def compare_greedy(base, cm, tokenizer=None, n_prompts: int = 20, prompt_tokens:
     prompt_tokens = prompts[0].shape[1]
     rows = []
     for ids in tqdm(prompts, desc="greedy agreement", unit="prompt", disable=None if progress else True, leave=False):
-        a, b = _continuation(base, ids, max_new_tokens), _continuation(cm, ids, max_new_tokens)
+        key = (tuple(ids[0].tolist()), max_new_tokens)
+        if base_cache is None or key not in base_cache:
+            a = _continuation(base, ids, max_new_tokens)
+            if base_cache is not None:
+                base_cache[key] = a
+        a, b = (base_cache[key] if base_cache is not None else a), _continuation(cm, ids, max_new_tokens)
         n = min(a.numel(), b.numel())
         equal = (a[:n] == b[:n]).tolist()
         first = equal.index(False) if False in equal else n

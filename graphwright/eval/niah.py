@@ -183,11 +183,13 @@ def run_niah(model_or_cm, tokenizer, cases, max_new_tokens: int = 16, progress: 
             "by_depth": _accuracy(rows, ("depth",)), "cases": rows, "seconds": time.perf_counter() - t0}
 
 
-def compare_niah(base, cm, tokenizer=None, cases=None, **kwargs) -> dict:
-    """The same cases through the base model and ``cm``: accuracies, their difference, answer agreement."""
+def compare_niah(base, cm, tokenizer=None, cases=None, base_result: dict | None = None, **kwargs) -> dict:
+    """The same cases through the base model and ``cm``: accuracies, their difference, answer agreement.
+
+    ``base_result``: the base side's ``run_niah`` result on the same cases (a sweep runs the base once)."""
     tokenizer = tokenizer if tokenizer is not None else getattr(cm, "tokenizer", None)
     cases = cases if cases is not None else needle_grid(tokenizer)
-    b = run_niah(base, tokenizer, cases, **kwargs)
+    b = base_result if base_result is not None else run_niah(base, tokenizer, cases, **kwargs)
     c = run_niah(cm, tokenizer, cases, **kwargs)
     same = sum(x["answer"] == y["answer"] for x, y in zip(b["cases"], c["cases"]))
     return {"base": b, "compiled": c, "delta": c["accuracy"] - b["accuracy"], "agreement": same / max(1, len(cases))}

@@ -144,13 +144,15 @@ def perplexity(model_or_cm, tokenizer=None, text: str | None = None, path=None, 
             "mode": mode, "prefix": prefix if mode == "stream" else None, "seconds": seconds}
 
 
-def compare_perplexity(base, cm, tokenizer=None, **kwargs) -> dict:
+def compare_perplexity(base, cm, tokenizer=None, base_result: dict | None = None, **kwargs) -> dict:
     """Perplexity of the base model and of ``cm`` on the same tokens, with the difference.
 
     Returns ``{"base": {...}, "compiled": {...}, "delta": ppl_compiled - ppl_base,
     "ratio": ppl_compiled / ppl_base}``; keyword arguments are those of ``perplexity``.
+    ``base_result``: the base side's ``perplexity`` result from an earlier call with the same
+    arguments (a sweep scores the base once).
     """
     tokenizer = tokenizer if tokenizer is not None else getattr(cm, "tokenizer", None)
-    b = perplexity(base, tokenizer, **kwargs)
+    b = base_result if base_result is not None else perplexity(base, tokenizer, **kwargs)
     c = perplexity(cm, tokenizer, **kwargs)
     return {"base": b, "compiled": c, "delta": c["ppl"] - b["ppl"], "ratio": c["ppl"] / b["ppl"]}

@@ -35,3 +35,23 @@ def test_prompts_are_seeded_passages_of_the_text():
 
     assert text in read_text()
     assert not all(torch.equal(x, y) for x, y in zip(a, agreement_prompts(Chars(), n=5, tokens=30, seed=2)))
+
+
+def test_base_cache_decodes_the_base_once_per_prompt(tiny, compiled_tiny):
+    model = tiny("tiny-llama")
+    lossy = gw.compile(model, recipe="lowrank_kv(keep=0.3)")
+    calls = []
+
+    class Counting:  # the base model, counting its generate() calls
+        config = model.config
+
+        def generate(self, ids, **kw):
+            calls.append(ids)
+            return model.generate(ids, **kw)
+
+    cache = {}
+    first = compare_greedy(Counting(), lossy, prompts=_prompts(), max_new_tokens=8, progress=False, base_cache=cache)
+    again = compare_greedy(Counting(), lossy, prompts=_prompts(), max_new_tokens=8, progress=False, base_cache=cache)
+    assert len(calls) == 4 and len(cache) == 4  # the second sweep point reused every base continuation
+    uncached = compare_greedy(model, lossy, prompts=_prompts(), max_new_tokens=8, progress=False)
+    assert first["per_prompt"] == again["per_prompt"] == uncached["per_prompt"]
