@@ -2,6 +2,13 @@
 
 Usage: python bench/eval_eviction.py --tokens 768 --prefix 512 --out results/eviction.json \
            --plot results/eviction.png [--recipes "h2o(heavy=0.25, recent=0.25)" ...]
+       python bench/eval_eviction.py --niah --niah-length 1024 --out results/eviction_niah.json \
+           --plot results/eviction_niah.png
+
+Needle-in-a-haystack (``--niah``): the seeded needle grid of ``graphwright.eval.niah`` at one
+prompt length, several depths and haystacks, answered greedily by each recipe; the memory point is
+the KV bytes held at the end of each case over the dense bytes (mean over cases). One length keeps
+the token budgets of snapkv/streaming at a known fraction (``NIAH_RECIPES`` are written for 1024).
 
 Protocol: the first ``--tokens`` tokens of the shipped Jane Austen novel form one sequence; the
 first ``--prefix`` are one prefill step, every later token is one decode step through the
@@ -48,6 +55,22 @@ DEFAULT_RECIPES = [
 ]
 
 
+# budgets for ~1024-token needle prompts: about 1/2 and 1/4 of the cache for each policy
+NIAH_RECIPES = [
+    "noop",
+    "h2o(heavy=0.25, recent=0.25)",
+    "h2o(heavy=0.125, recent=0.125)",
+    "snapkv(budget=512)",
+    "snapkv(budget=256)",
+    "streaming(sinks=4, window=508)",
+    "streaming(sinks=4, window=252)",
+    "fastgen(recovery=0.95)",
+    "fastgen(recovery=0.9)",
+    "lowrank_kv(keep=0.5)",
+    "lowrank_kv(keep=0.5) + fastgen(recovery=0.95)",
+]
+
+
 def policy_of(recipe: str) -> str:
     names = [part.split("(")[0].strip() for part in recipe.split("+")]
     return "+".join(names) if names != ["noop"] else "dense"
@@ -77,26 +100,44 @@ def stream_eval(cm: CompiledModel, ids: torch.Tensor, prefix: int) -> dict:
             "kept_fraction_last": kept[-1], "fastgen_policy_counts": policies}
 
 
-def plot(rows, path):
+def niah_eval(cm: CompiledModel, tok, cases) -> dict:
+    """Needle accuracy of ``cm`` and the KV bytes it held at the end of each case, vs dense."""
+    from graphwright.eval.niah import run_niah
+
+    fractions = []
+    orig = cm.generate
+
+    def generate(*a, **kw):  # record the memory held after every case
+        out = orig(*a, **kw)
+        fractions.append(cm.last_stats["kv_bytes"] / cm.last_stats["kv_bytes_dense"])
+        return out
+
+    cm.generate = generate
+    r = run_niah(cm, tok, cases, progress=False)
+    return {"niah": r["accuracy"], "kv_fraction": sum(fractions) / len(fractions),
+            "niah_by_depth": r["by_depth"], "answers": [c["answer"] for c in r["cases"]]}
+
+
+def plot(rows, path, y="ppl", ylabel="streaming perplexity of decoded tokens", better="lower"):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    base = next((r["ppl"] for r in rows if r["policy"] == "dense"), None)
+    base = next((r[y] for r in rows if r["policy"] == "dense"), None)
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
     series: dict = {}
     for r in rows:
         if r["policy"] != "dense":
-            series.setdefault(r["policy"], []).append((r["kv_fraction"], r["ppl"]))
+            series.setdefault(r["policy"], []).append((r["kv_fraction"], r[y]))
     for name, pts in sorted(series.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
     if base is not None:
         ax.axhline(base, color="k", ls="--", lw=1, label="dense")
     ax.set_xlabel("KV memory fraction held at the last step (vs dense)")
-    ax.set_ylabel("streaming perplexity of decoded tokens")
-    ax.set_title("KV eviction on smollm2-135m (lower is better)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"KV eviction on smollm2-135m ({better} is better)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -108,7 +149,12 @@ def plot(rows, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES)
+    p.add_argument("--recipes", nargs="+", default=None,
+                   help="recipes to compare (default: DEFAULT_RECIPES, or NIAH_RECIPES with --niah)")
+    p.add_argument("--niah", action="store_true", help="needle-in-a-haystack accuracy instead of perplexity")
+    p.add_argument("--niah-length", type=int, default=1024)
+    p.add_argument("--niah-depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    p.add_argument("--niah-repeats", type=int, default=2, help="haystacks per depth")
     p.add_argument("--tokens", type=int, default=768)
     p.add_argument("--prefix", type=int, default=512)
     p.add_argument("--out", default="results/eviction.json")
@@ -117,19 +163,33 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = gw.load_model(args.model)
-    ids = encode_text(tok, read_text(), args.tokens)
+    recipes = args.recipes or (NIAH_RECIPES if args.niah else DEFAULT_RECIPES)
+    if args.niah:
+        from graphwright.eval.niah import needle_grid
+
+        cases = needle_grid(tok, lengths=[args.niah_length], depths=args.niah_depths, seed=0, repeats=args.niah_repeats)
+    else:
+        ids = encode_text(tok, read_text(), args.tokens)
     sg = capture(model)
     rows = []
-    for recipe in args.recipes:
+    for recipe in recipes:
         t0 = time.perf_counter()
         new, parsed, _ = run_recipe(sg, recipe, model=model, tokenizer=tok, verify=False)
-        r = stream_eval(CompiledModel(new, tokenizer=tok, recipe=parsed), ids, args.prefix)
+        cm = CompiledModel(new, tokenizer=tok, recipe=parsed)
+        r = niah_eval(cm, tok, cases) if args.niah else stream_eval(cm, ids, args.prefix)
         rows.append({"recipe": recipe, "policy": policy_of(recipe), **r, "seconds": time.perf_counter() - t0})
+        dense = next((row for row in rows if row["policy"] == "dense"), None)
+        if args.niah and dense is not None:  # answers identical to the dense model's (a finer signal than accuracy)
+            rows[-1]["same_answer_as_dense"] = sum(a == b for a, b in zip(r["answers"], dense["answers"])) / len(cases)
         print(json.dumps(rows[-1]), flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"model": args.model, "tokens": args.tokens, "prefix": args.prefix,
-                                              "rows": rows}, indent=1))
-    plot(rows, args.plot)
+        setup = ({"niah_length": args.niah_length, "depths": args.niah_depths, "repeats": args.niah_repeats}
+                 if args.niah else {"tokens": args.tokens, "prefix": args.prefix})
+        Path(args.out).write_text(json.dumps({"model": args.model, **setup, "rows": rows}, indent=1))
+    if args.niah:
+        plot(rows, args.plot, y="niah", ylabel=f"needle accuracy ({args.niah_length}-token prompts)", better="higher")
+    else:
+        plot(rows, args.plot)
 
 
 if __name__ == "__main__":
