@@ -34,7 +34,9 @@ def plot_sweep(rows, x: str, y: str, group: str | None = None, path="sweep.png",
     ax.set_xlabel(x)
     ax.set_ylabel(y)
     if title:
-        ax.set_title(title)
+        import textwrap
+
+        ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)
     if group:
         ax.legend(title=group)
     ax.grid(True, alpha=0.3)

@@ -27,6 +27,10 @@ CASES = {
     "snapkv": ("tiny-qwen2", "snapkv(budget=12, window=4)", None, {"Attention"}, {"graphwright::evict_snapkv"}, True),
     "streaming": ("tiny-llama", "streaming(sinks=2, window=8)", None, {"Attention", "CumSum"}, {"graphwright::evict_streaming"}, True),
     "fastgen": ("tiny-llama", "fastgen(force='local', local=4)", None, {"Attention"}, {"graphwright::evict_fastgen"}, True),
+    # eviction over latent caches: keys rebuilt in the graph (latent_keys), the shared payload
+    # selected and sliced into c_k / c_v after the runtime op ("derived" records)
+    "lowrank_kv+h2o": ("tiny-llama", "lowrank_kv(keep=0.8) + h2o(heavy=4, recent=4)", None, {"Attention", "MatMul"},
+                       {"graphwright::evict_h2o"}, True),
 }
 
 
@@ -56,6 +60,8 @@ def test_pass_exports_and_matches_torch_runtime(case, exported):
     nodes = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
     assert op_types <= nodes, op_types - nodes
     assert not any(n.startswith("graphwright") for n in nodes)
+    if "lowrank_kv" in recipe and runtime_ops:
+        assert all(r["derived"] and all(d["ops"] for d in r["derived"]) for r in meta["runtime_ops"])
 
     rt = gw.load(out)
     # 30 + 24 tokens: past every budget above (h2o 8, snapkv 12, streaming 10, fastgen local 4)

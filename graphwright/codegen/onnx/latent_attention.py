@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from onnxscript import opset23 as op
 
+from ...ops.eviction import LATENT_KEYS
 from ...ops.latent_attention import LATENT_ATTENTION
 from .translations import FLOAT, additive_mask, register
 
@@ -45,17 +46,27 @@ def _rope(k, k_pos, inv_freq, rope_scaling: float, head_dim: int):
     return op.Concat(out, dims(rdim, head_dim), axis=-1) if rdim < head_dim else out
 
 
+def _keys(c_k, k_up, k_bias, k_pos, inv_freq, rope_scaling: float, head_dim: int):
+    """K = RoPE_{k_pos}(c_k @ k_up + k_bias) as [B, H_kv, S, D] fp32."""
+    k = op.MatMul(op.Cast(c_k, to=FLOAT), op.Cast(k_up, to=FLOAT))
+    if k_bias is not None:
+        k = op.Add(k, op.Cast(k_bias, to=FLOAT))
+    k = _heads(k, k_up.shape[1] // head_dim)
+    return _rope(k, k_pos, inv_freq, rope_scaling, head_dim) if inv_freq is not None else k
+
+
+@register(LATENT_KEYS)
+def latent_keys(c_k, k_up, k_bias, k_pos, inv_freq, rope_scaling: float, head_dim: int):
+    """The keys an eviction op scores a latent layer with (lowrank_kv + h2o/snapkv/fastgen)."""
+    return _keys(c_k, k_up, k_bias, k_pos, inv_freq, rope_scaling, head_dim)
+
+
 @register(LATENT_ATTENTION)
 def latent_attention(q, c_k, c_v, k_up, k_bias, v_up, v_bias, q_pos, k_pos, inv_freq,
                      rope_scaling: float, scale: float, window: int = 0):
     num_heads, head_dim = q.shape[1], q.shape[3]
     num_kv = k_up.shape[1] // head_dim
-    k = op.MatMul(op.Cast(c_k, to=FLOAT), op.Cast(k_up, to=FLOAT))
-    if k_bias is not None:
-        k = op.Add(k, op.Cast(k_bias, to=FLOAT))
-    k = _heads(k, num_kv)
-    if inv_freq is not None:
-        k = _rope(k, k_pos, inv_freq, rope_scaling, head_dim)
+    k = _keys(c_k, k_up, k_bias, k_pos, inv_freq, rope_scaling, head_dim)
     if v_up is not None:
         v = op.MatMul(op.Cast(c_v, to=FLOAT), op.Cast(v_up, to=FLOAT))
         if v_bias is not None:

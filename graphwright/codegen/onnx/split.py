@@ -12,7 +12,10 @@ session, then calls the same custom op (whose torch implementation is the refere
 tensors, so the cache it keeps is bit-for-bit what the torch runtime keeps.
 
 ``graphwright.json`` records each cut op as ``{"op", "layer", "args": [{"output": name} |
-{"input": name} | {"value": v}], "results": [state name | None per op output]}``.
+{"input": name} | {"value": v}], "results": [state name | None per op output], "derived": [...]}``.
+An op output may also reach the state through a chain of view ops (a latent layer's shared
+payload is selected and sliced into c_k and c_v): ``derived`` lists ``{"from": output index,
+"ops": [[aten op name, [constant args]], ...], "state": name}``, applied in torch after the op.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ import torch
 from ...ops.eviction import EVICT_OPS
 
 RUNTIME_OPS = set(EVICT_OPS)
+# shape-only ops allowed between a runtime op's output and the state it produces
+VIEW_OPS = {op.name(): op for op in (torch.ops.aten.select.int, torch.ops.aten.slice.Tensor,
+                                      torch.ops.aten.squeeze.dim, torch.ops.aten.unsqueeze.default,
+                                      torch.ops.aten.view.default, torch.ops.aten.reshape.default)}
 
 
 def split(gm: torch.fx.GraphModule, input_names: list, state_names: list):
@@ -56,24 +63,45 @@ def split(gm: torch.fx.GraphModule, input_names: list, state_names: list):
                 raise ValueError(f"{node.target}: list arguments of tensors are not supported by the split")
             else:
                 args.append({"value": a})
-        for user in list(node.users):
-            if user.target is not operator.getitem or set(user.users) - {out_node}:
+        for user in node.users:
+            if user.target is not operator.getitem:
                 raise ValueError(f"{node.target} (layer {node.meta.get('graphwright', {}).get('layer')}): its outputs "
                                  "feed more than the next step's state; the graph/runtime split cannot cut it")
         n_out = len(node.meta["val"]) if isinstance(node.meta.get("val"), (list, tuple)) else \
             1 + max((u.args[1] for u in node.users), default=-1)
-        results = [None] * n_out
+        results, derived, chain = [None] * n_out, [], []
+
+        def walk(src, index, ops):
+            """Follow ``src`` through view ops to the state outputs it becomes."""
+            for user in list(src.users):
+                if user is out_node:
+                    for j, o in enumerate(outs):
+                        if o is src:
+                            if ops:
+                                derived.append({"from": index, "ops": ops, "state": state_names[j - 1]})
+                            else:
+                                results[index] = state_names[j - 1]
+                            outs[j] = None
+                elif (user.op == "call_function" and getattr(user.target, "name", lambda: None)() in VIEW_OPS
+                      and user.args[0] is src and not user.kwargs
+                      and not any(isinstance(a, torch.fx.Node) for a in user.args[1:])):
+                    chain.append(user)
+                    walk(user, index, ops + [[user.target.name(), list(user.args[1:])]])
+                else:
+                    raise ValueError(f"{node.target} (layer {node.meta.get('graphwright', {}).get('layer')}): its "
+                                     f"output {index} feeds {user.target}, not only the next step's state; the "
+                                     "graph/runtime split cannot cut it")
+
         for user in list(node.users):
-            for j, o in enumerate(outs):
-                if o is user:
-                    results[user.args[1]] = state_names[j - 1]
-                    outs[j] = None
+            chain.append(user)
+            walk(user, user.args[1], [])
         out_node.args = (tuple(outs),)
-        for user in list(node.users):
-            graph.erase_node(user)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        for n in sorted(chain, key=order.get, reverse=True):
+            graph.erase_node(n)
         graph.erase_node(node)
         records.append({"op": node.target.name(), "layer": node.meta.get("graphwright", {}).get("layer"),
-                        "args": args, "results": results})
+                        "args": args, "results": results, **({"derived": derived} if derived else {})})
     keep = [j for j, o in enumerate(outs) if o is not None]
     out_node.args = (tuple([outs[j] for j in keep] + cut_nodes),)
     graph.lint()
@@ -102,4 +130,11 @@ def run_records(records: list, outputs: dict, inputs: dict) -> dict:
         for r, tensor in zip(rec["results"], res):
             if r is not None:
                 state[r] = tensor
+        for d in rec.get("derived", ()):
+            t = res[d["from"]]
+            for name, op_args in d["ops"]:
+                if name not in VIEW_OPS:
+                    raise ValueError(f"runtime op {rec['op']!r}: unknown view op {name!r}; known: {sorted(VIEW_OPS)}")
+                t = VIEW_OPS[name](t, *op_args)
+            state[d["state"]] = t
     return state
