@@ -122,6 +122,35 @@ def block_mask(q_pos, k_pos, top, ok, block: int) -> torch.Tensor:
     return visible_mask(q_pos, k_pos) & sel.gather(-1, idx)[:, :, None]
 
 
+def decode_columns(q, k, q_pos, k_pos, block: int, top_k: int, mode: str):
+    """The cache columns one decode query per KV head reads, for the gathering kernels.
+
+    Returns ``"dense"`` (every candidate block is kept: plain causal attention), ``"reference"``
+    (a layout the gather does not handle: several queries, per-head positions, or blocks that are
+    not contiguous in the cache) or ``(cols, keep)``: ``cols`` [B, Hk, top_k * block] column
+    indices of the kept blocks (clamped into the cache) and ``keep`` [B, Hk, top_k * block] which
+    of them belong to a kept block (causality and padding are left to the caller).
+    """
+    B, Hk, S = k.shape[0], k.shape[1], k.shape[2]
+    if q.shape[2] != 1 or k_pos.dim() != 2:
+        return "reference"
+    blk = block_ids(k_pos, block)  # [B, S], nondecreasing for the runtime's left-padded cache
+    if bool((blk[:, 1:] < blk[:, :-1]).any()):
+        return "reference"
+    top, ok, nb = select_blocks(q, k, q_pos, k_pos, block, top_k, mode)  # [B, Hk, 1, kk]
+    if nb <= top_k:
+        return "dense"
+    kk = top.shape[-1]
+    # first column of each kept block, then `block` consecutive columns (blocks are contiguous)
+    starts = torch.searchsorted(blk.contiguous(), top.reshape(B, Hk * kk)).view(B, Hk, kk, 1)
+    cols = starts + torch.arange(block, device=q.device)  # [B, Hk, kk, block]
+    inside = cols < S
+    cols = cols.clamp(max=S - 1).view(B, Hk, kk * block)
+    per_col = lambda t: t.reshape(B, Hk, kk, 1).expand(-1, -1, -1, block).reshape(B, Hk, -1)  # noqa: E731
+    same = blk[:, None, :].expand(B, Hk, S).gather(2, cols) == per_col(top)
+    return cols, inside.view(B, Hk, -1) & same & per_col(ok)
+
+
 def block_sparse_reference(q, k, v, q_pos, k_pos, scale: float, block: int, top_k: int, mode: str,
                            prefill: bool = False) -> torch.Tensor:
     """The definition (see module docstring): dense math under the kept-block mask, fp32 softmax."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ...ops.block_sparse import block_ids, block_sparse_reference, select_blocks
+from ...ops.block_sparse import block_sparse_reference, decode_columns
 from .attention import attention_sdpa
 
 
@@ -21,23 +21,13 @@ def block_sparse_sdpa(q, k, v, q_pos, k_pos, scale, block, top_k, mode, prefill=
     Hk, S = k.shape[1], k.shape[2]
     if T > 1 and not prefill:
         return attention_sdpa(q, k, v, q_pos, k_pos, scale)
-    if T != 1 or k_pos.dim() != 2:
+    plan = decode_columns(q, k, q_pos, k_pos, block, top_k, mode) if T == 1 else "reference"
+    if plan == "reference":
         return block_sparse_reference(q, k, v, q_pos, k_pos, scale, block, top_k, mode, prefill)
-    blk = block_ids(k_pos, block)  # [B, S], nondecreasing for the runtime's left-padded cache
-    if bool((blk[:, 1:] < blk[:, :-1]).any()):
-        return block_sparse_reference(q, k, v, q_pos, k_pos, scale, block, top_k, mode, prefill)
-    top, ok, nb = select_blocks(q, k, q_pos, k_pos, block, top_k, mode)  # [B, Hk, 1, kk]
-    if nb <= top_k:  # every candidate block is kept: plain causal attention
+    if plan == "dense":  # every candidate block is kept: plain causal attention
         return attention_sdpa(q, k, v, q_pos, k_pos, scale)
-    kk = top.shape[-1]
-    # first column of each kept block, then `block` consecutive columns (blocks are contiguous)
-    starts = torch.searchsorted(blk.contiguous(), top.reshape(B, Hk * kk)).view(B, Hk, kk, 1)
-    cols = starts + torch.arange(block, device=q.device)  # [B, Hk, kk, block]
-    inside = cols < S
-    cols = cols.clamp(max=S - 1).view(B, Hk, kk * block)
-    same = blk[:, None, :].expand(B, Hk, S).gather(2, cols) == top.reshape(B, Hk, kk, 1).expand(-1, -1, -1, block).reshape(B, Hk, -1)
+    cols, keep = plan
     kp = k_pos[:, None, :].expand(B, Hk, S).gather(2, cols)
-    keep = inside.view(B, Hk, -1) & same & ok.reshape(B, Hk, kk, 1).expand(-1, -1, -1, block).reshape(B, Hk, -1)
     keep = keep & (kp >= 0) & ((kp <= q_pos[:, None, :]) | (q_pos[:, None, :] < 0))  # [B, Hk, L]
     # one row gather over the flattened cache: whole D-wide rows are copied (much faster on CPU than
     # gather with an expanded index or advanced indexing)

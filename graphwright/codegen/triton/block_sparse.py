@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ...ops.block_sparse import block_ids, block_sparse_reference, select_blocks
+from ...ops.block_sparse import block_sparse_reference, decode_columns
 from .attention_decode import attention_decode
 from .attention_prefill import attention_prefill
 
@@ -24,21 +24,12 @@ def block_sparse_triton(q, k, v, q_pos, k_pos, scale, block, top_k, mode, prefil
     Hk, S = k.shape[1], k.shape[2]
     if T > 1 and not prefill:
         return attention_prefill(q, k, v, q_pos, k_pos, scale)
-    if T != 1 or k_pos.dim() != 2:
+    plan = decode_columns(q, k, q_pos, k_pos, block, top_k, mode) if T == 1 else "reference"
+    if plan == "reference":
         return block_sparse_reference(q, k, v, q_pos, k_pos, scale, block, top_k, mode, prefill)
-    blk = block_ids(k_pos, block)  # [B, S], nondecreasing for the runtime's left-padded cache
-    if bool((blk[:, 1:] < blk[:, :-1]).any()):
-        return block_sparse_reference(q, k, v, q_pos, k_pos, scale, block, top_k, mode, prefill)
-    top, ok, nb = select_blocks(q, k, q_pos, k_pos, block, top_k, mode)  # [B, Hk, 1, kk]
-    if nb <= top_k:  # every candidate block is kept: dense causal attention
+    if plan == "dense":  # every candidate block is kept: dense causal attention
         return attention_decode(q, k, v, q_pos, k_pos, scale)
-    kk = top.shape[-1]
-    starts = torch.searchsorted(blk.contiguous(), top.reshape(B, Hk * kk)).view(B, Hk, kk, 1)
-    cols = starts + torch.arange(block, device=q.device)  # [B, Hk, kk, block]: kept blocks are contiguous
-    inside = cols < S
-    cols = cols.clamp(max=S - 1).view(B, Hk, kk * block)
-    same = blk[:, None, :].expand(B, Hk, S).gather(2, cols) == top.reshape(B, Hk, kk, 1).expand(-1, -1, -1, block).reshape(B, Hk, -1)
-    keep = inside.view(B, Hk, -1) & same & ok.reshape(B, Hk, kk, 1).expand(-1, -1, -1, block).reshape(B, Hk, -1)
+    cols, keep = plan
     kp = torch.where(keep, k_pos[:, None, :].expand(B, Hk, S).gather(2, cols), -1)  # [B, Hk, L] per-head cache
     kg = k.gather(2, cols[..., None].expand(-1, -1, -1, D))
     vg = v.gather(2, cols[..., None].expand(-1, -1, -1, v.shape[-1]))
