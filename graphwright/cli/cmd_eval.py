@@ -81,10 +81,11 @@ def run(args):
         rows.append(row)
         raw.append(r)
     table = Table(title=f"graphwright eval: {args.task} on {args.model}")
-    for key in rows[0]:
-        table.add_column(key)
+    shown = [k for k in rows[0] if k != "template"]  # the recipe column already says it
+    for key in shown:
+        table.add_column(key, overflow="fold")
     for row in rows:
-        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
+        table.add_row(*(f"{row[k]:.4g}" if isinstance(row[k], float) else str(row[k]) for k in shown))
     console.print(table)
     path = write_json({"task": args.task, "model": args.model, "rows": rows, "details": raw}, f"{args.out}/eval.json")
     console.print(f"[dim]written {path}[/]")
