@@ -27,6 +27,12 @@ CASES = {
     "snapkv": ("tiny-qwen2", "snapkv(budget=12, window=4)", None, {"Attention"}, {"graphwright::evict_snapkv"}, True),
     "streaming": ("tiny-llama", "streaming(sinks=2, window=8)", None, {"Attention", "CumSum"}, {"graphwright::evict_streaming"}, True),
     "fastgen": ("tiny-llama", "fastgen(force='local', local=4)", None, {"Attention"}, {"graphwright::evict_fastgen"}, True),
+    # block selection in the graph (TopK over block scores -> additive mask); every layer sparse, 4-token blocks
+    "block_sparse_quest": ("tiny-llama", "block_sparse(block=4, top_k=2, mode='quest', dense_layers=[])", None,
+                           {"Attention", "TopK", "ReduceMin"}, set(), False),
+    "block_sparse_moba_prefill": ("tiny-qwen2", "block_sparse(block=4, top_k=2, mode='moba', dense_layers=[0], prefill=True)",
+                                  None, {"Attention", "TopK"}, set(), False),
+    "window": ("tiny-llama", "window(size=6, sinks=2)", None, {"Attention"}, set(), False),
     # eviction over latent caches: keys rebuilt in the graph (latent_keys), the shared payload
     # selected and sliced into c_k / c_v after the runtime op ("derived" records)
     "lowrank_kv+h2o": ("tiny-llama", "lowrank_kv(keep=0.8) + h2o(heavy=4, recent=4)", None, {"Attention", "MatMul"},
@@ -128,3 +134,22 @@ def test_smollm2_demo_recipe_onnx_greedy_matches_torch(tmp_path):
     got = rt.generate(enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=16, eos_token_id=[])
     assert torch.equal(got, want)
     assert rt.last_stats["kv_bytes"] == kv and kv < 0.65 * rt.last_stats["kv_bytes_dense"]
+
+
+@pytest.mark.parametrize("case", ["block_sparse_quest", "block_sparse_moba_prefill", "window"])
+def test_sparse_variants_are_not_the_dense_model(case, exported):
+    """The sparse cases above compare non-trivial outputs: their tokens differ from the dense model's."""
+    name = CASES[case][0]
+    cm, _ = exported(case)
+    ids, mask = left_padded_batch(256, [30, 21], seed=4)
+    kw = dict(attention_mask=mask, max_new_tokens=24, eos_token_id=[], pad_token_id=0)
+    assert not torch.equal(cm.generate(ids, **kw), _compiled(name).generate(ids, **kw))
+
+
+def test_gemfilter_export_is_refused_not_silently_dropped(tmp_path):
+    from graphwright.errors import GraphwrightError
+
+    cm = gw.compile(_tiny("tiny-llama"), recipe="gemfilter(layer=1, keep=8)")
+    with pytest.raises(GraphwrightError, match="without gemfilter"):
+        gw.export_onnx(cm, tmp_path / "gem")
+    assert not (tmp_path / "gem").exists()  # nothing was written

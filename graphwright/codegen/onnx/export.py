@@ -273,6 +273,10 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
         raise TypeError(f"export_onnx expects a CompiledModel (from graphwright.compile); got {type(cm).__name__}")
     if opset < 23:
         raise ValueError(f"opset must be >= 23 (the Attention operator); got {opset}")
+    if "gemfilter" in cm.step_graph.notes:
+        raise GraphwrightError("gemfilter selects the prompt tokens at generate time with a truncated copy of the "
+                               "step graph; the ONNX runtime does not run that selection pass, so the artifact would "
+                               "silently be the unfiltered model. Export the recipe without gemfilter.")
     out = Path(out_dir)
     _prepare_dir(out, overwrite)
     path = out / MODEL
