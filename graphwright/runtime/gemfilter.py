@@ -65,11 +65,15 @@ def token_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 def select_tokens(q, k, attention_mask, keep: int, kernel: int = 5) -> list:
     """Per row, the ascending indices (into the padded prompt) of the ``keep`` best real tokens."""
-    scores = token_scores(q, k)
+    return kept_from_scores(token_scores(q, k), attention_mask, keep, kernel)
+
+
+def kept_from_scores(scores, attention_mask, keep: int, kernel: int = 5) -> list:
+    """Pool each row's scores over its real tokens and keep the top ``keep`` ids, in prompt order."""
     out = []
     for b in range(scores.shape[0]):
         real = attention_mask[b].nonzero().flatten()
-        s = scores[b, real][None, None]
+        s = scores[b, real][None, None].float()
         if kernel > 1:
             s = torch.nn.functional.avg_pool1d(s, kernel, stride=1, padding=kernel // 2)
         s = s.flatten()[: real.numel()]
@@ -108,14 +112,21 @@ def gemfilter_select(cm, input_ids, attention_mask=None) -> list:
 
 def gemfilter_generate(cm, input_ids, max_new_tokens: int = 32, attention_mask=None, **kwargs) -> torch.Tensor:
     """HF-like ids [B, T + n]: the original prompt, then tokens generated from the kept tokens only."""
-    input_ids, attention_mask = check_prompt(input_ids, attention_mask, cm.info.vocab_size)
+    return filtered_generate(cm._runtime, cm.info, lambda ids, mask: gemfilter_select(cm, ids, mask),
+                             input_ids, max_new_tokens, attention_mask, **kwargs)
+
+
+def filtered_generate(runtime, info, select, input_ids, max_new_tokens: int = 32, attention_mask=None,
+                      **kwargs) -> torch.Tensor:
+    """Generate with ``runtime`` from the prompt tokens ``select(ids, mask)`` keeps (torch or ONNX selection)."""
+    input_ids, attention_mask = check_prompt(input_ids, attention_mask, info.vocab_size)
     t0 = time.perf_counter()
-    kept = gemfilter_select(cm, input_ids, attention_mask)
+    kept = select(input_ids, attention_mask)
     select_s = time.perf_counter() - t0
-    pad = cm.info.pad_token_id if cm.info.pad_token_id is not None else 0
+    pad = info.pad_token_id if info.pad_token_id is not None else 0
     ids, mask = kept_batch(input_ids, kept, pad)
-    out = cm._runtime.generate(ids, max_new_tokens=max_new_tokens, attention_mask=mask, **kwargs)
-    stats = cm._runtime.last_stats
+    out = runtime.generate(ids, max_new_tokens=max_new_tokens, attention_mask=mask, **kwargs)
+    stats = runtime.last_stats
     stats["gemfilter"] = {"select_s": select_s, "prompt_tokens": attention_mask.sum(1).tolist(),
                           "kept_tokens": [len(k) for k in kept]}
     return torch.cat([input_ids, out[:, ids.shape[1]:]], dim=1)

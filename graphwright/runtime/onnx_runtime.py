@@ -165,6 +165,14 @@ class OnnxModel:
                                    "the file is corrupt or incomplete, re-export the model") from exc
         self.tokenizer = self._load_tokenizer()
         self._runtime = Runtime(self.step, self.state_specs, self.info)
+        self._select = None
+        if meta.get("gemfilter"):  # GemFilter: the exported selection graph runs before generation
+            from ..codegen.onnx.gemfilter_export import OnnxSelection
+
+            if not (self.path / meta["gemfilter"]["model_file"]).is_file():
+                raise GraphwrightError(f"{self.path}: missing {meta['gemfilter']['model_file']} (the GemFilter "
+                                       "selection graph); re-export the model")
+            self._select = OnnxSelection(self.path, meta["gemfilter"], self.state_specs, providers, session_options)
 
     def _load_tokenizer(self):
         tok_dir = self.metadata.get("tokenizer")
@@ -185,6 +193,12 @@ class OnnxModel:
     def generate(self, input_ids, max_new_tokens: int = 32, emphasis=None, **kwargs) -> torch.Tensor:
         """Like ``CompiledModel.generate``; ``emphasis`` (steered exports): token spans per row."""
         extras = self._extras(emphasis, input_ids, kwargs.get("attention_mask"))
+        if self._select is not None:
+            if emphasis is not None:
+                raise ValueError("emphasis spans index the full prompt; they cannot be combined with gemfilter")
+            from .gemfilter import filtered_generate
+
+            return filtered_generate(self._runtime, self.info, self._select, input_ids, max_new_tokens, **kwargs)
         return self._runtime.generate(input_ids, max_new_tokens=max_new_tokens, extras=extras, **kwargs)
 
     def logits(self, input_ids, attention_mask=None, emphasis=None) -> torch.Tensor:

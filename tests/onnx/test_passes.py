@@ -146,10 +146,23 @@ def test_sparse_variants_are_not_the_dense_model(case, exported):
     assert not torch.equal(cm.generate(ids, **kw), _compiled(name).generate(ids, **kw))
 
 
-def test_gemfilter_export_is_refused_not_silently_dropped(tmp_path):
-    from graphwright.errors import GraphwrightError
-
-    cm = gw.compile(_tiny("tiny-llama"), recipe="gemfilter(layer=1, keep=8)")
-    with pytest.raises(GraphwrightError, match="without gemfilter"):
-        gw.export_onnx(cm, tmp_path / "gem")
-    assert not (tmp_path / "gem").exists()  # nothing was written
+def test_gemfilter_exports_its_selection_graph(tmp_path):
+    """GemFilter's truncated selection graph is exported beside the model; ORT keeps the same prompt
+    tokens and generates the same tokens as the torch runtime (and not those of the unfiltered model)."""
+    model = _tiny("tiny-llama")
+    cm = gw.compile(model, recipe="gemfilter(layer=1, keep=12)")
+    out = gw.export_onnx(cm, tmp_path / "gem")
+    meta = json.loads((out / "graphwright.json").read_text())
+    assert meta["gemfilter"]["keep"] == 12 and (out / meta["gemfilter"]["model_file"]).is_file()
+    assert meta["verification"]["gemfilter_selection"]["passed"]
+    select = onnx.load(str(out / meta["gemfilter"]["model_file"]), load_external_data=False)
+    assert [o.name for o in select.graph.output] == ["scores"]
+    assert sum(n.op_type == "Attention" for n in select.graph.node) == 1  # layer 0 only: truncated after layer 1's q/k
+    rt = gw.load(out)
+    ids, mask = left_padded_batch(256, [30, 21], seed=4)
+    kw = dict(attention_mask=mask, max_new_tokens=16, eos_token_id=[], pad_token_id=0)
+    want = cm.generate(ids, **kw)
+    kept = cm.last_stats["gemfilter"]["kept_tokens"]
+    got = rt.generate(ids, **kw)
+    assert torch.equal(got, want) and rt.last_stats["gemfilter"]["kept_tokens"] == kept == [12, 12]
+    assert not torch.equal(got, _compiled("tiny-llama").generate(ids, **kw))

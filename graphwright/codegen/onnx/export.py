@@ -104,7 +104,9 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
             raise GraphwrightError(f"{out}: directory is not empty and is not a graphwright export; "
                                    "choose an empty or new directory, or pass overwrite=True") from None
     out.mkdir(parents=True, exist_ok=True)
-    for name in (MODEL, EXTERNAL_DATA, METADATA):
+    from .gemfilter_export import SELECT_DATA, SELECT_MODEL
+
+    for name in (MODEL, EXTERNAL_DATA, METADATA, SELECT_MODEL, SELECT_DATA):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
 
@@ -273,10 +275,6 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
         raise TypeError(f"export_onnx expects a CompiledModel (from graphwright.compile); got {type(cm).__name__}")
     if opset < 23:
         raise ValueError(f"opset must be >= 23 (the Attention operator); got {opset}")
-    if "gemfilter" in cm.step_graph.notes:
-        raise GraphwrightError("gemfilter selects the prompt tokens at generate time with a truncated copy of the "
-                               "step graph; the ONNX runtime does not run that selection pass, so the artifact would "
-                               "silently be the unfiltered model. Export the recipe without gemfilter.")
     out = Path(out_dir)
     _prepare_dir(out, overwrite)
     path = out / MODEL
@@ -291,12 +289,20 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
     if cm.tokenizer is not None:
         cm.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
     meta = _metadata(cm, opset, external, timings, outputs, records)
+    if "gemfilter" in cm.step_graph.notes:  # the selection pass as a second, truncated graph
+        from .gemfilter_export import export_selection
+
+        meta["gemfilter"] = export_selection(cm, out, opset, external_data)
     meta_path = out / METADATA
     meta_path.write_text(json.dumps(meta, indent=2))
     if verify:
         step = OnnxStep.from_metadata(path, meta, providers=["CPUExecutionProvider"])
         try:
             meta["verification"] = verify_artifact(cm, step)
+            if meta.get("gemfilter"):
+                from .gemfilter_export import verify_selection
+
+                meta["verification"]["gemfilter_selection"] = verify_selection(cm, out, meta["gemfilter"])
         except GraphwrightError as exc:
             meta["verification"] = {"passed": False, "error": str(exc)}
             raise

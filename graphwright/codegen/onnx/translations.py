@@ -18,7 +18,7 @@ from onnxscript import opset23 as op
 from ...capture.ops import ATTENTION
 
 # Modules of this package that are infrastructure, not translations.
-_NOT_TRANSLATIONS = {"export", "translations", "split"}
+_NOT_TRANSLATIONS = {"export", "translations", "split", "gemfilter_export"}
 
 TRANSLATIONS: dict = {}
 
