@@ -26,6 +26,8 @@ def add_parser(sub):
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--out", default="out/demo", help="folder for demo.json (and the ONNX artifact in <out>/onnx)")
     p.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip writing the ONNX artifact")
+    p.add_argument("--no-steer", dest="steer", action="store_false",
+                   help="skip the PASTA steering example (smollm2-135m only)")
 
 
 def _hf_generate(model, ids, n):
@@ -80,8 +82,40 @@ def run(args):
         "report": cm.report().to_dict(),
     }, f"{args.out}/demo.json")
     console.print(f"[dim]written {path}[/]")
+    if args.steer and args.model == "smollm2-135m":
+        _steering(model, tok, args.out)
     if args.onnx:
         _export(cm, f"{args.out}/onnx")
+
+
+def _steering(model, tok, out: str) -> None:
+    """PASTA on a held-out JSON-formatting example: the buried instruction emphasized in the heads
+    profiled for that task (the head set ships with graphwright; ``graphwright steer profile`` makes one)."""
+    import graphwright as gw
+
+    from ..steer.headsets import headset_path
+    from ..steer.tasks import Task, make_splits
+
+    heads = headset_path("smollm2-135m", "json")
+    _, test = make_splits("json", 1, 4, seed=0)
+    task = Task(test.name, test.examples[:1], test.scorer, test.metric)  # one held-out example
+    ex = task.examples[0]
+    recipe = f"steer(alpha=0.01, heads='{heads}')"
+    with console.status("steering example (PASTA) ..."):
+        cm = gw.compile(model, recipe=recipe, tokenizer=tok)
+        plain = cm.generate_text(ex.prompt, max_new_tokens=48)
+        steered = cm.generate_text(ex.prompt, emphasis=list(ex.emphasis), max_new_tokens=48)
+    table = Table(title=f"PASTA steering on smollm2-135m  (recipe: steer(alpha=0.01, heads=<json task head set>))")
+    table.add_column("")
+    table.add_column("text", overflow="fold")
+    table.add_row("prompt", ex.prompt)
+    table.add_row("emphasized", " / ".join(ex.emphasis))
+    for name, text in (("unsteered", plain), ("steered", steered)):
+        score = task.evaluate([text])
+        table.add_row(f"{name} ({', '.join(f'{k}={v:.0f}' for k, v in score.items())})", text)
+    console.print(table)
+    write_json({"recipe": recipe, "prompt": ex.prompt, "emphasis": list(ex.emphasis), "unsteered": plain,
+                "steered": steered}, f"{out}/steering.json")
 
 
 def _export(cm, out: str) -> None:

@@ -75,3 +75,23 @@ def test_backend_choice_reaches_the_compiled_model(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["compile", "--model", "tiny-llama", "--backend", "cuda"])
     assert e.value.code == 2 and "invalid choice: 'cuda'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_on_smollm2_writes_before_after_and_steering(tmp_path):
+    """`graphwright demo` (ONNX export is covered by tests/onnx/test_passes.py): the demo recipe
+    really shrinks the cache, and the steering example changes the output."""
+    assert main(["demo", "--out", str(tmp_path), "--max-new-tokens", "24", "--no-onnx"]) == 0
+    demo = json.loads((tmp_path / "demo.json").read_text())
+    assert demo["recipe"] == "lowrank_kv(keep=0.8) + h2o(heavy=0.25, recent=0.25)"
+    assert demo["after"]["new_tokens"] == 24 and demo["after"]["stats"]["kv_fraction"] < 0.6
+    steer = json.loads((tmp_path / "steering.json").read_text())
+    assert steer["emphasis"] and steer["emphasis"][0] in steer["prompt"]
+    assert steer["steered"] != steer["unsteered"]
+
+
+def test_missing_head_set_names_what_ships():
+    from graphwright.steer.headsets import headset_path
+
+    with pytest.raises(FileNotFoundError, match="shipped: .*smollm2-135m_json"):
+        headset_path("smollm2-135m", "nope")
