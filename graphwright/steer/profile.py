@@ -103,7 +103,8 @@ def profile_heads(model_or_cm, task, examples: int | None = None, mode: str = "c
                   out=None, tokenizer=None, chat: bool = True, progress: bool = True) -> dict:
     """Profile heads for ``task`` (a ``tasks.Task``); returns the head-set record (also written to ``out``).
 
-    ``mode``: ``"coarse_to_fine"`` (layers, then heads in the best ``top_layers``), ``"layers"``
+    ``mode``: ``"coarse_to_fine"`` (layers, then heads in the best ``top_layers``; when no single
+    head beats the unsteered baseline but the best layer does, that whole layer), ``"layers"``
     (whole layers only: the head set is the ``top_layers`` best layers) or ``"heads"`` (every
     single head, as the paper; L x H task runs).
     """
@@ -143,6 +144,13 @@ def profile_heads(model_or_cm, task, examples: int | None = None, mode: str = "c
             for k in ranked[:top_heads]:
                 layer, h = map(int, k.split("."))
                 best.setdefault(layer, []).append(h)
+            if mode == "coarse_to_fine" and ranked:
+                # the coarse stage found a layer that helps but no single head of it does (a small
+                # model often needs several heads at once): keep the whole layer, not arbitrary ties
+                base, top = _rank_key(task, record["baseline"]), ranked_layers[0]
+                if _rank_key(task, record["heads"][ranked[0]]) <= base < _rank_key(task, record["layers"][top]):
+                    best = {top: list(range(H))}
+                    record["whole_layer"] = top
         record["final"] = run(best)
     best = {layer: sorted(hs) for layer, hs in sorted(best.items())}
     settings = {"task": getattr(task, "name", type(task).__name__), "metric": task_metric(task, record["baseline"]), "examples": len(task.examples), "mode": mode,

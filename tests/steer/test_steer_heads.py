@@ -164,3 +164,19 @@ def test_task_without_evaluate_or_scorer_is_a_clear_error(tiny, cache):
         evaluate_task(NoScorer(), ["x"])
     with pytest.raises(ValueError, match="2 generations for 1 examples"):
         evaluate_task(VowelTask(user_examples(1, seed=0)), ["a", "b"])
+
+
+def test_coarse_to_fine_keeps_the_whole_layer_when_no_single_head_helps(tiny, cache, monkeypatch):
+    """Layer 1 steered as a whole helps, no single head does: the profile returns layer 1, not tied heads."""
+    import graphwright.steer.profile as profile
+
+    def fake_run_task(cm, task, heads=None, **kw):
+        score = 1.0 if heads == {1: [0, 1, 2, 3]} else 0.0
+        return {"vowel_frac": score}, []
+
+    monkeypatch.setattr(profile, "run_task", fake_run_task)
+    m, tok = tiny("tiny-llama"), toy_tokenizer()
+    res = profile_heads(gw.compile(m, tokenizer=tok), VowelTask(user_examples(2, seed=1)), mode="coarse_to_fine",
+                        top_layers=2, top_heads=2, progress=False)
+    assert res["heads"] == {1: [0, 1, 2, 3]} and res["scores"]["whole_layer"] == 1
+    assert res["scores"]["final"] == {"vowel_frac": 1.0}
