@@ -98,9 +98,9 @@ def _steering(model, tok, out: str) -> None:
 
     import json
 
-    heads = headset_path("smollm2-135m", "json")
+    heads = headset_path("smollm2-135m", "pronoun")
     alpha = json.loads(heads.read_text()).get("settings", {}).get("alpha", 0.01)  # the alpha it was profiled at
-    _, test = make_splits("json", 1, 4, seed=0)
+    _, test = make_splits("pronoun", 1, 4, seed=0)
     task = Task(test.name, test.examples[:1], test.scorer, test.metric)  # one held-out example
     ex = task.examples[0]
     recipe = f"steer(alpha={alpha}, heads='{heads}')"
@@ -108,7 +108,7 @@ def _steering(model, tok, out: str) -> None:
         cm = gw.compile(model, recipe=recipe, tokenizer=tok)
         plain = cm.generate_text(ex.prompt, max_new_tokens=48)
         steered = cm.generate_text(ex.prompt, emphasis=list(ex.emphasis), max_new_tokens=48)
-    table = Table(title=f"PASTA steering on smollm2-135m  (recipe: steer(alpha={alpha}, heads=<json task head set>))")
+    table = Table(title=f"PASTA steering on smollm2-135m  (recipe: steer(alpha={alpha}, heads=<pronoun task head set>))")
     table.add_column("")
     table.add_column("text", overflow="fold")
     table.add_row("prompt", ex.prompt)

@@ -93,5 +93,5 @@ def test_demo_on_smollm2_writes_before_after_and_steering(tmp_path):
 def test_missing_head_set_names_what_ships():
     from graphwright.steer.headsets import headset_path
 
-    with pytest.raises(FileNotFoundError, match="shipped: .*smollm2-135m_json"):
+    with pytest.raises(FileNotFoundError, match="shipped: .*smollm2-135m_json.*smollm2-135m_pronoun"):
         headset_path("smollm2-135m", "nope")
