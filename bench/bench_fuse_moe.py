@@ -35,13 +35,20 @@ def _timed(fn) -> float:
 
 
 def alternate(variants: dict, repeats: int, warmup: int = 1) -> dict:
-    """Median seconds per variant; every repeat runs every variant once, in turn."""
+    """Median seconds per variant; every repeat runs every variant once, in turn.
+
+    A variant is ``fn`` or ``(setup, fn)``: ``setup`` (e.g. switching transformers' experts
+    implementation) runs before each call and is not timed.
+    """
+    variants = {k: v if isinstance(v, tuple) else (lambda: None, v) for k, v in variants.items()}
     for _ in range(warmup):
-        for fn in variants.values():
+        for setup, fn in variants.values():
+            setup()
             fn()
     times = {k: [] for k in variants}
     for _ in range(repeats):
-        for k, fn in variants.items():
+        for k, (setup, fn) in variants.items():
+            setup()
             times[k].append(_timed(fn))
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -55,10 +62,8 @@ def set_experts(model, impl: str):
 
 
 def hf_variant(model, impl, fn):
-    def run():
-        set_experts(model, impl)
-        return fn()
-    return run
+    """(untimed setup that selects transformers' experts implementation, timed call)."""
+    return (lambda: set_experts(model, impl)), fn
 
 
 @torch.inference_mode()

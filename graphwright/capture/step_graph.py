@@ -19,11 +19,12 @@ class StateSpec:
 
     ``shape``: the tensor's shape with ``-1`` for the batch dimension and ``0`` for the
     sequence dimension (``seq_dim``) of an empty cache. ``kind`` is ``"positions"`` for
-    bookkeeping or ``"kv"`` for bytes that count as KV cache.
+    bookkeeping, ``"kv"`` for bytes that count as KV cache, or ``"summary"`` for statistics
+    derived from the cache (block_sparse's per-page key min / max / mean; ``seq_dim`` counts pages).
     """
 
     name: str
-    kind: str  # "positions" | "kv"
+    kind: str  # "positions" | "kv" | "summary"
     shape: tuple
     dtype: torch.dtype
     seq_dim: int

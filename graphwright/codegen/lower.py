@@ -16,6 +16,7 @@ from ..ops.fused_moe import FUSED_MOE, fused_moe_reference
 from ..ops.eviction import REFERENCES as EVICTION_REFERENCES
 from ..ops.latent_attention import LATENT_ATTENTION, latent_attention_reference
 from ..ops.block_sparse import BLOCK_SPARSE_ATTENTION, block_sparse_reference
+from ..ops.page_summary import PAGE_SUMMARY, page_summary_incremental, page_summary_reference
 from .torch.attention import attention_sdpa
 from .torch.latent_attention import latent_attention_sdpa
 from .torch.block_sparse import block_sparse_sdpa
@@ -25,11 +26,11 @@ from .triton import TRITON_OVERRIDES
 BACKEND_TABLES = {
     "reference": {ATTENTION: attention_reference, MOE_EXPERTS: moe_experts_reference,
                   LATENT_ATTENTION: latent_attention_reference, FUSED_MOE: fused_moe_reference,
-                  BLOCK_SPARSE_ATTENTION: block_sparse_reference,
+                  BLOCK_SPARSE_ATTENTION: block_sparse_reference, PAGE_SUMMARY: page_summary_reference,
                   **EVICTION_REFERENCES},
     "torch": {ATTENTION: attention_sdpa, MOE_EXPERTS: moe_experts_reference,
               LATENT_ATTENTION: latent_attention_sdpa,
-              BLOCK_SPARSE_ATTENTION: block_sparse_sdpa,
+              BLOCK_SPARSE_ATTENTION: block_sparse_sdpa, PAGE_SUMMARY: page_summary_incremental,
               # a dict = one implementation per node.meta["graphwright"]["impl"] (set by fuse_moe(impl=...))
               FUSED_MOE: {"auto": fused_moe_auto, "sorted": fused_moe_sorted, "triton": fused_moe_triton},
               **EVICTION_REFERENCES},

@@ -22,6 +22,12 @@ A step with T > 1 (prefill) is dense unless ``prefill`` is True (MoBA only; Ques
 prefill as in the paper). When a row has at most ``top_k`` candidate blocks every block is kept
 and the result equals dense causal attention (the exact setting: top_k >= number of blocks).
 The cache is unchanged: the saving is the keys and values read per decode step.
+
+Optional ``page_a`` / ``page_b`` are the page statistics kept as cache state by the
+``block_sparse`` pass (``graphwright.page_summary``; Quest: min and max, MoBA: mean in
+``page_a``), [B, Hk, >= ceil(S / block), D] fp32; they must equal the statistics of ``k`` (the
+pass guarantees it), so the result is the same as without them, and a decode step no longer
+reads every key to choose its blocks. Without them the statistics are recomputed from ``k``.
 """
 
 from __future__ import annotations
@@ -79,10 +85,12 @@ def num_blocks(k_pos: torch.Tensor, block: int) -> int:
     return int(k_pos.max().clamp(min=-1)) // block + 1 if k_pos.numel() else 0
 
 
-def select_blocks(q, k, q_pos, k_pos, block: int, top_k: int, mode: str):
+def select_blocks(q, k, q_pos, k_pos, block: int, top_k: int, mode: str, pages=None):
     """Kept blocks per (row, KV head, query): ``(top [B, Hk, T, kk] block ids, ok [B, Hk, T, kk], nb)``.
 
-    ``ok`` is False where fewer than ``kk = min(top_k, nb)`` blocks were candidates.
+    ``ok`` is False where fewer than ``kk = min(top_k, nb)`` blocks were candidates. ``pages``:
+    the page statistics kept as cache state (``graphwright.page_summary``: Quest ``(min, max)``,
+    MoBA ``(mean,)``, [B, Hk, >= nb, D]); None recomputes them from ``k``.
     """
     B, H, T, D = q.shape
     Hk = k.shape[1]
@@ -94,10 +102,13 @@ def select_blocks(q, k, q_pos, k_pos, block: int, top_k: int, mode: str):
     ar = torch.arange(nb, device=k.device)
     qblk = torch.where(q_pos >= 0, torch.div(q_pos, block, rounding_mode="floor"), torch.full_like(q_pos, nb))
     cand = present[:, None, :] & (ar <= qblk[..., None])  # [B, T, NB]: padding queries see every block
+    if pages is not None:
+        pages = [p[:, :, :nb] for p in pages]
     if mode == "quest":
-        score = quest_upper_bound(q, page_stats(k, k_pos, block, nb, "min"), page_stats(k, k_pos, block, nb, "max")).mean(2)
+        pmin, pmax = pages if pages is not None else (page_stats(k, k_pos, block, nb, s) for s in ("min", "max"))
+        score = quest_upper_bound(q, pmin, pmax).mean(2)
     elif mode == "moba":
-        mean = page_stats(k, k_pos, block, nb, "mean")
+        mean = pages[0] if pages is not None else page_stats(k, k_pos, block, nb, "mean")
         qg = q.float().view(B, Hk, H // Hk, T, D)
         score = torch.matmul(qg, mean[:, :, None].transpose(-1, -2)).mean(2)  # [B, Hk, T, NB]
         score = score.masked_fill((ar == qblk[..., None])[:, None], float("inf"))  # own block forced
@@ -122,7 +133,7 @@ def block_mask(q_pos, k_pos, top, ok, block: int) -> torch.Tensor:
     return visible_mask(q_pos, k_pos) & sel.gather(-1, idx)[:, :, None]
 
 
-def decode_columns(q, k, q_pos, k_pos, block: int, top_k: int, mode: str):
+def decode_columns(q, k, q_pos, k_pos, block: int, top_k: int, mode: str, pages=None):
     """The cache columns one decode query per KV head reads, for the gathering kernels.
 
     Returns ``"dense"`` (every candidate block is kept: plain causal attention), ``"reference"``
@@ -137,7 +148,7 @@ def decode_columns(q, k, q_pos, k_pos, block: int, top_k: int, mode: str):
     blk = block_ids(k_pos, block)  # [B, S], nondecreasing for the runtime's left-padded cache
     if bool((blk[:, 1:] < blk[:, :-1]).any()):
         return "reference"
-    top, ok, nb = select_blocks(q, k, q_pos, k_pos, block, top_k, mode)  # [B, Hk, 1, kk]
+    top, ok, nb = select_blocks(q, k, q_pos, k_pos, block, top_k, mode, pages)  # [B, Hk, 1, kk]
     if nb <= top_k:
         return "dense"
     kk = top.shape[-1]
@@ -151,14 +162,21 @@ def decode_columns(q, k, q_pos, k_pos, block: int, top_k: int, mode: str):
     return cols, inside.view(B, Hk, -1) & same & per_col(ok)
 
 
+def page_inputs(mode: str, page_a, page_b):
+    """The page-statistics state passed to the op, as ``select_blocks`` takes it (None: recompute)."""
+    if page_a is None:
+        return None
+    return (page_a, page_b) if mode == "quest" else (page_a,)
+
+
 def block_sparse_reference(q, k, v, q_pos, k_pos, scale: float, block: int, top_k: int, mode: str,
-                           prefill: bool = False) -> torch.Tensor:
+                           prefill: bool = False, page_a=None, page_b=None) -> torch.Tensor:
     """The definition (see module docstring): dense math under the kept-block mask, fp32 softmax."""
     B, H, T, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
     if T > 1 and not prefill:
         return attention_reference(q, k, v, q_pos, k_pos, scale)
-    top, ok, _ = select_blocks(q, k, q_pos, k_pos, block, top_k, mode)
+    top, ok, _ = select_blocks(q, k, q_pos, k_pos, block, top_k, mode, page_inputs(mode, page_a, page_b))
     mask = block_mask(q_pos, k_pos, top, ok, block)  # [B, Hk, 1, T, S]
     g = H // Hk
     qg = q.reshape(B, Hk, g * T, D).float()
@@ -168,7 +186,7 @@ def block_sparse_reference(q, k, v, q_pos, k_pos, scale: float, block: int, top_
     return torch.matmul(probs, v.float()).reshape(B, H, T, v.shape[-1]).to(v.dtype)
 
 
-def check_block_sparse_args(q, k, v, q_pos, k_pos, block, top_k, mode, prefill):
+def check_block_sparse_args(q, k, v, q_pos, k_pos, block, top_k, mode, prefill, page_a=None, page_b=None):
     from ..capture.ops import _check_attention_args
 
     _check_attention_args(q, k, v, q_pos, k_pos)
@@ -181,18 +199,28 @@ def check_block_sparse_args(q, k, v, q_pos, k_pos, block, top_k, mode, prefill):
         raise ValueError(f"block_sparse mode must be one of {MODES}; got {mode!r}")
     if prefill and mode != "moba":
         raise ValueError("sparse prefill is defined for mode='moba' only (Quest keeps full prefill)")
+    if (mode == "quest" and (page_a is None) != (page_b is None)) or (mode == "moba" and page_b is not None):
+        raise ValueError("page statistics: Quest takes page_a = min and page_b = max (both or neither), "
+                         "MoBA takes page_a = mean only")
+    pages_needed = -(-k.shape[2] // block)
+    for p in (page_a, page_b):
+        if p is not None and (p.dim() != 4 or p.shape[:2] != k.shape[:2] or p.shape[3] != k.shape[3]
+                              or p.shape[2] < pages_needed):
+            raise ValueError(f"page statistics must be [B, Hk, >= {pages_needed}, D] = [{k.shape[0]}, {k.shape[1]}, "
+                             f">= {pages_needed}, {k.shape[3]}]; got {list(p.shape)}")
 
 
 @torch.library.custom_op(f"{_LIB}::block_sparse_attention", mutates_args=())
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor,
-                           scale: float, block: int, top_k: int, mode: str, prefill: bool = False) -> torch.Tensor:
+                           scale: float, block: int, top_k: int, mode: str, prefill: bool = False,
+                           page_a: torch.Tensor | None = None, page_b: torch.Tensor | None = None) -> torch.Tensor:
     """Top-k block attention; the torch implementation is the reference."""
-    check_block_sparse_args(q, k, v, q_pos, k_pos, block, top_k, mode, prefill)
-    return block_sparse_reference(q, k, v, q_pos, k_pos, scale, block, top_k, mode, prefill)
+    check_block_sparse_args(q, k, v, q_pos, k_pos, block, top_k, mode, prefill, page_a, page_b)
+    return block_sparse_reference(q, k, v, q_pos, k_pos, scale, block, top_k, mode, prefill, page_a, page_b)
 
 
 @block_sparse_attention.register_fake
-def _(q, k, v, q_pos, k_pos, scale, block, top_k, mode, prefill=False):
+def _(q, k, v, q_pos, k_pos, scale, block, top_k, mode, prefill=False, page_a=None, page_b=None):
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[-1]), dtype=v.dtype)
 
 

@@ -8,25 +8,38 @@ heads and blocks are chosen per KV head. Keys are never dropped from the cache; 
 the keys/values read and the softmax width per decode step.
 
 Graph change. Every ``graphwright.attention`` node of a layer not in ``dense_layers`` becomes
-``graphwright.block_sparse_attention(q, k, v, q_pos, k_pos, scale, block, top_k, mode, prefill)``
-(same leading arguments: one node kind for the variant; backends pick their kernel from the
-arguments). KV state is unchanged.
+``graphwright.block_sparse_attention(q, k, v, q_pos, k_pos, scale, block, top_k, mode, prefill,
+page_a, page_b)`` (same leading arguments: one node kind for the variant; backends pick their
+kernel from the arguments). The K/V cache is unchanged; each sparse layer gains page-summary
+state, as in Quest: ``page_min{L}`` and ``page_max{L}`` (MoBA: ``page_mean{L}``), [B, Hk, pages,
+D] fp32, updated by a ``graphwright.page_summary`` node per statistic (a decode step recomputes
+only its token's page), so choosing blocks reads 2/block (MoBA 1/block) of the key bytes instead
+of every key. That state costs 2 x D fp32 per page and KV head (Quest, block 64, fp32 cache:
+1/64 of the K/V bytes).
 
 Arguments: ``block`` (64), ``top_k`` (8), ``mode`` (``quest`` | ``moba``), ``dense_layers``
 ([0, 1]: Quest keeps the first two layers dense), ``prefill`` (False; True sparsifies prefill
 too, MoBA only). Exact setting: ``top_k >= number of blocks`` (ceil(length / block)).
 Invariants tested (``tests/passes/test_block_sparse.py``): top_k >= blocks gives identity logits
 and greedy tokens in both modes; the op equals a naive per-query loop on random inputs; the
-torch gather kernel equals the reference; U >= the true max score of every page; bad arguments
-raise RecipeError.
+torch gather kernel equals the reference; U >= the true max score of every page; the page state
+after prefill and decode steps equals the statistics of the whole cache, and generation with it
+equals the op recomputing them; bad arguments raise RecipeError.
 """
 
 from __future__ import annotations
 
+import torch
+
 from ..capture.ops import ATTENTION
+from ..capture.step_graph import StateSpec
 from ..errors import RecipeError
 from ..ops.block_sparse import BLOCK_SPARSE_ATTENTION, MODES
+from ..ops.page_summary import PAGE_SUMMARY
 from .base import Arg, Pass, PassContext, register_pass
+from .eviction_common import StateEditor
+
+PAGE_STATS = {"quest": ("min", "max"), "moba": ("mean",)}
 
 
 def _arg(node, i, name, default=None):
@@ -68,6 +81,8 @@ class BlockSparse(Pass):
                 raise RecipeError(f"block_sparse: dense_layers entry {layer!r} is out of range (layers 0..{n_layers - 1})")
         dense = set(self.dense_layers)
         graph = sg.gm.graph
+        ed = StateEditor(sg)
+        hk, d = sg.info.num_kv_heads, sg.info.head_dim
         per_layer, done = {}, 0
         for node in sg.nodes(ATTENTION):
             meta = node.meta.setdefault("graphwright", {})
@@ -76,9 +91,19 @@ class BlockSparse(Pass):
                 per_layer[layer] = {"mode": "dense"}
                 continue
             q, k, v, q_pos, k_pos, scale = node.args[:6]
+            pages = []
+            for stat in PAGE_STATS[self.mode]:
+                name = f"page_{stat}{layer}"
+                prev = ed.add(StateSpec(name, "summary", (-1, hk, 0, d), torch.float32, seq_dim=2, layer=layer))
+                with graph.inserting_before(node):
+                    pages.append(graph.call_function(PAGE_SUMMARY, (k, k_pos, q_pos, prev, self.block, stat)))
+                pages[-1].meta["graphwright"] = {"op": "page_summary", "layer": layer, "module": meta.get("module"),
+                                                 "variant": f"block_sparse:{self.mode}"}
+                ed.set_output(name, pages[-1])
+            pages += [None] * (2 - len(pages))
             with graph.inserting_before(node):
                 new = graph.call_function(BLOCK_SPARSE_ATTENTION, (q, k, v, q_pos, k_pos, scale, self.block, self.top_k,
-                                                                   self.mode, self.prefill))
+                                                                   self.mode, self.prefill, *pages))
             new.meta.update({key: val for key, val in node.meta.items() if key != "graphwright"})
             # op stays "attention" (the layer's attention, for reports); the variant names the kind
             new.meta["graphwright"] = {**meta, "op": "attention", "variant": f"block_sparse:{self.mode}"}
@@ -88,13 +113,15 @@ class BlockSparse(Pass):
             done += 1
         if done == 0:
             raise RecipeError(f"block_sparse: dense_layers={sorted(dense)} leaves no layer to sparsify (layers 0..{n_layers - 1})")
+        ed.commit()
         graph.lint()
         sg.gm.recompile()
         sg.notes["block_sparse"] = {
             "per_layer": dict(sorted(per_layer.items())),
             "counts": {"layers_sparse": done, "layers_dense": len(per_layer) - done},
             "settings": {"block": self.block, "top_k": self.top_k, "mode": self.mode, "prefill": self.prefill,
-                         "keys_attended_per_step": self.block * self.top_k},
+                         "keys_attended_per_step": self.block * self.top_k,
+                         "page_state": [f"page_{stat}" for stat in PAGE_STATS[self.mode]]},
             "show": ["mode", "top_k"],
         }
         return sg

@@ -151,6 +151,7 @@ class Runtime:
             "kv_fraction": kv / dense if dense else 0.0,
             "kv_peak_bytes": peak,
             "kv_index_bytes": state_bytes(state, self.specs, "positions"),
+            "kv_summary_bytes": state_bytes(state, self.specs, "summary"),
             "kept_tokens_per_head": [k.tolist() if k is not None else None for k in kept],
             "kept_fraction": (sum(float(k.sum()) for k in known) / (len(known) * float(real.sum()) * self.info.num_kv_heads)
                               if known else None),

@@ -168,3 +168,63 @@ def test_exact_settings_on_smollm2():
     # the rewrite covers every layer but the two dense ones (Quest keeps layers 0-1 dense)
     sparse = apply(base, "block_sparse(block=32, top_k=2, mode='quest')")
     assert sum(n.target is BLOCK_SPARSE_ATTENTION for n in sparse.graph.graph.nodes) == 28
+
+
+@pytest.mark.parametrize("stat", ["min", "max", "mean"])
+def test_page_summary_update_equals_recompute(stat):
+    """The incremental page update (one page per decode step) equals recomputing every page, with
+    left padding and pages that straddle the prefill / decode boundary."""
+    from graphwright.ops.page_summary import page_summary_incremental, page_summary_reference
+
+    g = torch.Generator().manual_seed(3)
+    B, Hk, D, block = 2, 3, 8, 5
+    pad = torch.tensor([0, 4])
+    T0 = 13
+    k = torch.randn(B, Hk, T0, D, generator=g)
+    k_pos = (torch.arange(T0)[None] - pad[:, None]).clamp(min=-1)
+    prev = torch.zeros(B, Hk, 0, D)
+    q_pos = k_pos
+    for step in range(12):
+        got = page_summary_incremental(k, k_pos, q_pos, prev, block, stat)
+        want = page_summary_reference(k, k_pos, q_pos, prev, block, stat)
+        assert got.shape == (B, Hk, -(-k.shape[2] // block), D)
+        if stat == "mean":
+            assert torch.allclose(got, want, atol=1e-6)
+        else:
+            assert torch.equal(got, want)
+        prev = got
+        q_pos = k_pos[:, -1:] + 1
+        k = torch.cat([k, torch.randn(B, Hk, 1, D, generator=g)], 2)
+        k_pos = torch.cat([k_pos, q_pos], 1)
+
+
+@pytest.mark.parametrize("mode", ["quest", "moba"])
+def test_page_state_gives_the_same_attention(mode):
+    """Passing the page statistics (as the pass does) equals recomputing them inside the op."""
+    g = torch.Generator().manual_seed(4)
+    B, H, Hk, S, D, block = 2, 4, 2, 37, 8, 4
+    q = torch.randn(B, H, 1, D, generator=g)
+    k, v = torch.randn(B, Hk, S, D, generator=g), torch.randn(B, Hk, S, D, generator=g)
+    k_pos = (torch.arange(S)[None] - torch.tensor([[0], [6]])).clamp(min=-1)
+    q_pos = k_pos[:, -1:]
+    stats = [page_stats(k, k_pos, block, -(-S // block), s) for s in (("min", "max") if mode == "quest" else ("mean",))]
+    stats += [None] * (2 - len(stats))
+    want = block_sparse_attention(q, k, v, q_pos, k_pos, 0.3, block, 3, mode)
+    assert torch.equal(block_sparse_attention(q, k, v, q_pos, k_pos, 0.3, block, 3, mode, False, *stats), want)
+    assert torch.allclose(block_sparse_sdpa(q, k, v, q_pos, k_pos, 0.3, block, 3, mode, False, *stats), want, atol=1e-5)
+    with pytest.raises(ValueError, match="page statistics"):
+        block_sparse_attention(q, k, v, q_pos, k_pos, 0.3, block, 3, mode, False, stats[0][:, :, :2], stats[1])
+
+
+def test_pass_keeps_page_state(compiled_tiny):
+    """Quest layers carry page_min / page_max state ([B, Hk, pages, D] fp32); dense layers none."""
+    base = compiled_tiny("tiny-llama")
+    cm = apply(base, "block_sparse(block=4, top_k=2, dense_layers=[0])")
+    names = [s.name for s in cm.step_graph.state if s.kind == "summary"]
+    sparse = cm.step_graph.notes["block_sparse"]["counts"]["layers_sparse"]
+    assert len(names) == 2 * sparse and "page_min0" not in names and {"page_min1", "page_max1"} <= set(names)
+    ids, mask = left_padded_batch(256, LENGTHS, seed=1)
+    cm.generate(ids, max_new_tokens=6, attention_mask=mask, eos_token_id=[])
+    info = cm.info
+    S = ids.shape[1] + 5  # the last token is sampled, not fed back
+    assert cm.last_stats["kv_summary_bytes"] == 2 * sparse * 2 * info.num_kv_heads * -(-S // 4) * info.head_dim * 4

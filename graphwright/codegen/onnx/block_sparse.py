@@ -6,9 +6,11 @@ The kept-block selection is built in the graph from positions and keys, as the r
 * block ids = k_pos // block (-1 for padding); ``onehot`` [B, S, NB] maps keys to blocks, NB
   taken at run time from the largest position (``Range``);
 * candidates: blocks that hold a key and start at or before the query's block;
-* Quest: page min / max of the keys by a masked ``ReduceMin`` / ``ReduceMax`` over the keys, the
-  bound U = sum_d max(q_d m_d, q_d M_d); MoBA: block mean keys by one MatMul with the one-hot map,
-  gate q . mean, own block forced; block scores averaged over each KV group's query heads;
+* Quest: page min / max of the keys (the page-summary state inputs the ``block_sparse`` pass
+  adds, see ``page_summary.py``; without them a masked ``ReduceMin`` / ``ReduceMax`` over the
+  keys), the bound U = sum_d max(q_d m_d, q_d M_d); MoBA: block mean keys (state input, or one
+  MatMul with the one-hot map), gate q . mean, own block forced; block scores averaged over each
+  KV group's query heads;
 * ``TopK`` with k = min(top_k, NB) at run time, the kept blocks mapped back to keys by a MatMul
   with the one-hot map, intersected with the causal mask.
 
@@ -29,22 +31,32 @@ from .translations import FLOAT, MASKED, register
 INF = float("inf")
 
 
-def _block_scores(q32, k32, onehot, oh_f, qblk, ar, num_kv: int, g: int, head_dim: int, mode: str):
-    """[B, Hk, T, NB] block scores, before the candidate mask."""
+def _block_scores(q32, k32, onehot, oh_f, qblk, ar, nb, num_kv: int, g: int, head_dim: int, mode: str, pages):
+    """[B, Hk, T, NB] block scores, before the candidate mask. ``pages``: the page-summary state
+    inputs (Quest min, max; MoBA mean) or None to compute them here from the keys."""
     qg = op.Reshape(q32, op.Constant(value_ints=[0, num_kv, g, -1, head_dim]))  # [B, Hk, g, T, D]
+    if pages is not None:
+        nb1 = op.Reshape(nb, op.Constant(value_ints=[1]))
+        pages = [op.Slice(p, op.Constant(value_ints=[0]), nb1, op.Constant(value_ints=[2])) for p in pages]  # [B, Hk, NB, D]
     if mode == "quest":
-        kx = op.Unsqueeze(k32, [3])  # [B, Hk, S, 1, D]
-        member = op.Unsqueeze(onehot, [1, 4])  # [B, 1, S, NB, 1]
-        pmin = op.ReduceMin(op.Where(member, kx, op.Constant(value_float=INF)), [2], keepdims=0)  # [B, Hk, NB, D]
-        pmax = op.ReduceMax(op.Where(member, kx, op.Constant(value_float=-INF)), [2], keepdims=0)
-        zero = op.Constant(value_float=0.0)
-        pmin, pmax = op.Where(op.IsInf(pmin), zero, pmin), op.Where(op.IsInf(pmax), zero, pmax)
+        if pages is not None:
+            pmin, pmax = pages
+        else:
+            kx = op.Unsqueeze(k32, [3])  # [B, Hk, S, 1, D]
+            member = op.Unsqueeze(onehot, [1, 4])  # [B, 1, S, NB, 1]
+            pmin = op.ReduceMin(op.Where(member, kx, op.Constant(value_float=INF)), [2], keepdims=0)  # [B, Hk, NB, D]
+            pmax = op.ReduceMax(op.Where(member, kx, op.Constant(value_float=-INF)), [2], keepdims=0)
+            zero = op.Constant(value_float=0.0)
+            pmin, pmax = op.Where(op.IsInf(pmin), zero, pmin), op.Where(op.IsInf(pmax), zero, pmax)
         qx = op.Unsqueeze(qg, [4])  # [B, Hk, g, T, 1, D]
         bound = op.Max(op.Mul(qx, op.Unsqueeze(pmin, [2, 3])), op.Mul(qx, op.Unsqueeze(pmax, [2, 3])))
         return op.ReduceMean(op.ReduceSum(bound, [5], keepdims=0), [2], keepdims=0)
-    counts = op.Unsqueeze(op.ReduceSum(oh_f, [1], keepdims=0), [1, 3])  # [B, 1, NB, 1]
-    sums = op.MatMul(op.Unsqueeze(op.Transpose(oh_f, perm=[0, 2, 1]), [1]), k32)  # [B, Hk, NB, D]
-    mean = op.Div(sums, op.Max(counts, op.Constant(value_float=1.0)))
+    if pages is not None:
+        mean = pages[0]
+    else:
+        counts = op.Unsqueeze(op.ReduceSum(oh_f, [1], keepdims=0), [1, 3])  # [B, 1, NB, 1]
+        sums = op.MatMul(op.Unsqueeze(op.Transpose(oh_f, perm=[0, 2, 1]), [1]), k32)  # [B, Hk, NB, D]
+        mean = op.Div(sums, op.Max(counts, op.Constant(value_float=1.0)))
     gate = op.MatMul(qg, op.Unsqueeze(op.Transpose(mean, perm=[0, 1, 3, 2]), [2]))  # [B, Hk, g, T, NB]
     score = op.ReduceMean(gate, [2], keepdims=0)
     own = op.Unsqueeze(op.Equal(op.Unsqueeze(qblk, [2]), ar), [1])  # [B, 1, T, NB]
@@ -53,7 +65,7 @@ def _block_scores(q32, k32, onehot, oh_f, qblk, ar, num_kv: int, g: int, head_di
 
 @register(BLOCK_SPARSE_ATTENTION)
 def block_sparse_attention(q, k, v, q_pos, k_pos, scale: float, block: int, top_k: int, mode: str,
-                           prefill: bool = False):
+                           prefill: bool = False, page_a=None, page_b=None):
     num_heads, num_kv, head_dim = q.shape[1], k.shape[1], q.shape[3]
     g = num_heads // num_kv
     zero, one, size = op.Constant(value_int=0), op.Constant(value_int=1), op.Constant(value_int=block)
@@ -67,7 +79,8 @@ def block_sparse_attention(q, k, v, q_pos, k_pos, scale: float, block: int, top_
     cand = op.And(op.Unsqueeze(present, [1]), op.LessOrEqual(ar, op.Unsqueeze(qblk, [2])))  # [B, T, NB]
 
     q32, k32, v32 = (op.Cast(t, to=FLOAT) for t in (q, k, v))
-    score = _block_scores(q32, k32, onehot, oh_f, qblk, ar, num_kv, g, head_dim, mode)
+    pages = None if page_a is None else ([page_a, page_b] if mode == "quest" else [page_a])
+    score = _block_scores(q32, k32, onehot, oh_f, qblk, ar, nb, num_kv, g, head_dim, mode, pages)
     score = op.Where(op.Unsqueeze(cand, [1]), score, op.Constant(value_float=-INF))
     kk = op.Min(op.Constant(value_ints=[top_k]), op.Reshape(nb, op.Constant(value_ints=[1])))
     val, idx = op.TopK(score, kk, axis=-1)  # [B, Hk, T, kk]

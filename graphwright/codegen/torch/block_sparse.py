@@ -3,27 +3,29 @@
 Same semantics as ``graphwright.ops.block_sparse.block_sparse_reference`` (tested against it).
 Decode (T = 1) gathers only the ``top_k * block`` keys and values of the kept blocks per KV head,
 so the softmax and the value reads shrink from S to at most top_k * block columns; block
-selection itself reads the page statistics of the whole cache (Quest: min/max; MoBA: mean), which
-are recomputed each step because the cache layout has no page-summary state yet. Prefill and
-any non-standard layout fall back to dense SDPA / the masked reference.
+selection reads the page statistics the ``block_sparse`` pass keeps as cache state
+(``graphwright.page_summary``: Quest min/max, MoBA mean; 1/block of the keys each), or recomputes
+them from the whole cache when the op is called without them. Prefill and any non-standard
+layout fall back to dense SDPA / the masked reference.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ...ops.block_sparse import block_sparse_reference, decode_columns
+from ...ops.block_sparse import block_sparse_reference, decode_columns, page_inputs
 from .attention import attention_sdpa
 
 
-def block_sparse_sdpa(q, k, v, q_pos, k_pos, scale, block, top_k, mode, prefill=False):
+def block_sparse_sdpa(q, k, v, q_pos, k_pos, scale, block, top_k, mode, prefill=False, page_a=None, page_b=None):
     B, H, T, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
     if T > 1 and not prefill:
         return attention_sdpa(q, k, v, q_pos, k_pos, scale)
-    plan = decode_columns(q, k, q_pos, k_pos, block, top_k, mode) if T == 1 else "reference"
+    pages = page_inputs(mode, page_a, page_b)
+    plan = decode_columns(q, k, q_pos, k_pos, block, top_k, mode, pages) if T == 1 else "reference"
     if plan == "reference":
-        return block_sparse_reference(q, k, v, q_pos, k_pos, scale, block, top_k, mode, prefill)
+        return block_sparse_reference(q, k, v, q_pos, k_pos, scale, block, top_k, mode, prefill, page_a, page_b)
     if plan == "dense":  # every candidate block is kept: plain causal attention
         return attention_sdpa(q, k, v, q_pos, k_pos, scale)
     cols, keep = plan

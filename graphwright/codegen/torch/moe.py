@@ -6,26 +6,30 @@ Dispatch (Tutel / vLLM fused_moe formulation, no capacity, no token dropped):
 2. Flatten the N x k (token, slot) pairs slot-major (p = slot * N + token, the order
    transformers' ``one_hot(...).permute(2, 1, 0)`` visits them) and stable-sort by expert, so
    each expert's rows are one contiguous slice in the same order as the reference loop.
-3. Gather the rows once ([N*k, d]), gate/up GEMM, act(gate) * up, down GEMM, per expert slice.
+3. Gather the rows once into an expert-grouped buffer, each group padded with zero rows to a
+   16-byte multiple, and run the grouped GEMMs *weight-stationary*: h^T = W_gate_up[e] @ X_e^T,
+   act(gate) * up, y^T = W_down[e] @ h^T.
 4. Multiply by the routing weight and cast to the hidden dtype once per product (as HF does),
    then one ``index_add_`` back in token order. ``index_add_`` adds the pairs sequentially in
    sorted (= ascending expert) order, which is the reference's per-token summation order too.
 
-Which grouped GEMM (measured on this 2-core CPU, torch 2.13, 1 thread, min of alternating
-repeats; SmolLM2-MoE layer d=576, I=1536, E=4, top-2 / a 64-expert top-4 layer d=512, I=256):
+Why weight-stationary (measured on this 2-core CPU, torch 2.13, 2 threads, 30 layers of
+SmolLM2-MoE expert weights so the weights stream from DRAM; d=576, I=1536, E=4, top-2):
 
-    N=512: reference loop 82 ms, per-expert slices 79, torch._grouped_mm 81, padded bmm 83
-    N=8:   9.1 / 8.9 / 8.1 / 8.7 ms          64 experts, N=16: 15.0 / 11.7 / 10.1 / 19.6 ms
-    N=1:   2.05 / 2.18 / 2.04 / 3.77 ms      64 experts, N=1:  1.44 / 0.85 / 0.81 / 11.4 ms
+    tokens   X @ W^T (transformers' orientation)   W @ X^T (this file)
+    N=1      1.83 ms / layer                        1.82 ms
+    N=8      5.85                                    4.01  (1.46x)
+    N=512    35.0                                    34.0
 
-At large N every variant is bound by the same GEMM FLOPs (~5.4 GFLOP per SmolLM2 layer), at
-small N by reading the hit experts' weights; the loop's cost is the per-expert Python and
-``nonzero`` overhead, which grows with E. ``torch._grouped_mm`` (one C++ call over all
-groups, empty groups free) is never worse and wins with many experts, so it is the default;
-padded bmm wastes FLOPs and memory on padding (E x max_count rows) and loses badly when the
-load is unbalanced. ``_grouped_mm`` wants 16-byte aligned strides/pointers; when a shape or
-buffer breaks that (odd hidden sizes, memory-mapped weights), per-expert matmuls on the
-contiguous slices compute the same thing.
+With few rows per expert, X @ W^T is a skinny GEMM whose long dimension is the weight's
+reduction axis, and the BLAS leaves most of the weight streaming to one core; W @ X^T makes the
+weight's output rows the long (threaded) dimension. Zero-padding each group to a 16-byte multiple
+is what ``torch._grouped_mm`` requires of the row strides, and keeps a one-token group off the
+single-threaded GEMV path. ``torch._grouped_mm`` (one C++ call over all groups, empty groups
+free) beats a Python loop over experts when E is large; when a shape or buffer breaks its
+alignment rule (odd hidden sizes, memory-mapped weights), per-expert matmuls on the same column
+slices compute the same thing. Results are allclose to the loop (fp32 1e-5), not bit-equal: the
+GEMMs sum in another order, as transformers' own eager and grouped_mm paths do.
 """
 
 from __future__ import annotations
@@ -46,18 +50,34 @@ def _aligned(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: list) -> torch.Tensor:
-    """Rows of ``x`` [S, in] grouped by expert (``counts`` rows each) times ``weight[e]`` [out, in]^T."""
-    w_t = weight.transpose(1, 2)  # [E, in, out] view, no copy: grouped_mm reads it strided
-    if hasattr(torch, "_grouped_mm") and x.dtype == weight.dtype and _aligned(x, w_t):
-        return torch._grouped_mm(x, w_t, offs=offsets)
-    out = x.new_empty((x.shape[0], weight.shape[1]))
+def _grouped_linear_t(weight: torch.Tensor, x_t: torch.Tensor, offsets: torch.Tensor, counts: list) -> torch.Tensor:
+    """``weight[e]`` [out, in] times the columns of ``x_t`` [in, P] grouped by expert: [out, P].
+
+    Weight-stationary orientation (W @ X^T): the GEMM's long dimension is the expert's output
+    features, so the BLAS threads split the weight rows, which is what a few-token decode needs
+    (X @ W^T with M = 1..16 rows leaves one core streaming the weights). Columns past the last
+    offset (alignment padding) are left undefined.
+    """
+    if hasattr(torch, "_grouped_mm") and x_t.dtype == weight.dtype and _aligned(weight, x_t):
+        return torch._grouped_mm(weight, x_t, offs=offsets)
+    out = x_t.new_empty((weight.shape[1], x_t.shape[1]))
     start = 0
     for e, c in enumerate(counts):
         if c:
-            torch.mm(x[start:start + c], w_t[e], out=out[start:start + c])
+            torch.mm(weight[e], x_t[:, start:start + c], out=out[:, start:start + c])
             start += c
     return out
+
+
+def _padded_groups(counts_t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Columns per expert group, each non-empty group rounded up to a multiple of 16 bytes' worth.
+
+    Every slice of a [*, P'] row-major buffer then starts 16-byte aligned (``_grouped_mm``'s
+    rule), and a group never has a single column: one column makes the BLAS pick its
+    single-threaded GEMV, several keep one-token decode on the multi-threaded GEMM.
+    """
+    per16 = max(2, 16 // torch.tensor([], dtype=dtype).element_size())
+    return (counts_t + per16 - 1) // per16 * per16
 
 
 def moe_experts_sorted(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
@@ -74,13 +94,19 @@ def moe_experts_sorted(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_we
     token = order % N
     slot = order // N
     counts_t = torch.bincount(expert_sorted, minlength=E)
-    offsets = torch.cumsum(counts_t, 0, dtype=torch.int32)
-    counts = counts_t.tolist()  # one host sync (free on CPU); only the fallback loop needs it
+    # column of each sorted pair in the padded, expert-grouped layout (zero columns fill the padding)
+    padded = _padded_groups(counts_t, hidden.dtype)
+    offsets = torch.cumsum(padded, 0, dtype=torch.int32)
+    rank = torch.arange(N * k, device=hidden.device) - (torch.cumsum(counts_t, 0) - counts_t)[expert_sorted]
+    col = (offsets - padded)[expert_sorted] + rank
+    counts = padded.tolist()  # one host sync (free on CPU); sizes the buffer and the fallback loop
 
-    x = hidden.index_select(0, token)  # [N*k, d], contiguous, grouped by expert
-    gate_up = _grouped_linear(x, gate_up_proj, offsets, counts)  # [N*k, 2I]: gate rows first, then up
-    h = _act(act, gate_up[:, :inter]) * gate_up[:, inter:]  # [N*k, I] contiguous (grouped_mm input)
-    y = _grouped_linear(h, down_proj, offsets, counts)  # [N*k, d]
+    x = hidden.new_zeros((sum(counts), hidden.shape[1]))
+    x.index_copy_(0, col, hidden.index_select(0, token))  # [P', d] grouped by expert
+    gate_up_t = _grouped_linear_t(gate_up_proj, x.t(), offsets, counts)  # [2I, P']: gate rows first, then up
+    h_t = _act(act, gate_up_t[:inter]) * gate_up_t[inter:]  # [I, P'] row-major
+    y_t = _grouped_linear_t(down_proj, h_t, offsets, counts)  # [d, P']
+    y = y_t.t().index_select(0, col)  # [P, d] in sorted-pair order, contiguous
     # HF: (y * w[t, slot]) in the promoted dtype (fp32 weights for Mixtral), cast once per product
     y = y * top_k_weights[token, slot, None]
     out.index_add_(0, token, y.to(out.dtype))

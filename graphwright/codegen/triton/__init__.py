@@ -34,11 +34,11 @@ def latent_attention_triton(q, c_k, c_v, k_up, k_bias, v_up, v_bias, q_pos, k_po
     return impl(q, c_k, c_v, k_up, k_bias, v_up, v_bias, q_pos, k_pos, inv_freq, rope_scaling, scale, window)
 
 
-def block_sparse_triton(q, k, v, q_pos, k_pos, scale, block, top_k, mode, prefill=False):
+def block_sparse_triton(q, k, v, q_pos, k_pos, scale, block, top_k, mode, prefill=False, page_a=None, page_b=None):
     _check_device(q)
     from .block_sparse import block_sparse_triton as impl
 
-    return impl(q, k, v, q_pos, k_pos, scale, block, top_k, mode, prefill)
+    return impl(q, k, v, q_pos, k_pos, scale, block, top_k, mode, prefill, page_a, page_b)
 
 
 def moe_experts_triton(hidden, top_k_index, top_k_weights, gate_up_proj, down_proj, act):
