@@ -10,8 +10,9 @@ graph) and runs the same cases in one process, so the numbers sit side by side:
   last ``ppl_decode`` tokens through decode steps, where Quest / MoBA sparsity acts (their prefill
   is dense). GemFilter changes generation only, so it has no perplexity here.
 * Attention time per decode step: the torch-backend attention op of every layer at the model's
-  shapes with ``--length`` cached keys (median of ``--op-repeats`` calls), summed over layers
-  (dense layers stay dense), as a ratio to dense; plus the end-to-end decode tokens/s, prefill
+  shapes with ``--length`` cached keys (median of ``--op-repeats`` calls; Quest / MoBA include
+  their page-summary state update), summed over layers (dense layers stay dense), as a ratio to
+  dense; plus the end-to-end decode tokens/s, prefill
   seconds and KV bytes of the last NIAH case.
 """
 
@@ -33,6 +34,8 @@ from graphwright.codegen.torch.block_sparse import block_sparse_sdpa
 from graphwright.compiled import CompiledModel
 from graphwright.eval.niah import needle_grid, run_niah
 from graphwright.eval.perplexity import perplexity
+from graphwright.ops.block_sparse import page_stats
+from graphwright.ops.page_summary import page_summary_incremental
 from graphwright.passes.pipeline import run_recipe
 
 VARIANTS = {
@@ -57,7 +60,13 @@ def op_time(fn, args, repeats: int) -> float:
 
 @torch.inference_mode()
 def attention_step_seconds(info, length: int, repeats: int) -> dict:
-    """Per-layer op time at decode with ``length`` cached keys, for each variant's attention call."""
+    """Per-layer op time at decode with ``length`` cached keys, for each variant's attention call.
+
+    Quest / MoBA run as the ``block_sparse`` pass lowers them: the page-summary update of the
+    step (``page_summary_incremental``, once per kept statistic) plus the attention op reading
+    those summaries; ``*_recompute`` rows time the op recomputing the statistics from every key
+    instead (no page state), for comparison.
+    """
     g = torch.Generator().manual_seed(0)
     H, Hk, D = info.num_heads, info.num_kv_heads, info.head_dim
     q = torch.randn(1, H, 1, D, generator=g, dtype=info.dtype)
@@ -66,11 +75,24 @@ def attention_step_seconds(info, length: int, repeats: int) -> dict:
     k_pos = torch.arange(length)[None]
     q_pos = k_pos[:, -1:]
     s = 1 / math.sqrt(D)
+    pages = -(-length // 64)
+    stats = {stat: page_stats(k, k_pos, 64, pages, stat) for stat in ("min", "max", "mean")}
+
+    def sparse(mode):
+        names = ("min", "max") if mode == "quest" else ("mean",)
+
+        def step():
+            new = [page_summary_incremental(k, k_pos, q_pos, stats[n], 64, n) for n in names]
+            return block_sparse_sdpa(q, k, v, q_pos, k_pos, s, 64, 8, mode, False, *new)
+        return step
+
     return {
         "dense": op_time(attention_sdpa, (q, k, v, q_pos, k_pos, s), repeats),
         "window": op_time(attention_sdpa, (q, k, v, q_pos, k_pos, s, 256, None, 4), repeats),
-        "quest": op_time(block_sparse_sdpa, (q, k, v, q_pos, k_pos, s, 64, 8, "quest"), repeats),
-        "moba": op_time(block_sparse_sdpa, (q, k, v, q_pos, k_pos, s, 64, 8, "moba"), repeats),
+        "quest": op_time(sparse("quest"), (), repeats),
+        "moba": op_time(sparse("moba"), (), repeats),
+        "quest_recompute": op_time(block_sparse_sdpa, (q, k, v, q_pos, k_pos, s, 64, 8, "quest"), repeats),
+        "moba_recompute": op_time(block_sparse_sdpa, (q, k, v, q_pos, k_pos, s, 64, 8, "moba"), repeats),
     }
 
 
@@ -101,9 +123,9 @@ def main(argv=None):
     op = attention_step_seconds(info, args.length, args.op_repeats)
     L = info.num_layers
     if args.ops_only:
-        step = {n: op[n] * (L - 2) + op["dense"] * 2 if n in ("quest", "moba") else op[n] * L for n in op}
+        step = {n: op[n] * (L - 2) + op["dense"] * 2 if n.startswith(("quest", "moba")) else op[n] * L for n in op}
         for n in op:
-            print(f"{n:8} {op[n] * 1e3:7.3f} ms/layer  {step[n] * 1e3:7.2f} ms/step  x{step[n] / step['dense']:.2f} vs dense")
+            print(f"{n:16} {op[n] * 1e3:7.3f} ms/layer  {step[n] * 1e3:7.2f} ms/step  x{step[n] / step['dense']:.2f} vs dense")
         return
     rows = []
     for name in args.variants:

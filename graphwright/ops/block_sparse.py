@@ -133,6 +133,32 @@ def block_mask(q_pos, k_pos, top, ok, block: int) -> torch.Tensor:
     return visible_mask(q_pos, k_pos) & sel.gather(-1, idx)[:, :, None]
 
 
+def _aligned_decode(q, k, q_pos, k_pos, block: int, top_k: int, mode: str, pages):
+    """``decode_columns`` for the common layout, in a few ops: no padding (column j holds position
+    j in every row) and the query is the newest key. Blocks are then column slices, every block
+    is a candidate, and the query's own block is the last one. None when the layout differs."""
+    S = k.shape[2]
+    if not _aligned(k_pos) or not bool((q_pos == S - 1).all()):
+        return None
+    nb = -(-S // block)
+    if nb <= top_k:
+        return "dense"
+    B, H, _, D = q.shape
+    Hk = k.shape[1]
+    if pages is None:
+        pages = tuple(page_stats(k, k_pos, block, nb, s) for s in (("min", "max") if mode == "quest" else ("mean",)))
+    pages = [p[:, :, :nb] for p in pages]
+    if mode == "quest":
+        score = quest_upper_bound(q, *pages).mean(2)[:, :, 0]  # [B, Hk, NB]
+    else:
+        score = torch.matmul(q.float().view(B, Hk, H // Hk, D), pages[0].transpose(-1, -2)).mean(2)
+        score[..., nb - 1] = float("inf")  # own block forced
+    top = score.topk(top_k, dim=-1).indices  # [B, Hk, top_k]
+    cols = (top[..., None] * block + torch.arange(block, device=q.device)).view(B, Hk, top_k * block)
+    keep = cols < S  # only the last (partial) block can run past the cache
+    return cols.clamp_(max=S - 1), keep
+
+
 def decode_columns(q, k, q_pos, k_pos, block: int, top_k: int, mode: str, pages=None):
     """The cache columns one decode query per KV head reads, for the gathering kernels.
 
@@ -145,6 +171,9 @@ def decode_columns(q, k, q_pos, k_pos, block: int, top_k: int, mode: str, pages=
     B, Hk, S = k.shape[0], k.shape[1], k.shape[2]
     if q.shape[2] != 1 or k_pos.dim() != 2:
         return "reference"
+    fast = _aligned_decode(q, k, q_pos, k_pos, block, top_k, mode, pages)
+    if fast is not None:
+        return fast
     blk = block_ids(k_pos, block)  # [B, S], nondecreasing for the runtime's left-padded cache
     if bool((blk[:, 1:] < blk[:, :-1]).any()):
         return "reference"

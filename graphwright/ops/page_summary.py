@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .block_sparse import block_ids, page_stats
+from .block_sparse import _aligned, block_ids, page_stats
 
 STATS = ("min", "max", "mean")
 
@@ -66,6 +66,10 @@ def page_summary_incremental(k, k_pos, q_pos, prev, block: int, stat: str) -> to
         return page_summary_reference(k, k_pos, q_pos, prev, block, stat)
     out = prev if prev.shape[2] == n else torch.cat([prev, prev.new_zeros(B, Hk, n - prev.shape[2], D)], 2)
     out = out.clone() if out is prev else out
+    if _aligned(k_pos) and bool((q_pos == S - 1).all()):  # no padding: the page is the cache's last columns
+        tail = k[:, :, (n - 1) * block:].float()
+        out[:, :, n - 1] = {"min": tail.amin, "max": tail.amax, "mean": tail.mean}[stat](2)
+        return out
     page, val = _tail_page(k, k_pos, q_pos, block, stat)
     out.scatter_(2, page.view(B, 1, 1, 1).expand(B, Hk, 1, D), val[:, :, None])
     return out

@@ -170,15 +170,16 @@ def test_exact_settings_on_smollm2():
     assert sum(n.target is BLOCK_SPARSE_ATTENTION for n in sparse.graph.graph.nodes) == 28
 
 
+@pytest.mark.parametrize("pads", [[0, 4], [0, 0]], ids=["left-padded", "aligned"])
 @pytest.mark.parametrize("stat", ["min", "max", "mean"])
-def test_page_summary_update_equals_recompute(stat):
+def test_page_summary_update_equals_recompute(stat, pads):
     """The incremental page update (one page per decode step) equals recomputing every page, with
-    left padding and pages that straddle the prefill / decode boundary."""
+    and without left padding (the no-padding fast path), pages straddling prefill and decode."""
     from graphwright.ops.page_summary import page_summary_incremental, page_summary_reference
 
     g = torch.Generator().manual_seed(3)
     B, Hk, D, block = 2, 3, 8, 5
-    pad = torch.tensor([0, 4])
+    pad = torch.tensor(pads)
     T0 = 13
     k = torch.randn(B, Hk, T0, D, generator=g)
     k_pos = (torch.arange(T0)[None] - pad[:, None]).clamp(min=-1)
@@ -228,3 +229,17 @@ def test_pass_keeps_page_state(compiled_tiny):
     info = cm.info
     S = ids.shape[1] + 5  # the last token is sampled, not fed back
     assert cm.last_stats["kv_summary_bytes"] == 2 * sparse * 2 * info.num_kv_heads * -(-S // 4) * info.head_dim * 4
+
+
+@pytest.mark.parametrize("mode", ["quest", "moba"])
+@pytest.mark.parametrize("S", [64, 70], ids=["whole-blocks", "partial-last-block"])
+def test_gather_kernel_without_padding_equals_reference(mode, S):
+    """The no-padding decode fast path (blocks are column slices) equals the reference."""
+    g = torch.Generator().manual_seed(S)
+    B, H, Hk, D, block = 2, 6, 3, 8, 8
+    q = torch.randn(B, H, 1, D, generator=g)
+    k, v = torch.randn(B, Hk, S, D, generator=g), torch.randn(B, Hk, S, D, generator=g)
+    k_pos = torch.arange(S)[None].expand(B, S)
+    q_pos = k_pos[:, -1:]
+    want = block_sparse_attention(q, k, v, q_pos, k_pos, 0.4, block, 3, mode)
+    assert torch.allclose(block_sparse_sdpa(q, k, v, q_pos, k_pos, 0.4, block, 3, mode), want, atol=1e-5)
