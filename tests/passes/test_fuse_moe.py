@@ -147,6 +147,24 @@ def test_padded_expert_groups(d):
     assert _padded_groups(torch.tensor([1, 9, 0]), torch.float16).tolist() == [8, 16, 0]
 
 
+@pytest.mark.parametrize("d", [32, 33], ids=["split-bmm", "odd-rows"])
+@pytest.mark.parametrize("n", [1, 2])
+def test_skinny_decode_path(d, n):
+    """<= 2 tokens per expert: each hit expert's weights go through split bmm (row chunks on
+    parallel threads; plain matmul when the rows do not split evenly). Equal to the loop."""
+    import graphwright.codegen.torch.moe as moe
+
+    g = torch.Generator().manual_seed(n)
+    gate_up, down = torch.randn(5, 48, d, generator=g) * 0.2, torch.randn(5, d, 24, generator=g) * 0.2
+    hidden = torch.randn(n, d, generator=g)
+    idx = torch.tensor([[3, 1], [1, 0]])[:n]
+    w = torch.rand(n, 2, generator=g)
+    assert int(torch.bincount(idx.flatten()).max()) <= moe.SKINNY_MAX_ROWS
+    got = moe_experts_sorted(hidden, idx, w, gate_up, down, "silu")
+    assert torch.allclose(got, moe_experts_reference(hidden, idx, w, gate_up, down, "silu"), atol=1e-5)
+    assert moe._split_matmul(gate_up[0], hidden.t()).shape == (48, n)
+
+
 def test_decode_single_token_and_empty_batch():
     gate_up, down = _weights()
     rw = torch.randn(6, 32, generator=torch.Generator().manual_seed(5))
