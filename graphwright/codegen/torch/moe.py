@@ -6,30 +6,40 @@ Dispatch (Tutel / vLLM fused_moe formulation, no capacity, no token dropped):
 2. Flatten the N x k (token, slot) pairs slot-major (p = slot * N + token, the order
    transformers' ``one_hot(...).permute(2, 1, 0)`` visits them) and stable-sort by expert, so
    each expert's rows are one contiguous slice in the same order as the reference loop.
-3. Gather the rows once into an expert-grouped buffer, each group padded with zero rows to a
-   16-byte multiple, and run the grouped GEMMs *weight-stationary*: h^T = W_gate_up[e] @ X_e^T,
-   act(gate) * up, y^T = W_down[e] @ h^T.
+3. Gather the rows once, grouped by expert, and run the experts by the regime the size puts
+   them in (all three read each hit expert's weights once and never touch an empty expert):
+
+   * one token per hit expert (decode at batch 1): per expert, gate/up and down as split
+     matrix-vector products (``_split_matvec``: the weight viewed as 4 row chunks, one bmm);
+   * fewer than ``ROW_MAJOR_MIN_PAIRS`` (token, expert) pairs: weight-stationary grouped GEMMs,
+     h^T = W_gate_up[e] @ X_e^T, act(gate) * up, y^T = W_down[e] @ h^T, each group zero-padded
+     to a 16-byte multiple of columns (``torch._grouped_mm``'s alignment rule);
+   * more (prefill): transformers' orientation X_e @ W[e]^T as one grouped GEMM per projection.
 4. Multiply by the routing weight and cast to the hidden dtype once per product (as HF does),
    then one ``index_add_`` back in token order. ``index_add_`` adds the pairs sequentially in
    sorted (= ascending expert) order, which is the reference's per-token summation order too.
 
-Why weight-stationary (measured on this 2-core CPU, torch 2.13, 2 threads, 30 layers of
-SmolLM2-MoE expert weights so the weights stream from DRAM; d=576, I=1536, E=4, top-2):
+Why three regimes (measured on this 2-core CPU, torch 2.13 + MKL, 2 threads, 30 layers of
+SmolLM2-MoE expert weights so they stream from DRAM; d=576, I=1536, E=4, top-2; ms per layer,
+best of 5; "loop-like" is X @ W^T per expert group, what transformers computes):
 
-    tokens   X @ W^T (transformers' orientation)   W @ X^T (this file)
-    N=1      1.83 ms / layer                        1.82 ms
-    N=8      5.85                                    4.01  (1.46x)
-    N=512    35.0                                    34.0
+    tokens   loop-like   weight-stationary   this file
+    N=1      1.81        (1.65)              0.81  (split matvec; 2.2x)
+    N=8      5.18        3.30                3.30  (1.6x)
+    N=64     10.5        8.4                 8.4
+    N=512    39.4        40.3                ~39   (row-major: compute-bound, same GEMM FLOPs)
 
-With few rows per expert, X @ W^T is a skinny GEMM whose long dimension is the weight's
-reduction axis, and the BLAS leaves most of the weight streaming to one core; W @ X^T makes the
-weight's output rows the long (threaded) dimension. Zero-padding each group to a 16-byte multiple
-is what ``torch._grouped_mm`` requires of the row strides, and keeps a one-token group off the
-single-threaded GEMV path. ``torch._grouped_mm`` (one C++ call over all groups, empty groups
-free) beats a Python loop over experts when E is large; when a shape or buffer breaks its
-alignment rule (odd hidden sizes, memory-mapped weights), per-expert matmuls on the same column
-slices compute the same thing. Results are allclose to the loop (fp32 1e-5), not bit-equal: the
-GEMMs sum in another order, as transformers' own eager and grouped_mm paths do.
+At decode the cost is streaming the hit experts' weights (~10.6 MB each here). MKL runs a
+one-column product as a single-threaded GEMV (~11 GB/s); splitting the weight into row chunks
+of one batched GEMM uses both cores (~25-29 GB/s). With a few columns, X @ W^T is a skinny GEMM
+whose long dimension is the reduction axis, and W @ X^T with the right-hand side laid out
+transposed (strides (1, rows)) is MKL's fast layout for it (a contiguous [in, c] operand picks a
+kernel up to 4x slower, measured). From ~256 tokens the GEMMs are compute-bound and every
+orientation does the same FLOPs. ``torch._grouped_mm`` (one C++ call over all groups, empty
+groups free) beats a Python loop over experts when E is large; when a shape or buffer breaks its
+alignment rule (odd hidden sizes, memory-mapped weights), per-expert matmuls on the same slices
+compute the same thing. Results are allclose to the loop (fp32 1e-5), not bit-equal: the GEMMs
+sum in another order, as transformers' own eager and grouped_mm paths do.
 """
 
 from __future__ import annotations
@@ -48,6 +58,20 @@ def _aligned(*tensors: torch.Tensor) -> bool:
         if t.data_ptr() % 16 or any(s != 1 and (s * size) % 16 for s in t.stride()):
             return False
     return True
+
+
+def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: list) -> torch.Tensor:
+    """Rows of ``x`` [P, in] grouped by expert (``counts`` rows each) times ``weight[e]`` [out, in]^T."""
+    w_t = weight.transpose(1, 2)  # [E, in, out] view, no copy: grouped_mm reads it strided
+    if hasattr(torch, "_grouped_mm") and x.dtype == weight.dtype and _aligned(x, w_t):
+        return torch._grouped_mm(x, w_t, offs=offsets)
+    out = x.new_empty((x.shape[0], weight.shape[1]))
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            torch.mm(x[start:start + c], w_t[e], out=out[start:start + c])
+            start += c
+    return out
 
 
 def _grouped_linear_t(weight: torch.Tensor, x_t: torch.Tensor, offsets: torch.Tensor, counts: list) -> torch.Tensor:
@@ -80,39 +104,40 @@ def _padded_groups(counts_t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (counts_t + per16 - 1) // per16 * per16
 
 
-SKINNY_MAX_ROWS = 2  # tokens per expert at or below which decode streams weights through split bmm
+ROW_MAJOR_MIN_PAIRS = 512  # (token, expert) pairs from which the GEMMs are compute-bound (measured)
 SPLIT = 4  # weight row chunks: one bmm batch entry each, so the BLAS runs them on parallel threads
 
 
-def _split_matmul(weight: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
-    """``weight`` [out, in] @ ``x_t`` [in, c] for a few columns, streamed by several threads.
+def _split_matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``weight`` [out, in] @ ``x`` [in] -> [out], streamed by several threads.
 
-    A GEMM with one or two columns is a GEMV to the BLAS, which streams the whole weight from one
-    core (~11 GB/s here). Viewing the weight as ``SPLIT`` row chunks and running one batched GEMM
-    over them gives each thread its own chunk (~29 GB/s for one column on this 2-core CPU).
+    A one-column product is a GEMV to the BLAS, which streams the whole weight from one core
+    (~11 GB/s on this 2-core CPU). Viewing the weight as ``SPLIT`` row chunks and running one
+    batched GEMM over them gives each thread its own chunk (~25-29 GB/s). The vector goes in as a
+    [1, in] row seen transposed (strides (1, in)): given as a contiguous [in, 1] column instead,
+    MKL picks a kernel that is 4x slower (measured).
     """
     out_f, in_f = weight.shape
+    row = x.reshape(1, in_f)
+    if row.stride(1) != 1 or row.stride(0) != in_f:
+        row = torch.empty((1, in_f), dtype=x.dtype, device=x.device).copy_(row)
     if out_f % SPLIT:
-        return weight @ x_t
-    return torch.bmm(weight.view(SPLIT, out_f // SPLIT, in_f), x_t.expand(SPLIT, *x_t.shape)).view(out_f, x_t.shape[1])
+        return (weight @ row.t()).view(out_f)
+    return torch.bmm(weight.view(SPLIT, out_f // SPLIT, in_f), row.t().expand(SPLIT, in_f, 1)).view(out_f)
 
 
-def _skinny_experts(x: torch.Tensor, counts: list, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-                    act: str) -> torch.Tensor:
-    """Rows ``x`` [P, d] grouped by expert (``counts`` each, all small), through their experts: [P, d].
+def _single_token_experts(x: torch.Tensor, experts: list, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                          act: str) -> torch.Tensor:
+    """Decode with one token per hit expert: row i of ``x`` [P, d] through expert ``experts[i]``.
 
-    Decode path: every hit expert's weights are read once (the cost at this size), by split
-    GEMMs; experts without tokens are never touched.
+    The cost is reading each hit expert's weights once; experts without tokens are never touched.
     """
     inter = down_proj.shape[2]
     y = torch.empty_like(x)
-    start = 0
-    for e, c in enumerate(counts):
-        if c:
-            gate_up_t = _split_matmul(gate_up_proj[e], x[start:start + c].t())  # [2I, c]
-            h_t = _act(act, gate_up_t[:inter]) * gate_up_t[inter:]
-            y[start:start + c] = _split_matmul(down_proj[e], h_t).t()
-            start += c
+    for i, e in enumerate(experts):
+        gate_up = _split_matvec(gate_up_proj[e], x[i])  # [2I]
+        h = _act(act, gate_up[:inter]) * gate_up[inter:]
+        y[i] = _split_matvec(down_proj[e], h)
     return y
 
 
@@ -130,23 +155,41 @@ def moe_experts_sorted(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_we
     token = order % N
     slot = order // N
     counts_t = torch.bincount(expert_sorted, minlength=E)
-    if int(counts_t.max()) <= SKINNY_MAX_ROWS:  # decode: weight streaming dominates
-        y = _skinny_experts(hidden.index_select(0, token), counts_t.tolist(), gate_up_proj, down_proj, act)
-        return _combine(out, y, token, slot, top_k_weights)
-    # column of each sorted pair in the padded, expert-grouped layout (zero columns fill the padding)
-    padded = _padded_groups(counts_t, hidden.dtype)
-    offsets = torch.cumsum(padded, 0, dtype=torch.int32)
-    rank = torch.arange(N * k, device=hidden.device) - (torch.cumsum(counts_t, 0) - counts_t)[expert_sorted]
-    col = (offsets - padded)[expert_sorted] + rank
-    counts = padded.tolist()  # one host sync (free on CPU); sizes the buffer and the fallback loop
-
-    x = hidden.new_zeros((sum(counts), hidden.shape[1]))
-    x.index_copy_(0, col, hidden.index_select(0, token))  # [P', d] grouped by expert
-    gate_up_t = _grouped_linear_t(gate_up_proj, x.t(), offsets, counts)  # [2I, P']: gate rows first, then up
-    h_t = _act(act, gate_up_t[:inter]) * gate_up_t[inter:]  # [I, P'] row-major
-    y_t = _grouped_linear_t(down_proj, h_t, offsets, counts)  # [d, P']
-    y = y_t.t().index_select(0, col)  # [P, d] in sorted-pair order, contiguous
+    x = hidden.index_select(0, token)  # [P, d] grouped by expert
+    if int(counts_t.max()) == 1:  # decode, one token per hit expert: weight streaming dominates
+        y = _single_token_experts(x, expert_sorted.tolist(), gate_up_proj, down_proj, act)
+    elif N * k < ROW_MAJOR_MIN_PAIRS:  # few tokens per expert: still bound by reading the weights
+        y = _weight_stationary_experts(x, counts_t, expert_sorted, gate_up_proj, down_proj, act)
+    else:  # compute-bound: transformers' orientation, one grouped GEMM per projection
+        y = _row_major_experts(x, counts_t, gate_up_proj, down_proj, act)
     return _combine(out, y, token, slot, top_k_weights)
+
+
+def _weight_stationary_experts(x, counts_t, expert_sorted, gate_up_proj, down_proj, act) -> torch.Tensor:
+    """W @ X^T grouped GEMMs over expert groups zero-padded to 16-byte multiples: [P, d]."""
+    P = x.shape[0]
+    inter = down_proj.shape[2]
+    padded = _padded_groups(counts_t, x.dtype)
+    offsets = torch.cumsum(padded, 0, dtype=torch.int32)
+    rank = torch.arange(P, device=x.device) - (torch.cumsum(counts_t, 0) - counts_t)[expert_sorted]
+    col = (offsets - padded)[expert_sorted] + rank  # column of each sorted pair in the padded layout
+    counts = padded.tolist()  # one host sync (free on CPU); sizes the buffer and the fallback loop
+    xp = x.new_zeros((sum(counts), x.shape[1])).index_copy_(0, col, x)  # [P', d]
+    gate_up_t = _grouped_linear_t(gate_up_proj, xp.t(), offsets, counts)  # [2I, P']: gate rows first, then up
+    # the right-hand operand goes in seen transposed (strides (1, rows)): MKL's fast layout for skinny GEMMs
+    h_t = (_act(act, gate_up_t[:inter]) * gate_up_t[inter:]).t().contiguous().t()  # [I, P']
+    y_t = _grouped_linear_t(down_proj, h_t, offsets, counts)  # [d, P']
+    return y_t.t().index_select(0, col)  # [P, d] in sorted-pair order, contiguous
+
+
+def _row_major_experts(x, counts_t, gate_up_proj, down_proj, act) -> torch.Tensor:
+    """X @ W^T grouped GEMMs (transformers' orientation) over contiguous expert groups: [P, d]."""
+    inter = down_proj.shape[2]
+    offsets = torch.cumsum(counts_t, 0, dtype=torch.int32)
+    counts = counts_t.tolist()
+    gate_up = _grouped_linear(x, gate_up_proj, offsets, counts)  # [P, 2I]
+    h = _act(act, gate_up[:, :inter]) * gate_up[:, inter:]
+    return _grouped_linear(h, down_proj, offsets, counts)
 
 
 def _combine(out, y, token, slot, top_k_weights):
