@@ -18,6 +18,7 @@ from ..ops.latent_attention import LATENT_ATTENTION, latent_attention_reference
 from ..ops.block_sparse import BLOCK_SPARSE_ATTENTION, block_sparse_reference
 from ..ops.page_summary import PAGE_SUMMARY, page_summary_incremental, page_summary_reference
 from .torch.attention import attention_sdpa
+from .torch.cache_append import cache_append
 from .torch.latent_attention import latent_attention_sdpa
 from .torch.block_sparse import block_sparse_sdpa
 from .torch.moe import fused_moe_auto, fused_moe_sorted, fused_moe_triton
@@ -46,7 +47,9 @@ def lower(gm: torch.fx.GraphModule, backend: str = "torch") -> torch.fx.GraphMod
     table = BACKEND_TABLES[backend]
     graph = copy.deepcopy(gm.graph)
     for node in graph.nodes:
-        if node.op == "call_function" and node.target in table:
+        if backend == "torch" and _is_state_append(node):
+            node.target, node.args, node.kwargs = cache_append, (*node.args[0], _cat_dim(node)), {}
+        elif node.op == "call_function" and node.target in table:
             impl = table[node.target]
             if isinstance(impl, dict):
                 impl = impl[node.meta.get("graphwright", {}).get("impl") or "auto"]
@@ -54,3 +57,15 @@ def lower(gm: torch.fx.GraphModule, backend: str = "torch") -> torch.fx.GraphMod
     out = torch.fx.GraphModule(gm, graph)
     out.recompile()
     return out
+
+
+def _cat_dim(node) -> int:
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+
+
+def _is_state_append(node) -> bool:
+    """``cat([state input, new], dim)``: a cache growing by this step's entries (see cache_append)."""
+    if node.op != "call_function" or node.target is not torch.ops.aten.cat.default:
+        return False
+    parts = node.args[0]
+    return len(parts) == 2 and isinstance(parts[0], torch.fx.Node) and parts[0].op == "placeholder"

@@ -33,12 +33,28 @@ def block_sparse_sdpa(q, k, v, q_pos, k_pos, scale, block, top_k, mode, prefill=
     keep = keep & (kp >= 0) & ((kp <= q_pos[:, None, :]) | (q_pos[:, None, :] < 0))  # [B, Hk, L]
     # one row gather over the flattened cache: whole D-wide rows are copied (much faster on CPU than
     # gather with an expanded index or advanced indexing)
-    rows = (cols + (torch.arange(B * Hk, device=q.device) * S).view(B, Hk, 1)).flatten()
-    kg = k.reshape(B * Hk * S, D).index_select(0, rows).view(B, Hk, -1, D)
-    vg = v.reshape(B * Hk * S, v.shape[-1]).index_select(0, rows).view(B, Hk, -1, v.shape[-1])
+    kg, vg = _gather_rows(k, cols), _gather_rows(v, cols)
     # one query row per head over at most top_k * block columns: plain fp32 matmuls beat masked SDPA here
     g = H // Hk
     scores = torch.matmul(q.reshape(B, Hk, g, D).float(), kg.float().transpose(-1, -2)) * scale  # [B, Hk, g, L]
     scores = scores.masked_fill(~keep[:, :, None, :], torch.finfo(torch.float32).min)
     out = torch.matmul(torch.softmax(scores, dim=-1), vg.float())  # [B, Hk, g, Dv]
     return out.reshape(B, H, 1, v.shape[-1]).to(v.dtype)
+
+
+def _gather_rows(t: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``t`` [B, Hk, S, D] at columns ``cols`` [B, Hk, L] -> [B, Hk, L, D], as one row gather.
+
+    The cache is usually a view of a longer buffer (``cache_append``: rows of one head are
+    ``stride(1) / D`` apart, not S); the gather indexes that buffer's rows directly instead of
+    reshaping the view, which would copy the whole cache.
+    """
+    B, Hk, S, D = t.shape
+    fits = t.storage_offset() + B * t.stride(0) <= t.untyped_storage().nbytes() // t.element_size()
+    if t.stride(3) == 1 and t.stride(2) == D and t.stride(1) % D == 0 and t.stride(0) == Hk * t.stride(1) and fits:
+        per_head = t.stride(1) // D
+        flat = torch.as_strided(t, (B * Hk * per_head, D), (D, 1))
+    else:
+        per_head, flat = S, t.reshape(B * Hk * S, D)
+    rows = (cols + (torch.arange(B * Hk, device=t.device) * per_head).view(B, Hk, 1)).flatten()
+    return flat.index_select(0, rows).view(B, Hk, -1, D)

@@ -1,0 +1,52 @@
+"""cache_append: the torch backend's in-place ``cat([cache, new], dim)`` for state inputs."""
+
+import torch
+
+from graphwright.codegen.lower import lower
+from graphwright.codegen.torch.cache_append import cache_append
+
+
+def test_appends_in_place_and_equals_cat():
+    g = torch.Generator().manual_seed(0)
+    cache = torch.zeros(2, 3, 0, 4)
+    want = cache
+    ptrs = set()
+    for step in range(200):  # crosses several regrowths
+        new = torch.randn(2, 3, 7 if step == 0 else 1, 4, generator=g)
+        cache, want = cache_append(cache, new, 2), torch.cat([want, new], 2)
+        assert torch.equal(cache, want)
+        ptrs.add(cache.data_ptr())
+    assert len(ptrs) < 20  # regrown geometrically, not copied every step
+    assert cache.shape == (2, 3, 206, 4)
+
+
+def test_older_views_never_change():
+    """A second continuation from an older view copies; what a caller holds stays as it was."""
+    first = cache_append(torch.zeros(1, 0), torch.arange(5.0)[None], 1)
+    kept = first.clone()
+    a = cache_append(first, torch.tensor([[10.0]]), 1)  # in place, past first's end
+    b = cache_append(first, torch.tensor([[20.0]]), 1)  # first is no longer the newest view: copy
+    assert a.data_ptr() == first.data_ptr() and b.data_ptr() != first.data_ptr()
+    assert torch.equal(first, kept)
+    assert a.tolist() == [[0, 1, 2, 3, 4, 10]] and b.tolist() == [[0, 1, 2, 3, 4, 20]]
+    c = cache_append(a, torch.tensor([[11.0]]), -1)  # negative dim
+    assert c.tolist() == [[0, 1, 2, 3, 4, 10, 11]] and a.tolist() == [[0, 1, 2, 3, 4, 10]]
+
+
+def test_foreign_caches_and_dtype_promotion_behave_like_cat():
+    cache = torch.randn(2, 5, 3)  # not made by cache_append (e.g. an eviction pass's output)
+    new = torch.randn(2, 1, 3)
+    out = cache_append(cache, new, 1)
+    assert torch.equal(out, torch.cat([cache, new], 1)) and out.data_ptr() != cache.data_ptr()
+    mixed = cache_append(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 1), 1)
+    assert torch.equal(mixed, torch.cat([torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 1)], 1))
+
+
+def test_lowering_uses_it_for_state_inputs_only(compiled_tiny):
+    gm = compiled_tiny("tiny-llama").step_graph.gm
+    placeholders = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
+    torch_gm, ref_gm = lower(gm, "torch"), lower(gm, "reference")
+    appends = [n for n in torch_gm.graph.nodes if n.target is cache_append]
+    # key positions + K and V of each layer
+    assert len(appends) == 1 + 2 * 2 and all(n.args[0].name in placeholders for n in appends)
+    assert not any(n.target is cache_append for n in ref_gm.graph.nodes)
