@@ -50,3 +50,20 @@ def test_lowering_uses_it_for_state_inputs_only(compiled_tiny):
     # key positions + K and V of each layer
     assert len(appends) == 1 + 2 * 2 and all(n.args[0].name in placeholders for n in appends)
     assert not any(n.target is cache_append for n in ref_gm.graph.nodes)
+
+
+def test_unpadded_prefill_uses_is_causal_and_equals_reference():
+    """A fresh unpadded prompt takes SDPA's is_causal path (no mask tensor); same values as the
+    reference. Padding, a cached prefix or a single token keep the mask path."""
+    from graphwright.capture.ops import attention_reference
+    from graphwright.codegen.torch.attention import _plain_causal, attention_sdpa
+
+    g = torch.Generator().manual_seed(1)
+    B, H, Hk, T, D = 2, 6, 2, 9, 8
+    q, k, v = torch.randn(B, H, T, D, generator=g), torch.randn(B, Hk, T, D, generator=g), torch.randn(B, Hk, T, D, generator=g)
+    pos = torch.arange(T)[None].expand(B, T)
+    assert _plain_causal(pos, pos, T, T)
+    assert torch.allclose(attention_sdpa(q, k, v, pos, pos, 0.3), attention_reference(q, k, v, pos, pos, 0.3), atol=1e-5)
+    padded = torch.cat([torch.full((B, 1), -1), pos[:, :-1]], 1)
+    assert not _plain_causal(padded, padded, T, T) and not _plain_causal(pos[:, -1:], pos, 1, T)
+    assert not _plain_causal(pos[:, -4:], pos, 4, T)
