@@ -125,6 +125,7 @@ def main(argv=None):
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--length", type=int, default=2048, help="NIAH prompt tokens and cached keys for the op timing")
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    p.add_argument("--repeats", type=int, default=1, help="NIAH haystacks per depth")
     p.add_argument("--ppl-tokens", type=int, default=1024, help="perplexity window (one window)")
     p.add_argument("--ppl-decode", type=int, default=128, help="tokens scored through decode steps")
     p.add_argument("--op-repeats", type=int, default=50)
@@ -145,7 +146,7 @@ def main(argv=None):
     else:
         base = gw.compile(model, tokenizer=tok)
         info = base.info
-        cases = needle_grid(tok, lengths=(args.length,), depths=tuple(args.depths))
+        cases = needle_grid(tok, lengths=(args.length,), depths=tuple(args.depths), repeats=args.repeats)
     if args.decode_only:
         return decode_only(base, tok, args)
     op = attention_step_seconds(info, args.length, args.op_repeats)
