@@ -43,6 +43,7 @@ VARIANTS = {
     "window": "window(size=256, sinks=4)",
     "quest": "block_sparse(block=64, top_k=8, mode='quest')",
     "moba": "block_sparse(block=64, top_k=8, mode='moba')",
+    "quest16": "block_sparse(block=16, top_k=32, mode='quest')",  # Quest's own page size, same key budget
     "gemfilter": "gemfilter(keep=512)",
 }
 
@@ -75,15 +76,13 @@ def attention_step_seconds(info, length: int, repeats: int) -> dict:
     k_pos = torch.arange(length)[None]
     q_pos = k_pos[:, -1:]
     s = 1 / math.sqrt(D)
-    pages = -(-length // 64)
-    stats = {stat: page_stats(k, k_pos, 64, pages, stat) for stat in ("min", "max", "mean")}
-
-    def sparse(mode):
+    def sparse(mode, block=64, top_k=8):
         names = ("min", "max") if mode == "quest" else ("mean",)
+        stats = {n: page_stats(k, k_pos, block, -(-length // block), n) for n in names}
 
         def step():
-            new = [page_summary_incremental(k, k_pos, q_pos, stats[n], 64, n) for n in names]
-            return block_sparse_sdpa(q, k, v, q_pos, k_pos, s, 64, 8, mode, False, *new)
+            new = [page_summary_incremental(k, k_pos, q_pos, stats[n], block, n) for n in names]
+            return block_sparse_sdpa(q, k, v, q_pos, k_pos, s, block, top_k, mode, False, *new)
         return step
 
     return {
@@ -91,6 +90,7 @@ def attention_step_seconds(info, length: int, repeats: int) -> dict:
         "window": op_time(attention_sdpa, (q, k, v, q_pos, k_pos, s, 256, None, 4), repeats),
         "quest": op_time(sparse("quest"), (), repeats),
         "moba": op_time(sparse("moba"), (), repeats),
+        "quest16": op_time(sparse("quest", 16, 32), (), repeats),
         "quest_recompute": op_time(block_sparse_sdpa, (q, k, v, q_pos, k_pos, s, 64, 8, "quest"), repeats),
         "moba_recompute": op_time(block_sparse_sdpa, (q, k, v, q_pos, k_pos, s, 64, 8, "moba"), repeats),
     }
@@ -170,7 +170,7 @@ def main(argv=None):
         if name != "gemfilter":
             ppl = perplexity(cm, tok, max_tokens=args.ppl_tokens, window=args.ppl_tokens, stride=args.ppl_decode,
                              mode="stream", prefix=args.ppl_tokens - args.ppl_decode, progress=False)["ppl"]
-        dense_layers = 2 if name in ("quest", "moba") else 0
+        dense_layers = 2 if name.startswith(("quest", "moba")) else 0
         attn = (op[name] * (L - dense_layers) + op["dense"] * dense_layers) if name in op else None
         rows.append({"variant": name, "recipe": recipe or "identity", "niah_accuracy": niah["accuracy"],
                      "answers": [c["answer"] for c in niah["cases"]], "ppl_stream": ppl,
