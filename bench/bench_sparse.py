@@ -34,7 +34,7 @@ from graphwright.codegen.torch.block_sparse import block_sparse_sdpa
 from graphwright.compiled import CompiledModel
 from graphwright.eval.niah import encode, needle_grid, run_niah
 from graphwright.eval.perplexity import perplexity
-from graphwright.ops.block_sparse import page_stats
+from graphwright.ops.block_sparse import num_pages, page_stats
 from graphwright.ops.page_summary import page_summary_incremental
 from graphwright.passes.pipeline import run_recipe
 
@@ -78,7 +78,7 @@ def attention_step_seconds(info, length: int, repeats: int) -> dict:
     s = 1 / math.sqrt(D)
     def sparse(mode, block=64, top_k=8):
         names = ("min", "max") if mode == "quest" else ("mean",)
-        stats = {n: page_stats(k, k_pos, block, -(-length // block), n) for n in names}
+        stats = {n: page_stats(k, k_pos, block, num_pages(length, block), n) for n in names}
 
         def step():
             new = [page_summary_incremental(k, k_pos, q_pos, stats[n], block, n) for n in names]

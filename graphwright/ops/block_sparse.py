@@ -81,6 +81,11 @@ def quest_upper_bound(q: torch.Tensor, pmin: torch.Tensor, pmax: torch.Tensor) -
     return torch.maximum(qg * pmin[:, :, None, None], qg * pmax[:, :, None, None]).sum(-1)
 
 
+def num_pages(cache_len: int, block: int) -> int:
+    """Pages of ``block`` keys that cover a cache of ``cache_len`` columns: ceil(cache_len / block)."""
+    return -(-cache_len // block)
+
+
 def num_blocks(k_pos: torch.Tensor, block: int) -> int:
     return int(k_pos.max().clamp(min=-1)) // block + 1 if k_pos.numel() else 0
 
@@ -140,7 +145,7 @@ def _aligned_decode(q, k, q_pos, k_pos, block: int, top_k: int, mode: str, pages
     S = k.shape[2]
     if not _aligned(k_pos) or not bool((q_pos == S - 1).all()):
         return None
-    nb = -(-S // block)
+    nb = num_pages(S, block)
     if nb <= top_k:
         return "dense"
     B, H, _, D = q.shape
@@ -231,7 +236,7 @@ def check_block_sparse_args(q, k, v, q_pos, k_pos, block, top_k, mode, prefill, 
     if (mode == "quest" and (page_a is None) != (page_b is None)) or (mode == "moba" and page_b is not None):
         raise ValueError("page statistics: Quest takes page_a = min and page_b = max (both or neither), "
                          "MoBA takes page_a = mean only")
-    pages_needed = -(-k.shape[2] // block)
+    pages_needed = num_pages(k.shape[2], block)
     for p in (page_a, page_b):
         if p is not None and (p.dim() != 4 or p.shape[:2] != k.shape[:2] or p.shape[3] != k.shape[3]
                               or p.shape[2] < pages_needed):

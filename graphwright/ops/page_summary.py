@@ -27,13 +27,9 @@ from __future__ import annotations
 
 import torch
 
-from .block_sparse import _aligned, block_ids, page_stats
+from .block_sparse import _aligned, block_ids, num_pages, page_stats
 
 STATS = ("min", "max", "mean")
-
-
-def num_pages(cache_len: int, block: int) -> int:
-    return -(-cache_len // block)
 
 
 def _tail_page(k, k_pos, q_pos, block: int, stat: str):
@@ -64,8 +60,7 @@ def page_summary_incremental(k, k_pos, q_pos, prev, block: int, stat: str) -> to
     n = num_pages(S, block)
     if q_pos.shape[1] != 1 or prev.shape[2] == 0 or prev.shape[2] > n or bool((q_pos < 0).any()):
         return page_summary_reference(k, k_pos, q_pos, prev, block, stat)
-    out = prev if prev.shape[2] == n else torch.cat([prev, prev.new_zeros(B, Hk, n - prev.shape[2], D)], 2)
-    out = out.clone() if out is prev else out
+    out = torch.cat([prev, prev.new_zeros(B, Hk, n - prev.shape[2], D)], 2)  # a copy: prev stays as it was
     if _aligned(k_pos) and bool((q_pos == S - 1).all()):  # no padding: the page is the cache's last columns
         tail = k[:, :, (n - 1) * block:].float()
         out[:, :, n - 1] = {"min": tail.amin, "max": tail.amax, "mean": tail.mean}[stat](2)

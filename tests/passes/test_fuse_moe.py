@@ -132,10 +132,15 @@ def test_empty_experts_and_all_on_one_expert():
     assert torch.allclose(got, fused_moe_reference(*args)[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("row_major", [False, True], ids=["weight-stationary", "row-major"])
 @pytest.mark.parametrize("d", [32, 33], ids=["grouped_mm", "unaligned-loop"])
-def test_padded_expert_groups(d):
-    """Groups are padded with zero columns to 16-byte multiples; an odd hidden size (strides not
-    16-byte aligned) takes the per-expert loop instead of torch._grouped_mm. Both equal the loop."""
+def test_padded_expert_groups(d, row_major, monkeypatch):
+    """Groups are padded with zero columns to 16-byte multiples (weight-stationary regime); an odd
+    hidden size (strides not 16-byte aligned) takes the per-expert loop instead of
+    torch._grouped_mm, in both GEMM layouts. All equal the loop."""
+    import graphwright.codegen.torch.moe as moe
+
+    monkeypatch.setattr(moe, "ROW_MAJOR_MIN_PAIRS", 0 if row_major else 10**9)
     g = torch.Generator().manual_seed(d)
     gate_up, down = torch.randn(5, 2 * 24, d, generator=g) * 0.2, torch.randn(5, d, 24, generator=g) * 0.2
     hidden = torch.randn(11, d, generator=g)

@@ -60,35 +60,27 @@ def _aligned(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, counts: list) -> torch.Tensor:
-    """Rows of ``x`` [P, in] grouped by expert (``counts`` rows each) times ``weight[e]`` [out, in]^T."""
-    w_t = weight.transpose(1, 2)  # [E, in, out] view, no copy: grouped_mm reads it strided
-    if hasattr(torch, "_grouped_mm") and x.dtype == weight.dtype and _aligned(x, w_t):
-        return torch._grouped_mm(x, w_t, offs=offsets)
-    out = x.new_empty((x.shape[0], weight.shape[1]))
-    start = 0
-    for e, c in enumerate(counts):
-        if c:
-            torch.mm(x[start:start + c], w_t[e], out=out[start:start + c])
-            start += c
-    return out
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, counts: list) -> torch.Tensor:
+    """One GEMM per expert group: ``torch._grouped_mm`` when its alignment rule holds, else a loop.
 
+    Two layouts (the groups are ``counts`` consecutive rows / columns ending at ``offsets``):
 
-def _grouped_linear_t(weight: torch.Tensor, x_t: torch.Tensor, offsets: torch.Tensor, counts: list) -> torch.Tensor:
-    """``weight[e]`` [out, in] times the columns of ``x_t`` [in, P] grouped by expert: [out, P].
-
-    Weight-stationary orientation (W @ X^T): the GEMM's long dimension is the expert's output
-    features, so the BLAS threads split the weight rows, which is what a few-token decode needs
-    (X @ W^T with M = 1..16 rows leaves one core streaming the weights). Columns past the last
-    offset (alignment padding) are left undefined.
+    * 2D x 3D, transformers' orientation: rows of ``a`` [P, in] times ``b[e]`` [in, out] -> [P, out];
+    * 3D x 2D, weight-stationary: ``a[e]`` [out, in] times columns of ``b`` [in, P] -> [out, P]
+      (columns past the last offset, alignment padding, are left undefined).
     """
-    if hasattr(torch, "_grouped_mm") and x_t.dtype == weight.dtype and _aligned(weight, x_t):
-        return torch._grouped_mm(weight, x_t, offs=offsets)
-    out = x_t.new_empty((weight.shape[1], x_t.shape[1]))
+    if hasattr(torch, "_grouped_mm") and a.dtype == b.dtype and _aligned(a, b):
+        return torch._grouped_mm(a, b, offs=offsets)
+    by_rows = a.dim() == 2
+    out = a.new_empty((a.shape[0], b.shape[2]) if by_rows else (a.shape[1], b.shape[1]))
     start = 0
     for e, c in enumerate(counts):
         if c:
-            torch.mm(weight[e], x_t[:, start:start + c], out=out[:, start:start + c])
+            g = slice(start, start + c)
+            if by_rows:
+                torch.mm(a[g], b[e], out=out[g])
+            else:
+                torch.mm(a[e], b[:, g], out=out[:, g])
             start += c
     return out
 
@@ -175,10 +167,11 @@ def _weight_stationary_experts(x, counts_t, expert_sorted, gate_up_proj, down_pr
     col = (offsets - padded)[expert_sorted] + rank  # column of each sorted pair in the padded layout
     counts = padded.tolist()  # one host sync (free on CPU); sizes the buffer and the fallback loop
     xp = x.new_zeros((sum(counts), x.shape[1])).index_copy_(0, col, x)  # [P', d]
-    gate_up_t = _grouped_linear_t(gate_up_proj, xp.t(), offsets, counts)  # [2I, P']: gate rows first, then up
+    # W @ X^T: the GEMM's long dimension is the weight's output rows, which the BLAS threads split
+    gate_up_t = _grouped_mm(gate_up_proj, xp.t(), offsets, counts)  # [2I, P']: gate rows first, then up
     # the right-hand operand goes in seen transposed (strides (1, rows)): MKL's fast layout for skinny GEMMs
     h_t = (_act(act, gate_up_t[:inter]) * gate_up_t[inter:]).t().contiguous().t()  # [I, P']
-    y_t = _grouped_linear_t(down_proj, h_t, offsets, counts)  # [d, P']
+    y_t = _grouped_mm(down_proj, h_t, offsets, counts)  # [d, P']
     return y_t.t().index_select(0, col)  # [P, d] in sorted-pair order, contiguous
 
 
@@ -187,9 +180,10 @@ def _row_major_experts(x, counts_t, gate_up_proj, down_proj, act) -> torch.Tenso
     inter = down_proj.shape[2]
     offsets = torch.cumsum(counts_t, 0, dtype=torch.int32)
     counts = counts_t.tolist()
-    gate_up = _grouped_linear(x, gate_up_proj, offsets, counts)  # [P, 2I]
+    # [E, in, out] views, no copy: grouped_mm reads them strided
+    gate_up = _grouped_mm(x, gate_up_proj.transpose(1, 2), offsets, counts)  # [P, 2I]
     h = _act(act, gate_up[:, :inter]) * gate_up[:, inter:]
-    return _grouped_linear(h, down_proj, offsets, counts)
+    return _grouped_mm(h, down_proj.transpose(1, 2), offsets, counts)
 
 
 def _combine(out, y, token, slot, top_k_weights):
