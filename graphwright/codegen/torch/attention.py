@@ -6,7 +6,8 @@ directly from the lowered graph, which skips the custom-op dispatcher (~0.2 ms p
 
 Prefill of a prompt without padding (positions 0..T-1, empty cache) calls SDPA with
 ``is_causal=True`` instead of a mask tensor: the same result, and the fused kernel skips the
-blocks above the diagonal instead of reading a T x S mask (1.4x faster prefill at 4k tokens).
+blocks above the diagonal instead of reading a T x S mask (SmolLM2-135M prefill of 4,000 tokens:
+14.9 s -> 9.6 s, ``python bench/bench_runtime.py --prompt 4000 --new 32 --repeats 2``).
 
 Windowed decode (a ``window`` pass, StreamingLLM-style sinks, or a model's own sliding window):
 a masked SDPA would still read every cached key, so a single decode query first gathers the

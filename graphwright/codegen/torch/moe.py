@@ -19,27 +19,31 @@ Dispatch (Tutel / vLLM fused_moe formulation, no capacity, no token dropped):
    then one ``index_add_`` back in token order. ``index_add_`` adds the pairs sequentially in
    sorted (= ascending expert) order, which is the reference's per-token summation order too.
 
-Why three regimes (measured on this 2-core CPU, torch 2.13 + MKL, 2 threads, 30 layers of
-SmolLM2-MoE expert weights so they stream from DRAM; d=576, I=1536, E=4, top-2; ms per layer,
-best of 5; "loop-like" is X @ W^T per expert group, what transformers computes):
+Why three regimes (``python bench/bench_moe_regimes.py``: 2-core CPU, torch 2.13 + MKL, 2
+threads, 30 layers of SmolLM2-MoE-sized expert weights so they stream from DRAM; d=576, I=1536,
+E=4, top-2; ms per layer, best of 5, two runs; a forced regime does not apply at one token):
 
-    tokens   loop-like   weight-stationary   this file
-    N=1      1.81        (1.65)              0.81  (split matvec; 2.2x)
-    N=8      5.18        3.30                3.30  (1.6x)
-    N=64     10.5        8.4                 8.4
-    N=512    39.4        40.3                ~39   (row-major: compute-bound, same GEMM FLOPs)
+    tokens   row-major X @ W^T   weight-stationary W @ X^T   default
+    N=1      (one token per expert: split matvecs)           0.78-0.80  (HF loop: 1.70, bench_fuse_moe)
+    N=8      6.0                 3.0-3.2                     3.0-3.1
+    N=64     7.5-7.6             7.8-8.0                     7.7-8.4
+    N=512    34-40               36.5-38.6                   35-36
 
 At decode the cost is streaming the hit experts' weights (~10.6 MB each here). MKL runs a
 one-column product as a single-threaded GEMV (~11 GB/s); splitting the weight into row chunks
 of one batched GEMM uses both cores (~25-29 GB/s). With a few columns, X @ W^T is a skinny GEMM
 whose long dimension is the reduction axis, and W @ X^T with the right-hand side laid out
 transposed (strides (1, rows)) is MKL's fast layout for it (a contiguous [in, c] operand picks a
-kernel up to 4x slower, measured). From ~256 tokens the GEMMs are compute-bound and every
-orientation does the same FLOPs. ``torch._grouped_mm`` (one C++ call over all groups, empty
-groups free) beats a Python loop over experts when E is large; when a shape or buffer breaks its
-alignment rule (odd hidden sizes, memory-mapped weights), per-expert matmuls on the same slices
-compute the same thing. Results are allclose to the loop (fp32 1e-5), not bit-equal: the GEMMs
-sum in another order, as transformers' own eager and grouped_mm paths do.
+kernel up to 4x slower). The bandwidths and the layout effect come from one-off timings of a
+single 3072 x 576 / 576 x 1536 fp32 product over 40-60 DRAM-resident copies (not kept as a
+benchmark; the table above is). From tens of tokens per expert both orientations are equal
+within run-to-run noise (~10%), and from ~256 tokens the GEMMs are compute-bound: every
+orientation does the same FLOPs, so prefill keeps transformers' orientation.
+``torch._grouped_mm`` (one C++ call over all groups, empty groups free) beats a Python loop over
+experts when E is large; when a shape or buffer breaks its alignment rule (odd hidden sizes,
+memory-mapped weights), per-expert matmuls on the same slices compute the same thing. Results
+are allclose to the loop (fp32 1e-5), not bit-equal: the GEMMs sum in another order, as
+transformers' own eager and grouped_mm paths do.
 """
 
 from __future__ import annotations
