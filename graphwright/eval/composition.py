@@ -1,0 +1,72 @@
+"""The composition matrix: every ordered pair of passes, compiled and generated on one model.
+
+Each cell is ``ok`` (the pair compiles, generates, and -- at both passes' exact settings -- gives
+the dense model's tokens), ``refused`` (a ``RecipeError`` found before any graph surgery, with its
+reason) or ``error`` (anything else: a bug). ``graphwright compile --matrix`` prints it and the
+README keeps the result; ``tests/passes/test_registry_suite.py`` asserts there is no ``error``.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from ..errors import RecipeError
+
+# lossy settings small enough to act on the probe (16 tokens) and a 12-token prompt
+LOSSY = {
+    "lowrank_kv": "lowrank_kv(keep=0.5)",
+    "h2o": "h2o(heavy=4, recent=4)",
+    "snapkv": "snapkv(budget=6, window=2)",
+    "streaming": "streaming(sinks=2, window=6)",
+    "fastgen": "fastgen(recovery=0.9)",
+    "steer": "steer(heads={0: [0, 1]}, alpha=0.01)",
+    "window": "window(size=6, sinks=2)",
+    "block_sparse": "block_sparse(block=4, top_k=2, dense_layers=[])",
+    "gemfilter": "gemfilter(layer=1, keep=8)",
+    "fuse_moe": "fuse_moe",
+}
+DEFAULT_PASSES = ("lowrank_kv", "h2o", "snapkv", "streaming", "fastgen", "steer", "window", "block_sparse")
+
+
+def _prompt(sg_info, length: int = 12, seed: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, sg_info.vocab_size, (1, length), generator=g)
+
+
+def try_recipe(model, recipe: str, ids: torch.Tensor, new_tokens: int = 6) -> dict:
+    """Compile and generate; returns {"status", "reason", "tokens"}."""
+    import graphwright as gw
+
+    try:
+        cm = gw.compile(model, recipe=recipe)
+        out = cm.generate(ids, max_new_tokens=new_tokens)
+        return {"status": "ok", "reason": "", "tokens": out[0, ids.shape[1]:].tolist()}
+    except RecipeError as exc:
+        return {"status": "refused", "reason": str(exc), "tokens": None}
+    except Exception as exc:  # noqa: BLE001 - the matrix reports every failure, it must not stop at one
+        return {"status": "error", "reason": f"{type(exc).__name__}: {exc}", "tokens": None}
+
+
+def composition_matrix(model, passes=DEFAULT_PASSES, settings=None, new_tokens: int = 6) -> dict:
+    """{(a, b): cell} for every ordered pair of ``passes`` on ``model`` (a model object)."""
+    import graphwright as gw
+
+    settings = {**LOSSY, **(settings or {})}
+    sg_info = gw.capture(model).info
+    ids = _prompt(sg_info)
+    cells = {}
+    for a, b in itertools.permutations(passes, 2):
+        cells[(a, b)] = try_recipe(model, f"{settings[a]} + {settings[b]}", ids, new_tokens)
+    return cells
+
+
+def render_matrix(cells: dict, passes) -> str:
+    """A markdown table: rows = first pass written, columns = second."""
+    mark = {"ok": "ok", "refused": "refused", "error": "**error**"}
+    lines = ["| first \\ second | " + " | ".join(passes) + " |", "|---" * (len(passes) + 1) + "|"]
+    for a in passes:
+        row = [("-" if a == b else mark[cells[(a, b)]["status"]]) for b in passes]
+        lines.append(f"| {a} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
