@@ -132,6 +132,11 @@ class Report:
         grid.add_row("KV bytes/token", f"{s['kv_bytes_per_token']:,} of {s['dense_kv_bytes_per_token']:,} dense "
                                        f"(ratio {s['kv_ratio']:.3f})")
         grid.add_row("Nodes", compact(s["node_counts"], max_items=16))
+        order = self.extra.get("pass_order") or {}
+        if order.get("order"):
+            why = "; ".join(order.get("constraints") or []) or "no constraints between them: stage, then name"
+            changed = "" if order["order"] == order.get("written") else f" (written: {' + '.join(order['written'])})"
+            grid.add_row("Pass order", Text(f"{' -> '.join(order['order'])}{changed}. Why: {why}"))
         passes = (self.extra.get("verification") or {}).get("passes") or []
         if passes:
             grid.add_row("Verification", Text("; ".join(_verification_line(p) for p in passes)))
@@ -240,5 +245,6 @@ def build_report(cm) -> Report:
     }
     extra = {"verification": dict(getattr(cm, "verification", None) or {}),
              "last_stats": dict(getattr(cm, "last_stats", None) or {}),
+             "pass_order": dict(sg.notes.get("pass_order") or {}),  # the pass manager's order and its reasons
              "notes": {name: note for name, note in pass_notes}}  # every decision in full, for .to_dict()
     return Report(summary=summary, rows=rows, columns=columns, extra=extra)

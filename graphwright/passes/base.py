@@ -59,6 +59,24 @@ class Pass:
     exact: ClassVar[bool] = False
     args: ClassVar[tuple[Arg, ...]] = ()
     doc: ClassVar[str] = ""
+    # What the pass needs of the graph and does to it, as per-layer facts (``passes/manager.py``
+    # orders recipes from these; ``manager.FACTS`` lists the vocabulary).
+    needs: ClassVar[frozenset] = frozenset()
+    produces: ClassVar[frozenset] = frozenset()
+    removes: ClassVar[frozenset] = frozenset()
+    forbids: ClassVar[frozenset] = frozenset()
+    excludes: ClassVar[dict] = {}
+    stage: ClassVar[int] = 50  # tie-break only: lower runs first when nothing else decides
+    model_level: ClassVar[bool] = False  # acts on the model as a whole (fuse_moe), not on attention layers
+    # Examples the registry-driven suite runs (``tests/passes/test_registry_suite.py``): a recipe string
+    # at the exact setting (None when the pass has none that applies to a short probe), a lossy one, and
+    # the tiny models it applies to. A registered pass without examples fails the suite.
+    examples: ClassVar[dict] = {}
+
+    def layer_set(self, info) -> set | None:
+        """The layers this pass rewrites (None: every layer, or the model as a whole)."""
+        layers = self.values.get("layers") if isinstance(getattr(self, "values", None), dict) else None
+        return None if layers is None else {int(x) for x in layers}
 
     def __init__(self, **values):
         self.values = validate_args(self.name, self.args, values)

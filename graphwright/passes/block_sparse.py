@@ -51,6 +51,15 @@ def _arg(node, i, name, default=None):
 @register_pass
 class BlockSparse(Pass):
     name = "block_sparse"
+    needs = frozenset({"attention"})
+    produces = frozenset({"block_sparse"})
+    removes = frozenset({"dense_attention", "attention"})
+    excludes = {"evicted": "its pages are runs of cache positions shared by the KV heads, while an eviction policy "
+                           "leaves each head a different ragged set of tokens",
+                "key_bias": "graphwright.block_sparse_attention has no key-bias input (steer a dense layer)"}
+    stage = 50
+    examples = {"exact": "block_sparse(block=4, top_k=1000, dense_layers=[])",
+                "lossy": "block_sparse(block=4, top_k=2, dense_layers=[])", "models": ("tiny-llama", "tiny-qwen2")}
     exact = False
     doc = "Quest / MoBA block-sparse attention: decode attends only to the top-k key blocks per KV head."
     args = (
@@ -60,6 +69,10 @@ class BlockSparse(Pass):
         Arg("dense_layers", list, [0, 1], "layers kept dense"),
         Arg("prefill", bool, False, "also sparsify prefill (mode='moba' only)"),
     )
+
+    def layer_set(self, info) -> set | None:
+        dense = {x for x in self.dense_layers if isinstance(x, int)}
+        return set(range(info.num_layers)) - dense
 
     def applies_to(self, sg) -> str | None:
         nodes = sg.nodes(ATTENTION)

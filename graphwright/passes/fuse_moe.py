@@ -213,6 +213,12 @@ def _block_name(node) -> str:
 @register_pass
 class FuseMoE(Pass):
     name = "fuse_moe"
+    model_level = True
+    needs = frozenset({"moe_experts"})
+    produces = frozenset({"fused_moe"})
+    removes = frozenset({"moe_experts"})
+    stage = 10
+    examples = {"exact": "fuse_moe", "lossy": None, "models": ("tiny-mixtral", "tiny-qwen2moe")}
     exact = True
     args = (Arg("impl", str, "auto", "fused MoE implementation: sorted (torch grouped GEMMs), triton, or auto",
                 choices=("auto", "sorted", "triton")),)

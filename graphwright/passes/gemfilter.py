@@ -35,6 +35,13 @@ def default_layer(num_layers: int) -> int:
 @register_pass
 class GemFilter(Pass):
     name = "gemfilter"
+    needs = frozenset({"attention"})
+    produces = frozenset({"prompt_selection"})
+    excludes = {"head_split": "the selection reads one attention node's q and k at its layer",
+                "key_bias": "the selection graph runs without the steering input"}
+    stage = 80
+    examples = {"exact": "gemfilter(layer=1, keep=100000)", "lossy": "gemfilter(layer=1, keep=8)",
+                "models": ("tiny-llama", "tiny-qwen2")}
     exact = False
     doc = "GemFilter: select prompt tokens with layer r's last query, then generate from the kept tokens only."
     args = (

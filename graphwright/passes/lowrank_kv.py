@@ -73,6 +73,15 @@ def single_thread():
 @register_pass
 class LowRankKV(Pass):
     name = "lowrank_kv"
+    needs = frozenset({"dense_attention", "dense_cache"})
+    produces = frozenset({"latent_cache"})
+    removes = frozenset({"dense_attention", "dense_cache"})
+    forbids = frozenset({"key_bias"})  # steering's bias is added to the latent attention afterwards
+    excludes = {"head_split": "it rewrites one attention node per layer, and a per-head window split the layer into "
+                              "several (window whole layers instead)"}
+    stage = 40
+    examples = {"exact": "lowrank_kv(keep=1.0)", "lossy": "lowrank_kv(keep=0.5)",
+                "models": ("tiny-llama", "tiny-qwen2", "tiny-gpt2")}
     exact = False
     doc = "LoRC: cache SVD latents of W_K/W_V (progressive per-layer ranks), rebuild K, absorb V into o_proj."
     args = (

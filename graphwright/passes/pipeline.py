@@ -17,6 +17,7 @@ from ..errors import GraphwrightError, RecipeError
 from ..recipes import Recipe
 from ..runtime import positions_from_mask
 from .base import PassContext
+from .manager import order_passes
 
 PROBE_BATCH, PROBE_LEN, PROBE_PAD, PROBE_SEED = 2, 16, 3, 0
 CALIBRATION_TOKENS = 200
@@ -35,11 +36,15 @@ def run_recipe(sg, recipe, model=None, tokenizer=None, verify: bool = True):
     passes = parsed.instantiate()  # all argument errors surface before any work is done
     if not passes:
         return sg, parsed, {"passes": []}
+    plan = order_passes(passes, sg)  # the compiler's order; conflicts surface here, before any surgery
+    entries = dict(zip(map(id, passes), parsed.to_list()))
+    passes = plan.passes
     ctx = make_context(model, tokenizer)
     probe = make_probe(sg) if verify else None
     before = probe_logits(sg, probe) if verify else None
     records = []
-    for p, entry in zip(passes, parsed.to_list()):
+    for p in passes:
+        entry = entries[id(p)]
         reason = p.applies_to(sg)
         if reason:
             raise RecipeError(f"pass {p.name} does not apply to {sg.info.architecture}: {reason}")
@@ -61,6 +66,7 @@ def run_recipe(sg, recipe, model=None, tokenizer=None, verify: bool = True):
             before = after
         records.append(record)
         sg = new
+    sg.notes["pass_order"] = plan.to_dict()
     return sg, parsed, {"passes": records}
 
 

@@ -32,6 +32,14 @@ from .eviction_common import cache_outputs, evict_node, find_sites, latent_setti
 @register_pass
 class SnapKV(Pass):
     name = "snapkv"
+    needs = frozenset({"attention", "shared_positions"})
+    produces = frozenset({"evicted"})
+    removes = frozenset({"shared_positions", "dense_cache"})
+    forbids = frozenset({"key_bias"})  # scores are the model's own attention; steering is added after
+    excludes = {"evicted": "one eviction policy per layer (give each policy its own layers=[...])"}
+    stage = 60
+    examples = {"exact": "snapkv(budget=100000)", "lossy": "snapkv(budget=6, window=2)",
+                "models": ("tiny-llama", "tiny-qwen2"), "first_token_dense": True}
     exact = False
     doc = "SnapKV: after prefill keep per KV head the prompt keys the last `window` queries attend to most."
     args = (

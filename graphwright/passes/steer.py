@@ -43,14 +43,17 @@ from pathlib import Path
 
 import torch
 
-from ..capture.ops import ATTENTION
 from ..capture.step_graph import ExtraInput
 from ..errors import RecipeError
 from ..steer.bias import STEER_INPUT, steer_key_bias
 from ..steer.heads import auto_head_path
+from ..ops import schema
 from .base import Arg, Pass, PassContext, register_pass
 
-KEY_BIAS_ARG = 7  # position of key_bias in graphwright.attention(q, k, v, q_pos, k_pos, scale, window, key_bias)
+
+def steerable_nodes(sg) -> list:
+    """Attention nodes (any variant) whose op takes a ``key_bias``: dense and latent attention."""
+    return [n for n in schema.attention_nodes(sg.gm) if schema.has_arg(n.target, "key_bias")]
 
 
 def parse_heads(heads, num_layers: int, num_heads: int, model_key: str | None = None) -> dict:
@@ -100,6 +103,13 @@ def parse_heads(heads, num_layers: int, num_heads: int, model_key: str | None = 
 @register_pass
 class Steer(Pass):
     name = "steer"
+    needs = frozenset({"attention"})
+    produces = frozenset({"key_bias"})
+    excludes = {"head_split": "its coefficients are per query head of the layer's one attention node, and a per-head "
+                              "window split that node"}
+    stage = 90
+    examples = {"exact": "steer(heads={0: [0, 1]}, alpha=1.0)", "lossy": "steer(heads={0: [0, 1]}, alpha=0.01)",
+                "models": ("tiny-llama", "tiny-qwen2")}
     exact = False
     args = (
         Arg("alpha", float, 0.01, "scale of non-emphasized prompt attention (1 = no change)", min=1e-9),
@@ -108,14 +118,22 @@ class Steer(Pass):
         Arg("mode", str, "exclude", "exclude: scale non-emphasized columns; include: the paper's include mode",
             choices=("exclude", "include")),
     )
+
+    def layer_set(self, info) -> set | None:
+        """The steered layers when the head set is written out; None (all) for a file, 'all' or 'auto'."""
+        if isinstance(self.heads, Mapping):
+            return {int(k) for k in self.heads if str(k).lstrip("-").isdigit()}
+        if isinstance(self.heads, (list, tuple)):
+            return {int(x) for x in self.heads if isinstance(x, int) and not isinstance(x, bool)}
+        return None
     doc = "PASTA attention steering: emphasize user spans in selected heads via a per-key bias."
 
     def is_identity(self) -> bool:
         return self.alpha == 1.0
 
     def applies_to(self, sg) -> str | None:
-        if not sg.nodes(ATTENTION):
-            return "the graph has no graphwright.attention nodes to steer"
+        if not steerable_nodes(sg):
+            return "the graph has no attention nodes with a key_bias input to steer"
         if any(x.name == STEER_INPUT for x in getattr(sg, "extra_inputs", [])):
             return "the graph is already steered (apply steer once)"
         return None
@@ -125,10 +143,10 @@ class Steer(Pass):
 
         info = sg.info
         heads = parse_heads(self.heads, info.num_layers, info.num_heads, model_key(sg))
-        by_layer = {n.meta.get("graphwright", {}).get("layer"): n for n in sg.nodes(ATTENTION)}
+        by_layer = {schema.layer_of(n): n for n in steerable_nodes(sg)}
         missing = [layer for layer in heads if layer not in by_layer]
         if missing:
-            raise RecipeError(f"steer: layer(s) {missing} have no graphwright.attention node to steer "
+            raise RecipeError(f"steer: layer(s) {missing} have no attention node with a key_bias input to steer "
                               f"(steerable layers: {sorted(k for k in by_layer if k is not None)})")
         gm, graph = sg.gm, sg.gm.graph
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -138,7 +156,7 @@ class Steer(Pass):
         per_layer = {}
         for layer, hs in heads.items():
             node = by_layer[layer]
-            if _key_bias(node) is not None:
+            if schema.get(node, "key_bias") is not None:
                 raise RecipeError(f"steer: layer {layer}'s attention already has a key bias from another pass")
             coef = torch.zeros(info.num_heads, dtype=torch.float32)
             coef[hs] = log_alpha
@@ -146,10 +164,10 @@ class Steer(Pass):
             gm.register_buffer(buf, coef.to(_device(gm)))
             with graph.inserting_before(node):
                 c = graph.get_attr(buf)
-                bias = graph.call_function(steer_key_bias, (weights, node.args[4], c))
+                bias = graph.call_function(steer_key_bias, (weights, schema.get(node, "k_pos"), c))
             bias.meta["graphwright"] = {"op": "steer_key_bias", "layer": layer, "module": node.meta.get("graphwright", {}).get("module"),
                                         "variant": "steered"}
-            _set_key_bias(node, bias)
+            schema.set(node, "key_bias", bias)
             meta = node.meta.setdefault("graphwright", {})
             old = meta.get("variant")
             meta["variant"] = "steered" if old in (None, "", "dense") else f"{old}+steered"
@@ -166,21 +184,6 @@ class Steer(Pass):
                          "heads_source": self.heads if isinstance(self.heads, str) else "explicit", "input": STEER_INPUT},
         }
         return sg
-
-
-def _key_bias(node):
-    if len(node.args) > KEY_BIAS_ARG:
-        return node.args[KEY_BIAS_ARG]
-    return node.kwargs.get("key_bias")
-
-
-def _set_key_bias(node, value):
-    if len(node.args) > KEY_BIAS_ARG:
-        args = list(node.args)
-        args[KEY_BIAS_ARG] = value
-        node.args = tuple(args)
-    else:
-        node.update_kwarg("key_bias", value)
 
 
 def _device(gm) -> torch.device:

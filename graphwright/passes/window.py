@@ -87,6 +87,11 @@ def parse_selection(layers, heads, num_layers: int, num_heads: int) -> dict:
 @register_pass
 class Window(Pass):
     name = "window"
+    needs = frozenset({"dense_attention", "shared_positions"})
+    produces = frozenset({"window"})
+    excludes = {"block_sparse": "both decide which keys a query sees (a window or top-k blocks); give them different layers"}
+    stage = 20
+    examples = {"exact": "window(size=1000)", "lossy": "window(size=6, sinks=2)", "models": ("tiny-llama", "tiny-qwen2")}
     exact = False
     doc = "Sliding-window attention with attention sinks (masking only) for chosen layers or heads."
     args = (
@@ -95,6 +100,16 @@ class Window(Pass):
         Arg("layers", list, None, "layers to window (default: all)"),
         Arg("heads", Mapping, None, "{layer: [query heads]} to window only those heads"),
     )
+
+    def __init__(self, **values):
+        super().__init__(**values)
+        if self.heads is not None:  # a per-head window splits the layer's attention node
+            self.produces = frozenset({"window", "head_split"})
+
+    def layer_set(self, info) -> set | None:
+        if self.heads is not None and isinstance(self.heads, Mapping):
+            return {int(k) for k in self.heads if str(k).lstrip("-").isdigit()}
+        return super().layer_set(info)
 
     def applies_to(self, sg) -> str | None:
         nodes = sg.nodes(ATTENTION)

@@ -106,11 +106,13 @@ def test_verify_false_skips_the_check(sg, register):
 def test_lossy_pass_reports_its_deviation(sg, register):
     register(Lossy)
     out, recipe, verification = run_recipe(sg, [{"pass": "test_lossy", "scale": 0.05}, {"pass": "noop"}])
-    lossy, noop = verification["passes"]
+    noop, lossy = verification["passes"]  # the pass manager runs noop (stage 0) first, whatever the written order
     assert lossy["name"] == "test_lossy" and lossy["exact"] is False
     assert lossy["max_abs_logit_diff"] > 1e-3 and lossy["kl"] > 0
-    assert noop == {"name": "noop", "exact": True, "max_abs_logit_diff": 0.0, "kl": 0.0}  # compared to the lossy graph
-    assert out.notes["recipe"] == [{"pass": "test_lossy", "scale": 0.05}, {"pass": "noop"}]
+    assert noop == {"name": "noop", "exact": True, "max_abs_logit_diff": 0.0, "kl": 0.0}
+    assert out.notes["recipe"] == [{"pass": "noop"}, {"pass": "test_lossy", "scale": 0.05}]
+    assert out.notes["pass_order"]["written"] == ["test_lossy", "noop"]
+    assert out.notes["pass_order"]["order"] == ["noop", "test_lossy"]
     assert out.notes["test_lossy"]["counts"] == {"perturbed": 1}
 
 
