@@ -131,7 +131,8 @@ def test_latent_lowering_wrapper_forwards_appended_args(T):
     g = torch.Generator().manual_seed(7)
     k_pos = torch.arange(S).repeat(B, 1)
     k_pos[1, :3] = -1
-    args = (torch.randn(B, H, T, D, generator=g), torch.randn(B, S, rk, generator=g), torch.randn(B, S, rv, generator=g),
+    args = (torch.randn(B, H, T, D, generator=g), torch.randn(B, S, rk, generator=g),
+            torch.randn(B, S, rv, generator=g),
             torch.randn(rk, Hk * D, generator=g) / rk ** 0.5, None, None, None, k_pos[:, S - T:].clone(), k_pos,
             1.0 / (100.0 ** (torch.arange(0, 12, 2).float() / 12)), 1.0, 0.25, 3,
             torch.randn(B, H, S, generator=g), 2, 1.0 + 0.3 * torch.randn(D, generator=g), 1e-5)

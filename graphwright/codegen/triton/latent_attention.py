@@ -148,7 +148,8 @@ def rotate_half_columns(w: torch.Tensor, head_dim: int, rot_dims: int) -> torch.
 
 
 def swap_halves(w: torch.Tensor, rot_dims: int) -> torch.Tensor:
-    """w [D] with its first ``rot_dims`` entries' halves swapped (no sign): rotate_half(w * x) = this * rotate_half(x)."""
+    """w [D] with the halves of its first ``rot_dims`` entries swapped (no sign change), so that
+    rotate_half(w * x) = swap_halves(w) * rotate_half(x)."""
     half = rot_dims // 2
     return torch.cat([w[half:rot_dims], w[:half], w[rot_dims:]])
 
@@ -189,6 +190,7 @@ def latent_attention_triton(q, c_k, c_v, k_up, k_bias, v_up, v_bias, q_pos, k_po
         BLOCK_RK=max(16, triton.next_power_of_2(RK)), BLOCK_RV=max(16, triton.next_power_of_2(RV)),
         BLOCK_R=block_r, BLOCK_N=block_n,
         HAS_KBIAS=k_bias is not None, HAS_ROPE=R > 0, HAS_VUP=v_up is not None, HAS_VBIAS=v_bias is not None,
-        HAS_WINDOW=window > 0, HAS_BIAS=key_bias is not None, HAS_KNORM=k_norm is not None, DOT_PREC="ieee" if q.dtype.itemsize == 4 else "tf32",
+        HAS_WINDOW=window > 0, HAS_BIAS=key_bias is not None, HAS_KNORM=k_norm is not None,
+        DOT_PREC="ieee" if q.dtype.itemsize == 4 else "tf32",
     )
     return out
