@@ -75,13 +75,18 @@ def test_decode_matches_reference(variant, dtype):
     _check(out, ref, dtype)
 
 
-LATENT = {  # name -> (T, rope dims R of D=16 (0: no RoPE), k_bias, reconstruct V, v_bias, window)
+LATENT = {  # name -> (T, rope dims R of D=16 (0: no RoPE), k_bias, reconstruct V, v_bias, window[, extras])
     "absorbed_rope": (9, 16, False, False, False, 0),
     "reconstruct_bias_rope": (9, 16, True, True, True, 0),
     "partial_rotary_window": (9, 8, True, False, False, 5),
     "no_rope_reconstruct": (9, 0, False, True, False, 0),
     "decode_absorbed": (1, 16, True, False, False, 0),
     "decode_reconstruct": (1, 8, False, True, True, 4),
+    # appended arguments: key_bias [B, H, S], sinks (with the window), k_norm [D] (RMSNorm before RoPE)
+    "prefill_bias_sinks_knorm": (9, 12, True, False, False, 4, ("key_bias", "sinks", "k_norm")),
+    "decode_bias_sinks_knorm": (1, 16, True, True, True, 5, ("key_bias", "sinks", "k_norm")),
+    "knorm_no_rope": (9, 0, False, True, False, 0, ("k_norm",)),
+    "decode_bias": (1, 8, False, False, False, 0, ("key_bias",)),
 }
 
 
@@ -91,7 +96,8 @@ def test_latent_matches_reference(variant, dtype):
     from graphwright.codegen.triton.latent_attention import latent_attention_triton
     from graphwright.ops.latent_attention import latent_attention_reference
 
-    T, R, kb, recon, vb, window = LATENT[variant]
+    T, R, kb, recon, vb, window, *more = LATENT[variant]
+    more = more[0] if more else ()
     B, H, Hk, S, D, rk, rv = 2, 4, 2, 23, 16, 12, 10
     g = torch.Generator().manual_seed(5)
     q = torch.randn(B, H, T, D, generator=g).to(dtype)
@@ -106,9 +112,33 @@ def test_latent_matches_reference(variant, dtype):
     k_pos[1, :4] = -1  # left padding in row 1
     q_pos = k_pos[:, S - T:].clone()
     args = (q, c_k, c_v, k_up, k_bias, v_up, v_bias, q_pos, k_pos, inv_freq, 1.5, 0.25, window)
+    if more:
+        args += (torch.randn(B, H, S, generator=g).to(dtype) if "key_bias" in more else None,
+                 3 if "sinks" in more else 0,
+                 (1.0 + 0.3 * torch.randn(D, generator=g)).to(dtype) if "k_norm" in more else None, 1e-5)
     ref = latent_attention_reference(*args)
     out = latent_attention_triton(*args, block_r=16, block_n=16)
     _check(out, ref, dtype)
+
+
+@pytest.mark.parametrize("T", [1, 6])
+def test_latent_lowering_wrapper_forwards_appended_args(T):
+    """The backend's table entry (``codegen.triton.latent_attention_triton``) passes key_bias, sinks and k_norm on."""
+    from graphwright.codegen.triton import latent_attention_triton
+    from graphwright.ops.latent_attention import latent_attention_reference
+
+    B, H, Hk, S, D, rk, rv = 2, 4, 2, 13, 16, 12, 10
+    g = torch.Generator().manual_seed(7)
+    k_pos = torch.arange(S).repeat(B, 1)
+    k_pos[1, :3] = -1
+    args = (torch.randn(B, H, T, D, generator=g), torch.randn(B, S, rk, generator=g),
+            torch.randn(B, S, rv, generator=g),
+            torch.randn(rk, Hk * D, generator=g) / rk ** 0.5, None, None, None, k_pos[:, S - T:].clone(), k_pos,
+            1.0 / (100.0 ** (torch.arange(0, 12, 2).float() / 12)), 1.0, 0.25, 3,
+            torch.randn(B, H, S, generator=g), 2, 1.0 + 0.3 * torch.randn(D, generator=g), 1e-5)
+    ref = latent_attention_reference(*args)
+    assert (ref - latent_attention_reference(*args[:13])).abs().max() > 1e-2  # the appended args matter here
+    assert (latent_attention_triton(*args) - ref).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
