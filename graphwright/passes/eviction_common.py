@@ -1,5 +1,12 @@
 """The graph rewrite shared by KV-eviction passes (H2O, SnapKV, FastGen, StreamingLLM).
 
+A pass is a few lines: ``rewrite_layers(sg, name, evict_pass_build(POLICY, params), self.layer_set(sg.info))``.
+``evict_pass_build``/``insert_policy`` insert the policy's op (``ops/eviction_policy.py``), add its
+state by the names the policy declares and map its outputs by name. Attention arguments are read
+and written by name (``ops/schema.py``). ``layers=`` (``LAYERS_ARG``, ``EvictionPass.layer_set``)
+restricts a pass to some layers: only those are inspected and rewritten, so different policies can
+own different layers (each layer has its own per-head positions state).
+
 Captured layout, per layer l::
 
     k_all = cat([k_cache_l, k_new], 2)          # [B, Hk, S + T, D], same for v
@@ -11,6 +18,10 @@ After the rewrite, per evicted layer::
     key_pos_all_l = cat([key_positions_l, positions[:, None].expand(-1, Hk, -1)], 2)   # [B, Hk, S_l + T]
     out = graphwright.attention(q, k_all, v_all, positions, key_pos_all_l, ...)      # op accepts per-head k_pos
     k', v', key_positions_l', *aux' = graphwright.evict_<policy>(q, k_all, v_all, positions, key_pos_all_l, *aux, ...)
+
+Invariants tested: ``tests/passes/test_eviction_layers.py`` (two policies on two layers compile and
+generate in either pass order, each layer keeps its policy's set; out-of-range layers raise
+``RecipeError``), ``test_eviction_policy.py`` (a toy policy runs through ``evict_pass_build``).
 
 so each layer owns per-head positions state [B, Hk, S_l] (padded with -1 where a head keeps fewer
 tokens) plus whatever the policy needs (cumulative scores, token classes, policy ids), declared as
