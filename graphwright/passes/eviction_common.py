@@ -1,5 +1,12 @@
 """The graph rewrite shared by KV-eviction passes (H2O, SnapKV, FastGen, StreamingLLM).
 
+A pass is a few lines: ``rewrite_layers(sg, name, evict_pass_build(POLICY, params), self.layer_set(sg.info))``.
+``evict_pass_build``/``insert_policy`` insert the policy's op (``ops/eviction_policy.py``), add its
+state by the names the policy declares and map its outputs by name. Attention arguments are read
+and written by name (``ops/schema.py``). ``layers=`` (``LAYERS_ARG``, ``EvictionPass.layer_set``)
+restricts a pass to some layers: only those are inspected and rewritten, so different policies can
+own different layers (each layer has its own per-head positions state).
+
 Captured layout, per layer l::
 
     k_all = cat([k_cache_l, k_new], 2)          # [B, Hk, S + T, D], same for v
@@ -11,6 +18,10 @@ After the rewrite, per evicted layer::
     key_pos_all_l = cat([key_positions_l, positions[:, None].expand(-1, Hk, -1)], 2)   # [B, Hk, S_l + T]
     out = graphwright.attention(q, k_all, v_all, positions, key_pos_all_l, ...)      # op accepts per-head k_pos
     k', v', key_positions_l', *aux' = graphwright.evict_<policy>(q, k_all, v_all, positions, key_pos_all_l, *aux, ...)
+
+Invariants tested: ``tests/passes/test_eviction_layers.py`` (two policies on two layers compile and
+generate in either pass order, each layer keeps its policy's set; out-of-range layers raise
+``RecipeError``), ``test_eviction_policy.py`` (a toy policy runs through ``evict_pass_build``).
 
 so each layer owns per-head positions state [B, Hk, S_l] (padded with -1 where a head keeps fewer
 tokens) plus whatever the policy needs (cumulative scores, token classes, policy ids), declared as
@@ -30,20 +41,50 @@ across heads, so the runtime's kept-token counts describe what the latent cache 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from ..capture.ops import ATTENTION
 from ..capture.step_graph import StateSpec
+from ..errors import RecipeError
+from ..ops import schema
 from ..ops.eviction import LATENT_KEYS
+from ..ops.eviction_policy import EvictionPolicy
 from ..ops.latent_attention import LATENT_ATTENTION
+from .base import Arg, Pass
 
-ATTN_ARGS = ("q", "k", "v", "q_pos", "k_pos", "scale", "window", "key_bias")
-LATENT_ARGS = ("q", "c_k", "c_v", "k_up", "k_bias", "v_up", "v_bias", "q_pos", "k_pos", "inv_freq", "rope_scaling",
-               "scale", "window")
 SHARED_POSITIONS = "key_positions"
+EVICT_INPUTS = ("q", "k", "v", "q_pos", "k_pos", "scale")  # what rewrite_layers prepares for a policy op
+LAYERS_ARG = Arg("layers", list, None, "layer indices to evict (default: all layers)")
+
+
+def select_layers(pass_name: str, layers, num_layers: int) -> list[int]:
+    """Sorted layer indices of a ``layers=`` recipe value (None = all); ``RecipeError`` naming the valid range."""
+    if layers is None:
+        return list(range(num_layers))
+    valid = f"valid layers are 0..{num_layers - 1} ({num_layers} layers)"
+    if not layers:
+        raise RecipeError(f"{pass_name}: layers=[] selects nothing; leave it out for all layers ({valid})")
+    bad = [x for x in layers if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < num_layers]
+    if bad:
+        raise RecipeError(f"{pass_name}: layers={list(layers)} has {bad[0]!r} out of range; {valid}")
+    if len(set(layers)) != len(layers):
+        raise RecipeError(f"{pass_name}: layers={list(layers)} repeats a layer; list each layer once")
+    return sorted(layers)
+
+
+class EvictionPass(Pass):
+    """What every eviction pass shares: ``layers=`` selection, ``layer_set`` and ``applies_to``."""
+
+    def layer_set(self, info) -> set[int]:
+        """The layers this pass evicts (``RecipeError`` for an index outside 0..num_layers-1)."""
+        return set(select_layers(self.name, self.values.get("layers"), info.num_layers))
+
+    def applies_to(self, sg) -> str | None:
+        sites = find_sites(sg, self.layer_set(sg.info))
+        return sites if isinstance(sites, str) else None
 
 
 def positions_name(layer: int) -> str:
@@ -56,21 +97,20 @@ class LayerSite:
     """One layer's attention node and the cache nodes around it."""
 
     layer: int
-    attn: torch.fx.Node
-    args: dict  # attention arguments by name
+    attn: torch.fx.Node  # read its arguments with ``arg(name)`` (schema.get)
     k_cache: torch.fx.Node  # state placeholders
     v_cache: torch.fx.Node
     k_name: str  # their state names
     v_name: str
     latent: bool = False  # graphwright.latent_attention over a latent cache shared by the KV heads
     latent_k_width: int = 0  # r_k: where c_k ends in the shared payload
+    # the policy op's inputs by name (q, k, v, q_pos, k_pos, scale), set by rewrite_layers: for a latent
+    # layer k are keys rebuilt from c_k and v the shared payload; k_pos the per-head positions
+    inputs: dict = field(default_factory=dict)
 
-    def arg(self, name):
-        return self.args.get(name)
-
-    @property
-    def arg_names(self):
-        return LATENT_ARGS if self.latent else ATTN_ARGS
+    def arg(self, name, default=None):
+        """The attention node's argument ``name`` (``default`` when this variant has no such argument)."""
+        return schema.get(self.attn, name, default)
 
 
 class StateEditor:
@@ -132,24 +172,16 @@ class StateEditor:
         self.sg.state = [e[0] for e in self.entries]
 
 
-def attention_args(node) -> dict:
-    names = LATENT_ARGS if node.target is LATENT_ATTENTION else ATTN_ARGS
-    d = {name: a for name, a in zip(names, node.args)}
-    d.update(node.kwargs)
-    return d
-
-
 def locate_layer(ed: StateEditor, node) -> LayerSite | str:
     """The layer's cache placeholders, or the reason the layout is not the captured dense one."""
-    layer = node.meta.get("graphwright", {}).get("layer")
+    layer = schema.layer_of(node)
     latent = node.target is LATENT_ATTENTION
-    args = attention_args(node)
     where = f"layer {layer}"
-    if args.get("key_bias") is not None:
+    if schema.get(node, "key_bias", None) is not None:
         return f"{where}: attention has a key_bias (steering); apply eviction before steer"
     caches = []
     for name in ("c_k", "c_v") if latent else ("k", "v"):
-        cat = args[name]
+        cat = schema.get(node, name)
         dims = (1, -2) if latent else (2, -2)
         if not (isinstance(cat, torch.fx.Node) and cat.target is torch.ops.aten.cat.default
                 and len(cat.args[0]) == 2 and cat.args[1] in dims):
@@ -158,20 +190,28 @@ def locate_layer(ed: StateEditor, node) -> LayerSite | str:
         if e is None or e[0].kind != "kv":
             return f"{where}: attention {name} does not read a kv state input"
         caches.append(e)
-    kp = args["k_pos"]
+    kp = schema.get(node, "k_pos")
     shared = ed.find(SHARED_POSITIONS)
     if shared is None or not (isinstance(kp, torch.fx.Node) and kp.target is torch.ops.aten.cat.default
                               and kp.args[0][0] is shared[1]):
         return f"{where}: key positions are already per layer (an eviction pass applies once)"
-    return LayerSite(layer, node, args, caches[0][1], caches[1][1], caches[0][0].name, caches[1][0].name,
+    return LayerSite(layer, node, caches[0][1], caches[1][1], caches[0][0].name, caches[1][0].name,
                      latent, caches[0][0].shape[-1] if latent else 0)
 
 
-def find_sites(sg) -> list[LayerSite] | str:
-    """Every attention layer's site (sorted by layer), or the first reason one cannot be rewritten."""
+def find_sites(sg, layers=None) -> list[LayerSite] | str:
+    """The sites of the chosen layers (all when ``layers`` is None), sorted by layer, or the first
+    reason one cannot be rewritten. Layers outside ``layers`` are not inspected."""
     nodes = sg.nodes(ATTENTION) + sg.nodes(LATENT_ATTENTION)
     if not nodes:
         return "the graph has no graphwright.attention or graphwright.latent_attention nodes to evict from"
+    if layers is not None:
+        have = {schema.layer_of(n) for n in nodes}
+        missing = sorted(set(layers) - have)
+        if missing:
+            return (f"layer(s) {missing} have no graphwright.attention or graphwright.latent_attention node "
+                    f"(layers with one: {sorted(x for x in have if x is not None)})")
+        nodes = [n for n in nodes if schema.layer_of(n) in layers]
     ed = StateEditor(sg)
     sites = []
     for n in nodes:
@@ -211,13 +251,16 @@ BuildFn = Callable  # (sg, ed, site, key_pos_all) -> {state name: output node}
 
 
 def rewrite_layers(sg, variant: str, build: BuildFn, layers=None) -> list[int]:
-    """Give each selected layer per-head positions state and the policy's eviction node.
+    """Give each selected layer (all when ``layers`` is None) per-head positions state and the policy's node.
 
-    ``build(sg, ed, site, key_pos_all)`` inserts the eviction node after ``site.attn`` (adding any
-    extra state with ``ed.add``) and returns the new output node of every state it owns
-    (k, v, per-head positions, extras). Returns the rewritten layer indices.
+    Before ``build`` runs, ``site.inputs`` holds the policy op's q, k, v, q_pos, k_pos (the per-head
+    positions) and scale. ``build(sg, ed, site, key_pos_all)`` inserts the eviction node after
+    ``site.attn`` (adding any extra state with ``ed.add``; it may replace the attention node, then it
+    sets ``site.attn``) and returns the new output node of every state it owns (k, v, per-head
+    positions, extras). Layers outside ``layers`` are neither inspected nor changed. Returns the
+    rewritten layer indices.
     """
-    sites = find_sites(sg)
+    sites = find_sites(sg, layers)
     if isinstance(sites, str):
         raise ValueError(sites)
     ed = StateEditor(sg)
@@ -226,28 +269,22 @@ def rewrite_layers(sg, variant: str, build: BuildFn, layers=None) -> list[int]:
     pos = positions_node(sg)
     done = []
     for site in sites:
-        if layers is not None and site.layer not in layers:
-            continue
         kp_in = ed.add(StateSpec(positions_name(site.layer), "positions", (-1, hk, 0), torch.long, seq_dim=2, layer=site.layer))
         with graph.inserting_before(site.attn):
             # this step's positions, one copy per KV head: [B, T] -> [B, Hk, T]
             per_head = call(graph, torch.ops.aten.expand.default, call(graph, torch.ops.aten.unsqueeze.default, pos, 1), [-1, hk, -1])
             kp_all = call(graph, torch.ops.aten.cat.default, [kp_in, per_head], 2)
+        site.inputs = {name: site.arg(name) for name in EVICT_INPUTS}
         attn_kp = kp_all
         if site.latent:
             with graph.inserting_before(site.attn):
                 # every head holds the same (union) set: head 0's positions are the latent rows' positions
                 attn_kp = call(graph, torch.ops.aten.select.int, kp_all, 1, 0)  # [B, S_l + T]
-                site.args["k"] = call(graph, LATENT_KEYS, site.args["c_k"], site.args["k_up"], site.args["k_bias"],
-                                      attn_kp, site.args["inv_freq"], site.args["rope_scaling"], sg.info.head_dim)
-                payload = call(graph, torch.ops.aten.cat.default, [site.args["c_k"], site.args["c_v"]], -1)
-                site.args["v"] = call(graph, torch.ops.aten.unsqueeze.default, payload, 1)  # [B, 1, S, r_k + r_v]
-        i = site.arg_names.index("k_pos")
-        if i < len(site.attn.args):
-            site.attn.update_arg(i, attn_kp)
-        else:
-            site.attn.update_kwarg("k_pos", attn_kp)
-        site.args["k_pos"] = kp_all
+                site.inputs["k"] = latent_keys(sg, site, attn_kp)
+                payload = call(graph, torch.ops.aten.cat.default, [site.arg("c_k"), site.arg("c_v")], -1)
+                site.inputs["v"] = call(graph, torch.ops.aten.unsqueeze.default, payload, 1)  # [B, 1, S, r_k + r_v]
+        schema.set(site.attn, "k_pos", attn_kp)
+        site.inputs["k_pos"] = kp_all
         for name, node in build(sg, ed, site, kp_all).items():
             ed.set_output(name, node)
         meta = site.attn.meta.setdefault("graphwright", {})
@@ -259,6 +296,15 @@ def rewrite_layers(sg, variant: str, build: BuildFn, layers=None) -> list[int]:
     graph.lint()
     sg.gm.recompile()
     return done
+
+
+def latent_keys(sg, site: LayerSite, k_pos, **override) -> torch.fx.Node:
+    """``graphwright.latent_keys`` of a latent layer [B, Hk, S, D] fp32, its arguments taken by name from the
+    layer's latent attention node (``override``: e.g. ``inv_freq=None`` for pre-RoPE keys)."""
+    values = {name: site.arg(name) for name in schema.arg_names(LATENT_KEYS)
+              if name in schema.arg_names(site.attn.target)}
+    values.update(k_pos=k_pos, head_dim=sg.info.head_dim, **override)
+    return schema.call(sg.gm.graph, LATENT_KEYS, **values)
 
 
 def cache_outputs(sg, site: LayerSite, k_out, v_out) -> dict:
@@ -275,13 +321,44 @@ def cache_outputs(sg, site: LayerSite, k_out, v_out) -> dict:
     return {site.k_name: c_k, site.v_name: c_v}
 
 
-def evict_node(sg, ed, site: LayerSite, op, args: tuple, n_out: int, variant: str) -> list:
-    """Insert ``op(*args)`` right after the layer's attention node; returns its n_out outputs."""
-    graph = sg.gm.graph
+def insert_policy(sg, ed, site: LayerSite, policy: EvictionPolicy, params: dict, **inputs) -> dict:
+    """Insert ``policy``'s op after the layer's attention node; returns ``{state name: output node}``.
+
+    The op's q, k, v, q_pos, k_pos, scale come from ``site.inputs`` unless given in ``inputs``; its
+    per-slot and per-head state are added as state ``<prefix><layer>`` by the names the policy
+    declares; its per-step inputs (``policy.step_inputs``) must be given in ``inputs``; ``params``
+    are its scalar parameters by name. Outputs are mapped by name, never by index.
+    """
+    graph, layer, hk = sg.gm.graph, site.layer, sg.info.num_kv_heads
+    wanted = policy.arg_names()
+    values = {name: site.inputs[name] for name in EVICT_INPUTS if name in wanted}
+    values.update(inputs)
+    state = {}
+    for s in policy.slot_state:
+        values[s.arg] = state[s.arg] = aux_state(ed, site, s.prefix, s.dtype, hk)
+    for s in policy.head_state:
+        values[s.arg] = state[s.arg] = ed.add(StateSpec(f"{s.prefix}{layer}", "positions", (-1, hk, 0), s.dtype,
+                                                        seq_dim=2, layer=layer))
+    missing = [s.arg for s in policy.step_inputs if s.arg not in values]
+    if missing:
+        raise ValueError(f"evict_{policy.name} needs per-step input(s) {missing} from the pass")
+    values.update(params)
     with graph.inserting_after(site.attn):
-        node = graph.call_function(op, args)
-    tag(node, site, "kv_evict", variant)
-    return insert_outputs(graph, node, n_out)
+        node = schema.call(graph, policy.op, **values)
+    tag(node, site, "kv_evict", policy.name)
+    outs = dict(zip(policy.outputs(), insert_outputs(graph, node, len(policy.outputs()))))
+    result = {**cache_outputs(sg, site, outs["k"], outs["v"]), positions_name(layer): outs["k_pos"]}
+    for s in (*policy.slot_state, *policy.head_state):
+        result[f"{s.prefix}{layer}"] = outs[s.arg]
+    return result
+
+
+def evict_pass_build(policy: EvictionPolicy, params: dict, **inputs) -> BuildFn:
+    """The ``build`` of a pass that only inserts ``policy``'s op (H2O, SnapKV, FastGen)."""
+    def build(sg, ed, site, kp_all):
+        return insert_policy(sg, ed, site, policy, params, **inputs)
+
+    return build
 
 
 def aux_state(ed, site, name: str, dtype, hk: int) -> torch.fx.Node:

@@ -23,6 +23,8 @@ Setting here (see ``ops/fastgen_ref.py``):
 * ``local``/``frequent`` are fractions of the length (float) or fixed counts (int);
   ``force`` gives every head one policy (ablations, tests).
 
+``layers=[...]`` evicts only those layers.
+
 Exact setting: ``recovery=1.0`` (or ``force="full"``). Invariants tested
 (``tests/passes/test_fastgen.py``): identity at recovery 1.0 (tiny Llama and Qwen2, batch 2
 left-padded, 32 tokens); first token equals dense; the recovered mass equals an independent
@@ -37,12 +39,11 @@ import unicodedata
 
 import torch
 
-from ..capture.step_graph import StateSpec
-from ..ops.eviction import EVICT_FASTGEN
 from ..ops.eviction_ref import LADDER, PUNCT, SPECIAL
-from .base import Arg, Pass, PassContext, register_pass
-from .eviction_common import (aux_state, cache_outputs, call, evict_node, find_sites, frac_or_count, latent_settings,
-                              positions_name, rewrite_layers)
+from ..ops.policy_fastgen import FASTGEN_POLICY
+from .base import Arg, PassContext, register_pass
+from .eviction_common import (LAYERS_ARG, EvictionPass, call, evict_pass_build, find_sites, frac_or_count, latent_settings,
+                              rewrite_layers)
 
 TABLE = "fastgen_token_class"
 
@@ -67,7 +68,7 @@ def token_class_table(tokenizer, vocab_size: int) -> torch.Tensor:
 
 
 @register_pass
-class FastGen(Pass):
+class FastGen(EvictionPass):
     name = "fastgen"
     needs = frozenset({"attention", "shared_positions"})
     produces = frozenset({"evicted"})
@@ -85,40 +86,27 @@ class FastGen(Pass):
         Arg("frequent", (int, float), 0.3, "heavy hitters: fraction of the length (float) or token count (int)", min=0),
         Arg("criterion", str, "mass", "recovered-mass test", choices=("mass", "l1")),
         Arg("force", str, None, "give every head this policy instead of profiling", choices=LADDER),
+        LAYERS_ARG,
     )
 
     def is_identity(self) -> bool:
         return self.force == "full" or (self.force is None and self.recovery >= 1.0)
 
-    def applies_to(self, sg) -> str | None:
-        sites = find_sites(sg)
-        return sites if isinstance(sites, str) else None
-
     def run(self, sg, ctx: PassContext):
         ln, lf = frac_or_count(self.local)
         fn, ff = frac_or_count(self.frequent)
-        hk = sg.info.num_kv_heads
+        chosen = self.layer_set(sg.info)
         graph = sg.gm.graph
         table = token_class_table(ctx.tokenizer, sg.info.vocab_size)
         sg.gm.register_buffer(TABLE, table)
         ids = next(n for n in graph.nodes if n.op == "placeholder")
-        first_attn = find_sites(sg)[0].attn
+        first_attn = find_sites(sg, chosen)[0].attn
         with graph.inserting_before(first_attn):
             # classes of this step's tokens, looked up once for all layers: [B, T] int8
             new_class = call(graph, torch.ops.aten.index.Tensor, graph.get_attr(TABLE), [ids])
-
-        def build(sg, ed, site, kp_all):
-            a, layer = site.args, site.layer
-            score = aux_state(ed, site, "attn_score", torch.float32, hk)
-            cls = aux_state(ed, site, "token_class", torch.int8, hk)
-            pol = ed.add(StateSpec(f"fastgen_policy{layer}", "positions", (-1, hk, 0), torch.long, seq_dim=2, layer=layer))
-            outs = evict_node(sg, ed, site, EVICT_FASTGEN,
-                              (a["q"], a["k"], a["v"], a["q_pos"], kp_all, score, cls, new_class, pol, a["scale"],
-                               float(self.recovery), ln, lf, fn, ff, self.criterion, self.force or ""), 6, "fastgen")
-            names = (positions_name(layer), f"attn_score{layer}", f"token_class{layer}", f"fastgen_policy{layer}")
-            return {**cache_outputs(sg, site, *outs[:2]), **dict(zip(names, outs[2:]))}
-
-        layers = rewrite_layers(sg, "fastgen", build)
+        params = {"recovery": float(self.recovery), "local_n": ln, "local_f": lf, "frequent_n": fn, "frequent_f": ff,
+                  "criterion": self.criterion, "force": self.force or ""}
+        layers = rewrite_layers(sg, "fastgen", evict_pass_build(FASTGEN_POLICY, params, new_class=new_class), chosen)
         per_layer = {layer: {} for layer in layers}
         calib = {}  # KV heads per policy on the calibration text (what the report can say before any prompt)
         for layer, pols in calibration_policies(sg, ctx).items():

@@ -15,6 +15,7 @@ equals the dense model's. Cache state per layer: k, v [B, Hk, S_l, D], positions
 (-1 in padding slots) and fp32 scores [B, Hk, S_l].
 
 Exact setting: ``heavy`` or ``recent`` a fraction >= 1.0 (budget >= length).
+``layers=[...]`` evicts only those layers (others keep their cache or another policy).
 Invariants tested (``tests/passes/test_h2o.py``): identity at the exact setting (tiny Llama and
 Qwen2, batch 2 left-padded, 32 new tokens); first token equals dense; the budget holds over 500
 decode steps; the op's kept set equals a slow loop oracle on random attention.
@@ -22,16 +23,13 @@ decode steps; the op's kept set equals a slow loop oracle on random attention.
 
 from __future__ import annotations
 
-import torch
-
-from ..ops.eviction import EVICT_H2O
-from .base import Arg, Pass, PassContext, register_pass
-from .eviction_common import (aux_state, cache_outputs, evict_node, find_sites, frac_or_count, latent_settings,
-                              positions_name, rewrite_layers)
+from ..ops.policy_h2o import H2O_POLICY
+from .base import Arg, PassContext, register_pass
+from .eviction_common import LAYERS_ARG, EvictionPass, evict_pass_build, frac_or_count, latent_settings, rewrite_layers
 
 
 @register_pass
-class H2O(Pass):
+class H2O(EvictionPass):
     name = "h2o"
     needs = frozenset({"attention", "shared_positions"})
     produces = frozenset({"evicted"})
@@ -46,28 +44,17 @@ class H2O(Pass):
     args = (
         Arg("heavy", (int, float), 0.1, "heavy hitters: fraction of the current length (float) or token count (int)", min=0),
         Arg("recent", (int, float), 0.1, "recent window: fraction of the current length (float) or token count (int)", min=0),
+        LAYERS_ARG,
     )
 
     def is_identity(self) -> bool:
         return any(isinstance(x, float) and x >= 1.0 for x in (self.heavy, self.recent))
 
-    def applies_to(self, sg) -> str | None:
-        sites = find_sites(sg)
-        return sites if isinstance(sites, str) else None
-
     def run(self, sg, ctx: PassContext):
         hn, hf = frac_or_count(self.heavy)
         rn, rf = frac_or_count(self.recent)
-        hk = sg.info.num_kv_heads
-
-        def build(sg, ed, site, kp_all):
-            score = aux_state(ed, site, "attn_score", torch.float32, hk)
-            a = site.args
-            outs = evict_node(sg, ed, site, EVICT_H2O, (a["q"], a["k"], a["v"], a["q_pos"], kp_all, score, a["scale"],
-                                                        hn, hf, rn, rf), 4, "h2o")
-            return {**cache_outputs(sg, site, *outs[:2]), positions_name(site.layer): outs[2], f"attn_score{site.layer}": outs[3]}
-
-        layers = rewrite_layers(sg, "h2o", build)
+        params = {"heavy_n": hn, "heavy_f": hf, "recent_n": rn, "recent_f": rf}
+        layers = rewrite_layers(sg, "h2o", evict_pass_build(H2O_POLICY, params), self.layer_set(sg.info))
         budget = {"heavy": self.heavy, "recent": self.recent}
         sg.notes["h2o"] = {
             "per_layer": {layer: dict(budget) for layer in layers},

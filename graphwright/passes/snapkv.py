@@ -15,6 +15,7 @@ Setting here: selection per (batch row, KV head) with scores averaged over its g
 Prefill attention is dense, so the first generated token equals the dense model's.
 
 Exact setting: budget >= prompt length (input dependent: the pass itself is lossy).
+``layers=[...]`` evicts only those layers.
 Invariants tested (``tests/passes/test_snapkv.py``): budget >= length gives identical tokens
 (tiny Llama and Qwen2, batch 2 left-padded); first token equals dense; after prefill each head
 holds exactly min(length, budget) tokens and grows by one per step; the op's kept set equals a
@@ -24,13 +25,13 @@ slow loop oracle on random attention.
 from __future__ import annotations
 
 from ..errors import RecipeError
-from ..ops.eviction import EVICT_SNAPKV
-from .base import Arg, Pass, PassContext, register_pass
-from .eviction_common import cache_outputs, evict_node, find_sites, latent_settings, positions_name, rewrite_layers
+from ..ops.policy_snapkv import SNAPKV_POLICY
+from .base import Arg, PassContext, register_pass
+from .eviction_common import LAYERS_ARG, EvictionPass, evict_pass_build, latent_settings, rewrite_layers
 
 
 @register_pass
-class SnapKV(Pass):
+class SnapKV(EvictionPass):
     name = "snapkv"
     needs = frozenset({"attention", "shared_positions"})
     produces = frozenset({"evicted"})
@@ -48,6 +49,7 @@ class SnapKV(Pass):
             min=1),
         Arg("kernel", int, 5, "pooling width (odd)", min=1),
         Arg("pool", str, "avg", "pooling of the window scores", choices=("avg", "max")),
+        LAYERS_ARG,
     )
 
     def __init__(self, **values):
@@ -61,18 +63,9 @@ class SnapKV(Pass):
         if self.kernel % 2 == 0:
             raise RecipeError(f"snapkv: kernel={self.kernel} must be odd (centred pooling)")
 
-    def applies_to(self, sg) -> str | None:
-        sites = find_sites(sg)
-        return sites if isinstance(sites, str) else None
-
     def run(self, sg, ctx: PassContext):
-        def build(sg, ed, site, kp_all):
-            a = site.args
-            outs = evict_node(sg, ed, site, EVICT_SNAPKV, (a["q"], a["k"], a["v"], a["q_pos"], kp_all, a["scale"],
-                                                           self.budget, self.window, self.kernel, self.pool), 3, "snapkv")
-            return {**cache_outputs(sg, site, *outs[:2]), positions_name(site.layer): outs[2]}
-
-        layers = rewrite_layers(sg, "snapkv", build)
+        params = {"budget": self.budget, "window": self.window, "kernel": self.kernel, "pool": self.pool}
+        layers = rewrite_layers(sg, "snapkv", evict_pass_build(SNAPKV_POLICY, params), self.layer_set(sg.info))
         sg.notes["snapkv"] = {
             "per_layer": {layer: {"budget": self.budget} for layer in layers},
             "counts": {"layers_evicted": len(layers)},

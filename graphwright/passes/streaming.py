@@ -14,11 +14,22 @@ rotates q and k by cache index before the unchanged attention op; ``graphwright.
 keeps sinks + window after every step (prefill included). Visibility still uses absolute
 positions (same order as cache indices). Same set for every head; positions state stays per
 head for a uniform layout. Needs one rotary table (Llama, Mistral, Qwen2, Phi-3, SmolLM2).
+``layers=[...]`` evicts only those layers (the others keep absolute-position RoPE).
+
+Latent layers (``lowrank_kv`` first): the cache holds latents, so there is nothing to invert on
+the key side. The layer's ``graphwright.latent_attention`` becomes a plain ``graphwright.attention``
+over keys rebuilt *before* RoPE (``graphwright.latent_keys`` with ``inv_freq=None``), the query
+un-rotated with ``rope_invert`` and both rotated by cache index with ``rope_cache_index`` (the
+layer's own ``inv_freq``/``rope_scaling``); values are the latent ``c_v`` expanded to the KV heads
+(absorbed mode: output [B, H, T, r_v] feeding the folded o_proj, as the torch latent kernel does)
+or rebuilt ``c_v @ v_up + v_bias`` (reconstruct mode). ``evict_streaming`` compacts the shared
+latent payload cat([c_k, c_v]) like the other policies (every head keeps the same set anyway).
 
 Exact setting: sinks + window >= sequence length (input dependent; logits equal dense to ~1e-5
 because of the RoPE round trip, greedy tokens identical).
-Invariants tested (``tests/passes/test_streaming.py``): sinks + window >= length gives the dense
-tokens (tiny Llama and Qwen2, batch 2 left-padded); the cache never exceeds sinks + window and
+Invariants tested (``tests/passes/test_streaming.py``, ``test_eviction_latent.py``): sinks + window
+>= length gives the dense tokens (tiny Llama and Qwen2, batch 2 left-padded; also after
+``lowrank_kv(keep=1.0)``, where the latent cache never exceeds sinks + window rows); the cache never exceeds sinks + window and
 keeps exactly the first sinks and last window positions; generation past the model's
 max_position_embeddings stays finite with cache indices < sinks + window + 1; the op equals a
 slow loop oracle.
@@ -30,9 +41,15 @@ import operator
 
 import torch
 
-from ..ops.eviction import EVICT_STREAMING, ROPE_CACHE_INDEX, ROPE_INVERT
-from .base import Arg, Pass, PassContext, register_pass
-from .eviction_common import call, evict_node, find_sites, positions_name, positions_node, rewrite_layers
+from ..capture.ops import ATTENTION
+from ..ops import schema
+from ..ops.eviction import ROPE_CACHE_INDEX, ROPE_INVERT
+from ..ops.policy_streaming import STREAMING_POLICY
+from .base import Arg, PassContext, register_pass
+from .eviction_common import (LAYERS_ARG, EvictionPass, call, find_sites, insert_policy, latent_keys, positions_node,
+                              rewrite_layers)
+
+aten = torch.ops.aten
 
 
 def find_rotary(gm):
@@ -59,7 +76,7 @@ def find_rotary(gm):
 
 
 @register_pass
-class Streaming(Pass):
+class Streaming(EvictionPass):
     name = "streaming"
     needs = frozenset({"attention", "shared_positions", "rotary"})
     produces = frozenset({"evicted"})
@@ -74,41 +91,90 @@ class Streaming(Pass):
     args = (
         Arg("sinks", int, 4, "first tokens always kept (attention sinks)", min=0),
         Arg("window", int, 2000, "most recent tokens kept", min=1),
+        LAYERS_ARG,
     )
 
     def applies_to(self, sg) -> str | None:
-        sites = find_sites(sg)
+        sites = find_sites(sg, self.layer_set(sg.info))
         if isinstance(sites, str):
             return sites
-        if any(site.latent for site in sites):
-            return ("streaming does not apply to latent attention (lowrank_kv): its keys are rebuilt and rotated at "
-                    "absolute positions inside graphwright.latent_attention; use fastgen, h2o or snapkv with lowrank_kv")
+        for site in sites:
+            if site.latent and site.arg("inv_freq") is None:
+                return f"layer {site.layer}: latent attention without a rotary table; StreamingLLM re-rotates keys"
+        if all(site.latent for site in sites):
+            return None
         rot = find_rotary(sg.gm)
         return rot if isinstance(rot, str) else None
 
     def run(self, sg, ctx: PassContext):
-        inv, scaling = find_rotary(sg.gm)
-        pos = positions_node(sg)
-        graph = sg.gm.graph
+        chosen = self.layer_set(sg.info)
+        sites = find_sites(sg, chosen)
+        rot = None if all(s.latent for s in sites) else find_rotary(sg.gm)
+        params = {"sinks": self.sinks, "window": self.window}
+        latent = []
 
         def build(sg, ed, site, kp_all):
-            a = site.args
-            k_new = a["k"].args[0][1]
-            with graph.inserting_before(site.attn):
-                q_pre = call(graph, ROPE_INVERT, a["q"], pos, inv, scaling)
-                k_pre = call(graph, torch.ops.aten.cat.default, [site.k_cache, call(graph, ROPE_INVERT, k_new, pos, inv, scaling)], 2)
-                qk = call(graph, ROPE_CACHE_INDEX, q_pre, k_pre, kp_all, inv, scaling)
-                q_rot, k_rot = call(graph, operator.getitem, qk, 0), call(graph, operator.getitem, qk, 1)
-            site.attn.update_arg(0, q_rot)
-            site.attn.update_arg(1, k_rot)
-            outs = evict_node(sg, ed, site, EVICT_STREAMING, (k_pre, a["v"], a["q_pos"], kp_all, self.sinks, self.window),
-                              3, "streaming")
-            return dict(zip((site.k_name, site.v_name, positions_name(site.layer)), outs))
+            if site.latent:
+                k_pre = rotate_latent_layer(sg, site, kp_all)
+                latent.append(site.layer)
+            else:
+                k_pre = rotate_dense_layer(sg, site, kp_all, *rot)
+            return insert_policy(sg, ed, site, STREAMING_POLICY, params, k=k_pre)
 
-        layers = rewrite_layers(sg, "streaming", build)
+        layers = rewrite_layers(sg, "streaming", build, chosen)
         sg.notes["streaming"] = {
             "per_layer": {layer: {"sinks": self.sinks, "window": self.window} for layer in layers},
-            "counts": {"layers_evicted": len(layers)},
-            "settings": {**self.values, "rope_scaling": scaling, "keys_cached": "pre-RoPE"},
+            "counts": {"layers_evicted": len(layers), "latent_layers": len(latent)},
+            "settings": {**self.values, "rope_scaling": rot[1] if rot else None, "keys_cached": "pre-RoPE"},
         }
         return sg
+
+
+def rotate_dense_layer(sg, site, kp_all, inv, scaling):
+    """Attention over q and the pre-RoPE cache rotated by cache index; returns the pre-RoPE keys to cache."""
+    graph, pos = sg.gm.graph, positions_node(sg)
+    k_new = site.arg("k").args[0][1]  # k_all = cat([k_cache, k_new], 2) (checked by locate_layer)
+    with graph.inserting_before(site.attn):
+        q_pre = call(graph, ROPE_INVERT, site.arg("q"), pos, inv, scaling)
+        k_pre = call(graph, aten.cat.default, [site.k_cache, call(graph, ROPE_INVERT, k_new, pos, inv, scaling)], 2)
+        qk = call(graph, ROPE_CACHE_INDEX, q_pre, k_pre, kp_all, inv, scaling)
+        q_rot, k_rot = call(graph, operator.getitem, qk, 0), call(graph, operator.getitem, qk, 1)
+    schema.set(site.attn, "q", q_rot)
+    schema.set(site.attn, "k", k_rot)
+    return k_pre
+
+
+def rotate_latent_layer(sg, site, kp_all):
+    """Replace the layer's latent attention by ``graphwright.attention`` over pre-RoPE keys rebuilt from c_k,
+    rotated by cache index, and the latent (absorbed) or rebuilt (reconstruct) values.
+
+    Returns the pre-RoPE keys (the eviction op's ``k``; the latent payload is what it compacts)."""
+    graph, info, old = sg.gm.graph, sg.info, site.attn
+    inv, scaling = site.arg("inv_freq"), site.arg("rope_scaling")
+    k_pos = site.arg("k_pos")  # [B, S]: head 0 of the per-head positions (rewrite_layers set it)
+    c_v, v_up, v_bias = site.arg("c_v"), site.arg("v_up"), site.arg("v_bias")
+    hk = info.num_kv_heads
+    with graph.inserting_before(old):
+        q_pre = call(graph, ROPE_INVERT, site.arg("q"), positions_node(sg), inv, scaling)
+        k_pre = latent_keys(sg, site, k_pos, inv_freq=None)  # fp32 [B, Hk, S, D], not rotated
+        if info.dtype != torch.float32:
+            k_pre = call(graph, aten._to_copy.default, k_pre, dtype=info.dtype)
+        qk = call(graph, ROPE_CACHE_INDEX, q_pre, k_pre, kp_all, inv, scaling)
+        q_rot, k_rot = call(graph, operator.getitem, qk, 0), call(graph, operator.getitem, qk, 1)
+        if v_up is None:  # absorbed: one latent value stream shared by every KV head
+            v = call(graph, aten.expand.default, call(graph, aten.unsqueeze.default, c_v, 1), [-1, hk, -1, -1])
+        else:  # reconstruct: V = c_v @ v_up + v_bias as [B, Hk, S, Dv]
+            v = call(graph, aten.matmul.default, c_v, v_up)
+            if v_bias is not None:
+                v = call(graph, aten.add.Tensor, v, v_bias)
+            v = call(graph, aten.transpose.int, call(graph, aten.unflatten.int, v, -1, [hk, -1]), 1, 2)
+        extra = {name: site.arg(name) for name in ("window", "sinks")
+                 if schema.has_arg(old.target, name) and site.arg(name)}
+        new = schema.call(graph, ATTENTION, q=q_rot, k=k_rot, v=v, q_pos=site.arg("q_pos"), k_pos=k_pos,
+                          scale=site.arg("scale"), **extra)
+    new.meta.update({key: val for key, val in old.meta.items() if key != "graphwright"})
+    new.meta["graphwright"] = dict(old.meta.get("graphwright", {}))
+    old.replace_all_uses_with(new)
+    graph.erase_node(old)
+    site.attn = new
+    return k_pre

@@ -1,4 +1,4 @@
-"""Eviction over latent caches (lowrank_kv first): union of the KV heads' sets, identity, budget, refusals."""
+"""Eviction over latent caches (lowrank_kv first): union of the KV heads' sets, identity, budget, streaming."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import functools
 import pytest
 import torch
 
-from graphwright import RecipeError
 from graphwright.ops.eviction_ref import h2o_reference
 from graphwright.ops.fastgen_ref import fastgen_reference
 from graphwright.ops.latent_attention import LATENT_ATTENTION
@@ -25,10 +24,10 @@ LENGTHS = [12, 7]
 
 
 @functools.lru_cache(maxsize=None)
-def _lowrank():
+def _lowrank(name="tiny-llama", keep=0.5, value_path="absorbed"):
     from graphwright.compiled import CompiledModel
 
-    sg = LowRankKV(keep=0.5).run(_compiled("tiny-llama").step_graph.copy(), PassContext(model=_tiny("tiny-llama")))
+    sg = LowRankKV(keep=keep, value_path=value_path).run(_compiled(name).step_graph.copy(), PassContext(model=_tiny(name)))
     return CompiledModel(sg)
 
 
@@ -89,7 +88,7 @@ def test_lowrank_then_h2o_budget_and_dense_prefill():
     assert torch.equal(logits[0], dense[0])  # prefill is dense: the first token equals lowrank_kv alone
 
 
-def test_lowrank_then_snapkv_and_streaming_refusal():
+def test_lowrank_then_snapkv():
     base = _lowrank()
     ev = run_pass(base, SnapKV(budget=16))  # default window min(32, 16 // 2) = 8
     assert ev.step_graph.notes["snapkv"]["settings"]["window"] == 8
@@ -98,8 +97,38 @@ def test_lowrank_then_snapkv_and_streaming_refusal():
     kept = (state_of(ev, state, "key_positions0") >= 0).sum(-1)
     # both rows exceed the budget: each head keeps 8 selected + the shared 8-token window; the union is 16..24
     assert ((kept[:, 0] >= 16) & (kept[:, 0] <= 24)).all() and (kept == kept[:, :1]).all()
-    assert "latent attention" in Streaming().applies_to(base.step_graph)
-    from graphwright.passes.pipeline import run_recipe
 
-    with pytest.raises(RecipeError, match="latent attention"):
-        run_recipe(base.step_graph, "streaming(window=8)", verify=False)
+
+@pytest.mark.parametrize("name,value_path", [("tiny-llama", "absorbed"), ("tiny-qwen2", "absorbed"),
+                                             ("tiny-llama", "reconstruct")])
+def test_lowrank_then_streaming_covering_everything_is_dense(name, value_path):
+    """Full-rank latents + a window covering every token: the dense model's greedy tokens."""
+    dense = _compiled(name)
+    base = _lowrank(name, 1.0, value_path)
+    ev = run_pass(base, Streaming(sinks=4, window=40))
+    assert not ev.step_graph.nodes(LATENT_ATTENTION)  # attention over keys rebuilt pre-RoPE
+    assert ev.step_graph.notes["streaming"]["counts"]["latent_layers"] == 2
+    assert any(s.name == "k0_latent" for s in ev.step_graph.state)  # the cache still holds latents
+    ids, mask = left_padded_batch(256, LENGTHS, seed=1)
+    want_logits, want, _ = decode_loop(dense, ids, mask, 16)
+    got_logits, got, _ = decode_loop(ev, ids, mask, 16)
+    assert torch.equal(got, want)
+    assert (got_logits - want_logits).abs().max() <= 1e-3
+
+
+def test_lowrank_then_streaming_small_window_bounds_the_latent_cache():
+    base = _lowrank()
+    ev = run_pass(base, Streaming(sinks=2, window=5))
+    ids, mask = left_padded_batch(256, LENGTHS, seed=3)
+
+    def check(i, state):
+        for layer in range(2):
+            kp = kept_positions(state_of(ev, state, f"key_positions{layer}"))
+            for b, n in enumerate(LENGTHS):
+                L = n + i
+                assert kp[b] == [[0, 1] + list(range(max(2, L - 5), L))] * 2
+            c_k, c_v = state_of(ev, state, f"k{layer}_latent"), state_of(ev, state, f"v{layer}_latent")
+            assert c_k.shape[1] == c_v.shape[1] <= 2 + 5  # the latent cache itself never exceeds sinks + window
+
+    logits, _, _ = decode_loop(ev, ids, mask, 20, on_step=check)
+    assert torch.isfinite(logits).all()
