@@ -102,7 +102,7 @@ def gemfilter_select(cm, input_ids, attention_mask=None) -> list:
     if trunc is None:
         from ..codegen.lower import lower
 
-        trunc = lower(truncate_after_layer(cm.step_graph.gm, s["layer"]), cm.backend)
+        trunc = lower(truncate_after_layer(cm.step_graph.gm, s["layer"]), cm.backend_object)
         cm._gemfilter_truncated = trunc
     B, T = input_ids.shape
     state = cm.step_graph.init_state(B, input_ids.device)

@@ -43,7 +43,7 @@ def steerable(cm, tokenizer=None):
     from ..passes.steer import Steer
 
     sg = Steer(heads="all").run(cm.step_graph.copy(), PassContext())
-    return CompiledModel(sg, tokenizer=tokenizer or cm.tokenizer, backend=cm.backend, source=cm.source)
+    return CompiledModel(sg, tokenizer=tokenizer or cm.tokenizer, backend=cm.backend_object, source=cm.source)
 
 
 def _coef_modules(cm):

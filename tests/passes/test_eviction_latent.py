@@ -99,7 +99,7 @@ def test_lowrank_then_snapkv_and_streaming_refusal():
     # both rows exceed the budget: each head keeps 8 selected + the shared 8-token window; the union is 16..24
     assert ((kept[:, 0] >= 16) & (kept[:, 0] <= 24)).all() and (kept == kept[:, :1]).all()
     assert "latent attention" in Streaming().applies_to(base.step_graph)
-    from graphwright.passes.pipeline import run_recipe
+    from graphwright.verify import run_recipe
 
     with pytest.raises(RecipeError, match="latent attention"):
         run_recipe(base.step_graph, "streaming(window=8)", verify=False)

@@ -109,7 +109,7 @@ def verify_selection(cm, out: Path, entry: dict) -> dict:
     sg = cm.step_graph
     ids, mask = probe(sg.info.vocab_size)
     T = ids.shape[1]
-    want = lower(scores_graph(sg), cm.backend)(ids, positions_from_mask(mask), torch.tensor([T - 1]),
+    want = lower(scores_graph(sg), cm.backend_object)(ids, positions_from_mask(mask), torch.tensor([T - 1]),
                                                  *sg.init_state(ids.shape[0]))
     got = OnnxSelection(out, entry, sg.state).scores(ids, mask)
     real = mask.bool()
