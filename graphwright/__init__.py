@@ -4,8 +4,7 @@ Capture an unmodified Hugging Face model as a step graph with explicit KV state,
 with training-free passes, and run or export the result.
 """
 
-__version__ = "0.1.0"
-
+from .version import __version__
 from .capture import capture
 from .compile import compile  # noqa: A004
 from .compiled import CompiledModel
@@ -13,7 +12,7 @@ from .errors import CaptureError, GraphwrightError, ModelLoadError, RecipeError
 from .models import BUILTIN_MODELS, load_model
 from .recipes import Recipe
 from .codegen.onnx.export import export_onnx
-from .runtime.onnx_runtime import load
+from .onnx_model import load
 from . import inspect  # noqa: E402  (graphwright.inspect.diff / to_networkx / render)
 
 __all__ = ["__version__", "capture", "compile", "CompiledModel", "load_model", "BUILTIN_MODELS",

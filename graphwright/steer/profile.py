@@ -34,9 +34,9 @@ def steerable(cm, tokenizer=None):
     from ..compiled import CompiledModel
 
     if not hasattr(cm, "step_graph"):  # an HF model
-        import graphwright as gw
+        from ..compile import compile as compile_model
 
-        cm = gw.compile(cm, tokenizer=tokenizer)
+        cm = compile_model(cm, tokenizer=tokenizer)
     if any(x.name == STEER_INPUT for x in cm.step_graph.extra_inputs):
         return cm
     from ..passes.base import PassContext
