@@ -19,8 +19,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ..capture.step_graph import element_size, spec_bytes_per_token
-from .plain import plain_text
 from .nodes import gw_meta, unwrap
+from .plain import plain_text
 
 BASE_COLUMNS = (
     ("layer", "Layer"),

@@ -20,9 +20,9 @@ import time
 import torch
 
 from ..codegen.lower import lower
-from ..ops.gemfilter import (  # noqa: F401  (re-exported: the selection maths lives in ops)
-    ATTENTION_KINDS, kept_batch, kept_from_scores, select_tokens, selection_node, token_scores, truncate_after_layer)
+from ..ops.gemfilter import ATTENTION_KINDS, kept_batch, kept_from_scores, select_tokens, selection_node, token_scores, truncate_after_layer  # noqa: F401  (re-exported: the selection maths lives in ops)
 from .generate import check_prompt, positions_from_mask
+
 
 @torch.inference_mode()
 def gemfilter_select(cm, input_ids, attention_mask=None) -> list:

@@ -153,7 +153,8 @@ def profile_heads(model_or_cm, task, examples: int | None = None, mode: str = "c
                     record["whole_layer"] = top
         record["final"] = run(best)
     best = {layer: sorted(hs) for layer, hs in sorted(best.items())}
-    settings = {"task": getattr(task, "name", type(task).__name__), "metric": task_metric(task, record["baseline"]), "examples": len(task.examples), "mode": mode,
+    settings = {"task": getattr(task, "name", type(task).__name__), "metric": task_metric(task, record["baseline"]),
+                "examples": len(task.examples), "mode": mode,
                 "top_layers": top_layers, "top_heads": top_heads, "alpha": alpha, "max_new_tokens": max_new_tokens,
                 "chat": chat, "model_key": model_key(cm.step_graph)}
     result = {"heads": best, "scores": record, "settings": settings}

@@ -132,7 +132,8 @@ def read_metadata(path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise GraphwrightError(f"{meta_path}: corrupt metadata ({exc}); re-export the model") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise GraphwrightError(f"{meta_path}: not graphwright export metadata (format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT!r})")
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise GraphwrightError(f"{meta_path}: not graphwright export metadata (format {got!r}, expected {FORMAT!r})")
     missing = [k for k in ("inputs", "outputs", "state", "model_info", "model_file") if k not in meta]
     if missing:
         raise GraphwrightError(f"{meta_path}: incomplete metadata, missing {missing}; re-export the model")

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ...errors import GraphwrightError
 from ...capture.step_graph import positions_from_mask, spec_bytes_per_token
+from ...errors import GraphwrightError
 from ...version import __version__
 from .artifact import FORMAT, METADATA, MODEL, OnnxStep, info_to_json, read_metadata, spec_to_json
 

@@ -102,8 +102,8 @@ class OnnxSelection:
 @torch.inference_mode()
 def verify_selection(cm, out: Path, entry: dict) -> dict:
     """Scores of the exported selection graph vs the torch truncated graph on the export probe."""
-    from ..lower import lower
     from ...capture.step_graph import positions_from_mask
+    from ..lower import lower
     from .export import probe
 
     sg = cm.step_graph
