@@ -11,12 +11,13 @@ process; reports decode ms per token and the ratio, and checks both produce the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 
 import torch
 
 import graphwright as gw
-import graphwright.codegen.lower as lower_mod
+from graphwright.codegen.backends import get_backend
 from graphwright.compiled import CompiledModel
 
 
@@ -31,13 +32,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     model, tok = gw.load_model(args.model)
     base = gw.compile(model, tokenizer=tok)
-    variants = {"cache_append": CompiledModel(base.step_graph, tokenizer=tok)}
-    rewrite = lower_mod._is_state_append
-    lower_mod._is_state_append = lambda node: False
-    try:
-        variants["cat"] = CompiledModel(base.step_graph, tokenizer=tok)
-    finally:
-        lower_mod._is_state_append = rewrite
+    # the torch backend without its cache_append transform: the graph's plain cat
+    plain_cat = dataclasses.replace(get_backend("torch"), name="torch_cat", transforms=())
+    variants = {"cache_append": CompiledModel(base.step_graph, tokenizer=tok),
+                "cat": CompiledModel(base.step_graph, tokenizer=tok, backend=plain_cat)}
     ids = torch.randint(100, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     ms, outs = {k: [] for k in variants}, {}
     for _ in range(args.repeats):

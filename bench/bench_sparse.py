@@ -36,7 +36,7 @@ from graphwright.eval.niah import encode, needle_grid, run_niah
 from graphwright.eval.perplexity import perplexity
 from graphwright.ops.block_sparse import num_pages, page_stats
 from graphwright.ops.page_summary import page_summary_incremental
-from graphwright.passes.pipeline import run_recipe
+from graphwright.verify import run_recipe
 
 VARIANTS = {
     "dense": None,

@@ -4,17 +4,16 @@ Capture an unmodified Hugging Face model as a step graph with explicit KV state,
 with training-free passes, and run or export the result.
 """
 
-__version__ = "0.1.0"
-
+from . import inspect  # noqa: E402  (graphwright.inspect.diff / to_networkx / render)
 from .capture import capture
+from .codegen.onnx.export import export_onnx
 from .compile import compile  # noqa: A004
 from .compiled import CompiledModel
 from .errors import CaptureError, GraphwrightError, ModelLoadError, RecipeError
 from .models import BUILTIN_MODELS, load_model
+from .onnx_model import load
 from .recipes import Recipe
-from .codegen.onnx.export import export_onnx
-from .runtime.onnx_runtime import load
-from . import inspect  # noqa: E402  (graphwright.inspect.diff / to_networkx / render)
+from .version import __version__
 
 __all__ = ["__version__", "capture", "compile", "CompiledModel", "load_model", "BUILTIN_MODELS",
            "GraphwrightError", "RecipeError", "CaptureError", "ModelLoadError", "inspect", "Recipe",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .capture.step_graph import StepGraph
+from .codegen.backends import Backend, get_backend
 from .codegen.lower import lower
 from .runtime import Runtime
 
@@ -17,14 +18,15 @@ class CompiledModel:
     tabulates what the recipe did per layer.
     """
 
-    def __init__(self, step_graph: StepGraph, tokenizer=None, recipe=None, backend: str = "torch", source=None):
+    def __init__(self, step_graph: StepGraph, tokenizer=None, recipe=None, backend: str | Backend = "torch", source=None):
         self.step_graph = step_graph
         self.tokenizer = tokenizer
         self.recipe = recipe
-        self.backend = backend
+        self.backend_object = get_backend(backend)
+        self.backend = self.backend_object.name
         self.source = source  # the original model (kept for eval side by side; never modified)
         self.verification: dict = {}
-        self._lowered = lower(step_graph.gm, backend)
+        self._lowered = lower(step_graph.gm, self.backend_object)
         self._runtime = Runtime(self._step, step_graph.state, step_graph.info)
 
     def _step(self, input_ids, positions, logits_index, state, **extras):
@@ -34,6 +36,14 @@ class CompiledModel:
     @property
     def graph(self) -> torch.fx.GraphModule:
         return self.step_graph.gm
+
+    def lowered_code(self) -> str:
+        """Python source of the lowered step (``forward`` of the graph the runtime runs on this backend).
+
+        Every graphwright op appears as the backend implementation it calls (e.g. ``attention_sdpa``,
+        ``cache_append`` on torch), so a reader can follow the decode hot path line by line.
+        """
+        return self._lowered.code
 
     @property
     def info(self):

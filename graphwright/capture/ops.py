@@ -16,7 +16,8 @@ Conventions (shared by all attention variants):
   shared by every query row (PASTA steering adds log(alpha) here; no T x S mask is built).
 * A key is visible to a query iff ``0 <= k_pos <= q_pos`` (and ``q_pos - k_pos < window``
   when ``window > 0``, unless ``k_pos < sinks``: the first ``sinks`` positions stay visible to
-  every later query, StreamingLLM's attention sinks as a mask; ``sinks`` has no effect without a window). Padding query rows (q_pos = -1) see every valid key: their output is
+  every later query, StreamingLLM's attention sinks as a mask; ``sinks`` has no effect without a window).
+  Padding query rows (q_pos = -1) see every valid key: their output is
   finite garbage that is never read, instead of the NaN a fully masked softmax would give.
 """
 

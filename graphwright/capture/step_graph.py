@@ -111,3 +111,22 @@ class StepGraph:
 
     def nodes(self, target=None):
         return [n for n in self.gm.graph.nodes if n.op == "call_function" and (target is None or n.target == target)]
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] 0/1 mask -> absolute positions, -1 on padding (real tokens count from 0)."""
+    pos = attention_mask.long().cumsum(dim=1) - 1
+    return pos.masked_fill(attention_mask == 0, -1)
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def spec_bytes_per_token(spec) -> int:
+    """Bytes one token adds to a state tensor: product of the non-batch, non-seq dims x element size."""
+    n = 1
+    for i, d in enumerate(spec.shape):
+        if i != spec.seq_dim and d != -1:
+            n *= int(d)
+    return n * element_size(spec.dtype)

@@ -91,12 +91,12 @@ def run(args):
 def _steering(model, tok, out: str) -> None:
     """PASTA on a held-out JSON-formatting example: the buried instruction emphasized in the heads
     profiled for that task (the head set ships with graphwright; ``graphwright steer profile`` makes one)."""
+    import json
+
     import graphwright as gw
 
     from ..steer.headsets import headset_path
     from ..steer.tasks import Task, make_splits
-
-    import json
 
     heads = headset_path("smollm2-135m", "pronoun")
     alpha = json.loads(heads.read_text()).get("settings", {}).get("alpha", 0.01)  # the alpha it was profiled at

@@ -17,13 +17,13 @@ def add_model_args(p, default="smollm2-135m"):
 
 
 def add_recipe_arg(p, default=None):
-    from ..compile import BACKENDS
+    from ..codegen.backends import BACKENDS
 
     p.add_argument("--recipe", default=default,
                    help='recipe string like "lowrank_kv(keep=0.5) + noop", or a .toml file (default: %(default)s)')
+    # the live registry: a backend registered before the parser is built is a valid choice
     p.add_argument("--backend", default="torch", choices=BACKENDS,
-                   help="kernels for the graph's ops: torch (default), reference (pure-torch oracle), "
-                        "triton (CUDA, or TRITON_INTERPRET=1)")
+                   help="kernels for the graph's ops: " + "; ".join(f"{b.name}: {b.doc}" for b in BACKENDS.values()))
 
 
 def load(args):

@@ -37,10 +37,10 @@ def _prompt(sg_info, length: int = 12, seed: int = 3) -> torch.Tensor:
 
 def try_recipe(model, recipe: str, ids: torch.Tensor, new_tokens: int = 6) -> dict:
     """Compile and generate; returns {"status", "reason", "tokens"}."""
-    import graphwright as gw
+    from ..compile import compile as compile_model
 
     try:
-        cm = gw.compile(model, recipe=recipe)
+        cm = compile_model(model, recipe=recipe)
         out = cm.generate(ids, max_new_tokens=new_tokens)
         return {"status": "ok", "reason": "", "tokens": out[0, ids.shape[1]:].tolist()}
     except RecipeError as exc:
@@ -51,10 +51,10 @@ def try_recipe(model, recipe: str, ids: torch.Tensor, new_tokens: int = 6) -> di
 
 def composition_matrix(model, passes=DEFAULT_PASSES, settings=None, new_tokens: int = 6) -> dict:
     """{(a, b): cell} for every ordered pair of ``passes`` on ``model`` (a model object)."""
-    import graphwright as gw
+    from ..capture import capture
 
     settings = {**LOSSY, **(settings or {})}
-    sg_info = gw.capture(model).info
+    sg_info = capture(model).info
     ids = _prompt(sg_info)
     cells = {}
     for a, b in itertools.permutations(passes, 2):

@@ -17,8 +17,8 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from .plain import plain_text
 from .nodes import format_shapes, gw_meta, layer_from_path, layer_map, node_shapes, target_name, unwrap
+from .plain import plain_text
 from .report import jsonable, spec_bytes_per_token
 
 

@@ -18,8 +18,9 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from .plain import plain_text
+from ..capture.step_graph import element_size, spec_bytes_per_token
 from .nodes import gw_meta, unwrap
+from .plain import plain_text
 
 BASE_COLUMNS = (
     ("layer", "Layer"),
@@ -31,19 +32,6 @@ BASE_COLUMNS = (
     ("moe", "MoE"),
 )
 _HIDDEN_IN_PASS_COLUMN = ("kv_bytes_per_token",)  # already its own column
-
-
-def element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def spec_bytes_per_token(spec) -> int:
-    """Bytes one token adds to a state tensor: product of the non-batch, non-seq dims x element size."""
-    n = 1
-    for i, d in enumerate(spec.shape):
-        if i != spec.seq_dim and d != -1:
-            n *= int(d)
-    return n * element_size(spec.dtype)
 
 
 def jsonable(x):

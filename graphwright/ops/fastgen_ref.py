@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .eviction_ref import (LADDER, PUNCT, SPECIAL, budget, colsum, compact, prob_blocks, row_length,
-                           topk_mask)
+from .eviction_ref import LADDER, PUNCT, SPECIAL, budget, colsum, compact, prob_blocks, row_length, topk_mask
 
 FULL = len(LADDER) - 1
 

@@ -15,6 +15,7 @@ and tags each attention node it changes with ``node.meta["graphwright"]["variant
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -49,6 +50,7 @@ class PassContext:
     model: Any = None
     tokenizer: Any = None
     calibration_ids: Any = None  # LongTensor [B, T] of calibration text, when a pass profiles
+    lower: Any = None  # lower(gm) -> callable: gm lowered to the chosen backend (None: run gm as captured)
     extra: dict = field(default_factory=dict)
 
 
@@ -167,4 +169,25 @@ def validate_args(pass_name: str, declared: tuple[Arg, ...], values: dict) -> di
             raise RecipeError(f"{pass_name}: argument {a.name!r} is required ({a.doc})")
         else:
             out[a.name] = a.default
+    return out
+
+
+def instantiate(recipe) -> list:
+    """The Pass objects of a parsed ``Recipe``, in order; RecipeError for unknown passes and invalid arguments."""
+    from .. import passes as _registers_passes  # noqa: F401  (same package: importing registers every pass)
+    from ..recipes.recipe import PLANNED_PASSES, thaw
+
+    out = []
+    for name, args in recipe.passes:
+        cls = PASS_REGISTRY.get(name)
+        valid = ", ".join(sorted(PASS_REGISTRY))
+        if cls is None and name in PLANNED_PASSES:
+            raise RecipeError(f"pass {name!r} is not implemented yet; implemented passes: {valid}")
+        if cls is None:
+            close = difflib.get_close_matches(name, sorted(set(PASS_REGISTRY) | set(PLANNED_PASSES)), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError(f"unknown pass {name!r}{hint}; valid passes: {valid}")
+        values = {k: thaw(v) for k, v in args}
+        validate_args(name, cls.args, values)  # first, so no keyword can clash with __init__'s own
+        out.append(cls(**values))
     return out

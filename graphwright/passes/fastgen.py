@@ -127,10 +127,9 @@ def calibration_policies(sg, ctx) -> dict:
     """Per layer, the policy each KV head picks on the calibration text (for the report); {} without one."""
     if ctx is None or ctx.calibration_ids is None:
         return {}
-    from ..codegen.lower import lower
-
     ids = ctx.calibration_ids[:1]
     T = ids.shape[1]
     pos = torch.arange(T, device=ids.device)[None]
-    out = lower(sg.gm, "torch")(ids, pos, torch.tensor([T - 1], device=ids.device), *sg.init_state(1, ids.device))
+    run = ctx.lower(sg.gm) if ctx.lower is not None else sg.gm  # the chosen backend, else the ops' own kernels
+    out = run(ids, pos, torch.tensor([T - 1], device=ids.device), *sg.init_state(1, ids.device))
     return {s.layer: out[1 + i][0, :, 0].tolist() for i, s in enumerate(sg.state) if s.name.startswith("fastgen_policy")}

@@ -12,7 +12,7 @@ Graph change. The step graph itself is unchanged (it is the "full" graph of pass
 checks that layer r has one attention node whose q and k can be read and records its settings in
 ``sg.notes["gemfilter"]``; ``CompiledModel.generate`` then runs the selection with a graph
 *derived from the compiled one* by truncating it after layer r's attention inputs
-(``graphwright.runtime.gemfilter.truncate_after_layer``: graph slicing + dead-code elimination,
+(``graphwright.ops.gemfilter.truncate_after_layer``: graph slicing + dead-code elimination,
 no model surgery). ``cm.logits`` still scores the full prompt.
 
 Exact setting: ``keep >= prompt length`` (every token is kept in order with the same positions).
@@ -24,7 +24,7 @@ graph has no layer after r; bad layer / keep raise RecipeError.
 from __future__ import annotations
 
 from ..errors import RecipeError
-from ..runtime.gemfilter import selection_node
+from ..ops.gemfilter import selection_node
 from .base import Arg, Pass, PassContext, register_pass
 
 

@@ -28,7 +28,6 @@ can be compared and used as dict keys. Equality is by type as well as value: ``k
 
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 import os
@@ -221,7 +220,7 @@ class Recipe:
 
     Build one with ``Recipe.parse(x)``; ``str(r)`` is the canonical string form and
     ``Recipe.parse(str(r)) == r``; ``r.to_list()`` the list-of-dicts form; ``r.to_toml()`` the
-    TOML form; ``r.instantiate()`` the ``Pass`` objects.
+    TOML form; ``graphwright.passes.base.instantiate(r)`` the ``Pass`` objects.
     """
 
     passes: tuple = ()
@@ -352,27 +351,6 @@ class Recipe:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.passes)
-
-    # -- passes ---------------------------------------------------------------------------
-    def instantiate(self) -> list:
-        """The Pass objects, in order; RecipeError for unknown passes and invalid arguments."""
-        from .. import passes as _registers_passes  # noqa: F401  (importing registers every pass)
-        from ..passes.base import PASS_REGISTRY, validate_args
-
-        out = []
-        for name, args in self.passes:
-            cls = PASS_REGISTRY.get(name)
-            valid = ", ".join(sorted(PASS_REGISTRY))
-            if cls is None and name in PLANNED_PASSES:
-                raise RecipeError(f"pass {name!r} is not implemented yet; implemented passes: {valid}")
-            if cls is None:
-                close = difflib.get_close_matches(name, sorted(set(PASS_REGISTRY) | set(PLANNED_PASSES)), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise RecipeError(f"unknown pass {name!r}{hint}; valid passes: {valid}")
-            values = {k: thaw(v) for k, v in args}
-            validate_args(name, cls.args, values)  # first, so no keyword can clash with __init__'s own
-            out.append(cls(**values))
-        return out
 
 
 def _int_keys(v):

@@ -17,13 +17,8 @@ import time
 
 import torch
 
+from ..capture.step_graph import positions_from_mask
 from .sampling import choose_next
-
-
-def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T] 0/1 mask -> absolute positions, -1 on padding (real tokens count from 0)."""
-    pos = attention_mask.long().cumsum(dim=1) - 1
-    return pos.masked_fill(attention_mask == 0, -1)
 
 
 def state_bytes(state, specs, kind: str = "kv") -> int:

@@ -34,16 +34,16 @@ def steerable(cm, tokenizer=None):
     from ..compiled import CompiledModel
 
     if not hasattr(cm, "step_graph"):  # an HF model
-        import graphwright as gw
+        from ..compile import compile as compile_model
 
-        cm = gw.compile(cm, tokenizer=tokenizer)
+        cm = compile_model(cm, tokenizer=tokenizer)
     if any(x.name == STEER_INPUT for x in cm.step_graph.extra_inputs):
         return cm
     from ..passes.base import PassContext
     from ..passes.steer import Steer
 
     sg = Steer(heads="all").run(cm.step_graph.copy(), PassContext())
-    return CompiledModel(sg, tokenizer=tokenizer or cm.tokenizer, backend=cm.backend, source=cm.source)
+    return CompiledModel(sg, tokenizer=tokenizer or cm.tokenizer, backend=cm.backend_object, source=cm.source)
 
 
 def _coef_modules(cm):
@@ -153,7 +153,8 @@ def profile_heads(model_or_cm, task, examples: int | None = None, mode: str = "c
                     record["whole_layer"] = top
         record["final"] = run(best)
     best = {layer: sorted(hs) for layer, hs in sorted(best.items())}
-    settings = {"task": getattr(task, "name", type(task).__name__), "metric": task_metric(task, record["baseline"]), "examples": len(task.examples), "mode": mode,
+    settings = {"task": getattr(task, "name", type(task).__name__), "metric": task_metric(task, record["baseline"]),
+                "examples": len(task.examples), "mode": mode,
                 "top_layers": top_layers, "top_heads": top_heads, "alpha": alpha, "max_new_tokens": max_new_tokens,
                 "chat": chat, "model_key": model_key(cm.step_graph)}
     result = {"heads": best, "scores": record, "settings": settings}

@@ -11,7 +11,7 @@ from graphwright.codegen.torch.block_sparse import block_sparse_sdpa
 from graphwright.compiled import CompiledModel
 from graphwright.errors import RecipeError
 from graphwright.ops.block_sparse import BLOCK_SPARSE_ATTENTION, block_sparse_attention, page_stats, quest_upper_bound
-from graphwright.passes.pipeline import run_recipe
+from graphwright.verify import run_recipe
 from tests.conftest import left_padded_batch
 
 LENGTHS = [30, 21]

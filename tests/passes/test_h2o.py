@@ -9,7 +9,7 @@ from graphwright import RecipeError
 from graphwright.compiled import CompiledModel
 from graphwright.ops.eviction_ref import h2o_reference
 from graphwright.passes.h2o import H2O
-from graphwright.passes.pipeline import run_recipe
+from graphwright.verify import run_recipe
 from tests.conftest import left_padded_batch
 from tests.passes.eviction_helpers import decode_loop, floor_budget, op_decode_loop, run_pass
 

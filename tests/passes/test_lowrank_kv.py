@@ -191,7 +191,7 @@ def test_cache_bytes_equal_latent_widths():
 
 
 def test_applies_once_and_composes_with_identity():
-    from graphwright.passes.pipeline import run_recipe
+    from graphwright.verify import run_recipe
 
     sg = _captured("tiny-llama")
     done, _, ver = run_recipe(sg, "noop + lowrank_kv(keep=1.0)", model=_model("tiny-llama"))

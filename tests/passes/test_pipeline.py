@@ -8,7 +8,8 @@ import torch
 import graphwright as gw
 from graphwright import GraphwrightError, RecipeError
 from graphwright.passes.base import PASS_REGISTRY, Arg, Pass
-from graphwright.passes.pipeline import CALIBRATION_TOKENS, calibration_ids, make_probe, probe_logits, run_recipe
+from graphwright.passes.pipeline import CALIBRATION_TOKENS, calibration_ids
+from graphwright.verify import make_probe, probe_logits, run_recipe
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +79,14 @@ def test_compile_with_noop_records_notes_and_verification(tiny):
     notes = cm.step_graph.notes
     assert notes["noop"] == {"per_layer": {0: {"visited": True}, 1: {"visited": True}}, "counts": {"attention_nodes": 2}}
     assert notes["recipe"] == [{"pass": "noop"}]
-    assert cm.verification == {"passes": [{"name": "noop", "exact": True, "max_abs_logit_diff": 0.0, "kl": 0.0}]}
+    assert cm.verification["passes"] == [{"name": "noop", "exact": True, "max_abs_logit_diff": 0.0, "kl": 0.0}]
+    assert cm.verification["backend"] == "torch" and "fallback" not in cm.verification
+    assert cm.verification["lowering"]["max_abs_logit_diff"] <= 1e-4  # torch kernels vs the reference backend
 
 
 def test_identity_recipe_leaves_the_graph_alone(sg):
     out, recipe, verification = run_recipe(sg, None)
-    assert out is sg and recipe == gw.Recipe() and verification == {"passes": []}
+    assert out is sg and recipe == gw.Recipe() and verification["passes"] == [] and verification["backend"] == "torch"
 
 
 def test_wrong_exact_pass_raises_and_leaves_the_input_intact(sg, register):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from graphwright.compiled import CompiledModel
-from graphwright.passes.pipeline import run_recipe
+from graphwright.verify import run_recipe
 from graphwright.capture.ops import ATTENTION, attention_reference
 from graphwright.codegen.lower import lower
 from graphwright.codegen.torch.attention import attention_sdpa

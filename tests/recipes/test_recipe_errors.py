@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from graphwright.passes.base import instantiate
 from graphwright import RecipeError
 from graphwright.passes.base import PASS_REGISTRY, Arg, Pass
 from graphwright.recipes import Recipe
@@ -12,7 +13,7 @@ from graphwright.recipes import Recipe
 def fails(x, *fragments):
     """Parse and instantiate ``x``; assert a RecipeError whose message holds every fragment."""
     with pytest.raises(RecipeError) as info:
-        Recipe.parse(x).instantiate()
+        instantiate(Recipe.parse(x))
     msg = str(info.value)
     for f in fragments:
         assert f in msg, f"{f!r} not in {msg!r}"
@@ -142,7 +143,7 @@ def test_argument_validation(dummy_pass):
     fails("dummy(mode=c)", "'mode' must be one of ['a', 'b']")
     fails("dummy(heads=[1])", "'heads' must be dict")
     fails([{"pass": "dummy", "self": 1}], "unknown argument 'self'")
-    (p,) = Recipe.parse("dummy(frac=1, heads={0: [1, 2]})").instantiate()
+    (p,) = instantiate(Recipe.parse("dummy(frac=1, heads={0: [1, 2]})"))
     assert p.frac == 1.0 and p.heads == {0: [1, 2]} and p.n == 3
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from graphwright.passes.base import instantiate
 import graphwright as gw
 from graphwright.recipes import FrozenDict, Recipe
 
@@ -73,7 +74,7 @@ def test_empty_recipe(empty):
     assert r == Recipe() and len(r) == 0 and not r
     assert str(r) == "identity"
     assert r.to_list() == []
-    assert r.instantiate() == []
+    assert instantiate(r) == []
 
 
 def test_identity_inside_a_chain_is_dropped():
@@ -122,5 +123,5 @@ def test_recipes_add_and_hash():
 def test_instantiate_noop():
     from graphwright.passes.noop import Noop
 
-    (p,) = Recipe.parse("noop()").instantiate()
+    (p,) = instantiate(Recipe.parse("noop()"))
     assert isinstance(p, Noop) and p.exact and p.values == {}

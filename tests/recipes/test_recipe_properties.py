@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from graphwright.passes.base import instantiate
 from graphwright import RecipeError
 from graphwright.passes.base import PASS_REGISTRY, Arg, Pass
 from graphwright.recipes import Recipe
@@ -71,7 +72,7 @@ def test_list_and_toml_forms_equal_the_string_form(r):
 def test_noop_chains_instantiate(parts, sep):
     text = sep.join(parts)
     n = sum(p.strip() != "identity" for p in parts)
-    passes = Recipe.parse(text).instantiate()
+    passes = instantiate(Recipe.parse(text))
     assert [p.name for p in passes] == ["noop"] * n
 
 
@@ -91,13 +92,13 @@ def ranged_pass():
        heads=st.dictionaries(st.integers(0, 63), st.lists(st.integers(0, 63), max_size=4), max_size=4))
 def test_in_range_values_reach_the_pass_unchanged(ranged_pass, frac, n, heads):
     r = Recipe.parse([{"pass": "prop_ranged", "frac": frac, "n": n, "heads": heads}])
-    (p,) = Recipe.parse(str(r)).instantiate()
+    (p,) = instantiate(Recipe.parse(str(r)))
     assert (p.frac, p.n, p.heads) == (frac, n, heads)
 
 
 def parse_and_instantiate(x):
     try:
-        Recipe.parse(x).instantiate()
+        instantiate(Recipe.parse(x))
     except RecipeError:
         pass  # the only error allowed
 

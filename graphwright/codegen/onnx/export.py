@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from ...capture.step_graph import positions_from_mask, spec_bytes_per_token
 from ...errors import GraphwrightError
-from ...runtime.generate import positions_from_mask
-from ...runtime.onnx_runtime import FORMAT, METADATA, MODEL, OnnxStep, info_to_json, read_metadata, spec_to_json
+from ...version import __version__
+from .artifact import FORMAT, METADATA, MODEL, OnnxStep, info_to_json, read_metadata, spec_to_json
 
 EXTERNAL_DATA = MODEL + ".data"
 TOKENIZER_DIR = "tokenizer"
@@ -206,8 +207,6 @@ def verify_artifact(cm, onnx_step, decode_steps: int = 3) -> dict:
 
 def _layers(sg) -> list:
     """Per-layer cache layout: the state tensors each layer owns, bytes per token, attention variant."""
-    from ...inspect.report import spec_bytes_per_token
-
     variants = {}
     for node in sg.gm.graph.nodes:
         meta = node.meta.get("graphwright") or {}
@@ -223,8 +222,6 @@ def _layers(sg) -> list:
 
 
 def _metadata(cm, opset: int, external: bool, timings: dict, outputs: list, records: list) -> dict:
-    from ... import __version__
-
     sg = cm.step_graph
     inputs, _ = io_names(sg.state, sg.extra_inputs)
     recipe = str(cm.recipe) if cm.recipe is not None else ""

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ...errors import GraphwrightError
-from ...runtime.gemfilter import token_scores, truncate_after_layer
+from ...ops.gemfilter import token_scores, truncate_after_layer
 
 SELECT_MODEL = "gemfilter_select.onnx"
 SELECT_DATA = SELECT_MODEL + ".data"
@@ -83,7 +83,7 @@ class OnnxSelection:
         self.input_names = [i.name for i in self.session.get_inputs()]  # unused state inputs may be pruned
 
     def scores(self, input_ids, attention_mask) -> torch.Tensor:
-        from ...runtime.generate import positions_from_mask
+        from ...capture.step_graph import positions_from_mask
 
         B, T = input_ids.shape
         state = [s.empty(B, torch.device("cpu")) for s in self.state_specs]
@@ -93,7 +93,7 @@ class OnnxSelection:
         return torch.from_numpy(self.session.run(None, feeds)[0])
 
     def __call__(self, input_ids, attention_mask) -> list:
-        from ...runtime.gemfilter import kept_from_scores
+        from ...ops.gemfilter import kept_from_scores
 
         return kept_from_scores(self.scores(input_ids, attention_mask), attention_mask, self.entry["keep"],
                                 self.entry["kernel"])
@@ -102,14 +102,14 @@ class OnnxSelection:
 @torch.inference_mode()
 def verify_selection(cm, out: Path, entry: dict) -> dict:
     """Scores of the exported selection graph vs the torch truncated graph on the export probe."""
-    from ...codegen.lower import lower
-    from ...runtime.generate import positions_from_mask
+    from ...capture.step_graph import positions_from_mask
+    from ..lower import lower
     from .export import probe
 
     sg = cm.step_graph
     ids, mask = probe(sg.info.vocab_size)
     T = ids.shape[1]
-    want = lower(scores_graph(sg), cm.backend)(ids, positions_from_mask(mask), torch.tensor([T - 1]),
+    want = lower(scores_graph(sg), cm.backend_object)(ids, positions_from_mask(mask), torch.tensor([T - 1]),
                                                  *sg.init_state(ids.shape[0]))
     got = OnnxSelection(out, entry, sg.state).scores(ids, mask)
     real = mask.bool()

@@ -33,7 +33,6 @@ def _rotate(x, cos, sin, gain: float, rdim: int, head_dim: int, negate_sin: bool
     def dims(a, b):
         return op.Slice(x, op.Constant(value_ints=[a]), op.Constant(value_ints=[b]), axis)
 
-    half = rdim // 2
     xr = op.Cast(dims(0, rdim), to=FLOAT)
     # one Split, not two Slices: onnxscript's SlicesSplit rewrite would misplace the Split it makes
     lo, hi = op.Split(xr, num_outputs=2, axis=-1)

@@ -7,7 +7,7 @@ compresses the prompt). ONNX can express the pieces (TopK with a runtime k, Gath
 the exporter cannot yet carry unbacked output sizes from a custom op's translation into the
 state outputs. So ``split`` rewrites a copy of the step graph: every ``graphwright.evict_*`` node
 is removed, the tensors it read become extra graph outputs (``cut<i>``), and the state outputs
-it produced leave the graph. The ONNX Runtime step (``runtime/onnx_runtime.py``) runs the
+it produced leave the graph. The ONNX Runtime step (``codegen/onnx/artifact.py::OnnxStep``) runs the
 session, then calls the same custom op (whose torch implementation is the reference) on the cut
 tensors, so the cache it keeps is bit-for-bit what the torch runtime keeps.
 

@@ -145,7 +145,6 @@ def moe_experts_sorted(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_we
     if N == 0:
         return out
     E = gate_up_proj.shape[0]
-    inter = down_proj.shape[2]
     flat = top_k_index.t().reshape(-1)  # slot-major pair ids p = slot * N + token
     expert_sorted, order = torch.sort(flat, stable=True)
     token = order % N

@@ -1,0 +1,148 @@
+"""Backends as objects: one registry that ``lower``, ``compile``, the CLI and the docs read.
+
+A ``Backend`` is data plus two optional hooks:
+
+* ``table``: op -> implementation. A dict value is one implementation per
+  ``node.meta["graphwright"]["impl"]`` (set by ``fuse_moe(impl=...)``; missing = ``"auto"``);
+* ``transforms``: functions ``f(graph)`` that rewrite the lowered copy of the FX graph in place
+  *before* the op substitution (the torch backend's in-place cache append is one);
+* ``check(model_or_device)``: ``None`` when the backend can run there, else the reason (a
+  sentence saying what to do instead); ``require`` raises it as ``ValueError``;
+* ``finalize(gm) -> gm``: a last step on the lowered ``GraphModule`` (identity by default).
+
+Adding a backend is ``register_backend(Backend(...))``: it then becomes a valid
+``gw.compile(..., backend=name)``, a ``--backend`` choice of every CLI command and a row of the
+README's backend list, with no other edit.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ..capture.ops import ATTENTION, MOE_EXPERTS, attention_reference, moe_experts_reference
+from ..ops.block_sparse import BLOCK_SPARSE_ATTENTION, block_sparse_reference
+from ..ops.eviction import REFERENCES as EVICTION_REFERENCES
+from ..ops.fused_moe import FUSED_MOE, fused_moe_reference
+from ..ops.latent_attention import LATENT_ATTENTION, latent_attention_reference
+from ..ops.page_summary import PAGE_SUMMARY, page_summary_incremental, page_summary_reference
+from .torch.attention import attention_sdpa
+from .torch.block_sparse import block_sparse_sdpa
+from .torch.cache_append import cache_append
+from .torch.latent_attention import latent_attention_sdpa
+from .torch.moe import fused_moe_auto, fused_moe_sorted, fused_moe_triton
+from .triton import TRITON_OVERRIDES
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend: its name, a one-line doc, the op table, graph transforms and hooks."""
+
+    name: str
+    doc: str
+    table: Mapping[Any, Any]
+    transforms: tuple[Callable[[torch.fx.Graph], None], ...] = ()
+    check: Callable[[Any], str | None] | None = None
+    finalize: Callable[[torch.fx.GraphModule], torch.fx.GraphModule] | None = None
+
+    def unavailable(self, model_or_device) -> str | None:
+        """Why this backend cannot run on ``model_or_device`` (a module, tensor or device), or None."""
+        return self.check(model_or_device) if self.check is not None else None
+
+    def require(self, model_or_device) -> None:
+        """Raise ``ValueError`` when the backend cannot run on ``model_or_device``."""
+        reason = self.unavailable(model_or_device)
+        if reason:
+            raise ValueError(reason)
+
+    def impl_for(self, node: torch.fx.Node):
+        """The implementation for ``node``'s op, or None when the table does not name it."""
+        if node.op != "call_function" or node.target not in self.table:
+            return None
+        impl = self.table[node.target]
+        if isinstance(impl, dict):
+            impl = impl[node.meta.get("graphwright", {}).get("impl") or "auto"]
+        return impl
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Add (or replace) ``backend`` under its name; returns it."""
+    if not backend.name or not backend.name.isidentifier():
+        raise ValueError(f"a backend name must be an identifier; got {backend.name!r}")
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+def get_backend(backend) -> Backend:
+    """The ``Backend`` named ``backend`` (a ``Backend`` passes through); ValueError naming the valid ones."""
+    if isinstance(backend, Backend):
+        return backend
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    return BACKENDS[backend]
+
+
+def device_of(model_or_device) -> torch.device:
+    """The device of a module (its first parameter or buffer), a tensor, a device or a device string."""
+    if isinstance(model_or_device, (torch.device, str)):
+        return torch.device(model_or_device)
+    if isinstance(model_or_device, torch.Tensor):
+        return model_or_device.device
+    for t in (*model_or_device.parameters(), *model_or_device.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+# -- the built-in backends ----------------------------------------------------------------------
+def append_caches_in_place(graph: torch.fx.Graph) -> None:
+    """``cat([state input, new], dim)`` -> ``cache_append(state, new, dim)`` (see ``torch/cache_append.py``)."""
+    for node in graph.nodes:
+        if _is_state_append(node):
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            node.target, node.args, node.kwargs = cache_append, (*node.args[0], dim), {}
+
+
+def _is_state_append(node) -> bool:
+    """``cat([state input, new], dim)``: a cache growing by this step's entries."""
+    if node.op != "call_function" or node.target is not torch.ops.aten.cat.default:
+        return False
+    parts = node.args[0]
+    return len(parts) == 2 and isinstance(parts[0], torch.fx.Node) and parts[0].op == "placeholder"
+
+
+def triton_unavailable(model_or_device) -> str | None:
+    """Triton kernels need CUDA tensors, or the interpreter (``TRITON_INTERPRET=1``, tests only)."""
+    device = device_of(model_or_device)
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return (f"backend='triton' needs the model on a CUDA device (it is on {device.type}); "
+                "on CPU use backend='torch' (or set TRITON_INTERPRET=1 to run the kernels in the "
+                "Triton interpreter: correct but slow, for tests)")
+    return None
+
+
+REFERENCE = register_backend(Backend(
+    "reference", "the pure-torch oracle (each op's reference implementation; caches grow by the graph's plain cat)",
+    {ATTENTION: attention_reference, MOE_EXPERTS: moe_experts_reference,
+     LATENT_ATTENTION: latent_attention_reference, FUSED_MOE: fused_moe_reference,
+     BLOCK_SPARSE_ATTENTION: block_sparse_reference, PAGE_SUMMARY: page_summary_reference,
+     **EVICTION_REFERENCES}))
+
+TORCH = register_backend(Backend(
+    "torch", "the default (SDPA attention, sorted/grouped MoE, incremental page summaries, in-place cache append)",
+    {ATTENTION: attention_sdpa, MOE_EXPERTS: moe_experts_reference,
+     LATENT_ATTENTION: latent_attention_sdpa,
+     BLOCK_SPARSE_ATTENTION: block_sparse_sdpa, PAGE_SUMMARY: page_summary_incremental,
+     FUSED_MOE: {"auto": fused_moe_auto, "sorted": fused_moe_sorted, "triton": fused_moe_triton},
+     **EVICTION_REFERENCES},
+    transforms=(append_caches_in_place,)))
+
+TRITON = register_backend(Backend(
+    "triton", "the torch backend with attention, latent and block-sparse attention and MoE on Triton kernels "
+              "(CUDA, or TRITON_INTERPRET=1)",
+    {**TORCH.table, **TRITON_OVERRIDES}, transforms=TORCH.transforms, check=triton_unavailable))

@@ -1,0 +1,114 @@
+"""``graphwright.load(dir)``: run an exported artifact with ONNX Runtime through the shared loop.
+
+The session is wrapped as a step function ``(input_ids, positions, logits_index, state) ->
+(logits, state)`` and handed to ``Runtime``, the same prefill/decode loop the torch backend
+uses, so padding, stopping, sampling and KV accounting cannot drift between backends.
+Tensors cross the boundary as numpy arrays that share memory with torch tensors on CPU
+(``Tensor.numpy()`` / ``torch.from_numpy`` copy nothing); the state an ORT step returns is fed
+straight back into the next step.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .codegen.onnx.artifact import OnnxStep, info_from_json, read_metadata, spec_from_json
+from .errors import GraphwrightError
+from .runtime.generate import Runtime
+
+
+class OnnxModel:
+    """An exported graphwright model run by ONNX Runtime: same ``generate``/``logits``/``last_stats`` as CompiledModel."""
+
+    def __init__(self, path, providers=None, session_options=None):
+        self.path = Path(path)
+        self.metadata = read_metadata(self.path)
+        meta = self.metadata
+        model_path = self.path / meta["model_file"]
+        if not model_path.is_file():
+            raise GraphwrightError(f"{self.path}: missing {meta['model_file']} (the ONNX graph); re-export the model")
+        self.info = info_from_json(meta["model_info"])
+        self.state_specs = [spec_from_json(s) for s in meta["state"]]
+        self.recipe = meta.get("recipe")
+        try:
+            self.step = OnnxStep.from_metadata(model_path, meta, providers, session_options)
+        except GraphwrightError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for corrupt files
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GraphwrightError(f"{model_path}: ONNX Runtime cannot load the model ({type(exc).__name__}: {first}); "
+                                   "the file is corrupt or incomplete, re-export the model") from exc
+        self.tokenizer = self._load_tokenizer()
+        self._runtime = Runtime(self.step, self.state_specs, self.info)
+        self._select = None
+        if meta.get("gemfilter"):  # GemFilter: the exported selection graph runs before generation
+            from .codegen.onnx.gemfilter_export import OnnxSelection
+
+            if not (self.path / meta["gemfilter"]["model_file"]).is_file():
+                raise GraphwrightError(f"{self.path}: missing {meta['gemfilter']['model_file']} (the GemFilter "
+                                       "selection graph); re-export the model")
+            self._select = OnnxSelection(self.path, meta["gemfilter"], self.state_specs, providers, session_options)
+
+    def _load_tokenizer(self):
+        tok_dir = self.metadata.get("tokenizer")
+        if not tok_dir or not (self.path / tok_dir).is_dir():
+            return None
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.path / tok_dir))
+
+    @property
+    def providers(self) -> list:
+        return self.step.session.get_providers()
+
+    @property
+    def last_stats(self) -> dict:
+        return self._runtime.last_stats
+
+    def generate(self, input_ids, max_new_tokens: int = 32, emphasis=None, **kwargs) -> torch.Tensor:
+        """Like ``CompiledModel.generate``; ``emphasis`` (steered exports): token spans per row."""
+        extras = self._extras(emphasis, input_ids, kwargs.get("attention_mask"))
+        if self._select is not None:
+            if emphasis is not None:
+                raise ValueError("emphasis spans index the full prompt; they cannot be combined with gemfilter")
+            from .runtime.gemfilter import filtered_generate
+
+            return filtered_generate(self._runtime, self.info, self._select, input_ids, max_new_tokens, **kwargs)
+        return self._runtime.generate(input_ids, max_new_tokens=max_new_tokens, extras=extras, **kwargs)
+
+    def logits(self, input_ids, attention_mask=None, emphasis=None) -> torch.Tensor:
+        return self._runtime.logits(input_ids, attention_mask, extras=self._extras(emphasis, input_ids, attention_mask))
+
+    def _extras(self, emphasis, input_ids, attention_mask) -> dict:
+        if emphasis is None:
+            return {}
+        from types import SimpleNamespace
+
+        from .capture.step_graph import ExtraInput
+        from .steer.emphasis import steer_extras
+
+        specs = [ExtraInput(x["name"], x["kind"], x.get("doc", ""), dict(x.get("meta") or {}))
+                 for x in self.metadata.get("extra_inputs") or ()]
+        return steer_extras(SimpleNamespace(extra_inputs=specs), emphasis, input_ids, attention_mask)
+
+    def report(self):
+        """The compile-time per-layer report stored in the export, with this runtime's last stats."""
+        from .inspect.report import BASE_COLUMNS, Report
+
+        rep = self.metadata.get("report") or {}
+        headers = dict(BASE_COLUMNS)
+        summary = dict(rep.get("summary") or {})
+        summary["backend"] = "onnxruntime (" + ", ".join(self.providers) + ")"
+        return Report(summary=summary, rows=list(rep.get("rows") or []),
+                      columns=[(k, headers.get(k, k)) for k in rep.get("columns") or []],
+                      extra={"verification": dict(rep.get("verification") or {}), "last_stats": dict(self.last_stats),
+                             "export": self.metadata.get("verification")})
+
+    def __repr__(self) -> str:
+        return f"OnnxModel({self.info.architecture}, recipe={self.recipe!r}, path={str(self.path)!r})"
+
+
+def load(path, providers=None, session_options=None) -> OnnxModel:
+    """Load a directory written by ``graphwright.export_onnx``; raises ``GraphwrightError`` on a missing or corrupt artifact."""
+    return OnnxModel(path, providers=providers, session_options=session_options)
