@@ -38,7 +38,8 @@ class GemFilter(Pass):
     needs = frozenset({"attention"})
     produces = frozenset({"prompt_selection"})
     excludes = {"head_split": "the selection reads one attention node's q and k at its layer",
-                "key_bias": "the selection graph runs without the steering input"}
+                "key_bias": "the selection graph runs without the steering input",
+                "latent_cache": "the selection reads its layer's dense keys, which lowrank_kv replaces by latents"}
     stage = 80
     examples = {"exact": "gemfilter(layer=1, keep=100000)", "lossy": "gemfilter(layer=1, keep=8)",
                 "models": ("tiny-llama", "tiny-qwen2")}

@@ -116,14 +116,14 @@ def order_passes(passes: list, sg) -> Plan:
     reasons = []
     for i in range(n):
         for j in range(i + 1, n):
-            a, b = passes[i], passes[j]
             if not _overlap(layers[i], layers[j]):
                 continue
+            a, b = sorted((passes[i], passes[j]), key=_sort_key)  # name the pair the same way in any written order
             excl = _exclusion(a, b)
             if excl:
                 where = _where(layers[i], layers[j])
                 raise RecipeError(f"{a.name} + {b.name}: {excl}{where}")
-            ab, ba = _constraint(a, b), _constraint(b, a)
+            ab, ba = _constraint(passes[i], passes[j]), _constraint(passes[j], passes[i])
             if ab and ba:
                 raise RecipeError(f"{a.name} + {b.name}: each must run before the other ({ab}; {ba})")
             for (x, y, why) in ((i, j, ab), (j, i, ba)):
