@@ -55,7 +55,7 @@ from ..ops.latent_attention import LATENT_ATTENTION
 from .base import Arg, Pass, PassContext, register_pass
 from .lowrank_calibrate import input_rms, scaled_svd
 from .lowrank_ranks import allocate_ranks, default_bounds
-from .lowrank_rewrite import LayerSite, find_rope, locate_layer, rewrite_layer, set_fake_vals, shrink_fused_qkv
+from .lowrank_rewrite import LayerSite, locate_layer, rewrite_layer, set_fake_vals, shrink_fused_qkv
 
 
 @contextlib.contextmanager
@@ -68,6 +68,11 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def _one_or_list(values: set, empty):
+    """A setting shared by every layer as one value, else the sorted distinct values."""
+    return empty if not values else next(iter(values)) if len(values) == 1 else sorted(values)
 
 
 @register_pass
@@ -104,11 +109,8 @@ class LowRankKV(Pass):
         attn = sg.nodes(ATTENTION)
         if not attn:
             return "the graph has no graphwright.attention nodes to rewrite"
-        rope = find_rope(sg.gm)
-        if isinstance(rope, str):
-            return rope
         for node in attn:
-            site = locate_layer(sg, node, rope)
+            site = locate_layer(sg, node)
             if isinstance(site, str):
                 return site
             if self.value_path == "absorbed" and site.o_linear is None:
@@ -124,8 +126,7 @@ class LowRankKV(Pass):
 
             raise RecipeError(f"lowrank_kv does not apply to {sg.info.architecture}: {reason}")
         gm = sg.gm
-        rope = find_rope(gm)
-        sites: list[LayerSite] = sorted((locate_layer(sg, n, rope) for n in sg.nodes(ATTENTION)), key=lambda s: s.layer)
+        sites: list[LayerSite] = sorted((locate_layer(sg, n) for n in sg.nodes(ATTENTION)), key=lambda s: s.layer)
         # fp64 SVD of W^T = U S V^T (or of diag(s) W^T, ASVD) per layer and projection, all KV heads jointly
         rms = input_rms(sg, [s.x for s in sites], ctx) if self.scaling == "activation" else {}
         with single_thread():
@@ -138,7 +139,7 @@ class LowRankKV(Pass):
         for i, site in enumerate(sites):
             r_k, r_v = plan.r_k[i], plan.r_v[i]
             with single_thread():
-                rewrite_layer(sg, site, svd_k[i], svd_v[i], r_k, r_v, rope, absorbed=self.value_path == "absorbed")
+                rewrite_layer(sg, site, svd_k[i], svd_v[i], r_k, r_v, absorbed=self.value_path == "absorbed")
             sk, sv = svd_k[i][1], svd_v[i][1]
             per_layer[site.layer] = {
                 "r_k": r_k, "r_v": r_v,
@@ -147,6 +148,8 @@ class LowRankKV(Pass):
                 "sigma_k_next": float(sk[r_k]) if r_k < sk.numel() else 0.0,
                 "sigma_v_next": float(sv[r_v]) if r_v < sv.numel() else 0.0,
                 "kappa_k": round(plan.kappa_k[i], 3), "kappa_v": round(plan.kappa_v[i], 3),
+                "rope_table": None if site.rope is None else str(site.rope.node.target),
+                "k_norm": site.k_norm is not None,
             }
         gm.graph.eliminate_dead_code()
         for site in sites:
@@ -162,8 +165,9 @@ class LowRankKV(Pass):
                        "dense_dims": plan.dense},
             "settings": {**{k: v for k, v in self.values.items()}, **plan.settings,
                          "realised_keep": plan.realised_keep, "target_dims": plan.target,
-                         "rope_scaling": None if rope is None else rope.scaling,
-                         "rope_dims": 0 if rope is None else 2 * int(rope.inv_freq_shape),
+                         "rope_scaling": _one_or_list({s.rope.scaling for s in sites if s.rope is not None}, None),
+                         "rope_dims": _one_or_list({2 * int(s.rope.inv_freq_shape) for s in sites if s.rope is not None}, 0),
+                         "rope_tables": len({s.rope.node.target for s in sites if s.rope is not None}),
                          "seconds": round(time.perf_counter() - t0, 2)},
         }
         return sg

@@ -35,27 +35,20 @@ from .base import Arg, Pass, PassContext, register_pass
 from .eviction_common import call, evict_node, find_sites, positions_name, positions_node, rewrite_layers
 
 
-def find_rotary(gm):
-    """(inv_freq get_attr node, attention_scaling) or the reason there is no single rotary table."""
-    nodes = [n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).endswith("inv_freq")]
-    if len(nodes) != 1:
-        return f"StreamingLLM re-rotates keys by cache index and needs exactly one rotary table (found {len(nodes)})"
-    inv = nodes[0]
-    # transformers: cos = cos(cat(p * inv_freq, p * inv_freq)) * attention_scaling
-    frontier, seen = list(inv.users), set()
-    while frontier:
-        n = frontier.pop(0)
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.target is torch.ops.aten.cos.default:
-            for u in n.users:
-                if u.target is torch.ops.aten.mul.Tensor and isinstance(u.args[1], (int, float)):
-                    return inv, float(u.args[1])
-            return inv, 1.0
-        if len(seen) < 16:
-            frontier.extend(n.users)
-    return "could not find the rotary cos table fed by inv_freq"
+def find_rotary(gm, attn=None):
+    """(inv_freq get_attr node, attention_scaling) of ``attn``'s layer (``match.rotary_table``), or the
+    reason there is none; without ``attn``, every attention layer is checked and the first one's returned."""
+    from ..ops import schema
+    from .match import NoMatch, rotary_table
+
+    nodes = [attn] if attn is not None else schema.attention_nodes(gm)
+    if not nodes:
+        return "the graph has no attention nodes"
+    found = [rotary_table(gm, n) for n in nodes]
+    for rope in found:
+        if isinstance(rope, NoMatch):
+            return f"StreamingLLM re-rotates keys by cache index and needs a rotary table per layer: {rope.reason}"
+    return found[0].node, found[0].scaling
 
 
 @register_pass
@@ -84,6 +77,7 @@ class Streaming(Pass):
         graph = sg.gm.graph
 
         def build(sg, ed, site, kp_all):
+            inv, scaling = find_rotary(sg.gm, site.attn)  # this layer's table (Gemma-3: local or global)
             a = site.args
             k_new = a["k"].args[0][1]
             with graph.inserting_before(site.attn):
