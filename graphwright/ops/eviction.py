@@ -135,20 +135,25 @@ def _(q, k, k_pos, inv_freq, scaling):
 
 
 def latent_keys_reference(c_k: Tensor, k_up: Tensor, k_bias: Optional[Tensor], k_pos: Tensor,
-                          inv_freq: Optional[Tensor], rope_scaling: float, head_dim: int) -> Tensor:
-    """Keys [B, Hk, S, D] fp32 of a latent cache c_k [B, S, r_k], rotated at k_pos [B, S] (as latent_attention does)."""
-    return rebuild_keys(c_k, k_up, k_bias, k_pos, inv_freq, rope_scaling, head_dim)
+                          inv_freq: Optional[Tensor], rope_scaling: float, head_dim: int,
+                          k_norm: Optional[Tensor] = None, k_norm_eps: float = 1e-6) -> Tensor:
+    """Keys [B, Hk, S, D] fp32 of a latent cache c_k [B, S, r_k], key-normed (``k_norm`` [D], optional) and
+    rotated at k_pos [B, S]: exactly the keys latent_attention attends to."""
+    return rebuild_keys(c_k, k_up, k_bias, k_pos, inv_freq, rope_scaling, head_dim, k_norm, k_norm_eps)
 
 
 @torch.library.custom_op(f"{_LIB}::latent_keys", mutates_args=())
 def latent_keys(c_k: Tensor, k_up: Tensor, k_bias: Optional[Tensor], k_pos: Tensor, inv_freq: Optional[Tensor],
-                rope_scaling: float, head_dim: int) -> Tensor:
+                rope_scaling: float, head_dim: int, k_norm: Optional[Tensor] = None,
+                k_norm_eps: float = 1e-6) -> Tensor:
     """Rebuild the post-RoPE keys of a latent cache, for eviction scores."""
-    return latent_keys_reference(c_k, k_up, k_bias, k_pos, inv_freq, rope_scaling, head_dim)
+    if k_norm is not None and tuple(k_norm.shape) != (head_dim,):
+        raise ValueError(f"latent_keys: k_norm must be [head_dim] = [{head_dim}]; got {list(k_norm.shape)}")
+    return latent_keys_reference(c_k, k_up, k_bias, k_pos, inv_freq, rope_scaling, head_dim, k_norm, k_norm_eps)
 
 
 @latent_keys.register_fake
-def _(c_k, k_up, k_bias, k_pos, inv_freq, rope_scaling, head_dim):
+def _(c_k, k_up, k_bias, k_pos, inv_freq, rope_scaling, head_dim, k_norm=None, k_norm_eps=1e-6):
     B, S, _ = c_k.shape
     return c_k.new_empty(B, k_up.shape[1] // head_dim, S, head_dim, dtype=torch.float32)
 

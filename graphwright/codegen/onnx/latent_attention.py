@@ -4,12 +4,14 @@ The cache inputs/outputs of the artifact are the latents c_k [B, S, r_k] and c_v
 the ONNX model keeps the memory saving. Per step the translation does what the reference
 (``ops/latent_attention.py``) does, in fp32:
 
-* K = RoPE_{k_pos}(c_k @ k_up + k_bias) reshaped to [B, H_kv, S, D] (rotate_half on the first
-  R = 2 len(inv_freq) dims, positions clamped at 0 for empty slots, cos/sin times rope_scaling);
+* K = RoPE_{k_pos}(KNorm(c_k @ k_up + k_bias)) reshaped to [B, H_kv, S, D] (KNorm, only with
+  ``k_norm``, is ReduceMean/Sqrt/Div/Mul over D; rotate_half on the first R = 2 len(inv_freq)
+  dims, positions clamped at 0 for empty slots, cos/sin times rope_scaling);
 * V = c_v @ v_up + v_bias per KV head (reconstruct), or in absorbed mode the latent c_v itself,
   one value stream shared by all heads (broadcast to the KV heads, since ``Attention`` wants K
   and V to have the same head count; v_head_size = r_v may differ from D);
-* the visibility mask and ``Attention`` are the ones of ``graphwright.attention``.
+* the visibility mask (with ``sinks``), ``key_bias`` added into it, and ``Attention`` are the
+  ones of ``graphwright.attention``.
 """
 
 from __future__ import annotations
@@ -46,27 +48,39 @@ def _rope(k, k_pos, inv_freq, rope_scaling: float, head_dim: int):
     return op.Concat(out, dims(rdim, head_dim), axis=-1) if rdim < head_dim else out
 
 
-def _keys(c_k, k_up, k_bias, k_pos, inv_freq, rope_scaling: float, head_dim: int):
-    """K = RoPE_{k_pos}(c_k @ k_up + k_bias) as [B, H_kv, S, D] fp32."""
+def _rms_norm(k, k_norm, eps: float):
+    """k_norm * k / sqrt(mean(k^2 over the last dim) + eps), fp32."""
+    ms = op.ReduceMean(op.Mul(k, k), op.Constant(value_ints=[-1]), keepdims=1)
+    rms = op.Sqrt(op.Add(ms, op.Constant(value_float=float(eps))))
+    return op.Mul(op.Div(k, rms), op.Cast(k_norm, to=FLOAT))
+
+
+def _keys(c_k, k_up, k_bias, k_pos, inv_freq, rope_scaling: float, head_dim: int, k_norm=None,
+          k_norm_eps: float = 1e-6):
+    """K = RoPE_{k_pos}(KNorm(c_k @ k_up + k_bias)) as [B, H_kv, S, D] fp32."""
     k = op.MatMul(op.Cast(c_k, to=FLOAT), op.Cast(k_up, to=FLOAT))
     if k_bias is not None:
         k = op.Add(k, op.Cast(k_bias, to=FLOAT))
     k = _heads(k, k_up.shape[1] // head_dim)
+    if k_norm is not None:
+        k = _rms_norm(k, k_norm, k_norm_eps)
     return _rope(k, k_pos, inv_freq, rope_scaling, head_dim) if inv_freq is not None else k
 
 
 @register(LATENT_KEYS)
-def latent_keys(c_k, k_up, k_bias, k_pos, inv_freq, rope_scaling: float, head_dim: int):
+def latent_keys(c_k, k_up, k_bias, k_pos, inv_freq, rope_scaling: float, head_dim: int, k_norm=None,
+                k_norm_eps: float = 1e-6):
     """The keys an eviction op scores a latent layer with (lowrank_kv + h2o/snapkv/fastgen)."""
-    return _keys(c_k, k_up, k_bias, k_pos, inv_freq, rope_scaling, head_dim)
+    return _keys(c_k, k_up, k_bias, k_pos, inv_freq, rope_scaling, head_dim, k_norm, k_norm_eps)
 
 
 @register(LATENT_ATTENTION)
 def latent_attention(q, c_k, c_v, k_up, k_bias, v_up, v_bias, q_pos, k_pos, inv_freq,
-                     rope_scaling: float, scale: float, window: int = 0):
+                     rope_scaling: float, scale: float, window: int = 0, key_bias=None, sinks: int = 0,
+                     k_norm=None, k_norm_eps: float = 1e-6):
     num_heads, head_dim = q.shape[1], q.shape[3]
     num_kv = k_up.shape[1] // head_dim
-    k = _keys(c_k, k_up, k_bias, k_pos, inv_freq, rope_scaling, head_dim)
+    k = _keys(c_k, k_up, k_bias, k_pos, inv_freq, rope_scaling, head_dim, k_norm, k_norm_eps)
     if v_up is not None:
         v = op.MatMul(op.Cast(c_v, to=FLOAT), op.Cast(v_up, to=FLOAT))
         if v_bias is not None:
@@ -76,7 +90,7 @@ def latent_attention(q, c_k, c_v, k_up, k_bias, v_up, v_bias, q_pos, k_pos, inv_
         v = op.Unsqueeze(op.Cast(c_v, to=FLOAT), [1])
         if num_kv > 1:
             v = op.Expand(v, op.Constant(value_ints=[1, num_kv, 1, 1]))
-    mask = additive_mask(q_pos, k_pos, window, num_heads)
+    mask = additive_mask(q_pos, k_pos, window, num_heads, key_bias, sinks)
     y, _, _, _ = op.Attention(op.Cast(q, to=FLOAT), k, v, mask, scale=float(scale),
                               q_num_heads=int(num_heads), kv_num_heads=int(num_kv))
     return op.CastLike(y, q)

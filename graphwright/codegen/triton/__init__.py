@@ -27,11 +27,12 @@ def attention_triton(q, k, v, q_pos, k_pos, scale, window=0, key_bias=None, sink
 
 
 def latent_attention_triton(q, c_k, c_v, k_up, k_bias, v_up, v_bias, q_pos, k_pos, inv_freq, rope_scaling, scale,
-                            window=0):
+                            window=0, key_bias=None, sinks=0, k_norm=None, k_norm_eps=1e-6):
     _check_device(q)
     from .latent_attention import latent_attention_triton as impl
 
-    return impl(q, c_k, c_v, k_up, k_bias, v_up, v_bias, q_pos, k_pos, inv_freq, rope_scaling, scale, window)
+    return impl(q, c_k, c_v, k_up, k_bias, v_up, v_bias, q_pos, k_pos, inv_freq, rope_scaling, scale, window,
+                key_bias, sinks, k_norm, k_norm_eps)
 
 
 def block_sparse_triton(q, k, v, q_pos, k_pos, scale, block, top_k, mode, prefill=False, page_a=None, page_b=None):
