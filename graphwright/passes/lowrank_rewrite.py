@@ -247,7 +247,8 @@ def rewrite_layer(sg, site: LayerSite, svd_k, svd_v, r_k: int, r_v: int, absorbe
         if site.b_v is not None:
             names["v_bias"] = _param(gm, f"gw_lowrank_l{l}_v_bias", site.b_v, dtype)
     if site.k_norm is not None:
-        names["k_norm"] = _param(gm, f"gw_lowrank_l{l}_k_norm", site.k_norm.weight, dtype)
+        # fp32 like the models compute it (Gemma: 1 + weight.float()); the op normalises in fp32
+        names["k_norm"] = _param(gm, f"gw_lowrank_l{l}_k_norm", site.k_norm.weight, torch.float32)
     rope, a = site.rope, schema.bound(attn)
     extra = {"window": a["window"]}  # a sliding layer stays sliding
     if a.get("sinks"):
