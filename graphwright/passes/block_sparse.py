@@ -124,7 +124,7 @@ class BlockSparse(Pass):
             done += 1
         if done == 0:
             why = f" and layers {sorted(skipped)} have a sliding window ({skipped})" if skipped else ""
-            raise RecipeError(f"block_sparse: dense_layers={sorted(dense)}{why} leave no layer to sparsify "
+            raise RecipeError(f"block_sparse: dense_layers={sorted(dense)}{why} leaves no layer to sparsify "
                               f"(layers 0..{n_layers - 1})")
         ed.commit()
         graph.lint()
