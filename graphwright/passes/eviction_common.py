@@ -239,7 +239,8 @@ def rewrite_layers(sg, variant: str, build: BuildFn, layers=None) -> list[int]:
                 # every head holds the same (union) set: head 0's positions are the latent rows' positions
                 attn_kp = call(graph, torch.ops.aten.select.int, kp_all, 1, 0)  # [B, S_l + T]
                 site.args["k"] = call(graph, LATENT_KEYS, site.args["c_k"], site.args["k_up"], site.args["k_bias"],
-                                      attn_kp, site.args["inv_freq"], site.args["rope_scaling"], sg.info.head_dim)
+                                      attn_kp, site.args["inv_freq"], site.args["rope_scaling"], sg.info.head_dim,
+                                      k_norm=site.args.get("k_norm"), k_norm_eps=site.args.get("k_norm_eps", 1e-6))
                 payload = call(graph, torch.ops.aten.cat.default, [site.args["c_k"], site.args["c_v"]], -1)
                 site.args["v"] = call(graph, torch.ops.aten.unsqueeze.default, payload, 1)  # [B, 1, S, r_k + r_v]
         i = site.arg_names.index("k_pos")
