@@ -97,7 +97,7 @@ class BlockSparse(Pass):
             meta = node.meta.setdefault("graphwright", {})
             layer = meta.get("layer")
             if layer in dense or layer in skipped:
-                per_layer[layer] = {"mode": "dense" if layer in dense else "window"}
+                per_layer[layer] = {"mode": "dense"} if layer in dense else {"mode": "window", "skipped": skipped[layer]}
                 continue
             a = schema.bound(node)
             k, k_pos, q_pos = a["k"], a["k_pos"], a["q_pos"]
@@ -135,7 +135,7 @@ class BlockSparse(Pass):
             "settings": {"block": self.block, "top_k": self.top_k, "mode": self.mode, "prefill": self.prefill,
                          "keys_attended_per_step": self.block * self.top_k,
                          "page_state": [f"page_{stat}" for stat in PAGE_STATS[self.mode]]},
-            "show": ["mode", "top_k"],
+            "show": ["mode", "top_k", "skipped"],
             "skipped": skipped,
         }
         return sg

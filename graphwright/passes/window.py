@@ -139,13 +139,16 @@ class Window(Pass):
                 per_layer[layer] = {"size": self.size, "sinks": self.sinks, "heads": hs}
         sg.gm.graph.lint()
         sg.gm.recompile()
+        windowed = dict(per_layer)
+        per_layer.update({layer: {"skipped": why} for layer, why in skipped.items()})  # shown by cm.report()
         sg.notes["window"] = {
-            "per_layer": per_layer,
-            "counts": {"layers_windowed": sum(1 for v in per_layer.values() if v["heads"] == "all"),
-                       "layers_split": sum(1 for v in per_layer.values() if v["heads"] != "all"),
-                       "heads_windowed": sum(info.num_heads if v["heads"] == "all" else len(v["heads"]) for v in per_layer.values())},
+            "per_layer": dict(sorted(per_layer.items())),
+            "counts": {"layers_windowed": sum(1 for v in windowed.values() if v["heads"] == "all"),
+                       "layers_split": sum(1 for v in windowed.values() if v["heads"] != "all"),
+                       "heads_windowed": sum(info.num_heads if v["heads"] == "all" else len(v["heads"]) for v in windowed.values()),
+                       "layers_skipped": len(skipped)},
             "settings": {"size": self.size, "sinks": self.sinks, "masking_only": True},
-            "show": ["size", "sinks"],
+            "show": ["size", "sinks", "skipped"],
             "skipped": skipped,
         }
         return sg

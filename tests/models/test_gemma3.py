@@ -55,6 +55,8 @@ def test_exact_settings_reproduce_dense(compiled_tiny, recipe, tol, skipped):
     note = cm.step_graph.notes[recipe.split("(")[0]]
     if skipped is not None:
         assert note["skipped"] == skipped
+        assert note["per_layer"][0]["skipped"] == skipped[0]
+        assert "native sliding window of 8" in str(cm.report().to_dict())
         assert 0 not in [schema.layer_of(n) for n in schema.attention_nodes(cm.step_graph.gm)
                          if schema.get(n, "window", 0) == 64 or "block_sparse" in n.meta["graphwright"]["variant"]]
 
