@@ -27,7 +27,7 @@ K = (x A) B + b_K (Qwen2 has k/v biases).
 Exact setting: ``keep=1.0`` (full rank r = min(d, H_kv*D)): W = A B up to fp64 round-off, so
 logits match the dense graph (fp32, 1e-4) and greedy tokens are identical.
 
-Invariants tested (``tests/passes/test_lowrank_kv.py``): full rank reproduces logits and greedy
+Invariants tested (``tests/passes/test_lowrank_kv.py``, ``tests/models/test_gemma3.py``): full rank reproduces logits and greedy
 tokens (batch 2, left padding); absorbed and reconstruct agree at any rank; one projection's
 spectral error equals sigma_{r+1} (of W, or of W diag(s) with activation scaling); progressive ranks are non-increasing with depth; cache bytes
 equal sum_l (r_k + r_v) * B * S * elsize and kv_bytes / kv_bytes_dense is the planned fraction;
@@ -35,8 +35,11 @@ the realised keep is within 1% of ``keep``; the pass does not apply twice; op re
 
 Supported: Llama-style models with separate k_proj/v_proj (Llama, Mistral, Qwen2, SmolLM2), a
 fused qkv_proj (Phi-3) or GPT-2's fused Conv1D ``c_attn`` (sliced into its K and V columns; the
-dead K/V columns are dropped so c_attn computes only q). Keys are rotated when the graph has one
-rotary table (full or partial) and rebuilt unrotated when it has none (GPT-2's learned absolute
+dead K/V columns are dropped so c_attn computes only q), Gemma-3 / Qwen3 (a per-head key RMSNorm
+before RoPE: W_K is factored before the norm and the op re-applies it as ``k_norm`` = the effective
+multiplier, Gemma's 1 + weight in fp32, with its eps; a sliding layer keeps its ``window`` and
+``sinks``). Each layer's keys are rotated by that layer's own rotary table (``match.rotary_table``;
+Gemma-3 has a local and a global one), full or partial, and rebuilt unrotated when it has none (GPT-2's learned absolute
 positions are added to the hidden state, not the keys; ``applies_to`` checks that nothing but
 reshapes sits between the key projection and the cache). Refused with the reason: a second
 lowrank_kv, attention carrying a steering ``key_bias`` (apply lowrank_kv before steer), other
