@@ -31,10 +31,19 @@ def _configs():
         "tiny-qwen2moe": (tf.Qwen2MoeConfig, {**_COMMON, "num_experts": 4, "num_experts_per_tok": 2,
                                               "moe_intermediate_size": 64, "shared_expert_intermediate_size": 96,
                                               "decoder_sparse_step": 1, "use_sliding_window": False}),
+        # Gemma-3: a sliding (local, RoPE base 1e4, window 8) and a global layer (RoPE base 1e6): two
+        # rotary tables; per-head q/k RMSNorm (weight + 1); embeddings scaled by sqrt(hidden)
+        "tiny-gemma3": (tf.Gemma3TextConfig, {**_COMMON, "head_dim": 16, "sliding_window": 8,
+                                              "layer_types": ["sliding_attention", "full_attention"],
+                                              "query_pre_attn_scalar": 16,
+                                              "rope_parameters": {
+                                                  "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                                  "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}}),
     }
 
 
-TINY_MODELS = ("tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-phi3", "tiny-gpt2", "tiny-mixtral", "tiny-phimoe", "tiny-qwen2moe")
+TINY_MODELS = ("tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-phi3", "tiny-gpt2", "tiny-mixtral", "tiny-phimoe", "tiny-qwen2moe",
+               "tiny-gemma3")
 
 
 def tiny_model(name: str, dtype: torch.dtype | None = None, seed: int = 0):
@@ -46,6 +55,11 @@ def tiny_model(name: str, dtype: torch.dtype | None = None, seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        if name == "tiny-gemma3":  # Gemma initialises its (1 + weight) RMSNorms to zero: make them matter
+            with torch.no_grad():
+                for pname, p in model.named_parameters():
+                    if pname.endswith("norm.weight"):
+                        p.normal_(0.0, 0.2)
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()

@@ -19,11 +19,13 @@ of every key. That state costs 2 x D fp32 per page and KV head (Quest, block 64,
 
 Arguments: ``block`` (64), ``top_k`` (8), ``mode`` (``quest`` | ``moba``), ``dense_layers``
 ([0, 1]: Quest keeps the first two layers dense), ``prefill`` (False; True sparsifies prefill
-too, MoBA only). Exact setting: ``top_k >= number of blocks`` (ceil(length / block)). Measured
+too, MoBA only). Layers with a sliding window (Gemma-3's native local layers, an earlier window
+pass) stay as they are: the block-sparse op has no window, and a window already bounds what a
+query reads; ``sg.notes["block_sparse"]["skipped"]`` names them. If no layer is left, RecipeError. Exact setting: ``top_k >= number of blocks`` (ceil(length / block)). Measured
 on SmolLM2-135M (README): for Quest, the paper's 16-token pages (``block=16, top_k=32``, the same
 512 keys) keep NIAH at dense level where 64-token pages lose it.
-Invariants tested (``tests/passes/test_block_sparse.py``): top_k >= blocks gives identity logits
-and greedy tokens in both modes; the op equals a naive per-query loop on random inputs; the
+Invariants tested (``tests/passes/test_block_sparse.py``, ``tests/models/test_gemma3.py``): top_k >=
+blocks gives identity logits and greedy tokens in both modes (tiny-gemma3: sliding layer skipped); the op equals a naive per-query loop on random inputs; the
 torch gather kernel equals the reference; U >= the true max score of every page; the page state
 after prefill and decode steps equals the statistics of the whole cache, and generation with it
 equals the op recomputing them; bad arguments raise RecipeError.
@@ -37,15 +39,13 @@ from ..capture.ops import ATTENTION
 from ..capture.step_graph import StateSpec
 from ..errors import RecipeError
 from ..ops.block_sparse import BLOCK_SPARSE_ATTENTION, MODES
+from ..ops import schema
 from ..ops.page_summary import PAGE_SUMMARY
 from .base import Arg, Pass, PassContext, register_pass
 from .eviction_common import StateEditor
+from .window import native_windows, skip_note
 
 PAGE_STATS = {"quest": ("min", "max"), "moba": ("mean",)}
-
-
-def _arg(node, i, name, default=None):
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
 @register_pass
@@ -78,11 +78,16 @@ class BlockSparse(Pass):
         nodes = sg.nodes(ATTENTION)
         if not nodes:
             return "the graph has no graphwright.attention nodes (apply block_sparse before lowrank_kv)"
+        native = native_windows(sg)
+        if len(native) == len(nodes):
+            return f"every layer already has a sliding window ({native}); block_sparse applies to layers without one"
         for n in nodes:
-            layer = n.meta.get("graphwright", {}).get("layer")
-            if _arg(n, 6, "window", 0) or _arg(n, 7, "key_bias") is not None or _arg(n, 8, "sinks", 0):
-                return f"layer {layer}: attention already has a window, sinks or key bias; block_sparse needs plain causal attention"
-            val = getattr(n.args[4], "meta", {}).get("val")
+            layer = schema.layer_of(n)
+            if layer in native:
+                continue  # left alone (noted by run)
+            if schema.get(n, "key_bias") is not None or schema.get(n, "sinks"):
+                return f"layer {layer}: attention already has sinks or a key bias; block_sparse needs plain causal attention"
+            val = getattr(schema.get(n, "k_pos"), "meta", {}).get("val")
             if val is not None and val.dim() != 2:
                 return f"layer {layer}: key positions are per head (an eviction pass ran); apply block_sparse first"
         return None
@@ -95,6 +100,8 @@ class BlockSparse(Pass):
             if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
                 raise RecipeError(f"block_sparse: dense_layers entry {layer!r} is out of range (layers 0..{n_layers - 1})")
         dense = set(self.dense_layers)
+        native = native_windows(sg)
+        skipped = {layer: skip_note(w) for layer, w in sorted(native.items()) if layer not in dense}
         graph = sg.gm.graph
         ed = StateEditor(sg)
         hk, d = sg.info.num_kv_heads, sg.info.head_dim
@@ -102,10 +109,11 @@ class BlockSparse(Pass):
         for node in sg.nodes(ATTENTION):
             meta = node.meta.setdefault("graphwright", {})
             layer = meta.get("layer")
-            if layer in dense:
-                per_layer[layer] = {"mode": "dense"}
+            if layer in dense or layer in skipped:
+                per_layer[layer] = {"mode": "dense"} if layer in dense else {"mode": "window", "skipped": skipped[layer]}
                 continue
-            q, k, v, q_pos, k_pos, scale = node.args[:6]
+            a = schema.bound(node)
+            k, k_pos, q_pos = a["k"], a["k_pos"], a["q_pos"]
             pages = []
             for stat in PAGE_STATS[self.mode]:
                 name = f"page_{stat}{layer}"
@@ -117,8 +125,9 @@ class BlockSparse(Pass):
                 ed.set_output(name, pages[-1])
             pages += [None] * (2 - len(pages))
             with graph.inserting_before(node):
-                new = graph.call_function(BLOCK_SPARSE_ATTENTION, (q, k, v, q_pos, k_pos, scale, self.block, self.top_k,
-                                                                   self.mode, self.prefill, *pages))
+                new = schema.call(graph, BLOCK_SPARSE_ATTENTION, q=a["q"], k=k, v=a["v"], q_pos=q_pos, k_pos=k_pos,
+                                  scale=a["scale"], block=self.block, top_k=self.top_k, mode=self.mode,
+                                  prefill=self.prefill, page_a=pages[0], page_b=pages[1])
             new.meta.update({key: val for key, val in node.meta.items() if key != "graphwright"})
             # op stays "attention" (the layer's attention, for reports); the variant names the kind
             new.meta["graphwright"] = {**meta, "op": "attention", "variant": f"block_sparse:{self.mode}"}
@@ -127,16 +136,19 @@ class BlockSparse(Pass):
             per_layer[layer] = {"mode": self.mode, "block": self.block, "top_k": self.top_k}
             done += 1
         if done == 0:
-            raise RecipeError(f"block_sparse: dense_layers={sorted(dense)} leaves no layer to sparsify (layers 0..{n_layers - 1})")
+            why = f" and layers {sorted(skipped)} have a sliding window ({skipped})" if skipped else ""
+            raise RecipeError(f"block_sparse: dense_layers={sorted(dense)}{why} leaves no layer to sparsify "
+                              f"(layers 0..{n_layers - 1})")
         ed.commit()
         graph.lint()
         sg.gm.recompile()
         sg.notes["block_sparse"] = {
             "per_layer": dict(sorted(per_layer.items())),
-            "counts": {"layers_sparse": done, "layers_dense": len(per_layer) - done},
+            "counts": {"layers_sparse": done, "layers_dense": len(per_layer) - done, "layers_skipped": len(skipped)},
             "settings": {"block": self.block, "top_k": self.top_k, "mode": self.mode, "prefill": self.prefill,
                          "keys_attended_per_step": self.block * self.top_k,
                          "page_state": [f"page_{stat}" for stat in PAGE_STATS[self.mode]]},
-            "show": ["mode", "top_k"],
+            "show": ["mode", "top_k", "skipped"],
+            "skipped": skipped,
         }
         return sg

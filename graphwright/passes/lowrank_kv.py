@@ -27,7 +27,7 @@ K = (x A) B + b_K (Qwen2 has k/v biases).
 Exact setting: ``keep=1.0`` (full rank r = min(d, H_kv*D)): W = A B up to fp64 round-off, so
 logits match the dense graph (fp32, 1e-4) and greedy tokens are identical.
 
-Invariants tested (``tests/passes/test_lowrank_kv.py``): full rank reproduces logits and greedy
+Invariants tested (``tests/passes/test_lowrank_kv.py``, ``tests/models/test_gemma3.py``): full rank reproduces logits and greedy
 tokens (batch 2, left padding); absorbed and reconstruct agree at any rank; one projection's
 spectral error equals sigma_{r+1} (of W, or of W diag(s) with activation scaling); progressive ranks are non-increasing with depth; cache bytes
 equal sum_l (r_k + r_v) * B * S * elsize and kv_bytes / kv_bytes_dense is the planned fraction;
@@ -35,8 +35,11 @@ the realised keep is within 1% of ``keep``; the pass does not apply twice; op re
 
 Supported: Llama-style models with separate k_proj/v_proj (Llama, Mistral, Qwen2, SmolLM2), a
 fused qkv_proj (Phi-3) or GPT-2's fused Conv1D ``c_attn`` (sliced into its K and V columns; the
-dead K/V columns are dropped so c_attn computes only q). Keys are rotated when the graph has one
-rotary table (full or partial) and rebuilt unrotated when it has none (GPT-2's learned absolute
+dead K/V columns are dropped so c_attn computes only q), Gemma-3 / Qwen3 (a per-head key RMSNorm
+before RoPE: W_K is factored before the norm and the op re-applies it as ``k_norm`` = the effective
+multiplier, Gemma's 1 + weight in fp32, with its eps; a sliding layer keeps its ``window`` and
+``sinks``). Each layer's keys are rotated by that layer's own rotary table (``match.rotary_table``;
+Gemma-3 has a local and a global one), full or partial, and rebuilt unrotated when it has none (GPT-2's learned absolute
 positions are added to the hidden state, not the keys; ``applies_to`` checks that nothing but
 reshapes sits between the key projection and the cache). Refused with the reason: a second
 lowrank_kv, attention carrying a steering ``key_bias`` (apply lowrank_kv before steer), other
@@ -55,7 +58,7 @@ from ..ops.latent_attention import LATENT_ATTENTION
 from .base import Arg, Pass, PassContext, register_pass
 from .lowrank_calibrate import input_rms, scaled_svd
 from .lowrank_ranks import allocate_ranks, default_bounds
-from .lowrank_rewrite import LayerSite, find_rope, locate_layer, rewrite_layer, set_fake_vals, shrink_fused_qkv
+from .lowrank_rewrite import LayerSite, locate_layer, rewrite_layer, set_fake_vals, shrink_fused_qkv
 
 
 @contextlib.contextmanager
@@ -68,6 +71,11 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def _one_or_list(values: set, empty):
+    """A setting shared by every layer as one value, else the sorted distinct values."""
+    return empty if not values else next(iter(values)) if len(values) == 1 else sorted(values)
 
 
 @register_pass
@@ -113,11 +121,8 @@ class LowRankKV(Pass):
         attn = sg.nodes(ATTENTION)
         if not attn:
             return "the graph has no graphwright.attention nodes to rewrite"
-        rope = find_rope(sg.gm)
-        if isinstance(rope, str):
-            return rope
         for node in attn:
-            site = locate_layer(sg, node, rope)
+            site = locate_layer(sg, node)
             if isinstance(site, str):
                 return site
             if self.value_path == "absorbed" and site.o_linear is None:
@@ -133,8 +138,7 @@ class LowRankKV(Pass):
 
             raise RecipeError(f"lowrank_kv does not apply to {sg.info.architecture}: {reason}")
         gm = sg.gm
-        rope = find_rope(gm)
-        sites: list[LayerSite] = sorted((locate_layer(sg, n, rope) for n in sg.nodes(ATTENTION)), key=lambda s: s.layer)
+        sites: list[LayerSite] = sorted((locate_layer(sg, n) for n in sg.nodes(ATTENTION)), key=lambda s: s.layer)
         # fp64 SVD of W^T = U S V^T (or of diag(s) W^T, ASVD) per layer and projection, all KV heads jointly
         rms = input_rms(sg, [s.x for s in sites], ctx) if self.scaling == "activation" else {}
         with single_thread():
@@ -147,7 +151,7 @@ class LowRankKV(Pass):
         for i, site in enumerate(sites):
             r_k, r_v = plan.r_k[i], plan.r_v[i]
             with single_thread():
-                rewrite_layer(sg, site, svd_k[i], svd_v[i], r_k, r_v, rope, absorbed=self.value_path == "absorbed")
+                rewrite_layer(sg, site, svd_k[i], svd_v[i], r_k, r_v, absorbed=self.value_path == "absorbed")
             sk, sv = svd_k[i][1], svd_v[i][1]
             per_layer[site.layer] = {
                 "r_k": r_k, "r_v": r_v,
@@ -156,6 +160,8 @@ class LowRankKV(Pass):
                 "sigma_k_next": float(sk[r_k]) if r_k < sk.numel() else 0.0,
                 "sigma_v_next": float(sv[r_v]) if r_v < sv.numel() else 0.0,
                 "kappa_k": round(plan.kappa_k[i], 3), "kappa_v": round(plan.kappa_v[i], 3),
+                "rope_table": None if site.rope is None else str(site.rope.node.target),
+                "k_norm": site.k_norm is not None,
             }
         gm.graph.eliminate_dead_code()
         for site in sites:
@@ -171,8 +177,9 @@ class LowRankKV(Pass):
                        "dense_dims": plan.dense},
             "settings": {**{k: v for k, v in self.values.items()}, **plan.settings,
                          "realised_keep": plan.realised_keep, "target_dims": plan.target,
-                         "rope_scaling": None if rope is None else rope.scaling,
-                         "rope_dims": 0 if rope is None else 2 * int(rope.inv_freq_shape),
+                         "rope_scaling": _one_or_list({s.rope.scaling for s in sites if s.rope is not None}, None),
+                         "rope_dims": _one_or_list({2 * int(s.rope.inv_freq_shape) for s in sites if s.rope is not None}, 0),
+                         "rope_tables": len({s.rope.node.target for s in sites if s.rope is not None}),
                          "seconds": round(time.perf_counter() - t0, 2)},
         }
         return sg

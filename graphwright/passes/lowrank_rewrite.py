@@ -26,7 +26,11 @@ from dataclasses import dataclass
 import torch
 
 from ..capture.step_graph import StateSpec
+from ..ops import schema
 from ..ops.latent_attention import LATENT_ATTENTION
+from .match import KeyNorm, NoMatch, RopeInfo, attr_tensor, key_norm, rotary_table
+
+__all__ = ["KeyNorm", "LayerSite", "RopeInfo", "locate_layer", "rewrite_layer", "set_fake_vals", "shrink_fused_qkv"]
 
 aten = torch.ops.aten
 _PREFIX = "hf."
@@ -36,13 +40,6 @@ _PASS_THROUGH = {aten.transpose.int, aten.reshape.default, aten.view.default, at
 # what may sit between a key projection and the cache cat when the model has no rotary table
 _KEY_PATH_OK = _PASS_THROUGH | {aten.split.Tensor, aten.split_with_sizes.default, aten.slice.Tensor,
                                 aten.alias.default, aten.permute.default, operator.getitem}
-
-
-@dataclass
-class RopeInfo:
-    node: torch.fx.Node  # get_attr of inv_freq
-    scaling: float  # transformers' attention_scaling (the constant multiplying cos and sin)
-    inv_freq_shape: int
 
 
 @dataclass
@@ -63,42 +60,12 @@ class LayerSite:
     qkv_linear: torch.fx.Node | None  # fused projection (Phi-3 linear, GPT-2 addmm), shrunk to its q rows afterwards
     q_rows: int
     conv1d: bool = False  # qkv_linear is GPT-2's addmm(b, x2d, W[in, out]) rather than linear(x, W[out, in])
+    rope: RopeInfo | None = None  # this layer's rotary table (Gemma-3: local or global); None: unrotated keys
+    k_norm: KeyNorm | None = None  # per-head RMSNorm on the keys before RoPE (Qwen3, Gemma-3)
     touched: list | None = None  # nodes added or re-shaped by the rewrite (their meta['val'] is recomputed)
 
 
-def _attr(gm, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj.detach() if isinstance(obj, torch.Tensor) else obj
-
-
-def find_rope(gm) -> RopeInfo | str | None:
-    """The model's one rotary table and its attention_scaling; None without one (GPT-2); or why not usable."""
-    nodes = [n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).endswith("inv_freq")]
-    if not nodes:
-        return None  # keys are then rebuilt unrotated; locate_layer checks the key path has no rotation
-    if len({str(n.target) for n in nodes}) > 1:
-        return f"more than one rotary table ({sorted({str(n.target) for n in nodes})}); lowrank_kv supports one"
-    node = nodes[0]
-    # inv_freq -> mul(positions) -> cat -> cos -> mul(cos, attention_scaling): read the constant
-    frontier, seen, scaling = [node], set(), 1.0
-    for _ in range(6):
-        nxt = []
-        for n in frontier:
-            for u in n.users:
-                if u in seen:
-                    continue
-                seen.add(u)
-                if u.target is aten.cos.default:
-                    for m in u.users:
-                        consts = [a for a in m.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
-                        if m.target is aten.mul.Tensor and consts:
-                            scaling = float(consts[0])
-                    return RopeInfo(node, scaling, int(_attr(gm, str(node.target)).shape[0]))
-                nxt.append(u)
-        frontier = nxt
-    return RopeInfo(node, scaling, int(_attr(gm, str(node.target)).shape[0]))
+_attr = attr_tensor
 
 
 def _linear_of(gm, target: str):
@@ -151,30 +118,32 @@ def _cache_cat(node, dim: int):
     return node, ph
 
 
-def _unrotated_key_path(new_k, proj) -> str | None:
+def _unrotated_key_path(new_k, proj, why: str) -> str | None:
     """Without a rotary table, the keys must reach the cache from ``proj`` through reshapes only."""
     n = new_k
     while n is not proj:
         if not isinstance(n, torch.fx.Node) or n.op != "call_function" or n.target not in _KEY_PATH_OK:
             what = n.target if isinstance(n, torch.fx.Node) else n
-            return (f"keys are transformed by {what} between the projection and the cache and the graph has no "
-                    "rotary table (inv_freq): lowrank_kv supports RoPE or unrotated keys only")
+            return (f"keys are transformed by {what} between the projection and the cache and the layer has no "
+                    f"rotary table ({why}): lowrank_kv supports RoPE or unrotated keys only")
         n = n.args[0]
     return None
 
 
-def locate_layer(sg, attn, rope=None) -> LayerSite | str:
-    """Everything the rewrite needs for one attention node, or why the layer cannot be rewritten."""
+def locate_layer(sg, attn) -> LayerSite | str:
+    """Everything the rewrite needs for one attention node, or why the layer cannot be rewritten.
+
+    The layer's own rotary table (``match.rotary_table``) and key norm (``match.key_norm``) are
+    read from its key path, so models with several tables (Gemma-3) rewrite every layer.
+    """
     gm, info = sg.gm, sg.info
     meta = attn.meta.get("graphwright") or {}
     layer, module = meta.get("layer"), meta.get("module", "")
     where = f"layer {layer} ({module})"
-    if len(attn.args) < 6:
-        return f"{where}: unexpected attention node arguments"
-    if (attn.args[7] if len(attn.args) > 7 else attn.kwargs.get("key_bias")) is not None:
+    if schema.get(attn, "key_bias") is not None:
         return (f"{where}: attention carries a key_bias (steering); apply lowrank_kv before steer, "
                 "latent attention has no key_bias input")
-    kc, vc = _cache_cat(attn.args[1], 2), _cache_cat(attn.args[2], 2)
+    kc, vc = _cache_cat(schema.get(attn, "k"), 2), _cache_cat(schema.get(attn, "v"), 2)
     if kc is None or vc is None:
         return f"{where}: keys/values are not cat([cache, new], dim=2) of a dense cache input"
     H, D, Hk = info.num_heads, info.head_dim, info.num_kv_heads
@@ -213,13 +182,23 @@ def locate_layer(sg, attn, rope=None) -> LayerSite | str:
         b_k, b_v = (None, None) if b is None else (b[q_rows:q_rows + kv_rows], b[q_rows + kv_rows:])
     if w_k.shape[0] != Hk * D or w_v.shape[0] % Hk:
         return f"{where}: k/v projection widths {w_k.shape[0]}/{w_v.shape[0]} do not match {Hk} KV heads x {D}"
-    if rope is None:
-        reason = _unrotated_key_path(kc[0].args[0][1], qkv if qkv is not None else lk)
+    rope = rotary_table(sg, attn)
+    if isinstance(rope, NoMatch):
+        reason = _unrotated_key_path(kc[0].args[0][1], qkv if qkv is not None else lk, rope.reason)
         if reason:
             return f"{where}: {reason}"
+        rope = None
+    norm = key_norm(sg, attn)
+    if isinstance(norm, NoMatch):
+        return f"{where}: {norm.reason}; lowrank_kv would drop it"
+    if norm is not None and not schema.has_arg(LATENT_ATTENTION, "k_norm"):
+        return (f"{where}: keys pass through a per-head RMSNorm ({norm.target}) before RoPE and "
+                "graphwright.latent_attention has no k_norm input; rebuilding keys without it would change them")
+    if schema.get(attn, "sinks", 0) and not schema.has_arg(LATENT_ATTENTION, "sinks"):
+        return f"{where}: attention has sinks and graphwright.latent_attention has no sinks input"
     return LayerSite(layer=int(layer), module=module, attn=attn, x=x, w_k=w_k, b_k=b_k, w_v=w_v, b_v=b_v,
                      k_cat=kc[0], v_cat=vc[0], k_cache=kc[1], v_cache=vc[1], o_linear=_o_linear(attn),
-                     qkv_linear=qkv, q_rows=q_rows, conv1d=conv1d)
+                     qkv_linear=qkv, q_rows=q_rows, conv1d=conv1d, rope=rope, k_norm=norm)
 
 
 def _param(gm, name: str, t: torch.Tensor, dtype) -> str:
@@ -248,7 +227,7 @@ def _copy_meta(dst, src):
             dst.meta[k] = src.meta[k]
 
 
-def rewrite_layer(sg, site: LayerSite, svd_k, svd_v, r_k: int, r_v: int, rope: RopeInfo | None, absorbed: bool) -> None:
+def rewrite_layer(sg, site: LayerSite, svd_k, svd_v, r_k: int, r_v: int, absorbed: bool) -> None:
     """Replace one layer's dense K/V cache and attention by the latent path (see module docstring)."""
     gm, info, graph = sg.gm, sg.info, sg.gm.graph
     dtype, l, attn = info.dtype, site.layer, site.attn
@@ -267,17 +246,25 @@ def rewrite_layer(sg, site: LayerSite, svd_k, svd_v, r_k: int, r_v: int, rope: R
         names["v_up"] = _param(gm, f"gw_lowrank_l{l}_v_up", up_v, dtype)
         if site.b_v is not None:
             names["v_bias"] = _param(gm, f"gw_lowrank_l{l}_v_bias", site.b_v, dtype)
-    q, q_pos, k_pos, scale = attn.args[0], attn.args[3], attn.args[4], attn.args[5]
-    window = attn.args[6] if len(attn.args) > 6 else attn.kwargs.get("window", 0)
+    if site.k_norm is not None:
+        # fp32 like the models compute it (Gemma: 1 + weight.float()); the op normalises in fp32
+        names["k_norm"] = _param(gm, f"gw_lowrank_l{l}_k_norm", site.k_norm.weight, torch.float32)
+    rope, a = site.rope, schema.bound(attn)
+    extra = {"window": a["window"]}  # a sliding layer stays sliding
+    if a.get("sinks"):
+        extra["sinks"] = a["sinks"]
     with graph.inserting_before(attn):
         get = {k: graph.get_attr(v) for k, v in names.items()}
         lat_k = graph.call_function(aten.linear.default, (site.x, get["k_down"]))
         lat_v = graph.call_function(aten.linear.default, (site.x, get["v_down"]))
         c_k = graph.call_function(aten.cat.default, ([site.k_cache, lat_k], 1))  # [B, S, r_k]
         c_v = graph.call_function(aten.cat.default, ([site.v_cache, lat_v], 1))  # [B, S, r_v]
-        new = graph.call_function(LATENT_ATTENTION, (
-            q, c_k, c_v, get["k_up"], get.get("k_bias"), get.get("v_up"), get.get("v_bias"),
-            q_pos, k_pos, None if rope is None else rope.node, 1.0 if rope is None else rope.scaling, scale, window))
+        if site.k_norm is not None:
+            extra.update(k_norm=get["k_norm"], k_norm_eps=site.k_norm.eps)
+        new = schema.call(graph, LATENT_ATTENTION, q=a["q"], c_k=c_k, c_v=c_v, k_up=get["k_up"], k_bias=get.get("k_bias"),
+                          v_up=get.get("v_up"), v_bias=get.get("v_bias"), q_pos=a["q_pos"], k_pos=a["k_pos"],
+                          inv_freq=None if rope is None else rope.node, rope_scaling=1.0 if rope is None else rope.scaling,
+                          scale=a["scale"], **extra)
     for n in (lat_k, lat_v, c_k, c_v, *get.values()):
         _copy_meta(n, site.k_cat)
     _copy_meta(new, attn)

@@ -52,27 +52,20 @@ from .eviction_common import (LAYERS_ARG, EvictionPass, call, find_sites, insert
 aten = torch.ops.aten
 
 
-def find_rotary(gm):
-    """(inv_freq get_attr node, attention_scaling) or the reason there is no single rotary table."""
-    nodes = [n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).endswith("inv_freq")]
-    if len(nodes) != 1:
-        return f"StreamingLLM re-rotates keys by cache index and needs exactly one rotary table (found {len(nodes)})"
-    inv = nodes[0]
-    # transformers: cos = cos(cat(p * inv_freq, p * inv_freq)) * attention_scaling
-    frontier, seen = list(inv.users), set()
-    while frontier:
-        n = frontier.pop(0)
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.target is torch.ops.aten.cos.default:
-            for u in n.users:
-                if u.target is torch.ops.aten.mul.Tensor and isinstance(u.args[1], (int, float)):
-                    return inv, float(u.args[1])
-            return inv, 1.0
-        if len(seen) < 16:
-            frontier.extend(n.users)
-    return "could not find the rotary cos table fed by inv_freq"
+def find_rotary(gm, attn=None):
+    """(inv_freq get_attr node, attention_scaling) of ``attn``'s layer (``match.rotary_table``), or the
+    reason there is none; without ``attn``, every attention layer is checked and the first one's returned."""
+    from ..ops import schema
+    from .match import NoMatch, rotary_table
+
+    nodes = [attn] if attn is not None else schema.attention_nodes(gm)
+    if not nodes:
+        return "the graph has no attention nodes"
+    found = [rotary_table(gm, n) for n in nodes]
+    for rope in found:
+        if isinstance(rope, NoMatch):
+            return f"StreamingLLM re-rotates keys by cache index and needs a rotary table per layer: {rope.reason}"
+    return found[0].node, found[0].scaling
 
 
 @register_pass
@@ -109,7 +102,7 @@ class Streaming(EvictionPass):
     def run(self, sg, ctx: PassContext):
         chosen = self.layer_set(sg.info)
         sites = find_sites(sg, chosen)
-        rot = None if all(s.latent for s in sites) else find_rotary(sg.gm)
+        rot = None if all(s.latent for s in sites) else find_rotary(sg.gm)  # checks every layer has a table
         params = {"sinks": self.sinks, "window": self.window}
         latent = []
 
@@ -118,7 +111,7 @@ class Streaming(EvictionPass):
                 k_pre = rotate_latent_layer(sg, site, kp_all)
                 latent.append(site.layer)
             else:
-                k_pre = rotate_dense_layer(sg, site, kp_all, *rot)
+                k_pre = rotate_dense_layer(sg, site, kp_all, *find_rotary(sg.gm, site.attn))  # this layer's table
             return insert_policy(sg, ed, site, STREAMING_POLICY, params, k=k_pre)
 
         layers = rewrite_layers(sg, "streaming", build, chosen)

@@ -12,10 +12,15 @@ GQA groups keep their grouping, partial groups use one KV head per query head), 
 and one dense, whose outputs are concatenated and put back in head order.
 
 Arguments: ``size`` (required, >= 1), ``sinks`` (default 4), ``layers`` (default all) or
-``heads``. Exact setting: ``size >= sequence length`` (every key is inside the window).
-Invariants tested (``tests/passes/test_window.py``): size >= length gives identity logits and
-greedy tokens; a windowed layer equals a naive masked-softmax oracle; head splitting leaves the
-unselected heads bit-identical; bad layers / heads / an already-windowed model raise RecipeError.
+``heads``. Layers that already have a sliding window (Gemma-3's and Mistral's native windows, or
+an earlier window pass) are left alone when the user did not name layers (the default "all"),
+and ``sg.notes["window"]["skipped"]`` says which and why; naming only such layers, or a model
+whose every layer has a window, raises RecipeError. Exact setting: ``size >= sequence length``
+(every key is inside the window).
+Invariants tested (``tests/passes/test_window.py``, ``tests/models/test_gemma3.py``): size >=
+length gives identity logits and greedy tokens (tiny-gemma3: its sliding layer skipped, noted);
+a windowed layer equals a naive masked-softmax oracle; head splitting leaves the unselected heads
+bit-identical; bad layers / heads / an already-windowed model raise RecipeError.
 """
 
 from __future__ import annotations
@@ -26,29 +31,29 @@ import torch
 
 from ..capture.ops import ATTENTION
 from ..errors import RecipeError
+from ..ops import schema
 from .base import Arg, Pass, PassContext, register_pass
 
 aten = torch.ops.aten
-WINDOW_ARG, KEY_BIAS_ARG = 6, 7
-
-
-def _arg(node, i, name, default=None):
-    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
 
 
 def _set_window(node, size: int, sinks: int):
-    args = list(node.args)
-    if len(args) > WINDOW_ARG:
-        args[WINDOW_ARG] = size
-        node.args = tuple(args)
-    else:
-        node.update_kwarg("window", size)
+    schema.set(node, "window", size)
     if sinks:
-        node.update_kwarg("sinks", sinks)
+        schema.set(node, "sinks", sinks)
 
 
 def _by_layer(sg) -> dict:
-    return {n.meta.get("graphwright", {}).get("layer"): n for n in sg.nodes(ATTENTION)}
+    return {schema.layer_of(n): n for n in sg.nodes(ATTENTION)}
+
+
+def native_windows(sg, op=ATTENTION) -> dict:
+    """``{layer: window}`` for the attention nodes that already have a sliding window."""
+    return {schema.layer_of(n): schema.get(n, "window") for n in sg.nodes(op) if schema.get(n, "window")}
+
+
+def skip_note(window: int) -> str:
+    return f"native sliding window of {window}"
 
 
 def parse_selection(layers, heads, num_layers: int, num_heads: int) -> dict:
@@ -115,10 +120,10 @@ class Window(Pass):
         nodes = sg.nodes(ATTENTION)
         if not nodes:
             return "the graph has no graphwright.attention nodes to window"
-        for n in nodes:
-            if _arg(n, WINDOW_ARG, "window", 0):
-                return (f"layer {n.meta.get('graphwright', {}).get('layer')} already has a sliding window "
-                        f"({_arg(n, WINDOW_ARG, 'window', 0)}) from the model or an earlier window pass")
+        native = native_windows(sg)
+        if len(native) == len(nodes):
+            return (f"every layer already has a sliding window ({native}) from the model or an earlier window "
+                    "pass; window applies to layers without one")
         return None
 
     def run(self, sg, ctx: PassContext):
@@ -129,6 +134,14 @@ class Window(Pass):
         if missing:
             raise RecipeError(f"window: layer(s) {missing} have no graphwright.attention node "
                               f"(layers with one: {sorted(k for k in by_layer if k is not None)})")
+        native = native_windows(sg)
+        skipped = {layer: skip_note(native[layer]) for layer in sel if layer in native}
+        if skipped and len(skipped) == len(sel):
+            free = sorted(k for k in by_layer if k is not None and k not in native)
+            raise RecipeError(f"window: layer(s) {sorted(skipped)} already have a sliding window "
+                              f"({', '.join(f'{k}: {native[k]}' for k in sorted(skipped))}); "
+                              f"layers without one: {free}")
+        sel = {layer: hs for layer, hs in sel.items() if layer not in skipped}
         per_layer = {}
         for layer, hs in sel.items():
             node = by_layer[layer]
@@ -141,13 +154,17 @@ class Window(Pass):
                 per_layer[layer] = {"size": self.size, "sinks": self.sinks, "heads": hs}
         sg.gm.graph.lint()
         sg.gm.recompile()
+        windowed = dict(per_layer)
+        per_layer.update({layer: {"skipped": why} for layer, why in skipped.items()})  # shown by cm.report()
         sg.notes["window"] = {
-            "per_layer": per_layer,
-            "counts": {"layers_windowed": sum(1 for v in per_layer.values() if v["heads"] == "all"),
-                       "layers_split": sum(1 for v in per_layer.values() if v["heads"] != "all"),
-                       "heads_windowed": sum(info.num_heads if v["heads"] == "all" else len(v["heads"]) for v in per_layer.values())},
+            "per_layer": dict(sorted(per_layer.items())),
+            "counts": {"layers_windowed": sum(1 for v in windowed.values() if v["heads"] == "all"),
+                       "layers_split": sum(1 for v in windowed.values() if v["heads"] != "all"),
+                       "heads_windowed": sum(info.num_heads if v["heads"] == "all" else len(v["heads"]) for v in windowed.values()),
+                       "layers_skipped": len(skipped)},
             "settings": {"size": self.size, "sinks": self.sinks, "masking_only": True},
-            "show": ["size", "sinks"],
+            "show": ["size", "sinks", "skipped"],
+            "skipped": skipped,
         }
         return sg
 
@@ -173,16 +190,17 @@ def _groups(hs: list, g: int):
 
 def _split_heads(sg, node, hs: list, size: int, sinks: int):
     info, graph = sg.info, sg.gm.graph
-    if _arg(node, KEY_BIAS_ARG, "key_bias") is not None:
+    if schema.get(node, "key_bias") is not None:
         raise RecipeError("window: per-head windows on a layer with a key_bias (steering) are not supported; apply window before steer")
-    k_pos = node.args[4]
+    a = schema.bound(node)
+    k_pos = a["k_pos"]
     val = getattr(k_pos, "meta", {}).get("val")
     if val is not None and val.dim() != 2:
         raise RecipeError("window: per-head windows need shared key positions; apply window before eviction passes")
-    layer = node.meta.get("graphwright", {}).get("layer")
+    layer = schema.layer_of(node)
     g = info.num_heads // info.num_kv_heads
     rest = [h for h in range(info.num_heads) if h not in hs]
-    q, k, v, q_pos, _, scale = node.args[:6]
+    q, k, v, q_pos, scale = a["q"], a["k"], a["v"], a["q_pos"], a["scale"]
     outs = []
     with graph.inserting_before(node):
         for tag, heads, w, s in (("win", hs, size, sinks), ("dense", rest, 0, 0)):
@@ -191,10 +209,12 @@ def _split_heads(sg, node, hs: list, size: int, sinks: int):
             ki = _index(sg, f"gw_window_l{layer}_{tag}_kv", kvh)
             sub = [graph.call_function(aten.index_select.default, (t, 1, i)) for t, i in ((q, qi), (k, ki), (v, ki))]
             kwargs = {"sinks": s} if s else {}
-            a = graph.call_function(ATTENTION, (*sub, q_pos, k_pos, scale, w), kwargs)
-            a.meta.update({key: val for key, val in node.meta.items() if key in ("nn_module_stack", "stack_trace")})
-            a.meta["graphwright"] = {**node.meta.get("graphwright", {}), "variant": "window" if w else "dense", "heads": heads}
-            outs.append(a)
+            sub_attn = schema.call(graph, ATTENTION, q=sub[0], k=sub[1], v=sub[2], q_pos=q_pos, k_pos=k_pos, scale=scale,
+                                   window=w, **kwargs)
+            sub_attn.meta.update({key: val for key, val in node.meta.items() if key in ("nn_module_stack", "stack_trace")})
+            sub_attn.meta["graphwright"] = {**node.meta.get("graphwright", {}), "variant": "window" if w else "dense",
+                                            "heads": heads}
+            outs.append(sub_attn)
         cat = graph.call_function(aten.cat.default, (outs, 1))
         inv = [0] * info.num_heads
         for i, h in enumerate(hs + rest):
