@@ -21,12 +21,22 @@ Arguments: ``block`` (64), ``top_k`` (8), ``mode`` (``quest`` | ``moba``), ``den
 ([0, 1]: Quest keeps the first two layers dense), ``prefill`` (False; True sparsifies prefill
 too, MoBA only). Layers with a sliding window (Gemma-3's native local layers, an earlier window
 pass) stay as they are: the block-sparse op has no window, and a window already bounds what a
-query reads; ``sg.notes["block_sparse"]["skipped"]`` names them. If no layer is left, RecipeError. Exact setting: ``top_k >= number of blocks`` (ceil(length / block)). Measured
-on SmolLM2-135M (README): for Quest, the paper's 16-token pages (``block=16, top_k=32``, the same
-512 keys) keep NIAH at dense level where 64-token pages lose it.
+query reads; ``sg.notes["block_sparse"]["skipped"]`` names them. If no layer is left, RecipeError.
+
+Latent layers (``lowrank_kv`` ran first; the pass manager orders it so): selection runs on the
+keys rebuilt from the latents (``passes/latent_unfold.py``: post-RoPE, key norm applied) and the
+page summaries are of those keys, not of the latents. Quest's bound needs each channel's extremes
+in the space where q . k is taken, and the rotation at absolute positions sits between the latent
+c_k and that space, so min/max of c_k bound nothing. The cache stays latent (memory as lowrank_kv);
+the keys of the step are rebuilt, as latent attention does anyway.
+
+Exact setting: ``top_k >= number of blocks`` (ceil(length / block)). Measured on SmolLM2-135M
+(README): for Quest, the paper's 16-token pages (``block=16, top_k=32``, the same 512 keys) keep
+NIAH at dense level where 64-token pages lose it.
 Invariants tested (``tests/passes/test_block_sparse.py``, ``tests/models/test_gemma3.py``): top_k >=
-blocks gives identity logits and greedy tokens in both modes (tiny-gemma3: sliding layer skipped); the op equals a naive per-query loop on random inputs; the
-torch gather kernel equals the reference; U >= the true max score of every page; the page state
+blocks gives identity logits and greedy tokens in both modes (tiny-gemma3: sliding layer skipped;
+after full-rank lowrank_kv too); the op equals a naive per-query loop on random inputs; the torch
+gather kernel equals the reference; U >= the true max score of every page; the page state
 after prefill and decode steps equals the statistics of the whole cache, and generation with it
 equals the op recomputing them; bad arguments raise RecipeError.
 """
@@ -38,11 +48,13 @@ import torch
 from ..capture.ops import ATTENTION
 from ..capture.step_graph import StateSpec
 from ..errors import RecipeError
-from ..ops.block_sparse import BLOCK_SPARSE_ATTENTION, MODES
 from ..ops import schema
+from ..ops.block_sparse import BLOCK_SPARSE_ATTENTION, MODES
+from ..ops.latent_attention import LATENT_ATTENTION
 from ..ops.page_summary import PAGE_SUMMARY
 from .base import Arg, Pass, PassContext, register_pass
 from .eviction_common import StateEditor
+from .latent_unfold import unfold_keys, unfold_values
 from .window import native_windows, skip_note
 
 PAGE_STATS = {"quest": ("min", "max"), "moba": ("mean",)}
@@ -75,10 +87,10 @@ class BlockSparse(Pass):
         return set(range(info.num_layers)) - dense
 
     def applies_to(self, sg) -> str | None:
-        nodes = sg.nodes(ATTENTION)
+        nodes = sg.nodes(ATTENTION) + sg.nodes(LATENT_ATTENTION)
         if not nodes:
-            return "the graph has no graphwright.attention nodes (apply block_sparse before lowrank_kv)"
-        native = native_windows(sg)
+            return "the graph has no graphwright.attention or graphwright.latent_attention nodes to sparsify"
+        native = {**native_windows(sg), **native_windows(sg, LATENT_ATTENTION)}
         if len(native) == len(nodes):
             return f"every layer already has a sliding window ({native}); block_sparse applies to layers without one"
         for n in nodes:
@@ -100,20 +112,26 @@ class BlockSparse(Pass):
             if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
                 raise RecipeError(f"block_sparse: dense_layers entry {layer!r} is out of range (layers 0..{n_layers - 1})")
         dense = set(self.dense_layers)
-        native = native_windows(sg)
+        native = {**native_windows(sg), **native_windows(sg, LATENT_ATTENTION)}
         skipped = {layer: skip_note(w) for layer, w in sorted(native.items()) if layer not in dense}
         graph = sg.gm.graph
         ed = StateEditor(sg)
         hk, d = sg.info.num_kv_heads, sg.info.head_dim
         per_layer, done = {}, 0
-        for node in sg.nodes(ATTENTION):
+        for node in sorted(sg.nodes(ATTENTION) + sg.nodes(LATENT_ATTENTION), key=schema.layer_of):
             meta = node.meta.setdefault("graphwright", {})
             layer = meta.get("layer")
             if layer in dense or layer in skipped:
                 per_layer[layer] = {"mode": "dense"} if layer in dense else {"mode": "window", "skipped": skipped[layer]}
                 continue
             a = schema.bound(node)
-            k, k_pos, q_pos = a["k"], a["k_pos"], a["q_pos"]
+            k_pos, q_pos = a["k_pos"], a["q_pos"]
+            if node.target is LATENT_ATTENTION:  # select on keys rebuilt from the latents (module docstring)
+                with graph.inserting_before(node):
+                    k = unfold_keys(graph, node, k_pos, d, sg.info.dtype)
+                    v = unfold_values(graph, node, hk)
+            else:
+                k, v = a["k"], a["v"]
             pages = []
             for stat in PAGE_STATS[self.mode]:
                 name = f"page_{stat}{layer}"
@@ -125,12 +143,13 @@ class BlockSparse(Pass):
                 ed.set_output(name, pages[-1])
             pages += [None] * (2 - len(pages))
             with graph.inserting_before(node):
-                new = schema.call(graph, BLOCK_SPARSE_ATTENTION, q=a["q"], k=k, v=a["v"], q_pos=q_pos, k_pos=k_pos,
+                new = schema.call(graph, BLOCK_SPARSE_ATTENTION, q=a["q"], k=k, v=v, q_pos=q_pos, k_pos=k_pos,
                                   scale=a["scale"], block=self.block, top_k=self.top_k, mode=self.mode,
                                   prefill=self.prefill, page_a=pages[0], page_b=pages[1])
             new.meta.update({key: val for key, val in node.meta.items() if key != "graphwright"})
             # op stays "attention" (the layer's attention, for reports); the variant names the kind
-            new.meta["graphwright"] = {**meta, "op": "attention", "variant": f"block_sparse:{self.mode}"}
+            latent = "lowrank+" if node.target is LATENT_ATTENTION else ""
+            new.meta["graphwright"] = {**meta, "op": "attention", "variant": f"{latent}block_sparse:{self.mode}"}
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             per_layer[layer] = {"mode": self.mode, "block": self.block, "top_k": self.top_k}

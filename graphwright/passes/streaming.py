@@ -46,7 +46,8 @@ from ..ops import schema
 from ..ops.eviction import ROPE_CACHE_INDEX, ROPE_INVERT
 from ..ops.policy_streaming import STREAMING_POLICY
 from .base import Arg, PassContext, register_pass
-from .eviction_common import (LAYERS_ARG, EvictionPass, call, find_sites, insert_policy, latent_keys, positions_node,
+from .latent_unfold import unfold_keys, unfold_values
+from .eviction_common import (LAYERS_ARG, EvictionPass, call, find_sites, insert_policy, positions_node,
                               rewrite_layers)
 
 aten = torch.ops.aten
@@ -145,22 +146,13 @@ def rotate_latent_layer(sg, site, kp_all):
     graph, info, old = sg.gm.graph, sg.info, site.attn
     inv, scaling = site.arg("inv_freq"), site.arg("rope_scaling")
     k_pos = site.arg("k_pos")  # [B, S]: head 0 of the per-head positions (rewrite_layers set it)
-    c_v, v_up, v_bias = site.arg("c_v"), site.arg("v_up"), site.arg("v_bias")
     hk = info.num_kv_heads
     with graph.inserting_before(old):
         q_pre = call(graph, ROPE_INVERT, site.arg("q"), positions_node(sg), inv, scaling)
-        k_pre = latent_keys(sg, site, k_pos, inv_freq=None)  # fp32 [B, Hk, S, D], not rotated
-        if info.dtype != torch.float32:
-            k_pre = call(graph, aten._to_copy.default, k_pre, dtype=info.dtype)
+        k_pre = unfold_keys(graph, old, k_pos, info.head_dim, info.dtype, inv_freq=None)  # not rotated
         qk = call(graph, ROPE_CACHE_INDEX, q_pre, k_pre, kp_all, inv, scaling)
         q_rot, k_rot = call(graph, operator.getitem, qk, 0), call(graph, operator.getitem, qk, 1)
-        if v_up is None:  # absorbed: one latent value stream shared by every KV head
-            v = call(graph, aten.expand.default, call(graph, aten.unsqueeze.default, c_v, 1), [-1, hk, -1, -1])
-        else:  # reconstruct: V = c_v @ v_up + v_bias as [B, Hk, S, Dv]
-            v = call(graph, aten.matmul.default, c_v, v_up)
-            if v_bias is not None:
-                v = call(graph, aten.add.Tensor, v, v_bias)
-            v = call(graph, aten.transpose.int, call(graph, aten.unflatten.int, v, -1, [hk, -1]), 1, 2)
+        v = unfold_values(graph, old, hk)
         extra = {name: site.arg(name) for name in ("window", "sinks")
                  if schema.has_arg(old.target, name) and site.arg(name)}
         new = schema.call(graph, ATTENTION, q=q_rot, k=k_rot, v=v, q_pos=site.arg("q_pos"), k_pos=k_pos,
