@@ -12,11 +12,38 @@ def add_parser(sub):
     add_recipe_arg(p)
     p.add_argument("--json", default=None, help="write the report as JSON here")
     p.add_argument("--diff", action="store_true", help="also print the node diff against the identity graph")
+    p.add_argument("--matrix", nargs="*", default=None, metavar="PASS",
+                   help="instead of one recipe: try every ordered pair of these passes (default: the attention "
+                        "passes) with small lossy settings and print the composition matrix (use --model tiny-llama)")
+
+
+def run_matrix(args):
+    from ..eval.composition import DEFAULT_PASSES, composition_matrix, registry_settings, render_matrix
+    from .common import fail
+
+    passes = tuple(args.matrix) or DEFAULT_PASSES
+    known = registry_settings()
+    unknown = [p for p in passes if p not in known]
+    if unknown:
+        fail(f"--matrix: unknown pass(es) {unknown}; choose from {sorted(known)}")
+    model, _ = load(args)
+    with console.status(f"compiling {len(passes) * (len(passes) - 1)} ordered pairs ..."):
+        cells = composition_matrix(model, passes)
+    console.print(render_matrix(cells, passes))
+    for (a, b), cell in cells.items():
+        if cell["status"] != "ok":
+            console.print(f"[dim]{a} + {b}: {cell['status']}: {cell['reason']}[/]")
+    if args.json:
+        write_json({f"{a} + {b}": cell for (a, b), cell in cells.items()}, args.json)
+    if any(cell["status"] == "error" for cell in cells.values()):
+        raise SystemExit(1)
 
 
 def run(args):
     import graphwright as gw
 
+    if args.matrix is not None:
+        return run_matrix(args)
     model, tok = load(args)
     cm = compile_model(model, tok, args.recipe, args.backend)
     report = cm.report()

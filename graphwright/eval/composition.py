@@ -14,20 +14,21 @@ import torch
 
 from ..errors import RecipeError
 
-# lossy settings small enough to act on the probe (16 tokens) and a 12-token prompt
-LOSSY = {
-    "lowrank_kv": "lowrank_kv(keep=0.5)",
-    "h2o": "h2o(heavy=4, recent=4)",
-    "snapkv": "snapkv(budget=6, window=2)",
-    "streaming": "streaming(sinks=2, window=6)",
-    "fastgen": "fastgen(recovery=0.9)",
-    "steer": "steer(heads={0: [0, 1]}, alpha=0.01)",
-    "window": "window(size=6, sinks=2)",
-    "block_sparse": "block_sparse(block=4, top_k=2, dense_layers=[])",
-    "gemfilter": "gemfilter(layer=1, keep=8)",
-    "fuse_moe": "fuse_moe",
-}
-DEFAULT_PASSES = ("lowrank_kv", "h2o", "snapkv", "streaming", "fastgen", "steer", "window", "block_sparse")
+
+def registry_settings() -> dict:
+    """{pass: recipe} -- each registered pass's declared lossy example (its exact one if it has none)."""
+    from .. import passes as _registers  # noqa: F401
+    from ..passes.base import PASS_REGISTRY
+
+    out = {}
+    for name, cls in PASS_REGISTRY.items():
+        ex = cls.examples or {}
+        if ex.get("lossy") or ex.get("exact"):
+            out[name] = ex.get("lossy") or ex.get("exact")
+    return out
+
+
+DEFAULT_PASSES = ("lowrank_kv", "h2o", "snapkv", "streaming", "fastgen", "steer", "window", "block_sparse", "gemfilter")
 
 
 def _prompt(sg_info, length: int = 12, seed: int = 3) -> torch.Tensor:
@@ -53,7 +54,7 @@ def composition_matrix(model, passes=DEFAULT_PASSES, settings=None, new_tokens: 
     """{(a, b): cell} for every ordered pair of ``passes`` on ``model`` (a model object)."""
     from ..capture import capture
 
-    settings = {**LOSSY, **(settings or {})}
+    settings = {**registry_settings(), **(settings or {})}
     sg_info = capture(model).info
     ids = _prompt(sg_info)
     cells = {}
