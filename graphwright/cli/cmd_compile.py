@@ -29,7 +29,7 @@ def run_matrix(args):
     model, _ = load(args)
     with console.status(f"compiling {len(passes) * (len(passes) - 1)} ordered pairs ..."):
         cells = composition_matrix(model, passes)
-    console.print(render_matrix(cells, passes))
+    console.print(render_matrix(cells, passes), soft_wrap=True)
     for (a, b), cell in cells.items():
         if cell["status"] != "ok":
             console.print(f"[dim]{a} + {b}: {cell['status']}: {cell['reason']}[/]")

@@ -71,7 +71,7 @@ class BlockSparse(Pass):
                 "key_bias": "graphwright.block_sparse_attention has no key-bias input (steer a dense layer)"}
     stage = 50
     examples = {"exact": "block_sparse(block=4, top_k=1000, dense_layers=[])",
-                "lossy": "block_sparse(block=4, top_k=2, dense_layers=[])", "models": ("tiny-llama", "tiny-qwen2")}
+                "lossy": "block_sparse(block=4, top_k=2, dense_layers=[])", "models": ("tiny-llama", "tiny-qwen2", "tiny-gemma3")}
     exact = False
     doc = "Quest / MoBA block-sparse attention: decode attends only to the top-k key blocks per KV head."
     args = (

@@ -77,7 +77,7 @@ class FastGen(EvictionPass):
     excludes = {"evicted": "one eviction policy per layer (give each policy its own layers=[...])"}
     stage = 60
     examples = {"exact": "fastgen(recovery=1.0)", "lossy": "fastgen(recovery=0.9)",
-                "models": ("tiny-llama", "tiny-qwen2"), "first_token_dense": True}
+                "models": ("tiny-llama", "tiny-qwen2", "tiny-gemma3"), "first_token_dense": True}
     exact = False
     doc = "FastGen: profile each KV head after prefill; keep special/punct/frequent/local/full per head."
     args = (

@@ -42,7 +42,7 @@ class GemFilter(Pass):
                 "latent_cache": "the selection reads its layer's dense keys, which lowrank_kv replaces by latents"}
     stage = 80
     examples = {"exact": "gemfilter(layer=1, keep=100000)", "lossy": "gemfilter(layer=1, keep=8)",
-                "models": ("tiny-llama", "tiny-qwen2")}
+                "models": ("tiny-llama", "tiny-qwen2", "tiny-gemma3")}
     exact = False
     doc = "GemFilter: select prompt tokens with layer r's last query, then generate from the kept tokens only."
     args = (

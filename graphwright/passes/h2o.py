@@ -37,7 +37,7 @@ class H2O(EvictionPass):
     forbids = frozenset({"key_bias"})  # scores are the model's own attention; steering is added after
     excludes = {"evicted": "one eviction policy per layer (give each policy its own layers=[...])"}
     stage = 60
-    examples = {"exact": "h2o(heavy=1.0)", "lossy": "h2o(heavy=4, recent=4)", "models": ("tiny-llama", "tiny-qwen2"),
+    examples = {"exact": "h2o(heavy=1.0)", "lossy": "h2o(heavy=4, recent=4)", "models": ("tiny-llama", "tiny-qwen2", "tiny-gemma3"),
                 "first_token_dense": True}
     exact = False
     doc = "H2O: keep recent tokens plus heavy hitters by cumulative attention (per KV head), after prefill and each step."

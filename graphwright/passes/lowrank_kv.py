@@ -89,7 +89,7 @@ class LowRankKV(Pass):
                               "several (window whole layers instead)"}
     stage = 40
     examples = {"exact": "lowrank_kv(keep=1.0)", "lossy": "lowrank_kv(keep=0.5)",
-                "models": ("tiny-llama", "tiny-qwen2", "tiny-gpt2")}
+                "models": ("tiny-llama", "tiny-qwen2", "tiny-gpt2", "tiny-gemma3")}
     exact = False
     doc = "LoRC: cache SVD latents of W_K/W_V (progressive per-layer ranks), rebuild K, absorb V into o_proj."
     args = (

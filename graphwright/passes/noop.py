@@ -14,7 +14,7 @@ from .base import Pass, PassContext, register_pass
 class Noop(Pass):
     name = "noop"
     stage = 0
-    examples = {"exact": "noop", "lossy": None, "models": ("tiny-llama", "tiny-gpt2")}
+    examples = {"exact": "noop", "lossy": None, "models": ("tiny-llama", "tiny-gpt2", "tiny-gemma3")}
     exact = True
     args = ()
     doc = "Leave the graph unchanged; record that every attention layer was visited."

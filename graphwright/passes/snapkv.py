@@ -40,7 +40,7 @@ class SnapKV(EvictionPass):
     excludes = {"evicted": "one eviction policy per layer (give each policy its own layers=[...])"}
     stage = 60
     examples = {"exact": "snapkv(budget=100000)", "lossy": "snapkv(budget=6, window=2)",
-                "models": ("tiny-llama", "tiny-qwen2"), "first_token_dense": True}
+                "models": ("tiny-llama", "tiny-qwen2", "tiny-gemma3"), "first_token_dense": True}
     exact = False
     doc = "SnapKV: after prefill keep per KV head the prompt keys the last `window` queries attend to most."
     args = (

@@ -109,7 +109,7 @@ class Steer(Pass):
                               "window split that node"}
     stage = 90
     examples = {"exact": "steer(heads={0: [0, 1]}, alpha=1.0)", "lossy": "steer(heads={0: [0, 1]}, alpha=0.01)",
-                "models": ("tiny-llama", "tiny-qwen2")}
+                "models": ("tiny-llama", "tiny-qwen2", "tiny-gemma3")}
     exact = False
     args = (
         Arg("alpha", float, 0.01, "scale of non-emphasized prompt attention (1 = no change)", min=1e-9),

@@ -79,7 +79,7 @@ class Streaming(EvictionPass):
     excludes = {"evicted": "one eviction policy per layer (give each policy its own layers=[...])"}
     stage = 60
     examples = {"exact": "streaming(sinks=4, window=1000)", "lossy": "streaming(sinks=2, window=6)",
-                "models": ("tiny-llama", "tiny-qwen2"), "first_token_dense": True}
+                "models": ("tiny-llama", "tiny-qwen2", "tiny-gemma3"), "first_token_dense": True}
     exact = False
     doc = "StreamingLLM: keep attention sinks + a recent window; keys cached pre-RoPE and rotated by cache index."
     args = (

@@ -96,7 +96,7 @@ class Window(Pass):
     produces = frozenset({"window"})
     excludes = {"block_sparse": "both decide which keys a query sees (a window or top-k blocks); give them different layers"}
     stage = 20
-    examples = {"exact": "window(size=1000)", "lossy": "window(size=6, sinks=2)", "models": ("tiny-llama", "tiny-qwen2")}
+    examples = {"exact": "window(size=1000)", "lossy": "window(size=6, sinks=2)", "models": ("tiny-llama", "tiny-qwen2", "tiny-gemma3")}
     exact = False
     doc = "Sliding-window attention with attention sinks (masking only) for chosen layers or heads."
     args = (
