@@ -76,7 +76,14 @@ def select_layers(pass_name: str, layers, num_layers: int) -> list[int]:
 
 
 class EvictionPass(Pass):
-    """What every eviction pass shares: ``layers=`` selection, ``layer_set`` and ``applies_to``."""
+    """What every eviction pass shares: its pass-manager declarations, ``layers=``, ``layer_set``, ``applies_to``."""
+
+    needs = frozenset({"attention", "shared_positions"})
+    produces = frozenset({"evicted"})
+    removes = frozenset({"shared_positions", "dense_cache"})
+    forbids = frozenset({"key_bias"})  # scores are the model's own attention; steering is added after
+    excludes = {"evicted": "one eviction policy per layer (give each policy its own layers=[...])"}
+    stage = 60
 
     def layer_set(self, info) -> set[int]:
         """The layers this pass evicts (``RecipeError`` for an index outside 0..num_layers-1)."""

@@ -70,12 +70,6 @@ def token_class_table(tokenizer, vocab_size: int) -> torch.Tensor:
 @register_pass
 class FastGen(EvictionPass):
     name = "fastgen"
-    needs = frozenset({"attention", "shared_positions"})
-    produces = frozenset({"evicted"})
-    removes = frozenset({"shared_positions", "dense_cache"})
-    forbids = frozenset({"key_bias"})  # scores are the model's own attention; steering is added after
-    excludes = {"evicted": "one eviction policy per layer (give each policy its own layers=[...])"}
-    stage = 60
     examples = {"exact": "fastgen(recovery=1.0)", "lossy": "fastgen(recovery=0.9)",
                 "models": ("tiny-llama", "tiny-qwen2", "tiny-gemma3"), "first_token_dense": True}
     exact = False

@@ -31,12 +31,6 @@ from .eviction_common import LAYERS_ARG, EvictionPass, evict_pass_build, frac_or
 @register_pass
 class H2O(EvictionPass):
     name = "h2o"
-    needs = frozenset({"attention", "shared_positions"})
-    produces = frozenset({"evicted"})
-    removes = frozenset({"shared_positions", "dense_cache"})
-    forbids = frozenset({"key_bias"})  # scores are the model's own attention; steering is added after
-    excludes = {"evicted": "one eviction policy per layer (give each policy its own layers=[...])"}
-    stage = 60
     examples = {"exact": "h2o(heavy=1.0)", "lossy": "h2o(heavy=4, recent=4)", "models": ("tiny-llama", "tiny-qwen2", "tiny-gemma3"),
                 "first_token_dense": True}
     exact = False

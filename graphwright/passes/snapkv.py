@@ -33,12 +33,6 @@ from .eviction_common import LAYERS_ARG, EvictionPass, evict_pass_build, latent_
 @register_pass
 class SnapKV(EvictionPass):
     name = "snapkv"
-    needs = frozenset({"attention", "shared_positions"})
-    produces = frozenset({"evicted"})
-    removes = frozenset({"shared_positions", "dense_cache"})
-    forbids = frozenset({"key_bias"})  # scores are the model's own attention; steering is added after
-    excludes = {"evicted": "one eviction policy per layer (give each policy its own layers=[...])"}
-    stage = 60
     examples = {"exact": "snapkv(budget=100000)", "lossy": "snapkv(budget=6, window=2)",
                 "models": ("tiny-llama", "tiny-qwen2", "tiny-gemma3"), "first_token_dense": True}
     exact = False

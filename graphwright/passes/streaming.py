@@ -72,12 +72,7 @@ def find_rotary(gm, attn=None):
 @register_pass
 class Streaming(EvictionPass):
     name = "streaming"
-    needs = frozenset({"attention", "shared_positions", "rotary"})
-    produces = frozenset({"evicted"})
-    removes = frozenset({"shared_positions", "dense_cache"})
-    forbids = frozenset({"key_bias"})  # scores are the model's own attention; steering is added after
-    excludes = {"evicted": "one eviction policy per layer (give each policy its own layers=[...])"}
-    stage = 60
+    needs = EvictionPass.needs | {"rotary"}  # keys are re-rotated by cache index
     examples = {"exact": "streaming(sinks=4, window=1000)", "lossy": "streaming(sinks=2, window=6)",
                 "models": ("tiny-llama", "tiny-qwen2", "tiny-gemma3"), "first_token_dense": True}
     exact = False

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import itertools
 
-import torch
-
 import graphwright.passes  # noqa: F401  (registers every pass)
 from graphwright.passes.base import PASS_REGISTRY
+from tests.conftest import left_padded_batch
 
 PAIR_MODEL = "tiny-llama"
 MOE_PAIR_MODEL = "tiny-mixtral"
@@ -54,10 +53,4 @@ def pair_model(a: str, b: str) -> str:
 
 def prompt(vocab: int = 256, lengths=(14, 9), seed: int = 5):
     """A left-padded batch [2, 14]: row 1 has 5 padding tokens; ids avoid 0..2."""
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.randint(3, vocab, (len(lengths), T), generator=g)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        mask[i, T - n:] = 1
-    return ids.masked_fill(mask == 0, 0), mask
+    return left_padded_batch(vocab, lengths, seed=seed)
