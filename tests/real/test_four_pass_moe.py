@@ -12,7 +12,7 @@ import graphwright as gw
 
 pytestmark = pytest.mark.slow
 
-RECIPE = "steer(heads={20: [0, 1]}, alpha=0.01) + h2o(heavy=0.25, recent=0.25) + fuse_moe + lowrank_kv(keep=0.6)"
+RECIPE = "steer(heads=[16, 20, 24], alpha=0.01) + h2o(heavy=0.25, recent=0.25) + fuse_moe + lowrank_kv(keep=0.6)"
 
 
 def test_four_pass_moe_recipe_generates_and_exports(tmp_path):
