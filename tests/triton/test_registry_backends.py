@@ -6,8 +6,8 @@ is compiled once, and the same rewritten step graph is lowered to the ``"referen
 ``"triton"`` backends (``CompiledModel(cm.step_graph, ...)``); all three generate the same 8 greedy
 tokens on a left-padded batch. The same holds for the compositions issue 16 names (latent layers
 with steering, windows, block selection and streaming; eviction with steering; everything on an
-MoE model). A steered recipe runs with emphasis spans, and the test checks they change the logits,
-so the key bias really reaches the kernels.
+MoE model); the cases are in ``tests/passes/backend_cases.py``. A steered recipe runs with emphasis
+spans, and the test checks they change the logits, so the key bias really reaches the kernels.
 """
 
 from __future__ import annotations
@@ -18,40 +18,18 @@ import torch
 import graphwright as gw
 from graphwright.compiled import CompiledModel
 from tests.conftest import _tiny
-from tests.passes.registry_examples import PAIR_MODEL, examples, prompt, registered
+from tests.passes.backend_cases import EMPHASIS, backend_cases, emphasis_for
+from tests.passes.registry_examples import prompt
 
 GEN = dict(max_new_tokens=8, eos_token_id=[], pad_token_id=0)
-EMPHASIS = [[(2, 9)], [(1, 6)]]  # token indices of each row's real prompt (prompt(): 14 and 9 tokens)
-
-# the compositions issue 16 names: (model, recipe)
-COMPOSITIONS = {
-    "lowrank_kv+steer": (PAIR_MODEL, "lowrank_kv(keep=0.5) + steer(heads='all', alpha=0.05)"),
-    "lowrank_kv+window": (PAIR_MODEL, "lowrank_kv(keep=0.5) + window(size=6, sinks=2)"),
-    "lowrank_kv+block_sparse": (PAIR_MODEL, "lowrank_kv(keep=0.5) + block_sparse(block=4, top_k=2, dense_layers=[])"),
-    "lowrank_kv+streaming": (PAIR_MODEL, "lowrank_kv(keep=0.5) + streaming(sinks=2, window=6)"),
-    "h2o+steer": (PAIR_MODEL, "h2o(heavy=4, recent=4) + steer(heads='all', alpha=0.05)"),
-    "fuse_moe+lowrank_kv+h2o+steer": ("tiny-mixtral",
-                                      "fuse_moe + lowrank_kv(keep=0.5) + h2o(heavy=4, recent=4) + steer(heads='all', alpha=0.05)"),
-}
-
-
-def registry_cases() -> dict[str, tuple[str, str]]:
-    """pass -> (its first example model, its lossy example or else its exact one)."""
-    out = {}
-    for name in registered():
-        ex = examples(name)
-        out[name] = (ex["models"][0], ex.get("lossy") or ex["exact"])
-    return out
-
-
-CASES = {**registry_cases(), **COMPOSITIONS}
+CASES = backend_cases()
 
 
 def generate_all(model: str, recipe: str):
     """{backend: greedy tokens} for one step graph lowered to each backend; also the torch model."""
     cm = gw.compile(_tiny(model), recipe=recipe, verify=False)
     ids, mask = prompt()
-    emphasis = EMPHASIS if "steer" in recipe else None
+    emphasis = emphasis_for(recipe)
     tokens = {"torch": cm.generate(ids, attention_mask=mask, emphasis=emphasis, **GEN)}
     for backend in ("reference", "triton"):
         other = CompiledModel(cm.step_graph, recipe=cm.recipe, backend=backend)
@@ -70,6 +48,6 @@ def test_backends_give_the_same_tokens(case):
     assert tokens["torch"].shape == (2, ids.shape[1] + GEN["max_new_tokens"])
     for backend in ("reference", "triton"):
         assert torch.equal(tokens[backend], tokens["torch"]), (backend, tokens[backend], tokens["torch"])
-    if "steer" in recipe:  # the emphasis really steers, so every backend saw a key bias
+    if emphasis_for(recipe):  # the emphasis really steers, so every backend saw a key bias
         steered = cm.logits(ids, mask, emphasis=EMPHASIS)
         assert not torch.allclose(steered, cm.logits(ids, mask))
