@@ -163,7 +163,6 @@ def test_gemfilter_exports_its_selection_graph(exported):
     the model; ORT keeps the same prompt tokens and generates the same tokens as the torch runtime
     (and not those of the unfiltered model)."""
     cm, out = exported("gemfilter")
-    assert "gemfilter(layer=1, keep=8)" in str(cm.recipe)
     meta = json.loads((out / "graphwright.json").read_text())
     assert meta["gemfilter"]["keep"] == 8 and (out / meta["gemfilter"]["model_file"]).is_file()
     assert meta["verification"]["gemfilter_selection"]["passed"]
