@@ -28,7 +28,7 @@ REGISTRY_CHECKS = {
     "h2o": ({"Attention"}, {"graphwright::evict_h2o"}, True),
     "snapkv": ({"Attention"}, {"graphwright::evict_snapkv"}, True),
     "streaming": ({"Attention", "CumSum"}, {"graphwright::evict_streaming"}, True),
-    "fastgen": ({"Attention"}, {"graphwright::evict_fastgen"}, False),
+    "fastgen": ({"Attention"}, {"graphwright::evict_fastgen"}, True),
     # block selection in the graph (TopK over block scores -> additive mask); every layer sparse, 4-token blocks
     "block_sparse": ({"Attention", "TopK", "ReduceMin"}, set(), False),
     "window": ({"Attention"}, set(), False),
