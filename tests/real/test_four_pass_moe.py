@@ -29,7 +29,8 @@ def test_four_pass_moe_recipe_generates_and_exports(tmp_path):
     stats = dict(cm.last_stats)
     assert out.shape == (1, ids.shape[1] + 12)
     assert stats["kv_bytes"] < 0.45 * stats["kv_bytes_dense"]  # latents (0.6) x H2O (~0.5 of the tokens)
-    assert not torch.equal(out, cm.generate(ids, **gen))  # emphasis reached the steered heads
+    steered = (cm.logits(ids, emphasis=emphasis) - cm.logits(ids)).abs().max().item()
+    assert steered > 1.0  # emphasis reached the steered heads (8.0 measured; greedy tokens happen to agree)
     folder = gw.export_onnx(cm, tmp_path / "four")
     rt = gw.load(folder)
     got = rt.generate(ids, emphasis=emphasis, **gen)
