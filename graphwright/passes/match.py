@@ -40,7 +40,7 @@ from ..ops.latent_attention import LATENT_ATTENTION
 
 __all__ = ["CacheConcat", "KeyNorm", "LayerSite", "NoMatch", "RopeInfo", "addmm_parts", "attr_tensor", "cache_concat",
            "cat_dim", "cat_parts", "is_cat", "is_match", "key_norm", "layer_site", "linear_parts", "new_keys",
-           "rotary_table", "source"]
+           "rotary_table", "scalar_operand", "source"]
 
 aten = torch.ops.aten
 # the key path is never followed through these: beyond them lies the hidden state (another layer)
@@ -59,6 +59,11 @@ class RopeInfo:
 def source(node):
     """The first input of a unary aten op (view, reshape, transpose, cast, slice, getitem...)."""
     return node.args[0]
+
+
+def scalar_operand(node):
+    """The second argument of a binary aten op with a scalar (``gt.Scalar(x, 0.5)``, ``topk(x, k)``)."""
+    return node.args[1]
 
 
 def linear_parts(node) -> tuple:
