@@ -27,6 +27,7 @@ from ..capture.ops import ATTENTION, MOE_EXPERTS, attention_reference, moe_exper
 from ..ops.block_sparse import BLOCK_SPARSE_ATTENTION, block_sparse_reference
 from ..ops.eviction import REFERENCES as EVICTION_REFERENCES
 from ..ops.fused_moe import FUSED_MOE, fused_moe_reference
+from ..ops.graph_match import cache_concat
 from ..ops.latent_attention import LATENT_ATTENTION, latent_attention_reference
 from ..ops.page_summary import PAGE_SUMMARY, page_summary_incremental, page_summary_reference
 from .torch.attention import attention_sdpa
@@ -103,17 +104,9 @@ def device_of(model_or_device) -> torch.device:
 def append_caches_in_place(graph: torch.fx.Graph) -> None:
     """``cat([state input, new], dim)`` -> ``cache_append(state, new, dim)`` (see ``torch/cache_append.py``)."""
     for node in graph.nodes:
-        if _is_state_append(node):
-            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-            node.target, node.args, node.kwargs = cache_append, (*node.args[0], dim), {}
-
-
-def _is_state_append(node) -> bool:
-    """``cat([state input, new], dim)``: a cache growing by this step's entries."""
-    if node.op != "call_function" or node.target is not torch.ops.aten.cat.default:
-        return False
-    parts = node.args[0]
-    return len(parts) == 2 and isinstance(parts[0], torch.fx.Node) and parts[0].op == "placeholder"
+        m = cache_concat(node)  # the one cache-concatenation matcher (ops/graph_match.py)
+        if m:
+            node.target, node.args, node.kwargs = cache_append, (m.cache, m.new, m.dim), {}
 
 
 def triton_unavailable(model_or_device) -> str | None:

@@ -41,19 +41,19 @@ across heads, so the runtime's kept-token counts describe what the latent cache 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from ..capture.ops import ATTENTION
 from ..capture.step_graph import StateSpec
-from ..errors import RecipeError
 from ..ops import schema
 from ..ops.eviction import LATENT_KEYS
 from ..ops.eviction_policy import EvictionPolicy
 from ..ops.latent_attention import LATENT_ATTENTION
 from .base import Arg, Pass
+from .match import LayerSite, cache_concat, layer_site
+from .selection import parse_layer_heads
 
 SHARED_POSITIONS = "key_positions"
 EVICT_INPUTS = ("q", "k", "v", "q_pos", "k_pos", "scale")  # what rewrite_layers prepares for a policy op
@@ -62,17 +62,7 @@ LAYERS_ARG = Arg("layers", list, None, "layer indices to evict (default: all lay
 
 def select_layers(pass_name: str, layers, num_layers: int) -> list[int]:
     """Sorted layer indices of a ``layers=`` recipe value (None = all); ``RecipeError`` naming the valid range."""
-    if layers is None:
-        return list(range(num_layers))
-    valid = f"valid layers are 0..{num_layers - 1} ({num_layers} layers)"
-    if not layers:
-        raise RecipeError(f"{pass_name}: layers=[] selects nothing; leave it out for all layers ({valid})")
-    bad = [x for x in layers if isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < num_layers]
-    if bad:
-        raise RecipeError(f"{pass_name}: layers={list(layers)} has {bad[0]!r} out of range; {valid}")
-    if len(set(layers)) != len(layers):
-        raise RecipeError(f"{pass_name}: layers={list(layers)} repeats a layer; list each layer once")
-    return sorted(layers)
+    return sorted(parse_layer_heads(pass_name, num_layers, layers=layers, repeats=False))
 
 
 class EvictionPass(Pass):
@@ -99,27 +89,6 @@ def positions_name(layer: int) -> str:
     return f"{SHARED_POSITIONS}{layer}"
 
 
-@dataclass
-class LayerSite:
-    """One layer's attention node and the cache nodes around it."""
-
-    layer: int
-    attn: torch.fx.Node  # read its arguments with ``arg(name)`` (schema.get)
-    k_cache: torch.fx.Node  # state placeholders
-    v_cache: torch.fx.Node
-    k_name: str  # their state names
-    v_name: str
-    latent: bool = False  # graphwright.latent_attention over a latent cache shared by the KV heads
-    latent_k_width: int = 0  # r_k: where c_k ends in the shared payload
-    # the policy op's inputs by name (q, k, v, q_pos, k_pos, scale), set by rewrite_layers: for a latent
-    # layer k are keys rebuilt from c_k and v the shared payload; k_pos the per-head positions
-    inputs: dict = field(default_factory=dict)
-
-    def arg(self, name, default=None):
-        """The attention node's argument ``name`` (``default`` when this variant has no such argument)."""
-        return schema.get(self.attn, name, default)
-
-
 class StateEditor:
     """Edits the state layout: placeholders after the 3 fixed inputs, outputs after the logits, and ``sg.state``.
 
@@ -133,7 +102,8 @@ class StateEditor:
         self.fixed = phs[:3]
         n = len(sg.state)
         self.out_node = next(n_ for n_ in self.graph.nodes if n_.op == "output")
-        outs = list(self.out_node.args[0])
+        (outs,) = self.out_node.args  # the output node: (logits, *state, *rest)
+        outs = list(outs)
         self.head, self.tail = outs[:1], outs[1 + n:]
         self.entries = [[spec, ph, o] for spec, ph, o in zip(sg.state, phs[3:3 + n], outs[1:1 + n])]
 
@@ -179,31 +149,19 @@ class StateEditor:
         self.sg.state = [e[0] for e in self.entries]
 
 
-def locate_layer(ed: StateEditor, node) -> LayerSite | str:
-    """The layer's cache placeholders, or the reason the layout is not the captured dense one."""
-    layer = schema.layer_of(node)
-    latent = node.target is LATENT_ATTENTION
-    where = f"layer {layer}"
+def eviction_site(ed: StateEditor, node) -> LayerSite | str:
+    """``match.layer_site`` plus what eviction needs: no key bias yet, the shared key positions."""
+    where = f"layer {schema.layer_of(node)}"
     if schema.get(node, "key_bias", None) is not None:
         return f"{where}: attention has a key_bias (steering); apply eviction before steer"
-    caches = []
-    for name in ("c_k", "c_v") if latent else ("k", "v"):
-        cat = schema.get(node, name)
-        dims = (1, -2) if latent else (2, -2)
-        if not (isinstance(cat, torch.fx.Node) and cat.target is torch.ops.aten.cat.default
-                and len(cat.args[0]) == 2 and cat.args[1] in dims):
-            return f"{where}: attention {name} is not cat([cache, new], {dims[0]}) (already rewritten?)"
-        e = ed.by_placeholder(cat.args[0][0])
-        if e is None or e[0].kind != "kv":
-            return f"{where}: attention {name} does not read a kv state input"
-        caches.append(e)
-    kp = schema.get(node, "k_pos")
+    site = layer_site(ed.sg, node)
+    if not site:
+        return site.reason
+    kp = cache_concat(schema.get(node, "k_pos"))
     shared = ed.find(SHARED_POSITIONS)
-    if shared is None or not (isinstance(kp, torch.fx.Node) and kp.target is torch.ops.aten.cat.default
-                              and kp.args[0][0] is shared[1]):
+    if shared is None or not kp or kp.cache is not shared[1]:
         return f"{where}: key positions are already per layer (an eviction pass applies once)"
-    return LayerSite(layer, node, caches[0][1], caches[1][1], caches[0][0].name, caches[1][0].name,
-                     latent, caches[0][0].shape[-1] if latent else 0)
+    return site
 
 
 def find_sites(sg, layers=None) -> list[LayerSite] | str:
@@ -222,7 +180,7 @@ def find_sites(sg, layers=None) -> list[LayerSite] | str:
     ed = StateEditor(sg)
     sites = []
     for n in nodes:
-        site = locate_layer(ed, n)
+        site = eviction_site(ed, n)
         if isinstance(site, str):
             return site
         sites.append(site)

@@ -40,9 +40,11 @@ from dataclasses import dataclass
 import torch
 
 from ..capture.ops import MOE_EXPERTS
+from ..ops import schema
 from ..ops.fused_moe import FUSED_MOE
 from ..ops.moe_routing import route
 from .base import Arg, Pass, PassContext, register_pass
+from .match import linear_parts, scalar_operand, source
 
 aten = torch.ops.aten
 _LINEAR = aten.linear.default
@@ -72,7 +74,7 @@ class RouterMatch:
 
 def _base(node):
     while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in _VIEWS:
-        node = node.args[0]
+        node = source(node)
     return node
 
 
@@ -82,7 +84,7 @@ def _val(node):
 
 def _router_slice(experts: torch.fx.Node):
     """(linear, router nodes) feeding ``experts``' index and weights, or a reason string."""
-    seen, linears, stack = set(), [], [experts.args[1], experts.args[2]]
+    seen, linears, stack = set(), [], [schema.get(experts, "top_k_index"), schema.get(experts, "top_k_weights")]
     while stack:
         n = stack.pop()
         if not isinstance(n, torch.fx.Node) or n in seen:
@@ -98,15 +100,14 @@ def _router_slice(experts: torch.fx.Node):
     if len(linears) != 1:
         return f"expected one router linear feeding the top-k routing, found {len(linears)}"
     linear = linears[0]
-    weight = linear.args[1]
+    x, weight, bias = linear_parts(linear)
     if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
         return "the router linear's weight is not a parameter"
     if not isinstance(weight.target, str) or not weight.target.endswith((".gate.weight", ".router.weight")):
         return f"router weight {weight.target!r} is not <block>.gate.weight or <block>.router.weight"
-    bias = linear.args[2] if len(linear.args) > 2 else None
     if bias is not None and not (isinstance(bias, torch.fx.Node) and bias.op == "get_attr"):
         return "the router linear's bias is not a parameter"
-    if _base(linear.args[0]) is not _base(experts.args[0]):
+    if _base(x) is not _base(schema.get(experts, "hidden")):
         return "the router reads a different tensor than the experts"
     seen.discard(linear)
     order = {n: i for i, n in enumerate(experts.graph.nodes)}
@@ -116,15 +117,16 @@ def _router_slice(experts: torch.fx.Node):
 def _classify(sg, nodes, experts, linear):
     """(kind, top_k, jitter_eps, norm_topk_prob) read off the router's nodes, or a reason string."""
     targets = [n.target for n in nodes]
-    idx_val = _val(experts.args[1])
+    idx_val = _val(schema.get(experts, "top_k_index"))
     if idx_val is None or not isinstance(idx_val.shape[-1], int):
         return "the top-k width is not a static integer"
     k = int(idx_val.shape[-1])
     if aten.max.dim in targets and aten.scatter.value in targets:
         gts = [n for n in nodes if n.target is aten.gt.Scalar]
-        if len(gts) != 2 or gts[0].args[1] != gts[1].args[1] or k != 2:
+        thresholds = [scalar_operand(n) for n in gts]
+        if len(gts) != 2 or thresholds[0] != thresholds[1] or k != 2:
             return "sparsemixer-like router without two equal thresholds and top-2"
-        return "sparsemixer", 2, float(gts[0].args[1]) / 2.0, False  # the graph holds 2 * eps (exact halving)
+        return "sparsemixer", 2, float(thresholds[0]) / 2.0, False  # the graph holds 2 * eps (exact halving)
     if aten.topk.default in targets:
         topk = next(n for n in nodes if n.target is aten.topk.default)
         after = [n for n in nodes if n is not topk and topk in _ancestors(n)]
@@ -133,7 +135,7 @@ def _classify(sg, nodes, experts, linear):
         kind = _MODEL_ROUTERS.get(sg.info.model_type)
         if kind not in ("mixtral", "qwen2_moe"):
             kind = "mixtral" if norm and not cast else "qwen2_moe"
-        return kind, int(topk.args[1]), 0.0, norm
+        return kind, int(scalar_operand(topk)), 0.0, norm
     return "no topk or sparsemixer pattern after the router linear"
 
 
@@ -173,7 +175,7 @@ def _verify_routing(nodes, linear, experts, kind, k, eps, norm) -> str | None:
         if missing:
             return f"router node {n.name} reads {missing[0].name}, which is outside the router"
         env[n] = g.node_copy(n, env.__getitem__)
-    g.output((env[experts.args[2]], env[experts.args[1]]))
+    g.output((env[schema.get(experts, "top_k_weights")], env[schema.get(experts, "top_k_index")]))
     run = torch.fx.GraphModule(torch.nn.Module(), g)
     lv = _val(linear)
     logits = _probe_logits(int(lv.shape[-1]), lv.dtype)
@@ -200,7 +202,7 @@ def match_router(sg, experts: torch.fx.Node) -> RouterMatch | str:
     why = _verify_routing(nodes, linear, experts, kind, k, eps, norm)
     if why:
         return why
-    module = linear.args[1].target.rsplit(".", 1)[0]
+    module = linear_parts(linear)[1].target.rsplit(".", 1)[0]
     module = module[3:] if module.startswith("hf.") else module
     return RouterMatch(experts, linear, nodes, kind, k, eps, norm, module)
 
@@ -243,9 +245,8 @@ class FuseMoE(Pass):
             m = match_router(sg, experts)
             if isinstance(m, str):  # applies_to said yes, so this is a bug, not a user error
                 raise RuntimeError(f"fuse_moe: {_block_name(experts)}: {m}")
-            hidden, _, _, gate_up, down, act = experts.args
-            weight = m.linear.args[1]
-            bias = m.linear.args[2] if len(m.linear.args) > 2 else None
+            hidden, gate_up, down, act = (schema.get(experts, name) for name in ("hidden", "gate_up_proj", "down_proj", "act"))
+            _, weight, bias = linear_parts(m.linear)
             with graph.inserting_before(experts):
                 fused = graph.call_function(FUSED_MOE, (hidden, weight, bias, gate_up, down, m.kind, m.top_k, act,
                                                          m.jitter_eps, m.norm_topk_prob))

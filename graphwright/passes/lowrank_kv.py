@@ -58,7 +58,7 @@ from ..ops.latent_attention import LATENT_ATTENTION
 from .base import Arg, Pass, PassContext, register_pass
 from .lowrank_calibrate import input_rms, scaled_svd
 from .lowrank_ranks import allocate_ranks, default_bounds
-from .lowrank_rewrite import LayerSite, locate_layer, rewrite_layer, set_fake_vals, shrink_fused_qkv
+from .lowrank_rewrite import LayerSite, lowrank_site, rewrite_layer, set_fake_vals, shrink_fused_qkv
 
 
 @contextlib.contextmanager
@@ -122,10 +122,10 @@ class LowRankKV(Pass):
         if not attn:
             return "the graph has no graphwright.attention nodes to rewrite"
         for node in attn:
-            site = locate_layer(sg, node)
-            if isinstance(site, str):
-                return site
-            if self.value_path == "absorbed" and site.o_linear is None:
+            site = lowrank_site(sg, node)
+            if not site:
+                return site.reason
+            if self.value_path == "absorbed" and site.proj.o_linear is None:
                 return (f"layer {site.layer}: attention output does not reach an o_proj linear through reshapes; "
                         "use value_path='reconstruct'")
         return None
@@ -138,13 +138,13 @@ class LowRankKV(Pass):
 
             raise RecipeError(f"lowrank_kv does not apply to {sg.info.architecture}: {reason}")
         gm = sg.gm
-        sites: list[LayerSite] = sorted((locate_layer(sg, n) for n in sg.nodes(ATTENTION)), key=lambda s: s.layer)
+        sites: list[LayerSite] = sorted((lowrank_site(sg, n) for n in sg.nodes(ATTENTION)), key=lambda s: s.layer)
         # fp64 SVD of W^T = U S V^T (or of diag(s) W^T, ASVD) per layer and projection, all KV heads jointly
-        rms = input_rms(sg, [s.x for s in sites], ctx) if self.scaling == "activation" else {}
+        rms = input_rms(sg, [s.proj.x for s in sites], ctx) if self.scaling == "activation" else {}
         with single_thread():
-            svd_k = [scaled_svd(s.w_k.T, rms.get(s.x)) for s in sites]
-            svd_v = [scaled_svd(s.w_v.T, rms.get(s.x)) for s in sites]
-        plan = allocate_ranks([s[1] for s in svd_k], [s[1] for s in svd_v], sites[0].w_k.shape[0], sites[0].w_v.shape[0],
+            svd_k = [scaled_svd(s.proj.w_k.T, rms.get(s.proj.x)) for s in sites]
+            svd_v = [scaled_svd(s.proj.w_v.T, rms.get(s.proj.x)) for s in sites]
+        plan = allocate_ranks([s[1] for s in svd_k], [s[1] for s in svd_v], sites[0].proj.w_k.shape[0], sites[0].proj.w_v.shape[0],
                               self.keep, self.schedule, self.min_keep, self.max_keep)
         elsize = torch.empty((), dtype=sg.info.dtype).element_size()
         per_layer = {}
@@ -160,8 +160,8 @@ class LowRankKV(Pass):
                 "sigma_k_next": float(sk[r_k]) if r_k < sk.numel() else 0.0,
                 "sigma_v_next": float(sv[r_v]) if r_v < sv.numel() else 0.0,
                 "kappa_k": round(plan.kappa_k[i], 3), "kappa_v": round(plan.kappa_v[i], 3),
-                "rope_table": None if site.rope is None else str(site.rope.node.target),
-                "k_norm": site.k_norm is not None,
+                "rope_table": None if site.proj.rope is None else str(site.proj.rope.node.target),
+                "k_norm": site.proj.k_norm is not None,
             }
         gm.graph.eliminate_dead_code()
         for site in sites:
@@ -177,9 +177,9 @@ class LowRankKV(Pass):
                        "dense_dims": plan.dense},
             "settings": {**{k: v for k, v in self.values.items()}, **plan.settings,
                          "realised_keep": plan.realised_keep, "target_dims": plan.target,
-                         "rope_scaling": _one_or_list({s.rope.scaling for s in sites if s.rope is not None}, None),
-                         "rope_dims": _one_or_list({2 * int(s.rope.inv_freq_shape) for s in sites if s.rope is not None}, 0),
-                         "rope_tables": len({s.rope.node.target for s in sites if s.rope is not None}),
+                         "rope_scaling": _one_or_list({s.proj.rope.scaling for s in sites if s.proj.rope is not None}, None),
+                         "rope_dims": _one_or_list({2 * int(s.proj.rope.inv_freq_shape) for s in sites if s.proj.rope is not None}, 0),
+                         "rope_tables": len({s.proj.rope.node.target for s in sites if s.proj.rope is not None}),
                          "seconds": round(time.perf_counter() - t0, 2)},
         }
         return sg

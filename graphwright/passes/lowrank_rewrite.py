@@ -28,9 +28,11 @@ import torch
 from ..capture.step_graph import StateSpec
 from ..ops import schema
 from ..ops.latent_attention import LATENT_ATTENTION
-from .match import KeyNorm, NoMatch, RopeInfo, attr_tensor, key_norm, rotary_table
+from .match import (KeyNorm, LayerSite, NoMatch, RopeInfo, addmm_parts, attr_tensor, key_norm, layer_site, linear_parts,
+                    rotary_table, source)
 
-__all__ = ["KeyNorm", "LayerSite", "RopeInfo", "locate_layer", "rewrite_layer", "set_fake_vals", "shrink_fused_qkv"]
+__all__ = ["KeyNorm", "LayerSite", "Projections", "RopeInfo", "kv_projections", "lowrank_site", "rewrite_layer",
+           "set_fake_vals", "shrink_fused_qkv"]
 
 aten = torch.ops.aten
 _PREFIX = "hf."
@@ -43,26 +45,20 @@ _KEY_PATH_OK = _PASS_THROUGH | {aten.split.Tensor, aten.split_with_sizes.default
 
 
 @dataclass
-class LayerSite:
-    layer: int
-    module: str
-    attn: torch.fx.Node
+class Projections:
+    """What ``lowrank_kv`` needs of a layer beyond its ``LayerSite``: the K/V/O projections and key path."""
+
     x: torch.fx.Node  # input of the K/V projections
     w_k: torch.Tensor  # [H_kv*D, d] (torch Linear layout)
     b_k: torch.Tensor | None
     w_v: torch.Tensor
     b_v: torch.Tensor | None
-    k_cat: torch.fx.Node
-    v_cat: torch.fx.Node
-    k_cache: torch.fx.Node
-    v_cache: torch.fx.Node
     o_linear: torch.fx.Node | None  # the o_proj linear fed by this attention (absorbed mode)
     qkv_linear: torch.fx.Node | None  # fused projection (Phi-3 linear, GPT-2 addmm), shrunk to its q rows afterwards
     q_rows: int
     conv1d: bool = False  # qkv_linear is GPT-2's addmm(b, x2d, W[in, out]) rather than linear(x, W[out, in])
     rope: RopeInfo | None = None  # this layer's rotary table (Gemma-3: local or global); None: unrotated keys
     k_norm: KeyNorm | None = None  # per-head RMSNorm on the keys before RoPE (Qwen3, Gemma-3)
-    touched: list | None = None  # nodes added or re-shaped by the rewrite (their meta['val'] is recomputed)
 
 
 _attr = attr_tensor
@@ -72,7 +68,7 @@ def _linear_of(gm, target: str):
     for n in gm.graph.nodes:
         if n.op == "get_attr" and n.target == target:
             for u in n.users:
-                if u.target is aten.linear.default and u.args[1] is n:
+                if u.target is aten.linear.default and linear_parts(u)[1] is n:
                     return u
     return None
 
@@ -82,13 +78,13 @@ def _addmm_of(gm, target: str):
     for n in gm.graph.nodes:
         if n.op == "get_attr" and n.target == target:
             for u in n.users:
-                if u.target is aten.addmm.default and u.args[2] is n:
+                if u.target is aten.addmm.default and addmm_parts(u)[2] is n:
                     return u
     return None
 
 
 def _bias(gm, lin) -> torch.Tensor | None:
-    b = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
+    b = linear_parts(lin)[2]
     return None if b is None else _attr(gm, str(b.target))
 
 
@@ -99,23 +95,13 @@ def _o_linear(attn):
         if len(n.users) != 1:
             return None
         (u,) = n.users
-        if (u.target is aten.linear.default and u.args[0] is n) or (u.target is aten.addmm.default and u.args[1] is n):
+        if (u.target is aten.linear.default and linear_parts(u)[0] is n) or (
+                u.target is aten.addmm.default and addmm_parts(u)[1] is n):
             return u
         if u.target not in _PASS_THROUGH:
             return None
         n = u
     return None
-
-
-def _cache_cat(node, dim: int):
-    """k_all = cat([cache_placeholder, new], dim) -> (cat, placeholder) or None."""
-    if node.target is not aten.cat.default or len(node.args[0]) != 2:
-        return None
-    d = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    ph = node.args[0][0]
-    if d != dim or ph.op != "placeholder":
-        return None
-    return node, ph
 
 
 def _unrotated_key_path(new_k, proj, why: str) -> str | None:
@@ -126,79 +112,102 @@ def _unrotated_key_path(new_k, proj, why: str) -> str | None:
             what = n.target if isinstance(n, torch.fx.Node) else n
             return (f"keys are transformed by {what} between the projection and the cache and the layer has no "
                     f"rotary table ({why}): lowrank_kv supports RoPE or unrotated keys only")
-        n = n.args[0]
+        n = source(n)
     return None
 
 
-def locate_layer(sg, attn) -> LayerSite | str:
-    """Everything the rewrite needs for one attention node, or why the layer cannot be rewritten.
+def lowrank_site(sg, attn) -> LayerSite | NoMatch:
+    """``match.layer_site`` of a dense attention node with its ``kv_projections`` in ``site.proj``, or why
+    the layer cannot be rewritten."""
+    meta = attn.meta.get("graphwright") or {}
+    where = f"layer {meta.get('layer')} ({meta.get('module', '')})"
+    if schema.get(attn, "key_bias") is not None:
+        return NoMatch(f"{where}: attention carries a key_bias (steering); apply lowrank_kv before steer, "
+                       "latent attention has no key_bias input")
+    site = layer_site(sg, attn)
+    if not site:
+        return NoMatch(f"{where}: keys/values are not cat([cache, new], dim=2) of a dense cache input ({site.reason})")
+    if site.latent:
+        return NoMatch(f"{where}: the layer already has low-rank (latent) attention; lowrank_kv applies once")
+    proj = kv_projections(sg, site)
+    if not proj:
+        return proj
+    site.proj = proj
+    return site
+
+
+def _fused_c_attn(gm, c_attn, H, D, Hk, where):
+    """GPT-2: Conv1D weight [d, 3*H*D] (in x out), columns q | k | v -> (x, w_k, b_k, w_v, b_v) or NoMatch."""
+    b_node, x2d, w_node = addmm_parts(c_attn)
+    x = source(x2d) if x2d.target in (aten.view.default, aten.reshape.default) else None
+    val = getattr(x, "meta", {}).get("val")
+    if val is None or val.dim() != 3:
+        return NoMatch(f"{where}: c_attn input is not a [B, T, d] hidden state flattened by a view")
+    w = _attr(gm, str(w_node.target)).T
+    b = _attr(gm, str(b_node.target))
+    q_rows, kv_rows = H * D, Hk * D
+    if w.shape[0] != q_rows + 2 * kv_rows:
+        return NoMatch(f"{where}: c_attn has {w.shape[0]} output columns, expected {q_rows + 2 * kv_rows}")
+    return x, w[q_rows:q_rows + kv_rows], b[q_rows:q_rows + kv_rows], w[q_rows + kv_rows:], b[q_rows + kv_rows:]
+
+
+def _fused_qkv(gm, qkv, H, D, Hk, where):
+    """Phi-3: one qkv_proj Linear, rows q | k | v -> (x, w_k, b_k, w_v, b_v) or NoMatch."""
+    x, w_node, _ = linear_parts(qkv)
+    w, b = _attr(gm, str(w_node.target)), _bias(gm, qkv)
+    q_rows, kv_rows = H * D, Hk * D
+    if w.shape[0] != q_rows + 2 * kv_rows:
+        return NoMatch(f"{where}: qkv_proj has {w.shape[0]} rows, expected {q_rows + 2 * kv_rows}")
+    b_k, b_v = (None, None) if b is None else (b[q_rows:q_rows + kv_rows], b[q_rows + kv_rows:])
+    return x, w[q_rows:q_rows + kv_rows], b_k, w[q_rows + kv_rows:], b_v
+
+
+def kv_projections(sg, site: LayerSite) -> Projections | NoMatch:
+    """The K/V projections, o_proj linear, rotary table and key norm of a dense layer, or why not.
 
     The layer's own rotary table (``match.rotary_table``) and key norm (``match.key_norm``) are
     read from its key path, so models with several tables (Gemma-3) rewrite every layer.
     """
-    gm, info = sg.gm, sg.info
-    meta = attn.meta.get("graphwright") or {}
-    layer, module = meta.get("layer"), meta.get("module", "")
-    where = f"layer {layer} ({module})"
-    if schema.get(attn, "key_bias") is not None:
-        return (f"{where}: attention carries a key_bias (steering); apply lowrank_kv before steer, "
-                "latent attention has no key_bias input")
-    kc, vc = _cache_cat(schema.get(attn, "k"), 2), _cache_cat(schema.get(attn, "v"), 2)
-    if kc is None or vc is None:
-        return f"{where}: keys/values are not cat([cache, new], dim=2) of a dense cache input"
+    gm, info, attn = sg.gm, sg.info, site.attn
+    where = f"layer {site.layer} ({site.module})"
     H, D, Hk = info.num_heads, info.head_dim, info.num_kv_heads
-    prefix = _PREFIX + module
+    prefix = _PREFIX + site.module
     lk, lv = _linear_of(gm, prefix + ".k_proj.weight"), _linear_of(gm, prefix + ".v_proj.weight")
     qkv, q_rows, conv1d = None, 0, False
     c_attn = _addmm_of(gm, prefix + ".c_attn.weight")
-    if c_attn is not None:  # GPT-2: Conv1D weight [d, 3*H*D] (in x out), columns q | k | v
-        qkv, conv1d, x2d = c_attn, True, c_attn.args[1]
-        x = x2d.args[0] if x2d.target in (aten.view.default, aten.reshape.default) else None
-        val = getattr(x, "meta", {}).get("val")
-        if val is None or val.dim() != 3:
-            return f"{where}: c_attn input is not a [B, T, d] hidden state flattened by a view"
-        w = _attr(gm, str(c_attn.args[2].target)).T
-        b = _attr(gm, str(c_attn.args[0].target))
-        q_rows, kv_rows = H * D, Hk * D
-        if w.shape[0] != q_rows + 2 * kv_rows:
-            return f"{where}: c_attn has {w.shape[0]} output columns, expected {q_rows + 2 * kv_rows}"
-        w_k, w_v = w[q_rows:q_rows + kv_rows], w[q_rows + kv_rows:]
-        b_k, b_v = b[q_rows:q_rows + kv_rows], b[q_rows + kv_rows:]
+    if c_attn is not None:
+        qkv, conv1d, q_rows, found = c_attn, True, H * D, _fused_c_attn(gm, c_attn, H, D, Hk, where)
     elif lk is not None and lv is not None:
-        if lk.args[0] is not lv.args[0]:
-            return f"{where}: k_proj and v_proj read different inputs"
-        x = lk.args[0]
-        w_k, b_k, w_v, b_v = _attr(gm, str(lk.args[1].target)), _bias(gm, lk), _attr(gm, str(lv.args[1].target)), _bias(gm, lv)
+        (x, wk_node, _), (xv, wv_node, _) = linear_parts(lk), linear_parts(lv)
+        if x is not xv:
+            return NoMatch(f"{where}: k_proj and v_proj read different inputs")
+        found = x, _attr(gm, str(wk_node.target)), _bias(gm, lk), _attr(gm, str(wv_node.target)), _bias(gm, lv)
     else:
         qkv = _linear_of(gm, prefix + ".qkv_proj.weight")
         if qkv is None:
-            return f"{where} has no k_proj/v_proj, fused qkv_proj Linear or GPT-2 Conv1D c_attn"
-        x = qkv.args[0]
-        w, b = _attr(gm, str(qkv.args[1].target)), _bias(gm, qkv)
-        q_rows, kv_rows = H * D, Hk * D
-        if w.shape[0] != q_rows + 2 * kv_rows:
-            return f"{where}: qkv_proj has {w.shape[0]} rows, expected {q_rows + 2 * kv_rows}"
-        w_k, w_v = w[q_rows:q_rows + kv_rows], w[q_rows + kv_rows:]
-        b_k, b_v = (None, None) if b is None else (b[q_rows:q_rows + kv_rows], b[q_rows + kv_rows:])
+            return NoMatch(f"{where} has no k_proj/v_proj, fused qkv_proj Linear or GPT-2 Conv1D c_attn")
+        q_rows, found = H * D, _fused_qkv(gm, qkv, H, D, Hk, where)
+    if not found:
+        return found
+    x, w_k, b_k, w_v, b_v = found
     if w_k.shape[0] != Hk * D or w_v.shape[0] % Hk:
-        return f"{where}: k/v projection widths {w_k.shape[0]}/{w_v.shape[0]} do not match {Hk} KV heads x {D}"
+        return NoMatch(f"{where}: k/v projection widths {w_k.shape[0]}/{w_v.shape[0]} do not match {Hk} KV heads x {D}")
     rope = rotary_table(sg, attn)
     if isinstance(rope, NoMatch):
-        reason = _unrotated_key_path(kc[0].args[0][1], qkv if qkv is not None else lk, rope.reason)
+        reason = _unrotated_key_path(site.k_new, qkv if qkv is not None else lk, rope.reason)
         if reason:
-            return f"{where}: {reason}"
+            return NoMatch(f"{where}: {reason}")
         rope = None
     norm = key_norm(sg, attn)
     if isinstance(norm, NoMatch):
-        return f"{where}: {norm.reason}; lowrank_kv would drop it"
+        return NoMatch(f"{where}: {norm.reason}; lowrank_kv would drop it")
     if norm is not None and not schema.has_arg(LATENT_ATTENTION, "k_norm"):
-        return (f"{where}: keys pass through a per-head RMSNorm ({norm.target}) before RoPE and "
-                "graphwright.latent_attention has no k_norm input; rebuilding keys without it would change them")
+        return NoMatch(f"{where}: keys pass through a per-head RMSNorm ({norm.target}) before RoPE and "
+                       "graphwright.latent_attention has no k_norm input; rebuilding keys without it would change them")
     if schema.get(attn, "sinks", 0) and not schema.has_arg(LATENT_ATTENTION, "sinks"):
-        return f"{where}: attention has sinks and graphwright.latent_attention has no sinks input"
-    return LayerSite(layer=int(layer), module=module, attn=attn, x=x, w_k=w_k, b_k=b_k, w_v=w_v, b_v=b_v,
-                     k_cat=kc[0], v_cat=vc[0], k_cache=kc[1], v_cache=vc[1], o_linear=_o_linear(attn),
-                     qkv_linear=qkv, q_rows=q_rows, conv1d=conv1d, rope=rope, k_norm=norm)
+        return NoMatch(f"{where}: attention has sinks and graphwright.latent_attention has no sinks input")
+    return Projections(x=x, w_k=w_k, b_k=b_k, w_v=w_v, b_v=b_v, o_linear=_o_linear(attn), qkv_linear=qkv,
+                       q_rows=q_rows, conv1d=conv1d, rope=rope, k_norm=norm)
 
 
 def _param(gm, name: str, t: torch.Tensor, dtype) -> str:
@@ -240,27 +249,27 @@ def rewrite_layer(sg, site: LayerSite, svd_k, svd_v, r_k: int, r_v: int, absorbe
         "v_down": _param(gm, f"gw_lowrank_l{l}_v_down", down_v, dtype),
         "k_up": _param(gm, f"gw_lowrank_l{l}_k_up", up_k, dtype),
     }
-    if site.b_k is not None:
-        names["k_bias"] = _param(gm, f"gw_lowrank_l{l}_k_bias", site.b_k, dtype)
+    if site.proj.b_k is not None:
+        names["k_bias"] = _param(gm, f"gw_lowrank_l{l}_k_bias", site.proj.b_k, dtype)
     if not absorbed:
         names["v_up"] = _param(gm, f"gw_lowrank_l{l}_v_up", up_v, dtype)
-        if site.b_v is not None:
-            names["v_bias"] = _param(gm, f"gw_lowrank_l{l}_v_bias", site.b_v, dtype)
-    if site.k_norm is not None:
+        if site.proj.b_v is not None:
+            names["v_bias"] = _param(gm, f"gw_lowrank_l{l}_v_bias", site.proj.b_v, dtype)
+    if site.proj.k_norm is not None:
         # fp32 like the models compute it (Gemma: 1 + weight.float()); the op normalises in fp32
-        names["k_norm"] = _param(gm, f"gw_lowrank_l{l}_k_norm", site.k_norm.weight, torch.float32)
-    rope, a = site.rope, schema.bound(attn)
+        names["k_norm"] = _param(gm, f"gw_lowrank_l{l}_k_norm", site.proj.k_norm.weight, torch.float32)
+    rope, a = site.proj.rope, schema.bound(attn)
     extra = {"window": a["window"]}  # a sliding layer stays sliding
     if a.get("sinks"):
         extra["sinks"] = a["sinks"]
     with graph.inserting_before(attn):
         get = {k: graph.get_attr(v) for k, v in names.items()}
-        lat_k = graph.call_function(aten.linear.default, (site.x, get["k_down"]))
-        lat_v = graph.call_function(aten.linear.default, (site.x, get["v_down"]))
+        lat_k = graph.call_function(aten.linear.default, (site.proj.x, get["k_down"]))
+        lat_v = graph.call_function(aten.linear.default, (site.proj.x, get["v_down"]))
         c_k = graph.call_function(aten.cat.default, ([site.k_cache, lat_k], 1))  # [B, S, r_k]
         c_v = graph.call_function(aten.cat.default, ([site.v_cache, lat_v], 1))  # [B, S, r_v]
-        if site.k_norm is not None:
-            extra.update(k_norm=get["k_norm"], k_norm_eps=site.k_norm.eps)
+        if site.proj.k_norm is not None:
+            extra.update(k_norm=get["k_norm"], k_norm_eps=site.proj.k_norm.eps)
         new = schema.call(graph, LATENT_ATTENTION, q=a["q"], c_k=c_k, c_v=c_v, k_up=get["k_up"], k_bias=get.get("k_bias"),
                           v_up=get.get("v_up"), v_bias=get.get("v_bias"), q_pos=a["q_pos"], k_pos=a["k_pos"],
                           inv_freq=None if rope is None else rope.node, rope_scaling=1.0 if rope is None else rope.scaling,
@@ -290,7 +299,7 @@ def _absorb_into_o(sg, site, new_attn, up_v) -> None:
         w_o, b_o = _attr(gm, str(lin.args[2].target)).T, _attr(gm, str(lin.args[0].target))
     else:
         w_o, b_o = _attr(gm, str(lin.args[1].target)), _bias(gm, lin)
-    w_new, b_new = _absorbed_o(w_o, b_o, up_v, site.b_v, info.num_heads, info.num_kv_heads)
+    w_new, b_new = _absorbed_o(w_o, b_o, up_v, site.proj.b_v, info.num_heads, info.num_kv_heads)
     l = site.layer
     with graph.inserting_before(lin):
         w_node = graph.get_attr(_param(gm, f"gw_lowrank_l{l}_o_absorbed", w_new.T if conv1d else w_new, info.dtype))
@@ -331,27 +340,27 @@ def _update_state(sg, site, r_k: int, r_v: int) -> None:
 
 def shrink_fused_qkv(sg, site: LayerSite) -> None:
     """After DCE, a fused qkv_proj whose k/v slices died computes only its q rows."""
-    lin = site.qkv_linear
+    lin = site.proj.qkv_linear
     if lin is None or not lin.users:
         return
-    if site.conv1d:
+    if site.proj.conv1d:
         _shrink_c_attn(sg, site)
         return
     for u in lin.users:
-        if u.target is not aten.slice.Tensor or u.args[1] not in (-1, 2) or u.args[3] > site.q_rows:
+        if u.target is not aten.slice.Tensor or u.args[1] not in (-1, 2) or u.args[3] > site.proj.q_rows:
             return
     gm, dtype = sg.gm, sg.info.dtype
     w, b = _attr(gm, str(lin.args[1].target)), _bias(gm, lin)
     with gm.graph.inserting_before(lin):
-        w_node = gm.graph.get_attr(_param(gm, f"gw_lowrank_l{site.layer}_q_proj", w[:site.q_rows], dtype))
-        b_node = None if b is None else gm.graph.get_attr(_param(gm, f"gw_lowrank_l{site.layer}_q_bias", b[:site.q_rows], dtype))
+        w_node = gm.graph.get_attr(_param(gm, f"gw_lowrank_l{site.layer}_q_proj", w[:site.proj.q_rows], dtype))
+        b_node = None if b is None else gm.graph.get_attr(_param(gm, f"gw_lowrank_l{site.layer}_q_bias", b[:site.proj.q_rows], dtype))
     lin.args = (lin.args[0], w_node) + ((b_node,) if b_node is not None else ())
     site.touched += [w_node, lin] + ([b_node] if b_node is not None else [])
 
 
 def _shrink_c_attn(sg, site: LayerSite) -> None:
     """GPT-2: addmm -> view[..., 3d] -> split(d, 2) whose only live chunk is q: keep W[:, :d]."""
-    lin, d = site.qkv_linear, site.q_rows
+    lin, d = site.proj.qkv_linear, site.proj.q_rows
     (view,) = lin.users if len(lin.users) == 1 else (None,)
     if view is None or view.target is not aten.view.default or len(view.users) != 1:
         return

@@ -35,12 +35,9 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
-import torch
-
 from ..errors import RecipeError
 from ..ops import schema
-
-_CAT = torch.ops.aten.cat.default
+from ..ops.graph_match import cache_concat, is_cat
 
 FACTS = {
     "attention": "the layer's attention is a graphwright attention node whose key bias / mask arguments can be set",
@@ -169,11 +166,9 @@ def initial_facts(sg) -> tuple[dict, set]:
         facts.update({"attention"})
         if node.target is schema.ATTENTION:
             facts.add("dense_attention")
-            k = schema.get(node, "k")
-            if getattr(k, "target", None) is _CAT and getattr(k.args[0][0], "op", None) == "placeholder":
+            if cache_concat(schema.get(node, "k")):
                 facts.add("dense_cache")
-            kp = schema.get(node, "k_pos")
-            if getattr(kp, "target", None) is _CAT:
+            if is_cat(schema.get(node, "k_pos")):
                 facts.add("shared_positions")
             if schema.get(node, "window"):
                 facts.add("native_window")

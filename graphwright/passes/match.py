@@ -12,6 +12,16 @@ multiply to the ``cos`` that comes from an ``inv_freq`` buffer, never crossing a
 (linear / addmm / matmul), a placeholder or a parameter, so it cannot wander into another layer.
 A ``graphwright.latent_attention`` node carries its table as an argument and is read directly.
 
+``layer_site(sg, attn)``: the one layer-site matcher. A dense (``graphwright.attention``) or latent
+(``graphwright.latent_attention``) node whose keys and values are ``cat([cache, new], dim)`` of
+``kv`` state inputs (``ops/graph_match.cache_concat``) gives a ``LayerSite`` with the layer, module,
+attention node, cache cats, placeholders and state names; eviction passes and ``lowrank_kv`` (which
+adds its projection facts with ``lowrank_rewrite.kv_projections``) both start from it.
+
+Aten-op argument helpers (``source``, ``linear_parts``, ``addmm_parts``, and ``cat_parts`` /
+``cat_dim`` from ``ops/graph_match``) are where passes read aten nodes' arguments by position;
+attention nodes are read by name only (``ops/schema.py``; ``tests/test_schema_only.py``).
+
 Invariant tested (``tests/passes/test_match.py``): tiny-gemma3's sliding and global layers get
 different tables with the right widths and bases; Llama gets the one table for both layers;
 GPT-2 (no RoPE) gets ``NoMatch``.
@@ -19,28 +29,24 @@ GPT-2 (no RoPE) gets ``NoMatch``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from ..capture.ops import ATTENTION
 from ..ops import schema
+from ..ops.graph_match import CacheConcat, NoMatch, cache_concat, cat_dim, cat_parts, is_cat, is_match
 from ..ops.latent_attention import LATENT_ATTENTION
+
+__all__ = ["CacheConcat", "KeyNorm", "LayerSite", "NoMatch", "RopeInfo", "addmm_parts", "attr_tensor", "cache_concat",
+           "cat_dim", "cat_parts", "is_cat", "is_match", "key_norm", "layer_site", "linear_parts", "new_keys",
+           "rotary_table", "scalar_operand", "source"]
 
 aten = torch.ops.aten
 # the key path is never followed through these: beyond them lies the hidden state (another layer)
 _STOP = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.bmm.default, aten.matmul.default,
          aten.embedding.default}
 _MAX_NODES = 256
-
-
-@dataclass(frozen=True)
-class NoMatch:
-    """A failed match and why; falsy, so ``if not m: return m.reason`` reads naturally."""
-
-    reason: str
-
-    def __bool__(self) -> bool:
-        return False
 
 
 @dataclass
@@ -50,8 +56,25 @@ class RopeInfo:
     inv_freq_shape: int  # number of frequencies (rotated dims / 2)
 
 
-def is_match(m) -> bool:
-    return not isinstance(m, NoMatch)
+def source(node):
+    """The first input of a unary aten op (view, reshape, transpose, cast, slice, getitem...)."""
+    return node.args[0]
+
+
+def scalar_operand(node):
+    """The second argument of a binary aten op with a scalar (``gt.Scalar(x, 0.5)``, ``topk(x, k)``)."""
+    return node.args[1]
+
+
+def linear_parts(node) -> tuple:
+    """``aten.linear(x, weight, bias=None)`` -> (x, weight node, bias node or None)."""
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return node.args[0], node.args[1], bias
+
+
+def addmm_parts(node) -> tuple:
+    """GPT-2's Conv1D ``aten.addmm(bias, x2d, weight[in, out])`` -> (bias, x2d, weight)."""
+    return node.args[0], node.args[1], node.args[2]
 
 
 def attr_tensor(gm, target: str):
@@ -94,10 +117,10 @@ def _scaling(cos) -> float:
 
 def new_keys(attn) -> torch.fx.Node | NoMatch:
     """The keys this step appends: ``k_new`` of ``k_all = cat([k_cache, k_new], 2)``."""
-    k = schema.get(attn, "k")
-    if not isinstance(k, torch.fx.Node) or k.target is not aten.cat.default or len(k.args[0]) != 2:
-        return NoMatch(f"{attn.name}: keys are not cat([cache, new], 2)")
-    return k.args[0][1]
+    m = cache_concat(schema.get(attn, "k"))
+    if not m:
+        return NoMatch(f"{attn.name}: keys are not cat([cache, new], 2) ({m.reason})")
+    return m.new
 
 
 def rotary_table(sg, attn) -> RopeInfo | NoMatch:
@@ -145,7 +168,7 @@ def _through_casts_down(n):
 
 def _through_casts_up(n):
     while isinstance(n, torch.fx.Node) and n.target in _CASTS:
-        n = n.args[0]
+        n = source(n)
     return n
 
 
@@ -199,3 +222,66 @@ def key_norm(sg, attn) -> KeyNorm | NoMatch | None:
             if w is not None:
                 return KeyNorm(w[0], eps, w[1])
     return NoMatch(f"layer {schema.layer_of(attn)}: key norm without a recognisable weight multiply")
+
+
+@dataclass
+class LayerSite:
+    """One layer's attention node and the cache around it (``layer_site``)."""
+
+    layer: int
+    module: str
+    attn: torch.fx.Node  # read its arguments with ``arg(name)`` (schema.get)
+    k_cat: torch.fx.Node  # cat([k_cache, k_new], dim): what the attention reads as keys (latent: c_k)
+    v_cat: torch.fx.Node
+    k_cache: torch.fx.Node  # state placeholders
+    v_cache: torch.fx.Node
+    k_name: str  # their state names
+    v_name: str
+    latent: bool = False  # graphwright.latent_attention over a latent cache shared by the KV heads
+    latent_k_width: int = 0  # r_k: where c_k ends in the shared [c_k | c_v] eviction payload
+    # eviction: the policy op's inputs by name (q, k, v, q_pos, k_pos, scale), set by rewrite_layers
+    inputs: dict = field(default_factory=dict)
+    proj: object = None  # lowrank_kv: the layer's projection facts (lowrank_rewrite.kv_projections)
+    touched: list | None = None  # nodes a rewrite added or re-shaped (their meta['val'] is recomputed)
+
+    @property
+    def k_new(self) -> torch.fx.Node:
+        return cat_parts(self.k_cat)[1]
+
+    def arg(self, name, default=None):
+        """The attention node's argument ``name`` (``default`` when this variant has no such argument)."""
+        return schema.get(self.attn, name, default)
+
+
+def state_spec(sg, placeholder):
+    """The ``StateSpec`` a state placeholder holds (None for the fixed and extra inputs)."""
+    phs = [n for n in sg.gm.graph.nodes if n.op == "placeholder"]
+    i = phs.index(placeholder) - 3 if placeholder in phs else -1  # input_ids, positions, logits_index first
+    return sg.state[i] if 0 <= i < len(sg.state) else None
+
+
+def layer_site(sg, attn) -> LayerSite | NoMatch:
+    """The layer's cache cats and state inputs around a dense or latent attention node, or why not.
+
+    Dense: ``k``/``v`` are ``cat([cache, new], 2)``; latent: ``c_k``/``c_v`` are ``cat([cache, new], 1)``
+    (negative dims accepted); each cache is a ``kv`` state input.
+    """
+    meta = attn.meta.get("graphwright") or {}
+    layer, module = meta.get("layer"), meta.get("module", "")
+    where = f"layer {layer}"
+    if attn.target not in (ATTENTION, LATENT_ATTENTION):
+        return NoMatch(f"{where}: {attn.target} is neither graphwright.attention nor graphwright.latent_attention")
+    latent = attn.target is LATENT_ATTENTION
+    names, dims = (("c_k", "c_v"), (1, -2)) if latent else (("k", "v"), (2, -2))
+    found = []
+    for name in names:
+        m = cache_concat(schema.get(attn, name), dims)
+        if not m:
+            return NoMatch(f"{where}: attention {name} is not cat([cache, new], {dims[0]}) (already rewritten?)")
+        spec = state_spec(sg, m.cache)
+        if spec is None or spec.kind != "kv":
+            return NoMatch(f"{where}: attention {name} does not read a kv state input")
+        found.append((m, spec))
+    (k, k_spec), (v, v_spec) = found
+    return LayerSite(int(layer) if layer is not None else -1, module, attn, k.cat, v.cat, k.cache, v.cache,
+                     k_spec.name, v_spec.name, latent, k_spec.shape[-1] if latent else 0)

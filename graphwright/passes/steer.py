@@ -49,6 +49,7 @@ from ..steer.bias import STEER_INPUT, steer_key_bias
 from ..steer.heads import auto_head_path
 from ..ops import schema
 from .base import Arg, Pass, PassContext, register_pass
+from .selection import parse_layer_heads
 
 
 def steerable_nodes(sg) -> list:
@@ -58,7 +59,6 @@ def steerable_nodes(sg) -> list:
 
 def parse_heads(heads, num_layers: int, num_heads: int, model_key: str | None = None) -> dict:
     """``{layer: sorted heads}`` from any accepted form; RecipeError naming the valid ranges."""
-    ranges = f"layers 0..{num_layers - 1}, heads 0..{num_heads - 1}"
     if isinstance(heads, str):
         if heads == "all":
             return {layer: list(range(num_heads)) for layer in range(num_layers)}
@@ -78,26 +78,11 @@ def parse_heads(heads, num_layers: int, num_heads: int, model_key: str | None = 
             raise RecipeError(f"steer: head-set file {path} is not valid JSON: {exc}") from exc
         heads = data.get("heads", data) if isinstance(data, dict) else data
     if isinstance(heads, (list, tuple)):  # pastalib's list form: whole layers
-        heads = {layer: list(range(num_heads)) for layer in heads}
-    if not isinstance(heads, Mapping):
-        raise RecipeError(f"steer: heads must be {{layer: [heads]}}, a list of layers, a JSON path, 'all' or 'auto'; got {heads!r}")
-    out: dict = {}
-    for key, hs in heads.items():
-        try:
-            layer = int(key)
-        except (TypeError, ValueError):
-            raise RecipeError(f"steer: head-set key {key!r} is not a layer index ({ranges})") from None
-        if not 0 <= layer < num_layers:
-            raise RecipeError(f"steer: layer {layer} is out of range ({ranges})")
-        hs = list(hs) if isinstance(hs, (list, tuple)) else [hs]
-        for h in hs:
-            if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < num_heads:
-                raise RecipeError(f"steer: head {h!r} of layer {layer} is out of range ({ranges})")
-        if hs:
-            out[layer] = sorted(set(out.get(layer, [])) | set(hs))
-    if not out:
-        raise RecipeError(f"steer: the head set is empty; give at least one head ({ranges})")
-    return dict(sorted(out.items()))
+        sel = parse_layer_heads("steer", num_layers, num_heads, layers=heads)
+    else:
+        sel = parse_layer_heads("steer", num_layers, num_heads, heads=heads,
+                                heads_form="{layer: [heads]}, a list of layers, a JSON path, 'all' or 'auto'")
+    return {layer: list(range(num_heads)) if hs is None else hs for layer, hs in sel.items()}
 
 
 @register_pass

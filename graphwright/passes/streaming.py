@@ -122,7 +122,7 @@ class Streaming(EvictionPass):
 def rotate_dense_layer(sg, site, kp_all, inv, scaling):
     """Attention over q and the pre-RoPE cache rotated by cache index; returns the pre-RoPE keys to cache."""
     graph, pos = sg.gm.graph, positions_node(sg)
-    k_new = site.arg("k").args[0][1]  # k_all = cat([k_cache, k_new], 2) (checked by locate_layer)
+    k_new = site.k_new  # k_all = cat([k_cache, k_new], 2) (matched by match.layer_site)
     with graph.inserting_before(site.attn):
         q_pre = call(graph, ROPE_INVERT, site.arg("q"), pos, inv, scaling)
         k_pre = call(graph, aten.cat.default, [site.k_cache, call(graph, ROPE_INVERT, k_new, pos, inv, scaling)], 2)

@@ -33,6 +33,7 @@ from ..capture.ops import ATTENTION
 from ..errors import RecipeError
 from ..ops import schema
 from .base import Arg, Pass, PassContext, register_pass
+from .selection import parse_layer_heads
 
 aten = torch.ops.aten
 
@@ -57,36 +58,9 @@ def skip_note(window: int) -> str:
 
 
 def parse_selection(layers, heads, num_layers: int, num_heads: int) -> dict:
-    """``{layer: None (whole layer) | sorted query heads}``; RecipeError naming the valid ranges."""
-    ranges = f"layers 0..{num_layers - 1}, heads 0..{num_heads - 1}"
-    if layers is not None and heads is not None:
-        raise RecipeError("window: give either layers=[...] or heads={layer: [heads]}, not both")
-    if heads is not None:
-        if not isinstance(heads, Mapping) or not heads:
-            raise RecipeError(f"window: heads must be a non-empty {{layer: [query heads]}} mapping ({ranges}); got {heads!r}")
-        out = {}
-        for key, hs in heads.items():
-            try:
-                layer = int(key)
-            except (TypeError, ValueError):
-                raise RecipeError(f"window: heads key {key!r} is not a layer index ({ranges})") from None
-            hs = list(hs) if isinstance(hs, (list, tuple)) else [hs]
-            if not 0 <= layer < num_layers or not hs:
-                raise RecipeError(f"window: layer {layer} out of range or with no heads ({ranges})")
-            for h in hs:
-                if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < num_heads:
-                    raise RecipeError(f"window: head {h!r} of layer {layer} is out of range ({ranges})")
-            hs = sorted(set(hs))
-            out[layer] = None if len(hs) == num_heads else hs
-        return dict(sorted(out.items()))
-    if layers is None:
-        return {layer: None for layer in range(num_layers)}
-    for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
-            raise RecipeError(f"window: layer {layer!r} is out of range ({ranges})")
-    if not layers:
-        raise RecipeError(f"window: layers is empty; give at least one layer ({ranges})")
-    return {layer: None for layer in sorted(set(layers))}
+    """``{layer: None (whole layer) | sorted query heads}`` (``selection.parse_layer_heads``)."""
+    return parse_layer_heads("window", num_layers, num_heads, layers=layers, heads=heads,
+                             heads_form="a non-empty {layer: [query heads]} mapping")
 
 
 @register_pass

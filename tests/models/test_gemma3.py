@@ -10,7 +10,7 @@ from graphwright.compiled import CompiledModel
 from graphwright.errors import RecipeError
 from graphwright.ops import schema
 from graphwright.passes.match import attr_tensor
-from graphwright.passes.pipeline import run_recipe
+from graphwright.verify import run_recipe
 from tests.conftest import hf_positions, left_padded_batch
 
 NAME = "tiny-gemma3"

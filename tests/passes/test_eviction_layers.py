@@ -9,7 +9,7 @@ from graphwright import RecipeError
 from graphwright.compiled import CompiledModel
 from graphwright.passes.fastgen import FastGen
 from graphwright.passes.h2o import H2O
-from graphwright.passes.pipeline import run_recipe
+from graphwright.verify import run_recipe
 from graphwright.passes.snapkv import SnapKV
 from graphwright.passes.streaming import Streaming
 from tests.conftest import left_padded_batch

@@ -102,12 +102,12 @@ def test_activation_scaling_is_asvd():
     the keys it rebuilds are closer than plain SVD's at the same rank (what ASVD optimises).
     """
     from graphwright.passes.lowrank_calibrate import calibration_tokens, input_rms
-    from graphwright.passes.lowrank_rewrite import locate_layer
+    from graphwright.passes.lowrank_rewrite import lowrank_site
 
     sg = _captured("tiny-llama")
-    site = sorted((locate_layer(sg, n) for n in sg.nodes(torch.ops.graphwright.attention.default)),
+    site = sorted((lowrank_site(sg, n) for n in sg.nodes(torch.ops.graphwright.attention.default)),
                   key=lambda s: s.layer)[1]
-    s = input_rms(sg, [site.x], None)[site.x]
+    s = input_rms(sg, [site.proj.x], None)[site.proj.x]
     # independent RMS: the HF module's input on the same tokens
     got = {}
     hf = _model("tiny-llama")

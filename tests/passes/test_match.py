@@ -1,4 +1,5 @@
-"""match.rotary_table: each attention layer's own rotary table; key_norm: the RMSNorm on the key path."""
+"""match.rotary_table: each attention layer's own rotary table; key_norm: the RMSNorm on the key path;
+layer_site / cache_concat: the one layer-site and cache-concatenation matchers."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import pytest
 import torch
 
 from graphwright.ops import schema
-from graphwright.passes.match import NoMatch, RopeInfo, attr_tensor, key_norm, rotary_table
 from graphwright.passes.lowrank_rewrite import RopeInfo as ReExported
+from graphwright.passes.match import NoMatch, RopeInfo, attr_tensor, key_norm, rotary_table
 
 
 def _tables(cm):
@@ -43,3 +44,33 @@ def test_key_norm_found_on_gemma3_only(compiled_tiny, tiny):
         assert torch.equal(kn.weight, 1 + stored.float())
     llama = compiled_tiny("tiny-llama").step_graph
     assert all(key_norm(llama, n) is None for n in schema.attention_nodes(llama.gm))
+
+
+def test_layer_site_and_cache_concat_on_dense_and_latent_layers(compiled_tiny):
+    from graphwright.ops.graph_match import CacheConcat, cache_concat
+    from graphwright.passes.match import LayerSite, layer_site
+
+    sg = compiled_tiny("tiny-llama").step_graph
+    for layer, n in enumerate(schema.attention_nodes(sg.gm)):
+        site = layer_site(sg, n)
+        assert isinstance(site, LayerSite) and site.layer == layer and not site.latent
+        assert (site.k_name, site.v_name) == (f"k{layer}", f"v{layer}") and site.module.endswith(f"layers.{layer}.self_attn")
+        m = cache_concat(schema.get(n, "k"), 2)
+        assert isinstance(m, CacheConcat) and m.cat is site.k_cat and m.cache is site.k_cache and m.new is site.k_new
+        assert m.cache.op == "placeholder" and m.dim == 2
+        miss = cache_concat(schema.get(n, "k"), 1)  # right shape, wrong dimension
+        assert not miss and "dim 2, not 1" in miss.reason
+        assert not cache_concat(n) and "is not an aten cat" in cache_concat(n).reason
+
+
+def test_layer_site_on_latent_layers(tiny):
+    import graphwright as gw
+    from graphwright.passes.match import layer_site
+
+    cm = gw.compile(tiny("tiny-llama"), recipe="lowrank_kv(keep=0.5)")
+    sg = cm.step_graph
+    for n in schema.attention_nodes(sg.gm):
+        site = layer_site(sg, n)
+        r_k = next(s for s in sg.state if s.name == site.k_name).shape[-1]
+        assert site.latent and site.k_name.endswith("_latent") and site.latent_k_width == r_k > 0
+        assert site.k_cat is schema.get(n, "c_k") and site.v_cat is schema.get(n, "c_v")

@@ -146,7 +146,7 @@ def test_notes_report_and_graph(models):
 
 
 @pytest.mark.parametrize("recipe, needle", [
-    ("steer(heads={9: [0]})", "layer 9 is out of range (layers 0..1, heads 0..3)"),
+    ("steer(heads={9: [0]})", "steer: layer 9 is out of range (valid layers are 0..1 (2 layers), heads 0..3)"),
     ("steer(heads={0: [4]})", "head 4 of layer 0 is out of range"),
     ("steer(heads={})", "the head set is empty"),
     ("steer(heads='nope.json')", "neither 'all', 'auto', nor an existing JSON head-set file"),
