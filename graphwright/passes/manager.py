@@ -116,6 +116,9 @@ def order_passes(passes: list, sg) -> Plan:
             if not _overlap(layers[i], layers[j]):
                 continue
             a, b = sorted((passes[i], passes[j]), key=_sort_key)  # name the pair the same way in any written order
+            if a.name == b.name:
+                raise RecipeError(f"{a.name} is in the recipe twice{_where(layers[i], layers[j])}: a pass applies once "
+                                  "to a layer (and is already there after the first)")
             excl = _exclusion(a, b)
             if excl:
                 where = _where(layers[i], layers[j])

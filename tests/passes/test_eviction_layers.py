@@ -73,6 +73,6 @@ def test_layer_set_and_range_errors(compiled_tiny):
         run_recipe(compiled_tiny("tiny-llama").step_graph, "h2o(layers=[5])", verify=False)
     with pytest.raises(RecipeError, match="repeats"):
         H2O(layers=[0, 0]).layer_set(info)
-    # two policies on one layer: the second finds that layer already per-head
-    with pytest.raises(RecipeError, match="applies once"):
+    # two policies on one layer: the pass manager refuses before any surgery, naming both
+    with pytest.raises(RecipeError, match=r"h2o \+ streaming: .*cannot share a layer: one eviction policy per layer"):
         run_recipe(compiled_tiny("tiny-llama").step_graph, f"{H2O_0} + streaming(layers=[0, 1])", verify=False)

@@ -198,7 +198,7 @@ def test_applies_once_and_composes_with_identity():
     assert ver["passes"][1]["exact"] and ver["passes"][1]["max_abs_logit_diff"] <= 1e-4
     reason = LowRankKV(keep=0.5).applies_to(done)
     assert reason and "already" in reason
-    with pytest.raises(RecipeError, match="already"):
+    with pytest.raises(RecipeError, match="lowrank_kv is in the recipe twice .*applies once"):
         run_recipe(sg, "lowrank_kv(keep=0.5) + lowrank_kv(keep=0.5)", model=_model("tiny-llama"))
     for n in done.nodes(LATENT_ATTENTION):
         assert n.meta["graphwright"]["variant"] == "lowrank" and n.meta["graphwright"]["op"] == "attention"
