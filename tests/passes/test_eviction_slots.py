@@ -14,17 +14,17 @@ import pytest
 import torch
 
 from graphwright.codegen.backends import EVICTION_REFERENCES, TORCH
-from graphwright.codegen.torch.eviction_slots import (h2o_slots, position_rank, rope_cache_index_ranked,
-                                                      streaming_slots)
+from graphwright.codegen.torch.eviction_slots import (decode_colsum, h2o_slots, position_rank,
+                                                      rope_cache_index_ranked, streaming_slots)
 from graphwright.compiled import CompiledModel
-from graphwright.ops.eviction_ref import h2o_reference, streaming_reference
+from graphwright.ops.eviction_ref import colsum, h2o_reference, streaming_reference
 from graphwright.ops.rope_index_ref import cache_index, rope_cache_index_reference
 from graphwright.passes.base import PassContext
 from graphwright.passes.h2o import H2O
 from graphwright.passes.snapkv import SnapKV
 from graphwright.passes.streaming import Streaming
 from tests.conftest import left_padded_batch
-from tests.passes.eviction_helpers import decode_loop, kept_positions, op_decode_loop, state_of
+from tests.passes.eviction_helpers import decode_loop, kept_positions, op_decode_loop, random_step, state_of
 
 COMPACTING = dataclasses.replace(TORCH, name="torch_compacting", table={**TORCH.table, **EVICTION_REFERENCES})
 LENGTHS = [12, 7]  # batch 2, row 1 left-padded by 5
@@ -130,3 +130,10 @@ def test_rope_cache_index_ranked_is_order_free():
     perm = torch.tensor([3, 0, 7, 1, 4, 2, 6, 5, 8])  # slots shuffled, the query's slot stays last
     qp, kp = rope_cache_index_ranked(q, k[:, :, perm], k_pos[:, :, perm], inv, 1.0)
     assert torch.equal(qp, qw) and torch.equal(kp, kr[:, :, perm])
+
+
+def test_decode_colsum_equals_the_reference():
+    q, k, v, q_pos, k_pos = random_step(B=2, H=6, Hk=2, S=12, T=1, seed=3)
+    bias = torch.randn(2, 6, 13)
+    for kb in (None, bias):
+        assert torch.allclose(decode_colsum(q, k, q_pos, k_pos, 0.3, kb), colsum(q, k, q_pos, k_pos, 0.3, kb), atol=1e-6)

@@ -51,7 +51,7 @@ from __future__ import annotations
 import torch
 
 from ...ops.eviction import EVICT_FASTGEN, EVICT_H2O, EVICT_STREAMING, ROPE_CACHE_INDEX
-from ...ops.eviction_ref import budget, colsum, h2o_reference, streaming_reference
+from ...ops.eviction_ref import budget, h2o_reference, streaming_reference
 from ...ops.rope_index_ref import _rotate, rope_angles
 from .cache_append import cache_append, keep_prefix
 
@@ -92,6 +92,24 @@ def place_new_token(tensors, k_pos, over, victim, static: bool):
     return [keep_prefix(x, 2, n) for x in tensors]
 
 
+def decode_colsum(q, k, q_pos, k_pos, scale, key_bias=None) -> torch.Tensor:
+    """``eviction_ref.colsum`` for one query per row: [B, Hk, S] fp32 attention each slot received, mean over g.
+
+    The g query heads of a KV head are one [g, D] x [D, S] product against the cache as it lies (a
+    view with spare room is not copied, unlike the reference's broadcast); same mask and fp32 softmax.
+    """
+    B, H, _, D = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    g = H // Hk
+    s = torch.matmul(q.float().reshape(B, Hk, g, D), k.float().transpose(-1, -2)) * scale  # [B, Hk, g, S]
+    if key_bias is not None:
+        s = s + key_bias.float().view(B, Hk, g, S)
+    qp = q_pos.view(B, 1, 1)
+    visible = (k_pos >= 0) & ((k_pos <= qp) | (qp < 0))
+    s = s.masked_fill(~visible[:, :, None], torch.finfo(torch.float32).min)
+    return torch.softmax(s, dim=-1).mean(dim=2) * (qp >= 0)
+
+
 # ----------------------------------------------------------------------------------- H2O
 def h2o_slots(q, k, v, q_pos, k_pos, score, scale, heavy_n, heavy_f, recent_n, recent_f, key_bias=None):
     """``evict_h2o`` on slots at decode (reference at prefill). -> (k, v, k_pos, score)."""
@@ -100,7 +118,7 @@ def h2o_slots(q, k, v, q_pos, k_pos, score, scale, heavy_n, heavy_f, recent_n, r
         return h2o_reference(q, k, v, q_pos, k_pos, score, scale, heavy_n, heavy_f, recent_n, recent_f, key_bias)
     B, Hk = k_pos.shape[:2]
     score = cache_append(score, score.new_zeros(B, Hk, 1), 2)
-    score.add_(colsum(q, k, q_pos, k_pos, scale, key_bias))  # the running sum: this step's attention
+    score.add_(decode_colsum(q, k, q_pos, k_pos, scale, key_bias))  # the running sum: this step's attention
     static = heavy_f == 0 and recent_f == 0
     if static and S1 <= heavy_n + recent_n:
         return k, v, k_pos, score  # under budget everywhere: the appended views as they are
