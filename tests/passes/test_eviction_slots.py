@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from graphwright.codegen.backends import EVICTION_REFERENCES, TORCH
-from graphwright.codegen.torch.eviction_slots import (decode_colsum, h2o_slots, position_rank,
-                                                      rope_cache_index_ranked, streaming_slots)
+from graphwright.codegen.torch.eviction_slots import decode_colsum, h2o_slots, position_rank, rope_cache_index_ranked, streaming_slots
 from graphwright.compiled import CompiledModel
 from graphwright.ops.eviction_ref import colsum, h2o_reference, streaming_reference
 from graphwright.ops.rope_index_ref import cache_index, rope_cache_index_reference
