@@ -27,9 +27,11 @@ only sync left (the cache then grows by one slot, like the budget).
 Policies: H2O keeps a running score (the step's attention added in place) and drops the argmin
 over the non-recent slots (ties: the latest position, as the reference's top-k keeps the earlier
 slot of a tie, and its slots are in position order). StreamingLLM drops the slot holding position
-``L - 1 - window`` (no scoring). FastGen's decode follows each head's policy the same way (its
-frequent/local sets keep the same number of tokens each step). SnapKV's reference already
-returns its inputs at decode (no copy); its prefill, and every prefill, keeps using the reference.
+``L - 1 - window`` (no scoring). SnapKV's reference already returns its inputs at decode (no
+copy), so it keeps it; every prefill (and any T > 1 step, and latent layers, whose one payload
+serves all heads) keeps using the references. FastGen still compacts (reference): its frequent
+set is a top-k over *all* tokens, protected ones included, so several tokens can leave in one
+step (not yet done: mark them -1 in place and refill empty slots, with a position tie-break).
 
 Invariant assumed: the cache entering a decode step is the kept set of the previous step (left
 by the reference at prefill or by these functions), so at most one token leaves per step.
@@ -50,7 +52,7 @@ from __future__ import annotations
 
 import torch
 
-from ...ops.eviction import EVICT_FASTGEN, EVICT_H2O, EVICT_STREAMING, ROPE_CACHE_INDEX
+from ...ops.eviction import EVICT_H2O, EVICT_STREAMING, ROPE_CACHE_INDEX
 from ...ops.eviction_ref import budget, h2o_reference, streaming_reference
 from ...ops.rope_index_ref import _rotate, rope_angles
 from .cache_append import cache_append, keep_prefix
@@ -173,4 +175,3 @@ SLOT_OVERRIDES = {
     EVICT_STREAMING: streaming_slots,
     ROPE_CACHE_INDEX: rope_cache_index_ranked,
 }
-_ = EVICT_FASTGEN  # FastGen: reference for now (see module docstring)
