@@ -43,9 +43,11 @@ slot's rank by position among the valid slots (``rope_cache_index_ranked``), equ
 reference's slot count on a position-ordered cache.
 
 Invariants tested (``tests/passes/test_eviction_slots.py``): same kept position sets per (row,
-head) as the reference backend over 300 decode steps with eviction at every step (tiny Llama,
-batch 2 left-padded, H2O counts and fractions, StreamingLLM), logits within 1e-4, and the
-buffers' storage stops growing once the budget is reached.
+head) as the torch backend with the references, after every step with eviction at every step
+(tiny Llama, batch 2 left-padded: H2O counts 300 steps, fractions 100, StreamingLLM 200), logits
+within 1e-4, the buffers' storage stops growing once the budget is reached; op level on random
+attention (recent = 0, heavy = 0, fractions); ranked RoPE index equals the reference's and is
+order free; SnapKV decode appends in place.
 """
 
 from __future__ import annotations
