@@ -33,6 +33,7 @@ from ..ops.page_summary import PAGE_SUMMARY, page_summary_incremental, page_summ
 from .torch.attention import attention_sdpa
 from .torch.block_sparse import block_sparse_sdpa
 from .torch.cache_append import cache_append
+from .torch.eviction_slots import SLOT_OVERRIDES
 from .torch.latent_attention import latent_attention_sdpa
 from .torch.moe import fused_moe_auto, fused_moe_sorted, fused_moe_triton
 from .triton import TRITON_OVERRIDES
@@ -127,12 +128,12 @@ REFERENCE = register_backend(Backend(
      **EVICTION_REFERENCES}))
 
 TORCH = register_backend(Backend(
-    "torch", "the default (SDPA attention, sorted/grouped MoE, incremental page summaries, in-place cache append)",
+    "torch", "the default (SDPA attention, sorted/grouped MoE, incremental page summaries, in-place cache append, slot eviction at decode)",
     {ATTENTION: attention_sdpa, MOE_EXPERTS: moe_experts_reference,
      LATENT_ATTENTION: latent_attention_sdpa,
      BLOCK_SPARSE_ATTENTION: block_sparse_sdpa, PAGE_SUMMARY: page_summary_incremental,
      FUSED_MOE: {"auto": fused_moe_auto, "sorted": fused_moe_sorted, "triton": fused_moe_triton},
-     **EVICTION_REFERENCES},
+     **EVICTION_REFERENCES, **SLOT_OVERRIDES},  # eviction at decode without compaction (torch/eviction_slots.py)
     transforms=(append_caches_in_place,)))
 
 TRITON = register_backend(Backend(

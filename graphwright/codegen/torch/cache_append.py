@@ -17,6 +17,12 @@ the same values without the copy, like a preallocated KV cache:
   a second continuation from an older view of the same buffer) is copied into a fresh buffer,
   so a view a caller still holds never changes: writes only ever go past its end.
 
+Eviction on slots (``eviction_slots.py``) is the one exception to "writes only go past the
+end": at a decode step it moves the new token into an evicted token's slot *inside* the cache and
+hands back the first S entries with ``keep_prefix`` (still the buffer's newest view, so the next
+append is in place again). The state a step reads is therefore donated to that step: a caller
+must not run two continuations from one evicted state (the runtime threads states linearly).
+
 State accounting (``kv_bytes``) counts the views' elements; the spare room of each buffer is at
 most a quarter of it plus 64 entries. The reference backend keeps the plain ``cat`` (the oracle).
 """
@@ -74,3 +80,13 @@ def cache_append(cache: torch.Tensor, new: torch.Tensor, dim: int) -> torch.Tens
         return _fresh(cache, new, dim)
     buf.narrow(dim, S, T).copy_(new)
     return _view(buf, dim, S + T)
+
+
+def keep_prefix(view: torch.Tensor, dim: int, n: int) -> torch.Tensor:
+    """The first ``n`` entries of ``view`` (n <= its length); when ``view`` was its buffer's newest view,
+    the result becomes the newest one, so the next ``cache_append`` writes right after it in place."""
+    dim = dim % view.dim()
+    if n == view.shape[dim]:
+        return view
+    buf = _owned_tail(view, dim)
+    return view.narrow(dim, 0, n) if buf is None else _view(buf, dim, n)

@@ -1,0 +1,179 @@
+"""Torch-backend eviction without compaction: a KV head's cache is a set of slots.
+
+The references (``ops/eviction_ref.py``) re-score and *compact* the whole cache of every head at
+every step (sort, gather of every row, a host sync for the output length), so an evicted model
+decoded slower than the dense one. Softmax does not care about slot order: attention reads each
+slot with its own position in ``k_pos`` (-1 = empty). So at a decode step (T = 1, the new token
+appended at slot S by ``cache_append``) these implementations:
+
+* pick, per (row, KV head), the slot ``j`` the new token goes to, with tensor ops only: the
+  policy's victim when the head is over budget, else the first empty slot (-1) of slots 0..S-1,
+  else S itself (the token stays where it is);
+* copy the new token's row (k, v, position, score, ...) from slot S into slot ``j`` (``scatter_``
+  of B*Hk rows: O(D) per head, a no-op where j = S);
+* return views of the first S slots over the same storage (``cache_append.keep_prefix``), so the
+  next step's append writes right after them, in place. Nothing is gathered or cloned.
+
+Layout (ragged batches): a row under budget keeps its new token in an empty slot (padding of a
+shorter row, or a slot an earlier step emptied), so rows of different lengths share S slots with
+-1 padding instead of a host sync. Output length: with token-count budgets the capacity
+``c`` is static; if S + 1 <= c nothing can be over budget and the appended views are returned as
+they are, else every head under budget has an empty slot among 0..S-1 (it holds <= c < S + 1
+tokens) and the output has S slots. With fraction budgets the capacity grows with the row's
+length: the output keeps S + 1 slots (slot S emptied where the token moved) exactly when some
+head under budget has no empty slot: one host read of a [B, Hk] bool per layer and step, the
+only sync left (the cache then grows by one slot, like the budget).
+
+Policies: H2O keeps a running score (the step's attention added in place) and drops the argmin
+over the non-recent slots (ties: the latest position, as the reference's top-k keeps the earlier
+slot of a tie, and its slots are in position order). StreamingLLM drops the slot holding position
+``L - 1 - window`` (no scoring). SnapKV's reference already returns its inputs at decode (no
+copy), so it keeps it; every prefill (and any T > 1 step, and latent layers, whose one payload
+serves all heads) keeps using the references. FastGen still compacts (reference): its frequent
+set is a top-k over *all* tokens, protected ones included, so several tokens can leave in one
+step (not yet done: mark them -1 in place and refill empty slots, with a position tie-break).
+
+Invariant assumed: the cache entering a decode step is the kept set of the previous step (left
+by the reference at prefill or by these functions), so at most one token leaves per step.
+
+Aliasing: the input state is *donated*: the victim's slot is overwritten in place, so a caller
+must not reuse a state it has passed to a step (the runtime threads states linearly; see
+``cache_append``'s docstring). StreamingLLM's cache index (``rope_cache_index``) becomes each
+slot's rank by position among the valid slots (``rope_cache_index_ranked``), equal to the
+reference's slot count on a position-ordered cache.
+
+Invariants tested (``tests/passes/test_eviction_slots.py``): same kept position sets per (row,
+head) as the torch backend with the references, after every step with eviction at every step
+(tiny Llama, batch 2 left-padded: H2O counts 300 steps, fractions 100, StreamingLLM 200), logits
+within 1e-4, the buffers' storage stops growing once the budget is reached; op level on random
+attention (recent = 0, heavy = 0, fractions); ranked RoPE index equals the reference's and is
+order free; SnapKV decode appends in place.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...ops.eviction import EVICT_H2O, EVICT_STREAMING, ROPE_CACHE_INDEX
+from ...ops.eviction_ref import budget, h2o_reference, streaming_reference
+from ...ops.rope_index_ref import _rotate, rope_angles
+from .cache_append import cache_append, keep_prefix
+
+
+def _slot_decode(q_pos, k, v, k_pos, extras=()) -> bool:
+    """A single-token step over a cache with one head set (no latent payload): slots apply."""
+    T, S1 = q_pos.shape[1], k_pos.shape[2]
+    return T == 1 and S1 > 1 and k_pos.dim() == 3 and v.shape[1] == k_pos.shape[1] == k.shape[1] \
+        and all(e.shape[2] == S1 for e in extras)
+
+
+def _first(mask: torch.Tensor) -> torch.Tensor:
+    """[B, Hk] index of the first True along the last dim (0 when none)."""
+    return mask.to(torch.uint8).argmax(dim=-1)
+
+
+def place_new_token(tensors, k_pos, over, victim, static: bool):
+    """Move slot S (the new token) into the victim's slot (``over``) or the first empty one.
+
+    ``tensors``: k, v [B, Hk, S+1, D] and per-slot state [B, Hk, S+1] (k_pos among them), written
+    in place. ``over`` [B, Hk] bool, ``victim`` [B, Hk] long (may be S: the new token itself is
+    dropped). ``static``: the caller knows every head under budget has an empty slot (token-count
+    budgets), so no sync. Returns the views to hand back (S or S + 1 slots).
+    """
+    B, Hk, S1 = k_pos.shape
+    S = S1 - 1
+    empty = k_pos[..., :S] < 0
+    stay = torch.full_like(victim, S)
+    j = torch.where(over, victim, torch.where(empty.any(dim=-1), _first(empty), stay))
+    grow = (j == S) & ~over  # heads keeping the new token where it is
+    n = S if static or not bool(grow.any()) else S1  # the one sync, fraction budgets only
+    for x in tensors:
+        idx = j.view(B, Hk, 1, *([1] * (x.dim() - 3))).expand(*x.shape[:2], 1, *x.shape[3:])
+        x.scatter_(2, idx, x.narrow(2, S, 1).clone())
+    if n == S1:
+        last = k_pos[..., S]
+        last.copy_(torch.where(grow, last, torch.full_like(last, -1)))
+    return [keep_prefix(x, 2, n) for x in tensors]
+
+
+def decode_colsum(q, k, q_pos, k_pos, scale, key_bias=None) -> torch.Tensor:
+    """``eviction_ref.colsum`` for one query per row: [B, Hk, S] fp32 attention each slot received, mean over g.
+
+    The g query heads of a KV head are one [g, D] x [D, S] product against the cache as it lies (a
+    view with spare room is not copied, unlike the reference's broadcast); same mask and fp32 softmax.
+    """
+    B, H, _, D = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    g = H // Hk
+    s = torch.matmul(q.float().reshape(B, Hk, g, D), k.float().transpose(-1, -2)) * scale  # [B, Hk, g, S]
+    if key_bias is not None:
+        s = s + key_bias.float().view(B, Hk, g, S)
+    qp = q_pos.view(B, 1, 1)
+    visible = (k_pos >= 0) & ((k_pos <= qp) | (qp < 0))
+    s = s.masked_fill(~visible[:, :, None], torch.finfo(torch.float32).min)
+    return torch.softmax(s, dim=-1).mean(dim=2) * (qp >= 0)
+
+
+# ----------------------------------------------------------------------------------- H2O
+def h2o_slots(q, k, v, q_pos, k_pos, score, scale, heavy_n, heavy_f, recent_n, recent_f, key_bias=None):
+    """``evict_h2o`` on slots at decode (reference at prefill). -> (k, v, k_pos, score)."""
+    S1 = k_pos.shape[2]
+    if not _slot_decode(q_pos, k, v, k_pos) or score.shape[2] != S1 - 1 or score.dtype != torch.float32:
+        return h2o_reference(q, k, v, q_pos, k_pos, score, scale, heavy_n, heavy_f, recent_n, recent_f, key_bias)
+    B, Hk = k_pos.shape[:2]
+    score = cache_append(score, score.new_zeros(B, Hk, 1), 2)
+    score.add_(decode_colsum(q, k, q_pos, k_pos, scale, key_bias))  # the running sum: this step's attention
+    static = heavy_f == 0 and recent_f == 0
+    if static and S1 <= heavy_n + recent_n:
+        return k, v, k_pos, score  # under budget everywhere: the appended views as they are
+    length = q_pos.max(dim=1).values + 1
+    valid = k_pos >= 0
+    recent = budget(recent_n, recent_f, length)[:, None, None]
+    cand = valid & ~(k_pos >= length[:, None, None] - recent)
+    over = cand.sum(dim=-1) > budget(heavy_n, heavy_f, length)[:, None]
+    s = score.masked_fill(~cand, float("inf"))
+    tie = cand & (s == s.min(dim=-1, keepdim=True).values)
+    victim = torch.where(tie, k_pos, torch.full_like(k_pos, -1)).argmax(dim=-1)  # lowest score, latest position
+    return tuple(place_new_token((k, v, k_pos, score), k_pos, over, victim, static))
+
+
+# ----------------------------------------------------------------------------------- StreamingLLM
+def streaming_slots(k, v, q_pos, k_pos, sinks, window):
+    """``evict_streaming`` on slots at decode: the oldest non-sink token leaves. -> (k, v, k_pos)."""
+    if not _slot_decode(q_pos, k, v, k_pos):
+        return streaming_reference(k, v, q_pos, k_pos, sinks, window)
+    if k_pos.shape[2] <= sinks + window:
+        return k, v, k_pos
+    old = (q_pos.max(dim=1).values - window)[:, None, None]  # L - 1 - window
+    hit = (k_pos == old) & (old >= sinks)
+    return tuple(place_new_token((k, v, k_pos), k_pos, hit.any(dim=-1), _first(hit), static=True))
+
+
+# ----------------------------------------------------------------------------------- RoPE by cache index
+def position_rank(k_pos: torch.Tensor) -> torch.Tensor:
+    """[B, Hk, S] long: each valid slot's rank by position among its head's valid slots (empty slots
+    get ranks past them). Equals ``rope_index_ref.cache_index`` on valid slots of a position-ordered cache."""
+    key = torch.where(k_pos >= 0, k_pos, torch.iinfo(k_pos.dtype).max)
+    order = key.argsort(dim=-1)
+    ar = torch.arange(k_pos.shape[-1], device=k_pos.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, ar)
+
+
+def rope_cache_index_ranked(q, k, k_pos, inv_freq, scaling: float):
+    """``rope_cache_index`` with the cache index taken by position rank (slots may be in any order).
+
+    The step's T queries are the last T slots (cache_append puts new tokens there). -> (q_rot, k_rot).
+    """
+    H, T = q.shape[1], q.shape[2]
+    Hk, S = k.shape[1], k.shape[2]
+    idx = position_rank(k_pos)
+    ck, sk = rope_angles(idx, inv_freq)
+    cq, sq = rope_angles(idx[..., S - T:].repeat_interleave(H // Hk, dim=1), inv_freq)
+    return _rotate(q, cq, sq, scaling), _rotate(k, ck, sk, scaling)
+
+
+SLOT_OVERRIDES = {
+    EVICT_H2O: h2o_slots,
+    EVICT_STREAMING: streaming_slots,
+    ROPE_CACHE_INDEX: rope_cache_index_ranked,
+}
