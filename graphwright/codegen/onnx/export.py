@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -22,6 +21,8 @@ import torch
 from ...capture.step_graph import positions_from_mask, spec_bytes_per_token
 from ...errors import GraphwrightError
 from ...version import __version__
+from .optimize import optimize
+from .phases import Phases
 from .artifact import FORMAT, METADATA, MODEL, OnnxStep, info_to_json, read_metadata, spec_to_json
 
 EXTERNAL_DATA = MODEL + ".data"
@@ -112,9 +113,9 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
     shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
 
 
-def _to_onnx(cm, path: Path, opset: int, external_data: bool) -> dict:
-    """Export the step graph (minus the ops left to the runtime, ``split.py``); returns timings,
-    the ONNX output names and the runtime-op records."""
+def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases) -> tuple:
+    """Export the step graph (minus the ops left to the runtime, ``split.py``); returns the ONNX
+    output names and the runtime-op records. Each step is timed in ``phases``."""
     from .split import split
     from .translations import graphwright_ops, translation_table  # onnxscript: imported only when exporting
 
@@ -122,28 +123,31 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool) -> dict:
     extras = list(sg.extra_inputs)
     check_extras(extras)
     inputs, outputs = io_names(sg.state, extras)
-    gm, records, outputs = split(sg.gm, inputs, [s.name for s in sg.state])
+    with phases("split"):
+        gm, records, outputs = split(sg.gm, inputs, [s.name for s in sg.state])
     table = translation_table()
     missing = sorted(str(op) for op in graphwright_ops(gm) if op not in table)
     if missing:
         raise GraphwrightError(f"no ONNX translation for {', '.join(missing)}: add one with "
                                "@register(op) in a module of graphwright/codegen/onnx/")
     args = (*example_inputs(sg.state), *extra_examples(extras))
-    t0 = time.perf_counter()
-    try:
-        ep = torch.export.export(gm, args, dynamic_shapes=(*dynamic_shapes(sg.state), *extra_dynamic_shapes(extras)),
-                                 strict=False)
-    except Exception as exc:  # noqa: BLE001 - re-raised with what failed
-        raise GraphwrightError(f"torch.export of the step graph failed: {type(exc).__name__}: {str(exc).strip()[:500]}") from exc
-    t1 = time.perf_counter()
-    try:
-        program = torch.onnx.export(ep, (), dynamo=True, custom_translation_table=table, opset_version=opset,
-                                    input_names=inputs, output_names=outputs, optimize=True, verbose=False)
-    except Exception as exc:  # noqa: BLE001
-        raise GraphwrightError(f"ONNX translation failed: {type(exc).__name__}: {str(exc).strip()[:500]}") from exc
-    program.save(str(path), external_data=external_data)
-    timings = {"torch_export_s": round(t1 - t0, 2), "onnx_export_s": round(time.perf_counter() - t1, 2)}
-    return timings, outputs, records
+    with phases("torch_export"):
+        try:
+            ep = torch.export.export(gm, args, dynamic_shapes=(*dynamic_shapes(sg.state), *extra_dynamic_shapes(extras)),
+                                     strict=False)
+        except Exception as exc:  # noqa: BLE001 - re-raised with what failed
+            raise GraphwrightError(f"torch.export of the step graph failed: {type(exc).__name__}: {str(exc).strip()[:500]}") from exc
+    with phases("onnx_translate"):
+        try:
+            program = torch.onnx.export(ep, (), dynamo=True, custom_translation_table=table, opset_version=opset,
+                                        input_names=inputs, output_names=outputs, optimize=False, verbose=False)
+        except Exception as exc:  # noqa: BLE001
+            raise GraphwrightError(f"ONNX translation failed: {type(exc).__name__}: {str(exc).strip()[:500]}") from exc
+    with phases("onnx_optimize"):
+        optimize(program)  # optimize.py: the exporter's pipeline minus its one quadratic rewrite rule
+    with phases("save"):
+        program.save(str(path), external_data=external_data)
+    return outputs, records
 
 
 def probe(vocab: int, lengths=(7, 4), seed: int = 0):
@@ -221,7 +225,7 @@ def _layers(sg) -> list:
     return rows
 
 
-def _metadata(cm, opset: int, external: bool, timings: dict, outputs: list, records: list) -> dict:
+def _metadata(cm, opset: int, external: bool, outputs: list, records: list) -> dict:
     sg = cm.step_graph
     inputs, _ = io_names(sg.state, sg.extra_inputs)
     recipe = str(cm.recipe) if cm.recipe is not None else ""
@@ -251,7 +255,7 @@ def _metadata(cm, opset: int, external: bool, timings: dict, outputs: list, reco
         "layers": _layers(sg),
         "tokenizer": TOKENIZER_DIR if cm.tokenizer is not None else None,
         "report": report,
-        "export": timings,
+        "export": None,
         "verification": None,
     }
 
@@ -272,37 +276,46 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
         raise TypeError(f"export_onnx expects a CompiledModel (from graphwright.compile); got {type(cm).__name__}")
     if opset < 23:
         raise ValueError(f"opset must be >= 23 (the Attention operator); got {opset}")
+    phases = Phases()
     out = Path(out_dir)
-    _prepare_dir(out, overwrite)
+    with phases("prepare"):
+        _prepare_dir(out, overwrite)
     path = out / MODEL
-    timings, outputs, records = _to_onnx(cm, path, opset, external_data)
+    outputs, records = _to_onnx(cm, path, opset, external_data, phases)
     external = (out / EXTERNAL_DATA).exists()
-    t0 = time.perf_counter()
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except Exception as exc:  # noqa: BLE001
-        raise GraphwrightError(f"{path}: onnx.checker rejected the exported model: {str(exc).strip()[:500]}") from exc
-    timings["check_s"] = round(time.perf_counter() - t0, 2)
-    if cm.tokenizer is not None:
-        cm.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
-    meta = _metadata(cm, opset, external, timings, outputs, records)
+    with phases("check"):
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+        except Exception as exc:  # noqa: BLE001
+            raise GraphwrightError(f"{path}: onnx.checker rejected the exported model: {str(exc).strip()[:500]}") from exc
+    with phases("tokenizer"):
+        if cm.tokenizer is not None:
+            cm.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+    with phases("metadata"):
+        meta = _metadata(cm, opset, external, outputs, records)
     if "gemfilter" in cm.step_graph.notes:  # the selection pass as a second, truncated graph
         from .gemfilter_export import export_selection
 
-        meta["gemfilter"] = export_selection(cm, out, opset, external_data)
+        with phases("gemfilter_export"):
+            meta["gemfilter"] = export_selection(cm, out, opset, external_data)
     meta_path = out / METADATA
+    meta["export"] = phases.to_json()
     meta_path.write_text(json.dumps(meta, indent=2))
     if verify:
-        step = OnnxStep.from_metadata(path, meta, providers=["CPUExecutionProvider"])
         try:
-            meta["verification"] = verify_artifact(cm, step)
+            with phases("verify_session"):
+                step = OnnxStep.from_metadata(path, meta, providers=["CPUExecutionProvider"])
+            with phases("verify_probe"):
+                meta["verification"] = verify_artifact(cm, step)
             if meta.get("gemfilter"):
                 from .gemfilter_export import verify_selection
 
-                meta["verification"]["gemfilter_selection"] = verify_selection(cm, out, meta["gemfilter"])
+                with phases("verify_gemfilter"):
+                    meta["verification"]["gemfilter_selection"] = verify_selection(cm, out, meta["gemfilter"])
         except GraphwrightError as exc:
             meta["verification"] = {"passed": False, "error": str(exc)}
             raise
         finally:
+            meta["export"] = phases.to_json()
             meta_path.write_text(json.dumps(meta, indent=2))
     return out
