@@ -261,19 +261,23 @@ def _metadata(cm, opset: int, external: bool, outputs: list, records: list) -> d
 
 
 def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify: bool = True,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, verify_steps: int = 3) -> Path:
     """Write ``cm`` (a ``CompiledModel``) to ``out_dir`` as ``model.onnx`` + ``graphwright.json``.
 
     ``external_data``: weights go to ``model.onnx.data`` next to the graph (needed above 2 GB,
     and lets ORT map them); False embeds them in one file. ``verify``: run the artifact in ONNX
-    Runtime against the torch step graph on a left-padded batch-2 probe (prefill + 3 decode
-    steps) and raise ``GraphwrightError`` on a mismatch. ``overwrite``: allow writing into a
-    non-empty folder that is not a previous export. Returns the output folder.
+    Runtime against the torch step graph on a left-padded batch-2 probe (prefill of 7 tokens +
+    ``verify_steps`` decode steps) and raise ``GraphwrightError`` on a mismatch. ``overwrite``:
+    allow writing into a non-empty folder that is not a previous export. Returns the output folder.
+
+    ``graphwright.json`` records the seconds of each phase under ``export.phases`` (``phases.py``).
     """
     import onnx
 
     if not hasattr(cm, "step_graph"):
         raise TypeError(f"export_onnx expects a CompiledModel (from graphwright.compile); got {type(cm).__name__}")
+    if verify_steps < 0:
+        raise ValueError(f"verify_steps must be >= 0 (decode steps after the prefill); got {verify_steps}")
     if opset < 23:
         raise ValueError(f"opset must be >= 23 (the Attention operator); got {opset}")
     phases = Phases()
@@ -306,7 +310,7 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
             with phases("verify_session"):
                 step = OnnxStep.from_metadata(path, meta, providers=["CPUExecutionProvider"])
             with phases("verify_probe"):
-                meta["verification"] = verify_artifact(cm, step)
+                meta["verification"] = verify_artifact(cm, step, decode_steps=verify_steps)
             if meta.get("gemfilter"):
                 from .gemfilter_export import verify_selection
 
