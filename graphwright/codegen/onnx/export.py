@@ -21,9 +21,9 @@ import torch
 from ...capture.step_graph import positions_from_mask, spec_bytes_per_token
 from ...errors import GraphwrightError
 from ...version import __version__
+from .artifact import FORMAT, METADATA, MODEL, OnnxStep, info_to_json, read_metadata, spec_to_json
 from .optimize import optimize
 from .phases import Phases
-from .artifact import FORMAT, METADATA, MODEL, OnnxStep, info_to_json, read_metadata, spec_to_json
 
 EXTERNAL_DATA = MODEL + ".data"
 TOKENIZER_DIR = "tokenizer"
