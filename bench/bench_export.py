@@ -10,8 +10,9 @@ numbers are the library's own, not a re-implementation. ``--profile`` runs cProf
 exports and prints the top functions by cumulative time.
 
 The machine is shared: the load average (``os.getloadavg()``) is printed before and after and a
-warning is printed when it exceeds the core count. Absolute seconds then vary run to run; read the
-per-phase shares (and cProfile) rather than the totals.
+warning is printed when it exceeds the core count. Wall seconds then vary run to run; read the
+per-phase shares, the CPU-seconds table (this process's CPU time, much less load-dependent) and
+cProfile rather than the wall totals.
 """
 
 from __future__ import annotations
@@ -39,23 +40,24 @@ def load_note(label: str) -> tuple[float, str]:
     return load1, note
 
 
-def table(rows: dict) -> str:
-    """Phases as rows, recipes as columns: seconds and share of the export total."""
+def table(rows: dict, key: str = "phases", total: str = "total_s") -> str:
+    """Phases as rows, recipes as columns: seconds and share of the export total (``key``:
+    ``phases`` for wall-clock, ``cpu`` for this process's CPU seconds)."""
     phases = []
     for r in rows.values():
-        phases += [p for p in r["phases"] if p not in phases]
+        phases += [p for p in r[key] if p not in phases]
     names = list(rows)
     width = max(16, *(len(n) for n in names))
-    head = "phase".ljust(18) + "".join(n[:width].rjust(width + 2) for n in names)
+    head = f"phase ({'wall' if key == 'phases' else 'CPU'})".ljust(18) + "".join(n[:width].rjust(width + 2) for n in names)
     lines = [head, "-" * len(head)]
     for p in phases:
         cells = []
         for n in names:
-            s = rows[n]["phases"].get(p)
-            cells.append(("-" if s is None else f"{s:7.2f} s {100 * s / rows[n]['total_s']:4.0f}%").rjust(width + 2))
+            s = rows[n][key].get(p)
+            cells.append(("-" if s is None else f"{s:7.2f} s {100 * s / max(rows[n][total], 1e-9):4.0f}%").rjust(width + 2))
         lines.append(p.ljust(18) + "".join(cells))
     lines.append("-" * len(head))
-    lines.append("total".ljust(18) + "".join(f"{rows[n]['total_s']:7.2f} s      ".rjust(width + 2) for n in names))
+    lines.append("total".ljust(18) + "".join(f"{rows[n][total]:7.2f} s      ".rjust(width + 2) for n in names))
     return "\n".join(lines)
 
 
@@ -99,6 +101,8 @@ def main(argv=None):
     load_after, note_after = load_note("after")
     print()
     print(table(rows))
+    print()
+    print(table(rows, "cpu", "total_cpu_s"))
     print(note)
     print(note_after)
     if prof:
