@@ -80,10 +80,9 @@ def dynamic_shapes(specs):
     every spec's seq dim dynamic with relations inferred by export (``Dim.DYNAMIC``), so per-layer
     cache lengths or latent layouts need no code here.
 
-    Sharing ``batch`` (instead of one ``Dim.DYNAMIC`` per tensor that export then proves equal)
-    roughly halves the symbolic-shape work of ``torch.export`` and of the exporter's decomposition
-    retrace on a 30-layer model (README, "Export time"), and export now raises instead of silently
-    specialising the batch size."""
+    A named ``batch`` (instead of one ``Dim.DYNAMIC`` per tensor that export proves equal) makes
+    export raise instead of silently specialising the batch size. It does not change export time
+    (SmolLM2-135M ``torch.export``: 15.2 vs 15.5 CPU s; README, "Export time")."""
     dyn, batch = torch.export.Dim.DYNAMIC, _batch_dim()
     per_spec = []
     for spec in specs:
