@@ -112,3 +112,34 @@ def test_smollm2_onnx_greedy_matches_torch(tmp_path):
     want = cm.generate(enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=32, eos_token_id=[])
     got = rt.generate(enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=32, eos_token_id=[])
     assert torch.equal(got, want)
+
+
+def test_export_records_phase_seconds(exports):
+    """graphwright.json says where the export's time went: every phase export_onnx runs, in order,
+    with non-negative seconds that add up to no more than the total (no timing assertion)."""
+    meta = json.loads((exports("tiny-llama") / "graphwright.json").read_text())
+    phases, total = meta["export"]["phases"], meta["export"]["total_s"]
+    assert list(phases) == ["prepare", "split", "torch_export", "onnx_translate", "onnx_optimize", "save", "check",
+                            "tokenizer", "metadata", "verify_session", "verify_probe"]
+    assert all(s >= 0 for s in phases.values())
+    assert sum(phases.values()) <= total + 0.01 * len(phases)  # rounding to 10 ms per phase
+    assert list(meta["export"]["cpu"]) == list(phases) and meta["export"]["total_cpu_s"] > 0
+    assert meta["verification"]["probe"]["decode_steps"] == 3
+
+
+def test_verify_steps_knob(tmp_path, exports):
+    """verify_steps sets the probe's decode steps (0: prefill only); a negative count is refused
+    before anything is written. The probe itself is rerun on the shared export (no second export)."""
+    from graphwright.codegen.onnx.artifact import OnnxStep
+    from graphwright.codegen.onnx.export import verify_artifact
+
+    cm, out = _compiled("tiny-llama"), exports("tiny-llama")
+    with pytest.raises(ValueError, match="verify_steps must be >= 0"):
+        gw.export_onnx(cm, tmp_path / "neg", verify_steps=-1)
+    assert not (tmp_path / "neg").exists()
+    meta = json.loads((out / "graphwright.json").read_text())
+    step = OnnxStep.from_metadata(out / "model.onnx", meta, providers=["CPUExecutionProvider"])
+    for n in (0, 1):
+        res = verify_artifact(cm, step, decode_steps=n)
+        assert [s["step"] for s in res["steps"]] == ["prefill", *(f"decode step {i + 1}" for i in range(n))]
+        assert res["passed"] and res["max_abs_logit_diff"] <= 1e-4

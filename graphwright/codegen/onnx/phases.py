@@ -1,0 +1,39 @@
+"""Seconds per export phase, recorded in ``graphwright.json`` under ``export``.
+
+``export_onnx`` wraps each of its phases (graph split, ``torch.export``, ONNX translation, the
+onnxscript optimizer, save, checker, verification, ...) in ``with phases("name"):``; the record
+tells where an export's time went without a profiler (``bench/bench_export.py`` prints it as a
+table). Both wall-clock seconds (``phases``) and this process's CPU seconds (``cpu``) are kept:
+on a shared machine the wall clock grows with the load average, CPU time much less. Informative
+only: nothing reads it back.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+
+class Phases:
+    """Ordered ``{phase: seconds}`` (wall and CPU); a phase entered twice accumulates."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._t0, self._c0 = time.perf_counter(), time.process_time()
+
+    @contextmanager
+    def __call__(self, name: str):
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c0
+
+    def to_json(self) -> dict:
+        """``{"phases": {name: wall s}, "cpu": {name: CPU s}, "total_s", "total_cpu_s"}``, 10 ms rounding."""
+        return {"phases": {k: round(v, 2) for k, v in self.seconds.items()},
+                "cpu": {k: round(v, 2) for k, v in self.cpu.items()},
+                "total_s": round(time.perf_counter() - self._t0, 2),
+                "total_cpu_s": round(time.process_time() - self._c0, 2)}
