@@ -37,7 +37,7 @@ def test_compile_writes_the_report_as_json(tmp_path, capsys):
 @pytest.mark.parametrize("recipe, needle", [
     ("lowrank_kv(kep=0.5)", "did you mean 'keep'"),
     ("no_such_pass", "unknown pass 'no_such_pass'"),
-    ("fuse_moe", "no MoE"),
+    ("fuse_moe", "fuse_moe needs ['moe_experts']"),
     ("lowrank_kv(keep=2)", "keep"),
 ])
 def test_bad_recipes_exit_2_with_a_message(recipe, needle, capsys):

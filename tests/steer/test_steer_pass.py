@@ -153,7 +153,7 @@ def test_notes_report_and_graph(models):
     ("steer(heads='all', mode='both')", "must be one of ['exclude', 'include']"),
     ("steer(heads='all', alpha=0)", "out of range"),
     ("steer", "argument 'heads' is required"),
-    ("steer(heads='all') + steer(heads='all')", "already steered"),
+    ("steer(heads='all') + steer(heads='all')", "steer is in the recipe twice"),
 ])
 def test_bad_recipes_raise(tiny, recipe, needle):
     with pytest.raises(RecipeError) as err:
