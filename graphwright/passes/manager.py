@@ -130,7 +130,7 @@ def order_passes(passes: list, sg) -> Plan:
                 if why and y not in after[x]:
                     after[x].add(y)
                     indegree[y] += 1
-                    reasons.append(f"{passes[x].name} before {passes[y].name}: {why}")
+                    reasons.append((x, f"{passes[x].name} before {passes[y].name}: {why}"))
     ready = [(_sort_key(passes[i]), i) for i in range(n) if indegree[i] == 0]
     heapq.heapify(ready)
     order = []
@@ -146,10 +146,8 @@ def order_passes(passes: list, sg) -> Plan:
         raise RecipeError(f"passes {stuck} constrain each other in a cycle; they cannot be combined")
     ordered = [passes[i] for i in order]
     _simulate(ordered, [layers[i] for i in order], sg)
-    # keep only the reasons between consecutive-in-order pairs readable: all of them, sorted by the final order
-    rank = {passes[i].name: k for k, i in enumerate(order)}
-    reasons.sort(key=lambda r: (rank.get(r.split(" before ")[0], 0), r))
-    return Plan(ordered, written, reasons)
+    rank = {i: k for k, i in enumerate(order)}  # reasons listed in the order their first pass runs
+    return Plan(ordered, written, [text for _, text in sorted(reasons, key=lambda r: (rank[r[0]], r[1]))])
 
 
 def _where(a, b) -> str:
