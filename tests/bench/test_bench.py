@@ -54,3 +54,40 @@ def test_peak_memory_sees_a_transient_allocation():
     with PeakMemory() as small:
         pass
     assert small.peak_bytes < 16 * 2**20
+
+
+def test_machine_load_counts_only_other_processes():
+    from graphwright.bench.load import MachineLoad
+
+    with MachineLoad() as load:
+        t = torch.randn(256, 256)
+        end = __import__("time").process_time() + 0.3
+        while __import__("time").process_time() < end:  # our own CPU time must not count as foreign
+            t = t @ t.T / 256
+    d = load.as_dict()
+    assert d["own_cpu_s"] >= 0.3 and d["foreign_cpu_s"] >= 0 and 0 <= d["foreign_share"]
+    assert d["busy"] == (d["foreign_share"] > 0.10 or d["load_before"][0] > 0.5)
+    with MachineLoad(max_foreign=-1.0) as strict:  # any share is "busy" under a negative threshold
+        pass
+    assert strict.busy
+
+
+def test_bench_decode_script_tables_every_side(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_decode", Path(__file__).parents[2] / "bench" / "bench_decode.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "d"
+    rc = mod.main(["--model", "tiny-llama", "--prompts", "12", "--new", "3", "--repeats", "1", "--warmup", "0",
+                   "--recipes", "identity", "streaming25", "--runtimes", "torch", "--out", str(out),
+                   "--wait-quiet", "0", "--allow-busy"])
+    assert rc == 0
+    r = json.loads(out.with_suffix(".json").read_text())
+    block = r["prompts"]["12"]
+    assert set(block["median"]) == {"original/hf", "identity/torch", "streaming25/torch"}
+    assert block["recipes"]["streaming25"] == "streaming(sinks=4, window=1)"  # a quarter of 12 tokens, minus sinks
+    assert block["same_tokens"]["identity/torch"]  # identity = HF's greedy tokens
+    assert block["ratios"]["identity/torch"]["decode_vs_dense_same_runtime"] == 1.0
+    assert block["median"]["streaming25/torch"]["kv_bytes"] < block["median"]["identity/torch"]["kv_bytes"]
+    assert "busy" in block["load"] and out.with_suffix(".png").stat().st_size > 0
+    md = out.with_suffix(".md").read_text()
+    assert "prompt 12 tokens" in md and "streaming(sinks=4, window=1)" in md

@@ -1,0 +1,297 @@
+"""Decode speed, memory and KV bytes of every runtime x recipe x prompt length, in one run.
+
+Usage (the README's speed table):
+
+    python bench/bench_decode.py --prompts 256 2048 4096 8192 --new 128 --repeats 2
+
+Sides: HF ``generate()`` (the original model), and per recipe graphwright's torch runtime
+(``backend="torch"``), its compiled torch path (``backend="compiled"``, when that backend is
+registered) and the ONNX Runtime artifact (``export_onnx`` + ``graphwright.load``; exports are
+cached under ``--artifacts`` by recipe). Recipes (``--recipes``, names below, or any recipe text)
+are written for 25% of the dense KV at each prompt length where the pass takes token counts.
+
+Protocol: per prompt length, every side generates exactly ``--new`` greedy tokens from the same
+prompt (the first P tokens of the shipped novel), sides alternating within each repeat (the order
+rotates between repeats so no side always runs first or after the same neighbour); medians over
+repeats after ``--warmup`` rounds. Reported per side: prefill and decode tokens/s, peak resident
+memory increase during the generation (``graphwright.bench.memory.PeakMemory``), KV bytes held
+at the end, ratios to HF and to dense graphwright (identity) on the same runtime, and whether the
+tokens equal HF's. ``graphwright.bench.load.MachineLoad`` watches each prompt length: when other
+processes used more than 10% of the machine (or the load average was high at the start) the
+length is marked busy, the markdown says so, and the script exits with status 3 unless
+``--allow-busy``: a busy run is not a result.
+
+Writes ``<out>.json`` (everything, raw runs included), ``<out>.md`` (the table) and ``<out>.png``
+(decode tokens/s against prompt length, one line per recipe and runtime).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from statistics import median, median_low
+
+import torch
+
+import graphwright as gw
+from graphwright.bench.load import MachineLoad, wait_for_quiet
+from graphwright.bench.memory import PeakMemory
+from graphwright.bench.timing import cache_bytes, step_timer
+from graphwright.cli.cmd_demo import DEMO_RECIPE
+
+RECIPES = {  # name -> recipe text; {q} = a quarter of the prompt in tokens
+    "identity": None,
+    "demo": DEMO_RECIPE,
+    "h2o25": "h2o(heavy=0.125, recent=0.125)",
+    "streaming25": "streaming(sinks=4, window={q_minus_sinks})",
+    "snapkv25": "snapkv(budget={q})",
+    "lowrank50": "lowrank_kv(keep=0.5)",
+}
+DEFAULT_RECIPES = list(RECIPES)
+RUNTIMES = ("torch", "compiled", "onnx")
+METRICS = ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_mem_bytes", "kv_bytes", "kv_bytes_dense")
+
+
+def recipe_text(name: str, prompt: int) -> str | None:
+    text = RECIPES.get(name, name)
+    if text is None:
+        return None
+    return text.format(q=max(1, prompt // 4), q_minus_sinks=max(1, prompt // 4 - 4))
+
+
+def prompt_ids(tokenizer, length: int, vocab: int) -> torch.Tensor:
+    """The first ``length`` tokens of the shipped novel (real text: eviction scores behave as on user
+    prompts); seeded random ids for a model without a tokenizer (the tiny test models)."""
+    if tokenizer is None:
+        return torch.randint(3, vocab, (1, length), generator=torch.Generator().manual_seed(0))
+    text = (Path(gw.__file__).parent / "data" / "northangerabbey.txt").read_text(encoding="utf-8")
+    ids = tokenizer(text[: 8 * length], return_tensors="pt", add_special_tokens=False).input_ids[:, :length]
+    if ids.shape[1] < length:
+        raise SystemExit(f"the shipped text has {ids.shape[1]} tokens; --prompts must be <= that")
+    return ids
+
+
+class HFSide:
+    def __init__(self, model, pad):
+        self.model, self.pad = model, pad
+
+    @torch.inference_mode()
+    def run(self, ids, new):
+        from transformers import LogitsProcessorList
+
+        timer = step_timer()
+        t0 = time.perf_counter()
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                                  do_sample=False, pad_token_id=self.pad, logits_processor=LogitsProcessorList([timer]),
+                                  return_dict_in_generate=True)
+        end = time.perf_counter()
+        prefill_s, decode_s = timer.stamps[0] - t0, end - timer.stamps[0]
+        kv = cache_bytes(out.past_key_values)
+        return out.sequences, {"prefill_tokens_per_s": ids.shape[1] / prefill_s,
+                               "decode_tokens_per_s": (len(timer.stamps) - 1) / decode_s,
+                               "kv_bytes": kv, "kv_bytes_dense": kv}
+
+
+class GWSide:
+    def __init__(self, runner):
+        self.runner = runner
+
+    def run(self, ids, new):
+        out = self.runner.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, eos_token_id=[])
+        s = self.runner.last_stats
+        return out, {k: s[k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "kv_bytes", "kv_bytes_dense")}
+
+
+def onnx_runner(cm, recipe: str | None, model_name: str, artifacts: Path, threads: int):
+    """Export once per (model, recipe) into ``artifacts`` (reused when its graphwright.json names the same recipe)."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", f"{model_name}_{recipe or 'identity'}").strip("_")
+    folder = artifacts / slug
+    meta = folder / "graphwright.json"
+    if not (meta.exists() and json.loads(meta.read_text()).get("bench_recipe") == (recipe or "identity")):
+        t0 = time.perf_counter()
+        gw.export_onnx(cm, folder, overwrite=True)
+        data = json.loads(meta.read_text())
+        data["bench_recipe"] = recipe or "identity"
+        meta.write_text(json.dumps(data, indent=2))
+        print(f"  exported {recipe or 'identity'} in {time.perf_counter() - t0:.0f} s", flush=True)
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    return gw.load(folder, session_options=so)
+
+
+def build_sides(model, tok, model_name, prompt, recipes, runtimes, args):
+    info_pad = None
+    sides, skipped = {}, {}
+    for name in recipes:
+        text = recipe_text(name, prompt)
+        for rt in runtimes:
+            key = f"{name}/{rt}"
+            try:
+                if rt == "onnx":
+                    cm = gw.compile(model, recipe=text, tokenizer=tok)
+                    sides[key] = GWSide(onnx_runner(cm, text, model_name, Path(args.artifacts), args.ort_threads))
+                else:
+                    cm = gw.compile(model, recipe=text, tokenizer=tok, backend=rt)
+                    sides[key] = GWSide(cm)
+                info_pad = info_pad or cm.info
+            except Exception as e:  # a runtime that cannot take a recipe is a row that says why, not a crash
+                skipped[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                print(f"  skipped {key}: {skipped[key]}", flush=True)
+    pad = info_pad.pad_token_id if info_pad and info_pad.pad_token_id is not None else (tok.eos_token_id or 0)
+    return {"original/hf": HFSide(model, pad), **sides}, skipped
+
+
+def measure(sides, ids, new, repeats, warmup):
+    keys = list(sides)
+    runs = {k: [] for k in keys}
+    tokens = {}
+    for r in range(warmup + repeats):
+        order = keys[r % len(keys):] + keys[:r % len(keys)]
+        line = []
+        for k in order:
+            with PeakMemory() as mem:
+                out, row = sides[k].run(ids, new)
+            row["peak_mem_bytes"] = mem.peak_bytes
+            tokens[k] = out
+            line.append(f"{k} {row['decode_tokens_per_s']:.1f}")
+            if r >= warmup:
+                runs[k].append(row)
+        print(f"  round {r}{' (warmup)' if r < warmup else ''}: decode tok/s " + ", ".join(line), flush=True)
+    med = {k: {m: (median_low if "bytes" in m else median)(row[m] for row in runs[k]) for m in METRICS} for k in keys}
+    same = {k: bool(torch.equal(tokens[k], tokens["original/hf"])) for k in keys}
+    return med, same, runs
+
+
+def ratios(med: dict) -> dict:
+    out = {}
+    hf = med["original/hf"]
+    for k, m in med.items():
+        rt = k.split("/")[1]
+        dense = med.get(f"identity/{rt}") if rt != "hf" else hf
+        out[k] = {"decode_vs_hf": m["decode_tokens_per_s"] / hf["decode_tokens_per_s"],
+                  "prefill_vs_hf": m["prefill_tokens_per_s"] / hf["prefill_tokens_per_s"],
+                  "decode_vs_dense_same_runtime": m["decode_tokens_per_s"] / dense["decode_tokens_per_s"] if dense else None,
+                  "kv_fraction_of_hf": m["kv_bytes"] / hf["kv_bytes"] if hf["kv_bytes"] else None}
+    return out
+
+
+def markdown(result) -> str:
+    lines = [f"{result['model']}, CPU, {result['torch_threads']} torch threads, batch 1, {result['new_tokens']} new tokens, "
+             f"median of {result['repeats']} alternating rounds (+{result['warmup']} warmup). "
+             f"Command: `{result['command']}`", ""]
+    for P, block in result["prompts"].items():
+        load = block["load"]
+        state = "**BUSY: not a result**" if load["busy"] else "machine quiet"
+        lines += [f"#### prompt {P} tokens ({state}: other processes used {100 * load['foreign_share']:.1f}% of the "
+                  f"{load['cores']} cores; load average {load['load_before'][0]:.2f} before, {load['load_after'][0]:.2f} after)", "",
+                  "| recipe | runtime | prefill tok/s | decode tok/s | decode / HF | decode / dense same runtime | "
+                  "KV MB held | KV / HF | peak RSS +MB | tokens = HF |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for k, m in block["median"].items():
+            name, rt = k.split("/")
+            r = block["ratios"][k]
+            dense = r["decode_vs_dense_same_runtime"]
+            lines.append(f"| {block['recipes'].get(name) or name} | {rt} | {m['prefill_tokens_per_s']:,.0f} | "
+                         f"{m['decode_tokens_per_s']:.1f} | {r['decode_vs_hf']:.2f} | "
+                         f"{'' if rt == 'hf' or dense is None else f'{dense:.2f}'} | {m['kv_bytes'] / 1e6:.1f} | "
+                         f"{r['kv_fraction_of_hf']:.2f} | {m['peak_mem_bytes'] / 1e6:.0f} | "
+                         f"{'yes' if block['same_tokens'][k] else 'no'} |")
+        for k, why in block["skipped"].items():
+            lines.append(f"| {k.split('/')[0]} | {k.split('/')[1]} | not run: {why} | | | | | | | |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(result, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {}
+    for P, block in result["prompts"].items():
+        for k, m in block["median"].items():
+            series.setdefault(k, []).append((int(P), m["decode_tokens_per_s"]))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    styles = {"hf": ("k", "--"), "torch": (None, "-"), "compiled": (None, "-."), "onnx": (None, ":")}
+    for k, pts in sorted(series.items()):
+        rt = k.split("/")[1]
+        color, ls = styles.get(rt, (None, "-"))
+        xs, ys = zip(*sorted(pts))
+        ax.plot(xs, ys, marker="o", linestyle=ls, color=color, label=k)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("decode tokens/s")
+    busy = any(b["load"]["busy"] for b in result["prompts"].values())
+    ax.set_title(f"{result['model']} decode speed, {result['new_tokens']} new tokens" + (" (BUSY MACHINE: not a result)" if busy else ""))
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--prompts", type=int, nargs="+", default=[256, 2048, 4096, 8192])
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES,
+                   help=f"recipe names ({', '.join(RECIPES)}) or recipe texts; identity is always added")
+    p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--ort-threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    p.add_argument("--artifacts", default="results/bench_decode_artifacts", help="ONNX export cache folder")
+    p.add_argument("--out", default="results/bench_decode", help="output path without extension")
+    p.add_argument("--allow-busy", action="store_true", help="exit 0 even when the machine was busy (still labelled)")
+    p.add_argument("--wait-quiet", type=float, default=120.0, help="seconds to wait for a quiet machine before each length")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    recipes = ["identity"] + [r for r in args.recipes if r != "identity"]
+
+    model, tok = gw.load_model(args.model)
+    model.eval()
+    result = {"model": args.model, "torch_threads": torch.get_num_threads(), "new_tokens": args.new,
+              "repeats": args.repeats, "warmup": args.warmup, "runtimes": args.runtimes,
+              "command": "python bench/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "prompts": {}}
+    for P in args.prompts:
+        print(f"prompt {P}: compiling/exporting {len(recipes)} recipes x {args.runtimes}", flush=True)
+        ids = prompt_ids(tok, P, model.config.vocab_size)
+        sides, skipped = build_sides(model, tok, args.model, P, recipes, args.runtimes, args)
+        if not wait_for_quiet(timeout_s=args.wait_quiet):
+            print("  the load average stayed above 0.5: measuring anyway, the block will say busy", flush=True)
+        with MachineLoad() as load:
+            med, same, runs = measure(sides, ids, args.new, args.repeats, args.warmup)
+        result["prompts"][str(P)] = {"recipes": {n: recipe_text(n, P) for n in recipes}, "median": med,
+                                     "ratios": ratios(med), "same_tokens": same, "skipped": skipped,
+                                     "load": load.as_dict(), "runs": runs}
+        print(f"  {'BUSY' if load.busy else 'quiet'}: other processes used {100 * load.foreign_share:.1f}% of the machine", flush=True)
+        del sides
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    md = markdown(result)
+    out.with_suffix(".md").write_text(md)
+    plot(result, out.with_suffix(".png"))
+    print(md)
+    print(f"written {out}.json, {out}.md, {out}.png")
+    busy = [P for P, b in result["prompts"].items() if b["load"]["busy"]]
+    if busy:
+        print(f"the machine was busy during prompt length(s) {', '.join(busy)}: these numbers are not a result", file=sys.stderr)
+        return 0 if args.allow_busy else 3
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

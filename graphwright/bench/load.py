@@ -1,0 +1,75 @@
+"""Was the machine quiet while we measured? CPU time used by *other* processes during a block.
+
+A benchmark on a shared 2-core machine is only a result when nothing else ran: a timing taken
+while a test suite shared the cores once made HF decode at 2.9 tokens/s instead of ~14. The load
+average alone cannot tell (it counts our own threads and lags by a minute), so ``MachineLoad``
+also reads the system's busy CPU seconds (``psutil.cpu_times``) and this process's own CPU
+seconds (``psutil.Process().cpu_times``, children included) at entry and exit: the difference,
+divided by wall time x cores, is the share of the machine that other processes used.
+
+``busy`` is True when that foreign share exceeds ``max_foreign`` (default 10% of the machine) or
+the 1-minute load average at entry exceeded ``max_load_before`` (default 0.5: something was
+already running when we started). Benchmarks report ``as_dict()`` beside their numbers and refuse
+to present a busy run as a result.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+
+
+def _busy_seconds() -> float:
+    t = psutil.cpu_times()
+    return sum(getattr(t, f) for f in ("user", "nice", "system", "irq", "softirq", "steal") if hasattr(t, f))
+
+
+def _own_seconds() -> float:
+    t = psutil.Process().cpu_times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class MachineLoad:
+    """``with MachineLoad() as load: ...``; then ``load.busy``, ``load.foreign_share``, ``load.as_dict()``."""
+
+    def __init__(self, max_foreign: float = 0.10, max_load_before: float = 0.5):
+        self.max_foreign = max_foreign
+        self.max_load_before = max_load_before
+        self.cores = psutil.cpu_count() or 1
+
+    def __enter__(self):
+        self.load_before = os.getloadavg()
+        self._t, self._busy, self._own = time.perf_counter(), _busy_seconds(), _own_seconds()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self._t
+        busy, own = _busy_seconds() - self._busy, _own_seconds() - self._own
+        self.wall_s = wall
+        self.own_cpu_s = own
+        self.foreign_cpu_s = max(0.0, busy - own)
+        self.foreign_share = self.foreign_cpu_s / (wall * self.cores) if wall > 0 else 0.0
+        self.load_after = os.getloadavg()
+        return False
+
+    @property
+    def busy(self) -> bool:
+        return self.foreign_share > self.max_foreign or self.load_before[0] > self.max_load_before
+
+    def as_dict(self) -> dict:
+        return {"cores": self.cores, "wall_s": self.wall_s, "own_cpu_s": self.own_cpu_s,
+                "foreign_cpu_s": self.foreign_cpu_s, "foreign_share": self.foreign_share,
+                "load_before": list(self.load_before), "load_after": list(self.load_after),
+                "max_foreign": self.max_foreign, "max_load_before": self.max_load_before, "busy": self.busy}
+
+
+def wait_for_quiet(max_load: float = 0.5, timeout_s: float = 300.0, poll_s: float = 10.0) -> bool:
+    """Wait until the 1-minute load average is at most ``max_load``; False after ``timeout_s``."""
+    end = time.monotonic() + timeout_s
+    while os.getloadavg()[0] > max_load:
+        if time.monotonic() > end:
+            return False
+        time.sleep(poll_s)
+    return True
