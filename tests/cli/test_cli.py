@@ -78,13 +78,20 @@ def test_backend_choice_reaches_the_compiled_model(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_on_smollm2_writes_before_after_and_steering(tmp_path):
-    """`graphwright demo` (ONNX export is covered by tests/onnx/test_passes.py): the demo recipe
-    really shrinks the cache, and the steering example changes the output."""
-    assert main(["demo", "--out", str(tmp_path), "--max-new-tokens", "24", "--no-onnx"]) == 0
+def test_demo_on_smollm2_long_prompt_answers_like_dense_with_a_quarter_of_the_cache(tmp_path):
+    """`graphwright demo` (ONNX export is covered by tests/onnx/test_passes.py): on the long prompt the
+    compressed model gives the dense model's correct answer holding about a quarter of its KV bytes;
+    the short prompt keeps everything (budget > prompt) and says so; the steering example changes the output."""
+    assert main(["demo", "--out", str(tmp_path), "--max-new-tokens", "16", "--context-tokens", "800", "--no-onnx",
+                 "--steer"]) == 0
     demo = json.loads((tmp_path / "demo.json").read_text())
-    assert demo["recipe"] == "lowrank_kv(keep=0.8) + h2o(heavy=0.25, recent=0.25)"
-    assert demo["after"]["new_tokens"] == 24 and demo["after"]["stats"]["kv_fraction"] < 0.6
+    assert demo["recipe"] == "snapkv(budget=200)"
+    hf, ours = demo["long"]["sides"]
+    assert hf["correct"] and ours["correct"] and "Richard" in ours["text"]
+    assert 0.2 < ours["kv_bytes"] / hf["kv_bytes"] < 0.3
+    s_hf, s_ours = demo["short"]["sides"]
+    assert s_ours["tokens"] == s_hf["tokens"] and s_ours["kv_bytes"] == s_hf["kv_bytes"]
+    assert "cannot make this faster" in demo["short"]["note"]
     steer = json.loads((tmp_path / "steering.json").read_text())
     assert steer["emphasis"] and steer["emphasis"][0] in steer["prompt"]
     assert steer["steered"] != steer["unsteered"]
