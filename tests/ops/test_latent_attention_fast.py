@@ -1,12 +1,13 @@
 """The torch backend's latent attention (decode path and prefill path) against ``latent_attention_reference``.
 
 Random inputs, GQA 6/2, ragged ``k_pos``: row 1 left-padded (-1 slots first) with an evicted
-hole (-1) in the middle. Every combination of RoPE (full, partial, none), k_bias, k_norm,
-key_bias and value mode (absorbed latents / reconstruct, where the fast path applies v_up after
-attention) at decode (T=1), a few queries (T=3) and prefill (T=S, SDPA path); window + sinks with
-the visible-column gather (S > 2 * (window + sinks)) and without; fp16 inputs. The cos/sin table
-is checked against cos/sin computed directly, past its first size, and its per-step memo against
-a changed ``k_pos`` of the same shape.
+hole (-1) in the middle. RoPE full / partial / none, each with k_bias, key_bias and k_norm off,
+k_bias alone, key_bias + k_norm, and all three; both value modes (absorbed latents; reconstruct,
+where the fast path applies v_up after attention); decode (T=1), a few queries (T=3) and prefill
+(T=S=20 > DECODE_MAX_T: the SDPA path). Window with and without sinks, masked (short cache) and
+with the visible-column gather (S > 2 * (window + sinks)); keys in blocks of 4; fp16 inputs. The
+cos/sin table is checked against cos/sin computed directly, past its first size, and its
+per-step memo against a changed ``k_pos`` of the same shape.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from graphwright.codegen.torch import rope_table
-from graphwright.codegen.torch.latent_attention import latent_attention_sdpa, latent_decode
+from graphwright.codegen.torch.latent_attention import DECODE_MAX_T, latent_attention_sdpa, latent_decode
 from graphwright.ops.latent_attention import latent_attention_reference
 
 B, H, HK, D, RK, RV, DV = 2, 6, 2, 16, 12, 10, 16
@@ -64,9 +65,10 @@ def check(a: dict, tol: float = 2e-5, **kw):
     return out
 
 
-@pytest.mark.parametrize("T,S", [(1, 13), (3, 13), (9, 9)], ids=["decode", "3-queries", "prefill"])
+@pytest.mark.parametrize("T,S", [(1, 13), (3, 13), (20, 20)], ids=["decode", "3-queries", "prefill"])
 @pytest.mark.parametrize("recon", [False, True], ids=["absorbed", "reconstruct"])
 def test_matches_reference(T, S, recon):
+    assert (T > DECODE_MAX_T) == (T == 20)  # the prefill case really takes the SDPA path
     flags = ((False, False, False), (True, False, False), (False, True, True), (True, True, True))  # k_bias, key_bias, k_norm
     for rope, (k_bias, key_bias, k_norm) in itertools.product(("full", "partial", "none"), flags):
         a = make(T, S, rope, k_bias, recon)
@@ -91,8 +93,8 @@ def test_window_padding_query_sees_everything():
 
 def test_fp16_inputs():
     """fp16 q / latents / weights: the fast path computes in fp32 like the reference, output fp16."""
-    for recon, T in itertools.product((False, True), (1, 9)):
-        a = make(T, 9 if T > 1 else 13, recon=recon, dtype=torch.float16)
+    for recon, T in itertools.product((False, True), (1, 20)):
+        a = make(T, T if T > 1 else 13, recon=recon, dtype=torch.float16)
         check(a, tol=2e-3, **extras(a["c_k"].shape[1], True, True))
 
 
