@@ -58,7 +58,7 @@ saved, (2*H_kv*D - 2r)*4 / 20 GB/s, against the rebuild, 2*r*H_kv*D / 100 GFLOP/
 H200-class GPU (~4.8 TB/s) gives r < ~33 on fp32 CUDA cores (~60 TFLOP/s) and r < ~130 with a
 bf16 cache on tensor cores (~990 TFLOP/s, 2 bytes per value), where keep=0.5 (r ~96) would win.
 Whole decode step, adding ~540 MB of fp32 weights (~27 ms at 20 GB/s): dense ~29 ms (1k) /
-~36 ms (4k) / ~46 ms (8k), latent ~40 / ~78 / ~128 ms, so by this model lowrank/dense tokens/s
+~36 ms (4k) / ~46 ms (8k), latent ~40 / ~78 / ~128 ms, so by this estimate lowrank/dense tokens/s
 falls from ~0.74 at 1k to ~0.47 at 4k and ~0.36 at 8k. An implementation can only approach that
 FLOP bound; what this one removed is the work around the key GEMM that the previous torch path
 did per layer and step: cos/sin of every cached position, a transposed [B, H_kv, S, D] copy of
