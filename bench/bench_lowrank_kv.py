@@ -1,11 +1,13 @@
 """Decode speed of lowrank_kv (LoRC) against the dense identity graph, measured alternately.
 
-Usage: python bench/bench_lowrank_kv.py --keep 0.5 --prompt 256 --new 64 --repeats 3
+Usage: python bench/bench_lowrank_kv.py --keep 0.5 --prompt 1024 4096 --new 32 --repeats 3
 
-Both graphs come from one capture; runs alternate (dense, lowrank, dense, ...) so machine load
-affects both alike; the medians of ``last_stats["decode_tokens_per_s"]`` give the ratio.
+Both graphs come from one capture; for each prompt length the runs alternate (dense, lowrank,
+dense, ...) in one process so machine load affects both alike; the medians of
+``last_stats["decode_tokens_per_s"]`` give decode ms/token and the lowrank/dense ratios.
 LoRC rebuilds every cached key from its latent at each step (RoPE blocks folding B_K into the
-queries), so on CPU it trades decode compute for KV memory; the ratio says how much.
+queries), so on CPU it trades decode compute for KV memory; the ratio says how much, and how it
+moves with the cache length (the arithmetic is in ``graphwright/codegen/torch/latent_attention.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ def main(argv=None):
     p.add_argument("--keep", type=float, default=0.5)
     p.add_argument("--schedule", default="progressive", choices=["progressive", "uniform"])
     p.add_argument("--value-path", default="absorbed", choices=["absorbed", "reconstruct"])
-    p.add_argument("--prompt", type=int, default=256)
+    p.add_argument("--prompt", type=int, nargs="+", default=[1024], help="prompt lengths (cache size at decode)")
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="results/bench_lowrank_kv.json")
@@ -44,10 +46,22 @@ def main(argv=None):
     low = CompiledModel(LowRankKV(keep=args.keep, schedule=args.schedule, value_path=args.value_path)
                         .run(sg.copy(), PassContext(model=model)), tokenizer=tok)
     vocab = sg.info.vocab_size
-    ids = torch.randint(min(100, vocab - 1), vocab, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    results = []
+    for n_prompt in args.prompt:
+        ids = torch.randint(min(100, vocab - 1), vocab, (1, n_prompt), generator=torch.Generator().manual_seed(0))
+        results.append(measure(dense, low, ids, args))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": args.model, "keep": args.keep, "schedule": args.schedule,
+                               "value_path": args.value_path, "new": args.new, "repeats": args.repeats,
+                               "torch_threads": torch.get_num_threads(), "results": results}, indent=2))
+
+
+def measure(dense, low, ids, args) -> dict:
+    """Alternating runs at one prompt length; prints and returns medians and ratios."""
     runs = {"dense": [], "lowrank": []}
     stats = {}
-    for name, cm in (("dense", dense), ("lowrank", low)):  # warm-up
+    for cm in (dense, low):  # warm-up
         cm.generate(ids, 4, eos_token_id=[])
     for _ in range(args.repeats):
         for name, cm in (("dense", dense), ("lowrank", low)):
@@ -55,21 +69,17 @@ def main(argv=None):
             runs[name].append(cm.last_stats["decode_tokens_per_s"])
             stats[name] = dict(cm.last_stats)
     med = {k: statistics.median(v) for k, v in runs.items()}
-    ratio = med["lowrank"] / med["dense"]
-    print(f"threads={torch.get_num_threads()} prompt={args.prompt} new={args.new} repeats={args.repeats}")
+    ms = {k: 1e3 / v for k, v in med.items()}
+    kv = {k: stats[k]["kv_bytes"] for k in stats}
+    print(f"threads={torch.get_num_threads()} prompt={ids.shape[1]} new={args.new} repeats={args.repeats}")
     for k in ("dense", "lowrank"):
-        print(f"{k:>8}: decode {med[k]:7.2f} tok/s (runs {', '.join(f'{x:.2f}' for x in runs[k])}), "
-              f"kv_bytes {stats[k]['kv_bytes']:,}")
-    print(f"lowrank_kv(keep={args.keep})/dense decode tokens/s = {ratio:.3f}; "
-          f"KV bytes ratio = {stats['lowrank']['kv_bytes'] / stats['dense']['kv_bytes']:.3f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "keep": args.keep, "schedule": args.schedule,
-                               "value_path": args.value_path, "prompt": args.prompt, "new": args.new,
-                               "torch_threads": torch.get_num_threads(), "decode_tokens_per_s": runs,
-                               "median": med, "ratio": ratio,
-                               "kv_bytes": {k: stats[k]["kv_bytes"] for k in stats}}, indent=2))
-
+        print(f"{k:>8}: decode {ms[k]:7.2f} ms/token, {med[k]:7.2f} tok/s (runs {', '.join(f'{x:.2f}' for x in runs[k])}), "
+              f"kv_bytes {kv[k]:,}")
+    print(f"lowrank_kv(keep={args.keep})/dense: ms/token {ms['lowrank'] / ms['dense']:.3f}, "
+          f"tokens/s {med['lowrank'] / med['dense']:.3f}, KV bytes {kv['lowrank'] / kv['dense']:.3f}")
+    return {"prompt": ids.shape[1], "decode_tokens_per_s": runs, "median_tokens_per_s": med, "ms_per_token": ms,
+            "ratio_tokens_per_s": med["lowrank"] / med["dense"], "ratio_ms_per_token": ms["lowrank"] / ms["dense"],
+            "kv_bytes": kv}
 
 if __name__ == "__main__":
     main()

@@ -25,6 +25,7 @@ import torch
 
 from ..capture.ops import ATTENTION, MOE_EXPERTS, attention_reference, moe_experts_reference
 from ..ops.block_sparse import BLOCK_SPARSE_ATTENTION, block_sparse_reference
+from ..ops.eviction import LATENT_KEYS
 from ..ops.eviction import REFERENCES as EVICTION_REFERENCES
 from ..ops.fused_moe import FUSED_MOE, fused_moe_reference
 from ..ops.graph_match import cache_concat
@@ -34,7 +35,7 @@ from .torch.attention import attention_sdpa
 from .torch.block_sparse import block_sparse_sdpa
 from .torch.cache_append import cache_append
 from .torch.eviction_slots import SLOT_OVERRIDES
-from .torch.latent_attention import latent_attention_sdpa
+from .torch.latent_attention import latent_attention_sdpa, latent_keys_fast
 from .torch.moe import fused_moe_auto, fused_moe_sorted, fused_moe_triton
 from .triton import TRITON_OVERRIDES
 
@@ -133,7 +134,7 @@ TORCH = register_backend(Backend(
      LATENT_ATTENTION: latent_attention_sdpa,
      BLOCK_SPARSE_ATTENTION: block_sparse_sdpa, PAGE_SUMMARY: page_summary_incremental,
      FUSED_MOE: {"auto": fused_moe_auto, "sorted": fused_moe_sorted, "triton": fused_moe_triton},
-     **EVICTION_REFERENCES, **SLOT_OVERRIDES},  # eviction at decode without compaction (torch/eviction_slots.py)
+     **EVICTION_REFERENCES, **SLOT_OVERRIDES, LATENT_KEYS: latent_keys_fast},  # eviction at decode without compaction (torch/eviction_slots.py)
     transforms=(append_caches_in_place,)))
 
 TRITON = register_backend(Backend(

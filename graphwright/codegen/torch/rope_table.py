@@ -1,0 +1,70 @@
+"""Rotary cos/sin for cached keys from a table built once, instead of cos/sin of every position per step.
+
+``graphwright.ops.latent_attention.rope_keys`` (the reference) evaluates ``cos`` and ``sin`` of
+``k_pos * inv_freq`` for all S cached positions in every layer at every step. Here:
+
+* one fp32 table per rotary setting (``inv_freq`` values, ``rope_scaling``): rows ``p = 0..N-1``
+  hold ``cos(p * inv_freq) * scaling`` and ``sin(...) * scaling``, computed with the same fp32
+  product as the reference (equal up to the last ulp of the vectorised cos/sin); N doubles
+  when a larger position comes;
+* the rows for one step's ``k_pos`` are gathered once and reused by the following layers while
+  their ``k_pos`` is equal (the model-wide ``key_positions`` state is the same for all layers of a
+  step): the memo keeps a copy of the last ``k_pos`` and compares values (S int64 reads, ~1/16
+  of the gather's bytes), since inference tensors carry no in-place version counter.
+
+Padding slots (``k_pos = -1``) read row 0, as the reference rotates them as position 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_TABLES: dict = {}  # setting -> (cos [N, R/2], sin [N, R/2])
+_MEMO: dict = {}  # setting -> (copy of the last k_pos, cos, sin)
+_SETTINGS: dict = {}  # id(inv_freq) -> (inv_freq, setting): one .tolist() per constant
+_MIN_ROWS = 4096
+
+
+def _setting(inv_freq: torch.Tensor, scaling: float) -> tuple:
+    """(device, inv_freq values, scaling): two layers with equal rotary settings share a table."""
+    hit = _SETTINGS.get(id(inv_freq))
+    if hit is not None and hit[0] is inv_freq and hit[1][2] == float(scaling):
+        return hit[1]
+    setting = (inv_freq.device, tuple(inv_freq.float().tolist()), float(scaling))
+    if len(_SETTINGS) > 256:  # tensors made per call (tests): drop the held references
+        _SETTINGS.clear()
+    _SETTINGS[id(inv_freq)] = (inv_freq, setting)
+    return setting
+
+
+def _table(setting: tuple, rows: int):
+    hit = _TABLES.get(setting)
+    if hit is not None and hit[0].shape[0] >= rows:
+        return hit
+    n = max(_MIN_ROWS, 1 << (max(rows, 1) - 1).bit_length())
+    f = torch.tensor(setting[1], dtype=torch.float32, device=setting[0])
+    ang = torch.arange(n, device=f.device).float()[:, None] * f  # the reference's fp32 product
+    _TABLES[setting] = (ang.cos() * setting[2], ang.sin() * setting[2])
+    return _TABLES[setting]
+
+
+def rope_cos_sin(k_pos: torch.Tensor, inv_freq: torch.Tensor, scaling: float):
+    """cos, sin [*k_pos.shape, R/2] in fp32 for positions ``k_pos`` (-1 reads position 0)."""
+    setting = _setting(inv_freq, scaling)
+    memo = _MEMO.get(setting)
+    if memo is not None and memo[0].shape == k_pos.shape and torch.equal(memo[0], k_pos):
+        return memo[1], memo[2]
+    idx = k_pos.clamp(min=0).reshape(-1)
+    top = int(idx.max()) + 1 if idx.numel() else 1
+    cos_t, sin_t = _table(setting, top)
+    shape = (*k_pos.shape, cos_t.shape[1])
+    cos, sin = cos_t.index_select(0, idx).view(shape), sin_t.index_select(0, idx).view(shape)
+    _MEMO[setting] = (k_pos.clone(), cos, sin)
+    return cos, sin
+
+
+def clear():
+    """Drop the tables and memos (tests; frees the memo's reference to the last k_pos)."""
+    _TABLES.clear()
+    _MEMO.clear()
+    _SETTINGS.clear()
