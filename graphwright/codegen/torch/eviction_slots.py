@@ -29,12 +29,24 @@ over the non-recent slots (ties: the latest position, as the reference's top-k k
 slot of a tie, and its slots are in position order). StreamingLLM drops the slot holding position
 ``L - 1 - window`` (no scoring). SnapKV's reference already returns its inputs at decode (no
 copy), so it keeps it; every prefill (and any T > 1 step, and latent layers, whose one payload
-serves all heads) keeps using the references. FastGen still compacts (reference): its frequent
-set is a top-k over *all* tokens, protected ones included, so several tokens can leave in one
-step (not yet done: mark them -1 in place and refill empty slots, with a position tie-break).
+serves all heads) keeps using the references.
+
+FastGen: its frequent set is a top-k over *all* tokens (protected ones included) by a running
+score, so several tokens can leave in one step. Each head's keep mask (``fastgen_ref.fastgen_keep``'s
+union for its policy: special, +punct, +frequent, +local, full) is computed over the S + 1 slots;
+every slot not kept gets position -1 in place, then the new token moves into the first empty
+slot (``place_new_token``). The top-k ranks unique int64 keys (fp32 score bits, then the position
+reversed), so equal scores go to the earlier position exactly as the reference's position-ordered
+top-k: a ``topk`` with static k for token-count budgets, a sort of the [B, Hk, S] keys for
+fraction budgets (scores only; k/v are never sorted or gathered). Its capacity is data dependent
+(special and punctuation tokens accumulate, full heads keep everything), so the output length
+costs the same one host read as H2O's fraction budgets: does some head keep all S + 1 slots.
+Slots never shrink: a cache is as wide as the largest kept set so far (the reference compacts
+to the current one). Every ladder policy runs on slots; none falls back.
 
 Invariant assumed: the cache entering a decode step is the kept set of the previous step (left
-by the reference at prefill or by these functions), so at most one token leaves per step.
+by the reference at prefill or by these functions), so at most one token leaves per step for
+H2O and StreamingLLM (any number for FastGen, whose slots are emptied by mask).
 
 Aliasing: the input state is *donated*: the victim's slot is overwritten in place, so a caller
 must not reuse a state it has passed to a step (the runtime threads states linearly; see
@@ -44,10 +56,13 @@ reference's slot count on a position-ordered cache.
 
 Invariants tested (``tests/passes/test_eviction_slots.py``): same kept position sets per (row,
 head) as the torch backend with the references, after every step with eviction at every step
-(tiny Llama, batch 2 left-padded: H2O counts 300 steps, fractions 100, StreamingLLM 200), logits
-within 1e-4, the buffers' storage stops growing once the budget is reached; op level on random
-attention (recent = 0, heavy = 0, fractions); ranked RoPE index equals the reference's and is
-order free; SnapKV decode appends in place.
+(tiny Llama, batch 2 left-padded: H2O counts 300 steps, fractions 100, StreamingLLM 200, FastGen
+200 with profiled heads covering all five ladder policies), logits within 1e-4, the buffers'
+storage stops growing once the budget is reached (FastGen: never wider than the largest kept set
+so far; flat at op level when every set is bounded); op level on random attention (recent = 0,
+heavy = 0, fractions; FastGen one head per policy with fraction and zero budgets); ranked RoPE
+index equals the reference's and is order free; SnapKV decode appends in place. Native sliding
+windows (``passes/native_windows.py``) reuse ``streaming_slots`` with sinks = 0.
 """
 
 from __future__ import annotations
