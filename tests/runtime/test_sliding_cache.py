@@ -72,9 +72,9 @@ def test_sliding_layer_holds_the_last_window_and_matches_logits(tiny, compiled_t
 
 
 @pytest.mark.parametrize("recipe,bounded", [("h2o(heavy=4, recent=2)", set()), ("h2o(heavy=4, recent=2, layers=[1])", {0}),
-                                            ("streaming(sinks=2, window=6)", set()), ("window(size=4)", {0})])
+                                            ("window(size=4)", {0})])
 def test_a_pass_that_rewrites_a_sliding_layer_keeps_its_own_cache_policy(compiled_tiny, recipe, bounded):
-    """Eviction and streaming on layer 0 own its cache (not bounded again); h2o on layer 1 only and the window
+    """Eviction on layer 0 owns its cache (not bounded again; streaming gives per-layer positions the same way); h2o on layer 1 only and the window
     pass (a mask on layer 1; layer 0's native window is skipped) leave layer 0 bounded; it still generates."""
     sg, _, _ = run_recipe(compiled_tiny("tiny-gemma3").step_graph, recipe, verify=False)
     cm = CompiledModel(sg)
