@@ -26,8 +26,10 @@ class CompiledModel:
         self.backend = self.backend_object.name
         self.source = source  # the original model (kept for eval side by side; never modified)
         self.verification: dict = {}
-        self._lowered = lower(step_graph.gm, self.backend_object)
-        self._runtime = Runtime(self._step, step_graph.state, step_graph.info)
+        # what runs: the step graph after the backend's own rewrites (torch: native sliding windows hold their window)
+        self.runtime_graph = self.backend_object.runtime_graph(step_graph)
+        self._lowered = lower(self.runtime_graph.gm, self.backend_object)
+        self._runtime = Runtime(self._step, self.runtime_graph.state, step_graph.info)
 
     def _step(self, input_ids, positions, logits_index, state, **extras):
         out = self._lowered(input_ids, positions, logits_index, *state, **extras)

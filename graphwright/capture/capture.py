@@ -173,7 +173,7 @@ def _simplify(gm: torch.fx.GraphModule) -> dict:
 
 def _annotate(gm: torch.fx.GraphModule, model) -> tuple[tuple, tuple]:
     """Put ``layer``, module path, op and variant into ``node.meta['graphwright']``."""
-    attn_paths, moe_paths = {}, []
+    attn_paths, moe_paths, windows = {}, [], {}
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in (ATTENTION, MOE_EXPERTS):
             continue
@@ -186,13 +186,22 @@ def _annotate(gm: torch.fx.GraphModule, model) -> tuple[tuple, tuple]:
             except Exception:  # noqa: BLE001 - fall back to order of appearance
                 layer = len(attn_paths)
             attn_paths[layer] = path
+            windows[layer] = _window_of(node)
             node.meta["graphwright"] = {"op": "attention", "layer": layer, "module": path, "variant": "dense"}
         else:
             m = re.search(r"layers\.(\d+)\b", path)
             layer = int(m.group(1)) if m else len(moe_paths)
             moe_paths.append(path)
             node.meta["graphwright"] = {"op": "moe_experts", "layer": layer, "module": path, "variant": "loop"}
-    return tuple(attn_paths[i] for i in sorted(attn_paths)), tuple(moe_paths)
+    return tuple(attn_paths[i] for i in sorted(attn_paths)), tuple(moe_paths), tuple(windows[i] for i in sorted(windows))
+
+
+def _window_of(node: torch.fx.Node) -> int:
+    """The ``window`` argument of a captured ``graphwright.attention`` node (0 = no sliding window)."""
+    names = [a.name for a in node.target._schema.arguments]
+    i = names.index("window")
+    value = node.args[i] if i < len(node.args) else node.kwargs.get("window", 0)
+    return int(value or 0)
 
 
 def _example_inputs(info: ModelInfo, device):
@@ -247,10 +256,11 @@ def capture(model) -> StepGraph:
         model.train(was_training)
     gm = _flatten_codegen(ep.module())
     simplified = _simplify(gm)
-    attn_paths, moe_paths = _annotate(gm, model)
+    attn_paths, moe_paths, windows = _annotate(gm, model)
     if len(attn_paths) != info.num_layers:
         raise CaptureError(f"{info.architecture}: expected {info.num_layers} attention nodes, captured {len(attn_paths)}")
-    info = ModelInfo(**{**info.__dict__, "attention_modules": attn_paths, "moe_modules": moe_paths, "is_moe": info.is_moe or bool(moe_paths)})
+    info = ModelInfo(**{**info.__dict__, "attention_modules": attn_paths, "moe_modules": moe_paths, "windows": windows,
+                        "is_moe": info.is_moe or bool(moe_paths)})
     state = [StateSpec("key_positions", "positions", (-1, 0), torch.long, seq_dim=1)]
     for i in range(info.num_layers):
         for kind in ("k", "v"):

@@ -73,10 +73,19 @@ class ModelInfo:
     is_moe: bool = False
     attention_modules: tuple = ()  # module path per layer
     moe_modules: tuple = ()  # module path per MoE block
+    windows: tuple = ()  # native sliding window per layer as captured (0 = none); () = unknown (no window)
 
     def dense_kv_bytes_per_token(self) -> int:
         """Bytes one token occupies in a dense cache: 2 (K and V) x layers x KV heads x head dim."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.tensor([], dtype=self.dtype).element_size()
+
+    def dense_kv_bytes(self, batch: int, seq_len: int) -> int:
+        """Bytes the original model's own cache (HF's ``DynamicCache``) holds for ``batch`` rows of ``seq_len``
+        cached tokens: a layer with a native sliding window w keeps only its last w - 1 tokens (the next
+        query brings the w-th), every other layer all of them."""
+        per_layer = self.dense_kv_bytes_per_token() // max(self.num_layers, 1)
+        windows = self.windows or (0,) * self.num_layers
+        return batch * per_layer * sum(min(seq_len, w - 1) if w else seq_len for w in windows)
 
 
 @dataclass
@@ -100,7 +109,11 @@ class StepGraph:
         """A deep copy of the graph structure sharing parameter tensors (passes rewrite copies)."""
         import copy
 
-        gm = torch.fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph))
+        graph = copy.deepcopy(self.gm.graph)
+        for node in graph.nodes:  # fx copies node.meta shallowly: a rewrite of the copy's tags must not reach the original
+            if isinstance(node.meta.get("graphwright"), dict):
+                node.meta["graphwright"] = dict(node.meta["graphwright"])
+        gm = torch.fx.GraphModule(self.gm, graph)
         for attr in ("_in_spec", "_out_spec"):
             if hasattr(self.gm, attr):
                 setattr(gm, attr, getattr(self.gm, attr))

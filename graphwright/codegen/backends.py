@@ -8,7 +8,10 @@ A ``Backend`` is data plus two optional hooks:
   *before* the op substitution (the torch backend's in-place cache append is one);
 * ``check(model_or_device)``: ``None`` when the backend can run there, else the reason (a
   sentence saying what to do instead); ``require`` raises it as ``ValueError``;
-* ``finalize(gm) -> gm``: a last step on the lowered ``GraphModule`` (identity by default).
+* ``finalize(gm) -> gm``: a last step on the lowered ``GraphModule`` (identity by default);
+* ``step_rewrites``: functions ``f(step_graph) -> step_graph`` that may change the state layout,
+  applied by ``CompiledModel`` to what it runs (``runtime_graph``) before lowering; the torch
+  backends bound native sliding-window caches to their window (``passes/native_windows.py``).
 
 Adding a backend is ``register_backend(Backend(...))``: it then becomes a valid
 ``gw.compile(..., backend=name)``, a ``--backend`` choice of every CLI command and a row of the
@@ -31,6 +34,7 @@ from ..ops.fused_moe import FUSED_MOE, fused_moe_reference
 from ..ops.graph_match import cache_concat
 from ..ops.latent_attention import LATENT_ATTENTION, latent_attention_reference
 from ..ops.page_summary import PAGE_SUMMARY, page_summary_incremental, page_summary_reference
+from ..passes.native_windows import bound_native_windows
 from .torch.attention import attention_sdpa
 from .torch.block_sparse import block_sparse_sdpa
 from .torch.cache_append import cache_append
@@ -50,6 +54,13 @@ class Backend:
     transforms: tuple[Callable[[torch.fx.Graph], None], ...] = ()
     check: Callable[[Any], str | None] | None = None
     finalize: Callable[[torch.fx.GraphModule], torch.fx.GraphModule] | None = None
+    step_rewrites: tuple[Callable[[Any], Any], ...] = ()
+
+    def runtime_graph(self, step_graph):
+        """The step graph this backend runs for ``step_graph`` (``step_rewrites`` applied; itself when none)."""
+        for rewrite in self.step_rewrites:
+            step_graph = rewrite(step_graph)
+        return step_graph
 
     def unavailable(self, model_or_device) -> str | None:
         """Why this backend cannot run on ``model_or_device`` (a module, tensor or device), or None."""
@@ -135,9 +146,9 @@ TORCH = register_backend(Backend(
      BLOCK_SPARSE_ATTENTION: block_sparse_sdpa, PAGE_SUMMARY: page_summary_incremental,
      FUSED_MOE: {"auto": fused_moe_auto, "sorted": fused_moe_sorted, "triton": fused_moe_triton},
      **EVICTION_REFERENCES, **SLOT_OVERRIDES, LATENT_KEYS: latent_keys_fast},  # eviction at decode without compaction (torch/eviction_slots.py)
-    transforms=(append_caches_in_place,)))
+    transforms=(append_caches_in_place,), step_rewrites=(bound_native_windows,)))
 
 TRITON = register_backend(Backend(
     "triton", "the torch backend with attention, latent and block-sparse attention and MoE on Triton kernels "
               "(CUDA, or TRITON_INTERPRET=1)",
-    {**TORCH.table, **TRITON_OVERRIDES}, transforms=TORCH.transforms, check=triton_unavailable))
+    {**TORCH.table, **TRITON_OVERRIDES}, transforms=TORCH.transforms, step_rewrites=TORCH.step_rewrites, check=triton_unavailable))

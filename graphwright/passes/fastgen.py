@@ -23,7 +23,8 @@ Setting here (see ``ops/fastgen_ref.py``):
 * ``local``/``frequent`` are fractions of the length (float) or fixed counts (int);
   ``force`` gives every head one policy (ablations, tests).
 
-``layers=[...]`` evicts only those layers.
+``layers=[...]`` evicts only those layers. On the torch backend decode steps evict on slots
+(``codegen/torch/eviction_slots.py``: ``fastgen_slots``, same kept sets as the reference).
 
 Exact setting: ``recovery=1.0`` (or ``force="full"``). Invariants tested
 (``tests/passes/test_fastgen.py``): identity at recovery 1.0 (tiny Llama and Qwen2, batch 2

@@ -132,11 +132,14 @@ class Runtime:
         out = torch.cat(tokens, dim=1)
         kv = state_bytes(state, self.specs)
         seq_len = T + steps
-        dense = self.info.dense_kv_bytes_per_token() * B * seq_len
+        dense = self.info.dense_kv_bytes(B, seq_len)  # what the original model's cache holds (sliding layers: their window)
         kept = kept_tokens_per_head(state, self.specs, self.info.num_layers, self.info.num_kv_heads)
+        # real tokens each head of layer l would hold without eviction: the row's prompt plus the fed-back
+        # tokens, at most w - 1 in a layer with a native sliding window w (what the original model's cache keeps)
+        rows = attention_mask.sum(dim=1) + steps
+        windows = self.info.windows or (0,) * len(kept)
         known = [k for k in kept if k is not None]
-        # real tokens each head would hold without eviction: the row's prompt plus the fed-back tokens
-        real = (attention_mask.sum(dim=1) + steps)[:, None]
+        real_known = sum(float((rows.clamp(max=w - 1) if w else rows).sum()) for k, w in zip(kept, windows) if k is not None)
         self.last_stats = {
             "batch": B,
             "prompt_tokens": int(attention_mask.sum()),
@@ -148,8 +151,8 @@ class Runtime:
             "kv_index_bytes": state_bytes(state, self.specs, "positions"),
             "kv_summary_bytes": state_bytes(state, self.specs, "summary"),
             "kept_tokens_per_head": [k.tolist() if k is not None else None for k in kept],
-            "kept_fraction": (sum(float(k.sum()) for k in known) / (len(known) * float(real.sum()) * self.info.num_kv_heads)
-                              if known else None),
+            "kept_fraction": (sum(float(k.sum()) for k in known) / (real_known * self.info.num_kv_heads)
+                              if known and real_known else None),
             "prefill_s": prefill_s,
             "decode_s": decode_s,
             "prefill_tokens_per_s": int(attention_mask.sum()) / prefill_s if prefill_s > 0 else 0.0,

@@ -14,11 +14,13 @@ import pytest
 import torch
 
 from graphwright.codegen.backends import EVICTION_REFERENCES, TORCH
-from graphwright.codegen.torch.eviction_slots import decode_colsum, h2o_slots, position_rank, rope_cache_index_ranked, streaming_slots
+from graphwright.codegen.torch.eviction_slots import decode_colsum, fastgen_slots, h2o_slots, position_rank, rope_cache_index_ranked, streaming_slots
 from graphwright.compiled import CompiledModel
-from graphwright.ops.eviction_ref import colsum, h2o_reference, streaming_reference
+from graphwright.ops.eviction_ref import PUNCT, SPECIAL, colsum, h2o_reference, streaming_reference
+from graphwright.ops.fastgen_ref import fastgen_reference
 from graphwright.ops.rope_index_ref import cache_index, rope_cache_index_reference
 from graphwright.passes.base import PassContext
+from graphwright.passes.fastgen import FastGen
 from graphwright.passes.h2o import H2O
 from graphwright.passes.snapkv import SnapKV
 from graphwright.passes.streaming import Streaming
@@ -136,3 +138,98 @@ def test_decode_colsum_equals_the_reference():
     bias = torch.randn(2, 6, 13)
     for kb in (None, bias):
         assert torch.allclose(decode_colsum(q, k, q_pos, k_pos, 0.3, kb), colsum(q, k, q_pos, k_pos, 0.3, kb), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------- FastGen
+def class_table(vocab: int) -> torch.Tensor:
+    """A token-class table without a tokenizer: every 7th id special, every 4th other one punctuation."""
+    i = torch.arange(vocab)
+    return torch.where(i % 7 == 0, SPECIAL, torch.where(i % 4 == 0, PUNCT, 0)).to(torch.int8)
+
+
+def test_fastgen_keeps_the_reference_sets_over_200_steps(compiled_tiny):
+    """Profiled heads (tiny Llama, batch 2 left-padded, counts local=3 frequent=4): layer 0 at recovery 0.5
+    picks special/punct/frequent heads, layer 1 at 0.95 full/local/frequent ones; same sets after every step,
+    same logits, and no more slots than the largest kept set so far (the reference compacts to the current one)."""
+    cm = compiled_tiny("tiny-llama")
+    sg = FastGen(recovery=0.5, local=3, frequent=4, layers=[0]).run(cm.step_graph.copy(), PassContext())
+    sg = FastGen(recovery=0.95, local=3, frequent=4, layers=[1]).run(sg, PassContext())
+    sg.gm.fastgen_token_class.copy_(class_table(sg.gm.fastgen_token_class.shape[0]))
+    slots, ref = CompiledModel(sg, backend="torch"), CompiledModel(sg, backend=COMPACTING)
+    ids, mask = left_padded_batch(256, LENGTHS, seed=4)
+    sets = {"slots": [], "ref": []}
+    widths = []
+
+    def on_slots(i, state):
+        sets["slots"].append(kept_sets(slots, state))
+        widths.append([state_of(slots, state, f"key_positions{layer}").shape[2] for layer in range(2)])
+
+    got, got_toks, state = decode_loop(slots, ids, mask, 200, on_slots)
+    want, want_toks, _ = decode_loop(ref, ids, mask, 200, lambda i, s: sets["ref"].append(kept_sets(ref, s)))
+    policies = [state_of(slots, state, f"fastgen_policy{layer}")[..., 0].tolist() for layer in range(2)]
+    assert policies == [[[0, 0], [1, 2]], [[4, 3], [2, 2]]]  # [layer][row][KV head]: every ladder policy
+    assert torch.equal(got_toks, want_toks)
+    assert sets["slots"] == sets["ref"]
+    assert (got - want).abs().max() <= 1e-4
+    most = widths[0]
+    for step, width in zip(sets["slots"][1:], widths[1:]):  # slots never shrink: the largest kept set so far
+        most = [max(m, *(len(h) for row in layer for h in row)) for m, layer in zip(most, step)]
+        assert width == most
+    last = [[len(h) for h in row] for row in sets["slots"][-1][1]]
+    assert last[0][0] == 212 and last[1][1] < 100, last  # layer 1: the full head keeps all 212, a frequent one (207) evicts
+
+
+POLICIES = torch.tensor([[0, 1, 2], [3, 4, 2]])  # [B, Hk]: every ladder policy on some head
+
+
+def fastgen_op_run(fn, steps, policies, classes, frequent=(4, 0.0), local=(3, 0.0), seed=0):
+    """Drive ``fn`` (slots or reference) like the runtime: prefill keeps everything ("full"), then each head
+    follows ``policies``.
+
+    ``classes(i, T)`` -> [B, T] int8 classes of step i's tokens. Returns the kept sets per step and the
+    storage bytes of k per step.
+    """
+    B, Hk = policies.shape
+    sets, nbytes, step = [], [], [0]
+
+    def op(q, k, v, q_pos, k_pos, score, cls, pol):
+        new = classes(step[0], q.shape[2])
+        prefill = pol.shape[-1] == 0
+        out = fn(q, k, v, q_pos, k_pos, score, cls, new, pol, 0.35, 0.9, local[0], local[1], frequent[0], frequent[1],
+                 "mass", "full" if prefill else "")
+        nbytes.append(out[0].untyped_storage().nbytes())
+        step[0] += 1
+        return (*out[:5], policies[..., None].clone() if prefill else out[5])
+
+    empty = [torch.zeros(B, Hk, 0), torch.zeros(B, Hk, 0, dtype=torch.int8), torch.zeros(B, Hk, 0, dtype=torch.long)]
+    op_decode_loop(op, empty, steps, B=B, H=2 * Hk, Hk=Hk, prompt=12, seed=seed,
+                   on_step=lambda L, kp, ex: sets.append([[sorted(h) for h in row] for row in kept_positions(kp)]))
+    return sets, nbytes
+
+
+def test_fastgen_slots_op_every_policy_matches_reference():
+    """Op level, random q/k/v, 40 steps, one head per ladder policy (B = 2, Hk = 3), random classes every step;
+    fraction budgets and zero budgets (the model test has counts)."""
+    def classes(i, T):
+        return torch.randint(0, 3, (2, T), generator=torch.Generator().manual_seed(100 + i)).to(torch.int8)
+
+    for frequent, local in (((1, 0.1), (0, 0.2)), ((0, 0.0), (0, 0.0))):
+        slots, _ = fastgen_op_run(fastgen_slots, 40, POLICIES, classes, frequent, local)
+        ref, _ = fastgen_op_run(fastgen_reference, 40, POLICIES, classes, frequent, local)
+        assert slots == ref
+        assert slots[-1][1][1] == list(range(52))  # the full head keeps everything
+        assert len(slots[-1][0][0]) < 30  # of 52, the special head drops the others (a third of the tokens are special)
+
+
+def test_fastgen_slots_storage_stops_growing_at_the_budget():
+    """Specials and punctuation only in the prompt, no full head: every set is bounded, so k's buffer stops growing."""
+    def classes(i, T):
+        return (torch.arange(T) % 3).to(torch.int8).expand(2, T) if i == 0 else torch.zeros(2, T, dtype=torch.int8)
+
+    pols = torch.tensor([[0, 1, 2], [3, 3, 2]])
+    slots, nbytes = fastgen_op_run(fastgen_slots, 60, pols, classes)
+    ref, _ = fastgen_op_run(fastgen_reference, 60, pols, classes)
+    assert slots == ref
+    assert [len(h) for h in slots[-1][0]][:2] == [4, 8]  # the prompt's 4 special, 4 punctuation tokens
+    assert all(len(h) <= 8 + 4 + 3 for row in slots[-1] for h in row)  # special|punct + frequent + local
+    assert all(b == nbytes[5] for b in nbytes[5:])

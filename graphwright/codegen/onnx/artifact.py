@@ -50,7 +50,7 @@ def info_to_json(info: ModelInfo) -> dict:
 def info_from_json(d: dict) -> ModelInfo:
     d = dict(d)
     d["dtype"] = parse_dtype_name(d["dtype"])
-    for k in ("eos_token_id", "attention_modules", "moe_modules"):
+    for k in ("eos_token_id", "attention_modules", "moe_modules", "windows"):
         d[k] = tuple(d.get(k) or ())
     known = ModelInfo.__dataclass_fields__
     return ModelInfo(**{k: v for k, v in d.items() if k in known})

@@ -29,12 +29,24 @@ over the non-recent slots (ties: the latest position, as the reference's top-k k
 slot of a tie, and its slots are in position order). StreamingLLM drops the slot holding position
 ``L - 1 - window`` (no scoring). SnapKV's reference already returns its inputs at decode (no
 copy), so it keeps it; every prefill (and any T > 1 step, and latent layers, whose one payload
-serves all heads) keeps using the references. FastGen still compacts (reference): its frequent
-set is a top-k over *all* tokens, protected ones included, so several tokens can leave in one
-step (not yet done: mark them -1 in place and refill empty slots, with a position tie-break).
+serves all heads) keeps using the references.
+
+FastGen: its frequent set is a top-k over *all* tokens (protected ones included) by a running
+score, so several tokens can leave in one step. Each head's keep mask (``fastgen_ref.fastgen_keep``'s
+union for its policy: special, +punct, +frequent, +local, full) is computed over the S + 1 slots;
+every slot not kept gets position -1 in place, then the new token moves into the first empty
+slot (``place_new_token``). The top-k ranks unique int64 keys (fp32 score bits, then the position
+reversed), so equal scores go to the earlier position exactly as the reference's position-ordered
+top-k: a ``topk`` with static k for token-count budgets, a sort of the [B, Hk, S] keys for
+fraction budgets (scores only; k/v are never sorted or gathered). Its capacity is data dependent
+(special and punctuation tokens accumulate, full heads keep everything), so the output length
+costs the same one host read as H2O's fraction budgets: does some head keep all S + 1 slots.
+Slots never shrink: a cache is as wide as the largest kept set so far (the reference compacts
+to the current one). Every ladder policy runs on slots; none falls back.
 
 Invariant assumed: the cache entering a decode step is the kept set of the previous step (left
-by the reference at prefill or by these functions), so at most one token leaves per step.
+by the reference at prefill or by these functions), so at most one token leaves per step for
+H2O and StreamingLLM (any number for FastGen, whose slots are emptied by mask).
 
 Aliasing: the input state is *donated*: the victim's slot is overwritten in place, so a caller
 must not reuse a state it has passed to a step (the runtime threads states linearly; see
@@ -44,18 +56,22 @@ reference's slot count on a position-ordered cache.
 
 Invariants tested (``tests/passes/test_eviction_slots.py``): same kept position sets per (row,
 head) as the torch backend with the references, after every step with eviction at every step
-(tiny Llama, batch 2 left-padded: H2O counts 300 steps, fractions 100, StreamingLLM 200), logits
-within 1e-4, the buffers' storage stops growing once the budget is reached; op level on random
-attention (recent = 0, heavy = 0, fractions); ranked RoPE index equals the reference's and is
-order free; SnapKV decode appends in place.
+(tiny Llama, batch 2 left-padded: H2O counts 300 steps, fractions 100, StreamingLLM 200, FastGen
+200 with profiled heads covering all five ladder policies), logits within 1e-4, the buffers'
+storage stops growing once the budget is reached (FastGen: never wider than the largest kept set
+so far; flat at op level when every set is bounded); op level on random attention (recent = 0,
+heavy = 0, fractions; FastGen one head per policy with fraction and zero budgets); ranked RoPE
+index equals the reference's and is order free; SnapKV decode appends in place. Native sliding
+windows (``passes/native_windows.py``) reuse ``streaming_slots`` with sinks = 0.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ...ops.eviction import EVICT_H2O, EVICT_STREAMING, ROPE_CACHE_INDEX
-from ...ops.eviction_ref import budget, h2o_reference, streaming_reference
+from ...ops.eviction import EVICT_FASTGEN, EVICT_H2O, EVICT_STREAMING, ROPE_CACHE_INDEX
+from ...ops.eviction_ref import PUNCT, SPECIAL, budget, h2o_reference, streaming_reference
+from ...ops.fastgen_ref import FULL, fastgen_reference
 from ...ops.rope_index_ref import _rotate, rope_angles
 from .cache_append import cache_append, keep_prefix
 
@@ -149,6 +165,70 @@ def streaming_slots(k, v, q_pos, k_pos, sinks, window):
     return tuple(place_new_token((k, v, k_pos), k_pos, hit.any(dim=-1), _first(hit), static=True))
 
 
+# ----------------------------------------------------------------------------------- FastGen
+def rank_key(score: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """[B, Hk, S] int64 keys ordering slots by (score descending, position ascending); empty slots -1.
+
+    Scores are >= 0 (sums of probabilities), so their fp32 bit patterns order like their values;
+    the position fills the low 32 bits reversed. Keys are unique per head: a top-k over them has
+    no ties and picks the earlier position of equal scores, as ``topk_mask`` does on the
+    reference's position-ordered slots.
+    """
+    bits = (score.float() + 0.0).view(torch.int32).long()  # + 0.0 turns -0.0 into +0.0
+    key = bits * (1 << 32) + ((1 << 32) - 1 - k_pos)
+    return torch.where(k_pos >= 0, key, torch.full_like(key, -1))
+
+
+def frequent_slots(score, k_pos, count: int, frac: float, length) -> torch.Tensor:
+    """[B, Hk, S] bool: ``fastgen_ref``'s frequent set (``topk_mask`` over every valid slot) on unordered slots.
+
+    Token-count budget: one ``topk`` with a static k. Fraction budget (k differs per row): the k-th
+    largest key per row from a descending sort of the [B, Hk, S] keys (scores only; k/v are not touched).
+    """
+    key = rank_key(score, k_pos)
+    S = key.shape[-1]
+    if frac == 0:
+        n = min(count, S)
+        if n == 0:
+            return torch.zeros_like(k_pos, dtype=torch.bool)
+        thr = torch.topk(key, n, dim=-1).values[..., -1:]
+        return (key >= thr) & (k_pos >= 0)
+    kb = budget(count, frac, length).view(-1, 1, 1).expand(*key.shape[:2], 1)
+    ordered = key.sort(dim=-1, descending=True).values
+    thr = ordered.gather(-1, (kb - 1).clamp(0, S - 1))
+    return (key >= thr) & (kb > 0) & (k_pos >= 0)
+
+
+def fastgen_slots(q, k, v, q_pos, k_pos, score, token_class, new_class, policy, scale, recovery,
+                  local_n, local_f, frequent_n, frequent_f, criterion, force, key_bias=None):
+    """``evict_fastgen`` on slots at decode (reference at prefill). -> (k, v, k_pos, score, token_class, policy).
+
+    Every slot a head no longer keeps gets position -1 in place (several may leave in one step:
+    the frequent top-k is re-ranked over all tokens); the new token then moves into the first
+    empty slot, or stays at slot S (the cache grows) when the head keeps all S + 1.
+    """
+    S1 = k_pos.shape[2]
+    if not _slot_decode(q_pos, k, v, k_pos) or policy.shape[-1] != 1 or score.shape[2] != S1 - 1 \
+            or token_class.shape[2] != S1 - 1 or score.dtype != torch.float32:
+        return fastgen_reference(q, k, v, q_pos, k_pos, score, token_class, new_class, policy, scale, recovery,
+                                 local_n, local_f, frequent_n, frequent_f, criterion, force, key_bias)
+    B, Hk = k_pos.shape[:2]
+    score = cache_append(score, score.new_zeros(B, Hk, 1), 2)
+    score.add_(decode_colsum(q, k, q_pos, k_pos, scale, key_bias))  # the running sum: this step's attention
+    cls = cache_append(token_class, new_class.to(token_class.dtype)[:, None, :].expand(B, Hk, 1), 2)
+    length = q_pos.max(dim=1).values + 1
+    p = policy  # [B, Hk, 1]
+    keep = (cls == SPECIAL) | ((p >= 1) & (cls == PUNCT)) | (p >= FULL)
+    keep |= (p >= 2) & frequent_slots(score, k_pos, frequent_n, frequent_f, length)
+    local = (length[:, None, None] - 1 - k_pos) < budget(local_n, local_f, length)[:, None, None]
+    keep |= (p >= 3) & local
+    k_pos.masked_fill_(~keep, -1)  # every leaving token's slot is empty now (the new token's included)
+    S = S1 - 1
+    dropped = k_pos[..., S] < 0  # the new token left (or the row is padding): nothing to move
+    out = place_new_token((k, v, k_pos, score, cls), k_pos, dropped, torch.full_like(dropped, S, dtype=torch.long), False)
+    return (*out, policy)
+
+
 # ----------------------------------------------------------------------------------- RoPE by cache index
 def position_rank(k_pos: torch.Tensor) -> torch.Tensor:
     """[B, Hk, S] long: each valid slot's rank by position among its head's valid slots (empty slots
@@ -175,5 +255,6 @@ def rope_cache_index_ranked(q, k, k_pos, inv_freq, scaling: float):
 SLOT_OVERRIDES = {
     EVICT_H2O: h2o_slots,
     EVICT_STREAMING: streaming_slots,
+    EVICT_FASTGEN: fastgen_slots,
     ROPE_CACHE_INDEX: rope_cache_index_ranked,
 }
