@@ -27,9 +27,13 @@ class CompiledModel:
         self.source = source  # the original model (kept for eval side by side; never modified)
         self.verification: dict = {}
         self._lowered = lower(step_graph.gm, self.backend_object)
+        make_step = self.backend_object.make_step
+        self._backend_step = make_step(step_graph, self._lowered) if make_step is not None else None
         self._runtime = Runtime(self._step, step_graph.state, step_graph.info)
 
     def _step(self, input_ids, positions, logits_index, state, **extras):
+        if self._backend_step is not None:
+            return self._backend_step(input_ids, positions, logits_index, state, **extras)
         out = self._lowered(input_ids, positions, logits_index, *state, **extras)
         return out[0], list(out[1:])
 
@@ -63,7 +67,10 @@ class CompiledModel:
 
             return gemfilter_generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
         extras = self._extras(emphasis, input_ids, kwargs.get("attention_mask"))
-        return self._runtime.generate(input_ids, max_new_tokens=max_new_tokens, extras=extras, **kwargs)
+        out = self._runtime.generate(input_ids, max_new_tokens=max_new_tokens, extras=extras, **kwargs)
+        if hasattr(self._backend_step, "stats"):  # e.g. the compiled backend's cache capacity and compiles
+            self._runtime.last_stats.update(self._backend_step.stats())
+        return out
 
     def logits(self, input_ids, attention_mask=None, emphasis=None) -> torch.Tensor:
         return self._runtime.logits(input_ids, attention_mask, extras=self._extras(emphasis, input_ids, attention_mask))

@@ -8,7 +8,11 @@ A ``Backend`` is data plus two optional hooks:
   *before* the op substitution (the torch backend's in-place cache append is one);
 * ``check(model_or_device)``: ``None`` when the backend can run there, else the reason (a
   sentence saying what to do instead); ``require`` raises it as ``ValueError``;
-* ``finalize(gm) -> gm``: a last step on the lowered ``GraphModule`` (identity by default).
+* ``finalize(gm) -> gm``: a last step on the lowered ``GraphModule`` (identity by default);
+* ``make_step(step_graph, lowered) -> step``: a step function the runtime calls instead of the
+  lowered graph (``step(input_ids, positions, logits_index, state, **extras) -> (logits, state)``),
+  for backends that own their state layout (the compiled backend's static caches); None = run
+  ``lowered`` directly.
 
 Adding a backend is ``register_backend(Backend(...))``: it then becomes a valid
 ``gw.compile(..., backend=name)``, a ``--backend`` choice of every CLI command and a row of the
@@ -33,6 +37,7 @@ from ..ops.page_summary import PAGE_SUMMARY, page_summary_incremental, page_summ
 from .torch.attention import attention_sdpa
 from .torch.block_sparse import block_sparse_sdpa
 from .torch.cache_append import cache_append
+from .torch.compiled import make_static_step
 from .torch.eviction_slots import SLOT_OVERRIDES
 from .torch.latent_attention import latent_attention_sdpa
 from .torch.moe import fused_moe_auto, fused_moe_sorted, fused_moe_triton
@@ -49,6 +54,7 @@ class Backend:
     transforms: tuple[Callable[[torch.fx.Graph], None], ...] = ()
     check: Callable[[Any], str | None] | None = None
     finalize: Callable[[torch.fx.GraphModule], torch.fx.GraphModule] | None = None
+    make_step: Callable[[Any, torch.fx.GraphModule], Callable] | None = None
 
     def unavailable(self, model_or_device) -> str | None:
         """Why this backend cannot run on ``model_or_device`` (a module, tensor or device), or None."""
@@ -140,3 +146,8 @@ TRITON = register_backend(Backend(
     "triton", "the torch backend with attention, latent and block-sparse attention and MoE on Triton kernels "
               "(CUDA, or TRITON_INTERPRET=1)",
     {**TORCH.table, **TRITON_OVERRIDES}, transforms=TORCH.transforms, check=triton_unavailable))
+
+COMPILED = register_backend(Backend(
+    "compiled", "the torch backend with decode steps run by torch.compile (Inductor) over static-capacity caches, "
+                "eager prefill; append-only recipes (no eviction, no block_sparse)",
+    TORCH.table, transforms=TORCH.transforms, make_step=make_static_step))
