@@ -22,12 +22,16 @@ raised to ``RECOMPILE_LIMIT``). With ``dynamic=True`` one compile would serve al
 price of symbolic-shape kernels; buckets keep compiles rare enough (one per bucket crossed).
 
 Compilation is lazy (the first decode step) and cached on the step object, i.e. on the
-``CompiledModel``. Inductor knobs on CPU: ``freezing`` (weights become constants, so linear
-weights are prepacked for oneDNN, ``cpp.weight_prepack``), ``max_autotune`` off. Graphwright
-ops inside the step: the torch backend's implementations are plain torch functions, so Dynamo
-traces through them (``attention_sdpa`` and ``latent_attention_sdpa`` reach
-``scaled_dot_product_attention``, which Inductor calls as its fallback ATen kernel; ``slot_write`` is
-an ``index_put_``). Graphs whose state is not append-only (eviction recipes, ``block_sparse``)
+``CompiledModel``. Inductor knobs on CPU: ``freezing`` (weights become constants of the compiled
+graph, so the compiled step no longer takes every weight as an input, and linears become
+``mkl._mkl_linear`` on prepacked weights, ``cpp.weight_prepack``: a prepacked copy of the
+linear weights besides the model's), ``max_autotune`` off. Graphwright ops inside the step: the torch backend's
+implementations are plain torch functions, so Dynamo traces through them with no graph break
+(``TORCH_LOGS=graph_breaks``): ``attention_sdpa`` and ``latent_attention_sdpa`` reach
+``scaled_dot_product_attention``, which Inductor calls as its fallback ATen kernel
+(``_scaled_dot_product_flash_attention_for_cpu``); mask building, RoPE and ``slot_write`` (an
+``index_put_``) are fused into generated kernels that write the input buffers in place. Graphs
+whose state is not append-only (eviction recipes, ``block_sparse``)
 are refused with a ``ValueError`` when the ``CompiledModel`` is built.
 """
 
@@ -61,7 +65,15 @@ def compile_decode(gm: torch.fx.GraphModule):
     device = next((t.device for t in (*gm.parameters(), *gm.buffers())), torch.device("cpu"))
     if device.type == "cuda":
         return torch.compile(gm, dynamic=False, mode="reduce-overhead")
-    return torch.compile(gm, dynamic=False, options={"freezing": True, "max_autotune": False})
+    fn = torch.compile(gm, dynamic=False, options={"max_autotune": False})
+
+    def frozen(*args, **kwargs):
+        # Inductor reads ``freezing`` when the (lazy) compile runs, so it is patched around each call;
+        # as ``torch.compile(options=...)`` it was not applied (weights stayed graph inputs in the output code)
+        with torch._inductor.config.patch(freezing=True):
+            return fn(*args, **kwargs)
+
+    return frozen
 
 
 def _raise_recompile_limit() -> None:
