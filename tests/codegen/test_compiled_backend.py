@@ -103,3 +103,9 @@ def test_recipes_that_do_not_only_append_are_refused_naming_what_is_supported(ti
     with pytest.raises(ValueError, match=r"backend='compiled' cannot run this graph: state input .* is not only appended to"
                                          r".*It supports recipes whose KV state grows only by appending \(identity, window, lowrank_kv"):
         gw.compile(tiny("tiny-llama"), recipe="h2o(heavy=0.1, recent=0.1)", backend="compiled", verify=False)
+
+
+def test_the_cli_accepts_backend_compiled():
+    from graphwright.cli.main import build_parser
+
+    assert build_parser().parse_args(["generate", "--model", "tiny-llama", "--backend", "compiled", "hi"]).backend == "compiled"

@@ -59,13 +59,16 @@ def capacity_for(n: int) -> int:
     return -(-n // granule) * granule
 
 
-def compile_decode(gm: torch.fx.GraphModule):
-    """``torch.compile`` of the decode graph: static shapes; CUDA graphs on CUDA, Inductor C++ with freezing on CPU."""
+def compile_decode(gm: torch.fx.GraphModule, freezing: bool = True):
+    """``torch.compile`` of the decode graph: static shapes; CUDA graphs on CUDA, Inductor C++ on CPU with
+    ``freezing`` (a benchmark can compare ``cm._backend_step.compiler = partial(compile_decode, freezing=False)``)."""
     _raise_recompile_limit()
     device = next((t.device for t in (*gm.parameters(), *gm.buffers())), torch.device("cpu"))
     if device.type == "cuda":
         return torch.compile(gm, dynamic=False, mode="reduce-overhead")
     fn = torch.compile(gm, dynamic=False, options={"max_autotune": False})
+    if not freezing:
+        return fn
 
     def frozen(*args, **kwargs):
         # Inductor reads ``freezing`` when the (lazy) compile runs, so it is patched around each call;
