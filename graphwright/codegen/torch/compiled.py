@@ -99,7 +99,7 @@ class StaticCacheStep:
         reason = static_cache_unsupported(lowered.graph, len(specs))
         if reason:
             raise ValueError(f"backend={backend_name!r} cannot run this graph: {reason}. It supports recipes whose "
-                             "KV state grows only by appending (identity, window, lowrank_kv, steer, noop, fuse_moe); "
+                             "KV state grows only by appending (identity, window, lowrank_kv; steer, noop, fuse_moe append too, untested); "
                              "eviction recipes (h2o, snapkv, streaming, fastgen) and block_sparse need backend='torch'")
         self.specs = list(specs)
         self.eager = lowered

@@ -14,7 +14,7 @@ prefix (tested: logits against the torch backend).
 becomes ``slot_write(state_input, new, dim, cache_slot)`` with ``cache_slot`` a new graph input
 (a LongTensor [1]: the first free slot, shared by all rows; data, not a shape, so a new value
 never recompiles). ``static_cache_unsupported`` says why a graph cannot run this way: its state
-must grow only by appending (identity, ``window``, ``lowrank_kv``, ``steer``); eviction passes
+must grow only by appending (identity, ``window``, ``lowrank_kv`` are tested; ``steer``, ``fuse_moe`` append too, untested); eviction passes
 (compaction or slot eviction) and ``block_sparse`` page summaries update their state otherwise.
 """
 
