@@ -29,9 +29,13 @@ class CompiledModel:
         # what runs: the step graph after the backend's own rewrites (torch: native sliding windows hold their window)
         self.runtime_graph = self.backend_object.runtime_graph(step_graph)
         self._lowered = lower(self.runtime_graph.gm, self.backend_object)
+        make_step = self.backend_object.make_step  # backends that own their state layout (compiled: static caches)
+        self._backend_step = make_step(self.runtime_graph, self._lowered) if make_step is not None else None
         self._runtime = Runtime(self._step, self.runtime_graph.state, step_graph.info)
 
     def _step(self, input_ids, positions, logits_index, state, **extras):
+        if self._backend_step is not None:
+            return self._backend_step(input_ids, positions, logits_index, state, **extras)
         out = self._lowered(input_ids, positions, logits_index, *state, **extras)
         return out[0], list(out[1:])
 
@@ -65,7 +69,10 @@ class CompiledModel:
 
             return gemfilter_generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
         extras = self._extras(emphasis, input_ids, kwargs.get("attention_mask"))
-        return self._runtime.generate(input_ids, max_new_tokens=max_new_tokens, extras=extras, **kwargs)
+        out = self._runtime.generate(input_ids, max_new_tokens=max_new_tokens, extras=extras, **kwargs)
+        if hasattr(self._backend_step, "stats"):  # e.g. the compiled backend's cache capacity and compiles
+            self._runtime.last_stats.update(self._backend_step.stats())
+        return out
 
     def logits(self, input_ids, attention_mask=None, emphasis=None) -> torch.Tensor:
         return self._runtime.logits(input_ids, attention_mask, extras=self._extras(emphasis, input_ids, attention_mask))

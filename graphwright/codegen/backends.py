@@ -12,6 +12,10 @@ A ``Backend`` is data plus two optional hooks:
 * ``step_rewrites``: functions ``f(step_graph) -> step_graph`` that may change the state layout,
   applied by ``CompiledModel`` to what it runs (``runtime_graph``) before lowering; the torch
   backends bound native sliding-window caches to their window (``passes/native_windows.py``).
+* ``make_step(step_graph, lowered) -> step``: a step function the runtime calls instead of the
+  lowered graph (``step(input_ids, positions, logits_index, state, **extras) -> (logits, state)``),
+  for backends that own their state layout (the compiled backend's static caches); None = run
+  ``lowered`` directly.
 
 Adding a backend is ``register_backend(Backend(...))``: it then becomes a valid
 ``gw.compile(..., backend=name)``, a ``--backend`` choice of every CLI command and a row of the
@@ -38,6 +42,7 @@ from ..passes.native_windows import bound_native_windows
 from .torch.attention import attention_sdpa
 from .torch.block_sparse import block_sparse_sdpa
 from .torch.cache_append import cache_append
+from .torch.compiled import make_static_step
 from .torch.eviction_slots import SLOT_OVERRIDES
 from .torch.latent_attention import latent_attention_sdpa, latent_keys_fast
 from .torch.moe import fused_moe_auto, fused_moe_sorted, fused_moe_triton
@@ -61,6 +66,7 @@ class Backend:
         for rewrite in self.step_rewrites:
             step_graph = rewrite(step_graph)
         return step_graph
+    make_step: Callable[[Any, torch.fx.GraphModule], Callable] | None = None
 
     def unavailable(self, model_or_device) -> str | None:
         """Why this backend cannot run on ``model_or_device`` (a module, tensor or device), or None."""
@@ -152,3 +158,8 @@ TRITON = register_backend(Backend(
     "triton", "the torch backend with attention, latent and block-sparse attention and MoE on Triton kernels "
               "(CUDA, or TRITON_INTERPRET=1)",
     {**TORCH.table, **TRITON_OVERRIDES}, transforms=TORCH.transforms, step_rewrites=TORCH.step_rewrites, check=triton_unavailable))
+
+COMPILED = register_backend(Backend(
+    "compiled", "the torch backend with decode steps run by torch.compile (Inductor) over static-capacity caches, "
+                "eager prefill; append-only recipes (no eviction, no block_sparse)",
+    TORCH.table, transforms=TORCH.transforms, make_step=make_static_step))

@@ -19,7 +19,7 @@ from graphwright.codegen.torch.attention import attention_sdpa
 from graphwright.compiled import CompiledModel
 from graphwright.verify import run_recipe
 
-BUILT_IN = ("reference", "torch", "triton")
+BUILT_IN = ("reference", "torch", "triton", "compiled")
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def test_a_registered_backend_is_valid_for_compile_and_the_cli(register, tiny):
 
 
 def test_unknown_backends_are_refused_naming_the_available_ones(tiny, capsys):
-    with pytest.raises(ValueError, match=r"unknown backend 'nope'; available: reference, torch, triton"):
+    with pytest.raises(ValueError, match=r"unknown backend 'nope'; available: reference, torch, triton, compiled"):
         gw.compile(tiny("tiny-llama"), backend="nope")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compile", "--backend", "nope"])
