@@ -96,6 +96,7 @@ def test_decode_graph_has_no_split(runs, case):
     assert {r["op"] for r in meta["runtime_ops"]} == {op}  # the prefill stays split
     assert {c["slots"] for c in meta["decode"]["capacity"].values()} == {budget}
     assert meta["decode"]["outputs"] == ["logits", *(f"{s['name']}_next" for s in meta["state"])]  # no cut outputs
+    assert meta["decode"]["shares_weights"] and not (runs[case]["folder"] / "decode.onnx.data").exists()
 
 
 def test_io_binding_gives_the_same_tokens(runs, monkeypatch):

@@ -171,7 +171,7 @@ def _decode_onnx(cm, out: Path, opset: int, external_data: bool, phases: Phases)
 
     Returns the ``graphwright.json["decode"]`` record: model file, outputs, the runtime ops left
     (split at decode too), the capacity states (name -> slots, pad value) and the in-graph ops.
-    The decode graph carries its own copy of the weights (``decode.onnx.data``)."""
+    With external data, ``decode.onnx`` points at ``model.onnx.data`` (``shared_weights.py``)."""
     from .decode_slots import decode_graph
 
     sg = cm.step_graph
@@ -179,6 +179,12 @@ def _decode_onnx(cm, out: Path, opset: int, external_data: bool, phases: Phases)
     if not in_graph:
         return None
     outputs, records = _to_onnx(cm, out / DECODE_MODEL, opset, external_data, phases, gm=gm, tag="decode_")
+    shared = False
+    if external_data and (out / EXTERNAL_DATA).exists():
+        from .shared_weights import share_weights
+
+        with phases("decode_share_weights"):
+            shared = share_weights(out, MODEL, DECODE_MODEL)
     with phases("decode_check"):
         try:
             import onnx
@@ -186,7 +192,8 @@ def _decode_onnx(cm, out: Path, opset: int, external_data: bool, phases: Phases)
             onnx.checker.check_model(str(out / DECODE_MODEL), full_check=True)
         except Exception as exc:  # noqa: BLE001
             raise GraphwrightError(f"{out / DECODE_MODEL}: onnx.checker rejected the decode graph: {str(exc).strip()[:500]}") from exc
-    return {"model_file": DECODE_MODEL, "outputs": outputs, "runtime_ops": records, "capacity": capacity, "in_graph": in_graph}
+    return {"model_file": DECODE_MODEL, "outputs": outputs, "runtime_ops": records, "capacity": capacity, "in_graph": in_graph,
+            "shares_weights": shared}
 
 
 def probe(vocab: int, lengths=(7, 4), seed: int = 0):
