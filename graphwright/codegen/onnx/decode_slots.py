@@ -46,6 +46,7 @@ import operator
 
 import torch
 
+from ...ops import schema
 from ...ops.eviction import EVICT_H2O, EVICT_SNAPKV, EVICT_STREAMING, ROPE_CACHE_INDEX
 from ...ops.rope_index_ref import _rotate, rope_angles
 from ..torch.eviction_slots import decode_colsum
@@ -117,12 +118,11 @@ def rope_cache_index_decode(q, k, k_pos, inv_freq, scaling: float):
 def _capacity(node):
     """The fixed slot count of an eviction node at decode, or None when it must stay split."""
     if node.target is EVICT_STREAMING:
-        return int(node.args[4]) + int(node.args[5])
+        return int(schema.get(node, "sinks")) + int(schema.get(node, "window"))
     if node.target is EVICT_H2O:
-        heavy_n, heavy_f, recent_n, recent_f = node.args[7:11]
-        if heavy_f or recent_f:
+        if schema.get(node, "heavy_f") or schema.get(node, "recent_f"):
             return None  # fraction budgets: the capacity grows with the row length
-        return int(heavy_n) + int(recent_n)
+        return int(schema.get(node, "heavy_n")) + int(schema.get(node, "recent_n"))
     return None
 
 
@@ -142,9 +142,10 @@ def _state_outputs(node, out_node, state_names):
     for user in node.users:
         if user.target is not operator.getitem or set(user.users) != {out_node}:
             return None
+        _, index = user.args  # operator.getitem(op node, output index)
         for j, o in enumerate(outs):
             if o is user:
-                names[user.args[1]] = state_names[j - 1]
+                names[index] = state_names[j - 1]
     return names
 
 
@@ -153,8 +154,8 @@ def decode_graph(gm: torch.fx.GraphModule, state_specs: list):
 
     Returns ``(gm, capacity, in_graph)``: ``in_graph`` lists the eviction ops (one per layer) now
     computed in the graph; ``capacity`` maps each state of an in-graph evicting layer to
-    ``{"slots": c, "fill": v}`` (the runtime pads it to c slots of v after the prefill). Eviction nodes not listed in the module
-    docstring stay and are cut by ``split``."""
+    ``{"slots": c, "fill": v}`` (the runtime pads it to c slots of v after the prefill). The eviction
+    nodes the module docstring leaves split stay as they are (``split`` cuts them)."""
     gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     state_names, specs = [s.name for s in state_specs], {s.name: s for s in state_specs}
