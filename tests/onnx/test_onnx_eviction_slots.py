@@ -21,7 +21,7 @@ import torch
 import graphwright as gw
 from graphwright.codegen.backends import EVICTION_REFERENCES, TORCH
 from graphwright.codegen.onnx.artifact import OnnxStep
-from graphwright.codegen.onnx.decode_slots import decode_graph, pad_to_capacity, position_rank
+from graphwright.codegen.onnx.decode_slots import FASTGEN_REASON, FRACTION_REASON, VIEW_REASON, decode_graph, pad_to_capacity, position_rank
 from graphwright.compiled import CompiledModel
 from tests.conftest import left_padded_batch
 from tests.passes.eviction_helpers import decode_loop, kept_positions, state_of
@@ -91,7 +91,7 @@ def test_decode_state_shapes_stop_at_the_budget(runs, case):
 def test_decode_graph_has_no_split(runs, case):
     _, budget, op = RECIPES[case]
     meta = runs[case]["meta"]
-    assert meta["decode"]["runtime_ops"] == []
+    assert meta["decode"]["runtime_ops"] == [] and meta["decode"]["split"] == []
     assert meta["decode"]["in_graph"] == [op, op]
     assert {r["op"] for r in meta["runtime_ops"]} == {op}  # the prefill stays split
     assert {c["slots"] for c in meta["decode"]["capacity"].values()} == {budget}
@@ -114,15 +114,17 @@ def test_io_binding_gives_the_same_tokens(runs, monkeypatch):
     assert torch.equal(bound.logits(ids, mask), plain.logits(ids, mask))
 
 
-@pytest.mark.parametrize("recipe, in_graph", [
-    ("h2o(heavy=0.2, recent=0.1)", []),  # fraction budgets: no fixed capacity
-    ("fastgen(recovery=0.9)", []),  # several tokens may leave per step
-    ("snapkv(budget=6, window=2)", ["graphwright::evict_snapkv"] * 2),  # appends at decode
+@pytest.mark.parametrize("recipe, in_graph, reason", [
+    ("h2o(heavy=0.2, recent=0.1)", [], FRACTION_REASON),  # no fixed capacity
+    ("fastgen(recovery=0.9)", [], FASTGEN_REASON),  # several tokens may leave per step
+    ("lowrank_kv(keep=0.5) + streaming(sinks=2, window=6)", [], VIEW_REASON),  # latent payload sliced into c_k, c_v
+    ("snapkv(budget=6, window=2)", ["graphwright::evict_snapkv"] * 2, None),  # appends at decode
 ])
-def test_policies_left_split_at_decode(recipe, in_graph):
+def test_policies_left_split_at_decode(recipe, in_graph, reason):
     cm = gw.compile(gw.load_model("tiny-llama")[0], recipe=recipe, verify=False)
-    gm, capacity, got = decode_graph(cm.step_graph.gm, cm.step_graph.state)
+    gm, capacity, got, left = decode_graph(cm.step_graph.gm, cm.step_graph.state)
     assert got == in_graph and capacity == {}
+    assert [x["reason"] for x in left] == ([reason] * 2 if reason else []) and [x["layer"] for x in left] == ([0, 1] if reason else [])
     if in_graph:  # SnapKV's decode graph gives the step graph's logits
         ids, mask = left_padded_batch(256, LENGTHS, seed=4)
         ref = SimpleNamespace(step_graph=cm.step_graph, _step=lambda *a: _call(cm.step_graph.gm, *a))

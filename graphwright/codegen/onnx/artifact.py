@@ -108,6 +108,7 @@ class OnnxStep:
     @classmethod
     def from_metadata(cls, model_path, meta: dict, providers=None, session_options=None, io_binding=True) -> "OnnxStep":
         decode = meta.get("decode")
+        decode = decode if decode and decode.get("model_file") else None
         if decode:
             decode = {**decode, "path": Path(model_path).parent / decode["model_file"]}
             if not decode["path"].is_file():

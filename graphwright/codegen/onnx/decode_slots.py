@@ -47,7 +47,7 @@ import operator
 import torch
 
 from ...ops import schema
-from ...ops.eviction import EVICT_H2O, EVICT_SNAPKV, EVICT_STREAMING, ROPE_CACHE_INDEX
+from ...ops.eviction import EVICT_FASTGEN, EVICT_H2O, EVICT_OPS, EVICT_SNAPKV, EVICT_STREAMING, ROPE_CACHE_INDEX
 from ...ops.rope_index_ref import _rotate, rope_angles
 from ..torch.eviction_slots import decode_colsum
 
@@ -115,15 +115,21 @@ def rope_cache_index_decode(q, k, k_pos, inv_freq, scaling: float):
     return _rotate(q, cq, sq, scaling), _rotate(k, ck, sk, scaling)
 
 
+FASTGEN_REASON = "FastGen's frequent set is a top-k over all tokens, so several tokens may leave in one step"
+FRACTION_REASON = "fraction budgets: the kept count grows with the row length, so there is no fixed slot capacity"
+LATENT_REASON = "latent cache: one payload serves every KV head (the op keeps the union of the heads' sets)"
+VIEW_REASON = "the op's outputs reach the state through view ops (a latent layer's shared payload sliced into c_k, c_v)"
+
+
 def _capacity(node):
-    """The fixed slot count of an eviction node at decode, or None when it must stay split."""
+    """(fixed slot count of an eviction node at decode, None) or (None, why it stays split)."""
     if node.target is EVICT_STREAMING:
-        return int(schema.get(node, "sinks")) + int(schema.get(node, "window"))
+        return int(schema.get(node, "sinks")) + int(schema.get(node, "window")), None
     if node.target is EVICT_H2O:
         if schema.get(node, "heavy_f") or schema.get(node, "recent_f"):
-            return None  # fraction budgets: the capacity grows with the row length
-        return int(schema.get(node, "heavy_n")) + int(schema.get(node, "recent_n"))
-    return None
+            return None, FRACTION_REASON
+        return int(schema.get(node, "heavy_n")) + int(schema.get(node, "recent_n")), None
+    return None, FASTGEN_REASON if node.target is EVICT_FASTGEN else f"{node.target.name()} has no decode translation"
 
 
 def _one_head_set(names: dict, specs: dict) -> bool:
@@ -152,14 +158,15 @@ def _state_outputs(node, out_node, state_names):
 def decode_graph(gm: torch.fx.GraphModule, state_specs: list):
     """A copy of ``gm`` for T = 1 steps with slot eviction in the graph.
 
-    Returns ``(gm, capacity, in_graph)``: ``in_graph`` lists the eviction ops (one per layer) now
-    computed in the graph; ``capacity`` maps each state of an in-graph evicting layer to
+    Returns ``(gm, capacity, in_graph, left)``: ``in_graph`` lists the eviction ops (one per layer)
+    now computed in the graph, ``left`` the ones still split at decode ``{"op", "layer", "reason"}``;
+    ``capacity`` maps each state of an in-graph evicting layer to
     ``{"slots": c, "fill": v}`` (the runtime pads it to c slots of v after the prefill). The eviction
     nodes the module docstring leaves split stay as they are (``split`` cuts them)."""
     gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     state_names, specs = [s.name for s in state_specs], {s.name: s for s in state_specs}
-    capacity, in_graph = {}, []
+    capacity, in_graph, left = {}, [], []
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
@@ -170,16 +177,21 @@ def decode_graph(gm: torch.fx.GraphModule, state_specs: list):
         if node.target is ROPE_CACHE_INDEX:
             node.target = rope_cache_index_decode
             continue
-        c = _capacity(node)
+        if node.target not in EVICT_OPS:
+            continue
+        c, why = _capacity(node)
         names = _state_outputs(node, out_node, state_names) if c is not None else None
-        if c is None or names is None or not _one_head_set(names, specs):
+        if c is not None:
+            why = VIEW_REASON if names is None else None if _one_head_set(names, specs) else LATENT_REASON
+        if why is not None:
+            left.append({"op": node.target.name(), "layer": node.meta.get("graphwright", {}).get("layer"), "reason": why})
             continue
         in_graph.append(node.target.name())
         node.target = h2o_decode if node.target is EVICT_H2O else streaming_decode
         capacity.update({name: {"slots": c, "fill": -1 if i == 2 else 0} for i, name in names.items()})
     gm.graph.lint()
     gm.recompile()
-    return gm, capacity, in_graph
+    return gm, capacity, in_graph, left
 
 
 def pad_to_capacity(state: list, names: list, seq_dims: list, capacity: dict) -> list:

@@ -167,17 +167,19 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
 
 
 def _decode_onnx(cm, out: Path, opset: int, external_data: bool, phases: Phases):
-    """``decode.onnx`` when some eviction op runs in the graph at decode (``decode_slots.py``), else None.
+    """``decode.onnx`` when some eviction op runs in the graph at decode (``decode_slots.py``).
 
     Returns the ``graphwright.json["decode"]`` record: model file, outputs, the runtime ops left
-    (split at decode too), the capacity states (name -> slots, pad value) and the in-graph ops.
+    (split at decode too), the capacity states (name -> slots, pad value), the in-graph ops and
+    ``split``: why each other eviction op stays split at decode. No decode graph: ``model_file``
+    None with the reasons, or None for a recipe without eviction.
     With external data, ``decode.onnx`` points at ``model.onnx.data`` (``shared_weights.py``)."""
     from .decode_slots import decode_graph
 
     sg = cm.step_graph
-    gm, capacity, in_graph = decode_graph(sg.gm, sg.state)
+    gm, capacity, in_graph, left = decode_graph(sg.gm, sg.state)
     if not in_graph:
-        return None
+        return {"model_file": None, "split": left} if left else None
     outputs, records = _to_onnx(cm, out / DECODE_MODEL, opset, external_data, phases, gm=gm, tag="decode_")
     shared = False
     if external_data and (out / EXTERNAL_DATA).exists():
@@ -193,7 +195,7 @@ def _decode_onnx(cm, out: Path, opset: int, external_data: bool, phases: Phases)
         except Exception as exc:  # noqa: BLE001
             raise GraphwrightError(f"{out / DECODE_MODEL}: onnx.checker rejected the decode graph: {str(exc).strip()[:500]}") from exc
     return {"model_file": DECODE_MODEL, "outputs": outputs, "runtime_ops": records, "capacity": capacity, "in_graph": in_graph,
-            "shares_weights": shared}
+            "split": left, "shares_weights": shared}
 
 
 def probe(vocab: int, lengths=(7, 4), seed: int = 0):
