@@ -3,9 +3,11 @@
 The session is wrapped as a step function ``(input_ids, positions, logits_index, state) ->
 (logits, state)`` and handed to ``Runtime``, the same prefill/decode loop the torch backend
 uses, so padding, stopping, sampling and KV accounting cannot drift between backends.
-Tensors cross the boundary as numpy arrays that share memory with torch tensors on CPU
-(``Tensor.numpy()`` / ``torch.from_numpy`` copy nothing); the state an ORT step returns is fed
-straight back into the next step.
+On CPU each step binds its inputs and outputs to torch tensors' memory (ORT I/O binding, see
+``codegen/onnx/artifact.py``), so ORT writes the next state into the tensors the loop feeds back;
+``io_binding=False`` (or a step with runtime ops) crosses as numpy arrays sharing memory with
+torch tensors. An export with a decode graph (in-graph eviction, ``codegen/onnx/decode_slots.py``)
+runs prompt steps on ``model.onnx`` and single-token steps on ``decode.onnx``.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from .runtime.generate import Runtime
 class OnnxModel:
     """An exported graphwright model run by ONNX Runtime: same ``generate``/``logits``/``last_stats`` as CompiledModel."""
 
-    def __init__(self, path, providers=None, session_options=None):
+    def __init__(self, path, providers=None, session_options=None, io_binding: bool = True):
         self.path = Path(path)
         self.metadata = read_metadata(self.path)
         meta = self.metadata
@@ -32,7 +34,7 @@ class OnnxModel:
         self.state_specs = [spec_from_json(s) for s in meta["state"]]
         self.recipe = meta.get("recipe")
         try:
-            self.step = OnnxStep.from_metadata(model_path, meta, providers, session_options)
+            self.step = OnnxStep.from_metadata(model_path, meta, providers, session_options, io_binding=io_binding)
         except GraphwrightError:
             raise
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for corrupt files
@@ -109,6 +111,9 @@ class OnnxModel:
         return f"OnnxModel({self.info.architecture}, recipe={self.recipe!r}, path={str(self.path)!r})"
 
 
-def load(path, providers=None, session_options=None) -> OnnxModel:
-    """Load a directory written by ``graphwright.export_onnx``; raises ``GraphwrightError`` on a missing or corrupt artifact."""
-    return OnnxModel(path, providers=providers, session_options=session_options)
+def load(path, providers=None, session_options=None, io_binding: bool = True) -> OnnxModel:
+    """Load a directory written by ``graphwright.export_onnx``; raises ``GraphwrightError`` on a missing or corrupt artifact.
+
+    ``io_binding``: bind each step's inputs and outputs to torch tensors' memory (``codegen/onnx/artifact.py``);
+    False runs ``session.run`` with numpy arrays (the path before I/O binding)."""
+    return OnnxModel(path, providers=providers, session_options=session_options, io_binding=io_binding)

@@ -35,7 +35,8 @@ def run(args):
     with console.status(f"exporting to {args.out} ..."):
         out = gw.export_onnx(cm, args.out, opset=args.opset, verify=args.verify, overwrite=args.overwrite)
     meta = json.loads((out / "graphwright.json").read_text())
-    model_bytes = sum((out / f).stat().st_size for f in ("model.onnx", "model.onnx.data") if (out / f).exists())
+    model_bytes = sum((out / f).stat().st_size for f in ("model.onnx", "model.onnx.data", "decode.onnx", "decode.onnx.data")
+                      if (out / f).exists())
     console.print(f"wrote [bold]{out}[/]: model {model_bytes / 2**20:.1f} MiB, {_size(out) / 2**20:.1f} MiB in all "
                   f"(opset {meta['opset']}, recipe {meta['recipe']})")
     v = meta.get("verification")

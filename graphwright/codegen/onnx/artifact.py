@@ -4,6 +4,17 @@
 a step function ``(input_ids, positions, logits_index, state) -> (logits, state)`` that the
 runtime's prefill/decode loop drives (``graphwright.load`` wraps it in ``OnnxModel``). It lives in
 codegen so export can verify its own output without importing the runtime layer above it.
+
+Two sessions when the export has a decode graph (``graphwright.json["decode"]``, see
+``decode_slots.py``): ``model.onnx`` for prompt steps (T > 1), ``decode.onnx`` for T = 1 steps,
+whose evicting layers' state is padded once to its slot capacity and then keeps its shape.
+
+I/O binding (``io_binding=True``, the default on CPU): a step with no runtime ops binds every input
+by pointer to the torch tensor's memory and every output to a torch tensor allocated here with the
+shape it will have (logits [B, len(logits_index), V]; a state grows by T along its seq dim, or
+keeps its shape in the decode graph's capacity states), so ORT writes the next state straight into
+the tensors the runtime feeds back: no numpy arrays and no output copy. A step with runtime ops
+(``split.py``), a bf16 model (numpy has no bf16) or a GPU provider uses ``session.run``.
 """
 
 from __future__ import annotations
@@ -76,48 +87,116 @@ class OnnxStep:
     """
 
     def __init__(self, model_path, input_names, output_names, providers=None, session_options=None,
-                 state_names=None, records=(), extras=None):
-        import onnxruntime as ort
-
-        self.session = ort.InferenceSession(str(model_path), sess_options=session_options,
-                                            providers=providers or default_providers())
-        got_in = [i.name for i in self.session.get_inputs()]
-        got_out = [o.name for o in self.session.get_outputs()]
-        if got_in != list(input_names) or got_out != list(output_names):
-            raise GraphwrightError(f"{model_path}: graph inputs/outputs {got_in} -> {got_out} do not match "
-                                   f"{METADATA} ({list(input_names)} -> {list(output_names)})")
-        self.input_names = got_in
-        self.output_names = got_out
+                 state_names=None, records=(), extras=None, decode=None, seq_dims=None, io_binding=True):
+        self.session = _session(model_path, input_names, output_names, providers, session_options)
+        self.input_names = list(input_names)
+        self.output_names = list(output_names)
         self.extras = dict(extras or {})
         self.state_names = list(state_names) if state_names is not None else \
-            [n[:-len("_next")] for n in got_out[1:] if n.endswith("_next")]
+            [n[:-len("_next")] for n in output_names[1:] if n.endswith("_next")]
         self.records = list(records)
+        self.seq_dims = list(seq_dims) if seq_dims is not None else None
+        self.io_binding = io_binding and "CUDAExecutionProvider" not in self.session.get_providers()
+        self.decode = None
+        if decode:  # {"model_file", "outputs", "runtime_ops", "capacity"}; model_file resolved by the caller
+            if self.seq_dims is None:
+                raise GraphwrightError("a decode graph needs the state's seq dims (from_metadata passes them)")
+            self.decode = {"session": _session(decode["path"], input_names, decode["outputs"], providers, session_options),
+                           "outputs": list(decode["outputs"]), "records": list(decode.get("runtime_ops") or ()),
+                           "capacity": dict(decode["capacity"])}
 
     @classmethod
-    def from_metadata(cls, model_path, meta: dict, providers=None, session_options=None) -> "OnnxStep":
+    def from_metadata(cls, model_path, meta: dict, providers=None, session_options=None, io_binding=True) -> "OnnxStep":
+        decode = meta.get("decode")
+        decode = decode if decode and decode.get("model_file") else None
+        if decode:
+            decode = {**decode, "path": Path(model_path).parent / decode["model_file"]}
+            if not decode["path"].is_file():
+                raise GraphwrightError(f"{Path(model_path).parent}: missing {decode['model_file']} (the decode graph); re-export the model")
         return cls(model_path, meta["inputs"], meta["outputs"], providers, session_options,
                    state_names=[s["name"] for s in meta["state"]], records=meta.get("runtime_ops") or (),
-                   extras={x["name"]: x["kind"] for x in meta.get("extra_inputs") or ()})
+                   extras={x["name"]: x["kind"] for x in meta.get("extra_inputs") or ()}, decode=decode,
+                   seq_dims=[int(s["seq_dim"]) for s in meta["state"]], io_binding=io_binding)
 
     def __call__(self, input_ids, positions, logits_index, state, **extras):
         unknown = set(extras) - set(self.extras)
         if unknown:
             raise GraphwrightError(f"unknown extra input(s) {sorted(unknown)}; this model takes {sorted(self.extras) or 'none'}")
         B = input_ids.shape[0]
+        session, outputs, records, capacity = self.session, self.output_names, self.records, {}
+        if self.decode is not None and input_ids.shape[1] == 1:
+            from .decode_slots import pad_to_capacity
+
+            d = self.decode
+            session, outputs, records, capacity = d["session"], d["outputs"], d["records"], d["capacity"]
+            state = pad_to_capacity(list(state), self.state_names, self.seq_dims, capacity)
         extra = [extras[n] if extras.get(n) is not None else torch.zeros(B, 1) for n in self.extras]
-        tensors = (input_ids, positions, logits_index, *state, *extra)
-        feeds = {name: t.detach().cpu().contiguous().numpy() for name, t in zip(self.input_names, tensors)}
-        out = self.session.run(None, feeds)
-        out = dict(zip(self.output_names, (torch.from_numpy(o) for o in out)))
-        if self.records:
+        tensors = [t.detach().cpu().contiguous() for t in (input_ids, positions, logits_index, *state, *extra)]
+        if self.io_binding and not records and self.seq_dims is not None and all(t.dtype in NUMPY for t in tensors):
+            out = self._run_bound(session, outputs, tensors, capacity)
+        else:
+            res = session.run(None, {name: t.numpy() for name, t in zip(self.input_names, tensors)})
+            out = dict(zip(outputs, (torch.from_numpy(o) for o in res)))
+        if records:
             from .split import run_records
 
             ins = dict(zip(self.input_names, tensors))
-            out.update({f"{k}_next": v for k, v in run_records(self.records, out, ins).items()})
+            out.update({f"{k}_next": v for k, v in run_records(records, out, ins).items()})
         res = [out["logits"], *(out[f"{n}_next"] for n in self.state_names)]
         if input_ids.device.type != "cpu":
             res = [o.to(input_ids.device) for o in res]
         return res[0], res[1:]
+
+    def _run_bound(self, session, outputs, tensors, capacity) -> dict:
+        """One ``run_with_iobinding``: inputs and outputs bound to torch tensors' memory (module docstring)."""
+        T = tensors[0].shape[1]
+        state = tensors[3:3 + len(self.state_names)]
+        binding = session.io_binding()
+        for name, t in zip(self.input_names, tensors):
+            binding.bind_input(name, "cpu", 0, NUMPY[t.dtype], list(t.shape), t.data_ptr())
+        logits_dtype = self.__dict__.setdefault("_logits_dtype", _ort_dtype(session.get_outputs()[0].type))
+        out = {"logits": torch.empty(tensors[0].shape[0], tensors[2].shape[0], self._vocab(session), dtype=logits_dtype)}
+        for name, t, dim in zip(self.state_names, state, self.seq_dims):
+            shape = list(t.shape)
+            if name not in capacity:
+                shape[dim] += T
+            out[f"{name}_next"] = torch.empty(shape, dtype=t.dtype)
+        for name in outputs:
+            t = out[name]
+            binding.bind_output(name, "cpu", 0, NUMPY[t.dtype], list(t.shape), t.data_ptr())
+        session.run_with_iobinding(binding)
+        return out
+
+    def _vocab(self, session) -> int:
+        dim = session.get_outputs()[0].shape[-1]
+        if not isinstance(dim, int):
+            raise GraphwrightError(f"logits output has a symbolic vocabulary dim {dim!r}; pass io_binding=False")
+        return dim
+
+
+NUMPY = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64", torch.int32: "int32", torch.bool: "bool",
+         torch.float64: "float64"}
+
+
+def _ort_dtype(type_str: str) -> torch.dtype:
+    """ORT's ``tensor(float)`` -> torch dtype."""
+    names = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64}
+    if type_str not in names:
+        raise GraphwrightError(f"logits of type {type_str} cannot be bound; pass io_binding=False")
+    return names[type_str]
+
+
+def _session(model_path, input_names, output_names, providers, session_options):
+    """An InferenceSession whose inputs/outputs are the ones ``graphwright.json`` lists."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_path), sess_options=session_options, providers=providers or default_providers())
+    got_in = [i.name for i in session.get_inputs()]
+    got_out = [o.name for o in session.get_outputs()]
+    if got_in != list(input_names) or got_out != list(output_names):
+        raise GraphwrightError(f"{model_path}: graph inputs/outputs {got_in} -> {got_out} do not match "
+                               f"{METADATA} ({list(input_names)} -> {list(output_names)})")
+    return session
 
 
 def read_metadata(path) -> dict:

@@ -26,6 +26,7 @@ from .optimize import optimize
 from .phases import Phases
 
 EXTERNAL_DATA = MODEL + ".data"
+DECODE_MODEL = "decode.onnx"  # single-token steps with in-graph slot eviction (decode_slots.py)
 TOKENIZER_DIR = "tokenizer"
 FORMAT_VERSION = 1
 # Max |logit| difference allowed between the artifact and the torch module on the probe.
@@ -61,7 +62,7 @@ def example_inputs(specs, batch: int = 2, seq: int = 3, cache: int = 5):
     """
     ids = torch.zeros(batch, seq, dtype=torch.long)
     pos = torch.arange(cache, cache + seq).expand(batch, seq).contiguous()
-    logits_index = torch.arange(seq - 2, seq)
+    logits_index = torch.arange(seq - 2, seq) if seq > 1 else torch.zeros(1, dtype=torch.long)
     state = []
     for spec in specs:
         shape = [batch if d == -1 else d for d in spec.shape]
@@ -117,14 +118,17 @@ def _prepare_dir(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     from .gemfilter_export import SELECT_DATA, SELECT_MODEL
 
-    for name in (MODEL, EXTERNAL_DATA, METADATA, SELECT_MODEL, SELECT_DATA):
+    for name in (MODEL, EXTERNAL_DATA, METADATA, SELECT_MODEL, SELECT_DATA, DECODE_MODEL, DECODE_MODEL + ".data"):
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
 
 
-def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases) -> tuple:
+def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm=None, tag: str = "") -> tuple:
     """Export the step graph (minus the ops left to the runtime, ``split.py``); returns the ONNX
-    output names and the runtime-op records. Each step is timed in ``phases``."""
+    output names and the runtime-op records. Each step is timed in ``phases``.
+
+    ``gm``: the decode graph of ``decode_slots.decode_graph`` instead of the step graph: exported
+    for single-token steps (``input_ids`` [B, 1], ``logits_index`` [1]); ``tag`` prefixes the phase names."""
     from .split import split
     from .translations import graphwright_ops, translation_table  # onnxscript: imported only when exporting
 
@@ -132,31 +136,66 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases) ->
     extras = list(sg.extra_inputs)
     check_extras(extras)
     inputs, outputs = io_names(sg.state, extras)
-    with phases("split"):
-        gm, records, outputs = split(sg.gm, inputs, [s.name for s in sg.state])
+    decode = gm is not None
+    with phases(tag + "split"):
+        gm, records, outputs = split(gm if decode else sg.gm, inputs, [s.name for s in sg.state])
     table = translation_table()
     missing = sorted(str(op) for op in graphwright_ops(gm) if op not in table)
     if missing:
         raise GraphwrightError(f"no ONNX translation for {', '.join(missing)}: add one with "
                                "@register(op) in a module of graphwright/codegen/onnx/")
-    args = (*example_inputs(sg.state), *extra_examples(extras))
-    with phases("torch_export"):
+    args = (*example_inputs(sg.state, seq=1 if decode else 3), *extra_examples(extras))
+    dyn = list(dynamic_shapes(sg.state))
+    if decode:  # one new token: input_ids/positions [B, 1], logits_index [1]
+        dyn[0], dyn[1], dyn[2] = {0: dyn[0][0]}, {0: dyn[1][0]}, None
+    with phases(tag + "torch_export"):
         try:
-            ep = torch.export.export(gm, args, dynamic_shapes=(*dynamic_shapes(sg.state), *extra_dynamic_shapes(extras)),
-                                     strict=False)
+            ep = torch.export.export(gm, args, dynamic_shapes=(*dyn, *extra_dynamic_shapes(extras)), strict=False)
         except Exception as exc:  # noqa: BLE001 - re-raised with what failed
             raise GraphwrightError(f"torch.export of the step graph failed: {type(exc).__name__}: {str(exc).strip()[:500]}") from exc
-    with phases("onnx_translate"):
+    with phases(tag + "onnx_translate"):
         try:
             program = torch.onnx.export(ep, (), dynamo=True, custom_translation_table=table, opset_version=opset,
                                         input_names=inputs, output_names=outputs, optimize=False, verbose=False)
         except Exception as exc:  # noqa: BLE001
             raise GraphwrightError(f"ONNX translation failed: {type(exc).__name__}: {str(exc).strip()[:500]}") from exc
-    with phases("onnx_optimize"):
+    with phases(tag + "onnx_optimize"):
         optimize(program)  # optimize.py: the exporter's pipeline minus its one quadratic rewrite rule
-    with phases("save"):
+    with phases(tag + "save"):
         program.save(str(path), external_data=external_data)
     return outputs, records
+
+
+def _decode_onnx(cm, out: Path, opset: int, external_data: bool, phases: Phases):
+    """``decode.onnx`` when some eviction op runs in the graph at decode (``decode_slots.py``).
+
+    Returns the ``graphwright.json["decode"]`` record: model file, outputs, the runtime ops left
+    (split at decode too), the capacity states (name -> slots, pad value), the in-graph ops and
+    ``split``: why each other eviction op stays split at decode. No decode graph: ``model_file``
+    None with the reasons, or None for a recipe without eviction.
+    With external data, ``decode.onnx`` points at ``model.onnx.data`` (``shared_weights.py``)."""
+    from .decode_slots import decode_graph
+
+    sg = cm.step_graph
+    gm, capacity, in_graph, left = decode_graph(sg.gm, sg.state)
+    if not in_graph:
+        return {"model_file": None, "split": left} if left else None
+    outputs, records = _to_onnx(cm, out / DECODE_MODEL, opset, external_data, phases, gm=gm, tag="decode_")
+    shared = False
+    if external_data and (out / EXTERNAL_DATA).exists():
+        from .shared_weights import share_weights
+
+        with phases("decode_share_weights"):
+            shared = share_weights(out, MODEL, DECODE_MODEL)
+    with phases("decode_check"):
+        try:
+            import onnx
+
+            onnx.checker.check_model(str(out / DECODE_MODEL), full_check=True)
+        except Exception as exc:  # noqa: BLE001
+            raise GraphwrightError(f"{out / DECODE_MODEL}: onnx.checker rejected the decode graph: {str(exc).strip()[:500]}") from exc
+    return {"model_file": DECODE_MODEL, "outputs": outputs, "runtime_ops": records, "capacity": capacity, "in_graph": in_graph,
+            "split": left, "shares_weights": shared}
 
 
 def probe(vocab: int, lengths=(7, 4), seed: int = 0):
@@ -295,6 +334,7 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
         _prepare_dir(out, overwrite)
     path = out / MODEL
     outputs, records = _to_onnx(cm, path, opset, external_data, phases)
+    decode = _decode_onnx(cm, out, opset, external_data, phases)
     external = (out / EXTERNAL_DATA).exists()
     with phases("check"):
         try:
@@ -306,6 +346,7 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
             cm.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
     with phases("metadata"):
         meta = _metadata(cm, opset, external, outputs, records)
+        meta["decode"] = decode
     if "gemfilter" in cm.step_graph.notes:  # the selection pass as a second, truncated graph
         from .gemfilter_export import export_selection
 

@@ -1,0 +1,59 @@
+"""One weights file for two graphs: ``decode.onnx`` points at ``model.onnx.data``.
+
+Both graphs are exported from the same parameters, so their external initializers hold the same
+bytes (names may differ: the exporter names folded constants such as transposed weights
+``val_<n>`` by creation order). ``share_weights`` rewrites each external initializer of the
+second graph to the location, offset and length of a first-graph initializer with the same bytes
+(matched by SHA-256 and length, then compared byte for byte), and deletes the
+second data file when every initializer moved (else both files stay as written: nothing is
+shared unless all of it is). Disk only: each ONNX Runtime session still loads its own copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+from pathlib import Path
+
+
+def _external(tensor) -> dict:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def share_weights(folder, main: str, other: str) -> bool:
+    """Point ``other``'s external initializers at ``main``'s data file; True when ``other``'s data file was removed."""
+    import onnx
+
+    folder = Path(folder)
+    ext = onnx.TensorProto.EXTERNAL
+    m = onnx.load(str(folder / main), load_external_data=False)
+    o = onnx.load(str(folder / other), load_external_data=False)
+    where = {t.name: _external(t) for t in m.graph.initializer if t.data_location == ext and "length" in _external(t)}
+    mine = [t for t in o.graph.initializer if t.data_location == ext]
+    main_files, other_files = {e["location"] for e in where.values()}, {_external(t)["location"] for t in mine}
+    if len(main_files) != 1 or len(other_files) != 1 or main_files == other_files:
+        return False
+    (main_file,), (other_file,) = main_files, other_files
+    with open(folder / main_file, "rb") as fa, open(folder / other_file, "rb") as fb, \
+            mmap.mmap(fa.fileno(), 0, access=mmap.ACCESS_READ) as a, mmap.mmap(fb.fileno(), 0, access=mmap.ACCESS_READ) as b:
+        by_bytes = {}
+        for w in where.values():
+            oa, n = int(w.get("offset", 0)), int(w["length"])
+            by_bytes.setdefault((n, hashlib.sha256(a[oa:oa + n]).digest()), w)
+        moves = []
+        for t in mine:
+            e = _external(t)
+            if "length" not in e:
+                return False
+            ob, n = int(e.get("offset", 0)), int(e["length"])
+            w = by_bytes.get((n, hashlib.sha256(b[ob:ob + n]).digest()))
+            if w is None or a[int(w.get("offset", 0)):int(w.get("offset", 0)) + n] != b[ob:ob + n]:
+                return False
+            moves.append((t, w))
+    for t, w in moves:
+        del t.external_data[:]
+        for key, value in w.items():
+            t.external_data.add(key=key, value=value)
+    onnx.save(o, str(folder / other))
+    (folder / other_file).unlink()
+    return True
