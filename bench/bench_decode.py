@@ -46,7 +46,7 @@ from graphwright.cli.cmd_demo import DEMO_RECIPE
 RECIPES = {  # name -> recipe text; {q} = a quarter of the prompt in tokens
     "identity": None,
     "demo": DEMO_RECIPE,
-    "h2o25": "h2o(heavy=0.125, recent=0.125)",
+    "h2o25": "h2o(heavy={q8}, recent={q8})",  # token counts: ONNX evicts in-graph (fractions stay split)
     "streaming25": "streaming(sinks=4, window={q_minus_sinks})",
     "snapkv25": "snapkv(budget={q})",
     "lowrank50": "lowrank_kv(keep=0.5)",
@@ -60,7 +60,7 @@ def recipe_text(name: str, prompt: int) -> str | None:
     text = RECIPES.get(name, name)
     if text is None:
         return None
-    return text.format(q=max(1, prompt // 4), q_minus_sinks=max(1, prompt // 4 - 4))
+    return text.format(q=max(1, prompt // 4), q8=max(1, prompt // 8), q_minus_sinks=max(1, prompt // 4 - 4))
 
 
 def prompt_ids(tokenizer, length: int, vocab: int) -> torch.Tensor:
