@@ -255,6 +255,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="results/bench_decode", help="output path without extension")
     p.add_argument("--allow-busy", action="store_true", help="exit 0 even when the machine was busy (still labelled)")
     p.add_argument("--wait-quiet", type=float, default=120.0, help="seconds to wait for a quiet machine before each length")
+    p.add_argument("--export-only", action="store_true", help="only fill the --artifacts cache (exports need no quiet machine)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     recipes = ["identity"] + [r for r in args.recipes if r != "identity"]
@@ -268,6 +269,9 @@ def main(argv=None) -> int:
     for P in args.prompts:
         print(f"prompt {P}: compiling/exporting {len(recipes)} recipes x {args.runtimes}", flush=True)
         ids = prompt_ids(tok, P, model.config.vocab_size)
+        if args.export_only:
+            build_sides(model, tok, args.model, P, recipes, ["onnx"], args)
+            continue
         sides, skipped = build_sides(model, tok, args.model, P, recipes, args.runtimes, args)
         if not wait_for_quiet(timeout_s=args.wait_quiet):
             print("  the load average stayed above 0.5: measuring anyway, the block will say busy", flush=True)
@@ -278,6 +282,9 @@ def main(argv=None) -> int:
                                      "load": load.as_dict(), "runs": runs}
         print(f"  {'BUSY' if load.busy else 'quiet'}: other processes used {100 * load.foreign_share:.1f}% of the machine", flush=True)
         del sides
+    if args.export_only:
+        print(f"artifacts in {args.artifacts}")
+        return 0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))
