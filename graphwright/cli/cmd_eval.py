@@ -118,8 +118,9 @@ def run_suite_cli(args, model, tok):
     for col in ("task", "metric", "recipe", "value [95% CI]", "vs dense [95% CI]", "KV fraction"):
         table.add_column(col, overflow="fold")
     for r in res["rows"]:
+        d = "{:+.1%}" if r["task"] == "ppl" else "{:+.3g}"  # perplexity: relative change vs dense
         table.add_row(r["task"], r["metric"], r["recipe"], f"{r['value']:.3g} [{r['lo']:.3g}, {r['hi']:.3g}]",
-                      f"{r['delta']:+.3g} [{r['delta_lo']:+.3g}, {r['delta_hi']:+.3g}]",
+                      f"{d.format(r['delta'])} [{d.format(r['delta_lo'])}, {d.format(r['delta_hi'])}]",
                       "-" if r["kv_fraction"] is None else f"{r['kv_fraction']:.3g}")
     console.print(table)
     if res.get("ruler_chance") is not None:
