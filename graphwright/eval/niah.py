@@ -8,6 +8,11 @@ filler, and the question asked through the tokenizer's chat template when it has
 answer is primed with "The best thing to do in {city} is" (as in the original Claude NIAH
 runs) so that a small model answers in a handful of greedy tokens; scoring is exact
 (case-insensitive) substring match of the activity.
+
+``needle_grid`` is the small length x depth grid; ``needle_suite`` is the suite at scale (issue
+18): ``cases`` per length at depths spread evenly over 0..1, three needle templates
+(``TEMPLATES``) and two haystacks, the novel's sentences (standing in for RULER's Paul Graham
+essays) and RULER's noise text, each dealt equally often and independently of depth.
 """
 
 from __future__ import annotations
@@ -38,6 +43,16 @@ INSTRUCTION = "Read the text below and answer the question at the end."
 QUESTION = "What is the best thing to do in {city}?"
 NEEDLE = "The best thing to do in {city} is {activity}."
 PRIMER = "The best thing to do in {city} is"
+# Needle templates: (needle, question, answer primer). Template 0 is the original one.
+TEMPLATES = (
+    (NEEDLE, QUESTION, PRIMER),
+    ("In {city}, the favourite pastime of the locals is to {activity}.", "What is the favourite pastime of the locals in {city}?",
+     "In {city}, the favourite pastime of the locals is to"),
+    ("Anyone who visits {city} should {activity}.", "What should anyone who visits {city} do?", "Anyone who visits {city} should"),
+)
+# RULER's noise haystack (niah_single_1), repeated as often as needed.
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+HAYSTACKS = ("novel", "noise")
 
 
 @functools.lru_cache(maxsize=1)
@@ -52,13 +67,19 @@ def _has_chat(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def build_prompt(tokenizer, context: str, city: str) -> str:
-    """The full prompt text: instruction, context, question, then the answer primer."""
-    user = f"{INSTRUCTION}\n\n{context}\n\nQuestion: {QUESTION.format(city=city)} Answer in one sentence."
+def chat_prompt(tokenizer, user: str, primer: str) -> str:
+    """``user`` as the user turn (chat template when the tokenizer has one), then the answer ``primer``."""
     if _has_chat(tokenizer):
         head = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
-        return head + PRIMER.format(city=city)
-    return f"{user}\nAnswer: {PRIMER.format(city=city)}"
+        return head + primer
+    return f"{user}\nAnswer: {primer}"
+
+
+def build_prompt(tokenizer, context: str, city: str, template: int = 0) -> str:
+    """The full prompt text: instruction, context, question, then the answer primer."""
+    _, question, primer = TEMPLATES[template]
+    user = f"{INSTRUCTION}\n\n{context}\n\nQuestion: {question.format(city=city)} Answer in one sentence."
+    return chat_prompt(tokenizer, user, primer.format(city=city))
 
 
 def encode(tokenizer, prompt: str, **kw):
@@ -76,10 +97,10 @@ def _word_start(tokenizer, hay_ids, k: int) -> int:
     return k
 
 
-def _make_case(tokenizer, hay_text: str, length: int, depth: float, city: str, activity: str) -> dict:
-    needle = NEEDLE.format(city=city, activity=activity)
+def _make_case(tokenizer, hay_text: str, length: int, depth: float, city: str, activity: str, template: int = 0) -> dict:
+    needle = TEMPLATES[template][0].format(city=city, activity=activity)
     hay_all = tokenizer(hay_text, add_special_tokens=False).input_ids
-    budget = length - len(encode(tokenizer, build_prompt(tokenizer, needle, city)).input_ids) - 1
+    budget = length - len(encode(tokenizer, build_prompt(tokenizer, needle, city, template)).input_ids) - 1
     for _ in range(4):  # re-tokenisation at the seams can shift a token or two: converge on the length
         if budget < 1:
             raise ValueError(f"length {length} is too short for the needle and question; use >= {length - budget + 16}")
@@ -89,7 +110,7 @@ def _make_case(tokenizer, hay_text: str, length: int, depth: float, city: str, a
         if after and not after.startswith(" "):
             after = " " + after
         context = (before + " " if before else "") + needle + after
-        prompt = build_prompt(tokenizer, context, city)
+        prompt = build_prompt(tokenizer, context, city, template)
         enc = encode(tokenizer, prompt, return_offsets_mapping=True)
         n = len(enc.input_ids)
         if n == length:
@@ -106,7 +127,55 @@ def _make_case(tokenizer, hay_text: str, length: int, depth: float, city: str, a
     needle_start, needle_end = tok_at(n0), tok_at(n0 + len(needle) - 1) + 1
     return {"length": length, "depth": depth, "prompt_tokens": n, "city": city, "activity": activity,
             "needle_token": needle_start, "needle_tokens": needle_end - needle_start,
-            "context_span": [ctx_start, ctx_end], "prompt": prompt}
+            "context_span": [ctx_start, ctx_end], "template": template, "prompt": prompt}
+
+
+def haystack_text(kind: str, rng: random.Random, length: int) -> str:
+    """Well over ``length`` tokens of filler: seeded novel sentences, or RULER's noise sentences repeated."""
+    if kind == "noise":
+        return " ".join([NOISE] * (length // 4 + 8))
+    if kind != "novel":
+        raise ValueError(f"haystack must be one of {HAYSTACKS}; got {kind!r}")
+    pool, hay, chars = filler_sentences(), [], 0
+    while chars < length * 8:
+        hay.append(rng.choice(pool))
+        chars += len(hay[-1]) + 1
+    return " ".join(hay)
+
+
+def needle_suite(tokenizer, lengths=(1024, 2048, 4096, 8192), cases: int = 50, seed: int = 0,
+                 templates=None, haystacks=HAYSTACKS) -> list:
+    """``cases`` needle cases per length at depths ``i / (cases - 1)`` (0 to 1 evenly), seeded.
+
+    Each case gets its own haystack (seeded novel sentences, or RULER's noise text standing in
+    for its "noise" haystack; the novel stands in for RULER's Paul Graham essays), a city and an
+    activity, and one of the needle ``templates`` (indices into ``TEMPLATES``; all by default).
+    Templates and haystack kinds are dealt round-robin over a seeded permutation of the cases, so
+    each appears equally often and independently of depth. The question comes after the context.
+    """
+    if tokenizer is None:
+        raise ValueError("needle_suite needs the model's tokenizer (tiny random models have none)")
+    if not isinstance(cases, int) or cases < 1:
+        raise ValueError(f"cases must be a positive int; got {cases!r}")
+    templates = tuple(range(len(TEMPLATES))) if templates is None else tuple(templates)
+    if not templates or any(t not in range(len(TEMPLATES)) for t in templates):
+        raise ValueError(f"templates must be indices in [0, {len(TEMPLATES)}); got {list(templates)}")
+    bad = [h for h in haystacks if h not in HAYSTACKS]
+    if bad or not haystacks:
+        raise ValueError(f"haystacks must be some of {HAYSTACKS}; got {list(haystacks)}")
+    out = []
+    for length in lengths:
+        rng = random.Random(f"graphwright-niah-suite-{seed}-{length}")
+        order = list(range(cases))
+        rng.shuffle(order)
+        for i in range(cases):
+            depth = i / (cases - 1) if cases > 1 else 0.5
+            template = templates[order[i] % len(templates)]
+            kind = haystacks[(order[i] // len(templates)) % len(haystacks)]
+            city, activity = rng.choice(CITIES), rng.choice(ACTIVITIES)
+            case = _make_case(tokenizer, haystack_text(kind, rng, int(length)), int(length), float(depth), city, activity, template)
+            out.append({"id": f"L{length}-c{i}", "repeat": 0, "haystack": kind, **case})
+    return out
 
 
 def needle_grid(tokenizer, lengths=(256, 512), depths=(0.0, 0.25, 0.5, 0.75, 1.0), seed: int = 0,
@@ -121,16 +190,11 @@ def needle_grid(tokenizer, lengths=(256, 512), depths=(0.0, 0.25, 0.5, 0.75, 1.0
         raise ValueError("needle_grid needs the model's tokenizer (tiny random models have none)")
     if any(not 0.0 <= d <= 1.0 for d in depths):
         raise ValueError(f"depths must be fractions in [0, 1]; got {list(depths)}")
-    pool = filler_sentences()
     cases = []
     for length in lengths:
         for r in range(repeats):
             rng = random.Random(f"graphwright-niah-{seed}-{length}-{r}")
-            hay, chars = [], 0
-            while chars < length * 8:  # well over `length` tokens of filler
-                hay.append(rng.choice(pool))
-                chars += len(hay[-1]) + 1
-            hay_text = " ".join(hay)
+            hay_text = haystack_text("novel", rng, int(length))
             for d in depths:
                 city, activity = rng.choice(CITIES), rng.choice(ACTIVITIES)
                 case = _make_case(tokenizer, hay_text, int(length), float(d), city, activity)
@@ -176,8 +240,10 @@ def run_niah(model_or_cm, tokenizer, cases, max_new_tokens: int = 16, progress: 
         ids = torch.tensor([encode(tokenizer, case["prompt"]).input_ids])
         new = _generate(model_or_cm, ids, max_new_tokens, eos)
         answer = tokenizer.decode(new, skip_special_tokens=True)
+        stats = getattr(model_or_cm, "last_stats", None) or {}
         rows.append({k: case[k] for k in ("id", "length", "depth", "prompt_tokens", "city", "activity")}
-                    | {"answer": answer, "correct": is_correct(answer, case["activity"])})
+                    | {k: case[k] for k in ("template", "haystack") if k in case}
+                    | {"answer": answer, "correct": is_correct(answer, case["activity"]), "kv_bytes": stats.get("kv_bytes")})
     return {"accuracy": sum(r["correct"] for r in rows) / max(1, len(rows)),
             "grid": _accuracy(rows, ("length", "depth")), "by_length": _accuracy(rows, ("length",)),
             "by_depth": _accuracy(rows, ("depth",)), "cases": rows, "seconds": time.perf_counter() - t0}

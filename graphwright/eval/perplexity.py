@@ -156,3 +156,64 @@ def compare_perplexity(base, cm, tokenizer=None, base_result: dict | None = None
     b = base_result if base_result is not None else perplexity(base, tokenizer, **kwargs)
     c = perplexity(cm, tokenizer, **kwargs)
     return {"base": b, "compiled": c, "delta": c["ppl"] - b["ppl"], "ratio": c["ppl"] / b["ppl"]}
+
+
+def heldout_windows(tokenizer, n_windows: int = 8, window: int = 4096, path=None) -> list:
+    """``n_windows`` consecutive, non-overlapping [1, window] token windows of the held-out part of the text.
+
+    The held-out part is ``data.heldout_part`` (the last ~40% of the shipped novel, which no pass
+    calibrates on); the novel's held-out part holds about 10 windows of 4,096 SmolLM2 tokens.
+    """
+    from .data import heldout_part
+
+    if tokenizer is None:
+        raise ValueError("heldout_windows needs a tokenizer (or give windows of token ids to long_perplexity)")
+    if not (isinstance(n_windows, int) and n_windows >= 1 and isinstance(window, int) and window >= 3):
+        raise ValueError(f"need n_windows >= 1 and window >= 3 (ints); got n_windows={n_windows!r}, window={window!r}")
+    ids = encode_text(tokenizer, heldout_part(path), n_windows * window)
+    if ids.shape[1] < n_windows * window:
+        have = ids.shape[1] // window
+        raise ValueError(f"the held-out text has {ids.shape[1]} tokens: room for {have} windows of {window}, not {n_windows}")
+    return [ids[:, i * window:(i + 1) * window] for i in range(n_windows)]
+
+
+def long_perplexity(model_or_cm, windows_ids, prefix: int = 2048, progress: bool = True) -> dict:
+    """Streamed perplexity per window: prefill ``prefix`` tokens, then score every later token by a decode step.
+
+    Only the tokens predicted by decode steps are scored (``window - prefix - 1`` per window), so a
+    pass that evicts or compresses the cache acts on every scored token. Returns
+    ``{"nll": [mean NLL per window], "ppl", "tokens", "prefix", "kv_bytes": [held after each window],
+    "kv_bytes_dense": [...], "seconds"}``; the KV bytes are the compiled runtime's ``last_stats``
+    after the window (None for a Hugging Face model).
+
+    Cost: one decode step per scored token. The suite's default (8 windows of 4,096, prefix
+    2,048) is 16,376 decode steps per model, about 18 minutes at 15 decode tokens/s (an
+    estimate for smollm2-135m on 2 CPU cores, not a measurement); size it with the window count
+    and sizes.
+    """
+    if not windows_ids:
+        raise ValueError("long_perplexity needs at least one window")
+    T = windows_ids[0].shape[-1]
+    if not (isinstance(prefix, int) and 1 <= prefix <= T - 2):
+        raise ValueError(f"prefix must be an int in [1, window - 2 = {T - 2}] so that decode steps are scored; got {prefix!r}")
+    if _is_hf(model_or_cm):
+        model_or_cm.eval()
+    nlls, kv, dense, t0 = [], [], [], time.perf_counter()
+    with tqdm(total=len(windows_ids) * (T - prefix - 1), unit="tok", desc="long ppl (stream)", disable=None if progress else True,
+              leave=False) as bar:
+        for ids in windows_ids:
+            ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
+            if ids.shape[1] != T:
+                raise ValueError(f"all windows must have the same length; got {ids.shape[1]} and {T}")
+            if _is_hf(model_or_cm):
+                nll = _hf_stream_nll(model_or_cm, ids, prefix, bar)
+                stats = {}
+            else:
+                nll = score_stream(model_or_cm, ids, prefix, bar)
+                stats = model_or_cm.last_stats
+            nlls.append(float(nll[0, prefix:].double().mean()))
+            kv.append(stats.get("kv_bytes"))
+            dense.append(stats.get("kv_bytes_dense"))
+    mean = sum(nlls) / len(nlls)
+    return {"nll": nlls, "ppl": math.exp(mean), "tokens": len(nlls) * (T - prefix - 1), "prefix": prefix, "window": T,
+            "kv_bytes": kv, "kv_bytes_dense": dense, "seconds": time.perf_counter() - t0}

@@ -75,12 +75,15 @@ class Runtime:
 
     @torch.inference_mode()
     def logits(self, input_ids, attention_mask=None, extras: dict | None = None) -> torch.Tensor:
-        """Logits [B, T, V] for every prompt position (one prefill step)."""
+        """Logits [B, T, V] for every prompt position (one prefill step); ``last_stats`` gets the cache it held."""
         extras = extras or {}
         input_ids, attention_mask = check_prompt(input_ids, attention_mask, self.info.vocab_size)
         B, T = input_ids.shape
         state = [s.empty(B, input_ids.device) for s in self.specs]
-        logits, _ = self.step(input_ids, positions_from_mask(attention_mask), torch.arange(T, device=input_ids.device), state, **extras)
+        logits, state = self.step(input_ids, positions_from_mask(attention_mask), torch.arange(T, device=input_ids.device), state, **extras)
+        kv, dense = state_bytes(state, self.specs), self.info.dense_kv_bytes_per_token() * B * T
+        self.last_stats = {"batch": B, "prompt_tokens": int(attention_mask.sum()), "new_tokens": 0, "kv_bytes": kv,
+                           "kv_bytes_dense": dense, "kv_fraction": kv / dense if dense else 0.0, "source": "logits"}
         return logits
 
     @torch.inference_mode()

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .generate import state_bytes
+
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-token negative log-likelihood in float32: logits [B, N, V], targets [B, N] -> [B, N]."""
@@ -33,7 +35,9 @@ def score_stream(runtime_or_cm, input_ids: torch.Tensor, prefix_len: int, progre
     The first ``prefix_len`` tokens are one prefill step (logits for all of them); each later
     token is one decode step at its absolute position. Returns [B, T-1] float32 (or [T-1]),
     where entry ``t`` is -log p(input_ids[t+1] | input_ids[:t+1]). ``progress`` is an optional
-    tqdm bar advanced once per decoded token.
+    tqdm bar advanced once per decoded token. Afterwards the runtime's ``last_stats`` holds
+    ``kv_bytes`` (the cache held after the last step, T-1 tokens fed), ``kv_bytes_dense`` and
+    ``kv_fraction``, as after ``generate``.
     """
     rt = _runtime_of(runtime_or_cm)
     squeeze = input_ids.dim() == 1
@@ -59,4 +63,8 @@ def score_stream(runtime_or_cm, input_ids: torch.Tensor, prefix_len: int, progre
         if progress is not None:
             progress.update(1)
     out = torch.cat(nll, dim=1)
+    kv = state_bytes(state, rt.specs)
+    dense = rt.info.dense_kv_bytes_per_token() * B * (T - 1)
+    rt.last_stats = {"batch": B, "prompt_tokens": prefix_len * B, "scored_tokens": (T - 1) * B, "decode_steps": max(0, T - 1 - prefix_len),
+                     "kv_bytes": kv, "kv_bytes_dense": dense, "kv_fraction": kv / dense if dense else 0.0, "source": "score_stream"}
     return out[0] if squeeze else out

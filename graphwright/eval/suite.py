@@ -1,0 +1,243 @@
+"""The long-context suite: needles, RULER-style tasks and streamed perplexity, for a list of recipes.
+
+``run_suite(model, tokenizer, recipes)`` builds every case once (seeded, offline: ``niah.needle_suite``,
+``ruler.ruler_cases``, ``perplexity.heldout_windows``), runs them through the dense model and
+through each recipe, and summarises every metric as a mean with its 95% bootstrap interval and
+its paired difference from dense on the same cases (``stats``). The dense side is the identity
+compile of the model (tested bit-exact against Hugging Face), so both sides go through the same
+runtime and report the KV bytes they really held (``cm.last_stats["kv_bytes"]`` after each case).
+
+RULER tasks the dense model does not do better than chance (``ruler.above_chance``) are kept in
+the table but left out of the RULER headline. ``write_suite`` writes ``suite.json``,
+``suite.md`` and ``suite.png`` (quality vs KV bytes held, one series per method).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import niah as _niah
+from . import ruler as _ruler
+from .perplexity import heldout_windows, long_perplexity
+from .stats import bootstrap_mean, paired_difference, paired_ppl_ratio, perplexity_interval
+
+SUITE_TASKS = ("niah", "ruler", "ppl")
+DENSE = "dense"
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
+def method_of(recipe) -> str:
+    """The series a recipe belongs to in the plot: its pass names joined by '+' (settings dropped)."""
+    if recipe in (None, DENSE):
+        return DENSE
+    from ..recipes import Recipe
+
+    return "+".join(name for name, _ in Recipe.parse(recipe).passes) or DENSE
+
+
+def _score_rows(label, dense_rows, rows, key, group, seed):
+    """Per group value (and 'all'): mean with interval, paired difference vs dense, KV bytes."""
+    groups = sorted({r[group] for r in rows}, key=str) + ["all"]
+    out = []
+    for g in groups:
+        pick = [i for i, r in enumerate(rows) if g == "all" or r[group] == g]
+        vals = [float(rows[i][key]) for i in pick]
+        base = [float(dense_rows[i][key]) for i in pick]
+        kv, kv_dense = _mean(rows[i]["kv_bytes"] for i in pick), _mean(dense_rows[i]["kv_bytes"] for i in pick)
+        out.append({"recipe": label, "metric": f"{group}={g}" if g != "all" else "all", **_ci(bootstrap_mean(vals, seed)),
+                    **_delta(paired_difference(base, vals, seed)), "kv_bytes": kv,
+                    "kv_fraction": kv / kv_dense if kv is not None and kv_dense else None})
+    return out
+
+
+def _ci(r):
+    return {"value": r["mean"], "lo": r["lo"], "hi": r["hi"], "n": r["n"]}
+
+
+def _delta(r):
+    return {"delta": r["mean"], "delta_lo": r["lo"], "delta_hi": r["hi"]}
+
+
+def build_cases(tokenizer, tasks=SUITE_TASKS, lengths=(1024, 2048, 4096, 8192), cases: int = 50,
+                ruler_tasks=_ruler.TASKS, ruler_lengths=(1024, 2048, 4096), ppl_windows: int = 8, ppl_window: int = 4096,
+                seed: int = 0) -> dict:
+    """Every case of the suite as plain data (the same for every recipe)."""
+    bad = [t for t in tasks if t not in SUITE_TASKS]
+    if bad or not tasks:
+        raise ValueError(f"suite tasks must be some of {list(SUITE_TASKS)}; got {list(tasks)}")
+    out = {}
+    if "niah" in tasks:
+        out["niah"] = _niah.needle_suite(tokenizer, lengths=lengths, cases=cases, seed=seed)
+    if "ruler" in tasks:
+        out["ruler"] = _ruler.ruler_cases(tokenizer, tasks=ruler_tasks, lengths=ruler_lengths, cases=cases, seed=seed)
+    if "ppl" in tasks:
+        out["ppl"] = heldout_windows(tokenizer, n_windows=ppl_windows, window=ppl_window)
+    return out
+
+
+def _run_one(cm, tokenizer, cases, ppl_prefix, max_new_tokens, progress):
+    res = {}
+    if "niah" in cases:
+        res["niah"] = _niah.run_niah(cm, tokenizer, cases["niah"], max_new_tokens=max_new_tokens, progress=progress)["cases"]
+    if "ruler" in cases:
+        res["ruler"] = _ruler.run_ruler(cm, tokenizer, cases["ruler"], progress=progress)["cases"]
+    if "ppl" in cases:
+        res["ppl"] = long_perplexity(cm, cases["ppl"], prefix=ppl_prefix, progress=progress)
+    return res
+
+
+def summarise(results: dict, seed: int = 0) -> dict:
+    """Table rows for ``{label: per-task raw results}`` (``DENSE`` first) and the RULER chance report."""
+    dense = results[DENSE]
+    rows, chance = [], None
+    if "ruler" in dense:
+        chance = _ruler.above_chance(dense["ruler"], seed=seed)
+    headline = sorted(t for t, c in (chance or {}).items() if c["above"])
+    for label, res in results.items():
+        if "niah" in res:
+            rows += [{"task": "niah", **r} for r in _score_rows(label, dense["niah"], _as_float(res["niah"]), "correct", "length", seed)]
+        if "ruler" in res:
+            rows += [{"task": "ruler", **r} for r in _score_rows(label, dense["ruler"], res["ruler"], "score", "task", seed)]
+            pick = [i for i, r in enumerate(res["ruler"]) if r["task"] in headline]
+            if pick:
+                sub = [res["ruler"][i] for i in pick]
+                base = [dense["ruler"][i] for i in pick]
+                head = _score_rows(label, base, [{**r, "headline": "+".join(headline)} for r in sub], "score", "headline", seed)[-1]
+                rows.append({"task": "ruler", **head, "metric": "headline"})
+        if "ppl" in res:
+            p, b = res["ppl"], dense["ppl"]
+            iv, ratio = perplexity_interval(p["nll"], seed), paired_ppl_ratio(b["nll"], p["nll"], seed)
+            kv, kv_dense = _mean(p["kv_bytes"]), _mean(b["kv_bytes"])
+            rows.append({"task": "ppl", "recipe": label, "metric": f"window={p['window']},prefix={p['prefix']}", "value": iv["ppl"],
+                         "lo": iv["lo"], "hi": iv["hi"], "n": iv["n"], "delta": ratio["ratio_minus_1"], "delta_lo": ratio["lo"],
+                         "delta_hi": ratio["hi"], "kv_bytes": kv, "kv_fraction": kv / kv_dense if kv is not None and kv_dense else None})
+    return {"rows": rows, "ruler_chance": chance, "ruler_headline_tasks": headline,
+            "ruler_excluded_tasks": sorted(t for t, c in (chance or {}).items() if not c["above"])}
+
+
+def _as_float(rows):
+    return [{**r, "correct": float(r["correct"])} for r in rows]
+
+
+def run_suite(model, tokenizer, recipes, tasks=SUITE_TASKS, lengths=(1024, 2048, 4096, 8192), cases: int = 50,
+              ruler_tasks=_ruler.TASKS, ruler_lengths=(1024, 2048, 4096), ppl_windows: int = 8, ppl_window: int = 4096,
+              ppl_prefix: int = 2048, max_new_tokens: int = 16, seed: int = 0, backend: str = "torch", out=None,
+              progress: bool = True) -> dict:
+    """Run the long-context suite on the dense model and each recipe; returns (and with ``out`` writes) the table.
+
+    ``lengths``/``cases``: needle prompt lengths and cases per length (and per RULER task and
+    length); ``ruler_lengths``; ``ppl_windows`` windows of ``ppl_window`` held-out tokens, each
+    prefilled with ``ppl_prefix`` tokens and the rest scored by decode steps. Every recipe sees
+    exactly the dense side's cases. Returns ``{"settings", "rows", "ruler_chance",
+    "ruler_headline_tasks", "ruler_excluded_tasks", "raw", "seconds"}``.
+    """
+    from ..compile import compile as gw_compile
+
+    if tokenizer is None:
+        raise ValueError("run_suite needs the model's tokenizer")
+    t0 = time.perf_counter()
+    per_length = cases
+    cases = build_cases(tokenizer, tasks, lengths, per_length, ruler_tasks, ruler_lengths, ppl_windows, ppl_window, seed)
+    labels = [DENSE] + [str(r) for r in recipes if r not in (None, DENSE)]
+    raw = {}
+    for label in labels:
+        cm = gw_compile(model, recipe=None if label == DENSE else label, tokenizer=tokenizer, backend=backend)
+        label = DENSE if label == DENSE else str(cm.recipe)
+        raw[label] = _run_one(cm, tokenizer, cases, ppl_prefix, max_new_tokens, progress)
+        del cm
+    summary = summarise(raw, seed)
+    settings = {"tasks": list(tasks), "lengths": list(lengths), "cases": {k: len(v) for k, v in cases.items()}, "cases_per_length": per_length,
+                "ruler_tasks": list(ruler_tasks), "ruler_lengths": list(ruler_lengths), "ppl_windows": ppl_windows,
+                "ppl_window": ppl_window, "ppl_prefix": ppl_prefix, "max_new_tokens": max_new_tokens, "seed": seed,
+                "backend": backend, "recipes": list(raw)}
+    result = {"settings": settings, **summary, "raw": _jsonable(raw), "seconds": time.perf_counter() - t0}
+    if out is not None:
+        result["files"] = [str(p) for p in write_suite(result, out)]
+    return result
+
+
+def _jsonable(raw):
+    return json.loads(json.dumps(raw, default=str))
+
+
+def _fmt(x, pct=False):
+    if x is None:
+        return "-"
+    return f"{x:+.1%}" if pct else f"{x:.3g}"
+
+
+def to_markdown(result: dict) -> str:
+    """The table as markdown: value [95% CI], paired difference vs dense [95% CI], KV bytes and fraction held."""
+    lines = ["| task | metric | recipe | value [95% CI] | vs dense [95% CI] | KV MiB held | KV fraction | n |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        pct = r["task"] == "ppl"
+        delta = f"{_fmt(r['delta'], pct)} [{_fmt(r['delta_lo'], pct)}, {_fmt(r['delta_hi'], pct)}]"
+        kv = "-" if r["kv_bytes"] is None else f"{r['kv_bytes'] / 2**20:.2f}"
+        lines.append(f"| {r['task']} | {r['metric']} | `{r['recipe']}` | {_fmt(r['value'])} [{_fmt(r['lo'])}, {_fmt(r['hi'])}] | "
+                     f"{delta} | {kv} | {_fmt(r['kv_fraction'])} | {r['n']} |")
+    notes = ["", "ppl: value is perplexity; 'vs dense' is the relative change ppl/ppl_dense - 1. niah and ruler: value is the "
+             "mean score (0-1); 'vs dense' is the paired difference on the same cases."]
+    if result.get("ruler_chance"):
+        notes.append(f"RULER headline tasks (dense above chance): {', '.join(result['ruler_headline_tasks']) or 'none'}; "
+                     f"reported separately (dense not above chance): {', '.join(result['ruler_excluded_tasks']) or 'none'}.")
+        for t, c in result["ruler_chance"].items():
+            notes.append(f"- {t}: dense {c['score']['mean']:.3f}, chance {c['chance']:.3f}, "
+                         f"score - chance [{c['margin']['lo']:+.3f}, {c['margin']['hi']:+.3f}]")
+    return "\n".join(lines + notes) + "\n"
+
+
+def plot_suite(result: dict, path) -> Path:
+    """One panel per task headline (needle accuracy, RULER headline, perplexity): quality vs KV MiB held, one series per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("niah", "all", "needle accuracy"), ("ruler", "headline", "RULER score (headline tasks)"), ("ppl", None, "perplexity")]
+    panels = [p for p in panels if any(r["task"] == p[0] and (p[1] is None or r["metric"] == p[1]) for r in result["rows"])]
+    if not panels:
+        raise ValueError("no suite rows to plot")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), dpi=120, squeeze=False)
+    for ax, (task, metric, title) in zip(axes[0], panels):
+        series: dict = {}
+        for r in result["rows"]:
+            if r["task"] == task and (metric is None or r["metric"] == metric) and r["kv_bytes"] is not None:
+                series.setdefault(method_of(r["recipe"]), []).append(r)
+        for name, rs in series.items():
+            rs.sort(key=lambda r: r["kv_bytes"])
+            x = [r["kv_bytes"] / 2**20 for r in rs]
+            y = [r["value"] for r in rs]
+            err = [[r["value"] - r["lo"] for r in rs], [r["hi"] - r["value"] for r in rs]]
+            ax.errorbar(x, y, yerr=err, marker="*" if name == DENSE else "o", markersize=10 if name == DENSE else 5,
+                        capsize=3, label=name)
+        ax.set_xlabel("KV cache held (MiB, mean over cases)")
+        ax.set_ylabel(title)
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_suite(result: dict, out) -> list:
+    """``suite.json``, ``suite.md`` and ``suite.png`` in the folder ``out``; returns their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    js = out / "suite.json"
+    js.write_text(json.dumps(result, indent=2, default=str))
+    md = out / "suite.md"
+    md.write_text(to_markdown(result))
+    return [js, md, plot_suite(result, out / "suite.png")]
