@@ -83,7 +83,7 @@ def decode_loop(cm, ids, mask, steps, on_step=None):
 
     ``on_step(i, state)`` sees the state after every step (i = 0 is prefill).
     """
-    state = cm.runtime_graph.init_state(ids.shape[0])
+    state = getattr(cm, "runtime_graph", cm.step_graph).init_state(ids.shape[0])  # stand-ins (ONNX steps) run the captured layout
     pos = positions_from_mask(mask)
     logits, state = cm._step(ids, pos, torch.tensor([ids.shape[1] - 1]), state)
     out, toks = [logits[:, -1]], []
@@ -103,7 +103,7 @@ def decode_loop(cm, ids, mask, steps, on_step=None):
 
 
 def state_of(cm, state, name):
-    return state[[s.name for s in cm.runtime_graph.state].index(name)]
+    return state[[s.name for s in getattr(cm, "runtime_graph", cm.step_graph).state].index(name)]
 
 
 def floor_budget(frac, length):

@@ -87,7 +87,7 @@ class OnnxStep:
     """
 
     def __init__(self, model_path, input_names, output_names, providers=None, session_options=None,
-                 state_names=None, records=(), extras=None, decode=None, seq_dims=None, io_binding=True):
+                 state_names=None, records=(), extras=None, decode=None, seq_dims=None, io_binding=True, state_kinds=None):
         self.session = _session(model_path, input_names, output_names, providers, session_options)
         self.input_names = list(input_names)
         self.output_names = list(output_names)
@@ -96,6 +96,8 @@ class OnnxStep:
             [n[:-len("_next")] for n in output_names[1:] if n.endswith("_next")]
         self.records = list(records)
         self.seq_dims = list(seq_dims) if seq_dims is not None else None
+        # states whose next shape is not "grows by T" (page summaries: one row per page): ORT allocates them
+        self.unshaped = {n for n, k in zip(self.state_names, state_kinds or ()) if k == "summary"}
         self.io_binding = io_binding and "CUDAExecutionProvider" not in self.session.get_providers()
         self.decode = None
         if decode:  # {"model_file", "outputs", "runtime_ops", "capacity"}; model_file resolved by the caller
@@ -116,7 +118,8 @@ class OnnxStep:
         return cls(model_path, meta["inputs"], meta["outputs"], providers, session_options,
                    state_names=[s["name"] for s in meta["state"]], records=meta.get("runtime_ops") or (),
                    extras={x["name"]: x["kind"] for x in meta.get("extra_inputs") or ()}, decode=decode,
-                   seq_dims=[int(s["seq_dim"]) for s in meta["state"]], io_binding=io_binding)
+                   seq_dims=[int(s["seq_dim"]) for s in meta["state"]], io_binding=io_binding,
+                   state_kinds=[s.get("kind") for s in meta["state"]])
 
     def __call__(self, input_ids, positions, logits_index, state, **extras):
         unknown = set(extras) - set(self.extras)
@@ -157,14 +160,23 @@ class OnnxStep:
         logits_dtype = self.__dict__.setdefault("_logits_dtype", _ort_dtype(session.get_outputs()[0].type))
         out = {"logits": torch.empty(tensors[0].shape[0], tensors[2].shape[0], self._vocab(session), dtype=logits_dtype)}
         for name, t, dim in zip(self.state_names, state, self.seq_dims):
+            if name in self.unshaped:
+                continue
             shape = list(t.shape)
             if name not in capacity:
                 shape[dim] += T
             out[f"{name}_next"] = torch.empty(shape, dtype=t.dtype)
         for name in outputs:
-            t = out[name]
-            binding.bind_output(name, "cpu", 0, NUMPY[t.dtype], list(t.shape), t.data_ptr())
+            t = out.get(name)
+            if t is None:  # shape known only to ORT: it allocates, we take the OrtValue after the run
+                binding.bind_output(name, "cpu")
+            else:
+                binding.bind_output(name, "cpu", 0, NUMPY[t.dtype], list(t.shape), t.data_ptr())
         session.run_with_iobinding(binding)
+        if len(out) < len(outputs):
+            for name, value in zip(outputs, binding.get_outputs()):
+                if name not in out:
+                    out[name] = torch.from_numpy(value.numpy())
         return out
 
     def _vocab(self, session) -> int:

@@ -49,7 +49,15 @@ def _table(setting: tuple, rows: int):
 
 
 def rope_cos_sin(k_pos: torch.Tensor, inv_freq: torch.Tensor, scaling: float):
-    """cos, sin [*k_pos.shape, R/2] in fp32 for positions ``k_pos`` (-1 reads position 0)."""
+    """cos, sin [*k_pos.shape, R/2] in fp32 for positions ``k_pos`` (-1 reads position 0).
+
+    Under ``torch.compile`` (the ``compiled`` backend) the table and memo are host-side state
+    (``tolist``, ``int(max)``, value comparisons) that would break the graph and recompile every
+    step, so the angles are computed in the graph instead, where Inductor fuses them.
+    """
+    if torch.compiler.is_compiling():
+        ang = k_pos.clamp(min=0).float()[..., None] * inv_freq.float()
+        return ang.cos() * scaling, ang.sin() * scaling
     setting = _setting(inv_freq, scaling)
     memo = _MEMO.get(setting)
     if memo is not None and memo[0].shape == k_pos.shape and torch.equal(memo[0], k_pos):
