@@ -65,7 +65,7 @@ def test_machine_load_counts_only_other_processes():
         while __import__("time").process_time() < end:  # our own CPU time must not count as foreign
             t = t @ t.T / 256
     d = load.as_dict()
-    assert d["own_cpu_s"] >= 0.3 and d["foreign_cpu_s"] >= 0 and 0 <= d["foreign_share"]
+    assert d["own_cpu_s"] >= 0.25 and d["foreign_cpu_s"] >= 0 and 0 <= d["foreign_share"]
     assert d["busy"] == (d["foreign_share"] > 0.10 or d["load_before"][0] > 0.5)
     with MachineLoad(max_foreign=-1.0) as strict:  # any share is "busy" under a negative threshold
         pass
