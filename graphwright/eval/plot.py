@@ -40,6 +40,13 @@ def plot_sweep(rows, x: str, y: str, group: str | None = None, path="sweep.png",
     if group:
         ax.legend(title=group)
     ax.grid(True, alpha=0.3)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path) -> Path:
+    """Lay out, write ``fig`` to ``path`` (creating its folder) and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ import numpy as np
 from . import niah as _niah
 from . import ruler as _ruler
 from .perplexity import heldout_windows, long_perplexity
+from .plot import save_figure
 from .stats import bootstrap_mean, paired_difference, paired_ppl_ratio, perplexity_interval
 
 SUITE_TASKS = ("niah", "ruler", "ppl")
@@ -224,12 +225,7 @@ def plot_suite(result: dict, path) -> Path:
         ax.set_title(title, fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_suite(result: dict, out) -> list:
