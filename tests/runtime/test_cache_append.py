@@ -67,3 +67,27 @@ def test_unpadded_prefill_uses_is_causal_and_equals_reference():
     padded = torch.cat([torch.full((B, 1), -1), pos[:, :-1]], 1)
     assert not _plain_causal(padded, padded, T, T) and not _plain_causal(pos[:, -1:], pos, 1, T)
     assert not _plain_causal(pos[:, -4:], pos, 4, T)
+
+
+def test_prompt_with_per_head_positions_shares_one_mask(monkeypatch):
+    """Per-head key positions that agree across KV heads (a fresh prompt under an eviction pass)
+    take the plain causal path, not a [B, H, T, T] mask (2.4 GB per layer at 8k tokens on SmolLM2);
+    positions that differ by head keep the per-head mask. Both equal the reference."""
+    import graphwright.codegen.torch.attention as att
+    from graphwright.capture.ops import attention_reference
+
+    g = torch.Generator().manual_seed(2)
+    B, H, Hk, T, D = 2, 6, 2, 7, 8
+    q, k, v = torch.randn(B, H, T, D, generator=g), torch.randn(B, Hk, T, D, generator=g), torch.randn(B, Hk, T, D, generator=g)
+    pos = torch.arange(T)[None].expand(B, T)
+    per_head = pos[:, None].expand(B, Hk, T).clone()
+    ref = attention_reference(q, k, v, pos, per_head, 0.3)
+    built = []
+    monkeypatch.setattr(att, "visible_mask", lambda *a, **kw: built.append(a) or visible_mask(*a, **kw))
+    from graphwright.capture.ops import visible_mask
+    assert torch.allclose(att.attention_sdpa(q, k, v, pos, per_head, 0.3), ref, atol=1e-5) and not built
+    differ = per_head.clone()
+    differ[:, 1, 3] = -1  # head 1 has lost its fourth key
+    out = att.attention_sdpa(q, k, v, pos, differ, 0.3)
+    assert len(built) == 1 and built[0][1].shape == (B, Hk, T)
+    assert torch.allclose(out, attention_reference(q, k, v, pos, differ, 0.3), atol=1e-5)

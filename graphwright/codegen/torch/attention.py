@@ -32,9 +32,23 @@ def _plain_causal(q_pos, k_pos, T: int, S: int) -> bool:
     return bool((k_pos == ar).all()) and bool((q_pos == ar).all())
 
 
+def _shared_positions(k_pos):
+    """k_pos [B, S] when every KV head holds the same positions (a fresh prompt, StreamingLLM), else as given.
+
+    Per-head positions [B, Hk, S] otherwise make the mask per query head: for a prompt of T tokens,
+    SDPA then converts a [B, H, T, T] boolean mask into a float one (SmolLM2, 8,192 tokens: 2.4 GB
+    per layer, measured as a 3.5 GB peak for a StreamingLLM prefill against 1.0 GB dense).
+    """
+    if k_pos.dim() == 3 and (k_pos.shape[1] == 1 or bool((k_pos == k_pos[:, :1]).all())):
+        return k_pos[:, 0]
+    return k_pos
+
+
 def attention_sdpa(q, k, v, q_pos, k_pos, scale, window=0, key_bias=None, sinks=0):
     B, H, T, _ = q.shape
     Hk, S = k.shape[1], k.shape[2]
+    if T > 1 and key_bias is None:
+        k_pos = _shared_positions(k_pos)  # one check per prompt step; decode masks are [B, H, 1, S] anyway
     if not window and not sinks and key_bias is None and _plain_causal(q_pos, k_pos, T, S):
         # no mask tensor: the fused kernel skips the blocks above the diagonal (prefill ~2x less work)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=Hk != H)
