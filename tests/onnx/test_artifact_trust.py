@@ -141,6 +141,8 @@ CASES = {
     "verification_passed_str": (_set("verification", {"passed": "yes"}), r"verification.passed: true or false; got 'yes'"),
     "bad_sha": (_set("files.model.onnx", {"sha256": "abc", "bytes": 3}), r"files\['model.onnx'\].sha256: 64 lowercase hex digits"),
     "format_version_future": (_set("format_version", 99), r"format_version: an integer in \[1, 2\]; got 99"),
+    "state_shape_vs_graph": (_set("state.0.shape", [-1, 3, 0, 16]), r"state\[0\] \(k0\): shape \[-1, 3, 0, 16\] does not match the graph input"),
+    "state_dtype_vs_graph": (_set("state.0.dtype", "float16"), r"state\[0\] \(k0\): dtype 'float16', but the graph input is tensor\(float\)"),
     "report_columns_unhashable": (_set("report.columns", [["x"]]), r"report.columns\[0\]: a string"),
 }
 

@@ -114,11 +114,15 @@ class OnnxStep:
             decode = {**decode, "path": Path(model_path).parent / decode["model_file"]}
             if not decode["path"].is_file():
                 raise GraphwrightError(f"{Path(model_path).parent}: missing {decode['model_file']} (the decode graph); re-export the model")
-        return cls(model_path, meta["inputs"], meta["outputs"], providers, session_options,
+        step = cls(model_path, meta["inputs"], meta["outputs"], providers, session_options,
                    state_names=[s["name"] for s in meta["state"]], records=meta.get("runtime_ops") or (),
                    extras={x["name"]: x["kind"] for x in meta.get("extra_inputs") or ()}, decode=decode,
                    seq_dims=[int(s["seq_dim"]) for s in meta["state"]], io_binding=io_binding,
                    state_kinds=[s.get("kind") for s in meta["state"]])
+        from .metadata_schema import check_state_inputs
+
+        check_state_inputs(step.session, meta["state"], model_path)
+        return step
 
     def __call__(self, input_ids, positions, logits_index, state, **extras):
         unknown = set(extras) - set(self.extras)

@@ -338,3 +338,25 @@ def _report(c: _Check, d) -> None:
         c.str(col, f"report.columns[{i}]")
     for key in ("verification", "last_stats"):
         c.dict(d.get(key), f"report.{key}", optional=True)
+
+
+ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+             "tensor(double)": "float64", "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8",
+             "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
+
+
+def check_state_inputs(session, state: list, model_path) -> None:
+    """Each state spec against the graph input of that name: same rank, same dtype, and every static
+    dim of the spec (not the batch -1 or the seq dim) equal to the graph's dim where that is fixed."""
+    graph = {i.name: i for i in session.get_inputs()}
+    for i, s in enumerate(state):
+        g = graph.get(s["name"])
+        if g is None:
+            continue  # an input the exporter pruned (unused): nothing to compare
+        field = f"{model_path}: graphwright.json state[{i}] ({s['name']})"
+        if ORT_TYPES.get(g.type, g.type) != s["dtype"]:
+            raise GraphwrightError(f"{field}: dtype {s['dtype']!r}, but the graph input is {g.type}")
+        dims = list(g.shape)
+        if len(dims) != len(s["shape"]) or any(isinstance(gd, int) and sd > 0 and j != s["seq_dim"] and gd != sd
+                                                for j, (sd, gd) in enumerate(zip(s["shape"], dims))):
+            raise GraphwrightError(f"{field}: shape {s['shape']} does not match the graph input's {dims}")
