@@ -222,6 +222,11 @@ def test_export_never_replaces_a_foreign_tokenizer_file(tmp_path):
         gw.export_onnx(cm, out, overwrite=True)
     assert (out / "tokenizer" / "tokenizer.json").read_text() == "mine"
     assert sorted(p.name for p in out.rglob("*")) == ["tokenizer", "tokenizer.json"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "model.onnx").write_text("mine")
+    with pytest.raises(GraphwrightError, match=r"model.onnx exist\(s\) and was not written by a graphwright export"):
+        gw.export_onnx(cm, tmp_path / "other", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["model.onnx"]
 
 
 def test_artifact_tokenizer_code_never_runs(tok_export, tmp_path, answer_yes):  # noqa: F811 - the fixture
