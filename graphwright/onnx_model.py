@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .codegen.onnx.artifact import OnnxStep, info_from_json, read_metadata, spec_from_json
+from .codegen.onnx.manifest import check_files
 from .errors import GraphwrightError
 from .runtime.generate import Runtime
 
@@ -23,10 +24,14 @@ from .runtime.generate import Runtime
 class OnnxModel:
     """An exported graphwright model run by ONNX Runtime: same ``generate``/``logits``/``last_stats`` as CompiledModel."""
 
-    def __init__(self, path, providers=None, session_options=None, io_binding: bool = True):
+    def __init__(self, path, providers=None, session_options=None, io_binding: bool = True,
+                 verify_hashes: bool = True, allow_unverified: bool = False):
         self.path = Path(path)
-        self.metadata = read_metadata(self.path)
+        self.metadata = read_metadata(self.path)  # size, nesting and schema checked (metadata_schema.py)
         meta = self.metadata
+        _check_verified(self.path, meta, allow_unverified)
+        if verify_hashes:
+            check_files(self.path, meta)
         model_path = self.path / meta["model_file"]
         if not model_path.is_file():
             raise GraphwrightError(f"{self.path}: missing {meta['model_file']} (the ONNX graph); re-export the model")
@@ -58,7 +63,12 @@ class OnnxModel:
             return None
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(str(self.path / tok_dir))
+        try:  # never the folder's own code: an auto_map in tokenizer_config.json is not followed
+            return AutoTokenizer.from_pretrained(str(self.path / tok_dir), trust_remote_code=False, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - transformers raises ValueError/OSError/... for unusable tokenizers
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise GraphwrightError(f"{self.path / tok_dir}: cannot load the tokenizer without running code from the "
+                                   f"folder ({type(exc).__name__}: {first}); re-export the model") from exc
 
     @property
     def providers(self) -> list:
@@ -111,9 +121,27 @@ class OnnxModel:
         return f"OnnxModel({self.info.architecture}, recipe={self.recipe!r}, path={str(self.path)!r})"
 
 
-def load(path, providers=None, session_options=None, io_binding: bool = True) -> OnnxModel:
-    """Load a directory written by ``graphwright.export_onnx``; raises ``GraphwrightError`` on a missing or corrupt artifact.
+def _check_verified(path: Path, meta: dict, allow_unverified: bool) -> None:
+    ver = meta.get("verification")
+    if isinstance(ver, dict) and ver.get("passed") is False and not allow_unverified:
+        why = str(ver.get("error") or "no reason recorded").splitlines()[0][:300]
+        raise GraphwrightError(f"{path}: this artifact failed its export verification ({why}); its outputs may be wrong. "
+                               "Re-export it, or pass allow_unverified=True to load it anyway")
 
+
+def load(path, providers=None, session_options=None, io_binding: bool = True, verify_hashes: bool = True,
+         allow_unverified: bool = False) -> OnnxModel:
+    """Load a directory written by ``graphwright.export_onnx``; raises ``GraphwrightError`` on a missing,
+    corrupt, changed or failed artifact.
+
+    The folder is untrusted input: ``graphwright.json`` is checked against its schema
+    (``codegen/onnx/metadata_schema.py``: types, ranges, paths inside the folder), and the tokenizer
+    loads with ``trust_remote_code=False``. ``verify_hashes``: hash every file the export recorded
+    and refuse a changed, missing or unrecorded one (``codegen/onnx/manifest.py``; streaming sha256,
+    a cost proportional to the weights' size); False skips it (for artifacts exported before hashes
+    were recorded, or a folder you trust). ``allow_unverified``: load an artifact whose export
+    verification failed (``verification.passed`` false), refused by default.
     ``io_binding``: bind each step's inputs and outputs to torch tensors' memory (``codegen/onnx/artifact.py``);
     False runs ``session.run`` with numpy arrays (the path before I/O binding)."""
-    return OnnxModel(path, providers=providers, session_options=session_options, io_binding=io_binding)
+    return OnnxModel(path, providers=providers, session_options=session_options, io_binding=io_binding,
+                     verify_hashes=verify_hashes, allow_unverified=allow_unverified)

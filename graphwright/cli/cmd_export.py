@@ -18,7 +18,8 @@ def add_parser(sub):
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip running the artifact against the torch module")
     p.add_argument("--overwrite", action="store_true",
-                   help="write into a non-empty directory that is not a previous graphwright export")
+                   help="write into a non-empty directory that is not a previous graphwright export "
+                        "(a file graphwright did not write is never replaced)")
 
 
 def _size(path: Path) -> int:

@@ -2,25 +2,75 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 
 from ..errors import ModelLoadError
 from .dtypes import parse_dtype
+from .json_files import read_json
 from .tiny import TINY_MODELS, tiny_model
 
 REAL_MODELS = ("smollm2-135m", "smollm2-135m-moe")
 BUILTIN_MODELS = REAL_MODELS + TINY_MODELS
+MAX_LAYERS = 1024  # the deepest public decoder-only LLMs have ~130 layers; also bounds graphwright.json
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+_LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
 
 def _tokenizer(folder: Path, gguf_file: str | None = None):
+    """The folder's tokenizer, never running code from it (``trust_remote_code=False``: an ``auto_map``
+    in ``tokenizer_config.json`` is not followed, and transformers does not prompt); None if it has none."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, local_files_only=True)
-    except Exception:  # noqa: BLE001 - a model folder without tokenizer files is fine
+        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # noqa: BLE001 - a model folder without tokenizer files is fine
+        if _asks_for_code(folder / "tokenizer_config.json"):
+            raise ModelLoadError(f"{folder}: its tokenizer_config.json names custom tokenizer code (auto_map) and has no "
+                                 "tokenizer graphwright can load without running it; graphwright never runs a model "
+                                 f"folder's code ({type(exc).__name__}: {str(exc).strip()[:200]})") from None
         return None
+
+
+def _asks_for_code(path: Path) -> bool:
+    try:
+        cfg = read_json(path, "tokenizer_config.json", ModelLoadError)
+    except ModelLoadError:
+        return False
+    return isinstance(cfg, dict) and "auto_map" in cfg
+
+
+def _check_config(folder: Path) -> None:
+    """Refuse a ``config.json`` whose layer count is out of bounds or above what the weights hold,
+    before transformers builds (and randomly initialises) that many layers."""
+    cfg = read_json(folder / "config.json", "config.json", ModelLoadError, max_bytes=16 << 20)
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{folder / 'config.json'}: expected a JSON object, got {type(cfg).__name__}")
+    sub = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    for key, value in [*((k, cfg[k]) for k in LAYER_KEYS if k in cfg), *((f"text_config.{k}", sub[k]) for k in LAYER_KEYS if k in sub)]:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LAYERS:
+            raise ModelLoadError(f"{folder / 'config.json'}: {key} must be an integer in [1, {MAX_LAYERS}]; got {str(value)[:40]}")
+        held = _weight_layers(folder)
+        if held is not None and value > held:
+            raise ModelLoadError(f"{folder / 'config.json'}: {key} asks for {value} layers but the safetensors weights "
+                                 f"hold {held}; the config does not belong to these weights")
+
+
+def _weight_layers(folder: Path) -> int | None:
+    """Layer count in the safetensors weights' tensor names (``...layers.<i>...``); headers only."""
+    from safetensors import safe_open
+
+    top = -1
+    for f in folder.glob("*.safetensors"):
+        try:
+            with safe_open(str(f), "pt") as st:
+                names = list(st.keys())
+        except Exception:  # noqa: BLE001 - a corrupt file: from_pretrained reports it
+            return None
+        top = max([top, *(int(m.group(1)) for n in names if (m := _LAYER_INDEX.search(n)))])
+    return top + 1 if top >= 0 else None
 
 
 def _from_folder(folder: Path, dtype):
@@ -33,6 +83,7 @@ def _from_folder(folder: Path, dtype):
             f"{folder} has no *.safetensors weights; graphwright loads safetensors or GGUF only "
             "(pickled .bin/.pt checkpoints are refused because loading them can run arbitrary code)"
         )
+    _check_config(folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32, use_safetensors=True,
                                                      local_files_only=True, trust_remote_code=False)
@@ -45,7 +96,8 @@ def _from_gguf(path: Path, dtype):
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype or torch.float32,
+                                                     local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(f"cannot load GGUF file {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
     return model.eval(), _tokenizer(path.parent, path.name)

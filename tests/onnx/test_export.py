@@ -80,11 +80,15 @@ def test_refuses_foreign_non_empty_dir(tmp_path, exports):
 
 
 def test_reexport_into_previous_export(tmp_path, exports):
-    """A folder holding a previous export is replaced without overwrite=True."""
+    """A folder holding a previous export is replaced without overwrite=True; only the files that
+    export recorded are: a user's tokenizer/ folder stays (it was rmtree'd even for a model without one)."""
     shutil.copytree(exports("tiny-llama"), tmp_path / "x")
     (tmp_path / "x" / "model.onnx").write_bytes(b"stale")
+    (tmp_path / "x" / "tokenizer").mkdir()
+    (tmp_path / "x" / "tokenizer" / "tokenizer.json").write_text("mine")
     gw.export_onnx(_compiled("tiny-llama"), tmp_path / "x", verify=False)
     onnx.checker.check_model(str(tmp_path / "x" / "model.onnx"))
+    assert (tmp_path / "x" / "tokenizer" / "tokenizer.json").read_text() == "mine"
 
 
 def test_load_errors_are_clear(tmp_path, exports):
@@ -93,8 +97,10 @@ def test_load_errors_are_clear(tmp_path, exports):
     bad = tmp_path / "bad"
     shutil.copytree(exports("tiny-llama"), bad)
     (bad / "model.onnx").write_bytes(b"\x00not an onnx model")
-    with pytest.raises(GraphwrightError, match="cannot load the model"):
+    with pytest.raises(GraphwrightError, match=r"model.onnx: \d+ bytes, \d+ recorded at export"):
         gw.load(bad)
+    with pytest.raises(GraphwrightError, match="cannot load the model"):
+        gw.load(bad, verify_hashes=False)
     (bad / "model.onnx").unlink()
     with pytest.raises(GraphwrightError, match="missing model.onnx"):
         gw.load(bad)
@@ -123,7 +129,7 @@ def test_export_records_phase_seconds(exports):
     meta = json.loads((exports("tiny-llama") / "graphwright.json").read_text())
     phases, total = meta["export"]["phases"], meta["export"]["total_s"]
     assert list(phases) == ["prepare", "split", "torch_export", "onnx_translate", "onnx_optimize", "save", "check",
-                            "tokenizer", "metadata", "verify_session", "verify_probe"]
+                            "tokenizer", "metadata", "hash", "verify_session", "verify_probe"]
     assert all(s >= 0 for s in phases.values())
     assert sum(phases.values()) <= total + 0.01 * len(phases)  # rounding to 10 ms per phase
     assert list(meta["export"]["cpu"]) == list(phases) and meta["export"]["total_cpu_s"] > 0

@@ -19,7 +19,6 @@ the tensors the runtime feeds back: no numpy arrays and no output copy. A step w
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -115,11 +114,15 @@ class OnnxStep:
             decode = {**decode, "path": Path(model_path).parent / decode["model_file"]}
             if not decode["path"].is_file():
                 raise GraphwrightError(f"{Path(model_path).parent}: missing {decode['model_file']} (the decode graph); re-export the model")
-        return cls(model_path, meta["inputs"], meta["outputs"], providers, session_options,
+        step = cls(model_path, meta["inputs"], meta["outputs"], providers, session_options,
                    state_names=[s["name"] for s in meta["state"]], records=meta.get("runtime_ops") or (),
                    extras={x["name"]: x["kind"] for x in meta.get("extra_inputs") or ()}, decode=decode,
                    seq_dims=[int(s["seq_dim"]) for s in meta["state"]], io_binding=io_binding,
                    state_kinds=[s.get("kind") for s in meta["state"]])
+        from .metadata_schema import check_state_inputs
+
+        check_state_inputs(step.session, meta["state"], model_path)
+        return step
 
     def __call__(self, input_ids, positions, logits_index, state, **extras):
         unknown = set(extras) - set(self.extras)
@@ -212,20 +215,19 @@ def _session(model_path, input_names, output_names, providers, session_options):
 
 
 def read_metadata(path) -> dict:
+    """The artifact's ``graphwright.json``, parsed with bounded size and nesting (``models/json_files.py``)
+    and checked against the schema (``metadata_schema.py``); ``GraphwrightError`` naming the field otherwise."""
+    from ...models.json_files import read_json
+    from .metadata_schema import validate
+
     path = Path(path)
     meta_path = path / METADATA
     if not path.is_dir():
         raise GraphwrightError(f"{path}: not a directory (expected a graphwright ONNX export with {MODEL} and {METADATA})")
     if not meta_path.is_file():
         raise GraphwrightError(f"{path}: missing {METADATA}; not a graphwright ONNX export (run graphwright.export_onnx first)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise GraphwrightError(f"{meta_path}: corrupt metadata ({exc}); re-export the model") from exc
+    meta = read_json(meta_path, "metadata")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else None
-        raise GraphwrightError(f"{meta_path}: not graphwright export metadata (format {got!r}, expected {FORMAT!r})")
-    missing = [k for k in ("inputs", "outputs", "state", "model_info", "model_file") if k not in meta]
-    if missing:
-        raise GraphwrightError(f"{meta_path}: incomplete metadata, missing {missing}; re-export the model")
-    return meta
+        raise GraphwrightError(f"{meta_path}: not graphwright export metadata (format {str(got)[:80]!r}, expected {FORMAT!r})")
+    return validate(meta, path)

@@ -7,13 +7,13 @@ the same step function as the torch module, so one runtime loop drives both.
 
 Layout of ``out_dir``: ``model.onnx`` (+ ``model.onnx.data`` external weights),
 ``graphwright.json`` (what a loader needs besides the graph: state specs, model info, report,
-verification) and ``tokenizer/`` when the compiled model has one.
+verification, the sha256 of every file written: ``manifest.py``) and ``tokenizer/`` when the
+compiled model has one.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -21,14 +21,15 @@ import torch
 from ...capture.step_graph import positions_from_mask, spec_bytes_per_token
 from ...errors import GraphwrightError
 from ...version import __version__
-from .artifact import FORMAT, METADATA, MODEL, OnnxStep, info_to_json, read_metadata, spec_to_json
+from .artifact import FORMAT, METADATA, MODEL, OnnxStep, info_to_json, spec_to_json
+from .manifest import record_files, save_tokenizer
 from .optimize import optimize
 from .phases import Phases
 
 EXTERNAL_DATA = MODEL + ".data"
 DECODE_MODEL = "decode.onnx"  # single-token steps with in-graph slot eviction (decode_slots.py)
 TOKENIZER_DIR = "tokenizer"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "files" (content hashes, manifest.py)
 # Max |logit| difference allowed between the artifact and the torch module on the probe.
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
 
@@ -102,25 +103,38 @@ def extra_dynamic_shapes(extras) -> list:
     return [{0: batch, **{i: dyn for i in range(1, 1 + len(EXTRA_EXAMPLES[x.kind][0]))}} for x in extras]
 
 
-def _prepare_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to write into a non-empty folder that is not a previous export unless ``overwrite``.
-
-    Only the files an export writes are removed, never anything else in the folder.
-    """
-    if out.exists() and not out.is_dir():
-        raise GraphwrightError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        try:
-            read_metadata(out)
-        except GraphwrightError:
-            raise GraphwrightError(f"{out}: directory is not empty and is not a graphwright export; "
-                                   "choose an empty or new directory, or pass overwrite=True") from None
-    out.mkdir(parents=True, exist_ok=True)
+def _graph_files() -> list:
     from .gemfilter_export import SELECT_DATA, SELECT_MODEL
 
-    for name in (MODEL, EXTERNAL_DATA, METADATA, SELECT_MODEL, SELECT_DATA, DECODE_MODEL, DECODE_MODEL + ".data"):
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / TOKENIZER_DIR, ignore_errors=True)
+    return [MODEL, EXTERNAL_DATA, SELECT_MODEL, SELECT_DATA, DECODE_MODEL, DECODE_MODEL + ".data"]
+
+
+def _prepare_dir(out: Path, overwrite: bool, tokenizer=None) -> list:
+    """Refuse to write into a non-empty folder that is not a previous export unless ``overwrite``;
+    returns the files of the previous export (``manifest.owned_files``), which are removed.
+
+    Only files a previous export recorded in its ``graphwright.json`` are removed or replaced, never
+    anything else in the folder: a file with a name the export needs that graphwright did not write
+    (a user's ``tokenizer/tokenizer.json``, a foreign ``model.onnx``) is an error, with or without
+    ``overwrite``, before anything is written.
+    """
+    from .manifest import check_no_foreign, owned_files, tokenizer_files
+
+    if out.exists() and not out.is_dir():
+        raise GraphwrightError(f"{out}: exists and is not a directory")
+    owned = owned_files(out) if out.is_dir() else None
+    if out.is_dir() and any(out.iterdir()) and owned is None and not overwrite:
+        raise GraphwrightError(f"{out}: directory is not empty and is not a graphwright export; "
+                               "choose an empty or new directory, or pass overwrite=True")
+    planned = [*_graph_files(), METADATA]
+    if tokenizer is not None:
+        planned += [f"{TOKENIZER_DIR}/{n}" for n in tokenizer_files(tokenizer)]
+    check_no_foreign(out, planned, owned)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in owned or ():
+        if (out / name).is_file() or (out / name).is_symlink():
+            (out / name).unlink()
+    return owned or []
 
 
 def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm=None, tag: str = "") -> tuple:
@@ -315,8 +329,10 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
     ``external_data``: weights go to ``model.onnx.data`` next to the graph (needed above 2 GB,
     and lets ORT map them); False embeds them in one file. ``verify``: run the artifact in ONNX
     Runtime against the torch step graph on a left-padded batch-2 probe (prefill of 7 tokens +
-    ``verify_steps`` decode steps) and raise ``GraphwrightError`` on a mismatch. ``overwrite``:
-    allow writing into a non-empty folder that is not a previous export. Returns the output folder.
+    ``verify_steps`` decode steps) and raise ``GraphwrightError`` on a mismatch (the artifact then
+    records ``verification.passed: false`` and ``graphwright.load`` refuses it). ``overwrite``:
+    allow writing into a non-empty folder that is not a previous export; only files a previous
+    export recorded are ever replaced (``_prepare_dir``). Returns the output folder.
 
     ``graphwright.json`` records the seconds of each phase under ``export.phases`` (``phases.py``).
     """
@@ -331,7 +347,7 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
     phases = Phases()
     out = Path(out_dir)
     with phases("prepare"):
-        _prepare_dir(out, overwrite)
+        owned = _prepare_dir(out, overwrite, cm.tokenizer)
     path = out / MODEL
     outputs, records = _to_onnx(cm, path, opset, external_data, phases)
     decode = _decode_onnx(cm, out, opset, external_data, phases)
@@ -342,8 +358,7 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
         except Exception as exc:  # noqa: BLE001
             raise GraphwrightError(f"{path}: onnx.checker rejected the exported model: {str(exc).strip()[:500]}") from exc
     with phases("tokenizer"):
-        if cm.tokenizer is not None:
-            cm.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+        tok_files = save_tokenizer(cm.tokenizer, out, TOKENIZER_DIR, owned) if cm.tokenizer is not None else []
     with phases("metadata"):
         meta = _metadata(cm, opset, external, outputs, records)
         meta["decode"] = decode
@@ -352,8 +367,12 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
 
         with phases("gemfilter_export"):
             meta["gemfilter"] = export_selection(cm, out, opset, external_data)
+    with phases("hash"):  # manifest.py: sha256 of every file written, checked by graphwright.load
+        meta["files"] = record_files(out, [*_graph_files(), *tok_files])
     meta_path = out / METADATA
     meta["export"] = phases.to_json()
+    if verify:  # until the probe passes, the artifact on disk is a failed one (an interrupted export too)
+        meta["verification"] = {"passed": False, "error": "export verification did not finish"}
     meta_path.write_text(json.dumps(meta, indent=2))
     if verify:
         try:
