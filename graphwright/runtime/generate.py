@@ -98,7 +98,7 @@ class Runtime:
         extras = extras or {}
         do_sample, temperature, top_k, top_p, seed = check_sampling(do_sample, temperature, top_k, top_p, seed)
         input_ids, attention_mask = check_prompt(input_ids, attention_mask, self.info.vocab_size)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
         eos = self.info.eos_token_id if eos_token_id is None else (
             (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
