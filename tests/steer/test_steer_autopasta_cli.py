@@ -116,4 +116,4 @@ def test_cli_steer_profile_then_eval_with_a_user_task(cli_model, tmp_path, capsy
     assert [r["heads"] for r in rows.values()] == [0, 4, 4, 8]
     assert all(r["examples"] == 3 and 0 <= r["vowel_frac"] <= 1 for r in rows.values())
     assert main(["steer", "eval", "--model", "tiny-llama", "--task", "nosuch.module:fn", "--examples", "1"]) == 2
-    assert "cannot import fn from nosuch.module" in capsys.readouterr().out
+    assert "cannot import fn from nosuch.module" in capsys.readouterr().err
