@@ -57,6 +57,7 @@ def test_bound_itself_is_accepted_and_one_more_is_not(recipe, bound):
         instantiate(Recipe.parse(recipe.format(bound + 2)))
 
 
-def test_fuse_moe_triton_on_cpu_is_refused_at_compile_time(tiny):
+def test_fuse_moe_triton_on_cpu_is_refused_at_compile_time(tiny, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RecipeError, match=r"fuse_moe: impl='triton' .* on cpu.*impl='sorted'.*impl='auto'"):
         gw.compile(tiny("tiny-mixtral"), recipe="fuse_moe(impl='triton')")
