@@ -1,7 +1,7 @@
 """The command line never prints a traceback for user error (issue 19, item 13 and deliverable 5).
 
 Walks every subcommand of ``graphwright.cli.main.build_parser()`` and gives every numeric option
-0, -1, a huge value and a non-number, every path option a directory, a file and a path under a
+0, -1, a huge value, a non-number and no value, every path option a directory, a file and a path under a
 file. Invariant: each run either exits non-zero with exactly one line on stderr naming the problem
 (and no traceback), or gets as far as loading the model, which the test stubs out (the value was
 accepted; nothing heavy runs). Huge values and non-numbers are always refused at parse time.
@@ -109,6 +109,10 @@ def test_numeric_options_never_give_a_traceback(words, parser, action, capsys, n
         status, code, err, opt = check_option(words, parser, action, value, capsys)
         if value in (str(10**30), "abc"):  # always refused, at parse time, naming the option
             assert status == "refused" and code == 2 and f"argument {opt}" in err, (opt, value, err)
+    argv = [*base_argv(words, parser), action.option_strings[0]]  # the value missing
+    status, code, err = run_cli(argv, capsys)
+    assert_clean(argv, status, code, err)
+    assert status == "refused" and code == 2 and "expected" in err
 
 
 SLOW_VALUES = ["nan", "inf", "-inf", "1e308", "-0", "1.5", "", " 7", "0x10", "1_000", "9" * 5000, "٣", "1e-320", str(2**64), str(2**63)]
