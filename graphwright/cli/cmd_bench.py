@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import add_model_args, add_recipe_arg, compile_model, console, load, write_json
+from .common import add_model_args, add_recipe_arg, compile_model, console, int_arg, load, out_dir, write_json
 
 
 def add_parser(sub):
@@ -12,11 +12,11 @@ def add_parser(sub):
                        description="Measure MODEL vs MODEL compiled with RECIPE, alternating runs, medians and ratios.")
     add_model_args(p)
     add_recipe_arg(p)
-    p.add_argument("--prompt", type=int, default=256, help="prompt length in tokens")
-    p.add_argument("--new", type=int, default=64, help="new tokens per generation")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default="results/bench", help="folder for bench.json")
+    p.add_argument("--prompt", type=int_arg(1, 1_000_000), default=256, help="prompt length in tokens")
+    p.add_argument("--new", type=int_arg(1, 1_000_000), default=64, help="new tokens per generation")
+    p.add_argument("--batch", type=int_arg(1, 4096), default=1)
+    p.add_argument("--repeats", type=int_arg(1, 1000), default=3)
+    p.add_argument("--out", type=out_dir, default="results/bench", help="folder for bench.json")
 
 
 def run(args):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_model_args, add_recipe_arg, compile_model, console, load, write_json
+from .common import add_model_args, add_recipe_arg, compile_model, console, load, out_file, write_json
 
 
 def add_parser(sub):
@@ -10,7 +10,7 @@ def add_parser(sub):
                        description="Capture MODEL, apply RECIPE, verify, and print the per-layer report.")
     add_model_args(p)
     add_recipe_arg(p)
-    p.add_argument("--json", default=None, help="write the report as JSON here")
+    p.add_argument("--json", type=out_file, default=None, help="write the report as JSON here")
     p.add_argument("--diff", action="store_true", help="also print the node diff against the identity graph")
     p.add_argument("--matrix", nargs="*", default=None, metavar="PASS",
                    help="instead of one recipe: try every ordered pair of these passes (default: the attention "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from .common import add_model_args, add_recipe_arg, compile_model, console, encode, load, write_json
+from .common import add_model_args, add_recipe_arg, compile_model, console, encode, int_arg, load, out_dir, write_json
 
 # The richest composed recipe (the ONNX tests and bench_onnx use it): lowrank_kv at 0.8 (+8%
 # perplexity; 0.6 starts repeating itself in a story) and H2O on top: about 48% of the dense KV.
@@ -38,11 +38,12 @@ def add_parser(sub):
                                    "the ONNX artifact beside them; then a short prompt, where KV compression does not pay.")
     add_model_args(p)
     add_recipe_arg(p, default=None)
-    p.add_argument("--context-tokens", type=int, default=3000, help="tokens of the novel before the question (default: %(default)s)")
+    p.add_argument("--context-tokens", type=int_arg(16, 10_000_000), default=3000,
+                   help="tokens of the novel before the question (default: %(default)s)")
     p.add_argument("--question", default=LONG_QUESTION)
     p.add_argument("--prompt", default=DEMO_PROMPT, help="the short prompt")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--out", default="out/demo", help="folder for demo.json (and the ONNX artifact in <out>/onnx)")
+    p.add_argument("--max-new-tokens", type=int_arg(1, 1_000_000), default=32)
+    p.add_argument("--out", type=out_dir, default="out/demo", help="folder for demo.json (and the ONNX artifact in <out>/onnx)")
     p.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip the ONNX artifact (export takes about a minute)")
     p.add_argument("--steer", action="store_true", help="also run the PASTA steering example (smollm2-135m only)")
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from .common import add_model_args, compile_model, console, load, write_json
+from .common import add_model_args, compile_model, console, float_arg, in_file, int_arg, load, out_dir, write_json
 
 SUITE_DEFAULTS = {"lengths": [1024, 2048, 4096, 8192], "cases": 50}
 
@@ -37,30 +37,33 @@ def add_parser(sub):
     p.add_argument("--suite", choices=("long",), default=None,
                    help="long = the long-context suite (needles, RULER-style tasks, streamed held-out perplexity) for every --recipe")
     p.add_argument("--tasks", nargs="+", choices=("niah", "ruler", "ppl"), default=["niah", "ruler", "ppl"], help="suite parts (--suite)")
-    p.add_argument("--cases", type=int, default=None, help="suite cases per length (niah) and per task and length (ruler); default 50")
+    p.add_argument("--cases", type=int_arg(1, 1_000_000), default=None,
+                   help="suite cases per length (niah) and per task and length (ruler); default 50")
     p.add_argument("--ruler-tasks", nargs="+", choices=RULER_TASKS, default=list(RULER_TASKS), help="RULER-style tasks (--suite)")
-    p.add_argument("--ruler-lengths", type=int, nargs="+", default=[1024, 2048, 4096], help="RULER lengths in tokens (--suite)")
-    p.add_argument("--ppl-windows", type=int, default=8, help="held-out perplexity windows (--suite); each scores window - prefix - 1 tokens "
+    p.add_argument("--ruler-lengths", type=int_arg(16, 10_000_000), nargs="+", default=[1024, 2048, 4096], help="RULER lengths in tokens (--suite)")
+    p.add_argument("--ppl-windows", type=int_arg(1, 1_000_000), default=8,
+                   help="held-out perplexity windows (--suite); each scores window - prefix - 1 tokens "
                         "by decode steps (default 8 x 2,047 steps: roughly 18 min per model at 15 tok/s)")
-    p.add_argument("--ppl-window", type=int, default=4096, help="tokens per held-out window (--suite)")
-    p.add_argument("--ppl-prefix", type=int, default=2048, help="tokens prefilled per window; the rest is scored by decode steps (--suite)")
-    p.add_argument("--seed", type=int, default=0, help="case seed (--suite)")
-    p.add_argument("--text", default=None, help="text file for perplexity (default: the shipped novel)")
-    p.add_argument("--tokens", type=int, default=2048, help="tokens of text to score (ppl)")
-    p.add_argument("--window", type=int, default=512)
-    p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--ppl-window", type=int_arg(2, 10_000_000), default=4096, help="tokens per held-out window (--suite)")
+    p.add_argument("--ppl-prefix", type=int_arg(1, 10_000_000), default=2048,
+                   help="tokens prefilled per window; the rest is scored by decode steps (--suite)")
+    p.add_argument("--seed", type=int_arg(0, 2**63 - 1), default=0, help="case seed (--suite)")
+    p.add_argument("--text", type=in_file, default=None, help="text file for perplexity (default: the shipped novel)")
+    p.add_argument("--tokens", type=int_arg(2, 1_000_000_000), default=2048, help="tokens of text to score (ppl)")
+    p.add_argument("--window", type=int_arg(2, 10_000_000), default=512)
+    p.add_argument("--stride", type=int_arg(1, 10_000_000), default=256)
     p.add_argument("--mode", choices=("window", "stream"), default=None,
                    help="stream = score through decode steps (exercises KV eviction); default: stream when a pass changes "
                         "what the KV cache holds, else window")
-    p.add_argument("--lengths", type=int, nargs="+", default=None,
+    p.add_argument("--lengths", type=int_arg(16, 10_000_000), nargs="+", default=None,
                    help="needle prompt lengths (niah: default 256 512; --suite: default 1024 2048 4096 8192)")
-    p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.5, 1.0], help="needle depths (niah)")
-    p.add_argument("--prompts", type=int, default=20, help="prompts for --task agree")
-    p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt for --task agree")
+    p.add_argument("--depths", type=float_arg(0, 1), nargs="+", default=[0.0, 0.5, 1.0], help="needle depths (niah)")
+    p.add_argument("--prompts", type=int_arg(1, 1_000_000), default=20, help="prompts for --task agree")
+    p.add_argument("--new-tokens", type=int_arg(1, 1_000_000), default=32, help="greedy tokens per prompt for --task agree")
     p.add_argument("--sweep", action="append", default=None,
                    help='recipe template with {} for the swept value, e.g. "lowrank_kv(keep={})"; repeatable')
     p.add_argument("--values", nargs="+", default=None, help="values substituted into --sweep")
-    p.add_argument("--out", default="results/eval", help="folder for eval.json (and eval.png when sweeping; suite.* with --suite)")
+    p.add_argument("--out", type=out_dir, default="results/eval", help="folder for eval.json (and eval.png when sweeping; suite.* with --suite)")
 
 
 def _one(args, base, tok, recipe, memo):
@@ -132,6 +135,8 @@ def run_suite_cli(args, model, tok):
 
 
 def run(args):
+    if args.suite and args.ppl_prefix >= args.ppl_window:
+        raise ValueError(f"--ppl-prefix {args.ppl_prefix} must be below --ppl-window {args.ppl_window} (the rest of the window is scored)")
     model, tok = load(args)
     tok = _text_tokenizer(args, model, tok)
     if args.suite:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_model_args, add_recipe_arg, compile_model, console, encode, load, write_json
+from .common import add_model_args, add_recipe_arg, compile_model, console, encode, float_arg, int_arg, load, out_file, write_json
 
 
 def add_parser(sub):
@@ -11,16 +11,16 @@ def add_parser(sub):
     add_model_args(p)
     add_recipe_arg(p)
     p.add_argument("prompt", help="the prompt text")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int_arg(1, 1_000_000), default=64)
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float_arg(0, 1e6, lo_open=True), default=0.7)
+    p.add_argument("--top-p", type=float_arg(0, 1, lo_open=True), default=0.9)
+    p.add_argument("--seed", type=int_arg(0, 2**64 - 1), default=0)
     p.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
     p.add_argument("--emphasis", nargs="*", default=None, metavar="TEXT",
                    help="PASTA steering (needs a steer recipe): substrings of the prompt to emphasize, or no value to "
                         "emphasize the prompt's **marked** parts")
-    p.add_argument("--json", default=None, help="also write the result as JSON here")
+    p.add_argument("--json", type=out_file, default=None, help="also write the result as JSON here")
 
 
 def run(args):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import add_model_args, add_recipe_arg, compile_model, console, load, write_json
+from .common import add_model_args, add_recipe_arg, compile_model, console, load, out_dir, write_json
 
 
 def add_parser(sub):
@@ -10,7 +10,7 @@ def add_parser(sub):
                        description="Compile MODEL with RECIPE; write an HTML picture of the graph, the report and the diff.")
     add_model_args(p)
     add_recipe_arg(p)
-    p.add_argument("--out", default="out/inspect", help="folder for graph.html, report.json, diff.json")
+    p.add_argument("--out", type=out_dir, default="out/inspect", help="folder for graph.html, report.json, diff.json")
 
 
 def run(args):

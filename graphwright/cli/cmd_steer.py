@@ -16,7 +16,7 @@ import importlib
 
 from rich.table import Table
 
-from .common import add_model_args, console, load, write_json
+from .common import add_model_args, console, float_arg, int_arg, load, out_dir, out_file, write_json
 
 
 def add_parser(sub):
@@ -29,22 +29,22 @@ def add_parser(sub):
         q = ss.add_parser(name, help=doc, description=doc)
         add_model_args(q)
         q.add_argument("--task", default="json", help="json, pronoun, or module:function returning (train, test) tasks")
-        q.add_argument("--seed", type=int, default=0, help="task seed (and random head-set seed)")
-        q.add_argument("--alpha", type=float, default=0.01)
-        q.add_argument("--max-new-tokens", type=int, default=48)
-        q.add_argument("--batch-size", type=int, default=8)
+        q.add_argument("--seed", type=int_arg(0, 2**63 - 1), default=0, help="task seed (and random head-set seed)")
+        q.add_argument("--alpha", type=float_arg(0, 1e6, lo_open=True), default=0.01)
+        q.add_argument("--max-new-tokens", type=int_arg(1, 1_000_000), default=48)
+        q.add_argument("--batch-size", type=int_arg(1, 4096), default=8)
         q.add_argument("--no-chat", action="store_true", help="do not wrap prompts in the chat template")
-        q.add_argument("--examples", type=int, default=16 if name == "profile" else 40,
+        q.add_argument("--examples", type=int_arg(1, 1_000_000), default=16 if name == "profile" else 40,
                        help="examples of the training (profile) or held-out (eval) split")
         if name == "profile":
             q.add_argument("--mode", choices=("coarse_to_fine", "layers", "heads"), default="coarse_to_fine")
-            q.add_argument("--top-layers", type=int, default=2)
-            q.add_argument("--top-heads", type=int, default=4)
-            q.add_argument("--out", default="results/steer/heads.json", help="head-set JSON to write")
+            q.add_argument("--top-layers", type=int_arg(1, 100_000), default=2)
+            q.add_argument("--top-heads", type=int_arg(1, 100_000), default=4)
+            q.add_argument("--out", type=out_file, default="results/steer/heads.json", help="head-set JSON to write")
         else:
             q.add_argument("--heads", default="auto", help="head-set JSON, 'auto' (last profile of this model) or 'all'")
             q.add_argument("--all", action="store_true", help="also steer every head (the paper's 'all heads' ablation)")
-            q.add_argument("--out", default="results/steer", help="folder for steer_eval.json")
+            q.add_argument("--out", type=out_dir, default="results/steer", help="folder for steer_eval.json")
 
 
 def load_tasks(spec: str, n_train: int, n_test: int, seed: int) -> tuple:

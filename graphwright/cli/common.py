@@ -2,13 +2,82 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 from rich.console import Console
 
 console = Console(stderr=False, highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+MAX_COUNT = 2**31 - 1  # upper bound of count options (tokens, examples, batch): past anything a run can hold
+
+
+def int_arg(lo: int, hi: int = MAX_COUNT):
+    """An argparse type: an integer in [lo, hi]; a bad value is argparse's one-line error naming the option."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{lo}, {hi}]; got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{lo}, {hi}]; got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def float_arg(lo: float, hi: float, lo_open: bool = False):
+    """An argparse type: a finite number in [lo, hi] (``(lo, hi]`` with ``lo_open``)."""
+    span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number in {span}; got {text!r}") from None
+        if not math.isfinite(value) or value < lo or (lo_open and value == lo) or value > hi:
+            raise argparse.ArgumentTypeError(f"must be a number in {span}; got {text}")
+        return value
+
+    parse.__name__ = "float"
+    return parse
+
+
+def out_file(text: str) -> str:
+    """An argparse type for a file to write: not an existing directory, and no parent that is a file."""
+    path = Path(text)
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a file path; got ''")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give a file path")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{parent} is a file, so {text} cannot be created under it")
+    return text
+
+
+def in_file(text: str) -> str:
+    """An argparse type for a file to read: an existing regular file (not a directory, device or FIFO)."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an existing regular file")
+    return text
+
+
+def out_dir(text: str) -> str:
+    """An argparse type for a folder to write into: not an existing file, and no parent that is a file."""
+    path = Path(text)
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a folder path; got ''")
+    hit = next((p for p in (path, *path.parents) if p.exists()), None)
+    if hit is not None and not hit.is_dir():
+        raise argparse.ArgumentTypeError(f"{hit} is a file; give a folder path" if hit == path else
+                                         f"{hit} is a file, so {text} cannot be created under it")
+    return text
 
 
 def add_model_args(p, default="smollm2-135m"):
@@ -61,7 +130,7 @@ def print_error(msg) -> None:
     """Print an error unwrapped (paths stay copy-pasteable) and without markup parsing."""
     from rich.text import Text
 
-    console.print(Text.assemble(("error: ", "bold red"), str(msg)), soft_wrap=True)
+    err_console.print(Text.assemble(("error: ", "bold red"), str(msg)), soft_wrap=True)
 
 
 def fail(msg: str) -> None:

@@ -23,6 +23,10 @@ from ..errors import RecipeError
 
 _MISSING = object()
 
+# Upper bounds shared by pass arguments, so no recipe value overflows inside torch:
+MAX_TOKENS = 2**31 - 1  # token counts (budgets, windows, sinks, blocks): past any context length, fits int32
+MAX_KERNEL = 1023  # pooling widths (odd): far wider than the observation windows they smooth
+
 
 @dataclass(frozen=True)
 class Arg:

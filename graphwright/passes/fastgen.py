@@ -42,7 +42,7 @@ import torch
 
 from ..ops.eviction_ref import LADDER, PUNCT, SPECIAL
 from ..ops.policy_fastgen import FASTGEN_POLICY
-from .base import Arg, PassContext, register_pass
+from .base import MAX_TOKENS, Arg, PassContext, register_pass
 from .eviction_common import (LAYERS_ARG, EvictionPass, call, evict_pass_build, find_sites, frac_or_count, latent_settings,
                               rewrite_layers)
 
@@ -77,8 +77,8 @@ class FastGen(EvictionPass):
     doc = "FastGen: profile each KV head after prefill; keep special/punct/frequent/local/full per head."
     args = (
         Arg("recovery", float, 0.95, "attention mass a head's policy must recover (1.0 = full everywhere)", min=0.0, max=1.0),
-        Arg("local", (int, float), 0.3, "local window: fraction of the length (float) or token count (int)", min=0),
-        Arg("frequent", (int, float), 0.3, "heavy hitters: fraction of the length (float) or token count (int)", min=0),
+        Arg("local", (int, float), 0.3, "local window: fraction of the length (float) or token count (int)", min=0, max=MAX_TOKENS),
+        Arg("frequent", (int, float), 0.3, "heavy hitters: fraction of the length (float) or token count (int)", min=0, max=MAX_TOKENS),
         Arg("criterion", str, "mass", "recovered-mass test", choices=("mass", "l1")),
         Arg("force", str, None, "give every head this policy instead of profiling", choices=LADDER),
         LAYERS_ARG,

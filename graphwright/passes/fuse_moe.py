@@ -35,6 +35,7 @@ batching round-off (fp32 1e-5), greedy tokens unchanged -- tested in
 from __future__ import annotations
 
 import operator
+import os
 from dataclasses import dataclass
 
 import torch
@@ -239,6 +240,8 @@ class FuseMoE(Pass):
         return None
 
     def run(self, sg, ctx: PassContext):
+        if self.impl == "triton":
+            _check_triton(sg)
         graph = sg.gm.graph
         per_layer = {}
         for experts in sg.nodes(MOE_EXPERTS):
@@ -277,3 +280,18 @@ class FuseMoE(Pass):
         sg.notes["fuse_moe"] = {"per_layer": per_layer, "counts": {"fused": len(per_layer)},
                                 "settings": {"impl": self.impl}}
         return sg
+
+
+def _check_triton(sg) -> None:
+    """``impl="triton"`` needs a CUDA model and an importable Triton: refuse at compile time, before any kernel runs."""
+    from ..errors import RecipeError
+
+    device = next((t.device for t in sg.gm.parameters()), None) or next((t.device for t in sg.gm.buffers()), torch.device("cpu"))
+    allowed = "impl='sorted' (any device) or impl='auto' (Triton on a GPU, sorted elsewhere)"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":  # the interpreter runs them on CPU (tests only)
+        raise RecipeError(f"fuse_moe: impl='triton' runs Triton GPU kernels and this model is on {device}; "
+                          f"move the model to a CUDA GPU or use {allowed} (or set TRITON_INTERPRET=1, tests only)")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise RecipeError(f"fuse_moe: impl='triton' needs the triton package, which is not installed; use {allowed}") from None

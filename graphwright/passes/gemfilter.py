@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from ..errors import RecipeError
 from ..ops.gemfilter import selection_node
-from .base import Arg, Pass, PassContext, register_pass
+from .base import MAX_KERNEL, MAX_TOKENS, Arg, Pass, PassContext, register_pass
 
 
 def default_layer(num_layers: int) -> int:
@@ -46,9 +46,9 @@ class GemFilter(Pass):
     exact = False
     doc = "GemFilter: select prompt tokens with layer r's last query, then generate from the kept tokens only."
     args = (
-        Arg("layer", int, None, "selection layer r (default round(13/32 * layers))", min=0),
-        Arg("keep", int, 1024, "prompt tokens kept", min=1),
-        Arg("kernel", int, 5, "avg-pool kernel over token scores (odd; 1 = no pooling)", min=1),
+        Arg("layer", int, None, "selection layer r (default round(13/32 * layers))", min=0, max=MAX_TOKENS),
+        Arg("keep", int, 1024, "prompt tokens kept", min=1, max=MAX_TOKENS),
+        Arg("kernel", int, 5, "avg-pool kernel over token scores (odd; 1 = no pooling)", min=1, max=MAX_KERNEL),
     )
 
     def applies_to(self, sg) -> str | None:

@@ -117,11 +117,11 @@ def order_passes(passes: list, sg) -> Plan:
                 continue
             a, b = sorted((passes[i], passes[j]), key=_sort_key)  # name the pair the same way in any written order
             if a.name == b.name:
-                raise RecipeError(f"{a.name} is in the recipe twice{_where(layers[i], layers[j])}: a pass applies once "
+                raise RecipeError(f"{a.name} is in the recipe twice{_where(layers[i], layers[j], passes[i], passes[j])}: a pass applies once "
                                   "to a layer (and is already there after the first)")
             excl = _exclusion(a, b)
             if excl:
-                where = _where(layers[i], layers[j])
+                where = _where(layers[i], layers[j], passes[i], passes[j])
                 raise RecipeError(f"{a.name} + {b.name}: {excl}{where}")
             ab, ba = _constraint(passes[i], passes[j]), _constraint(passes[j], passes[i])
             if ab and ba:
@@ -150,10 +150,14 @@ def order_passes(passes: list, sg) -> Plan:
     return Plan(ordered, written, [text for _, text in sorted(reasons, key=lambda r: (rank[r[0]], r[1]))])
 
 
-def _where(a, b) -> str:
+def _where(a, b, pa, pb) -> str:
     if a is None and b is None:
         return " (both apply to every layer)"
     common = sorted((a or b) if (a is None or b is None) else (a & b))
+    # a pass with no layers/heads argument acts on every layer: no choice of layers can separate the two
+    fixed = [p.name for p, s in ((pa, a), (pb, b)) if s is None and not {"layers", "heads"} & {x.name for x in p.args}]
+    if fixed:
+        return f" (both apply to layer(s) {common}, and {fixed[0]} acts on every layer, so they cannot be combined)"
     return f" (both apply to layer(s) {common}; give them disjoint layers=[...] to combine them)"
 
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -57,6 +58,35 @@ def steerable_nodes(sg) -> list:
     return [n for n in schema.attention_nodes(sg.gm) if schema.has_arg(n.target, "key_bias")]
 
 
+MAX_HEAD_FILE_BYTES = 1_000_000  # a head-set file lists at most layers x heads small ints
+
+
+def _read_head_file(heads: str):
+    """The JSON of a head-set file: a regular file of bounded size (never a directory, device or FIFO)."""
+    if not heads.strip():
+        raise RecipeError("steer: heads='' is empty; give {layer: [heads]}, a list of layers, a JSON head-set file, 'all' or 'auto'")
+    path = Path(heads)
+    try:
+        st = path.stat()
+    except (OSError, ValueError):  # missing, unreadable, or a name the OS refuses (NUL byte, too long)
+        raise RecipeError(f"steer: heads={heads!r:.200} is neither 'all', 'auto', nor an existing JSON head-set file") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise RecipeError(f"steer: heads={heads!r:.200} is not a regular file (a directory or device); give a JSON head-set file, "
+                          "{layer: [heads]}, a list of layers, 'all' or 'auto'")
+    if st.st_size > MAX_HEAD_FILE_BYTES:
+        raise RecipeError(f"steer: head-set file {path} is {st.st_size} bytes; at most {MAX_HEAD_FILE_BYTES} are accepted")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_HEAD_FILE_BYTES + 1)  # bounded even if the file grows after the check
+        if len(raw) > MAX_HEAD_FILE_BYTES:
+            raise RecipeError(f"steer: head-set file {path} is over {MAX_HEAD_FILE_BYTES} bytes")
+        return json.loads(raw.decode("utf-8"))
+    except OSError as exc:
+        raise RecipeError(f"steer: cannot read head-set file {path}: {exc.strerror or exc}") from None
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, JSON nested past the parser's stack
+        raise RecipeError(f"steer: head-set file {path} is not valid UTF-8 JSON: {str(exc)[:200] or type(exc).__name__}") from None
+
+
 def parse_heads(heads, num_layers: int, num_heads: int, model_key: str | None = None) -> dict:
     """``{layer: sorted heads}`` from any accepted form; RecipeError naming the valid ranges."""
     if isinstance(heads, str):
@@ -69,15 +99,13 @@ def parse_heads(heads, num_layers: int, num_heads: int, model_key: str | None = 
                                   "create one with `graphwright steer profile --task json` or "
                                   "graphwright.steer.profile.profile_heads(cm, task)")
             heads = str(path)
-        path = Path(heads)
-        if not path.exists():
-            raise RecipeError(f"steer: heads={heads!r} is neither 'all', 'auto', nor an existing JSON head-set file")
-        try:
-            data = json.loads(path.read_text())
-        except ValueError as exc:
-            raise RecipeError(f"steer: head-set file {path} is not valid JSON: {exc}") from exc
+        data = _read_head_file(heads)
         heads = data.get("heads", data) if isinstance(data, dict) else data
     if isinstance(heads, (list, tuple)):  # pastalib's list form: whole layers
+        bad = [x for x in heads if isinstance(x, bool) or not isinstance(x, int)]
+        if bad:
+            raise RecipeError(f"steer: heads as a list names whole layers, so each item must be a layer index; got {bad[0]!r} "
+                              f"in heads={list(heads)!r:.80} (valid layers are 0..{num_layers - 1}; for single heads give {{layer: [heads]}})")
         sel = parse_layer_heads("steer", num_layers, num_heads, layers=heads)
     else:
         sel = parse_layer_heads("steer", num_layers, num_heads, heads=heads,

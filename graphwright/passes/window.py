@@ -32,7 +32,7 @@ import torch
 from ..capture.ops import ATTENTION
 from ..errors import RecipeError
 from ..ops import schema
-from .base import Arg, Pass, PassContext, register_pass
+from .base import MAX_TOKENS, Arg, Pass, PassContext, register_pass
 from .selection import parse_layer_heads
 
 aten = torch.ops.aten
@@ -74,8 +74,8 @@ class Window(Pass):
     exact = False
     doc = "Sliding-window attention with attention sinks (masking only) for chosen layers or heads."
     args = (
-        Arg("size", int, None, "window length in tokens (the query and size-1 earlier positions)", min=1, required=True),
-        Arg("sinks", int, 4, "first positions every query always sees (attention sinks)", min=0),
+        Arg("size", int, None, "window length in tokens (the query and size-1 earlier positions)", min=1, max=MAX_TOKENS, required=True),
+        Arg("sinks", int, 4, "first positions every query always sees (attention sinks)", min=0, max=MAX_TOKENS),
         Arg("layers", list, None, "layers to window (default: all)"),
         Arg("heads", Mapping, None, "{layer: [query heads]} to window only those heads"),
     )

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from ..errors import RecipeError
 
-MAX_LENGTH = 10_000  # characters in one recipe string
+MAX_LENGTH = 100_000  # characters in one recipe string; every Recipe's canonical string form is held to it too (recipe.py)
 MAX_DEPTH = 16  # nesting of lists/dicts inside one argument value
 MAX_INT = 2**63 - 1  # ints beyond int64 are almost surely a typo, and torch cannot hold them
 

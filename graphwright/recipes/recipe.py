@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..errors import RecipeError
-from .grammar import _BOOLS, MAX_DEPTH, MAX_INT, parse_string
+from .grammar import _BOOLS, MAX_DEPTH, MAX_INT, MAX_LENGTH, parse_string
 
 # Passes the design names that may not be registered yet: asking for one is "not implemented
 # yet", which is a different answer from "no such pass". A registered pass always wins.
@@ -107,7 +107,10 @@ def freeze(v, where: str, depth: int = 0):
             raise RecipeError(f"{where}: integer {v} is out of range (at most {MAX_INT} in magnitude)")
         return v
     if isinstance(v, numbers.Real):
-        v = float(v)
+        try:
+            v = float(v)  # a Fraction or Decimal-like value beyond the float range overflows here
+        except (OverflowError, ValueError, TypeError):
+            raise RecipeError(f"{where}: {str(v)[:40]} is out of the float range (at most about 1.8e308 in magnitude)") from None
         if not math.isfinite(v):
             raise RecipeError(f"{where}: {v} is not allowed (numbers must be finite, not NaN or inf)")
         return v
@@ -228,6 +231,10 @@ class Recipe:
     def __post_init__(self):
         # Any construction path (parse, direct, +) goes through the same checks and normalisation.
         object.__setattr__(self, "passes", _normalise(self.passes))
+        # The same bound as the string parser, on every form: a Recipe always prints to a string that parses back.
+        if (n := len(str(self))) > MAX_LENGTH:
+            raise RecipeError(f"recipe is {n} characters long in its string form; at most {MAX_LENGTH} are accepted "
+                              "(the string parser's limit, kept for every form so a recipe always prints to a string that parses back)")
 
     # -- construction ---------------------------------------------------------------------
     @classmethod
@@ -284,6 +291,9 @@ class Recipe:
             raise RecipeError(f"recipe file {path} is not UTF-8 text: {e}") from None
         except tomllib.TOMLDecodeError as e:
             raise RecipeError(f"recipe file {path} is not valid TOML: {e}") from None
+        except RecursionError:  # tomllib recurses once per nested array or inline table
+            raise RecipeError(f"recipe file {path}: values nested too deeply for the TOML reader; "
+                              f"recipe values may nest at most {MAX_DEPTH} levels of lists/dicts") from None
         return cls.from_toml_data(doc, source=path)
 
     @classmethod
@@ -353,13 +363,23 @@ class Recipe:
         return tuple(name for name, _ in self.passes)
 
 
-def _int_keys(v):
+def _int_keys(v, depth: int = 0):
     """TOML keys are always strings: turn canonical integer keys ("0", "-3") back into ints."""
+    if isinstance(v, (Mapping, list)) and depth >= MAX_DEPTH:
+        raise RecipeError(f"TOML value nested deeper than {MAX_DEPTH} levels of lists/dicts")
     if isinstance(v, Mapping):
-        return {(int(k) if isinstance(k, str) and _CANONICAL_INT.fullmatch(k) else k): _int_keys(x) for k, x in v.items()}
+        return {(_toml_key(k)): _int_keys(x, depth + 1) for k, x in v.items()}
     if isinstance(v, list):
-        return [_int_keys(x) for x in v]
+        return [_int_keys(x, depth + 1) for x in v]
     return v
+
+
+def _toml_key(k):
+    if isinstance(k, str) and _CANONICAL_INT.fullmatch(k):
+        if len(k.lstrip("-")) > 19 or abs(int(k)) > MAX_INT:
+            raise RecipeError(f"TOML dict key {k[:40]} is out of range (at most {MAX_INT} in magnitude)")
+        return int(k)
+    return k
 
 
 def _toml_value(v) -> str:

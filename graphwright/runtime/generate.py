@@ -18,7 +18,7 @@ import time
 import torch
 
 from ..capture.step_graph import positions_from_mask
-from .sampling import choose_next
+from .sampling import check_sampling, choose_next
 
 
 def state_bytes(state, specs, kind: str = "kv") -> int:
@@ -96,8 +96,9 @@ class Runtime:
         filled with ``pad_token_id``. ``extras``: named extra graph inputs fed to every step.
         """
         extras = extras or {}
+        do_sample, temperature, top_k, top_p, seed = check_sampling(do_sample, temperature, top_k, top_p, seed)
         input_ids, attention_mask = check_prompt(input_ids, attention_mask, self.info.vocab_size)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
         eos = self.info.eos_token_id if eos_token_id is None else (
             (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))

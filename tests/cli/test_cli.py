@@ -42,13 +42,13 @@ def test_compile_writes_the_report_as_json(tmp_path, capsys):
 ])
 def test_bad_recipes_exit_2_with_a_message(recipe, needle, capsys):
     assert main(["compile", "--model", "tiny-llama", "--recipe", recipe]) == 2
-    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    out = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
     assert out.startswith("error:") and needle in out and "Traceback" not in out
 
 
 def test_missing_model_file_is_a_clean_error(tmp_path, capsys):
     assert main(["compile", "--model", str(tmp_path / "nope.gguf")]) == 2
-    assert "nope.gguf" in capsys.readouterr().out
+    assert "nope.gguf" in capsys.readouterr().err
 
 
 def test_inspect_writes_picture_graph_and_diff(tmp_path):
@@ -63,7 +63,7 @@ def test_inspect_writes_picture_graph_and_diff(tmp_path):
 def test_triton_backend_on_cpu_is_a_clean_error(monkeypatch, capsys):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert main(["compile", "--model", "tiny-llama", "--backend", "triton"]) == 2
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert out.startswith("error: backend='triton' needs the model on a CUDA device (it is on cpu)")
     assert "backend='torch'" in out
 

@@ -91,11 +91,11 @@ def test_cli_generate_emphasis_marked_and_substring(cli_model, tiny, tmp_path):
 def test_cli_generate_emphasis_errors(cli_model, capsys):
     base = ["generate", "--model", "tiny-llama", "--max-new-tokens", "2"]
     assert main([*base, "--recipe", "steer(heads='all')", "a **b c", "--emphasis"]) == 2
-    assert "unbalanced ** markers" in capsys.readouterr().out
+    assert "unbalanced ** markers" in capsys.readouterr().err
     assert main([*base, "--recipe", "steer(heads='all')", "a b c", "--emphasis", "zzz"]) == 2
-    assert "emphasis substring 'zzz' does not occur in the prompt" in capsys.readouterr().out
+    assert "emphasis substring 'zzz' does not occur in the prompt" in capsys.readouterr().err
     assert main([*base, "a **b** c", "--emphasis"]) == 2
-    assert "emphasis needs a steered model" in capsys.readouterr().out
+    assert "emphasis needs a steered model" in capsys.readouterr().err
 
 
 def test_cli_steer_profile_then_eval_with_a_user_task(cli_model, tmp_path, capsys):
@@ -116,4 +116,4 @@ def test_cli_steer_profile_then_eval_with_a_user_task(cli_model, tmp_path, capsy
     assert [r["heads"] for r in rows.values()] == [0, 4, 4, 8]
     assert all(r["examples"] == 3 and 0 <= r["vowel_frac"] <= 1 for r in rows.values())
     assert main(["steer", "eval", "--model", "tiny-llama", "--task", "nosuch.module:fn", "--examples", "1"]) == 2
-    assert "cannot import fn from nosuch.module" in capsys.readouterr().out
+    assert "cannot import fn from nosuch.module" in capsys.readouterr().err

@@ -342,8 +342,9 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
         raise TypeError(f"export_onnx expects a CompiledModel (from graphwright.compile); got {type(cm).__name__}")
     if verify_steps < 0:
         raise ValueError(f"verify_steps must be >= 0 (decode steps after the prefill); got {verify_steps}")
-    if opset < 23:
-        raise ValueError(f"opset must be >= 23 (the Attention operator); got {opset}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 23 <= opset <= onnx.defs.onnx_opset_version():
+        raise ValueError(f"opset must be an int in [23, {onnx.defs.onnx_opset_version()}] (23: the Attention operator; "
+                         f"{onnx.defs.onnx_opset_version()}: the newest the installed onnx knows); got {opset!r}")
     phases = Phases()
     out = Path(out_dir)
     with phases("prepare"):
