@@ -46,10 +46,10 @@ def test_program_needing_decomposition_takes_the_full_path():
         program = torch.onnx.export(ep, (), dynamo=True, optimize=False, verbose=False)
     assert sd.LAST["skipped"] is False
     assert "aten.hardshrink.default" in sd.LAST["blocking"]
-    x = np.array([[-1.0, -0.2, 0.3, 0.9]], dtype=np.float32)
+    x = np.array([[-1.0, -0.2, 0.3, 0.9]] * 3, dtype=np.float32)  # the exported shape [3, 4]
     sess = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
-    np.testing.assert_allclose(got, [[-2.0, 0.0, 0.0, 1.8]], rtol=1e-6)
+    np.testing.assert_allclose(got, [[-2.0, 0.0, 0.0, 1.8]] * 3, rtol=1e-6)
 
 
 def test_to_dtype_becomes_to_copy():
