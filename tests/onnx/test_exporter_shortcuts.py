@@ -66,3 +66,21 @@ def test_to_dtype_becomes_to_copy():
     node = next(n for n in ep.graph.nodes if n.target is torch.ops.aten._to_copy.default)
     assert node.kwargs == {"dtype": torch.float16}
     assert ep.module()(torch.tensor([0.5, 2.0])).dtype == torch.float16
+
+
+def test_operator_aliases_become_bitwise_ops():
+    """``a & b`` / ``a | b`` on bool tensors (``aten.__and__``/``__or__``, as in the decode graph's slot
+    eviction) become ``aten.bitwise_and``/``bitwise_or``: the skip is not blocked, values unchanged."""
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return ((x > 0) & (x < 2)) | (x == -1)
+
+    ep = torch.export.export(M(), (torch.randn(5),), strict=False)
+    x = torch.tensor([-1.0, 0.5, 3.0, 1.5, -2.0])
+    want = ep.module()(x)
+    assert sd.to_copy(ep) == 2
+    targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
+    assert not targets & set(sd.ALIASES)
+    assert torch.equal(ep.module()(x), want) and want.tolist() == [True, True, False, True, False]
+

@@ -11,8 +11,9 @@
    same graph. **Skip**: the program's operators are listed first; when none has an entry in the
    decomposition table, none is mutating and each is implemented by the registry (graphwright ops
    through their translation), the program goes on unchanged; otherwise the exporter's own step
-   runs. ``aten.to.dtype(x, dtype)`` is first rewritten to ``aten._to_copy(x, dtype=dtype)``, which
-   is what the retrace makes of it. Assertion nodes do not block: the exporter removes them next.
+   runs. ``aten.to.dtype(x, dtype)`` is first rewritten to ``aten._to_copy(x, dtype=dtype)`` and
+   ``aten.__and__``/``__or__``/``__xor__`` to ``aten.bitwise_*``, which is what the retrace makes
+   of them (the decode graph's slot eviction uses ``&`` and ``|`` on masks). Assertion nodes do not block: the exporter removes them next.
 2. The type-promotion pass, an ``fx.Interpreter`` that re-runs every node on fake tensors to read
    its inputs' dtypes and inserts casts where an op's promotion rule asks for one (26 s of the
    same profile). **Reuse**: a node that the pass does not modify returns the fake value
@@ -59,14 +60,26 @@ ASSERTIONS = frozenset({torch.ops.aten._assert_tensor_metadata.default, torch.op
                         torch.ops.aten.sym_constrain_range_for_size.default})
 
 
+# Python-operator aliases the retrace decomposes into the op they call (same schema, same result).
+ALIASES = {torch.ops.aten.__and__.Tensor: torch.ops.aten.bitwise_and.Tensor,
+           torch.ops.aten.__or__.Tensor: torch.ops.aten.bitwise_or.Tensor,
+           torch.ops.aten.__xor__.Tensor: torch.ops.aten.bitwise_xor.Tensor}
+
+
 def to_copy(ep: torch.export.ExportedProgram) -> int:
-    """Rewrite ``aten.to.dtype(x, dtype)`` (what the retrace decomposes it into) as
-    ``aten._to_copy(x, dtype=dtype)`` in place; returns how many nodes changed. Nodes with a
-    ``memory_format`` or ``copy``/``non_blocking`` flag stay (and block the skip)."""
+    """Rewrite in place what the retrace would rewrite anyway: ``aten.to.dtype(x, dtype)`` as
+    ``aten._to_copy(x, dtype=dtype)``, and ``aten.__and__``/``__or__``/``__xor__`` (``&``, ``|``,
+    ``^`` on tensors) as ``aten.bitwise_and``/``or``/``xor``; returns how many nodes changed. A
+    ``to`` with a ``memory_format`` or ``copy``/``non_blocking`` flag stays (and blocks the skip)."""
     n = 0
     for node in ep.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.aten.to.dtype and len(node.args) == 2 and not node.kwargs:
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.aten.to.dtype and len(node.args) == 2 and not node.kwargs:
             node.target, node.args, node.kwargs = torch.ops.aten._to_copy.default, (node.args[0],), {"dtype": node.args[1]}
+            n += 1
+        elif node.target in ALIASES:
+            node.target = ALIASES[node.target]
             n += 1
     if n:
         ep.graph_module.recompile()
