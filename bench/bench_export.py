@@ -1,18 +1,20 @@
-"""Where ``graphwright.export_onnx`` spends its time: per-phase seconds for several recipes.
+"""Where ``graphwright.export_onnx`` spends its time: wall time per recipe and per phase.
 
 Usage: python bench/bench_export.py [--model smollm2-135m] [--recipe identity --recipe ...]
-       [--profile /tmp/export.prof] [--out results/bench_export.json]
+       [--no-verify] [--profile /tmp/export.prof] [--out results/bench_export.json] [--allow-busy]
 
-Default recipes: identity, ``lowrank_kv(keep=0.5)``, ``h2o(heavy=0.25, recent=0.25)`` and the demo
-recipe. Each is compiled (not timed as export) and exported once with verification; the phases
-come from ``graphwright.json`` (``export.phases``, recorded by ``export_onnx`` itself), so the
-numbers are the library's own, not a re-implementation. ``--profile`` runs cProfile around the
-exports and prints the top functions by cumulative time.
+Default recipes: identity, ``lowrank_kv(keep=0.5)``, ``h2o(heavy=64, recent=64)`` (token budgets:
+it writes a second graph, ``decode.onnx``, with in-graph slot eviction) and ``snapkv(budget=64)``.
+Each is compiled (not timed as export) and exported once into a temporary folder, with the
+verification probe; the phases come from ``graphwright.json`` (``export.phases``/``export.cpu``,
+recorded by ``export_onnx`` itself), so the numbers are the library's own. ``--profile`` runs
+cProfile around the exports and prints the top functions by cumulative time.
 
-The machine is shared: the load average (``os.getloadavg()``) is printed before and after and a
-warning is printed when it exceeds the core count. Wall seconds then vary run to run; read the
-per-phase shares, the CPU-seconds table (this process's CPU time, much less load-dependent) and
-cProfile rather than the wall totals.
+The machine is shared: each export runs inside ``graphwright.bench.load.MachineLoad`` (as
+``bench/bench_decode.py``), which measures the CPU time other processes used meanwhile; a recipe
+whose export ran while the machine was busy is labelled BUSY and the script exits 3 (unless
+``--allow-busy``): its wall seconds are not a result. The CPU-seconds table (this process's CPU
+time) depends much less on the load; read it, and the shares, on a busy machine.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import graphwright as gw
-from graphwright.cli.cmd_demo import DEMO_RECIPE
+from graphwright.bench.load import MachineLoad
 
-RECIPES = ["identity", "lowrank_kv(keep=0.5)", "h2o(heavy=0.25, recent=0.25)", DEMO_RECIPE]
+RECIPES = ["identity", "lowrank_kv(keep=0.5)", "h2o(heavy=64, recent=64)", "snapkv(budget=64)"]
 
 
 def load_note(label: str) -> tuple[float, str]:
@@ -68,6 +72,7 @@ def main(argv=None):
     p.add_argument("--no-verify", action="store_true", help="export without the ONNX Runtime verification probe")
     p.add_argument("--profile", default=None, help="write a cProfile of the exports here and print the top 30")
     p.add_argument("--out", default="results/bench_export.json")
+    p.add_argument("--allow-busy", action="store_true", help="exit 0 even when the machine was busy (still labelled)")
     args = p.parse_args(argv)
     recipes = args.recipe or RECIPES
 
@@ -82,22 +87,24 @@ def main(argv=None):
     rows, tmp = {}, tempfile.TemporaryDirectory(prefix="gw-export-")
     for i, recipe in enumerate(recipes):
         t0 = time.perf_counter()
-        cm = gw.compile(model, recipe=None if recipe == "identity" else recipe, tokenizer=tok)
+        cm = gw.compile(model, recipe=None if recipe == "identity" else recipe, tokenizer=tok, verify=False)  # export verifies
         compile_s = time.perf_counter() - t0
         out = Path(tmp.name) / f"r{i}"
-        t0 = time.perf_counter()
         if prof:
             prof.enable()
-        gw.export_onnx(cm, out, verify=not args.no_verify)
+        with MachineLoad() as load:
+            gw.export_onnx(cm, out, verify=not args.no_verify)
         if prof:
             prof.disable()
-        wall = time.perf_counter() - t0
         meta = json.loads((out / "graphwright.json").read_text())
-        rows[recipe] = {**meta["export"], "wall_s": round(wall, 2), "compile_s": round(compile_s, 2),
-                        "load_avg": round(os.getloadavg()[0], 2),
+        rows[recipe] = {**meta["export"], "wall_s": round(load.wall_s, 2), "compile_s": round(compile_s, 2),
+                        "load": load.as_dict(), "graphs": [f for f in ("model.onnx", "decode.onnx") if (out / f).exists()],
                         "verification": (meta.get("verification") or {}).get("max_abs_logit_diff")}
-        print(f"{recipe}: export {wall:.1f} s (compile {compile_s:.1f} s, load {rows[recipe]['load_avg']:.2f}), "
-              f"verified max |dlogit| {rows[recipe]['verification']}", flush=True)
+        state = "BUSY (not a result)" if load.busy else "quiet"
+        print(f"{recipe}: export {load.wall_s:.1f} s wall, {load.own_cpu_s:.1f} s CPU (compile {compile_s:.1f} s); "
+              f"{'+'.join(rows[recipe]['graphs'])}; verified max |dlogit| {rows[recipe]['verification']}; "
+              f"{state}: other processes used {100 * load.foreign_share:.0f}% of the machine", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
     load_after, note_after = load_note("after")
     print()
     print(table(rows))
@@ -110,13 +117,18 @@ def main(argv=None):
 
         prof.dump_stats(args.profile)
         pstats.Stats(args.profile).sort_stats("cumulative").print_stats(30)
+    busy = [r for r, row in rows.items() if row["load"]["busy"]]
     result = {"model": args.model, "recipes": recipes, "load_before": load_before, "load_after": load_after,
-              "cores": os.cpu_count(), "rows": rows}
+              "cores": os.cpu_count(), "busy": busy, "rows": rows}
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     print(f"written {path}")
+    if busy:
+        print(f"the machine was busy during the export of {', '.join(busy)}: those wall seconds are not a result", file=sys.stderr)
+        return 0 if args.allow_busy else 3
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

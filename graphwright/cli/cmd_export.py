@@ -21,6 +21,8 @@ def add_parser(sub):
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty directory that is not a previous graphwright export "
                         "(a file graphwright did not write is never replaced)")
+    p.add_argument("--timings", action="store_true",
+                   help="print where the export's time went: seconds per phase (also in graphwright.json under \"export\")")
 
 
 def _size(path: Path) -> int:
@@ -62,3 +64,7 @@ def run(args):
         console.print(f"verified in ONNX Runtime: max |dlogit| {v['max_abs_logit_diff']:.3g} <= {v['tolerance']:g} ({steps})")
     else:
         console.print("not verified (--no-verify)")
+    if args.timings:
+        from ..codegen.onnx.phases import timings_table
+
+        console.print(timings_table(meta["export"]), markup=False, highlight=False)

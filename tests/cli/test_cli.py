@@ -102,3 +102,15 @@ def test_missing_head_set_names_what_ships():
 
     with pytest.raises(FileNotFoundError, match="shipped: .*smollm2-135m_json.*smollm2-135m_pronoun"):
         headset_path("smollm2-135m", "nope")
+
+
+def test_export_timings_prints_the_phases(tmp_path, capsys):
+    """`graphwright export --timings` prints one row per phase recorded in graphwright.json, then the total."""
+    out = tmp_path / "onnx"
+    assert main(["export", "--model", "tiny-llama", "--out", str(out), "--no-verify", "--timings"]) == 0
+    phases = json.loads((out / "graphwright.json").read_text())["export"]["phases"]
+    assert {"torch_export", "onnx_translate", "onnx_optimize", "save"} <= set(phases)
+    printed = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0] for line in printed if line.split()}
+    assert set(phases) <= rows and "total" in rows
+

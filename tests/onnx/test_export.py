@@ -134,6 +134,13 @@ def test_export_records_phase_seconds(exports):
     assert sum(phases.values()) <= total + 0.01 * len(phases)  # rounding to 10 ms per phase
     assert list(meta["export"]["cpu"]) == list(phases) and meta["export"]["total_cpu_s"] > 0
     assert meta["verification"]["probe"]["decode_steps"] == 3
+    assert meta["export"]["notes"] == {"decompositions": "skipped"}  # exporter_shortcuts.py took the short path
+    from graphwright.codegen.onnx.phases import timings_table
+
+    table = timings_table(meta["export"]).splitlines()  # what `graphwright export --timings` prints
+    assert [row.split()[0] for row in table[1:1 + len(phases)]] == list(phases)
+    assert table[1 + len(phases)].split()[:2] == ["total", f"{meta['export']['total_s']:.2f}"]
+    assert table[-1] == "decompositions: skipped"
 
 
 def test_verify_steps_knob(tmp_path, exports):

@@ -97,6 +97,8 @@ def test_decode_graph_has_no_split(runs, case):
     assert {c["slots"] for c in meta["decode"]["capacity"].values()} == {budget}
     assert meta["decode"]["outputs"] == ["logits", *(f"{s['name']}_next" for s in meta["state"])]  # no cut outputs
     assert meta["decode"]["shares_weights"] and not (runs[case]["folder"] / "decode.onnx.data").exists()
+    assert meta["export"]["notes"]["decode_decompositions"] == "skipped"  # exporter_shortcuts.py: no retrace of the decode graph
+    assert "decode_share_weights" not in meta["export"]["phases"]  # saved pointing into model.onnx.data: never written twice
 
 
 def test_io_binding_gives_the_same_tokens(runs, monkeypatch):

@@ -22,6 +22,8 @@ from ...capture.step_graph import positions_from_mask, spec_bytes_per_token
 from ...errors import GraphwrightError
 from ...version import __version__
 from .artifact import FORMAT, METADATA, MODEL, OnnxStep, info_to_json, spec_to_json
+from .exporter_shortcuts import LAST as decompose_state
+from .exporter_shortcuts import shortcuts
 from .manifest import record_files, save_tokenizer
 from .optimize import optimize
 from .phases import Phases
@@ -137,12 +139,15 @@ def _prepare_dir(out: Path, overwrite: bool, tokenizer=None) -> list:
     return owned or []
 
 
-def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm=None, tag: str = "") -> tuple:
+def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm=None, tag: str = "", share_with=None) -> tuple:
     """Export the step graph (minus the ops left to the runtime, ``split.py``); returns the ONNX
-    output names and the runtime-op records. Each step is timed in ``phases``.
+    output names, the runtime-op records and whether the weights were saved shared. Each step is
+    timed in ``phases``.
 
     ``gm``: the decode graph of ``decode_slots.decode_graph`` instead of the step graph: exported
-    for single-token steps (``input_ids`` [B, 1], ``logits_index`` [1]); ``tag`` prefixes the phase names."""
+    for single-token steps (``input_ids`` [B, 1], ``logits_index`` [1]); ``tag`` prefixes the phase names.
+    ``share_with``: a saved graph whose external data file this one's weights point into
+    (``shared_weights.save_sharing``; its weights are then never written twice)."""
     from .split import split
     from .translations import graphwright_ops, translation_table  # onnxscript: imported only when exporting
 
@@ -167,17 +172,24 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
             ep = torch.export.export(gm, args, dynamic_shapes=(*dyn, *extra_dynamic_shapes(extras)), strict=False)
         except Exception as exc:  # noqa: BLE001 - re-raised with what failed
             raise GraphwrightError(f"torch.export of the step graph failed: {type(exc).__name__}: {str(exc).strip()[:500]}") from exc
-    with phases(tag + "onnx_translate"):
+    with phases(tag + "onnx_translate"), shortcuts(table):  # exporter_shortcuts.py: no retrace of a clean program
         try:
             program = torch.onnx.export(ep, (), dynamo=True, custom_translation_table=table, opset_version=opset,
                                         input_names=inputs, output_names=outputs, optimize=False, verbose=False)
         except Exception as exc:  # noqa: BLE001
             raise GraphwrightError(f"ONNX translation failed: {type(exc).__name__}: {str(exc).strip()[:500]}") from exc
+    phases.note(tag + "decompositions", "skipped" if decompose_state.get("skipped") else decompose_state.get("blocking"))
     with phases(tag + "onnx_optimize"):
         optimize(program)  # optimize.py: the exporter's pipeline minus its one quadratic rewrite rule
     with phases(tag + "save"):
-        program.save(str(path), external_data=external_data)
-    return outputs, records
+        shared = False
+        if share_with is not None:  # shared_weights.py: the weights point into the first graph's data file
+            from .shared_weights import save_sharing
+
+            shared = save_sharing(program, path, share_with)
+        if not shared:
+            program.save(str(path), external_data=external_data)
+    return outputs, records, shared
 
 
 def _decode_onnx(cm, out: Path, opset: int, external_data: bool, phases: Phases):
@@ -194,9 +206,9 @@ def _decode_onnx(cm, out: Path, opset: int, external_data: bool, phases: Phases)
     gm, capacity, in_graph, left = decode_graph(sg.gm, sg.state)
     if not in_graph:
         return {"model_file": None, "split": left} if left else None
-    outputs, records = _to_onnx(cm, out / DECODE_MODEL, opset, external_data, phases, gm=gm, tag="decode_")
-    shared = False
-    if external_data and (out / EXTERNAL_DATA).exists():
+    main = out / MODEL if external_data and (out / EXTERNAL_DATA).exists() else None
+    outputs, records, shared = _to_onnx(cm, out / DECODE_MODEL, opset, external_data, phases, gm=gm, tag="decode_", share_with=main)
+    if main is not None and not shared:
         from .shared_weights import share_weights
 
         with phases("decode_share_weights"):
@@ -350,7 +362,7 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
     with phases("prepare"):
         owned = _prepare_dir(out, overwrite, cm.tokenizer)
     path = out / MODEL
-    outputs, records = _to_onnx(cm, path, opset, external_data, phases)
+    outputs, records, _ = _to_onnx(cm, path, opset, external_data, phases)
     decode = _decode_onnx(cm, out, opset, external_data, phases)
     external = (out / EXTERNAL_DATA).exists()
     with phases("check"):

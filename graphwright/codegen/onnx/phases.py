@@ -20,6 +20,7 @@ class Phases:
     def __init__(self):
         self.seconds: dict[str, float] = {}
         self.cpu: dict[str, float] = {}
+        self.notes: dict[str, object] = {}
         self._t0, self._c0 = time.perf_counter(), time.process_time()
 
     @contextmanager
@@ -31,9 +32,30 @@ class Phases:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
             self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - c0
 
+    def note(self, name: str, value) -> None:
+        """A fact about how a phase ran (e.g. whether the decomposition retrace was skipped), kept under ``notes``."""
+        self.notes[name] = value
+
     def to_json(self) -> dict:
-        """``{"phases": {name: wall s}, "cpu": {name: CPU s}, "total_s", "total_cpu_s"}``, 10 ms rounding."""
+        """``{"phases": {name: wall s}, "cpu": {name: CPU s}, "notes", "total_s", "total_cpu_s"}``, 10 ms rounding."""
         return {"phases": {k: round(v, 2) for k, v in self.seconds.items()},
                 "cpu": {k: round(v, 2) for k, v in self.cpu.items()},
+                "notes": dict(self.notes),
                 "total_s": round(time.perf_counter() - self._t0, 2),
                 "total_cpu_s": round(time.process_time() - self._c0, 2)}
+
+
+def timings_table(record: dict) -> str:
+    """``graphwright.json["export"]`` as a text table: one row per phase (wall s, CPU s, share of the
+    wall total), then the total and the notes. What ``graphwright export --timings`` prints."""
+    phases, cpu = record.get("phases") or {}, record.get("cpu") or {}
+    total = max(float(record.get("total_s") or 0.0), 1e-9)
+    width = max([len("phase"), *(len(p) for p in phases)])
+    lines = [f"{'phase'.ljust(width)}  {'wall s':>8}  {'CPU s':>8}  {'share':>6}"]
+    for name, s in phases.items():
+        c = cpu.get(name)
+        lines.append(f"{name.ljust(width)}  {s:8.2f}  {'-' if c is None else f'{c:.2f}':>8}  {100 * s / total:5.0f}%")
+    lines.append(f"{'total'.ljust(width)}  {record.get('total_s', 0.0):8.2f}  {record.get('total_cpu_s', 0.0):8.2f}")
+    lines += [f"{name}: {value}" for name, value in (record.get("notes") or {}).items()]
+    return "\n".join(lines)
+
