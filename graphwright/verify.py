@@ -38,7 +38,7 @@ from .runtime.generate import kept_tokens_per_head
 from .runtime.score import stream_logits
 
 PROBE_BATCH, PROBE_LEN, PROBE_PAD, PROBE_SEED = 2, 16, 3, 0
-PROBE_DECODE = 8  # teacher-forced decode steps after the prefill
+PROBE_DECODE = 4  # teacher-forced decode steps after the prefill (eviction acts at each)
 PROBE_MAX_LEN = 128  # cap on the probe's prompt: a larger budget is not exceeded (kv_kept then says 1.0)
 PROBE_MARGIN = 4  # tokens past the largest budget
 EXACT_TOL = {torch.float32: 1e-4, torch.float64: 1e-4}  # any other dtype (fp16, bf16): LOW_PRECISION_TOL

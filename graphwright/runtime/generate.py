@@ -59,16 +59,19 @@ def check_prompt(input_ids, attention_mask, vocab_size: int):
     return input_ids.long(), check_attention_mask(attention_mask, input_ids)
 
 
+FROM_INFO = object()  # Runtime's default position limit: the model's own max_positions
+
+
 class Runtime:
     """Generation and scoring over a step function with explicit state."""
 
-    def __init__(self, step, specs, info, max_positions: int | None | str = "info"):
-        """``max_positions``: the last position + 1 a generation may reach (``inputs.check_length``);
-        by default ``info.max_positions``, None for no limit (graphs that see cache-relative positions)."""
+    def __init__(self, step, specs, info, max_positions=FROM_INFO):
+        """``max_positions``: how many positions a generation may reach (``inputs.check_length``); by
+        default ``info.max_positions``, None for no limit (graphs whose attention sees cache indices only)."""
         self.step = step
         self.specs = specs
         self.info = info
-        self.max_positions = info.max_positions if max_positions == "info" else max_positions
+        self.max_positions = info.max_positions if max_positions is FROM_INFO else max_positions
         self.last_stats: dict = {}
 
     @torch.inference_mode()

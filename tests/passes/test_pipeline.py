@@ -81,7 +81,7 @@ def test_compile_with_noop_records_notes_and_verification(tiny):
     assert notes["recipe"] == [{"pass": "noop"}]
     assert cm.verification["passes"] == [{"name": "noop", "exact": True, "max_abs_logit_diff": 0.0, "kl": 0.0,
                                           "decode_max_abs_logit_diff": 0.0, "decode_kl": 0.0, "kv_kept": 1.0}]
-    assert cm.verification["probe"] == {"batch": 2, "prompt_tokens": 16, "decode_steps": 8, "left_padding": 3}
+    assert cm.verification["probe"] == {"batch": 2, "prompt_tokens": 16, "decode_steps": 4, "left_padding": 3}
     assert cm.verification["backend"] == "torch" and "fallback" not in cm.verification
     assert cm.verification["lowering"]["max_abs_logit_diff"] <= 1e-4  # torch kernels vs the reference backend
 
@@ -185,7 +185,7 @@ def test_context_gets_model_tokenizer_and_calibration_ids(sg, register, tiny):
 def test_probe_shape_and_padding(sg):
     probe = make_probe(sg)
     ids, mask = probe.ids, probe.mask
-    assert ids.shape == mask.shape == (2, 16 + 8) and probe.prefill == 16 and probe.decode == 8
+    assert ids.shape == mask.shape == (2, 16 + 4) and probe.prefill == 16 and probe.decode == 4
     assert mask[0].all() and mask[1, :3].eq(0).all() and mask[1, 3:].all()
     assert int(ids[mask.bool()].min()) >= 3 and int(ids.max()) < sg.info.vocab_size
     assert torch.equal(make_probe(sg).ids, ids)  # seeded
