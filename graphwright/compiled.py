@@ -8,6 +8,8 @@ from .capture.step_graph import StepGraph
 from .codegen.backends import Backend, get_backend
 from .codegen.lower import lower
 from .runtime import Runtime
+from .runtime.generate import check_prompt
+from .runtime.inputs import position_limit
 
 
 class CompiledModel:
@@ -31,7 +33,8 @@ class CompiledModel:
         self._lowered = lower(self.runtime_graph.gm, self.backend_object)
         make_step = self.backend_object.make_step  # backends that own their state layout (compiled: static caches)
         self._backend_step = make_step(self.runtime_graph, self._lowered) if make_step is not None else None
-        self._runtime = Runtime(self._step, self.runtime_graph.state, step_graph.info)
+        self._runtime = Runtime(self._step, self.runtime_graph.state, step_graph.info,
+                                max_positions=position_limit(step_graph.info, step_graph.notes.get("recipe")))
 
     def _step(self, input_ids, positions, logits_index, state, **extras):
         if self._backend_step is not None:
@@ -74,8 +77,9 @@ class CompiledModel:
             self._runtime.last_stats.update(self._backend_step.stats())
         return out
 
-    def logits(self, input_ids, attention_mask=None, emphasis=None) -> torch.Tensor:
-        return self._runtime.logits(input_ids, attention_mask, extras=self._extras(emphasis, input_ids, attention_mask))
+    def logits(self, input_ids, attention_mask=None, emphasis=None, allow_long: bool = False) -> torch.Tensor:
+        return self._runtime.logits(input_ids, attention_mask, extras=self._extras(emphasis, input_ids, attention_mask),
+                                    allow_long=allow_long)
 
     def generate_text(self, prompt, emphasis=None, max_new_tokens: int = 64, chat: bool = True, **kwargs):
         """Generate from text; ``emphasis``: substrings or ``(char_start, char_end)`` spans of the prompt.
@@ -97,6 +101,7 @@ class CompiledModel:
             return {}
         from .steer.emphasis import steer_extras
 
+        input_ids, attention_mask = check_prompt(input_ids, attention_mask, self.info.vocab_size)  # before spans read the mask
         return steer_extras(self.step_graph, emphasis, input_ids, attention_mask)
 
     def report(self):

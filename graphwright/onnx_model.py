@@ -47,7 +47,7 @@ class OnnxModel:
             raise GraphwrightError(f"{model_path}: ONNX Runtime cannot load the model ({type(exc).__name__}: {first}); "
                                    "the file is corrupt or incomplete, re-export the model") from exc
         self.tokenizer = self._load_tokenizer()
-        self._runtime = Runtime(self.step, self.state_specs, self.info)
+        self._runtime = Runtime(self.step, self.state_specs, self.info, max_positions=self._position_limit())
         self._select = None
         if meta.get("gemfilter"):  # GemFilter: the exported selection graph runs before generation
             from .codegen.onnx.gemfilter_export import OnnxSelection
@@ -56,6 +56,18 @@ class OnnxModel:
                 raise GraphwrightError(f"{self.path}: missing {meta['gemfilter']['model_file']} (the GemFilter "
                                        "selection graph); re-export the model")
             self._select = OnnxSelection(self.path, meta["gemfilter"], self.state_specs, providers, session_options)
+
+    def _position_limit(self):
+        """``max_positions``, or None for a streaming export whose attention sees cache indices only (``runtime.inputs``)."""
+        from .errors import RecipeError
+        from .recipes import Recipe
+        from .runtime.inputs import position_limit
+
+        try:
+            entries = Recipe.parse(self.recipe).to_list() if isinstance(self.recipe, str) else None
+        except RecipeError:
+            entries = None  # an unreadable recipe string keeps the model's own limit
+        return position_limit(self.info, entries)
 
     def _load_tokenizer(self):
         tok_dir = self.metadata.get("tokenizer")
@@ -89,8 +101,9 @@ class OnnxModel:
             return filtered_generate(self._runtime, self.info, self._select, input_ids, max_new_tokens, **kwargs)
         return self._runtime.generate(input_ids, max_new_tokens=max_new_tokens, extras=extras, **kwargs)
 
-    def logits(self, input_ids, attention_mask=None, emphasis=None) -> torch.Tensor:
-        return self._runtime.logits(input_ids, attention_mask, extras=self._extras(emphasis, input_ids, attention_mask))
+    def logits(self, input_ids, attention_mask=None, emphasis=None, allow_long: bool = False) -> torch.Tensor:
+        return self._runtime.logits(input_ids, attention_mask, extras=self._extras(emphasis, input_ids, attention_mask),
+                                    allow_long=allow_long)
 
     def _extras(self, emphasis, input_ids, attention_mask) -> dict:
         if emphasis is None:
@@ -98,7 +111,10 @@ class OnnxModel:
         from types import SimpleNamespace
 
         from .capture.step_graph import ExtraInput
+        from .runtime.generate import check_prompt
         from .steer.emphasis import steer_extras
+
+        input_ids, attention_mask = check_prompt(input_ids, attention_mask, self.info.vocab_size)  # before spans read the mask
 
         specs = [ExtraInput(x["name"], x["kind"], x.get("doc", ""), dict(x.get("meta") or {}))
                  for x in self.metadata.get("extra_inputs") or ()]

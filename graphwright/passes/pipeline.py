@@ -16,6 +16,7 @@ import torch
 from ..errors import GraphwrightError, RecipeError
 from ..recipes import Recipe
 from .base import PassContext, instantiate
+from .budgets import budget_of, warn_near_zero
 from .manager import order_passes
 
 CALIBRATION_TOKENS = 200
@@ -25,12 +26,18 @@ def run_recipe(sg, recipe, model=None, tokenizer=None, verify_fn=None, lower_fn=
     """Apply ``recipe`` to ``sg``; returns ``(new_sg, Recipe, verification)``.
 
     ``verification`` is plain data: ``{"passes": [{"name", "exact", "max_abs_logit_diff", "kl"}, ...]}``;
-    ``verify_fn(pass, old_sg, new_sg, exact) -> {"max_abs_logit_diff", "kl"}`` fills the numbers (None
+    ``verify_fn(pass, old_sg, new_sg, exact) -> {"max_abs_logit_diff", "kl", ...}`` fills the numbers (None
     without one) and raises for an exact pass that changed the logits. ``lower_fn(gm) -> callable``
-    reaches passes as ``ctx.lower``. Raises ``RecipeError`` for a bad recipe or a pass that does not apply.
+    reaches passes as ``ctx.lower``. Raises ``RecipeError`` for a bad recipe, a pass that does not apply,
+    or a setting that keeps no token (``budgets.budget_of``); a near-zero budget adds ``"warning"`` to its
+    record and emits a ``BudgetWarning`` carrying the measured deviation.
     """
     parsed = Recipe.parse(recipe)
     passes = instantiate(parsed)  # all argument errors surface before any work is done
+    budgets = {id(p): budget_of(p) for p in passes}
+    for p in passes:  # so do settings that keep no token (passes/budgets.py)
+        if budgets[id(p)].refuse:
+            raise RecipeError(f"pass {p.name}: {budgets[id(p)].refuse}")
     if not passes:
         return sg, parsed, {"passes": []}
     plan = order_passes(passes, sg)  # the compiler's order; conflicts surface here, before any surgery
@@ -52,6 +59,7 @@ def run_recipe(sg, recipe, model=None, tokenizer=None, verify_fn=None, lower_fn=
         record = {"name": p.name, "exact": exact, "max_abs_logit_diff": None, "kl": None}
         if verify_fn is not None:
             record.update(verify_fn(p, sg, new, exact))
+        warn_near_zero(p, budgets[id(p)], record)  # a near-zero budget: a BudgetWarning with the measured deviation
         records.append(record)
         sg = new
     sg.notes["pass_order"] = plan.to_dict()

@@ -22,6 +22,7 @@ import torch
 from ..codegen.lower import lower
 from ..ops.gemfilter import ATTENTION_KINDS, kept_batch, kept_from_scores, select_tokens, selection_node, token_scores, truncate_after_layer  # noqa: F401  (re-exported: the selection maths lives in ops)
 from .generate import check_prompt, positions_from_mask
+from .inputs import check_length
 
 
 @torch.inference_mode()
@@ -49,6 +50,8 @@ def filtered_generate(runtime, info, select, input_ids, max_new_tokens: int = 32
                       **kwargs) -> torch.Tensor:
     """Generate with ``runtime`` from the prompt tokens ``select(ids, mask)`` keeps (torch or ONNX selection)."""
     input_ids, attention_mask = check_prompt(input_ids, attention_mask, info.vocab_size)
+    # the selection pass runs the whole prompt: its positions must exist too (generation then checks the kept ones)
+    check_length(info, int(attention_mask.sum(dim=1).max()), 0, runtime.max_positions, kwargs.get("allow_long", False))
     t0 = time.perf_counter()
     kept = select(input_ids, attention_mask)
     select_s = time.perf_counter() - t0

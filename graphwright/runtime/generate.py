@@ -18,6 +18,7 @@ import time
 import torch
 
 from ..capture.step_graph import positions_from_mask
+from .inputs import check_attention_mask, check_length
 from .sampling import check_sampling, choose_next
 
 
@@ -43,6 +44,8 @@ def kept_tokens_per_head(state, specs, num_layers: int, num_kv_heads: int):
 
 
 def check_prompt(input_ids, attention_mask, vocab_size: int):
+    """``(input_ids, attention_mask)`` as LongTensors [B, T]; ``ValueError`` for bad ids or a mask that is not
+    0/1, left-padded and shaped like the ids (``inputs.check_attention_mask``)."""
     if not isinstance(input_ids, torch.Tensor):
         raise ValueError(f"input_ids must be a LongTensor [batch, seq]; got {type(input_ids).__name__}")
     if input_ids.dim() == 1:
@@ -53,31 +56,30 @@ def check_prompt(input_ids, attention_mask, vocab_size: int):
         raise ValueError(f"input_ids must be integer token ids; got dtype {input_ids.dtype}")
     if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size:
         raise ValueError(f"token ids must be in [0, {vocab_size}); got range [{int(input_ids.min())}, {int(input_ids.max())}]")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {list(attention_mask.shape)} != input_ids shape {list(input_ids.shape)}")
-    if bool((attention_mask.sum(dim=1) == 0).any()):
-        raise ValueError("every row of attention_mask needs at least one real (1) token")
-    if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
-        raise ValueError("attention_mask must be left-padded (zeros before ones in each row)")
-    return input_ids.long(), attention_mask.long()
+    return input_ids.long(), check_attention_mask(attention_mask, input_ids)
+
+
+FROM_INFO = object()  # Runtime's default position limit: the model's own max_positions
 
 
 class Runtime:
     """Generation and scoring over a step function with explicit state."""
 
-    def __init__(self, step, specs, info):
+    def __init__(self, step, specs, info, max_positions=FROM_INFO):
+        """``max_positions``: how many positions a generation may reach (``inputs.check_length``); by
+        default ``info.max_positions``, None for no limit (graphs whose attention sees cache indices only)."""
         self.step = step
         self.specs = specs
         self.info = info
+        self.max_positions = info.max_positions if max_positions is FROM_INFO else max_positions
         self.last_stats: dict = {}
 
     @torch.inference_mode()
-    def logits(self, input_ids, attention_mask=None, extras: dict | None = None) -> torch.Tensor:
+    def logits(self, input_ids, attention_mask=None, extras: dict | None = None, allow_long: bool = False) -> torch.Tensor:
         """Logits [B, T, V] for every prompt position (one prefill step); ``last_stats`` gets the cache it held."""
         extras = extras or {}
         input_ids, attention_mask = check_prompt(input_ids, attention_mask, self.info.vocab_size)
+        check_length(self.info, int(attention_mask.sum(dim=1).max()), 0, self.max_positions, allow_long)
         B, T = input_ids.shape
         state = [s.empty(B, input_ids.device) for s in self.specs]
         logits, state = self.step(input_ids, positions_from_mask(attention_mask), torch.arange(T, device=input_ids.device), state, **extras)
@@ -89,17 +91,21 @@ class Runtime:
     @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens: int = 32, attention_mask=None, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None, seed: int | None = None,
-                 eos_token_id=None, pad_token_id=None, extras: dict | None = None) -> torch.Tensor:
+                 eos_token_id=None, pad_token_id=None, extras: dict | None = None, allow_long: bool = False) -> torch.Tensor:
         """Token ids [B, T + n] like Hugging Face ``generate``: prompt, then new tokens (greedy by default).
 
         Stops when every row has produced an EOS or after ``max_new_tokens``; finished rows are
         filled with ``pad_token_id``. ``extras``: named extra graph inputs fed to every step.
+        Raises ``ValueError`` before any step when the longest row plus ``max_new_tokens`` exceeds
+        the model's ``max_positions``; ``allow_long=True`` runs a rotary model past it with a warning
+        (``inputs.check_length``).
         """
         extras = extras or {}
         do_sample, temperature, top_k, top_p, seed = check_sampling(do_sample, temperature, top_k, top_p, seed)
         input_ids, attention_mask = check_prompt(input_ids, attention_mask, self.info.vocab_size)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
+        check_length(self.info, int(attention_mask.sum(dim=1).max()), max_new_tokens, self.max_positions, allow_long)
         eos = self.info.eos_token_id if eos_token_id is None else (
             (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
         pad = pad_token_id if pad_token_id is not None else (self.info.pad_token_id if self.info.pad_token_id is not None else (eos[0] if eos else 0))

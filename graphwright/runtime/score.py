@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .generate import state_bytes
+from .generate import positions_from_mask, state_bytes
+from .inputs import check_length
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -29,7 +30,7 @@ def _runtime_of(runtime_or_cm):
 
 
 @torch.inference_mode()
-def score_stream(runtime_or_cm, input_ids: torch.Tensor, prefix_len: int, progress=None) -> torch.Tensor:
+def score_stream(runtime_or_cm, input_ids: torch.Tensor, prefix_len: int, progress=None, allow_long: bool = False) -> torch.Tensor:
     """NLL of tokens 1..T-1 of ``input_ids`` [B, T] (or [T]) scored as prefill + decode.
 
     The first ``prefix_len`` tokens are one prefill step (logits for all of them); each later
@@ -37,7 +38,8 @@ def score_stream(runtime_or_cm, input_ids: torch.Tensor, prefix_len: int, progre
     where entry ``t`` is -log p(input_ids[t+1] | input_ids[:t+1]). ``progress`` is an optional
     tqdm bar advanced once per decoded token. Afterwards the runtime's ``last_stats`` holds
     ``kv_bytes`` (the cache held after the last step, T-1 tokens fed), ``kv_bytes_dense`` and
-    ``kv_fraction``, as after ``generate``.
+    ``kv_fraction``, as after ``generate``. The T - 1 fed positions must fit the model's ``max_positions``
+    (``allow_long``: as in ``Runtime.generate``).
     """
     rt = _runtime_of(runtime_or_cm)
     squeeze = input_ids.dim() == 1
@@ -48,6 +50,7 @@ def score_stream(runtime_or_cm, input_ids: torch.Tensor, prefix_len: int, progre
         raise ValueError(f"score_stream needs at least 2 tokens; got {T}")
     if not 1 <= prefix_len <= T:
         raise ValueError(f"prefix_len must be in [1, {T}]; got {prefix_len}")
+    check_length(rt.info, T - 1, 0, getattr(rt, "max_positions", rt.info.max_positions), allow_long)
     device = ids.device
     state = [s.empty(B, device) for s in rt.specs]
     positions = torch.arange(T, device=device).expand(B, T)
@@ -68,3 +71,31 @@ def score_stream(runtime_or_cm, input_ids: torch.Tensor, prefix_len: int, progre
     rt.last_stats = {"batch": B, "prompt_tokens": prefix_len * B, "scored_tokens": (T - 1) * B, "decode_steps": max(0, T - 1 - prefix_len),
                      "kv_bytes": kv, "kv_bytes_dense": dense, "kv_fraction": kv / dense if dense else 0.0, "source": "score_stream"}
     return out[0] if squeeze else out
+
+
+@torch.inference_mode()
+def stream_logits(step, specs, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefill: int, extras: dict | None = None):
+    """Teacher-forced prefill + decode through ``step``, threading the state as ``Runtime.generate`` does.
+
+    ``input_ids``/``attention_mask`` [B, T] (left padding only inside the first ``prefill`` columns):
+    one prefill step over the first ``prefill`` tokens with logits at every position, then one decode
+    step per later token at its absolute position (``logits_index`` [0], state fed back), so a pass
+    that evicts after prefill or at decode acts on every later step. Returns ``(logits [B, T, V],
+    final state)``; logits[:, t] predicts token t + 1.
+    """
+    extras = extras or {}
+    B, T = input_ids.shape
+    if not 1 <= prefill <= T:
+        raise ValueError(f"prefill must be in [1, {T}]; got {prefill}")
+    if not bool(attention_mask[:, prefill:].bool().all()):
+        raise ValueError("attention_mask may hold padding (0) only inside the prefill columns")
+    device = input_ids.device
+    positions = positions_from_mask(attention_mask)
+    state = [s.empty(B, device) for s in specs]
+    logits, state = step(input_ids[:, :prefill], positions[:, :prefill], torch.arange(prefill, device=device), state, **extras)
+    out = [logits]
+    zero = torch.zeros(1, dtype=torch.long, device=device)
+    for t in range(prefill, T):
+        logits, state = step(input_ids[:, t:t + 1], positions[:, t:t + 1], zero, state, **extras)
+        out.append(logits[:, -1:])
+    return torch.cat(out, dim=1), state

@@ -79,7 +79,9 @@ def test_compile_with_noop_records_notes_and_verification(tiny):
     notes = cm.step_graph.notes
     assert notes["noop"] == {"per_layer": {0: {"visited": True}, 1: {"visited": True}}, "counts": {"attention_nodes": 2}}
     assert notes["recipe"] == [{"pass": "noop"}]
-    assert cm.verification["passes"] == [{"name": "noop", "exact": True, "max_abs_logit_diff": 0.0, "kl": 0.0}]
+    assert cm.verification["passes"] == [{"name": "noop", "exact": True, "max_abs_logit_diff": 0.0, "kl": 0.0,
+                                          "decode_max_abs_logit_diff": 0.0, "decode_kl": 0.0, "kv_kept": 1.0}]
+    assert cm.verification["probe"] == {"batch": 2, "prompt_tokens": 16, "decode_steps": 4, "left_padding": 3}
     assert cm.verification["backend"] == "torch" and "fallback" not in cm.verification
     assert cm.verification["lowering"]["max_abs_logit_diff"] <= 1e-4  # torch kernels vs the reference backend
 
@@ -112,7 +114,8 @@ def test_lossy_pass_reports_its_deviation(sg, register):
     noop, lossy = verification["passes"]  # the pass manager runs noop (stage 0) first, whatever the written order
     assert lossy["name"] == "test_lossy" and lossy["exact"] is False
     assert lossy["max_abs_logit_diff"] > 1e-3 and lossy["kl"] > 0
-    assert noop == {"name": "noop", "exact": True, "max_abs_logit_diff": 0.0, "kl": 0.0}
+    assert noop == {"name": "noop", "exact": True, "max_abs_logit_diff": 0.0, "kl": 0.0,
+                    "decode_max_abs_logit_diff": 0.0, "decode_kl": 0.0, "kv_kept": 1.0}
     assert out.notes["recipe"] == [{"pass": "noop"}, {"pass": "test_lossy", "scale": 0.05}]
     assert out.notes["pass_order"]["written"] == ["test_lossy", "noop"]
     assert out.notes["pass_order"]["order"] == ["noop", "test_lossy"]
@@ -180,8 +183,9 @@ def test_context_gets_model_tokenizer_and_calibration_ids(sg, register, tiny):
 
 
 def test_probe_shape_and_padding(sg):
-    ids, mask = make_probe(sg)
-    assert ids.shape == mask.shape == (2, 16)
+    probe = make_probe(sg)
+    ids, mask = probe.ids, probe.mask
+    assert ids.shape == mask.shape == (2, 16 + 4) and probe.prefill == 16 and probe.decode == 4
     assert mask[0].all() and mask[1, :3].eq(0).all() and mask[1, 3:].all()
     assert int(ids[mask.bool()].min()) >= 3 and int(ids.max()) < sg.info.vocab_size
-    assert torch.equal(make_probe(sg)[0], ids)  # seeded
+    assert torch.equal(make_probe(sg).ids, ids)  # seeded
