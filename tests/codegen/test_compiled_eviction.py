@@ -31,7 +31,8 @@ CASES = {"streaming(sinks=4, window=28)": (33, [33]),
 
 def kept_sets(cm, state):
     names = [s.name for s in cm.runtime_graph.state]
-    return [[sorted(h) for row in kept_positions(state[names.index(n)]) for h in row] for n in names if n.startswith("key_positions")]
+    k_pos = [state[names.index(n)] for n in names if n.startswith("key_positions")]  # [B, Hk, S] per layer, or shared [B, S]
+    return [[sorted(h) for row in kept_positions(p if p.dim() == 3 else p[:, None]) for h in row] for p in k_pos]
 
 
 def run(cm, lengths=LENGTHS, steps=STEPS):
@@ -84,14 +85,17 @@ def test_compiled_eviction_keeps_the_torch_backends_sets_and_logits(compiled_tin
     assert torch.equal(cm.generate(ids, attention_mask=mask, max_new_tokens=8), ref.generate(ids, attention_mask=mask, max_new_tokens=8))
 
 
-def test_a_budget_above_the_prompt_grows_by_buckets_up_to_budget_plus_one(compiled_tiny):
-    """Prompts 250/241, H2O budget 280: capacity 256 (bucket), then 281 (the budget + 1, not the 512 bucket), then flat."""
-    cm, ref = compiled_and_torch(compiled_tiny("tiny-llama"), "h2o(heavy=140, recent=140)", inductor=False)
+def test_a_budget_above_the_prompt_grows_by_buckets_up_to_budget_plus_one_next_to_dense_layers(compiled_tiny):
+    """Prompts 250/241, H2O budget 280 on layer 1 only: its states grow 256 -> 281 (the budget + 1, not the
+    512 bucket) and stay; layer 0 (dense, shared positions) grows 256 -> 512 at the same step."""
+    cm, ref = compiled_and_torch(compiled_tiny("tiny-llama"), "h2o(heavy=140, recent=140, layers=[1])", inductor=False)
     _, _, sets, shapes, _ = check_same_as_torch(cm, ref, lengths=[250, 241])
-    caps = [s[0][2] for s in shapes[1:]]
-    assert caps == [256] * 6 + [281] * (STEPS - 6)
-    assert [c["capacity"] for c in cm._backend_step.compiles] == [256, 281]
-    assert max(len(h) for h in sets[-1][0]) == 280  # the budget was reached: eviction in the last steps
+    names = [s.name for s in cm.runtime_graph.state]
+    evicting, dense = names.index("key_positions1"), names.index("key_positions")
+    assert [s[evicting][-1] for s in shapes[1:]] == [256] * 6 + [281] * (STEPS - 6)
+    assert [s[dense][-1] for s in shapes[1:]] == [256] * 6 + [512] * (STEPS - 6)
+    assert [c["capacity"] for c in cm._backend_step.compiles] == [256, 512]
+    assert max(len(h) for h in sets[-1][1]) == 280  # layer 1 reached its budget: eviction in the last steps
 
 
 @pytest.mark.parametrize("recipe, why", [
