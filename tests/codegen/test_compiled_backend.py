@@ -99,10 +99,11 @@ def test_compiled_decode_equals_the_torch_backend_other_models_and_recipes(tiny,
     check_against_torch(tiny(name), recipe)
 
 
-def test_recipes_that_do_not_only_append_are_refused_naming_what_is_supported(tiny):
+def test_graphs_whose_state_is_not_appended_or_static_slots_are_refused_naming_what_is_supported(tiny):
     with pytest.raises(ValueError, match=r"backend='compiled' cannot run this graph: state input .* is not only appended to"
-                                         r".*It supports recipes whose KV state grows only by appending \(identity, window, lowrank_kv"):
-        gw.compile(tiny("tiny-llama"), recipe="h2o(heavy=0.1, recent=0.1)", backend="compiled", verify=False)
+                                         r".*It supports recipes whose KV state grows only by appending \(identity, window, lowrank_kv"
+                                         r".*and eviction with a fixed decode capacity: streaming\(sinks, window\), h2o\(heavy=N, recent=M\)"):
+        gw.compile(tiny("tiny-llama"), recipe="block_sparse(block=4, top_k=2, dense_layers=[])", backend="compiled", verify=False)
 
 
 def test_the_cli_accepts_backend_compiled():

@@ -30,9 +30,16 @@ implementations are plain torch functions, so Dynamo traces through them with no
 (``TORCH_LOGS=graph_breaks``): ``attention_sdpa`` and ``latent_attention_sdpa`` reach
 ``scaled_dot_product_attention``, which Inductor calls as its fallback ATen kernel
 (``_scaled_dot_product_flash_attention_for_cpu``); mask building, RoPE and ``slot_write`` (an
-``index_put_``) are fused into generated kernels that write the input buffers in place. Graphs
-whose state is not append-only (eviction recipes, ``block_sparse``)
-are refused with a ``ValueError`` when the ``CompiledModel`` is built.
+``index_put_``) are fused into generated kernels that write the input buffers in place.
+
+Eviction with a fixed decode capacity (``static_eviction.py``): StreamingLLM and H2O with
+token-count budgets ``c`` keep per-head slot buffers of at most ``c + 1`` slots (capacity
+``min(capacity_for(n + 1), c + 1)``, so once the budget is reached the shapes, and the compiled
+step, never change; the new token takes each head's first empty slot and eviction marks the
+victim's slot empty, all in the compiled graph); SnapKV evicts at prefill (eager) and appends at
+decode (the buckets above). Refused with a ``ValueError`` naming the recipe and the reason when the
+``CompiledModel`` is built: fraction budgets and FastGen (data-dependent capacity), eviction on
+``lowrank_kv`` caches, ``block_sparse`` (its page summaries are not appended).
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import time
 import torch
 
 from .static_cache import slots_from_appends, static_cache_unsupported
+from .static_eviction import EvictionNotStatic, eviction_decode_rewrite
 
 RECOMPILE_LIMIT = 64
 SMALL_GRANULE, SMALL_LIMIT = 256, 2048
@@ -86,6 +94,12 @@ def _raise_recompile_limit() -> None:
             setattr(cfg, name, RECOMPILE_LIMIT)
 
 
+SUPPORTED = ("It supports recipes whose KV state grows only by appending (identity, window, lowrank_kv; steer, noop, fuse_moe "
+             "append too, untested) and eviction with a fixed decode capacity: streaming(sinks, window), h2o(heavy=N, recent=M) "
+             "with token counts, snapkv(budget=N); fraction budgets, fastgen, eviction on lowrank_kv caches and block_sparse "
+             "need backend='torch'")
+
+
 class StaticCacheStep:
     """``step(input_ids, positions, logits_index, state, **extras) -> (logits, state)`` for the runtime.
 
@@ -93,43 +107,71 @@ class StaticCacheStep:
     ``kv_bytes`` therefore counts the capacity ``C``, what the buffers really hold). A state
     passed in that is not the last one returned (a fresh prefill state, or an older sequence's)
     is copied into new buffers; as in the torch backend, a state passed to a step is donated.
+
+    Capacities are per state: an append-only state ``i`` holds ``filled[i]`` slots and the next
+    token goes to slot ``filled[i]`` (``cache_slot[i]``); a state of a static eviction layer
+    (``static_eviction.py``, ``evicting[i]["limit"] = c + 1``) holds at most ``filled[i] <= c``
+    tokens anywhere in its buffer (the new one goes to each head's first empty slot), so its
+    capacity is ``min(capacity_for(filled + 1), c + 1)``: once the budget is reached its shape
+    never changes.
     """
 
-    def __init__(self, specs, lowered: torch.fx.GraphModule, backend_name: str = "compiled"):
-        reason = static_cache_unsupported(lowered.graph, len(specs))
-        if reason:
-            raise ValueError(f"backend={backend_name!r} cannot run this graph: {reason}. It supports recipes whose "
-                             "KV state grows only by appending (identity, window, lowrank_kv; steer, noop, fuse_moe append too, untested); "
-                             "eviction recipes (h2o, snapkv, streaming, fastgen) and block_sparse need backend='torch'")
+    def __init__(self, specs, lowered: torch.fx.GraphModule, source_graph: torch.fx.Graph, backend_name: str = "compiled"):
         self.specs = list(specs)
         self.eager = lowered
+        graph = copy.deepcopy(lowered.graph)
+        try:
+            self.evicting = eviction_decode_rewrite(graph, source_graph, self.specs)
+        except EvictionNotStatic as e:
+            raise ValueError(f"backend={backend_name!r} cannot run this recipe: {e}. {SUPPORTED}") from None
+        reason = static_cache_unsupported(graph, len(self.specs), skip=self.evicting)
+        if reason:
+            raise ValueError(f"backend={backend_name!r} cannot run this graph: {reason}. {SUPPORTED}")
+        slots_from_appends(graph, len(self.specs), skip=self.evicting)
+        self._decode_graph = graph
         self.compiler = compile_decode  # GraphModule -> callable; tests swap in ``lambda gm: gm`` (static caches, eager)
         self._compiled = None
         self._bufs: list | None = None
-        self._filled = 0
-        self.compiles: list[dict] = []  # one entry per (batch, capacity) first seen: seconds of its first call
+        self._filled: list[int] = []
+        self.compiles: list[dict] = []  # one entry per (batch, capacities) first seen: seconds of its first call
         self._seen: set = set()
 
     # -- state ---------------------------------------------------------------------------------
     @property
     def capacity(self) -> int:
-        return 0 if self._bufs is None else self._bufs[0].shape[self.specs[0].seq_dim]
+        """The largest state capacity (slots)."""
+        return 0 if self._bufs is None else max(self._caps())
+
+    def _caps(self) -> tuple:
+        return tuple(b.shape[s.seq_dim] for b, s in zip(self._bufs, self.specs))
+
+    def _cap_for(self, i: int, need: int) -> int:
+        limit = self.evicting[i]["limit"] if i in self.evicting else None
+        return capacity_for(need) if limit is None else min(capacity_for(need), limit)
 
     def _owns(self, state) -> bool:
         return self._bufs is not None and len(state) == len(self._bufs) and all(a is b for a, b in zip(state, self._bufs))
 
     def _prefix(self, state):
-        """The filled slots of our buffers (the dense state the eager graph expects)."""
-        return [b.narrow(s.seq_dim, 0, self._filled) for b, s in zip(state, self.specs)]
+        """The dense state the eager graph expects: the filled slots of append-only buffers, every slot of
+        an evicting one (empty slots have position -1)."""
+        return [b if i in self.evicting else b.narrow(s.seq_dim, 0, n)
+                for i, (b, s, n) in enumerate(zip(state, self.specs, self._filled))]
 
-    def _adopt(self, state, need: int) -> None:
-        """Copy ``state`` (S filled slots) into fresh buffers of capacity ``capacity_for(need)``."""
-        cap = capacity_for(need)
+    def _adopt(self, state) -> None:
+        """Copy ``state`` into buffers of capacity ``_cap_for(i, filled[i] + 1)`` (a buffer that already has it is kept)."""
         bufs = []
-        for t, s in zip(state, self.specs):
+        for i, (t, s) in enumerate(zip(state, self.specs)):
+            cap = self._cap_for(i, self._filled[i] + 1)
+            if t.shape[s.seq_dim] == cap and self._owns(state):
+                bufs.append(t)
+                continue
+            if t.shape[s.seq_dim] > cap:
+                raise RuntimeError(f"state {s.name} holds {t.shape[s.seq_dim]} slots, more than its decode capacity {cap}")
             shape = list(t.shape)
             shape[s.seq_dim] = cap
-            buf = torch.full(shape, -1, dtype=t.dtype, device=t.device) if s.kind == "positions" else t.new_zeros(shape)
+            fill = self.evicting[i]["fill"] if i in self.evicting else (-1 if s.kind == "positions" else 0)
+            buf = torch.full(shape, fill, dtype=t.dtype, device=t.device)
             buf.narrow(s.seq_dim, 0, t.shape[s.seq_dim]).copy_(t)
             if buf.device.type == "cuda":  # CUDA graphs replay in-place writes only into static addresses
                 torch._dynamo.mark_static_address(buf)
@@ -139,9 +181,7 @@ class StaticCacheStep:
     # -- steps ---------------------------------------------------------------------------------
     def _decode_fn(self):
         if self._compiled is None:
-            graph = copy.deepcopy(self.eager.graph)
-            slots_from_appends(graph, len(self.specs))
-            gm = torch.fx.GraphModule(self.eager, graph)
+            gm = torch.fx.GraphModule(self.eager, self._decode_graph)
             gm.recompile()
             self._compiled = self.compiler(gm)
         return self._compiled
@@ -153,25 +193,26 @@ class StaticCacheStep:
             out = self.eager(input_ids, positions, logits_index, *(self._prefix(state) if owned else state), **extras)
             return out[0], list(out[1:])
         if not owned:
-            self._filled = state[0].shape[self.specs[0].seq_dim]
-            self._adopt(state, self._filled + 1)
-        elif self._filled + 1 > self.capacity:
-            self._adopt(self._prefix(self._bufs), self._filled + 1)
-        slot = torch.tensor([self._filled], dtype=torch.long, device=input_ids.device)
-        key = (input_ids.shape[0], self.capacity)
+            self._filled = [t.shape[s.seq_dim] for t, s in zip(state, self.specs)]
+            self._adopt(state)
+        elif any(self._cap_for(i, n + 1) > c for i, (n, c) in enumerate(zip(self._filled, self._caps()))):
+            self._adopt(self._bufs)  # a bucket crossed: copy into bigger buffers (whole buffers: evicting slots lie anywhere)
+        slot = torch.tensor(self._filled, dtype=torch.long, device=input_ids.device)
+        key = (input_ids.shape[0], self._caps())
         t0 = time.perf_counter()
         out = self._decode_fn()(input_ids, positions, logits_index, slot, *self._bufs, **extras)
         if key not in self._seen:
             self._seen.add(key)
-            self.compiles.append({"batch": key[0], "capacity": key[1], "first_call_s": time.perf_counter() - t0})
-        self._filled += 1
+            self.compiles.append({"batch": key[0], "capacity": max(key[1]), "first_call_s": time.perf_counter() - t0})
+        self._filled = [min(n + 1, self.evicting[i]["limit"] - 1) if i in self.evicting else n + 1 for i, n in enumerate(self._filled)]
         return out[0], list(self._bufs)
 
     def stats(self) -> dict:
-        """Facts for ``last_stats``: the static capacity and the compiles so far (seconds of each first call)."""
-        return {"cache_capacity": self.capacity, "cache_filled": self._filled, "compiles": list(self.compiles)}
+        """Facts for ``last_stats``: the largest static capacity, the most slots filled, and the compiles so far
+        (seconds of each first call; ``capacity``: the largest state capacity of that compile)."""
+        return {"cache_capacity": self.capacity, "cache_filled": max(self._filled, default=0), "compiles": list(self.compiles)}
 
 
 def make_static_step(step_graph, lowered: torch.fx.GraphModule) -> StaticCacheStep:
     """The compiled backend's ``make_step`` hook."""
-    return StaticCacheStep(step_graph.state, lowered)
+    return StaticCacheStep(step_graph.state, lowered, step_graph.gm.graph)

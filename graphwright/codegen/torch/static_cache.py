@@ -11,11 +11,13 @@ softmax ignores slot order, so attending over ``C`` slots equals attending over 
 prefix (tested: logits against the torch backend).
 
 ``slots_from_appends`` rewrites a lowered graph: every ``cache_append(state_input, new, dim)``
-becomes ``slot_write(state_input, new, dim, cache_slot)`` with ``cache_slot`` a new graph input
-(a LongTensor [1]: the first free slot, shared by all rows; data, not a shape, so a new value
-never recompiles). ``static_cache_unsupported`` says why a graph cannot run this way: its state
-must grow only by appending (identity, ``window``, ``lowrank_kv`` are tested; ``steer``, ``fuse_moe`` append too, untested); eviction passes
-(compaction or slot eviction) and ``block_sparse`` page summaries update their state otherwise.
+becomes ``slot_write(state_input, new, dim, cache_slot[i])`` with ``cache_slot`` a new graph input
+(a LongTensor [num_state]: state i's first free slot, shared by all rows; states may differ, e.g.
+SnapKV layers next to dense ones; data, not a shape, so a new value never recompiles).
+``static_cache_unsupported`` says why a graph cannot run this way: its state must grow only by
+appending (identity, ``window``, ``lowrank_kv`` are tested; ``steer``, ``fuse_moe`` append too,
+untested), or belong to a static eviction layer (``static_eviction.py``: H2O / StreamingLLM with token-count
+budgets; SnapKV appends at decode); ``block_sparse`` page summaries update their state otherwise.
 """
 
 from __future__ import annotations
@@ -33,15 +35,18 @@ def slot_write(buf: torch.Tensor, new: torch.Tensor, dim: int, slot: torch.Tenso
     return buf
 
 
-def static_cache_unsupported(graph: torch.fx.Graph, num_state: int) -> str | None:
+def static_cache_unsupported(graph: torch.fx.Graph, num_state: int, skip=()) -> str | None:
     """Why the lowered ``graph`` (torch backend: appends already ``cache_append``) cannot use static
-    caches, or None: each of its ``num_state`` state inputs must be used only by one ``cache_append``
-    whose result is the matching state output."""
+    caches, or None: each of its ``num_state`` state inputs (but the indices in ``skip``: static
+    eviction slots, ``static_eviction.py``) must be used only by one ``cache_append`` whose result
+    is the matching state output."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     states = placeholders[3:3 + num_state]
     out = next(n for n in graph.nodes if n.op == "output")
     outputs = list(out.args[0])[1:1 + num_state]
     for i, (ph, res) in enumerate(zip(states, outputs)):
+        if i in skip:
+            continue
         appends = [u for u in ph.users if u.target is cache_append]
         other = [u for u in ph.users if u.target is not cache_append and not _batch_size_read(u, ph)]
         if len(appends) != 1 or appends[0] is not res or other:
@@ -56,14 +61,19 @@ def _batch_size_read(node: torch.fx.Node, state: torch.fx.Node) -> bool:
     return node.target is torch.ops.aten.sym_size.int and node.args[0] is state and node.args[1] == 0
 
 
-def slots_from_appends(graph: torch.fx.Graph, num_state: int) -> torch.fx.Node:
+def slots_from_appends(graph: torch.fx.Graph, num_state: int, skip=()) -> torch.fx.Node:
     """Rewrite ``graph`` in place (see the module docstring); returns the new ``cache_slot`` input,
-    placed just before the first state input."""
+    placed just before the first state input. State ``i`` (but those in ``skip``) writes at
+    ``cache_slot[i]``."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     with graph.inserting_before(placeholders[3]):
         slot = graph.placeholder("cache_slot")
-    for ph in placeholders[3:3 + num_state]:
+    for i, ph in enumerate(placeholders[3:3 + num_state]):
+        if i in skip:
+            continue
         (user,) = [u for u in ph.users if u.target is cache_append]
         cache, new, dim = user.args
-        user.target, user.args = slot_write, (cache, new, dim, slot)
+        with graph.inserting_before(user):
+            slot_i = graph.call_method("narrow", (slot, 0, i, 1))
+        user.target, user.args = slot_write, (cache, new, dim, slot_i)
     return slot
