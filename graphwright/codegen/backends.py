@@ -161,5 +161,5 @@ TRITON = register_backend(Backend(
 
 COMPILED = register_backend(Backend(
     "compiled", "the torch backend with decode steps run by torch.compile (Inductor) over static-capacity caches, "
-                "eager prefill; append-only recipes (no eviction, no block_sparse)",
+                "eager prefill; append-only recipes and fixed-capacity eviction (streaming, h2o with token counts, snapkv); no block_sparse",
     TORCH.table, transforms=TORCH.transforms, make_step=make_static_step))
