@@ -54,3 +54,19 @@ def test_the_memo_is_reused_for_the_same_tensors_only():
     assert all(a is b for a, b in zip(att._LAST_MASK, kept))
     padded = torch.tensor([[-1, -1, 0, 1, 2, 3, 4, 5, 6], list(range(9))])  # new tensors: a new mask
     assert _close(q, k, v, torch.tensor([[6], [8]]), padded) is not None
+
+
+def test_slot_attention_keeps_its_probabilities_for_the_running_score_only_on_the_same_tensors():
+    from graphwright.codegen.torch import decode_probs as dp
+
+    q, k, v = _qkv()
+    q_pos = torch.tensor([[8], [6]])
+    slots = torch.tensor([[[3, -1, 0, 1, 2, -1, 4, 5, 8], [0, 1, 2, 3, 4, 5, 6, 7, 8]],
+                          [[-1, -1, 2, 6, 0, 1, -1, 3, 4], [-1, -1, 6, 5, 4, 3, 2, 1, 0]]])  # row 1 left-padded
+    _close(q, k, v, q_pos, slots)
+    kept = dp._LAST[6]
+    assert dp.step_probs(q, k, q_pos, slots, 0.3) is kept and not dp._LAST  # taken once
+    assert torch.equal(kept, dp.slot_probs(q, k, q_pos, slots, 0.3))
+    other = slots.clone()
+    _close(q, k, v, q_pos, slots)
+    assert dp.step_probs(q, k, q_pos, other, 0.3) is not dp._LAST[6]  # other tensors: computed afresh

@@ -19,7 +19,8 @@ Decode masks are built once per step: the layers of a step without per-layer pos
 same ``q_pos`` and ``k_pos`` tensor objects, so the last mask is kept (with those objects, compared
 by identity) and reused; when every key is visible to every query (no padding, no window) SDPA
 runs without a mask. One host read per step for that test (CPU only); both are skipped under
-``torch.compile``. Tested against the reference with and without padding.
+``torch.compile``. A decode step over per-head slots (eviction caches, ``k_pos`` [B, Hk, S]) computes
+its probabilities explicitly (``decode_probs.py``) so H2O/FastGen's running score reuses them. Tested against the reference with and without padding.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ...capture.ops import visible_mask
+from .decode_probs import attend_slots
 
 
 def _plain_causal(q_pos, k_pos, T: int, S: int) -> bool:
@@ -60,6 +62,9 @@ def attention_sdpa(q, k, v, q_pos, k_pos, scale, window=0, key_bias=None, sinks=
     if not window and not sinks and key_bias is None and _plain_causal(q_pos, k_pos, T, S):
         # no mask tensor: the fused kernel skips the blocks above the diagonal (prefill ~2x less work)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=Hk != H)
+    if T == 1 and k_pos.dim() == 3 and not window and not sinks:
+        # per-head slots (eviction caches): explicit probabilities, kept for the layer's running score
+        return attend_slots(q, k, v, q_pos, k_pos, scale, key_bias)
     if T == 1:
         mask = _step_mask(q_pos, k_pos, window, sinks)
         if mask is None and key_bias is None:  # every key visible: no mask at all
