@@ -31,8 +31,9 @@ from statistics import median
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import graphwright as gw  # noqa: E402
 from bench_decode import prompt_ids, recipe_text  # noqa: E402
+
+import graphwright as gw  # noqa: E402
 
 
 class HFStepper:

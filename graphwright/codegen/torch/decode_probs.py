@@ -38,7 +38,6 @@ def slot_probs(q, k, q_pos, k_pos, scale, key_bias=None) -> torch.Tensor:
 def attend_slots(q, k, v, q_pos, k_pos, scale, key_bias=None) -> torch.Tensor:
     """Attention output [B, H, 1, Dv] from ``slot_probs``; the probabilities are kept for ``step_probs``."""
     B, H = q.shape[:2]
-    Hk = k.shape[1]
     p = slot_probs(q, k, q_pos, k_pos, scale, key_bias)
     if not torch.compiler.is_compiling():
         _LAST[:] = [q, k, q_pos, k_pos, key_bias, scale, p]
