@@ -37,6 +37,7 @@ def test_left_padded_batch_and_empty_slots_keep_their_mask():
     slots = torch.tensor([[[3, -1, 0, 1, 2, -1, 4, 5, 6], [0, 1, 2, 3, 4, 5, 6, 7, 8]],
                           [[-1, 7, 2, 8, 0, 1, -1, 3, 4], [8, 7, 6, 5, 4, 3, 2, 1, 0]]])  # per-head slots, any order
     _close(q, k, v, torch.tensor([[8], [8]]), slots)
+    _close(q, k, v, torch.tensor([[8], [8]]), slots, key_bias=torch.randn(2, 6, 9))  # steering's key bias on slots
 
 
 @pytest.mark.parametrize("window, sinks", [(3, 0), (3, 2), (20, 1)])
