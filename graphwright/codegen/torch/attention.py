@@ -14,14 +14,24 @@ a masked SDPA would still read every cached key, so a single decode query first 
 visible columns (at most ``window + sinks`` of them) and attends over those only. The gathered
 columns keep their order and their mask, so the result equals the masked one (tested against
 the reference and a per-query loop oracle).
+
+Decode masks are built once per step: the layers of a step without per-layer positions pass the
+same ``q_pos`` and ``k_pos`` tensor objects, so the last mask is kept (with those objects, compared
+by identity) and reused; when every key is visible to every query (no padding, no window) SDPA
+runs without a mask. One host read per step for that test (CPU only); both are skipped under
+``torch.compile``. A decode step over per-head slots (eviction caches, ``k_pos`` [B, Hk, S]) computes
+its probabilities explicitly (``decode_probs.py``) so H2O/FastGen's running score reuses them. Tested against the reference with and without padding.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
 
 from ...capture.ops import visible_mask
+from .decode_probs import attend_slots
 
 
 def _plain_causal(q_pos, k_pos, T: int, S: int) -> bool:
@@ -44,6 +54,29 @@ def _shared_positions(k_pos):
     return k_pos
 
 
+class _StepMask(threading.local):
+    """Per thread (concurrent generations on one model): (q_pos, k_pos, window, sinks, mask or None
+    when all keys are visible) of the last decode step's mask; held tensors cannot be freed, so the
+    identity test cannot match a reused id."""
+    entry: tuple = ()
+
+
+_LAST_MASK = _StepMask()
+
+
+def _step_mask(q_pos, k_pos, window: int, sinks: int):
+    """visible_mask of a decode step, or None when every key is visible; reused while the same tensors come."""
+    if torch.compiler.is_compiling() or q_pos.device.type != "cpu":  # no host reads off CPU or in a compiled graph
+        return visible_mask(q_pos, k_pos, window, sinks)
+    m = _LAST_MASK.entry
+    if m and m[0] is q_pos and m[1] is k_pos and m[2] == window and m[3] == sinks:
+        return m[4]
+    mask = visible_mask(q_pos, k_pos, window, sinks)
+    full = None if bool(mask.all()) else mask  # the one host read per step
+    _LAST_MASK.entry = (q_pos, k_pos, window, sinks, full)
+    return full
+
+
 def attention_sdpa(q, k, v, q_pos, k_pos, scale, window=0, key_bias=None, sinks=0):
     B, H, T, _ = q.shape
     Hk, S = k.shape[1], k.shape[2]
@@ -52,7 +85,17 @@ def attention_sdpa(q, k, v, q_pos, k_pos, scale, window=0, key_bias=None, sinks=
     if not window and not sinks and key_bias is None and _plain_causal(q_pos, k_pos, T, S):
         # no mask tensor: the fused kernel skips the blocks above the diagonal (prefill ~2x less work)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=Hk != H)
-    mask = visible_mask(q_pos, k_pos, window, sinks)  # [B, Hk|1, 1, T, S]
+    if T == 1 and k_pos.dim() == 3 and not window and not sinks:
+        # per-head slots (eviction caches): explicit probabilities, kept for the layer's running score
+        return attend_slots(q, k, v, q_pos, k_pos, scale, key_bias)
+    if T == 1:
+        mask = _step_mask(q_pos, k_pos, window, sinks)
+        if mask is None and key_bias is None:  # every key visible: no mask at all
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=Hk != H)
+        if mask is None:
+            mask = torch.ones(B, 1, 1, 1, S, dtype=torch.bool, device=q.device)
+    else:
+        mask = visible_mask(q_pos, k_pos, window, sinks)  # [B, Hk|1, 1, T, S]
     if window > 0 and T == 1 and key_bias is None and mask.shape[1] == 1 and S > 2 * (window + sinks):
         return _windowed_decode(q, k, v, mask[:, 0, 0, 0], scale, window + sinks)
     mask = mask[:, :, 0] if mask.shape[1] == 1 else mask.expand(B, Hk, H // Hk, T, S).reshape(B, H, T, S)

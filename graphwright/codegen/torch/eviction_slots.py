@@ -74,6 +74,7 @@ from ...ops.eviction_ref import PUNCT, SPECIAL, budget, h2o_reference, streaming
 from ...ops.fastgen_ref import FULL, fastgen_reference
 from ...ops.rope_index_ref import _rotate, rope_angles
 from .cache_append import cache_append, keep_prefix
+from .decode_probs import step_probs
 
 
 def _slot_decode(q_pos, k, v, k_pos, extras=()) -> bool:
@@ -116,18 +117,12 @@ def decode_colsum(q, k, q_pos, k_pos, scale, key_bias=None) -> torch.Tensor:
     """``eviction_ref.colsum`` for one query per row: [B, Hk, S] fp32 attention each slot received, mean over g.
 
     The g query heads of a KV head are one [g, D] x [D, S] product against the cache as it lies (a
-    view with spare room is not copied, unlike the reference's broadcast); same mask and fp32 softmax.
+    view with spare room is not copied, unlike the reference's broadcast); same mask and fp32 softmax
+    (``decode_probs.slot_probs``), reused from the layer's attention when it computed them.
     """
-    B, H, _, D = q.shape
-    Hk, S = k.shape[1], k.shape[2]
-    g = H // Hk
-    s = torch.matmul(q.float().reshape(B, Hk, g, D), k.float().transpose(-1, -2)) * scale  # [B, Hk, g, S]
-    if key_bias is not None:
-        s = s + key_bias.float().view(B, Hk, g, S)
-    qp = q_pos.view(B, 1, 1)
-    visible = (k_pos >= 0) & ((k_pos <= qp) | (qp < 0))
-    s = s.masked_fill(~visible[:, :, None], torch.finfo(torch.float32).min)
-    return torch.softmax(s, dim=-1).mean(dim=2) * (qp >= 0)
+    # the probabilities the same layer's attention computed on these tensors, if it did (decode_probs.py)
+    p = step_probs(q, k, q_pos, k_pos, scale, key_bias)  # [B, Hk, g, S]
+    return p.mean(dim=2) * (q_pos.view(-1, 1, 1) >= 0)
 
 
 # ----------------------------------------------------------------------------------- H2O

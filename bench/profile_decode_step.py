@@ -1,0 +1,134 @@
+"""Where one decode step of the torch runtime spends its time, beside Hugging Face's decode step.
+
+Usage:
+
+    python bench/profile_decode_step.py --prompts 256 4096 --steps 16 --recipes identity h2o25 streaming25
+
+Per prompt length: prefill once per side, then ``--steps`` decode steps, timed one by one
+(median ms per step; sides alternate step by step so load drifts hit all of them). HF is
+``model(next_token, past_key_values=cache)`` with its ``DynamicCache`` (what ``generate()`` runs
+per step, without the logits processors); graphwright calls the lowered step graph directly
+(``CompiledModel._step``, the runtime's call). ``--profile`` adds a ``torch.profiler`` table of one
+more step per side (ops by self CPU time; graphwright's own Python functions appear as
+``record_function`` ranges when ``--functions``), ``--cprofile`` a cProfile of the step's Python
+(FX GraphModule forward, op dispatch, cache append, eviction slots).
+
+Recipe names as in ``bench/bench_decode.py`` (``h2o25`` = ``h2o(heavy=P/8, recent=P/8)``,
+``streaming25`` = 4 sinks + a window to 25% of P). Timings on a shared machine are direction only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+from statistics import median
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import prompt_ids, recipe_text  # noqa: E402
+
+import graphwright as gw  # noqa: E402
+
+
+class HFStepper:
+    name = "original/hf"
+
+    def __init__(self, model):
+        self.model = model
+
+    def prefill(self, ids):
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache()
+        self.pos = ids.shape[1]
+        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def step(self, tok):
+        pos = torch.tensor([[self.pos]])
+        out = self.model(input_ids=tok, past_key_values=self.cache, use_cache=True, position_ids=pos,
+                         cache_position=pos[0], logits_to_keep=1)
+        self.pos += 1
+        return out.logits[:, -1]
+
+
+class GWStepper:
+    def __init__(self, name, cm):
+        self.name, self.cm = name, cm
+
+    def prefill(self, ids):
+        B, T = ids.shape
+        self.state = [s.empty(B, ids.device) for s in self.cm._runtime.specs]
+        self.pos = torch.full((B, 1), T, dtype=torch.long)
+        logits, self.state = self.cm._step(ids, torch.arange(T)[None].expand(B, T), torch.tensor([T - 1]), self.state)
+        return logits[:, -1]
+
+    def step(self, tok):
+        logits, self.state = self.cm._step(tok, self.pos, torch.zeros(1, dtype=torch.long), self.state)
+        self.pos = self.pos + 1
+        return logits[:, -1]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--prompts", type=int, nargs="+", default=[256])
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--recipes", nargs="+", default=["identity"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--profile", action="store_true", help="torch.profiler table of one step per side")
+    p.add_argument("--cprofile", action="store_true", help="cProfile of a few steps per side")
+    p.add_argument("--rows", type=int, default=25)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, tok = gw.load_model(args.model)
+    model.eval()
+    for P in args.prompts:
+        ids = prompt_ids(tok, P, model.config.vocab_size)
+        sides = [] if args.no_hf else [HFStepper(model)]
+        for r in args.recipes:
+            sides.append(GWStepper(f"{r}/torch", gw.compile(model, recipe=recipe_text(r, P), tokenizer=tok)))
+        with torch.inference_mode():
+            nxt = {}
+            for s in sides:
+                nxt[s.name] = s.prefill(ids).argmax(-1, keepdim=True)
+            times = {s.name: [] for s in sides}
+            for _ in range(args.steps):
+                for s in sides:
+                    t0 = time.perf_counter()
+                    nxt[s.name] = s.step(nxt[s.name]).argmax(-1, keepdim=True)
+                    times[s.name].append(time.perf_counter() - t0)
+            print(f"prompt {P}: median ms per decode step over {args.steps} steps (under load: direction only)")
+            base = median(times[sides[0].name])
+            for s in sides:
+                m = median(times[s.name])
+                print(f"  {s.name:24s} {1e3 * m:7.2f} ms   {base / m:5.2f}x {sides[0].name}")
+            for s in sides:
+                if args.profile:
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                        for _ in range(2):
+                            nxt[s.name] = s.step(nxt[s.name]).argmax(-1, keepdim=True)
+                    print(f"--- torch.profiler {s.name} prompt {P} (2 steps)")
+                    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+                if args.cprofile:
+                    pr = cProfile.Profile()
+                    pr.enable()
+                    for _ in range(4):
+                        nxt[s.name] = s.step(nxt[s.name]).argmax(-1, keepdim=True)
+                    pr.disable()
+                    buf = io.StringIO()
+                    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(args.rows)
+                    print(f"--- cProfile {s.name} prompt {P} (4 steps)")
+                    print(buf.getvalue())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
