@@ -34,7 +34,7 @@ class CompiledModel:
         make_step = self.backend_object.make_step  # backends that own their state layout (compiled: static caches)
         self._backend_step = make_step(self.runtime_graph, self._lowered) if make_step is not None else None
         self._runtime = Runtime(self._step, self.runtime_graph.state, step_graph.info,
-                                max_positions=position_limit(step_graph.info, step_graph.notes.get("recipe")))
+                                max_positions=position_limit(step_graph.info, step_graph.notes.get("recipe"), step_graph.notes))
 
     def _step(self, input_ids, positions, logits_index, state, **extras):
         if self._backend_step is not None:

@@ -73,9 +73,13 @@ def check_length(info, prompt_tokens: int, max_new_tokens: int, limit, allow_lon
     warnings.warn(f"{what}; running past the trained length because allow_long=True (quality not guaranteed)", stacklevel=3)
 
 
-def position_limit(info, recipe_entries) -> int | None:
+def position_limit(info, recipe_entries, notes: dict | None = None) -> int | None:
     """The position limit of a compiled graph: ``info.max_positions``, or None when a ``streaming`` entry of
-    ``recipe_entries`` (a recipe's ``to_list()``) covers every layer (attention then sees cache indices only)."""
+    ``recipe_entries`` (a recipe's ``to_list()``), or the graph's own ``streaming`` notes (a pass run
+    directly), cover every layer (attention then sees cache indices only)."""
+    per_layer = ((notes or {}).get("streaming") or {}).get("per_layer") or {}
+    if info.num_layers and len(per_layer) >= info.num_layers:
+        return None
     for entry in recipe_entries or ():
         if isinstance(entry, dict) and entry.get("pass") == "streaming" and entry.get("layers") is None:
             return None

@@ -125,12 +125,14 @@ def test_rope_cache_index_ranked_is_order_free():
     inv = 1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8)
     valid = k_pos >= 0
     assert torch.equal(position_rank(k_pos)[valid], cache_index(k_pos)[valid])
+    for scaling in (1.0, 0.7):  # cos/sin from the rope table (scaling folded in): equal up to rounding
+        qr, kr = rope_cache_index_ranked(q, k, k_pos, inv, scaling)
+        qw, kw = rope_cache_index_reference(q, k, k_pos, inv, scaling)
+        assert torch.allclose(qr, qw, atol=1e-6) and torch.allclose(kr[valid], kw[valid], atol=1e-6)
     qr, kr = rope_cache_index_ranked(q, k, k_pos, inv, 1.0)
-    qw, kw = rope_cache_index_reference(q, k, k_pos, inv, 1.0)
-    assert torch.equal(qr, qw) and torch.equal(kr[valid], kw[valid])
     perm = torch.tensor([3, 0, 7, 1, 4, 2, 6, 5, 8])  # slots shuffled, the query's slot stays last
     qp, kp = rope_cache_index_ranked(q, k[:, :, perm], k_pos[:, :, perm], inv, 1.0)
-    assert torch.equal(qp, qw) and torch.equal(kp, kr[:, :, perm])
+    assert torch.equal(qp, qr) and torch.equal(kp, kr[:, :, perm])
 
 
 def test_decode_colsum_equals_the_reference():
