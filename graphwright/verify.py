@@ -42,6 +42,10 @@ PROBE_DECODE = 4  # teacher-forced decode steps after the prefill (eviction acts
 PROBE_MAX_LEN = 128  # cap on the probe's prompt: a larger budget is not exceeded (kv_kept then says 1.0)
 PROBE_MARGIN = 4  # tokens past the largest budget
 EXACT_TOL = {torch.float32: 1e-4, torch.float64: 1e-4}  # any other dtype (fp16, bf16): LOW_PRECISION_TOL
+# a backend's kernels vs the reference backend: same math, another accumulation order (the torch
+# backend's decode GEMVs over transposed weights moved SmolLM2-MoE's probe logits by 1.25e-4 over
+# 4 decode steps); still 20x below what a 1% attention-scale error moves them
+KERNEL_TOL = {torch.float32: 5e-4, torch.float64: 1e-4}
 LOW_PRECISION_TOL = 1e-2
 
 
@@ -114,7 +118,7 @@ def check_lowering(sg, probe, backend: Backend, logits=None) -> dict:
     record = compare(probe_logits(sg, probe, "reference"), got, probe)
     if sg.info.dtype in EXACT_TOL:
         check_exact(f"lowering to backend {backend.name!r} (vs the reference backend)", record["max_abs_logit_diff"],
-                    sg.info.dtype)
+                    sg.info.dtype, KERNEL_TOL[sg.info.dtype])
     return {"reference": "reference", **record}
 
 
@@ -136,9 +140,9 @@ class Verifier:
         return record
 
 
-def check_exact(what: str, diff: float, dtype) -> None:
+def check_exact(what: str, diff: float, dtype, tol: float | None = None) -> None:
     """Raise ``GraphwrightError`` when an exact rewrite (``what``) moved the probe logits past the dtype's tolerance."""
-    tol = EXACT_TOL.get(dtype, LOW_PRECISION_TOL)
+    tol = EXACT_TOL.get(dtype, LOW_PRECISION_TOL) if tol is None else tol
     if not diff <= tol:  # `not <=` so that NaN fails too
         raise GraphwrightError(f"{what} is exact but changed the probe logits by {diff:.3g} "
                                f"(tolerance {tol:g} for {str(dtype).replace('torch.', '')})")

@@ -135,7 +135,7 @@ CASES = {
     "outputs_no_logits": (_set("outputs.0", "x"), r"outputs: a list starting with 'logits'"),
     "runtime_op_unknown_output": (_set("runtime_ops.0.args.0", {"output": "nope"}), r"runtime_ops\[0\].args\[0\].output: one of"),
     "runtime_op_unknown": (_set("runtime_ops.0.op", "os::system"), r"runtime_ops\[0\].op: one of \['graphwright::evict"),
-    "runtime_op_nan_value": (_set("runtime_ops.0.args.6", {"value": float("nan")}), r"runtime_ops\[0\].args\[6\].value: a finite number"),
+    "runtime_op_nan_value": (_set("runtime_ops.0.args.6", {"value": float("nan")}), r"runtime_ops\[0\].args\[6\].value: null, a bool, a finite number"),
     "runtime_ops_dropped": (_set("runtime_ops", []), r"outputs: a '<name>_next' output \(or a runtime op result\) for every state"),
     "capacity_zero": (_set("decode.capacity.k0.slots", 0), r"decode.capacity\['k0'\].slots: an integer in \[1, "),
     "verification_passed_str": (_set("verification", {"passed": "yes"}), r"verification.passed: true or false; got 'yes'"),

@@ -261,7 +261,7 @@ def _runtime_ops(c: _Check, field: str, v, outputs: set, inputs: set, state: set
                     c.fail(f"{g}.ops[{k}]", "[view op name, [integer args]]", op)
                 c.str(op[0], f"{g}.ops[{k}][0]", choices=sorted(VIEW_OPS))
                 for m, x in enumerate(c.list(op[1], f"{g}.ops[{k}][1]", max_len=8)):
-                    c.int(x, f"{g}.ops[{k}][1][{m}]", -MAX_ID, MAX_ID, optional=True)
+                    c.int(x, f"{g}.ops[{k}][1][{m}]", -INT64, INT64 - 1, optional=True)  # slice ends: 2**62
     return produced
 
 
@@ -273,8 +273,27 @@ def _op_arg(c: _Check, f: str, a, outputs: set, inputs: set) -> None:
         c.str(a["output"], f + ".output", choices=sorted(outputs))
     elif "input" in a:
         c.str(a["input"], f + ".input", choices=sorted(inputs))
-    elif a["value"] is not None and not isinstance(a["value"], bool):
-        c.number(a["value"], f + ".value")
+    else:
+        _literal(c, a["value"], f + ".value", nested=True)
+
+
+INT64 = 2**63
+
+
+def _literal(c: _Check, v, field: str, nested: bool = False) -> None:
+    """A runtime op's literal argument as ``split.py`` writes it: null, a bool, a finite number within int64,
+    a short string (a mode name such as 'avg' or 'mass'), or one flat list of those (token ids)."""
+    if v is None or isinstance(v, bool):
+        return
+    if isinstance(v, str):
+        c.str(v, field)
+    elif isinstance(v, list) and nested:
+        for i, x in enumerate(c.list(v, field, max_len=65536)):
+            _literal(c, x, f"{field}[{i}]")
+    elif isinstance(v, int) and -INT64 <= v < INT64:
+        return
+    elif not isinstance(v, float) or not math.isfinite(v):
+        c.fail(field, "null, a bool, a finite number within int64, a short string, or a flat list of those", v)
 
 
 def _decode(c: _Check, d, state: list, inputs: list, folder: Path) -> None:

@@ -50,7 +50,7 @@ def transposed(w: torch.Tensor) -> torch.Tensor:
     version = getattr(w, "_version", 0)
     if hit is not None and hit[0]() is w and hit[1] == version:
         return hit[2]
-    with torch.no_grad():
+    with torch.inference_mode(False), torch.no_grad():  # a normal tensor: usable when the step runs with grad on
         wt = w.detach().t().contiguous()
     if hit is None or hit[0]() is not w:
         weakref.finalize(w, _TRANSPOSED.pop, id(w), None)
