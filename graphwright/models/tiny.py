@@ -39,11 +39,13 @@ def _configs():
                                               "rope_parameters": {
                                                   "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                                   "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}}),
+        # Qwen3: per-head q/k RMSNorm before RoPE (weight * x), head_dim set apart from hidden / heads
+        "tiny-qwen3": (tf.Qwen3Config, {**_COMMON, "head_dim": 16, "use_sliding_window": False}),
     }
 
 
 TINY_MODELS = ("tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-phi3", "tiny-gpt2", "tiny-mixtral", "tiny-phimoe", "tiny-qwen2moe",
-               "tiny-gemma3")
+               "tiny-gemma3", "tiny-qwen3")
 
 
 def tiny_model(name: str, dtype: torch.dtype | None = None, seed: int = 0):
@@ -55,11 +57,12 @@ def tiny_model(name: str, dtype: torch.dtype | None = None, seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        if name == "tiny-gemma3":  # Gemma initialises its (1 + weight) RMSNorms to zero: make them matter
+        if name in ("tiny-gemma3", "tiny-qwen3"):  # norms start at the identity (Gemma: 1 + 0): make them matter
+            centre = 0.0 if name == "tiny-gemma3" else 1.0
             with torch.no_grad():
                 for pname, p in model.named_parameters():
                     if pname.endswith("norm.weight"):
-                        p.normal_(0.0, 0.2)
+                        p.normal_(centre, 0.2)
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()

@@ -10,7 +10,7 @@ from graphwright.models import TINY_MODELS, tiny_model
 def test_tiny_models_are_seeded_and_reproducible():
     a, b = tiny_model("tiny-llama"), tiny_model("tiny-llama")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-    assert len(TINY_MODELS) == 9
+    assert len(TINY_MODELS) == 10
 
 
 def test_dtype_argument(tmp_path):
