@@ -21,7 +21,8 @@ LAYERS = (
     # ops: custom ops beyond capture's and their pure-torch references, GemFilter's selection maths;
     # steer.bias / steer.heads: the graph-side steering bias function and head-set files, which the
     # steer pass reads (the rest of graphwright.steer profiles and evaluates compiled models: app layer)
-    ("ops", "steer.bias", "steer.heads"),
+    # heads.headset(s): the per-KV-head retrieval score files duo reads (the profilers are app layer)
+    ("ops", "steer.bias", "steer.heads", "heads.headset", "heads.headsets"),
     ("recipes",),  # recipe parsing: plain data naming passes
     ("passes",),  # graph rewrites (never lower or run a graph: verify_fn / ctx.lower come from above)
     ("codegen",),  # lowering to backends, ONNX translation and its step function

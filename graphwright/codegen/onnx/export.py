@@ -22,6 +22,7 @@ from ...capture.step_graph import positions_from_mask, spec_bytes_per_token
 from ...errors import GraphwrightError
 from ...version import __version__
 from .artifact import FORMAT, METADATA, MODEL, OnnxStep, info_to_json, spec_to_json
+from .export_probe import MAX_PROBE, probe, probe_lengths
 from .exporter_shortcuts import LAST as decompose_state
 from .exporter_shortcuts import shortcuts
 from .manifest import record_files, save_tokenizer
@@ -233,17 +234,6 @@ def _decode_onnx(cm, out: Path, opset: int, external_data: bool, phases: Phases)
             "split": left, "shares_weights": shared}
 
 
-def probe(vocab: int, lengths=(7, 4), seed: int = 0):
-    """A left-padded batch of 2 prompts (ids avoid the low special ids)."""
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.randint(min(3, vocab - 1), vocab, (len(lengths), T), generator=g)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        mask[i, T - n:] = 1
-    return ids.masked_fill(mask == 0, 0), mask
-
-
 def probe_extras(extras, mask) -> dict:
     """Non-trivial extra inputs for the probe, so the verification exercises their path: steering
     weights of 1 (one log(alpha)) on every other prompt position."""
@@ -256,14 +246,17 @@ def probe_extras(extras, mask) -> dict:
 
 
 @torch.inference_mode()
-def verify_artifact(cm, onnx_step, decode_steps: int = 3) -> dict:
+def verify_artifact(cm, onnx_step, decode_steps: int = 3, max_probe_tokens: int = MAX_PROBE) -> dict:
     """Run the artifact and the torch step graph side by side: prefill (all positions) then
-    ``decode_steps`` greedy decode steps on the torch tokens; each keeps its own state.
-    Raises ``GraphwrightError`` naming the step when max |dlogit| exceeds the dtype's tolerance."""
+    ``decode_steps`` greedy decode steps on the torch tokens; each keeps its own state. The prompt
+    crosses the model's and the recipe's largest window / budget up to ``max_probe_tokens``
+    (``export_probe.py``). Raises ``GraphwrightError`` naming the step when max |dlogit| exceeds
+    the dtype's tolerance."""
     sg = cm.step_graph
     torch_step = cm._step  # the lowered module the torch runtime runs
     tol = TOLERANCE.get(sg.info.dtype, 1e-3)
-    ids, mask = probe(sg.info.vocab_size)
+    lengths, reach = probe_lengths(sg, cm.recipe, max_probe_tokens)
+    ids, mask = probe(sg.info.vocab_size, lengths)
     B, T = ids.shape
     pos = positions_from_mask(mask)
     st_t = cm.runtime_graph.init_state(B)  # what the torch step runs (sliding layers bounded: its own state layout)
@@ -289,7 +282,7 @@ def verify_artifact(cm, onnx_step, decode_steps: int = 3) -> dict:
         nxt = lt[:, -1].argmax(-1, keepdim=True)
         step_in = (nxt, step_in[1][:, -1:] + 1, torch.zeros(1, dtype=torch.long))
     return {"passed": True, "tolerance": tol, "max_abs_logit_diff": max(d["max_abs_logit_diff"] for d in diffs),
-            "steps": diffs, "probe": {"batch": B, "prompt_lengths": [int(x) for x in mask.sum(1)], "decode_steps": decode_steps}}
+            "steps": diffs, "probe": {"batch": B, "prompt_lengths": [int(x) for x in mask.sum(1)], "decode_steps": decode_steps, **reach}}
 
 
 def _layers(sg) -> list:
@@ -344,13 +337,14 @@ def _metadata(cm, opset: int, external: bool, outputs: list, records: list) -> d
 
 
 def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify: bool = True,
-                overwrite: bool = False, verify_steps: int = 3) -> Path:
+                overwrite: bool = False, verify_steps: int = 3, verify_tokens: int = MAX_PROBE) -> Path:
     """Write ``cm`` (a ``CompiledModel``) to ``out_dir`` as ``model.onnx`` + ``graphwright.json``.
 
     ``external_data``: weights go to ``model.onnx.data`` next to the graph (needed above 2 GB,
     and lets ORT map them); False embeds them in one file. ``verify``: run the artifact in ONNX
-    Runtime against the torch step graph on a left-padded batch-2 probe (prefill of 7 tokens +
-    ``verify_steps`` decode steps) and raise ``GraphwrightError`` on a mismatch (the artifact then
+    Runtime against the torch step graph on a left-padded batch-2 probe (a prefill long enough to
+    cross the model's and the recipe's largest window / eviction budget, at most ``verify_tokens``
+    tokens, at least 7; then ``verify_steps`` decode steps) and raise ``GraphwrightError`` on a mismatch (the artifact then
     records ``verification.passed: false`` and ``graphwright.load`` refuses it). ``overwrite``:
     allow writing into a non-empty folder that is not a previous export; only files a previous
     export recorded are ever replaced (``_prepare_dir``). Returns the output folder.
@@ -363,6 +357,8 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
         raise TypeError(f"export_onnx expects a CompiledModel (from graphwright.compile); got {type(cm).__name__}")
     if verify_steps < 0:
         raise ValueError(f"verify_steps must be >= 0 (decode steps after the prefill); got {verify_steps}")
+    if isinstance(verify_tokens, bool) or not isinstance(verify_tokens, int) or verify_tokens < 7:
+        raise ValueError(f"verify_tokens must be an int >= 7 (the probe's longest prompt); got {verify_tokens!r}")
     if isinstance(opset, bool) or not isinstance(opset, int) or not 23 <= opset <= onnx.defs.onnx_opset_version():
         raise ValueError(f"opset must be an int in [23, {onnx.defs.onnx_opset_version()}] (23: the Attention operator; "
                          f"{onnx.defs.onnx_opset_version()}: the newest the installed onnx knows); got {opset!r}")
@@ -401,7 +397,7 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
             with phases("verify_session"):
                 step = OnnxStep.from_metadata(path, meta, providers=["CPUExecutionProvider"])
             with phases("verify_probe"):
-                meta["verification"] = verify_artifact(cm, step, decode_steps=verify_steps)
+                meta["verification"] = verify_artifact(cm, step, decode_steps=verify_steps, max_probe_tokens=verify_tokens)
             if meta.get("gemfilter"):
                 from .gemfilter_export import verify_selection
 

@@ -104,7 +104,7 @@ def verify_selection(cm, out: Path, entry: dict) -> dict:
     """Scores of the exported selection graph vs the torch truncated graph on the export probe."""
     from ...capture.step_graph import positions_from_mask
     from ..lower import lower
-    from .export import probe
+    from .export_probe import probe
 
     sg = cm.step_graph
     ids, mask = probe(sg.info.vocab_size)
