@@ -13,13 +13,15 @@ __all__ = ["BACKENDS", "compile"]
 
 
 def compile(model, recipe=None, tokenizer=None, backend: str | Backend = "torch", dtype=None,  # noqa: A001
-            verify: bool = True) -> CompiledModel:
+            verify: bool = True, verify_tokens: int | None = None) -> CompiledModel:
     """Capture ``model`` as a step graph, apply ``recipe`` and return a ``CompiledModel``.
 
     ``model``: an HF causal LM, or anything ``load_model`` takes (a built-in name, a folder, a
     GGUF file). ``recipe``: None (identity), a recipe string, a list of dicts, a TOML path or a
     ``Recipe``. ``backend``: a name in ``graphwright.codegen.backends.BACKENDS`` (or a ``Backend``);
-    every pass is verified on it. ``dtype``: cast the model first.
+    every pass is verified on it. ``dtype``: cast the model first. ``verify_tokens``: cap on the
+    verification probe's prompt (default 128); a token budget above it is not exceeded at compile
+    time and is listed in ``cm.verification["probe"]["uncrossed"]``: raise the cap to exercise it.
     """
     chosen = get_backend(backend)
     dtype = parse_dtype(dtype)
@@ -30,7 +32,8 @@ def compile(model, recipe=None, tokenizer=None, backend: str | Backend = "torch"
         model = model.to(dtype)
     chosen.require(model)
     sg = capture(model)
-    sg, parsed, verification = run_recipe(sg, recipe, model=model, tokenizer=tokenizer, verify=verify, backend=chosen)
+    sg, parsed, verification = run_recipe(sg, recipe, model=model, tokenizer=tokenizer, verify=verify, backend=chosen,
+                                         verify_tokens=verify_tokens)
     cm = CompiledModel(sg, tokenizer=tokenizer, recipe=parsed, backend=chosen, source=model)
     cm.verification = verification
     return cm

@@ -31,9 +31,7 @@ from .codegen.backends import Backend, get_backend
 from .codegen.lower import lower
 from .errors import GraphwrightError
 from .passes import pipeline
-from .passes.base import instantiate
-from .passes.budgets import budget_of
-from .recipes import Recipe
+from .passes.budgets import budget_reach
 from .runtime.generate import kept_tokens_per_head
 from .runtime.score import stream_logits
 
@@ -63,14 +61,15 @@ class Probe:
         return self.ids.shape[1] - self.prefill
 
 
-def probe_length(recipe) -> int:
+def probe_length(recipe, max_tokens: int | None = None) -> int:
     """Prompt length of the probe for ``recipe``: the largest pass budget (``passes.budgets``) + PAD + MARGIN,
-    clamped to [PROBE_LEN, PROBE_MAX_LEN]."""
-    acts = [b.acts_after for b in map(budget_of, instantiate(Recipe.parse(recipe))) if b.acts_after is not None]
-    return min(PROBE_MAX_LEN, max([PROBE_LEN, *(a + PROBE_PAD + PROBE_MARGIN for a in acts)]))
+    clamped to [PROBE_LEN, max_tokens] (default ``PROBE_MAX_LEN``)."""
+    cap = PROBE_MAX_LEN if max_tokens is None else max_tokens
+    return min(cap, max([PROBE_LEN, *(a + PROBE_PAD + PROBE_MARGIN for a in budget_reach(recipe).values())]))
 
 
-def run_recipe(sg, recipe, model=None, tokenizer=None, verify: bool = True, backend: str | Backend = "torch"):
+def run_recipe(sg, recipe, model=None, tokenizer=None, verify: bool = True, backend: str | Backend = "torch",
+               verify_tokens: int | None = None):
     """Apply ``recipe`` to ``sg``, verifying each pass on ``backend``; returns ``(new_sg, Recipe, verification)``.
 
     ``verification`` is plain data: ``{"backend": name, "passes": [{"name", "exact", "max_abs_logit_diff",
@@ -79,6 +78,8 @@ def run_recipe(sg, recipe, model=None, tokenizer=None, verify: bool = True, back
     ``"fallback"`` (the reason) when the probe ran on torch instead of ``backend``; diff and KL cover every
     probe token (prefill and decode), ``decode_*`` the decode steps only; a near-zero budget adds
     ``"warning"`` (``passes.budgets``). With ``verify=False`` only ``{"passes": [...]}``, diff and KL None.
+    ``verify_tokens`` caps the probe's prompt (default ``PROBE_MAX_LEN``): budgets at or above it are not
+    exceeded at compile time and are listed under ``probe.uncrossed``; raise it to exercise them.
     Raises ``RecipeError`` for a bad recipe, a pass that does not apply or a setting that keeps no token,
     ``GraphwrightError`` for an exact pass, or a backend's lowering, that changed the logits.
     """
@@ -86,7 +87,10 @@ def run_recipe(sg, recipe, model=None, tokenizer=None, verify: bool = True, back
     probe_backend, fallback = chosen, chosen.unavailable(_device(sg.gm))
     if fallback:
         probe_backend = get_backend("torch")
-    verifier = Verifier(make_probe(sg, probe_length(recipe)), probe_backend) if verify else None
+    if verify_tokens is not None and (isinstance(verify_tokens, bool) or not isinstance(verify_tokens, int)
+                                      or not PROBE_LEN <= verify_tokens <= 1 << 16):
+        raise ValueError(f"verify_tokens must be an int in [{PROBE_LEN}, 65536] (the probe's prompt length cap); got {verify_tokens!r}")
+    verifier = Verifier(make_probe(sg, probe_length(recipe, verify_tokens)), probe_backend) if verify else None
 
     def lower_fn(gm):
         return lower(gm, probe_backend)
@@ -97,7 +101,8 @@ def run_recipe(sg, recipe, model=None, tokenizer=None, verify: bool = True, back
         return sg, parsed, verification
     probe = verifier.probe
     verification = {"backend": probe_backend.name, **verification,
-                    "probe": {"batch": PROBE_BATCH, "prompt_tokens": probe.prefill, "decode_steps": probe.decode, "left_padding": PROBE_PAD},
+                    "probe": {"batch": PROBE_BATCH, "prompt_tokens": probe.prefill, "decode_steps": probe.decode, "left_padding": PROBE_PAD,
+                              "uncrossed": {k: v for k, v in budget_reach(parsed).items() if v > probe.prefill - PROBE_PAD}},
                     "lowering": check_lowering(sg, probe, probe_backend, verifier.before)}
     if fallback:
         verification["fallback"] = f"verified on backend 'torch', not {chosen.name!r}: {fallback}"

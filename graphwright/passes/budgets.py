@@ -145,3 +145,17 @@ def warn_near_zero(p, budget: Budget, record: dict) -> None:
                          f"KL {record['decode_kl']:.3g})")
     record["warning"] = f"{budget.warn}; {measured}"
     warnings.warn(f"pass {p.name}: {record['warning']}", BudgetWarning, stacklevel=4)
+
+
+def budget_reach(recipe) -> dict[str, int]:
+    """``{pass name: context length from which it drops tokens}`` for ``recipe``'s passes with a token budget
+    (what a verification probe must exceed for eviction to act)."""
+    from ..recipes import Recipe
+    from .base import instantiate
+
+    out: dict[str, int] = {}
+    for p in instantiate(Recipe.parse(recipe)):
+        acts = budget_of(p).acts_after
+        if acts is not None:
+            out[p.name] = max(out.get(p.name, 0), int(acts))
+    return out

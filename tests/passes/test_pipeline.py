@@ -81,7 +81,7 @@ def test_compile_with_noop_records_notes_and_verification(tiny):
     assert notes["recipe"] == [{"pass": "noop"}]
     assert cm.verification["passes"] == [{"name": "noop", "exact": True, "max_abs_logit_diff": 0.0, "kl": 0.0,
                                           "decode_max_abs_logit_diff": 0.0, "decode_kl": 0.0, "kv_kept": 1.0}]
-    assert cm.verification["probe"] == {"batch": 2, "prompt_tokens": 16, "decode_steps": 4, "left_padding": 3}
+    assert cm.verification["probe"] == {"batch": 2, "prompt_tokens": 16, "decode_steps": 4, "left_padding": 3, "uncrossed": {}}
     assert cm.verification["backend"] == "torch" and "fallback" not in cm.verification
     assert cm.verification["lowering"]["max_abs_logit_diff"] <= 1e-4  # torch kernels vs the reference backend
 

@@ -60,7 +60,7 @@ def test_probe_length_exceeds_every_budget():
 def test_small_budget_deviation_is_measured_on_decode_steps(sg, recipe):
     new, _, verification = run_recipe(sg, recipe)
     record = verification["passes"][0]
-    assert verification["probe"] == {"batch": 2, "prompt_tokens": 16, "decode_steps": 4, "left_padding": 3}
+    assert verification["probe"] == {"batch": 2, "prompt_tokens": 16, "decode_steps": 4, "left_padding": 3, "uncrossed": {}}
     assert record["exact"] is False and record["decode_max_abs_logit_diff"] > 0.1 and record["decode_kl"] > 1e-3
     assert record["max_abs_logit_diff"] == record["decode_max_abs_logit_diff"]  # all of it comes from decode steps
     assert record["kv_kept"] < 0.75  # the cache held fewer tokens than the probe fed
@@ -106,3 +106,17 @@ def test_probe_decode_matches_generate_on_the_identity_graph(sg):
     real = probe.mask.bool()
     assert streamed.shape == full.shape and (streamed[real] - full[real]).abs().max() <= 1e-4
     assert torch.isfinite(streamed[real]).all()
+
+
+def test_verify_tokens_exercises_a_budget_the_default_probe_does_not_reach(tiny):
+    """snapkv(budget=200) acts from 201 tokens: the default 128-token probe cannot exceed it and says so
+    (``uncrossed``, kv_kept 1.0); ``verify_tokens=256`` makes the probe evict and measure it."""
+    short = gw.compile(tiny("tiny-llama"), recipe="snapkv(budget=200)")
+    assert short.verification["probe"]["prompt_tokens"] == 128
+    assert short.verification["probe"]["uncrossed"] == {"snapkv": 201}
+    assert short.verification["passes"][0]["kv_kept"] == 1.0
+    long = gw.compile(tiny("tiny-llama"), recipe="snapkv(budget=200)", verify_tokens=256)
+    assert long.verification["probe"]["prompt_tokens"] == 201 + 3 + 4 and long.verification["probe"]["uncrossed"] == {}
+    assert long.verification["passes"][0]["kv_kept"] < 1.0
+    with pytest.raises(ValueError, match=r"verify_tokens must be an int in \[16, 65536\]"):
+        gw.compile(tiny("tiny-llama"), recipe="snapkv(budget=200)", verify_tokens=8)

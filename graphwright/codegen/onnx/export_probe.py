@@ -14,9 +14,7 @@ from __future__ import annotations
 import torch
 
 from ...ops import schema
-from ...passes.base import instantiate
-from ...passes.budgets import budget_of
-from ...recipes import Recipe
+from ...passes.budgets import budget_reach
 
 MIN_PROBE = 7  # the probe's longer row without anything to cross (the second row is PAD shorter)
 PAD = 3  # left padding of the second row
@@ -30,11 +28,7 @@ def reaches(sg, recipe) -> dict[str, int]:
     windows = [int(schema.get(n, "window", 0) or 0) for n in schema.attention_nodes(sg.gm)]
     if max(windows, default=0) > 0:
         out["window"] = max(windows)
-    for p in instantiate(Recipe.parse(recipe)):
-        acts = budget_of(p).acts_after
-        if acts is not None:
-            out[p.name] = max(out.get(p.name, 0), int(acts))
-    return out
+    return {**out, **budget_reach(recipe)}
 
 
 def probe_lengths(sg, recipe, max_tokens: int = MAX_PROBE) -> tuple[tuple[int, int], dict]:
