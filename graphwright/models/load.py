@@ -16,6 +16,10 @@ REAL_MODELS = ("smollm2-135m", "smollm2-135m-moe")
 BUILTIN_MODELS = REAL_MODELS + TINY_MODELS
 MAX_LAYERS = 1024  # the deepest public decoder-only LLMs have ~130 layers; also bounds graphwright.json
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+# widths a config may ask transformers to allocate before any weight is read (the largest public
+# LLMs: hidden 16,384-25,600, vocabularies ~260k, MLP widths ~100k); beyond these it is not a model
+SIZE_BOUNDS = {"hidden_size": 1 << 16, "n_embd": 1 << 16, "intermediate_size": 1 << 20, "vocab_size": 1 << 22,
+               "num_attention_heads": 4096, "num_key_value_heads": 4096}
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
 
@@ -56,6 +60,45 @@ def _check_config(folder: Path) -> None:
         if held is not None and value > held:
             raise ModelLoadError(f"{folder / 'config.json'}: {key} asks for {value} layers but the safetensors weights "
                                  f"hold {held}; the config does not belong to these weights")
+    for key, bound in SIZE_BOUNDS.items():
+        for where, value in ((key, cfg.get(key)), (f"text_config.{key}", sub.get(key))):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bound):
+                raise ModelLoadError(f"{folder / 'config.json'}: {where} must be an integer in [1, {bound}]; got {str(value)[:40]}")
+
+
+def _check_gguf(path: Path) -> None:
+    """Refuse a GGUF whose header asks for more layers than ``MAX_LAYERS`` or than its tensors hold, or
+    widths past ``SIZE_BOUNDS``, before transformers allocates them (gguf's own reader: header and
+    tensor index only, memory-mapped)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        arch = _gguf_value(reader, "general.architecture")
+    except Exception as exc:  # noqa: BLE001 - any parse failure of an untrusted file
+        raise ModelLoadError(f"{path}: not a valid GGUF file ({type(exc).__name__}: {str(exc)[:200]})") from None
+    blocks = {int(m.group(1)) for t in reader.tensors if (m := re.match(r"blk\.(\d+)\.", t.name))}
+    count = _gguf_value(reader, f"{arch}.block_count")
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_LAYERS:
+        raise ModelLoadError(f"{path}: {arch}.block_count must be an integer in [1, {MAX_LAYERS}]; got {str(count)[:40]}")
+    if count > len(blocks):
+        raise ModelLoadError(f"{path}: {arch}.block_count asks for {count} layers but the file's tensors hold {len(blocks)}")
+    for key, bound in (("embedding_length", SIZE_BOUNDS["hidden_size"]), ("feed_forward_length", SIZE_BOUNDS["intermediate_size"]),
+                       ("vocab_size", SIZE_BOUNDS["vocab_size"]), ("attention.head_count", SIZE_BOUNDS["num_attention_heads"])):
+        value = _gguf_value(reader, f"{arch}.{key}")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bound):
+            raise ModelLoadError(f"{path}: {arch}.{key} must be an integer in [1, {bound}]; got {str(value)[:40]}")
+
+
+def _gguf_value(reader, key: str):
+    """A scalar GGUF metadata value (int or str), or None when absent."""
+    field = reader.fields.get(key)
+    if field is None or len(field.data) != 1:
+        return None
+    part = field.parts[field.data[0]]
+    if part.dtype.kind == "u" and part.dtype.itemsize == 1 and key.startswith("general."):
+        return bytes(part).decode("utf-8", "replace")
+    return int(part[0]) if part.dtype.kind in "iu" else None
 
 
 def _weight_layers(folder: Path) -> int | None:
@@ -95,6 +138,7 @@ def _from_folder(folder: Path, dtype):
 def _from_gguf(path: Path, dtype):
     from transformers import AutoModelForCausalLM
 
+    _check_gguf(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype or torch.float32,
                                                      local_files_only=True, trust_remote_code=False)

@@ -59,3 +59,46 @@ def test_config_asking_for_100000_layers_is_refused(tmp_path):
     (folder / "config.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(gw.ModelLoadError, match=r"config.json nests too deeply"):
         gw.load_model(folder)
+
+
+def _gguf(path, block_count, blocks=2, hidden=64):
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(block_count)
+    w.add_embedding_length(hidden)
+    w.add_context_length(64)
+    for i in range(blocks):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(4, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("block_count, blocks, hidden, message", [
+    (100_000, 2, 64, r"llama.block_count must be an integer in \[1, 1024\]; got 100000"),
+    (40, 2, 64, r"llama.block_count asks for 40 layers but the file's tensors hold 2"),
+    (2, 2, 1 << 20, r"llama.embedding_length must be an integer in \[1, 65536\]; got 1048576"),
+])
+def test_gguf_header_out_of_bounds_is_refused_before_transformers(tmp_path, block_count, blocks, hidden, message):
+    path = _gguf(tmp_path / "m.gguf", block_count, blocks, hidden)
+    with pytest.raises(gw.ModelLoadError, match=message):
+        gw.load_model(path)
+
+
+def test_garbage_gguf_is_a_clear_error(tmp_path):
+    (tmp_path / "x.gguf").write_bytes(b"GGUF" + b"\xff" * 64)
+    with pytest.raises(gw.ModelLoadError, match=r"x.gguf: not a valid GGUF file"):
+        gw.load_model(tmp_path / "x.gguf")
+
+
+def test_config_widths_are_bounded(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 10**9}))
+    (folder / "model.safetensors").write_bytes(b"")
+    with pytest.raises(gw.ModelLoadError, match=r"hidden_size must be an integer in \[1, 65536\]; got 1000000000"):
+        gw.load_model(folder)
