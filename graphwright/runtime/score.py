@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .generate import positions_from_mask, state_bytes
+from .held_bytes import held_bytes
 from .inputs import check_length
 
 
@@ -69,7 +70,8 @@ def score_stream(runtime_or_cm, input_ids: torch.Tensor, prefix_len: int, progre
     kv = state_bytes(state, rt.specs)
     dense = rt.info.dense_kv_bytes_per_token() * B * (T - 1)
     rt.last_stats = {"batch": B, "prompt_tokens": prefix_len * B, "scored_tokens": (T - 1) * B, "decode_steps": max(0, T - 1 - prefix_len),
-                     "kv_bytes": kv, "kv_bytes_dense": dense, "kv_fraction": kv / dense if dense else 0.0, "source": "score_stream"}
+                     "kv_bytes": kv, **held_bytes(state, rt.specs), "kv_bytes_dense": dense, "kv_fraction": kv / dense if dense else 0.0,
+                     "source": "score_stream"}
     return out[0] if squeeze else out
 
 

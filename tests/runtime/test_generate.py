@@ -22,7 +22,7 @@ def test_last_stats_account_for_the_cache(compiled_tiny):
     slots = out.shape[1] - 1
     per_token = 2 * info.num_layers * info.num_kv_heads * info.head_dim * 4
     assert s["kv_bytes"] == s["kv_bytes_dense"] == per_token * 2 * slots
-    assert s["kv_peak_bytes"] == s["kv_bytes"] and s["kv_fraction"] == 1.0
+    assert s["kv_peak_bytes"] == s["kv_storage_bytes"] >= s["kv_bytes"] and s["kv_fraction"] == 1.0  # dense: the final buffers are the peak
     assert s["kv_index_bytes"] == 8 * 2 * slots
     assert s["new_tokens"] == 7 and s["prompt_tokens"] == 14 and s["batch"] == 2
     assert s["prefill_s"] > 0 and s["decode_s"] > 0 and s["decode_tokens_per_s"] > 0
