@@ -13,8 +13,9 @@ from .errors import CaptureError, GraphwrightError, ModelLoadError, RecipeError
 from .models import BUILTIN_MODELS, load_model
 from .onnx_model import load
 from .recipes import Recipe
+from .runtime.context import Context
 from .version import __version__
 
-__all__ = ["__version__", "capture", "compile", "CompiledModel", "load_model", "BUILTIN_MODELS",
+__all__ = ["__version__", "capture", "compile", "CompiledModel", "Context", "load_model", "BUILTIN_MODELS",
            "GraphwrightError", "RecipeError", "CaptureError", "ModelLoadError", "inspect", "Recipe",
            "export_onnx", "load"]

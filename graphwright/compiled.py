@@ -34,7 +34,8 @@ class CompiledModel:
         make_step = self.backend_object.make_step  # backends that own their state layout (compiled: static caches)
         self._backend_step = make_step(self.runtime_graph, self._lowered) if make_step is not None else None
         self._runtime = Runtime(self._step, self.runtime_graph.state, step_graph.info,
-                                max_positions=position_limit(step_graph.info, step_graph.notes.get("recipe"), step_graph.notes))
+                                max_positions=position_limit(step_graph.info, step_graph.notes.get("recipe"), step_graph.notes),
+                                recipe=str(recipe) if recipe is not None else None)
 
     def _step(self, input_ids, positions, logits_index, state, **extras):
         if self._backend_step is not None:
@@ -62,9 +63,27 @@ class CompiledModel:
     def last_stats(self) -> dict:
         return self._runtime.last_stats
 
+    def prefill(self, input_ids, attention_mask=None, allow_long: bool = False):
+        """Prefill (and compress, question-agnostic) a context once; returns a ``Context`` that
+        ``generate(question_ids, context=ctx)`` reuses for any number of questions, and that
+        ``ctx.save(path)`` / ``graphwright.Context.load(path)`` keep on disk (``runtime/context.py``)."""
+        self._context_supported()
+        return self._runtime.prefill(input_ids, attention_mask, allow_long=allow_long, recipe=self._runtime.recipe)
+
+    def _context_supported(self) -> None:
+        if "gemfilter" in self.step_graph.notes:
+            raise ValueError("gemfilter selects prompt tokens with the question in view; a reusable context cannot be "
+                             "made with it (compress the context with snapkv/h2o/streaming instead)")
+        if self._backend_step is not None:
+            raise ValueError(f"backend {self.backend!r} owns its cache layout; reusable contexts run on the torch, "
+                             "reference and triton backends")
+
     def generate(self, input_ids, max_new_tokens: int = 32, emphasis=None, **kwargs) -> torch.Tensor:
         """Token ids like HF ``generate``. ``emphasis`` (steered models): ``[(start, end), ...]`` token
-        spans of the unpadded prompt, end exclusive, or one such list per row of a batch."""
+        spans of the unpadded prompt, end exclusive, or one such list per row of a batch. ``context``:
+        a ``Context`` from ``prefill``; ``input_ids`` then continue it (the returned ids start with them)."""
+        if kwargs.get("context") is not None:
+            self._context_supported()
         if "gemfilter" in self.step_graph.notes:  # prompt selection pass first (graphwright/runtime/gemfilter.py)
             if emphasis is not None:
                 raise ValueError("emphasis spans index the full prompt; they cannot be combined with gemfilter")

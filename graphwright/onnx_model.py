@@ -47,7 +47,8 @@ class OnnxModel:
             raise GraphwrightError(f"{model_path}: ONNX Runtime cannot load the model ({type(exc).__name__}: {first}); "
                                    "the file is corrupt or incomplete, re-export the model") from exc
         self.tokenizer = self._load_tokenizer()
-        self._runtime = Runtime(self.step, self.state_specs, self.info, max_positions=self._position_limit())
+        self._runtime = Runtime(self.step, self.state_specs, self.info, max_positions=self._position_limit(),
+                                recipe=self.recipe)
         self._select = None
         if meta.get("gemfilter"):  # GemFilter: the exported selection graph runs before generation
             from .codegen.onnx.gemfilter_export import OnnxSelection
@@ -90,10 +91,18 @@ class OnnxModel:
     def last_stats(self) -> dict:
         return self._runtime.last_stats
 
+    def prefill(self, input_ids, attention_mask=None, allow_long: bool = False):
+        """Like ``CompiledModel.prefill``: a reusable (compressed) context for ``generate(..., context=ctx)``."""
+        if self._select is not None:
+            raise ValueError("gemfilter selects prompt tokens with the question in view; a reusable context cannot be made with it")
+        return self._runtime.prefill(input_ids, attention_mask, allow_long=allow_long, recipe=self.recipe)
+
     def generate(self, input_ids, max_new_tokens: int = 32, emphasis=None, **kwargs) -> torch.Tensor:
         """Like ``CompiledModel.generate``; ``emphasis`` (steered exports): token spans per row."""
         extras = self._extras(emphasis, input_ids, kwargs.get("attention_mask"))
         if self._select is not None:
+            if kwargs.get("context") is not None:
+                raise ValueError("gemfilter selects prompt tokens with the question in view; a reusable context cannot be made with it")
             if emphasis is not None:
                 raise ValueError("emphasis spans index the full prompt; they cannot be combined with gemfilter")
             from .runtime.gemfilter import filtered_generate

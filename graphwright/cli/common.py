@@ -119,6 +119,22 @@ def encode(tok, prompt: str, chat: bool = True):
     return tok(prompt, return_tensors="pt").input_ids
 
 
+def encode_split(tok, context: str, question: str, chat: bool = True):
+    """(context ids [1, Tc], question ids [1, Tq]) whose concatenation is the prompt "CONTEXT\n\nQUESTION"
+    (chat-templated for instruct models): the context part ends where the user's text of the question
+    starts, so one context prefix serves every question."""
+    if tok is None:
+        raise SystemExit("this model has no tokenizer: give a model with one (e.g. smollm2-135m)")
+    marker = "\u2063GRAPHWRIGHT_QUESTION\u2063"
+    text = f"{context}\n\n{marker}"
+    if chat and getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    head, tail = text.split(marker)
+    ids_c = tok(head, return_tensors="pt").input_ids
+    ids_q = tok(question + tail, return_tensors="pt", add_special_tokens=False).input_ids
+    return ids_c, ids_q
+
+
 def write_json(data, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,7 @@ FROM_INFO = object()  # Runtime's default position limit: the model's own max_po
 class Runtime:
     """Generation and scoring over a step function with explicit state."""
 
-    def __init__(self, step, specs, info, max_positions=FROM_INFO):
+    def __init__(self, step, specs, info, max_positions=FROM_INFO, recipe=None):
         """``max_positions``: how many positions a generation may reach (``inputs.check_length``); by
         default ``info.max_positions``, None for no limit (graphs whose attention sees cache indices only)."""
         self.step = step
@@ -72,6 +72,7 @@ class Runtime:
         self.info = info
         self.max_positions = info.max_positions if max_positions is FROM_INFO else max_positions
         self.last_stats: dict = {}
+        self.recipe = recipe  # recorded in a Context's layout (a context is only reused under the same recipe)
 
     @torch.inference_mode()
     def logits(self, input_ids, attention_mask=None, extras: dict | None = None, allow_long: bool = False) -> torch.Tensor:
@@ -89,42 +90,98 @@ class Runtime:
         return logits
 
     @torch.inference_mode()
+    def prefill(self, input_ids, attention_mask=None, extras: dict | None = None, allow_long: bool = False, recipe=None):
+        """Run the prompt step on a context and return it as a reusable ``Context`` (``runtime/context.py``)."""
+        from .context import Context, layout
+
+        input_ids, attention_mask = check_prompt(input_ids, attention_mask, self.info.vocab_size)
+        check_length(self.info, int(attention_mask.sum(dim=1).max()), 0, self.max_positions, allow_long)
+        B, T = input_ids.shape
+        positions = positions_from_mask(attention_mask)
+        state = [s.empty(B, input_ids.device) for s in self.specs]
+        logits, state = self.step(input_ids, positions, torch.tensor([T - 1], device=input_ids.device), state, **(extras or {}))
+        kv = state_bytes(state, self.specs)
+        self.last_stats = {"batch": B, "prompt_tokens": int(attention_mask.sum()), "new_tokens": 0, "kv_bytes": kv,
+                           **held_bytes(state, self.specs), "kv_peak_bytes": prefill_peak_bytes(state, self.specs, B, T),
+                           "kv_bytes_dense": self.info.dense_kv_bytes(B, T), "source": "prefill"}
+        self.last_stats["kv_fraction"] = kv / self.last_stats["kv_bytes_dense"] if self.last_stats["kv_bytes_dense"] else 0.0
+        return Context([t.clone() for t in state], attention_mask.clone(), positions[:, -1:] + 1, logits[:, -1].clone(),
+                       layout(self.specs, self.info, recipe))
+
+    def _check_context(self, context, input_ids, attention_mask, extras):
+        """Real context tokens per row (zeros without a context); ``ValueError`` for a context that does not fit."""
+        if context is None:
+            return torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        from .context import Context
+
+        if not isinstance(context, Context):
+            raise ValueError(f"context must be a Context from prefill(); got {type(context).__name__}")
+        context.check(self.specs, self.info, self.recipe)
+        if context.batch != input_ids.shape[0]:
+            raise ValueError(f"the context has {context.batch} row(s) but input_ids has {input_ids.shape[0]}")
+        if not bool(attention_mask.all()):
+            raise ValueError("questions that continue a context cannot be padded: give every row the same length "
+                             "(or one question per call)")
+        if extras:
+            raise ValueError(f"extra inputs {sorted(extras)} (e.g. emphasis) cannot be combined with a context")
+        return context.tokens.to(input_ids.device)
+
+    def _continue(self, context, input_ids):
+        """Feed ``input_ids`` after a copy of ``context``'s state, one decode step per token."""
+        state = [t.clone() for t in context.state]
+        pos = context.next_positions.to(input_ids.device)
+        zero = torch.zeros(1, dtype=torch.long, device=input_ids.device)
+        peak = held_bytes(state, self.specs)["kv_storage_bytes"]
+        logits = None
+        for t in range(input_ids.shape[1]):
+            logits, state = self.step(input_ids[:, t:t + 1], pos, zero, state)
+            pos = pos + 1
+            peak = max(peak, held_bytes(state, self.specs)["kv_storage_bytes"])
+        return logits, state, pos, peak
+
+    @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens: int = 32, attention_mask=None, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None, seed: int | None = None,
-                 eos_token_id=None, pad_token_id=None, extras: dict | None = None, allow_long: bool = False) -> torch.Tensor:
+                 eos_token_id=None, pad_token_id=None, extras: dict | None = None, allow_long: bool = False,
+                 context=None) -> torch.Tensor:
         """Token ids [B, T + n] like Hugging Face ``generate``: prompt, then new tokens (greedy by default).
 
         Stops when every row has produced an EOS or after ``max_new_tokens``; finished rows are
         filled with ``pad_token_id``. ``extras``: named extra graph inputs fed to every step.
         Raises ``ValueError`` before any step when the longest row plus ``max_new_tokens`` exceeds
         the model's ``max_positions``; ``allow_long=True`` runs a rotary model past it with a warning
-        (``inputs.check_length``).
+        (``inputs.check_length``). ``context``: a ``Context`` from ``prefill``; ``input_ids`` (the question,
+        unpadded) continue it through decode steps and the context is left unchanged (``runtime/context.py``).
         """
         extras = extras or {}
         do_sample, temperature, top_k, top_p, seed = check_sampling(do_sample, temperature, top_k, top_p, seed)
         input_ids, attention_mask = check_prompt(input_ids, attention_mask, self.info.vocab_size)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int; got {max_new_tokens!r}")
-        check_length(self.info, int(attention_mask.sum(dim=1).max()), max_new_tokens, self.max_positions, allow_long)
+        before = self._check_context(context, input_ids, attention_mask, extras)
+        check_length(self.info, int((attention_mask.sum(dim=1) + before).max()), max_new_tokens, self.max_positions, allow_long)
         eos = self.info.eos_token_id if eos_token_id is None else (
             (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id))
         pad = pad_token_id if pad_token_id is not None else (self.info.pad_token_id if self.info.pad_token_id is not None else (eos[0] if eos else 0))
         gen = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
         B, T = input_ids.shape
         device = input_ids.device
-        state = [s.empty(B, device) for s in self.specs]
-        positions = positions_from_mask(attention_mask)
         eos_t = torch.tensor(eos, device=device) if eos else None
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         tokens = [input_ids]
-        peak = 0
 
         t0 = time.perf_counter()
-        logits, state = self.step(input_ids, positions, torch.tensor([T - 1], device=device), state, **extras)
+        if context is None:
+            positions = positions_from_mask(attention_mask)
+            state = [s.empty(B, device) for s in self.specs]
+            logits, state = self.step(input_ids, positions, torch.tensor([T - 1], device=device), state, **extras)
+            held = held_bytes(state, self.specs)
+            peak = max(prefill_peak_bytes(state, self.specs, B, T), held["kv_storage_bytes"])
+            next_pos = positions[:, -1:] + 1
+        else:
+            logits, state, next_pos, peak = self._continue(context, input_ids)
+            held = held_bytes(state, self.specs)
         prefill_s = time.perf_counter() - t0
-        held = held_bytes(state, self.specs)
-        peak = max(prefill_peak_bytes(state, self.specs, B, T), held["kv_storage_bytes"])
-        next_pos = positions[:, -1:] + 1
         t1 = time.perf_counter()
         steps = 0
         for i in range(max_new_tokens):
@@ -143,18 +200,18 @@ class Runtime:
         decode_s = time.perf_counter() - t1
         out = torch.cat(tokens, dim=1)
         kv = state_bytes(state, self.specs)
-        seq_len = T + steps
+        seq_len = T + steps + (context.attention_mask.shape[1] if context is not None else 0)
         dense = self.info.dense_kv_bytes(B, seq_len)  # what the original model's cache holds (sliding layers: their window)
         kept = kept_tokens_per_head(state, self.specs, self.info.num_layers, self.info.num_kv_heads)
         # real tokens each head of layer l would hold without eviction: the row's prompt plus the fed-back
         # tokens, at most w - 1 in a layer with a native sliding window w (what the original model's cache keeps)
-        rows = attention_mask.sum(dim=1) + steps
+        rows = attention_mask.sum(dim=1) + steps + before
         windows = self.info.windows or (0,) * len(kept)
         known = [k for k in kept if k is not None]
         real_known = sum(float((rows.clamp(max=w - 1) if w else rows).sum()) for k, w in zip(kept, windows) if k is not None)
         self.last_stats = {
             "batch": B,
-            "prompt_tokens": int(attention_mask.sum()),
+            "prompt_tokens": int(attention_mask.sum() + (before.sum() if context is not None else 0)),
             "new_tokens": out.shape[1] - T,
             "kv_bytes": kv,
             "kv_bytes_dense": dense,
@@ -170,6 +227,7 @@ class Runtime:
             "prefill_s": prefill_s,
             "decode_s": decode_s,
             "prefill_tokens_per_s": int(attention_mask.sum()) / prefill_s if prefill_s > 0 else 0.0,
+            **({"context_tokens": int(before.sum())} if context is not None else {}),
             "decode_tokens_per_s": B * steps / decode_s if steps and decode_s > 0 else 0.0,
         }
         return out
