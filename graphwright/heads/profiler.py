@@ -121,3 +121,11 @@ def _duo(m, tok, label, t0, *, seed, steps, samples, context, sink, recent, lam,
                 "fraction_kv_heads_above_0.1": round(float((g > 0.1).float().mean()), 4), "top_kv_heads": _top(g),
                 "loss_every_10": fit["losses"][::10]}
     return HeadSet(model=label, method="duo", scores=_rounded(g), retrieval=chosen, settings=settings, measured=measured)
+
+
+def top_overlap(a: HeadSet, b: HeadSet, fraction: float = 0.25) -> dict:
+    """How far two head sets agree: the shared heads among each one's top ``fraction`` by score (``HeadSet.select``)."""
+    a.check_model(b.num_layers, b.num_kv_heads, b.model)
+    sa, sb = a.select(fraction), b.select(fraction)
+    return {"fraction": fraction, "top": len(sa), "shared": len(sa & sb), "share": len(sa & sb) / max(1, len(sa)),
+            "shared_heads": sorted(sa & sb), "chance": fraction}

@@ -37,3 +37,14 @@ def test_cli_writes_a_loadable_file_and_refuses_to_overwrite(tmp_path, capsys):
     assert main(argv) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert main([*argv, "--overwrite"]) == 0
+
+
+def test_top_overlap_counts_shared_top_heads():
+    from graphwright.heads.profiler import top_overlap
+
+    a = HeadSet(model="m", method="retrieval", scores=((0.9, 0.1), (0.5, 0.0)), retrieval=frozenset())
+    b = HeadSet(model="m", method="duo", scores=((1.0, 0.2), (0.1, 0.8)), retrieval=frozenset())
+    r = top_overlap(a, b, 0.5)
+    assert (r["top"], r["shared"], r["shared_heads"]) == (2, 1, [(0, 0)])
+    with pytest.raises(ValueError, match="has 2 layers x 2 KV heads"):
+        top_overlap(a, HeadSet(model="x", method="duo", scores=((1.0,),), retrieval=frozenset()))
