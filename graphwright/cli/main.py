@@ -18,7 +18,7 @@ import os
 import sys
 
 COMMANDS = ("demo", "compile", "inspect", "generate", "export", "eval", "bench",
-            "steer")  # steer: PASTA head profiling and held-out accuracy
+            "steer", "heads")  # steer: PASTA head profiling; heads: retrieval/streaming KV-head profiling
 
 
 class Parser(argparse.ArgumentParser):
