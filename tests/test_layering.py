@@ -21,13 +21,14 @@ LAYERS = (
     # ops: custom ops beyond capture's and their pure-torch references, GemFilter's selection maths;
     # steer.bias / steer.heads: the graph-side steering bias function and head-set files, which the
     # steer pass reads (the rest of graphwright.steer profiles and evaluates compiled models: app layer)
-    ("ops", "steer.bias", "steer.heads"),
+    # heads.headset: the head-set file format the duo pass reads (the rest of graphwright.heads profiles models: app layer)
+    ("ops", "steer.bias", "steer.heads", "heads.headset"),
     ("recipes",),  # recipe parsing: plain data naming passes
     ("passes",),  # graph rewrites (never lower or run a graph: verify_fn / ctx.lower come from above)
     ("codegen",),  # lowering to backends, ONNX translation and its step function
     ("runtime",),  # prefill/decode over step functions
     # application: compile/verify, the compiled and loaded models, reports, evaluation, steering tools
-    ("compile", "compiled", "verify", "onnx_model", "inspect", "eval", "bench", "steer"),
+    ("compile", "compiled", "verify", "onnx_model", "inspect", "eval", "bench", "steer", "heads"),
     ("cli", "__main__", ""),  # the command line and the package root (re-exports everything)
 )
 
