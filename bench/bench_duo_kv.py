@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/bench_duo_kv.py --prompt-tokens 1024 --new-tokens 8 --fraction 0.5 [--headset FILE]
+    PYTHONPATH=. python bench/bench_duo_kv.py --prompt-tokens 1024 --new-tokens 8 --fraction 0.5 [--headset FILE]
 
 Without ``--headset`` (or the shipped ``smollm2-135m_duo.json``) a provisional head set is written to
 a temporary folder: uniform random scores from a fixed seed (``--seed``), so the selection says
@@ -42,6 +42,7 @@ def main():
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--headset", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-dense", action="store_true", help="run duo only (kv_bytes_dense is still reported)")
     a = p.parse_args()
     model, tok = gw.load_model("smollm2-135m")
     with tempfile.TemporaryDirectory() as tmp:
@@ -53,7 +54,7 @@ def main():
             heads = str(provisional(Path(tmp) / "smollm2-135m_duo.json", a.seed, a.fraction))
         retrieval = f"retrieval='{heads}', " if heads else ""
         ids = torch.randint(100, 40000, (1, a.prompt_tokens), generator=torch.Generator().manual_seed(a.seed))
-        for recipe in (None, f"duo({retrieval}sinks={a.sinks}, window={a.window})"):
+        for recipe in ((None,) * (not a.skip_dense) + (f"duo({retrieval}sinks={a.sinks}, window={a.window})",)):
             cm = gw.compile(model, recipe=recipe, tokenizer=tok, verify=False)
             cm.generate(ids, max_new_tokens=a.new_tokens, eos_token_id=[])
             s = cm.last_stats

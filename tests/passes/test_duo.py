@@ -155,3 +155,21 @@ def test_refused_compositions_name_both_passes(other):
         _duo("tiny-llama", f"duo(retrieval=[[0, 0]]) + {other}")
     msg = str(err.value)
     assert "duo" in msg and other.split("(")[0] in msg, msg
+
+
+@pytest.mark.slow
+def test_smollm2_default_reads_the_shipped_head_set(tmp_path, monkeypatch):
+    """``duo(sinks=4, window=8)`` as written on smollm2-135m, with a provisional head set "shipped" in a tmp dir
+    (every third KV head retrieval; says nothing about quality); the caches hold exactly the two sizes."""
+    import graphwright.heads.headset as headset
+
+    retrieval = frozenset((layer, layer % 3) for layer in range(30))
+    HeadSet(model="smollm2-135m", method="duo", scores=tuple((1.0, 0.0, 0.0) for _ in range(30)),
+            retrieval=retrieval).save(tmp_path / "smollm2-135m_duo.json")
+    monkeypatch.setattr(headset, "SHIPPED", tmp_path)
+    cm = gw.compile("smollm2-135m", recipe="duo(sinks=4, window=8)", verify=False)
+    assert cm.step_graph.notes["duo"]["settings"]["retrieval"]["source"] == "shipped head set for smollm2-135m"
+    ids = torch.randint(100, 40000, (1, 40), generator=torch.Generator().manual_seed(0))
+    cm.generate(ids, max_new_tokens=3, eos_token_id=[])
+    per_token = 2 * 64 * 4  # K and V, head dim 64, fp32
+    assert cm.last_stats["kv_bytes"] == 30 * per_token * (1 * 42 + 2 * 12)  # per layer: 1 retrieval head, 2 streaming
