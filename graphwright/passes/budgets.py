@@ -103,6 +103,11 @@ def _streaming(v: dict) -> Budget:
     return _token_budget("streaming", call, sinks + window, 0.0)
 
 
+def _duo(v: dict) -> Budget:
+    # its streaming heads keep sinks + window (whether the head set has any is known only when it runs)
+    return _token_budget("duo", f"duo(sinks={v['sinks']}, window={v['window']})", int(v["sinks"]) + int(v["window"]), 0.0)
+
+
 def _snapkv(v: dict) -> Budget:
     return _token_budget("snapkv", f"snapkv(budget={v['budget']})", int(v["budget"]), 0.0)
 
@@ -120,7 +125,7 @@ def _block_sparse(v: dict) -> Budget:
     return _token_budget("block_sparse", f"block_sparse(block={v['block']}, top_k={v['top_k']})", keys, 0.0)
 
 
-BUDGETS = {"h2o": _h2o, "fastgen": _fastgen, "streaming": _streaming, "snapkv": _snapkv, "window": _window,
+BUDGETS = {"h2o": _h2o, "fastgen": _fastgen, "streaming": _streaming, "duo": _duo, "snapkv": _snapkv, "window": _window,
            "block_sparse": _block_sparse}
 
 

@@ -30,16 +30,24 @@ def kept_tokens_per_head(state, specs, num_layers: int, num_kv_heads: int):
 
     Read from positions state (-1 = empty or padding slot, never counted): a layer's per-head
     ``key_positions{layer}`` [B, H_kv, S] when an eviction pass gave it one, else the shared
-    ``key_positions`` [B, S] (every head holds the same tokens).
+    ``key_positions`` [B, S] (every head holds the same tokens). A layer ``duo`` split holds its
+    H_str streaming heads' positions in ``duo_positions{layer}``: its row is then the H_kv - H_str
+    retrieval heads (shared positions) followed by the streaming heads (retrieval first, not model order).
     """
-    shared, per = None, {}
+    shared, per, streaming = None, {}, {}
     for t, s in zip(state, specs):
         if s.kind == "positions" and s.name.startswith("key_positions"):
             if s.layer is None:
                 shared = (t >= 0).sum(dim=-1)[:, None].expand(-1, num_kv_heads)
             else:
                 per[s.layer] = (t >= 0).sum(dim=-1)
-    return [per.get(i, shared) for i in range(num_layers)]
+        elif s.kind == "positions" and s.name.startswith("duo_positions") and s.layer is not None:
+            streaming[s.layer] = (t >= 0).sum(dim=-1)
+    out = [per.get(i, shared) for i in range(num_layers)]
+    for i, counts in streaming.items():
+        if out[i] is not None:
+            out[i] = torch.cat([out[i][:, :num_kv_heads - counts.shape[1]], counts], dim=1)
+    return out
 
 
 def check_prompt(input_ids, attention_mask, vocab_size: int):

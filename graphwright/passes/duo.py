@@ -1,0 +1,185 @@
+"""``duo``: DuoAttention (arXiv 2410.10819) -- retrieval heads keep every token, streaming heads sinks + window.
+
+Technique (reference code ``mit-han-lab/duo-attention``, ``forward_one_way_reordered``; spec in
+ALGORITHMS-2.md section 2). Every KV head is either a *retrieval* head, which keeps its full
+cache, or a *streaming* head, which keeps the first ``sinks`` tokens and the last ``window``
+tokens. Query heads of a GQA group follow their KV head. Which heads retrieve comes from a head
+set (``passes/duo_select.py``: the shipped one by default, a file, a fraction by score or a list).
+
+Graph change, per layer with both kinds of head (a *split* layer)::
+
+    k_ret = cat([k_cache_l, k_new[:, R]], 2)                       # state k_cache_l now [B, H_ret, S, D]
+    k_str = cat([duo_k_l, k_new[:, T]], 2)                         # new state duo_k_l [B, H_str, <= sinks + window, D]
+    kp_str = cat([duo_positions_l, positions per streaming head], 2)
+    out = index_select(cat([attention(q[:, q(R)], k_ret, v_ret, ..., key_positions_all),
+                            attention(q[:, q(T)], k_str, v_str, ..., kp_str)], 1), 1, model head order)
+    duo_k_l', duo_v_l', duo_positions_l' = graphwright.evict_streaming(k_str, v_str, positions, kp_str, sinks, window)
+
+so the two caches are separate state tensors of their own widths (``kv_bytes`` counts both; a
+streaming head is never padded to a retrieval head's length). A layer whose heads all stream is
+the ``streaming`` eviction policy on the whole layer (``eviction_common.rewrite_layers``) with the
+model's own RoPE (keys cached rotated at their original positions, never re-rotated, unlike the
+``streaming`` pass); a layer whose heads all retrieve is left as captured. The eviction op runs
+after the attention, so a one-shot prefill is dense causal for every head (the first token is
+exact) and the streaming caches are cut right after it; every decode step appends its token and
+trims again (the torch backend does this in place on slots, ``codegen/torch/eviction_slots.py``).
+
+A decode query at position i therefore sees, on a streaming head, keys j with j < sinks or
+i - j <= window (the ``window`` cached recent tokens plus itself: the reference's
+[sink | recent | current]); the oracle mask is causal AND (retrieval(h) OR j < sinks OR i - j < window + 1).
+
+Exact settings: every head retrieval (nothing changes), or sinks + window >= the sequence length.
+Invariants tested (``tests/passes/test_duo.py``): both exact settings give the dense logits and
+tokens; duo's logits equal dense attention under that mask over 60 decode steps (tiny Llama,
+batch 2 left-padded, split and all-streaming layers); ``kv_bytes`` equals the two caches' sizes;
+the retrieval argument forms and their errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from ..capture.ops import ATTENTION
+from ..capture.step_graph import StateSpec
+from ..errors import RecipeError
+from ..ops import schema
+from ..ops.policy_streaming import STREAMING_POLICY
+from .base import MAX_TOKENS, Arg, Pass, PassContext, register_pass
+from .duo_select import resolve_retrieval
+from .eviction_common import (StateEditor, call, evict_pass_build, find_sites, insert_outputs, positions_node,
+                              rewrite_layers, tag)
+from .match import cat_parts
+
+aten = torch.ops.aten
+STREAM_K, STREAM_V, STREAM_POS = "duo_k", "duo_v", "duo_positions"  # + layer index: a split layer's streaming state
+
+
+@register_pass
+class Duo(Pass):
+    name = "duo"
+    needs = frozenset({"dense_attention", "dense_cache", "shared_positions"})
+    produces = frozenset({"evicted", "head_split"})
+    removes = frozenset({"dense_cache", "shared_positions"})
+    forbids = frozenset({"key_bias"})  # steering's bias would have to be split by head too
+    excludes = {
+        "evicted": "duo already decides what every head keeps (retrieval: all, streaming: sinks + window); a second "
+                   "eviction policy on the retrieval heads' cache (e.g. snapkv on their prompt) is not implemented",
+        "latent_cache": "a latent row is shared by every KV head of its layer, so retrieval and streaming heads cannot "
+                        "keep different token sets in one latent cache (a second, streaming latent cache is not implemented)",
+        "head_split": "duo splits each layer's attention by its own head set and cannot re-split a layer another pass split",
+    }
+    stage = 60
+    examples = {"exact": "duo(retrieval=[[0, 0]], sinks=4, window=1000)", "lossy": "duo(retrieval=[[0, 1]], sinks=2, window=4)",
+                "models": ("tiny-llama", "tiny-qwen2"), "first_token_dense": True}
+    exact = False
+    doc = "DuoAttention: retrieval KV heads keep the full cache, streaming KV heads only sinks + a recent window."
+    args = (
+        Arg("retrieval", (str, float, list), None, "retrieval KV heads: a head-set file, a fraction 0..1 of the shipped "
+            "head set by score, 'auto', or [[layer, kv_head], ...] (default: the shipped head set)"),
+        Arg("sinks", int, 4, "first tokens every streaming head keeps (attention sinks)", min=0, max=MAX_TOKENS),
+        Arg("window", int, 256, "most recent tokens every streaming head keeps", min=1, max=MAX_TOKENS),
+    )
+
+    def applies_to(self, sg) -> str | None:
+        sites = find_sites(sg)
+        if isinstance(sites, str):
+            return sites
+        latent = [s.layer for s in sites if s.latent]
+        return f"layer(s) {latent} hold a latent cache ({self.excludes['latent_cache']})" if latent else None
+
+    def run(self, sg, ctx: PassContext):
+        info = sg.info
+        retrieval, source = resolve_retrieval(self.retrieval, info)
+        sites = find_sites(sg)
+        if isinstance(sites, str):
+            raise RecipeError(f"duo: {sites}")
+        params = {"sinks": self.sinks, "window": self.window}
+        per_layer, split, stream = {}, [], set()
+        ed = StateEditor(sg)
+        for site in sites:
+            ret = [h for h in range(info.num_kv_heads) if (site.layer, h) in retrieval]
+            strm = [h for h in range(info.num_kv_heads) if h not in ret]
+            per_layer[site.layer] = {"retrieval": ret, "streaming": strm}
+            if ret and strm:
+                split_layer(sg, ed, site, ret, strm, params)
+                split.append(site.layer)
+            elif strm:
+                stream.add(site.layer)
+        ed.commit()
+        sg.gm.graph.eliminate_dead_code()
+        sg.gm.graph.lint()
+        sg.gm.recompile()
+        if stream:
+            rewrite_layers(sg, "duo_streaming", evict_pass_build(STREAMING_POLICY, params), stream)
+        n_ret = sum(len(v["retrieval"]) for v in per_layer.values())
+        sg.notes["duo"] = {
+            "per_layer": per_layer,
+            "counts": {"retrieval_heads": n_ret, "streaming_heads": len(sites) * info.num_kv_heads - n_ret,
+                       "layers_split": len(split), "layers_streaming": len(stream)},
+            "settings": {**params, "retrieval": source, "keys_cached": "post-RoPE, original positions"},
+            "show": ["retrieval", "streaming"],
+        }
+        return sg
+
+
+def _index(sg, name: str, idx: list) -> torch.fx.Node:
+    device = next((t.device for t in sg.gm.parameters()), torch.device("cpu"))
+    sg.gm.register_buffer(name, torch.tensor(idx, dtype=torch.long, device=device))
+    return sg.gm.graph.get_attr(name)
+
+
+def _query_heads(kv: list, g: int) -> list:
+    return [h for k in kv for h in range(k * g, (k + 1) * g)]
+
+
+def split_layer(sg, ed: StateEditor, site, ret: list, strm: list, params: dict) -> None:
+    """Rewrite one layer with both kinds of head (module docstring): retrieval cache narrowed, streaming cache added."""
+    graph, info, layer, attn = sg.gm.graph, sg.info, site.layer, site.attn
+    g = info.num_heads // info.num_kv_heads
+    a = schema.bound(attn)
+    k_new, v_new = site.k_new, cat_parts(site.v_cat)[1]
+    pre = f"gw_duo_l{layer}"
+    with graph.inserting_before(site.k_cat):
+        ret_kv, str_kv = _index(sg, f"{pre}_ret_kv", ret), _index(sg, f"{pre}_str_kv", strm)
+        ret_q, str_q = _index(sg, f"{pre}_ret_q", _query_heads(ret, g)), _index(sg, f"{pre}_str_q", _query_heads(strm, g))
+        order = _query_heads(ret, g) + _query_heads(strm, g)
+        inv = _index(sg, f"{pre}_order", sorted(range(len(order)), key=order.__getitem__))
+        k_ret_new = call(graph, aten.index_select.default, k_new, 1, ret_kv)
+    with graph.inserting_before(site.v_cat):
+        v_ret_new = call(graph, aten.index_select.default, v_new, 1, ret_kv)
+    site.k_cat.replace_input_with(k_new, k_ret_new)
+    site.v_cat.replace_input_with(v_new, v_ret_new)
+    for name in (site.k_name, site.v_name):  # the retrieval cache keeps its state, narrowed to H_ret heads
+        entry = ed.find(name)
+        entry[0] = replace(entry[0], shape=(entry[0].shape[0], len(ret), *entry[0].shape[2:]))
+    k_spec, v_spec = ed.find(site.k_name)[0], ed.find(site.v_name)[0]
+    k_ph = ed.add(replace(k_spec, name=f"{STREAM_K}{layer}", shape=(-1, len(strm), *k_spec.shape[2:]), layer=layer))
+    v_ph = ed.add(replace(v_spec, name=f"{STREAM_V}{layer}", shape=(-1, len(strm), *v_spec.shape[2:]), layer=layer))
+    p_ph = ed.add(StateSpec(f"{STREAM_POS}{layer}", "positions", (-1, len(strm), 0), torch.long, seq_dim=2, layer=layer))
+    extra = {name: a[name] for name in ("window", "sinks") if a.get(name)}  # a native sliding window stays
+    with graph.inserting_before(attn):
+        pos = positions_node(sg)
+        k_str = call(graph, aten.cat.default, [k_ph, call(graph, aten.index_select.default, k_new, 1, str_kv)], 2)
+        v_str = call(graph, aten.cat.default, [v_ph, call(graph, aten.index_select.default, v_new, 1, str_kv)], 2)
+        per_head = call(graph, aten.expand.default, call(graph, aten.unsqueeze.default, pos, 1), [-1, len(strm), -1])
+        kp_str = call(graph, aten.cat.default, [p_ph, per_head], 2)
+        outs = []
+        for kind, qi, k, v, kp in (("retrieval", ret_q, site.k_cat, site.v_cat, a["k_pos"]), ("streaming", str_q, k_str, v_str, kp_str)):
+            sub = schema.call(graph, ATTENTION, q=call(graph, aten.index_select.default, a["q"], 1, qi), k=k, v=v,
+                              q_pos=a["q_pos"], k_pos=kp, scale=a["scale"], **extra)
+            sub.meta.update({key: val for key, val in attn.meta.items() if key in ("nn_module_stack", "stack_trace")})
+            sub.meta["graphwright"] = {**attn.meta.get("graphwright", {}), "variant": f"duo_{kind}",
+                                       "kv_heads": ret if kind == "retrieval" else strm}
+            outs.append(sub)
+        out = call(graph, aten.index_select.default, call(graph, aten.cat.default, outs, 1), 1, inv)
+    attn.replace_all_uses_with(out)
+    graph.erase_node(attn)
+    with graph.inserting_after(out):
+        evict = schema.call(graph, STREAMING_POLICY.op, k=k_str, v=v_str, q_pos=a["q_pos"], k_pos=kp_str, **params)
+    site.attn = outs[1]
+    tag(evict, site, "kv_evict", "streaming")
+    got = dict(zip(STREAMING_POLICY.outputs(), insert_outputs(graph, evict, len(STREAMING_POLICY.outputs()))))
+    for name, key in ((f"{STREAM_K}{layer}", "k"), (f"{STREAM_V}{layer}", "v"), (f"{STREAM_POS}{layer}", "k_pos")):
+        ed.set_output(name, got[key])
