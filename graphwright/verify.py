@@ -95,8 +95,10 @@ def run_recipe(sg, recipe, model=None, tokenizer=None, verify: bool = True, back
     def lower_fn(gm):
         return lower(gm, probe_backend)
 
+    from .heads.profiler import profile as profile_heads  # duo(retrieval="auto") profiles the source model
+
     sg, parsed, verification = pipeline.run_recipe(sg, recipe, model=model, tokenizer=tokenizer,
-                                                   verify_fn=verifier, lower_fn=lower_fn)
+                                                   verify_fn=verifier, lower_fn=lower_fn, extra={"profile_heads": profile_heads})
     if not verify:
         return sg, parsed, verification
     probe = verifier.probe

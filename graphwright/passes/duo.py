@@ -91,7 +91,7 @@ class Duo(Pass):
 
     def run(self, sg, ctx: PassContext):
         info = sg.info
-        retrieval, source = resolve_retrieval(self.retrieval, info)
+        retrieval, source = resolve_retrieval(self.retrieval, info, ctx)
         sites = find_sites(sg)
         if isinstance(sites, str):
             raise RecipeError(f"duo: {sites}")

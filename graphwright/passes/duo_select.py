@@ -8,8 +8,9 @@
 * a fraction in [0, 1]: the top ``round(fraction * L * Hk)`` heads by the shipped head set's scores
   (``HeadSet.select``); 0 = every head streaming, 1 = every head retrieval;
 * a list of ``[layer, kv_head]`` pairs (an empty list: every head streaming);
-* ``"auto"``: profile now, which needs the head profiler (``graphwright.heads.profile``); this
-  build refuses it with that reason.
+* ``"auto"``: profile the source model now with ``graphwright.heads.profile`` (handed down by
+  ``compile`` as ``ctx.extra["profile_heads"]``): the retrieval score on needle prompts when the model
+  has a tokenizer, else DuoAttention gates on token-id passkeys; minutes on CPU for a 135M model.
 
 The model's name (for the shipped file) is recognised from its shape (``KNOWN_MODELS``): a
 different checkpoint of the same shape would pick up the same head set, so pass a file for one.
@@ -66,16 +67,25 @@ def _pairs(value, info) -> frozenset:
     return frozenset(out)
 
 
-def resolve_retrieval(value, info) -> tuple[frozenset, dict]:
+def _auto(info, ctx) -> tuple[frozenset, dict]:
+    profile = (ctx.extra.get("profile_heads") if ctx is not None else None)
+    if profile is None or ctx.model is None:
+        raise RecipeError("duo: retrieval='auto' profiles the source model's heads now, which needs graphwright.compile "
+                          "(with the model) to run it; pass a head-set file, a fraction of the shipped head set, or a list "
+                          "of [layer, kv_head] pairs")
+    method = "retrieval" if ctx.tokenizer is not None else "duo"
+    hs = _checked(profile(ctx.model, method=method, tokenizer=ctx.tokenizer, progress=False), info, "'auto'")
+    return hs.retrieval, {"source": f"profiled at compile time ({method})", "method": hs.method, "measured": hs.measured}
+
+
+def resolve_retrieval(value, info, ctx=None) -> tuple[frozenset, dict]:
     """(retrieval (layer, kv_head) pairs, a plain-data note of where they came from); RecipeError naming what is wrong."""
     if value is None:
         hs, name = _shipped(info, "the default retrieval (the shipped head set)")
         return _checked(hs, info, "default").retrieval, {"source": f"shipped head set for {name}", "method": hs.method}
     if isinstance(value, str):
         if value == "auto":
-            raise RecipeError("duo: retrieval='auto' profiles the heads now and needs the head profiler "
-                              "(graphwright.heads.profile), which this build does not have; pass a head-set file, a "
-                              "fraction of the shipped head set, or a list of [layer, kv_head] pairs")
+            return _auto(info, ctx)
         from ..heads.headset import load_headset
 
         try:

@@ -22,7 +22,7 @@ from .manager import order_passes
 CALIBRATION_TOKENS = 200
 
 
-def run_recipe(sg, recipe, model=None, tokenizer=None, verify_fn=None, lower_fn=None):
+def run_recipe(sg, recipe, model=None, tokenizer=None, verify_fn=None, lower_fn=None, extra: dict | None = None):
     """Apply ``recipe`` to ``sg``; returns ``(new_sg, Recipe, verification)``.
 
     ``verification`` is plain data: ``{"passes": [{"name", "exact", "max_abs_logit_diff", "kl"}, ...]}``;
@@ -44,6 +44,7 @@ def run_recipe(sg, recipe, model=None, tokenizer=None, verify_fn=None, lower_fn=
     entries = dict(zip(map(id, passes), parsed.to_list()))
     passes = plan.passes
     ctx = make_context(model, tokenizer, lower_fn)
+    ctx.extra.update(extra or {})  # tools from the layers above, e.g. "profile_heads" for duo(retrieval="auto")
     records = []
     for p in passes:
         entry = entries[id(p)]

@@ -128,7 +128,6 @@ def test_head_set_file_and_fraction(tmp_path, monkeypatch):
 @pytest.mark.parametrize("recipe,words", [
     ("duo()", ["none ships", "graphwright heads profile"]),
     ("duo(retrieval=0.5)", ["needs a head set with scores", "none ships"]),
-    ("duo(retrieval='auto')", ["graphwright.heads.profile"]),
     ("duo(retrieval=[[0, 2]])", ["[0, 2]", "2 layers x 2 KV heads"]),
     ("duo(retrieval=[[0, 0], [0, 0]])", ["listed twice"]),
     ("duo(retrieval=[0, 1])", ["[layer, kv_head] integer pairs"]),
@@ -173,3 +172,24 @@ def test_smollm2_default_reads_the_shipped_head_set(tmp_path, monkeypatch):
     cm.generate(ids, max_new_tokens=3, eos_token_id=[])
     per_token = 2 * 64 * 4  # K and V, head dim 64, fp32
     assert cm.last_stats["kv_bytes"] == 30 * per_token * (1 * 42 + 2 * 12)  # per layer: 1 retrieval head, 2 streaming
+
+
+def test_auto_profiles_the_source_model_at_compile_time(monkeypatch, compiled_tiny):
+    """retrieval='auto' calls graphwright.heads.profile on the model compile() was given (stubbed here: the
+    profilers have their own tests) and keeps its selection; without a source model it is a clear error."""
+    from graphwright.heads import HeadSet
+    from graphwright.heads import profiler
+    from graphwright.verify import run_recipe
+
+    calls = []
+
+    def fake_profile(model, method, tokenizer=None, progress=True):
+        calls.append(method)
+        return HeadSet(model="tiny", method="duo", scores=((0.9, 0.1), (0.2, 0.8)), retrieval=frozenset({(0, 0), (1, 1)}))
+
+    monkeypatch.setattr(profiler, "profile", fake_profile)
+    cm = _duo("tiny-llama", "duo(retrieval='auto', sinks=2, window=4)")
+    assert calls == ["duo"]  # no tokenizer: DuoAttention gates on token-id passkeys
+    assert cm.step_graph.notes["duo"]["per_layer"] == {0: {"retrieval": [0], "streaming": [1]}, 1: {"retrieval": [1], "streaming": [0]}}
+    with pytest.raises(RecipeError, match="profiles the source model"):
+        run_recipe(compiled_tiny("tiny-llama").step_graph, "duo(retrieval='auto')", verify=False)
