@@ -9,3 +9,4 @@ from . import fuse_moe  # noqa: F401
 from . import steer  # noqa: F401
 from . import fastgen, h2o, snapkv, streaming  # noqa: F401
 from . import block_sparse, gemfilter, window  # noqa: F401
+from . import think  # noqa: F401
