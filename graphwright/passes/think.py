@@ -154,8 +154,11 @@ class Think(Pass):
             pos_out = ed.find(positions_name(layer))[2]
             rank = {n: i for i, n in enumerate(graph.nodes)}
             anchor = max((k_out, v_out, pos_out), key=rank.__getitem__)
-        else:
-            k_out, pos_out, anchor = k_attn, schema.get(site.attn, "k_pos"), site.attn
+        else:  # shared [B, S] positions: a per-head copy (right-aligning a left-padded prefill changes nothing)
+            k_out, anchor = k_attn, site.attn
+            with graph.inserting_before(site.attn):
+                pos_out = call(graph, torch.ops.aten.expand.default,
+                               call(graph, torch.ops.aten.unsqueeze.default, schema.get(site.attn, "k_pos"), 1), [-1, hk, -1])
         with graph.inserting_after(anchor):
             node = schema.call(graph, THINK_PRUNE, q=site.arg("q"), k=k_out, k_pruned=narrow, channels=chans, k_full=site.k_cat,
                                v=v_out, q_pos=site.arg("q_pos"), k_pos=pos_out, keep=keep, recent=self.recent,
@@ -166,8 +169,8 @@ class Think(Pass):
         ed.set_output(f"think_keys{layer}", outs[0])
         ed.set_output(f"think_channels{layer}", outs[1])
         ed.set_output(site.k_name, outs[2])
-        if evict is not None:  # the per-head cache was right-aligned: values and positions follow the keys
-            ed.set_output(site.v_name, outs[3])
+        ed.set_output(site.v_name, outs[3])  # right-aligned with the keys (unchanged without eviction)
+        if evict is not None:
             ed.set_output(positions_name(layer), outs[4])
         meta = site.attn.meta.setdefault("graphwright", {})
         meta["variant"] = f"{meta['variant']}+think" if meta.get("variant") else "think"
