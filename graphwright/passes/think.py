@@ -67,7 +67,8 @@ class Think(Pass):
     exact = False
     doc = "ThinK: after prefill store old keys with only the top `keep` fraction of channels per KV head (query-driven)."
     args = (
-        Arg("keep", float, 0.6, "fraction of key channels kept per KV head (1 - lambda; 1.0 = identity)", min=1e-6, max=1.0),
+        Arg("keep", float, 0.6, "fraction of key channels kept per KV head (1 - lambda; ThinK's default lambda = 0.4; "
+            "1.0 = identity)", min=1e-6, max=1.0),
         Arg("recent", int, 32, "last prompt tokens kept full width (decode tokens always are)", min=0, max=MAX_TOKENS),
         Arg("window", int, 32, "observation window: the last prompt queries that score the channels", min=1, max=MAX_TOKENS),
         Arg("pool", str, "mean", "GQA: pooling of the query energy over a KV head's query heads", choices=POOLS),
@@ -100,8 +101,8 @@ class Think(Pass):
         for n in nodes:
             where = f"layer {schema.layer_of(n)}"
             site = layer_site(sg, n)
-            if not site:
-                return f"{where}: {site.reason}"
+            if not site:  # e.g. streaming: attention reads pre-RoPE keys re-rotated by cache index
+                return f"{site.reason}; think needs post-RoPE keys that attention reads straight from the cache"
             users = [u for u in site.k_cat.users if u is not n]
             evict = [u for u in users if u.op == "call_function" and u.target in EVICT_OPS]
             if evict and evict[0].target not in PREFILL_ONLY_EVICTION:
