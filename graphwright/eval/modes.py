@@ -12,7 +12,7 @@ recipe instantiates, never the recipe's text.
 
 from __future__ import annotations
 
-CACHE_FACTS = frozenset({"evicted", "window", "block_sparse", "latent_cache"})
+CACHE_FACTS = frozenset({"evicted", "window", "block_sparse", "latent_cache", "channel_pruned"})
 
 
 def cache_rewrites(cm) -> list:

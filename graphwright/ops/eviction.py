@@ -44,6 +44,7 @@ from .policy_h2o import EVICT_H2O, H2O_POLICY  # noqa: F401
 from .policy_snapkv import EVICT_SNAPKV, SNAPKV_POLICY  # noqa: F401
 from .policy_streaming import EVICT_STREAMING, STREAMING_POLICY  # noqa: F401
 from .rope_index_ref import rope_cache_index_reference, rope_invert_reference
+from .think import THINK_EXPAND, THINK_PRUNE  # noqa: F401  (ThinK's ops join REFERENCES)
 
 _LIB = "graphwright"
 

@@ -71,7 +71,8 @@ class EvictionPass(Pass):
     needs = frozenset({"attention", "shared_positions"})
     produces = frozenset({"evicted"})
     removes = frozenset({"shared_positions", "dense_cache"})
-    forbids = frozenset({"key_bias"})  # scores are the model's own attention; steering is added after
+    # scores are the model's own attention; steering is added after; think prunes the channels of the kept keys
+    forbids = frozenset({"key_bias", "channel_pruned"})
     excludes = {"evicted": "one eviction policy per layer (give each policy its own layers=[...])"}
     stage = 60
 

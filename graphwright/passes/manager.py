@@ -54,6 +54,7 @@ FACTS = {
     "block_sparse": "the layer attends to top-k key blocks selected from page summaries",
     "evicted": "an eviction policy decides which tokens the layer's cache keeps",
     "key_bias": "a pre-softmax key bias (steering) is added to the layer's attention",
+    "channel_pruned": "old keys are stored with a subset of their channels (ThinK); attention reads them re-expanded",
     "prompt_selection": "the prompt is filtered by an early layer before the model runs",
 }
 

@@ -18,6 +18,7 @@ COMPOSITIONS = {
     "lowrank_kv+block_sparse": (PAIR_MODEL, "lowrank_kv(keep=0.5) + block_sparse(block=4, top_k=2, dense_layers=[])"),
     "lowrank_kv+streaming": (PAIR_MODEL, "lowrank_kv(keep=0.5) + streaming(sinks=2, window=6)"),
     "h2o+steer": (PAIR_MODEL, "h2o(heavy=4, recent=4) + steer(heads='all', alpha=0.05)"),
+    "snapkv+think": (PAIR_MODEL, "snapkv(budget=6, window=2) + think(keep=0.5, recent=3, window=4)"),
     "fuse_moe+lowrank_kv+h2o+steer": ("tiny-mixtral",
                                       "fuse_moe + lowrank_kv(keep=0.5) + h2o(heavy=4, recent=4) + steer(heads='all', alpha=0.05)"),
 }

@@ -267,9 +267,15 @@ def _runtime_ops(c: _Check, field: str, v, outputs: set, inputs: set, state: set
 
 def _op_arg(c: _Check, f: str, a, outputs: set, inputs: set) -> None:
     a = c.dict(a, f)
-    if len(a) != 1 or next(iter(a)) not in ("output", "input", "value"):
-        c.fail(f, "one of {'output': name}, {'input': name}, {'value': number}", a)
-    if "output" in a:
+    if len(a) != 1 or next(iter(a)) not in ("output", "input", "value", "result"):
+        c.fail(f, "one of {'output': name}, {'input': name}, {'value': number}, {'result': [record, output]}", a)
+    if "result" in a:  # an earlier runtime op's output
+        pair = c.list(a["result"], f + ".result", max_len=2)
+        if len(pair) != 2:
+            c.fail(f + ".result", "[record index, output index]", pair)
+        for x in pair:
+            c.int(x, f + ".result", 0, 2**31 - 1)
+    elif "output" in a:
         c.str(a["output"], f + ".output", choices=sorted(outputs))
     elif "input" in a:
         c.str(a["input"], f + ".input", choices=sorted(inputs))

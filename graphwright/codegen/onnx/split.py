@@ -21,7 +21,9 @@ session, then calls the same custom op (whose torch implementation is the refere
 tensors, so the cache it keeps is bit-for-bit what the torch runtime keeps.
 
 ``graphwright.json`` records each cut op as ``{"op", "layer", "args": [{"output": name} |
-{"input": name} | {"value": v}], "results": [state name | None per op output], "derived": [...]}``.
+{"input": name} | {"value": v} | {"result": [record index, output index]}], "results": [state name | None
+per op output], "derived": [...]}``. A ``result`` argument is an earlier cut op's output (``snapkv + think``:
+the kept cache feeds ThinK's split); the records run in order.
 An op output may also reach the state through a chain of view ops (a latent layer's shared
 payload is selected and sliced into c_k and c_v): ``derived`` lists ``{"from": output index,
 "ops": [[aten op name, [constant args]], ...], "state": name}``, applied in torch after the op.
@@ -35,8 +37,9 @@ import operator
 import torch
 
 from ...ops.eviction import EVICT_OPS
+from ...ops.think import THINK_PRUNE
 
-RUNTIME_OPS = set(EVICT_OPS)
+RUNTIME_OPS = set(EVICT_OPS) | {THINK_PRUNE}  # ThinK's channel choice and cache split: once after prefill
 # shape-only ops allowed between a runtime op's output and the state it produces
 VIEW_OPS = {op.name(): op for op in (torch.ops.aten.select.int, torch.ops.aten.slice.Tensor,
                                       torch.ops.aten.squeeze.dim, torch.ops.aten.unsqueeze.default,
@@ -55,14 +58,16 @@ def split(gm: torch.fx.GraphModule, input_names: list, state_names: list):
     out_node = next(n for n in graph.nodes if n.op == "output")
     outs = list(out_node.args[0])
     names = ["logits", *(f"{s}_next" for s in state_names)]
-    cut_nodes, records = [], []
+    cut_nodes, records, produced, erase = [], [], {}, []
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target in RUNTIME_OPS]:
         if node.kwargs:
             raise ValueError(f"{node.target}: keyword arguments are not supported by the graph/runtime split")
         args = []
         for a in node.args:
             if isinstance(a, torch.fx.Node):
-                if a in placeholders:
+                if a in produced:  # an earlier runtime op's output (snapkv's kept cache feeding think_prune)
+                    args.append({"result": list(produced[a])})
+                elif a in placeholders:
                     args.append({"input": placeholders[a]})
                 else:
                     if a not in cut_nodes:
@@ -91,6 +96,8 @@ def split(gm: torch.fx.GraphModule, input_names: list, state_names: list):
                             else:
                                 results[index] = state_names[j - 1]
                             outs[j] = None
+                elif user.op == "call_function" and user.target in RUNTIME_OPS and not ops:
+                    produced[src] = (len(records), index)  # a later runtime op reads it: runs after this one
                 elif (user.op == "call_function" and getattr(user.target, "name", lambda: None)() in VIEW_OPS
                       and user.args[0] is src and not user.kwargs
                       and not any(isinstance(a, torch.fx.Node) for a in user.args[1:])):
@@ -105,12 +112,12 @@ def split(gm: torch.fx.GraphModule, input_names: list, state_names: list):
             chain.append(user)
             walk(user, user.args[1], [])
         out_node.args = (tuple(outs),)
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        for n in sorted(chain, key=order.get, reverse=True):
-            graph.erase_node(n)
-        graph.erase_node(node)
+        erase += [*chain, node]
         records.append({"op": node.target.name(), "layer": node.meta.get("graphwright", {}).get("layer"),
                         "args": args, "results": results, **({"derived": derived} if derived else {})})
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for n in sorted(erase, key=order.get, reverse=True):  # later runtime ops first: they read earlier ones' outputs
+        graph.erase_node(n)
     keep = [j for j, o in enumerate(outs) if o is not None]
     out_node.args = (tuple([outs[j] for j in keep] + cut_nodes),)
     graph.lint()
@@ -128,14 +135,15 @@ def references() -> dict:
 def run_records(records: list, outputs: dict, inputs: dict) -> dict:
     """Apply the cut ops with their references -> {state name: tensor}."""
     refs = references()
-    state = {}
+    state, done = {}, []
     for rec in records:
-        args = [outputs[a["output"]] if "output" in a else inputs[a["input"]] if "input" in a else a["value"]
-                for a in rec["args"]]
+        args = [outputs[a["output"]] if "output" in a else inputs[a["input"]] if "input" in a
+                else done[a["result"][0]][a["result"][1]] if "result" in a else a["value"] for a in rec["args"]]
         if rec["op"] not in refs:
             raise ValueError(f"runtime op {rec['op']!r} has no reference here; known: {sorted(refs)}")
         res = refs[rec["op"]](*args)
         res = res if isinstance(res, (list, tuple)) else (res,)
+        done.append(res)
         for r, tensor in zip(rec["results"], res):
             if r is not None:
                 state[r] = tensor
