@@ -21,6 +21,12 @@ processes used more than 10% of the machine (or the load average was high at the
 length is marked busy, the markdown says so, and the script exits with status 3 unless
 ``--allow-busy``: a busy run is not a result.
 
+Memory: each (prompt length, runtime) block runs in its own subprocess (``--block``), holding only
+HF and that runtime's recipes (dense identity always among them, so every ratio is taken within one
+process); holding every side of every runtime in one process was OOM-killed at 24 GB at 4k. ONNX
+Runtime sessions are made with ``enable_cpu_mem_arena=False`` (the arena keeps its peak forever).
+``--same-process`` runs the blocks in this process instead (for debugging).
+
 Writes ``<out>.json`` (everything, raw runs included), ``<out>.md`` (the table) and ``<out>.png``
 (decode tokens/s against prompt length, one line per recipe and runtime).
 """
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import resource
 import sys
 import time
 from pathlib import Path
@@ -106,7 +113,7 @@ class GWSide:
         return out, {k: s[k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "kv_bytes", "kv_bytes_dense")}
 
 
-def onnx_runner(cm, recipe: str | None, model_name: str, artifacts: Path, threads: int):
+def export_artifact(cm, recipe: str | None, model_name: str, artifacts: Path) -> Path:
     """Export once per (model, recipe) into ``artifacts`` (reused when its graphwright.json names the same recipe)."""
     slug = re.sub(r"[^A-Za-z0-9]+", "_", f"{model_name}_{recipe or 'identity'}").strip("_")
     folder = artifacts / slug
@@ -118,10 +125,16 @@ def onnx_runner(cm, recipe: str | None, model_name: str, artifacts: Path, thread
         data["bench_recipe"] = recipe or "identity"
         meta.write_text(json.dumps(data, indent=2))
         print(f"  exported {recipe or 'identity'} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return folder
+
+
+def onnx_runner(cm, recipe: str | None, model_name: str, artifacts: Path, threads: int):
+    folder = export_artifact(cm, recipe, model_name, artifacts)
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.enable_cpu_mem_arena = False  # the arena keeps a session's peak resident for the process's lifetime
     if threads:
         so.intra_op_num_threads = threads
     return gw.load(folder, session_options=so)
@@ -239,7 +252,7 @@ def plot(result, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--prompts", type=int, nargs="+", default=[256, 2048, 4096, 8192])
@@ -254,37 +267,88 @@ def main(argv=None) -> int:
     p.add_argument("--artifacts", default="results/bench_decode_artifacts", help="ONNX export cache folder")
     p.add_argument("--out", default="results/bench_decode", help="output path without extension")
     p.add_argument("--allow-busy", action="store_true", help="exit 0 even when the machine was busy (still labelled)")
-    p.add_argument("--wait-quiet", type=float, default=120.0, help="seconds to wait for a quiet machine before each length")
+    p.add_argument("--wait-quiet", type=float, default=120.0, help="seconds to wait for a quiet machine before each block")
     p.add_argument("--export-only", action="store_true", help="only fill the --artifacts cache (exports need no quiet machine)")
-    args = p.parse_args(argv)
+    p.add_argument("--same-process", action="store_true", help="run every block in this process (more memory; for debugging)")
+    p.add_argument("--block", nargs=2, metavar=("PROMPT", "RUNTIME"), help=argparse.SUPPRESS)
+    p.add_argument("--block-out", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def run_block(args, P: int, rt: str) -> dict:
+    """One (prompt length, runtime) block: HF + every recipe on ``rt``, alternating; plain data."""
     torch.set_num_threads(args.threads)
     recipes = ["identity"] + [r for r in args.recipes if r != "identity"]
-
     model, tok = gw.load_model(args.model)
     model.eval()
-    result = {"model": args.model, "torch_threads": torch.get_num_threads(), "new_tokens": args.new,
-              "repeats": args.repeats, "warmup": args.warmup, "runtimes": args.runtimes,
-              "command": "python bench/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "prompts": {}}
-    for P in args.prompts:
-        print(f"prompt {P}: compiling/exporting {len(recipes)} recipes x {args.runtimes}", flush=True)
-        ids = prompt_ids(tok, P, model.config.vocab_size)
-        if args.export_only:
-            build_sides(model, tok, args.model, P, recipes, ["onnx"], args)
-            continue
-        sides, skipped = build_sides(model, tok, args.model, P, recipes, args.runtimes, args)
-        if not wait_for_quiet(timeout_s=args.wait_quiet):
-            print("  the load average stayed above 0.5: measuring anyway, the block will say busy", flush=True)
-        with MachineLoad() as load:
-            med, same, runs = measure(sides, ids, args.new, args.repeats, args.warmup)
-        result["prompts"][str(P)] = {"recipes": {n: recipe_text(n, P) for n in recipes}, "median": med,
-                                     "ratios": ratios(med), "same_tokens": same, "skipped": skipped,
-                                     "load": load.as_dict(), "runs": runs}
-        print(f"  {'BUSY' if load.busy else 'quiet'}: other processes used {100 * load.foreign_share:.1f}% of the machine", flush=True)
-        del sides
+    ids = prompt_ids(tok, P, model.config.vocab_size)
+    print(f"prompt {P}, runtime {rt}: compiling{'/exporting' if rt == 'onnx' else ''} {len(recipes)} recipes", flush=True)
+    sides, skipped = build_sides(model, tok, args.model, P, recipes, [rt], args)
+    if not wait_for_quiet(timeout_s=args.wait_quiet):
+        print("  the load average stayed above 0.5: measuring anyway, the block will say busy", flush=True)
+    with MachineLoad() as load:
+        med, same, runs = measure(sides, ids, args.new, args.repeats, args.warmup)
+    print(f"  {'BUSY' if load.busy else 'quiet'}: other processes used {100 * load.foreign_share:.1f}% of the machine", flush=True)
+    return {"recipes": {n: recipe_text(n, P) for n in recipes}, "median": med, "ratios": ratios(med), "same_tokens": same,
+            "skipped": skipped, "load": {**load.as_dict(), "busy": load.busy}, "runs": runs,
+            "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def block_in_subprocess(argv: list[str], P: int, rt: str) -> dict:
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "block.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--block", str(P), rt, "--block-out", str(out)]
+        rc = subprocess.run(cmd).returncode
+        if rc != 0:
+            raise SystemExit(f"block prompt {P} runtime {rt} failed with exit status {rc}")
+        block = json.loads(out.read_text())
+    print(f"  block prompt {P} runtime {rt}: process peak RSS {block['process_peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
+    return block
+
+
+def merge_blocks(blocks: dict) -> dict:
+    """Blocks of one prompt length (runtime -> block) as one: HF's row from the first block, every ratio from its own block."""
+    first = next(iter(blocks.values()))
+    merged = {"recipes": first["recipes"], "median": {}, "ratios": {}, "same_tokens": {}, "skipped": {}, "runs": {},
+              "blocks_load": {rt: b["load"] for rt, b in blocks.items()},
+              "process_peak_rss_bytes": {rt: b["process_peak_rss_bytes"] for rt, b in blocks.items()}}
+    for b in blocks.values():
+        for part in ("median", "ratios", "same_tokens", "skipped", "runs"):
+            for k, v in b[part].items():
+                merged[part].setdefault(k, v)
+    loads = [b["load"] for b in blocks.values()]
+    worst = max(loads, key=lambda d: d["foreign_share"])
+    merged["load"] = {**worst, "load_before": loads[0]["load_before"], "load_after": loads[-1]["load_after"],
+                      "busy": any(d["busy"] for d in loads)}
+    return merged
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.block:
+        block = run_block(args, int(args.block[0]), args.block[1])
+        Path(args.block_out).write_text(json.dumps(block))
+        return 0
+    torch.set_num_threads(args.threads)
+    recipes = ["identity"] + [r for r in args.recipes if r != "identity"]
     if args.export_only:
+        model, tok = gw.load_model(args.model)
+        for P in args.prompts:
+            for name in recipes:
+                text = recipe_text(name, P)
+                export_artifact(gw.compile(model, recipe=text, tokenizer=tok), text, args.model, Path(args.artifacts))
         print(f"artifacts in {args.artifacts}")
         return 0
+    result = {"model": args.model, "torch_threads": args.threads, "new_tokens": args.new,
+              "repeats": args.repeats, "warmup": args.warmup, "runtimes": args.runtimes,
+              "command": "python bench/bench_decode.py " + " ".join(argv), "prompts": {}}
+    for P in args.prompts:
+        blocks = {rt: run_block(args, P, rt) if args.same_process else block_in_subprocess(argv, P, rt) for rt in args.runtimes}
+        result["prompts"][str(P)] = merge_blocks(blocks)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2))

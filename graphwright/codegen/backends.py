@@ -47,6 +47,7 @@ from .torch.decode_linear import finalize_torch
 from .torch.eviction_slots import SLOT_OVERRIDES
 from .torch.latent_attention import latent_attention_sdpa, latent_keys_fast
 from .torch.moe import fused_moe_auto, fused_moe_sorted, fused_moe_triton
+from .torch.scored_attention import scored_attention
 from .triton import TRITON_OVERRIDES
 
 
@@ -153,7 +154,7 @@ TORCH = register_backend(Backend(
      BLOCK_SPARSE_ATTENTION: block_sparse_sdpa, PAGE_SUMMARY: page_summary_incremental,
      FUSED_MOE: {"auto": fused_moe_auto, "sorted": fused_moe_sorted, "triton": fused_moe_triton},
      **EVICTION_REFERENCES, **SLOT_OVERRIDES, LATENT_KEYS: latent_keys_fast},  # eviction at decode without compaction (torch/eviction_slots.py)
-    transforms=(append_caches_in_place,), step_rewrites=(bound_native_windows,),
+    transforms=(append_caches_in_place, scored_attention), step_rewrites=(bound_native_windows,),
     finalize=finalize_torch))  # decode GEMV on [in, out] weight copies, flat weight attributes (torch/decode_linear.py)
 
 TRITON = register_backend(Backend(

@@ -15,8 +15,8 @@ def _qkv(B=2, H=6, Hk=2, S=9, D=8, seed=0):
     return (torch.randn(B, H, 1, D, generator=g), torch.randn(B, Hk, S, D, generator=g), torch.randn(B, Hk, S, D, generator=g))
 
 
-def _close(q, k, v, q_pos, k_pos, **kw):
-    got = att.attention_sdpa(q, k, v, q_pos, k_pos, 0.3, **kw)
+def _close(q, k, v, q_pos, k_pos, fn=att.attention_sdpa, **kw):
+    got = fn(q, k, v, q_pos, k_pos, 0.3, **kw)
     want = attention_reference(q, k, v, q_pos, k_pos, 0.3, **kw)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     return att._LAST_MASK.entry[4]
@@ -38,6 +38,21 @@ def test_left_padded_batch_and_empty_slots_keep_their_mask():
                           [[-1, 7, 2, 8, 0, 1, -1, 3, 4], [8, 7, 6, 5, 4, 3, 2, 1, 0]]])  # per-head slots, any order
     _close(q, k, v, torch.tensor([[8], [8]]), slots)
     _close(q, k, v, torch.tensor([[8], [8]]), slots, key_bias=torch.randn(2, 6, 9))  # steering's key bias on slots
+    for fn in (att.attention_sdpa, att.attention_sdpa_scored):  # explicit probabilities (H2O/FastGen layers) or SDPA
+        _close(q, k, v, torch.tensor([[8], [8]]), slots, fn=fn)
+        _close(q, k, v, torch.tensor([[8], [8]]), slots, fn=fn, key_bias=torch.randn(2, 6, 9))
+
+
+def test_full_per_head_slots_run_sdpa_without_a_mask_and_keep_no_probabilities():
+    """StreamingLLM/SnapKV decode: per-head slots, all valid and visible -> SDPA without a mask, nothing kept."""
+    from graphwright.codegen.torch import decode_probs as dp
+
+    q, k, v = _qkv()
+    slots = torch.tensor([[[3, 7, 0, 1, 2, 6, 4, 5, 8], [0, 1, 2, 3, 4, 5, 6, 7, 8]],
+                          [[5, 7, 2, 8, 0, 1, 6, 3, 4], [8, 7, 6, 5, 4, 3, 2, 1, 0]]])
+    dp._LAST.entry = ()
+    assert _close(q, k, v, torch.tensor([[8], [8]]), slots) is None
+    assert dp._LAST.entry == ()
 
 
 @pytest.mark.parametrize("window, sinks", [(3, 0), (3, 2), (20, 1)])
@@ -64,12 +79,12 @@ def test_slot_attention_keeps_its_probabilities_for_the_running_score_only_on_th
     q_pos = torch.tensor([[8], [6]])
     slots = torch.tensor([[[3, -1, 0, 1, 2, -1, 4, 5, 8], [0, 1, 2, 3, 4, 5, 6, 7, 8]],
                           [[-1, -1, 2, 6, 0, 1, -1, 3, 4], [-1, -1, 6, 5, 4, 3, 2, 1, 0]]])  # row 1 left-padded
-    _close(q, k, v, q_pos, slots)
+    _close(q, k, v, q_pos, slots, fn=att.attention_sdpa_scored)
     kept = dp._LAST.entry[6]
     assert dp.step_probs(q, k, q_pos, slots, 0.3) is kept and not dp._LAST.entry  # taken once
     assert torch.equal(kept, dp.slot_probs(q, k, q_pos, slots, 0.3))
     other = slots.clone()
-    _close(q, k, v, q_pos, slots)
+    _close(q, k, v, q_pos, slots, fn=att.attention_sdpa_scored)
     assert dp.step_probs(q, k, q_pos, other, 0.3) is not dp._LAST.entry[6]  # other tensors: computed afresh
 
 
@@ -85,7 +100,7 @@ def test_kept_masks_and_probabilities_are_per_thread():
     q_pos = torch.tensor([[8], [6]])
     slots = torch.tensor([[[3, -1, 0, 1, 2, -1, 4, 5, 8], [0, 1, 2, 3, 4, 5, 6, 7, 8]],
                           [[-1, -1, 2, 6, 0, 1, -1, 3, 4], [-1, -1, 6, 5, 4, 3, 2, 1, 0]]])
-    _close(q, k, v, q_pos, slots)
+    _close(q, k, v, q_pos, slots, fn=att.attention_sdpa_scored)
     seen = []
     t = threading.Thread(target=lambda: seen.append((dp._LAST.entry, att._LAST_MASK.entry)))
     t.start()

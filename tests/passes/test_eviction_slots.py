@@ -79,6 +79,17 @@ def test_streaming_keeps_the_reference_sets_over_200_steps(compiled_tiny):
     assert all(b == nbytes[2] for b in nbytes[2:])
 
 
+@pytest.mark.parametrize("p, scored", [(H2O(heavy=3, recent=2), 2), (Streaming(sinks=2, window=5), 0),
+                                       (SnapKV(budget=6, window=2), 0)])
+def test_only_running_score_layers_compute_explicit_probabilities(compiled_tiny, p, scored):
+    """codegen/torch/scored_attention.py: H2O layers call attention_sdpa_scored (the probabilities feed the
+    score); StreamingLLM/SnapKV layers keep SDPA (their kept sets and logits are checked above)."""
+    sg = p.run(compiled_tiny("tiny-llama").step_graph.copy(), PassContext())
+    code = CompiledModel(sg, backend="torch").lowered_code()
+    assert code.count("attention_sdpa_scored(") == scored
+    assert code.count("attention_sdpa(") == 2 - scored
+
+
 def test_snapkv_decode_appends_in_place(compiled_tiny):
     """SnapKV compresses once; its decode step returns the appended views: the cache buffer never moves."""
     cm = compiled_tiny("tiny-llama")

@@ -19,8 +19,11 @@ Decode masks are built once per step: the layers of a step without per-layer pos
 same ``q_pos`` and ``k_pos`` tensor objects, so the last mask is kept (with those objects, compared
 by identity) and reused; when every key is visible to every query (no padding, no window) SDPA
 runs without a mask. One host read per step for that test (CPU only); both are skipped under
-``torch.compile``. A decode step over per-head slots (eviction caches, ``k_pos`` [B, Hk, S]) computes
-its probabilities explicitly (``decode_probs.py``) so H2O/FastGen's running score reuses them. Tested against the reference with and without padding.
+``torch.compile``. A decode step over per-head slots (eviction caches, ``k_pos`` [B, Hk, S]) runs SDPA
+like a dense one (no mask when every slot is valid and visible: StreamingLLM and SnapKV after their
+first steps), except in layers whose eviction op keeps a running score (H2O, FastGen): those are
+lowered to ``attention_sdpa_scored``, which computes the probabilities explicitly
+(``decode_probs.py``) so the score reuses them. Tested against the reference with and without padding.
 """
 
 from __future__ import annotations
@@ -85,9 +88,6 @@ def attention_sdpa(q, k, v, q_pos, k_pos, scale, window=0, key_bias=None, sinks=
     if not window and not sinks and key_bias is None and _plain_causal(q_pos, k_pos, T, S):
         # no mask tensor: the fused kernel skips the blocks above the diagonal (prefill ~2x less work)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=Hk != H)
-    if T == 1 and k_pos.dim() == 3 and not window and not sinks:
-        # per-head slots (eviction caches): explicit probabilities, kept for the layer's running score
-        return attend_slots(q, k, v, q_pos, k_pos, scale, key_bias)
     if T == 1:
         mask = _step_mask(q_pos, k_pos, window, sinks)
         if mask is None and key_bias is None:  # every key visible: no mask at all
@@ -104,6 +104,15 @@ def attention_sdpa(q, k, v, q_pos, k_pos, scale, window=0, key_bias=None, sinks=
         neg = torch.finfo(torch.float32).min
         mask = torch.where(mask, key_bias.float()[:, :, None, :], neg).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=Hk != H)
+
+
+def attention_sdpa_scored(q, k, v, q_pos, k_pos, scale, window=0, key_bias=None, sinks=0):
+    """``attention_sdpa`` for a layer whose eviction op adds the step's attention to a running score (H2O,
+    FastGen; chosen at lowering by ``codegen/torch/scored_attention.py``): a decode step over per-head
+    slots computes its probabilities explicitly (``decode_probs.attend_slots``) and keeps them for that op."""
+    if q.shape[2] == 1 and k_pos.dim() == 3 and not window and not sinks:
+        return attend_slots(q, k, v, q_pos, k_pos, scale, key_bias)
+    return attention_sdpa(q, k, v, q_pos, k_pos, scale, window, key_bias, sinks)
 
 
 def _windowed_decode(q, k, v, visible, scale, width: int):

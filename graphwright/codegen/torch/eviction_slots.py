@@ -67,6 +67,8 @@ windows (``passes/native_windows.py``) reuse ``streaming_slots`` with sinks = 0.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from ...ops.eviction import EVICT_FASTGEN, EVICT_H2O, EVICT_STREAMING, ROPE_CACHE_INDEX
@@ -74,7 +76,7 @@ from ...ops.eviction_ref import PUNCT, SPECIAL, budget, h2o_reference, streaming
 from ...ops.fastgen_ref import FULL, fastgen_reference
 from .cache_append import cache_append, keep_prefix
 from .decode_probs import step_probs
-from .rope_table import rope_cos_sin
+from .rope_table import rope_cos_sin, rotate_rows
 
 
 def _slot_decode(q_pos, k, v, k_pos, extras=()) -> bool:
@@ -138,10 +140,13 @@ def h2o_slots(q, k, v, q_pos, k_pos, score, scale, heavy_n, heavy_f, recent_n, r
     if static and S1 <= heavy_n + recent_n:
         return k, v, k_pos, score  # under budget everywhere: the appended views as they are
     length = q_pos.max(dim=1).values + 1
-    valid = k_pos >= 0
-    recent = budget(recent_n, recent_f, length)[:, None, None]
-    cand = valid & ~(k_pos >= length[:, None, None] - recent)
-    over = cand.sum(dim=-1) > budget(heavy_n, heavy_f, length)[:, None]
+    if static:  # token counts: the budgets are the counts themselves (no per-row budget tensors)
+        cand = (k_pos >= 0) & (k_pos < (length - recent_n)[:, None, None])
+        over = cand.sum(dim=-1) > heavy_n
+    else:
+        recent = budget(recent_n, recent_f, length)[:, None, None]
+        cand = (k_pos >= 0) & (k_pos < length[:, None, None] - recent)
+        over = cand.sum(dim=-1) > budget(heavy_n, heavy_f, length)[:, None]
     s = score.masked_fill(~cand, float("inf"))
     tie = cand & (s == s.min(dim=-1, keepdim=True).values)
     victim = torch.where(tie, k_pos, torch.full_like(k_pos, -1)).argmax(dim=-1)  # lowest score, latest position
@@ -234,30 +239,44 @@ def position_rank(k_pos: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(order).scatter_(-1, order, ar)
 
 
+class _RankMemo(threading.local):
+    """Per thread: (copy of the last ``k_pos``, inv_freq, scaling, cos, sin) of ``rope_cache_index_ranked``.
+
+    Every layer of a StreamingLLM step holds the same positions in its own ``key_positions`` state, so
+    the ranks (an argsort per head) and their cos/sin rows are computed by the first layer and
+    reused by the next ones after a value comparison of ``k_pos`` (inference tensors carry no
+    version counter, so identity is not enough)."""
+    entry: tuple = ()
+
+
+_RANK_MEMO = _RankMemo()
+
+
+def _ranked_cos_sin(k_pos, inv_freq, scaling: float):
+    if torch.compiler.is_compiling():
+        return rope_cos_sin(position_rank(k_pos), inv_freq, scaling)
+    m = _RANK_MEMO.entry
+    if m and m[1] is inv_freq and m[2] == scaling and m[0].shape == k_pos.shape and torch.equal(m[0], k_pos):
+        return m[3], m[4]
+    cos, sin = rope_cos_sin(position_rank(k_pos), inv_freq, scaling)  # [B, Hk, S, R/2], scaling folded in
+    _RANK_MEMO.entry = (k_pos.clone(), inv_freq, scaling, cos, sin)
+    return cos, sin
+
+
 def rope_cache_index_ranked(q, k, k_pos, inv_freq, scaling: float):
     """``rope_cache_index`` with the cache index taken by position rank (slots may be in any order).
 
     The step's T queries are the last T slots (cache_append puts new tokens there). -> (q_rot, k_rot).
     StreamingLLM re-rotates every cached key at every step (its keys stay pre-RoPE): cos/sin come
-    from ``rope_table`` (rows gathered once per step and reused by every layer whose ranks are
-    equal, instead of cos and sin of every slot in every layer: at 4k tokens, 25% cache, those were
-    ~30% of the decode step, measured under load), and the query heads of a KV head share its rows.
+    from ``rope_table`` (rows gathered once per step and reused by every layer whose positions are
+    equal, ranks included: ``_RankMemo``), and the query heads of a KV head share its rows.
     """
     B, H, T, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
-    idx = position_rank(k_pos)
-    cos, sin = rope_cos_sin(idx, inv_freq, scaling)  # [B, Hk, S, R/2], scaling folded in
+    cos, sin = _ranked_cos_sin(k_pos, inv_freq, scaling)
     qg = q.view(B, Hk, H // Hk, T, D)
-    q_rot = _rotate_rows(qg, cos[:, :, None, S - T:], sin[:, :, None, S - T:]).view(B, H, T, D)
-    return q_rot, _rotate_rows(k, cos, sin)
-
-
-def _rotate_rows(x, cos, sin):
-    """x cos + rotate_half(x) sin on the first R dims of x, with half-width rows cos/sin [..., R/2]."""
-    h = cos.shape[-1]
-    x1, x2, rest = x[..., :h].float(), x[..., h:2 * h].float(), x[..., 2 * h:]
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-    return torch.cat([out, rest], dim=-1) if rest.shape[-1] else out
+    q_rot = rotate_rows(qg, cos[:, :, None, S - T:], sin[:, :, None, S - T:]).view(B, H, T, D)
+    return q_rot, rotate_rows(k, cos, sin)
 
 
 SLOT_OVERRIDES = {

@@ -72,7 +72,7 @@ import torch
 
 from ...capture.ops import visible_mask
 from .attention import attention_sdpa
-from .rope_table import rope_cos_sin
+from .rope_table import rope_cos_sin, rotate_rows
 
 KEY_BLOCK = 512
 """Keys rebuilt per block of cached tokens in the decode path (512 x H_kv*D fp32 = 384 KiB for SmolLM2)."""
@@ -96,13 +96,7 @@ def rebuild_keys_fast(c_k, k_up, k_bias, k_pos, inv_freq, rope_scaling, head_dim
         k.mul_(torch.rsqrt(k.pow(2).mean(-1, keepdim=True).add_(k_norm_eps))).mul_(k_norm.float())
     if inv_freq is not None:
         cos, sin = cos_sin if cos_sin is not None else rope_cos_sin(k_pos, inv_freq, rope_scaling)  # [B, S, R/2]
-        half = cos.shape[-1]
-        cos, sin = cos[:, :, None], sin[:, :, None]
-        x1, x2 = k[..., :half], k[..., half:2 * half]
-        x2_sin = x2 * sin
-        x1_sin = x1 * sin
-        x1.mul_(cos).sub_(x2_sin)  # rotate_half: [x1, x2] -> [x1 c - x2 s, x2 c + x1 s]
-        x2.mul_(cos).add_(x1_sin)
+        rotate_rows(k, cos[:, :, None], sin[:, :, None], inplace=True)
     return k
 
 

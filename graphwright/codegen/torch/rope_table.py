@@ -71,6 +71,24 @@ def rope_cos_sin(k_pos: torch.Tensor, inv_freq: torch.Tensor, scaling: float):
     return cos, sin
 
 
+def rotate_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``x cos + rotate_half(x) sin`` on the first R = 2 * cos.shape[-1] dims of ``x`` (the rest unchanged).
+
+    ``cos``/``sin``: half-width rows [..., R/2] broadcastable to ``x[..., :R/2]`` (from ``rope_cos_sin``).
+    fp32 arithmetic: ``inplace`` rotates ``x`` itself (it must be fp32 and not needed unrotated);
+    otherwise an fp32 copy is rotated and returned in ``x``'s dtype. The one rotation of cached keys
+    (``eviction_slots.rope_cache_index_ranked``, ``latent_attention.rebuild_keys_fast``).
+    """
+    h = cos.shape[-1]
+    y = x if inplace else x.to(torch.float32, copy=True)
+    x1, x2 = y[..., :h], y[..., h:2 * h]
+    x2_sin = x2 * sin
+    x1_sin = x1 * sin
+    x1.mul_(cos).sub_(x2_sin)  # [x1, x2] -> [x1 c - x2 s, x2 c + x1 s]
+    x2.mul_(cos).add_(x1_sin)
+    return y if inplace or x.dtype == torch.float32 else y.to(x.dtype)
+
+
 def clear():
     """Drop the tables and memos (tests; frees the memo's reference to the last k_pos)."""
     _TABLES.clear()

@@ -1,0 +1,34 @@
+"""Lowering transform: attention nodes whose layer keeps a running attention score get ``attention_sdpa_scored``.
+
+H2O and FastGen add each decode step's attention probabilities to a per-slot score; their layer's
+attention computes those probabilities explicitly once and hands them over (``decode_probs.py``).
+Every other decode over per-head slots (StreamingLLM, SnapKV, sliding windows) needs only the
+output, which SDPA computes faster (no fp32 probability tensor, no mask when every slot is visible).
+The choice is static, per layer: an attention node is scored when its ``k_pos`` argument also feeds an
+``evict_h2o`` or ``evict_fastgen`` node (the eviction op of the same layer reads the same positions).
+
+Tested (``tests/passes/test_eviction_slots.py``): the lowered torch graph of an H2O/FastGen recipe
+calls ``attention_sdpa_scored`` in every layer and a StreamingLLM/SnapKV one in none; kept sets and
+logits of every slot policy equal the references.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...capture.ops import ATTENTION
+from ...ops import schema
+from ...ops.eviction import EVICT_FASTGEN, EVICT_H2O
+from .attention import attention_sdpa_scored
+
+SCORED_POLICIES = (EVICT_H2O, EVICT_FASTGEN)
+
+
+def scored_attention(graph: torch.fx.Graph) -> None:
+    """Point every attention node whose ``k_pos`` feeds a running-score eviction op at ``attention_sdpa_scored``."""
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target != ATTENTION:
+            continue
+        k_pos = schema.get(node, "k_pos")
+        if isinstance(k_pos, torch.fx.Node) and any(u.target in SCORED_POLICIES for u in k_pos.users):
+            node.target = attention_sdpa_scored
