@@ -9,7 +9,8 @@ Cases: ``graphwright.eval.niah.needle_suite`` (``--cases`` per length, depths 0.
 two haystacks, question after the context), tokenised once here; both sides get the same token ids.
 Budgets (``--budgets``, default 0.5 and 0.25) are fractions of the prompt kept: graphwright recipes are
 templates filled per length with ``{budget}`` (tokens = round(fraction x prompt tokens)), ``{window}``
-(budget - 4, for 4 sinks), ``{frac}`` and ``{half}`` (fraction / 2); kvpress gets ``compression_ratio =
+(budget - 4, for 4 sinks), ``{frac}`` and ``{half}`` (fraction / 2); a template without a field is one fixed
+setting, run once (budget None; its bytes say where it stands); kvpress gets ``compression_ratio =
 1 - fraction``. The kvpress side runs in a subprocess of ``bench/.venv-kvpress`` (``bench/kvpress_worker.py``)
 on the very same weights, written once as a safetensors folder (``save_pretrained`` of the model graphwright
 loaded). Modes: ``aware`` compresses the whole prompt (question included); ``agnostic`` compresses the
@@ -122,12 +123,13 @@ def run_ours(model, tok, cases, recipes, budgets, max_new_tokens, progress=False
     sg = capture(model)
     eos = tok.eos_token_id
     lengths = sorted({c["length"] for c in cases})
-    jobs = [("dense", None, "noop")] + [(t, b, t) for t in recipes for b in budgets]
+    # a template without a {field} is one fixed setting: it runs once, with budget None
+    jobs = [("dense", None)] + [(t, b) for t in recipes for b in (budgets if "{" in t else [None])]
     rows, bytes_key = [], None
-    for template, frac, _ in jobs:
+    for template, frac in jobs:
         t0 = time.perf_counter()
         for length in lengths:
-            recipe = "noop" if frac is None else fill(template, frac, length)
+            recipe = "noop" if template == "dense" else (template if frac is None else fill(template, frac, length))
             new, parsed, _ = run_recipe(sg, recipe, model=model, tokenizer=tok, verify=False)
             cm = CompiledModel(new, tokenizer=tok, recipe=parsed)
             picked = [c for c in cases if c["length"] == length]
@@ -138,7 +140,7 @@ def run_ours(model, tok, cases, recipes, budgets, max_new_tokens, progress=False
             for c in picked:
                 ids = torch.tensor([c["ids"]])
                 out = cm.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos, allow_long=True)
-                rows.append({"method": "dense" if frac is None else template, "recipe": recipe, "budget": frac, "mode": "aware",
+                rows.append({"method": template, "recipe": recipe, "budget": frac, "mode": "aware",
                              "id": c["id"], "new_ids": out[0, ids.shape[1]:].tolist(), "cache_bytes": held})
             del cm
         if progress:

@@ -34,7 +34,8 @@ def run(tmp_path_factory):
     sys.path.insert(0, str(BENCH))
     try:
         assert mod.main(["--model", "tiny-llama", "--lengths", "384", "--cases", "2", "--budgets", "0.5",
-                         "--recipes", "snapkv(budget={budget})", "--kvpress-python", str(missing), "--out", str(out)]) == 0
+                         "--recipes", "snapkv(budget={budget})", "streaming(sinks=4, window=100)",
+                         "--kvpress-python", str(missing), "--out", str(out)]) == 0
     finally:
         sys.path.remove(str(BENCH))
     return mod, out, json.loads((out / "kvpress_side_by_side.json").read_text())
@@ -45,7 +46,8 @@ def test_our_side_schema_and_bytes(run):
     assert {p.name for p in out.iterdir()} >= {"cases.json", "kvpress_side_by_side.json", "kvpress_side_by_side.md", "kvpress_side_by_side.png"}
     assert res["settings"]["cases_per_length"] == 2 and res["settings"]["graphwright_bytes"] in ("kv_bytes", "kv_storage_bytes")
     rows = {(r["side"], r["method"], r["budget"]): r for r in res["rows"]}
-    assert set(rows) == {("graphwright", "dense", None), ("graphwright", "snapkv(budget={budget})", 0.5)}
+    fixed = ("graphwright", "streaming(sinks=4, window=100)", None)  # no {field}: one fixed setting, run once
+    assert set(rows) == {("graphwright", "dense", None), ("graphwright", "snapkv(budget={budget})", 0.5), fixed}
     dense, snap = rows[("graphwright", "dense", None)], rows[("graphwright", "snapkv(budget={budget})", 0.5)]
     for r in (dense, snap):
         assert {"accuracy", "lo", "hi", "n", "delta", "delta_lo", "delta_hi", "cache_bytes", "bytes_fraction", "mode", "length"} <= set(r)
@@ -53,8 +55,9 @@ def test_our_side_schema_and_bytes(run):
     assert dense["delta"] == dense["delta_lo"] == dense["delta_hi"] == 0.0 and dense["bytes_fraction"] == 1.0
     # snapkv(budget=192) on 384-token prompts holds half the dense cache after prefill
     assert snap["bytes_fraction"] == 0.5 and snap["cache_bytes"] * 2 == dense["cache_bytes"]
+    assert rows[fixed]["bytes_fraction"] == 104 / 384 and rows[fixed]["family"] == "streaming"
     raw = res["raw"]["graphwright"]
-    assert len(raw) == 4 and {r["recipe"] for r in raw} == {"noop", "snapkv(budget=192)"}
+    assert len(raw) == 6 and {r["recipe"] for r in raw} == {"noop", "snapkv(budget=192)", "streaming(sinks=4, window=100)"}
     cases = json.loads((out / "cases.json").read_text())
     assert [len(c["ids"]) for c in cases] == [384, 384] and all(0 < c["split"] < 384 for c in cases)
 
