@@ -19,7 +19,7 @@ from graphwright.eval.plot import save_figure
 from graphwright.eval.stats import bootstrap_mean, paired_difference
 
 # kvpress press -> the graphwright recipe family with the same algorithm (answers compared case by case)
-SAME_ALGORITHM = {"dense": "dense", "SnapKV": "snapkv", "StreamingLLM": "streaming"}
+SAME_ALGORITHM = {"dense": "dense", "SnapKV": "snapkv", "StreamingLLM": "streaming", "KeyRerotation(StreamingLLM)": "streaming"}
 
 
 def family(method: str) -> str:

@@ -44,6 +44,8 @@ def _presses():
         "TOVA": lambda r: kp.TOVAPress(compression_ratio=r),
         "Knorm": lambda r: kp.KnormPress(compression_ratio=r),
         "StreamingLLM": lambda r: kp.StreamingLLMPress(compression_ratio=r, n_sink=4),
+        # kept keys re-rotated to their cache index and later tokens placed after the kept ones (as graphwright's streaming)
+        "KeyRerotation(StreamingLLM)": lambda r: kp.KeyRerotationPress(kp.StreamingLLMPress(compression_ratio=r, n_sink=4)),
         "AdaKV(SnapKV)": lambda r: kp.AdaKVPress(kp.SnapKVPress(compression_ratio=r, window_size=SNAPKV_WINDOW, kernel_size=5)),
         "DuoAttention": duo,
     }
@@ -88,11 +90,12 @@ def answer(model, press, ids, split, max_new_tokens, eos):
     with press(model) if press is not None else _null():
         out = model(input_ids=ctx, past_key_values=cache, logits_to_keep=1)
     nbytes, kept = cache_storage_bytes(cache), int(cache.get_seq_length())
-    pos = split
+    # kvpress's pipeline: later tokens go at their original positions, or after the kept ones under key re-rotation
+    pos = kept if type(press).__name__ == "KeyRerotationPress" else split
     if split < len(ids):
         q = torch.tensor([ids[split:]])
-        out = model(input_ids=q, past_key_values=cache, position_ids=torch.arange(pos, len(ids))[None], logits_to_keep=1)
-        pos = len(ids)
+        out = model(input_ids=q, past_key_values=cache, position_ids=torch.arange(pos, pos + q.shape[1])[None], logits_to_keep=1)
+        pos += q.shape[1]
     new = [int(out.logits[0, -1].argmax())]
     while len(new) < max_new_tokens and new[-1] not in eos:
         out = model(input_ids=torch.tensor([[new[-1]]]), past_key_values=cache, position_ids=torch.tensor([[pos]]))
