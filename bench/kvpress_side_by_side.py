@@ -64,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--model-dir", default=None, help="safetensors folder for the kvpress side (default: bench/.cache-kvpress/MODEL)")
     p.add_argument("--kvpress-python", default=str(KVPRESS_PY), help="python of the kvpress environment")
     p.add_argument("--skip-kvpress", action="store_true", help="run the graphwright side only")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse graphwright_rows.json / kvpress_raw.json in --out from an earlier run on the same cases")
     p.add_argument("--progress", action="store_true")
     a = p.parse_args(argv)
     bad = [b for b in a.budgets if not 0.0 < b < 1.0]
@@ -111,6 +113,12 @@ def save_model_dir(model, tok, folder: Path) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     if hasattr(tok, "save_pretrained"):
         tok.save_pretrained(folder)
+    # the GGUF conversion leaves "quantization_config": null, which kvpress's older transformers cannot read
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if "quantization_config" in cfg and cfg["quantization_config"] is None:
+        del cfg["quantization_config"]
+        cfg_path.write_text(json.dumps(cfg, indent=2))
     return folder
 
 
@@ -162,6 +170,8 @@ def run_kvpress(args, cases, write_model, eos, out: Path) -> dict:
             "max_new_tokens": args.max_new_tokens, "eos": [eos] if isinstance(eos, int) else list(eos),
             "cases": [{"id": c["id"], "ids": c["ids"], "split": c["split"]} for c in cases]}
     spec_path, res_path = out / "kvpress_cases.json", out / "kvpress_raw.json"
+    if args.reuse and res_path.is_file() and spec_path.is_file() and json.loads(spec_path.read_text()) == spec:
+        return json.loads(res_path.read_text())
     spec_path.write_text(json.dumps(spec))
     subprocess.run([str(py), str(HERE / "kvpress_worker.py"), str(spec_path), str(res_path)], check=True)
     return json.loads(res_path.read_text())
@@ -177,7 +187,15 @@ def main(argv=None) -> int:
     model, tok = load(args.model)
     cases = build_cases(tok, args.lengths, args.cases, args.seed)
     (out / "cases.json").write_text(json.dumps(cases))
-    ours, bytes_key = run_ours(model, tok, cases, args.recipes, args.budgets, args.max_new_tokens, args.progress)
+    ours_path = out / "graphwright_rows.json"
+    key = {"model": args.model, "recipes": args.recipes, "budgets": args.budgets, "max_new_tokens": args.max_new_tokens, "cases": cases}
+    old = json.loads(ours_path.read_text()) if args.reuse and ours_path.is_file() else {}
+    if old.get("key") == key:
+        ours, bytes_key = old["rows"], old["bytes_key"]
+    else:
+        ours, bytes_key = run_ours(model, tok, cases, args.recipes, args.budgets, args.max_new_tokens, args.progress)
+        # kept if the kvpress side fails: rerun with --reuse
+        ours_path.write_text(json.dumps({"key": key, "rows": ours, "bytes_key": bytes_key}))
     if args.skip_kvpress:
         kv = {"skipped": "--skip-kvpress"}
     else:
