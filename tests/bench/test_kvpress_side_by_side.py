@@ -100,3 +100,20 @@ def test_cache_bytes_count_whole_storages():
     assert worker.cache_storage_bytes(cache) == 2 * 80 * 4
     cache.layers[0].values = cache.layers[0].values[:, :, :3].clone()
     assert worker.cache_storage_bytes(cache) == 80 * 4 + 24 * 4
+
+
+def test_reuse_skips_our_side_with_the_same_settings(run, monkeypatch):
+    mod, out, res = run
+
+    def fail(*a, **k):
+        raise AssertionError("--reuse with the same settings must not run the graphwright side again")
+
+    monkeypatch.setattr(mod, "run_ours", fail)
+    monkeypatch.syspath_prepend(str(BENCH))
+    args = ["--model", "tiny-llama", "--lengths", "384", "--cases", "2", "--budgets", "0.5", "--recipes", "snapkv(budget={budget})",
+            "streaming(sinks=4, window=100)", "--skip-kvpress", "--out", str(out), "--reuse"]
+    assert mod.main(args) == 0
+    again = json.loads((out / "kvpress_side_by_side.json").read_text())
+    assert again["rows"] == res["rows"]
+    with pytest.raises(AssertionError, match="must not run"):  # other settings: our side runs again
+        mod.main(args[:7] + ["0.25"] + args[8:])
