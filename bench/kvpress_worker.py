@@ -118,7 +118,7 @@ def _load(folder, attn):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn).eval()
 
 
-def run(spec: dict) -> dict:
+def run(spec: dict, out_path=None) -> dict:
     import kvpress
     import transformers
 
@@ -150,10 +150,21 @@ def run(spec: dict) -> dict:
             print(f"kvpress {key}: skipped ({errors[key]})", file=sys.stderr, flush=True)
             continue
         rows += got
+        if out_path is not None:  # after every press, so a long run that is stopped keeps what it finished
+            _write(out_path, _result(kvpress, transformers, rows, errors))
         print(f"kvpress {name} budget={budget} {mode}: {len(spec['cases'])} cases in {time.perf_counter() - t0:.0f} s",
               file=sys.stderr, flush=True)
+    return _result(kvpress, transformers, rows, errors)
+
+
+def _result(kvpress, transformers, rows, errors) -> dict:
     return {"versions": {"kvpress": getattr(kvpress, "__version__", None), "transformers": transformers.__version__,
                          "torch": torch.__version__}, "rows": rows, "errors": errors}
+
+
+def _write(path, result) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f)
 
 
 def main(argv=None) -> int:
@@ -161,9 +172,7 @@ def main(argv=None) -> int:
     if len(argv) != 2:
         raise SystemExit("usage: kvpress_worker.py CASES.json OUT.json (called by bench/kvpress_side_by_side.py)")
     spec = json.loads(open(argv[0]).read())
-    result = run(spec)
-    with open(argv[1], "w") as f:
-        json.dump(result, f)
+    _write(argv[1], run(spec, argv[1]))
     return 0
 
 
