@@ -127,13 +127,14 @@ def plot(result: dict, path) -> Path:
     for r in rows:
         name = f"{r['side']}: {r['family']}" + (f" ({r['mode']})" if r["side"] == "kvpress" and r["method"] != "dense" else "")
         series.setdefault(name, []).append(r)
-    for name, rs in sorted(series.items()):
+    colors = plt.get_cmap("tab20").colors  # more series than the default 10-colour cycle
+    for i, (name, rs) in enumerate(sorted(series.items())):
         rs.sort(key=lambda r: r["cache_bytes"])
         dense = rs[0]["method"] == "dense"
         ax.errorbar([r["cache_bytes"] / 2**20 for r in rs], [r["accuracy"] for r in rs],
                     yerr=[[r["accuracy"] - r["lo"] for r in rs], [r["hi"] - r["accuracy"] for r in rs]],
                     marker="*" if dense else ("o" if name.startswith("graphwright") else "s"), markersize=10 if dense else 5,
-                    linestyle="-" if name.startswith("graphwright") else "--", capsize=3, label=name)
+                    linestyle="-" if name.startswith("graphwright") else "--", capsize=3, label=name, color=colors[i % len(colors)])
     ax.set_xlabel("cache held after prefill (MiB, mean over cases)")
     ax.set_ylabel(f"needle accuracy (length {pick})")
     ax.set_title("graphwright recipes vs kvpress presses, same needle cases", fontsize=9)
