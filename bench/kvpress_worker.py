@@ -158,7 +158,9 @@ def run(spec: dict, out_path=None) -> dict:
 
 
 def _result(kvpress, transformers, rows, errors) -> dict:
-    return {"versions": {"kvpress": getattr(kvpress, "__version__", None), "transformers": transformers.__version__,
+    from importlib.metadata import version
+
+    return {"versions": {"kvpress": version("kvpress"), "transformers": transformers.__version__,
                          "torch": torch.__version__}, "rows": rows, "errors": errors}
 
 
