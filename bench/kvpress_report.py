@@ -1,0 +1,153 @@
+"""Scoring, table and plot for ``bench/kvpress_side_by_side.py`` (graphwright recipes vs kvpress presses).
+
+Every row of the table is one (side, method, mode, budget, length group): needle accuracy with its seeded
+95% percentile-bootstrap interval (``graphwright.eval.stats``), the paired difference from the same side's
+dense run on the same cases, the mean cache bytes held after compression and their fraction of that side's
+dense bytes, and (for kvpress's SnapKV and StreamingLLM and both dense runs) the fraction of cases whose
+answer token ids equal graphwright's ``snapkv`` / ``streaming`` / dense answer at the same budget.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from graphwright.eval.niah import is_correct
+from graphwright.eval.plot import save_figure
+from graphwright.eval.stats import bootstrap_mean, paired_difference
+
+# kvpress press -> the graphwright recipe family with the same algorithm (answers compared case by case)
+SAME_ALGORITHM = {"dense": "dense", "SnapKV": "snapkv", "StreamingLLM": "streaming", "KeyRerotation(StreamingLLM)": "streaming"}
+
+
+def family(method: str) -> str:
+    """A recipe template's pass names joined by '+' ('snapkv(budget={budget})' -> 'snapkv')."""
+    return "+".join(part.split("(")[0].strip() for part in method.split("+"))
+
+
+def score_rows(rows, cases, tok) -> list:
+    """Rows with the decoded answer, exact-match ``correct`` (``niah.is_correct``) and the case's length."""
+    by_id = {c["id"]: c for c in cases}
+    out = []
+    for r in rows:
+        c = by_id[r["id"]]
+        ans = tok.decode(r["new_ids"], skip_special_tokens=True)
+        out.append({**r, "length": c["length"], "answer": ans, "correct": bool(is_correct(ans, c["activity"]))})
+    return out
+
+
+def _groups(rows):
+    g: dict = {}
+    for r in rows:
+        g.setdefault((r["method"], r["budget"], r["mode"]), []).append(r)
+    return g
+
+
+def summarise(raw: dict, seed: int = 0) -> list:
+    """Table rows for ``{"graphwright": scored rows, "kvpress": scored rows}``."""
+    table = []
+    ours = _groups(raw.get("graphwright", []))
+    for side, rows in raw.items():
+        groups = _groups(rows)
+        dense = next((v for (m, _, _), v in groups.items() if m == "dense"), None)
+        dense_by_id = {r["id"]: r for r in dense} if dense else {}
+        for (method, budget, mode), rs in groups.items():
+            twin = _twin(ours, side, method, budget) if mode == "aware" else None
+            lengths = sorted({r["length"] for r in rs})
+            for length in lengths + (["all"] if len(lengths) > 1 else []):
+                pick = [r for r in rs if length == "all" or r["length"] == length]
+                acc = bootstrap_mean([float(r["correct"]) for r in pick], seed)
+                row = {"side": side, "method": method, "family": family(method) if side == "graphwright" else method,
+                       "mode": mode, "budget": budget, "length": length, "accuracy": acc["mean"], "lo": acc["lo"], "hi": acc["hi"],
+                       "n": acc["n"], "cache_bytes": float(np.mean([r["cache_bytes"] for r in pick]))}
+                base = [dense_by_id.get(r["id"]) for r in pick]
+                if all(b is not None for b in base):
+                    d = paired_difference([float(b["correct"]) for b in base], [float(r["correct"]) for r in pick], seed)
+                    row |= {"delta": d["mean"], "delta_lo": d["lo"], "delta_hi": d["hi"],
+                            "bytes_fraction": row["cache_bytes"] / float(np.mean([b["cache_bytes"] for b in base]))}
+                if twin is not None:
+                    tw = {r["id"]: r for r in twin}
+                    row["same_answers_as_graphwright"] = float(np.mean([r["new_ids"] == tw[r["id"]]["new_ids"] for r in pick if r["id"] in tw]))
+                table.append(row)
+    return table
+
+
+def _twin(ours_groups, side, method, budget):
+    """graphwright's rows for the same algorithm and budget as a kvpress press (None when there is none)."""
+    fam = SAME_ALGORITHM.get(method) if side == "kvpress" else None
+    if fam is None:
+        return None
+    for (m, b, _), rs in ours_groups.items():
+        if (family(m) if m != "dense" else "dense") == fam and b == budget:
+            return rs
+    return None
+
+
+def _f(x, fmt="{:.2f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def to_markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = [f"Model `{s['model']}`, needle prompts of {s['lengths']} tokens, {s['cases_per_length']} cases per length "
+             f"(seed {s['seed']}), greedy, {s['max_new_tokens']} new tokens. Budget = fraction of the prompt kept.", "",
+             "| side | method | mode | budget | length | accuracy [95% CI] | vs dense [95% CI] | cache MiB after prefill | "
+             "fraction of dense | same answers as graphwright | n |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(result["rows"], key=lambda r: (str(r["length"]), r["side"], r["method"] != "dense", r["method"], r["mode"],
+                                                    -(r["budget"] or 1))):
+        delta = f"{r['delta']:+.2f} [{r['delta_lo']:+.2f}, {r['delta_hi']:+.2f}]" if "delta" in r else "-"
+        lines.append(f"| {r['side']} | `{r['method']}` | {r['mode']} | {_f(r['budget'], '{:g}')} | {r['length']} | "
+                     f"{r['accuracy']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}] | {delta} | {r['cache_bytes'] / 2**20:.2f} | "
+                     f"{_f(r.get('bytes_fraction'))} | {_f(r.get('same_answers_as_graphwright'))} | {r['n']} |")
+    notes = ["", "graphwright bytes: `cm.last_stats[" + repr(s["graphwright_bytes"]) + "]` after a prefill-only generate; kvpress "
+             "bytes: storage of every tensor in its cache after the compression forward pass. 'vs dense' is the paired "
+             "difference from the same side's dense run on the same cases. graphwright runs question-aware only (no "
+             "compressed-context API yet)."]
+    if s.get("kvpress_skipped"):
+        notes.append(f"kvpress side skipped: {s['kvpress_skipped'].splitlines()[0]}")
+    for k, v in (s.get("kvpress_errors") or {}).items():
+        notes.append(f"kvpress {k} did not run: {v}")
+    return "\n".join(lines + notes) + "\n"
+
+
+def plot(result: dict, path) -> Path:
+    """Accuracy (all lengths) vs cache MiB held after prefill, one line per method per side (and mode)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = {r["length"] for r in result["rows"]}
+    pick = "all" if "all" in lengths else next(iter(lengths), None)
+    rows = [r for r in result["rows"] if r["length"] == pick]
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    series: dict = {}
+    for r in rows:
+        name = f"{r['side']}: {r['family']}" + (f" ({r['mode']})" if r["side"] == "kvpress" and r["method"] != "dense" else "")
+        series.setdefault(name, []).append(r)
+    colors = plt.get_cmap("tab20").colors  # more series than the default 10-colour cycle
+    for i, (name, rs) in enumerate(sorted(series.items())):
+        rs.sort(key=lambda r: r["cache_bytes"])
+        dense = rs[0]["method"] == "dense"
+        ax.errorbar([r["cache_bytes"] / 2**20 for r in rs], [r["accuracy"] for r in rs],
+                    yerr=[[r["accuracy"] - r["lo"] for r in rs], [r["hi"] - r["accuracy"] for r in rs]],
+                    marker="*" if dense else ("o" if name.startswith("graphwright") else "s"), markersize=10 if dense else 5,
+                    linestyle="-" if name.startswith("graphwright") else "--", capsize=3, label=name, color=colors[i % len(colors)])
+    ax.set_xlabel("cache held after prefill (MiB, mean over cases)")
+    ax.set_ylabel(f"needle accuracy (length {pick})")
+    ax.set_title("graphwright recipes vs kvpress presses, same needle cases", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    return save_figure(fig, path)
+
+
+def write_report(result: dict, out) -> list:
+    """``kvpress_side_by_side.json``, ``.md`` and ``.png`` in ``out``; returns their paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    js, md = out / "kvpress_side_by_side.json", out / "kvpress_side_by_side.md"
+    js.write_text(json.dumps(result, indent=1, default=str))
+    md.write_text(to_markdown(result))
+    return [js, md, plot(result, out / "kvpress_side_by_side.png")]

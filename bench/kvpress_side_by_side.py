@@ -1,0 +1,216 @@
+"""graphwright's KV-cache recipes side by side with NVIDIA kvpress's presses on the same needle cases.
+
+Usage:
+    bash bench/setup_kvpress.sh                        # once: kvpress in its own venv (bench/README-kvpress.md)
+    python bench/kvpress_side_by_side.py --lengths 1024 2048 --cases 50 --out bench/results/kvpress
+    python bench/kvpress_side_by_side.py --cases 10 --lengths 1024 --recipes "snapkv(budget={budget})" --presses SnapKV
+
+Cases: ``graphwright.eval.niah.needle_suite`` (``--cases`` per length, depths 0..1, three needle templates,
+two haystacks, question after the context), tokenised once here; both sides get the same token ids.
+Budgets (``--budgets``, default 0.5 and 0.25) are fractions of the prompt kept: graphwright recipes are
+templates filled per length with ``{budget}`` (tokens = round(fraction x prompt tokens)), ``{window}``
+(budget - 4, for 4 sinks), ``{frac}`` and ``{half}`` (fraction / 2); a template without a field is one fixed
+setting, run once (budget None; its bytes say where it stands); kvpress gets ``compression_ratio =
+1 - fraction``. The kvpress side runs in a subprocess of ``bench/.venv-kvpress`` (``bench/kvpress_worker.py``)
+on the very same weights, written once as a safetensors folder (``save_pretrained`` of the model graphwright
+loaded). Modes: ``aware`` compresses the whole prompt (question included); ``agnostic`` compresses the
+context only (kvpress's ``question=``); graphwright has no compressed-context API yet (issue 20 item 2),
+so its recipes run ``aware`` only (a snapkv observation window then covers the question).
+
+Reported per side, method, mode and budget (``kvpress_report``): needle accuracy with a seeded 95% bootstrap
+interval, the paired difference from the same side's dense run on the same cases, and the cache bytes held
+after the compression step: kvpress, the storage bytes of every tensor in its cache object (masking presses
+show dense bytes); graphwright, ``cm.last_stats`` after a prefill-only generate (``kv_storage_bytes`` where
+the runtime reports it, else ``kv_bytes``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+DEFAULT_RECIPES = ["snapkv(budget={budget})", "h2o(heavy={half}, recent={half})", "streaming(sinks=4, window={window})"]
+DEFAULT_PRESSES = ["SnapKV", "ObservedAttention", "ExpectedAttention", "TOVA", "Knorm", "StreamingLLM", "KeyRerotation(StreamingLLM)",
+                   "AdaKV(SnapKV)", "DuoAttention"]
+MODES = ("aware", "agnostic")
+KVPRESS_PY = HERE / ".venv-kvpress" / "bin" / "python"
+SETUP = ("the kvpress side needs its own environment {py} (kvpress 0.5.5, CPU torch; never a graphwright dependency).\n"
+         "Create it with:  bash bench/setup_kvpress.sh   (see bench/README-kvpress.md)\n"
+         "or pass --kvpress-python PATH, or --skip-kvpress to run the graphwright side only.")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048], help="needle prompt lengths (tokens)")
+    p.add_argument("--cases", type=int, default=50, help="needle cases per length")
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25], help="fractions of the prompt the cache keeps")
+    p.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES,
+                   help="graphwright recipe templates ({budget} tokens, {window} = budget - 4, {frac}, {half} = frac / 2)")
+    p.add_argument("--presses", nargs="+", default=DEFAULT_PRESSES, help="kvpress presses")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="kvpress compression modes")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(HERE / "results" / "kvpress"), help="folder for cases.json, results JSON/markdown/plot")
+    p.add_argument("--model-dir", default=None, help="safetensors folder for the kvpress side (default: bench/.cache-kvpress/MODEL)")
+    p.add_argument("--kvpress-python", default=str(KVPRESS_PY), help="python of the kvpress environment")
+    p.add_argument("--skip-kvpress", action="store_true", help="run the graphwright side only")
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse graphwright_rows.json / kvpress_raw.json in --out from an earlier run on the same cases")
+    p.add_argument("--progress", action="store_true")
+    a = p.parse_args(argv)
+    bad = [b for b in a.budgets if not 0.0 < b < 1.0]
+    if bad:
+        p.error(f"--budgets are fractions of the prompt kept, in (0, 1); got {bad}")
+    if a.cases < 1:
+        p.error(f"--cases must be >= 1; got {a.cases}")
+    return a
+
+
+def fill(template: str, frac: float, tokens: int) -> str:
+    """A recipe template filled for one budget fraction and prompt length."""
+    budget = max(1, round(frac * tokens))
+    try:
+        return template.format(budget=budget, window=max(1, budget - 4), frac=f"{frac:g}", half=f"{frac / 2:g}")
+    except (KeyError, IndexError) as exc:
+        raise SystemExit(f"recipe template {template!r} uses an unknown field {exc}; allowed: {{budget}}, {{window}}, {{frac}}, {{half}}") from None
+
+
+def load(model_name):
+    from graphwright.eval.bytetok import ByteTokenizer
+    from graphwright.models import load_model
+
+    model, tok = load_model(model_name)
+    return model, tok if tok is not None else ByteTokenizer()
+
+
+def build_cases(tok, lengths, cases, seed):
+    """Needle cases as plain data plus the prompt token ids and where the context ends (the agnostic split)."""
+    from graphwright.eval.niah import encode, needle_suite
+
+    out = []
+    for c in needle_suite(tok, lengths=lengths, cases=cases, seed=seed):
+        ids = list(encode(tok, c["prompt"]).input_ids)
+        out.append({k: c[k] for k in ("id", "length", "depth", "city", "activity", "template", "haystack")}
+                   | {"ids": ids, "split": int(c["context_span"][1])})
+    return out
+
+
+def save_model_dir(model, tok, folder: Path) -> Path:
+    """The loaded weights as a Hugging Face safetensors folder (written once), for the kvpress side."""
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    if hasattr(tok, "save_pretrained"):
+        tok.save_pretrained(folder)
+    # the GGUF conversion leaves "quantization_config": null, which kvpress's older transformers cannot read
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if "quantization_config" in cfg and cfg["quantization_config"] is None:
+        del cfg["quantization_config"]
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+@torch.inference_mode()
+def run_ours(model, tok, cases, recipes, budgets, max_new_tokens, progress=False):
+    """Rows ``{method, recipe, budget, mode, id, new_ids, cache_bytes}`` for dense and every recipe x budget x length."""
+    from graphwright.capture import capture
+    from graphwright.compiled import CompiledModel
+    from graphwright.verify import run_recipe
+
+    sg = capture(model)
+    eos = tok.eos_token_id
+    lengths = sorted({c["length"] for c in cases})
+    # a template without a {field} is one fixed setting: it runs once, with budget None
+    jobs = [("dense", None)] + [(t, b) for t in recipes for b in (budgets if "{" in t else [None])]
+    rows, bytes_key = [], None
+    for template, frac in jobs:
+        t0 = time.perf_counter()
+        for length in lengths:
+            recipe = "noop" if template == "dense" else (template if frac is None else fill(template, frac, length))
+            new, parsed, _ = run_recipe(sg, recipe, model=model, tokenizer=tok, verify=False)
+            cm = CompiledModel(new, tokenizer=tok, recipe=parsed)
+            picked = [c for c in cases if c["length"] == length]
+            # bytes held after the prefill step: a generate that stops at its first token runs no decode step
+            cm.generate(torch.tensor([picked[0]["ids"]]), max_new_tokens=1, eos_token_id=eos, pad_token_id=eos, allow_long=True)
+            bytes_key = "kv_storage_bytes" if "kv_storage_bytes" in cm.last_stats else "kv_bytes"
+            held = int(cm.last_stats[bytes_key])
+            for c in picked:
+                ids = torch.tensor([c["ids"]])
+                out = cm.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos, allow_long=True)
+                rows.append({"method": template, "recipe": recipe, "budget": frac, "mode": "aware",
+                             "id": c["id"], "new_ids": out[0, ids.shape[1]:].tolist(), "cache_bytes": held})
+            del cm
+        if progress:
+            print(f"graphwright {template} budget={frac}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return rows, bytes_key
+
+
+def run_kvpress(args, cases, write_model, eos, out: Path) -> dict:
+    """The kvpress side in its own environment; ``{"skipped": reason}`` when that environment is missing.
+
+    ``write_model()`` returns the safetensors folder (written only when the environment exists)."""
+    py = Path(args.kvpress_python)
+    if not py.is_file():
+        msg = SETUP.format(py=py)
+        print(f"kvpress side skipped: {msg}", file=sys.stderr, flush=True)
+        return {"skipped": msg}
+    spec = {"model_dir": str(write_model()), "presses": args.presses, "budgets": args.budgets, "modes": args.modes,
+            "max_new_tokens": args.max_new_tokens, "eos": [eos] if isinstance(eos, int) else list(eos),
+            "cases": [{"id": c["id"], "ids": c["ids"], "split": c["split"]} for c in cases]}
+    spec_path, res_path = out / "kvpress_cases.json", out / "kvpress_raw.json"
+    if args.reuse and res_path.is_file() and spec_path.is_file() and json.loads(spec_path.read_text()) == spec:
+        return json.loads(res_path.read_text())
+    spec_path.write_text(json.dumps(spec))
+    subprocess.run([str(py), str(HERE / "kvpress_worker.py"), str(spec_path), str(res_path)], check=True)
+    return json.loads(res_path.read_text())
+
+
+def main(argv=None) -> int:
+    from kvpress_report import score_rows, summarise, write_report
+
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    model, tok = load(args.model)
+    cases = build_cases(tok, args.lengths, args.cases, args.seed)
+    (out / "cases.json").write_text(json.dumps(cases))
+    ours_path = out / "graphwright_rows.json"
+    key = {"model": args.model, "recipes": args.recipes, "budgets": args.budgets, "max_new_tokens": args.max_new_tokens, "cases": cases}
+    old = json.loads(ours_path.read_text()) if args.reuse and ours_path.is_file() else {}
+    if old.get("key") == key:
+        ours, bytes_key = old["rows"], old["bytes_key"]
+    else:
+        ours, bytes_key = run_ours(model, tok, cases, args.recipes, args.budgets, args.max_new_tokens, args.progress)
+        # kept if the kvpress side fails: rerun with --reuse
+        ours_path.write_text(json.dumps({"key": key, "rows": ours, "bytes_key": bytes_key}))
+    if args.skip_kvpress:
+        kv = {"skipped": "--skip-kvpress"}
+    else:
+        model_dir = Path(args.model_dir) if args.model_dir else HERE / ".cache-kvpress" / args.model
+        kv = run_kvpress(args, cases, lambda: save_model_dir(model, tok, model_dir), tok.eos_token_id, out)
+    raw = {"graphwright": score_rows(ours, cases, tok), "kvpress": score_rows(kv.get("rows", []), cases, tok)}
+    settings = {"model": args.model, "lengths": args.lengths, "cases_per_length": args.cases, "budgets": args.budgets,
+                "recipes": args.recipes, "presses": args.presses, "modes": args.modes, "max_new_tokens": args.max_new_tokens,
+                "seed": args.seed, "graphwright_bytes": bytes_key, "kvpress_versions": kv.get("versions"),
+                "kvpress_errors": kv.get("errors", {}), "kvpress_skipped": kv.get("skipped")}
+    result = {"settings": settings, "rows": summarise(raw, args.seed), "raw": raw, "seconds": time.perf_counter() - t0}
+    for path in write_report(result, out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

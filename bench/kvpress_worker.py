@@ -1,0 +1,182 @@
+"""The kvpress side of ``bench/kvpress_side_by_side.py``: runs in ``bench/.venv-kvpress``, never imports graphwright.
+
+Usage (the side-by-side script calls it): ``bench/.venv-kvpress/bin/python bench/kvpress_worker.py CASES.json OUT.json``
+
+Reads the token ids the graphwright side generated (``graphwright.eval.niah.needle_suite``, so both sides see
+the very same tokens), loads the same weights from the safetensors folder the main script wrote, and answers
+every case greedily under each press of NVIDIA kvpress (0.5.5), mirroring its ``KVPressTextGenerationPipeline``:
+the compressed part is one forward pass under ``with press(model)`` into a ``DynamicCache``; then the
+uncompressed tokens at their original positions, then greedy decoding that stops at EOS.
+
+Modes: ``agnostic`` compresses the context only (kvpress's ``pipeline(context, question=...)``: the question,
+the end of the chat turn and the answer primer are fed after compression, uncompressed); ``aware`` compresses
+the whole prompt (the question inside the context, as kvpress's README does for question-aware compression;
+the first answer token comes from that forward pass, whose logits are dense).
+
+Bytes: after the compression forward pass, the sum of ``untyped_storage().nbytes()`` over the distinct
+storages of every tensor reachable from the cache object (so presses that mask instead of evicting, such as
+AdaKV and DuoAttention, report the dense tensors they keep resident).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+
+SNAPKV_WINDOW = 32  # graphwright's snapkv default window (min(32, budget // 2)); kvpress's default is 64
+
+
+def _presses():
+    """Press name -> constructor(compression_ratio); kvpress's compression_ratio is the fraction REMOVED."""
+    import kvpress as kp
+
+    def duo(ratio):
+        # DuoAttention's head patterns come from a download (kvpress loads them from the Hub); offline this raises
+        return kp.DuoAttentionPress(head_compression_ratio=ratio)
+
+    return {
+        "SnapKV": lambda r: kp.SnapKVPress(compression_ratio=r, window_size=SNAPKV_WINDOW, kernel_size=5),
+        "ObservedAttention": lambda r: kp.ObservedAttentionPress(compression_ratio=r),
+        "ExpectedAttention": lambda r: kp.ExpectedAttentionPress(compression_ratio=r),
+        "TOVA": lambda r: kp.TOVAPress(compression_ratio=r),
+        "Knorm": lambda r: kp.KnormPress(compression_ratio=r),
+        "StreamingLLM": lambda r: kp.StreamingLLMPress(compression_ratio=r, n_sink=4),
+        # kept keys re-rotated to their cache index and later tokens placed after the kept ones (as graphwright's streaming)
+        "KeyRerotation(StreamingLLM)": lambda r: kp.KeyRerotationPress(kp.StreamingLLMPress(compression_ratio=r, n_sink=4)),
+        "AdaKV(SnapKV)": lambda r: kp.AdaKVPress(kp.SnapKVPress(compression_ratio=r, window_size=SNAPKV_WINDOW, kernel_size=5)),
+        "DuoAttention": duo,
+    }
+
+
+EAGER = {"ObservedAttention"}  # needs the attention weights (kvpress asks for attn_implementation="eager")
+
+
+def cache_storage_bytes(cache) -> int:
+    """Bytes of the distinct storages of every tensor reachable from ``cache`` (lists, dicts, transformers/kvpress objects)."""
+    seen_obj, storages = set(), {}
+
+    def walk(obj):
+        if isinstance(obj, torch.Tensor):
+            st = obj.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+            return
+        if id(obj) in seen_obj:
+            return
+        seen_obj.add(id(obj))
+        if isinstance(obj, (list, tuple)):
+            for x in obj:
+                walk(x)
+        elif isinstance(obj, dict):
+            for x in obj.values():
+                walk(x)
+        elif hasattr(obj, "__dict__") and type(obj).__module__.split(".")[0] in ("transformers", "kvpress"):
+            for x in vars(obj).values():
+                walk(x)
+
+    walk(cache)
+    return int(sum(storages.values()))
+
+
+@torch.inference_mode()
+def answer(model, press, ids, split, max_new_tokens, eos):
+    """Greedy new token ids for one case, the cache bytes after compression and the tokens kept (layer 0)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    ctx = torch.tensor([ids[:split]])
+    with press(model) if press is not None else _null():
+        out = model(input_ids=ctx, past_key_values=cache, logits_to_keep=1)
+    nbytes, kept = cache_storage_bytes(cache), int(cache.get_seq_length())
+    # kvpress's pipeline: later tokens go at their original positions, or after the kept ones under key re-rotation
+    pos = kept if type(press).__name__ == "KeyRerotationPress" else split
+    if split < len(ids):
+        q = torch.tensor([ids[split:]])
+        out = model(input_ids=q, past_key_values=cache, position_ids=torch.arange(pos, pos + q.shape[1])[None], logits_to_keep=1)
+        pos += q.shape[1]
+    new = [int(out.logits[0, -1].argmax())]
+    while len(new) < max_new_tokens and new[-1] not in eos:
+        out = model(input_ids=torch.tensor([[new[-1]]]), past_key_values=cache, position_ids=torch.tensor([[pos]]))
+        pos += 1
+        new.append(int(out.logits[0, -1].argmax()))
+    return new, nbytes, kept
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _load(folder, attn):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn).eval()
+
+
+def run(spec: dict, out_path=None) -> dict:
+    import kvpress
+    import transformers
+
+    torch.manual_seed(0)
+    models = {}
+    factories = _presses()
+    eos = set(spec["eos"])
+    rows, errors = [], {}
+    jobs = [("dense", None, "aware")] + [(p, b, m) for p in spec["presses"] for b in spec["budgets"] for m in spec["modes"]]
+    for name, budget, mode in jobs:
+        if name != "dense" and name not in factories:
+            raise SystemExit(f"unknown press {name!r}; known: {', '.join(factories)}")
+        attn = "eager" if name in EAGER else "sdpa"
+        if attn not in models:
+            models[attn] = _load(spec["model_dir"], attn)
+        t0, got = time.perf_counter(), []
+        try:  # a press that cannot run here fails on its first case (DuoAttention: its head patterns are a download)
+            press = None if name == "dense" else factories[name](1.0 - budget)
+            for case in spec["cases"]:
+                split = case["split"] if mode == "agnostic" else len(case["ids"])
+                new, nbytes, kept = answer(models[attn], press, case["ids"], split, spec["max_new_tokens"], eos)
+                got.append({"method": name, "budget": budget, "mode": mode, "id": case["id"], "new_ids": new,
+                            "cache_bytes": nbytes, "kept_tokens": kept, "compressed_tokens": split})
+        except Exception as exc:  # noqa: BLE001
+            if got:  # a failure after the first case is a bug, not a press that does not apply
+                raise
+            key = f"{name}@{budget}/{mode}"
+            errors[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            print(f"kvpress {key}: skipped ({errors[key]})", file=sys.stderr, flush=True)
+            continue
+        rows += got
+        if out_path is not None:  # after every press, so a long run that is stopped keeps what it finished
+            _write(out_path, _result(kvpress, transformers, rows, errors))
+        print(f"kvpress {name} budget={budget} {mode}: {len(spec['cases'])} cases in {time.perf_counter() - t0:.0f} s",
+              file=sys.stderr, flush=True)
+    return _result(kvpress, transformers, rows, errors)
+
+
+def _result(kvpress, transformers, rows, errors) -> dict:
+    from importlib.metadata import version
+
+    return {"versions": {"kvpress": version("kvpress"), "transformers": transformers.__version__,
+                         "torch": torch.__version__}, "rows": rows, "errors": errors}
+
+
+def _write(path, result) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        raise SystemExit("usage: kvpress_worker.py CASES.json OUT.json (called by bench/kvpress_side_by_side.py)")
+    spec = json.loads(open(argv[0]).read())
+    _write(argv[1], run(spec, argv[1]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""bench/kvpress_side_by_side.py: our side on tiny-llama, the output schema, and the set-up message without kvpress's venv.
+
+The kvpress side itself needs ``bench/.venv-kvpress`` (not in CI); its decode loop and byte count are tested
+here on plain transformers objects: with no press, the worker's answer equals graphwright's dense answer.
+"""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).parents[2] / "bench"
+
+
+def _load(name):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    mod = _load("kvpress_side_by_side")
+    out = tmp_path_factory.mktemp("kvp")
+    missing = out / "no-venv" / "python"
+    sys.path.insert(0, str(BENCH))
+    try:
+        assert mod.main(["--model", "tiny-llama", "--lengths", "384", "--cases", "2", "--budgets", "0.5",
+                         "--recipes", "snapkv(budget={budget})", "streaming(sinks=4, window=100)",
+                         "--kvpress-python", str(missing), "--out", str(out)]) == 0
+    finally:
+        sys.path.remove(str(BENCH))
+    return mod, out, json.loads((out / "kvpress_side_by_side.json").read_text())
+
+
+def test_our_side_schema_and_bytes(run):
+    _, out, res = run
+    assert {p.name for p in out.iterdir()} >= {"cases.json", "kvpress_side_by_side.json", "kvpress_side_by_side.md", "kvpress_side_by_side.png"}
+    assert res["settings"]["cases_per_length"] == 2 and res["settings"]["graphwright_bytes"] in ("kv_bytes", "kv_storage_bytes")
+    rows = {(r["side"], r["method"], r["budget"]): r for r in res["rows"]}
+    fixed = ("graphwright", "streaming(sinks=4, window=100)", None)  # no {field}: one fixed setting, run once
+    assert set(rows) == {("graphwright", "dense", None), ("graphwright", "snapkv(budget={budget})", 0.5), fixed}
+    dense, snap = rows[("graphwright", "dense", None)], rows[("graphwright", "snapkv(budget={budget})", 0.5)]
+    for r in (dense, snap):
+        assert {"accuracy", "lo", "hi", "n", "delta", "delta_lo", "delta_hi", "cache_bytes", "bytes_fraction", "mode", "length"} <= set(r)
+        assert r["n"] == 2 and r["lo"] <= r["accuracy"] <= r["hi"] and r["mode"] == "aware" and r["length"] == 384
+    assert dense["delta"] == dense["delta_lo"] == dense["delta_hi"] == 0.0 and dense["bytes_fraction"] == 1.0
+    # snapkv(budget=192) on 384-token prompts holds half the dense cache after prefill
+    assert snap["bytes_fraction"] == 0.5 and snap["cache_bytes"] * 2 == dense["cache_bytes"]
+    assert rows[fixed]["bytes_fraction"] == 104 / 384 and rows[fixed]["family"] == "streaming"
+    raw = res["raw"]["graphwright"]
+    assert len(raw) == 6 and {r["recipe"] for r in raw} == {"noop", "snapkv(budget=192)", "streaming(sinks=4, window=100)"}
+    cases = json.loads((out / "cases.json").read_text())
+    assert [len(c["ids"]) for c in cases] == [384, 384] and all(0 < c["split"] < 384 for c in cases)
+
+
+def test_missing_venv_says_how_to_set_it_up(run):
+    _, out, res = run
+    msg = res["settings"]["kvpress_skipped"]
+    assert "bash bench/setup_kvpress.sh" in msg and "README-kvpress.md" in msg and "--skip-kvpress" in msg
+    assert res["raw"]["kvpress"] == [] and "kvpress side skipped" in (out / "kvpress_side_by_side.md").read_text()
+
+
+def test_bad_template_and_budget_are_named():
+    mod = _load("kvpress_side_by_side")
+    assert mod.fill("streaming(sinks=4, window={window})", 0.25, 1024) == "streaming(sinks=4, window=252)"
+    assert mod.fill("h2o(heavy={half}, recent={half})", 0.5, 1024) == "h2o(heavy=0.25, recent=0.25)"
+    with pytest.raises(SystemExit, match="unknown field 'tokens'.*allowed"):
+        mod.fill("snapkv(budget={tokens})", 0.5, 1024)
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--budgets", "1.5"])
+
+
+def test_worker_without_press_matches_graphwright_dense(tiny, compiled_tiny):
+    worker = _load("kvpress_worker")
+    ids = torch.randint(3, 256, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    ours = compiled_tiny("tiny-llama").generate(torch.tensor([ids]), max_new_tokens=6)[0, 40:].tolist()
+    for split in (40, 25):  # whole prompt in one forward (aware) / context, then the rest at its positions (agnostic)
+        new, nbytes, kept = worker.answer(tiny("tiny-llama"), None, ids, split, 6, set())
+        assert new == ours and kept == split
+        assert nbytes == 2 * 2 * split * 2 * 16 * 4  # layers x (K, V) x tokens x kv heads x head dim x fp32
+
+
+def test_cache_bytes_count_whole_storages():
+    worker = _load("kvpress_worker")
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    cache.update(torch.zeros(1, 2, 10, 4), torch.zeros(1, 2, 10, 4), 0)
+    assert worker.cache_storage_bytes(cache) == 2 * 80 * 4
+    cache.layers[0].keys = cache.layers[0].keys[:, :, :3]  # a view (as kvpress trims a cache) still holds its whole storage
+    assert worker.cache_storage_bytes(cache) == 2 * 80 * 4
+    cache.layers[0].values = cache.layers[0].values[:, :, :3].clone()
+    assert worker.cache_storage_bytes(cache) == 80 * 4 + 24 * 4
+
+
+def test_reuse_skips_our_side_with_the_same_settings(run, monkeypatch):
+    mod, out, res = run
+
+    def fail(*a, **k):
+        raise AssertionError("--reuse with the same settings must not run the graphwright side again")
+
+    monkeypatch.setattr(mod, "run_ours", fail)
+    monkeypatch.syspath_prepend(str(BENCH))
+    args = ["--model", "tiny-llama", "--lengths", "384", "--cases", "2", "--budgets", "0.5", "--recipes", "snapkv(budget={budget})",
+            "streaming(sinks=4, window=100)", "--skip-kvpress", "--out", str(out), "--reuse"]
+    assert mod.main(args) == 0
+    again = json.loads((out / "kvpress_side_by_side.json").read_text())
+    assert again["rows"] == res["rows"]
+    with pytest.raises(AssertionError, match="must not run"):  # other settings: our side runs again
+        mod.main(args[:7] + ["0.25"] + args[8:])
