@@ -28,6 +28,7 @@ from ..errors import RecipeError
 from ..ops.policy_snapkv import SNAPKV_POLICY
 from .base import MAX_KERNEL, MAX_TOKENS, Arg, PassContext, register_pass
 from .eviction_common import LAYERS_ARG, EvictionPass, evict_pass_build, latent_settings, rewrite_layers
+from .packed_rewrite import rewrite_packed
 
 
 @register_pass
@@ -43,6 +44,12 @@ class SnapKV(EvictionPass):
             min=1, max=MAX_TOKENS),
         Arg("kernel", int, 5, "pooling width (odd)", min=1, max=MAX_KERNEL),
         Arg("pool", str, "avg", "pooling of the window scores", choices=("avg", "max")),
+        Arg("heads", str, "uniform", "per-head budgets: uniform (SnapKV) or adaptive (Ada-KV: the layer's Hk*budget "
+            "spread over its KV heads by score; packed cache)", choices=("uniform", "adaptive")),
+        Arg("floor", float, 0.2, "Ada-KV safeguard alpha: each head keeps at least about floor*(budget-window) "
+            "prefix tokens (1.0 = uniform)", min=0.0, max=1.0),
+        Arg("pyramid", float, None, "PyramidKV beta: linearly decreasing per-layer budgets with the same total "
+            "(1 = uniform; the paper uses 20); packed cache", min=1.0, max=1e6),
         LAYERS_ARG,
     )
 
@@ -57,9 +64,19 @@ class SnapKV(EvictionPass):
         if self.kernel % 2 == 0:
             raise RecipeError(f"snapkv: kernel={self.kernel} must be odd (centred pooling)")
 
+    @property
+    def packed(self) -> bool:
+        """Head-adaptive or pyramid budgets: the packed per-layer cache (``packed_rewrite``)."""
+        return self.heads == "adaptive" or self.pyramid is not None
+
     def run(self, sg, ctx: PassContext):
         params = {"budget": self.budget, "window": self.window, "kernel": self.kernel, "pool": self.pool}
-        layers = rewrite_layers(sg, "snapkv", evict_pass_build(SNAPKV_POLICY, params), self.layer_set(sg.info))
+        if self.packed:
+            params.update(adaptive=self.heads == "adaptive", floor=float(self.floor),
+                          beta=float(self.pyramid) if self.pyramid is not None else 0.0)
+            layers = rewrite_packed(sg, "snapkv", params, self.layer_set(sg.info))
+        else:
+            layers = rewrite_layers(sg, "snapkv", evict_pass_build(SNAPKV_POLICY, params), self.layer_set(sg.info))
         sg.notes["snapkv"] = {
             "per_layer": {layer: {"budget": self.budget} for layer in layers},
             "counts": {"layers_evicted": len(layers)},
