@@ -25,7 +25,7 @@ import torch
 from ..capture.step_graph import StateSpec
 from ..errors import RecipeError
 from ..ops import schema
-from ..ops.graph_match import cat_dim
+from ..ops.graph_match import cat_dim, cat_parts
 from ..ops.policy_adakv import EVICT_ADAKV, PACK_HEADS, PACKED_POSITIONS
 from .eviction_common import StateEditor, call, find_sites, insert_outputs, positions_name, positions_node, tag
 
@@ -33,7 +33,7 @@ from .eviction_common import StateEditor, call, find_sites, insert_outputs, posi
 def _pack_cache(graph, ed, site, cat_node, name: str, hk: int):
     """cat([cache, new]) -> cat([cache, pack_heads(new)]) and the state's shape -> [B, 1, 0, D]; returns the
     attention's view of it expanded to Hk heads."""
-    cache, new = cat_node.args[0]
+    cache, new = cat_parts(cat_node)
     with graph.inserting_before(cat_node):
         packed = call(graph, PACK_HEADS, new)
     cat_node.args = ([cache, packed], cat_dim(cat_node))
