@@ -14,12 +14,40 @@ Setting here: selection per (batch row, KV head) with scores averaged over its g
 (the reference is MHA); rows shorter than the budget keep everything; left padding is dropped.
 Prefill attention is dense, so the first generated token equals the dense model's.
 
+Query-aware by default: the observation window is the last ``window`` prompt tokens, so when a
+prompt ends with its question (chat template and answer primer included) the question's tokens are
+the ones that vote, and the kept keys are those the question attends to. Nothing else is needed
+and nothing detects a question. The window must cover it: the needle prompts of ``graphwright eval``
+end with 28-37 tokens after the context on SmolLM2 (question, end-of-turn, assistant header,
+primer), about the default 32; give ``window=`` larger for longer questions.
+
+Head-adaptive budgets (Ada-KV, arXiv 2407.11550; ``heads="adaptive"``, safeguard ``floor`` = alpha,
+default 0.2 as in AdaKV's LongBench runs): a layer keeps Hk * budget slots in all, split over its
+KV heads by the global top-(Hk * (budget - window)) of the pooled window scores (comparable across
+heads: the same fp32 softmax and pooling, GQA mean), each head then getting round((1 - floor) * n_h
++ floor * (budget - window)) prefix tokens plus the window. ``floor=1`` is uniform SnapKV.
+PyramidKV layer budgets (arXiv 2406.02069; ``pyramid=beta``, the paper's 20): layer l gets
+C_l = k_max - l * step prefix tokens per head (k_min = C/beta, k_max = 2C - k_min, clamped to the
+prompt, integer step), the same total over layers (± L); ``pyramid=1`` is SnapKV; with
+``heads="adaptive"`` C_l is the layer's C before the split. Both run once after prefill; decode
+appends. Either one stores the layer in a packed cache (``packed_rewrite.py``: one [B, 1, N, D]
+buffer per layer holding the sum of the heads' lengths, per-head positions [B, Hk, N]) so ragged
+heads free real memory; ``last_stats["kv_bytes"]`` counts that buffer. Not on latent layers
+(``lowrank_kv``: refused), no ONNX export (refused), no ``compiled`` backend (refused there).
+
 Exact setting: budget >= prompt length (input dependent: the pass itself is lossy).
 ``layers=[...]`` evicts only those layers.
 Invariants tested (``tests/passes/test_snapkv.py``): budget >= length gives identical tokens
 (tiny Llama and Qwen2, batch 2 left-padded); first token equals dense; after prefill each head
 holds exactly min(length, budget) tokens and grows by one per step; the op's kept set equals a
-slow loop oracle on random attention.
+slow loop oracle on random attention. ``tests/passes/test_snapkv_adaptive.py``: budget >= length
+is the identity with ``heads="adaptive"`` and with ``pyramid=20`` (Llama, Qwen2, batch 2
+left-padded); ``floor=1``, ``pyramid=1`` and both give the uniform pass's kept sets after prefill and
+its logits (1e-4); with floor 0 each layer keeps exactly Hk * budget and some split is ragged; the
+kept sets equal a loop oracle of the spec (global sort, safeguard, pyramid schedule written from the
+formula) on random attention with left padding; packed attention equals dense attention under the
+boolean keep mask (1e-5); the packed buffer is exactly the longest row's total and
+``last_stats["kv_bytes"]`` equals the bytes of those buffers (less than heads padded to the longest).
 """
 
 from __future__ import annotations

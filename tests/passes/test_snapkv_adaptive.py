@@ -201,3 +201,13 @@ def test_refusals(compiled_tiny, tmp_path):
     with pytest.raises(GraphwrightError, match="ONNX export of a packed head-adaptive/pyramid cache"):
         gw.export_onnx(ev, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_latent_layers_are_refused():
+    from graphwright.passes.base import PassContext
+    from graphwright.passes.lowrank_kv import LowRankKV
+    from tests.conftest import _compiled, _tiny
+
+    sg = LowRankKV(keep=0.5).run(_compiled("tiny-llama").step_graph.copy(), PassContext(model=_tiny("tiny-llama")))
+    with pytest.raises(RecipeError, match=r"layers \[0, 1\] hold a latent cache .*per-head budgets cannot free memory"):
+        SnapKV(budget=8, heads="adaptive").run(sg, PassContext())
