@@ -4,15 +4,19 @@ Why packed: Ada-KV gives the heads of a layer different lengths. The per-head sl
 other eviction passes ([B, Hk, S_l, D]) are padded to the longest head, so an adaptive split would
 hold Hk * max_h n_h slots. Here a layer holds one buffer k, v [B, 1, N, D] with N = sum_h n_h (plus
 batch padding to the longest row) and per-head positions [B, Hk, N] (-1 where a slot belongs to
-another head): the bytes held are the bytes kept. The price: attention reads the buffer expanded to
-Hk heads (a view, no copy) and masks the other heads' slots, so its work is Hk times the kept
-slots per query head instead of 1 times.
+another head): the bytes held are the bytes kept. The attention reads the cached slots expanded to Hk
+heads (each head's mask hides the other heads' slots) concatenated with this step's new tokens in
+the dense per-head layout: a prompt on an empty cache is then plain dense causal attention (the
+fast SDPA path, no per-head mask over Hk*T keys), and a decode step attends over N + 1 slots per
+KV head, Hk times the kept slots per query head instead of 1 times (a transient [B, Hk, N + 1, D]
+copy per layer and step; what the state holds stays N).
 
 Per rewritten layer (dense layers only; latent layers share one row across heads and are refused)::
 
     k_all  = cat([k_cache_l, pack_heads(k_new)], 2)                       # [B, 1, N + Hk*T, D], same for v
     kp_all = cat([key_positions_l, packed_positions(positions, Hk)], 2)   # [B, Hk, N + Hk*T]
-    out    = graphwright.attention(q, k_all.expand(-1, Hk, -1, -1), v_all.expand(...), positions, kp_all, ...)
+    out    = graphwright.attention(q, cat([k_cache_l.expand(-1, Hk, -1, -1), k_new], 2), (same for v), positions,
+                                   cat([key_positions_l, positions[:, None].expand(-1, Hk, -1)], 2), ...)
     k', v', key_positions_l' = graphwright.evict_adakv(q, k_all, v_all, positions, kp_all, scale, ...)
 """
 
@@ -31,18 +35,19 @@ from .eviction_common import StateEditor, call, find_sites, insert_outputs, posi
 
 
 def _pack_cache(graph, ed, site, cat_node, name: str, hk: int):
-    """cat([cache, new]) -> cat([cache, pack_heads(new)]) and the state's shape -> [B, 1, 0, D]; returns the
-    attention's view of it expanded to Hk heads."""
+    """cat([cache, new]) -> cat([cache, pack_heads(new)]) and the state's shape -> [B, 1, 0, D]; returns what
+    the attention reads: cat([cache expanded to Hk heads, new], 2) [B, Hk, N + T, D]."""
     cache, new = cat_parts(cat_node)
+    dim = cat_dim(cat_node)
     with graph.inserting_before(cat_node):
         packed = call(graph, PACK_HEADS, new)
-    cat_node.args = ([cache, packed], cat_dim(cat_node))
+        wide = call(graph, torch.ops.aten.cat.default, [call(graph, torch.ops.aten.expand.default, cache, [-1, hk, -1, -1]), new], dim)
+    cat_node.args = ([cache, packed], dim)
     e = ed.find(name)
     shape = list(e[0].shape)
     shape[1] = 1
     e[0] = dataclasses.replace(e[0], shape=tuple(shape))
-    with graph.inserting_after(cat_node):
-        return call(graph, torch.ops.aten.expand.default, cat_node, [-1, hk, -1, -1])
+    return wide
 
 
 def rewrite_packed(sg, variant: str, params: dict, layers=None) -> list[int]:
@@ -65,11 +70,13 @@ def rewrite_packed(sg, variant: str, params: dict, layers=None) -> list[int]:
         kp_in = ed.add(StateSpec(positions_name(site.layer), "positions", (-1, hk, 0), torch.long, seq_dim=2, layer=site.layer))
         with graph.inserting_before(site.attn):
             kp_all = call(graph, torch.ops.aten.cat.default, [kp_in, call(graph, PACKED_POSITIONS, pos, hk)], 2)
+            per_head = call(graph, torch.ops.aten.expand.default, call(graph, torch.ops.aten.unsqueeze.default, pos, 1), [-1, hk, -1])
+            kp_att = call(graph, torch.ops.aten.cat.default, [kp_in, per_head], 2)
         k_view = _pack_cache(graph, ed, site, site.k_cat, site.k_name, hk)
         v_view = _pack_cache(graph, ed, site, site.v_cat, site.v_name, hk)
         schema.set(site.attn, "k", k_view)
         schema.set(site.attn, "v", v_view)
-        schema.set(site.attn, "k_pos", kp_all)
+        schema.set(site.attn, "k_pos", kp_att)
         values = dict(q=site.arg("q"), k=site.k_cat, v=site.v_cat, q_pos=site.arg("q_pos"), k_pos=kp_all,
                       scale=site.arg("scale"), layer=site.layer, num_layers=sg.info.num_layers, **params)
         with graph.inserting_after(site.attn):
