@@ -118,9 +118,10 @@ def _oracle(q, kd, q_pos, kpd, scale, budget, w, kernel, pool, adaptive, floor, 
     return out
 
 
-@pytest.mark.parametrize("adaptive,floor,beta,layer", [(True, 0.0, 0.0, 0), (True, 0.3, 0.0, 1), (True, 0.2, 3.0, 0),
-                                                       (True, 0.2, 3.0, 2), (False, 0.0, 2.0, 1), (True, 0.5, 50.0, 2)])
-def test_kept_sets_match_the_loop_oracle(adaptive, floor, beta, layer):
+@pytest.mark.parametrize("adaptive,floor,beta,layer,budget", [
+    (True, 0.0, 0.0, 0, 11), (True, 0.3, 0.0, 1, 11), (True, 0.2, 3.0, 0, 11), (True, 0.2, 3.0, 2, 11), (False, 0.0, 2.0, 1, 11),
+    (True, 0.5, 50.0, 2, 11), (True, 0.2, 20.0, 0, 16), (False, 0.0, 20.0, 2, 16)])  # budget 16: k_max is clamped to the prompt
+def test_kept_sets_match_the_loop_oracle(adaptive, floor, beta, layer, budget):
     g = torch.Generator().manual_seed(7 + layer)
     B, H, hk, T, D, pad = 2, 4, 2, 26, 8, (0, 5)
     q = torch.randn(B, H, T, D, generator=g) * 2
@@ -128,7 +129,7 @@ def test_kept_sets_match_the_loop_oracle(adaptive, floor, beta, layer):
     vd = torch.randn(B, hk, T, D, generator=g)
     q_pos = torch.stack([torch.arange(T) - p for p in pad]).clamp(min=-1)
     q_pos[1, :pad[1]] = -1
-    budget, w, kernel = 11, 3, 3
+    w, kernel = 3, 3
     for pool in ("avg", "max"):
         k2, v2, kp2 = adakv_reference(q, pack_heads_reference(kd), pack_heads_reference(vd), q_pos,
                                       packed_positions_reference(q_pos, hk), 0.5, budget, w, kernel, pool, adaptive, floor,
