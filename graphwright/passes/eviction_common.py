@@ -58,6 +58,24 @@ from .selection import parse_layer_heads
 SHARED_POSITIONS = "key_positions"
 EVICT_INPUTS = ("q", "k", "v", "q_pos", "k_pos", "scale")  # what rewrite_layers prepares for a policy op
 LAYERS_ARG = Arg("layers", list, None, "layer indices to evict (default: all layers)")
+HEADS_ARG = Arg("heads", str, "uniform", "per-head budgets; only uniform here (adaptive: snapkv only)", choices=("uniform", "adaptive"))
+
+
+def refuse_adaptive_heads(name: str, heads: str) -> None:
+    """``RecipeError`` for ``heads="adaptive"`` on a policy that evicts at every decode step (H2O, FastGen).
+
+    Ada-KV (arXiv 2407.11550) is defined once, after prefill: the layer's Hk*C slots are split by one
+    global top-k of the window scores. H2O and FastGen evict at every step by running scores that
+    grow with each head's history; re-splitting the layer budget every step would move slots between
+    heads (a head's dropped tokens cannot come back), which no source specifies or measures.
+    """
+    if heads == "adaptive":
+        from ..errors import RecipeError
+
+        raise RecipeError(f"{name}(heads='adaptive') is not supported: Ada-KV splits a layer's budget across heads once, "
+                          f"after prefill (snapkv(heads='adaptive')); {name} evicts at every decode step and a per-step "
+                          "re-split is not defined by the paper. Use snapkv(budget=..., heads='adaptive', floor=0.2), "
+                          f"or {name} with heads='uniform'")
 
 
 def select_layers(pass_name: str, layers, num_layers: int) -> list[int]:

@@ -43,8 +43,8 @@ import torch
 from ..ops.eviction_ref import LADDER, PUNCT, SPECIAL
 from ..ops.policy_fastgen import FASTGEN_POLICY
 from .base import MAX_TOKENS, Arg, PassContext, register_pass
-from .eviction_common import (LAYERS_ARG, EvictionPass, call, evict_pass_build, find_sites, frac_or_count, latent_settings,
-                              rewrite_layers)
+from .eviction_common import (HEADS_ARG, LAYERS_ARG, EvictionPass, call, evict_pass_build, find_sites, frac_or_count, latent_settings,
+                              refuse_adaptive_heads, rewrite_layers)
 
 TABLE = "fastgen_token_class"
 
@@ -81,8 +81,13 @@ class FastGen(EvictionPass):
         Arg("frequent", (int, float), 0.3, "heavy hitters: fraction of the length (float) or token count (int)", min=0, max=MAX_TOKENS),
         Arg("criterion", str, "mass", "recovered-mass test", choices=("mass", "l1")),
         Arg("force", str, None, "give every head this policy instead of profiling", choices=LADDER),
+        HEADS_ARG,
         LAYERS_ARG,
     )
+
+    def __init__(self, **values):
+        super().__init__(**values)
+        refuse_adaptive_heads("fastgen", self.heads)
 
     def is_identity(self) -> bool:
         return self.force == "full" or (self.force is None and self.recovery >= 1.0)

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 from ..ops.policy_h2o import H2O_POLICY
 from .base import MAX_TOKENS, Arg, PassContext, register_pass
-from .eviction_common import LAYERS_ARG, EvictionPass, evict_pass_build, frac_or_count, latent_settings, rewrite_layers
+from .eviction_common import (HEADS_ARG, LAYERS_ARG, EvictionPass, evict_pass_build, frac_or_count, latent_settings, refuse_adaptive_heads,
+                              rewrite_layers)
 
 
 @register_pass
@@ -38,8 +39,13 @@ class H2O(EvictionPass):
     args = (
         Arg("heavy", (int, float), 0.1, "heavy hitters: fraction of the current length (float) or token count (int)", min=0, max=MAX_TOKENS),
         Arg("recent", (int, float), 0.1, "recent window: fraction of the current length (float) or token count (int)", min=0, max=MAX_TOKENS),
+        HEADS_ARG,
         LAYERS_ARG,
     )
+
+    def __init__(self, **values):
+        super().__init__(**values)
+        refuse_adaptive_heads("h2o", self.heads)
 
     def is_identity(self) -> bool:
         return any(isinstance(x, float) and x >= 1.0 for x in (self.heavy, self.recent))

@@ -14,12 +14,40 @@ Setting here: selection per (batch row, KV head) with scores averaged over its g
 (the reference is MHA); rows shorter than the budget keep everything; left padding is dropped.
 Prefill attention is dense, so the first generated token equals the dense model's.
 
+Query-aware by default: the observation window is the last ``window`` prompt tokens, so when a
+prompt ends with its question (chat template and answer primer included) the question's tokens are
+the ones that vote, and the kept keys are those the question attends to. Nothing else is needed
+and nothing detects a question. The window must cover it: the needle prompts of ``graphwright eval``
+end with 28-37 tokens after the context on SmolLM2 (question, end-of-turn, assistant header,
+primer), about the default 32; give ``window=`` larger for longer questions.
+
+Head-adaptive budgets (Ada-KV, arXiv 2407.11550; ``heads="adaptive"``, safeguard ``floor`` = alpha,
+default 0.2 as in AdaKV's LongBench runs): a layer keeps Hk * budget slots in all, split over its
+KV heads by the global top-(Hk * (budget - window)) of the pooled window scores (comparable across
+heads: the same fp32 softmax and pooling, GQA mean), each head then getting round((1 - floor) * n_h
++ floor * (budget - window)) prefix tokens plus the window. ``floor=1`` is uniform SnapKV.
+PyramidKV layer budgets (arXiv 2406.02069; ``pyramid=beta``, the paper's 20): layer l gets
+C_l = k_max - l * step prefix tokens per head (k_min = C/beta, k_max = 2C - k_min, clamped to the
+prompt, integer step), the same total over layers (± L); ``pyramid=1`` is SnapKV; with
+``heads="adaptive"`` C_l is the layer's C before the split. Both run once after prefill; decode
+appends. Either one stores the layer in a packed cache (``packed_rewrite.py``: one [B, 1, N, D]
+buffer per layer holding the sum of the heads' lengths, per-head positions [B, Hk, N]) so ragged
+heads free real memory; ``last_stats["kv_bytes"]`` counts that buffer. Not on latent layers
+(``lowrank_kv``: refused), no ONNX export (refused), no ``compiled`` backend (refused there).
+
 Exact setting: budget >= prompt length (input dependent: the pass itself is lossy).
 ``layers=[...]`` evicts only those layers.
 Invariants tested (``tests/passes/test_snapkv.py``): budget >= length gives identical tokens
 (tiny Llama and Qwen2, batch 2 left-padded); first token equals dense; after prefill each head
 holds exactly min(length, budget) tokens and grows by one per step; the op's kept set equals a
-slow loop oracle on random attention.
+slow loop oracle on random attention. ``tests/passes/test_snapkv_adaptive.py``: budget >= length
+is the identity with ``heads="adaptive"`` and with ``pyramid=20`` (Llama, Qwen2, batch 2
+left-padded); ``floor=1``, ``pyramid=1`` and both give the uniform pass's kept sets after prefill and
+its logits (1e-4); with floor 0 each layer keeps exactly Hk * budget and some split is ragged; the
+kept sets equal a loop oracle of the spec (global sort, safeguard, pyramid schedule written from the
+formula) on random attention with left padding; packed attention equals dense attention under the
+boolean keep mask (1e-5); the packed buffer is exactly the longest row's total and
+``last_stats["kv_bytes"]`` equals the bytes of those buffers (less than heads padded to the longest).
 """
 
 from __future__ import annotations
@@ -28,6 +56,7 @@ from ..errors import RecipeError
 from ..ops.policy_snapkv import SNAPKV_POLICY
 from .base import MAX_KERNEL, MAX_TOKENS, Arg, PassContext, register_pass
 from .eviction_common import LAYERS_ARG, EvictionPass, evict_pass_build, latent_settings, rewrite_layers
+from .packed_rewrite import rewrite_packed
 
 
 @register_pass
@@ -43,6 +72,12 @@ class SnapKV(EvictionPass):
             min=1, max=MAX_TOKENS),
         Arg("kernel", int, 5, "pooling width (odd)", min=1, max=MAX_KERNEL),
         Arg("pool", str, "avg", "pooling of the window scores", choices=("avg", "max")),
+        Arg("heads", str, "uniform", "per-head budgets: uniform (SnapKV) or adaptive (Ada-KV: the layer's Hk*budget "
+            "spread over its KV heads by score; packed cache)", choices=("uniform", "adaptive")),
+        Arg("floor", float, 0.2, "Ada-KV safeguard alpha: each head keeps at least about floor*(budget-window) "
+            "prefix tokens (1.0 = uniform)", min=0.0, max=1.0),
+        Arg("pyramid", float, None, "PyramidKV beta: linearly decreasing per-layer budgets with the same total "
+            "(1 = uniform; the paper uses 20); packed cache", min=1.0, max=1e6),
         LAYERS_ARG,
     )
 
@@ -57,9 +92,19 @@ class SnapKV(EvictionPass):
         if self.kernel % 2 == 0:
             raise RecipeError(f"snapkv: kernel={self.kernel} must be odd (centred pooling)")
 
+    @property
+    def packed(self) -> bool:
+        """Head-adaptive or pyramid budgets: the packed per-layer cache (``packed_rewrite``)."""
+        return self.heads == "adaptive" or self.pyramid is not None
+
     def run(self, sg, ctx: PassContext):
         params = {"budget": self.budget, "window": self.window, "kernel": self.kernel, "pool": self.pool}
-        layers = rewrite_layers(sg, "snapkv", evict_pass_build(SNAPKV_POLICY, params), self.layer_set(sg.info))
+        if self.packed:
+            params.update(adaptive=self.heads == "adaptive", floor=float(self.floor),
+                          beta=float(self.pyramid) if self.pyramid is not None else 0.0)
+            layers = rewrite_packed(sg, "snapkv", params, self.layer_set(sg.info))
+        else:
+            layers = rewrite_layers(sg, "snapkv", evict_pass_build(SNAPKV_POLICY, params), self.layer_set(sg.info))
         sg.notes["snapkv"] = {
             "per_layer": {layer: {"budget": self.budget} for layer in layers},
             "counts": {"layers_evicted": len(layers)},
