@@ -103,8 +103,9 @@ def to_markdown(result: dict) -> str:
                      f"{_f(r.get('bytes_fraction'))} | {_f(r.get('same_answers_as_graphwright'))} | {r['n']} |")
     notes = ["", "graphwright bytes: `cm.last_stats[" + repr(s["graphwright_bytes"]) + "]` after a prefill-only generate; kvpress "
              "bytes: storage of every tensor in its cache after the compression forward pass. 'vs dense' is the paired "
-             "difference from the same side's dense run on the same cases. graphwright runs question-aware only (no "
-             "compressed-context API yet)."]
+             "difference from the same side's dense run on the same cases. Modes: aware = the whole prompt compressed "
+             "(question in the observation window); agnostic = the context compressed alone (graphwright: `cm.prefill`), "
+             "then the question fed through decode steps."]
     if s.get("kvpress_skipped"):
         notes.append(f"kvpress side skipped: {s['kvpress_skipped'].splitlines()[0]}")
     for k, v in (s.get("kvpress_errors") or {}).items():

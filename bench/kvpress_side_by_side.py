@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES,
                    help="graphwright recipe templates ({budget} tokens, {window} = budget - 4, {frac}, {half} = frac / 2)")
     p.add_argument("--presses", nargs="+", default=DEFAULT_PRESSES, help="kvpress presses")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="kvpress compression modes")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="compression modes, both sides (agnostic: the context is compressed alone, then the question is fed)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(HERE / "results" / "kvpress"), help="folder for cases.json, results JSON/markdown/plot")
@@ -123,7 +123,7 @@ def save_model_dir(model, tok, folder: Path) -> Path:
 
 
 @torch.inference_mode()
-def run_ours(model, tok, cases, recipes, budgets, max_new_tokens, progress=False):
+def run_ours(model, tok, cases, recipes, budgets, max_new_tokens, progress=False, modes=("aware",)):
     """Rows ``{method, recipe, budget, mode, id, new_ids, cache_bytes}`` for dense and every recipe x budget x length."""
     from graphwright.capture import capture
     from graphwright.compiled import CompiledModel
@@ -148,9 +148,17 @@ def run_ours(model, tok, cases, recipes, budgets, max_new_tokens, progress=False
             held = int(cm.last_stats[bytes_key])
             for c in picked:
                 ids = torch.tensor([c["ids"]])
-                out = cm.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos, allow_long=True)
-                rows.append({"method": template, "recipe": recipe, "budget": frac, "mode": "aware",
-                             "id": c["id"], "new_ids": out[0, ids.shape[1]:].tolist(), "cache_bytes": held})
+                if "aware" in modes:
+                    out = cm.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos, allow_long=True)
+                    rows.append({"method": template, "recipe": recipe, "budget": frac, "mode": "aware",
+                                 "id": c["id"], "new_ids": out[0, ids.shape[1]:].tolist(), "cache_bytes": held})
+                if "agnostic" in modes:  # compress the context alone (cm.prefill), then the question continues it
+                    ctx = cm.prefill(ids[:, :c["split"]], allow_long=True)
+                    ctx_held = int(cm.last_stats[bytes_key])
+                    q = ids[:, c["split"]:]
+                    out = cm.generate(q, context=ctx, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos, allow_long=True)
+                    rows.append({"method": template, "recipe": recipe, "budget": frac, "mode": "agnostic",
+                                 "id": c["id"], "new_ids": out[0, q.shape[1]:].tolist(), "cache_bytes": ctx_held})
             del cm
         if progress:
             print(f"graphwright {template} budget={frac}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
@@ -193,7 +201,7 @@ def main(argv=None) -> int:
     if old.get("key") == key:
         ours, bytes_key = old["rows"], old["bytes_key"]
     else:
-        ours, bytes_key = run_ours(model, tok, cases, args.recipes, args.budgets, args.max_new_tokens, args.progress)
+        ours, bytes_key = run_ours(model, tok, cases, args.recipes, args.budgets, args.max_new_tokens, args.progress, args.modes)
         # kept if the kvpress side fails: rerun with --reuse
         ours_path.write_text(json.dumps({"key": key, "rows": ours, "bytes_key": bytes_key}))
     if args.skip_kvpress:
