@@ -23,7 +23,7 @@ import torch
 import graphwright as gw
 from graphwright.codegen.backends import EVICTION_REFERENCES, TORCH
 from graphwright.codegen.onnx.artifact import OnnxStep
-from graphwright.codegen.onnx.decode_latent import topk_by_position
+from graphwright.codegen.onnx.decode_latent import fastgen_decode, topk_by_position
 from graphwright.codegen.onnx.decode_slots import GROW_SLACK, decode_graph, pad_to_capacity
 from graphwright.compiled import CompiledModel
 from graphwright.ops.eviction_ref import topk_mask
@@ -87,11 +87,15 @@ def test_in_graph_decode_keeps_the_reference_sets(runs, case):
 @pytest.mark.parametrize("case", list(RECIPES))
 def test_slot_widths_grow_in_steps(runs, case):
     _, _, sets, widths = runs[case]["onnx"]
+    most = [0, 0]  # the largest kept set so far per layer (widths never shrink; a latent union can)
     for step in range(1, STEPS + 1):
         for layer in range(2):
             w, kept = widths[step][layer], max(len(h) for row in sets[step][layer] for h in row)
-            assert (w % GROW_SLACK == 0 or w == widths[0][layer]) and kept <= w <= kept + 1 + GROW_SLACK
-    assert len({tuple(w) for w in widths[1:]}) <= 1 + max(w for ws in widths for w in ws) // GROW_SLACK
+            most[layer] = max(most[layer], kept)
+            assert (w % GROW_SLACK == 0 or w == widths[0][layer]) and kept <= w <= most[layer] + 1 + GROW_SLACK
+    for layer in range(2):  # each layer's width changes only when it grows by GROW_SLACK steps
+        seen = [w[layer] for w in widths[1:]]
+        assert len(set(seen)) <= 1 + max(seen) // GROW_SLACK and seen == sorted(seen)
 
 
 @pytest.mark.parametrize("case", list(RECIPES))
@@ -176,3 +180,27 @@ def test_topk_by_position_as_onnx_topk(tmp_path):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {n: a.numpy() for n, a in zip(["score", "cand", "k_pos", "k"], args)})[0]
     assert torch.equal(torch.from_numpy(got), want)
+
+
+def test_fastgen_decode_op_every_policy_matches_reference():
+    """Op level (``tests/passes/test_eviction_slots.py``'s driver): one head per ladder policy, random
+    classes, fraction and zero budgets; the runtime's growing padding between steps; 40 steps."""
+    from graphwright.ops.fastgen_ref import fastgen_reference
+    from tests.passes.test_eviction_slots import POLICIES, fastgen_op_run
+
+    names = ["k", "v", "kp", "score", "cls"]
+    cap = {n: {"slots": 1, "fill": -1 if n == "kp" else 0, "grow": "kp"} for n in names}
+
+    def decode(q, k, v, q_pos, k_pos, score, cls, new, pol, *rest):
+        fn = fastgen_reference if pol.shape[-1] == 0 else fastgen_decode
+        out = fn(q, k, v, q_pos, k_pos, score, cls, new, pol, *rest)
+        return (*pad_to_capacity(list(out[:5]), names, [2] * 5, cap), out[5])
+
+    def classes(i, T):
+        return torch.randint(0, 3, (2, T), generator=torch.Generator().manual_seed(100 + i)).to(torch.int8)
+
+    for frequent, local in (((1, 0.1), (0, 0.2)), ((3, 0.0), (2, 0.0))):
+        got, _ = fastgen_op_run(decode, 40, POLICIES, classes, frequent, local)
+        want, _ = fastgen_op_run(fastgen_reference, 40, POLICIES, classes, frequent, local)
+        assert got == want
+        assert got[-1][1][1] == list(range(52)) and len(got[-1][0][0]) < 30  # the full head keeps all; the special one evicts

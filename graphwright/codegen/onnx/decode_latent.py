@@ -100,8 +100,8 @@ def fastgen_decode(q, k, v, q_pos, k_pos, score, token_class, new_class, policy,
     score = torch.cat([score.float(), score.new_zeros(B, Hk, 1)], 2) + decode_colsum(q, k, q_pos, k_pos, scale, key_bias)
     cls = torch.cat([token_class, new_class.to(token_class.dtype)[:, None, :].expand(B, Hk, 1)], 2)
     length = q_pos.max(dim=1).values + 1
-    valid, p = k_pos >= 0, policy
+    valid, p = k_pos >= 0, policy[..., :1]  # [B, Hk, 1] (the slice: export traces every state with the same seq length)
     keep = (cls == SPECIAL) | ((p >= 1) & (cls == PUNCT)) | (p >= FULL)
     keep = keep | ((p >= 2) & topk_by_position(score, valid, k_pos, budget(frequent_n, frequent_f, length)))
     keep = keep | ((p >= 3) & ((length[:, None, None] - 1 - k_pos) < budget(local_n, local_f, length)[:, None, None]))
-    return (*union_place(keep, k, v, k_pos, (score, cls), union=False), policy)
+    return (*union_place(keep, k, v, k_pos, (score, cls), union=False), p)  # p: a Slice, not the graph input itself

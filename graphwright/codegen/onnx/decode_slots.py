@@ -1,4 +1,4 @@
-"""In-graph slot eviction for the ONNX decode step: H2O and StreamingLLM run inside ``decode.onnx``.
+"""In-graph slot eviction for the ONNX decode step: H2O, StreamingLLM and FastGen run inside ``decode.onnx``.
 
 The prefill graph (``model.onnx``) still cuts every eviction op out (``split.py``): at a prompt
 step the kept count is data dependent. A decode step (T = 1) of a token-count budget is not:
@@ -23,20 +23,32 @@ ScatterElements, Where, MatMul, Softmax), so one decode step is one ONNX Runtime
 * SnapKV appends at decode (its reference returns its inputs when T > 1 is not the case), so its op
   becomes the identity in the decode graph: nothing is cut.
 
-Policies that stay split at decode (``split.py`` records in ``graphwright.json["decode"]``):
+Growing capacities (``"grow"`` in ``graphwright.json["decode"]["capacity"]``): where the kept count
+has no constant bound, the layer's slots grow on the host, between session runs, from data the
+runtime already holds: before each decode step ``pad_to_capacity`` makes S >= 1 + the largest kept
+count in the layer's k_pos state (a count over a [B, Hk, S] int tensor on CPU), rounded up to
+``GROW_SLACK`` slots, so every head has an empty slot for the new token and the graph stays
+shape-generic (the decode graph's S is dynamic). Widths never shrink; one copy of the layer's cache
+per ``GROW_SLACK`` slots gained. Used by:
 
-* fraction budgets (``heavy=0.1``...): the kept count grows with the row length, so there is no
-  fixed capacity and the state would have to grow on a data-dependent condition;
-* FastGen: its frequent set is a top-k over *all* tokens, protected ones included, so several
-  tokens may leave in one step (the torch backend compacts it too);
-* latent caches (``lowrank_kv`` + an eviction policy): one payload serves every KV head, the op
-  keeps the union of the heads' sets;
-* an op whose outputs reach the state through view ops (``derived`` records).
+* fraction budgets (``h2o(heavy=0.25, recent=0.25)``): the victim rule above with the budgets
+  computed in the graph per row (``eviction_ref.budget``: double Floor of frac * L);
+* latent caches (``lowrank_kv`` + H2O / StreamingLLM, ``decode_latent.py``): the heads' union on one
+  set of slots (StreamingLLM's union is bounded by sinks + window, so it keeps a fixed capacity);
+* FastGen (``decode_latent.fastgen_decode``): each head's policy mask over its slots, several
+  tokens may leave per step, the frequent top-k ranked by position ties (ONNX TopK); its policy
+  state [B, Hk, 1] is a fixed capacity of 1.
 
-Invariants tested (``tests/onnx/test_onnx_eviction_slots.py``): the in-graph decode keeps the same
-position sets per (row, KV head) as the torch backend's slots and as the compacting references,
-after every step with eviction at every step (tiny Llama, batch 2 left-padded), logits within
-1e-4, state shapes constant once the budget is reached, no decode split records.
+Left split at decode (``split.py`` records, reasons in ``graphwright.json["decode"]["split"]``):
+FastGen on a latent cache, and any op whose outputs reach the state through view ops other than a
+latent layer's payload slices. The prompt steps (``model.onnx``) still cut every eviction op out.
+
+Invariants tested (``tests/onnx/test_onnx_eviction_slots.py``, ``tests/onnx/test_onnx_decode_dynamic.py``):
+the in-graph decode keeps the same position sets per (row, KV head) as the torch backend's slots
+and as the compacting references, after every step with eviction at every step (tiny Llama, batch
+2 left-padded, 60 decode steps), logits within 1e-4; fixed capacities: state shapes constant once
+the budget is reached; growing ones: widths change only in ``GROW_SLACK`` steps; no decode split
+records; I/O binding gives ``session.run``'s tokens.
 """
 
 from __future__ import annotations
