@@ -204,3 +204,16 @@ def test_fastgen_decode_op_every_policy_matches_reference():
         want, _ = fastgen_op_run(fastgen_reference, 40, POLICIES, classes, frequent, local)
         assert got == want
         assert got[-1][1][1] == list(range(52)) and len(got[-1][0][0]) < 30  # the full head keeps all; the special one evicts
+
+
+def test_fastgen_in_graph_keeps_the_reference_sets(onnx_artifact):
+    """FastGen's decode graph (profiled policies, several tokens may leave per step) against the references."""
+    cm, folder = onnx_artifact("tiny-llama", "fastgen(recovery=0.9)")
+    meta = json.loads((folder / "graphwright.json").read_text())
+    assert meta["decode"]["in_graph"] == ["graphwright::evict_fastgen"] * 2 and meta["decode"]["split"] == []
+    assert meta["decode"]["capacity"]["fastgen_policy0"] == {"slots": 1, "fill": 0}
+    step = OnnxStep.from_metadata(folder / "model.onnx", meta, providers=["CPUExecutionProvider"])
+    got = _run(SimpleNamespace(step_graph=cm.step_graph, _step=step))
+    want = _run(CompiledModel(cm.step_graph, backend=COMPACTING))
+    assert got[2] == want[2] and torch.equal(got[1], want[1])
+    assert (got[0] - want[0]).abs().max() <= 1e-4

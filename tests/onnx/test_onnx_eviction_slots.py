@@ -21,7 +21,7 @@ import torch
 import graphwright as gw
 from graphwright.codegen.backends import EVICTION_REFERENCES, TORCH
 from graphwright.codegen.onnx.artifact import OnnxStep
-from graphwright.codegen.onnx.decode_slots import FASTGEN_REASON, decode_graph, pad_to_capacity, position_rank
+from graphwright.codegen.onnx.decode_slots import decode_graph, pad_to_capacity, position_rank
 from graphwright.compiled import CompiledModel
 from tests.conftest import left_padded_batch
 from tests.passes.eviction_helpers import decode_loop, kept_positions, state_of
@@ -117,7 +117,6 @@ def test_io_binding_gives_the_same_tokens(runs, monkeypatch):
 
 
 @pytest.mark.parametrize("recipe, in_graph, reason", [
-    ("fastgen(recovery=0.9)", [], FASTGEN_REASON),  # several tokens may leave per step
     ("snapkv(budget=6, window=2)", ["graphwright::evict_snapkv"] * 2, None),  # appends at decode
 ])
 def test_policies_left_split_at_decode(recipe, in_graph, reason):
