@@ -6,7 +6,7 @@ eviction) and the torch backend with the compacting references: after the prefil
 60 decode steps all three keep the same position set per (row, KV head) (batch 2, left-padded,
 eviction at every step once the budget is reached), logits agree within 1e-4, and the ONNX state
 shapes stop changing at the budget. The decode graph of these exports has no split records. The
-policies that stay split at decode are checked on the graph rewrite alone (no export).
+SnapKV's decode graph (an append) is checked on the graph rewrite alone (no export).
 """
 
 from __future__ import annotations
