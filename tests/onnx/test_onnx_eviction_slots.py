@@ -5,7 +5,7 @@ The registry's H2O and StreamingLLM artifacts (shared with ``test_registry_onnx.
 eviction) and the torch backend with the compacting references: after the prefill and every one of
 60 decode steps all three keep the same position set per (row, KV head) (batch 2, left-padded,
 eviction at every step once the budget is reached), logits agree within 1e-4, and the ONNX state
-shapes stop changing at the budget. The decode graph of these exports has no split records. The
+shapes stop changing at the budget. The decode graph of these exports has no split records.
 SnapKV's decode graph (an append) is checked on the graph rewrite alone (no export).
 """
 
