@@ -1,4 +1,4 @@
-"""In-graph slot eviction for the ONNX decode step: H2O and StreamingLLM run inside ``decode.onnx``.
+"""In-graph slot eviction for the ONNX decode step: H2O, StreamingLLM and FastGen run inside ``decode.onnx``.
 
 The prefill graph (``model.onnx``) still cuts every eviction op out (``split.py``): at a prompt
 step the kept count is data dependent. A decode step (T = 1) of a token-count budget is not:
@@ -23,20 +23,32 @@ ScatterElements, Where, MatMul, Softmax), so one decode step is one ONNX Runtime
 * SnapKV appends at decode (its reference returns its inputs when T > 1 is not the case), so its op
   becomes the identity in the decode graph: nothing is cut.
 
-Policies that stay split at decode (``split.py`` records in ``graphwright.json["decode"]``):
+Growing capacities (``"grow"`` in ``graphwright.json["decode"]["capacity"]``): where the kept count
+has no constant bound, the layer's slots grow on the host, between session runs, from data the
+runtime already holds: before each decode step ``pad_to_capacity`` makes S >= 1 + the largest kept
+count in the layer's k_pos state (a count over a [B, Hk, S] int tensor on CPU), rounded up to
+``GROW_SLACK`` slots, so every head has an empty slot for the new token and the graph stays
+shape-generic (the decode graph's S is dynamic). Widths never shrink; one copy of the layer's cache
+per ``GROW_SLACK`` slots gained. Used by:
 
-* fraction budgets (``heavy=0.1``...): the kept count grows with the row length, so there is no
-  fixed capacity and the state would have to grow on a data-dependent condition;
-* FastGen: its frequent set is a top-k over *all* tokens, protected ones included, so several
-  tokens may leave in one step (the torch backend compacts it too);
-* latent caches (``lowrank_kv`` + an eviction policy): one payload serves every KV head, the op
-  keeps the union of the heads' sets;
-* an op whose outputs reach the state through view ops (``derived`` records).
+* fraction budgets (``h2o(heavy=0.25, recent=0.25)``): the victim rule above with the budgets
+  computed in the graph per row (``eviction_ref.budget``: double Floor of frac * L);
+* latent caches (``lowrank_kv`` + H2O / StreamingLLM, ``decode_latent.py``): the heads' union on one
+  set of slots (StreamingLLM's union is bounded by sinks + window, so it keeps a fixed capacity);
+* FastGen (``decode_latent.fastgen_decode``): each head's policy mask over its slots, several
+  tokens may leave per step, the frequent top-k ranked by position ties (ONNX TopK); its policy
+  state [B, Hk, 1] is a fixed capacity of 1.
 
-Invariants tested (``tests/onnx/test_onnx_eviction_slots.py``): the in-graph decode keeps the same
-position sets per (row, KV head) as the torch backend's slots and as the compacting references,
-after every step with eviction at every step (tiny Llama, batch 2 left-padded), logits within
-1e-4, state shapes constant once the budget is reached, no decode split records.
+Left split at decode (``split.py`` records, reasons in ``graphwright.json["decode"]["split"]``):
+FastGen on a latent cache, and any op whose outputs reach the state through view ops other than a
+latent layer's payload slices. The prompt steps (``model.onnx``) still cut every eviction op out.
+
+Invariants tested (``tests/onnx/test_onnx_eviction_slots.py``, ``tests/onnx/test_onnx_decode_dynamic.py``):
+the in-graph decode keeps the same position sets per (row, KV head) as the torch backend's slots
+and as the compacting references, after every step with eviction at every step (tiny Llama, batch
+2 left-padded, 60 decode steps), logits within 1e-4; fixed capacities: state shapes constant once
+the budget is reached; growing ones: widths change only in ``GROW_SLACK`` steps; no decode split
+records; I/O binding gives ``session.run``'s tokens.
 """
 
 from __future__ import annotations
@@ -48,8 +60,10 @@ import torch
 
 from ...ops import schema
 from ...ops.eviction import EVICT_FASTGEN, EVICT_H2O, EVICT_OPS, EVICT_SNAPKV, EVICT_STREAMING, ROPE_CACHE_INDEX
+from ...ops.eviction_ref import budget
 from ...ops.rope_index_ref import _rotate, rope_angles
 from ..torch.eviction_slots import decode_colsum
+from .decode_latent import fastgen_decode, h2o_latent_decode, streaming_latent_decode
 
 
 def _first(mask: torch.Tensor) -> torch.Tensor:
@@ -74,13 +88,18 @@ def place(tensors, k_pos, over, victim):
     return tuple(out)
 
 
+def _budget(count: int, frac: float, length: torch.Tensor) -> torch.Tensor:
+    """[B] ``eviction_ref.budget`` (count + floor(frac * L)); a token count stays a constant in the graph."""
+    return budget(count, frac, length) if frac else torch.full_like(length, count)
+
+
 def h2o_decode(q, k, v, q_pos, k_pos, score, scale, heavy_n, heavy_f, recent_n, recent_f, key_bias=None):
-    """``evict_h2o`` at a decode step over S = capacity slots (token-count budgets). -> (k, v, k_pos, score)."""
+    """``evict_h2o`` at a decode step over S >= capacity slots (budgets computed per row from its length). -> (k, v, k_pos, score)."""
     B, Hk, _ = k_pos.shape
     score = torch.cat([score, score.new_zeros(B, Hk, 1)], 2) + decode_colsum(q, k, q_pos, k_pos, scale, key_bias)
     length = q_pos.max(dim=1).values + 1
-    cand = (k_pos >= 0) & (k_pos < (length - recent_n)[:, None, None])
-    over = cand.sum(dim=-1) > heavy_n
+    cand = (k_pos >= 0) & (k_pos < (length - _budget(recent_n, recent_f, length))[:, None, None])
+    over = cand.sum(dim=-1) > _budget(heavy_n, heavy_f, length)[:, None]
     s = score.masked_fill(~cand, float("inf"))
     tie = cand & (s == s.min(dim=-1, keepdim=True).values)
     victim = torch.where(tie, k_pos, torch.full_like(k_pos, -1)).argmax(dim=-1)  # lowest score, latest position
@@ -115,21 +134,25 @@ def rope_cache_index_decode(q, k, k_pos, inv_freq, scaling: float):
     return _rotate(q, cq, sq, scaling), _rotate(k, ck, sk, scaling)
 
 
-FASTGEN_REASON = "FastGen's frequent set is a top-k over all tokens, so several tokens may leave in one step"
-FRACTION_REASON = "fraction budgets: the kept count grows with the row length, so there is no fixed slot capacity"
-LATENT_REASON = "latent cache: one payload serves every KV head (the op keeps the union of the heads' sets)"
-VIEW_REASON = "the op's outputs reach the state through view ops (a latent layer's shared payload sliced into c_k, c_v)"
+FASTGEN_REASON = "FastGen on a latent cache: one payload serves every KV head and the heads follow different policies"
+VIEW_REASON = "the op's outputs reach the state through view ops other than a latent layer's payload"
+GROW_SLACK = 16  # dynamic capacities grow to a multiple of this many slots (one copy of the cache per 16 slots gained)
 
 
-def _capacity(node):
-    """(fixed slot count of an eviction node at decode, None) or (None, why it stays split)."""
+def _translation(node, latent: bool):
+    """(decode function, fixed slot count or None when it grows with the kept count, None) or (None, None, why)."""
     if node.target is EVICT_STREAMING:
-        return int(schema.get(node, "sinks")) + int(schema.get(node, "window")), None
+        c = int(schema.get(node, "sinks")) + int(schema.get(node, "window"))
+        return (streaming_latent_decode if latent else streaming_decode), c, None
     if node.target is EVICT_H2O:
+        if latent:
+            return h2o_latent_decode, None, None
         if schema.get(node, "heavy_f") or schema.get(node, "recent_f"):
-            return None, FRACTION_REASON
-        return int(schema.get(node, "heavy_n")) + int(schema.get(node, "recent_n")), None
-    return None, FASTGEN_REASON if node.target is EVICT_FASTGEN else f"{node.target.name()} has no decode translation"
+            return h2o_decode, None, None
+        return h2o_decode, int(schema.get(node, "heavy_n")) + int(schema.get(node, "recent_n")), None
+    if node.target is EVICT_FASTGEN and not latent:
+        return fastgen_decode, None, None
+    return None, None, FASTGEN_REASON if node.target is EVICT_FASTGEN else f"{node.target.name()} has no decode translation"
 
 
 def _one_head_set(names: dict, specs: dict) -> bool:
@@ -142,17 +165,33 @@ def _one_head_set(names: dict, specs: dict) -> bool:
 
 
 def _state_outputs(node, out_node, state_names):
-    """{op output index: state name} when every output goes straight to the state, else None."""
+    """{op output index: state name} for the outputs that go straight to the state, and whether every one does."""
     outs = list(out_node.args[0])
-    names = {}
+    names, direct = {}, True
     for user in node.users:
         if user.target is not operator.getitem or set(user.users) != {out_node}:
-            return None
+            direct = False
+            continue
         _, index = user.args  # operator.getitem(op node, output index)
         for j, o in enumerate(outs):
             if o is user:
                 names[index] = state_names[j - 1]
-    return names
+    return names, direct
+
+
+def _latent_states(node, names: dict, specs: dict, state_names: list):
+    """The states of a latent eviction layer ({name: is k_pos}), or None when the layout is not the one
+    ``decode_latent`` expects: k_pos straight to the state, the layer's kv states one-head payloads
+    [B, S, r] reached through view ops, its other states per-head [B, Hk, S] side state."""
+    layer = node.meta.get("graphwright", {}).get("layer")
+    if 2 not in names or layer is None:
+        return None
+    group = [n for n in state_names if specs[n].layer == layer and specs[n].kind in ("kv", "positions")]
+    kv = [n for n in group if specs[n].kind == "kv"]
+    if names[2] not in group or not kv or any(len(specs[n].shape) != 3 or specs[n].seq_dim != 1 or n in names.values() for n in kv) \
+            or any(len(specs[n].shape) != 3 or specs[n].seq_dim != 2 for n in group if n not in kv):
+        return None
+    return {n: n == names[2] for n in group}
 
 
 def decode_graph(gm: torch.fx.GraphModule, state_specs: list):
@@ -160,9 +199,10 @@ def decode_graph(gm: torch.fx.GraphModule, state_specs: list):
 
     Returns ``(gm, capacity, in_graph, left)``: ``in_graph`` lists the eviction ops (one per layer)
     now computed in the graph, ``left`` the ones still split at decode ``{"op", "layer", "reason"}``;
-    ``capacity`` maps each state of an in-graph evicting layer to
-    ``{"slots": c, "fill": v}`` (the runtime pads it to c slots of v after the prefill). The eviction
-    nodes the module docstring leaves split stay as they are (``split`` cuts them)."""
+    ``capacity`` maps each state of an in-graph evicting layer to ``{"slots": c, "fill": v}`` (the
+    runtime pads it to c slots of v after the prefill) and, where the kept count is not bounded by a
+    constant (fraction budgets, latent unions), ``"grow": k_pos state`` (``pad_to_capacity``). The
+    eviction nodes the module docstring leaves split stay as they are (``split`` cuts them)."""
     gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     state_names, specs = [s.name for s in state_specs], {s.name: s for s in state_specs}
@@ -179,30 +219,58 @@ def decode_graph(gm: torch.fx.GraphModule, state_specs: list):
             continue
         if node.target not in EVICT_OPS:
             continue
-        c, why = _capacity(node)
-        names = _state_outputs(node, out_node, state_names) if c is not None else None
-        if c is not None:
-            why = VIEW_REASON if names is None else None if _one_head_set(names, specs) else LATENT_REASON
+        names, direct = _state_outputs(node, out_node, state_names)
+        group = None if direct and _one_head_set(names, specs) else _latent_states(node, names, specs, state_names)
+        fn, c, why = _translation(node, latent=group is not None)
+        if why is None and group is None and not (direct and _one_head_set(names, specs)):
+            why = VIEW_REASON
         if why is not None:
             left.append({"op": node.target.name(), "layer": node.meta.get("graphwright", {}).get("layer"), "reason": why})
             continue
         in_graph.append(node.target.name())
-        node.target = h2o_decode if node.target is EVICT_H2O else streaming_decode
-        capacity.update({name: {"slots": c, "fill": -1 if i == 2 else 0} for i, name in names.items()})
+        node.target = fn
+        fixed = {names.pop(5): {"slots": 1, "fill": 0}} if fn is fastgen_decode else {}  # FastGen's policy [B, Hk, 1]
+        group = group if group is not None else {name: i == 2 for i, name in names.items()}
+        kp = next(n for n, is_kp in group.items() if is_kp)
+        capacity.update({name: {"slots": c or 1, "fill": -1 if is_kp else 0, **({} if c else {"grow": kp})}
+                         for name, is_kp in group.items()})
+        capacity.update(fixed)
     gm.graph.lint()
     gm.recompile()
     return gm, capacity, in_graph, left
 
 
+def slot_targets(state: list, names: list, seq_dims: list, capacity: dict) -> dict:
+    """{state name: slot count} before a decode step: a fixed capacity's ``slots``; a growing one's
+    (``grow``: its k_pos state) current width, or, when that is below 1 + its largest kept count (then a
+    head might find no empty slot for the new token), that count rounded up to ``GROW_SLACK``."""
+    width, need = {}, {}
+    for name, t, dim in zip(names, state, seq_dims):
+        cap = capacity.get(name)
+        if cap is not None and cap.get("grow") == name and name not in need:
+            need[name] = int((t >= 0).sum(dim=dim).max()) + 1 if t.numel() else 1
+            width[name] = t.shape[dim]
+    out = {}
+    for name, cap in capacity.items():
+        grow = cap.get("grow")
+        if grow is None:
+            out[name] = cap["slots"]
+            continue
+        n = max(cap["slots"], need.get(grow, 1))
+        out[name] = width.get(grow, 0) if width.get(grow, 0) >= n else -(-n // GROW_SLACK) * GROW_SLACK
+    return out
+
+
 def pad_to_capacity(state: list, names: list, seq_dims: list, capacity: dict) -> list:
-    """Grow each capacity state to its slot count along its seq dim (``fill``: -1 positions, 0 else)."""
+    """Grow each capacity state to its slot count (``slot_targets``) along its seq dim (``fill``: -1 positions, 0 else)."""
+    target = slot_targets(state, names, seq_dims, capacity)
     out = []
     for t, name, dim in zip(state, names, seq_dims):
         cap = capacity.get(name)
-        if cap is None or t.shape[dim] >= cap["slots"]:
+        if cap is None or t.shape[dim] >= target[name]:
             out.append(t)
             continue
         pad_shape = list(t.shape)
-        pad_shape[dim] = cap["slots"] - t.shape[dim]
+        pad_shape[dim] = target[name] - t.shape[dim]
         out.append(torch.cat([t, torch.full(pad_shape, cap["fill"], dtype=t.dtype, device=t.device)], dim))
     return out

@@ -315,6 +315,7 @@ def _decode(c: _Check, d, state: list, inputs: list, folder: Path) -> None:
         cap = c.dict(cap, f)
         c.int(cap.get("slots"), f + ".slots", 1, MAX_ID)
         c.number(cap.get("fill"), f + ".fill")
+        c.str(cap.get("grow"), f + ".grow", optional=True, choices=capacity)
     if "shares_weights" in d:
         c.bool(d["shares_weights"], "decode.shares_weights")
 

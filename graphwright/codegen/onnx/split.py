@@ -2,12 +2,10 @@
 
 Scope: every prompt step (``model.onnx``), and the decode steps of the policies that have no
 in-graph decode translation. ``decode_slots.py`` writes a second graph, ``decode.onnx``, for
-single-token steps in which H2O and StreamingLLM with token-count budgets evict on fixed-capacity
-slots and SnapKV appends, so a decode step of those recipes is one session run with nothing cut.
-Left to this split at decode too: fraction budgets (the kept count grows with the row length, no
-fixed capacity), FastGen (its frequent set is a top-k over all tokens, so several tokens may leave
-in one step), eviction over latent caches (one payload for all KV heads) and ops whose outputs
-reach the state through view ops.
+single-token steps in which H2O (token-count and fraction budgets), StreamingLLM and FastGen evict
+on slots (latent caches included, except FastGen there) and SnapKV appends, so a decode step of
+those recipes is one session run with nothing cut. Left to this split at decode: FastGen on a
+latent cache and ops whose outputs reach the state through view ops other than a latent payload's.
 
 Why a split and not an in-graph translation: an eviction op's output length is data dependent
 (the largest kept count over rows and heads, an unbacked size in ``torch.export``), and its
