@@ -29,11 +29,12 @@ all gates fall; :func:`select_gates` follows the spec's tau / target-sparsity ru
 
 from __future__ import annotations
 
-import contextlib
 import random
 import time
 
 import torch
+
+from .retrieval_score import route_attention
 
 ATTN_NAME = "graphwright_duo"
 PASSKEYS = 3
@@ -73,17 +74,6 @@ class _Mixer:
         return out.transpose(1, 2).contiguous(), None
 
 
-@contextlib.contextmanager
-def _attention(model, fn):
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(ATTN_NAME, fn)
-    before = model.config._attn_implementation
-    model.set_attn_implementation(ATTN_NAME)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(before)
 
 
 def _words(rng: random.Random, n: int) -> list[str]:
@@ -197,7 +187,7 @@ def fit_gates(model, samples: list[dict], steps: int = 200, sink: int = 16, rece
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(samples), generator=g).tolist()
     try:
-        with _attention(model, _Mixer(gates, sink, recent)):
+        with route_attention(model, ATTN_NAME, _Mixer(gates, sink, recent)):
             for step in tqdm(range(steps), desc="duo gates", unit="step", disable=not progress, leave=False):
                 k = order[step % len(samples)]
                 for group in opt.param_groups:

@@ -115,7 +115,7 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def _attention(model, name: str, fn):
+def route_attention(model, name: str, fn):
     """Route the model's attention through ``fn`` (registered as ``name``) for the duration."""
     from transformers import AttentionInterface
 
@@ -154,7 +154,7 @@ def score_case(model, tokenizer, case: dict, max_new_tokens: int = 24) -> dict:
     hits = torch.zeros(L, cfg.num_attention_heads, dtype=torch.float64)
     newline = set(tokenizer("\n", add_special_tokens=False).input_ids)
     out: list[int] = []
-    with _attention(model, ATTN_NAME, rec):
+    with route_attention(model, ATTN_NAME, rec):
         res = model(input_ids=ids, use_cache=True)
         for _ in range(max_new_tokens):
             tok = int(res.logits[0, -1].argmax())

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import graphwright as gw
-from graphwright.heads.retrieval_score import ATTN_NAME, _attention, _Recorder, copy_hits, copy_hits_reference, pool_kv, rouge1_recall
+from graphwright.heads.retrieval_score import ATTN_NAME, route_attention, _Recorder, copy_hits, copy_hits_reference, pool_kv, rouge1_recall
 
 
 def test_copy_hits_equals_the_reference_loop():
@@ -61,7 +61,7 @@ def test_recorded_argmax_is_the_eager_attention_argmax_and_outputs_are_unchanged
         ref = model(input_ids=ids, output_attentions=True)
     model.set_attn_implementation("sdpa")
     rec = _Recorder()
-    with torch.no_grad(), _attention(model, ATTN_NAME, rec):
+    with torch.no_grad(), route_attention(model, ATTN_NAME, rec):
         out = model(input_ids=ids)
     got = rec.take(2)
     want = torch.stack([a[0, :, -1].argmax(-1) for a in ref.attentions])
