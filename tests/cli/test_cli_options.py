@@ -148,7 +148,6 @@ def test_path_options_refuse_the_wrong_kind_of_path(words, parser, action, tmp_p
     (["eval", "--tokens", "-5"], "argument --tokens: must be an integer in [2, 1000000000]; got -5"),
     (["generate", "hi", "--temperature", "nan"], "argument --temperature: must be a number in (0, 1e+06]; got nan"),
     (["generate", "hi", "--top-p", "1.5"], "argument --top-p: must be a number in (0, 1]; got 1.5"),
-    (["generate"], "give a prompt, or --context FILE with --question TEXT"),
 ])
 def test_named_cases_exit_2_with_one_line(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
