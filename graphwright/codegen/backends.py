@@ -160,7 +160,9 @@ TORCH = register_backend(Backend(
 TRITON = register_backend(Backend(
     "triton", "the torch backend with attention, latent and block-sparse attention and MoE on Triton kernels "
               "(CUDA, or TRITON_INTERPRET=1)",
-    {**TORCH.table, **TRITON_OVERRIDES}, transforms=TORCH.transforms, step_rewrites=TORCH.step_rewrites, check=triton_unavailable))
+    # no scored_attention: the Triton attention kernel keeps its layers (H2O/FastGen then score from q, k: decode_probs.step_probs)
+    {**TORCH.table, **TRITON_OVERRIDES}, transforms=(append_caches_in_place,), step_rewrites=TORCH.step_rewrites,
+    check=triton_unavailable))
 
 COMPILED = register_backend(Backend(
     "compiled", "the torch backend with decode steps run by torch.compile (Inductor) over static-capacity caches, "

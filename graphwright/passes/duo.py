@@ -77,7 +77,7 @@ class Duo(Pass):
     doc = "DuoAttention: retrieval KV heads keep the full cache, streaming KV heads only sinks + a recent window."
     args = (
         Arg("retrieval", (str, float, list), None, "retrieval KV heads: a head-set file, a fraction 0..1 of the shipped "
-            "head set by score, 'auto', or [[layer, kv_head], ...] (default: the shipped head set)"),
+            "head set by score, 'auto', or [[layer, kv_head], ...] (default: the shipped head set)", min=0, max=1),
         Arg("sinks", int, 4, "first tokens every streaming head keeps (attention sinks)", min=0, max=MAX_TOKENS),
         Arg("window", int, 256, "most recent tokens every streaming head keeps", min=1, max=MAX_TOKENS),
     )

@@ -22,6 +22,7 @@ import torch
 
 import graphwright as gw
 from tests.passes.backend_cases import backend_cases, emphasis_for
+from tests.onnx.kv_compare import assert_onnx_cache_like_torch
 from tests.passes.registry_examples import prompt
 
 GEN = dict(max_new_tokens=8, eos_token_id=[], pad_token_id=0)
@@ -42,11 +43,11 @@ def test_onnx_runtime_gives_the_torch_tokens(case, onnx_artifact):
     ids, mask = prompt()
     emphasis = emphasis_for(recipe)
     want = cm.generate(ids, attention_mask=mask, emphasis=emphasis, **GEN)
-    kv = cm.last_stats["kv_bytes"]
+    torch_stats = dict(cm.last_stats)
     got = rt.generate(ids, attention_mask=mask, emphasis=emphasis, **GEN)
     assert got.shape == (2, ids.shape[1] + GEN["max_new_tokens"])
     assert torch.equal(got, want)
-    assert rt.last_stats["kv_bytes"] == kv
+    assert_onnx_cache_like_torch(torch_stats, rt.last_stats, meta, cm.info, batch=2)
     if emphasis is not None:  # the steering input reached the ONNX graph; none gives the unsteered model
         real = mask.bool()
         plain = rt.logits(ids, mask)

@@ -5,10 +5,13 @@ written in an order the compiler must change, compiled, generated with steering 
 pass acts, exported to ONNX and run in ONNX Runtime with the same tokens and the same KV bytes.
 """
 
+import json
+
 import pytest
 import torch
 
 import graphwright as gw
+from tests.onnx.kv_compare import assert_onnx_cache_like_torch
 
 pytestmark = pytest.mark.slow
 
@@ -35,4 +38,4 @@ def test_four_pass_moe_recipe_generates_and_exports(tmp_path):
     rt = gw.load(folder)
     got = rt.generate(ids, emphasis=emphasis, **gen)
     assert torch.equal(got, out)
-    assert rt.last_stats["kv_bytes"] == stats["kv_bytes"]
+    assert_onnx_cache_like_torch(stats, rt.last_stats, json.loads((folder / "graphwright.json").read_text()), cm.info, batch=1)
