@@ -82,39 +82,35 @@ class Runtime:
         self.last_stats: dict = {}
         self.recipe = recipe  # recorded in a Context's layout (a context is only reused under the same recipe)
 
-    @torch.inference_mode()
-    def logits(self, input_ids, attention_mask=None, extras: dict | None = None, allow_long: bool = False) -> torch.Tensor:
-        """Logits [B, T, V] for every prompt position (one prefill step); ``last_stats`` gets the cache it held."""
-        extras = extras or {}
-        input_ids, attention_mask = check_prompt(input_ids, attention_mask, self.info.vocab_size)
-        check_length(self.info, int(attention_mask.sum(dim=1).max()), 0, self.max_positions, allow_long)
-        B, T = input_ids.shape
-        state = [s.empty(B, input_ids.device) for s in self.specs]
-        logits, state = self.step(input_ids, positions_from_mask(attention_mask), torch.arange(T, device=input_ids.device), state, **extras)
-        kv, dense = state_bytes(state, self.specs), self.info.dense_kv_bytes_per_token() * B * T
-        self.last_stats = {"batch": B, "prompt_tokens": int(attention_mask.sum()), "new_tokens": 0, "kv_bytes": kv,
-                           **held_bytes(state, self.specs), "kv_peak_bytes": prefill_peak_bytes(state, self.specs, B, T),
-                           "kv_bytes_dense": dense, "kv_fraction": kv / dense if dense else 0.0, "source": "logits"}
-        return logits
-
-    @torch.inference_mode()
-    def prefill(self, input_ids, attention_mask=None, extras: dict | None = None, allow_long: bool = False, recipe=None):
-        """Run the prompt step on a context and return it as a reusable ``Context`` (``runtime/context.py``)."""
-        from .context import Context, layout
-
+    def _prompt_step(self, input_ids, attention_mask, extras, allow_long, logits_index, dense_fn, source: str):
+        """One checked prompt step from empty state; ``last_stats`` gets the cache it held. -> (logits, state, positions, mask)."""
         input_ids, attention_mask = check_prompt(input_ids, attention_mask, self.info.vocab_size)
         check_length(self.info, int(attention_mask.sum(dim=1).max()), 0, self.max_positions, allow_long)
         B, T = input_ids.shape
         positions = positions_from_mask(attention_mask)
         state = [s.empty(B, input_ids.device) for s in self.specs]
-        logits, state = self.step(input_ids, positions, torch.tensor([T - 1], device=input_ids.device), state, **(extras or {}))
-        kv = state_bytes(state, self.specs)
+        logits, state = self.step(input_ids, positions, logits_index(T, input_ids.device), state, **(extras or {}))
+        kv, dense = state_bytes(state, self.specs), dense_fn(B, T)
         self.last_stats = {"batch": B, "prompt_tokens": int(attention_mask.sum()), "new_tokens": 0, "kv_bytes": kv,
                            **held_bytes(state, self.specs), "kv_peak_bytes": prefill_peak_bytes(state, self.specs, B, T),
-                           "kv_bytes_dense": self.info.dense_kv_bytes(B, T), "source": "prefill"}
-        self.last_stats["kv_fraction"] = kv / self.last_stats["kv_bytes_dense"] if self.last_stats["kv_bytes_dense"] else 0.0
-        return Context([t.clone() for t in state], attention_mask.clone(), positions[:, -1:] + 1, logits[:, -1].clone(),
-                       layout(self.specs, self.info, recipe))
+                           "kv_bytes_dense": dense, "kv_fraction": kv / dense if dense else 0.0, "source": source}
+        return logits, state, positions, attention_mask
+
+    @torch.inference_mode()
+    def logits(self, input_ids, attention_mask=None, extras: dict | None = None, allow_long: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] for every prompt position (one prefill step); ``last_stats`` gets the cache it held."""
+        return self._prompt_step(input_ids, attention_mask, extras, allow_long, lambda T, dev: torch.arange(T, device=dev),
+                                 lambda B, T: self.info.dense_kv_bytes_per_token() * B * T, "logits")[0]
+
+    @torch.inference_mode()
+    def prefill(self, input_ids, attention_mask=None, extras: dict | None = None, allow_long: bool = False, recipe=None):
+        """Run the prompt step on a context and return it as a reusable ``Context`` (``runtime/context.py``); the
+        state is the step's own (nothing else holds it), so it is not copied here (``generate`` copies it per question)."""
+        from .context import Context, layout
+
+        logits, state, positions, mask = self._prompt_step(input_ids, attention_mask, extras, allow_long,
+                                                           lambda T, dev: torch.tensor([T - 1], device=dev), self.info.dense_kv_bytes, "prefill")
+        return Context(state, mask.clone(), positions[:, -1:] + 1, logits[:, -1].clone(), layout(self.specs, self.info, recipe))
 
     def _check_context(self, context, input_ids, attention_mask, extras):
         """Real context tokens per row (zeros without a context); ``ValueError`` for a context that does not fit."""

@@ -56,13 +56,7 @@ def held_bytes(state, specs) -> dict:
 def per_token_bytes(spec) -> int:
     """KV bytes one token adds to ``spec``'s tensor per batch row."""
     dims = [d for i, d in enumerate(spec.shape) if i != spec.seq_dim and d != -1]
-    return math.prod(dims) * _itemsize(spec.dtype)
-
-
-def _itemsize(dtype) -> int:
-    import torch
-
-    return torch.empty((), dtype=dtype).element_size()
+    return math.prod(dims) * spec.dtype.itemsize
 
 
 def prefill_peak_bytes(state, specs, batch: int, prompt_len: int) -> int:
