@@ -72,6 +72,7 @@ class Pass:
     removes: ClassVar[frozenset] = frozenset()
     forbids: ClassVar[frozenset] = frozenset()
     excludes: ClassVar[dict] = {}
+    also_on: ClassVar[dict] = {}  # {fact: reason}: applies to a layer with that fact in place of ``needs`` (manager.py)
     stage: ClassVar[int] = 50  # tie-break only: lower runs first when nothing else decides
     model_level: ClassVar[bool] = False  # acts on the model as a whole (fuse_moe), not on attention layers
     # Examples the registry-driven suite runs (``tests/passes/test_registry_suite.py``): a recipe string

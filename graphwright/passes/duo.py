@@ -60,12 +60,13 @@ STREAM_K, STREAM_V, STREAM_POS = "duo_k", "duo_v", "duo_positions"  # + layer in
 class Duo(Pass):
     name = "duo"
     needs = frozenset({"dense_attention", "dense_cache", "shared_positions"})
-    produces = frozenset({"evicted", "head_split"})
+    produces = frozenset({"evicted", "head_split", "retrieval_part"})  # retrieval_part: snapkv may compress it
     removes = frozenset({"dense_cache", "shared_positions"})
     forbids = frozenset({"key_bias"})  # steering's bias would have to be split by head too
     excludes = {
-        "evicted": "duo already decides what every head keeps (retrieval: all, streaming: sinks + window); a second "
-                   "eviction policy on the retrieval heads' cache (e.g. snapkv on their prompt) is not implemented",
+        "evicted": "duo already decides what every head keeps (retrieval: all, streaming: sinks + window); only snapkv "
+                   "(uniform) composes, compressing the retrieval heads' prompt; other eviction policies are not implemented "
+                   "on the retrieval part",
         "latent_cache": "a latent row is shared by every KV head of its layer, so retrieval and streaming heads cannot "
                         "keep different token sets in one latent cache (a second, streaming latent cache is not implemented)",
         "head_split": "duo splits each layer's attention by its own head set and cannot re-split a layer another pass split",

@@ -186,7 +186,8 @@ def eviction_site(ed: StateEditor, node) -> LayerSite | str:
 def find_sites(sg, layers=None) -> list[LayerSite] | str:
     """The sites of the chosen layers (all when ``layers`` is None), sorted by layer, or the first
     reason one cannot be rewritten. Layers outside ``layers`` are not inspected."""
-    nodes = sg.nodes(ATTENTION) + sg.nodes(LATENT_ATTENTION)
+    # duo's streaming heads already evict (sinks + window); its retrieval part is an ordinary site (``also_on``)
+    nodes = [n for n in sg.nodes(ATTENTION) + sg.nodes(LATENT_ATTENTION) if not is_duo_streaming(n)]
     if not nodes:
         return "the graph has no graphwright.attention or graphwright.latent_attention nodes to evict from"
     if layers is not None:
@@ -204,6 +205,17 @@ def find_sites(sg, layers=None) -> list[LayerSite] | str:
             return site
         sites.append(site)
     return sorted(sites, key=lambda s: s.layer)
+
+
+def is_duo_streaming(node) -> bool:
+    """An attention node of ``duo``'s streaming heads (a split layer's part, or a layer whose heads all stream)."""
+    return (node.meta.get("graphwright") or {}).get("variant") == "duo_streaming"
+
+
+def site_kv_heads(sg, ed: StateEditor, site: LayerSite) -> int:
+    """KV heads of a site's cache: its state's head dim (``duo``'s retrieval part holds a subset), or every KV
+    head (a latent cache has no head dim)."""
+    return sg.info.num_kv_heads if site.latent else int(ed.find(site.k_name)[0].shape[1])
 
 
 def positions_node(sg):
@@ -249,10 +261,10 @@ def rewrite_layers(sg, variant: str, build: BuildFn, layers=None) -> list[int]:
         raise ValueError(sites)
     ed = StateEditor(sg)
     graph = sg.gm.graph
-    hk = sg.info.num_kv_heads
     pos = positions_node(sg)
     done = []
     for site in sites:
+        hk = site_kv_heads(sg, ed, site)
         kp_in = ed.add(StateSpec(positions_name(site.layer), "positions", (-1, hk, 0), torch.long, seq_dim=2, layer=site.layer))
         with graph.inserting_before(site.attn):
             # this step's positions, one copy per KV head: [B, T] -> [B, Hk, T]
@@ -313,7 +325,7 @@ def insert_policy(sg, ed, site: LayerSite, policy: EvictionPolicy, params: dict,
     declares; its per-step inputs (``policy.step_inputs``) must be given in ``inputs``; ``params``
     are its scalar parameters by name. Outputs are mapped by name, never by index.
     """
-    graph, layer, hk = sg.gm.graph, site.layer, sg.info.num_kv_heads
+    graph, layer, hk = sg.gm.graph, site.layer, site_kv_heads(sg, ed, site)
     wanted = policy.arg_names()
     values = {name: site.inputs[name] for name in EVICT_INPUTS if name in wanted}
     values.update(inputs)

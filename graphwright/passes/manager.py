@@ -9,12 +9,15 @@ that hold per layer (``FACTS`` below says what each means):
 * ``forbids``  -- facts that must not hold yet when it runs (it must come before whoever produces them);
 * ``excludes`` -- ``{fact: reason}``: it cannot share a layer with a pass producing that fact, in
   either order (the reason says why);
+* ``also_on``  -- ``{fact: reason}``: it also applies to a layer holding that fact in place of its
+  ``needs``, after the pass producing it, and neither pass's ``excludes`` holds between the two
+  (``snapkv`` on ``duo``'s retrieval part: the fact ``retrieval_part``);
 
 and ``layer_set(info)`` says which layers it touches (``None``: all, or none in particular for a
 model-level pass). From those, for every two passes whose layers overlap:
 
-* ``A`` before ``B`` when ``B`` needs what ``A`` produces, ``B`` removes what ``A`` needs, or ``A``
-  forbids what ``B`` produces;
+* ``A`` before ``B`` when ``B`` needs (or is ``also_on``) what ``A`` produces, ``B`` removes what ``A``
+  needs, or ``A`` forbids what ``B`` produces;
 * a ``RecipeError`` naming both and the reason when each must precede the other, or one excludes
   what the other produces.
 
@@ -56,6 +59,8 @@ FACTS = {
     "key_bias": "a pre-softmax key bias (steering) is added to the layer's attention",
     "channel_pruned": "old keys are stored with a subset of their channels (ThinK); attention reads them re-expanded",
     "prompt_selection": "the prompt is filtered by an early layer before the model runs",
+    "retrieval_part": "duo split the layer: its retrieval heads are an attention node of their own over a dense "
+                      "cache and the shared key positions (a prompt-compression pass may evict it)",
 }
 
 
@@ -84,7 +89,9 @@ def _constraint(a, b) -> str | None:
     """Why ``a`` must run before ``b`` (None when it need not)."""
     if a.produces & b.needs:
         return f"{b.name} needs {sorted(a.produces & b.needs)}, which {a.name} provides"
-    if a.needs & b.removes:
+    if a.produces & set(b.also_on):
+        return f"{b.name} acts on {sorted(a.produces & set(b.also_on))}, which {a.name} provides"
+    if a.needs & b.removes and not b.produces & set(a.also_on):  # b leaves a a part of the layer that has them
         return f"{a.name} needs {sorted(a.needs & b.removes)}, which {b.name} removes"
     if a.forbids & b.produces:
         return f"{a.name} must see the layer before {sorted(a.forbids & b.produces)} is added by {b.name}"
@@ -92,6 +99,8 @@ def _constraint(a, b) -> str | None:
 
 
 def _exclusion(a, b) -> str | None:
+    if a.produces & set(b.also_on) or b.produces & set(a.also_on):
+        return None  # one acts on the part of the layer the other leaves to it (``also_on``)
     for x, y in ((a, b), (b, a)):
         for fact, reason in x.excludes.items():
             if fact in y.produces:
@@ -201,7 +210,7 @@ def _simulate(ordered, layer_sets, sg) -> None:
                 continue  # not an attention layer of this model: the pass's own argument check names the range
             facts = per_layer[layer]
             missing = p.needs - facts
-            if missing:
+            if missing and not facts & set(p.also_on):
                 what = "; ".join(FACTS.get(m, m) for m in sorted(missing))
                 raise RecipeError(f"{p.name} cannot apply to layer {layer}: it needs {sorted(missing)} ({what}), "
                                   "which neither the model nor an earlier pass of the recipe provides")

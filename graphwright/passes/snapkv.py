@@ -55,8 +55,14 @@ from __future__ import annotations
 from ..errors import RecipeError
 from ..ops.policy_snapkv import SNAPKV_POLICY
 from .base import MAX_KERNEL, MAX_TOKENS, Arg, PassContext, register_pass
-from .eviction_common import LAYERS_ARG, EvictionPass, evict_pass_build, latent_settings, rewrite_layers
+from .eviction_common import LAYERS_ARG, EvictionPass, evict_pass_build, find_sites, latent_settings, rewrite_layers
 from .packed_rewrite import rewrite_packed
+
+
+def retrieval_layers(sg) -> set[int] | None:
+    """Layers where ``duo`` left retrieval heads (split or all-retrieval); None when duo has not run."""
+    duo = sg.notes.get("duo")
+    return None if duo is None else {layer for layer, part in duo["per_layer"].items() if part["retrieval"]}
 
 
 @register_pass
@@ -81,6 +87,10 @@ class SnapKV(EvictionPass):
         LAYERS_ARG,
     )
 
+    also_on = {"retrieval_part": "after duo, snapkv compresses the retrieval heads' prompt cache (their own attention "
+                                 "node); streaming heads keep sinks + window"}
+    removes = EvictionPass.removes | {"retrieval_part"}
+
     def __init__(self, **values):
         super().__init__(**values)
         if self.window is None:  # the paper's 32, shrunk so that small budgets still keep selected prefix tokens
@@ -97,6 +107,24 @@ class SnapKV(EvictionPass):
         """Head-adaptive or pyramid budgets: the packed per-layer cache (``packed_rewrite``)."""
         return self.heads == "adaptive" or self.pyramid is not None
 
+    def applies_to(self, sg) -> str | None:
+        duo = retrieval_layers(sg)
+        if duo is not None and self.packed:
+            return ("snapkv(heads='adaptive') / pyramid= on duo's retrieval heads is not implemented (the packed cache "
+                    "spreads a budget over every KV head of a layer); use snapkv with heads='uniform' and no pyramid after duo")
+        if duo is not None and self.values.get("layers") is not None:
+            streaming = sorted(self.layer_set(sg.info) - duo)
+            if streaming:
+                return (f"layer(s) {streaming}: every KV head there is a duo streaming head (sinks + window), so there is no "
+                        f"retrieval cache to compress; give layers= among duo's layers with retrieval heads {sorted(duo)}")
+        sites = find_sites(sg, self.target_layers(sg))
+        return sites if isinstance(sites, str) else None
+
+    def target_layers(self, sg) -> set[int]:
+        """``layers=`` (default all); after duo, only those with retrieval heads (all-streaming layers are duo's alone)."""
+        duo = retrieval_layers(sg)
+        return self.layer_set(sg.info) if duo is None else self.layer_set(sg.info) & duo
+
     def run(self, sg, ctx: PassContext):
         params = {"budget": self.budget, "window": self.window, "kernel": self.kernel, "pool": self.pool}
         if self.packed:
@@ -104,7 +132,12 @@ class SnapKV(EvictionPass):
                           beta=float(self.pyramid) if self.pyramid is not None else 0.0)
             layers = rewrite_packed(sg, "snapkv", params, self.layer_set(sg.info))
         else:
-            layers = rewrite_layers(sg, "snapkv", evict_pass_build(SNAPKV_POLICY, params), self.layer_set(sg.info))
+            layers = rewrite_layers(sg, "snapkv", evict_pass_build(SNAPKV_POLICY, params), self.target_layers(sg))
+        duo = retrieval_layers(sg)
+        if duo is not None:  # a new dict: step-graph copies share the notes' values
+            sg.notes["duo"] = {**sg.notes["duo"], "snapkv": {
+                "layers": layers, "on": "the retrieval heads' cache (prompt compressed once, decode appends)",
+                "all_streaming_layers_left_to_duo": sorted(set(range(sg.info.num_layers)) - duo)}}
         sg.notes["snapkv"] = {
             "per_layer": {layer: {"budget": self.budget} for layer in layers},
             "counts": {"layers_evicted": len(layers)},
