@@ -28,11 +28,23 @@ A decode query at position i therefore sees, on a streaming head, keys j with j 
 i - j <= window (the ``window`` cached recent tokens plus itself: the reference's
 [sink | recent | current]); the oracle mask is causal AND (retrieval(h) OR j < sinks OR i - j < window + 1).
 
+Composition with ``snapkv`` (fact ``retrieval_part``, ``passes/manager.py`` ``also_on``): duo runs first;
+a split layer's retrieval part is an ordinary dense head-subset attention site (cat([k_cache_l, new],
+2) over H_ret heads, the shared key positions), so ``snapkv`` rewrites it like a whole layer: it
+compresses the retrieval heads' prompt cache once after prefill (question-aware observation window,
+per retrieval KV head), decode appends; an all-retrieval layer is plain snapkv; an all-streaming
+layer is duo's alone (``sg.notes["duo"]["snapkv"]`` lists both). Exact: budget >= the prompt length
+gives duo alone, every head retrieval gives snapkv alone. Only uniform snapkv composes (the packed
+Ada-KV/pyramid cache spreads a budget over every KV head of a layer); h2o/fastgen/streaming do not.
+
 Exact settings: every head retrieval (nothing changes), or sinks + window >= the sequence length.
 Invariants tested (``tests/passes/test_duo.py``): both exact settings give the dense logits and
 tokens; duo's logits equal dense attention under that mask over 60 decode steps (tiny Llama,
 batch 2 left-padded, split and all-streaming layers); ``kv_bytes`` equals the two caches' sizes;
-the retrieval argument forms and their errors.
+the retrieval argument forms and their errors. ``tests/passes/test_duo_snapkv.py``: duo + snapkv equals
+dense attention under the combined mask (SnapKV's kept prompt set on retrieval heads, sinks + window on
+streaming heads) over 56 decode steps, both exact settings, its kv_bytes, refusals and the CLI.
+ONNX: ``tests/onnx/test_duo_packed_onnx.py`` (duo and duo + snapkv in ONNX Runtime vs torch).
 """
 
 from __future__ import annotations
@@ -68,7 +80,9 @@ class Duo(Pass):
                    "(uniform) composes, compressing the retrieval heads' prompt; other eviction policies are not implemented "
                    "on the retrieval part",
         "latent_cache": "a latent row is shared by every KV head of its layer, so retrieval and streaming heads cannot "
-                        "keep different token sets in one latent cache (a second, streaming latent cache is not implemented)",
+                        "keep different token sets in one latent cache; not implemented: factoring the retrieval and "
+                        "streaming heads' K/V projections separately (two latent caches per split layer, each of rank "
+                        "keep x its heads x head_dim, the streaming one holding sinks + window)",
         "head_split": "duo splits each layer's attention by its own head set and cannot re-split a layer another pass split",
     }
     stage = 60

@@ -33,7 +33,11 @@ prompt, integer step), the same total over layers (± L); ``pyramid=1`` is SnapK
 appends. Either one stores the layer in a packed cache (``packed_rewrite.py``: one [B, 1, N, D]
 buffer per layer holding the sum of the heads' lengths, per-head positions [B, Hk, N]) so ragged
 heads free real memory; ``last_stats["kv_bytes"]`` counts that buffer. Not on latent layers
-(``lowrank_kv``: refused), no ONNX export (refused), no ``compiled`` backend (refused there).
+(``lowrank_kv``: refused), no ``compiled`` backend (refused there). ONNX: the slot ops are translated
+(``codegen/onnx/packed_cache.py``), ``evict_adakv`` runs as a cut runtime op (``split.py``).
+
+After ``duo`` (``also_on = retrieval_part``): uniform snapkv compresses the retrieval heads' prompt
+cache of each layer duo left retrieval heads in; all-streaming layers stay duo's (``duo.py``).
 
 Exact setting: budget >= prompt length (input dependent: the pass itself is lossy).
 ``layers=[...]`` evicts only those layers.

@@ -11,6 +11,7 @@ with j >= sinks and i - j > window for the next query position i (``test_duo.py`
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 import torch
@@ -144,3 +145,16 @@ def test_refused_forms_say_why(other, words):
         _cm(f"{DUO} + {other}")
     for w in words:
         assert w in str(err.value), str(err.value)
+
+
+def test_cli_compiles_the_composition(tmp_path, capsys):
+    from graphwright.cli.main import main
+
+    out = tmp_path / "report.json"
+    assert main(["compile", "--model", "tiny-llama", "--recipe", f"{DUO} + {SNAP}", "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["summary"]["passes"] == ["duo", "snapkv"]
+    assert [(r["duo"], r["snapkv"]) for r in rep["rows"]] == [("retrieval=[0] streaming=[1]", f"budget={BUDGET}"),
+                                                             ("retrieval=[] streaming=[0,1]", None)]
+    assert "duo -> snapkv" in " ".join(capsys.readouterr().out.split())
+    assert main(["compile", "--model", "tiny-llama", "--recipe", f"{DUO} + snapkv(budget=8, heads='adaptive')"]) == 2

@@ -336,19 +336,6 @@ def _metadata(cm, opset: int, external: bool, outputs: list, records: list) -> d
     }
 
 
-def _refuse_packed(cm) -> None:
-    """Packed per-layer caches (``snapkv(heads="adaptive")`` or ``pyramid=``) have no ONNX lowering yet."""
-    from ...ops.policy_adakv import PACKED_OPS
-
-    layers = sorted({n.meta.get("graphwright", {}).get("layer") for n in cm.step_graph.gm.graph.nodes
-                     if n.op == "call_function" and n.target in PACKED_OPS} - {None})
-    if layers:
-        raise GraphwrightError(f"ONNX export of a packed head-adaptive/pyramid cache (snapkv heads='adaptive' or pyramid=, "
-                               f"layers {layers}) is not supported: its prefill selection (global top-k across heads, "
-                               "per-row ragged budgets) and packed slots have no ONNX lowering; export snapkv with "
-                               "heads='uniform' and no pyramid, or use the torch runtime")
-
-
 def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify: bool = True,
                 overwrite: bool = False, verify_steps: int = 3, verify_tokens: int = MAX_PROBE) -> Path:
     """Write ``cm`` (a ``CompiledModel``) to ``out_dir`` as ``model.onnx`` + ``graphwright.json``.
@@ -375,7 +362,6 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
     if isinstance(opset, bool) or not isinstance(opset, int) or not 23 <= opset <= onnx.defs.onnx_opset_version():
         raise ValueError(f"opset must be an int in [23, {onnx.defs.onnx_opset_version()}] (23: the Attention operator; "
                          f"{onnx.defs.onnx_opset_version()}: the newest the installed onnx knows); got {opset!r}")
-    _refuse_packed(cm)
     phases = Phases()
     out = Path(out_dir)
     with phases("prepare"):

@@ -1,0 +1,59 @@
+"""ONNX export of issue 18's head-aware caches: ``duo``, ``duo + snapkv`` and the packed Ada-KV / PyramidKV cache.
+
+Each artifact is compared with the torch runtime on a left-padded batch of 2: teacher-forced logits over
+a 24-token prefill and 30 decode steps (<= 1e-4), greedy tokens over 24 new tokens (equal), the kept
+tokens per head and the KV bytes (``kv_compare``). ``duo`` evicts in the decode graph (``decode.onnx``),
+``snapkv`` runs as a cut runtime op (``split.py``); the packed cache's slot ops are translated
+(``codegen/onnx/packed_cache.py``) and ``evict_adakv`` is a cut runtime op. Each case's cache really
+shrinks (below 0.7 of dense), so equal tokens are not the dense model's.
+"""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+
+import graphwright as gw
+from graphwright.runtime.score import stream_logits
+from tests.conftest import left_padded_batch
+from tests.onnx.kv_compare import assert_onnx_cache_like_torch
+
+CASES = {
+    # id: (model, recipe, runtime ops cut from the graph)
+    "duo": ("tiny-llama", "duo(retrieval=[[0, 0]], sinks=2, window=4)", {"graphwright::evict_streaming"}),
+    "duo_qwen2": ("tiny-qwen2", "duo(retrieval=[[0, 1], [1, 0]], sinks=2, window=4)", {"graphwright::evict_streaming"}),
+    "duo+snapkv": ("tiny-llama", "duo(retrieval=[[0, 0]], sinks=2, window=4) + snapkv(budget=8, window=2)",
+                   {"graphwright::evict_streaming", "graphwright::evict_snapkv"}),
+    "adakv": ("tiny-llama", "snapkv(budget=10, window=2, heads='adaptive', floor=0.0)", {"graphwright::evict_adakv"}),
+    "pyramid_adakv": ("tiny-qwen2", "snapkv(budget=10, window=2, heads='adaptive', pyramid=20)", {"graphwright::evict_adakv"}),
+}
+GEN = dict(max_new_tokens=24, eos_token_id=[], pad_token_id=0)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_export_matches_torch(case, onnx_artifact):
+    name, recipe, runtime_ops = CASES[case]
+    cm, out = onnx_artifact(name, recipe)
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+    meta = json.loads((out / "graphwright.json").read_text())
+    assert meta["verification"]["passed"] and meta["verification"]["max_abs_logit_diff"] <= 1e-4
+    assert {r["op"] for r in meta["runtime_ops"]} == runtime_ops
+    nodes = {n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    assert "Attention" in nodes and not any(n.startswith("graphwright") for n in nodes)
+    rt = gw.load(out)
+
+    ids, mask = left_padded_batch(256, (54, 47), seed=4)  # prefill 24 columns (17 real in row 2), 30 decode steps
+    want, _ = stream_logits(cm._step, cm.runtime_graph.state, ids, mask, 24)
+    got, _ = stream_logits(rt.step, rt.state_specs, ids, mask, 24)
+    real = mask.bool()
+    assert (got - want)[real].abs().max().item() <= 1e-4
+
+    ids, mask = left_padded_batch(256, (30, 21), seed=4)
+    tokens = cm.generate(ids, attention_mask=mask, **GEN)
+    torch_stats = dict(cm.last_stats)
+    assert torch.equal(rt.generate(ids, attention_mask=mask, **GEN), tokens)
+    assert_onnx_cache_like_torch(torch_stats, rt.last_stats, meta, cm.step_graph.info, 2)
+    assert torch_stats["kv_bytes"] < 0.7 * torch_stats["kv_bytes_dense"]
