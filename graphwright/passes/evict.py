@@ -87,10 +87,10 @@ class Evict(EvictionPass):
     exact = False
     doc = "KV eviction as scorer x schedule x budget rule: evict(score='tova', when='decode', budget=0.25)."
     args = (
-        Arg("score", str, None, "what each cached token is worth", required=True,
+        Arg("score", str, None, "what each cached token is worth (required)",
             choices=tuple(sorted(SCORERS)) + (CHUNKKV,) + tuple(sorted(DELEGATES))),
         Arg("budget", (int, float), None, "tokens kept per KV head (int) or fraction of the row's length (float), "
-            "sinks and window included", required=True, min=0, max=MAX_TOKENS),
+            "sinks and window included (required)", min=0, max=MAX_TOKENS),
         Arg("when", str, None, "prefill | decode | every:N | overflow (default: the scorer's own)"),
         Arg("every", int, None, "evict at decode steps where the row length is a multiple of N", min=1, max=MAX_TOKENS),
         Arg("rule", str, "fixed", "budget rule", choices=("fixed", "pyramid", "adaptive")),
@@ -113,6 +113,9 @@ class Evict(EvictionPass):
     def __init__(self, **values):
         super().__init__(**values)
         v = self.values
+        for name in ("score", "budget"):
+            if v[name] is None:
+                raise RecipeError(f"evict: argument {name!r} is required, e.g. evict(score='tova', when='decode', budget=0.25)")
         if isinstance(self.budget, bool) or self.budget <= 0:
             raise RecipeError(f"evict: budget={self.budget!r} must be > 0 (int tokens per head or a float fraction)")
         self.delegate = None

@@ -7,8 +7,18 @@ import torch
 
 from graphwright.ops.rope_index_ref import _rotate, rope_angles
 from graphwright.ops.scorers import SCORERS
-from tests.ops.scorer_oracles import (call_op, chunk_oracle, expected_attention_oracle, keydiff_oracle, kept, knorm_oracle,
-                                      prefill_step, select_oracle, snapkv_oracle, tova_oracle)
+from tests.ops.scorer_oracles import (
+    call_op,
+    chunk_oracle,
+    expected_attention_oracle,
+    kept,
+    keydiff_oracle,
+    knorm_oracle,
+    prefill_step,
+    select_oracle,
+    snapkv_oracle,
+    tova_oracle,
+)
 from tests.passes.eviction_helpers import colsum_oracle, op_decode_loop, random_step
 
 SCALE = 0.35

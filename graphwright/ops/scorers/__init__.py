@@ -7,7 +7,7 @@ eviction op and ``evict(score=...)`` pick it up by name. Stateful policies with 
 
 from __future__ import annotations
 
-from .base import Scorer, ScoreInputs  # noqa: F401
+from .base import ScoreInputs, Scorer  # noqa: F401
 from .cumulative import H2O
 from .expected_attention import EXPECTED_ATTENTION
 from .keydiff import KEYDIFF

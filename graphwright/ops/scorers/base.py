@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import torch
 from torch import Tensor
 
 from ..eviction_ref import prob_blocks

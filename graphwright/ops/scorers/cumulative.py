@@ -10,7 +10,7 @@ Invariant tested: ``evict(score="h2o", when="decode", budget=H+R, window=R)`` ke
 
 from __future__ import annotations
 
-from .base import Scorer, ScoreInputs
+from .base import ScoreInputs, Scorer
 
 
 def cumulative_score(x: ScoreInputs):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..rope_index_ref import _rotate, rope_angles, rope_invert_reference
-from .base import Scorer, ScoreInputs, gqa_reduce
+from .base import ScoreInputs, Scorer, gqa_reduce
 
 
 def mean_rotation(length: torch.Tensor, n_future: int, inv_freq, scaling: float, D: int) -> torch.Tensor:

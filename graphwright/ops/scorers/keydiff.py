@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Scorer, ScoreInputs
+from .base import ScoreInputs, Scorer
 
 
 def keydiff_score(x: ScoreInputs):

@@ -7,7 +7,7 @@ keys (tested). Exact setting: budget >= length (kvpress: ratio 0). Default: afte
 
 from __future__ import annotations
 
-from .base import Scorer, ScoreInputs
+from .base import ScoreInputs, Scorer
 
 
 def knorm_score(x: ScoreInputs):

@@ -12,7 +12,7 @@ Invariant tested: ``evict(score="snapkv", when="prefill", budget=B)`` keeps exac
 from __future__ import annotations
 
 from ..eviction_ref import pool1d
-from .base import Scorer, ScoreInputs, attention_rows, gqa_reduce
+from .base import ScoreInputs, Scorer, attention_rows, gqa_reduce
 
 
 def snapkv_score(x: ScoreInputs):

@@ -8,7 +8,7 @@ once full). Exact setting: budget >= prompt + new tokens.
 
 from __future__ import annotations
 
-from .base import Scorer, ScoreInputs, attention_rows
+from .base import ScoreInputs, Scorer, attention_rows
 
 
 def tova_score(x: ScoreInputs):
