@@ -26,8 +26,8 @@ Presets keep their own passes, ops and fast paths: ``snapkv(budget=B, window=w)`
 ``evict(score="snapkv", when="prefill", budget=B, window=w)`` and ``h2o(heavy=H, recent=R)``
 (counts) is ``evict(score="h2o", when="decode", budget=H+R, window=R)``: same kept sets (tested).
 Adding a policy that has its own pass (Keyformer, Scissorhands) to ``evict`` is one entry in
-``DELEGATES``: ``"keyformer": lambda a: Keyformer(budget=a["budget"], ...)`` (``a`` = this pass's
-argument values); the scorer name then becomes valid and ``run`` delegates to that pass.
+the ``DELEGATES`` literal below: ``"keyformer": lambda a: Keyformer(budget=a["budget"], ...)`` (``a`` =
+this pass's argument values); the name joins the ``score`` choices and ``run`` delegates to that pass.
 
 Refused with the reason: a scorer that needs the prompt's queries (SnapKV window, Expected
 Attention statistics) on a schedule other than ``prefill``; arguments a scorer does not read;

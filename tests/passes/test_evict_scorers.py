@@ -168,3 +168,15 @@ def test_a_delegate_is_one_table_entry(monkeypatch):
     a = run_pass(cm, Evict(score="snapkv_preset", budget=7))
     b = run_pass(cm, SnapKV(budget=7))
     assert torch.equal(decode_loop(a, ids, mask, 3)[0], decode_loop(b, ids, mask, 3)[0])
+
+
+def test_pyramid_rule_with_snapkv_gives_snapkv_pyramid_logits():
+    cm = _compiled("tiny-llama")
+    ids, mask = left_padded_batch(256, [30, 24], seed=10)
+    a = run_pass(cm, Evict(score="snapkv", budget=10, window=3, rule="pyramid", beta=4.0))
+    b = run_pass(cm, SnapKV(budget=10, window=3, pyramid=4.0))
+    la, ta, _ = decode_loop(a, ids, mask, 6)
+    lb, tb, _ = decode_loop(b, ids, mask, 6)
+    dense_logits = decode_loop(cm, ids, mask, 6)[0]
+    assert torch.equal(ta, tb) and (la - lb).abs().max() <= 1e-4
+    assert (la[1:] - dense_logits[1:]).abs().max() > 1e-3  # it did evict
