@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -161,3 +163,28 @@ def test_every_scorer_is_documented():
     for s in SCORERS.values():
         mod = __import__(s.fn.__module__, fromlist=["x"])
         assert s.paper in mod.__doc__ and "exact setting" in mod.__doc__.lower(), s.name
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_mean_rotation_follows_the_models_own_rotary_embedding(name):
+    """Rbar of Expected Attention equals the mean of the HF model's apply_rotary_pos_emb over the future positions."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from graphwright.ops.scorers.expected_attention import mean_rotation
+    from graphwright.passes.streaming import find_rotary
+    from tests.conftest import _compiled, _tiny
+
+    model = _tiny(name)
+    rope = model.model.rotary_emb
+    D = model.config.hidden_size // model.config.num_attention_heads
+    inv, scaling = find_rotary(_compiled(name).step_graph.gm)
+    gm = _compiled(name).step_graph.gm
+    inv_freq = functools.reduce(getattr, inv.target.split("."), gm)  # the graph's own rotary table
+    x = torch.randn(1, 3, 1, D, generator=torch.Generator().manual_seed(11))
+    L, n_f = 17, 6
+    want = torch.zeros_like(x)
+    for p in range(L, L + n_f):
+        cos, sin = rope(x, torch.tensor([[p]]))
+        want += apply_rotary_pos_emb(x, x, cos, sin)[0] / n_f
+    got = x @ mean_rotation(torch.tensor([L]), n_f, inv_freq, scaling, D)[:, None]
+    assert torch.allclose(got, want, atol=1e-5)
