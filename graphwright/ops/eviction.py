@@ -42,6 +42,7 @@ from .latent_attention import rebuild_keys
 from .policy_adakv import EVICT_ADAKV, PACKED_OPS  # noqa: F401
 from .policy_fastgen import EVICT_FASTGEN, FASTGEN_POLICY  # noqa: F401
 from .policy_h2o import EVICT_H2O, H2O_POLICY  # noqa: F401
+from .policy_scored import EVICT_SCORED, EVICT_SCORED_ACC, EVICT_SCORED_ROPE  # noqa: F401
 from .policy_snapkv import EVICT_SNAPKV, SNAPKV_POLICY  # noqa: F401
 from .policy_streaming import EVICT_STREAMING, STREAMING_POLICY  # noqa: F401
 from .rope_index_ref import rope_cache_index_reference, rope_invert_reference

@@ -1,0 +1,139 @@
+"""The generic scored eviction op: a scorer (``ops/scorers``) plus a schedule plus a budget rule.
+
+One reference, ``scored_reference``, defines ``graphwright.evict_scored`` (no state),
+``graphwright.evict_scored_acc`` (one fp32 running score per slot, state ``attn_score<layer>``:
+the cumulative-attention scorer) and ``graphwright.evict_scored_rope`` (reads the layer's rotary
+table ``inv_freq`` as a per-step input: Expected Attention). Per layer and step:
+
+1. (``_acc``) add this step's attention, summed over its query rows and averaged over the g heads
+   of a KV head, to the running score (new slots start at 0), evicting or not;
+2. schedule ``when``: ``prefill`` (the step whose cache was empty: S == T), ``decode`` (every
+   step, prefill included), ``every`` (prefill and the decode steps where the row's length is a
+   multiple of ``every``), ``overflow`` (a head holds more than budget + ``slack`` tokens);
+3. budget per row: ``budget_n + floor(budget_f * L)`` tokens per KV head (L = the row's length),
+   sinks (positions < ``sinks``) and the recent ``window`` included and always kept; rule
+   ``pyramid`` (``beta`` > 0): PyramidKV's layer share of the evictable budget
+   (``adakv_ref.pyramid_budget``, mean over layers = the uniform budget);
+4. scores from the scorer, top-k per KV head of the evictable slots (ties: earliest slot), or
+   whole chunks (``chunk`` > 0: ``scorers/chunkkv.py``);
+5. ``eviction_ref.compact`` (positions travel with the slots: keys stay post-RoPE at their
+   original positions, nothing is re-rotated).
+
+Invariants tested (``tests/ops/test_scorers.py``, ``tests/passes/test_evict_scorers.py``): per
+scorer the kept set equals a slow loop oracle on random attention; schedules evict only on their
+steps; SnapKV / H2O settings keep exactly the preset ops' sets.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .adakv_ref import pyramid_budget
+from .eviction_policy import EvictionPolicy, Param, SlotState, StepInput, register_policy
+from .eviction_ref import budget, colsum, compact, row_length, topk_mask
+from .scorers import SCORERS, ScoreInputs
+from .scorers.chunkkv import chunk_keep
+
+WHEN = ("prefill", "decode", "every", "overflow")
+
+
+def schedule(when: str, every: int, slack: int, S: int, T: int, length, count, cap) -> torch.Tensor:
+    """[B, 1, 1] bool: rows that evict at this step (``count`` [B, Hk] valid slots, ``cap`` [B] budget)."""
+    B = length.shape[0]
+    if when == "prefill":
+        do = torch.full((B,), S == T, dtype=torch.bool)
+    elif when == "decode":
+        do = torch.ones(B, dtype=torch.bool)
+    elif when == "every":
+        do = torch.full((B,), S == T, dtype=torch.bool) | (length % max(every, 1) == 0)
+    elif when == "overflow":
+        do = count.amax(dim=1) > cap + slack
+    else:
+        raise ValueError(f"evict_scored: when={when!r}; allowed: {', '.join(WHEN)}")
+    return do.to(length.device)[:, None, None]
+
+
+def scored_keep(x: ScoreInputs, scorer: str, when: str, every: int, slack: int, budget_n: int, budget_f: float,
+                chunk: int, chunk_heads: str, beta: float, layer: int, num_layers: int):
+    """[B, Hk, S] bool keep set, or None when no row evicts at this step."""
+    valid = x.k_pos >= 0
+    S, T = x.k.shape[2], x.q_pos.shape[1]
+    cap = budget(budget_n, budget_f, x.length)  # [B]
+    do = schedule(when, every, slack, S, T, x.length, valid.sum(-1), cap)
+    if not bool(do.any()):
+        return None
+    L = x.length[:, None, None]
+    protected = valid & ((x.k_pos < x.sinks) | (x.k_pos >= L - x.window))
+    x.cand = valid & ~protected
+    count = (cap[:, None] - protected.sum(-1)).clamp(min=0)  # [B, Hk] evictable tokens kept
+    if beta > 0:
+        n_cand = x.cand.sum(-1)
+        count = torch.tensor([[pyramid_budget(int(c), int(n), 0, layer, num_layers, beta) for c, n in zip(cr, nr)]
+                              for cr, nr in zip(count.tolist(), n_cand.tolist())], dtype=torch.long, device=count.device)
+    score = SCORERS[scorer].fn(x)
+    if chunk > 0:
+        fits = (count >= x.cand.sum(-1))[..., None]  # whole chunks could overshoot: a head that fits keeps all
+        chosen = torch.where(fits, x.cand, chunk_keep(score, x.cand, x.k_pos, count, chunk, chunk_heads == "sum"))
+    else:
+        chosen = topk_mask(score, x.cand, count)
+    return torch.where(do, protected | chosen, valid)
+
+
+def scored_reference(q, k, v, q_pos, k_pos, *rest, acc: bool = False, rope: bool = False):
+    """-> (k, v, k_pos[, score]): the op's definition (argument order in ``_args``)."""
+    rest = list(rest)
+    state = rest.pop(0) if acc else None
+    inv_freq = rest.pop(0) if rope else None
+    (scale, scorer, when, every, slack, budget_n, budget_f, sinks, window, kernel, smooth, pool, chunk, chunk_heads,
+     beta, layer, num_layers, n_future, eps, rope_scaling, *bias) = rest
+    length = row_length(q_pos)
+    if acc:
+        B, Hk, S = k.shape[:3]
+        state = torch.cat([state.float(), state.new_zeros(B, Hk, S - state.shape[2])], dim=2)
+        state = state + colsum(q, k, q_pos, k_pos, scale)
+    x = ScoreInputs(q=q, k=k, v=v, q_pos=q_pos, k_pos=k_pos, scale=scale, cand=k_pos >= 0, length=length, state=state,
+                    inv_freq=inv_freq, rope_scaling=rope_scaling, window=window, kernel=kernel, smooth=smooth, pool=pool,
+                    sinks=sinks, n_future=n_future, eps=eps)
+    keep = scored_keep(x, scorer, when, every, slack, budget_n, budget_f, chunk, chunk_heads, beta, layer, num_layers)
+    extras = (state,) if acc else ()
+    if keep is None:
+        return (k, v, k_pos, *extras)
+    return compact(keep, k, v, k_pos, extras)
+
+
+PARAMS = (Param("scorer", "str"), Param("when", "str"), Param("every", "int"), Param("slack", "int"),
+          Param("budget_n", "int"), Param("budget_f", "float"), Param("sinks", "int"), Param("window", "int"),
+          Param("kernel", "int"), Param("smooth", "str"), Param("pool", "str"), Param("chunk", "int"),
+          Param("chunk_heads", "str"), Param("beta", "float"), Param("layer", "int"), Param("num_layers", "int"),
+          Param("n_future", "int"), Param("eps", "float"), Param("rope_scaling", "float"))
+
+
+def _plain(q, k, v, q_pos, k_pos, *rest):
+    return scored_reference(q, k, v, q_pos, k_pos, *rest)
+
+
+def _acc(q, k, v, q_pos, k_pos, *rest):
+    return scored_reference(q, k, v, q_pos, k_pos, *rest, acc=True)
+
+
+def _rope(q, k, v, q_pos, k_pos, *rest):
+    return scored_reference(q, k, v, q_pos, k_pos, *rest, rope=True)
+
+
+SCORED_POLICY = EvictionPolicy(name="scored", reference=_plain, params=PARAMS,
+                               doc="A scorer + schedule + budget rule (``policy_scored``); no state.")
+SCORED_ACC_POLICY = EvictionPolicy(name="scored_acc", reference=_acc, params=PARAMS,
+                                   slot_state=(SlotState("score", torch.float32, state="attn_score"),),
+                                   doc="A scorer + schedule + budget rule over the running cumulative attention.")
+SCORED_ROPE_POLICY = EvictionPolicy(name="scored_rope", reference=_rope, params=PARAMS,
+                                    step_inputs=(StepInput("inv_freq", torch.float32),),
+                                    doc="A scorer + schedule + budget rule that reads the layer's rotary table.")
+EVICT_SCORED = register_policy(SCORED_POLICY)
+EVICT_SCORED_ACC = register_policy(SCORED_ACC_POLICY)
+EVICT_SCORED_ROPE = register_policy(SCORED_ROPE_POLICY)
+
+
+def policy_for(scorer: str) -> EvictionPolicy:
+    """The op variant a scorer needs: running state, rotary table, or neither."""
+    s = SCORERS[scorer]
+    return SCORED_ACC_POLICY if s.stateful else SCORED_ROPE_POLICY if s.rope else SCORED_POLICY
