@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import graphwright as gw
+from graphwright.capture.step_graph import positions_from_mask
 from graphwright.codegen.onnx import decode_derive
 from graphwright.codegen.onnx.artifact import OnnxStep
 from graphwright.codegen.onnx.decode_slots import decode_graph, snapkv_decode
-from graphwright.capture.step_graph import positions_from_mask
 from tests.conftest import left_padded_batch
 
 RECIPE = "snapkv(budget=6, window=2)"
@@ -92,7 +92,7 @@ def test_derived_decode_equals_the_exported_one(pair):
     T = ids.shape[1]
     state = {n: cm.step_graph.init_state(2) for n in steps}
     step_in = (ids, pos, torch.arange(T))
-    for i in range(6):  # the prefill (model.onnx on both sides), then 5 decode steps on each decode.onnx
+    for _ in range(6):  # the prefill (model.onnx on both sides), then 5 decode steps on each decode.onnx
         out = {n: s(*step_in, state[n]) for n, s in steps.items()}
         (ld, sd), (ll, sl) = out["derived"], out["long"]
         assert ld.shape == ll.shape and float((ld - ll).abs().max()) <= 1e-5
