@@ -68,10 +68,12 @@ def test_snapkv_export_derives_its_decode_graph(pair):
     assert meta["decode"]["derived_from"] == "model.onnx" and meta["decode"]["runtime_ops"] == []
     assert "decode_derive" in phases and not any(p.startswith("decode_torch_export") for p in phases)
     assert meta["verification"]["passed"]
+    assert 0.8 * meta["export"]["total_s"] - 0.05 <= sum(phases.values()) <= meta["export"]["total_s"] + 0.01 * len(phases)
     assert sorted(p.name for p in derived.iterdir() if p.suffix == ".data") == ["model.onnx.data"]
     import onnx
 
     m = onnx.load(str(derived / "decode.onnx"), load_external_data=False)
+    assert len(m.graph.node) <= len(onnx.load(str(derived / "model.onnx"), load_external_data=False).graph.node)
     ext = [t for t in m.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert ext and {e.value for t in ext for e in t.external_data if e.key == "location"} == {"model.onnx.data"}
     assert [o.name for o in m.graph.output] == meta["decode"]["outputs"]
@@ -102,3 +104,6 @@ def test_derived_decode_equals_the_exported_one(pair):
         nxt = ll[:, -1].argmax(-1, keepdim=True)
         step_in = (nxt, step_in[1][:, -1:] + 1, torch.zeros(1, dtype=torch.long))
     assert steps["derived"].decode is not None  # the decode steps above ran decode.onnx
+    runner = gw.load(derived)  # the schema accepts the record; generate runs prefill + derived decode
+    assert torch.equal(runner.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[], pad_token_id=0),
+                       cm.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_id=[], pad_token_id=0))
