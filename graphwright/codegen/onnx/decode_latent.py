@@ -43,11 +43,17 @@ def topk_by_position(score, cand, k_pos, k) -> torch.Tensor:
     among ``cand``; equal scores go to the earlier position)."""
     B, Hk, S = k_pos.shape
     key = torch.where(k_pos >= 0, k_pos, torch.full_like(k_pos, torch.iinfo(torch.int64).max))
-    order = key.argsort(dim=-1)  # slot indices in position order (valid positions are unique)
-    s = score.float().masked_fill(~cand, float("-inf")).gather(-1, order)
+    s = score.float().masked_fill(~cand, float("-inf"))
     if torch.compiler.is_exporting():  # ONNX TopK: equal values in index order (aten.sort.stable has no translation)
+        # slot indices in position order (valid positions are unique; the order among empty slots does not
+        # matter: they are no candidates). TopK, not argsort: the exporter decomposes aten.argsort, which forces
+        # its whole-program decomposition retrace (exporter_shortcuts.py; ~55 of 130 CPU s of a SmolLM2 export).
+        order = torch.topk(key, S, dim=-1, largest=False).indices
+        s = s.gather(-1, order)
         by_score = torch.topk(s, S, dim=-1).indices
     else:
+        order = key.argsort(dim=-1)  # slot indices in position order (valid positions are unique)
+        s = s.gather(-1, order)
         by_score = torch.sort(s, dim=-1, descending=True, stable=True).indices
     ar = torch.arange(S, device=k_pos.device).expand(B, Hk, S)
     rank_in_order = torch.zeros_like(order).scatter(-1, by_score, ar)

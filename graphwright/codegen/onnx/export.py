@@ -202,27 +202,39 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
     return outputs, records, shared
 
 
-def _decode_onnx(cm, out: Path, opset: int, external_data: bool, phases: Phases):
+def _decode_onnx(cm, out: Path, opset: int, external_data: bool, phases: Phases, prefill=None):
     """``decode.onnx`` when some eviction op runs in the graph at decode (``decode_slots.py``).
 
     Returns the ``graphwright.json["decode"]`` record: model file, outputs, the runtime ops left
     (split at decode too), the capacity states (name -> slots, pad value), the in-graph ops and
     ``split``: why each other eviction op stays split at decode. No decode graph: ``model_file``
     None with the reasons, or None for a recipe without eviction.
-    With external data, ``decode.onnx`` points at ``model.onnx.data`` (``shared_weights.py``)."""
+    With external data, ``decode.onnx`` points at ``model.onnx.data`` (``shared_weights.py``).
+    ``prefill``: ``(outputs, records)`` of ``model.onnx``; when the decode graph only appends (SnapKV),
+    ``decode.onnx`` is ``model.onnx`` with renamed outputs (``decode_derive.py``), not a second export."""
+    from .decode_derive import appends_only, derive_append_decode
     from .decode_slots import decode_graph
 
     sg = cm.step_graph
     gm, capacity, in_graph, left = decode_graph(sg.gm, sg.state)
     if not in_graph:
         return {"model_file": None, "split": left} if left else None
-    main = out / MODEL if external_data and (out / EXTERNAL_DATA).exists() else None
-    outputs, records, shared = _to_onnx(cm, out / DECODE_MODEL, opset, external_data, phases, gm=gm, tag="decode_", share_with=main)
-    if main is not None and not shared:
-        from .shared_weights import share_weights
+    if prefill is not None and appends_only(gm, capacity, in_graph, left):
+        wanted = io_names(sg.state, sg.extra_inputs)[1]
+        with phases("decode_derive"):
+            derived = derive_append_decode(out, MODEL, DECODE_MODEL, prefill[0], prefill[1], wanted)
+    else:
+        derived = False
+    if derived:
+        outputs, records, shared = wanted, [], external_data and (out / EXTERNAL_DATA).exists()
+    else:
+        main = out / MODEL if external_data and (out / EXTERNAL_DATA).exists() else None
+        outputs, records, shared = _to_onnx(cm, out / DECODE_MODEL, opset, external_data, phases, gm=gm, tag="decode_", share_with=main)
+        if main is not None and not shared:
+            from .shared_weights import share_weights
 
-        with phases("decode_share_weights"):
-            shared = share_weights(out, MODEL, DECODE_MODEL)
+            with phases("decode_share_weights"):
+                shared = share_weights(out, MODEL, DECODE_MODEL)
     with phases("decode_check"):
         try:
             import onnx
@@ -231,7 +243,7 @@ def _decode_onnx(cm, out: Path, opset: int, external_data: bool, phases: Phases)
         except Exception as exc:  # noqa: BLE001
             raise GraphwrightError(f"{out / DECODE_MODEL}: onnx.checker rejected the decode graph: {str(exc).strip()[:500]}") from exc
     return {"model_file": DECODE_MODEL, "outputs": outputs, "runtime_ops": records, "capacity": capacity, "in_graph": in_graph,
-            "split": left, "shares_weights": shared}
+            "split": left, "shares_weights": shared, "derived_from": MODEL if derived else None}
 
 
 def probe_extras(extras, mask) -> dict:
@@ -368,7 +380,7 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
         owned = _prepare_dir(out, overwrite, cm.tokenizer)
     path = out / MODEL
     outputs, records, _ = _to_onnx(cm, path, opset, external_data, phases)
-    decode = _decode_onnx(cm, out, opset, external_data, phases)
+    decode = _decode_onnx(cm, out, opset, external_data, phases, prefill=(outputs, records))
     external = (out / EXTERNAL_DATA).exists()
     with phases("check"):
         try:

@@ -318,6 +318,7 @@ def _decode(c: _Check, d, state: list, inputs: list, folder: Path) -> None:
         c.str(cap.get("grow"), f + ".grow", optional=True, choices=capacity)
     if "shares_weights" in d:
         c.bool(d["shares_weights"], "decode.shares_weights")
+    c.str(d.get("derived_from"), "decode.derived_from", optional=True, choices=["model.onnx"])  # decode_derive.py
 
 
 def _gemfilter(c: _Check, d, num_layers: int, folder: Path) -> None:
