@@ -59,7 +59,7 @@ from ..errors import RecipeError
 from ..ops import schema
 from ..ops.policy_streaming import STREAMING_POLICY
 from .base import MAX_TOKENS, Arg, Pass, PassContext, register_pass
-from .duo_latent import split_inputs_rms, split_latent_layer
+from .duo_latent import drop_unused_factors, split_inputs_rms, split_latent_layer
 from .duo_select import resolve_retrieval
 from .eviction_common import (StateEditor, call, evict_pass_build, find_sites, insert_outputs, positions_node,
                               rewrite_layers, tag)
@@ -126,6 +126,7 @@ class Duo(Pass):
                 stream.add(site.layer)
         ed.commit()
         sg.gm.graph.eliminate_dead_code()
+        drop_unused_factors(sg, latent_ranks)
         sg.gm.graph.lint()
         sg.gm.recompile()
         if stream:

@@ -236,3 +236,11 @@ def _refold_o(sg, layer, lin, chain, groups, ret, strm, g, width) -> None:
             shape = list(n.args[1])
             if isinstance(shape[-1], int) and shape[-1] != -1:
                 n.args = (n.args[0], shape[:-1] + [info.num_heads * width])
+
+
+def drop_unused_factors(sg, layers) -> None:
+    """Delete the LoRC parameters of re-factored layers that no graph node reads any more (their memory)."""
+    used = {n.target for n in sg.gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(sg.gm.named_parameters()):
+        if any(name.startswith(f"gw_lowrank_l{layer}_") for layer in layers) and name not in used:
+            delattr(sg.gm, name)
