@@ -37,6 +37,10 @@ layer is duo's alone (``sg.notes["duo"]["snapkv"]`` lists both). Exact: budget >
 gives duo alone, every head retrieval gives snapkv alone. Only uniform snapkv composes (the packed
 Ada-KV/pyramid cache spreads a budget over every KV head of a layer); h2o/fastgen/streaming do not.
 
+Composition with ``lowrank_kv`` (``also_on = {"latent_cache": ...}``): lowrank_kv runs first; a split
+latent layer is factored again per head group, two latent caches (``passes/duo_latent.py``, tested in
+``tests/passes/test_duo_lowrank.py``); an all-streaming latent layer evicts its latent rows.
+
 Exact settings: every head retrieval (nothing changes), or sinks + window >= the sequence length.
 Invariants tested (``tests/passes/test_duo.py``): both exact settings give the dense logits and
 tokens; duo's logits equal dense attention under that mask over 60 decode steps (tiny Llama,
