@@ -37,6 +37,10 @@ layer is duo's alone (``sg.notes["duo"]["snapkv"]`` lists both). Exact: budget >
 gives duo alone, every head retrieval gives snapkv alone. Only uniform snapkv composes (the packed
 Ada-KV/pyramid cache spreads a budget over every KV head of a layer); h2o/fastgen/streaming do not.
 
+Composition with ``lowrank_kv`` (``also_on = {"latent_cache": ...}``): lowrank_kv runs first; a split
+latent layer is factored again per head group, two latent caches (``passes/duo_latent.py``, tested in
+``tests/passes/test_duo_lowrank.py``); an all-streaming latent layer evicts its latent rows.
+
 Exact settings: every head retrieval (nothing changes), or sinks + window >= the sequence length.
 Invariants tested (``tests/passes/test_duo.py``): both exact settings give the dense logits and
 tokens; duo's logits equal dense attention under that mask over 60 decode steps (tiny Llama,
@@ -59,6 +63,7 @@ from ..errors import RecipeError
 from ..ops import schema
 from ..ops.policy_streaming import STREAMING_POLICY
 from .base import MAX_TOKENS, Arg, Pass, PassContext, register_pass
+from .duo_latent import drop_unused_factors, split_inputs_rms, split_latent_layer
 from .duo_select import resolve_retrieval
 from .eviction_common import (StateEditor, call, evict_pass_build, find_sites, insert_outputs, positions_node,
                               rewrite_layers, tag)
@@ -74,15 +79,13 @@ class Duo(Pass):
     needs = frozenset({"dense_attention", "dense_cache", "shared_positions"})
     produces = frozenset({"evicted", "head_split", "retrieval_part"})  # retrieval_part: snapkv may compress it
     removes = frozenset({"dense_cache", "shared_positions"})
+    also_on = {"latent_cache": "a split latent layer is factored again per head group (two latent caches, "
+                               "passes/duo_latent.py); an all-streaming latent layer evicts its latent rows"}
     forbids = frozenset({"key_bias"})  # steering's bias would have to be split by head too
     excludes = {
         "evicted": "duo already decides what every head keeps (retrieval: all, streaming: sinks + window); only snapkv "
                    "(uniform) composes, compressing the retrieval heads' prompt; other eviction policies are not implemented "
                    "on the retrieval part",
-        "latent_cache": "a latent row is shared by every KV head of its layer, so retrieval and streaming heads cannot "
-                        "keep different token sets in one latent cache; not implemented: factoring the retrieval and "
-                        "streaming heads' K/V projections separately (two latent caches per split layer, each of rank "
-                        "keep x its heads x head_dim, the streaming one holding sinks + window)",
         "head_split": "duo splits each layer's attention by its own head set and cannot re-split a layer another pass split",
     }
     stage = 60
@@ -99,10 +102,7 @@ class Duo(Pass):
 
     def applies_to(self, sg) -> str | None:
         sites = find_sites(sg)
-        if isinstance(sites, str):
-            return sites
-        latent = [s.layer for s in sites if s.latent]
-        return f"layer(s) {latent} hold a latent cache ({self.excludes['latent_cache']})" if latent else None
+        return sites if isinstance(sites, str) else None
 
     def run(self, sg, ctx: PassContext):
         info = sg.info
@@ -111,19 +111,26 @@ class Duo(Pass):
         if isinstance(sites, str):
             raise RecipeError(f"duo: {sites}")
         params = {"sinks": self.sinks, "window": self.window}
-        per_layer, split, stream = {}, [], set()
+        per_layer, split, stream, latent_ranks = {}, [], set(), {}
         ed = StateEditor(sg)
+        rms = split_inputs_rms(sg, [s for s in sites if s.latent and 0 < sum((s.layer, h) in retrieval for h in
+                                                                          range(info.num_kv_heads)) < info.num_kv_heads], ctx)
         for site in sites:
             ret = [h for h in range(info.num_kv_heads) if (site.layer, h) in retrieval]
             strm = [h for h in range(info.num_kv_heads) if h not in ret]
             per_layer[site.layer] = {"retrieval": ret, "streaming": strm}
-            if ret and strm:
+            if ret and strm and site.latent:
+                x = cat_parts(site.k_cat)[1].args[0]
+                latent_ranks[site.layer] = split_latent_layer(sg, ed, site, ret, strm, params, rms.get(x))
+                split.append(site.layer)
+            elif ret and strm:
                 split_layer(sg, ed, site, ret, strm, params)
                 split.append(site.layer)
             elif strm:
                 stream.add(site.layer)
         ed.commit()
         sg.gm.graph.eliminate_dead_code()
+        drop_unused_factors(sg, latent_ranks)
         sg.gm.graph.lint()
         sg.gm.recompile()
         if stream:
@@ -136,6 +143,8 @@ class Duo(Pass):
             "settings": {**params, "retrieval": source, "keys_cached": "post-RoPE, original positions"},
             "show": ["retrieval", "streaming"],
         }
+        if latent_ranks:  # lowrank_kv ran first: split layers hold two latent caches of these ranks
+            sg.notes["duo"]["latent_ranks"] = latent_ranks
         return sg
 
 

@@ -27,6 +27,8 @@ CASES = {
     "duo_qwen2": ("tiny-qwen2", "duo(retrieval=[[0, 1], [1, 0]], sinks=2, window=4)", {"graphwright::evict_streaming"}),
     "duo+snapkv": ("tiny-llama", "duo(retrieval=[[0, 0]], sinks=2, window=4) + snapkv(budget=8, window=2)",
                    {"graphwright::evict_streaming", "graphwright::evict_snapkv"}),
+    "duo+lowrank_kv": ("tiny-llama", "duo(retrieval=[[0, 0]], sinks=2, window=4) + lowrank_kv(keep=0.5)",
+                       {"graphwright::evict_streaming"}),  # two latent caches in layer 0, streaming one evicted
     "adakv": ("tiny-llama", "snapkv(budget=10, window=2, heads='adaptive', floor=0.0)", {"graphwright::evict_adakv"}),
     "pyramid_adakv": ("tiny-qwen2", "snapkv(budget=10, window=2, heads='adaptive', pyramid=20)", {"graphwright::evict_adakv"}),
 }

@@ -179,6 +179,23 @@ def _state_outputs(node, out_node, state_names):
     return names, direct
 
 
+def outputs_of(node, state_names: list, name: str):
+    """The value the step graph returns as state ``name``."""
+    out = next(n for n in node.graph.nodes if n.op == "output")
+    return out.args[0][1 + state_names.index(name)]
+
+
+def _from_node(value, node, depth: int = 6) -> bool:
+    """Whether ``value`` is ``node``'s output reached through single-input ops (getitem, select, slice, views)."""
+    for _ in range(depth):
+        if not isinstance(value, torch.fx.Node):
+            return False
+        if value is node:
+            return True
+        value = value.args[0] if value.args else None
+    return False
+
+
 def _latent_states(node, names: dict, specs: dict, state_names: list):
     """The states of a latent eviction layer ({name: is k_pos}), or None when the layout is not the one
     ``decode_latent`` expects: k_pos straight to the state, the layer's kv states one-head payloads
@@ -187,6 +204,8 @@ def _latent_states(node, names: dict, specs: dict, state_names: list):
     if 2 not in names or layer is None:
         return None
     group = [n for n in state_names if specs[n].layer == layer and specs[n].kind in ("kv", "positions")]
+    # a latent cache of the same layer that this node does not evict (duo + lowrank_kv: the retrieval heads') is not its state
+    group = [n for n in group if specs[n].kind != "kv" or _from_node(outputs_of(node, state_names, n), node)]
     kv = [n for n in group if specs[n].kind == "kv"]
     if names[2] not in group or not kv or any(len(specs[n].shape) != 3 or specs[n].seq_dim != 1 or n in names.values() for n in kv) \
             or any(len(specs[n].shape) != 3 or specs[n].seq_dim != 2 for n in group if n not in kv):
