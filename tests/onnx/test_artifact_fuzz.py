@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import graphwright as gw
 from graphwright.errors import GraphwrightError
 
-RECIPE = "h2o(heavy=4, recent=4)"
+RECIPE = "h2o(heavy=0.25, recent=0.25)"
 
 SCALARS = st.one_of(
     st.none(), st.booleans(),

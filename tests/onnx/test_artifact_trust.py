@@ -19,7 +19,7 @@ from graphwright.errors import GraphwrightError
 from tests.conftest import _tiny
 from tests.models.test_untrusted_folders import answer_yes, plant_custom_tokenizer  # noqa: F401 - fixture
 
-RECIPE = "h2o(heavy=4, recent=4)"  # a decode graph and runtime-op records in the metadata
+RECIPE = "h2o(heavy=0.25, recent=0.25)"  # a decode graph and runtime-op records in the metadata
 
 
 @pytest.fixture
