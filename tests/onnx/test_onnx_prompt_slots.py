@@ -1,13 +1,13 @@
 """In-graph eviction at the ONNX prompt step (``codegen/onnx/prompt_slots.py``).
 
-The ops: StreamingLLM (sinks + window, and the native sliding layers' sinks=0 form) and H2O with
-token-count budgets, written with exportable tensor ops, keep the compacting references' position
-set per (row, KV head) with the same k/v/score rows, at a first prompt step (batch 2, left-padded)
-and at a later multi-token step after a compacted cache. The artifacts: a prompt step of the
-registry's H2O and StreamingLLM exports is one session run (no runtime op, no ``split.run_records``)
-that keeps the torch reference's sets and state widths with logits within 1e-4; ``graphwright.json``
+The ops: StreamingLLM (sinks + window, and the native sliding layers' sinks=0 form), H2O (token
+counts and fractions) and SnapKV (avg and max pooling), written with exportable tensor ops, keep the
+compacting references' position set per (row, KV head) with the same k/v/score rows, at a first
+prompt step (batch 2, left-padded) and at a later multi-token step after a compacted cache. The
+artifacts: a prompt step of each is one session run (no runtime op, no ``split.run_records``) that
+keeps the torch reference's sets and state widths with logits within 1e-4; ``graphwright.json``
 records which steps are one session run and which stay split with the reason; the split remains for
-SnapKV, FastGen, H2O with fraction budgets and latent caches.
+FastGen, latent caches and SnapKV + ThinK.
 """
 
 from __future__ import annotations
@@ -23,19 +23,29 @@ from graphwright.capture.step_graph import positions_from_mask
 from graphwright.codegen.backends import EVICTION_REFERENCES, TORCH
 from graphwright.codegen.onnx import split as split_module
 from graphwright.codegen.onnx.artifact import OnnxStep
-from graphwright.codegen.onnx.prompt_slots import (FRACTION_REASON, LATENT_REASON, PROMPT_REASONS, h2o_prompt, prompt_graph,
-                                                   streaming_prompt)
+from graphwright.codegen.onnx.prompt_slots import (
+    FASTGEN_REASON,
+    LATENT_REASON,
+    VIEW_REASON,
+    h2o_prompt,
+    prompt_graph,
+    snapkv_prompt,
+    streaming_prompt,
+)
 from graphwright.codegen.onnx.split import split
 from graphwright.compiled import CompiledModel
-from graphwright.ops.eviction import EVICT_FASTGEN, EVICT_SNAPKV
-from graphwright.ops.eviction_ref import h2o_reference, streaming_reference
+from graphwright.ops.eviction_ref import h2o_reference, snapkv_reference, streaming_reference
 from tests.conftest import left_padded_batch
 from tests.passes.backend_cases import backend_cases
 from tests.passes.eviction_helpers import kept_positions, state_of
 
 COMPACTING = dataclasses.replace(TORCH, name="torch_compacting", table={**TORCH.table, **EVICTION_REFERENCES})
-RECIPES = {"h2o": ("h2o(heavy=4, recent=4)", 8, "graphwright::evict_h2o"),  # shared with test_onnx_eviction_slots.py
-           "streaming": ("streaming(sinks=2, window=6)", 8, "graphwright::evict_streaming")}
+# case: (recipe, constant slot bound or None for a data-dependent width, op); shared with test_onnx_eviction_slots.py
+# and the registry suite (tests/passes/backend_cases.py)
+RECIPES = {"h2o": ("h2o(heavy=4, recent=4)", 8, "graphwright::evict_h2o"),
+           "streaming": ("streaming(sinks=2, window=6)", 8, "graphwright::evict_streaming"),
+           "h2o_fraction": ("h2o(heavy=0.25, recent=0.25)", None, "graphwright::evict_h2o"),
+           "snapkv": ("snapkv(budget=6, window=2)", None, "graphwright::evict_snapkv")}
 
 
 def _batch(lengths, B=2, H=4, Hk=2, D=8, seed=0, start=None):
@@ -71,8 +81,9 @@ def _same(got, want, k_pos_index):
         assert all(torch.allclose(a.float(), b.float(), atol=1e-6) for a, b in zip(g[key], w[key])), key
 
 
-H2O_SETTINGS = [(4, 4), (2, 3), (10, 10), (0, 5)]
+H2O_SETTINGS = [(4, 0.0, 4, 0.0), (2, 0.0, 3, 0.0), (10, 0.0, 10, 0.0), (0, 0.0, 5, 0.0), (0, 0.25, 0, 0.25), (2, 0.1, 1, 0.3)]
 STREAMING_SETTINGS = [(2, 6), (0, 7), (0, 20), (4, 0)]
+SNAPKV_SETTINGS = [(6, 2, 5, "avg"), (6, 2, 5, "max"), (8, 4, 1, "avg"), (4, 4, 3, "max"), (20, 4, 3, "avg")]
 
 
 @pytest.mark.parametrize("lengths", [[12, 7], [5, 5]])
@@ -80,11 +91,15 @@ def test_prompt_ops_match_the_references_at_a_first_prompt_step(lengths):
     q, k, v, q_pos = _batch(lengths)
     k_pos = q_pos[:, None, :].expand(2, 2, -1).contiguous()
     score = torch.zeros(2, 2, 0)
-    for heavy, recent in H2O_SETTINGS:
-        args = (q, k, v, q_pos, k_pos, score, 0.3, heavy, 0.0, recent, 0.0)
+    for budgets in H2O_SETTINGS:
+        args = (q, k, v, q_pos, k_pos, score, 0.3, *budgets)
         got, want = h2o_prompt(*args), h2o_reference(*args)
         _same(got, want, 2)
-        assert got[2].shape == want[2].shape  # first prompt step: min(T, c) slots, the reference's width
+        assert got[2].shape == want[2].shape  # first prompt step: the reference's width
+    for setting in SNAPKV_SETTINGS:
+        got, want = snapkv_prompt(q, k, v, q_pos, k_pos, 0.3, *setting), snapkv_reference(q, k, v, q_pos, k_pos, 0.3, *setting)
+        _same(got, want, 2)
+        assert got[2].shape == want[2].shape
     for sinks, window in STREAMING_SETTINGS:
         got, want = streaming_prompt(k, v, q_pos, k_pos, sinks, window), streaming_reference(k, v, q_pos, k_pos, sinks, window)
         _same(got, want, 2)
@@ -96,13 +111,20 @@ def test_prompt_ops_match_the_references_after_a_compacted_cache():
     q, k, v, q_pos = _batch([12, 7], seed=1)
     k_pos = q_pos[:, None, :].expand(2, 2, -1).contiguous()
     q2, k2, v2, q_pos2 = _batch([5, 5], seed=2, start=[12, 7])
-    for heavy, recent in H2O_SETTINGS:
-        ck, cv, ckp, cs = h2o_reference(q, k, v, q_pos, k_pos, torch.zeros(2, 2, 0), 0.3, heavy, 0.0, recent, 0.0)
+    for heavy, heavy_f, recent, recent_f in H2O_SETTINGS:
+        ck, cv, ckp, cs = h2o_reference(q, k, v, q_pos, k_pos, torch.zeros(2, 2, 0), 0.3, heavy, heavy_f, recent, recent_f)
         kp = torch.cat([ckp, q_pos2[:, None].expand(2, 2, -1)], 2)
-        args = (q2, torch.cat([ck, k2], 2), torch.cat([cv, v2], 2), q_pos2, kp, cs, 0.3, heavy, 0.0, recent, 0.0)
-        got = h2o_prompt(*args)
-        _same(got, h2o_reference(*args), 2)
-        assert got[2].shape[2] == min(kp.shape[2], heavy + recent)
+        args = (q2, torch.cat([ck, k2], 2), torch.cat([cv, v2], 2), q_pos2, kp, cs, 0.3, heavy, heavy_f, recent, recent_f)
+        got, want = h2o_prompt(*args), h2o_reference(*args)
+        _same(got, want, 2)
+        assert got[2].shape[2] == (min(kp.shape[2], heavy + recent) if not heavy_f else want[2].shape[2])
+    for setting in SNAPKV_SETTINGS:  # a later prompt step appends: every valid slot kept
+        ck, cv, ckp = snapkv_reference(q, k, v, q_pos, k_pos, 0.3, *setting)
+        kp = torch.cat([ckp, q_pos2[:, None].expand(2, 2, -1)], 2)
+        args = (q2, torch.cat([ck, k2], 2), torch.cat([cv, v2], 2), q_pos2, kp, 0.3, *setting)
+        got = snapkv_prompt(*args)
+        _same(got, snapkv_reference(*args), 2)
+        assert kept_positions(got[2]) == [[sorted(p for p in h if p >= 0) for h in r] for r in kp.tolist()]
     for sinks, window in STREAMING_SETTINGS:
         ck, cv, ckp = streaming_reference(k, v, q_pos, k_pos, sinks, window)
         kp = torch.cat([ckp, q_pos2[:, None].expand(2, 2, -1)], 2)
@@ -120,14 +142,14 @@ def artifacts(onnx_artifact):
 @pytest.mark.parametrize("case", list(RECIPES))
 @pytest.mark.parametrize("lengths", [[12, 7], [5, 3]])
 def test_prompt_step_is_one_session_run_with_the_reference_cache(artifacts, case, lengths, monkeypatch):
-    _, budget, op = RECIPES[case]
+    _, bound, op = RECIPES[case]
     cm, folder = artifacts[case]
     meta = json.loads((folder / "graphwright.json").read_text())
     assert meta["runtime_ops"] == [] and meta["outputs"] == ["logits", *(f"{s['name']}_next" for s in meta["state"])]
     runs = meta["session_runs"]
     assert runs["prompt"] == {"one_session_run": True, "in_graph": [{"op": op, "layer": 0}, {"op": op, "layer": 1}], "split": []}
     assert runs["decode"]["one_session_run"] and runs["decode"]["split"] == []
-    assert set(meta["prompt"]["capacity"].values()) == {budget}
+    assert set(meta["prompt"]["capacity"].values()) == {bound}
     step = OnnxStep.from_metadata(folder / "model.onnx", meta, providers=["CPUExecutionProvider"])
     monkeypatch.setattr(split_module, "run_records", lambda *a: pytest.fail("a prompt step ran a runtime op"))
     bound = []
@@ -145,17 +167,19 @@ def test_prompt_step_is_one_session_run_with_the_reference_cache(artifacts, case
         name = f"key_positions{layer}"
         got, want = kept_positions(state_of(cm, so, name)), kept_positions(state_of(ref, st, name))
         assert [[sorted(h) for h in r] for r in got] == [[sorted(h) for h in r] for r in want]
-        assert all(len(h) == min(n, budget) for r, n in zip(got, lengths) for h in r)
+        if bound:
+            assert all(len(h) == min(n, bound) for r, n in zip(got, lengths) for h in r)
+    kept = sum(len(h) for layer in range(2) for r in kept_positions(state_of(cm, so, f"key_positions{layer}")) for h in r)
+    if max(lengths) > 8:  # past every budget here: the prompt step evicted
+        assert kept < 2 * cm.step_graph.info.num_kv_heads * sum(lengths)
 
 
 FASTGEN = backend_cases()["fastgen"]
 
 
 @pytest.mark.parametrize("model, recipe, reasons", [
-    ("tiny-llama", "h2o(heavy=0.25, recent=0.25)", [FRACTION_REASON]),
-    ("tiny-llama", "snapkv(budget=6, window=2)", [PROMPT_REASONS[EVICT_SNAPKV]]),
-    ("tiny-llama", "snapkv(budget=6, window=2) + think(keep=0.5, recent=3, window=4)", [PROMPT_REASONS[EVICT_SNAPKV]]),
-    (*FASTGEN, [PROMPT_REASONS[EVICT_FASTGEN]]),
+    (*backend_cases()["snapkv+think"], [VIEW_REASON]),
+    (*FASTGEN, [FASTGEN_REASON]),
     ("tiny-llama", "lowrank_kv(keep=0.5) + streaming(sinks=2, window=6)", [LATENT_REASON]),
     ("tiny-llama", "h2o(heavy=4, recent=4, layers=[1]) + streaming(sinks=2, window=6, layers=[0])", []),
 ])
@@ -175,12 +199,12 @@ def test_policies_left_split_at_the_prompt_step(model, recipe, reasons):
 
 
 def test_split_prompt_step_is_recorded_in_the_artifact(onnx_artifact):
-    """H2O with fraction budgets: decode in the graph, the prompt step split (runtime ops), each with its record."""
-    cm, folder = onnx_artifact("tiny-llama", "h2o(heavy=0.25, recent=0.25)")
+    """FastGen: decode in the graph, the prompt step split (runtime ops), each with its record."""
+    cm, folder = onnx_artifact(*FASTGEN)
     meta = json.loads((folder / "graphwright.json").read_text())
     runs = meta["session_runs"]
     assert runs["prompt"]["one_session_run"] is False and runs["prompt"]["in_graph"] == []
-    assert [(x["layer"], x["reason"]) for x in runs["prompt"]["split"]] == [(0, FRACTION_REASON), (1, FRACTION_REASON)]
-    assert [r["op"] for r in meta["runtime_ops"]] == ["graphwright::evict_h2o"] * 2
-    assert runs["decode"] == {"one_session_run": True, "in_graph": ["graphwright::evict_h2o"] * 2, "split": []}
+    assert [(x["layer"], x["reason"]) for x in runs["prompt"]["split"]] == [(0, FASTGEN_REASON), (1, FASTGEN_REASON)]
+    assert [r["op"] for r in meta["runtime_ops"]] == ["graphwright::evict_fastgen"] * 2
+    assert runs["decode"] == {"one_session_run": True, "in_graph": ["graphwright::evict_fastgen"] * 2, "split": []}
     assert meta["verification"]["passed"] and meta["prompt"]["capacity"] == {}

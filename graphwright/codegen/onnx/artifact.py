@@ -98,7 +98,7 @@ class OnnxStep:
         self.seq_dims = list(seq_dims) if seq_dims is not None else None
         # states whose next shape is not "grows by T" (page summaries: one row per page): ORT allocates them
         self.unshaped = {n for n, k in zip(self.state_names, state_kinds or ()) if k == "summary"}
-        # states evicted in model.onnx (prompt_slots.py): next width min(S + T, c), not S + T
+        # states evicted in model.onnx (prompt_slots.py): next width min(S + T, c), not S + T (None: data dependent)
         self.prompt_capacity = dict(prompt_capacity or {})
         self.io_binding = io_binding and "CUDAExecutionProvider" not in self.session.get_providers()
         self.decode = None
@@ -166,13 +166,14 @@ class OnnxStep:
             binding.bind_input(name, "cpu", 0, NUMPY[t.dtype], list(t.shape), t.data_ptr())
         logits_dtype = self.__dict__.setdefault("_logits_dtype", _ort_dtype(session.get_outputs()[0].type))
         out = {"logits": torch.empty(tensors[0].shape[0], tensors[2].shape[0], self._vocab(session), dtype=logits_dtype)}
+        bounded = bounded or {}
         for name, t, dim in zip(self.state_names, state, self.seq_dims):
-            if name in self.unshaped:
-                continue
+            if name in self.unshaped or (name in bounded and bounded[name] is None):
+                continue  # ORT allocates (a page summary; a prompt step's data-dependent kept width)
             shape = list(t.shape)
             if name not in capacity:
                 shape[dim] += T
-            if bounded and name in bounded:
+            if bounded.get(name) is not None:
                 shape[dim] = min(shape[dim], bounded[name])
             out[f"{name}_next"] = torch.empty(shape, dtype=t.dtype)
         for name in outputs:

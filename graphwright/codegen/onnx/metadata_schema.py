@@ -322,13 +322,14 @@ def _decode(c: _Check, d, state: list, inputs: list, folder: Path) -> None:
 
 
 def _prompt(c: _Check, d, state: list) -> None:
-    """``prompt.capacity``: the states ``model.onnx`` evicts in the graph (``prompt_slots.py``), name -> slot bound."""
+    """``prompt.capacity``: the states ``model.onnx`` evicts in the graph (``prompt_slots.py``), name -> slot
+    bound, or null for a data-dependent width."""
     d = c.dict(d, "prompt", optional=True)
     if d is None:
         return
     for name, cap in c.dict(d.get("capacity") or {}, "prompt.capacity").items():
         c.str(name, f"prompt.capacity[{name!r}]", choices=state)
-        c.int(cap, f"prompt.capacity[{name!r}]", 1, MAX_ID)
+        c.int(cap, f"prompt.capacity[{name!r}]", 1, MAX_ID, optional=True)
 
 
 def _gemfilter(c: _Check, d, num_layers: int, folder: Path) -> None:
