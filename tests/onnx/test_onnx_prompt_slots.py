@@ -152,15 +152,15 @@ def test_prompt_step_is_one_session_run_with_the_reference_cache(artifacts, case
     assert set(meta["prompt"]["capacity"].values()) == {bound}
     step = OnnxStep.from_metadata(folder / "model.onnx", meta, providers=["CPUExecutionProvider"])
     monkeypatch.setattr(split_module, "run_records", lambda *a: pytest.fail("a prompt step ran a runtime op"))
-    bound = []
+    calls = []
     run = OnnxStep._run_bound
-    monkeypatch.setattr(OnnxStep, "_run_bound", lambda self, *a: bound.append(1) or run(self, *a))
+    monkeypatch.setattr(OnnxStep, "_run_bound", lambda self, *a: calls.append(1) or run(self, *a))
     ref = CompiledModel(cm.step_graph, backend=COMPACTING)
     ids, mask = left_padded_batch(cm.step_graph.info.vocab_size, lengths, seed=4)
     pos, li = positions_from_mask(mask), torch.arange(ids.shape[1])
     lo, so = step(ids, pos, li, cm.step_graph.init_state(2))
     lt, st = ref._step(ids, pos, li, ref.runtime_graph.init_state(2))
-    assert bound == [1]  # one session run, outputs bound to the state tensors
+    assert calls == [1]  # one session run, outputs bound to the state tensors
     assert (lo - lt)[mask.bool()].abs().max() <= 1e-4
     assert [tuple(t.shape) for t in so] == [tuple(t.shape) for t in st]  # the reference's widths: the same kv bytes
     for layer in range(2):
@@ -208,3 +208,21 @@ def test_split_prompt_step_is_recorded_in_the_artifact(onnx_artifact):
     assert [r["op"] for r in meta["runtime_ops"]] == ["graphwright::evict_fastgen"] * 2
     assert runs["decode"] == {"one_session_run": True, "in_graph": ["graphwright::evict_fastgen"] * 2, "split": []}
     assert meta["verification"]["passed"] and meta["prompt"]["capacity"] == {}
+
+
+@pytest.mark.parametrize("capacity, match", [({"nope": 8}, r"prompt.capacity\['nope'\]: one of"),
+                                             ({"k0": 0}, r"prompt.capacity\['k0'\]: an integer in \[1, "),
+                                             ({"k0": "8"}, r"prompt.capacity\['k0'\]: an integer")])
+def test_prompt_capacity_is_checked_on_load(artifacts, tmp_path, capacity, match):
+    """``prompt.capacity`` sizes the bound outputs of a prompt step: a bad entry is refused when loading."""
+    import shutil
+
+    from graphwright.errors import GraphwrightError
+
+    folder = tmp_path / "art"
+    shutil.copytree(artifacts["h2o"][1], folder)
+    meta = json.loads((folder / "graphwright.json").read_text())
+    meta["prompt"]["capacity"] = capacity
+    (folder / "graphwright.json").write_text(json.dumps(meta))
+    with pytest.raises(GraphwrightError, match=match):
+        gw.load(folder)
