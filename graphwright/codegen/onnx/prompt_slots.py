@@ -62,7 +62,7 @@ VIEW_REASON = "the op's outputs feed more than the next step's state (another ru
 def kept_width(keep: torch.Tensor) -> int:
     """The largest kept count over rows and heads (the reference's compacted width), as an unbacked
     size under ``torch.export`` (``.item()``): ONNX computes it at run time (ReduceMax)."""
-    w = keep.sum(dim=-1).max().item()
+    w = torch.ops.aten._local_scalar_dense.default(keep.sum(dim=-1).max())  # .item(), as the exporter translates it
     torch._check(w >= 0)
     torch._check(w <= keep.shape[-1])
     return w
@@ -107,7 +107,7 @@ def rank(score: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
     for slot i (exact for the non-negative fp32 scores here: the shift is below half an fp32 ulp of s,
     the second term orders equal zeros)."""
     i = torch.arange(score.shape[-1], device=score.device, dtype=torch.float64)
-    key = score.double() * (1 - i * 2.0 ** -48) - i * 2.0 ** -1000
+    key = score.double() * (i * -(2.0 ** -48) + 1) - i * 2.0 ** -1000
     order = torch.topk(key.masked_fill(~cand, float("-inf")), score.shape[-1], dim=-1).indices
     ar = torch.arange(score.shape[-1], device=score.device).expand_as(order)
     return torch.zeros_like(order).scatter(-1, order, ar)
