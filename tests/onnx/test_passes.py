@@ -29,7 +29,7 @@ REGISTRY_CHECKS = {
     "steer": ({"Attention", "GatherElements"}, set(), False),
     "fuse_moe": ({"TopK", "ScatterND"}, set(), False),
     "h2o": ({"Attention", "TopK"}, set(), True),
-    "snapkv": ({"Attention"}, {"graphwright::evict_snapkv"}, True),
+    "snapkv": ({"Attention", "TopK"}, set(), True),
     "streaming": ({"Attention", "CumSum", "TopK"}, set(), True),
     "fastgen": ({"Attention"}, {"graphwright::evict_fastgen"}, True),
     # block selection in the graph (TopK over block scores -> additive mask); every layer sparse, 4-token blocks

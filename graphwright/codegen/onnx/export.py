@@ -160,13 +160,12 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
     check_extras(extras)
     inputs, outputs = io_names(sg.state, extras)
     decode = gm is not None
-    if not decode and prompt is not None:  # prompt_slots.py: in-graph eviction at the prompt step
-        from .prompt_slots import prompt_graph
-
-        with phases("prompt_slots"):
-            gm, record = prompt_graph(sg.gm, sg.state)
-        prompt.update(record)
     with phases(tag + "split"):
+        if not decode and prompt is not None:  # prompt_slots.py: in-graph eviction at the prompt step
+            from .prompt_slots import prompt_graph
+
+            gm, record = prompt_graph(sg.gm, sg.state)
+            prompt.update(record)
         gm, records, outputs = split(gm if gm is not None else sg.gm, inputs, [s.name for s in sg.state])
     table = translation_table()
     missing = sorted(str(op) for op in graphwright_ops(gm) if op not in table)
