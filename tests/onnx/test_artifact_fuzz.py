@@ -1,6 +1,6 @@
 """Property test: a mutated ``graphwright.json`` never lets anything but a graphwright error out of ``gw.load``.
 
-Each example takes the metadata of a real export (tiny Llama with H2O: a decode graph, runtime-op
+Each example takes the metadata of a real export (tiny Llama with FastGen: a decode graph, runtime-op
 records, state specs, file hashes), mutates one to three places in its JSON tree (replace a value by
 another JSON value of any type, including huge, negative, NaN-like, path-escaping and deeply nested
 ones; delete a key; add a key) and loads the folder. Whatever happens, the load either succeeds or
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import graphwright as gw
 from graphwright.errors import GraphwrightError
 
-RECIPE = "h2o(heavy=4, recent=4)"
+RECIPE = "fastgen(recovery=0.9)"  # a decode graph and runtime-op records (a split prompt step)
 
 SCALARS = st.one_of(
     st.none(), st.booleans(),

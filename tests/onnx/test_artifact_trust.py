@@ -19,12 +19,12 @@ from graphwright.errors import GraphwrightError
 from tests.conftest import _tiny
 from tests.models.test_untrusted_folders import answer_yes, plant_custom_tokenizer  # noqa: F401 - fixture
 
-RECIPE = "h2o(heavy=4, recent=4)"  # a decode graph and runtime-op records in the metadata
+RECIPE = "fastgen(recovery=0.9)"  # a decode graph and runtime-op records (its prompt step is split) in the metadata
 
 
 @pytest.fixture
 def artifact(onnx_artifact, tmp_path):
-    """A private copy of the shared tiny-llama h2o export: (folder, its parsed graphwright.json)."""
+    """A private copy of the shared tiny-llama FastGen export: (folder, its parsed graphwright.json)."""
     _, src = onnx_artifact("tiny-llama", RECIPE)
     out = tmp_path / "art"
     shutil.copytree(src, out)

@@ -4,7 +4,9 @@
 For the registry's cases (``tests/passes/backend_cases.py``; the artifacts are shared through
 ``conftest.py``): the artifact passes onnx.checker (full), holds the expected ONNX op types, lists
 the expected runtime ops, and eviction really shrinks the cache (so token equality is not the
-trivial dense case). Eviction policies run as a graph/runtime split (``codegen/onnx/split.py``).
+trivial dense case). StreamingLLM and H2O with token budgets evict in the graph at every step
+(``prompt_slots.py``, ``decode_slots.py``); the other eviction policies' prompt steps run as a
+graph/runtime split (``codegen/onnx/split.py``).
 ``CASES`` keeps the hand-picked settings the registry does not cover, with the same checks and a
 longer generation (30 + 24 tokens) compared against the torch runtime.
 """
@@ -26,16 +28,16 @@ REGISTRY_CHECKS = {
     "lowrank_kv": ({"Attention", "MatMul"}, set(), False),
     "steer": ({"Attention", "GatherElements"}, set(), False),
     "fuse_moe": ({"TopK", "ScatterND"}, set(), False),
-    "h2o": ({"Attention"}, {"graphwright::evict_h2o"}, True),
-    "snapkv": ({"Attention"}, {"graphwright::evict_snapkv"}, True),
-    "streaming": ({"Attention", "CumSum"}, {"graphwright::evict_streaming"}, True),
+    "h2o": ({"Attention", "TopK"}, set(), True),
+    "snapkv": ({"Attention", "TopK"}, set(), True),
+    "streaming": ({"Attention", "CumSum", "TopK"}, set(), True),
     "fastgen": ({"Attention"}, {"graphwright::evict_fastgen"}, True),
     # block selection in the graph (TopK over block scores -> additive mask); every layer sparse, 4-token blocks
     "block_sparse": ({"Attention", "TopK", "ReduceMin"}, set(), False),
     "window": ({"Attention"}, set(), False),
     "lowrank_kv+block_sparse": ({"Attention", "TopK", "ReduceMin", "MatMul"}, set(), False),
     "lowrank_kv+streaming": ({"Attention", "CumSum"}, {"graphwright::evict_streaming"}, True),
-    "h2o+steer": ({"Attention", "GatherElements"}, {"graphwright::evict_h2o"}, True),
+    "h2o+steer": ({"Attention", "GatherElements", "TopK"}, set(), True),
     # eviction over latent caches: keys rebuilt in the graph (latent_keys), the shared payload
     # selected and sliced into c_k / c_v after the runtime op ("derived" records)
     "fuse_moe+lowrank_kv+h2o+steer": ({"Attention", "MatMul", "TopK", "ScatterND"}, {"graphwright::evict_h2o"}, True),

@@ -86,7 +86,8 @@ class OnnxStep:
     """
 
     def __init__(self, model_path, input_names, output_names, providers=None, session_options=None,
-                 state_names=None, records=(), extras=None, decode=None, seq_dims=None, io_binding=True, state_kinds=None):
+                 state_names=None, records=(), extras=None, decode=None, seq_dims=None, io_binding=True, state_kinds=None,
+                 prompt_capacity=None):
         self.session = _session(model_path, input_names, output_names, providers, session_options)
         self.input_names = list(input_names)
         self.output_names = list(output_names)
@@ -97,6 +98,8 @@ class OnnxStep:
         self.seq_dims = list(seq_dims) if seq_dims is not None else None
         # states whose next shape is not "grows by T" (page summaries: one row per page): ORT allocates them
         self.unshaped = {n for n, k in zip(self.state_names, state_kinds or ()) if k == "summary"}
+        # states evicted in model.onnx (prompt_slots.py): next width min(S + T, c), not S + T (None: data dependent)
+        self.prompt_capacity = dict(prompt_capacity or {})
         self.io_binding = io_binding and "CUDAExecutionProvider" not in self.session.get_providers()
         self.decode = None
         if decode:  # {"model_file", "outputs", "runtime_ops", "capacity"}; model_file resolved by the caller
@@ -118,7 +121,8 @@ class OnnxStep:
                    state_names=[s["name"] for s in meta["state"]], records=meta.get("runtime_ops") or (),
                    extras={x["name"]: x["kind"] for x in meta.get("extra_inputs") or ()}, decode=decode,
                    seq_dims=[int(s["seq_dim"]) for s in meta["state"]], io_binding=io_binding,
-                   state_kinds=[s.get("kind") for s in meta["state"]])
+                   state_kinds=[s.get("kind") for s in meta["state"]],
+                   prompt_capacity=(meta.get("prompt") or {}).get("capacity"))
         from .metadata_schema import check_state_inputs
 
         check_state_inputs(step.session, meta["state"], model_path)
@@ -139,7 +143,7 @@ class OnnxStep:
         extra = [extras[n] if extras.get(n) is not None else torch.zeros(B, 1) for n in self.extras]
         tensors = [t.detach().cpu().contiguous() for t in (input_ids, positions, logits_index, *state, *extra)]
         if self.io_binding and not records and self.seq_dims is not None and all(t.dtype in NUMPY for t in tensors):
-            out = self._run_bound(session, outputs, tensors, capacity)
+            out = self._run_bound(session, outputs, tensors, capacity, self.prompt_capacity if session is self.session else {})
         else:
             res = session.run(None, {name: t.numpy() for name, t in zip(self.input_names, tensors)})
             out = dict(zip(outputs, (torch.from_numpy(o) for o in res)))
@@ -153,7 +157,7 @@ class OnnxStep:
             res = [o.to(input_ids.device) for o in res]
         return res[0], res[1:]
 
-    def _run_bound(self, session, outputs, tensors, capacity) -> dict:
+    def _run_bound(self, session, outputs, tensors, capacity, bounded=None) -> dict:
         """One ``run_with_iobinding``: inputs and outputs bound to torch tensors' memory (module docstring)."""
         T = tensors[0].shape[1]
         state = tensors[3:3 + len(self.state_names)]
@@ -162,12 +166,15 @@ class OnnxStep:
             binding.bind_input(name, "cpu", 0, NUMPY[t.dtype], list(t.shape), t.data_ptr())
         logits_dtype = self.__dict__.setdefault("_logits_dtype", _ort_dtype(session.get_outputs()[0].type))
         out = {"logits": torch.empty(tensors[0].shape[0], tensors[2].shape[0], self._vocab(session), dtype=logits_dtype)}
+        bounded = bounded or {}
         for name, t, dim in zip(self.state_names, state, self.seq_dims):
-            if name in self.unshaped:
-                continue
+            if name in self.unshaped or (name in bounded and bounded[name] is None):
+                continue  # ORT allocates (a page summary; a prompt step's data-dependent kept width)
             shape = list(t.shape)
             if name not in capacity:
                 shape[dim] += T
+            if bounded.get(name) is not None:
+                shape[dim] = min(shape[dim], bounded[name])
             out[f"{name}_next"] = torch.empty(shape, dtype=t.dtype)
         for name in outputs:
             t = out.get(name)

@@ -140,7 +140,8 @@ def _prepare_dir(out: Path, overwrite: bool, tokenizer=None) -> list:
     return owned or []
 
 
-def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm=None, tag: str = "", share_with=None) -> tuple:
+def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm=None, tag: str = "", share_with=None,
+             prompt: dict | None = None) -> tuple:
     """Export the step graph (minus the ops left to the runtime, ``split.py``); returns the ONNX
     output names, the runtime-op records and whether the weights were saved shared. Each step is
     timed in ``phases``.
@@ -148,7 +149,9 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
     ``gm``: the decode graph of ``decode_slots.decode_graph`` instead of the step graph: exported
     for single-token steps (``input_ids`` [B, 1], ``logits_index`` [1]); ``tag`` prefixes the phase names.
     ``share_with``: a saved graph whose external data file this one's weights point into
-    (``shared_weights.save_sharing``; its weights are then never written twice)."""
+    (``shared_weights.save_sharing``; its weights are then never written twice).
+    ``prompt``: a dict filled with ``prompt_slots.prompt_graph``'s record when the step graph's eviction
+    ops with a prompt-step translation run in the graph (the others are split)."""
     from .split import split
     from .translations import graphwright_ops, translation_table  # onnxscript: imported only when exporting
 
@@ -158,7 +161,12 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
     inputs, outputs = io_names(sg.state, extras)
     decode = gm is not None
     with phases(tag + "split"):
-        gm, records, outputs = split(gm if decode else sg.gm, inputs, [s.name for s in sg.state])
+        if not decode and prompt is not None:  # prompt_slots.py: in-graph eviction at the prompt step
+            from .prompt_slots import prompt_graph
+
+            gm, record = prompt_graph(sg.gm, sg.state)
+            prompt.update(record)
+        gm, records, outputs = split(gm if gm is not None else sg.gm, inputs, [s.name for s in sg.state])
     table = translation_table()
     missing = sorted(str(op) for op in graphwright_ops(gm) if op not in table)
     if missing:
@@ -313,6 +321,18 @@ def _layers(sg) -> list:
     return rows
 
 
+def session_runs(records: list, prompt: dict, decode: dict | None) -> dict:
+    """``graphwright.json["session_runs"]``: per step kind, whether it is one session run and, if not,
+    which ops stay split and why (``prompt_slots.py``, ``decode_slots.py``)."""
+    out = {"prompt": {"one_session_run": not records, "in_graph": prompt.get("in_graph", []), "split": prompt.get("split", [])}}
+    if decode and decode.get("model_file"):
+        out["decode"] = {"one_session_run": not decode.get("runtime_ops"), "in_graph": decode.get("in_graph", []),
+                         "split": decode.get("split", [])}
+    else:  # decode steps run model.onnx as well
+        out["decode"] = {**out["prompt"], "split": (decode or {}).get("split") or out["prompt"]["split"]}
+    return out
+
+
 def _metadata(cm, opset: int, external: bool, outputs: list, records: list) -> dict:
     sg = cm.step_graph
     inputs, _ = io_names(sg.state, sg.extra_inputs)
@@ -374,12 +394,16 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
     if isinstance(opset, bool) or not isinstance(opset, int) or not 23 <= opset <= onnx.defs.onnx_opset_version():
         raise ValueError(f"opset must be an int in [23, {onnx.defs.onnx_opset_version()}] (23: the Attention operator; "
                          f"{onnx.defs.onnx_opset_version()}: the newest the installed onnx knows); got {opset!r}")
+    from .sliding_window import export_view, sliding_record
+
+    cm = export_view(cm)  # sliding_window.py: native sliding layers hold only their window
     phases = Phases()
     out = Path(out_dir)
     with phases("prepare"):
         owned = _prepare_dir(out, overwrite, cm.tokenizer)
     path = out / MODEL
-    outputs, records, _ = _to_onnx(cm, path, opset, external_data, phases)
+    prompt = {}
+    outputs, records, _ = _to_onnx(cm, path, opset, external_data, phases, prompt=prompt)
     decode = _decode_onnx(cm, out, opset, external_data, phases, prefill=(outputs, records))
     external = (out / EXTERNAL_DATA).exists()
     with phases("check"):
@@ -392,6 +416,9 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
     with phases("metadata"):
         meta = _metadata(cm, opset, external, outputs, records)
         meta["decode"] = decode
+        meta["prompt"] = prompt
+        meta["sliding_windows"] = sliding_record(cm.step_graph)
+        meta["session_runs"] = session_runs(records, prompt, decode)
     if "gemfilter" in cm.step_graph.notes:  # the selection pass as a second, truncated graph
         from .gemfilter_export import export_selection
 

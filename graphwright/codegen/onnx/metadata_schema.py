@@ -148,6 +148,7 @@ def validate(meta: dict, folder) -> dict:
         c.fail("inputs", f"{FIXED_INPUTS} + the state names + the extra input names, in order ({_show(want)})", inputs)
     _outputs_and_ops(c, "", meta["outputs"], meta.get("runtime_ops"), state, inputs, needed=state)
     _decode(c, meta.get("decode"), state, inputs, folder)
+    _prompt(c, meta.get("prompt"), state)
     _gemfilter(c, meta.get("gemfilter"), info["num_layers"], folder)
     _files(c, meta.get("files"), folder)
     _verification(c, meta.get("verification"))
@@ -319,6 +320,17 @@ def _decode(c: _Check, d, state: list, inputs: list, folder: Path) -> None:
     if "shares_weights" in d:
         c.bool(d["shares_weights"], "decode.shares_weights")
     c.str(d.get("derived_from"), "decode.derived_from", optional=True, choices=["model.onnx"])  # decode_derive.py
+
+
+def _prompt(c: _Check, d, state: list) -> None:
+    """``prompt.capacity``: the states ``model.onnx`` evicts in the graph (``prompt_slots.py``), name -> slot
+    bound, or null for a data-dependent width."""
+    d = c.dict(d, "prompt", optional=True)
+    if d is None:
+        return
+    for name, cap in c.dict(d.get("capacity") or {}, "prompt.capacity").items():
+        c.str(name, f"prompt.capacity[{name!r}]", choices=state)
+        c.int(cap, f"prompt.capacity[{name!r}]", 1, MAX_ID, optional=True)
 
 
 def _gemfilter(c: _Check, d, num_layers: int, folder: Path) -> None:

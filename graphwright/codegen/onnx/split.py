@@ -1,7 +1,8 @@
 """The graph/runtime split for KV-eviction ops: the artifact stops at each eviction op's inputs.
 
-Scope: every prompt step (``model.onnx``), and the decode steps of the policies that have no
-in-graph decode translation. ``decode_slots.py`` writes a second graph, ``decode.onnx``, for
+Scope: the prompt steps (``model.onnx``) of the ops ``prompt_slots.py`` leaves split (FastGen, latent
+caches, SnapKV + ThinK; StreamingLLM, H2O and SnapKV evict in the graph there), and the decode steps
+of the policies that have no in-graph decode translation. ``decode_slots.py`` writes a second graph, ``decode.onnx``, for
 single-token steps in which H2O (token-count and fraction budgets), StreamingLLM and FastGen evict
 on slots (latent caches included, except FastGen there) and SnapKV appends, so a decode step of
 those recipes is one session run with nothing cut. Left to this split at decode: FastGen on a
