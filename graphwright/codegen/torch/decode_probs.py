@@ -20,6 +20,8 @@ import threading
 
 import torch
 
+from .step_memo import step_info
+
 
 class _LastProbs(threading.local):
     """Per thread (concurrent generations on one model): (q, k, q_pos, k_pos, key_bias, scale, P) of
@@ -35,13 +37,16 @@ def slot_probs(q, k, q_pos, k_pos, scale, key_bias=None) -> torch.Tensor:
     B, H, _, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
     g = H // Hk
-    s = torch.matmul(q.float().reshape(B, Hk, g, D), k.float().transpose(-1, -2)) * scale  # [B, Hk, g, S]
+    s = torch.matmul(_f32(q).reshape(B, Hk, g, D), _f32(k).transpose(-1, -2)).mul_(scale)  # [B, Hk, g, S]
     if key_bias is not None:
         s = s + key_bias.float().view(B, Hk, g, S)
-    qp = q_pos.view(B, 1, 1)
-    visible = (k_pos >= 0) & ((k_pos <= qp) | (qp < 0))
-    s = s.masked_fill(~visible[:, :, None], torch.finfo(torch.float32).min)
-    return torch.softmax(s, dim=-1)
+    # visible: a valid slot at or before the query; a padding query (-1) sees every valid slot (q_lift)
+    visible = (k_pos >= 0) & (k_pos <= step_info(q_pos).q_lift)
+    return torch.softmax(torch.where(visible[:, :, None], s, torch.finfo(torch.float32).min), dim=-1)
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def attend_slots(q, k, v, q_pos, k_pos, scale, key_bias=None) -> torch.Tensor:
@@ -50,7 +55,7 @@ def attend_slots(q, k, v, q_pos, k_pos, scale, key_bias=None) -> torch.Tensor:
     p = slot_probs(q, k, q_pos, k_pos, scale, key_bias)
     if not torch.compiler.is_compiling():
         _LAST.entry = (q, k, q_pos, k_pos, key_bias, scale, p)
-    out = torch.matmul(p, v.float())  # [B, Hk, g, Dv]
+    out = torch.matmul(p, _f32(v))  # [B, Hk, g, Dv]
     return out.reshape(B, H, 1, v.shape[-1]).to(v.dtype)
 
 
