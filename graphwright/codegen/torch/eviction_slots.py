@@ -77,6 +77,7 @@ from ...ops.fastgen_ref import FULL, fastgen_reference
 from ...ops.rope_index_ref import _rotate, rope_angles, rope_invert_reference
 from .cache_append import _owned_tail, _view, cache_append, keep_prefix
 from .decode_probs import step_probs
+from .prefill_scores import h2o_prompt
 from .rope_table import rope_cos_sin, rotate_rows
 from .step_memo import arange, memo, memo_tensor, step_info
 
@@ -175,6 +176,8 @@ def h2o_slots(q, k, v, q_pos, k_pos, score, scale, heavy_n, heavy_f, recent_n, r
     """``evict_h2o`` on slots at decode (reference at prefill). -> (k, v, k_pos, score)."""
     S1 = k_pos.shape[2]
     if not _slot_decode(q_pos, k, v, k_pos) or score.shape[2] != S1 - 1 or score.dtype != torch.float32:
+        if q_pos.shape[1] > 1 and score.shape[2] == 0:  # a prompt from an empty cache: causal-range scores (same values)
+            return h2o_prompt(q, k, v, q_pos, k_pos, score, scale, heavy_n, heavy_f, recent_n, recent_f, key_bias)
         return h2o_reference(q, k, v, q_pos, k_pos, score, scale, heavy_n, heavy_f, recent_n, recent_f, key_bias)
     B, Hk = k_pos.shape[:2]
     score = cache_append(score, score.new_zeros(B, Hk, 1), 2)
