@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ...capture.ops import visible_mask
 from .decode_probs import attend_slots
-from .step_memo import memo, step_info
+from .step_memo import step_info
 
 
 def _plain_causal(q_pos, k_pos, T: int, S: int) -> bool:
@@ -89,9 +89,8 @@ def _all_visible(q_pos, k_pos) -> bool:
     earliest query (a padding query, lifted past every position, sees every valid slot). One host read;
     False means "build the mask and look" (the eviction layers have a ``k_pos`` per layer, so the identity
     memo misses there and this replaces a mask build per layer)."""
-    lo, hi = torch.aminmax(k_pos)
-    info = step_info(q_pos)
-    return bool((lo >= 0) & (hi <= memo(info, "q_lift_min", lambda: info.q_lift.min())))
+    lift = step_info(q_pos).q_lift.view(-1)  # [B]
+    return bool((k_pos.amin() >= 0) & (k_pos.reshape(lift.shape[0], -1).amax(dim=1) <= lift).all())
 
 
 def attention_sdpa(q, k, v, q_pos, k_pos, scale, window=0, key_bias=None, sinks=0):
