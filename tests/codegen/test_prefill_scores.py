@@ -30,18 +30,20 @@ def prompt(B, H, Hk, T, D, pads, seed=0):
 
 
 @pytest.mark.parametrize("T,H,Hk,D", [(700, 9, 3, 64), (513, 2, 1, 32), (256, 4, 2, 16), (300, 6, 2, 24), (40, 4, 2, 8)])
-def test_prompt_colsum_is_the_reference_bit_for_bit(T, H, Hk, D):
-    q, k, q_pos, k_pos = prompt(2, H, Hk, T, D, (0, 37), seed=T)
+@pytest.mark.parametrize("pads", [(0, 37), (0, 0)])  # left padding: the reference's mask; none: the causal tile only
+def test_prompt_colsum_is_the_reference_bit_for_bit(T, H, Hk, D, pads):
+    q, k, q_pos, k_pos = prompt(2, H, Hk, T, D, pads, seed=T)
     assert causal_prompt(q_pos, k_pos)
     got, want = prompt_colsum(q, k, q_pos, k_pos, 0.125), colsum(q, k, q_pos, k_pos, 0.125)
     assert torch.equal(got, want)
-    assert got[1, :, :37].abs().max() == 0 and got[0].min() > 0  # padding keys get nothing, real ones something
+    assert got[1, :, :pads[1]].abs().sum() == 0 and got[0].min() > 0  # padding keys get nothing, real ones something
 
 
 def test_prompt_colsum_with_key_bias_is_the_reference():
-    q, k, q_pos, k_pos = prompt(2, 4, 2, 600, 16, (5, 0), seed=1)
-    bias = torch.randn(2, 4, 600)
-    assert torch.equal(prompt_colsum(q, k, q_pos, k_pos, 0.25, bias), colsum(q, k, q_pos, k_pos, 0.25, bias))
+    for pads in ((5, 0), (0, 0)):
+        q, k, q_pos, k_pos = prompt(2, 4, 2, 600, 16, pads, seed=1)
+        bias = torch.randn(2, 4, 600)
+        assert torch.equal(prompt_colsum(q, k, q_pos, k_pos, 0.25, bias), colsum(q, k, q_pos, k_pos, 0.25, bias))
 
 
 def test_not_a_causal_prompt_falls_back_to_the_reference():
@@ -53,8 +55,9 @@ def test_not_a_causal_prompt_falls_back_to_the_reference():
     assert torch.equal(prompt_colsum(q, k, q_pos, shuffled, 0.25), colsum(q, k, q_pos, shuffled, 0.25))
 
 
-def test_h2o_prompt_keeps_the_reference_sets_and_scores():
-    q, k, q_pos, k_pos = prompt(2, 4, 2, 600, 16, (0, 100), seed=3)
+@pytest.mark.parametrize("pads", [(0, 100), (0, 0)])
+def test_h2o_prompt_keeps_the_reference_sets_and_scores(pads):
+    q, k, q_pos, k_pos = prompt(2, 4, 2, 600, 16, pads, seed=3)
     v = torch.randn(2, 2, 600, 16)
     score = torch.zeros(2, 2, 0)
     got = h2o_prompt(q, k, v, q_pos, k_pos, score, 0.25, 40, 0.0, 20, 0.0)
@@ -85,3 +88,16 @@ def test_h2o_prefill_in_the_model_equals_the_reference_backend(compiled_tiny):
             assert [[sorted(h[h >= 0].tolist()) for h in row] for row in kp_x] == \
                    [[sorted(h[h >= 0].tolist()) for h in row] for row in kp_y]
     assert (got - want).abs().max() <= 1e-4
+
+
+def test_h2o_prefill_without_padding_in_the_model_equals_the_reference_backend(compiled_tiny):
+    """One unpadded 700-token prompt (the causal-tile path): kept positions and scores after prefill equal the references'."""
+    sg = H2O(heavy=0.1, recent=32).run(compiled_tiny("tiny-llama").step_graph.copy(), PassContext())
+    fast, ref = CompiledModel(sg, backend="torch"), CompiledModel(sg, backend=COMPACTING)
+    ids, mask = left_padded_batch(256, [700], seed=8)
+    states = []
+    for cm in (fast, ref):
+        _, _, state = decode_loop(cm, ids, mask, 0)
+        states.append([state_of(cm, state, n) for n in ("key_positions0", "attn_score0", "key_positions1", "attn_score1")])
+    assert all(torch.equal(a, b) for a, b in zip(*states))
+    assert states[0][0].shape[-1] == 70 + 32

@@ -37,7 +37,8 @@ def slot_probs(q, k, q_pos, k_pos, scale, key_bias=None) -> torch.Tensor:
     B, H, _, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
     g = H // Hk
-    s = torch.matmul(_f32(q).reshape(B, Hk, g, D), _f32(k).transpose(-1, -2)).mul_(scale)  # [B, Hk, g, S]
+    # one bmm over the B * Hk heads (the cache view folds its two leading dims without a copy)
+    s = torch.bmm(_f32(q).reshape(B * Hk, g, D), _f32(k).flatten(0, 1).transpose(1, 2)).view(B, Hk, g, S).mul_(scale)
     if key_bias is not None:
         s = s + key_bias.float().view(B, Hk, g, S)
     # visible: a valid slot at or before the query; a padding query (-1) sees every valid slot (q_lift)
@@ -55,8 +56,8 @@ def attend_slots(q, k, v, q_pos, k_pos, scale, key_bias=None) -> torch.Tensor:
     p = slot_probs(q, k, q_pos, k_pos, scale, key_bias)
     if not torch.compiler.is_compiling():
         _LAST.entry = (q, k, q_pos, k_pos, key_bias, scale, p)
-    out = torch.matmul(p, _f32(v))  # [B, Hk, g, Dv]
-    return out.reshape(B, H, 1, v.shape[-1]).to(v.dtype)
+    out = torch.bmm(p.view(-1, *p.shape[2:]), _f32(v).flatten(0, 1))  # [B * Hk, g, Dv]
+    return out.view(B, H, 1, v.shape[-1]).to(v.dtype)
 
 
 def step_probs(q, k, q_pos, k_pos, scale, key_bias=None) -> torch.Tensor:

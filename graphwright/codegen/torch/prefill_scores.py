@@ -47,18 +47,36 @@ def prompt_colsum(q, k, q_pos, k_pos, scale, key_bias=None) -> torch.Tensor:
     g = H // Hk
     out = torch.zeros(B, Hk, S, dtype=torch.float32, device=q.device)
     kf = k.float().transpose(-1, -2)
+    padded = bool((q_pos < 0).any())
+    neg = torch.finfo(torch.float32).min
     for t0 in range(0, T, ROW_CHUNK):
         t1 = min(t0 + ROW_CHUNK, T)
         n = S if t1 == T else t1  # keys 0..n-1: every key a row of this block can see
         qc = q[:, :, t0:t1].float().reshape(B, Hk, g, t1 - t0, D)
-        s = torch.matmul(qc, kf[:, :, None, :, :n]) * scale  # [B, Hk, g, t, n]
+        s = torch.matmul(qc, kf[:, :, None, :, :n]).mul_(scale)  # [B, Hk, g, t, n]
         if key_bias is not None:
             s = s + key_bias.float().view(B, Hk, g, 1, S)[..., :n]
         qp = q_pos[:, t0:t1]
-        s = s.masked_fill(~visible_mask(qp, k_pos[..., :n]), torch.finfo(torch.float32).min)
-        p = torch.softmax(s, dim=-1) * (qp >= 0)[:, None, None, :, None]
+        if padded:  # the reference's mask and padding rows zeroed
+            s = s.masked_fill(~visible_mask(qp, k_pos[..., :n]), neg)
+            p = torch.softmax(s, dim=-1) * (qp >= 0)[:, None, None, :, None]
+        else:  # no padding: keys before t0 are visible to the whole block, the t x t tile is causal
+            s[..., t0:n].masked_fill_(_after(t1 - t0, q.device), neg)  # the same places the reference masks
+            p = torch.softmax(s, dim=-1)  # every row is real (the reference multiplies by 1)
         out[..., :n] += p.sum(dim=3).mean(dim=2)
     return out
+
+
+_TILES: dict = {}
+
+
+def _after(t: int, device) -> torch.Tensor:
+    """[t, t] bool: key b after query a (b > a) inside one block's diagonal tile."""
+    key = str(device)
+    tile = _TILES.get(key)
+    if tile is None:
+        tile = _TILES[key] = torch.ones(ROW_CHUNK, ROW_CHUNK, dtype=torch.bool, device=device).triu(1)
+    return tile[:t, :t]
 
 
 def h2o_prompt(q, k, v, q_pos, k_pos, score, scale, heavy_n, heavy_f, recent_n, recent_f, key_bias=None):
