@@ -44,6 +44,14 @@ costs the same one host read as H2O's fraction budgets: does some head keep all 
 Slots never shrink: a cache is as wide as the largest kept set so far (the reference compacts
 to the current one). Every ladder policy runs on slots; none falls back.
 
+Per-step cost (every layer runs this at every step, so op count is what matters on CPU): the
+tensors derived from the step's positions (row lengths, budgets' thresholds, the leaving
+StreamingLLM position, the padding-row mask, RoPE inversion angles) are built by the first layer
+of a step and reused by the others (``step_memo.py``); the new token's rows move with one
+``index_select`` + ``index_copy_`` per tensor on the buffer's flat row view; the first empty slot
+is one ``amin`` over slot indices. H2O's prompt step scores each block of query rows over its
+causal key range only (``prefill_scores.py``: same values bit for bit, about half the work).
+
 Invariant assumed: the cache entering a decode step is the kept set of the previous step (left
 by the reference at prefill or by these functions), so at most one token leaves per step for
 H2O and StreamingLLM (any number for FastGen, whose slots are emptied by mask).
