@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ...capture.ops import visible_mask
 from .decode_probs import attend_slots
+from .step_memo import step_info
 
 
 def _plain_causal(q_pos, k_pos, T: int, S: int) -> bool:
@@ -74,10 +75,22 @@ def _step_mask(q_pos, k_pos, window: int, sinks: int):
     m = _LAST_MASK.entry
     if m and m[0] is q_pos and m[1] is k_pos and m[2] == window and m[3] == sinks:
         return m[4]
+    if not window and not sinks and q_pos.shape[1] == 1 and _all_visible(q_pos, k_pos):
+        _LAST_MASK.entry = (q_pos, k_pos, window, sinks, None)
+        return None
     mask = visible_mask(q_pos, k_pos, window, sinks)
     full = None if bool(mask.all()) else mask  # the one host read per step
     _LAST_MASK.entry = (q_pos, k_pos, window, sinks, full)
     return full
+
+
+def _all_visible(q_pos, k_pos) -> bool:
+    """A single query per row sees every slot of ``k_pos`` (no window): every slot valid and none past the
+    earliest query (a padding query, lifted past every position, sees every valid slot). One host read;
+    False means "build the mask and look" (the eviction layers have a ``k_pos`` per layer, so the identity
+    memo misses there and this replaces a mask build per layer)."""
+    lift = step_info(q_pos).q_lift.view(-1)  # [B]
+    return bool((k_pos.amin() >= 0) & (k_pos.reshape(lift.shape[0], -1).amax(dim=1) <= lift).all())
 
 
 def attention_sdpa(q, k, v, q_pos, k_pos, scale, window=0, key_bias=None, sinks=0):

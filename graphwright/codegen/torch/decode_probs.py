@@ -20,6 +20,8 @@ import threading
 
 import torch
 
+from .step_memo import step_info
+
 
 class _LastProbs(threading.local):
     """Per thread (concurrent generations on one model): (q, k, q_pos, k_pos, key_bias, scale, P) of
@@ -35,13 +37,17 @@ def slot_probs(q, k, q_pos, k_pos, scale, key_bias=None) -> torch.Tensor:
     B, H, _, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
     g = H // Hk
-    s = torch.matmul(q.float().reshape(B, Hk, g, D), k.float().transpose(-1, -2)) * scale  # [B, Hk, g, S]
+    # one bmm over the B * Hk heads (the cache view folds its two leading dims without a copy)
+    s = torch.bmm(_f32(q).reshape(B * Hk, g, D), _f32(k).flatten(0, 1).transpose(1, 2)).view(B, Hk, g, S).mul_(scale)
     if key_bias is not None:
         s = s + key_bias.float().view(B, Hk, g, S)
-    qp = q_pos.view(B, 1, 1)
-    visible = (k_pos >= 0) & ((k_pos <= qp) | (qp < 0))
-    s = s.masked_fill(~visible[:, :, None], torch.finfo(torch.float32).min)
-    return torch.softmax(s, dim=-1)
+    # visible: a valid slot at or before the query; a padding query (-1) sees every valid slot (q_lift)
+    visible = (k_pos >= 0) & (k_pos <= step_info(q_pos).q_lift)
+    return torch.softmax(torch.where(visible[:, :, None], s, torch.finfo(torch.float32).min), dim=-1)
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def attend_slots(q, k, v, q_pos, k_pos, scale, key_bias=None) -> torch.Tensor:
@@ -50,8 +56,8 @@ def attend_slots(q, k, v, q_pos, k_pos, scale, key_bias=None) -> torch.Tensor:
     p = slot_probs(q, k, q_pos, k_pos, scale, key_bias)
     if not torch.compiler.is_compiling():
         _LAST.entry = (q, k, q_pos, k_pos, key_bias, scale, p)
-    out = torch.matmul(p, v.float())  # [B, Hk, g, Dv]
-    return out.reshape(B, H, 1, v.shape[-1]).to(v.dtype)
+    out = torch.bmm(p.view(-1, *p.shape[2:]), _f32(v).flatten(0, 1))  # [B * Hk, g, Dv]
+    return out.view(B, H, 1, v.shape[-1]).to(v.dtype)
 
 
 def step_probs(q, k, q_pos, k_pos, scale, key_bias=None) -> torch.Tensor:

@@ -44,6 +44,14 @@ costs the same one host read as H2O's fraction budgets: does some head keep all 
 Slots never shrink: a cache is as wide as the largest kept set so far (the reference compacts
 to the current one). Every ladder policy runs on slots; none falls back.
 
+Per-step cost (every layer runs this at every step, so op count is what matters on CPU): the
+tensors derived from the step's positions (row lengths, budgets' thresholds, the leaving
+StreamingLLM position, the padding-row mask, RoPE inversion angles) are built by the first layer
+of a step and reused by the others (``step_memo.py``); the new token's rows move with one
+``index_select`` + ``index_copy_`` per tensor on the buffer's flat row view; the first empty slot
+is one ``amin`` over slot indices. H2O's prompt step scores each block of query rows over its
+causal key range only (``prefill_scores.py``: same values bit for bit, about half the work).
+
 Invariant assumed: the cache entering a decode step is the kept set of the previous step (left
 by the reference at prefill or by these functions), so at most one token leaves per step for
 H2O and StreamingLLM (any number for FastGen, whose slots are emptied by mask).
@@ -71,12 +79,15 @@ import threading
 
 import torch
 
-from ...ops.eviction import EVICT_FASTGEN, EVICT_H2O, EVICT_STREAMING, ROPE_CACHE_INDEX
+from ...ops.eviction import EVICT_FASTGEN, EVICT_H2O, EVICT_STREAMING, ROPE_CACHE_INDEX, ROPE_INVERT
 from ...ops.eviction_ref import PUNCT, SPECIAL, budget, h2o_reference, streaming_reference
 from ...ops.fastgen_ref import FULL, fastgen_reference
-from .cache_append import cache_append, keep_prefix
+from ...ops.rope_index_ref import _rotate, rope_angles, rope_invert_reference
+from .cache_append import _owned_tail, _view, cache_append, keep_prefix
 from .decode_probs import step_probs
+from .prefill_scores import h2o_prompt
 from .rope_table import rope_cos_sin, rotate_rows
+from .step_memo import arange, memo, memo_tensor, step_info
 
 
 def _slot_decode(q_pos, k, v, k_pos, extras=()) -> bool:
@@ -98,21 +109,62 @@ def place_new_token(tensors, k_pos, over, victim, static: bool):
     in place. ``over`` [B, Hk] bool, ``victim`` [B, Hk] long (may be S: the new token itself is
     dropped). ``static``: the caller knows every head under budget has an empty slot (token-count
     budgets), so no sync. Returns the views to hand back (S or S + 1 slots).
+
+    Each tensor's rows are moved in its buffer seen as a flat [rows, ...] view (row (b * Hk + h) * cap + slot):
+    one ``index_select`` of the B*Hk new rows and one ``index_copy_`` into their slots (a no-op copy
+    where j = S), instead of a broadcast index per tensor. The first empty slot is one ``amin`` over
+    slot indices (S when there is none, or when only slot S itself is empty: a padding row's new token).
     """
     B, Hk, S1 = k_pos.shape
     S = S1 - 1
-    empty = k_pos[..., :S] < 0
-    stay = torch.full_like(victim, S)
-    j = torch.where(over, victim, torch.where(empty.any(dim=-1), _first(empty), stay))
-    grow = (j == S) & ~over  # heads keeping the new token where it is
-    n = S if static or not bool(grow.any()) else S1  # the one sync, fraction budgets only
+    free = torch.where(k_pos < 0, arange(S1, k_pos.device), S).amin(dim=-1)  # first empty of 0..S-1, else S
+    j = torch.where(over, victim, free)
+    n = S
+    if not static:
+        grow = (j == S) & ~over  # heads keeping the new token where it is
+        n = S if not bool(grow.any()) else S1  # the one sync, fraction budgets only
+    rows = {}  # cap -> (destination rows, source rows)
+    out = []
     for x in tensors:
-        idx = j.view(B, Hk, 1, *([1] * (x.dim() - 3))).expand(*x.shape[:2], 1, *x.shape[3:])
-        x.scatter_(2, idx, x.narrow(2, S, 1).clone())
+        buf = _owned_tail(x, 2)
+        base = buf if buf is not None and buf.is_contiguous() else (x if x.is_contiguous() else None)
+        if base is None:  # a strided view this function cannot flatten: per-head index
+            bi, hi = _heads(B, Hk, x.device)
+            x[bi, hi, j] = x[:, :, S]
+            out.append(keep_prefix(x, 2, n))
+            continue
+        cap = base.shape[2]
+        if cap not in rows:
+            start = _row_starts(B, Hk, cap, x.device)
+            rows[cap] = ((start + j).view(-1), start.view(-1) + S)
+        dst, src = rows[cap]
+        flat = base.view(B * Hk * cap, *x.shape[3:])
+        flat.index_copy_(0, dst, flat.index_select(0, src))
+        out.append(x if n == S1 else (_view(buf, 2, n) if buf is not None else x.narrow(2, 0, n)))
     if n == S1:
-        last = k_pos[..., S]
-        last.copy_(torch.where(grow, last, torch.full_like(last, -1)))
-    return [keep_prefix(x, 2, n) for x in tensors]
+        k_pos[..., S].masked_fill_(~grow, -1)
+    return out
+
+
+def _row_starts(B: int, Hk: int, cap: int, device) -> torch.Tensor:
+    """[B, Hk] long: the flat row of slot 0 of each (row, head) in a contiguous [B, Hk, cap, ...] buffer."""
+    return memo_tensor(("row_starts", B, Hk, cap, str(device)), lambda: arange(B * Hk, device).view(B, Hk) * cap)
+
+
+_HEADS: dict = {}
+
+
+def _heads(B: int, Hk: int, device):
+    """(row, head) index tensors [B, Hk] pairing with a per-head slot index (kept per shape)."""
+    key = (B, Hk, device)
+    hit = _HEADS.get(key)
+    if hit is None or torch.compiler.is_compiling():
+        hit = (torch.arange(B, device=device)[:, None].expand(B, Hk), torch.arange(Hk, device=device)[None].expand(B, Hk))
+        if not torch.compiler.is_compiling():
+            if len(_HEADS) > 256:
+                _HEADS.clear()
+            _HEADS[key] = hit
+    return hit
 
 
 def decode_colsum(q, k, q_pos, k_pos, scale, key_bias=None) -> torch.Tensor:
@@ -124,7 +176,7 @@ def decode_colsum(q, k, q_pos, k_pos, scale, key_bias=None) -> torch.Tensor:
     """
     # the probabilities the same layer's attention computed on these tensors, if it did (decode_probs.py)
     p = step_probs(q, k, q_pos, k_pos, scale, key_bias)  # [B, Hk, g, S]
-    return p.mean(dim=2) * (q_pos.view(-1, 1, 1) >= 0)
+    return p.mean(dim=2) * step_info(q_pos).real
 
 
 # ----------------------------------------------------------------------------------- H2O
@@ -132,6 +184,8 @@ def h2o_slots(q, k, v, q_pos, k_pos, score, scale, heavy_n, heavy_f, recent_n, r
     """``evict_h2o`` on slots at decode (reference at prefill). -> (k, v, k_pos, score)."""
     S1 = k_pos.shape[2]
     if not _slot_decode(q_pos, k, v, k_pos) or score.shape[2] != S1 - 1 or score.dtype != torch.float32:
+        if q_pos.shape[1] > 1 and score.shape[2] == 0:  # a prompt from an empty cache: causal-range scores (same values)
+            return h2o_prompt(q, k, v, q_pos, k_pos, score, scale, heavy_n, heavy_f, recent_n, recent_f, key_bias)
         return h2o_reference(q, k, v, q_pos, k_pos, score, scale, heavy_n, heavy_f, recent_n, recent_f, key_bias)
     B, Hk = k_pos.shape[:2]
     score = cache_append(score, score.new_zeros(B, Hk, 1), 2)
@@ -139,17 +193,19 @@ def h2o_slots(q, k, v, q_pos, k_pos, score, scale, heavy_n, heavy_f, recent_n, r
     static = heavy_f == 0 and recent_f == 0
     if static and S1 <= heavy_n + recent_n:
         return k, v, k_pos, score  # under budget everywhere: the appended views as they are
-    length = q_pos.max(dim=1).values + 1
+    info = step_info(q_pos)  # per-step tensors shared by every layer (step_memo.py)
     if static:  # token counts: the budgets are the counts themselves (no per-row budget tensors)
-        cand = (k_pos >= 0) & (k_pos < (length - recent_n)[:, None, None])
-        over = cand.sum(dim=-1) > heavy_n
+        first_recent = memo(info, ("h2o", recent_n), lambda: (info.length - recent_n)[:, None, None])
+        heavy = heavy_n
     else:
-        recent = budget(recent_n, recent_f, length)[:, None, None]
-        cand = (k_pos >= 0) & (k_pos < length[:, None, None] - recent)
-        over = cand.sum(dim=-1) > budget(heavy_n, heavy_f, length)[:, None]
-    s = score.masked_fill(~cand, float("inf"))
-    tie = cand & (s == s.min(dim=-1, keepdim=True).values)
-    victim = torch.where(tie, k_pos, torch.full_like(k_pos, -1)).argmax(dim=-1)  # lowest score, latest position
+        first_recent, heavy = memo(info, ("h2o", heavy_n, heavy_f, recent_n, recent_f), lambda: (
+            info.length[:, None, None] - budget(recent_n, recent_f, info.length)[:, None, None],
+            budget(heavy_n, heavy_f, info.length)[:, None]))
+    cand = (k_pos >= 0) & (k_pos < first_recent)
+    over = cand.sum(dim=-1) > heavy
+    s = torch.where(cand, score, float("inf"))
+    # lowest score, latest position (a head without candidates is not over budget: its victim is unused)
+    victim = torch.where(s == s.amin(dim=-1, keepdim=True), k_pos, -1).argmax(dim=-1)
     return tuple(place_new_token((k, v, k_pos, score), k_pos, over, victim, static))
 
 
@@ -160,8 +216,13 @@ def streaming_slots(k, v, q_pos, k_pos, sinks, window):
         return streaming_reference(k, v, q_pos, k_pos, sinks, window)
     if k_pos.shape[2] <= sinks + window:
         return k, v, k_pos
-    old = (q_pos.max(dim=1).values - window)[:, None, None]  # L - 1 - window
-    hit = (k_pos == old) & (old >= sinks)
+    info = step_info(q_pos)
+
+    def leaving():  # position L - 1 - window, or -2 (no slot) where it is a sink
+        old = (info.length - 1 - window)[:, None, None]
+        return torch.where(old >= sinks, old, -2)
+
+    hit = k_pos == memo(info, ("streaming", sinks, window), leaving)
     return tuple(place_new_token((k, v, k_pos), k_pos, hit.any(dim=-1), _first(hit), static=True))
 
 
@@ -279,9 +340,27 @@ def rope_cache_index_ranked(q, k, k_pos, inv_freq, scaling: float):
     return q_rot, rotate_rows(k, cos, sin)
 
 
+# ----------------------------------------------------------------------------------- RoPE inversion
+def rope_invert_fast(x, pos, inv_freq, scaling: float):
+    """``rope_index_ref.rope_invert_reference`` with the angles of the step's positions computed once per step.
+
+    Every StreamingLLM layer inverts its query and new key at the same ``pos`` (the step's positions
+    tensor): the first call of a step computes cos/sin (``rope_angles``, the reference's own function,
+    so the result is bit-identical) and the others reuse them (``step_memo``)."""
+    if torch.compiler.is_compiling():
+        return rope_invert_reference(x, pos, inv_freq, scaling)
+    info = step_info(pos)
+    hit = info.extra.get(("rope_invert", id(inv_freq)))
+    if hit is None or hit[0] is not inv_freq:
+        cos, sin = rope_angles(pos, inv_freq)
+        hit = info.extra[("rope_invert", id(inv_freq))] = (inv_freq, cos[:, None], -sin[:, None])
+    return _rotate(x, hit[1], hit[2], 1.0 / scaling)
+
+
 SLOT_OVERRIDES = {
     EVICT_H2O: h2o_slots,
     EVICT_STREAMING: streaming_slots,
     EVICT_FASTGEN: fastgen_slots,
     ROPE_CACHE_INDEX: rope_cache_index_ranked,
+    ROPE_INVERT: rope_invert_fast,
 }
