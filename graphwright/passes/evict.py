@@ -46,9 +46,11 @@ from __future__ import annotations
 from typing import Callable
 
 from ..errors import RecipeError
+from ..ops.adakv_scored import EVICT_ADAKV_SCORED
 from ..ops.policy_scored import policy_for
 from ..ops.scorers import CHUNKKV, SCORERS
 from .base import MAX_TOKENS, Arg, PassContext, register_pass
+from .packed_rewrite import rewrite_packed
 from .eviction_common import LAYERS_ARG, EvictionPass, find_sites, frac_or_count, insert_policy, latent_settings, rewrite_layers
 from .streaming import find_rotary
 
@@ -151,6 +153,7 @@ class Evict(EvictionPass):
         }
         if self.rule == "pyramid":
             self.params["beta"] = float(v["beta"] if v["beta"] is not None else 20.0)
+        self.floor_alpha = 0.2 if v["floor"] is None else float(v["floor"])
         if self.rule == "adaptive":
             self.delegate = self._adaptive(v, n)
 
@@ -178,16 +181,52 @@ class Evict(EvictionPass):
             raise RecipeError(f"evict: kernel={v['kernel']} must be odd (centred pooling)")
 
     def _adaptive(self, v, n):
-        """Ada-KV: only as SnapKV after prefill, through ``snapkv(heads='adaptive')``'s packed cache."""
-        if self.score != "snapkv" or self.mode != "prefill" or not n or v["sinks"] or v["chunk"] or v["pool"] == "max":
-            raise RecipeError("evict: rule='adaptive' (Ada-KV, arXiv 2407.11550) is implemented for score='snapkv', "
-                              "when='prefill', an int budget, no sinks, no chunks and pool='mean' (it runs "
-                              "snapkv(heads='adaptive')'s packed cache); other scorers would need that packed path per "
-                              f"scorer and step. Got score={self.score!r}, when={self.mode!r}, budget={self.budget!r}")
-        from .snapkv import SnapKV
+        """Ada-KV: snapkv after prefill runs ``snapkv(heads='adaptive')`` (same op and fast paths); any other
+        per-head scorer runs ``evict_adakv_scored`` on the same packed cache (``run``)."""
+        if self.scorer.shared:
+            raise RecipeError(f"evict: rule='adaptive' needs per-head scores, and score={self.score!r} gives every KV "
+                              "head the same set (one score per layer), so there is nothing to spread across heads; "
+                              "use rule='fixed' or a per-head scorer (snapkv, knorm, keydiff, expected_attention, chunkkv)")
+        if self.scorer.stateful:
+            raise RecipeError(f"evict: rule='adaptive' with score={self.score!r} is refused: the cumulative score is "
+                              "running per-slot state, which the packed Ada-KV cache does not carry; use score='snapkv' "
+                              "(the prompt's window attention) for attention-based Ada-KV")
+        if self.mode != "prefill":
+            raise RecipeError(f"evict: rule='adaptive' (Ada-KV, arXiv 2407.11550) splits a layer's budget once, after "
+                              f"prefill, into a packed ragged cache; got when={self.mode!r}. Use when='prefill'")
+        if (self.score == "snapkv" and n and not self.params["budget_f"] and not v["sinks"] and not v["chunk"]
+                and v["pool"] != "max"):
+            from .snapkv import SnapKV
 
-        return SnapKV(budget=n, window=self.params["window"], kernel=self.params["kernel"], pool=self.params["smooth"],
-                      heads="adaptive", floor=0.2 if v["floor"] is None else v["floor"], layers=v["layers"])
+            return SnapKV(budget=n, window=self.params["window"], kernel=self.params["kernel"], pool=self.params["smooth"],
+                          heads="adaptive", floor=self.floor_alpha, layers=v["layers"])
+        return None
+
+    def _run_adaptive(self, sg):
+        p = self.params
+        params = {k: p[k] for k in ("scorer", "budget_n", "budget_f", "sinks", "window", "kernel", "smooth", "pool",
+                                    "chunk", "chunk_heads", "n_future", "eps")}
+        params["floor"] = self.floor_alpha
+
+        tables = {}  # the rotary tables, matched before the packed rewrite changes what attention reads
+        if self.scorer.rope:
+            for site in find_sites(sg, self.layer_set(sg.info)):
+                inv, scaling = find_rotary(sg.gm, site.attn)
+                tables[site.layer] = {"inv_freq": inv, "rope_scaling": float(scaling)}
+
+        def site_values(sg, site):
+            return tables.get(site.layer, {"inv_freq": None, "rope_scaling": 1.0})
+
+        layers = rewrite_packed(sg, "evict", params, self.layer_set(sg.info), op=EVICT_ADAKV_SCORED,
+                                site_values=site_values)
+        sg.notes["evict"] = {
+            "per_layer": {layer: {"budget": self.budget} for layer in layers},
+            "counts": {"layers_evicted": len(layers)},
+            "settings": {**self.values, "scorer": self.scorer.name, "paper": self.scorer.paper, "when": self.mode,
+                         "rule_text": f"Ada-KV (arXiv 2407.11550) head budgets over {self.scorer.rule}",
+                         "floor": self.floor_alpha, "packed": True},
+        }
+        return sg
 
     def is_identity(self) -> bool:
         return isinstance(self.budget, float) and self.budget >= 1.0
@@ -214,6 +253,8 @@ class Evict(EvictionPass):
         why = self.applies_to(sg)
         if why:
             raise RecipeError(f"evict: {why}")
+        if self.rule == "adaptive":
+            return self._run_adaptive(sg)
         policy = policy_for(self.scorer.name)
         num_layers = sg.info.num_layers
 

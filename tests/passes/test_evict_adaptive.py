@@ -1,0 +1,55 @@
+"""evict(score=..., rule='adaptive'): Ada-KV head budgets for any per-head prefill scorer on the packed cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphwright import RecipeError
+from graphwright.ops.adakv_scored import EVICT_ADAKV_SCORED
+from graphwright.passes.evict import Evict
+from tests.conftest import _compiled, left_padded_batch
+from tests.passes.eviction_helpers import decode_loop, run_pass
+from tests.passes.test_evict_scorers import dense, kept_every_step
+
+
+@pytest.mark.parametrize("score", ["knorm", "keydiff", "expected_attention", "chunkkv"])
+def test_budget_at_least_length_is_the_identity(score):
+    ids, mask, (want_logits, want) = dense("tiny-llama", steps=12)
+    ev = run_pass(_compiled("tiny-llama"), Evict(score=score, budget=64, rule="adaptive"))
+    assert any(n.target is EVICT_ADAKV_SCORED for n in ev.step_graph.gm.graph.nodes)
+    logits, toks, _ = decode_loop(ev, ids, mask, 12)
+    assert torch.equal(toks, want)
+    assert (logits - want_logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("score", ["knorm", "keydiff", "expected_attention"])
+def test_heads_are_ragged_and_the_layer_keeps_its_total(score):
+    cm = _compiled("tiny-llama")
+    hk = cm.info.num_kv_heads
+    ids, mask = left_padded_batch(256, [30, 24], seed=7)
+    seen, _, toks = kept_every_step(run_pass(cm, Evict(score=score, budget=10, window=2, rule="adaptive", floor=0.0)),
+                                    ids, mask, 3)
+    ragged = False
+    for layer in seen[0]:
+        for row in layer:
+            sizes = [len(h) for h in row]
+            assert abs(sum(sizes) - hk * 10) <= hk  # Ada-KV keeps the layer's Hk * budget (rounding +- Hk)
+            ragged |= len(set(sizes)) > 1
+    assert ragged
+    after = seen[-1]  # decode appends one token per head per step
+    assert all(len(a) == len(p) + 3 for la, lp in zip(after, seen[0]) for ra, rp in zip(la, lp) for a, p in zip(ra, rp))
+    uniform, _, _ = kept_every_step(run_pass(cm, Evict(score=score, budget=10, window=2, rule="adaptive", floor=1.0)),
+                                    ids, mask, 0)
+    assert all(len(h) == 10 for layer in uniform[0] for row in layer for h in row)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (dict(score="tova", budget=6, rule="adaptive"), "same set"),
+    (dict(score="h2o", budget=6, when="prefill", rule="adaptive"), "running per-slot state"),
+    (dict(score="knorm", budget=6, when="decode", rule="adaptive"), "once, after prefill"),
+])
+def test_refusals(args, msg):
+    with pytest.raises(RecipeError, match=msg):
+        Evict(**args)
+
