@@ -37,9 +37,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .adakv_scored import EVICT_ADAKV_SCORED  # noqa: F401
 from .eviction_policy import EVICT_OPS, POLICIES, REFERENCES, EvictionPolicy, register_policy  # noqa: F401
 from .latent_attention import rebuild_keys
-from .adakv_scored import EVICT_ADAKV_SCORED  # noqa: F401
 from .policy_adakv import EVICT_ADAKV, PACKED_OPS  # noqa: F401
 from .policy_fastgen import EVICT_FASTGEN, FASTGEN_POLICY  # noqa: F401
 from .policy_h2o import EVICT_H2O, H2O_POLICY  # noqa: F401
