@@ -9,7 +9,10 @@ table ``inv_freq`` as a per-step input: Expected Attention). Per layer and step:
    of a KV head, to the running score (new slots start at 0), evicting or not;
 2. schedule ``when``: ``prefill`` (the step whose cache was empty: S == T), ``decode`` (every
    step, prefill included), ``every`` (prefill and the decode steps where the row's length is a
-   multiple of ``every``), ``overflow`` (a head holds more than budget + ``slack`` tokens);
+   multiple of ``every``), ``overflow`` (a head holds more than budget + ``slack`` tokens), ``block``
+   (KeyDiff's block-wise prefill, arXiv 2504.15364: a prompt step -- the cache was empty, or T > 1
+   tokens, a chunk of a prompt the runtime runs in blocks -- whose heads hold more than the budget;
+   decode steps of one token append);
 3. budget per row: ``budget_n + floor(budget_f * L)`` tokens per KV head (L = the row's length),
    sinks (positions < ``sinks``) and the recent ``window`` included and always kept; rule
    ``pyramid`` (``beta`` > 0): PyramidKV's layer share of the evictable budget
@@ -34,7 +37,7 @@ from .eviction_ref import budget, colsum, compact, row_length, topk_mask
 from .scorers import SCORERS, ScoreInputs
 from .scorers.chunkkv import chunk_keep
 
-WHEN = ("prefill", "decode", "every", "overflow")
+WHEN = ("prefill", "decode", "every", "overflow", "block")
 
 
 def schedule(when: str, every: int, slack: int, S: int, T: int, length, count, cap) -> torch.Tensor:
@@ -48,6 +51,8 @@ def schedule(when: str, every: int, slack: int, S: int, T: int, length, count, c
         do = torch.full((B,), S == T, dtype=torch.bool) | (length % max(every, 1) == 0)
     elif when == "overflow":
         do = count.amax(dim=1) > cap + slack
+    elif when == "block":  # a prompt step (empty cache, or a chunk of T > 1 tokens) that overflows the budget
+        do = (count.amax(dim=1) > cap) & torch.tensor(S == T or T > 1, device=cap.device)
     else:
         raise ValueError(f"evict_scored: when={when!r}; allowed: {', '.join(WHEN)}")
     return do.to(length.device)[:, None, None]

@@ -16,7 +16,13 @@ the generic scored eviction op (``ops/policy_scored.py``) after every chosen lay
   with SnapKV after prefill, run by ``snapkv(heads="adaptive")``'s packed path);
 * ``sinks`` (first positions always kept), ``window`` (recent tokens always kept; SnapKV's
   observation window), ``pool`` (GQA mean|max), ``kernel``/``smooth`` (SnapKV's 1-D pooling),
-  ``chunk``/``chunk_heads`` (ChunkKV), ``n_future``/``eps`` (Expected Attention), ``slack``.
+  ``chunk``/``chunk_heads`` (ChunkKV), ``n_future``/``eps`` (Expected Attention), ``slack``;
+* ``block=N`` (KeyDiff's block-wise prefill, arXiv 2504.15364, ALGORITHMS-2 §6d): the pass records
+  ``notes["prefill_chunk"] = N`` and ``CompiledModel``'s runtime runs the prompt as steps of N tokens
+  (``runtime.generate.prompt_blocks``: cut from the prompt's end, the first block holds the
+  remainder, since left padding aligns rows at their end); after each block every head evicts back to
+  the budget (schedule ``block``), so a head never holds more than budget + N; decode appends.
+  Prompt-query scorers (snapkv, expected_attention) and ``rule='adaptive'`` are refused with it.
 
 Keys stay post-RoPE at their original positions: positions travel with the cache as per-head
 ``k_pos`` and attention masks by them, so eviction never re-rotates keys (the issue's
@@ -108,6 +114,8 @@ class Evict(EvictionPass):
         Arg("chunk_heads", str, None, "ChunkKV: sum chunk scores over KV heads (one set) or each head", choices=("sum", "each")),
         Arg("n_future", int, None, "expected_attention: future positions averaged (default 512)", min=1, max=1 << 20),
         Arg("eps", float, None, "expected_attention: added to p before the value norm (default 0)", min=0.0, max=1e6),
+        Arg("block", int, None, "KeyDiff block-wise prefill: the runtime runs the prompt in blocks of N tokens and each "
+            "block evicts back to budget (peak cache <= budget + N per head)", min=2, max=MAX_TOKENS),
         Arg("slack", int, None, "overflow: evict when a head holds more than budget + slack (default 0)", min=0, max=MAX_TOKENS),
         LAYERS_ARG,
     )
@@ -129,6 +137,9 @@ class Evict(EvictionPass):
         s = self.scorer
         when, self.every_n = parse_when(self.when, self.every)
         self.mode = when or s.default_when
+        if v["block"] is not None:
+            self._check_block(v, when, s)
+            self.mode = "block"
         if s.prefill_only and self.mode != "prefill":
             raise RecipeError(f"evict: score={self.score!r} needs the prompt's queries ({s.rule}), so it runs only "
                               f"when='prefill'; got when={self.mode!r}. For per-step eviction use score='tova' "
@@ -156,6 +167,18 @@ class Evict(EvictionPass):
         self.floor_alpha = 0.2 if v["floor"] is None else float(v["floor"])
         if self.rule == "adaptive":
             self.delegate = self._adaptive(v, n)
+
+    def _check_block(self, v, when, s):
+        if when not in (None, "prefill"):
+            raise RecipeError(f"evict: block={v['block']} is a prefill schedule (the prompt in blocks, each evicted back "
+                              f"to budget; decode appends); it cannot be combined with when={when!r}")
+        if s.prefill_only:
+            raise RecipeError(f"evict: block= with score={self.score!r} is refused: it scores with the whole prompt's "
+                              "queries (observation window / query statistics), which a block does not have; use a "
+                              "key-only scorer ('keydiff', the paper's, or 'knorm') or 'tova'/'h2o'")
+        if self.rule == "adaptive":
+            raise RecipeError("evict: block= with rule='adaptive' is refused: Ada-KV's packed cache is split once, on "
+                              "an empty cache, and cannot be re-split block by block")
 
     def _refuse_unused(self, v, s, chunkkv):
         def no(arg, why):
@@ -268,6 +291,8 @@ class Evict(EvictionPass):
             return insert_policy(sg, ed, site, policy, params, **inputs)
 
         layers = rewrite_layers(sg, f"evict_{self.scorer.name}", build, self.layer_set(sg.info))
+        if self.mode == "block":
+            sg.notes["prefill_chunk"] = self.block  # CompiledModel's runtime runs the prompt in these blocks
         sg.notes["evict"] = {
             "per_layer": {layer: {"budget": self.budget} for layer in layers},
             "counts": {"layers_evicted": len(layers)},

@@ -1,4 +1,5 @@
-"""evict(score=..., rule='adaptive'): Ada-KV head budgets for any per-head prefill scorer on the packed cache."""
+"""evict(score=..., rule='adaptive'): Ada-KV head budgets for any per-head prefill scorer on the packed cache;
+evict(score='keydiff', block=N): KeyDiff's block-wise prefill through the runtime."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import pytest
 import torch
 
 from graphwright import RecipeError
+from graphwright.capture.step_graph import positions_from_mask
 from graphwright.ops.adakv_scored import EVICT_ADAKV_SCORED
 from graphwright.passes.evict import Evict
+from graphwright.passes.eviction_common import positions_name
+from graphwright.runtime.generate import prompt_blocks
 from tests.conftest import _compiled, left_padded_batch
-from tests.passes.eviction_helpers import decode_loop, run_pass
+from tests.passes.eviction_helpers import decode_loop, run_pass, state_of
 from tests.passes.test_evict_scorers import dense, kept_every_step
 
 
@@ -53,3 +57,47 @@ def test_refusals(args, msg):
     with pytest.raises(RecipeError, match=msg):
         Evict(**args)
 
+
+
+def _kept(cm, state):
+    return [[[sorted(int(p) for p in row if p >= 0) for row in heads] for heads in state_of(cm, state, positions_name(layer))]
+            for layer in range(cm.info.num_layers)]
+
+
+def test_keydiff_block_prefill_runs_the_prompt_in_blocks():
+    cm = _compiled("tiny-llama")
+    ids, mask = left_padded_batch(256, [19, 13], seed=8)
+    ev = run_pass(cm, Evict(score="keydiff", block=4, budget=6, window=1))
+    assert ev._runtime.prefill_chunk == 4
+    ctx = ev.prefill(ids, mask)
+    got = _kept(ev, ctx.state)
+    # the block loop by hand: blocks of 4 from the prompt's end through the lowered step
+    state = ev.runtime_graph.init_state(2)
+    pos = positions_from_mask(mask)
+    for a, b in prompt_blocks(ids.shape[1], 4):
+        logits, state = ev._step(ids[:, a:b], pos[:, a:b], torch.tensor([b - a - 1]), state)
+    assert got == _kept(ev, state)
+    assert torch.equal(ctx.last_logits, logits[:, -1])
+    assert all(len(h) == 6 for layer in got for row in layer for h in row)
+    one_shot = run_pass(cm, Evict(score="keydiff", when="prefill", budget=6, window=1))
+    assert _kept(one_shot, one_shot.prefill(ids, mask).state) != got  # block-wise is not one-shot scoring
+
+
+def test_keydiff_block_with_budget_over_length_is_the_identity():
+    cm = _compiled("tiny-llama")
+    ids, mask = left_padded_batch(256, [19, 13], seed=9)
+    ev = run_pass(cm, Evict(score="keydiff", block=4, budget=64))
+    want = cm.generate(ids, attention_mask=mask, max_new_tokens=12)
+    assert torch.equal(ev.generate(ids, attention_mask=mask, max_new_tokens=12), want)
+    diff = (ev._runtime.logits(ids, mask) - cm._runtime.logits(ids, mask)).abs().amax(-1)
+    assert diff[mask.bool()].max() <= 1e-4  # every real prompt position (padding positions' logits are meaningless)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (dict(score="snapkv", block=4, budget=6), "whole prompt's queries"),
+    (dict(score="keydiff", block=4, budget=6, when="decode"), "prefill schedule"),
+    (dict(score="knorm", block=4, budget=6, rule="adaptive"), "re-split block by block"),
+])
+def test_block_refusals(args, msg):
+    with pytest.raises(RecipeError, match=msg):
+        Evict(**args)
