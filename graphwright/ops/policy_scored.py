@@ -14,7 +14,9 @@ table ``inv_freq`` as a per-step input: Expected Attention). Per layer and step:
    tokens, a chunk of a prompt the runtime runs in blocks -- whose heads hold more than the budget;
    decode steps of one token append);
 3. budget per row: ``budget_n + floor(budget_f * L)`` tokens per KV head (L = the row's length),
-   sinks (positions < ``sinks``) and the recent ``window`` included and always kept; rule
+   sinks (positions < ``sinks``) and the recent ``window`` included and always kept (a fraction
+   window ``window_f``: floor(window_f * L) recent tokens, floored apart from the rest of the
+   budget, the way ``h2o(heavy=f, recent=r)`` floors its two parts); rule
    ``pyramid`` (``beta`` > 0): PyramidKV's layer share of the evictable budget
    (``adakv_ref.pyramid_budget``, mean over layers = the uniform budget);
 4. scores from the scorer, top-k per KV head of the evictable slots (ties: earliest slot), or
@@ -59,16 +61,17 @@ def schedule(when: str, every: int, slack: int, S: int, T: int, length, count, c
 
 
 def scored_keep(x: ScoreInputs, scorer: str, when: str, every: int, slack: int, budget_n: int, budget_f: float,
-                chunk: int, chunk_heads: str, beta: float, layer: int, num_layers: int):
+                chunk: int, chunk_heads: str, beta: float, layer: int, num_layers: int, window_f: float = 0.0):
     """[B, Hk, S] bool keep set, or None when no row evicts at this step."""
     valid = x.k_pos >= 0
     S, T = x.k.shape[2], x.q_pos.shape[1]
-    cap = budget(budget_n, budget_f, x.length)  # [B]
+    win_f = budget(0, window_f, x.length)  # [B] a fraction window, floored on its own (as h2o floors recent)
+    cap = budget(budget_n, budget_f, x.length) + win_f  # [B]
     do = schedule(when, every, slack, S, T, x.length, valid.sum(-1), cap)
     if not bool(do.any()):
         return None
     L = x.length[:, None, None]
-    protected = valid & ((x.k_pos < x.sinks) | (x.k_pos >= L - x.window))
+    protected = valid & ((x.k_pos < x.sinks) | (x.k_pos >= L - x.window - win_f[:, None, None]))
     x.cand = valid & ~protected
     count = (cap[:, None] - protected.sum(-1)).clamp(min=0)  # [B, Hk] evictable tokens kept
     if beta > 0:
@@ -90,7 +93,7 @@ def scored_reference(q, k, v, q_pos, k_pos, *rest, acc: bool = False, rope: bool
     state = rest.pop(0) if acc else None
     inv_freq = rest.pop(0) if rope else None
     (scale, scorer, when, every, slack, budget_n, budget_f, sinks, window, kernel, smooth, pool, chunk, chunk_heads,
-     beta, layer, num_layers, n_future, eps, rope_scaling, *bias) = rest
+     beta, layer, num_layers, n_future, eps, rope_scaling, window_f, *bias) = rest
     length = row_length(q_pos)
     if acc:
         B, Hk, S = k.shape[:3]
@@ -99,7 +102,8 @@ def scored_reference(q, k, v, q_pos, k_pos, *rest, acc: bool = False, rope: bool
     x = ScoreInputs(q=q, k=k, v=v, q_pos=q_pos, k_pos=k_pos, scale=scale, cand=k_pos >= 0, length=length, state=state,
                     inv_freq=inv_freq, rope_scaling=rope_scaling, window=window, kernel=kernel, smooth=smooth, pool=pool,
                     sinks=sinks, n_future=n_future, eps=eps)
-    keep = scored_keep(x, scorer, when, every, slack, budget_n, budget_f, chunk, chunk_heads, beta, layer, num_layers)
+    keep = scored_keep(x, scorer, when, every, slack, budget_n, budget_f, chunk, chunk_heads, beta, layer, num_layers,
+                       window_f)
     extras = (state,) if acc else ()
     if keep is None:
         return (k, v, k_pos, *extras)
@@ -110,7 +114,7 @@ PARAMS = (Param("scorer", "str"), Param("when", "str"), Param("every", "int"), P
           Param("budget_n", "int"), Param("budget_f", "float"), Param("sinks", "int"), Param("window", "int"),
           Param("kernel", "int"), Param("smooth", "str"), Param("pool", "str"), Param("chunk", "int"),
           Param("chunk_heads", "str"), Param("beta", "float"), Param("layer", "int"), Param("num_layers", "int"),
-          Param("n_future", "int"), Param("eps", "float"), Param("rope_scaling", "float"))
+          Param("n_future", "int"), Param("eps", "float"), Param("rope_scaling", "float"), Param("window_f", "float"))
 
 
 def _plain(q, k, v, q_pos, k_pos, *rest):

@@ -105,7 +105,8 @@ class Evict(EvictionPass):
         Arg("beta", float, None, "PyramidKV beta (rule='pyramid'; default 20)", min=1.0, max=1e6),
         Arg("floor", float, None, "Ada-KV safeguard alpha (rule='adaptive'; default 0.2)", min=0.0, max=1.0),
         Arg("sinks", int, None, "first positions always kept (default 0; expected_attention 4)", min=0, max=MAX_TOKENS),
-        Arg("window", int, None, "recent tokens always kept (snapkv: the observation window, default "
+        Arg("window", (int, float), None, "recent tokens always kept, a count or (with a fraction budget) a fraction "
+            "of the row's length floored on its own like h2o's recent (snapkv: the observation window, default "
             "min(32, budget // 2)); default 0", min=0, max=MAX_TOKENS),
         Arg("pool", str, None, "GQA pooling over a KV head's query heads", choices=("mean", "max")),
         Arg("kernel", int, None, "snapkv 1-D pooling width (odd, default 5)", min=1, max=1023),
@@ -146,7 +147,9 @@ class Evict(EvictionPass):
                               "(last query) or 'h2o' (cumulative attention), or a key-only scorer ('knorm', 'keydiff')")
         self._refuse_unused(v, s, chunkkv)
         n, f = frac_or_count(self.budget)
-        window = v["window"]
+        window, window_f = v["window"], 0.0
+        if isinstance(window, float):
+            window, window_f, f = self._fraction_window(window, f, s)
         if window is None:
             window = (min(32, max(1, n // 2)) if n else 32) if s.name == "snapkv" else 0
         if s.name == "snapkv" and window < 1:
@@ -160,13 +163,26 @@ class Evict(EvictionPass):
             "budget_n": n, "budget_f": f, "sinks": s.default_sinks if v["sinks"] is None else v["sinks"],
             "window": window, "kernel": v["kernel"] or 5, "smooth": v["smooth"] or "avg", "pool": v["pool"] or "mean",
             "chunk": chunk, "chunk_heads": v["chunk_heads"] or "sum", "beta": 0.0, "layer": 0, "num_layers": 1,
-            "n_future": v["n_future"] or 512, "eps": v["eps"] or 0.0, "rope_scaling": 1.0,
+            "n_future": v["n_future"] or 512, "eps": v["eps"] or 0.0, "rope_scaling": 1.0, "window_f": window_f,
         }
         if self.rule == "pyramid":
             self.params["beta"] = float(v["beta"] if v["beta"] is not None else 20.0)
         self.floor_alpha = 0.2 if v["floor"] is None else float(v["floor"])
         if self.rule == "adaptive":
             self.delegate = self._adaptive(v, n)
+
+    def _fraction_window(self, w: float, f: float, s):
+        """(0, w, f - w): a fraction window keeps floor(w * L) recent tokens and the rest of the budget
+        floor((f - w) * L), each floored on its own, exactly as ``h2o(heavy=f - w, recent=w)`` does."""
+        if not f:
+            raise RecipeError(f"evict: window={w} (a fraction) needs a fraction budget too (e.g. budget=0.5); with "
+                              f"budget={self.budget!r} give the window as a token count")
+        if s.name == "snapkv" or self.rule == "adaptive":
+            raise RecipeError("evict: a fraction window is refused with score='snapkv' (its window is the observation "
+                              "window, a count of prompt queries) and with rule='adaptive'; give window as an int")
+        if w > f:
+            raise RecipeError(f"evict: window={w} exceeds budget={f}; keep the window fraction <= the budget")
+        return 0, w, round(f - w, 12)
 
     def _check_block(self, v, when, s):
         if when not in (None, "prefill"):

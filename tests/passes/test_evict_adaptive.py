@@ -11,6 +11,7 @@ from graphwright.capture.step_graph import positions_from_mask
 from graphwright.ops.adakv_scored import EVICT_ADAKV_SCORED
 from graphwright.passes.evict import Evict
 from graphwright.passes.eviction_common import positions_name
+from graphwright.passes.h2o import H2O
 from graphwright.runtime.generate import prompt_blocks
 from tests.conftest import _compiled, left_padded_batch
 from tests.passes.eviction_helpers import decode_loop, run_pass, state_of
@@ -99,5 +100,28 @@ def test_keydiff_block_with_budget_over_length_is_the_identity():
     (dict(score="knorm", block=4, budget=6, rule="adaptive"), "re-split block by block"),
 ])
 def test_block_refusals(args, msg):
+    with pytest.raises(RecipeError, match=msg):
+        Evict(**args)
+
+
+@pytest.mark.parametrize("heavy,recent", [(0.25, 0.25), (0.3, 0.1)])
+def test_h2o_fraction_setting_keeps_the_h2o_sets(heavy, recent):
+    cm = _compiled("tiny-qwen2")
+    ids, mask = left_padded_batch(256, [14, 9], seed=3)
+    a = run_pass(cm, Evict(score="h2o", when="decode", budget=heavy + recent, window=recent))
+    b = run_pass(cm, H2O(heavy=heavy, recent=recent))
+    sa, la, ta = kept_every_step(a, ids, mask, 10)
+    sb, lb, tb = kept_every_step(b, ids, mask, 10)
+    assert sa == sb and torch.equal(ta, tb) and (la - lb).abs().max() <= 1e-5
+    sizes = {len(h) for step in sa for layer in step for row in layer for h in row}
+    assert len(sizes) > 2  # the budget grows with the length
+
+
+@pytest.mark.parametrize("args,msg", [
+    (dict(score="h2o", budget=8, window=0.25), "needs a fraction budget"),
+    (dict(score="h2o", budget=0.2, window=0.25), "exceeds budget"),
+    (dict(score="knorm", budget=0.5, window=0.2, rule="adaptive"), "fraction window is refused"),
+])
+def test_fraction_window_refusals(args, msg):
     with pytest.raises(RecipeError, match=msg):
         Evict(**args)
