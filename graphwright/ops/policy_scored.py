@@ -21,6 +21,8 @@ table ``inv_freq`` as a per-step input: Expected Attention). Per layer and step:
    (``adakv_ref.pyramid_budget``, mean over layers = the uniform budget);
 4. scores from the scorer, top-k per KV head of the evictable slots (ties: earliest slot), or
    whole chunks (``chunk`` > 0: ``scorers/chunkkv.py``);
+   ``evict_scored_reuse`` (ChunkKV's layer-wise index reuse, arXiv 2502.00299) skips 3-4 and keeps
+   the positions in ``leader_pos`` (an earlier layer's kept positions, [B, Hk, N]) instead;
 5. ``eviction_ref.compact`` (positions travel with the slots: keys stay post-RoPE at their
    original positions, nothing is re-rotated).
 
@@ -87,11 +89,19 @@ def scored_keep(x: ScoreInputs, scorer: str, when: str, every: int, slack: int, 
     return torch.where(do, protected | chosen, valid)
 
 
-def scored_reference(q, k, v, q_pos, k_pos, *rest, acc: bool = False, rope: bool = False):
+def reuse_keep(k_pos, leader_pos, do):
+    """ChunkKV layer-wise index reuse: keep the positions the leader layer kept (per row and head)."""
+    valid = k_pos >= 0
+    member = (k_pos[..., :, None] == leader_pos[..., None, :]).any(-1)
+    return torch.where(do, valid & member, valid)
+
+
+def scored_reference(q, k, v, q_pos, k_pos, *rest, acc: bool = False, rope: bool = False, reuse: bool = False):
     """-> (k, v, k_pos[, score]): the op's definition (argument order in ``_args``)."""
     rest = list(rest)
     state = rest.pop(0) if acc else None
     inv_freq = rest.pop(0) if rope else None
+    leader_pos = rest.pop(0) if reuse else None
     (scale, scorer, when, every, slack, budget_n, budget_f, sinks, window, kernel, smooth, pool, chunk, chunk_heads,
      beta, layer, num_layers, n_future, eps, rope_scaling, window_f, *bias) = rest
     length = row_length(q_pos)
@@ -102,8 +112,15 @@ def scored_reference(q, k, v, q_pos, k_pos, *rest, acc: bool = False, rope: bool
     x = ScoreInputs(q=q, k=k, v=v, q_pos=q_pos, k_pos=k_pos, scale=scale, cand=k_pos >= 0, length=length, state=state,
                     inv_freq=inv_freq, rope_scaling=rope_scaling, window=window, kernel=kernel, smooth=smooth, pool=pool,
                     sinks=sinks, n_future=n_future, eps=eps)
-    keep = scored_keep(x, scorer, when, every, slack, budget_n, budget_f, chunk, chunk_heads, beta, layer, num_layers,
-                       window_f)
+    if reuse:  # the leader's kept positions, on the same schedule (its sets are the same at prefill)
+        S, T = k.shape[2], q_pos.shape[1]
+        valid = k_pos >= 0
+        cap = budget(budget_n, budget_f, length) + budget(0, window_f, length)
+        do = schedule(when, every, slack, S, T, length, valid.sum(-1), cap)
+        keep = reuse_keep(k_pos, leader_pos, do) if bool(do.any()) else None
+    else:
+        keep = scored_keep(x, scorer, when, every, slack, budget_n, budget_f, chunk, chunk_heads, beta, layer,
+                           num_layers, window_f)
     extras = (state,) if acc else ()
     if keep is None:
         return (k, v, k_pos, *extras)
@@ -129,6 +146,10 @@ def _rope(q, k, v, q_pos, k_pos, *rest):
     return scored_reference(q, k, v, q_pos, k_pos, *rest, rope=True)
 
 
+def _reuse(q, k, v, q_pos, k_pos, *rest):
+    return scored_reference(q, k, v, q_pos, k_pos, *rest, reuse=True)
+
+
 SCORED_POLICY = EvictionPolicy(name="scored", reference=_plain, params=PARAMS,
                                doc="A scorer + schedule + budget rule (``policy_scored``); no state.")
 SCORED_ACC_POLICY = EvictionPolicy(name="scored_acc", reference=_acc, params=PARAMS,
@@ -137,7 +158,11 @@ SCORED_ACC_POLICY = EvictionPolicy(name="scored_acc", reference=_acc, params=PAR
 SCORED_ROPE_POLICY = EvictionPolicy(name="scored_rope", reference=_rope, params=PARAMS,
                                     step_inputs=(StepInput("inv_freq", torch.float32),),
                                     doc="A scorer + schedule + budget rule that reads the layer's rotary table.")
+SCORED_REUSE_POLICY = EvictionPolicy(name="scored_reuse", reference=_reuse, params=PARAMS,
+                                     step_inputs=(StepInput("leader_pos", torch.long),),
+                                     doc="ChunkKV index reuse: keep the positions an earlier layer's op kept.")
 EVICT_SCORED = register_policy(SCORED_POLICY)
+EVICT_SCORED_REUSE = register_policy(SCORED_REUSE_POLICY)
 EVICT_SCORED_ACC = register_policy(SCORED_ACC_POLICY)
 EVICT_SCORED_ROPE = register_policy(SCORED_ROPE_POLICY)
 

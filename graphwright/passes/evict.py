@@ -16,7 +16,9 @@ the generic scored eviction op (``ops/policy_scored.py``) after every chosen lay
   with SnapKV after prefill, run by ``snapkv(heads="adaptive")``'s packed path);
 * ``sinks`` (first positions always kept), ``window`` (recent tokens always kept; SnapKV's
   observation window), ``pool`` (GQA mean|max), ``kernel``/``smooth`` (SnapKV's 1-D pooling),
-  ``chunk``/``chunk_heads`` (ChunkKV), ``n_future``/``eps`` (Expected Attention), ``slack``;
+  ``chunk``/``chunk_heads`` (ChunkKV), ``chunk_reuse=L`` (ChunkKV's layer-wise index reuse: the
+  first of every L evicted layers selects chunks, the next L-1 keep the same positions through
+  ``evict_scored_reuse``; after prefill, head-summed chunks, fixed budgets only; 1 = today), ``n_future``/``eps`` (Expected Attention), ``slack``;
 * ``block=N`` (KeyDiff's block-wise prefill, arXiv 2504.15364, ALGORITHMS-2 §6d): the pass records
   ``notes["prefill_chunk"] = N`` and ``CompiledModel``'s runtime runs the prompt as steps of N tokens
   (``runtime.generate.prompt_blocks``: cut from the prompt's end, the first block holds the
@@ -53,11 +55,20 @@ from typing import Callable
 
 from ..errors import RecipeError
 from ..ops.adakv_scored import EVICT_ADAKV_SCORED
-from ..ops.policy_scored import policy_for
+from ..ops.policy_scored import SCORED_REUSE_POLICY, policy_for
 from ..ops.scorers import CHUNKKV, SCORERS
 from .base import MAX_TOKENS, Arg, PassContext, register_pass
 from .packed_rewrite import rewrite_packed
-from .eviction_common import LAYERS_ARG, EvictionPass, find_sites, frac_or_count, insert_policy, latent_settings, rewrite_layers
+from .eviction_common import (
+    LAYERS_ARG,
+    EvictionPass,
+    find_sites,
+    frac_or_count,
+    insert_policy,
+    latent_settings,
+    positions_name,
+    rewrite_layers,
+)
 from .streaming import find_rotary
 
 DELEGATES: dict[str, Callable] = {}  # score name -> (evict argument values -> Pass): policies with their own op
@@ -113,6 +124,8 @@ class Evict(EvictionPass):
         Arg("smooth", str, None, "snapkv 1-D pooling (default avg)", choices=("avg", "max")),
         Arg("chunk", int, None, "ChunkKV chunk size (chunkkv: 20)", min=1, max=MAX_TOKENS),
         Arg("chunk_heads", str, None, "ChunkKV: sum chunk scores over KV heads (one set) or each head", choices=("sum", "each")),
+        Arg("chunk_reuse", int, None, "ChunkKV layer-wise index reuse: the chunks one layer keeps are kept by the next "
+            "N-1 evicted layers (1 = each layer selects its own)", min=1, max=MAX_TOKENS),
         Arg("n_future", int, None, "expected_attention: future positions averaged (default 512)", min=1, max=1 << 20),
         Arg("eps", float, None, "expected_attention: added to p before the value norm (default 0)", min=0.0, max=1e6),
         Arg("block", int, None, "KeyDiff block-wise prefill: the runtime runs the prompt in blocks of N tokens and each "
@@ -165,6 +178,9 @@ class Evict(EvictionPass):
             "chunk": chunk, "chunk_heads": v["chunk_heads"] or "sum", "beta": 0.0, "layer": 0, "num_layers": 1,
             "n_future": v["n_future"] or 512, "eps": v["eps"] or 0.0, "rope_scaling": 1.0, "window_f": window_f,
         }
+        self.reuse = v["chunk_reuse"] or 1
+        if self.reuse > 1:
+            self._check_reuse(v, chunk, s)
         if self.rule == "pyramid":
             self.params["beta"] = float(v["beta"] if v["beta"] is not None else 20.0)
         self.floor_alpha = 0.2 if v["floor"] is None else float(v["floor"])
@@ -183,6 +199,19 @@ class Evict(EvictionPass):
         if w > f:
             raise RecipeError(f"evict: window={w} exceeds budget={f}; keep the window fraction <= the budget")
         return 0, w, round(f - w, 12)
+
+    def _check_reuse(self, v, chunk, s):
+        why = []
+        if not chunk or (v["chunk_heads"] or "sum") != "sum":
+            why.append("it reuses ChunkKV's shared chunk set (score='chunkkv' or chunk=N, chunk_heads='sum')")
+        if self.mode != "prefill":
+            why.append(f"when={self.mode!r}: the layers' caches hold the same positions only right after prefill")
+        if self.rule != "fixed":
+            why.append(f"rule={self.rule!r} gives layers different budgets")
+        if s.stateful:
+            why.append("a stateful scorer's running score would not be kept by the reusing layers")
+        if why:
+            raise RecipeError(f"evict: chunk_reuse={v['chunk_reuse']} is refused: " + "; ".join(why))
 
     def _check_block(self, v, when, s):
         if when not in (None, "prefill"):
@@ -296,15 +325,22 @@ class Evict(EvictionPass):
             return self._run_adaptive(sg)
         policy = policy_for(self.scorer.name)
         num_layers = sg.info.num_layers
+        done, leader = [], {}
 
         def build(sg, ed, site, kp_all):
             params = dict(self.params, layer=site.layer, num_layers=num_layers)
+            if len(done) % self.reuse:  # ChunkKV index reuse: keep the leader layer's positions
+                done.append(site.layer)
+                return insert_policy(sg, ed, site, SCORED_REUSE_POLICY, params, leader_pos=leader["pos"])
             inputs = {}
             if self.scorer.rope:
                 inv, scaling = find_rotary(sg.gm, site.attn)
                 params["rope_scaling"] = float(scaling)
                 inputs["inv_freq"] = inv
-            return insert_policy(sg, ed, site, policy, params, **inputs)
+            out = insert_policy(sg, ed, site, policy, params, **inputs)
+            leader["pos"] = out[positions_name(site.layer)]
+            done.append(site.layer)
+            return out
 
         layers = rewrite_layers(sg, f"evict_{self.scorer.name}", build, self.layer_set(sg.info))
         if self.mode == "block":

@@ -125,3 +125,29 @@ def test_h2o_fraction_setting_keeps_the_h2o_sets(heavy, recent):
 def test_fraction_window_refusals(args, msg):
     with pytest.raises(RecipeError, match=msg):
         Evict(**args)
+
+
+def test_chunkkv_reuse_keeps_the_leader_layers_chunks():
+    cm = _compiled("tiny-llama")  # 2 layers
+    ids, mask = left_padded_batch(256, [30, 24], seed=10)
+    args = dict(score="chunkkv", budget=9, chunk=2, window=1)
+    own, lo, to = kept_every_step(run_pass(cm, Evict(**args)), ids, mask, 3)
+    one, l1, t1 = kept_every_step(run_pass(cm, Evict(**args, chunk_reuse=1)), ids, mask, 3)
+    assert own == one and torch.equal(lo, l1) and torch.equal(to, t1)  # reuse 1 = each layer selects its own
+    assert own[0][0] != own[0][1]  # the layers pick different chunks on their own
+    reused, _, _ = kept_every_step(run_pass(cm, Evict(**args, chunk_reuse=2)), ids, mask, 3)
+    for step in reused:
+        assert step[1] == step[0]  # layer 1 keeps exactly layer 0's positions, every step (decode appends to both)
+    assert reused[0][0] == own[0][0]  # the leader selects as before
+    assert all(len(h) <= 9 for row in reused[0][1] for h in row)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (dict(score="knorm", budget=6, chunk_reuse=2), "ChunkKV's shared chunk set"),
+    (dict(score="chunkkv", budget=6, chunk_heads="each", chunk_reuse=2), "chunk_heads='sum'"),
+    (dict(score="knorm", chunk=2, budget=6, when="decode", chunk_reuse=2), "right after prefill"),
+    (dict(score="chunkkv", budget=6, rule="pyramid", chunk_reuse=2), "different budgets"),
+])
+def test_chunk_reuse_refusals(args, msg):
+    with pytest.raises(RecipeError, match=msg):
+        Evict(**args)
