@@ -35,7 +35,8 @@ class CompiledModel:
         self._backend_step = make_step(self.runtime_graph, self._lowered) if make_step is not None else None
         self._runtime = Runtime(self._step, self.runtime_graph.state, step_graph.info,
                                 max_positions=position_limit(step_graph.info, step_graph.notes.get("recipe"), step_graph.notes),
-                                recipe=str(recipe) if recipe is not None else None)
+                                recipe=str(recipe) if recipe is not None else None,
+                                prefill_chunk=step_graph.notes.get("prefill_chunk"))
 
     def _step(self, input_ids, positions, logits_index, state, **extras):
         if self._backend_step is not None:

@@ -9,13 +9,20 @@ table ``inv_freq`` as a per-step input: Expected Attention). Per layer and step:
    of a KV head, to the running score (new slots start at 0), evicting or not;
 2. schedule ``when``: ``prefill`` (the step whose cache was empty: S == T), ``decode`` (every
    step, prefill included), ``every`` (prefill and the decode steps where the row's length is a
-   multiple of ``every``), ``overflow`` (a head holds more than budget + ``slack`` tokens);
+   multiple of ``every``), ``overflow`` (a head holds more than budget + ``slack`` tokens), ``block``
+   (KeyDiff's block-wise prefill, arXiv 2504.15364: a prompt step -- the cache was empty, or T > 1
+   tokens, a chunk of a prompt the runtime runs in blocks -- whose heads hold more than the budget;
+   decode steps of one token append);
 3. budget per row: ``budget_n + floor(budget_f * L)`` tokens per KV head (L = the row's length),
-   sinks (positions < ``sinks``) and the recent ``window`` included and always kept; rule
+   sinks (positions < ``sinks``) and the recent ``window`` included and always kept (a fraction
+   window ``window_f``: floor(window_f * L) recent tokens, floored apart from the rest of the
+   budget, the way ``h2o(heavy=f, recent=r)`` floors its two parts); rule
    ``pyramid`` (``beta`` > 0): PyramidKV's layer share of the evictable budget
    (``adakv_ref.pyramid_budget``, mean over layers = the uniform budget);
 4. scores from the scorer, top-k per KV head of the evictable slots (ties: earliest slot), or
    whole chunks (``chunk`` > 0: ``scorers/chunkkv.py``);
+   ``evict_scored_reuse`` (ChunkKV's layer-wise index reuse, arXiv 2502.00299) skips 3-4 and keeps
+   the positions in ``leader_pos`` (an earlier layer's kept positions, [B, Hk, N]) instead;
 5. ``eviction_ref.compact`` (positions travel with the slots: keys stay post-RoPE at their
    original positions, nothing is re-rotated).
 
@@ -34,7 +41,7 @@ from .eviction_ref import budget, colsum, compact, row_length, topk_mask
 from .scorers import SCORERS, ScoreInputs
 from .scorers.chunkkv import chunk_keep
 
-WHEN = ("prefill", "decode", "every", "overflow")
+WHEN = ("prefill", "decode", "every", "overflow", "block")
 
 
 def schedule(when: str, every: int, slack: int, S: int, T: int, length, count, cap) -> torch.Tensor:
@@ -48,22 +55,25 @@ def schedule(when: str, every: int, slack: int, S: int, T: int, length, count, c
         do = torch.full((B,), S == T, dtype=torch.bool) | (length % max(every, 1) == 0)
     elif when == "overflow":
         do = count.amax(dim=1) > cap + slack
+    elif when == "block":  # a prompt step (empty cache, or a chunk of T > 1 tokens) that overflows the budget
+        do = (count.amax(dim=1) > cap) & torch.tensor(S == T or T > 1, device=cap.device)
     else:
         raise ValueError(f"evict_scored: when={when!r}; allowed: {', '.join(WHEN)}")
     return do.to(length.device)[:, None, None]
 
 
 def scored_keep(x: ScoreInputs, scorer: str, when: str, every: int, slack: int, budget_n: int, budget_f: float,
-                chunk: int, chunk_heads: str, beta: float, layer: int, num_layers: int):
+                chunk: int, chunk_heads: str, beta: float, layer: int, num_layers: int, window_f: float = 0.0):
     """[B, Hk, S] bool keep set, or None when no row evicts at this step."""
     valid = x.k_pos >= 0
     S, T = x.k.shape[2], x.q_pos.shape[1]
-    cap = budget(budget_n, budget_f, x.length)  # [B]
+    win_f = budget(0, window_f, x.length)  # [B] a fraction window, floored on its own (as h2o floors recent)
+    cap = budget(budget_n, budget_f, x.length) + win_f  # [B]
     do = schedule(when, every, slack, S, T, x.length, valid.sum(-1), cap)
     if not bool(do.any()):
         return None
     L = x.length[:, None, None]
-    protected = valid & ((x.k_pos < x.sinks) | (x.k_pos >= L - x.window))
+    protected = valid & ((x.k_pos < x.sinks) | (x.k_pos >= L - x.window - win_f[:, None, None]))
     x.cand = valid & ~protected
     count = (cap[:, None] - protected.sum(-1)).clamp(min=0)  # [B, Hk] evictable tokens kept
     if beta > 0:
@@ -79,13 +89,21 @@ def scored_keep(x: ScoreInputs, scorer: str, when: str, every: int, slack: int, 
     return torch.where(do, protected | chosen, valid)
 
 
-def scored_reference(q, k, v, q_pos, k_pos, *rest, acc: bool = False, rope: bool = False):
+def reuse_keep(k_pos, leader_pos, do):
+    """ChunkKV layer-wise index reuse: keep the positions the leader layer kept (per row and head)."""
+    valid = k_pos >= 0
+    member = (k_pos[..., :, None] == leader_pos[..., None, :]).any(-1)
+    return torch.where(do, valid & member, valid)
+
+
+def scored_reference(q, k, v, q_pos, k_pos, *rest, acc: bool = False, rope: bool = False, reuse: bool = False):
     """-> (k, v, k_pos[, score]): the op's definition (argument order in ``_args``)."""
     rest = list(rest)
     state = rest.pop(0) if acc else None
     inv_freq = rest.pop(0) if rope else None
+    leader_pos = rest.pop(0) if reuse else None
     (scale, scorer, when, every, slack, budget_n, budget_f, sinks, window, kernel, smooth, pool, chunk, chunk_heads,
-     beta, layer, num_layers, n_future, eps, rope_scaling, *bias) = rest
+     beta, layer, num_layers, n_future, eps, rope_scaling, window_f, *bias) = rest
     length = row_length(q_pos)
     if acc:
         B, Hk, S = k.shape[:3]
@@ -94,7 +112,15 @@ def scored_reference(q, k, v, q_pos, k_pos, *rest, acc: bool = False, rope: bool
     x = ScoreInputs(q=q, k=k, v=v, q_pos=q_pos, k_pos=k_pos, scale=scale, cand=k_pos >= 0, length=length, state=state,
                     inv_freq=inv_freq, rope_scaling=rope_scaling, window=window, kernel=kernel, smooth=smooth, pool=pool,
                     sinks=sinks, n_future=n_future, eps=eps)
-    keep = scored_keep(x, scorer, when, every, slack, budget_n, budget_f, chunk, chunk_heads, beta, layer, num_layers)
+    if reuse:  # the leader's kept positions, on the same schedule (its sets are the same at prefill)
+        S, T = k.shape[2], q_pos.shape[1]
+        valid = k_pos >= 0
+        cap = budget(budget_n, budget_f, length) + budget(0, window_f, length)
+        do = schedule(when, every, slack, S, T, length, valid.sum(-1), cap)
+        keep = reuse_keep(k_pos, leader_pos, do) if bool(do.any()) else None
+    else:
+        keep = scored_keep(x, scorer, when, every, slack, budget_n, budget_f, chunk, chunk_heads, beta, layer,
+                           num_layers, window_f)
     extras = (state,) if acc else ()
     if keep is None:
         return (k, v, k_pos, *extras)
@@ -105,7 +131,7 @@ PARAMS = (Param("scorer", "str"), Param("when", "str"), Param("every", "int"), P
           Param("budget_n", "int"), Param("budget_f", "float"), Param("sinks", "int"), Param("window", "int"),
           Param("kernel", "int"), Param("smooth", "str"), Param("pool", "str"), Param("chunk", "int"),
           Param("chunk_heads", "str"), Param("beta", "float"), Param("layer", "int"), Param("num_layers", "int"),
-          Param("n_future", "int"), Param("eps", "float"), Param("rope_scaling", "float"))
+          Param("n_future", "int"), Param("eps", "float"), Param("rope_scaling", "float"), Param("window_f", "float"))
 
 
 def _plain(q, k, v, q_pos, k_pos, *rest):
@@ -120,6 +146,10 @@ def _rope(q, k, v, q_pos, k_pos, *rest):
     return scored_reference(q, k, v, q_pos, k_pos, *rest, rope=True)
 
 
+def _reuse(q, k, v, q_pos, k_pos, *rest):
+    return scored_reference(q, k, v, q_pos, k_pos, *rest, reuse=True)
+
+
 SCORED_POLICY = EvictionPolicy(name="scored", reference=_plain, params=PARAMS,
                                doc="A scorer + schedule + budget rule (``policy_scored``); no state.")
 SCORED_ACC_POLICY = EvictionPolicy(name="scored_acc", reference=_acc, params=PARAMS,
@@ -128,7 +158,11 @@ SCORED_ACC_POLICY = EvictionPolicy(name="scored_acc", reference=_acc, params=PAR
 SCORED_ROPE_POLICY = EvictionPolicy(name="scored_rope", reference=_rope, params=PARAMS,
                                     step_inputs=(StepInput("inv_freq", torch.float32),),
                                     doc="A scorer + schedule + budget rule that reads the layer's rotary table.")
+SCORED_REUSE_POLICY = EvictionPolicy(name="scored_reuse", reference=_reuse, params=PARAMS,
+                                     step_inputs=(StepInput("leader_pos", torch.long),),
+                                     doc="ChunkKV index reuse: keep the positions an earlier layer's op kept.")
 EVICT_SCORED = register_policy(SCORED_POLICY)
+EVICT_SCORED_REUSE = register_policy(SCORED_REUSE_POLICY)
 EVICT_SCORED_ACC = register_policy(SCORED_ACC_POLICY)
 EVICT_SCORED_ROPE = register_policy(SCORED_ROPE_POLICY)
 

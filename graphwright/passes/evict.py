@@ -16,7 +16,15 @@ the generic scored eviction op (``ops/policy_scored.py``) after every chosen lay
   with SnapKV after prefill, run by ``snapkv(heads="adaptive")``'s packed path);
 * ``sinks`` (first positions always kept), ``window`` (recent tokens always kept; SnapKV's
   observation window), ``pool`` (GQA mean|max), ``kernel``/``smooth`` (SnapKV's 1-D pooling),
-  ``chunk``/``chunk_heads`` (ChunkKV), ``n_future``/``eps`` (Expected Attention), ``slack``.
+  ``chunk``/``chunk_heads`` (ChunkKV), ``chunk_reuse=L`` (ChunkKV's layer-wise index reuse: the
+  first of every L evicted layers selects chunks, the next L-1 keep the same positions through
+  ``evict_scored_reuse``; after prefill, head-summed chunks, fixed budgets only; 1 = today), ``n_future``/``eps`` (Expected Attention), ``slack``;
+* ``block=N`` (KeyDiff's block-wise prefill, arXiv 2504.15364, ALGORITHMS-2 §6d): the pass records
+  ``notes["prefill_chunk"] = N`` and ``CompiledModel``'s runtime runs the prompt as steps of N tokens
+  (``runtime.generate.prompt_blocks``: cut from the prompt's end, the first block holds the
+  remainder, since left padding aligns rows at their end); after each block every head evicts back to
+  the budget (schedule ``block``), so a head never holds more than budget + N; decode appends.
+  Prompt-query scorers (snapkv, expected_attention) and ``rule='adaptive'`` are refused with it.
 
 Keys stay post-RoPE at their original positions: positions travel with the cache as per-head
 ``k_pos`` and attention masks by them, so eviction never re-rotates keys (the issue's
@@ -46,10 +54,21 @@ from __future__ import annotations
 from typing import Callable
 
 from ..errors import RecipeError
-from ..ops.policy_scored import policy_for
+from ..ops.adakv_scored import EVICT_ADAKV_SCORED
+from ..ops.policy_scored import SCORED_REUSE_POLICY, policy_for
 from ..ops.scorers import CHUNKKV, SCORERS
 from .base import MAX_TOKENS, Arg, PassContext, register_pass
-from .eviction_common import LAYERS_ARG, EvictionPass, find_sites, frac_or_count, insert_policy, latent_settings, rewrite_layers
+from .packed_rewrite import rewrite_packed
+from .eviction_common import (
+    LAYERS_ARG,
+    EvictionPass,
+    find_sites,
+    frac_or_count,
+    insert_policy,
+    latent_settings,
+    positions_name,
+    rewrite_layers,
+)
 from .streaming import find_rotary
 
 DELEGATES: dict[str, Callable] = {}  # score name -> (evict argument values -> Pass): policies with their own op
@@ -97,15 +116,20 @@ class Evict(EvictionPass):
         Arg("beta", float, None, "PyramidKV beta (rule='pyramid'; default 20)", min=1.0, max=1e6),
         Arg("floor", float, None, "Ada-KV safeguard alpha (rule='adaptive'; default 0.2)", min=0.0, max=1.0),
         Arg("sinks", int, None, "first positions always kept (default 0; expected_attention 4)", min=0, max=MAX_TOKENS),
-        Arg("window", int, None, "recent tokens always kept (snapkv: the observation window, default "
+        Arg("window", (int, float), None, "recent tokens always kept, a count or (with a fraction budget) a fraction "
+            "of the row's length floored on its own like h2o's recent (snapkv: the observation window, default "
             "min(32, budget // 2)); default 0", min=0, max=MAX_TOKENS),
         Arg("pool", str, None, "GQA pooling over a KV head's query heads", choices=("mean", "max")),
         Arg("kernel", int, None, "snapkv 1-D pooling width (odd, default 5)", min=1, max=1023),
         Arg("smooth", str, None, "snapkv 1-D pooling (default avg)", choices=("avg", "max")),
         Arg("chunk", int, None, "ChunkKV chunk size (chunkkv: 20)", min=1, max=MAX_TOKENS),
         Arg("chunk_heads", str, None, "ChunkKV: sum chunk scores over KV heads (one set) or each head", choices=("sum", "each")),
+        Arg("chunk_reuse", int, None, "ChunkKV layer-wise index reuse: the chunks one layer keeps are kept by the next "
+            "N-1 evicted layers (1 = each layer selects its own)", min=1, max=MAX_TOKENS),
         Arg("n_future", int, None, "expected_attention: future positions averaged (default 512)", min=1, max=1 << 20),
         Arg("eps", float, None, "expected_attention: added to p before the value norm (default 0)", min=0.0, max=1e6),
+        Arg("block", int, None, "KeyDiff block-wise prefill: the runtime runs the prompt in blocks of N tokens and each "
+            "block evicts back to budget (peak cache <= budget + N per head)", min=2, max=MAX_TOKENS),
         Arg("slack", int, None, "overflow: evict when a head holds more than budget + slack (default 0)", min=0, max=MAX_TOKENS),
         LAYERS_ARG,
     )
@@ -127,13 +151,18 @@ class Evict(EvictionPass):
         s = self.scorer
         when, self.every_n = parse_when(self.when, self.every)
         self.mode = when or s.default_when
+        if v["block"] is not None:
+            self._check_block(v, when, s)
+            self.mode = "block"
         if s.prefill_only and self.mode != "prefill":
             raise RecipeError(f"evict: score={self.score!r} needs the prompt's queries ({s.rule}), so it runs only "
                               f"when='prefill'; got when={self.mode!r}. For per-step eviction use score='tova' "
                               "(last query) or 'h2o' (cumulative attention), or a key-only scorer ('knorm', 'keydiff')")
         self._refuse_unused(v, s, chunkkv)
         n, f = frac_or_count(self.budget)
-        window = v["window"]
+        window, window_f = v["window"], 0.0
+        if isinstance(window, float):
+            window, window_f, f = self._fraction_window(window, f, s)
         if window is None:
             window = (min(32, max(1, n // 2)) if n else 32) if s.name == "snapkv" else 0
         if s.name == "snapkv" and window < 1:
@@ -147,12 +176,54 @@ class Evict(EvictionPass):
             "budget_n": n, "budget_f": f, "sinks": s.default_sinks if v["sinks"] is None else v["sinks"],
             "window": window, "kernel": v["kernel"] or 5, "smooth": v["smooth"] or "avg", "pool": v["pool"] or "mean",
             "chunk": chunk, "chunk_heads": v["chunk_heads"] or "sum", "beta": 0.0, "layer": 0, "num_layers": 1,
-            "n_future": v["n_future"] or 512, "eps": v["eps"] or 0.0, "rope_scaling": 1.0,
+            "n_future": v["n_future"] or 512, "eps": v["eps"] or 0.0, "rope_scaling": 1.0, "window_f": window_f,
         }
+        self.reuse = v["chunk_reuse"] or 1
+        if self.reuse > 1:
+            self._check_reuse(v, chunk, s)
         if self.rule == "pyramid":
             self.params["beta"] = float(v["beta"] if v["beta"] is not None else 20.0)
+        self.floor_alpha = 0.2 if v["floor"] is None else float(v["floor"])
         if self.rule == "adaptive":
             self.delegate = self._adaptive(v, n)
+
+    def _fraction_window(self, w: float, f: float, s):
+        """(0, w, f - w): a fraction window keeps floor(w * L) recent tokens and the rest of the budget
+        floor((f - w) * L), each floored on its own, exactly as ``h2o(heavy=f - w, recent=w)`` does."""
+        if not f:
+            raise RecipeError(f"evict: window={w} (a fraction) needs a fraction budget too (e.g. budget=0.5); with "
+                              f"budget={self.budget!r} give the window as a token count")
+        if s.name == "snapkv" or self.rule == "adaptive":
+            raise RecipeError("evict: a fraction window is refused with score='snapkv' (its window is the observation "
+                              "window, a count of prompt queries) and with rule='adaptive'; give window as an int")
+        if w > f:
+            raise RecipeError(f"evict: window={w} exceeds budget={f}; keep the window fraction <= the budget")
+        return 0, w, round(f - w, 12)
+
+    def _check_reuse(self, v, chunk, s):
+        why = []
+        if not chunk or (v["chunk_heads"] or "sum") != "sum":
+            why.append("it reuses ChunkKV's shared chunk set (score='chunkkv' or chunk=N, chunk_heads='sum')")
+        if self.mode != "prefill":
+            why.append(f"when={self.mode!r}: the layers' caches hold the same positions only right after prefill")
+        if self.rule != "fixed":
+            why.append(f"rule={self.rule!r} gives layers different budgets")
+        if s.stateful:
+            why.append("a stateful scorer's running score would not be kept by the reusing layers")
+        if why:
+            raise RecipeError(f"evict: chunk_reuse={v['chunk_reuse']} is refused: " + "; ".join(why))
+
+    def _check_block(self, v, when, s):
+        if when not in (None, "prefill"):
+            raise RecipeError(f"evict: block={v['block']} is a prefill schedule (the prompt in blocks, each evicted back "
+                              f"to budget; decode appends); it cannot be combined with when={when!r}")
+        if s.prefill_only:
+            raise RecipeError(f"evict: block= with score={self.score!r} is refused: it scores with the whole prompt's "
+                              "queries (observation window / query statistics), which a block does not have; use a "
+                              "key-only scorer ('keydiff', the paper's, or 'knorm') or 'tova'/'h2o'")
+        if self.rule == "adaptive":
+            raise RecipeError("evict: block= with rule='adaptive' is refused: Ada-KV's packed cache is split once, on "
+                              "an empty cache, and cannot be re-split block by block")
 
     def _refuse_unused(self, v, s, chunkkv):
         def no(arg, why):
@@ -178,16 +249,52 @@ class Evict(EvictionPass):
             raise RecipeError(f"evict: kernel={v['kernel']} must be odd (centred pooling)")
 
     def _adaptive(self, v, n):
-        """Ada-KV: only as SnapKV after prefill, through ``snapkv(heads='adaptive')``'s packed cache."""
-        if self.score != "snapkv" or self.mode != "prefill" or not n or v["sinks"] or v["chunk"] or v["pool"] == "max":
-            raise RecipeError("evict: rule='adaptive' (Ada-KV, arXiv 2407.11550) is implemented for score='snapkv', "
-                              "when='prefill', an int budget, no sinks, no chunks and pool='mean' (it runs "
-                              "snapkv(heads='adaptive')'s packed cache); other scorers would need that packed path per "
-                              f"scorer and step. Got score={self.score!r}, when={self.mode!r}, budget={self.budget!r}")
-        from .snapkv import SnapKV
+        """Ada-KV: snapkv after prefill runs ``snapkv(heads='adaptive')`` (same op and fast paths); any other
+        per-head scorer runs ``evict_adakv_scored`` on the same packed cache (``run``)."""
+        if self.scorer.shared:
+            raise RecipeError(f"evict: rule='adaptive' needs per-head scores, and score={self.score!r} gives every KV "
+                              "head the same set (one score per layer), so there is nothing to spread across heads; "
+                              "use rule='fixed' or a per-head scorer (snapkv, knorm, keydiff, expected_attention, chunkkv)")
+        if self.scorer.stateful:
+            raise RecipeError(f"evict: rule='adaptive' with score={self.score!r} is refused: the cumulative score is "
+                              "running per-slot state, which the packed Ada-KV cache does not carry; use score='snapkv' "
+                              "(the prompt's window attention) for attention-based Ada-KV")
+        if self.mode != "prefill":
+            raise RecipeError(f"evict: rule='adaptive' (Ada-KV, arXiv 2407.11550) splits a layer's budget once, after "
+                              f"prefill, into a packed ragged cache; got when={self.mode!r}. Use when='prefill'")
+        if (self.score == "snapkv" and n and not self.params["budget_f"] and not v["sinks"] and not v["chunk"]
+                and v["pool"] != "max"):
+            from .snapkv import SnapKV
 
-        return SnapKV(budget=n, window=self.params["window"], kernel=self.params["kernel"], pool=self.params["smooth"],
-                      heads="adaptive", floor=0.2 if v["floor"] is None else v["floor"], layers=v["layers"])
+            return SnapKV(budget=n, window=self.params["window"], kernel=self.params["kernel"], pool=self.params["smooth"],
+                          heads="adaptive", floor=self.floor_alpha, layers=v["layers"])
+        return None
+
+    def _run_adaptive(self, sg):
+        p = self.params
+        params = {k: p[k] for k in ("scorer", "budget_n", "budget_f", "sinks", "window", "kernel", "smooth", "pool",
+                                    "chunk", "chunk_heads", "n_future", "eps")}
+        params["floor"] = self.floor_alpha
+
+        tables = {}  # the rotary tables, matched before the packed rewrite changes what attention reads
+        if self.scorer.rope:
+            for site in find_sites(sg, self.layer_set(sg.info)):
+                inv, scaling = find_rotary(sg.gm, site.attn)
+                tables[site.layer] = {"inv_freq": inv, "rope_scaling": float(scaling)}
+
+        def site_values(sg, site):
+            return tables.get(site.layer, {"inv_freq": None, "rope_scaling": 1.0})
+
+        layers = rewrite_packed(sg, "evict", params, self.layer_set(sg.info), op=EVICT_ADAKV_SCORED,
+                                site_values=site_values)
+        sg.notes["evict"] = {
+            "per_layer": {layer: {"budget": self.budget} for layer in layers},
+            "counts": {"layers_evicted": len(layers)},
+            "settings": {**self.values, "scorer": self.scorer.name, "paper": self.scorer.paper, "when": self.mode,
+                         "rule_text": f"Ada-KV (arXiv 2407.11550) head budgets over {self.scorer.rule}",
+                         "floor": self.floor_alpha, "packed": True},
+        }
+        return sg
 
     def is_identity(self) -> bool:
         return isinstance(self.budget, float) and self.budget >= 1.0
@@ -214,19 +321,30 @@ class Evict(EvictionPass):
         why = self.applies_to(sg)
         if why:
             raise RecipeError(f"evict: {why}")
+        if self.rule == "adaptive":
+            return self._run_adaptive(sg)
         policy = policy_for(self.scorer.name)
         num_layers = sg.info.num_layers
+        done, leader = [], {}
 
         def build(sg, ed, site, kp_all):
             params = dict(self.params, layer=site.layer, num_layers=num_layers)
+            if len(done) % self.reuse:  # ChunkKV index reuse: keep the leader layer's positions
+                done.append(site.layer)
+                return insert_policy(sg, ed, site, SCORED_REUSE_POLICY, params, leader_pos=leader["pos"])
             inputs = {}
             if self.scorer.rope:
                 inv, scaling = find_rotary(sg.gm, site.attn)
                 params["rope_scaling"] = float(scaling)
                 inputs["inv_freq"] = inv
-            return insert_policy(sg, ed, site, policy, params, **inputs)
+            out = insert_policy(sg, ed, site, policy, params, **inputs)
+            leader["pos"] = out[positions_name(site.layer)]
+            done.append(site.layer)
+            return out
 
         layers = rewrite_layers(sg, f"evict_{self.scorer.name}", build, self.layer_set(sg.info))
+        if self.mode == "block":
+            sg.notes["prefill_chunk"] = self.block  # CompiledModel's runtime runs the prompt in these blocks
         sg.notes["evict"] = {
             "per_layer": {layer: {"budget": self.budget} for layer in layers},
             "counts": {"layers_evicted": len(layers)},

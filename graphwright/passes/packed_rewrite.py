@@ -50,9 +50,10 @@ def _pack_cache(graph, ed, site, cat_node, name: str, hk: int):
     return wide
 
 
-def rewrite_packed(sg, variant: str, params: dict, layers=None) -> list[int]:
-    """Give each selected layer a packed cache and ``evict_adakv`` (``params``: its scalar parameters but
-    ``layer``/``num_layers``, which are filled in here). Returns the rewritten layer indices."""
+def rewrite_packed(sg, variant: str, params: dict, layers=None, op=EVICT_ADAKV, site_values=None) -> list[int]:
+    """Give each selected layer a packed cache and ``op`` (default ``evict_adakv``; ``params``: its scalar
+    parameters but ``layer``/``num_layers``, which are filled in here; ``site_values(sg, site)``: per-layer
+    extra arguments, e.g. the rotary table). Returns the rewritten layer indices."""
     sites = find_sites(sg, layers)
     if isinstance(sites, str):
         raise ValueError(sites)
@@ -79,8 +80,10 @@ def rewrite_packed(sg, variant: str, params: dict, layers=None) -> list[int]:
         schema.set(site.attn, "k_pos", kp_att)
         values = dict(q=site.arg("q"), k=site.k_cat, v=site.v_cat, q_pos=site.arg("q_pos"), k_pos=kp_all,
                       scale=site.arg("scale"), layer=site.layer, num_layers=sg.info.num_layers, **params)
+        if site_values is not None:
+            values.update(site_values(sg, site))
         with graph.inserting_after(site.attn):
-            node = schema.call(graph, EVICT_ADAKV, **values)
+            node = schema.call(graph, op, **values)
         tag(node, site, "kv_evict", variant)
         k_out, v_out, kp_out = insert_outputs(graph, node, 3)
         ed.set_output(site.k_name, k_out)

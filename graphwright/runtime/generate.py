@@ -66,15 +66,29 @@ def check_prompt(input_ids, attention_mask, vocab_size: int):
     return input_ids.long(), check_attention_mask(attention_mask, input_ids)
 
 
+def prompt_blocks(T: int, n: int) -> list[tuple[int, int]]:
+    """Column ranges of a [B, T] prompt in blocks of n, cut from the end: left padding aligns rows at their
+    last token, so every row's last n tokens form the last block; the first block holds the remainder."""
+    first = T % n or n
+    return [(0, first)] + [(a, a + n) for a in range(first, T, n)]
+
+
 FROM_INFO = object()  # Runtime's default position limit: the model's own max_positions
 
 
 class Runtime:
     """Generation and scoring over a step function with explicit state."""
 
-    def __init__(self, step, specs, info, max_positions=FROM_INFO, recipe=None):
+    def __init__(self, step, specs, info, max_positions=FROM_INFO, recipe=None, prefill_chunk: int | None = None):
         """``max_positions``: how many positions a generation may reach (``inputs.check_length``); by
-        default ``info.max_positions``, None for no limit (graphs whose attention sees cache indices only)."""
+        default ``info.max_positions``, None for no limit (graphs whose attention sees cache indices only).
+        ``prefill_chunk``: run a prompt as steps of at most N tokens (``prompt_blocks``; set by
+        ``evict(block=N)``, KeyDiff's block-wise prefill); None: one prompt step."""
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int)
+                                          or prefill_chunk < 2):
+            raise ValueError(f"prefill_chunk must be an int >= 2 (a one-token chunk reads as a decode step); "
+                             f"got {prefill_chunk!r}")
+        self.prefill_chunk = prefill_chunk
         self.step = step
         self.specs = specs
         self.info = info
@@ -89,12 +103,29 @@ class Runtime:
         B, T = input_ids.shape
         positions = positions_from_mask(attention_mask)
         state = [s.empty(B, input_ids.device) for s in self.specs]
-        logits, state = self.step(input_ids, positions, logits_index(T, input_ids.device), state, **(extras or {}))
+        logits, state = self._prompt(input_ids, positions, logits_index(T, input_ids.device), state, extras or {})
         kv, dense = state_bytes(state, self.specs), dense_fn(B, T)
         self.last_stats = {"batch": B, "prompt_tokens": int(attention_mask.sum()), "new_tokens": 0, "kv_bytes": kv,
                            **held_bytes(state, self.specs), "kv_peak_bytes": prefill_peak_bytes(state, self.specs, B, T),
                            "kv_bytes_dense": dense, "kv_fraction": kv / dense if dense else 0.0, "source": source}
         return logits, state, positions, attention_mask
+
+    def _prompt(self, input_ids, positions, logits_index, state, extras):
+        """The prompt as one step, or (``prefill_chunk``) as blocks; logits at ``logits_index`` of the prompt."""
+        T = input_ids.shape[1]
+        if self.prefill_chunk is None or T <= self.prefill_chunk:
+            return self.step(input_ids, positions, logits_index, state, **extras)
+        if extras:
+            raise ValueError(f"extra inputs {sorted(extras)} cannot be fed to a prompt run in blocks (prefill_chunk="
+                             f"{self.prefill_chunk}); compile without evict(block=...) to use them")
+        parts = []
+        for a, b in prompt_blocks(T, self.prefill_chunk):
+            idx = logits_index[(logits_index >= a) & (logits_index < b)] - a
+            out, state = self.step(input_ids[:, a:b], positions[:, a:b], idx if idx.numel() else
+                                   torch.tensor([b - a - 1], device=input_ids.device), state)
+            if idx.numel():
+                parts.append(out)
+        return torch.cat(parts, dim=1), state
 
     @torch.inference_mode()
     def logits(self, input_ids, attention_mask=None, extras: dict | None = None, allow_long: bool = False) -> torch.Tensor:
@@ -178,7 +209,7 @@ class Runtime:
         if context is None:
             positions = positions_from_mask(attention_mask)
             state = [s.empty(B, device) for s in self.specs]
-            logits, state = self.step(input_ids, positions, torch.tensor([T - 1], device=device), state, **extras)
+            logits, state = self._prompt(input_ids, positions, torch.tensor([T - 1], device=device), state, extras)
             held = held_bytes(state, self.specs)
             peak = max(prefill_peak_bytes(state, self.specs, B, T), held["kv_storage_bytes"])
             next_pos = positions[:, -1:] + 1

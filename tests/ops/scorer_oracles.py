@@ -11,7 +11,7 @@ from tests.passes.eviction_helpers import probs_oracle
 
 DEFAULTS = dict(scorer="knorm", when="decode", every=0, slack=0, budget_n=0, budget_f=0.0, sinks=0, window=0, kernel=1,
                 smooth="avg", pool="mean", chunk=0, chunk_heads="sum", beta=0.0, layer=0, num_layers=1, n_future=512,
-                eps=0.0, rope_scaling=1.0)
+                eps=0.0, rope_scaling=1.0, window_f=0.0)
 
 
 def call_op(q, k, v, q_pos, k_pos, scale=0.35, state=None, inv_freq=None, **params):

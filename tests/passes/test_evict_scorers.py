@@ -141,7 +141,7 @@ def test_compiled_backend_refuses_with_the_reason():
     (dict(score="knorm", budget=6, when="sometimes"), "allowed: 'prefill', 'decode'"),
     (dict(score="knorm", budget=6, when="prefill", every=3), "contradicts when='prefill'"),
     (dict(score="knorm", budget=6, slack=2), "slack applies to when='overflow'"),
-    (dict(score="knorm", budget=6, rule="adaptive"), "rule='adaptive' .* is implemented for score='snapkv'"),
+    (dict(score="tova", budget=6, rule="adaptive"), "rule=.adaptive. needs per-head scores"),
     (dict(score="knorm", budget=6, beta=4.0), "beta applies to rule='pyramid'"),
     (dict(score="knorm", budget=0), "budget=0 must be > 0"),
     (dict(score="knorm", budget=4, sinks=2, window=3), "exceed budget=4"),

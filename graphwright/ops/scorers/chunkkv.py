@@ -6,7 +6,7 @@ rule, so every head keeps the same chunks) or per head (``"each"``). The top max
 are kept (n = the head's token budget after sinks and window; ties: earliest chunk); a trailing
 partial chunk has its own score. ``score="chunkkv"`` is SnapKV's window score in chunks of 20
 (kvpress's chunk size; the paper's is [unconfirmed]); ``chunk=`` wraps any other scorer. Layer-wise
-index reuse is not implemented. Exact setting: budget >= length; chunk=1 with ``"each"`` is the
+index reuse: ``evict(chunk_reuse=L)`` (``policy_scored.reuse_keep``). Exact setting: budget >= length; chunk=1 with ``"each"`` is the
 base scorer (tested).
 """
 

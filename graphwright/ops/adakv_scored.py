@@ -1,0 +1,120 @@
+"""Ada-KV head-adaptive budgets for any prefill scorer, on the packed per-layer cache.
+
+Technique: Ada-KV (arXiv 2407.11550, ``ALGORITHMS-2.md`` §3). The layer keeps Hk*C evictable
+tokens in total (C = the head budget minus the always-kept sinks and recent window); the global
+top-(Hk*C) of the heads' scores decides how many each head gets (n_h), the safeguard
+n_h <- round((1 - floor) * n_h + floor * C) keeps a floor, and each head keeps its own top-n_h
+(or, with ``chunk``, its top n_h // chunk chunks, ChunkKV) plus sinks and window. Runs once after
+prefill; decode appends. The scores come from any per-head scorer of ``ops/scorers`` (not the
+shared TOVA, not the stateful cumulative score: ``passes/evict.py`` refuses those).
+
+Normalisation before the global top-k (scores must be comparable across heads):
+* attention scorers (``needs_q``: snapkv, expected_attention, chunkkv's snapkv base) are used raw,
+  as the paper and kvpress ``AdaKVPress`` do: every head's window attention is a softmax over the
+  same keys, so its mass is already on one scale;
+* key-only scorers (knorm, keydiff) are min-max scaled to [0, 1] per head over its candidates.
+  Their raw values (-||k||, -cos) carry each head's key scale, so a raw global top-k would give the
+  whole budget to the head with the smallest keys; after min-max every head's best token scores 1
+  and the split follows how many tokens sit near the head's best (dispersed heads get more, as
+  with attention). A head whose candidates all score the same maps to 1.
+
+Exact setting: budget >= the row's length keeps everything (identity); floor = 1 gives every head
+C (uniform). Packed layout and ``compact_packed``: ``adakv_ref``. Invariant tested
+(``tests/ops/test_adakv_scored.py``): per-head counts and kept sets equal a slow loop oracle for
+knorm, keydiff, expected_attention, snapkv and chunkkv; with snapkv the kept sets equal
+``adakv_ref.adakv_keep`` (``snapkv(heads='adaptive')``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .adakv_ref import adaptive_counts, compact_packed, unpack_prefill
+from .eviction_policy import EVICT_OPS, REFERENCES
+from .eviction_ref import budget as row_budget
+from .eviction_ref import row_length, topk_mask
+from .scorers import SCORERS, ScoreInputs
+from .scorers.chunkkv import chunk_keep
+
+
+def normalise(score: Tensor, cand: Tensor, scorer: str) -> Tensor:
+    """[B, Hk, S] scores comparable across heads (see the module docstring)."""
+    s = score.float()
+    if SCORERS[scorer].needs_q:
+        return s
+    lo = s.masked_fill(~cand, float("inf")).amin(dim=-1, keepdim=True)
+    hi = s.masked_fill(~cand, float("-inf")).amax(dim=-1, keepdim=True)
+    span = hi - lo
+    out = torch.where(span > 0, (s - lo) / span.clamp(min=1e-30), torch.ones_like(s))
+    return out.masked_fill(~cand, 0.0)
+
+
+def adaptive_scored_keep(x: ScoreInputs, scorer: str, budget_n: int, budget_f: float, floor: float, chunk: int,
+                         chunk_heads: str) -> Tensor:
+    """[B, Hk, S] bool keep set on the dense prefill layout (``x.k`` [B, Hk, S, D])."""
+    valid = x.k_pos >= 0
+    L = x.length[:, None, None]
+    protected = valid & ((x.k_pos < x.sinks) | (x.k_pos >= L - x.window))
+    x.cand = valid & ~protected
+    score = normalise(SCORERS[scorer].fn(x), x.cand, scorer)
+    cap = row_budget(budget_n, budget_f, x.length)
+    keep = valid.clone()
+    for b in range(x.k.shape[0]):
+        if int(x.length[b]) <= int(cap[b]):
+            continue
+        c = max(0, int(cap[b]) - int(protected[b, 0].sum()))
+        counts = torch.tensor(adaptive_counts(score[b], x.cand[b], c, floor), device=x.k.device)[None]
+        cb = x.cand[b:b + 1]
+        if chunk > 0:
+            fits = (counts >= cb.sum(-1))[..., None]
+            chosen = torch.where(fits, cb, chunk_keep(score[b:b + 1], cb, x.k_pos[b:b + 1], counts, chunk,
+                                                      chunk_heads == "sum"))
+        else:
+            chosen = topk_mask(score[b:b + 1], cb, counts)
+        keep[b] = chosen[0] | protected[b]
+    return keep
+
+
+def adakv_scored_reference(q, k, v, q_pos, k_pos, inv_freq, scale, scorer, budget_n, budget_f, floor, sinks, window,
+                           kernel, smooth, pool, chunk, chunk_heads, n_future, eps, rope_scaling, layer, num_layers):
+    """-> (k, v, k_pos) packed: compressed once after prefill (the cache was empty), appended at decode."""
+    T = q.shape[2]
+    hk = k_pos.shape[1]
+    if k.shape[2] != hk * T:  # decode, or a prompt over a non-empty cache: append only
+        return k, v, k_pos
+    kd, kpd = unpack_prefill(k, k_pos, T)
+    vd, _ = unpack_prefill(v, k_pos, T)
+    x = ScoreInputs(q=q, k=kd, v=vd, q_pos=q_pos, k_pos=kpd, scale=scale, cand=kpd >= 0, length=row_length(q_pos),
+                    inv_freq=inv_freq, rope_scaling=rope_scaling, window=window, kernel=kernel, smooth=smooth, pool=pool,
+                    sinks=sinks, n_future=n_future, eps=eps)
+    keep = adaptive_scored_keep(x, scorer, budget_n, budget_f, floor, chunk, chunk_heads)
+    return compact_packed(keep.reshape(keep.shape[0], hk * T), k, v, k_pos)
+
+
+@torch.library.custom_op("graphwright::evict_adakv_scored", mutates_args=())
+def evict_adakv_scored(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, inv_freq: Optional[Tensor],
+                       scale: float, scorer: str, budget_n: int, budget_f: float, floor: float, sinks: int, window: int,
+                       kernel: int, smooth: str, pool: str, chunk: int, chunk_heads: str, n_future: int, eps: float,
+                       rope_scaling: float, layer: int, num_layers: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Ada-KV budgets for a scorer of ``ops/scorers`` on packed slots: once after prefill; decode appends."""
+    outs = adakv_scored_reference(q, k, v, q_pos, k_pos, inv_freq, scale, scorer, budget_n, budget_f, floor, sinks,
+                                  window, kernel, smooth, pool, chunk, chunk_heads, n_future, eps, rope_scaling, layer,
+                                  num_layers)
+    ids = {id(k), id(v), id(k_pos)}
+    return tuple(o.clone() if id(o) in ids else o for o in outs)
+
+
+@evict_adakv_scored.register_fake
+def _(q, k, v, q_pos, k_pos, inv_freq, scale, scorer, budget_n, budget_f, floor, sinks, window, kernel, smooth, pool,
+      chunk, chunk_heads, n_future, eps, rope_scaling, layer, num_layers):
+    n = torch.library.get_ctx().new_dynamic_size()
+    B = k.shape[0]
+    return k.new_empty(B, 1, n, k.shape[-1]), v.new_empty(B, 1, n, v.shape[-1]), k_pos.new_empty(B, k_pos.shape[1], n)
+
+
+EVICT_ADAKV_SCORED = torch.ops.graphwright.evict_adakv_scored.default
+EVICT_OPS.append(EVICT_ADAKV_SCORED)
+REFERENCES[EVICT_ADAKV_SCORED] = adakv_scored_reference
