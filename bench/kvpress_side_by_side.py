@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES,
                    help="graphwright recipe templates ({budget} tokens, {window} = budget - 4, {frac}, {half} = frac / 2)")
     p.add_argument("--presses", nargs="+", default=DEFAULT_PRESSES, help="kvpress presses")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, 
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
                    help="compression modes, both sides (agnostic: the context is compressed alone, then the question is fed)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
@@ -216,11 +216,12 @@ def run_kvpress(args, cases, write_model, eos, out: Path) -> dict:
 
 def journal_rows(jr, cases, args) -> tuple:
     """Every graphwright answer the journal holds for these cases (any recipe), as ``run_ours`` rows."""
-    want = {(c["id"], tuple(our_key(args.model, "dense", "aware", c, args.seed, args.max_new_tokens)[f]
-                            for f in ("case_hash", "settings", "version", "seed", "model"))) for c in cases}
+    fields = ("case", "case_hash", "settings", "version", "seed", "model")
+    want = {json.dumps([our_key(args.model, "dense", "aware", c, args.seed, args.max_new_tokens)[f] for f in fields], sort_keys=True)
+            for c in cases}
     rows, bytes_key = [], None
     for key, row in jr.records():
-        k = (key["case"], (key["case_hash"], key["settings"], key["version"], key["seed"], key["model"]))
+        k = json.dumps([key[f] for f in fields], sort_keys=True)
         if k in want:
             rows.append({f: v for f, v in row.items() if f != "bytes_key"})
             bytes_key = row.get("bytes_key", bytes_key)
