@@ -228,6 +228,18 @@ def journal_rows(jr, cases, args) -> tuple:
     return rows, bytes_key
 
 
+def kvpress_journal_rows(path, cases, args) -> list:
+    """Every kvpress answer the worker's journal holds for these cases (any press, budget, mode), in file order."""
+    from kvpress_worker import case_key, load_journal
+
+    want = {}
+    for c in cases:
+        k = json.loads(case_key({"model": args.model, "model_dir": "", "max_new_tokens": args.max_new_tokens}, c, "", None, "", ""))
+        want[(c["id"], k["case_hash"])] = c
+    return [row for key, row in ((json.loads(k), r) for k, r in load_journal(path).items())
+            if (key["case"], key["case_hash"]) in want and key["model"] == args.model and key["max_new_tokens"] == args.max_new_tokens]
+
+
 def main(argv=None) -> int:
     from kvpress_report import score_rows, summarise, write_report
 
@@ -251,7 +263,8 @@ def main(argv=None) -> int:
     else:
         model_dir = Path(args.model_dir) if args.model_dir else HERE / ".cache-kvpress" / args.model
         kv = run_kvpress(args, cases, lambda: save_model_dir(model, tok, model_dir), tok.eos_token_id, out)
-    raw = {"graphwright": score_rows(ours, cases, tok), "kvpress": score_rows(kv.get("rows", []), cases, tok)}
+    kv_rows = kvpress_journal_rows(out / "kvpress_answers.jsonl", cases, args) if "rows" in kv else []
+    raw = {"graphwright": score_rows(ours, cases, tok), "kvpress": score_rows(kv_rows, cases, tok)}
     print(f"graphwright answers: {len(ours)}; kvpress answers: {len(kv.get('rows', []))}", file=sys.stderr, flush=True)
     settings = {"model": args.model, "lengths": args.lengths, "cases_per_length": args.cases, "budgets": args.budgets,
                 "recipes": args.recipes, "presses": args.presses, "modes": args.modes, "max_new_tokens": args.max_new_tokens,

@@ -160,3 +160,20 @@ def test_worker_journal_resumes_to_the_same_answers(tiny, tmp_path, monkeypatch)
     assert worker.run({**spec, "journal": str(path)})["rows"] == whole and len(calls) == 2
     other = worker.run({**spec, "journal": str(path), "max_new_tokens": 3})["rows"]  # another setting: another key
     assert len(calls) == 6 and all(len(r["new_ids"]) <= 3 for r in other)
+
+
+def test_table_reads_every_kvpress_answer_for_these_cases(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    mod, worker = _load("kvpress_side_by_side"), _load("kvpress_worker")
+    cases = [{"id": "c0", "ids": [5, 6, 7], "split": 2}, {"id": "c1", "ids": [5, 6, 8], "split": 2}]
+    spec = {"model": "m", "model_dir": "x", "max_new_tokens": 4}
+    path = tmp_path / "kvpress_answers.jsonl"
+    for case, press, model in ((cases[0], "SnapKV", "m"), (cases[1], "TOVA", "m"), (cases[1], "TOVA", "other-model"),
+                               ({**cases[0], "ids": [5, 6, 9]}, "Knorm", "m")):  # last: same id, other tokens
+        worker.append_journal(path, worker.case_key({**spec, "model": model}, case, press, 0.5, "aware", "0.5.5"),
+                              {"id": case["id"], "method": press, "model": model})
+    rows = mod.kvpress_journal_rows(path, cases, SimpleNamespace(model="m", max_new_tokens=4))
+    assert [(r["id"], r["method"], r["model"]) for r in rows] == [("c0", "SnapKV", "m"), ("c1", "TOVA", "m")]
+    assert mod.kvpress_journal_rows(path, cases, SimpleNamespace(model="m", max_new_tokens=8)) == []
