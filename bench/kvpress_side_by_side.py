@@ -57,15 +57,17 @@ def parse_args(argv=None):
     p.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES,
                    help="graphwright recipe templates ({budget} tokens, {window} = budget - 4, {frac}, {half} = frac / 2)")
     p.add_argument("--presses", nargs="+", default=DEFAULT_PRESSES, help="kvpress presses")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES, help="compression modes, both sides (agnostic: the context is compressed alone, then the question is fed)")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+                   help="compression modes, both sides (agnostic: the context is compressed alone, then the question is fed)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(HERE / "results" / "kvpress"), help="folder for cases.json, results JSON/markdown/plot")
     p.add_argument("--model-dir", default=None, help="safetensors folder for the kvpress side (default: bench/.cache-kvpress/MODEL)")
     p.add_argument("--kvpress-python", default=str(KVPRESS_PY), help="python of the kvpress environment")
     p.add_argument("--skip-kvpress", action="store_true", help="run the graphwright side only")
-    p.add_argument("--reuse", action="store_true",
-                   help="reuse graphwright_rows.json / kvpress_raw.json in --out from an earlier run on the same cases")
+    p.add_argument("--skip-graphwright", action="store_true",
+                   help="run the kvpress side only (the table still shows the graphwright answers the journal holds)")
+    p.add_argument("--journal", default=None, help="graphwright's answers, JSONL (default OUT/graphwright_answers.jsonl)")
     p.add_argument("--progress", action="store_true")
     a = p.parse_args(argv)
     bad = [b for b in a.budgets if not 0.0 < b < 1.0]
@@ -122,14 +124,29 @@ def save_model_dir(model, tok, folder: Path) -> Path:
     return folder
 
 
+def our_key(model_name, recipe, mode, case, seed, max_new_tokens):
+    """The graphwright journal key of one side-by-side answer (``graphwright.eval.journal``)."""
+    from graphwright.eval.journal import case_hash, make_key
+
+    return make_key(model_name, "dense" if recipe == "noop" else recipe, mode, "niah", case["length"], case["id"], seed,
+                    case_hash(case["ids"], [case["activity"], case["split"]]),
+                    {"max_new_tokens": max_new_tokens, "runner": "kvpress_side_by_side", "backend": "torch"})
+
+
 @torch.inference_mode()
-def run_ours(model, tok, cases, recipes, budgets, max_new_tokens, progress=False, modes=("aware",)):
-    """Rows ``{method, recipe, budget, mode, id, new_ids, cache_bytes}`` for dense and every recipe x budget x length."""
+def run_ours(model, tok, cases, recipes, budgets, max_new_tokens, progress=False, modes=("aware",), journal=None,
+             model_name="model", seed=0):
+    """Rows ``{method, recipe, budget, mode, id, new_ids, cache_bytes}`` for dense and every recipe x budget x length.
+
+    Every answer is appended at once to ``journal`` (a ``graphwright.eval.journal.Journal``; in memory when None)
+    and answers it already holds are not computed again (a recipe whose cases are all there is not even compiled)."""
     from graphwright.capture import capture
     from graphwright.compiled import CompiledModel
+    from graphwright.eval.journal import Journal
     from graphwright.verify import run_recipe
 
-    sg = capture(model)
+    jr = journal if journal is not None else Journal()
+    sg = None
     eos = tok.eos_token_id
     lengths = sorted({c["length"] for c in cases})
     # a template without a {field} is one fixed setting: it runs once, with budget None
@@ -139,27 +156,39 @@ def run_ours(model, tok, cases, recipes, budgets, max_new_tokens, progress=False
         t0 = time.perf_counter()
         for length in lengths:
             recipe = "noop" if template == "dense" else (template if frac is None else fill(template, frac, length))
-            new, parsed, _ = run_recipe(sg, recipe, model=model, tokenizer=tok, verify=False)
-            cm = CompiledModel(new, tokenizer=tok, recipe=parsed)
             picked = [c for c in cases if c["length"] == length]
-            # bytes held after the prefill step: a generate that stops at its first token runs no decode step
-            cm.generate(torch.tensor([picked[0]["ids"]]), max_new_tokens=1, eos_token_id=eos, pad_token_id=eos, allow_long=True)
-            bytes_key = "kv_storage_bytes" if "kv_storage_bytes" in cm.last_stats else "kv_bytes"
-            held = int(cm.last_stats[bytes_key])
+            todo = [(c, m) for c in picked for m in ("aware", "agnostic") if m in modes
+                    and jr.get(our_key(model_name, recipe, m, c, seed, max_new_tokens)) is None]
+            if todo:
+                sg = sg if sg is not None else capture(model)
+                new, parsed, _ = run_recipe(sg, recipe, model=model, tokenizer=tok, verify=False)
+                cm = CompiledModel(new, tokenizer=tok, recipe=parsed)
+                # bytes held after the prefill step: a generate that stops at its first token runs no decode step
+                cm.generate(torch.tensor([picked[0]["ids"]]), max_new_tokens=1, eos_token_id=eos, pad_token_id=eos, allow_long=True)
+                bk = "kv_storage_bytes" if "kv_storage_bytes" in cm.last_stats else "kv_bytes"
+                held = int(cm.last_stats[bk])
             for c in picked:
                 ids = torch.tensor([c["ids"]])
-                if "aware" in modes:
-                    out = cm.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos, allow_long=True)
-                    rows.append({"method": template, "recipe": recipe, "budget": frac, "mode": "aware",
-                                 "id": c["id"], "new_ids": out[0, ids.shape[1]:].tolist(), "cache_bytes": held})
-                if "agnostic" in modes:  # compress the context alone (cm.prefill), then the question continues it
-                    ctx = cm.prefill(ids[:, :c["split"]], allow_long=True)
-                    ctx_held = int(cm.last_stats[bytes_key])
-                    q = ids[:, c["split"]:]
-                    out = cm.generate(q, context=ctx, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos, allow_long=True)
-                    rows.append({"method": template, "recipe": recipe, "budget": frac, "mode": "agnostic",
-                                 "id": c["id"], "new_ids": out[0, q.shape[1]:].tolist(), "cache_bytes": ctx_held})
-            del cm
+                for mode in [m for m in ("aware", "agnostic") if m in modes]:
+                    key = our_key(model_name, recipe, mode, c, seed, max_new_tokens)
+                    if jr.get(key) is None:
+                        if mode == "aware":
+                            out = cm.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos, allow_long=True)
+                            new_ids, nbytes = out[0, ids.shape[1]:].tolist(), held
+                        else:  # compress the context alone (cm.prefill), then the question continues it
+                            ctx = cm.prefill(ids[:, :c["split"]], allow_long=True)
+                            nbytes = int(cm.last_stats[bk])
+                            q = ids[:, c["split"]:]
+                            out = cm.generate(q, context=ctx, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos,
+                                              allow_long=True)
+                            new_ids = out[0, q.shape[1]:].tolist()
+                        jr.add(key, {"method": template, "recipe": recipe, "budget": frac, "mode": mode, "id": c["id"],
+                                     "new_ids": new_ids, "cache_bytes": nbytes, "bytes_key": bk})
+                    row = jr.get(key)
+                    bytes_key = row.get("bytes_key", bytes_key)
+                    rows.append({k: v for k, v in row.items() if k != "bytes_key"} | {"method": template, "budget": frac})
+            if todo:
+                del cm
         if progress:
             print(f"graphwright {template} budget={frac}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return rows, bytes_key
@@ -168,21 +197,47 @@ def run_ours(model, tok, cases, recipes, budgets, max_new_tokens, progress=False
 def run_kvpress(args, cases, write_model, eos, out: Path) -> dict:
     """The kvpress side in its own environment; ``{"skipped": reason}`` when that environment is missing.
 
-    ``write_model()`` returns the safetensors folder (written only when the environment exists)."""
+    ``write_model()`` returns the safetensors folder (written only when the environment exists). The worker
+    appends every answer to ``out/kvpress_answers.jsonl`` and skips the answers already there."""
     py = Path(args.kvpress_python)
     if not py.is_file():
         msg = SETUP.format(py=py)
         print(f"kvpress side skipped: {msg}", file=sys.stderr, flush=True)
         return {"skipped": msg}
-    spec = {"model_dir": str(write_model()), "presses": args.presses, "budgets": args.budgets, "modes": args.modes,
-            "max_new_tokens": args.max_new_tokens, "eos": [eos] if isinstance(eos, int) else list(eos),
+    spec = {"model": args.model, "model_dir": str(write_model()), "presses": args.presses, "budgets": args.budgets,
+            "modes": args.modes, "max_new_tokens": args.max_new_tokens, "eos": [eos] if isinstance(eos, int) else list(eos),
+            "journal": str(out / "kvpress_answers.jsonl"),
             "cases": [{"id": c["id"], "ids": c["ids"], "split": c["split"]} for c in cases]}
     spec_path, res_path = out / "kvpress_cases.json", out / "kvpress_raw.json"
-    if args.reuse and res_path.is_file() and spec_path.is_file() and json.loads(spec_path.read_text()) == spec:
-        return json.loads(res_path.read_text())
     spec_path.write_text(json.dumps(spec))
     subprocess.run([str(py), str(HERE / "kvpress_worker.py"), str(spec_path), str(res_path)], check=True)
     return json.loads(res_path.read_text())
+
+
+def journal_rows(jr, cases, args) -> tuple:
+    """Every graphwright answer the journal holds for these cases (any recipe), as ``run_ours`` rows."""
+    fields = ("case", "case_hash", "settings", "version", "seed", "model")
+    want = {json.dumps([our_key(args.model, "dense", "aware", c, args.seed, args.max_new_tokens)[f] for f in fields], sort_keys=True)
+            for c in cases}
+    rows, bytes_key = [], None
+    for key, row in jr.records():
+        k = json.dumps([key[f] for f in fields], sort_keys=True)
+        if k in want:
+            rows.append({f: v for f, v in row.items() if f != "bytes_key"})
+            bytes_key = row.get("bytes_key", bytes_key)
+    return rows, bytes_key
+
+
+def kvpress_journal_rows(path, cases, args) -> list:
+    """Every kvpress answer the worker's journal holds for these cases (any press, budget, mode), in file order."""
+    from kvpress_worker import case_key, load_journal
+
+    want = {}
+    for c in cases:
+        k = json.loads(case_key({"model": args.model, "model_dir": "", "max_new_tokens": args.max_new_tokens}, c, "", None, "", ""))
+        want[(c["id"], k["case_hash"])] = c
+    return [row for key, row in ((json.loads(k), r) for k, r in load_journal(path).items())
+            if (key["case"], key["case_hash"]) in want and key["model"] == args.model and key["max_new_tokens"] == args.max_new_tokens]
 
 
 def main(argv=None) -> int:
@@ -195,21 +250,22 @@ def main(argv=None) -> int:
     model, tok = load(args.model)
     cases = build_cases(tok, args.lengths, args.cases, args.seed)
     (out / "cases.json").write_text(json.dumps(cases))
-    ours_path = out / "graphwright_rows.json"
-    key = {"model": args.model, "recipes": args.recipes, "budgets": args.budgets, "max_new_tokens": args.max_new_tokens, "cases": cases}
-    old = json.loads(ours_path.read_text()) if args.reuse and ours_path.is_file() else {}
-    if old.get("key") == key:
-        ours, bytes_key = old["rows"], old["bytes_key"]
-    else:
-        ours, bytes_key = run_ours(model, tok, cases, args.recipes, args.budgets, args.max_new_tokens, args.progress, args.modes)
-        # kept if the kvpress side fails: rerun with --reuse
-        ours_path.write_text(json.dumps({"key": key, "rows": ours, "bytes_key": bytes_key}))
+    from graphwright.eval.journal import Journal
+
+    jr = Journal(args.journal or out / "graphwright_answers.jsonl")
+    # the graphwright side answers what the journal lacks; with --skip-graphwright only what it holds is shown
+    ours, bytes_key = run_ours(model, tok, cases, [] if args.skip_graphwright else args.recipes, args.budgets,
+                               args.max_new_tokens, args.progress, args.modes, journal=jr, model_name=args.model, seed=args.seed)
+    if args.skip_graphwright:
+        ours, bytes_key = journal_rows(jr, cases, args)
     if args.skip_kvpress:
         kv = {"skipped": "--skip-kvpress"}
     else:
         model_dir = Path(args.model_dir) if args.model_dir else HERE / ".cache-kvpress" / args.model
         kv = run_kvpress(args, cases, lambda: save_model_dir(model, tok, model_dir), tok.eos_token_id, out)
-    raw = {"graphwright": score_rows(ours, cases, tok), "kvpress": score_rows(kv.get("rows", []), cases, tok)}
+    kv_rows = kvpress_journal_rows(out / "kvpress_answers.jsonl", cases, args) if "rows" in kv else []
+    raw = {"graphwright": score_rows(ours, cases, tok), "kvpress": score_rows(kv_rows, cases, tok)}
+    print(f"graphwright answers: {len(ours)}; kvpress answers: {len(kv.get('rows', []))}", file=sys.stderr, flush=True)
     settings = {"model": args.model, "lengths": args.lengths, "cases_per_length": args.cases, "budgets": args.budgets,
                 "recipes": args.recipes, "presses": args.presses, "modes": args.modes, "max_new_tokens": args.max_new_tokens,
                 "seed": args.seed, "graphwright_bytes": bytes_key, "kvpress_versions": kv.get("versions"),

@@ -13,6 +13,11 @@ the end of the chat turn and the answer primer are fed after compression, uncomp
 the whole prompt (the question inside the context, as kvpress's README does for question-aware compression;
 the first answer token comes from that forward pass, whose logits are dense).
 
+Resumable: with ``spec["journal"]`` (a JSONL path) every finished case is appended at once as
+``{"key": {...}, "row": {...}}``, keyed by model folder, press, budget, mode, case id, a sha256 of the case's token ids and
+split, max_new_tokens and ``WORKER_VERSION`` + the kvpress version; a rerun skips the keys already there (a torn last
+line from a killed run is cut off and that case runs again).
+
 Bytes: after the compression forward pass, the sum of ``untyped_storage().nbytes()`` over the distinct
 storages of every tensor reachable from the cache object (so presses that mask instead of evicting, such as
 AdaKV and DuoAttention, report the dense tensors they keep resident).
@@ -20,12 +25,15 @@ AdaKV and DuoAttention, report the dense tensors they keep resident).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import sys
 import time
 
 import torch
 
+WORKER_VERSION = "kvpress-worker-1"  # bump when answering or byte counting changes
 SNAPKV_WINDOW = 32  # graphwright's snapkv default window (min(32, budget // 2)); kvpress's default is 64
 
 
@@ -118,6 +126,44 @@ def _load(folder, attn):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn).eval()
 
 
+def case_key(spec: dict, case: dict, name: str, budget, mode: str, kvpress_version: str) -> str:
+    """The journal key of one answer (a canonical JSON string)."""
+    h = hashlib.sha256((",".join(str(int(i)) for i in case["ids"]) + f"|{case['split']}").encode()).hexdigest()[:20]
+    return json.dumps({"model": spec.get("model", spec["model_dir"]), "method": name, "budget": budget, "mode": mode,
+                       "case": case["id"], "case_hash": h, "max_new_tokens": spec["max_new_tokens"],
+                       "version": f"{WORKER_VERSION}/kvpress-{kvpress_version}"}, sort_keys=True)
+
+
+def load_journal(path) -> dict:
+    """``{key: row}`` of a worker journal (empty when the file does not exist); a torn last line is cut off."""
+    if path is None or not os.path.isfile(path):
+        return {}
+    data = open(path, "rb").read()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        print(f"{path}: dropping a torn last line ({len(data) - keep} bytes); its case runs again", file=sys.stderr, flush=True)
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+        data = data[:keep]
+    out = {}
+    for i, ln in enumerate(data.decode().split("\n")):
+        if ln.strip():
+            try:
+                rec = json.loads(ln)
+                out[json.dumps(rec["key"], sort_keys=True)] = rec["row"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise SystemExit(f"{path} line {i + 1} is not a journal record {{'key', 'row'}} ({exc}); fix or remove it") from None
+    return out
+
+
+def append_journal(path, key: str, row: dict) -> None:
+    """One line ``{"key", "row"}``, flushed and fsynced before the next case starts."""
+    with open(path, "a") as f:
+        f.write(json.dumps({"key": json.loads(key), "row": row}, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def run(spec: dict, out_path=None) -> dict:
     import kvpress
     import transformers
@@ -126,22 +172,34 @@ def run(spec: dict, out_path=None) -> dict:
     models = {}
     factories = _presses()
     eos = set(spec["eos"])
+    kv_version = _kvpress_version()
+    journal_path = spec.get("journal")
+    done = load_journal(journal_path)
     rows, errors = [], {}
     jobs = [("dense", None, "aware")] + [(p, b, m) for p in spec["presses"] for b in spec["budgets"] for m in spec["modes"]]
     for name, budget, mode in jobs:
         if name != "dense" and name not in factories:
             raise SystemExit(f"unknown press {name!r}; known: {', '.join(factories)}")
         attn = "eager" if name in EAGER else "sdpa"
-        if attn not in models:
-            models[attn] = _load(spec["model_dir"], attn)
-        t0, got = time.perf_counter(), []
+        t0, got, ran = time.perf_counter(), [], 0
         try:  # a press that cannot run here fails on its first case (DuoAttention: its head patterns are a download)
             press = None if name == "dense" else factories[name](1.0 - budget)
             for case in spec["cases"]:
+                key = case_key(spec, case, name, budget, mode, kv_version)
+                if key in done:
+                    got.append(done[key])
+                    continue
+                if attn not in models:
+                    models[attn] = _load(spec["model_dir"], attn)
                 split = case["split"] if mode == "agnostic" else len(case["ids"])
                 new, nbytes, kept = answer(models[attn], press, case["ids"], split, spec["max_new_tokens"], eos)
-                got.append({"method": name, "budget": budget, "mode": mode, "id": case["id"], "new_ids": new,
-                            "cache_bytes": nbytes, "kept_tokens": kept, "compressed_tokens": split})
+                row = {"method": name, "budget": budget, "mode": mode, "id": case["id"], "new_ids": new,
+                       "cache_bytes": nbytes, "kept_tokens": kept, "compressed_tokens": split}
+                if journal_path is not None:
+                    append_journal(journal_path, key, row)
+                done[key] = row
+                got.append(row)
+                ran += 1
         except Exception as exc:  # noqa: BLE001
             if got:  # a failure after the first case is a bug, not a press that does not apply
                 raise
@@ -152,15 +210,19 @@ def run(spec: dict, out_path=None) -> dict:
         rows += got
         if out_path is not None:  # after every press, so a long run that is stopped keeps what it finished
             _write(out_path, _result(kvpress, transformers, rows, errors))
-        print(f"kvpress {name} budget={budget} {mode}: {len(spec['cases'])} cases in {time.perf_counter() - t0:.0f} s",
-              file=sys.stderr, flush=True)
+        print(f"kvpress {name} budget={budget} {mode}: {ran} of {len(spec['cases'])} cases run "
+              f"({len(got) - ran} from the journal) in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return _result(kvpress, transformers, rows, errors)
 
 
-def _result(kvpress, transformers, rows, errors) -> dict:
+def _kvpress_version() -> str:
     from importlib.metadata import version
 
-    return {"versions": {"kvpress": version("kvpress"), "transformers": transformers.__version__,
+    return version("kvpress")
+
+
+def _result(kvpress, transformers, rows, errors) -> dict:
+    return {"versions": {"kvpress": _kvpress_version(), "transformers": transformers.__version__,
                          "torch": torch.__version__}, "rows": rows, "errors": errors}
 
 

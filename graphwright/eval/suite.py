@@ -19,9 +19,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from . import niah as _niah
 from . import ruler as _ruler
+from .journal import Journal, case_hash, make_key
 from .perplexity import heldout_windows, long_perplexity
 from .plot import save_figure
 from .stats import bootstrap_mean, paired_difference, paired_ppl_ratio, perplexity_interval
@@ -84,42 +86,132 @@ def build_cases(tokenizer, tasks=SUITE_TASKS, lengths=(1024, 2048, 4096, 8192), 
     return out
 
 
-def _run_one(cm, tokenizer, cases, ppl_prefix, max_new_tokens, progress):
-    res = {}
-    if "niah" in cases:
-        res["niah"] = _niah.run_niah(cm, tokenizer, cases["niah"], max_new_tokens=max_new_tokens, progress=progress)["cases"]
-    if "ruler" in cases:
-        res["ruler"] = _ruler.run_ruler(cm, tokenizer, cases["ruler"], progress=progress)["cases"]
-    if "ppl" in cases:
-        res["ppl"] = long_perplexity(cm, cases["ppl"], prefix=ppl_prefix, progress=progress)
+def canonical(recipe) -> str:
+    """The label a recipe's rows are stored under: ``DENSE``, or the canonical recipe string."""
+    if recipe in (None, DENSE, "noop", "identity"):
+        return DENSE
+    from ..recipes import Recipe
+
+    return str(Recipe.parse(recipe))
+
+
+def model_label(model) -> str:
+    """A model's name for journal keys when none is given: its HF ``name_or_path``, else its class and config type."""
+    name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    return str(name) if name else f"{type(model).__name__}/{getattr(model.config, 'model_type', '?')}"
+
+
+def case_jobs(tokenizer, cases: dict, ppl_prefix: int, max_new_tokens: int, backend: str) -> list:
+    """``[(task, case, key fields)]`` for every case, in run order; the key fields lack only model and recipe."""
+    from .niah import encode
+
+    jobs = []
+    for c in cases.get("niah", []):
+        ids = encode(tokenizer, c["prompt"]).input_ids
+        jobs.append(("niah", c, {"mode": "aware", "task": "niah", "length": c["length"], "case": c["id"],
+                                 "case_hash": case_hash(ids, c["activity"]),
+                                 "settings": {"max_new_tokens": max_new_tokens, "backend": backend}}))
+    for c in cases.get("ruler", []):
+        ids = encode(tokenizer, c["prompt"]).input_ids
+        jobs.append(("ruler", c, {"mode": "aware", "task": "ruler", "length": c["length"], "case": c["id"],
+                                  "case_hash": case_hash(ids, [c["references"], c["max_new_tokens"]]),
+                                  "settings": {"backend": backend}}))
+    for i, w in enumerate(cases.get("ppl", [])):
+        ids = w.reshape(-1).tolist()
+        jobs.append(("ppl", w, {"mode": "stream", "task": "ppl", "length": len(ids), "case": f"w{i}",
+                                "case_hash": case_hash(ids), "settings": {"prefix": ppl_prefix, "backend": backend}}))
+    return jobs
+
+
+def _run_case(cm, tokenizer, task, case, ppl_prefix, max_new_tokens) -> dict:
+    """One case's row: niah/ruler the scorer's per-case row; ppl ``{"nll", "kv_bytes", "kv_bytes_dense"}``."""
+    if task == "niah":
+        return _niah.run_niah(cm, tokenizer, [case], max_new_tokens=max_new_tokens, progress=False)["cases"][0]
+    if task == "ruler":
+        return _ruler.run_ruler(cm, tokenizer, [case], progress=False)["cases"][0]
+    r = long_perplexity(cm, [case], prefix=ppl_prefix, progress=False)
+    return {"nll": r["nll"][0], "kv_bytes": r["kv_bytes"][0], "kv_bytes_dense": r["kv_bytes_dense"][0]}
+
+
+def run_label(model, tokenizer, label, jobs, journal, model_name, seed, ppl_prefix, max_new_tokens, backend="torch",
+              progress=True, run_missing=True) -> dict:
+    """Every job for one recipe label: rows the journal holds are reused, the others run and are appended at once.
+
+    Compiles only when some case is missing; ``run_missing=False`` runs nothing and returns only
+    the rows the journal holds. Returns the label's raw results
+    (``{"niah": [rows], "ruler": [rows], "ppl": {"nll", "kv_bytes", "ids", "window", "prefix"}}``)."""
+    from ..compile import compile as gw_compile
+
+    keys = [make_key(model_name, label, seed=seed, **kf) for _, _, kf in jobs]
+    todo = [i for i, k in enumerate(keys) if journal.get(k) is None]
+    if todo and run_missing:
+        cm = gw_compile(model, recipe=None if label == DENSE else label, tokenizer=tokenizer, backend=backend)
+        for i in tqdm(todo, desc=label[:40], unit="case", disable=None if progress else True, leave=False):
+            task, case, _ = jobs[i]
+            journal.add(keys[i], _run_case(cm, tokenizer, task, case, ppl_prefix, max_new_tokens))
+        del cm
+    res: dict = {}
+    for (task, _, kf), key in zip(jobs, keys):
+        row = journal.get(key)
+        if row is None:
+            continue
+        if task == "ppl":
+            p = res.setdefault("ppl", {"nll": [], "kv_bytes": [], "kv_bytes_dense": [], "ids": [], "window": kf["length"],
+                                       "prefix": ppl_prefix})
+            for f in ("nll", "kv_bytes", "kv_bytes_dense"):
+                p[f].append(row[f])
+            p["ids"].append(kf["case"])
+        else:
+            res.setdefault(task, []).append(row)
     return res
 
 
+def _pair(dense_rows, rows):
+    """The rows of both sides on the cases both have done (by case id, in dense's order)."""
+    have = {r["id"]: r for r in rows}
+    base = [r for r in dense_rows if r["id"] in have]
+    return base, [have[r["id"]] for r in base]
+
+
+def _ppl_rows(p):
+    return [{"id": i, "nll": x, "kv_bytes": k} for i, x, k in zip(p.get("ids") or range(len(p["nll"])), p["nll"], p["kv_bytes"])]
+
+
 def summarise(results: dict, seed: int = 0) -> dict:
-    """Table rows for ``{label: per-task raw results}`` (``DENSE`` first) and the RULER chance report."""
+    """Table rows for ``{label: per-task raw results}`` (``DENSE`` first) and the RULER chance report.
+
+    Each recipe is paired with dense on the cases both have finished (a partial journal gives
+    partial cells; ``n`` says how many cases each cell holds)."""
     dense = results[DENSE]
     rows, chance = [], None
-    if "ruler" in dense:
+    if dense.get("ruler"):
         chance = _ruler.above_chance(dense["ruler"], seed=seed)
     headline = sorted(t for t, c in (chance or {}).items() if c["above"])
     for label, res in results.items():
-        if "niah" in res:
-            rows += [{"task": "niah", **r} for r in _score_rows(label, dense["niah"], _as_float(res["niah"]), "correct", "length", seed)]
-        if "ruler" in res:
-            rows += [{"task": "ruler", **r} for r in _score_rows(label, dense["ruler"], res["ruler"], "score", "task", seed)]
-            pick = [i for i, r in enumerate(res["ruler"]) if r["task"] in headline]
+        if res.get("niah") and dense.get("niah"):
+            base, mine = _pair(dense["niah"], res["niah"])
+            if mine:
+                rows += [{"task": "niah", **r} for r in _score_rows(label, _as_float(base), _as_float(mine), "correct", "length", seed)]
+        if res.get("ruler") and dense.get("ruler"):
+            base, mine = _pair(dense["ruler"], res["ruler"])
+            if mine:
+                rows += [{"task": "ruler", **r} for r in _score_rows(label, base, mine, "score", "task", seed)]
+            pick = [i for i, r in enumerate(mine) if r["task"] in headline]
             if pick:
-                sub = [res["ruler"][i] for i in pick]
-                base = [dense["ruler"][i] for i in pick]
-                head = _score_rows(label, base, [{**r, "headline": "+".join(headline)} for r in sub], "score", "headline", seed)[-1]
+                sub = [mine[i] for i in pick]
+                hb = [base[i] for i in pick]
+                head = _score_rows(label, hb, [{**r, "headline": "+".join(headline)} for r in sub], "score", "headline", seed)[-1]
                 rows.append({"task": "ruler", **head, "metric": "headline"})
-        if "ppl" in res:
-            p, b = res["ppl"], dense["ppl"]
-            iv, ratio = perplexity_interval(p["nll"], seed), paired_ppl_ratio(b["nll"], p["nll"], seed)
-            kv, kv_dense = _mean(p["kv_bytes"]), _mean(b["kv_bytes"])
-            rows.append({"task": "ppl", "recipe": label, "metric": f"window={p['window']},prefix={p['prefix']}", "value": iv["ppl"],
-                         "lo": iv["lo"], "hi": iv["hi"], "n": iv["n"], "delta": ratio["ratio_minus_1"], "delta_lo": ratio["lo"],
-                         "delta_hi": ratio["hi"], "kv_bytes": kv, "kv_fraction": kv / kv_dense if kv is not None and kv_dense else None})
+        if res.get("ppl") and dense.get("ppl"):
+            b, p = _pair(_ppl_rows(dense["ppl"]), _ppl_rows(res["ppl"]))
+            if p:
+                nb, npp = [r["nll"] for r in b], [r["nll"] for r in p]
+                iv, ratio = perplexity_interval(npp, seed), paired_ppl_ratio(nb, npp, seed)
+                kv, kv_dense = _mean(r["kv_bytes"] for r in p), _mean(r["kv_bytes"] for r in b)
+                rows.append({"task": "ppl", "recipe": label, "metric": f"window={res['ppl']['window']},prefix={res['ppl']['prefix']}",
+                             "value": iv["ppl"], "lo": iv["lo"], "hi": iv["hi"], "n": iv["n"], "delta": ratio["ratio_minus_1"],
+                             "delta_lo": ratio["lo"], "delta_hi": ratio["hi"], "kv_bytes": kv,
+                             "kv_fraction": kv / kv_dense if kv is not None and kv_dense else None})
     return {"rows": rows, "ruler_chance": chance, "ruler_headline_tasks": headline,
             "ruler_excluded_tasks": sorted(t for t, c in (chance or {}).items() if not c["above"])}
 
@@ -131,34 +223,37 @@ def _as_float(rows):
 def run_suite(model, tokenizer, recipes, tasks=SUITE_TASKS, lengths=(1024, 2048, 4096, 8192), cases: int = 50,
               ruler_tasks=_ruler.TASKS, ruler_lengths=(1024, 2048, 4096), ppl_windows: int = 8, ppl_window: int = 4096,
               ppl_prefix: int = 2048, max_new_tokens: int = 16, seed: int = 0, backend: str = "torch", out=None,
-              progress: bool = True) -> dict:
+              progress: bool = True, journal=None, model_name: str | None = None, run_missing: bool = True) -> dict:
     """Run the long-context suite on the dense model and each recipe; returns (and with ``out`` writes) the table.
 
     ``lengths``/``cases``: needle prompt lengths and cases per length (and per RULER task and
     length); ``ruler_lengths``; ``ppl_windows`` windows of ``ppl_window`` held-out tokens, each
     prefilled with ``ppl_prefix`` tokens and the rest scored by decode steps. Every recipe sees
-    exactly the dense side's cases. Returns ``{"settings", "rows", "ruler_chance",
+    exactly the dense side's cases. Resumable: every finished case is appended at once to the
+    JSONL ``journal`` (default ``out/cases.jsonl``; in memory when neither is given) and a rerun
+    with the same journal runs only the cases it lacks (``eval.journal``); ``model_name`` goes into
+    the keys (default: the model's ``name_or_path``); ``run_missing=False`` runs no case and
+    tabulates what the journal holds. Returns ``{"settings", "rows", "ruler_chance",
     "ruler_headline_tasks", "ruler_excluded_tasks", "raw", "seconds"}``.
     """
-    from ..compile import compile as gw_compile
-
     if tokenizer is None:
         raise ValueError("run_suite needs the model's tokenizer")
     t0 = time.perf_counter()
     per_length = cases
     cases = build_cases(tokenizer, tasks, lengths, per_length, ruler_tasks, ruler_lengths, ppl_windows, ppl_window, seed)
-    labels = [DENSE] + [str(r) for r in recipes if r not in (None, DENSE)]
-    raw = {}
-    for label in labels:
-        cm = gw_compile(model, recipe=None if label == DENSE else label, tokenizer=tokenizer, backend=backend)
-        label = DENSE if label == DENSE else str(cm.recipe)
-        raw[label] = _run_one(cm, tokenizer, cases, ppl_prefix, max_new_tokens, progress)
-        del cm
+    if journal is None and out is not None:
+        journal = Path(out) / "cases.jsonl"
+    jr = journal if isinstance(journal, Journal) else Journal(journal)
+    name = model_name or model_label(model)
+    labels = list(dict.fromkeys([DENSE] + [canonical(r) for r in recipes]))
+    jobs = case_jobs(tokenizer, cases, ppl_prefix, max_new_tokens, backend)
+    raw = {label: run_label(model, tokenizer, label, jobs, jr, name, seed, ppl_prefix, max_new_tokens, backend, progress,
+                            run_missing) for label in labels}
     summary = summarise(raw, seed)
-    settings = {"tasks": list(tasks), "lengths": list(lengths), "cases": {k: len(v) for k, v in cases.items()}, "cases_per_length": per_length,
-                "ruler_tasks": list(ruler_tasks), "ruler_lengths": list(ruler_lengths), "ppl_windows": ppl_windows,
-                "ppl_window": ppl_window, "ppl_prefix": ppl_prefix, "max_new_tokens": max_new_tokens, "seed": seed,
-                "backend": backend, "recipes": list(raw)}
+    settings = {"model": name, "tasks": list(tasks), "lengths": list(lengths), "cases": {k: len(v) for k, v in cases.items()},
+                "cases_per_length": per_length, "ruler_tasks": list(ruler_tasks), "ruler_lengths": list(ruler_lengths),
+                "ppl_windows": ppl_windows, "ppl_window": ppl_window, "ppl_prefix": ppl_prefix, "max_new_tokens": max_new_tokens,
+                "seed": seed, "backend": backend, "recipes": list(raw), "journal": None if jr.path is None else str(jr.path)}
     result = {"settings": settings, **summary, "raw": _jsonable(raw), "seconds": time.perf_counter() - t0}
     if out is not None:
         result["files"] = [str(p) for p in write_suite(result, out)]
@@ -236,4 +331,6 @@ def write_suite(result: dict, out) -> list:
     js.write_text(json.dumps(result, indent=2, default=str))
     md = out / "suite.md"
     md.write_text(to_markdown(result))
+    if not result["rows"]:  # nothing finished yet (a journal without dense rows): no plot
+        return [js, md]
     return [js, md, plot_suite(result, out / "suite.png")]

@@ -109,18 +109,71 @@ def test_cache_bytes_count_whole_storages():
     assert worker.cache_storage_bytes(cache) == 80 * 4 + 24 * 4
 
 
-def test_reuse_skips_our_side_with_the_same_settings(run, monkeypatch):
+def test_rerun_answers_only_what_the_journal_lacks(run, monkeypatch):
     mod, out, res = run
+    from graphwright.compiled import CompiledModel
+
+    lines = (out / "graphwright_answers.jsonl").read_text().splitlines()
+    assert len(lines) == 12  # every answer appended as it finished: 3 settings x 2 cases x 2 modes
 
     def fail(*a, **k):
-        raise AssertionError("--reuse with the same settings must not run the graphwright side again")
+        raise AssertionError("an answer the journal holds was computed again")
 
-    monkeypatch.setattr(mod, "run_ours", fail)
+    monkeypatch.setattr(CompiledModel, "generate", fail)
     monkeypatch.syspath_prepend(str(BENCH))
     args = ["--model", "tiny-llama", "--lengths", "384", "--cases", "2", "--budgets", "0.5", "--recipes", "snapkv(budget={budget})",
-            "streaming(sinks=4, window=100)", "--skip-kvpress", "--out", str(out), "--reuse"]
+            "streaming(sinks=4, window=100)", "--skip-kvpress", "--out", str(out)]
     assert mod.main(args) == 0
     again = json.loads((out / "kvpress_side_by_side.json").read_text())
     assert again["rows"] == res["rows"]
-    with pytest.raises(AssertionError, match="must not run"):  # other settings: our side runs again
+    assert mod.main(args + ["--skip-graphwright"]) == 0  # the table from the journal alone
+    assert json.loads((out / "kvpress_side_by_side.json").read_text())["rows"] == res["rows"]
+    with pytest.raises(AssertionError, match="computed again"):  # a new budget is a new recipe string: it runs
         mod.main(args[:7] + ["0.25"] + args[8:])
+
+
+def test_worker_journal_resumes_to_the_same_answers(tiny, tmp_path, monkeypatch):
+    worker = _load("kvpress_worker")
+    monkeypatch.setitem(sys.modules, "kvpress", type(sys)("kvpress"))  # the dense side needs no press
+    monkeypatch.setattr(worker, "_kvpress_version", lambda: "0.0-test")
+    monkeypatch.setattr(worker, "_load", lambda folder, attn: tiny("tiny-llama"))
+    g = torch.Generator().manual_seed(2)
+    cases = [{"id": f"c{i}", "ids": torch.randint(3, 256, (30,), generator=g).tolist(), "split": 20} for i in range(4)]
+    spec = {"model": "tiny-llama", "model_dir": "unused", "presses": [], "budgets": [0.5], "modes": ["aware"], "max_new_tokens": 4,
+            "eos": [], "cases": cases}
+    whole = worker.run({**spec, "journal": str(tmp_path / "whole.jsonl")})["rows"]
+    real, calls = worker.answer, []
+
+    def answer(*a):
+        if len(calls) == 2:
+            raise RuntimeError("session ended")
+        calls.append(1)
+        return real(*a)
+
+    path = tmp_path / "part.jsonl"
+    monkeypatch.setattr(worker, "answer", answer)
+    with pytest.raises(RuntimeError, match="session ended"):
+        worker.run({**spec, "journal": str(path)})
+    assert len(path.read_text().splitlines()) == 2
+    calls.clear()
+    monkeypatch.setattr(worker, "answer", lambda *a: (calls.append(1), real(*a))[1])
+    assert worker.run({**spec, "journal": str(path)})["rows"] == whole and len(calls) == 2
+    other = worker.run({**spec, "journal": str(path), "max_new_tokens": 3})["rows"]  # another setting: another key
+    assert len(calls) == 6 and all(len(r["new_ids"]) <= 3 for r in other)
+
+
+def test_table_reads_every_kvpress_answer_for_these_cases(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    mod, worker = _load("kvpress_side_by_side"), _load("kvpress_worker")
+    cases = [{"id": "c0", "ids": [5, 6, 7], "split": 2}, {"id": "c1", "ids": [5, 6, 8], "split": 2}]
+    spec = {"model": "m", "model_dir": "x", "max_new_tokens": 4}
+    path = tmp_path / "kvpress_answers.jsonl"
+    for case, press, model in ((cases[0], "SnapKV", "m"), (cases[1], "TOVA", "m"), (cases[1], "TOVA", "other-model"),
+                               ({**cases[0], "ids": [5, 6, 9]}, "Knorm", "m")):  # last: same id, other tokens
+        worker.append_journal(path, worker.case_key({**spec, "model": model}, case, press, 0.5, "aware", "0.5.5"),
+                              {"id": case["id"], "method": press, "model": model})
+    rows = mod.kvpress_journal_rows(path, cases, SimpleNamespace(model="m", max_new_tokens=4))
+    assert [(r["id"], r["method"], r["model"]) for r in rows] == [("c0", "SnapKV", "m"), ("c1", "TOVA", "m")]
+    assert mod.kvpress_journal_rows(path, cases, SimpleNamespace(model="m", max_new_tokens=8)) == []
