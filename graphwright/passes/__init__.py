@@ -11,3 +11,4 @@ from . import fastgen, h2o, snapkv, streaming  # noqa: F401
 from . import block_sparse, gemfilter, window  # noqa: F401
 from . import duo  # noqa: F401
 from . import think  # noqa: F401
+from . import keyformer, scissorhands  # noqa: F401
