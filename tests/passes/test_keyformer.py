@@ -115,7 +115,7 @@ def test_fixed_noise_kept_sets_equal_a_python_loop(kv, recent, tau_delta):
     oracle = [[{} for _ in range(Hk)] for _ in range(B)]  # pos -> accumulated score
     budget = [kn + math.floor(kf * n + 1e-9) for n in lengths]
     evicted_somewhere = False
-    for i, q, q_pos, k_in, outs, (Q, K) in drive(op, [torch.zeros(B, Hk, 0), _meta()], steps, lengths, H, Hk):
+    for i, _q, q_pos, _k_in, outs, (Q, K) in drive(op, [torch.zeros(B, Hk, 0), _meta()], steps, lengths, H, Hk):
         if i == 0:
             QK = torch.einsum("bhpd,bhsd->bhps", Q.double(), K.double().repeat_interleave(g, dim=1)) * SCALE
         tau = 1.0 + i * tau_delta

@@ -57,7 +57,7 @@ def test_kept_sets_equal_a_python_loop_oracle(budget, history, recent, sinks):
 
     oracle = [[{} for _ in range(Hk)] for _ in range(B)]  # pos -> list of the last `history` indicators
     drops = 0
-    for i, q, q_pos, k_in, outs, (Q, K) in drive(op, _state(history), steps, lengths, H, Hk):
+    for i, _q, q_pos, _k_in, outs, (Q, K) in drive(op, _state(history), steps, lengths, H, Hk):
         if i == 0:
             QK = torch.einsum("bhpd,bhsd->bhps", Q.double(), K.double().repeat_interleave(g, dim=1)) * SCALE
         for b in range(B):
