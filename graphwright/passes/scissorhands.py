@@ -6,7 +6,8 @@ AnswerDotAI/cold-compress). Every step records, per cached token and KV head, wh
 attention reached 1/n (n = tokens cached); importance is the mean of the last ``history``
 records; when a head holds more than ``budget`` - 1 tokens after a step the least important ones
 are dropped, never a sink (position < ``sinks``) nor one of the last ``recent``; ties drop the oldest.
-Defaults history = 400, recent = 10 (attributed to the paper by the reproduction), sinks = 0.
+Defaults history = 400, recent = 10 (attributed to the paper by the reproduction), sinks = 0;
+budget = 2048 (snapkv's default; the paper sets it per experiment).
 Op and state (packed ring buffer of indicator bits): ``ops/policy_scissorhands.py``.
 
 Exact setting: ``budget`` >= total length (prompt + new tokens). Refused: budget - 1 < sinks +
@@ -33,8 +34,7 @@ class Scissorhands(EvictionPass):
     exact = False
     doc = "Scissorhands: drop the tokens least often above-average in attention over a history window; fixed budget per KV head."
     args = (
-        Arg("budget", int, None, "tokens each KV head attends to at most (the next token included)", min=1, max=MAX_TOKENS,
-            required=True),
+        Arg("budget", int, 2048, "tokens each KV head attends to at most (the next token included)", min=1, max=MAX_TOKENS),
         Arg("history", int, 400, "history window m: indicators kept per token", min=1, max=MAX_TOKENS),
         Arg("recent", int, 10, "most recent tokens never dropped", min=0, max=MAX_TOKENS),
         Arg("sinks", int, 0, "first positions never dropped", min=0, max=MAX_TOKENS),

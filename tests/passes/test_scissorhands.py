@@ -120,7 +120,7 @@ def test_budget_below_protected_tokens_is_refused():
     with pytest.raises(RecipeError, match=r"budget >= sinks \+ recent \+ 1"):
         gw.compile(_tiny("tiny-llama"), recipe="scissorhands(budget=10, recent=10)")
     with pytest.raises(RecipeError, match="budget"):
-        gw.compile(_tiny("tiny-llama"), recipe="scissorhands")
+        gw.compile(_tiny("tiny-llama"), recipe="scissorhands(budget=0)")
 
 
 def test_composes_with_lowrank_kv_and_steer():
