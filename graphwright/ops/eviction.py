@@ -12,6 +12,9 @@ tokens" into the next step's cache (shapes in ``eviction_ref``):
 * ``graphwright.evict_fastgen``  (q, k, v, q_pos, k_pos, score, token_class,
                                   new_class, policy, ...)                    -> (k, v, k_pos, score, token_class, policy)
 * ``graphwright.evict_streaming``(k, v, q_pos, k_pos, sinks, window)         -> (k, v, k_pos)
+* ``graphwright.evict_keyformer``(q, k, v, q_pos, k_pos, score, meta, ...)   -> (k, v, k_pos, score, meta)
+* ``graphwright.evict_scissorhands``(q, k, v, q_pos, k_pos, bits, count,
+                                  step, ...)                                 -> (k, v, k_pos, bits, count, step)
 
 Policies that need attention probabilities (H2O, SnapKV, FastGen) recompute q.k^T inside the
 eviction op rather than asking the attention op for them: the attention op and all its backends
@@ -43,6 +46,8 @@ from .latent_attention import rebuild_keys
 from .policy_adakv import EVICT_ADAKV, PACKED_OPS  # noqa: F401
 from .policy_fastgen import EVICT_FASTGEN, FASTGEN_POLICY  # noqa: F401
 from .policy_h2o import EVICT_H2O, H2O_POLICY  # noqa: F401
+from .policy_keyformer import EVICT_KEYFORMER, KEYFORMER_POLICY  # noqa: F401
+from .policy_scissorhands import EVICT_SCISSORHANDS, SCISSORHANDS_POLICY  # noqa: F401
 from .policy_scored import EVICT_SCORED, EVICT_SCORED_ACC, EVICT_SCORED_ROPE  # noqa: F401
 from .policy_snapkv import EVICT_SNAPKV, SNAPKV_POLICY  # noqa: F401
 from .policy_streaming import EVICT_STREAMING, STREAMING_POLICY  # noqa: F401

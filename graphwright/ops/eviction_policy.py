@@ -5,8 +5,9 @@ An ``EvictionPolicy`` says everything the op registration and the pass rewrite n
 * ``name``: the op is ``graphwright::evict_<name>`` (``torch.ops.graphwright.evict_<name>.default``);
 * ``needs_q``: the policy scores with queries (all but StreamingLLM). Then the op reads ``q`` first,
   ``scale`` after the state, and takes an optional ``key_bias`` last;
-* ``slot_state``: per-slot state carried besides k/v/positions, [B, Hk, S_l], compacted with the
-  cache (H2O: ``score`` fp32; FastGen: ``score`` fp32 and ``token_class`` int8);
+* ``slot_state``: per-slot state carried besides k/v/positions, [B, Hk, S_l] (or [B, Hk, S_l, W]
+  with ``trailing``), compacted with the cache (H2O: ``score`` fp32; FastGen: ``score`` fp32 and
+  ``token_class`` int8; Scissorhands: packed indicator bits [B, Hk, S_l, ceil(m/8)] uint8);
 * ``step_inputs``: per-step inputs the pass computes once for all layers ([B, T]; FastGen: the
   token classes ``new_class`` of this step's ids), never state;
 * ``head_state``: per-head state [B, Hk, width] that is not compacted (FastGen: ``policy``, empty
@@ -54,11 +55,16 @@ _SCHEMA_TYPES = {"float": "float", "int": "SymInt", "str": "str", "bool": "bool"
 
 @dataclass(frozen=True)
 class SlotState:
-    """Per-slot state [B, Hk, S_l] compacted with the cache: op argument ``arg``, state ``<state><layer>``."""
+    """Per-slot state [B, Hk, S_l] compacted with the cache: op argument ``arg``, state ``<state><layer>``.
+
+    ``trailing=True``: the state is [B, Hk, S_l, W] (W fixed by the pass's parameters, e.g.
+    Scissorhands' packed ring buffer of indicator bits); the fake keeps the input's W.
+    """
 
     arg: str
     dtype: torch.dtype
     state: str = ""
+    trailing: bool = False
 
     @property
     def prefix(self) -> str:
@@ -163,7 +169,8 @@ def _fake(policy: EvictionPolicy):
         n = torch.library.get_ctx().new_dynamic_size()
         B, Hk = k.shape[:2]
         outs = [k.new_empty(B, Hk, n, k.shape[-1]), v.new_empty(B, v.shape[1], n, v.shape[-1]), k_pos.new_empty(B, Hk, n)]
-        outs += [k_pos.new_empty(B, Hk, n, dtype=s.dtype) for s in policy.slot_state]
+        outs += [k_pos.new_empty(B, Hk, n, *((a[s.arg].shape[-1],) if s.trailing else ()), dtype=s.dtype)
+                 for s in policy.slot_state]
         outs += [a[s.arg].new_empty(B, Hk, s.width, dtype=s.dtype) for s in policy.head_state]
         return tuple(outs)
 

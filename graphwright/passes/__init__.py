@@ -12,3 +12,4 @@ from . import block_sparse, gemfilter, window  # noqa: F401
 from . import duo  # noqa: F401
 from . import think  # noqa: F401
 from . import evict  # noqa: F401
+from . import keyformer, scissorhands  # noqa: F401

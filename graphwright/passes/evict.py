@@ -33,9 +33,12 @@ Keys stay post-RoPE at their original positions: positions travel with the cache
 Presets keep their own passes, ops and fast paths: ``snapkv(budget=B, window=w)`` is
 ``evict(score="snapkv", when="prefill", budget=B, window=w)`` and ``h2o(heavy=H, recent=R)``
 (counts) is ``evict(score="h2o", when="decode", budget=H+R, window=R)``: same kept sets (tested).
-Adding a policy that has its own pass (Keyformer, Scissorhands) to ``evict`` is one entry in
-the ``DELEGATES`` literal below: ``"keyformer": lambda a: Keyformer(budget=a["budget"], ...)`` (``a`` =
-this pass's argument values); the name joins the ``score`` choices and ``run`` delegates to that pass.
+A policy that has its own pass is one entry in the ``DELEGATES`` literal below (``a`` = this pass's
+argument values -> that pass); the name joins the ``score`` choices and ``run`` delegates to it:
+``evict(score="keyformer", budget=k, window=w)`` is ``keyformer(kv=k, recent=w / k)`` (arXiv
+2403.09054) and ``evict(score="scissorhands", budget=B, window=r, sinks=s)`` is
+``scissorhands(budget=B, recent=r, sinks=s)`` (arXiv 2305.17118); both run every decode step and
+refuse the arguments they do not read (tested: same tokens and state shapes as the pass itself).
 
 Refused with the reason: a scorer that needs the prompt's queries (SnapKV window, Expected
 Attention statistics) on a schedule other than ``prefill``; arguments a scorer does not read;
@@ -57,7 +60,7 @@ from ..errors import RecipeError
 from ..ops.adakv_scored import EVICT_ADAKV_SCORED
 from ..ops.policy_scored import SCORED_REUSE_POLICY, policy_for
 from ..ops.scorers import CHUNKKV, SCORERS
-from .base import MAX_TOKENS, Arg, PassContext, register_pass
+from .base import MAX_TOKENS, Arg, Pass, PassContext, register_pass
 from .packed_rewrite import rewrite_packed
 from .eviction_common import (
     LAYERS_ARG,
@@ -69,9 +72,48 @@ from .eviction_common import (
     positions_name,
     rewrite_layers,
 )
+from .keyformer import Keyformer
+from .scissorhands import Scissorhands
 from .streaming import find_rotary
 
-DELEGATES: dict[str, Callable] = {}  # score name -> (evict argument values -> Pass): policies with their own op
+def _only(score: str, a: dict, allowed: tuple, when: tuple) -> None:
+    """Refuse evict arguments a delegated policy does not read, and schedules it does not run on."""
+    unset = {"rule": "fixed"}  # defaults that are not None
+    extra = sorted(k for k, v in a.items()
+                   if v is not None and v != unset.get(k) and k not in allowed + ("score", "budget", "when", "layers"))
+    if extra:
+        raise RecipeError(f"evict: score={score!r} does not read {extra}; it takes budget" +
+                          "".join(f", {k}" for k in allowed) + f" (and its own pass {score}(...) takes the rest)")
+    if a.get("when") is not None and a["when"] not in when:
+        raise RecipeError(f"evict: score={score!r} runs when={when[0]!r} (its schedule is fixed); got when={a['when']!r}")
+
+
+def _keyformer(a: dict) -> Pass:
+    """``evict(score="keyformer", budget=k, window=w)`` = ``keyformer(kv=k, recent=w / k)`` (k: count or prompt fraction)."""
+    _only("keyformer", a, ("window",), ("decode",))
+    budget, window = a["budget"], a["window"]
+    if window is not None and type(window) is not type(budget):
+        raise RecipeError("evict: score='keyformer' needs window of the same kind as budget (both token counts or both "
+                          f"fractions of the prompt); got budget={budget!r}, window={window!r}")
+    recent = 0.3 if window is None else window / budget
+    if not 0.0 <= recent <= 1.0:
+        raise RecipeError(f"evict: score='keyformer': window={window!r} must be <= budget={budget!r}")
+    return Keyformer(kv=budget, recent=recent, layers=a.get("layers"))
+
+
+def _scissorhands(a: dict) -> Pass:
+    """``evict(score="scissorhands", budget=B, window=r, sinks=s)`` = ``scissorhands(budget=B, recent=r, sinks=s)``."""
+    _only("scissorhands", a, ("window", "sinks"), ("decode",))
+    if not isinstance(a["budget"], int) or isinstance(a["budget"], bool):
+        raise RecipeError(f"evict: score='scissorhands' takes an int budget (tokens per KV head); got {a['budget']!r}")
+    if isinstance(a["window"], float):
+        raise RecipeError(f"evict: score='scissorhands' takes an int window (recent tokens kept); got {a['window']!r}")
+    extra = {k: v for k, v in (("recent", a["window"]), ("sinks", a["sinks"])) if v is not None}
+    return Scissorhands(budget=a["budget"], layers=a.get("layers"), **extra)
+
+
+# score name -> (evict argument values -> Pass): policies with their own op, run by their own pass
+DELEGATES: dict[str, Callable] = {"keyformer": _keyformer, "scissorhands": _scissorhands}
 CHUNKKV_CHUNK = 20  # kvpress ChunkKVPress default
 
 

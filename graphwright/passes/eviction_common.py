@@ -317,13 +317,14 @@ def cache_outputs(sg, site: LayerSite, k_out, v_out) -> dict:
     return {site.k_name: c_k, site.v_name: c_v}
 
 
-def insert_policy(sg, ed, site: LayerSite, policy: EvictionPolicy, params: dict, **inputs) -> dict:
+def insert_policy(sg, ed, site: LayerSite, policy: EvictionPolicy, params: dict, widths: dict | None = None, **inputs) -> dict:
     """Insert ``policy``'s op after the layer's attention node; returns ``{state name: output node}``.
 
     The op's q, k, v, q_pos, k_pos, scale come from ``site.inputs`` unless given in ``inputs``; its
     per-slot and per-head state are added as state ``<prefix><layer>`` by the names the policy
-    declares; its per-step inputs (``policy.step_inputs``) must be given in ``inputs``; ``params``
-    are its scalar parameters by name. Outputs are mapped by name, never by index.
+    declares (``widths[arg]``: the trailing width W of a ``trailing`` slot state); its per-step
+    inputs (``policy.step_inputs``) must be given in ``inputs``; ``params`` are its scalar
+    parameters by name. Outputs are mapped by name, never by index.
     """
     graph, layer, hk = sg.gm.graph, site.layer, site_kv_heads(sg, ed, site)
     wanted = policy.arg_names()
@@ -331,7 +332,10 @@ def insert_policy(sg, ed, site: LayerSite, policy: EvictionPolicy, params: dict,
     values.update(inputs)
     state = {}
     for s in policy.slot_state:
-        values[s.arg] = state[s.arg] = aux_state(ed, site, s.prefix, s.dtype, hk)
+        if s.trailing and (widths or {}).get(s.arg) is None:
+            raise ValueError(f"evict_{policy.name}: slot state {s.arg!r} has a trailing width; pass widths={{{s.arg!r}: W}}")
+        width = (widths[s.arg],) if s.trailing else ()
+        values[s.arg] = state[s.arg] = aux_state(ed, site, s.prefix, s.dtype, hk, width)
     for s in policy.head_state:
         values[s.arg] = state[s.arg] = ed.add(StateSpec(f"{s.prefix}{layer}", "positions", (-1, hk, 0), s.dtype,
                                                         seq_dim=2, layer=layer))
@@ -349,17 +353,18 @@ def insert_policy(sg, ed, site: LayerSite, policy: EvictionPolicy, params: dict,
     return result
 
 
-def evict_pass_build(policy: EvictionPolicy, params: dict, **inputs) -> BuildFn:
+def evict_pass_build(policy: EvictionPolicy, params: dict, widths: dict | None = None, **inputs) -> BuildFn:
     """The ``build`` of a pass that only inserts ``policy``'s op (H2O, SnapKV, FastGen)."""
     def build(sg, ed, site, kp_all):
-        return insert_policy(sg, ed, site, policy, params, **inputs)
+        return insert_policy(sg, ed, site, policy, params, widths, **inputs)
 
     return build
 
 
-def aux_state(ed, site, name: str, dtype, hk: int) -> torch.fx.Node:
-    """A per-slot bookkeeping state [B, Hk, S_l] (kind "positions": counted as index bytes, not KV)."""
-    return ed.add(StateSpec(f"{name}{site.layer}", "positions", (-1, hk, 0), dtype, seq_dim=2, layer=site.layer))
+def aux_state(ed, site, name: str, dtype, hk: int, width: tuple = ()) -> torch.fx.Node:
+    """A per-slot bookkeeping state [B, Hk, S_l] (or [B, Hk, S_l, *width]; kind "positions": counted as
+    index bytes, not KV)."""
+    return ed.add(StateSpec(f"{name}{site.layer}", "positions", (-1, hk, 0, *width), dtype, seq_dim=2, layer=site.layer))
 
 
 def latent_settings(sg) -> dict:

@@ -180,3 +180,31 @@ def test_pyramid_rule_with_snapkv_gives_snapkv_pyramid_logits():
     dense_logits = decode_loop(cm, ids, mask, 6)[0]
     assert torch.equal(ta, tb) and (la - lb).abs().max() <= 1e-4
     assert (la[1:] - dense_logits[1:]).abs().max() > 1e-3  # it did evict
+
+
+@pytest.mark.parametrize("recipe, preset", [
+    ("evict(score='keyformer', budget=8, window=2)", "keyformer(kv=8, recent=0.25)"),
+    ("evict(score='keyformer', budget=0.5)", "keyformer(kv=0.5)"),
+    ("evict(score='scissorhands', budget=9, window=3, sinks=1)", "scissorhands(budget=9, recent=3, sinks=1)"),
+])
+def test_keyformer_and_scissorhands_are_evict_scores(recipe, preset):
+    """The DELEGATES entries: evict(score=...) runs the policy's own pass with mapped arguments (same tokens)."""
+    cm = _compiled("tiny-llama")
+    ids, mask = left_padded_batch(256, LENGTHS, seed=11)
+    a, b = (CompiledModel(run_recipe(cm.step_graph.copy(), r, verify=False)[0]) for r in (recipe, preset))
+    (la, ta, sa), (lb, tb, sb) = decode_loop(a, ids, mask, 6), decode_loop(b, ids, mask, 6)
+    assert torch.equal(la, lb) and torch.equal(ta, tb)
+    assert [tuple(t.shape) for t in sa] == [tuple(t.shape) for t in sb]
+    assert (la - decode_loop(cm, ids, mask, 6)[0]).abs().max() > 1e-3  # it really evicts
+
+
+@pytest.mark.parametrize("recipe, match", [
+    ("evict(score='keyformer', budget=8, chunk=4)", "does not read"),
+    ("evict(score='keyformer', budget=8, when='prefill')", "runs when='decode'"),
+    ("evict(score='keyformer', budget=8, window=0.5)", "same kind"),
+    ("evict(score='scissorhands', budget=0.5)", "int budget"),
+    ("evict(score='scissorhands', budget=9, rule='pyramid')", "does not read"),
+])
+def test_delegated_scores_refuse_what_they_do_not_read(recipe, match):
+    with pytest.raises(RecipeError, match=match):
+        run_recipe(_compiled("tiny-llama").step_graph, recipe, verify=False)
