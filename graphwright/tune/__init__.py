@@ -1,0 +1,1 @@
+"""``graphwright.tune``: multi-objective search over recipe settings (Optuna), see ``study.tune``."""
