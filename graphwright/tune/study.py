@@ -70,7 +70,7 @@ def _sampler(settings, offset: int):
     return optuna.samplers.NSGAIISampler(population_size=settings["population"], seed=settings["seed"] + offset)
 
 
-def _objective(settings, space, ev, base):
+def _objective(settings, space, ev, base, worker: int = 0):
     import optuna
 
     budget, cap = settings["budget"], settings["max_ppl_ratio"]
@@ -92,6 +92,7 @@ def _objective(settings, space, ev, base):
                 values[p.name] = trial.suggest_categorical(p.name, list(p.choices))
         recipe = recipe_for(settings["template"], space, values)
         trial.set_user_attr("recipe", str(recipe))
+        trial.set_user_attr("worker", worker)
         m = ev.evaluate(recipe, base=base, proxy_check=proxy_check)
         for k in ("kv_bytes", "kv_fraction", "ppl", "ppl_ratio", "niah", "tokens_per_s"):
             trial.set_user_attr(k, m[k])
@@ -116,7 +117,7 @@ def run_worker(model, tokenizer, out: str, n_trials: int, offset: int, threads: 
     model, tokenizer = _load_model(model, tokenizer)
     ev = Evaluator(model, tokenizer, split="calibration", backend=settings["backend"], seed=settings["seed"], **settings["eval"])
     space = search_space(settings["template"], settings["eval"]["prefix"])
-    study.optimize(_objective(settings, space, ev, study.user_attrs["base"]), n_trials=n_trials, catch=(RecipeError,))
+    study.optimize(_objective(settings, space, ev, study.user_attrs["base"], offset), n_trials=n_trials, catch=(RecipeError,))
     return n_trials
 
 
