@@ -13,7 +13,9 @@ accuracy when ``niah_cases > 0``. No home-made optimiser.
   ``max_ppl_ratio``.
 - Storage: an Optuna journal file (``JournalFileBackend``) in ``out``; ``resume=True`` continues it.
 - Workers: ``workers`` local processes (spawned), each running ``study.optimize`` on the shared
-  journal with ``trials`` split exactly between them. The first ``population`` trials (the initial
+  journal with ``trials`` split exactly between them. A killed worker breaks the round; its RUNNING
+  trial is marked FAIL (``lost``) and its params enqueued again (``retry_of``), and another round
+  runs the trials still missing (at most ``MAX_ROUNDS``); ``resume`` does the same for a killed run. The first ``population`` trials (the initial
   design) are drawn in the parent from a seeded ``RandomSampler`` and enqueued, so each runs once,
   in whichever worker takes it, and a parallel run's initial design equals a serial run's with the
   same seed (tested). Later NSGA-II generations depend on which trials have finished when a worker
@@ -36,6 +38,7 @@ from .space import distributions, recipe_for, search_space
 
 STUDY_NAME = "graphwright-tune"
 JOURNAL = "study.journal"
+MAX_ROUNDS = 3  # rounds of workers: a round a killed worker ended is followed by one that reruns its trials
 DEFAULT_EVAL = {"windows": 2, "window": 256, "prefix": 128, "niah_cases": 0, "niah_length": 256}
 
 
@@ -125,6 +128,46 @@ def _worker_entry(args):
     return run_worker(*args)
 
 
+def _run_pool(model, tokenizer, out: Path, trials: int, workers: int, offset: int, threads) -> None:
+    """``trials`` split exactly over ``workers`` spawned processes; a killed worker ends the round (its trial is recovered)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    shares = [trials // workers + (i < trials % workers) for i in range(workers)]
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_worker_entry, (model, tokenizer, str(out), n, offset + 1 + i, threads)) for i, n in enumerate(shares) if n]
+        for f in futures:
+            try:
+                f.result()
+            except BrokenProcessPool:  # a worker died: the pool stops the others; the next round reruns what is missing
+                pass
+
+
+def _finished(study) -> int:
+    """Trials that ran to an end (complete, pruned, or failed on a bad recipe); lost ones (killed workers) excluded."""
+    from optuna.trial import TrialState
+
+    done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return sum(1 for t in study.get_trials(deepcopy=False, states=done) if not t.user_attrs.get("lost"))
+
+
+def recover_lost(study, storage) -> list:
+    """Trials left RUNNING by a killed worker: mark them FAIL (user attr ``lost``) and enqueue their params again.
+
+    Returns the lost trial numbers. The retry carries ``retry_of`` = the lost trial's number. Only call it
+    when no worker is running on the study (between rounds, or at ``resume``).
+    """
+    from optuna.trial import TrialState
+
+    lost = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        storage.set_trial_user_attr(t._trial_id, "lost", True)
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
+        lost.append(t.number)
+    return lost
+
+
 def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, trials: int = 8, workers: int = 1,
          out=None, seed: int = 0, resume: bool = False, population: int = 8, max_ppl_ratio: float | None = None,
          eval_settings: dict | None = None, backend: str = "torch", threads: int | None = None, outputs: bool = True) -> dict:
@@ -177,14 +220,19 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
         dists = distributions(space)
         for _ in range(min(trials, population)):
             study.enqueue_trial(draw.ask(dists).params)
-    done_before = len(study.trials)
-    shares = [trials // workers + (i < trials % workers) for i in range(workers)]
-    if workers == 1:
-        run_worker(loaded, tok, str(out), trials, done_before, threads)
-    else:
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(workers) as pool:
-            pool.map(_worker_entry, [(model, tokenizer, str(out), n, done_before + 1 + i, threads) for i, n in enumerate(shares) if n])
+    if resume:
+        recover_lost(study, storage)  # trials a killed run left RUNNING (resume assumes no other process runs this study)
+    target = _finished(study) + trials
+    for _ in range(MAX_ROUNDS):
+        remaining = target - _finished(study)
+        if remaining <= 0:
+            break
+        offset = len(study.trials)
+        if workers == 1:
+            run_worker(loaded, tok, str(out), remaining, offset, threads)
+        else:
+            _run_pool(model, tokenizer, out, remaining, workers, offset, threads)
+        recover_lost(study, storage)
     study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
     result = {"out": str(out), "settings": settings, "base": study.user_attrs["base"], "trials": trial_rows(study)}
     if outputs:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pytest
 import torch
@@ -100,3 +102,60 @@ def test_cli_tune_and_resume(tmp_path, capsys):
     assert [t["number"] for t in result["trials"]] == [0, 1, 2, 3]
     assert main([*argv[:-1], str(tmp_path / "none"), "--resume"]) == 2 and "no study to resume" in capsys.readouterr().err
     assert main([*argv, "--prefix", "39"]) == 2 and "--prefix must be at most" in capsys.readouterr().err
+
+
+def _kill_one_worker_when_running(journal_dir, killed):
+    """Wait for a RUNNING trial in the journal, then kill one spawned worker of this test process (SIGKILL)."""
+    import optuna
+    import psutil
+
+    from graphwright.tune.study import STUDY_NAME, _storage
+
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not killed:
+        try:
+            study = optuna.load_study(study_name=STUDY_NAME, storage=_storage(journal_dir))
+            running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        except Exception:  # noqa: BLE001  (the journal is being created)
+            running = []
+        if running:
+            workers = [p for p in psutil.Process().children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+            if workers:
+                workers[0].kill()
+                killed.append(running[0].number)
+                return
+        time.sleep(0.2)
+
+
+def test_a_killed_workers_trial_is_retried(tmp_path):
+    killed = []
+    out = tmp_path / "kill"
+    watcher = threading.Thread(target=_kill_one_worker_when_running, args=(out, killed), daemon=True)
+    watcher.start()
+    r = tune("tiny-llama", TOK, template="streaming", budget=0.9, trials=3, population=3, workers=2, out=out, eval_settings=SMALL,
+             threads=1, outputs=False)
+    watcher.join(timeout=5)
+    assert killed, "the watcher never saw a running trial"
+    trials = r["trials"]
+    lost = [t for t in trials if t.get("lost")]
+    assert lost and all(t["state"] == "FAIL" for t in lost)
+    ended = [t for t in trials if not t.get("lost")]
+    assert len(ended) == 3 and all(t["state"] == "COMPLETE" for t in ended)  # exactly the asked-for count, none lost
+    for t in lost:  # each lost trial's params ran again, once
+        retries = [x for x in ended if x.get("retry_of") == t["number"]]
+        assert len(retries) == 1 and (not t["params"] or retries[0]["params"] == t["params"])
+
+
+def test_resume_retries_a_trial_a_killed_run_left_running(llama, tmp_path):
+    import optuna
+
+    from graphwright.tune.space import distributions, search_space
+    from graphwright.tune.study import STUDY_NAME, _storage
+
+    kw = dict(template="streaming", budget=0.9, population=2, out=tmp_path, eval_settings=SMALL, outputs=False)
+    tune(llama, TOK, trials=1, **kw)
+    study = optuna.load_study(study_name=STUDY_NAME, storage=_storage(tmp_path))
+    left = study.ask(distributions(search_space("streaming", SMALL["prefix"])))  # what a killed run leaves: RUNNING
+    r = tune(llama, TOK, trials=1, resume=True, **kw)["trials"]
+    assert [(t["number"], t["state"], bool(t.get("lost"))) for t in r] == [(0, "COMPLETE", False), (1, "FAIL", True), (2, "COMPLETE", False)]
+    assert r[2]["retry_of"] == left.number == 1 and r[2]["params"] == r[1]["params"] == left.params
