@@ -1,4 +1,4 @@
-"""``graphwright`` command line: demo, compile, inspect, generate, export, eval, bench.
+"""``graphwright`` command line: demo, compile, inspect, generate, export, eval, bench, steer, heads, tune.
 
 Each subcommand lives in its own module with ``add_parser(subparsers)`` and ``run(args)``.
 User errors never print a traceback: a bad option value is argparse's one-line error (exit 2;
@@ -18,7 +18,7 @@ import os
 import sys
 
 COMMANDS = ("demo", "compile", "inspect", "generate", "export", "eval", "bench",
-            "steer", "heads")  # steer: PASTA head profiling; heads: retrieval/streaming KV-head profiling
+            "steer", "heads", "tune")  # steer: PASTA head profiling; heads: retrieval/streaming KV-head profiling
 
 
 class Parser(argparse.ArgumentParser):

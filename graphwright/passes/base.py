@@ -28,6 +28,43 @@ MAX_TOKENS = 2**31 - 1  # token counts (budgets, windows, sinks, blocks): past a
 MAX_KERNEL = 1023  # pooling widths (odd): far wider than the observation windows they smooth
 
 
+SCOPES = ("model", "layer", "head")
+TUNE_KINDS = ("int", "float", "categorical")
+
+
+@dataclass(frozen=True)
+class Tunable:
+    """How ``graphwright.tune`` may search one pass argument: a range or choices, and its scope.
+
+    ``kind``: int, float or categorical. ``low``/``high`` (int, float) bound the search; with
+    ``per_context=True`` they are fractions of the tuning context length (token counts: budgets,
+    windows), turned into tokens by ``tune.space.search_space``. ``log``: sample on a log scale.
+    ``choices``: the values of a categorical. ``scope``: model (one value for the whole model),
+    layer or head (one per layer / KV head; declared by no pass yet, refused by the space builder).
+    """
+
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple | None = None
+    scope: str = "model"
+    per_context: bool = False
+
+    def __post_init__(self):
+        if self.kind not in TUNE_KINDS:
+            raise ValueError(f"Tunable kind must be one of {list(TUNE_KINDS)}; got {self.kind!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"Tunable scope must be one of {list(SCOPES)}; got {self.scope!r}")
+        if self.kind == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical Tunable needs choices")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a {self.kind} Tunable needs low < high; got low={self.low!r}, high={self.high!r}")
+        elif self.log and self.low <= 0:
+            raise ValueError(f"a log-scale Tunable needs low > 0; got {self.low!r}")
+
+
 @dataclass(frozen=True)
 class Arg:
     """One declared pass argument: type, default, allowed range or choices, and a one-line doc.
@@ -45,6 +82,7 @@ class Arg:
     min: float | None = None
     max: float | None = None
     required: bool = False
+    tune: Tunable | None = None  # searchable by ``graphwright.tune`` over this range (None: not tuned)
 
 
 @dataclass

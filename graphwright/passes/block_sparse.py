@@ -52,7 +52,7 @@ from ..ops import schema
 from ..ops.block_sparse import BLOCK_SPARSE_ATTENTION, MODES
 from ..ops.latent_attention import LATENT_ATTENTION
 from ..ops.page_summary import PAGE_SUMMARY
-from .base import MAX_TOKENS, Arg, Pass, PassContext, register_pass
+from .base import MAX_TOKENS, Arg, Pass, PassContext, Tunable, register_pass
 from .eviction_common import StateEditor
 from .latent_unfold import unfold_keys, unfold_values
 from .window import native_windows, skip_note
@@ -75,8 +75,8 @@ class BlockSparse(Pass):
     exact = False
     doc = "Quest / MoBA block-sparse attention: decode attends only to the top-k key blocks per KV head."
     args = (
-        Arg("block", int, 64, "keys per block (page)", min=1, max=MAX_TOKENS),
-        Arg("top_k", int, 8, "blocks each query attends to", min=1, max=MAX_TOKENS),
+        Arg("block", int, 64, "keys per block (page)", min=1, max=MAX_TOKENS, tune=Tunable("categorical", choices=(8, 16, 32, 64))),
+        Arg("top_k", int, 8, "blocks each query attends to", min=1, max=MAX_TOKENS, tune=Tunable("int", 1, 16)),
         Arg("mode", str, "quest", "block scoring: quest (min/max page bound) or moba (mean-key gate)", choices=MODES),
         Arg("dense_layers", list, [0, 1], "layers kept dense"),
         Arg("prefill", bool, False, "also sparsify prefill (mode='moba' only)"),

@@ -62,7 +62,7 @@ from ..capture.step_graph import StateSpec
 from ..errors import RecipeError
 from ..ops import schema
 from ..ops.policy_streaming import STREAMING_POLICY
-from .base import MAX_TOKENS, Arg, Pass, PassContext, register_pass
+from .base import MAX_TOKENS, Arg, Pass, PassContext, Tunable, register_pass
 from .duo_latent import drop_unused_factors, split_inputs_rms, split_latent_layer
 from .duo_select import resolve_retrieval
 from .eviction_common import (StateEditor, call, evict_pass_build, find_sites, insert_outputs, positions_node,
@@ -95,9 +95,11 @@ class Duo(Pass):
     doc = "DuoAttention: retrieval KV heads keep the full cache, streaming KV heads only sinks + a recent window."
     args = (
         Arg("retrieval", (str, float, list), None, "retrieval KV heads: a head-set file, a fraction 0..1 of the shipped "
-            "head set by score, 'auto', or [[layer, kv_head], ...] (default: the shipped head set)", min=0, max=1),
+            "head set by score, 'auto', or [[layer, kv_head], ...] (default: the shipped head set)", min=0, max=1,
+            tune=Tunable("float", 0.05, 1.0)),
         Arg("sinks", int, 4, "first tokens every streaming head keeps (attention sinks)", min=0, max=MAX_TOKENS),
-        Arg("window", int, 256, "most recent tokens every streaming head keeps", min=1, max=MAX_TOKENS),
+        Arg("window", int, 256, "most recent tokens every streaming head keeps", min=1, max=MAX_TOKENS,
+            tune=Tunable("int", 0.05, 1.0, per_context=True)),
     )
 
     def applies_to(self, sg) -> str | None:

@@ -60,7 +60,7 @@ from ..errors import RecipeError
 from ..ops.adakv_scored import EVICT_ADAKV_SCORED
 from ..ops.policy_scored import SCORED_REUSE_POLICY, policy_for
 from ..ops.scorers import CHUNKKV, SCORERS
-from .base import MAX_TOKENS, Arg, Pass, PassContext, register_pass
+from .base import MAX_TOKENS, Arg, Pass, PassContext, Tunable, register_pass
 from .packed_rewrite import rewrite_packed
 from .eviction_common import (
     LAYERS_ARG,
@@ -151,7 +151,8 @@ class Evict(EvictionPass):
         Arg("score", str, None, "what each cached token is worth (required)",
             choices=tuple(sorted(SCORERS)) + (CHUNKKV,) + tuple(sorted(DELEGATES))),
         Arg("budget", (int, float), None, "tokens kept per KV head (int) or fraction of the row's length (float), "
-            "sinks and window included (required)", min=0, max=MAX_TOKENS),
+            "sinks and window included (required)", min=0, max=MAX_TOKENS,
+            tune=Tunable("float", 0.05, 0.95)),
         Arg("when", str, None, "prefill | decode | every:N | overflow (default: the scorer's own)"),
         Arg("every", int, None, "evict at decode steps where the row length is a multiple of N", min=1, max=MAX_TOKENS),
         Arg("rule", str, "fixed", "budget rule", choices=("fixed", "pyramid", "adaptive")),

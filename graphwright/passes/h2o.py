@@ -24,7 +24,7 @@ decode steps; the op's kept set equals a slow loop oracle on random attention.
 from __future__ import annotations
 
 from ..ops.policy_h2o import H2O_POLICY
-from .base import MAX_TOKENS, Arg, PassContext, register_pass
+from .base import MAX_TOKENS, Arg, PassContext, Tunable, register_pass
 from .eviction_common import (HEADS_ARG, LAYERS_ARG, EvictionPass, evict_pass_build, frac_or_count, latent_settings, refuse_adaptive_heads,
                               rewrite_layers)
 
@@ -37,8 +37,10 @@ class H2O(EvictionPass):
     exact = False
     doc = "H2O: keep recent tokens plus heavy hitters by cumulative attention (per KV head), after prefill and each step."
     args = (
-        Arg("heavy", (int, float), 0.1, "heavy hitters: fraction of the current length (float) or token count (int)", min=0, max=MAX_TOKENS),
-        Arg("recent", (int, float), 0.1, "recent window: fraction of the current length (float) or token count (int)", min=0, max=MAX_TOKENS),
+        Arg("heavy", (int, float), 0.1, "heavy hitters: fraction of the current length (float) or token count (int)", min=0, max=MAX_TOKENS,
+            tune=Tunable("float", 0.02, 0.5)),
+        Arg("recent", (int, float), 0.1, "recent window: fraction of the current length (float) or token count (int)", min=0, max=MAX_TOKENS,
+            tune=Tunable("float", 0.02, 0.5)),
         HEADS_ARG,
         LAYERS_ARG,
     )

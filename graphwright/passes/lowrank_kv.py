@@ -55,7 +55,7 @@ import torch
 
 from ..capture.ops import ATTENTION
 from ..ops.latent_attention import LATENT_ATTENTION
-from .base import Arg, Pass, PassContext, register_pass
+from .base import Arg, Pass, PassContext, Tunable, register_pass
 from .lowrank_calibrate import input_rms, scaled_svd
 from .lowrank_ranks import allocate_ranks, default_bounds
 from .lowrank_rewrite import LayerSite, lowrank_site, rewrite_layer, set_fake_vals, shrink_fused_qkv
@@ -93,7 +93,8 @@ class LowRankKV(Pass):
     exact = False
     doc = "LoRC: cache SVD latents of W_K/W_V (progressive per-layer ranks), rebuild K, absorb V into o_proj."
     args = (
-        Arg("keep", float, 0.5, "fraction of dense KV bytes kept over the whole model (met within 1%)", min=1e-6, max=1.0),
+        Arg("keep", float, 0.5, "fraction of dense KV bytes kept over the whole model (met within 1%)", min=1e-6, max=1.0,
+            tune=Tunable("float", 0.1, 1.0)),
         Arg("schedule", str, "progressive", "per-layer rank schedule", choices=("progressive", "uniform")),
         Arg("min_keep", float, None, "lower bound of a layer's keep fraction (progressive)", min=0.0, max=1.0),
         Arg("max_keep", float, None, "upper bound of a layer's keep fraction (progressive)", min=0.0, max=1.0),

@@ -58,7 +58,7 @@ from __future__ import annotations
 
 from ..errors import RecipeError
 from ..ops.policy_snapkv import SNAPKV_POLICY
-from .base import MAX_KERNEL, MAX_TOKENS, Arg, PassContext, register_pass
+from .base import MAX_KERNEL, MAX_TOKENS, Arg, PassContext, Tunable, register_pass
 from .eviction_common import LAYERS_ARG, EvictionPass, evict_pass_build, find_sites, latent_settings, rewrite_layers
 from .packed_rewrite import rewrite_packed
 
@@ -77,7 +77,8 @@ class SnapKV(EvictionPass):
     exact = False
     doc = "SnapKV: after prefill keep per KV head the prompt keys the last `window` queries attend to most."
     args = (
-        Arg("budget", int, 2048, "tokens kept per head after prefill (window included)", min=1, max=MAX_TOKENS),
+        Arg("budget", int, 2048, "tokens kept per head after prefill (window included)", min=1, max=MAX_TOKENS,
+            tune=Tunable("int", 0.05, 1.0, per_context=True)),
         Arg("window", int, None, "observation window: the last prompt queries that vote (default min(32, budget // 2))",
             min=1, max=MAX_TOKENS),
         Arg("kernel", int, 5, "pooling width (odd)", min=1, max=MAX_KERNEL),

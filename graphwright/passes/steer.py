@@ -49,7 +49,7 @@ from ..errors import RecipeError
 from ..steer.bias import STEER_INPUT, steer_key_bias
 from ..steer.heads import auto_head_path
 from ..ops import schema
-from .base import Arg, Pass, PassContext, register_pass
+from .base import Arg, Pass, PassContext, Tunable, register_pass
 from .selection import parse_layer_heads
 
 
@@ -125,7 +125,8 @@ class Steer(Pass):
                 "models": ("tiny-llama", "tiny-qwen2", "tiny-gemma3")}
     exact = False
     args = (
-        Arg("alpha", float, 0.01, "scale of non-emphasized prompt attention (1 = no change)", min=1e-9),
+        Arg("alpha", float, 0.01, "scale of non-emphasized prompt attention (1 = no change)", min=1e-9,
+            tune=Tunable("float", 1e-3, 1.0, log=True)),
         Arg("heads", (Mapping, list, tuple, str), None, "{layer: [heads]}, [layers], a JSON head-set path, 'all' or 'auto'",
             required=True),
         Arg("mode", str, "exclude", "exclude: scale non-emphasized columns; include: the paper's include mode",

@@ -45,7 +45,7 @@ from ..capture.ops import ATTENTION
 from ..ops import schema
 from ..ops.eviction import ROPE_CACHE_INDEX, ROPE_INVERT
 from ..ops.policy_streaming import STREAMING_POLICY
-from .base import MAX_TOKENS, Arg, PassContext, register_pass
+from .base import MAX_TOKENS, Arg, PassContext, Tunable, register_pass
 from .latent_unfold import unfold_keys, unfold_values
 from .eviction_common import (LAYERS_ARG, EvictionPass, call, find_sites, insert_policy, positions_node,
                               rewrite_layers)
@@ -79,7 +79,8 @@ class Streaming(EvictionPass):
     doc = "StreamingLLM: keep attention sinks + a recent window; keys cached pre-RoPE and rotated by cache index."
     args = (
         Arg("sinks", int, 4, "first tokens always kept (attention sinks)", min=0, max=MAX_TOKENS),
-        Arg("window", int, 2000, "most recent tokens kept", min=1, max=MAX_TOKENS),
+        Arg("window", int, 2000, "most recent tokens kept", min=1, max=MAX_TOKENS,
+            tune=Tunable("int", 0.05, 1.0, per_context=True)),
         LAYERS_ARG,
     )
 

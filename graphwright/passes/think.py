@@ -47,7 +47,7 @@ from ..ops import schema
 from ..ops.eviction import EVICT_OPS, EVICT_SNAPKV
 from ..ops.think import THINK_EXPAND, THINK_PRUNE
 from ..ops.think_ref import POOLS
-from .base import MAX_TOKENS, Arg, Pass, PassContext, register_pass
+from .base import MAX_TOKENS, Arg, Pass, PassContext, Tunable, register_pass
 from .eviction_common import LAYERS_ARG, StateEditor, call, insert_outputs, positions_name, select_layers
 from .match import layer_site
 
@@ -68,7 +68,7 @@ class Think(Pass):
     doc = "ThinK: after prefill store old keys with only the top `keep` fraction of channels per KV head (query-driven)."
     args = (
         Arg("keep", float, 0.6, "fraction of key channels kept per KV head (1 - lambda; ThinK's default lambda = 0.4; "
-            "1.0 = identity)", min=1e-6, max=1.0),
+            "1.0 = identity)", min=1e-6, max=1.0, tune=Tunable("float", 0.1, 1.0)),
         Arg("recent", int, 32, "last prompt tokens kept full width (decode tokens always are)", min=0, max=MAX_TOKENS),
         Arg("window", int, 32, "observation window: the last prompt queries that score the channels", min=1, max=MAX_TOKENS),
         Arg("pool", str, "mean", "GQA: pooling of the query energy over a KV head's query heads", choices=POOLS),

@@ -1,0 +1,76 @@
+"""``graphwright tune``: search a recipe template's tunable settings under a KV budget (Optuna NSGA-II).
+
+``graphwright tune --model M --recipe "snapkv" --kv-budget 0.25 --trials N --workers K --out DIR``
+searches the arguments the template leaves unset that its passes declare tunable
+(``graphwright.tune.space``), scoring each trial by KV bytes held and streamed perplexity on the
+calibration split, and writes the Pareto front (pareto.json/.md/.png, recipes/trial-N.toml), the
+winner re-measured on the held-out split (winner.json) and its report (winner_report.txt).
+``--resume`` continues the study in ``--out`` with ``--trials`` more trials.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import console, float_arg, int_arg, out_dir
+
+
+def add_parser(sub):
+    from ..codegen.backends import BACKENDS
+
+    p = sub.add_parser("tune", help="search recipe settings under a KV budget (Pareto front of KV bytes vs perplexity)",
+                       description="Multi-objective search (Optuna NSGA-II) over a recipe template's tunable arguments.")
+    p.add_argument("--model", default="smollm2-135m", help="built-in name, HF folder or .gguf file (default: smollm2-135m)")
+    p.add_argument("--recipe", default="snapkv",
+                   help='template: the passes to tune; arguments it sets are fixed, the rest of their tunables searched (default: snapkv)')
+    p.add_argument("--backend", default="torch", choices=BACKENDS, help="kernels for the graph's ops")
+    p.add_argument("--kv-budget", type=float_arg(0, 1, lo_open=True), default=0.5, help="largest KV fraction (bytes held / dense) allowed")
+    p.add_argument("--trials", type=int_arg(1, 100_000), default=16, help="trials this call runs")
+    p.add_argument("--workers", type=int_arg(1, 64), default=1, help="local worker processes sharing the study's journal file")
+    p.add_argument("--population", type=int_arg(2, 10_000), default=8, help="NSGA-II population (and the seeded initial design's size)")
+    p.add_argument("--seed", type=int_arg(0, 2**31 - 1), default=0)
+    p.add_argument("--windows", type=int_arg(1, 1_000), default=2, help="calibration (and held-out) perplexity windows")
+    p.add_argument("--window", type=int_arg(4, 1_000_000), default=256, help="tokens per window")
+    p.add_argument("--prefix", type=int_arg(1, 1_000_000), default=128, help="tokens prefilled per window; the rest scored by decode steps")
+    p.add_argument("--niah-cases", type=int_arg(0, 10_000), default=0, help="short needle cases per trial (0: perplexity only)")
+    p.add_argument("--niah-length", type=int_arg(16, 1_000_000), default=256, help="needle prompt length in tokens")
+    p.add_argument("--max-ppl-ratio", type=float_arg(1, 1e6), default=None,
+                   help="prune a trial whose perplexity ratio after the first window exceeds this")
+    p.add_argument("--threads", type=int_arg(1, 1_024), default=None, help="torch threads per worker (default: torch's own)")
+    p.add_argument("--resume", action="store_true", help="continue the study in --out")
+    p.add_argument("--out", type=out_dir, default="results/tune", help="folder for the study journal and the outputs")
+
+
+def run(args):
+    import graphwright as gw
+
+    from ..tune.study import tune
+
+    if args.prefix > args.window - 2:
+        raise ValueError(f"--prefix must be at most --window - 2 = {args.window - 2} so decode steps are scored; got {args.prefix}")
+    model, tok = gw.load_model(args.model)
+    if tok is None:
+        from ..eval.bytetok import ByteTokenizer
+
+        tok = ByteTokenizer()
+        console.print(f"[dim]{args.model} ships no tokenizer: using bytes (graphwright.eval.bytetok)[/]")
+    result = tune(args.model if args.workers > 1 else model, tok, template=args.recipe, budget=args.kv_budget, trials=args.trials,
+                  workers=args.workers, out=args.out, seed=args.seed, resume=args.resume, population=args.population,
+                  max_ppl_ratio=args.max_ppl_ratio, backend=args.backend, threads=args.threads,
+                  eval_settings={"windows": args.windows, "window": args.window, "prefix": args.prefix, "niah_cases": args.niah_cases,
+                                 "niah_length": args.niah_length})
+    states = {}
+    for t in result["trials"]:
+        states[t["state"]] = states.get(t["state"], 0) + 1
+    console.print(f"{len(result['trials'])} trials ({', '.join(f'{n} {s.lower()}' for s, n in sorted(states.items()))}); "
+                  f"Pareto front: {len(result['pareto'])} points")
+    console.print((Path(result["out"]) / "pareto.md").read_text())
+    w = result["winner"]
+    if w is None:
+        console.print(f"no completed trial met the KV budget {args.kv_budget}: raise --kv-budget or --trials")
+    else:
+        h = w["heldout"]
+        console.print(f"winner (trial {w['trial']}): {w['recipe']}\n  held-out: KV fraction {h['kv_fraction']:.3f}, "
+                      f"perplexity ratio {h['ppl_ratio']:.4f} (dense {w['heldout_dense_ppl']:.3f})\n  recipe file: {w['toml']}")
+    console.print(f"[dim]wrote {result['out']}[/]")
+    return 0

@@ -1,0 +1,123 @@
+"""What a tuning trial measures: KV bytes held, streamed perplexity and short needle accuracy.
+
+``Evaluator`` captures the model once (``capture``) and keeps the step graph for every trial, so
+a trial costs only its own rewrite (``verify.run_recipe`` copies the graph before each pass) and
+its evaluation. It scores on one split of the shipped novel: ``"calibration"`` (the first ~60%,
+``eval.data.calibration_part``: what the search reads) or ``"heldout"`` (the last ~40%,
+``eval.perplexity.heldout_windows``: where the winner is re-measured and reported). Perplexity
+is streamed (``eval.perplexity.long_perplexity``: prefill ``prefix`` tokens, then one decode
+step per scored token), so cache passes act on every scored token; ``kv_bytes`` is what the
+runtime really held after each window (``cm.last_stats``). The dense model's scores on the
+same windows are computed once (``base()``) and passed to every trial as plain data.
+Invariant (tested): the identity recipe scores ``kv_fraction == 1`` and ``ppl_ratio == 1``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+SPLITS = ("calibration", "heldout")
+
+
+def split_windows(tokenizer, split: str, n_windows: int, window: int) -> list:
+    """``n_windows`` consecutive [1, window] token windows of the calibration or held-out text."""
+    from ..eval.data import calibration_part
+    from ..eval.perplexity import encode_text, heldout_windows
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}; got {split!r}")
+    if split == "heldout":
+        return heldout_windows(tokenizer, n_windows=n_windows, window=window)
+    ids = encode_text(tokenizer, calibration_part(), n_windows * window)
+    if ids.shape[1] < n_windows * window:
+        raise ValueError(f"the calibration text has {ids.shape[1]} tokens: fewer than {n_windows} windows of {window}")
+    return [ids[:, i * window:(i + 1) * window] for i in range(n_windows)]
+
+
+class Evaluator:
+    """Scores recipes on one split; the captured graph and the windows are built once."""
+
+    def __init__(self, model, tokenizer, split: str = "calibration", windows: int = 2, window: int = 256, prefix: int = 128,
+                 niah_cases: int = 0, niah_length: int = 256, backend: str = "torch", seed: int = 0):
+        from ..capture import capture
+
+        if tokenizer is None:
+            raise ValueError("tuning needs a tokenizer (tiny built-in models: graphwright.eval.bytetok.ByteTokenizer)")
+        if not (isinstance(prefix, int) and 1 <= prefix <= window - 2):
+            raise ValueError(f"prefix must be an int in [1, window - 2 = {window - 2}]; got {prefix!r}")
+        if not (isinstance(niah_cases, int) and niah_cases >= 0):
+            raise ValueError(f"niah_cases must be an int >= 0; got {niah_cases!r}")
+        self.model, self.tokenizer, self.backend, self.split = model, tokenizer, backend, split
+        self.prefix = prefix
+        self.windows = split_windows(tokenizer, split, windows, window)
+        self.niah = []
+        if niah_cases:
+            from ..eval.niah import needle_suite
+
+            # the held-out split draws other needles (another seed) than the calibration split
+            self.niah = needle_suite(tokenizer, lengths=(niah_length,), cases=niah_cases, seed=seed + (1000 if split == "heldout" else 0))
+        self.sg = capture(model)
+
+    def compiled(self, recipe):
+        """A ``CompiledModel`` of ``recipe`` built from the cached step graph (no new capture)."""
+        from ..codegen.backends import get_backend
+        from ..compiled import CompiledModel
+        from ..verify import run_recipe
+
+        chosen = get_backend(self.backend)
+        sg, parsed, verification = run_recipe(self.sg, recipe, model=self.model, tokenizer=self.tokenizer, verify=False, backend=chosen)
+        cm = CompiledModel(sg, tokenizer=self.tokenizer, recipe=parsed, backend=chosen, source=self.model)
+        cm.verification = verification
+        return cm
+
+    def _windows(self, cm, windows):
+        from ..eval.perplexity import long_perplexity
+
+        return long_perplexity(cm, windows, prefix=self.prefix, progress=False)
+
+    def base(self) -> dict:
+        """The dense model's scores on these windows and needles (plain data; computed once per study)."""
+        return self.evaluate(None)
+
+    def evaluate(self, recipe, base: dict | None = None, proxy_check=None) -> dict:
+        """Scores of ``recipe`` (None: dense). ``proxy_check(partial)`` runs after the first window and may raise to stop.
+
+        Returns ``{"kv_bytes", "kv_fraction", "ppl", "nll", "ppl_ratio", "niah", "tokens_per_s", "seconds"}``;
+        the fraction and ratio are against ``base`` (None when no base is given).
+        """
+        t0 = time.perf_counter()
+        cm = self.compiled(recipe)
+        first = self._windows(cm, self.windows[:1])
+        if proxy_check is not None:
+            proxy_check(self._summary([first], base, None, t0, proxy=True))
+        parts = [first] + ([self._windows(cm, self.windows[1:])] if len(self.windows) > 1 else [])
+        niah = None
+        if self.niah:
+            from ..eval.niah import run_niah
+
+            niah = run_niah(cm, self.tokenizer, self.niah, max_new_tokens=8, progress=False)["accuracy"]
+        return self._summary(parts, base, niah, t0)
+
+    def _summary(self, parts, base, niah, t0, proxy: bool = False) -> dict:
+        nll = [x for p in parts for x in p["nll"]]
+        kv = [x for p in parts for x in p["kv_bytes"]]
+        mean_nll = sum(nll) / len(nll)
+        tokens, seconds = sum(p["tokens"] for p in parts), sum(p["seconds"] for p in parts)
+        out = {"kv_bytes": sum(kv) / len(kv), "nll": mean_nll, "ppl": math.exp(mean_nll), "niah": niah,
+               "tokens_per_s": tokens / seconds if seconds > 0 else None, "windows": len(nll), "proxy": proxy,
+               "seconds": time.perf_counter() - t0}
+        out["kv_fraction"] = out["kv_bytes"] / base["kv_bytes"] if base else None
+        # ratio of perplexities on the same windows (the proxy uses the first window's base NLL)
+        base_nll = None if not base else (base["nll_per_window"][0] if proxy else base["nll"])
+        out["ppl_ratio"] = math.exp(mean_nll - base_nll) if base_nll is not None else None
+        out["nll_per_window"] = nll
+        return out
+
+
+def set_threads(n: int | None) -> None:
+    """Pin torch's intra-op threads (workers use 1 each so several share the cores, and results match a serial run)."""
+    if n is not None:
+        torch.set_num_threads(int(n))

@@ -1,0 +1,102 @@
+"""Outputs of a tuning study: the Pareto front (table, plot, one TOML recipe per point) and the winner.
+
+The front is computed over completed, feasible trials (``kv_fraction <= budget``) on the study's
+objectives (KV fraction held and perplexity ratio, minimised; needle accuracy, maximised, when
+measured). The winner is the front's point with the lowest perplexity ratio (then the lowest KV
+fraction); it is compiled from its TOML file (so the file is what ``compile()`` takes) with
+verification, re-measured on the held-out split against the dense model on the same windows,
+and its ``cm.report()`` written next to it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _keys(row, niah: bool):
+    k = [row["kv_fraction"], row["ppl_ratio"]]
+    return k + ([-row["niah"]] if niah else [])
+
+
+def pareto_front(rows: list, budget: float, niah: bool = False) -> list:
+    """The non-dominated completed trials with ``kv_fraction <= budget`` (every objective minimised), by KV fraction."""
+    ok = [r for r in rows if r["state"] == "COMPLETE" and r.get("kv_fraction") is not None and r["kv_fraction"] <= budget]
+    front = []
+    for r in ok:
+        a = _keys(r, niah)
+        dominated = any(all(x <= y for x, y in zip(_keys(o, niah), a)) and _keys(o, niah) != a for o in ok)
+        if not dominated:
+            front.append(r)
+    return sorted(front, key=lambda r: (r["kv_fraction"], r["ppl_ratio"], r["number"]))
+
+
+def to_markdown(front: list, settings: dict) -> str:
+    lines = [f"Pareto front of `{settings['template']}` (KV budget {settings['budget']}, calibration split)", "",
+             "| trial | recipe | KV fraction | ppl ratio | needle acc | decode tok/s |", "|---|---|---|---|---|---|"]
+    for r in front:
+        niah = "-" if r.get("niah") is None else f"{r['niah']:.3f}"
+        tps = "-" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:.1f}"
+        lines.append(f"| {r['number']} | `{r['recipe']}` | {r['kv_fraction']:.3f} | {r['ppl_ratio']:.4f} | {niah} | {tps} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_front(rows: list, front: list, path) -> Path:
+    """KV fraction vs perplexity ratio for every completed trial; colour: decode tokens/s; the front outlined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..eval.plot import save_figure
+
+    done = [r for r in rows if r["state"] == "COMPLETE"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if done:
+        sc = ax.scatter([r["kv_fraction"] for r in done], [r["ppl_ratio"] for r in done], c=[r.get("tokens_per_s") or 0 for r in done],
+                        cmap="viridis")
+        fig.colorbar(sc, ax=ax, label="decode tokens/s")
+    if front:
+        ax.plot([r["kv_fraction"] for r in front], [r["ppl_ratio"] for r in front], "o-", mfc="none", color="red", label="Pareto front")
+        ax.legend()
+    ax.set_xlabel("KV bytes held / dense")
+    ax.set_ylabel("perplexity / dense")
+    ax.grid(True, alpha=0.3)
+    return save_figure(fig, path)
+
+
+def write_outputs(result: dict, model, tokenizer) -> dict:
+    """Write pareto.json/.md/.png, recipes/trial-N.toml and winner.json/winner_report.txt; returns what was written."""
+    from ..compile import compile as gw_compile
+    from ..recipes import Recipe
+    from .objectives import Evaluator
+
+    out, settings = Path(result["out"]), result["settings"]
+    niah = bool(settings["eval"]["niah_cases"])
+    front = pareto_front(result["trials"], settings["budget"], niah)
+    (out / "recipes").mkdir(exist_ok=True)
+    for r in front:
+        path = out / "recipes" / f"trial-{r['number']}.toml"
+        path.write_text(Recipe.parse(r["recipe"]).to_toml())
+        r["toml"] = str(path)
+    (out / "pareto.json").write_text(json.dumps(front, indent=2, default=str))
+    (out / "pareto.md").write_text(to_markdown(front, settings))
+    plot_front(result["trials"], front, out / "pareto.png")
+    written = {"pareto": front, "files": [str(out / f) for f in ("pareto.json", "pareto.md", "pareto.png")] + [r["toml"] for r in front]}
+    if not front:
+        written["winner"] = None
+        return written
+    best = min(front, key=lambda r: (r["ppl_ratio"], r["kv_fraction"], r["number"]))
+    cm = gw_compile(model, recipe=best["toml"], tokenizer=tokenizer, backend=settings["backend"])  # the TOML compile() takes
+    ev = Evaluator(model, tokenizer, split="heldout", backend=settings["backend"], seed=settings["seed"], **settings["eval"])
+    base = ev.base()
+    held = ev.evaluate(best["toml"], base=base)
+    report = cm.report()
+    winner = {"trial": best["number"], "recipe": best["recipe"], "toml": best["toml"], "calibration": {k: best[k] for k in
+              ("kv_fraction", "ppl_ratio", "niah", "tokens_per_s")}, "heldout": {k: held[k] for k in ("kv_fraction", "ppl_ratio", "ppl", "niah",
+              "kv_bytes", "tokens_per_s")}, "heldout_dense_ppl": base["ppl"], "report": report.to_dict()}
+    (out / "winner.json").write_text(json.dumps(winner, indent=2, default=str))
+    (out / "winner_report.txt").write_text(str(report))
+    written["winner"] = winner
+    written["files"] += [str(out / "winner.json"), str(out / "winner_report.txt")]
+    return written
