@@ -16,6 +16,15 @@ from .recipes import Recipe
 from .runtime.context import Context
 from .version import __version__
 
+
+def tune(model, tokenizer=None, *args, **kwargs):
+    """``graphwright.tune(model, tokenizer, template=..., budget=..., trials=...)``: the recipe search of
+    ``graphwright.tuning.study.tune`` (Optuna NSGA-II; imported on first use, so ``import graphwright``
+    does not load Optuna). Returns what that function returns."""
+    from .tuning.study import tune as _tune
+
+    return _tune(model, tokenizer, *args, **kwargs)
+
 __all__ = ["__version__", "capture", "compile", "CompiledModel", "Context", "load_model", "BUILTIN_MODELS",
            "GraphwrightError", "RecipeError", "CaptureError", "ModelLoadError", "inspect", "Recipe",
-           "export_onnx", "load"]
+           "export_onnx", "load", "tune"]

@@ -28,7 +28,7 @@ LAYERS = (
     ("codegen",),  # lowering to backends, ONNX translation and its step function
     ("runtime",),  # prefill/decode over step functions
     # application: compile/verify, the compiled and loaded models, reports, evaluation, steering tools
-    ("compile", "compiled", "verify", "onnx_model", "inspect", "eval", "bench", "steer", "heads", "tune"),
+    ("compile", "compiled", "verify", "onnx_model", "inspect", "eval", "bench", "steer", "heads", "tuning"),
     ("cli", "__main__", ""),  # the command line and the package root (re-exports everything)
 )
 

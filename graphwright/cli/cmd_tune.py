@@ -2,7 +2,7 @@
 
 ``graphwright tune --model M --recipe "snapkv" --kv-budget 0.25 --trials N --workers K --out DIR``
 searches the arguments the template leaves unset that its passes declare tunable
-(``graphwright.tune.space``), scoring each trial by KV bytes held and streamed perplexity on the
+(``graphwright.tuning.space``), scoring each trial by KV bytes held and streamed perplexity on the
 calibration split, and writes the Pareto front (pareto.json/.md/.png, recipes/trial-N.toml), the
 winner re-measured on the held-out split (winner.json) and its report (winner_report.txt).
 ``--resume`` continues the study in ``--out`` with ``--trials`` more trials.
@@ -44,7 +44,7 @@ def add_parser(sub):
 def run(args):
     import graphwright as gw
 
-    from ..tune.study import tune
+    from ..tuning.study import tune
 
     if args.prefix > args.window - 2:
         raise ValueError(f"--prefix must be at most --window - 2 = {args.window - 2} so decode steps are scored; got {args.prefix}")

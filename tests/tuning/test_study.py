@@ -14,9 +14,9 @@ from graphwright.compile import compile as gw_compile
 from graphwright.eval.bytetok import ByteTokenizer
 from graphwright.models import load_model
 from graphwright.recipes import Recipe
-from graphwright.tune.objectives import Evaluator, split_windows
-from graphwright.tune.report import pareto_front
-from graphwright.tune.study import tune
+from graphwright.tuning.objectives import Evaluator, split_windows
+from graphwright.tuning.report import pareto_front
+from graphwright.tuning.study import tune
 
 SMALL = {"windows": 1, "window": 40, "prefix": 20}
 TOK = ByteTokenizer()
@@ -109,7 +109,7 @@ def _kill_one_worker_when_running(journal_dir, killed):
     import optuna
     import psutil
 
-    from graphwright.tune.study import STUDY_NAME, _storage
+    from graphwright.tuning.study import STUDY_NAME, _storage
 
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not killed:
@@ -149,8 +149,8 @@ def test_a_killed_workers_trial_is_retried(tmp_path):
 def test_resume_retries_a_trial_a_killed_run_left_running(llama, tmp_path):
     import optuna
 
-    from graphwright.tune.space import distributions, search_space
-    from graphwright.tune.study import STUDY_NAME, _storage
+    from graphwright.tuning.space import distributions, search_space
+    from graphwright.tuning.study import STUDY_NAME, _storage
 
     kw = dict(template="streaming", budget=0.9, population=2, out=tmp_path, eval_settings=SMALL, outputs=False)
     tune(llama, TOK, trials=1, **kw)

@@ -7,7 +7,7 @@ import pytest
 from graphwright.errors import RecipeError
 from graphwright.passes.base import PASS_REGISTRY, Arg, Pass, Tunable, instantiate
 from graphwright.recipes import Recipe
-from graphwright.tune.space import distributions, recipe_for, search_space, tunables
+from graphwright.tuning.space import distributions, recipe_for, search_space, tunables
 
 # what issue 21's first slice declares (pass: tunable arguments)
 DECLARED = {"lowrank_kv": {"keep"}, "snapkv": {"budget"}, "h2o": {"heavy", "recent"}, "streaming": {"window"},
@@ -81,3 +81,12 @@ def test_bad_templates_and_declarations_are_clear_errors(monkeypatch):
     monkeypatch.setitem(PASS_REGISTRY, PerLayer.name, PerLayer)
     with pytest.raises(RecipeError, match="tuning scope 'layer' is not built yet"):
         search_space(PerLayer.name, 100)
+
+
+def test_top_level_tune_is_the_study_function(tiny):
+    """``graphwright.tune(...)`` (the issue's API) reaches ``tuning.study.tune``: a template with nothing to tune is refused."""
+    import graphwright as gw
+
+    assert callable(gw.tune) and "tune" in gw.__all__
+    with pytest.raises(RecipeError, match="nothing to tune"):
+        gw.tune(tiny("tiny-llama"), None, template="streaming(sinks=4, window=8)", trials=1, outputs=False)
