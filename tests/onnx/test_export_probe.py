@@ -8,7 +8,7 @@ import json
 import pytest
 
 import graphwright as gw
-from graphwright.codegen.onnx.export_probe import MAX_PROBE, probe_lengths
+from graphwright.codegen.onnx.export_probe import MAX_PROBE, UNCROSSED_PROBE, probe_lengths
 
 
 def test_probe_lengths_follow_windows_and_budgets(tiny):
@@ -20,6 +20,13 @@ def test_probe_lengths_follow_windows_and_budgets(tiny):
     big = gw.compile(tiny("tiny-llama"), recipe="snapkv(budget=2048)", verify=False)
     (longest, _), rec = probe_lengths(big.step_graph, big.recipe, max_tokens=64)
     assert longest == 64 and rec["crossed"] == {} and rec["uncrossed"] == {"snapkv": 2049}
+    (longest, _), rec = probe_lengths(big.step_graph, big.recipe)  # beyond the default cap: a short probe, recorded
+    assert longest == UNCROSSED_PROBE and rec["uncrossed"] == {"snapkv": 2049} and rec["max_tokens"] == MAX_PROBE
+    both = gw.compile(tiny("tiny-gemma3"), recipe="snapkv(budget=2048)", verify=False)  # the window is still crossed
+    (longest, _), rec = probe_lengths(both.step_graph, both.recipe)
+    assert longest == UNCROSSED_PROBE and rec["crossed"] == {"window": 8} and rec["uncrossed"] == {"snapkv": 2049}
+    mid = gw.compile(tiny("tiny-llama"), recipe="streaming(sinks=4, window=100)", verify=False)  # crossable: its own length
+    assert probe_lengths(mid.step_graph, mid.recipe)[0][0] == 100 + 4 + 1 + 3 + 4
     plain = gw.compile(tiny("tiny-llama"))
     assert probe_lengths(plain.step_graph, None)[0] == (7, 4)
 
