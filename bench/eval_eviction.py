@@ -35,9 +35,9 @@ from graphwright.capture import capture
 from graphwright.compiled import CompiledModel
 from graphwright.eval.data import read_text
 from graphwright.eval.perplexity import encode_text
-from graphwright.verify import run_recipe
 from graphwright.runtime.generate import kept_tokens_per_head, state_bytes
 from graphwright.runtime.score import token_nll
+from graphwright.verify import run_recipe
 
 DEFAULT_RECIPES = [
     "noop",

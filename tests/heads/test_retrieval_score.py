@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import graphwright as gw
-from graphwright.heads.retrieval_score import ATTN_NAME, route_attention, _Recorder, copy_hits, copy_hits_reference, pool_kv, rouge1_recall
+from graphwright.heads.retrieval_score import ATTN_NAME, _Recorder, copy_hits, copy_hits_reference, pool_kv, rouge1_recall, route_attention
 
 
 def test_copy_hits_equals_the_reference_loop():

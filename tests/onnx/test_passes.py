@@ -19,8 +19,8 @@ import torch
 
 import graphwright as gw
 from graphwright.cli.cmd_demo import DEMO_RECIPE
-from tests.onnx.kv_compare import assert_onnx_cache_like_torch
 from tests.conftest import _compiled, left_padded_batch
+from tests.onnx.kv_compare import assert_onnx_cache_like_torch
 from tests.passes.backend_cases import backend_cases
 
 # registry case id: (ONNX op types that must appear, runtime ops, cache evicted)

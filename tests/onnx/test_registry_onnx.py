@@ -21,8 +21,8 @@ import pytest
 import torch
 
 import graphwright as gw
-from tests.passes.backend_cases import backend_cases, emphasis_for
 from tests.onnx.kv_compare import assert_onnx_cache_like_torch
+from tests.passes.backend_cases import backend_cases, emphasis_for
 from tests.passes.registry_examples import prompt
 
 GEN = dict(max_new_tokens=8, eos_token_id=[], pad_token_id=0)

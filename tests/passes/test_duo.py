@@ -177,8 +177,7 @@ def test_smollm2_default_reads_the_shipped_head_set(tmp_path, monkeypatch):
 def test_auto_profiles_the_source_model_at_compile_time(monkeypatch, compiled_tiny):
     """retrieval='auto' calls graphwright.heads.profile on the model compile() was given (stubbed here: the
     profilers have their own tests) and keeps its selection; without a source model it is a clear error."""
-    from graphwright.heads import HeadSet
-    from graphwright.heads import profiler
+    from graphwright.heads import HeadSet, profiler
     from graphwright.verify import run_recipe
 
     calls = []

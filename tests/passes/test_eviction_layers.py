@@ -9,9 +9,9 @@ from graphwright import RecipeError
 from graphwright.compiled import CompiledModel
 from graphwright.passes.fastgen import FastGen
 from graphwright.passes.h2o import H2O
-from graphwright.verify import run_recipe
 from graphwright.passes.snapkv import SnapKV
 from graphwright.passes.streaming import Streaming
+from graphwright.verify import run_recipe
 from tests.conftest import left_padded_batch
 from tests.passes.eviction_helpers import decode_loop, kept_positions, state_of
 

@@ -11,8 +11,7 @@ from graphwright.ops.eviction_ref import LADDER, PUNCT, SPECIAL
 from graphwright.ops.fastgen_ref import fastgen_choose, fastgen_profile, fastgen_reference
 from graphwright.passes.fastgen import FastGen, token_class_table
 from tests.conftest import left_padded_batch
-from tests.passes.eviction_helpers import (colsum_oracle, decode_loop, floor_budget, op_decode_loop, probs_oracle,
-                                           run_pass, state_of, topk_oracle)
+from tests.passes.eviction_helpers import colsum_oracle, decode_loop, floor_budget, op_decode_loop, probs_oracle, run_pass, state_of, topk_oracle
 from tests.passes.test_eviction_ops import SCALE, prefill_step
 
 LENGTHS = [12, 7]

@@ -8,8 +8,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from graphwright.compiled import CompiledModel
 from graphwright.errors import RecipeError
-from graphwright.verify import run_recipe
 from graphwright.runtime.gemfilter import gemfilter_select, truncate_after_layer
+from graphwright.verify import run_recipe
 from tests.conftest import hf_positions, left_padded_batch
 
 LENGTHS = [40, 29]

@@ -13,9 +13,8 @@ import torch
 
 import graphwright as gw
 from graphwright import RecipeError
-from graphwright.passes.base import PASS_REGISTRY, Pass
+from graphwright.passes.base import PASS_REGISTRY, Pass, instantiate
 from graphwright.passes.manager import FACTS, order_passes
-from graphwright.passes.base import instantiate
 from graphwright.recipes import Recipe
 from tests.conftest import _tiny
 from tests.passes.registry_examples import prompt, registered

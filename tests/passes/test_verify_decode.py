@@ -18,8 +18,8 @@ import graphwright as gw
 from graphwright import GraphwrightError, RecipeError
 from graphwright.codegen.backends import TORCH
 from graphwright.codegen.torch.eviction_slots import SLOT_OVERRIDES, h2o_slots
-from graphwright.passes.budgets import BudgetWarning, budget_of, first_length_acting
 from graphwright.passes.base import instantiate
+from graphwright.passes.budgets import BudgetWarning, budget_of, first_length_acting
 from graphwright.recipes import Recipe
 from graphwright.verify import PROBE_LEN, PROBE_MAX_LEN, make_probe, probe_length, probe_logits, run_recipe
 

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from graphwright.compiled import CompiledModel
-from graphwright.verify import run_recipe
 from graphwright.capture.ops import ATTENTION, attention_reference
 from graphwright.codegen.lower import lower
 from graphwright.codegen.torch.attention import attention_sdpa
+from graphwright.compiled import CompiledModel
 from graphwright.errors import RecipeError
 from graphwright.runtime import positions_from_mask
+from graphwright.verify import run_recipe
 from tests.conftest import left_padded_batch
 
 LENGTHS = [30, 21]

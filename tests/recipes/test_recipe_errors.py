@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from graphwright.passes.base import instantiate
 from graphwright import RecipeError
-from graphwright.passes.base import PASS_REGISTRY, Arg, Pass
+from graphwright.passes.base import PASS_REGISTRY, Arg, Pass, instantiate
 from graphwright.recipes import Recipe
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from graphwright.passes.base import instantiate
 import graphwright as gw
+from graphwright.passes.base import instantiate
 from graphwright.recipes import FrozenDict, Recipe
 
 DESIGN_EXAMPLE = "lowrank_kv(keep=0.5) + fastgen(recovery=0.95)"

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import re
-import tomllib
 
 import pytest
+import tomllib
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from graphwright.passes.base import instantiate
 from graphwright import RecipeError
-from graphwright.passes.base import PASS_REGISTRY, Arg, Pass
+from graphwright.passes.base import PASS_REGISTRY, Arg, Pass, instantiate
 from graphwright.recipes import Recipe
 from graphwright.recipes.grammar import MAX_DEPTH, MAX_INT
 

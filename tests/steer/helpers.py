@@ -7,9 +7,8 @@ from contextlib import contextmanager
 
 import torch
 
-from graphwright.capture.ops import visible_mask
+from graphwright.capture.ops import attention_reference, visible_mask
 from graphwright.codegen.torch.attention import attention_sdpa
-from graphwright.capture.ops import attention_reference
 
 TOY_CHAT = "<s>user: {{ messages[0]['content'] }}\nassistant:"
 
@@ -66,7 +65,7 @@ def closed_form(A: torch.Tensor, scaled: torch.Tensor, alpha: float) -> torch.Te
 def toy_tokenizer(vocab_size: int = 256):
     """A fast BPE tokenizer (with offsets and a chat template) trained on the steering tasks' text,
     with ids < ``vocab_size`` so it drives the 256-token tiny models."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     from graphwright.steer import tasks
