@@ -25,6 +25,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("passes/lowrank_rewrite.py", "_absorb_into_o"): "rewrites the o_proj aten linear/addmm and its reshapes",
     ("passes/lowrank_rewrite.py", "shrink_fused_qkv"): "aten slice users of a fused qkv linear; rewrites the linear",
     ("passes/lowrank_rewrite.py", "_shrink_c_attn"): "GPT-2's aten addmm -> view -> split -> getitem chain",
+    ("passes/duo_latent.py", "_refold_o"): "rewrites the o_proj aten linear and its head-merging aten reshapes/views",
 }
 ATTENTION_NAMES = ("attn", "attention")
 

@@ -122,7 +122,7 @@ class Duo(Pass):
             strm = [h for h in range(info.num_kv_heads) if h not in ret]
             per_layer[site.layer] = {"retrieval": ret, "streaming": strm}
             if ret and strm and site.latent:
-                x = cat_parts(site.k_cat)[1].args[0]
+                x = source(cat_parts(site.k_cat)[1])  # the latent projection's input
                 latent_ranks[site.layer] = split_latent_layer(sg, ed, site, ret, strm, params, rms.get(x))
                 split.append(site.layer)
             elif ret and strm:

@@ -55,7 +55,11 @@ def choose_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
         raise ValueError(f"temperature must be > 0 when sampling; got {temperature}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
-    scores = logits.float() / temperature
+    # shift by the row max first (softmax is shift-invariant) and divide in float64: a tiny temperature
+    # (1e-300 is 0 in float32) then sends the other entries to -inf instead of turning the best one
+    # into 0/0 or inf (nan in softmax)
+    x = logits.double()
+    scores = (x - x.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k > 0:
         kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))

@@ -145,7 +145,7 @@ def test_compiled_backend_refuses_with_the_reason():
     (dict(score="knorm", budget=6, beta=4.0), "beta applies to rule='pyramid'"),
     (dict(score="knorm", budget=0), "budget=0 must be > 0"),
     (dict(score="knorm", budget=4, sinks=2, window=3), "exceed budget=4"),
-    (dict(score="keyformer", budget=4), "must be one of"),
+    (dict(score="nosuchscorer", budget=4), "must be one of"),
     (dict(budget=4), "'score' is required"),
 ])
 def test_bad_arguments_are_refused(args, msg):

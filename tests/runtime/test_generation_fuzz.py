@@ -77,3 +77,12 @@ def test_valid_sampling_runs_and_bad_values_are_refused():
     assert run({"do_sample": False, "temperature": 0})
     assert not run({"do_sample": True, "temperature": math.nan})
     assert not run({"max_new_tokens": True})
+
+
+def test_tiny_temperature_samples_the_argmax():
+    """temperature=1e-300 overflowed logits / T to inf (softmax nan); the max-shifted scores sample the argmax."""
+    from graphwright.runtime.sampling import choose_next
+
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.9], [10.0, -2.0, 9.0, float("-inf")]])
+    got = choose_next(logits, True, 1e-300, None, 1.0, torch.Generator().manual_seed(0))
+    assert got.tolist() == [1, 0]

@@ -37,8 +37,9 @@ def slot_probs(q, k, q_pos, k_pos, scale, key_bias=None) -> torch.Tensor:
     B, H, _, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
     g = H // Hk
-    # one bmm over the B * Hk heads (the cache view folds its two leading dims without a copy)
-    s = torch.bmm(_f32(q).reshape(B * Hk, g, D), _f32(k).flatten(0, 1).transpose(1, 2)).view(B, Hk, g, S).mul_(scale)
+    # one bmm over the B * Hk heads (the cache view folds its two leading dims without a copy); the scale is
+    # out of place: an in-place mul_ makes the ONNX exporter retrace the whole decode program (decompositions)
+    s = torch.bmm(_f32(q).reshape(B * Hk, g, D), _f32(k).flatten(0, 1).transpose(1, 2)).view(B, Hk, g, S) * scale
     if key_bias is not None:
         s = s + key_bias.float().view(B, Hk, g, S)
     # visible: a valid slot at or before the query; a padding query (-1) sees every valid slot (q_lift)
