@@ -68,6 +68,7 @@ from .duo_select import resolve_retrieval
 from .eviction_common import (StateEditor, call, evict_pass_build, find_sites, insert_outputs, positions_node,
                               rewrite_layers, tag)
 from .match import cat_parts
+from .match import source as input_of  # run() binds "source" to where the head set came from
 
 aten = torch.ops.aten
 STREAM_K, STREAM_V, STREAM_POS = "duo_k", "duo_v", "duo_positions"  # + layer index: a split layer's streaming state
@@ -122,7 +123,7 @@ class Duo(Pass):
             strm = [h for h in range(info.num_kv_heads) if h not in ret]
             per_layer[site.layer] = {"retrieval": ret, "streaming": strm}
             if ret and strm and site.latent:
-                x = source(cat_parts(site.k_cat)[1])  # the latent projection's input
+                x = input_of(cat_parts(site.k_cat)[1])  # the latent projection's input
                 latent_ranks[site.layer] = split_latent_layer(sg, ed, site, ret, strm, params, rms.get(x))
                 split.append(site.layer)
             elif ret and strm:
