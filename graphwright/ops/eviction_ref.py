@@ -127,13 +127,19 @@ def h2o_keep(score, k_pos, length, heavy_n, heavy_f, recent_n, recent_f) -> torc
     return is_recent | topk_mask(score, valid & ~is_recent, budget(heavy_n, heavy_f, length))
 
 
-def h2o_reference(q, k, v, q_pos, k_pos, score, scale, heavy_n, heavy_f, recent_n, recent_f, key_bias=None):
-    """Accumulate this step's attention into ``score`` (new slots start at 0), then evict. -> (k, v, k_pos, score)."""
+def h2o_accumulate_evict(attn_mass, k, v, q_pos, k_pos, score, heavy_n, heavy_f, recent_n, recent_f):
+    """Add this step's attention column sums ``attn_mass`` [B, Hk, S] to ``score`` (new slots start at 0),
+    then keep H2O's set. -> (k, v, k_pos, score). Shared by the reference and the torch prompt-step fast path."""
     B, Hk, S = k.shape[:3]
-    score = torch.cat([score.float(), score.new_zeros(B, Hk, S - score.shape[2])], dim=2)
-    score = score + colsum(q, k, q_pos, k_pos, scale, key_bias)
+    score = torch.cat([score.float(), score.new_zeros(B, Hk, S - score.shape[2])], dim=2) + attn_mass
     keep = h2o_keep(score, k_pos, row_length(q_pos), heavy_n, heavy_f, recent_n, recent_f)
     return compact(keep, k, v, k_pos, (score,))
+
+
+def h2o_reference(q, k, v, q_pos, k_pos, score, scale, heavy_n, heavy_f, recent_n, recent_f, key_bias=None):
+    """Accumulate this step's attention into ``score`` (new slots start at 0), then evict. -> (k, v, k_pos, score)."""
+    return h2o_accumulate_evict(colsum(q, k, q_pos, k_pos, scale, key_bias), k, v, q_pos, k_pos, score,
+                                heavy_n, heavy_f, recent_n, recent_f)
 
 
 # ----------------------------------------------------------------------------------- SnapKV

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ...capture.ops import visible_mask
-from ...ops.eviction_ref import ROW_CHUNK, colsum, compact, h2o_keep, row_length
+from ...ops.eviction_ref import ROW_CHUNK, colsum, h2o_accumulate_evict
 
 
 def causal_prompt(q_pos: torch.Tensor, k_pos: torch.Tensor) -> bool:
@@ -81,8 +81,5 @@ def _after(t: int, device) -> torch.Tensor:
 
 def h2o_prompt(q, k, v, q_pos, k_pos, score, scale, heavy_n, heavy_f, recent_n, recent_f, key_bias=None):
     """``eviction_ref.h2o_reference`` with its column sums from ``prompt_colsum`` (same values). -> (k, v, k_pos, score)."""
-    B, Hk, S = k.shape[:3]
-    score = torch.cat([score.float(), score.new_zeros(B, Hk, S - score.shape[2])], dim=2)
-    score = score + prompt_colsum(q, k, q_pos, k_pos, scale, key_bias)
-    keep = h2o_keep(score, k_pos, row_length(q_pos), heavy_n, heavy_f, recent_n, recent_f)
-    return compact(keep, k, v, k_pos, (score,))
+    return h2o_accumulate_evict(prompt_colsum(q, k, q_pos, k_pos, scale, key_bias), k, v, q_pos, k_pos, score,
+                                heavy_n, heavy_f, recent_n, recent_f)
