@@ -46,7 +46,7 @@ def main(argv=None):
         x = torch.randn(n, d, generator=g)
         idx = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(n)])
         w = torch.softmax(torch.randn(n, 2, generator=g), -1)
-        run = lambda: [moe.moe_experts_sorted(x, idx, w, gu, dn, "silu") for gu, dn in weights]  # noqa: E731
+        run = lambda x=x, idx=idx, w=w: [moe.moe_experts_sorted(x, idx, w, gu, dn, "silu") for gu, dn in weights]  # noqa: E731
         row = {}
         for name, threshold in (("row", 0), ("ws", 10 ** 9), ("default", default)):
             moe.ROW_MAJOR_MIN_PAIRS = threshold

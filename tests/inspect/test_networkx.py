@@ -11,7 +11,7 @@ def test_nodes_edges_and_attributes(compiled_tiny):
     fx_nodes = list(cm.graph.graph.nodes)
     assert g.number_of_nodes() == len(fx_nodes)
     assert set(g.edges) == {(n.name, u.name) for n in fx_nodes for u in n.users}
-    for name, attrs in g.nodes(data=True):
+    for _name, attrs in g.nodes(data=True):
         assert set(attrs) >= {"op", "target", "shapes", "dtype", "layer", "variant", "module"}
     attn = [(n, a) for n, a in g.nodes(data=True) if a["target"] == "graphwright.attention.default"]
     assert sorted(a["layer"] for _, a in attn) == [0, 1]

@@ -185,7 +185,7 @@ def test_page_summary_update_equals_recompute(stat, pads):
     k_pos = (torch.arange(T0)[None] - pad[:, None]).clamp(min=-1)
     prev = torch.zeros(B, Hk, 0, D)
     q_pos = k_pos
-    for step in range(12):
+    for _step in range(12):
         got = page_summary_incremental(k, k_pos, q_pos, prev, block, stat)
         want = page_summary_reference(k, k_pos, q_pos, prev, block, stat)
         assert got.shape == (B, Hk, -(-k.shape[2] // block), D)

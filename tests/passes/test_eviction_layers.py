@@ -37,7 +37,7 @@ def test_two_policies_on_two_layers_in_either_order(mixed):
         assert "attn_score0" in names and "attn_score1" not in names and "key_positions" not in names, order
         assert set(cm.step_graph.notes["h2o"]["per_layer"]) == {0} and set(cm.step_graph.notes["streaming"]["per_layer"]) == {1}
 
-        def check(i, state):
+        def check(i, state, cm=cm):
             real = [n + i for n in LENGTHS]
             kp0 = state_of(cm, state, "key_positions0")
             assert ((kp0 >= 0).sum(-1) == 4).all()  # h2o: 2 heavy + 2 recent per head

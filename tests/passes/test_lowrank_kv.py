@@ -145,7 +145,7 @@ def test_activation_scaling_is_asvd():
 def test_progressive_ranks_non_increasing(keep):
     cm = lowrank("llama-6", keep=keep)
     notes = cm.step_graph.notes["lowrank_kv"]
-    per = [notes["per_layer"][l] for l in range(6)]
+    per = [notes["per_layer"][i] for i in range(6)]
     for key in ("r_k", "r_v"):
         ranks = [p[key] for p in per]
         assert all(a >= b for a, b in zip(ranks, ranks[1:])), (key, ranks)
@@ -168,7 +168,7 @@ def test_realised_keep_within_one_percent(schedule, keep):
 def test_rank_rule_on_many_layers():
     """30 layers of random spectra: budget met, bounds and monotonicity hold, K and V both tilt."""
     g = torch.Generator().manual_seed(0)
-    sig = [torch.sort(torch.rand(192, generator=g, dtype=torch.float64) * (1 + l), descending=True).values for l in range(30)]
+    sig = [torch.sort(torch.rand(192, generator=g, dtype=torch.float64) * (1 + i), descending=True).values for i in range(30)]
     for keep in (0.25, 0.5, 0.8, 1.0):
         plan = allocate_ranks(sig, sig[::-1], 192, 192, keep)
         assert abs(plan.realised_keep - keep) <= 0.01 * keep

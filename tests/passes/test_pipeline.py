@@ -95,7 +95,8 @@ def test_wrong_exact_pass_raises_and_leaves_the_input_intact(sg, register):
     register(WrongExact)
     probe = make_probe(sg)
     before = probe_logits(sg, probe)
-    with pytest.raises(GraphwrightError, match=r"pass test_wrong_exact is exact but changed the probe logits by [0-9.e-]+ \(tolerance 0.0001 for float32\)"):
+    msg = r"pass test_wrong_exact is exact but changed the probe logits by [0-9.e-]+ \(tolerance 0.0001 for float32\)"
+    with pytest.raises(GraphwrightError, match=msg):
         run_recipe(sg, "noop + test_wrong_exact")
     assert "recipe" not in sg.notes and "noop" not in sg.notes
     assert torch.equal(probe_logits(sg, probe), before)
