@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -42,13 +43,23 @@ def heldout_tokens(tok, n: int) -> torch.Tensor:
     return ids
 
 
+def unigram_ppl(tok, vocab: int, ids: torch.Tensor) -> float:
+    """Perplexity of add-one-smoothed token frequencies of the part before the split on ``ids[0, 1:]``
+    (the tokens ``perplexity`` scores with stride < window): the floor a trained model must beat."""
+    text = read_text()
+    train = torch.tensor(tok(text[:split_point(text)], add_special_tokens=False).input_ids, dtype=torch.long)
+    counts = torch.bincount(train, minlength=vocab).double() + 1.0
+    return math.exp(-(counts / counts.sum()).log()[ids[0, 1:]].mean().item())
+
+
 def markdown(result: dict) -> str:
     """Rows: keep; columns: schedule x scaling; cells: PPL (Δ%)."""
     cols = [(s, c) for c in result["scalings"] for s in result["schedules"]]
     by = {(r["keep"], r["schedule"], r["scaling"]): r for r in result["rows"]}
     base = result["dense_ppl"]
-    lines = [f"lowrank_kv on {result['model']} ({result['shape']}); dense PPL {base:.3f} over {result['tokens']} "
-             f"held-out tokens (window {result['window']}, stride {result['stride']}); cells: PPL (ΔPPL %)", "",
+    lines = [f"lowrank_kv on {result['model']} ({result['shape']}); dense PPL {base:.3f} (unigram "
+             f"{result['unigram_ppl']:.3f}) over {result['tokens']} held-out tokens (window {result['window']}, "
+             f"stride {result['stride']}); cells: PPL (ΔPPL %)", "",
              "| keep | " + " | ".join(f"{s}, scaling={c}" for s, c in cols) + " |",
              "| --- |" + " --- |" * len(cols)]
     for keep in result["keeps"]:
@@ -75,8 +86,9 @@ def main(argv=None) -> dict:
     p.add_argument("--schedules", nargs="+", default=["progressive", "uniform"], choices=["progressive", "uniform"])
     p.add_argument("--scalings", nargs="+", default=["activation", "none"], choices=["activation", "none"])
     p.add_argument("--tokens", type=int, default=4096, help="held-out tokens scored")
-    p.add_argument("--window", type=int, default=512)
-    p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--window", type=int, default=256,
+                   help="perplexity window: at most the model's training length (train_kv2_model.py --seq, 256)")
+    p.add_argument("--stride", type=int, default=128)
     p.add_argument("--out", default="results/lowrank_kv2.json")
     p.add_argument("--md", default="results/lowrank_kv2.md")
     p.add_argument("--threads", type=int, default=1)
@@ -91,7 +103,9 @@ def main(argv=None) -> dict:
     ids = heldout_tokens(tok, args.tokens)
     ppl_kw = dict(input_ids=ids, max_tokens=args.tokens, window=args.window, stride=args.stride, progress=False)
     base = perplexity(CompiledModel(sg, tokenizer=tok), **ppl_kw)
-    print(f"dense: ppl {base['ppl']:.4f} over {base['tokens']} tokens ({time.perf_counter() - t0:.0f} s so far)", flush=True)
+    uni = unigram_ppl(tok, model.config.vocab_size, ids)
+    print(f"dense: ppl {base['ppl']:.4f} (unigram {uni:.4f}) over {base['tokens']} tokens "
+          f"({time.perf_counter() - t0:.0f} s so far)", flush=True)
 
     rows = []
     for scaling in args.scalings:
@@ -116,7 +130,7 @@ def main(argv=None) -> dict:
 
     result = {"model": str(args.model), "shape": shape_of(model), "tokens": base["tokens"], "window": args.window,
               "stride": args.stride, "text": "held-out part of the shipped novel (after split_point)",
-              "dense_ppl": base["ppl"], "keeps": args.keeps, "schedules": args.schedules, "scalings": args.scalings,
+              "dense_ppl": base["ppl"], "unigram_ppl": uni, "keeps": args.keeps, "schedules": args.schedules, "scalings": args.scalings,
               "rows": rows, "threads": args.threads, "seconds": time.perf_counter() - t0}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -79,12 +79,16 @@ def main(argv=None):
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--intermediate", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=8192, help="held-out bytes scored at the end")
-    p.add_argument("--window", type=int, default=512, help="perplexity window")
-    p.add_argument("--stride", type=int, default=256, help="perplexity stride (< window: each scored byte has >= window - stride context)")
+    p.add_argument("--window", type=int, default=None, help="perplexity window (default --seq: RoPE positions past the "
+                   "training length are out of distribution; at 512 a seq-256 model scored 8.19 vs 6.85 at 64)")
+    p.add_argument("--stride", type=int, default=None, help="perplexity stride (default window / 2: every scored byte "
+                   "has >= window - stride context)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: on the shared 2-core machine one thread was faster)")
     args = p.parse_args(argv)
+    args.window = args.window or args.seq
+    args.stride = args.stride or args.window // 2
     if args.steps < 1:
         raise SystemExit("--steps must be at least 1")
     torch.set_num_threads(args.threads)

@@ -74,6 +74,8 @@ def test_sweep_keep_one_is_exact_on_the_trained_model(trained, tmp_path):
                                      "--md", str(tmp_path / "r.md")])
     assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(res))
     assert len(res["rows"]) == 8 and res["tokens"] == 511 and "2 KV heads" in res["shape"]
+    # same 512 held-out bytes as the trainer's evaluation: the same unigram floor
+    assert res["unigram_ppl"] == pytest.approx(trained[1]["unigram_ppl"], rel=1e-12)
     for r in res["rows"]:
         if r["keep"] == 1.0:
             assert r["delta_ppl"] == pytest.approx(0.0, abs=1e-4 * res["dense_ppl"]), r
