@@ -23,11 +23,22 @@ SIZE_BOUNDS = {"hidden_size": 1 << 16, "n_embd": 1 << 16, "intermediate_size": 1
 _LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
 
+# files a Hugging Face tokenizer is read from; a folder with none of them has no tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
 def _tokenizer(folder: Path, gguf_file: str | None = None):
     """The folder's tokenizer, never running code from it (``trust_remote_code=False``: an ``auto_map``
-    in ``tokenizer_config.json`` is not followed, and transformers does not prompt); None if it has none."""
+    in ``tokenizer_config.json`` is not followed, and transformers does not prompt); None if it has none.
+
+    A folder without tokenizer files gets None, not what ``AutoTokenizer`` builds from ``config.json``
+    alone (for Qwen2 an empty BPE tokenizer whose only token is ``<|endoftext|>``: every text encodes
+    to no ids, so evaluation and calibration failed far from the cause)."""
     from transformers import AutoTokenizer
 
+    if gguf_file is None and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return None
     try:
         return AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, local_files_only=True, trust_remote_code=False)
     except Exception as exc:  # noqa: BLE001 - a model folder without tokenizer files is fine

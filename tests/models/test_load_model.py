@@ -40,6 +40,16 @@ def test_local_folder_roundtrip(tmp_path):
     assert torch.equal(got(ids).logits, m(ids).logits)
 
 
+def test_folder_without_tokenizer_files_has_no_tokenizer(tmp_path):
+    # AutoTokenizer builds an empty Qwen2 BPE tokenizer from config.json alone (every text -> no ids)
+    m = tiny_model("tiny-qwen2")
+    m.save_pretrained(tmp_path / "qwen2")
+    got, tok = gw.load_model(tmp_path / "qwen2")
+    assert tok is None
+    ids = torch.randint(3, 256, (1, 6))
+    assert torch.equal(got(ids).logits, m(ids).logits)
+
+
 def test_pickle_checkpoints_are_refused(tmp_path):
     m = tiny_model("tiny-llama")
     m.config.save_pretrained(tmp_path)
