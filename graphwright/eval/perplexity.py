@@ -39,11 +39,14 @@ def encode_text(tokenizer, text: str, max_tokens: int) -> torch.Tensor:
 
 
 def windows(n_tokens: int, window: int, stride: int):
-    """(begin, end, n_scored) per window, HF-guide style: each token after the first is scored once."""
+    """(begin, end, n_scored) per window, HF-guide style: each token is scored at most once.
+
+    A window scores its last ``n_scored`` tokens and can score at most ``end - begin - 1`` (its first token
+    has no context inside the window), so with ``stride == window`` each window's first token is not scored."""
     out, prev_end = [], 0
     for begin in range(0, n_tokens, stride):
         end = min(begin + window, n_tokens)
-        n_new = end - prev_end if prev_end else end - begin - 1
+        n_new = min(end - prev_end, end - begin - 1)
         out.append((begin, end, n_new))
         prev_end = end
         if end == n_tokens:

@@ -21,12 +21,28 @@ def _rel(a, b):
 
 
 def test_windows_score_every_token_but_the_first_once():
-    for n, w, s in [(120, 48, 16), (100, 32, 32), (10, 48, 16), (2, 2, 1), (97, 40, 7)]:
+    for n, w, s in [(120, 48, 16), (10, 48, 16), (2, 2, 1), (97, 40, 7)]:
         wins = windows(n, w, s)
         assert sum(k for *_, k in wins) == n - 1
         assert wins[-1][1] == n and all(e - b <= w for b, e, _ in wins)
         scored = [t for b, e, k in wins for t in range(e - k, e)]  # target positions each window scores
         assert scored == list(range(1, n))
+
+
+def test_windows_never_claim_a_token_without_context():
+    """stride == window: a window's first token has no context in it, so it is not counted as scored."""
+    wins = windows(100, 32, 32)
+    assert wins == [(0, 32, 31), (32, 64, 31), (64, 96, 31), (96, 100, 3)]
+    assert all(k <= e - b - 1 for b, e, k in wins)
+
+
+def test_stride_equal_to_window_averages_what_it_scores(compiled_tiny):
+    cm = compiled_tiny("tiny-llama")
+    ids = _ids(100, seed=3)
+    r = perplexity(cm, input_ids=ids, window=32, stride=32, progress=False)
+    nll = torch.cat([token_nll(cm.logits(ids[:, b:e])[:, :-1], ids[:, b + 1:e]) for b, e in ((0, 32), (32, 64), (64, 96), (96, 100))], 1)
+    assert r["tokens"] == nll.shape[1] == 96
+    assert math.isclose(r["nll"], float(nll.double().mean()), rel_tol=1e-5)
 
 
 def test_base_and_identity_compiled_agree(tiny, compiled_tiny):
