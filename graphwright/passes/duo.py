@@ -84,9 +84,11 @@ class Duo(Pass):
                                "passes/duo_latent.py); an all-streaming latent layer evicts its latent rows"}
     forbids = frozenset({"key_bias"})  # steering's bias would have to be split by head too
     excludes = {
-        "evicted": "duo already decides what every head keeps (retrieval: all, streaming: sinks + window); only snapkv "
-                   "(uniform) composes, compressing the retrieval heads' prompt; other eviction policies are not implemented "
-                   "on the retrieval part",
+        "evicted": "duo already decides what every head keeps (retrieval: all, streaming: sinks + window); only snapkv, "
+                   "h2o and evict compose, evicting the retrieval heads' cache; fastgen is not implemented on the retrieval "
+                   "part; streaming is refused: duo's streaming heads already are sinks + window, streaming on every head is "
+                   "streaming(...) alone, and a larger sinks + window on the retrieval heads is "
+                   "evict(score='h2o', budget=S+W, sinks=S, window=W) after duo (keys keep their positions, no re-rotation)",
         "head_split": "duo splits each layer's attention by its own head set and cannot re-split a layer another pass split",
     }
     stage = 60

@@ -138,7 +138,7 @@ def test_all_heads_retrieval_is_snapkv_alone(name):
     ("snapkv(budget=8, heads='adaptive')", ["heads='adaptive'", "not implemented", "heads='uniform'"]),
     ("snapkv(budget=8, pyramid=20)", ["pyramid", "not implemented"]),
     ("snapkv(budget=8, layers=[1])", ["layer(s) [1]", "streaming", "[0]"]),
-    ("h2o(heavy=4, recent=4)", ["duo", "h2o", "only snapkv"]),
+    ("fastgen()", ["duo", "fastgen", "only snapkv, h2o and evict"]),
 ])
 def test_refused_forms_say_why(other, words):
     with pytest.raises(RecipeError) as err:
