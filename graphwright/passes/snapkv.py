@@ -108,7 +108,7 @@ class SnapKV(EvictionPass):
 
     def applies_to(self, sg) -> str | None:
         duo = retrieval_layers(sg)
-        if duo is not None and self.pyramid is not None:
+        if duo is not None and self.pyramid is not None:  # heads='adaptive' packs the retrieval heads (packed_rewrite)
             return ("snapkv(pyramid=...) on duo's retrieval heads is not implemented (PyramidKV's layer schedule assumes "
                     "every layer evicts the same heads); use snapkv without pyramid after duo")
         return super().applies_to(sg)
