@@ -43,6 +43,9 @@ refuse the arguments they do not read (tested: same tokens and state shapes as t
 Refused with the reason: a scorer that needs the prompt's queries (SnapKV window, Expected
 Attention statistics) on a schedule other than ``prefill``; arguments a scorer does not read;
 ``adaptive`` outside SnapKV-after-prefill; Expected Attention on latent (``lowrank_kv``) layers.
+After ``duo`` (``also_on = retrieval_part``): the op evicts the retrieval heads' cache (``rule='adaptive'``:
+packed over the retrieval heads); refused there: the delegated scorers, ``rule='pyramid'``,
+``chunk_reuse`` and ``block=`` (``tests/passes/test_duo_h2o.py``, ``test_duo_snapkv_adaptive.py``).
 Exact setting: a fraction budget >= 1.0. Backends: ``reference``/``torch`` run the op; the
 ``compiled`` backend keeps it outside its static decode buffers ("no static decode translation");
 ONNX export splits it to the runtime side like every eviction op.

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 from ..ops.policy_h2o import H2O_POLICY
 from .base import MAX_TOKENS, Arg, PassContext, Tunable, register_pass
-from .eviction_common import (HEADS_ARG, LAYERS_ARG, RETRIEVAL_PART, EvictionPass, evict_pass_build, frac_or_count, latent_settings, refuse_adaptive_heads,
-                              rewrite_layers)
+from .eviction_common import (HEADS_ARG, LAYERS_ARG, RETRIEVAL_PART, EvictionPass, evict_pass_build, frac_or_count,
+                              latent_settings, refuse_adaptive_heads, rewrite_layers)
 
 
 @register_pass

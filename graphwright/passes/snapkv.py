@@ -36,8 +36,10 @@ heads free real memory; ``last_stats["kv_bytes"]`` counts that buffer. Not on la
 (``lowrank_kv``: refused), no ``compiled`` backend (refused there). ONNX: the slot ops are translated
 (``codegen/onnx/packed_cache.py``), ``evict_adakv`` runs as a cut runtime op (``split.py``).
 
-After ``duo`` (``also_on = retrieval_part``): uniform snapkv compresses the retrieval heads' prompt
-cache of each layer duo left retrieval heads in; all-streaming layers stay duo's (``duo.py``).
+After ``duo`` (``also_on = retrieval_part``): snapkv compresses the retrieval heads' prompt cache of
+each layer duo left retrieval heads in; with ``heads="adaptive"`` the packed cache holds the retrieval
+heads only (the layer's H_ret * budget spread over them); ``pyramid`` is refused there; all-streaming
+layers stay duo's (``duo.py``, ``tests/passes/test_duo_snapkv_adaptive.py``).
 
 Exact setting: budget >= prompt length (input dependent: the pass itself is lossy).
 ``layers=[...]`` evicts only those layers.
@@ -59,7 +61,7 @@ from __future__ import annotations
 from ..errors import RecipeError
 from ..ops.policy_snapkv import SNAPKV_POLICY
 from .base import MAX_KERNEL, MAX_TOKENS, Arg, PassContext, Tunable, register_pass
-from .eviction_common import (LAYERS_ARG, RETRIEVAL_PART, EvictionPass, evict_pass_build, find_sites, latent_settings,
+from .eviction_common import (LAYERS_ARG, RETRIEVAL_PART, EvictionPass, evict_pass_build, latent_settings,
                               retrieval_layers, rewrite_layers)
 from .packed_rewrite import rewrite_packed
 
