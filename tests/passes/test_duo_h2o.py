@@ -164,3 +164,15 @@ def test_refused_forms_say_why(other, words):
         _cm(f"{DUO} + {other}")
     for w in words:
         assert w in str(err.value), str(err.value)
+
+
+def test_sinks_and_a_larger_window_on_the_retrieval_heads():
+    """What the streaming refusal points to: evict with budget = sinks + window keeps exactly the first S and last W
+    positions on the retrieval heads (no scored token fits), while duo's streaming heads keep their own smaller window."""
+    ids, mask = left_padded_batch(256, (40, 33), seed=2)
+    cm = _cm(f"{DUO} + evict(score='h2o', budget=10, sinks=3, window=7)")
+    _, state = stream_logits(cm._step, cm.runtime_graph.state, ids, mask, 20)
+    st = _state(cm, state)
+    for b, n in enumerate((40, 33)):
+        assert sorted(st["key_positions0"][b, 0].tolist()) == [0, 1, 2] + list(range(n - 7, n))
+        assert sorted(st["duo_positions0"][b, 0].tolist()) == list(range(SINKS)) + list(range(n - WINDOW, n))
