@@ -176,3 +176,16 @@ def test_sinks_and_a_larger_window_on_the_retrieval_heads():
     for b, n in enumerate((40, 33)):
         assert sorted(st["key_positions0"][b, 0].tolist()) == [0, 1, 2] + list(range(n - 7, n))
         assert sorted(st["duo_positions0"][b, 0].tolist()) == list(range(SINKS)) + list(range(n - WINDOW, n))
+
+
+def test_cli_compiles_the_composition(tmp_path):
+    import json
+
+    from graphwright.cli.main import main
+
+    out = tmp_path / "report.json"
+    assert main(["compile", "--model", "tiny-llama", "--recipe", f"{H2O} + {DUO}", "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["summary"]["passes"] == ["duo", "h2o"]
+    assert [r["duo"] for r in rep["rows"]] == ["retrieval=[0] streaming=[1]", "retrieval=[] streaming=[0,1]"]
+    assert rep["rows"][0]["h2o"] is not None and rep["rows"][1]["h2o"] is None
