@@ -28,14 +28,23 @@ A decode query at position i therefore sees, on a streaming head, keys j with j 
 i - j <= window (the ``window`` cached recent tokens plus itself: the reference's
 [sink | recent | current]); the oracle mask is causal AND (retrieval(h) OR j < sinks OR i - j < window + 1).
 
-Composition with ``snapkv`` (fact ``retrieval_part``, ``passes/manager.py`` ``also_on``): duo runs first;
-a split layer's retrieval part is an ordinary dense head-subset attention site (cat([k_cache_l, new],
-2) over H_ret heads, the shared key positions), so ``snapkv`` rewrites it like a whole layer: it
-compresses the retrieval heads' prompt cache once after prefill (question-aware observation window,
-per retrieval KV head), decode appends; an all-retrieval layer is plain snapkv; an all-streaming
-layer is duo's alone (``sg.notes["duo"]["snapkv"]`` lists both). Exact: budget >= the prompt length
-gives duo alone, every head retrieval gives snapkv alone. Only uniform snapkv composes (the packed
-Ada-KV/pyramid cache spreads a budget over every KV head of a layer); h2o/fastgen/streaming do not.
+Composition with eviction (fact ``retrieval_part``, ``passes/manager.py`` ``also_on``; ``EvictionPass``
+``target_layers``/``note_on_duo``): duo runs first, in either written order; a split layer's retrieval
+part is an ordinary dense head-subset attention site (cat([k_cache_l, new], 2) over H_ret heads, the
+shared key positions), so an eviction pass rewrites it like a whole layer of H_ret heads: ``snapkv``
+compresses the retrieval heads' prompt once after prefill (question-aware window, per retrieval KV
+head), decode appends; ``snapkv(heads="adaptive")`` / ``evict(rule="adaptive")`` pack the retrieval
+heads of the layer into one Ada-KV cache (H_ret * budget prompt slots spread by score over the
+retrieval heads only, ``packed_rewrite.py``); ``h2o`` and ``evict(score=..., when="decode"|...)``
+evict the retrieval heads' cache after prefill and every step (their per-head scores of width H_ret).
+An all-retrieval layer gets the pass as without duo; an all-streaming layer stays duo's alone
+(``sg.notes["duo"][<pass>]`` lists both). Exact: the eviction pass's exact setting gives duo alone,
+every head retrieval gives the eviction pass alone. Refused, with the reason: ``fastgen`` (not
+implemented on the retrieval part), ``pyramid`` budgets, evict's delegated scorers (keyformer,
+scissorhands), ``chunk_reuse`` and ``block=``; and ``streaming``: duo's streaming heads already are
+sinks + window, streaming on every head is ``streaming`` alone, and sinks + a larger window on the
+retrieval heads is ``evict(score="h2o", budget=S+W, sinks=S, window=W)`` after duo (keys at their
+original positions, no re-rotation).
 
 Composition with ``lowrank_kv`` (``also_on = {"latent_cache": ...}``): lowrank_kv runs first; a split
 latent layer is factored again per head group, two latent caches (``passes/duo_latent.py``, tested in
@@ -78,15 +87,17 @@ STREAM_K, STREAM_V, STREAM_POS = "duo_k", "duo_v", "duo_positions"  # + layer in
 class Duo(Pass):
     name = "duo"
     needs = frozenset({"dense_attention", "dense_cache", "shared_positions"})
-    produces = frozenset({"evicted", "head_split", "retrieval_part"})  # retrieval_part: snapkv may compress it
+    produces = frozenset({"evicted", "head_split", "retrieval_part"})  # retrieval_part: an eviction pass may evict it
     removes = frozenset({"dense_cache", "shared_positions"})
     also_on = {"latent_cache": "a split latent layer is factored again per head group (two latent caches, "
                                "passes/duo_latent.py); an all-streaming latent layer evicts its latent rows"}
     forbids = frozenset({"key_bias"})  # steering's bias would have to be split by head too
     excludes = {
-        "evicted": "duo already decides what every head keeps (retrieval: all, streaming: sinks + window); only snapkv "
-                   "(uniform) composes, compressing the retrieval heads' prompt; other eviction policies are not implemented "
-                   "on the retrieval part",
+        "evicted": "duo already decides what every head keeps (retrieval: all, streaming: sinks + window); only snapkv, "
+                   "h2o and evict compose, evicting the retrieval heads' cache; fastgen is not implemented on the retrieval "
+                   "part; streaming is refused: duo's streaming heads already are sinks + window, streaming on every head is "
+                   "streaming(...) alone, and a larger sinks + window on the retrieval heads is "
+                   "evict(score='h2o', budget=S+W, sinks=S, window=W) after duo (keys keep their positions, no re-rotation)",
         "head_split": "duo splits each layer's attention by its own head set and cannot re-split a layer another pass split",
     }
     stage = 60

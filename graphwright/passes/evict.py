@@ -43,6 +43,9 @@ refuse the arguments they do not read (tested: same tokens and state shapes as t
 Refused with the reason: a scorer that needs the prompt's queries (SnapKV window, Expected
 Attention statistics) on a schedule other than ``prefill``; arguments a scorer does not read;
 ``adaptive`` outside SnapKV-after-prefill; Expected Attention on latent (``lowrank_kv``) layers.
+After ``duo`` (``also_on = retrieval_part``): the op evicts the retrieval heads' cache (``rule='adaptive'``:
+packed over the retrieval heads); refused there: the delegated scorers, ``rule='pyramid'``,
+``chunk_reuse`` and ``block=`` (``tests/passes/test_duo_h2o.py``, ``test_duo_snapkv_adaptive.py``).
 Exact setting: a fraction budget >= 1.0. Backends: ``reference``/``torch`` run the op; the
 ``compiled`` backend keeps it outside its static decode buffers ("no static decode translation");
 ONNX export splits it to the runtime side like every eviction op.
@@ -69,7 +72,9 @@ from .eviction_common import (
     frac_or_count,
     insert_policy,
     latent_settings,
+    RETRIEVAL_PART,
     positions_name,
+    retrieval_layers,
     rewrite_layers,
 )
 from .keyformer import Keyformer
@@ -321,15 +326,16 @@ class Evict(EvictionPass):
 
         tables = {}  # the rotary tables, matched before the packed rewrite changes what attention reads
         if self.scorer.rope:
-            for site in find_sites(sg, self.layer_set(sg.info)):
+            for site in find_sites(sg, self.target_layers(sg)):
                 inv, scaling = find_rotary(sg.gm, site.attn)
                 tables[site.layer] = {"inv_freq": inv, "rope_scaling": float(scaling)}
 
         def site_values(sg, site):
             return tables.get(site.layer, {"inv_freq": None, "rope_scaling": 1.0})
 
-        layers = rewrite_packed(sg, "evict", params, self.layer_set(sg.info), op=EVICT_ADAKV_SCORED,
+        layers = rewrite_packed(sg, "evict", params, self.target_layers(sg), op=EVICT_ADAKV_SCORED,
                                 site_values=site_values)
+        self.note_on_duo(sg, layers, f"the retrieval heads' cache, packed (Ada-KV over {self.scorer.name} scores)")
         sg.notes["evict"] = {
             "per_layer": {layer: {"budget": self.budget} for layer in layers},
             "counts": {"layers_evicted": len(layers)},
@@ -342,24 +348,48 @@ class Evict(EvictionPass):
     def is_identity(self) -> bool:
         return isinstance(self.budget, float) and self.budget >= 1.0
 
+    also_on = RETRIEVAL_PART  # after duo: the scored op evicts the retrieval heads' cache
+    removes = EvictionPass.removes | {"retrieval_part"}
+
+    def _duo_refusal(self, sg) -> str | None:
+        """What of evict does not compose with duo's retrieval part, and why (None: it does, or duo has not run)."""
+        if retrieval_layers(sg) is None:
+            return None
+        if self.score in DELEGATES:
+            return (f"evict(score={self.score!r}) after duo is not implemented: it runs the {self.score} pass, which does "
+                    "not evict a head subset; use a scorer of the generic op (e.g. score='h2o', 'tova', 'snapkv', 'knorm')")
+        why = []
+        if self.rule == "pyramid":
+            why.append("rule='pyramid' (PyramidKV's layer schedule assumes every layer evicts the same heads)")
+        if self.reuse > 1:
+            why.append("chunk_reuse (the layers' retrieval caches hold different head subsets)")
+        if self.mode == "block":
+            why.append("block= (duo's streaming heads are cut once after a one-shot prefill)")
+        if why:
+            return "evict after duo refuses " + "; ".join(why) + "; leave it out to evict duo's retrieval heads"
+        return None
+
     def applies_to(self, sg) -> str | None:
+        duo_why = self._duo_refusal(sg)
+        if duo_why:
+            return duo_why
         if self.delegate is not None:
             return self.delegate.applies_to(sg)
         why = super().applies_to(sg)
         if why or not self.scorer.rope:
             return why
-        sites = find_sites(sg, self.layer_set(sg.info))
+        sites = find_sites(sg, self.target_layers(sg))
         if any(s.latent for s in sites):
             return ("evict(score='expected_attention') scores with per-head value norms, and latent (lowrank_kv) layers "
                     "hold one shared latent payload per token; evict those layers with another scorer")
-        rot = find_rotary(sg.gm)
+        rot = find_rotary(sg.gm, sites[0].attn) if sites and not isinstance(sites, str) else find_rotary(sg.gm)
         return rot if isinstance(rot, str) else None
 
     def run(self, sg, ctx: PassContext):
         if self.delegate is not None:
             sg = self.delegate.run(sg, ctx)
             sg.notes["evict"] = {"settings": dict(self.values), "delegated_to": self.delegate.name,
-                                 "counts": {"layers_evicted": len(self.layer_set(sg.info))}}
+                                 "counts": {"layers_evicted": len(self.delegate.target_layers(sg))}}
             return sg
         why = self.applies_to(sg)
         if why:
@@ -385,7 +415,8 @@ class Evict(EvictionPass):
             done.append(site.layer)
             return out
 
-        layers = rewrite_layers(sg, f"evict_{self.scorer.name}", build, self.layer_set(sg.info))
+        layers = rewrite_layers(sg, f"evict_{self.scorer.name}", build, self.target_layers(sg))
+        self.note_on_duo(sg, layers, f"the retrieval heads' cache ({self.scorer.name} scores, when={self.mode!r})")
         if self.mode == "block":
             sg.notes["prefill_chunk"] = self.block  # CompiledModel's runtime runs the prompt in these blocks
         sg.notes["evict"] = {

@@ -99,8 +99,49 @@ class EvictionPass(Pass):
         return set(select_layers(self.name, self.values.get("layers"), info.num_layers))
 
     def applies_to(self, sg) -> str | None:
-        sites = find_sites(sg, self.layer_set(sg.info))
+        why = self.duo_refusal(sg)
+        if why:
+            return why
+        sites = find_sites(sg, self.target_layers(sg))
         return sites if isinstance(sites, str) else None
+
+    @property
+    def on_duo(self) -> bool:
+        """Whether this pass may evict ``duo``'s retrieval part (it declares ``also_on`` the fact ``retrieval_part``)."""
+        return "retrieval_part" in self.also_on
+
+    def target_layers(self, sg) -> set[int]:
+        """``layers=`` (default all); after duo, only the layers with retrieval heads (all-streaming layers are duo's)."""
+        duo = retrieval_layers(sg)
+        return self.layer_set(sg.info) if duo is None or not self.on_duo else self.layer_set(sg.info) & duo
+
+    def duo_refusal(self, sg) -> str | None:
+        """After duo: ``layers=`` naming an all-streaming layer (nothing of the retrieval kind to evict there)."""
+        duo = retrieval_layers(sg)
+        if duo is None or not self.on_duo or self.values.get("layers") is None:
+            return None
+        streaming = sorted(self.layer_set(sg.info) - duo)
+        if streaming:
+            return (f"layer(s) {streaming}: every KV head there is a duo streaming head (sinks + window), so there is no "
+                    f"retrieval cache to evict; give layers= among duo's layers with retrieval heads {sorted(duo)}")
+        return None
+
+    def note_on_duo(self, sg, layers: list[int], on: str) -> None:
+        """Record in ``sg.notes["duo"][name]`` what this pass did to duo's retrieval part (nothing when duo has not run)."""
+        duo = retrieval_layers(sg)
+        if duo is not None:  # a new dict: step-graph copies share the notes' values
+            sg.notes["duo"] = {**sg.notes["duo"], self.name: {
+                "layers": layers, "on": on, "all_streaming_layers_left_to_duo": sorted(set(range(sg.info.num_layers)) - duo)}}
+
+
+RETRIEVAL_PART = {"retrieval_part": "after duo, it evicts the retrieval heads' cache (their own attention node); "
+                                    "streaming heads keep sinks + window"}
+
+
+def retrieval_layers(sg) -> set[int] | None:
+    """Layers where ``duo`` left retrieval heads (split or all-retrieval); None when duo has not run."""
+    duo = sg.notes.get("duo")
+    return None if duo is None else {layer for layer, part in duo["per_layer"].items() if part["retrieval"]}
 
 
 def positions_name(layer: int) -> str:

@@ -16,6 +16,12 @@ equals the dense model's. Cache state per layer: k, v [B, Hk, S_l, D], positions
 
 Exact setting: ``heavy`` or ``recent`` a fraction >= 1.0 (budget >= length).
 ``layers=[...]`` evicts only those layers (others keep their cache or another policy).
+
+After ``duo`` (``also_on = retrieval_part``): H2O evicts only the retrieval heads' cache of each layer
+duo left retrieval heads in (their own attention node over H_ret KV heads, per-head positions and
+scores of that width), after prefill and every decode step; streaming heads keep duo's sinks + window;
+all-streaming layers stay duo's. Exact: a fraction >= 1.0 gives duo alone, every head retrieval gives
+h2o alone (``tests/passes/test_duo_h2o.py``: logits equal dense attention under the combined mask).
 Invariants tested (``tests/passes/test_h2o.py``): identity at the exact setting (tiny Llama and
 Qwen2, batch 2 left-padded, 32 new tokens); first token equals dense; the budget holds over 500
 decode steps; the op's kept set equals a slow loop oracle on random attention.
@@ -25,8 +31,8 @@ from __future__ import annotations
 
 from ..ops.policy_h2o import H2O_POLICY
 from .base import MAX_TOKENS, Arg, PassContext, Tunable, register_pass
-from .eviction_common import (HEADS_ARG, LAYERS_ARG, EvictionPass, evict_pass_build, frac_or_count, latent_settings, refuse_adaptive_heads,
-                              rewrite_layers)
+from .eviction_common import (HEADS_ARG, LAYERS_ARG, RETRIEVAL_PART, EvictionPass, evict_pass_build, frac_or_count,
+                              latent_settings, refuse_adaptive_heads, rewrite_layers)
 
 
 @register_pass
@@ -45,6 +51,9 @@ class H2O(EvictionPass):
         LAYERS_ARG,
     )
 
+    also_on = RETRIEVAL_PART  # after duo: H2O evicts the retrieval heads' cache at every step
+    removes = EvictionPass.removes | {"retrieval_part"}
+
     def __init__(self, **values):
         super().__init__(**values)
         refuse_adaptive_heads("h2o", self.heads)
@@ -56,7 +65,8 @@ class H2O(EvictionPass):
         hn, hf = frac_or_count(self.heavy)
         rn, rf = frac_or_count(self.recent)
         params = {"heavy_n": hn, "heavy_f": hf, "recent_n": rn, "recent_f": rf}
-        layers = rewrite_layers(sg, "h2o", evict_pass_build(H2O_POLICY, params), self.layer_set(sg.info))
+        layers = rewrite_layers(sg, "h2o", evict_pass_build(H2O_POLICY, params), self.target_layers(sg))
+        self.note_on_duo(sg, layers, "the retrieval heads' cache (heavy hitters + recent, after prefill and every step)")
         budget = {"heavy": self.heavy, "recent": self.recent}
         sg.notes["h2o"] = {
             "per_layer": {layer: dict(budget) for layer in layers},

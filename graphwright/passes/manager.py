@@ -11,7 +11,7 @@ that hold per layer (``FACTS`` below says what each means):
   either order (the reason says why);
 * ``also_on``  -- ``{fact: reason}``: it also applies to a layer holding that fact in place of its
   ``needs``, after the pass producing it, and neither pass's ``excludes`` holds between the two
-  (``snapkv`` on ``duo``'s retrieval part: the fact ``retrieval_part``);
+  (``snapkv``, ``h2o``, ``evict`` on ``duo``'s retrieval part: the fact ``retrieval_part``);
 
 and ``layer_set(info)`` says which layers it touches (``None``: all, or none in particular for a
 model-level pass). From those, for every two passes whose layers overlap:
@@ -60,7 +60,7 @@ FACTS = {
     "channel_pruned": "old keys are stored with a subset of their channels (ThinK); attention reads them re-expanded",
     "prompt_selection": "the prompt is filtered by an early layer before the model runs",
     "retrieval_part": "duo split the layer: its retrieval heads are an attention node of their own over a dense "
-                      "cache and the shared key positions (a prompt-compression pass may evict it)",
+                      "cache and the shared key positions (an eviction pass may evict it: snapkv, h2o, evict)",
 }
 
 

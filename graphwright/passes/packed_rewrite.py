@@ -31,7 +31,8 @@ from ..errors import RecipeError
 from ..ops import schema
 from ..ops.graph_match import cat_dim, cat_parts
 from ..ops.policy_adakv import EVICT_ADAKV, PACK_HEADS, PACKED_POSITIONS
-from .eviction_common import StateEditor, call, find_sites, insert_outputs, positions_name, positions_node, tag
+from .eviction_common import (StateEditor, call, find_sites, insert_outputs, positions_name, positions_node, site_kv_heads,
+                              tag)
 
 
 def _pack_cache(graph, ed, site, cat_node, name: str, hk: int):
@@ -64,10 +65,10 @@ def rewrite_packed(sg, variant: str, params: dict, layers=None, op=EVICT_ADAKV, 
                           "without lowrank_kv, or with layers= excluding those layers")
     ed = StateEditor(sg)
     graph = sg.gm.graph
-    hk = sg.info.num_kv_heads
     pos = positions_node(sg)
     done = []
     for site in sites:
+        hk = site_kv_heads(sg, ed, site)  # duo's retrieval part: its H_ret heads are packed, not the layer's Hk
         kp_in = ed.add(StateSpec(positions_name(site.layer), "positions", (-1, hk, 0), torch.long, seq_dim=2, layer=site.layer))
         with graph.inserting_before(site.attn):
             kp_all = call(graph, torch.ops.aten.cat.default, [kp_in, call(graph, PACKED_POSITIONS, pos, hk)], 2)

@@ -36,8 +36,10 @@ heads free real memory; ``last_stats["kv_bytes"]`` counts that buffer. Not on la
 (``lowrank_kv``: refused), no ``compiled`` backend (refused there). ONNX: the slot ops are translated
 (``codegen/onnx/packed_cache.py``), ``evict_adakv`` runs as a cut runtime op (``split.py``).
 
-After ``duo`` (``also_on = retrieval_part``): uniform snapkv compresses the retrieval heads' prompt
-cache of each layer duo left retrieval heads in; all-streaming layers stay duo's (``duo.py``).
+After ``duo`` (``also_on = retrieval_part``): snapkv compresses the retrieval heads' prompt cache of
+each layer duo left retrieval heads in; with ``heads="adaptive"`` the packed cache holds the retrieval
+heads only (the layer's H_ret * budget spread over them); ``pyramid`` is refused there; all-streaming
+layers stay duo's (``duo.py``, ``tests/passes/test_duo_snapkv_adaptive.py``).
 
 Exact setting: budget >= prompt length (input dependent: the pass itself is lossy).
 ``layers=[...]`` evicts only those layers.
@@ -59,14 +61,9 @@ from __future__ import annotations
 from ..errors import RecipeError
 from ..ops.policy_snapkv import SNAPKV_POLICY
 from .base import MAX_KERNEL, MAX_TOKENS, Arg, PassContext, Tunable, register_pass
-from .eviction_common import LAYERS_ARG, EvictionPass, evict_pass_build, find_sites, latent_settings, rewrite_layers
+from .eviction_common import (LAYERS_ARG, RETRIEVAL_PART, EvictionPass, evict_pass_build, latent_settings,
+                              retrieval_layers, rewrite_layers)
 from .packed_rewrite import rewrite_packed
-
-
-def retrieval_layers(sg) -> set[int] | None:
-    """Layers where ``duo`` left retrieval heads (split or all-retrieval); None when duo has not run."""
-    duo = sg.notes.get("duo")
-    return None if duo is None else {layer for layer, part in duo["per_layer"].items() if part["retrieval"]}
 
 
 @register_pass
@@ -92,8 +89,7 @@ class SnapKV(EvictionPass):
         LAYERS_ARG,
     )
 
-    also_on = {"retrieval_part": "after duo, snapkv compresses the retrieval heads' prompt cache (their own attention "
-                                 "node); streaming heads keep sinks + window"}
+    also_on = RETRIEVAL_PART
     removes = EvictionPass.removes | {"retrieval_part"}
 
     def __init__(self, **values):
@@ -114,35 +110,20 @@ class SnapKV(EvictionPass):
 
     def applies_to(self, sg) -> str | None:
         duo = retrieval_layers(sg)
-        if duo is not None and self.packed:
-            return ("snapkv(heads='adaptive') / pyramid= on duo's retrieval heads is not implemented (the packed cache "
-                    "spreads a budget over every KV head of a layer); use snapkv with heads='uniform' and no pyramid after duo")
-        if duo is not None and self.values.get("layers") is not None:
-            streaming = sorted(self.layer_set(sg.info) - duo)
-            if streaming:
-                return (f"layer(s) {streaming}: every KV head there is a duo streaming head (sinks + window), so there is no "
-                        f"retrieval cache to compress; give layers= among duo's layers with retrieval heads {sorted(duo)}")
-        sites = find_sites(sg, self.target_layers(sg))
-        return sites if isinstance(sites, str) else None
-
-    def target_layers(self, sg) -> set[int]:
-        """``layers=`` (default all); after duo, only those with retrieval heads (all-streaming layers are duo's alone)."""
-        duo = retrieval_layers(sg)
-        return self.layer_set(sg.info) if duo is None else self.layer_set(sg.info) & duo
+        if duo is not None and self.pyramid is not None:  # heads='adaptive' packs the retrieval heads (packed_rewrite)
+            return ("snapkv(pyramid=...) on duo's retrieval heads is not implemented (PyramidKV's layer schedule assumes "
+                    "every layer evicts the same heads); use snapkv without pyramid after duo")
+        return super().applies_to(sg)
 
     def run(self, sg, ctx: PassContext):
         params = {"budget": self.budget, "window": self.window, "kernel": self.kernel, "pool": self.pool}
         if self.packed:
             params.update(adaptive=self.heads == "adaptive", floor=float(self.floor),
                           beta=float(self.pyramid) if self.pyramid is not None else 0.0)
-            layers = rewrite_packed(sg, "snapkv", params, self.layer_set(sg.info))
+            layers = rewrite_packed(sg, "snapkv", params, self.target_layers(sg))
         else:
             layers = rewrite_layers(sg, "snapkv", evict_pass_build(SNAPKV_POLICY, params), self.target_layers(sg))
-        duo = retrieval_layers(sg)
-        if duo is not None:  # a new dict: step-graph copies share the notes' values
-            sg.notes["duo"] = {**sg.notes["duo"], "snapkv": {
-                "layers": layers, "on": "the retrieval heads' cache (prompt compressed once, decode appends)",
-                "all_streaming_layers_left_to_duo": sorted(set(range(sg.info.num_layers)) - duo)}}
+        self.note_on_duo(sg, layers, "the retrieval heads' cache (prompt compressed once, decode appends)")
         sg.notes["snapkv"] = {
             "per_layer": {layer: {"budget": self.budget} for layer in layers},
             "counts": {"layers_evicted": len(layers)},

@@ -1,4 +1,4 @@
-"""ONNX export of issue 18's head-aware caches: ``duo``, ``duo + snapkv`` and the packed Ada-KV / PyramidKV cache.
+"""ONNX export of issue 18's head-aware caches: ``duo``, ``duo + snapkv``/``h2o``/adaptive snapkv and the packed Ada-KV / PyramidKV cache.
 
 Each artifact is compared with the torch runtime on a left-padded batch of 2: teacher-forced logits over
 a 24-token prefill and 30 decode steps (<= 1e-4), greedy tokens over 24 new tokens (equal), the kept
@@ -30,6 +30,11 @@ CASES = {
     "duo+snapkv": ("tiny-llama", "duo(retrieval=[[0, 0]], sinks=2, window=4) + snapkv(budget=8, window=2)", set()),
     "duo+lowrank_kv": ("tiny-llama", "duo(retrieval=[[0, 0]], sinks=2, window=4) + lowrank_kv(keep=0.5)",
                        {"graphwright::evict_streaming"}),  # two latent caches in layer 0, streaming one evicted
+    # duo + h2o: H2O on the retrieval heads evicts in the prompt graph and in decode.onnx, like duo: nothing cut
+    "duo+h2o": ("tiny-llama", "duo(retrieval=[[0, 0]], sinks=2, window=4) + h2o(heavy=4, recent=3)", set()),
+    # duo + Ada-KV: the packed cache over the retrieval heads (H_ret = 1 in layer 0, 2 in layer 1); evict_adakv cut
+    "duo+adakv": ("tiny-llama", "duo(retrieval=[[0, 0], [1, 0], [1, 1]], sinks=2, window=4) + "
+                  "snapkv(budget=8, window=2, heads='adaptive', floor=0.0)", {"graphwright::evict_adakv"}),
     "adakv": ("tiny-llama", "snapkv(budget=10, window=2, heads='adaptive', floor=0.0)", {"graphwright::evict_adakv"}),
     "pyramid_adakv": ("tiny-qwen2", "snapkv(budget=10, window=2, heads='adaptive', pyramid=20)", {"graphwright::evict_adakv"}),
 }

@@ -148,7 +148,7 @@ def test_head_set_of_another_shape_is_refused(tmp_path):
         _duo("tiny-llama", f"duo(retrieval='{path}')")
 
 
-@pytest.mark.parametrize("other", ["h2o(heavy=4, recent=4)", "streaming(window=8)"])  # snapkv, lowrank_kv compose (own tests)
+@pytest.mark.parametrize("other", ["fastgen()", "streaming(window=8)"])  # snapkv, h2o, evict, lowrank_kv compose (own tests)
 def test_refused_compositions_name_both_passes(other):
     with pytest.raises(RecipeError) as err:
         _duo("tiny-llama", f"duo(retrieval=[[0, 0]]) + {other}")

@@ -135,10 +135,9 @@ def test_all_heads_retrieval_is_snapkv_alone(name):
 
 
 @pytest.mark.parametrize("other,words", [
-    ("snapkv(budget=8, heads='adaptive')", ["heads='adaptive'", "not implemented", "heads='uniform'"]),
     ("snapkv(budget=8, pyramid=20)", ["pyramid", "not implemented"]),
     ("snapkv(budget=8, layers=[1])", ["layer(s) [1]", "streaming", "[0]"]),
-    ("h2o(heavy=4, recent=4)", ["duo", "h2o", "only snapkv"]),
+    ("fastgen()", ["duo", "fastgen", "only snapkv, h2o and evict"]),
 ])
 def test_refused_forms_say_why(other, words):
     with pytest.raises(RecipeError) as err:
@@ -157,4 +156,4 @@ def test_cli_compiles_the_composition(tmp_path, capsys):
     assert [(r["duo"], r["snapkv"]) for r in rep["rows"]] == [("retrieval=[0] streaming=[1]", f"budget={BUDGET}"),
                                                              ("retrieval=[] streaming=[0,1]", None)]
     assert "duo -> snapkv" in " ".join(capsys.readouterr().out.split())
-    assert main(["compile", "--model", "tiny-llama", "--recipe", f"{DUO} + snapkv(budget=8, heads='adaptive')"]) == 2
+    assert main(["compile", "--model", "tiny-llama", "--recipe", f"{DUO} + snapkv(budget=8, pyramid=20)"]) == 2

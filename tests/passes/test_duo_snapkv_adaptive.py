@@ -1,0 +1,195 @@
+"""``duo + snapkv(heads='adaptive')`` (and ``evict(rule='adaptive')``): Ada-KV packed over the retrieval heads only.
+
+Two oracles. (1) The kept sets: the prefill is dense on every head, so the retrieval heads' Ada-KV
+selection is the spec's loop oracle (``test_snapkv_adaptive._oracle``: window scores, pooling, global
+sort over the heads given, safeguard, per-head top-n) run on the dense model's prefill queries and keys
+of the retrieval heads alone (recorded from the dense step graph); a layer's total is H_ret * budget.
+(2) The logits: dense attention under the combined boolean mask over 56 decode steps (the masked
+model is the reference backend with per-head positions and nothing evicted): on a retrieval head
+the prompt keys outside its kept set are hidden, on a streaming head every key j >= sinks with
+i - j > window (``test_duo.py``'s rule).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import graphwright as gw
+from graphwright import RecipeError
+from graphwright.capture.ops import ATTENTION
+from graphwright.capture.step_graph import positions_from_mask
+from graphwright.ops import schema
+from graphwright.runtime.score import stream_logits
+from tests.conftest import _tiny, left_padded_batch
+from tests.passes.test_snapkv_adaptive import _oracle as adakv_loop_oracle
+
+GEN = dict(eos_token_id=[], pad_token_id=0)
+PROMPT, PREFILL, SINKS, WINDOW, BUDGET, OBS = dict(lengths=(80, 73), seed=3), 24, 2, 5, 6, 2
+RETRIEVAL = {(0, 0), (1, 0), (1, 1)}  # layer 0 split (KV head 0 retrieval, 1 streaming); layer 1 all retrieval
+DUO = f"duo(retrieval=[[0, 0], [1, 0], [1, 1]], sinks={SINKS}, window={WINDOW})"
+ADA = f"snapkv(budget={BUDGET}, window={OBS}, heads='adaptive', floor=0.0)"
+
+
+def _cm(recipe: str, backend: str = "torch", name: str = "tiny-llama"):
+    return gw.compile(_tiny(name), recipe=recipe, backend=backend, verify=False)
+
+
+def _state(cm, state) -> dict:
+    return {s.name: t for s, t in zip(cm.runtime_graph.state, state)}
+
+
+def _dense_prefill_attention(ids, mask) -> dict:
+    """{layer: (q, k, q_pos, k_pos, scale)} of the dense model's prefill attention nodes."""
+    dense = _cm("", "reference")
+    seen, names = {}, schema.arg_names(ATTENTION)
+
+    class Record(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.op == "call_function" and n.target is ATTENTION:
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                a = {**dict(zip(names, args)), **kwargs}
+                seen[schema.layer_of(n)] = (a["q"], a["k"], a["q_pos"], a["k_pos"], a["scale"])
+            return out
+
+    state = [s.empty(ids.shape[0], torch.device("cpu")) for s in dense.step_graph.state]
+    with torch.no_grad():
+        Record(dense.step_graph.gm).run(ids, positions_from_mask(mask), torch.arange(ids.shape[1]), *state)
+    return seen
+
+
+@functools.lru_cache(maxsize=None)
+def _kept_by_spec() -> dict:
+    """{layer: [B][H_ret] kept prompt positions} of Ada-KV over the retrieval heads, by the loop oracle."""
+    ids, mask = left_padded_batch(256, **PROMPT)
+    att = _dense_prefill_attention(ids[:, :PREFILL], mask[:, :PREFILL])
+    out = {}
+    for layer in range(2):
+        q, k, q_pos, k_pos, scale = att[layer]
+        hk = k.shape[1]
+        g = q.shape[1] // hk
+        ret = [h for h in range(hk) if (layer, h) in RETRIEVAL]
+        qs = q[:, [h * g + j for h in ret for j in range(g)]]
+        kpd = k_pos[:, None].expand(-1, len(ret), -1) if k_pos.dim() == 2 else k_pos[:, ret]
+        out[layer] = adakv_loop_oracle(qs, k[:, ret], q_pos, kpd, scale, BUDGET, OBS, 5, "avg", True, 0.0, layer, 2, 0.0)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _oracle():
+    """(logits under the combined mask, plain dense logits)."""
+    ids, mask = left_padded_batch(256, **PROMPT)
+    kept = _kept_by_spec()
+    masked = _cm("snapkv(budget=100000)", "reference")  # per-head positions, nothing evicted
+    names = [s.name for s in masked.runtime_graph.state]
+    positions = positions_from_mask(mask)
+    step_at = iter(range(PREFILL, ids.shape[1] + 1))
+
+    def oracle(i, p, idx, state):
+        state = list(state)
+        if i.shape[1] == 1:
+            t = next(step_at)
+            q = positions[:, t][:, None]
+            for layer in range(2):
+                j = names.index(f"key_positions{layer}")
+                kp = state[j].clone()
+                ret = [h for h in range(2) if (layer, h) in RETRIEVAL]
+                for h in range(2):
+                    if (layer, h) in RETRIEVAL:
+                        r = ret.index(h)
+                        prompt = (kp[:, h] >= 0) & (kp[:, h] < positions[:, PREFILL - 1:PREFILL] + 1)
+                        for b in range(2):
+                            held = torch.isin(kp[b, h], torch.tensor(kept[layer][b][r]))
+                            kp[b, h] = kp[b, h].masked_fill(prompt[b] & ~held, -1)
+                    else:
+                        kp[:, h] = kp[:, h].masked_fill((kp[:, h] >= SINKS) & (q - kp[:, h] > WINDOW), -1)
+                state[j] = kp
+        return masked._step(i, p, idx, state)
+
+    want, _ = stream_logits(oracle, masked.runtime_graph.state, ids, mask, PREFILL)
+    dense = _cm("", "reference")
+    plain, _ = stream_logits(dense._step, dense.runtime_graph.state, ids, mask, PREFILL)
+    return want, plain
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("order", ["duo_first", "snapkv_first"])
+def test_equals_dense_attention_under_the_combined_mask(backend, order):
+    ids, mask = left_padded_batch(256, **PROMPT)
+    want, plain = _oracle()
+    kept = _kept_by_spec()
+    cm = _cm(f"{DUO} + {ADA}" if order == "duo_first" else f"{ADA} + {DUO}", backend)
+    got, state = stream_logits(cm._step, cm.runtime_graph.state, ids, mask, PREFILL)
+    real = mask.bool()
+    assert (got - want)[real].abs().max().item() <= 1e-4
+    assert (got - plain)[real].abs().max().item() > 0.1
+    st = _state(cm, state)
+    steps = ids.shape[1] - PREFILL
+    for layer in range(2):  # packed caches: [B, 1, N, D], per-head positions [B, H_ret, N]
+        kp = st[f"key_positions{layer}"]
+        n_ret = len(kept[layer][0])
+        assert st[f"k{layer}"].shape[:2] == (2, 1) and kp.shape[1] == n_ret
+        for b in range(2):
+            for r in range(n_ret):
+                prompt = kp[b, r][(kp[b, r] >= 0) & (kp[b, r] < PREFILL - (b > 0) * 7)]
+                assert sorted(prompt.tolist()) == kept[layer][b][r]
+            # floor 0: the layer keeps exactly H_ret * budget prompt slots, plus one slot per head and decode step
+            assert int((kp[b] >= 0).sum()) == n_ret * (BUDGET + steps)
+    assert any(len({len(h) for h in row}) > 1 for row in kept[1])  # the split over layer 1's two heads is ragged
+    assert st["duo_k0"].shape == (2, 1, SINKS + WINDOW, 16)
+    notes = cm.step_graph.notes
+    assert notes["pass_order"]["order"] == ["duo", "snapkv"] and notes["duo"]["snapkv"]["layers"] == [0, 1]
+
+
+def test_kv_bytes_are_the_packed_and_streaming_caches():
+    ids, mask = left_padded_batch(256, (30, 22), seed=1)
+    cm = _cm(f"{DUO} + {ADA}")
+    cm.generate(ids, attention_mask=mask, max_new_tokens=10, **GEN)
+    B, D, kv = 2, 16, 2 * 4
+    packed = 1 * (BUDGET + 9) + 2 * (BUDGET + 9)  # layer 0: one retrieval head; layer 1: two (floor 0: H_ret * budget)
+    assert cm.last_stats["kv_bytes"] == B * D * kv * (packed + SINKS + WINDOW)
+
+
+def test_budget_covering_the_prompt_is_duo_alone():
+    ids, mask = left_padded_batch(256, (30, 22), seed=1)
+    both, duo = _cm(f"{DUO} + snapkv(budget=64, heads='adaptive')"), _cm(DUO)
+    a, _ = stream_logits(both._step, both.runtime_graph.state, ids, mask, 12)
+    b, _ = stream_logits(duo._step, duo.runtime_graph.state, ids, mask, 12)
+    assert (a - b)[mask.bool()].abs().max().item() <= 1e-5
+    assert torch.equal(both.generate(ids, attention_mask=mask, max_new_tokens=12, **GEN),
+                       duo.generate(ids, attention_mask=mask, max_new_tokens=12, **GEN))
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_all_heads_retrieval_is_adaptive_snapkv_alone(name):
+    ids, mask = left_padded_batch(256, (30, 22), seed=1)
+    every = "duo(retrieval=[[0, 0], [0, 1], [1, 0], [1, 1]], sinks=0, window=1)"
+    both, ada = _cm(f"{every} + {ADA}", name=name), _cm(ADA, name=name)
+    assert [s.name for s in both.step_graph.state] == [s.name for s in ada.step_graph.state]
+    assert torch.equal(both.generate(ids, attention_mask=mask, max_new_tokens=12, **GEN),
+                       ada.generate(ids, attention_mask=mask, max_new_tokens=12, **GEN))
+    assert both.last_stats["kv_bytes"] == ada.last_stats["kv_bytes"]
+
+
+def test_evict_adaptive_scored_packs_the_retrieval_heads():
+    """``evict(score='knorm', rule='adaptive')`` (the scored packed op) on duo's retrieval part: packed over H_ret heads."""
+    ids, mask = left_padded_batch(256, (30, 22), seed=1)
+    cm = _cm(f"{DUO} + evict(score='knorm', budget={BUDGET}, rule='adaptive', floor=0.0)")
+    _, state = stream_logits(cm._step, cm.runtime_graph.state, ids, mask, 20)
+    st = _state(cm, state)
+    assert st["key_positions0"].shape[1] == 1 and st["key_positions1"].shape[1] == 2
+    for b in range(2):
+        assert int((st["key_positions1"][b] >= 0).sum()) == 2 * (BUDGET + 10)  # 10 decode steps appended per head
+    every = "duo(retrieval=[[0, 0], [0, 1], [1, 0], [1, 1]], sinks=0, window=1)"
+    both = _cm(f"{every} + evict(score='knorm', budget={BUDGET}, rule='adaptive')")
+    alone = _cm(f"evict(score='knorm', budget={BUDGET}, rule='adaptive')")
+    assert torch.equal(both.generate(ids, attention_mask=mask, max_new_tokens=8, **GEN),
+                       alone.generate(ids, attention_mask=mask, max_new_tokens=8, **GEN))
+
+
+def test_pyramid_after_duo_is_refused():
+    with pytest.raises(RecipeError, match=r"pyramid=.*not implemented"):
+        _cm(f"{DUO} + snapkv(budget=8, pyramid=20)")
