@@ -22,7 +22,9 @@ the generic scored eviction op (``ops/policy_scored.py``) after every chosen lay
 * ``block=N`` (KeyDiff's block-wise prefill, arXiv 2504.15364, ALGORITHMS-2 §6d): the pass records
   ``notes["prefill_chunk"] = N`` and ``CompiledModel``'s runtime runs the prompt as steps of N tokens
   (``runtime.generate.prompt_blocks``: cut from the prompt's end, the first block holds the
-  remainder, since left padding aligns rows at their end); after each block every head evicts back to
+  remainder, since left padding aligns rows at their end; an ONNX export records it as
+  ``graphwright.json["prefill_chunk"]`` and ``graphwright.load`` runs the same blocks, its export
+  verification too); after each block every head evicts back to
   the budget (schedule ``block``), so a head never holds more than budget + N; decode appends.
   Prompt-query scorers (snapkv, expected_attention) and ``rule='adaptive'`` are refused with it.
 
