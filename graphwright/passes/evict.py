@@ -46,8 +46,9 @@ Refused with the reason: a scorer that needs the prompt's queries (SnapKV window
 Attention statistics) on a schedule other than ``prefill``; arguments a scorer does not read;
 ``adaptive`` outside SnapKV-after-prefill; Expected Attention on latent (``lowrank_kv``) layers.
 Exact setting: a fraction budget >= 1.0. Backends: ``reference``/``torch`` run the op; the
-``compiled`` backend keeps it outside its static decode buffers ("no static decode translation");
-ONNX export splits it to the runtime side like every eviction op.
+``compiled`` backend runs it eagerly after its compiled decode graph (``codegen/torch/static_fallback.py``;
+``rule='adaptive'``'s packed cache stays refused there); ONNX export splits it to the runtime side like
+every eviction op (``rule='adaptive'`` and ``chunk_reuse`` included).
 
 Invariants tested (``tests/passes/test_evict_scorers.py``): identity at budget=1.0 on tiny Llama
 and Qwen2 (logits and 32 greedy tokens); SnapKV/H2O equivalences; schedules; composition with

@@ -39,7 +39,10 @@ step, never change; the new token takes each head's first empty slot and evictio
 victim's slot empty, all in the compiled graph); SnapKV evicts at prefill (eager) and appends at
 decode (the buckets above). Refused with a ``ValueError`` naming the recipe and the reason when the
 ``CompiledModel`` is built: fraction budgets and FastGen (data-dependent capacity), eviction on
-``lowrank_kv`` caches, ``block_sparse`` (its page summaries are not appended).
+``lowrank_kv`` caches, the packed Ada-KV caches, ``block_sparse`` (its page summaries are not appended).
+The generic scored op (``evict(score=...)``), Keyformer and Scissorhands run eagerly after the compiled
+decode graph (``static_fallback.py``: cut out like the ONNX split's runtime ops, applied with their
+references on the static buffers narrowed to the torch backend's widths, written back).
 """
 
 from __future__ import annotations
@@ -96,8 +99,9 @@ def _raise_recompile_limit() -> None:
 
 
 SUPPORTED = ("It supports recipes whose KV state grows only by appending (identity, window, lowrank_kv; steer, noop, fuse_moe "
-             "append too, untested) and eviction with a fixed decode capacity: streaming(sinks, window), h2o(heavy=N, recent=M) "
-             "with token counts, snapkv(budget=N); fraction budgets, fastgen, eviction on lowrank_kv caches and block_sparse "
+             "append too, untested), eviction with a fixed decode capacity: streaming(sinks, window), h2o(heavy=N, recent=M) "
+             "with token counts, snapkv(budget=N), and evict(score=...), keyformer, scissorhands run eagerly after the compiled "
+             "step; fraction budgets, fastgen, eviction on lowrank_kv caches, packed Ada-KV caches and block_sparse "
              "need backend='torch'")
 
 
