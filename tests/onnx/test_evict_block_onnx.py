@@ -63,3 +63,15 @@ def test_onnx_runtime_runs_the_prompt_in_blocks_like_torch(onnx_artifact, recipe
     tokens = cm.generate(ids[:, :PREFILL], attention_mask=mask[:, :PREFILL], **gen)
     assert torch.equal(rt.generate(ids[:, :PREFILL], attention_mask=mask[:, :PREFILL], **gen), tokens)
     assert rt.last_stats["kept_tokens_per_head"] == cm.last_stats["kept_tokens_per_head"]
+
+
+@pytest.mark.parametrize("bad", [1, 0, "4", 2.5])
+def test_a_bad_prefill_chunk_in_the_metadata_is_refused(onnx_artifact, bad):
+    from graphwright.codegen.onnx.metadata_schema import validate
+    from graphwright.errors import GraphwrightError
+
+    _, out = onnx_artifact("tiny-llama", "evict(score='keydiff', block=4, budget=8, window=1)")
+    meta = json.loads((out / "graphwright.json").read_text())
+    assert validate(dict(meta), out)["prefill_chunk"] == 4
+    with pytest.raises(GraphwrightError, match=r"prefill_chunk: an integer in \[2, "):
+        validate({**meta, "prefill_chunk": bad}, out)

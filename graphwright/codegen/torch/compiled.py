@@ -99,9 +99,9 @@ def _raise_recompile_limit() -> None:
 
 
 SUPPORTED = ("It supports recipes whose KV state grows only by appending (identity, window, lowrank_kv; steer, noop, fuse_moe "
-             "append too, untested), eviction with a fixed decode capacity: streaming(sinks, window), h2o(heavy=N, recent=M) "
-             "with token counts, snapkv(budget=N), and evict(score=...), keyformer, scissorhands run eagerly after the compiled "
-             "step; fraction budgets, fastgen, eviction on lowrank_kv caches, packed Ada-KV caches and block_sparse "
+             "append too, untested) and eviction with a fixed decode capacity: streaming(sinks, window), h2o(heavy=N, recent=M) "
+             "with token counts, snapkv(budget=N) (evict(score=...), keyformer and scissorhands run eagerly after the compiled "
+             "step); fraction budgets, fastgen, eviction on lowrank_kv caches, packed Ada-KV caches and block_sparse "
              "need backend='torch'")
 
 
