@@ -32,9 +32,12 @@ torch backend evicts them on unordered slots, ``eviction_slots.py``, not with th
 reference), and eviction on latent caches.
 
 Invariant tested (``tests/codegen/test_compiled_fallback.py``): on tiny Llama, a left-padded batch
-of 2, ``backend="compiled"`` (Inductor) gives the torch backend's greedy tokens and kept tokens per
-head for evict(score=tova / knorm every:N / h2o / chunkkv reuse), Keyformer and Scissorhands, and
-the same logits (<= 1e-4) on the same graph run eagerly over the static buffers.
+of 2, 45 decode steps, ``backend="compiled"`` (Inductor, and the same graph eagerly) keeps the torch
+backend's position sets per (row, layer, KV head) after every step, logits <= 1e-4 and the same greedy
+tokens for evict(score=tova decode / keydiff every:4 / h2o decode / expected_attention / chunkkv with
+chunk_reuse=2), Keyformer (Gumbel noise) and Scissorhands. Not knorm in that test: RoPE keeps a key's norm,
+so a repeated token ties exactly, and the compiled decode linears (not the torch backend's GEMV weight
+copies) round such a tie either way (seen: norms 6.6808467 vs 6.6808462).
 """
 
 from __future__ import annotations
