@@ -7,7 +7,8 @@ On CPU each step binds its inputs and outputs to torch tensors' memory (ORT I/O 
 ``codegen/onnx/artifact.py``), so ORT writes the next state into the tensors the loop feeds back;
 ``io_binding=False`` (or a step with runtime ops) crosses as numpy arrays sharing memory with
 torch tensors. An export with a decode graph (in-graph eviction, ``codegen/onnx/decode_slots.py``)
-runs prompt steps on ``model.onnx`` and single-token steps on ``decode.onnx``.
+runs prompt steps on ``model.onnx`` and single-token steps on ``decode.onnx``. An export of
+``evict(block=N)`` (``graphwright.json["prefill_chunk"]``) runs a prompt as steps of N tokens, as the torch runtime does.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ class OnnxModel:
                                    "the file is corrupt or incomplete, re-export the model") from exc
         self.tokenizer = self._load_tokenizer()
         self._runtime = Runtime(self.step, self.state_specs, self.info, max_positions=self._position_limit(),
-                                recipe=self.recipe)
+                                recipe=self.recipe, prefill_chunk=meta.get("prefill_chunk"))
         self._select = None
         if meta.get("gemfilter"):  # GemFilter: the exported selection graph runs before generation
             from .codegen.onnx.gemfilter_export import OnnxSelection

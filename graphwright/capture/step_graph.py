@@ -132,6 +132,14 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(attention_mask == 0, -1)
 
 
+def prompt_blocks(T: int, n: int) -> list[tuple[int, int]]:
+    """Column ranges of a [B, T] prompt in blocks of n, cut from the end: left padding aligns rows at their
+    last token, so every row's last n tokens form the last block; the first block holds the remainder.
+    (``evict(block=N)``'s prompt schedule: the runtime and the ONNX export's verification both cut with it.)"""
+    first = T % n or n
+    return [(0, first)] + [(a, a + n) for a in range(first, T, n)]
+
+
 def element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 

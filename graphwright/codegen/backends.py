@@ -166,5 +166,6 @@ TRITON = register_backend(Backend(
 
 COMPILED = register_backend(Backend(
     "compiled", "the torch backend with decode steps run by torch.compile (Inductor) over static-capacity caches, "
-                "eager prefill; append-only recipes and fixed-capacity eviction (streaming, h2o with token counts, snapkv); no block_sparse",
+                "eager prefill; append-only recipes and fixed-capacity eviction (streaming, h2o with token counts, snapkv), "
+                "evict(score=...)/keyformer/scissorhands eagerly after the compiled graph; no block_sparse",
     TORCH.table, transforms=TORCH.transforms, make_step=make_static_step))

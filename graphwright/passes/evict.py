@@ -22,7 +22,9 @@ the generic scored eviction op (``ops/policy_scored.py``) after every chosen lay
 * ``block=N`` (KeyDiff's block-wise prefill, arXiv 2504.15364, ALGORITHMS-2 §6d): the pass records
   ``notes["prefill_chunk"] = N`` and ``CompiledModel``'s runtime runs the prompt as steps of N tokens
   (``runtime.generate.prompt_blocks``: cut from the prompt's end, the first block holds the
-  remainder, since left padding aligns rows at their end); after each block every head evicts back to
+  remainder, since left padding aligns rows at their end; an ONNX export records it as
+  ``graphwright.json["prefill_chunk"]`` and ``graphwright.load`` runs the same blocks, its export
+  verification too); after each block every head evicts back to
   the budget (schedule ``block``), so a head never holds more than budget + N; decode appends.
   Prompt-query scorers (snapkv, expected_attention) and ``rule='adaptive'`` are refused with it.
 
@@ -47,8 +49,9 @@ After ``duo`` (``also_on = retrieval_part``): the op evicts the retrieval heads'
 packed over the retrieval heads); refused there: the delegated scorers, ``rule='pyramid'``,
 ``chunk_reuse`` and ``block=`` (``tests/passes/test_duo_h2o.py``, ``test_duo_snapkv_adaptive.py``).
 Exact setting: a fraction budget >= 1.0. Backends: ``reference``/``torch`` run the op; the
-``compiled`` backend keeps it outside its static decode buffers ("no static decode translation");
-ONNX export splits it to the runtime side like every eviction op.
+``compiled`` backend runs it eagerly after its compiled decode graph (``codegen/torch/static_fallback.py``;
+``rule='adaptive'``'s packed cache stays refused there); ONNX export splits it to the runtime side like
+every eviction op (``rule='adaptive'`` and ``chunk_reuse`` included).
 
 Invariants tested (``tests/passes/test_evict_scorers.py``): identity at budget=1.0 on tiny Llama
 and Qwen2 (logits and 32 greedy tokens); SnapKV/H2O equivalences; schedules; composition with

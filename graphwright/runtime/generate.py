@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from ..capture.step_graph import positions_from_mask
+from ..capture.step_graph import positions_from_mask, prompt_blocks
 from .held_bytes import held_bytes, live_bytes, prefill_peak_bytes
 from .inputs import check_attention_mask, check_length
 from .sampling import check_sampling, choose_next
@@ -64,13 +64,6 @@ def check_prompt(input_ids, attention_mask, vocab_size: int):
     if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size:
         raise ValueError(f"token ids must be in [0, {vocab_size}); got range [{int(input_ids.min())}, {int(input_ids.max())}]")
     return input_ids.long(), check_attention_mask(attention_mask, input_ids)
-
-
-def prompt_blocks(T: int, n: int) -> list[tuple[int, int]]:
-    """Column ranges of a [B, T] prompt in blocks of n, cut from the end: left padding aligns rows at their
-    last token, so every row's last n tokens form the last block; the first block holds the remainder."""
-    first = T % n or n
-    return [(0, first)] + [(a, a + n) for a in range(first, T, n)]
 
 
 FROM_INFO = object()  # Runtime's default position limit: the model's own max_positions

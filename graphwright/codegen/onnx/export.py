@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ...capture.step_graph import positions_from_mask, spec_bytes_per_token
+from ...capture.step_graph import positions_from_mask, prompt_blocks, spec_bytes_per_token
 from ...errors import GraphwrightError
 from ...version import __version__
 from .artifact import FORMAT, METADATA, MODEL, OnnxStep, info_to_json, spec_to_json
@@ -285,9 +285,14 @@ def verify_artifact(cm, onnx_step, decode_steps: int = 3, max_probe_tokens: int 
     real = mask.bool()
     extras = probe_extras(sg.extra_inputs, mask)
     step_in = (ids, pos, torch.arange(T))
+    chunk = sg.notes.get("prefill_chunk")  # evict(block=N): the prompt runs as blocks of N, as the runtime runs it
     for step in range(decode_steps + 1):
-        lt, st_t = torch_step(*step_in, st_t, **extras)
-        lo, st_o = onnx_step(*step_in, st_o, **extras)
+        if step == 0 and chunk and T > chunk:
+            lt, st_t = _prompt_in_blocks(torch_step, ids, pos, chunk, st_t, extras)
+            lo, st_o = _prompt_in_blocks(onnx_step, ids, pos, chunk, st_o, extras)
+        else:
+            lt, st_t = torch_step(*step_in, st_t, **extras)
+            lo, st_o = onnx_step(*step_in, st_o, **extras)
         if lo.shape != lt.shape:
             raise GraphwrightError(f"ONNX verification failed at {'prefill' if step == 0 else f'decode step {step}'}: "
                                    f"logits shape {list(lo.shape)} != torch {list(lt.shape)}")
@@ -303,6 +308,17 @@ def verify_artifact(cm, onnx_step, decode_steps: int = 3, max_probe_tokens: int 
         step_in = (nxt, step_in[1][:, -1:] + 1, torch.zeros(1, dtype=torch.long))
     return {"passed": True, "tolerance": tol, "max_abs_logit_diff": max(d["max_abs_logit_diff"] for d in diffs),
             "steps": diffs, "probe": {"batch": B, "prompt_lengths": [int(x) for x in mask.sum(1)], "decode_steps": decode_steps, **reach}}
+
+
+def _prompt_in_blocks(step, ids, pos, chunk: int, state, extras):
+    """The prompt as ``prompt_blocks`` steps (logits at every position of each block), state threaded."""
+    if extras:
+        raise GraphwrightError(f"extra inputs {sorted(extras)} cannot be fed to a prompt run in blocks (prefill_chunk={chunk})")
+    out = []
+    for a, b in prompt_blocks(ids.shape[1], chunk):
+        logits, state = step(ids[:, a:b], pos[:, a:b], torch.arange(b - a), state)
+        out.append(logits)
+    return torch.cat(out, dim=1), state
 
 
 def _layers(sg) -> list:
@@ -356,6 +372,8 @@ def _metadata(cm, opset: int, external: bool, outputs: list, records: list) -> d
         "state": [spec_to_json(s) for s in sg.state],
         "extra_inputs": [{"name": x.name, "kind": x.kind, "doc": x.doc, "meta": dict(x.meta)} for x in sg.extra_inputs],
         "runtime_ops": records,
+        # evict(block=N): the runtime runs a prompt as steps of N tokens (runtime.generate.Runtime's prefill_chunk)
+        "prefill_chunk": sg.notes.get("prefill_chunk"),
         "model": {"architecture": info.architecture, "layers": info.num_layers, "heads": info.num_heads,
                   "kv_heads": info.num_kv_heads, "head_dim": info.head_dim, "vocab": info.vocab_size,
                   "eos": list(info.eos_token_id), "pad": info.pad_token_id, "dtype": str(info.dtype).replace("torch.", "")},

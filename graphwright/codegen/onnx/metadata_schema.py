@@ -139,6 +139,7 @@ def validate(meta: dict, folder) -> dict:
     c.path(meta.get("external_data"), "external_data", folder, optional=True)
     c.path(meta.get("tokenizer"), "tokenizer", folder, optional=True)
     c.str(meta.get("recipe"), "recipe", optional=True, max_len=100_000)
+    c.int(meta.get("prefill_chunk"), "prefill_chunk", 2, MAX_ID, optional=True)  # evict(block=N): prompt blocks
     info = _model_info(c, meta["model_info"])
     state = _state(c, meta["state"], info["num_layers"])
     extras = _extra_inputs(c, meta.get("extra_inputs"))

@@ -6,8 +6,10 @@ row and -1 in the others) is a Where over a constant [1, Hk, Hk, 1] identity, th
 references are ``ops/adakv_ref.py``. The selection op (``graphwright.evict_adakv``: a global top-k
 across heads, per-row ragged budgets, a data-dependent packed length) stays a runtime op of the
 graph/runtime split (``split.py``), like every eviction op: the artifact cuts at its inputs and the
-ONNX Runtime step runs its torch reference once after the prompt (decode only appends). Tested in
-``tests/onnx/test_duo_packed_onnx.py`` against the torch runtime (tokens, logits, kv bytes).
+ONNX Runtime step runs its torch reference once after the prompt (decode only appends); so does
+``graphwright.evict_adakv_scored`` (``evict(score=..., rule="adaptive")``: Ada-KV budgets over knorm, keydiff,
+expected_attention or chunkkv scores, on the same packed layout). Tested in ``tests/onnx/test_duo_packed_onnx.py``
+and ``tests/onnx/test_evict_scorers_onnx.py`` against the torch runtime (tokens, logits, kept positions, kv bytes).
 """
 
 from __future__ import annotations

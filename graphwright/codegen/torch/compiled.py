@@ -39,7 +39,10 @@ step, never change; the new token takes each head's first empty slot and evictio
 victim's slot empty, all in the compiled graph); SnapKV evicts at prefill (eager) and appends at
 decode (the buckets above). Refused with a ``ValueError`` naming the recipe and the reason when the
 ``CompiledModel`` is built: fraction budgets and FastGen (data-dependent capacity), eviction on
-``lowrank_kv`` caches, ``block_sparse`` (its page summaries are not appended).
+``lowrank_kv`` caches, the packed Ada-KV caches, ``block_sparse`` (its page summaries are not appended).
+The generic scored op (``evict(score=...)``), Keyformer and Scissorhands run eagerly after the compiled
+decode graph (``static_fallback.py``: cut out like the ONNX split's runtime ops, applied with their
+references on the static buffers narrowed to the torch backend's widths, written back).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ import torch
 
 from .static_cache import slots_from_appends, static_cache_unsupported
 from .static_eviction import EvictionNotStatic, eviction_decode_rewrite
+from .static_fallback import FallbackNotPossible, eager_fallback_rewrite, run_fallback
 
 RECOMPILE_LIMIT = 64
 SMALL_GRANULE, SMALL_LIMIT = 256, 2048
@@ -96,7 +100,8 @@ def _raise_recompile_limit() -> None:
 
 SUPPORTED = ("It supports recipes whose KV state grows only by appending (identity, window, lowrank_kv; steer, noop, fuse_moe "
              "append too, untested) and eviction with a fixed decode capacity: streaming(sinks, window), h2o(heavy=N, recent=M) "
-             "with token counts, snapkv(budget=N); fraction budgets, fastgen, eviction on lowrank_kv caches and block_sparse "
+             "with token counts, snapkv(budget=N) (evict(score=...), keyformer and scissorhands run eagerly after the compiled "
+             "step); fraction budgets, fastgen, eviction on lowrank_kv caches, packed Ada-KV caches and block_sparse "
              "need backend='torch'")
 
 
@@ -122,12 +127,17 @@ class StaticCacheStep:
         graph = copy.deepcopy(lowered.graph)
         try:
             self.evicting = eviction_decode_rewrite(graph, source_graph, self.specs)
-        except EvictionNotStatic as e:
+            self.fallback = eager_fallback_rewrite(graph, source_graph, len(self.specs))  # static_fallback.py
+        except (EvictionNotStatic, FallbackNotPossible) as e:
             raise ValueError(f"backend={backend_name!r} cannot run this recipe: {e}. {SUPPORTED}") from None
-        reason = static_cache_unsupported(graph, len(self.specs), skip=self.evicting)
+        kinds = self.fallback["kinds"]
+        self.heads = {i for i, k in kinds.items() if k == "head"}  # per-head state of an eager op: no capacity
+        skip = {*self.evicting, *(i for i, k in kinds.items() if k != "append")}
+        reason = static_cache_unsupported(graph, len(self.specs), skip=skip)
         if reason:
             raise ValueError(f"backend={backend_name!r} cannot run this graph: {reason}. {SUPPORTED}")
-        slots_from_appends(graph, len(self.specs), skip=self.evicting)
+        slots_from_appends(graph, len(self.specs), skip=skip)
+        self._names = [n.name for n in graph.nodes if n.op == "placeholder"]
         self._decode_graph = graph
         self.compiler = compile_decode  # GraphModule -> callable; tests swap in ``lambda gm: gm`` (static caches, eager)
         self._compiled = None
@@ -146,6 +156,8 @@ class StaticCacheStep:
         return tuple(b.shape[s.seq_dim] for b, s in zip(self._bufs, self.specs))
 
     def _cap_for(self, i: int, need: int) -> int:
+        if i in self.heads:
+            return self._filled[i]
         limit = self.evicting[i]["limit"] if i in self.evicting else None
         return capacity_for(need) if limit is None else min(capacity_for(need), limit)
 
@@ -170,13 +182,41 @@ class StaticCacheStep:
                 raise RuntimeError(f"state {s.name} holds {t.shape[s.seq_dim]} slots, more than its decode capacity {cap}")
             shape = list(t.shape)
             shape[s.seq_dim] = cap
-            fill = self.evicting[i]["fill"] if i in self.evicting else (-1 if s.kind == "positions" else 0)
+            fill = self._fill(i)
             buf = torch.full(shape, fill, dtype=t.dtype, device=t.device)
             buf.narrow(s.seq_dim, 0, t.shape[s.seq_dim]).copy_(t)
             if buf.device.type == "cuda":  # CUDA graphs replay in-place writes only into static addresses
                 torch._dynamo.mark_static_address(buf)
             bufs.append(buf)
         self._bufs = bufs
+
+    def _fill(self, i: int):
+        """An empty slot's value: -1 key positions, zeros (an eager op's per-slot score starts at 0, as the op extends it)."""
+        if i in self.evicting:
+            return self.evicting[i]["fill"]
+        return -1 if self.specs[i].kind == "positions" and self.fallback["kinds"].get(i) != "slot" else 0
+
+    def _apply_fallback(self, out, input_ids, positions, logits_index, slot, extras, filled) -> None:
+        """Run the eager ops (``static_fallback.py``) on the compiled step's cut outputs; write their results back."""
+        n = len(self.specs)
+        inputs = dict(zip(self._names, (input_ids, positions, logits_index, slot, *self._bufs)))
+        inputs.update(extras)
+
+        def width(t, own):  # the torch backend's width of state j before / after this step's append
+            when, j = own
+            return t.narrow(self.specs[j].seq_dim, 0, filled[j] + (when == "after"))
+
+        new = run_fallback(self.fallback, list(out[1 + n:]), inputs, width)
+        for j, t in new.items():
+            if j in self.heads:
+                self._bufs[j] = t.contiguous()
+                continue
+            buf, dim = self._bufs[j], self.specs[j].seq_dim
+            w = t.shape[dim]  # filled + 1 (kept everything), or the compacted width
+            if t.data_ptr() != buf.data_ptr():
+                buf.narrow(dim, 0, w).copy_(t)
+            buf.narrow(dim, w, buf.shape[dim] - w).fill_(self._fill(j))
+            self._filled[j] = w
 
     # -- steps ---------------------------------------------------------------------------------
     def _decode_fn(self):
@@ -204,7 +244,11 @@ class StaticCacheStep:
         if key not in self._seen:
             self._seen.add(key)
             self.compiles.append({"batch": key[0], "capacity": max(key[1]), "first_call_s": time.perf_counter() - t0})
-        self._filled = [min(n + 1, self.evicting[i]["limit"] - 1) if i in self.evicting else n + 1 for i, n in enumerate(self._filled)]
+        filled = list(self._filled)
+        self._filled = [min(n + 1, self.evicting[i]["limit"] - 1) if i in self.evicting else n if i in self.heads else n + 1
+                        for i, n in enumerate(self._filled)]
+        if self.fallback["records"]:
+            self._apply_fallback(out, input_ids, positions, logits_index, slot, extras, filled)
         return out[0], list(self._bufs)
 
     def stats(self) -> dict:

@@ -49,6 +49,7 @@ from ...ops.eviction import EVICT_ADAKV, EVICT_ADAKV_SCORED, EVICT_FASTGEN, EVIC
 from ...ops.rope_index_ref import _rotate, rope_angles
 from .cache_append import cache_append
 from .eviction_slots import decode_colsum, position_rank
+from .static_fallback import EAGER_OPS
 
 
 class EvictionNotStatic(ValueError):
@@ -137,7 +138,7 @@ def _reason(op, node) -> str | None:
         return (f"{where}: snapkv with heads='adaptive' or pyramid= (or evict(rule='adaptive')) holds a packed per-layer cache (ragged heads); "
                 "the compiled backend's static buffers are per head, so use the torch backend")
     if op not in (EVICT_H2O, EVICT_STREAMING, EVICT_SNAPKV):
-        return f"{where}: no static decode translation"
+        return f"{where}: no static decode translation and no eager fallback (static_fallback.EAGER_OPS)"
     return None
 
 
@@ -204,7 +205,7 @@ def eviction_decode_rewrite(graph: torch.fx.Graph, orig_graph: torch.fx.Graph, s
         if o.target is ROPE_CACHE_INDEX:
             ropes.append(node)
             continue
-        if o.target not in EVICT_OPS:
+        if o.target not in EVICT_OPS or o.target in EAGER_OPS:  # EAGER_OPS: static_fallback.py runs them after the step
             continue
         why = _reason(o.target, o)
         if why:
