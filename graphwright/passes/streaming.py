@@ -80,7 +80,7 @@ class Streaming(EvictionPass):
     args = (
         Arg("sinks", int, 4, "first tokens always kept (attention sinks)", min=0, max=MAX_TOKENS),
         Arg("window", int, 2000, "most recent tokens kept", min=1, max=MAX_TOKENS,
-            tune=Tunable("int", 0.05, 1.0, per_context=True, scope="layer")),
+            tune=Tunable("int", 0.05, 1.0, per_context=True)),
         LAYERS_ARG,
     )
 

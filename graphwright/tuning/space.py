@@ -88,6 +88,8 @@ NO_LAYER_ARG = {
     "duo": "its retrieval/streaming split is per KV head from a head set, not per layer",
     "block_sparse": "it takes dense_layers= (kept dense), not per-layer top_k/block values",
     "think": "its keep is declared for the whole model",
+    "streaming": "a second streaming pass on other layers is refused today (its rotary check reads every layer, "
+                 "and the first pass already rewrote its own), so its window is declared for the whole model",
     "steer": "its heads= is a head set ({layer: [heads]}, a file, 'all' or 'auto') with no head-count argument",
 }
 
