@@ -45,9 +45,9 @@ def add_parser(sub):
                         "noisy on a shared machine), a constraint")
     p.add_argument("--speed-steps", type=int_arg(1, 100_000), default=16, help="decode steps per speed measure")
     p.add_argument("--speed-rounds", type=int_arg(1, 1_000), default=3, help="alternating dense/candidate speed rounds (median ratio)")
-    p.add_argument("--prune-margin", type=float_arg(0, 1e6), default=0.1,
-                   help="prune a trial whose first-window perplexity ratio is this fraction worse than a completed trial's at no more KV")
-    p.add_argument("--no-front-pruning", action="store_true", help="turn the --prune-margin rule off")
+    p.add_argument("--prune-margin", type=float_arg(0, 1e6), default=None,
+                   help="prune a trial whose first-window perplexity ratio is this fraction worse than a completed trial's at "
+                        "no more KV (e.g. 0.1; default off: with --workers > 1 it makes pruning depend on trial timing)")
     p.add_argument("--threads", type=int_arg(1, 1_024), default=None, help="torch threads per worker (default: torch's own)")
     p.add_argument("--resume", action="store_true", help="continue the study in --out")
     p.add_argument("--out", type=out_dir, default="results/tune", help="folder for the study journal and the outputs")
@@ -80,7 +80,7 @@ def run(args):
                   workers=args.workers, out=args.out, seed=args.seed, resume=args.resume, population=args.population,
                   max_ppl_ratio=args.max_ppl_ratio, backend=args.backend, threads=args.threads, scope=args.scope,
                   objectives=args.objectives, min_speed=args.min_speed, speed_steps=args.speed_steps, speed_rounds=args.speed_rounds,
-                  prune_margin=None if args.no_front_pruning else args.prune_margin,
+                  prune_margin=args.prune_margin,
                   eval_settings={"windows": args.windows, "window": args.window, "prefix": args.prefix, "niah_cases": args.niah_cases,
                                  "niah_length": args.niah_length})
     states = {}

@@ -274,7 +274,7 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
          out=None, seed: int = 0, resume: bool = False, population: int = 8, max_ppl_ratio: float | None = None,
          eval_settings: dict | None = None, backend: str = "torch", threads: int | None = None, outputs: bool = True,
          scope="model", objectives=("kv", "ppl"), min_speed: float | None = None, speed_steps: int = 16, speed_rounds: int = 3,
-         prune_margin: float | None = 0.1, enqueue: list | None = None, measure=None) -> dict:
+         prune_margin: float | None = None, enqueue: list | None = None, measure=None) -> dict:
     """Search the tunable settings of ``template`` on ``model``; returns the result (and writes ``out``).
 
     ``budget``: the largest KV fraction (bytes held / dense) a feasible recipe may hold.
@@ -287,7 +287,8 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
     "ppl", plus "speed" (decode tokens/s ratio to dense, maximised). ``min_speed``: the speed floor
     (a constraint). ``speed_steps``/``speed_rounds``: decode steps per measure and alternating rounds.
     ``prune_margin``: prune a trial whose first-window perplexity ratio is more than this fraction
-    worse than a completed trial's at no more KV (None: off). ``enqueue``: ``[{param name: value}]``
+    worse than a completed trial's at no more KV (None, the default: off; on, a parallel study's pruning
+    depends on which trials finished first, so it is no longer identical to a serial one). ``enqueue``: ``[{param name: value}]``
     run first (e.g. hand-written settings). ``measure``: ``(cm, ids, steps) -> tokens/s`` replacing
     the timed decode (workers=1 only; tests).
     """

@@ -157,3 +157,27 @@ def test_a_trial_known_to_be_bad_is_pruned_before_its_full_evaluation(llama, tmp
     saved = json.loads((tmp_path / "pareto.json").read_text())
     assert saved["counts"]["pruned"] == 1 and saved["counts"]["pruned_by"] == {"front": 1} and saved["counts"]["complete"] == 1
     assert [p["number"] for p in saved["front"]] == [0]
+
+
+def test_cli_scope_layer_and_speed_objective(tmp_path, capsys):
+    from graphwright.cli.main import main
+
+    argv = ["tune", "--model", "tiny-llama", "--recipe", "snapkv", "--kv-budget", "0.95", "--trials", "2", "--population", "2",
+            "--windows", "1", "--window", "40", "--prefix", "20", "--scope", "layer", "--objectives", "kv,ppl,speed",
+            "--speed-steps", "2", "--speed-rounds", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert "Pareto front: 2 points" in capsys.readouterr().out
+    assert "speed / dense" in (tmp_path / "pareto.md").read_text()
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["settings"]["scope"] == "layer" and result["settings"]["objectives"] == ["kv", "ppl", "speed"]
+    assert result["settings"]["prune_margin"] is None
+    for t in result["trials"]:  # measured speed ratios are positive numbers (their values depend on the load: not asserted)
+        assert t["state"] == "COMPLETE" and t["speed_ratio"] > 0 and len(t["values"]) == 3
+        assert Recipe.parse(t["recipe"]).to_list() == [{"pass": "snapkv", "budget": t["params"][f"0.snapkv.budget.L{i}"], "layers": [i]}
+                                                       for i in (0, 1)]
+    with pytest.raises(SystemExit) as bad:  # argparse's one-line error
+        main([*argv[:-1], str(tmp_path / "b"), "--objectives", "kv,speed"])
+    assert bad.value.code == 2
+    assert "objectives must list kv and ppl" in capsys.readouterr().err
+    assert main([*argv[:-1], str(tmp_path / "c"), "--recipe", "lowrank_kv"]) == 2
+    assert "lowrank_kv cannot be tuned per layer" in capsys.readouterr().err
