@@ -181,3 +181,20 @@ def test_cli_scope_layer_and_speed_objective(tmp_path, capsys):
     assert "objectives must list kv and ppl" in capsys.readouterr().err
     assert main([*argv[:-1], str(tmp_path / "c"), "--recipe", "lowrank_kv"]) == 2
     assert "lowrank_kv cannot be tuned per layer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("template", ["h2o", "evict(score=snapkv)"])
+def test_layer_scope_recipes_of_every_per_layer_pass_compile(llama, template):
+    """Both ends of each per-layer range, a different end per layer: the per-layer recipe compiles and each layer keeps its own setting."""
+    space = search_space(template, 20, scope="layer", num_layers=2)
+    values = {p.name: (p.low if p.layer == 0 else p.high) for p in space}
+    r = recipe_for(template, space, values)
+    assert [e["layers"] for e in r.to_list()] == [[0], [1]]
+    cm = gw_compile(llama, recipe=r, tokenizer=TOK)
+    assert cm.recipe == r
+    import torch
+
+    out = cm.generate(torch.arange(100).reshape(1, -1) + 32, max_new_tokens=3)  # longer than snapkv's 32-query window
+    assert out.shape == (1, 103)
+    kept = [layer[0] for layer in cm.last_stats["kept_tokens_per_head"]]  # per layer, row 0: tokens each KV head holds
+    assert max(kept[0]) < max(kept[1])  # layer 0 has the low end of every range, layer 1 the high end
