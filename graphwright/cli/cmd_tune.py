@@ -36,9 +36,31 @@ def add_parser(sub):
     p.add_argument("--niah-length", type=int_arg(16, 1_000_000), default=256, help="needle prompt length in tokens")
     p.add_argument("--max-ppl-ratio", type=float_arg(1, 1e6), default=None,
                    help="prune a trial whose perplexity ratio after the first window exceeds this")
+    p.add_argument("--scope", choices=("model", "layer"), default="model",
+                   help="model: one value per tunable argument; layer: eviction budgets per layer (one pass per layer in the recipe)")
+    p.add_argument("--objectives", type=objectives_arg, default=("kv", "ppl"),
+                   help="comma-separated: kv,ppl (always) and speed (decode tokens/s / dense, maximised); default kv,ppl")
+    p.add_argument("--min-speed", type=float_arg(0, 1e6, lo_open=True), default=None,
+                   help="speed floor: decode tokens/s ratio to dense (measured in the worker, alternating dense and candidate; "
+                        "noisy on a shared machine), a constraint")
+    p.add_argument("--speed-steps", type=int_arg(1, 100_000), default=16, help="decode steps per speed measure")
+    p.add_argument("--speed-rounds", type=int_arg(1, 1_000), default=3, help="alternating dense/candidate speed rounds (median ratio)")
+    p.add_argument("--prune-margin", type=float_arg(0, 1e6), default=None,
+                   help="prune a trial whose first-window perplexity ratio is this fraction worse than a completed trial's at "
+                        "no more KV (e.g. 0.1; default off: with --workers > 1 it makes pruning depend on trial timing)")
     p.add_argument("--threads", type=int_arg(1, 1_024), default=None, help="torch threads per worker (default: torch's own)")
     p.add_argument("--resume", action="store_true", help="continue the study in --out")
     p.add_argument("--out", type=out_dir, default="results/tune", help="folder for the study journal and the outputs")
+
+
+def objectives_arg(text: str) -> tuple:
+    """``kv,ppl[,speed]`` -> a tuple; argparse's error names what is allowed."""
+    import argparse
+
+    items = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not ({"kv", "ppl"} <= set(items) <= {"kv", "ppl", "speed"}) or len(set(items)) != len(items):
+        raise argparse.ArgumentTypeError(f"objectives must list kv and ppl and may add speed, comma-separated (e.g. kv,ppl,speed); got {text!r}")
+    return items
 
 
 def run(args):
@@ -56,7 +78,9 @@ def run(args):
         console.print(f"[dim]{args.model} ships no tokenizer: using bytes (graphwright.eval.bytetok)[/]")
     result = tune(args.model if args.workers > 1 else model, tok, template=args.recipe, budget=args.kv_budget, trials=args.trials,
                   workers=args.workers, out=args.out, seed=args.seed, resume=args.resume, population=args.population,
-                  max_ppl_ratio=args.max_ppl_ratio, backend=args.backend, threads=args.threads,
+                  max_ppl_ratio=args.max_ppl_ratio, backend=args.backend, threads=args.threads, scope=args.scope,
+                  objectives=args.objectives, min_speed=args.min_speed, speed_steps=args.speed_steps, speed_rounds=args.speed_rounds,
+                  prune_margin=args.prune_margin,
                   eval_settings={"windows": args.windows, "window": args.window, "prefix": args.prefix, "niah_cases": args.niah_cases,
                                  "niah_length": args.niah_length})
     states = {}
@@ -64,6 +88,9 @@ def run(args):
         states[t["state"]] = states.get(t["state"], 0) + 1
     console.print(f"{len(result['trials'])} trials ({', '.join(f'{n} {s.lower()}' for s, n in sorted(states.items()))}); "
                   f"Pareto front: {len(result['pareto'])} points")
+    pruned = (result.get("counts") or {}).get("pruned_by")
+    if pruned:
+        console.print("pruned by the first-window proxy: " + ", ".join(f"{n} by {rule}" for rule, n in sorted(pruned.items())))
     console.print((Path(result["out"]) / "pareto.md").read_text())
     w = result["winner"]
     if w is None:

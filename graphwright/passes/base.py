@@ -39,8 +39,10 @@ class Tunable:
     ``kind``: int, float or categorical. ``low``/``high`` (int, float) bound the search; with
     ``per_context=True`` they are fractions of the tuning context length (token counts: budgets,
     windows), turned into tokens by ``tune.space.search_space``. ``log``: sample on a log scale.
-    ``choices``: the values of a categorical. ``scope``: model (one value for the whole model),
-    layer or head (one per layer / KV head; declared by no pass yet, refused by the space builder).
+    ``choices``: the values of a categorical. ``scope``: the finest scope the argument may be
+    tuned at: model (one value for the whole model) or layer (one value per layer, for a pass
+    with a ``layers=`` argument: ``tune(scope="layer")`` splits it into one instance per layer);
+    head is declared by no pass yet (refused by the space builder).
     """
 
     kind: str

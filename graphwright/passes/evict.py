@@ -160,7 +160,7 @@ class Evict(EvictionPass):
             choices=tuple(sorted(SCORERS)) + (CHUNKKV,) + tuple(sorted(DELEGATES))),
         Arg("budget", (int, float), None, "tokens kept per KV head (int) or fraction of the row's length (float), "
             "sinks and window included (required)", min=0, max=MAX_TOKENS,
-            tune=Tunable("float", 0.05, 0.95)),
+            tune=Tunable("float", 0.05, 0.95, scope="layer")),
         Arg("when", str, None, "prefill | decode | every:N | overflow (default: the scorer's own)"),
         Arg("every", int, None, "evict at decode steps where the row length is a multiple of N", min=1, max=MAX_TOKENS),
         Arg("rule", str, "fixed", "budget rule", choices=("fixed", "pyramid", "adaptive")),

@@ -44,9 +44,9 @@ class H2O(EvictionPass):
     doc = "H2O: keep recent tokens plus heavy hitters by cumulative attention (per KV head), after prefill and each step."
     args = (
         Arg("heavy", (int, float), 0.1, "heavy hitters: fraction of the current length (float) or token count (int)", min=0, max=MAX_TOKENS,
-            tune=Tunable("float", 0.02, 0.5)),
+            tune=Tunable("float", 0.02, 0.5, scope="layer")),
         Arg("recent", (int, float), 0.1, "recent window: fraction of the current length (float) or token count (int)", min=0, max=MAX_TOKENS,
-            tune=Tunable("float", 0.02, 0.5)),
+            tune=Tunable("float", 0.02, 0.5, scope="layer")),
         HEADS_ARG,
         LAYERS_ARG,
     )

@@ -75,7 +75,7 @@ class SnapKV(EvictionPass):
     doc = "SnapKV: after prefill keep per KV head the prompt keys the last `window` queries attend to most."
     args = (
         Arg("budget", int, 2048, "tokens kept per head after prefill (window included)", min=1, max=MAX_TOKENS,
-            tune=Tunable("int", 0.05, 1.0, per_context=True)),
+            tune=Tunable("int", 0.05, 1.0, per_context=True, scope="layer")),
         Arg("window", int, None, "observation window: the last prompt queries that vote (default min(32, budget // 2))",
             min=1, max=MAX_TOKENS),
         Arg("kernel", int, 5, "pooling width (odd)", min=1, max=MAX_KERNEL),

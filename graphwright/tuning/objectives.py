@@ -9,6 +9,16 @@ is streamed (``eval.perplexity.long_perplexity``: prefill ``prefix`` tokens, the
 step per scored token), so cache passes act on every scored token; ``kv_bytes`` is what the
 runtime really held after each window (``cm.last_stats``). The dense model's scores on the
 same windows are computed once (``base()``) and passed to every trial as plain data.
+
+Decode speed (``speed_ratio``): the candidate's decode tokens/s over the dense model's, both
+compiled in the same worker and measured alternately (dense, candidate, dense, ...) for
+``rounds`` rounds of ``steps`` greedy decode steps after prefilling the first window's prefix;
+the ratio is the median of the per-round ratios (a warm-up call of each is not counted). The
+default measure reads the runtime's own decode timing (``last_stats["decode_tokens_per_s"]``,
+prefill excluded); ``measure(cm, ids, steps) -> tokens/s`` can be injected (tests use a fake
+one, so no test depends on a timing). Timings on a shared machine are noisy: alternation
+cancels slow drifts of the load, not bursts, so use several rounds and read a floor as a coarse
+filter.
 Invariant (tested): the identity recipe scores ``kv_fraction == 1`` and ``ppl_ratio == 1``.
 """
 
@@ -82,11 +92,32 @@ class Evaluator:
         """The dense model's scores on these windows and needles (plain data; computed once per study)."""
         return self.evaluate(None)
 
-    def evaluate(self, recipe, base: dict | None = None, proxy_check=None) -> dict:
+    def speed_ratio(self, cm, steps: int = 16, rounds: int = 3, measure=None) -> float:
+        """Median over ``rounds`` of (candidate decode tokens/s) / (dense decode tokens/s), measured alternately."""
+        if not (isinstance(steps, int) and steps >= 1 and isinstance(rounds, int) and rounds >= 1):
+            raise ValueError(f"speed steps and rounds must be ints >= 1; got steps={steps!r}, rounds={rounds!r}")
+        measure = measure or decode_tokens_per_s
+        if getattr(self, "_dense_cm", None) is None:
+            self._dense_cm = self.compiled(None)
+        ids = self.windows[0][:, :self.prefix]
+        measure(self._dense_cm, ids, steps), measure(cm, ids, steps)  # warm-up, not counted
+        ratios = []
+        for _ in range(rounds):
+            dense = measure(self._dense_cm, ids, steps)
+            cand = measure(cm, ids, steps)
+            if not (dense > 0 and cand > 0):
+                raise ValueError(f"a decode speed measure returned a non-positive tokens/s (dense {dense}, candidate {cand})")
+            ratios.append(cand / dense)
+        ratios.sort()
+        mid = len(ratios) // 2
+        return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+
+    def evaluate(self, recipe, base: dict | None = None, proxy_check=None, speed: dict | None = None, measure=None) -> dict:
         """Scores of ``recipe`` (None: dense). ``proxy_check(partial)`` runs after the first window and may raise to stop.
 
-        Returns ``{"kv_bytes", "kv_fraction", "ppl", "nll", "ppl_ratio", "niah", "tokens_per_s", "seconds"}``;
-        the fraction and ratio are against ``base`` (None when no base is given).
+        Returns ``{"kv_bytes", "kv_fraction", "ppl", "nll", "ppl_ratio", "niah", "tokens_per_s", "speed_ratio", "seconds"}``;
+        the fraction and ratio are against ``base`` (None when no base is given). ``speed``
+        (``{"steps", "rounds"}``): also measure ``speed_ratio`` (None otherwise) with ``measure``.
         """
         t0 = time.perf_counter()
         cm = self.compiled(recipe)
@@ -99,7 +130,9 @@ class Evaluator:
             from ..eval.niah import run_niah
 
             niah = run_niah(cm, self.tokenizer, self.niah, max_new_tokens=8, progress=False)["accuracy"]
-        return self._summary(parts, base, niah, t0)
+        out = self._summary(parts, base, niah, t0)
+        out["speed_ratio"] = self.speed_ratio(cm, measure=measure, **speed) if speed else None
+        return out
 
     def _summary(self, parts, base, niah, t0, proxy: bool = False) -> dict:
         nll = [x for p in parts for x in p["nll"]]
@@ -115,6 +148,15 @@ class Evaluator:
         out["ppl_ratio"] = math.exp(mean_nll - base_nll) if base_nll is not None else None
         out["nll_per_window"] = nll
         return out
+
+
+def decode_tokens_per_s(cm, ids, steps: int) -> float:
+    """Greedy decode tokens/s of ``cm`` for ``steps`` new tokens after ``ids`` (the runtime's decode timing; prefill excluded)."""
+    cm.generate(ids, max_new_tokens=steps)
+    tps = cm.last_stats.get("decode_tokens_per_s")
+    if not tps:
+        raise ValueError(f"the runtime reported no decode tokens/s for {steps} steps (last_stats: {sorted(cm.last_stats)})")
+    return float(tps)
 
 
 def set_threads(n: int | None) -> None:

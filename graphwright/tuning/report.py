@@ -1,11 +1,13 @@
 """Outputs of a tuning study: the Pareto front (table, plot, one TOML recipe per point) and the winner.
 
-The front is computed over completed, feasible trials (``kv_fraction <= budget``) on the study's
-objectives (KV fraction held and perplexity ratio, minimised; needle accuracy, maximised, when
-measured). The winner is the front's point with the lowest perplexity ratio (then the lowest KV
-fraction); it is compiled from its TOML file (so the file is what ``compile()`` takes) with
-verification, re-measured on the held-out split against the dense model on the same windows,
-and its ``cm.report()`` written next to it.
+The front is computed over completed, feasible trials (``kv_fraction <= budget``, and
+``speed_ratio >= min_speed`` under a speed floor) on the study's objectives (KV fraction held and
+perplexity ratio, minimised; needle accuracy and decode speed ratio, maximised, when measured).
+``pareto.json`` holds ``{"front": [...], "counts": {...}}``: the front's rows and how many trials
+ended in each state, with the pruned ones split by the rule that pruned them (``pruned_by``).
+The winner is the front's point with the lowest perplexity ratio (then the lowest KV fraction);
+it is compiled from its TOML file (so the file is what ``compile()`` takes) with verification,
+re-measured on the held-out split against the dense model on the same windows, and its ``cm.report()`` written next to it.
 """
 
 from __future__ import annotations
@@ -14,30 +16,47 @@ import json
 from pathlib import Path
 
 
-def _keys(row, niah: bool):
+def _keys(row, niah: bool, speed: bool = False):
     k = [row["kv_fraction"], row["ppl_ratio"]]
-    return k + ([-row["niah"]] if niah else [])
+    return k + ([-row["niah"]] if niah else []) + ([-row["speed_ratio"]] if speed else [])
 
 
-def pareto_front(rows: list, budget: float, niah: bool = False) -> list:
-    """The non-dominated completed trials with ``kv_fraction <= budget`` (every objective minimised), by KV fraction."""
-    ok = [r for r in rows if r["state"] == "COMPLETE" and r.get("kv_fraction") is not None and r["kv_fraction"] <= budget]
+def pareto_front(rows: list, budget: float, niah: bool = False, speed: bool = False, min_speed: float | None = None) -> list:
+    """The non-dominated completed feasible trials (``kv_fraction <= budget``, speed floor met), by KV fraction."""
+    ok = [r for r in rows if r["state"] == "COMPLETE" and r.get("kv_fraction") is not None and r["kv_fraction"] <= budget
+          and (min_speed is None or (r.get("speed_ratio") is not None and r["speed_ratio"] >= min_speed))]
     front = []
     for r in ok:
-        a = _keys(r, niah)
-        dominated = any(all(x <= y for x, y in zip(_keys(o, niah), a)) and _keys(o, niah) != a for o in ok)
+        a = _keys(r, niah, speed)
+        dominated = any(all(x <= y for x, y in zip(_keys(o, niah, speed), a)) and _keys(o, niah, speed) != a for o in ok)
         if not dominated:
             front.append(r)
     return sorted(front, key=lambda r: (r["kv_fraction"], r["ppl_ratio"], r["number"]))
 
 
+def trial_counts(rows: list) -> dict:
+    """Trials by state, lost ones (killed workers) apart, and pruned ones by rule: ``{"trials", "complete", "pruned", "pruned_by", ...}``."""
+    counts = {"trials": len(rows), "complete": 0, "pruned": 0, "fail": 0, "lost": 0, "running": 0, "pruned_by": {}}
+    for r in rows:
+        if r.get("lost"):
+            counts["lost"] += 1
+            continue
+        state = r["state"].lower()
+        counts[state] = counts.get(state, 0) + 1
+        if r["state"] == "PRUNED":
+            rule = r.get("pruned_by", "unknown")
+            counts["pruned_by"][rule] = counts["pruned_by"].get(rule, 0) + 1
+    return counts
+
+
 def to_markdown(front: list, settings: dict) -> str:
     lines = [f"Pareto front of `{settings['template']}` (KV budget {settings['budget']}, calibration split)", "",
-             "| trial | recipe | KV fraction | ppl ratio | needle acc | decode tok/s |", "|---|---|---|---|---|---|"]
+             "| trial | recipe | KV fraction | ppl ratio | needle acc | decode tok/s | speed / dense |", "|---|---|---|---|---|---|---|"]
     for r in front:
         niah = "-" if r.get("niah") is None else f"{r['niah']:.3f}"
         tps = "-" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:.1f}"
-        lines.append(f"| {r['number']} | `{r['recipe']}` | {r['kv_fraction']:.3f} | {r['ppl_ratio']:.4f} | {niah} | {tps} |")
+        sp = "-" if r.get("speed_ratio") is None else f"{r['speed_ratio']:.2f}"
+        lines.append(f"| {r['number']} | `{r['recipe']}` | {r['kv_fraction']:.3f} | {r['ppl_ratio']:.4f} | {niah} | {tps} | {sp} |")
     return "\n".join(lines) + "\n"
 
 
@@ -53,9 +72,10 @@ def plot_front(rows: list, front: list, path) -> Path:
     done = [r for r in rows if r["state"] == "COMPLETE"]
     fig, ax = plt.subplots(figsize=(6, 4))
     if done:
-        sc = ax.scatter([r["kv_fraction"] for r in done], [r["ppl_ratio"] for r in done], c=[r.get("tokens_per_s") or 0 for r in done],
-                        cmap="viridis")
-        fig.colorbar(sc, ax=ax, label="decode tokens/s")
+        ratio = all(r.get("speed_ratio") is not None for r in done)
+        colour = [r["speed_ratio"] if ratio else (r.get("tokens_per_s") or 0) for r in done]
+        sc = ax.scatter([r["kv_fraction"] for r in done], [r["ppl_ratio"] for r in done], c=colour, cmap="viridis")
+        fig.colorbar(sc, ax=ax, label="decode tokens/s / dense" if ratio else "decode tokens/s")
     if front:
         ax.plot([r["kv_fraction"] for r in front], [r["ppl_ratio"] for r in front], "o-", mfc="none", color="red", label="Pareto front")
         ax.legend()
@@ -73,16 +93,17 @@ def write_outputs(result: dict, model, tokenizer) -> dict:
 
     out, settings = Path(result["out"]), result["settings"]
     niah = bool(settings["eval"]["niah_cases"])
-    front = pareto_front(result["trials"], settings["budget"], niah)
+    front = pareto_front(result["trials"], settings["budget"], niah, "speed" in settings.get("objectives", ()), settings.get("min_speed"))
     (out / "recipes").mkdir(exist_ok=True)
     for r in front:
         path = out / "recipes" / f"trial-{r['number']}.toml"
         path.write_text(Recipe.parse(r["recipe"]).to_toml())
         r["toml"] = str(path)
-    (out / "pareto.json").write_text(json.dumps(front, indent=2, default=str))
+    (out / "pareto.json").write_text(json.dumps({"front": front, "counts": trial_counts(result["trials"])}, indent=2, default=str))
     (out / "pareto.md").write_text(to_markdown(front, settings))
     plot_front(result["trials"], front, out / "pareto.png")
-    written = {"pareto": front, "files": [str(out / f) for f in ("pareto.json", "pareto.md", "pareto.png")] + [r["toml"] for r in front]}
+    files = [str(out / f) for f in ("pareto.json", "pareto.md", "pareto.png")] + [r["toml"] for r in front]
+    written = {"pareto": front, "counts": trial_counts(result["trials"]), "files": files}
     if not front:
         written["winner"] = None
         return written

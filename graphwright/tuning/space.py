@@ -1,13 +1,21 @@
 """The search space of ``graphwright tune``, built from the pass registry as plain data.
 
 Each pass declares the arguments worth searching with ``Arg(..., tune=Tunable(...))``
-(``passes/base.py``). ``search_space(template, context)`` lists, for every pass of a recipe
-template, the declared tunables the template does not fix, as ``Param`` rows: a name
-``"<pass index>.<pass>.<arg>"``, the kind, the range in the argument's own units (fractions of
-the context turned into token counts for ``per_context`` tunables) and the scope. Invariant
-(tested): every range lies inside the argument's declared ``min``/``max``, so every point of the
-space is a recipe ``compile()`` accepts. Only ``scope="model"`` is built today; a layer or head
-scope is refused with a clear error (no pass declares one yet).
+(``passes/base.py``). ``search_space(template, context, scope, num_layers)`` lists, for every pass
+of a recipe template, the declared tunables the template does not fix, as ``Param`` rows: a name
+``"<pass index>.<pass>.<arg>"`` (``...<arg>.L<layer>`` at layer scope), the kind, the range in the
+argument's own units (fractions of the context turned into token counts for ``per_context``
+tunables) and the scope.
+
+Scopes: ``"model"`` (default) gives one value per argument. ``"layer"`` (a string for every pass
+of the template, or ``{pass name: scope}``) gives one value per layer to the arguments declared
+``Tunable(scope="layer")``; ``recipe_for`` then writes the pass once per layer with
+``layers=[l]`` (the eviction passes' ``layers=`` argument: each layer owns its policy's state),
+over the template's own ``layers=`` when it sets them. A pass without a ``layers=`` argument has
+no per-layer setting and is refused at layer scope with the reason (``lowrank_kv``: ``keep`` is
+one whole-model fraction split into per-layer ranks by its ``schedule``, and it applies once).
+Invariant (tested): every range lies inside the argument's declared ``min``/``max``, so every
+point of the space is a recipe ``compile()`` accepts, at either scope.
 """
 
 from __future__ import annotations
@@ -33,6 +41,13 @@ class Param:
     log: bool = False
     choices: tuple | None = None
     scope: str = "model"
+    layer: int | None = None  # the layer this value is for (scope "layer"), else None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Param":
+        d = dict(d)
+        d["choices"] = tuple(d["choices"]) if d.get("choices") is not None else None
+        return cls(**d)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -66,28 +81,78 @@ def _resolve(pass_name: str, arg, t: Tunable, context: int) -> tuple:
     return low, high
 
 
-def search_space(template, context: int) -> list:
+USER_SCOPES = ("model", "layer")
+NO_LAYER_ARG = {
+    "lowrank_kv": "its keep is one fraction of the whole model's KV bytes, split into per-layer ranks by schedule= "
+                  "(progressive: min_keep/max_keep), and the pass applies once, so it cannot run per layer",
+    "duo": "its retrieval/streaming split is per KV head from a head set, not per layer",
+    "block_sparse": "it takes dense_layers= (kept dense), not per-layer top_k/block values",
+    "think": "its keep is declared for the whole model",
+    "streaming": "a second streaming pass on other layers is refused today (its rotary check reads every layer, "
+                 "and the first pass already rewrote its own), so its window is declared for the whole model",
+    "steer": "its heads= is a head set ({layer: [heads]}, a file, 'all' or 'auto') with no head-count argument",
+}
+
+
+def _scopes(scope, recipe) -> dict:
+    """``{pass name: scope}`` from a scope string (every pass) or mapping; clear errors for anything else."""
+    names = [n for n, _ in recipe.passes]
+    if isinstance(scope, str):
+        scope = {n: scope for n in names}
+    if not isinstance(scope, dict):
+        raise ValueError(f"scope must be one of {list(USER_SCOPES)} or a {{pass name: scope}} mapping; got {scope!r}")
+    for name, sc in scope.items():
+        if name not in names:
+            raise ValueError(f"scope names pass {name!r}, which the template does not hold (it holds {', '.join(names)})")
+        if sc not in USER_SCOPES:
+            raise ValueError(f"scope of {name!r} must be one of {list(USER_SCOPES)} (head scope is not built); got {sc!r}")
+    return {n: scope.get(n, "model") for n in names}
+
+
+def _layers_of(name: str, args: dict, num_layers) -> list:
+    if not (isinstance(num_layers, int) and num_layers >= 1):
+        raise ValueError(f"layer scope needs the model's layer count (num_layers, an int >= 1); got {num_layers!r}")
+    from ..passes.eviction_common import select_layers
+    from ..recipes.recipe import thaw
+
+    return select_layers(name, thaw(args["layers"]) if args.get("layers") is not None else None, num_layers)
+
+
+def search_space(template, context: int, scope="model", num_layers: int | None = None) -> list:
     """The ``Param`` list for a recipe template (string, list, TOML path or ``Recipe``) at ``context`` tokens.
 
     Arguments the template sets are fixed, not searched. A template with nothing to search is an
-    error naming the passes that declare tunables.
+    error naming the passes that declare tunables. ``scope``: "model", "layer" or ``{pass: scope}``;
+    layer scope needs ``num_layers`` and refuses a pass with no per-layer argument, saying why.
     """
     from .. import passes as _registers  # noqa: F401
 
     if not (isinstance(context, int) and context >= 2):
         raise ValueError(f"context must be an int >= 2 (tokens the tuned model sees); got {context!r}")
     recipe = Recipe.parse(template)
+    scopes = _scopes(scope, recipe)
     out = []
     for i, (name, args) in enumerate(recipe.passes):
-        fixed = {k for k, _ in args}
+        fixed = dict(args)
         declared = {a.name: a for a in PASS_REGISTRY[name].args} if name in PASS_REGISTRY else None
-        for arg_name, t in tunables(name).items():
-            if arg_name in fixed:
-                continue
-            if t.scope != "model":
-                raise RecipeError(f"{name}.{arg_name}: tuning scope {t.scope!r} is not built yet; only 'model' is")
+        todo = {k: t for k, t in tunables(name).items() if k not in fixed}
+        for arg_name, t in todo.items():
+            if t.scope not in USER_SCOPES:
+                raise RecipeError(f"{name}.{arg_name}: tuning scope {t.scope!r} is not built yet; only {list(USER_SCOPES)} are")
+            if t.scope == "layer" and "layers" not in declared:
+                raise RecipeError(f"{name}.{arg_name} declares scope 'layer' but {name} has no layers= argument to run per layer")
+        if scopes[name] == "layer" and todo and not any(t.scope == "layer" for t in todo.values()):
+            why = NO_LAYER_ARG.get(name, "none of its tunable arguments is declared per layer (Tunable(scope='layer'))")
+            raise RecipeError(f"{name} cannot be tuned per layer: {why}; tune it at scope 'model' "
+                              f"(e.g. scope={{'{name}': 'model'}} or leave it out of the layer scope)")
+        layers = _layers_of(name, fixed, num_layers) if scopes[name] == "layer" else None
+        for arg_name, t in todo.items():
             low, high = _resolve(name, declared[arg_name], t, context)
-            out.append(Param(f"{i}.{name}.{arg_name}", i, name, arg_name, t.kind, low, high, t.log, t.choices, t.scope))
+            base = f"{i}.{name}.{arg_name}"
+            if layers is not None and t.scope == "layer":
+                out += [Param(f"{base}.L{layer}", i, name, arg_name, t.kind, low, high, t.log, t.choices, "layer", layer) for layer in layers]
+            else:
+                out.append(Param(base, i, name, arg_name, t.kind, low, high, t.log, t.choices, "model"))
     if not out:
         with_tunables = sorted(n for n in PASS_REGISTRY if tunables(n))
         raise RecipeError(f"recipe {str(recipe)!r} leaves nothing to tune; passes that declare tunable arguments: {', '.join(with_tunables)}")
@@ -95,14 +160,29 @@ def search_space(template, context: int) -> list:
 
 
 def recipe_for(template, space: list, values: dict) -> Recipe:
-    """The template with each ``Param`` set to ``values[param.name]``: the recipe a trial compiles."""
+    """The template with each ``Param`` set to ``values[param.name]``: the recipe a trial compiles.
+
+    A pass with layer-scope parameters is written once per layer, in layer order, each copy with
+    ``layers=[l]``, the template's fixed arguments, the pass's model-scope values and layer l's values.
+    """
     recipe = Recipe.parse(template)
     items = recipe.to_list()
+    per_layer: dict = {}
     for p in space:
         if p.name not in values:
             raise KeyError(f"no value for tuned parameter {p.name!r}")
-        items[p.pass_index][p.arg] = values[p.name]
-    return Recipe.from_list(items)
+        if p.layer is None:
+            items[p.pass_index][p.arg] = values[p.name]
+        else:
+            per_layer.setdefault(p.pass_index, {}).setdefault(p.layer, {})[p.arg] = values[p.name]
+    out = []
+    for i, item in enumerate(items):
+        if i not in per_layer:
+            out.append(item)
+            continue
+        for layer in sorted(per_layer[i]):
+            out.append({**item, **per_layer[i][layer], "layers": [layer]})
+    return Recipe.from_list(out)
 
 
 def distributions(space: list) -> dict:

@@ -3,14 +3,27 @@
 Technique: NSGA-II (Deb et al. 2002, doi:10.1109/4235.996017) via ``optuna.samplers.NSGAIISampler``
 with a constraint (KV bytes held <= budget x dense, as ``kv_fraction - budget <= 0``), minimising
 (KV fraction held, perplexity ratio to dense) on the calibration split, plus maximising needle
-accuracy when ``niah_cases > 0``. No home-made optimiser.
+accuracy when ``niah_cases > 0`` and decode speed (tokens/s ratio to dense, ``objectives``
+holding ``"speed"``). No home-made optimiser.
+
+- Speed floor: ``min_speed=X`` is a second constraint, ``X - speed_ratio <= 0``, set with
+  ``trial.set_constraint`` (NSGA-II's constrained domination: an infeasible trial never dominates
+  a feasible one; the Pareto front keeps feasible trials only). The ratio is measured in the
+  trial's own worker, alternating dense and candidate decode (``objectives.Evaluator.speed_ratio``).
+  Timings on a shared machine are noisy: a floor near 1.0 can flip on load alone.
 
 - Search space: ``tune.space.search_space`` (from the passes' ``Arg(tune=...)`` declarations).
 - Cost of a trial: the step graph is captured once per worker (``objectives.Evaluator``) and the
   dense scores once per study (stored in the study, read by every worker); a trial is its own
   rewrite plus its evaluation. After the first calibration window a cheap proxy prunes the trial
-  (``TrialPruned``) when its KV fraction already exceeds the budget or its perplexity ratio exceeds
-  ``max_ppl_ratio``.
+  (``TrialPruned``, user attr ``pruned_by``) when its KV fraction already exceeds the budget
+  (``budget``), its perplexity ratio exceeds ``max_ppl_ratio`` (``ppl_cap``), or (``front``,
+  ``prune_margin=m``) a completed trial held no more KV after its first window with a first-window
+  perplexity ratio more than a factor (1 + m) lower: the candidate is already worse than the
+  current front on the proxy, so its remaining windows, needles and speed are not measured.
+  ``pareto.json`` records how many trials each rule pruned.
+- Scope: ``scope="layer"`` tunes eviction budgets per layer (``space.search_space``); the TOML of
+  each Pareto point holds one pass per layer and round-trips through ``compile()`` (tested).
 - Storage: an Optuna journal file (``JournalFileBackend``) in ``out``; ``resume=True`` continues it.
 - Workers: ``workers`` local processes (spawned), each running ``study.optimize`` on the shared
   journal with ``trials`` split exactly between them. A killed worker breaks the round; its RUNNING
@@ -63,8 +76,33 @@ def _load_model(model, tokenizer):
     return m, tok
 
 
+OBJECTIVES = ("kv", "ppl", "speed")
+
+
 def _directions(settings):
-    return ["minimize", "minimize"] + (["maximize"] if settings["eval"]["niah_cases"] else [])
+    return (["minimize", "minimize"] + (["maximize"] if settings["eval"]["niah_cases"] else [])
+            + (["maximize"] if "speed" in settings.get("objectives", ()) else []))
+
+
+def _speed_on(settings) -> bool:
+    return "speed" in settings.get("objectives", ()) or settings.get("min_speed") is not None
+
+
+def proxy_reason(partial: dict, settings: dict, completed: list):
+    """``(rule, message)`` when the first-window proxy prunes a trial, else None (``completed``: finished trials' user attrs)."""
+    budget, cap, margin = settings["budget"], settings["max_ppl_ratio"], settings.get("prune_margin")
+    kv, ppl = partial["kv_fraction"], partial["ppl_ratio"]
+    if kv > budget:
+        return "budget", f"KV fraction {kv:.3f} after the first window exceeds the budget {budget}"
+    if cap is not None and ppl > cap:
+        return "ppl_cap", f"perplexity ratio {ppl:.3f} after the first window exceeds {cap}"
+    if margin is not None:
+        for c in completed:
+            ckv, cppl = c.get("proxy_kv_fraction"), c.get("proxy_ppl_ratio")
+            if ckv is not None and cppl is not None and ckv <= kv and cppl * (1 + margin) < ppl:
+                return "front", (f"first-window perplexity ratio {ppl:.4f} at KV fraction {kv:.3f} is more than {margin:.0%} worse "
+                                 f"than trial {c['number']}'s {cppl:.4f} at {ckv:.3f}")
+    return None
 
 
 def _sampler(settings, offset: int):
@@ -73,16 +111,12 @@ def _sampler(settings, offset: int):
     return optuna.samplers.NSGAIISampler(population_size=settings["population"], seed=settings["seed"] + offset)
 
 
-def _objective(settings, space, ev, base, worker: int = 0):
+def _objective(settings, space, ev, base, worker: int = 0, measure=None):
     import optuna
+    from optuna.trial import TrialState
 
-    budget, cap = settings["budget"], settings["max_ppl_ratio"]
-
-    def proxy_check(partial):
-        if partial["kv_fraction"] > budget:
-            raise optuna.TrialPruned(f"KV fraction {partial['kv_fraction']:.3f} after the first window exceeds the budget {budget}")
-        if cap is not None and partial["ppl_ratio"] > cap:
-            raise optuna.TrialPruned(f"perplexity ratio {partial['ppl_ratio']:.3f} after the first window exceeds {cap}")
+    budget = settings["budget"]
+    speed = settings.get("speed") if _speed_on(settings) else None
 
     def objective(trial):
         values = {}
@@ -96,17 +130,39 @@ def _objective(settings, space, ev, base, worker: int = 0):
         recipe = recipe_for(settings["template"], space, values)
         trial.set_user_attr("recipe", str(recipe))
         trial.set_user_attr("worker", worker)
-        m = ev.evaluate(recipe, base=base, proxy_check=proxy_check)
-        for k in ("kv_bytes", "kv_fraction", "ppl", "ppl_ratio", "niah", "tokens_per_s"):
+
+        def proxy_check(partial):
+            trial.set_user_attr("proxy_kv_fraction", partial["kv_fraction"])
+            trial.set_user_attr("proxy_ppl_ratio", partial["ppl_ratio"])
+            trial.set_user_attr("windows_scored", partial["windows"])
+            done = [{"number": t.number, **t.user_attrs} for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+            why = proxy_reason(partial, settings, done)
+            if why is not None:
+                trial.set_user_attr("pruned_by", why[0])
+                raise optuna.TrialPruned(why[1])
+
+        m = ev.evaluate(recipe, base=base, proxy_check=proxy_check, speed=speed, measure=measure)
+        trial.set_user_attr("windows_scored", m["windows"])
+        for k in ("kv_bytes", "kv_fraction", "ppl", "ppl_ratio", "niah", "tokens_per_s", "speed_ratio"):
             trial.set_user_attr(k, m[k])
         trial.set_constraint("kv_budget", m["kv_fraction"] - budget)  # feasible when <= 0 (NSGA-II's constrained domination)
+        if settings.get("min_speed") is not None:
+            trial.set_constraint("speed_floor", settings["min_speed"] - m["speed_ratio"])
         out = [m["kv_fraction"], m["ppl_ratio"]]
-        return out + ([m["niah"]] if settings["eval"]["niah_cases"] else [])
+        return (out + ([m["niah"]] if settings["eval"]["niah_cases"] else [])
+                + ([m["speed_ratio"]] if "speed" in settings.get("objectives", ()) else []))
 
     return objective
 
 
-def run_worker(model, tokenizer, out: str, n_trials: int, offset: int, threads: int | None = None) -> int:
+def study_space(study) -> list:
+    """The study's ``Param`` list as stored when it was created (workers read it, never rebuild it)."""
+    from .space import Param
+
+    return [Param.from_dict(d) for d in study.user_attrs["space"]]
+
+
+def run_worker(model, tokenizer, out: str, n_trials: int, offset: int, threads: int | None = None, measure=None) -> int:
     """One worker: load the model and the study, capture once, run ``n_trials`` trials. Returns how many it ran."""
     import optuna
 
@@ -119,8 +175,8 @@ def run_worker(model, tokenizer, out: str, n_trials: int, offset: int, threads: 
     study.sampler = _sampler(settings, offset)
     model, tokenizer = _load_model(model, tokenizer)
     ev = Evaluator(model, tokenizer, split="calibration", backend=settings["backend"], seed=settings["seed"], **settings["eval"])
-    space = search_space(settings["template"], settings["eval"]["prefix"])
-    study.optimize(_objective(settings, space, ev, study.user_attrs["base"], offset), n_trials=n_trials, catch=(RecipeError,))
+    space = study_space(study)
+    study.optimize(_objective(settings, space, ev, study.user_attrs["base"], offset, measure), n_trials=n_trials, catch=(RecipeError,))
     return n_trials
 
 
@@ -168,9 +224,57 @@ def recover_lost(study, storage) -> list:
     return lost
 
 
+def _check_args(model, trials, workers, budget, objectives, min_speed, prune_margin, measure, eval_settings) -> None:
+    """ValueError naming the first bad argument of ``tune`` and what is allowed."""
+    if not (isinstance(trials, int) and trials >= 1) or not (isinstance(workers, int) and 1 <= workers <= 64):
+        raise ValueError(f"trials must be an int >= 1 and workers an int in [1, 64]; got trials={trials!r}, workers={workers!r}")
+    if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
+        raise ValueError(f"budget is the KV fraction held, in (0, 1]; got {budget!r}")
+    if workers > 1 and hasattr(model, "forward"):
+        raise ValueError("workers > 1 loads the model in each worker: pass its name or path, not a loaded model")
+    if not ({"kv", "ppl"} <= set(tuple(objectives)) <= set(OBJECTIVES)) or len(set(tuple(objectives))) != len(tuple(objectives)):
+        raise ValueError(f"objectives must hold 'kv' and 'ppl' and may add 'speed' (each once); got {list(objectives)}")
+    if min_speed is not None and not (isinstance(min_speed, (int, float)) and min_speed > 0):
+        raise ValueError(f"min_speed is a decode tokens/s ratio to dense, > 0; got {min_speed!r}")
+    if prune_margin is not None and not (isinstance(prune_margin, (int, float)) and prune_margin >= 0):
+        raise ValueError(f"prune_margin is a fraction >= 0 (or None: off); got {prune_margin!r}")
+    if measure is not None and workers > 1:
+        raise ValueError("measure= runs in this process only: use workers=1 with a custom speed measure")
+    bad = sorted(set(eval_settings or {}) - set(DEFAULT_EVAL))
+    if bad:
+        raise ValueError(f"unknown eval setting {bad[0]!r}; allowed: {', '.join(DEFAULT_EVAL)}")
+
+
+def _create(storage, settings, loaded, tok, trials: int, enqueue):
+    """A new study: its settings, space, dense scores, then ``enqueue`` and the seeded initial design (enqueued)."""
+    import optuna
+
+    space = search_space(settings["template"], settings["eval"]["prefix"], settings["scope"], _num_layers(loaded))  # errors before any work
+    names = {p.name for p in space}
+    for i, point in enumerate(enqueue or []):
+        unknown = sorted(set(point) - names)
+        if unknown:
+            raise ValueError(f"enqueue[{i}] names {unknown[0]!r}, not a parameter of this space; parameters: {', '.join(sorted(names))}")
+    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, directions=_directions(settings))
+    study.set_user_attr("settings", settings)
+    study.set_user_attr("space", [p.to_dict() for p in space])
+    ev = Evaluator(loaded, tok, split="calibration", backend=settings["backend"], seed=settings["seed"], **settings["eval"])
+    study.set_user_attr("base", ev.base())
+    # the initial design: drawn here from a seeded RandomSampler, enqueued so each point runs exactly once
+    draw = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=settings["seed"]), directions=_directions(settings))
+    dists = distributions(space)
+    for point in enqueue or []:
+        study.enqueue_trial(dict(point))
+    for _ in range(min(max(trials - len(enqueue or []), 0), settings["population"])):
+        study.enqueue_trial(draw.ask(dists).params)
+    return study
+
+
 def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, trials: int = 8, workers: int = 1,
          out=None, seed: int = 0, resume: bool = False, population: int = 8, max_ppl_ratio: float | None = None,
-         eval_settings: dict | None = None, backend: str = "torch", threads: int | None = None, outputs: bool = True) -> dict:
+         eval_settings: dict | None = None, backend: str = "torch", threads: int | None = None, outputs: bool = True,
+         scope="model", objectives=("kv", "ppl"), min_speed: float | None = None, speed_steps: int = 16, speed_rounds: int = 3,
+         prune_margin: float | None = None, enqueue: list | None = None, measure=None) -> dict:
     """Search the tunable settings of ``template`` on ``model``; returns the result (and writes ``out``).
 
     ``budget``: the largest KV fraction (bytes held / dense) a feasible recipe may hold.
@@ -179,18 +283,19 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
     ``window``, ``prefix`` (streamed perplexity) and ``niah_cases``, ``niah_length`` (needles), on
     the calibration split; the winner is re-measured on the held-out split with the same sizes.
     ``resume``: continue the study in ``out`` (its settings are kept; ``template`` etc. must match).
+    ``scope``: "model", "layer" or ``{pass: scope}`` (``space.search_space``). ``objectives``: "kv" and
+    "ppl", plus "speed" (decode tokens/s ratio to dense, maximised). ``min_speed``: the speed floor
+    (a constraint). ``speed_steps``/``speed_rounds``: decode steps per measure and alternating rounds.
+    ``prune_margin``: prune a trial whose first-window perplexity ratio is more than this fraction
+    worse than a completed trial's at no more KV (None, the default: off; on, a parallel study's pruning
+    depends on which trials finished first, so it is no longer identical to a serial one). ``enqueue``: ``[{param name: value}]``
+    run first (e.g. hand-written settings). ``measure``: ``(cm, ids, steps) -> tokens/s`` replacing
+    the timed decode (workers=1 only; tests).
     """
     import optuna
 
-    if not (isinstance(trials, int) and trials >= 1) or not (isinstance(workers, int) and 1 <= workers <= 64):
-        raise ValueError(f"trials must be an int >= 1 and workers an int in [1, 64]; got trials={trials!r}, workers={workers!r}")
-    if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
-        raise ValueError(f"budget is the KV fraction held, in (0, 1]; got {budget!r}")
-    if workers > 1 and hasattr(model, "forward"):
-        raise ValueError("workers > 1 loads the model in each worker: pass its name or path, not a loaded model")
-    bad = sorted(set(eval_settings or {}) - set(DEFAULT_EVAL))
-    if bad:
-        raise ValueError(f"unknown eval setting {bad[0]!r}; allowed: {', '.join(DEFAULT_EVAL)}")
+    _check_args(model, trials, workers, budget, objectives, min_speed, prune_margin, measure, eval_settings)
+    objectives = tuple(objectives)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="graphwright-tune-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -208,18 +313,10 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
             raise ValueError(f"the study in {out} tunes {settings['template']!r}, not {template!r}")
     else:
         settings = {"template": template, "budget": float(budget), "seed": seed, "population": population, "max_ppl_ratio": max_ppl_ratio,
-                    "backend": backend, "eval": {**DEFAULT_EVAL, **(eval_settings or {})}}
-        space = search_space(template, settings["eval"]["prefix"])  # errors before any work
-        study = optuna.create_study(study_name=STUDY_NAME, storage=storage, directions=_directions(settings))
-        study.set_user_attr("settings", settings)
-        study.set_user_attr("space", [p.to_dict() for p in space])
-        ev = Evaluator(loaded, tok, split="calibration", backend=backend, seed=seed, **settings["eval"])
-        study.set_user_attr("base", ev.base())
-        # the initial design: drawn here from a seeded RandomSampler, enqueued so each point runs exactly once
-        draw = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed), directions=_directions(settings))
-        dists = distributions(space)
-        for _ in range(min(trials, population)):
-            study.enqueue_trial(draw.ask(dists).params)
+                    "backend": backend, "eval": {**DEFAULT_EVAL, **(eval_settings or {})}, "scope": scope,
+                    "objectives": list(objectives), "min_speed": min_speed, "prune_margin": prune_margin,
+                    "speed": {"steps": speed_steps, "rounds": speed_rounds}}
+        study = _create(storage, settings, loaded, tok, trials, enqueue)
     if resume:
         recover_lost(study, storage)  # trials a killed run left RUNNING (resume assumes no other process runs this study)
     target = _finished(study) + trials
@@ -229,7 +326,7 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
             break
         offset = len(study.trials)
         if workers == 1:
-            run_worker(loaded, tok, str(out), remaining, offset, threads)
+            run_worker(loaded, tok, str(out), remaining, offset, threads, measure)
         else:
             _run_pool(model, tokenizer, out, remaining, workers, offset, threads)
         recover_lost(study, storage)
@@ -241,6 +338,12 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
         result.update(write_outputs(result, loaded, tok))
     (out / "result.json").write_text(json.dumps(result, indent=2, default=str))
     return result
+
+
+def _num_layers(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    return int(n) if n is not None else None
 
 
 def trial_rows(study) -> list:

@@ -79,8 +79,16 @@ def test_bad_templates_and_declarations_are_clear_errors(monkeypatch):
         args = (Arg("keep", float, 0.5, "", min=0.0, max=1.0, tune=Tunable("float", 0.1, 1.0, scope="layer")),)
 
     monkeypatch.setitem(PASS_REGISTRY, PerLayer.name, PerLayer)
-    with pytest.raises(RecipeError, match="tuning scope 'layer' is not built yet"):
+    with pytest.raises(RecipeError, match="declares scope 'layer' but tune_test_per_layer has no layers= argument"):
         search_space(PerLayer.name, 100)
+
+    class PerHead(Pass):
+        name = "tune_test_per_head"
+        args = (Arg("keep", float, 0.5, "", min=0.0, max=1.0, tune=Tunable("float", 0.1, 1.0, scope="head")),)
+
+    monkeypatch.setitem(PASS_REGISTRY, PerHead.name, PerHead)
+    with pytest.raises(RecipeError, match="tuning scope 'head' is not built yet"):
+        search_space(PerHead.name, 100)
 
 
 def test_top_level_tune_is_the_study_function(tiny):

@@ -59,7 +59,8 @@ def test_serial_study_writes_the_front_the_tomls_and_the_held_out_winner(llama, 
     assert len(done) + len(pruned) == 4 and done
     for t in done:  # KV bytes held: sinks + window tokens of the 39 dense ones
         assert t["kv_fraction"] == pytest.approx((4 + t["params"]["0.streaming.window"]) / 39) and t["kv_fraction"] <= 0.45
-    for t in pruned:  # pruned after the first window: over the budget
+    for t in pruned:  # pruned after the first window: over the budget (front pruning is off by default)
+        assert t["pruned_by"] == "budget" and t["windows_scored"] == 1
         assert (4 + t["params"]["0.streaming.window"]) / 39 > 0.45
     front = r["pareto"]
     assert front == pareto_front(trials, 0.45) and front
@@ -75,7 +76,9 @@ def test_serial_study_writes_the_front_the_tomls_and_the_held_out_winner(llama, 
     assert w["heldout"]["ppl_ratio"] != w["calibration"]["ppl_ratio"]  # re-measured, not copied
     for f in ("pareto.json", "pareto.md", "pareto.png", "winner.json", "winner_report.txt", "study.journal"):
         assert (tmp_path / f).stat().st_size > 0
-    assert json.loads((tmp_path / "pareto.json").read_text())[0]["recipe"] == front[0]["recipe"]
+    saved = json.loads((tmp_path / "pareto.json").read_text())
+    assert saved["front"][0]["recipe"] == front[0]["recipe"]
+    assert saved["counts"]["pruned"] == len(pruned) == sum(saved["counts"]["pruned_by"].values())
     assert "streaming" in (tmp_path / "winner_report.txt").read_text()
 
 
