@@ -45,6 +45,8 @@ def add_parser(sub):
     p.add_argument("--max-new-tokens", type=int_arg(1, 1_000_000), default=32)
     p.add_argument("--out", type=out_dir, default="out/demo", help="folder for demo.json (and the ONNX artifact in <out>/onnx)")
     p.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip the ONNX artifact (export takes about a minute)")
+    p.add_argument("--reexport", action="store_true",
+                   help="export the ONNX artifact even when <out>/onnx holds one from the same weights, recipe and code")
     p.add_argument("--steer", action="store_true", help="also run the PASTA steering example (smollm2-135m only)")
 
 
@@ -122,7 +124,7 @@ def run(args):
         out = cm.generate(ids, max_new_tokens=args.max_new_tokens)
     rows.append(_side(f"gw {args.backend}", tok, ids, out, cm.last_stats))
     if args.onnx:
-        rows.append(_onnx_side(cm, tok, ids, args, result))
+        rows.append(_onnx_side(cm, model, tok, ids, args, result))
     for r in rows:
         r["correct"] = LONG_ANSWER.lower() in r["text"].lower() if args.question == LONG_QUESTION else None
     _compare(f"long prompt: {ids.shape[1]} tokens of Northanger Abbey + \"{args.question}\"", tok, ids, rows)
@@ -146,18 +148,32 @@ def run(args):
         _steering(model, tok, args.out)
 
 
-def _onnx_side(cm, tok, ids, args, result) -> dict:
-    """Export the compiled model (verified in ONNX Runtime), load the artifact and run the long prompt on it."""
+def _onnx_side(cm, model, tok, ids, args, result) -> dict:
+    """Export the compiled model (verified in ONNX Runtime), load the artifact and run the long prompt on it.
+
+    An artifact a previous run exported from the same weights, recipe and code is reused
+    (``demo_cache.py``) unless ``--reexport``."""
     import graphwright as gw
 
+    from .demo_cache import artifact_key, cached, forget, remember
+
     out_dir = f"{args.out}/onnx"
-    t0 = time.perf_counter()
-    with console.status(f"exporting ONNX to {out_dir} ..."):
-        path = gw.export_onnx(cm, out_dir)  # replaces a previous export; refuses a foreign non-empty folder
-    result["onnx"] = {"path": str(path), "export_s": time.perf_counter() - t0}
-    console.print(f"ONNX artifact: [bold]{path}[/] ({result['onnx']['export_s']:.0f} s; run it with "
-                  f"graphwright.load({str(path)!r}).generate(...))")
-    runner = gw.load(path)
+    key = artifact_key(model, result["recipe"])
+    runner = None if args.reexport else cached(out_dir, key)
+    if runner is not None:
+        result["onnx"] = {"path": out_dir, "export_s": None, "reused": True}
+        console.print(f"ONNX artifact: [bold]{out_dir}[/] (reused: exported by an earlier run from the same weights, "
+                      "recipe and graphwright code; --reexport exports it again)")
+    else:
+        forget(out_dir)
+        t0 = time.perf_counter()
+        with console.status(f"exporting ONNX to {out_dir} ..."):
+            path = gw.export_onnx(cm, out_dir)  # replaces a previous export; refuses a foreign non-empty folder
+        remember(out_dir, key)
+        result["onnx"] = {"path": str(path), "export_s": time.perf_counter() - t0, "reused": False}
+        console.print(f"ONNX artifact: [bold]{path}[/] ({result['onnx']['export_s']:.0f} s; run it with "
+                      f"graphwright.load({str(path)!r}).generate(...))")
+        runner = gw.load(path, verify_hashes=False)  # export_onnx just wrote and hashed these files
     out = runner.generate(ids, max_new_tokens=args.max_new_tokens)
     return _side("gw ONNX Runtime", tok, ids, out, runner.last_stats)
 

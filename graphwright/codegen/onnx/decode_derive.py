@@ -63,7 +63,7 @@ def derive_append_decode(folder: Path, model_file: str, decode_file: str, output
     import onnx
 
     names = renames(records)
-    if names is None:
+    if not names:  # nothing cut (in-graph prompt eviction: derive_from_appends) or not a plain pass-through
         return False
     have = set(outputs) | set(names.values())
     if any(w not in have for w in wanted) or any(v in outputs for v in names.values()):
@@ -93,6 +93,57 @@ def derive_append_decode(folder: Path, model_file: str, decode_file: str, output
     _drop_dead_nodes(g)
     onnx.save(m, str(folder / decode_file))
     return True
+
+
+def derive_from_appends(folder: Path, model_file: str, decode_file: str, appends: dict, wanted: list) -> bool:
+    """Write ``folder/decode_file`` from ``folder/model_file`` whose SnapKV ops run in the graph
+    (``prompt_slots.append_outputs``): each ``<state>_append`` output becomes ``<state>_next``, the
+    prompt step's ``<state>_next`` (the compacted cache) and the nodes only it needed are dropped.
+    Then ``model_file`` is rewritten without the ``_append`` outputs. False (nothing written) when
+    an output is missing."""
+    import onnx
+
+    path = folder / model_file
+    m = onnx.load(str(path), load_external_data=False)
+    g = m.graph
+    have = {o.name for o in g.output}
+    if not appends or any(a not in have or n not in have for n, a in appends.items()):
+        return False
+    rename = {**{n: n + "__prompt" for n in appends}, **{a: n for n, a in appends.items()}}
+    _rename_values(g, rename)
+    by_name = {o.name: o for o in g.output}
+    if any(w not in by_name for w in wanted):
+        return False
+    kept = [by_name[w] for w in wanted]
+    del g.output[:]
+    g.output.extend(kept)
+    _drop_dead_nodes(g)
+    onnx.save(m, str(folder / decode_file))
+    strip_outputs(path, set(appends.values()))
+    return True
+
+
+def strip_outputs(path: Path, names: set) -> None:
+    """Rewrite the ONNX file at ``path`` without the graph outputs ``names`` (weights stay external)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    kept = [o for o in m.graph.output if o.name not in names]
+    del m.graph.output[:]
+    m.graph.output.extend(kept)
+    _drop_dead_nodes(m.graph)
+    onnx.save(m, str(path))
+
+
+def _rename_values(g, rename: dict) -> None:
+    """Rename values (node inputs/outputs, value_info, graph outputs) by ``rename`` at once."""
+    for node in g.node:
+        for j, x in enumerate(node.output):
+            node.output[j] = rename.get(x, x)
+        for j, x in enumerate(node.input):
+            node.input[j] = rename.get(x, x)
+    for vi in [*g.value_info, *g.output]:
+        vi.name = rename.get(vi.name, vi.name)
 
 
 def _drop_dead_nodes(g) -> None:

@@ -20,6 +20,7 @@ import torch
 
 from ...capture.step_graph import positions_from_mask, prompt_blocks, spec_bytes_per_token
 from ...errors import GraphwrightError
+from ...ops.eviction import EVICT_SNAPKV
 from ...version import __version__
 from .artifact import FORMAT, METADATA, MODEL, OnnxStep, info_to_json, spec_to_json
 from .export_probe import MAX_PROBE, probe, probe_lengths
@@ -167,6 +168,11 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
             gm, record = prompt_graph(sg.gm, sg.state)
             prompt.update(record)
         gm, records, outputs = split(gm if gm is not None else sg.gm, inputs, [s.name for s in sg.state])
+        if not decode and prompt and not records and not prompt["split"] and \
+                {r["op"] for r in prompt["in_graph"]} == {EVICT_SNAPKV.name()}:  # decode.onnx derives from these
+            from .prompt_slots import append_outputs
+
+            prompt["appends"] = append_outputs(gm, outputs)
     table = translation_table()
     missing = sorted(str(op) for op in graphwright_ops(gm) if op not in table)
     if missing:
@@ -210,7 +216,7 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
     return outputs, records, shared
 
 
-def _decode_onnx(cm, out: Path, opset: int, external_data: bool, phases: Phases, prefill=None):
+def _decode_onnx(cm, out: Path, opset: int, external_data: bool, phases: Phases, prefill=None, appends=None):
     """``decode.onnx`` when some eviction op runs in the graph at decode (``decode_slots.py``).
 
     Returns the ``graphwright.json["decode"]`` record: model file, outputs, the runtime ops left
@@ -219,20 +225,28 @@ def _decode_onnx(cm, out: Path, opset: int, external_data: bool, phases: Phases,
     None with the reasons, or None for a recipe without eviction.
     With external data, ``decode.onnx`` points at ``model.onnx.data`` (``shared_weights.py``).
     ``prefill``: ``(outputs, records)`` of ``model.onnx``; when the decode graph only appends (SnapKV),
-    ``decode.onnx`` is ``model.onnx`` with renamed outputs (``decode_derive.py``), not a second export."""
-    from .decode_derive import appends_only, derive_append_decode
+    ``decode.onnx`` is ``model.onnx`` with renamed outputs (``decode_derive.py``), not a second export.
+    ``appends``: ``{"<state>_next": "<state>_append"}`` of ``prompt_slots.append_outputs`` (in-graph
+    SnapKV at the prompt step); ``model.onnx`` loses those outputs here whether or not it is derived."""
+    from .decode_derive import appends_only, derive_append_decode, derive_from_appends, strip_outputs
     from .decode_slots import decode_graph
 
     sg = cm.step_graph
     gm, capacity, in_graph, left = decode_graph(sg.gm, sg.state)
     if not in_graph:
+        if appends:
+            strip_outputs(out / MODEL, set(appends.values()))
         return {"model_file": None, "split": left} if left else None
+    derived = False
     if prefill is not None and appends_only(gm, capacity, in_graph, left):
         wanted = io_names(sg.state, sg.extra_inputs)[1]
         with phases("decode_derive"):
-            derived = derive_append_decode(out, MODEL, DECODE_MODEL, prefill[0], prefill[1], wanted)
-    else:
-        derived = False
+            if appends:  # in-graph SnapKV at the prompt step: decode.onnx reads its appended cache
+                derived = derive_from_appends(out, MODEL, DECODE_MODEL, appends, wanted)
+            else:
+                derived = derive_append_decode(out, MODEL, DECODE_MODEL, prefill[0], prefill[1], wanted)
+    if appends and not derived:
+        strip_outputs(out / MODEL, set(appends.values()))
     if derived:
         outputs, records, shared = wanted, [], external_data and (out / EXTERNAL_DATA).exists()
     else:
@@ -422,7 +436,9 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
     path = out / MODEL
     prompt = {}
     outputs, records, _ = _to_onnx(cm, path, opset, external_data, phases, prompt=prompt)
-    decode = _decode_onnx(cm, out, opset, external_data, phases, prefill=(outputs, records))
+    appends = prompt.pop("appends", None) or {}
+    outputs = [o for o in outputs if o not in set(appends.values())]
+    decode = _decode_onnx(cm, out, opset, external_data, phases, prefill=(outputs, records), appends=appends)
     external = (out / EXTERNAL_DATA).exists()
     with phases("check"):
         try:

@@ -43,6 +43,7 @@ artifact's prompt step is one session run with the reference's sets, state width
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch
 
@@ -201,3 +202,40 @@ def prompt_graph(gm: torch.fx.GraphModule, state_specs: list):
     gm.graph.lint()
     gm.recompile()
     return gm, {"in_graph": in_graph, "split": left, "capacity": capacity}
+
+
+APPEND = "_append"  # suffix of the extra outputs append_outputs adds: "<state>_append"
+SNAPKV_PASS_THROUGH = (1, 2, 4)  # snapkv_prompt(q, k, v, q_pos, k_pos, ...) -> (k, v, k_pos): argument of each output
+
+
+def append_outputs(gm: torch.fx.GraphModule, outputs: list) -> dict:
+    """Give ``gm`` (a ``split`` result, ``outputs`` its output names) the appended cache of each in-graph
+    SnapKV op as extra outputs ``<state>_append``: the k, v and k_pos the op compacts at a prompt step.
+
+    At a decode step SnapKV appends (``decode_slots.snapkv_decode``), so ``decode.onnx`` is
+    ``model.onnx`` with each ``<state>_append`` as its ``<state>_next`` and the compaction dropped
+    (``decode_derive.derive_from_appends``): no second export, and no decode step pays for the
+    prompt step's scoring, TopK and gathers. ``model.onnx`` itself is saved without these outputs.
+    Returns ``{"<state>_next": "<state>_append"}`` and appends ``outputs`` in place; ``{}`` (``gm``
+    unchanged) unless every output of every SnapKV op goes straight to the state from a computed value."""
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    outs = list(out_node.args[0])
+    snaps = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is snapkv_prompt]
+    appends, extra = {}, []
+    for node in snaps:
+        for user in node.users:
+            if user.target is not operator.getitem or user.args[1] >= len(SNAPKV_PASS_THROUGH):
+                return {}
+            src = node.args[SNAPKV_PASS_THROUGH[user.args[1]]]
+            js = [j for j, o in enumerate(outs) if o is user]
+            if len(js) != 1 or not isinstance(src, torch.fx.Node) or src.op != "call_function":
+                return {}
+            appends[outputs[js[0]]] = outputs[js[0]][:-len("_next")] + APPEND
+            extra.append(src)
+    if not appends or len(appends) != 3 * len(snaps):
+        return {}
+    out_node.args = (tuple(outs + extra),)
+    outputs.extend(appends.values())
+    gm.graph.lint()
+    gm.recompile()
+    return appends

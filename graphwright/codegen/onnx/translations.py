@@ -57,14 +57,12 @@ MASKED = float(torch.finfo(torch.float32).min)
 FLOAT = 1  # onnx.TensorProtocol.FLOAT
 
 
-def additive_mask(q_pos, k_pos, window: int, num_heads: int, key_bias=None, sinks: int = 0):
-    """fp32 additive mask [B, 1|H, T, S]: 0 where key j is visible to query i, MASKED elsewhere.
+def visibility(q_pos, k_pos, window: int, sinks: int = 0):
+    """bool [B, Hk|1, T, S]: True where key j is visible to query i.
 
     Visible iff 0 <= k_pos[j] <= q_pos[i] (and q_pos - k_pos < window or k_pos < sinks when
-    window > 0); padding query rows (q_pos = -1) see every valid key. ``k_pos`` is [B, S] or per-KV-head [B, Hk, S]
-    (then the mask is repeated over each group's query heads). ``key_bias`` [B, H, S] is added to
-    every query row. Built from positions inside the graph, so the runtime passes no mask.
-    """
+    window > 0); padding query rows (q_pos = -1) see every valid key. ``k_pos`` is [B, S] or
+    per-KV-head [B, Hk, S]."""
     zero = op.Constant(value_int=0)
     per_head = len(k_pos.shape) == 3
     kp = op.Unsqueeze(k_pos, [2]) if per_head else op.Unsqueeze(k_pos, [1, 2])  # [B, Hk|1, 1, S]
@@ -75,7 +73,18 @@ def additive_mask(q_pos, k_pos, window: int, num_heads: int, key_bias=None, sink
         if sinks > 0:  # the first `sinks` positions stay visible (attention sinks)
             recent = op.Or(recent, op.Less(kp, op.Constant(value_int=sinks)))
         causal = op.And(causal, recent)
-    visible = op.And(op.GreaterOrEqual(kp, zero), op.Or(causal, op.Less(qp, zero)))
+    return op.And(op.GreaterOrEqual(kp, zero), op.Or(causal, op.Less(qp, zero)))
+
+
+def additive_mask(q_pos, k_pos, window: int, num_heads: int, key_bias=None, sinks: int = 0):
+    """fp32 additive mask [B, 1|H, T, S]: 0 where key j is visible to query i (``visibility``), MASKED elsewhere.
+
+    ``k_pos`` [B, S] or per-KV-head [B, Hk, S] (then the mask is repeated over each group's query
+    heads). ``key_bias`` [B, H, S] is added to every query row. Built from positions inside the
+    graph, so the runtime passes no mask.
+    """
+    per_head = len(k_pos.shape) == 3
+    visible = visibility(q_pos, k_pos, window, sinks)
     mask = op.Where(visible, op.Constant(value_float=0.0), op.Constant(value_float=MASKED))
     if per_head:
         # [B, Hk, T, S] -> [B, Hk, g, T, S] -> [B, H, T, S]: query head h uses KV head h // g
@@ -95,15 +104,33 @@ def additive_mask(q_pos, k_pos, window: int, num_heads: int, key_bias=None, sink
 
 @register(ATTENTION)
 def attention(q, k, v, q_pos, k_pos, scale: float, window: int = 0, key_bias=None, sinks: int = 0):
-    """Opset-23 ``Attention`` (GQA via its head attributes) with the visibility as an additive mask.
+    """Opset-23 ``Attention`` (GQA via its head attributes) with the visibility as its mask.
 
     Computed in fp32 like the reference (low-precision inputs are cast up, the output back to v's
     dtype). ORT CPU's Attention-23 kernel matches the reference within float rounding for GQA,
     MHA, windows and left padding (tests/onnx), so no MatMul/Softmax fallback is needed.
+
+    Without a key bias the mask is the boolean visibility itself (no fp32 Where over [B, Hk, T, S]).
+    Per-KV-head positions (eviction caches): each KV head's query group is its own batch entry
+    (q [B*Hk, g, T, D], k/v [B*Hk, 1, S, D], mask [B*Hk, 1, T, S] broadcast over the g query
+    heads), so the mask is never expanded to the H query heads: that Expand of a [B, H, T, S]
+    tensor per layer was a quarter of a 3k-token prompt step in ONNX Runtime (README, ONNX).
     """
     num_heads, num_kv = q.shape[1], k.shape[1]
-    mask = additive_mask(q_pos, k_pos, window, num_heads, key_bias, sinks)
     q32, k32, v32 = (op.Cast(t, to=FLOAT) for t in (q, k, v))
-    y, _, _, _ = op.Attention(q32, k32, v32, mask, scale=float(scale),
-                              q_num_heads=int(num_heads), kv_num_heads=int(num_kv))
-    return op.CastLike(y, v)
+    if key_bias is not None:
+        mask = additive_mask(q_pos, k_pos, window, num_heads, key_bias, sinks)
+        y, _, _, _ = op.Attention(q32, k32, v32, mask, scale=float(scale),
+                                  q_num_heads=int(num_heads), kv_num_heads=int(num_kv))
+        return op.CastLike(y, v)
+    visible = visibility(q_pos, k_pos, window, sinks)
+    if len(k_pos.shape) != 3:  # [B, 1, T, S], broadcast over every head
+        y, _, _, _ = op.Attention(q32, k32, v32, visible, scale=float(scale),
+                                  q_num_heads=int(num_heads), kv_num_heads=int(num_kv))
+        return op.CastLike(y, v)
+    g = int(num_heads) // int(num_kv)
+    group = op.Constant(value_ints=[-1, g, 0, 0])  # Reshape: 0 copies the input's dim, -1 is B * Hk
+    one = op.Constant(value_ints=[-1, 1, 0, 0])
+    y, _, _, _ = op.Attention(op.Reshape(q32, group), op.Reshape(k32, one), op.Reshape(v32, one),
+                              op.Reshape(visible, one), scale=float(scale), q_num_heads=g, kv_num_heads=1)
+    return op.CastLike(op.Reshape(y, op.Constant(value_ints=[-1, int(num_heads), 0, 0])), v)
