@@ -87,7 +87,7 @@ from .cache_append import _owned_tail, _view, cache_append, keep_prefix
 from .decode_probs import step_probs
 from .prefill_scores import h2o_prompt
 from .rope_table import rope_cos_sin, rotate_rows
-from .step_memo import arange, memo, memo_tensor, step_info
+from .step_memo import arange, memo, memo_tensor, slot_memo, step_info
 
 
 def _slot_decode(q_pos, k, v, k_pos, extras=()) -> bool:
@@ -102,7 +102,7 @@ def _first(mask: torch.Tensor) -> torch.Tensor:
     return mask.to(torch.uint8).argmax(dim=-1)
 
 
-def place_new_token(tensors, k_pos, over, victim, static: bool):
+def place_new_token(tensors, k_pos, over, victim, static: bool, plan: dict | None = None):
     """Move slot S (the new token) into the victim's slot (``over``) or the first empty one.
 
     ``tensors``: k, v [B, Hk, S+1, D] and per-slot state [B, Hk, S+1] (k_pos among them), written
@@ -114,16 +114,22 @@ def place_new_token(tensors, k_pos, over, victim, static: bool):
     one ``index_select`` of the B*Hk new rows and one ``index_copy_`` into their slots (a no-op copy
     where j = S), instead of a broadcast index per tensor. The first empty slot is one ``amin`` over
     slot indices (S when there is none, or when only slot S itself is empty: a padding row's new token).
+    ``plan``: a dict shared by layers with equal ``k_pos`` (``step_memo.slot_memo``; static budgets only): the
+    destination slots and flat rows are computed by the first of them (``over``/``victim`` may then be None).
     """
     B, Hk, S1 = k_pos.shape
     S = S1 - 1
-    free = torch.where(k_pos < 0, arange(S1, k_pos.device), S).amin(dim=-1)  # first empty of 0..S-1, else S
-    j = torch.where(over, victim, free)
+    j = plan.get("j") if plan else None
+    if j is None:
+        free = torch.where(k_pos < 0, arange(S1, k_pos.device), S).amin(dim=-1)  # first empty of 0..S-1, else S
+        j = torch.where(over, victim, free)
+        if plan is not None and static:
+            plan["j"], plan["rows"] = j, {}
     n = S
     if not static:
         grow = (j == S) & ~over  # heads keeping the new token where it is
         n = S if not bool(grow.any()) else S1  # the one sync, fraction budgets only
-    rows = {}  # cap -> (destination rows, source rows)
+    rows = plan["rows"] if plan and static else {}  # cap -> (destination rows, source rows)
     out = []
     for x in tensors:
         buf = _owned_tail(x, 2)
@@ -222,8 +228,11 @@ def streaming_slots(k, v, q_pos, k_pos, sinks, window):
         old = (info.length - 1 - window)[:, None, None]
         return torch.where(old >= sinks, old, -2)
 
+    plan = slot_memo(info, ("slots", sinks, window), k_pos)  # every layer holds the same positions in the same slots
+    if "j" in plan:
+        return tuple(place_new_token((k, v, k_pos), k_pos, None, None, static=True, plan=plan))
     hit = k_pos == memo(info, ("streaming", sinks, window), leaving)
-    return tuple(place_new_token((k, v, k_pos), k_pos, hit.any(dim=-1), _first(hit), static=True))
+    return tuple(place_new_token((k, v, k_pos), k_pos, hit.any(dim=-1), _first(hit), static=True, plan=plan))
 
 
 # ----------------------------------------------------------------------------------- FastGen

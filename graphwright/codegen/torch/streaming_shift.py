@@ -49,44 +49,62 @@ from ...ops.rope_index_ref import _rotate, rope_angles, rope_invert_reference
 from .attention import attention_sdpa
 from .cache_append import cache_append
 from .eviction_slots import rope_cache_index_ranked
-from .step_memo import memo, step_info
+from .step_memo import memo, slot_memo, step_info
 
 
-def _query_shift(q_pos, inv_freq, sinks: int, window: int):
-    """(cos, -sin) [B, 1, 1, R] of each row's E = tokens evicted so far (the query's rotation back to its
-    cache index), made once per step and shared by every layer with this rotary table."""
+def _query_map(q_pos, inv_freq, sinks: int, window: int, D: int, scale: float) -> torch.Tensor:
+    """[B, 1, D, 2D] fp32: ``q @ W`` gives [scale * q, scale * R(-E) q] per row (the query as rotated by the
+    model, and rotated back by E = tokens evicted so far: its cache index). Made once per step, shared by
+    every layer with this rotary table (``step_memo``)."""
     info = step_info(q_pos)
+    key = ("stream_map", sinks, window, id(inv_freq), D, scale)
 
     def make():
         E = (info.length - 1 - sinks - window).clamp(min=0)
         cos, sin = rope_angles(E, inv_freq)  # [B, R]: the reference's fp32 angle function
-        return inv_freq, cos[:, None, None], -sin[:, None, None]
+        eye = torch.eye(D, device=q_pos.device)
+        back = _rotate(eye[None, None], cos[:, None, None], -sin[:, None, None], 1.0)  # row i = R(-E) e_i
+        return inv_freq, torch.cat([eye.expand_as(back), back], dim=-1) * scale
 
-    hit = memo(info, ("stream_shift", sinks, window, id(inv_freq)), make)
+    hit = memo(info, key, make)
     if hit[0] is not inv_freq:  # another table under a reused id: rebuild
-        hit = info.extra[("stream_shift", sinks, window, id(inv_freq))] = make()
-    return hit[1], hit[2]
+        hit = info.extra[key] = make()
+    return hit[1]
+
+
+def _slot_bias(info, k_pos, sinks: int, window: int) -> torch.Tensor:
+    """[B, Hk, 1, 2, S] fp32: 0 where a slot is read with the matching query (row 0: window keys with the
+    model's query, row 1: sink keys with the shifted one), ``finfo.min`` elsewhere and on invisible slots.
+    Shared by the layers of a step whose positions are equal (``step_memo.slot_memo``)."""
+    plan = slot_memo(info, ("slots", sinks, window), k_pos)
+    bias = plan.get("bias")
+    if bias is None:
+        visible = (k_pos >= 0) & (k_pos <= info.q_lift)
+        sink = k_pos < sinks
+        take = torch.stack([visible & ~sink, visible & sink], dim=2)[:, :, None]
+        bias = plan["bias"] = torch.zeros(take.shape).masked_fill_(~take, torch.finfo(torch.float32).min)
+    return bias
 
 
 def _shifted_decode(q, k, v, q_pos, k_pos, scale, key_bias, inv_freq, sinks: int, window: int):
-    """One query per row over slots whose keys are rotated at their absolute positions (module docstring)."""
+    """One query per row over slots whose keys are rotated at their absolute positions (module docstring).
+
+    Both queries of every head come from one matmul (``_query_map``), both score rows of every KV head
+    from one ``bmm``; the softmax runs over the 2S scores of which exactly S are not masked (per slot the
+    one its query should see), and the two halves of P (one of them exactly 0 per slot) are summed."""
     B, H, _, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
     g = H // Hk
-    cos, sin = _query_shift(q_pos, inv_freq, sinks, window)
-    qf = q.float()
-    q_idx = _rotate(qf, cos, sin, 1.0)  # rotated back by E: the query at its cache index (for the sinks)
-    qq = torch.cat([qf.view(B, Hk, g, D), q_idx.view(B, Hk, g, D)], dim=2).view(B * Hk, 2 * g, D)
+    info = step_info(q_pos)
+    qq = torch.matmul(q if q.dtype == torch.float32 else q.float(), _query_map(q_pos, inv_freq, sinks, window, D, scale))
     kf = k if k.dtype == torch.float32 else k.float()
-    s2 = torch.bmm(qq, kf.flatten(0, 1).transpose(1, 2)).view(B, Hk, 2, g, S)
-    s = torch.where((k_pos < sinks)[:, :, None], s2[:, :, 1], s2[:, :, 0]) * scale
+    s2 = torch.bmm(qq.view(B * Hk, 2 * g, D), kf.flatten(0, 1).transpose(1, 2)).view(B, Hk, g, 2, S)
+    s2 = s2 + _slot_bias(info, k_pos, sinks, window)
     if key_bias is not None:
-        s = s + key_bias.float().view(B, Hk, g, S)
-    visible = (k_pos >= 0) & (k_pos <= step_info(q_pos).q_lift)
-    p = torch.softmax(torch.where(visible[:, :, None], s, torch.finfo(torch.float32).min), dim=-1)
+        s2 = s2 + key_bias.float().view(B, Hk, g, 1, S)
+    p = torch.softmax(s2.view(B, Hk, g, 2 * S), dim=-1).view(B * Hk, g, 2, S).sum(dim=2)
     vf = v if v.dtype == torch.float32 else v.float()
-    out = torch.bmm(p.view(B * Hk, g, S), vf.flatten(0, 1))
-    return out.view(B, H, 1, v.shape[-1]).to(v.dtype)
+    return torch.bmm(p, vf.flatten(0, 1)).view(B, H, 1, v.shape[-1]).to(v.dtype)
 
 
 def _invert_slots(k, k_pos, inv_freq, scaling: float):
