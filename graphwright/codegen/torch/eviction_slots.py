@@ -116,11 +116,14 @@ def place_new_token(tensors, k_pos, over, victim, static: bool, plan: dict | Non
     slot indices (S when there is none, or when only slot S itself is empty: a padding row's new token).
     ``plan``: a dict shared by layers with equal ``k_pos`` (``step_memo.slot_memo``; static budgets only): the
     destination slots and flat rows are computed by the first of them (``over``/``victim`` may then be None).
+    ``over`` None with a ``victim``: every head is over budget (``j = victim``).
     """
     B, Hk, S1 = k_pos.shape
     S = S1 - 1
     j = plan.get("j") if plan else None
-    if j is None:
+    if j is None and over is None:  # the caller knows every head is over budget
+        j = victim
+    elif j is None:
         free = torch.where(k_pos < 0, arange(S1, k_pos.device), S).amin(dim=-1)  # first empty of 0..S-1, else S
         j = torch.where(over, victim, free)
         if plan is not None and static:
@@ -207,12 +210,23 @@ def h2o_slots(q, k, v, q_pos, k_pos, score, scale, heavy_n, heavy_f, recent_n, r
         first_recent, heavy = memo(info, ("h2o", heavy_n, heavy_f, recent_n, recent_f), lambda: (
             info.length[:, None, None] - budget(recent_n, recent_f, info.length)[:, None, None],
             budget(heavy_n, heavy_f, info.length)[:, None]))
-    cand = (k_pos >= 0) & (k_pos < first_recent)
-    over = cand.sum(dim=-1) > heavy
+    full = static and S1 == heavy_n + recent_n + 1 and _rows_full(info, heavy_n + recent_n)
+    # every head holds c + 1 valid slots (no empty one) and is over budget: no emptiness test, no budget count
+    cand = (k_pos < first_recent) if full else (k_pos >= 0) & (k_pos < first_recent)
+    over = None if full else cand.sum(dim=-1) > heavy
     s = torch.where(cand, score, float("inf"))
     # lowest score, latest position (a head without candidates is not over budget: its victim is unused)
     victim = torch.where(s == s.amin(dim=-1, keepdim=True), k_pos, -1).argmax(dim=-1)
     return tuple(place_new_token((k, v, k_pos, score), k_pos, over, victim, static))
+
+
+def _rows_full(info, c: int) -> bool:
+    """Every row has held ``c`` tokens before this step (L - 1 >= c), so a token-count budget of ``c`` keeps
+    exactly c per head and the appended cache holds c + 1 valid slots per head. One host read per step,
+    on CPU only (free there; elsewhere, and under ``torch.compile``, False: the general path)."""
+    if torch.compiler.is_compiling() or info.q_pos.device.type != "cpu":
+        return False
+    return memo(info, ("rows_full", c), lambda: bool((info.length > c).all()))
 
 
 # ----------------------------------------------------------------------------------- StreamingLLM
