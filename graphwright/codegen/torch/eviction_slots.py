@@ -60,7 +60,9 @@ Aliasing: the input state is *donated*: the victim's slot is overwritten in plac
 must not reuse a state it has passed to a step (the runtime threads states linearly; see
 ``cache_append``'s docstring). StreamingLLM's cache index (``rope_cache_index``) becomes each
 slot's rank by position among the valid slots (``rope_cache_index_ranked``), equal to the
-reference's slot count on a position-ordered cache.
+reference's slot count on a position-ordered cache. On the torch backend a StreamingLLM decode step no
+longer calls it: ``streaming_shift.py`` caches keys at their absolute rotation and shifts the query
+instead (prompt steps still use it, on keys inverted at their positions).
 
 Invariants tested (``tests/passes/test_eviction_slots.py``): same kept position sets per (row,
 head) as the torch backend with the references, after every step with eviction at every step
