@@ -1,6 +1,7 @@
 """Per-step CPU cost of slot eviction beside dense decode, robust to a shared machine.
 
-Usage: python bench/profile_slot_overhead.py [--prompt 256] [--steps 8] [--rounds 3] [--recipes identity h2o25 streaming25 snapkv25] [--cprofile]
+Usage: python bench/profile_slot_overhead.py [--prompt 256] [--steps 8] [--rounds 3] [--recipes identity h2o25 streaming25 snapkv25]
+       [--cprofile] [--top N]
 
 One process, one torch thread: after one prefill per recipe (names as ``bench/bench_decode.py``), rounds of
 ``--steps`` greedy decode steps alternate between recipes; each step is timed as this thread's CPU time
@@ -8,12 +9,16 @@ One process, one torch thread: after one prefill per recipe (names as ``bench/be
 far less than wall time). Prints the median CPU ms per step and the ratio to the first recipe, the
 number of aten ops one step dispatches (``torch.profiler``; load-independent), and with ``--cprofile``
 the graphwright functions by cumulative thread CPU time over a few steps (where eviction's overhead sits).
+``--top N`` lists each recipe's N most frequent aten ops in one step with their share of the step's aten
+self CPU time. A recipe name ending in ``:rotate`` runs on the torch backend without
+``streaming_rope_shift`` (StreamingLLM re-rotating every cached key per step, as before), for an A/B in one process.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import io
 import os
 import pstats
@@ -28,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import prompt_ids, recipe_text  # noqa: E402
 
 import graphwright as gw  # noqa: E402
+from graphwright.codegen.backends import TORCH  # noqa: E402
+from graphwright.codegen.torch.streaming_shift import streaming_rope_shift  # noqa: E402
 
 
 @torch.inference_mode()
@@ -45,6 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--recipes", nargs="+", default=["identity", "h2o25", "streaming25", "snapkv25"])
     p.add_argument("--cprofile", action="store_true")
+    p.add_argument("--top", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     load0 = os.getloadavg()
@@ -53,7 +61,10 @@ def main(argv=None) -> int:
     P = ids.shape[1]
     sides = {}
     for r in args.recipes:
-        cm = gw.compile(model, recipe=recipe_text(r, P), tokenizer=tok, verify=False)
+        name, _, variant = r.partition(":")
+        backend = "torch" if variant != "rotate" else dataclasses.replace(
+            TORCH, name="torch_rotate", transforms=tuple(t for t in TORCH.transforms if t is not streaming_rope_shift))
+        cm = gw.compile(model, recipe=recipe_text(name, P), tokenizer=tok, verify=False, backend=backend)
         state = [s.empty(1, ids.device) for s in cm._runtime.specs]
         c0 = time.thread_time()
         with torch.inference_mode():
@@ -72,10 +83,15 @@ def main(argv=None) -> int:
     for r, v in sides.items():
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             step(v)
-        n_ops = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+        aten = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+        n_ops = sum(e.count for e in aten)
         m = statistics.median(v["cpu"])
         print(f"  {r:12s} {1e3 * m:7.2f} ms  {base / m:5.2f}x {args.recipes[0]}  aten ops/step {n_ops:5d}  "
               f"prefill CPU {v['prefill']:.2f} s ({P / v['prefill']:.0f} tok/s)")
+        if args.top:
+            total = sum(e.self_cpu_time_total for e in aten) or 1.0
+            for e in sorted(aten, key=lambda e: -e.count)[:args.top]:
+                print(f"      {e.key:32s} {e.count:5d} calls  {100 * e.self_cpu_time_total / total:5.1f}% self CPU")
     if args.cprofile:
         for r, v in sides.items():
             pr = cProfile.Profile(time.thread_time)

@@ -48,6 +48,7 @@ from .torch.eviction_slots import SLOT_OVERRIDES
 from .torch.latent_attention import latent_attention_sdpa, latent_keys_fast
 from .torch.moe import fused_moe_auto, fused_moe_sorted, fused_moe_triton
 from .torch.scored_attention import scored_attention
+from .torch.streaming_shift import streaming_rope_shift
 from .triton import TRITON_OVERRIDES
 
 
@@ -154,7 +155,8 @@ TORCH = register_backend(Backend(
      BLOCK_SPARSE_ATTENTION: block_sparse_sdpa, PAGE_SUMMARY: page_summary_incremental,
      FUSED_MOE: {"auto": fused_moe_auto, "sorted": fused_moe_sorted, "triton": fused_moe_triton},
      **EVICTION_REFERENCES, **SLOT_OVERRIDES, LATENT_KEYS: latent_keys_fast},  # eviction at decode without compaction (torch/eviction_slots.py)
-    transforms=(append_caches_in_place, scored_attention), step_rewrites=(bound_native_windows,),
+    # streaming_rope_shift: StreamingLLM keys cached at absolute positions, no per-step key rotation (torch/streaming_shift.py)
+    transforms=(append_caches_in_place, scored_attention, streaming_rope_shift), step_rewrites=(bound_native_windows,),
     finalize=finalize_torch))  # decode GEMV on [in, out] weight copies, flat weight attributes (torch/decode_linear.py)
 
 TRITON = register_backend(Backend(
@@ -168,4 +170,5 @@ COMPILED = register_backend(Backend(
     "compiled", "the torch backend with decode steps run by torch.compile (Inductor) over static-capacity caches, "
                 "eager prefill; append-only recipes and fixed-capacity eviction (streaming, h2o with token counts, snapkv), "
                 "evict(score=...)/keyformer/scissorhands eagerly after the compiled graph; no block_sparse",
-    TORCH.table, transforms=TORCH.transforms, make_step=make_static_step))
+    # not streaming_rope_shift: the static decode rewrite (torch/static_eviction.py) keeps the step graph's pre-RoPE keys
+    TORCH.table, transforms=(append_caches_in_place, scored_attention), make_step=make_static_step))

@@ -8,7 +8,7 @@ import torch
 from graphwright.capture.ops import visible_mask
 from graphwright.codegen.torch.attention import _all_visible
 from graphwright.codegen.torch.eviction_slots import rope_invert_fast
-from graphwright.codegen.torch.step_memo import memo, step_info
+from graphwright.codegen.torch.step_memo import memo, slot_memo, step_info
 from graphwright.ops.eviction_ref import row_length
 from graphwright.ops.rope_index_ref import rope_invert_reference
 
@@ -55,3 +55,16 @@ def test_all_visible_only_when_the_mask_is_all_true():
         assert not _all_visible(q_pos, k_pos) and not bool(visible_mask(q_pos, k_pos).all())
     pad = torch.tensor([[-1], [12]])  # a padding row sees every valid slot
     assert _all_visible(pad, full) and bool(visible_mask(pad, full).all())
+
+
+def test_slot_memo_is_shared_only_by_equal_positions_and_keeps_a_copy():
+    info = step_info(torch.tensor([[7]]))
+    a = torch.tensor([[[0, 1, 6, 7]]])
+    first = slot_memo(info, "k", a)
+    first["j"] = "made once"
+    assert slot_memo(info, "k", a.clone()) is first  # another layer, equal positions: shared
+    a[0, 0, 2] = -1  # the first layer's eviction writes its k_pos in place: the memo's copy is unchanged
+    assert torch.equal(first["k_pos"], torch.tensor([[[0, 1, 6, 7]]]))
+    other = slot_memo(info, "k", torch.tensor([[[0, 2, 6, 7]]]))  # different positions: a fresh dict
+    assert other is not first and "j" not in other
+    assert slot_memo(info, "k2", torch.tensor([[[0, 2, 6, 7]]])) is not other  # keys apart

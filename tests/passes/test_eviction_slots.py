@@ -15,6 +15,7 @@ import torch
 
 from graphwright.codegen.backends import EVICTION_REFERENCES, TORCH
 from graphwright.codegen.torch.eviction_slots import decode_colsum, fastgen_slots, h2o_slots, position_rank, rope_cache_index_ranked, streaming_slots
+from graphwright.codegen.torch.streaming_shift import streaming_rope_shift
 from graphwright.compiled import CompiledModel
 from graphwright.ops.eviction_ref import PUNCT, SPECIAL, colsum, h2o_reference, streaming_reference
 from graphwright.ops.fastgen_ref import fastgen_reference
@@ -27,7 +28,9 @@ from graphwright.passes.streaming import Streaming
 from tests.conftest import left_padded_batch
 from tests.passes.eviction_helpers import decode_loop, kept_positions, op_decode_loop, random_step, state_of
 
-COMPACTING = dataclasses.replace(TORCH, name="torch_compacting", table={**TORCH.table, **EVICTION_REFERENCES})
+# the references, on the step graph's own cache layout (pre-RoPE StreamingLLM keys: no streaming_rope_shift)
+COMPACTING = dataclasses.replace(TORCH, name="torch_compacting", table={**TORCH.table, **EVICTION_REFERENCES},
+                                 transforms=tuple(t for t in TORCH.transforms if t is not streaming_rope_shift))
 LENGTHS = [12, 7]  # batch 2, row 1 left-padded by 5
 
 
@@ -79,15 +82,17 @@ def test_streaming_keeps_the_reference_sets_over_200_steps(compiled_tiny):
     assert all(b == nbytes[2] for b in nbytes[2:])
 
 
-@pytest.mark.parametrize("p, scored", [(H2O(heavy=3, recent=2), 2), (Streaming(sinks=2, window=5), 0),
-                                       (SnapKV(budget=6, window=2), 0)])
-def test_only_running_score_layers_compute_explicit_probabilities(compiled_tiny, p, scored):
+@pytest.mark.parametrize("p, scored, shifted", [(H2O(heavy=3, recent=2), 2, 0), (Streaming(sinks=2, window=5), 0, 2),
+                                                (SnapKV(budget=6, window=2), 0, 0)])
+def test_only_running_score_layers_compute_explicit_probabilities(compiled_tiny, p, scored, shifted):
     """codegen/torch/scored_attention.py: H2O layers call attention_sdpa_scored (the probabilities feed the
-    score); StreamingLLM/SnapKV layers keep SDPA (their kept sets and logits are checked above)."""
+    score); SnapKV layers keep SDPA, StreamingLLM layers attend through streaming_shift.streaming_attention
+    (SDPA until a token leaves; their kept sets and logits are checked above)."""
     sg = p.run(compiled_tiny("tiny-llama").step_graph.copy(), PassContext())
     code = CompiledModel(sg, backend="torch").lowered_code()
     assert code.count("attention_sdpa_scored(") == scored
-    assert code.count("attention_sdpa(") == 2 - scored
+    assert code.count("streaming_attention(") == shifted
+    assert code.count("attention_sdpa(") == 2 - scored - shifted
 
 
 def test_snapkv_decode_appends_in_place(compiled_tiny):

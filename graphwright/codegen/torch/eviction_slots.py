@@ -60,7 +60,9 @@ Aliasing: the input state is *donated*: the victim's slot is overwritten in plac
 must not reuse a state it has passed to a step (the runtime threads states linearly; see
 ``cache_append``'s docstring). StreamingLLM's cache index (``rope_cache_index``) becomes each
 slot's rank by position among the valid slots (``rope_cache_index_ranked``), equal to the
-reference's slot count on a position-ordered cache.
+reference's slot count on a position-ordered cache. On the torch backend a StreamingLLM decode step no
+longer calls it: ``streaming_shift.py`` caches keys at their absolute rotation and shifts the query
+instead (prompt steps still use it, on keys inverted at their positions).
 
 Invariants tested (``tests/passes/test_eviction_slots.py``): same kept position sets per (row,
 head) as the torch backend with the references, after every step with eviction at every step
@@ -87,7 +89,7 @@ from .cache_append import _owned_tail, _view, cache_append, keep_prefix
 from .decode_probs import step_probs
 from .prefill_scores import h2o_prompt
 from .rope_table import rope_cos_sin, rotate_rows
-from .step_memo import arange, memo, memo_tensor, step_info
+from .step_memo import arange, memo, memo_tensor, slot_memo, step_info
 
 
 def _slot_decode(q_pos, k, v, k_pos, extras=()) -> bool:
@@ -102,7 +104,7 @@ def _first(mask: torch.Tensor) -> torch.Tensor:
     return mask.to(torch.uint8).argmax(dim=-1)
 
 
-def place_new_token(tensors, k_pos, over, victim, static: bool):
+def place_new_token(tensors, k_pos, over, victim, static: bool, plan: dict | None = None):
     """Move slot S (the new token) into the victim's slot (``over``) or the first empty one.
 
     ``tensors``: k, v [B, Hk, S+1, D] and per-slot state [B, Hk, S+1] (k_pos among them), written
@@ -114,16 +116,25 @@ def place_new_token(tensors, k_pos, over, victim, static: bool):
     one ``index_select`` of the B*Hk new rows and one ``index_copy_`` into their slots (a no-op copy
     where j = S), instead of a broadcast index per tensor. The first empty slot is one ``amin`` over
     slot indices (S when there is none, or when only slot S itself is empty: a padding row's new token).
+    ``plan``: a dict shared by layers with equal ``k_pos`` (``step_memo.slot_memo``; static budgets only): the
+    destination slots and flat rows are computed by the first of them (``over``/``victim`` may then be None).
+    ``over`` None with a ``victim``: every head is over budget (``j = victim``).
     """
     B, Hk, S1 = k_pos.shape
     S = S1 - 1
-    free = torch.where(k_pos < 0, arange(S1, k_pos.device), S).amin(dim=-1)  # first empty of 0..S-1, else S
-    j = torch.where(over, victim, free)
+    j = plan.get("j") if plan else None
+    if j is None and over is None:  # the caller knows every head is over budget
+        j = victim
+    elif j is None:
+        free = torch.where(k_pos < 0, arange(S1, k_pos.device), S).amin(dim=-1)  # first empty of 0..S-1, else S
+        j = torch.where(over, victim, free)
+        if plan is not None and static:
+            plan["j"], plan["rows"] = j, {}
     n = S
     if not static:
         grow = (j == S) & ~over  # heads keeping the new token where it is
         n = S if not bool(grow.any()) else S1  # the one sync, fraction budgets only
-    rows = {}  # cap -> (destination rows, source rows)
+    rows = plan["rows"] if plan and static else {}  # cap -> (destination rows, source rows)
     out = []
     for x in tensors:
         buf = _owned_tail(x, 2)
@@ -201,12 +212,23 @@ def h2o_slots(q, k, v, q_pos, k_pos, score, scale, heavy_n, heavy_f, recent_n, r
         first_recent, heavy = memo(info, ("h2o", heavy_n, heavy_f, recent_n, recent_f), lambda: (
             info.length[:, None, None] - budget(recent_n, recent_f, info.length)[:, None, None],
             budget(heavy_n, heavy_f, info.length)[:, None]))
-    cand = (k_pos >= 0) & (k_pos < first_recent)
-    over = cand.sum(dim=-1) > heavy
+    full = static and S1 == heavy_n + recent_n + 1 and _rows_full(info, heavy_n + recent_n)
+    # every head holds c + 1 valid slots (no empty one) and is over budget: no emptiness test, no budget count
+    cand = (k_pos < first_recent) if full else (k_pos >= 0) & (k_pos < first_recent)
+    over = None if full else cand.sum(dim=-1) > heavy
     s = torch.where(cand, score, float("inf"))
     # lowest score, latest position (a head without candidates is not over budget: its victim is unused)
     victim = torch.where(s == s.amin(dim=-1, keepdim=True), k_pos, -1).argmax(dim=-1)
     return tuple(place_new_token((k, v, k_pos, score), k_pos, over, victim, static))
+
+
+def _rows_full(info, c: int) -> bool:
+    """Every row has held ``c`` tokens before this step (L - 1 >= c), so a token-count budget of ``c`` keeps
+    exactly c per head and the appended cache holds c + 1 valid slots per head. One host read per step,
+    on CPU only (free there; elsewhere, and under ``torch.compile``, False: the general path)."""
+    if torch.compiler.is_compiling() or info.q_pos.device.type != "cpu":
+        return False
+    return memo(info, ("rows_full", c), lambda: bool((info.length > c).all()))
 
 
 # ----------------------------------------------------------------------------------- StreamingLLM
@@ -222,8 +244,11 @@ def streaming_slots(k, v, q_pos, k_pos, sinks, window):
         old = (info.length - 1 - window)[:, None, None]
         return torch.where(old >= sinks, old, -2)
 
+    plan = slot_memo(info, ("slots", sinks, window), k_pos)  # every layer holds the same positions in the same slots
+    if "j" in plan:
+        return tuple(place_new_token((k, v, k_pos), k_pos, None, None, static=True, plan=plan))
     hit = k_pos == memo(info, ("streaming", sinks, window), leaving)
-    return tuple(place_new_token((k, v, k_pos), k_pos, hit.any(dim=-1), _first(hit), static=True))
+    return tuple(place_new_token((k, v, k_pos), k_pos, hit.any(dim=-1), _first(hit), static=True, plan=plan))
 
 
 # ----------------------------------------------------------------------------------- FastGen

@@ -82,3 +82,20 @@ def memo_tensor(key, make) -> torch.Tensor:
 def arange(n: int, device) -> torch.Tensor:
     """``torch.arange(n)`` (long) on ``device``, kept per (n, device)."""
     return memo_tensor(("arange", n, str(device)), lambda: torch.arange(n, device=device))
+
+
+def slot_memo(info: StepInfo, key, k_pos: torch.Tensor) -> dict:
+    """A per-step dict shared by the layers whose ``k_pos`` holds the same values as the first one's.
+
+    StreamingLLM keeps the same positions in the same slots in every layer (same rule, same inputs),
+    so what depends only on ``k_pos`` and the step (the attention's mask, the slot the new token goes
+    to) is computed by the first layer and reused after one ``torch.equal`` per layer against a copy
+    taken before any in-place write. A layer whose positions differ gets a fresh dict (and becomes the
+    reference for the next ones). Never shared under ``torch.compile``."""
+    if torch.compiler.is_compiling():
+        return {}
+    hit = info.extra.get(key)
+    if hit is not None and hit["k_pos"].shape == k_pos.shape and torch.equal(hit["k_pos"], k_pos):
+        return hit
+    hit = info.extra[key] = {"k_pos": k_pos.clone()}
+    return hit
