@@ -167,6 +167,13 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
             gm, record = prompt_graph(sg.gm, sg.state)
             prompt.update(record)
         gm, records, outputs = split(gm if gm is not None else sg.gm, inputs, [s.name for s in sg.state])
+    keys = []
+    if decode:  # slot_functions.py: one opaque op per layer's slot eviction, its ONNX function stitched in after saving
+        from . import slot_functions
+
+        if slot_functions.ENABLED:
+            with phases(tag + "wrap"):
+                keys = slot_functions.wrap(gm)
     table = translation_table()
     missing = sorted(str(op) for op in graphwright_ops(gm) if op not in table)
     if missing:
@@ -207,6 +214,15 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
             shared = save_sharing(program, path, share_with)
         if not shared:
             program.save(str(path), external_data=external_data)
+    if keys:
+        from .slot_functions import stitch
+
+        with phases(tag + "stitch"):
+            try:
+                stitch(path, keys, opset)
+            except Exception as exc:  # noqa: BLE001 - re-raised with what failed
+                raise GraphwrightError(f"{path.name}: stitching the slot-eviction functions failed: "
+                                       f"{type(exc).__name__}: {str(exc).strip()[:500]}") from exc
     return outputs, records, shared
 
 
