@@ -2,7 +2,7 @@
 
 The stitched ``decode.onnx`` (the default) against the same decode graph exported layer by layer
 (``slot_functions.ENABLED = False``, the previous route) on tiny Llama: StreamingLLM (fixed capacity,
-re-rotating cache index when the recipe has one) and latent H2O with fraction budgets (growing
+re-rotating cache index when the recipe has one) and H2O with fraction budgets (growing
 capacity): no ``graphwright.slots`` node left, ``onnx.checker`` passes, 40 decode steps of a batch of
 2 left-padded rows give the same tokens, logits within 1e-5 and the same final state. (The stitched
 artifacts against the torch backend and the compacting references: ``test_onnx_eviction_slots.py``,
@@ -28,7 +28,7 @@ from graphwright.codegen.onnx.decode_slots import decode_graph, pad_to_capacity
 from tests.conftest import _tiny, left_padded_batch
 from tests.passes.eviction_helpers import decode_loop
 
-RECIPES = ["streaming(sinks=2, window=6)", "lowrank_kv(keep=0.5) + h2o(heavy=0.25, recent=0.25)"]
+RECIPES = ["streaming(sinks=2, window=6)", "h2o(heavy=0.25, recent=0.25)"]
 STEPS = 40
 
 

@@ -13,6 +13,7 @@ compiled model has one.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -167,12 +168,13 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
             gm, record = prompt_graph(sg.gm, sg.state)
             prompt.update(record)
         gm, records, outputs = split(gm if gm is not None else sg.gm, inputs, [s.name for s in sg.state])
+    from . import slot_functions
+
     keys = []
     if decode:  # slot_functions.py: one opaque op per layer's slot eviction, its ONNX function stitched in after saving
-        from . import slot_functions
-
         if slot_functions.ENABLED:
             with phases(tag + "wrap"):
+                plain = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
                 keys = slot_functions.wrap(gm)
     table = translation_table()
     missing = sorted(str(op) for op in graphwright_ops(gm) if op not in table)
@@ -185,7 +187,15 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
         dyn[0], dyn[1], dyn[2] = {0: dyn[0][0]}, {0: dyn[1][0]}, None
     with phases(tag + "torch_export"):
         try:
-            ep = torch.export.export(gm, args, dynamic_shapes=(*dyn, *extra_dynamic_shapes(extras)), strict=False)
+            try:
+                ep = torch.export.export(gm, args, dynamic_shapes=(*dyn, *extra_dynamic_shapes(extras)), strict=False)
+            except Exception as exc:  # noqa: BLE001 - layers sharing a slot function differ in fixed sizes: trace them one by one
+                if not keys or not slot_functions.signature_error(exc):
+                    raise
+                phases.note(tag + "slot_functions", f"layer by layer ({exc})")
+                slot_functions.forget(keys)
+                gm, keys = plain, []
+                ep = torch.export.export(gm, args, dynamic_shapes=(*dyn, *extra_dynamic_shapes(extras)), strict=False)
         except Exception as exc:  # noqa: BLE001 - re-raised with what failed
             raise GraphwrightError(f"torch.export of the step graph failed: {type(exc).__name__}: {str(exc).strip()[:500]}") from exc
     def translate():

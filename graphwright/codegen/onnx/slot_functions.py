@@ -11,9 +11,9 @@ Technique (the usual "export a repeated block once and call it" of ONNX local fu
 
 1. ``wrap(gm)``: each such call becomes ``graphwright_slots::step<n>(tensors, key)``, a custom op
    with ``n`` outputs whose ``key`` names the function and its constant arguments (budgets, scale,
-   window...; layers with equal constants share a key). Its eager and fake kernels run the
-   function itself, so ``torch.export`` records one node per layer and evaluates the function on
-   fake tensors only to get the output shapes (no tracing into the graph).
+   window...; layers with equal constants share a key). Its eager kernel runs the function; its
+   fake kernel returns empty outputs of the shapes the function returns (``SHAPES``: the cache
+   cut to its S slots), so ``torch.export`` records one node per layer and traces nothing inside.
 2. The ONNX translation of ``step<n>`` is one node of the domain ``graphwright.slots`` whose op type
    is the key.
 3. ``stitch(path, opset)`` after the decode graph is saved: each key's function is exported once
@@ -43,8 +43,10 @@ import torch
 ENABLED = True  # False: the decode graph is traced layer by layer as before (A/B in bench/export_time.py, tests)
 DOMAIN = "graphwright.slots"
 LIBRARY = "graphwright_slots"
-OUTPUTS = {"h2o_decode": 4, "streaming_decode": 3, "h2o_latent_decode": 4, "streaming_latent_decode": 3,
-           "fastgen_decode": 6, "rope_cache_index_decode": 2}
+# The functions wrapped (n outputs). Not the latent ones (``decode_latent.h2o_latent_decode``,
+# ``streaming_latent_decode``): ``lowrank_kv`` gives each layer its own rank, so their fixed payload
+# sizes differ per layer and one function per layer would cost more than the per-layer trace.
+OUTPUTS = {"h2o_decode": 4, "streaming_decode": 3, "fastgen_decode": 6, "rope_cache_index_decode": 2}
 
 # key -> {"fn", "params" (signature names), "template" [("t", i) | ("c", value)], "example" [(dtype, sizes, dynamic dims)]}
 KEYS: dict = {}
@@ -67,14 +69,63 @@ def _kernel(tensors, key):
     return tuple(o.clone() for o in _call(key, tensors))
 
 
+# Output shapes per function: (argument it is shaped like, how): "slots" = that argument with dim 2 cut to
+# S = k_pos.shape[2] - 1 (what ``place``/``union_place`` return), "same" = its shape, "one" = its last dim 1.
+SHAPES = {"h2o_decode": [("k", "slots"), ("v", "slots"), ("k_pos", "slots"), ("k_pos", "slots")],
+          "streaming_decode": [("k", "slots"), ("v", "slots"), ("k_pos", "slots")],
+          "fastgen_decode": [("k", "slots"), ("v", "slots"), ("k_pos", "slots"), ("k_pos", "slots"), ("k_pos", "slots"),
+                             ("policy", "one")],
+          "rope_cache_index_decode": [("q", "same"), ("k", "same")]}
+
+
+class SlotSignatureError(RuntimeError):
+    """Two layers given one key differ in a fixed size or dtype (``export.py`` then traces layer by layer)."""
+
+
+def signature_error(exc: BaseException) -> bool:
+    """Whether ``exc`` or one of its causes is a ``SlotSignatureError``."""
+    while exc is not None:
+        if isinstance(exc, SlotSignatureError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _static(example) -> list:
+    return [(str(dtype), [None if i in dims else n for i, n in enumerate(sizes)]) for dtype, sizes, dims in example]
+
+
 def _fake(tensors, key):
+    """Empty outputs of the shapes ``SHAPES`` gives and the dtypes a run on meta tensors of the traced sizes gives.
+
+    Not the function itself on fake tensors: it uses sizes as values (``full_like(first, S)``), which a fake
+    kernel can only do by specialising the size to its example value."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
     from torch.fx.experimental.symbolic_shapes import optimization_hint
 
     entry = KEYS[key]
+    sizes = [[optimization_hint(d, fallback=2) for d in t.shape] for t in tensors]
+    example = [(t.dtype, n, [i for i, d in enumerate(t.shape) if isinstance(d, torch.SymInt)]) for t, n in zip(tensors, sizes)]
     if entry.get("example") is None:  # the sizes torch.export traced with: the function's own example inputs
-        entry["example"] = [(t.dtype, [optimization_hint(d, fallback=2) for d in t.shape],
-                             [i for i, d in enumerate(t.shape) if isinstance(d, torch.SymInt)]) for t in tensors]
-    return _kernel(tensors, key)
+        entry["example"] = example
+    elif _static(example) != _static(entry["example"]):  # one ONNX function per key: its fixed sizes must agree
+        raise SlotSignatureError(f"slot function {key}: layers sharing it differ in dtype or fixed sizes "
+                                 f"({_static(example)} vs {_static(entry['example'])})")
+    if entry.get("dtypes") is None:
+        with unset_fake_temporarily():
+            meta = [torch.empty(n, dtype=t.dtype, device="meta") for t, n in zip(tensors, sizes)]
+            entry["dtypes"] = [o.dtype for o in _call(key, meta)]
+    by_name = dict(zip(entry["params"], [tensors[v] if kind == "t" else None for kind, v in entry["template"]]))
+    S = by_name["k_pos"].shape[2] - 1 if "k_pos" in by_name else None
+    out = []
+    for (name, how), dtype in zip(SHAPES[entry["name"]], entry["dtypes"]):
+        shape = list(by_name[name].shape)
+        if how == "slots":
+            shape[2] = S
+        elif how == "one":
+            shape[-1] = 1
+        out.append(by_name[name].new_empty(shape, dtype=dtype))
+    return tuple(out)
 
 
 _LIB = None
@@ -127,7 +178,8 @@ def wrap(gm: torch.fx.GraphModule) -> list:
             sig = (name, tuple(const))
             if sig not in seen:
                 seen[sig] = f"{name}_{len(KEYS)}"
-                KEYS[seen[sig]] = {"fn": node.target, "template": template, "example": None}
+                KEYS[seen[sig]] = {"fn": node.target, "name": name, "params": [c[0] for c in const], "template": template,
+                                   "example": None, "dtypes": None}
             key = seen[sig]
             node.target, node.args, node.kwargs = ops[OUTPUTS[name]], (tensors, key), {}
             if key not in used:
@@ -195,14 +247,18 @@ def function_proto(key: str, opset: int):
     return fp, list(m.functions)
 
 
+def forget(keys) -> None:
+    for key in keys:
+        KEYS.pop(key, None)
+
+
 def stitch(path: Path, keys: list, opset: int) -> int:
     """Inline each key's ONNX function into the saved graph ``path`` (weights stay where they are); returns the
     number of ``graphwright.slots`` nodes replaced. Raises when one is left. The keys are forgotten afterwards."""
     try:
         return _stitch(path, keys, opset)
     finally:
-        for key in keys:
-            KEYS.pop(key, None)
+        forget(keys)
 
 
 def _stitch(path: Path, keys: list, opset: int) -> int:
