@@ -28,6 +28,7 @@ from pathlib import Path
 
 import graphwright as gw
 from graphwright.codegen.onnx import slot_functions
+from graphwright.codegen.onnx.phases import timings_table
 
 RECIPES = ["identity", "snapkv(budget=750)", "h2o(heavy=0.25, recent=0.25)", "streaming(sinks=4, window=252)",
            "lowrank_kv(keep=0.5)"]
@@ -83,6 +84,7 @@ def main(argv=None) -> int:
             rows[recipe] = export_once(cm, folder, not args.no_verify)
             print(f"{recipe}: {time.perf_counter() - t0:.1f} s wall, {rows[recipe]['total_cpu_s']:.1f} CPU s, "
                   f"{'+'.join(rows[recipe]['graphs'])}, verified max |dlogit| {rows[recipe]['max_abs_logit_diff']}", flush=True)
+            print(timings_table(rows[recipe]), flush=True)  # each recipe's phases at once (a loaded machine is slow)
             if args.ab and "decode_stitch" in rows[recipe]["phases"]:
                 for r in range(args.ab):
                     for enabled in (False, True):
