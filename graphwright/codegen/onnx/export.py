@@ -13,6 +13,7 @@ compiled model has one.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -173,6 +174,14 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
             from .prompt_slots import append_outputs
 
             prompt["appends"] = append_outputs(gm, outputs)
+    from . import slot_functions
+
+    keys = []
+    if decode:  # slot_functions.py: one opaque op per layer's slot eviction, its ONNX function stitched in after saving
+        if slot_functions.ENABLED:
+            with phases(tag + "wrap"):
+                plain = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+                keys = slot_functions.wrap(gm)
     table = translation_table()
     missing = sorted(str(op) for op in graphwright_ops(gm) if op not in table)
     if missing:
@@ -184,7 +193,15 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
         dyn[0], dyn[1], dyn[2] = {0: dyn[0][0]}, {0: dyn[1][0]}, None
     with phases(tag + "torch_export"):
         try:
-            ep = torch.export.export(gm, args, dynamic_shapes=(*dyn, *extra_dynamic_shapes(extras)), strict=False)
+            try:
+                ep = torch.export.export(gm, args, dynamic_shapes=(*dyn, *extra_dynamic_shapes(extras)), strict=False)
+            except Exception as exc:  # noqa: BLE001 - layers sharing a slot function differ in fixed sizes: trace them one by one
+                if not keys or not slot_functions.signature_error(exc):
+                    raise
+                phases.note(tag + "slot_functions", f"layer by layer ({exc})")
+                slot_functions.forget(keys)
+                gm, keys = plain, []
+                ep = torch.export.export(gm, args, dynamic_shapes=(*dyn, *extra_dynamic_shapes(extras)), strict=False)
         except Exception as exc:  # noqa: BLE001 - re-raised with what failed
             raise GraphwrightError(f"torch.export of the step graph failed: {type(exc).__name__}: {str(exc).strip()[:500]}") from exc
     def translate():
@@ -205,6 +222,13 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
             phases.note(tag + "decompositions", f"full exporter path (shortcuts failed: {type(first).__name__})")
     with phases(tag + "onnx_optimize"):
         optimize(program)  # optimize.py: the exporter's pipeline minus its one quadratic rewrite rule
+    shared = _save(program, path, opset, external_data, phases, tag, share_with, keys)
+    return outputs, records, shared
+
+
+def _save(program, path: Path, opset: int, external_data: bool, phases: Phases, tag: str, share_with, keys) -> bool:
+    """Save ``program`` at ``path`` (weights shared with ``share_with`` when given) and stitch the slot-eviction
+    functions of ``keys`` into it (``slot_functions.py``); True when the weights point into ``share_with``'s file."""
     with phases(tag + "save"):
         shared = False
         if share_with is not None:  # shared_weights.py: the weights point into the first graph's data file
@@ -213,7 +237,16 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
             shared = save_sharing(program, path, share_with)
         if not shared:
             program.save(str(path), external_data=external_data)
-    return outputs, records, shared
+    if keys:
+        from .slot_functions import stitch
+
+        with phases(tag + "stitch"):
+            try:
+                stitch(path, keys, opset)
+            except Exception as exc:  # noqa: BLE001 - re-raised with what failed
+                raise GraphwrightError(f"{path.name}: stitching the slot-eviction functions failed: "
+                                       f"{type(exc).__name__}: {str(exc).strip()[:500]}") from exc
+    return shared
 
 
 def _decode_onnx(cm, out: Path, opset: int, external_data: bool, phases: Phases, prefill=None, appends=None):

@@ -1,0 +1,114 @@
+"""Seconds per ``export_onnx`` phase for the recipes of issue 17 item 5, from ``graphwright.json["export"]``.
+
+Usage: python bench/export_time.py [--model smollm2-135m] [--recipe R ...] [--no-verify] [--ab N]
+       [--out results/export_time.json]
+
+Default recipes: identity, ``snapkv(budget=750)``, ``h2o(heavy=0.25, recent=0.25)``,
+``streaming(sinks=4, window=252)``, ``lowrank_kv(keep=0.5)``. Each is compiled (not timed) and
+exported once into a temporary folder (with the verification probe unless ``--no-verify``); the
+table is the library's own record (``export.phases`` wall seconds, ``export.cpu`` this process's
+CPU seconds, ``codegen/onnx/phases.py``), recipes as columns.
+
+``--ab N``: for the recipes whose decode graph has in-graph slot eviction, export N times
+alternating ``slot_functions.ENABLED`` off/on in this one process (the decode graph traced layer
+by layer vs once per function, ``codegen/onnx/slot_functions.py``) and print both columns' CPU
+seconds per round. On a shared machine read CPU seconds and shares, not wall seconds; the load
+average before/after is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import graphwright as gw
+from graphwright.codegen.onnx import slot_functions
+from graphwright.codegen.onnx.phases import timings_table
+
+RECIPES = ["identity", "snapkv(budget=750)", "h2o(heavy=0.25, recent=0.25)", "streaming(sinks=4, window=252)",
+           "lowrank_kv(keep=0.5)"]
+
+
+def table(rows: dict, key: str, total: str) -> str:
+    """Phases as rows, runs as columns: seconds and share of that run's total."""
+    phases = []
+    for r in rows.values():
+        phases += [p for p in r[key] if p not in phases]
+    width = max(14, *(len(n) for n in rows))
+    head = f"phase ({'wall' if key == 'phases' else 'CPU'} s)".ljust(22) + "".join(n.rjust(width + 2) for n in rows)
+    lines = [head, "-" * len(head)]
+    for p in phases:
+        cells = []
+        for r in rows.values():
+            s = r[key].get(p)
+            cells.append(("-" if s is None else f"{s:7.2f} {100 * s / max(r[total], 1e-9):3.0f}%").rjust(width + 2))
+        lines.append(p.ljust(22) + "".join(cells))
+    lines.append("-" * len(head))
+    lines.append("total".ljust(22) + "".join(f"{r[total]:7.2f}     ".rjust(width + 2) for r in rows.values()))
+    return "\n".join(lines)
+
+
+def export_once(cm, folder: Path, verify: bool, enabled: bool = True) -> dict:
+    slot_functions.ENABLED = enabled
+    try:
+        gw.export_onnx(cm, folder, verify=verify, overwrite=True)
+    finally:
+        slot_functions.ENABLED = True
+    meta = json.loads((folder / "graphwright.json").read_text())
+    return {**meta["export"], "graphs": sorted(p.name for p in folder.glob("*.onnx")),
+            "max_abs_logit_diff": (meta.get("verification") or {}).get("max_abs_logit_diff")}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--recipe", action="append", default=None, help=f"repeatable; default: {RECIPES}")
+    p.add_argument("--no-verify", action="store_true")
+    p.add_argument("--ab", type=int, default=0, help="rounds of slot_functions off/on for the slot recipes")
+    p.add_argument("--out", default="results/export_time.json")
+    args = p.parse_args(argv)
+    load0 = os.getloadavg()[0]
+    print(f"load average before: {load0:.2f} on {os.cpu_count()} cores", flush=True)
+    model, tok = gw.load_model(args.model)
+    rows, ab = {}, {}
+    with tempfile.TemporaryDirectory(prefix="gw-export-time-") as tmp:
+        for i, recipe in enumerate(args.recipe or RECIPES):
+            cm = gw.compile(model, recipe=None if recipe == "identity" else recipe, tokenizer=tok, verify=False)
+            folder = Path(tmp) / f"r{i}"
+            t0 = time.perf_counter()
+            rows[recipe] = export_once(cm, folder, not args.no_verify)
+            print(f"{recipe}: {time.perf_counter() - t0:.1f} s wall, {rows[recipe]['total_cpu_s']:.1f} CPU s, "
+                  f"{'+'.join(rows[recipe]['graphs'])}, verified max |dlogit| {rows[recipe]['max_abs_logit_diff']}", flush=True)
+            print(timings_table(rows[recipe]), flush=True)  # each recipe's phases at once (a loaded machine is slow)
+            if args.ab and "decode_stitch" in rows[recipe]["phases"]:
+                for r in range(args.ab):
+                    for enabled in (False, True):
+                        rec = export_once(cm, folder, not args.no_verify, enabled)
+                        ab.setdefault(recipe, []).append({"slot_functions": enabled, "round": r, **rec})
+                        print(f"  A/B round {r} slot_functions={'on' if enabled else 'off'}: {rec['total_cpu_s']:.1f} CPU s "
+                              f"({rec['total_s']:.1f} s wall)", flush=True)
+    print()
+    print(table(rows, "phases", "total_s"))
+    print()
+    print(table(rows, "cpu", "total_cpu_s"))
+    for recipe, runs in ab.items():
+        print()
+        print(f"A/B {recipe} (CPU s):")
+        print(table({f"{'on' if r['slot_functions'] else 'off'}#{r['round']}": r for r in runs}, "cpu", "total_cpu_s"))
+    load1 = os.getloadavg()[0]
+    print(f"\nload average before {load0:.2f}, after {load1:.2f} on {os.cpu_count()} cores"
+          + ("  (machine busy: compare CPU seconds and shares, not wall seconds)" if max(load0, load1) > (os.cpu_count() or 1) else ""))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"model": args.model, "load_before": load0, "load_after": load1, "rows": rows, "ab": ab}, indent=2))
+    print(f"written {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

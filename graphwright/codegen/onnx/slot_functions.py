@@ -1,0 +1,298 @@
+"""The decode graph's per-layer slot eviction traced once, not once per layer: one opaque op per layer, one ONNX function per kind.
+
+``decode_slots.decode_graph`` puts a slot-eviction function (``h2o_decode``, ``streaming_decode``,
+the latent ones, ``fastgen_decode``, ``rope_cache_index_decode``) in every layer of the decode
+graph. ``torch.export`` of that graph traced all 30 copies of their ~100 ATen ops each with
+symbolic shapes (SmolLM2-135M: 4438 ATen nodes vs 2158 for the prefill graph; the decode graph's
+``torch.export`` was 21-28 CPU s of an 84-99 CPU s export, README "Export time"), and the ONNX
+exporter translated and optimised all 30 copies again.
+
+Technique (the usual "export a repeated block once and call it" of ONNX local functions):
+
+1. ``wrap(gm)``: each such call becomes ``graphwright_slots::step<n>(tensors, key)``, a custom op
+   with ``n`` outputs whose ``key`` names the function and its constant arguments (budgets, scale,
+   window...; layers with equal constants share a key). Its eager kernel runs the function; its
+   fake kernel returns empty outputs of the shapes the function returns (``SHAPES``: the cache
+   cut to its S slots), so ``torch.export`` records one node per layer and traces nothing inside.
+2. The ONNX translation of ``step<n>`` is one node of the domain ``graphwright.slots`` whose op type
+   is the key.
+3. ``stitch(path, opset)`` after the decode graph is saved: each key's function is exported once
+   (``torch.onnx.export`` of a module calling it on example tensors of the recorded dtypes/sizes,
+   every symbolic dim dynamic), turned into an ONNX ``FunctionProto`` of that domain and
+   inlined into ``decode.onnx`` (``onnx.inliner.inline_local_functions``), so the saved graph has
+   only standard ops, as before.
+
+Exact: the inlined nodes are the ONNX translation of the same torch function, so nothing is
+approximated; the decode graph computes what the per-layer trace computed.
+
+Invariant tested (``tests/onnx/test_slot_functions.py``): on tiny Llama with H2O (fraction and
+token budgets), StreamingLLM (re-rotating cache index) and a latent H2O cache, the stitched
+``decode.onnx`` has no ``graphwright.slots`` node left, passes ``onnx.checker``, and its logits and
+kept position sets over 40 decode steps (batch 2, left-padded) equal the decode graph exported
+layer by layer (1e-5) and the torch backend (1e-4); the wrapped graph run eagerly equals the
+unwrapped one.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+
+ENABLED = True  # False: the decode graph is traced layer by layer as before (A/B in bench/export_time.py, tests)
+DOMAIN = "graphwright.slots"
+LIBRARY = "graphwright_slots"
+# The functions wrapped (n outputs). Not the latent ones (``decode_latent.h2o_latent_decode``,
+# ``streaming_latent_decode``): ``lowrank_kv`` gives each layer its own rank, so their fixed payload
+# sizes differ per layer and one function per layer would cost more than the per-layer trace.
+OUTPUTS = {"h2o_decode": 4, "streaming_decode": 3, "fastgen_decode": 6, "rope_cache_index_decode": 2}
+
+# key -> {"fn", "params" (signature names), "template" [("t", i) | ("c", value)], "example" [(dtype, sizes, dynamic dims)]}
+KEYS: dict = {}
+
+
+def _functions() -> dict:
+    from . import decode_latent, decode_slots
+
+    return {name: getattr(decode_slots, name, None) or getattr(decode_latent, name) for name in OUTPUTS}
+
+
+def _call(key: str, tensors):
+    entry = KEYS[key]
+    args = [tensors[v] if kind == "t" else v for kind, v in entry["template"]]
+    return entry["fn"](*args)
+
+
+def _kernel(tensors, key):
+    # a custom op's outputs may not alias its inputs (FastGen passes a slice of its policy state through)
+    return tuple(o.clone() for o in _call(key, tensors))
+
+
+# Output shapes per function: (argument it is shaped like, how): "slots" = that argument with dim 2 cut to
+# S = k_pos.shape[2] - 1 (what ``place``/``union_place`` return), "same" = its shape, "one" = its last dim 1.
+SHAPES = {"h2o_decode": [("k", "slots"), ("v", "slots"), ("k_pos", "slots"), ("k_pos", "slots")],
+          "streaming_decode": [("k", "slots"), ("v", "slots"), ("k_pos", "slots")],
+          "fastgen_decode": [("k", "slots"), ("v", "slots"), ("k_pos", "slots"), ("k_pos", "slots"), ("k_pos", "slots"),
+                             ("policy", "one")],
+          "rope_cache_index_decode": [("q", "same"), ("k", "same")]}
+
+
+class SlotSignatureError(RuntimeError):
+    """Two layers given one key differ in a fixed size or dtype (``export.py`` then traces layer by layer)."""
+
+
+def signature_error(exc: BaseException) -> bool:
+    """Whether ``exc`` or one of its causes is a ``SlotSignatureError``."""
+    while exc is not None:
+        if isinstance(exc, SlotSignatureError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _static(example) -> list:
+    return [(str(dtype), [None if i in dims else n for i, n in enumerate(sizes)]) for dtype, sizes, dims in example]
+
+
+def _fake(tensors, key):
+    """Empty outputs of the shapes ``SHAPES`` gives and the dtypes a run on meta tensors of the traced sizes gives.
+
+    Not the function itself on fake tensors: it uses sizes as values (``full_like(first, S)``), which a fake
+    kernel can only do by specialising the size to its example value."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+    entry = KEYS[key]
+    sizes = [[optimization_hint(d, fallback=2) for d in t.shape] for t in tensors]
+    example = [(t.dtype, n, [i for i, d in enumerate(t.shape) if isinstance(d, torch.SymInt)]) for t, n in zip(tensors, sizes)]
+    if entry.get("example") is None:  # the sizes torch.export traced with: the function's own example inputs
+        entry["example"] = example
+    elif _static(example) != _static(entry["example"]):  # one ONNX function per key: its fixed sizes must agree
+        raise SlotSignatureError(f"slot function {key}: layers sharing it differ in dtype or fixed sizes "
+                                 f"({_static(example)} vs {_static(entry['example'])})")
+    if entry.get("dtypes") is None:
+        with unset_fake_temporarily():
+            meta = [torch.empty(n, dtype=t.dtype, device="meta") for t, n in zip(tensors, sizes)]
+            entry["dtypes"] = [o.dtype for o in _call(key, meta)]
+    by_name = dict(zip(entry["params"], [tensors[v] if kind == "t" else None for kind, v in entry["template"]]))
+    S = by_name["k_pos"].shape[2] - 1 if "k_pos" in by_name else None
+    out = []
+    for (name, how), dtype in zip(SHAPES[entry["name"]], entry["dtypes"]):
+        shape = list(by_name[name].shape)
+        if how == "slots":
+            shape[2] = S
+        elif how == "one":
+            shape[-1] = 1
+        out.append(by_name[name].new_empty(shape, dtype=dtype))
+    return tuple(out)
+
+
+_LIB = None
+
+
+def _ops() -> dict:
+    """{n outputs: the ``graphwright_slots::step<n>`` overload}, defined on first use."""
+    global _LIB
+    counts = sorted(set(OUTPUTS.values()))
+    if _LIB is None:
+        _LIB = torch.library.Library(LIBRARY, "DEF")
+        for n in counts:
+            _LIB.define(f"step{n}(Tensor[] tensors, str key) -> ({', '.join(['Tensor'] * n)})")
+            _LIB.impl(f"step{n}", _kernel, "CompositeExplicitAutograd")
+            torch.library.register_fake(f"{LIBRARY}::step{n}", _fake, lib=_LIB)
+    return {n: getattr(torch.ops.graphwright_slots, f"step{n}").default for n in counts}
+
+
+def _constant_id(v):
+    if isinstance(v, torch.Tensor):
+        return ("tensor", str(v.dtype), tuple(v.shape), v.detach().cpu().numpy().tobytes())
+    return (type(v).__name__, repr(v))
+
+
+def wrap(gm: torch.fx.GraphModule) -> list:
+    """Replace every slot-eviction function call of ``gm`` (in place) by its ``step<n>`` op; returns the keys used.
+
+    A call with an argument that is neither a graph node, None nor a constant (a list of nodes) stays as it is."""
+    fns, ops = _functions(), _ops()
+    by_fn = {fn: name for name, fn in fns.items()}
+    seen, used = {}, []
+    for node in list(gm.graph.nodes):
+        name = by_fn.get(node.target) if node.op == "call_function" else None
+        if name is None:
+            continue
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+        bound.apply_defaults()
+        tensors, template, const = [], [], []
+        for pname, v in bound.arguments.items():
+            if isinstance(v, torch.fx.Node):
+                template.append(("t", len(tensors)))
+                tensors.append(v)
+                const.append((pname, "t"))
+            elif isinstance(v, (list, tuple, dict)) and any(isinstance(x, torch.fx.Node) for x in (v.values() if isinstance(v, dict) else v)):
+                break
+            else:
+                template.append(("c", v))
+                const.append((pname, _constant_id(v)))
+        else:
+            sig = (name, tuple(const))
+            if sig not in seen:
+                seen[sig] = f"{name}_{len(KEYS)}"
+                KEYS[seen[sig]] = {"fn": node.target, "name": name, "params": [c[0] for c in const], "template": template,
+                                   "example": None, "dtypes": None}
+            key = seen[sig]
+            node.target, node.args, node.kwargs = ops[OUTPUTS[name]], (tensors, key), {}
+            if key not in used:
+                used.append(key)
+    gm.graph.lint()
+    gm.recompile()
+    return used
+
+
+def translations() -> dict:
+    """Translation table entries: ``step<n>`` -> one ``graphwright.slots::<key>`` node with n outputs."""
+    from onnx.defs import OpSchema
+    from onnxscript.values import Op, Opset
+
+    domain = Opset(DOMAIN, 1)
+    types = [f"tensor({t})" for t in ("float", "float16", "bfloat16", "double", "int64", "int32", "bool")]
+
+    def make(n):
+        def step(tensors, key: str):
+            schema = OpSchema(key, DOMAIN, 1,
+                              inputs=[OpSchema.FormalParameter(f"x{i}", f"T{i}") for i in range(len(tensors))],
+                              outputs=[OpSchema.FormalParameter(f"y{i}", f"U{i}") for i in range(n)],
+                              type_constraints=[(f"T{i}", types, "") for i in range(len(tensors))]
+                              + [(f"U{i}", types, "") for i in range(n)])
+            return Op(domain, key, schema)(*tensors)
+
+        return step
+
+    return {op: make(n) for n, op in _ops().items()}
+
+
+class _Call(torch.nn.Module):
+    def __init__(self, key):
+        super().__init__()
+        self.key = key
+
+    def forward(self, *tensors):
+        return tuple(_call(self.key, tensors))
+
+
+def function_proto(key: str, opset: int):
+    """The ONNX ``FunctionProto`` (domain ``graphwright.slots``, name ``key``) of one key's function, and the
+    functions it calls: its own ``torch.onnx.export`` on the sizes recorded by the fake kernel."""
+    from onnx import helper
+
+    from .optimize import optimize
+
+    entry = KEYS[key]
+    if entry["example"] is None:
+        raise RuntimeError(f"slot function {key} was never traced (no example sizes recorded)")
+    args, dyn = [], []
+    for dtype, sizes, dims in entry["example"]:
+        args.append(torch.zeros(sizes, dtype=dtype))
+        dyn.append({d: torch.export.Dim.DYNAMIC for d in dims} or None)
+    ep = torch.export.export(_Call(key), tuple(args), dynamic_shapes=(tuple(dyn),), strict=False)
+    program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, optimize=False, verbose=False,
+                                input_names=[f"x{i}" for i in range(len(args))])
+    optimize(program)
+    m = program.model_proto
+    g = m.graph
+    nodes = [helper.make_node("Constant", [], [t.name], value=t) for t in g.initializer]  # no weights: small constants
+    nodes += list(g.node)
+    fp = helper.make_function(DOMAIN, key, [i.name for i in g.input], [o.name for o in g.output], nodes,
+                              opset_imports=list(m.opset_import))
+    return fp, list(m.functions)
+
+
+def forget(keys) -> None:
+    for key in keys:
+        KEYS.pop(key, None)
+
+
+def stitch(path: Path, keys: list, opset: int) -> int:
+    """Inline each key's ONNX function into the saved graph ``path`` (weights stay where they are); returns the
+    number of ``graphwright.slots`` nodes replaced. Raises when one is left. The keys are forgotten afterwards."""
+    try:
+        return _stitch(path, keys, opset)
+    finally:
+        forget(keys)
+
+
+def _stitch(path: Path, keys: list, opset: int) -> int:
+    import onnx
+    from onnx import inliner
+
+    m = onnx.load(str(path), load_external_data=False)
+    count = sum(n.domain == DOMAIN for n in m.graph.node)
+    have = {(f.domain, f.name) for f in m.functions}
+    for key in keys:
+        fp, inner = function_proto(key, opset)
+        m.functions.append(fp)
+        for f in inner:
+            if (f.domain, f.name) not in have:
+                m.functions.append(f)
+                have.add((f.domain, f.name))
+    for imp in {(i.domain, i.version) for f in m.functions for i in f.opset_import} - {(i.domain, i.version) for i in m.opset_import}:
+        if imp[0] not in {i.domain for i in m.opset_import}:
+            m.opset_import.append(onnx.helper.make_opsetid(*imp))
+    m = inliner.inline_local_functions(m)
+    left = [n.op_type for n in m.graph.node if n.domain == DOMAIN]
+    if left:
+        raise RuntimeError(f"slot functions not inlined into {path.name}: {sorted(set(left))}")
+    keep = [i for i in m.opset_import if i.domain != DOMAIN]
+    del m.opset_import[:]
+    m.opset_import.extend(keep)
+    onnx.save(m, str(path))
+    return count
+
+
+def _register() -> None:
+    from .translations import TRANSLATIONS
+
+    TRANSLATIONS.update(translations())
+
+
+_register()  # translations.translation_table() imports every module of this package

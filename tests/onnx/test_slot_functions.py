@@ -1,0 +1,101 @@
+"""The decode graph's slot eviction traced once per function and stitched in (``codegen/onnx/slot_functions.py``).
+
+The stitched ``decode.onnx`` (the default) against the same decode graph exported layer by layer
+(``slot_functions.ENABLED = False``, the previous route) on tiny Llama: StreamingLLM (fixed capacity,
+re-rotating cache index when the recipe has one) and H2O with fraction budgets (growing
+capacity): no ``graphwright.slots`` node left, ``onnx.checker`` passes, 40 decode steps of a batch of
+2 left-padded rows give the same tokens, logits within 1e-5 and the same final state. (The stitched
+artifacts against the torch backend and the compacting references: ``test_onnx_eviction_slots.py``,
+``test_onnx_decode_dynamic.py``.) ``wrap`` on the eager decode graph: one op per layer, layers with
+equal constants share one key, same outputs as the unwrapped graph.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from types import SimpleNamespace
+
+import onnx
+import pytest
+import torch
+
+import graphwright as gw
+from graphwright.capture.step_graph import positions_from_mask
+from graphwright.codegen.onnx import slot_functions
+from graphwright.codegen.onnx.artifact import OnnxStep
+from graphwright.codegen.onnx.decode_slots import decode_graph, pad_to_capacity
+from tests.conftest import _tiny, left_padded_batch
+from tests.passes.eviction_helpers import decode_loop
+
+RECIPES = ["streaming(sinks=2, window=6)", "h2o(heavy=0.25, recent=0.25)"]
+STEPS = 40
+
+
+def _onnx_run(cm, folder):
+    meta = json.loads((folder / "graphwright.json").read_text())
+    step = OnnxStep.from_metadata(folder / "model.onnx", meta, providers=["CPUExecutionProvider"])
+    ids, mask = left_padded_batch(cm.step_graph.info.vocab_size, [12, 7], seed=5)
+    return meta, decode_loop(SimpleNamespace(step_graph=cm.step_graph, _step=step), ids, mask, STEPS)
+
+
+@pytest.fixture(scope="module", params=RECIPES)
+def pair(request, onnx_artifact, tmp_path_factory):
+    cm, stitched = onnx_artifact("tiny-llama", request.param)
+    layered = tmp_path_factory.mktemp("layered") / "export"
+    slot_functions.ENABLED = False
+    try:
+        gw.export_onnx(cm, layered)
+    finally:
+        slot_functions.ENABLED = True
+    return cm, stitched, layered
+
+
+def test_stitched_decode_graph_is_plain_onnx(pair):
+    _, stitched, layered = pair
+    meta = json.loads((stitched / "graphwright.json").read_text())
+    assert "decode_stitch" in meta["export"]["phases"]
+    assert "decode_stitch" not in json.loads((layered / "graphwright.json").read_text())["export"]["phases"]
+    m = onnx.load(str(stitched / "decode.onnx"), load_external_data=False)
+    assert not any(n.domain == slot_functions.DOMAIN for n in m.graph.node) and not m.functions
+    assert slot_functions.DOMAIN not in {i.domain for i in m.opset_import}
+    onnx.checker.check_model(str(stitched / "decode.onnx"), full_check=True)
+    assert meta["verification"]["passed"]
+
+
+def test_stitched_equals_layer_by_layer(pair):
+    cm, stitched, layered = pair
+    _, (got_logits, got_toks, got_state) = _onnx_run(cm, stitched)
+    _, (want_logits, want_toks, want_state) = _onnx_run(cm, layered)
+    assert torch.equal(got_toks, want_toks)
+    assert (got_logits - want_logits).abs().max() <= 1e-5
+    assert len(got_state) == len(want_state)
+    for g, w in zip(got_state, want_state):
+        assert g.shape == w.shape and (g.float() - w.float()).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@torch.inference_mode()
+def test_wrap_one_op_per_layer_same_values(recipe):
+    cm = gw.compile(_tiny("tiny-llama"), recipe=recipe, verify=False)
+    sg = cm.step_graph
+    gm, capacity, in_graph, _ = decode_graph(sg.gm, sg.state)
+    wrapped = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    keys = slot_functions.wrap(wrapped)
+    try:
+        ops = [n for n in wrapped.graph.nodes if n.op == "call_function" and getattr(n.target, "namespace", "") == slot_functions.LIBRARY]
+        assert len(ops) >= len(in_graph) == sg.info.num_layers
+        assert {n.args[1] for n in ops} == set(keys) and len(keys) < len(ops)  # equal constants share a key
+        assert not any(getattr(n.target, "__name__", "") in slot_functions.OUTPUTS for n in wrapped.graph.nodes)
+        ids, mask = left_padded_batch(sg.info.vocab_size, [12, 7], seed=1)
+        state = sg.init_state(2)
+        pos = positions_from_mask(mask)
+        _, *state = sg.gm(ids, pos, torch.arange(ids.shape[1]), *state)
+        names, dims = [s.name for s in sg.state], [s.seq_dim for s in sg.state]
+        state = pad_to_capacity(state, names, dims, capacity)
+        step = (torch.tensor([[3], [4]]), pos[:, -1:] + 1, torch.zeros(1, dtype=torch.long), *state)
+        for a, b in zip(gm(*step), wrapped(*step)):
+            assert torch.equal(a, b)
+    finally:
+        for k in keys:
+            slot_functions.KEYS.pop(k, None)
