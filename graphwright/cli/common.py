@@ -5,13 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
 from rich.console import Console
 
-console = Console(stderr=False, highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# Piped output (a log file, CI) gets 120 columns instead of rich's 80, so report tables do not wrap
+# mid-word; a terminal or an explicit COLUMNS keeps its own width.
+PIPED_WIDTH = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 120
+console = Console(stderr=False, highlight=False, width=PIPED_WIDTH)
+err_console = Console(stderr=True, highlight=False, width=PIPED_WIDTH)
 
 MAX_COUNT = 2**31 - 1  # upper bound of count options (tokens, examples, batch): past anything a run can hold
 
