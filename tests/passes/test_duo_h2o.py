@@ -18,25 +18,16 @@ import functools
 import pytest
 import torch
 
-import graphwright as gw
 from graphwright import RecipeError
 from graphwright.capture.step_graph import positions_from_mask
 from graphwright.runtime.score import stream_logits
-from tests.conftest import _tiny, left_padded_batch
+from tests.conftest import left_padded_batch
+from tests.passes.duo_common import GEN, assert_generates_alike, compile_tiny, state_by_name
 
-GEN = dict(eos_token_id=[], pad_token_id=0)
 PROMPT, PREFILL, SINKS, WINDOW, HEAVY, RECENT = dict(lengths=(80, 73), seed=3), 24, 2, 5, 4, 3
 RETRIEVAL = {(0, 0)}  # layer 0 split (KV head 0 retrieval, 1 streaming); layer 1 all streaming
 DUO = f"duo(retrieval=[[0, 0]], sinks={SINKS}, window={WINDOW})"
 H2O = f"h2o(heavy={HEAVY}, recent={RECENT})"
-
-
-def _cm(recipe: str, backend: str = "torch", name: str = "tiny-llama"):
-    return gw.compile(_tiny(name), recipe=recipe, backend=backend, verify=False)
-
-
-def _state(cm, state) -> dict:
-    return {s.name: t for s, t in zip(cm.runtime_graph.state, state)}
 
 
 def h2o_hidden(kp: torch.Tensor, score: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
@@ -57,7 +48,7 @@ def h2o_hidden(kp: torch.Tensor, score: torch.Tensor, length: torch.Tensor) -> t
 def _oracle():
     """(logits under the combined mask, plain dense logits)."""
     ids, mask = left_padded_batch(256, **PROMPT)
-    masked = _cm("h2o(heavy=1.0)", "reference")  # per-head positions and scores, nothing evicted
+    masked = compile_tiny("h2o(heavy=1.0)", "reference")  # per-head positions and scores, nothing evicted
     names = [s.name for s in masked.runtime_graph.state]
     positions = positions_from_mask(mask)
     step_at = iter(range(PREFILL, ids.shape[1] + 1))
@@ -80,7 +71,7 @@ def _oracle():
         return masked._step(i, p, idx, state)
 
     want, _ = stream_logits(oracle, masked.runtime_graph.state, ids, mask, PREFILL)
-    dense = _cm("", "reference")
+    dense = compile_tiny("", "reference")
     plain, _ = stream_logits(dense._step, dense.runtime_graph.state, ids, mask, PREFILL)
     return want, plain
 
@@ -91,12 +82,12 @@ def test_equals_dense_attention_under_the_combined_mask(backend, order):
     """56 teacher-forced decode steps after a 24-token prefill (batch 2 left-padded: 24 and 17 real prompt tokens)."""
     ids, mask = left_padded_batch(256, **PROMPT)
     want, plain = _oracle()
-    cm = _cm(f"{DUO} + {H2O}" if order == "duo_first" else f"{H2O} + {DUO}", backend)
+    cm = compile_tiny(f"{DUO} + {H2O}" if order == "duo_first" else f"{H2O} + {DUO}", backend)
     got, state = stream_logits(cm._step, cm.runtime_graph.state, ids, mask, PREFILL)
     real = mask.bool()
     assert (got - want)[real].abs().max().item() <= 1e-4
     assert (got - plain)[real].abs().max().item() > 0.1  # the mask really acts on these steps
-    st = _state(cm, state)
+    st = state_by_name(cm, state)
     # layer 0: one retrieval head holding heavy + recent, one streaming head holding sinks + window; layer 1 duo's
     assert st["k0"].shape == (2, 1, HEAVY + RECENT, 16) and st["duo_k0"].shape == (2, 1, SINKS + WINDOW, 16)
     assert st["attn_score0"].shape == (2, 1, HEAVY + RECENT) and "attn_score1" not in st
@@ -109,8 +100,8 @@ def test_equals_dense_attention_under_the_combined_mask(backend, order):
 def test_evict_h2o_preset_equals_h2o_after_duo():
     """``evict(score='h2o', when='decode', budget=H+R, window=R)`` is ``h2o(heavy=H, recent=R)``, also on duo's retrieval part."""
     ids, mask = left_padded_batch(256, (40, 33), seed=4)
-    h2o = _cm(f"{DUO} + {H2O}")
-    ev = _cm(f"{DUO} + evict(score='h2o', when='decode', budget={HEAVY + RECENT}, window={RECENT})")
+    h2o = compile_tiny(f"{DUO} + {H2O}")
+    ev = compile_tiny(f"{DUO} + evict(score='h2o', when='decode', budget={HEAVY + RECENT}, window={RECENT})")
     a, _ = stream_logits(h2o._step, h2o.runtime_graph.state, ids, mask, 20)
     b, _ = stream_logits(ev._step, ev.runtime_graph.state, ids, mask, 20)
     assert (a - b)[mask.bool()].abs().max().item() <= 1e-5
@@ -119,7 +110,7 @@ def test_evict_h2o_preset_equals_h2o_after_duo():
 
 def test_kv_bytes_are_the_caches_held():
     ids, mask = left_padded_batch(256, (30, 22), seed=1)
-    cm = _cm(f"{DUO} + {H2O}")
+    cm = compile_tiny(f"{DUO} + {H2O}")
     cm.generate(ids, attention_mask=mask, max_new_tokens=10, **GEN)
     B, D, kv = 2, 16, 2 * 4  # K and V, fp32
     ret = HEAVY + RECENT  # layer 0's retrieval head, evicted at every step
@@ -130,25 +121,21 @@ def test_kv_bytes_are_the_caches_held():
 
 def test_budget_covering_the_length_is_duo_alone():
     ids, mask = left_padded_batch(256, (30, 22), seed=1)
-    both, duo = _cm(f"{DUO} + h2o(heavy=1.0, recent=0.0)"), _cm(DUO)
+    both, duo = compile_tiny(f"{DUO} + h2o(heavy=1.0, recent=0.0)"), compile_tiny(DUO)
     real = mask.bool()
     a, _ = stream_logits(both._step, both.runtime_graph.state, ids, mask, 12)
     b, _ = stream_logits(duo._step, duo.runtime_graph.state, ids, mask, 12)
     assert (a - b)[real].abs().max().item() <= 1e-5
-    assert torch.equal(both.generate(ids, attention_mask=mask, max_new_tokens=12, **GEN),
-                       duo.generate(ids, attention_mask=mask, max_new_tokens=12, **GEN))
-    assert both.last_stats["kv_bytes"] == duo.last_stats["kv_bytes"]
+    assert_generates_alike(both, duo, ids, mask)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
 def test_all_heads_retrieval_is_h2o_alone(name):
     ids, mask = left_padded_batch(256, (30, 22), seed=1)
     every = "duo(retrieval=[[0, 0], [0, 1], [1, 0], [1, 1]], sinks=0, window=1)"
-    both, h2o = _cm(f"{every} + {H2O}", name=name), _cm(H2O, name=name)
+    both, h2o = compile_tiny(f"{every} + {H2O}", name=name), compile_tiny(H2O, name=name)
     assert [s.name for s in both.step_graph.state] == [s.name for s in h2o.step_graph.state]
-    assert torch.equal(both.generate(ids, attention_mask=mask, max_new_tokens=12, **GEN),
-                       h2o.generate(ids, attention_mask=mask, max_new_tokens=12, **GEN))
-    assert both.last_stats["kv_bytes"] == h2o.last_stats["kv_bytes"]
+    assert_generates_alike(both, h2o, ids, mask)
 
 
 @pytest.mark.parametrize("other,words", [
@@ -161,7 +148,7 @@ def test_all_heads_retrieval_is_h2o_alone(name):
 ])
 def test_refused_forms_say_why(other, words):
     with pytest.raises(RecipeError) as err:
-        _cm(f"{DUO} + {other}")
+        compile_tiny(f"{DUO} + {other}")
     for w in words:
         assert w in str(err.value), str(err.value)
 
@@ -170,9 +157,9 @@ def test_sinks_and_a_larger_window_on_the_retrieval_heads():
     """What the streaming refusal points to: evict with budget = sinks + window keeps exactly the first S and last W
     positions on the retrieval heads (no scored token fits), while duo's streaming heads keep their own smaller window."""
     ids, mask = left_padded_batch(256, (40, 33), seed=2)
-    cm = _cm(f"{DUO} + evict(score='h2o', budget=10, sinks=3, window=7)")
+    cm = compile_tiny(f"{DUO} + evict(score='h2o', budget=10, sinks=3, window=7)")
     _, state = stream_logits(cm._step, cm.runtime_graph.state, ids, mask, 20)
-    st = _state(cm, state)
+    st = state_by_name(cm, state)
     for b, n in enumerate((40, 33)):
         assert sorted(st["key_positions0"][b, 0].tolist()) == [0, 1, 2] + list(range(n - 7, n))
         assert sorted(st["duo_positions0"][b, 0].tolist()) == list(range(SINKS)) + list(range(n - WINDOW, n))

@@ -16,35 +16,26 @@ import json
 import pytest
 import torch
 
-import graphwright as gw
 from graphwright import RecipeError
 from graphwright.runtime.score import stream_logits
-from tests.conftest import _tiny, left_padded_batch
+from tests.conftest import left_padded_batch
+from tests.passes.duo_common import GEN, assert_generates_alike, compile_tiny, state_by_name
 
-GEN = dict(eos_token_id=[], pad_token_id=0)
 PROMPT, PREFILL, SINKS, WINDOW, BUDGET, OBS = dict(lengths=(80, 73), seed=3), 24, 2, 5, 8, 2
 RETRIEVAL = {(0, 0)}  # layer 0 split (KV head 0 retrieval, 1 streaming); layer 1 all streaming
 DUO = f"duo(retrieval=[[0, 0]], sinks={SINKS}, window={WINDOW})"
 SNAP = f"snapkv(budget={BUDGET}, window={OBS})"
 
 
-def _cm(recipe: str, backend: str = "torch", name: str = "tiny-llama"):
-    return gw.compile(_tiny(name), recipe=recipe, backend=backend, verify=False)
-
-
-def _state(cm, state) -> dict:
-    return {s.name: t for s, t in zip(cm.runtime_graph.state, state)}
-
-
 @functools.lru_cache(maxsize=None)
 def _oracle():
     """(logits under the combined mask, plain dense logits, SnapKV alone's kept prompt positions per layer)."""
     ids, mask = left_padded_batch(256, **PROMPT)
-    snap = _cm(SNAP, "reference")
+    snap = compile_tiny(SNAP, "reference")
     _, st = snap._step(ids[:, :PREFILL], gw_positions(mask)[:, :PREFILL], torch.arange(PREFILL),
                        [s.empty(2, torch.device("cpu")) for s in snap.runtime_graph.state])
-    kept = {layer: _state(snap, st)[f"key_positions{layer}"] for layer in range(2)}  # [B, Hk, budget]
-    masked = _cm("snapkv(budget=100000)", "reference")  # per-head positions, nothing evicted
+    kept = {layer: state_by_name(snap, st)[f"key_positions{layer}"] for layer in range(2)}  # [B, Hk, budget]
+    masked = compile_tiny("snapkv(budget=100000)", "reference")  # per-head positions, nothing evicted
     names = [s.name for s in masked.runtime_graph.state]
     positions = gw_positions(mask)
     step_at = iter(range(PREFILL, ids.shape[1] + 1))
@@ -68,7 +59,7 @@ def _oracle():
         return masked._step(i, p, idx, state)
 
     want, _ = stream_logits(oracle, masked.runtime_graph.state, ids, mask, PREFILL)
-    dense = gw.compile(_tiny("tiny-llama"), backend="reference", verify=False)
+    dense = compile_tiny("", "reference")
     plain, _ = stream_logits(dense._step, dense.runtime_graph.state, ids, mask, PREFILL)
     return want, plain, kept
 
@@ -84,12 +75,12 @@ def test_equals_dense_attention_under_the_combined_mask(backend):
     """56 teacher-forced decode steps after a 24-token prefill (batch 2 left-padded: 24 and 17 real prompt tokens)."""
     ids, mask = left_padded_batch(256, **PROMPT)
     want, plain, kept = _oracle()
-    cm = _cm(f"{DUO} + {SNAP}", backend)
+    cm = compile_tiny(f"{DUO} + {SNAP}", backend)
     got, state = stream_logits(cm._step, cm.runtime_graph.state, ids, mask, PREFILL)
     real = mask.bool()
     assert (got - want)[real].abs().max().item() <= 1e-4
     assert (got - plain)[real].abs().max().item() > 0.1  # the mask really acts on these steps
-    st = _state(cm, state)
+    st = state_by_name(cm, state)
     steps = ids.shape[1] - PREFILL
     # retrieval head: SnapKV's budget after prefill, then one slot per decode step; its prompt set is SnapKV alone's
     assert st["k0"].shape == (2, 1, BUDGET + steps, 16) and st["duo_k0"].shape == (2, 1, SINKS + WINDOW, 16)
@@ -104,7 +95,7 @@ def test_equals_dense_attention_under_the_combined_mask(backend):
 
 def test_kv_bytes_are_the_three_caches():
     ids, mask = left_padded_batch(256, (30, 22), seed=1)
-    cm = _cm(f"{DUO} + {SNAP}")
+    cm = compile_tiny(f"{DUO} + {SNAP}")
     cm.generate(ids, attention_mask=mask, max_new_tokens=10, **GEN)
     B, D, kv = 2, 16, 2 * 4  # K and V, fp32
     ret = BUDGET + 9  # layer 0's retrieval head: the compressed prompt + 9 decode tokens fed back
@@ -115,23 +106,19 @@ def test_kv_bytes_are_the_three_caches():
 
 def test_budget_covering_the_prompt_is_duo_alone():
     ids, mask = left_padded_batch(256, (30, 22), seed=1)
-    both, duo = _cm(f"{DUO} + snapkv(budget=64)"), _cm(DUO)
+    both, duo = compile_tiny(f"{DUO} + snapkv(budget=64)"), compile_tiny(DUO)
     real = mask.bool()
     assert (both.logits(ids, attention_mask=mask) - duo.logits(ids, attention_mask=mask))[real].abs().max().item() <= 1e-5
-    assert torch.equal(both.generate(ids, attention_mask=mask, max_new_tokens=12, **GEN),
-                       duo.generate(ids, attention_mask=mask, max_new_tokens=12, **GEN))
-    assert both.last_stats["kv_bytes"] == duo.last_stats["kv_bytes"]
+    assert_generates_alike(both, duo, ids, mask)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
 def test_all_heads_retrieval_is_snapkv_alone(name):
     ids, mask = left_padded_batch(256, (30, 22), seed=1)
     every = "duo(retrieval=[[0, 0], [0, 1], [1, 0], [1, 1]], sinks=0, window=1)"
-    both, snap = _cm(f"{every} + {SNAP}", name=name), _cm(SNAP, name=name)
+    both, snap = compile_tiny(f"{every} + {SNAP}", name=name), compile_tiny(SNAP, name=name)
     assert [s.name for s in both.step_graph.state] == [s.name for s in snap.step_graph.state]
-    assert torch.equal(both.generate(ids, attention_mask=mask, max_new_tokens=12, **GEN),
-                       snap.generate(ids, attention_mask=mask, max_new_tokens=12, **GEN))
-    assert both.last_stats["kv_bytes"] == snap.last_stats["kv_bytes"]
+    assert_generates_alike(both, snap, ids, mask)
 
 
 @pytest.mark.parametrize("other,words", [
@@ -141,7 +128,7 @@ def test_all_heads_retrieval_is_snapkv_alone(name):
 ])
 def test_refused_forms_say_why(other, words):
     with pytest.raises(RecipeError) as err:
-        _cm(f"{DUO} + {other}")
+        compile_tiny(f"{DUO} + {other}")
     for w in words:
         assert w in str(err.value), str(err.value)
 

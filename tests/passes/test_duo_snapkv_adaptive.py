@@ -17,33 +17,24 @@ import functools
 import pytest
 import torch
 
-import graphwright as gw
 from graphwright import RecipeError
 from graphwright.capture.ops import ATTENTION
 from graphwright.capture.step_graph import positions_from_mask
 from graphwright.ops import schema
 from graphwright.runtime.score import stream_logits
-from tests.conftest import _tiny, left_padded_batch
+from tests.conftest import left_padded_batch
+from tests.passes.duo_common import GEN, assert_generates_alike, compile_tiny, state_by_name
 from tests.passes.test_snapkv_adaptive import _oracle as adakv_loop_oracle
 
-GEN = dict(eos_token_id=[], pad_token_id=0)
 PROMPT, PREFILL, SINKS, WINDOW, BUDGET, OBS = dict(lengths=(80, 73), seed=3), 24, 2, 5, 6, 2
 RETRIEVAL = {(0, 0), (1, 0), (1, 1)}  # layer 0 split (KV head 0 retrieval, 1 streaming); layer 1 all retrieval
 DUO = f"duo(retrieval=[[0, 0], [1, 0], [1, 1]], sinks={SINKS}, window={WINDOW})"
 ADA = f"snapkv(budget={BUDGET}, window={OBS}, heads='adaptive', floor=0.0)"
 
 
-def _cm(recipe: str, backend: str = "torch", name: str = "tiny-llama"):
-    return gw.compile(_tiny(name), recipe=recipe, backend=backend, verify=False)
-
-
-def _state(cm, state) -> dict:
-    return {s.name: t for s, t in zip(cm.runtime_graph.state, state)}
-
-
 def _dense_prefill_attention(ids, mask) -> dict:
     """{layer: (q, k, q_pos, k_pos, scale)} of the dense model's prefill attention nodes."""
-    dense = _cm("", "reference")
+    dense = compile_tiny("", "reference")
     seen, names = {}, schema.arg_names(ATTENTION)
 
     class Record(torch.fx.Interpreter):
@@ -83,7 +74,7 @@ def _oracle():
     """(logits under the combined mask, plain dense logits)."""
     ids, mask = left_padded_batch(256, **PROMPT)
     kept = _kept_by_spec()
-    masked = _cm("snapkv(budget=100000)", "reference")  # per-head positions, nothing evicted
+    masked = compile_tiny("snapkv(budget=100000)", "reference")  # per-head positions, nothing evicted
     names = [s.name for s in masked.runtime_graph.state]
     positions = positions_from_mask(mask)
     step_at = iter(range(PREFILL, ids.shape[1] + 1))
@@ -110,7 +101,7 @@ def _oracle():
         return masked._step(i, p, idx, state)
 
     want, _ = stream_logits(oracle, masked.runtime_graph.state, ids, mask, PREFILL)
-    dense = _cm("", "reference")
+    dense = compile_tiny("", "reference")
     plain, _ = stream_logits(dense._step, dense.runtime_graph.state, ids, mask, PREFILL)
     return want, plain
 
@@ -121,12 +112,12 @@ def test_equals_dense_attention_under_the_combined_mask(backend, order):
     ids, mask = left_padded_batch(256, **PROMPT)
     want, plain = _oracle()
     kept = _kept_by_spec()
-    cm = _cm(f"{DUO} + {ADA}" if order == "duo_first" else f"{ADA} + {DUO}", backend)
+    cm = compile_tiny(f"{DUO} + {ADA}" if order == "duo_first" else f"{ADA} + {DUO}", backend)
     got, state = stream_logits(cm._step, cm.runtime_graph.state, ids, mask, PREFILL)
     real = mask.bool()
     assert (got - want)[real].abs().max().item() <= 1e-4
     assert (got - plain)[real].abs().max().item() > 0.1
-    st = _state(cm, state)
+    st = state_by_name(cm, state)
     steps = ids.shape[1] - PREFILL
     for layer in range(2):  # packed caches: [B, 1, N, D], per-head positions [B, H_ret, N]
         kp = st[f"key_positions{layer}"]
@@ -146,7 +137,7 @@ def test_equals_dense_attention_under_the_combined_mask(backend, order):
 
 def test_kv_bytes_are_the_packed_and_streaming_caches():
     ids, mask = left_padded_batch(256, (30, 22), seed=1)
-    cm = _cm(f"{DUO} + {ADA}")
+    cm = compile_tiny(f"{DUO} + {ADA}")
     cm.generate(ids, attention_mask=mask, max_new_tokens=10, **GEN)
     B, D, kv = 2, 16, 2 * 4
     packed = 1 * (BUDGET + 9) + 2 * (BUDGET + 9)  # layer 0: one retrieval head; layer 1: two (floor 0: H_ret * budget)
@@ -155,7 +146,7 @@ def test_kv_bytes_are_the_packed_and_streaming_caches():
 
 def test_budget_covering_the_prompt_is_duo_alone():
     ids, mask = left_padded_batch(256, (30, 22), seed=1)
-    both, duo = _cm(f"{DUO} + snapkv(budget=64, heads='adaptive')"), _cm(DUO)
+    both, duo = compile_tiny(f"{DUO} + snapkv(budget=64, heads='adaptive')"), compile_tiny(DUO)
     a, _ = stream_logits(both._step, both.runtime_graph.state, ids, mask, 12)
     b, _ = stream_logits(duo._step, duo.runtime_graph.state, ids, mask, 12)
     assert (a - b)[mask.bool()].abs().max().item() <= 1e-5
@@ -167,29 +158,27 @@ def test_budget_covering_the_prompt_is_duo_alone():
 def test_all_heads_retrieval_is_adaptive_snapkv_alone(name):
     ids, mask = left_padded_batch(256, (30, 22), seed=1)
     every = "duo(retrieval=[[0, 0], [0, 1], [1, 0], [1, 1]], sinks=0, window=1)"
-    both, ada = _cm(f"{every} + {ADA}", name=name), _cm(ADA, name=name)
+    both, ada = compile_tiny(f"{every} + {ADA}", name=name), compile_tiny(ADA, name=name)
     assert [s.name for s in both.step_graph.state] == [s.name for s in ada.step_graph.state]
-    assert torch.equal(both.generate(ids, attention_mask=mask, max_new_tokens=12, **GEN),
-                       ada.generate(ids, attention_mask=mask, max_new_tokens=12, **GEN))
-    assert both.last_stats["kv_bytes"] == ada.last_stats["kv_bytes"]
+    assert_generates_alike(both, ada, ids, mask)
 
 
 def test_evict_adaptive_scored_packs_the_retrieval_heads():
     """``evict(score='knorm', rule='adaptive')`` (the scored packed op) on duo's retrieval part: packed over H_ret heads."""
     ids, mask = left_padded_batch(256, (30, 22), seed=1)
-    cm = _cm(f"{DUO} + evict(score='knorm', budget={BUDGET}, rule='adaptive', floor=0.0)")
+    cm = compile_tiny(f"{DUO} + evict(score='knorm', budget={BUDGET}, rule='adaptive', floor=0.0)")
     _, state = stream_logits(cm._step, cm.runtime_graph.state, ids, mask, 20)
-    st = _state(cm, state)
+    st = state_by_name(cm, state)
     assert st["key_positions0"].shape[1] == 1 and st["key_positions1"].shape[1] == 2
     for b in range(2):
         assert int((st["key_positions1"][b] >= 0).sum()) == 2 * (BUDGET + 10)  # 10 decode steps appended per head
     every = "duo(retrieval=[[0, 0], [0, 1], [1, 0], [1, 1]], sinks=0, window=1)"
-    both = _cm(f"{every} + evict(score='knorm', budget={BUDGET}, rule='adaptive')")
-    alone = _cm(f"evict(score='knorm', budget={BUDGET}, rule='adaptive')")
+    both = compile_tiny(f"{every} + evict(score='knorm', budget={BUDGET}, rule='adaptive')")
+    alone = compile_tiny(f"evict(score='knorm', budget={BUDGET}, rule='adaptive')")
     assert torch.equal(both.generate(ids, attention_mask=mask, max_new_tokens=8, **GEN),
                        alone.generate(ids, attention_mask=mask, max_new_tokens=8, **GEN))
 
 
 def test_pyramid_after_duo_is_refused():
     with pytest.raises(RecipeError, match=r"pyramid=.*not implemented"):
-        _cm(f"{DUO} + snapkv(budget=8, pyramid=20)")
+        compile_tiny(f"{DUO} + snapkv(budget=8, pyramid=20)")
