@@ -42,10 +42,11 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import tempfile
 from pathlib import Path
 
-from ..errors import RecipeError
+from ..errors import GraphwrightError, RecipeError
 from .objectives import Evaluator, set_threads
 from .space import distributions, recipe_for, search_space
 
@@ -130,6 +131,7 @@ def _objective(settings, space, ev, base, worker: int = 0, measure=None):
         recipe = recipe_for(settings["template"], space, values)
         trial.set_user_attr("recipe", str(recipe))
         trial.set_user_attr("worker", worker)
+        trial.set_user_attr("pid", os.getpid())  # the process that ran it: a lost trial names its worker
 
         def proxy_check(partial):
             trial.set_user_attr("proxy_kv_fraction", partial["kv_fraction"])
@@ -185,18 +187,25 @@ def _worker_entry(args):
 
 
 def _run_pool(model, tokenizer, out: Path, trials: int, workers: int, offset: int, threads) -> None:
-    """``trials`` split exactly over ``workers`` spawned processes; a killed worker ends the round (its trial is recovered)."""
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
+    """``trials`` split exactly over ``workers`` spawned processes, one process per share; a killed worker ends only
+    itself (its RUNNING trial is recovered by ``recover_lost`` and rerun in the next round).
 
+    Plain processes rather than a ``ProcessPoolExecutor``: a pool worker killed while it holds the pool's shared
+    call-queue lock leaves the surviving workers blocked on that lock forever (seen in CI), and a process that
+    only reads its own arguments has no such lock. A worker that fails (exit code > 0; its traceback is on
+    stderr) is an error here; one killed by a signal (exit code < 0) is not."""
+    ctx = mp.get_context("spawn")
     shares = [trials // workers + (i < trials % workers) for i in range(workers)]
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(_worker_entry, (model, tokenizer, str(out), n, offset + 1 + i, threads)) for i, n in enumerate(shares) if n]
-        for f in futures:
-            try:
-                f.result()
-            except BrokenProcessPool:  # a worker died: the pool stops the others; the next round reruns what is missing
-                pass
+    procs = [ctx.Process(target=_worker_entry, args=((model, tokenizer, str(out), n, offset + 1 + i, threads),))
+             for i, n in enumerate(shares) if n]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    failed = [(i, proc.exitcode) for i, proc in enumerate(procs) if proc.exitcode and proc.exitcode > 0]
+    if failed:
+        raise GraphwrightError(f"tune: worker(s) {', '.join(f'{i} (exit code {c})' for i, c in failed)} failed; "
+                               "their tracebacks are above; the study in --out keeps every finished trial (--resume continues)")
 
 
 def _finished(study) -> int:

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
-from graphwright.codegen.backends import EVICTION_REFERENCES, TORCH
 from graphwright.codegen.torch.prefill_scores import causal_prompt, h2o_prompt, prompt_colsum
 from graphwright.compiled import CompiledModel
 from graphwright.ops.eviction_ref import colsum, h2o_reference
 from graphwright.passes.base import PassContext
 from graphwright.passes.h2o import H2O
 from tests.conftest import left_padded_batch
-from tests.passes.eviction_helpers import decode_loop, state_of
-
-COMPACTING = dataclasses.replace(TORCH, name="torch_compacting", table={**TORCH.table, **EVICTION_REFERENCES})
+from tests.passes.eviction_helpers import COMPACTING, decode_loop, state_of
 
 
 def prompt(B, H, Hk, T, D, pads, seed=0):

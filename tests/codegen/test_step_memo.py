@@ -68,3 +68,29 @@ def test_slot_memo_is_shared_only_by_equal_positions_and_keeps_a_copy():
     other = slot_memo(info, "k", torch.tensor([[[0, 2, 6, 7]]]))  # different positions: a fresh dict
     assert other is not first and "j" not in other
     assert slot_memo(info, "k2", torch.tensor([[[0, 2, 6, 7]]])) is not other  # keys apart
+
+
+def test_memos_made_under_inference_mode_serve_a_later_step_with_autograd(compiled_tiny):
+    """generate() runs under inference_mode; a later step with autograd on (a user's own loop, a gradient probe)
+    must not get cached rows or constants that are inference tensors (they cannot be saved for backward).
+    StreamingLLM's prompt step reads the rank memo and the rope table; H2O's decode reads the slot constants."""
+    from graphwright import CompiledModel
+    from graphwright.capture.step_graph import positions_from_mask
+    from graphwright.passes.pipeline import run_recipe
+    from tests.conftest import left_padded_batch
+
+    base = compiled_tiny("tiny-llama")
+    for recipe in ("streaming(sinks=2, window=6)", "h2o(heavy=4, recent=4)"):
+        cm = CompiledModel(run_recipe(base.step_graph, recipe)[0])
+        ids, mask = left_padded_batch(256, [12, 7], seed=4)
+        pos, li = positions_from_mask(mask), torch.arange(ids.shape[1])
+        with torch.inference_mode():
+            want, _ = cm._step(ids, pos, li, cm.runtime_graph.init_state(2))
+            cm.generate(ids, attention_mask=mask, max_new_tokens=4, eos_token_id=[])
+        got, state = cm._step(ids, pos, li, cm.runtime_graph.init_state(2))  # autograd on: no inference tensor saved
+        assert not torch.is_inference(got)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        nxt = torch.full((2, 1), 5)
+        step_pos = pos[:, -1:] + 1
+        out, _ = cm._step(nxt, step_pos, torch.arange(1), list(state))
+        assert out.shape[0] == 2 and torch.isfinite(out).all()

@@ -13,7 +13,6 @@ checked on the decode graph run eagerly (no export); the position-ordered top-k 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -21,16 +20,14 @@ import pytest
 import torch
 
 import graphwright as gw
-from graphwright.codegen.backends import EVICTION_REFERENCES, TORCH
 from graphwright.codegen.onnx.artifact import OnnxStep
 from graphwright.codegen.onnx.decode_latent import fastgen_decode, topk_by_position
 from graphwright.codegen.onnx.decode_slots import GROW_SLACK, decode_graph, pad_to_capacity
 from graphwright.compiled import CompiledModel
 from graphwright.ops.eviction_ref import topk_mask
 from tests.conftest import left_padded_batch
-from tests.passes.eviction_helpers import decode_loop, floor_budget, kept_positions, state_of
+from tests.passes.eviction_helpers import COMPACTING, decode_loop, floor_budget, kept_positions, state_of
 
-COMPACTING = dataclasses.replace(TORCH, name="torch_compacting", table={**TORCH.table, **EVICTION_REFERENCES})
 RECIPES = {"fraction": "h2o(heavy=0.25, recent=0.25)", "latent": "lowrank_kv(keep=0.5) + h2o(heavy=0.25, recent=0.25)"}
 LENGTHS = [12, 7]
 STEPS = 60

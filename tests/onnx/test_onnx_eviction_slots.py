@@ -12,7 +12,6 @@ SnapKV's decode graph (an append) is checked on the graph rewrite alone (no expo
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -20,14 +19,12 @@ import pytest
 import torch
 
 import graphwright as gw
-from graphwright.codegen.backends import EVICTION_REFERENCES, TORCH
 from graphwright.codegen.onnx.artifact import OnnxStep
 from graphwright.codegen.onnx.decode_slots import decode_graph, pad_to_capacity, position_rank
 from graphwright.compiled import CompiledModel
 from tests.conftest import left_padded_batch
-from tests.passes.eviction_helpers import decode_loop, kept_positions, state_of
+from tests.passes.eviction_helpers import COMPACTING, decode_loop, kept_positions, state_of
 
-COMPACTING = dataclasses.replace(TORCH, name="torch_compacting", table={**TORCH.table, **EVICTION_REFERENCES})
 # the registry's settings (tests/passes/backend_cases.py), so the exports are shared
 RECIPES = {"h2o": ("h2o(heavy=4, recent=4)", 8, "graphwright::evict_h2o"),
            "streaming": ("streaming(sinks=2, window=6)", 8, "graphwright::evict_streaming")}

@@ -12,7 +12,6 @@ FastGen, latent caches and SnapKV + ThinK.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -20,7 +19,6 @@ import torch
 
 import graphwright as gw
 from graphwright.capture.step_graph import positions_from_mask
-from graphwright.codegen.backends import EVICTION_REFERENCES, TORCH
 from graphwright.codegen.onnx import split as split_module
 from graphwright.codegen.onnx.artifact import OnnxStep
 from graphwright.codegen.onnx.prompt_slots import (
@@ -37,9 +35,8 @@ from graphwright.compiled import CompiledModel
 from graphwright.ops.eviction_ref import h2o_reference, snapkv_reference, streaming_reference
 from tests.conftest import left_padded_batch
 from tests.passes.backend_cases import backend_cases
-from tests.passes.eviction_helpers import kept_positions, state_of
+from tests.passes.eviction_helpers import COMPACTING, kept_positions, state_of
 
-COMPACTING = dataclasses.replace(TORCH, name="torch_compacting", table={**TORCH.table, **EVICTION_REFERENCES})
 # case: (recipe, constant slot bound or None for a data-dependent width, op); shared with test_onnx_eviction_slots.py
 # and the registry suite (tests/passes/backend_cases.py)
 RECIPES = {"h2o": ("h2o(heavy=4, recent=4)", 8, "graphwright::evict_h2o"),

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
+from graphwright.codegen.backends import EVICTION_REFERENCES, TORCH
+from graphwright.codegen.torch.streaming_shift import streaming_rope_shift
 from graphwright.compiled import CompiledModel
 from graphwright.passes.base import PassContext
 from graphwright.runtime import positions_from_mask
+
+# The torch backend with the compacting reference eviction ops, on the step graph's own cache layout
+# (pre-RoPE StreamingLLM keys: no streaming_rope_shift): what every slot / in-graph version is checked against.
+COMPACTING = dataclasses.replace(TORCH, name="torch_compacting", table={**TORCH.table, **EVICTION_REFERENCES},
+                                 transforms=tuple(t for t in TORCH.transforms if t is not streaming_rope_shift))
 
 
 def random_step(B=2, H=4, Hk=2, S=12, T=1, D=8, seed=0, pad=(0, 3), holes=True):

@@ -8,14 +8,10 @@ order), and the slot version's buffers must stop growing once the budget is reac
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
-from graphwright.codegen.backends import EVICTION_REFERENCES, TORCH
 from graphwright.codegen.torch.eviction_slots import decode_colsum, fastgen_slots, h2o_slots, position_rank, rope_cache_index_ranked, streaming_slots
-from graphwright.codegen.torch.streaming_shift import streaming_rope_shift
 from graphwright.compiled import CompiledModel
 from graphwright.ops.eviction_ref import PUNCT, SPECIAL, colsum, h2o_reference, streaming_reference
 from graphwright.ops.fastgen_ref import fastgen_reference
@@ -26,11 +22,8 @@ from graphwright.passes.h2o import H2O
 from graphwright.passes.snapkv import SnapKV
 from graphwright.passes.streaming import Streaming
 from tests.conftest import left_padded_batch
-from tests.passes.eviction_helpers import decode_loop, kept_positions, op_decode_loop, random_step, state_of
+from tests.passes.eviction_helpers import COMPACTING, decode_loop, kept_positions, op_decode_loop, random_step, state_of
 
-# the references, on the step graph's own cache layout (pre-RoPE StreamingLLM keys: no streaming_rope_shift)
-COMPACTING = dataclasses.replace(TORCH, name="torch_compacting", table={**TORCH.table, **EVICTION_REFERENCES},
-                                 transforms=tuple(t for t in TORCH.transforms if t is not streaming_rope_shift))
 LENGTHS = [12, 7]  # batch 2, row 1 left-padded by 5
 
 

@@ -121,11 +121,20 @@ def _kill_one_worker_when_running(journal_dir, killed):
             running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
         except Exception:  # noqa: BLE001  (the journal is being created)
             running = []
-        if running:
-            workers = [p for p in psutil.Process().children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
-            if workers:
-                workers[0].kill()
-                killed.append(running[0].number)
+        pids = {}
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if "spawn_main" in " ".join(p.cmdline()):
+                    pids[p.pid] = p
+            except psutil.Error:  # exited meanwhile
+                pass
+        for trial in running:  # kill the worker that runs this trial (its pid is recorded when the trial starts)
+            if trial.user_attrs.get("pid") in pids:
+                try:
+                    pids[trial.user_attrs["pid"]].kill()
+                except psutil.Error:  # it finished the trial and exited meanwhile: look again
+                    continue
+                killed.append(trial.number)
                 return
         time.sleep(0.2)
 
@@ -135,7 +144,9 @@ def test_a_killed_workers_trial_is_retried(tmp_path):
     out = tmp_path / "kill"
     watcher = threading.Thread(target=_kill_one_worker_when_running, args=(out, killed), daemon=True)
     watcher.start()
-    r = tune("tiny-llama", TOK, template="streaming", budget=0.9, trials=3, population=3, workers=2, out=out, eval_settings=SMALL,
+    # trials of a few seconds (3 windows of 224 decode steps), so the watcher's journal polls see one RUNNING
+    slow = {"windows": 3, "window": 256, "prefix": 32}
+    r = tune("tiny-llama", TOK, template="streaming", budget=0.9, trials=3, population=3, workers=2, out=out, eval_settings=slow,
              threads=1, outputs=False)
     watcher.join(timeout=5)
     assert killed, "the watcher never saw a running trial"

@@ -326,7 +326,7 @@ def position_rank(k_pos: torch.Tensor) -> torch.Tensor:
 
 
 class _RankMemo(threading.local):
-    """Per thread: (copy of the last ``k_pos``, inv_freq, scaling, cos, sin) of ``rope_cache_index_ranked``.
+    """Per thread: (copy of the last ``k_pos``, inv_freq, scaling, cos, sin, inference mode) of ``rope_cache_index_ranked``.
 
     Every layer of a StreamingLLM step holds the same positions in its own ``key_positions`` state, so
     the ranks (an argsort per head) and their cos/sin rows are computed by the first layer and
@@ -342,10 +342,12 @@ def _ranked_cos_sin(k_pos, inv_freq, scaling: float):
     if torch.compiler.is_compiling():
         return rope_cos_sin(position_rank(k_pos), inv_freq, scaling)
     m = _RANK_MEMO.entry
-    if m and m[1] is inv_freq and m[2] == scaling and m[0].shape == k_pos.shape and torch.equal(m[0], k_pos):
+    mode = torch.is_inference_mode_enabled()  # rows made under inference_mode are not reused outside it
+    if (m and m[1] is inv_freq and m[2] == scaling and m[5] == mode and m[0].shape == k_pos.shape
+            and torch.equal(m[0], k_pos)):
         return m[3], m[4]
     cos, sin = rope_cos_sin(position_rank(k_pos), inv_freq, scaling)  # [B, Hk, S, R/2], scaling folded in
-    _RANK_MEMO.entry = (k_pos.clone(), inv_freq, scaling, cos, sin)
+    _RANK_MEMO.entry = (k_pos.clone(), inv_freq, scaling, cos, sin, mode)
     return cos, sin
 
 

@@ -42,9 +42,12 @@ def _table(setting: tuple, rows: int):
     if hit is not None and hit[0].shape[0] >= rows:
         return hit
     n = max(_MIN_ROWS, 1 << (max(rows, 1) - 1).bit_length())
-    f = torch.tensor(setting[1], dtype=torch.float32, device=setting[0])
-    ang = torch.arange(n, device=f.device).float()[:, None] * f  # the reference's fp32 product
-    _TABLES[setting] = (ang.cos() * setting[2], ang.sin() * setting[2])
+    # a plain tensor whatever the caller's mode: a table built under inference_mode must still serve a later
+    # step run with autograd on (an inference tensor cannot be saved for backward)
+    with torch.inference_mode(False), torch.no_grad():
+        f = torch.tensor(setting[1], dtype=torch.float32, device=setting[0])
+        ang = torch.arange(n, device=f.device).float()[:, None] * f  # the reference's fp32 product
+        _TABLES[setting] = (ang.cos() * setting[2], ang.sin() * setting[2])
     return _TABLES[setting]
 
 
@@ -59,15 +62,16 @@ def rope_cos_sin(k_pos: torch.Tensor, inv_freq: torch.Tensor, scaling: float):
         ang = k_pos.clamp(min=0).float()[..., None] * inv_freq.float()
         return ang.cos() * scaling, ang.sin() * scaling
     setting = _setting(inv_freq, scaling)
-    memo = _MEMO.get(setting)
-    if memo is not None and memo[0].shape == k_pos.shape and torch.equal(memo[0], k_pos):
+    memo = _MEMO.get(setting)  # memo[3]: made under inference_mode; its rows are not reused outside it
+    if (memo is not None and memo[3] == torch.is_inference_mode_enabled() and memo[0].shape == k_pos.shape
+            and torch.equal(memo[0], k_pos)):
         return memo[1], memo[2]
     idx = k_pos.clamp(min=0).reshape(-1)
     top = int(idx.max()) + 1 if idx.numel() else 1
     cos_t, sin_t = _table(setting, top)
     shape = (*k_pos.shape, cos_t.shape[1])
     cos, sin = cos_t.index_select(0, idx).view(shape), sin_t.index_select(0, idx).view(shape)
-    _MEMO[setting] = (k_pos.clone(), cos, sin)
+    _MEMO[setting] = (k_pos.clone(), cos, sin, torch.is_inference_mode_enabled())
     return cos, sin
 
 

@@ -75,7 +75,8 @@ def memo_tensor(key, make) -> torch.Tensor:
     if a is None:
         if len(_CONST) > 4096:
             _CONST.clear()
-        a = _CONST[key] = make()
+        with torch.inference_mode(False):  # a plain tensor: made under inference_mode it could not be saved for backward later
+            a = _CONST[key] = make()
     return a
 
 
