@@ -24,3 +24,17 @@ def assert_generates_alike(a, b, ids, mask, new_tokens: int = 12) -> None:
     assert torch.equal(a.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, **GEN),
                        b.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, **GEN))
     assert a.last_stats["kv_bytes"] == b.last_stats["kv_bytes"]
+
+
+def hide_outside_streaming_window(kp: torch.Tensor, q: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
+    """A streaming head's positions ``kp`` [B, S] with every key j >= sinks and q - j > window set to -1
+    (hidden from the query at position ``q`` [B, 1]): ``test_duo.py``'s rule."""
+    return kp.masked_fill((kp >= sinks) & (q - kp > window), -1)
+
+
+def dense_stream_logits(ids, mask, prefill: int) -> torch.Tensor:
+    """The plain dense model's logits, streamed through decode after ``prefill`` prompt tokens (reference backend)."""
+    from graphwright.runtime.score import stream_logits
+
+    dense = compile_tiny("", "reference")
+    return stream_logits(dense._step, dense.runtime_graph.state, ids, mask, prefill)[0]

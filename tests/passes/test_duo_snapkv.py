@@ -19,7 +19,7 @@ import torch
 from graphwright import RecipeError
 from graphwright.runtime.score import stream_logits
 from tests.conftest import left_padded_batch
-from tests.passes.duo_common import GEN, assert_generates_alike, compile_tiny, state_by_name
+from tests.passes.duo_common import GEN, assert_generates_alike, compile_tiny, dense_stream_logits, hide_outside_streaming_window, state_by_name
 
 PROMPT, PREFILL, SINKS, WINDOW, BUDGET, OBS = dict(lengths=(80, 73), seed=3), 24, 2, 5, 8, 2
 RETRIEVAL = {(0, 0)}  # layer 0 split (KV head 0 retrieval, 1 streaming); layer 1 all streaming
@@ -54,13 +54,12 @@ def _oracle():
                         held = (kp[:, h, :, None] == kept[layer][:, h, None, :]).any(-1)
                         kp[:, h] = kp[:, h].masked_fill(prompt & ~held, -1)
                     else:
-                        kp[:, h] = kp[:, h].masked_fill((kp[:, h] >= SINKS) & (q - kp[:, h] > WINDOW), -1)
+                        kp[:, h] = hide_outside_streaming_window(kp[:, h], q, SINKS, WINDOW)
                 state[j] = kp
         return masked._step(i, p, idx, state)
 
     want, _ = stream_logits(oracle, masked.runtime_graph.state, ids, mask, PREFILL)
-    dense = compile_tiny("", "reference")
-    plain, _ = stream_logits(dense._step, dense.runtime_graph.state, ids, mask, PREFILL)
+    plain = dense_stream_logits(ids, mask, PREFILL)
     return want, plain, kept
 
 

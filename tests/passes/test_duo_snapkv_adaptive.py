@@ -23,7 +23,7 @@ from graphwright.capture.step_graph import positions_from_mask
 from graphwright.ops import schema
 from graphwright.runtime.score import stream_logits
 from tests.conftest import left_padded_batch
-from tests.passes.duo_common import GEN, assert_generates_alike, compile_tiny, state_by_name
+from tests.passes.duo_common import GEN, assert_generates_alike, compile_tiny, dense_stream_logits, hide_outside_streaming_window, state_by_name
 from tests.passes.test_snapkv_adaptive import _oracle as adakv_loop_oracle
 
 PROMPT, PREFILL, SINKS, WINDOW, BUDGET, OBS = dict(lengths=(80, 73), seed=3), 24, 2, 5, 6, 2
@@ -96,13 +96,12 @@ def _oracle():
                             held = torch.isin(kp[b, h], torch.tensor(kept[layer][b][r]))
                             kp[b, h] = kp[b, h].masked_fill(prompt[b] & ~held, -1)
                     else:
-                        kp[:, h] = kp[:, h].masked_fill((kp[:, h] >= SINKS) & (q - kp[:, h] > WINDOW), -1)
+                        kp[:, h] = hide_outside_streaming_window(kp[:, h], q, SINKS, WINDOW)
                 state[j] = kp
         return masked._step(i, p, idx, state)
 
     want, _ = stream_logits(oracle, masked.runtime_graph.state, ids, mask, PREFILL)
-    dense = compile_tiny("", "reference")
-    plain, _ = stream_logits(dense._step, dense.runtime_graph.state, ids, mask, PREFILL)
+    plain = dense_stream_logits(ids, mask, PREFILL)
     return want, plain
 
 
