@@ -18,8 +18,10 @@ ScatterElements, Where, MatMul, Softmax), so one decode step is one ONNX Runtime
   q.k over visible slots, mean over the g query heads of a KV head) added in the graph; the victim
   is the argmin over the non-recent slots, ties to the latest position (as the reference's top-k
   and the torch slots). StreamingLLM: the victim is the slot holding position ``L - 1 - window``
-  (no scoring), and ``rope_cache_index`` rotates by each slot's rank by position among the valid
-  slots (the cache is not in position order any more), counted by comparisons (S x S per head);
+  (no scoring). A dense StreamingLLM layer's keys are cached rotated at their absolute positions
+  and its attention rotates only the query (``streaming_shift.py``, applied before this rewrite);
+  any other ``rope_cache_index`` rotates by each slot's rank by position among the valid slots (the
+  cache is not in position order any more), counted by comparisons (S x S per head);
 * SnapKV appends at decode (its reference returns its inputs when T > 1 is not the case), so its op
   becomes the identity in the decode graph: nothing is cut.
 

@@ -163,12 +163,16 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
     inputs, outputs = io_names(sg.state, extras)
     decode = gm is not None
     with phases(tag + "split"):
+        if not decode:  # streaming_shift.py: StreamingLLM keys cached at their absolute rotation (decode.onnx too)
+            from .streaming_shift import shift_streaming
+
+            gm, _ = shift_streaming(sg.gm, decode=False)
         if not decode and prompt is not None:  # prompt_slots.py: in-graph eviction at the prompt step
             from .prompt_slots import prompt_graph
 
-            gm, record = prompt_graph(sg.gm, sg.state)
+            gm, record = prompt_graph(gm, sg.state)
             prompt.update(record)
-        gm, records, outputs = split(gm if gm is not None else sg.gm, inputs, [s.name for s in sg.state])
+        gm, records, outputs = split(gm, inputs, [s.name for s in sg.state])
         if not decode and prompt and not records and not prompt["split"] and \
                 {r["op"] for r in prompt["in_graph"]} == {EVICT_SNAPKV.name()}:  # decode.onnx derives from these
             from .prompt_slots import append_outputs
@@ -263,9 +267,11 @@ def _decode_onnx(cm, out: Path, opset: int, external_data: bool, phases: Phases,
     SnapKV at the prompt step); ``model.onnx`` loses those outputs here whether or not it is derived."""
     from .decode_derive import appends_only, derive_append_decode, derive_from_appends, strip_outputs
     from .decode_slots import decode_graph
+    from .streaming_shift import shift_streaming
 
     sg = cm.step_graph
-    gm, capacity, in_graph, left = decode_graph(sg.gm, sg.state)
+    shifted, shift_layers = shift_streaming(sg.gm, decode=True)  # the same key layout as model.onnx's (_to_onnx)
+    gm, capacity, in_graph, left = decode_graph(shifted, sg.state)
     if not in_graph:
         if appends:
             strip_outputs(out / MODEL, set(appends.values()))
@@ -298,7 +304,8 @@ def _decode_onnx(cm, out: Path, opset: int, external_data: bool, phases: Phases,
         except Exception as exc:  # noqa: BLE001
             raise GraphwrightError(f"{out / DECODE_MODEL}: onnx.checker rejected the decode graph: {str(exc).strip()[:500]}") from exc
     return {"model_file": DECODE_MODEL, "outputs": outputs, "runtime_ops": records, "capacity": capacity, "in_graph": in_graph,
-            "split": left, "shares_weights": shared, "derived_from": MODEL if derived else None}
+            "split": left, "shares_weights": shared, "derived_from": MODEL if derived else None,
+            "streaming_shift": shift_layers}
 
 
 def probe_extras(extras, mask) -> dict:

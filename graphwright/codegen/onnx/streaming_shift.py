@@ -1,0 +1,166 @@
+"""StreamingLLM in the ONNX artifact without re-rotating the cache: keys cached rotated at their absolute positions.
+
+Technique: StreamingLLM (arXiv 2309.17453, ``pos_shift``) rotates each cached key by its index in
+the cache and the query by its own. The step graph caches pre-RoPE keys and every step rotated all
+of them again (``rope_cache_index``); the decode graph (``decode_slots.rope_cache_index_decode``)
+also ranked its unordered slots by position with an S x S comparison per KV head per layer. This is
+the torch backend's ``codegen/torch/streaming_shift.py`` written for export: RoPE scores depend
+only on the difference of the two angles, and StreamingLLM's cache is ``sinks`` tokens at positions
+0..sinks-1 plus a run of consecutive positions. With E = tokens evicted from the row so far
+(``max(0, L - 1 - sinks - window)``, L the row's length with the new token), a window key at
+position p has cache index p - E and the query (position L - 1) index L - 1 - E; a sink keeps index
+= position. So with every key cached as the model rotated it:
+
+* window keys: ``q_abs . k_abs`` (their angles differ by L - 1 - p, the cache-index difference);
+* sink keys: the query rotated back by E, ``R(-E) q_abs``, against ``k_abs``.
+
+``shift_streaming(gm, decode)`` rewrites every dense StreamingLLM layer of a copy of the step graph
+(``rope_invert`` of the new key -> ``cat`` into the cache -> ``rope_cache_index`` -> ``attention``,
+the same cache read by ``evict_streaming``): the cache takes the model's post-RoPE key (so the
+state layout changes for ``model.onnx`` and ``decode.onnx`` alike; both must be rewritten), and
+
+* ``decode=True`` (``decode.onnx``, T = 1): attention is ``shifted_decode_attention``: both
+  queries of each head (q and R(-E) q) against the keys in one MatMul [B, Hk, 2g, S], a ``Where``
+  on ``k_pos < sinks`` picks the sink row per slot, then mask, fp32 Softmax and MatMul with v.
+  No key is rotated and nothing is ranked; the slots may be in any order;
+* ``decode=False`` (``model.onnx``, any T): the keys are inverted at their own positions
+  (``invert_slots``: ``rope_invert``'s math per slot, the same fp32 angles) and ``rope_cache_index``
+  + attention run as before: exactly the reference's inputs, one rotation of S keys more per
+  prompt step (O(S D), beside the O(T S D) attention).
+
+The eviction (``decode_slots.streaming_decode``, ``prompt_slots.streaming_prompt``) only reads
+positions, so it is unchanged. Layers with an attention window or attention sinks of their own,
+latent keys (``lowrank_kv``) or other users of the pre-RoPE tensors are left as they are.
+
+Exact setting: none of its own (exact in real arithmetic); fp32 rounding differs from rotating by
+cache index. Invariant tested (``tests/onnx/test_onnx_streaming_shift.py``): the artifact keeps the
+same position sets per (row, KV head) as the compacting references after every step, greedy tokens
+equal and logits within 1e-4 over 120 decode steps with eviction at every step (tiny Llama, batch
+2 left-padded); the cached keys are the reference's pre-RoPE keys rotated at their positions;
+``decode.onnx`` has no S x S rank and no key rotation; the op-level function equals the reference
+composition on unordered slots.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ...capture.ops import ATTENTION
+from ...ops import schema
+from ...ops.eviction import EVICT_STREAMING, ROPE_CACHE_INDEX, ROPE_INVERT
+from ...ops.rope_index_ref import _rotate, rope_angles
+
+MASKED = torch.finfo(torch.float32).min
+
+
+def invert_slots(k, k_pos, inv_freq, scaling: float):
+    """Pre-RoPE keys [B, Hk, S, D] from keys rotated at their own positions ``k_pos`` [B, Hk, S]
+    (``rope_invert_reference``'s math per slot; empty slots, -1, are rotated as position 0)."""
+    cos, sin = rope_angles(k_pos, inv_freq)
+    return _rotate(k, cos, -sin, 1.0 / scaling)
+
+
+def shifted_decode_attention(q, k, v, q_pos, k_pos, scale: float, key_bias, inv_freq, sinks: int, window: int):
+    """``attention(rope_cache_index(rope_invert(q), pre-RoPE k))`` at a T = 1 step of a StreamingLLM layer
+    whose keys ``k`` [B, Hk, S, D] are rotated at their positions ``k_pos`` [B, Hk, S] (any slot order).
+
+    ``q`` [B, H, 1, D]: the model's post-RoPE query at ``q_pos`` [B, 1]; ``sinks``/``window``: the
+    StreamingLLM op's budget (the cache holds at most sinks + window + 1 tokens: the previous step's
+    kept set and the new token). Returns [B, H, 1, Dv] in v's dtype (computed in fp32)."""
+    B, H, _, D = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    g = H // Hk
+    evicted = (q_pos.max(dim=1).values - sinks - window).clamp(min=0)  # [B]: L - 1 - sinks - window
+    cos, sin = rope_angles(evicted, inv_freq)  # [B, R]
+    qf = q.float()
+    back = _rotate(qf, cos[:, None, None], -sin[:, None, None], 1.0)  # R(-E) q: the query at its cache index
+    qq = torch.cat([qf, back], dim=2).reshape(B, Hk, 2 * g, D)  # per KV head: g x (q, R(-E) q)
+    s = torch.matmul(qq, k.float().transpose(-1, -2)).reshape(B, Hk, g, 2, S) * scale
+    sink = (k_pos < sinks)[:, :, None, :]  # [B, Hk, 1, S]
+    s = torch.where(sink, s[:, :, :, 1], s[:, :, :, 0])  # [B, Hk, g, S]
+    if key_bias is not None:
+        s = s + key_bias.float().reshape(B, Hk, g, S)
+    qp = q_pos[:, :, None]  # [B, 1, 1]
+    visible = (k_pos >= 0) & ((k_pos <= qp) | (qp < 0))  # the reference's rule (padding queries see every key)
+    s = s.masked_fill(~visible[:, :, None], MASKED)
+    p = torch.softmax(s, dim=-1)
+    out = torch.matmul(p, v.float())  # [B, Hk, g, Dv]
+    return out.reshape(B, H, 1, v.shape[-1]).to(v.dtype)
+
+
+def _is_cat(node) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is torch.ops.aten.cat.default
+
+
+def _layer(qk):
+    """The nodes of one dense StreamingLLM layer around ``rope_cache_index`` node ``qk``, or None when the
+    pattern differs: (q_pre, cat, kn_pre, getitems, attention, evict)."""
+    import operator
+
+    q_pre, k_all, kp_all, inv, scaling = (schema.get(qk, n) for n in ("q", "k", "k_pos", "inv_freq", "scaling"))
+    if not (isinstance(q_pre, torch.fx.Node) and q_pre.target is ROPE_INVERT):
+        return None
+    if not _is_cat(k_all) or len(k_all.args[0]) != 2 or (k_all.args[1] if len(k_all.args) > 1 else 0) not in (2, -2):
+        return None
+    kn_pre = k_all.args[0][1]
+    if not (isinstance(kn_pre, torch.fx.Node) and kn_pre.target is ROPE_INVERT and len(kn_pre.users) == 1):
+        return None
+    for n in (q_pre, kn_pre):
+        if schema.get(n, "inv_freq") is not inv or schema.get(n, "scaling") != scaling:
+            return None
+    gets = sorted(qk.users, key=lambda u: u.args[1] if u.target is operator.getitem else -1)
+    if len(gets) != 2 or any(u.target is not operator.getitem for u in gets):
+        return None
+    attn = next(iter(gets[0].users), None)
+    if attn is None or attn.target != ATTENTION or any(set(u.users) != {attn} for u in gets):
+        return None
+    if schema.get(attn, "q") is not gets[0] or schema.get(attn, "k") is not gets[1] or schema.get(attn, "k_pos") is not kp_all:
+        return None
+    if schema.get(attn, "window") or schema.get(attn, "sinks"):
+        return None
+    evict = [u for u in k_all.users if u is not qk]
+    if len(evict) != 1 or evict[0].target is not EVICT_STREAMING or schema.get(evict[0], "k") is not k_all \
+            or schema.get(evict[0], "k_pos") is not kp_all:
+        return None
+    return q_pre, k_all, kn_pre, gets, attn, evict[0]
+
+
+def shift_streaming(gm: torch.fx.GraphModule, decode: bool):
+    """A copy of ``gm`` whose dense StreamingLLM layers cache post-RoPE keys (module docstring); returns
+    ``(gm, layers)``, ``layers`` the rewritten layers' indices (``gm`` itself when there are none)."""
+    if not any(n.op == "call_function" and n.target is ROPE_CACHE_INDEX for n in gm.graph.nodes):
+        return gm, []
+    gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    graph, layers = gm.graph, []
+    for qk in [n for n in graph.nodes if n.op == "call_function" and n.target is ROPE_CACHE_INDEX]:
+        found = _layer(qk)
+        if found is None:
+            continue
+        q_pre, k_all, kn_pre, gets, attn, evict = found
+        inv, scaling = schema.get(qk, "inv_freq"), schema.get(qk, "scaling")
+        kp_all = schema.get(qk, "k_pos")
+        k_all.args = ([k_all.args[0][0], schema.get(kn_pre, "x")], *k_all.args[1:])  # the cache takes the rotated key
+        graph.erase_node(kn_pre)
+        layers.append(evict.meta.get("graphwright", {}).get("layer"))
+        if not decode:  # the reference's inputs: keys inverted at their own positions
+            with graph.inserting_before(qk):
+                k_pre = graph.call_function(invert_slots, (k_all, kp_all, inv, scaling))
+            qk.args = tuple(k_pre if a is k_all else a for a in qk.args)
+            qk.kwargs = {n: (k_pre if a is k_all else a) for n, a in qk.kwargs.items()}
+            continue
+        a = {n: schema.get(attn, n) for n in ("v", "q_pos", "scale", "key_bias")}
+        with graph.inserting_before(attn):
+            new = graph.call_function(shifted_decode_attention,
+                                      (schema.get(q_pre, "x"), k_all, a["v"], a["q_pos"], kp_all, a["scale"], a["key_bias"],
+                                       inv, int(schema.get(evict, "sinks")), int(schema.get(evict, "window"))))
+        new.meta = dict(attn.meta)
+        attn.replace_all_uses_with(new)
+        for n in (attn, *gets, qk):
+            graph.erase_node(n)
+        if not q_pre.users:
+            graph.erase_node(q_pre)
+    graph.lint()
+    gm.recompile()
+    return gm, layers

@@ -1,0 +1,145 @@
+"""StreamingLLM in the ONNX artifact without re-rotating cached keys (``codegen/onnx/streaming_shift.py``).
+
+The artifact caches keys rotated at their absolute positions; ``decode.onnx`` rotates only the query
+(back by the tokens evicted so far, for the sinks) and ranks nothing. Against the torch backend with
+the compacting references and the step graph's pre-RoPE cache: same kept position sets per (row, KV
+head) after every step, same greedy tokens, logits within 1e-4, over 120 decode steps with eviction
+at every step (batch 2, left-padded); the cached keys are the reference's rotated at their positions.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import onnx
+import pytest
+import torch
+
+from graphwright.codegen.onnx.artifact import OnnxStep
+from graphwright.codegen.onnx.decode_slots import decode_graph, position_rank, rope_cache_index_decode
+from graphwright.codegen.onnx.streaming_shift import shift_streaming, shifted_decode_attention
+from graphwright.compiled import CompiledModel
+from graphwright.ops.eviction import ROPE_CACHE_INDEX, ROPE_INVERT
+from graphwright.ops.rope_index_ref import _rotate, rope_angles
+from tests.codegen.test_streaming_shift import _reference_layer
+from tests.conftest import left_padded_batch
+from tests.passes.eviction_helpers import COMPACTING, decode_loop, kept_positions, state_of
+
+RECIPE = "streaming(sinks=2, window=6)"  # the registry's setting (test_onnx_eviction_slots.py): the export is shared
+LENGTHS = [12, 7]
+STEPS = 120
+
+
+def kept_sets(cm, state):
+    return [[[sorted(h) for h in row] for row in kept_positions(state_of(cm, state, f"key_positions{layer}"))]
+            for layer in range(2)]
+
+
+@pytest.fixture(scope="module")
+def runs(onnx_artifact):
+    cm, folder = onnx_artifact("tiny-llama", RECIPE)
+    meta = json.loads((folder / "graphwright.json").read_text())
+    step = OnnxStep.from_metadata(folder / "model.onnx", meta, providers=["CPUExecutionProvider"])
+    models = {"onnx": SimpleNamespace(step_graph=cm.step_graph, _step=step), "ref": CompiledModel(cm.step_graph, backend=COMPACTING)}
+    ids, mask = left_padded_batch(cm.step_graph.info.vocab_size, LENGTHS, seed=4)
+    out = {"meta": meta, "folder": folder, "cm": cm}
+    for name, m in models.items():
+        sets = []
+        logits, toks, state = decode_loop(m, ids, mask, STEPS, lambda i, s, m=m, sets=sets: sets.append(kept_sets(m, s)))
+        out[name] = (logits, toks, sets, state)
+    return out
+
+
+def test_artifact_keeps_the_reference_sets_tokens_and_logits(runs):
+    onnx_run, ref = runs["onnx"], runs["ref"]
+    assert runs["meta"]["decode"]["streaming_shift"] == [0, 1]
+    assert onnx_run[2] == ref[2]
+    assert onnx_run[2][-1][0][1][0] == [0, 1] + list(range(STEPS + 7 - 6, STEPS + 7))  # layer 0, row 1, head 0: evicts at every step
+    assert torch.equal(onnx_run[1], ref[1])
+    assert (onnx_run[0] - ref[0]).abs().max() <= 1e-4
+
+
+def test_the_artifact_caches_keys_rotated_at_their_positions(runs):
+    cm = runs["cm"]
+    inv = cm.step_graph.gm.get_buffer("hf.model.rotary_emb.inv_freq")
+    for layer in range(2):
+        kp_o, kp_r = (state_of(cm, runs[n][3], f"key_positions{layer}") for n in ("onnx", "ref"))
+        k_o, k_r = (state_of(cm, runs[n][3], f"k{layer}") for n in ("onnx", "ref"))
+        for b in range(2):
+            for h in range(kp_o.shape[1]):
+                oo, orr = kp_o[b, h].argsort(), kp_r[b, h].argsort()
+                oo, orr = oo[kp_o[b, h, oo] >= 0], orr[kp_r[b, h, orr] >= 0]
+                pos = kp_o[b, h, oo]
+                assert torch.equal(pos, kp_r[b, h, orr]) and len(pos) == 8
+                cos, sin = rope_angles(pos, inv)
+                rotated = _rotate(k_r[b, h, orr][None, None], cos, sin, 1.0)[0, 0]
+                assert (k_o[b, h, oo] - rotated).abs().max() <= 5e-5  # fp32 RoPE in ORT vs torch; unrotated keys differ by O(1)
+
+
+def test_decode_graph_rotates_no_key_and_ranks_nothing(runs):
+    cm = runs["cm"]
+    sg = cm.step_graph
+    shifted, layers = shift_streaming(sg.gm, decode=True)
+    gm, _, in_graph, left = decode_graph(shifted, sg.state)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert layers == [0, 1] and left == [] and len(in_graph) == 2
+    assert targets.count(shifted_decode_attention) == 2
+    assert not {ROPE_CACHE_INDEX, ROPE_INVERT, rope_cache_index_decode, position_rank} & set(targets)
+    # in decode.onnx no rotation angle is computed from the slots' positions (only from the query's)
+    dec = onnx.load(str(runs["folder"] / "decode.onnx"), load_external_data=False)
+    angles = [n for n in dec.graph.node if n.op_type in ("Cos", "Sin")]
+    assert len(angles) > 2 and all("positions" in _inputs_above(dec.graph, n) for n in angles)
+    assert not any(name.startswith("key_positions") for n in angles for name in _inputs_above(dec.graph, n))
+
+
+def _inputs_above(graph, node) -> set:
+    """The graph inputs ``node`` depends on."""
+    producer = {o: n for n in graph.node for o in n.output}
+    inputs = {i.name for i in graph.input}
+    seen, todo, found = set(), list(node.input), set()
+    while todo:
+        x = todo.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        if x in inputs:
+            found.add(x)
+        elif x in producer:
+            todo.extend(producer[x].input)
+    return found
+
+
+def test_prompt_graph_inverts_keys_at_their_positions(runs):
+    sg = runs["cm"].step_graph
+    gm, layers = shift_streaming(sg.gm, decode=False)
+    assert layers == [0, 1]
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(ROPE_CACHE_INDEX) == 2 and targets.count(ROPE_INVERT) == 2  # the queries' inversions only
+
+
+@pytest.mark.parametrize("evicted", [0, 1, 37, 500])
+def test_shifted_decode_attention_equals_rotation_by_cache_index(evicted):
+    """Op level: unordered slots (sinks + a window of consecutive positions + empty slots), 2 rows, GQA 4:2."""
+    g = torch.Generator().manual_seed(evicted)
+    B, H, Hk, D, sinks, window = 2, 4, 2, 16, 3, 6
+    inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2).float() / D))
+    S = sinks + window + 1 + 2  # two empty slots
+    k_pos = torch.full((B, Hk, S), -1, dtype=torch.long)
+    q_pos = torch.zeros(B, 1, dtype=torch.long)
+    for b in range(B):
+        L = sinks + window + 1 + evicted + 3 * b  # row length with the new token
+        cached = list(range(sinks)) + list(range(max(sinks, L - 1 - window), L))
+        for h in range(Hk):
+            slots = torch.randperm(S - 1, generator=g)[:len(cached) - 1]
+            k_pos[b, h, slots] = torch.tensor(cached[:-1])
+            k_pos[b, h, S - 1] = L - 1
+        q_pos[b, 0] = L - 1
+    k_pre, v = torch.randn(B, Hk, S, D, generator=g), torch.randn(B, Hk, S, D, generator=g)
+    q_pre = torch.randn(B, H, 1, D, generator=g)
+    ck, sk = rope_angles(k_pos, inv)
+    cq, sq = rope_angles(q_pos, inv)
+    k_abs, q_abs = _rotate(k_pre, ck, sk, 1.0), _rotate(q_pre, cq[:, None], sq[:, None], 1.0)
+    got = shifted_decode_attention(q_abs, k_abs, v, q_pos, k_pos, 0.25, None, inv, sinks, window)
+    want = _reference_layer(q_abs, k_abs, v, q_pos, k_pos, 0.25, inv, sinks, window)
+    assert got.shape == (B, H, 1, D) and (got - want).abs().max() <= 1e-4
