@@ -40,7 +40,7 @@ sys.path.insert(0, str(HERE))
 
 DEFAULT_RECIPES = ["snapkv(budget={budget})", "h2o(heavy={half}, recent={half})", "streaming(sinks=4, window={window})"]
 DEFAULT_PRESSES = ["SnapKV", "ObservedAttention", "ExpectedAttention", "TOVA", "Knorm", "StreamingLLM", "KeyRerotation(StreamingLLM)",
-                   "AdaKV(SnapKV)", "DuoAttention"]
+                   "AdaKV(SnapKV)", "DuoAttention", "DuoAttention(graphwright heads)"]
 MODES = ("aware", "agnostic")
 KVPRESS_PY = HERE / ".venv-kvpress" / "bin" / "python"
 SETUP = ("the kvpress side needs its own environment {py} (kvpress 0.5.5, CPU torch; never a graphwright dependency).\n"
@@ -68,6 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--skip-graphwright", action="store_true",
                    help="run the kvpress side only (the table still shows the graphwright answers the journal holds)")
     p.add_argument("--journal", default=None, help="graphwright's answers, JSONL (default OUT/graphwright_answers.jsonl)")
+    p.add_argument("--import-suite", default=None, metavar="JOURNAL",
+                   help="a long-suite journal (bench/results/suite/cases.jsonl): graphwright's aware answers it holds for the "
+                        "same recipe and prompt are copied, not generated (bytes are still measured here)")
     p.add_argument("--progress", action="store_true")
     a = p.parse_args(argv)
     bad = [b for b in a.budgets if not 0.0 < b < 1.0]
@@ -133,13 +136,27 @@ def our_key(model_name, recipe, mode, case, seed, max_new_tokens):
                     {"max_new_tokens": max_new_tokens, "runner": "kvpress_side_by_side", "backend": "torch"})
 
 
+def suite_key(model_name, recipe, case, seed, max_new_tokens):
+    """The long suite's journal key (``graphwright.eval.suite``, needle task, torch backend) of one aware answer.
+
+    Its case hash covers the token ids and the needle's activity: a key that matches is the very same prompt."""
+    from graphwright.eval.journal import case_hash, make_key
+    from graphwright.eval.suite import canonical
+
+    return make_key(model_name, canonical(recipe), "aware", "niah", case["length"], case["id"], seed,
+                    case_hash(case["ids"], case["activity"]), {"max_new_tokens": max_new_tokens, "backend": "torch"})
+
+
 @torch.inference_mode()
 def run_ours(model, tok, cases, recipes, budgets, max_new_tokens, progress=False, modes=("aware",), journal=None,
-             model_name="model", seed=0):
+             model_name="model", seed=0, suite=None):
     """Rows ``{method, recipe, budget, mode, id, new_ids, cache_bytes}`` for dense and every recipe x budget x length.
 
     Every answer is appended at once to ``journal`` (a ``graphwright.eval.journal.Journal``; in memory when None)
-    and answers it already holds are not computed again (a recipe whose cases are all there is not even compiled)."""
+    and answers it already holds are not computed again (a recipe whose cases are all there is not even compiled).
+    ``suite`` (a long-suite journal, ``--import-suite``): an aware answer it holds for the same recipe and the same
+    prompt (its key's case hash covers the token ids) is copied instead of generated, as ``answer`` (decoded text;
+    the suite keeps no token ids) with ``source: "suite"``; its bytes are still measured here (one prefill)."""
     from graphwright.capture import capture
     from graphwright.compiled import CompiledModel
     from graphwright.eval.journal import Journal
@@ -171,7 +188,12 @@ def run_ours(model, tok, cases, recipes, budgets, max_new_tokens, progress=False
                 ids = torch.tensor([c["ids"]])
                 for mode in [m for m in ("aware", "agnostic") if m in modes]:
                     key = our_key(model_name, recipe, mode, c, seed, max_new_tokens)
-                    if jr.get(key) is None:
+                    imported = suite.get(suite_key(model_name, recipe, c, seed, max_new_tokens)) \
+                        if suite is not None and mode == "aware" and jr.get(key) is None else None
+                    if imported is not None:
+                        jr.add(key, {"method": template, "recipe": recipe, "budget": frac, "mode": mode, "id": c["id"],
+                                     "answer": imported["answer"], "source": "suite", "cache_bytes": held, "bytes_key": bk})
+                    elif jr.get(key) is None:
                         if mode == "aware":
                             out = cm.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos, allow_long=True)
                             new_ids, nbytes = out[0, ids.shape[1]:].tolist(), held
@@ -194,6 +216,13 @@ def run_ours(model, tok, cases, recipes, budgets, max_new_tokens, progress=False
     return rows, bytes_key
 
 
+def duo_headset(model_name) -> Path:
+    """graphwright's shipped DuoAttention head set for ``model_name`` (the press "DuoAttention(graphwright heads)" reads it)."""
+    import graphwright.heads.headsets as hs
+
+    return Path(hs.__file__).parent / f"{model_name}_duo.json"
+
+
 def run_kvpress(args, cases, write_model, eos, out: Path) -> dict:
     """The kvpress side in its own environment; ``{"skipped": reason}`` when that environment is missing.
 
@@ -206,7 +235,7 @@ def run_kvpress(args, cases, write_model, eos, out: Path) -> dict:
         return {"skipped": msg}
     spec = {"model": args.model, "model_dir": str(write_model()), "presses": args.presses, "budgets": args.budgets,
             "modes": args.modes, "max_new_tokens": args.max_new_tokens, "eos": [eos] if isinstance(eos, int) else list(eos),
-            "journal": str(out / "kvpress_answers.jsonl"),
+            "journal": str(out / "kvpress_answers.jsonl"), "duo_headset": str(duo_headset(args.model)),
             "cases": [{"id": c["id"], "ids": c["ids"], "split": c["split"]} for c in cases]}
     spec_path, res_path = out / "kvpress_cases.json", out / "kvpress_raw.json"
     spec_path.write_text(json.dumps(spec))
@@ -229,14 +258,24 @@ def journal_rows(jr, cases, args) -> tuple:
 
 
 def kvpress_journal_rows(path, cases, args) -> list:
-    """Every kvpress answer the worker's journal holds for these cases (any press, budget, mode), in file order."""
+    """Every kvpress answer the worker's journal holds for these cases (any press, budget, mode), in file order.
+
+    ``path`` is one journal or a folder: there, ``kvpress_answers.jsonl`` and every ``kvpress_answers.*.jsonl`` (journals of
+    workers run side by side on one press each), merged by key (the first file holding a key wins)."""
     from kvpress_worker import case_key, load_journal
 
+    path = Path(path)
+    files = [path] if not path.is_dir() else [f for f in [path / "kvpress_answers.jsonl"] + sorted(path.glob("kvpress_answers.*.jsonl"))
+                                             if f.is_file()]
+    merged: dict = {}
+    for f in files:
+        for k, r in load_journal(f).items():
+            merged.setdefault(k, r)
     want = {}
     for c in cases:
         k = json.loads(case_key({"model": args.model, "model_dir": "", "max_new_tokens": args.max_new_tokens}, c, "", None, "", ""))
         want[(c["id"], k["case_hash"])] = c
-    return [row for key, row in ((json.loads(k), r) for k, r in load_journal(path).items())
+    return [row for key, row in ((json.loads(k), r) for k, r in merged.items())
             if (key["case"], key["case_hash"]) in want and key["model"] == args.model and key["max_new_tokens"] == args.max_new_tokens]
 
 
@@ -254,8 +293,12 @@ def main(argv=None) -> int:
 
     jr = Journal(args.journal or out / "graphwright_answers.jsonl")
     # the graphwright side answers what the journal lacks; with --skip-graphwright only what it holds is shown
+    if args.import_suite and not Path(args.import_suite).is_file():
+        raise SystemExit(f"--import-suite {args.import_suite}: no such journal (the long suite's cases.jsonl)")
+    suite = Journal(args.import_suite) if args.import_suite else None
     ours, bytes_key = run_ours(model, tok, cases, [] if args.skip_graphwright else args.recipes, args.budgets,
-                               args.max_new_tokens, args.progress, args.modes, journal=jr, model_name=args.model, seed=args.seed)
+                               args.max_new_tokens, args.progress, args.modes, journal=jr, model_name=args.model, seed=args.seed,
+                               suite=suite)
     if args.skip_graphwright:
         ours, bytes_key = journal_rows(jr, cases, args)
     if args.skip_kvpress:
@@ -263,9 +306,9 @@ def main(argv=None) -> int:
     else:
         model_dir = Path(args.model_dir) if args.model_dir else HERE / ".cache-kvpress" / args.model
         kv = run_kvpress(args, cases, lambda: save_model_dir(model, tok, model_dir), tok.eos_token_id, out)
-    kv_rows = kvpress_journal_rows(out / "kvpress_answers.jsonl", cases, args) if "rows" in kv else []
+    kv_rows = kvpress_journal_rows(out, cases, args)  # whatever the journals hold, also with --skip-kvpress
     raw = {"graphwright": score_rows(ours, cases, tok), "kvpress": score_rows(kv_rows, cases, tok)}
-    print(f"graphwright answers: {len(ours)}; kvpress answers: {len(kv.get('rows', []))}", file=sys.stderr, flush=True)
+    print(f"graphwright answers: {len(ours)}; kvpress answers: {len(kv_rows)}", file=sys.stderr, flush=True)
     settings = {"model": args.model, "lengths": args.lengths, "cases_per_length": args.cases, "budgets": args.budgets,
                 "recipes": args.recipes, "presses": args.presses, "modes": args.modes, "max_new_tokens": args.max_new_tokens,
                 "seed": args.seed, "graphwright_bytes": bytes_key, "kvpress_versions": kv.get("versions"),
