@@ -71,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--import-suite", default=None, metavar="JOURNAL",
                    help="a long-suite journal (bench/results/suite/cases.jsonl): graphwright's aware answers it holds for the "
                         "same recipe and prompt are copied, not generated (bytes are still measured here)")
+    p.add_argument("--table-only", action="store_true",
+                   help="rebuild the table from OUT/cases.json and the journals in OUT; load no weights, run nothing")
     p.add_argument("--progress", action="store_true")
     a = p.parse_args(argv)
     bad = [b for b in a.budgets if not 0.0 < b < 1.0]
@@ -96,6 +98,19 @@ def load(model_name):
 
     model, tok = load_model(model_name)
     return model, tok if tok is not None else ByteTokenizer()
+
+
+def load_tokenizer(model_name):
+    """The tokenizer alone (a real model's converted folder, no weights loaded), for ``--table-only``."""
+    from graphwright.models.load import REAL_MODELS
+
+    if model_name in REAL_MODELS:
+        from transformers import AutoTokenizer
+
+        from graphwright.models.smollm2 import converted_folder
+
+        return AutoTokenizer.from_pretrained(converted_folder())
+    return load(model_name)[1]
 
 
 def build_cases(tok, lengths, cases, seed):
@@ -280,18 +295,26 @@ def kvpress_journal_rows(path, cases, args) -> list:
 
 
 def main(argv=None) -> int:
-    from kvpress_report import score_rows, summarise, write_report
-
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model, tok = load(args.model)
-    cases = build_cases(tok, args.lengths, args.cases, args.seed)
-    (out / "cases.json").write_text(json.dumps(cases))
     from graphwright.eval.journal import Journal
 
     jr = Journal(args.journal or out / "graphwright_answers.jsonl")
+    if args.table_only:
+        if not (out / "cases.json").is_file():
+            raise SystemExit(f"--table-only needs {out / 'cases.json'} (written by a run with the same --out)")
+        tok, cases = load_tokenizer(args.model), json.loads((out / "cases.json").read_text())
+        args.lengths = sorted({c["length"] for c in cases})
+        args.cases = len(cases) // len(args.lengths)
+        args.skip_graphwright = args.skip_kvpress = True
+        ours, bytes_key = journal_rows(jr, cases, args)
+        kv = {"skipped": "--table-only (the table shows what the journals hold)"}
+        return _report(args, out, tok, cases, ours, bytes_key, kv, t0)
+    model, tok = load(args.model)
+    cases = build_cases(tok, args.lengths, args.cases, args.seed)
+    (out / "cases.json").write_text(json.dumps(cases))
     # the graphwright side answers what the journal lacks; with --skip-graphwright only what it holds is shown
     if args.import_suite and not Path(args.import_suite).is_file():
         raise SystemExit(f"--import-suite {args.import_suite}: no such journal (the long suite's cases.jsonl)")
@@ -306,6 +329,12 @@ def main(argv=None) -> int:
     else:
         model_dir = Path(args.model_dir) if args.model_dir else HERE / ".cache-kvpress" / args.model
         kv = run_kvpress(args, cases, lambda: save_model_dir(model, tok, model_dir), tok.eos_token_id, out)
+    return _report(args, out, tok, cases, ours, bytes_key, kv, t0)
+
+
+def _report(args, out, tok, cases, ours, bytes_key, kv, t0) -> int:
+    from kvpress_report import score_rows, summarise, write_report
+
     kv_rows = kvpress_journal_rows(out, cases, args)  # whatever the journals hold, also with --skip-kvpress
     raw = {"graphwright": score_rows(ours, cases, tok), "kvpress": score_rows(kv_rows, cases, tok)}
     print(f"graphwright answers: {len(ours)}; kvpress answers: {len(kv_rows)}", file=sys.stderr, flush=True)
@@ -313,6 +342,9 @@ def main(argv=None) -> int:
                 "recipes": args.recipes, "presses": args.presses, "modes": args.modes, "max_new_tokens": args.max_new_tokens,
                 "seed": args.seed, "graphwright_bytes": bytes_key, "kvpress_versions": kv.get("versions"),
                 "kvpress_errors": kv.get("errors", {}), "kvpress_skipped": kv.get("skipped")}
+    if args.table_only:  # what the journals hold, not what this invocation was asked for
+        settings |= {"recipes": sorted({r["method"] for r in ours} - {"dense"}), "presses": sorted({r["method"] for r in kv_rows} - {"dense"}),
+                     "budgets": sorted({r["budget"] for r in ours + kv_rows if r["budget"] is not None})}
     result = {"settings": settings, "rows": summarise(raw, args.seed), "raw": raw, "seconds": time.perf_counter() - t0}
     for path in write_report(result, out):
         print(path)

@@ -280,3 +280,15 @@ def test_worker_can_leave_dense_out(tiny, tmp_path, monkeypatch):
     spec = {"model": "tiny-llama", "model_dir": "unused", "presses": [], "budgets": [0.5], "modes": ["aware"], "max_new_tokens": 2,
             "eos": [], "cases": [{"id": "c0", "ids": list(range(3, 20)), "split": 10}]}
     assert len(worker.run(spec)["rows"]) == 1 and worker.run({**spec, "dense": False})["rows"] == []
+
+
+def test_table_only_rebuilds_the_table_without_weights(run, monkeypatch):
+    mod, out, res = run
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setattr(mod, "load", lambda name: (_ for _ in ()).throw(AssertionError("weights loaded")))
+    monkeypatch.setattr(mod, "load_tokenizer", lambda name: __import__("graphwright.eval.bytetok", fromlist=["x"]).ByteTokenizer())
+    assert mod.main(["--model", "tiny-llama", "--table-only", "--out", str(out)]) == 0
+    again = json.loads((out / "kvpress_side_by_side.json").read_text())
+    assert sorted(map(json.dumps, again["rows"])) == sorted(map(json.dumps, res["rows"]))
+    with pytest.raises(SystemExit, match="cases.json"):
+        mod.main(["--model", "tiny-llama", "--table-only", "--out", str(out / "empty")])
