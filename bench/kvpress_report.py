@@ -18,13 +18,33 @@ from graphwright.eval.niah import is_correct
 from graphwright.eval.plot import save_figure
 from graphwright.eval.stats import bootstrap_mean, paired_difference
 
-# kvpress press -> the graphwright recipe family with the same algorithm (answers compared case by case)
-SAME_ALGORITHM = {"dense": "dense", "SnapKV": "snapkv", "StreamingLLM": "streaming", "KeyRerotation(StreamingLLM)": "streaming"}
+# kvpress press -> the graphwright recipe (``label``) that implements the same scorer at the same budget; answers
+# are compared case by case. SnapKV and dense are the same algorithm (identical answers expected); the others
+# differ in details the README lists (StreamingLLM: positions; AdaKV: masking vs packing; TOVA, Knorm,
+# ExpectedAttention: our re-implementations of the papers, run once after prefill as kvpress does).
+SAME_ALGORITHM = {"dense": "dense", "SnapKV": "snapkv", "StreamingLLM": "streaming(sinks=4)",
+                  "KeyRerotation(StreamingLLM)": "streaming(sinks=4)", "AdaKV(SnapKV)": "snapkv(heads=adaptive)",
+                  "TOVA": "evict(score=tova,when=prefill)", "Knorm": "evict(score=knorm)",
+                  "ExpectedAttention": "evict(score=expected_attention)", "DuoAttention(graphwright heads)": "duo(sinks=4,window=256)"}
 
 
 def family(method: str) -> str:
     """A recipe template's pass names joined by '+' ('snapkv(budget={budget})' -> 'snapkv')."""
     return "+".join(part.split("(")[0].strip() for part in method.split("+"))
+
+
+def label(method: str) -> str:
+    """A recipe template without its budget-filled arguments, spaces and quotes: the method whatever the budget.
+
+    ``"snapkv(budget={budget}, heads='adaptive')"`` -> ``"snapkv(heads=adaptive)"``, ``"snapkv(budget={budget})"`` ->
+    ``"snapkv"``, ``"evict(score='tova', budget={budget})"`` -> ``"evict(score=tova)"``; fixed arguments stay."""
+    parts = []
+    for part in method.split("+"):
+        name, _, rest = part.strip().partition("(")
+        args = [a.strip().replace("'", "").replace('"', "").replace(" ", "") for a in rest.rstrip(")").split(",") if a.strip()]
+        args = [a for a in args if "{" not in a]
+        parts.append(name.strip() + (f"({','.join(args)})" if args else ""))
+    return "+".join(parts)
 
 
 def score_rows(rows, cases, tok) -> list:
@@ -33,7 +53,8 @@ def score_rows(rows, cases, tok) -> list:
     out = []
     for r in rows:
         c = by_id[r["id"]]
-        ans = tok.decode(r["new_ids"], skip_special_tokens=True)
+        # rows imported from the long suite's journal carry the decoded answer only (same decode settings)
+        ans = tok.decode(r["new_ids"], skip_special_tokens=True) if "new_ids" in r else r["answer"]
         out.append({**r, "length": c["length"], "answer": ans, "correct": bool(is_correct(ans, c["activity"]))})
     return out
 
@@ -60,6 +81,7 @@ def summarise(raw: dict, seed: int = 0) -> list:
                 pick = [r for r in rs if length == "all" or r["length"] == length]
                 acc = bootstrap_mean([float(r["correct"]) for r in pick], seed)
                 row = {"side": side, "method": method, "family": family(method) if side == "graphwright" else method,
+                       "label": label(method) if side == "graphwright" else method,
                        "mode": mode, "budget": budget, "length": length, "accuracy": acc["mean"], "lo": acc["lo"], "hi": acc["hi"],
                        "n": acc["n"], "cache_bytes": float(np.mean([r["cache_bytes"] for r in pick]))}
                 base = [dense_by_id.get(r["id"]) for r in pick]
@@ -69,7 +91,11 @@ def summarise(raw: dict, seed: int = 0) -> list:
                             "bytes_fraction": row["cache_bytes"] / float(np.mean([b["cache_bytes"] for b in base]))}
                 if twin is not None:
                     tw = {r["id"]: r for r in twin}
-                    row["same_answers_as_graphwright"] = float(np.mean([r["new_ids"] == tw[r["id"]]["new_ids"] for r in pick if r["id"] in tw]))
+                    both = [r for r in pick if r["id"] in tw]
+                    if both:  # token ids where both rows have them, else the decoded answers
+                        row["same_answers_as_graphwright"] = float(np.mean([
+                            r["new_ids"] == tw[r["id"]]["new_ids"] if "new_ids" in tw[r["id"]] else r["answer"] == tw[r["id"]]["answer"]
+                            for r in both]))
                 table.append(row)
     return table
 
@@ -80,7 +106,7 @@ def _twin(ours_groups, side, method, budget):
     if fam is None:
         return None
     for (m, b, _), rs in ours_groups.items():
-        if (family(m) if m != "dense" else "dense") == fam and b == budget:
+        if (label(m) if m != "dense" else "dense") == fam and b == budget:
             return rs
     return None
 
@@ -126,7 +152,7 @@ def plot(result: dict, path) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     series: dict = {}
     for r in rows:
-        name = f"{r['side']}: {r['family']}" + (f" ({r['mode']})" if r["side"] == "kvpress" and r["method"] != "dense" else "")
+        name = f"{r['side']}: {r.get('label', r['family'])}" + (f" ({r['mode']})" if r["method"] != "dense" else "")
         series.setdefault(name, []).append(r)
     colors = plt.get_cmap("tab20").colors  # more series than the default 10-colour cycle
     for i, (name, rs) in enumerate(sorted(series.items())):

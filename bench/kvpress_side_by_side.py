@@ -40,7 +40,7 @@ sys.path.insert(0, str(HERE))
 
 DEFAULT_RECIPES = ["snapkv(budget={budget})", "h2o(heavy={half}, recent={half})", "streaming(sinks=4, window={window})"]
 DEFAULT_PRESSES = ["SnapKV", "ObservedAttention", "ExpectedAttention", "TOVA", "Knorm", "StreamingLLM", "KeyRerotation(StreamingLLM)",
-                   "AdaKV(SnapKV)", "DuoAttention"]
+                   "AdaKV(SnapKV)", "DuoAttention", "DuoAttention(graphwright heads)"]
 MODES = ("aware", "agnostic")
 KVPRESS_PY = HERE / ".venv-kvpress" / "bin" / "python"
 SETUP = ("the kvpress side needs its own environment {py} (kvpress 0.5.5, CPU torch; never a graphwright dependency).\n"
@@ -68,6 +68,11 @@ def parse_args(argv=None):
     p.add_argument("--skip-graphwright", action="store_true",
                    help="run the kvpress side only (the table still shows the graphwright answers the journal holds)")
     p.add_argument("--journal", default=None, help="graphwright's answers, JSONL (default OUT/graphwright_answers.jsonl)")
+    p.add_argument("--import-suite", default=None, metavar="JOURNAL",
+                   help="a long-suite journal (bench/results/suite/cases.jsonl): graphwright's aware answers it holds for the "
+                        "same recipe and prompt are copied, not generated (bytes are still measured here)")
+    p.add_argument("--table-only", action="store_true",
+                   help="rebuild the table from OUT/cases.json and the journals in OUT; load no weights, run nothing")
     p.add_argument("--progress", action="store_true")
     a = p.parse_args(argv)
     bad = [b for b in a.budgets if not 0.0 < b < 1.0]
@@ -93,6 +98,19 @@ def load(model_name):
 
     model, tok = load_model(model_name)
     return model, tok if tok is not None else ByteTokenizer()
+
+
+def load_tokenizer(model_name):
+    """The tokenizer alone (a real model's converted folder, no weights loaded), for ``--table-only``."""
+    from graphwright.models.load import REAL_MODELS
+
+    if model_name in REAL_MODELS:
+        from transformers import AutoTokenizer
+
+        from graphwright.models.smollm2 import converted_folder
+
+        return AutoTokenizer.from_pretrained(converted_folder())
+    return load(model_name)[1]
 
 
 def build_cases(tok, lengths, cases, seed):
@@ -133,13 +151,27 @@ def our_key(model_name, recipe, mode, case, seed, max_new_tokens):
                     {"max_new_tokens": max_new_tokens, "runner": "kvpress_side_by_side", "backend": "torch"})
 
 
+def suite_key(model_name, recipe, case, seed, max_new_tokens):
+    """The long suite's journal key (``graphwright.eval.suite``, needle task, torch backend) of one aware answer.
+
+    Its case hash covers the token ids and the needle's activity: a key that matches is the very same prompt."""
+    from graphwright.eval.journal import case_hash, make_key
+    from graphwright.eval.suite import canonical
+
+    return make_key(model_name, canonical(recipe), "aware", "niah", case["length"], case["id"], seed,
+                    case_hash(case["ids"], case["activity"]), {"max_new_tokens": max_new_tokens, "backend": "torch"})
+
+
 @torch.inference_mode()
 def run_ours(model, tok, cases, recipes, budgets, max_new_tokens, progress=False, modes=("aware",), journal=None,
-             model_name="model", seed=0):
+             model_name="model", seed=0, suite=None):
     """Rows ``{method, recipe, budget, mode, id, new_ids, cache_bytes}`` for dense and every recipe x budget x length.
 
     Every answer is appended at once to ``journal`` (a ``graphwright.eval.journal.Journal``; in memory when None)
-    and answers it already holds are not computed again (a recipe whose cases are all there is not even compiled)."""
+    and answers it already holds are not computed again (a recipe whose cases are all there is not even compiled).
+    ``suite`` (a long-suite journal, ``--import-suite``): an aware answer it holds for the same recipe and the same
+    prompt (its key's case hash covers the token ids) is copied instead of generated, as ``answer`` (decoded text;
+    the suite keeps no token ids) with ``source: "suite"``; its bytes are still measured here (one prefill)."""
     from graphwright.capture import capture
     from graphwright.compiled import CompiledModel
     from graphwright.eval.journal import Journal
@@ -171,7 +203,12 @@ def run_ours(model, tok, cases, recipes, budgets, max_new_tokens, progress=False
                 ids = torch.tensor([c["ids"]])
                 for mode in [m for m in ("aware", "agnostic") if m in modes]:
                     key = our_key(model_name, recipe, mode, c, seed, max_new_tokens)
-                    if jr.get(key) is None:
+                    imported = suite.get(suite_key(model_name, recipe, c, seed, max_new_tokens)) \
+                        if suite is not None and mode == "aware" and jr.get(key) is None else None
+                    if imported is not None:
+                        jr.add(key, {"method": template, "recipe": recipe, "budget": frac, "mode": mode, "id": c["id"],
+                                     "answer": imported["answer"], "source": "suite", "cache_bytes": held, "bytes_key": bk})
+                    elif jr.get(key) is None:
                         if mode == "aware":
                             out = cm.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos, allow_long=True)
                             new_ids, nbytes = out[0, ids.shape[1]:].tolist(), held
@@ -194,6 +231,13 @@ def run_ours(model, tok, cases, recipes, budgets, max_new_tokens, progress=False
     return rows, bytes_key
 
 
+def duo_headset(model_name) -> Path:
+    """graphwright's shipped DuoAttention head set for ``model_name`` (the press "DuoAttention(graphwright heads)" reads it)."""
+    import graphwright.heads.headsets as hs
+
+    return Path(hs.__file__).parent / f"{model_name}_duo.json"
+
+
 def run_kvpress(args, cases, write_model, eos, out: Path) -> dict:
     """The kvpress side in its own environment; ``{"skipped": reason}`` when that environment is missing.
 
@@ -206,7 +250,7 @@ def run_kvpress(args, cases, write_model, eos, out: Path) -> dict:
         return {"skipped": msg}
     spec = {"model": args.model, "model_dir": str(write_model()), "presses": args.presses, "budgets": args.budgets,
             "modes": args.modes, "max_new_tokens": args.max_new_tokens, "eos": [eos] if isinstance(eos, int) else list(eos),
-            "journal": str(out / "kvpress_answers.jsonl"),
+            "journal": str(out / "kvpress_answers.jsonl"), "duo_headset": str(duo_headset(args.model)),
             "cases": [{"id": c["id"], "ids": c["ids"], "split": c["split"]} for c in cases]}
     spec_path, res_path = out / "kvpress_cases.json", out / "kvpress_raw.json"
     spec_path.write_text(json.dumps(spec))
@@ -229,33 +273,55 @@ def journal_rows(jr, cases, args) -> tuple:
 
 
 def kvpress_journal_rows(path, cases, args) -> list:
-    """Every kvpress answer the worker's journal holds for these cases (any press, budget, mode), in file order."""
+    """Every kvpress answer the worker's journal holds for these cases (any press, budget, mode), in file order.
+
+    ``path`` is one journal or a folder: there, ``kvpress_answers.jsonl`` and every ``kvpress_answers.*.jsonl`` (journals of
+    workers run side by side on one press each), merged by key (the first file holding a key wins)."""
     from kvpress_worker import case_key, load_journal
 
+    path = Path(path)
+    files = [path] if not path.is_dir() else [f for f in [path / "kvpress_answers.jsonl"] + sorted(path.glob("kvpress_answers.*.jsonl"))
+                                             if f.is_file()]
+    merged: dict = {}
+    for f in files:
+        for k, r in load_journal(f).items():
+            merged.setdefault(k, r)
     want = {}
     for c in cases:
         k = json.loads(case_key({"model": args.model, "model_dir": "", "max_new_tokens": args.max_new_tokens}, c, "", None, "", ""))
         want[(c["id"], k["case_hash"])] = c
-    return [row for key, row in ((json.loads(k), r) for k, r in load_journal(path).items())
+    return [row for key, row in ((json.loads(k), r) for k, r in merged.items())
             if (key["case"], key["case_hash"]) in want and key["model"] == args.model and key["max_new_tokens"] == args.max_new_tokens]
 
 
 def main(argv=None) -> int:
-    from kvpress_report import score_rows, summarise, write_report
-
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    model, tok = load(args.model)
-    cases = build_cases(tok, args.lengths, args.cases, args.seed)
-    (out / "cases.json").write_text(json.dumps(cases))
     from graphwright.eval.journal import Journal
 
     jr = Journal(args.journal or out / "graphwright_answers.jsonl")
+    if args.table_only:
+        if not (out / "cases.json").is_file():
+            raise SystemExit(f"--table-only needs {out / 'cases.json'} (written by a run with the same --out)")
+        tok, cases = load_tokenizer(args.model), json.loads((out / "cases.json").read_text())
+        args.lengths = sorted({c["length"] for c in cases})
+        args.cases = len(cases) // len(args.lengths)
+        args.skip_graphwright = args.skip_kvpress = True
+        ours, bytes_key = journal_rows(jr, cases, args)
+        kv = {"skipped": "--table-only (the table shows what the journals hold)"}
+        return _report(args, out, tok, cases, ours, bytes_key, kv, t0)
+    model, tok = load(args.model)
+    cases = build_cases(tok, args.lengths, args.cases, args.seed)
+    (out / "cases.json").write_text(json.dumps(cases))
     # the graphwright side answers what the journal lacks; with --skip-graphwright only what it holds is shown
+    if args.import_suite and not Path(args.import_suite).is_file():
+        raise SystemExit(f"--import-suite {args.import_suite}: no such journal (the long suite's cases.jsonl)")
+    suite = Journal(args.import_suite) if args.import_suite else None
     ours, bytes_key = run_ours(model, tok, cases, [] if args.skip_graphwright else args.recipes, args.budgets,
-                               args.max_new_tokens, args.progress, args.modes, journal=jr, model_name=args.model, seed=args.seed)
+                               args.max_new_tokens, args.progress, args.modes, journal=jr, model_name=args.model, seed=args.seed,
+                               suite=suite)
     if args.skip_graphwright:
         ours, bytes_key = journal_rows(jr, cases, args)
     if args.skip_kvpress:
@@ -263,13 +329,22 @@ def main(argv=None) -> int:
     else:
         model_dir = Path(args.model_dir) if args.model_dir else HERE / ".cache-kvpress" / args.model
         kv = run_kvpress(args, cases, lambda: save_model_dir(model, tok, model_dir), tok.eos_token_id, out)
-    kv_rows = kvpress_journal_rows(out / "kvpress_answers.jsonl", cases, args) if "rows" in kv else []
+    return _report(args, out, tok, cases, ours, bytes_key, kv, t0)
+
+
+def _report(args, out, tok, cases, ours, bytes_key, kv, t0) -> int:
+    from kvpress_report import score_rows, summarise, write_report
+
+    kv_rows = kvpress_journal_rows(out, cases, args)  # whatever the journals hold, also with --skip-kvpress
     raw = {"graphwright": score_rows(ours, cases, tok), "kvpress": score_rows(kv_rows, cases, tok)}
-    print(f"graphwright answers: {len(ours)}; kvpress answers: {len(kv.get('rows', []))}", file=sys.stderr, flush=True)
+    print(f"graphwright answers: {len(ours)}; kvpress answers: {len(kv_rows)}", file=sys.stderr, flush=True)
     settings = {"model": args.model, "lengths": args.lengths, "cases_per_length": args.cases, "budgets": args.budgets,
                 "recipes": args.recipes, "presses": args.presses, "modes": args.modes, "max_new_tokens": args.max_new_tokens,
                 "seed": args.seed, "graphwright_bytes": bytes_key, "kvpress_versions": kv.get("versions"),
                 "kvpress_errors": kv.get("errors", {}), "kvpress_skipped": kv.get("skipped")}
+    if args.table_only:  # what the journals hold, not what this invocation was asked for
+        settings |= {"recipes": sorted({r["method"] for r in ours} - {"dense"}), "presses": sorted({r["method"] for r in kv_rows} - {"dense"}),
+                     "budgets": sorted({r["budget"] for r in ours + kv_rows if r["budget"] is not None})}
     result = {"settings": settings, "rows": summarise(raw, args.seed), "raw": raw, "seconds": time.perf_counter() - t0}
     for path in write_report(result, out):
         print(path)

@@ -37,15 +37,30 @@ WORKER_VERSION = "kvpress-worker-1"  # bump when answering or byte counting chan
 SNAPKV_WINDOW = 32  # graphwright's snapkv default window (min(32, budget // 2)); kvpress's default is 64
 
 
-def _presses():
-    """Press name -> constructor(compression_ratio); kvpress's compression_ratio is the fraction REMOVED."""
+def _presses(spec=None):
+    """Press name -> constructor(compression_ratio); kvpress's compression_ratio is the fraction REMOVED (None: a fixed press)."""
+    spec = spec or {}
     import kvpress as kp
 
     def duo(ratio):
         # DuoAttention's head patterns come from a download (kvpress loads them from the Hub); offline this raises
         return kp.DuoAttentionPress(head_compression_ratio=ratio)
 
+    def duo_headset(_ratio):
+        # graphwright's shipped DuoAttention head set (spec["duo_headset"]), sinks 4 and window 256 as duo(sinks=4,
+        # window=256): the same streaming heads, masked by kvpress's press instead of evicted; the budget is not used
+        import numpy as np
+
+        hs = json.loads(open(spec["duo_headset"]).read())
+        scores = np.zeros((hs["num_layers"], hs["num_kv_heads"]))
+        for layer, head in hs["retrieval"]:
+            scores[layer, head] = 1.0
+        press = kp.DuoAttentionPress(head_compression_ratio=float((scores == 0).mean()))
+        press.load_attention_pattern = lambda model: (4, 256, scores)  # kvpress's (sink_size, recent_size, head_scores)
+        return press
+
     return {
+        "DuoAttention(graphwright heads)": duo_headset,
         "SnapKV": lambda r: kp.SnapKVPress(compression_ratio=r, window_size=SNAPKV_WINDOW, kernel_size=5),
         "ObservedAttention": lambda r: kp.ObservedAttentionPress(compression_ratio=r),
         "ExpectedAttention": lambda r: kp.ExpectedAttentionPress(compression_ratio=r),
@@ -59,6 +74,7 @@ def _presses():
     }
 
 
+FIXED = {"DuoAttention(graphwright heads)"}  # presses with one setting whatever the budget: run once, budget None
 EAGER = {"ObservedAttention"}  # needs the attention weights (kvpress asks for attn_implementation="eager")
 
 
@@ -170,20 +186,22 @@ def run(spec: dict, out_path=None) -> dict:
 
     torch.manual_seed(0)
     models = {}
-    factories = _presses()
+    factories = _presses(spec)
     eos = set(spec["eos"])
     kv_version = _kvpress_version()
     journal_path = spec.get("journal")
     done = load_journal(journal_path)
     rows, errors = [], {}
-    jobs = [("dense", None, "aware")] + [(p, b, m) for p in spec["presses"] for b in spec["budgets"] for m in spec["modes"]]
+    # spec["dense"] False leaves the dense run out (a worker started beside another that runs it)
+    jobs = [("dense", None, "aware")] * bool(spec.get("dense", True)) + [
+        (p, b, m) for p in spec["presses"] for b in ([None] if p in FIXED else spec["budgets"]) for m in spec["modes"]]
     for name, budget, mode in jobs:
         if name != "dense" and name not in factories:
             raise SystemExit(f"unknown press {name!r}; known: {', '.join(factories)}")
         attn = "eager" if name in EAGER else "sdpa"
         t0, got, ran = time.perf_counter(), [], 0
         try:  # a press that cannot run here fails on its first case (DuoAttention: its head patterns are a download)
-            press = None if name == "dense" else factories[name](1.0 - budget)
+            press = None if name == "dense" else factories[name](None if budget is None else 1.0 - budget)
             for case in spec["cases"]:
                 key = case_key(spec, case, name, budget, mode, kv_version)
                 if key in done:

@@ -177,3 +177,118 @@ def test_table_reads_every_kvpress_answer_for_these_cases(tmp_path, monkeypatch)
     rows = mod.kvpress_journal_rows(path, cases, SimpleNamespace(model="m", max_new_tokens=4))
     assert [(r["id"], r["method"], r["model"]) for r in rows] == [("c0", "SnapKV", "m"), ("c1", "TOVA", "m")]
     assert mod.kvpress_journal_rows(path, cases, SimpleNamespace(model="m", max_new_tokens=8)) == []
+
+
+def test_suite_key_is_the_long_suites_key(monkeypatch):
+    """--import-suite looks answers up under exactly the key graphwright.eval.suite writes for the same prompt."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    mod = _load("kvpress_side_by_side")
+    from graphwright.eval.journal import make_key
+    from graphwright.eval.niah import needle_suite
+    from graphwright.eval.suite import canonical, case_jobs
+
+    _, tok = mod.load("tiny-llama")
+    cases = mod.build_cases(tok, [384], 2, 0)
+    jobs = case_jobs(tok, {"niah": needle_suite(tok, lengths=[384], cases=2, seed=0)}, 0, 16, "torch")
+    for c, (_, _, kf) in zip(cases, jobs):
+        for recipe in ("noop", "snapkv(budget=192)", 'snapkv(budget=192, heads="adaptive")'):
+            assert mod.suite_key("tiny-llama", recipe, c, 0, 16) == make_key("tiny-llama", canonical(recipe), seed=0, **kf)
+
+
+def test_import_suite_copies_answers_and_still_measures_bytes(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    mod = _load("kvpress_side_by_side")
+    from graphwright.eval.journal import Journal, make_key
+
+    _, tok = mod.load("tiny-llama")
+    cases = mod.build_cases(tok, [384], 2, 0)
+    suite = Journal(tmp_path / "suite.jsonl")
+    c0, c1 = cases
+    suite.add(mod.suite_key("tiny-llama", "snapkv(budget=192)", c0, 0, 16), {"answer": f" to {c0['activity']}.", "correct": True})
+    stale = mod.suite_key("tiny-llama", "snapkv(budget=192)", c1, 0, 16) | {"case_hash": "0" * 20}  # another prompt: not used
+    suite.add(stale, {"answer": f" to {c1['activity']}.", "correct": True})
+    suite.add(make_key("tiny-llama", "snapkv(budget=96)", "aware", "niah", 384, c1["id"], 0, stale["case_hash"]), {"answer": "x"})
+    out = tmp_path / "out"
+    assert mod.main(["--model", "tiny-llama", "--lengths", "384", "--cases", "2", "--budgets", "0.5", "--modes", "aware",
+                     "--recipes", "snapkv(budget={budget})", "--skip-kvpress", "--import-suite", str(tmp_path / "suite.jsonl"),
+                     "--out", str(out)]) == 0
+    rows = {(r["key"]["recipe"], r["key"]["case"]): r["row"] for r in map(json.loads, (out / "graphwright_answers.jsonl").read_text().splitlines())}
+    imported, generated = rows[("snapkv(budget=192)", c0["id"])], rows[("snapkv(budget=192)", c1["id"])]
+    assert imported["source"] == "suite" and imported["answer"] == f" to {c0['activity']}." and "new_ids" not in imported
+    assert "source" not in generated and isinstance(generated["new_ids"], list)
+    per_token = 2 * 2 * 2 * 16 * 4  # tiny-llama: layers x (K, V) x kv heads x head dim x fp32
+    assert imported["cache_bytes"] == generated["cache_bytes"] == 192 * per_token  # measured here, not copied
+    res = json.loads((out / "kvpress_side_by_side.json").read_text())
+    scored = {r["id"]: r for r in res["raw"]["graphwright"] if r["method"] == "snapkv(budget={budget})"}
+    assert scored[c0["id"]]["correct"] is True and scored[c0["id"]]["answer"] == imported["answer"]
+    with pytest.raises(SystemExit, match="no such journal"):
+        mod.main(["--model", "tiny-llama", "--lengths", "384", "--cases", "2", "--import-suite", str(tmp_path / "none.jsonl"),
+                  "--skip-kvpress", "--out", str(out)])
+
+
+def test_labels_tell_methods_of_one_pass_apart():
+    rep = _load("kvpress_report")
+    assert rep.label("snapkv(budget={budget})") == "snapkv"
+    assert rep.label("snapkv(budget={budget}, heads='adaptive')") == rep.label('snapkv(budget={budget}, heads="adaptive")') \
+        == "snapkv(heads=adaptive)"
+    assert rep.label("evict(score='tova', when='prefill', budget={budget})") == "evict(score=tova,when=prefill)"
+    assert rep.label("evict(score='knorm', budget={budget})") != rep.label("evict(score='expected_attention', budget={budget})")
+    assert rep.label("duo(sinks=4, window=256) + snapkv(budget={budget})") == "duo(sinks=4,window=256)+snapkv"
+    # every kvpress press with a counterpart names a label our default-style templates produce
+    assert set(rep.SAME_ALGORITHM.values()) <= {"dense"} | {rep.label(t) for t in (
+        "snapkv(budget={budget})", "snapkv(budget={budget}, heads='adaptive')", "streaming(sinks=4, window={window})",
+        "evict(score='tova', when='prefill', budget={budget})", "evict(score='knorm', budget={budget})",
+        "evict(score='expected_attention', budget={budget})", "duo(sinks=4, window=256)")}
+
+
+def test_twin_pairs_a_press_with_its_own_counterpart_only():
+    """AdaKV is compared with snapkv(heads=adaptive), never with plain snapkv (one pass name, two methods)."""
+    rep = _load("kvpress_report")
+    mk = lambda method, ids, side_budget=0.5: [{"method": method, "budget": side_budget, "mode": "aware", "id": f"c{i}", "new_ids": x,  # noqa: E731
+                                                "answer": str(x), "correct": True, "length": 8, "cache_bytes": 1.0} for i, x in enumerate(ids)]
+    ours = mk("dense", [[1], [2]], None) + mk("snapkv(budget={budget})", [[1], [2]]) + mk("snapkv(budget={budget}, heads='adaptive')", [[1], [9]])
+    theirs = mk("dense", [[1], [2]], None) + mk("SnapKV", [[1], [2]]) + mk("AdaKV(SnapKV)", [[1], [2]])
+    rows = {(r["side"], r["method"]): r for r in rep.summarise({"graphwright": ours, "kvpress": theirs})}
+    assert rows[("kvpress", "SnapKV")]["same_answers_as_graphwright"] == 1.0
+    assert rows[("kvpress", "AdaKV(SnapKV)")]["same_answers_as_graphwright"] == 0.5
+    assert rows[("kvpress", "dense")]["same_answers_as_graphwright"] == 1.0
+    # a graphwright row imported from the suite has the decoded answer only: compared as text
+    ours[2] = {k: v for k, v in ours[2].items() if k != "new_ids"}
+    rows = {(r["side"], r["method"]): r for r in rep.summarise({"graphwright": ours, "kvpress": theirs})}
+    assert rows[("kvpress", "SnapKV")]["same_answers_as_graphwright"] == 1.0
+
+
+def test_kvpress_journals_of_parallel_workers_are_merged(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    mod, worker = _load("kvpress_side_by_side"), _load("kvpress_worker")
+    cases = [{"id": "c0", "ids": [5, 6, 7], "split": 2}]
+    spec = {"model": "m", "model_dir": "x", "max_new_tokens": 4}
+    for name, press in (("kvpress_answers.jsonl", "dense"), ("kvpress_answers.w2.jsonl", "TOVA"), ("other.jsonl", "Knorm")):
+        worker.append_journal(tmp_path / name, worker.case_key(spec, cases[0], press, 0.5, "aware", "0.5.5"), {"id": "c0", "method": press})
+    rows = mod.kvpress_journal_rows(tmp_path, cases, SimpleNamespace(model="m", max_new_tokens=4))
+    assert [r["method"] for r in rows] == ["dense", "TOVA"]
+    assert [r["method"] for r in mod.kvpress_journal_rows(tmp_path / "other.jsonl", cases, SimpleNamespace(model="m", max_new_tokens=4))] == ["Knorm"]
+
+
+def test_worker_can_leave_dense_out(tiny, tmp_path, monkeypatch):
+    worker = _load("kvpress_worker")
+    monkeypatch.setitem(sys.modules, "kvpress", type(sys)("kvpress"))
+    monkeypatch.setattr(worker, "_kvpress_version", lambda: "0.0-test")
+    monkeypatch.setattr(worker, "_load", lambda folder, attn: tiny("tiny-llama"))
+    spec = {"model": "tiny-llama", "model_dir": "unused", "presses": [], "budgets": [0.5], "modes": ["aware"], "max_new_tokens": 2,
+            "eos": [], "cases": [{"id": "c0", "ids": list(range(3, 20)), "split": 10}]}
+    assert len(worker.run(spec)["rows"]) == 1 and worker.run({**spec, "dense": False})["rows"] == []
+
+
+def test_table_only_rebuilds_the_table_without_weights(run, monkeypatch):
+    mod, out, res = run
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setattr(mod, "load", lambda name: (_ for _ in ()).throw(AssertionError("weights loaded")))
+    monkeypatch.setattr(mod, "load_tokenizer", lambda name: __import__("graphwright.eval.bytetok", fromlist=["x"]).ByteTokenizer())
+    assert mod.main(["--model", "tiny-llama", "--table-only", "--out", str(out)]) == 0
+    again = json.loads((out / "kvpress_side_by_side.json").read_text())
+    assert sorted(map(json.dumps, again["rows"])) == sorted(map(json.dumps, res["rows"]))
+    with pytest.raises(SystemExit, match="cases.json"):
+        mod.main(["--model", "tiny-llama", "--table-only", "--out", str(out / "empty")])
