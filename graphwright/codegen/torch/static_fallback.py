@@ -51,8 +51,17 @@ import operator
 import torch
 
 from ...ops import schema
-from ...ops.eviction import (EVICT_FASTGEN, EVICT_H2O, EVICT_KEYFORMER, EVICT_SCISSORHANDS, EVICT_SCORED, EVICT_SCORED_ACC,
-                             EVICT_SCORED_ROPE, POLICIES, REFERENCES)
+from ...ops.eviction import (
+    EVICT_FASTGEN,
+    EVICT_H2O,
+    EVICT_KEYFORMER,
+    EVICT_SCISSORHANDS,
+    EVICT_SCORED,
+    EVICT_SCORED_ACC,
+    EVICT_SCORED_ROPE,
+    POLICIES,
+    REFERENCES,
+)
 from ...ops.policy_scored import EVICT_SCORED_REUSE
 from .cache_append import cache_append
 
