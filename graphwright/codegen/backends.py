@@ -169,6 +169,7 @@ TRITON = register_backend(Backend(
 COMPILED = register_backend(Backend(
     "compiled", "the torch backend with decode steps run by torch.compile (Inductor) over static-capacity caches, "
                 "eager prefill; append-only recipes and fixed-capacity eviction (streaming, h2o with token counts, snapkv), "
-                "evict(score=...)/keyformer/scissorhands eagerly after the compiled graph; no block_sparse",
-    # not streaming_rope_shift: the static decode rewrite (torch/static_eviction.py) keeps the step graph's pre-RoPE keys
-    TORCH.table, transforms=(append_caches_in_place, scored_attention), make_step=make_static_step))
+                "evict(score=...)/keyformer/scissorhands/fastgen/fraction h2o eagerly after the compiled graph; "
+                "no block_sparse, packed Ada-KV or eviction on lowrank_kv caches",
+    # streaming_rope_shift as on torch: StreamingLLM keys cached post-RoPE, no per-step key re-rotation in the compiled step
+    TORCH.table, transforms=(append_caches_in_place, scored_attention, streaming_rope_shift), make_step=make_static_step))

@@ -99,12 +99,12 @@ def test_a_budget_above_the_prompt_grows_by_buckets_up_to_budget_plus_one_next_t
 
 
 @pytest.mark.parametrize("recipe, why", [
-    ("h2o(heavy=0.1, recent=0.1)", r"h2o \(layer 0\) with fraction budgets \(heavy=0.1, recent=0.1\): the kept count grows with the row length"),
-    ("fastgen(recovery=0.9)", r"fastgen \(layer 0\): FastGen's kept set has a data-dependent size"),
     ("lowrank_kv(keep=0.5) + h2o(heavy=8, recent=8)", r"its cache is not a per-head state input .* latent cache"),
+    ("lowrank_kv(keep=0.5) + streaming(sinks=2, window=8)", r"its cache is not a per-head state input .* latent cache"),
 ])
-def test_recipes_without_a_fixed_decode_capacity_are_refused_with_the_reason(compiled_tiny, recipe, why):
-    with pytest.raises(ValueError, match=r"backend='compiled' cannot run this recipe: .*" + why + r".*fastgen, eviction on lowrank_kv caches"):
+def test_eviction_on_latent_caches_is_refused_with_the_reason(compiled_tiny, recipe, why):
+    """(Fraction budgets and FastGen run in the eager fallback: ``test_compiled_fallback.py``.)"""
+    with pytest.raises(ValueError, match=r"backend='compiled' cannot run this recipe: .*" + why + r".*eviction on lowrank_kv caches"):
         with_recipe(compiled_tiny("tiny-llama"), recipe, "compiled")
 
 

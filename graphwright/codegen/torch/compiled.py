@@ -37,12 +37,14 @@ token-count budgets ``c`` keep per-head slot buffers of at most ``c + 1`` slots 
 ``min(capacity_for(n + 1), c + 1)``, so once the budget is reached the shapes, and the compiled
 step, never change; the new token takes each head's first empty slot and eviction marks the
 victim's slot empty, all in the compiled graph); SnapKV evicts at prefill (eager) and appends at
-decode (the buckets above). Refused with a ``ValueError`` naming the recipe and the reason when the
-``CompiledModel`` is built: fraction budgets and FastGen (data-dependent capacity), eviction on
-``lowrank_kv`` caches, the packed Ada-KV caches, ``block_sparse`` (its page summaries are not appended).
-The generic scored op (``evict(score=...)``), Keyformer and Scissorhands run eagerly after the compiled
-decode graph (``static_fallback.py``: cut out like the ONNX split's runtime ops, applied with their
-references on the static buffers narrowed to the torch backend's widths, written back).
+decode (the buckets above). StreamingLLM keys are cached post-RoPE (the torch backend's
+``streaming_rope_shift``): no key is re-rotated per step. Refused with a ``ValueError`` naming the
+recipe and the reason when the ``CompiledModel`` is built: eviction on ``lowrank_kv`` caches, the packed
+Ada-KV caches, ``block_sparse`` (its page summaries are not appended). The generic scored op
+(``evict(score=...)``), Keyformer, Scissorhands, FastGen and H2O with fraction budgets (no fixed capacity)
+run eagerly after the compiled decode graph (``static_fallback.py``: cut out like the ONNX split's
+runtime ops, applied with their references on the static buffers narrowed to the torch backend's
+widths, written back).
 """
 
 from __future__ import annotations
@@ -100,9 +102,9 @@ def _raise_recompile_limit() -> None:
 
 SUPPORTED = ("It supports recipes whose KV state grows only by appending (identity, window, lowrank_kv; steer, noop, fuse_moe "
              "append too, untested) and eviction with a fixed decode capacity: streaming(sinks, window), h2o(heavy=N, recent=M) "
-             "with token counts, snapkv(budget=N) (evict(score=...), keyformer and scissorhands run eagerly after the compiled "
-             "step); fraction budgets, fastgen, eviction on lowrank_kv caches, packed Ada-KV caches and block_sparse "
-             "need backend='torch'")
+             "with token counts, snapkv(budget=N) (evict(score=...), keyformer, scissorhands, fastgen and h2o with fraction "
+             "budgets run eagerly after the compiled step); eviction on lowrank_kv caches, packed Ada-KV caches "
+             "(heads='adaptive', pyramid=, rule='adaptive') and block_sparse need backend='torch'")
 
 
 class StaticCacheStep:

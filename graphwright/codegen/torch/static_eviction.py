@@ -25,12 +25,18 @@ decode. ``eviction_decode_rewrite`` rewrites a copy of the lowered graph (the de
   outputs are wired straight to its inputs: its layer is append-only at decode and keeps the
   compiled backend's shared-slot, bucketed buffers.
 
-Refused, with the reason (``EvictionNotStatic``): fraction budgets (the kept count grows with the
-row length: no fixed capacity), FastGen (special and punctuation tokens accumulate and full heads
-keep everything: a data-dependent capacity; its frequent set is a top-k over all tokens, so
-several may leave in one step), eviction on latent caches (one payload serves every KV head; the
-op keeps the union of the heads' sets) and any layer whose states are not the plain appended
-caches this rewrite expects.
+No fixed capacity, so left to the eager fallback (``static_fallback.runs_eagerly``): H2O with fraction
+budgets (the kept count grows with the row length) and FastGen (special and punctuation tokens
+accumulate and full heads keep everything: a data-dependent capacity; its frequent set is a top-k over
+all tokens, so several may leave in one step). Refused, with the reason (``EvictionNotStatic``):
+eviction on latent caches (one payload serves every KV head; the op keeps the union of the heads'
+sets, and its outputs reach the latent states through views the fallback does not replay), the
+packed Ada-KV caches, and any layer whose states are not the plain appended caches this rewrite expects.
+
+StreamingLLM keys: the compiled backend lowers with the torch backend's ``streaming_rope_shift``
+(``streaming_shift.py``), so a StreamingLLM layer caches post-RoPE keys in its slots and its attention is
+``streaming_attention_static`` (the query rotated back by the evicted count for the sinks; no key is
+re-rotated per step); ``rope_cache_index_static`` remains for layers that transform does not match.
 
 Invariant tested (``tests/codegen/test_compiled_eviction.py``): on a ragged left-padded batch,
 the compiled decode (Inductor, and the same graph eagerly) keeps the same position set per (row,
@@ -45,11 +51,13 @@ import operator
 import torch
 
 from ...ops import schema
-from ...ops.eviction import EVICT_ADAKV, EVICT_ADAKV_SCORED, EVICT_FASTGEN, EVICT_H2O, EVICT_OPS, EVICT_SNAPKV, EVICT_STREAMING, ROPE_CACHE_INDEX
-from ...ops.rope_index_ref import _rotate, rope_angles
+from ...ops.eviction import EVICT_ADAKV, EVICT_ADAKV_SCORED, EVICT_H2O, EVICT_OPS, EVICT_SNAPKV, EVICT_STREAMING, ROPE_CACHE_INDEX
+from ...ops.rope_index_ref import _rotate, rope_angles, rope_invert_reference
+from .attention import attention_sdpa
 from .cache_append import cache_append
 from .eviction_slots import decode_colsum, position_rank
-from .static_fallback import EAGER_OPS
+from .static_fallback import runs_eagerly
+from .streaming_shift import _invert_slots, streaming_attention
 
 
 class EvictionNotStatic(ValueError):
@@ -111,6 +119,22 @@ def streaming_static(k, v, q_pos, k_pos, slot, sinks: int, window: int):
     return k, v, k_pos
 
 
+def streaming_attention_static(q, k, v, q_pos, k_pos, scale, window, key_bias, attn_sinks, pos, inv_freq, scaling,
+                               keep_sinks: int, keep_window: int):
+    """``streaming_shift.streaming_attention`` at a decode step on fixed slots (keys cached post-RoPE at their positions).
+
+    The no-re-rotation path reads positions only, so slot order does not matter and it is called as it is; the
+    other path (a native sliding window or attention-sink argument on the layer: Gemma 3's local layers) ranks
+    the slots by position and rotates the query by its head's valid count - 1 (``rope_cache_index_static``), since
+    here the new token sits in its head's first empty slot, not the last one."""
+    if q.shape[2] == 1 and k_pos.dim() == 3 and not window and not attn_sinks:
+        return streaming_attention(q, k, v, q_pos, k_pos, scale, window, key_bias, attn_sinks, pos, inv_freq, scaling,
+                                   keep_sinks, keep_window)
+    q_rot, k_rot = rope_cache_index_static(rope_invert_reference(q, pos, inv_freq, scaling),
+                                           _invert_slots(k, k_pos, inv_freq, scaling), k_pos, inv_freq, scaling)
+    return attention_sdpa(q_rot, k_rot, v, q_pos, k_pos, scale, window, key_bias, attn_sinks)
+
+
 def rope_cache_index_static(q, k, k_pos, inv_freq, scaling: float):
     """``rope_cache_index`` on unordered slots at a decode step: keys by position rank, the query (the
     head's latest position) by its head's valid count - 1. -> (q_rot, k_rot)."""
@@ -127,13 +151,6 @@ def _reason(op, node) -> str | None:
     name = op.name().split("::")[-1].removeprefix("evict_")
     layer = node.meta.get("graphwright", {}).get("layer")
     where = f"{name} (layer {layer})" if layer is not None else name
-    if op is EVICT_FASTGEN:
-        return (f"{where}: FastGen's kept set has a data-dependent size (special and punctuation tokens accumulate, "
-                "'full' heads keep everything, the frequent top-k may drop several tokens in one step), so its decode state has no fixed capacity")
-    if op is EVICT_H2O and (schema.get(node, "heavy_f") or schema.get(node, "recent_f")):
-        return (f"{where} with fraction budgets (heavy={schema.get(node, 'heavy_n') + schema.get(node, 'heavy_f')}, "
-                f"recent={schema.get(node, 'recent_n') + schema.get(node, 'recent_f')}): the kept count grows with the row length, "
-                "so its decode state has no fixed capacity; token counts (h2o(heavy=N, recent=M)) have one")
     if op in (EVICT_ADAKV, EVICT_ADAKV_SCORED):
         return (f"{where}: snapkv with heads='adaptive' or pyramid= (or evict(rule='adaptive')) holds a packed per-layer cache (ragged heads); "
                 "the compiled backend's static buffers are per head, so use the torch backend")
@@ -197,15 +214,18 @@ def eviction_decode_rewrite(graph: torch.fx.Graph, orig_graph: torch.fx.Graph, s
     orig = {n.name: n for n in orig_graph.nodes}
     states, _, outputs = _state_layout(graph, len(specs))
     last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    plan, ropes = {}, []
+    plan, ropes, shifted = {}, [], []
     for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is streaming_attention:  # streaming_rope_shift's post-RoPE layers
+            shifted.append(node)
+            continue
         o = orig.get(node.name)
         if node.op != "call_function" or o is None or o.op != "call_function":
             continue
         if o.target is ROPE_CACHE_INDEX:
             ropes.append(node)
             continue
-        if o.target not in EVICT_OPS or o.target in EAGER_OPS:  # EAGER_OPS: static_fallback.py runs them after the step
+        if o.target not in EVICT_OPS or runs_eagerly(o):  # static_fallback.py runs them after the step
             continue
         why = _reason(o.target, o)
         if why:
@@ -220,6 +240,10 @@ def eviction_decode_rewrite(graph: torch.fx.Graph, orig_graph: torch.fx.Graph, s
         if k_pos.target is not head_slot_write:
             raise EvictionNotStatic(f"{node.name}: rope_cache_index over a cache that is not a static eviction layer's slots")
         node.target = rope_cache_index_static
+    for node in shifted:
+        if node.args[1].target is not head_slot_write:
+            raise EvictionNotStatic(f"{node.name}: streaming attention over a cache that is not a static eviction layer's slots")
+        node.target = streaming_attention_static
     graph.lint()
     return plan
 

@@ -4,7 +4,7 @@ The compiled backend (``compiled.py``) runs decode as one ``torch.compile``d gra
 buffers. H2O / StreamingLLM with token counts evict inside it (``static_eviction.py``); the other
 per-head eviction ops have no fixed-capacity translation (data-dependent kept sets, compaction):
 the generic scored op (``evict(score=...)``: ``evict_scored``, ``_acc``, ``_rope``, ``_reuse``),
-Keyformer and Scissorhands. ``eager_fallback_rewrite`` cuts them out of the compiled graph, the way
+Keyformer, Scissorhands, FastGen and H2O with fraction budgets. ``eager_fallback_rewrite`` cuts them out of the compiled graph, the way
 the ONNX export splits its runtime ops (``codegen/onnx/split.py``), and ``run_fallback`` applies them
 after each compiled call with their pure-torch references (what the torch backend runs for them):
 
@@ -25,17 +25,21 @@ after each compiled call with their pure-torch references (what the torch backen
 
 So these layers' eviction is eager and synchronises with the host (``bool(do.any())`` in the
 references) once per layer and step; the rest of the step (every matmul, attention, RoPE, norms)
-stays compiled. Still refused (``static_eviction._reason``): the packed Ada-KV caches
-(``evict_adakv``, ``evict_adakv_scored``: a decode step appends one entry per KV head to one
-packed row, which the shared-slot buffers do not model), FastGen and H2O with fraction budgets (the
-torch backend evicts them on unordered slots, ``eviction_slots.py``, not with the compacting
-reference), and eviction on latent caches.
+stays compiled. FastGen and H2O with fraction budgets (no fixed capacity: the kept count depends on
+the data or grows with the row) run here too (``runs_eagerly``), with the compacting references, while
+the torch backend evicts them on unordered slots (``eviction_slots.py``, tested to keep the references'
+sets): same kept sets, logits equal up to summation order. Still refused (``static_eviction._reason``):
+the packed Ada-KV caches (``evict_adakv``, ``evict_adakv_scored``: a decode step appends one entry per
+KV head to one packed row and the attention reads the cache expanded to every head, which the
+shared-slot buffers do not model), and eviction on latent caches (the op's outputs reach the latent
+states through ``select`` views, not as the next state itself).
 
 Invariant tested (``tests/codegen/test_compiled_fallback.py``): on tiny Llama, a left-padded batch
 of 2, 45 decode steps, ``backend="compiled"`` (Inductor, and the same graph eagerly) keeps the torch
 backend's position sets per (row, layer, KV head) after every step, logits <= 1e-4 and the same greedy
 tokens for evict(score=tova decode / keydiff every:4 / h2o decode / expected_attention / chunkkv with
-chunk_reuse=2), Keyformer (Gumbel noise) and Scissorhands. Not knorm in that test: RoPE keeps a key's norm,
+chunk_reuse=2), Keyformer (Gumbel noise), Scissorhands, FastGen and H2O with fraction budgets; and
+``evict(score='keydiff', block=4)`` (the prompt in blocks, a 1-token first block included). Not knorm in that test: RoPE keeps a key's norm,
 so a repeated token ties exactly, and the compiled decode linears (not the torch backend's GEMV weight
 copies) round such a tie either way (seen: norms 6.6808467 vs 6.6808462).
 """
@@ -47,12 +51,30 @@ import operator
 import torch
 
 from ...ops import schema
-from ...ops.eviction import EVICT_KEYFORMER, EVICT_SCISSORHANDS, EVICT_SCORED, EVICT_SCORED_ACC, EVICT_SCORED_ROPE, POLICIES, REFERENCES
+from ...ops.eviction import (
+    EVICT_FASTGEN,
+    EVICT_H2O,
+    EVICT_KEYFORMER,
+    EVICT_SCISSORHANDS,
+    EVICT_SCORED,
+    EVICT_SCORED_ACC,
+    EVICT_SCORED_ROPE,
+    POLICIES,
+    REFERENCES,
+)
 from ...ops.policy_scored import EVICT_SCORED_REUSE
 from .cache_append import cache_append
 
 # ops the compiled backend runs eagerly after its compiled decode graph (their torch-backend implementation is the reference)
 EAGER_OPS = (EVICT_SCORED, EVICT_SCORED_ACC, EVICT_SCORED_ROPE, EVICT_SCORED_REUSE, EVICT_KEYFORMER, EVICT_SCISSORHANDS)
+
+
+def runs_eagerly(o: torch.fx.Node) -> bool:
+    """Whether the runtime graph's eviction node ``o`` runs after the compiled step (``EAGER_OPS``, FastGen, H2O with
+    fraction budgets: their kept count depends on the data or the row length, so no fixed-capacity slot buffer)."""
+    if o.target in EAGER_OPS or o.target is EVICT_FASTGEN:
+        return True
+    return o.target is EVICT_H2O and bool(schema.get(o, "heavy_f") or schema.get(o, "recent_f"))
 
 
 class FallbackNotPossible(ValueError):
@@ -82,7 +104,7 @@ def eager_fallback_rewrite(graph: torch.fx.Graph, orig_graph: torch.fx.Graph, nu
     records, cut, produced, erase, kinds = [], [], {}, [], {}
     for node in list(graph.nodes):
         o = orig.get(node.name)
-        if node.op != "call_function" or o is None or o.op != "call_function" or o.target not in EAGER_OPS:
+        if node.op != "call_function" or o is None or o.op != "call_function" or not runs_eagerly(o):
             continue
         where = f"{o.target.name()} (layer {o.meta.get('graphwright', {}).get('layer')})"
         names = schema.arg_names(o.target)
@@ -112,7 +134,7 @@ def eager_fallback_rewrite(graph: torch.fx.Graph, orig_graph: torch.fx.Graph, nu
                     for j in [j for j in range(num_state) if outs[1 + j] is user]:
                         results[i] = j
                         outs[1 + j], kinds[j] = _own_input(values, names, heads, states[j], where)
-                elif uu.op == "call_function" and orig.get(uu.name) is not None and orig[uu.name].target in EAGER_OPS:
+                elif uu.op == "call_function" and orig.get(uu.name) is not None and runs_eagerly(orig[uu.name]):
                     produced[user] = (len(records), i)
                 else:
                     raise FallbackNotPossible(f"{where}: its output {i} feeds {uu.target}, not only the next step's state")

@@ -25,9 +25,10 @@ fp32 angles).
 ``streaming_rope_shift`` is the torch backend's lowering transform: per StreamingLLM layer it
 caches the model's post-RoPE key (drops ``rope_invert`` of the new key and of the query) and calls
 ``streaming_attention`` in place of ``rope_cache_index`` + attention. The state's keys are then
-post-RoPE on the torch backend only (the ``compiled`` backend and the ONNX decode graph keep the
-pre-RoPE layout of the step graph and do not run this transform). Latent layers (keys rebuilt from
-c_k) are left as they are.
+post-RoPE on the torch and ``compiled`` backends (the compiled backend's static decode rewrite turns
+``streaming_attention`` into ``static_eviction.streaming_attention_static``; the ONNX decode graph keeps
+the pre-RoPE layout of the step graph and does not run this transform). Latent layers (keys rebuilt
+from c_k) are left as they are.
 
 Exact setting: none of its own (exact in real arithmetic); fp32 rounding differs from rotating by
 cache index (angles at absolute positions). Invariant tested (``tests/codegen/test_streaming_shift.py``):
