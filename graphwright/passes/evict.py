@@ -12,8 +12,10 @@ the generic scored eviction op (``ops/policy_scored.py``) after every chosen lay
   default: the scorer's own (TOVA and H2O every step, the others after prefill);
 * ``budget``: tokens per KV head (int) or a fraction of the row's current length (float),
   sinks and window included; ``rule``: ``"fixed"``, ``"pyramid"`` (PyramidKV layer budgets,
-  arXiv 2406.02069, ``beta``, the paper's 20) or ``"adaptive"`` (Ada-KV, arXiv 2407.11550: only
-  with SnapKV after prefill, run by ``snapkv(heads="adaptive")``'s packed path);
+  arXiv 2406.02069, ``beta``, the paper's 20) or ``"adaptive"`` (Ada-KV, arXiv 2407.11550, packed
+  per-layer cache: once after prefill for the per-head prompt scorers, SnapKV through
+  ``snapkv(heads="adaptive")``'s path; at every step for ``h2o`` and per-head ``tova`` with
+  ``when="decode"``, ``ops/adakv_decode.py``, floor = 1 keeps the uniform sets);
 * ``sinks`` (first positions always kept), ``window`` (recent tokens always kept; SnapKV's
   observation window), ``pool`` (GQA mean|max), ``kernel``/``smooth`` (SnapKV's 1-D pooling),
   ``chunk``/``chunk_heads`` (ChunkKV), ``chunk_reuse=L`` (ChunkKV's layer-wise index reuse: the
@@ -44,7 +46,8 @@ refuse the arguments they do not read (tested: same tokens and state shapes as t
 
 Refused with the reason: a scorer that needs the prompt's queries (SnapKV window, Expected
 Attention statistics) on a schedule other than ``prefill``; arguments a scorer does not read;
-``adaptive`` outside SnapKV-after-prefill; Expected Attention on latent (``lowrank_kv``) layers.
+``adaptive`` with a shared score (TOVA) after prefill, with the cumulative score other than
+``when='decode'``, or with another scorer at decode; Expected Attention on latent (``lowrank_kv``) layers.
 After ``duo`` (``also_on = retrieval_part``): the op evicts the retrieval heads' cache (``rule='adaptive'``:
 packed over the retrieval heads); refused there: the delegated scorers, ``rule='pyramid'``,
 ``chunk_reuse`` and ``block=`` (``tests/passes/test_duo_h2o.py``, ``test_duo_snapkv_adaptive.py``).

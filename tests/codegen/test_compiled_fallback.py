@@ -44,7 +44,8 @@ def test_eager_fallback_keeps_the_torch_backends_sets_logits_and_tokens(compiled
     assert cm.last_stats["kept_tokens_per_head"] == ref.last_stats["kept_tokens_per_head"]
 
 
-@pytest.mark.parametrize("recipe", ["evict(score='knorm', budget=24, rule='adaptive')", "snapkv(budget=24, heads='adaptive')"])
+@pytest.mark.parametrize("recipe", ["evict(score='knorm', budget=24, rule='adaptive')", "snapkv(budget=24, heads='adaptive')",
+                                    "h2o(heavy=16, recent=8, heads='adaptive')"])
 def test_packed_adakv_caches_stay_refused_with_the_reason(compiled_tiny, recipe):
     with pytest.raises(ValueError, match=r"backend='compiled' cannot run this recipe: .*packed per-layer cache"):
         with_recipe(compiled_tiny("tiny-llama"), recipe, "compiled")
