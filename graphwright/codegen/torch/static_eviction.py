@@ -45,7 +45,17 @@ import operator
 import torch
 
 from ...ops import schema
-from ...ops.eviction import EVICT_ADAKV, EVICT_ADAKV_DECODE, EVICT_ADAKV_SCORED, EVICT_FASTGEN, EVICT_H2O, EVICT_OPS, EVICT_SNAPKV, EVICT_STREAMING, ROPE_CACHE_INDEX
+from ...ops.eviction import (
+    EVICT_ADAKV,
+    EVICT_ADAKV_DECODE,
+    EVICT_ADAKV_SCORED,
+    EVICT_FASTGEN,
+    EVICT_H2O,
+    EVICT_OPS,
+    EVICT_SNAPKV,
+    EVICT_STREAMING,
+    ROPE_CACHE_INDEX,
+)
 from ...ops.rope_index_ref import _rotate, rope_angles
 from .cache_append import cache_append
 from .eviction_slots import decode_colsum, position_rank
@@ -135,7 +145,8 @@ def _reason(op, node) -> str | None:
                 f"recent={schema.get(node, 'recent_n') + schema.get(node, 'recent_f')}): the kept count grows with the row length, "
                 "so its decode state has no fixed capacity; token counts (h2o(heavy=N, recent=M)) have one")
     if op in (EVICT_ADAKV, EVICT_ADAKV_SCORED, EVICT_ADAKV_DECODE):
-        return (f"{where}: snapkv with heads='adaptive' or pyramid= (or evict(rule='adaptive'), h2o(heads='adaptive')) holds a packed per-layer cache (ragged heads); "
+        return (f"{where}: snapkv with heads='adaptive' or pyramid= (or evict(rule='adaptive'), h2o(heads='adaptive')) "
+                "holds a packed per-layer cache (ragged heads); "
                 "the compiled backend's static buffers are per head, so use the torch backend")
     if op not in (EVICT_H2O, EVICT_STREAMING, EVICT_SNAPKV):
         return f"{where}: no static decode translation and no eager fallback (static_fallback.EAGER_OPS)"
