@@ -92,8 +92,10 @@ def adakv_keep(q, k, q_pos, k_pos, scale, budget_: int, window: int, kernel: int
     return keep
 
 
-def compact_packed(keep_flat, k, v, k_pos):
-    """Gather a row's kept slots (keep_flat [B, N]) to the front of the packed buffers; pad with k_pos -1."""
+def compact_packed(keep_flat, k, v, k_pos, extras=()):
+    """Gather a row's kept slots (keep_flat [B, N]) to the front of the packed buffers; pad with k_pos -1.
+
+    ``extras``: per-slot state [B, 1, N] (e.g. a running score) gathered the same way (padding 0)."""
     keep_flat = keep_flat & (k_pos >= 0).any(dim=1)
     count = keep_flat.sum(dim=-1)
     n = int(count.max()) if keep_flat.numel() else 0
@@ -103,7 +105,9 @@ def compact_packed(keep_flat, k, v, k_pos):
     kk = k.gather(2, idx).masked_fill(~valid[:, None, :, None], 0)
     vv = v.gather(2, order[:, None, :, None].expand(-1, 1, n, v.shape[-1])).masked_fill(~valid[:, None, :, None], 0)
     pos = k_pos.gather(2, order[:, None, :].expand(-1, k_pos.shape[1], n)).masked_fill(~valid[:, None, :], -1)
-    return kk, vv, pos
+    if not extras:
+        return kk, vv, pos
+    return (kk, vv, pos, *[e.gather(2, order[:, None, :]).masked_fill(~valid[:, None, :], 0) for e in extras])
 
 
 def unpack_prefill(x: torch.Tensor, k_pos: torch.Tensor, T: int):

@@ -12,8 +12,10 @@ the generic scored eviction op (``ops/policy_scored.py``) after every chosen lay
   default: the scorer's own (TOVA and H2O every step, the others after prefill);
 * ``budget``: tokens per KV head (int) or a fraction of the row's current length (float),
   sinks and window included; ``rule``: ``"fixed"``, ``"pyramid"`` (PyramidKV layer budgets,
-  arXiv 2406.02069, ``beta``, the paper's 20) or ``"adaptive"`` (Ada-KV, arXiv 2407.11550: only
-  with SnapKV after prefill, run by ``snapkv(heads="adaptive")``'s packed path);
+  arXiv 2406.02069, ``beta``, the paper's 20) or ``"adaptive"`` (Ada-KV, arXiv 2407.11550, packed
+  per-layer cache: once after prefill for the per-head prompt scorers, SnapKV through
+  ``snapkv(heads="adaptive")``'s path; at every step for ``h2o`` and per-head ``tova`` with
+  ``when="decode"``, ``ops/adakv_decode.py``, floor = 1 keeps the uniform sets);
 * ``sinks`` (first positions always kept), ``window`` (recent tokens always kept; SnapKV's
   observation window), ``pool`` (GQA mean|max), ``kernel``/``smooth`` (SnapKV's 1-D pooling),
   ``chunk``/``chunk_heads`` (ChunkKV), ``chunk_reuse=L`` (ChunkKV's layer-wise index reuse: the
@@ -44,7 +46,8 @@ refuse the arguments they do not read (tested: same tokens and state shapes as t
 
 Refused with the reason: a scorer that needs the prompt's queries (SnapKV window, Expected
 Attention statistics) on a schedule other than ``prefill``; arguments a scorer does not read;
-``adaptive`` outside SnapKV-after-prefill; Expected Attention on latent (``lowrank_kv``) layers.
+``adaptive`` with a shared score (TOVA) after prefill, with the cumulative score other than
+``when='decode'``, or with another scorer at decode; Expected Attention on latent (``lowrank_kv``) layers.
 After ``duo`` (``also_on = retrieval_part``): the op evicts the retrieval heads' cache (``rule='adaptive'``:
 packed over the retrieval heads); refused there: the delegated scorers, ``rule='pyramid'``,
 ``chunk_reuse`` and ``block=`` (``tests/passes/test_duo_h2o.py``, ``test_duo_snapkv_adaptive.py``).
@@ -62,7 +65,10 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
+
 from ..errors import RecipeError
+from ..ops.adakv_decode import DECODE_SCORERS, EVICT_ADAKV_DECODE
 from ..ops.adakv_scored import EVICT_ADAKV_SCORED
 from ..ops.policy_scored import SCORED_REUSE_POLICY, policy_for
 from ..ops.scorers import CHUNKKV, SCORERS
@@ -244,9 +250,10 @@ class Evict(EvictionPass):
         if not f:
             raise RecipeError(f"evict: window={w} (a fraction) needs a fraction budget too (e.g. budget=0.5); with "
                               f"budget={self.budget!r} give the window as a token count")
-        if s.name == "snapkv" or self.rule == "adaptive":
+        if s.name == "snapkv" or (self.rule == "adaptive" and not self._decode_adaptive()):
             raise RecipeError("evict: a fraction window is refused with score='snapkv' (its window is the observation "
-                              "window, a count of prompt queries) and with rule='adaptive'; give window as an int")
+                              "window, a count of prompt queries) and with rule='adaptive' after prefill; give window "
+                              "as an int")
         if w > f:
             raise RecipeError(f"evict: window={w} exceeds budget={f}; keep the window fraction <= the budget")
         return 0, w, round(f - w, 12)
@@ -299,20 +306,32 @@ class Evict(EvictionPass):
         if v["kernel"] is not None and v["kernel"] % 2 == 0:
             raise RecipeError(f"evict: kernel={v['kernel']} must be odd (centred pooling)")
 
+    def _decode_adaptive(self) -> bool:
+        """rule='adaptive' re-split at every step (``ops/adakv_decode.py``): h2o or per-head tova, when='decode'."""
+        return self.rule == "adaptive" and self.score in DECODE_SCORERS and self.mode == "decode"
+
     def _adaptive(self, v, n):
         """Ada-KV: snapkv after prefill runs ``snapkv(heads='adaptive')`` (same op and fast paths); any other
-        per-head scorer runs ``evict_adakv_scored`` on the same packed cache (``run``)."""
+        per-head scorer runs ``evict_adakv_scored`` on the same packed cache (``run``); h2o and tova at every
+        decode step run ``evict_adakv_decode`` (``_run_adaptive_decode``)."""
+        if self._decode_adaptive():
+            if v["chunk"]:
+                raise RecipeError("evict: rule='adaptive' with when='decode' does not take chunk= (ChunkKV selects "
+                                  "chunks once, after prefill)")
+            return None
         if self.scorer.shared:
             raise RecipeError(f"evict: rule='adaptive' needs per-head scores, and score={self.score!r} gives every KV "
                               "head the same set (one score per layer), so there is nothing to spread across heads; "
                               "use rule='fixed' or a per-head scorer (snapkv, knorm, keydiff, expected_attention, chunkkv)")
         if self.scorer.stateful:
-            raise RecipeError(f"evict: rule='adaptive' with score={self.score!r} is refused: the cumulative score is "
-                              "running per-slot state, which the packed Ada-KV cache does not carry; use score='snapkv' "
-                              "(the prompt's window attention) for attention-based Ada-KV")
+            raise RecipeError(f"evict: rule='adaptive' with score={self.score!r} and when={self.mode!r} is refused: "
+                              "the cumulative score is running per-slot state that the one-shot (after prefill) Ada-KV "
+                              "split does not carry; use when='decode' (head budgets re-split at every step) or "
+                              "score='snapkv' for Ada-KV after prefill")
         if self.mode != "prefill":
-            raise RecipeError(f"evict: rule='adaptive' (Ada-KV, arXiv 2407.11550) splits a layer's budget once, after "
-                              f"prefill, into a packed ragged cache; got when={self.mode!r}. Use when='prefill'")
+            raise RecipeError(f"evict: rule='adaptive' (Ada-KV, arXiv 2407.11550) with score={self.score!r} splits a "
+                              f"layer's budget once, after prefill, into a packed ragged cache; got when={self.mode!r}. "
+                              f"Use when='prefill', or score in {DECODE_SCORERS} with when='decode' (re-split every step)")
         if (self.score == "snapkv" and n and not self.params["budget_f"] and not v["sinks"] and not v["chunk"]
                 and v["pool"] != "max"):
             from .snapkv import SnapKV
@@ -348,6 +367,23 @@ class Evict(EvictionPass):
         }
         return sg
 
+    def _run_adaptive_decode(self, sg):
+        p = self.params
+        params = {"scorer": self.scorer.name, "budget_n": p["budget_n"], "budget_f": p["budget_f"],
+                  "floor": self.floor_alpha, "sinks": p["sinks"], "window": p["window"], "window_f": p["window_f"]}
+        layers = rewrite_packed(sg, "evict", params, self.target_layers(sg), op=EVICT_ADAKV_DECODE,
+                                slot_state=(("score", "attn_score", torch.float32),), layer_args=False)
+        rule = ("H2O cumulative attention" if self.scorer.name == "h2o"
+                else "TOVA last-query attention per KV head (mean over its query heads)")
+        sg.notes["evict"] = {
+            "per_layer": {layer: {"budget": self.budget} for layer in layers},
+            "counts": {"layers_evicted": len(layers)},
+            "settings": {**self.values, "scorer": self.scorer.name, "paper": self.scorer.paper, "when": self.mode,
+                         "rule_text": f"Ada-KV (arXiv 2407.11550) head budgets re-split every step over {rule}",
+                         "floor": self.floor_alpha, "packed": True},
+        }
+        return sg
+
     def is_identity(self) -> bool:
         return isinstance(self.budget, float) and self.budget >= 1.0
 
@@ -368,6 +404,8 @@ class Evict(EvictionPass):
             why.append("chunk_reuse (the layers' retrieval caches hold different head subsets)")
         if self.mode == "block":
             why.append("block= (duo's streaming heads are cut once after a one-shot prefill)")
+        if self._decode_adaptive():
+            why.append("rule='adaptive' with when='decode' (not implemented on duo's retrieval part)")
         if why:
             return "evict after duo refuses " + "; ".join(why) + "; leave it out to evict duo's retrieval heads"
         return None
@@ -397,6 +435,8 @@ class Evict(EvictionPass):
         why = self.applies_to(sg)
         if why:
             raise RecipeError(f"evict: {why}")
+        if self._decode_adaptive():
+            return self._run_adaptive_decode(sg)
         if self.rule == "adaptive":
             return self._run_adaptive(sg)
         policy = policy_for(self.scorer.name)

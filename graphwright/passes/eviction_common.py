@@ -58,24 +58,28 @@ from .selection import parse_layer_heads
 SHARED_POSITIONS = "key_positions"
 EVICT_INPUTS = ("q", "k", "v", "q_pos", "k_pos", "scale")  # what rewrite_layers prepares for a policy op
 LAYERS_ARG = Arg("layers", list, None, "layer indices to evict (default: all layers)")
-HEADS_ARG = Arg("heads", str, "uniform", "per-head budgets; only uniform here (adaptive: snapkv only)", choices=("uniform", "adaptive"))
+HEADS_ARG = Arg("heads", str, "uniform", "per-head budgets; only uniform here (adaptive: snapkv, h2o)", choices=("uniform", "adaptive"))
 
 
 def refuse_adaptive_heads(name: str, heads: str) -> None:
-    """``RecipeError`` for ``heads="adaptive"`` on a policy that evicts at every decode step (H2O, FastGen).
+    """``RecipeError`` for ``heads="adaptive"`` on FastGen.
 
-    Ada-KV (arXiv 2407.11550) is defined once, after prefill: the layer's Hk*C slots are split by one
-    global top-k of the window scores. H2O and FastGen evict at every step by running scores that
-    grow with each head's history; re-splitting the layer budget every step would move slots between
-    heads (a head's dropped tokens cannot come back), which no source specifies or measures.
+    Ada-KV (arXiv 2407.11550) shares one layer budget Hk*C across the heads by a score that is
+    comparable across heads. FastGen (arXiv 2310.01801) has no layer budget to share: each head's
+    size follows from the compression policy its prompt profiling picked (special / punct /
+    frequent / local / full, the cheapest that recovers ``recovery`` of the attention mass), so a
+    head's size is already its own, and its 'frequent' scores are only ranked within heads whose
+    policy keeps them. ``h2o(heads='adaptive')`` / ``evict(score='h2o'|'tova', rule='adaptive',
+    when='decode')`` are the decode-time head-adaptive policies (``ops/adakv_decode.py``).
     """
     if heads == "adaptive":
         from ..errors import RecipeError
 
-        raise RecipeError(f"{name}(heads='adaptive') is not supported: Ada-KV splits a layer's budget across heads once, "
-                          f"after prefill (snapkv(heads='adaptive')); {name} evicts at every decode step and a per-step "
-                          "re-split is not defined by the paper. Use snapkv(budget=..., heads='adaptive', floor=0.2), "
-                          f"or {name} with heads='uniform'")
+        raise RecipeError(f"{name}(heads='adaptive') is not supported: FastGen has no layer budget to share across "
+                          "heads (each head's size follows from the policy its prompt profiling picks: special, punct, "
+                          "frequent, local or full, by recovered attention mass), so Ada-KV's split has nothing to "
+                          f"spread. Use h2o(heads='adaptive', floor=0.2) or snapkv(heads='adaptive'), or {name} with "
+                          "heads='uniform'")
 
 
 def select_layers(pass_name: str, layers, num_layers: int) -> list[int]:

@@ -15,6 +15,12 @@ equals the dense model's. Cache state per layer: k, v [B, Hk, S_l, D], positions
 (-1 in padding slots) and fp32 scores [B, Hk, S_l].
 
 Exact setting: ``heavy`` or ``recent`` a fraction >= 1.0 (budget >= length).
+
+``heads="adaptive"`` (Ada-KV, arXiv 2407.11550, at every step): ``evict(score="h2o", when="decode",
+rule="adaptive", budget=heavy + recent, window=recent, floor=floor)``: the layer's heavy budget
+(Hk * heavy) is shared across its KV heads by cumulative score, each head keeping at least its top
+round(floor * heavy); a packed per-layer cache (``ops/adakv_decode.py``). floor = 1.0 keeps the
+uniform sets (tested, ``tests/passes/test_adakv_decode.py``).
 ``layers=[...]`` evicts only those layers (others keep their cache or another policy).
 
 After ``duo`` (``also_on = retrieval_part``): H2O evicts only the retrieval heads' cache of each layer
@@ -29,10 +35,11 @@ decode steps; the op's kept set equals a slow loop oracle on random attention.
 
 from __future__ import annotations
 
+from ..errors import RecipeError
 from ..ops.policy_h2o import H2O_POLICY
 from .base import MAX_TOKENS, Arg, PassContext, Tunable, register_pass
-from .eviction_common import (HEADS_ARG, LAYERS_ARG, RETRIEVAL_PART, EvictionPass, evict_pass_build, frac_or_count,
-                              latent_settings, refuse_adaptive_heads, rewrite_layers)
+from .eviction_common import (LAYERS_ARG, RETRIEVAL_PART, EvictionPass, evict_pass_build, frac_or_count,
+                              latent_settings, rewrite_layers)
 
 
 @register_pass
@@ -47,7 +54,10 @@ class H2O(EvictionPass):
             tune=Tunable("float", 0.02, 0.5, scope="layer")),
         Arg("recent", (int, float), 0.1, "recent window: fraction of the current length (float) or token count (int)", min=0, max=MAX_TOKENS,
             tune=Tunable("float", 0.02, 0.5, scope="layer")),
-        HEADS_ARG,
+        Arg("heads", str, "uniform", "per-head budgets: uniform, or adaptive (Ada-KV: the layer's heavy budget "
+            "shared across its KV heads by score, re-split at every step)", choices=("uniform", "adaptive")),
+        Arg("floor", float, None, "heads='adaptive': Ada-KV floor alpha, the share of its heavy budget each head "
+            "keeps by its own scores (default 0.2; 1.0 = uniform)", min=0.0, max=1.0),
         LAYERS_ARG,
     )
 
@@ -56,12 +66,27 @@ class H2O(EvictionPass):
 
     def __init__(self, **values):
         super().__init__(**values)
-        refuse_adaptive_heads("h2o", self.heads)
+        self.adaptive = None
+        if self.heads != "adaptive":
+            if self.floor is not None:
+                raise RecipeError("h2o: floor= applies to heads='adaptive' only; leave it out or set heads='adaptive'")
+            return
+        if type(self.heavy) is not type(self.recent):
+            raise RecipeError(f"h2o(heads='adaptive') needs heavy and recent of the same kind (both token counts or "
+                              f"both fractions of the length); got heavy={self.heavy!r}, recent={self.recent!r}")
+        from .evict import Evict  # evict imports this module's neighbours; import here
+
+        self.adaptive = Evict(score="h2o", when="decode", rule="adaptive", budget=self.heavy + self.recent,
+                              window=self.recent, floor=self.floor, layers=self.layers)
 
     def is_identity(self) -> bool:
         return any(isinstance(x, float) and x >= 1.0 for x in (self.heavy, self.recent))
 
     def run(self, sg, ctx: PassContext):
+        if self.adaptive is not None:  # Ada-KV at every step: evict(score='h2o', when='decode', rule='adaptive')
+            sg = self.adaptive.run(sg, ctx)
+            sg.notes["h2o"] = {**sg.notes.pop("evict"), "adaptive": True}
+            return sg
         hn, hf = frac_or_count(self.heavy)
         rn, rf = frac_or_count(self.recent)
         params = {"heavy_n": hn, "heavy_f": hf, "recent_n": rn, "recent_f": rf}

@@ -51,10 +51,13 @@ def _pack_cache(graph, ed, site, cat_node, name: str, hk: int):
     return wide
 
 
-def rewrite_packed(sg, variant: str, params: dict, layers=None, op=EVICT_ADAKV, site_values=None) -> list[int]:
+def rewrite_packed(sg, variant: str, params: dict, layers=None, op=EVICT_ADAKV, site_values=None,
+                   slot_state: tuple = (), layer_args: bool = True) -> list[int]:
     """Give each selected layer a packed cache and ``op`` (default ``evict_adakv``; ``params``: its scalar
-    parameters but ``layer``/``num_layers``, which are filled in here; ``site_values(sg, site)``: per-layer
-    extra arguments, e.g. the rotary table). Returns the rewritten layer indices."""
+    parameters but ``layer``/``num_layers``, which are filled in here unless ``layer_args=False``;
+    ``site_values(sg, site)``: per-layer extra arguments, e.g. the rotary table; ``slot_state``: (op argument,
+    state prefix, dtype) of per-slot state [B, 1, N] compacted with the packed cache, state ``<prefix><layer>``,
+    read after ``k_pos`` and returned after it). Returns the rewritten layer indices."""
     sites = find_sites(sg, layers)
     if isinstance(sites, str):
         raise ValueError(sites)
@@ -80,16 +83,24 @@ def rewrite_packed(sg, variant: str, params: dict, layers=None, op=EVICT_ADAKV, 
         schema.set(site.attn, "v", v_view)
         schema.set(site.attn, "k_pos", kp_att)
         values = dict(q=site.arg("q"), k=site.k_cat, v=site.v_cat, q_pos=site.arg("q_pos"), k_pos=kp_all,
-                      scale=site.arg("scale"), layer=site.layer, num_layers=sg.info.num_layers, **params)
+                      scale=site.arg("scale"), **params)
+        if layer_args:
+            values.update(layer=site.layer, num_layers=sg.info.num_layers)
+        extra = [(f"{prefix}{site.layer}", ed.add(StateSpec(f"{prefix}{site.layer}", "positions", (-1, 1, 0), dtype,
+                                                            seq_dim=2, layer=site.layer)))
+                 for _, prefix, dtype in slot_state]
+        values.update({arg: node for (arg, _, _), (_, node) in zip(slot_state, extra)})
         if site_values is not None:
             values.update(site_values(sg, site))
         with graph.inserting_after(site.attn):
             node = schema.call(graph, op, **values)
         tag(node, site, "kv_evict", variant)
-        k_out, v_out, kp_out = insert_outputs(graph, node, 3)
+        k_out, v_out, kp_out, *state_out = insert_outputs(graph, node, 3 + len(slot_state))
         ed.set_output(site.k_name, k_out)
         ed.set_output(site.v_name, v_out)
         ed.set_output(positions_name(site.layer), kp_out)
+        for (name, _), out in zip(extra, state_out):
+            ed.set_output(name, out)
         site.attn.meta.setdefault("graphwright", {})["variant"] = variant
         done.append(site.layer)
     ed.drop_unused_shared_positions()

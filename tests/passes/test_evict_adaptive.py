@@ -50,7 +50,7 @@ def test_heads_are_ragged_and_the_layer_keeps_its_total(score):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (dict(score="tova", budget=6, rule="adaptive"), "same set"),
+    (dict(score="tova", budget=6, when="prefill", rule="adaptive"), "same set"),
     (dict(score="h2o", budget=6, when="prefill", rule="adaptive"), "running per-slot state"),
     (dict(score="knorm", budget=6, when="decode", rule="adaptive"), "once, after prefill"),
 ])

@@ -147,7 +147,7 @@ def test_compiled_backend_runs_it_with_an_eager_fallback():
     (dict(score="knorm", budget=6, when="sometimes"), "allowed: 'prefill', 'decode'"),
     (dict(score="knorm", budget=6, when="prefill", every=3), "contradicts when='prefill'"),
     (dict(score="knorm", budget=6, slack=2), "slack applies to when='overflow'"),
-    (dict(score="tova", budget=6, rule="adaptive"), "rule=.adaptive. needs per-head scores"),
+    (dict(score="tova", budget=6, when="prefill", rule="adaptive"), "rule=.adaptive. needs per-head scores"),
     (dict(score="knorm", budget=6, beta=4.0), "beta applies to rule='pyramid'"),
     (dict(score="knorm", budget=0), "budget=0 must be > 0"),
     (dict(score="knorm", budget=4, sinks=2, window=3), "exceed budget=4"),

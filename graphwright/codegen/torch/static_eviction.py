@@ -51,7 +51,7 @@ import operator
 import torch
 
 from ...ops import schema
-from ...ops.eviction import EVICT_ADAKV, EVICT_ADAKV_SCORED, EVICT_H2O, EVICT_OPS, EVICT_SNAPKV, EVICT_STREAMING, ROPE_CACHE_INDEX
+from ...ops.eviction import EVICT_ADAKV, EVICT_ADAKV_DECODE, EVICT_ADAKV_SCORED, EVICT_H2O, EVICT_OPS, EVICT_SNAPKV, EVICT_STREAMING, ROPE_CACHE_INDEX
 from ...ops.rope_index_ref import _rotate, rope_angles, rope_invert_reference
 from .attention import attention_sdpa
 from .cache_append import cache_append
@@ -151,8 +151,9 @@ def _reason(op, node) -> str | None:
     name = op.name().split("::")[-1].removeprefix("evict_")
     layer = node.meta.get("graphwright", {}).get("layer")
     where = f"{name} (layer {layer})" if layer is not None else name
-    if op in (EVICT_ADAKV, EVICT_ADAKV_SCORED):
-        return (f"{where}: snapkv with heads='adaptive' or pyramid= (or evict(rule='adaptive')) holds a packed per-layer cache (ragged heads); "
+    if op in (EVICT_ADAKV, EVICT_ADAKV_SCORED, EVICT_ADAKV_DECODE):
+        return (f"{where}: snapkv with heads='adaptive' or pyramid= (or evict(rule='adaptive'), h2o(heads='adaptive')) "
+                "holds a packed per-layer cache (ragged heads); "
                 "the compiled backend's static buffers are per head, so use the torch backend")
     if op not in (EVICT_H2O, EVICT_STREAMING, EVICT_SNAPKV):
         return f"{where}: no static decode translation and no eager fallback (static_fallback.EAGER_OPS)"
