@@ -5,7 +5,9 @@ searches the arguments the template leaves unset that its passes declare tunable
 (``graphwright.tuning.space``), scoring each trial by KV bytes held and streamed perplexity on the
 calibration split, and writes the Pareto front (pareto.json/.md/.png, recipes/trial-N.toml), the
 winner re-measured on the held-out split (winner.json) and its report (winner_report.txt).
-``--resume`` continues the study in ``--out`` with ``--trials`` more trials.
+``--resume`` continues the study in ``--out`` with ``--trials`` more trials. ``--scheduler tcp://HOST:PORT``
+runs the trials on a Dask cluster (``graphwright.tuning.cluster``), ``--storage URL`` puts the study in a
+database (or a journal file) every worker reaches.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ def add_parser(sub):
     p.add_argument("--kv-budget", type=float_arg(0, 1, lo_open=True), default=0.5, help="largest KV fraction (bytes held / dense) allowed")
     p.add_argument("--trials", type=int_arg(1, 100_000), default=16, help="trials this call runs")
     p.add_argument("--workers", type=int_arg(1, 64), default=1, help="local worker processes sharing the study's journal file")
+    p.add_argument("--scheduler", default=None,
+                   help="Dask scheduler address (tcp://HOST:PORT): run each trial as a task on that cluster "
+                        "(pip install 'graphwright[cluster]'; pair with --storage every worker reaches)")
+    p.add_argument("--storage", default=None,
+                   help="where the study lives: a database URL (sqlite:///study.db, postgresql://...) or an Optuna journal file "
+                        "path (default: --out/study.journal)")
     p.add_argument("--population", type=int_arg(2, 10_000), default=8, help="NSGA-II population (and the seeded initial design's size)")
     p.add_argument("--seed", type=int_arg(0, 2**31 - 1), default=0)
     p.add_argument("--windows", type=int_arg(1, 1_000), default=2, help="calibration (and held-out) perplexity windows")
@@ -76,11 +84,12 @@ def run(args):
 
         tok = ByteTokenizer()
         console.print(f"[dim]{args.model} ships no tokenizer: using bytes (graphwright.eval.bytetok)[/]")
-    result = tune(args.model if args.workers > 1 else model, tok, template=args.recipe, budget=args.kv_budget, trials=args.trials,
+    by_name = args.workers > 1 or args.scheduler is not None  # each worker loads the model itself
+    result = tune(args.model if by_name else model, tok, template=args.recipe, budget=args.kv_budget, trials=args.trials,
                   workers=args.workers, out=args.out, seed=args.seed, resume=args.resume, population=args.population,
                   max_ppl_ratio=args.max_ppl_ratio, backend=args.backend, threads=args.threads, scope=args.scope,
                   objectives=args.objectives, min_speed=args.min_speed, speed_steps=args.speed_steps, speed_rounds=args.speed_rounds,
-                  prune_margin=args.prune_margin,
+                  prune_margin=args.prune_margin, scheduler=args.scheduler, storage=args.storage,
                   eval_settings={"windows": args.windows, "window": args.window, "prefix": args.prefix, "niah_cases": args.niah_cases,
                                  "niah_length": args.niah_length})
     states = {}

@@ -30,6 +30,7 @@ MAX_KERNEL = 1023  # pooling widths (odd): far wider than the observation window
 
 SCOPES = ("model", "layer", "head")
 TUNE_KINDS = ("int", "float", "categorical")
+LAYER_FORMS = ("split", "list")
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,9 @@ class Tunable:
     ``choices``: the values of a categorical. ``scope``: the finest scope the argument may be
     tuned at: model (one value for the whole model) or layer (one value per layer, for a pass
     with a ``layers=`` argument: ``tune(scope="layer")`` splits it into one instance per layer);
-    head is declared by no pass yet (refused by the space builder).
+    head is declared by no pass yet (refused by the space builder). ``layer_form``: how layer-scope
+    values reach the recipe: "split" (one pass instance per layer with ``layers=[l]``) or "list" (one
+    instance, the argument a list with one value per layer in layer order: ``lowrank_kv(keep=[...])``).
     """
 
     kind: str
@@ -52,12 +55,15 @@ class Tunable:
     choices: tuple | None = None
     scope: str = "model"
     per_context: bool = False
+    layer_form: str = "split"
 
     def __post_init__(self):
         if self.kind not in TUNE_KINDS:
             raise ValueError(f"Tunable kind must be one of {list(TUNE_KINDS)}; got {self.kind!r}")
         if self.scope not in SCOPES:
             raise ValueError(f"Tunable scope must be one of {list(SCOPES)}; got {self.scope!r}")
+        if self.layer_form not in LAYER_FORMS:
+            raise ValueError(f"Tunable layer_form must be one of {list(LAYER_FORMS)}; got {self.layer_form!r}")
         if self.kind == "categorical":
             if not self.choices:
                 raise ValueError("a categorical Tunable needs choices")

@@ -17,6 +17,11 @@ K = (x A) B + b_K (Qwen2 has k/v biases).
 * Ranks: ``schedule="progressive"`` (default) gives shallow layers more rank from cumulative
   condition numbers; ``"uniform"`` the same fraction everywhere; the total meets ``keep`` (the
   fraction of dense KV bytes kept over the whole model) within 1%. See ``lowrank_ranks.py``.
+  Per layer: ``keep=[k_0, ..., k_{L-1}]`` (one fraction per attention layer, in layer order) sets
+  each layer's ranks directly, r = round(k_l * width) for K and V alike, clipped to [1, full rank]
+  (``lowrank_ranks.layer_ranks``); ``schedule``/``min_keep``/``max_keep`` do not apply then and are
+  refused if given. This is the form ``graphwright tune --scope layer`` searches (one parameter per
+  layer). A list whose length is not the model's layer count is refused when the pass runs.
 
 * Scaling: ``scaling="activation"`` (default) factors W diag(s), s the per-channel RMS of the
   projection's input on 200 calibration tokens (ASVD, arXiv 2312.05821; ``lowrank_calibrate.py``
@@ -25,7 +30,8 @@ K = (x A) B + b_K (Qwen2 has k/v biases).
   SVD, exactly as published. Both are exact at full rank.
 
 Exact setting: ``keep=1.0`` (full rank r = min(d, H_kv*D)): W = A B up to fp64 round-off, so
-logits match the dense graph (fp32, 1e-4) and greedy tokens are identical.
+logits match the dense graph (fp32, 1e-4) and greedy tokens are identical. Per layer: ``keep=[1.0] * L``
+is the same full-rank rewrite (tested: dense logits and greedy tokens).
 
 Invariants tested (``tests/passes/test_lowrank_kv.py``, ``tests/models/test_gemma3.py``): full rank reproduces logits and greedy
 tokens (batch 2, left padding); absorbed and reconstruct agree at any rank; one projection's
@@ -57,7 +63,7 @@ from ..capture.ops import ATTENTION
 from ..ops.latent_attention import LATENT_ATTENTION
 from .base import Arg, Pass, PassContext, Tunable, register_pass
 from .lowrank_calibrate import input_rms, scaled_svd
-from .lowrank_ranks import allocate_ranks, default_bounds
+from .lowrank_ranks import allocate_ranks, default_bounds, layer_ranks
 from .lowrank_rewrite import LayerSite, lowrank_site, rewrite_layer, set_fake_vals, shrink_fused_qkv
 
 
@@ -93,8 +99,9 @@ class LowRankKV(Pass):
     exact = False
     doc = "LoRC: cache SVD latents of W_K/W_V (progressive per-layer ranks), rebuild K, absorb V into o_proj."
     args = (
-        Arg("keep", float, 0.5, "fraction of dense KV bytes kept over the whole model (met within 1%)", min=1e-6, max=1.0,
-            tune=Tunable("float", 0.1, 1.0)),
+        Arg("keep", (float, list), 0.5, "fraction of dense KV bytes kept over the whole model (met within 1%), "
+            "or a list: one fraction per layer, in layer order", min=1e-6, max=1.0,
+            tune=Tunable("float", 0.1, 1.0, scope="layer", layer_form="list")),
         Arg("schedule", str, "progressive", "per-layer rank schedule", choices=("progressive", "uniform")),
         Arg("min_keep", float, None, "lower bound of a layer's keep fraction (progressive)", min=0.0, max=1.0),
         Arg("max_keep", float, None, "upper bound of a layer's keep fraction (progressive)", min=0.0, max=1.0),
@@ -107,6 +114,16 @@ class LowRankKV(Pass):
         super().__init__(**values)
         from ..errors import RecipeError
 
+        if isinstance(self.values["keep"], list):
+            keep = self.values["keep"]
+            if not keep or not all(isinstance(k, (int, float)) and not isinstance(k, bool) and 0 < k <= 1 for k in keep):
+                raise RecipeError(f"lowrank_kv: a per-layer keep must be a non-empty list of fractions in (0, 1], one per layer; got {keep!r}")
+            self.values["keep"] = [float(k) for k in keep]
+            given = sorted(k for k in ("schedule", "min_keep", "max_keep") if values.get(k) is not None)
+            if given:
+                raise RecipeError(f"lowrank_kv: {', '.join(given)} shape(s) the ranks of one whole-model keep; a per-layer keep list "
+                                  "sets every layer's ranks itself: pass either keep=<fraction> with them or keep=[...] alone")
+            return
         if self.values["keep"] <= 0:
             raise RecipeError("lowrank_kv: argument 'keep' must be in (0, 1]")
         lo, hi = default_bounds(self.keep, self.min_keep, self.max_keep)
@@ -114,7 +131,7 @@ class LowRankKV(Pass):
             raise RecipeError(f"lowrank_kv: keep={self.keep} must lie within [min_keep, max_keep] = [{lo}, {hi}]")
 
     def is_identity(self) -> bool:
-        return self.keep >= 1.0
+        return all(k >= 1.0 for k in self.keep) if isinstance(self.keep, list) else self.keep >= 1.0
 
     def applies_to(self, sg) -> str | None:
         if sg.nodes(LATENT_ATTENTION):
@@ -134,6 +151,9 @@ class LowRankKV(Pass):
     def run(self, sg, ctx: PassContext):
         t0 = time.perf_counter()
         reason = self.applies_to(sg)
+        n = len(sg.nodes(ATTENTION))
+        if not reason and isinstance(self.keep, list) and len(self.keep) != n:
+            reason = f"keep lists {len(self.keep)} per-layer fractions but the model has {n} attention layers (one fraction per layer)"
         if reason:
             from ..errors import RecipeError
 
@@ -145,8 +165,12 @@ class LowRankKV(Pass):
         with single_thread():
             svd_k = [scaled_svd(s.proj.w_k.T, rms.get(s.proj.x)) for s in sites]
             svd_v = [scaled_svd(s.proj.w_v.T, rms.get(s.proj.x)) for s in sites]
-        plan = allocate_ranks([s[1] for s in svd_k], [s[1] for s in svd_v], sites[0].proj.w_k.shape[0], sites[0].proj.w_v.shape[0],
-                              self.keep, self.schedule, self.min_keep, self.max_keep)
+        sig_k, sig_v = [s[1] for s in svd_k], [s[1] for s in svd_v]
+        width_k, width_v = sites[0].proj.w_k.shape[0], sites[0].proj.w_v.shape[0]
+        if isinstance(self.keep, list):
+            plan = layer_ranks(sig_k, sig_v, width_k, width_v, self.keep)
+        else:
+            plan = allocate_ranks(sig_k, sig_v, width_k, width_v, self.keep, self.schedule, self.min_keep, self.max_keep)
         elsize = torch.empty((), dtype=sg.info.dtype).element_size()
         per_layer = {}
         for i, site in enumerate(sites):

@@ -171,3 +171,21 @@ def allocate_ranks(sig_k: list, sig_v: list, width_k: int, width_v: int, keep: f
     _fix_up(ranks, resid, caps, min(target, sum(caps["k"]) + sum(caps["v"])))
     return RankPlan(r_k=ranks["k"], r_v=ranks["v"], rho_k=rho["k"], rho_v=rho["v"], kappa_k=kappa["k"],
                     kappa_v=kappa["v"], width_k=width_k, width_v=width_v, target=target, dense=dense, settings=settings)
+
+
+def layer_ranks(sig_k: list, sig_v: list, width_k: int, width_v: int, keeps: list) -> RankPlan:
+    """Per-layer ranks from one keep fraction per layer (``lowrank_kv(keep=[...])``, the per-layer tuning form).
+
+    r = round(keep_l * width) for K and V alike, clipped to [1, full rank min(d, width)]; no schedule
+    and no budget fix-up: the caller chose every layer. ``keeps`` of 1.0 give every layer its full rank.
+    """
+    L = len(sig_k)
+    if len(keeps) != L:
+        raise ValueError(f"layer_ranks: {len(keeps)} keep fractions for {L} layers (one per layer)")
+    caps = {"k": [min(int(s.numel()), width_k) for s in sig_k], "v": [min(int(s.numel()), width_v) for s in sig_v]}
+    widths = {"k": width_k, "v": width_v}
+    ranks = {x: [max(1, min(caps[x][l], int(math.floor(keeps[l] * widths[x] + 0.5)))) for l in range(L)] for x in "kv"}
+    kappa = {"k": [math.exp(log_condition(s)) for s in sig_k], "v": [math.exp(log_condition(s)) for s in sig_v]}
+    return RankPlan(r_k=ranks["k"], r_v=ranks["v"], rho_k=list(keeps), rho_v=list(keeps), kappa_k=kappa["k"], kappa_v=kappa["v"],
+                    width_k=width_k, width_v=width_v, target=sum(ranks["k"]) + sum(ranks["v"]), dense=L * (width_k + width_v),
+                    settings={"schedule": "per_layer", "keep": list(keeps)})

@@ -42,6 +42,7 @@ class Param:
     choices: tuple | None = None
     scope: str = "model"
     layer: int | None = None  # the layer this value is for (scope "layer"), else None
+    layer_form: str = "split"  # scope "layer": one pass per layer ("split") or one list-valued argument ("list")
 
     @classmethod
     def from_dict(cls, d: dict) -> "Param":
@@ -83,8 +84,6 @@ def _resolve(pass_name: str, arg, t: Tunable, context: int) -> tuple:
 
 USER_SCOPES = ("model", "layer")
 NO_LAYER_ARG = {
-    "lowrank_kv": "its keep is one fraction of the whole model's KV bytes, split into per-layer ranks by schedule= "
-                  "(progressive: min_keep/max_keep), and the pass applies once, so it cannot run per layer",
     "duo": "its retrieval/streaming split is per KV head from a head set, not per layer",
     "block_sparse": "it takes dense_layers= (kept dense), not per-layer top_k/block values",
     "think": "its keep is declared for the whole model",
@@ -107,6 +106,12 @@ def _scopes(scope, recipe) -> dict:
         if sc not in USER_SCOPES:
             raise ValueError(f"scope of {name!r} must be one of {list(USER_SCOPES)} (head scope is not built); got {sc!r}")
     return {n: scope.get(n, "model") for n in names}
+
+
+def _all_layers(num_layers) -> list:
+    if not (isinstance(num_layers, int) and num_layers >= 1):
+        raise ValueError(f"layer scope needs the model's layer count (num_layers, an int >= 1); got {num_layers!r}")
+    return list(range(num_layers))
 
 
 def _layers_of(name: str, args: dict, num_layers) -> list:
@@ -139,18 +144,21 @@ def search_space(template, context: int, scope="model", num_layers: int | None =
         for arg_name, t in todo.items():
             if t.scope not in USER_SCOPES:
                 raise RecipeError(f"{name}.{arg_name}: tuning scope {t.scope!r} is not built yet; only {list(USER_SCOPES)} are")
-            if t.scope == "layer" and "layers" not in declared:
+            if t.scope == "layer" and t.layer_form == "split" and "layers" not in declared:
                 raise RecipeError(f"{name}.{arg_name} declares scope 'layer' but {name} has no layers= argument to run per layer")
         if scopes[name] == "layer" and todo and not any(t.scope == "layer" for t in todo.values()):
             why = NO_LAYER_ARG.get(name, "none of its tunable arguments is declared per layer (Tunable(scope='layer'))")
             raise RecipeError(f"{name} cannot be tuned per layer: {why}; tune it at scope 'model' "
                               f"(e.g. scope={{'{name}': 'model'}} or leave it out of the layer scope)")
-        layers = _layers_of(name, fixed, num_layers) if scopes[name] == "layer" else None
+        layers = None
+        if scopes[name] == "layer":
+            layers = _layers_of(name, fixed, num_layers) if "layers" in declared else _all_layers(num_layers)
         for arg_name, t in todo.items():
             low, high = _resolve(name, declared[arg_name], t, context)
             base = f"{i}.{name}.{arg_name}"
             if layers is not None and t.scope == "layer":
-                out += [Param(f"{base}.L{layer}", i, name, arg_name, t.kind, low, high, t.log, t.choices, "layer", layer) for layer in layers]
+                out += [Param(f"{base}.L{layer}", i, name, arg_name, t.kind, low, high, t.log, t.choices, "layer", layer, t.layer_form)
+                        for layer in layers]
             else:
                 out.append(Param(base, i, name, arg_name, t.kind, low, high, t.log, t.choices, "model"))
     if not out:
@@ -164,17 +172,24 @@ def recipe_for(template, space: list, values: dict) -> Recipe:
 
     A pass with layer-scope parameters is written once per layer, in layer order, each copy with
     ``layers=[l]``, the template's fixed arguments, the pass's model-scope values and layer l's values.
+    A ``layer_form="list"`` parameter instead sets its argument, in the one pass, to the list of its
+    per-layer values in layer order.
     """
     recipe = Recipe.parse(template)
     items = recipe.to_list()
     per_layer: dict = {}
+    lists: dict = {}
     for p in space:
         if p.name not in values:
             raise KeyError(f"no value for tuned parameter {p.name!r}")
         if p.layer is None:
             items[p.pass_index][p.arg] = values[p.name]
+        elif p.layer_form == "list":
+            lists.setdefault((p.pass_index, p.arg), {})[p.layer] = values[p.name]
         else:
             per_layer.setdefault(p.pass_index, {}).setdefault(p.layer, {})[p.arg] = values[p.name]
+    for (i, arg), by_layer in lists.items():
+        items[i][arg] = [by_layer[layer] for layer in sorted(by_layer)]
     out = []
     for i, item in enumerate(items):
         if i not in per_layer:

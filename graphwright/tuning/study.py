@@ -24,7 +24,10 @@ holding ``"speed"``). No home-made optimiser.
   ``pareto.json`` records how many trials each rule pruned.
 - Scope: ``scope="layer"`` tunes eviction budgets per layer (``space.search_space``); the TOML of
   each Pareto point holds one pass per layer and round-trips through ``compile()`` (tested).
-- Storage: an Optuna journal file (``JournalFileBackend``) in ``out``; ``resume=True`` continues it.
+- Storage: an Optuna journal file (``JournalFileBackend``) in ``out`` by default, or ``storage=``: a
+  database URL (``RDBStorage``) or a journal file path (``open_storage``); ``resume=True`` continues it.
+- Cluster: ``scheduler="tcp://HOST:PORT"`` runs each trial as a task on a Dask ``distributed`` cluster
+  (``tuning.cluster``, extra ``graphwright[cluster]``); the study must then be in storage every worker reaches.
 - Workers: ``workers`` local processes (spawned), each running ``study.optimize`` on the shared
   journal with ``trials`` split exactly between them. A killed worker breaks the round; its RUNNING
   trial is marked FAIL (``lost``) and its params enqueued again (``retry_of``), and another round
@@ -57,10 +60,21 @@ DEFAULT_EVAL = {"windows": 2, "window": 256, "prefix": 128, "niah_cases": 0, "ni
 
 
 def _storage(out: Path):
-    from optuna.storages import JournalStorage
+    """The default study storage: the journal file in ``out``."""
+    return open_storage(str(Path(out) / JOURNAL))
+
+
+def open_storage(spec: str):
+    """Optuna storage from a spec: a database URL (``sqlite:///...``, ``postgresql://...``: ``RDBStorage``) or the
+    path of an Optuna journal file (``JournalFileBackend``; on a filesystem every worker mounts, for a cluster)."""
+    from optuna.storages import JournalStorage, RDBStorage
     from optuna.storages.journal import JournalFileBackend
 
-    return JournalStorage(JournalFileBackend(str(out / JOURNAL)))
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"storage must be a database URL (e.g. sqlite:///study.db) or a journal file path; got {spec!r}")
+    if "://" in spec:
+        return RDBStorage(spec)
+    return JournalStorage(JournalFileBackend(spec))
 
 
 def _load_model(model, tokenizer):
@@ -164,14 +178,13 @@ def study_space(study) -> list:
     return [Param.from_dict(d) for d in study.user_attrs["space"]]
 
 
-def run_worker(model, tokenizer, out: str, n_trials: int, offset: int, threads: int | None = None, measure=None) -> int:
-    """One worker: load the model and the study, capture once, run ``n_trials`` trials. Returns how many it ran."""
+def run_worker(model, tokenizer, storage: str, n_trials: int, offset: int, threads: int | None = None, measure=None) -> int:
+    """One worker: load the model and the study (``storage``: an ``open_storage`` spec), capture once, run ``n_trials`` trials."""
     import optuna
 
     set_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    out = Path(out)
-    storage = _storage(out)
+    storage = open_storage(storage)
     study = optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=None)
     settings = study.user_attrs["settings"]
     study.sampler = _sampler(settings, offset)
@@ -186,7 +199,7 @@ def _worker_entry(args):
     return run_worker(*args)
 
 
-def _run_pool(model, tokenizer, out: Path, trials: int, workers: int, offset: int, threads) -> None:
+def _run_pool(model, tokenizer, spec: str, trials: int, workers: int, offset: int, threads) -> None:
     """``trials`` split exactly over ``workers`` spawned processes, one process per share; a killed worker ends only
     itself (its RUNNING trial is recovered by ``recover_lost`` and rerun in the next round).
 
@@ -196,7 +209,7 @@ def _run_pool(model, tokenizer, out: Path, trials: int, workers: int, offset: in
     stderr) is an error here; one killed by a signal (exit code < 0) is not."""
     ctx = mp.get_context("spawn")
     shares = [trials // workers + (i < trials % workers) for i in range(workers)]
-    procs = [ctx.Process(target=_worker_entry, args=((model, tokenizer, str(out), n, offset + 1 + i, threads),))
+    procs = [ctx.Process(target=_worker_entry, args=((model, tokenizer, spec, n, offset + 1 + i, threads),))
              for i, n in enumerate(shares) if n]
     for proc in procs:
         proc.start()
@@ -226,11 +239,21 @@ def recover_lost(study, storage) -> list:
 
     lost = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        storage.set_trial_user_attr(t._trial_id, "lost", True)
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        study.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
+        lose_trial(study, storage, t)
         lost.append(t.number)
     return lost
+
+
+def lose_trial(study, storage, t) -> int:
+    """Mark RUNNING trial ``t`` lost (FAIL, user attr ``lost``) and enqueue its params again (``retry_of``); the retry's trial id."""
+    import optuna
+    from optuna.trial import TrialState
+
+    storage.set_trial_user_attr(t._trial_id, "lost", True)
+    storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    retry = optuna.trial.create_trial(state=TrialState.WAITING, system_attrs={"fixed_params": dict(t.params)},
+                                      user_attrs={"retry_of": t.number})
+    return storage.create_new_trial(study._study_id, template_trial=retry)
 
 
 def _check_args(model, trials, workers, budget, objectives, min_speed, prune_margin, measure, eval_settings) -> None:
@@ -252,6 +275,25 @@ def _check_args(model, trials, workers, budget, objectives, min_speed, prune_mar
     bad = sorted(set(eval_settings or {}) - set(DEFAULT_EVAL))
     if bad:
         raise ValueError(f"unknown eval setting {bad[0]!r}; allowed: {', '.join(DEFAULT_EVAL)}")
+
+
+def _check_cluster_args(model, workers, measure, scheduler, storage) -> None:
+    """Errors for ``scheduler=``/``storage=`` that cannot work, naming what is allowed."""
+    if storage is not None and not (isinstance(storage, str) and storage):
+        raise ValueError(f"storage must be a database URL (e.g. sqlite:///study.db) or a journal file path; got {storage!r}")
+    if scheduler is None:
+        return
+    if not (isinstance(scheduler, str) and "://" in scheduler):
+        raise ValueError(f"scheduler is a Dask scheduler address like tcp://HOST:8786; got {scheduler!r}")
+    if hasattr(model, "forward"):
+        raise ValueError("scheduler= loads the model on each cluster worker: pass its name or path, not a loaded model")
+    if workers != 1:
+        raise ValueError(f"with scheduler= the cluster's workers run the trials (one task per trial): leave workers at 1; got {workers}")
+    if measure is not None:
+        raise ValueError("measure= runs in this process only: it cannot be used with scheduler=")
+    from .cluster import need_distributed
+
+    need_distributed()
 
 
 def _create(storage, settings, loaded, tok, trials: int, enqueue):
@@ -283,7 +325,8 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
          out=None, seed: int = 0, resume: bool = False, population: int = 8, max_ppl_ratio: float | None = None,
          eval_settings: dict | None = None, backend: str = "torch", threads: int | None = None, outputs: bool = True,
          scope="model", objectives=("kv", "ppl"), min_speed: float | None = None, speed_steps: int = 16, speed_rounds: int = 3,
-         prune_margin: float | None = None, enqueue: list | None = None, measure=None) -> dict:
+         prune_margin: float | None = None, enqueue: list | None = None, measure=None, scheduler: str | None = None,
+         storage: str | None = None) -> dict:
     """Search the tunable settings of ``template`` on ``model``; returns the result (and writes ``out``).
 
     ``budget``: the largest KV fraction (bytes held / dense) a feasible recipe may hold.
@@ -300,20 +343,28 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
     depends on which trials finished first, so it is no longer identical to a serial one). ``enqueue``: ``[{param name: value}]``
     run first (e.g. hand-written settings). ``measure``: ``(cm, ids, steps) -> tokens/s`` replacing
     the timed decode (workers=1 only; tests).
+    ``scheduler``: a Dask scheduler address (``tcp://HOST:PORT``): each trial runs as a task on that cluster
+    (``tuning.cluster``; needs the ``graphwright[cluster]`` extra and ``model`` as a name or path every worker
+    loads); None (default): ``workers`` local processes. ``storage``: where the study lives, a database URL
+    (``sqlite:///...``, ``postgresql://...``) or an Optuna journal file path, which every worker must reach;
+    None (default): ``out/study.journal``.
     """
     import optuna
 
     _check_args(model, trials, workers, budget, objectives, min_speed, prune_margin, measure, eval_settings)
+    _check_cluster_args(model, workers, measure, scheduler, storage)
     objectives = tuple(objectives)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="graphwright-tune-"))
     out.mkdir(parents=True, exist_ok=True)
-    storage = _storage(out)
+    spec = storage if storage is not None else str(out / JOURNAL)
+    storage = open_storage(spec)
+    where = out if spec == str(out / JOURNAL) else spec
     exists = STUDY_NAME in optuna.get_all_study_names(storage)
     if exists and not resume:
-        raise ValueError(f"{out} already holds a study: pass resume=True (--resume) to continue it, or a fresh out folder")
+        raise ValueError(f"{where} already holds a study: pass resume=True (--resume) to continue it, or a fresh out folder")
     if resume and not exists:
-        raise ValueError(f"no study to resume in {out}")
+        raise ValueError(f"no study to resume in {where}")
     loaded, tok = _load_model(model, tokenizer)
     if resume:
         study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
@@ -334,10 +385,14 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
         if remaining <= 0:
             break
         offset = len(study.trials)
-        if workers == 1:
-            run_worker(loaded, tok, str(out), remaining, offset, threads, measure)
+        if scheduler is not None:
+            from .cluster import run_round
+
+            run_round(scheduler, model, tokenizer, spec, study, remaining, threads)
+        elif workers == 1:
+            run_worker(loaded, tok, spec, remaining, offset, threads, measure)
         else:
-            _run_pool(model, tokenizer, out, remaining, workers, offset, threads)
+            _run_pool(model, tokenizer, spec, remaining, workers, offset, threads)
         recover_lost(study, storage)
     study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
     result = {"out": str(out), "settings": settings, "base": study.user_attrs["base"], "trials": trial_rows(study)}

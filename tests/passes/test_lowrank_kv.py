@@ -223,6 +223,45 @@ def test_gpt2_fused_conv1d_qkv():
     assert (outs[0] - ident.logits(ids, mask)).abs()[real].max().item() > 1e-3
 
 
+def test_per_layer_keep_all_ones_is_exact():
+    """Exact setting of the per-layer form: keep=[1.0] * L is the full-rank rewrite (dense logits, same greedy tokens)."""
+    ident = _compiled("tiny-llama")
+    cm = lowrank("tiny-llama", keep=[1.0] * ident.info.num_layers)
+    ids, mask = _batch()
+    real = mask.bool()
+    assert (ident.logits(ids, mask) - cm.logits(ids, mask)).abs()[real].max().item() <= 1e-4
+    assert torch.equal(ident.generate(ids, 24, attention_mask=mask, eos_token_id=[]), cm.generate(ids, 24, attention_mask=mask, eos_token_id=[]))
+    assert LowRankKV(keep=[1.0, 1.0]).is_identity() and not LowRankKV(keep=[1.0, 0.5]).is_identity()
+
+
+def test_per_layer_keep_sets_each_layers_ranks_and_cache_bytes():
+    keeps = [1.0, 0.75, 0.5, 0.3, 0.25, 0.1]  # not monotone on purpose: the caller chooses every layer
+    keeps[2], keeps[3] = 0.3, 0.5
+    sg = LowRankKV(keep=keeps, scaling="none").run(_captured("llama-6").copy(), PassContext(model=_model("llama-6")))
+    notes = sg.notes["lowrank_kv"]
+    width = 2 * 16  # num_key_value_heads * head_dim of llama-6, for K and for V
+    assert [(v["r_k"], v["r_v"]) for _, v in sorted(notes["per_layer"].items())] == [(max(1, round(k * width)),) * 2 for k in keeps]
+    assert notes["settings"]["schedule"] == "per_layer" and notes["settings"]["keep"] == keeps
+    assert notes["per_layer"][0]["sigma_k_next"] == 0.0 and notes["per_layer"][5]["sigma_k_next"] > 0.0
+    cm = CompiledModel(sg)
+    ids, mask = _batch()
+    cm.generate(ids, 5, attention_mask=mask, eos_token_id=[])
+    planned = sum(max(1, round(k * width)) for k in keeps) / (len(keeps) * width)
+    assert cm.last_stats["kv_bytes"] / cm.last_stats["kv_bytes_dense"] == pytest.approx(planned, rel=1e-12)
+
+
+def test_per_layer_keep_refusals_name_the_problem():
+    with pytest.raises(RecipeError, match="model has 2 attention layers"):
+        lowrank("tiny-llama", keep=[0.5, 0.5, 0.5])
+    with pytest.raises(RecipeError, match="schedule shape"):
+        LowRankKV(keep=[0.5, 0.5], schedule="uniform")
+    with pytest.raises(RecipeError, match="max_keep, min_keep shape"):
+        LowRankKV(keep=[0.5, 0.5], min_keep=0.2, max_keep=0.8)
+    for bad in ([], [0.5, 0.0], [0.5, 1.5], [0.5, "a"], [True]):
+        with pytest.raises(RecipeError, match="per-layer keep must be a non-empty list of fractions in"):
+            LowRankKV(keep=bad)
+
+
 def test_refuses_bad_args():
     with pytest.raises(RecipeError):
         LowRankKV(keep=0.0)

@@ -40,8 +40,8 @@ def test_layer_scope_gives_one_parameter_per_layer_and_one_pass_per_layer():
 
 
 def test_layer_scope_refusals_say_why():
-    with pytest.raises(RecipeError, match="lowrank_kv cannot be tuned per layer: its keep is one fraction of the whole model"):
-        search_space("lowrank_kv", 100, scope="layer", num_layers=2)
+    with pytest.raises(RecipeError, match="think cannot be tuned per layer: its keep is declared for the whole model"):
+        search_space("think", 100, scope="layer", num_layers=2)
     with pytest.raises(RecipeError, match="steer cannot be tuned per layer: .*no head-count argument"):
         search_space("steer(heads=all)", 100, scope="layer", num_layers=2)
     with pytest.raises(ValueError, match="layer scope needs the model's layer count"):
@@ -179,8 +179,8 @@ def test_cli_scope_layer_and_speed_objective(tmp_path, capsys):
         main([*argv[:-1], str(tmp_path / "b"), "--objectives", "kv,speed"])
     assert bad.value.code == 2
     assert "objectives must list kv and ppl" in capsys.readouterr().err
-    assert main([*argv[:-1], str(tmp_path / "c"), "--recipe", "lowrank_kv"]) == 2
-    assert "lowrank_kv cannot be tuned per layer" in capsys.readouterr().err
+    assert main([*argv[:-1], str(tmp_path / "c"), "--recipe", "block_sparse"]) == 2
+    assert "block_sparse cannot be tuned per layer" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("template", ["h2o", "evict(score=snapkv)"])
@@ -198,3 +198,23 @@ def test_layer_scope_recipes_of_every_per_layer_pass_compile(llama, template):
     assert out.shape == (1, 103)
     kept = [layer[0] for layer in cm.last_stats["kept_tokens_per_head"]]  # per layer, row 0: tokens each KV head holds
     assert max(kept[0]) < max(kept[1])  # layer 0 has the low end of every range, layer 1 the high end
+
+
+def test_layer_scope_lowrank_kv_gives_one_keep_per_layer_in_one_pass(llama, tmp_path):
+    """lowrank_kv applies once: at layer scope its keep becomes a list (layer_form "list"), one Optuna parameter per layer."""
+    space = search_space("lowrank_kv(scaling=none)", 20, scope="layer", num_layers=2)
+    assert [(p.name, p.layer, p.layer_form, p.low, p.high) for p in space] == [
+        ("0.lowrank_kv.keep.L0", 0, "list", 0.1, 1.0), ("0.lowrank_kv.keep.L1", 1, "list", 0.1, 1.0)]
+    r = recipe_for("lowrank_kv(scaling=none)", space, {"0.lowrank_kv.keep.L0": 1.0, "0.lowrank_kv.keep.L1": 0.25})
+    assert r == Recipe.parse('lowrank_kv(keep=[1.0, 0.25], scaling="none")')
+    toml = tmp_path / "point.toml"
+    toml.write_text(r.to_toml())
+    assert Recipe.parse(str(toml)) == r
+    cm = gw_compile(llama, recipe=str(toml), tokenizer=TOK)  # the TOML a Pareto point writes compiles back
+    per = cm.step_graph.notes["lowrank_kv"]["per_layer"]
+    assert [(per[0]["r_k"], per[0]["r_v"]), (per[1]["r_k"], per[1]["r_v"])] == [(32, 32), (8, 8)]  # round(keep * 2 heads * 16)
+    ev = Evaluator(llama, TOK, **SMALL)
+    m = ev.evaluate(r, base=ev.base())
+    assert m["kv_fraction"] == pytest.approx((32 + 8) / 64)
+    mixed = search_space("lowrank_kv + snapkv", 20, scope={"lowrank_kv": "layer"}, num_layers=2)
+    assert [p.name for p in mixed] == ["0.lowrank_kv.keep.L0", "0.lowrank_kv.keep.L1", "1.snapkv.budget"]

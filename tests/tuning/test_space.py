@@ -70,7 +70,8 @@ def test_bad_templates_and_declarations_are_clear_errors(monkeypatch):
         recipe_for("snapkv", search_space("snapkv", 100), {})
     for kw, msg in [({"kind": "bool"}, "kind must be one of"), ({"kind": "int", "low": 3, "high": 3}, "low < high"),
                     ({"kind": "categorical"}, "needs choices"), ({"kind": "float", "low": 0, "high": 1, "log": True}, "low > 0"),
-                    ({"kind": "int", "low": 1, "high": 2, "scope": "row"}, "scope must be one of")]:
+                    ({"kind": "int", "low": 1, "high": 2, "scope": "row"}, "scope must be one of"),
+                    ({"kind": "int", "low": 1, "high": 2, "layer_form": "dict"}, "layer_form must be one of")]:
         with pytest.raises(ValueError, match=msg):
             Tunable(**kw)
 
