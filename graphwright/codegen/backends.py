@@ -48,6 +48,7 @@ from .torch.eviction_slots import SLOT_OVERRIDES
 from .torch.latent_attention import latent_attention_sdpa, latent_keys_fast
 from .torch.moe import fused_moe_auto, fused_moe_sorted, fused_moe_triton
 from .torch.scored_attention import scored_attention
+from .torch.shared_views import share_views
 from .torch.streaming_shift import streaming_rope_shift
 from .triton import TRITON_OVERRIDES
 
@@ -156,7 +157,8 @@ TORCH = register_backend(Backend(
      FUSED_MOE: {"auto": fused_moe_auto, "sorted": fused_moe_sorted, "triton": fused_moe_triton},
      **EVICTION_REFERENCES, **SLOT_OVERRIDES, LATENT_KEYS: latent_keys_fast},  # eviction at decode without compaction (torch/eviction_slots.py)
     # streaming_rope_shift: StreamingLLM keys cached at absolute positions, no per-step key rotation (torch/streaming_shift.py)
-    transforms=(append_caches_in_place, scored_attention, streaming_rope_shift), step_rewrites=(bound_native_windows,),
+    # share_views: one unsqueeze/expand node where every layer repeated the same view (torch/shared_views.py)
+    transforms=(append_caches_in_place, scored_attention, streaming_rope_shift, share_views), step_rewrites=(bound_native_windows,),
     finalize=finalize_torch))  # decode GEMV on [in, out] weight copies, flat weight attributes (torch/decode_linear.py)
 
 TRITON = register_backend(Backend(

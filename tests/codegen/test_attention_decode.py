@@ -106,3 +106,24 @@ def test_kept_masks_and_probabilities_are_per_thread():
     t.start()
     t.join()
     assert seen == [((), ())] and dp._LAST.entry[3] is slots
+
+
+def test_scored_attention_with_full_at_skips_the_mask_only_on_full_steps():
+    """attention_sdpa_scored(full_at=c): with c + 1 valid slots and every row at least c + 1 long it builds
+    no mask (same output and probabilities as the masked path); on any other step it keeps the mask."""
+    from graphwright.codegen.torch import decode_probs
+
+    q, k, v = _qkv(S=6)
+    slots = torch.tensor([[[3, 9, 0, 1, 2, 10], [10, 4, 5, 6, 7, 8]], [[20, 7, 2, 8, 0, 21], [21, 1, 3, 4, 5, 6]]])
+    q_pos = torch.tensor([[10], [21]])
+    got = att.attention_sdpa_scored(q, k, v, q_pos, slots, 0.3, full_at=5)
+    p_full = decode_probs._LAST.entry[6]
+    torch.testing.assert_close(got, attention_reference(q, k, v, q_pos, slots, 0.3), atol=1e-5, rtol=1e-5)
+    assert torch.equal(p_full, decode_probs.slot_probs(q, k, q_pos, slots, 0.3))  # the mask would keep every score
+    # a row shorter than c + 1 (a padding query: q_pos -1): the masked path, with that row's empty slot
+    holes = slots.clone()
+    holes[1, :, 0] = -1
+    short = torch.tensor([[10], [-1]])
+    got = att.attention_sdpa_scored(q, k, v, short, holes, 0.3, full_at=5)
+    torch.testing.assert_close(got, attention_reference(q, k, v, short, holes, 0.3), atol=1e-5, rtol=1e-5)
+    assert (decode_probs._LAST.entry[6][1, :, :, 0] == 0).all()  # the empty slot got no probability

@@ -88,6 +88,16 @@ def test_only_running_score_layers_compute_explicit_probabilities(compiled_tiny,
     assert code.count("attention_sdpa(") == 2 - scored - shifted
 
 
+def test_h2o_token_counts_tell_the_attention_their_capacity(compiled_tiny):
+    """scored_attention passes full_at = heavy + recent to an H2O layer with token counts (its full steps build
+    no mask: test_attention_decode), nothing with fractions (no fixed capacity)."""
+    base = compiled_tiny("tiny-llama").step_graph
+    code = CompiledModel(H2O(heavy=3, recent=2).run(base.copy(), PassContext()), backend="torch").lowered_code()
+    assert code.count("full_at = 5") == 2
+    code = CompiledModel(H2O(heavy=0.1, recent=0.15).run(base.copy(), PassContext()), backend="torch").lowered_code()
+    assert "full_at" not in code and code.count("attention_sdpa_scored(") == 2
+
+
 def test_snapkv_decode_appends_in_place(compiled_tiny):
     """SnapKV compresses once; its decode step returns the appended views: the cache buffer never moves."""
     cm = compiled_tiny("tiny-llama")

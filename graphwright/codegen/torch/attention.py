@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ...capture.ops import visible_mask
 from .decode_probs import attend_slots
-from .step_memo import step_info
+from .step_memo import rows_full, step_info
 
 
 def _plain_causal(q_pos, k_pos, T: int, S: int) -> bool:
@@ -119,12 +119,17 @@ def attention_sdpa(q, k, v, q_pos, k_pos, scale, window=0, key_bias=None, sinks=
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=Hk != H)
 
 
-def attention_sdpa_scored(q, k, v, q_pos, k_pos, scale, window=0, key_bias=None, sinks=0):
+def attention_sdpa_scored(q, k, v, q_pos, k_pos, scale, window=0, key_bias=None, sinks=0, full_at: int = 0):
     """``attention_sdpa`` for a layer whose eviction op adds the step's attention to a running score (H2O,
     FastGen; chosen at lowering by ``codegen/torch/scored_attention.py``): a decode step over per-head
-    slots computes its probabilities explicitly (``decode_probs.attend_slots``) and keeps them for that op."""
+    slots computes its probabilities explicitly (``decode_probs.attend_slots``) and keeps them for that op.
+
+    ``full_at``: the layer's H2O token-count budget c (0: none). A step with c + 1 slots after every row
+    has held c tokens has every slot valid and visible (the cache entering it is the kept set, c per
+    head), so it builds no mask (``step_memo.rows_full``: one memoised host read per step, CPU only)."""
     if q.shape[2] == 1 and k_pos.dim() == 3 and not window and not sinks:
-        return attend_slots(q, k, v, q_pos, k_pos, scale, key_bias)
+        full = full_at > 0 and k_pos.shape[2] == full_at + 1 and rows_full(step_info(q_pos), full_at)
+        return attend_slots(q, k, v, q_pos, k_pos, scale, key_bias, full)
     return attention_sdpa(q, k, v, q_pos, k_pos, scale, window, key_bias, sinks)
 
 

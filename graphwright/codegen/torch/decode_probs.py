@@ -32,8 +32,12 @@ class _LastProbs(threading.local):
 _LAST = _LastProbs()
 
 
-def slot_probs(q, k, q_pos, k_pos, scale, key_bias=None) -> torch.Tensor:
-    """[B, Hk, g, S] fp32 softmax of each query head's scores over its KV head's slots (T = 1)."""
+def slot_probs(q, k, q_pos, k_pos, scale, key_bias=None, all_visible: bool = False) -> torch.Tensor:
+    """[B, Hk, g, S] fp32 softmax of each query head's scores over its KV head's slots (T = 1).
+
+    ``all_visible``: the caller knows every slot is valid and no later than the query (an H2O layer
+    with a token-count budget once every row is full: ``attention_sdpa_scored``), so no mask is built
+    (the ``where`` would keep every score as it is: same values)."""
     B, H, _, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
     g = H // Hk
@@ -42,6 +46,8 @@ def slot_probs(q, k, q_pos, k_pos, scale, key_bias=None) -> torch.Tensor:
     s = torch.bmm(_f32(q).reshape(B * Hk, g, D), _f32(k).flatten(0, 1).transpose(1, 2)).view(B, Hk, g, S) * scale
     if key_bias is not None:
         s = s + key_bias.float().view(B, Hk, g, S)
+    if all_visible:
+        return torch.softmax(s, dim=-1)
     # visible: a valid slot at or before the query; a padding query (-1) sees every valid slot (q_lift)
     visible = (k_pos >= 0) & (k_pos <= step_info(q_pos).q_lift)
     return torch.softmax(torch.where(visible[:, :, None], s, torch.finfo(torch.float32).min), dim=-1)
@@ -51,14 +57,15 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float32 else x.float()
 
 
-def attend_slots(q, k, v, q_pos, k_pos, scale, key_bias=None) -> torch.Tensor:
+def attend_slots(q, k, v, q_pos, k_pos, scale, key_bias=None, all_visible: bool = False) -> torch.Tensor:
     """Attention output [B, H, 1, Dv] from ``slot_probs``; the probabilities are kept for ``step_probs``."""
     B, H = q.shape[:2]
-    p = slot_probs(q, k, q_pos, k_pos, scale, key_bias)
+    p = slot_probs(q, k, q_pos, k_pos, scale, key_bias, all_visible)
     if not torch.compiler.is_compiling():
         _LAST.entry = (q, k, q_pos, k_pos, key_bias, scale, p)
     out = torch.bmm(p.view(-1, *p.shape[2:]), _f32(v).flatten(0, 1))  # [B * Hk, g, Dv]
-    return out.view(B, H, 1, v.shape[-1]).to(v.dtype)
+    out = out.view(B, H, 1, v.shape[-1])
+    return out if out.dtype == v.dtype else out.to(v.dtype)
 
 
 def step_probs(q, k, q_pos, k_pos, scale, key_bias=None) -> torch.Tensor:

@@ -89,7 +89,7 @@ from .cache_append import _owned_tail, _view, cache_append, keep_prefix
 from .decode_probs import step_probs
 from .prefill_scores import h2o_prompt
 from .rope_table import rope_cos_sin, rotate_rows
-from .step_memo import arange, memo, memo_tensor, slot_memo, step_info
+from .step_memo import arange, memo, memo_tensor, rows_full, slot_memo, step_info
 
 
 def _slot_decode(q_pos, k, v, k_pos, extras=()) -> bool:
@@ -146,8 +146,7 @@ def place_new_token(tensors, k_pos, over, victim, static: bool, plan: dict | Non
             continue
         cap = base.shape[2]
         if cap not in rows:
-            start = _row_starts(B, Hk, cap, x.device)
-            rows[cap] = ((start + j).view(-1), start.view(-1) + S)
+            rows[cap] = ((_row_starts(B, Hk, cap, x.device) + j).view(-1), _new_rows(B, Hk, cap, S, x.device))
         dst, src = rows[cap]
         flat = base.view(B * Hk * cap, *x.shape[3:])
         flat.index_copy_(0, dst, flat.index_select(0, src))
@@ -160,6 +159,11 @@ def place_new_token(tensors, k_pos, over, victim, static: bool, plan: dict | Non
 def _row_starts(B: int, Hk: int, cap: int, device) -> torch.Tensor:
     """[B, Hk] long: the flat row of slot 0 of each (row, head) in a contiguous [B, Hk, cap, ...] buffer."""
     return memo_tensor(("row_starts", B, Hk, cap, str(device)), lambda: arange(B * Hk, device).view(B, Hk) * cap)
+
+
+def _new_rows(B: int, Hk: int, cap: int, S: int, device) -> torch.Tensor:
+    """[B * Hk] long: the flat row of slot S (the new token) of each (row, head), kept per shape."""
+    return memo_tensor(("new_rows", B, Hk, cap, S, str(device)), lambda: _row_starts(B, Hk, cap, device).view(-1) + S)
 
 
 _HEADS: dict = {}
@@ -178,16 +182,17 @@ def _heads(B: int, Hk: int, device):
     return hit
 
 
-def decode_colsum(q, k, q_pos, k_pos, scale, key_bias=None) -> torch.Tensor:
+def decode_colsum(q, k, q_pos, k_pos, scale, key_bias=None, real: bool = True) -> torch.Tensor:
     """``eviction_ref.colsum`` for one query per row: [B, Hk, S] fp32 attention each slot received, mean over g.
 
     The g query heads of a KV head are one [g, D] x [D, S] product against the cache as it lies (a
     view with spare room is not copied, unlike the reference's broadcast); same mask and fp32 softmax
     (``decode_probs.slot_probs``), reused from the layer's attention when it computed them.
+    ``real=False``: the caller knows no row is padding (the padding-row factor is 1 and is skipped).
     """
     # the probabilities the same layer's attention computed on these tensors, if it did (decode_probs.py)
     p = step_probs(q, k, q_pos, k_pos, scale, key_bias)  # [B, Hk, g, S]
-    return p.mean(dim=2) * step_info(q_pos).real
+    return p.mean(dim=2) * step_info(q_pos).real if real else p.mean(dim=2)
 
 
 # ----------------------------------------------------------------------------------- H2O
@@ -199,12 +204,15 @@ def h2o_slots(q, k, v, q_pos, k_pos, score, scale, heavy_n, heavy_f, recent_n, r
             return h2o_prompt(q, k, v, q_pos, k_pos, score, scale, heavy_n, heavy_f, recent_n, recent_f, key_bias)
         return h2o_reference(q, k, v, q_pos, k_pos, score, scale, heavy_n, heavy_f, recent_n, recent_f, key_bias)
     B, Hk = k_pos.shape[:2]
-    score = cache_append(score, score.new_zeros(B, Hk, 1), 2)
-    score.add_(decode_colsum(q, k, q_pos, k_pos, scale, key_bias))  # the running sum: this step's attention
+    info = step_info(q_pos)  # per-step tensors shared by every layer (step_memo.py)
     static = heavy_f == 0 and recent_f == 0
+    # every head holds c + 1 valid slots (no empty one) and is over budget: no emptiness test, no budget count;
+    # every row is real (length > c >= 0), so the padding-row factor of the colsum is 1
+    full = static and S1 == heavy_n + recent_n + 1 and rows_full(info, heavy_n + recent_n)
+    score = cache_append(score, _zeros(B, Hk, score.device), 2)
+    score.add_(decode_colsum(q, k, q_pos, k_pos, scale, key_bias, real=not full))  # the running sum: this step's attention
     if static and S1 <= heavy_n + recent_n:
         return k, v, k_pos, score  # under budget everywhere: the appended views as they are
-    info = step_info(q_pos)  # per-step tensors shared by every layer (step_memo.py)
     if static:  # token counts: the budgets are the counts themselves (no per-row budget tensors)
         first_recent = memo(info, ("h2o", recent_n), lambda: (info.length - recent_n)[:, None, None])
         heavy = heavy_n
@@ -212,8 +220,6 @@ def h2o_slots(q, k, v, q_pos, k_pos, score, scale, heavy_n, heavy_f, recent_n, r
         first_recent, heavy = memo(info, ("h2o", heavy_n, heavy_f, recent_n, recent_f), lambda: (
             info.length[:, None, None] - budget(recent_n, recent_f, info.length)[:, None, None],
             budget(heavy_n, heavy_f, info.length)[:, None]))
-    full = static and S1 == heavy_n + recent_n + 1 and _rows_full(info, heavy_n + recent_n)
-    # every head holds c + 1 valid slots (no empty one) and is over budget: no emptiness test, no budget count
     cand = (k_pos < first_recent) if full else (k_pos >= 0) & (k_pos < first_recent)
     over = None if full else cand.sum(dim=-1) > heavy
     s = torch.where(cand, score, float("inf"))
@@ -222,13 +228,9 @@ def h2o_slots(q, k, v, q_pos, k_pos, score, scale, heavy_n, heavy_f, recent_n, r
     return tuple(place_new_token((k, v, k_pos, score), k_pos, over, victim, static))
 
 
-def _rows_full(info, c: int) -> bool:
-    """Every row has held ``c`` tokens before this step (L - 1 >= c), so a token-count budget of ``c`` keeps
-    exactly c per head and the appended cache holds c + 1 valid slots per head. One host read per step,
-    on CPU only (free there; elsewhere, and under ``torch.compile``, False: the general path)."""
-    if torch.compiler.is_compiling() or info.q_pos.device.type != "cpu":
-        return False
-    return memo(info, ("rows_full", c), lambda: bool((info.length > c).all()))
+def _zeros(B: int, Hk: int, device) -> torch.Tensor:
+    """[B, Hk, 1] fp32 zeros, kept per shape (only ever read: the new slot's initial score)."""
+    return memo_tensor(("zeros", B, Hk, str(device)), lambda: torch.zeros(B, Hk, 1, device=device))
 
 
 # ----------------------------------------------------------------------------------- StreamingLLM

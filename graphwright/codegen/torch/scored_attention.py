@@ -6,6 +6,8 @@ Every other decode over per-head slots (StreamingLLM, SnapKV, sliding windows) n
 output, which SDPA computes faster (no fp32 probability tensor, no mask when every slot is visible).
 The choice is static, per layer: an attention node is scored when its ``k_pos`` argument also feeds an
 ``evict_h2o`` or ``evict_fastgen`` node (the eviction op of the same layer reads the same positions).
+An H2O layer with token-count budgets also passes ``full_at = heavy + recent``: once every row is that
+long, its decode steps see every slot valid and build no visibility mask (``attention_sdpa_scored``).
 
 Tested (``tests/passes/test_eviction_slots.py``): the lowered torch graph of an H2O/FastGen recipe
 calls ``attention_sdpa_scored`` in every layer and a StreamingLLM/SnapKV one in none; kept sets and
@@ -30,5 +32,20 @@ def scored_attention(graph: torch.fx.Graph) -> None:
         if node.op != "call_function" or node.target != ATTENTION:
             continue
         k_pos = schema.get(node, "k_pos")
-        if isinstance(k_pos, torch.fx.Node) and any(u.target in SCORED_POLICIES for u in k_pos.users):
+        users = [u for u in k_pos.users if u.target in SCORED_POLICIES] if isinstance(k_pos, torch.fx.Node) else []
+        if users:
             node.target = attention_sdpa_scored
+            c = _h2o_count(users)
+            if c:
+                node.kwargs = {**node.kwargs, "full_at": c}
+
+
+def _h2o_count(users) -> int:
+    """heavy + recent of the layer's one H2O op with token-count budgets (its cache holds exactly that many
+    tokens per head once every row is that long), else 0."""
+    if len(users) != 1 or users[0].target != EVICT_H2O:
+        return 0
+    a = {n: schema.get(users[0], n) for n in ("heavy_n", "heavy_f", "recent_n", "recent_f")}
+    if any(not isinstance(x, (int, float)) for x in a.values()) or a["heavy_f"] or a["recent_f"]:
+        return 0
+    return int(a["heavy_n"]) + int(a["recent_n"])

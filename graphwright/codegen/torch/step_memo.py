@@ -85,6 +85,15 @@ def arange(n: int, device) -> torch.Tensor:
     return memo_tensor(("arange", n, str(device)), lambda: torch.arange(n, device=device))
 
 
+def rows_full(info: StepInfo, c: int) -> bool:
+    """Every row has held ``c`` tokens before this step (L - 1 >= c), so a token-count budget of ``c`` keeps
+    exactly c per head and the appended cache holds c + 1 valid slots per head. One host read per step,
+    on CPU only (free there; elsewhere, and under ``torch.compile``, False: the general path)."""
+    if torch.compiler.is_compiling() or info.q_pos.device.type != "cpu":
+        return False
+    return memo(info, ("rows_full", c), lambda: bool((info.length > c).all()))
+
+
 def slot_memo(info: StepInfo, key, k_pos: torch.Tensor) -> dict:
     """A per-step dict shared by the layers whose ``k_pos`` holds the same values as the first one's.
 
@@ -92,11 +101,16 @@ def slot_memo(info: StepInfo, key, k_pos: torch.Tensor) -> dict:
     so what depends only on ``k_pos`` and the step (the attention's mask, the slot the new token goes
     to) is computed by the first layer and reused after one ``torch.equal`` per layer against a copy
     taken before any in-place write. A layer whose positions differ gets a fresh dict (and becomes the
-    reference for the next ones). Never shared under ``torch.compile``."""
+    reference for the next ones). The tensor last matched is remembered for one more call: a layer looks
+    twice with the same ``k_pos`` object (its attention, then its eviction, which writes it only after
+    looking), and the second look skips the comparison. Never shared under ``torch.compile``."""
     if torch.compiler.is_compiling():
         return {}
     hit = info.extra.get(key)
-    if hit is not None and hit["k_pos"].shape == k_pos.shape and torch.equal(hit["k_pos"], k_pos):
+    if hit is not None and hit.pop("seen", None) is k_pos:  # the layer's second look (attention, then eviction)
         return hit
-    hit = info.extra[key] = {"k_pos": k_pos.clone()}
+    if hit is not None and hit["k_pos"].shape == k_pos.shape and torch.equal(hit["k_pos"], k_pos):
+        hit["seen"] = k_pos
+        return hit
+    hit = info.extra[key] = {"k_pos": k_pos.clone(), "seen": k_pos}
     return hit

@@ -105,7 +105,8 @@ def _shifted_decode(q, k, v, q_pos, k_pos, scale, key_bias, inv_freq, sinks: int
         s2 = s2 + key_bias.float().view(B, Hk, g, 1, S)
     p = torch.softmax(s2.view(B, Hk, g, 2 * S), dim=-1).view(B * Hk, g, 2, S).sum(dim=2)
     vf = v if v.dtype == torch.float32 else v.float()
-    return torch.bmm(p, vf.flatten(0, 1)).view(B, H, 1, v.shape[-1]).to(v.dtype)
+    out = torch.bmm(p, vf.flatten(0, 1)).view(B, H, 1, v.shape[-1])
+    return out if out.dtype == v.dtype else out.to(v.dtype)
 
 
 def _invert_slots(k, k_pos, inv_freq, scaling: float):
