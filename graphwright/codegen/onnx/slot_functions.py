@@ -1,4 +1,11 @@
-"""The decode graph's per-layer slot eviction traced once, not once per layer: one opaque op per layer, one ONNX function per kind.
+"""Per-layer in-graph eviction traced once, not once per layer: one opaque op per layer, one ONNX function per kind.
+
+Used for the decode graph's slot eviction (below) and, the same way, for the prompt step's in-graph
+eviction of ``model.onnx`` (``prompt_slots.h2o_prompt``, ``streaming_prompt``, ``snapkv_prompt``: the
+fake kernel returns the kept width the per-layer trace had, ``min(S, c)`` for a constant bound or a
+fresh unbacked size for a data-dependent one) and for latent layers (``decode_latent``), whose payload
+width differs per layer: a fixed size in which layers sharing a key differ becomes a dynamic dim of
+the key's own export (``_generalise``), so one function serves every rank.
 
 ``decode_slots.decode_graph`` puts a slot-eviction function (``h2o_decode``, ``streaming_decode``,
 the latent ones, ``fastgen_decode``, ``rope_cache_index_decode``) in every layer of the decode
@@ -26,11 +33,11 @@ Exact: the inlined nodes are the ONNX translation of the same torch function, so
 approximated; the decode graph computes what the per-layer trace computed.
 
 Invariant tested (``tests/onnx/test_slot_functions.py``): on tiny Llama with H2O (fraction and
-token budgets), StreamingLLM (re-rotating cache index) and a latent H2O cache, the stitched
-``decode.onnx`` has no ``graphwright.slots`` node left, passes ``onnx.checker``, and its logits and
-kept position sets over 40 decode steps (batch 2, left-padded) equal the decode graph exported
-layer by layer (1e-5) and the torch backend (1e-4); the wrapped graph run eagerly equals the
-unwrapped one.
+token budgets), StreamingLLM, SnapKV and a latent H2O cache (``lowrank_kv``, ranks differing per
+layer), the stitched ``model.onnx`` / ``decode.onnx`` have no ``graphwright.slots`` node left, pass
+``onnx.checker``, and their tokens, logits and final state over a prompt step and 40 decode steps
+(batch 2, left-padded) equal both graphs exported layer by layer (1e-5); the wrapped prompt and
+decode graphs run eagerly equal the unwrapped ones.
 """
 
 from __future__ import annotations
