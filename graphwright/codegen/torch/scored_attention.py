@@ -5,7 +5,8 @@ attention computes those probabilities explicitly once and hands them over (``de
 Every other decode over per-head slots (StreamingLLM, SnapKV, sliding windows) needs only the
 output, which SDPA computes faster (no fp32 probability tensor, no mask when every slot is visible).
 The choice is static, per layer: an attention node is scored when its ``k_pos`` argument also feeds an
-``evict_h2o`` or ``evict_fastgen`` node (the eviction op of the same layer reads the same positions).
+``evict_h2o``, ``evict_fastgen``, ``evict_scored_acc``, ``evict_scissorhands`` node, or an ``evict_scored``
+node with ``scorer="tova"`` (the eviction op of the same layer reads the same positions; ``policy_slots.py``).
 
 Tested (``tests/passes/test_eviction_slots.py``): the lowered torch graph of an H2O/FastGen recipe
 calls ``attention_sdpa_scored`` in every layer and a StreamingLLM/SnapKV one in none; kept sets and
@@ -18,10 +19,18 @@ import torch
 
 from ...capture.ops import ATTENTION
 from ...ops import schema
-from ...ops.eviction import EVICT_FASTGEN, EVICT_H2O
+from ...ops.eviction import EVICT_FASTGEN, EVICT_H2O, EVICT_SCISSORHANDS, EVICT_SCORED, EVICT_SCORED_ACC
 from .attention import attention_sdpa_scored
 
-SCORED_POLICIES = (EVICT_H2O, EVICT_FASTGEN)
+SCORED_POLICIES = (EVICT_H2O, EVICT_FASTGEN, EVICT_SCORED_ACC, EVICT_SCISSORHANDS)
+
+
+def _reads_probabilities(node: torch.fx.Node) -> bool:
+    """An eviction node that reads the step's attention probabilities at decode (``policy_slots.py`` too:
+    cumulative attention, Scissorhands' indicators, TOVA's last-query attention)."""
+    if node.target in SCORED_POLICIES:
+        return True
+    return node.target == EVICT_SCORED and schema.get(node, "scorer") == "tova"
 
 
 def scored_attention(graph: torch.fx.Graph) -> None:
@@ -30,5 +39,5 @@ def scored_attention(graph: torch.fx.Graph) -> None:
         if node.op != "call_function" or node.target != ATTENTION:
             continue
         k_pos = schema.get(node, "k_pos")
-        if isinstance(k_pos, torch.fx.Node) and any(u.target in SCORED_POLICIES for u in k_pos.users):
+        if isinstance(k_pos, torch.fx.Node) and any(_reads_probabilities(u) for u in k_pos.users):
             node.target = attention_sdpa_scored
