@@ -15,8 +15,7 @@ import pytest
 import torch
 
 import graphwright.codegen.torch.policy_slots as policy_slots
-from graphwright.codegen.torch.policy_slots import (keyformer_slots, reference_slot_index, scissorhands_slots,
-                                                    scored_acc_slots, scored_slots)
+from graphwright.codegen.torch.policy_slots import keyformer_slots, reference_slot_index, scissorhands_slots, scored_acc_slots, scored_slots
 from graphwright.compiled import CompiledModel
 from graphwright.ops.policy_keyformer import gumbel_noise, keyformer_reference
 from graphwright.ops.policy_scissorhands import ring_bytes, scissorhands_reference
@@ -62,9 +61,9 @@ def run_both(recipe, steps, state_names=("k0", "v0", "key_positions0")):
 
 @pytest.mark.parametrize("recipe, kept", [
     ("evict(score='h2o', when='decode', budget=7, window=2)", 7),
-    ("evict(score='knorm', when='decode', budget=7, window=2, sinks=1)", 7),
+    pytest.param("evict(score='knorm', when='decode', budget=7, window=2, sinks=1)", 7, marks=pytest.mark.slow),
     ("evict(score='tova', when='decode', budget=6)", 6),
-    ("evict(score='keydiff', when='decode', budget=6, window=1)", 6),
+    pytest.param("evict(score='keydiff', when='decode', budget=6, window=1)", 6, marks=pytest.mark.slow),
 ])
 def test_scored_token_budgets_keep_the_reference_sets_over_200_steps(recipe, kept):
     got, want, sets, nbytes = run_both(recipe, 200)
@@ -76,7 +75,7 @@ def test_scored_token_budgets_keep_the_reference_sets_over_200_steps(recipe, kep
 
 @pytest.mark.parametrize("recipe", [
     "evict(score='h2o', when='decode', budget=0.3, window=0.1)",
-    "evict(score='knorm', when='decode', budget=0.4, window=2)",
+    pytest.param("evict(score='knorm', when='decode', budget=0.4, window=2)", marks=pytest.mark.slow),
     pytest.param("evict(score='tova', when='decode', budget=0.35, sinks=2)", marks=pytest.mark.slow),
     pytest.param("evict(score='keydiff', when='decode', budget=0.3, window=0.05)", marks=pytest.mark.slow),
 ])
@@ -86,7 +85,8 @@ def test_scored_fraction_budgets_keep_the_reference_sets(recipe):
     assert (got - want).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("recipe", ["keyformer(kv=0.6, recent=0.3)", "keyformer(kv=8, recent=0.25, noise='none')",
+@pytest.mark.parametrize("recipe", ["keyformer(kv=0.6, recent=0.3)",
+                                    pytest.param("keyformer(kv=8, recent=0.25, noise='none')", marks=pytest.mark.slow),
                                     pytest.param("keyformer(kv=0.5, recent=0.0, tau_delta=0.05, seed=3)",
                                                  marks=pytest.mark.slow)])
 def test_keyformer_keeps_the_reference_sets_over_200_steps(recipe):
