@@ -102,7 +102,7 @@ def test_scissorhands_keeps_the_reference_sets_over_200_steps(recipe):
 @pytest.mark.parametrize("recipe, scored", [("evict(score='h2o', when='decode', budget=7, window=2)", 2),
                                             ("evict(score='tova', when='decode', budget=6)", 2),
                                             ("evict(score='knorm', when='decode', budget=7)", 0),
-                                            ("scissorhands(budget=8)", 2), ("keyformer(kv=0.5)", 0)])
+                                            ("scissorhands(budget=16)", 2), ("keyformer(kv=0.5)", 0)])
 def test_layers_reading_the_step_probabilities_get_scored_attention(recipe, scored):
     """The attention of a layer whose eviction reads this step's probabilities computes them once (scored_attention.py)."""
     sg, _, _ = run_recipe(_compiled("tiny-llama").step_graph, recipe, verify=False)
