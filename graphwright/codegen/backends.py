@@ -47,6 +47,7 @@ from .torch.decode_linear import finalize_torch
 from .torch.eviction_slots import SLOT_OVERRIDES
 from .torch.latent_attention import latent_attention_sdpa, latent_keys_fast
 from .torch.moe import fused_moe_auto, fused_moe_sorted, fused_moe_triton
+from .torch.policy_slots import POLICY_SLOT_OVERRIDES
 from .torch.scored_attention import scored_attention
 from .torch.shared_views import share_views
 from .torch.streaming_shift import streaming_rope_shift
@@ -155,7 +156,8 @@ TORCH = register_backend(Backend(
      LATENT_ATTENTION: latent_attention_sdpa,
      BLOCK_SPARSE_ATTENTION: block_sparse_sdpa, PAGE_SUMMARY: page_summary_incremental,
      FUSED_MOE: {"auto": fused_moe_auto, "sorted": fused_moe_sorted, "triton": fused_moe_triton},
-     **EVICTION_REFERENCES, **SLOT_OVERRIDES, LATENT_KEYS: latent_keys_fast},  # eviction at decode without compaction (torch/eviction_slots.py)
+     # eviction at decode without compaction (torch/eviction_slots.py, torch/policy_slots.py)
+     **EVICTION_REFERENCES, **SLOT_OVERRIDES, **POLICY_SLOT_OVERRIDES, LATENT_KEYS: latent_keys_fast},
     # streaming_rope_shift: StreamingLLM keys cached at absolute positions, no per-step key rotation (torch/streaming_shift.py)
     # share_views: one unsqueeze/expand node where every layer repeated the same view (torch/shared_views.py)
     transforms=(append_caches_in_place, scored_attention, streaming_rope_shift, share_views), step_rewrites=(bound_native_windows,),

@@ -5,7 +5,8 @@ attention computes those probabilities explicitly once and hands them over (``de
 Every other decode over per-head slots (StreamingLLM, SnapKV, sliding windows) needs only the
 output, which SDPA computes faster (no fp32 probability tensor, no mask when every slot is visible).
 The choice is static, per layer: an attention node is scored when its ``k_pos`` argument also feeds an
-``evict_h2o`` or ``evict_fastgen`` node (the eviction op of the same layer reads the same positions).
+``evict_h2o``, ``evict_fastgen``, ``evict_scored_acc``, ``evict_scissorhands`` node, or an ``evict_scored``
+node with ``scorer="tova"`` (the eviction op of the same layer reads the same positions; ``policy_slots.py``).
 An H2O layer with token-count budgets also passes ``full_at = heavy + recent``: once every row is that
 long, its decode steps see every slot valid and build no visibility mask (``attention_sdpa_scored``).
 
@@ -20,10 +21,18 @@ import torch
 
 from ...capture.ops import ATTENTION
 from ...ops import schema
-from ...ops.eviction import EVICT_FASTGEN, EVICT_H2O
+from ...ops.eviction import EVICT_FASTGEN, EVICT_H2O, EVICT_SCISSORHANDS, EVICT_SCORED, EVICT_SCORED_ACC
 from .attention import attention_sdpa_scored
 
-SCORED_POLICIES = (EVICT_H2O, EVICT_FASTGEN)
+SCORED_POLICIES = (EVICT_H2O, EVICT_FASTGEN, EVICT_SCORED_ACC, EVICT_SCISSORHANDS)
+
+
+def _reads_probabilities(node: torch.fx.Node) -> bool:
+    """An eviction node that reads the step's attention probabilities at decode (``policy_slots.py`` too:
+    cumulative attention, Scissorhands' indicators, TOVA's last-query attention)."""
+    if node.target in SCORED_POLICIES:
+        return True
+    return node.target == EVICT_SCORED and schema.get(node, "scorer") == "tova"
 
 
 def scored_attention(graph: torch.fx.Graph) -> None:
@@ -32,7 +41,7 @@ def scored_attention(graph: torch.fx.Graph) -> None:
         if node.op != "call_function" or node.target != ATTENTION:
             continue
         k_pos = schema.get(node, "k_pos")
-        users = [u for u in k_pos.users if u.target in SCORED_POLICIES] if isinstance(k_pos, torch.fx.Node) else []
+        users = [u for u in k_pos.users if _reads_probabilities(u)] if isinstance(k_pos, torch.fx.Node) else []
         if users:
             node.target = attention_sdpa_scored
             c = _h2o_count(users)
