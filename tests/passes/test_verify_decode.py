@@ -81,11 +81,12 @@ def test_near_zero_budget_warns_with_the_measured_deviation(sg):
 
 
 def _broken_h2o_slots(*args, **kwargs):
-    """The torch backend's decode-time H2O kernel, but it forgets every row's oldest slot at each decode step."""
+    """The torch backend's decode-time H2O kernel, but it zeroes every row's first value slot at each decode step
+    (a full H2O layer attends every slot without a mask, so corrupting positions alone would not show)."""
     out = h2o_slots(*args, **kwargs)
-    q_pos, k_pos = args[3], out[2]
+    q_pos, v = args[3], out[1]
     if q_pos.shape[1] == 1:
-        k_pos[:, :, 0] = -1
+        v[:, :, 0] = 0
     return out
 
 
