@@ -51,15 +51,9 @@ from ...capture.ops import ATTENTION
 from ...ops import schema
 from ...ops.eviction import EVICT_STREAMING, ROPE_CACHE_INDEX, ROPE_INVERT
 from ...ops.rope_index_ref import _rotate, rope_angles
+from ..torch.streaming_shift import invert_slots  # the torch backend's per-slot inversion, traced into the ONNX graph
 
 MASKED = torch.finfo(torch.float32).min
-
-
-def invert_slots(k, k_pos, inv_freq, scaling: float):
-    """Pre-RoPE keys [B, Hk, S, D] from keys rotated at their own positions ``k_pos`` [B, Hk, S]
-    (``rope_invert_reference``'s math per slot; empty slots, -1, are rotated as position 0)."""
-    cos, sin = rope_angles(k_pos, inv_freq)
-    return _rotate(k, cos, -sin, 1.0 / scaling)
 
 
 def shifted_decode_attention(q, k, v, q_pos, k_pos, scale: float, key_bias, inv_freq, sinks: int, window: int):

@@ -57,7 +57,7 @@ from .attention import attention_sdpa
 from .cache_append import cache_append
 from .eviction_slots import decode_colsum, position_rank
 from .static_fallback import runs_eagerly
-from .streaming_shift import _invert_slots, streaming_attention
+from .streaming_shift import invert_slots, streaming_attention
 
 
 class EvictionNotStatic(ValueError):
@@ -131,7 +131,7 @@ def streaming_attention_static(q, k, v, q_pos, k_pos, scale, window, key_bias, a
         return streaming_attention(q, k, v, q_pos, k_pos, scale, window, key_bias, attn_sinks, pos, inv_freq, scaling,
                                    keep_sinks, keep_window)
     q_rot, k_rot = rope_cache_index_static(rope_invert_reference(q, pos, inv_freq, scaling),
-                                           _invert_slots(k, k_pos, inv_freq, scaling), k_pos, inv_freq, scaling)
+                                           invert_slots(k, k_pos, inv_freq, scaling), k_pos, inv_freq, scaling)
     return attention_sdpa(q_rot, k_rot, v, q_pos, k_pos, scale, window, key_bias, attn_sinks)
 
 

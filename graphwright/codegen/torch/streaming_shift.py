@@ -109,8 +109,9 @@ def _shifted_decode(q, k, v, q_pos, k_pos, scale, key_bias, inv_freq, sinks: int
     return out if out.dtype == v.dtype else out.to(v.dtype)
 
 
-def _invert_slots(k, k_pos, inv_freq, scaling: float):
-    """Pre-RoPE keys from keys rotated at their own positions ``k_pos`` [B, Hk, S] (``rope_invert``'s math per slot)."""
+def invert_slots(k, k_pos, inv_freq, scaling: float):
+    """Pre-RoPE keys [B, Hk, S, D] from keys rotated at their own positions ``k_pos`` [B, Hk, S]
+    (``rope_invert_reference``'s math per slot; empty slots, -1, are rotated as position 0)."""
     cos, sin = rope_angles(k_pos, inv_freq)
     return _rotate(k, cos, -sin, 1.0 / scaling)
 
@@ -129,7 +130,7 @@ def streaming_attention(q, k, v, q_pos, k_pos, scale, window, key_bias, attn_sin
         return _shifted_decode(q, k, v, q_pos, k_pos, scale, key_bias, inv_freq, keep_sinks, keep_window)
     # any other step: the reference's inputs (pre-RoPE q and keys), rotated by cache index
     q_rot, k_rot = rope_cache_index_ranked(rope_invert_reference(q, pos, inv_freq, scaling),
-                                           _invert_slots(k, k_pos, inv_freq, scaling), k_pos, inv_freq, scaling)
+                                           invert_slots(k, k_pos, inv_freq, scaling), k_pos, inv_freq, scaling)
     return attention_sdpa(q_rot, k_rot, v, q_pos, k_pos, scale, window, key_bias, attn_sinks)
 
 
