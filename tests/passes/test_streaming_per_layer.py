@@ -118,9 +118,10 @@ def test_window_list_errors_name_what_is_allowed(tiny):
         gw.compile(tiny("tiny-llama"), recipe="streaming(window=[4, 5], layers=[1])", verify=False)
 
 
-def test_recipe_forms_compile_and_the_budget_reads_the_list(tiny):
+def test_recipe_forms_compile_and_the_budget_reads_the_list(tiny, tmp_path):
     r = Recipe.parse("streaming(sinks=2, window=[3, 8])")
-    assert Recipe.parse(r.to_toml()) == r  # what a tuning Pareto point writes
+    (tmp_path / "r.toml").write_text(r.to_toml())
+    assert Recipe.parse(str(tmp_path / "r.toml")) == r  # what a tuning Pareto point writes
     cm = gw.compile(tiny("tiny-llama"), recipe=r)  # verified: the probe crosses the largest window
     assert cm.recipe == r
     split = gw.compile(tiny("tiny-llama"), recipe="streaming(sinks=2, window=3, layers=[0]) + streaming(sinks=2, window=8, layers=[1])")
