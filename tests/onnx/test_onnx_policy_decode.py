@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import graphwright as gw
+from graphwright.codegen.onnx import slot_functions
 from graphwright.codegen.onnx.artifact import OnnxStep
 from graphwright.codegen.onnx.decode_policies import (KEYFORMER_NOISE_REASON, keyformer_decode, scissorhands_decode,
                                                       scored_acc_decode, scored_decode)
@@ -163,6 +164,18 @@ def test_settings_left_split_at_decode_say_why(recipe, reason):
     _, capacity, in_graph, left = decode_graph(cm.step_graph.gm, cm.step_graph.state)
     assert in_graph == [] and capacity == {}
     assert [x["layer"] for x in left] == [0, 1] and all(x["reason"].startswith(reason) for x in left)
+
+
+@pytest.mark.parametrize("recipe", ["evict(score='tova', when='decode', budget=6)", "keyformer(kv=8, recent=0.25, noise='none')"])
+def test_layers_share_one_slot_function(recipe):
+    """The layer index (unused by the in-graph settings) does not split the layers into one ONNX function each."""
+    cm = gw.compile(gw.load_model("tiny-llama")[0], recipe=recipe, verify=False)
+    gm, _, in_graph, left = decode_graph(cm.step_graph.gm, cm.step_graph.state)
+    keys = slot_functions.wrap(gm)
+    try:
+        assert len(in_graph) == 2 and left == [] and len(keys) == 1
+    finally:
+        slot_functions.forget(keys)
 
 
 # ----------------------------------------------------------------------------------- op level, random attention

@@ -82,7 +82,10 @@ def scored_split_reason(scorer: str, when: str, chunk: int, beta: float) -> str 
 
 def translation(node):
     """(decode function, fixed slot count or None when it grows, None), (None, None, why it stays split), or
-    None when ``node`` is not one of this module's ops."""
+    None when ``node`` is not one of this module's ops.
+
+    A translated node's ``layer`` argument (read only by the pyramid rule and the Gumbel stream, both left
+    split) is set to 0, so that every layer calls one slot function (``slot_functions.py`` keys by constants)."""
     t = node.target
     if t in (EVICT_SCORED, EVICT_SCORED_ACC):
         p = {n: schema.get(node, n) for n in ("scorer", "when", "chunk", "beta", "budget_n", "budget_f", "sinks", "window",
@@ -92,11 +95,13 @@ def translation(node):
             return None, None, why
         fixed = not p["budget_f"] and not p["window_f"]
         c = max(int(p["budget_n"]), int(p["sinks"]) + int(p["window"]), 1) if fixed else None
+        schema.set(node, "layer", 0)
         return (scored_acc_decode if t is EVICT_SCORED_ACC else scored_decode), c, None
     if t is EVICT_KEYFORMER:
         if schema.get(node, "noise") != "none":
             return None, None, KEYFORMER_NOISE_REASON
         kv_n, kv_f = int(schema.get(node, "kv_n")), float(schema.get(node, "kv_f"))
+        schema.set(node, "layer", 0)
         return keyformer_decode, (max(kv_n - 1, 1) if not kv_f else None), None
     if t is EVICT_SCISSORHANDS:
         b, r, s = (int(schema.get(node, n)) for n in ("budget", "recent", "sinks"))
