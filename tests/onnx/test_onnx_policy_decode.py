@@ -26,8 +26,7 @@ import torch
 import graphwright as gw
 from graphwright.codegen.onnx import slot_functions
 from graphwright.codegen.onnx.artifact import OnnxStep
-from graphwright.codegen.onnx.decode_policies import (KEYFORMER_NOISE_REASON, keyformer_decode, scissorhands_decode,
-                                                      scored_acc_decode, scored_decode)
+from graphwright.codegen.onnx.decode_policies import KEYFORMER_NOISE_REASON, keyformer_decode, scissorhands_decode, scored_acc_decode, scored_decode
 from graphwright.codegen.onnx.decode_slots import GROW_SLACK, decode_graph, pad_to_capacity
 from graphwright.compiled import CompiledModel
 from graphwright.ops.policy_keyformer import keyformer_reference

@@ -56,8 +56,7 @@ from ...ops.eviction import EVICT_KEYFORMER, EVICT_SCISSORHANDS, EVICT_SCORED, E
 from ...ops.policy_keyformer import frozen_budget
 from ...ops.policy_scissorhands import ring_bytes
 from ..torch.eviction_slots import decode_colsum
-from ..torch.policy_slots import (SLOT_SCORERS, keyformer_step_score, keyformer_victim, scissorhands_indicators,
-                                  scissorhands_victim, scored_victim)
+from ..torch.policy_slots import SLOT_SCORERS, keyformer_step_score, keyformer_victim, scissorhands_indicators, scissorhands_victim, scored_victim
 from ..torch.step_memo import step_info
 from .decode_slots import place
 
