@@ -1,9 +1,9 @@
 """The decode graph's per-layer slot eviction traced once, not once per layer: one opaque op per layer, one ONNX function per kind.
 
 ``decode_slots.decode_graph`` puts a slot-eviction function (``h2o_decode``, ``streaming_decode``,
-the latent ones, ``fastgen_decode``, ``rope_cache_index_decode``) in every layer of the decode
-graph. ``torch.export`` of that graph traced all 30 copies of their ~100 ATen ops each with
-symbolic shapes (SmolLM2-135M: 4438 ATen nodes vs 2158 for the prefill graph; the decode graph's
+the latent ones, ``fastgen_decode``, ``rope_cache_index_decode``, and ``decode_policies.py``'s scored,
+Keyformer and Scissorhands ones) in every layer of the decode graph. ``torch.export`` of that graph
+traced all 30 copies of their ~100 ATen ops each with symbolic shapes (SmolLM2-135M: 4438 ATen nodes vs 2158 for the prefill graph; the decode graph's
 ``torch.export`` was 21-28 CPU s of an 84-99 CPU s export, README "Export time"), and the ONNX
 exporter translated and optimised all 30 copies again.
 
@@ -46,16 +46,18 @@ LIBRARY = "graphwright_slots"
 # The functions wrapped (n outputs). Not the latent ones (``decode_latent.h2o_latent_decode``,
 # ``streaming_latent_decode``): ``lowrank_kv`` gives each layer its own rank, so their fixed payload
 # sizes differ per layer and one function per layer would cost more than the per-layer trace.
-OUTPUTS = {"h2o_decode": 4, "streaming_decode": 3, "fastgen_decode": 6, "rope_cache_index_decode": 2}
+OUTPUTS = {"h2o_decode": 4, "streaming_decode": 3, "fastgen_decode": 6, "rope_cache_index_decode": 2,
+           "scored_decode": 3, "scored_acc_decode": 4, "keyformer_decode": 5, "scissorhands_decode": 6}
 
 # key -> {"fn", "params" (signature names), "template" [("t", i) | ("c", value)], "example" [(dtype, sizes, dynamic dims)]}
 KEYS: dict = {}
 
 
 def _functions() -> dict:
-    from . import decode_latent, decode_slots
+    from . import decode_latent, decode_policies, decode_slots
 
-    return {name: getattr(decode_slots, name, None) or getattr(decode_latent, name) for name in OUTPUTS}
+    modules = (decode_slots, decode_latent, decode_policies)
+    return {name: next(getattr(m, name) for m in modules if hasattr(m, name)) for name in OUTPUTS}
 
 
 def _call(key: str, tensors):
@@ -70,12 +72,17 @@ def _kernel(tensors, key):
 
 
 # Output shapes per function: (argument it is shaped like, how): "slots" = that argument with dim 2 cut to
-# S = k_pos.shape[2] - 1 (what ``place``/``union_place`` return), "same" = its shape, "one" = its last dim 1.
-SHAPES = {"h2o_decode": [("k", "slots"), ("v", "slots"), ("k_pos", "slots"), ("k_pos", "slots")],
-          "streaming_decode": [("k", "slots"), ("v", "slots"), ("k_pos", "slots")],
-          "fastgen_decode": [("k", "slots"), ("v", "slots"), ("k_pos", "slots"), ("k_pos", "slots"), ("k_pos", "slots"),
-                             ("policy", "one")],
-          "rope_cache_index_decode": [("q", "same"), ("k", "same")]}
+# S = k_pos.shape[2] - 1 (what ``place``/``union_place`` return), "same" = its shape, an int n = its last dim n
+# (per-head state: FastGen's policy, Keyformer's meta, Scissorhands' step).
+_KV = [("k", "slots"), ("v", "slots"), ("k_pos", "slots")]
+SHAPES = {"h2o_decode": [*_KV, ("k_pos", "slots")],
+          "streaming_decode": _KV,
+          "fastgen_decode": [*_KV, ("k_pos", "slots"), ("k_pos", "slots"), ("policy", 1)],
+          "rope_cache_index_decode": [("q", "same"), ("k", "same")],
+          "scored_decode": _KV,
+          "scored_acc_decode": [*_KV, ("k_pos", "slots")],
+          "keyformer_decode": [*_KV, ("k_pos", "slots"), ("meta", 3)],
+          "scissorhands_decode": [*_KV, ("bits", "slots"), ("k_pos", "slots"), ("step", 1)]}
 
 
 class SlotSignatureError(RuntimeError):
@@ -122,8 +129,8 @@ def _fake(tensors, key):
         shape = list(by_name[name].shape)
         if how == "slots":
             shape[2] = S
-        elif how == "one":
-            shape[-1] = 1
+        elif isinstance(how, int):
+            shape[-1] = how
         out.append(by_name[name].new_empty(shape, dtype=dtype))
     return tuple(out)
 
