@@ -12,6 +12,7 @@ import dataclasses
 
 import pytest
 import torch
+from tests.codegen.streaming_cases import reference_layer, unordered_slot_case
 
 from graphwright.codegen.backends import EVICTION_REFERENCES, TORCH
 from graphwright.codegen.torch.streaming_shift import streaming_attention, streaming_rope_shift
@@ -19,7 +20,6 @@ from graphwright.compiled import CompiledModel
 from graphwright.ops.rope_index_ref import _rotate, rope_angles
 from graphwright.passes.base import PassContext
 from graphwright.passes.streaming import Streaming
-from tests.codegen.streaming_cases import reference_layer, unordered_slot_case
 from tests.conftest import left_padded_batch
 from tests.passes.eviction_helpers import decode_loop, kept_positions, state_of
 

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import onnx
 import pytest
 import torch
+from tests.codegen.streaming_cases import reference_layer, unordered_slot_case
 
 from graphwright.codegen.onnx.artifact import OnnxStep
 from graphwright.codegen.onnx.decode_slots import decode_graph, position_rank, rope_cache_index_decode
@@ -22,7 +23,6 @@ from graphwright.codegen.onnx.streaming_shift import shift_streaming, shifted_de
 from graphwright.compiled import CompiledModel
 from graphwright.ops.eviction import ROPE_CACHE_INDEX, ROPE_INVERT
 from graphwright.ops.rope_index_ref import _rotate, rope_angles
-from tests.codegen.streaming_cases import reference_layer, unordered_slot_case
 from tests.conftest import left_padded_batch
 from tests.passes.eviction_helpers import COMPACTING, decode_loop, kept_positions, state_of
 
