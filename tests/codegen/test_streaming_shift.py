@@ -12,7 +12,6 @@ import dataclasses
 
 import pytest
 import torch
-from tests.codegen.streaming_cases import reference_layer, unordered_slot_case
 
 from graphwright.codegen.backends import EVICTION_REFERENCES, TORCH
 from graphwright.codegen.torch.streaming_shift import streaming_attention, streaming_rope_shift
@@ -22,6 +21,7 @@ from graphwright.passes.base import PassContext
 from graphwright.passes.streaming import Streaming
 from tests.conftest import left_padded_batch
 from tests.passes.eviction_helpers import decode_loop, kept_positions, state_of
+from tests.passes.streaming_cases import reference_layer, unordered_slot_case
 
 # the definition: pre-RoPE cache, rope_cache_index and the compacting eviction references at every step
 REFERENCE = dataclasses.replace(TORCH, name="torch_reference_streaming", table={**TORCH.table, **EVICTION_REFERENCES},

@@ -15,7 +15,6 @@ from types import SimpleNamespace
 import onnx
 import pytest
 import torch
-from tests.codegen.streaming_cases import reference_layer, unordered_slot_case
 
 from graphwright.codegen.onnx.artifact import OnnxStep
 from graphwright.codegen.onnx.decode_slots import decode_graph, position_rank, rope_cache_index_decode
@@ -25,6 +24,7 @@ from graphwright.ops.eviction import ROPE_CACHE_INDEX, ROPE_INVERT
 from graphwright.ops.rope_index_ref import _rotate, rope_angles
 from tests.conftest import left_padded_batch
 from tests.passes.eviction_helpers import COMPACTING, decode_loop, kept_positions, state_of
+from tests.passes.streaming_cases import reference_layer, unordered_slot_case
 
 RECIPE = "streaming(sinks=2, window=6)"  # the registry's setting (test_onnx_eviction_slots.py): the export is shared
 LENGTHS = [12, 7]
