@@ -52,7 +52,9 @@ from graphwright.cli.cmd_demo import DEMO_RECIPE
 
 RECIPES = {  # name -> recipe text; {q} = a quarter of the prompt in tokens
     "identity": None,
-    "demo": DEMO_RECIPE,
+    # the composed recipe of the ONNX tests (latent keys + fraction H2O); NOT the demo's recipe, which is
+    # question-aware SnapKV at a quarter of the prompt (`graphwright demo`): that is the snapkv25 row
+    "lowrank80_h2o": DEMO_RECIPE,
     "h2o25": "h2o(heavy={q8}, recent={q8})",  # token counts: ONNX evicts in-graph (fractions stay split)
     "streaming25": "streaming(sinks=4, window={q_minus_sinks})",
     "snapkv25": "snapkv(budget={q})",
