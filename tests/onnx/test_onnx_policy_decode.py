@@ -33,7 +33,7 @@ from graphwright.ops.policy_keyformer import keyformer_reference
 from graphwright.ops.policy_scissorhands import ring_bytes, scissorhands_reference
 from graphwright.ops.policy_scored import scored_reference
 from tests.conftest import left_padded_batch
-from tests.passes.eviction_helpers import COMPACTING, decode_loop, kept_positions, op_decode_loop, state_of
+from tests.passes.eviction_helpers import COMPACTING, kept_positions, op_decode_loop, record_decode
 
 SCORED, SCORED_ACC = "graphwright::evict_scored", "graphwright::evict_scored_acc"
 # case -> (recipe, tokens each KV head holds after every step (None: a fraction budget), op)
@@ -53,17 +53,13 @@ STEPS = 48
 KP = ["key_positions0", "key_positions1"]
 
 
+def _shapes(m, state):
+    return {s.name: tuple(t.shape) for s, t in zip(m.step_graph.state, state)}
+
+
 def _run(m):
     """(logits, tokens, kept sets per step [layer][row][head], state shapes per step)."""
-    sets, shapes = [], []
-
-    def on_step(i, state):
-        sets.append([[[sorted(h) for h in row] for row in kept_positions(state_of(m, state, kp))] for kp in KP])
-        shapes.append({s.name: tuple(t.shape) for s, t in zip(m.step_graph.state, state)})
-
-    ids, mask = left_padded_batch(m.step_graph.info.vocab_size, LENGTHS, seed=4)
-    logits, toks, _ = decode_loop(m, ids, mask, STEPS, on_step)
-    return logits, toks, sets, shapes
+    return record_decode(m, LENGTHS, STEPS, KP, _shapes)
 
 
 @pytest.fixture(scope="module")

@@ -97,3 +97,145 @@ def test_knorm_ties_a_repeated_key_at_any_rounding():
         sets.append(kept(call_op(q, kk, v, q_pos, k_pos, scorer="knorm", when="prefill", budget_n=11)[2]))
     assert sets[0] == sets[1] == sets[2]
     assert all(a in h and b not in h and len(h) == 11 for row in sets[0] for h in row)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_tova_matches_oracle_and_is_shared_by_heads(seed):
+    q, k, v, q_pos, k_pos = random_step(T=1, seed=seed, holes=False)
+    out = call_op(q, k, v, q_pos, k_pos, scale=SCALE, scorer="tova", budget_n=6)
+    want = select_oracle(tova_oracle(q, k, q_pos, k_pos, SCALE), k_pos, q_pos, 6)
+    assert kept(out[2]) == want
+    assert all(row[0] == row[1] for row in want) and all(len(row[0]) == 6 for row in want)
+
+
+@pytest.mark.parametrize("window,kernel", [(3, 1), (4, 5)])
+def test_snapkv_scorer_matches_oracle(window, kernel):
+    q, k, v, q_pos, k_pos = prefill_step(seed=5)
+    out = call_op(q, k, v, q_pos, k_pos, scale=SCALE, scorer="snapkv", when="prefill", budget_n=7, window=window,
+                  kernel=kernel)
+    want = select_oracle(snapkv_oracle(q, k, q_pos, k_pos, SCALE, window, kernel), k_pos, q_pos, 7, window=window)
+    assert kept(out[2]) == want
+
+
+def test_cumulative_scorer_matches_oracle():
+    q, k, v, q_pos, k_pos = random_step(T=2, seed=6)
+    prior = torch.rand(2, 2, k.shape[2] - 2)
+    out = call_op(q, k, v, q_pos, k_pos, scale=SCALE, state=prior, scorer="h2o", budget_n=6, window=2)
+    acc = torch.cat([prior, torch.zeros(2, 2, 2)], 2) + colsum_oracle(q, k, q_pos, k_pos, SCALE)
+    assert kept(out[2]) == select_oracle(acc.tolist(), k_pos, q_pos, 6, window=2)
+    for b in range(2):
+        for h in range(2):
+            want = sorted(float(acc[b, h, s]) for s in range(k.shape[2]) if int(k_pos[b, h, s]) in kept(out[2])[b][h])
+            got = sorted(float(x) for x, p in zip(out[3][b, h], out[2][b, h]) if p >= 0)
+            assert got == pytest.approx(want, abs=1e-5)  # the running score is compacted with the cache
+
+
+@pytest.mark.parametrize("scaling,partial", [(1.0, False), (1.3, True)])
+def test_expected_attention_matches_oracle(scaling, partial):
+    D = 8
+    q, k, v, q_pos, k_pos = prefill_step(D=D, T=14, seed=7)
+    inv_freq = 1.0 / (100 ** (torch.arange(0, 4 if partial else D, 2).float() / D))
+    cos, sin = rope_angles(q_pos, inv_freq)
+    q = _rotate(q, cos[:, None], sin[:, None], scaling)  # post-RoPE queries, as the graph holds them
+    out = call_op(q, k, v, q_pos, k_pos, scale=SCALE, inv_freq=inv_freq, scorer="expected_attention", when="prefill",
+                  budget_n=8, sinks=2, n_future=16, rope_scaling=scaling)
+    score = expected_attention_oracle(q, k, v, q_pos, k_pos, SCALE, inv_freq, scaling, 2, 16)
+    want = select_oracle(score, k_pos, q_pos, 8, sinks=2)
+    assert kept(out[2]) == want and kept(out[2]) != kept(k_pos)
+
+
+def test_chunkkv_chunk_one_each_head_is_the_base_scorer():
+    q, k, v, q_pos, k_pos = prefill_step(seed=8)
+    for base, extra in (("snapkv", {"window": 2, "kernel": 3}), ("knorm", {})):
+        plain = call_op(q, k, v, q_pos, k_pos, scale=SCALE, scorer=base, when="prefill", budget_n=6, **extra)
+        chunked = call_op(q, k, v, q_pos, k_pos, scale=SCALE, scorer=base, when="prefill", budget_n=6, chunk=1,
+                          chunk_heads="each", **extra)
+        assert kept(chunked[2]) == kept(plain[2]), base
+
+
+@pytest.mark.parametrize("chunk,head_sum", [(3, True), (4, False), (2, True)])
+def test_chunkkv_matches_oracle(chunk, head_sum):
+    q, k, v, q_pos, k_pos = prefill_step(T=12, pad=(0, 0), seed=9)
+    out = call_op(q, k, v, q_pos, k_pos, scorer="knorm", when="prefill", budget_n=6, chunk=chunk,
+                  chunk_heads="sum" if head_sum else "each")
+    assert kept(out[2]) == chunk_oracle(knorm_oracle(k), k_pos, q_pos, 6, chunk, head_sum)
+    if head_sum:
+        assert all(row[0] == row[1] for row in kept(out[2]))
+
+
+def test_pyramid_budgets_follow_the_formula():
+    from graphwright.ops.adakv_ref import pyramid_budget
+
+    q, k, v, q_pos, k_pos = prefill_step(T=40, pad=(0, 0), B=1, seed=10)
+    sizes = []
+    for layer in range(4):
+        out = call_op(q, k, v, q_pos, k_pos, scorer="knorm", when="prefill", budget_n=12, window=2, beta=4.0,
+                      layer=layer, num_layers=4)
+        sizes.append(len(kept(out[2])[0][0]))
+        c = pyramid_budget(10, 38, 0, layer, 4, 4.0)
+        assert kept(out[2]) == select_oracle(knorm_oracle(k), k_pos, q_pos, c + 2, window=2)
+    assert sizes[0] > sizes[-1] and abs(sum(sizes) - 4 * 12) <= 4
+
+
+@pytest.mark.parametrize("when,every", [("every", 3), ("overflow", 0)])
+def test_schedules_evict_only_on_their_steps(when, every):
+    budget, slack = 6, 2
+    seen = []
+
+    def op(q, k, v, q_pos, k_pos):
+        return call_op(q, k, v, q_pos, k_pos, scorer="knorm", when=when, every=every, slack=slack, budget_n=budget)[:3]
+
+    def check(L, k_pos, extra):
+        n = int((k_pos[0, 0] >= 0).sum())
+        seen.append(n)
+        if when == "every":
+            if L % every == 0 or L == 10:
+                assert n == budget, (L, n)
+            else:
+                assert n == seen[-2] + 1  # no eviction off-schedule: the cache grew by the new token
+        else:
+            assert n <= budget + slack and (n == budget or n == (seen[-2] + 1 if len(seen) > 1 else n))
+
+    op_decode_loop(op, [], 12, prompt=10, on_step=check)
+    assert seen[0] == budget and max(seen) == (budget + every - 1 if when == "every" else budget + slack)
+
+
+def test_prefill_schedule_appends_at_decode():
+    seen = []
+
+    def op(q, k, v, q_pos, k_pos):
+        return call_op(q, k, v, q_pos, k_pos, scorer="keydiff", when="prefill", budget_n=4)[:3]
+
+    op_decode_loop(op, [], 5, prompt=9, on_step=lambda L, kp, e: seen.append(int((kp[0, 0] >= 0).sum())))
+    assert seen == [4, 5, 6, 7, 8, 9]
+
+
+def test_every_scorer_is_documented():
+    for s in SCORERS.values():
+        mod = __import__(s.fn.__module__, fromlist=["x"])
+        assert s.paper in mod.__doc__ and "exact setting" in mod.__doc__.lower(), s.name
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_mean_rotation_follows_the_models_own_rotary_embedding(name):
+    """Rbar of Expected Attention equals the mean of the HF model's apply_rotary_pos_emb over the future positions."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from graphwright.ops.scorers.expected_attention import mean_rotation
+    from graphwright.passes.streaming import find_rotary
+    from tests.conftest import _compiled, _tiny
+
+    model = _tiny(name)
+    rope = model.model.rotary_emb
+    D = model.config.hidden_size // model.config.num_attention_heads
+    inv, scaling = find_rotary(_compiled(name).step_graph.gm)
+    gm = _compiled(name).step_graph.gm
+    inv_freq = functools.reduce(getattr, inv.target.split("."), gm)  # the graph's own rotary table
+    x = torch.randn(1, 3, 1, D, generator=torch.Generator().manual_seed(11))
+    L, n_f = 17, 6
+    want = torch.zeros_like(x)
+    for p in range(L, L + n_f):
+        cos, sin = rope(x, torch.tensor([[p]]))
+        want += apply_rotary_pos_emb(x, x, cos, sin)[0] / n_f
+    got = x @ mean_rotation(torch.tensor([L]), n_f, inv_freq, scaling, D)[:, None]
+    assert torch.allclose(got, want, atol=1e-5)
