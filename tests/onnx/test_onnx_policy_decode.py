@@ -158,6 +158,17 @@ def test_io_binding_binds_the_decode_steps(runs, monkeypatch):
     assert len(calls) == 19  # the 19 decode steps; the prompt step runs its split op (session.run)
 
 
+def test_gumbel_keyformer_generate_gives_the_torch_tokens(runs, onnx_artifact):
+    """``gw.load``'s generate draws the noise each decode step, bound (I/O binding) or through ``session.run``."""
+    cm, folder = onnx_artifact("tiny-llama", CASES["keyformer_gumbel"][0])
+    runs("keyformer_gumbel")  # the export checked by the tests above
+    ids, mask = left_padded_batch(256, [11, 6], seed=5)
+    gen = dict(attention_mask=mask, max_new_tokens=24, eos_token_id=[], pad_token_id=0)
+    want = cm.generate(ids, **gen)
+    assert torch.equal(gw.load(folder).generate(ids, **gen), want)
+    assert torch.equal(gw.load(folder, io_binding=False).generate(ids, **gen), want)
+
+
 @pytest.mark.parametrize("recipe, reason", [
     ("evict(score='knorm', budget=8, window=2, when='every:3')", "evict(when='every') evicts on its schedule"),
     ("evict(score='knorm', budget=8, window=2)", "evict(when='prefill') evicts on its schedule"),  # knorm's default
