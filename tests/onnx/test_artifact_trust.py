@@ -109,6 +109,8 @@ def _drop(path):
     return mutate
 
 
+NOISE = {"input": "keyformer_noise0", "kind": "keyformer_gumbel", "seed": 0, "layer": 0, "heads": 4, "key_positions": "k0",
+         "meta": "k0"}
 # id: (mutation, expected message pattern)
 CASES = {
     "model_file_escapes": (_set("model_file", "../../../../etc/passwd"), r"model_file: a relative path inside the artifact folder"),
@@ -139,6 +141,12 @@ CASES = {
                              r"runtime_ops\[0\].args\[6\].value: null, a bool, a finite number"),
     "runtime_ops_dropped": (_set("runtime_ops", []), r"outputs: a '<name>_next' output \(or a runtime op result\) for every state"),
     "capacity_zero": (_set("decode.capacity.k0.slots", 0), r"decode.capacity\['k0'\].slots: an integer in \[1, "),
+    # decode_policies.host_inputs (Keyformer's noise, drawn by the runtime): every field checked before a draw
+    "host_input_state_unknown": (_set("decode.host_inputs", [{**NOISE, "key_positions": "nope"}]),
+                                 r"decode.host_inputs\[0\].key_positions: one of \["),
+    "host_input_kind_unknown": (_set("decode.host_inputs", [{**NOISE, "kind": "os.system"}]),
+                                r"decode.host_inputs\[0\].kind: one of \['keyformer_gumbel'\]; got 'os.system'"),
+    "host_input_seed_negative": (_set("decode.host_inputs", [{**NOISE, "seed": -1}]), r"decode.host_inputs\[0\].seed: an integer"),
     "verification_passed_str": (_set("verification", {"passed": "yes"}), r"verification.passed: true or false; got 'yes'"),
     "bad_sha": (_set("files.model.onnx", {"sha256": "abc", "bytes": 3}), r"files\['model.onnx'\].sha256: 64 lowercase hex digits"),
     "format_version_future": (_set("format_version", 99), r"format_version: an integer in \[1, 2\]; got 99"),

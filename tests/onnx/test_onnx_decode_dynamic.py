@@ -26,7 +26,7 @@ from graphwright.codegen.onnx.decode_slots import GROW_SLACK, decode_graph, pad_
 from graphwright.compiled import CompiledModel
 from graphwright.ops.eviction_ref import topk_mask
 from tests.conftest import left_padded_batch
-from tests.passes.eviction_helpers import COMPACTING, decode_loop, floor_budget, kept_positions, state_of
+from tests.passes.eviction_helpers import COMPACTING, floor_budget, record_decode, state_of
 
 RECIPES = {"fraction": "h2o(heavy=0.25, recent=0.25)", "latent": "lowrank_kv(keep=0.5) + h2o(heavy=0.25, recent=0.25)"}
 LENGTHS = [12, 7]
@@ -34,17 +34,13 @@ STEPS = 60
 KP = ["key_positions0", "key_positions1"]
 
 
-def _run(m, steps=STEPS):
+def _widths(m, state):
+    return [state_of(m, state, kp).shape[2] for kp in KP]
+
+
+def _run(m):
     """(logits, tokens, kept sets per step, key_positions widths per step)."""
-    sets, widths = [], []
-
-    def on_step(i, state):
-        sets.append([[[sorted(h) for h in row] for row in kept_positions(state_of(m, state, kp))] for kp in KP])
-        widths.append([state_of(m, state, kp).shape[2] for kp in KP])
-
-    ids, mask = left_padded_batch(m.step_graph.info.vocab_size, LENGTHS, seed=4)
-    logits, toks, _ = decode_loop(m, ids, mask, steps, on_step)
-    return logits, toks, sets, widths
+    return record_decode(m, LENGTHS, STEPS, KP, _widths)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from graphwright.codegen.torch.streaming_shift import streaming_rope_shift
 from graphwright.compiled import CompiledModel
 from graphwright.passes.base import PassContext
 from graphwright.runtime import positions_from_mask
+from tests.conftest import left_padded_batch
 
 # The torch backend with the compacting reference eviction ops, on the step graph's own cache layout
 # (pre-RoPE StreamingLLM keys: no streaming_rope_shift): what every slot / in-graph version is checked against.
@@ -112,6 +113,21 @@ def decode_loop(cm, ids, mask, steps, on_step=None):
 
 def state_of(cm, state, name):
     return state[[s.name for s in getattr(cm, "runtime_graph", cm.step_graph).state].index(name)]
+
+
+def record_decode(m, lengths, steps, key_positions, also, seed=4):
+    """(logits, tokens, kept sets per step [layer][row][head], ``also(m, state)`` per step): greedy ``decode_loop``
+    of a left-padded random batch with real ``lengths``, recording after the prefill and every decode step the
+    sorted kept positions of each ``key_positions`` state (one per layer) and whatever ``also`` reads."""
+    sets, extra = [], []
+
+    def on_step(i, state):
+        sets.append([[[sorted(h) for h in row] for row in kept_positions(state_of(m, state, kp))] for kp in key_positions])
+        extra.append(also(m, state))
+
+    ids, mask = left_padded_batch(m.step_graph.info.vocab_size, lengths, seed=seed)
+    logits, toks, _ = decode_loop(m, ids, mask, steps, on_step)
+    return logits, toks, sets, extra
 
 
 def floor_budget(frac, length):

@@ -105,9 +105,12 @@ class OnnxStep:
         if decode:  # {"model_file", "outputs", "runtime_ops", "capacity"}; model_file resolved by the caller
             if self.seq_dims is None:
                 raise GraphwrightError("a decode graph needs the state's seq dims (from_metadata passes them)")
-            self.decode = {"session": _session(decode["path"], input_names, decode["outputs"], providers, session_options),
+            host = list(decode.get("host_inputs") or ())  # inputs drawn here per step (decode_policies.keyformer_noise)
+            self.decode = {"session": _session(decode["path"], [*input_names, *(r["input"] for r in host)], decode["outputs"],
+                                               providers, session_options),
                            "outputs": list(decode["outputs"]), "records": list(decode.get("runtime_ops") or ()),
-                           "capacity": dict(decode["capacity"])}
+                           "capacity": dict(decode["capacity"]), "host_inputs": host,
+                           "inputs": [*input_names, *(r["input"] for r in host)]}
 
     @classmethod
     def from_metadata(cls, model_path, meta: dict, providers=None, session_options=None, io_binding=True) -> "OnnxStep":
@@ -133,36 +136,38 @@ class OnnxStep:
         if unknown:
             raise GraphwrightError(f"unknown extra input(s) {sorted(unknown)}; this model takes {sorted(self.extras) or 'none'}")
         B = input_ids.shape[0]
-        session, outputs, records, capacity = self.session, self.output_names, self.records, {}
+        session, outputs, records, capacity, host, names = self.session, self.output_names, self.records, {}, [], self.input_names
         if self.decode is not None and input_ids.shape[1] == 1:
+            from .decode_policies import keyformer_noise
             from .decode_slots import pad_to_capacity
 
             d = self.decode
             session, outputs, records, capacity = d["session"], d["outputs"], d["records"], d["capacity"]
             state = pad_to_capacity(list(state), self.state_names, self.seq_dims, capacity)
-        extra = [extras[n] if extras.get(n) is not None else torch.zeros(B, 1) for n in self.extras]
+            host, names = [keyformer_noise(r, state, self.state_names, int(r["heads"])) for r in d["host_inputs"]], d["inputs"]
+        extra = [extras[n] if extras.get(n) is not None else torch.zeros(B, 1) for n in self.extras] + host
         tensors = [t.detach().cpu().contiguous() for t in (input_ids, positions, logits_index, *state, *extra)]
         if self.io_binding and not records and self.seq_dims is not None and all(t.dtype in NUMPY for t in tensors):
-            out = self._run_bound(session, outputs, tensors, capacity, self.prompt_capacity if session is self.session else {})
+            out = self._run_bound(session, outputs, tensors, capacity, self.prompt_capacity if session is self.session else {}, names)
         else:
-            res = session.run(None, {name: t.numpy() for name, t in zip(self.input_names, tensors)})
+            res = session.run(None, {name: t.numpy() for name, t in zip(names, tensors)})
             out = dict(zip(outputs, (torch.from_numpy(o) for o in res)))
         if records:
             from .split import run_records
 
-            ins = dict(zip(self.input_names, tensors))
+            ins = dict(zip(names, tensors))
             out.update({f"{k}_next": v for k, v in run_records(records, out, ins).items()})
         res = [out["logits"], *(out[f"{n}_next"] for n in self.state_names)]
         if input_ids.device.type != "cpu":
             res = [o.to(input_ids.device) for o in res]
         return res[0], res[1:]
 
-    def _run_bound(self, session, outputs, tensors, capacity, bounded=None) -> dict:
+    def _run_bound(self, session, outputs, tensors, capacity, bounded=None, input_names=None) -> dict:
         """One ``run_with_iobinding``: inputs and outputs bound to torch tensors' memory (module docstring)."""
         T = tensors[0].shape[1]
         state = tensors[3:3 + len(self.state_names)]
         binding = session.io_binding()
-        for name, t in zip(self.input_names, tensors):
+        for name, t in zip(input_names or self.input_names, tensors):
             binding.bind_input(name, "cpu", 0, NUMPY[t.dtype], list(t.shape), t.data_ptr())
         logits_dtype = self.__dict__.setdefault("_logits_dtype", _ort_dtype(session.get_outputs()[0].type))
         out = {"logits": torch.empty(tensors[0].shape[0], tensors[2].shape[0], self._vocab(session), dtype=logits_dtype)}

@@ -3,7 +3,7 @@
 ``decode_slots.decode_graph`` puts these functions in ``decode.onnx`` in place of the eviction ops
 ``evict_scored``/``evict_scored_acc`` (scorers h2o, knorm, keydiff, tova with ``when="decode"``,
 ``ops/policy_scored.py``), ``evict_scissorhands`` (arXiv 2305.17118, ``ops/policy_scissorhands.py``)
-and ``evict_keyformer`` with ``noise="none"`` (arXiv 2403.09054, ``ops/policy_keyformer.py``), so a
+and ``evict_keyformer`` (arXiv 2403.09054, ``ops/policy_keyformer.py``; its Gumbel noise a graph input), so a
 decode step of those recipes is one ONNX Runtime session run with nothing split. The algorithm is
 the torch backend's (``codegen/torch/policy_slots.py``, its docstring says why one victim per step
 is enough): per (row, KV head) the step's score over the S + 1 slots (the new token appended at
@@ -34,17 +34,27 @@ Keyformer k - 1, Scissorhands max(budget - 1, sinks + recent); fraction budgets 
 Left split at decode (runs in torch between session runs; the reason is recorded in
 ``graphwright.json["decode"]["split"]``): ``evict(when=...)`` other than ``decode`` (several tokens
 leave at once, on a schedule), ChunkKV (``chunk`` > 0: whole chunks leave), ``rule="pyramid"``
-(per-layer budgets from a host loop over heads), the prefill scorers (no per-slot decode score), and
-Keyformer with ``noise="gumbel"``: its noise is drawn from a seeded CPU ``torch.Generator`` (Mersenne
-Twister) by *compacted* slot index, the token's rank by position with the widest head's count as the
-new token's index; ONNX's RandomUniform cannot reproduce that stream, so the draw stays on the host.
+(per-layer budgets from a host loop over heads) and the prefill scorers (no per-slot decode score).
+
+Keyformer with ``noise="gumbel"`` is in the graph with its noise as a graph input: the noise is drawn
+from a seeded CPU ``torch.Generator`` (Mersenne Twister) by the reference's *compacted* slot index (a
+token's rank by position, the widest head's count as the new token's index), a stream ONNX's
+RandomUniform cannot reproduce. So ``decode_graph`` gives each such layer a ``keyformer_noise<l>``
+input [B, Hk, g, S+1] (``host_inputs``: recorded in ``graphwright.json["decode"]["host_inputs"]``
+with the seed, the layer, the head count and the layer's key-position and meta states) and
+``OnnxStep`` draws it before each decode step with ``keyformer_noise``: the torch backend's own draw
+(``policy_slots.slot_gumbel``) from the padded key positions and the step counter in ``meta`` (host
+reads of [B, Hk, S] positions and one int, as the torch backend makes). The same seed, layer, step and
+positions give the same noise on both, so the in-graph step keeps the torch backend's tokens.
 
 Invariants tested (``tests/onnx/test_onnx_policy_decode.py``): on tiny Llama, batch 2 left-padded,
 eviction at every step, 48 decode steps: the exported artifact (prefill split, decode in
 ``decode.onnx``) keeps the same position sets per (row, layer, KV head) as the torch backend's slots
 and the compacting references after every step, the same tokens, logits within 1e-4, no decode split
-records, state shapes constant once a token-count budget is reached; op level on random attention,
-each function against its reference over 120 steps, a 1-token prompt included.
+records, state shapes constant once a token-count budget is reached (Keyformer with Gumbel noise
+included: the same noise, so the same tokens; a wrong step in the draw fails it); op level on random
+attention, each function against its reference over 120 steps, a 1-token prompt included (Keyformer with
+the noise ``keyformer_noise`` draws from the padded state).
 """
 
 from __future__ import annotations
@@ -56,12 +66,19 @@ from ...ops.eviction import EVICT_KEYFORMER, EVICT_SCISSORHANDS, EVICT_SCORED, E
 from ...ops.policy_keyformer import frozen_budget
 from ...ops.policy_scissorhands import ring_bytes
 from ..torch.eviction_slots import decode_colsum
-from ..torch.policy_slots import SLOT_SCORERS, keyformer_step_score, keyformer_victim, scissorhands_indicators, scissorhands_victim, scored_victim
+from ..torch.policy_slots import (
+    SLOT_SCORERS,
+    keyformer_step_score,
+    keyformer_victim,
+    scissorhands_indicators,
+    scissorhands_victim,
+    scored_victim,
+    slot_gumbel,
+)
 from ..torch.step_memo import step_info
 from .decode_slots import place
 
-KEYFORMER_NOISE_REASON = ("Keyformer noise='gumbel': the noise is drawn from a seeded CPU torch.Generator by compacted "
-                          "slot index (the reference's layout); ONNX RandomUniform cannot reproduce that stream")
+NOISE_INPUT = "keyformer_noise"  # + layer: Keyformer's Gumbel noise, drawn on the host (``keyformer_noise``)
 _BITS = (1, 2, 4, 8, 16, 32, 64, 128)  # the weight of bit i of a ring byte (ring slot 8 * byte + i)
 
 
@@ -97,9 +114,8 @@ def translation(node):
         schema.set(node, "layer", 0)
         return (scored_acc_decode if t is EVICT_SCORED_ACC else scored_decode), c, None
     if t is EVICT_KEYFORMER:
-        if schema.get(node, "noise") != "none":
-            return None, None, KEYFORMER_NOISE_REASON
         kv_n, kv_f = int(schema.get(node, "kv_n")), float(schema.get(node, "kv_f"))
+        node.meta["keyformer_layer"] = int(schema.get(node, "layer"))  # the noise stream's layer (host_inputs)
         schema.set(node, "layer", 0)
         return keyformer_decode, (max(kv_n - 1, 1) if not kv_f else None), None
     if t is EVICT_SCISSORHANDS:
@@ -127,9 +143,36 @@ def scored_acc_decode(q, k, v, q_pos, k_pos, score, scale, scorer, when, every, 
     return place((k, v, k_pos, score), k_pos, over, victim)
 
 
+def host_inputs(gm, node, names: dict) -> list:
+    """The graph inputs the host fills before each decode step for translated ``node`` (in ``decode_graph``, before
+    its target is replaced; ``names`` {op output index: state name}): for Keyformer with ``noise="gumbel"``, one
+    placeholder ``keyformer_noise<layer>`` passed as its ``zeta``, and its record (the draw's parameters)."""
+    if node.target is not EVICT_KEYFORMER or schema.get(node, "noise") != "gumbel":
+        return []
+    layer = node.meta["keyformer_layer"]
+    name = f"{NOISE_INPUT}{layer}"
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    with gm.graph.inserting_after(last):
+        zeta = gm.graph.placeholder(name)
+    node.kwargs = {**node.kwargs, "zeta": zeta}
+    return [{"input": name, "kind": "keyformer_gumbel", "seed": int(schema.get(node, "seed")), "layer": layer,
+             "key_positions": names[2], "meta": names[4]}]
+
+
+def keyformer_noise(record: dict, state: list, state_names: list, heads: int) -> torch.Tensor:
+    """[B, Hk, g, S+1] fp32: a ``host_inputs`` record's noise for the decode step about to run on ``state`` (padded to
+    capacity): ``policy_slots.slot_gumbel`` with the step counter of the layer's ``meta`` state (0 when empty)."""
+    kp = state[state_names.index(record["key_positions"])]
+    meta = state[state_names.index(record["meta"])]
+    step = int(meta[0, 0, 2]) if meta.numel() else 0
+    k_pos = torch.cat([kp, kp.new_zeros(*kp.shape[:2], 1)], dim=2)  # the new token's slot S (its value is not read)
+    return slot_gumbel(int(record["seed"]), int(record["layer"]), step, k_pos, heads)
+
+
 def keyformer_decode(q, k, v, q_pos, k_pos, score, meta, scale, kv_n, kv_f, recent, tau_init, tau_delta, seed, layer,
-                     noise, key_bias=None):
-    """``evict_keyformer`` with ``noise="none"`` at a decode step. -> (k, v, k_pos, score, meta)."""
+                     noise, key_bias=None, zeta=None):
+    """``evict_keyformer`` at a decode step; ``zeta`` [B, Hk, g, S+1] the step's Gumbel noise (a graph input,
+    ``host_inputs``) with ``noise="gumbel"``, None with ``"none"``. -> (k, v, k_pos, score, meta)."""
     B, Hk, _ = k_pos.shape
     length = step_info(q_pos).length
     first = meta[:, 0, 0] == 0  # k >= 1 once frozen: zeros are a cache that starts at this step (padded meta)
@@ -137,7 +180,8 @@ def keyformer_decode(q, k, v, q_pos, k_pos, score, meta, scale, kv_n, kv_f, rece
     kb, wb = torch.where(first, k0, meta[:, 0, 0]), torch.where(first, w0, meta[:, 0, 1])
     step = meta[:, 0, 2]  # [B] the step counter (equal in every row; 0 at a first step)
     tau = (tau_init + step.double() * tau_delta).float().view(B, 1, 1, 1)
-    score = torch.cat([score, score.new_zeros(B, Hk, 1)], 2) + keyformer_step_score(q, k, q_pos, k_pos, scale, tau, key_bias)
+    score = torch.cat([score, score.new_zeros(B, Hk, 1)], 2) + keyformer_step_score(q, k, q_pos, k_pos, scale, tau, key_bias,
+                                                                                     zeta)
     over, victim = keyformer_victim(score, k_pos, length, kb, wb)
     meta = torch.stack([kb, wb, step + 1], dim=-1)[:, None, :].expand(B, Hk, 3).contiguous()
     return (*place((k, v, k_pos, score), k_pos, over, victim), meta)

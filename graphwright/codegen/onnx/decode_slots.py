@@ -1,8 +1,9 @@
 """In-graph slot eviction for the ONNX decode step: every per-head decode policy runs inside ``decode.onnx``.
 
 H2O, StreamingLLM and FastGen here; ``evict(score=h2o|knorm|keydiff|tova, when="decode")``, Scissorhands
-and Keyformer (``noise="none"``) in ``decode_policies.py`` (the same slot scheme, the victim rules of
-the torch backend's ``codegen/torch/policy_slots.py``).
+and Keyformer in ``decode_policies.py`` (the same slot scheme, the victim rules of the torch backend's
+``codegen/torch/policy_slots.py``; Keyformer's Gumbel noise is a graph input the runtime draws,
+``gm.meta["host_inputs"]``).
 
 The prefill graph (``model.onnx``) still cuts every eviction op out (``split.py``): at a prompt
 step the kept count is data dependent. A decode step (T = 1) of a token-count budget is not:
@@ -53,8 +54,7 @@ keeps its width: capacity ``{"slots": width, "fill": 0}`` (a cache that starts a
 
 Left split at decode (``split.py`` records, reasons in ``graphwright.json["decode"]["split"]``):
 FastGen and the scored policies on a latent cache, ``evict(when=every|overflow|block|prefill)``,
-ChunkKV, ``rule="pyramid"``, the prefill scorers, Keyformer's Gumbel noise (why:
-``decode_policies.py``), eviction ops with no decode translation (the record names them), and any
+ChunkKV, ``rule="pyramid"``, the prefill scorers, eviction ops with no decode translation (the record names them), and any
 op whose outputs reach the state through view ops other than a latent layer's payload slices. The prompt steps (``model.onnx``)
 evict in the graph where ``prompt_slots.py`` has a translation and cut the other ops out.
 
@@ -258,10 +258,12 @@ def decode_graph(gm: torch.fx.GraphModule, state_specs: list):
     runtime pads it to c slots of v after the prefill) and, where the kept count is not bounded by a
     constant (fraction budgets, latent unions), ``"grow": k_pos state`` (``pad_to_capacity``). The
     eviction nodes the module docstring leaves split stay as they are (``split`` cuts them)."""
+    from .decode_policies import host_inputs  # it imports ``place`` from here
+
     gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     state_names, specs = [s.name for s in state_specs], {s.name: s for s in state_specs}
-    capacity, in_graph, left = {}, [], []
+    capacity, in_graph, left, host = {}, [], [], []
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
@@ -283,6 +285,7 @@ def decode_graph(gm: torch.fx.GraphModule, state_specs: list):
             left.append({"op": node.target.name(), "layer": node.meta.get("graphwright", {}).get("layer"), "reason": why})
             continue
         in_graph.append(node.target.name())
+        host += host_inputs(gm, node, names)  # decode_policies.py: Keyformer's Gumbel noise, drawn by the runtime
         # per-head state (FastGen's policy [B, Hk, 1], Keyformer's meta [B, Hk, 3], Scissorhands' step): its own width
         fixed = {names.pop(i): {"slots": w, "fill": 0} for i, w in head_state_widths(node).items() if i in names}
         node.target = fn
@@ -291,6 +294,7 @@ def decode_graph(gm: torch.fx.GraphModule, state_specs: list):
         capacity.update({name: {"slots": c or 1, "fill": -1 if is_kp else 0, **({} if c else {"grow": kp})}
                          for name, is_kp in group.items()})
         capacity.update(fixed)
+    gm.meta["host_inputs"] = host
     gm.graph.lint()
     gm.recompile()
     return gm, capacity, in_graph, left

@@ -104,8 +104,21 @@ def _batch_dim():
 
 
 def extra_dynamic_shapes(extras) -> list:
+    """Batch and dynamic dims of the extra inputs; None stands for a decode host input [B, Hk, g, S+1] (S dynamic)."""
     dyn, batch = torch.export.Dim.DYNAMIC, _batch_dim()
-    return [{0: batch, **{i: dyn for i in range(1, 1 + len(EXTRA_EXAMPLES[x.kind][0]))}} for x in extras]
+    return [{0: batch, 3: dyn} if x is None else {0: batch, **{i: dyn for i in range(1, 1 + len(EXTRA_EXAMPLES[x.kind][0]))}}
+            for x in extras]
+
+
+def host_input_examples(records, sg, args) -> list:
+    """Examples of the decode graph's host inputs (``decode_policies.host_inputs`` records, Keyformer's noise):
+    zeros [B, Hk, g, S+1] sized from the example of the layer's key-position state."""
+    names = [s.name for s in sg.state]
+    out = []
+    for r in records:
+        B, Hk, S = args[3 + names.index(r["key_positions"])].shape
+        out.append(torch.zeros(B, Hk, sg.info.num_heads // Hk, S + 1))
+    return out
 
 
 def _graph_files() -> list:
@@ -162,6 +175,8 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
     check_extras(extras)
     inputs, outputs = io_names(sg.state, extras)
     decode = gm is not None
+    host = list(gm.meta.get("host_inputs") or ()) if decode else []  # decode_policies.host_inputs: after the extras
+    inputs = [*inputs, *(r["input"] for r in host)]
     with phases(tag + "split"):
         if not decode:  # streaming_shift.py: StreamingLLM keys cached at their absolute rotation (decode.onnx too)
             from .streaming_shift import shift_streaming
@@ -195,6 +210,8 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
     dyn = list(dynamic_shapes(sg.state))
     if decode:  # one new token: input_ids/positions [B, 1], logits_index [1]
         dyn[0], dyn[1], dyn[2] = {0: dyn[0][0]}, {0: dyn[1][0]}, None
+        args = (*args, *host_input_examples(host, sg, args))  # Keyformer's noise [B, Hk, g, S+1]
+        extras = [*extras, *(None for _ in host)]
     with phases(tag + "torch_export"):
         try:
             try:
@@ -303,7 +320,9 @@ def _decode_onnx(cm, out: Path, opset: int, external_data: bool, phases: Phases,
             onnx.checker.check_model(str(out / DECODE_MODEL), full_check=True)
         except Exception as exc:  # noqa: BLE001
             raise GraphwrightError(f"{out / DECODE_MODEL}: onnx.checker rejected the decode graph: {str(exc).strip()[:500]}") from exc
+    host = [{**r, "heads": sg.info.num_heads} for r in gm.meta.get("host_inputs") or ()]
     return {"model_file": DECODE_MODEL, "outputs": outputs, "runtime_ops": records, "capacity": capacity, "in_graph": in_graph,
+            **({"host_inputs": host} if host else {}),
             "split": left, "shares_weights": shared, "derived_from": MODEL if derived else None,
             "streaming_shift": shift_layers}
 

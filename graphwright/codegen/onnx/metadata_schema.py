@@ -318,6 +318,16 @@ def _decode(c: _Check, d, state: list, inputs: list, folder: Path) -> None:
         c.int(cap.get("slots"), f + ".slots", 1, MAX_ID)
         c.number(cap.get("fill"), f + ".fill")
         c.str(cap.get("grow"), f + ".grow", optional=True, choices=capacity)
+    for i, r in enumerate(c.list(d.get("host_inputs") or [], "decode.host_inputs", MAX_LAYERS)):  # decode_policies.host_inputs
+        f = f"decode.host_inputs[{i}]"
+        r = c.dict(r, f)
+        c.str(r.get("input"), f + ".input")
+        c.str(r.get("kind"), f + ".kind", choices=["keyformer_gumbel"])
+        c.int(r.get("seed"), f + ".seed", 0, MAX_ID)
+        c.int(r.get("layer"), f + ".layer", 0, MAX_LAYERS)
+        c.int(r.get("heads"), f + ".heads", 1, MAX_ID)
+        c.str(r.get("key_positions"), f + ".key_positions", choices=state)
+        c.str(r.get("meta"), f + ".meta", choices=state)
     if "shares_weights" in d:
         c.bool(d["shares_weights"], "decode.shares_weights")
     c.str(d.get("derived_from"), "decode.derived_from", optional=True, choices=["model.onnx"])  # decode_derive.py

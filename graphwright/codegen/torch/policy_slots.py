@@ -23,7 +23,9 @@ Per-slot state, per scorer (which is constant per token, which must be recompute
   layer's own attention when ``scored_attention`` gave it ``attention_sdpa_scored``).
 * ``knorm``: -||k|| is a per-token constant. The op has no state to keep it in, so it is
   recomputed over the slots: one norm over [S, D] per head, no softmax (cheaper than the step's
-  q.k). A per-slot state would save that read; the op schema (shared with ONNX and the compiled
+  q.k), then one sort of the [S] candidate norms per head (``scorers/near_ties.py``: norms within
+  1e-5 relative tie, so a repeated token's two norms, apart only by rounding, tie on every backend).
+  A per-slot state would save the norm's read; the op schema (shared with ONNX and the compiled
   backend) is left as it is.
 * ``keydiff``: -cos(k, mean unit key) depends on every cached key (the anchor moves when a key
   leaves), so it is recomputed over the slots (two passes over [S, D]).
