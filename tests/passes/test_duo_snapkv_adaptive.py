@@ -128,8 +128,7 @@ def test_kv_bytes_are_the_packed_and_streaming_caches():
 
 
 def test_budget_covering_the_prompt_is_duo_alone():
-    # the packed cache holds other bytes than duo's per-head one: tokens and logits only
-    assert_budget_covering_is_duo_alone(DUO, "snapkv(budget=64, heads='adaptive')", same_kv_bytes=False)
+    assert_budget_covering_is_duo_alone(DUO, "snapkv(budget=64, heads='adaptive')")
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
