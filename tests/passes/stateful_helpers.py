@@ -1,6 +1,6 @@
 """A ragged-batch driver for the stateful eviction ops (Keyformer, Scissorhands) and their loop oracles, and the
-model-level checks both passes' tests share (``generate_tiny``, ``assert_covering_budget_is_identity``,
-``assert_composes_with_lowrank_kv_and_steer``).
+model-level checks both passes' tests share (``generate_tiny``, ``assert_covering_budget_is_dense``,
+``assert_lowrank_kv_and_steer_compose``).
 
 ``drive`` runs one eviction op like the runtime would on a left-padded batch: a prefill of the
 prompts, then single-token steps, each step's outputs fed back. Queries and keys are drawn once per
@@ -72,7 +72,7 @@ def generate_tiny(recipe, model="tiny-llama", lengths=(14, 9), new=32, **kw):
     return cm, cm.generate(ids, attention_mask=mask, max_new_tokens=new, **GEN, **kw), ids, mask
 
 
-def assert_covering_budget_is_identity(recipe, model):
+def assert_covering_budget_is_dense(recipe, model):
     """``recipe`` (a budget covering prompt + 32 new tokens) generates the dense model's tokens, holds its KV bytes
     and gives its prompt logits within 1e-4."""
     dense, want, ids, mask = generate_tiny(None, model)
@@ -83,7 +83,7 @@ def assert_covering_budget_is_identity(recipe, model):
     assert (cm.logits(ids, mask)[real] - dense.logits(ids, mask)[real]).abs().max() <= 1e-4
 
 
-def assert_composes_with_lowrank_kv_and_steer(policy_exact, policy_lossy, bytes_below, policy_steered):
+def assert_lowrank_kv_and_steer_compose(policy_exact, policy_lossy, bytes_below, policy_steered):
     """After ``lowrank_kv(keep=0.5)``: ``policy_exact`` (a budget covering the run) gives its tokens and
     ``policy_lossy`` holds under ``bytes_below`` of its KV bytes; ``policy_steered + steer`` generates with
     emphasis and the emphasis changes the logits."""

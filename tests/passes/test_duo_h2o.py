@@ -21,16 +21,8 @@ import torch
 from graphwright import RecipeError
 from graphwright.runtime.score import stream_logits
 from tests.conftest import left_padded_batch
-from tests.passes.duo_common import (
-    TOKEN_BYTES,
-    assert_all_heads_retrieval_is_policy_alone,
-    assert_budget_covering_is_duo_alone,
-    combined_mask_logits,
-    compile_tiny,
-    kv_bytes_after_generate,
-    state_by_name,
-    stream_against_oracle,
-)
+from tests.passes import duo_common
+from tests.passes.duo_common import TOKEN_BYTES, compile_tiny, state_by_name
 
 SINKS, WINDOW, HEAVY, RECENT = 2, 5, 4, 3
 RETRIEVAL = {(0, 0)}  # layer 0 split (KV head 0 retrieval, 1 streaming); layer 1 all streaming
@@ -61,7 +53,7 @@ def _oracle():
         length = positions[:, t - 1] + 1  # the row's length after the previous step
         return h2o_hidden(kp, state[f"attn_score{layer}"][:, h], length)
 
-    return combined_mask_logits("h2o(heavy=1.0)", RETRIEVAL, hidden, SINKS, WINDOW)
+    return duo_common.combined_mask_logits("h2o(heavy=1.0)", RETRIEVAL, hidden, SINKS, WINDOW)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
@@ -69,7 +61,7 @@ def _oracle():
 def test_equals_dense_attention_under_the_combined_mask(backend, order):
     """56 teacher-forced decode steps after a 24-token prefill (batch 2 left-padded: 24 and 17 real prompt tokens)."""
     cm = compile_tiny(f"{DUO} + {H2O}" if order == "duo_first" else f"{H2O} + {DUO}", backend)
-    st = stream_against_oracle(cm, *_oracle())
+    st = duo_common.stream_against_oracle(cm, *_oracle())
     # layer 0: one retrieval head holding heavy + recent, one streaming head holding sinks + window; layer 1 duo's
     assert st["k0"].shape == (2, 1, HEAVY + RECENT, 16) and st["duo_k0"].shape == (2, 1, SINKS + WINDOW, 16)
     assert st["attn_score0"].shape == (2, 1, HEAVY + RECENT) and "attn_score1" not in st
@@ -91,7 +83,7 @@ def test_evict_h2o_preset_equals_h2o_after_duo():
 
 
 def test_kv_bytes_are_the_caches_held():
-    kv_bytes, kept = kv_bytes_after_generate(f"{DUO} + {H2O}")
+    kv_bytes, kept = duo_common.kv_bytes_after_generate(f"{DUO} + {H2O}")
     ret = HEAVY + RECENT  # layer 0's retrieval head, evicted at every step
     stream = 1 * (SINKS + WINDOW) + 2 * (SINKS + WINDOW)  # layer 0: one streaming head; layer 1: two
     assert kv_bytes == TOKEN_BYTES * (ret + stream)
@@ -99,12 +91,12 @@ def test_kv_bytes_are_the_caches_held():
 
 
 def test_budget_covering_the_length_is_duo_alone():
-    assert_budget_covering_is_duo_alone(DUO, "h2o(heavy=1.0, recent=0.0)")
+    duo_common.assert_budget_covering_is_duo_alone(DUO, "h2o(heavy=1.0, recent=0.0)")
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
 def test_all_heads_retrieval_is_h2o_alone(name):
-    assert_all_heads_retrieval_is_policy_alone(H2O, name)
+    duo_common.assert_all_heads_retrieval_is_policy_alone(H2O, name)
 
 
 @pytest.mark.parametrize("other,words", [

@@ -19,19 +19,8 @@ import torch
 from graphwright import RecipeError
 from graphwright.capture.step_graph import positions_from_mask
 from tests.conftest import left_padded_batch
-from tests.passes.duo_common import (
-    PREFILL,
-    PROMPT,
-    TOKEN_BYTES,
-    assert_all_heads_retrieval_is_policy_alone,
-    assert_budget_covering_is_duo_alone,
-    combined_mask_logits,
-    compile_tiny,
-    kv_bytes_after_generate,
-    prompt_keys,
-    state_by_name,
-    stream_against_oracle,
-)
+from tests.passes import duo_common
+from tests.passes.duo_common import PREFILL, PROMPT, TOKEN_BYTES, compile_tiny, state_by_name
 
 SINKS, WINDOW, BUDGET, OBS = 2, 5, 8, 2
 RETRIEVAL = {(0, 0)}  # layer 0 split (KV head 0 retrieval, 1 streaming); layer 1 all streaming
@@ -51,9 +40,9 @@ def _oracle():
 
     def hidden(layer, h, kp, state, t, positions):
         held = (kp[:, :, None] == kept[layer][:, h, None, :]).any(-1)
-        return prompt_keys(kp, positions) & ~held
+        return duo_common.prompt_keys(kp, positions) & ~held
 
-    return (*combined_mask_logits("snapkv(budget=100000)", RETRIEVAL, hidden, SINKS, WINDOW), kept)
+    return (*duo_common.combined_mask_logits("snapkv(budget=100000)", RETRIEVAL, hidden, SINKS, WINDOW), kept)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
@@ -61,7 +50,7 @@ def test_equals_dense_attention_under_the_combined_mask(backend):
     """56 teacher-forced decode steps after a 24-token prefill (batch 2 left-padded: 24 and 17 real prompt tokens)."""
     want, plain, kept = _oracle()
     cm = compile_tiny(f"{DUO} + {SNAP}", backend)
-    st = stream_against_oracle(cm, want, plain)
+    st = duo_common.stream_against_oracle(cm, want, plain)
     steps = max(PROMPT["lengths"]) - PREFILL
     # retrieval head: SnapKV's budget after prefill, then one slot per decode step; its prompt set is SnapKV alone's
     assert st["k0"].shape == (2, 1, BUDGET + steps, 16) and st["duo_k0"].shape == (2, 1, SINKS + WINDOW, 16)
@@ -75,7 +64,7 @@ def test_equals_dense_attention_under_the_combined_mask(backend):
 
 
 def test_kv_bytes_are_the_three_caches():
-    kv_bytes, kept = kv_bytes_after_generate(f"{DUO} + {SNAP}")
+    kv_bytes, kept = duo_common.kv_bytes_after_generate(f"{DUO} + {SNAP}")
     ret = BUDGET + 9  # layer 0's retrieval head: the compressed prompt + 9 decode tokens fed back
     stream = 1 * (SINKS + WINDOW) + 2 * (SINKS + WINDOW)  # layer 0: one streaming head; layer 1: two
     assert kv_bytes == TOKEN_BYTES * (ret + stream)
@@ -83,12 +72,12 @@ def test_kv_bytes_are_the_three_caches():
 
 
 def test_budget_covering_the_prompt_is_duo_alone():
-    assert_budget_covering_is_duo_alone(DUO, "snapkv(budget=64)", prefill=None)
+    duo_common.assert_budget_covering_is_duo_alone(DUO, "snapkv(budget=64)", prefill=None)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
 def test_all_heads_retrieval_is_snapkv_alone(name):
-    assert_all_heads_retrieval_is_policy_alone(SNAP, name)
+    duo_common.assert_all_heads_retrieval_is_policy_alone(SNAP, name)
 
 
 @pytest.mark.parametrize("other,words", [

@@ -23,22 +23,8 @@ from graphwright.capture.step_graph import positions_from_mask
 from graphwright.ops import schema
 from graphwright.runtime.score import stream_logits
 from tests.conftest import left_padded_batch
-from tests.passes.duo_common import (
-    EVERY_HEAD_RETRIEVAL,
-    GEN,
-    PREFILL,
-    PROMPT,
-    SMALL,
-    TOKEN_BYTES,
-    assert_all_heads_retrieval_is_policy_alone,
-    assert_budget_covering_is_duo_alone,
-    combined_mask_logits,
-    compile_tiny,
-    kv_bytes_after_generate,
-    prompt_keys,
-    state_by_name,
-    stream_against_oracle,
-)
+from tests.passes import duo_common
+from tests.passes.duo_common import EVERY_HEAD_RETRIEVAL, GEN, PREFILL, PROMPT, SMALL, TOKEN_BYTES, compile_tiny, state_by_name
 from tests.passes.test_snapkv_adaptive import _oracle as adakv_loop_oracle
 
 SINKS, WINDOW, BUDGET, OBS = 2, 5, 6, 2
@@ -93,9 +79,9 @@ def _oracle():
     def hidden(layer, h, kp, state, t, positions):
         r = [g for g in range(2) if (layer, g) in RETRIEVAL].index(h)  # h among the layer's retrieval heads
         held = torch.stack([torch.isin(kp[b], torch.tensor(kept[layer][b][r])) for b in range(kp.shape[0])])
-        return prompt_keys(kp, positions) & ~held
+        return duo_common.prompt_keys(kp, positions) & ~held
 
-    return combined_mask_logits("snapkv(budget=100000)", RETRIEVAL, hidden, SINKS, WINDOW)
+    return duo_common.combined_mask_logits("snapkv(budget=100000)", RETRIEVAL, hidden, SINKS, WINDOW)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
@@ -103,7 +89,7 @@ def _oracle():
 def test_equals_dense_attention_under_the_combined_mask(backend, order):
     kept = _kept_by_spec()
     cm = compile_tiny(f"{DUO} + {ADA}" if order == "duo_first" else f"{ADA} + {DUO}", backend)
-    st = stream_against_oracle(cm, *_oracle())
+    st = duo_common.stream_against_oracle(cm, *_oracle())
     steps = max(PROMPT["lengths"]) - PREFILL
     for layer in range(2):  # packed caches: [B, 1, N, D], per-head positions [B, H_ret, N]
         kp = st[f"key_positions{layer}"]
@@ -122,18 +108,18 @@ def test_equals_dense_attention_under_the_combined_mask(backend, order):
 
 
 def test_kv_bytes_are_the_packed_and_streaming_caches():
-    kv_bytes, _ = kv_bytes_after_generate(f"{DUO} + {ADA}")
+    kv_bytes, _ = duo_common.kv_bytes_after_generate(f"{DUO} + {ADA}")
     packed = 1 * (BUDGET + 9) + 2 * (BUDGET + 9)  # layer 0: one retrieval head; layer 1: two (floor 0: H_ret * budget)
     assert kv_bytes == TOKEN_BYTES * (packed + SINKS + WINDOW)
 
 
 def test_budget_covering_the_prompt_is_duo_alone():
-    assert_budget_covering_is_duo_alone(DUO, "snapkv(budget=64, heads='adaptive')")
+    duo_common.assert_budget_covering_is_duo_alone(DUO, "snapkv(budget=64, heads='adaptive')")
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
 def test_all_heads_retrieval_is_adaptive_snapkv_alone(name):
-    assert_all_heads_retrieval_is_policy_alone(ADA, name)
+    duo_common.assert_all_heads_retrieval_is_policy_alone(ADA, name)
 
 
 def test_evict_adaptive_scored_packs_the_retrieval_heads():

@@ -13,14 +13,7 @@ from graphwright.ops.eviction_ref import h2o_reference
 from graphwright.ops.policy_keyformer import EVICT_KEYFORMER, gumbel_noise, keyformer_step
 from tests.conftest import _tiny
 from tests.passes.eviction_helpers import kept_positions, op_decode_loop
-from tests.passes.stateful_helpers import (
-    assert_composes_with_lowrank_kv_and_steer,
-    assert_covering_budget_is_identity,
-    drive,
-    generate_tiny,
-    kept,
-    softmax,
-)
+from tests.passes.stateful_helpers import assert_covering_budget_is_dense, assert_lowrank_kv_and_steer_compose, drive, generate_tiny, kept, softmax
 
 SCALE = 1 / math.sqrt(8)
 
@@ -31,7 +24,7 @@ def _meta(B=2, Hk=2):
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen2"])
 def test_int_budget_covering_prompt_and_new_tokens_is_identity(model):
-    assert_covering_budget_is_identity("keyformer(kv=46)", model)  # 14 + 32
+    assert_covering_budget_is_dense("keyformer(kv=46)", model)  # 14 + 32
 
 
 def test_kv_one_is_not_exact_for_decode():
@@ -180,4 +173,4 @@ def test_bad_arguments_are_refused_with_the_allowed_values():
 
 
 def test_composes_with_lowrank_kv_and_steer():
-    assert_composes_with_lowrank_kv_and_steer("keyformer(kv=30)", "keyformer(kv=0.5)", 0.6, "keyformer(kv=0.5)")
+    assert_lowrank_kv_and_steer_compose("keyformer(kv=30)", "keyformer(kv=0.5)", 0.6, "keyformer(kv=0.5)")

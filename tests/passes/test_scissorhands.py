@@ -11,14 +11,7 @@ import graphwright as gw
 from graphwright import RecipeError
 from graphwright.ops.policy_scissorhands import EVICT_SCISSORHANDS, popcount, ring_bytes
 from tests.conftest import _tiny
-from tests.passes.stateful_helpers import (
-    assert_composes_with_lowrank_kv_and_steer,
-    assert_covering_budget_is_identity,
-    drive,
-    generate_tiny,
-    kept,
-    softmax,
-)
+from tests.passes.stateful_helpers import assert_covering_budget_is_dense, assert_lowrank_kv_and_steer_compose, drive, generate_tiny, kept, softmax
 
 SCALE = 1 / math.sqrt(8)
 
@@ -30,7 +23,7 @@ def _state(history, B=2, Hk=2):
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen2"])
 def test_budget_covering_the_total_length_is_identity(model):
-    assert_covering_budget_is_identity("scissorhands(budget=46)", model)  # 14 + 32
+    assert_covering_budget_is_dense("scissorhands(budget=46)", model)  # 14 + 32
     small, _, _, _ = generate_tiny("scissorhands(budget=12, recent=2)", model)
     assert small.last_stats["kv_bytes"] < 0.5 * small.last_stats["kv_bytes_dense"]
     assert max(n for layer in small.last_stats["kept_tokens_per_head"] for row in layer for n in row) == 11
@@ -119,5 +112,5 @@ def test_budget_below_protected_tokens_is_refused():
 
 
 def test_composes_with_lowrank_kv_and_steer():
-    assert_composes_with_lowrank_kv_and_steer("scissorhands(budget=30)", "scissorhands(budget=8, recent=2, history=8)", 0.8,
+    assert_lowrank_kv_and_steer_compose("scissorhands(budget=30)", "scissorhands(budget=8, recent=2, history=8)", 0.8,
                                               "scissorhands(budget=8, recent=2)")
