@@ -212,6 +212,14 @@ class StateEditor:
         self._write_outputs()
         self.sg.state = [e[0] for e in self.entries]
 
+    def finish(self):
+        """The end of an eviction rewrite: drop the shared positions if unread, commit, clean and recompile the graph."""
+        self.drop_unused_shared_positions()
+        self.commit()
+        self.graph.eliminate_dead_code()
+        self.graph.lint()
+        self.sg.gm.recompile()
+
 
 def eviction_site(ed: StateEditor, node) -> LayerSite | str:
     """``match.layer_site`` plus what eviction needs: no key bias yet, the shared key positions."""
@@ -331,11 +339,7 @@ def rewrite_layers(sg, variant: str, build: BuildFn, layers=None) -> list[int]:
         meta = site.attn.meta.setdefault("graphwright", {})
         meta["variant"] = f"{meta['variant']}+{variant}" if site.latent and meta.get("variant") else variant
         done.append(site.layer)
-    ed.drop_unused_shared_positions()
-    ed.commit()
-    graph.eliminate_dead_code()
-    graph.lint()
-    sg.gm.recompile()
+    ed.finish()
     return done
 
 

@@ -64,23 +64,23 @@ class Projections:
 _attr = attr_tensor
 
 
-def _linear_of(gm, target: str):
+def _weight_user(gm, target: str, op, weight_of):
+    """The first ``op`` node whose weight (``weight_of(node)``) is the parameter ``target``, or None."""
     for n in gm.graph.nodes:
         if n.op == "get_attr" and n.target == target:
             for u in n.users:
-                if u.target is aten.linear.default and linear_parts(u)[1] is n:
+                if u.target is op and weight_of(u) is n:
                     return u
     return None
+
+
+def _linear_of(gm, target: str):
+    return _weight_user(gm, target, aten.linear.default, lambda u: linear_parts(u)[1])
 
 
 def _addmm_of(gm, target: str):
     """GPT-2's Conv1D: addmm(bias, x2d, weight[in, out])."""
-    for n in gm.graph.nodes:
-        if n.op == "get_attr" and n.target == target:
-            for u in n.users:
-                if u.target is aten.addmm.default and addmm_parts(u)[2] is n:
-                    return u
-    return None
+    return _weight_user(gm, target, aten.addmm.default, lambda u: addmm_parts(u)[2])
 
 
 def _bias(gm, lin) -> torch.Tensor | None:

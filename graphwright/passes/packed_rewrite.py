@@ -103,9 +103,5 @@ def rewrite_packed(sg, variant: str, params: dict, layers=None, op=EVICT_ADAKV, 
             ed.set_output(name, out)
         site.attn.meta.setdefault("graphwright", {})["variant"] = variant
         done.append(site.layer)
-    ed.drop_unused_shared_positions()
-    ed.commit()
-    graph.eliminate_dead_code()
-    graph.lint()
-    sg.gm.recompile()
+    ed.finish()
     return done

@@ -23,9 +23,9 @@ from graphwright.compiled import CompiledModel
 from graphwright.ops.eviction import ROPE_CACHE_INDEX, ROPE_INVERT
 from graphwright.passes.base import PassContext
 from graphwright.passes.streaming import Streaming
-from tests.codegen.test_streaming_shift import LENGTHS, kept
+from tests.codegen.test_streaming_shift import LENGTHS
 from tests.conftest import left_padded_batch
-from tests.passes.eviction_helpers import COMPACTING, decode_loop
+from tests.passes.eviction_helpers import COMPACTING, decode_loop, kept_sets
 
 
 def _decode_targets(cm):
@@ -49,13 +49,13 @@ def test_compiled_streaming_without_rerotation_equals_the_compacting_reference(c
     shapes = []
 
     def on_step(i, s):
-        sets["compiled"].append(kept(cm, s))
+        sets["compiled"].append(kept_sets(cm, s))
         shapes.append([tuple(t.shape) for t in s])
 
     frames = torch._dynamo.utils.counters["frames"]["ok"]
     got, got_toks, _ = decode_loop(cm, ids, mask, steps, on_step)
     frames = torch._dynamo.utils.counters["frames"]["ok"] - frames
-    want, want_toks, _ = decode_loop(ref, ids, mask, steps, lambda i, s: sets["ref"].append(kept(ref, s)))
+    want, want_toks, _ = decode_loop(ref, ids, mask, steps, lambda i, s: sets["ref"].append(kept_sets(ref, s)))
     assert sets["compiled"] == sets["ref"]
     assert sets["compiled"][-1][1][0][0] == [0, 1] + list(range(steps + 7, steps + 12))  # evicts at every step
     assert torch.equal(got_toks, want_toks)

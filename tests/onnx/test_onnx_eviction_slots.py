@@ -23,18 +23,13 @@ from graphwright.codegen.onnx.artifact import OnnxStep
 from graphwright.codegen.onnx.decode_slots import decode_graph, pad_to_capacity, position_rank
 from graphwright.compiled import CompiledModel
 from tests.conftest import left_padded_batch
-from tests.passes.eviction_helpers import COMPACTING, decode_loop, kept_positions, state_of
+from tests.passes.eviction_helpers import COMPACTING, decode_loop, kept_sets
 
 # the registry's settings (tests/passes/backend_cases.py), so the exports are shared
 RECIPES = {"h2o": ("h2o(heavy=4, recent=4)", 8, "graphwright::evict_h2o"),
            "streaming": ("streaming(sinks=2, window=6)", 8, "graphwright::evict_streaming")}
 LENGTHS = [12, 7]
 STEPS = 60
-
-
-def kept_sets(cm, state):
-    return [[[sorted(h) for h in row] for row in kept_positions(state_of(cm, state, f"key_positions{layer}"))]
-            for layer in range(2)]
 
 
 @pytest.fixture(scope="module")

@@ -21,19 +21,13 @@ from graphwright.codegen.onnx.decode_slots import decode_graph, position_rank, r
 from graphwright.codegen.onnx.streaming_shift import shift_streaming, shifted_decode_attention
 from graphwright.compiled import CompiledModel
 from graphwright.ops.eviction import ROPE_CACHE_INDEX, ROPE_INVERT
-from graphwright.ops.rope_index_ref import _rotate, rope_angles
 from tests.conftest import left_padded_batch
-from tests.passes.eviction_helpers import COMPACTING, decode_loop, kept_positions, state_of
-from tests.passes.streaming_cases import reference_layer, unordered_slot_case
+from tests.passes.eviction_helpers import COMPACTING, decode_loop, kept_sets, state_of
+from tests.passes.streaming_cases import assert_keys_rotated_at_positions, reference_layer, unordered_slot_case
 
 RECIPE = "streaming(sinks=2, window=6)"  # the registry's setting (test_onnx_eviction_slots.py): the export is shared
 LENGTHS = [12, 7]
 STEPS = 120
-
-
-def kept_sets(cm, state):
-    return [[[sorted(h) for h in row] for row in kept_positions(state_of(cm, state, f"key_positions{layer}"))]
-            for layer in range(2)]
 
 
 @pytest.fixture(scope="module")
@@ -66,15 +60,8 @@ def test_the_artifact_caches_keys_rotated_at_their_positions(runs):
     for layer in range(2):
         kp_o, kp_r = (state_of(cm, runs[n][3], f"key_positions{layer}") for n in ("onnx", "ref"))
         k_o, k_r = (state_of(cm, runs[n][3], f"k{layer}") for n in ("onnx", "ref"))
-        for b in range(2):
-            for h in range(kp_o.shape[1]):
-                oo, orr = kp_o[b, h].argsort(), kp_r[b, h].argsort()
-                oo, orr = oo[kp_o[b, h, oo] >= 0], orr[kp_r[b, h, orr] >= 0]
-                pos = kp_o[b, h, oo]
-                assert torch.equal(pos, kp_r[b, h, orr]) and len(pos) == 8
-                cos, sin = rope_angles(pos, inv)
-                rotated = _rotate(k_r[b, h, orr][None, None], cos, sin, 1.0)[0, 0]
-                assert (k_o[b, h, oo] - rotated).abs().max() <= 5e-5  # fp32 RoPE in ORT vs torch; unrotated keys differ by O(1)
+        # fp32 RoPE in ORT vs torch: 5e-5; unrotated keys differ by O(1)
+        assert_keys_rotated_at_positions(kp_o, k_o, kp_r, k_r, inv, kept=8, tol=5e-5)
 
 
 def test_decode_graph_rotates_no_key_and_ranks_nothing(runs):

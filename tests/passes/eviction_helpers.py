@@ -81,6 +81,12 @@ def kept_positions(k_pos_out):
     return [[[int(p) for p in row if p >= 0] for row in heads] for heads in k_pos_out]
 
 
+def kept_sets(cm, state, layers=2):
+    """Per layer, [B][Hk] sorted kept positions of ``cm``'s per-head positions state (``key_positions<layer>``)."""
+    return [[[sorted(h) for h in row] for row in kept_positions(state_of(cm, state, f"key_positions{layer}"))]
+            for layer in range(layers)]
+
+
 def run_pass(cm, p, tokenizer=None):
     """A CompiledModel of pass ``p`` applied to a copy of ``cm``'s graph."""
     return CompiledModel(p.run(cm.step_graph.copy(), PassContext(tokenizer=tokenizer)), tokenizer=tokenizer)
@@ -109,6 +115,19 @@ def decode_loop(cm, ids, mask, steps, on_step=None):
             on_step(i + 1, state)
     toks = torch.stack(toks, 1) if toks else torch.zeros(ids.shape[0], 0, dtype=torch.long)
     return torch.stack(out), toks, state
+
+
+def assert_exact_setting(cm, p, steps=32, lengths=(12, 7), seed=1):
+    """Pass ``p`` in an exact setting decodes like ``cm``: on a left-padded batch, ``steps`` greedy decode steps give
+    the same tokens and logits within 1e-4 (StreamingLLM's pre-RoPE round trip costs ~1e-6). Returns
+    ``(the pass's model, ids, mask)``."""
+    ids, mask = left_padded_batch(256, list(lengths), seed=seed)
+    ev = run_pass(cm, p)
+    want_logits, want, _ = decode_loop(cm, ids, mask, steps)
+    got_logits, got, _ = decode_loop(ev, ids, mask, steps)
+    assert torch.equal(got, want)
+    assert (got_logits - want_logits).abs().max() <= 1e-4
+    return ev, ids, mask
 
 
 def state_of(cm, state, name):

@@ -1,5 +1,5 @@
 """Shared op-level case of the StreamingLLM shift tests (torch backend and ONNX): unordered slots and
-the step graph's composition they must equal."""
+the step graph's composition they must equal; and their model-level check of the cached keys."""
 
 from __future__ import annotations
 
@@ -46,3 +46,18 @@ def unordered_slot_case(evicted: int, sinks: int = 3, window: int = 6):
     ck, sk = rope_angles(k_pos, inv)
     cq, sq = rope_angles(q_pos, inv)
     return _rotate(q_pre, cq[:, None], sq[:, None], 1.0), _rotate(k_pre, ck, sk, 1.0), v, q_pos, k_pos, inv
+
+
+def assert_keys_rotated_at_positions(kp, k, kp_ref, k_ref, inv, kept: int, tol: float) -> None:
+    """Each row and KV head of a rotated-key cache (positions ``kp``, keys ``k`` [B, Hk, S(, D)]) holds the same
+    ``kept`` positions as the pre-RoPE reference cache (``kp_ref``, ``k_ref``), slots in any order, and its keys
+    are the reference's rotated at those positions (within ``tol``)."""
+    for b in range(kp.shape[0]):
+        for h in range(kp.shape[1]):
+            o, o_ref = kp[b, h].argsort(), kp_ref[b, h].argsort()
+            o, o_ref = o[kp[b, h, o] >= 0], o_ref[kp_ref[b, h, o_ref] >= 0]
+            pos = kp[b, h, o]
+            assert torch.equal(pos, kp_ref[b, h, o_ref]) and len(pos) == kept
+            cos, sin = rope_angles(pos, inv)
+            rotated = _rotate(k_ref[b, h, o_ref][None, None], cos, sin, 1.0)[0, 0]
+            assert (k[b, h, o] - rotated).abs().max() <= tol

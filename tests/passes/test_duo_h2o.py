@@ -19,12 +19,12 @@ import pytest
 import torch
 
 from graphwright import RecipeError
-from graphwright.capture.step_graph import positions_from_mask
 from graphwright.runtime.score import stream_logits
 from tests.conftest import left_padded_batch
-from tests.passes.duo_common import GEN, assert_generates_alike, compile_tiny, dense_stream_logits, hide_outside_streaming_window, state_by_name
+from tests.passes import duo_common
+from tests.passes.duo_common import TOKEN_BYTES, compile_tiny, state_by_name
 
-PROMPT, PREFILL, SINKS, WINDOW, HEAVY, RECENT = dict(lengths=(80, 73), seed=3), 24, 2, 5, 4, 3
+SINKS, WINDOW, HEAVY, RECENT = 2, 5, 4, 3
 RETRIEVAL = {(0, 0)}  # layer 0 split (KV head 0 retrieval, 1 streaming); layer 1 all streaming
 DUO = f"duo(retrieval=[[0, 0]], sinks={SINKS}, window={WINDOW})"
 H2O = f"h2o(heavy={HEAVY}, recent={RECENT})"
@@ -46,47 +46,22 @@ def h2o_hidden(kp: torch.Tensor, score: torch.Tensor, length: torch.Tensor) -> t
 
 @functools.lru_cache(maxsize=None)
 def _oracle():
-    """(logits under the combined mask, plain dense logits)."""
-    ids, mask = left_padded_batch(256, **PROMPT)
-    masked = compile_tiny("h2o(heavy=1.0)", "reference")  # per-head positions and scores, nothing evicted
-    names = [s.name for s in masked.runtime_graph.state]
-    positions = positions_from_mask(mask)
-    step_at = iter(range(PREFILL, ids.shape[1] + 1))
+    """(logits under the combined mask, plain dense logits); the masked model keeps per-head positions and scores
+    and evicts nothing (``h2o(heavy=1.0)``), the scores read from its own state before each step."""
 
-    def oracle(i, p, idx, state):
-        state = list(state)
-        if i.shape[1] == 1:  # a decode step: hide what the combined cache does not hold
-            t = next(step_at)
-            q = positions[:, t][:, None]  # [B, 1]: the query's position
-            length = positions[:, t - 1] + 1  # the row's length after the previous step
-            for layer in range(2):
-                j = names.index(f"key_positions{layer}")
-                kp, score = state[j].clone(), state[names.index(f"attn_score{layer}")]
-                for h in range(2):
-                    if (layer, h) in RETRIEVAL:
-                        kp[:, h] = kp[:, h].masked_fill(h2o_hidden(kp[:, h], score[:, h], length), -1)
-                    else:
-                        kp[:, h] = hide_outside_streaming_window(kp[:, h], q, SINKS, WINDOW)
-                state[j] = kp
-        return masked._step(i, p, idx, state)
+    def hidden(layer, h, kp, state, t, positions):
+        length = positions[:, t - 1] + 1  # the row's length after the previous step
+        return h2o_hidden(kp, state[f"attn_score{layer}"][:, h], length)
 
-    want, _ = stream_logits(oracle, masked.runtime_graph.state, ids, mask, PREFILL)
-    plain = dense_stream_logits(ids, mask, PREFILL)
-    return want, plain
+    return duo_common.combined_mask_logits("h2o(heavy=1.0)", RETRIEVAL, hidden, SINKS, WINDOW)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 @pytest.mark.parametrize("order", ["duo_first", "h2o_first"])
 def test_equals_dense_attention_under_the_combined_mask(backend, order):
     """56 teacher-forced decode steps after a 24-token prefill (batch 2 left-padded: 24 and 17 real prompt tokens)."""
-    ids, mask = left_padded_batch(256, **PROMPT)
-    want, plain = _oracle()
     cm = compile_tiny(f"{DUO} + {H2O}" if order == "duo_first" else f"{H2O} + {DUO}", backend)
-    got, state = stream_logits(cm._step, cm.runtime_graph.state, ids, mask, PREFILL)
-    real = mask.bool()
-    assert (got - want)[real].abs().max().item() <= 1e-4
-    assert (got - plain)[real].abs().max().item() > 0.1  # the mask really acts on these steps
-    st = state_by_name(cm, state)
+    st = duo_common.stream_against_oracle(cm, *_oracle())
     # layer 0: one retrieval head holding heavy + recent, one streaming head holding sinks + window; layer 1 duo's
     assert st["k0"].shape == (2, 1, HEAVY + RECENT, 16) and st["duo_k0"].shape == (2, 1, SINKS + WINDOW, 16)
     assert st["attn_score0"].shape == (2, 1, HEAVY + RECENT) and "attn_score1" not in st
@@ -108,33 +83,20 @@ def test_evict_h2o_preset_equals_h2o_after_duo():
 
 
 def test_kv_bytes_are_the_caches_held():
-    ids, mask = left_padded_batch(256, (30, 22), seed=1)
-    cm = compile_tiny(f"{DUO} + {H2O}")
-    cm.generate(ids, attention_mask=mask, max_new_tokens=10, **GEN)
-    B, D, kv = 2, 16, 2 * 4  # K and V, fp32
+    kv_bytes, kept = duo_common.kv_bytes_after_generate(f"{DUO} + {H2O}")
     ret = HEAVY + RECENT  # layer 0's retrieval head, evicted at every step
     stream = 1 * (SINKS + WINDOW) + 2 * (SINKS + WINDOW)  # layer 0: one streaming head; layer 1: two
-    assert cm.last_stats["kv_bytes"] == B * D * kv * (ret + stream)
-    assert cm.last_stats["kept_tokens_per_head"] == [[[7, 7], [7, 7]], [[7, 7], [7, 7]]]
+    assert kv_bytes == TOKEN_BYTES * (ret + stream)
+    assert kept == [[[7, 7], [7, 7]], [[7, 7], [7, 7]]]
 
 
 def test_budget_covering_the_length_is_duo_alone():
-    ids, mask = left_padded_batch(256, (30, 22), seed=1)
-    both, duo = compile_tiny(f"{DUO} + h2o(heavy=1.0, recent=0.0)"), compile_tiny(DUO)
-    real = mask.bool()
-    a, _ = stream_logits(both._step, both.runtime_graph.state, ids, mask, 12)
-    b, _ = stream_logits(duo._step, duo.runtime_graph.state, ids, mask, 12)
-    assert (a - b)[real].abs().max().item() <= 1e-5
-    assert_generates_alike(both, duo, ids, mask)
+    duo_common.assert_budget_covering_is_duo_alone(DUO, "h2o(heavy=1.0, recent=0.0)")
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
 def test_all_heads_retrieval_is_h2o_alone(name):
-    ids, mask = left_padded_batch(256, (30, 22), seed=1)
-    every = "duo(retrieval=[[0, 0], [0, 1], [1, 0], [1, 1]], sinks=0, window=1)"
-    both, h2o = compile_tiny(f"{every} + {H2O}", name=name), compile_tiny(H2O, name=name)
-    assert [s.name for s in both.step_graph.state] == [s.name for s in h2o.step_graph.state]
-    assert_generates_alike(both, h2o, ids, mask)
+    duo_common.assert_all_heads_retrieval_is_policy_alone(H2O, name)
 
 
 @pytest.mark.parametrize("other,words", [

@@ -17,11 +17,12 @@ import pytest
 import torch
 
 from graphwright import RecipeError
-from graphwright.runtime.score import stream_logits
+from graphwright.capture.step_graph import positions_from_mask
 from tests.conftest import left_padded_batch
-from tests.passes.duo_common import GEN, assert_generates_alike, compile_tiny, dense_stream_logits, hide_outside_streaming_window, state_by_name
+from tests.passes import duo_common
+from tests.passes.duo_common import PREFILL, PROMPT, TOKEN_BYTES, compile_tiny, state_by_name
 
-PROMPT, PREFILL, SINKS, WINDOW, BUDGET, OBS = dict(lengths=(80, 73), seed=3), 24, 2, 5, 8, 2
+SINKS, WINDOW, BUDGET, OBS = 2, 5, 8, 2
 RETRIEVAL = {(0, 0)}  # layer 0 split (KV head 0 retrieval, 1 streaming); layer 1 all streaming
 DUO = f"duo(retrieval=[[0, 0]], sinks={SINKS}, window={WINDOW})"
 SNAP = f"snapkv(budget={BUDGET}, window={OBS})"
@@ -29,58 +30,28 @@ SNAP = f"snapkv(budget={BUDGET}, window={OBS})"
 
 @functools.lru_cache(maxsize=None)
 def _oracle():
-    """(logits under the combined mask, plain dense logits, SnapKV alone's kept prompt positions per layer)."""
+    """(logits under the combined mask, plain dense logits, SnapKV alone's kept prompt positions per layer); the
+    masked model keeps per-head positions and evicts nothing (``snapkv(budget=100000)``)."""
     ids, mask = left_padded_batch(256, **PROMPT)
     snap = compile_tiny(SNAP, "reference")
-    _, st = snap._step(ids[:, :PREFILL], gw_positions(mask)[:, :PREFILL], torch.arange(PREFILL),
+    _, st = snap._step(ids[:, :PREFILL], positions_from_mask(mask)[:, :PREFILL], torch.arange(PREFILL),
                        [s.empty(2, torch.device("cpu")) for s in snap.runtime_graph.state])
     kept = {layer: state_by_name(snap, st)[f"key_positions{layer}"] for layer in range(2)}  # [B, Hk, budget]
-    masked = compile_tiny("snapkv(budget=100000)", "reference")  # per-head positions, nothing evicted
-    names = [s.name for s in masked.runtime_graph.state]
-    positions = gw_positions(mask)
-    step_at = iter(range(PREFILL, ids.shape[1] + 1))
 
-    def oracle(i, p, idx, state):
-        state = list(state)
-        if i.shape[1] == 1:  # a decode step: hide what the combined cache does not hold
-            t = next(step_at)
-            q = positions[:, t][:, None]  # [B, 1]: the query's position
-            for layer in range(2):
-                j = names.index(f"key_positions{layer}")
-                kp = state[j].clone()  # [B, Hk, S]
-                for h in range(2):
-                    if (layer, h) in RETRIEVAL:
-                        prompt = (kp[:, h] >= 0) & (kp[:, h] < positions[:, PREFILL - 1:PREFILL] + 1)
-                        held = (kp[:, h, :, None] == kept[layer][:, h, None, :]).any(-1)
-                        kp[:, h] = kp[:, h].masked_fill(prompt & ~held, -1)
-                    else:
-                        kp[:, h] = hide_outside_streaming_window(kp[:, h], q, SINKS, WINDOW)
-                state[j] = kp
-        return masked._step(i, p, idx, state)
+    def hidden(layer, h, kp, state, t, positions):
+        held = (kp[:, :, None] == kept[layer][:, h, None, :]).any(-1)
+        return duo_common.prompt_keys(kp, positions) & ~held
 
-    want, _ = stream_logits(oracle, masked.runtime_graph.state, ids, mask, PREFILL)
-    plain = dense_stream_logits(ids, mask, PREFILL)
-    return want, plain, kept
-
-
-def gw_positions(mask):
-    from graphwright.capture.step_graph import positions_from_mask
-
-    return positions_from_mask(mask)
+    return (*duo_common.combined_mask_logits("snapkv(budget=100000)", RETRIEVAL, hidden, SINKS, WINDOW), kept)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_equals_dense_attention_under_the_combined_mask(backend):
     """56 teacher-forced decode steps after a 24-token prefill (batch 2 left-padded: 24 and 17 real prompt tokens)."""
-    ids, mask = left_padded_batch(256, **PROMPT)
     want, plain, kept = _oracle()
     cm = compile_tiny(f"{DUO} + {SNAP}", backend)
-    got, state = stream_logits(cm._step, cm.runtime_graph.state, ids, mask, PREFILL)
-    real = mask.bool()
-    assert (got - want)[real].abs().max().item() <= 1e-4
-    assert (got - plain)[real].abs().max().item() > 0.1  # the mask really acts on these steps
-    st = state_by_name(cm, state)
-    steps = ids.shape[1] - PREFILL
+    st = duo_common.stream_against_oracle(cm, want, plain)
+    steps = max(PROMPT["lengths"]) - PREFILL
     # retrieval head: SnapKV's budget after prefill, then one slot per decode step; its prompt set is SnapKV alone's
     assert st["k0"].shape == (2, 1, BUDGET + steps, 16) and st["duo_k0"].shape == (2, 1, SINKS + WINDOW, 16)
     for b in range(2):
@@ -93,31 +64,20 @@ def test_equals_dense_attention_under_the_combined_mask(backend):
 
 
 def test_kv_bytes_are_the_three_caches():
-    ids, mask = left_padded_batch(256, (30, 22), seed=1)
-    cm = compile_tiny(f"{DUO} + {SNAP}")
-    cm.generate(ids, attention_mask=mask, max_new_tokens=10, **GEN)
-    B, D, kv = 2, 16, 2 * 4  # K and V, fp32
+    kv_bytes, kept = duo_common.kv_bytes_after_generate(f"{DUO} + {SNAP}")
     ret = BUDGET + 9  # layer 0's retrieval head: the compressed prompt + 9 decode tokens fed back
     stream = 1 * (SINKS + WINDOW) + 2 * (SINKS + WINDOW)  # layer 0: one streaming head; layer 1: two
-    assert cm.last_stats["kv_bytes"] == B * D * kv * (ret + stream)
-    assert cm.last_stats["kept_tokens_per_head"] == [[[17, 7], [17, 7]], [[7, 7], [7, 7]]]
+    assert kv_bytes == TOKEN_BYTES * (ret + stream)
+    assert kept == [[[17, 7], [17, 7]], [[7, 7], [7, 7]]]
 
 
 def test_budget_covering_the_prompt_is_duo_alone():
-    ids, mask = left_padded_batch(256, (30, 22), seed=1)
-    both, duo = compile_tiny(f"{DUO} + snapkv(budget=64)"), compile_tiny(DUO)
-    real = mask.bool()
-    assert (both.logits(ids, attention_mask=mask) - duo.logits(ids, attention_mask=mask))[real].abs().max().item() <= 1e-5
-    assert_generates_alike(both, duo, ids, mask)
+    duo_common.assert_budget_covering_is_duo_alone(DUO, "snapkv(budget=64)", prefill=None)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
 def test_all_heads_retrieval_is_snapkv_alone(name):
-    ids, mask = left_padded_batch(256, (30, 22), seed=1)
-    every = "duo(retrieval=[[0, 0], [0, 1], [1, 0], [1, 1]], sinks=0, window=1)"
-    both, snap = compile_tiny(f"{every} + {SNAP}", name=name), compile_tiny(SNAP, name=name)
-    assert [s.name for s in both.step_graph.state] == [s.name for s in snap.step_graph.state]
-    assert_generates_alike(both, snap, ids, mask)
+    duo_common.assert_all_heads_retrieval_is_policy_alone(SNAP, name)
 
 
 @pytest.mark.parametrize("other,words", [

@@ -23,10 +23,11 @@ from graphwright.capture.step_graph import positions_from_mask
 from graphwright.ops import schema
 from graphwright.runtime.score import stream_logits
 from tests.conftest import left_padded_batch
-from tests.passes.duo_common import GEN, assert_generates_alike, compile_tiny, dense_stream_logits, hide_outside_streaming_window, state_by_name
+from tests.passes import duo_common
+from tests.passes.duo_common import EVERY_HEAD_RETRIEVAL, GEN, PREFILL, PROMPT, SMALL, TOKEN_BYTES, compile_tiny, state_by_name
 from tests.passes.test_snapkv_adaptive import _oracle as adakv_loop_oracle
 
-PROMPT, PREFILL, SINKS, WINDOW, BUDGET, OBS = dict(lengths=(80, 73), seed=3), 24, 2, 5, 6, 2
+SINKS, WINDOW, BUDGET, OBS = 2, 5, 6, 2
 RETRIEVAL = {(0, 0), (1, 0), (1, 1)}  # layer 0 split (KV head 0 retrieval, 1 streaming); layer 1 all retrieval
 DUO = f"duo(retrieval=[[0, 0], [1, 0], [1, 1]], sinks={SINKS}, window={WINDOW})"
 ADA = f"snapkv(budget={BUDGET}, window={OBS}, heads='adaptive', floor=0.0)"
@@ -71,53 +72,25 @@ def _kept_by_spec() -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _oracle():
-    """(logits under the combined mask, plain dense logits)."""
-    ids, mask = left_padded_batch(256, **PROMPT)
+    """(logits under the combined mask, plain dense logits); the masked model keeps per-head positions and evicts
+    nothing (``snapkv(budget=100000)``)."""
     kept = _kept_by_spec()
-    masked = compile_tiny("snapkv(budget=100000)", "reference")  # per-head positions, nothing evicted
-    names = [s.name for s in masked.runtime_graph.state]
-    positions = positions_from_mask(mask)
-    step_at = iter(range(PREFILL, ids.shape[1] + 1))
 
-    def oracle(i, p, idx, state):
-        state = list(state)
-        if i.shape[1] == 1:
-            t = next(step_at)
-            q = positions[:, t][:, None]
-            for layer in range(2):
-                j = names.index(f"key_positions{layer}")
-                kp = state[j].clone()
-                ret = [h for h in range(2) if (layer, h) in RETRIEVAL]
-                for h in range(2):
-                    if (layer, h) in RETRIEVAL:
-                        r = ret.index(h)
-                        prompt = (kp[:, h] >= 0) & (kp[:, h] < positions[:, PREFILL - 1:PREFILL] + 1)
-                        for b in range(2):
-                            held = torch.isin(kp[b, h], torch.tensor(kept[layer][b][r]))
-                            kp[b, h] = kp[b, h].masked_fill(prompt[b] & ~held, -1)
-                    else:
-                        kp[:, h] = hide_outside_streaming_window(kp[:, h], q, SINKS, WINDOW)
-                state[j] = kp
-        return masked._step(i, p, idx, state)
+    def hidden(layer, h, kp, state, t, positions):
+        r = [g for g in range(2) if (layer, g) in RETRIEVAL].index(h)  # h among the layer's retrieval heads
+        held = torch.stack([torch.isin(kp[b], torch.tensor(kept[layer][b][r])) for b in range(kp.shape[0])])
+        return duo_common.prompt_keys(kp, positions) & ~held
 
-    want, _ = stream_logits(oracle, masked.runtime_graph.state, ids, mask, PREFILL)
-    plain = dense_stream_logits(ids, mask, PREFILL)
-    return want, plain
+    return duo_common.combined_mask_logits("snapkv(budget=100000)", RETRIEVAL, hidden, SINKS, WINDOW)
 
 
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 @pytest.mark.parametrize("order", ["duo_first", "snapkv_first"])
 def test_equals_dense_attention_under_the_combined_mask(backend, order):
-    ids, mask = left_padded_batch(256, **PROMPT)
-    want, plain = _oracle()
     kept = _kept_by_spec()
     cm = compile_tiny(f"{DUO} + {ADA}" if order == "duo_first" else f"{ADA} + {DUO}", backend)
-    got, state = stream_logits(cm._step, cm.runtime_graph.state, ids, mask, PREFILL)
-    real = mask.bool()
-    assert (got - want)[real].abs().max().item() <= 1e-4
-    assert (got - plain)[real].abs().max().item() > 0.1
-    st = state_by_name(cm, state)
-    steps = ids.shape[1] - PREFILL
+    st = duo_common.stream_against_oracle(cm, *_oracle())
+    steps = max(PROMPT["lengths"]) - PREFILL
     for layer in range(2):  # packed caches: [B, 1, N, D], per-head positions [B, H_ret, N]
         kp = st[f"key_positions{layer}"]
         n_ret = len(kept[layer][0])
@@ -135,44 +108,30 @@ def test_equals_dense_attention_under_the_combined_mask(backend, order):
 
 
 def test_kv_bytes_are_the_packed_and_streaming_caches():
-    ids, mask = left_padded_batch(256, (30, 22), seed=1)
-    cm = compile_tiny(f"{DUO} + {ADA}")
-    cm.generate(ids, attention_mask=mask, max_new_tokens=10, **GEN)
-    B, D, kv = 2, 16, 2 * 4
+    kv_bytes, _ = duo_common.kv_bytes_after_generate(f"{DUO} + {ADA}")
     packed = 1 * (BUDGET + 9) + 2 * (BUDGET + 9)  # layer 0: one retrieval head; layer 1: two (floor 0: H_ret * budget)
-    assert cm.last_stats["kv_bytes"] == B * D * kv * (packed + SINKS + WINDOW)
+    assert kv_bytes == TOKEN_BYTES * (packed + SINKS + WINDOW)
 
 
 def test_budget_covering_the_prompt_is_duo_alone():
-    ids, mask = left_padded_batch(256, (30, 22), seed=1)
-    both, duo = compile_tiny(f"{DUO} + snapkv(budget=64, heads='adaptive')"), compile_tiny(DUO)
-    a, _ = stream_logits(both._step, both.runtime_graph.state, ids, mask, 12)
-    b, _ = stream_logits(duo._step, duo.runtime_graph.state, ids, mask, 12)
-    assert (a - b)[mask.bool()].abs().max().item() <= 1e-5
-    assert torch.equal(both.generate(ids, attention_mask=mask, max_new_tokens=12, **GEN),
-                       duo.generate(ids, attention_mask=mask, max_new_tokens=12, **GEN))
+    duo_common.assert_budget_covering_is_duo_alone(DUO, "snapkv(budget=64, heads='adaptive')")
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
 def test_all_heads_retrieval_is_adaptive_snapkv_alone(name):
-    ids, mask = left_padded_batch(256, (30, 22), seed=1)
-    every = "duo(retrieval=[[0, 0], [0, 1], [1, 0], [1, 1]], sinks=0, window=1)"
-    both, ada = compile_tiny(f"{every} + {ADA}", name=name), compile_tiny(ADA, name=name)
-    assert [s.name for s in both.step_graph.state] == [s.name for s in ada.step_graph.state]
-    assert_generates_alike(both, ada, ids, mask)
+    duo_common.assert_all_heads_retrieval_is_policy_alone(ADA, name)
 
 
 def test_evict_adaptive_scored_packs_the_retrieval_heads():
     """``evict(score='knorm', rule='adaptive')`` (the scored packed op) on duo's retrieval part: packed over H_ret heads."""
-    ids, mask = left_padded_batch(256, (30, 22), seed=1)
+    ids, mask = left_padded_batch(256, **SMALL)
     cm = compile_tiny(f"{DUO} + evict(score='knorm', budget={BUDGET}, rule='adaptive', floor=0.0)")
     _, state = stream_logits(cm._step, cm.runtime_graph.state, ids, mask, 20)
     st = state_by_name(cm, state)
     assert st["key_positions0"].shape[1] == 1 and st["key_positions1"].shape[1] == 2
     for b in range(2):
         assert int((st["key_positions1"][b] >= 0).sum()) == 2 * (BUDGET + 10)  # 10 decode steps appended per head
-    every = "duo(retrieval=[[0, 0], [0, 1], [1, 0], [1, 1]], sinks=0, window=1)"
-    both = compile_tiny(f"{every} + evict(score='knorm', budget={BUDGET}, rule='adaptive')")
+    both = compile_tiny(f"{EVERY_HEAD_RETRIEVAL} + evict(score='knorm', budget={BUDGET}, rule='adaptive')")
     alone = compile_tiny(f"evict(score='knorm', budget={BUDGET}, rule='adaptive')")
     assert torch.equal(both.generate(ids, attention_mask=mask, max_new_tokens=8, **GEN),
                        alone.generate(ids, attention_mask=mask, max_new_tokens=8, **GEN))

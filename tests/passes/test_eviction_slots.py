@@ -22,14 +22,9 @@ from graphwright.passes.h2o import H2O
 from graphwright.passes.snapkv import SnapKV
 from graphwright.passes.streaming import Streaming
 from tests.conftest import left_padded_batch
-from tests.passes.eviction_helpers import COMPACTING, decode_loop, kept_positions, op_decode_loop, random_step, state_of
+from tests.passes.eviction_helpers import COMPACTING, decode_loop, kept_positions, kept_sets, op_decode_loop, random_step, state_of
 
 LENGTHS = [12, 7]  # batch 2, row 1 left-padded by 5
-
-
-def kept_sets(cm, state, layers=2):
-    return [[[sorted(h) for h in row] for row in kept_positions(state_of(cm, state, f"key_positions{layer}"))]
-            for layer in range(layers)]
 
 
 def run_both(cm, p, steps, state_names=("k0", "v0", "key_positions0")):

@@ -11,7 +11,17 @@ from graphwright.ops.eviction_ref import LADDER, PUNCT, SPECIAL
 from graphwright.ops.fastgen_ref import fastgen_choose, fastgen_profile, fastgen_reference
 from graphwright.passes.fastgen import FastGen, token_class_table
 from tests.conftest import left_padded_batch
-from tests.passes.eviction_helpers import colsum_oracle, decode_loop, floor_budget, op_decode_loop, probs_oracle, run_pass, state_of, topk_oracle
+from tests.passes.eviction_helpers import (
+    assert_exact_setting,
+    colsum_oracle,
+    decode_loop,
+    floor_budget,
+    op_decode_loop,
+    probs_oracle,
+    run_pass,
+    state_of,
+    topk_oracle,
+)
 from tests.passes.test_eviction_ops import SCALE, prefill_step
 
 LENGTHS = [12, 7]
@@ -20,11 +30,7 @@ LENGTHS = [12, 7]
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
 def test_recovery_one_is_identity(compiled_tiny, name):
     cm = compiled_tiny(name)
-    ids, mask = left_padded_batch(256, LENGTHS, seed=1)
-    want_logits, want, _ = decode_loop(cm, ids, mask, 32)
-    got_logits, got, _ = decode_loop(run_pass(cm, FastGen(recovery=1.0)), ids, mask, 32)
-    assert torch.equal(got, want)
-    assert (got_logits - want_logits).abs().max() <= 1e-4
+    assert_exact_setting(cm, FastGen(recovery=1.0), 32, LENGTHS)
 
 
 def test_recovered_mass_equals_independent_computation():

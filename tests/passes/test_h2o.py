@@ -11,7 +11,7 @@ from graphwright.ops.eviction_ref import h2o_reference
 from graphwright.passes.h2o import H2O
 from graphwright.verify import run_recipe
 from tests.conftest import left_padded_batch
-from tests.passes.eviction_helpers import decode_loop, floor_budget, op_decode_loop, run_pass
+from tests.passes.eviction_helpers import assert_exact_setting, decode_loop, floor_budget, op_decode_loop, run_pass
 
 LENGTHS = [12, 7]  # batch 2, row 1 left-padded by 5
 
@@ -19,12 +19,7 @@ LENGTHS = [12, 7]  # batch 2, row 1 left-padded by 5
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
 def test_budget_at_least_length_is_identity(compiled_tiny, name):
     cm = compiled_tiny(name)
-    ids, mask = left_padded_batch(256, LENGTHS, seed=1)
-    ev = run_pass(cm, H2O(heavy=1.0, recent=0.1))
-    want_logits, want, _ = decode_loop(cm, ids, mask, 32)
-    got_logits, got, _ = decode_loop(ev, ids, mask, 32)
-    assert torch.equal(got, want)
-    assert (got_logits - want_logits).abs().max() <= 1e-4
+    ev, ids, mask = assert_exact_setting(cm, H2O(heavy=1.0, recent=0.1), 32, LENGTHS)
     out = ev.generate(ids, attention_mask=mask, max_new_tokens=32, eos_token_id=[])
     assert torch.equal(out, cm.generate(ids, attention_mask=mask, max_new_tokens=32, eos_token_id=[]))
     # padding never counts as a kept token: each head holds exactly the row's real tokens

@@ -11,38 +11,26 @@ import graphwright as gw
 from graphwright import RecipeError
 from graphwright.ops.eviction_ref import h2o_reference
 from graphwright.ops.policy_keyformer import EVICT_KEYFORMER, gumbel_noise, keyformer_step
-from tests.conftest import _tiny, left_padded_batch
+from tests.conftest import _tiny
 from tests.passes.eviction_helpers import kept_positions, op_decode_loop
-from tests.passes.stateful_helpers import drive, kept, softmax
+from tests.passes.stateful_helpers import assert_covering_budget_is_dense, assert_lowrank_kv_and_steer_compose, drive, generate_tiny, kept, softmax
 
 SCALE = 1 / math.sqrt(8)
-GEN = dict(eos_token_id=[], pad_token_id=0)
 
 
 def _meta(B=2, Hk=2):
     return torch.zeros(B, Hk, 0, dtype=torch.long)
 
 
-def _generate(recipe, model="tiny-llama", lengths=(14, 9), new=32, **kw):
-    cm = gw.compile(_tiny(model), recipe=recipe)
-    ids, mask = left_padded_batch(cm.info.vocab_size, list(lengths), seed=2)
-    return cm, cm.generate(ids, attention_mask=mask, max_new_tokens=new, **GEN, **kw), ids, mask
-
-
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen2"])
 def test_int_budget_covering_prompt_and_new_tokens_is_identity(model):
-    dense, want, ids, mask = _generate(None, model)
-    cm, got, _, _ = _generate("keyformer(kv=46)", model)  # 14 + 32
-    assert torch.equal(got, want)
-    assert cm.last_stats["kv_bytes"] == dense.last_stats["kv_bytes"]
-    real = mask.bool()
-    assert (cm.logits(ids, mask)[real] - dense.logits(ids, mask)[real]).abs().max() <= 1e-4
+    assert_covering_budget_is_dense("keyformer(kv=46)", model)  # 14 + 32
 
 
 def test_kv_one_is_not_exact_for_decode():
     """k is frozen at the prompt length: with kv=1.0 the cache stops growing at the first new token."""
-    dense, _, _, _ = _generate(None)
-    cm, got, ids, _ = _generate("keyformer(kv=1.0)")
+    dense, _, _, _ = generate_tiny(None)
+    cm, got, ids, _ = generate_tiny("keyformer(kv=1.0)")
     assert got.shape == (2, ids.shape[1] + 32)
     assert cm.last_stats["kv_bytes"] < dense.last_stats["kv_bytes"]
 
@@ -185,16 +173,4 @@ def test_bad_arguments_are_refused_with_the_allowed_values():
 
 
 def test_composes_with_lowrank_kv_and_steer():
-    ids, mask = left_padded_batch(256, [14, 9], seed=2)
-    base = gw.compile(_tiny("tiny-llama"), recipe="lowrank_kv(keep=0.5)")
-    want = base.generate(ids, attention_mask=mask, max_new_tokens=16, **GEN)
-    exact = gw.compile(_tiny("tiny-llama"), recipe="lowrank_kv(keep=0.5) + keyformer(kv=30)")
-    assert torch.equal(exact.generate(ids, attention_mask=mask, max_new_tokens=16, **GEN), want)
-    lossy = gw.compile(_tiny("tiny-llama"), recipe="lowrank_kv(keep=0.5) + keyformer(kv=0.5)")
-    lossy.generate(ids, attention_mask=mask, max_new_tokens=16, **GEN)
-    assert lossy.last_stats["kv_bytes"] < 0.6 * base.last_stats["kv_bytes"]
-    emphasis = [[(2, 9)], [(1, 6)]]
-    steered = gw.compile(_tiny("tiny-llama"), recipe="keyformer(kv=0.5) + steer(heads='all', alpha=0.05)")
-    toks = steered.generate(ids, attention_mask=mask, max_new_tokens=16, emphasis=emphasis, **GEN)
-    assert toks.shape == (2, 14 + 16)
-    assert not torch.allclose(steered.logits(ids, mask, emphasis=emphasis), steered.logits(ids, mask))
+    assert_lowrank_kv_and_steer_compose("keyformer(kv=30)", "keyformer(kv=0.5)", 0.6, "keyformer(kv=0.5)")

@@ -10,11 +10,10 @@ import torch
 import graphwright as gw
 from graphwright import RecipeError
 from graphwright.ops.policy_scissorhands import EVICT_SCISSORHANDS, popcount, ring_bytes
-from tests.conftest import _tiny, left_padded_batch
-from tests.passes.stateful_helpers import drive, kept, softmax
+from tests.conftest import _tiny
+from tests.passes.stateful_helpers import assert_covering_budget_is_dense, assert_lowrank_kv_and_steer_compose, drive, generate_tiny, kept, softmax
 
 SCALE = 1 / math.sqrt(8)
-GEN = dict(eos_token_id=[], pad_token_id=0)
 
 
 def _state(history, B=2, Hk=2):
@@ -22,21 +21,10 @@ def _state(history, B=2, Hk=2):
             torch.zeros(B, Hk, 0, dtype=torch.long)]
 
 
-def _generate(recipe, model="tiny-llama", new=32):
-    cm = gw.compile(_tiny(model), recipe=recipe)
-    ids, mask = left_padded_batch(cm.info.vocab_size, [14, 9], seed=2)
-    return cm, cm.generate(ids, attention_mask=mask, max_new_tokens=new, **GEN), ids, mask
-
-
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen2"])
 def test_budget_covering_the_total_length_is_identity(model):
-    dense, want, ids, mask = _generate(None, model)
-    cm, got, _, _ = _generate("scissorhands(budget=46)", model)  # 14 + 32
-    assert torch.equal(got, want)
-    assert cm.last_stats["kv_bytes"] == dense.last_stats["kv_bytes"]
-    real = mask.bool()
-    assert (cm.logits(ids, mask)[real] - dense.logits(ids, mask)[real]).abs().max() <= 1e-4
-    small, _, _, _ = _generate("scissorhands(budget=12, recent=2)", model)
+    assert_covering_budget_is_dense("scissorhands(budget=46)", model)  # 14 + 32
+    small, _, _, _ = generate_tiny("scissorhands(budget=12, recent=2)", model)
     assert small.last_stats["kv_bytes"] < 0.5 * small.last_stats["kv_bytes_dense"]
     assert max(n for layer in small.last_stats["kept_tokens_per_head"] for row in layer for n in row) == 11
 
@@ -124,16 +112,5 @@ def test_budget_below_protected_tokens_is_refused():
 
 
 def test_composes_with_lowrank_kv_and_steer():
-    ids, mask = left_padded_batch(256, [14, 9], seed=2)
-    base = gw.compile(_tiny("tiny-llama"), recipe="lowrank_kv(keep=0.5)")
-    want = base.generate(ids, attention_mask=mask, max_new_tokens=16, **GEN)
-    exact = gw.compile(_tiny("tiny-llama"), recipe="lowrank_kv(keep=0.5) + scissorhands(budget=30)")
-    assert torch.equal(exact.generate(ids, attention_mask=mask, max_new_tokens=16, **GEN), want)
-    lossy = gw.compile(_tiny("tiny-llama"), recipe="lowrank_kv(keep=0.5) + scissorhands(budget=8, recent=2, history=8)")
-    lossy.generate(ids, attention_mask=mask, max_new_tokens=16, **GEN)
-    assert lossy.last_stats["kv_bytes"] < 0.8 * base.last_stats["kv_bytes"]
-    emphasis = [[(2, 9)], [(1, 6)]]
-    steered = gw.compile(_tiny("tiny-llama"), recipe="scissorhands(budget=8, recent=2) + steer(heads='all', alpha=0.05)")
-    toks = steered.generate(ids, attention_mask=mask, max_new_tokens=16, emphasis=emphasis, **GEN)
-    assert toks.shape == (2, 14 + 16)
-    assert not torch.allclose(steered.logits(ids, mask, emphasis=emphasis), steered.logits(ids, mask))
+    assert_lowrank_kv_and_steer_compose("scissorhands(budget=30)", "scissorhands(budget=8, recent=2, history=8)", 0.8,
+                                              "scissorhands(budget=8, recent=2)")

@@ -9,7 +9,7 @@ from graphwright import RecipeError
 from graphwright.ops.eviction_ref import snapkv_reference
 from graphwright.passes.snapkv import SnapKV
 from tests.conftest import left_padded_batch
-from tests.passes.eviction_helpers import decode_loop, op_decode_loop, run_pass, state_of
+from tests.passes.eviction_helpers import assert_exact_setting, decode_loop, op_decode_loop, run_pass, state_of
 
 LENGTHS = [12, 7]
 
@@ -17,11 +17,7 @@ LENGTHS = [12, 7]
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
 def test_budget_at_least_length_is_identity(compiled_tiny, name):
     cm = compiled_tiny(name)
-    ids, mask = left_padded_batch(256, LENGTHS, seed=1)
-    want_logits, want, _ = decode_loop(cm, ids, mask, 32)
-    got_logits, got, _ = decode_loop(run_pass(cm, SnapKV(budget=12, window=4)), ids, mask, 32)
-    assert torch.equal(got, want)
-    assert (got_logits - want_logits).abs().max() <= 1e-4
+    assert_exact_setting(cm, SnapKV(budget=12, window=4), 32, LENGTHS)
 
 
 def test_first_token_equals_dense_and_budget_after_prefill(compiled_tiny):

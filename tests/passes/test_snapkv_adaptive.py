@@ -20,7 +20,7 @@ from graphwright.passes.h2o import H2O
 from graphwright.passes.snapkv import SnapKV
 from graphwright.runtime.generate import state_bytes
 from tests.conftest import left_padded_batch
-from tests.passes.eviction_helpers import decode_loop, kept_positions, probs_oracle, run_pass, state_of
+from tests.passes.eviction_helpers import assert_exact_setting, decode_loop, kept_positions, probs_oracle, run_pass, state_of
 
 
 def _kept_after_prefill(cm, ids, mask, layers):
@@ -38,11 +38,7 @@ def _kept_after_prefill(cm, ids, mask, layers):
 @pytest.mark.parametrize("extra", [dict(heads="adaptive", floor=0.0), dict(heads="adaptive", pyramid=20.0)])
 def test_budget_at_least_length_is_identity(compiled_tiny, name, extra):
     cm = compiled_tiny(name)
-    ids, mask = left_padded_batch(256, [12, 7], seed=1)
-    want_logits, want, _ = decode_loop(cm, ids, mask, 8)
-    got_logits, got, _ = decode_loop(run_pass(cm, SnapKV(budget=12, window=4, **extra)), ids, mask, 8)
-    assert torch.equal(got, want)
-    assert (got_logits - want_logits).abs().max() <= 1e-4
+    assert_exact_setting(cm, SnapKV(budget=12, window=4, **extra), 8, [12, 7])
 
 
 @pytest.mark.parametrize("extra", [dict(heads="adaptive", floor=1.0), dict(pyramid=1.0), dict(heads="adaptive", floor=1.0, pyramid=1.0)])

@@ -8,7 +8,7 @@ import torch
 from graphwright.ops.eviction_ref import streaming_reference
 from graphwright.passes.streaming import Streaming
 from tests.conftest import left_padded_batch
-from tests.passes.eviction_helpers import decode_loop, kept_positions, op_decode_loop, run_pass, state_of
+from tests.passes.eviction_helpers import assert_exact_setting, decode_loop, kept_positions, op_decode_loop, run_pass, state_of
 
 LENGTHS = [12, 7]
 
@@ -16,11 +16,7 @@ LENGTHS = [12, 7]
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
 def test_window_covering_everything_is_identity(compiled_tiny, name):
     cm = compiled_tiny(name)
-    ids, mask = left_padded_batch(256, LENGTHS, seed=1)
-    want_logits, want, _ = decode_loop(cm, ids, mask, 32)
-    got_logits, got, _ = decode_loop(run_pass(cm, Streaming(sinks=4, window=60)), ids, mask, 32)
-    assert torch.equal(got, want)
-    assert (got_logits - want_logits).abs().max() <= 1e-4  # the pre-RoPE round trip costs ~1e-6
+    assert_exact_setting(cm, Streaming(sinks=4, window=60), 32, LENGTHS)
 
 
 def test_sinks_and_window_in_the_model(compiled_tiny):

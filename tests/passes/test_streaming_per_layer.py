@@ -18,7 +18,7 @@ from graphwright.passes.budgets import budget_of, first_length_acting
 from graphwright.passes.streaming import Streaming
 from graphwright.recipes import Recipe
 from tests.conftest import left_padded_batch
-from tests.passes.eviction_helpers import COMPACTING, decode_loop, kept_positions, run_pass, state_of
+from tests.passes.eviction_helpers import COMPACTING, assert_exact_setting, decode_loop, kept_positions, run_pass, state_of
 
 LENGTHS = [12, 7]  # batch 2, row 1 left-padded by 5
 STEPS = 40
@@ -90,11 +90,7 @@ def test_two_passes_on_disjoint_layers_equal_the_list_form(compiled_tiny):
 
 def test_windows_covering_everything_are_the_dense_model(compiled_tiny):
     cm = compiled_tiny("tiny-llama")
-    ids, mask = left_padded_batch(256, LENGTHS, seed=8)
-    want_logits, want, _ = decode_loop(cm, ids, mask, 24)
-    got_logits, got, _ = decode_loop(run_pass(cm, Streaming(sinks=4, window=[60, 40])), ids, mask, 24)
-    assert torch.equal(got, want)
-    assert (got_logits - want_logits).abs().max() <= 1e-4  # the pre-RoPE round trip costs ~1e-6
+    assert_exact_setting(cm, Streaming(sinks=4, window=[60, 40]), 24, LENGTHS, seed=8)
 
 
 def test_a_list_of_one_repeated_window_is_the_scalar_window(compiled_tiny):
