@@ -12,7 +12,8 @@ type, the total kernel time per decode step (ms), its share and the node count p
 session-run time per step and the wall time per step of the whole loop (the difference is the host side:
 ``OnnxStep.__call__``, I/O binding, the runtime loop). ``--host``: a cProfile of the decode loop (the top
 functions by cumulative time) without ORT profiling; ``--bind-ab N``: decode tok/s with the
-host-side binding shortcut (``artifact.FAST_BIND``) on and off, alternating N times in one process. Timings on a busy machine are indicative only.
+host-side binding shortcut (``artifact.FAST_BIND``) on and off, alternating N times in one process;
+``--compare N``: decode tok/s of every artifact given, alternating N times (ratios to the first). Timings on a busy machine are indicative only.
 """
 
 from __future__ import annotations
@@ -121,6 +122,32 @@ def bind_ab(folder: Path, prompt: int, new: int, threads: int, rounds: int) -> N
           f"({rounds} alternating rounds)")
 
 
+def compare(folders: list, prompt: int, new: int, threads: int, rounds: int) -> None:
+    """Decode tok/s of every artifact, alternating in this process (medians; the first folder is the reference)."""
+    from statistics import median
+
+    models = [load(f, threads, None) for f in folders]
+    ids = prompt_ids(prompt, models[0].tokenizer)
+    for m in models:
+        m.generate(ids, max_new_tokens=4, eos_token_id=[])  # warm-up
+    got, cpu = [[] for _ in models], [[] for _ in models]
+    for _ in range(rounds):
+        for m, g, c in zip(models, got, cpu):
+            t0 = time.process_time()
+            m.generate(ids, max_new_tokens=1, eos_token_id=[])
+            t1 = time.process_time()
+            m.generate(ids, max_new_tokens=new, eos_token_id=[])
+            t2 = time.process_time()
+            g.append(m.last_stats["decode_tokens_per_s"])
+            c.append(((t2 - t1) - (t1 - t0)) / (new - 1) * 1e3)  # process CPU ms per decode step (all threads)
+    ref, ref_cpu = median(got[0]), median(cpu[0])
+    print(f"decode, prompt {prompt}, {new} new tokens, {rounds} alternating rounds (medians; ratios to {folders[0].name}); "
+          "CPU ms/step: process CPU time per decode step, all threads (less sensitive to other load than wall time)")
+    for f, g, c in zip(folders, got, cpu):
+        print(f"  {f.parent.name}/{f.name:<46} {median(g):7.2f} tok/s x{median(g) / ref:.3f} | CPU {median(c):7.2f} ms/step "
+              f"x{ref_cpu / median(c):.3f} | runs {[round(x, 2) for x in g]}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("artifacts", nargs="+", type=Path, help="exported artifact folders")
@@ -130,8 +157,16 @@ def main() -> None:
     p.add_argument("--host", action="store_true", help="cProfile the decode loop instead of ORT profiling")
     p.add_argument("--bind-ab", type=int, default=0, metavar="ROUNDS",
                    help="A/B the host-side binding (artifact.FAST_BIND on/off), alternating ROUNDS times")
+    p.add_argument("--compare", type=int, default=0, metavar="ROUNDS",
+                   help="decode tok/s of all artifacts, alternating ROUNDS times in this process (ratios to the first)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    for folder in args.artifacts:
+        if not (folder / "graphwright.json").is_file():
+            raise SystemExit(f"{folder}: not an exported artifact (no graphwright.json)")
+    if args.compare:
+        compare(args.artifacts, args.prompt, args.new, args.threads, args.compare)
+        return
     for folder in args.artifacts:
         if not (folder / "graphwright.json").is_file():
             raise SystemExit(f"{folder}: not an exported artifact (no graphwright.json)")
