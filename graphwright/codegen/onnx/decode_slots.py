@@ -28,6 +28,12 @@ ScatterElements, Where, MatMul, Softmax), so one decode step is one ONNX Runtime
   cache is not in position order any more), counted by comparisons (S x S per head);
 * SnapKV appends at decode (its reference returns its inputs when T > 1 is not the case), so its op
   becomes the identity in the decode graph: nothing is cut.
+* node count (each node is an ORT kernel launch on a tiny tensor; at a 256 prompt they cost more than
+  the attention they shorten, ``bench/profile_onnx_decode.py``): where the new token can never leave
+  (H2O with ``recent >= 1``, StreamingLLM with ``window >= 1``) ``place_at`` scatters its row straight
+  into the first S slots with an Unsqueeze + Expand index of constant shape; the running score's new
+  slot is a ``Pad``; H2O's colsum is one 4-D MatMul (``export_colsum``); StreamingLLM's slot is one
+  ArgMax over (hit 2, empty 1, other 0), the same slot as (hit, else first empty, else 0).
 
 Growing capacities (``"grow"`` in ``graphwright.json["decode"]["capacity"]``): where the kept count
 has no constant bound, the layer's slots grow on the host, between session runs, from data the
