@@ -167,8 +167,9 @@ class OnnxStep:
         T = tensors[0].shape[1]
         state = tensors[3:3 + len(self.state_names)]
         binding = session.io_binding()
+        bind_in, bind_out = _binders(binding)
         for name, t in zip(input_names or self.input_names, tensors):
-            binding.bind_input(name, "cpu", 0, NUMPY[t.dtype], list(t.shape), t.data_ptr())
+            bind_in(name, NUMPY[t.dtype], list(t.shape), t.data_ptr())
         logits_dtype = self.__dict__.setdefault("_logits_dtype", _ort_dtype(session.get_outputs()[0].type))
         out = {"logits": torch.empty(tensors[0].shape[0], tensors[2].shape[0], self._vocab(session), dtype=logits_dtype)}
         bounded = bounded or {}
@@ -186,7 +187,7 @@ class OnnxStep:
             if t is None:  # shape known only to ORT: it allocates, we take the OrtValue after the run
                 binding.bind_output(name, "cpu")
             else:
-                binding.bind_output(name, "cpu", 0, NUMPY[t.dtype], list(t.shape), t.data_ptr())
+                bind_out(name, NUMPY[t.dtype], list(t.shape), t.data_ptr())
         session.run_with_iobinding(binding)
         if len(out) < len(outputs):
             for name, value in zip(outputs, binding.get_outputs()):
@@ -203,6 +204,30 @@ class OnnxStep:
 
 NUMPY = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64", torch.int32: "int32", torch.bool: "bool",
          torch.float64: "float64", torch.int8: "int8", torch.uint8: "uint8"}  # int8: FastGen's token classes; uint8: Scissorhands' ring
+
+
+FAST_BIND = True  # False: the public IOBinding methods (A/B in bench/profile_onnx_decode.py --bind-ab)
+_CPU_DEVICE: list = []
+
+
+def _binders(binding):
+    """(bind_input, bind_output)(name, element type, shape, pointer) for CPU memory.
+
+    ``IOBinding.bind_input``/``bind_output`` build a new ``OrtDevice`` (a Python object, a device-type
+    lookup) on every call; a decode step binds every state twice (SmolLM2-135M with H2O: ~250 calls per
+    step), so the per-call Python cost showed in cProfile as more than the bindings themselves. Here the
+    C binding is called directly with one cached CPU device: the same arguments reach the same C++ method.
+    Falls back to the public methods when that attribute is missing (another onnxruntime version)."""
+    c = getattr(binding, "_iobinding", None)
+    if not FAST_BIND or c is None:
+        return (lambda n, e, s, p: binding.bind_input(n, "cpu", 0, e, s, p),
+                lambda n, e, s, p: binding.bind_output(n, "cpu", 0, e, s, p))
+    if not _CPU_DEVICE:
+        from onnxruntime.capi.onnxruntime_inference_collection import OrtDevice
+
+        _CPU_DEVICE.append(OrtDevice.make("cpu", 0)._get_c_device())
+    dev = _CPU_DEVICE[0]
+    return (lambda n, e, s, p: c.bind_input(n, dev, e, s, p), lambda n, e, s, p: c.bind_output(n, dev, e, s, p))
 
 
 def _ort_dtype(type_str: str) -> torch.dtype:

@@ -29,6 +29,12 @@ ScatterElements, Where, MatMul, Softmax), so one decode step is one ONNX Runtime
   cache is not in position order any more), counted by comparisons (S x S per head);
 * SnapKV appends at decode (its reference returns its inputs when T > 1 is not the case), so its op
   becomes the identity in the decode graph: nothing is cut.
+* node count (each node is an ORT kernel launch on a tiny tensor; at a 256 prompt they cost more than
+  the attention they shorten, ``bench/profile_onnx_decode.py``): where the new token can never leave
+  (H2O with ``recent >= 1``, StreamingLLM with ``window >= 1``) ``place_at`` scatters its row straight
+  into the first S slots with an Unsqueeze + Expand index of constant shape; the running score's new
+  slot is a ``Pad``; H2O's colsum is one 4-D MatMul (``export_colsum``); StreamingLLM's slot is one
+  ArgMax over (hit 2, empty 1, other 0), the same slot as (hit, else first empty, else 0).
 
 Growing capacities (``"grow"`` in ``graphwright.json["decode"]["capacity"]``): where the kept count
 has no constant bound, the layer's slots grow on the host, between session runs, from data the
@@ -73,18 +79,44 @@ import copy
 import operator
 
 import torch
+import torch.nn.functional as F
 
 from ...ops import schema
 from ...ops.eviction import EVICT_FASTGEN, EVICT_H2O, EVICT_OPS, EVICT_SNAPKV, EVICT_STREAMING, POLICIES, ROPE_CACHE_INDEX
 from ...ops.eviction_ref import budget
 from ...ops.rope_index_ref import _rotate, rope_angles
-from ..torch.eviction_slots import decode_colsum
+from ..torch.step_memo import step_info
 from .decode_latent import fastgen_decode, h2o_latent_decode, streaming_latent_decode
 
 
 def _first(mask: torch.Tensor) -> torch.Tensor:
     """[B, Hk] index of the first True along the last dim (0 when none)."""
     return mask.to(torch.int32).argmax(dim=-1)
+
+
+def first_empty(k_pos: torch.Tensor) -> torch.Tensor:
+    """[B, Hk] the first empty slot among 0..S-1 of ``k_pos`` [B, Hk, S+1] (0 when none; slot S, the new token,
+    is not looked at: a padding row's new token has position -1)."""
+    return _first(k_pos[..., :k_pos.shape[2] - 1] < 0)
+
+
+def place_at(tensors, j):
+    """Write slot S (the new token) of each tensor into slot ``j`` [B, Hk] of its first S slots (out of place);
+    ``j`` < S (the caller knows the new token never leaves: ``place`` takes the general case).
+
+    Exported as one ScatterElements into the first S slots per tensor, its index an Unsqueeze + Expand
+    to a constant shape: no Shape/Concat chain for the index, no Slice of a scattered S + 1 copy."""
+    S = tensors[0].shape[2] - 1
+    out, index = [], {}
+    for x in tensors:
+        trail = tuple(x.shape[3:])
+        if trail not in index:
+            idx = j[:, :, None]
+            for _ in trail:
+                idx = idx[..., None]
+            index[trail] = idx.expand(-1, -1, -1, *trail) if trail else idx
+        out.append(x[:, :, :S].scatter(2, index[trail], x[:, :, S:]))
+    return tuple(out)
 
 
 def place(tensors, k_pos, over, victim):
@@ -95,8 +127,7 @@ def place(tensors, k_pos, over, victim):
     token itself leaves). Requires S >= the capacity (``pad_to_capacity``)."""
     B, Hk, S1 = k_pos.shape
     S = S1 - 1
-    empty = k_pos[..., :S] < 0
-    j = torch.where(over, victim, _first(empty))
+    j = torch.where(over, victim, first_empty(k_pos))
     out = []
     for x in tensors:
         idx = j.view(B, Hk, 1, *([1] * (x.dim() - 3))).expand(*x.shape[:2], 1, *x.shape[3:])
@@ -109,24 +140,49 @@ def _budget(count: int, frac: float, length: torch.Tensor) -> torch.Tensor:
     return budget(count, frac, length) if frac else torch.full_like(length, count)
 
 
+def export_colsum(q, k, q_pos, k_pos, scale, key_bias=None) -> torch.Tensor:
+    """``eviction_slots.decode_colsum`` written for export: [B, Hk, S] fp32 attention each slot received at a
+    T = 1 step, mean over the g query heads of its KV head (same fp32 scores, ``finfo.min`` mask, fp32
+    softmax, padding-row factor). One 4-D MatMul [B, Hk, g, D] x [B, Hk, D, S] instead of the torch
+    backend's bmm over B * Hk heads, whose folded shapes the exporter builds with Shape/Mul/Concat nodes."""
+    B, H, _, D = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    g = H // Hk
+    s = torch.matmul(q.float().reshape(B, Hk, g, D), k.float().transpose(-1, -2)) * scale
+    if key_bias is not None:
+        s = s + key_bias.float().reshape(B, Hk, g, S)
+    info = step_info(q_pos)
+    visible = (k_pos >= 0) & (k_pos <= info.q_lift)
+    p = torch.softmax(torch.where(visible[:, :, None], s, torch.finfo(torch.float32).min), dim=-1)
+    return p.mean(dim=2) * info.real
+
+
 def h2o_decode(q, k, v, q_pos, k_pos, score, scale, heavy_n, heavy_f, recent_n, recent_f, key_bias=None):
     """``evict_h2o`` at a decode step over S >= capacity slots (budgets computed per row from its length). -> (k, v, k_pos, score)."""
-    B, Hk, _ = k_pos.shape
-    score = torch.cat([score, score.new_zeros(B, Hk, 1)], 2) + decode_colsum(q, k, q_pos, k_pos, scale, key_bias)
+    score = F.pad(score, (0, 1)) + export_colsum(q, k, q_pos, k_pos, scale, key_bias)  # the new token's slot starts at 0
     length = q_pos.max(dim=1).values + 1
     cand = (k_pos >= 0) & (k_pos < (length - _budget(recent_n, recent_f, length))[:, None, None])
     over = cand.sum(dim=-1) > _budget(heavy_n, heavy_f, length)[:, None]
-    s = score.masked_fill(~cand, float("inf"))
-    tie = cand & (s == s.min(dim=-1, keepdim=True).values)
-    victim = torch.where(tie, k_pos, torch.full_like(k_pos, -1)).argmax(dim=-1)  # lowest score, latest position
+    s = torch.where(cand, score, float("inf"))
+    tie = cand & (s == s.amin(dim=-1, keepdim=True))
+    victim = torch.where(tie, k_pos, -1).argmax(dim=-1)  # lowest score, latest position
+    if recent_n >= 1:  # the new token (position L - 1) is recent, never a candidate: the victim is one of 0..S-1
+        return place_at((k, v, k_pos, score), torch.where(over, victim, first_empty(k_pos)))
     return place((k, v, k_pos, score), k_pos, over, victim)
 
 
 def streaming_decode(k, v, q_pos, k_pos, sinks, window):
     """``evict_streaming`` at a decode step over S = capacity slots: the slot of position L-1-window leaves."""
     old = (q_pos.max(dim=1).values - window)[:, None, None]
-    hit = (k_pos == old) & (old >= sinks)
-    return place((k, v, k_pos), k_pos, hit.any(dim=-1), _first(hit))
+    if window < 1:  # the leaving position may be the new token's own
+        hit = (k_pos == old) & (old >= sinks)
+        return place((k, v, k_pos), k_pos, hit.any(dim=-1), _first(hit))
+    # window >= 1: the leaving position is an older token's (at most one slot holds it). One ArgMax over the first S
+    # slots ranks the hit (2) before the empty slots (1) before the rest (0): the hit's slot, else the first empty one
+    # (else 0), what ``place`` picks from (hit.any, first hit, first empty)
+    kp = k_pos[..., :k_pos.shape[2] - 1]
+    key = torch.where((kp == old) & (old >= sinks), 2, (kp < 0).to(torch.int32))
+    return place_at((k, v, k_pos), key.argmax(dim=-1))
 
 
 def snapkv_decode(q, k, v, q_pos, k_pos, *args):
