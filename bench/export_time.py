@@ -3,14 +3,14 @@
 Usage: python bench/export_time.py [--model smollm2-135m] [--recipe R ...] [--no-verify] [--ab N]
        [--out results/export_time.json]
 
-Default recipes: identity, ``snapkv(budget=750)``, ``h2o(heavy=0.25, recent=0.25)``,
-``streaming(sinks=4, window=252)``, ``lowrank_kv(keep=0.5)``. Each is compiled (not timed) and
+Default recipes: identity, the demo recipe, ``h2o(heavy=0.125, recent=0.125)``,
+``streaming(sinks=4, window=252)``, ``snapkv(budget=750)``, ``lowrank_kv(keep=0.5)``. Each is compiled (not timed) and
 exported once into a temporary folder (with the verification probe unless ``--no-verify``); the
 table is the library's own record (``export.phases`` wall seconds, ``export.cpu`` this process's
 CPU seconds, ``codegen/onnx/phases.py``), recipes as columns.
 
-``--ab N``: for the recipes whose decode graph has in-graph slot eviction, export N times
-alternating ``slot_functions.ENABLED`` off/on in this one process (the decode graph traced layer
+``--ab N``: for the recipes with in-graph slot eviction (prompt or decode step), export N times
+alternating ``slot_functions.ENABLED`` off/on in this one process (the eviction traced layer
 by layer vs once per function, ``codegen/onnx/slot_functions.py``) and print both columns' CPU
 seconds per round. On a shared machine read CPU seconds and shares, not wall seconds; the load
 average before/after is printed.
@@ -30,8 +30,8 @@ import graphwright as gw
 from graphwright.codegen.onnx import slot_functions
 from graphwright.codegen.onnx.phases import timings_table
 
-RECIPES = ["identity", "snapkv(budget=750)", "h2o(heavy=0.25, recent=0.25)", "streaming(sinks=4, window=252)",
-           "lowrank_kv(keep=0.5)"]
+RECIPES = ["identity", "lowrank_kv(keep=0.8) + h2o(heavy=0.25, recent=0.25)", "h2o(heavy=0.125, recent=0.125)",
+           "streaming(sinks=4, window=252)", "snapkv(budget=750)", "lowrank_kv(keep=0.5)"]
 
 
 def table(rows: dict, key: str, total: str) -> str:
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
             print(f"{recipe}: {time.perf_counter() - t0:.1f} s wall, {rows[recipe]['total_cpu_s']:.1f} CPU s, "
                   f"{'+'.join(rows[recipe]['graphs'])}, verified max |dlogit| {rows[recipe]['max_abs_logit_diff']}", flush=True)
             print(timings_table(rows[recipe]), flush=True)  # each recipe's phases at once (a loaded machine is slow)
-            if args.ab and "decode_stitch" in rows[recipe]["phases"]:
+            if args.ab and {"stitch", "decode_stitch"} & set(rows[recipe]["phases"]):
                 for r in range(args.ab):
                     for enabled in (False, True):
                         rec = export_once(cm, folder, not args.no_verify, enabled)

@@ -25,10 +25,15 @@ from graphwright.capture.step_graph import positions_from_mask
 from graphwright.codegen.onnx import slot_functions
 from graphwright.codegen.onnx.artifact import OnnxStep
 from graphwright.codegen.onnx.decode_slots import decode_graph, pad_to_capacity
+from graphwright.codegen.onnx.prompt_slots import prompt_graph
 from tests.conftest import _tiny, left_padded_batch
 from tests.passes.eviction_helpers import decode_loop
 
-RECIPES = ["streaming(sinks=2, window=6)", "h2o(heavy=0.25, recent=0.25)"]
+# prompt steps: streaming / h2o counts (width min(S, c)) / h2o fractions and snapkv (data-dependent width);
+# decode: fixed and growing slots, and the latent (lowrank_kv) union whose payload width differs per layer
+RECIPES = ["streaming(sinks=2, window=6)", "h2o(heavy=0.25, recent=0.25)", "h2o(heavy=4, recent=4)", "snapkv(budget=8)",
+           "lowrank_kv(keep=0.8) + h2o(heavy=0.25, recent=0.25)"]
+PROMPT_IN_GRAPH = {"streaming(sinks=2, window=6)", "h2o(heavy=0.25, recent=0.25)", "h2o(heavy=4, recent=4)", "snapkv(budget=8)"}
 STEPS = 40
 
 
@@ -48,23 +53,29 @@ def pair(request, onnx_artifact, tmp_path_factory):
         gw.export_onnx(cm, layered)
     finally:
         slot_functions.ENABLED = True
-    return cm, stitched, layered
+    return cm, stitched, layered, request.param
 
 
-def test_stitched_decode_graph_is_plain_onnx(pair):
-    _, stitched, layered = pair
+def test_stitched_graphs_are_plain_onnx(pair):
+    cm, stitched, layered, recipe = pair
     meta = json.loads((stitched / "graphwright.json").read_text())
-    assert "decode_stitch" in meta["export"]["phases"]
-    assert "decode_stitch" not in json.loads((layered / "graphwright.json").read_text())["export"]["phases"]
-    m = onnx.load(str(stitched / "decode.onnx"), load_external_data=False)
-    assert not any(n.domain == slot_functions.DOMAIN for n in m.graph.node) and not m.functions
-    assert slot_functions.DOMAIN not in {i.domain for i in m.opset_import}
-    onnx.checker.check_model(str(stitched / "decode.onnx"), full_check=True)
+    phases, old = meta["export"]["phases"], json.loads((layered / "graphwright.json").read_text())["export"]["phases"]
+    derived = meta["decode"]["derived_from"] is not None  # snapkv: decode.onnx is model.onnx's appends, no export of its own
+    assert derived == recipe.startswith("snapkv")
+    assert ("decode_stitch" in phases) == (not derived) and "decode_stitch" not in old
+    assert bool(meta["prompt"]["in_graph"]) == (recipe in PROMPT_IN_GRAPH)  # lowrank_kv + h2o: split at the prompt step
+    assert ("stitch" in phases) == (recipe in PROMPT_IN_GRAPH) and "stitch" not in old
+    for name in ("model.onnx", "decode.onnx"):
+        m = onnx.load(str(stitched / name), load_external_data=False)
+        assert not any(n.domain == slot_functions.DOMAIN for n in m.graph.node) and not m.functions
+        assert slot_functions.DOMAIN not in {i.domain for i in m.opset_import}
+        onnx.checker.check_model(str(stitched / name), full_check=True)
     assert meta["verification"]["passed"]
+    assert "slot_functions" not in meta["export"]["notes"] and "decode_slot_functions" not in meta["export"]["notes"]
 
 
 def test_stitched_equals_layer_by_layer(pair):
-    cm, stitched, layered = pair
+    cm, stitched, layered, _ = pair
     _, (got_logits, got_toks, got_state) = _onnx_run(cm, stitched)
     _, (want_logits, want_toks, want_state) = _onnx_run(cm, layered)
     assert torch.equal(got_toks, want_toks)
@@ -74,7 +85,11 @@ def test_stitched_equals_layer_by_layer(pair):
         assert g.shape == w.shape and (g.float() - w.float()).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+def _ops_of(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and getattr(n.target, "namespace", "") == slot_functions.LIBRARY]
+
+
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if not r.startswith("snapkv")])  # snapkv only appends at decode
 @torch.inference_mode()
 def test_wrap_one_op_per_layer_same_values(recipe):
     cm = gw.compile(_tiny("tiny-llama"), recipe=recipe, verify=False)
@@ -83,10 +98,14 @@ def test_wrap_one_op_per_layer_same_values(recipe):
     wrapped = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     keys = slot_functions.wrap(wrapped)
     try:
-        ops = [n for n in wrapped.graph.nodes if n.op == "call_function" and getattr(n.target, "namespace", "") == slot_functions.LIBRARY]
+        ops = _ops_of(wrapped)
         assert len(ops) >= len(in_graph) == sg.info.num_layers
         assert {n.args[1] for n in ops} == set(keys) and len(keys) < len(ops)  # equal constants share a key
         assert not any(getattr(n.target, "__name__", "") in slot_functions.OUTPUTS for n in wrapped.graph.nodes)
+        if recipe.startswith("lowrank_kv"):  # the layers' latent payloads differ in width and still share one function
+            widths = {s.shape[-1] for s in sg.state if s.kind == "kv"}
+            assert len(widths) > 1
+            assert {slot_functions.KEYS[k]["name"] for k in keys} == {"h2o_latent_decode"} and len(keys) == 1
         ids, mask = left_padded_batch(sg.info.vocab_size, [12, 7], seed=1)
         state = sg.init_state(2)
         pos = positions_from_mask(mask)
@@ -99,3 +118,29 @@ def test_wrap_one_op_per_layer_same_values(recipe):
     finally:
         for k in keys:
             slot_functions.KEYS.pop(k, None)
+
+
+@pytest.mark.parametrize("recipe", sorted(PROMPT_IN_GRAPH))
+@torch.inference_mode()
+def test_wrap_prompt_step_same_values(recipe):
+    """The prompt step's in-graph eviction (``prompt_slots``) wrapped: one op per layer, one key for equal
+    constants, the same outputs eagerly as the unwrapped prompt graph (batch 2, left-padded, eviction crossed)."""
+    cm = gw.compile(_tiny("tiny-llama"), recipe=recipe, verify=False)
+    sg = cm.step_graph
+    gm, record = prompt_graph(sg.gm, sg.state)
+    assert len(record["in_graph"]) == sg.info.num_layers and not record["split"]
+    wrapped = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    keys = slot_functions.wrap(wrapped)
+    try:
+        ops = _ops_of(wrapped)
+        assert len(ops) == sg.info.num_layers and len(keys) == 1
+        assert slot_functions.KEYS[keys[0]]["name"] == recipe.split("(")[0] + "_prompt"
+        ids, mask = left_padded_batch(sg.info.vocab_size, [12, 7], seed=1)
+        step = (ids, positions_from_mask(mask), torch.arange(ids.shape[1]), *sg.init_state(2))
+        got, want = wrapped(*step), gm(*step)
+        assert len(got) == len(want) == 1 + len(sg.state)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and torch.equal(a, b)
+        assert any(o.shape[2] < ids.shape[1] for o, s in zip(want[1:], sg.state) if s.kind == "kv")  # it evicted
+    finally:
+        slot_functions.forget(keys)

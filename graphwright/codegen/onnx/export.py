@@ -181,11 +181,11 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
     from . import slot_functions
 
     keys = []
-    if decode:  # slot_functions.py: one opaque op per layer's slot eviction, its ONNX function stitched in after saving
-        if slot_functions.ENABLED:
-            with phases(tag + "wrap"):
-                plain = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
-                keys = slot_functions.wrap(gm)
+    if slot_functions.ENABLED:  # slot_functions.py: one opaque op per layer's eviction (decode slots, prompt_slots
+        # at a prompt step), its ONNX function exported once per kind and stitched in after saving
+        with phases(tag + "wrap"):
+            plain = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+            keys = slot_functions.wrap(gm)
     table = translation_table()
     missing = sorted(str(op) for op in graphwright_ops(gm) if op not in table)
     if missing:

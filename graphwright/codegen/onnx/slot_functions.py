@@ -1,4 +1,11 @@
-"""The decode graph's per-layer slot eviction traced once, not once per layer: one opaque op per layer, one ONNX function per kind.
+"""Per-layer in-graph eviction traced once, not once per layer: one opaque op per layer, one ONNX function per kind.
+
+Used for the decode graph's slot eviction (below) and, the same way, for the prompt step's in-graph
+eviction of ``model.onnx`` (``prompt_slots.h2o_prompt``, ``streaming_prompt``, ``snapkv_prompt``: the
+fake kernel returns the kept width the per-layer trace had, ``min(S, c)`` for a constant bound or a
+fresh unbacked size for a data-dependent one) and for latent layers (``decode_latent``), whose payload
+width differs per layer: a fixed size in which layers sharing a key differ becomes a dynamic dim of
+the key's own export (``_generalise``), so one function serves every rank.
 
 ``decode_slots.decode_graph`` puts a slot-eviction function (``h2o_decode``, ``streaming_decode``,
 the latent ones, ``fastgen_decode``, ``rope_cache_index_decode``) in every layer of the decode
@@ -26,11 +33,11 @@ Exact: the inlined nodes are the ONNX translation of the same torch function, so
 approximated; the decode graph computes what the per-layer trace computed.
 
 Invariant tested (``tests/onnx/test_slot_functions.py``): on tiny Llama with H2O (fraction and
-token budgets), StreamingLLM (re-rotating cache index) and a latent H2O cache, the stitched
-``decode.onnx`` has no ``graphwright.slots`` node left, passes ``onnx.checker``, and its logits and
-kept position sets over 40 decode steps (batch 2, left-padded) equal the decode graph exported
-layer by layer (1e-5) and the torch backend (1e-4); the wrapped graph run eagerly equals the
-unwrapped one.
+token budgets), StreamingLLM, SnapKV and a latent H2O cache (``lowrank_kv``, ranks differing per
+layer), the stitched ``model.onnx`` / ``decode.onnx`` have no ``graphwright.slots`` node left, pass
+``onnx.checker``, and their tokens, logits and final state over a prompt step and 40 decode steps
+(batch 2, left-padded) equal both graphs exported layer by layer (1e-5); the wrapped prompt and
+decode graphs run eagerly equal the unwrapped ones.
 """
 
 from __future__ import annotations
@@ -43,19 +50,23 @@ import torch
 ENABLED = True  # False: the decode graph is traced layer by layer as before (A/B in bench/export_time.py, tests)
 DOMAIN = "graphwright.slots"
 LIBRARY = "graphwright_slots"
-# The functions wrapped (n outputs). Not the latent ones (``decode_latent.h2o_latent_decode``,
-# ``streaming_latent_decode``): ``lowrank_kv`` gives each layer its own rank, so their fixed payload
-# sizes differ per layer and one function per layer would cost more than the per-layer trace.
-OUTPUTS = {"h2o_decode": 4, "streaming_decode": 3, "fastgen_decode": 6, "rope_cache_index_decode": 2}
+# The functions wrapped (n outputs). The latent ones (``decode_latent``: ``lowrank_kv`` gives each layer its
+# own rank, so the payload width differs per layer) share one function whose payload width is dynamic
+# (``_generalise``).
+OUTPUTS = {"h2o_decode": 4, "streaming_decode": 3, "fastgen_decode": 6, "rope_cache_index_decode": 2,
+           "h2o_latent_decode": 4, "streaming_latent_decode": 3,
+           # the prompt step's in-graph eviction (``prompt_slots.py``, ``model.onnx``)
+           "h2o_prompt": 4, "streaming_prompt": 3, "snapkv_prompt": 3}
 
 # key -> {"fn", "params" (signature names), "template" [("t", i) | ("c", value)], "example" [(dtype, sizes, dynamic dims)]}
 KEYS: dict = {}
 
 
 def _functions() -> dict:
-    from . import decode_latent, decode_slots
+    from . import decode_latent, decode_slots, prompt_slots
 
-    return {name: getattr(decode_slots, name, None) or getattr(decode_latent, name) for name in OUTPUTS}
+    mods = (decode_slots, decode_latent, prompt_slots)
+    return {name: next(getattr(m, name) for m in mods if hasattr(m, name)) for name in OUTPUTS}
 
 
 def _call(key: str, tensors):
@@ -70,12 +81,41 @@ def _kernel(tensors, key):
 
 
 # Output shapes per function: (argument it is shaped like, how): "slots" = that argument with dim 2 cut to
-# S = k_pos.shape[2] - 1 (what ``place``/``union_place`` return), "same" = its shape, "one" = its last dim 1.
+# S = k_pos.shape[2] - 1 (what ``place``/``union_place`` return), "same" = its shape, "one" = its last dim 1,
+# "width" = dim 2 set to the prompt step's kept width (``WIDTH``).
 SHAPES = {"h2o_decode": [("k", "slots"), ("v", "slots"), ("k_pos", "slots"), ("k_pos", "slots")],
           "streaming_decode": [("k", "slots"), ("v", "slots"), ("k_pos", "slots")],
           "fastgen_decode": [("k", "slots"), ("v", "slots"), ("k_pos", "slots"), ("k_pos", "slots"), ("k_pos", "slots"),
                              ("policy", "one")],
-          "rope_cache_index_decode": [("q", "same"), ("k", "same")]}
+          "rope_cache_index_decode": [("q", "same"), ("k", "same")],
+          "h2o_latent_decode": [("k", "slots"), ("v", "slots"), ("k_pos", "slots"), ("k_pos", "slots")],
+          "streaming_latent_decode": [("k", "slots"), ("v", "slots"), ("k_pos", "slots")],
+          "h2o_prompt": [("k", "width"), ("v", "width"), ("k_pos", "width"), ("k_pos", "width")],
+          "streaming_prompt": [("k", "width"), ("v", "width"), ("k_pos", "width")],
+          "snapkv_prompt": [("k", "width"), ("v", "width"), ("k_pos", "width")]}
+# Output dtypes of the prompt functions (None: the dtype of the argument it is shaped like). Not from a run on
+# meta tensors as for the decode ones: ``kept_width`` reads a value (``.item()``).
+DTYPES = {"h2o_prompt": [None, None, None, torch.float32], "streaming_prompt": [None] * 3, "snapkv_prompt": [None] * 3}
+
+
+def _bound(name: str, const: dict):
+    """The constant slot bound c of a prompt function (its width is min(S, c)), or None: data dependent
+    (``prompt_slots.kept_width``, an unbacked size here as in the traced function)."""
+    if name == "streaming_prompt":
+        return int(const["sinks"]) + int(const["window"])
+    if name == "h2o_prompt" and not (const["heavy_f"] or const["recent_f"]):
+        return int(const["heavy_n"]) + int(const["recent_n"])
+    return None
+
+
+def _width(name: str, const: dict, S):
+    """The kept width of a prompt function's outputs, as ``prompt_slots`` computes it under ``torch.export``."""
+    c = _bound(name, const)
+    if c is not None:
+        return torch.sym_min(S, c)
+    w = torch.library.get_ctx().new_dynamic_size()
+    torch._check(w <= S)
+    return w
 
 
 class SlotSignatureError(RuntimeError):
@@ -95,6 +135,17 @@ def _static(example) -> list:
     return [(str(dtype), [None if i in dims else n for i, n in enumerate(sizes)]) for dtype, sizes, dims in example]
 
 
+def _generalise(key: str, have: list, new: list) -> list:
+    """One ONNX function per key: a fixed size in which layers sharing the key differ (a latent layer's payload
+    width 2r, ``lowrank_kv`` ranks per layer) becomes a dynamic dim of the function's own export. Dtypes and
+    ranks must agree (``SlotSignatureError`` otherwise: ``export.py`` then traces layer by layer)."""
+    if len(have) != len(new) or any(a[0] != b[0] or len(a[1]) != len(b[1]) for a, b in zip(have, new)):
+        raise SlotSignatureError(f"slot function {key}: layers sharing it differ in dtype or rank "
+                                 f"({_static(new)} vs {_static(have)})")
+    return [(dtype, sizes, sorted(set(dims) | set(d2) | {i for i, (x, y) in enumerate(zip(sizes, s2)) if x != y}))
+            for (dtype, sizes, dims), (_, s2, d2) in zip(have, new)]
+
+
 def _fake(tensors, key):
     """Empty outputs of the shapes ``SHAPES`` gives and the dtypes a run on meta tensors of the traced sizes gives.
 
@@ -108,20 +159,27 @@ def _fake(tensors, key):
     example = [(t.dtype, n, [i for i, d in enumerate(t.shape) if isinstance(d, torch.SymInt)]) for t, n in zip(tensors, sizes)]
     if entry.get("example") is None:  # the sizes torch.export traced with: the function's own example inputs
         entry["example"] = example
-    elif _static(example) != _static(entry["example"]):  # one ONNX function per key: its fixed sizes must agree
-        raise SlotSignatureError(f"slot function {key}: layers sharing it differ in dtype or fixed sizes "
-                                 f"({_static(example)} vs {_static(entry['example'])})")
+    elif _static(example) != _static(entry["example"]):
+        entry["example"] = _generalise(key, entry["example"], example)
+    if entry.get("dtypes") is None and entry["name"] in DTYPES:
+        entry["dtypes"] = [d or tensors[dict(zip(entry["params"], entry["template"]))[arg][1]].dtype
+                           for d, (arg, _) in zip(DTYPES[entry["name"]], SHAPES[entry["name"]])]
     if entry.get("dtypes") is None:
         with unset_fake_temporarily():
             meta = [torch.empty(n, dtype=t.dtype, device="meta") for t, n in zip(tensors, sizes)]
             entry["dtypes"] = [o.dtype for o in _call(key, meta)]
     by_name = dict(zip(entry["params"], [tensors[v] if kind == "t" else None for kind, v in entry["template"]]))
     S = by_name["k_pos"].shape[2] - 1 if "k_pos" in by_name else None
+    if any(how == "width" for _, how in SHAPES[entry["name"]]):
+        const = {p: v for p, (kind, v) in zip(entry["params"], entry["template"]) if kind == "c"}
+        width = _width(entry["name"], const, by_name["k_pos"].shape[2])
     out = []
     for (name, how), dtype in zip(SHAPES[entry["name"]], entry["dtypes"]):
         shape = list(by_name[name].shape)
         if how == "slots":
             shape[2] = S
+        elif how == "width":
+            shape[2] = width
         elif how == "one":
             shape[-1] = 1
         out.append(by_name[name].new_empty(shape, dtype=dtype))
@@ -225,6 +283,7 @@ def function_proto(key: str, opset: int):
     functions it calls: its own ``torch.onnx.export`` on the sizes recorded by the fake kernel."""
     from onnx import helper
 
+    from .exporter_shortcuts import shortcuts
     from .optimize import optimize
 
     entry = KEYS[key]
@@ -235,8 +294,9 @@ def function_proto(key: str, opset: int):
         args.append(torch.zeros(sizes, dtype=dtype))
         dyn.append({d: torch.export.Dim.DYNAMIC for d in dims} or None)
     ep = torch.export.export(_Call(key), tuple(args), dynamic_shapes=(tuple(dyn),), strict=False)
-    program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, optimize=False, verbose=False,
-                                input_names=[f"x{i}" for i in range(len(args))])
+    with shortcuts({}):  # exporter_shortcuts.py: no decomposition retrace of a clean program, the registry built once
+        program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, optimize=False, verbose=False,
+                                    input_names=[f"x{i}" for i in range(len(args))])
     optimize(program)
     m = program.model_proto
     g = m.graph
