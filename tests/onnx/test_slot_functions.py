@@ -7,7 +7,10 @@ capacity): no ``graphwright.slots`` node left, ``onnx.checker`` passes, 40 decod
 2 left-padded rows give the same tokens, logits within 1e-5 and the same final state. (The stitched
 artifacts against the torch backend and the compacting references: ``test_onnx_eviction_slots.py``,
 ``test_onnx_decode_dynamic.py``.) ``wrap`` on the eager decode graph: one op per layer, layers with
-equal constants share one key, same outputs as the unwrapped graph.
+equal constants share one key, same outputs as the unwrapped graph. A function shared by layers whose
+sizes differ is exported on the largest (a dynamic dim of size 1 would be specialised), and any failure of
+the stitched route falls back to the layer-by-layer export of that graph with a note (the artifact verifies);
+a failure of both routes is raised.
 """
 
 from __future__ import annotations
@@ -144,3 +147,75 @@ def test_wrap_prompt_step_same_values(recipe):
         assert any(o.shape[2] < ids.shape[1] for o, s in zip(want[1:], sg.state) if s.kind == "kv")  # it evicted
     finally:
         slot_functions.forget(keys)
+
+
+def test_generalise_keeps_the_largest_size_of_a_differing_dim():
+    """duo: one key shared by a layer with 1 streaming head and a layer with 2. The head dim becomes dynamic
+    and the function's export example takes 2, whichever layer was traced first (``torch.export`` specialises
+    a dynamic dim whose example is 1 and then refuses it as dynamic). A dynamic dim left below 2, or a dtype
+    that differs, is a ``SlotSignatureError`` (the export then traces that graph layer by layer)."""
+    f32, i64 = torch.float32, torch.int64
+    one = [(f32, [2, 1, 5, 4], [0, 2]), (i64, [2, 1, 6], [0, 2])]
+    two = [(f32, [2, 2, 5, 4], [0, 2]), (i64, [2, 2, 6], [0, 2])]
+    got = slot_functions._generalise("k", one, two)
+    assert got == [(f32, [2, 2, 5, 4], [0, 1, 2]), (i64, [2, 2, 6], [0, 1, 2])]
+    assert slot_functions._generalise("k", two, one) == got
+    args, dyn = slot_functions.export_example("k", got)
+    assert [tuple(a.shape) for a in args] == [(2, 2, 5, 4), (2, 2, 6)] and [a.dtype for a in args] == [f32, i64]
+    assert [sorted(d) for d in dyn] == [[0, 1, 2], [0, 1, 2]]
+    assert slot_functions.export_example("k", [(f32, [2, 1, 5, 4], [0, 2])])[1] == ({0: torch.export.Dim.DYNAMIC,
+                                                                                     2: torch.export.Dim.DYNAMIC},)
+    with pytest.raises(slot_functions.SlotSignatureError, match=r"below 2 \(tensor, dim, size: \[\(0, 1, 1\)\]\)"):
+        slot_functions.export_example("k", [(f32, [2, 1, 5, 4], [0, 1, 2])])
+    with pytest.raises(slot_functions.SlotSignatureError, match="differ in dtype or rank"):
+        slot_functions._generalise("k", one, [(torch.float16, [2, 2, 5, 4], [0, 2]), two[1]])
+
+
+def test_a_stitching_failure_falls_back_layer_by_layer(monkeypatch, tmp_path):
+    """Any failure of the stitched route (here every function's own export raises) exports that graph layer by
+    layer instead: ``graphwright.json`` notes why for each graph, no key is left behind, and the artifact verifies
+    and generates the torch runtime's tokens."""
+    def broken(key, opset):
+        raise ValueError(f"injected failure for {key}")
+
+    monkeypatch.setattr(slot_functions, "function_proto", broken)
+    cm = gw.compile(_tiny("tiny-llama"), recipe="streaming(sinks=2, window=6)", verify=False)
+    before = set(slot_functions.KEYS)
+    out = gw.export_onnx(cm, tmp_path / "export")
+    meta = json.loads((out / "graphwright.json").read_text())
+    notes, phases = meta["export"]["notes"], meta["export"]["phases"]
+    for tag in ("", "decode_"):
+        assert notes[tag + "slot_functions"].startswith("layer by layer (GraphwrightError: ")
+        assert "stitching the slot-eviction functions failed: ValueError: injected failure for streaming_" \
+            in notes[tag + "slot_functions"]
+        assert tag + "stitch" in phases  # the stitched route ran first
+    assert set(slot_functions.KEYS) == before
+    assert meta["prompt"]["in_graph"] and meta["decode"]["model_file"] == "decode.onnx"
+    assert meta["verification"]["passed"] and meta["verification"]["max_abs_logit_diff"] <= 1e-4
+    for name in ("model.onnx", "decode.onnx"):
+        m = onnx.load(str(out / name), load_external_data=False)
+        assert not any(n.domain == slot_functions.DOMAIN for n in m.graph.node) and not m.functions
+        onnx.checker.check_model(str(out / name), full_check=True)
+    ids, mask = left_padded_batch(cm.step_graph.info.vocab_size, [12, 7], seed=5)
+    gen = dict(max_new_tokens=16, eos_token_id=[], pad_token_id=0)
+    assert torch.equal(gw.load(out).generate(ids, attention_mask=mask, **gen), cm.generate(ids, attention_mask=mask, **gen))
+
+
+def test_a_failure_of_both_routes_is_raised(monkeypatch, tmp_path):
+    """When the layer-by-layer route fails as well, its error is the export's error (nothing is swallowed)."""
+    from graphwright.errors import GraphwrightError
+
+    cm = gw.compile(_tiny("tiny-llama"), recipe="streaming(sinks=2, window=6)", verify=False)
+    calls = []
+
+    def broken(gm, *args, **kwargs):
+        calls.append(any(n.op == "call_function" and getattr(n.target, "namespace", "") == slot_functions.LIBRARY
+                         for n in gm.graph.nodes))
+        raise RuntimeError("injected export failure")
+
+    monkeypatch.setattr(torch.export, "export", broken)
+    before = set(slot_functions.KEYS)
+    with pytest.raises(GraphwrightError, match="torch.export of the step graph failed: RuntimeError: injected export failure"):
+        gw.export_onnx(cm, tmp_path / "export", verify=False)
+    assert calls == [True, False]  # the wrapped graph, then the same graph layer by layer
+    assert set(slot_functions.KEYS) == before

@@ -25,9 +25,15 @@ Technique (the usual "export a repeated block once and call it" of ONNX local fu
    is the key.
 3. ``stitch(path, opset)`` after the decode graph is saved: each key's function is exported once
    (``torch.onnx.export`` of a module calling it on example tensors of the recorded dtypes/sizes,
-   every symbolic dim dynamic), turned into an ONNX ``FunctionProto`` of that domain and
-   inlined into ``decode.onnx`` (``onnx.inliner.inline_local_functions``), so the saved graph has
-   only standard ops, as before.
+   every symbolic dim dynamic, each dynamic dim's example the largest over the layers and >= 2:
+   ``export_example``), turned into an ONNX ``FunctionProto`` of that domain and inlined into
+   ``decode.onnx`` (``onnx.inliner.inline_local_functions``), so the saved graph has only standard
+   ops, as before.
+
+Fallback: any failure of this route for one graph (``torch.export`` with the opaque ops, a
+function's export, stitching) makes ``export.py`` export that graph again layer by layer (the
+route before this module, ``ENABLED = False``) and note why in ``graphwright.json["export"]["notes"]``
+(``slot_functions`` / ``decode_slot_functions``); an export never fails because of this module.
 
 Exact: the inlined nodes are the ONNX translation of the same torch function, so nothing is
 approximated; the decode graph computes what the per-layer trace computed.
@@ -119,16 +125,8 @@ def _width(name: str, const: dict, S):
 
 
 class SlotSignatureError(RuntimeError):
-    """Two layers given one key differ in a fixed size or dtype (``export.py`` then traces layer by layer)."""
-
-
-def signature_error(exc: BaseException) -> bool:
-    """Whether ``exc`` or one of its causes is a ``SlotSignatureError``."""
-    while exc is not None:
-        if isinstance(exc, SlotSignatureError):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    """Two layers given one key differ in dtype or rank, or a function's example has a dynamic dim below 2
+    (``export.py`` then traces the graph layer by layer)."""
 
 
 def _static(example) -> list:
@@ -137,13 +135,38 @@ def _static(example) -> list:
 
 def _generalise(key: str, have: list, new: list) -> list:
     """One ONNX function per key: a fixed size in which layers sharing the key differ (a latent layer's payload
-    width 2r, ``lowrank_kv`` ranks per layer) becomes a dynamic dim of the function's own export. Dtypes and
-    ranks must agree (``SlotSignatureError`` otherwise: ``export.py`` then traces layer by layer)."""
+    width 2r, ``lowrank_kv`` ranks per layer; duo's streaming / retrieval head count per layer) becomes a dynamic
+    dim of the function's own export. Dtypes and ranks must agree (``SlotSignatureError`` otherwise:
+    ``export.py`` then traces layer by layer).
+
+    The example kept is the largest size per dim over the layers: ``torch.export`` specialises a dynamic dim
+    whose example is 0 or 1 (duo: one streaming head in one layer, two in another), and a size relation that
+    holds in every layer (k and v with the same head count, k_pos one slot longer) holds for the maxima too
+    when it is increasing."""
     if len(have) != len(new) or any(a[0] != b[0] or len(a[1]) != len(b[1]) for a, b in zip(have, new)):
         raise SlotSignatureError(f"slot function {key}: layers sharing it differ in dtype or rank "
                                  f"({_static(new)} vs {_static(have)})")
-    return [(dtype, sizes, sorted(set(dims) | set(d2) | {i for i, (x, y) in enumerate(zip(sizes, s2)) if x != y}))
+    return [(dtype, [max(x, y) for x, y in zip(sizes, s2)],
+             sorted(set(dims) | set(d2) | {i for i, (x, y) in enumerate(zip(sizes, s2)) if x != y}))
             for (dtype, sizes, dims), (_, s2, d2) in zip(have, new)]
+
+
+def export_example(key: str, example: list) -> tuple:
+    """The example tensors and ``dynamic_shapes`` of a key's own ``torch.export``. A dynamic dim must be >= 2 in
+    the example (export specialises 0 and 1, then refuses the dim as dynamic): ``SlotSignatureError`` naming it."""
+    small = [(j, d, sizes[d]) for j, (_, sizes, dims) in enumerate(example) for d in dims if sizes[d] < 2]
+    if small:
+        raise SlotSignatureError(f"slot function {key}: dynamic dim(s) with an example size below 2 "
+                                 f"(tensor, dim, size: {small}); torch.export would specialise them")
+    args = tuple(torch.zeros(sizes, dtype=dtype) for dtype, sizes, _ in example)
+    dyn = tuple({d: torch.export.Dim.DYNAMIC for d in dims} or None for _, _, dims in example)
+    return args, dyn
+
+
+def wrappable(gm: torch.fx.GraphModule) -> bool:
+    """Whether ``gm`` calls one of the functions ``wrap`` replaces."""
+    fns = set(_functions().values())
+    return any(n.op == "call_function" and n.target in fns for n in gm.graph.nodes)
 
 
 def _fake(tensors, key):
@@ -289,11 +312,8 @@ def function_proto(key: str, opset: int):
     entry = KEYS[key]
     if entry["example"] is None:
         raise RuntimeError(f"slot function {key} was never traced (no example sizes recorded)")
-    args, dyn = [], []
-    for dtype, sizes, dims in entry["example"]:
-        args.append(torch.zeros(sizes, dtype=dtype))
-        dyn.append({d: torch.export.Dim.DYNAMIC for d in dims} or None)
-    ep = torch.export.export(_Call(key), tuple(args), dynamic_shapes=(tuple(dyn),), strict=False)
+    args, dyn = export_example(key, entry["example"])
+    ep = torch.export.export(_Call(key), args, dynamic_shapes=(dyn,), strict=False)
     with shortcuts({}):  # exporter_shortcuts.py: no decomposition retrace of a clean program, the registry built once
         program = torch.onnx.export(ep, (), dynamo=True, opset_version=opset, optimize=False, verbose=False,
                                     input_names=[f"x{i}" for i in range(len(args))])
