@@ -49,6 +49,7 @@ decode graphs run eagerly equal the unwrapped ones.
 from __future__ import annotations
 
 import inspect
+import itertools
 from pathlib import Path
 
 import torch
@@ -66,6 +67,7 @@ OUTPUTS = {"h2o_decode": 4, "streaming_decode": 3, "fastgen_decode": 6, "rope_ca
 
 # key -> {"fn", "params" (signature names), "template" [("t", i) | ("c", value)], "example" [(dtype, sizes, dynamic dims)]}
 KEYS: dict = {}
+_NUMBERS = itertools.count()  # key suffixes: unique in the process (a forgotten key's name is never reused)
 
 
 def _functions() -> dict:
@@ -258,7 +260,7 @@ def wrap(gm: torch.fx.GraphModule) -> list:
         else:
             sig = (name, tuple(const))
             if sig not in seen:
-                seen[sig] = f"{name}_{len(KEYS)}"
+                seen[sig] = f"{name}_{next(_NUMBERS)}"
                 KEYS[seen[sig]] = {"fn": node.target, "name": name, "params": [c[0] for c in const], "template": template,
                                    "example": None, "dtypes": None}
             key = seen[sig]
