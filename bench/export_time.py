@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import graphwright as gw
+from graphwright.bench.load import MachineLoad
 from graphwright.codegen.onnx import slot_functions
 from graphwright.codegen.onnx.phases import timings_table
 
@@ -58,13 +59,16 @@ def table(rows: dict, key: str, total: str) -> str:
 
 
 def export_once(cm, folder: Path, verify: bool, enabled: bool = True) -> dict:
+    """One export; its phase record plus the machine's state meanwhile (``MachineLoad``: the CPU share other
+    processes used, so a reader knows whether the wall seconds mean anything)."""
     slot_functions.ENABLED = enabled
     try:
-        gw.export_onnx(cm, folder, verify=verify, overwrite=True)
+        with MachineLoad() as load:
+            gw.export_onnx(cm, folder, verify=verify, overwrite=True)
     finally:
         slot_functions.ENABLED = True
     meta = json.loads((folder / "graphwright.json").read_text())
-    return {**meta["export"], "graphs": sorted(p.name for p in folder.glob("*.onnx")),
+    return {**meta["export"], "graphs": sorted(p.name for p in folder.glob("*.onnx")), "machine": load.as_dict(),
             "max_abs_logit_diff": (meta.get("verification") or {}).get("max_abs_logit_diff")}
 
 
@@ -97,7 +101,8 @@ def main(argv=None) -> int:
             rows[recipe] = {"recipe": text or "identity", "load_before": l0, **export_once(cm, folder, not args.no_verify)}
             rows[recipe]["load_after"] = os.getloadavg()[0]
             print(f"{recipe} = {text or 'identity'}: {time.perf_counter() - t0:.1f} s wall, {rows[recipe]['total_cpu_s']:.1f} "
-                  f"CPU s, load {l0:.1f} -> {rows[recipe]['load_after']:.1f}, {'+'.join(rows[recipe]['graphs'])}, "
+                  f"CPU s, load {l0:.1f} -> {rows[recipe]['load_after']:.1f} (other processes "
+                  f"{100 * rows[recipe]['machine']['foreign_share']:.0f}% of the machine), {'+'.join(rows[recipe]['graphs'])}, "
                   f"verified max |dlogit| {rows[recipe]['max_abs_logit_diff']}", flush=True)
             print(timings_table(rows[recipe]), flush=True)  # each recipe's phases at once (a loaded machine is slow)
             save()
