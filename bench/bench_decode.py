@@ -211,15 +211,20 @@ def markdown(result) -> str:
                   "| recipe | runtime | prefill tok/s | decode tok/s | decode / HF | decode / dense same runtime | "
                   "KV MB held | KV / HF | peak RSS +MB | tokens = HF |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-        for k, m in block["median"].items():
+        rows, hf_rows = list(block["median"].items()), block.get("hf_by_runtime") or {}
+        if hf_rows:  # one HF row per runtime block: every ratio is to the HF run of its own process
+            rows = [r for rt in hf_rows for r in [(f"original/hf ({rt} block)", hf_rows[rt])]
+                    + [(k, m) for k, m in block["median"].items() if k.split("/")[1] == rt]]
+        for k, m in rows:
             name, rt = k.split("/")
-            r = block["ratios"][k]
+            r = block["ratios"].get(k) or {"decode_vs_hf": 1.0, "decode_vs_dense_same_runtime": None, "kv_fraction_of_hf": 1.0}
+            same = block["same_tokens"].get(k, True)
             dense = r["decode_vs_dense_same_runtime"]
             lines.append(f"| {block['recipes'].get(name) or name} | {rt} | {m['prefill_tokens_per_s']:,.0f} | "
                          f"{m['decode_tokens_per_s']:.1f} | {r['decode_vs_hf']:.2f} | "
                          f"{'' if rt == 'hf' or dense is None else f'{dense:.2f}'} | {m['kv_bytes'] / 1e6:.1f} | "
                          f"{r['kv_fraction_of_hf']:.2f} | {m['peak_mem_bytes'] / 1e6:.0f} | "
-                         f"{'yes' if block['same_tokens'][k] else 'no'} |")
+                         f"{'yes' if same else 'no'} |")
         for k, why in block["skipped"].items():
             lines.append(f"| {k.split('/')[0]} | {k.split('/')[1]} | not run: {why} | | | | | | | |")
         lines.append("")
@@ -322,6 +327,7 @@ def merge_blocks(blocks: dict) -> dict:
         for part in ("median", "ratios", "same_tokens", "skipped", "runs"):
             for k, v in b[part].items():
                 merged[part].setdefault(k, v)
+    merged["hf_by_runtime"] = {rt: b["median"]["original/hf"] for rt, b in blocks.items()}
     loads = [b["load"] for b in blocks.values()]
     worst = max(loads, key=lambda d: d["foreign_share"])
     merged["load"] = {**worst, "load_before": loads[0]["load_before"], "load_after": loads[-1]["load_after"],

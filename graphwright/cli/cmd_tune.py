@@ -44,8 +44,12 @@ def add_parser(sub):
     p.add_argument("--niah-length", type=int_arg(16, 1_000_000), default=256, help="needle prompt length in tokens")
     p.add_argument("--max-ppl-ratio", type=float_arg(1, 1e6), default=None,
                    help="prune a trial whose perplexity ratio after the first window exceeds this")
-    p.add_argument("--scope", choices=("model", "layer"), default="model",
-                   help="model: one value per tunable argument; layer: eviction budgets per layer (one pass per layer in the recipe)")
+    p.add_argument("--scope", choices=("model", "layer", "head"), default="model",
+                   help="model: one value per tunable argument; layer: eviction budgets, lowrank_kv keeps and streaming windows "
+                        "per layer; head: duo's retrieval choice per (layer, KV head)")
+    p.add_argument("--max-predicted-ppl", type=float_arg(1, 1e6), default=None,
+                   help="prune, before it runs, a trial whose perplexity ratio the per-layer sensitivity proxy (measured once "
+                        "per study) predicts above this; needs --scope layer (default off)")
     p.add_argument("--objectives", type=objectives_arg, default=("kv", "ppl"),
                    help="comma-separated: kv,ppl (always) and speed (decode tokens/s / dense, maximised); default kv,ppl")
     p.add_argument("--min-speed", type=float_arg(0, 1e6, lo_open=True), default=None,
@@ -90,6 +94,7 @@ def run(args):
                   max_ppl_ratio=args.max_ppl_ratio, backend=args.backend, threads=args.threads, scope=args.scope,
                   objectives=args.objectives, min_speed=args.min_speed, speed_steps=args.speed_steps, speed_rounds=args.speed_rounds,
                   prune_margin=args.prune_margin, scheduler=args.scheduler, storage=args.storage,
+                  max_predicted_ppl=args.max_predicted_ppl,
                   eval_settings={"windows": args.windows, "window": args.window, "prefix": args.prefix, "niah_cases": args.niah_cases,
                                  "niah_length": args.niah_length})
     states = {}
@@ -99,7 +104,7 @@ def run(args):
                   f"Pareto front: {len(result['pareto'])} points")
     pruned = (result.get("counts") or {}).get("pruned_by")
     if pruned:
-        console.print("pruned by the first-window proxy: " + ", ".join(f"{n} by {rule}" for rule, n in sorted(pruned.items())))
+        console.print("pruned by a proxy: " + ", ".join(f"{n} by {rule}" for rule, n in sorted(pruned.items())))
     console.print((Path(result["out"]) / "pareto.md").read_text())
     w = result["winner"]
     if w is None:

@@ -97,14 +97,19 @@ def keyformer_keep(score, k_pos, length, k, w):
     return is_recent | topk_mask(score, valid & ~is_recent, (k - 1 - recent).clamp(min=0))
 
 
+def frozen_budget(kv_n: int, kv_f: float, recent: float, length: torch.Tensor):
+    """(k, w) [B] long, frozen at the first step: k = max(kv_n + floor(kv_f * L), 1), w = floor(k * recent)."""
+    kb = (kv_n + torch.floor(kv_f * length.double() + 1e-9).long()).clamp(min=1)
+    return kb, torch.floor(kb.double() * recent + 1e-9).long()
+
+
 def keyformer_step(q, k, v, q_pos, k_pos, score, meta, scale, kv_n, kv_f, recent, tau_init, tau_delta,
                    noise: Optional[NoiseFn], key_bias=None):
     """One step with an explicit noise function (None: zeta = 0) -> (k, v, k_pos, score, meta)."""
     B, Hk, S = k.shape[:3]
     length = row_length(q_pos)
     if meta.shape[-1] == 0:  # first step: freeze the budget at the prompt length
-        kb = (kv_n + torch.floor(kv_f * length.double() + 1e-9).long()).clamp(min=1)
-        wb = torch.floor(kb.double() * recent + 1e-9).long()
+        kb, wb = frozen_budget(kv_n, kv_f, recent, length)
         step = 0
     else:
         kb, wb, step = meta[:, 0, 0], meta[:, 0, 1], int(meta[0, 0, 2])

@@ -31,6 +31,7 @@ MAX_KERNEL = 1023  # pooling widths (odd): far wider than the observation window
 SCOPES = ("model", "layer", "head")
 TUNE_KINDS = ("int", "float", "categorical")
 LAYER_FORMS = ("split", "list")
+HEAD_FORMS = ("pairs",)
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,14 @@ class Tunable:
     ``per_context=True`` they are fractions of the tuning context length (token counts: budgets,
     windows), turned into tokens by ``tune.space.search_space``. ``log``: sample on a log scale.
     ``choices``: the values of a categorical. ``scope``: the finest scope the argument may be
-    tuned at: model (one value for the whole model) or layer (one value per layer, for a pass
-    with a ``layers=`` argument: ``tune(scope="layer")`` splits it into one instance per layer);
-    head is declared by no pass yet (refused by the space builder). ``layer_form``: how layer-scope
+    tuned at: model (one value for the whole model), layer (one value per layer, for a pass
+    with a ``layers=`` argument: ``tune(scope="layer")`` splits it into one instance per layer) or
+    head (one choice per (layer, KV head); needs ``head_form``). ``layer_form``: how layer-scope
     values reach the recipe: "split" (one pass instance per layer with ``layers=[l]``) or "list" (one
     instance, the argument a list with one value per layer in layer order: ``lowrank_kv(keep=[...])``).
+    ``head_form``: how head-scope choices reach the recipe: "pairs" (one yes/no per (layer, KV head);
+    the argument becomes the list of ``[layer, kv_head]`` pairs chosen: ``duo(retrieval=[[0, 1], ...])``).
+    At model scope the argument keeps its own kind and range (``duo``: a retrieval fraction).
     """
 
     kind: str
@@ -56,6 +60,7 @@ class Tunable:
     scope: str = "model"
     per_context: bool = False
     layer_form: str = "split"
+    head_form: str | None = None
 
     def __post_init__(self):
         if self.kind not in TUNE_KINDS:
@@ -64,6 +69,9 @@ class Tunable:
             raise ValueError(f"Tunable scope must be one of {list(SCOPES)}; got {self.scope!r}")
         if self.layer_form not in LAYER_FORMS:
             raise ValueError(f"Tunable layer_form must be one of {list(LAYER_FORMS)}; got {self.layer_form!r}")
+        if (self.scope == "head") != (self.head_form is not None) or self.head_form not in (None, *HEAD_FORMS):
+            raise ValueError(f"a head-scope Tunable needs head_form in {list(HEAD_FORMS)} (and only a head-scope one takes it); "
+                             f"got scope={self.scope!r}, head_form={self.head_form!r}")
         if self.kind == "categorical":
             if not self.choices:
                 raise ValueError("a categorical Tunable needs choices")

@@ -96,11 +96,15 @@ def _fastgen(v: dict) -> Budget:
 
 
 def _streaming(v: dict) -> Budget:
-    sinks, window = int(v["sinks"]), int(v["window"])
-    call = f"streaming(sinks={sinks}, window={window})"
-    if sinks + window <= 0:
+    """A per-layer window list: the probe must cross the largest window (so every layer evicts); the smallest
+    decides the near-zero warning."""
+    sinks, w = int(v["sinks"]), v["window"]
+    windows = [int(x) for x in w] if isinstance(w, list) else [int(w)]
+    call = f"streaming(sinks={sinks}, window={w!r})"
+    if sinks + min(windows) <= 0:
         return Budget(refuse=f"{call} keeps no token; window must be >= 1")
-    return _token_budget("streaming", call, sinks + window, 0.0)
+    acts = _token_budget("streaming", call, sinks + max(windows), 0.0)
+    return Budget(acts_after=acts.acts_after, warn=_token_budget("streaming", call, sinks + min(windows), 0.0).warn)
 
 
 def _duo(v: dict) -> Budget:

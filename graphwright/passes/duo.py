@@ -108,7 +108,7 @@ class Duo(Pass):
     args = (
         Arg("retrieval", (str, float, list), None, "retrieval KV heads: a head-set file, a fraction 0..1 of the shipped "
             "head set by score, 'auto', or [[layer, kv_head], ...] (default: the shipped head set)", min=0, max=1,
-            tune=Tunable("float", 0.05, 1.0)),
+            tune=Tunable("float", 0.05, 1.0, scope="head", head_form="pairs")),
         Arg("sinks", int, 4, "first tokens every streaming head keeps (attention sinks)", min=0, max=MAX_TOKENS),
         Arg("window", int, 256, "most recent tokens every streaming head keeps", min=1, max=MAX_TOKENS,
             tune=Tunable("int", 0.05, 1.0, per_context=True)),

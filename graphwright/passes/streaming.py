@@ -16,6 +16,16 @@ positions (same order as cache indices). Same set for every head; positions stat
 head for a uniform layout. Needs one rotary table (Llama, Mistral, Qwen2, Phi-3, SmolLM2).
 ``layers=[...]`` evicts only those layers (the others keep absolute-position RoPE).
 
+Per-layer windows: ``window=[w_0, ..., w_{n-1}]`` gives each evicted layer (``layers=`` or every
+layer, in layer order) its own window (``graphwright tune --scope layer``: one window per layer, like
+``lowrank_kv(keep=[...])``); sinks stay one value. Each layer's op is the same ``evict_streaming``
+with its own window, so a layer keeps exactly what ``streaming(window=w_l)`` keeps on it; the torch
+backend's ``streaming_shift`` reads sinks/window from each layer's own op and its per-step memos are
+keyed by (sinks, window), so layers with different windows never share a slot plan. Two streaming
+passes on disjoint ``layers=`` also compose (each checks only its own layers' rotary tables; the notes
+merge), e.g. ``streaming(window=8, layers=[0]) + streaming(window=16, layers=[1])``, the same graph as
+``streaming(window=[8, 16])``.
+
 Latent layers (``lowrank_kv`` first): the cache holds latents, so there is nothing to invert on
 the key side. The layer's ``graphwright.latent_attention`` becomes a plain ``graphwright.attention``
 over keys rebuilt *before* RoPE (``graphwright.latent_keys`` with ``inv_freq=None``), the query
@@ -25,14 +35,15 @@ layer's own ``inv_freq``/``rope_scaling``); values are the latent ``c_v`` expand
 or rebuilt ``c_v @ v_up + v_bias`` (reconstruct mode). ``evict_streaming`` compacts the shared
 latent payload cat([c_k, c_v]) like the other policies (every head keeps the same set anyway).
 
-Exact setting: sinks + window >= sequence length (input dependent; logits equal dense to ~1e-5
-because of the RoPE round trip, greedy tokens identical).
+Exact setting: sinks + window >= sequence length (every layer's window, for a list; input dependent;
+logits equal dense to ~1e-5 because of the RoPE round trip, greedy tokens identical).
 Invariants tested (``tests/passes/test_streaming.py``, ``test_eviction_latent.py``): sinks + window
 >= length gives the dense tokens (tiny Llama and Qwen2, batch 2 left-padded; also after
 ``lowrank_kv(keep=1.0)``, where the latent cache never exceeds sinks + window rows); the cache never exceeds sinks + window and
 keeps exactly the first sinks and last window positions; generation past the model's
 max_position_embeddings stays finite with cache indices < sinks + window + 1; the op equals a
-slow loop oracle.
+slow loop oracle; per-layer windows keep on each layer exactly what the single-window pass keeps there,
+with the split form (two passes) giving the same logits (``tests/passes/test_streaming_per_layer.py``).
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ import operator
 import torch
 
 from ..capture.ops import ATTENTION
+from ..errors import RecipeError
 from ..ops import schema
 from ..ops.eviction import ROPE_CACHE_INDEX, ROPE_INVERT
 from ..ops.policy_streaming import STREAMING_POLICY
@@ -55,11 +67,15 @@ aten = torch.ops.aten
 
 def find_rotary(gm, attn=None):
     """(inv_freq get_attr node, attention_scaling) of ``attn``'s layer (``match.rotary_table``), or the
-    reason there is none; without ``attn``, every attention layer is checked and the first one's returned."""
+    reason there is none; ``attn`` a list: each of those nodes is checked and the first one's returned;
+    without ``attn``, every attention layer is checked."""
     from ..ops import schema
     from .match import NoMatch, rotary_table
 
-    nodes = [attn] if attn is not None else schema.attention_nodes(gm)
+    if attn is None:
+        nodes = schema.attention_nodes(gm)
+    else:
+        nodes = list(attn) if isinstance(attn, (list, tuple)) else [attn]
     if not nodes:
         return "the graph has no attention nodes"
     found = [rotary_table(gm, n) for n in nodes]
@@ -79,28 +95,56 @@ class Streaming(EvictionPass):
     doc = "StreamingLLM: keep attention sinks + a recent window; keys cached pre-RoPE and rotated by cache index."
     args = (
         Arg("sinks", int, 4, "first tokens always kept (attention sinks)", min=0, max=MAX_TOKENS),
-        Arg("window", int, 2000, "most recent tokens kept", min=1, max=MAX_TOKENS,
-            tune=Tunable("int", 0.05, 1.0, per_context=True)),
+        Arg("window", (int, list), 2000, "most recent tokens kept; a list: one window per evicted layer (layers= or "
+            "every layer), in layer order", min=1, max=MAX_TOKENS,
+            tune=Tunable("int", 0.05, 1.0, per_context=True, scope="layer", layer_form="list")),
         LAYERS_ARG,
     )
 
+    def __init__(self, **values):
+        super().__init__(**values)
+        w = self.values["window"]
+        if isinstance(w, list):
+            ok = w and all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x <= MAX_TOKENS for x in w)
+            if not ok:
+                raise RecipeError(f"streaming: a per-layer window must be a non-empty list of ints in [1, {MAX_TOKENS}], one per "
+                                  f"evicted layer (layers= or every layer, in layer order); got {w!r}")
+
+    def windows(self, layers) -> dict:
+        """``{layer: window}`` for the evicted layers (sorted); ``RecipeError`` when a window list does not match them."""
+        layers = sorted(layers)
+        w = self.values["window"]
+        if not isinstance(w, list):
+            return {layer: w for layer in layers}
+        if len(w) != len(layers):
+            raise RecipeError(f"streaming: window lists {len(w)} per-layer windows but the pass evicts {len(layers)} layer(s) "
+                              f"{layers} (one window per evicted layer, in layer order; layers= picks them)")
+        return dict(zip(layers, w))
+
     def applies_to(self, sg) -> str | None:
-        sites = find_sites(sg, self.layer_set(sg.info))
+        chosen = self.layer_set(sg.info)
+        try:
+            self.windows(chosen)
+        except RecipeError as err:
+            return str(err)
+        sites = find_sites(sg, chosen)
         if isinstance(sites, str):
             return sites
         for site in sites:
             if site.latent and site.arg("inv_freq") is None:
                 return f"layer {site.layer}: latent attention without a rotary table; StreamingLLM re-rotates keys"
-        if all(site.latent for site in sites):
+        dense = [site.attn for site in sites if not site.latent]
+        if not dense:
             return None
-        rot = find_rotary(sg.gm)
+        rot = find_rotary(sg.gm, dense)  # its own layers only: another streaming pass may own the others
         return rot if isinstance(rot, str) else None
 
     def run(self, sg, ctx: PassContext):
         chosen = self.layer_set(sg.info)
+        windows = self.windows(chosen)
         sites = find_sites(sg, chosen)
-        rot = None if all(s.latent for s in sites) else find_rotary(sg.gm)  # checks every layer has a table
-        params = {"sinks": self.sinks, "window": self.window}
+        dense = [s.attn for s in sites if not s.latent]
+        rot = find_rotary(sg.gm, dense) if dense else None  # checks each of its dense layers has a table
         latent = []
 
         def build(sg, ed, site, kp_all):
@@ -109,14 +153,19 @@ class Streaming(EvictionPass):
                 latent.append(site.layer)
             else:
                 k_pre = rotate_dense_layer(sg, site, kp_all, *find_rotary(sg.gm, site.attn))  # this layer's table
+            params = {"sinks": self.sinks, "window": windows[site.layer]}
             return insert_policy(sg, ed, site, STREAMING_POLICY, params, k=k_pre)
 
         layers = rewrite_layers(sg, "streaming", build, chosen)
-        sg.notes["streaming"] = {
-            "per_layer": {layer: {"sinks": self.sinks, "window": self.window} for layer in layers},
-            "counts": {"layers_evicted": len(layers), "latent_layers": len(latent)},
-            "settings": {**self.values, "rope_scaling": rot[1] if rot else None, "keys_cached": "pre-RoPE"},
-        }
+        before = sg.notes.get("streaming")  # another streaming pass on other layers: merge (a new dict; copies share values)
+        per_layer = {**(before or {}).get("per_layer", {}),
+                     **{layer: {"sinks": self.sinks, "window": windows[layer]} for layer in layers}}
+        counts = {"layers_evicted": len(per_layer), "latent_layers": len(latent) + (before or {}).get("counts", {}).get("latent_layers", 0)}
+        settings = {**self.values, "rope_scaling": rot[1] if rot else None, "keys_cached": "pre-RoPE"}
+        if before is not None:  # as one pass over both layer sets: layers= all of them, one window per layer
+            order = sorted(per_layer)
+            settings.update(layers=order, window=[per_layer[layer]["window"] for layer in order])
+        sg.notes["streaming"] = {"per_layer": dict(sorted(per_layer.items())), "counts": counts, "settings": settings}
         return sg
 
 

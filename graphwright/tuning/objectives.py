@@ -92,6 +92,12 @@ class Evaluator:
         """The dense model's scores on these windows and needles (plain data; computed once per study)."""
         return self.evaluate(None)
 
+    def first_window(self, recipe, base: dict) -> dict:
+        """Scores of ``recipe`` on the first window only (what the proxies read; the ratio against base's first window)."""
+        t0 = time.perf_counter()
+        cm = self.compiled(recipe)
+        return self._summary([self._windows(cm, self.windows[:1])], base, None, t0, proxy=True)
+
     def speed_ratio(self, cm, steps: int = 16, rounds: int = 3, measure=None) -> float:
         """Median over ``rounds`` of (candidate decode tokens/s) / (dense decode tokens/s), measured alternately."""
         if not (isinstance(steps, int) and steps >= 1 and isinstance(rounds, int) and rounds >= 1):

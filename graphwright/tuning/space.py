@@ -11,11 +11,15 @@ Scopes: ``"model"`` (default) gives one value per argument. ``"layer"`` (a strin
 of the template, or ``{pass name: scope}``) gives one value per layer to the arguments declared
 ``Tunable(scope="layer")``; ``recipe_for`` then writes the pass once per layer with
 ``layers=[l]`` (the eviction passes' ``layers=`` argument: each layer owns its policy's state),
-over the template's own ``layers=`` when it sets them. A pass without a ``layers=`` argument has
-no per-layer setting and is refused at layer scope with the reason (``lowrank_kv``: ``keep`` is
-one whole-model fraction split into per-layer ranks by its ``schedule``, and it applies once).
+over the template's own ``layers=`` when it sets them, or (``layer_form="list"``: ``lowrank_kv.keep``,
+``streaming.window``) sets the argument of the one pass to the list of per-layer values. ``"head"``
+gives one yes/no choice per (layer, KV head) to the arguments declared ``Tunable(scope="head")``
+(``duo.retrieval``: ``0.duo.retrieval.L3.H1``; ``recipe_for`` writes the ``[layer, kv_head]`` pairs
+chosen, ``duo(retrieval=[[3, 1], ...])``) and needs ``num_kv_heads``. A pass with no argument
+declared at the asked scope is refused with the reason. Arguments declared at a coarser scope keep
+one value for the model.
 Invariant (tested): every range lies inside the argument's declared ``min``/``max``, so every
-point of the space is a recipe ``compile()`` accepts, at either scope.
+point of the space is a recipe ``compile()`` accepts, at every scope.
 """
 
 from __future__ import annotations
@@ -41,8 +45,10 @@ class Param:
     log: bool = False
     choices: tuple | None = None
     scope: str = "model"
-    layer: int | None = None  # the layer this value is for (scope "layer"), else None
-    layer_form: str = "split"  # scope "layer": one pass per layer ("split") or one list-valued argument ("list")
+    layer: int | None = None  # the layer this value is for (scope "layer" or "head"), else None
+    # scope "layer": one pass per layer ("split") or one list-valued argument ("list"); scope "head": "pairs"
+    layer_form: str = "split"
+    head: int | None = None  # the KV head this yes/no choice is for (scope "head"), else None
 
     @classmethod
     def from_dict(cls, d: dict) -> "Param":
@@ -82,13 +88,12 @@ def _resolve(pass_name: str, arg, t: Tunable, context: int) -> tuple:
     return low, high
 
 
-USER_SCOPES = ("model", "layer")
+USER_SCOPES = ("model", "layer", "head")
 NO_LAYER_ARG = {
-    "duo": "its retrieval/streaming split is per KV head from a head set, not per layer",
+    "duo": "its retrieval/streaming split is per KV head (tune it at scope 'head': one retrieval choice per "
+           "(layer, KV head)), not per layer",
     "block_sparse": "it takes dense_layers= (kept dense), not per-layer top_k/block values",
     "think": "its keep is declared for the whole model",
-    "streaming": "a second streaming pass on other layers is refused today (its rotary check reads every layer, "
-                 "and the first pass already rewrote its own), so its window is declared for the whole model",
     "steer": "its heads= is a head set ({layer: [heads]}, a file, 'all' or 'auto') with no head-count argument",
 }
 
@@ -104,7 +109,7 @@ def _scopes(scope, recipe) -> dict:
         if name not in names:
             raise ValueError(f"scope names pass {name!r}, which the template does not hold (it holds {', '.join(names)})")
         if sc not in USER_SCOPES:
-            raise ValueError(f"scope of {name!r} must be one of {list(USER_SCOPES)} (head scope is not built); got {sc!r}")
+            raise ValueError(f"scope of {name!r} must be one of {list(USER_SCOPES)}; got {sc!r}")
     return {n: scope.get(n, "model") for n in names}
 
 
@@ -123,12 +128,13 @@ def _layers_of(name: str, args: dict, num_layers) -> list:
     return select_layers(name, thaw(args["layers"]) if args.get("layers") is not None else None, num_layers)
 
 
-def search_space(template, context: int, scope="model", num_layers: int | None = None) -> list:
+def search_space(template, context: int, scope="model", num_layers: int | None = None, num_kv_heads: int | None = None) -> list:
     """The ``Param`` list for a recipe template (string, list, TOML path or ``Recipe``) at ``context`` tokens.
 
     Arguments the template sets are fixed, not searched. A template with nothing to search is an
-    error naming the passes that declare tunables. ``scope``: "model", "layer" or ``{pass: scope}``;
-    layer scope needs ``num_layers`` and refuses a pass with no per-layer argument, saying why.
+    error naming the passes that declare tunables. ``scope``: "model", "layer", "head" or ``{pass: scope}``;
+    layer scope needs ``num_layers`` and refuses a pass with no per-layer argument, saying why; head
+    scope also needs ``num_kv_heads`` and refuses a pass with no per-head argument.
     """
     from .. import passes as _registers  # noqa: F401
 
@@ -150,12 +156,24 @@ def search_space(template, context: int, scope="model", num_layers: int | None =
             why = NO_LAYER_ARG.get(name, "none of its tunable arguments is declared per layer (Tunable(scope='layer'))")
             raise RecipeError(f"{name} cannot be tuned per layer: {why}; tune it at scope 'model' "
                               f"(e.g. scope={{'{name}': 'model'}} or leave it out of the layer scope)")
-        layers = None
-        if scopes[name] == "layer":
+        if scopes[name] == "head" and todo and not any(t.scope == "head" for t in todo.values()):
+            raise RecipeError(f"{name} cannot be tuned per head: none of its tunable arguments is declared per KV head "
+                              f"(only duo's retrieval set is, Tunable(scope='head')); tune it at scope 'layer' or 'model' "
+                              f"(e.g. scope={{'{name}': 'layer'}})")
+        layers = heads = None
+        if scopes[name] in ("layer", "head"):
             layers = _layers_of(name, fixed, num_layers) if "layers" in declared else _all_layers(num_layers)
+        if scopes[name] == "head":
+            if not (isinstance(num_kv_heads, int) and num_kv_heads >= 1):
+                raise ValueError(f"head scope needs the model's KV head count (num_kv_heads, an int >= 1); got {num_kv_heads!r}")
+            heads = list(range(num_kv_heads))
         for arg_name, t in todo.items():
-            low, high = _resolve(name, declared[arg_name], t, context)
             base = f"{i}.{name}.{arg_name}"
+            if heads is not None and t.scope == "head":  # one yes/no per (layer, KV head): the pairs chosen
+                out += [Param(f"{base}.L{layer}.H{h}", i, name, arg_name, "categorical", choices=(False, True), scope="head",
+                              layer=layer, layer_form=t.head_form, head=h) for layer in layers for h in heads]
+                continue
+            low, high = _resolve(name, declared[arg_name], t, context)
             if layers is not None and t.scope == "layer":
                 out += [Param(f"{base}.L{layer}", i, name, arg_name, t.kind, low, high, t.log, t.choices, "layer", layer, t.layer_form)
                         for layer in layers]
@@ -173,16 +191,24 @@ def recipe_for(template, space: list, values: dict) -> Recipe:
     A pass with layer-scope parameters is written once per layer, in layer order, each copy with
     ``layers=[l]``, the template's fixed arguments, the pass's model-scope values and layer l's values.
     A ``layer_form="list"`` parameter instead sets its argument, in the one pass, to the list of its
-    per-layer values in layer order.
+    per-layer values in layer order. Head-scope ``"pairs"`` choices set their argument to the sorted
+    ``[layer, kv_head]`` pairs whose value is True (an empty list when none is).
     """
     recipe = Recipe.parse(template)
     items = recipe.to_list()
     per_layer: dict = {}
     lists: dict = {}
+    pairs: dict = {}
     for p in space:
         if p.name not in values:
             raise KeyError(f"no value for tuned parameter {p.name!r}")
-        if p.layer is None:
+        if p.head is not None:
+            chosen = pairs.setdefault((p.pass_index, p.arg), [])
+            if values[p.name] is True:
+                chosen.append([p.layer, p.head])
+            elif values[p.name] is not False:
+                raise ValueError(f"tuned parameter {p.name!r} is a yes/no choice (True or False); got {values[p.name]!r}")
+        elif p.layer is None:
             items[p.pass_index][p.arg] = values[p.name]
         elif p.layer_form == "list":
             lists.setdefault((p.pass_index, p.arg), {})[p.layer] = values[p.name]
@@ -190,6 +216,8 @@ def recipe_for(template, space: list, values: dict) -> Recipe:
             per_layer.setdefault(p.pass_index, {}).setdefault(p.layer, {})[p.arg] = values[p.name]
     for (i, arg), by_layer in lists.items():
         items[i][arg] = [by_layer[layer] for layer in sorted(by_layer)]
+    for (i, arg), chosen in pairs.items():
+        items[i][arg] = sorted(chosen)
     out = []
     for i, item in enumerate(items):
         if i not in per_layer:

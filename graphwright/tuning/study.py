@@ -22,8 +22,13 @@ holding ``"speed"``). No home-made optimiser.
   perplexity ratio more than a factor (1 + m) lower: the candidate is already worse than the
   current front on the proxy, so its remaining windows, needles and speed are not measured.
   ``pareto.json`` records how many trials each rule pruned.
-- Scope: ``scope="layer"`` tunes eviction budgets per layer (``space.search_space``); the TOML of
-  each Pareto point holds one pass per layer and round-trips through ``compile()`` (tested).
+- Sensitivity proxy (``max_predicted_ppl=X``, ``tuning.sensitivity``): measured once per study on the
+  base model (each layer alone at the low end of its ranges, first window), stored with the dense
+  scores; a trial whose predicted perplexity ratio exceeds X is pruned (rule ``sensitivity``) before
+  its rewrite and any window. Needs every parameter per layer (``scope="layer"``).
+- Scope: ``scope="layer"`` tunes eviction budgets, ``lowrank_kv`` keeps and ``streaming`` windows per
+  layer, ``scope="head"`` duo's retrieval choice per (layer, KV head) (``space.search_space``); the TOML
+  of each Pareto point round-trips through ``compile()`` (tested).
 - Storage: an Optuna journal file (``JournalFileBackend``) in ``out`` by default, or ``storage=``: a
   database URL (``RDBStorage``) or a journal file path (``open_storage``); ``resume=True`` continues it.
 - Cluster: ``scheduler="tcp://HOST:PORT"`` runs each trial as a task on a Dask ``distributed`` cluster
@@ -146,6 +151,15 @@ def _objective(settings, space, ev, base, worker: int = 0, measure=None):
         trial.set_user_attr("recipe", str(recipe))
         trial.set_user_attr("worker", worker)
         trial.set_user_attr("pid", os.getpid())  # the process that ran it: a lost trial names its worker
+        cap = settings.get("max_predicted_ppl")
+        if cap is not None:  # the per-layer sensitivity proxy: before any rewrite or window (tuning/sensitivity.py)
+            from .sensitivity import RULE, predicted_ppl_ratio
+
+            predicted = predicted_ppl_ratio(base["sensitivity"], space, values)
+            trial.set_user_attr("predicted_ppl_ratio", predicted)
+            if predicted > cap:
+                trial.set_user_attr("pruned_by", RULE)
+                raise optuna.TrialPruned(f"the per-layer sensitivity predicts a perplexity ratio {predicted:.4f} > {cap}")
 
         def proxy_check(partial):
             trial.set_user_attr("proxy_kv_fraction", partial["kv_fraction"])
@@ -256,7 +270,8 @@ def lose_trial(study, storage, t) -> int:
     return storage.create_new_trial(study._study_id, template_trial=retry)
 
 
-def _check_args(model, trials, workers, budget, objectives, min_speed, prune_margin, measure, eval_settings) -> None:
+def _check_args(model, trials, workers, budget, objectives, min_speed, prune_margin, measure, eval_settings,
+                max_predicted_ppl=None) -> None:
     """ValueError naming the first bad argument of ``tune`` and what is allowed."""
     if not (isinstance(trials, int) and trials >= 1) or not (isinstance(workers, int) and 1 <= workers <= 64):
         raise ValueError(f"trials must be an int >= 1 and workers an int in [1, 64]; got trials={trials!r}, workers={workers!r}")
@@ -270,6 +285,8 @@ def _check_args(model, trials, workers, budget, objectives, min_speed, prune_mar
         raise ValueError(f"min_speed is a decode tokens/s ratio to dense, > 0; got {min_speed!r}")
     if prune_margin is not None and not (isinstance(prune_margin, (int, float)) and prune_margin >= 0):
         raise ValueError(f"prune_margin is a fraction >= 0 (or None: off); got {prune_margin!r}")
+    if max_predicted_ppl is not None and not (isinstance(max_predicted_ppl, (int, float)) and max_predicted_ppl >= 1):
+        raise ValueError(f"max_predicted_ppl is a perplexity ratio to dense, >= 1 (or None: off); got {max_predicted_ppl!r}")
     if measure is not None and workers > 1:
         raise ValueError("measure= runs in this process only: use workers=1 with a custom speed measure")
     bad = sorted(set(eval_settings or {}) - set(DEFAULT_EVAL))
@@ -300,7 +317,12 @@ def _create(storage, settings, loaded, tok, trials: int, enqueue):
     """A new study: its settings, space, dense scores, then ``enqueue`` and the seeded initial design (enqueued)."""
     import optuna
 
-    space = search_space(settings["template"], settings["eval"]["prefix"], settings["scope"], _num_layers(loaded))  # errors before any work
+    space = search_space(settings["template"], settings["eval"]["prefix"], settings["scope"], _num_layers(loaded),
+                         _num_kv_heads(loaded))  # errors before any work
+    if settings.get("max_predicted_ppl") is not None:
+        from .sensitivity import check_space
+
+        check_space(space)
     names = {p.name for p in space}
     for i, point in enumerate(enqueue or []):
         unknown = sorted(set(point) - names)
@@ -310,7 +332,12 @@ def _create(storage, settings, loaded, tok, trials: int, enqueue):
     study.set_user_attr("settings", settings)
     study.set_user_attr("space", [p.to_dict() for p in space])
     ev = Evaluator(loaded, tok, split="calibration", backend=settings["backend"], seed=settings["seed"], **settings["eval"])
-    study.set_user_attr("base", ev.base())
+    base = ev.base()
+    if settings.get("max_predicted_ppl") is not None:  # measured once per study, stored with the dense scores
+        from .sensitivity import measure
+
+        base["sensitivity"] = measure(ev, base, settings["template"], space)
+    study.set_user_attr("base", base)
     # the initial design: drawn here from a seeded RandomSampler, enqueued so each point runs exactly once
     draw = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=settings["seed"]), directions=_directions(settings))
     dists = distributions(space)
@@ -326,7 +353,7 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
          eval_settings: dict | None = None, backend: str = "torch", threads: int | None = None, outputs: bool = True,
          scope="model", objectives=("kv", "ppl"), min_speed: float | None = None, speed_steps: int = 16, speed_rounds: int = 3,
          prune_margin: float | None = None, enqueue: list | None = None, measure=None, scheduler: str | None = None,
-         storage: str | None = None) -> dict:
+         storage: str | None = None, max_predicted_ppl: float | None = None) -> dict:
     """Search the tunable settings of ``template`` on ``model``; returns the result (and writes ``out``).
 
     ``budget``: the largest KV fraction (bytes held / dense) a feasible recipe may hold.
@@ -335,7 +362,9 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
     ``window``, ``prefix`` (streamed perplexity) and ``niah_cases``, ``niah_length`` (needles), on
     the calibration split; the winner is re-measured on the held-out split with the same sizes.
     ``resume``: continue the study in ``out`` (its settings are kept; ``template`` etc. must match).
-    ``scope``: "model", "layer" or ``{pass: scope}`` (``space.search_space``). ``objectives``: "kv" and
+    ``scope``: "model", "layer", "head" or ``{pass: scope}`` (``space.search_space``). ``max_predicted_ppl``:
+    prune, before it runs, a trial the per-layer sensitivity proxy predicts above this perplexity ratio
+    (``tuning.sensitivity``; measured once per study; needs every parameter per layer; None, the default: off). ``objectives``: "kv" and
     "ppl", plus "speed" (decode tokens/s ratio to dense, maximised). ``min_speed``: the speed floor
     (a constraint). ``speed_steps``/``speed_rounds``: decode steps per measure and alternating rounds.
     ``prune_margin``: prune a trial whose first-window perplexity ratio is more than this fraction
@@ -351,7 +380,7 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
     """
     import optuna
 
-    _check_args(model, trials, workers, budget, objectives, min_speed, prune_margin, measure, eval_settings)
+    _check_args(model, trials, workers, budget, objectives, min_speed, prune_margin, measure, eval_settings, max_predicted_ppl)
     _check_cluster_args(model, workers, measure, scheduler, storage)
     objectives = tuple(objectives)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -375,6 +404,7 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
         settings = {"template": template, "budget": float(budget), "seed": seed, "population": population, "max_ppl_ratio": max_ppl_ratio,
                     "backend": backend, "eval": {**DEFAULT_EVAL, **(eval_settings or {})}, "scope": scope,
                     "objectives": list(objectives), "min_speed": min_speed, "prune_margin": prune_margin,
+                    "max_predicted_ppl": max_predicted_ppl,
                     "speed": {"steps": speed_steps, "rounds": speed_rounds}}
         study = _create(storage, settings, loaded, tok, trials, enqueue)
     if resume:
@@ -407,6 +437,12 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
 def _num_layers(model) -> int | None:
     cfg = getattr(model, "config", None)
     n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+    return int(n) if n is not None else None
+
+
+def _num_kv_heads(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    n = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
     return int(n) if n is not None else None
 
 

@@ -91,3 +91,7 @@ def test_bench_decode_script_tables_every_side(tmp_path, capsys):
     assert "busy" in block["load"] and out.with_suffix(".png").stat().st_size > 0
     md = out.with_suffix(".md").read_text()
     assert "prompt 12 tokens" in md and "streaming(sinks=4, window=1)" in md
+    # one HF row per runtime block (every ratio is to the HF run of its own process), before that block's rows
+    assert block["hf_by_runtime"]["torch"] == block["median"]["original/hf"]
+    rows = [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| ")]
+    assert rows.index("| original") < rows.index("| identity") and "hf (torch block)" in md

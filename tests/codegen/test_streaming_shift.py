@@ -13,15 +13,15 @@ import dataclasses
 import pytest
 import torch
 
-from graphwright.capture.ops import attention_reference
 from graphwright.codegen.backends import EVICTION_REFERENCES, TORCH
 from graphwright.codegen.torch.streaming_shift import streaming_attention, streaming_rope_shift
 from graphwright.compiled import CompiledModel
-from graphwright.ops.rope_index_ref import _rotate, rope_angles, rope_cache_index_reference
+from graphwright.ops.rope_index_ref import _rotate, rope_angles
 from graphwright.passes.base import PassContext
 from graphwright.passes.streaming import Streaming
 from tests.conftest import left_padded_batch
 from tests.passes.eviction_helpers import decode_loop, kept_positions, state_of
+from tests.passes.streaming_cases import reference_layer, unordered_slot_case
 
 # the definition: pre-RoPE cache, rope_cache_index and the compacting eviction references at every step
 REFERENCE = dataclasses.replace(TORCH, name="torch_reference_streaming", table={**TORCH.table, **EVICTION_REFERENCES},
@@ -80,46 +80,11 @@ def _attr(gm, target: str):
     return obj
 
 
-def _reference_layer(q_abs, k_abs, v, q_pos, k_pos, scale, inv, sinks, window):
-    """The step graph's composition: invert q and keys at their positions, rotate by cache index (reference), attend."""
-    ck, sk = rope_angles(k_pos, inv)
-    k_pre = _rotate(k_abs, ck, -sk, 1.0)
-    cq, sq = rope_angles(q_pos, inv)
-    q_pre = _rotate(q_abs, cq[:, None], -sq[:, None], 1.0)
-    order = torch.where(k_pos >= 0, k_pos, 1 << 40).argsort(dim=-1)  # the reference needs position order
-    k_pre = k_pre.gather(2, order[..., None].expand_as(k_pre))
-    v_o = v.gather(2, order[..., None].expand_as(v))
-    kp_o = k_pos.gather(2, order)
-    # the query is the last slot for the reference: put it last
-    q_rot, k_rot = rope_cache_index_reference(q_pre, k_pre, kp_o, inv, 1.0)
-    return attention_reference(q_rot, k_rot, v_o, q_pos, kp_o, scale)
-
-
 @pytest.mark.parametrize("evicted", [0, 1, 37, 500])
 def test_streaming_attention_op_equals_rotation_by_cache_index(evicted):
     """Op level: unordered slots (sinks + a window of consecutive positions + empty slots), 2 rows, GQA 4:2."""
-    g = torch.Generator().manual_seed(evicted)
-    B, H, Hk, D, sinks, window = 2, 4, 2, 16, 3, 6
-    inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2).float() / D))
-    S = sinks + window + 1 + 2  # two empty slots
-    k_pos = torch.full((B, Hk, S), -1, dtype=torch.long)
-    q_pos = torch.zeros(B, 1, dtype=torch.long)
-    for b in range(B):
-        L = sinks + window + 1 + evicted + 3 * b  # row length with the new token
-        first = L - 1 - window
-        cached = list(range(sinks)) + list(range(max(sinks, first), L))
-        for h in range(Hk):
-            slots = torch.randperm(S - 1, generator=g)[:len(cached) - 1]
-            k_pos[b, h, slots] = torch.tensor(cached[:-1])
-            k_pos[b, h, S - 1] = L - 1  # the new token sits in the last slot (cache_append)
-        q_pos[b, 0] = L - 1
-    k_pre = torch.randn(B, Hk, S, D, generator=g)
-    v = torch.randn(B, Hk, S, D, generator=g)
-    q_pre = torch.randn(B, H, 1, D, generator=g)
-    ck, sk = rope_angles(k_pos, inv)
-    k_abs = _rotate(k_pre, ck, sk, 1.0)
-    cq, sq = rope_angles(q_pos, inv)
-    q_abs = _rotate(q_pre, cq[:, None], sq[:, None], 1.0)
+    sinks, window = 3, 6
+    q_abs, k_abs, v, q_pos, k_pos, inv = unordered_slot_case(evicted, sinks, window)
     got = streaming_attention(q_abs, k_abs, v, q_pos, k_pos, 0.25, 0, None, 0, q_pos, inv, 1.0, sinks, window)
-    want = _reference_layer(q_abs, k_abs, v, q_pos, k_pos, 0.25, inv, sinks, window)
+    want = reference_layer(q_abs, k_abs, v, q_pos, k_pos, 0.25, inv)
     assert (got - want).abs().max() <= 1e-4

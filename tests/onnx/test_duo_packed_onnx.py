@@ -15,12 +15,9 @@ import json
 
 import onnx
 import pytest
-import torch
 
 import graphwright as gw
-from graphwright.runtime.score import stream_logits
-from tests.conftest import left_padded_batch
-from tests.onnx.kv_compare import assert_onnx_cache_like_torch
+from tests.onnx.kv_compare import assert_onnx_runs_like_torch
 
 CASES = {
     # id: (model, recipe, runtime ops cut from the graph)
@@ -57,15 +54,5 @@ def test_export_matches_torch(case, onnx_artifact):
     assert "Attention" in nodes and not any(n.startswith("graphwright") for n in nodes)
     rt = gw.load(out)
 
-    ids, mask = left_padded_batch(256, (54, 47), seed=4)  # prefill 24 columns (17 real in row 2), 30 decode steps
-    want, _ = stream_logits(cm._step, cm.runtime_graph.state, ids, mask, 24)
-    got, _ = stream_logits(rt.step, rt.state_specs, ids, mask, 24)
-    real = mask.bool()
-    assert (got - want)[real].abs().max().item() <= 1e-4
-
-    ids, mask = left_padded_batch(256, (30, 21), seed=4)
-    tokens = cm.generate(ids, attention_mask=mask, **GEN)
-    torch_stats = dict(cm.last_stats)
-    assert torch.equal(rt.generate(ids, attention_mask=mask, **GEN), tokens)
-    assert_onnx_cache_like_torch(torch_stats, rt.last_stats, meta, cm.step_graph.info, 2)
+    torch_stats = assert_onnx_runs_like_torch(cm, rt, meta, GEN)
     assert torch_stats["kv_bytes"] < 0.7 * torch_stats["kv_bytes_dense"]

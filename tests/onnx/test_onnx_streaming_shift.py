@@ -22,9 +22,9 @@ from graphwright.codegen.onnx.streaming_shift import shift_streaming, shifted_de
 from graphwright.compiled import CompiledModel
 from graphwright.ops.eviction import ROPE_CACHE_INDEX, ROPE_INVERT
 from graphwright.ops.rope_index_ref import _rotate, rope_angles
-from tests.codegen.test_streaming_shift import _reference_layer
 from tests.conftest import left_padded_batch
 from tests.passes.eviction_helpers import COMPACTING, decode_loop, kept_positions, state_of
+from tests.passes.streaming_cases import reference_layer, unordered_slot_case
 
 RECIPE = "streaming(sinks=2, window=6)"  # the registry's setting (test_onnx_eviction_slots.py): the export is shared
 LENGTHS = [12, 7]
@@ -121,25 +121,8 @@ def test_prompt_graph_inverts_keys_at_their_positions(runs):
 @pytest.mark.parametrize("evicted", [0, 1, 37, 500])
 def test_shifted_decode_attention_equals_rotation_by_cache_index(evicted):
     """Op level: unordered slots (sinks + a window of consecutive positions + empty slots), 2 rows, GQA 4:2."""
-    g = torch.Generator().manual_seed(evicted)
-    B, H, Hk, D, sinks, window = 2, 4, 2, 16, 3, 6
-    inv = 1.0 / (10000.0 ** (torch.arange(0, D, 2).float() / D))
-    S = sinks + window + 1 + 2  # two empty slots
-    k_pos = torch.full((B, Hk, S), -1, dtype=torch.long)
-    q_pos = torch.zeros(B, 1, dtype=torch.long)
-    for b in range(B):
-        L = sinks + window + 1 + evicted + 3 * b  # row length with the new token
-        cached = list(range(sinks)) + list(range(max(sinks, L - 1 - window), L))
-        for h in range(Hk):
-            slots = torch.randperm(S - 1, generator=g)[:len(cached) - 1]
-            k_pos[b, h, slots] = torch.tensor(cached[:-1])
-            k_pos[b, h, S - 1] = L - 1
-        q_pos[b, 0] = L - 1
-    k_pre, v = torch.randn(B, Hk, S, D, generator=g), torch.randn(B, Hk, S, D, generator=g)
-    q_pre = torch.randn(B, H, 1, D, generator=g)
-    ck, sk = rope_angles(k_pos, inv)
-    cq, sq = rope_angles(q_pos, inv)
-    k_abs, q_abs = _rotate(k_pre, ck, sk, 1.0), _rotate(q_pre, cq[:, None], sq[:, None], 1.0)
+    sinks, window = 3, 6
+    q_abs, k_abs, v, q_pos, k_pos, inv = unordered_slot_case(evicted, sinks, window)
     got = shifted_decode_attention(q_abs, k_abs, v, q_pos, k_pos, 0.25, None, inv, sinks, window)
-    want = _reference_layer(q_abs, k_abs, v, q_pos, k_pos, 0.25, inv, sinks, window)
-    assert got.shape == (B, H, 1, D) and (got - want).abs().max() <= 1e-4
+    want = reference_layer(q_abs, k_abs, v, q_pos, k_pos, 0.25, inv)
+    assert got.shape == (2, 4, 1, 16) and (got - want).abs().max() <= 1e-4

@@ -46,8 +46,12 @@ def test_layer_scope_refusals_say_why():
         search_space("steer(heads=all)", 100, scope="layer", num_layers=2)
     with pytest.raises(ValueError, match="layer scope needs the model's layer count"):
         search_space("snapkv", 100, scope="layer")
-    with pytest.raises(ValueError, match="head scope is not built"):
-        search_space("snapkv", 100, scope="head", num_layers=2)
+    with pytest.raises(RecipeError, match="snapkv cannot be tuned per head: none of its tunable arguments is declared per KV head"):
+        search_space("snapkv", 100, scope="head", num_layers=2, num_kv_heads=2)
+    with pytest.raises(RecipeError, match="duo cannot be tuned per layer: .*tune it at scope 'head'"):
+        search_space("duo", 100, scope="layer", num_layers=2)
+    with pytest.raises(ValueError, match="scope of 'snapkv' must be one of"):
+        search_space("snapkv", 100, scope="row", num_layers=2)
     with pytest.raises(ValueError, match="scope names pass 'h2o', which the template does not hold"):
         search_space("snapkv", 100, scope={"h2o": "layer"}, num_layers=2)
     with pytest.raises(RecipeError, match="layers=.*out of range|layer"):
@@ -69,12 +73,6 @@ def test_layer_scope_study_fronts_round_trip_through_compile(llama, tmp_path):
         cm = gw_compile(llama, recipe=p["toml"], tokenizer=TOK)  # the TOML each Pareto point writes is what compile() takes
         assert cm.recipe == Recipe.parse(p["recipe"])
     assert r["winner"]["recipe"] == min(r["pareto"], key=lambda p: (p["ppl_ratio"], p["kv_fraction"], p["number"]))["recipe"]
-
-
-def test_streaming_is_refused_per_layer_with_the_reason():
-    """streaming's window is declared for the whole model: a second streaming pass cannot run on other layers today."""
-    with pytest.raises(RecipeError, match="streaming cannot be tuned per layer"):
-        search_space("streaming", 100, scope="layer", num_layers=2)
 
 
 class FakeSpeed:

@@ -83,13 +83,12 @@ def test_bad_templates_and_declarations_are_clear_errors(monkeypatch):
     with pytest.raises(RecipeError, match="declares scope 'layer' but tune_test_per_layer has no layers= argument"):
         search_space(PerLayer.name, 100)
 
-    class PerHead(Pass):
-        name = "tune_test_per_head"
-        args = (Arg("keep", float, 0.5, "", min=0.0, max=1.0, tune=Tunable("float", 0.1, 1.0, scope="head")),)
-
-    monkeypatch.setitem(PASS_REGISTRY, PerHead.name, PerHead)
-    with pytest.raises(RecipeError, match="tuning scope 'head' is not built yet"):
-        search_space(PerHead.name, 100)
+    with pytest.raises(ValueError, match="a head-scope Tunable needs head_form in \\['pairs'\\]"):
+        Tunable("float", 0.1, 1.0, scope="head")
+    with pytest.raises(ValueError, match="only a head-scope one takes it"):
+        Tunable("float", 0.1, 1.0, scope="layer", head_form="pairs")
+    with pytest.raises(ValueError, match="head_form in"):
+        Tunable("float", 0.1, 1.0, scope="head", head_form="mask")
 
 
 def test_top_level_tune_is_the_study_function(tiny):

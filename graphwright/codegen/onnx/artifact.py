@@ -197,7 +197,7 @@ class OnnxStep:
 
 
 NUMPY = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64", torch.int32: "int32", torch.bool: "bool",
-         torch.float64: "float64"}
+         torch.float64: "float64", torch.int8: "int8", torch.uint8: "uint8"}  # int8: FastGen's token classes; uint8: Scissorhands' ring
 
 
 def _ort_dtype(type_str: str) -> torch.dtype:

@@ -1,4 +1,8 @@
-"""In-graph slot eviction for the ONNX decode step: H2O, StreamingLLM and FastGen run inside ``decode.onnx``.
+"""In-graph slot eviction for the ONNX decode step: every per-head decode policy runs inside ``decode.onnx``.
+
+H2O, StreamingLLM and FastGen here; ``evict(score=h2o|knorm|keydiff|tova, when="decode")``, Scissorhands
+and Keyformer (``noise="none"``) in ``decode_policies.py`` (the same slot scheme, the victim rules of
+the torch backend's ``codegen/torch/policy_slots.py``).
 
 The prefill graph (``model.onnx``) still cuts every eviction op out (``split.py``): at a prompt
 step the kept count is data dependent. A decode step (T = 1) of a token-count budget is not:
@@ -41,11 +45,21 @@ per ``GROW_SLACK`` slots gained. Used by:
   tokens may leave per step, the frequent top-k ranked by position ties (ONNX TopK); its policy
   state [B, Hk, 1] is a fixed capacity of 1.
 
-Left split at decode (``split.py`` records, reasons in ``graphwright.json["decode"]["split"]``):
-FastGen on a latent cache, and any op whose outputs reach the state through view ops other than a
-latent layer's payload slices. The prompt steps (``model.onnx``) still cut every eviction op out.
+* the scored policies (``decode_policies.py``): fraction budgets of ``evict(score=...)`` and
+  Keyformer's prompt-fraction budget (``kv=0.5``, frozen per row at its prompt length).
 
-Invariants tested (``tests/onnx/test_onnx_eviction_slots.py``, ``tests/onnx/test_onnx_decode_dynamic.py``):
+Per-head state (FastGen's ``policy``, Keyformer's ``meta``, Scissorhands' ``step``: ``EvictionPolicy.head_state``)
+keeps its width: capacity ``{"slots": width, "fill": 0}`` (a cache that starts at a decode step gets zeros).
+
+Left split at decode (``split.py`` records, reasons in ``graphwright.json["decode"]["split"]``):
+FastGen and the scored policies on a latent cache, ``evict(when=every|overflow|block|prefill)``,
+ChunkKV, ``rule="pyramid"``, the prefill scorers, Keyformer's Gumbel noise (why:
+``decode_policies.py``), eviction ops with no decode translation (the record names them), and any
+op whose outputs reach the state through view ops other than a latent layer's payload slices. The prompt steps (``model.onnx``)
+evict in the graph where ``prompt_slots.py`` has a translation and cut the other ops out.
+
+Invariants tested (``tests/onnx/test_onnx_eviction_slots.py``, ``tests/onnx/test_onnx_decode_dynamic.py``,
+``tests/onnx/test_onnx_policy_decode.py`` for ``decode_policies.py``):
 the in-graph decode keeps the same position sets per (row, KV head) as the torch backend's slots
 and as the compacting references, after every step with eviction at every step (tiny Llama, batch
 2 left-padded, 60 decode steps), logits within 1e-4; fixed capacities: state shapes constant once
@@ -61,7 +75,7 @@ import operator
 import torch
 
 from ...ops import schema
-from ...ops.eviction import EVICT_FASTGEN, EVICT_H2O, EVICT_OPS, EVICT_SNAPKV, EVICT_STREAMING, ROPE_CACHE_INDEX
+from ...ops.eviction import EVICT_FASTGEN, EVICT_H2O, EVICT_OPS, EVICT_SNAPKV, EVICT_STREAMING, POLICIES, ROPE_CACHE_INDEX
 from ...ops.eviction_ref import budget
 from ...ops.rope_index_ref import _rotate, rope_angles
 from ..torch.eviction_slots import decode_colsum
@@ -137,6 +151,7 @@ def rope_cache_index_decode(q, k, k_pos, inv_freq, scaling: float):
 
 
 FASTGEN_REASON = "FastGen on a latent cache: one payload serves every KV head and the heads follow different policies"
+LATENT_REASON = "a latent cache: one payload serves every KV head (the reference keeps the heads' union), no slot form yet"
 VIEW_REASON = "the op's outputs reach the state through view ops other than a latent layer's payload"
 GROW_SLACK = 16  # dynamic capacities grow to a multiple of this many slots (one copy of the cache per 16 slots gained)
 
@@ -154,7 +169,26 @@ def _translation(node, latent: bool):
         return h2o_decode, int(schema.get(node, "heavy_n")) + int(schema.get(node, "recent_n")), None
     if node.target is EVICT_FASTGEN and not latent:
         return fastgen_decode, None, None
-    return None, None, FASTGEN_REASON if node.target is EVICT_FASTGEN else f"{node.target.name()} has no decode translation"
+    if node.target is EVICT_FASTGEN:
+        return None, None, FASTGEN_REASON
+    from .decode_policies import translation  # it imports ``place`` from here
+
+    found = translation(node)
+    if found is not None and (found[2] is not None or not latent):
+        return found
+    if found is not None:
+        return None, None, LATENT_REASON
+    return None, None, f"{node.target.name()} has no decode translation"
+
+
+def head_state_widths(node) -> dict:
+    """{op output index: width} of the eviction op's per-head state (``EvictionPolicy.head_state``: FastGen's
+    ``policy``, Keyformer's ``meta``, Scissorhands' ``step``), which keeps its width in the decode graph."""
+    policy = POLICIES.get(node.target.name().split("::evict_", 1)[-1])
+    if policy is None:
+        return {}
+    first = 3 + len(policy.slot_state)
+    return {first + i: s.width for i, s in enumerate(policy.head_state)}
 
 
 def _one_head_set(names: dict, specs: dict) -> bool:
@@ -249,8 +283,9 @@ def decode_graph(gm: torch.fx.GraphModule, state_specs: list):
             left.append({"op": node.target.name(), "layer": node.meta.get("graphwright", {}).get("layer"), "reason": why})
             continue
         in_graph.append(node.target.name())
+        # per-head state (FastGen's policy [B, Hk, 1], Keyformer's meta [B, Hk, 3], Scissorhands' step): its own width
+        fixed = {names.pop(i): {"slots": w, "fill": 0} for i, w in head_state_widths(node).items() if i in names}
         node.target = fn
-        fixed = {names.pop(5): {"slots": 1, "fill": 0}} if fn is fastgen_decode else {}  # FastGen's policy [B, Hk, 1]
         group = group if group is not None else {name: i == 2 for i, name in names.items()}
         kp = next(n for n, is_kp in group.items() if is_kp)
         capacity.update({name: {"slots": c or 1, "fill": -1 if is_kp else 0, **({} if c else {"grow": kp})}

@@ -8,9 +8,9 @@ width differs per layer: a fixed size in which layers sharing a key differ becom
 the key's own export (``_generalise``), so one function serves every rank.
 
 ``decode_slots.decode_graph`` puts a slot-eviction function (``h2o_decode``, ``streaming_decode``,
-the latent ones, ``fastgen_decode``, ``rope_cache_index_decode``) in every layer of the decode
-graph. ``torch.export`` of that graph traced all 30 copies of their ~100 ATen ops each with
-symbolic shapes (SmolLM2-135M: 4438 ATen nodes vs 2158 for the prefill graph; the decode graph's
+the latent ones, ``fastgen_decode``, ``rope_cache_index_decode``, and ``decode_policies.py``'s scored,
+Keyformer and Scissorhands ones) in every layer of the decode graph. ``torch.export`` of that graph
+traced all 30 copies of their ~100 ATen ops each with symbolic shapes (SmolLM2-135M: 4438 ATen nodes vs 2158 for the prefill graph; the decode graph's
 ``torch.export`` was 21-28 CPU s of an 84-99 CPU s export, README "Export time"), and the ONNX
 exporter translated and optimised all 30 copies again.
 
@@ -62,6 +62,7 @@ LIBRARY = "graphwright_slots"
 # (``_generalise``).
 OUTPUTS = {"h2o_decode": 4, "streaming_decode": 3, "fastgen_decode": 6, "rope_cache_index_decode": 2,
            "h2o_latent_decode": 4, "streaming_latent_decode": 3,
+           "scored_decode": 3, "scored_acc_decode": 4, "keyformer_decode": 5, "scissorhands_decode": 6,
            # the prompt step's in-graph eviction (``prompt_slots.py``, ``model.onnx``)
            "h2o_prompt": 4, "streaming_prompt": 3, "snapkv_prompt": 3}
 
@@ -71,10 +72,10 @@ _NUMBERS = itertools.count()  # key suffixes: unique in the process (a forgotten
 
 
 def _functions() -> dict:
-    from . import decode_latent, decode_slots, prompt_slots
+    from . import decode_latent, decode_policies, decode_slots, prompt_slots
 
-    mods = (decode_slots, decode_latent, prompt_slots)
-    return {name: next(getattr(m, name) for m in mods if hasattr(m, name)) for name in OUTPUTS}
+    modules = (decode_slots, decode_latent, decode_policies, prompt_slots)
+    return {name: next(getattr(m, name) for m in modules if hasattr(m, name)) for name in OUTPUTS}
 
 
 def _call(key: str, tensors):
@@ -89,18 +90,24 @@ def _kernel(tensors, key):
 
 
 # Output shapes per function: (argument it is shaped like, how): "slots" = that argument with dim 2 cut to
-# S = k_pos.shape[2] - 1 (what ``place``/``union_place`` return), "same" = its shape, "one" = its last dim 1,
-# "width" = dim 2 set to the prompt step's kept width (``WIDTH``).
-SHAPES = {"h2o_decode": [("k", "slots"), ("v", "slots"), ("k_pos", "slots"), ("k_pos", "slots")],
-          "streaming_decode": [("k", "slots"), ("v", "slots"), ("k_pos", "slots")],
-          "fastgen_decode": [("k", "slots"), ("v", "slots"), ("k_pos", "slots"), ("k_pos", "slots"), ("k_pos", "slots"),
-                             ("policy", "one")],
+# S = k_pos.shape[2] - 1 (what ``place``/``union_place`` return), "same" = its shape, an int n = its last dim n
+# (per-head state: FastGen's policy, Keyformer's meta, Scissorhands' step), "width" = dim 2 set to the prompt
+# step's kept width (``_width``).
+_KV = [("k", "slots"), ("v", "slots"), ("k_pos", "slots")]
+_W = [("k", "width"), ("v", "width"), ("k_pos", "width")]
+SHAPES = {"h2o_decode": [*_KV, ("k_pos", "slots")],
+          "streaming_decode": _KV,
+          "fastgen_decode": [*_KV, ("k_pos", "slots"), ("k_pos", "slots"), ("policy", 1)],
           "rope_cache_index_decode": [("q", "same"), ("k", "same")],
-          "h2o_latent_decode": [("k", "slots"), ("v", "slots"), ("k_pos", "slots"), ("k_pos", "slots")],
-          "streaming_latent_decode": [("k", "slots"), ("v", "slots"), ("k_pos", "slots")],
-          "h2o_prompt": [("k", "width"), ("v", "width"), ("k_pos", "width"), ("k_pos", "width")],
-          "streaming_prompt": [("k", "width"), ("v", "width"), ("k_pos", "width")],
-          "snapkv_prompt": [("k", "width"), ("v", "width"), ("k_pos", "width")]}
+          "h2o_latent_decode": [*_KV, ("k_pos", "slots")],
+          "streaming_latent_decode": _KV,
+          "scored_decode": _KV,
+          "scored_acc_decode": [*_KV, ("k_pos", "slots")],
+          "keyformer_decode": [*_KV, ("k_pos", "slots"), ("meta", 3)],
+          "scissorhands_decode": [*_KV, ("bits", "slots"), ("k_pos", "slots"), ("step", 1)],
+          "h2o_prompt": [*_W, ("k_pos", "width")],
+          "streaming_prompt": _W,
+          "snapkv_prompt": _W}
 # Output dtypes of the prompt functions (None: the dtype of the argument it is shaped like). Not from a run on
 # meta tensors as for the decode ones: ``kept_width`` reads a value (``.item()``).
 DTYPES = {"h2o_prompt": [None, None, None, torch.float32], "streaming_prompt": [None] * 3, "snapkv_prompt": [None] * 3}
@@ -205,8 +212,8 @@ def _fake(tensors, key):
             shape[2] = S
         elif how == "width":
             shape[2] = width
-        elif how == "one":
-            shape[-1] = 1
+        elif isinstance(how, int):
+            shape[-1] = how
         out.append(by_name[name].new_empty(shape, dtype=dtype))
     return tuple(out)
 

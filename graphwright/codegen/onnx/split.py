@@ -1,12 +1,17 @@
 """The graph/runtime split for KV-eviction ops: the artifact stops at each eviction op's inputs.
 
 Scope: the prompt steps (``model.onnx``) of the ops ``prompt_slots.py`` leaves split (FastGen, latent
-caches, SnapKV + ThinK; StreamingLLM, H2O and SnapKV evict in the graph there), and the decode steps
-of the policies that have no in-graph decode translation. ``decode_slots.py`` writes a second graph, ``decode.onnx``, for
-single-token steps in which H2O (token-count and fraction budgets), StreamingLLM and FastGen evict
-on slots (latent caches included, except FastGen there) and SnapKV appends, so a decode step of
-those recipes is one session run with nothing cut. Left to this split at decode: FastGen on a
-latent cache and ops whose outputs reach the state through view ops other than a latent payload's.
+caches, SnapKV + ThinK, the scored policies, Keyformer, Scissorhands; StreamingLLM, H2O and SnapKV
+evict in the graph there), and the decode steps of the policies that have no in-graph decode
+translation. ``decode_slots.py`` writes a second graph, ``decode.onnx``, for single-token steps in
+which H2O (token-count and fraction budgets), StreamingLLM and FastGen evict on slots (latent caches
+included, except FastGen there), ``evict(score=h2o|knorm|keydiff|tova, when="decode")``, Scissorhands
+and Keyformer with ``noise="none"`` too (``decode_policies.py``), and SnapKV appends, so a decode step
+of those recipes is one session run with nothing cut. Left to this split at decode (each with its
+reason in ``graphwright.json["decode"]["split"]``): FastGen and the scored policies on a latent
+cache, ``evict`` schedules other than ``when="decode"``, ChunkKV, ``rule="pyramid"``, the prefill
+scorers, Keyformer's Gumbel noise (a CPU generator stream by compacted index), ops with no decode
+translation, and ops whose outputs reach the state through view ops other than a latent payload's.
 
 Why a split and not an in-graph translation: an eviction op's output length is data dependent
 (the largest kept count over rows and heads, an unbacked size in ``torch.export``), and its

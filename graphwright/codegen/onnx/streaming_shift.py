@@ -47,11 +47,10 @@ import copy
 
 import torch
 
-from ...capture.ops import ATTENTION
 from ...ops import schema
-from ...ops.eviction import EVICT_STREAMING, ROPE_CACHE_INDEX, ROPE_INVERT
+from ...ops.eviction import ROPE_CACHE_INDEX
 from ...ops.rope_index_ref import _rotate, rope_angles
-from ..torch.streaming_shift import invert_slots  # the torch backend's per-slot inversion, traced into the ONNX graph
+from ..torch.streaming_shift import invert_slots, match_streaming_layer  # the torch backend's inversion and matcher
 
 MASKED = torch.finfo(torch.float32).min
 
@@ -88,37 +87,23 @@ def _is_cat(node) -> bool:
     return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is torch.ops.aten.cat.default
 
 
-def _layer(qk):
-    """The nodes of one dense StreamingLLM layer around ``rope_cache_index`` node ``qk``, or None when the
-    pattern differs: (q_pre, cat, kn_pre, getitems, attention, evict)."""
-    import operator
-
-    q_pre, k_all, kp_all, inv, scaling = (schema.get(qk, n) for n in ("q", "k", "k_pos", "inv_freq", "scaling"))
-    if not (isinstance(q_pre, torch.fx.Node) and q_pre.target is ROPE_INVERT):
-        return None
+def _cat_new_key(k_all):
+    """The new key of the ONNX step graph's two-input ``cat`` along the sequence dim, else None."""
     if not _is_cat(k_all) or len(k_all.args[0]) != 2 or (k_all.args[1] if len(k_all.args) > 1 else 0) not in (2, -2):
         return None
-    kn_pre = k_all.args[0][1]
-    if not (isinstance(kn_pre, torch.fx.Node) and kn_pre.target is ROPE_INVERT and len(kn_pre.users) == 1):
+    return k_all.args[0][1]
+
+
+def _layer(qk):
+    """The torch backend's layer match (``match_streaming_layer``) on the ONNX graph's ``cat`` append, for
+    attentions that read the op's own positions and have no native window or sinks."""
+    found = match_streaming_layer(qk, _cat_new_key)
+    if found is None:
         return None
-    for n in (q_pre, kn_pre):
-        if schema.get(n, "inv_freq") is not inv or schema.get(n, "scaling") != scaling:
-            return None
-    gets = sorted(qk.users, key=lambda u: u.args[1] if u.target is operator.getitem else -1)
-    if len(gets) != 2 or any(u.target is not operator.getitem for u in gets):
+    attn, kp_all = found[4], schema.get(qk, "k_pos")
+    if schema.get(attn, "k_pos") is not kp_all or schema.get(attn, "window") or schema.get(attn, "sinks"):
         return None
-    attn = next(iter(gets[0].users), None)
-    if attn is None or attn.target != ATTENTION or any(set(u.users) != {attn} for u in gets):
-        return None
-    if schema.get(attn, "q") is not gets[0] or schema.get(attn, "k") is not gets[1] or schema.get(attn, "k_pos") is not kp_all:
-        return None
-    if schema.get(attn, "window") or schema.get(attn, "sinks"):
-        return None
-    evict = [u for u in k_all.users if u is not qk]
-    if len(evict) != 1 or evict[0].target is not EVICT_STREAMING or schema.get(evict[0], "k") is not k_all \
-            or schema.get(evict[0], "k_pos") is not kp_all:
-        return None
-    return q_pre, k_all, kn_pre, gets, attn, evict[0]
+    return found
 
 
 def shift_streaming(gm: torch.fx.GraphModule, decode: bool):

@@ -77,8 +77,10 @@ from .step_memo import step_info
 SLOT_SCORERS = ("h2o", "knorm", "keydiff", "tova")  # decode scorers whose score is per slot (order free)
 
 
-def _victim_latest(score, cand, k_pos):
-    """[B, Hk] the candidate slot with the lowest score, the latest position among ties (top-k keeps the earlier)."""
+def victim_latest(score, cand, k_pos):
+    """[B, Hk] the candidate slot with the lowest score, the latest position among ties (top-k keeps the earlier).
+
+    Out of place (shared with the ONNX decode graph, ``codegen/onnx/decode_policies.py``)."""
     s = torch.where(cand, score, float("inf"))
     return torch.where(s == s.amin(dim=-1, keepdim=True), k_pos, -1).argmax(dim=-1)
 
@@ -100,7 +102,20 @@ def _scored_slots(q, k, v, q_pos, k_pos, score, rest, acc: bool):
     static = budget_f == 0 and window_f == 0
     if static and S1 <= budget_n:  # nothing can be over a token-count budget
         return (k, v, k_pos, score) if acc else (k, v, k_pos)
-    length = step_info(q_pos).length
+    over, victim = scored_victim(q, k, v, q_pos, k_pos, score, scale, scorer, budget_n, budget_f, sinks, window, window_f)
+    # token counts: sinks + window <= budget (the pass refuses more), so a head under budget has an empty slot
+    tensors = (k, v, k_pos, score) if acc else (k, v, k_pos)
+    return tuple(place_new_token(tensors, k_pos, over, victim, static))
+
+
+def scored_victim(q, k, v, q_pos, k_pos, score, scale, scorer: str, budget_n: int, budget_f: float, sinks: int,
+                  window: int, window_f: float):
+    """(over [B, Hk] bool, victim [B, Hk] slot) of ``evict_scored(_acc)`` with ``when="decode"`` at a decode step.
+
+    ``k_pos`` [B, Hk, S+1] (the new token at slot S), ``score`` the running sum with this step's attention
+    added (``_acc``; None otherwise). Out of place: the ONNX decode graph calls it too (``decode_policies.py``)."""
+    info = step_info(q_pos)
+    length = info.length
     win_f = budget(0, window_f, length)
     cap = budget(budget_n, budget_f, length) + win_f  # [B]
     valid = k_pos >= 0
@@ -109,15 +124,12 @@ def _scored_slots(q, k, v, q_pos, k_pos, score, rest, acc: bool):
     count = (cap[:, None] - protected.sum(-1)).clamp(min=0)  # [B, Hk] evictable tokens kept
     over = cand.sum(-1) > count
     if scorer == "tova":  # the step's probabilities (the attention's), mean over g then over every KV head
-        a = step_probs(q, k, q_pos, k_pos, scale).mean(dim=2) * step_info(q_pos).real
+        a = step_probs(q, k, q_pos, k_pos, scale).mean(dim=2) * info.real
         s = a.mean(dim=1, keepdim=True).expand_as(a)
     else:
         x = ScoreInputs(q=q, k=k, v=v, q_pos=q_pos, k_pos=k_pos, scale=scale, cand=cand, length=length, state=score)
         s = SCORERS[scorer].fn(x)
-    victim = _victim_latest(s, cand, k_pos)
-    # token counts: sinks + window <= budget (the pass refuses more), so a head under budget has an empty slot
-    tensors = (k, v, k_pos, score) if acc else (k, v, k_pos)
-    return tuple(place_new_token(tensors, k_pos, over, victim, static))
+    return over, victim_latest(s, cand, k_pos)
 
 
 def _scored_entry(q, k, v, q_pos, k_pos, rest, acc: bool):
@@ -181,29 +193,45 @@ def keyformer_slots(q, k, v, q_pos, k_pos, score, meta, scale, kv_n, kv_f, recen
             or score.shape[2] != S1 - 1 or score.dtype != torch.float32:
         return keyformer_reference(q, k, v, q_pos, k_pos, score, meta, scale, kv_n, kv_f, recent, tau_init, tau_delta,
                                    seed, layer, noise, key_bias)
-    B, H, _, D = q.shape
-    Hk = k.shape[1]
+    B, Hk = k_pos.shape[:2]
     step = int(meta[0, 0, 2])  # the step counter (one host read, as the reference)
     tau = tau_init + step * tau_delta
     score = cache_append(score, score.new_zeros(B, Hk, 1), 2)
+    zeta = slot_gumbel(seed, layer, step, k_pos, q.shape[1]) if noise == "gumbel" else None
+    score.add_(keyformer_step_score(q, k, q_pos, k_pos, scale, tau, key_bias, zeta))
+    over, victim = keyformer_victim(score, k_pos, step_info(q_pos).length, meta[:, 0, 0], meta[:, 0, 1])
+    out = place_new_token((k, v, k_pos, score), k_pos, over, victim, False)  # per-row budgets: may grow
+    return (*out, meta + _META_STEP.to(meta.device))
+
+
+def keyformer_step_score(q, k, q_pos, k_pos, scale, tau, key_bias=None, zeta=None) -> torch.Tensor:
+    """[B, Hk, S] fp32: ``noisy_colsum`` for one decode query over unordered slots: softmax((x + zeta) / tau)
+    over the visible slots, summed over the g query heads (a padding row adds 0).
+
+    ``tau``: a float, or a tensor broadcasting to [B, Hk, 1, 1] (the ONNX decode graph reads the step from
+    its state); ``zeta`` [B, Hk, g, S] or None. Out of place (shared with ``codegen/onnx/decode_policies.py``)."""
+    B, H, _, D = q.shape
+    Hk, S1 = k.shape[1], k.shape[2]
     x = torch.bmm(q.float().reshape(B * Hk, H // Hk, D), k.float().flatten(0, 1).transpose(1, 2))
     x = x.view(B, Hk, H // Hk, S1) * scale
     if key_bias is not None:
         x = x + key_bias.float().view(B, Hk, H // Hk, S1)
-    if noise == "gumbel":
-        x = x + slot_gumbel(seed, layer, step, k_pos, H)
+    if zeta is not None:
+        x = x + zeta
     info = step_info(q_pos)
     visible = (k_pos >= 0) & (k_pos <= info.q_lift)
-    x = (x / tau).masked_fill(~visible[:, :, None], torch.finfo(torch.float32).min)
-    score.add_(torch.softmax(x, dim=-1).sum(dim=2) * info.real)  # sum over the g query heads
-    kb, wb = meta[:, 0, 0], meta[:, 0, 1]
+    x = torch.where(visible[:, :, None], x / tau, torch.finfo(torch.float32).min)
+    return torch.softmax(x, dim=-1).sum(dim=2) * info.real
+
+
+def keyformer_victim(score, k_pos, length, kb, wb):
+    """(over, victim) [B, Hk] of ``keyformer_keep`` at a decode step: the last w - 1 positions are kept, at most
+    k - 1 - that many older ones; over budget, the older slot with the lowest score (ties: the latest) leaves.
+    ``kb``, ``wb`` [B]: the budget frozen at the first step. Out of place (shared with the ONNX decode graph)."""
     rec = (wb - 1).clamp(min=0)
-    valid = k_pos >= 0
-    cand = valid & (k_pos < (info.length - rec)[:, None, None])
+    cand = (k_pos >= 0) & (k_pos < (length - rec)[:, None, None])
     over = cand.sum(-1) > (kb - 1 - rec).clamp(min=0)[:, None]
-    victim = _victim_latest(score, cand, k_pos)
-    out = place_new_token((k, v, k_pos, score), k_pos, over, victim, False)  # per-row budgets: may grow
-    return (*out, meta + _META_STEP.to(meta.device))
+    return over, victim_latest(score, cand, k_pos)
 
 
 _META_STEP = torch.tensor([0, 0, 1])
@@ -222,13 +250,8 @@ def scissorhands_slots(q, k, v, q_pos, k_pos, bits, count, step, scale, budget_,
     t = int(step[0, 0, 0])  # the ring index (one host read, as the reference)
     bits = cache_append(bits, bits.new_zeros(B, Hk, 1, W), 2)
     count = cache_append(count, count.new_zeros(B, Hk, 1), 2)
-    info = step_info(q_pos)
     valid = k_pos >= 0
-    # u[j] = A[j] >= 1 / n: one query row, so the mean over the rows that see j is A[j] itself
-    seen = valid & (k_pos <= q_pos[:, -1:, None]) & (q_pos[:, -1:, None] >= 0)
-    total = decode_colsum(q, k, q_pos, k_pos, scale, key_bias)
-    n = valid.sum(dim=-1, keepdim=True)
-    u = seen & (total.double() * n >= 1.0)
+    u, n = scissorhands_indicators(q, k, q_pos, k_pos, scale, key_bias)
     r = t % history
     col = bits[..., r // 8]  # a strided view: written in place
     mask = 1 << (r % 8)
@@ -238,14 +261,32 @@ def scissorhands_slots(q, k, v, q_pos, k_pos, bits, count, step, scale, budget_,
     if S1 <= budget_ - 1:  # nothing is over the budget
         return k, v, k_pos, bits, count, new_step
     imp = popcount(bits).double() / count.clamp(min=1)
-    protected = (k_pos < sinks) | (k_pos >= (info.length - recent)[:, None, None])
-    cand = valid & ~protected
+    over, victim = scissorhands_victim(imp, k_pos, step_info(q_pos).length, n, budget_, recent, sinks)
+    static = sinks + recent <= budget_ - 1  # a head that is not over holds <= budget - 1 < S + 1 tokens
+    return (*place_new_token((k, v, k_pos, bits, count), k_pos, over, victim, static), new_step)
+
+
+def scissorhands_indicators(q, k, q_pos, k_pos, scale, key_bias=None):
+    """(u [B, Hk, S] bool, n [B, Hk, 1]): this decode step's indicators u[j] = A[j] >= 1 / n (one query row, so
+    the mean over the rows that see j is A[j] itself; n = the head's valid slots, the new token included).
+    Out of place (shared with ``codegen/onnx/decode_policies.py``)."""
+    valid = k_pos >= 0
+    seen = valid & (k_pos <= q_pos[:, -1:, None]) & (q_pos[:, -1:, None] >= 0)
+    total = decode_colsum(q, k, q_pos, k_pos, scale, key_bias)
+    n = valid.sum(dim=-1, keepdim=True)
+    return seen & (total.double() * n >= 1.0), n
+
+
+def scissorhands_victim(imp, k_pos, length, n, budget_: int, recent: int, sinks: int):
+    """(over, victim) [B, Hk] of ``scissorhands_keep`` at a decode step: a head holding more than budget - 1 slots
+    drops its lowest-importance slot that is neither a sink nor recent (ties: the oldest). Out of place."""
+    protected = (k_pos < sinks) | (k_pos >= (length - recent)[:, None, None])
+    cand = (k_pos >= 0) & ~protected
     over = (n[..., 0] > budget_ - 1) & cand.any(dim=-1)
     s = torch.where(cand, imp, float("inf"))
     big = torch.iinfo(k_pos.dtype).max
     victim = torch.where(s == s.amin(dim=-1, keepdim=True), k_pos, big).argmin(dim=-1)  # ties: the oldest leaves
-    static = sinks + recent <= budget_ - 1  # a head that is not over holds <= budget - 1 < S + 1 tokens
-    return (*place_new_token((k, v, k_pos, bits, count), k_pos, over, victim, static), new_step)
+    return over, victim
 
 
 POLICY_SLOT_OVERRIDES = {

@@ -135,15 +135,16 @@ def streaming_attention(q, k, v, q_pos, k_pos, scale, window, key_bias, attn_sin
 
 
 # ----------------------------------------------------------------------------------- the lowering transform
-def _layer(qk):
+def match_streaming_layer(qk, new_key):
     """The nodes of one dense StreamingLLM layer around ``rope_cache_index`` node ``qk``, or None when the
-    pattern differs (latent layers, other users of the rotated or pre-RoPE tensors)."""
-    q_pre, k_pre, kp_all, inv, scaling = (schema.get(qk, n) for n in ("q", "k", "k_pos", "inv_freq", "scaling"))
+    pattern differs (latent layers, other users of the rotated or pre-RoPE tensors):
+    ``(q_pre, k_all, kn_pre, getitems, attention, evict)``. ``new_key(k_all)`` gives the pre-RoPE new-key
+    node appended into the cache node ``k_all``, or None when ``k_all`` is not the backend's append (the
+    torch backend's in-place ``cache_append``, the ONNX graph's ``cat``); one matcher serves both."""
+    q_pre, k_all, kp_all, inv, scaling = (schema.get(qk, n) for n in ("q", "k", "k_pos", "inv_freq", "scaling"))
     if not (isinstance(q_pre, torch.fx.Node) and q_pre.target is ROPE_INVERT):
         return None
-    if not (isinstance(k_pre, torch.fx.Node) and k_pre.target is cache_append and k_pre.args[2] == 2):
-        return None
-    kn_pre = k_pre.args[1]
+    kn_pre = new_key(k_all)
     if not (isinstance(kn_pre, torch.fx.Node) and kn_pre.target is ROPE_INVERT and len(kn_pre.users) == 1):
         return None
     for n in (q_pre, kn_pre):
@@ -154,22 +155,29 @@ def _layer(qk):
         return None
     gets.sort(key=lambda u: u.args[1])
     attn = next(iter(gets[0].users), None)
-    if attn is None or attn.target != ATTENTION or any(len(u.users) != 1 or next(iter(u.users)) is not attn for u in gets):
+    if attn is None or attn.target != ATTENTION or any(set(u.users) != {attn} for u in gets):
         return None
     if schema.get(attn, "q") is not gets[0] or schema.get(attn, "k") is not gets[1]:
         return None
-    evict = [u for u in k_pre.users if u is not qk]
-    if len(evict) != 1 or evict[0].target is not EVICT_STREAMING or schema.get(evict[0], "k") is not k_pre \
+    evict = [u for u in k_all.users if u is not qk]
+    if len(evict) != 1 or evict[0].target is not EVICT_STREAMING or schema.get(evict[0], "k") is not k_all \
             or schema.get(evict[0], "k_pos") is not kp_all:
         return None
-    return q_pre, k_pre, kn_pre, gets, attn, evict[0]
+    return q_pre, k_all, kn_pre, gets, attn, evict[0]
+
+
+def _appended_key(k_all):
+    """The new key appended by the torch backend's ``cache_append`` along the sequence dim, else None."""
+    if isinstance(k_all, torch.fx.Node) and k_all.target is cache_append and k_all.args[2] == 2:
+        return k_all.args[1]
+    return None
 
 
 def streaming_rope_shift(graph: torch.fx.Graph) -> None:
     """Torch-backend lowering transform (after ``append_caches_in_place``): every dense StreamingLLM layer caches
     post-RoPE keys and attends through ``streaming_attention`` (module docstring)."""
     for qk in [n for n in graph.nodes if n.op == "call_function" and n.target is ROPE_CACHE_INDEX]:
-        found = _layer(qk)
+        found = match_streaming_layer(qk, _appended_key)
         if found is None:
             continue
         q_pre, k_pre, kn_pre, gets, attn, evict = found
