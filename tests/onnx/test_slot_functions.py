@@ -149,6 +149,45 @@ def test_wrap_prompt_step_same_values(recipe):
         slot_functions.forget(keys)
 
 
+@pytest.mark.parametrize("decode", [False, True])
+@torch.inference_mode()
+def test_wrap_streaming_shift_functions_same_values(decode):
+    """StreamingLLM with keys cached at their positions (``streaming_shift.py``): the prompt graph's per-layer
+    ``invert_slots`` and the decode graph's ``shifted_decode_attention`` (one output each) are wrapped too, one
+    key for all layers beside the eviction's, and the wrapped graph computes the unwrapped one's values."""
+    from graphwright.codegen.onnx.streaming_shift import shift_streaming
+
+    cm = gw.compile(_tiny("tiny-llama"), recipe="streaming(sinks=2, window=6)", verify=False)
+    sg = cm.step_graph
+    shifted, layers = shift_streaming(sg.gm, decode=decode)
+    assert layers == list(range(sg.info.num_layers))
+    if decode:
+        gm, capacity, _, _ = decode_graph(shifted, sg.state)
+    else:
+        gm, _ = prompt_graph(shifted, sg.state)
+    wrapped = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    keys = slot_functions.wrap(wrapped)
+    try:
+        names = sorted(slot_functions.KEYS[k]["name"] for k in keys)
+        shift = "shifted_decode_attention" if decode else "invert_slots"
+        assert names == sorted([shift, "streaming_decode" if decode else "streaming_prompt"])
+        assert len(_ops_of(wrapped)) == 2 * sg.info.num_layers
+        ids, mask = left_padded_batch(sg.info.vocab_size, [12, 7], seed=1)
+        pos = positions_from_mask(mask)
+        step = (ids, pos, torch.arange(ids.shape[1]), *sg.init_state(2))
+        if decode:  # the prompt through the shifted prompt graph, then one decode step on its (padded) state
+            prompt, _ = prompt_graph(shift_streaming(sg.gm, decode=False)[0], sg.state)
+            _, *state = prompt(*step)
+            state = pad_to_capacity(state, [s.name for s in sg.state], [s.seq_dim for s in sg.state], capacity)
+            step = (torch.tensor([[3], [4]]), pos[:, -1:] + 1, torch.zeros(1, dtype=torch.long), *state)
+        got, want = wrapped(*step), gm(*step)
+        assert len(got) == len(want) == 1 + len(sg.state)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and torch.equal(a, b)
+    finally:
+        slot_functions.forget(keys)
+
+
 def test_generalise_keeps_the_largest_size_of_a_differing_dim():
     """duo: one key shared by a layer with 1 streaming head and a layer with 2. The head dim becomes dynamic
     and the function's export example takes 2, whichever layer was traced first (``torch.export`` specialises

@@ -64,7 +64,10 @@ OUTPUTS = {"h2o_decode": 4, "streaming_decode": 3, "fastgen_decode": 6, "rope_ca
            "h2o_latent_decode": 4, "streaming_latent_decode": 3,
            "scored_decode": 3, "scored_acc_decode": 4, "keyformer_decode": 5, "scissorhands_decode": 6,
            # the prompt step's in-graph eviction (``prompt_slots.py``, ``model.onnx``)
-           "h2o_prompt": 4, "streaming_prompt": 3, "snapkv_prompt": 3}
+           "h2o_prompt": 4, "streaming_prompt": 3, "snapkv_prompt": 3,
+           # StreamingLLM layers with keys cached at their positions (``streaming_shift.py``): the prompt step's
+           # inversion of every cached key, the decode step's attention
+           "invert_slots": 1, "shifted_decode_attention": 1}
 
 # key -> {"fn", "params" (signature names), "template" [("t", i) | ("c", value)], "example" [(dtype, sizes, dynamic dims)]}
 KEYS: dict = {}
@@ -72,27 +75,34 @@ _NUMBERS = itertools.count()  # key suffixes: unique in the process (a forgotten
 
 
 def _functions() -> dict:
-    from . import decode_latent, decode_policies, decode_slots, prompt_slots
+    from . import decode_latent, decode_policies, decode_slots, prompt_slots, streaming_shift
 
-    modules = (decode_slots, decode_latent, decode_policies, prompt_slots)
+    modules = (decode_slots, decode_latent, decode_policies, prompt_slots, streaming_shift)
     return {name: next(getattr(m, name) for m in modules if hasattr(m, name)) for name in OUTPUTS}
 
 
-def _call(key: str, tensors):
+def _call(key: str, tensors) -> tuple:
+    """The key's function on ``tensors`` (its constants filled in); its outputs as a tuple (one-output functions too)."""
     entry = KEYS[key]
     args = [tensors[v] if kind == "t" else v for kind, v in entry["template"]]
-    return entry["fn"](*args)
+    out = entry["fn"](*args)
+    return (out,) if OUTPUTS[entry["name"]] == 1 else tuple(out)
+
+
+def _single(key: str, out: tuple):
+    """What ``step<n>`` returns: the tuple, or its one tensor for a one-output function (schema ``-> Tensor``)."""
+    return out[0] if OUTPUTS[KEYS[key]["name"]] == 1 else out
 
 
 def _kernel(tensors, key):
     # a custom op's outputs may not alias its inputs (FastGen passes a slice of its policy state through)
-    return tuple(o.clone() for o in _call(key, tensors))
+    return _single(key, tuple(o.clone() for o in _call(key, tensors)))
 
 
 # Output shapes per function: (argument it is shaped like, how): "slots" = that argument with dim 2 cut to
 # S = k_pos.shape[2] - 1 (what ``place``/``union_place`` return), "same" = its shape, an int n = its last dim n
 # (per-head state: FastGen's policy, Keyformer's meta, Scissorhands' step), "width" = dim 2 set to the prompt
-# step's kept width (``_width``).
+# step's kept width (``_width``), ("last", arg) = its shape with the last dim of ``arg`` (attention: q's shape, v's width).
 _KV = [("k", "slots"), ("v", "slots"), ("k_pos", "slots")]
 _W = [("k", "width"), ("v", "width"), ("k_pos", "width")]
 SHAPES = {"h2o_decode": [*_KV, ("k_pos", "slots")],
@@ -107,7 +117,9 @@ SHAPES = {"h2o_decode": [*_KV, ("k_pos", "slots")],
           "scissorhands_decode": [*_KV, ("bits", "slots"), ("k_pos", "slots"), ("step", 1)],
           "h2o_prompt": [*_W, ("k_pos", "width")],
           "streaming_prompt": _W,
-          "snapkv_prompt": _W}
+          "snapkv_prompt": _W,
+          "invert_slots": [("k", "same")],
+          "shifted_decode_attention": [("q", ("last", "v"))]}
 # Output dtypes of the prompt functions (None: the dtype of the argument it is shaped like). Not from a run on
 # meta tensors as for the decode ones: ``kept_width`` reads a value (``.item()``).
 DTYPES = {"h2o_prompt": [None, None, None, torch.float32], "streaming_prompt": [None] * 3, "snapkv_prompt": [None] * 3}
@@ -214,8 +226,10 @@ def _fake(tensors, key):
             shape[2] = width
         elif isinstance(how, int):
             shape[-1] = how
+        elif isinstance(how, tuple):
+            shape[-1] = by_name[how[1]].shape[-1]
         out.append(by_name[name].new_empty(shape, dtype=dtype))
-    return tuple(out)
+    return _single(key, tuple(out))
 
 
 _LIB = None
@@ -228,7 +242,7 @@ def _ops() -> dict:
     if _LIB is None:
         _LIB = torch.library.Library(LIBRARY, "DEF")
         for n in counts:
-            _LIB.define(f"step{n}(Tensor[] tensors, str key) -> ({', '.join(['Tensor'] * n)})")
+            _LIB.define(f"step{n}(Tensor[] tensors, str key) -> " + ("Tensor" if n == 1 else f"({', '.join(['Tensor'] * n)})"))
             _LIB.impl(f"step{n}", _kernel, "CompositeExplicitAutograd")
             torch.library.register_fake(f"{LIBRARY}::step{n}", _fake, lib=_LIB)
     return {n: getattr(torch.ops.graphwright_slots, f"step{n}").default for n in counts}
