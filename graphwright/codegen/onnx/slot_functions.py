@@ -5,7 +5,9 @@ eviction of ``model.onnx`` (``prompt_slots.h2o_prompt``, ``streaming_prompt``, `
 fake kernel returns the kept width the per-layer trace had, ``min(S, c)`` for a constant bound or a
 fresh unbacked size for a data-dependent one) and for latent layers (``decode_latent``), whose payload
 width differs per layer: a fixed size in which layers sharing a key differ becomes a dynamic dim of
-the key's own export (``_generalise``), so one function serves every rank.
+the key's own export (``_generalise``), so one function serves every rank. StreamingLLM layers whose keys
+are cached at their positions (``streaming_shift.py``) add one more per-layer function to each graph:
+``invert_slots`` (prompt graph, 1 output) and ``shifted_decode_attention`` (decode graph, 1 output).
 
 ``decode_slots.decode_graph`` puts a slot-eviction function (``h2o_decode``, ``streaming_decode``,
 the latent ones, ``fastgen_decode``, ``rope_cache_index_decode``, and ``decode_policies.py``'s scored,
