@@ -1,19 +1,21 @@
 """Seconds per ``export_onnx`` phase for the recipes of issue 17 item 5, from ``graphwright.json["export"]``.
 
-Usage: python bench/export_time.py [--model smollm2-135m] [--recipe R ...] [--no-verify] [--ab N]
-       [--out results/export_time.json]
+Usage: python bench/export_time.py [--model smollm2-135m] [--recipe NAME_OR_RECIPE ...] [--context 1024]
+       [--no-verify] [--ab N] [--out results/export_time.json]
 
-Default recipes: identity, ``snapkv(budget=750)``, ``h2o(heavy=0.25, recent=0.25)``,
-``streaming(sinks=4, window=252)``, ``lowrank_kv(keep=0.5)``. Each is compiled (not timed) and
-exported once into a temporary folder (with the verification probe unless ``--no-verify``); the
-table is the library's own record (``export.phases`` wall seconds, ``export.cpu`` this process's
-CPU seconds, ``codegen/onnx/phases.py``), recipes as columns.
+Recipes: the names of ``bench/bench_decode.py`` (identity, demo, h2o25, streaming25, snapkv25, lowrank50, duo;
+budgets for a ``--context``-token prompt, default 1024: e.g. h2o25 = ``h2o(heavy=128, recent=128)``) or any
+recipe text; default all seven names. Each is compiled (not timed) and exported once into a temporary folder
+(with the verification probe unless ``--no-verify``); the table is the library's own record
+(``export.phases`` wall seconds, ``export.cpu`` this process's CPU seconds, ``codegen/onnx/phases.py``),
+recipes as columns, with the 1-minute load average before and after each export.
 
-``--ab N``: for the recipes whose decode graph has in-graph slot eviction, export N times
-alternating ``slot_functions.ENABLED`` off/on in this one process (the decode graph traced layer
+``--ab N``: for the recipes with in-graph slot eviction (prompt or decode step), export N times
+alternating ``slot_functions.ENABLED`` off/on in this one process (the eviction traced layer
 by layer vs once per function, ``codegen/onnx/slot_functions.py``) and print both columns' CPU
 seconds per round. On a shared machine read CPU seconds and shares, not wall seconds; the load
-average before/after is printed.
+average before/after is printed. The first export of the process also builds the torchlib registry
+(``exporter_shortcuts.py``, once per process): compare columns after the first.
 """
 
 from __future__ import annotations
@@ -27,11 +29,14 @@ import time
 from pathlib import Path
 
 import graphwright as gw
+from graphwright.bench.load import MachineLoad
 from graphwright.codegen.onnx import slot_functions
 from graphwright.codegen.onnx.phases import timings_table
 
-RECIPES = ["identity", "snapkv(budget=750)", "h2o(heavy=0.25, recent=0.25)", "streaming(sinks=4, window=252)",
-           "lowrank_kv(keep=0.5)"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import DEFAULT_RECIPES as RECIPES  # noqa: E402 - the speed table's recipe names
+from bench_decode import RECIPES as NAMED  # noqa: E402
+from bench_decode import recipe_text  # noqa: E402
 
 
 def table(rows: dict, key: str, total: str) -> str:
@@ -54,20 +59,24 @@ def table(rows: dict, key: str, total: str) -> str:
 
 
 def export_once(cm, folder: Path, verify: bool, enabled: bool = True) -> dict:
+    """One export; its phase record plus the machine's state meanwhile (``MachineLoad``: the CPU share other
+    processes used, so a reader knows whether the wall seconds mean anything)."""
     slot_functions.ENABLED = enabled
     try:
-        gw.export_onnx(cm, folder, verify=verify, overwrite=True)
+        with MachineLoad() as load:
+            gw.export_onnx(cm, folder, verify=verify, overwrite=True)
     finally:
         slot_functions.ENABLED = True
     meta = json.loads((folder / "graphwright.json").read_text())
-    return {**meta["export"], "graphs": sorted(p.name for p in folder.glob("*.onnx")),
+    return {**meta["export"], "graphs": sorted(p.name for p in folder.glob("*.onnx")), "machine": load.as_dict(),
             "max_abs_logit_diff": (meta.get("verification") or {}).get("max_abs_logit_diff")}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--recipe", action="append", default=None, help=f"repeatable; default: {RECIPES}")
+    p.add_argument("--recipe", action="append", default=None, help=f"name or recipe text, repeatable; default: {RECIPES}")
+    p.add_argument("--context", type=int, default=1024, help="prompt length the named recipes' budgets are for")
     p.add_argument("--no-verify", action="store_true")
     p.add_argument("--ab", type=int, default=0, help="rounds of slot_functions off/on for the slot recipes")
     p.add_argument("--out", default="results/export_time.json")
@@ -76,22 +85,35 @@ def main(argv=None) -> int:
     print(f"load average before: {load0:.2f} on {os.cpu_count()} cores", flush=True)
     model, tok = gw.load_model(args.model)
     rows, ab = {}, {}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(load1=None):  # after every export: a run cut short keeps what it measured
+        out.write_text(json.dumps({"model": args.model, "context": args.context, "cores": os.cpu_count(), "load_before": load0,
+                                   "load_after": load1, "rows": rows, "ab": ab}, indent=2))
+
     with tempfile.TemporaryDirectory(prefix="gw-export-time-") as tmp:
         for i, recipe in enumerate(args.recipe or RECIPES):
-            cm = gw.compile(model, recipe=None if recipe == "identity" else recipe, tokenizer=tok, verify=False)
+            text = recipe_text(recipe, args.context) if recipe in NAMED else recipe
+            cm = gw.compile(model, recipe=text, tokenizer=tok, verify=False)
             folder = Path(tmp) / f"r{i}"
-            t0 = time.perf_counter()
-            rows[recipe] = export_once(cm, folder, not args.no_verify)
-            print(f"{recipe}: {time.perf_counter() - t0:.1f} s wall, {rows[recipe]['total_cpu_s']:.1f} CPU s, "
-                  f"{'+'.join(rows[recipe]['graphs'])}, verified max |dlogit| {rows[recipe]['max_abs_logit_diff']}", flush=True)
+            t0, l0 = time.perf_counter(), os.getloadavg()[0]
+            rows[recipe] = {"recipe": text or "identity", "load_before": l0, **export_once(cm, folder, not args.no_verify)}
+            rows[recipe]["load_after"] = os.getloadavg()[0]
+            print(f"{recipe} = {text or 'identity'}: {time.perf_counter() - t0:.1f} s wall, {rows[recipe]['total_cpu_s']:.1f} "
+                  f"CPU s, load {l0:.1f} -> {rows[recipe]['load_after']:.1f} (other processes "
+                  f"{100 * rows[recipe]['machine']['foreign_share']:.0f}% of the machine), {'+'.join(rows[recipe]['graphs'])}, "
+                  f"verified max |dlogit| {rows[recipe]['max_abs_logit_diff']}", flush=True)
             print(timings_table(rows[recipe]), flush=True)  # each recipe's phases at once (a loaded machine is slow)
-            if args.ab and "decode_stitch" in rows[recipe]["phases"]:
+            save()
+            if args.ab and {"stitch", "decode_stitch"} & set(rows[recipe]["phases"]):
                 for r in range(args.ab):
                     for enabled in (False, True):
                         rec = export_once(cm, folder, not args.no_verify, enabled)
                         ab.setdefault(recipe, []).append({"slot_functions": enabled, "round": r, **rec})
                         print(f"  A/B round {r} slot_functions={'on' if enabled else 'off'}: {rec['total_cpu_s']:.1f} CPU s "
                               f"({rec['total_s']:.1f} s wall)", flush=True)
+                        save()
     print()
     print(table(rows, "phases", "total_s"))
     print()
@@ -103,9 +125,7 @@ def main(argv=None) -> int:
     load1 = os.getloadavg()[0]
     print(f"\nload average before {load0:.2f}, after {load1:.2f} on {os.cpu_count()} cores"
           + ("  (machine busy: compare CPU seconds and shares, not wall seconds)" if max(load0, load1) > (os.cpu_count() or 1) else ""))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "load_before": load0, "load_after": load1, "rows": rows, "ab": ab}, indent=2))
+    save(load1)
     print(f"written {out}")
     return 0
 

@@ -84,3 +84,23 @@ def test_operator_aliases_become_bitwise_ops():
     assert not targets & set(sd.ALIASES)
     assert torch.equal(ep.module()(x), want) and want.tolist() == [True, True, False, True, False]
 
+
+
+def test_registry_built_once_and_copied():
+    """Under ``shortcuts`` the torchlib registry is built once per opset and each export gets a copy: a custom
+    translation registered on one copy is in no other, the copies hold the full registry's entries, and
+    ``from_torchlib`` is the exporter's own again afterwards."""
+    from torch.onnx._internal.exporter import _registration
+
+    reg = _registration.ONNXRegistry
+    own = reg.__dict__["from_torchlib"]
+    full = reg.from_torchlib(opset_version=23)
+    with sd.shortcuts({}):
+        a = reg.from_torchlib(opset_version=23)
+        a.register_op(torch.ops.aten.relu.default, lambda x: x)
+        b = reg.from_torchlib(opset_version=23)
+    assert reg.__dict__["from_torchlib"] is own
+    assert a is not b and a.opset_version == b.opset_version == full.opset_version == 23
+    assert set(b.functions) == set(full.functions)
+    assert len(a.get_decomps(torch.ops.aten.relu.default)) == len(b.get_decomps(torch.ops.aten.relu.default)) + 1
+    assert [m.is_custom for m in b.get_decomps(torch.ops.aten.relu.default)] == [False] * len(b.get_decomps(torch.ops.aten.relu.default))

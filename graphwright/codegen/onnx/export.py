@@ -195,10 +195,11 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
             prompt["appends"] = append_outputs(gm, outputs)
     from . import slot_functions
 
-    keys = []
-    if decode:  # slot_functions.py: one opaque op per layer's slot eviction, its ONNX function stitched in after saving
-        if slot_functions.ENABLED:
-            with phases(tag + "wrap"):
+    keys, plain = [], gm
+    if slot_functions.ENABLED:  # slot_functions.py: one opaque op per layer's eviction (decode slots, prompt_slots
+        # at a prompt step), its ONNX function exported once per kind and stitched in after saving
+        with phases(tag + "wrap"):
+            if slot_functions.wrappable(gm):
                 plain = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
                 keys = slot_functions.wrap(gm)
     table = translation_table()
@@ -212,19 +213,37 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
         dyn[0], dyn[1], dyn[2] = {0: dyn[0][0]}, {0: dyn[1][0]}, None
         args = (*args, *host_input_examples(host, sg, args))  # Keyformer's noise [B, Hk, g, S+1]
         extras = [*extras, *(None for _ in host)]
+    dyn = (*dyn, *extra_dynamic_shapes(extras))
+    graph = (args, dyn, inputs, outputs, table)
+    failed = None
+    if keys:
+        try:
+            shared = _export_graph(gm, graph, path, opset, external_data, phases, tag, share_with, keys)
+        except Exception as exc:  # noqa: BLE001 - any failure of the stitched route (torch.export with the opaque
+            # ops, translation, a function's export, stitching): the graph is traced layer by layer, the route
+            # before slot_functions.py; a failure there is a real error and is raised. Noted in graphwright.json.
+            failed = f"layer by layer ({type(exc).__name__}: {str(exc).strip()[:400]})"
+        finally:
+            slot_functions.forget(keys)
+    if failed is not None:  # outside the except block: the failed attempt's program is no longer referenced
+        phases.note(tag + "slot_functions", failed)
+        gm = plain
+    if not keys or failed is not None:
+        shared = _export_graph(gm, graph, path, opset, external_data, phases, tag, share_with, [])
+    return outputs, records, shared
+
+
+def _export_graph(gm, graph: tuple, path: Path, opset: int, external_data: bool, phases: Phases, tag: str, share_with,
+                  keys: list) -> bool:
+    """``torch.export`` of ``gm``, ONNX translation, optimizer, save (and stitch of ``keys``) at ``path``;
+    True when the weights point into ``share_with``'s file. Errors are ``GraphwrightError``s naming the step."""
+    args, dyn, inputs, outputs, table = graph
     with phases(tag + "torch_export"):
         try:
-            try:
-                ep = torch.export.export(gm, args, dynamic_shapes=(*dyn, *extra_dynamic_shapes(extras)), strict=False)
-            except Exception as exc:  # noqa: BLE001 - layers sharing a slot function differ in fixed sizes: trace them one by one
-                if not keys or not slot_functions.signature_error(exc):
-                    raise
-                phases.note(tag + "slot_functions", f"layer by layer ({exc})")
-                slot_functions.forget(keys)
-                gm, keys = plain, []
-                ep = torch.export.export(gm, args, dynamic_shapes=(*dyn, *extra_dynamic_shapes(extras)), strict=False)
+            ep = torch.export.export(gm, args, dynamic_shapes=dyn, strict=False)
         except Exception as exc:  # noqa: BLE001 - re-raised with what failed
             raise GraphwrightError(f"torch.export of the step graph failed: {type(exc).__name__}: {str(exc).strip()[:500]}") from exc
+
     def translate():
         return torch.onnx.export(ep, (), dynamo=True, custom_translation_table=table, opset_version=opset,
                                  input_names=inputs, output_names=outputs, optimize=False, verbose=False)
@@ -243,8 +262,7 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
             phases.note(tag + "decompositions", f"full exporter path (shortcuts failed: {type(first).__name__})")
     with phases(tag + "onnx_optimize"):
         optimize(program)  # optimize.py: the exporter's pipeline minus its one quadratic rewrite rule
-    shared = _save(program, path, opset, external_data, phases, tag, share_with, keys)
-    return outputs, records, shared
+    return _save(program, path, opset, external_data, phases, tag, share_with, keys)
 
 
 def _save(program, path: Path, opset: int, external_data: bool, phases: Phases, tag: str, share_with, keys) -> bool:

@@ -119,16 +119,46 @@ def _run_node_reusing_meta(self, n):
     return torch.fx.Interpreter.run_node(self, n)
 
 
+# opset -> the torchlib registry ``ONNXRegistry.from_torchlib`` built once in this process (``_registry_copy``)
+_REGISTRIES: dict = {}
+
+
+def _registry_copy(original):
+    """``ONNXRegistry.from_torchlib`` that builds each opset's torchlib registry once per process and returns a
+    copy (its own ``functions`` lists, so custom translations registered on the copy stay out of the cache)."""
+
+    def from_torchlib(cls, opset_version=None):
+        key = (cls, opset_version)
+        if key not in _REGISTRIES:
+            _REGISTRIES[key] = original(opset_version) if opset_version is not None else original()
+        base = _REGISTRIES[key]
+        registry = cls()
+        registry._opset_version = base._opset_version
+        registry.functions = {k: list(v) for k, v in base.functions.items()}
+        return registry
+
+    return classmethod(from_torchlib)
+
+
 @contextlib.contextmanager
 def shortcuts(table: dict):
-    """While active, ``torch.onnx.export`` skips its decomposition retrace for clean programs and its
-    type-promotion pass reuses stored fake values (module docstring). ``LAST`` says what happened."""
+    """While active, ``torch.onnx.export`` skips its decomposition retrace for clean programs, its
+    type-promotion pass reuses stored fake values (module docstring) and its torchlib registry is built once
+    per process (``_registry_copy``). ``LAST`` says what happened."""
     fx_passes, decomp, interp = _internals()
     LAST.clear()
     if fx_passes is None:
         LAST.update(skipped=False, blocking=["(exporter internals not found)"])
         yield
         return
+    from torch.onnx._internal.exporter import _registration
+
+    reg_cls = _registration.ONNXRegistry
+    original_reg = reg_cls.__dict__.get("from_torchlib")
+    if isinstance(original_reg, classmethod) and set(vars(reg_cls())) == {"_opset_version", "functions"}:
+        reg_cls.from_torchlib = _registry_copy(original_reg.__get__(None, reg_cls))
+    else:
+        original_reg = None
     original, original_run = fx_passes.decompose_with_registry, interp.run_node
 
     def decompose(ep, registry):
@@ -144,3 +174,5 @@ def shortcuts(table: dict):
         yield
     finally:
         fx_passes.decompose_with_registry, interp.run_node = original, original_run
+        if original_reg is not None:
+            reg_cls.from_torchlib = original_reg
