@@ -22,9 +22,12 @@ from graphwright.eval.stats import bootstrap_mean, paired_difference
 # are compared case by case. SnapKV and dense are the same algorithm (identical answers expected); the others
 # differ in details the README lists (StreamingLLM: positions; AdaKV: masking vs packing; TOVA, Knorm,
 # ExpectedAttention: our re-implementations of the papers, run once after prefill as kvpress does).
-SAME_ALGORITHM = {"dense": "dense", "SnapKV": "snapkv", "StreamingLLM": "streaming(sinks=4)",
+# StreamingLLM's twin is ``evict(score='knorm', budget={budget}, sinks=4, window={window})``: sinks + window fill the
+# budget, so no token is scored and the kept set is StreamingLLM's, once after prefill with keys at their original
+# positions, as kvpress does (``streaming`` re-indexes positions and keeps evicting at every decode step).
+SAME_ALGORITHM = {"dense": "dense", "SnapKV": "snapkv", "StreamingLLM": "evict(score=knorm,sinks=4)",
                   "KeyRerotation(StreamingLLM)": "streaming(sinks=4)", "AdaKV(SnapKV)": "snapkv(heads=adaptive)",
-                  "TOVA": "evict(score=tova,when=prefill)", "Knorm": "evict(score=knorm)",
+                  "TOVA": "evict(score=tova,when=prefill)", "Knorm": "evict(score=knorm)", "KeyDiff": "evict(score=keydiff)",
                   "ExpectedAttention": "evict(score=expected_attention)", "DuoAttention(graphwright heads)": "duo(sinks=4,window=256)"}
 
 
