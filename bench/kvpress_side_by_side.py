@@ -74,8 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--table-only", action="store_true",
                    help="rebuild the table from OUT/cases.json and the journals in OUT; load no weights, run nothing")
     p.add_argument("--first", type=int, default=None,
-                   help="answer only the first N cases of each length in spread order (0, 5, ..., 45, 1, 6, ...: every prefix spans "
-                        "the depths; kvpress_specs.py uses the same order); the journals resume, the table covers what they hold")
+                   help="answer only the first N cases of each length in spread order (of 50: 0, 10, 20, 30, 40, 5, 15, ..., 45, 2, 12, ...: "
+                        "every prefix spans the depths; kvpress_specs.py uses the same order); the journals resume, the table covers what they hold")
     p.add_argument("--round", type=int, default=None,
                    help="graphwright's side answers R cases of each length (in spread order, as --first) for every recipe in turn "
                         "(cells grow together)")
@@ -102,9 +102,13 @@ def fill(template: str, frac: float, tokens: int) -> str:
         raise SystemExit(f"recipe template {template!r} uses an unknown field {exc}; allowed: {{budget}}, {{window}}, {{frac}}, {{half}}") from None
 
 
-def spread(cases: list, stride: int = 5) -> list:
-    """One length's cases (in depth order) reordered so that every prefix spans the depths: i sorted by (i mod stride, i)."""
-    return [cases[i] for i in sorted(range(len(cases)), key=lambda i: (i % stride, i))]
+SPREAD = (0, 5, 2, 7, 4, 9, 1, 6, 3, 8)  # residues mod 10, in the order the spread order takes them
+
+
+def spread(cases: list) -> list:
+    """One length's cases (in depth order) reordered so that every prefix spans the depths: case i sorted by
+    (position of i mod 10 in ``SPREAD``, i). Of 50 cases: 0, 10, 20, 30, 40, then 5, 15, ..., 45, then 2, 12, ..."""
+    return [cases[i] for i in sorted(range(len(cases)), key=lambda i: (SPREAD.index(i % 10), i))]
 
 
 def load(model_name):

@@ -7,13 +7,14 @@ Usage:
         bench/.cache-kvpress/specs/SnapKV.json /tmp/SnapKV.out.json
 
 Writes ``OUT/cases.json`` (as ``kvpress_side_by_side.py`` does), the safetensors folder of the weights (once) and
-``bench/.cache-kvpress/specs/<press>.json`` (``--specs``): the same cases and settings as ``kvpress_side_by_side.run_kvpress`` would pass, but one
-press per spec and journal (``OUT/kvpress_answers.<press>.jsonl``, which the table merges). ``--first N`` puts only
-the first N cases of each length in the specs (the journals resume, so a later spec with more cases answers only
-the new ones); the cases are in spread order (i sorted by (i mod 5, i): 0, 5, ..., 45, 1, 6, ...), so any prefix spans
-the depths 0..1. ``--spec NAME`` writes one spec (one worker, one journal) with every press in the order given, and
-``--round R`` makes that worker answer R cases for every press and budget in turn. The dense run goes to a spec
-whose presses include ``dense``.
+``bench/.cache-kvpress/specs/<press>.json`` (``--specs``): the same cases and settings as
+``kvpress_side_by_side.run_kvpress`` would pass, but one press per spec and journal (``OUT/kvpress_answers.<press>.jsonl``,
+which the table merges). The cases are in spread order (``kvpress_side_by_side.spread``: of 50 cases 0, 10, 20, 30, 40,
+then 5, 15, ..., 45, then 2, 12, ...; every prefix of 5 spans the depths 0..1); ``--first N`` puts only the first N of
+each length in the specs (the journals resume, so a later spec with more cases answers only the new ones).
+``--spec NAME`` writes one spec (one worker, one journal) with every press in the order given, and ``--round R`` makes
+that worker answer R cases for every press and budget in turn. The dense run goes to a spec whose presses include
+``dense``.
 """
 
 from __future__ import annotations

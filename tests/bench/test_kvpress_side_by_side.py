@@ -328,11 +328,12 @@ def test_worker_rounds_grow_every_cell_together(tmp_path, monkeypatch):
 
 def test_spread_order_prefixes_span_the_depths():
     mod = _load("kvpress_side_by_side")
-    order = [c["id"] for c in mod.spread([{"id": i} for i in range(12)])]
-    assert order == [0, 5, 10, 1, 6, 11, 2, 7, 3, 8, 4, 9]
-    assert sorted(order) == list(range(12))
-    ten = [c["id"] for c in mod.spread([{"id": i} for i in range(50)])][:10]
-    assert ten == list(range(0, 50, 5))  # the first 10 of 50 cases: depths 0, 0.1, ..., 0.92
+    order = [c["id"] for c in mod.spread([{"id": i} for i in range(50)])]
+    assert sorted(order) == list(range(50))
+    assert order[:5] == [0, 10, 20, 30, 40] and sorted(order[:10]) == list(range(0, 50, 5)) and order[10:15] == [2, 12, 22, 32, 42]
+    for n in (5, 10, 15, 20, 25):  # every prefix of 5k cases holds k cases of each fifth of the depths
+        assert all(sum(lo <= i < lo + 10 for i in order[:n]) == n // 5 for lo in range(0, 50, 10))
+    assert [c["id"] for c in mod.spread([{"id": i} for i in range(7)])] == [0, 5, 2, 4, 1, 6, 3]
     with pytest.raises(SystemExit):
         mod.parse_args(["--first", "0"])
 
@@ -347,7 +348,7 @@ def test_first_answers_a_spread_prefix_and_reuses_measured_bytes(tmp_path, monke
             "--recipes", "snapkv(budget={budget})", "--skip-kvpress", "--out", str(out)]
     assert mod.main(args + ["--first", "2"]) == 0
     rows = [json.loads(ln) for ln in (out / "graphwright_answers.jsonl").read_text().splitlines()]
-    assert sorted({r["key"]["case"] for r in rows}) == ["L384-c0", "L384-c5"]  # spread order: 0, 5, 1, 2, 3, 4
+    assert sorted({r["key"]["case"] for r in rows}) == ["L384-c0", "L384-c5"]  # spread order: 0, 5, 2, 4, 1, 3
     assert len(json.loads((out / "cases.json").read_text())) == 6  # every case written; the table covers the journal
     real, prefill_only = CompiledModel.generate, []
 
@@ -358,7 +359,7 @@ def test_first_answers_a_spread_prefix_and_reuses_measured_bytes(tmp_path, monke
     monkeypatch.setattr(CompiledModel, "generate", generate)
     assert mod.main(args + ["--first", "3"]) == 0
     rows = [json.loads(ln) for ln in (out / "graphwright_answers.jsonl").read_text().splitlines()]
-    assert sorted({r["key"]["case"] for r in rows}) == ["L384-c0", "L384-c1", "L384-c5"]
+    assert sorted({r["key"]["case"] for r in rows}) == ["L384-c0", "L384-c2", "L384-c5"]
     assert prefill_only == [False, False]  # dense and snapkv: one new answer each, bytes from the journal (no prefill-only run)
     by = {}
     for r in rows:
