@@ -22,9 +22,12 @@ from graphwright.eval.stats import bootstrap_mean, paired_difference
 # are compared case by case. SnapKV and dense are the same algorithm (identical answers expected); the others
 # differ in details the README lists (StreamingLLM: positions; AdaKV: masking vs packing; TOVA, Knorm,
 # ExpectedAttention: our re-implementations of the papers, run once after prefill as kvpress does).
-SAME_ALGORITHM = {"dense": "dense", "SnapKV": "snapkv", "StreamingLLM": "streaming(sinks=4)",
+# StreamingLLM's twin is ``evict(score='knorm', budget={budget}, sinks=4, window={window})``: sinks + window fill the
+# budget, so no token is scored and the kept set is StreamingLLM's, once after prefill with keys at their original
+# positions, as kvpress does (``streaming`` re-indexes positions and keeps evicting at every decode step).
+SAME_ALGORITHM = {"dense": "dense", "SnapKV": "snapkv", "StreamingLLM": "evict(score=knorm,sinks=4)",
                   "KeyRerotation(StreamingLLM)": "streaming(sinks=4)", "AdaKV(SnapKV)": "snapkv(heads=adaptive)",
-                  "TOVA": "evict(score=tova,when=prefill)", "Knorm": "evict(score=knorm)",
+                  "TOVA": "evict(score=tova,when=prefill)", "Knorm": "evict(score=knorm)", "KeyDiff": "evict(score=keydiff)",
                   "ExpectedAttention": "evict(score=expected_attention)", "DuoAttention(graphwright heads)": "duo(sinks=4,window=256)"}
 
 
@@ -93,6 +96,7 @@ def summarise(raw: dict, seed: int = 0) -> list:
                     tw = {r["id"]: r for r in twin}
                     both = [r for r in pick if r["id"] in tw]
                     if both:  # token ids where both rows have them, else the decoded answers
+                        row["same_n"] = len(both)
                         row["same_answers_as_graphwright"] = float(np.mean([
                             r["new_ids"] == tw[r["id"]]["new_ids"] if "new_ids" in tw[r["id"]] else r["answer"] == tw[r["id"]]["answer"]
                             for r in both]))
@@ -139,6 +143,50 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
+def pairs(result: dict, seed: int = 0) -> list:
+    """Each kvpress press beside its graphwright twin (``SAME_ALGORITHM``) at the same budget, aware, per length, on the
+    cases both sides answered: both accuracies with 95% bootstrap intervals, the paired difference (graphwright -
+    kvpress), identical answers and the mean bytes held."""
+    raw = result["raw"]
+    ours: dict = {}
+    for r in raw.get("graphwright", []):
+        if r["mode"] == "aware":
+            ours.setdefault(("dense" if r["method"] == "dense" else label(r["method"]), r["budget"], r["length"]), {})[r["id"]] = r
+    theirs: dict = {}
+    for r in raw.get("kvpress", []):
+        if r["mode"] == "aware" and r["method"] in SAME_ALGORITHM:
+            theirs.setdefault((r["method"], r["budget"], r["length"]), {})[r["id"]] = r
+    out = []
+    for (method, budget, length), kv in theirs.items():
+        gw = ours.get((SAME_ALGORITHM[method], budget, length), {})
+        ids = sorted(set(kv) & set(gw))
+        if not ids:
+            continue
+        a = [float(kv[i]["correct"]) for i in ids]
+        b = [float(gw[i]["correct"]) for i in ids]
+        same = [kv[i]["new_ids"] == gw[i]["new_ids"] if "new_ids" in gw[i] else kv[i]["answer"] == gw[i]["answer"] for i in ids]
+        ka, ga, d = bootstrap_mean(a, seed), bootstrap_mean(b, seed), paired_difference(a, b, seed)
+        out.append({"press": method, "twin": gw[ids[0]]["method"], "budget": budget, "length": length, "n": len(ids),
+                    "kvpress": ka, "graphwright": ga, "delta": d, "identical": int(sum(same)),
+                    "differ": [i for i, x in zip(ids, same) if not x],
+                    "kvpress_bytes": float(np.mean([kv[i]["cache_bytes"] for i in ids])),
+                    "graphwright_bytes": float(np.mean([gw[i]["cache_bytes"] for i in ids]))})
+    return sorted(out, key=lambda p: (str(p["length"]), p["press"] != "dense", p["press"], -(p["budget"] or 1)))
+
+
+def pairs_markdown(result: dict) -> str:
+    ci = lambda x: f"{x['mean']:.2f} [{x['lo']:.2f}, {x['hi']:.2f}]"  # noqa: E731
+    lines = ["| kvpress press | graphwright twin | budget | length | n | kvpress accuracy [95% CI] | graphwright accuracy [95% CI] | "
+             "graphwright - kvpress [95% CI] | identical answers | kvpress MiB | graphwright MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in result.get("pairs", []):
+        d = p["delta"]
+        lines.append(f"| `{p['press']}` | `{p['twin']}` | {_f(p['budget'], '{:g}')} | {p['length']} | {p['n']} | {ci(p['kvpress'])} | "
+                     f"{ci(p['graphwright'])} | {d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] | {p['identical']} of {p['n']} | "
+                     f"{p['kvpress_bytes'] / 2**20:.2f} | {p['graphwright_bytes'] / 2**20:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(result: dict, path) -> Path:
     """Accuracy (all lengths) vs cache MiB held after prefill, one line per method per side (and mode)."""
     import matplotlib
@@ -175,6 +223,9 @@ def write_report(result: dict, out) -> list:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     js, md = out / "kvpress_side_by_side.json", out / "kvpress_side_by_side.md"
+    result = {**result, "pairs": pairs(result, result.get("settings", {}).get("seed", 0))}
     js.write_text(json.dumps(result, indent=1, default=str))
-    md.write_text(to_markdown(result))
+    md.write_text(to_markdown(result) + "\nEach kvpress press beside graphwright's implementation of the same algorithm, on the "
+                  "cases both sides answered (identical answers: equal answer token ids, or equal text for rows imported from "
+                  "the suite):\n\n" + pairs_markdown(result))
     return [js, md, plot(result, out / "kvpress_side_by_side.png")]

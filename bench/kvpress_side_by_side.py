@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 DEFAULT_RECIPES = ["snapkv(budget={budget})", "h2o(heavy={half}, recent={half})", "streaming(sinks=4, window={window})"]
-DEFAULT_PRESSES = ["SnapKV", "ObservedAttention", "ExpectedAttention", "TOVA", "Knorm", "StreamingLLM", "KeyRerotation(StreamingLLM)",
+DEFAULT_PRESSES = ["SnapKV", "ObservedAttention", "ExpectedAttention", "TOVA", "Knorm", "KeyDiff", "StreamingLLM", "KeyRerotation(StreamingLLM)",
                    "AdaKV(SnapKV)", "DuoAttention", "DuoAttention(graphwright heads)"]
 MODES = ("aware", "agnostic")
 KVPRESS_PY = HERE / ".venv-kvpress" / "bin" / "python"
@@ -73,8 +73,18 @@ def parse_args(argv=None):
                         "same recipe and prompt are copied, not generated (bytes are still measured here)")
     p.add_argument("--table-only", action="store_true",
                    help="rebuild the table from OUT/cases.json and the journals in OUT; load no weights, run nothing")
+    p.add_argument("--first", type=int, default=None,
+                   help="answer only the first N cases of each length in spread order (of 50: 0, 10, 20, 30, 40, 5, 15, ..., 45, 2, 12, ...: "
+                        "every prefix spans the depths; kvpress_specs.py uses the same order); the journals resume, the table covers what they hold")
+    p.add_argument("--round", type=int, default=None,
+                   help="graphwright's side answers R cases of each length (in spread order, as --first) for every recipe in turn "
+                        "(cells grow together)")
     p.add_argument("--progress", action="store_true")
     a = p.parse_args(argv)
+    if a.round is not None and a.round < 1:
+        p.error(f"--round must be >= 1; got {a.round}")
+    if a.first is not None and a.first < 1:
+        p.error(f"--first must be >= 1; got {a.first}")
     bad = [b for b in a.budgets if not 0.0 < b < 1.0]
     if bad:
         p.error(f"--budgets are fractions of the prompt kept, in (0, 1); got {bad}")
@@ -90,6 +100,15 @@ def fill(template: str, frac: float, tokens: int) -> str:
         return template.format(budget=budget, window=max(1, budget - 4), frac=f"{frac:g}", half=f"{frac / 2:g}")
     except (KeyError, IndexError) as exc:
         raise SystemExit(f"recipe template {template!r} uses an unknown field {exc}; allowed: {{budget}}, {{window}}, {{frac}}, {{half}}") from None
+
+
+SPREAD = (0, 5, 2, 7, 4, 9, 1, 6, 3, 8)  # residues mod 10, in the order the spread order takes them
+
+
+def spread(cases: list) -> list:
+    """One length's cases (in depth order) reordered so that every prefix spans the depths: case i sorted by
+    (position of i mod 10 in ``SPREAD``, i). Of 50 cases: 0, 10, 20, 30, 40, then 5, 15, ..., 45, then 2, 12, ..."""
+    return [cases[i] for i in sorted(range(len(cases)), key=lambda i: (SPREAD.index(i % 10), i))]
 
 
 def load(model_name):
@@ -164,14 +183,17 @@ def suite_key(model_name, recipe, case, seed, max_new_tokens):
 
 @torch.inference_mode()
 def run_ours(model, tok, cases, recipes, budgets, max_new_tokens, progress=False, modes=("aware",), journal=None,
-             model_name="model", seed=0, suite=None):
+             model_name="model", seed=0, suite=None, round_size=None):
     """Rows ``{method, recipe, budget, mode, id, new_ids, cache_bytes}`` for dense and every recipe x budget x length.
 
     Every answer is appended at once to ``journal`` (a ``graphwright.eval.journal.Journal``; in memory when None)
     and answers it already holds are not computed again (a recipe whose cases are all there is not even compiled).
     ``suite`` (a long-suite journal, ``--import-suite``): an aware answer it holds for the same recipe and the same
     prompt (its key's case hash covers the token ids) is copied instead of generated, as ``answer`` (decoded text;
-    the suite keeps no token ids) with ``source: "suite"``; its bytes are still measured here (one prefill)."""
+    the suite keeps no token ids) with ``source: "suite"``. Bytes held after prefill are measured here once per recipe
+    and prompt length (one prefill-only generate), or taken from a journal row of the same recipe, length and prompt
+    token count that measured them. ``round_size`` R: the cases of each length are answered R at a time for every
+    recipe in turn (cells grow together; each recipe is compiled once and kept)."""
     from graphwright.capture import capture
     from graphwright.compiled import CompiledModel
     from graphwright.eval.journal import Journal
@@ -183,51 +205,76 @@ def run_ours(model, tok, cases, recipes, budgets, max_new_tokens, progress=False
     lengths = sorted({c["length"] for c in cases})
     # a template without a {field} is one fixed setting: it runs once, with budget None
     jobs = [("dense", None)] + [(t, b) for t in recipes for b in (budgets if "{" in t else [None])]
-    rows, bytes_key = [], None
-    for template, frac in jobs:
-        t0 = time.perf_counter()
-        for length in lengths:
-            recipe = "noop" if template == "dense" else (template if frac is None else fill(template, frac, length))
-            picked = [c for c in cases if c["length"] == length]
-            todo = [(c, m) for c in picked for m in ("aware", "agnostic") if m in modes
-                    and jr.get(our_key(model_name, recipe, m, c, seed, max_new_tokens)) is None]
-            if todo:
-                sg = sg if sg is not None else capture(model)
-                new, parsed, _ = run_recipe(sg, recipe, model=model, tokenizer=tok, verify=False)
-                cm = CompiledModel(new, tokenizer=tok, recipe=parsed)
+    our_modes = [m for m in ("aware", "agnostic") if m in modes]
+    rows, bytes_key, cms, held_by = [], None, {}, {}
+
+    def compiled(recipe):
+        nonlocal sg
+        if recipe not in cms:
+            sg = sg if sg is not None else capture(model)
+            new, parsed, _ = run_recipe(sg, recipe, model=model, tokenizer=tok, verify=False)
+            cms[recipe] = CompiledModel(new, tokenizer=tok, recipe=parsed)
+        return cms[recipe]
+
+    def held_bytes(recipe, length, ids):
+        """(bytes held after prefill, which stat) for this recipe at this prompt length: from the journal or one prefill."""
+        if (recipe, length) not in held_by:
+            known = [row for key, row in jr.records() if key.get("recipe") == ("dense" if recipe == "noop" else recipe)
+                     and key.get("model") == model_name and key.get("length") == length and row.get("mode", "aware") == "aware"
+                     and "cache_bytes" in row and row.get("prompt_tokens") == len(ids)]
+            if known:
+                held_by[(recipe, length)] = int(known[0]["cache_bytes"]), known[0]["bytes_key"]
+            else:
+                cm = compiled(recipe)
                 # bytes held after the prefill step: a generate that stops at its first token runs no decode step
-                cm.generate(torch.tensor([picked[0]["ids"]]), max_new_tokens=1, eos_token_id=eos, pad_token_id=eos, allow_long=True)
+                cm.generate(torch.tensor([ids]), max_new_tokens=1, eos_token_id=eos, pad_token_id=eos, allow_long=True)
                 bk = "kv_storage_bytes" if "kv_storage_bytes" in cm.last_stats else "kv_bytes"
-                held = int(cm.last_stats[bk])
-            for c in picked:
-                ids = torch.tensor([c["ids"]])
-                for mode in [m for m in ("aware", "agnostic") if m in modes]:
-                    key = our_key(model_name, recipe, mode, c, seed, max_new_tokens)
-                    imported = suite.get(suite_key(model_name, recipe, c, seed, max_new_tokens)) \
-                        if suite is not None and mode == "aware" and jr.get(key) is None else None
-                    if imported is not None:
-                        jr.add(key, {"method": template, "recipe": recipe, "budget": frac, "mode": mode, "id": c["id"],
-                                     "answer": imported["answer"], "source": "suite", "cache_bytes": held, "bytes_key": bk})
-                    elif jr.get(key) is None:
-                        if mode == "aware":
-                            out = cm.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos, allow_long=True)
-                            new_ids, nbytes = out[0, ids.shape[1]:].tolist(), held
-                        else:  # compress the context alone (cm.prefill), then the question continues it
-                            ctx = cm.prefill(ids[:, :c["split"]], allow_long=True)
-                            nbytes = int(cm.last_stats[bk])
-                            q = ids[:, c["split"]:]
-                            out = cm.generate(q, context=ctx, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos,
-                                              allow_long=True)
-                            new_ids = out[0, q.shape[1]:].tolist()
-                        jr.add(key, {"method": template, "recipe": recipe, "budget": frac, "mode": mode, "id": c["id"],
-                                     "new_ids": new_ids, "cache_bytes": nbytes, "bytes_key": bk})
-                    row = jr.get(key)
-                    bytes_key = row.get("bytes_key", bytes_key)
-                    rows.append({k: v for k, v in row.items() if k != "bytes_key"} | {"method": template, "budget": frac})
-            if todo:
-                del cm
-        if progress:
-            print(f"graphwright {template} budget={frac}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+                held_by[(recipe, length)] = int(cm.last_stats[bk]), bk
+        return held_by[(recipe, length)]
+
+    per_length = {length: [c for c in cases if c["length"] == length] for length in lengths}
+    step = round_size or max(len(v) for v in per_length.values())
+    n_rounds = -(-max(len(v) for v in per_length.values()) // step)
+    for rnd in range(n_rounds):
+        for template, frac in jobs:
+            t0, ran = time.perf_counter(), 0
+            for length in lengths:
+                recipe = "noop" if template == "dense" else (template if frac is None else fill(template, frac, length))
+                picked = per_length[length][rnd * step:(rnd + 1) * step]
+                for c in picked:
+                    ids = torch.tensor([c["ids"]])
+                    for mode in our_modes:
+                        key = our_key(model_name, recipe, mode, c, seed, max_new_tokens)
+                        if jr.get(key) is None:
+                            held, bk = held_bytes(recipe, length, per_length[length][0]["ids"])
+                            imported = suite.get(suite_key(model_name, recipe, c, seed, max_new_tokens)) \
+                                if suite is not None and mode == "aware" else None
+                            if imported is not None:
+                                jr.add(key, {"method": template, "recipe": recipe, "budget": frac, "mode": mode, "id": c["id"],
+                                             "answer": imported["answer"], "source": "suite", "cache_bytes": held, "bytes_key": bk,
+                                             "prompt_tokens": len(c["ids"])})
+                            else:
+                                cm = compiled(recipe)
+                                if mode == "aware":
+                                    out = cm.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos,
+                                                      allow_long=True)
+                                    new_ids, nbytes = out[0, ids.shape[1]:].tolist(), held
+                                else:  # compress the context alone (cm.prefill), then the question continues it
+                                    ctx = cm.prefill(ids[:, :c["split"]], allow_long=True)
+                                    nbytes = int(cm.last_stats[bk])
+                                    q = ids[:, c["split"]:]
+                                    out = cm.generate(q, context=ctx, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                                      pad_token_id=eos, allow_long=True)
+                                    new_ids = out[0, q.shape[1]:].tolist()
+                                jr.add(key, {"method": template, "recipe": recipe, "budget": frac, "mode": mode, "id": c["id"],
+                                             "new_ids": new_ids, "cache_bytes": nbytes, "bytes_key": bk, "prompt_tokens": len(c["ids"])})
+                                ran += 1
+                        row = jr.get(key)
+                        bytes_key = row.get("bytes_key", bytes_key)
+                        rows.append({k: v for k, v in row.items() if k != "bytes_key"} | {"method": template, "budget": frac})
+            if progress:
+                print(f"graphwright {template} budget={frac} round {rnd + 1}/{n_rounds}: {ran} answers generated in "
+                      f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return rows, bytes_key
 
 
@@ -319,9 +366,11 @@ def main(argv=None) -> int:
     if args.import_suite and not Path(args.import_suite).is_file():
         raise SystemExit(f"--import-suite {args.import_suite}: no such journal (the long suite's cases.jsonl)")
     suite = Journal(args.import_suite) if args.import_suite else None
-    ours, bytes_key = run_ours(model, tok, cases, [] if args.skip_graphwright else args.recipes, args.budgets,
+    todo = cases if args.first is None and args.round is None else \
+        [c for length in args.lengths for c in spread([c for c in cases if c["length"] == length])[:args.first]]
+    ours, bytes_key = run_ours(model, tok, todo, [] if args.skip_graphwright else args.recipes, args.budgets,
                                args.max_new_tokens, args.progress, args.modes, journal=jr, model_name=args.model, seed=args.seed,
-                               suite=suite)
+                               suite=suite, round_size=args.round)
     if args.skip_graphwright:
         ours, bytes_key = journal_rows(jr, cases, args)
     if args.skip_kvpress:

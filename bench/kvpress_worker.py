@@ -66,6 +66,8 @@ def _presses(spec=None):
         "ExpectedAttention": lambda r: kp.ExpectedAttentionPress(compression_ratio=r),
         "TOVA": lambda r: kp.TOVAPress(compression_ratio=r),
         "Knorm": lambda r: kp.KnormPress(compression_ratio=r),
+        # scored once on the whole prompt (kvpress's KeyDiffPress alone; the paper's block-wise prefill is BlockPress)
+        "KeyDiff": lambda r: kp.KeyDiffPress(compression_ratio=r),
         "StreamingLLM": lambda r: kp.StreamingLLMPress(compression_ratio=r, n_sink=4),
         # kept keys re-rotated to their cache index and later tokens placed after the kept ones (as graphwright's streaming)
         "KeyRerotation(StreamingLLM)": lambda r: kp.KeyRerotationPress(kp.StreamingLLMPress(compression_ratio=r, n_sink=4)),
@@ -195,41 +197,52 @@ def run(spec: dict, out_path=None) -> dict:
     # spec["dense"] False leaves the dense run out (a worker started beside another that runs it)
     jobs = [("dense", None, "aware")] * bool(spec.get("dense", True)) + [
         (p, b, m) for p in spec["presses"] for b in ([None] if p in FIXED else spec["budgets"]) for m in spec["modes"]]
-    for name, budget, mode in jobs:
+    for name, _, _ in jobs:
         if name != "dense" and name not in factories:
             raise SystemExit(f"unknown press {name!r}; known: {', '.join(factories)}")
-        attn = "eager" if name in EAGER else "sdpa"
-        t0, got, ran = time.perf_counter(), [], 0
-        try:  # a press that cannot run here fails on its first case (DuoAttention: its head patterns are a download)
-            press = None if name == "dense" else factories[name](None if budget is None else 1.0 - budget)
-            for case in spec["cases"]:
-                key = case_key(spec, case, name, budget, mode, kv_version)
-                if key in done:
-                    got.append(done[key])
-                    continue
-                if attn not in models:
-                    models[attn] = _load(spec["model_dir"], attn)
-                split = case["split"] if mode == "agnostic" else len(case["ids"])
-                new, nbytes, kept = answer(models[attn], press, case["ids"], split, spec["max_new_tokens"], eos)
-                row = {"method": name, "budget": budget, "mode": mode, "id": case["id"], "new_ids": new,
-                       "cache_bytes": nbytes, "kept_tokens": kept, "compressed_tokens": split}
-                if journal_path is not None:
-                    append_journal(journal_path, key, row)
-                done[key] = row
-                got.append(row)
-                ran += 1
-        except Exception as exc:  # noqa: BLE001
-            if got:  # a failure after the first case is a bug, not a press that does not apply
-                raise
+    # spec["round"] R: the cases are answered R at a time for every job in turn (every cell grows together, so a
+    # run stopped early leaves cells of equal size); default: all cases of a job, then the next job
+    step = int(spec.get("round") or len(spec["cases"]) or 1)
+    got: dict = {job: [] for job in jobs}
+    for start in range(0, len(spec["cases"]), step):
+        chunk = spec["cases"][start:start + step]
+        for job in jobs:
+            name, budget, mode = job
             key = f"{name}@{budget}/{mode}"
-            errors[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            print(f"kvpress {key}: skipped ({errors[key]})", file=sys.stderr, flush=True)
-            continue
-        rows += got
-        if out_path is not None:  # after every press, so a long run that is stopped keeps what it finished
-            _write(out_path, _result(kvpress, transformers, rows, errors))
-        print(f"kvpress {name} budget={budget} {mode}: {ran} of {len(spec['cases'])} cases run "
-              f"({len(got) - ran} from the journal) in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+            if key in errors:
+                continue
+            attn = "eager" if name in EAGER else "sdpa"
+            t0, ran = time.perf_counter(), 0
+            try:  # a press that cannot run here fails on its first case (DuoAttention: its head patterns are a download)
+                press = None if name == "dense" else factories[name](None if budget is None else 1.0 - budget)
+                for case in chunk:
+                    ck = case_key(spec, case, name, budget, mode, kv_version)
+                    if ck in done:
+                        got[job].append(done[ck])
+                        continue
+                    if attn not in models:
+                        models[attn] = _load(spec["model_dir"], attn)
+                    split = case["split"] if mode == "agnostic" else len(case["ids"])
+                    new, nbytes, kept = answer(models[attn], press, case["ids"], split, spec["max_new_tokens"], eos)
+                    row = {"method": name, "budget": budget, "mode": mode, "id": case["id"], "new_ids": new,
+                           "cache_bytes": nbytes, "kept_tokens": kept, "compressed_tokens": split}
+                    if journal_path is not None:
+                        append_journal(journal_path, ck, row)
+                    done[ck] = row
+                    got[job].append(row)
+                    ran += 1
+            except Exception as exc:  # noqa: BLE001
+                if got[job]:  # a failure after the first case is a bug, not a press that does not apply
+                    raise
+                errors[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                print(f"kvpress {key}: skipped ({errors[key]})", file=sys.stderr, flush=True)
+                continue
+            if out_path is not None:  # after every press, so a long run that is stopped keeps what it finished
+                _write(out_path, _result(kvpress, transformers, [r for rs in got.values() for r in rs], errors))
+            print(f"kvpress {name} budget={budget} {mode}: {ran} of {len(chunk)} cases run ({len(chunk) - ran} from the "
+                  f"journal; {len(got[job])} of {len(spec['cases'])} so far) in {time.perf_counter() - t0:.0f} s",
+                  file=sys.stderr, flush=True)
+    rows = [r for rs in got.values() for r in rs]
     return _result(kvpress, transformers, rows, errors)
 
 

@@ -238,7 +238,9 @@ def test_labels_tell_methods_of_one_pass_apart():
     assert set(rep.SAME_ALGORITHM.values()) <= {"dense"} | {rep.label(t) for t in (
         "snapkv(budget={budget})", "snapkv(budget={budget}, heads='adaptive')", "streaming(sinks=4, window={window})",
         "evict(score='tova', when='prefill', budget={budget})", "evict(score='knorm', budget={budget})",
-        "evict(score='expected_attention', budget={budget})", "duo(sinks=4, window=256)")}
+        "evict(score='expected_attention', budget={budget})", "duo(sinks=4, window=256)",
+        "evict(score='knorm', budget={budget}, sinks=4, window={window})", "evict(score='keydiff', budget={budget})")}
+    assert rep.label("evict(score='knorm', budget={budget}, sinks=4, window={window})") == "evict(score=knorm,sinks=4)"
 
 
 def test_twin_pairs_a_press_with_its_own_counterpart_only():
@@ -292,3 +294,74 @@ def test_table_only_rebuilds_the_table_without_weights(run, monkeypatch):
     assert sorted(map(json.dumps, again["rows"])) == sorted(map(json.dumps, res["rows"]))
     with pytest.raises(SystemExit, match="cases.json"):
         mod.main(["--model", "tiny-llama", "--table-only", "--out", str(out / "empty")])
+
+
+def test_worker_rounds_grow_every_cell_together(tmp_path, monkeypatch):
+    """spec["round"] R: R cases for every job in turn; the same rows as one job after another, and a stop leaves equal cells."""
+    worker = _load("kvpress_worker")
+    monkeypatch.setitem(sys.modules, "kvpress", type(sys)("kvpress"))
+    monkeypatch.setattr(worker, "_kvpress_version", lambda: "0.0-test")
+    monkeypatch.setattr(worker, "_load", lambda folder, attn: None)
+    monkeypatch.setattr(worker, "_presses", lambda spec=None: {"Fake": lambda ratio: None})
+    calls = []
+
+    def answer(model, press, ids, split, max_new_tokens, eos):
+        calls.append(ids[0])
+        return [ids[0] % 7], 8, split
+
+    monkeypatch.setattr(worker, "answer", answer)
+    cases = [{"id": f"c{i}", "ids": [i, 1, 2], "split": 3} for i in range(5)]
+    spec = {"model": "m", "model_dir": "unused", "presses": ["Fake"], "budgets": [0.5, 0.25], "modes": ["aware"],
+            "max_new_tokens": 2, "eos": [], "cases": cases}
+    whole = worker.run(spec)["rows"]
+    assert calls == [0, 1, 2, 3, 4] * 3
+    calls.clear()
+    rounds = worker.run({**spec, "round": 2, "journal": str(tmp_path / "r.jsonl")})["rows"]
+    assert calls == [0, 1] * 3 + [2, 3] * 3 + [4] * 3
+    key = lambda r: (r["method"], str(r["budget"]), r["id"])  # noqa: E731
+    assert sorted(rounds, key=key) == sorted(whole, key=key)
+    lines = (tmp_path / "r.jsonl").read_text().splitlines()
+    firsts = [json.loads(ln)["row"] for ln in lines[:12]]  # after two rounds: every cell holds the same 4 cases
+    assert {(r["method"], r["budget"]): sorted(x["id"] for x in firsts if (x["method"], x["budget"]) == (r["method"], r["budget"]))
+            for r in firsts} == {k: ["c0", "c1", "c2", "c3"] for k in (("dense", None), ("Fake", 0.5), ("Fake", 0.25))}
+
+
+def test_spread_order_prefixes_span_the_depths():
+    mod = _load("kvpress_side_by_side")
+    order = [c["id"] for c in mod.spread([{"id": i} for i in range(50)])]
+    assert sorted(order) == list(range(50))
+    assert order[:5] == [0, 10, 20, 30, 40] and sorted(order[:10]) == list(range(0, 50, 5)) and order[10:15] == [2, 12, 22, 32, 42]
+    for n in (5, 10, 15, 20, 25):  # every prefix of 5k cases holds k cases of each fifth of the depths
+        assert all(sum(lo <= i < lo + 10 for i in order[:n]) == n // 5 for lo in range(0, 50, 10))
+    assert [c["id"] for c in mod.spread([{"id": i} for i in range(7)])] == [0, 5, 2, 4, 1, 6, 3]
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--first", "0"])
+
+
+def test_first_answers_a_spread_prefix_and_reuses_measured_bytes(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    mod = _load("kvpress_side_by_side")
+    from graphwright.compiled import CompiledModel
+
+    out = tmp_path / "out"
+    args = ["--model", "tiny-llama", "--lengths", "384", "--cases", "6", "--budgets", "0.5", "--modes", "aware",
+            "--recipes", "snapkv(budget={budget})", "--skip-kvpress", "--out", str(out)]
+    assert mod.main(args + ["--first", "2"]) == 0
+    rows = [json.loads(ln) for ln in (out / "graphwright_answers.jsonl").read_text().splitlines()]
+    assert sorted({r["key"]["case"] for r in rows}) == ["L384-c0", "L384-c5"]  # spread order: 0, 5, 2, 4, 1, 3
+    assert len(json.loads((out / "cases.json").read_text())) == 6  # every case written; the table covers the journal
+    real, prefill_only = CompiledModel.generate, []
+
+    def generate(self, ids, *a, **k):
+        prefill_only.append(k.get("max_new_tokens") == 1)
+        return real(self, ids, *a, **k)
+
+    monkeypatch.setattr(CompiledModel, "generate", generate)
+    assert mod.main(args + ["--first", "3"]) == 0
+    rows = [json.loads(ln) for ln in (out / "graphwright_answers.jsonl").read_text().splitlines()]
+    assert sorted({r["key"]["case"] for r in rows}) == ["L384-c0", "L384-c2", "L384-c5"]
+    assert prefill_only == [False, False]  # dense and snapkv: one new answer each, bytes from the journal (no prefill-only run)
+    by = {}
+    for r in rows:
+        by.setdefault(r["key"]["recipe"], set()).add(r["row"]["cache_bytes"])
+    assert all(len(v) == 1 for v in by.values()) and by["snapkv(budget=192)"] == {192 * 2 * 2 * 2 * 16 * 4}
