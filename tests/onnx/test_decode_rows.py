@@ -9,13 +9,15 @@ The model-level invariants (kept sets, logits, tokens against the torch backend 
 in ``test_onnx_eviction_slots.py`` / ``test_onnx_streaming_shift.py``.
 """
 
+import math
+
 import pytest
 import torch
 
 import graphwright as gw
 from graphwright.capture.ops import ATTENTION, attention_reference
 from graphwright.codegen.onnx import decode_slots
-from graphwright.codegen.onnx.decode_rows import h2o_attend_rows, streaming_rows
+from graphwright.codegen.onnx.decode_rows import h2o_attend_rows, slot_attention, streaming_rows
 from graphwright.codegen.onnx.decode_slots import decode_graph, h2o_decode, streaming_decode
 
 
@@ -80,7 +82,20 @@ def test_streaming_rows_equals_streaming_decode():
         streaming_rows(k, kn, v, vn, q_pos, kp, kpn, 2, 0)
 
 
-@pytest.mark.parametrize("recipe", ["h2o(heavy=4, recent=4)", "streaming(sinks=2, window=6)"])
+def test_slot_attention_equals_the_reference_at_a_decode_step():
+    gen = torch.Generator().manual_seed(5)
+    B, H, Hk, D, S = 3, 6, 2, 8, 9
+    for trial in range(20):
+        (k, v, kp), (kn, vn, kpn), q_pos = _rows(gen, B=B, Hk=Hk, S=S, D=D, empty=(0.0, 0.3, 0.9)[trial % 3])
+        ka, va, kpa = torch.cat([k, kn], 2), torch.cat([v, vn], 2), torch.cat([kp, kpn], 2)
+        q = torch.randn(B, H, 1, D, generator=gen)
+        bias = torch.randn(B, H, S + 1, generator=gen) if trial % 2 else None
+        want = attention_reference(q, ka, va, q_pos, kpa, 0.3, key_bias=bias)
+        torch.testing.assert_close(slot_attention(q, ka, va, kpa, 0.3, bias), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("recipe", ["h2o(heavy=4, recent=4)", "streaming(sinks=2, window=6)",
+                                    "duo(retrieval=[[0, 0]], sinks=2, window=4)"])
 def test_rows_rewrite_of_the_decode_graph(recipe, monkeypatch):
     model, _ = gw.load_model("tiny-llama")
     sg = gw.compile(model, recipe).step_graph
@@ -97,6 +112,8 @@ def test_rows_rewrite_of_the_decode_graph(recipe, monkeypatch):
         assert not any(n.target is ATTENTION for n in gm.graph.nodes)
     else:
         assert fns.count("streaming_rows") == 2 and "streaming_decode" not in fns
+    if recipe.startswith("duo"):  # the streaming heads' attention: the T = 1 slot form; layer 0's retrieval head's stays
+        assert fns.count("slot_attention") == 2 and sum(n.target is ATTENTION for n in gm.graph.nodes) == 1
     # one decode step on full and partly empty slot states (batch 2, the second row a padding row: q_pos -1)
     gen = torch.Generator().manual_seed(3)
     B, c = 2, 8
@@ -105,8 +122,8 @@ def test_rows_rewrite_of_the_decode_graph(recipe, monkeypatch):
         shape = [B if d == -1 else d for d in spec.shape]
         shape[spec.seq_dim] = c
         if spec.kind == "positions":
-            t = torch.stack([torch.randperm(11, generator=gen)[:c] for _ in range(B * shape[1])]).view(shape).to(spec.dtype)
-            t[1], t[0, 0, -1] = -1, -1  # the padding row holds nothing; one head of row 0 has an empty slot
+            t = torch.stack([torch.randperm(11, generator=gen)[:c] for _ in range(math.prod(shape[:-1]))]).view(shape).to(spec.dtype)
+            t[1], t[0, ..., -1] = -1, -1  # the padding row holds nothing; row 0 has an empty slot
         else:
             t = torch.rand(shape, generator=gen).to(spec.dtype)
         args.append(t)

@@ -20,7 +20,11 @@ of keys eviction saves (``bench/profile_onnx_decode.py``: 2431 nodes run per H2O
   row into its slot: one ScatterElements per state tensor on the old state (``write_rows``);
 * a StreamingLLM layer with ``window >= 1``: ``streaming_rows`` picks the slot (one ArgMax, as
   ``decode_slots.streaming_decode``) from the old positions and writes the new row into it
-  (the attention keeps reading the concatenation).
+  (the attention keeps reading the concatenation);
+* any other attention over per-KV-head slots (a per-head positions concatenation along the slot dim;
+  no native window or sinks: duo's streaming heads, SnapKV): ``slot_attention``, the same decomposed
+  attention with the T = 1 mask, instead of the fused Attention whose translation folds Hk into the
+  batch (four Reshapes) and builds the general visibility (five nodes).
 
 At a decode step (T = 1) every cached position precedes the query and a padding query sees every
 valid key, so the visibility is ``k_pos >= 0`` (``attention_reference``'s rule reduced; the new row's
@@ -77,6 +81,12 @@ def attend_rows(q, k, v, visible, scale, key_bias=None):
     p = torch.softmax(torch.where(visible[:, :, None], s, MASKED), dim=-1)
     out = torch.matmul(p, v.float()).reshape(B, H, 1, v.shape[-1])
     return out.to(v.dtype), p
+
+
+def slot_attention(q, k, v, k_pos, scale, key_bias=None):
+    """``attention`` at a decode step (T = 1) over per-KV-head slots ``k``/``v`` [B, Hk, S, D], ``k_pos`` [B, Hk, S]
+    (no window, no sinks): the visibility is ``k_pos >= 0`` (module docstring). [B, H, 1, Dv]."""
+    return attend_rows(q, k, v, k_pos >= 0, scale, key_bias)[0]
 
 
 def h2o_attend_rows(q, k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new, score, scale,
@@ -183,6 +193,16 @@ def rows(gm: torch.fx.GraphModule) -> list:
             if not cat.users:
                 graph.erase_node(cat)
         done.append("h2o_attend_rows")
+    for node in list(graph.nodes):  # the other per-KV-head attentions (duo's streaming heads, SnapKV): the T = 1 mask
+        if node.op != "call_function" or node.target is not ATTENTION or schema.get(node, "window") \
+                or schema.get(node, "sinks") or _cat_parts(schema.get(node, "k_pos")) is None:
+            continue
+        with graph.inserting_before(node):
+            new = graph.call_function(slot_attention, tuple(schema.get(node, n) for n in ("q", "k", "v", "k_pos", "scale", "key_bias")))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        done.append("slot_attention")
     graph.lint()
     gm.recompile()
     return done
