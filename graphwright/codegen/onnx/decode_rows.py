@@ -107,9 +107,9 @@ def h2o_attend_rows(q, k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new, score,
     cand = seen & (kp_old < (length - _budget(recent_n, recent_f, length))[:, None, None])
     over = cand.sum(dim=-1) > _budget(heavy_n, heavy_f, length)[:, None]
     s = torch.where(cand, score, float("inf"))
-    tie = cand & (s == s.amin(dim=-1, keepdim=True))
+    tie = s == s.amin(dim=-1, keepdim=True)  # only candidates, or no candidate at all: then not over, the victim unused
     victim = torch.where(tie, kp_old, -1).argmax(dim=-1)  # lowest score, latest position
-    j = torch.where(over, victim, (kp_old < 0).to(torch.int32).argmax(dim=-1))  # else the first empty slot
+    j = torch.where(over, victim, seen.to(torch.int32).argmin(dim=-1))  # else the first empty slot (0 when none)
     return (out, *write_rows((k_old, v_old, kp_old, score), (k_new, v_new, kp_new, col[..., -1:]), j))
 
 
