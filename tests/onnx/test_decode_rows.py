@@ -19,6 +19,8 @@ from graphwright.capture.ops import ATTENTION, attention_reference
 from graphwright.codegen.onnx import decode_slots
 from graphwright.codegen.onnx.decode_rows import h2o_attend_rows, slot_attention, streaming_rows
 from graphwright.codegen.onnx.decode_slots import decode_graph, h2o_decode, streaming_decode
+from graphwright.codegen.onnx.streaming_shift import rotation_matrix
+from graphwright.ops.rope_index_ref import _rotate, rope_angles
 
 
 def _rows(gen, B=3, Hk=2, S=7, D=4, empty=0.3, L=40):
@@ -92,6 +94,19 @@ def test_slot_attention_equals_the_reference_at_a_decode_step():
         bias = torch.randn(B, H, S + 1, generator=gen) if trial % 2 else None
         want = attention_reference(q, ka, va, q_pos, kpa, 0.3, key_bias=bias)
         torch.testing.assert_close(slot_attention(q, ka, va, kpa, 0.3, bias), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("R, D", [(16, 16), (8, 16), (64, 64)])
+def test_rotation_matrix_equals_the_elementwise_rotation(R, D):
+    """``streaming_shift.rotation_matrix``: x @ M = ``_rotate(x, cos, -sin)`` (partial rotary: the rest passes through)."""
+    gen = torch.Generator().manual_seed(R + D)
+    inv = 1.0 / (10000 ** (torch.arange(0, R, 2).float() / R))
+    cos, sin = rope_angles(torch.tensor([0, 5, 1234, -1]), inv)
+    x = torch.randn(4, 6, 1, D, generator=gen) * 3
+    want = _rotate(x, cos[:, None, None], -sin[:, None, None], 1.0)
+    got = torch.matmul(x, rotation_matrix(cos, -sin, D)[:, None])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got[..., R:], x[..., R:]) and torch.equal(got[0], x[0])  # pass-through dims; position 0: identity
 
 
 @pytest.mark.parametrize("recipe", ["h2o(heavy=4, recent=4)", "streaming(sinks=2, window=6)",

@@ -50,10 +50,25 @@ import torch
 
 from ...ops import schema
 from ...ops.eviction import ROPE_CACHE_INDEX
-from ...ops.rope_index_ref import _rotate, rope_angles
+from ...ops.rope_index_ref import rope_angles
 from ..torch.streaming_shift import invert_slots, match_streaming_layer  # the torch backend's inversion and matcher
 
 MASKED = torch.finfo(torch.float32).min
+
+
+def rotation_matrix(cos, sin, D: int) -> torch.Tensor:
+    """[B, D, D] fp32 M with ``x @ M`` = ``rope_index_ref._rotate(x, cos, sin, 1.0)`` for x [..., D] (``cos``/``sin``
+    [B, R], R <= D: rotate-half on the first R dims, the rest passed through).
+
+    One MatMul per layer instead of the Slice/Split, Neg, Concat, two Mul and Add of the elementwise form;
+    M depends only on the step's positions, so ORT computes it once for every layer (common subexpressions).
+    Each output is the same two products summed (plus exact zeros), up to the MatMul's fused multiply-add."""
+    R = cos.shape[-1]
+    half = R // 2
+    eye = torch.eye(D, dtype=torch.float32, device=cos.device)
+    swap = torch.cat([-eye[:, half:R], eye[:, :half]], dim=1)  # [D, R]: x @ swap = rotate_half(x[..., :R])
+    m = eye[:, :R] * cos[:, None, :] + swap * sin[:, None, :]  # [B, D, R]
+    return torch.cat([m, eye[:, R:].expand(m.shape[0], D, D - R)], dim=2) if R < D else m
 
 
 def shifted_decode_attention(q, k, v, q_pos, k_pos, scale: float, key_bias, inv_freq, sinks: int, window: int):
@@ -69,7 +84,7 @@ def shifted_decode_attention(q, k, v, q_pos, k_pos, scale: float, key_bias, inv_
     evicted = (q_pos.max(dim=1).values - sinks - window).clamp(min=0)  # [B]: L - 1 - sinks - window
     cos, sin = rope_angles(evicted, inv_freq)  # [B, R]
     qf = q.float()
-    back = _rotate(qf, cos[:, None, None], -sin[:, None, None], 1.0)  # R(-E) q: the query at its cache index
+    back = torch.matmul(qf, rotation_matrix(cos, -sin, D)[:, None])  # R(-E) q: the query at its cache index
     kt = k.float().transpose(-1, -2)
     # per KV head: g x q and g x R(-E) q against the keys, two MatMuls (each fused with the scale by ORT): no
     # Reshape/Split of a stacked [2g, S] product, whose dynamic target shape cost Shape/Concat nodes per layer
