@@ -156,7 +156,17 @@ def _getitems(node) -> dict:
     return {u.args[1]: u for u in node.users if u.op == "call_function" and u.target is operator.getitem}
 
 
-def rows(gm: torch.fx.GraphModule) -> list:
+def heads(kp_old, gm, specs):
+    """The KV head count of a per-head positions state placeholder (its ``StateSpec`` shape [B, Hk, S]), else None.
+    The step graph's placeholders are (input_ids, positions, logits_index, *state, *extras) in ``specs`` order."""
+    if specs is None or not isinstance(kp_old, torch.fx.Node) or kp_old.op != "placeholder":
+        return None
+    names = [n for n in gm.graph.nodes if n.op == "placeholder"][3:3 + len(specs)]
+    spec = dict(zip(names, specs)).get(kp_old)
+    return spec.shape[1] if spec is not None and len(spec.shape) == 3 and spec.shape[1] > 0 else None
+
+
+def rows(gm: torch.fx.GraphModule, specs=None) -> list:
     """Rewrite the decode graph ``gm`` in place (module docstring); returns the rewritten layers' functions' names."""
     graph, done = gm.graph, []
     for node in list(graph.nodes):
@@ -193,16 +203,20 @@ def rows(gm: torch.fx.GraphModule) -> list:
             if not cat.users:
                 graph.erase_node(cat)
         done.append("h2o_attend_rows")
-    for node in list(graph.nodes):  # the other per-KV-head attentions (duo's streaming heads, SnapKV): the T = 1 mask
-        if node.op != "call_function" or node.target is not ATTENTION or schema.get(node, "window") \
-                or schema.get(node, "sinks") or _cat_parts(schema.get(node, "k_pos")) is None:
-            continue
-        with graph.inserting_before(node):
-            new = graph.call_function(slot_attention, tuple(schema.get(node, n) for n in ("q", "k", "v", "k_pos", "scale", "key_bias")))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        done.append("slot_attention")
+    # the other per-KV-head attentions (duo's streaming heads, SnapKV): the T = 1 mask, where every such layer has the
+    # same KV head count (``heads``); with counts differing per layer (duo) the stitched function's head dim is
+    # dynamic and its reshapes cost Shape arithmetic that the fused Attention's translation does not have
+    cands = [n for n in graph.nodes if n.op == "call_function" and n.target is ATTENTION and not schema.get(n, "window")
+             and not schema.get(n, "sinks") and _cat_parts(schema.get(n, "k_pos")) is not None]
+    if len({heads(_cat_parts(schema.get(n, "k_pos"))[0], gm, specs) for n in cands}) == 1 and None not in {
+            heads(_cat_parts(schema.get(n, "k_pos"))[0], gm, specs) for n in cands}:
+        for node in cands:
+            with graph.inserting_before(node):
+                new = graph.call_function(slot_attention, tuple(schema.get(node, n) for n in ("q", "k", "v", "k_pos", "scale", "key_bias")))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            done.append("slot_attention")
     graph.lint()
     gm.recompile()
     return done

@@ -355,7 +355,7 @@ def decode_graph(gm: torch.fx.GraphModule, state_specs: list):
     if ROWS:
         from .decode_rows import rows  # it imports the functions it replaces from here
 
-        rows(gm)
+        rows(gm, state_specs)
     gm.graph.lint()
     gm.recompile()
     return gm, capacity, in_graph, left
