@@ -22,9 +22,11 @@ of keys eviction saves (``bench/profile_onnx_decode.py``: 2431 nodes run per H2O
   ``decode_slots.streaming_decode``) from the old positions and writes the new row into it
   (the attention keeps reading the concatenation);
 * any other attention over per-KV-head slots (a per-head positions concatenation along the slot dim;
-  no native window or sinks: duo's streaming heads, SnapKV): ``slot_attention``, the same decomposed
-  attention with the T = 1 mask, instead of the fused Attention whose translation folds Hk into the
-  batch (four Reshapes) and builds the general visibility (five nodes).
+  no native window or sinks: SnapKV): ``slot_attention``, the same decomposed attention with the T = 1
+  mask, instead of the fused Attention whose translation folds Hk into the batch (four Reshapes) and
+  builds the general visibility (five nodes). Only where every such layer has the same KV head count
+  (``heads``): duo's streaming heads differ per layer, the stitched function's head dim would be
+  dynamic and its reshapes would cost more Shape nodes than the mask saves, so duo keeps the fused one.
 
 At a decode step (T = 1) every cached position precedes the query and a padding query sees every
 valid key, so the visibility is ``k_pos >= 0`` (``attention_reference``'s rule reduced; the new row's
