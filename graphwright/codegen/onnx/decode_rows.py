@@ -28,6 +28,20 @@ of keys eviction saves (``bench/profile_onnx_decode.py``: 2431 nodes run per H2O
   (``heads``): duo's streaming heads differ per layer, the stitched function's head dim would be
   dynamic and its reshapes would cost more Shape nodes than the mask saves, so duo keeps the fused one.
 
+Interface (what a derivation of ``decode.onnx`` from ``model.onnx`` must target; per layer, the step graph's
+``k_old``/``v_old``/``kp_old`` are the layer's state inputs, ``k_new``/``v_new`` the new token's post-RoPE key and
+value [B, Hk, 1, D], ``kp_new`` the query positions expanded to [B, Hk, 1]; these were the inputs of the
+``cat``s that fed the attention and the eviction op):
+
+* H2O (``recent_n >= 1``): the layer's ``attention`` node, its eviction node and the three ``cat`` nodes become
+  ``h2o_attend_rows(q, k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new, score, scale, heavy_n, heavy_f,
+  recent_n, recent_f, key_bias)`` -> (attention output [B, H, 1, Dv], k, v, k_pos, score), the last four the
+  next state (shapes of the old state);
+* StreamingLLM (``window >= 1``): the eviction node becomes ``streaming_rows(k_old, k_new, v_old, v_new, q_pos,
+  kp_old, kp_new, sinks, window)`` -> (k, v, k_pos); the ``cat``s stay for the (shifted) attention;
+* SnapKV-style per-head attentions (one KV head count in every such layer): ``attention`` ->
+  ``slot_attention(q, k, v, k_pos, scale, key_bias)`` -> output (its eviction op is the identity at decode).
+
 At a decode step (T = 1) every cached position precedes the query and a padding query sees every
 valid key, so the visibility is ``k_pos >= 0`` (``attention_reference``'s rule reduced; the new row's
 position is the query's, -1 on a padding row).
