@@ -31,18 +31,17 @@ def live_bytes(state, specs, kind: str = "kv") -> int:
     return sum(t.numel() * t.element_size() for t, s in zip(state, specs) if s.kind == kind)
 
 
-def _storage_key(t):
-    st = t.untyped_storage()
-    return (st.data_ptr(), st.nbytes(), t.device.type)
-
-
 def storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (a storage shared by views counts once)."""
+    """Bytes of the distinct storages behind ``tensors`` (a storage shared by views counts once).
+
+    One ``untyped_storage()`` per tensor (it builds a Python object; the runtimes call this after every
+    decode step over every state tensor)."""
     seen = {}
     for t in tensors:
-        if t.numel() or t.untyped_storage().nbytes():
-            key = _storage_key(t)
-            seen[key] = key[1]
+        st = t.untyped_storage()
+        n = st.nbytes()
+        if n or t.numel():
+            seen[(st.data_ptr(), n, t.device.type)] = n
     return sum(seen.values())
 
 

@@ -171,7 +171,7 @@ def test_wrap_streaming_shift_functions_same_values(decode):
     try:
         names = sorted(slot_functions.KEYS[k]["name"] for k in keys)
         shift = "shifted_decode_attention" if decode else "invert_slots"
-        assert names == sorted([shift, "streaming_decode" if decode else "streaming_prompt"])
+        assert names == sorted([shift, "streaming_rows" if decode else "streaming_prompt"])  # decode: decode_rows.streaming_rows
         assert len(_ops_of(wrapped)) == 2 * sg.info.num_layers
         ids, mask = left_padded_batch(sg.info.vocab_size, [12, 7], seed=1)
         pos = positions_from_mask(mask)

@@ -209,6 +209,7 @@ def rope_cache_index_decode(q, k, k_pos, inv_freq, scaling: float):
 FASTGEN_REASON = "FastGen on a latent cache: one payload serves every KV head and the heads follow different policies"
 LATENT_REASON = "a latent cache: one payload serves every KV head (the reference keeps the heads' union), no slot form yet"
 VIEW_REASON = "the op's outputs reach the state through view ops other than a latent layer's payload"
+ROWS = True  # decode_rows.rows: H2O / StreamingLLM layers on (old slots, new row), H2O with its attention (False: A/B, tests)
 GROW_SLACK = 16  # dynamic capacities grow to a multiple of this many slots (one copy of the cache per 16 slots gained)
 
 
@@ -351,6 +352,10 @@ def decode_graph(gm: torch.fx.GraphModule, state_specs: list):
                          for name, is_kp in group.items()})
         capacity.update(fixed)
     gm.meta["host_inputs"] = host
+    if ROWS:
+        from .decode_rows import rows  # it imports the functions it replaces from here
+
+        rows(gm, state_specs)
     gm.graph.lint()
     gm.recompile()
     return gm, capacity, in_graph, left

@@ -69,7 +69,9 @@ OUTPUTS = {"h2o_decode": 4, "streaming_decode": 3, "fastgen_decode": 6, "rope_ca
            "h2o_prompt": 4, "streaming_prompt": 3, "snapkv_prompt": 3,
            # StreamingLLM layers with keys cached at their positions (``streaming_shift.py``): the prompt step's
            # inversion of every cached key, the decode step's attention
-           "invert_slots": 1, "shifted_decode_attention": 1}
+           "invert_slots": 1, "shifted_decode_attention": 1,
+           # decode_rows.py: the H2O layer's attention + eviction on (old slots, new row), StreamingLLM's eviction
+           "h2o_attend_rows": 5, "streaming_rows": 3, "slot_attention": 1}
 
 # key -> {"fn", "params" (signature names), "template" [("t", i) | ("c", value)], "example" [(dtype, sizes, dynamic dims)]}
 KEYS: dict = {}
@@ -77,9 +79,9 @@ _NUMBERS = itertools.count()  # key suffixes: unique in the process (a forgotten
 
 
 def _functions() -> dict:
-    from . import decode_latent, decode_policies, decode_slots, prompt_slots, streaming_shift
+    from . import decode_latent, decode_policies, decode_rows, decode_slots, prompt_slots, streaming_shift
 
-    modules = (decode_slots, decode_latent, decode_policies, prompt_slots, streaming_shift)
+    modules = (decode_slots, decode_latent, decode_policies, prompt_slots, streaming_shift, decode_rows)
     return {name: next(getattr(m, name) for m in modules if hasattr(m, name)) for name in OUTPUTS}
 
 
@@ -121,7 +123,10 @@ SHAPES = {"h2o_decode": [*_KV, ("k_pos", "slots")],
           "streaming_prompt": _W,
           "snapkv_prompt": _W,
           "invert_slots": [("k", "same")],
-          "shifted_decode_attention": [("q", ("last", "v"))]}
+          "shifted_decode_attention": [("q", ("last", "v"))],
+          "h2o_attend_rows": [("q", ("last", "v_old")), ("k_old", "same"), ("v_old", "same"), ("kp_old", "same"), ("score", "same")],
+          "streaming_rows": [("k_old", "same"), ("v_old", "same"), ("kp_old", "same")],
+          "slot_attention": [("q", ("last", "v"))]}
 # Output dtypes of the prompt functions (None: the dtype of the argument it is shaped like). Not from a run on
 # meta tensors as for the decode ones: ``kept_width`` reads a value (``.item()``).
 DTYPES = {"h2o_prompt": [None, None, None, torch.float32], "streaming_prompt": [None] * 3, "snapkv_prompt": [None] * 3}

@@ -20,8 +20,9 @@ the same cache read by ``evict_streaming``): the cache takes the model's post-Ro
 state layout changes for ``model.onnx`` and ``decode.onnx`` alike; both must be rewritten), and
 
 * ``decode=True`` (``decode.onnx``, T = 1): attention is ``shifted_decode_attention``: both
-  queries of each head (q and R(-E) q) against the keys in one MatMul [B, Hk, 2g, S], a ``Where``
-  on ``k_pos < sinks`` picks the sink row per slot, then mask, fp32 Softmax and MatMul with v.
+  queries of each head (q and R(-E) q) against the keys (two MatMuls [B, Hk, g, S]), a ``Where``
+  on ``k_pos < sinks`` picks the sink score per slot, then the mask (``k_pos >= 0`` at T = 1), fp32
+  Softmax and MatMul with v.
   No key is rotated and nothing is ranked; the slots may be in any order;
 * ``decode=False`` (``model.onnx``, any T): the keys are inverted at their own positions
   (``invert_slots``: ``rope_invert``'s math per slot, the same fp32 angles) and ``rope_cache_index``
@@ -49,10 +50,25 @@ import torch
 
 from ...ops import schema
 from ...ops.eviction import ROPE_CACHE_INDEX
-from ...ops.rope_index_ref import _rotate, rope_angles
+from ...ops.rope_index_ref import rope_angles
 from ..torch.streaming_shift import invert_slots, match_streaming_layer  # the torch backend's inversion and matcher
 
 MASKED = torch.finfo(torch.float32).min
+
+
+def rotation_matrix(cos, sin, D: int) -> torch.Tensor:
+    """[B, D, D] fp32 M with ``x @ M`` = ``rope_index_ref._rotate(x, cos, sin, 1.0)`` for x [..., D] (``cos``/``sin``
+    [B, R], R <= D: rotate-half on the first R dims, the rest passed through).
+
+    One MatMul per layer instead of the Slice/Split, Neg, Concat, two Mul and Add of the elementwise form;
+    M depends only on the step's positions, so ORT computes it once for every layer (common subexpressions).
+    Each output is the same two products summed (plus exact zeros), up to the MatMul's fused multiply-add."""
+    R = cos.shape[-1]
+    half = R // 2
+    eye = torch.eye(D, dtype=torch.float32, device=cos.device)
+    swap = torch.cat([-eye[:, half:R], eye[:, :half]], dim=1)  # [D, R]: x @ swap = rotate_half(x[..., :R])
+    m = eye[:, :R] * cos[:, None, :] + swap * sin[:, None, :]  # [B, D, R]
+    return torch.cat([m, eye[:, R:].expand(m.shape[0], D, D - R)], dim=2) if R < D else m
 
 
 def shifted_decode_attention(q, k, v, q_pos, k_pos, scale: float, key_bias, inv_freq, sinks: int, window: int):
@@ -68,17 +84,18 @@ def shifted_decode_attention(q, k, v, q_pos, k_pos, scale: float, key_bias, inv_
     evicted = (q_pos.max(dim=1).values - sinks - window).clamp(min=0)  # [B]: L - 1 - sinks - window
     cos, sin = rope_angles(evicted, inv_freq)  # [B, R]
     qf = q.float()
-    back = _rotate(qf, cos[:, None, None], -sin[:, None, None], 1.0)  # R(-E) q: the query at its cache index
-    qq = torch.cat([qf, back], dim=2).reshape(B, Hk, 2 * g, D)  # per KV head: g x (q, R(-E) q)
-    s = torch.matmul(qq, k.float().transpose(-1, -2)).reshape(B, Hk, g, 2, S) * scale
-    sink = (k_pos < sinks)[:, :, None, :]  # [B, Hk, 1, S]
-    s = torch.where(sink, s[:, :, :, 1], s[:, :, :, 0])  # [B, Hk, g, S]
+    back = torch.matmul(qf, rotation_matrix(cos, -sin, D)[:, None])  # R(-E) q: the query at its cache index
+    kt = k.float().transpose(-1, -2)
+    # per KV head: g x q and g x R(-E) q against the keys, two MatMuls (each fused with the scale by ORT): no
+    # Reshape/Split of a stacked [2g, S] product, whose dynamic target shape cost Shape/Concat nodes per layer
+    s_window = torch.matmul(qf.reshape(B, Hk, g, D), kt) * scale
+    s_sink = torch.matmul(back.reshape(B, Hk, g, D), kt) * scale
+    s = torch.where((k_pos < sinks)[:, :, None, :], s_sink, s_window)  # [B, Hk, g, S]
     if key_bias is not None:
         s = s + key_bias.float().reshape(B, Hk, g, S)
-    qp = q_pos[:, :, None]  # [B, 1, 1]
-    visible = (k_pos >= 0) & ((k_pos <= qp) | (qp < 0))  # the reference's rule (padding queries see every key)
-    s = s.masked_fill(~visible[:, :, None], MASKED)
-    p = torch.softmax(s, dim=-1)
+    # T = 1: every cached position precedes the query and a padding query sees every valid key (the reference's
+    # rule (k_pos >= 0) & ((k_pos <= q) | q < 0) reduced); the new key has the query's position, -1 when padding
+    p = torch.softmax(torch.where((k_pos >= 0)[:, :, None], s, MASKED), dim=-1)
     out = torch.matmul(p, v.float())  # [B, Hk, g, Dv]
     return out.reshape(B, H, 1, v.shape[-1]).to(v.dtype)
 

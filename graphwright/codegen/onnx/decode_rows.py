@@ -1,0 +1,238 @@
+"""The decode graph's H2O and StreamingLLM layers on (old slots, new row): no S + 1 copy to cut back, one attention.
+
+``decode_slots.decode_graph`` gives each evicting layer a function of the step graph's S + 1
+concatenation (``cat([state, new row])`` of k, v and positions) that scatters the new row into
+the first S slots. In ``decode.onnx`` that costs, per layer, two Slices per state tensor (the
+first S slots, the new row) and the Shape arithmetic of their bounds; H2O's running score also
+recomputed this step's attention probabilities (q.k, mask, Softmax) next to the fused Attention
+node that had just computed them. At a 256-token prompt these small nodes cost more than the 75%
+of keys eviction saves (``bench/profile_onnx_decode.py``: 2431 nodes run per H2O step vs 805 dense).
+
+``rows(gm)`` rewrites, after ``decode_graph``:
+
+* an H2O layer (token or fraction budget with ``recent_n >= 1``: the new token is recent, never the
+  victim) whose attention reads the same concatenations: the attention node and the eviction node
+  become one ``h2o_attend_rows`` call. It takes the old state and the new row as they are (the
+  concatenation's two inputs), computes the attention once, decomposed (fp32 q.k * scale, mask,
+  fp32 Softmax, P @ v: ``attention_reference``'s math, as the torch backend's
+  ``decode_probs.attend_slots``) and adds the same probabilities, averaged over each KV head's g
+  query heads, to the running score (``eviction_slots.decode_colsum``'s value), then writes the new
+  row into its slot: one ScatterElements per state tensor on the old state (``write_rows``);
+* a StreamingLLM layer with ``window >= 1``: ``streaming_rows`` picks the slot (one ArgMax, as
+  ``decode_slots.streaming_decode``) from the old positions and writes the new row into it
+  (the attention keeps reading the concatenation);
+* any other attention over per-KV-head slots (a per-head positions concatenation along the slot dim;
+  no native window or sinks: SnapKV): ``slot_attention``, the same decomposed attention with the T = 1
+  mask, instead of the fused Attention whose translation folds Hk into the batch (four Reshapes) and
+  builds the general visibility (five nodes). Only where every such layer has the same KV head count
+  (``heads``): duo's streaming heads differ per layer, the stitched function's head dim would be
+  dynamic and its reshapes would cost more Shape nodes than the mask saves, so duo keeps the fused one.
+
+Interface (what a derivation of ``decode.onnx`` from ``model.onnx`` must target; per layer, the step graph's
+``k_old``/``v_old``/``kp_old`` are the layer's state inputs, ``k_new``/``v_new`` the new token's post-RoPE key and
+value [B, Hk, 1, D], ``kp_new`` the query positions expanded to [B, Hk, 1]; these were the inputs of the
+``cat``s that fed the attention and the eviction op):
+
+* H2O (``recent_n >= 1``): the layer's ``attention`` node, its eviction node and the three ``cat`` nodes become
+  ``h2o_attend_rows(q, k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new, score, scale, heavy_n, heavy_f,
+  recent_n, recent_f, key_bias)`` -> (attention output [B, H, 1, Dv], k, v, k_pos, score), the last four the
+  next state (shapes of the old state);
+* StreamingLLM (``window >= 1``): the eviction node becomes ``streaming_rows(k_old, k_new, v_old, v_new, q_pos,
+  kp_old, kp_new, sinks, window)`` -> (k, v, k_pos); the ``cat``s stay for the (shifted) attention;
+* SnapKV-style per-head attentions (one KV head count in every such layer): ``attention`` ->
+  ``slot_attention(q, k, v, k_pos, scale, key_bias)`` -> output (its eviction op is the identity at decode).
+
+At a decode step (T = 1) every cached position precedes the query and a padding query sees every
+valid key, so the visibility is ``k_pos >= 0`` (``attention_reference``'s rule reduced; the new row's
+position is the query's, -1 on a padding row).
+
+Exact setting: nothing is approximated (same victim rule, same fp32 scores and softmax); the output
+differs from the fused ORT Attention by float rounding only. Invariants tested
+(``tests/onnx/test_decode_rows.py``): on random slot states (empty slots, ties, padding rows) the row
+functions equal ``decode_slots.h2o_decode`` / ``streaming_decode`` on the concatenation and the
+attention output equals ``attention_reference`` (1e-6); the rewrite leaves no H2O attention node in
+a tiny Llama's decode graph and its eager run equals the unrewritten graph; the artifact tests
+(``test_onnx_eviction_slots.py``, ``test_onnx_streaming_shift.py``) keep the torch backend's sets.
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+
+import torch
+
+from ...capture.ops import ATTENTION
+from ...ops import schema
+from ..torch.step_memo import step_info
+from .decode_slots import _budget, h2o_decode, streaming_decode
+
+MASKED = torch.finfo(torch.float32).min
+
+
+def write_rows(olds, news, j):
+    """Each new row [B, Hk, 1, ...] written into slot ``j`` [B, Hk] of its old state [B, Hk, S, ...] (out of place):
+    one ScatterElements per tensor, the index an Unsqueeze (+ one Expand per trailing shape)."""
+    out, index = [], {}
+    for x, row in zip(olds, news):
+        trail = tuple(x.shape[3:])
+        if trail not in index:
+            idx = j[:, :, None]
+            for _ in trail:
+                idx = idx[..., None]
+            index[trail] = idx.expand(-1, -1, -1, *trail) if trail else idx
+        out.append(x.scatter(2, index[trail], row))
+    return tuple(out)
+
+
+def attend_rows(q, k, v, visible, scale, key_bias=None):
+    """(output [B, H, 1, Dv] in v's dtype, probabilities [B, Hk, g, S] fp32) of one decode query per row over
+    ``k``/``v`` [B, Hk, S, D] where ``visible`` [B, Hk, S] (``attention_reference``'s fp32 math)."""
+    B, H, _, D = q.shape
+    Hk, S = k.shape[1], k.shape[2]
+    g = H // Hk
+    s = torch.matmul(q.float().reshape(B, Hk, g, D), k.float().transpose(-1, -2)) * scale
+    if key_bias is not None:
+        s = s + key_bias.float().reshape(B, Hk, g, S)
+    p = torch.softmax(torch.where(visible[:, :, None], s, MASKED), dim=-1)
+    out = torch.matmul(p, v.float()).reshape(B, H, 1, v.shape[-1])
+    return out.to(v.dtype), p
+
+
+def slot_attention(q, k, v, k_pos, scale, key_bias=None):
+    """``attention`` at a decode step (T = 1) over per-KV-head slots ``k``/``v`` [B, Hk, S, D], ``k_pos`` [B, Hk, S]
+    (no window, no sinks): the visibility is ``k_pos >= 0`` (module docstring). [B, H, 1, Dv]."""
+    return attend_rows(q, k, v, k_pos >= 0, scale, key_bias)[0]
+
+
+def h2o_attend_rows(q, k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new, score, scale,
+                    heavy_n, heavy_f, recent_n, recent_f, key_bias=None):
+    """``attention`` + ``decode_slots.h2o_decode`` of one layer at a decode step, ``recent_n >= 1``.
+
+    ``k_old``/``v_old`` [B, Hk, S, D], ``kp_old``/``score`` [B, Hk, S]: the state; ``k_new``/``v_new``
+    [B, Hk, 1, D], ``kp_new`` [B, Hk, 1]: the new token's row. -> (attention output, k, v, k_pos, score)."""
+    if recent_n < 1:
+        raise ValueError(f"h2o_attend_rows needs recent_n >= 1 (the new token never leaves); got {recent_n}")
+    seen = kp_old >= 0
+    visible = torch.cat([seen, kp_new >= 0], dim=2)  # T = 1: k_pos >= 0 (module docstring)
+    out, p = attend_rows(q, torch.cat([k_old, k_new], 2), torch.cat([v_old, v_new], 2), visible, scale, key_bias)
+    info = step_info(q_pos)
+    col = p.mean(dim=2) * info.real  # [B, Hk, S + 1]: decode_colsum (a padding row adds nothing)
+    score = score + col[..., :-1]
+    length = info.length
+    cand = seen & (kp_old < (length - _budget(recent_n, recent_f, length))[:, None, None])
+    over = cand.sum(dim=-1) > _budget(heavy_n, heavy_f, length)[:, None]
+    s = torch.where(cand, score, float("inf"))
+    tie = s == s.amin(dim=-1, keepdim=True)  # only candidates, or no candidate at all: then not over, the victim unused
+    victim = torch.where(tie, kp_old, -1).argmax(dim=-1)  # lowest score, latest position
+    j = torch.where(over, victim, seen.to(torch.int32).argmin(dim=-1))  # else the first empty slot (0 when none)
+    return (out, *write_rows((k_old, v_old, kp_old, score), (k_new, v_new, kp_new, col[..., -1:]), j))
+
+
+def streaming_rows(k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new, sinks, window):
+    """``decode_slots.streaming_decode`` (``window >= 1``) on (old slots, new row). -> (k, v, k_pos)."""
+    if window < 1:
+        raise ValueError(f"streaming_rows needs window >= 1 (the new token never leaves); got {window}")
+    old = (q_pos.max(dim=1).values - window)[:, None, None]
+    key = torch.where((kp_old == old) & (old >= sinks), 2, (kp_old < 0).to(torch.int32))  # hit 2, empty 1, else 0
+    return write_rows((k_old, v_old, kp_old), (k_new, v_new, kp_new), key.argmax(dim=-1))
+
+
+def _cat_parts(node):
+    """(old, new) of a two-input ``cat`` along dim 2 (the slot dim), else None."""
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is torch.ops.aten.cat.default):
+        return None
+    parts = node.args[0]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    val = parts[0].meta.get("val") if isinstance(parts[0], torch.fx.Node) else None
+    if len(parts) != 2 or (dim % val.dim() if val is not None and dim < 0 else dim) != 2:
+        return None
+    return tuple(parts)
+
+
+def _bound(node) -> dict:
+    b = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+    b.apply_defaults()
+    return dict(b.arguments)
+
+
+def _attention_of(evict, a: dict):
+    """The plain ``graphwright.attention`` reading the eviction's q, k, v, q_pos, k_pos (no window, sinks), else None."""
+    for user in a["k"].users:
+        if user.op != "call_function" or user.target is not ATTENTION:
+            continue
+        got = {n: schema.get(user, n) for n in ("q", "k", "v", "q_pos", "k_pos", "scale", "window", "key_bias", "sinks")}
+        if all(got[n] is a[n] for n in ("q", "k", "v", "q_pos", "k_pos", "key_bias")) and got["scale"] == a["scale"] \
+                and not got["window"] and not got["sinks"]:
+            return user
+    return None
+
+
+def _getitems(node) -> dict:
+    return {u.args[1]: u for u in node.users if u.op == "call_function" and u.target is operator.getitem}
+
+
+def heads(kp_old, gm, specs):
+    """The KV head count of a per-head positions state placeholder (its ``StateSpec`` shape [B, Hk, S]), else None.
+    The step graph's placeholders are (input_ids, positions, logits_index, *state, *extras) in ``specs`` order."""
+    if specs is None or not isinstance(kp_old, torch.fx.Node) or kp_old.op != "placeholder":
+        return None
+    names = [n for n in gm.graph.nodes if n.op == "placeholder"][3:3 + len(specs)]
+    spec = dict(zip(names, specs)).get(kp_old)
+    return spec.shape[1] if spec is not None and len(spec.shape) == 3 and spec.shape[1] > 0 else None
+
+
+def rows(gm: torch.fx.GraphModule, specs=None) -> list:
+    """Rewrite the decode graph ``gm`` in place (module docstring); returns the rewritten layers' functions' names."""
+    graph, done = gm.graph, []
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (h2o_decode, streaming_decode):
+            continue
+        a = _bound(node)
+        parts = {n: _cat_parts(a[n]) for n in ("k", "v", "k_pos")}
+        if any(p is None for p in parts.values()):
+            continue
+        (k_old, k_new), (v_old, v_new), (kp_old, kp_new) = parts["k"], parts["v"], parts["k_pos"]
+        if node.target is streaming_decode:
+            if a["window"] < 1:
+                continue
+            node.target = streaming_rows
+            node.args, node.kwargs = (k_old, k_new, v_old, v_new, a["q_pos"], kp_old, kp_new, a["sinks"], a["window"]), {}
+            done.append("streaming_rows")
+            continue
+        attn = _attention_of(node, a)
+        if attn is None or a["recent_n"] < 1:
+            continue
+        with graph.inserting_before(attn):  # every input precedes the attention (it reads their concatenations)
+            new = graph.call_function(h2o_attend_rows, (a["q"], k_old, k_new, v_old, v_new, a["q_pos"], kp_old, kp_new,
+                                                        a["score"], a["scale"], a["heavy_n"], a["heavy_f"], a["recent_n"],
+                                                        a["recent_f"], a["key_bias"]))
+            out = graph.call_function(operator.getitem, (new, 0))
+        new.meta = dict(node.meta)
+        out.meta = dict(attn.meta)
+        for i, g in _getitems(node).items():
+            g.args = (new, i + 1)
+        attn.replace_all_uses_with(out)
+        graph.erase_node(attn)
+        graph.erase_node(node)
+        for cat in (a["k"], a["v"], a["k_pos"]):
+            if not cat.users:
+                graph.erase_node(cat)
+        done.append("h2o_attend_rows")
+    # the other per-KV-head attentions (duo's streaming heads, SnapKV): the T = 1 mask, where every such layer has the
+    # same KV head count (``heads``); with counts differing per layer (duo) the stitched function's head dim is
+    # dynamic and its reshapes cost Shape arithmetic that the fused Attention's translation does not have
+    cands = [n for n in graph.nodes if n.op == "call_function" and n.target is ATTENTION and not schema.get(n, "window")
+             and not schema.get(n, "sinks") and _cat_parts(schema.get(n, "k_pos")) is not None]
+    if len({heads(_cat_parts(schema.get(n, "k_pos"))[0], gm, specs) for n in cands}) == 1 and None not in {
+            heads(_cat_parts(schema.get(n, "k_pos"))[0], gm, specs) for n in cands}:
+        for node in cands:
+            with graph.inserting_before(node):
+                new = graph.call_function(slot_attention, tuple(schema.get(node, n) for n in ("q", "k", "v", "k_pos", "scale", "key_bias")))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            done.append("slot_attention")
+    graph.lint()
+    gm.recompile()
+    return done

@@ -1,0 +1,153 @@
+"""Op-level and graph-level checks of ``codegen/onnx/decode_rows.py`` against the general forms.
+
+``h2o_attend_rows`` (one decomposed attention whose probabilities feed the running score, on old slots + new
+row) against ``attention_reference`` + ``decode_slots.h2o_decode`` on the S + 1 concatenation;
+``streaming_rows`` against ``streaming_decode``. Random slot layouts with empty slots, full heads, tied
+scores, a padding row (q_pos -1), key biases, token and fraction budgets. The rewrite of a tiny Llama's
+decode graph: no attention node left in its H2O layers, its eager run equals the unrewritten graph's.
+The model-level invariants (kept sets, logits, tokens against the torch backend through ONNX Runtime) are
+in ``test_onnx_eviction_slots.py`` / ``test_onnx_streaming_shift.py``.
+"""
+
+import math
+
+import pytest
+import torch
+
+import graphwright as gw
+from graphwright.capture.ops import ATTENTION, attention_reference
+from graphwright.codegen.onnx import decode_slots
+from graphwright.codegen.onnx.decode_rows import h2o_attend_rows, slot_attention, streaming_rows
+from graphwright.codegen.onnx.decode_slots import decode_graph, h2o_decode, streaming_decode
+from graphwright.codegen.onnx.streaming_shift import rotation_matrix
+from graphwright.ops.rope_index_ref import _rotate, rope_angles
+
+
+def _rows(gen, B=3, Hk=2, S=7, D=4, empty=0.3, L=40):
+    """Old state k, v [B, Hk, S, D], k_pos [B, Hk, S] (unique positions < L - 1 per head, some empty) and the
+    new row k, v [B, Hk, 1, D], k_pos [B, Hk, 1] at the query's position q_pos [B, 1] (the last row pads: -1)."""
+    k, v = torch.randn(B, Hk, S, D, generator=gen), torch.randn(B, Hk, S, D, generator=gen)
+    pos = torch.stack([torch.stack([torch.randperm(L - 1, generator=gen)[:S] for _ in range(Hk)]) for _ in range(B)])
+    pos = torch.where(torch.rand(B, Hk, S, generator=gen) < empty, -1, pos)
+    q_pos = torch.full((B, 1), L - 1)
+    q_pos[-1] = -1
+    new = (torch.randn(B, Hk, 1, D, generator=gen), torch.randn(B, Hk, 1, D, generator=gen), q_pos[:, :, None].expand(B, Hk, 1))
+    return (k, v, pos), new, q_pos
+
+
+BUDGETS = [(3, 0.0, 2, 0.0), (2, 0.0, 1, 0.0), (1, 0.1, 1, 0.05), (0, 0.0, 4, 0.0)]  # heavy_n, heavy_f, recent_n, recent_f
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_h2o_attend_rows_equals_attention_and_h2o_decode(budget):
+    gen = torch.Generator().manual_seed(sum(int(x * 100) for x in budget))
+    B, H, Hk, D, S = 3, 6, 2, 8, 7
+    evictions = 0
+    for trial in range(40):
+        (k, v, kp), (kn, vn, kpn), q_pos = _rows(gen, B=B, Hk=Hk, S=S, D=D, empty=(0.0, 0.2, 0.6)[trial % 3])
+        q = torch.randn(B, H, 1, D, generator=gen)
+        score = torch.randint(0, 3, (B, Hk, S), generator=gen).float() / 4  # ties
+        bias = torch.randn(B, H, S + 1, generator=gen) if trial % 4 == 3 else None
+        ka, va, kpa = torch.cat([k, kn], 2), torch.cat([v, vn], 2), torch.cat([kp, kpn], 2)
+        want_out = attention_reference(q, ka, va, q_pos, kpa, 0.35, key_bias=bias)
+        want = h2o_decode(q, ka, va, q_pos, kpa, score, 0.35, *budget, key_bias=bias)
+        got = h2o_attend_rows(q, k, kn, v, vn, q_pos, kp, kpn, score, 0.35, *budget, key_bias=bias)
+        torch.testing.assert_close(got[0], want_out, rtol=1e-6, atol=1e-6)
+        for w, g in zip(want, got[1:]):
+            assert g.shape == w.shape and g.dtype == w.dtype
+        for w, g in zip(want[:3], got[1:4]):
+            assert torch.equal(g, w)
+        torch.testing.assert_close(got[4], want[3], rtol=1e-6, atol=1e-7)
+        evictions += int(((kp >= 0).all(-1) & (got[3] != kp).any(-1))[:-1].sum())
+    assert evictions > 0  # full heads did evict
+
+
+def test_h2o_attend_rows_refuses_a_leaving_new_token():
+    (k, v, kp), (kn, vn, kpn), q_pos = _rows(torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="recent_n >= 1"):
+        h2o_attend_rows(torch.zeros(3, 2, 1, 4), k, kn, v, vn, q_pos, kp, kpn, torch.zeros(kp.shape), 1.0, 4, 0.0, 0, 0.0)
+
+
+def test_streaming_rows_equals_streaming_decode():
+    gen = torch.Generator().manual_seed(1)
+    moved = 0
+    for trial in range(80):
+        (k, v, kp), (kn, vn, kpn), q_pos = _rows(gen, empty=(0.0, 0.2, 0.6)[trial % 3])
+        sinks, window = int(trial % 4), 1 + int(trial % 9)
+        want = streaming_decode(torch.cat([k, kn], 2), torch.cat([v, vn], 2), q_pos, torch.cat([kp, kpn], 2), sinks, window)
+        got = streaming_rows(k, kn, v, vn, q_pos, kp, kpn, sinks, window)
+        for w, g in zip(want, got):
+            assert torch.equal(g, w)
+        moved += int((got[2] != kp).sum())
+    assert moved > 0
+    with pytest.raises(ValueError, match="window >= 1"):
+        streaming_rows(k, kn, v, vn, q_pos, kp, kpn, 2, 0)
+
+
+def test_slot_attention_equals_the_reference_at_a_decode_step():
+    gen = torch.Generator().manual_seed(5)
+    B, H, Hk, D, S = 3, 6, 2, 8, 9
+    for trial in range(20):
+        (k, v, kp), (kn, vn, kpn), q_pos = _rows(gen, B=B, Hk=Hk, S=S, D=D, empty=(0.0, 0.3, 0.9)[trial % 3])
+        ka, va, kpa = torch.cat([k, kn], 2), torch.cat([v, vn], 2), torch.cat([kp, kpn], 2)
+        q = torch.randn(B, H, 1, D, generator=gen)
+        bias = torch.randn(B, H, S + 1, generator=gen) if trial % 2 else None
+        want = attention_reference(q, ka, va, q_pos, kpa, 0.3, key_bias=bias)
+        torch.testing.assert_close(slot_attention(q, ka, va, kpa, 0.3, bias), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("R, D", [(16, 16), (8, 16), (64, 64)])
+def test_rotation_matrix_equals_the_elementwise_rotation(R, D):
+    """``streaming_shift.rotation_matrix``: x @ M = ``_rotate(x, cos, -sin)`` (partial rotary: the rest passes through)."""
+    gen = torch.Generator().manual_seed(R + D)
+    inv = 1.0 / (10000 ** (torch.arange(0, R, 2).float() / R))
+    cos, sin = rope_angles(torch.tensor([0, 5, 1234, -1]), inv)
+    x = torch.randn(4, 6, 1, D, generator=gen) * 3
+    want = _rotate(x, cos[:, None, None], -sin[:, None, None], 1.0)
+    got = torch.matmul(x, rotation_matrix(cos, -sin, D)[:, None])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got[..., R:], x[..., R:]) and torch.equal(got[0], x[0])  # pass-through dims; position 0: identity
+
+
+# recipe -> (function counts in the rewritten decode graph, graphwright.attention nodes left)
+REWRITES = {"h2o(heavy=4, recent=4)": ({"h2o_attend_rows": 2, "h2o_decode": 0}, 0),
+            "streaming(sinks=2, window=6)": ({"streaming_rows": 2, "streaming_decode": 0}, 0),
+            "snapkv(budget=8, window=2)": ({"slot_attention": 2}, 0),
+            # duo's streaming heads: 1 KV head in layer 0, 2 in layer 1 (``decode_rows.heads``): their attention stays fused
+            "duo(retrieval=[[0, 0]], sinks=2, window=4)": ({"streaming_rows": 2, "slot_attention": 0}, 3)}
+
+
+@pytest.mark.parametrize("recipe", list(REWRITES))
+def test_rows_rewrite_of_the_decode_graph(recipe, monkeypatch):
+    model, _ = gw.load_model("tiny-llama")
+    sg = gw.compile(model, recipe).step_graph
+    from graphwright.codegen.onnx.streaming_shift import shift_streaming
+
+    base, _ = shift_streaming(sg.gm, decode=True)
+    gm, cap, in_graph, left = decode_graph(base, sg.state)
+    monkeypatch.setattr(decode_slots, "ROWS", False)
+    ref, cap0, in0, left0 = decode_graph(base, sg.state)
+    assert (cap, in_graph, left) == (cap0, in0, left0)
+    fns = [getattr(n.target, "__name__", None) for n in gm.graph.nodes if n.op == "call_function"]
+    counts, attentions = REWRITES[recipe]
+    assert {f: fns.count(f) for f in counts} == counts
+    assert sum(n.target is ATTENTION for n in gm.graph.nodes) == attentions
+    # one decode step on full and partly empty slot states (batch 2, the second row a padding row: q_pos -1)
+    gen = torch.Generator().manual_seed(3)
+    B, c = 2, 8
+    args = [torch.randint(3, 50, (B, 1), generator=gen), torch.tensor([[11], [-1]]), torch.zeros(1, dtype=torch.long)]
+    for spec in sg.state:
+        shape = [B if d == -1 else d for d in spec.shape]
+        shape[spec.seq_dim] = c
+        if spec.kind == "positions":
+            t = torch.stack([torch.randperm(11, generator=gen)[:c] for _ in range(math.prod(shape[:-1]))]).view(shape).to(spec.dtype)
+            t[1], t[0, ..., -1] = -1, -1  # the padding row holds nothing; row 0 has an empty slot
+        else:
+            t = torch.rand(shape, generator=gen).to(spec.dtype)
+        args.append(t)
+    want, got = ref(*args), gm(*args)
+    for w, g in zip(want, got):
+        if w.dtype.is_floating_point:
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(g, w)
