@@ -54,6 +54,8 @@ def _graphs(recipe):
 def test_only_h2o_decode_graphs_are_swappable():
     assert decode_swap.swappable(*_graphs(H2O))
     assert decode_swap.swappable(*_graphs("h2o(heavy=0.25, recent=0.25)"))
+    assert decode_swap.swappable(*_graphs("duo(retrieval=[[0, 0]], sinks=2, window=4)"))  # streaming heads, no shift
+    assert decode_swap.swappable(*_graphs("duo(retrieval=[[0, 0]], sinks=2, window=4) + h2o(heavy=4, recent=3)"))
     # StreamingLLM's decode attention is not the prompt step's; SnapKV appends (decode_derive.py); FastGen is split
     # at the prompt step; a latent cache is split at the prompt step
     for recipe in ("streaming(sinks=2, window=6)", "snapkv(budget=8)", "fastgen()", "lowrank_kv(keep=0.8) + h2o(heavy=4, recent=4)"):
@@ -105,3 +107,16 @@ def test_a_failed_swap_exports_the_decode_graph(monkeypatch, tmp_path):
     assert meta["decode"]["derived_from"] is None and "decode_torch_export" in meta["export"]["phases"]
     assert meta["verification"]["passed"] and meta["verification"]["max_abs_logit_diff"] <= 1e-4
     assert set(slot_functions.KEYS) == before
+
+
+def test_duo_decode_graph_is_swapped(onnx_artifact):
+    """DuoAttention's streaming heads (ordinary attention, no position shift): decode.onnx swaps streaming_prompt for
+    streaming_decode; the artifact generates the torch runtime's tokens (also test_duo_packed_onnx.py)."""
+    cm, out = onnx_artifact("tiny-llama", "duo(retrieval=[[0, 0]], sinks=2, window=4)")
+    meta = json.loads((out / "graphwright.json").read_text())
+    assert meta["decode"]["derived_from"] == "model.onnx" and "decode_torch_export" not in meta["export"]["phases"]
+    assert meta["export"]["notes"]["decode_derive"].startswith("slot functions swapped: streaming_decode_")
+    assert meta["verification"]["passed"] and meta["verification"]["max_abs_logit_diff"] <= 1e-4
+    ids, mask = left_padded_batch(cm.step_graph.info.vocab_size, [12, 7], seed=4)
+    gen = dict(max_new_tokens=24, eos_token_id=[], pad_token_id=0)
+    assert torch.equal(gw.load(out).generate(ids, attention_mask=mask, **gen), cm.generate(ids, attention_mask=mask, **gen))

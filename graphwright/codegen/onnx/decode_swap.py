@@ -1,10 +1,11 @@
-"""``decode.onnx`` of an H2O recipe without tracing the transformer body again: ``model.onnx`` with its slot functions swapped.
+"""``decode.onnx`` of H2O / DuoAttention recipes without tracing the body again: ``model.onnx`` with its slot functions swapped.
 
 ``slot_functions.wrap`` leaves one opaque ``graphwright.slots`` node per layer in the saved, not yet
-stitched ``model.onnx``: the prompt step's eviction (``prompt_slots.h2o_prompt``). The decode graph
+stitched ``model.onnx``: the prompt step's eviction (``prompt_slots.h2o_prompt``, ``streaming_prompt``). The decode graph
 (``decode_slots.decode_graph``) is the same step graph with that node's target swapped for the decode
-function (``decode_slots.h2o_decode``), called with the *same* arguments and returning the same
-values (k, v, k_pos, score); nothing else in the body differs. So ``derive_swapped`` writes
+function (``decode_slots.h2o_decode``, ``streaming_decode``), called with the *same* arguments and
+returning the same values (k, v, k_pos[, score]); nothing else in the body differs when no layer
+re-rotates its cache (H2O, DuoAttention's streaming heads, which attend with the ordinary attention). So ``derive_swapped`` writes
 ``decode.onnx`` as the un-stitched ``model.onnx`` with each such node's op type set to a new key
 whose function is the decode partner, then stitches those functions in (``slot_functions.stitch``):
 no second ``torch.export``, ONNX translation, optimizer run or weights file for the body (on
@@ -21,32 +22,35 @@ dropped and each ``<state>_next`` output takes the type of its ``<state>`` input
 T = 1 steps as it does for SnapKV's derived decode graph (``decode_derive.py``). Only used when
 ``swappable`` holds: every eviction op in the graph at both steps, nothing split, no host input, no
 re-rotation (``rope_cache_index``) and no other decode rewrite; anything else exports the decode
-graph the long way. StreamingLLM is not swapped: its decode attention differs from the prompt
-step's (``streaming_shift.shifted_decode_attention`` vs ``invert_slots`` + ``rope_cache_index`` +
-attention), which are not one node in ``model.onnx``.
+graph the long way. StreamingLLM (``streaming(...)``, position shift) is not swapped: its decode
+attention differs from the prompt step's (``streaming_shift.shifted_decode_attention`` vs
+``invert_slots`` + ``rope_cache_index`` + attention, which are several nodes of ``model.onnx``, the
+last two traced and translated, not one slot function).
 
 Exact: the decode functions are the same torch functions exported the same way; the body is
 ``model.onnx``'s. Invariant tested (``tests/onnx/test_slot_functions.py``, ``tests/onnx/test_decode_swap.py``):
 the swapped ``decode.onnx`` passes ``onnx.checker``, shares ``model.onnx.data`` and gives the same
 tokens, logits (1e-5) and state over 40 decode steps as the decode graph exported layer by layer
-(H2O token counts and fractions, tiny Llama, batch 2 left-padded).
+(H2O token counts and fractions, tiny Llama, batch 2 left-padded); DuoAttention artifacts
+(``test_duo_packed_onnx.py``) generate the torch runtime's tokens.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+ENABLED = True  # False: the decode graph is exported the long way (A/B in bench/export_time.py --swap-ab)
 # prompt function -> decode function with the same arguments and outputs
-PARTNERS = {"h2o_prompt": "h2o_decode"}
-# decode function -> the module functions decode_graph may contain when swapping is possible
-DECODE_TARGETS = {"h2o_decode"}
+PARTNERS = {"h2o_prompt": "h2o_decode", "streaming_prompt": "streaming_decode"}
+# the functions of decode_graph's modules a swappable decode graph may contain (the partners)
+DECODE_TARGETS = set(PARTNERS.values())
 
 
 def wanted(keys: list) -> bool:
     """Whether ``model.onnx``'s un-stitched graph is worth keeping: it has a prompt function with a decode partner."""
     from .slot_functions import KEYS
 
-    return any(KEYS[k]["name"] in PARTNERS for k in keys)
+    return ENABLED and any(KEYS[k]["name"] in PARTNERS for k in keys)
 
 
 def keep(keys: list) -> dict:
@@ -94,9 +98,9 @@ def derive_swapped(folder: Path, model, entries: dict, decode_file: str, opset: 
     import copy
 
     from . import slot_functions as sf
-    from .decode_slots import h2o_decode
+    from .decode_slots import h2o_decode, streaming_decode
 
-    fns = {"h2o_decode": h2o_decode}
+    fns = {"h2o_decode": h2o_decode, "streaming_decode": streaming_decode}
     m = copy.deepcopy(model)
     g = m.graph
     swap = {}
