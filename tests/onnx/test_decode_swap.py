@@ -62,6 +62,19 @@ def test_only_h2o_decode_graphs_are_swappable():
         assert not decode_swap.swappable(*_graphs(recipe)), recipe
 
 
+def test_a_decode_graph_with_any_other_function_is_not_swapped():
+    """A decode rewrite that is not a partner swap (here one layer's h2o_decode replaced by another function, as a fused
+    attention + eviction would be) makes the export take the traced route."""
+    gm, capacity, in_graph, left, prompt = _graphs(H2O)
+
+    def fused_rows(*args):
+        return args
+
+    node = next(n for n in gm.graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") == "h2o_decode")
+    node.target = fused_rows
+    assert not decode_swap.swappable(gm, capacity, in_graph, left, prompt)
+
+
 def test_swapped_decode_graph_is_model_onnx_with_decode_functions(onnx_artifact):
     cm, out = onnx_artifact("tiny-llama", H2O)
     meta = json.loads((out / "graphwright.json").read_text())

@@ -20,9 +20,9 @@ dropped and each ``<state>_next`` output takes the type of its ``<state>`` input
 
 ``model.onnx`` was exported with a dynamic new-token count (example T = 3), so its body serves
 T = 1 steps as it does for SnapKV's derived decode graph (``decode_derive.py``). Only used when
-``swappable`` holds: every eviction op in the graph at both steps, nothing split, no host input, no
-re-rotation (``rope_cache_index``) and no other decode rewrite; anything else exports the decode
-graph the long way. StreamingLLM (``streaming(...)``, position shift) is not swapped: its decode
+``swappable`` holds: every eviction op in the graph at both steps, nothing split, no host input, and
+every Python function of the decode graph a partner (no re-rotation, no fused attention + eviction of
+another rewrite); anything else exports the decode graph the long way. StreamingLLM (``streaming(...)``, position shift) is not swapped: its decode
 attention differs from the prompt step's (``streaming_shift.shifted_decode_attention`` vs
 ``invert_slots`` + ``rope_cache_index`` + attention, which are several nodes of ``model.onnx``, the
 last two traced and translated, not one slot function).
@@ -37,6 +37,7 @@ tokens, logits (1e-5) and state over 40 decode steps as the decode graph exporte
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 ENABLED = True  # False: the decode graph is exported the long way (A/B in bench/export_time.py --swap-ab)
@@ -64,12 +65,20 @@ def swappable(gm, capacity: dict, in_graph: list, left: list, prompt: dict) -> b
     """True when ``decode_graph``'s result differs from the prompt graph only by partner swaps (module docstring)."""
     if left or prompt.get("split") or gm.meta.get("host_inputs") or not in_graph:
         return False
-    fns = {n.target for n in gm.graph.nodes if n.op == "call_function"
-           and getattr(n.target, "__module__", "").rsplit(".", 1)[-1] in ("decode_slots", "decode_latent", "decode_policies",
-                                                                         "streaming_shift")}
-    names = {getattr(f, "__name__", None) for f in fns}
+    # every Python function of the decode graph (ATen and graphwright ops are OpOverloads, not functions) must be a
+    # partner: any other decode rewrite (another module's fused attention + eviction, a re-rotation) is not a plain swap
+    fns = {n.target for n in gm.graph.nodes if n.op == "call_function" and inspect.isfunction(n.target)}
+    if any(f not in _partner_functions() for f in fns):
+        return False
+    names = {f.__name__ for f in fns}
     prompt_ops = sorted(r["op"] for r in prompt.get("in_graph") or ())
     return bool(names) and names <= DECODE_TARGETS and len(prompt_ops) == len(in_graph) and prompt_ops == sorted(in_graph)
+
+
+def _partner_functions() -> set:
+    from .decode_slots import h2o_decode, streaming_decode
+
+    return {h2o_decode, streaming_decode}
 
 
 def decode_example(entry: dict) -> list:
