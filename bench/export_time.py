@@ -1,7 +1,7 @@
 """Seconds per ``export_onnx`` phase for the recipes of issue 17 item 5, from ``graphwright.json["export"]``.
 
 Usage: python bench/export_time.py [--model smollm2-135m] [--recipe NAME_OR_RECIPE ...] [--context 1024]
-       [--no-verify] [--ab N] [--out results/export_time.json]
+       [--no-verify] [--ab N] [--swap-ab N] [--out results/export_time.json]
 
 Recipes: the names of ``bench/bench_decode.py`` (identity, demo, h2o25, streaming25, snapkv25, lowrank50, duo;
 budgets for a ``--context``-token prompt, default 1024: e.g. h2o25 = ``h2o(heavy=128, recent=128)``) or any
@@ -16,6 +16,10 @@ by layer vs once per function, ``codegen/onnx/slot_functions.py``) and print bot
 seconds per round. On a shared machine read CPU seconds and shares, not wall seconds; the load
 average before/after is printed. The first export of the process also builds the torchlib registry
 (``exporter_shortcuts.py``, once per process): compare columns after the first.
+
+``--swap-ab N``: the same for ``decode_swap.ENABLED`` (H2O / DuoAttention: ``decode.onnx`` as ``model.onnx`` with its
+slot functions swapped vs the decode graph's own export, ``codegen/onnx/decode_swap.py``), for the recipes whose
+export swapped.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pathlib import Path
 
 import graphwright as gw
 from graphwright.bench.load import MachineLoad
-from graphwright.codegen.onnx import slot_functions
+from graphwright.codegen.onnx import decode_swap, slot_functions
 from graphwright.codegen.onnx.phases import timings_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -58,15 +62,15 @@ def table(rows: dict, key: str, total: str) -> str:
     return "\n".join(lines)
 
 
-def export_once(cm, folder: Path, verify: bool, enabled: bool = True) -> dict:
+def export_once(cm, folder: Path, verify: bool, enabled: bool = True, swap: bool = True) -> dict:
     """One export; its phase record plus the machine's state meanwhile (``MachineLoad``: the CPU share other
     processes used, so a reader knows whether the wall seconds mean anything)."""
-    slot_functions.ENABLED = enabled
+    slot_functions.ENABLED, decode_swap.ENABLED = enabled, swap
     try:
         with MachineLoad() as load:
             gw.export_onnx(cm, folder, verify=verify, overwrite=True)
     finally:
-        slot_functions.ENABLED = True
+        slot_functions.ENABLED = decode_swap.ENABLED = True
     meta = json.loads((folder / "graphwright.json").read_text())
     return {**meta["export"], "graphs": sorted(p.name for p in folder.glob("*.onnx")), "machine": load.as_dict(),
             "max_abs_logit_diff": (meta.get("verification") or {}).get("max_abs_logit_diff")}
@@ -79,6 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=1024, help="prompt length the named recipes' budgets are for")
     p.add_argument("--no-verify", action="store_true")
     p.add_argument("--ab", type=int, default=0, help="rounds of slot_functions off/on for the slot recipes")
+    p.add_argument("--swap-ab", type=int, default=0, help="rounds of decode_swap off/on for the recipes it applies to")
     p.add_argument("--out", default="results/export_time.json")
     args = p.parse_args(argv)
     load0 = os.getloadavg()[0]
@@ -114,6 +119,14 @@ def main(argv=None) -> int:
                         print(f"  A/B round {r} slot_functions={'on' if enabled else 'off'}: {rec['total_cpu_s']:.1f} CPU s "
                               f"({rec['total_s']:.1f} s wall)", flush=True)
                         save()
+            if args.swap_ab and "decode_swap" in rows[recipe]["phases"]:
+                for r in range(args.swap_ab):
+                    for swap in (False, True):
+                        rec = export_once(cm, folder, not args.no_verify, swap=swap)
+                        ab.setdefault(recipe, []).append({"decode_swap": swap, "round": r, **rec})
+                        print(f"  A/B round {r} decode_swap={'on' if swap else 'off'}: {rec['total_cpu_s']:.1f} CPU s "
+                              f"({rec['total_s']:.1f} s wall)", flush=True)
+                        save()
     print()
     print(table(rows, "phases", "total_s"))
     print()
@@ -121,7 +134,8 @@ def main(argv=None) -> int:
     for recipe, runs in ab.items():
         print()
         print(f"A/B {recipe} (CPU s):")
-        print(table({f"{'on' if r['slot_functions'] else 'off'}#{r['round']}": r for r in runs}, "cpu", "total_cpu_s"))
+        print(table({f"{'slots ' if 'slot_functions' in r else 'swap '}{'on' if r.get('slot_functions', r.get('decode_swap')) else 'off'}"
+                     f"#{r['round']}": r for r in runs}, "cpu", "total_cpu_s"))
     load1 = os.getloadavg()[0]
     print(f"\nload average before {load0:.2f}, after {load1:.2f} on {os.cpu_count()} cores"
           + ("  (machine busy: compare CPU seconds and shares, not wall seconds)" if max(load0, load1) > (os.cpu_count() or 1) else ""))

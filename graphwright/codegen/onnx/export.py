@@ -216,9 +216,14 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
     dyn = (*dyn, *extra_dynamic_shapes(extras))
     graph = (args, dyn, inputs, outputs, table)
     failed = None
+    keep = None  # decode_swap.py: the un-stitched model.onnx, for decode.onnx of an H2O recipe
+    if keys and not decode and prompt is not None and not records and not prompt.get("split"):
+        from .decode_swap import wanted
+
+        keep = prompt if wanted(keys) else None
     if keys:
         try:
-            shared = _export_graph(gm, graph, path, opset, external_data, phases, tag, share_with, keys)
+            shared = _export_graph(gm, graph, path, opset, external_data, phases, tag, share_with, keys, keep)
         except Exception as exc:  # noqa: BLE001 - any failure of the stitched route (torch.export with the opaque
             # ops, translation, a function's export, stitching): the graph is traced layer by layer, the route
             # before slot_functions.py; a failure there is a real error and is raised. Noted in graphwright.json.
@@ -227,6 +232,8 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
             slot_functions.forget(keys)
     if failed is not None:  # outside the except block: the failed attempt's program is no longer referenced
         phases.note(tag + "slot_functions", failed)
+        if prompt is not None:
+            prompt.pop("unstitched", None)
         gm = plain
     if not keys or failed is not None:
         shared = _export_graph(gm, graph, path, opset, external_data, phases, tag, share_with, [])
@@ -234,9 +241,10 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
 
 
 def _export_graph(gm, graph: tuple, path: Path, opset: int, external_data: bool, phases: Phases, tag: str, share_with,
-                  keys: list) -> bool:
+                  keys: list, keep: dict | None = None) -> bool:
     """``torch.export`` of ``gm``, ONNX translation, optimizer, save (and stitch of ``keys``) at ``path``;
-    True when the weights point into ``share_with``'s file. Errors are ``GraphwrightError``s naming the step."""
+    True when the weights point into ``share_with``'s file. Errors are ``GraphwrightError``s naming the step.
+    ``keep``: a dict that gets the un-stitched graph and its keys' entries under ``"unstitched"`` (``decode_swap.py``)."""
     args, dyn, inputs, outputs, table = graph
     with phases(tag + "torch_export"):
         try:
@@ -262,10 +270,10 @@ def _export_graph(gm, graph: tuple, path: Path, opset: int, external_data: bool,
             phases.note(tag + "decompositions", f"full exporter path (shortcuts failed: {type(first).__name__})")
     with phases(tag + "onnx_optimize"):
         optimize(program)  # optimize.py: the exporter's pipeline minus its one quadratic rewrite rule
-    return _save(program, path, opset, external_data, phases, tag, share_with, keys)
+    return _save(program, path, opset, external_data, phases, tag, share_with, keys, keep)
 
 
-def _save(program, path: Path, opset: int, external_data: bool, phases: Phases, tag: str, share_with, keys) -> bool:
+def _save(program, path: Path, opset: int, external_data: bool, phases: Phases, tag: str, share_with, keys, keep=None) -> bool:
     """Save ``program`` at ``path`` (weights shared with ``share_with`` when given) and stitch the slot-eviction
     functions of ``keys`` into it (``slot_functions.py``); True when the weights point into ``share_with``'s file."""
     with phases(tag + "save"):
@@ -279,6 +287,13 @@ def _save(program, path: Path, opset: int, external_data: bool, phases: Phases, 
     if keys:
         from .slot_functions import stitch
 
+        if keep is not None:
+            import onnx
+
+            from .decode_swap import keep as entries
+
+            with phases(tag + "keep_unstitched"):
+                keep["unstitched"] = (onnx.load(str(path), load_external_data=False), entries(keys))
         with phases(tag + "stitch"):
             try:
                 stitch(path, keys, opset)
@@ -288,7 +303,8 @@ def _save(program, path: Path, opset: int, external_data: bool, phases: Phases, 
     return shared
 
 
-def _decode_onnx(cm, out: Path, opset: int, external_data: bool, phases: Phases, prefill=None, appends=None):
+def _decode_onnx(cm, out: Path, opset: int, external_data: bool, phases: Phases, prefill=None, appends=None,
+                 prompt: dict | None = None, unstitched=None):
     """``decode.onnx`` when some eviction op runs in the graph at decode (``decode_slots.py``).
 
     Returns the ``graphwright.json["decode"]`` record: model file, outputs, the runtime ops left
@@ -299,7 +315,10 @@ def _decode_onnx(cm, out: Path, opset: int, external_data: bool, phases: Phases,
     ``prefill``: ``(outputs, records)`` of ``model.onnx``; when the decode graph only appends (SnapKV),
     ``decode.onnx`` is ``model.onnx`` with renamed outputs (``decode_derive.py``), not a second export.
     ``appends``: ``{"<state>_next": "<state>_append"}`` of ``prompt_slots.append_outputs`` (in-graph
-    SnapKV at the prompt step); ``model.onnx`` loses those outputs here whether or not it is derived."""
+    SnapKV at the prompt step); ``model.onnx`` loses those outputs here whether or not it is derived.
+    ``prompt``, ``unstitched``: ``model.onnx``'s prompt record and its un-stitched graph with its slot keys' entries:
+    when the decode graph only swaps the prompt step's slot functions for their decode partners (H2O),
+    ``decode.onnx`` is that graph with the decode functions stitched in (``decode_swap.py``), not a second export."""
     from .decode_derive import appends_only, derive_append_decode, derive_from_appends, strip_outputs
     from .decode_slots import decode_graph
     from .streaming_shift import shift_streaming
@@ -312,13 +331,25 @@ def _decode_onnx(cm, out: Path, opset: int, external_data: bool, phases: Phases,
             strip_outputs(out / MODEL, set(appends.values()))
         return {"model_file": None, "split": left} if left else None
     derived = False
+    wanted = io_names(sg.state, sg.extra_inputs)[1]
     if prefill is not None and appends_only(gm, capacity, in_graph, left):
-        wanted = io_names(sg.state, sg.extra_inputs)[1]
         with phases("decode_derive"):
             if appends:  # in-graph SnapKV at the prompt step: decode.onnx reads its appended cache
                 derived = derive_from_appends(out, MODEL, DECODE_MODEL, appends, wanted)
             else:
                 derived = derive_append_decode(out, MODEL, DECODE_MODEL, prefill[0], prefill[1], wanted)
+    if not derived and unstitched is not None and prefill is not None and not prefill[1] \
+            and list(prefill[0]) == wanted:
+        from .decode_swap import derive_swapped, swappable
+
+        if swappable(gm, capacity, in_graph, left, prompt or {}):
+            with phases("decode_swap"):
+                try:
+                    swap = derive_swapped(out, unstitched[0], unstitched[1], DECODE_MODEL, opset)
+                    derived = True
+                    phases.note("decode_derive", "slot functions swapped: " + ", ".join(sorted(set(swap.values()))))
+                except Exception as exc:  # noqa: BLE001 - the decode graph is exported the long way instead (noted)
+                    phases.note("decode_swap", f"exported ({type(exc).__name__}: {str(exc).strip()[:400]})")
     if appends and not derived:
         strip_outputs(out / MODEL, set(appends.values()))
     if derived:
@@ -514,8 +545,11 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
     prompt = {}
     outputs, records, _ = _to_onnx(cm, path, opset, external_data, phases, prompt=prompt)
     appends = prompt.pop("appends", None) or {}
+    unstitched = prompt.pop("unstitched", None)
     outputs = [o for o in outputs if o not in set(appends.values())]
-    decode = _decode_onnx(cm, out, opset, external_data, phases, prefill=(outputs, records), appends=appends)
+    decode = _decode_onnx(cm, out, opset, external_data, phases, prefill=(outputs, records), appends=appends,
+                          prompt=prompt, unstitched=unstitched)
+    del unstitched
     external = (out / EXTERNAL_DATA).exists()
     with phases("check"):
         try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 # Rules skipped: multi-output patterns (quadratic in the node count with onnxscript's matcher).
 SKIPPED_RULES = frozenset({"SlicesSplit"})
+STEPS = 2  # rounds of folding + rewrite rules (the exporter's own value); early stop when a round changes nothing
 
 
 def default_rules():
@@ -54,7 +55,7 @@ def optimize(program) -> dict:
                                common.RemoveUnusedNodesPass(),
                                common.RemoveUnusedFunctionsPass(),
                                common.RemoveUnusedOpsetsPass()],
-                              steps=2, early_stop=True),
+                              steps=STEPS, early_stop=True),
         common.RemoveUnusedNodesPass(),
         common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
         common.LiftSubgraphInitializersToMainGraphPass(),

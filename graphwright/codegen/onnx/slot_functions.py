@@ -362,20 +362,21 @@ def forget(keys) -> None:
         KEYS.pop(key, None)
 
 
-def stitch(path: Path, keys: list, opset: int) -> int:
+def stitch(path: Path, keys: list, opset: int, model=None) -> int:
     """Inline each key's ONNX function into the saved graph ``path`` (weights stay where they are); returns the
-    number of ``graphwright.slots`` nodes replaced. Raises when one is left. The keys are forgotten afterwards."""
+    number of ``graphwright.slots`` nodes replaced. Raises when one is left. The keys are forgotten afterwards.
+    ``model``: the graph to stitch (a ModelProto, modified) instead of the one saved at ``path``, which is written."""
     try:
-        return _stitch(path, keys, opset)
+        return _stitch(path, keys, opset, model)
     finally:
         forget(keys)
 
 
-def _stitch(path: Path, keys: list, opset: int) -> int:
+def _stitch(path: Path, keys: list, opset: int, model=None) -> int:
     import onnx
     from onnx import inliner
 
-    m = onnx.load(str(path), load_external_data=False)
+    m = onnx.load(str(path), load_external_data=False) if model is None else model
     count = sum(n.domain == DOMAIN for n in m.graph.node)
     have = {(f.domain, f.name) for f in m.functions}
     for key in keys:
