@@ -11,16 +11,36 @@ from __future__ import annotations
 import json
 
 import onnx
+import pytest
 import torch
 
 import graphwright as gw
-from graphwright.codegen.onnx import decode_swap, slot_functions
+from graphwright.codegen.onnx import decode_slots, decode_swap, slot_functions
 from graphwright.codegen.onnx.decode_slots import decode_graph
 from graphwright.codegen.onnx.prompt_slots import prompt_graph
 from graphwright.codegen.onnx.streaming_shift import shift_streaming
 from tests.conftest import _tiny, left_padded_batch
 
 H2O = "h2o(heavy=4, recent=4)"
+
+
+@pytest.fixture(autouse=True)
+def plain_decode_functions(monkeypatch):
+    """The swap route is taken when the decode graph's functions are the prompt functions' partners, i.e. with
+    ``decode_slots.ROWS`` off (decode_rows.py fuses H2O's attention into its function; see the test below)."""
+    monkeypatch.setattr(decode_slots, "ROWS", False)
+
+
+def _export(tmp_path, recipe):
+    """A fresh export (not the session-cached ``onnx_artifact``: these artifacts are made with ROWS off)."""
+    cm = gw.compile(_tiny("tiny-llama"), recipe=recipe, verify=False)
+    return cm, gw.export_onnx(cm, tmp_path / "export")
+
+
+def test_decode_rows_graphs_take_the_traced_route(monkeypatch):
+    """With decode_rows on (the default), H2O's decode layers are one attention + eviction function: not a swap."""
+    monkeypatch.setattr(decode_slots, "ROWS", True)
+    assert not decode_swap.swappable(*_graphs(H2O))
 
 
 def test_decode_example_is_one_query_token_and_a_score_one_slot_short():
@@ -75,8 +95,8 @@ def test_a_decode_graph_with_any_other_function_is_not_swapped():
     assert not decode_swap.swappable(gm, capacity, in_graph, left, prompt)
 
 
-def test_swapped_decode_graph_is_model_onnx_with_decode_functions(onnx_artifact):
-    cm, out = onnx_artifact("tiny-llama", H2O)
+def test_swapped_decode_graph_is_model_onnx_with_decode_functions(tmp_path):
+    cm, out = _export(tmp_path, H2O)
     meta = json.loads((out / "graphwright.json").read_text())
     phases, notes = meta["export"]["phases"], meta["export"]["notes"]
     assert meta["decode"]["derived_from"] == "model.onnx" and meta["decode"]["shares_weights"]
@@ -122,10 +142,10 @@ def test_a_failed_swap_exports_the_decode_graph(monkeypatch, tmp_path):
     assert set(slot_functions.KEYS) == before
 
 
-def test_duo_decode_graph_is_swapped(onnx_artifact):
+def test_duo_decode_graph_is_swapped(tmp_path):
     """DuoAttention's streaming heads (ordinary attention, no position shift): decode.onnx swaps streaming_prompt for
     streaming_decode; the artifact generates the torch runtime's tokens (also test_duo_packed_onnx.py)."""
-    cm, out = onnx_artifact("tiny-llama", "duo(retrieval=[[0, 0]], sinks=2, window=4)")
+    cm, out = _export(tmp_path, "duo(retrieval=[[0, 0]], sinks=2, window=4)")
     meta = json.loads((out / "graphwright.json").read_text())
     assert meta["decode"]["derived_from"] == "model.onnx" and "decode_torch_export" not in meta["export"]["phases"]
     assert meta["export"]["notes"]["decode_derive"].startswith("slot functions swapped: streaming_decode_")
