@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 WINNER_RULES = ("ppl", "niah")
 
 
