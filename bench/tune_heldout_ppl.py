@@ -5,7 +5,7 @@ Usage:
         --recipe "snapkv(budget=128)" --recipe "duo(retrieval=0.15, sinks=4, window=32)"
 
 Reads the study's ``result.json`` (its model is the CLI's ``--model``, default smollm2-135m) for the
-perplexity windows (``windows``, ``window``, ``prefix``), scores dense and each recipe on the held-out
+perplexity windows (``windows``, ``window``, ``prefix``; ``--windows``/``--window`` override them), scores dense and each recipe on the held-out
 split (``tuning.objectives.Evaluator(split="heldout")``: the last ~40% of the novel, streamed: prefill
 ``prefix`` tokens, then one decode step per scored token) and writes ``heldout_ppl.json`` next to it:
 per recipe the KV fraction held and the perplexity ratio to dense on the same windows. Needles are not
@@ -24,12 +24,15 @@ def main(argv=None) -> int:
     p.add_argument("--study", required=True, help="a graphwright tune --out folder holding result.json")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--recipe", action="append", required=True)
+    p.add_argument("--windows", type=int, default=None, help="override the study's window count")
+    p.add_argument("--window", type=int, default=None, help="override the study's window length (scored tokens = window - prefix)")
     args = p.parse_args(argv)
     from graphwright.models import load_model
     from graphwright.tuning.objectives import Evaluator
 
     settings = json.loads((Path(args.study) / "result.json").read_text())["settings"]
     sizes = {k: settings["eval"][k] for k in ("windows", "window", "prefix")}
+    sizes.update({k: getattr(args, k) for k in ("windows", "window") if getattr(args, k) is not None})
     model, tok = load_model(args.model)
     ev = Evaluator(model, tok, split="heldout", backend=settings["backend"], seed=settings["seed"], **sizes)
     base = ev.base()
