@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..tuning.report import WINNER_RULES
 from .common import console, float_arg, int_arg, out_dir
 
 
@@ -60,9 +61,29 @@ def add_parser(sub):
     p.add_argument("--prune-margin", type=float_arg(0, 1e6), default=None,
                    help="prune a trial whose first-window perplexity ratio is this fraction worse than a completed trial's at "
                         "no more KV (e.g. 0.1; default off: with --workers > 1 it makes pruning depend on trial timing)")
+    p.add_argument("--enqueue", type=enqueue_arg, action="append", default=None, metavar="JSON",
+                   help='a point run first, as JSON {parameter: value} with the study\'s parameter names (e.g. '
+                        '\'{"0.duo.retrieval": 0.25, "0.duo.window": 256}\'); repeat for several (known-good settings seed the search)')
+    p.add_argument("--winner", choices=WINNER_RULES, default="ppl",
+                   help="which Pareto point is the winner re-measured on the held-out split: ppl = lowest perplexity ratio "
+                        "(default); niah = most calibration needles found (then lowest perplexity ratio; needs --niah-cases)")
     p.add_argument("--threads", type=int_arg(1, 1_024), default=None, help="torch threads per worker (default: torch's own)")
     p.add_argument("--resume", action="store_true", help="continue the study in --out")
     p.add_argument("--out", type=out_dir, default="results/tune", help="folder for the study journal and the outputs")
+
+
+def enqueue_arg(text: str) -> dict:
+    """``--enqueue '{"0.snapkv.budget": 256}'`` -> a dict; argparse's error says what is expected."""
+    import argparse
+    import json
+
+    try:
+        point = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"--enqueue takes a JSON object {{parameter name: value}}; {text!r} is not JSON ({exc})") from None
+    if not isinstance(point, dict) or not point:
+        raise argparse.ArgumentTypeError(f"--enqueue takes a non-empty JSON object {{parameter name: value}}; got {text!r}")
+    return point
 
 
 def objectives_arg(text: str) -> tuple:
@@ -94,7 +115,7 @@ def run(args):
                   max_ppl_ratio=args.max_ppl_ratio, backend=args.backend, threads=args.threads, scope=args.scope,
                   objectives=args.objectives, min_speed=args.min_speed, speed_steps=args.speed_steps, speed_rounds=args.speed_rounds,
                   prune_margin=args.prune_margin, scheduler=args.scheduler, storage=args.storage,
-                  max_predicted_ppl=args.max_predicted_ppl,
+                  max_predicted_ppl=args.max_predicted_ppl, enqueue=args.enqueue, winner=args.winner,
                   eval_settings={"windows": args.windows, "window": args.window, "prefix": args.prefix, "niah_cases": args.niah_cases,
                                  "niah_length": args.niah_length})
     states = {}

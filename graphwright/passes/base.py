@@ -31,7 +31,7 @@ MAX_KERNEL = 1023  # pooling widths (odd): far wider than the observation window
 SCOPES = ("model", "layer", "head")
 TUNE_KINDS = ("int", "float", "categorical")
 LAYER_FORMS = ("split", "list")
-HEAD_FORMS = ("pairs",)
+HEAD_FORMS = ("pairs", "switch")
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,11 @@ class Tunable:
     values reach the recipe: "split" (one pass instance per layer with ``layers=[l]``) or "list" (one
     instance, the argument a list with one value per layer in layer order: ``lowrank_kv(keep=[...])``).
     ``head_form``: how head-scope choices reach the recipe: "pairs" (one yes/no per (layer, KV head);
-    the argument becomes the list of ``[layer, kv_head]`` pairs chosen: ``duo(retrieval=[[0, 1], ...])``).
-    At model scope the argument keeps its own kind and range (``duo``: a retrieval fraction).
+    the argument becomes the list of ``[layer, kv_head]`` pairs chosen: ``duo(retrieval=[[0, 1], ...])``)
+    or "switch" (a categorical that decides how a layer's budget is split over its KV heads, searched
+    only at head scope, one value per layer: ``snapkv(heads="adaptive", layers=[3])``; at model and layer
+    scope it keeps its default and is not searched).
+    At model scope a "pairs" argument keeps its own kind and range (``duo``: a retrieval fraction).
     """
 
     kind: str
@@ -72,6 +75,8 @@ class Tunable:
         if (self.scope == "head") != (self.head_form is not None) or self.head_form not in (None, *HEAD_FORMS):
             raise ValueError(f"a head-scope Tunable needs head_form in {list(HEAD_FORMS)} (and only a head-scope one takes it); "
                              f"got scope={self.scope!r}, head_form={self.head_form!r}")
+        if self.head_form == "switch" and self.kind != "categorical":
+            raise ValueError(f"a head_form 'switch' Tunable is categorical (the per-head budget rules to choose from); got kind {self.kind!r}")
         if self.kind == "categorical":
             if not self.choices:
                 raise ValueError("a categorical Tunable needs choices")

@@ -55,7 +55,8 @@ class H2O(EvictionPass):
         Arg("recent", (int, float), 0.1, "recent window: fraction of the current length (float) or token count (int)", min=0, max=MAX_TOKENS,
             tune=Tunable("float", 0.02, 0.5, scope="layer")),
         Arg("heads", str, "uniform", "per-head budgets: uniform, or adaptive (Ada-KV: the layer's heavy budget "
-            "shared across its KV heads by score, re-split at every step)", choices=("uniform", "adaptive")),
+            "shared across its KV heads by score, re-split at every step)", choices=("uniform", "adaptive"),
+            tune=Tunable("categorical", choices=("uniform", "adaptive"), scope="head", head_form="switch")),
         Arg("floor", float, None, "heads='adaptive': Ada-KV floor alpha, the share of its heavy budget each head "
             "keeps by its own scores (default 0.2; 1.0 = uniform)", min=0.0, max=1.0),
         LAYERS_ARG,

@@ -81,7 +81,8 @@ class SnapKV(EvictionPass):
         Arg("kernel", int, 5, "pooling width (odd)", min=1, max=MAX_KERNEL),
         Arg("pool", str, "avg", "pooling of the window scores", choices=("avg", "max")),
         Arg("heads", str, "uniform", "per-head budgets: uniform (SnapKV) or adaptive (Ada-KV: the layer's Hk*budget "
-            "spread over its KV heads by score; packed cache)", choices=("uniform", "adaptive")),
+            "spread over its KV heads by score; packed cache)", choices=("uniform", "adaptive"),
+            tune=Tunable("categorical", choices=("uniform", "adaptive"), scope="head", head_form="switch")),
         Arg("floor", float, 0.2, "Ada-KV safeguard alpha: each head keeps at least about floor*(budget-window) "
             "prefix tokens (1.0 = uniform)", min=0.0, max=1.0),
         Arg("pyramid", float, None, "PyramidKV beta: linearly decreasing per-layer budgets with the same total "

@@ -47,6 +47,20 @@ def split_windows(tokenizer, split: str, n_windows: int, window: int) -> list:
     return [ids[:, i * window:(i + 1) * window] for i in range(n_windows)]
 
 
+def needle_seed(split: str, seed: int = 0) -> str:
+    """The ``needle_suite`` seed of a split's needles: its own namespace, never the long suite's integer seeds.
+
+    The long-context suite (``eval.suite.run_suite``, ``bench/long_headline.py``) draws its needles with
+    integer seeds (0 by default), so calibration needles drawn with seed 0 at the suite's length would be
+    the suite's own cases. Calibration (``"tune-calibration-<seed>"``) and held-out (``"tune-heldout-<seed>"``)
+    needles use string seeds of their own: other haystacks, cities, activities and template order
+    (tested: no calibration prompt equals a suite prompt at the same length).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}; got {split!r}")
+    return f"tune-{split}-{seed}"
+
+
 class Evaluator:
     """Scores recipes on one split; the captured graph and the windows are built once."""
 
@@ -67,8 +81,7 @@ class Evaluator:
         if niah_cases:
             from ..eval.niah import needle_suite
 
-            # the held-out split draws other needles (another seed) than the calibration split
-            self.niah = needle_suite(tokenizer, lengths=(niah_length,), cases=niah_cases, seed=seed + (1000 if split == "heldout" else 0))
+            self.niah = needle_suite(tokenizer, lengths=(niah_length,), cases=niah_cases, seed=needle_seed(split, seed))
         self.sg = capture(model)
 
     def compiled(self, recipe):

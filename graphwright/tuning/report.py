@@ -5,7 +5,9 @@ The front is computed over completed, feasible trials (``kv_fraction <= budget``
 perplexity ratio, minimised; needle accuracy and decode speed ratio, maximised, when measured).
 ``pareto.json`` holds ``{"front": [...], "counts": {...}}``: the front's rows and how many trials
 ended in each state, with the pruned ones split by the rule that pruned them (``pruned_by``).
-The winner is the front's point with the lowest perplexity ratio (then the lowest KV fraction);
+The winner (``settings["winner"]``, ``WINNER_RULES``) is the front's point with the lowest perplexity ratio (then
+the lowest KV fraction; ``"ppl"``, the default) or with the most calibration needles found (then the lowest
+perplexity ratio and KV fraction; ``"niah"``, for a study with ``niah_cases > 0``);
 it is compiled from its TOML file (so the file is what ``compile()`` takes) with verification,
 re-measured on the held-out split against the dense model on the same windows, and its ``cm.report()`` written next to it.
 """
@@ -14,6 +16,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+WINNER_RULES = ("ppl", "niah")
+
+
+def pick_winner(front: list, rule: str = "ppl") -> dict:
+    """The winner of a non-empty front by ``rule`` (module docstring); ties go to the lower trial number."""
+    if rule not in WINNER_RULES:
+        raise ValueError(f"winner must be one of {list(WINNER_RULES)}; got {rule!r}")
+    if rule == "niah":
+        if any(r.get("niah") is None for r in front):
+            raise ValueError("winner='niah' needs needle accuracy on every trial (niah_cases > 0)")
+        return min(front, key=lambda r: (-r["niah"], r["ppl_ratio"], r["kv_fraction"], r["number"]))
+    return min(front, key=lambda r: (r["ppl_ratio"], r["kv_fraction"], r["number"]))
 
 
 def _keys(row, niah: bool, speed: bool = False):
@@ -107,7 +122,7 @@ def write_outputs(result: dict, model, tokenizer) -> dict:
     if not front:
         written["winner"] = None
         return written
-    best = min(front, key=lambda r: (r["ppl_ratio"], r["kv_fraction"], r["number"]))
+    best = pick_winner(front, settings.get("winner", "ppl"))
     cm = gw_compile(model, recipe=best["toml"], tokenizer=tokenizer, backend=settings["backend"])  # the TOML compile() takes
     ev = Evaluator(model, tokenizer, split="heldout", backend=settings["backend"], seed=settings["seed"], **settings["eval"])
     base = ev.base()

@@ -13,9 +13,15 @@ of the template, or ``{pass name: scope}``) gives one value per layer to the arg
 ``layers=[l]`` (the eviction passes' ``layers=`` argument: each layer owns its policy's state),
 over the template's own ``layers=`` when it sets them, or (``layer_form="list"``: ``lowrank_kv.keep``,
 ``streaming.window``) sets the argument of the one pass to the list of per-layer values. ``"head"``
-gives one yes/no choice per (layer, KV head) to the arguments declared ``Tunable(scope="head")``
-(``duo.retrieval``: ``0.duo.retrieval.L3.H1``; ``recipe_for`` writes the ``[layer, kv_head]`` pairs
-chosen, ``duo(retrieval=[[3, 1], ...])``) and needs ``num_kv_heads``. A pass with no argument
+gives one yes/no choice per (layer, KV head) to the arguments declared ``Tunable(scope="head",
+head_form="pairs")`` (``duo.retrieval``: ``0.duo.retrieval.L3.H1``; ``recipe_for`` writes the
+``[layer, kv_head]`` pairs chosen, ``duo(retrieval=[[3, 1], ...])``) and needs ``num_kv_heads``; and to
+the per-head budget rule of the eviction passes (``head_form="switch"``: ``snapkv.heads``, ``h2o.heads``,
+uniform or adaptive, i.e. SnapKV's / H2O's equal per-head budgets or Ada-KV's layer budget spread over
+its KV heads by score) one categorical per layer, ``0.snapkv.heads.L3``, while the pass's per-layer
+budgets are searched per layer as at layer scope; ``recipe_for`` writes one pass per layer,
+``snapkv(budget=b3, heads="adaptive", layers=[3])``. A switch is not searched at model or layer scope
+(the argument keeps its default, so those spaces are unchanged). A pass with no argument
 declared at the asked scope is refused with the reason. Arguments declared at a coarser scope keep
 one value for the model.
 Invariant (tested): every range lies inside the argument's declared ``min``/``max``, so every
@@ -147,6 +153,8 @@ def search_space(template, context: int, scope="model", num_layers: int | None =
         fixed = dict(args)
         declared = {a.name: a for a in PASS_REGISTRY[name].args} if name in PASS_REGISTRY else None
         todo = {k: t for k, t in tunables(name).items() if k not in fixed}
+        # a head "switch" (how a layer's budget is split over its KV heads) is searched at head scope only
+        todo = {k: t for k, t in todo.items() if t.head_form != "switch" or scopes[name] == "head"}
         for arg_name, t in todo.items():
             if t.scope not in USER_SCOPES:
                 raise RecipeError(f"{name}.{arg_name}: tuning scope {t.scope!r} is not built yet; only {list(USER_SCOPES)} are")
@@ -158,17 +166,24 @@ def search_space(template, context: int, scope="model", num_layers: int | None =
                               f"(e.g. scope={{'{name}': 'model'}} or leave it out of the layer scope)")
         if scopes[name] == "head" and todo and not any(t.scope == "head" for t in todo.values()):
             raise RecipeError(f"{name} cannot be tuned per head: none of its tunable arguments is declared per KV head "
-                              f"(only duo's retrieval set is, Tunable(scope='head')); tune it at scope 'layer' or 'model' "
+                              f"(duo's retrieval set and the per-head budget rule heads= of snapkv and h2o are, "
+                              f"Tunable(scope='head')); tune it at scope 'layer' or 'model' "
                               f"(e.g. scope={{'{name}': 'layer'}})")
         layers = heads = None
         if scopes[name] in ("layer", "head"):
             layers = _layers_of(name, fixed, num_layers) if "layers" in declared else _all_layers(num_layers)
-        if scopes[name] == "head":
+        if scopes[name] == "head" and any(t.head_form == "pairs" for t in todo.values()):
             if not (isinstance(num_kv_heads, int) and num_kv_heads >= 1):
                 raise ValueError(f"head scope needs the model's KV head count (num_kv_heads, an int >= 1); got {num_kv_heads!r}")
             heads = list(range(num_kv_heads))
         for arg_name, t in todo.items():
             base = f"{i}.{name}.{arg_name}"
+            if t.head_form == "switch":  # head scope: the layer's per-head budget rule, one choice per layer (or one)
+                per_layer = layers is not None and "layers" in declared
+                out += ([Param(f"{base}.L{layer}", i, name, arg_name, "categorical", choices=tuple(t.choices), scope="head",
+                               layer=layer, layer_form="split") for layer in layers] if per_layer else
+                        [Param(base, i, name, arg_name, "categorical", choices=tuple(t.choices), scope="head")])
+                continue
             if heads is not None and t.scope == "head":  # one yes/no per (layer, KV head): the pairs chosen
                 out += [Param(f"{base}.L{layer}.H{h}", i, name, arg_name, "categorical", choices=(False, True), scope="head",
                               layer=layer, layer_form=t.head_form, head=h) for layer in layers for h in heads]

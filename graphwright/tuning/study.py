@@ -353,7 +353,7 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
          eval_settings: dict | None = None, backend: str = "torch", threads: int | None = None, outputs: bool = True,
          scope="model", objectives=("kv", "ppl"), min_speed: float | None = None, speed_steps: int = 16, speed_rounds: int = 3,
          prune_margin: float | None = None, enqueue: list | None = None, measure=None, scheduler: str | None = None,
-         storage: str | None = None, max_predicted_ppl: float | None = None) -> dict:
+         storage: str | None = None, max_predicted_ppl: float | None = None, winner: str = "ppl") -> dict:
     """Search the tunable settings of ``template`` on ``model``; returns the result (and writes ``out``).
 
     ``budget``: the largest KV fraction (bytes held / dense) a feasible recipe may hold.
@@ -376,12 +376,20 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
     (``tuning.cluster``; needs the ``graphwright[cluster]`` extra and ``model`` as a name or path every worker
     loads); None (default): ``workers`` local processes. ``storage``: where the study lives, a database URL
     (``sqlite:///...``, ``postgresql://...``) or an Optuna journal file path, which every worker must reach;
-    None (default): ``out/study.journal``.
+    None (default): ``out/study.journal``. ``winner``: which Pareto point is re-measured on the held-out split,
+    "ppl" (lowest perplexity ratio, the default) or "niah" (most calibration needles, then lowest perplexity
+    ratio; needs ``niah_cases > 0``; ``report.pick_winner``).
     """
     import optuna
 
     _check_args(model, trials, workers, budget, objectives, min_speed, prune_margin, measure, eval_settings, max_predicted_ppl)
     _check_cluster_args(model, workers, measure, scheduler, storage)
+    from .report import WINNER_RULES
+
+    if winner not in WINNER_RULES:
+        raise ValueError(f"winner must be one of {list(WINNER_RULES)}; got {winner!r}")
+    if winner == "niah" and not {**DEFAULT_EVAL, **(eval_settings or {})}["niah_cases"]:
+        raise ValueError("winner='niah' picks by calibration needle accuracy: set eval_settings niah_cases > 0 (--niah-cases)")
     objectives = tuple(objectives)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="graphwright-tune-"))
@@ -404,7 +412,7 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
         settings = {"template": template, "budget": float(budget), "seed": seed, "population": population, "max_ppl_ratio": max_ppl_ratio,
                     "backend": backend, "eval": {**DEFAULT_EVAL, **(eval_settings or {})}, "scope": scope,
                     "objectives": list(objectives), "min_speed": min_speed, "prune_margin": prune_margin,
-                    "max_predicted_ppl": max_predicted_ppl,
+                    "max_predicted_ppl": max_predicted_ppl, "winner": winner,
                     "speed": {"steps": speed_steps, "rounds": speed_rounds}}
         study = _create(storage, settings, loaded, tok, trials, enqueue)
     if resume:

@@ -46,8 +46,10 @@ def test_layer_scope_refusals_say_why():
         search_space("steer(heads=all)", 100, scope="layer", num_layers=2)
     with pytest.raises(ValueError, match="layer scope needs the model's layer count"):
         search_space("snapkv", 100, scope="layer")
-    with pytest.raises(RecipeError, match="snapkv cannot be tuned per head: none of its tunable arguments is declared per KV head"):
-        search_space("snapkv", 100, scope="head", num_layers=2, num_kv_heads=2)
+    with pytest.raises(RecipeError, match="lowrank_kv cannot be tuned per head: none of its tunable arguments is declared per KV head"):
+        search_space("lowrank_kv", 100, scope="head", num_layers=2, num_kv_heads=2)
+    with pytest.raises(RecipeError, match="snapkv cannot be tuned per head"):  # its per-head split heads= fixed by the template
+        search_space('snapkv(heads="uniform")', 100, scope="head", num_layers=2, num_kv_heads=2)
     with pytest.raises(RecipeError, match="duo cannot be tuned per layer: .*tune it at scope 'head'"):
         search_space("duo", 100, scope="layer", num_layers=2)
     with pytest.raises(ValueError, match="scope of 'snapkv' must be one of"):

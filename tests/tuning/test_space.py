@@ -13,11 +13,14 @@ from graphwright.tuning.space import distributions, recipe_for, search_space, tu
 DECLARED = {"lowrank_kv": {"keep"}, "snapkv": {"budget"}, "h2o": {"heavy", "recent"}, "streaming": {"window"},
             "evict": {"budget"}, "duo": {"retrieval", "window"}, "think": {"keep"}, "block_sparse": {"block", "top_k"},
             "steer": {"alpha"}}
+# head-scope switches (searched at scope "head" only, so absent from the model-scope spaces below)
+SWITCHES = {"snapkv": {"heads"}, "h2o": {"heads"}}
 
 
 def test_the_passes_declare_their_tunables():
     got = {name: set(tunables(name)) for name in PASS_REGISTRY if tunables(name)}
-    assert got == DECLARED
+    assert got == {name: args | SWITCHES.get(name, set()) for name, args in DECLARED.items()}
+    assert {name: {a for a, t in tunables(name).items() if t.head_form == "switch"} for name in SWITCHES} == SWITCHES
 
 
 @pytest.mark.parametrize("name", sorted(DECLARED))
@@ -83,12 +86,14 @@ def test_bad_templates_and_declarations_are_clear_errors(monkeypatch):
     with pytest.raises(RecipeError, match="declares scope 'layer' but tune_test_per_layer has no layers= argument"):
         search_space(PerLayer.name, 100)
 
-    with pytest.raises(ValueError, match="a head-scope Tunable needs head_form in \\['pairs'\\]"):
+    with pytest.raises(ValueError, match="a head-scope Tunable needs head_form in \\['pairs', 'switch'\\]"):
         Tunable("float", 0.1, 1.0, scope="head")
     with pytest.raises(ValueError, match="only a head-scope one takes it"):
         Tunable("float", 0.1, 1.0, scope="layer", head_form="pairs")
     with pytest.raises(ValueError, match="head_form in"):
         Tunable("float", 0.1, 1.0, scope="head", head_form="mask")
+    with pytest.raises(ValueError, match="a head_form 'switch' Tunable is categorical"):
+        Tunable("float", 0.1, 1.0, scope="head", head_form="switch")
 
 
 def test_top_level_tune_is_the_study_function(tiny):
