@@ -40,7 +40,8 @@ def _export(tmp_path, recipe):
 def test_decode_rows_graphs_take_the_traced_route(monkeypatch):
     """With decode_rows on (the default), H2O's decode layers are one attention + eviction function: not a swap."""
     monkeypatch.setattr(decode_slots, "ROWS", True)
-    assert not decode_swap.swappable(*_graphs(H2O))
+    for recipe in (H2O, "h2o(heavy=0.25, recent=0.25)", "duo(retrieval=[[0, 0]], sinks=2, window=4)"):
+        assert not decode_swap.swappable(*_graphs(recipe)), recipe
 
 
 def test_decode_example_is_one_query_token_and_a_score_one_slot_short():
