@@ -65,24 +65,9 @@ import torch
 from ...capture.ops import ATTENTION
 from ...ops import schema
 from ..torch.step_memo import step_info
-from .decode_slots import _budget, h2o_decode, streaming_decode
+from .decode_slots import _budget, h2o_decode, streaming_decode, write_rows
 
 MASKED = torch.finfo(torch.float32).min
-
-
-def write_rows(olds, news, j):
-    """Each new row [B, Hk, 1, ...] written into slot ``j`` [B, Hk] of its old state [B, Hk, S, ...] (out of place):
-    one ScatterElements per tensor, the index an Unsqueeze (+ one Expand per trailing shape)."""
-    out, index = [], {}
-    for x, row in zip(olds, news):
-        trail = tuple(x.shape[3:])
-        if trail not in index:
-            idx = j[:, :, None]
-            for _ in trail:
-                idx = idx[..., None]
-            index[trail] = idx.expand(-1, -1, -1, *trail) if trail else idx
-        out.append(x.scatter(2, index[trail], row))
-    return tuple(out)
 
 
 def attend_rows(q, k, v, visible, scale, key_bias=None):

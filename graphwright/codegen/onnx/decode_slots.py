@@ -100,6 +100,21 @@ def first_empty(k_pos: torch.Tensor) -> torch.Tensor:
     return _first(k_pos[..., :k_pos.shape[2] - 1] < 0)
 
 
+def write_rows(olds, news, j):
+    """Each new row [B, Hk, 1, ...] written into slot ``j`` [B, Hk] of its old state [B, Hk, S, ...] (out of place):
+    one ScatterElements per tensor, the index an Unsqueeze (+ one Expand per trailing shape)."""
+    out, index = [], {}
+    for x, row in zip(olds, news):
+        trail = tuple(x.shape[3:])
+        if trail not in index:
+            idx = j[:, :, None]
+            for _ in trail:
+                idx = idx[..., None]
+            index[trail] = idx.expand(-1, -1, -1, *trail) if trail else idx
+        out.append(x.scatter(2, index[trail], row))
+    return tuple(out)
+
+
 def place_at(tensors, j):
     """Write slot S (the new token) of each tensor into slot ``j`` [B, Hk] of its first S slots (out of place);
     ``j`` < S (the caller knows the new token never leaves: ``place`` takes the general case).
@@ -107,16 +122,7 @@ def place_at(tensors, j):
     Exported as one ScatterElements into the first S slots per tensor, its index an Unsqueeze + Expand
     to a constant shape: no Shape/Concat chain for the index, no Slice of a scattered S + 1 copy."""
     S = tensors[0].shape[2] - 1
-    out, index = [], {}
-    for x in tensors:
-        trail = tuple(x.shape[3:])
-        if trail not in index:
-            idx = j[:, :, None]
-            for _ in trail:
-                idx = idx[..., None]
-            index[trail] = idx.expand(-1, -1, -1, *trail) if trail else idx
-        out.append(x[:, :, :S].scatter(2, index[trail], x[:, :, S:]))
-    return tuple(out)
+    return write_rows([x[:, :, :S] for x in tensors], [x[:, :, S:] for x in tensors], j)
 
 
 def place(tensors, k_pos, over, victim):
