@@ -119,6 +119,9 @@ REWRITES = {"h2o(heavy=4, recent=4)": ({"h2o_attend_rows": 2, "h2o_decode": 0}, 
 
 @pytest.mark.parametrize("recipe", list(REWRITES))
 def test_rows_rewrite_of_the_decode_graph(recipe, monkeypatch):
+    from graphwright.codegen.onnx import decode_rows
+
+    monkeypatch.setattr(decode_rows, "SLOT_ATTENTION", True)  # off by default (decode_rows.py); tested here
     model, _ = gw.load_model("tiny-llama")
     sg = gw.compile(model, recipe).step_graph
     from graphwright.codegen.onnx.streaming_shift import shift_streaming

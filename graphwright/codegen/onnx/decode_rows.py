@@ -84,6 +84,12 @@ def attend_rows(q, k, v, visible, scale, key_bias=None):
     return out.to(v.dtype), p
 
 
+# The per-KV-head attention rewrite below is off by default: its gain is unmeasured (SnapKV's decode.onnx is derived
+# from model.onnx and never uses it; duo's differing head counts skip it), and with ``think`` the keys' and positions'
+# cache lengths are different symbols that torch.export cannot prove equal (tests/onnx/test_registry_onnx.py snapkv+think).
+SLOT_ATTENTION = False
+
+
 def slot_attention(q, k, v, k_pos, scale, key_bias=None):
     """``attention`` at a decode step (T = 1) over per-KV-head slots ``k``/``v`` [B, Hk, S, D], ``k_pos`` [B, Hk, S]
     (no window, no sinks): the visibility is ``k_pos >= 0`` (module docstring). [B, H, 1, Dv]."""
@@ -207,8 +213,9 @@ def rows(gm: torch.fx.GraphModule, specs=None) -> list:
     # the other per-KV-head attentions (duo's streaming heads, SnapKV): the T = 1 mask, where every such layer has the
     # same KV head count (``heads``); with counts differing per layer (duo) the stitched function's head dim is
     # dynamic and its reshapes cost Shape arithmetic that the fused Attention's translation does not have
-    cands = [n for n in graph.nodes if n.op == "call_function" and n.target is ATTENTION and not schema.get(n, "window")
-             and not schema.get(n, "sinks") and _cat_parts(schema.get(n, "k_pos")) is not None]
+    cands = [n for n in graph.nodes if SLOT_ATTENTION and n.op == "call_function" and n.target is ATTENTION and not schema.get(n, "window")
+             and not schema.get(n, "sinks") and schema.get(n, "key_bias") is None  # a key bias (think, steer) keeps
+             and _cat_parts(schema.get(n, "k_pos")) is not None]                   # the fused Attention
     if len({heads(_cat_parts(schema.get(n, "k_pos"))[0], gm, specs) for n in cands}) == 1 and None not in {
             heads(_cat_parts(schema.get(n, "k_pos"))[0], gm, specs) for n in cands}:
         for node in cands:
