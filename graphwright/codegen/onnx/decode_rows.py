@@ -65,22 +65,14 @@ import torch
 from ...capture.ops import ATTENTION
 from ...ops import schema
 from ..torch.step_memo import step_info
-from .decode_slots import _budget, h2o_decode, streaming_decode, write_rows
-
-MASKED = torch.finfo(torch.float32).min
+from .decode_slots import _budget, h2o_decode, slot_probs, streaming_decode, write_rows
 
 
 def attend_rows(q, k, v, visible, scale, key_bias=None):
     """(output [B, H, 1, Dv] in v's dtype, probabilities [B, Hk, g, S] fp32) of one decode query per row over
     ``k``/``v`` [B, Hk, S, D] where ``visible`` [B, Hk, S] (``attention_reference``'s fp32 math)."""
-    B, H, _, D = q.shape
-    Hk, S = k.shape[1], k.shape[2]
-    g = H // Hk
-    s = torch.matmul(q.float().reshape(B, Hk, g, D), k.float().transpose(-1, -2)) * scale
-    if key_bias is not None:
-        s = s + key_bias.float().reshape(B, Hk, g, S)
-    p = torch.softmax(torch.where(visible[:, :, None], s, MASKED), dim=-1)
-    out = torch.matmul(p, v.float()).reshape(B, H, 1, v.shape[-1])
+    p = slot_probs(q, k, visible, scale, key_bias)
+    out = torch.matmul(p, v.float()).reshape(*q.shape[:3], v.shape[-1])
     return out.to(v.dtype), p
 
 

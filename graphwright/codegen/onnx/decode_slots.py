@@ -151,16 +151,20 @@ def export_colsum(q, k, q_pos, k_pos, scale, key_bias=None) -> torch.Tensor:
     T = 1 step, mean over the g query heads of its KV head (same fp32 scores, ``finfo.min`` mask, fp32
     softmax, padding-row factor). One 4-D MatMul [B, Hk, g, D] x [B, Hk, D, S] instead of the torch
     backend's bmm over B * Hk heads, whose folded shapes the exporter builds with Shape/Mul/Concat nodes."""
+    info = step_info(q_pos)
+    return slot_probs(q, k, (k_pos >= 0) & (k_pos <= info.q_lift), scale, key_bias).mean(dim=2) * info.real
+
+
+def slot_probs(q, k, visible, scale, key_bias=None) -> torch.Tensor:
+    """[B, Hk, g, S] fp32 attention probabilities of one decode query per row over ``k`` [B, Hk, S, D] where
+    ``visible`` [B, Hk, S] (``attention_reference``'s fp32 scores, ``finfo.min`` mask, fp32 softmax)."""
     B, H, _, D = q.shape
     Hk, S = k.shape[1], k.shape[2]
     g = H // Hk
     s = torch.matmul(q.float().reshape(B, Hk, g, D), k.float().transpose(-1, -2)) * scale
     if key_bias is not None:
         s = s + key_bias.float().reshape(B, Hk, g, S)
-    info = step_info(q_pos)
-    visible = (k_pos >= 0) & (k_pos <= info.q_lift)
-    p = torch.softmax(torch.where(visible[:, :, None], s, torch.finfo(torch.float32).min), dim=-1)
-    return p.mean(dim=2) * info.real
+    return torch.softmax(torch.where(visible[:, :, None], s, torch.finfo(torch.float32).min), dim=-1)
 
 
 def h2o_decode(q, k, v, q_pos, k_pos, score, scale, heavy_n, heavy_f, recent_n, recent_f, key_bias=None):
