@@ -38,10 +38,10 @@ from tests.passes.eviction_helpers import decode_loop
 RECIPES = ["streaming(sinks=2, window=6)", "h2o(heavy=0.25, recent=0.25)", "h2o(heavy=4, recent=4)", "snapkv(budget=8)",
            "lowrank_kv(keep=0.8) + h2o(heavy=0.25, recent=0.25)"]
 PROMPT_IN_GRAPH = {"streaming(sinks=2, window=6)", "h2o(heavy=0.25, recent=0.25)", "h2o(heavy=4, recent=4)", "snapkv(budget=8)"}
-# decode.onnx derived by decode_swap.py: H2O whose decode layers keep the plain h2o_decode function, i.e. with
-# decode rows off. With decode rows (decode_slots.ROWS, the default) H2O's attention and eviction are one function,
-# not a swap of model.onnx's, and the decode graph is exported the traced way.
-SWAPPED = set() if decode_slots.ROWS else {"h2o(heavy=0.25, recent=0.25)", "h2o(heavy=4, recent=4)"}
+# decode.onnx derived by decode_swap.py: H2O whose decode layers keep the plain h2o_decode function. Decode rows
+# (decode_slots.ROWS, the default) make token-budget H2O's (recent_n >= 1) attention and eviction one function, not
+# a swap of model.onnx's, so its decode graph is exported the traced way; fraction H2O keeps its partner: a swap.
+SWAPPED = {"h2o(heavy=0.25, recent=0.25)"} | (set() if decode_slots.ROWS else {"h2o(heavy=4, recent=4)"})
 STEPS = 40
 
 
