@@ -13,7 +13,8 @@ session-run time per step and the wall time per step of the whole loop (the diff
 ``OnnxStep.__call__``, I/O binding, the runtime loop). ``--host``: a cProfile of the decode loop (the top
 functions by cumulative time) without ORT profiling; ``--bind-ab N``: decode tok/s with the
 host-side binding shortcut (``artifact.FAST_BIND``) on and off, alternating N times in one process;
-``--compare N``: decode tok/s of every artifact given, alternating N times (ratios to the first);
+``--compare N [--option SET]``: decode tok/s of every artifact given (under one option set), alternating N times
+(ratios to the first);
 ``--session-ab N --option KEY=VALUE[,KEY=VALUE] ...``: decode tok/s of the first artifact under each set of
 session options (``threads=N``, ``arena=0|1``, ``spinning=0|1`` or any ``SessionOptions`` config entry, e.g.
 ``session.disable_prepacking=1``), alternating N times, ratios to the plain options. Timings on a busy machine
@@ -154,12 +155,12 @@ def compare(folders: list, prompt: int, new: int, threads: int, rounds: int, opt
     process (medians; the first is the reference)."""
     from statistics import median
 
-    if options:
+    if len(options or ()) > 1:
         models = [load(folders[0], threads, None, o) for o in options]
         labels = [",".join(f"{k}={v}" for k, v in o.items()) or "plain" for o in options]
-    else:
-        models = [load(f, threads, None) for f in folders]
-        labels = [f"{f.parent.name}/{f.name}" for f in folders]
+    else:  # one option set (or none) for every artifact
+        models = [load(f, threads, None, (options or [{}])[0]) for f in folders]
+        labels = [str(f)[-56:] for f in folders]
     ids = prompt_ids(prompt, models[0].tokenizer)
     for m in models:
         m.generate(ids, max_new_tokens=4, eos_token_id=[])  # warm-up
@@ -195,10 +196,13 @@ def main() -> None:
     p.add_argument("--session-ab", type=int, default=0, metavar="ROUNDS",
                    help="decode tok/s of the first artifact under the plain options and each --option set, alternating ROUNDS times")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
-                   help="a set of session options for --session-ab (threads, arena, spinning, session.* config keys)")
+                   help="a set of session options for --session-ab, or the one set of --compare "
+                        "(threads, arena, spinning, session.* config keys)")
     args = p.parse_args()
-    if args.option and not args.session_ab:
-        p.error("--option needs --session-ab ROUNDS")
+    if args.option and not (args.session_ab or args.compare):
+        p.error("--option needs --session-ab ROUNDS (or --compare ROUNDS: one set, used for every artifact)")
+    if args.option and args.compare and len(args.option) > 1:
+        p.error("--compare takes one --option set (used for every artifact); several sets are for --session-ab")
     torch.set_num_threads(args.threads)
     for folder in args.artifacts:
         if not (folder / "graphwright.json").is_file():
@@ -209,7 +213,7 @@ def main() -> None:
         compare(args.artifacts[:1], args.prompt, args.new, args.threads, args.session_ab, parse_options(args.option))
         return
     if args.compare:
-        compare(args.artifacts, args.prompt, args.new, args.threads, args.compare)
+        compare(args.artifacts, args.prompt, args.new, args.threads, args.compare, parse_options(args.option)[1:])
         return
     for folder in args.artifacts:
         if not (folder / "graphwright.json").is_file():
