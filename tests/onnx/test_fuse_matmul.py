@@ -3,6 +3,7 @@
 The exact setting is the fusion itself (weights concatenated, never changed): on a hand-built graph ONNX
 Runtime gives the same outputs before and after; on an exported tiny Llama the fused artifact gives the
 same greedy tokens as the torch runtime and as an export without the fusion (logits within 1e-5).
+The fusion is off by default (``optimize.FUSE_SIBLINGS``); these tests turn it on.
 """
 
 import collections
@@ -75,12 +76,14 @@ def tiny_llama_both(tmp_path_factory):
     """tiny-llama exported with and without the fusion: (compiled, fused folder, unfused folder)."""
     root = tmp_path_factory.mktemp("fuse")
     cm = _compiled("tiny-llama")
-    gw.export_onnx(cm, root / "fused")
-    optimize.FUSE_SIBLINGS = False
+    default = optimize.FUSE_SIBLINGS
     try:
+        optimize.FUSE_SIBLINGS = True
+        gw.export_onnx(cm, root / "fused")
+        optimize.FUSE_SIBLINGS = False
         gw.export_onnx(cm, root / "plain")
     finally:
-        optimize.FUSE_SIBLINGS = True
+        optimize.FUSE_SIBLINGS = default
     return cm, root / "fused", root / "plain"
 
 

@@ -12,14 +12,16 @@ without that rule. When onnxscript's internals it relies on are missing (another
 it falls back to the exporter's own ``ONNXProgram.optimize()``: slower, never wrong.
 
 After the exporter's fusions, ``fuse_matmul.fuse_sibling_matmuls`` merges the MatMuls that share an
-activation (q/k/v, gate/up) into one MatMul and a Split (``FUSE_SIBLINGS``; exact, see that module).
+activation (q/k/v, gate/up) into one MatMul and a Split when ``FUSE_SIBLINGS`` is on (off by default; exact, see that module).
 """
 
 from __future__ import annotations
 
 # Rules skipped: multi-output patterns (quadratic in the node count with onnxscript's matcher).
 SKIPPED_RULES = frozenset({"SlicesSplit"})
-FUSE_SIBLINGS = True  # fuse_matmul.py: q/k/v and gate/up MatMuls -> one MatMul + Split (False: the exporter's graph)
+# fuse_matmul.py: q/k/v and gate/up MatMuls -> one MatMul + Split. Off by default: exact, but its decode gain was
+# not resolved on a loaded machine (process CPU per step 1.00x-1.05x); A/B on an idle one with bench/fuse_artifact.py
+FUSE_SIBLINGS = False
 STEPS = 2  # rounds of folding + rewrite rules (the exporter's own value); early stop when a round changes nothing
 
 
