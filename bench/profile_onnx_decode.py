@@ -13,7 +13,13 @@ session-run time per step and the wall time per step of the whole loop (the diff
 ``OnnxStep.__call__``, I/O binding, the runtime loop). ``--host``: a cProfile of the decode loop (the top
 functions by cumulative time) without ORT profiling; ``--bind-ab N``: decode tok/s with the
 host-side binding shortcut (``artifact.FAST_BIND``) on and off, alternating N times in one process;
-``--compare N``: decode tok/s of every artifact given, alternating N times (ratios to the first). Timings on a busy machine are indicative only.
+``--compare N [--option SET]``: decode tok/s of every artifact given (under one option set), alternating N times
+(ratios to the first);
+``--session-ab N --option KEY=VALUE[,KEY=VALUE] ...``: decode tok/s of the first artifact under each set of
+session options (``threads=N``, ``arena=0|1``, ``spinning=0|1`` or any ``SessionOptions`` config entry, e.g.
+``session.disable_prepacking=1``), alternating N times, ratios to the plain options. Timings on a busy machine
+are indicative only; the CPU ms/step column (process CPU time) is the less load-sensitive one, except
+across ``spinning`` settings (a spinning thread burns CPU while it waits: compare tok/s there, on an idle machine).
 """
 
 from __future__ import annotations
@@ -37,13 +43,24 @@ def prompt_ids(length: int, tokenizer) -> torch.Tensor:
     return tokenizer(text[: 8 * length], return_tensors="pt", add_special_tokens=False).input_ids[:, :length]
 
 
-def load(folder: Path, threads: int, profile_prefix: str | None):
+def load(folder: Path, threads: int, profile_prefix: str | None, options: dict | None = None):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.enable_cpu_mem_arena = False  # as bench_decode.py
     so.intra_op_num_threads = threads
+    for key, value in (options or {}).items():
+        if key == "threads":
+            so.intra_op_num_threads = int(value)
+        elif key == "arena":
+            so.enable_cpu_mem_arena = value == "1"
+        elif key == "spinning":
+            so.add_session_config_entry("session.intra_op.allow_spinning", value)
+        elif key.startswith("session.") or key.startswith("optimization."):
+            so.add_session_config_entry(key, value)
+        else:
+            raise SystemExit(f"--option {key}={value}: unknown; use threads, arena, spinning or a session config key (session.*)")
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
@@ -122,11 +139,28 @@ def bind_ab(folder: Path, prompt: int, new: int, threads: int, rounds: int) -> N
           f"({rounds} alternating rounds)")
 
 
-def compare(folders: list, prompt: int, new: int, threads: int, rounds: int) -> None:
-    """Decode tok/s of every artifact, alternating in this process (medians; the first folder is the reference)."""
+def parse_options(texts: list) -> list:
+    """``["threads=1,spinning=0", ...]`` -> ``[{}, {"threads": "1", "spinning": "0"}, ...]`` (the plain options first)."""
+    sets = [{}]
+    for text in texts:
+        pairs = [p for p in text.split(",") if p]
+        if any("=" not in p for p in pairs):
+            raise SystemExit(f"--option {text!r}: expected KEY=VALUE[,KEY=VALUE]")
+        sets.append(dict(p.split("=", 1) for p in pairs))
+    return sets
+
+
+def compare(folders: list, prompt: int, new: int, threads: int, rounds: int, options: list | None = None) -> None:
+    """Decode tok/s of every artifact (or of ``folders[0]`` under each of ``options``), alternating in this
+    process (medians; the first is the reference)."""
     from statistics import median
 
-    models = [load(f, threads, None) for f in folders]
+    if len(options or ()) > 1:
+        models = [load(folders[0], threads, None, o) for o in options]
+        labels = [",".join(f"{k}={v}" for k, v in o.items()) or "plain" for o in options]
+    else:  # one option set (or none) for every artifact
+        models = [load(f, threads, None, (options or [{}])[0]) for f in folders]
+        labels = [str(f)[-56:] for f in folders]
     ids = prompt_ids(prompt, models[0].tokenizer)
     for m in models:
         m.generate(ids, max_new_tokens=4, eos_token_id=[])  # warm-up
@@ -141,10 +175,10 @@ def compare(folders: list, prompt: int, new: int, threads: int, rounds: int) -> 
             g.append(m.last_stats["decode_tokens_per_s"])
             c.append(((t2 - t1) - (t1 - t0)) / (new - 1) * 1e3)  # process CPU ms per decode step (all threads)
     ref, ref_cpu = median(got[0]), median(cpu[0])
-    print(f"decode, prompt {prompt}, {new} new tokens, {rounds} alternating rounds (medians; ratios to {folders[0].name}); "
+    print(f"decode, prompt {prompt}, {new} new tokens, {rounds} alternating rounds (medians; ratios to {labels[0]}); "
           "CPU ms/step: process CPU time per decode step, all threads (less sensitive to other load than wall time)")
-    for f, g, c in zip(folders, got, cpu):
-        print(f"  {f.parent.name}/{f.name:<46} {median(g):7.2f} tok/s x{median(g) / ref:.3f} | CPU {median(c):7.2f} ms/step "
+    for label, g, c in zip(labels, got, cpu):
+        print(f"  {label:<56} {median(g):7.2f} tok/s x{median(g) / ref:.3f} | CPU {median(c):7.2f} ms/step "
               f"x{ref_cpu / median(c):.3f} | runs {[round(x, 2) for x in g]}")
 
 
@@ -159,13 +193,27 @@ def main() -> None:
                    help="A/B the host-side binding (artifact.FAST_BIND on/off), alternating ROUNDS times")
     p.add_argument("--compare", type=int, default=0, metavar="ROUNDS",
                    help="decode tok/s of all artifacts, alternating ROUNDS times in this process (ratios to the first)")
+    p.add_argument("--session-ab", type=int, default=0, metavar="ROUNDS",
+                   help="decode tok/s of the first artifact under the plain options and each --option set, alternating ROUNDS times")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="a set of session options for --session-ab, or the one set of --compare "
+                        "(threads, arena, spinning, session.* config keys)")
     args = p.parse_args()
+    if args.option and not (args.session_ab or args.compare):
+        p.error("--option needs --session-ab ROUNDS (or --compare ROUNDS: one set, used for every artifact)")
+    if args.option and args.compare and len(args.option) > 1:
+        p.error("--compare takes one --option set (used for every artifact); several sets are for --session-ab")
     torch.set_num_threads(args.threads)
     for folder in args.artifacts:
         if not (folder / "graphwright.json").is_file():
             raise SystemExit(f"{folder}: not an exported artifact (no graphwright.json)")
+    if args.session_ab:
+        if not args.option:
+            p.error("--session-ab needs at least one --option set to compare with the plain options")
+        compare(args.artifacts[:1], args.prompt, args.new, args.threads, args.session_ab, parse_options(args.option))
+        return
     if args.compare:
-        compare(args.artifacts, args.prompt, args.new, args.threads, args.compare)
+        compare(args.artifacts, args.prompt, args.new, args.threads, args.compare, parse_options(args.option)[1:])
         return
     for folder in args.artifacts:
         if not (folder / "graphwright.json").is_file():
