@@ -28,7 +28,16 @@ from graphwright.eval.stats import bootstrap_mean, paired_difference
 SAME_ALGORITHM = {"dense": "dense", "SnapKV": "snapkv", "StreamingLLM": "evict(score=knorm,sinks=4)",
                   "KeyRerotation(StreamingLLM)": "streaming(sinks=4)", "AdaKV(SnapKV)": "snapkv(heads=adaptive)",
                   "TOVA": "evict(score=tova,when=prefill)", "Knorm": "evict(score=knorm)", "KeyDiff": "evict(score=keydiff)",
-                  "ExpectedAttention": "evict(score=expected_attention)", "DuoAttention(graphwright heads)": "duo(sinks=4,window=256)"}
+                  "ExpectedAttention": "evict(score=expected_attention)", "DuoAttention(graphwright heads)": "duo(sinks=4,window=256)",
+                  "ChunkKV(SnapKV)": "evict(score=chunkkv)", "PyramidKV": "snapkv(pyramid=20)"}
+# pairs whose algorithms differ in a documented detail (README-kvpress "Nearest twins"): compared all the same, marked
+# "nearest" in the table. ChunkKV: kvpress chunks the whole prompt (its observation window scored max, so the window's
+# chunks win; 13 of 52 chunks = 244 tokens at 25%), graphwright always keeps the window and chunks the rest (11 chunks +
+# 32 = 252). PyramidKV: at beta 20 kvpress falls back to SnapKV unless k_min = S(1-r)/beta >= the window (here it always
+# does), graphwright runs the official schedule (ALGORITHMS-2 section 4). KeyRerotation(StreamingLLM): streaming evicts
+# at every step. AdaKV: kvpress's safeguard forces int(0.2 n_kept) top tokens per head (window included), the official
+# rule (graphwright's) mixes n_h <- round(0.8 n_h + 0.2 C) (bench/kvpress_adakv_kept.py shows it is the only difference).
+NEAREST = {"ChunkKV(SnapKV)", "PyramidKV", "KeyRerotation(StreamingLLM)", "AdaKV(SnapKV)"}
 
 
 def family(method: str) -> str:
@@ -78,7 +87,7 @@ def summarise(raw: dict, seed: int = 0) -> list:
         dense = next((v for (m, _, _), v in groups.items() if m == "dense"), None)
         dense_by_id = {r["id"]: r for r in dense} if dense else {}
         for (method, budget, mode), rs in groups.items():
-            twin = _twin(ours, side, method, budget) if mode == "aware" else None
+            twin = _twin(ours, side, method, budget, mode)
             lengths = sorted({r["length"] for r in rs})
             for length in lengths + (["all"] if len(lengths) > 1 else []):
                 pick = [r for r in rs if length == "all" or r["length"] == length]
@@ -104,13 +113,13 @@ def summarise(raw: dict, seed: int = 0) -> list:
     return table
 
 
-def _twin(ours_groups, side, method, budget):
-    """graphwright's rows for the same algorithm and budget as a kvpress press (None when there is none)."""
+def _twin(ours_groups, side, method, budget, mode="aware"):
+    """graphwright's rows for the same algorithm, budget and mode as a kvpress press (None when there is none)."""
     fam = SAME_ALGORITHM.get(method) if side == "kvpress" else None
     if fam is None:
         return None
-    for (m, b, _), rs in ours_groups.items():
-        if (label(m) if m != "dense" else "dense") == fam and b == budget:
+    for (m, b, md), rs in ours_groups.items():
+        if (label(m) if m != "dense" else "dense") == fam and b == budget and md == mode:
             return rs
     return None
 
@@ -144,21 +153,20 @@ def to_markdown(result: dict) -> str:
 
 
 def pairs(result: dict, seed: int = 0) -> list:
-    """Each kvpress press beside its graphwright twin (``SAME_ALGORITHM``) at the same budget, aware, per length, on the
+    """Each kvpress press beside its graphwright twin (``SAME_ALGORITHM``) at the same budget and mode, per length, on the
     cases both sides answered: both accuracies with 95% bootstrap intervals, the paired difference (graphwright -
-    kvpress), identical answers and the mean bytes held."""
+    kvpress), identical answers and the mean bytes held; ``nearest`` for the pairs of ``NEAREST``."""
     raw = result["raw"]
     ours: dict = {}
     for r in raw.get("graphwright", []):
-        if r["mode"] == "aware":
-            ours.setdefault(("dense" if r["method"] == "dense" else label(r["method"]), r["budget"], r["length"]), {})[r["id"]] = r
+        ours.setdefault(("dense" if r["method"] == "dense" else label(r["method"]), r["budget"], r["length"], r["mode"]), {})[r["id"]] = r
     theirs: dict = {}
     for r in raw.get("kvpress", []):
-        if r["mode"] == "aware" and r["method"] in SAME_ALGORITHM:
-            theirs.setdefault((r["method"], r["budget"], r["length"]), {})[r["id"]] = r
+        if r["method"] in SAME_ALGORITHM:
+            theirs.setdefault((r["method"], r["budget"], r["length"], r["mode"]), {})[r["id"]] = r
     out = []
-    for (method, budget, length), kv in theirs.items():
-        gw = ours.get((SAME_ALGORITHM[method], budget, length), {})
+    for (method, budget, length, mode), kv in theirs.items():
+        gw = ours.get((SAME_ALGORITHM[method], budget, length, mode), {})
         ids = sorted(set(kv) & set(gw))
         if not ids:
             continue
@@ -166,22 +174,25 @@ def pairs(result: dict, seed: int = 0) -> list:
         b = [float(gw[i]["correct"]) for i in ids]
         same = [kv[i]["new_ids"] == gw[i]["new_ids"] if "new_ids" in gw[i] else kv[i]["answer"] == gw[i]["answer"] for i in ids]
         ka, ga, d = bootstrap_mean(a, seed), bootstrap_mean(b, seed), paired_difference(a, b, seed)
-        out.append({"press": method, "twin": gw[ids[0]]["method"], "budget": budget, "length": length, "n": len(ids),
+        out.append({"press": method, "twin": gw[ids[0]]["method"], "nearest": method in NEAREST, "mode": mode, "budget": budget,
+                    "length": length, "n": len(ids),
                     "kvpress": ka, "graphwright": ga, "delta": d, "identical": int(sum(same)),
                     "differ": [i for i, x in zip(ids, same) if not x],
                     "kvpress_bytes": float(np.mean([kv[i]["cache_bytes"] for i in ids])),
                     "graphwright_bytes": float(np.mean([gw[i]["cache_bytes"] for i in ids]))})
-    return sorted(out, key=lambda p: (str(p["length"]), p["press"] != "dense", p["press"], -(p["budget"] or 1)))
+    return sorted(out, key=lambda p: (str(p["length"]), p["mode"], p["press"] != "dense", p["press"], -(p["budget"] or 1)))
 
 
 def pairs_markdown(result: dict) -> str:
     ci = lambda x: f"{x['mean']:.2f} [{x['lo']:.2f}, {x['hi']:.2f}]"  # noqa: E731
-    lines = ["| kvpress press | graphwright twin | budget | length | n | kvpress accuracy [95% CI] | graphwright accuracy [95% CI] | "
+    lines = ["| kvpress press | graphwright twin | mode | budget | length | n | kvpress accuracy [95% CI] | graphwright accuracy [95% CI] | "
              "graphwright - kvpress [95% CI] | identical answers | kvpress MiB | graphwright MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in result.get("pairs", []):
         d = p["delta"]
-        lines.append(f"| `{p['press']}` | `{p['twin']}` | {_f(p['budget'], '{:g}')} | {p['length']} | {p['n']} | {ci(p['kvpress'])} | "
+        twin = f"`{p['twin']}`" + (" (nearest)" if p.get("nearest") else "")
+        lines.append(f"| `{p['press']}` | {twin} | {p.get('mode', 'aware')} | {_f(p['budget'], '{:g}')} | {p['length']} | {p['n']} | "
+                     f"{ci(p['kvpress'])} | "
                      f"{ci(p['graphwright'])} | {d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] | {p['identical']} of {p['n']} | "
                      f"{p['kvpress_bytes'] / 2**20:.2f} | {p['graphwright_bytes'] / 2**20:.2f} |")
     return "\n".join(lines) + "\n"
@@ -227,5 +238,5 @@ def write_report(result: dict, out) -> list:
     js.write_text(json.dumps(result, indent=1, default=str))
     md.write_text(to_markdown(result) + "\nEach kvpress press beside graphwright's implementation of the same algorithm, on the "
                   "cases both sides answered (identical answers: equal answer token ids, or equal text for rows imported from "
-                  "the suite):\n\n" + pairs_markdown(result))
+                  "the suite; nearest: the algorithms differ in a detail bench/README-kvpress.md names):\n\n" + pairs_markdown(result))
     return [js, md, plot(result, out / "kvpress_side_by_side.png")]

@@ -13,9 +13,9 @@ templates filled per length with ``{budget}`` (tokens = round(fraction x prompt 
 setting, run once (budget None; its bytes say where it stands); kvpress gets ``compression_ratio =
 1 - fraction``. The kvpress side runs in a subprocess of ``bench/.venv-kvpress`` (``bench/kvpress_worker.py``)
 on the very same weights, written once as a safetensors folder (``save_pretrained`` of the model graphwright
-loaded). Modes: ``aware`` compresses the whole prompt (question included); ``agnostic`` compresses the
-context only (kvpress's ``question=``); graphwright has no compressed-context API yet (issue 20 item 2),
-so its recipes run ``aware`` only (a snapkv observation window then covers the question).
+loaded). Modes: ``aware`` compresses the whole prompt (question included; a snapkv observation window then covers
+the question); ``agnostic`` compresses the context only (kvpress's ``question=``; graphwright's ``cm.prefill(context)``
+then ``cm.generate(question, context=ctx)``).
 
 Reported per side, method, mode and budget (``kvpress_report``): needle accuracy with a seeded 95% bootstrap
 interval, the paired difference from the same side's dense run on the same cases, and the cache bytes held
@@ -40,7 +40,7 @@ sys.path.insert(0, str(HERE))
 
 DEFAULT_RECIPES = ["snapkv(budget={budget})", "h2o(heavy={half}, recent={half})", "streaming(sinks=4, window={window})"]
 DEFAULT_PRESSES = ["SnapKV", "ObservedAttention", "ExpectedAttention", "TOVA", "Knorm", "KeyDiff", "StreamingLLM", "KeyRerotation(StreamingLLM)",
-                   "AdaKV(SnapKV)", "DuoAttention", "DuoAttention(graphwright heads)"]
+                   "AdaKV(SnapKV)", "ChunkKV(SnapKV)", "PyramidKV", "CriticalKV(SnapKV)", "DuoAttention", "DuoAttention(graphwright heads)"]
 MODES = ("aware", "agnostic")
 KVPRESS_PY = HERE / ".venv-kvpress" / "bin" / "python"
 SETUP = ("the kvpress side needs its own environment {py} (kvpress 0.5.5, CPU torch; never a graphwright dependency).\n"

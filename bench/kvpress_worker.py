@@ -16,7 +16,8 @@ the first answer token comes from that forward pass, whose logits are dense).
 Resumable: with ``spec["journal"]`` (a JSONL path) every finished case is appended at once as
 ``{"key": {...}, "row": {...}}``, keyed by model folder, press, budget, mode, case id, a sha256 of the case's token ids and
 split, max_new_tokens and ``WORKER_VERSION`` + the kvpress version; a rerun skips the keys already there (a torn last
-line from a killed run is cut off and that case runs again).
+line from a killed run is cut off and that case runs again) and the keys the other ``kvpress_answers*.jsonl`` journals in
+the same folder hold (``sibling_answers``, read only), so a new spec never answers a case another worker has.
 
 Bytes: after the compression forward pass, the sum of ``untyped_storage().nbytes()`` over the distinct
 storages of every tensor reachable from the cache object (so presses that mask instead of evicting, such as
@@ -30,6 +31,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -72,6 +74,12 @@ def _presses(spec=None):
         # kept keys re-rotated to their cache index and later tokens placed after the kept ones (as graphwright's streaming)
         "KeyRerotation(StreamingLLM)": lambda r: kp.KeyRerotationPress(kp.StreamingLLMPress(compression_ratio=r, n_sink=4)),
         "AdaKV(SnapKV)": lambda r: kp.AdaKVPress(kp.SnapKVPress(compression_ratio=r, window_size=SNAPKV_WINDOW, kernel_size=5)),
+        # chunks of 20 of SnapKV's scores (the observation window scored max, so its chunks win), shared by all heads
+        "ChunkKV(SnapKV)": lambda r: kp.ChunkKVPress(kp.SnapKVPress(compression_ratio=r, window_size=SNAPKV_WINDOW, kernel_size=5),
+                                                     chunk_length=20),
+        # beta 20 (the paper's); kvpress falls back to SnapKV unless S >= k_max >= k_min >= window (ALGORITHMS-2 section 4)
+        "PyramidKV": lambda r: kp.PyramidKVPress(compression_ratio=r, window_size=SNAPKV_WINDOW, kernel_size=5, beta=20),
+        "CriticalKV(SnapKV)": lambda r: kp.CriticalKVPress(kp.SnapKVPress(compression_ratio=r, window_size=SNAPKV_WINDOW, kernel_size=5)),
         "DuoAttention": duo,
     }
 
@@ -174,6 +182,25 @@ def load_journal(path) -> dict:
     return out
 
 
+def sibling_answers(path) -> dict:
+    """``{key: row}`` of the other workers' journals beside ``path`` (``kvpress_answers*.jsonl`` in its folder), read only:
+    a torn last line (a worker still writing) is skipped, never cut off. A worker skips these keys too, so a new spec
+    over presses and cases other journals already hold answers only what none of them has."""
+    if path is None:
+        return {}
+    out = {}
+    for f in sorted(Path(path).parent.glob("kvpress_answers*.jsonl")):
+        if f.resolve() == Path(path).resolve():
+            continue
+        for ln in f.read_text().split("\n"):
+            try:
+                rec = json.loads(ln)
+                out.setdefault(json.dumps(rec["key"], sort_keys=True), rec["row"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # an empty or torn line
+    return out
+
+
 def append_journal(path, key: str, row: dict) -> None:
     """One line ``{"key", "row"}``, flushed and fsynced before the next case starts."""
     with open(path, "a") as f:
@@ -192,7 +219,7 @@ def run(spec: dict, out_path=None) -> dict:
     eos = set(spec["eos"])
     kv_version = _kvpress_version()
     journal_path = spec.get("journal")
-    done = load_journal(journal_path)
+    done = sibling_answers(journal_path) | load_journal(journal_path)
     rows, errors = [], {}
     # spec["dense"] False leaves the dense run out (a worker started beside another that runs it)
     jobs = [("dense", None, "aware")] * bool(spec.get("dense", True)) + [

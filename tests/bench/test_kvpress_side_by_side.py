@@ -239,7 +239,9 @@ def test_labels_tell_methods_of_one_pass_apart():
         "snapkv(budget={budget})", "snapkv(budget={budget}, heads='adaptive')", "streaming(sinks=4, window={window})",
         "evict(score='tova', when='prefill', budget={budget})", "evict(score='knorm', budget={budget})",
         "evict(score='expected_attention', budget={budget})", "duo(sinks=4, window=256)",
-        "evict(score='knorm', budget={budget}, sinks=4, window={window})", "evict(score='keydiff', budget={budget})")}
+        "evict(score='knorm', budget={budget}, sinks=4, window={window})", "evict(score='keydiff', budget={budget})",
+        "evict(score='chunkkv', budget={budget})", "snapkv(budget={budget}, pyramid=20)")}
+    assert rep.NEAREST <= set(rep.SAME_ALGORITHM)
     assert rep.label("evict(score='knorm', budget={budget}, sinks=4, window={window})") == "evict(score=knorm,sinks=4)"
 
 
@@ -258,6 +260,13 @@ def test_twin_pairs_a_press_with_its_own_counterpart_only():
     ours[2] = {k: v for k, v in ours[2].items() if k != "new_ids"}
     rows = {(r["side"], r["method"]): r for r in rep.summarise({"graphwright": ours, "kvpress": theirs})}
     assert rows[("kvpress", "SnapKV")]["same_answers_as_graphwright"] == 1.0
+    # pairs: per mode (an agnostic press meets the agnostic twin only), AdaKV marked nearest (its split rule differs)
+    agn = lambda rows: [{**r, "mode": "agnostic", "new_ids": [7]} for r in rows]  # noqa: E731
+    ps = {(p["press"], p["mode"]): p for p in rep.pairs({"raw": {"graphwright": ours + agn(ours[2:4]), "kvpress": theirs + agn(theirs[2:4])}})}
+    assert set(ps) == {("dense", "aware"), ("SnapKV", "aware"), ("AdaKV(SnapKV)", "aware"), ("SnapKV", "agnostic")}
+    assert ps[("SnapKV", "agnostic")]["identical"] == 2 and ps[("SnapKV", "aware")]["identical"] == 2
+    assert ps[("AdaKV(SnapKV)", "aware")]["nearest"] and not ps[("SnapKV", "aware")]["nearest"]
+    assert ps[("AdaKV(SnapKV)", "aware")]["identical"] == 1
 
 
 def test_kvpress_journals_of_parallel_workers_are_merged(tmp_path, monkeypatch):
@@ -365,3 +374,75 @@ def test_first_answers_a_spread_prefix_and_reuses_measured_bytes(tmp_path, monke
     for r in rows:
         by.setdefault(r["key"]["recipe"], set()).add(r["row"]["cache_bytes"])
     assert all(len(v) == 1 for v in by.values()) and by["snapkv(budget=192)"] == {192 * 2 * 2 * 2 * 16 * 4}
+
+
+def test_worker_skips_what_other_journals_in_its_folder_hold(tmp_path, monkeypatch):
+    """A new spec (its own journal) answers only the cases no sibling journal holds; a sibling's torn line stays."""
+    worker = _load("kvpress_worker")
+    monkeypatch.setitem(sys.modules, "kvpress", type(sys)("kvpress"))
+    monkeypatch.setattr(worker, "_kvpress_version", lambda: "0.0-test")
+    monkeypatch.setattr(worker, "_load", lambda folder, attn: None)
+    monkeypatch.setattr(worker, "_presses", lambda spec=None: {"Fake": lambda ratio: None})
+    calls = []
+    monkeypatch.setattr(worker, "answer", lambda model, press, ids, *a: (calls.append(ids[0]), ([ids[0]], 8, 3))[1])
+    cases = [{"id": f"c{i}", "ids": [i, 1, 2], "split": 3} for i in range(3)]
+    spec = {"model": "m", "model_dir": "unused", "presses": ["Fake"], "budgets": [0.5], "modes": ["aware"], "max_new_tokens": 2,
+            "eos": [], "dense": False}
+    worker.run({**spec, "cases": cases[:2], "journal": str(tmp_path / "kvpress_answers.a.jsonl")})
+    assert calls == [0, 1]
+    torn = tmp_path / "kvpress_answers.b.jsonl"
+    torn.write_text('{"key": {"half')
+    calls.clear()
+    rows = worker.run({**spec, "cases": cases, "journal": str(tmp_path / "kvpress_answers.c.jsonl")})["rows"]
+    assert calls == [2] and [r["id"] for r in rows] == ["c0", "c1", "c2"]
+    assert torn.read_text() == '{"key": {"half'  # another worker's file is never cut
+    assert len((tmp_path / "kvpress_answers.c.jsonl").read_text().splitlines()) == 1
+
+
+def _kvpress_adakv_loop(scores, window, n_kept, alpha):
+    """kvpress AdaKVPress's rule as a loop over a full-length [Hk, S] score (the window last, scored above everything):
+    each head's top int(alpha * n_kept) are forced, then the layer keeps its top Hk * n_kept entries."""
+    hk, S = scores.shape
+    s = [[float(scores[h, j]) for j in range(S - window)] + [1e9] * window for h in range(hk)]
+    n_safe = max(1, int(n_kept * alpha)) if alpha > 0 else 0
+    for h in range(hk):
+        for j in sorted(range(S), key=lambda j: (-s[h][j], j))[:n_safe]:
+            s[h][j] = float("inf")
+    entries = sorted(((-s[h][j], h * S + j) for h in range(hk) for j in range(S)))[:hk * n_kept]
+    keep = torch.zeros(hk, S, dtype=torch.bool)
+    for _, f in entries:
+        keep[f // S, f % S] = True
+    return keep
+
+
+def test_adakv_split_rules_of_kvpress_and_the_official_code():
+    """bench/kvpress_adakv_kept.py: kvpress's split (forced top share, then a global top-k) against a loop over its rule; the
+    official safeguard (graphwright's) gives every head more of a floor and the two part on dispersed scores."""
+    kept = _load("kvpress_adakv_kept")
+    from graphwright.ops.adakv_ref import adaptive_counts
+
+    g = torch.Generator().manual_seed(0)
+    window = 4
+    for trial in range(6):
+        hk, S, c = 3, 40, [6, 10, 16][trial % 3]
+        scale = torch.tensor([[1.0], [0.05], [3.0]]) if trial % 2 else torch.ones(hk, 1)
+        scores = torch.rand(hk, S, generator=g) * scale
+        cand = torch.zeros(hk, S, dtype=torch.bool)
+        cand[:, :S - window] = True
+        for alpha in (0.0, 0.2, 0.5, 1.0):
+            counts = kept.kvpress_counts(scores, cand, c, alpha, window=window)
+            loop = _kvpress_adakv_loop(scores, window, c + window, alpha)
+            assert loop[:, S - window:].all()
+            assert counts == loop[:, :S - window].sum(-1).tolist()
+            assert torch.equal(kept.keep_from_counts(scores, cand, counts), loop & cand)
+            assert sum(counts) == hk * c
+            assert kept.ffy0_counts(scores, cand, c, alpha) == adaptive_counts(scores, cand, c, alpha)
+        # floor 0: both are the global top-k
+        assert kept.kvpress_counts(scores, cand, c, 0.0, window=window) == kept.ffy0_counts(scores, cand, c, 0.0)
+    # one head holds all the mass: kvpress leaves the others int(0.2 * (c + w)) - w = 19 prefix tokens, the official
+    # rule round(0.2 * c) = 45 (c = 224, w = 32: the 25% cell at 1,024 tokens)
+    scores = torch.full((3, 1000), 1e-3)
+    scores[0] = 1.0
+    cand = torch.ones(3, 1000, dtype=torch.bool)
+    assert kept.kvpress_counts(scores, cand, 224, 0.2, window=32) == [634, 19, 19]
+    assert kept.ffy0_counts(scores, cand, 224, 0.2) == [582, 45, 45]
