@@ -122,3 +122,24 @@ def test_a_failed_child_leaves_the_export_to_this_process(tmp_path, monkeypatch)
     note = meta["export"]["notes"]["decode_process"]
     assert note.startswith("failed (RuntimeError: FileNotFoundError") and note.endswith("exported here"), note
     assert meta["verification"]["passed"] and (tmp_path / "out" / "decode.onnx").exists()
+
+
+def test_verification_with_a_precomputed_reference(tmp_path):
+    """``export_onnx`` computes the torch side of the verification while the child works (``torch_reference``):
+    the result equals the interleaved run's; the reference is what the artifact is compared with; a reference for
+    other probe arguments is refused."""
+    from graphwright.codegen.onnx.artifact import OnnxStep
+    from graphwright.codegen.onnx.export import torch_reference, verify_artifact
+
+    cm = gw.compile(_tiny("tiny-llama"), recipe=H2O, verify=False)
+    out = gw.export_onnx(cm, tmp_path / "out", verify=False)
+    meta = json.loads((out / "graphwright.json").read_text())
+    step = OnnxStep.from_metadata(out / "model.onnx", meta, providers=["CPUExecutionProvider"])
+    ref = torch_reference(cm, 2, 64)
+    assert verify_artifact(cm, step, 2, 64, reference=ref) == verify_artifact(cm, step, 2, 64)
+    with pytest.raises(ValueError, match="reference computed for 2 decode steps"):
+        verify_artifact(cm, step, 3, 64, reference=ref)
+    step_in, logits = ref["steps"][1]
+    ref["steps"][1] = (step_in, logits + 0.5)  # the first decode step's torch logits
+    with pytest.raises(gw.GraphwrightError, match="failed at decode step 1"):
+        verify_artifact(cm, step, 2, 64, reference=ref)

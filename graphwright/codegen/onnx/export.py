@@ -479,32 +479,56 @@ def probe_extras(extras, mask) -> dict:
 
 
 @torch.inference_mode()
-def verify_artifact(cm, onnx_step, decode_steps: int = 3, max_probe_tokens: int = MAX_PROBE) -> dict:
-    """Run the artifact and the torch step graph side by side: prefill (all positions) then
-    ``decode_steps`` greedy decode steps on the torch tokens; each keeps its own state. The prompt
-    crosses the model's and the recipe's largest window / budget up to ``max_probe_tokens``
-    (``export_probe.py``). Raises ``GraphwrightError`` naming the step when max |dlogit| exceeds
-    the dtype's tolerance."""
+def torch_reference(cm, decode_steps: int = 3, max_probe_tokens: int = MAX_PROBE) -> dict:
+    """The torch side of ``verify_artifact``: the probe (``export_probe.py``) run through the torch runtime's step,
+    prefill then ``decode_steps`` greedy steps; each step's inputs and logits. It does not need the artifact, so
+    ``export_onnx`` computes it while a child process still exports ``decode.onnx`` (``decode_process.py``)."""
     sg = cm.step_graph
     torch_step = cm._step  # the lowered module the torch runtime runs
-    tol = TOLERANCE.get(sg.info.dtype, 1e-3)
     lengths, reach = probe_lengths(sg, cm.recipe, max_probe_tokens)
     ids, mask = probe(sg.info.vocab_size, lengths)
     B, T = ids.shape
     pos = positions_from_mask(mask)
     st_t = cm.runtime_graph.init_state(B)  # what the torch step runs (sliding layers bounded: its own state layout)
-    st_o = sg.init_state(B)
-    diffs = []
-    real = mask.bool()
     extras = probe_extras(sg.extra_inputs, mask)
     step_in = (ids, pos, torch.arange(T))
     chunk = sg.notes.get("prefill_chunk")  # evict(block=N): the prompt runs as blocks of N, as the runtime runs it
+    steps = []
     for step in range(decode_steps + 1):
         if step == 0 and chunk and T > chunk:
             lt, st_t = _prompt_in_blocks(torch_step, ids, pos, chunk, st_t, extras)
-            lo, st_o = _prompt_in_blocks(onnx_step, ids, pos, chunk, st_o, extras)
         else:
             lt, st_t = torch_step(*step_in, st_t, **extras)
+        steps.append((step_in, lt))
+        nxt = lt[:, -1].argmax(-1, keepdim=True)
+        step_in = (nxt, step_in[1][:, -1:] + 1, torch.zeros(1, dtype=torch.long))
+    return {"steps": steps, "mask": mask, "extras": extras, "chunk": chunk, "reach": reach, "decode_steps": decode_steps,
+            "max_probe_tokens": max_probe_tokens}
+
+
+@torch.inference_mode()
+def verify_artifact(cm, onnx_step, decode_steps: int = 3, max_probe_tokens: int = MAX_PROBE, reference: dict | None = None) -> dict:
+    """Run the artifact and the torch step graph side by side: prefill (all positions) then
+    ``decode_steps`` greedy decode steps on the torch tokens; each keeps its own state. The prompt
+    crosses the model's and the recipe's largest window / budget up to ``max_probe_tokens``
+    (``export_probe.py``). Raises ``GraphwrightError`` naming the step when max |dlogit| exceeds
+    the dtype's tolerance. ``reference``: ``torch_reference``'s result for the same arguments (computed here
+    when None); the artifact's steps are fed the same inputs either way."""
+    sg = cm.step_graph
+    tol = TOLERANCE.get(sg.info.dtype, 1e-3)
+    ref = reference if reference is not None else torch_reference(cm, decode_steps, max_probe_tokens)
+    if (ref["decode_steps"], ref["max_probe_tokens"]) != (decode_steps, max_probe_tokens):
+        raise ValueError(f"reference computed for {ref['decode_steps']} decode steps / {ref['max_probe_tokens']} tokens, "
+                         f"not {decode_steps} / {max_probe_tokens}")
+    mask, extras, chunk = ref["mask"], ref["extras"], ref["chunk"]
+    B, T = mask.shape
+    st_o = sg.init_state(B)
+    diffs = []
+    real = mask.bool()
+    for step, (step_in, lt) in enumerate(ref["steps"]):
+        if step == 0 and chunk and T > chunk:
+            lo, st_o = _prompt_in_blocks(onnx_step, step_in[0], step_in[1], chunk, st_o, extras)
+        else:
             lo, st_o = onnx_step(*step_in, st_o, **extras)
         if lo.shape != lt.shape:
             raise GraphwrightError(f"ONNX verification failed at {'prefill' if step == 0 else f'decode step {step}'}: "
@@ -517,10 +541,9 @@ def verify_artifact(cm, onnx_step, decode_steps: int = 3, max_probe_tokens: int 
         if not diff <= tol:  # also catches NaN
             raise GraphwrightError(f"ONNX verification failed at {name}: max |logit difference| {diff:.3g} > {tol:g} "
                                    f"(batch {B}, left-padded, {sg.info.dtype})")
-        nxt = lt[:, -1].argmax(-1, keepdim=True)
-        step_in = (nxt, step_in[1][:, -1:] + 1, torch.zeros(1, dtype=torch.long))
     return {"passed": True, "tolerance": tol, "max_abs_logit_diff": max(d["max_abs_logit_diff"] for d in diffs),
-            "steps": diffs, "probe": {"batch": B, "prompt_lengths": [int(x) for x in mask.sum(1)], "decode_steps": decode_steps, **reach}}
+            "steps": diffs, "probe": {"batch": B, "prompt_lengths": [int(x) for x in mask.sum(1)], "decode_steps": decode_steps,
+                                      **ref["reach"]}}
 
 
 def _prompt_in_blocks(step, ids, pos, chunk: int, state, extras):
@@ -644,6 +667,10 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
         finally:
             if job is not None:  # the child may now save decode.onnx with its weights in model.onnx.data (or stop)
                 job.model_saved(ok=saved)
+        reference = None
+        if job is not None and verify:  # this core would wait for the child: the torch side of the verification now
+            with phases("verify_reference"):
+                reference = torch_reference(cm, verify_steps, verify_tokens)
         appends = prompt.pop("appends", None) or {}
         unstitched = prompt.pop("unstitched", None)
         outputs = [o for o in outputs if o not in set(appends.values())]
@@ -684,7 +711,8 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
             with phases("verify_session"):
                 step = OnnxStep.from_metadata(path, meta, providers=["CPUExecutionProvider"])
             with phases("verify_probe"):
-                meta["verification"] = verify_artifact(cm, step, decode_steps=verify_steps, max_probe_tokens=verify_tokens)
+                meta["verification"] = verify_artifact(cm, step, decode_steps=verify_steps, max_probe_tokens=verify_tokens,
+                                                       reference=reference)
             if meta.get("gemfilter"):
                 from .gemfilter_export import verify_selection
 
