@@ -143,3 +143,22 @@ def test_verification_with_a_precomputed_reference(tmp_path):
     ref["steps"][1] = (step_in, logits + 0.5)  # the first decode step's torch logits
     with pytest.raises(gw.GraphwrightError, match="failed at decode step 1"):
         verify_artifact(cm, step, 2, 64, reference=ref)
+
+
+def test_files_a_failed_child_wrote_are_removed(tmp_path, monkeypatch):
+    """A child that wrote decode.onnx and an unshared decode.onnx.data before failing: the serial route's decode.onnx
+    shares model.onnx.data and no stale data file is left (or recorded in graphwright.json)."""
+    cm = gw.compile(_tiny("tiny-llama"), recipe=H2O, verify=False)
+    monkeypatch.setattr(decode_process, "ENABLED", True)
+    real = decode_process.DecodeJob.result
+
+    def result(self):
+        real(self)  # the child's decode.onnx (weights shared), then a leftover as if it had saved unshared and failed
+        (tmp_path / "out" / "decode.onnx.data").write_bytes(b"stale")
+        raise RuntimeError("failed after saving")
+
+    monkeypatch.setattr(decode_process.DecodeJob, "result", result)
+    meta = _export(cm, tmp_path / "out")
+    assert meta["export"]["notes"]["decode_process"].startswith("failed (RuntimeError: failed after saving)")
+    assert not (tmp_path / "out" / "decode.onnx.data").exists() and meta["decode"]["shares_weights"]
+    assert "decode.onnx.data" not in meta["files"] and meta["verification"]["passed"]

@@ -370,7 +370,7 @@ def _start_decode_job(cm, plan: tuple, out: Path, opset: int, external_data: boo
         except Exception as exc:  # noqa: BLE001 - the decode graph is exported in this process instead (noted)
             phases.note("decode_process", f"not started ({type(exc).__name__}: {str(exc).strip()[:300]}); exported here")
             return None
-    job.started_at = time.perf_counter()
+    job.started_at, job.out = time.perf_counter(), out
     return job
 
 
@@ -382,6 +382,8 @@ def _decode_result(job, phases: Phases):
             res = job.result()
         except Exception as exc:  # noqa: BLE001 - any failure of the child: the serial route decides (and raises)
             phases.note("decode_process", f"failed ({type(exc).__name__}: {str(exc).strip()[:400]}); exported here")
+            for name in (DECODE_MODEL, DECODE_MODEL + ".data"):  # whatever the child wrote before failing
+                (job.out / name).unlink(missing_ok=True)
             return None
     rec = res["phases"]
     phases.merge(rec, cpu=rec.get("startup_cpu_s", 0.0))
