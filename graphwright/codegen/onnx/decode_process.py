@@ -31,9 +31,9 @@ which error it raises.
 
 Exact: the child runs the same code on the same graph and weights. Invariant tested
 (``tests/onnx/test_decode_process.py``): the rebuilt graph module computes what the original does and holds
-the same tied tensors; an export through the child writes a ``decode.onnx`` with the same node sequence and
-initializers as the serial route's, and the artifact verifies and generates the serial artifact's tokens;
-a child that fails falls back with a note.
+the same tied tensors; an export through the child writes ``model.onnx`` and ``decode.onnx`` byte-identical to the
+serial route's (tiny Llama, H2O), sharing ``model.onnx.data``, and the artifact verifies; a child that fails falls back
+with a note and leaves none of its files.
 """
 
 from __future__ import annotations
