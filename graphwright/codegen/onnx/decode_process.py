@@ -52,8 +52,10 @@ import torch
 
 ENABLED: bool | str = "auto"  # "auto": step graphs of >= MIN_LAYERS layers on >= 2 CPUs; True: always; False: never
 MIN_LAYERS = 8
-# Module switches the child copies from this process: (module, attribute)
-SWITCHES = (("graphwright.codegen.onnx.slot_functions", "ENABLED"), ("graphwright.codegen.onnx.optimize", "STEPS"))
+# Module switches of the export chain the child copies from this process: (module, attribute); one that does not exist
+# is skipped
+SWITCHES = (("graphwright.codegen.onnx.slot_functions", "ENABLED"), ("graphwright.codegen.onnx.optimize", "STEPS"),
+            ("graphwright.codegen.onnx.optimize", "FUSE_SIBLINGS"))
 # Node metadata never sent: fake tensors and values derived from them (nothing after ``_split_graph`` reads them)
 DROPPED_META = frozenset({"val", "tensor_meta", "eager_input_vals", "example_value", "unbacked_bindings"})
 PAYLOAD, RESULT, LOG = "payload.pt", "result.pkl", "child.log"
@@ -213,7 +215,8 @@ class DecodeJob:
             payload = {"graph": graph_payload(gm), "state": list(sg.state), "extra_inputs": list(sg.extra_inputs),
                        "info": sg.info, "split": split, "path": str(path), "opset": opset, "external_data": external_data,
                        "share_with": None if share_with is None else str(share_with),
-                       "switches": {f"{m}:{a}": getattr(importlib.import_module(m), a) for m, a in SWITCHES}}
+                       "switches": {f"{m}:{a}": getattr(importlib.import_module(m), a) for m, a in SWITCHES
+                                    if hasattr(importlib.import_module(m), a)}}
             torch.save(payload, folder / PAYLOAD)
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([_package_root(), *(p for p in sys.path if p)])}
             with open(folder / LOG, "wb") as log:
