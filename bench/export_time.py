@@ -1,7 +1,7 @@
 """Seconds per ``export_onnx`` phase for the recipes of issue 17 item 5, from ``graphwright.json["export"]``.
 
 Usage: python bench/export_time.py [--model smollm2-135m] [--recipe NAME_OR_RECIPE ...] [--context 1024]
-       [--no-verify] [--ab N] [--swap-ab N] [--out results/export_time.json]
+       [--no-verify] [--ab N] [--swap-ab N] [--child-ab N] [--out results/export_time.json]
 
 Recipes: the names of ``bench/bench_decode.py`` (identity, demo, h2o25, streaming25, snapkv25, lowrank50, duo;
 budgets for a ``--context``-token prompt, default 1024: e.g. h2o25 = ``h2o(heavy=128, recent=128)``) or any
@@ -20,6 +20,11 @@ average before/after is printed. The first export of the process also builds the
 ``--swap-ab N``: the same for ``decode_swap.ENABLED`` (H2O / DuoAttention: ``decode.onnx`` as ``model.onnx`` with its
 slot functions swapped vs the decode graph's own export, ``codegen/onnx/decode_swap.py``), for the recipes whose
 export swapped.
+
+``--child-ab N``: the same for ``decode_process.ENABLED`` (``decode.onnx`` exported by a child process while this one
+exports ``model.onnx`` vs one after the other, ``codegen/onnx/decode_process.py``), for the recipes whose export used
+the child. Each row also prints this process's CPU seconds and the child's (``other_process_cpu_s``): on an idle
+machine with two cores the wall time follows the larger of the two chains, not their sum.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from pathlib import Path
 
 import graphwright as gw
 from graphwright.bench.load import MachineLoad
-from graphwright.codegen.onnx import decode_swap, slot_functions
+from graphwright.codegen.onnx import decode_process, decode_swap, slot_functions
 from graphwright.codegen.onnx.phases import timings_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -62,18 +67,32 @@ def table(rows: dict, key: str, total: str) -> str:
     return "\n".join(lines)
 
 
-def export_once(cm, folder: Path, verify: bool, enabled: bool = True, swap: bool = True) -> dict:
+def export_once(cm, folder: Path, verify: bool, enabled: bool = True, swap: bool = True, child=None) -> dict:
     """One export; its phase record plus the machine's state meanwhile (``MachineLoad``: the CPU share other
-    processes used, so a reader knows whether the wall seconds mean anything)."""
+    processes used, so a reader knows whether the wall seconds mean anything). ``child``: ``decode_process.ENABLED``
+    for this export (None: its default)."""
+    default = decode_process.ENABLED
     slot_functions.ENABLED, decode_swap.ENABLED = enabled, swap
+    decode_process.ENABLED = default if child is None else child
     try:
         with MachineLoad() as load:
             gw.export_onnx(cm, folder, verify=verify, overwrite=True)
     finally:
         slot_functions.ENABLED = decode_swap.ENABLED = True
+        decode_process.ENABLED = default
     meta = json.loads((folder / "graphwright.json").read_text())
     return {**meta["export"], "graphs": sorted(p.name for p in folder.glob("*.onnx")), "machine": load.as_dict(),
             "max_abs_logit_diff": (meta.get("verification") or {}).get("max_abs_logit_diff")}
+
+
+def _split_cpu(rec: dict) -> str:
+    """`` (this process X + child Y)`` when a child process exported ``decode.onnx`` (``decode_process.py``)."""
+    other = rec.get("other_process_cpu_s")
+    return f" (this process {rec['total_cpu_s'] - other:.1f} + child {other:.1f})" if other else ""
+
+
+def _ab_name(r: dict) -> str:
+    return "slots" if "slot_functions" in r else "swap" if "decode_swap" in r else "child"
 
 
 def main(argv=None) -> int:
@@ -84,6 +103,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-verify", action="store_true")
     p.add_argument("--ab", type=int, default=0, help="rounds of slot_functions off/on for the slot recipes")
     p.add_argument("--swap-ab", type=int, default=0, help="rounds of decode_swap off/on for the recipes it applies to")
+    p.add_argument("--child-ab", type=int, default=0, help="rounds of decode_process off/on for the recipes it applies to")
     p.add_argument("--out", default="results/export_time.json")
     args = p.parse_args(argv)
     load0 = os.getloadavg()[0]
@@ -106,7 +126,7 @@ def main(argv=None) -> int:
             rows[recipe] = {"recipe": text or "identity", "load_before": l0, **export_once(cm, folder, not args.no_verify)}
             rows[recipe]["load_after"] = os.getloadavg()[0]
             print(f"{recipe} = {text or 'identity'}: {time.perf_counter() - t0:.1f} s wall, {rows[recipe]['total_cpu_s']:.1f} "
-                  f"CPU s, load {l0:.1f} -> {rows[recipe]['load_after']:.1f} (other processes "
+                  f"CPU s{_split_cpu(rows[recipe])}, load {l0:.1f} -> {rows[recipe]['load_after']:.1f} (other processes "
                   f"{100 * rows[recipe]['machine']['foreign_share']:.0f}% of the machine), {'+'.join(rows[recipe]['graphs'])}, "
                   f"verified max |dlogit| {rows[recipe]['max_abs_logit_diff']}", flush=True)
             print(timings_table(rows[recipe]), flush=True)  # each recipe's phases at once (a loaded machine is slow)
@@ -127,6 +147,14 @@ def main(argv=None) -> int:
                         print(f"  A/B round {r} decode_swap={'on' if swap else 'off'}: {rec['total_cpu_s']:.1f} CPU s "
                               f"({rec['total_s']:.1f} s wall)", flush=True)
                         save()
+            if args.child_ab and "decode.onnx exported by a child" in str(rows[recipe]["notes"].get("decode_process")):
+                for r in range(args.child_ab):
+                    for child in (False, True):
+                        rec = export_once(cm, folder, not args.no_verify, child=child)
+                        ab.setdefault(recipe, []).append({"decode_process": child, "round": r, **rec})
+                        print(f"  A/B round {r} decode_process={'on' if child else 'off'}: {rec['total_cpu_s']:.1f} CPU s"
+                              f"{_split_cpu(rec)} ({rec['total_s']:.1f} s wall)", flush=True)
+                        save()
     print()
     print(table(rows, "phases", "total_s"))
     print()
@@ -134,7 +162,7 @@ def main(argv=None) -> int:
     for recipe, runs in ab.items():
         print()
         print(f"A/B {recipe} (CPU s):")
-        print(table({f"{'slots ' if 'slot_functions' in r else 'swap '}{'on' if r.get('slot_functions', r.get('decode_swap')) else 'off'}"
+        print(table({f"{_ab_name(r)} {'on' if r.get('slot_functions', r.get('decode_swap', r.get('decode_process'))) else 'off'}"
                      f"#{r['round']}": r for r in runs}, "cpu", "total_cpu_s"))
     load1 = os.getloadavg()[0]
     print(f"\nload average before {load0:.2f}, after {load1:.2f} on {os.cpu_count()} cores"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -167,10 +168,19 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
     (``shared_weights.save_sharing``; its weights are then never written twice).
     ``prompt``: a dict filled with ``prompt_slots.prompt_graph``'s record when the step graph's eviction
     ops with a prompt-step translation run in the graph (the others are split)."""
-    from .split import split
-    from .translations import graphwright_ops, translation_table  # onnxscript: imported only when exporting
-
     sg = cm.step_graph
+    decode = gm is not None
+    gm, records, outputs, inputs, host = _split_graph(sg, gm, phases, tag, prompt)
+    return _export_split(sg, gm, records, outputs, inputs, host, decode, path, opset, external_data, phases, tag, share_with,
+                         prompt)
+
+
+def _split_graph(sg, gm, phases: Phases, tag: str = "", prompt: dict | None = None) -> tuple:
+    """The graph ``_export_split`` exports: the step graph (StreamingLLM's key layout, in-graph prompt eviction) or the
+    decode graph ``gm``, cut at the ops left to the runtime (``split.py``); returns ``(gm, records, outputs, inputs,
+    host)``. Reads node metadata (``meta["val"]``), so it runs where the graph was built (``decode_process.py``)."""
+    from .split import split
+
     extras = list(sg.extra_inputs)
     check_extras(extras)
     inputs, outputs = io_names(sg.state, extras)
@@ -193,8 +203,19 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
             from .prompt_slots import append_outputs
 
             prompt["appends"] = append_outputs(gm, outputs)
-    from . import slot_functions
+    return gm, records, outputs, inputs, host
 
+
+def _export_split(sg, gm, records, outputs, inputs, host, decode: bool, path: Path, opset: int, external_data: bool,
+                  phases: Phases, tag: str = "", share_with=None, prompt: dict | None = None, before_save=None) -> tuple:
+    """``_split_graph``'s graph through ``torch.export``, translation, optimizer, save and stitch (``_export_graph``),
+    with the layer-by-layer fallback of ``slot_functions.py``; returns ``(outputs, records, shared)``. Uses only
+    ``sg.state``, ``sg.extra_inputs`` and ``sg.info`` and no node metadata, so the decode graph's chain can run in a
+    second process (``decode_process.py``). ``before_save``: called (and timed) before the graph is written."""
+    from . import slot_functions
+    from .translations import graphwright_ops, translation_table  # onnxscript: imported only when exporting
+
+    extras = list(sg.extra_inputs)
     keys, plain = [], gm
     if slot_functions.ENABLED:  # slot_functions.py: one opaque op per layer's eviction (decode slots, prompt_slots
         # at a prompt step), its ONNX function exported once per kind and stitched in after saving
@@ -223,7 +244,7 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
         keep = prompt if wanted(keys) else None
     if keys:
         try:
-            shared = _export_graph(gm, graph, path, opset, external_data, phases, tag, share_with, keys, keep)
+            shared = _export_graph(gm, graph, path, opset, external_data, phases, tag, share_with, keys, keep, before_save)
         except Exception as exc:  # noqa: BLE001 - any failure of the stitched route (torch.export with the opaque
             # ops, translation, a function's export, stitching): the graph is traced layer by layer, the route
             # before slot_functions.py; a failure there is a real error and is raised. Noted in graphwright.json.
@@ -236,15 +257,17 @@ def _to_onnx(cm, path: Path, opset: int, external_data: bool, phases: Phases, gm
             prompt.pop("unstitched", None)
         gm = plain
     if not keys or failed is not None:
-        shared = _export_graph(gm, graph, path, opset, external_data, phases, tag, share_with, [])
+        shared = _export_graph(gm, graph, path, opset, external_data, phases, tag, share_with, [], None, before_save)
     return outputs, records, shared
 
 
 def _export_graph(gm, graph: tuple, path: Path, opset: int, external_data: bool, phases: Phases, tag: str, share_with,
-                  keys: list, keep: dict | None = None) -> bool:
+                  keys: list, keep: dict | None = None, before_save=None) -> bool:
     """``torch.export`` of ``gm``, ONNX translation, optimizer, save (and stitch of ``keys``) at ``path``;
     True when the weights point into ``share_with``'s file. Errors are ``GraphwrightError``s naming the step.
-    ``keep``: a dict that gets the un-stitched graph and its keys' entries under ``"unstitched"`` (``decode_swap.py``)."""
+    ``keep``: a dict that gets the un-stitched graph and its keys' entries under ``"unstitched"`` (``decode_swap.py``).
+    ``before_save``: called before saving (``decode_process.py``: waits until ``share_with`` is written); returns
+    the ``share_with`` to use."""
     args, dyn, inputs, outputs, table = graph
     with phases(tag + "torch_export"):
         try:
@@ -270,6 +293,9 @@ def _export_graph(gm, graph: tuple, path: Path, opset: int, external_data: bool,
             phases.note(tag + "decompositions", f"full exporter path (shortcuts failed: {type(first).__name__})")
     with phases(tag + "onnx_optimize"):
         optimize(program)  # optimize.py: the exporter's pipeline minus its one quadratic rewrite rule
+    if before_save is not None:
+        with phases(tag + "wait_model"):
+            share_with = before_save()
     return _save(program, path, opset, external_data, phases, tag, share_with, keys, keep)
 
 
@@ -303,8 +329,71 @@ def _save(program, path: Path, opset: int, external_data: bool, phases: Phases, 
     return shared
 
 
+def _decode_plan(sg) -> tuple:
+    """``(gm, capacity, in_graph, left, shift_layers)``: the decode graph of ``decode_slots.decode_graph`` on the
+    step graph with StreamingLLM's key layout (``streaming_shift.py``, as ``model.onnx``'s)."""
+    from .decode_slots import decode_graph
+    from .streaming_shift import shift_streaming
+
+    shifted, shift_layers = shift_streaming(sg.gm, decode=True)  # the same key layout as model.onnx's (_to_onnx)
+    return (*decode_graph(shifted, sg.state), shift_layers)
+
+
+def _exported_long_way(plan: tuple) -> bool:
+    """Whether ``plan``'s decode graph can only be exported by its own ``torch.export`` chain: eviction in the graph,
+    and neither ``decode_derive`` (appends only) nor ``decode_swap`` (partner swaps, if the prompt step runs every
+    eviction op in the graph) may apply. When this says False the long way may still be taken (a derivation that fails)."""
+    from .decode_derive import appends_only
+    from .decode_swap import ENABLED as SWAP
+    from .decode_swap import swappable
+
+    gm, capacity, in_graph, left, _ = plan
+    if not in_graph or appends_only(gm, capacity, in_graph, left):
+        return False
+    return not (SWAP and swappable(gm, capacity, in_graph, left, {"in_graph": [{"op": op} for op in in_graph], "split": []}))
+
+
+def _start_decode_job(cm, plan: tuple, out: Path, opset: int, external_data: bool, phases: Phases):
+    """``decode_process.DecodeJob`` exporting ``plan``'s decode graph in a child process, or None (not wanted, or it
+    could not start: noted under ``decode_process``; the decode graph is then exported here as before)."""
+    from . import decode_process
+
+    sg = cm.step_graph
+    if not decode_process.wanted(sg) or not _exported_long_way(plan):
+        return None
+    with phases("decode_start"):
+        try:
+            gm, records, outputs, inputs, host = _split_graph(sg, plan[0], Phases(), "decode_")
+            share = out / MODEL if external_data else None
+            job = decode_process.DecodeJob.start(sg, gm, (records, outputs, inputs, host), out / DECODE_MODEL, opset,
+                                                 external_data, share)
+        except Exception as exc:  # noqa: BLE001 - the decode graph is exported in this process instead (noted)
+            phases.note("decode_process", f"not started ({type(exc).__name__}: {str(exc).strip()[:300]}); exported here")
+            return None
+    job.started_at, job.out = time.perf_counter(), out
+    return job
+
+
+def _decode_result(job, phases: Phases):
+    """The child's ``(outputs, records, shared)`` with its phases merged into ``phases``, or None when it failed
+    (noted; the caller exports the decode graph itself)."""
+    with phases("decode_wait"):
+        try:
+            res = job.result()
+        except Exception as exc:  # noqa: BLE001 - any failure of the child: the serial route decides (and raises)
+            phases.note("decode_process", f"failed ({type(exc).__name__}: {str(exc).strip()[:400]}); exported here")
+            for name in (DECODE_MODEL, DECODE_MODEL + ".data"):  # whatever the child wrote before failing
+                (job.out / name).unlink(missing_ok=True)
+            return None
+    rec = res["phases"]
+    phases.merge(rec, cpu=rec.get("startup_cpu_s", 0.0))
+    phases.note("decode_process", f"decode.onnx exported by a child process (ready {rec['ready_at'] - job.started_at:.1f} s "
+                                  f"after its start, {rec.get('startup_cpu_s', 0.0):.1f} CPU s of imports)")
+    return res["outputs"], res["records"], res["shared"]
+
+
 def _decode_onnx(cm, out: Path, opset: int, external_data: bool, phases: Phases, prefill=None, appends=None,
-                 prompt: dict | None = None, unstitched=None):
+                 prompt: dict | None = None, unstitched=None, plan: tuple | None = None, job=None):
     """``decode.onnx`` when some eviction op runs in the graph at decode (``decode_slots.py``).
 
     Returns the ``graphwright.json["decode"]`` record: model file, outputs, the runtime ops left
@@ -318,14 +407,13 @@ def _decode_onnx(cm, out: Path, opset: int, external_data: bool, phases: Phases,
     SnapKV at the prompt step); ``model.onnx`` loses those outputs here whether or not it is derived.
     ``prompt``, ``unstitched``: ``model.onnx``'s prompt record and its un-stitched graph with its slot keys' entries:
     when the decode graph only swaps the prompt step's slot functions for their decode partners (H2O),
-    ``decode.onnx`` is that graph with the decode functions stitched in (``decode_swap.py``), not a second export."""
+    ``decode.onnx`` is that graph with the decode functions stitched in (``decode_swap.py``), not a second export.
+    ``plan``: ``_decode_plan``'s result (computed here when None); ``job``: the ``decode_process.DecodeJob``
+    exporting the decode graph meanwhile (``_start_decode_job``), used when the long way is taken."""
     from .decode_derive import appends_only, derive_append_decode, derive_from_appends, strip_outputs
-    from .decode_slots import decode_graph
-    from .streaming_shift import shift_streaming
 
     sg = cm.step_graph
-    shifted, shift_layers = shift_streaming(sg.gm, decode=True)  # the same key layout as model.onnx's (_to_onnx)
-    gm, capacity, in_graph, left = decode_graph(shifted, sg.state)
+    gm, capacity, in_graph, left, shift_layers = plan if plan is not None else _decode_plan(sg)
     if not in_graph:
         if appends:
             strip_outputs(out / MODEL, set(appends.values()))
@@ -356,7 +444,12 @@ def _decode_onnx(cm, out: Path, opset: int, external_data: bool, phases: Phases,
         outputs, records, shared = wanted, [], external_data and (out / EXTERNAL_DATA).exists()
     else:
         main = out / MODEL if external_data and (out / EXTERNAL_DATA).exists() else None
-        outputs, records, shared = _to_onnx(cm, out / DECODE_MODEL, opset, external_data, phases, gm=gm, tag="decode_", share_with=main)
+        done = _decode_result(job, phases) if job is not None else None
+        if done is not None:  # decode_process.py: exported by the child meanwhile
+            outputs, records, shared = done
+        else:
+            outputs, records, shared = _to_onnx(cm, out / DECODE_MODEL, opset, external_data, phases, gm=gm, tag="decode_",
+                                                share_with=main)
         if main is not None and not shared:
             from .shared_weights import share_weights
 
@@ -388,32 +481,56 @@ def probe_extras(extras, mask) -> dict:
 
 
 @torch.inference_mode()
-def verify_artifact(cm, onnx_step, decode_steps: int = 3, max_probe_tokens: int = MAX_PROBE) -> dict:
-    """Run the artifact and the torch step graph side by side: prefill (all positions) then
-    ``decode_steps`` greedy decode steps on the torch tokens; each keeps its own state. The prompt
-    crosses the model's and the recipe's largest window / budget up to ``max_probe_tokens``
-    (``export_probe.py``). Raises ``GraphwrightError`` naming the step when max |dlogit| exceeds
-    the dtype's tolerance."""
+def torch_reference(cm, decode_steps: int = 3, max_probe_tokens: int = MAX_PROBE) -> dict:
+    """The torch side of ``verify_artifact``: the probe (``export_probe.py``) run through the torch runtime's step,
+    prefill then ``decode_steps`` greedy steps; each step's inputs and logits. It does not need the artifact, so
+    ``export_onnx`` computes it while a child process still exports ``decode.onnx`` (``decode_process.py``)."""
     sg = cm.step_graph
     torch_step = cm._step  # the lowered module the torch runtime runs
-    tol = TOLERANCE.get(sg.info.dtype, 1e-3)
     lengths, reach = probe_lengths(sg, cm.recipe, max_probe_tokens)
     ids, mask = probe(sg.info.vocab_size, lengths)
     B, T = ids.shape
     pos = positions_from_mask(mask)
     st_t = cm.runtime_graph.init_state(B)  # what the torch step runs (sliding layers bounded: its own state layout)
-    st_o = sg.init_state(B)
-    diffs = []
-    real = mask.bool()
     extras = probe_extras(sg.extra_inputs, mask)
     step_in = (ids, pos, torch.arange(T))
     chunk = sg.notes.get("prefill_chunk")  # evict(block=N): the prompt runs as blocks of N, as the runtime runs it
+    steps = []
     for step in range(decode_steps + 1):
         if step == 0 and chunk and T > chunk:
             lt, st_t = _prompt_in_blocks(torch_step, ids, pos, chunk, st_t, extras)
-            lo, st_o = _prompt_in_blocks(onnx_step, ids, pos, chunk, st_o, extras)
         else:
             lt, st_t = torch_step(*step_in, st_t, **extras)
+        steps.append((step_in, lt))
+        nxt = lt[:, -1].argmax(-1, keepdim=True)
+        step_in = (nxt, step_in[1][:, -1:] + 1, torch.zeros(1, dtype=torch.long))
+    return {"steps": steps, "mask": mask, "extras": extras, "chunk": chunk, "reach": reach, "decode_steps": decode_steps,
+            "max_probe_tokens": max_probe_tokens}
+
+
+@torch.inference_mode()
+def verify_artifact(cm, onnx_step, decode_steps: int = 3, max_probe_tokens: int = MAX_PROBE, reference: dict | None = None) -> dict:
+    """Run the artifact and the torch step graph side by side: prefill (all positions) then
+    ``decode_steps`` greedy decode steps on the torch tokens; each keeps its own state. The prompt
+    crosses the model's and the recipe's largest window / budget up to ``max_probe_tokens``
+    (``export_probe.py``). Raises ``GraphwrightError`` naming the step when max |dlogit| exceeds
+    the dtype's tolerance. ``reference``: ``torch_reference``'s result for the same arguments (computed here
+    when None); the artifact's steps are fed the same inputs either way."""
+    sg = cm.step_graph
+    tol = TOLERANCE.get(sg.info.dtype, 1e-3)
+    ref = reference if reference is not None else torch_reference(cm, decode_steps, max_probe_tokens)
+    if (ref["decode_steps"], ref["max_probe_tokens"]) != (decode_steps, max_probe_tokens):
+        raise ValueError(f"reference computed for {ref['decode_steps']} decode steps / {ref['max_probe_tokens']} tokens, "
+                         f"not {decode_steps} / {max_probe_tokens}")
+    mask, extras, chunk = ref["mask"], ref["extras"], ref["chunk"]
+    B, T = mask.shape
+    st_o = sg.init_state(B)
+    diffs = []
+    real = mask.bool()
+    for step, (step_in, lt) in enumerate(ref["steps"]):
+        if step == 0 and chunk and T > chunk:
+            lo, st_o = _prompt_in_blocks(onnx_step, step_in[0], step_in[1], chunk, st_o, extras)
+        else:
             lo, st_o = onnx_step(*step_in, st_o, **extras)
         if lo.shape != lt.shape:
             raise GraphwrightError(f"ONNX verification failed at {'prefill' if step == 0 else f'decode step {step}'}: "
@@ -426,10 +543,9 @@ def verify_artifact(cm, onnx_step, decode_steps: int = 3, max_probe_tokens: int 
         if not diff <= tol:  # also catches NaN
             raise GraphwrightError(f"ONNX verification failed at {name}: max |logit difference| {diff:.3g} > {tol:g} "
                                    f"(batch {B}, left-padded, {sg.info.dtype})")
-        nxt = lt[:, -1].argmax(-1, keepdim=True)
-        step_in = (nxt, step_in[1][:, -1:] + 1, torch.zeros(1, dtype=torch.long))
     return {"passed": True, "tolerance": tol, "max_abs_logit_diff": max(d["max_abs_logit_diff"] for d in diffs),
-            "steps": diffs, "probe": {"batch": B, "prompt_lengths": [int(x) for x in mask.sum(1)], "decode_steps": decode_steps, **reach}}
+            "steps": diffs, "probe": {"batch": B, "prompt_lengths": [int(x) for x in mask.sum(1)], "decode_steps": decode_steps,
+                                      **ref["reach"]}}
 
 
 def _prompt_in_blocks(step, ids, pos, chunk: int, state, extras):
@@ -543,13 +659,29 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
         owned = _prepare_dir(out, overwrite, cm.tokenizer)
     path = out / MODEL
     prompt = {}
-    outputs, records, _ = _to_onnx(cm, path, opset, external_data, phases, prompt=prompt)
-    appends = prompt.pop("appends", None) or {}
-    unstitched = prompt.pop("unstitched", None)
-    outputs = [o for o in outputs if o not in set(appends.values())]
-    decode = _decode_onnx(cm, out, opset, external_data, phases, prefill=(outputs, records), appends=appends,
-                          prompt=prompt, unstitched=unstitched)
-    del unstitched
+    plan = _decode_plan(cm.step_graph)
+    job = _start_decode_job(cm, plan, out, opset, external_data, phases)  # decode_process.py: decode.onnx meanwhile
+    try:
+        saved = False
+        try:
+            outputs, records, _ = _to_onnx(cm, path, opset, external_data, phases, prompt=prompt)
+            saved = True
+        finally:
+            if job is not None:  # the child may now save decode.onnx with its weights in model.onnx.data (or stop)
+                job.model_saved(ok=saved)
+        reference = None
+        if job is not None and verify:  # this core would wait for the child: the torch side of the verification now
+            with phases("verify_reference"):
+                reference = torch_reference(cm, verify_steps, verify_tokens)
+        appends = prompt.pop("appends", None) or {}
+        unstitched = prompt.pop("unstitched", None)
+        outputs = [o for o in outputs if o not in set(appends.values())]
+        decode = _decode_onnx(cm, out, opset, external_data, phases, prefill=(outputs, records), appends=appends,
+                              prompt=prompt, unstitched=unstitched, plan=plan, job=job)
+        del unstitched
+    finally:
+        if job is not None:
+            job.close()
     external = (out / EXTERNAL_DATA).exists()
     with phases("check"):
         try:
@@ -581,7 +713,8 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
             with phases("verify_session"):
                 step = OnnxStep.from_metadata(path, meta, providers=["CPUExecutionProvider"])
             with phases("verify_probe"):
-                meta["verification"] = verify_artifact(cm, step, decode_steps=verify_steps, max_probe_tokens=verify_tokens)
+                meta["verification"] = verify_artifact(cm, step, decode_steps=verify_steps, max_probe_tokens=verify_tokens,
+                                                       reference=reference)
             if meta.get("gemfilter"):
                 from .gemfilter_export import verify_selection
 

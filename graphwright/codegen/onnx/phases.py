@@ -21,6 +21,7 @@ class Phases:
         self.seconds: dict[str, float] = {}
         self.cpu: dict[str, float] = {}
         self.notes: dict[str, object] = {}
+        self.other_cpu = 0.0  # CPU seconds of other processes working for this export (``merge``)
         self._t0, self._c0 = time.perf_counter(), time.process_time()
 
     @contextmanager
@@ -36,13 +37,25 @@ class Phases:
         """A fact about how a phase ran (e.g. whether the decomposition retrace was skipped), kept under ``notes``."""
         self.notes[name] = value
 
+    def merge(self, record: dict, cpu: float = 0.0) -> None:
+        """Add another process's ``to_json`` record (its phases, notes and ``cpu`` + its total CPU seconds, which
+        count in ``total_cpu_s``); its wall seconds overlap this process's phases (``decode_process.py``)."""
+        for name, s in (record.get("phases") or {}).items():
+            self.seconds[name] = self.seconds.get(name, 0.0) + s
+        for name, s in (record.get("cpu") or {}).items():
+            self.cpu[name] = self.cpu.get(name, 0.0) + s
+        self.notes.update(record.get("notes") or {})
+        self.other_cpu += float(record.get("total_cpu_s") or 0.0) + cpu
+
     def to_json(self) -> dict:
-        """``{"phases": {name: wall s}, "cpu": {name: CPU s}, "notes", "total_s", "total_cpu_s"}``, 10 ms rounding."""
+        """``{"phases": {name: wall s}, "cpu": {name: CPU s}, "notes", "total_s", "total_cpu_s"}`` (and
+        ``other_process_cpu_s``, the part of ``total_cpu_s`` other processes spent: ``merge``), 10 ms rounding."""
         return {"phases": {k: round(v, 2) for k, v in self.seconds.items()},
                 "cpu": {k: round(v, 2) for k, v in self.cpu.items()},
                 "notes": dict(self.notes),
                 "total_s": round(time.perf_counter() - self._t0, 2),
-                "total_cpu_s": round(time.process_time() - self._c0, 2)}
+                "total_cpu_s": round(time.process_time() - self._c0 + self.other_cpu, 2),
+                **({"other_process_cpu_s": round(self.other_cpu, 2)} if self.other_cpu else {})}
 
 
 def timings_table(record: dict) -> str:
