@@ -11,7 +11,9 @@ How: this process builds the decode graph (``decode_slots.decode_graph``) and cu
 (``export._split_graph``, which reads node metadata), then writes it as data (``graph_payload``: each node's
 op, name, target (an operator overload by name, a function by module and qualified name), arguments and
 picklable metadata, plus the tensors its ``get_attr`` nodes read, saved with ``torch.save`` so tied weights stay
-tied) with the state specs and the model info to a temporary folder. The child is a fresh interpreter
+tied) with the state specs and the model info to a temporary folder. That folder is a private ``mkdtemp`` (mode
+0700) this export creates and deletes; the payload and the child's result are pickles only because they never
+leave it (written and read by this export's two processes; no user file is ever unpickled). The child is a fresh interpreter
 (``python -m graphwright.codegen.onnx.decode_process FOLDER``: spawned, not forked from a process holding
 torch's threads, and without re-running the caller's ``__main__``); it rebuilds the graph module
 (``rebuild``) and runs ``export._export_split``, the same function the serial route runs, with the parent's
