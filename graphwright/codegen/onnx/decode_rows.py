@@ -64,8 +64,10 @@ import torch
 
 from ...capture.ops import ATTENTION
 from ...ops import schema
+from ...ops.rope_index_ref import rope_angles
 from ..torch.step_memo import step_info
-from .decode_slots import _budget, h2o_decode, slot_probs, streaming_decode, write_rows
+from .decode_slots import _budget, h2o_decode, slot_probs, streaming_decode, streaming_slot, write_rows
+from .streaming_shift import MASKED, rotation_matrix, shifted_decode_attention
 
 
 def attend_rows(q, k, v, visible, scale, key_bias=None):
@@ -104,11 +106,12 @@ def h2o_attend_rows(q, k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new, score,
     score = score + col[..., :-1]
     length = info.length
     cand = seen & (kp_old < (length - _budget(recent_n, recent_f, length))[:, None, None])
-    over = cand.sum(dim=-1) > _budget(heavy_n, heavy_f, length)[:, None]
+    over = cand.sum(dim=-1, keepdim=True) > _budget(heavy_n, heavy_f, length)[:, None, None]
     s = torch.where(cand, score, float("inf"))
     tie = s == s.amin(dim=-1, keepdim=True)  # only candidates, or no candidate at all: then not over, the victim unused
-    victim = torch.where(tie, kp_old, -1).argmax(dim=-1)  # lowest score, latest position
-    j = torch.where(over, victim, seen.to(torch.int32).argmin(dim=-1))  # else the first empty slot (0 when none)
+    victim = torch.where(tie, kp_old, -1).argmax(dim=-1, keepdim=True)  # lowest score, latest position
+    # else the first empty slot (0 when none); [B, Hk, 1] (keepdim: the scatter index needs no Unsqueeze)
+    j = torch.where(over, victim, seen.to(torch.int32).argmin(dim=-1, keepdim=True))
     return (out, *write_rows((k_old, v_old, kp_old, score), (k_new, v_new, kp_new, col[..., -1:]), j))
 
 
@@ -116,9 +119,46 @@ def streaming_rows(k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new, sinks, win
     """``decode_slots.streaming_decode`` (``window >= 1``) on (old slots, new row). -> (k, v, k_pos)."""
     if window < 1:
         raise ValueError(f"streaming_rows needs window >= 1 (the new token never leaves); got {window}")
-    old = (q_pos.max(dim=1).values - window)[:, None, None]
-    key = torch.where((kp_old == old) & (old >= sinks), 2, (kp_old < 0).to(torch.int32))  # hit 2, empty 1, else 0
-    return write_rows((k_old, v_old, kp_old), (k_new, v_new, kp_new), key.argmax(dim=-1))
+    return write_rows((k_old, v_old, kp_old), (k_new, v_new, kp_new), streaming_slot(kp_old, q_pos, sinks, window))
+
+
+def back_rotation(q_pos, inv_freq, sinks: int, window: int, D: int):
+    """[B, 1, D, D] fp32: ``x @ M`` rotates x back by E = max(0, L - 1 - sinks - window), the tokens a
+    StreamingLLM row has evicted (``shifted_decode_attention``'s R(-E), same fp32 angles). It depends only on
+    the step's positions: the rewrite computes it once per decode step for every layer (``rows``); inside each
+    layer's function its two constant matrices (identity, rotate-half) were per-layer initializers that ORT
+    does not merge, four nodes per layer."""
+    evicted = (q_pos.max(dim=1).values - sinks - window).clamp(min=0)
+    cos, sin = rope_angles(evicted, inv_freq)
+    return rotation_matrix(cos, -sin, D)[:, None]
+
+
+def streaming_attend_rows(q, k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new, scale, key_bias, rot,
+                          sinks: int, window: int):
+    """``shifted_decode_attention`` + ``decode_slots.streaming_decode`` of one StreamingLLM layer at a decode
+    step, ``window >= 1``, keys cached rotated at their positions (``streaming_shift.py``).
+
+    ``k_old``/``v_old`` [B, Hk, S, D], ``kp_old`` [B, Hk, S]: the state; ``k_new``/``v_new`` [B, Hk, 1, D],
+    ``kp_new`` [B, Hk, 1]: the new row; ``rot`` [B, 1, D, D]: ``back_rotation`` of this step (shared by the
+    layers). The attention reads the S + 1 keys (the previous kept set and the new token: the leaving token
+    is still attended at this step, as in the reference), the new row then takes the leaving token's slot
+    (``decode_slots.streaming_slot``). -> (output [B, H, 1, Dv] in v's dtype, k, v, k_pos)."""
+    if window < 1:
+        raise ValueError(f"streaming_attend_rows needs window >= 1 (the new token never leaves); got {window}")
+    B, H, _, D = q.shape
+    Hk = k_old.shape[1]
+    g = H // Hk
+    kt = torch.cat([k_old, k_new], 2).float().transpose(-1, -2)  # [B, Hk, D, S + 1]
+    kp = torch.cat([kp_old, kp_new], 2)[:, :, None]  # [B, Hk, 1, S + 1]: one Unsqueeze for both masks
+    qf = q.float().reshape(B, Hk, g, D)
+    s_window = torch.matmul(qf, kt) * scale  # window keys: q_abs . k_abs
+    s_sink = torch.matmul(torch.matmul(qf, rot), kt) * scale  # sink keys: R(-E) q_abs . k_abs
+    s = torch.where(kp < sinks, s_sink, s_window)
+    if key_bias is not None:
+        s = s + key_bias.float().reshape(B, Hk, g, kt.shape[-1])
+    p = torch.softmax(torch.where(kp >= 0, s, MASKED), dim=-1)  # T = 1: visible = k_pos >= 0 (module docstring)
+    out = torch.matmul(p, torch.cat([v_old, v_new], 2).float()).reshape(B, H, 1, v_old.shape[-1]).to(v_old.dtype)
+    return (out, *write_rows((k_old, v_old, kp_old), (k_new, v_new, kp_new), streaming_slot(kp_old, q_pos, sinks, window)))
 
 
 def _cat_parts(node):
@@ -151,6 +191,48 @@ def _attention_of(evict, a: dict):
     return None
 
 
+def _shifted_of(a: dict):
+    """The ``shifted_decode_attention`` reading the StreamingLLM eviction's k, v, q_pos, k_pos concatenations
+    with its sinks and window (``streaming_shift.shift_streaming``'s decode attention), else None."""
+    for user in a["k"].users:
+        if user.op == "call_function" and user.target is shifted_decode_attention:
+            b = _bound(user)
+            if all(b[n] is a[n] for n in ("k", "v", "q_pos", "k_pos")) and (b["sinks"], b["window"]) == (a["sinks"], a["window"]) \
+                    and isinstance(b["q"], torch.fx.Node) and b["q"].meta.get("val") is not None:
+                return user
+    return None
+
+
+def _fold_streaming(graph, node, attn, a: dict, parts: dict, rots: dict) -> str:
+    """Replace ``attn`` (``shifted_decode_attention``) and ``node`` (``streaming_decode``) by one
+    ``streaming_attend_rows`` on (old slots, new row); the step's ``back_rotation`` is made once per
+    (positions, inv_freq, sinks, window, D) in ``rots`` and shared by the layers."""
+    b = _bound(attn)
+    inv = b["inv_freq"]
+    D = int(b["q"].meta["val"].shape[-1])
+    key = (b["q_pos"], ("attr", inv.target) if isinstance(inv, torch.fx.Node) and inv.op == "get_attr" else inv,
+           int(b["sinks"]), int(b["window"]), D)
+    if key not in rots:  # before the first layer's attention: its inputs (placeholders, get_attr) precede it
+        with graph.inserting_before(attn):
+            rots[key] = graph.call_function(back_rotation, (b["q_pos"], inv, int(b["sinks"]), int(b["window"]), D))
+    (k_old, k_new), (v_old, v_new), (kp_old, kp_new) = parts["k"], parts["v"], parts["k_pos"]
+    with graph.inserting_before(attn):
+        new = graph.call_function(streaming_attend_rows, (b["q"], k_old, k_new, v_old, v_new, b["q_pos"], kp_old, kp_new,
+                                                          b["scale"], b["key_bias"], rots[key], int(b["sinks"]), int(b["window"])))
+        out = graph.call_function(operator.getitem, (new, 0))
+    new.meta = dict(node.meta)
+    out.meta = dict(attn.meta)
+    for i, g in _getitems(node).items():
+        g.args = (new, i + 1)
+    attn.replace_all_uses_with(out)
+    graph.erase_node(attn)
+    graph.erase_node(node)
+    for cat in (a["k"], a["v"], a["k_pos"]):
+        if not cat.users:
+            graph.erase_node(cat)
+    return "streaming_attend_rows"
+
+
 def _getitems(node) -> dict:
     return {u.args[1]: u for u in node.users if u.op == "call_function" and u.target is operator.getitem}
 
@@ -167,7 +249,7 @@ def heads(kp_old, gm, specs):
 
 def rows(gm: torch.fx.GraphModule, specs=None) -> list:
     """Rewrite the decode graph ``gm`` in place (module docstring); returns the rewritten layers' functions' names."""
-    graph, done = gm.graph, []
+    graph, done, rots = gm.graph, [], {}
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in (h2o_decode, streaming_decode):
             continue
@@ -178,6 +260,10 @@ def rows(gm: torch.fx.GraphModule, specs=None) -> list:
         (k_old, k_new), (v_old, v_new), (kp_old, kp_new) = parts["k"], parts["v"], parts["k_pos"]
         if node.target is streaming_decode:
             if a["window"] < 1:
+                continue
+            attn = _shifted_of(a)
+            if attn is not None:
+                done.append(_fold_streaming(graph, node, attn, a, parts, rots))
                 continue
             node.target = streaming_rows
             node.args, node.kwargs = (k_old, k_new, v_old, v_new, a["q_pos"], kp_old, kp_new, a["sinks"], a["window"]), {}
