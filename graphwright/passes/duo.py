@@ -15,7 +15,9 @@ Graph change, per layer with both kinds of head (a *split* layer)::
                             attention(q[:, q(T)], k_str, v_str, ..., kp_str)], 1), 1, model head order)
     duo_k_l', duo_v_l', duo_positions_l' = graphwright.evict_streaming(k_str, v_str, positions, kp_str, sinks, window)
 
-so the two caches are separate state tensors of their own widths (``kv_bytes`` counts both; a
+(``index_select`` where the layer's projections cannot be permuted; where they can, ``duo_permute.py`` orders
+the heads retrieval-first in the q/k/v/o weights, the selections become slices and the final re-ordering
+vanishes: exact, fewer nodes per step), so the two caches are separate state tensors of their own widths (``kv_bytes`` counts both; a
 streaming head is never padded to a retrieval head's length). A layer whose heads all stream is
 the ``streaming`` eviction policy on the whole layer (``eviction_common.rewrite_layers``) with the
 model's own RoPE (keys cached rotated at their original positions, never re-rotated, unlike the

@@ -127,7 +127,7 @@ def test_streaming_attend_rows_equals_shifted_attention_and_streaming_decode(evi
         ka, va, kpa = torch.cat([k, kn], 2), torch.cat([v, vn], 2), torch.cat([kp, kpn], 2)
         want_out = shifted_decode_attention(q, ka, va, q_pos, kpa, 0.3, bias, inv, sinks, window)
         want = streaming_decode(ka, va, q_pos, kpa, sinks, window)
-        rot = back_rotation(q_pos, inv, sinks, window, D)
+        rot = back_rotation(q, q_pos, inv, sinks, window)
         got = streaming_attend_rows(q, k, kn, v, vn, q_pos, kp, kpn, 0.3, bias, rot, sinks, window)
         torch.testing.assert_close(got[0], want_out, rtol=1e-6, atol=1e-6)
         for w, g in zip(want, got[1:]):

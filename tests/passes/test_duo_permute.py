@@ -16,6 +16,7 @@ from graphwright.passes import duo_permute
 from graphwright.runtime.score import stream_logits
 from tests.conftest import _tiny, left_padded_batch
 
+aten = torch.ops.aten
 GEN = dict(eos_token_id=[], pad_token_id=0)
 RECIPE = "duo(retrieval=[[0, 1], [1, 1]], sinks=2, window=5)"  # KV head 1 retrieval, 0 streaming: the order flips
 
@@ -52,3 +53,35 @@ def test_permuted_heads_equal_the_gathered_split(name, monkeypatch):
                        gath.generate(ids, attention_mask=mask, max_new_tokens=16, **GEN))
     for k, v in model.state_dict().items():  # the model's own weights are left as they were
         assert torch.equal(v, before[k]), k
+
+
+def _trace(fn, *args):
+    """``fn`` as an FX graph of the aten ops it calls (not decomposed), each node's ``meta["val"]`` a fake tensor."""
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    gm = torch.fx.symbolic_trace(fn)
+    FakeTensorProp(gm).propagate(*args)
+    return gm.graph
+
+
+@pytest.mark.parametrize("tail, ok", [
+    # RoPE-like: cos/sin broadcast over heads; rotate-half along head_dim
+    (lambda y, c, s: aten.add.Tensor(aten.mul.Tensor(y, c), 1.0), True),
+    (lambda y, c, s: aten.cat.default([aten.neg.default(aten.slice.Tensor(y, 3, 2, 4)), aten.slice.Tensor(y, 3, 0, 2)], -1), True),
+    (lambda y, c, s: aten.mul.Tensor(y, s), False),  # a per-head scale: heads not interchangeable
+    (lambda y, c, s: aten.flip.default(y, [1]), False),  # an op that moves heads
+    (lambda y, c, s: aten.cat.default([aten.slice.Tensor(y, 1, 1, 4), aten.slice.Tensor(y, 1, 0, 1)], 1), False),
+])
+def test_headwise_accepts_only_head_independent_paths(tail, ok):
+    """``_headwise`` (what ``permute_layer`` requires before it permutes): the path from the projection to the
+    attention input [B, H, T, D] treats heads alike; anything else keeps duo's gathers."""
+    B, T, H, D, d = 2, 3, 4, 4, 8
+
+    def f(x, w, c, s):
+        y = aten.transpose.int(aten.view.default(aten.linear.default(x, w), [B, T, H, D]), 1, 2)
+        return tail(y, c, s)
+
+    graph = _trace(f, torch.randn(B, T, d), torch.randn(H * D, d), torch.randn(T, D), torch.randn(1, H, 1, 1))
+    out = next(n for n in graph.nodes if n.op == "output").args[0]
+    lin = next(n for n in graph.nodes if n.target is aten.linear.default)
+    assert duo_permute._headwise(lin, out, H, D) is ok

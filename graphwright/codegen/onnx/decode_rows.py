@@ -18,9 +18,15 @@ of keys eviction saves (``bench/profile_onnx_decode.py``: 2431 nodes run per H2O
   ``decode_probs.attend_slots``) and adds the same probabilities, averaged over each KV head's g
   query heads, to the running score (``eviction_slots.decode_colsum``'s value), then writes the new
   row into its slot: one ScatterElements per state tensor on the old state (``write_rows``);
-* a StreamingLLM layer with ``window >= 1``: ``streaming_rows`` picks the slot (one ArgMax, as
-  ``decode_slots.streaming_decode``) from the old positions and writes the new row into it
-  (the attention keeps reading the concatenation);
+* a StreamingLLM layer with ``window >= 1`` whose keys are cached at their positions (``streaming_shift.py``):
+  its ``shifted_decode_attention`` and its eviction node become one ``streaming_attend_rows`` on (old slots,
+  new row), as H2O's: one attention over the S + 1 keys (the leaving token is still attended at this step,
+  as in the reference), then the new row written into the slot ``decode_slots.streaming_slot`` picks (one
+  Equal, Where, ArgMin with keepdim over the old positions). The query's rotation back by the evicted count
+  (``back_rotation`` [B, 1, D, D]) depends only on the step's positions: it is one node of the graph shared
+  by every layer (inside each layer's function its identity and rotate-half constants were per-layer
+  initializers ORT does not merge: four nodes per layer). Any other StreamingLLM layer with ``window >= 1``:
+  ``streaming_rows`` (the slot write alone; the attention keeps reading the concatenation);
 * any other attention over per-KV-head slots (a per-head positions concatenation along the slot dim;
   no native window or sinks: SnapKV): ``slot_attention``, the same decomposed attention with the T = 1
   mask, instead of the fused Attention whose translation folds Hk into the batch (four Reshapes) and
@@ -37,8 +43,11 @@ value [B, Hk, 1, D], ``kp_new`` the query positions expanded to [B, Hk, 1]; thes
   ``h2o_attend_rows(q, k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new, score, scale, heavy_n, heavy_f,
   recent_n, recent_f, key_bias)`` -> (attention output [B, H, 1, Dv], k, v, k_pos, score), the last four the
   next state (shapes of the old state);
-* StreamingLLM (``window >= 1``): the eviction node becomes ``streaming_rows(k_old, k_new, v_old, v_new, q_pos,
-  kp_old, kp_new, sinks, window)`` -> (k, v, k_pos); the ``cat``s stay for the (shifted) attention;
+* StreamingLLM (``window >= 1``) with the shifted attention: ``shifted_decode_attention``, the eviction node and
+  the three ``cat``s become ``streaming_attend_rows(q, k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new, scale,
+  key_bias, rot, sinks, window)`` -> (attention output, k, v, k_pos), ``rot = back_rotation(q_pos, inv_freq, sinks,
+  window, D)`` once per graph; without it: ``streaming_rows(k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new,
+  sinks, window)`` -> (k, v, k_pos), the ``cat``s stay for the attention;
 * SnapKV-style per-head attentions (one KV head count in every such layer): ``attention`` ->
   ``slot_attention(q, k, v, k_pos, scale, key_bias)`` -> output (its eviction op is the identity at decode).
 
@@ -50,7 +59,8 @@ Exact setting: nothing is approximated (same victim rule, same fp32 scores and s
 differs from the fused ORT Attention by float rounding only. Invariants tested
 (``tests/onnx/test_decode_rows.py``): on random slot states (empty slots, ties, padding rows) the row
 functions equal ``decode_slots.h2o_decode`` / ``streaming_decode`` on the concatenation and the
-attention output equals ``attention_reference`` (1e-6); the rewrite leaves no H2O attention node in
+attention output equals ``attention_reference`` (H2O) / ``shifted_decode_attention`` (StreamingLLM) (1e-6);
+``streaming_slot`` equals its per-head definition (hit, else first empty, else earliest); the rewrite leaves no H2O attention node in
 a tiny Llama's decode graph and its eager run equals the unrewritten graph; the artifact tests
 (``test_onnx_eviction_slots.py``, ``test_onnx_streaming_shift.py``) keep the torch backend's sets.
 """
@@ -122,15 +132,18 @@ def streaming_rows(k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new, sinks, win
     return write_rows((k_old, v_old, kp_old), (k_new, v_new, kp_new), streaming_slot(kp_old, q_pos, sinks, window))
 
 
-def back_rotation(q_pos, inv_freq, sinks: int, window: int, D: int):
-    """[B, 1, D, D] fp32: ``x @ M`` rotates x back by E = max(0, L - 1 - sinks - window), the tokens a
-    StreamingLLM row has evicted (``shifted_decode_attention``'s R(-E), same fp32 angles). It depends only on
-    the step's positions: the rewrite computes it once per decode step for every layer (``rows``); inside each
-    layer's function its two constant matrices (identity, rotate-half) were per-layer initializers that ORT
-    does not merge, four nodes per layer."""
+def back_rotation(q, q_pos, inv_freq, sinks: int, window: int):
+    """[B, 1, D, D] fp32 (D = ``q``'s last dim; ``q`` [B, H, 1, D] is read for its shape only): ``x @ M`` rotates
+    x back by E = max(0, L - 1 - sinks - window), the tokens a StreamingLLM row has evicted
+    (``shifted_decode_attention``'s R(-E), same fp32 angles). It depends only on the step's positions: the
+    rewrite computes it once per decode step for every layer (``rows``); inside each layer's function its two
+    constant matrices (identity, rotate-half) were per-layer initializers that ORT does not merge, four nodes
+    per layer. A slot function of its own (``slot_functions.py``): those constants stay inside it (as in the
+    per-layer function), not large initializers of the decode graph, whose weights must all be
+    ``model.onnx``'s to share its data file (``shared_weights.py``)."""
     evicted = (q_pos.max(dim=1).values - sinks - window).clamp(min=0)
     cos, sin = rope_angles(evicted, inv_freq)
-    return rotation_matrix(cos, -sin, D)[:, None]
+    return rotation_matrix(cos, -sin, q.shape[-1])[:, None]
 
 
 def streaming_attend_rows(q, k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new, scale, key_bias, rot,
@@ -212,9 +225,9 @@ def _fold_streaming(graph, node, attn, a: dict, parts: dict, rots: dict) -> str:
     D = int(b["q"].meta["val"].shape[-1])
     key = (b["q_pos"], ("attr", inv.target) if isinstance(inv, torch.fx.Node) and inv.op == "get_attr" else inv,
            int(b["sinks"]), int(b["window"]), D)
-    if key not in rots:  # before the first layer's attention: its inputs (placeholders, get_attr) precede it
+    if key not in rots:  # before the first such layer's attention, on its query (read for D only): every later layer follows
         with graph.inserting_before(attn):
-            rots[key] = graph.call_function(back_rotation, (b["q_pos"], inv, int(b["sinks"]), int(b["window"]), D))
+            rots[key] = graph.call_function(back_rotation, (b["q"], b["q_pos"], inv, int(b["sinks"]), int(b["window"])))
     (k_old, k_new), (v_old, v_new), (kp_old, kp_new) = parts["k"], parts["v"], parts["k_pos"]
     with graph.inserting_before(attn):
         new = graph.call_function(streaming_attend_rows, (b["q"], k_old, k_new, v_old, v_new, b["q_pos"], kp_old, kp_new,
