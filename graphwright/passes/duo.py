@@ -16,7 +16,7 @@ Graph change, per layer with both kinds of head (a *split* layer)::
     duo_k_l', duo_v_l', duo_positions_l' = graphwright.evict_streaming(k_str, v_str, positions, kp_str, sinks, window)
 
 (``index_select`` where the layer's projections cannot be permuted; where they can, ``duo_permute.py`` orders
-the heads retrieval-first in the q/k/v/o weights, the selections become slices and the final re-ordering
+the heads retrieval-first in the q/k/v/o weights, the selections become one split per tensor and the final re-ordering
 vanishes: exact, fewer nodes per step), so the two caches are separate state tensors of their own widths (``kv_bytes`` counts both; a
 streaming head is never padded to a retrieval head's length). A layer whose heads all stream is
 the ``streaming`` eviction policy on the whole layer (``eviction_common.rewrite_layers``) with the
@@ -64,6 +64,7 @@ ONNX: ``tests/onnx/test_duo_packed_onnx.py`` (duo and duo + snapkv in ONNX Runti
 
 from __future__ import annotations
 
+import operator
 from dataclasses import replace
 
 import torch
@@ -184,12 +185,14 @@ def split_layer(sg, ed: StateEditor, site, ret: list, strm: list, params: dict) 
     pre = f"gw_duo_l{layer}"
     # heads permuted in the weights, retrieval first (duo_permute.py): each group a contiguous block, no gathers
     permuted = permute_layer(sg, layer, a["q"], k_new, v_new, attn, ret + strm, g)
-    nr = len(ret)
+    halves = {}
 
     def pick(t, kind, heads, idx):
-        if permuted:  # [retrieval | streaming] along the head dim
-            return call(graph, aten.slice.Tensor, t, 1, 0, heads * nr) if kind == "ret" else \
-                call(graph, aten.slice.Tensor, t, 1, heads * nr, heads * (nr + len(strm)))
+        if permuted:  # [retrieval | streaming] along the head dim: one split per tensor (ONNX Split), made at first use
+            if t not in halves:
+                parts = call(graph, aten.split_with_sizes.default, t, [heads * len(ret), heads * len(strm)], 1)
+                halves[t] = [call(graph, operator.getitem, parts, i) for i in (0, 1)]
+            return halves[t][kind == "str"]
         return call(graph, aten.index_select.default, t, 1, idx)
 
     with graph.inserting_before(site.k_cat):

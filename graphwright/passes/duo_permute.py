@@ -10,7 +10,7 @@ projections and o_proj (per-head reshapes, transposes and RoPE, whose cos/sin br
 so permuting the heads consistently -- rows of ``q_proj``/``k_proj``/``v_proj`` (and their biases) by
 head blocks, the columns of ``o_proj`` by the same query-head blocks -- computes the same function.
 ``permute_layer`` orders each split layer's KV heads ``retrieval + streaming`` (query heads follow
-their KV head), so each group is a contiguous block: the gathers become one ``split`` per tensor and
+their KV head), so each group is a contiguous block: the gathers become one ``split_with_sizes`` per tensor and
 the output needs no re-ordering (the two attentions' outputs concatenated are in the new order, which
 the permuted ``o_proj`` reads). The permuted weights are new parameters of the step graph (the
 model's own are not touched); the captured ones no other node reads are dropped from the export.
