@@ -15,7 +15,9 @@ Graph change, per layer with both kinds of head (a *split* layer)::
                             attention(q[:, q(T)], k_str, v_str, ..., kp_str)], 1), 1, model head order)
     duo_k_l', duo_v_l', duo_positions_l' = graphwright.evict_streaming(k_str, v_str, positions, kp_str, sinks, window)
 
-so the two caches are separate state tensors of their own widths (``kv_bytes`` counts both; a
+(``index_select`` where the layer's projections cannot be permuted; where they can, ``duo_permute.py`` orders
+the heads retrieval-first in the q/k/v/o weights, the selections become one split per tensor and the final re-ordering
+vanishes: exact, fewer nodes per step), so the two caches are separate state tensors of their own widths (``kv_bytes`` counts both; a
 streaming head is never padded to a retrieval head's length). A layer whose heads all stream is
 the ``streaming`` eviction policy on the whole layer (``eviction_common.rewrite_layers``) with the
 model's own RoPE (keys cached rotated at their original positions, never re-rotated, unlike the
@@ -62,6 +64,7 @@ ONNX: ``tests/onnx/test_duo_packed_onnx.py`` (duo and duo + snapkv in ONNX Runti
 
 from __future__ import annotations
 
+import operator
 from dataclasses import replace
 
 import torch
@@ -73,6 +76,7 @@ from ..ops import schema
 from ..ops.policy_streaming import STREAMING_POLICY
 from .base import MAX_TOKENS, Arg, Pass, PassContext, Tunable, register_pass
 from .duo_latent import drop_unused_factors, split_inputs_rms, split_latent_layer
+from .duo_permute import permute_layer
 from .duo_select import resolve_retrieval
 from .eviction_common import (StateEditor, call, evict_pass_build, find_sites, insert_outputs, positions_node,
                               rewrite_layers, tag)
@@ -179,14 +183,29 @@ def split_layer(sg, ed: StateEditor, site, ret: list, strm: list, params: dict) 
     a = schema.bound(attn)
     k_new, v_new = site.k_new, cat_parts(site.v_cat)[1]
     pre = f"gw_duo_l{layer}"
+    # heads permuted in the weights, retrieval first (duo_permute.py): each group a contiguous block, no gathers
+    permuted = permute_layer(sg, layer, a["q"], k_new, v_new, attn, ret + strm, g)
+    halves = {}
+
+    def pick(t, kind, heads, idx):
+        if permuted:  # [retrieval | streaming] along the head dim: one split per tensor (ONNX Split), made at first use
+            if t not in halves:
+                parts = call(graph, aten.split_with_sizes.default, t, [heads * len(ret), heads * len(strm)], 1)
+                halves[t] = [call(graph, operator.getitem, parts, i) for i in (0, 1)]
+            return halves[t][kind == "str"]
+        return call(graph, aten.index_select.default, t, 1, idx)
+
     with graph.inserting_before(site.k_cat):
-        ret_kv, str_kv = _index(sg, f"{pre}_ret_kv", ret), _index(sg, f"{pre}_str_kv", strm)
-        ret_q, str_q = _index(sg, f"{pre}_ret_q", _query_heads(ret, g)), _index(sg, f"{pre}_str_q", _query_heads(strm, g))
-        order = _query_heads(ret, g) + _query_heads(strm, g)
-        inv = _index(sg, f"{pre}_order", sorted(range(len(order)), key=order.__getitem__))
-        k_ret_new = call(graph, aten.index_select.default, k_new, 1, ret_kv)
+        if not permuted:
+            ret_kv, str_kv = _index(sg, f"{pre}_ret_kv", ret), _index(sg, f"{pre}_str_kv", strm)
+            ret_q, str_q = _index(sg, f"{pre}_ret_q", _query_heads(ret, g)), _index(sg, f"{pre}_str_q", _query_heads(strm, g))
+            order = _query_heads(ret, g) + _query_heads(strm, g)
+            inv = _index(sg, f"{pre}_order", sorted(range(len(order)), key=order.__getitem__))
+        else:
+            ret_kv = str_kv = ret_q = str_q = inv = None
+        k_ret_new = pick(k_new, "ret", 1, ret_kv)
     with graph.inserting_before(site.v_cat):
-        v_ret_new = call(graph, aten.index_select.default, v_new, 1, ret_kv)
+        v_ret_new = pick(v_new, "ret", 1, ret_kv)
     site.k_cat.replace_input_with(k_new, k_ret_new)
     site.v_cat.replace_input_with(v_new, v_ret_new)
     for name in (site.k_name, site.v_name):  # the retrieval cache keeps its state, narrowed to H_ret heads
@@ -199,19 +218,21 @@ def split_layer(sg, ed: StateEditor, site, ret: list, strm: list, params: dict) 
     extra = {name: a[name] for name in ("window", "sinks") if a.get(name)}  # a native sliding window stays
     with graph.inserting_before(attn):
         pos = positions_node(sg)
-        k_str = call(graph, aten.cat.default, [k_ph, call(graph, aten.index_select.default, k_new, 1, str_kv)], 2)
-        v_str = call(graph, aten.cat.default, [v_ph, call(graph, aten.index_select.default, v_new, 1, str_kv)], 2)
+        k_str = call(graph, aten.cat.default, [k_ph, pick(k_new, "str", 1, str_kv)], 2)
+        v_str = call(graph, aten.cat.default, [v_ph, pick(v_new, "str", 1, str_kv)], 2)
         per_head = call(graph, aten.expand.default, call(graph, aten.unsqueeze.default, pos, 1), [-1, len(strm), -1])
         kp_str = call(graph, aten.cat.default, [p_ph, per_head], 2)
         outs = []
         for kind, qi, k, v, kp in (("retrieval", ret_q, site.k_cat, site.v_cat, a["k_pos"]), ("streaming", str_q, k_str, v_str, kp_str)):
-            sub = schema.call(graph, ATTENTION, q=call(graph, aten.index_select.default, a["q"], 1, qi), k=k, v=v,
+            sub = schema.call(graph, ATTENTION, q=pick(a["q"], kind[:3], g, qi), k=k, v=v,
                               q_pos=a["q_pos"], k_pos=kp, scale=a["scale"], **extra)
             sub.meta.update({key: val for key, val in attn.meta.items() if key in ("nn_module_stack", "stack_trace")})
             sub.meta["graphwright"] = {**attn.meta.get("graphwright", {}), "variant": f"duo_{kind}",
                                        "kv_heads": ret if kind == "retrieval" else strm}
             outs.append(sub)
-        out = call(graph, aten.index_select.default, call(graph, aten.cat.default, outs, 1), 1, inv)
+        out = call(graph, aten.cat.default, outs, 1)  # permuted: the heads' new order, which o_proj now reads
+        if not permuted:
+            out = call(graph, aten.index_select.default, out, 1, inv)
     attn.replace_all_uses_with(out)
     graph.erase_node(attn)
     with graph.inserting_after(out):

@@ -17,9 +17,9 @@ import torch
 import graphwright as gw
 from graphwright.capture.ops import ATTENTION, attention_reference
 from graphwright.codegen.onnx import decode_slots
-from graphwright.codegen.onnx.decode_rows import h2o_attend_rows, slot_attention, streaming_rows
-from graphwright.codegen.onnx.decode_slots import decode_graph, h2o_decode, streaming_decode
-from graphwright.codegen.onnx.streaming_shift import rotation_matrix
+from graphwright.codegen.onnx.decode_rows import back_rotation, h2o_attend_rows, slot_attention, streaming_attend_rows, streaming_rows
+from graphwright.codegen.onnx.decode_slots import decode_graph, h2o_decode, streaming_decode, streaming_slot
+from graphwright.codegen.onnx.streaming_shift import rotation_matrix, shifted_decode_attention
 from graphwright.ops.rope_index_ref import _rotate, rope_angles
 
 
@@ -84,6 +84,60 @@ def test_streaming_rows_equals_streaming_decode():
         streaming_rows(k, kn, v, vn, q_pos, kp, kpn, 2, 0)
 
 
+def test_streaming_slot_is_the_leaving_tokens_slot_else_the_first_empty_one():
+    """``streaming_slot`` against its definition, written out per head: the slot holding position L - 1 - window
+    when that position is >= sinks, else the first empty slot; a head with neither (never reached by a
+    consistent state) gets the slot of its earliest position."""
+    gen = torch.Generator().manual_seed(11)
+    seen = {"hit": 0, "empty": 0, "neither": 0}
+    for trial in range(120):
+        (_, _, kp), _, q_pos = _rows(gen, S=6, L=20, empty=(0.0, 0.2, 0.6)[trial % 3])
+        sinks, window = int(trial % 5), 1 + int(trial % 13)
+        got = streaming_slot(kp, q_pos, sinks, window)
+        assert got.shape == (*kp.shape[:2], 1)
+        for b in range(kp.shape[0]):
+            old = int(q_pos[b].max()) - window
+            for h in range(kp.shape[1]):
+                row = kp[b, h].tolist()
+                if old >= sinks and old in row:
+                    want, case = row.index(old), "hit"
+                elif -1 in row:
+                    want, case = row.index(-1), "empty"
+                else:
+                    want, case = row.index(min(row)), "neither"
+                assert int(got[b, h, 0]) == want, (trial, b, h, row, old)
+                seen[case] += 1
+    assert min(seen.values()) > 0, seen
+
+
+@pytest.mark.parametrize("evicted", [False, True])
+def test_streaming_attend_rows_equals_shifted_attention_and_streaming_decode(evicted):
+    """One function on (old slots, new row) = ``shifted_decode_attention`` on the concatenation (1e-6) and the
+    state ``streaming_decode`` writes (exactly); the back rotation comes from ``back_rotation``."""
+    gen = torch.Generator().manual_seed(7 + evicted)
+    B, H, Hk, D, S, R = 3, 6, 2, 16, 9, 8
+    inv = 1.0 / (10000 ** (torch.arange(0, R, 2).float() / R))
+    moved = 0
+    for trial in range(40):
+        sinks, window = int(trial % 4), 1 + int(trial % 7)
+        L = 200 if evicted else sinks + window  # E = L - 1 - sinks - window: > 0, or 0 (nothing evicted yet)
+        (k, v, kp), (kn, vn, kpn), q_pos = _rows(gen, B=B, Hk=Hk, S=S, D=D, L=max(L, S + 2), empty=(0.0, 0.2, 0.6)[trial % 3])
+        q = torch.randn(B, H, 1, D, generator=gen) * 2
+        bias = torch.randn(B, H, S + 1, generator=gen) if trial % 4 == 3 else None
+        ka, va, kpa = torch.cat([k, kn], 2), torch.cat([v, vn], 2), torch.cat([kp, kpn], 2)
+        want_out = shifted_decode_attention(q, ka, va, q_pos, kpa, 0.3, bias, inv, sinks, window)
+        want = streaming_decode(ka, va, q_pos, kpa, sinks, window)
+        rot = back_rotation(q, q_pos, inv, sinks, window)
+        got = streaming_attend_rows(q, k, kn, v, vn, q_pos, kp, kpn, 0.3, bias, rot, sinks, window)
+        torch.testing.assert_close(got[0], want_out, rtol=1e-6, atol=1e-6)
+        for w, g in zip(want, got[1:]):
+            assert g.dtype == w.dtype and torch.equal(g, w)
+        moved += int((got[3] != kp).sum())
+    assert moved > 0
+    with pytest.raises(ValueError, match="window >= 1"):
+        streaming_attend_rows(q, k, kn, v, vn, q_pos, kp, kpn, 0.3, None, rot, 2, 0)
+
+
 def test_slot_attention_equals_the_reference_at_a_decode_step():
     gen = torch.Generator().manual_seed(5)
     B, H, Hk, D, S = 3, 6, 2, 8, 9
@@ -111,7 +165,9 @@ def test_rotation_matrix_equals_the_elementwise_rotation(R, D):
 
 # recipe -> (function counts in the rewritten decode graph, graphwright.attention nodes left)
 REWRITES = {"h2o(heavy=4, recent=4)": ({"h2o_attend_rows": 2, "h2o_decode": 0}, 0),
-            "streaming(sinks=2, window=6)": ({"streaming_rows": 2, "streaming_decode": 0}, 0),
+            # attention + eviction in one function; the step's back rotation made once for both layers
+            "streaming(sinks=2, window=6)": ({"streaming_attend_rows": 2, "back_rotation": 1, "streaming_rows": 0,
+                                              "streaming_decode": 0, "shifted_decode_attention": 0}, 0),
             "snapkv(budget=8, window=2)": ({"slot_attention": 2}, 0),
             # duo's streaming heads: 1 KV head in layer 0, 2 in layer 1 (``decode_rows.heads``): their attention stays fused
             "duo(retrieval=[[0, 0]], sinks=2, window=4)": ({"streaming_rows": 2, "slot_attention": 0}, 3)}

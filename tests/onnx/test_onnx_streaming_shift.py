@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from graphwright.codegen.onnx.artifact import OnnxStep
+from graphwright.codegen.onnx.decode_rows import back_rotation, streaming_attend_rows
 from graphwright.codegen.onnx.decode_slots import decode_graph, position_rank, rope_cache_index_decode
 from graphwright.codegen.onnx.streaming_shift import shift_streaming, shifted_decode_attention
 from graphwright.compiled import CompiledModel
@@ -71,7 +72,10 @@ def test_decode_graph_rotates_no_key_and_ranks_nothing(runs):
     gm, _, in_graph, left = decode_graph(shifted, sg.state)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert layers == [0, 1] and left == [] and len(in_graph) == 2
-    assert targets.count(shifted_decode_attention) == 2
+    # decode_rows: each layer's shifted attention and slot write are one streaming_attend_rows, the query's back
+    # rotation made once for both layers
+    assert targets.count(shifted_decode_attention) == 0
+    assert targets.count(streaming_attend_rows) == 2 and targets.count(back_rotation) == 1
     assert not {ROPE_CACHE_INDEX, ROPE_INVERT, rope_cache_index_decode, position_rank} & set(targets)
     # in decode.onnx no rotation angle is computed from the slots' positions (only from the query's)
     dec = onnx.load(str(runs["folder"] / "decode.onnx"), load_external_data=False)

@@ -161,8 +161,9 @@ def test_wrap_prompt_step_same_values(recipe):
 @torch.inference_mode()
 def test_wrap_streaming_shift_functions_same_values(decode):
     """StreamingLLM with keys cached at their positions (``streaming_shift.py``): the prompt graph's per-layer
-    ``invert_slots`` and the decode graph's ``shifted_decode_attention`` (one output each) are wrapped too, one
-    key for all layers beside the eviction's, and the wrapped graph computes the unwrapped one's values."""
+    ``invert_slots`` (one output) is wrapped too, one key for all layers beside the eviction's; the decode graph's
+    ``streaming_attend_rows`` (attention + eviction) per layer and ``back_rotation`` once; the wrapped graph computes
+    the unwrapped one's values."""
     from graphwright.codegen.onnx.streaming_shift import shift_streaming
 
     cm = gw.compile(_tiny("tiny-llama"), recipe="streaming(sinks=2, window=6)", verify=False)
@@ -177,9 +178,12 @@ def test_wrap_streaming_shift_functions_same_values(decode):
     keys = slot_functions.wrap(wrapped)
     try:
         names = sorted(slot_functions.KEYS[k]["name"] for k in keys)
-        shift = "shifted_decode_attention" if decode else "invert_slots"
-        assert names == sorted([shift, "streaming_rows" if decode else "streaming_prompt"])  # decode: decode_rows.streaming_rows
-        assert len(_ops_of(wrapped)) == 2 * sg.info.num_layers
+        if decode:  # decode_rows: one streaming_attend_rows per layer, the step's back_rotation once for all layers
+            assert names == ["back_rotation", "streaming_attend_rows"]
+            assert len(_ops_of(wrapped)) == sg.info.num_layers + 1
+        else:
+            assert names == ["invert_slots", "streaming_prompt"]
+            assert len(_ops_of(wrapped)) == 2 * sg.info.num_layers
         ids, mask = left_padded_batch(sg.info.vocab_size, [12, 7], seed=1)
         pos = positions_from_mask(mask)
         step = (ids, pos, torch.arange(ids.shape[1]), *sg.init_state(2))

@@ -18,9 +18,15 @@ of keys eviction saves (``bench/profile_onnx_decode.py``: 2431 nodes run per H2O
   ``decode_probs.attend_slots``) and adds the same probabilities, averaged over each KV head's g
   query heads, to the running score (``eviction_slots.decode_colsum``'s value), then writes the new
   row into its slot: one ScatterElements per state tensor on the old state (``write_rows``);
-* a StreamingLLM layer with ``window >= 1``: ``streaming_rows`` picks the slot (one ArgMax, as
-  ``decode_slots.streaming_decode``) from the old positions and writes the new row into it
-  (the attention keeps reading the concatenation);
+* a StreamingLLM layer with ``window >= 1`` whose keys are cached at their positions (``streaming_shift.py``):
+  its ``shifted_decode_attention`` and its eviction node become one ``streaming_attend_rows`` on (old slots,
+  new row), as H2O's: one attention over the S + 1 keys (the leaving token is still attended at this step,
+  as in the reference), then the new row written into the slot ``decode_slots.streaming_slot`` picks (one
+  Equal, Where, ArgMin with keepdim over the old positions). The query's rotation back by the evicted count
+  (``back_rotation`` [B, 1, D, D]) depends only on the step's positions: it is one node of the graph shared
+  by every layer (inside each layer's function its identity and rotate-half constants were per-layer
+  initializers ORT does not merge: four nodes per layer). Any other StreamingLLM layer with ``window >= 1``:
+  ``streaming_rows`` (the slot write alone; the attention keeps reading the concatenation);
 * any other attention over per-KV-head slots (a per-head positions concatenation along the slot dim;
   no native window or sinks: SnapKV): ``slot_attention``, the same decomposed attention with the T = 1
   mask, instead of the fused Attention whose translation folds Hk into the batch (four Reshapes) and
@@ -37,8 +43,11 @@ value [B, Hk, 1, D], ``kp_new`` the query positions expanded to [B, Hk, 1]; thes
   ``h2o_attend_rows(q, k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new, score, scale, heavy_n, heavy_f,
   recent_n, recent_f, key_bias)`` -> (attention output [B, H, 1, Dv], k, v, k_pos, score), the last four the
   next state (shapes of the old state);
-* StreamingLLM (``window >= 1``): the eviction node becomes ``streaming_rows(k_old, k_new, v_old, v_new, q_pos,
-  kp_old, kp_new, sinks, window)`` -> (k, v, k_pos); the ``cat``s stay for the (shifted) attention;
+* StreamingLLM (``window >= 1``) with the shifted attention: ``shifted_decode_attention``, the eviction node and
+  the three ``cat``s become ``streaming_attend_rows(q, k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new, scale,
+  key_bias, rot, sinks, window)`` -> (attention output, k, v, k_pos), ``rot = back_rotation(q_pos, inv_freq, sinks,
+  window, D)`` once per graph; without it: ``streaming_rows(k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new,
+  sinks, window)`` -> (k, v, k_pos), the ``cat``s stay for the attention;
 * SnapKV-style per-head attentions (one KV head count in every such layer): ``attention`` ->
   ``slot_attention(q, k, v, k_pos, scale, key_bias)`` -> output (its eviction op is the identity at decode).
 
@@ -50,7 +59,8 @@ Exact setting: nothing is approximated (same victim rule, same fp32 scores and s
 differs from the fused ORT Attention by float rounding only. Invariants tested
 (``tests/onnx/test_decode_rows.py``): on random slot states (empty slots, ties, padding rows) the row
 functions equal ``decode_slots.h2o_decode`` / ``streaming_decode`` on the concatenation and the
-attention output equals ``attention_reference`` (1e-6); the rewrite leaves no H2O attention node in
+attention output equals ``attention_reference`` (H2O) / ``shifted_decode_attention`` (StreamingLLM) (1e-6);
+``streaming_slot`` equals its per-head definition (hit, else first empty, else earliest); the rewrite leaves no H2O attention node in
 a tiny Llama's decode graph and its eager run equals the unrewritten graph; the artifact tests
 (``test_onnx_eviction_slots.py``, ``test_onnx_streaming_shift.py``) keep the torch backend's sets.
 """
@@ -64,8 +74,10 @@ import torch
 
 from ...capture.ops import ATTENTION
 from ...ops import schema
+from ...ops.rope_index_ref import rope_angles
 from ..torch.step_memo import step_info
-from .decode_slots import _budget, h2o_decode, slot_probs, streaming_decode, write_rows
+from .decode_slots import _budget, h2o_decode, slot_probs, streaming_decode, streaming_slot, write_rows
+from .streaming_shift import MASKED, rotation_matrix, shifted_decode_attention
 
 
 def attend_rows(q, k, v, visible, scale, key_bias=None):
@@ -104,11 +116,12 @@ def h2o_attend_rows(q, k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new, score,
     score = score + col[..., :-1]
     length = info.length
     cand = seen & (kp_old < (length - _budget(recent_n, recent_f, length))[:, None, None])
-    over = cand.sum(dim=-1) > _budget(heavy_n, heavy_f, length)[:, None]
+    over = cand.sum(dim=-1, keepdim=True) > _budget(heavy_n, heavy_f, length)[:, None, None]
     s = torch.where(cand, score, float("inf"))
     tie = s == s.amin(dim=-1, keepdim=True)  # only candidates, or no candidate at all: then not over, the victim unused
-    victim = torch.where(tie, kp_old, -1).argmax(dim=-1)  # lowest score, latest position
-    j = torch.where(over, victim, seen.to(torch.int32).argmin(dim=-1))  # else the first empty slot (0 when none)
+    victim = torch.where(tie, kp_old, -1).argmax(dim=-1, keepdim=True)  # lowest score, latest position
+    # else the first empty slot (0 when none); [B, Hk, 1] (keepdim: the scatter index needs no Unsqueeze)
+    j = torch.where(over, victim, seen.to(torch.int32).argmin(dim=-1, keepdim=True))
     return (out, *write_rows((k_old, v_old, kp_old, score), (k_new, v_new, kp_new, col[..., -1:]), j))
 
 
@@ -116,9 +129,49 @@ def streaming_rows(k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new, sinks, win
     """``decode_slots.streaming_decode`` (``window >= 1``) on (old slots, new row). -> (k, v, k_pos)."""
     if window < 1:
         raise ValueError(f"streaming_rows needs window >= 1 (the new token never leaves); got {window}")
-    old = (q_pos.max(dim=1).values - window)[:, None, None]
-    key = torch.where((kp_old == old) & (old >= sinks), 2, (kp_old < 0).to(torch.int32))  # hit 2, empty 1, else 0
-    return write_rows((k_old, v_old, kp_old), (k_new, v_new, kp_new), key.argmax(dim=-1))
+    return write_rows((k_old, v_old, kp_old), (k_new, v_new, kp_new), streaming_slot(kp_old, q_pos, sinks, window))
+
+
+def back_rotation(q, q_pos, inv_freq, sinks: int, window: int):
+    """[B, 1, D, D] fp32 (D = ``q``'s last dim; ``q`` [B, H, 1, D] is read for its shape only): ``x @ M`` rotates
+    x back by E = max(0, L - 1 - sinks - window), the tokens a StreamingLLM row has evicted
+    (``shifted_decode_attention``'s R(-E), same fp32 angles). It depends only on the step's positions: the
+    rewrite computes it once per decode step for every layer (``rows``); inside each layer's function its two
+    constant matrices (identity, rotate-half) were per-layer initializers that ORT does not merge, four nodes
+    per layer. A slot function of its own (``slot_functions.py``): those constants stay inside it (as in the
+    per-layer function), not large initializers of the decode graph, whose weights must all be
+    ``model.onnx``'s to share its data file (``shared_weights.py``)."""
+    evicted = (q_pos.max(dim=1).values - sinks - window).clamp(min=0)
+    cos, sin = rope_angles(evicted, inv_freq)
+    return rotation_matrix(cos, -sin, q.shape[-1])[:, None]
+
+
+def streaming_attend_rows(q, k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new, scale, key_bias, rot,
+                          sinks: int, window: int):
+    """``shifted_decode_attention`` + ``decode_slots.streaming_decode`` of one StreamingLLM layer at a decode
+    step, ``window >= 1``, keys cached rotated at their positions (``streaming_shift.py``).
+
+    ``k_old``/``v_old`` [B, Hk, S, D], ``kp_old`` [B, Hk, S]: the state; ``k_new``/``v_new`` [B, Hk, 1, D],
+    ``kp_new`` [B, Hk, 1]: the new row; ``rot`` [B, 1, D, D]: ``back_rotation`` of this step (shared by the
+    layers). The attention reads the S + 1 keys (the previous kept set and the new token: the leaving token
+    is still attended at this step, as in the reference), the new row then takes the leaving token's slot
+    (``decode_slots.streaming_slot``). -> (output [B, H, 1, Dv] in v's dtype, k, v, k_pos)."""
+    if window < 1:
+        raise ValueError(f"streaming_attend_rows needs window >= 1 (the new token never leaves); got {window}")
+    B, H, _, D = q.shape
+    Hk = k_old.shape[1]
+    g = H // Hk
+    kt = torch.cat([k_old, k_new], 2).float().transpose(-1, -2)  # [B, Hk, D, S + 1]
+    kp = torch.cat([kp_old, kp_new], 2)[:, :, None]  # [B, Hk, 1, S + 1]: one Unsqueeze for both masks
+    qf = q.float().reshape(B, Hk, g, D)
+    s_window = torch.matmul(qf, kt) * scale  # window keys: q_abs . k_abs
+    s_sink = torch.matmul(torch.matmul(qf, rot), kt) * scale  # sink keys: R(-E) q_abs . k_abs
+    s = torch.where(kp < sinks, s_sink, s_window)
+    if key_bias is not None:
+        s = s + key_bias.float().reshape(B, Hk, g, kt.shape[-1])
+    p = torch.softmax(torch.where(kp >= 0, s, MASKED), dim=-1)  # T = 1: visible = k_pos >= 0 (module docstring)
+    out = torch.matmul(p, torch.cat([v_old, v_new], 2).float()).reshape(B, H, 1, v_old.shape[-1]).to(v_old.dtype)
+    return (out, *write_rows((k_old, v_old, kp_old), (k_new, v_new, kp_new), streaming_slot(kp_old, q_pos, sinks, window)))
 
 
 def _cat_parts(node):
@@ -151,6 +204,48 @@ def _attention_of(evict, a: dict):
     return None
 
 
+def _shifted_of(a: dict):
+    """The ``shifted_decode_attention`` reading the StreamingLLM eviction's k, v, q_pos, k_pos concatenations
+    with its sinks and window (``streaming_shift.shift_streaming``'s decode attention), else None."""
+    for user in a["k"].users:
+        if user.op == "call_function" and user.target is shifted_decode_attention:
+            b = _bound(user)
+            if all(b[n] is a[n] for n in ("k", "v", "q_pos", "k_pos")) and (b["sinks"], b["window"]) == (a["sinks"], a["window"]) \
+                    and isinstance(b["q"], torch.fx.Node) and b["q"].meta.get("val") is not None:
+                return user
+    return None
+
+
+def _fold_streaming(graph, node, attn, a: dict, parts: dict, rots: dict) -> str:
+    """Replace ``attn`` (``shifted_decode_attention``) and ``node`` (``streaming_decode``) by one
+    ``streaming_attend_rows`` on (old slots, new row); the step's ``back_rotation`` is made once per
+    (positions, inv_freq, sinks, window, D) in ``rots`` and shared by the layers."""
+    b = _bound(attn)
+    inv = b["inv_freq"]
+    D = int(b["q"].meta["val"].shape[-1])
+    key = (b["q_pos"], ("attr", inv.target) if isinstance(inv, torch.fx.Node) and inv.op == "get_attr" else inv,
+           int(b["sinks"]), int(b["window"]), D)
+    if key not in rots:  # before the first such layer's attention, on its query (read for D only): every later layer follows
+        with graph.inserting_before(attn):
+            rots[key] = graph.call_function(back_rotation, (b["q"], b["q_pos"], inv, int(b["sinks"]), int(b["window"])))
+    (k_old, k_new), (v_old, v_new), (kp_old, kp_new) = parts["k"], parts["v"], parts["k_pos"]
+    with graph.inserting_before(attn):
+        new = graph.call_function(streaming_attend_rows, (b["q"], k_old, k_new, v_old, v_new, b["q_pos"], kp_old, kp_new,
+                                                          b["scale"], b["key_bias"], rots[key], int(b["sinks"]), int(b["window"])))
+        out = graph.call_function(operator.getitem, (new, 0))
+    new.meta = dict(node.meta)
+    out.meta = dict(attn.meta)
+    for i, g in _getitems(node).items():
+        g.args = (new, i + 1)
+    attn.replace_all_uses_with(out)
+    graph.erase_node(attn)
+    graph.erase_node(node)
+    for cat in (a["k"], a["v"], a["k_pos"]):
+        if not cat.users:
+            graph.erase_node(cat)
+    return "streaming_attend_rows"
+
+
 def _getitems(node) -> dict:
     return {u.args[1]: u for u in node.users if u.op == "call_function" and u.target is operator.getitem}
 
@@ -167,7 +262,7 @@ def heads(kp_old, gm, specs):
 
 def rows(gm: torch.fx.GraphModule, specs=None) -> list:
     """Rewrite the decode graph ``gm`` in place (module docstring); returns the rewritten layers' functions' names."""
-    graph, done = gm.graph, []
+    graph, done, rots = gm.graph, [], {}
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in (h2o_decode, streaming_decode):
             continue
@@ -178,6 +273,10 @@ def rows(gm: torch.fx.GraphModule, specs=None) -> list:
         (k_old, k_new), (v_old, v_new), (kp_old, kp_new) = parts["k"], parts["v"], parts["k_pos"]
         if node.target is streaming_decode:
             if a["window"] < 1:
+                continue
+            attn = _shifted_of(a)
+            if attn is not None:
+                done.append(_fold_streaming(graph, node, attn, a, parts, rots))
                 continue
             node.target = streaming_rows
             node.args, node.kwargs = (k_old, k_new, v_old, v_new, a["q_pos"], kp_old, kp_new, a["sinks"], a["window"]), {}

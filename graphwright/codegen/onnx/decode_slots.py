@@ -34,7 +34,7 @@ ScatterElements, Where, MatMul, Softmax), so one decode step is one ONNX Runtime
   (H2O with ``recent >= 1``, StreamingLLM with ``window >= 1``) ``place_at`` scatters its row straight
   into the first S slots with an Unsqueeze + Expand index of constant shape; the running score's new
   slot is a ``Pad``; H2O's colsum is one 4-D MatMul (``export_colsum``); StreamingLLM's slot is one
-  ArgMax over (hit 2, empty 1, other 0), the same slot as (hit, else first empty, else 0).
+  ArgMin over the positions with the hit's set to -2 (``streaming_slot``): the hit, else the first empty slot.
 
 Growing capacities (``"grow"`` in ``graphwright.json["decode"]["capacity"]``): where the kept count
 has no constant bound, the layer's slots grow on the host, between session runs, from data the
@@ -101,13 +101,14 @@ def first_empty(k_pos: torch.Tensor) -> torch.Tensor:
 
 
 def write_rows(olds, news, j):
-    """Each new row [B, Hk, 1, ...] written into slot ``j`` [B, Hk] of its old state [B, Hk, S, ...] (out of place):
-    one ScatterElements per tensor, the index an Unsqueeze (+ one Expand per trailing shape)."""
+    """Each new row [B, Hk, 1, ...] written into slot ``j`` [B, Hk] (or [B, Hk, 1]: an ArgMax/ArgMin with keepdim,
+    one Unsqueeze fewer) of its old state [B, Hk, S, ...] (out of place): one ScatterElements per tensor, the
+    index an Unsqueeze (+ one Expand per trailing shape)."""
     out, index = [], {}
     for x, row in zip(olds, news):
         trail = tuple(x.shape[3:])
         if trail not in index:
-            idx = j[:, :, None]
+            idx = j if j.dim() == 3 else j[:, :, None]
             for _ in trail:
                 idx = idx[..., None]
             index[trail] = idx.expand(-1, -1, -1, *trail) if trail else idx
@@ -187,12 +188,23 @@ def streaming_decode(k, v, q_pos, k_pos, sinks, window):
     if window < 1:  # the leaving position may be the new token's own
         hit = (k_pos == old) & (old >= sinks)
         return place((k, v, k_pos), k_pos, hit.any(dim=-1), _first(hit))
-    # window >= 1: the leaving position is an older token's (at most one slot holds it). One ArgMax over the first S
-    # slots ranks the hit (2) before the empty slots (1) before the rest (0): the hit's slot, else the first empty one
-    # (else 0), what ``place`` picks from (hit.any, first hit, first empty)
-    kp = k_pos[..., :k_pos.shape[2] - 1]
-    key = torch.where((kp == old) & (old >= sinks), 2, (kp < 0).to(torch.int32))
-    return place_at((k, v, k_pos), key.argmax(dim=-1))
+    # window >= 1: the leaving position is an older token's (at most one slot holds it)
+    return place_at((k, v, k_pos), streaming_slot(k_pos[..., :k_pos.shape[2] - 1], q_pos, sinks, window))
+
+
+def streaming_slot(kp_old: torch.Tensor, q_pos: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
+    """[B, Hk, 1] the slot of ``kp_old`` [B, Hk, S] that a StreamingLLM step with ``window >= 1`` writes the new
+    token into: the slot of position L - 1 - window when that position leaves (>= sinks; at most one slot holds
+    it), else the first empty slot (k_pos -1), else the slot of the earliest position (a head holds at most c =
+    sinks + window tokens with the new one, so a consistent state never gets here: it always has the leaving
+    position or an empty slot).
+
+    One ArgMin (keepdim) over the positions with the hit's set to -2 (below the empty slots' -1); the step's
+    target ``old`` is -3 (matching no slot) when nothing leaves: Equal, Where, ArgMin per layer, the target's
+    arithmetic shared by every layer."""
+    old = q_pos.max(dim=1).values - window
+    old = torch.where(old >= sinks, old, -3)[:, None, None]
+    return torch.where(kp_old == old, -2, kp_old).argmin(dim=-1, keepdim=True)
 
 
 def snapkv_decode(q, k, v, q_pos, k_pos, *args):

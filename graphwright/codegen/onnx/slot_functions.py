@@ -71,7 +71,8 @@ OUTPUTS = {"h2o_decode": 4, "streaming_decode": 3, "fastgen_decode": 6, "rope_ca
            # inversion of every cached key, the decode step's attention
            "invert_slots": 1, "shifted_decode_attention": 1,
            # decode_rows.py: the H2O layer's attention + eviction on (old slots, new row), StreamingLLM's eviction
-           "h2o_attend_rows": 5, "streaming_rows": 3, "slot_attention": 1}
+           "h2o_attend_rows": 5, "streaming_rows": 3, "slot_attention": 1, "streaming_attend_rows": 4,
+           "back_rotation": 1}
 
 # key -> {"fn", "params" (signature names), "template" [("t", i) | ("c", value)], "example" [(dtype, sizes, dynamic dims)]}
 KEYS: dict = {}
@@ -105,7 +106,8 @@ def _kernel(tensors, key):
 
 # Output shapes per function: (argument it is shaped like, how): "slots" = that argument with dim 2 cut to
 # S = k_pos.shape[2] - 1 (what ``place``/``union_place`` return), "same" = its shape, an int n = its last dim n
-# (per-head state: FastGen's policy, Keyformer's meta, Scissorhands' step), "width" = dim 2 set to the prompt
+# (per-head state: FastGen's policy, Keyformer's meta, Scissorhands' step), "rot" = [B, 1, D, D] of q [B, H, 1, D]
+# (a rotation matrix per row), "width" = dim 2 set to the prompt
 # step's kept width (``_width``), ("last", arg) = its shape with the last dim of ``arg`` (attention: q's shape, v's width).
 _KV = [("k", "slots"), ("v", "slots"), ("k_pos", "slots")]
 _W = [("k", "width"), ("v", "width"), ("k_pos", "width")]
@@ -126,6 +128,8 @@ SHAPES = {"h2o_decode": [*_KV, ("k_pos", "slots")],
           "shifted_decode_attention": [("q", ("last", "v"))],
           "h2o_attend_rows": [("q", ("last", "v_old")), ("k_old", "same"), ("v_old", "same"), ("kp_old", "same"), ("score", "same")],
           "streaming_rows": [("k_old", "same"), ("v_old", "same"), ("kp_old", "same")],
+          "streaming_attend_rows": [("q", ("last", "v_old")), ("k_old", "same"), ("v_old", "same"), ("kp_old", "same")],
+          "back_rotation": [("q", "rot")],
           "slot_attention": [("q", ("last", "v"))]}
 # Output dtypes of the prompt functions (None: the dtype of the argument it is shaped like). Not from a run on
 # meta tensors as for the decode ones: ``kept_width`` reads a value (``.item()``).
@@ -233,6 +237,8 @@ def _fake(tensors, key):
             shape[2] = width
         elif isinstance(how, int):
             shape[-1] = how
+        elif how == "rot":  # decode_rows.back_rotation: [B, 1, D, D] of q [B, H, 1, D]
+            shape = [shape[0], 1, shape[-1], shape[-1]]
         elif isinstance(how, tuple):
             shape[-1] = by_name[how[1]].shape[-1]
         out.append(by_name[name].new_empty(shape, dtype=dtype))
