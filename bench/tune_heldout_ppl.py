@@ -55,9 +55,15 @@ def main(argv=None) -> int:
     p.add_argument("--windows", type=int, default=None, help="override the study's window count")
     p.add_argument("--window", type=int, default=None, help="override the study's window length (scored tokens = window - prefix - 1)")
     p.add_argument("--prefix", type=int, default=None, help="override the study's prefill length (the prompt the cache policy sees)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--name", default="heldout_ppl", help="output file stem in --study")
     args = p.parse_args(argv)
+    import torch
+
     from graphwright.models import load_model
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     from graphwright.tuning.objectives import Evaluator
 
     settings = json.loads((Path(args.study) / "result.json").read_text())["settings"]

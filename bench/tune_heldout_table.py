@@ -45,7 +45,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--length", type=int, default=1024)
     p.add_argument("--journal", default=str(HERE / "results" / "suite" / "cases.jsonl"))
-    p.add_argument("--ppl", required=True, help="bench/tune_heldout_ppl.py's JSON")
+    p.add_argument("--ppl", required=True, action="append",
+                   help="bench/tune_heldout_ppl.py's JSON (repeatable: runs with the same sizes; the first file's row of a recipe wins)")
     p.add_argument("--tuned", required=True)
     p.add_argument("--recipe", action="append", default=[])
     p.add_argument("--out", required=True)
@@ -55,8 +56,14 @@ def main(argv=None) -> int:
     names = ["dense", args.tuned, *args.recipe]
     cases = needle_cases(Path(args.journal), args.length, names)
     common = sorted(set.intersection(*(set(c) for c in cases.values())))
-    ppl = {r["recipe"]: r for r in json.loads(Path(args.ppl).read_text())["rows"]}
-    sizes = json.loads(Path(args.ppl).read_text())["sizes"]
+    runs = [json.loads(Path(f).read_text()) for f in args.ppl]
+    sizes = runs[0]["sizes"]
+    if any(r["sizes"] != sizes for r in runs):
+        raise SystemExit(f"--ppl files measured different windows: {[r['sizes'] for r in runs]}")
+    ppl: dict = {}
+    for run in runs:
+        for r in run["rows"]:
+            ppl.setdefault(r["recipe"], r)
     acc = {r: [cases[r][c][0] for c in common] for r in names}
     kvb = {r: sum(cases[r][c][1] for c in common) / len(common) for r in names}
     lines = [f"| recipe ({args.length}-token prompts) | KV fraction (needles) | needle accuracy [95% CI] | vs dense, paired | "
