@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--length", type=int, default=1024)
     p.add_argument("--journal", default=str(HERE / "results" / "suite" / "cases.jsonl"))
-    p.add_argument("--ppl", required=True, action="append",
+    p.add_argument("--ppl", action="append", default=[],
                    help="bench/tune_heldout_ppl.py's JSON (repeatable: runs with the same sizes; the first file's row of a recipe wins)")
     p.add_argument("--tuned", required=True)
     p.add_argument("--recipe", action="append", default=[])
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     cases = needle_cases(Path(args.journal), args.length, names)
     common = sorted(set.intersection(*(set(c) for c in cases.values())))
     runs = [json.loads(Path(f).read_text()) for f in args.ppl]
-    sizes = runs[0]["sizes"]
+    sizes = runs[0]["sizes"] if runs else None
     if any(r["sizes"] != sizes for r in runs):
         raise SystemExit(f"--ppl files measured different windows: {[r['sizes'] for r in runs]}")
     ppl: dict = {}
@@ -89,10 +89,11 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | {row['kv_fraction_needles']:.3f} | {a['mean']:.2f} [{a['lo']:.2f}, {a['hi']:.2f}] | "
                      f"{'-' if r == 'dense' else _fmt_int(row['needles_vs_dense'])} | "
                      f"{'-' if r == args.tuned else _fmt_int(row['needles_vs_tuned'])} | {ptxt} | {pvd} | {pvt} |")
-    note = (f"\nNeedles: the suite's {len(common)} needle cases at {args.length} tokens (seed 0), paired. Perplexity: held-out split, "
-            f"{sizes['windows']} windows of {sizes['window']} tokens, prefill {sizes['prefix']}, "
-            f"{sizes['window'] - sizes['prefix'] - 1} decode-step tokens scored per window; intervals over windows; "
-            "'vs' columns are ppl / ppl_other - 1.\n")
+    note = f"\nNeedles: the suite's {len(common)} needle cases at {args.length} tokens (seed 0), paired. "
+    note += ("Perplexity: not measured (no --ppl).\n" if sizes is None else
+             f"Perplexity: held-out split, {sizes['windows']} windows of {sizes['window']} tokens, prefill {sizes['prefix']}, "
+             f"{sizes['window'] - sizes['prefix'] - 1} decode-step tokens scored per window; intervals over windows; "
+             "'vs' columns are ppl / ppl_other - 1.\n")
     out = Path(args.out)
     out.write_text("\n".join(lines) + "\n" + note)
     out.with_suffix(".json").write_text(json.dumps({"length": args.length, "ppl_sizes": sizes, "rows": rows}, indent=2))
