@@ -59,8 +59,9 @@ def add_parser(sub):
     p.add_argument("--speed-steps", type=int_arg(1, 100_000), default=16, help="decode steps per speed measure")
     p.add_argument("--speed-rounds", type=int_arg(1, 1_000), default=3, help="alternating dense/candidate speed rounds (median ratio)")
     p.add_argument("--prune-margin", type=float_arg(0, 1e6), default=None,
-                   help="prune a trial whose first-window perplexity ratio is this fraction worse than a completed trial's at "
-                        "no more KV (e.g. 0.1; default off: with --workers > 1 it makes pruning depend on trial timing)")
+                   help="prune a trial whose first-window perplexity ratio is this fraction worse than an earlier trial's at "
+                        "no more KV (e.g. 0.1; default off); a trial waits for the earlier trials' first windows, so "
+                        "--workers K prunes what a serial run prunes")
     p.add_argument("--enqueue", type=enqueue_arg, action="append", default=None, metavar="JSON",
                    help='a point run first, as JSON {parameter: value} with the study\'s parameter names (e.g. '
                         '\'{"0.duo.retrieval": 0.25, "0.duo.window": 256}\'); repeat for several (known-good settings seed the search)')

@@ -15,13 +15,15 @@ holding ``"speed"``). No home-made optimiser.
 - Search space: ``tune.space.search_space`` (from the passes' ``Arg(tune=...)`` declarations).
 - Cost of a trial: the step graph is captured once per worker (``objectives.Evaluator``) and the
   dense scores once per study (stored in the study, read by every worker); a trial is its own
-  rewrite plus its evaluation. After the first calibration window a cheap proxy prunes the trial
-  (``TrialPruned``, user attr ``pruned_by``) when its KV fraction already exceeds the budget
-  (``budget``), its perplexity ratio exceeds ``max_ppl_ratio`` (``ppl_cap``), or (``front``,
-  ``prune_margin=m``) a completed trial held no more KV after its first window with a first-window
-  perplexity ratio more than a factor (1 + m) lower: the candidate is already worse than the
-  current front on the proxy, so its remaining windows, needles and speed are not measured.
-  ``pareto.json`` records how many trials each rule pruned.
+  rewrite plus its evaluation. After the first calibration window the trial's proxy (KV fraction, first-window
+  perplexity ratio) is recorded in the study as its intermediate value 0 and judged by an Optuna pruner
+  (``pruning.ProxyFrontPruner``): pruned (``TrialPruned``, user attr ``pruned_by``) when its KV fraction
+  already exceeds the budget (``budget``), its perplexity ratio exceeds ``max_ppl_ratio`` (``ppl_cap``), or
+  (``front``, ``prune_margin=m``) an earlier trial held no more KV after its first window with a first-window
+  perplexity ratio more than a factor (1 + m) lower: the candidate is already worse than the proxy front, so its
+  remaining windows, needles and speed are not measured. The front rule waits for the earlier trials' proxies,
+  so a parallel study prunes what a serial one prunes (tested). ``pareto.json`` records how many trials each
+  rule pruned.
 - Sensitivity proxy (``max_predicted_ppl=X``, ``tuning.sensitivity``): measured once per study on the
   base model (each layer alone at the low end of its ranges, first window), stored with the dense
   scores; a trial whose predicted perplexity ratio exceeds X is pruned (rule ``sensitivity``) before
@@ -109,20 +111,22 @@ def _speed_on(settings) -> bool:
 
 
 def proxy_reason(partial: dict, settings: dict, completed: list):
-    """``(rule, message)`` when the first-window proxy prunes a trial, else None (``completed``: finished trials' user attrs)."""
-    budget, cap, margin = settings["budget"], settings["max_ppl_ratio"], settings.get("prune_margin")
-    kv, ppl = partial["kv_fraction"], partial["ppl_ratio"]
-    if kv > budget:
-        return "budget", f"KV fraction {kv:.3f} after the first window exceeds the budget {budget}"
-    if cap is not None and ppl > cap:
-        return "ppl_cap", f"perplexity ratio {ppl:.3f} after the first window exceeds {cap}"
-    if margin is not None:
-        for c in completed:
-            ckv, cppl = c.get("proxy_kv_fraction"), c.get("proxy_ppl_ratio")
-            if ckv is not None and cppl is not None and ckv <= kv and cppl * (1 + margin) < ppl:
-                return "front", (f"first-window perplexity ratio {ppl:.4f} at KV fraction {kv:.3f} is more than {margin:.0%} worse "
-                                 f"than trial {c['number']}'s {cppl:.4f} at {ckv:.3f}")
-    return None
+    """``(rule, message)`` when the first-window proxy prunes a trial, else None (``completed``: earlier trials' user attrs
+    with ``number``; ``pruning.reason`` on plain data, the rules ``ProxyFrontPruner`` applies)."""
+    from .pruning import reason
+
+    earlier = [(c["number"], c["proxy_kv_fraction"], c["proxy_ppl_ratio"]) for c in completed
+               if c.get("proxy_kv_fraction") is not None and c.get("proxy_ppl_ratio") is not None]
+    return reason(partial["kv_fraction"], partial["ppl_ratio"], settings["budget"], settings["max_ppl_ratio"],
+                  settings.get("prune_margin"), earlier)
+
+
+def make_pruner(settings):
+    """The study's ``pruning.ProxyFrontPruner`` from its settings (budget, ``max_ppl_ratio``, ``prune_margin``, ``prune_wait_s``)."""
+    from .pruning import WAIT_S, ProxyFrontPruner
+
+    return ProxyFrontPruner(settings["budget"], settings["max_ppl_ratio"], settings.get("prune_margin"),
+                            wait_s=settings.get("prune_wait_s", WAIT_S))
 
 
 def _sampler(settings, offset: int):
@@ -133,10 +137,10 @@ def _sampler(settings, offset: int):
 
 def _objective(settings, space, ev, base, worker: int = 0, measure=None):
     import optuna
-    from optuna.trial import TrialState
 
     budget = settings["budget"]
     speed = settings.get("speed") if _speed_on(settings) else None
+    pruner = make_pruner(settings)
 
     def objective(trial):
         values = {}
@@ -161,15 +165,18 @@ def _objective(settings, space, ev, base, worker: int = 0, measure=None):
                 trial.set_user_attr("pruned_by", RULE)
                 raise optuna.TrialPruned(f"the per-layer sensitivity predicts a perplexity ratio {predicted:.4f} > {cap}")
 
-        def proxy_check(partial):
-            trial.set_user_attr("proxy_kv_fraction", partial["kv_fraction"])
-            trial.set_user_attr("proxy_ppl_ratio", partial["ppl_ratio"])
-            trial.set_user_attr("windows_scored", partial["windows"])
-            done = [{"number": t.number, **t.user_attrs} for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-            why = proxy_reason(partial, settings, done)
-            if why is not None:
-                trial.set_user_attr("pruned_by", why[0])
-                raise optuna.TrialPruned(why[1])
+        def proxy_check(partial):  # the short-perplexity proxy: recorded as intermediate value 0, judged by the pruner
+            from .pruning import record_proxy
+
+            record_proxy(trial, partial["kv_fraction"], partial["ppl_ratio"], partial["windows"])
+            prune = pruner.prune(trial.study, trial.storage.get_trial(trial._trial_id))
+            if pruner.waited > 0:
+                trial.set_user_attr("proxy_wait_s", round(pruner.waited, 3))
+            if pruner.timed_out:
+                trial.set_user_attr("proxy_wait_timed_out", True)
+            if prune:
+                trial.set_user_attr("pruned_by", pruner.last[0])
+                raise optuna.TrialPruned(pruner.last[1])
 
         m = ev.evaluate(recipe, base=base, proxy_check=proxy_check, speed=speed, measure=measure)
         trial.set_user_attr("windows_scored", m["windows"])
@@ -271,7 +278,7 @@ def lose_trial(study, storage, t) -> int:
 
 
 def _check_args(model, trials, workers, budget, objectives, min_speed, prune_margin, measure, eval_settings,
-                max_predicted_ppl=None) -> None:
+                max_predicted_ppl=None, prune_wait_s=1800.0) -> None:
     """ValueError naming the first bad argument of ``tune`` and what is allowed."""
     if not (isinstance(trials, int) and trials >= 1) or not (isinstance(workers, int) and 1 <= workers <= 64):
         raise ValueError(f"trials must be an int >= 1 and workers an int in [1, 64]; got trials={trials!r}, workers={workers!r}")
@@ -285,6 +292,8 @@ def _check_args(model, trials, workers, budget, objectives, min_speed, prune_mar
         raise ValueError(f"min_speed is a decode tokens/s ratio to dense, > 0; got {min_speed!r}")
     if prune_margin is not None and not (isinstance(prune_margin, (int, float)) and prune_margin >= 0):
         raise ValueError(f"prune_margin is a fraction >= 0 (or None: off); got {prune_margin!r}")
+    if not (isinstance(prune_wait_s, (int, float)) and prune_wait_s >= 0):
+        raise ValueError(f"prune_wait_s is how long (seconds, >= 0) the front rule waits for earlier trials' proxies; got {prune_wait_s!r}")
     if max_predicted_ppl is not None and not (isinstance(max_predicted_ppl, (int, float)) and max_predicted_ppl >= 1):
         raise ValueError(f"max_predicted_ppl is a perplexity ratio to dense, >= 1 (or None: off); got {max_predicted_ppl!r}")
     if measure is not None and workers > 1:
@@ -353,7 +362,8 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
          eval_settings: dict | None = None, backend: str = "torch", threads: int | None = None, outputs: bool = True,
          scope="model", objectives=("kv", "ppl"), min_speed: float | None = None, speed_steps: int = 16, speed_rounds: int = 3,
          prune_margin: float | None = None, enqueue: list | None = None, measure=None, scheduler: str | None = None,
-         storage: str | None = None, max_predicted_ppl: float | None = None, winner: str = "ppl") -> dict:
+         storage: str | None = None, max_predicted_ppl: float | None = None, winner: str = "ppl",
+         prune_wait_s: float = 1800.0) -> dict:
     """Search the tunable settings of ``template`` on ``model``; returns the result (and writes ``out``).
 
     ``budget``: the largest KV fraction (bytes held / dense) a feasible recipe may hold.
@@ -368,8 +378,8 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
     "ppl", plus "speed" (decode tokens/s ratio to dense, maximised). ``min_speed``: the speed floor
     (a constraint). ``speed_steps``/``speed_rounds``: decode steps per measure and alternating rounds.
     ``prune_margin``: prune a trial whose first-window perplexity ratio is more than this fraction
-    worse than a completed trial's at no more KV (None, the default: off; on, a parallel study's pruning
-    depends on which trials finished first, so it is no longer identical to a serial one). ``enqueue``: ``[{param name: value}]``
+    worse than an earlier trial's at no more KV (None, the default: off; ``pruning.ProxyFrontPruner``, which
+    waits up to ``prune_wait_s`` seconds for earlier trials' proxies, so parallel runs prune as serial ones). ``enqueue``: ``[{param name: value}]``
     run first (e.g. hand-written settings). ``measure``: ``(cm, ids, steps) -> tokens/s`` replacing
     the timed decode (workers=1 only; tests).
     ``scheduler``: a Dask scheduler address (``tcp://HOST:PORT``): each trial runs as a task on that cluster
@@ -382,7 +392,8 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
     """
     import optuna
 
-    _check_args(model, trials, workers, budget, objectives, min_speed, prune_margin, measure, eval_settings, max_predicted_ppl)
+    _check_args(model, trials, workers, budget, objectives, min_speed, prune_margin, measure, eval_settings, max_predicted_ppl,
+                prune_wait_s)
     _check_cluster_args(model, workers, measure, scheduler, storage)
     from .report import WINNER_RULES
 
@@ -412,7 +423,7 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
         settings = {"template": template, "budget": float(budget), "seed": seed, "population": population, "max_ppl_ratio": max_ppl_ratio,
                     "backend": backend, "eval": {**DEFAULT_EVAL, **(eval_settings or {})}, "scope": scope,
                     "objectives": list(objectives), "min_speed": min_speed, "prune_margin": prune_margin,
-                    "max_predicted_ppl": max_predicted_ppl, "winner": winner,
+                    "max_predicted_ppl": max_predicted_ppl, "winner": winner, "prune_wait_s": float(prune_wait_s),
                     "speed": {"steps": speed_steps, "rounds": speed_rounds}}
         study = _create(storage, settings, loaded, tok, trials, enqueue)
     if resume:
