@@ -67,6 +67,10 @@ def table(rows: dict, key: str, total: str) -> str:
     return "\n".join(lines)
 
 
+# the export_once argument each --*-ab switch sets
+AB_ARGS = {"slot_functions": "enabled", "decode_swap": "swap", "decode_process": "child"}
+
+
 def export_once(cm, folder: Path, verify: bool, enabled: bool = True, swap: bool = True, child=None) -> dict:
     """One export; its phase record plus the machine's state meanwhile (``MachineLoad``: the CPU share other
     processes used, so a reader knows whether the wall seconds mean anything). ``child``: ``decode_process.ENABLED``
@@ -131,29 +135,17 @@ def main(argv=None) -> int:
                   f"verified max |dlogit| {rows[recipe]['max_abs_logit_diff']}", flush=True)
             print(timings_table(rows[recipe]), flush=True)  # each recipe's phases at once (a loaded machine is slow)
             save()
-            if args.ab and {"stitch", "decode_stitch"} & set(rows[recipe]["phases"]):
-                for r in range(args.ab):
-                    for enabled in (False, True):
-                        rec = export_once(cm, folder, not args.no_verify, enabled)
-                        ab.setdefault(recipe, []).append({"slot_functions": enabled, "round": r, **rec})
-                        print(f"  A/B round {r} slot_functions={'on' if enabled else 'off'}: {rec['total_cpu_s']:.1f} CPU s "
-                              f"({rec['total_s']:.1f} s wall)", flush=True)
-                        save()
-            if args.swap_ab and "decode_swap" in rows[recipe]["phases"]:
-                for r in range(args.swap_ab):
-                    for swap in (False, True):
-                        rec = export_once(cm, folder, not args.no_verify, swap=swap)
-                        ab.setdefault(recipe, []).append({"decode_swap": swap, "round": r, **rec})
-                        print(f"  A/B round {r} decode_swap={'on' if swap else 'off'}: {rec['total_cpu_s']:.1f} CPU s "
-                              f"({rec['total_s']:.1f} s wall)", flush=True)
-                        save()
-            if args.child_ab and "decode.onnx exported by a child" in str(rows[recipe]["notes"].get("decode_process")):
-                for r in range(args.child_ab):
-                    for child in (False, True):
-                        rec = export_once(cm, folder, not args.no_verify, child=child)
-                        ab.setdefault(recipe, []).append({"decode_process": child, "round": r, **rec})
-                        print(f"  A/B round {r} decode_process={'on' if child else 'off'}: {rec['total_cpu_s']:.1f} CPU s"
-                              f"{_split_cpu(rec)} ({rec['total_s']:.1f} s wall)", flush=True)
+            ab_rounds = {"slot_functions": args.ab if {"stitch", "decode_stitch"} & set(rows[recipe]["phases"]) else 0,
+                    "decode_swap": args.swap_ab if "decode_swap" in rows[recipe]["phases"] else 0,
+                    "decode_process": args.child_ab if "decode.onnx exported by a child"
+                    in str(rows[recipe]["notes"].get("decode_process")) else 0}
+            for switch, rounds in ab_rounds.items():  # each A/B: the switch off then on, ``rounds`` times, in this process
+                for r in range(rounds):
+                    for on in (False, True):
+                        rec = export_once(cm, folder, not args.no_verify, **{AB_ARGS[switch]: on})
+                        ab.setdefault(recipe, []).append({switch: on, "round": r, **rec})
+                        print(f"  A/B round {r} {switch}={'on' if on else 'off'}: {rec['total_cpu_s']:.1f} CPU s"
+                              f"{_split_cpu(rec) if switch == 'decode_process' else ''} ({rec['total_s']:.1f} s wall)", flush=True)
                         save()
     print()
     print(table(rows, "phases", "total_s"))

@@ -305,13 +305,19 @@ def test_table_only_rebuilds_the_table_without_weights(run, monkeypatch):
         mod.main(["--model", "tiny-llama", "--table-only", "--out", str(out / "empty")])
 
 
-def test_worker_rounds_grow_every_cell_together(tmp_path, monkeypatch):
-    """spec["round"] R: R cases for every job in turn; the same rows as one job after another, and a stop leaves equal cells."""
+def _fake_worker(monkeypatch):
+    """kvpress_worker with a stand-in kvpress (no model load, one press ``Fake``): its journal logic alone."""
     worker = _load("kvpress_worker")
     monkeypatch.setitem(sys.modules, "kvpress", type(sys)("kvpress"))
     monkeypatch.setattr(worker, "_kvpress_version", lambda: "0.0-test")
     monkeypatch.setattr(worker, "_load", lambda folder, attn: None)
     monkeypatch.setattr(worker, "_presses", lambda spec=None: {"Fake": lambda ratio: None})
+    return worker
+
+
+def test_worker_rounds_grow_every_cell_together(tmp_path, monkeypatch):
+    """spec["round"] R: R cases for every job in turn; the same rows as one job after another, and a stop leaves equal cells."""
+    worker = _fake_worker(monkeypatch)
     calls = []
 
     def answer(model, press, ids, split, max_new_tokens, eos):
@@ -378,11 +384,7 @@ def test_first_answers_a_spread_prefix_and_reuses_measured_bytes(tmp_path, monke
 
 def test_worker_skips_what_other_journals_in_its_folder_hold(tmp_path, monkeypatch):
     """A new spec (its own journal) answers only the cases no sibling journal holds; a sibling's torn line stays."""
-    worker = _load("kvpress_worker")
-    monkeypatch.setitem(sys.modules, "kvpress", type(sys)("kvpress"))
-    monkeypatch.setattr(worker, "_kvpress_version", lambda: "0.0-test")
-    monkeypatch.setattr(worker, "_load", lambda folder, attn: None)
-    monkeypatch.setattr(worker, "_presses", lambda spec=None: {"Fake": lambda ratio: None})
+    worker = _fake_worker(monkeypatch)
     calls = []
     monkeypatch.setattr(worker, "answer", lambda model, press, ids, *a: (calls.append(ids[0]), ([ids[0]], 8, 3))[1])
     cases = [{"id": f"c{i}", "ids": [i, 1, 2], "split": 3} for i in range(3)]

@@ -1,7 +1,7 @@
 """Op-level checks of the node-saving forms in ``codegen/onnx/decode_slots.py`` against the general ones.
 
 ``place_at`` (scatter into the first S slots) against ``place`` (scatter into S + 1, then cut) for victims
-below S; the one-ArgMax ``streaming_decode`` against (hit.any, first hit, first empty) through ``place``;
+below S; the one-ArgMin ``streaming_decode`` against (hit.any, first hit, first empty, earliest) through ``place``;
 ``export_colsum`` (4-D MatMul) against the torch backend's ``decode_colsum``. Random slot layouts with empty
 slots, full heads, a padding row (q_pos -1) and key biases; the model-level invariants (kept sets, logits,
 tokens against the torch backend) are in ``test_onnx_eviction_slots.py`` / ``test_onnx_streaming_shift.py``.
@@ -39,20 +39,26 @@ def test_place_at_equals_place_for_victims_below_S():
             assert g.shape == w.shape and torch.equal(g, w)
 
 
-def test_streaming_one_argmax_equals_hit_then_first_empty():
+def test_streaming_one_argmin_equals_hit_then_first_empty_then_earliest():
     gen = torch.Generator().manual_seed(1)
-    hits = 0
+    hits = fulls = 0
     for trial in range(80):
         k, v, k_pos, q_pos = _layout(gen, empty=(0.0, 0.2, 0.6)[trial % 3])
         sinks, window = int(trial % 4), 1 + int(trial % 9)
         old = (q_pos.max(dim=1).values - window)[:, None, None]
         hit = (k_pos == old) & (old >= sinks)
         hits += int(hit.sum())
-        want = place((k, v, k_pos), k_pos, hit.any(dim=-1), _first(hit))
+        S = k_pos.shape[2] - 1
+        # neither the leaving position nor an empty slot (a state StreamingLLM never reaches: a head holds at most
+        # sinks + window tokens): the slot of the earliest position (decode_slots.streaming_slot)
+        full = ~hit.any(dim=-1) & ~(k_pos[..., :S] < 0).any(dim=-1)
+        fulls += int(full.sum())
+        victim = torch.where(hit.any(dim=-1), _first(hit), k_pos[..., :S].argmin(dim=-1))
+        want = place((k, v, k_pos), k_pos, hit.any(dim=-1) | full, victim)
         got = streaming_decode(k, v, q_pos, k_pos, sinks, window)
         for w, g in zip(want, got):
             assert torch.equal(g, w)
-    assert hits > 0  # the layouts do hold the leaving position sometimes
+    assert hits > 0 and fulls > 0  # the layouts hold the leaving position sometimes, and neither it nor an empty slot
 
 
 def test_export_colsum_equals_decode_colsum():

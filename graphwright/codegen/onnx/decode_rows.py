@@ -232,6 +232,14 @@ def _fold_streaming(graph, node, attn, a: dict, parts: dict, rots: dict) -> str:
     with graph.inserting_before(attn):
         new = graph.call_function(streaming_attend_rows, (b["q"], k_old, k_new, v_old, v_new, b["q_pos"], kp_old, kp_new,
                                                           b["scale"], b["key_bias"], rots[key], int(b["sinks"]), int(b["window"])))
+    _take_over(graph, node, attn, new, a)
+    return "streaming_attend_rows"
+
+
+def _take_over(graph, node, attn, new, a) -> None:
+    """``new`` (inserted before ``attn``) returns (attention output, *the eviction node's outputs*): it replaces
+    both nodes, and the state concatenations only they read go too."""
+    with graph.inserting_after(new):
         out = graph.call_function(operator.getitem, (new, 0))
     new.meta = dict(node.meta)
     out.meta = dict(attn.meta)
@@ -243,7 +251,6 @@ def _fold_streaming(graph, node, attn, a: dict, parts: dict, rots: dict) -> str:
     for cat in (a["k"], a["v"], a["k_pos"]):
         if not cat.users:
             graph.erase_node(cat)
-    return "streaming_attend_rows"
 
 
 def _getitems(node) -> dict:
@@ -289,17 +296,7 @@ def rows(gm: torch.fx.GraphModule, specs=None) -> list:
             new = graph.call_function(h2o_attend_rows, (a["q"], k_old, k_new, v_old, v_new, a["q_pos"], kp_old, kp_new,
                                                         a["score"], a["scale"], a["heavy_n"], a["heavy_f"], a["recent_n"],
                                                         a["recent_f"], a["key_bias"]))
-            out = graph.call_function(operator.getitem, (new, 0))
-        new.meta = dict(node.meta)
-        out.meta = dict(attn.meta)
-        for i, g in _getitems(node).items():
-            g.args = (new, i + 1)
-        attn.replace_all_uses_with(out)
-        graph.erase_node(attn)
-        graph.erase_node(node)
-        for cat in (a["k"], a["v"], a["k_pos"]):
-            if not cat.users:
-                graph.erase_node(cat)
+        _take_over(graph, node, attn, new, a)
         done.append("h2o_attend_rows")
     # the other per-KV-head attentions (duo's streaming heads, SnapKV): the T = 1 mask, where every such layer has the
     # same KV head count (``heads``); with counts differing per layer (duo) the stitched function's head dim is
