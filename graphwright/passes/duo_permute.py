@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import torch
 
-from .match import attr_tensor, linear_parts
+from ..ops.graph_match import cat_dim, cat_parts
+from .match import aten_args, attr_tensor, linear_parts
 
 aten = torch.ops.aten
 ENABLED = True  # False: duo.split_layer gathers heads with index_select (A/B, tests)
@@ -95,18 +96,19 @@ def _next_hd(n, hd: dict, head_dim: int, heads: int):
     if src == -1 or any(hd[x] != src for x in ins):
         return None
     if n.target is aten.transpose.int:
-        a, b = (_dim(d, nd) for d in n.args[1:3])
+        args = aten_args(n)
+        a, b = _dim(args["dim0"], nd), _dim(args["dim1"], nd)
         return b if src == a else a if src == b else src
     if n.target in _ELEMENTWISE:
         return src if _broadcasts(n, hd, src, nd) else None
     if n.target is aten.slice.Tensor:
-        return src if _dim(n.args[1] if len(n.args) > 1 else 0, nd) != src else None
+        return src if _dim(aten_args(n)["dim"], nd) != src else None
     if n.target is aten.cat.default:
-        whole = all(isinstance(p, torch.fx.Node) and p in hd for p in n.args[0])
-        return src if whole and _dim(n.args[1] if len(n.args) > 1 else 0, nd) != src else None
+        whole = all(isinstance(p, torch.fx.Node) and p in hd for p in cat_parts(n))
+        return src if whole and _dim(cat_dim(n), nd) != src else None
     if n.target is aten.mean.dim:
-        keep = len(n.args) > 2 and n.args[2]
-        return src if keep and src not in {_dim(d, len(_shape(ins[0]))) for d in n.args[1]} else None
+        args = aten_args(n)
+        return src if args["keepdim"] and src not in {_dim(d, len(_shape(ins[0]))) for d in args["dim"]} else None
     return None
 
 
@@ -160,7 +162,7 @@ def permute_layer(sg, layer: int, q, k_new, v_new, attn, order_kv: list, g: int)
             return False
         found[name] = (lin, heads, shape[-1])
     o_lin, _ = _o_proj(attn)
-    if o_lin is None or len({lin for lin, _, _ in found.values()}) != 3 or not biases_are_parameters((q, k_new, v_new)):
+    if o_lin is None or len({lin for lin, _, _ in found.values()}) != 3 or not _biases_are_parameters(found):
         return False
     kv = torch.tensor(order_kv)
     qo = torch.tensor([h for k in order_kv for h in range(k * g, (k + 1) * g)])
@@ -171,7 +173,7 @@ def permute_layer(sg, layer: int, q, k_new, v_new, attn, order_kv: list, g: int)
         wt = attr_tensor(gm, str(w.target))
         with graph.inserting_before(lin):
             args = [x, _param(gm, f"gw_duo_l{layer}_{name}_proj_weight", wt.view(heads, D, -1)[idx].reshape(wt.shape))]
-            if b is not None:  # a parameter (biases_are_parameters)
+            if b is not None:  # a parameter (_biases_are_parameters)
                 bt = attr_tensor(gm, str(b.target))
                 args.append(_param(gm, f"gw_duo_l{layer}_{name}_proj_bias", bt.view(heads, D)[idx].reshape(bt.shape)))
         lin.args, lin.kwargs = tuple(args), {}
@@ -180,15 +182,14 @@ def permute_layer(sg, layer: int, q, k_new, v_new, attn, order_kv: list, g: int)
     D = found["q"][2]
     with graph.inserting_before(o_lin):
         wo = _param(gm, f"gw_duo_l{layer}_o_proj_weight", wt.view(wt.shape[0], H, D)[:, qo].reshape(wt.shape))
-    o_lin.args = (x, wo, *o_lin.args[2:])
+    o_lin.args, o_lin.kwargs = ((x, wo) if b is None else (x, wo, b)), {}
     return True
 
 
-def biases_are_parameters(nodes) -> bool:
-    """Whether each projection's bias (if any) is a parameter (``permute_layer`` permutes it)."""
-    for node in nodes:
-        lin = _proj(node)
-        b = linear_parts(lin)[2] if lin is not None else None
+def _biases_are_parameters(found: dict) -> bool:
+    """Whether each found projection's bias (if any) is a parameter (``permute_layer`` permutes it)."""
+    for lin, _, _ in found.values():
+        b = linear_parts(lin)[2]
         if b is not None and not (isinstance(b, torch.fx.Node) and b.op == "get_attr"):
             return False
     return True

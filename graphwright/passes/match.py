@@ -72,6 +72,14 @@ def linear_parts(node) -> tuple:
     return node.args[0], node.args[1], bias
 
 
+def aten_args(node) -> dict:
+    """Every argument of an aten op node by its schema name, defaults filled (``{"input", "dim0", "dim1"}`` of a
+    transpose, ``{"input", "dim", "keepdim", "dtype"}`` of ``mean.dim``): torch.fx's ``normalize_function``."""
+    from torch.fx.operator_schemas import normalize_function
+
+    return normalize_function(node.target, tuple(node.args), dict(node.kwargs), normalize_to_only_use_kwargs=True).kwargs
+
+
 def addmm_parts(node) -> tuple:
     """GPT-2's Conv1D ``aten.addmm(bias, x2d, weight[in, out])`` -> (bias, x2d, weight)."""
     return node.args[0], node.args[1], node.args[2]

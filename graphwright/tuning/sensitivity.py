@@ -5,7 +5,7 @@ compressed at a time, every other layer left mild, perplexity measured), general
 whose searched parameters are all per layer (``tune(scope="layer")``): ``lowrank_kv.keep``,
 ``streaming.window``, ``snapkv.budget``, ``h2o.heavy``/``recent``, ``evict.budget``. Issue 21 asks to
 prune trials "from cheap proxies (per-layer sensitivity, short perplexity)"; this is the first,
-the first-window perplexity (``study.proxy_reason``) the second.
+the first-window perplexity (``pruning.reason``) the second.
 
 ``measure`` runs once per study, on the base model, when the study is created (its result is
 stored with the dense scores, ``study.user_attrs["base"]["sensitivity"]``, so every worker reads

@@ -110,17 +110,6 @@ def _speed_on(settings) -> bool:
     return "speed" in settings.get("objectives", ()) or settings.get("min_speed") is not None
 
 
-def proxy_reason(partial: dict, settings: dict, completed: list):
-    """``(rule, message)`` when the first-window proxy prunes a trial, else None (``completed``: earlier trials' user attrs
-    with ``number``; ``pruning.reason`` on plain data, the rules ``ProxyFrontPruner`` applies)."""
-    from .pruning import reason
-
-    earlier = [(c["number"], c["proxy_kv_fraction"], c["proxy_ppl_ratio"]) for c in completed
-               if c.get("proxy_kv_fraction") is not None and c.get("proxy_ppl_ratio") is not None]
-    return reason(partial["kv_fraction"], partial["ppl_ratio"], settings["budget"], settings["max_ppl_ratio"],
-                  settings.get("prune_margin"), earlier)
-
-
 def make_pruner(settings):
     """The study's ``pruning.ProxyFrontPruner`` from its settings (budget, ``max_ppl_ratio``, ``prune_margin``, ``prune_wait_s``)."""
     from .pruning import WAIT_S, ProxyFrontPruner

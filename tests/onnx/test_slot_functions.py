@@ -235,8 +235,9 @@ def test_a_stitching_failure_falls_back_layer_by_layer(monkeypatch, tmp_path):
     out = gw.export_onnx(cm, tmp_path / "export")
     meta = json.loads((out / "graphwright.json").read_text())
     notes, phases = meta["export"]["notes"], meta["export"]["phases"]
-    # the first key of each graph failed: StreamingLLM's shift function or its eviction function (streaming_shift.py)
-    for tag, fns in (("", "invert_slots|streaming_prompt"), ("decode_", "shifted_decode_attention|streaming_decode")):
+    # the first key of each graph failed: at the prompt step StreamingLLM's shift function or its eviction function
+    # (streaming_shift.py); at decode the step's back rotation or the fused attention + slot write (decode_rows.py)
+    for tag, fns in (("", "invert_slots|streaming_prompt"), ("decode_", "back_rotation|streaming_attend_rows")):
         assert notes[tag + "slot_functions"].startswith("layer by layer (GraphwrightError: ")
         assert re.search(rf"stitching the slot-eviction functions failed: ValueError: injected failure for ({fns})_\d+\)$",
                          notes[tag + "slot_functions"])

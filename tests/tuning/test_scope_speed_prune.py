@@ -12,8 +12,9 @@ from graphwright.eval.bytetok import ByteTokenizer
 from graphwright.models import load_model
 from graphwright.recipes import Recipe
 from graphwright.tuning.objectives import Evaluator
+from graphwright.tuning.pruning import reason
 from graphwright.tuning.space import recipe_for, search_space
-from graphwright.tuning.study import proxy_reason, tune
+from graphwright.tuning.study import tune
 
 SMALL = {"windows": 1, "window": 40, "prefix": 20}
 TOK = ByteTokenizer()
@@ -127,14 +128,14 @@ def test_speed_objective_and_floor_with_an_injected_measure(llama, tmp_path):
 
 
 def test_proxy_rule_prunes_only_what_is_worse_than_a_completed_trial_by_the_margin():
-    s = {"budget": 0.5, "max_ppl_ratio": 2.0, "prune_margin": 0.1}
-    done = [{"number": 0, "proxy_kv_fraction": 0.3, "proxy_ppl_ratio": 1.0}]
-    assert proxy_reason({"kv_fraction": 0.6, "ppl_ratio": 1.0}, s, done)[0] == "budget"
-    assert proxy_reason({"kv_fraction": 0.3, "ppl_ratio": 2.5}, s, done)[0] == "ppl_cap"
-    assert proxy_reason({"kv_fraction": 0.3, "ppl_ratio": 1.11}, s, done)[0] == "front"
-    assert proxy_reason({"kv_fraction": 0.3, "ppl_ratio": 1.09}, s, done) is None  # within the margin
-    assert proxy_reason({"kv_fraction": 0.29, "ppl_ratio": 1.5}, s, done) is None  # holds less KV: not dominated
-    assert proxy_reason({"kv_fraction": 0.3, "ppl_ratio": 1.5}, {**s, "prune_margin": None}, done) is None  # rule off
+    budget, cap, margin = 0.5, 2.0, 0.1
+    done = [(0, 0.3, 1.0)]  # (trial number, first-window KV fraction, first-window perplexity ratio)
+    assert reason(0.6, 1.0, budget, cap, margin, done)[0] == "budget"
+    assert reason(0.3, 2.5, budget, cap, margin, done)[0] == "ppl_cap"
+    assert reason(0.3, 1.11, budget, cap, margin, done)[0] == "front"
+    assert reason(0.3, 1.09, budget, cap, margin, done) is None  # within the margin
+    assert reason(0.29, 1.5, budget, cap, margin, done) is None  # holds less KV: not dominated
+    assert reason(0.3, 1.5, budget, cap, None, done) is None  # rule off
 
 
 def test_a_trial_known_to_be_bad_is_pruned_before_its_full_evaluation(llama, tmp_path):

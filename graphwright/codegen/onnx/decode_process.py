@@ -109,31 +109,13 @@ def _resolve(ref):
 
 
 def _encode(value):
-    if isinstance(value, torch.fx.Node):
-        return _Ref(value.name)
-    if isinstance(value, tuple):
-        return tuple(_encode(v) for v in value)
-    if isinstance(value, list):
-        return [_encode(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _encode(v) for k, v in value.items()}
-    if isinstance(value, slice):
-        return slice(_encode(value.start), _encode(value.stop), _encode(value.step))
-    return value
+    """Node arguments as data: each ``Node`` in (nested) tuples, lists, dicts and slices becomes a ``_Ref``."""
+    return torch.fx.node.map_arg(value, lambda n: _Ref(n.name))
 
 
 def _decode(value, env: dict):
-    if isinstance(value, _Ref):
-        return env[value.name]
-    if isinstance(value, tuple):
-        return tuple(_decode(v, env) for v in value)
-    if isinstance(value, list):
-        return [_decode(v, env) for v in value]
-    if isinstance(value, dict):
-        return {k: _decode(v, env) for k, v in value.items()}
-    if isinstance(value, slice):
-        return slice(_decode(value.start, env), _decode(value.stop, env), _decode(value.step, env))
-    return value
+    """``_encode``'s inverse: each ``_Ref`` becomes the rebuilt node of that name in ``env``."""
+    return torch.fx.node.map_aggregate(value, lambda x: env[x.name] if isinstance(x, _Ref) else x)
 
 
 def _picklable_meta(meta: dict) -> dict:
@@ -270,9 +252,8 @@ class DecodeJob:
 
 
 def _package_root() -> str:
-    import graphwright
-
-    return str(Path(graphwright.__file__).resolve().parent.parent)
+    """The folder holding the ``graphwright`` package (this file is graphwright/codegen/onnx/decode_process.py)."""
+    return str(Path(__file__).resolve().parents[3])
 
 
 def _child(folder: Path) -> dict:

@@ -34,7 +34,8 @@ ScatterElements, Where, MatMul, Softmax), so one decode step is one ONNX Runtime
   (H2O with ``recent >= 1``, StreamingLLM with ``window >= 1``) ``place_at`` scatters its row straight
   into the first S slots with an Unsqueeze + Expand index of constant shape; the running score's new
   slot is a ``Pad``; H2O's colsum is one 4-D MatMul (``export_colsum``); StreamingLLM's slot is one
-  ArgMin over the positions with the hit's set to -2 (``streaming_slot``): the hit, else the first empty slot.
+  ArgMin over the positions with the hit's set to -2 (``streaming_slot``): the hit, else the first empty slot
+  (else the earliest position: a state a consistent head never reaches).
 
 Growing capacities (``"grow"`` in ``graphwright.json["decode"]["capacity"]``): where the kept count
 has no constant bound, the layer's slots grow on the host, between session runs, from data the

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 # Rules skipped: multi-output patterns (quadratic in the node count with onnxscript's matcher).
 SKIPPED_RULES = frozenset({"SlicesSplit"})
-# fuse_matmul.py: q/k/v and gate/up MatMuls -> one MatMul + Split. Off by default: exact, but its decode gain was
-# not resolved on a loaded machine (process CPU per step 1.00x-1.05x); A/B on an idle one with bench/fuse_artifact.py
+# fuse_matmul.py: q/k/v and gate/up MatMuls -> one MatMul + Split. Off by default: exact, but its decode gain is not
+# established (idle machine, 4 alternating rounds: 1.03x tokens/s, within the rounds' ~5% spread; bench/fuse_artifact.py)
 FUSE_SIBLINGS = False
 STEPS = 2  # rounds of folding + rewrite rules (the exporter's own value); early stop when a round changes nothing
 
