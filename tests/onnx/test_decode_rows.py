@@ -17,7 +17,15 @@ import torch
 import graphwright as gw
 from graphwright.capture.ops import ATTENTION, attention_reference
 from graphwright.codegen.onnx import decode_slots
-from graphwright.codegen.onnx.decode_rows import back_rotation, h2o_attend_rows, slot_attention, streaming_attend_rows, streaming_rows
+from graphwright.codegen.onnx.decode_rows import (
+    back_rotation,
+    h2o_attend_rows,
+    sink_keys,
+    sink_rotation,
+    slot_attention,
+    streaming_attend_rows,
+    streaming_rows,
+)
 from graphwright.codegen.onnx.decode_slots import decode_graph, h2o_decode, streaming_decode, streaming_slot
 from graphwright.codegen.onnx.streaming_shift import rotation_matrix, shifted_decode_attention
 from graphwright.ops.rope_index_ref import _rotate, rope_angles
@@ -138,6 +146,52 @@ def test_streaming_attend_rows_equals_shifted_attention_and_streaming_decode(evi
         streaming_attend_rows(q, k, kn, v, vn, q_pos, kp, kpn, 0.3, None, rot, 2, 0)
 
 
+@pytest.mark.parametrize("evicted", [False, True])
+def test_sink_keys_attention_equals_shifted_attention(evicted):
+    """``SINK_KEYS``: the plain attention (``attention_reference``, what ONNX's fused Attention computes) over
+    ``sink_keys`` (sinks rotated forward by E, ``sink_rotation``) and the new row = ``shifted_decode_attention``
+    on the concatenation (1e-5; random slot states: empty slots, padding rows, absent sinks where E = 0; the sinks in
+    random slots where E > 0, StreamingLLM's invariant, ``sink_keys``); every slot not
+    holding a sink position is returned bit for bit, and in a row with E = 0 every key is."""
+    gen = torch.Generator().manual_seed(11 + evicted)
+    B, H, Hk, D, S, R = 3, 6, 2, 16, 9, 8
+    inv = 1.0 / (10000 ** (torch.arange(0, R, 2).float() / R))
+    rotated = 0
+    for trial in range(40):
+        sinks, window = int(trial % 4), 1 + int(trial % 7)
+        L = 200 if evicted else sinks + window
+        (k, v, kp), (kn, vn, kpn), q_pos = _rows(gen, B=B, Hk=Hk, S=S, D=D, L=max(L, S + 2), empty=(0.0, 0.2, 0.6)[trial % 3])
+        if q_pos.max() - sinks - window > 0:  # a row that has evicted holds its sinks (StreamingLLM's invariant)
+            for b in range(B):
+                for h in range(Hk):
+                    kp[b, h][kp[b, h] < sinks] = -1  # positions stay unique per head
+                    kp[b, h, torch.randperm(S, generator=gen)[:sinks]] = torch.arange(sinks, dtype=kp.dtype)
+        q = torch.randn(B, H, 1, D, generator=gen) * 2
+        bias = torch.randn(B, H, S + 1, generator=gen) if trial % 4 == 3 else None
+        ka, va, kpa = torch.cat([k, kn], 2), torch.cat([v, vn], 2), torch.cat([kp, kpn], 2)
+        want = shifted_decode_attention(q, ka, va, q_pos, kpa, 0.3, bias, inv, sinks, window)
+        ks = sink_keys(k, kp, sink_rotation(q, q_pos, inv, sinks, window), sinks)
+        got = attention_reference(q, torch.cat([ks, kn], 2), va, q_pos, kpa, 0.3, key_bias=bias)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        sink = ((kp >= 0) & (kp < sinks))[..., None].expand_as(k)
+        assert torch.equal(ks[~sink], k[~sink])
+        still = (q_pos[:, 0] - sinks - window) <= 0  # E = 0: R(0) is the identity, every key returned bit for bit
+        assert torch.equal(ks[still], k[still])
+        rotated += int((ks != k).any(-1).sum())
+    assert rotated > 0
+
+
+def test_sink_rotation_is_the_back_rotations_inverse():
+    gen = torch.Generator().manual_seed(2)
+    D, R = 16, 8
+    inv = 1.0 / (10000 ** (torch.arange(0, R, 2).float() / R))
+    q, q_pos = torch.randn(3, 4, 1, D, generator=gen), torch.tensor([[5], [90], [-1]])
+    fwd, back = sink_rotation(q, q_pos, inv, 2, 3), back_rotation(q, q_pos, inv, 2, 3)
+    assert fwd.shape == (3, 1, D, D)
+    torch.testing.assert_close(fwd @ back, torch.eye(D).expand(3, 1, D, D), rtol=0, atol=1e-6)
+    assert torch.equal(fwd[0], torch.eye(D)[None]) and torch.equal(fwd[2], torch.eye(D)[None])  # E = 0: the identity
+
+
 def test_slot_attention_equals_the_reference_at_a_decode_step():
     gen = torch.Generator().manual_seed(5)
     B, H, Hk, D, S = 3, 6, 2, 8, 9
@@ -165,9 +219,15 @@ def test_rotation_matrix_equals_the_elementwise_rotation(R, D):
 
 # recipe -> (function counts in the rewritten decode graph, graphwright.attention nodes left)
 REWRITES = {"h2o(heavy=4, recent=4)": ({"h2o_attend_rows": 2, "h2o_decode": 0}, 0),
-            # attention + eviction in one function; the step's back rotation made once for both layers
-            "streaming(sinks=2, window=6)": ({"streaming_attend_rows": 2, "back_rotation": 1, "streaming_rows": 0,
-                                              "streaming_decode": 0, "shifted_decode_attention": 0}, 0),
+            # SINK_KEYS (default): the sinks' keys rotated forward, the plain attention op (ONNX's fused Attention)
+            # per layer, the slot write; the step's rotation made once for both layers
+            "streaming(sinks=2, window=6)": ({"sink_keys": 2, "sink_rotation": 1, "streaming_rows": 2, "back_rotation": 0,
+                                              "streaming_attend_rows": 0, "streaming_decode": 0,
+                                              "shifted_decode_attention": 0}, 2),
+            # SINK_KEYS off: attention + eviction in one function; the step's back rotation made once for both layers
+            "streaming(sinks=2, window=6) SINK_KEYS=False": ({"streaming_attend_rows": 2, "back_rotation": 1,
+                                                              "streaming_rows": 0, "sink_keys": 0, "streaming_decode": 0,
+                                                              "shifted_decode_attention": 0}, 0),
             "snapkv(budget=8, window=2)": ({"slot_attention": 2}, 0),
             # duo's streaming heads: 1 KV head in layer 0, 2 in layer 1 (``decode_rows.heads``): their attention stays fused
             "duo(retrieval=[[0, 0]], sinks=2, window=4)": ({"streaming_rows": 2, "slot_attention": 0}, 3)}
@@ -178,8 +238,9 @@ def test_rows_rewrite_of_the_decode_graph(recipe, monkeypatch):
     from graphwright.codegen.onnx import decode_rows
 
     monkeypatch.setattr(decode_rows, "SLOT_ATTENTION", True)  # off by default (decode_rows.py); tested here
+    monkeypatch.setattr(decode_rows, "SINK_KEYS", not recipe.endswith(" SINK_KEYS=False"))
     model, _ = gw.load_model("tiny-llama")
-    sg = gw.compile(model, recipe).step_graph
+    sg = gw.compile(model, recipe.removesuffix(" SINK_KEYS=False")).step_graph
     from graphwright.codegen.onnx.streaming_shift import shift_streaming
 
     base, _ = shift_streaming(sg.gm, decode=True)
@@ -198,7 +259,13 @@ def test_rows_rewrite_of_the_decode_graph(recipe, monkeypatch):
     for spec in sg.state:
         shape = [B if d == -1 else d for d in spec.shape]
         shape[spec.seq_dim] = c
-        if spec.kind == "positions":
+        if spec.kind == "positions" and recipe.startswith("streaming"):  # E = 11 - 2 - 6 > 0: each head holds its
+            # sinks 0 and 1 (StreamingLLM's invariant, ``decode_rows.sink_keys``), in random slots but the last
+            t = torch.stack([torch.cat([torch.cat([torch.tensor([0, 1]), r[:c - 3]])[torch.randperm(c - 1, generator=gen)], r[c - 3:]])
+                             for r in (torch.randperm(9, generator=gen)[:c - 2] + 2 for _ in range(math.prod(shape[:-1])))])
+            t = t.view(shape).to(spec.dtype)
+            t[1], t[0, ..., -1] = -1, -1  # the padding row holds nothing; row 0 has an empty slot
+        elif spec.kind == "positions":
             t = torch.stack([torch.randperm(11, generator=gen)[:c] for _ in range(math.prod(shape[:-1]))]).view(shape).to(spec.dtype)
             t[1], t[0, ..., -1] = -1, -1  # the padding row holds nothing; row 0 has an empty slot
         else:

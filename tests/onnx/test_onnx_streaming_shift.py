@@ -16,8 +16,9 @@ import onnx
 import pytest
 import torch
 
+from graphwright.capture.ops import ATTENTION
 from graphwright.codegen.onnx.artifact import OnnxStep
-from graphwright.codegen.onnx.decode_rows import back_rotation, streaming_attend_rows
+from graphwright.codegen.onnx.decode_rows import back_rotation, sink_keys, sink_rotation, streaming_attend_rows, streaming_rows
 from graphwright.codegen.onnx.decode_slots import decode_graph, position_rank, rope_cache_index_decode
 from graphwright.codegen.onnx.streaming_shift import shift_streaming, shifted_decode_attention
 from graphwright.compiled import CompiledModel
@@ -72,13 +73,23 @@ def test_decode_graph_rotates_no_key_and_ranks_nothing(runs):
     gm, _, in_graph, left = decode_graph(shifted, sg.state)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert layers == [0, 1] and left == [] and len(in_graph) == 2
-    # decode_rows: each layer's shifted attention and slot write are one streaming_attend_rows, the query's back
-    # rotation made once for both layers
-    assert targets.count(shifted_decode_attention) == 0
-    assert targets.count(streaming_attend_rows) == 2 and targets.count(back_rotation) == 1
+    # decode_rows.SINK_KEYS (default): each layer's sinks rotated forward by E (sink_keys), the rotation made once
+    # for both layers, the plain attention op on the slots and the new row, the slot write; no back rotation
+    assert targets.count(shifted_decode_attention) == 0 and targets.count(streaming_attend_rows) == 0
+    assert targets.count(sink_keys) == 2 and targets.count(sink_rotation) == 1 and targets.count(back_rotation) == 0
+    assert targets.count(ATTENTION) == 2 and targets.count(streaming_rows) == 2
     assert not {ROPE_CACHE_INDEX, ROPE_INVERT, rope_cache_index_decode, position_rank} & set(targets)
-    # in decode.onnx no rotation angle is computed from the slots' positions (only from the query's)
+    # decode.onnx: one fused Attention node per layer (as dense), no decomposed attention (Softmax), and one
+    # [D, D] rotation product per layer (the sinks' keys [s, D]), none on a query
     dec = onnx.load(str(runs["folder"] / "decode.onnx"), load_external_data=False)
+    ops = [n.op_type for n in dec.graph.node]
+    assert ops.count("Attention") == 2 and "Softmax" not in ops
+    # every MatMul multiplies by a weight, but one per layer: the sinks' keys (GatherElements) by R(E)
+    weights = {i.name for i in dec.graph.initializer}
+    producer = {o: n.op_type for n in dec.graph.node for o in n.output}
+    others = [[producer.get(i, "input") for i in n.input] for n in dec.graph.node if n.op_type == "MatMul" and not set(n.input) & weights]
+    assert len(others) == 2 and all(o[0] == "GatherElements" for o in others)
+    # in decode.onnx no rotation angle is computed from the slots' positions (only from the query's)
     angles = [n for n in dec.graph.node if n.op_type in ("Cos", "Sin")]
     assert len(angles) > 2 and all("positions" in _inputs_above(dec.graph, n) for n in angles)
     assert not any(name.startswith("key_positions") for n in angles for name in _inputs_above(dec.graph, n))

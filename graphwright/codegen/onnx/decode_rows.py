@@ -174,6 +174,49 @@ def streaming_attend_rows(q, k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new, 
     return (out, *write_rows((k_old, v_old, kp_old), (k_new, v_new, kp_new), streaming_slot(kp_old, q_pos, sinks, window)))
 
 
+# StreamingLLM's decode step through the fused Attention (``sink_keys``; ``rows``): True: the sink keys are rotated
+# forward by E and the layer's attention is the plain ``attention`` op (ONNX ``Attention``); False: the query is
+# rotated back (``streaming_attend_rows``, decomposed attention). Listed in ``decode_process.SWITCHES``.
+SINK_KEYS = True
+
+
+def sink_rotation(q, q_pos, inv_freq, sinks: int, window: int):
+    """[B, 1, D, D] fp32: ``x @ M`` rotates x FORWARD by E = max(0, L - 1 - sinks - window), the tokens a
+    StreamingLLM row has evicted (``back_rotation``'s transpose: R(+E) from the same fp32 angles). ``q`` is
+    read for its shape only. Made once per decode step and shared by every layer (``rows``)."""
+    evicted = (q_pos.max(dim=1).values - sinks - window).clamp(min=0)
+    cos, sin = rope_angles(evicted, inv_freq)
+    return rotation_matrix(cos, sin, q.shape[-1])[:, None]
+
+
+def sink_keys(k_old, kp_old, rot, sinks: int):
+    """The keys ``k_old`` [B, Hk, S, D] (rotated at their absolute positions ``kp_old`` [B, Hk, S]) with each
+    sink's key (position i < ``sinks``) rotated forward by E (``rot`` = ``sink_rotation``), out of place.
+
+    StreamingLLM's reference rotates a key by its cache index and the query by its own: a window key at
+    position p has index p - E and the query (position L - 1) L - 1 - E, so q_abs . k_abs has the reference's
+    relative angle L - 1 - p; a sink's index is its position i, its relative angle L - 1 - E - i, which the
+    query at its absolute rotation sees on the key at rotation i + E = R(E) k_abs. Every key is then at
+    (cache index + E), and one plain attention (the fused ``Attention`` node dense decoding uses; slot order
+    does not matter to softmax) gives the reference's scores. The rotation is applied to the stored key (at
+    rotation i) afresh at every step and never written back: the state keeps absolute rotations, nothing
+    accumulates. Cost per layer: a gather of ``sinks`` rows per KV head, one [sinks, D] x [D, D] MatMul, one
+    ScatterElements; no key outside the sinks is touched.
+
+    The slot of sink i: ArgMax of ``kp_old == i`` over the slots (slot 0 when absent). StreamingLLM's state
+    invariant makes that exact: a row that has evicted (E > 0) holds all its sinks (positions < ``sinks`` never
+    leave, ``streaming_keep`` / ``streaming_slot``), and a row with E = 0 has ``rot`` = R(0), the exact identity
+    (cos 1, sin 0), so every write, an absent sink's duplicate index 0 included, puts back the slot's own key.
+    On a state breaking the invariant (E > 0 and a sink missing) slot 0's key would be rotated: not exact there."""
+    D = k_old.shape[-1]
+    want = torch.arange(sinks, dtype=kp_old.dtype, device=kp_old.device)
+    hit = kp_old[:, :, :, None] == want  # [B, Hk, S, s]
+    j = hit.to(torch.int32).argmax(dim=2, keepdim=True).transpose(2, 3)  # [B, Hk, s, 1]: slot of sink i (0 if absent)
+    idx = j.expand(-1, -1, -1, D)
+    ks = k_old.gather(2, idx)  # [B, Hk, s, D]
+    return k_old.scatter(2, idx, torch.matmul(ks.float(), rot).to(k_old.dtype))
+
+
 def _cat_parts(node):
     """(old, new) of a two-input ``cat`` along dim 2 (the slot dim), else None."""
     if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is torch.ops.aten.cat.default):
@@ -225,15 +268,42 @@ def _fold_streaming(graph, node, attn, a: dict, parts: dict, rots: dict) -> str:
     D = int(b["q"].meta["val"].shape[-1])
     key = (b["q_pos"], ("attr", inv.target) if isinstance(inv, torch.fx.Node) and inv.op == "get_attr" else inv,
            int(b["sinks"]), int(b["window"]), D)
+    key = (*key, SINK_KEYS)
     if key not in rots:  # before the first such layer's attention, on its query (read for D only): every later layer follows
         with graph.inserting_before(attn):
-            rots[key] = graph.call_function(back_rotation, (b["q"], b["q_pos"], inv, int(b["sinks"]), int(b["window"])))
+            rots[key] = graph.call_function(sink_rotation if SINK_KEYS else back_rotation,
+                                            (b["q"], b["q_pos"], inv, int(b["sinks"]), int(b["window"])))
     (k_old, k_new), (v_old, v_new), (kp_old, kp_new) = parts["k"], parts["v"], parts["k_pos"]
+    if SINK_KEYS:
+        return _fused_streaming(graph, node, attn, a, parts, rots, b, key, inv)
     with graph.inserting_before(attn):
         new = graph.call_function(streaming_attend_rows, (b["q"], k_old, k_new, v_old, v_new, b["q_pos"], kp_old, kp_new,
                                                           b["scale"], b["key_bias"], rots[key], int(b["sinks"]), int(b["window"])))
     _take_over(graph, node, attn, new, a)
     return "streaming_attend_rows"
+
+
+def _fused_streaming(graph, node, attn, a: dict, parts: dict, rots: dict, b: dict, key, inv) -> str:
+    """``SINK_KEYS``: ``shifted_decode_attention`` -> ``attention(q, cat(sink_keys(k_old), k_new), v, q_pos, k_pos)``
+    (the plain op: ONNX's fused ``Attention``), the eviction -> ``streaming_rows`` (the slot write on the old state,
+    whose keys stay at their absolute rotations)."""
+    (k_old, k_new), (v_old, v_new), (kp_old, kp_new) = parts["k"], parts["v"], parts["k_pos"]
+    with graph.inserting_before(attn):
+        ks = graph.call_function(sink_keys, (k_old, kp_old, rots[key], int(b["sinks"])))
+        kcat = graph.call_function(torch.ops.aten.cat.default, ([ks, k_new], 2))
+        new = graph.call_function(ATTENTION, (b["q"], kcat, a["v"], b["q_pos"], a["k_pos"], b["scale"]),
+                                  {"key_bias": b["key_bias"]} if b["key_bias"] is not None else {})
+    for n, like in ((ks, k_old), (kcat, a["k"])):
+        if "val" in like.meta:
+            n.meta["val"] = like.meta["val"]
+    new.meta = dict(attn.meta)
+    attn.replace_all_uses_with(new)
+    graph.erase_node(attn)
+    node.target = streaming_rows
+    node.args, node.kwargs = (k_old, k_new, v_old, v_new, a["q_pos"], kp_old, kp_new, a["sinks"], a["window"]), {}
+    if not a["k"].users:
+        graph.erase_node(a["k"])
+    return "sink_keys"
 
 
 def _take_over(graph, node, attn, new, a) -> None:
@@ -255,6 +325,11 @@ def _take_over(graph, node, attn, new, a) -> None:
 
 def _getitems(node) -> dict:
     return {u.args[1]: u for u in node.users if u.op == "call_function" and u.target is operator.getitem}
+
+
+def _reads_sink_keys(attn) -> bool:
+    parts = _cat_parts(schema.get(attn, "k"))
+    return parts is not None and isinstance(parts[0], torch.fx.Node) and parts[0].target is sink_keys
 
 
 def heads(kp_old, gm, specs):
@@ -303,7 +378,8 @@ def rows(gm: torch.fx.GraphModule, specs=None) -> list:
     # dynamic and its reshapes cost Shape arithmetic that the fused Attention's translation does not have
     cands = [n for n in graph.nodes if SLOT_ATTENTION and n.op == "call_function" and n.target is ATTENTION and not schema.get(n, "window")
              and not schema.get(n, "sinks") and schema.get(n, "key_bias") is None  # a key bias (think, steer) keeps
-             and _cat_parts(schema.get(n, "k_pos")) is not None]                   # the fused Attention
+             and _cat_parts(schema.get(n, "k_pos")) is not None                    # the fused Attention
+             and not _reads_sink_keys(n)]  # StreamingLLM's SINK_KEYS attention: fused by design
     if len({heads(_cat_parts(schema.get(n, "k_pos"))[0], gm, specs) for n in cands}) == 1 and None not in {
             heads(_cat_parts(schema.get(n, "k_pos"))[0], gm, specs) for n in cands}:
         for node in cands:
