@@ -162,7 +162,7 @@ def test_wrap_prompt_step_same_values(recipe):
 def test_wrap_streaming_shift_functions_same_values(decode):
     """StreamingLLM with keys cached at their positions (``streaming_shift.py``): the prompt graph's per-layer
     ``invert_slots`` (one output) is wrapped too, one key for all layers beside the eviction's; the decode graph's
-    ``streaming_attend_rows`` (attention + eviction) per layer and ``back_rotation`` once; the wrapped graph computes
+    ``sink_keys`` and ``streaming_rows`` per layer and ``sink_rotation`` once; the wrapped graph computes
     the unwrapped one's values."""
     from graphwright.codegen.onnx.streaming_shift import shift_streaming
 
@@ -178,9 +178,10 @@ def test_wrap_streaming_shift_functions_same_values(decode):
     keys = slot_functions.wrap(wrapped)
     try:
         names = sorted(slot_functions.KEYS[k]["name"] for k in keys)
-        if decode:  # decode_rows: one streaming_attend_rows per layer, the step's back_rotation once for all layers
-            assert names == ["back_rotation", "streaming_attend_rows"]
-            assert len(_ops_of(wrapped)) == sg.info.num_layers + 1
+        if decode:  # decode_rows.SINK_KEYS: sink_keys and streaming_rows per layer (the attention is the plain op),
+            # the step's sink_rotation once for all layers
+            assert names == ["sink_keys", "sink_rotation", "streaming_rows"]
+            assert len(_ops_of(wrapped)) == 2 * sg.info.num_layers + 1
         else:
             assert names == ["invert_slots", "streaming_prompt"]
             assert len(_ops_of(wrapped)) == 2 * sg.info.num_layers
@@ -236,8 +237,8 @@ def test_a_stitching_failure_falls_back_layer_by_layer(monkeypatch, tmp_path):
     meta = json.loads((out / "graphwright.json").read_text())
     notes, phases = meta["export"]["notes"], meta["export"]["phases"]
     # the first key of each graph failed: at the prompt step StreamingLLM's shift function or its eviction function
-    # (streaming_shift.py); at decode the step's back rotation or the fused attention + slot write (decode_rows.py)
-    for tag, fns in (("", "invert_slots|streaming_prompt"), ("decode_", "back_rotation|streaming_attend_rows")):
+    # (streaming_shift.py); at decode the step's sink rotation, the sinks' keys or the slot write (decode_rows.py)
+    for tag, fns in (("", "invert_slots|streaming_prompt"), ("decode_", "sink_rotation|sink_keys|streaming_rows")):
         assert notes[tag + "slot_functions"].startswith("layer by layer (GraphwrightError: ")
         assert re.search(rf"stitching the slot-eviction functions failed: ValueError: injected failure for ({fns})_\d+\)$",
                          notes[tag + "slot_functions"])

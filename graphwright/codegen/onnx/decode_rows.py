@@ -25,7 +25,14 @@ of keys eviction saves (``bench/profile_onnx_decode.py``: 2431 nodes run per H2O
   Equal, Where, ArgMin with keepdim over the old positions). The query's rotation back by the evicted count
   (``back_rotation`` [B, 1, D, D]) depends only on the step's positions: it is one node of the graph shared
   by every layer (inside each layer's function its identity and rotate-half constants were per-layer
-  initializers ORT does not merge: four nodes per layer). Any other StreamingLLM layer with ``window >= 1``:
+  initializers ORT does not merge: four nodes per layer). With ``SINK_KEYS`` (the default) that layer instead
+  keeps the plain ``attention`` op, ONNX's fused ``Attention`` as dense decoding has: the query stays at its
+  absolute rotation and the sinks' keys are rotated forward by E (``sink_keys``: their stored keys, at rotation
+  = position, gathered, one [sinks, D] x [D, D] MatMul with ``sink_rotation`` = R(+E), made once per step,
+  scattered into a copy; the state keeps absolute rotations, nothing accumulates), so every key sits at (cache
+  index + E) and the relative angles are the reference's; the eviction becomes ``streaming_rows``.
+  Latent StreamingLLM layers (``decode_latent.streaming_latent_decode``) are not rewritten. Any other
+  StreamingLLM layer with ``window >= 1``:
   ``streaming_rows`` (the slot write alone; the attention keeps reading the concatenation);
 * any other attention over per-KV-head slots (a per-head positions concatenation along the slot dim;
   no native window or sinks: SnapKV): ``slot_attention``, the same decomposed attention with the T = 1
@@ -46,8 +53,11 @@ value [B, Hk, 1, D], ``kp_new`` the query positions expanded to [B, Hk, 1]; thes
 * StreamingLLM (``window >= 1``) with the shifted attention: ``shifted_decode_attention``, the eviction node and
   the three ``cat``s become ``streaming_attend_rows(q, k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new, scale,
   key_bias, rot, sinks, window)`` -> (attention output, k, v, k_pos), ``rot = back_rotation(q_pos, inv_freq, sinks,
-  window, D)`` once per graph; without it: ``streaming_rows(k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new,
-  sinks, window)`` -> (k, v, k_pos), the ``cat``s stay for the attention;
+  window, D)`` once per graph; with ``SINK_KEYS``: ``attention(q, cat(sink_keys(k_old, kp_old, rot, sinks), k_new),
+  cat(v_old, v_new), q_pos, cat(kp_old, kp_new), scale, key_bias=key_bias)`` + ``streaming_rows``, ``rot =
+  sink_rotation(q, q_pos, inv_freq, sinks, window)`` once per graph; without the shifted attention:
+  ``streaming_rows(k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new, sinks, window)`` -> (k, v, k_pos), the
+  ``cat``s stay for the attention;
 * SnapKV-style per-head attentions (one KV head count in every such layer): ``attention`` ->
   ``slot_attention(q, k, v, k_pos, scale, key_bias)`` -> output (its eviction op is the identity at decode).
 
@@ -60,7 +70,8 @@ differs from the fused ORT Attention by float rounding only. Invariants tested
 (``tests/onnx/test_decode_rows.py``): on random slot states (empty slots, ties, padding rows) the row
 functions equal ``decode_slots.h2o_decode`` / ``streaming_decode`` on the concatenation and the
 attention output equals ``attention_reference`` (H2O) / ``shifted_decode_attention`` (StreamingLLM) (1e-6);
-``streaming_slot`` equals its per-head definition (hit, else first empty, else earliest); the rewrite leaves no H2O attention node in
+``streaming_slot`` equals its per-head definition (hit, else first empty, else earliest); the plain attention over
+``sink_keys`` equals ``shifted_decode_attention`` (1e-5; E = 0 returns every key bit for bit); the rewrite leaves no H2O attention node in
 a tiny Llama's decode graph and its eager run equals the unrewritten graph; the artifact tests
 (``test_onnx_eviction_slots.py``, ``test_onnx_streaming_shift.py``) keep the torch backend's sets.
 """
