@@ -24,7 +24,8 @@ ScatterElements, Where, MatMul, Softmax), so one decode step is one ONNX Runtime
   is the argmin over the non-recent slots, ties to the latest position (as the reference's top-k
   and the torch slots). StreamingLLM: the victim is the slot holding position ``L - 1 - window``
   (no scoring). A dense StreamingLLM layer's keys are cached rotated at their absolute positions
-  and its attention rotates only the query (``streaming_shift.py``, applied before this rewrite);
+  and its attention rotates only the query (``streaming_shift.py``, applied before this rewrite; then
+  ``decode_rows.SINK_KEYS``: only the sinks' keys, forward, under the fused Attention);
   any other ``rope_cache_index`` rotates by each slot's rank by position among the valid slots (the
   cache is not in position order any more), counted by comparisons (S x S per head);
 * SnapKV appends at decode (its reference returns its inputs when T > 1 is not the case), so its op
