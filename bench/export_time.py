@@ -1,7 +1,7 @@
 """Seconds per ``export_onnx`` phase for the recipes of issue 17 item 5, from ``graphwright.json["export"]``.
 
 Usage: python bench/export_time.py [--model smollm2-135m] [--recipe NAME_OR_RECIPE ...] [--context 1024]
-       [--no-verify] [--ab N] [--swap-ab N] [--child-ab N] [--out results/export_time.json]
+       [--no-verify] [--ab N] [--swap-ab N] [--child-ab N] [--meta-ab N] [--out results/export_time.json]
 
 Recipes: the names of ``bench/bench_decode.py`` (identity, demo, h2o25, streaming25, snapkv25, lowrank50, duo;
 budgets for a ``--context``-token prompt, default 1024: e.g. h2o25 = ``h2o(heavy=128, recent=128)``) or any
@@ -25,6 +25,9 @@ export swapped.
 exports ``model.onnx`` vs one after the other, ``codegen/onnx/decode_process.py``), for the recipes whose export used
 the child. Each row also prints this process's CPU seconds and the child's (``other_process_cpu_s``): on an idle
 machine with two cores the wall time follows the larger of the two chains, not their sum.
+
+``--meta-ab N``: the same for ``trace_meta.ENABLED`` (``torch.export`` storing each node's ``tensor_meta`` vs not,
+``codegen/onnx/trace_meta.py``; same bytes either way), for every recipe: compare the ``torch_export`` rows.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from pathlib import Path
 
 import graphwright as gw
 from graphwright.bench.load import MachineLoad
-from graphwright.codegen.onnx import decode_process, decode_swap, slot_functions
+from graphwright.codegen.onnx import decode_process, decode_swap, slot_functions, trace_meta
 from graphwright.codegen.onnx.phases import timings_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,21 +71,22 @@ def table(rows: dict, key: str, total: str) -> str:
 
 
 # the export_once argument each --*-ab switch sets
-AB_ARGS = {"slot_functions": "enabled", "decode_swap": "swap", "decode_process": "child"}
+AB_ARGS = {"slot_functions": "enabled", "decode_swap": "swap", "decode_process": "child", "trace_meta": "meta"}
 
 
-def export_once(cm, folder: Path, verify: bool, enabled: bool = True, swap: bool = True, child=None) -> dict:
+def export_once(cm, folder: Path, verify: bool, enabled: bool = True, swap: bool = True, child=None,
+                meta: bool = True) -> dict:
     """One export; its phase record plus the machine's state meanwhile (``MachineLoad``: the CPU share other
     processes used, so a reader knows whether the wall seconds mean anything). ``child``: ``decode_process.ENABLED``
     for this export (None: its default)."""
     default = decode_process.ENABLED
-    slot_functions.ENABLED, decode_swap.ENABLED = enabled, swap
+    slot_functions.ENABLED, decode_swap.ENABLED, trace_meta.ENABLED = enabled, swap, meta
     decode_process.ENABLED = default if child is None else child
     try:
         with MachineLoad() as load:
             gw.export_onnx(cm, folder, verify=verify, overwrite=True)
     finally:
-        slot_functions.ENABLED = decode_swap.ENABLED = True
+        slot_functions.ENABLED = decode_swap.ENABLED = trace_meta.ENABLED = True
         decode_process.ENABLED = default
     meta = json.loads((folder / "graphwright.json").read_text())
     return {**meta["export"], "graphs": sorted(p.name for p in folder.glob("*.onnx")), "machine": load.as_dict(),
@@ -96,7 +100,8 @@ def _split_cpu(rec: dict) -> str:
 
 
 def _ab_name(r: dict) -> str:
-    return "slots" if "slot_functions" in r else "swap" if "decode_swap" in r else "child"
+    return ("slots" if "slot_functions" in r else "swap" if "decode_swap" in r else "child" if "decode_process" in r
+            else "no-tensor_meta")
 
 
 def main(argv=None) -> int:
@@ -108,6 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--ab", type=int, default=0, help="rounds of slot_functions off/on for the slot recipes")
     p.add_argument("--swap-ab", type=int, default=0, help="rounds of decode_swap off/on for the recipes it applies to")
     p.add_argument("--child-ab", type=int, default=0, help="rounds of decode_process off/on for the recipes it applies to")
+    p.add_argument("--meta-ab", type=int, default=0, help="rounds of trace_meta off/on, every recipe")
     p.add_argument("--out", default="results/export_time.json")
     args = p.parse_args(argv)
     load0 = os.getloadavg()[0]
@@ -138,7 +144,7 @@ def main(argv=None) -> int:
             ab_rounds = {"slot_functions": args.ab if {"stitch", "decode_stitch"} & set(rows[recipe]["phases"]) else 0,
                     "decode_swap": args.swap_ab if "decode_swap" in rows[recipe]["phases"] else 0,
                     "decode_process": args.child_ab if "decode.onnx exported by a child"
-                    in str(rows[recipe]["notes"].get("decode_process")) else 0}
+                    in str(rows[recipe]["notes"].get("decode_process")) else 0, "trace_meta": args.meta_ab}
             for switch, rounds in ab_rounds.items():  # each A/B: the switch off then on, ``rounds`` times, in this process
                 for r in range(rounds):
                     for on in (False, True):
@@ -154,7 +160,7 @@ def main(argv=None) -> int:
     for recipe, runs in ab.items():
         print()
         print(f"A/B {recipe} (CPU s):")
-        print(table({f"{_ab_name(r)} {'on' if r.get('slot_functions', r.get('decode_swap', r.get('decode_process'))) else 'off'}"
+        print(table({f"{_ab_name(r)} {'on' if next(r[k] for k in AB_ARGS if k in r) else 'off'}"
                      f"#{r['round']}": r for r in runs}, "cpu", "total_cpu_s"))
     load1 = os.getloadavg()[0]
     print(f"\nload average before {load0:.2f}, after {load1:.2f} on {os.cpu_count()} cores"

@@ -31,6 +31,7 @@ from .exporter_shortcuts import shortcuts
 from .manifest import record_files, save_tokenizer
 from .optimize import optimize
 from .phases import Phases
+from .trace_meta import no_tensor_meta
 
 EXTERNAL_DATA = MODEL + ".data"
 DECODE_MODEL = "decode.onnx"  # single-token steps with in-graph slot eviction (decode_slots.py)
@@ -271,7 +272,8 @@ def _export_graph(gm, graph: tuple, path: Path, opset: int, external_data: bool,
     args, dyn, inputs, outputs, table = graph
     with phases(tag + "torch_export"):
         try:
-            ep = torch.export.export(gm, args, dynamic_shapes=dyn, strict=False)
+            with no_tensor_meta():  # trace_meta.py: no per-node tensor_meta (symbolic is_contiguous checks)
+                ep = torch.export.export(gm, args, dynamic_shapes=dyn, strict=False)
         except Exception as exc:  # noqa: BLE001 - re-raised with what failed
             raise GraphwrightError(f"torch.export of the step graph failed: {type(exc).__name__}: {str(exc).strip()[:500]}") from exc
 
