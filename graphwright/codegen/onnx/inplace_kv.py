@@ -62,27 +62,9 @@ def rewrite(model_path, state_names: list, state_kinds: list, seq_dims: list):
         return None, f"state of kind other than kv/positions: {bad[:3]}"
     m = onnx.load(str(model_path), load_external_data=False)
     g = m.graph
-    inputs = {i.name for i in g.input}
-    outputs = {o.name for o in g.output}
-    consumers: dict = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    concat = {}
-    for name, kind, dim in zip(state_names, state_kinds, seq_dims):
-        if name not in inputs or f"{name}_next" not in outputs:
-            return None, f"state {name!r} is not a graph input with a {name}_next output"
-        users = [u for u in consumers.get(name, []) if not _shape_without(u, dim)]
-        if len(users) != 1 or users[0].op_type != "Concat" or list(users[0].output) != [f"{name}_next"] \
-                or len(users[0].input) != 2 or users[0].input[0] != name:
-            return None, f"state {name!r} is not appended by one Concat({name}, new) -> {name}_next"
-        axis = next((a.i for a in users[0].attribute if a.name == "axis"), None)
-        if axis != dim:
-            return None, f"state {name!r}: Concat axis {axis} is not its seq dim {dim}"
-        why = _check_readers(f"{name}_next", kind, consumers)
-        if why:
-            return None, f"state {name!r}: {why}"
-        concat[id(users[0])] = (name, dim)
+    concat, why = _appends(g, state_names, state_kinds, seq_dims)
+    if why:
+        return None, why
     ranks = {name: len(dims) for name, dims in _input_ranks(g).items()}
     types = {i.name: i.type.tensor_type.elem_type for i in g.input}
     for name in state_names:
@@ -114,10 +96,10 @@ def rewrite(model_path, state_names: list, state_kinds: list, seq_dims: list):
             nodes.append(helper.make_node("Reshape", ["_ip_range", constant(("shape", *key), shape)], [index[key]]))
     body = []
     for n in g.node:
-        if id(n) not in concat:
+        if n.op_type != "Concat" or n.output[0] not in concat:
             body.append(n)
             continue
-        name, dim = concat[id(n)]
+        name, dim = concat[n.output[0]]
         new = n.input[1]
         body += [helper.make_node("Shape", [new], [f"_ip_{name}_shape"]),
                  helper.make_node("Expand", [index[(ranks[name], dim)], f"_ip_{name}_shape"], [f"_ip_{name}_index"]),
@@ -127,6 +109,32 @@ def rewrite(model_path, state_names: list, state_kinds: list, seq_dims: list):
     g.node.extend(nodes + body)
     g.input.append(helper.make_tensor_value_info(WRITE_INDEX, TensorProto.INT64, [1]))
     return m, None
+
+
+def _appends(g, state_names: list, state_kinds: list, seq_dims: list):
+    """``({Concat output: (state, seq dim)}, None)`` for the dense append pattern, or ``(None, reason)``."""
+    inputs = {i.name for i in g.input}
+    outputs = {o.name for o in g.output}
+    consumers: dict = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    concat = {}
+    for name, kind, dim in zip(state_names, state_kinds, seq_dims):
+        if name not in inputs or f"{name}_next" not in outputs:
+            return None, f"state {name!r} is not a graph input with a {name}_next output"
+        users = [u for u in consumers.get(name, []) if not _shape_without(u, dim)]
+        if len(users) != 1 or users[0].op_type != "Concat" or list(users[0].output) != [f"{name}_next"] \
+                or len(users[0].input) != 2 or users[0].input[0] != name:
+            return None, f"state {name!r} is not appended by one Concat({name}, new) -> {name}_next"
+        axis = next((a.i for a in users[0].attribute if a.name == "axis"), None)
+        if axis != dim:
+            return None, f"state {name!r}: Concat axis {axis} is not its seq dim {dim}"
+        why = _check_readers(f"{name}_next", kind, consumers)
+        if why:
+            return None, f"state {name!r}: {why}"
+        concat[f"{name}_next"] = (name, dim)
+    return concat, None
 
 
 def _shape_without(node, dim: int) -> bool:
