@@ -19,17 +19,21 @@ all ``C`` slots (masked), so slack costs attention work every step; a bucket of 
 (about 12% of the attention at a 256 prompt, where attention is ~6% of the step) and copies the cache once
 per 64 steps, where doubling would read up to 2x the slots.
 
+The prompt step runs the same graph (one session: no second copy of the weights), writing the prompt's rows
+straight into fresh buffers; its per-state index is [B, Hk, T, D] int64 (transient, ~3 MB per state at T = 2048).
+
 Only buffers this step wrote are reused in place: a state view whose buffer is not registered (a tensor from
 elsewhere, a clone) or whose buffer was written past the view's length (a second continuation of the same
 state, e.g. two questions on one context) is first copied to a fresh buffer, so a state list a caller kept
 never changes.
 
-Eligibility (``rewrite`` returns the reason otherwise, the step then keeps the Concat graph): every state is
+Eligibility (``rewrite`` returns the reason otherwise, the step then keeps the Concat graph, ``OnnxStep.inplace_reason``): every state is
 ``kv`` or ``positions``; each ``<name>`` input's only consumer is that Concat on its seq dim (besides ``Shape`` reads that leave
 the seq dim out); every K/V
 ``_next`` feeds only ``Attention`` (as K or V); the positions' ``_next`` reaches only ``Attention`` masks through
 elementwise comparisons (so slots with position -1 are masked, whatever C is). Exactness: the same masked
-attention over more masked slots; tested against the Concat route and the torch runtime
+attention over more masked slots, which is not bit-identical (the softmax sums over C slots in another order:
+~1e-6 differences in the next layer's K/V on tiny Llama); tested against the Concat route and the torch runtime
 (``tests/onnx/test_inplace_kv.py``: tiny Llama, batch 2 left-padded, growth across bucket boundaries,
 48 decode steps, logits within 1e-5 and equal greedy tokens; storage bytes).
 """
