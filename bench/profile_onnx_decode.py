@@ -16,7 +16,8 @@ host-side binding shortcut (``artifact.FAST_BIND``) on and off, alternating N ti
 ``--compare N [--option SET]``: decode tok/s of every artifact given (under one option set), alternating N times
 (ratios to the first);
 ``--session-ab N --option KEY=VALUE[,KEY=VALUE] ...``: decode tok/s of the first artifact under each set of
-session options (``threads=N``, ``arena=0|1``, ``spinning=0|1`` or any ``SessionOptions`` config entry, e.g.
+session options (``threads=N``, ``arena=0|1``, ``spinning=0|1``, ``inplace=0|1`` (the dense in-place KV cache,
+``codegen/onnx/inplace_kv.py``: on by default) or any ``SessionOptions`` config entry, e.g.
 ``session.disable_prepacking=1``), alternating N times, ratios to the plain options. Timings on a busy machine
 are indicative only; the CPU ms/step column (process CPU time) is the less load-sensitive one, except
 across ``spinning`` settings (a spinning thread burns CPU while it waits: compare tok/s there, on an idle machine).
@@ -50,8 +51,11 @@ def load(folder: Path, threads: int, profile_prefix: str | None, options: dict |
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.enable_cpu_mem_arena = False  # as bench_decode.py
     so.intra_op_num_threads = threads
+    inplace = None
     for key, value in (options or {}).items():
-        if key == "threads":
+        if key == "inplace":  # codegen/onnx/inplace_kv.py: dense KV updated in place (1) or appended by Concat (0)
+            inplace = value == "1"
+        elif key == "threads":
             so.intra_op_num_threads = int(value)
         elif key == "arena":
             so.enable_cpu_mem_arena = value == "1"
@@ -60,11 +64,19 @@ def load(folder: Path, threads: int, profile_prefix: str | None, options: dict |
         elif key.startswith("session.") or key.startswith("optimization."):
             so.add_session_config_entry(key, value)
         else:
-            raise SystemExit(f"--option {key}={value}: unknown; use threads, arena, spinning or a session config key (session.*)")
+            raise SystemExit(f"--option {key}={value}: unknown; use threads, arena, spinning, inplace or a session config key (session.*)")
     if profile_prefix:
         so.enable_profiling = True
         so.profile_file_prefix = profile_prefix
-    return gw.load(folder, session_options=so)
+    if inplace is None:
+        return gw.load(folder, session_options=so)
+    from graphwright.codegen.onnx import inplace_kv
+
+    default, inplace_kv.ENABLED = inplace_kv.ENABLED, inplace
+    try:
+        return gw.load(folder, session_options=so)
+    finally:
+        inplace_kv.ENABLED = default
 
 
 def op_table(events: list, skip_first_run: bool) -> tuple[dict, int, float]:

@@ -25,6 +25,7 @@ import torch
 
 from ...capture.step_graph import ModelInfo, StateSpec
 from ...errors import GraphwrightError
+from . import inplace_kv
 
 METADATA = "graphwright.json"
 MODEL = "model.onnx"
@@ -88,7 +89,16 @@ class OnnxStep:
     def __init__(self, model_path, input_names, output_names, providers=None, session_options=None,
                  state_names=None, records=(), extras=None, decode=None, seq_dims=None, io_binding=True, state_kinds=None,
                  prompt_capacity=None):
-        self.session = _session(model_path, input_names, output_names, providers, session_options)
+        self.inplace, self.inplace_reason = None, "off (inplace_kv.ENABLED is False)"
+        if inplace_kv.ENABLED:  # inplace_kv.py: a dense step appends by ScatterElements into capacity buffers
+            proto, self.inplace_reason = _inplace_graph(model_path, providers, state_names, records, decode, seq_dims,
+                                                        io_binding, state_kinds, prompt_capacity)
+            if proto is not None:
+                self.session = inplace_kv.session(proto, model_path, providers or default_providers(), session_options)
+                _check_names(self.session, model_path, [*input_names, inplace_kv.WRITE_INDEX], output_names)
+                self.inplace = inplace_kv.Buffers(seq_dims, state_kinds)
+        if self.inplace is None:
+            self.session = _session(model_path, input_names, output_names, providers, session_options)
         self.input_names = list(input_names)
         self.output_names = list(output_names)
         self.extras = dict(extras or {})
@@ -136,6 +146,9 @@ class OnnxStep:
         if unknown:
             raise GraphwrightError(f"unknown extra input(s) {sorted(unknown)}; this model takes {sorted(self.extras) or 'none'}")
         B = input_ids.shape[0]
+        if self.inplace is not None:
+            extra = [extras[n] if extras.get(n) is not None else torch.zeros(B, 1) for n in self.extras]
+            return self._run_inplace(input_ids, positions, logits_index, state, extra)
         session, outputs, records, capacity, host, names = self.session, self.output_names, self.records, {}, [], self.input_names
         if self.decode is not None and input_ids.shape[1] == 1:
             from .decode_policies import keyformer_noise
@@ -195,6 +208,28 @@ class OnnxStep:
                     out[name] = torch.from_numpy(value.numpy())
         return out
 
+    def _run_inplace(self, input_ids, positions, logits_index, state, extra):
+        """One step on capacity buffers (``inplace_kv.py``): each state output bound to its own input's memory,
+        so the T new rows are written in place; returns views of the first L + T slots."""
+        T = input_ids.shape[1]
+        buffers, L = self.inplace.prepare([t.detach().cpu() for t in state], T)
+        head = [t.detach().cpu().contiguous() for t in (input_ids, positions, logits_index)]
+        tail = [t.detach().cpu().contiguous() for t in extra] + [torch.tensor([L], dtype=torch.int64)]
+        binding = self.session.io_binding()
+        bind_in, bind_out = _binders(binding)
+        for name, t in zip([*self.input_names, inplace_kv.WRITE_INDEX], [*head, *buffers, *tail]):
+            bind_in(name, NUMPY[t.dtype], list(t.shape), t.data_ptr())
+        logits_dtype = self.__dict__.setdefault("_logits_dtype", _ort_dtype(self.session.get_outputs()[0].type))
+        logits = torch.empty(input_ids.shape[0], logits_index.shape[0], self._vocab(self.session), dtype=logits_dtype)
+        bind_out("logits", NUMPY[logits.dtype], list(logits.shape), logits.data_ptr())
+        for name, t in zip(self.state_names, buffers):
+            bind_out(f"{name}_next", NUMPY[t.dtype], list(t.shape), t.data_ptr())
+        self.session.run_with_iobinding(binding)
+        res = [logits, *self.inplace.views(buffers, L + T)]
+        if input_ids.device.type != "cpu":
+            res = [o.to(input_ids.device) for o in res]
+        return res[0], res[1:]
+
     def _vocab(self, session) -> int:
         dim = session.get_outputs()[0].shape[-1]
         if not isinstance(dim, int):
@@ -238,17 +273,32 @@ def _ort_dtype(type_str: str) -> torch.dtype:
     return names[type_str]
 
 
+def _inplace_graph(model_path, providers, state_names, records, decode, seq_dims, io_binding, state_kinds, prompt_capacity):
+    """``(ModelProto, None)``: the in-place rewrite of a dense step graph (``inplace_kv.rewrite``), or ``(None, reason)``."""
+    if decode or records or prompt_capacity:
+        return None, "the artifact has a decode graph, runtime ops or prompt eviction (not a dense append)"
+    if not io_binding or "CUDAExecutionProvider" in (providers or default_providers()):
+        return None, "needs CPU I/O binding"
+    if state_names is None or seq_dims is None or state_kinds is None:
+        return None, "state names, kinds and seq dims unknown (from_metadata passes them)"
+    return inplace_kv.rewrite(model_path, list(state_names), list(state_kinds), list(seq_dims))
+
+
 def _session(model_path, input_names, output_names, providers, session_options):
     """An InferenceSession whose inputs/outputs are the ones ``graphwright.json`` lists."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(model_path), sess_options=session_options, providers=providers or default_providers())
+    _check_names(session, model_path, input_names, output_names)
+    return session
+
+
+def _check_names(session, model_path, input_names, output_names) -> None:
     got_in = [i.name for i in session.get_inputs()]
     got_out = [o.name for o in session.get_outputs()]
     if got_in != list(input_names) or got_out != list(output_names):
         raise GraphwrightError(f"{model_path}: graph inputs/outputs {got_in} -> {got_out} do not match "
                                f"{METADATA} ({list(input_names)} -> {list(output_names)})")
-    return session
 
 
 def read_metadata(path) -> dict:
