@@ -1,0 +1,136 @@
+"""The tuned recipe against hand-written ones on held-out RULER-style tasks, paired, resumable (issue 21 item 5).
+
+Usage:
+    PYTHONPATH=. nice -n 10 python bench/tune_heldout_ruler.py --length 1024 --cases 20 --step 5 \
+        --tasks niah_multikey_1 niah_multikey_2 vt \
+        --recipe "snapkv(budget=256)" --recipe "duo(retrieval=0.3, sinks=4, window=52) + snapkv(budget=512)"
+    PYTHONPATH=. python bench/tune_heldout_ruler.py ... --table-only     # rebuild the table from the journal
+
+Runs ``graphwright.eval.run_suite`` on the suite's RULER-style tasks only (``graphwright.eval.ruler``, seed 0
+cases, so every recipe answers the same prompts) for dense and each ``--recipe``, in rounds of ``--step`` cases
+per task: round k runs cases [0, k*step) of every task for dense, then each recipe, so a run stopped early still
+holds the same cases for every recipe. Cases of a smaller ``--cases`` are the first cases of a larger one (each
+task's generator is seeded once per task and length and draws cases in order). Every finished case is appended at
+once to the JSONL journal (``graphwright.eval.journal``): a rerun with the same arguments runs only what is missing.
+The table (``suite.md``/``suite.json``/``suite.png`` under ``--out``) holds, per task and the headline (tasks
+where dense is above chance), each recipe's mean score with its 95% bootstrap interval and the paired difference
+to dense; ``table.md`` adds the paired difference of each recipe to the first ``--recipe`` (``--vs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TUNED = "duo(retrieval=0.3, sinks=4, window=52) + snapkv(budget=512)"
+DEFAULT_OUT = HERE / "results" / "tune" / "heldout-ruler-L1024"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--length", type=int, default=1024)
+    p.add_argument("--cases", type=int, default=20, help="cases per task (the first N of the seeded generator)")
+    p.add_argument("--step", type=int, default=5, help="cases per task per round (every recipe is brought to the same count per round)")
+    p.add_argument("--tasks", nargs="+", default=["niah_multikey_1", "niah_multikey_2", "vt"])
+    p.add_argument("--recipe", action="append", default=[], help="recipes besides dense (repeatable; default: snapkv(budget=256), the tuned one)")
+    p.add_argument("--vs", default=TUNED, help="the recipe every other one is also paired with in table.md")
+    p.add_argument("--journal", default=None, help="default OUT/cases.jsonl")
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--table-only", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def paired_table(result: dict, vs: str) -> tuple:
+    """Markdown lines and rows: per recipe and task (and all headline tasks pooled), mean score, paired diff to dense and to ``vs``."""
+    from graphwright.eval.stats import bootstrap_mean, paired_difference
+
+    raw = result["raw"]
+    tasks = sorted({r["task"] for r in raw["dense"].get("ruler", [])})
+    headline = result.get("ruler_headline_tasks") or []
+    groups = [(t, [t]) for t in tasks] + [("headline", headline)]
+    labels = list(raw)
+    by = {lab: {r["id"]: r for r in raw[lab].get("ruler", [])} for lab in labels}
+    common = sorted(set.intersection(*(set(v) for v in by.values())))
+    lines = ["| recipe | KV fraction | " + " | ".join(f"{g} (n)" for g, _ in groups) + " |", "|---|---|" + "---|" * len(groups)]
+    rows = []
+    dense_kv = [by["dense"][c]["kv_bytes"] for c in common]
+    for lab in labels:
+        kv = sum(by[lab][c]["kv_bytes"] for c in common) / max(1, sum(dense_kv))
+        cells, row = [], {"recipe": lab, "kv_fraction": kv, "groups": {}}
+        for g, ts in groups:
+            ids = [c for c in common if by["dense"][c]["task"] in ts]
+            if not ids:
+                cells.append("-")
+                continue
+            s = [by[lab][c]["score"] for c in ids]
+            m = bootstrap_mean(s)
+            cell = {"n": len(ids), "score": m}
+            txt = f"{m['mean']:.2f} [{m['lo']:.2f}, {m['hi']:.2f}]"
+            if lab != "dense":
+                d = paired_difference([by["dense"][c]["score"] for c in ids], s)
+                cell["vs_dense"] = d
+                txt += f"; vs dense {d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
+            if lab != vs and vs in by:
+                d = paired_difference([by[vs][c]["score"] for c in ids], s)
+                cell["vs_tuned"] = d
+                txt += f"; vs tuned {d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
+            cells.append(f"{txt} ({len(ids)})")
+            row["groups"][g] = cell
+        rows.append(row)
+        name = f"**tuned: `{lab}`**" if lab == vs else f"`{lab}`"
+        lines.append(f"| {name} | {kv:.3f} | " + " | ".join(cells) + " |")
+    return lines, rows, len(common)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from graphwright.eval.bytetok import ByteTokenizer
+    from graphwright.eval.journal import Journal
+    from graphwright.eval.suite import canonical, run_suite
+    from graphwright.models import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cases < 1 or args.step < 1:
+        raise SystemExit(f"--cases and --step must be >= 1; got {args.cases}, {args.step}")
+    recipes = args.recipe or ["snapkv(budget=256)", TUNED]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model(args.model)
+    tok = tok if tok is not None else ByteTokenizer()
+    jr = Journal(args.journal or out / "cases.jsonl")
+    kw = dict(tasks=("ruler",), lengths=(), ruler_tasks=tuple(args.tasks), ruler_lengths=(args.length,), journal=jr,
+              model_name=args.model, progress=False, seed=0)
+    t0 = time.perf_counter()
+    if not args.table_only:
+        n = 0
+        while n < args.cases:
+            n = min(args.cases, n + args.step)
+            for recipe in ["dense", *recipes]:
+                t1 = time.perf_counter()
+                run_suite(model, tok, [] if recipe == "dense" else [recipe], cases=n, **kw)
+                print(f"round {n}: {recipe} done in {time.perf_counter() - t1:.0f} s ({len(jr)} journal rows, "
+                      f"{time.perf_counter() - t0:.0f} s total)", file=sys.stderr, flush=True)
+    res = run_suite(model, tok, recipes, cases=args.cases, out=out, run_missing=False, **kw)
+    lines, rows, n_common = paired_table(res, canonical(args.vs))
+    note = (f"\nRULER-style tasks at {args.length} tokens (prompt + answer), seed 0, {n_common} cases held by every recipe, "
+            "paired on the same cases. Score: RULER's string_match_all; [95% bootstrap CI]; 'vs' = paired difference of "
+            "means with its 95% interval. 'headline' pools the tasks where dense is above chance "
+            f"({', '.join(res.get('ruler_headline_tasks') or []) or 'none'}). KV fraction: mean KV bytes held after the answer / dense's.\n")
+    (out / "table.md").write_text("\n".join(lines) + "\n" + note)
+    (out / "table.json").write_text(json.dumps({"length": args.length, "tasks": args.tasks, "n_common": n_common, "rows": rows,
+                                                 "ruler_chance": res.get("ruler_chance")}, indent=2, default=str))
+    print((out / "table.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
