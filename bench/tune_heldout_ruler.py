@@ -1,20 +1,21 @@
 """The tuned recipe against hand-written ones on held-out RULER-style tasks, paired, resumable (issue 21 item 5).
 
 Usage:
-    PYTHONPATH=. nice -n 10 python bench/tune_heldout_ruler.py --length 1024 --cases 20 --step 5 \
+    PYTHONPATH=. nice -n 10 python bench/tune_heldout_ruler.py --length 1024 --cases 40 \
         --tasks niah_multikey_1 niah_multikey_2 vt \
         --recipe "snapkv(budget=256)" --recipe "duo(retrieval=0.3, sinks=4, window=52) + snapkv(budget=512)"
     PYTHONPATH=. python bench/tune_heldout_ruler.py ... --table-only     # rebuild the table from the journal
 
-Runs ``graphwright.eval.run_suite`` on the suite's RULER-style tasks only (``graphwright.eval.ruler``, seed 0
-cases, so every recipe answers the same prompts) for dense and each ``--recipe``, in rounds of ``--step`` cases
-per task: round k runs cases [0, k*step) of every task for dense, then each recipe, so a run stopped early still
-holds the same cases for every recipe. Cases of a smaller ``--cases`` are the first cases of a larger one (each
-task's generator is seeded once per task and length and draws cases in order). Every finished case is appended at
-once to the JSONL journal (``graphwright.eval.journal``): a rerun with the same arguments runs only what is missing.
-The table (``suite.md``/``suite.json``/``suite.png`` under ``--out``) holds, per task and the headline (tasks
-where dense is above chance), each recipe's mean score with its 95% bootstrap interval and the paired difference
-to dense; ``table.md`` adds the paired difference of each recipe to the first ``--recipe`` (``--vs``).
+Runs the suite's RULER-style tasks (``graphwright.eval.ruler``, seed 0 cases, so every recipe answers the same
+prompts) for dense and each ``--recipe`` one case at a time: case i of every task for dense and each recipe (each
+compiled once), then case i + 1, so a run stopped early holds the same cases for every recipe. Cases of a smaller
+``--cases`` are the first cases of a larger one (each task's generator is seeded once per task and length and
+draws cases in order). Every finished case is appended at once to the JSONL journal under the keys
+``graphwright.eval.suite.run_suite`` uses (``graphwright.eval.journal``): a rerun runs only what is missing. The
+tables come from ``run_suite(run_missing=False)`` on the journal: ``suite.md``/``suite.json``/``suite.png`` under
+``--out``, and ``table.md``/``table.json``: per task and the headline (tasks where dense is above chance), only
+the cases every recipe holds, each recipe's mean score with its 95% bootstrap interval and the paired differences
+to dense and to ``--vs`` (default: the tuned recipe).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--length", type=int, default=1024)
     p.add_argument("--cases", type=int, default=20, help="cases per task (the first N of the seeded generator)")
-    p.add_argument("--step", type=int, default=5, help="cases per task per round (every recipe is brought to the same count per round)")
     p.add_argument("--tasks", nargs="+", default=["niah_multikey_1", "niah_multikey_2", "vt"])
     p.add_argument("--recipe", action="append", default=[], help="recipes besides dense (repeatable; default: snapkv(budget=256), the tuned one)")
     p.add_argument("--vs", default=TUNED, help="the recipe every other one is also paired with in table.md")
@@ -88,6 +88,37 @@ def paired_table(result: dict, vs: str) -> tuple:
     return lines, rows, len(common)
 
 
+def run_rounds(model, tok, recipes, args, jr, t0) -> None:
+    """Compile each recipe once, then run case by case: case i of every task for dense and each recipe, then case i + 1.
+
+    Rows the journal holds are skipped (same keys as ``eval.suite.run_suite``, so its tables read them).
+    """
+    from graphwright.compile import compile as gw_compile
+    from graphwright.eval.journal import make_key
+    from graphwright.eval.suite import DENSE, _run_case, build_cases, canonical, case_jobs
+
+    cases = build_cases(tok, ("ruler",), (), args.cases, tuple(args.tasks), (args.length,), seed=0)
+    jobs = case_jobs(tok, cases, 2048, 16, "torch")
+    labels = [DENSE] + [canonical(r) for r in recipes]
+    cms = {}
+    order = sorted(range(len(jobs)), key=lambda i: (jobs[i][1]["id"].rsplit("-c", 1)[1].zfill(6), i))  # case index first
+    for i in order:
+        task, case, kf = jobs[i]
+        for label in labels:
+            key = make_key(args.model, label, seed=0, **kf)
+            if jr.get(key) is not None:
+                continue
+            if label not in cms:
+                t1 = time.perf_counter()
+                cms[label] = gw_compile(model, recipe=None if label == DENSE else label, tokenizer=tok, backend="torch")
+                print(f"compiled {label} in {time.perf_counter() - t1:.0f} s", file=sys.stderr, flush=True)
+            t1 = time.perf_counter()
+            row = _run_case(cms[label], tok, task, case, 2048, 16)
+            jr.add(key, row)
+            print(f"{case['id']} {label}: score {row['score']:.2f} in {time.perf_counter() - t1:.0f} s "
+                  f"({time.perf_counter() - t0:.0f} s total)", file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -99,8 +130,8 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.cases < 1 or args.step < 1:
-        raise SystemExit(f"--cases and --step must be >= 1; got {args.cases}, {args.step}")
+    if args.cases < 1:
+        raise SystemExit(f"--cases must be >= 1; got {args.cases}")
     recipes = args.recipe or ["snapkv(budget=256)", TUNED]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,14 +142,7 @@ def main(argv=None) -> int:
               model_name=args.model, progress=False, seed=0)
     t0 = time.perf_counter()
     if not args.table_only:
-        n = 0
-        while n < args.cases:
-            n = min(args.cases, n + args.step)
-            for recipe in ["dense", *recipes]:
-                t1 = time.perf_counter()
-                run_suite(model, tok, [] if recipe == "dense" else [recipe], cases=n, **kw)
-                print(f"round {n}: {recipe} done in {time.perf_counter() - t1:.0f} s ({len(jr)} journal rows, "
-                      f"{time.perf_counter() - t0:.0f} s total)", file=sys.stderr, flush=True)
+        run_rounds(model, tok, recipes, args, jr, t0)
     res = run_suite(model, tok, recipes, cases=args.cases, out=out, run_missing=False, **kw)
     lines, rows, n_common = paired_table(res, canonical(args.vs))
     note = (f"\nRULER-style tasks at {args.length} tokens (prompt + answer), seed 0, {n_common} cases held by every recipe, "
