@@ -2,20 +2,24 @@
 
 Usage:
     PYTHONPATH=. python bench/tune_front.py bench/results/tune/smollm2-duo-snapkv-25
+    PYTHONPATH=. python bench/tune_front.py bench/results/tune/smollm2-duo-snapkv-25 --winner niah+ppl --ppl-cap 1.05
 
 ``graphwright tune`` writes these files itself when its trials are done, then re-measures the winner on
 the held-out split. This writes the same ``pareto.json`` / ``pareto.md`` / ``pareto.png`` /
 ``recipes/trial-N.toml`` from the trials the study's journal holds now (completed ones only) and names
 the winner by the study's own rule (``settings["winner"]``, ``tuning.report.pick_winner``) in
 ``winner_calibration.json``, without compiling or running anything: for a study stopped before its
-last trial on a busy machine. The held-out measures are then separate runs (``bench/long_headline.py``
-for the suite's needles, ``bench/tune_heldout_ppl.py`` for perplexity).
+last trial on a busy machine. ``--winner RULE`` (``tuning.report.WINNER_RULES``; ``--ppl-cap`` for
+``niah+ppl``) applies another rule to the same front instead, writes only ``winner_calibration_RULE.json``
+(the study's own files are left as they are) and prints which trial it picks and why. The held-out
+measures are then separate runs (``bench/long_headline.py`` for the suite's needles,
+``bench/tune_heldout_ppl.py`` for perplexity, ``bench/tune_heldout_ruler.py`` for the RULER-style tasks).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -23,15 +27,34 @@ def main(argv=None) -> int:
     import optuna
 
     from graphwright.recipes import Recipe
-    from graphwright.tuning.report import pareto_front, pick_winner, plot_front, to_markdown, trial_counts
+    from graphwright.tuning.report import WINNER_PPL_CAP, WINNER_RULES, pareto_front, pick_winner, plot_front, to_markdown, trial_counts
     from graphwright.tuning.study import JOURNAL, STUDY_NAME, open_storage, trial_rows
 
-    out = Path((argv or sys.argv[1:])[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("out", help="the study's folder (holds study.journal)")
+    p.add_argument("--winner", choices=WINNER_RULES, default=None, help="apply this rule to the front (default: the study's own)")
+    p.add_argument("--ppl-cap", type=float, default=None, help=f"with --winner niah+ppl: the perplexity-ratio cap (default {WINNER_PPL_CAP})")
+    args = p.parse_args(argv)
+    out = Path(args.out)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name=STUDY_NAME, storage=open_storage(str(out / JOURNAL)))
     settings, rows = study.user_attrs["settings"], trial_rows(study)
     niah = bool(settings["eval"]["niah_cases"])
     front = pareto_front(rows, settings["budget"], niah, "speed" in settings.get("objectives", ()), settings.get("min_speed"))
+    if args.winner is not None:
+        if not front:
+            raise SystemExit(f"the study in {out} has no feasible completed trial: no front to pick from")
+        best = pick_winner(front, args.winner, args.ppl_cap)
+        cap = (args.ppl_cap or WINNER_PPL_CAP) if args.winner == "niah+ppl" else None
+        within = None if cap is None else [r["number"] for r in front if r["ppl_ratio"] <= cap]
+        pick = {"rule": args.winner, "ppl_cap": cap, "front": [{k: r.get(k) for k in ("number", "recipe", "kv_fraction", "ppl_ratio", "niah")}
+                                                               for r in front], "front_within_cap": within, **best}
+        path = out / f"winner_calibration_{args.winner}.json"
+        path.write_text(json.dumps(pick, indent=2, default=str))
+        print(f"front: {[(r['number'], round(r['kv_fraction'], 3), round(r['ppl_ratio'], 4), r.get('niah')) for r in front]}")
+        print(f"winner by {args.winner}{'' if cap is None else f' (cap {cap}; within: {within})'}: trial {best['number']}, "
+              f"{best['recipe']} (KV {best['kv_fraction']:.3f}, ppl ratio {best['ppl_ratio']:.4f}, needles {best.get('niah')}) -> {path}")
+        return 0
     (out / "recipes").mkdir(exist_ok=True)
     for r in front:
         path = out / "recipes" / f"trial-{r['number']}.toml"
@@ -43,7 +66,8 @@ def main(argv=None) -> int:
     result = {"out": str(out), "settings": settings, "base": study.user_attrs["base"], "trials": rows}
     (out / "result.json").write_text(json.dumps(result, indent=2, default=str))
     if front:
-        best = pick_winner(front, settings.get("winner", "ppl"))
+        rule = settings.get("winner", "ppl")
+        best = pick_winner(front, rule, settings.get("winner_ppl_cap") if rule == "niah+ppl" else None)
         (out / "winner_calibration.json").write_text(json.dumps({"rule": settings.get("winner", "ppl"), **best}, indent=2, default=str))
         print(f"winner (trial {best['number']}, by {settings.get('winner', 'ppl')}): {best['recipe']}")
     print((out / "pareto.md").read_text())

@@ -67,7 +67,11 @@ def add_parser(sub):
                         '\'{"0.duo.retrieval": 0.25, "0.duo.window": 256}\'); repeat for several (known-good settings seed the search)')
     p.add_argument("--winner", choices=WINNER_RULES, default="ppl",
                    help="which Pareto point is the winner re-measured on the held-out split: ppl = lowest perplexity ratio "
-                        "(default); niah = most calibration needles found (then lowest perplexity ratio; needs --niah-cases)")
+                        "(default); niah = most calibration needles found (then lowest perplexity ratio; needs --niah-cases); "
+                        "niah+ppl = most needles among points within --winner-ppl-cap, else lowest perplexity ratio")
+    p.add_argument("--winner-ppl-cap", type=float_arg(1.0, 1e6, lo_open=True), default=None,
+                   help="with --winner niah+ppl: the largest calibration perplexity ratio (to dense) the needle winner may have "
+                        "(default 1.05)")
     p.add_argument("--threads", type=int_arg(1, 1_024), default=None, help="torch threads per worker (default: torch's own)")
     p.add_argument("--resume", action="store_true", help="continue the study in --out")
     p.add_argument("--out", type=out_dir, default="results/tune", help="folder for the study journal and the outputs")
@@ -117,6 +121,7 @@ def run(args):
                   objectives=args.objectives, min_speed=args.min_speed, speed_steps=args.speed_steps, speed_rounds=args.speed_rounds,
                   prune_margin=args.prune_margin, scheduler=args.scheduler, storage=args.storage,
                   max_predicted_ppl=args.max_predicted_ppl, enqueue=args.enqueue, winner=args.winner,
+                  winner_ppl_cap=args.winner_ppl_cap,
                   eval_settings={"windows": args.windows, "window": args.window, "prefix": args.prefix, "niah_cases": args.niah_cases,
                                  "niah_length": args.niah_length})
     states = {}

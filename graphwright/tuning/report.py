@@ -7,7 +7,12 @@ perplexity ratio, minimised; needle accuracy and decode speed ratio, maximised, 
 ended in each state, with the pruned ones split by the rule that pruned them (``pruned_by``).
 The winner (``settings["winner"]``, ``WINNER_RULES``) is the front's point with the lowest perplexity ratio (then
 the lowest KV fraction; ``"ppl"``, the default) or with the most calibration needles found (then the lowest
-perplexity ratio and KV fraction; ``"niah"``, for a study with ``niah_cases > 0``);
+perplexity ratio and KV fraction; ``"niah"``, for a study with ``niah_cases > 0``), or, so that needles are
+not bought with perplexity blindly, ``"niah+ppl"``: the most calibration needles among the front's points whose
+perplexity ratio is <= ``winner_ppl_cap`` (settings; default ``WINNER_PPL_CAP`` = 1.05, i.e. at most 5% above
+dense), ties to the lower perplexity ratio, KV fraction, trial number; when no point is within the cap, the point
+with the lowest perplexity ratio (as ``"ppl"``). The cap reads the calibration ratio, so it is only as good as
+the calibration perplexity's token count;
 it is compiled from its TOML file (so the file is what ``compile()`` takes) with verification,
 re-measured on the held-out split against the dense model on the same windows, and its ``cm.report()`` written next to it.
 """
@@ -17,18 +22,40 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-WINNER_RULES = ("ppl", "niah")
+WINNER_RULES = ("ppl", "niah", "niah+ppl")
+WINNER_PPL_CAP = 1.05  # "niah+ppl": the largest calibration perplexity ratio (to dense) a needle winner may have
 
 
-def pick_winner(front: list, rule: str = "ppl") -> dict:
-    """The winner of a non-empty front by ``rule`` (module docstring); ties go to the lower trial number."""
+def check_ppl_cap(cap) -> float:
+    """``cap`` as a float > 1 (a perplexity ratio to dense), or a ValueError naming what is allowed."""
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 1.0 or cap != cap or cap == float("inf"):
+        raise ValueError(f"winner_ppl_cap must be a finite perplexity ratio > 1 (e.g. 1.05 = at most 5% above dense); got {cap!r}")
+    return float(cap)
+
+
+def pick_winner(front: list, rule: str = "ppl", ppl_cap: float | None = None) -> dict:
+    """The winner of a non-empty front by ``rule`` (module docstring); ties go to the lower trial number.
+
+    ``ppl_cap``: the perplexity-ratio cap of ``"niah+ppl"`` (None: ``WINNER_PPL_CAP``); the other rules take none.
+    """
     if rule not in WINNER_RULES:
         raise ValueError(f"winner must be one of {list(WINNER_RULES)}; got {rule!r}")
-    if rule == "niah":
-        if any(r.get("niah") is None for r in front):
-            raise ValueError("winner='niah' needs needle accuracy on every trial (niah_cases > 0)")
-        return min(front, key=lambda r: (-r["niah"], r["ppl_ratio"], r["kv_fraction"], r["number"]))
-    return min(front, key=lambda r: (r["ppl_ratio"], r["kv_fraction"], r["number"]))
+    if not front:
+        raise ValueError("pick_winner needs a non-empty Pareto front")
+    if ppl_cap is not None and rule != "niah+ppl":
+        raise ValueError(f"ppl_cap applies to winner='niah+ppl' only; got winner={rule!r} with ppl_cap={ppl_cap!r}")
+    if rule in ("niah", "niah+ppl") and any(r.get("niah") is None for r in front):
+        raise ValueError(f"winner={rule!r} needs needle accuracy on every trial (niah_cases > 0)")
+    by_ppl = min(front, key=lambda r: (r["ppl_ratio"], r["kv_fraction"], r["number"]))
+    if rule == "ppl":
+        return by_ppl
+    pool = front
+    if rule == "niah+ppl":
+        cap = check_ppl_cap(WINNER_PPL_CAP if ppl_cap is None else ppl_cap)
+        pool = [r for r in front if r["ppl_ratio"] <= cap]
+        if not pool:
+            return by_ppl
+    return min(pool, key=lambda r: (-r["niah"], r["ppl_ratio"], r["kv_fraction"], r["number"]))
 
 
 def _keys(row, niah: bool, speed: bool = False):
@@ -122,7 +149,8 @@ def write_outputs(result: dict, model, tokenizer) -> dict:
     if not front:
         written["winner"] = None
         return written
-    best = pick_winner(front, settings.get("winner", "ppl"))
+    rule = settings.get("winner", "ppl")
+    best = pick_winner(front, rule, settings.get("winner_ppl_cap") if rule == "niah+ppl" else None)
     cm = gw_compile(model, recipe=best["toml"], tokenizer=tokenizer, backend=settings["backend"])  # the TOML compile() takes
     ev = Evaluator(model, tokenizer, split="heldout", backend=settings["backend"], seed=settings["seed"], **settings["eval"])
     base = ev.base()

@@ -352,7 +352,7 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
          scope="model", objectives=("kv", "ppl"), min_speed: float | None = None, speed_steps: int = 16, speed_rounds: int = 3,
          prune_margin: float | None = None, enqueue: list | None = None, measure=None, scheduler: str | None = None,
          storage: str | None = None, max_predicted_ppl: float | None = None, winner: str = "ppl",
-         prune_wait_s: float = 1800.0) -> dict:
+         prune_wait_s: float = 1800.0, winner_ppl_cap: float | None = None) -> dict:
     """Search the tunable settings of ``template`` on ``model``; returns the result (and writes ``out``).
 
     ``budget``: the largest KV fraction (bytes held / dense) a feasible recipe may hold.
@@ -376,20 +376,26 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
     loads); None (default): ``workers`` local processes. ``storage``: where the study lives, a database URL
     (``sqlite:///...``, ``postgresql://...``) or an Optuna journal file path, which every worker must reach;
     None (default): ``out/study.journal``. ``winner``: which Pareto point is re-measured on the held-out split,
-    "ppl" (lowest perplexity ratio, the default) or "niah" (most calibration needles, then lowest perplexity
-    ratio; needs ``niah_cases > 0``; ``report.pick_winner``).
+    "ppl" (lowest perplexity ratio, the default), "niah" (most calibration needles, then lowest perplexity
+    ratio; needs ``niah_cases > 0``) or "niah+ppl" (most needles among the points with a perplexity ratio <=
+    ``winner_ppl_cap``, default ``report.WINNER_PPL_CAP`` = 1.05, else the lowest perplexity ratio; needs
+    ``niah_cases > 0``); ``report.pick_winner``.
     """
     import optuna
 
     _check_args(model, trials, workers, budget, objectives, min_speed, prune_margin, measure, eval_settings, max_predicted_ppl,
                 prune_wait_s)
     _check_cluster_args(model, workers, measure, scheduler, storage)
-    from .report import WINNER_RULES
+    from .report import WINNER_RULES, check_ppl_cap
 
     if winner not in WINNER_RULES:
         raise ValueError(f"winner must be one of {list(WINNER_RULES)}; got {winner!r}")
-    if winner == "niah" and not {**DEFAULT_EVAL, **(eval_settings or {})}["niah_cases"]:
-        raise ValueError("winner='niah' picks by calibration needle accuracy: set eval_settings niah_cases > 0 (--niah-cases)")
+    if winner in ("niah", "niah+ppl") and not {**DEFAULT_EVAL, **(eval_settings or {})}["niah_cases"]:
+        raise ValueError(f"winner={winner!r} picks by calibration needle accuracy: set eval_settings niah_cases > 0 (--niah-cases)")
+    if winner_ppl_cap is not None:
+        if winner != "niah+ppl":
+            raise ValueError(f"winner_ppl_cap applies to winner='niah+ppl' only; got winner={winner!r}")
+        winner_ppl_cap = check_ppl_cap(winner_ppl_cap)
     objectives = tuple(objectives)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="graphwright-tune-"))
@@ -412,7 +418,8 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
         settings = {"template": template, "budget": float(budget), "seed": seed, "population": population, "max_ppl_ratio": max_ppl_ratio,
                     "backend": backend, "eval": {**DEFAULT_EVAL, **(eval_settings or {})}, "scope": scope,
                     "objectives": list(objectives), "min_speed": min_speed, "prune_margin": prune_margin,
-                    "max_predicted_ppl": max_predicted_ppl, "winner": winner, "prune_wait_s": float(prune_wait_s),
+                    "max_predicted_ppl": max_predicted_ppl, "winner": winner, "winner_ppl_cap": winner_ppl_cap,
+                    "prune_wait_s": float(prune_wait_s),
                     "speed": {"steps": speed_steps, "rounds": speed_rounds}}
         study = _create(storage, settings, loaded, tok, trials, enqueue)
     if resume:
