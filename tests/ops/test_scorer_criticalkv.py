@@ -24,6 +24,16 @@ def _call(q, k, v, q_pos, k_pos, wo, first, **params):
     return SCORED_WO_POLICY.op(q=q, k=k, v=v, q_pos=q_pos, k_pos=k_pos, wo=wo, scale=SCALE, first=first, **args)
 
 
+def _vo_norm(v, wo, b, h, s, g):
+    """Mean over KV head h's g query heads qh of sum_o |sum_d v[b, h, s, d] wo[o, qh * D + d]|."""
+    D = v.shape[-1]
+    tot = 0.0
+    for j in range(g):
+        qh = h * g + j
+        tot += sum(abs(sum(float(v[b, h, s, d]) * float(wo[o, qh * D + d]) for d in range(D))) for o in range(wo.shape[0]))
+    return tot / g
+
+
 def _oracle(q, k, v, q_pos, k_pos, wo, window, kernel, budget_n, budget_f, first, eps):
     """[B][Hk] kept positions by loops: window + stage 1 (top by mean window attention) + stage 2 (by
     (a + eps) * mean over the KV head's query heads of ||v W_O,h^T||_1)."""
@@ -43,16 +53,8 @@ def _oracle(q, k, v, q_pos, k_pos, wo, window, kernel, budget_n, budget_f, first
             a = {s: a_sum[b][h][s] / window for s in cand}
             m = max(0, math.floor(first * cap) - len(prot))
             stage1 = sorted(cand, key=lambda s: (-a[s], s))[:m]
-
-            def norm(s):
-                tot = 0.0
-                for j in range(g):
-                    qh = h * g + j
-                    tot += sum(abs(sum(float(v[b, h, s, d]) * float(wo[o, qh * D + d]) for d in range(D)))
-                               for o in range(wo.shape[0]))
-                return tot / g
-
-            rest = sorted((s for s in cand if s not in stage1), key=lambda s: (-(a[s] + eps) * norm(s), s))
+            norm = {s: _vo_norm(v, wo, b, h, s, g) for s in cand}
+            rest = sorted((s for s in cand if s not in stage1), key=lambda s: (-(a[s] + eps) * norm[s], s))
             rows.append(sorted(int(k_pos[b, h, s]) for s in prot + stage1 + rest[:max(cap - len(prot), 0) - m]))
         out.append(rows)
     return out
