@@ -129,9 +129,7 @@ class SnapKV(EvictionPass):
         params = {"budget": self.budget, "window": self.window, "kernel": self.kernel, "pool": self.pool}
         if self.packed:
             params.update(adaptive=self.heads == "adaptive", floor=float(self.floor),
-                          beta=float(self.pyramid) if self.pyramid is not None else 0.0)
-            if self.split != "official":  # the op's default is the official rule
-                params["split"] = self.split
+                          beta=float(self.pyramid) if self.pyramid is not None else 0.0, split=self.split)
             layers = rewrite_packed(sg, "snapkv", params, self.target_layers(sg))
         else:
             layers = rewrite_layers(sg, "snapkv", evict_pass_build(SNAPKV_POLICY, params), self.target_layers(sg))
