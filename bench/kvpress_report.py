@@ -25,8 +25,12 @@ from graphwright.eval.stats import bootstrap_mean, paired_difference
 # StreamingLLM's twin is ``evict(score='knorm', budget={budget}, sinks=4, window={window})``: sinks + window fill the
 # budget, so no token is scored and the kept set is StreamingLLM's, once after prefill with keys at their original
 # positions, as kvpress does (``streaming`` re-indexes positions and keeps evicting at every decode step).
+# A tuple lists several twins, the first preferred (AdaKV: graphwright run with kvpress's split is the same algorithm,
+# the official split its nearest).
 SAME_ALGORITHM = {"dense": "dense", "SnapKV": "snapkv", "StreamingLLM": "evict(score=knorm,sinks=4)",
-                  "KeyRerotation(StreamingLLM)": "streaming(sinks=4)", "AdaKV(SnapKV)": "snapkv(heads=adaptive)",
+                  "KeyRerotation(StreamingLLM)": "streaming(sinks=4)",
+                  "AdaKV(SnapKV)": ("snapkv(heads=adaptive,split=kvpress)", "snapkv(heads=adaptive)"),
+                  "CriticalKV(SnapKV)": "evict(score=criticalkv)",
                   "TOVA": "evict(score=tova,when=prefill)", "Knorm": "evict(score=knorm)", "KeyDiff": "evict(score=keydiff)",
                   "ExpectedAttention": "evict(score=expected_attention)", "DuoAttention(graphwright heads)": "duo(sinks=4,window=256)",
                   "ChunkKV(SnapKV)": "evict(score=chunkkv)", "PyramidKV": "snapkv(pyramid=20)"}
@@ -36,8 +40,20 @@ SAME_ALGORITHM = {"dense": "dense", "SnapKV": "snapkv", "StreamingLLM": "evict(s
 # 32 = 252). PyramidKV: at beta 20 kvpress falls back to SnapKV unless k_min = S(1-r)/beta >= the window (here it always
 # does), graphwright runs the official schedule (ALGORITHMS-2 section 4). KeyRerotation(StreamingLLM): streaming evicts
 # at every step. AdaKV: kvpress's safeguard forces int(0.2 n_kept) top tokens per head (window included), the official
-# rule (graphwright's) mixes n_h <- round(0.8 n_h + 0.2 C) (bench/kvpress_adakv_kept.py shows it is the only difference).
-NEAREST = {"ChunkKV(SnapKV)", "PyramidKV", "KeyRerotation(StreamingLLM)", "AdaKV(SnapKV)"}
+# rule (graphwright's default) mixes n_h <- round(0.8 n_h + 0.2 C) (bench/kvpress_adakv_kept.py shows it is the only
+# difference); graphwright's ``snapkv(heads='adaptive', split='kvpress')`` runs kvpress's rule. An entry is a press (all
+# its twins nearest) or a (press, twin label) pair.
+NEAREST = {"ChunkKV(SnapKV)", "PyramidKV", "KeyRerotation(StreamingLLM)", ("AdaKV(SnapKV)", "snapkv(heads=adaptive)")}
+
+
+def twins(method: str) -> tuple:
+    """The graphwright labels paired with a kvpress press (``SAME_ALGORITHM``), preferred first; () when none."""
+    t = SAME_ALGORITHM.get(method)
+    return () if t is None else (t,) if isinstance(t, str) else tuple(t)
+
+
+def is_nearest(method: str, twin_label: str) -> bool:
+    return method in NEAREST or (method, twin_label) in NEAREST
 
 
 def family(method: str) -> str:
@@ -115,12 +131,10 @@ def summarise(raw: dict, seed: int = 0) -> list:
 
 def _twin(ours_groups, side, method, budget, mode="aware"):
     """graphwright's rows for the same algorithm, budget and mode as a kvpress press (None when there is none)."""
-    fam = SAME_ALGORITHM.get(method) if side == "kvpress" else None
-    if fam is None:
-        return None
-    for (m, b, md), rs in ours_groups.items():
-        if (label(m) if m != "dense" else "dense") == fam and b == budget and md == mode:
-            return rs
+    for fam in (twins(method) if side == "kvpress" else ()):
+        for (m, b, md), rs in ours_groups.items():
+            if (label(m) if m != "dense" else "dense") == fam and b == budget and md == mode:
+                return rs
     return None
 
 
@@ -166,21 +180,23 @@ def pairs(result: dict, seed: int = 0) -> list:
             theirs.setdefault((r["method"], r["budget"], r["length"], r["mode"]), {})[r["id"]] = r
     out = []
     for (method, budget, length, mode), kv in theirs.items():
-        gw = ours.get((SAME_ALGORITHM[method], budget, length, mode), {})
-        ids = sorted(set(kv) & set(gw))
-        if not ids:
-            continue
-        a = [float(kv[i]["correct"]) for i in ids]
-        b = [float(gw[i]["correct"]) for i in ids]
-        same = [kv[i]["new_ids"] == gw[i]["new_ids"] if "new_ids" in gw[i] else kv[i]["answer"] == gw[i]["answer"] for i in ids]
-        ka, ga, d = bootstrap_mean(a, seed), bootstrap_mean(b, seed), paired_difference(a, b, seed)
-        out.append({"press": method, "twin": gw[ids[0]]["method"], "nearest": method in NEAREST, "mode": mode, "budget": budget,
-                    "length": length, "n": len(ids),
-                    "kvpress": ka, "graphwright": ga, "delta": d, "identical": int(sum(same)),
-                    "differ": [i for i, x in zip(ids, same) if not x],
-                    "kvpress_bytes": float(np.mean([kv[i]["cache_bytes"] for i in ids])),
-                    "graphwright_bytes": float(np.mean([gw[i]["cache_bytes"] for i in ids]))})
-    return sorted(out, key=lambda p: (str(p["length"]), p["mode"], p["press"] != "dense", p["press"], -(p["budget"] or 1)))
+        for twin_label in twins(method):  # one row per twin
+            gw = ours.get((twin_label, budget, length, mode), {})
+            ids = sorted(set(kv) & set(gw))
+            if not ids:
+                continue
+            a = [float(kv[i]["correct"]) for i in ids]
+            b = [float(gw[i]["correct"]) for i in ids]
+            same = [kv[i]["new_ids"] == gw[i]["new_ids"] if "new_ids" in gw[i] else kv[i]["answer"] == gw[i]["answer"] for i in ids]
+            ka, ga, d = bootstrap_mean(a, seed), bootstrap_mean(b, seed), paired_difference(a, b, seed)
+            out.append({"press": method, "twin": gw[ids[0]]["method"], "nearest": is_nearest(method, twin_label), "mode": mode, "budget": budget,
+                        "length": length, "n": len(ids),
+                        "kvpress": ka, "graphwright": ga, "delta": d, "identical": int(sum(same)),
+                        "differ": [i for i, x in zip(ids, same) if not x],
+                        "kvpress_bytes": float(np.mean([kv[i]["cache_bytes"] for i in ids])),
+                        "graphwright_bytes": float(np.mean([gw[i]["cache_bytes"] for i in ids]))})
+    return sorted(out, key=lambda p: (str(p["length"]), p["mode"], p["press"] != "dense", p["press"], p["nearest"],
+                                      -(p["budget"] or 1)))
 
 
 def pairs_markdown(result: dict) -> str:

@@ -20,6 +20,12 @@ flattened head-major, so scoring is SnapKV's (``eviction_ref.colsum`` of the las
 queries, fp32, GQA mean, 1-D pooling over the prefix); then each head keeps its top-n_h prefix
 positions plus the window, and ``compact_packed`` gathers the kept slots of a row to the front.
 Ties: the global top-k and each head's top-k go to the lower flat index (head, then position).
+
+``split="kvpress"`` replaces the official safeguard by NVIDIA kvpress's ``AdaKVPress`` rule
+(``kvpress_counts``): each head's top int(floor * (C + window)) tokens are forced -- the window
+scores highest, so the window counts towards them -- then the layer's remaining budget goes to the
+global top of the rest. Same total Hk*C; at 25% of 1,024 tokens the smallest head keeps 19 prefix
+tokens where the official rule keeps 45 (``bench/kvpress_adakv_kept.py``, session 10).
 """
 
 from __future__ import annotations
@@ -66,8 +72,30 @@ def adaptive_counts(scores: torch.Tensor, cand: torch.Tensor, c: int, floor: flo
     return [min(int(cand[h].sum()), math.floor((1.0 - floor) * n[h] + floor * c + 0.5)) for h in range(hk)]
 
 
+SPLITS = ("official", "kvpress")
+
+
+def kvpress_counts(scores: torch.Tensor, cand: torch.Tensor, c: int, floor: float, window: int) -> list[int]:
+    """kvpress ``AdaKVPress``'s per-head counts for one row (prefix terms): scores, cand [Hk, S]; every head keeps
+    c + window tokens on average; its top int(floor * (c + window)) (at least 1 when floor > 0) are forced, the
+    window first, then the layer's Hk*c prefix slots left go to the global top of the rest (ties: lower flat index)."""
+    hk, S = scores.shape
+    n_safe = int((c + window) * floor)
+    if floor > 0:
+        n_safe = max(1, n_safe)
+    forced_n = max(0, n_safe - window)
+    s = scores.float().masked_fill(~cand, float("-inf"))
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices[:, :forced_n]
+    forced = torch.zeros_like(cand).scatter_(-1, order, True) & cand
+    rest = s.masked_fill(forced, float("-inf")).reshape(-1)
+    left = max(0, min(hk * c, int(cand.sum())) - int(forced.sum()))
+    top = torch.sort(rest, descending=True, stable=True).indices[:left]
+    extra = torch.bincount(top // S, minlength=hk).tolist()
+    return [min(int(cand[h].sum()), int(forced[h].sum()) + extra[h]) for h in range(hk)]
+
+
 def adakv_keep(q, k, q_pos, k_pos, scale, budget_: int, window: int, kernel: int, pool: str, adaptive: bool,
-               floor: float, layer: int, num_layers: int, beta: float) -> torch.Tensor:
+               floor: float, layer: int, num_layers: int, beta: float, split: str = "official") -> torch.Tensor:
     """[B, Hk, S] bool keep set on the dense per-head layout at prefill (k [B, Hk, S, D], k_pos [B, Hk, S])."""
     T = q.shape[2]
     valid = k_pos >= 0
@@ -83,7 +111,9 @@ def adakv_keep(q, k, q_pos, k_pos, scale, budget_: int, window: int, kernel: int
         if nb <= budget_:
             continue
         c = pyramid_budget(budget_ - w, nb, w, layer, num_layers, beta)
-        if adaptive:
+        if adaptive and split == "kvpress":
+            counts = torch.tensor(kvpress_counts(pooled[b], prefix[b], c, floor, w), device=k.device)
+        elif adaptive:
             counts = torch.tensor(adaptive_counts(pooled[b], prefix[b], c, floor), device=k.device)
         else:
             counts = torch.full((k.shape[1],), c, device=k.device)
@@ -119,15 +149,18 @@ def unpack_prefill(x: torch.Tensor, k_pos: torch.Tensor, T: int):
 
 
 def adakv_reference(q, k, v, q_pos, k_pos, scale, budget_, window, kernel, pool, adaptive, floor, layer, num_layers,
-                    beta):
+                    beta, split="official"):
     """-> (k, v, k_pos) packed: compressed once after prefill (cache was empty), appended unchanged at decode.
 
     ``beta`` <= 0 means no pyramid (every layer gets budget - window prefix slots per head on average).
     """
+    if split not in SPLITS:
+        raise ValueError(f"evict_adakv: split={split!r}; allowed: {', '.join(SPLITS)}")
     T = q.shape[2]
     hk = k_pos.shape[1]
     if k.shape[2] != hk * T:  # decode, or a prompt over a non-empty cache: append only (SnapKV)
         return k, v, k_pos
     kd, kpd = unpack_prefill(k, k_pos, T)
-    keep = adakv_keep(q, kd, q_pos, kpd, scale, budget_, window, kernel, pool, adaptive, floor, layer, num_layers, beta)
+    keep = adakv_keep(q, kd, q_pos, kpd, scale, budget_, window, kernel, pool, adaptive, floor, layer, num_layers, beta,
+                      split)
     return compact_packed(keep.reshape(keep.shape[0], hk * T), k, v, k_pos)

@@ -1,7 +1,9 @@
 """Ops of head-adaptive / per-layer SnapKV on a packed per-layer cache (references in ``adakv_ref``).
 
 * ``graphwright.evict_adakv(q, k, v, q_pos, k_pos, scale, budget, window, kernel, pool, adaptive, floor,
-  layer, num_layers, beta) -> (k, v, k_pos)``: k, v [B, 1, N, D] packed, k_pos [B, Hk, N];
+  layer, num_layers, beta, split) -> (k, v, k_pos)`` (``split``: "official" or "kvpress", ``adakv_ref.SPLITS``;
+  required, since the ONNX graph/runtime split takes positional arguments only; the reference defaults it to
+  "official", so runtime records written before it existed still run): k, v [B, 1, N, D] packed, k_pos [B, Hk, N];
 * ``graphwright.pack_heads(x) -> [B, 1, Hk*T, D]`` and ``graphwright.packed_positions(pos, num_kv_heads)
   -> [B, Hk, Hk*T]``: a step's new tokens as packed slots.
 
@@ -21,16 +23,16 @@ from .eviction_policy import EVICT_OPS, REFERENCES
 @torch.library.custom_op("graphwright::evict_adakv", mutates_args=())
 def evict_adakv(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, scale: float, budget: int, window: int,
                 kernel: int, pool: str, adaptive: bool, floor: float, layer: int, num_layers: int,
-                beta: float) -> tuple[Tensor, Tensor, Tensor]:
+                beta: float, split: str) -> tuple[Tensor, Tensor, Tensor]:
     """Ada-KV / PyramidKV SnapKV on packed slots: compress once after prefill; decode appends."""
     outs = adakv_reference(q, k, v, q_pos, k_pos, scale, budget, window, kernel, pool, adaptive, floor, layer,
-                           num_layers, beta)
+                           num_layers, beta, split)
     ids = {id(k), id(v), id(k_pos)}
     return tuple(o.clone() if id(o) in ids else o for o in outs)
 
 
 @evict_adakv.register_fake
-def _(q, k, v, q_pos, k_pos, scale, budget, window, kernel, pool, adaptive, floor, layer, num_layers, beta):
+def _(q, k, v, q_pos, k_pos, scale, budget, window, kernel, pool, adaptive, floor, layer, num_layers, beta, split):
     n = torch.library.get_ctx().new_dynamic_size()
     B = k.shape[0]
     return k.new_empty(B, 1, n, k.shape[-1]), v.new_empty(B, 1, n, v.shape[-1]), k_pos.new_empty(B, k_pos.shape[1], n)

@@ -3,7 +3,8 @@
 One reference, ``scored_reference``, defines ``graphwright.evict_scored`` (no state),
 ``graphwright.evict_scored_acc`` (one fp32 running score per slot, state ``attn_score<layer>``:
 the cumulative-attention scorer) and ``graphwright.evict_scored_rope`` (reads the layer's rotary
-table ``inv_freq`` as a per-step input: Expected Attention). Per layer and step:
+table ``inv_freq`` as a per-step input: Expected Attention) and ``graphwright.evict_scored_wo`` (reads the
+layer's ``o_proj`` weight ``wo`` as a per-step input and takes ``first`` last: CriticalKV). Per layer and step:
 
 1. (``_acc``) add this step's attention, summed over its query rows and averaged over the g heads
    of a KV head, to the running score (new slots start at 0), evicting or not;
@@ -80,6 +81,7 @@ def scored_keep(x: ScoreInputs, scorer: str, when: str, every: int, slack: int, 
         n_cand = x.cand.sum(-1)
         count = torch.tensor([[pyramid_budget(int(c), int(n), 0, layer, num_layers, beta) for c, n in zip(cr, nr)]
                               for cr, nr in zip(count.tolist(), n_cand.tolist())], dtype=torch.long, device=count.device)
+    x.cap = count + protected.sum(-1)
     score = SCORERS[scorer].fn(x)
     if chunk > 0:
         fits = (count >= x.cand.sum(-1))[..., None]  # whole chunks could overshoot: a head that fits keeps all
@@ -96,7 +98,8 @@ def reuse_keep(k_pos, leader_pos, do):
     return torch.where(do, valid & member, valid)
 
 
-def scored_reference(q, k, v, q_pos, k_pos, *rest, acc: bool = False, rope: bool = False, reuse: bool = False):
+def scored_reference(q, k, v, q_pos, k_pos, *rest, acc: bool = False, rope: bool = False, reuse: bool = False,
+                     wo=None, first: float = 0.5):
     """-> (k, v, k_pos[, score]): the op's definition (argument order in ``_args``)."""
     rest = list(rest)
     state = rest.pop(0) if acc else None
@@ -111,7 +114,7 @@ def scored_reference(q, k, v, q_pos, k_pos, *rest, acc: bool = False, rope: bool
         state = state + colsum(q, k, q_pos, k_pos, scale)
     x = ScoreInputs(q=q, k=k, v=v, q_pos=q_pos, k_pos=k_pos, scale=scale, cand=k_pos >= 0, length=length, state=state,
                     inv_freq=inv_freq, rope_scaling=rope_scaling, window=window, kernel=kernel, smooth=smooth, pool=pool,
-                    sinks=sinks, n_future=n_future, eps=eps)
+                    sinks=sinks, n_future=n_future, eps=eps, wo=wo, first=first)
     if reuse:  # the leader's kept positions, on the same schedule (its sets are the same at prefill)
         S, T = k.shape[2], q_pos.shape[1]
         valid = k_pos >= 0
@@ -150,6 +153,12 @@ def _reuse(q, k, v, q_pos, k_pos, *rest):
     return scored_reference(q, k, v, q_pos, k_pos, *rest, reuse=True)
 
 
+def _wo(q, k, v, q_pos, k_pos, wo, scale, *rest):
+    """CriticalKV's variant: the o_proj weight ``wo`` as a per-step input, ``first`` after the shared params."""
+    n = len(PARAMS)
+    return scored_reference(q, k, v, q_pos, k_pos, scale, *rest[:n], *rest[n + 1:], wo=wo, first=rest[n])
+
+
 SCORED_POLICY = EvictionPolicy(name="scored", reference=_plain, params=PARAMS,
                                doc="A scorer + schedule + budget rule (``policy_scored``); no state.")
 SCORED_ACC_POLICY = EvictionPolicy(name="scored_acc", reference=_acc, params=PARAMS,
@@ -161,13 +170,19 @@ SCORED_ROPE_POLICY = EvictionPolicy(name="scored_rope", reference=_rope, params=
 SCORED_REUSE_POLICY = EvictionPolicy(name="scored_reuse", reference=_reuse, params=PARAMS,
                                      step_inputs=(StepInput("leader_pos", torch.long),),
                                      doc="ChunkKV index reuse: keep the positions an earlier layer's op kept.")
+SCORED_WO_POLICY = EvictionPolicy(name="scored_wo", reference=_wo, params=PARAMS + (Param("first", "float"),),
+                                  step_inputs=(StepInput("wo", torch.float32),),
+                                  doc="A scorer + schedule + budget rule that reads the layer's o_proj weight (CriticalKV).")
 EVICT_SCORED = register_policy(SCORED_POLICY)
+EVICT_SCORED_WO = register_policy(SCORED_WO_POLICY)
 EVICT_SCORED_REUSE = register_policy(SCORED_REUSE_POLICY)
 EVICT_SCORED_ACC = register_policy(SCORED_ACC_POLICY)
 EVICT_SCORED_ROPE = register_policy(SCORED_ROPE_POLICY)
 
 
 def policy_for(scorer: str) -> EvictionPolicy:
-    """The op variant a scorer needs: running state, rotary table, or neither."""
+    """The op variant a scorer needs: running state, rotary table, output projection, or neither."""
     s = SCORERS[scorer]
+    if s.needs_wo:
+        return SCORED_WO_POLICY
     return SCORED_ACC_POLICY if s.stateful else SCORED_ROPE_POLICY if s.rope else SCORED_POLICY

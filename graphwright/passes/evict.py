@@ -4,7 +4,8 @@
 the generic scored eviction op (``ops/policy_scored.py``) after every chosen layer's attention:
 
 * ``score``: a scorer of ``ops/scorers`` (``snapkv``, ``h2o`` = cumulative attention, ``knorm``,
-  ``tova``, ``keydiff``, ``expected_attention``) or ``chunkkv`` (SnapKV scores in chunks of 20;
+  ``tova``, ``keydiff``, ``expected_attention``, ``criticalkv`` = SnapKV re-weighted in two stages by
+  ||v W_O||_1, arXiv 2502.03805, ``first``/``eps``, reading each layer's ``o_proj`` weight) or ``chunkkv`` (SnapKV scores in chunks of 20;
   ``chunk=N`` wraps any scorer), or a name in ``DELEGATES`` (policies with their own op);
 * ``when``: ``"prefill"`` (once after the prompt), ``"decode"`` (after prefill and every step),
   ``"every:N"`` or ``every=N`` (after prefill and at decode steps where the row's length is a
@@ -90,6 +91,15 @@ from .keyformer import Keyformer
 from .scissorhands import Scissorhands
 from .streaming import find_rotary
 
+def o_proj_weight(attn):
+    """The weight node [hidden, H*D] of the o_proj linear the attention output reaches, or None."""
+    from .duo_permute import _o_proj
+    from .match import linear_parts
+
+    lin, _ = _o_proj(attn)
+    return None if lin is None else linear_parts(lin)[1]
+
+
 def _only(score: str, a: dict, allowed: tuple, when: tuple) -> None:
     """Refuse evict arguments a delegated policy does not read, and schedules it does not run on."""
     unset = {"rule": "fixed"}  # defaults that are not None
@@ -129,6 +139,7 @@ def _scissorhands(a: dict) -> Pass:
 # score name -> (evict argument values -> Pass): policies with their own op, run by their own pass
 DELEGATES: dict[str, Callable] = {"keyformer": _keyformer, "scissorhands": _scissorhands}
 CHUNKKV_CHUNK = 20  # kvpress ChunkKVPress default
+OBSERVATION_WINDOW = ("snapkv", "criticalkv")  # scorers whose window is SnapKV's observation window (default 32)
 
 
 def parse_when(when, every) -> tuple[str | None, int]:
@@ -183,8 +194,11 @@ class Evict(EvictionPass):
         Arg("chunk_heads", str, None, "ChunkKV: sum chunk scores over KV heads (one set) or each head", choices=("sum", "each")),
         Arg("chunk_reuse", int, None, "ChunkKV layer-wise index reuse: the chunks one layer keeps are kept by the next "
             "N-1 evicted layers (1 = each layer selects its own)", min=1, max=MAX_TOKENS),
+        Arg("first", float, None, "criticalkv: share of the budget chosen by attention alone (stage 1; default 0.5, "
+            "1 = SnapKV)", min=0.0, max=1.0),
         Arg("n_future", int, None, "expected_attention: future positions averaged (default 512)", min=1, max=1 << 20),
-        Arg("eps", float, None, "expected_attention: added to p before the value norm (default 0)", min=0.0, max=1e6),
+        Arg("eps", float, None, "expected_attention / criticalkv: added to the attention before the value norm "
+            "(default 0 / 1e-4)", min=0.0, max=1e6),
         Arg("block", int, None, "KeyDiff block-wise prefill: the runtime runs the prompt in blocks of N tokens and each "
             "block evicts back to budget (peak cache <= budget + N per head)", min=2, max=MAX_TOKENS),
         Arg("slack", int, None, "overflow: evict when a head holds more than budget + slack (default 0)", min=0, max=MAX_TOKENS),
@@ -221,9 +235,9 @@ class Evict(EvictionPass):
         if isinstance(window, float):
             window, window_f, f = self._fraction_window(window, f, s)
         if window is None:
-            window = (min(32, max(1, n // 2)) if n else 32) if s.name == "snapkv" else 0
-        if s.name == "snapkv" and window < 1:
-            raise RecipeError("evict: score='snapkv' needs window >= 1 (the observation window of prompt queries)")
+            window = (min(32, max(1, n // 2)) if n else 32) if s.name in OBSERVATION_WINDOW else 0
+        if s.name in OBSERVATION_WINDOW and window < 1:
+            raise RecipeError(f"evict: score={s.name!r} needs window >= 1 (the observation window of prompt queries)")
         if n and window + (v["sinks"] or 0) > n:
             raise RecipeError(f"evict: sinks + window = {window + (v['sinks'] or 0)} exceed budget={n}; "
                               f"keep them <= budget")
@@ -233,8 +247,11 @@ class Evict(EvictionPass):
             "budget_n": n, "budget_f": f, "sinks": s.default_sinks if v["sinks"] is None else v["sinks"],
             "window": window, "kernel": v["kernel"] or 5, "smooth": v["smooth"] or "avg", "pool": v["pool"] or "mean",
             "chunk": chunk, "chunk_heads": v["chunk_heads"] or "sum", "beta": 0.0, "layer": 0, "num_layers": 1,
-            "n_future": v["n_future"] or 512, "eps": v["eps"] or 0.0, "rope_scaling": 1.0, "window_f": window_f,
+            "n_future": v["n_future"] or 512, "rope_scaling": 1.0, "window_f": window_f,
+            "eps": (1e-4 if s.needs_wo else 0.0) if v["eps"] is None else float(v["eps"]),
         }
+        if s.needs_wo:
+            self.params["first"] = 0.5 if v["first"] is None else float(v["first"])
         self.reuse = v["chunk_reuse"] or 1
         if self.reuse > 1:
             self._check_reuse(v, chunk, s)
@@ -250,7 +267,7 @@ class Evict(EvictionPass):
         if not f:
             raise RecipeError(f"evict: window={w} (a fraction) needs a fraction budget too (e.g. budget=0.5); with "
                               f"budget={self.budget!r} give the window as a token count")
-        if s.name == "snapkv" or (self.rule == "adaptive" and not self._decode_adaptive()):
+        if s.name in OBSERVATION_WINDOW or (self.rule == "adaptive" and not self._decode_adaptive()):
             raise RecipeError("evict: a fraction window is refused with score='snapkv' (its window is the observation "
                               "window, a count of prompt queries) and with rule='adaptive' after prefill; give window "
                               "as an int")
@@ -294,7 +311,15 @@ class Evict(EvictionPass):
             no("smooth", "only snapkv smooths its scores")
         if s.name != "expected_attention":
             no("n_future", "only expected_attention averages future rotations")
-            no("eps", "only expected_attention")
+        if s.name != "expected_attention" and not s.needs_wo:
+            no("eps", "only expected_attention and criticalkv")
+        if not s.needs_wo:
+            no("first", "only criticalkv selects in two stages")
+        else:
+            why = ("rule='adaptive' (kvpress's CriticalAdaKV is not implemented)" if self.rule == "adaptive" else
+                   "chunk= / chunk_reuse= (ChunkKV selects whole chunks)" if v["chunk"] or v["chunk_reuse"] else None)
+            if why:
+                raise RecipeError(f"evict: score={self.score!r} does not take {why}; use rule='fixed' or 'pyramid'")
         if not (chunkkv or v["chunk"]):
             no("chunk_heads", "it applies to chunk= / chunkkv only")
         if self.mode != "overflow":
@@ -417,7 +442,18 @@ class Evict(EvictionPass):
         if self.delegate is not None:
             return self.delegate.applies_to(sg)
         why = super().applies_to(sg)
-        if why or not self.scorer.rope:
+        if why:
+            return why
+        if self.scorer.needs_wo:
+            sites = find_sites(sg, self.target_layers(sg))
+            if isinstance(sites, str):
+                return sites
+            if any(s.latent or o_proj_weight(s.attn) is None for s in sites):
+                return (f"evict(score={self.score!r}) weights values by the layer's output projection, and some layer's "
+                        "attention does not reach an o_proj linear with a weight parameter (latent lowrank_kv layers, "
+                        "fused or permuted outputs); evict those layers with another scorer")
+            return None
+        if not self.scorer.rope:
             return why
         sites = find_sites(sg, self.target_layers(sg))
         if any(s.latent for s in sites):
@@ -453,6 +489,8 @@ class Evict(EvictionPass):
                 inv, scaling = find_rotary(sg.gm, site.attn)
                 params["rope_scaling"] = float(scaling)
                 inputs["inv_freq"] = inv
+            if self.scorer.needs_wo:
+                inputs["wo"] = o_proj_weight(site.attn)
             out = insert_policy(sg, ed, site, policy, params, **inputs)
             leader["pos"] = out[positions_name(site.layer)]
             done.append(site.layer)

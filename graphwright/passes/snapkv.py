@@ -26,6 +26,9 @@ default 0.2 as in AdaKV's LongBench runs): a layer keeps Hk * budget slots in al
 KV heads by the global top-(Hk * (budget - window)) of the pooled window scores (comparable across
 heads: the same fp32 softmax and pooling, GQA mean), each head then getting round((1 - floor) * n_h
 + floor * (budget - window)) prefix tokens plus the window. ``floor=1`` is uniform SnapKV.
+``split="kvpress"`` takes NVIDIA kvpress ``AdaKVPress``'s safeguard instead (``adakv_ref.kvpress_counts``:
+each head's top int(floor * budget) tokens forced, the window among them, then the layer's global top),
+to reproduce kvpress's AdaKV answers; the default stays the official rule.
 PyramidKV layer budgets (arXiv 2406.02069; ``pyramid=beta``, the paper's 20): layer l gets
 C_l = k_max - l * step prefix tokens per head (k_min = C/beta, k_max = 2C - k_min, clamped to the
 prompt, integer step), the same total over layers (± L); ``pyramid=1`` is SnapKV; with
@@ -85,6 +88,9 @@ class SnapKV(EvictionPass):
             tune=Tunable("categorical", choices=("uniform", "adaptive"), scope="head", head_form="switch")),
         Arg("floor", float, 0.2, "Ada-KV safeguard alpha: each head keeps at least about floor*(budget-window) "
             "prefix tokens (1.0 = uniform)", min=0.0, max=1.0),
+        Arg("split", str, "official", "heads='adaptive': the safeguard; official (FFY0/AdaKV: n_h <- round((1 - floor) "
+            "* n_h + floor * C)) or kvpress (NVIDIA kvpress AdaKVPress: each head's top int(floor * budget) forced, "
+            "window included, then the layer's global top)", choices=("official", "kvpress")),
         Arg("pyramid", float, None, "PyramidKV beta: linearly decreasing per-layer budgets with the same total "
             "(1 = uniform; the paper uses 20); packed cache", min=1.0, max=1e6),
         LAYERS_ARG,
@@ -103,6 +109,9 @@ class SnapKV(EvictionPass):
                               f"{min(32, max(1, self.budget // 2))})")
         if self.kernel % 2 == 0:
             raise RecipeError(f"snapkv: kernel={self.kernel} must be odd (centred pooling)")
+        if self.split != "official" and self.heads != "adaptive":
+            raise RecipeError(f"snapkv: split={self.split!r} is the Ada-KV safeguard rule and needs heads='adaptive'; "
+                              f"got heads={self.heads!r}")
 
     @property
     def packed(self) -> bool:
@@ -120,7 +129,7 @@ class SnapKV(EvictionPass):
         params = {"budget": self.budget, "window": self.window, "kernel": self.kernel, "pool": self.pool}
         if self.packed:
             params.update(adaptive=self.heads == "adaptive", floor=float(self.floor),
-                          beta=float(self.pyramid) if self.pyramid is not None else 0.0)
+                          beta=float(self.pyramid) if self.pyramid is not None else 0.0, split=self.split)
             layers = rewrite_packed(sg, "snapkv", params, self.target_layers(sg))
         else:
             layers = rewrite_layers(sg, "snapkv", evict_pass_build(SNAPKV_POLICY, params), self.target_layers(sg))

@@ -235,13 +235,15 @@ def test_labels_tell_methods_of_one_pass_apart():
     assert rep.label("evict(score='knorm', budget={budget})") != rep.label("evict(score='expected_attention', budget={budget})")
     assert rep.label("duo(sinks=4, window=256) + snapkv(budget={budget})") == "duo(sinks=4,window=256)+snapkv"
     # every kvpress press with a counterpart names a label our default-style templates produce
-    assert set(rep.SAME_ALGORITHM.values()) <= {"dense"} | {rep.label(t) for t in (
+    assert {t for m in rep.SAME_ALGORITHM for t in rep.twins(m)} <= {"dense"} | {rep.label(t) for t in (
         "snapkv(budget={budget})", "snapkv(budget={budget}, heads='adaptive')", "streaming(sinks=4, window={window})",
+        "snapkv(budget={budget}, heads='adaptive', split='kvpress')", "evict(score='criticalkv', budget={budget})",
         "evict(score='tova', when='prefill', budget={budget})", "evict(score='knorm', budget={budget})",
         "evict(score='expected_attention', budget={budget})", "duo(sinks=4, window=256)",
         "evict(score='knorm', budget={budget}, sinks=4, window={window})", "evict(score='keydiff', budget={budget})",
         "evict(score='chunkkv', budget={budget})", "snapkv(budget={budget}, pyramid=20)")}
-    assert rep.NEAREST <= set(rep.SAME_ALGORITHM)
+    assert all(n in rep.SAME_ALGORITHM if isinstance(n, str) else n[1] in rep.twins(n[0]) for n in rep.NEAREST)
+    assert rep.twins("AdaKV(SnapKV)") == ("snapkv(heads=adaptive,split=kvpress)", "snapkv(heads=adaptive)")
     assert rep.label("evict(score='knorm', budget={budget}, sinks=4, window={window})") == "evict(score=knorm,sinks=4)"
 
 
@@ -267,6 +269,12 @@ def test_twin_pairs_a_press_with_its_own_counterpart_only():
     assert ps[("SnapKV", "agnostic")]["identical"] == 2 and ps[("SnapKV", "aware")]["identical"] == 2
     assert ps[("AdaKV(SnapKV)", "aware")]["nearest"] and not ps[("SnapKV", "aware")]["nearest"]
     assert ps[("AdaKV(SnapKV)", "aware")]["identical"] == 1
+    # AdaKV with graphwright's kvpress split as well: two rows, the split twin first and not nearest
+    split = mk("snapkv(budget={budget}, heads='adaptive', split='kvpress')", [[1], [2]])
+    rows = [p for p in rep.pairs({"raw": {"graphwright": ours + split, "kvpress": theirs}}) if p["press"] == "AdaKV(SnapKV)"]
+    assert [(p["nearest"], p["identical"]) for p in rows] == [(False, 2), (True, 1)]
+    summary = {(r["side"], r["method"]): r for r in rep.summarise({"graphwright": ours + split, "kvpress": theirs})}
+    assert summary[("kvpress", "AdaKV(SnapKV)")]["same_answers_as_graphwright"] == 1.0  # the preferred twin
 
 
 def test_kvpress_journals_of_parallel_workers_are_merged(tmp_path, monkeypatch):

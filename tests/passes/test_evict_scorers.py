@@ -18,7 +18,7 @@ from tests.conftest import _compiled, left_padded_batch
 from tests.passes.eviction_helpers import decode_loop, run_pass, state_of
 
 LENGTHS = [14, 9]  # batch 2, row 1 left-padded by 5
-SCORES = ["snapkv", "h2o", "knorm", "tova", "keydiff", "expected_attention", "chunkkv"]
+SCORES = ["snapkv", "h2o", "knorm", "tova", "keydiff", "expected_attention", "chunkkv", "criticalkv"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -113,6 +113,7 @@ def test_every_n_evicts_only_on_those_steps():
 @pytest.mark.parametrize("recipe", ["lowrank_kv(keep=0.5) + evict(score='tova', budget=6)",
                                     "lowrank_kv(keep=0.5) + evict(score='knorm', budget=0.5)",
                                     "evict(score='snapkv', budget=6) + steer(heads={0: [1]}, alpha=0.01)",
+                                    "evict(score='criticalkv', budget=6) + steer(heads={0: [1]}, alpha=0.01)",
                                     "evict(score='h2o', budget=6, window=2) + steer(heads='all', alpha=0.05)"])
 def test_composes_with_lowrank_kv_and_steer(recipe):
     sg = _compiled("tiny-llama").step_graph

@@ -41,7 +41,8 @@ def test_budget_at_least_length_is_identity(compiled_tiny, name, extra):
     assert_exact_setting(cm, SnapKV(budget=12, window=4, **extra), 8, [12, 7])
 
 
-@pytest.mark.parametrize("extra", [dict(heads="adaptive", floor=1.0), dict(pyramid=1.0), dict(heads="adaptive", floor=1.0, pyramid=1.0)])
+@pytest.mark.parametrize("extra", [dict(heads="adaptive", floor=1.0), dict(pyramid=1.0), dict(heads="adaptive", floor=1.0, pyramid=1.0),
+                                   dict(heads="adaptive", floor=1.0, split="kvpress")])
 def test_floor_one_and_beta_one_equal_snapkv(compiled_tiny, extra):
     cm = compiled_tiny("tiny-llama")
     ids, mask = left_padded_batch(256, [20, 9], seed=2)
@@ -66,6 +67,24 @@ def test_adaptive_heads_are_ragged_and_keep_the_layer_total(compiled_tiny):
     assert any(len(set(c)) > 1 for c in counts)  # the split is not uniform somewhere
 
 
+def test_kvpress_split_differs_from_the_official_safeguard():
+    """One head holds all the mass (c = 224, w = 32: the 25% cell at 1,024 tokens): kvpress's split leaves the others
+    int(0.2 * 256) - 32 = 19 prefix tokens, the official rule round(0.2 * 224) = 45; floor 0: both the global top-k."""
+    from graphwright.ops.adakv_ref import adaptive_counts, kvpress_counts
+
+    scores = torch.full((3, 1000), 1e-3)
+    scores[0] = 1.0
+    cand = torch.ones(3, 1000, dtype=torch.bool)
+    assert kvpress_counts(scores, cand, 224, 0.2, 32) == [634, 19, 19]
+    assert adaptive_counts(scores, cand, 224, 0.2) == [582, 45, 45]
+    assert kvpress_counts(scores, cand, 224, 0.0, 32) == adaptive_counts(scores, cand, 224, 0.0) == [672, 0, 0]
+    with pytest.raises(RecipeError, match="needs heads='adaptive'"):
+        SnapKV(budget=8, split="kvpress")
+    with pytest.raises(ValueError, match="split='x'; allowed: official, kvpress"):
+        adakv_reference(*[torch.zeros(1, 1, 2, 2)] * 3, torch.zeros(1, 2, dtype=torch.long),
+                        torch.zeros(1, 1, 2, dtype=torch.long), 1.0, 1, 1, 1, "avg", True, 0.2, 0, 1, 0.0, "x")
+
+
 def _pyramid_c(c_mean, n, w, layer, L, beta):
     """PyramidKV's schedule in Python ints, written from the spec (ALGORITHMS-2.md §4)."""
     k_min = int(c_mean / beta)
@@ -75,7 +94,7 @@ def _pyramid_c(c_mean, n, w, layer, L, beta):
     return k_max - layer * ((k_max - k_min) // (L - 1))
 
 
-def _oracle(q, kd, q_pos, kpd, scale, budget, w, kernel, pool, adaptive, floor, layer, L, beta):
+def _oracle(q, kd, q_pos, kpd, scale, budget, w, kernel, pool, adaptive, floor, layer, L, beta, split="official"):
     """Kept positions [B][Hk] by loops: scores, pooling, global sort, counts, safeguard, per-head top-n_h."""
     B, H, T, _ = q.shape
     hk = kd.shape[1]
@@ -99,7 +118,15 @@ def _oracle(q, kd, q_pos, kpd, scale, budget, w, kernel, pool, adaptive, floor, 
                 row.append(sum(win) / kernel if pool == "avg" else max(win))
             pooled.append(row)
         c = _pyramid_c(budget - w, n, w, layer, L, beta) if beta else budget - w
-        if adaptive:
+        if adaptive and split == "kvpress":  # kvpress AdaKVPress: window scored highest, forced top share, global top
+            n_kept = c + w
+            n_safe = max(1, int(n_kept * floor)) if floor > 0 else 0
+            full = [[pooled[h][p] for p in range(prefix)] + [float("inf")] * w for h in range(hk)]
+            forced = [set(sorted(range(n), key=lambda p: (-full[h][p], p))[:n_safe]) for h in range(hk)]
+            entries = sorted((0 if p in forced[h] else 1, -full[h][p], h * n + p, h, p)
+                             for h in range(hk) for p in range(n))[:hk * n_kept]
+            counts = [sum(1 for e in entries if e[3] == h and e[4] < prefix) for h in range(hk)]
+        elif adaptive:
             entries = sorted(((-pooled[h][p], h, p) for h in range(hk) for p in range(prefix)))[:hk * c]
             counts = [sum(1 for e in entries if e[1] == h) for h in range(hk)]
             counts = [math.floor((1 - floor) * x + floor * c + 0.5) for x in counts]
@@ -113,10 +140,13 @@ def _oracle(q, kd, q_pos, kpd, scale, budget, w, kernel, pool, adaptive, floor, 
     return out
 
 
-@pytest.mark.parametrize("adaptive,floor,beta,layer,budget", [
-    (True, 0.0, 0.0, 0, 11), (True, 0.3, 0.0, 1, 11), (True, 0.2, 3.0, 0, 11), (True, 0.2, 3.0, 2, 11), (False, 0.0, 2.0, 1, 11),
-    (True, 0.5, 50.0, 2, 11), (True, 0.2, 20.0, 0, 16), (False, 0.0, 20.0, 2, 16)])  # budget 16: k_max is clamped to the prompt
-def test_kept_sets_match_the_loop_oracle(adaptive, floor, beta, layer, budget):
+@pytest.mark.parametrize("adaptive,floor,beta,layer,budget,split", [
+    (True, 0.0, 0.0, 0, 11, "official"), (True, 0.3, 0.0, 1, 11, "official"), (True, 0.2, 3.0, 0, 11, "official"),
+    (True, 0.2, 3.0, 2, 11, "official"), (False, 0.0, 2.0, 1, 11, "official"), (True, 0.5, 50.0, 2, 11, "official"),
+    (True, 0.2, 20.0, 0, 16, "official"), (False, 0.0, 20.0, 2, 16, "official"),  # budget 16: k_max clamped to the prompt
+    (True, 0.2, 0.0, 0, 11, "kvpress"), (True, 0.5, 0.0, 1, 11, "kvpress"), (True, 0.7, 0.0, 2, 16, "kvpress"),
+    (True, 0.0, 0.0, 1, 11, "kvpress"), (True, 0.4, 3.0, 2, 11, "kvpress")])  # kvpress AdaKVPress's split
+def test_kept_sets_match_the_loop_oracle(adaptive, floor, beta, layer, budget, split):
     g = torch.Generator().manual_seed(7 + layer)
     B, H, hk, T, D, pad = 2, 4, 2, 26, 8, (0, 5)
     q = torch.randn(B, H, T, D, generator=g) * 2
@@ -128,9 +158,9 @@ def test_kept_sets_match_the_loop_oracle(adaptive, floor, beta, layer, budget):
     for pool in ("avg", "max"):
         k2, v2, kp2 = adakv_reference(q, pack_heads_reference(kd), pack_heads_reference(vd), q_pos,
                                       packed_positions_reference(q_pos, hk), 0.5, budget, w, kernel, pool, adaptive, floor,
-                                      layer, 3, beta)
+                                      layer, 3, beta, split)
         want = _oracle(q, kd, q_pos, q_pos[:, None].expand(B, hk, T), 0.5, budget, w, kernel, pool, adaptive, floor,
-                       layer, 3, beta)
+                       layer, 3, beta, split)
         assert [[sorted(h) for h in row] for row in kept_positions(kp2)] == want
         assert k2.shape[2] == max(sum(len(h) for h in row) for row in want)  # the sum, not Hk x the longest head
         # every kept slot carries its own head's key

@@ -8,6 +8,7 @@ eviction op and ``evict(score=...)`` pick it up by name. Stateful policies with 
 from __future__ import annotations
 
 from .base import ScoreInputs, Scorer  # noqa: F401
+from .criticalkv import CRITICALKV
 from .cumulative import H2O
 from .expected_attention import EXPECTED_ATTENTION
 from .keydiff import KEYDIFF
@@ -15,5 +16,6 @@ from .knorm import KNORM
 from .snapkv import SNAPKV
 from .tova import TOVA
 
-SCORERS: dict[str, Scorer] = {s.name: s for s in (SNAPKV, H2O, KNORM, TOVA, KEYDIFF, EXPECTED_ATTENTION)}
+SCORERS: dict[str, Scorer] = {s.name: s for s in (SNAPKV, H2O, KNORM, TOVA, KEYDIFF, EXPECTED_ATTENTION,
+                                                 CRITICALKV)}
 CHUNKKV = "chunkkv"  # SnapKV in chunks of 20 (``chunkkv.py``): a selection wrapper, not a scorer of its own

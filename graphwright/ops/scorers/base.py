@@ -13,7 +13,8 @@ combinations that cannot work (``passes/evict.py``):
   (TOVA; ChunkKV's head sum is a selection option, ``chunk_heads``);
 * ``rope``: needs the rotary table (Expected Attention: pre-RoPE queries by inverse rotation);
 * ``prefill_only``: needs the prompt's queries (an observation window or query statistics);
-* ``gqa_pool``: reduces per-query-head scores over the g heads of a KV head with ``pool``.
+* ``gqa_pool``: reduces per-query-head scores over the g heads of a KV head with ``pool``;
+* ``needs_wo``: reads the layer's ``o_proj`` weight and the head budgets (CriticalKV's value norm).
 
 Keys are cached post-RoPE at their original positions and never re-rotated (positions travel with
 the cache as per-head ``k_pos``), so no scorer needs re-rotation.
@@ -51,6 +52,9 @@ class ScoreInputs:
     sinks: int = 0
     n_future: int = 512
     eps: float = 0.0
+    wo: Optional[Tensor] = None  # the layer's o_proj weight [hidden, H*D] (``needs_wo``: CriticalKV)
+    cap: Optional[Tensor] = None  # [B, Hk] tokens each head keeps, sinks and window included
+    first: float = 0.5  # CriticalKV: the share of ``cap`` chosen by the base score alone
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class Scorer:
     gqa_pool: bool = False
     smoothing: bool = False  # reads kernel / smooth (SnapKV's 1-D pooling)
     default_sinks: int = 0
+    needs_wo: bool = False  # reads the layer's output projection weight (CriticalKV)
 
 
 def gqa_reduce(x: Tensor, pool: str) -> Tensor:
