@@ -126,17 +126,18 @@ def test_composes_with_lowrank_kv_and_steer(recipe):
     assert max(h for layer in kept for row in layer for h in row) < 14 + 8
 
 
-def test_compiled_backend_runs_it_with_an_eager_fallback():
+@pytest.mark.parametrize("recipe,op", [("evict(score='knorm', budget=6)", "graphwright::evict_scored"),
+                                       ("evict(score='criticalkv', budget=6)", "graphwright::evict_scored_wo")])
+def test_compiled_backend_runs_it_with_an_eager_fallback(recipe, op):
     """The compiled backend runs the scored op eagerly after its decode graph (``codegen/torch/static_fallback.py``;
     the cases there compare every step): the torch backend's tokens."""
-    recipe = "evict(score='knorm', budget=6)"
     sg, _, _ = run_recipe(_compiled("tiny-llama").step_graph, recipe, verify=False)
     cm, ref = CompiledModel(sg, recipe=recipe, backend="compiled"), CompiledModel(sg, recipe=recipe)
     cm._backend_step.compiler = lambda gm: gm  # the decode graph eagerly (Inductor: tests/codegen/test_compiled_fallback.py)
     ids, mask = left_padded_batch(256, LENGTHS, seed=8)
     want = ref.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
     assert torch.equal(cm.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[]), want)
-    assert [r["op"].name() for r in cm._backend_step.fallback["records"]] == ["graphwright::evict_scored"] * 2
+    assert [r["op"].name() for r in cm._backend_step.fallback["records"]] == [op] * 2
 
 
 @pytest.mark.parametrize("args,msg", [
