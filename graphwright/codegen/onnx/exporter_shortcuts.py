@@ -130,6 +130,11 @@ def _registry_copy(original):
     def from_torchlib(cls, opset_version=None):
         key = (cls, opset_version)
         if key not in _REGISTRIES:
+            # torchlib's only op library that torch loads lazily (its 8 quantized_decomposed entries exist only
+            # once this module is imported, torchvision aside): loaded first, the cached registry is the one the
+            # exporter builds whatever the process imported before or after (tests/onnx/test_exporter_shortcuts.py)
+            import torch.ao.quantization.fx._decomposed  # noqa: F401
+
             _REGISTRIES[key] = original(opset_version) if opset_version is not None else original()
         base = _REGISTRIES[key]
         registry = cls()
