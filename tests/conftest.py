@@ -12,13 +12,17 @@ import graphwright as gw
 
 @functools.lru_cache(maxsize=None)
 def _tiny(name):
-    model, _ = gw.load_model(name)
+    # built outside inference mode even when the first caller runs under it (a test decorated with
+    # torch.inference_mode): inference-tensor weights would make every later export of the shared model fail
+    with torch.inference_mode(False):
+        model, _ = gw.load_model(name)
     return model
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled(name):
-    return gw.compile(_tiny(name))
+    with torch.inference_mode(False):  # as _tiny: the shared compiled model holds no inference tensors
+        return gw.compile(_tiny(name))
 
 
 @pytest.fixture
