@@ -56,3 +56,35 @@ def test_small_steps_restores_and_leaves_long_steps(two_threads):
             assert torch.get_num_threads() == 1
             raise RuntimeError("boom")
     assert torch.get_num_threads() == 2
+
+
+def test_capped_reference_still_catches_a_wrong_layer(tmp_path):
+    """The verification with the one-thread reference fails an artifact whose layer 1 is wrong (its
+    first MatMul weight scaled by 1.5) and passes the untouched one."""
+    import json
+
+    import onnx
+    from onnx import numpy_helper
+
+    import graphwright as gw
+    from graphwright.codegen.onnx.artifact import OnnxStep
+    from graphwright.codegen.onnx.export import verify_artifact
+    from graphwright.errors import GraphwrightError
+
+    cm = _compiled("tiny-llama")
+    out = gw.export_onnx(cm, tmp_path / "x", verify=False, external_data=False)
+    meta = json.loads((out / "graphwright.json").read_text())
+    ref = torch_reference(cm, decode_steps=1)
+    good = verify_artifact(cm, OnnxStep.from_metadata(out / "model.onnx", meta, providers=["CPUExecutionProvider"]),
+                           decode_steps=1, reference=ref)
+    assert good["passed"] and good["max_abs_logit_diff"] <= 1e-4
+    model = onnx.load(str(out / "model.onnx"))
+    inits = {i.name: i for i in model.graph.initializer}
+    # layer 1's first MatMul weight (the optimizer folds the transposed weights into anonymous initializers)
+    init = next(inits[x] for n in model.graph.node if n.op_type == "MatMul" and "layers.1." in str(n.metadata_props)
+                for x in n.input if x in inits)
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
+    onnx.save(model, str(tmp_path / "wrong.onnx"))
+    wrong = OnnxStep.from_metadata(tmp_path / "wrong.onnx", meta, providers=["CPUExecutionProvider"])
+    with pytest.raises(GraphwrightError, match=r"ONNX verification failed at prefill: max \|logit difference\|"):
+        verify_artifact(cm, wrong, decode_steps=1, reference=ref)
