@@ -7,7 +7,7 @@ threads on 2 cores, every one of them ends in a thread barrier; when the other c
 or ``decode_process.py``'s child exporting ``decode.onnx`` in parallel, which is exactly when
 ``export_onnx`` computes the reference early) the barrier waits for a descheduled thread and spins.
 Measured on SmolLM2-135M identity (loaded machine, load 9-13 on 2 cores, alternating in one process,
-``bench/verify_threads.py``): ``torch_reference`` 3.0-14.0 CPU s with 2 threads vs 0.32-0.36 CPU s with 1.
+``bench/verify_threads.py``): ``torch_reference`` 1.9-14.6 CPU s with 2 threads vs 0.34-0.36 CPU s with 1.
 
 ``small_steps(tokens)``: a context manager that sets ``torch.set_num_threads(1)`` while a step of at most
 ``MAX_TOKENS`` tokens (batch x new tokens) runs and restores the previous count after it (also when the step
