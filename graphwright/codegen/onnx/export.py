@@ -31,6 +31,7 @@ from .exporter_shortcuts import shortcuts
 from .manifest import record_files, save_tokenizer
 from .optimize import optimize
 from .phases import Phases
+from .reference_threads import small_steps
 from .trace_meta import no_tensor_meta
 
 EXTERNAL_DATA = MODEL + ".data"
@@ -499,10 +500,11 @@ def torch_reference(cm, decode_steps: int = 3, max_probe_tokens: int = MAX_PROBE
     chunk = sg.notes.get("prefill_chunk")  # evict(block=N): the prompt runs as blocks of N, as the runtime runs it
     steps = []
     for step in range(decode_steps + 1):
-        if step == 0 and chunk and T > chunk:
-            lt, st_t = _prompt_in_blocks(torch_step, ids, pos, chunk, st_t, extras)
-        else:
-            lt, st_t = torch_step(*step_in, st_t, **extras)
+        with small_steps(B * (min(T, chunk) if step == 0 and chunk else step_in[0].shape[1])):  # reference_threads.py
+            if step == 0 and chunk and T > chunk:
+                lt, st_t = _prompt_in_blocks(torch_step, ids, pos, chunk, st_t, extras)
+            else:
+                lt, st_t = torch_step(*step_in, st_t, **extras)
         steps.append((step_in, lt))
         nxt = lt[:, -1].argmax(-1, keepdim=True)
         step_in = (nxt, step_in[1][:, -1:] + 1, torch.zeros(1, dtype=torch.long))
