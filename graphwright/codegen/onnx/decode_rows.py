@@ -30,7 +30,17 @@ of keys eviction saves (``bench/profile_onnx_decode.py``: 2431 nodes run per H2O
   absolute rotation and the sinks' keys are rotated forward by E (``sink_keys``: their stored keys, at rotation
   = position, gathered, one [sinks, D] x [D, D] MatMul with ``sink_rotation`` = R(+E), made once per step,
   scattered into a copy; the state keeps absolute rotations, nothing accumulates), so every key sits at (cache
-  index + E) and the relative angles are the reference's; the eviction becomes ``streaming_rows``.
+  index + E) and the relative angles are the reference's; the eviction becomes ``streaming_rows``. With
+  ``SHARED_ROWS`` (the default; session 12) the step's per-layer index arithmetic is made once: StreamingLLM keeps
+  the same positions in every KV head of every layer with one (sinks, window) (the same rule applied to the same
+  positions since the prompt step), so the slot the new row takes (``slot_index``: ``streaming_slot`` and its
+  expanded scatter index), the sinks' slots (``sink_index``) and the attention's key positions (``key_positions``:
+  head 0's [B, S + 1], so ONNX's ``Attention`` runs GQA on [B, Hk, S + 1, D] as dense decoding does, one
+  [B, 1, 1, S + 1] mask, no Reshapes folding Hk into the batch) come from the first such layer's positions and are
+  read by all; each layer keeps ``sink_keys_at`` (gather, [sinks, D] x [D, D] MatMul, scatter) and ``rows_at``
+  (three ScatterElements). SmolLM2-135M, prompt 256: 1,657 -> 1,016 nodes run per decode step (dense 805).
+  duo's streaming heads are not rewritten here: its ``decode.onnx`` is derived from ``model.onnx``
+  (``decode_swap.py``), not traced from this graph.
   Latent StreamingLLM layers (``decode_latent.streaming_latent_decode``) are not rewritten. Any other
   StreamingLLM layer with ``window >= 1``:
   ``streaming_rows`` (the slot write alone; the attention keeps reading the concatenation);
@@ -71,8 +81,12 @@ differs from the fused ORT Attention by float rounding only. Invariants tested
 functions equal ``decode_slots.h2o_decode`` / ``streaming_decode`` on the concatenation and the
 attention output equals ``attention_reference`` (H2O) / ``shifted_decode_attention`` (StreamingLLM) (1e-6);
 ``streaming_slot`` equals its per-head definition (hit, else first empty, else earliest); the plain attention over
-``sink_keys`` equals ``shifted_decode_attention`` (1e-5; E = 0 returns every key bit for bit); the rewrite leaves no H2O attention node in
-a tiny Llama's decode graph and its eager run equals the unrewritten graph; the artifact tests
+``sink_keys`` equals ``shifted_decode_attention`` (1e-5; E = 0 returns every key bit for bit); on states whose heads
+share their positions ``slot_index`` + ``rows_at`` = ``streaming_rows`` and ``sink_index`` + ``sink_keys_at`` =
+``sink_keys`` bit for bit, the attention over ``key_positions`` = the per-head one (1e-6); ``SHARED_ROWS`` on and off
+export artifacts with the reference's kept sets and tokens over 120 steps (``test_onnx_streaming_shift.py``); the
+rewrite leaves no H2O attention node in a tiny Llama's decode graph and its eager run equals the unrewritten graph
+(StreamingLLM: with and without ``SHARED_ROWS``, every head and layer holding one position row); the artifact tests
 (``test_onnx_eviction_slots.py``, ``test_onnx_streaming_shift.py``) keep the torch backend's sets.
 """
 
