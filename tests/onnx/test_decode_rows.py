@@ -20,9 +20,14 @@ from graphwright.codegen.onnx import decode_slots
 from graphwright.codegen.onnx.decode_rows import (
     back_rotation,
     h2o_attend_rows,
+    key_positions,
+    rows_at,
+    sink_index,
     sink_keys,
+    sink_keys_at,
     sink_rotation,
     slot_attention,
+    slot_index,
     streaming_attend_rows,
     streaming_rows,
 )
@@ -192,6 +197,38 @@ def test_sink_rotation_is_the_back_rotations_inverse():
     assert torch.equal(fwd[0], torch.eye(D)[None]) and torch.equal(fwd[2], torch.eye(D)[None])  # E = 0: the identity
 
 
+@pytest.mark.parametrize("evicted", [False, True])
+def test_shared_rows_equal_the_per_layer_functions(evicted):
+    """``SHARED_ROWS``: on StreamingLLM states whose heads hold the same positions (its invariant), the step's
+    ``slot_index`` + ``rows_at`` = ``streaming_rows``, ``sink_index`` + ``sink_keys_at`` = ``sink_keys`` (bit for
+    bit), and the plain attention with ``key_positions`` [B, S + 1] = the one with per-head positions (1e-6):
+    random slot layouts with empty slots, sinks in random slots, a padding row (q_pos -1)."""
+    gen = torch.Generator().manual_seed(5 + evicted)
+    B, H, Hk, D, S, R = 3, 6, 2, 16, 9, 8
+    inv = 1.0 / (10000 ** (torch.arange(0, R, 2).float() / R))
+    for trial in range(30):
+        sinks, window = int(trial % 3), 1 + int(trial % 7)
+        L = 200 if evicted else sinks + window
+        (k, v, kp), (kn, vn, kpn), q_pos = _rows(gen, B=B, Hk=Hk, S=S, D=D, L=max(L, S + 2), empty=(0.0, 0.2, 0.6)[trial % 3])
+        kp = kp[:, :1].expand(B, Hk, S).clone()  # one position row per batch row, every head the same
+        if q_pos.max() - sinks - window > 0:  # a row that has evicted holds its sinks (StreamingLLM's invariant)
+            for b in range(B):
+                row = kp[b, 0].clone()
+                row[row < sinks] = -1
+                row[torch.randperm(S, generator=gen)[:sinks]] = torch.arange(sinks, dtype=kp.dtype)
+                kp[b] = row
+        j, jd = slot_index(kp, q_pos, sinks, window, D)
+        for got, want in zip(rows_at(k, kn, v, vn, kp, kpn, j, jd), streaming_rows(k, kn, v, vn, q_pos, kp, kpn, sinks, window)):
+            assert torch.equal(got, want)
+        rot = sink_rotation(torch.zeros(B, H, 1, D), q_pos, inv, sinks, window)
+        ks = sink_keys_at(k, sink_index(kp, sinks, D), rot)
+        assert torch.equal(ks, sink_keys(k, kp, rot, sinks))
+        q = torch.randn(B, H, 1, D, generator=gen) * 2
+        kc, vc = torch.cat([ks, kn], 2), torch.cat([v, vn], 2)
+        shared = attention_reference(q, kc, vc, q_pos, key_positions(kp, kpn), 0.3)
+        torch.testing.assert_close(shared, attention_reference(q, kc, vc, q_pos, torch.cat([kp, kpn], 2), 0.3), rtol=1e-6, atol=1e-6)
+
+
 def test_slot_attention_equals_the_reference_at_a_decode_step():
     gen = torch.Generator().manual_seed(5)
     B, H, Hk, D, S = 3, 6, 2, 8, 9
@@ -221,9 +258,16 @@ def test_rotation_matrix_equals_the_elementwise_rotation(R, D):
 REWRITES = {"h2o(heavy=4, recent=4)": ({"h2o_attend_rows": 2, "h2o_decode": 0}, 0),
             # SINK_KEYS (default): the sinks' keys rotated forward, the plain attention op (ONNX's fused Attention)
             # per layer, the slot write; the step's rotation made once for both layers
-            "streaming(sinks=2, window=6)": ({"sink_keys": 2, "sink_rotation": 1, "streaming_rows": 2, "back_rotation": 0,
-                                              "streaming_attend_rows": 0, "streaming_decode": 0,
+            # SHARED_ROWS (default): the step's slot, sinks' slots and key positions made once, read by both layers
+            "streaming(sinks=2, window=6)": ({"sink_keys_at": 2, "rows_at": 2, "sink_rotation": 1, "slot_index": 1,
+                                              "sink_index": 1, "key_positions": 1, "sink_keys": 0, "streaming_rows": 0,
+                                              "back_rotation": 0, "streaming_attend_rows": 0, "streaming_decode": 0,
                                               "shifted_decode_attention": 0}, 2),
+            # SHARED_ROWS off: each layer finds its own slots (session 11's graph)
+            "streaming(sinks=2, window=6) SHARED_ROWS=False": ({"sink_keys": 2, "sink_rotation": 1, "streaming_rows": 2,
+                                                                "sink_keys_at": 0, "rows_at": 0, "slot_index": 0,
+                                                                "back_rotation": 0, "streaming_attend_rows": 0,
+                                                                "streaming_decode": 0, "shifted_decode_attention": 0}, 2),
             # SINK_KEYS off: attention + eviction in one function; the step's back rotation made once for both layers
             "streaming(sinks=2, window=6) SINK_KEYS=False": ({"streaming_attend_rows": 2, "back_rotation": 1,
                                                               "streaming_rows": 0, "sink_keys": 0, "streaming_decode": 0,
@@ -238,9 +282,11 @@ def test_rows_rewrite_of_the_decode_graph(recipe, monkeypatch):
     from graphwright.codegen.onnx import decode_rows
 
     monkeypatch.setattr(decode_rows, "SLOT_ATTENTION", True)  # off by default (decode_rows.py); tested here
-    monkeypatch.setattr(decode_rows, "SINK_KEYS", not recipe.endswith(" SINK_KEYS=False"))
+    recipe, switch = recipe.rsplit(" ", 1) if recipe.endswith("=False") else (recipe, "")
+    monkeypatch.setattr(decode_rows, "SINK_KEYS", switch != "SINK_KEYS=False")
+    monkeypatch.setattr(decode_rows, "SHARED_ROWS", switch != "SHARED_ROWS=False")
     model, _ = gw.load_model("tiny-llama")
-    sg = gw.compile(model, recipe.removesuffix(" SINK_KEYS=False")).step_graph
+    sg = gw.compile(model, recipe).step_graph
     from graphwright.codegen.onnx.streaming_shift import shift_streaming
 
     base, _ = shift_streaming(sg.gm, decode=True)
@@ -249,22 +295,26 @@ def test_rows_rewrite_of_the_decode_graph(recipe, monkeypatch):
     ref, cap0, in0, left0 = decode_graph(base, sg.state)
     assert (cap, in_graph, left) == (cap0, in0, left0)
     fns = [getattr(n.target, "__name__", None) for n in gm.graph.nodes if n.op == "call_function"]
-    counts, attentions = REWRITES[recipe]
+    counts, attentions = REWRITES[f"{recipe} {switch}".strip()]
     assert {f: fns.count(f) for f in counts} == counts
     assert sum(n.target is ATTENTION for n in gm.graph.nodes) == attentions
     # one decode step on full and partly empty slot states (batch 2, the second row a padding row: q_pos -1)
     gen = torch.Generator().manual_seed(3)
     B, c = 2, 8
     args = [torch.randint(3, 50, (B, 1), generator=gen), torch.tensor([[11], [-1]]), torch.zeros(1, dtype=torch.long)]
+    streaming_pos = {}  # StreamingLLM: one position row per batch row, the same in every head and layer (its invariant)
     for spec in sg.state:
         shape = [B if d == -1 else d for d in spec.shape]
         shape[spec.seq_dim] = c
         if spec.kind == "positions" and recipe.startswith("streaming"):  # E = 11 - 2 - 6 > 0: each head holds its
             # sinks 0 and 1 (StreamingLLM's invariant, ``decode_rows.sink_keys``), in random slots but the last
-            t = torch.stack([torch.cat([torch.cat([torch.tensor([0, 1]), r[:c - 3]])[torch.randperm(c - 1, generator=gen)], r[c - 3:]])
-                             for r in (torch.randperm(9, generator=gen)[:c - 2] + 2 for _ in range(math.prod(shape[:-1])))])
-            t = t.view(shape).to(spec.dtype)
-            t[1], t[0, ..., -1] = -1, -1  # the padding row holds nothing; row 0 has an empty slot
+            if not streaming_pos:
+                r = torch.randperm(9, generator=gen)[:c - 2] + 2
+                row = torch.cat([torch.cat([torch.tensor([0, 1]), r[:c - 3]])[torch.randperm(c - 1, generator=gen)], r[c - 3:]])
+                t = row.expand(B, 1, c).to(spec.dtype).clone()
+                t[1], t[0, ..., -1] = -1, -1  # the padding row holds nothing; row 0 has an empty slot
+                streaming_pos["row"] = t
+            t = streaming_pos["row"].expand(*shape).clone()
         elif spec.kind == "positions":
             t = torch.stack([torch.randperm(11, generator=gen)[:c] for _ in range(math.prod(shape[:-1]))]).view(shape).to(spec.dtype)
             t[1], t[0, ..., -1] = -1, -1  # the padding row holds nothing; row 0 has an empty slot

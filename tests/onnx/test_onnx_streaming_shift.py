@@ -17,8 +17,20 @@ import pytest
 import torch
 
 from graphwright.capture.ops import ATTENTION
+from graphwright.codegen.onnx import decode_rows
 from graphwright.codegen.onnx.artifact import OnnxStep
-from graphwright.codegen.onnx.decode_rows import back_rotation, sink_keys, sink_rotation, streaming_attend_rows, streaming_rows
+from graphwright.codegen.onnx.decode_rows import (
+    back_rotation,
+    key_positions,
+    rows_at,
+    sink_index,
+    sink_keys,
+    sink_keys_at,
+    sink_rotation,
+    slot_index,
+    streaming_attend_rows,
+    streaming_rows,
+)
 from graphwright.codegen.onnx.decode_slots import decode_graph, position_rank, rope_cache_index_decode
 from graphwright.codegen.onnx.streaming_shift import shift_streaming, shifted_decode_attention
 from graphwright.compiled import CompiledModel
@@ -56,6 +68,30 @@ def test_artifact_keeps_the_reference_sets_tokens_and_logits(runs):
     assert (onnx_run[0] - ref[0]).abs().max() <= 1e-4
 
 
+def test_per_layer_rows_artifact_decodes_the_same(runs, tmp_path, monkeypatch):
+    """``decode_rows.SHARED_ROWS = False`` (each layer finds its own slots, session 11's graph, kept for A/B) exports
+    an artifact with the same kept sets and tokens as the shared one (and the reference), logits within 1e-4; its
+    decode graph has per-layer ``sink_keys``/``streaming_rows`` and no shared index."""
+    import graphwright as gw
+
+    monkeypatch.setattr(decode_rows, "SHARED_ROWS", False)
+    cm = runs["cm"]
+    folder = gw.export_onnx(cm, tmp_path / "per_layer")
+    meta = json.loads((folder / "graphwright.json").read_text())
+    step = OnnxStep.from_metadata(folder / "model.onnx", meta, providers=["CPUExecutionProvider"])
+    m = SimpleNamespace(step_graph=cm.step_graph, _step=step)
+    ids, mask = left_padded_batch(cm.step_graph.info.vocab_size, LENGTHS, seed=4)
+    sets = []
+    logits, toks, _ = decode_loop(m, ids, mask, STEPS, lambda i, s: sets.append(kept_sets(m, s)))
+    assert sets == runs["ref"][2] == runs["onnx"][2]
+    assert torch.equal(toks, runs["onnx"][1]) and torch.equal(toks, runs["ref"][1])
+    assert (logits - runs["ref"][0]).abs().max() <= 1e-4
+    shared = [n.op_type for n in onnx.load(str(runs["folder"] / "decode.onnx"), load_external_data=False).graph.node]
+    per_layer = [n.op_type for n in onnx.load(str(folder / "decode.onnx"), load_external_data=False).graph.node]
+    assert shared.count("ArgMin") == 1 and per_layer.count("ArgMin") == 2  # the slot written: once vs per layer
+    assert shared.count("ArgMax") == 1 and per_layer.count("ArgMax") == 2  # the sinks' slots
+
+
 def test_the_artifact_caches_keys_rotated_at_their_positions(runs):
     cm = runs["cm"]
     inv = cm.step_graph.gm.get_buffer("hf.model.rotary_emb.inv_freq")
@@ -73,11 +109,14 @@ def test_decode_graph_rotates_no_key_and_ranks_nothing(runs):
     gm, _, in_graph, left = decode_graph(shifted, sg.state)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert layers == [0, 1] and left == [] and len(in_graph) == 2
-    # decode_rows.SINK_KEYS (default): each layer's sinks rotated forward by E (sink_keys), the rotation made once
-    # for both layers, the plain attention op on the slots and the new row, the slot write; no back rotation
+    # decode_rows.SINK_KEYS (default): each layer's sinks rotated forward by E (sink_keys_at), the rotation made once
+    # for both layers, the plain attention op on the slots and the new row, the slot write; no back rotation;
+    # SHARED_ROWS (default): the slot written, the sinks' slots and the key positions made once for both layers
     assert targets.count(shifted_decode_attention) == 0 and targets.count(streaming_attend_rows) == 0
-    assert targets.count(sink_keys) == 2 and targets.count(sink_rotation) == 1 and targets.count(back_rotation) == 0
-    assert targets.count(ATTENTION) == 2 and targets.count(streaming_rows) == 2
+    assert targets.count(sink_keys_at) == 2 and targets.count(sink_rotation) == 1 and targets.count(back_rotation) == 0
+    assert targets.count(ATTENTION) == 2 and targets.count(rows_at) == 2
+    assert targets.count(slot_index) == targets.count(sink_index) == targets.count(key_positions) == 1
+    assert targets.count(sink_keys) == targets.count(streaming_rows) == 0
     assert not {ROPE_CACHE_INDEX, ROPE_INVERT, rope_cache_index_decode, position_rank} & set(targets)
     # decode.onnx: one fused Attention node per layer (as dense), no decomposed attention (Softmax), and one
     # [D, D] rotation product per layer (the sinks' keys [s, D]), none on a query

@@ -30,7 +30,17 @@ of keys eviction saves (``bench/profile_onnx_decode.py``: 2431 nodes run per H2O
   absolute rotation and the sinks' keys are rotated forward by E (``sink_keys``: their stored keys, at rotation
   = position, gathered, one [sinks, D] x [D, D] MatMul with ``sink_rotation`` = R(+E), made once per step,
   scattered into a copy; the state keeps absolute rotations, nothing accumulates), so every key sits at (cache
-  index + E) and the relative angles are the reference's; the eviction becomes ``streaming_rows``.
+  index + E) and the relative angles are the reference's; the eviction becomes ``streaming_rows``. With
+  ``SHARED_ROWS`` (the default; session 12) the step's per-layer index arithmetic is made once: StreamingLLM keeps
+  the same positions in every KV head of every layer with one (sinks, window) (the same rule applied to the same
+  positions since the prompt step), so the slot the new row takes (``slot_index``: ``streaming_slot`` and its
+  expanded scatter index), the sinks' slots (``sink_index``) and the attention's key positions (``key_positions``:
+  head 0's [B, S + 1], so ONNX's ``Attention`` runs GQA on [B, Hk, S + 1, D] as dense decoding does, one
+  [B, 1, 1, S + 1] mask, no Reshapes folding Hk into the batch) come from the first such layer's positions and are
+  read by all; each layer keeps ``sink_keys_at`` (gather, [sinks, D] x [D, D] MatMul, scatter) and ``rows_at``
+  (three ScatterElements). SmolLM2-135M, prompt 256: 1,657 -> 1,016 nodes run per decode step (dense 805).
+  duo's streaming heads are not rewritten here: its ``decode.onnx`` is derived from ``model.onnx``
+  (``decode_swap.py``), not traced from this graph.
   Latent StreamingLLM layers (``decode_latent.streaming_latent_decode``) are not rewritten. Any other
   StreamingLLM layer with ``window >= 1``:
   ``streaming_rows`` (the slot write alone; the attention keeps reading the concatenation);
@@ -71,8 +81,12 @@ differs from the fused ORT Attention by float rounding only. Invariants tested
 functions equal ``decode_slots.h2o_decode`` / ``streaming_decode`` on the concatenation and the
 attention output equals ``attention_reference`` (H2O) / ``shifted_decode_attention`` (StreamingLLM) (1e-6);
 ``streaming_slot`` equals its per-head definition (hit, else first empty, else earliest); the plain attention over
-``sink_keys`` equals ``shifted_decode_attention`` (1e-5; E = 0 returns every key bit for bit); the rewrite leaves no H2O attention node in
-a tiny Llama's decode graph and its eager run equals the unrewritten graph; the artifact tests
+``sink_keys`` equals ``shifted_decode_attention`` (1e-5; E = 0 returns every key bit for bit); on states whose heads
+share their positions ``slot_index`` + ``rows_at`` = ``streaming_rows`` and ``sink_index`` + ``sink_keys_at`` =
+``sink_keys`` bit for bit, the attention over ``key_positions`` = the per-head one (1e-6); ``SHARED_ROWS`` on and off
+export artifacts with the reference's kept sets and tokens over 120 steps (``test_onnx_streaming_shift.py``); the
+rewrite leaves no H2O attention node in a tiny Llama's decode graph and its eager run equals the unrewritten graph
+(StreamingLLM: with and without ``SHARED_ROWS``, every head and layer holding one position row); the artifact tests
 (``test_onnx_eviction_slots.py``, ``test_onnx_streaming_shift.py``) keep the torch backend's sets.
 """
 
@@ -219,13 +233,51 @@ def sink_keys(k_old, kp_old, rot, sinks: int):
     leave, ``streaming_keep`` / ``streaming_slot``), and a row with E = 0 has ``rot`` = R(0), the exact identity
     (cos 1, sin 0), so every write, an absent sink's duplicate index 0 included, puts back the slot's own key.
     On a state breaking the invariant (E > 0 and a sink missing) slot 0's key would be rotated: not exact there."""
-    D = k_old.shape[-1]
+    return sink_keys_at(k_old, sink_index(kp_old, sinks, k_old.shape[-1]), rot)
+
+
+# StreamingLLM's step arithmetic made once per step (``SHARED_ROWS``, on with ``SINK_KEYS``): every StreamingLLM
+# layer with one (sinks, window) keeps the same positions in every KV head (the same rule on the same positions from
+# the prompt step on), so the slot a step writes, the sinks' slots and the attention's key positions are computed
+# from the first such layer's positions and read by all of them. False: each layer computes its own (the graph of
+# session 11). Listed in ``decode_process.SWITCHES``.
+SHARED_ROWS = True
+
+
+def sink_index(kp_old, sinks: int, D: int):
+    """[B, Hk, sinks, D] int64: the slot of sink i (position i) of ``kp_old`` [B, Hk, S] (ArgMax of ``kp_old == i``
+    over the slots, slot 0 when absent), expanded over the head dim ``D``: the gather/scatter index of
+    ``sink_keys_at``."""
     want = torch.arange(sinks, dtype=kp_old.dtype, device=kp_old.device)
     hit = kp_old[:, :, :, None] == want  # [B, Hk, S, s]
     j = hit.to(torch.int32).argmax(dim=2, keepdim=True).transpose(2, 3)  # [B, Hk, s, 1]: slot of sink i (0 if absent)
-    idx = j.expand(-1, -1, -1, D)
-    ks = k_old.gather(2, idx)  # [B, Hk, s, D]
-    return k_old.scatter(2, idx, torch.matmul(ks.float(), rot).to(k_old.dtype))
+    return j.expand(-1, -1, -1, D)
+
+
+def sink_keys_at(k_old, idx, rot):
+    """``sink_keys`` given its slot index ``idx`` = ``sink_index`` (made once per step with ``SHARED_ROWS``): the
+    sinks' rows gathered, one [sinks, D] x [D, D] MatMul with ``rot``, scattered into a copy of ``k_old``."""
+    return k_old.scatter(2, idx, torch.matmul(k_old.gather(2, idx).float(), rot).to(k_old.dtype))
+
+
+def slot_index(kp_old, q_pos, sinks: int, window: int, D: int):
+    """(j [B, Hk, 1], j expanded to [B, Hk, 1, D]): ``decode_slots.streaming_slot`` and the key/value scatter index
+    of ``write_rows``, made once per step with ``SHARED_ROWS`` and read by every StreamingLLM layer's ``rows_at``."""
+    j = streaming_slot(kp_old, q_pos, sinks, window)
+    return j, j[..., None].expand(-1, -1, -1, D)
+
+
+def rows_at(k_old, k_new, v_old, v_new, kp_old, kp_new, j, jd):
+    """``streaming_rows`` given the step's slot (``slot_index``): the new row written into slot ``j`` of each state
+    tensor, three ScatterElements. -> (k, v, k_pos)."""
+    return k_old.scatter(2, jd, k_new), v_old.scatter(2, jd, v_new), kp_old.scatter(2, j, kp_new)
+
+
+def key_positions(kp_old, kp_new):
+    """[B, S + 1]: the attention's key positions, head 0's (every head of a StreamingLLM layer holds the same):
+    with [B, S] positions ONNX's ``Attention`` runs on the [B, Hk, S + 1, D] keys as dense decoding does (its GQA
+    heads, one [B, 1, 1, S + 1] mask) instead of folding Hk into the batch (four Reshapes per layer, a per-head mask)."""
+    return torch.cat([kp_old[:, 0], kp_new[:, 0]], dim=1)
 
 
 def _cat_parts(node):
@@ -299,22 +351,51 @@ def _fused_streaming(graph, node, attn, a: dict, parts: dict, rots: dict, b: dic
     (the plain op: ONNX's fused ``Attention``), the eviction -> ``streaming_rows`` (the slot write on the old state,
     whose keys stay at their absolute rotations)."""
     (k_old, k_new), (v_old, v_new), (kp_old, kp_new) = parts["k"], parts["v"], parts["k_pos"]
+    shared = _shared_index(graph, attn, a, parts, rots, b, key) if SHARED_ROWS else None
     with graph.inserting_before(attn):
-        ks = graph.call_function(sink_keys, (k_old, kp_old, rots[key], int(b["sinks"])))
+        if shared is None:
+            ks = graph.call_function(sink_keys, (k_old, kp_old, rots[key], int(b["sinks"])))
+        else:
+            ks = graph.call_function(sink_keys_at, (k_old, shared["sinks"], rots[key]))
         kcat = graph.call_function(torch.ops.aten.cat.default, ([ks, k_new], 2))
-        new = graph.call_function(ATTENTION, (b["q"], kcat, a["v"], b["q_pos"], a["k_pos"], b["scale"]),
-                                  {"key_bias": b["key_bias"]} if b["key_bias"] is not None else {})
+        new = graph.call_function(ATTENTION, (b["q"], kcat, a["v"], b["q_pos"], a["k_pos"] if shared is None else shared["kp"],
+                                              b["scale"]), {"key_bias": b["key_bias"]} if b["key_bias"] is not None else {})
     for n, like in ((ks, k_old), (kcat, a["k"])):
         if "val" in like.meta:
             n.meta["val"] = like.meta["val"]
     new.meta = dict(attn.meta)
     attn.replace_all_uses_with(new)
     graph.erase_node(attn)
-    node.target = streaming_rows
-    node.args, node.kwargs = (k_old, k_new, v_old, v_new, a["q_pos"], kp_old, kp_new, a["sinks"], a["window"]), {}
-    if not a["k"].users:
-        graph.erase_node(a["k"])
-    return "sink_keys"
+    if shared is None:
+        node.target = streaming_rows
+        node.args, node.kwargs = (k_old, k_new, v_old, v_new, a["q_pos"], kp_old, kp_new, a["sinks"], a["window"]), {}
+    else:
+        node.target = rows_at
+        node.args, node.kwargs = (k_old, k_new, v_old, v_new, kp_old, kp_new, shared["j"], shared["jd"]), {}
+    for cat in (a["k"], a["k_pos"]):
+        if not cat.users:
+            graph.erase_node(cat)
+    return "sink_keys" if shared is None else "sink_keys_at"
+
+
+def _shared_index(graph, attn, a: dict, parts: dict, rots: dict, b: dict, key):
+    """``SHARED_ROWS``: {"j", "jd" (``slot_index``), "sinks" (``sink_index``), "kp" (``key_positions``)} of this
+    step, made before the first StreamingLLM layer of this (sinks, window, KV heads, head dim) from its positions and
+    shared by the later ones (``rots`` holds them); None (the per-layer graph) when the positions' shape is unknown."""
+    (k_old, _), _, (kp_old, kp_new) = parts["k"], parts["v"], parts["k_pos"]
+    kval = k_old.meta.get("val")  # the keys' [B, Hk, S, D] (the positions placeholder carries no value)
+    if kval is None or not isinstance(kval.shape[1], int) or not isinstance(kval.shape[-1], int):
+        return None
+    D = int(kval.shape[-1])
+    skey = ("shared", key, str(kval.shape))
+    if skey not in rots:
+        with graph.inserting_before(attn):
+            idx = graph.call_function(slot_index, (kp_old, a["q_pos"], int(a["sinks"]), int(a["window"]), D))
+            rots[skey] = {"j": graph.call_function(operator.getitem, (idx, 0)),
+                          "jd": graph.call_function(operator.getitem, (idx, 1)),
+                          "sinks": graph.call_function(sink_index, (kp_old, int(b["sinks"]), D)),
+                          "kp": graph.call_function(key_positions, (kp_old, kp_new))}
+    return rots[skey]
 
 
 def _take_over(graph, node, attn, new, a) -> None:

@@ -72,7 +72,7 @@ OUTPUTS = {"h2o_decode": 4, "streaming_decode": 3, "fastgen_decode": 6, "rope_ca
            "invert_slots": 1, "shifted_decode_attention": 1,
            # decode_rows.py: the H2O layer's attention + eviction on (old slots, new row), StreamingLLM's eviction
            "h2o_attend_rows": 5, "streaming_rows": 3, "slot_attention": 1, "streaming_attend_rows": 4,
-           "back_rotation": 1, "sink_keys": 1, "sink_rotation": 1}
+           "back_rotation": 1, "sink_keys": 1, "sink_rotation": 1, "sink_keys_at": 1, "rows_at": 3}
 
 # key -> {"fn", "params" (signature names), "template" [("t", i) | ("c", value)], "example" [(dtype, sizes, dynamic dims)]}
 KEYS: dict = {}
@@ -132,6 +132,8 @@ SHAPES = {"h2o_decode": [*_KV, ("k_pos", "slots")],
           "back_rotation": [("q", "rot")],
           "sink_keys": [("k_old", "same")],
           "sink_rotation": [("q", "rot")],
+          "sink_keys_at": [("k_old", "same")],
+          "rows_at": [("k_old", "same"), ("v_old", "same"), ("kp_old", "same")],
           "slot_attention": [("q", ("last", "v"))]}
 # Output dtypes of the prompt functions (None: the dtype of the argument it is shaped like). Not from a run on
 # meta tensors as for the decode ones: ``kept_width`` reads a value (``.item()``).
