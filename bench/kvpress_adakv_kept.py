@@ -46,24 +46,13 @@ def ffy0_counts(scores: torch.Tensor, cand: torch.Tensor, c: int, floor: float) 
 
 
 def kvpress_counts(scores: torch.Tensor, cand: torch.Tensor, c: int, floor: float, window: int = WINDOW) -> list[int]:
-    """kvpress ``AdaKVPress``'s split in prefix terms: every head keeps n_kept = c + window tokens in all; its top
-    int(floor * n_kept) are forced (the window scores highest, so the first ``window`` of them are the window), then
-    the rest of the layer's Hk * n_kept goes to the global top of what is left."""
-    hk, S = scores.shape
-    n_safe = int((c + window) * floor)
-    if floor > 0:
-        n_safe = max(1, n_safe)
-    f = max(0, n_safe - window)
-    s = scores.float().masked_fill(~cand, float("-inf"))
-    order = torch.sort(s, dim=-1, descending=True, stable=True).indices
-    forced = torch.zeros_like(cand)
-    forced.scatter_(-1, order[:, :f], True)
-    forced &= cand
-    rest = s.masked_fill(forced, float("-inf")).reshape(-1)
-    left = hk * c - int(forced.sum())
-    top = torch.sort(rest, descending=True, stable=True).indices[:left]
-    extra = torch.bincount(top // S, minlength=hk)
-    return [int(forced[h].sum()) + int(extra[h]) for h in range(hk)]
+    """kvpress ``AdaKVPress``'s split in prefix terms: graphwright's ``adakv_ref.kvpress_counts`` (every head keeps
+    n_kept = c + window tokens in all; its top int(floor * n_kept) are forced, the window first, then the rest of the
+    layer's Hk * n_kept goes to the global top of what is left), with this script's window as the default. Imported
+    here, not at the top: the kvpress environment that runs ``kvpress`` mode has no graphwright."""
+    from graphwright.ops.adakv_ref import kvpress_counts as library_counts
+
+    return library_counts(scores, cand, c, floor, window)
 
 
 def keep_from_counts(scores: torch.Tensor, cand: torch.Tensor, counts: list[int]) -> torch.Tensor:

@@ -30,7 +30,7 @@ from graphwright.eval.stats import bootstrap_mean, paired_difference
 SAME_ALGORITHM = {"dense": "dense", "SnapKV": "snapkv", "StreamingLLM": "evict(score=knorm,sinks=4)",
                   "KeyRerotation(StreamingLLM)": "streaming(sinks=4)",
                   "AdaKV(SnapKV)": ("snapkv(heads=adaptive,split=kvpress)", "snapkv(heads=adaptive)"),
-                  "CriticalKV(SnapKV)": "evict(score=criticalkv)",
+                  "CriticalKV(SnapKV)": "evict(score=criticalkv)", "CriticalAdaKV(SnapKV)": "evict(score=criticalkv,rule=adaptive)",
                   "TOVA": "evict(score=tova,when=prefill)", "Knorm": "evict(score=knorm)", "KeyDiff": "evict(score=keydiff)",
                   "ExpectedAttention": "evict(score=expected_attention)", "DuoAttention(graphwright heads)": "duo(sinks=4,window=256)",
                   "ChunkKV(SnapKV)": "evict(score=chunkkv)", "PyramidKV": "snapkv(pyramid=20)"}

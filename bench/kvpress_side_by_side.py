@@ -40,7 +40,8 @@ sys.path.insert(0, str(HERE))
 
 DEFAULT_RECIPES = ["snapkv(budget={budget})", "h2o(heavy={half}, recent={half})", "streaming(sinks=4, window={window})"]
 DEFAULT_PRESSES = ["SnapKV", "ObservedAttention", "ExpectedAttention", "TOVA", "Knorm", "KeyDiff", "StreamingLLM", "KeyRerotation(StreamingLLM)",
-                   "AdaKV(SnapKV)", "ChunkKV(SnapKV)", "PyramidKV", "CriticalKV(SnapKV)", "DuoAttention", "DuoAttention(graphwright heads)"]
+                   "AdaKV(SnapKV)", "ChunkKV(SnapKV)", "PyramidKV", "CriticalKV(SnapKV)",
+                   "CriticalAdaKV(SnapKV)", "DuoAttention", "DuoAttention(graphwright heads)"]
 MODES = ("aware", "agnostic")
 KVPRESS_PY = HERE / ".venv-kvpress" / "bin" / "python"
 SETUP = ("the kvpress side needs its own environment {py} (kvpress 0.5.5, CPU torch; never a graphwright dependency).\n"

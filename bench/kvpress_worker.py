@@ -80,6 +80,9 @@ def _presses(spec=None):
         # beta 20 (the paper's); kvpress falls back to SnapKV unless S >= k_max >= k_min >= window (ALGORITHMS-2 section 4)
         "PyramidKV": lambda r: kp.PyramidKVPress(compression_ratio=r, window_size=SNAPKV_WINDOW, kernel_size=5, beta=20),
         "CriticalKV(SnapKV)": lambda r: kp.CriticalKVPress(kp.SnapKVPress(compression_ratio=r, window_size=SNAPKV_WINDOW, kernel_size=5)),
+        # CriticalKV's two stages with AdaKV's head budgets (kvpress's split, alpha_safeguard 0.2, first stage 0.5)
+        "CriticalAdaKV(SnapKV)": lambda r: kp.CriticalAdaKVPress(kp.SnapKVPress(compression_ratio=r, window_size=SNAPKV_WINDOW,
+                                                                              kernel_size=5)),
         "DuoAttention": duo,
     }
 

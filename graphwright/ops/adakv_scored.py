@@ -6,7 +6,8 @@ top-(Hk*C) of the heads' scores decides how many each head gets (n_h), the safeg
 n_h <- round((1 - floor) * n_h + floor * C) keeps a floor, and each head keeps its own top-n_h
 (or, with ``chunk``, its top n_h // chunk chunks, ChunkKV) plus sinks and window. Runs once after
 prefill; decode appends. The scores come from any per-head scorer of ``ops/scorers`` (not the
-shared TOVA, not the stateful cumulative score: ``passes/evict.py`` refuses those).
+shared TOVA, not the stateful cumulative score: ``passes/evict.py`` refuses those). CriticalKV (``wo``, the
+layer's o_proj weight, and ``first``) runs its own rule, kvpress's CriticalAdaKV (``adakv_critical.py``).
 
 Normalisation before the global top-k (scores must be comparable across heads):
 * attention scorers (``needs_q``: snapkv, expected_attention, chunkkv's snapkv base) are used raw,
@@ -32,6 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .adakv_critical import critical_adaptive_keep
 from .adakv_ref import adaptive_counts, compact_packed, unpack_prefill
 from .eviction_policy import EVICT_OPS, REFERENCES
 from .eviction_ref import budget as row_budget
@@ -59,8 +61,10 @@ def adaptive_scored_keep(x: ScoreInputs, scorer: str, budget_n: int, budget_f: f
     L = x.length[:, None, None]
     protected = valid & ((x.k_pos < x.sinks) | (x.k_pos >= L - x.window))
     x.cand = valid & ~protected
-    score = normalise(SCORERS[scorer].fn(x), x.cand, scorer)
     cap = row_budget(budget_n, budget_f, x.length)
+    if SCORERS[scorer].needs_wo:  # CriticalAdaKV: its own two-stage rule (``adakv_critical.py``)
+        return critical_adaptive_keep(x, cap, protected, floor)
+    score = normalise(SCORERS[scorer].fn(x), x.cand, scorer)
     keep = valid.clone()
     for b in range(x.k.shape[0]):
         if int(x.length[b]) <= int(cap[b]):
@@ -79,7 +83,8 @@ def adaptive_scored_keep(x: ScoreInputs, scorer: str, budget_n: int, budget_f: f
 
 
 def adakv_scored_reference(q, k, v, q_pos, k_pos, inv_freq, scale, scorer, budget_n, budget_f, floor, sinks, window,
-                           kernel, smooth, pool, chunk, chunk_heads, n_future, eps, rope_scaling, layer, num_layers):
+                           kernel, smooth, pool, chunk, chunk_heads, n_future, eps, rope_scaling, layer, num_layers, wo=None,
+                           first=0.5):
     """-> (k, v, k_pos) packed: compressed once after prefill (the cache was empty), appended at decode."""
     T = q.shape[2]
     hk = k_pos.shape[1]
@@ -89,7 +94,7 @@ def adakv_scored_reference(q, k, v, q_pos, k_pos, inv_freq, scale, scorer, budge
     vd, _ = unpack_prefill(v, k_pos, T)
     x = ScoreInputs(q=q, k=kd, v=vd, q_pos=q_pos, k_pos=kpd, scale=scale, cand=kpd >= 0, length=row_length(q_pos),
                     inv_freq=inv_freq, rope_scaling=rope_scaling, window=window, kernel=kernel, smooth=smooth, pool=pool,
-                    sinks=sinks, n_future=n_future, eps=eps)
+                    sinks=sinks, n_future=n_future, eps=eps, wo=wo, first=first)
     keep = adaptive_scored_keep(x, scorer, budget_n, budget_f, floor, chunk, chunk_heads)
     return compact_packed(keep.reshape(keep.shape[0], hk * T), k, v, k_pos)
 
@@ -98,18 +103,19 @@ def adakv_scored_reference(q, k, v, q_pos, k_pos, inv_freq, scale, scorer, budge
 def evict_adakv_scored(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, inv_freq: Optional[Tensor],
                        scale: float, scorer: str, budget_n: int, budget_f: float, floor: float, sinks: int, window: int,
                        kernel: int, smooth: str, pool: str, chunk: int, chunk_heads: str, n_future: int, eps: float,
-                       rope_scaling: float, layer: int, num_layers: int) -> tuple[Tensor, Tensor, Tensor]:
+                       rope_scaling: float, layer: int, num_layers: int, wo: Optional[Tensor],
+                       first: float) -> tuple[Tensor, Tensor, Tensor]:
     """Ada-KV budgets for a scorer of ``ops/scorers`` on packed slots: once after prefill; decode appends."""
     outs = adakv_scored_reference(q, k, v, q_pos, k_pos, inv_freq, scale, scorer, budget_n, budget_f, floor, sinks,
                                   window, kernel, smooth, pool, chunk, chunk_heads, n_future, eps, rope_scaling, layer,
-                                  num_layers)
+                                  num_layers, wo, first)
     ids = {id(k), id(v), id(k_pos)}
     return tuple(o.clone() if id(o) in ids else o for o in outs)
 
 
 @evict_adakv_scored.register_fake
 def _(q, k, v, q_pos, k_pos, inv_freq, scale, scorer, budget_n, budget_f, floor, sinks, window, kernel, smooth, pool,
-      chunk, chunk_heads, n_future, eps, rope_scaling, layer, num_layers):
+      chunk, chunk_heads, n_future, eps, rope_scaling, layer, num_layers, wo, first):
     n = torch.library.get_ctx().new_dynamic_size()
     B = k.shape[0]
     return k.new_empty(B, 1, n, k.shape[-1]), v.new_empty(B, 1, n, v.shape[-1]), k_pos.new_empty(B, k_pos.shape[1], n)

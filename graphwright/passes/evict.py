@@ -15,8 +15,9 @@ the generic scored eviction op (``ops/policy_scored.py``) after every chosen lay
   sinks and window included; ``rule``: ``"fixed"``, ``"pyramid"`` (PyramidKV layer budgets,
   arXiv 2406.02069, ``beta``, the paper's 20) or ``"adaptive"`` (Ada-KV, arXiv 2407.11550, packed
   per-layer cache: once after prefill for the per-head prompt scorers, SnapKV through
-  ``snapkv(heads="adaptive")``'s path; at every step for ``h2o`` and per-head ``tova`` with
-  ``when="decode"``, ``ops/adakv_decode.py``, floor = 1 keeps the uniform sets);
+  ``snapkv(heads="adaptive")``'s path; ``criticalkv`` runs CriticalAdaKV, kvpress ``CriticalAdaKVPress``'s
+  rule: kvpress's Ada-KV split, then the two stages per head, ``ops/adakv_critical.py``; at every step for
+  ``h2o`` and per-head ``tova`` with ``when="decode"``, ``ops/adakv_decode.py``, floor = 1 keeps the uniform sets);
 * ``sinks`` (first positions always kept), ``window`` (recent tokens always kept; SnapKV's
   observation window), ``pool`` (GQA mean|max), ``kernel``/``smooth`` (SnapKV's 1-D pooling),
   ``chunk``/``chunk_heads`` (ChunkKV), ``chunk_reuse=L`` (ChunkKV's layer-wise index reuse: the
@@ -70,6 +71,7 @@ import torch
 
 from ..errors import RecipeError
 from ..ops.adakv_decode import DECODE_SCORERS, EVICT_ADAKV_DECODE
+from ..ops.adakv_critical import describe
 from ..ops.adakv_scored import EVICT_ADAKV_SCORED
 from ..ops.policy_scored import SCORED_REUSE_POLICY, policy_for
 from ..ops.scorers import CHUNKKV, SCORERS
@@ -316,10 +318,9 @@ class Evict(EvictionPass):
         if not s.needs_wo:
             no("first", "only criticalkv selects in two stages")
         else:
-            why = ("rule='adaptive' (kvpress's CriticalAdaKV is not implemented)" if self.rule == "adaptive" else
-                   "chunk= / chunk_reuse= (ChunkKV selects whole chunks)" if v["chunk"] or v["chunk_reuse"] else None)
-            if why:
-                raise RecipeError(f"evict: score={self.score!r} does not take {why}; use rule='fixed' or 'pyramid'")
+            if v["chunk"] or v["chunk_reuse"]:
+                raise RecipeError(f"evict: score={self.score!r} does not take chunk= / chunk_reuse= (ChunkKV selects "
+                                  "whole chunks); use rule='fixed', 'pyramid' or 'adaptive'")
         if not (chunkkv or v["chunk"]):
             no("chunk_heads", "it applies to chunk= / chunkkv only")
         if self.mode != "overflow":
@@ -370,6 +371,7 @@ class Evict(EvictionPass):
         params = {k: p[k] for k in ("scorer", "budget_n", "budget_f", "sinks", "window", "kernel", "smooth", "pool",
                                     "chunk", "chunk_heads", "n_future", "eps")}
         params["floor"] = self.floor_alpha
+        params["first"] = p.get("first", 0.5)  # CriticalAdaKV (``ops/adakv_critical.py``); the others ignore it
 
         tables = {}  # the rotary tables, matched before the packed rewrite changes what attention reads
         if self.scorer.rope:
@@ -378,7 +380,8 @@ class Evict(EvictionPass):
                 tables[site.layer] = {"inv_freq": inv, "rope_scaling": float(scaling)}
 
         def site_values(sg, site):
-            return tables.get(site.layer, {"inv_freq": None, "rope_scaling": 1.0})
+            extra = {"wo": o_proj_weight(site.attn) if self.scorer.needs_wo else None}
+            return {**tables.get(site.layer, {"inv_freq": None, "rope_scaling": 1.0}), **extra}
 
         layers = rewrite_packed(sg, "evict", params, self.target_layers(sg), op=EVICT_ADAKV_SCORED,
                                 site_values=site_values)
@@ -387,7 +390,8 @@ class Evict(EvictionPass):
             "per_layer": {layer: {"budget": self.budget} for layer in layers},
             "counts": {"layers_evicted": len(layers)},
             "settings": {**self.values, "scorer": self.scorer.name, "paper": self.scorer.paper, "when": self.mode,
-                         "rule_text": f"Ada-KV (arXiv 2407.11550) head budgets over {self.scorer.rule}",
+                         "rule_text": (describe(self.floor_alpha, p["first"]) if self.scorer.needs_wo else
+                                       f"Ada-KV (arXiv 2407.11550) head budgets over {self.scorer.rule}"),
                          "floor": self.floor_alpha, "packed": True},
         }
         return sg
@@ -431,6 +435,9 @@ class Evict(EvictionPass):
             why.append("block= (duo's streaming heads are cut once after a one-shot prefill)")
         if self._decode_adaptive():
             why.append("rule='adaptive' with when='decode' (not implemented on duo's retrieval part)")
+        if self.rule == "adaptive" and self.scorer.needs_wo:
+            why.append("score='criticalkv' with rule='adaptive' (CriticalAdaKV's value norm reads every query head's "
+                       "o_proj columns, not a retrieval-head subset)")
         if why:
             return "evict after duo refuses " + "; ".join(why) + "; leave it out to evict duo's retrieval heads"
         return None

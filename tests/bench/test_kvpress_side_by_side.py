@@ -238,6 +238,7 @@ def test_labels_tell_methods_of_one_pass_apart():
     assert {t for m in rep.SAME_ALGORITHM for t in rep.twins(m)} <= {"dense"} | {rep.label(t) for t in (
         "snapkv(budget={budget})", "snapkv(budget={budget}, heads='adaptive')", "streaming(sinks=4, window={window})",
         "snapkv(budget={budget}, heads='adaptive', split='kvpress')", "evict(score='criticalkv', budget={budget})",
+        "evict(score='criticalkv', budget={budget}, rule='adaptive')",
         "evict(score='tova', when='prefill', budget={budget})", "evict(score='knorm', budget={budget})",
         "evict(score='expected_attention', budget={budget})", "duo(sinks=4, window=256)",
         "evict(score='knorm', budget={budget}, sinks=4, window={window})", "evict(score='keydiff', budget={budget})",

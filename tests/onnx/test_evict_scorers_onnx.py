@@ -45,6 +45,8 @@ PACKED = {
     "expected_attention": ("evict(score='expected_attention', budget=10, window=2, rule='adaptive')",
                            {"graphwright::evict_adakv_scored"}),
     "chunkkv": ("evict(score='chunkkv', budget=10, chunk=2, window=2, rule='adaptive')", {"graphwright::evict_adakv_scored"}),
+    "criticalkv": ("evict(score='criticalkv', budget=10, window=2, rule='adaptive')",  # CriticalAdaKV: reads o_proj
+                   {"graphwright::evict_adakv_scored"}),
     "chunk_reuse": ("evict(score='chunkkv', budget=9, chunk=2, window=1, chunk_reuse=2)",
                     {"graphwright::evict_scored", "graphwright::evict_scored_reuse"}),
 }

@@ -28,7 +28,7 @@ def call(q, k, v, q_pos, scorer, budget_n=0, budget_f=0.0, floor=0.2, sinks=0, w
     kp = packed_positions_reference(q_pos, hk)
     return EVICT_ADAKV_SCORED(q, pack_heads_reference(k), pack_heads_reference(v), q_pos, kp, inv_freq, SCALE, scorer,
                               budget_n, budget_f, floor, sinks, window, kernel, "avg", "mean", chunk, "sum", n_future,
-                              0.0, 1.0, 0, 1)
+                              0.0, 1.0, 0, 1, None, 0.5)
 
 
 def packed_kept(k_pos):
@@ -142,5 +142,5 @@ def test_decode_appends():
     v_all = torch.cat([out[1], pack_heads_reference(v[:, :, -1:])], 2)
     kp_all = torch.cat([out[2], packed_positions_reference(pos1, 2)], 2)
     again = EVICT_ADAKV_SCORED(q1, k_all, v_all, pos1, kp_all, None, SCALE, "knorm", 6, 0.0, 0.2, 0, 0, 1, "avg", "mean",
-                               0, "sum", 16, 0.0, 1.0, 0, 1)
+                               0, "sum", 16, 0.0, 1.0, 0, 1, None, 0.5)
     assert torch.equal(again[0], k_all) and torch.equal(again[2], kp_all)

@@ -13,7 +13,7 @@ from graphwright.ops import schema
 from graphwright.ops.policy_scored import SCORED_WO_POLICY
 from graphwright.passes.evict import Evict
 from tests.conftest import _compiled
-from tests.ops.scorer_oracles import DEFAULTS, call_op, kept, prefill_step, snapkv_oracle
+from tests.ops.scorer_oracles import DEFAULTS, call_op, kept, prefill_step, select_oracle, snapkv_oracle
 from tests.passes.eviction_helpers import run_pass
 
 SCALE = 0.35
@@ -35,29 +35,27 @@ def _vo_norm(v, wo, b, h, s, g):
 
 
 def _oracle(q, k, v, q_pos, k_pos, wo, window, kernel, budget_n, budget_f, first, eps):
-    """[B][Hk] kept positions by loops: window + stage 1 (top by mean window attention) + stage 2 (by
-    (a + eps) * mean over the KV head's query heads of ||v W_O,h^T||_1)."""
+    """[B][Hk] kept positions by loops: ``select_oracle`` with a two-stage score: stage 1 (the top
+    floor(first * budget) - window by mean window attention) scores +inf, every other evictable token
+    (a + eps) * mean over the KV head's query heads of ||v W_O,h^T||_1."""
     B, H, T, D = q.shape
     Hk = k.shape[1]
     g = H // Hk
     a_sum = snapkv_oracle(q, k, q_pos, k_pos, SCALE, window, kernel)
-    out = []
+    score = []
     for b in range(B):
         L = max(int(p) for p in q_pos[b]) + 1
         cap = budget_n + math.floor(budget_f * L + 1e-9)
         rows = []
         for h in range(Hk):
-            slots = [s for s in range(T) if k_pos[b, h, s] >= 0]
-            prot = [s for s in slots if k_pos[b, h, s] >= L - window]
-            cand = [s for s in slots if s not in prot]
+            cand = [s for s in range(T) if 0 <= k_pos[b, h, s] < L - window]
             a = {s: a_sum[b][h][s] / window for s in cand}
-            m = max(0, math.floor(first * cap) - len(prot))
-            stage1 = sorted(cand, key=lambda s: (-a[s], s))[:m]
-            norm = {s: _vo_norm(v, wo, b, h, s, g) for s in cand}
-            rest = sorted((s for s in cand if s not in stage1), key=lambda s: (-(a[s] + eps) * norm[s], s))
-            rows.append(sorted(int(k_pos[b, h, s]) for s in prot + stage1 + rest[:max(cap - len(prot), 0) - m]))
-        out.append(rows)
-    return out
+            m = max(0, math.floor(first * cap) - (L - len(cand)))
+            stage1 = set(sorted(cand, key=lambda s: (-a[s], s))[:m])
+            rows.append([math.inf if s in stage1 else (a[s] + eps) * _vo_norm(v, wo, b, h, s, g) if s in a else 0.0
+                         for s in range(T)])
+        score.append(rows)
+    return select_oracle(score, k_pos, q_pos, budget_n, budget_f, window=window)
 
 
 @pytest.mark.parametrize("budget_n,budget_f", [(7, 0.0), (0, 0.6)])
@@ -97,7 +95,6 @@ def test_the_pass_reads_each_layers_o_proj_weight():
 
 @pytest.mark.parametrize("args,msg", [
     (dict(score="snapkv", budget=6, first=0.5), "first= is not read by score='snapkv'"),
-    (dict(score="criticalkv", budget=6, rule="adaptive"), "CriticalAdaKV is not implemented"),
     (dict(score="criticalkv", budget=6, chunk=4), "ChunkKV selects whole chunks"),
     (dict(score="criticalkv", budget=6, when="decode"), "runs only when='prefill'"),
     (dict(score="knorm", budget=6, eps=0.1), "eps= is not read by score='knorm'"),

@@ -16,7 +16,9 @@ The base score a_j is SnapKV's (``snapkv.py``: window 32, kernel 5 by default) d
 length, i.e. the mean over the window rows (the scale kvpress's SnapKV gives; it matters because
 ``eps`` is added before the product). kvpress ``CriticalKVPress(SnapKVPress)``, its default pairing,
 is this rule with first 0.5 and eps 1e-4 (the defaults here).
-Exact setting: budget >= prompt length (nothing is evicted). Prefill only (SnapKV's window).
+With ``rule='adaptive'`` (Ada-KV head budgets, kvpress ``CriticalAdaKVPress``) the selection is
+``ops/adakv_critical.py``'s, on the packed cache. Exact setting: budget >= prompt length (nothing is evicted).
+Prefill only (SnapKV's window).
 Invariants tested (``tests/ops/test_scorer_criticalkv.py``): kept sets equal a loop oracle on random
 attention and values; ``first=1`` keeps SnapKV's sets; the exact setting is the identity on tiny models.
 """
