@@ -4,6 +4,7 @@ Usage:
     python bench/long_headline.py                      # run (or resume) everything, in priority order
     python bench/long_headline.py --lengths 1024 --cases 10 --out /tmp/x --journal /tmp/x/cases.jsonl
     python bench/long_headline.py --table-only         # rebuild the tables from the journal, run nothing
+                                                       # (every recipe the journal holds at each length, unless --recipes)
 
 Per length L (in order) it runs ``graphwright.eval.run_suite`` on the needle task with dense and
 ``RECIPES`` filled for L (budgets are fractions of the prompt: 50% of 1,024 = ``snapkv(budget=512)``),
@@ -38,6 +39,13 @@ def recipes_for(length: int, templates=RECIPES) -> list:
     return [t.format(half=half, quarter=quarter, half_w=half - 4) for t in templates]
 
 
+def journal_recipes(jr, length: int, model: str) -> list:
+    """Every recipe (canonical string, first-seen order, dense left out) the journal holds for ``model`` at ``length``."""
+    seen = dict.fromkeys(k["recipe"] for k, _ in jr.records() if k["length"] == length and k["model"] == model)
+    seen.pop("dense", None)
+    return list(seen)
+
+
 def deferred(recipe: str) -> bool:
     """True for a recipe whose passes include one of ``DEFERRED``."""
     from graphwright.recipes import Recipe
@@ -50,7 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
     p.add_argument("--cases", type=int, default=50)
-    p.add_argument("--recipes", nargs="+", default=RECIPES, help="templates: {half}, {quarter} tokens, {half_w} = half - 4")
+    p.add_argument("--recipes", nargs="+", default=None,
+                   help="templates: {half}, {quarter} tokens, {half_w} = half - 4 (default: RECIPES to run; "
+                        "with --table-only every recipe the journal holds at that length)")
     p.add_argument("--journal", default=str(HERE / "results" / "suite" / "cases.jsonl"))
     p.add_argument("--out", default=str(HERE / "results" / "suite"), help="tables go to OUT/L{length}/")
     p.add_argument("--table-only", action="store_true", help="rebuild the tables from the journal; run no case")
@@ -70,9 +80,10 @@ def main(argv=None) -> int:
     jr = Journal(args.journal)
     failed = {}
     kw = dict(tasks=("niah",), cases=args.cases, journal=jr, model_name=args.model, progress=args.progress)
+    templates = RECIPES if args.recipes is None else args.recipes
     if not args.table_only:  # one recipe at a time (dense first), so a recipe that fails does not stop the others
-        plan = [(L, r) for L in args.lengths for r in ["dense"] + recipes_for(L, args.recipes) if not deferred(r)]
-        plan += [(L, r) for L in args.lengths for r in recipes_for(L, args.recipes) if deferred(r)]
+        plan = [(L, r) for L in args.lengths for r in ["dense"] + recipes_for(L, templates) if not deferred(r)]
+        plan += [(L, r) for L in args.lengths for r in recipes_for(L, templates) if deferred(r)]
         for length, recipe in plan:
             try:
                 run_suite(model, tok, [recipe], lengths=(length,), **kw)
@@ -81,7 +92,9 @@ def main(argv=None) -> int:
                 print(f"FAILED L={length} {recipe}: {failed[f'L{length} {recipe}']}", file=sys.stderr, flush=True)
             print(f"done L={length} {recipe} ({len(jr)} journal rows)", file=sys.stderr, flush=True)
     for length in args.lengths:
-        res = run_suite(model, tok, recipes_for(length, args.recipes), lengths=(length,), out=Path(args.out) / f"L{length}",
+        table = (journal_recipes(jr, length, args.model) if args.table_only and args.recipes is None
+                 else recipes_for(length, templates))
+        res = run_suite(model, tok, table, lengths=(length,), out=Path(args.out) / f"L{length}",
                         run_missing=False, **kw)
         for r in res["rows"]:
             if r["metric"] == "all":

@@ -1,0 +1,37 @@
+"""bench/long_headline.py: templates fill per length; --table-only lists every recipe the journal holds at a length."""
+
+import importlib.util
+from pathlib import Path
+
+from graphwright.eval.journal import Journal, make_key
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _mod():
+    spec = importlib.util.spec_from_file_location("long_headline", BENCH / "long_headline.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_journal_recipes_per_length_and_model_in_first_seen_order(tmp_path):
+    lh = _mod()
+    jr = Journal(tmp_path / "cases.jsonl")
+    rows = [("m", "dense", 1024, "c0"), ("m", "duo(retrieval=0.2, sinks=4, window=32)", 1024, "c0"),
+            ("m", "evict(budget=256, score=\"criticalkv\")", 1024, "c0"), ("m", "duo(retrieval=0.2, sinks=4, window=32)", 1024, "c1"),
+            ("m", "snapkv(budget=512)", 2048, "c0"), ("other", "snapkv(budget=128)", 1024, "c0")]
+    for model, recipe, length, case in rows:
+        jr.add(make_key(model, recipe, "aware", "niah", length, case, 0, "h"), {"correct": True})
+    jr = Journal(tmp_path / "cases.jsonl")  # as reloaded from the file
+    assert lh.journal_recipes(jr, 1024, "m") == ["duo(retrieval=0.2, sinks=4, window=32)", "evict(budget=256, score=\"criticalkv\")"]
+    assert lh.journal_recipes(jr, 2048, "m") == ["snapkv(budget=512)"]
+    assert lh.journal_recipes(jr, 4096, "m") == []
+
+
+def test_templates_fill_for_the_length_and_table_only_defaults_to_the_journal():
+    lh = _mod()
+    assert lh.recipes_for(2048, ["snapkv(budget={quarter})", "streaming(sinks=4, window={half_w})"]) == [
+        "snapkv(budget=512)", "streaming(sinks=4, window=1020)"]
+    assert lh.parse_args(["--table-only"]).recipes is None
+    assert lh.parse_args(["--recipes", "snapkv(budget={half})"]).recipes == ["snapkv(budget={half})"]
