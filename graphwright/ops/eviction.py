@@ -42,6 +42,7 @@ from torch import Tensor
 
 from .adakv_decode import EVICT_ADAKV_DECODE  # noqa: F401
 from .adakv_scored import EVICT_ADAKV_SCORED  # noqa: F401
+from .adakv_shares import EVICT_ADAKV_SHARES  # noqa: F401
 from .eviction_policy import EVICT_OPS, POLICIES, REFERENCES, EvictionPolicy, register_policy  # noqa: F401
 from .latent_attention import rebuild_keys
 from .policy_adakv import EVICT_ADAKV, PACKED_OPS  # noqa: F401

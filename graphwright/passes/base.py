@@ -53,6 +53,8 @@ class Tunable:
     only at head scope, one value per layer: ``snapkv(heads="adaptive", layers=[3])``; at model and layer
     scope it keeps its default and is not searched).
     At model scope a "pairs" argument keeps its own kind and range (``duo``: a retrieval fraction).
+    ``requires``: (argument, value) the template must set for this one to be searched (it means nothing
+    otherwise): ``snapkv.gamma`` only with ``heads="scores"``.
     """
 
     kind: str
@@ -64,6 +66,7 @@ class Tunable:
     per_context: bool = False
     layer_form: str = "split"
     head_form: str | None = None
+    requires: tuple | None = None
 
     def __post_init__(self):
         if self.kind not in TUNE_KINDS:
@@ -75,6 +78,9 @@ class Tunable:
         if (self.scope == "head") != (self.head_form is not None) or self.head_form not in (None, *HEAD_FORMS):
             raise ValueError(f"a head-scope Tunable needs head_form in {list(HEAD_FORMS)} (and only a head-scope one takes it); "
                              f"got scope={self.scope!r}, head_form={self.head_form!r}")
+        if self.requires is not None and not (isinstance(self.requires, tuple) and len(self.requires) == 2
+                                              and isinstance(self.requires[0], str)):
+            raise ValueError(f"Tunable requires must be an (argument name, value) pair; got {self.requires!r}")
         if self.head_form == "switch" and self.kind != "categorical":
             raise ValueError(f"a head_form 'switch' Tunable is categorical (the per-head budget rules to choose from); got kind {self.kind!r}")
         if self.kind == "categorical":

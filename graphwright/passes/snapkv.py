@@ -62,6 +62,8 @@ boolean keep mask (1e-5); the packed buffer is exactly the longest row's total a
 from __future__ import annotations
 
 from ..errors import RecipeError
+from ..ops.adakv_shares import EVICT_ADAKV_SHARES
+from ..ops.head_shares import share_weights
 from ..ops.policy_snapkv import SNAPKV_POLICY
 from .base import MAX_KERNEL, MAX_TOKENS, Arg, PassContext, Tunable, register_pass
 from .eviction_common import (LAYERS_ARG, RETRIEVAL_PART, EvictionPass, evict_pass_build, latent_settings,
@@ -83,11 +85,21 @@ class SnapKV(EvictionPass):
             min=1, max=MAX_TOKENS),
         Arg("kernel", int, 5, "pooling width (odd)", min=1, max=MAX_KERNEL),
         Arg("pool", str, "avg", "pooling of the window scores", choices=("avg", "max")),
-        Arg("heads", str, "uniform", "per-head budgets: uniform (SnapKV) or adaptive (Ada-KV: the layer's Hk*budget "
-            "spread over its KV heads by score; packed cache)", choices=("uniform", "adaptive"),
+        Arg("heads", str, "uniform", "per-head budgets: uniform (SnapKV), adaptive (Ada-KV: the layer's Hk*budget "
+            "spread over its KV heads by score; packed cache) or scores (the model's L*Hk*budget spread over every "
+            "(layer, KV head) by head-set retrieval score, (score + eps)^gamma, water-filled; packed cache)",
+            choices=("uniform", "adaptive", "scores"),
             tune=Tunable("categorical", choices=("uniform", "adaptive"), scope="head", head_form="switch")),
         Arg("floor", float, 0.2, "Ada-KV safeguard alpha: each head keeps at least about floor*(budget-window) "
-            "prefix tokens (1.0 = uniform)", min=0.0, max=1.0),
+            "prefix tokens (1.0 = uniform); heads='scores': each head keeps at least max(window, round(floor*budget)) "
+            "tokens", min=0.0, max=1.0),
+        Arg("gamma", float, None, "heads='scores': share exponent, budget_h ~ (score_h + eps)^gamma (0 = uniform "
+            "SnapKV; large = the top-scored heads fill to the prompt length first, like duo; default 1)", min=0.0,
+            max=64.0, tune=Tunable("float", 0.0, 8.0, requires=("heads", "scores"))),
+        Arg("headset", str, None, "heads='scores': the head scores, 'shipped' (the model's shipped retrieval head "
+            "set, default) or a head-set file path (graphwright heads profile)"),
+        Arg("eps", float, None, "heads='scores': added to every score before the power, so zero-score heads still "
+            "share (default 0.01)", min=1e-6, max=1.0),
         Arg("split", str, "official", "heads='adaptive': the safeguard; official (FFY0/AdaKV: n_h <- round((1 - floor) "
             "* n_h + floor * C)) or kvpress (NVIDIA kvpress AdaKVPress: each head's top int(floor * budget) forced, "
             "window included, then the layer's global top)", choices=("official", "kvpress")),
@@ -109,6 +121,18 @@ class SnapKV(EvictionPass):
                               f"{min(32, max(1, self.budget // 2))})")
         if self.kernel % 2 == 0:
             raise RecipeError(f"snapkv: kernel={self.kernel} must be odd (centred pooling)")
+        if self.heads != "scores":
+            given = [a for a in SCORE_ARGS if self.values.get(a) is not None]
+            if given:
+                raise RecipeError(f"snapkv: {', '.join(given)} set the heads='scores' budget shares; got heads="
+                                  f"{self.heads!r} (pass heads='scores', or leave {', '.join(given)} out)")
+        else:
+            for a, default in SCORE_ARGS.items():
+                if self.values.get(a) is None:
+                    self.values[a] = default
+            if self.pyramid is not None:
+                raise RecipeError("snapkv: heads='scores' already spreads the budget over layers and heads; pyramid= "
+                                  "is not combined with it (use one of them)")
         if self.split != "official" and self.heads != "adaptive":
             raise RecipeError(f"snapkv: split={self.split!r} is the Ada-KV safeguard rule and needs heads='adaptive'; "
                               f"got heads={self.heads!r}")
@@ -116,10 +140,13 @@ class SnapKV(EvictionPass):
     @property
     def packed(self) -> bool:
         """Head-adaptive or pyramid budgets: the packed per-layer cache (``packed_rewrite``)."""
-        return self.heads == "adaptive" or self.pyramid is not None
+        return self.heads in ("adaptive", "scores") or self.pyramid is not None
 
     def applies_to(self, sg) -> str | None:
         duo = retrieval_layers(sg)
+        if duo is not None and self.heads == "scores":
+            return ("snapkv(heads='scores') after duo is not implemented (duo already decides per head who keeps "
+                    "everything; the shares would spread over its retrieval heads only); use heads='adaptive' after duo")
         if duo is not None and self.pyramid is not None:  # heads='adaptive' packs the retrieval heads (packed_rewrite)
             return ("snapkv(pyramid=...) on duo's retrieval heads is not implemented (PyramidKV's layer schedule assumes "
                     "every layer evicts the same heads); use snapkv without pyramid after duo")
@@ -127,7 +154,10 @@ class SnapKV(EvictionPass):
 
     def run(self, sg, ctx: PassContext):
         params = {"budget": self.budget, "window": self.window, "kernel": self.kernel, "pool": self.pool}
-        if self.packed:
+        shares = None
+        if self.heads == "scores":
+            layers, shares = self._run_scores(sg, params)
+        elif self.packed:
             params.update(adaptive=self.heads == "adaptive", floor=float(self.floor),
                           beta=float(self.pyramid) if self.pyramid is not None else 0.0, split=self.split)
             layers = rewrite_packed(sg, "snapkv", params, self.target_layers(sg))
@@ -138,5 +168,51 @@ class SnapKV(EvictionPass):
             "per_layer": {layer: {"budget": self.budget} for layer in layers},
             "counts": {"layers_evicted": len(layers)},
             "settings": {**self.values, **latent_settings(sg)},
+            **({"shares": shares} if shares is not None else {}),
         }
         return sg
+
+    def _run_scores(self, sg, params: dict):
+        """heads='scores': weights from the head set, one ``evict_adakv_shares`` per layer (``head_shares.py``)."""
+        info = sg.info
+        scores = resolve_scores(self.headset, info)
+        layers = sorted(self.target_layers(sg))
+        weights = share_weights([scores[layer][h] for layer in layers for h in range(info.num_kv_heads)],
+                                float(self.gamma), float(self.eps))
+        slots = {layer: i for i, layer in enumerate(layers)}
+        floor = max(self.window, int(round(self.floor * self.budget)))
+        params.update(weights=list(weights), floor=floor)
+        done = rewrite_packed(sg, "snapkv", params, set(layers), op=EVICT_ADAKV_SHARES, layer_args=False,
+                              site_values=lambda _sg, site: {"slot": slots[site.layer]})
+        return done, {"headset": self.headset, "gamma": float(self.gamma), "eps": float(self.eps), "floor_tokens": floor,
+                      "weights": {layer: list(weights[i * info.num_kv_heads:(i + 1) * info.num_kv_heads])
+                                  for i, layer in enumerate(layers)}}
+
+
+SCORE_ARGS = {"gamma": 1.0, "headset": "shipped", "eps": 0.01}
+
+
+def resolve_scores(headset: str, info) -> list:
+    """[L][Hk] retrieval scores of ``headset`` ('shipped' or a file), checked against the model's shape."""
+    from ..heads.headset import load_headset, shipped_headset  # lazy: graphwright.heads holds the profilers (app layer)
+    from .duo_select import HOW_TO_MAKE, model_name
+
+    if headset == "shipped":
+        name = model_name(info)
+        hs = (shipped_headset(name, "retrieval") or shipped_headset(name)) if name else None
+        if hs is None:
+            model = name or f"{info.architecture} ({info.num_layers} layers x {info.num_kv_heads} KV heads)"
+            raise RecipeError(f"snapkv(heads='scores'): no head set ships for {model}; "
+                              f"{HOW_TO_MAKE.replace('retrieval=', 'headset=')}")
+    else:
+        try:
+            hs = load_headset(headset)
+        except (FileNotFoundError, ValueError) as err:
+            raise RecipeError(f"snapkv: headset={headset!r}: {err} (headset is 'shipped' or a head-set file)") from None
+    try:
+        hs.check_model(info.num_layers, info.num_kv_heads)
+    except ValueError as err:
+        raise RecipeError(f"snapkv: headset={headset!r}: {err}") from None
+    if any(s < 0 for row in hs.scores for s in row):
+        raise RecipeError(f"snapkv: headset={headset!r} holds negative scores; heads='scores' needs scores >= 0")
+    return [list(row) for row in hs.scores]

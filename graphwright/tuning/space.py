@@ -24,6 +24,10 @@ budgets are searched per layer as at layer scope; ``recipe_for`` writes one pass
 (the argument keeps its default, so those spaces are unchanged). A pass with no argument
 declared at the asked scope is refused with the reason. Arguments declared at a coarser scope keep
 one value for the model.
+An argument declared ``Tunable(requires=(arg, value))`` is searched only when the template fixes ``arg``
+to ``value``: ``snapkv(heads="scores")`` searches the budget and the share exponent ``gamma`` (one value
+for the model: the shares already spread the budget over (layer, KV head) pairs), plain ``snapkv`` only
+the budget.
 Invariant (tested): every range lies inside the argument's declared ``min``/``max``, so every
 point of the space is a recipe ``compile()`` accepts, at every scope.
 """
@@ -155,6 +159,8 @@ def search_space(template, context: int, scope="model", num_layers: int | None =
         todo = {k: t for k, t in tunables(name).items() if k not in fixed}
         # a head "switch" (how a layer's budget is split over its KV heads) is searched at head scope only
         todo = {k: t for k, t in todo.items() if t.head_form != "switch" or scopes[name] == "head"}
+        # an argument that only means something under another argument's value (snapkv.gamma: heads="scores")
+        todo = {k: t for k, t in todo.items() if t.requires is None or fixed.get(t.requires[0]) == t.requires[1]}
         for arg_name, t in todo.items():
             if t.scope not in USER_SCOPES:
                 raise RecipeError(f"{name}.{arg_name}: tuning scope {t.scope!r} is not built yet; only {list(USER_SCOPES)} are")

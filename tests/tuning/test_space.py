@@ -15,11 +15,14 @@ DECLARED = {"lowrank_kv": {"keep"}, "snapkv": {"budget"}, "h2o": {"heavy", "rece
             "steer": {"alpha"}}
 # head-scope switches (searched at scope "head" only, so absent from the model-scope spaces below)
 SWITCHES = {"snapkv": {"heads"}, "h2o": {"heads"}}
+# searched only when the template sets another argument (Tunable(requires=...)): snapkv.gamma needs heads="scores"
+CONDITIONAL = {"snapkv": {"gamma": ("heads", "scores")}}
 
 
 def test_the_passes_declare_their_tunables():
     got = {name: set(tunables(name)) for name in PASS_REGISTRY if tunables(name)}
-    assert got == {name: args | SWITCHES.get(name, set()) for name, args in DECLARED.items()}
+    assert got == {name: args | SWITCHES.get(name, set()) | set(CONDITIONAL.get(name, {})) for name, args in DECLARED.items()}
+    assert {name: {a: t.requires for a, t in tunables(name).items() if t.requires} for name in CONDITIONAL} == CONDITIONAL
     assert {name: {a for a, t in tunables(name).items() if t.head_form == "switch"} for name in SWITCHES} == SWITCHES
 
 
