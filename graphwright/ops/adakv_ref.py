@@ -31,6 +31,7 @@ tokens where the official rule keeps 45 (``bench/kvpress_adakv_kept.py``, sessio
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -94,9 +95,23 @@ def kvpress_counts(scores: torch.Tensor, cand: torch.Tensor, c: int, floor: floa
     return [min(int(cand[h].sum()), int(forced[h].sum()) + extra[h]) for h in range(hk)]
 
 
-def adakv_keep(q, k, q_pos, k_pos, scale, budget_: int, window: int, kernel: int, pool: str, adaptive: bool,
-               floor: float, layer: int, num_layers: int, beta: float, split: str = "official") -> torch.Tensor:
-    """[B, Hk, S] bool keep set on the dense per-head layout at prefill (k [B, Hk, S, D], k_pos [B, Hk, S])."""
+class SnapWindow(NamedTuple):
+    """SnapKV's prefill scoring on the dense per-head layout, shared by every packed head-budget rule."""
+    valid: torch.Tensor  # [B, Hk, S] slot holds a token
+    n: torch.Tensor  # [B] prompt length of each row
+    w: int  # observation window (clamped to T)
+    start: torch.Tensor  # [B, 1, 1] first window position of each row
+    prefix: torch.Tensor  # [B, Hk, S] candidates: valid and before the window
+    pooled: torch.Tensor  # [B, Hk, S] pooled window attention over the prefix
+
+    def keep_row(self, b: int, k_pos: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """[Hk, S] bool: each head's top-``counts[h]`` prefix slots of row b, plus the row's window."""
+        chosen = topk_mask(self.pooled[b:b + 1], self.prefix[b:b + 1], counts[None])
+        return chosen[0] | (self.valid[b] & (k_pos[b] >= self.start[b]))
+
+
+def snap_window(q, k, q_pos, k_pos, scale, window: int, kernel: int, pool: str) -> SnapWindow:
+    """Score the prefix by the last ``window`` queries (fp32 colsum, GQA mean), pooled over positions."""
     T = q.shape[2]
     valid = k_pos >= 0
     n = (q_pos >= 0).sum(dim=1)
@@ -105,20 +120,26 @@ def adakv_keep(q, k, q_pos, k_pos, scale, budget_: int, window: int, kernel: int
     start = (n - w)[:, None, None]
     prefix = valid & (k_pos < start)
     pooled = pool1d(obs.masked_fill(~prefix, 0.0), kernel, pool)
-    keep = valid.clone()
+    return SnapWindow(valid, n, w, start, prefix, pooled)
+
+
+def adakv_keep(q, k, q_pos, k_pos, scale, budget_: int, window: int, kernel: int, pool: str, adaptive: bool,
+               floor: float, layer: int, num_layers: int, beta: float, split: str = "official") -> torch.Tensor:
+    """[B, Hk, S] bool keep set on the dense per-head layout at prefill (k [B, Hk, S, D], k_pos [B, Hk, S])."""
+    sw = snap_window(q, k, q_pos, k_pos, scale, window, kernel, pool)
+    keep = sw.valid.clone()
     for b in range(q.shape[0]):
-        nb = int(n[b])
+        nb = int(sw.n[b])
         if nb <= budget_:
             continue
-        c = pyramid_budget(budget_ - w, nb, w, layer, num_layers, beta)
+        c = pyramid_budget(budget_ - sw.w, nb, sw.w, layer, num_layers, beta)
         if adaptive and split == "kvpress":
-            counts = torch.tensor(kvpress_counts(pooled[b], prefix[b], c, floor, w), device=k.device)
+            counts = torch.tensor(kvpress_counts(sw.pooled[b], sw.prefix[b], c, floor, sw.w), device=k.device)
         elif adaptive:
-            counts = torch.tensor(adaptive_counts(pooled[b], prefix[b], c, floor), device=k.device)
+            counts = torch.tensor(adaptive_counts(sw.pooled[b], sw.prefix[b], c, floor), device=k.device)
         else:
             counts = torch.full((k.shape[1],), c, device=k.device)
-        chosen = topk_mask(pooled[b:b + 1], prefix[b:b + 1], counts[None])
-        keep[b] = chosen[0] | (valid[b] & (k_pos[b] >= start[b]))
+        keep[b] = sw.keep_row(b, k_pos, counts)
     return keep
 
 

@@ -2,7 +2,7 @@
 
 What ``snapkv(heads="scores")`` runs (``passes/snapkv.py``). Scoring is SnapKV's (arXiv 2404.14469): the last
 ``window`` prompt queries' fp32 softmax summed over the window, GQA mean, 1-D pooling over the prefix (the same
-``colsum``/``pool1d`` as ``adakv_ref.adakv_keep``). The budget differs: head h of this layer keeps b_h tokens, its
+``adakv_ref.snap_window`` as ``adakv_ref.adakv_keep``). The budget differs: head h of this layer keeps b_h tokens, its
 window included, where (b_h) over every evicted (layer, KV head) pair is ``head_shares.head_shares(weights,
 H * budget, n, floor)`` -- the model's total budget spread in proportion to the head-score weights, each head
 capped at the row's prompt length n and at least ``floor`` tokens. ``weights`` is the flat list over the evicted
@@ -19,36 +19,27 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .adakv_ref import compact_packed, unpack_prefill
+from .adakv_ref import compact_packed, snap_window, unpack_prefill
 from .eviction_policy import EVICT_OPS, REFERENCES
-from .eviction_ref import colsum, pool1d, topk_mask
 from .head_shares import head_shares
 
 
 def shares_keep(q, k, q_pos, k_pos, scale, budget_: int, window: int, kernel: int, pool: str, weights, slot: int,
                 floor: int) -> torch.Tensor:
     """[B, Hk, S] bool keep set on the dense per-head layout at prefill (k [B, Hk, S, D], k_pos [B, Hk, S])."""
-    T = q.shape[2]
     hk = k.shape[1]
     if len(weights) % hk or not 0 <= slot < len(weights) // hk:
         raise ValueError(f"evict_adakv_shares: {len(weights)} weights are not whole layers of {hk} KV heads holding "
                          f"slot {slot}")
-    valid = k_pos >= 0
-    n = (q_pos >= 0).sum(dim=1)
-    w = min(window, T)
-    obs = colsum(q, k, q_pos, k_pos, scale, None, rows=(T - w, T))
-    start = (n - w)[:, None, None]
-    prefix = valid & (k_pos < start)
-    pooled = pool1d(obs.masked_fill(~prefix, 0.0), kernel, pool)
-    keep = valid.clone()
+    sw = snap_window(q, k, q_pos, k_pos, scale, window, kernel, pool)
+    keep = sw.valid.clone()
     for b in range(q.shape[0]):
-        nb = int(n[b])
+        nb = int(sw.n[b])
         if nb <= budget_:
             continue
-        table = head_shares(tuple(float(x) for x in weights), len(weights) * budget_, nb, max(floor, w))
-        counts = torch.tensor([c - w for c in table[slot * hk:(slot + 1) * hk]], device=k.device)
-        chosen = topk_mask(pooled[b:b + 1], prefix[b:b + 1], counts[None])
-        keep[b] = chosen[0] | (valid[b] & (k_pos[b] >= start[b]))
+        table = head_shares(tuple(float(x) for x in weights), len(weights) * budget_, nb, max(floor, sw.w))
+        counts = torch.tensor([c - sw.w for c in table[slot * hk:(slot + 1) * hk]], device=k.device)
+        keep[b] = sw.keep_row(b, k_pos, counts)
     return keep
 
 
