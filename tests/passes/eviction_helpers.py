@@ -134,6 +134,19 @@ def state_of(cm, state, name):
     return state[[s.name for s in getattr(cm, "runtime_graph", cm.step_graph).state].index(name)]
 
 
+def kept_after_prefill(cm, ids, mask, layers, steps=4):
+    """(logits, {layer: kept positions}) of a ``steps``-step greedy ``decode_loop``, the kept sets read right after
+    the prefill from each layer's ``key_positions{layer}`` state."""
+    seen = {}
+
+    def grab(i, st):
+        if i == 0:
+            seen.update({layer: kept_positions(state_of(cm, st, f"key_positions{layer}")) for layer in layers})
+
+    logits, _, _ = decode_loop(cm, ids, mask, steps, on_step=grab)
+    return logits, seen
+
+
 def record_decode(m, lengths, steps, key_positions, also, seed=4):
     """(logits, tokens, kept sets per step [layer][row][head], ``also(m, state)`` per step): greedy ``decode_loop``
     of a left-padded random batch with real ``lengths``, recording after the prefill and every decode step the

@@ -20,18 +20,15 @@ from graphwright.passes.h2o import H2O
 from graphwright.passes.snapkv import SnapKV
 from graphwright.runtime.generate import state_bytes
 from tests.conftest import left_padded_batch
-from tests.passes.eviction_helpers import assert_exact_setting, decode_loop, kept_positions, probs_oracle, run_pass, state_of
-
-
-def _kept_after_prefill(cm, ids, mask, layers):
-    seen = {}
-
-    def grab(i, st):
-        if i == 0:
-            seen.update({layer: kept_positions(state_of(cm, st, f"key_positions{layer}")) for layer in layers})
-
-    logits, _, _ = decode_loop(cm, ids, mask, 4, on_step=grab)
-    return logits, seen
+from tests.passes.eviction_helpers import (
+    assert_exact_setting,
+    decode_loop,
+    kept_after_prefill,
+    kept_positions,
+    probs_oracle,
+    run_pass,
+    state_of,
+)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
@@ -49,8 +46,8 @@ def test_floor_one_and_beta_one_equal_snapkv(compiled_tiny, extra):
     layers = range(cm.step_graph.info.num_layers)
     ref = run_pass(cm, SnapKV(budget=8, window=3, kernel=3, pool="max"))
     got = run_pass(cm, SnapKV(budget=8, window=3, kernel=3, pool="max", **extra))
-    want_logits, want_sets = _kept_after_prefill(ref, ids, mask, layers)
-    got_logits, got_sets = _kept_after_prefill(got, ids, mask, layers)
+    want_logits, want_sets = kept_after_prefill(ref, ids, mask, layers)
+    got_logits, got_sets = kept_after_prefill(got, ids, mask, layers)
     assert got_sets == want_sets
     assert (got_logits - want_logits).abs().max() <= 1e-4
 
@@ -59,7 +56,7 @@ def test_adaptive_heads_are_ragged_and_keep_the_layer_total(compiled_tiny):
     cm = compiled_tiny("tiny-llama")
     ids, mask = left_padded_batch(256, [40, 30], seed=3)
     ev = run_pass(cm, SnapKV(budget=10, window=2, heads="adaptive", floor=0.0))
-    _, sets = _kept_after_prefill(ev, ids, mask, range(cm.step_graph.info.num_layers))
+    _, sets = kept_after_prefill(ev, ids, mask, range(cm.step_graph.info.num_layers))
     hk = cm.step_graph.info.num_kv_heads
     counts = [[len(h) for h in row] for layer in sets.values() for row in layer]
     # floor 0: sum over heads = Hk * budget exactly (each head keeps its share plus the window)

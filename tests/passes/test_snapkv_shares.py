@@ -17,7 +17,7 @@ from graphwright.passes.snapkv import SnapKV
 from graphwright.runtime.generate import state_bytes
 from graphwright.tuning.space import recipe_for, search_space
 from tests.conftest import left_padded_batch
-from tests.passes.eviction_helpers import assert_exact_setting, decode_loop, kept_positions, run_pass, state_of
+from tests.passes.eviction_helpers import assert_exact_setting, decode_loop, kept_after_prefill, run_pass, state_of
 
 
 def _headset(cm, tmp_path, seed=0):
@@ -27,18 +27,6 @@ def _headset(cm, tmp_path, seed=0):
     s[s < 0.4] = 0.0  # like the shipped retrieval scores: most heads score 0
     hs = HeadSet(model="tiny", method="retrieval", scores=tuple(tuple(float(x) for x in r) for r in s), retrieval=frozenset())
     return str(hs.save(tmp_path / "heads.json")), s
-
-
-def _kept(cm, ids, mask):
-    seen = {}
-    layers = range(cm.step_graph.info.num_layers)
-
-    def grab(i, st):
-        if i == 0:
-            seen.update({layer: kept_positions(state_of(cm, st, f"key_positions{layer}")) for layer in layers})
-
-    logits, _, _ = decode_loop(cm, ids, mask, 4, on_step=grab)
-    return logits, seen
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
@@ -54,8 +42,8 @@ def test_gamma_zero_equals_uniform_snapkv(compiled_tiny, tmp_path):
     ids, mask = left_padded_batch(256, [20, 9], seed=2)
     ref = run_pass(cm, SnapKV(budget=8, window=3, kernel=3, pool="max"))
     got = run_pass(cm, SnapKV(budget=8, window=3, kernel=3, pool="max", heads="scores", gamma=0.0, headset=path))
-    want_logits, want_sets = _kept(ref, ids, mask)
-    got_logits, got_sets = _kept(got, ids, mask)
+    want_logits, want_sets = kept_after_prefill(ref, ids, mask, range(ref.step_graph.info.num_layers))
+    got_logits, got_sets = kept_after_prefill(got, ids, mask, range(got.step_graph.info.num_layers))
     assert got_sets == want_sets
     assert (got_logits - want_logits).abs().max() <= 1e-4
 
@@ -67,7 +55,7 @@ def test_kept_counts_are_the_share_table_and_bytes_are_real(compiled_tiny, tmp_p
     budget, window, n = 10, 2, 40
     ids, mask = left_padded_batch(256, [n, 30], seed=3)
     ev = run_pass(cm, SnapKV(budget=budget, window=window, heads="scores", gamma=2.0, headset=path, floor=0.0))
-    _, sets = _kept(ev, ids, mask)
+    _, sets = kept_after_prefill(ev, ids, mask, range(ev.step_graph.info.num_layers))
     weights = share_weights(s.flatten().tolist(), 2.0, 0.01)
     hk = info.num_kv_heads
     for row, length in enumerate([n, 30]):
