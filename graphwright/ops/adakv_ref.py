@@ -109,6 +109,16 @@ class SnapWindow(NamedTuple):
         chosen = topk_mask(self.pooled[b:b + 1], self.prefix[b:b + 1], counts[None])
         return chosen[0] | (self.valid[b] & (k_pos[b] >= self.start[b]))
 
+    def keep(self, budget_: int, k_pos: torch.Tensor, counts_of) -> torch.Tensor:
+        """[B, Hk, S] bool: rows with at most ``budget_`` prompt tokens keep everything; any other row b keeps
+        ``keep_row(b, k_pos, counts_of(b, n_b))``."""
+        keep = self.valid.clone()
+        for b in range(keep.shape[0]):
+            nb = int(self.n[b])
+            if nb > budget_:
+                keep[b] = self.keep_row(b, k_pos, counts_of(b, nb))
+        return keep
+
 
 def snap_window(q, k, q_pos, k_pos, scale, window: int, kernel: int, pool: str) -> SnapWindow:
     """Score the prefix by the last ``window`` queries (fp32 colsum, GQA mean), pooled over positions."""
@@ -127,20 +137,23 @@ def adakv_keep(q, k, q_pos, k_pos, scale, budget_: int, window: int, kernel: int
                floor: float, layer: int, num_layers: int, beta: float, split: str = "official") -> torch.Tensor:
     """[B, Hk, S] bool keep set on the dense per-head layout at prefill (k [B, Hk, S, D], k_pos [B, Hk, S])."""
     sw = snap_window(q, k, q_pos, k_pos, scale, window, kernel, pool)
-    keep = sw.valid.clone()
-    for b in range(q.shape[0]):
-        nb = int(sw.n[b])
-        if nb <= budget_:
-            continue
+
+    def counts_of(b, nb):
         c = pyramid_budget(budget_ - sw.w, nb, sw.w, layer, num_layers, beta)
         if adaptive and split == "kvpress":
-            counts = torch.tensor(kvpress_counts(sw.pooled[b], sw.prefix[b], c, floor, sw.w), device=k.device)
-        elif adaptive:
-            counts = torch.tensor(adaptive_counts(sw.pooled[b], sw.prefix[b], c, floor), device=k.device)
-        else:
-            counts = torch.full((k.shape[1],), c, device=k.device)
-        keep[b] = sw.keep_row(b, k_pos, counts)
-    return keep
+            return torch.tensor(kvpress_counts(sw.pooled[b], sw.prefix[b], c, floor, sw.w), device=k.device)
+        if adaptive:
+            return torch.tensor(adaptive_counts(sw.pooled[b], sw.prefix[b], c, floor), device=k.device)
+        return torch.full((k.shape[1],), c, device=k.device)
+
+    return sw.keep(budget_, k_pos, counts_of)
+
+
+def packed_fake(k, v, k_pos):
+    """Fake (meta) outputs of a packed-cache eviction op: k, v [B, 1, n, D] and k_pos [B, Hk, n], n data-dependent."""
+    n = torch.library.get_ctx().new_dynamic_size()
+    B = k.shape[0]
+    return k.new_empty(B, 1, n, k.shape[-1]), v.new_empty(B, 1, n, v.shape[-1]), k_pos.new_empty(B, k_pos.shape[1], n)
 
 
 def compact_packed(keep_flat, k, v, k_pos, extras=()):

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .adakv_critical import critical_adaptive_keep
-from .adakv_ref import adaptive_counts, compact_packed, unpack_prefill
+from .adakv_ref import adaptive_counts, compact_packed, packed_fake, unpack_prefill
 from .eviction_policy import EVICT_OPS, REFERENCES
 from .eviction_ref import budget as row_budget
 from .eviction_ref import row_length, topk_mask
@@ -116,9 +116,7 @@ def evict_adakv_scored(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Te
 @evict_adakv_scored.register_fake
 def _(q, k, v, q_pos, k_pos, inv_freq, scale, scorer, budget_n, budget_f, floor, sinks, window, kernel, smooth, pool,
       chunk, chunk_heads, n_future, eps, rope_scaling, layer, num_layers, wo, first):
-    n = torch.library.get_ctx().new_dynamic_size()
-    B = k.shape[0]
-    return k.new_empty(B, 1, n, k.shape[-1]), v.new_empty(B, 1, n, v.shape[-1]), k_pos.new_empty(B, k_pos.shape[1], n)
+    return packed_fake(k, v, k_pos)
 
 
 EVICT_ADAKV_SCORED = torch.ops.graphwright.evict_adakv_scored.default

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .adakv_ref import compact_packed, snap_window, unpack_prefill
+from .adakv_ref import compact_packed, packed_fake, snap_window, unpack_prefill
 from .eviction_policy import EVICT_OPS, REFERENCES
 from .head_shares import head_shares
 
@@ -32,15 +32,13 @@ def shares_keep(q, k, q_pos, k_pos, scale, budget_: int, window: int, kernel: in
         raise ValueError(f"evict_adakv_shares: {len(weights)} weights are not whole layers of {hk} KV heads holding "
                          f"slot {slot}")
     sw = snap_window(q, k, q_pos, k_pos, scale, window, kernel, pool)
-    keep = sw.valid.clone()
-    for b in range(q.shape[0]):
-        nb = int(sw.n[b])
-        if nb <= budget_:
-            continue
-        table = head_shares(tuple(float(x) for x in weights), len(weights) * budget_, nb, max(floor, sw.w))
-        counts = torch.tensor([c - sw.w for c in table[slot * hk:(slot + 1) * hk]], device=k.device)
-        keep[b] = sw.keep_row(b, k_pos, counts)
-    return keep
+    weights_t = tuple(float(x) for x in weights)
+
+    def counts_of(b, nb):
+        table = head_shares(weights_t, len(weights) * budget_, nb, max(floor, sw.w))
+        return torch.tensor([c - sw.w for c in table[slot * hk:(slot + 1) * hk]], device=k.device)
+
+    return sw.keep(budget_, k_pos, counts_of)
 
 
 def adakv_shares_reference(q, k, v, q_pos, k_pos, scale, budget_, window, kernel, pool, weights, slot, floor):
@@ -66,9 +64,7 @@ def evict_adakv_shares(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Te
 
 @evict_adakv_shares.register_fake
 def _(q, k, v, q_pos, k_pos, scale, budget, window, kernel, pool, weights, slot, floor):
-    n = torch.library.get_ctx().new_dynamic_size()
-    B = k.shape[0]
-    return k.new_empty(B, 1, n, k.shape[-1]), v.new_empty(B, 1, n, v.shape[-1]), k_pos.new_empty(B, k_pos.shape[1], n)
+    return packed_fake(k, v, k_pos)
 
 
 EVICT_ADAKV_SHARES = torch.ops.graphwright.evict_adakv_shares.default

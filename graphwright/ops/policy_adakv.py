@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .adakv_ref import adakv_reference, pack_heads_reference, packed_positions_reference
+from .adakv_ref import adakv_reference, pack_heads_reference, packed_fake, packed_positions_reference
 from .eviction_policy import EVICT_OPS, REFERENCES
 
 
@@ -33,9 +33,7 @@ def evict_adakv(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, s
 
 @evict_adakv.register_fake
 def _(q, k, v, q_pos, k_pos, scale, budget, window, kernel, pool, adaptive, floor, layer, num_layers, beta, split):
-    n = torch.library.get_ctx().new_dynamic_size()
-    B = k.shape[0]
-    return k.new_empty(B, 1, n, k.shape[-1]), v.new_empty(B, 1, n, v.shape[-1]), k_pos.new_empty(B, k_pos.shape[1], n)
+    return packed_fake(k, v, k_pos)
 
 
 @torch.library.custom_op("graphwright::pack_heads", mutates_args=())
