@@ -1,6 +1,6 @@
 """GPU benchmark of the Triton fused-MoE kernels vs the HF MoE block and the torch fused path.
 
-Usage (needs a CUDA GPU): python bench/bench_triton_moe.py [--model smollm2-135m-moe] [--tokens 512 8 1]
+Usage (needs a CUDA GPU): python bench/bench_triton_moe.py [--model smollm2-135m-moe|synthetic] [--tokens 512 8 1]
     [--json out.json]
 
 bf16, one process, ``triton.testing.do_bench`` medians, ratios relative to the HF block with
@@ -71,7 +71,8 @@ def layer_rows(name, n, d, args, block=None, model=None, peak_gbps=3350.0):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="smollm2-135m-moe")
+    p.add_argument("--model", default="smollm2-135m-moe",
+                   help="a built-in MoE model, or 'synthetic': smollm2-135m-moe's shapes with random weights")
     p.add_argument("--tokens", type=int, nargs="+", default=[512, 8, 1])
     p.add_argument("--peak-gbps", type=float, default=3350.0)
     p.add_argument("--json", default=None)
@@ -81,7 +82,18 @@ def main(argv=None):
                  "(CPU correctness: pytest tests/triton; CPU speed of the torch path: bench/bench_fuse_moe.py).")
     import graphwright as gw
 
-    model, _ = gw.load_model(a.model, dtype=torch.bfloat16)
+    if a.model == "synthetic":  # smollm2-135m-moe's block shapes without its GGUF weights (a GPU machine has none)
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from graphwright.models.upcycle import upcycle_to_mixtral
+
+        torch.manual_seed(0)
+        dense = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=576, intermediate_size=1536,
+                                             num_hidden_layers=1, num_attention_heads=9, num_key_value_heads=3,
+                                             head_dim=64))
+        model = upcycle_to_mixtral(dense).to(torch.bfloat16)
+    else:
+        model, _ = gw.load_model(a.model, dtype=torch.bfloat16)
     model = model.cuda().eval()
     block = model.model.layers[0].mlp
     args = (block.gate.weight, None, block.experts.gate_up_proj, block.experts.down_proj, "mixtral",

@@ -41,6 +41,7 @@ def generate_all(model: str, recipe: str):
 
 
 @pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.interpreter_only
 def test_backends_give_the_same_tokens(case):
     model, recipe = CASES[case]
     cm, tokens = generate_all(model, recipe)

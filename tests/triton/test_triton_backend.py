@@ -30,6 +30,7 @@ def _targets(cm) -> set:
     ("lowrank_kv(keep=0.5, value_path='reconstruct')", None),
     ("block_sparse(block=4, top_k=2, dense_layers=[])", None),
 ])
+@pytest.mark.interpreter_only
 def test_greedy_tokens_match_torch_backend(tiny, recipe, emphasis):
     ref, cm = _pair(tiny, "tiny-llama", recipe)
     kernel = {"lowrank_kv": latent_attention_triton, "block_sparse": block_sparse_triton}.get(recipe.split("(")[0],
@@ -44,11 +45,13 @@ def test_greedy_tokens_match_torch_backend(tiny, recipe, emphasis):
         assert not torch.allclose(ref.logits(ids, mask, emphasis=rows), ref.logits(ids, mask))
 
 
+@pytest.mark.interpreter_only
 def test_unknown_backend_names_the_choices(tiny):
     with pytest.raises(ValueError, match="triton"):
         gw.compile(tiny("tiny-llama"), backend="cuda")
 
 
+@pytest.mark.interpreter_only
 def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     from graphwright.codegen.triton import attention_triton as wrapper
 
