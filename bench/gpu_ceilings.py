@@ -13,8 +13,8 @@ import torch
 def main() -> int:
     if not torch.cuda.is_available():
         sys.exit("gpu_ceilings: no CUDA GPU here")
-    import triton
     import transformers
+    import triton
     from triton.testing import do_bench
 
     print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__,
