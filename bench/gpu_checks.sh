@@ -13,6 +13,13 @@
 #   attention Triton attention kernels vs SDPA flash and FlexAttention   -> $OUT/attention.json
 #   moe       Triton MoE kernels vs HF eager/grouped_mm and the torch path -> $OUT/moe.json
 #   compiled  backend="compiled" (torch.compile, CUDA graphs) vs HF and the torch backend
+#
+# graphwright needs transformers >= 5.20. Where the GPU machine's image has an older one and no
+# package index, bring wheels (pure Python, ~21 MB) and install them first:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d .whl \
+#       transformers==5.25.0 huggingface_hub==2.4.0 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 \
+#       click==8.5.1 hf-xet==1.8.0
+#   (there) pip install --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 set -u
 OUT=${OUT:-bench/results/gpu/latest}
 mkdir -p "$OUT"
