@@ -4,6 +4,7 @@ rules still fire, other op types skipped without running the matcher."""
 from __future__ import annotations
 
 import hashlib
+import json
 
 import onnx
 import onnx_ir as ir
@@ -31,6 +32,8 @@ def test_same_bytes_with_and_without_filter(tmp_path, monkeypatch, model, recipe
         monkeypatch.setattr(rule_filter, "ENABLED", on)
         folder = gw.export_onnx(cm, tmp_path / str(on), verify=on)
         out[on] = _digests(folder)
+        notes = json.loads((folder / "graphwright.json").read_text())["export"]["notes"]
+        assert notes["rule_filter"] == ("on" if on else "off")  # the route is recorded in the artifact
     assert "model.onnx" in out[True] and (recipe == "" or "decode.onnx" in out[True])
     assert out[False] == out[True]
 
@@ -79,3 +82,39 @@ def test_off_switch_and_unfilterable_rules_kept(monkeypatch):
     assert rule_filter.root_op_type(object()) is None
     model = _double_transpose()
     onnx.checker.check_model(ir.serde.serialize_model(model))
+
+
+class _Program:  # what ``optimize`` reads of a ``torch.onnx.ONNXProgram``
+    def __init__(self, model):
+        self.model = model
+
+
+@pytest.mark.slow
+def test_smollm2_step_graph_optimized_to_the_same_bytes(tmp_path, monkeypatch):
+    """SmolLM2-135M identity (30 layers, ~4,300 nodes before optimizing): the model ``optimize`` receives during a
+    real export, optimized with and without the filter, serializes to the same bytes; the filtered route is the
+    one the export took (its artifact loads in ONNX Runtime)."""
+    from graphwright.codegen.onnx import decode_process
+    from graphwright.codegen.onnx import export as export_mod
+    from graphwright.codegen.onnx.optimize import optimize
+
+    kept, original = [], export_mod.optimize
+
+    def keep(program):
+        kept.append(ir.serde.serialize_model(program.model))
+        return original(program)
+
+    monkeypatch.setattr(export_mod, "optimize", keep)
+    monkeypatch.setattr(decode_process, "ENABLED", False)
+    cm = gw.compile("smollm2-135m", verify=False)
+    gw.export_onnx(cm, tmp_path / "a", verify=False)
+    assert len(kept) == 1 and len(kept[0].graph.node) > 3000
+    out = {}
+    for on in (False, True):
+        monkeypatch.setattr(rule_filter, "ENABLED", on)
+        program = _Program(ir.serde.deserialize_model(kept[0]))
+        optimize(program)
+        out[on] = ir.serde.serialize_model(program.model).SerializeToString()
+    assert out[False] == out[True]
+    exported = onnx.load(str(tmp_path / "a" / "model.onnx"), load_external_data=False)
+    assert [n.op_type for n in exported.graph.node] == [n.op_type for n in onnx.load_from_string(out[True]).graph.node]

@@ -77,7 +77,10 @@ def optimize(program) -> dict:
     )
     pipeline(model)
     fused = onnx_fusions.fuse(model)
-    return {"optimizer": "onnxscript", "skipped_rules": sorted(SKIPPED_RULES), "fusions": dict(fused), **_fuse_siblings(model)}
+    from . import rule_filter
+
+    return {"optimizer": "onnxscript", "skipped_rules": sorted(SKIPPED_RULES), "rule_filter": rule_filter.ENABLED,
+            "fusions": dict(fused), **_fuse_siblings(model)}
 
 
 def _fuse_siblings(model) -> dict:
