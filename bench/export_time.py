@@ -1,7 +1,7 @@
 """Seconds per ``export_onnx`` phase for the recipes of issue 17 item 5, from ``graphwright.json["export"]``.
 
 Usage: python bench/export_time.py [--model smollm2-135m] [--recipe NAME_OR_RECIPE ...] [--context 1024]
-       [--no-verify] [--ab N] [--swap-ab N] [--child-ab N] [--meta-ab N] [--threads-ab N] [--out results/export_time.json]
+       [--no-verify] [--ab N] [--swap-ab N] [--child-ab N] [--meta-ab N] [--threads-ab N] [--filter-ab N] [--out results/export_time.json]
 
 Recipes: the names of ``bench/bench_decode.py`` (identity, demo, h2o25, streaming25, snapkv25, lowrank50, duo;
 budgets for a ``--context``-token prompt, default 1024: e.g. h2o25 = ``h2o(heavy=128, recent=128)``) or any
@@ -32,6 +32,11 @@ machine with two cores the wall time follows the larger of the two chains, not t
 ``--threads-ab N``: the same for ``reference_threads.ENABLED`` (the verification's torch reference with torch's
 default threads vs one intra-op thread per small step, ``codegen/onnx/reference_threads.py``), for every recipe:
 compare the ``verify_probe`` / ``verify_reference`` rows (needs verification on).
+
+``--filter-ab N``: the same for ``rule_filter.ENABLED`` (onnxscript's rewrite rules tried on every node vs only on
+nodes of their root op type, ``codegen/onnx/rule_filter.py``; same bytes either way), for every recipe, with
+``decode_process`` off so that a second graph's optimizer runs in this process under the same switch: compare the
+``onnx_optimize`` / ``decode_onnx_optimize`` rows.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from pathlib import Path
 
 import graphwright as gw
 from graphwright.bench.load import MachineLoad
-from graphwright.codegen.onnx import decode_process, decode_swap, reference_threads, slot_functions, trace_meta
+from graphwright.codegen.onnx import decode_process, decode_swap, reference_threads, rule_filter, slot_functions, trace_meta
 from graphwright.codegen.onnx.phases import timings_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -76,23 +81,24 @@ def table(rows: dict, key: str, total: str) -> str:
 
 # the export_once argument each --*-ab switch sets
 AB_ARGS = {"slot_functions": "enabled", "decode_swap": "swap", "decode_process": "child", "trace_meta": "meta",
-           "reference_threads": "threads"}
+           "reference_threads": "threads", "rule_filter": "rfilter"}
 
 
 def export_once(cm, folder: Path, verify: bool, enabled: bool = True, swap: bool = True, child=None,
-                meta: bool = True, threads: bool = True) -> dict:
+                meta: bool = True, threads: bool = True, rfilter: bool = True) -> dict:
     """One export; its phase record plus the machine's state meanwhile (``MachineLoad``: the CPU share other
     processes used, so a reader knows whether the wall seconds mean anything). ``child``: ``decode_process.ENABLED``
     for this export (None: its default)."""
     default = decode_process.ENABLED
     slot_functions.ENABLED, decode_swap.ENABLED, trace_meta.ENABLED = enabled, swap, meta
-    reference_threads.ENABLED = threads
+    reference_threads.ENABLED, rule_filter.ENABLED = threads, rfilter
     decode_process.ENABLED = default if child is None else child
     try:
         with MachineLoad() as load:
             gw.export_onnx(cm, folder, verify=verify, overwrite=True)
     finally:
         slot_functions.ENABLED = decode_swap.ENABLED = trace_meta.ENABLED = reference_threads.ENABLED = True
+        rule_filter.ENABLED = True
         decode_process.ENABLED = default
     meta = json.loads((folder / "graphwright.json").read_text())
     return {**meta["export"], "graphs": sorted(p.name for p in folder.glob("*.onnx")), "machine": load.as_dict(),
@@ -107,7 +113,7 @@ def _split_cpu(rec: dict) -> str:
 
 def _ab_name(r: dict) -> str:
     return ("slots" if "slot_functions" in r else "swap" if "decode_swap" in r else "child" if "decode_process" in r
-            else "no-tensor_meta" if "trace_meta" in r else "ref-1-thread")
+            else "no-tensor_meta" if "trace_meta" in r else "ref-1-thread" if "reference_threads" in r else "rule-filter")
 
 
 def main(argv=None) -> int:
@@ -121,6 +127,7 @@ def main(argv=None) -> int:
     p.add_argument("--child-ab", type=int, default=0, help="rounds of decode_process off/on for the recipes it applies to")
     p.add_argument("--meta-ab", type=int, default=0, help="rounds of trace_meta off/on, every recipe")
     p.add_argument("--threads-ab", type=int, default=0, help="rounds of reference_threads off/on, every recipe")
+    p.add_argument("--filter-ab", type=int, default=0, help="rounds of rule_filter off/on, every recipe (no child)")
     p.add_argument("--out", default="results/export_time.json")
     args = p.parse_args(argv)
     load0 = os.getloadavg()[0]
@@ -152,11 +159,12 @@ def main(argv=None) -> int:
                     "decode_swap": args.swap_ab if "decode_swap" in rows[recipe]["phases"] else 0,
                     "decode_process": args.child_ab if "decode.onnx exported by a child"
                     in str(rows[recipe]["notes"].get("decode_process")) else 0, "trace_meta": args.meta_ab,
-                    "reference_threads": args.threads_ab}
+                    "reference_threads": args.threads_ab, "rule_filter": args.filter_ab}
             for switch, rounds in ab_rounds.items():  # each A/B: the switch off then on, ``rounds`` times, in this process
                 for r in range(rounds):
                     for on in (False, True):
-                        rec = export_once(cm, folder, not args.no_verify, **{AB_ARGS[switch]: on})
+                        extra = {"child": False} if switch == "rule_filter" else {}  # the child keeps its own default
+                        rec = export_once(cm, folder, not args.no_verify, **{AB_ARGS[switch]: on}, **extra)
                         ab.setdefault(recipe, []).append({switch: on, "round": r, **rec})
                         print(f"  A/B round {r} {switch}={'on' if on else 'off'}: {rec['total_cpu_s']:.1f} CPU s"
                               f"{_split_cpu(rec) if switch == 'decode_process' else ''} ({rec['total_s']:.1f} s wall)", flush=True)

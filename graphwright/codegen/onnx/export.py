@@ -295,7 +295,9 @@ def _export_graph(gm, graph: tuple, path: Path, opset: int, external_data: bool,
                 raise GraphwrightError(f"ONNX translation failed: {type(exc).__name__}: {str(exc).strip()[:500]}") from exc
             phases.note(tag + "decompositions", f"full exporter path (shortcuts failed: {type(first).__name__})")
     with phases(tag + "onnx_optimize"):
-        optimize(program)  # optimize.py: the exporter's pipeline minus its one quadratic rewrite rule
+        ran = optimize(program)  # optimize.py: the exporter's pipeline minus its one quadratic rewrite rule
+    if "rule_filter" in ran:  # rule_filter.py: the rewrite rules guarded by their root op type (same bytes)
+        phases.note(tag + "rule_filter", "on" if ran["rule_filter"] else "off")
     if before_save is not None:
         with phases(tag + "wait_model"):
             share_with = before_save()

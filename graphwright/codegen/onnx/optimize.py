@@ -11,6 +11,9 @@ invisible. ONNX Runtime runs Slice and Split alike, so ``optimize`` runs the sam
 without that rule. When onnxscript's internals it relies on are missing (another version),
 it falls back to the exporter's own ``ONNXProgram.optimize()``: slower, never wrong.
 
+Each rule is tried only on nodes of its pattern's root op type (``rule_filter.py``: exact, the rule-by-node
+attempts were ~60% of this step on SmolLM2-135M).
+
 After the exporter's fusions, ``fuse_matmul.fuse_sibling_matmuls`` merges the MatMuls that share an
 activation (q/k/v, gate/up) into one MatMul and a Split when ``FUSE_SIBLINGS`` is on (off by default; exact, see that module).
 """
@@ -32,7 +35,9 @@ def default_rules():
     rules = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)
     if rules is None:
         return None
-    return [r for r in rules if getattr(r, "name", None) not in SKIPPED_RULES]
+    from .rule_filter import filtered  # rule_filter.py: each rule tried only on nodes of its root op type (exact)
+
+    return filtered([r for r in rules if getattr(r, "name", None) not in SKIPPED_RULES])
 
 
 def optimize(program) -> dict:
@@ -72,7 +77,10 @@ def optimize(program) -> dict:
     )
     pipeline(model)
     fused = onnx_fusions.fuse(model)
-    return {"optimizer": "onnxscript", "skipped_rules": sorted(SKIPPED_RULES), "fusions": dict(fused), **_fuse_siblings(model)}
+    from . import rule_filter
+
+    return {"optimizer": "onnxscript", "skipped_rules": sorted(SKIPPED_RULES), "rule_filter": rule_filter.ENABLED,
+            "fusions": dict(fused), **_fuse_siblings(model)}
 
 
 def _fuse_siblings(model) -> dict:
