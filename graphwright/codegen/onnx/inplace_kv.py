@@ -45,6 +45,9 @@ from pathlib import Path
 import torch
 
 ENABLED = True  # False: dense ONNX steps append with the exported Concat graph (a copy per step)
+# The decode graph's growing states (``rewrite_decode``: DuoAttention's retrieval heads and the shared key positions,
+# next to its fixed-capacity streaming caches) appended in place too (session 13). False: decode.onnx as exported.
+DECODE = True
 BUCKET = 64  # capacity granularity in slots (module docstring: why not doubling)
 WRITE_INDEX = "kv_write_index"
 _MASK_OPS = {"Unsqueeze", "Reshape", "Cast", "LessOrEqual", "GreaterOrEqual", "Less", "Greater", "Equal", "And", "Or",
@@ -113,6 +116,19 @@ def rewrite(model_path, state_names: list, state_kinds: list, seq_dims: list):
     g.node.extend(nodes + body)
     g.input.append(helper.make_tensor_value_info(WRITE_INDEX, TensorProto.INT64, [1]))
     return m, None
+
+
+def rewrite_decode(decode_path, state_names: list, state_kinds: list, seq_dims: list, capacity: dict):
+    """``(ModelProto, [state indices], None)``: ``rewrite`` of a decode graph (``decode.onnx``) for the states it
+    appends (those without a slot capacity: they grow by one row per step, DuoAttention's retrieval caches and key
+    positions), the capacity states (evicting layers, written into their slots by the graph) left as they are; or
+    ``(None, None, reason)``. The same eligibility as a dense graph's, checked on the appended states only."""
+    idx = [i for i, n in enumerate(state_names) if n not in capacity]
+    if not idx:
+        return None, None, "every state of the decode graph has a slot capacity (nothing appended)"
+    m, why = rewrite(decode_path, [state_names[i] for i in idx], [state_kinds[i] for i in idx],
+                     [seq_dims[i] for i in idx])
+    return (m, idx, None) if m is not None else (None, None, why)
 
 
 def _appends(g, state_names: list, state_kinds: list, seq_dims: list):
