@@ -39,10 +39,16 @@ of keys eviction saves (``bench/profile_onnx_decode.py``: 2431 nodes run per H2O
   [B, 1, 1, S + 1] mask, no Reshapes folding Hk into the batch) come from the first such layer's positions and are
   read by all; each layer keeps ``sink_keys_at`` (gather, [sinks, D] x [D, D] MatMul, scatter) and ``rows_at``
   (three ScatterElements). SmolLM2-135M, prompt 256: 1,657 -> 1,016 nodes run per decode step (dense 805).
-  duo's streaming heads are not rewritten here: its ``decode.onnx`` is derived from ``model.onnx``
-  (``decode_swap.py``), not traced from this graph.
-  Latent StreamingLLM layers (``decode_latent.streaming_latent_decode``) are not rewritten. Any other
-  StreamingLLM layer with ``window >= 1``:
+  Latent StreamingLLM layers (``decode_latent.streaming_latent_decode``) are not rewritten;
+* a StreamingLLM eviction with ``window >= 1`` whose attention is the plain op over its concatenations (keys at
+  their own positions, no shift: DuoAttention's streaming heads; duo's ``decode.onnx`` is traced from this graph, not
+  swapped, ``decode_swap.swappable`` needs every function to be a partner): with ``DUO_ROWS`` (the default; session
+  13) it becomes ``rows_at`` on the step's ``slot_index``, made once per (sinks, window, streaming head count, head
+  dim) from the first such layer's positions, and its attention reads the step's ``key_positions`` [B, S + 1], made
+  once per (sinks, window): duo's streaming heads keep the same positions in every head and layer (sinks + window of
+  the same tokens since the prompt step; a layer's count of streaming heads only changes the index's head dim), so
+  ONNX's ``Attention`` runs their GQA with one [B, 1, 1, S + 1] mask as on the retrieval heads. Any other
+  StreamingLLM layer with ``window >= 1`` (or ``DUO_ROWS`` off):
   ``streaming_rows`` (the slot write alone; the attention keeps reading the concatenation);
 * any other attention over per-KV-head slots (a per-head positions concatenation along the slot dim;
   no native window or sinks: SnapKV): ``slot_attention``, the same decomposed attention with the T = 1
@@ -86,7 +92,9 @@ share their positions ``slot_index`` + ``rows_at`` = ``streaming_rows`` and ``si
 ``sink_keys`` bit for bit, the attention over ``key_positions`` = the per-head one (1e-6); ``SHARED_ROWS`` on and off
 export artifacts with the reference's kept sets and tokens over 120 steps (``test_onnx_streaming_shift.py``); the
 rewrite leaves no H2O attention node in a tiny Llama's decode graph and its eager run equals the unrewritten graph
-(StreamingLLM: with and without ``SHARED_ROWS``, every head and layer holding one position row); the artifact tests
+(StreamingLLM: with and without ``SHARED_ROWS``, every head and layer holding one position row); duo's decode graph
+with and without ``DUO_ROWS`` equals the unrewritten one eagerly and its artifacts keep the torch runtime's kept
+sets, tokens and logits over 120 steps (``test_duo_decode_onnx.py``); the artifact tests
 (``test_onnx_eviction_slots.py``, ``test_onnx_streaming_shift.py``) keep the torch backend's sets.
 """
 

@@ -36,6 +36,18 @@ attention over more masked slots, which is not bit-identical (the softmax sums o
 ~1e-6 differences in the next layer's K/V on tiny Llama); tested against the Concat route and the torch runtime
 (``tests/onnx/test_inplace_kv.py``: tiny Llama, batch 2 left-padded, growth across bucket boundaries,
 48 decode steps, logits within 1e-5 and equal greedy tokens; storage bytes).
+
+Decode graphs (``rewrite_decode``, switch ``DECODE``; session 13): an evicting recipe's ``decode.onnx`` holds two
+kinds of state: capacity states (``graphwright.json["decode"]["capacity"]``: an evicting layer's slots, written in
+place of a leaving token by the graph, fixed shape) and states it still appends by Concat (DuoAttention's retrieval
+heads' K/V and the shared key positions, which grow by one row per step: at a 256 prompt on SmolLM2-135M, 49 Concats
+copying the whole retrieval cache every step). ``rewrite_decode`` applies ``rewrite`` to the appended states only,
+under the same eligibility; ``OnnxStep`` holds those in ``Buffers`` (the first decode step copies the prompt step's
+tensors into buffers once, later steps write their row in place) and binds the capacity states as before. The prompt
+graph (``model.onnx``, which evicts in the graph) is unchanged. Tested (``tests/onnx/test_duo_decode_onnx.py``):
+duo on tiny Llama, batch 2 left-padded, 120 decode steps with evictions at every step: the torch runtime's kept
+positions per (row, head), tokens and logits (1e-4), with ``DECODE`` on and off; buffers reused between bucket
+boundaries.
 """
 
 from __future__ import annotations
