@@ -40,7 +40,7 @@ attention over more masked slots, which is not bit-identical (the softmax sums o
 Decode graphs (``rewrite_decode``, switch ``DECODE``; session 13): an evicting recipe's ``decode.onnx`` holds two
 kinds of state: capacity states (``graphwright.json["decode"]["capacity"]``: an evicting layer's slots, written in
 place of a leaving token by the graph, fixed shape) and states it still appends by Concat (DuoAttention's retrieval
-heads' K/V and the shared key positions, which grow by one row per step: at a 256 prompt on SmolLM2-135M, 49 Concats
+heads' K/V and the shared key positions, which grow by one row per step: SmolLM2-135M duo: 51 Concats
 copying the whole retrieval cache every step). ``rewrite_decode`` applies ``rewrite`` to the appended states only,
 under the same eligibility; ``OnnxStep`` holds those in ``Buffers`` (the first decode step copies the prompt step's
 tensors into buffers once, later steps write their row in place) and binds the capacity states as before. The prompt
