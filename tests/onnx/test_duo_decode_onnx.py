@@ -156,3 +156,21 @@ def test_decode_graph_shares_the_streaming_heads_rows(torch_run, shared, monkeyp
     for x, y in zip(a, b):
         assert x.shape == y.shape and (x.float() - y.float()).abs().max() <= 1e-5
 
+
+
+def test_appended_states_of_different_widths_fall_back_to_the_exported_graph(torch_run, monkeypatch):
+    """One ``kv_write_index`` serves every in-place state: states of different widths (no known recipe) switch the
+    step to the decode graph as exported, for good, saying why."""
+    from graphwright.codegen.onnx.artifact import _one_width
+
+    cm, folder, _ = torch_run
+    m, _ = _onnx(cm, folder, True, monkeypatch)
+    d, step = m._step.decode, m._step
+    idx = d["inplace"][0]
+    state = [torch.zeros(2, 5) if s.seq_dim == 1 else torch.zeros(2, max(s.shape[1], 1), 5, 16) for s in cm.step_graph.state]
+    assert _one_width(state, idx, step.seq_dims, d) and d["inplace"] is not None
+    state[idx[1]] = torch.zeros(2, 1, 6, 16)
+    before = d["session"]
+    assert not _one_width(state, idx, step.seq_dims, d)
+    assert d["inplace"] is None and "different widths [5, 6]" in d["inplace_reason"] and d["session"] is not before
+    assert [i.name for i in d["session"].get_inputs()] == d["inputs"]  # the exported graph: no kv_write_index

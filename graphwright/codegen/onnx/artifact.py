@@ -127,7 +127,8 @@ class OnnxStep:
                 session, inplace = _session(decode["path"], inputs, decode["outputs"], providers, session_options), None
             self.decode = {"session": session, "outputs": list(decode["outputs"]),
                            "records": list(decode.get("runtime_ops") or ()), "capacity": dict(decode["capacity"]),
-                           "host_inputs": host, "inputs": inputs, "inplace": inplace, "inplace_reason": why}
+                           "host_inputs": host, "inputs": inputs, "inplace": inplace, "inplace_reason": why,
+                           "exported": lambda: _session(decode["path"], inputs, decode["outputs"], providers, session_options)}
 
     @staticmethod
     def io_binding_wanted(io_binding: bool, providers) -> bool:
@@ -168,8 +169,9 @@ class OnnxStep:
             d = self.decode
             session, outputs, records, capacity = d["session"], d["outputs"], d["records"], d["capacity"]
             state = pad_to_capacity(list(state), self.state_names, self.seq_dims, capacity)
-            if d["inplace"] is not None:
+            if d["inplace"] is not None and _one_width(state, d["inplace"][0], self.seq_dims, d):
                 return self._run_decode_inplace(d, input_ids, positions, logits_index, state, extras)
+            session = d["session"]
             host, names = [keyformer_noise(r, state, self.state_names, int(r["heads"])) for r in d["host_inputs"]], d["inputs"]
         extra = [extras[n] if extras.get(n) is not None else torch.zeros(B, 1) for n in self.extras] + host
         tensors = [t.detach().cpu().contiguous() for t in (input_ids, positions, logits_index, *state, *extra)]
@@ -321,6 +323,18 @@ def _inplace_graph(model_path, providers, state_names, records, decode, seq_dims
     if state_names is None or seq_dims is None or state_kinds is None:
         return None, "state names, kinds and seq dims unknown (from_metadata passes them)"
     return inplace_kv.rewrite(model_path, list(state_names), list(state_kinds), list(seq_dims))
+
+
+def _one_width(state, idx, seq_dims, d) -> bool:
+    """Whether the in-place states share one width (one ``kv_write_index``). When they do not (no recipe is known to
+    do this: each grows by one row per step from the prompt step's width), the decode graph as exported replaces
+    the in-place one for good, with the reason in ``inplace_reason``."""
+    widths = {state[i].shape[seq_dims[i]] for i in idx}
+    if len(widths) == 1:
+        return True
+    d["session"], d["inplace"] = d["exported"](), None
+    d["inplace_reason"] = f"appended states of different widths {sorted(widths)[:4]}: the exported decode graph runs"
+    return False
 
 
 def _inplace_decode(decode, providers, state_names, io_binding, host, seq_dims, state_kinds):
