@@ -113,17 +113,22 @@ def rewrite(model_path, state_names: list, state_kinds: list, seq_dims: list):
             shape[dim] = -1
             index[key] = f"_ip_idx{len(index)}"
             nodes.append(helper.make_node("Reshape", ["_ip_range", constant(("shape", *key), shape)], [index[key]]))
-    body = []
+    body, expanded, known = [], {}, _static_shapes(g)
     for n in g.node:
         if n.op_type != "Concat" or n.output[0] not in concat:
             body.append(n)
             continue
         name, dim = concat[n.output[0]]
         new = n.input[1]
-        body += [helper.make_node("Shape", [new], [f"_ip_{name}_shape"]),
-                 helper.make_node("Expand", [index[(ranks[name], dim)], f"_ip_{name}_shape"], [f"_ip_{name}_index"]),
-                 helper.make_node("ScatterElements", [name, f"_ip_{name}_index", new], [f"{name}_next"], axis=dim,
-                                  name=f"{name}_inplace")]
+        # one expanded index per shape of the new rows (K and V of a layer, every layer with that head count): rows
+        # of one recorded shape (same dims, same symbols) share it; a row whose shape is not recorded gets its own
+        key = (ranks[name], dim, known.get(new) or new)
+        if key not in expanded:
+            expanded[key] = f"_ip_{name}_index"
+            body += [helper.make_node("Shape", [new], [f"_ip_{name}_shape"]),
+                     helper.make_node("Expand", [index[(ranks[name], dim)], f"_ip_{name}_shape"], [expanded[key]])]
+        body.append(helper.make_node("ScatterElements", [name, expanded[key], new], [f"{name}_next"], axis=dim,
+                                     name=f"{name}_inplace"))
     del g.node[:]
     g.node.extend(nodes + body)
     g.input.append(helper.make_tensor_value_info(WRITE_INDEX, TensorProto.INT64, [1]))
@@ -167,6 +172,16 @@ def _appends(g, state_names: list, state_kinds: list, seq_dims: list):
             return None, f"state {name!r}: {why}"
         concat[f"{name}_next"] = (name, dim)
     return concat, None
+
+
+def _static_shapes(g) -> dict:
+    """{value: (dims)} of the values whose recorded type gives every dim (a size or a named symbol)."""
+    out = {}
+    for vi in [*g.input, *g.value_info]:
+        dims = tuple(d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim)
+        if vi.type.tensor_type.HasField("shape") and all(d not in ("", 0) for d in dims):
+            out[vi.name] = (vi.type.tensor_type.elem_type, dims)
+    return out
 
 
 def _shape_without(node, dim: int) -> bool:
