@@ -117,7 +117,7 @@ class OnnxStep:
                 raise GraphwrightError("a decode graph needs the state's seq dims (from_metadata passes them)")
             host = list(decode.get("host_inputs") or ())  # inputs drawn here per step (decode_policies.keyformer_noise)
             inputs = [*input_names, *(r["input"] for r in host)]
-            proto, idx, why = _inplace_decode(decode, providers, state_names, self.io_binding_wanted(io_binding, providers),
+            proto, idx, why = _inplace_decode(decode, providers, state_names, _cpu_binding(io_binding, providers),
                                               host, seq_dims, state_kinds)
             if proto is not None:  # inplace_kv.rewrite_decode: the appended states written in place
                 session = inplace_kv.session(proto, decode["path"], providers or default_providers(), session_options)
@@ -129,10 +129,6 @@ class OnnxStep:
                            "records": list(decode.get("runtime_ops") or ()), "capacity": dict(decode["capacity"]),
                            "host_inputs": host, "inputs": inputs, "inplace": inplace, "inplace_reason": why,
                            "exported": lambda: _session(decode["path"], inputs, decode["outputs"], providers, session_options)}
-
-    @staticmethod
-    def io_binding_wanted(io_binding: bool, providers) -> bool:
-        return bool(io_binding) and "CUDAExecutionProvider" not in (providers or default_providers())
 
     @classmethod
     def from_metadata(cls, model_path, meta: dict, providers=None, session_options=None, io_binding=True) -> "OnnxStep":
@@ -323,6 +319,10 @@ def _inplace_graph(model_path, providers, state_names, records, decode, seq_dims
     if state_names is None or seq_dims is None or state_kinds is None:
         return None, "state names, kinds and seq dims unknown (from_metadata passes them)"
     return inplace_kv.rewrite(model_path, list(state_names), list(state_kinds), list(seq_dims))
+
+
+def _cpu_binding(io_binding: bool, providers) -> bool:
+    return bool(io_binding) and "CUDAExecutionProvider" not in (providers or default_providers())
 
 
 def _one_width(state, idx, seq_dims, d) -> bool:

@@ -145,7 +145,13 @@ def rewrite_decode(decode_path, state_names: list, state_kinds: list, seq_dims: 
         return None, None, "every state of the decode graph has a slot capacity (nothing appended)"
     m, why = rewrite(decode_path, [state_names[i] for i in idx], [state_kinds[i] for i in idx],
                      [seq_dims[i] for i in idx])
-    return (m, idx, None) if m is not None else (None, None, why)
+    if m is None:
+        return None, None, why
+    types = {i.name: i.type.tensor_type.elem_type for i in m.graph.input}
+    unbound = [n for n in state_names if types.get(n) not in _BOUND_TYPES | {2, 3, 6, 9}]  # + UINT8, INT8, INT32, BOOL
+    if unbound:  # the capacity states are bound too (OnnxStep._run_bound)
+        return None, None, f"states of an element type I/O binding cannot take: {unbound[:3]}"
+    return m, idx, None
 
 
 def _appends(g, state_names: list, state_kinds: list, seq_dims: list):
