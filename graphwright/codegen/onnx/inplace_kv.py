@@ -6,7 +6,9 @@ copy per layer per step; 5.5-9.5% of SmolLM2-135M's decode step at a 256 prompt,
 ``rewrite`` turns a copy of that graph, at load time (the artifact on disk is unchanged), into one where each
 such Concat is ``ScatterElements(<name>, index, new, axis=seq_dim)`` with ``index`` = ``kv_write_index`` +
 0..T-1 (a new int64 [1] input: the number of slots already filled), so a state input holds a fixed-capacity
-buffer and the output has the input's shape. ``OnnxStep`` binds each state output to its own input's memory;
+buffer and the output has the input's shape. The index is expanded to the new rows' shape once per recorded shape
+(``_static_shapes``: K and V of every layer with one head count share it; SmolLM2: 2 Shape + Expand pairs, not 61).
+``OnnxStep`` binds each state output to its own input's memory;
 ONNX Runtime's CPU ScatterElements skips its input-to-output copy when the two are the same buffer (checked:
 0.02 ms vs 17.6 ms for a 30 MB buffer), so a step writes only its T new rows.
 
