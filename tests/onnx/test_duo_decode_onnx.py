@@ -92,7 +92,7 @@ def test_default_artifact_decodes_like_torch_in_place(torch_run, monkeypatch):
     # retrieval buffers: the same memory between bucket boundaries, one copy into a larger buffer at each
     moved = [i for i in range(2, len(ptrs)) if ptrs[i][1] != ptrs[i - 1][1]]
     assert moved and all(ptrs[i][0] % 8 == 1 for i in moved), (moved, ptrs[:3])
-    assert len(moved) == len({p for _, p in ptrs[1:]}) - 1
+    assert moved == [i for i in range(2, len(ptrs)) if ptrs[i][0] % 8 == 1]  # every boundary moves, nothing else
 
 
 def test_concat_decode_graph_decodes_the_same(torch_run, monkeypatch):
