@@ -14,7 +14,8 @@ session-run time per step and the wall time per step of the whole loop (the diff
 functions by cumulative time) without ORT profiling; ``--bind-ab N``: decode tok/s with the
 host-side binding shortcut (``artifact.FAST_BIND``) on and off, alternating N times in one process;
 ``--compare N [--option SET]``: decode tok/s of every artifact given (under one option set), alternating N times
-(ratios to the first);
+(ratios to the first); an artifact written ``PATH@KEY=VALUE[,KEY=VALUE]`` is loaded with those options too (``--compare``
+and the profile), e.g. ``ART@inplace=0``;
 ``--session-ab N --option KEY=VALUE[,KEY=VALUE] ...``: decode tok/s of the first artifact under each set of
 session options (``threads=N``, ``arena=0|1``, ``spinning=0|1``, ``inplace=0|1`` (the dense in-place KV cache,
 ``codegen/onnx/inplace_kv.py``: on by default) or any ``SessionOptions`` config entry, e.g.
@@ -97,8 +98,9 @@ def op_table(events: list, skip_first_run: bool) -> tuple[dict, int, float]:
 
 
 def profile(folder: Path, prompt: int, new: int, threads: int) -> None:
+    folder, opts = split_spec(folder)
     with tempfile.TemporaryDirectory() as tmp:
-        m = load(folder, threads, str(Path(tmp) / "ort"))
+        m = load(folder, threads, str(Path(tmp) / "ort"), opts)
         ids = prompt_ids(prompt, m.tokenizer)
         t0 = time.perf_counter()
         m.generate(ids, max_new_tokens=new, eos_token_id=[])
@@ -162,6 +164,16 @@ def parse_options(texts: list) -> list:
     return sets
 
 
+def split_spec(folder: Path) -> tuple:
+    """``PATH@KEY=VALUE[,KEY=VALUE]`` -> (PATH, {KEY: VALUE}): options for one artifact of ``--compare`` or a profile,
+    e.g. ``ART@inplace=0`` (the decode graph as exported, its appends not in place: session 12's duo step)."""
+    text = str(folder)
+    if "@" not in Path(text).name:
+        return Path(text), {}
+    path, opts = text.rsplit("@", 1)
+    return Path(path), parse_options([opts])[1]
+
+
 def compare(folders: list, prompt: int, new: int, threads: int, rounds: int, options: list | None = None) -> None:
     """Decode tok/s of every artifact (or of ``folders[0]`` under each of ``options``), alternating in this
     process (medians; the first is the reference)."""
@@ -170,8 +182,8 @@ def compare(folders: list, prompt: int, new: int, threads: int, rounds: int, opt
     if len(options or ()) > 1:
         models = [load(folders[0], threads, None, o) for o in options]
         labels = [",".join(f"{k}={v}" for k, v in o.items()) or "plain" for o in options]
-    else:  # one option set (or none) for every artifact
-        models = [load(f, threads, None, (options or [{}])[0]) for f in folders]
+    else:  # one option set (or none) for every artifact, plus each artifact's own (``PATH@KEY=VALUE``, ``split_spec``)
+        models = [load(f, threads, None, {**(options or [{}])[0], **o}) for f, o in map(split_spec, folders)]
         labels = [str(f)[-56:] for f in folders]
     ids = prompt_ids(prompt, models[0].tokenizer)
     for m in models:
@@ -217,7 +229,7 @@ def main() -> None:
         p.error("--compare takes one --option set (used for every artifact); several sets are for --session-ab")
     torch.set_num_threads(args.threads)
     for folder in args.artifacts:
-        if not (folder / "graphwright.json").is_file():
+        if not (split_spec(folder)[0] / "graphwright.json").is_file():
             raise SystemExit(f"{folder}: not an exported artifact (no graphwright.json)")
     if args.session_ab:
         if not args.option:
@@ -228,8 +240,6 @@ def main() -> None:
         compare(args.artifacts, args.prompt, args.new, args.threads, args.compare, parse_options(args.option)[1:])
         return
     for folder in args.artifacts:
-        if not (folder / "graphwright.json").is_file():
-            raise SystemExit(f"{folder}: not an exported artifact (no graphwright.json)")
         if args.bind_ab:
             bind_ab(folder, args.prompt, args.new, args.threads, args.bind_ab)
         else:

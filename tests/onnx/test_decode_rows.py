@@ -273,8 +273,14 @@ REWRITES = {"h2o(heavy=4, recent=4)": ({"h2o_attend_rows": 2, "h2o_decode": 0}, 
                                                               "streaming_rows": 0, "sink_keys": 0, "streaming_decode": 0,
                                                               "shifted_decode_attention": 0}, 0),
             "snapkv(budget=8, window=2)": ({"slot_attention": 2}, 0),
-            # duo's streaming heads: 1 KV head in layer 0, 2 in layer 1 (``decode_rows.heads``): their attention stays fused
-            "duo(retrieval=[[0, 0]], sinks=2, window=4)": ({"streaming_rows": 2, "slot_attention": 0}, 3)}
+            # duo's streaming heads: 1 KV head in layer 0, 2 in layer 1 (``decode_rows.heads``): their attention stays fused;
+            # DUO_ROWS (default): the slot index made once per streaming head count (two), one key-position row for both
+            "duo(retrieval=[[0, 0]], sinks=2, window=4)": ({"rows_at": 2, "slot_index": 2, "key_positions": 1,
+                                                            "streaming_rows": 0, "slot_attention": 0}, 3),
+            # DUO_ROWS off: each layer finds its own slot, its attention reads per-head positions (session 12's graph)
+            "duo(retrieval=[[0, 0]], sinks=2, window=4) DUO_ROWS=False": ({"streaming_rows": 2, "rows_at": 0,
+                                                                           "slot_index": 0, "key_positions": 0,
+                                                                           "slot_attention": 0}, 3)}
 
 
 @pytest.mark.parametrize("recipe", list(REWRITES))
@@ -285,6 +291,7 @@ def test_rows_rewrite_of_the_decode_graph(recipe, monkeypatch):
     recipe, switch = recipe.rsplit(" ", 1) if recipe.endswith("=False") else (recipe, "")
     monkeypatch.setattr(decode_rows, "SINK_KEYS", switch != "SINK_KEYS=False")
     monkeypatch.setattr(decode_rows, "SHARED_ROWS", switch != "SHARED_ROWS=False")
+    monkeypatch.setattr(decode_rows, "DUO_ROWS", switch != "DUO_ROWS=False")
     model, _ = gw.load_model("tiny-llama")
     sg = gw.compile(model, recipe).step_graph
     from graphwright.codegen.onnx.streaming_shift import shift_streaming
@@ -302,11 +309,13 @@ def test_rows_rewrite_of_the_decode_graph(recipe, monkeypatch):
     gen = torch.Generator().manual_seed(3)
     B, c = 2, 8
     args = [torch.randint(3, 50, (B, 1), generator=gen), torch.tensor([[11], [-1]]), torch.zeros(1, dtype=torch.long)]
-    streaming_pos = {}  # StreamingLLM: one position row per batch row, the same in every head and layer (its invariant)
+    # StreamingLLM (and duo's streaming heads): one position row per batch row, the same in every head and layer
+    streaming_pos = {}  # (their invariant)
     for spec in sg.state:
         shape = [B if d == -1 else d for d in spec.shape]
         shape[spec.seq_dim] = c
-        if spec.kind == "positions" and recipe.startswith("streaming"):  # E = 11 - 2 - 6 > 0: each head holds its
+        if spec.kind == "positions" and (recipe.startswith("streaming") or len(shape) == 3 and recipe.startswith("duo")):
+            # E = 11 - 2 - 6 > 0: each head holds its
             # sinks 0 and 1 (StreamingLLM's invariant, ``decode_rows.sink_keys``), in random slots but the last
             if not streaming_pos:
                 r = torch.randperm(9, generator=gen)[:c - 2] + 2

@@ -116,11 +116,19 @@ class OnnxStep:
             if self.seq_dims is None:
                 raise GraphwrightError("a decode graph needs the state's seq dims (from_metadata passes them)")
             host = list(decode.get("host_inputs") or ())  # inputs drawn here per step (decode_policies.keyformer_noise)
-            self.decode = {"session": _session(decode["path"], [*input_names, *(r["input"] for r in host)], decode["outputs"],
-                                               providers, session_options),
-                           "outputs": list(decode["outputs"]), "records": list(decode.get("runtime_ops") or ()),
-                           "capacity": dict(decode["capacity"]), "host_inputs": host,
-                           "inputs": [*input_names, *(r["input"] for r in host)]}
+            inputs = [*input_names, *(r["input"] for r in host)]
+            proto, idx, why = _inplace_decode(decode, providers, state_names, _cpu_binding(io_binding, providers),
+                                              host, seq_dims, state_kinds)
+            if proto is not None:  # inplace_kv.rewrite_decode: the appended states written in place
+                session = inplace_kv.session(proto, decode["path"], providers or default_providers(), session_options)
+                _check_names(session, decode["path"], [*inputs, inplace_kv.WRITE_INDEX], decode["outputs"])
+                inplace = (idx, inplace_kv.Buffers([seq_dims[i] for i in idx], [state_kinds[i] for i in idx]))
+            else:
+                session, inplace = _session(decode["path"], inputs, decode["outputs"], providers, session_options), None
+            self.decode = {"session": session, "outputs": list(decode["outputs"]),
+                           "records": list(decode.get("runtime_ops") or ()), "capacity": dict(decode["capacity"]),
+                           "host_inputs": host, "inputs": inputs, "inplace": inplace, "inplace_reason": why,
+                           "exported": lambda: _session(decode["path"], inputs, decode["outputs"], providers, session_options)}
 
     @classmethod
     def from_metadata(cls, model_path, meta: dict, providers=None, session_options=None, io_binding=True) -> "OnnxStep":
@@ -157,6 +165,9 @@ class OnnxStep:
             d = self.decode
             session, outputs, records, capacity = d["session"], d["outputs"], d["records"], d["capacity"]
             state = pad_to_capacity(list(state), self.state_names, self.seq_dims, capacity)
+            if d["inplace"] is not None and _one_width(state, d["inplace"][0], self.seq_dims, d):
+                return self._run_decode_inplace(d, input_ids, positions, logits_index, state, extras)
+            session = d["session"]
             host, names = [keyformer_noise(r, state, self.state_names, int(r["heads"])) for r in d["host_inputs"]], d["inputs"]
         extra = [extras[n] if extras.get(n) is not None else torch.zeros(B, 1) for n in self.extras] + host
         tensors = [t.detach().cpu().contiguous() for t in (input_ids, positions, logits_index, *state, *extra)]
@@ -175,8 +186,9 @@ class OnnxStep:
             res = [o.to(input_ids.device) for o in res]
         return res[0], res[1:]
 
-    def _run_bound(self, session, outputs, tensors, capacity, bounded=None, input_names=None) -> dict:
-        """One ``run_with_iobinding``: inputs and outputs bound to torch tensors' memory (module docstring)."""
+    def _run_bound(self, session, outputs, tensors, capacity, bounded=None, input_names=None, alias=None) -> dict:
+        """One ``run_with_iobinding``: inputs and outputs bound to torch tensors' memory (module docstring).
+        ``alias``: {state name: tensor} outputs bound to that tensor (its own input buffer, ``inplace_kv``)."""
         T = tensors[0].shape[1]
         state = tensors[3:3 + len(self.state_names)]
         binding = session.io_binding()
@@ -187,6 +199,9 @@ class OnnxStep:
         out = {"logits": torch.empty(tensors[0].shape[0], tensors[2].shape[0], self._vocab(session), dtype=logits_dtype)}
         bounded = bounded or {}
         for name, t, dim in zip(self.state_names, state, self.seq_dims):
+            if alias and name in alias:
+                out[f"{name}_next"] = alias[name]
+                continue
             if name in self.unshaped or (name in bounded and bounded[name] is None):
                 continue  # ORT allocates (a page summary; a prompt step's data-dependent kept width)
             shape = list(t.shape)
@@ -207,6 +222,28 @@ class OnnxStep:
                 if name not in out:
                     out[name] = torch.from_numpy(value.numpy())
         return out
+
+    def _run_decode_inplace(self, d, input_ids, positions, logits_index, state, extras):
+        """A decode step whose appended states are capacity buffers (``inplace_kv.rewrite_decode``): each bound to
+        its own input's memory (its row written in place), the capacity states as in ``_run_bound``."""
+        idx, bufs = d["inplace"]
+        buffers, L = bufs.prepare([state[i].detach().cpu() for i in idx], 1)
+        state = list(state)
+        for i, b in zip(idx, buffers):
+            state[i] = b
+        B = input_ids.shape[0]
+        extra = [extras[n] if extras.get(n) is not None else torch.zeros(B, 1) for n in self.extras]
+        tensors = [t.detach().cpu().contiguous() for t in (input_ids, positions, logits_index, *state, *extra)]
+        tensors.append(torch.tensor([L], dtype=torch.int64))
+        alias = {self.state_names[i]: b for i, b in zip(idx, buffers)}
+        out = self._run_bound(d["session"], d["outputs"], tensors, d["capacity"], None,
+                              [*d["inputs"], inplace_kv.WRITE_INDEX], alias)
+        for i, v in zip(idx, bufs.views(buffers, L + 1)):
+            out[f"{self.state_names[i]}_next"] = v
+        res = [out["logits"], *(out[f"{n}_next"] for n in self.state_names)]
+        if input_ids.device.type != "cpu":
+            res = [o.to(input_ids.device) for o in res]
+        return res[0], res[1:]
 
     def _run_inplace(self, input_ids, positions, logits_index, state, extra):
         """One step on capacity buffers (``inplace_kv.py``): each state output bound to its own input's memory,
@@ -282,6 +319,35 @@ def _inplace_graph(model_path, providers, state_names, records, decode, seq_dims
     if state_names is None or seq_dims is None or state_kinds is None:
         return None, "state names, kinds and seq dims unknown (from_metadata passes them)"
     return inplace_kv.rewrite(model_path, list(state_names), list(state_kinds), list(seq_dims))
+
+
+def _cpu_binding(io_binding: bool, providers) -> bool:
+    return bool(io_binding) and "CUDAExecutionProvider" not in (providers or default_providers())
+
+
+def _one_width(state, idx, seq_dims, d) -> bool:
+    """Whether the in-place states share one width (one ``kv_write_index``). When they do not (no recipe is known to
+    do this: each grows by one row per step from the prompt step's width), the decode graph as exported replaces
+    the in-place one for good, with the reason in ``inplace_reason``."""
+    widths = {state[i].shape[seq_dims[i]] for i in idx}
+    if len(widths) == 1:
+        return True
+    d["session"], d["inplace"] = d["exported"](), None
+    d["inplace_reason"] = f"appended states of different widths {sorted(widths)[:4]}: the exported decode graph runs"
+    return False
+
+
+def _inplace_decode(decode, providers, state_names, io_binding, host, seq_dims, state_kinds):
+    """``(ModelProto, state indices, None)``: the decode graph with its appended states written in place
+    (``inplace_kv.rewrite_decode``), or ``(None, None, reason)``."""
+    if not (inplace_kv.ENABLED and inplace_kv.DECODE):
+        return None, None, "off (inplace_kv.ENABLED / DECODE is False)"
+    if decode.get("runtime_ops") or host or not io_binding:
+        return None, None, "the decode graph has runtime ops or host inputs, or no CPU I/O binding"
+    if state_names is None or seq_dims is None or state_kinds is None:
+        return None, None, "state names, kinds and seq dims unknown (from_metadata passes them)"
+    return inplace_kv.rewrite_decode(decode["path"], list(state_names), list(state_kinds), list(seq_dims),
+                                     dict(decode["capacity"]))
 
 
 def _session(model_path, input_names, output_names, providers, session_options):

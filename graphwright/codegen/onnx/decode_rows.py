@@ -39,10 +39,16 @@ of keys eviction saves (``bench/profile_onnx_decode.py``: 2431 nodes run per H2O
   [B, 1, 1, S + 1] mask, no Reshapes folding Hk into the batch) come from the first such layer's positions and are
   read by all; each layer keeps ``sink_keys_at`` (gather, [sinks, D] x [D, D] MatMul, scatter) and ``rows_at``
   (three ScatterElements). SmolLM2-135M, prompt 256: 1,657 -> 1,016 nodes run per decode step (dense 805).
-  duo's streaming heads are not rewritten here: its ``decode.onnx`` is derived from ``model.onnx``
-  (``decode_swap.py``), not traced from this graph.
-  Latent StreamingLLM layers (``decode_latent.streaming_latent_decode``) are not rewritten. Any other
-  StreamingLLM layer with ``window >= 1``:
+  Latent StreamingLLM layers (``decode_latent.streaming_latent_decode``) are not rewritten;
+* a StreamingLLM eviction with ``window >= 1`` whose attention is the plain op over its concatenations (keys at
+  their own positions, no shift: DuoAttention's streaming heads; duo's ``decode.onnx`` is traced from this graph, not
+  swapped, ``decode_swap.swappable`` needs every function to be a partner): with ``DUO_ROWS`` (the default; session
+  13) it becomes ``rows_at`` on the step's ``slot_index``, made once per (sinks, window, streaming head count, head
+  dim) from the first such layer's positions, and its attention reads the step's ``key_positions`` [B, S + 1], made
+  once per (sinks, window): duo's streaming heads keep the same positions in every head and layer (sinks + window of
+  the same tokens since the prompt step; a layer's count of streaming heads only changes the index's head dim), so
+  ONNX's ``Attention`` runs their GQA with one [B, 1, 1, S + 1] mask as on the retrieval heads. Any other
+  StreamingLLM layer with ``window >= 1`` (or ``DUO_ROWS`` off):
   ``streaming_rows`` (the slot write alone; the attention keeps reading the concatenation);
 * any other attention over per-KV-head slots (a per-head positions concatenation along the slot dim;
   no native window or sinks: SnapKV): ``slot_attention``, the same decomposed attention with the T = 1
@@ -86,7 +92,9 @@ share their positions ``slot_index`` + ``rows_at`` = ``streaming_rows`` and ``si
 ``sink_keys`` bit for bit, the attention over ``key_positions`` = the per-head one (1e-6); ``SHARED_ROWS`` on and off
 export artifacts with the reference's kept sets and tokens over 120 steps (``test_onnx_streaming_shift.py``); the
 rewrite leaves no H2O attention node in a tiny Llama's decode graph and its eager run equals the unrewritten graph
-(StreamingLLM: with and without ``SHARED_ROWS``, every head and layer holding one position row); the artifact tests
+(StreamingLLM: with and without ``SHARED_ROWS``, every head and layer holding one position row); duo's decode graph
+with and without ``DUO_ROWS`` equals the unrewritten one eagerly and its artifacts keep the torch runtime's kept
+sets, tokens and logits over 120 steps (``test_duo_decode_onnx.py``); the artifact tests
 (``test_onnx_eviction_slots.py``, ``test_onnx_streaming_shift.py``) keep the torch backend's sets.
 """
 
@@ -242,6 +250,11 @@ def sink_keys(k_old, kp_old, rot, sinks: int):
 # from the first such layer's positions and read by all of them. False: each layer computes its own (the graph of
 # session 11). Listed in ``decode_process.SWITCHES``.
 SHARED_ROWS = True
+# DuoAttention's streaming heads (session 13): each StreamingLLM eviction whose attention is the plain op over its
+# concatenations (keys at their own positions, no shift) writes its row at the step's shared slot index and its
+# attention reads one shared [B, S + 1] key-position row (``_shared_plain``). False: per-layer ``streaming_rows`` and
+# per-head key positions (the graph of session 12). Listed in ``decode_process.SWITCHES``.
+DUO_ROWS = True
 
 
 def sink_index(kp_old, sinks: int, D: int):
@@ -398,6 +411,46 @@ def _shared_index(graph, attn, a: dict, parts: dict, rots: dict, b: dict, key):
     return rots[skey]
 
 
+def _plain_attention(a: dict):
+    """The plain ``graphwright.attention`` (no window, sinks or key bias) reading the StreamingLLM eviction's k, v and
+    k_pos concatenations and its q_pos (DuoAttention's streaming heads: keys at their own positions), else None."""
+    for user in a["k"].users:
+        if user.op != "call_function" or user.target is not ATTENTION:
+            continue
+        got = {n: schema.get(user, n) for n in ("k", "v", "q_pos", "k_pos", "window", "sinks", "key_bias")}
+        if all(got[n] is a[n] for n in ("k", "v", "q_pos", "k_pos")) and not got["window"] and not got["sinks"] \
+                and got["key_bias"] is None:
+            return user
+    return None
+
+
+def _shared_plain(graph, node, a: dict, parts: dict, rots: dict, shapes: dict) -> bool:
+    """``DUO_ROWS``: a StreamingLLM eviction whose attention is the plain op over its concatenations (DuoAttention's
+    streaming heads) becomes ``rows_at`` on the step's shared slot index (``slot_index``, one per (sinks, window,
+    streaming head count, head dim)), and that attention reads the step's shared ``key_positions`` [B, S + 1] (one per
+    (sinks, window)) instead of the layer's per-head [B, Hk, S + 1]. False (nothing changed) when the attention is
+    not found or the keys' head count or head dim is unknown (``shapes``: ``_state_shapes``)."""
+    attn = _plain_attention(a)
+    (k_old, k_new), (v_old, v_new), (kp_old, kp_new) = parts["k"], parts["v"], parts["k_pos"]
+    shape = shapes.get(k_old) if isinstance(k_old, torch.fx.Node) else None
+    if attn is None or shape is None or len(shape) != 4 or not all(isinstance(x, int) and x > 0 for x in (shape[1], shape[3])):
+        return False
+    sinks, window, D = int(a["sinks"]), int(a["window"]), int(shape[3])
+    skey, pkey = ("plain_slot", sinks, window, int(shape[1]), D), ("plain_kp", sinks, window)
+    with graph.inserting_before(attn):  # the first such layer's inputs precede its attention; later layers follow
+        if skey not in rots:
+            idx = graph.call_function(slot_index, (kp_old, a["q_pos"], sinks, window, D))
+            rots[skey] = (graph.call_function(operator.getitem, (idx, 0)), graph.call_function(operator.getitem, (idx, 1)))
+        if pkey not in rots:
+            rots[pkey] = graph.call_function(key_positions, (kp_old, kp_new))
+    schema.set(attn, "k_pos", rots[pkey])
+    node.target = rows_at
+    node.args, node.kwargs = (k_old, k_new, v_old, v_new, kp_old, kp_new, *rots[skey]), {}
+    if not a["k_pos"].users:
+        graph.erase_node(a["k_pos"])
+    return True
+
+
 def _take_over(graph, node, attn, new, a) -> None:
     """``new`` (inserted before ``attn``) returns (attention output, *the eviction node's outputs*): it replaces
     both nodes, and the state concatenations only they read go too."""
@@ -434,9 +487,21 @@ def heads(kp_old, gm, specs):
     return spec.shape[1] if spec is not None and len(spec.shape) == 3 and spec.shape[1] > 0 else None
 
 
+def _state_shapes(gm, specs) -> dict:
+    """{node: shape} of the graph's tensors with a recorded value, and of the state placeholders from their ``StateSpec``
+    (a state a pass added, such as duo's streaming caches, carries no value)."""
+    out = {n: tuple(n.meta["val"].shape) for n in gm.graph.nodes if hasattr(n.meta.get("val"), "shape")}
+    if specs is not None:
+        names = [n for n in gm.graph.nodes if n.op == "placeholder"][3:3 + len(specs)]
+        for n, spec in zip(names, specs):
+            out.setdefault(n, tuple(spec.shape))
+    return out
+
+
 def rows(gm: torch.fx.GraphModule, specs=None) -> list:
     """Rewrite the decode graph ``gm`` in place (module docstring); returns the rewritten layers' functions' names."""
     graph, done, rots = gm.graph, [], {}
+    shapes = _state_shapes(gm, specs)
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in (h2o_decode, streaming_decode):
             continue
@@ -451,6 +516,9 @@ def rows(gm: torch.fx.GraphModule, specs=None) -> list:
             attn = _shifted_of(a)
             if attn is not None:
                 done.append(_fold_streaming(graph, node, attn, a, parts, rots))
+                continue
+            if DUO_ROWS and _shared_plain(graph, node, a, parts, rots, shapes):
+                done.append("rows_at")
                 continue
             node.target = streaming_rows
             node.args, node.kwargs = (k_old, k_new, v_old, v_new, a["q_pos"], kp_old, kp_new, a["sinks"], a["window"]), {}

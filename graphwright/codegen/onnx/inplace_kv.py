@@ -6,7 +6,9 @@ copy per layer per step; 5.5-9.5% of SmolLM2-135M's decode step at a 256 prompt,
 ``rewrite`` turns a copy of that graph, at load time (the artifact on disk is unchanged), into one where each
 such Concat is ``ScatterElements(<name>, index, new, axis=seq_dim)`` with ``index`` = ``kv_write_index`` +
 0..T-1 (a new int64 [1] input: the number of slots already filled), so a state input holds a fixed-capacity
-buffer and the output has the input's shape. ``OnnxStep`` binds each state output to its own input's memory;
+buffer and the output has the input's shape. The index is expanded to the new rows' shape once per recorded shape
+(``_static_shapes``: K and V of every layer with one head count share it; SmolLM2: 2 Shape + Expand pairs, not 61).
+``OnnxStep`` binds each state output to its own input's memory;
 ONNX Runtime's CPU ScatterElements skips its input-to-output copy when the two are the same buffer (checked:
 0.02 ms vs 17.6 ms for a 30 MB buffer), so a step writes only its T new rows.
 
@@ -36,6 +38,18 @@ attention over more masked slots, which is not bit-identical (the softmax sums o
 ~1e-6 differences in the next layer's K/V on tiny Llama); tested against the Concat route and the torch runtime
 (``tests/onnx/test_inplace_kv.py``: tiny Llama, batch 2 left-padded, growth across bucket boundaries,
 48 decode steps, logits within 1e-5 and equal greedy tokens; storage bytes).
+
+Decode graphs (``rewrite_decode``, switch ``DECODE``; session 13): an evicting recipe's ``decode.onnx`` holds two
+kinds of state: capacity states (``graphwright.json["decode"]["capacity"]``: an evicting layer's slots, written in
+place of a leaving token by the graph, fixed shape) and states it still appends by Concat (DuoAttention's retrieval
+heads' K/V and the shared key positions, which grow by one row per step: SmolLM2-135M duo: 51 Concats
+copying the whole retrieval cache every step). ``rewrite_decode`` applies ``rewrite`` to the appended states only,
+under the same eligibility; ``OnnxStep`` holds those in ``Buffers`` (the first decode step copies the prompt step's
+tensors into buffers once, later steps write their row in place) and binds the capacity states as before. The prompt
+graph (``model.onnx``, which evicts in the graph) is unchanged. Tested (``tests/onnx/test_duo_decode_onnx.py``):
+duo on tiny Llama, batch 2 left-padded, 120 decode steps with evictions at every step: the torch runtime's kept
+positions per (row, head), tokens and logits (1e-4), with ``DECODE`` on and off; buffers reused between bucket
+boundaries.
 """
 
 from __future__ import annotations
@@ -45,6 +59,9 @@ from pathlib import Path
 import torch
 
 ENABLED = True  # False: dense ONNX steps append with the exported Concat graph (a copy per step)
+# The decode graph's growing states (``rewrite_decode``: DuoAttention's retrieval heads and the shared key positions,
+# next to its fixed-capacity streaming caches) appended in place too (session 13). False: decode.onnx as exported.
+DECODE = True
 BUCKET = 64  # capacity granularity in slots (module docstring: why not doubling)
 WRITE_INDEX = "kv_write_index"
 _MASK_OPS = {"Unsqueeze", "Reshape", "Cast", "LessOrEqual", "GreaterOrEqual", "Less", "Greater", "Equal", "And", "Or",
@@ -98,21 +115,45 @@ def rewrite(model_path, state_names: list, state_kinds: list, seq_dims: list):
             shape[dim] = -1
             index[key] = f"_ip_idx{len(index)}"
             nodes.append(helper.make_node("Reshape", ["_ip_range", constant(("shape", *key), shape)], [index[key]]))
-    body = []
+    body, expanded, known = [], {}, _static_shapes(g)
     for n in g.node:
         if n.op_type != "Concat" or n.output[0] not in concat:
             body.append(n)
             continue
         name, dim = concat[n.output[0]]
         new = n.input[1]
-        body += [helper.make_node("Shape", [new], [f"_ip_{name}_shape"]),
-                 helper.make_node("Expand", [index[(ranks[name], dim)], f"_ip_{name}_shape"], [f"_ip_{name}_index"]),
-                 helper.make_node("ScatterElements", [name, f"_ip_{name}_index", new], [f"{name}_next"], axis=dim,
-                                  name=f"{name}_inplace")]
+        # one expanded index per shape of the new rows (K and V of a layer, every layer with that head count): rows
+        # of one recorded shape (same dims, same symbols) share it; a row whose shape is not recorded gets its own
+        key = (ranks[name], dim, known.get(new) or new)
+        if key not in expanded:
+            expanded[key] = f"_ip_{name}_index"
+            body += [helper.make_node("Shape", [new], [f"_ip_{name}_shape"]),
+                     helper.make_node("Expand", [index[(ranks[name], dim)], f"_ip_{name}_shape"], [expanded[key]])]
+        body.append(helper.make_node("ScatterElements", [name, expanded[key], new], [f"{name}_next"], axis=dim,
+                                     name=f"{name}_inplace"))
     del g.node[:]
     g.node.extend(nodes + body)
     g.input.append(helper.make_tensor_value_info(WRITE_INDEX, TensorProto.INT64, [1]))
     return m, None
+
+
+def rewrite_decode(decode_path, state_names: list, state_kinds: list, seq_dims: list, capacity: dict):
+    """``(ModelProto, [state indices], None)``: ``rewrite`` of a decode graph (``decode.onnx``) for the states it
+    appends (those without a slot capacity: they grow by one row per step, DuoAttention's retrieval caches and key
+    positions), the capacity states (evicting layers, written into their slots by the graph) left as they are; or
+    ``(None, None, reason)``. The same eligibility as a dense graph's, checked on the appended states only."""
+    idx = [i for i, n in enumerate(state_names) if n not in capacity]
+    if not idx:
+        return None, None, "every state of the decode graph has a slot capacity (nothing appended)"
+    m, why = rewrite(decode_path, [state_names[i] for i in idx], [state_kinds[i] for i in idx],
+                     [seq_dims[i] for i in idx])
+    if m is None:
+        return None, None, why
+    types = {i.name: i.type.tensor_type.elem_type for i in m.graph.input}
+    unbound = [n for n in state_names if types.get(n) not in _BOUND_TYPES | {2, 3, 6, 9}]  # + UINT8, INT8, INT32, BOOL
+    if unbound:  # the capacity states are bound too (OnnxStep._run_bound)
+        return None, None, f"states of an element type I/O binding cannot take: {unbound[:3]}"
+    return m, idx, None
 
 
 def _appends(g, state_names: list, state_kinds: list, seq_dims: list):
@@ -139,6 +180,16 @@ def _appends(g, state_names: list, state_kinds: list, seq_dims: list):
             return None, f"state {name!r}: {why}"
         concat[f"{name}_next"] = (name, dim)
     return concat, None
+
+
+def _static_shapes(g) -> dict:
+    """{value: (dims)} of the values whose recorded type gives every dim (a size or a named symbol)."""
+    out = {}
+    for vi in [*g.input, *g.value_info]:
+        dims = tuple(d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim)
+        if vi.type.tensor_type.HasField("shape") and all(d not in ("", 0) for d in dims):
+            out[vi.name] = (vi.type.tensor_type.elem_type, dims)
+    return out
 
 
 def _shape_without(node, dim: int) -> bool:
