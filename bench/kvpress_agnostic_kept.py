@@ -138,17 +138,21 @@ def compare(a, jobs) -> None:
             gw = torch.load(Path(a.dir) / f"graphwright_{basis}_{stem(job)}.pt")
             g_counts = [len(h) for layer in gw["keep"] for h in layer]
             only_kv = only_gw = same_heads = 0
-            for lk, lg in zip(kv["keep"], gw["keep"]):
-                for hk, hg in zip(lk, lg):
+            parted = []
+            for layer, (lk, lg) in enumerate(zip(kv["keep"], gw["keep"])):
+                for head, (hk, hg) in enumerate(zip(lk, lg)):
                     sk, sg = set(hk), set(hg)
                     only_kv += len(sk - sg)
                     only_gw += len(sg - sk)
                     same_heads += sk == sg
+                    if sk != sg:
+                        parted.append(f"L{layer}h{head}:{len(sk - sg)}")
             n_heads = len(counts)
             verdict = "=" if gw["new_ids"] == kv["new_ids"] else "!="
             print(f"  graphwright {gw['recipe']} ({basis} basis): keeps {min(g_counts)}-{max(g_counts)} per head; "
                   f"identical kept sets in {same_heads} of {n_heads} (layer, head); positions kept by kvpress only "
-                  f"{only_kv}, by graphwright only {only_gw}; answer {gw['new_ids']} ({verdict} kvpress's)")
+                  f"{only_kv}, by graphwright only {only_gw}; answer {gw['new_ids']} ({verdict} kvpress's)"
+                  + (f"; parted (layer, head: positions kvpress only): {' '.join(parted)}" if len(parted) <= 6 else ""))
 
 
 def main(argv=None) -> int:
