@@ -14,7 +14,7 @@ puts a graphwright recipe at a budget: a ``{budget}`` template is filled for tha
 journal), a fixed recipe (no field, e.g. a ``duo`` setting) is compared as it is (its MiB say where it stands). Reported per
 pair: both accuracies with a seeded 95% bootstrap interval, graphwright - kvpress paired on the same cases with its
 interval, the cache MiB each side holds after the compression step, and a verdict: ahead (the paired interval is above
-0), behind (below 0) or level (it spans 0). Writes ``OUT/best_vs_best.md`` and ``.json``.
+0), behind (below 0) or level (it spans 0). Writes ``OUT/best_vs_best.md`` and ``.json`` (``--name``).
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--first", type=int, default=20)
     p.add_argument("--pair", nargs=2, action="append", metavar=("BUDGET", "TEMPLATE"), required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default="best_vs_best", help="output file stem in --out (NAME.md, NAME.json)")
     a = p.parse_args(argv)
     pairs = []
     for b, t in a.pair:
@@ -122,8 +123,8 @@ def main(argv=None) -> int:
     ours = score_rows(sbs.journal_rows(Journal(out / "graphwright_answers.jsonl"), picked, args)[0], picked, tok)
     kv = score_rows(sbs.kvpress_journal_rows(out, picked, args), picked, tok)
     res = compare(ours, kv, ids, pairs, a.seed)
-    (out / "best_vs_best.json").write_text(json.dumps({"cases": ids, "rows": res}, indent=1))
-    (out / "best_vs_best.md").write_text(markdown(res, len(ids)))
+    (out / f"{a.name}.json").write_text(json.dumps({"cases": ids, "rows": res}, indent=1))
+    (out / f"{a.name}.md").write_text(markdown(res, len(ids)))
     print(markdown(res, len(ids)))
     return 0
 
