@@ -7,8 +7,10 @@ Usage:
 
 Cases: ``graphwright.eval.niah.needle_suite`` (``--cases`` per length, depths 0..1, three needle templates,
 two haystacks, question after the context), tokenised once here; both sides get the same token ids.
-Budgets (``--budgets``, default 0.5 and 0.25) are fractions of the prompt kept: graphwright recipes are
-templates filled per length with ``{budget}`` (tokens = round(fraction x prompt tokens)), ``{window}``
+Budgets (``--budgets``, default 0.5 and 0.25) are fractions of the compressed tokens kept: graphwright recipes are
+templates filled with ``{budget}`` (tokens = int(fraction x compressed tokens), kvpress's ``compute_n_kept``; compressed
+tokens = the whole prompt question-aware, the context alone question-agnostic, as kvpress's ratio; before session 13
+the agnostic budget was a fraction of the whole prompt, ``--agnostic-basis prompt``), ``{window}``
 (budget - 4, for 4 sinks), ``{frac}`` and ``{half}`` (fraction / 2); a template without a field is one fixed
 setting, run once (budget None; its bytes say where it stands); kvpress gets ``compression_ratio =
 1 - fraction``. The kvpress side runs in a subprocess of ``bench/.venv-kvpress`` (``bench/kvpress_worker.py``)
@@ -80,6 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--round", type=int, default=None,
                    help="graphwright's side answers R cases of each length (in spread order, as --first) for every recipe in turn "
                         "(cells grow together)")
+    p.add_argument("--agnostic-basis", default="context", choices=("context", "prompt"),
+                   help="question-agnostic {budget}: a fraction of the context (kvpress's basis: its ratio applies to what it "
+                        "compresses) or of the whole prompt (sessions 9-12); the table shows the answers of this basis")
     p.add_argument("--progress", action="store_true")
     a = p.parse_args(argv)
     if a.round is not None and a.round < 1:
@@ -94,9 +99,17 @@ def parse_args(argv=None):
     return a
 
 
+def budget_tokens(frac: float, tokens: int) -> int:
+    """Tokens kept per head at budget fraction ``frac`` of ``tokens`` compressed tokens: kvpress's own count
+    (``kvpress.utils.compute_n_kept(tokens, 1 - frac)`` = max(1, int(tokens x (1 - (1 - frac))))), so both sides keep
+    the same number (at 1,024 and 2,048 tokens, 50% and 25%, it is round(frac x tokens) too)."""
+    return max(1, int(tokens * (1.0 - (1.0 - frac))))
+
+
 def fill(template: str, frac: float, tokens: int) -> str:
-    """A recipe template filled for one budget fraction and prompt length."""
-    budget = max(1, round(frac * tokens))
+    """A recipe template filled for one budget fraction and a number of compressed tokens (the whole prompt
+    question-aware, the context alone question-agnostic: kvpress applies its ratio to what it compresses)."""
+    budget = budget_tokens(frac, tokens)
     try:
         return template.format(budget=budget, window=max(1, budget - 4), frac=f"{frac:g}", half=f"{frac / 2:g}")
     except (KeyError, IndexError) as exc:
@@ -184,7 +197,7 @@ def suite_key(model_name, recipe, case, seed, max_new_tokens):
 
 @torch.inference_mode()
 def run_ours(model, tok, cases, recipes, budgets, max_new_tokens, progress=False, modes=("aware",), journal=None,
-             model_name="model", seed=0, suite=None, round_size=None):
+             model_name="model", seed=0, suite=None, round_size=None, agnostic_basis="context"):
     """Rows ``{method, recipe, budget, mode, id, new_ids, cache_bytes}`` for dense and every recipe x budget x length.
 
     Every answer is appended at once to ``journal`` (a ``graphwright.eval.journal.Journal``; in memory when None)
@@ -194,7 +207,9 @@ def run_ours(model, tok, cases, recipes, budgets, max_new_tokens, progress=False
     the suite keeps no token ids) with ``source: "suite"``. Bytes held after prefill are measured here once per recipe
     and prompt length (one prefill-only generate), or taken from a journal row of the same recipe, length and prompt
     token count that measured them. ``round_size`` R: the cases of each length are answered R at a time for every
-    recipe in turn (cells grow together; each recipe is compiled once and kept)."""
+    recipe in turn (cells grow together; each recipe is compiled once and kept). ``agnostic_basis``: question-agnostic
+    templates are filled from the case's context length (``"context"``, kvpress's basis; the row records
+    ``"basis": "context"``) or from the prompt length (``"prompt"``, the rows of sessions 9-12, which carry no basis)."""
     from graphwright.capture import capture
     from graphwright.compiled import CompiledModel
     from graphwright.eval.journal import Journal
@@ -240,14 +255,16 @@ def run_ours(model, tok, cases, recipes, budgets, max_new_tokens, progress=False
         for template, frac in jobs:
             t0, ran = time.perf_counter(), 0
             for length in lengths:
-                recipe = "noop" if template == "dense" else (template if frac is None else fill(template, frac, length))
                 picked = per_length[length][rnd * step:(rnd + 1) * step]
                 for c in picked:
                     ids = torch.tensor([c["ids"]])
                     for mode in our_modes:
+                        by_context = mode == "agnostic" and frac is not None and agnostic_basis == "context"
+                        recipe = "noop" if template == "dense" else \
+                            (template if frac is None else fill(template, frac, c["split"] if by_context else length))
                         key = our_key(model_name, recipe, mode, c, seed, max_new_tokens)
                         if jr.get(key) is None:
-                            held, bk = held_bytes(recipe, length, per_length[length][0]["ids"])
+                            held, bk = held_bytes(recipe, length, per_length[length][0]["ids"]) if mode == "aware" else (None, None)
                             imported = suite.get(suite_key(model_name, recipe, c, seed, max_new_tokens)) \
                                 if suite is not None and mode == "aware" else None
                             if imported is not None:
@@ -262,13 +279,15 @@ def run_ours(model, tok, cases, recipes, budgets, max_new_tokens, progress=False
                                     new_ids, nbytes = out[0, ids.shape[1]:].tolist(), held
                                 else:  # compress the context alone (cm.prefill), then the question continues it
                                     ctx = cm.prefill(ids[:, :c["split"]], allow_long=True)
+                                    bk = "kv_storage_bytes" if "kv_storage_bytes" in cm.last_stats else "kv_bytes"
                                     nbytes = int(cm.last_stats[bk])
                                     q = ids[:, c["split"]:]
                                     out = cm.generate(q, context=ctx, max_new_tokens=max_new_tokens, eos_token_id=eos,
                                                       pad_token_id=eos, allow_long=True)
                                     new_ids = out[0, q.shape[1]:].tolist()
                                 jr.add(key, {"method": template, "recipe": recipe, "budget": frac, "mode": mode, "id": c["id"],
-                                             "new_ids": new_ids, "cache_bytes": nbytes, "bytes_key": bk, "prompt_tokens": len(c["ids"])})
+                                             "new_ids": new_ids, "cache_bytes": nbytes, "bytes_key": bk, "prompt_tokens": len(c["ids"])}
+                                       | ({"basis": "context"} if by_context else {}))
                                 ran += 1
                         row = jr.get(key)
                         bytes_key = row.get("bytes_key", bytes_key)
@@ -306,6 +325,14 @@ def run_kvpress(args, cases, write_model, eos, out: Path) -> dict:
     return json.loads(res_path.read_text())
 
 
+def _basis(row) -> str:
+    """What a journal row's ``{budget}`` is a fraction of: ``"aware"`` (the whole prompt, question-aware, and every
+    fixed recipe), ``"context"`` (agnostic, session 13 on) or ``"prompt"`` (agnostic rows of sessions 9-12, no field)."""
+    if row.get("mode", "aware") == "aware" or row.get("budget") is None:
+        return "aware"
+    return row.get("basis", "prompt")
+
+
 def journal_rows(jr, cases, args) -> tuple:
     """Every graphwright answer the journal holds for these cases (any recipe), as ``run_ours`` rows."""
     fields = ("case", "case_hash", "settings", "version", "seed", "model")
@@ -314,7 +341,7 @@ def journal_rows(jr, cases, args) -> tuple:
     rows, bytes_key = [], None
     for key, row in jr.records():
         k = json.dumps([key[f] for f in fields], sort_keys=True)
-        if k in want:
+        if k in want and _basis(row) in ("aware", args.agnostic_basis):
             rows.append({f: v for f, v in row.items() if f != "bytes_key"})
             bytes_key = row.get("bytes_key", bytes_key)
     return rows, bytes_key
@@ -371,7 +398,7 @@ def main(argv=None) -> int:
         [c for length in args.lengths for c in spread([c for c in cases if c["length"] == length])[:args.first]]
     ours, bytes_key = run_ours(model, tok, todo, [] if args.skip_graphwright else args.recipes, args.budgets,
                                args.max_new_tokens, args.progress, args.modes, journal=jr, model_name=args.model, seed=args.seed,
-                               suite=suite, round_size=args.round)
+                               suite=suite, round_size=args.round, agnostic_basis=args.agnostic_basis)
     if args.skip_graphwright:
         ours, bytes_key = journal_rows(jr, cases, args)
     if args.skip_kvpress:

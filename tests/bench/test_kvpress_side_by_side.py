@@ -64,9 +64,16 @@ def test_our_side_schema_and_bytes(run):
     assert snap["bytes_fraction"] == snap["cache_bytes"] / dense["cache_bytes"]
     assert rows[fixed]["cache_bytes"] >= 104 * per_token and rows[fixed]["family"] == "streaming"
     raw = res["raw"]["graphwright"]
-    assert len(raw) == 12 and {r["recipe"] for r in raw} == {"noop", "snapkv(budget=192)", "streaming(sinks=4, window=100)"}
     cases = json.loads((out / "cases.json").read_text())
     assert [len(c["ids"]) for c in cases] == [384, 384] and all(0 < c["split"] < 384 for c in cases)
+    # question-agnostic {budget} is a fraction of the context (kvpress's basis: its ratio applies to what it compresses),
+    # int(0.5 x split) tokens, and the context's cache holds exactly that many; question-aware, of the whole prompt
+    split = {c["id"]: c["split"] for c in cases}
+    agn = [r for r in raw if r["mode"] == "agnostic" and r["method"] == "snapkv(budget={budget})"]
+    assert len(agn) == 2 and all(r["recipe"] == f"snapkv(budget={split[r['id']] // 2})" for r in agn)
+    assert all(r["cache_bytes"] == (split[r["id"]] // 2) * per_token for r in agn)
+    assert len(raw) == 12 and {r["recipe"] for r in raw if r["mode"] == "aware"} == \
+        {"noop", "snapkv(budget=192)", "streaming(sinks=4, window=100)"}
 
 
 def test_missing_venv_says_how_to_set_it_up(run):
@@ -74,6 +81,28 @@ def test_missing_venv_says_how_to_set_it_up(run):
     msg = res["settings"]["kvpress_skipped"]
     assert "bash bench/setup_kvpress.sh" in msg and "README-kvpress.md" in msg and "--skip-kvpress" in msg
     assert res["raw"]["kvpress"] == [] and "kvpress side skipped" in (out / "kvpress_side_by_side.md").read_text()
+
+
+def test_agnostic_rows_of_the_other_basis_stay_out_of_the_table(run):
+    mod, out, _ = run
+    from graphwright.eval.journal import Journal
+
+    jr, cases = Journal(out / "graphwright_answers.jsonl"), json.loads((out / "cases.json").read_text())
+    for basis, n_snap in (("context", 2), ("prompt", 0)):  # the run wrote context-basis rows only
+        args = mod.parse_args(["--model", "tiny-llama", "--agnostic-basis", basis])
+        rows, _ = mod.journal_rows(jr, cases, args)
+        agn = [r for r in rows if r["mode"] == "agnostic"]
+        assert sum(r["method"] == "snapkv(budget={budget})" for r in agn) == n_snap
+        assert sum(r["method"] == "dense" for r in agn) == 2  # no budget: the same rows on either basis
+        assert sum(r["mode"] == "aware" for r in rows) == 6
+
+
+def test_budget_tokens_is_kvpress_count():
+    mod = _load("kvpress_side_by_side")
+    # kvpress.utils.compute_n_kept(n, 1 - frac) = max(1, int(n * (1 - (1 - frac)))): floor, not round
+    assert [mod.budget_tokens(0.5, n) for n in (1024, 996, 987, 981)] == [512, 498, 493, 490]
+    assert [mod.budget_tokens(0.25, n) for n in (1024, 996, 987, 981)] == [256, 249, 246, 245]
+    assert mod.budget_tokens(0.25, 2) == 1 and mod.fill("snapkv(budget={budget})", 0.5, 987) == "snapkv(budget=493)"
 
 
 def test_bad_template_and_budget_are_named():
@@ -457,3 +486,41 @@ def test_adakv_split_rules_of_kvpress_and_the_official_code():
     cand = torch.ones(3, 1000, dtype=torch.bool)
     assert kept.kvpress_counts(scores, cand, 224, 0.2, window=32) == [634, 19, 19]
     assert kept.ffy0_counts(scores, cand, 224, 0.2) == [582, 45, 45]
+
+
+def test_best_vs_best_picks_kvpress_best_and_pairs_cases():
+    best = _load("kvpress_best")
+    ids = ["a", "b", "c", "d"]
+
+    def rows(method, budget, correct, nbytes, side_mode="aware"):
+        return [{"method": method, "budget": budget, "mode": side_mode, "id": i, "correct": c, "cache_bytes": nbytes}
+                for i, c in zip(ids, correct)]
+
+    kv = (rows("SnapKV", 0.5, [1, 1, 0, 0], 2 << 20) + rows("TOVA", 0.5, [1, 1, 1, 0], 3 << 20)
+          + rows("Knorm", 0.5, [1, 1, 1, 1], 1 << 20)[:3]  # 3 of 4 cases: not a candidate
+          + rows("Knorm", 0.5, [1, 1, 1, 1], 1 << 20, "agnostic") + rows("dense", None, [1, 1, 1, 1], 9 << 20))
+    ours = rows("snapkv(budget={budget})", 0.5, [1, 1, 1, 1], 4 << 20) + rows("duo(sinks=4)", None, [0, 1, 1, 0], 5 << 20)
+    res = best.compare(ours, kv, ids, [(0.5, "snapkv(budget={budget})"), (0.5, "duo(sinks=4)")])
+    assert [r["kvpress"] for r in res] == ["TOVA", "TOVA"] and res[0]["kvpress_ranking"] == [("TOVA", 0.75), ("SnapKV", 0.5)]
+    assert res[0]["kvpress_accuracy"][0] == 0.75 and res[0]["graphwright_accuracy"][0] == 1.0
+    assert res[0]["delta"][0] == 0.25 and res[0]["verdict"] == "level"  # one case of four: the interval spans 0
+    assert res[0]["cases_gw_only"] == 1 and res[0]["cases_kv_only"] == 0
+    assert res[0]["kvpress_mib"] == 3.0 and res[0]["graphwright_mib"] == 4.0 and res[1]["graphwright_mib"] == 5.0
+    assert res[1]["delta"][0] == -0.25 and res[1]["cases_kv_only"] == 1 and res[1]["cases_gw_only"] == 0
+    assert best.verdict(0.05, 0.3) == "ahead" and best.verdict(-0.3, -0.05) == "behind" and best.verdict(-0.1, 0.1) == "level"
+    with pytest.raises(SystemExit, match="holds 0 of the 4"):
+        best.compare(ours, kv, ids, [(0.25, "snapkv(budget={budget})")])
+
+
+def test_agnostic_kept_recovers_gathered_positions():
+    kept = _load("kvpress_agnostic_kept")
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(3, 50, 8, generator=g)
+    idx = torch.stack([torch.randperm(50, generator=g)[:20] for _ in range(3)])  # topk order, not sorted
+    got = kept.positions_of(keys.gather(1, idx[..., None].expand(-1, -1, 8)), keys)
+    assert got == [sorted(row.tolist()) for row in idx]
+    with pytest.raises(SystemExit, match="matches no given key"):
+        kept.positions_of(keys[:, :5] + 1.0, keys)
+    assert kept.parse_job("CriticalKV(SnapKV):0.25:L1024-c3") == ("CriticalKV(SnapKV)", 0.25, "L1024-c3")
+    with pytest.raises(SystemExit, match="PRESS:BUDGET:CASE"):
+        kept.parse_job("TOVA-0.5")
