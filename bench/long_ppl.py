@@ -12,10 +12,10 @@ every later token scored by one decode step. Budgets in the templates are fracti
 head-score shares) compresses the prefill once and then appends every decoded token, so at the last scored token the
 cache holds budget + 2,047 of 4,095 tokens (a KV fraction of 0.625 at 25%, 0.75 at 50%), and the scored tokens see a
 compressed past, not a compressed present.
-Runs window k for dense and every recipe before window k + 1 (``run_suite(ppl_windows=k)`` for k = 1..N: the
-windows of a smaller N are the first windows of a larger one), so a run stopped early holds the same windows for
-every recipe. Every finished window is appended at once to the JSONL journal (default
-``bench/results/suite/ppl/cases.jsonl``, ``graphwright.eval.journal``); the table (``suite.md``/``.json``/``.png``
+Compiles each recipe once and runs window k for dense and every recipe before window k + 1 (the windows of a
+smaller N are the first windows of a larger one), so a run stopped early holds the same windows for every recipe.
+Every finished window is appended at once to the JSONL journal (default ``bench/results/suite/ppl/cases.jsonl``,
+``graphwright.eval.journal``); the table (``suite.md``/``.json``/``.png``
 under ``--out``) pairs each recipe with dense on the windows both hold: perplexity with its 95% interval over windows
 and the paired relative change ppl/ppl_dense - 1.
 """
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -36,6 +37,34 @@ RECIPES = ['snapkv(budget={quarter}, heads="scores", gamma=0.5)', 'snapkv(budget
 def recipes_for(prefix: int, templates=RECIPES) -> list:
     """Templates filled for a prefill of ``prefix`` tokens (``{half}``, ``{quarter}``: tokens)."""
     return [t.format(half=round(prefix * 0.5), quarter=round(prefix * 0.25)) for t in templates]
+
+
+def run_rounds(model, tok, recipes, args, jr) -> None:
+    """Compile each label once (when it has a missing window), then window k for dense and every recipe, then k + 1.
+
+    Keys and rows are ``eval.suite.run_suite``'s (``case_jobs``/``_run_case``), so its tables read them."""
+    from graphwright.compile import compile as gw_compile
+    from graphwright.eval.journal import make_key
+    from graphwright.eval.suite import DENSE, _run_case, build_cases, canonical, case_jobs
+
+    cases = build_cases(tok, ("ppl",), (), 1, (), (), ppl_windows=args.windows, ppl_window=args.window)
+    jobs = case_jobs(tok, cases, args.prefix, 16, "torch")
+    labels = [DENSE] + [canonical(r) for r in recipes]
+    cms, t0 = {}, time.perf_counter()
+    for task, case, kf in jobs:
+        for label in labels:
+            key = make_key(args.model, label, seed=0, **kf)
+            if jr.get(key) is not None:
+                continue
+            if label not in cms:
+                t1 = time.perf_counter()
+                cms[label] = gw_compile(model, recipe=None if label == DENSE else label, tokenizer=tok, backend="torch")
+                print(f"compiled {label} in {time.perf_counter() - t1:.0f} s", file=sys.stderr, flush=True)
+            t1 = time.perf_counter()
+            row = _run_case(cms[label], tok, task, case, args.prefix, 16)
+            jr.add(key, row)
+            print(f"{kf['case']} {label}: nll {row['nll']:.4f} kv {row['kv_bytes']} in {time.perf_counter() - t1:.0f} s "
+                  f"({time.perf_counter() - t0:.0f} s total)", file=sys.stderr, flush=True)
 
 
 def parse_args(argv=None):
@@ -66,9 +95,7 @@ def main(argv=None) -> int:
     kw = dict(tasks=("ppl",), ppl_window=args.window, ppl_prefix=args.prefix, journal=jr, model_name=args.model,
               progress=args.progress)
     if not args.table_only:
-        for k in range(1, args.windows + 1):
-            run_suite(model, tok, recipes, ppl_windows=k, **kw)
-            print(f"done window {k} of {args.windows} ({len(jr)} journal rows)", file=sys.stderr, flush=True)
+        run_rounds(model, tok, recipes, args, jr)
     res = run_suite(model, tok, recipes, ppl_windows=args.windows, out=args.out, run_missing=False, **kw)
     for r in res["rows"]:
         print(f"{r['recipe']}: ppl {r['value']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] vs dense {r['delta']:+.4f} "
