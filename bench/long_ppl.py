@@ -50,6 +50,9 @@ def run_rounds(model, tok, recipes, args, jr) -> None:
     cases = build_cases(tok, ("ppl",), (), 1, (), (), ppl_windows=args.windows, ppl_window=args.window)
     jobs = case_jobs(tok, cases, args.prefix, 16, "torch")
     labels = [DENSE] + [canonical(r) for r in recipes]
+    if args.run_only:  # one process per label, for a machine with more cores than one process uses
+        only = {DENSE if t == DENSE else canonical(r) for t in args.run_only for r in recipes_for(args.prefix, [t])}
+        labels = [lab for lab in labels if lab in only]
     cms, t0 = {}, time.perf_counter()
     for task, case, kf in jobs:
         for label in labels:
@@ -77,6 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--journal", default=str(OUT / "cases.jsonl"))
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--run-only", nargs="+", default=None,
+                   help="run only these labels ('dense' or templates among the recipes); the table still pairs every recipe with dense")
     p.add_argument("--progress", action="store_true")
     return p.parse_args(argv)
 
