@@ -53,6 +53,40 @@ def deferred(recipe: str) -> bool:
     return any(name in DEFERRED for name, _ in Recipe.parse(recipe).passes)
 
 
+def strided(n: int, stride: int) -> list:
+    """Case indices 0..n-1 in the order 0, k, 2k, ..., then 1, 1 + k, ...: a run stopped after any whole pass holds
+    cases spread evenly over the depths (the suite's case i sits at depth i / (n - 1)), not only the shallow ones."""
+    return [i for r in range(stride) for i in range(r, n, stride)]
+
+
+def run_strided(model, tok, recipes, length: int, args, jr) -> None:
+    """Needle cases at ``length`` in ``strided`` order, each case for dense and every recipe (each compiled once).
+
+    Keys and rows are ``eval.suite.run_suite``'s (``case_jobs``/``_run_case``), so its tables read them."""
+    import time
+
+    from graphwright.compile import compile as gw_compile
+    from graphwright.eval.journal import make_key
+    from graphwright.eval.suite import DENSE, _run_case, build_cases, canonical, case_jobs
+
+    jobs = case_jobs(tok, build_cases(tok, ("niah",), (length,), args.cases), 2048, 16, "torch")
+    labels = [DENSE] + [canonical(r) for r in recipes]
+    cms, t0 = {}, time.perf_counter()
+    for i in strided(len(jobs), args.stride):
+        task, case, kf = jobs[i]
+        for label in labels:
+            key = make_key(args.model, label, seed=0, **kf)
+            if jr.get(key) is not None:
+                continue
+            if label not in cms:
+                cms[label] = gw_compile(model, recipe=None if label == DENSE else label, tokenizer=tok, backend="torch")
+            t1 = time.perf_counter()
+            row = _run_case(cms[label], tok, task, case, 2048, 16)
+            jr.add(key, row)
+            print(f"{case['id']} {label}: correct {row['correct']} in {time.perf_counter() - t1:.0f} s "
+                  f"({time.perf_counter() - t0:.0f} s total)", file=sys.stderr, flush=True)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -65,6 +99,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(HERE / "results" / "suite"), help="tables go to OUT/L{length}/")
     p.add_argument("--table-only", action="store_true", help="rebuild the tables from the journal; run no case")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--stride", type=int, default=1,
+                   help="> 1: run case by case in the order 0, k, 2k, ... then 1, 1 + k, ... (dense and every recipe per "
+                        "case), so a partial cell is spread over the depths; 1 (default): recipe by recipe, cases in order")
     return p.parse_args(argv)
 
 
@@ -81,7 +118,10 @@ def main(argv=None) -> int:
     failed = {}
     kw = dict(tasks=("niah",), cases=args.cases, journal=jr, model_name=args.model, progress=args.progress)
     templates = RECIPES if args.recipes is None else args.recipes
-    if not args.table_only:  # one recipe at a time (dense first), so a recipe that fails does not stop the others
+    if not args.table_only and args.stride > 1:
+        for length in args.lengths:
+            run_strided(model, tok, recipes_for(length, templates), length, args, jr)
+    elif not args.table_only:  # one recipe at a time (dense first), so a recipe that fails does not stop the others
         plan = [(L, r) for L in args.lengths for r in ["dense"] + recipes_for(L, templates) if not deferred(r)]
         plan += [(L, r) for L in args.lengths for r in recipes_for(L, templates) if deferred(r)]
         for length, recipe in plan:

@@ -35,3 +35,12 @@ def test_templates_fill_for_the_length_and_table_only_defaults_to_the_journal():
         "snapkv(budget=512)", "streaming(sinks=4, window=1020)"]
     assert lh.parse_args(["--table-only"]).recipes is None
     assert lh.parse_args(["--recipes", "snapkv(budget={half})"]).recipes == ["snapkv(budget={half})"]
+
+
+def test_strided_order_visits_every_case_once_and_spreads_each_pass_over_the_depths():
+    lh = _mod()
+    assert lh.strided(12, 5) == [0, 5, 10, 1, 6, 11, 2, 7, 3, 8, 4, 9]
+    order = lh.strided(50, 5)
+    assert sorted(order) == list(range(50))
+    assert order[:10] == [0, 5, 10, 15, 20, 25, 30, 35, 40, 45]  # the first pass: depths 0 to 45/49 in steps of 5/49
+    assert lh.strided(7, 1) == list(range(7)) and lh.parse_args([]).stride == 1
