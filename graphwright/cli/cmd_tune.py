@@ -45,6 +45,10 @@ def add_parser(sub):
     p.add_argument("--niah-length", type=int_arg(16, 1_000_000), default=256, help="needle prompt length in tokens")
     p.add_argument("--max-ppl-ratio", type=float_arg(1, 1e6), default=None,
                    help="prune a trial whose perplexity ratio after the first window exceeds this")
+    p.add_argument("--max-ppl-delta", type=float_arg(0, 1e6), default=None,
+                   help="perplexity-aware quality: a trial whose calibration perplexity is more than this fraction above dense "
+                        "(0.05 = 5%%) is infeasible (a constraint the search and the front respect; with --niah-cases and "
+                        "--winner niah: the most needles within that perplexity)")
     p.add_argument("--scope", choices=("model", "layer", "head"), default="model",
                    help="model: one value per tunable argument; layer: eviction budgets, lowrank_kv keeps and streaming windows "
                         "per layer; head: duo's retrieval choice per (layer, KV head)")
@@ -121,7 +125,7 @@ def run(args):
                   objectives=args.objectives, min_speed=args.min_speed, speed_steps=args.speed_steps, speed_rounds=args.speed_rounds,
                   prune_margin=args.prune_margin, scheduler=args.scheduler, storage=args.storage,
                   max_predicted_ppl=args.max_predicted_ppl, enqueue=args.enqueue, winner=args.winner,
-                  winner_ppl_cap=args.winner_ppl_cap,
+                  winner_ppl_cap=args.winner_ppl_cap, max_ppl_delta=args.max_ppl_delta,
                   eval_settings={"windows": args.windows, "window": args.window, "prefix": args.prefix, "niah_cases": args.niah_cases,
                                  "niah_length": args.niah_length})
     states = {}

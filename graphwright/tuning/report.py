@@ -1,7 +1,8 @@
 """Outputs of a tuning study: the Pareto front (table, plot, one TOML recipe per point) and the winner.
 
-The front is computed over completed, feasible trials (``kv_fraction <= budget``, and
-``speed_ratio >= min_speed`` under a speed floor) on the study's objectives (KV fraction held and
+The front is computed over completed, feasible trials (``kv_fraction <= budget``,
+``speed_ratio >= min_speed`` under a speed floor, and ``ppl_ratio <= 1 + max_ppl_delta`` under a perplexity
+constraint) on the study's objectives (KV fraction held and
 perplexity ratio, minimised; needle accuracy and decode speed ratio, maximised, when measured).
 ``pareto.json`` holds ``{"front": [...], "counts": {...}}``: the front's rows and how many trials
 ended in each state, with the pruned ones split by the rule that pruned them (``pruned_by``).
@@ -63,10 +64,13 @@ def _keys(row, niah: bool, speed: bool = False):
     return k + ([-row["niah"]] if niah else []) + ([-row["speed_ratio"]] if speed else [])
 
 
-def pareto_front(rows: list, budget: float, niah: bool = False, speed: bool = False, min_speed: float | None = None) -> list:
-    """The non-dominated completed feasible trials (``kv_fraction <= budget``, speed floor met), by KV fraction."""
+def pareto_front(rows: list, budget: float, niah: bool = False, speed: bool = False, min_speed: float | None = None,
+                 max_ppl_delta: float | None = None) -> list:
+    """The non-dominated completed feasible trials (``kv_fraction <= budget``, speed floor met, perplexity ratio
+    <= 1 + ``max_ppl_delta``), by KV fraction."""
     ok = [r for r in rows if r["state"] == "COMPLETE" and r.get("kv_fraction") is not None and r["kv_fraction"] <= budget
-          and (min_speed is None or (r.get("speed_ratio") is not None and r["speed_ratio"] >= min_speed))]
+          and (min_speed is None or (r.get("speed_ratio") is not None and r["speed_ratio"] >= min_speed))
+          and (max_ppl_delta is None or r["ppl_ratio"] <= 1.0 + max_ppl_delta)]
     front = []
     for r in ok:
         a = _keys(r, niah, speed)
@@ -92,7 +96,9 @@ def trial_counts(rows: list) -> dict:
 
 
 def to_markdown(front: list, settings: dict) -> str:
-    lines = [f"Pareto front of `{settings['template']}` (KV budget {settings['budget']}, calibration split)", "",
+    delta = settings.get("max_ppl_delta")
+    cap = "" if delta is None else f", perplexity at most {100 * delta:g}% above dense"
+    lines = [f"Pareto front of `{settings['template']}` (KV budget {settings['budget']}{cap}, calibration split)", "",
              "| trial | recipe | KV fraction | ppl ratio | needle acc | decode tok/s | speed / dense |", "|---|---|---|---|---|---|---|"]
     for r in front:
         niah = "-" if r.get("niah") is None else f"{r['niah']:.3f}"
@@ -135,7 +141,8 @@ def write_outputs(result: dict, model, tokenizer) -> dict:
 
     out, settings = Path(result["out"]), result["settings"]
     niah = bool(settings["eval"]["niah_cases"])
-    front = pareto_front(result["trials"], settings["budget"], niah, "speed" in settings.get("objectives", ()), settings.get("min_speed"))
+    front = pareto_front(result["trials"], settings["budget"], niah, "speed" in settings.get("objectives", ()), settings.get("min_speed"),
+                         settings.get("max_ppl_delta"))
     (out / "recipes").mkdir(exist_ok=True)
     for r in front:
         path = out / "recipes" / f"trial-{r['number']}.toml"

@@ -11,6 +11,13 @@ holding ``"speed"``). No home-made optimiser.
   a feasible one; the Pareto front keeps feasible trials only). The ratio is measured in the
   trial's own worker, alternating dense and candidate decode (``objectives.Evaluator.speed_ratio``).
   Timings on a shared machine are noisy: a floor near 1.0 can flip on load alone.
+- Perplexity-aware quality: ``max_ppl_delta=x`` is a constraint ``ppl_ratio - (1 + x) <= 0`` on the trial's
+  full calibration perplexity (every window, not the first-window proxy that ``max_ppl_ratio`` prunes on): a
+  trial more than ``100 x``% above dense is infeasible, NSGA-II never prefers it, and the front (so the winner)
+  holds none. With needles measured (``niah_cases > 0``) and ``winner="niah"`` the winner is then the most
+  calibration needles among recipes within x% of dense perplexity: quality = needle proxy AND perplexity delta
+  <= x. Unlike ``winner="niah+ppl"`` (a cap applied to the finished front) the search itself sees it.
+  ``None`` (default): off.
 
 - Search space: ``tune.space.search_space`` (from the passes' ``Arg(tune=...)`` declarations).
 - Cost of a trial: the step graph is captured once per worker (``objectives.Evaluator``) and the
@@ -174,6 +181,8 @@ def _objective(settings, space, ev, base, worker: int = 0, measure=None):
         trial.set_constraint("kv_budget", m["kv_fraction"] - budget)  # feasible when <= 0 (NSGA-II's constrained domination)
         if settings.get("min_speed") is not None:
             trial.set_constraint("speed_floor", settings["min_speed"] - m["speed_ratio"])
+        if settings.get("max_ppl_delta") is not None:  # perplexity within x of dense on every calibration window
+            trial.set_constraint("ppl_delta", m["ppl_ratio"] - (1.0 + settings["max_ppl_delta"]))
         out = [m["kv_fraction"], m["ppl_ratio"]]
         return (out + ([m["niah"]] if settings["eval"]["niah_cases"] else [])
                 + ([m["speed_ratio"]] if "speed" in settings.get("objectives", ()) else []))
@@ -267,7 +276,7 @@ def lose_trial(study, storage, t) -> int:
 
 
 def _check_args(model, trials, workers, budget, objectives, min_speed, prune_margin, measure, eval_settings,
-                max_predicted_ppl=None, prune_wait_s=1800.0) -> None:
+                max_predicted_ppl=None, prune_wait_s=1800.0, max_ppl_delta=None) -> None:
     """ValueError naming the first bad argument of ``tune`` and what is allowed."""
     if not (isinstance(trials, int) and trials >= 1) or not (isinstance(workers, int) and 1 <= workers <= 64):
         raise ValueError(f"trials must be an int >= 1 and workers an int in [1, 64]; got trials={trials!r}, workers={workers!r}")
@@ -285,6 +294,10 @@ def _check_args(model, trials, workers, budget, objectives, min_speed, prune_mar
         raise ValueError(f"prune_wait_s is how long (seconds, >= 0) the front rule waits for earlier trials' proxies; got {prune_wait_s!r}")
     if max_predicted_ppl is not None and not (isinstance(max_predicted_ppl, (int, float)) and max_predicted_ppl >= 1):
         raise ValueError(f"max_predicted_ppl is a perplexity ratio to dense, >= 1 (or None: off); got {max_predicted_ppl!r}")
+    if max_ppl_delta is not None and (isinstance(max_ppl_delta, bool) or not isinstance(max_ppl_delta, (int, float))
+                                      or not 0 <= max_ppl_delta < float("inf")):
+        raise ValueError(f"max_ppl_delta is the largest perplexity increase over dense allowed, a finite fraction >= 0 "
+                         f"(0.05 = at most 5% above dense; None: off); got {max_ppl_delta!r}")
     if measure is not None and workers > 1:
         raise ValueError("measure= runs in this process only: use workers=1 with a custom speed measure")
     bad = sorted(set(eval_settings or {}) - set(DEFAULT_EVAL))
@@ -352,7 +365,7 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
          scope="model", objectives=("kv", "ppl"), min_speed: float | None = None, speed_steps: int = 16, speed_rounds: int = 3,
          prune_margin: float | None = None, enqueue: list | None = None, measure=None, scheduler: str | None = None,
          storage: str | None = None, max_predicted_ppl: float | None = None, winner: str = "ppl",
-         prune_wait_s: float = 1800.0, winner_ppl_cap: float | None = None) -> dict:
+         prune_wait_s: float = 1800.0, winner_ppl_cap: float | None = None, max_ppl_delta: float | None = None) -> dict:
     """Search the tunable settings of ``template`` on ``model``; returns the result (and writes ``out``).
 
     ``budget``: the largest KV fraction (bytes held / dense) a feasible recipe may hold.
@@ -379,12 +392,14 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
     "ppl" (lowest perplexity ratio, the default), "niah" (most calibration needles, then lowest perplexity
     ratio; needs ``niah_cases > 0``) or "niah+ppl" (most needles among the points with a perplexity ratio <=
     ``winner_ppl_cap``, default ``report.WINNER_PPL_CAP`` = 1.05, else the lowest perplexity ratio; needs
-    ``niah_cases > 0``); ``report.pick_winner``.
+    ``niah_cases > 0``); ``report.pick_winner``. ``max_ppl_delta``: the largest calibration perplexity increase over
+    dense a feasible trial may have (a fraction: 0.05 = 5%; a constraint ``ppl_ratio <= 1 + x`` the search and the
+    front respect; None, the default: off). On resume the study's own setting is kept.
     """
     import optuna
 
     _check_args(model, trials, workers, budget, objectives, min_speed, prune_margin, measure, eval_settings, max_predicted_ppl,
-                prune_wait_s)
+                prune_wait_s, max_ppl_delta)
     _check_cluster_args(model, workers, measure, scheduler, storage)
     from .report import WINNER_RULES, check_ppl_cap
 
@@ -419,7 +434,7 @@ def tune(model, tokenizer=None, template: str = "snapkv", budget: float = 0.5, t
                     "backend": backend, "eval": {**DEFAULT_EVAL, **(eval_settings or {})}, "scope": scope,
                     "objectives": list(objectives), "min_speed": min_speed, "prune_margin": prune_margin,
                     "max_predicted_ppl": max_predicted_ppl, "winner": winner, "winner_ppl_cap": winner_ppl_cap,
-                    "prune_wait_s": float(prune_wait_s),
+                    "prune_wait_s": float(prune_wait_s), "max_ppl_delta": None if max_ppl_delta is None else float(max_ppl_delta),
                     "speed": {"steps": speed_steps, "rounds": speed_rounds}}
         study = _create(storage, settings, loaded, tok, trials, enqueue)
     if resume:
