@@ -2,7 +2,7 @@
 
 Usage:
     PYTHONPATH=. python bench/tune_proxy_order.py bench/results/tune/smollm2-snapkv-scores-25 \
-        --journal bench/results/suite/cases_tune13.jsonl --length 1024 --cases 50 \
+        --journal bench/results/suite/cases.jsonl --length 1024 --cases 50 \
         --recipe 'snapkv(budget=256)' --recipe 'snapkv(budget=256, heads="scores", gamma=0.5)'
 
 The proxy of a recipe is what the study measured on the calibration split (its settings: calibration
