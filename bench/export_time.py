@@ -3,7 +3,7 @@
 Usage: python bench/export_time.py [--model smollm2-135m] [--recipe NAME_OR_RECIPE ...] [--context 1024]
        [--no-verify] [--ab N] [--swap-ab N] [--child-ab N] [--meta-ab N] [--threads-ab N] [--filter-ab N] [--out results/export_time.json]
 
-Recipes: the names of ``bench/bench_decode.py`` (identity, demo, h2o25, streaming25, snapkv25, lowrank50, duo;
+Recipes: the names of ``bench/bench_decode.py`` (identity, lowrank80_h2o, h2o25, streaming25, snapkv25, lowrank50, duo;
 budgets for a ``--context``-token prompt, default 1024: e.g. h2o25 = ``h2o(heavy=128, recent=128)``) or any
 recipe text; default all seven names. Each is compiled (not timed) and exported once into a temporary folder
 (with the verification probe unless ``--no-verify``); the table is the library's own record
