@@ -87,18 +87,9 @@ TINY_RECIPES = [
 ]
 
 
-def left_padded_batch(vocab: int, lengths, seed: int = 0, pad_id: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.randint(3, vocab, (len(lengths), T), generator=g)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        mask[i, T - n:] = 1
-    return ids.masked_fill(mask == 0, pad_id), mask
-
-
 def tiny_section(args) -> None:
     import graphwright as gw
+    from tests.conftest import left_padded_batch  # the CPU tests' batch (run from the repository root)
 
     for name, recipe, emphasis in TINY_RECIPES:
         def check(name=name, recipe=recipe, emphasis=emphasis):

@@ -65,27 +65,17 @@ def run_strided(model, tok, recipes, length: int, args, jr) -> None:
     Keys and rows are ``eval.suite.run_suite``'s (``case_jobs``/``_run_case``), so its tables read them."""
     import time
 
-    from graphwright.compile import compile as gw_compile
-    from graphwright.eval.journal import make_key
-    from graphwright.eval.suite import DENSE, _run_case, build_cases, canonical, case_jobs
+    from graphwright.eval.suite import DENSE, build_cases, canonical, case_jobs, run_case_major
 
     jobs = case_jobs(tok, build_cases(tok, ("niah",), (length,), args.cases), 2048, 16, "torch")
     labels = [DENSE] + [canonical(r) for r in recipes]
-    cms, t0 = {}, time.perf_counter()
-    for i in strided(len(jobs), args.stride):
-        task, case, kf = jobs[i]
-        for label in labels:
-            key = make_key(args.model, label, seed=0, **kf)
-            if jr.get(key) is not None:
-                continue
-            if label not in cms:
-                cms[label] = gw_compile(model, recipe=None if label == DENSE else label, tokenizer=tok, backend="torch")
-            t1 = time.perf_counter()
-            row = _run_case(cms[label], tok, task, case, 2048, 16)
-            jr.add(key, row)
-            print(f"{case['id']} {label}: correct {row['correct']} in {time.perf_counter() - t1:.0f} s "
-                  f"({time.perf_counter() - t0:.0f} s total)", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
 
+    def log(job, label, row, seconds):
+        print(f"{job[1]['id']} {label}: correct {row['correct']} in {seconds:.0f} s "
+              f"({time.perf_counter() - t0:.0f} s total)", file=sys.stderr, flush=True)
+
+    run_case_major(model, tok, labels, jobs, strided(len(jobs), args.stride), jr, args.model, 2048, 16, log=log)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

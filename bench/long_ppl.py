@@ -43,9 +43,7 @@ def run_rounds(model, tok, recipes, args, jr) -> None:
     """Compile each label once (when it has a missing window), then window k for dense and every recipe, then k + 1.
 
     Keys and rows are ``eval.suite.run_suite``'s (``case_jobs``/``_run_case``), so its tables read them."""
-    from graphwright.compile import compile as gw_compile
-    from graphwright.eval.journal import make_key
-    from graphwright.eval.suite import DENSE, _run_case, build_cases, canonical, case_jobs
+    from graphwright.eval.suite import DENSE, build_cases, canonical, case_jobs, run_case_major
 
     cases = build_cases(tok, ("ppl",), (), 1, (), (), ppl_windows=args.windows, ppl_window=args.window)
     jobs = case_jobs(tok, cases, args.prefix, 16, "torch")
@@ -53,22 +51,13 @@ def run_rounds(model, tok, recipes, args, jr) -> None:
     if args.run_only:  # one process per label, for a machine with more cores than one process uses
         only = {DENSE if t == DENSE else canonical(r) for t in args.run_only for r in recipes_for(args.prefix, [t])}
         labels = [lab for lab in labels if lab in only]
-    cms, t0 = {}, time.perf_counter()
-    for task, case, kf in jobs:
-        for label in labels:
-            key = make_key(args.model, label, seed=0, **kf)
-            if jr.get(key) is not None:
-                continue
-            if label not in cms:
-                t1 = time.perf_counter()
-                cms[label] = gw_compile(model, recipe=None if label == DENSE else label, tokenizer=tok, backend="torch")
-                print(f"compiled {label} in {time.perf_counter() - t1:.0f} s", file=sys.stderr, flush=True)
-            t1 = time.perf_counter()
-            row = _run_case(cms[label], tok, task, case, args.prefix, 16)
-            jr.add(key, row)
-            print(f"{kf['case']} {label}: nll {row['nll']:.4f} kv {row['kv_bytes']} in {time.perf_counter() - t1:.0f} s "
-                  f"({time.perf_counter() - t0:.0f} s total)", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
 
+    def log(job, label, row, seconds):
+        print(f"{job[2]['case']} {label}: nll {row['nll']:.4f} kv {row['kv_bytes']} in {seconds:.0f} s "
+              f"({time.perf_counter() - t0:.0f} s total)", file=sys.stderr, flush=True)
+
+    run_case_major(model, tok, labels, jobs, range(len(jobs)), jr, args.model, args.prefix, 16, log=log)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -93,31 +93,18 @@ def run_rounds(model, tok, recipes, args, jr, t0) -> None:
 
     Rows the journal holds are skipped (same keys as ``eval.suite.run_suite``, so its tables read them).
     """
-    from graphwright.compile import compile as gw_compile
-    from graphwright.eval.journal import make_key
-    from graphwright.eval.suite import DENSE, _run_case, build_cases, canonical, case_jobs
+    from graphwright.eval.suite import DENSE, build_cases, canonical, case_jobs, run_case_major
 
     cases = build_cases(tok, ("ruler",), (), args.cases, tuple(args.tasks), (args.length,), seed=0)
     jobs = case_jobs(tok, cases, 2048, 16, "torch")
     labels = [DENSE] + [canonical(r) for r in recipes]
-    cms = {}
     order = sorted(range(len(jobs)), key=lambda i: (jobs[i][1]["id"].rsplit("-c", 1)[1].zfill(6), i))  # case index first
-    for i in order:
-        task, case, kf = jobs[i]
-        for label in labels:
-            key = make_key(args.model, label, seed=0, **kf)
-            if jr.get(key) is not None:
-                continue
-            if label not in cms:
-                t1 = time.perf_counter()
-                cms[label] = gw_compile(model, recipe=None if label == DENSE else label, tokenizer=tok, backend="torch")
-                print(f"compiled {label} in {time.perf_counter() - t1:.0f} s", file=sys.stderr, flush=True)
-            t1 = time.perf_counter()
-            row = _run_case(cms[label], tok, task, case, 2048, 16)
-            jr.add(key, row)
-            print(f"{case['id']} {label}: score {row['score']:.2f} in {time.perf_counter() - t1:.0f} s "
-                  f"({time.perf_counter() - t0:.0f} s total)", file=sys.stderr, flush=True)
 
+    def log(job, label, row, seconds):
+        print(f"{job[1]['id']} {label}: score {row['score']:.2f} in {seconds:.0f} s "
+              f"({time.perf_counter() - t0:.0f} s total)", file=sys.stderr, flush=True)
+
+    run_case_major(model, tok, labels, jobs, order, jr, args.model, 2048, 16, log=log)
 
 def main(argv=None) -> int:
     args = parse_args(argv)

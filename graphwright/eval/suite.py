@@ -133,6 +133,35 @@ def _run_case(cm, tokenizer, task, case, ppl_prefix, max_new_tokens) -> dict:
     return {"nll": r["nll"][0], "kv_bytes": r["kv_bytes"][0], "kv_bytes_dense": r["kv_bytes_dense"][0]}
 
 
+def run_case_major(model, tokenizer, labels, jobs, order, journal, model_name, ppl_prefix, max_new_tokens,
+                   backend="torch", seed=0, log=None) -> None:
+    """Case by case: job ``order[0]`` for every label, then ``order[1]``...; each label compiled once, on its
+    first missing row; rows the journal holds are skipped, each new row is appended at once.
+
+    The order of the benchmark scripts that stop early on purpose (a cell cut short still covers every
+    depth, every window, every task): ``run_label`` runs label by label instead. Keys and rows are
+    ``run_label``'s, so ``run_suite``'s tables read them. ``log(job, label, row, seconds)`` after each row."""
+    import time
+
+    from ..compile import compile as gw_compile
+
+    cms = {}
+    for i in order:
+        task, case, kf = jobs[i]
+        for label in labels:
+            key = make_key(model_name, label, seed=seed, **kf)
+            if journal.get(key) is not None:
+                continue
+            if label not in cms:
+                cms[label] = gw_compile(model, recipe=None if label == DENSE else label, tokenizer=tokenizer,
+                                        backend=backend)
+            t1 = time.perf_counter()
+            row = _run_case(cms[label], tokenizer, task, case, ppl_prefix, max_new_tokens)
+            journal.add(key, row)
+            if log is not None:
+                log(jobs[i], label, row, time.perf_counter() - t1)
+
+
 def run_label(model, tokenizer, label, jobs, journal, model_name, seed, ppl_prefix, max_new_tokens, backend="torch",
               progress=True, run_missing=True) -> dict:
     """Every job for one recipe label: rows the journal holds are reused, the others run and are appended at once.
