@@ -136,13 +136,14 @@ def test_export_records_phase_seconds(exports):
     assert sum(phases.values()) >= 0.8 * total - 0.05  # nothing sizeable runs outside a phase (two small JSON writes do)
     assert list(meta["export"]["cpu"]) == list(phases) and meta["export"]["total_cpu_s"] > 0
     assert meta["verification"]["probe"]["decode_steps"] == 3
-    assert meta["export"]["notes"] == {"decompositions": "skipped"}  # exporter_shortcuts.py took the short path
+    # exporter_shortcuts.py took the short path; the optimizer's rewrite rules were filtered by root op (rule_filter.py)
+    assert meta["export"]["notes"] == {"decompositions": "skipped", "rule_filter": "on"}
     from graphwright.codegen.onnx.phases import timings_table
 
     table = timings_table(meta["export"]).splitlines()  # what `graphwright export --timings` prints
     assert [row.split()[0] for row in table[1:1 + len(phases)]] == list(phases)
     assert table[1 + len(phases)].split()[:2] == ["total", f"{meta['export']['total_s']:.2f}"]
-    assert table[-1] == "decompositions: skipped"
+    assert table[-2:] == ["decompositions: skipped", "rule_filter: on"]
 
 
 def test_verify_steps_knob(tmp_path, exports):
