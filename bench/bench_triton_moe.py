@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -87,10 +88,11 @@ def main(argv=None):
 
         from graphwright.models.upcycle import upcycle_to_mixtral
 
-        torch.manual_seed(0)
-        dense = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=576, intermediate_size=1536,
-                                             num_hidden_layers=1, num_attention_heads=9, num_key_value_heads=3,
-                                             head_dim=64))
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from gpu_checks import SMOLLM2_135M
+
+        torch.manual_seed(0)  # one decoder layer of SmolLM2-135M's shape; a small vocabulary (the block is what is timed)
+        dense = LlamaForCausalLM(LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": 1, "vocab_size": 1024}))
         model = upcycle_to_mixtral(dense).to(torch.bfloat16)
     else:
         model, _ = gw.load_model(a.model, dtype=torch.bfloat16)

@@ -37,6 +37,9 @@ from statistics import median
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import GWSide, HFSide, recipe_text  # noqa: E402 - the CPU speed table's sides and recipes
+
 OUT = Path(".")
 DEVICE = "cuda"  # --device cpu: a smoke run of the code paths on CPU (TRITON_INTERPRET=1 for triton)
 
@@ -45,11 +48,7 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
                     rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1,
                     eos_token_id=2, pad_token_id=2)
 
-EVICTION = {  # name -> recipe at 25% of a prompt of P tokens (as bench/bench_decode.py)
-    "h2o25": lambda P: f"h2o(heavy={P // 8}, recent={P // 8})",
-    "streaming25": lambda P: f"streaming(sinks=4, window={P // 4 - 4})",
-    "snapkv25": lambda P: f"snapkv(budget={P // 4})",
-}
+EVICTION = ("h2o25", "streaming25", "snapkv25")  # bench/bench_decode.py's recipes at 25% of the prompt
 
 
 def sync() -> None:
@@ -127,39 +126,18 @@ def smollm2_shaped(dtype: torch.dtype):
     return model.to(device=DEVICE, dtype=dtype).eval()
 
 
-class HFSide:
-    def __init__(self, model):
-        self.model = model
+class Synced:
+    """A side of ``bench/bench_decode.py`` (its HF and graphwright sides, their own timers) with the GPU's queue
+    drained before and after each generation, so no side's kernels run inside another side's timing."""
 
-    @torch.inference_mode()
-    def run(self, ids, new):
-        from transformers import LogitsProcessorList
-
-        from graphwright.bench.timing import cache_bytes, step_timer
-
-        timer = step_timer()
-        sync()
-        t0 = time.perf_counter()
-        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                                  do_sample=False, pad_token_id=2, logits_processor=LogitsProcessorList([timer]),
-                                  return_dict_in_generate=True)
-        sync()
-        end = time.perf_counter()
-        return out.sequences, {"prefill_tokens_per_s": ids.shape[1] / (timer.stamps[0] - t0),
-                               "decode_tokens_per_s": (len(timer.stamps) - 1) / (end - timer.stamps[0]),
-                               "kv_bytes": cache_bytes(out.past_key_values)}
-
-
-class GWSide:
-    def __init__(self, cm):
-        self.cm = cm
+    def __init__(self, side):
+        self.side = side
 
     def run(self, ids, new):
         sync()
-        out = self.cm.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, eos_token_id=[])
+        out = self.side.run(ids, new)
         sync()
-        s = self.cm.last_stats
-        return out, {k: s[k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "kv_bytes")}
+        return out
 
 
 def measure(section: str, sides: dict, ids, new: int, repeats: int, warmup: int, extra: dict) -> None:
@@ -208,11 +186,11 @@ def decode_section(args) -> None:
           "params": sum(p.numel() for p in model.parameters()), "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"})
     for P in args.prompts:
         def one(P=P):
-            sides = {"hf": HFSide(model)}
+            sides = {"hf": Synced(HFSide(model, SMOLLM2_135M["pad_token_id"]))}
             for rt in args.backends:
-                sides[f"identity/{rt}"] = GWSide(gw.compile(model, backend=rt, verify=False))
+                sides[f"identity/{rt}"] = Synced(GWSide(gw.compile(model, backend=rt, verify=False)))
             for name in args.recipes:
-                sides[f"{name}/torch"] = GWSide(gw.compile(model, recipe=EVICTION[name](P), verify=False))
+                sides[f"{name}/torch"] = Synced(GWSide(gw.compile(model, recipe=recipe_text(name, P), verify=False)))
             ids = torch.randint(3, SMOLLM2_135M["vocab_size"], (1, P), generator=torch.Generator().manual_seed(P))
             measure("decode", sides, ids.to(DEVICE), args.new, args.repeats, args.warmup,
                     {"prompt": P, "new": args.new, "dtype": args.dtype})
@@ -227,10 +205,11 @@ def compiled_section(args) -> None:
     for P in args.prompts:
         def one(P=P):
             t0 = time.perf_counter()
-            sides = {"hf": HFSide(model), "identity/torch": GWSide(gw.compile(model, verify=False)),
-                     "identity/compiled": GWSide(gw.compile(model, backend="compiled", verify=False)),
-                     "streaming25/compiled": GWSide(gw.compile(model, recipe=EVICTION["streaming25"](P),
-                                                               backend="compiled", verify=False))}
+            sides = {"hf": Synced(HFSide(model, SMOLLM2_135M["pad_token_id"])),
+                     "identity/torch": Synced(GWSide(gw.compile(model, verify=False))),
+                     "identity/compiled": Synced(GWSide(gw.compile(model, backend="compiled", verify=False))),
+                     "streaming25/compiled": Synced(GWSide(gw.compile(model, recipe=recipe_text("streaming25", P),
+                                                                      backend="compiled", verify=False)))}
             ids = torch.randint(3, SMOLLM2_135M["vocab_size"], (1, P), generator=torch.Generator().manual_seed(P))
             measure("compiled", sides, ids.to(DEVICE), args.new, args.repeats, args.warmup,
                     {"prompt": P, "new": args.new, "dtype": args.dtype,

@@ -154,8 +154,8 @@ class OnnxStep:
         if unknown:
             raise GraphwrightError(f"unknown extra input(s) {sorted(unknown)}; this model takes {sorted(self.extras) or 'none'}")
         B = input_ids.shape[0]
+        extra = [extras[n] if extras.get(n) is not None else torch.zeros(B, 1) for n in self.extras]
         if self.inplace is not None:
-            extra = [extras[n] if extras.get(n) is not None else torch.zeros(B, 1) for n in self.extras]
             return self._run_inplace(input_ids, positions, logits_index, state, extra)
         session, outputs, records, capacity, host, names = self.session, self.output_names, self.records, {}, [], self.input_names
         if self.decode is not None and input_ids.shape[1] == 1:
@@ -166,11 +166,10 @@ class OnnxStep:
             session, outputs, records, capacity = d["session"], d["outputs"], d["records"], d["capacity"]
             state = pad_to_capacity(list(state), self.state_names, self.seq_dims, capacity)
             if d["inplace"] is not None and _one_width(state, d["inplace"][0], self.seq_dims, d):
-                return self._run_decode_inplace(d, input_ids, positions, logits_index, state, extras)
+                return self._run_decode_inplace(d, input_ids, positions, logits_index, state, extra)
             session = d["session"]
             host, names = [keyformer_noise(r, state, self.state_names, int(r["heads"])) for r in d["host_inputs"]], d["inputs"]
-        extra = [extras[n] if extras.get(n) is not None else torch.zeros(B, 1) for n in self.extras] + host
-        tensors = [t.detach().cpu().contiguous() for t in (input_ids, positions, logits_index, *state, *extra)]
+        tensors = [t.detach().cpu().contiguous() for t in (input_ids, positions, logits_index, *state, *extra, *host)]
         if self.io_binding and not records and self.seq_dims is not None and all(t.dtype in NUMPY for t in tensors):
             out = self._run_bound(session, outputs, tensors, capacity, self.prompt_capacity if session is self.session else {}, names)
         else:
@@ -181,10 +180,7 @@ class OnnxStep:
 
             ins = dict(zip(names, tensors))
             out.update({f"{k}_next": v for k, v in run_records(records, out, ins).items()})
-        res = [out["logits"], *(out[f"{n}_next"] for n in self.state_names)]
-        if input_ids.device.type != "cpu":
-            res = [o.to(input_ids.device) for o in res]
-        return res[0], res[1:]
+        return _to_caller([out["logits"], *(out[f"{n}_next"] for n in self.state_names)], input_ids)
 
     def _run_bound(self, session, outputs, tensors, capacity, bounded=None, input_names=None, alias=None) -> dict:
         """One ``run_with_iobinding``: inputs and outputs bound to torch tensors' memory (module docstring).
@@ -223,7 +219,7 @@ class OnnxStep:
                     out[name] = torch.from_numpy(value.numpy())
         return out
 
-    def _run_decode_inplace(self, d, input_ids, positions, logits_index, state, extras):
+    def _run_decode_inplace(self, d, input_ids, positions, logits_index, state, extra):
         """A decode step whose appended states are capacity buffers (``inplace_kv.rewrite_decode``): each bound to
         its own input's memory (its row written in place), the capacity states as in ``_run_bound``."""
         idx, bufs = d["inplace"]
@@ -231,8 +227,6 @@ class OnnxStep:
         state = list(state)
         for i, b in zip(idx, buffers):
             state[i] = b
-        B = input_ids.shape[0]
-        extra = [extras[n] if extras.get(n) is not None else torch.zeros(B, 1) for n in self.extras]
         tensors = [t.detach().cpu().contiguous() for t in (input_ids, positions, logits_index, *state, *extra)]
         tensors.append(torch.tensor([L], dtype=torch.int64))
         alias = {self.state_names[i]: b for i, b in zip(idx, buffers)}
@@ -240,10 +234,7 @@ class OnnxStep:
                               [*d["inputs"], inplace_kv.WRITE_INDEX], alias)
         for i, v in zip(idx, bufs.views(buffers, L + 1)):
             out[f"{self.state_names[i]}_next"] = v
-        res = [out["logits"], *(out[f"{n}_next"] for n in self.state_names)]
-        if input_ids.device.type != "cpu":
-            res = [o.to(input_ids.device) for o in res]
-        return res[0], res[1:]
+        return _to_caller([out["logits"], *(out[f"{n}_next"] for n in self.state_names)], input_ids)
 
     def _run_inplace(self, input_ids, positions, logits_index, state, extra):
         """One step on capacity buffers (``inplace_kv.py``): each state output bound to its own input's memory,
@@ -262,10 +253,7 @@ class OnnxStep:
         for name, t in zip(self.state_names, buffers):
             bind_out(f"{name}_next", NUMPY[t.dtype], list(t.shape), t.data_ptr())
         self.session.run_with_iobinding(binding)
-        res = [logits, *self.inplace.views(buffers, L + T)]
-        if input_ids.device.type != "cpu":
-            res = [o.to(input_ids.device) for o in res]
-        return res[0], res[1:]
+        return _to_caller([logits, *self.inplace.views(buffers, L + T)], input_ids)
 
     def _vocab(self, session) -> int:
         dim = session.get_outputs()[0].shape[-1]
@@ -319,6 +307,13 @@ def _inplace_graph(model_path, providers, state_names, records, decode, seq_dims
     if state_names is None or seq_dims is None or state_kinds is None:
         return None, "state names, kinds and seq dims unknown (from_metadata passes them)"
     return inplace_kv.rewrite(model_path, list(state_names), list(state_kinds), list(seq_dims))
+
+
+def _to_caller(res: list, input_ids):
+    """(logits, [next states]) on the caller's device (the session ran on CPU tensors)."""
+    if input_ids.device.type != "cpu":
+        res = [o.to(input_ids.device) for o in res]
+    return res[0], res[1:]
 
 
 def _cpu_binding(io_binding: bool, providers) -> bool:
