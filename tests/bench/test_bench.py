@@ -1,13 +1,12 @@
 """bench_generate returns its documented measurements (speed itself is never asserted)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 
 from graphwright.bench import bench_generate, format_bench
 from graphwright.bench.generate import METRICS
+from tests.bench.bench_scripts import load_bench
 
 
 def test_bench_generate_reports_medians_and_ratios(tiny, compiled_tiny):
@@ -31,9 +30,7 @@ def test_bench_generate_reports_medians_and_ratios(tiny, compiled_tiny):
 
 
 def test_bench_runtime_script(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_runtime", Path(__file__).parents[2] / "bench" / "bench_runtime.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("bench_runtime")
     out = tmp_path / "b.json"
     mod.main(["--model", "tiny-llama", "--prompt", "8", "--new", "3", "--repeats", "1", "--warmup", "0", "--out", str(out)])
     assert "graphwright/HF decode tokens/s = " in capsys.readouterr().out
@@ -73,9 +70,7 @@ def test_machine_load_counts_only_other_processes():
 
 
 def test_bench_decode_script_tables_every_side(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_decode", Path(__file__).parents[2] / "bench" / "bench_decode.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_bench("bench_decode")
     out = tmp_path / "d"
     rc = mod.main(["--model", "tiny-llama", "--prompts", "12", "--new", "3", "--repeats", "1", "--warmup", "0",
                    "--recipes", "identity", "streaming25", "--runtimes", "torch", "--out", str(out),

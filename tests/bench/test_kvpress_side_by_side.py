@@ -4,7 +4,6 @@ The kvpress side itself needs ``bench/.venv-kvpress`` (not in CI); its decode lo
 here on plain transformers objects: with no press, the worker's answer equals graphwright's dense answer.
 """
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -12,18 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.bench.bench_scripts import load_bench
+
 BENCH = Path(__file__).parents[2] / "bench"
 
 
 def _load(name):
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod
-    finally:
-        sys.path.remove(str(BENCH))
+    return load_bench(name)
 
 
 @pytest.fixture(scope="module")

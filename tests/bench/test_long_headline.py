@@ -1,18 +1,12 @@
 """bench/long_headline.py: templates fill per length; --table-only lists every recipe the journal holds at a length."""
 
-import importlib.util
-from pathlib import Path
 
 from graphwright.eval.journal import Journal, make_key
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.bench.bench_scripts import load_bench
 
 
 def _mod():
-    spec = importlib.util.spec_from_file_location("long_headline", BENCH / "long_headline.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("long_headline")
 
 
 def test_journal_recipes_per_length_and_model_in_first_seen_order(tmp_path):

@@ -1,21 +1,15 @@
 """bench/long_ppl.py: budgets are fractions of the prefill; windows run interleaved, resume, and pair with dense."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from graphwright.eval.journal import Journal
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from tests.bench.bench_scripts import load_bench
 
 
 def _mod():
-    spec = importlib.util.spec_from_file_location("long_ppl", BENCH / "long_ppl.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("long_ppl")
 
 
 def test_default_recipes_are_quarter_and_half_of_the_prefill():

@@ -6,28 +6,21 @@ sweep's exact setting (keep=1.0, every schedule and scaling) gives ΔPPL 0 on th
 while keep=0.5 keeps half the KV bytes and changes perplexity.
 """
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import graphwright as gw
+from tests.bench.bench_scripts import load_bench
 
-BENCH = Path(__file__).parents[2] / "bench"
 TINY = ["--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--intermediate", "64",
         "--steps", "8", "--batch", "2", "--seq", "64", "--eval-tokens", "512", "--window", "128", "--stride", "64"]
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench(name, register=True)
 
 
 @pytest.fixture(scope="module")
