@@ -305,10 +305,10 @@ def duo_headset(model_name) -> Path:
     return Path(hs.__file__).parent / f"{model_name}_duo.json"
 
 
-def qfilters_file(model_name, model, tok) -> Path:
+def qfilters_file(model_name, model, tok, folder: Path = HERE / "results" / "kvpress") -> Path:
     """graphwright's calibrated Q-Filters for ``model_name`` as a safetensors file (written once; the press
     "QFilter(graphwright filters)" reads it): what ``evict(score='qfilter')`` computes when it is given no file."""
-    path = HERE / "results" / "kvpress" / f"qfilters-{model_name}.safetensors"
+    path = Path(folder) / f"qfilters-{model_name}.safetensors"
     if not path.is_file():
         from graphwright.capture import capture
         from graphwright.passes.pipeline import make_context
