@@ -305,7 +305,21 @@ def duo_headset(model_name) -> Path:
     return Path(hs.__file__).parent / f"{model_name}_duo.json"
 
 
-def run_kvpress(args, cases, write_model, eos, out: Path) -> dict:
+def qfilters_file(model_name, model, tok, folder: Path = HERE / "results" / "kvpress") -> Path:
+    """graphwright's calibrated Q-Filters for ``model_name`` as a safetensors file (written once; the press
+    "QFilter(graphwright filters)" reads it): what ``evict(score='qfilter')`` computes when it is given no file."""
+    path = Path(folder) / f"qfilters-{model_name}.safetensors"
+    if not path.is_file():
+        from graphwright.capture import capture
+        from graphwright.passes.pipeline import make_context
+        from graphwright.passes.qfilter_calibrate import calibrate_filters, save_filters
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_filters(path, calibrate_filters(capture(model), make_context(model, tok)))
+    return path
+
+
+def run_kvpress(args, cases, write_model, eos, out: Path, qfilters=None) -> dict:
     """The kvpress side in its own environment; ``{"skipped": reason}`` when that environment is missing.
 
     ``write_model()`` returns the safetensors folder (written only when the environment exists). The worker
@@ -318,6 +332,7 @@ def run_kvpress(args, cases, write_model, eos, out: Path) -> dict:
     spec = {"model": args.model, "model_dir": str(write_model()), "presses": args.presses, "budgets": args.budgets,
             "modes": args.modes, "max_new_tokens": args.max_new_tokens, "eos": [eos] if isinstance(eos, int) else list(eos),
             "journal": str(out / "kvpress_answers.jsonl"), "duo_headset": str(duo_headset(args.model)),
+            "qfilters": str(qfilters()) if qfilters is not None and "QFilter(graphwright filters)" in args.presses else None,
             "cases": [{"id": c["id"], "ids": c["ids"], "split": c["split"]} for c in cases]}
     spec_path, res_path = out / "kvpress_cases.json", out / "kvpress_raw.json"
     spec_path.write_text(json.dumps(spec))
@@ -405,7 +420,8 @@ def main(argv=None) -> int:
         kv = {"skipped": "--skip-kvpress"}
     else:
         model_dir = Path(args.model_dir) if args.model_dir else HERE / ".cache-kvpress" / args.model
-        kv = run_kvpress(args, cases, lambda: save_model_dir(model, tok, model_dir), tok.eos_token_id, out)
+        kv = run_kvpress(args, cases, lambda: save_model_dir(model, tok, model_dir), tok.eos_token_id, out,
+                         qfilters=lambda: qfilters_file(args.model, model, tok))
     return _report(args, out, tok, cases, ours, bytes_key, kv, t0)
 
 

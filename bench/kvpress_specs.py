@@ -76,7 +76,8 @@ def main(argv=None) -> int:
         spec = {"model": a.model, "model_dir": str(model_dir), "presses": [p for p in presses if p != "dense"], "budgets": a.budgets,
                 "modes": a.modes, "max_new_tokens": a.max_new_tokens, "eos": [eos] if isinstance(eos, int) else list(eos),
                 "journal": str(out / f"kvpress_answers.{slug(name)}.jsonl"), "round": a.round, "duo_headset": str(sbs.duo_headset(a.model)),
-                "dense": dense, "cases": [{"id": c["id"], "ids": c["ids"], "split": c["split"]} for c in picked]}
+                "qfilters": str(sbs.qfilters_file(a.model, model, tok)), "dense": dense,
+                "cases": [{"id": c["id"], "ids": c["ids"], "split": c["split"]} for c in picked]}
         path = specs / f"{slug(name)}.json"
         path.write_text(json.dumps(spec))
         print(path)

@@ -61,8 +61,21 @@ def _presses(spec=None):
         press.load_attention_pattern = lambda model: (4, 256, scores)  # kvpress's (sink_size, recent_size, head_scores)
         return press
 
+    def qfilter_ours(ratio):
+        # kvpress's QFilterPress downloads its filters from the Hub; here it gets graphwright's calibrated filters
+        # (spec["qfilters"], a safetensors file with "q_filters" [layers, KV heads, head dim], kvpress's own layout),
+        # so both sides run the same algorithm with the same filters
+        from safetensors.torch import load_file
+
+        press = kp.QFilterPress(compression_ratio=ratio)
+        filters = load_file(spec["qfilters"])["q_filters"]
+        press.post_init_from_model = lambda model: setattr(press, "q_filters", filters.to(model.dtype))
+        return press
+
     return {
         "DuoAttention(graphwright heads)": duo_headset,
+        "LagKV": lambda r: kp.LagKVPress(compression_ratio=r, n_sink=4, lag_size=128),
+        "QFilter(graphwright filters)": qfilter_ours,
         "SnapKV": lambda r: kp.SnapKVPress(compression_ratio=r, window_size=SNAPKV_WINDOW, kernel_size=5),
         "ObservedAttention": lambda r: kp.ObservedAttentionPress(compression_ratio=r),
         "ExpectedAttention": lambda r: kp.ExpectedAttentionPress(compression_ratio=r),

@@ -4,7 +4,9 @@ One reference, ``scored_reference``, defines ``graphwright.evict_scored`` (no st
 ``graphwright.evict_scored_acc`` (one fp32 running score per slot, state ``attn_score<layer>``:
 the cumulative-attention scorer) and ``graphwright.evict_scored_rope`` (reads the layer's rotary
 table ``inv_freq`` as a per-step input: Expected Attention) and ``graphwright.evict_scored_wo`` (reads the
-layer's ``o_proj`` weight ``wo`` as a per-step input and takes ``first`` last: CriticalKV). Per layer and step:
+layer's ``o_proj`` weight ``wo`` as a per-step input and takes ``first`` last: CriticalKV), ``graphwright.evict_scored_lag``
+(takes the partition size ``lag`` last: LagKV) and ``graphwright.evict_scored_qfilter`` (reads the layer's
+filters ``qfilter`` [Hk, D] as a per-step input: Q-Filters). Per layer and step:
 
 1. (``_acc``) add this step's attention, summed over its query rows and averaged over the g heads
    of a KV head, to the running score (new slots start at 0), evicting or not;
@@ -99,7 +101,7 @@ def reuse_keep(k_pos, leader_pos, do):
 
 
 def scored_reference(q, k, v, q_pos, k_pos, *rest, acc: bool = False, rope: bool = False, reuse: bool = False,
-                     wo=None, first: float = 0.5):
+                     wo=None, first: float = 0.5, lag: int = 128, qfilter=None):
     """-> (k, v, k_pos[, score]): the op's definition (argument order in ``_args``)."""
     rest = list(rest)
     state = rest.pop(0) if acc else None
@@ -114,7 +116,7 @@ def scored_reference(q, k, v, q_pos, k_pos, *rest, acc: bool = False, rope: bool
         state = state + colsum(q, k, q_pos, k_pos, scale)
     x = ScoreInputs(q=q, k=k, v=v, q_pos=q_pos, k_pos=k_pos, scale=scale, cand=k_pos >= 0, length=length, state=state,
                     inv_freq=inv_freq, rope_scaling=rope_scaling, window=window, kernel=kernel, smooth=smooth, pool=pool,
-                    sinks=sinks, n_future=n_future, eps=eps, wo=wo, first=first)
+                    sinks=sinks, n_future=n_future, eps=eps, wo=wo, first=first, lag=lag, qfilter=qfilter)
     if reuse:  # the leader's kept positions, on the same schedule (its sets are the same at prefill)
         S, T = k.shape[2], q_pos.shape[1]
         valid = k_pos >= 0
@@ -159,6 +161,17 @@ def _wo(q, k, v, q_pos, k_pos, wo, scale, *rest):
     return scored_reference(q, k, v, q_pos, k_pos, scale, *rest[:n], *rest[n + 1:], wo=wo, first=rest[n])
 
 
+def _lag(q, k, v, q_pos, k_pos, scale, *rest):
+    """LagKV's variant: the partition size ``lag`` after the shared params."""
+    n = len(PARAMS)
+    return scored_reference(q, k, v, q_pos, k_pos, scale, *rest[:n], *rest[n + 1:], lag=rest[n])
+
+
+def _qfilter(q, k, v, q_pos, k_pos, qfilter, scale, *rest):
+    """Q-Filters' variant: the layer's filters ``qfilter`` [Hk, D] as a per-step input."""
+    return scored_reference(q, k, v, q_pos, k_pos, scale, *rest, qfilter=qfilter)
+
+
 SCORED_POLICY = EvictionPolicy(name="scored", reference=_plain, params=PARAMS,
                                doc="A scorer + schedule + budget rule (``policy_scored``); no state.")
 SCORED_ACC_POLICY = EvictionPolicy(name="scored_acc", reference=_acc, params=PARAMS,
@@ -173,7 +186,14 @@ SCORED_REUSE_POLICY = EvictionPolicy(name="scored_reuse", reference=_reuse, para
 SCORED_WO_POLICY = EvictionPolicy(name="scored_wo", reference=_wo, params=PARAMS + (Param("first", "float"),),
                                   step_inputs=(StepInput("wo", torch.float32),),
                                   doc="A scorer + schedule + budget rule that reads the layer's o_proj weight (CriticalKV).")
+SCORED_LAG_POLICY = EvictionPolicy(name="scored_lag", reference=_lag, params=PARAMS + (Param("lag", "int"),),
+                                   doc="A scorer + schedule + budget rule with a partition size (LagKV).")
+SCORED_QFILTER_POLICY = EvictionPolicy(name="scored_qfilter", reference=_qfilter, params=PARAMS,
+                                       step_inputs=(StepInput("qfilter", torch.float32),),
+                                       doc="A scorer + schedule + budget rule that reads the layer's filters (Q-Filters).")
 EVICT_SCORED = register_policy(SCORED_POLICY)
+EVICT_SCORED_LAG = register_policy(SCORED_LAG_POLICY)
+EVICT_SCORED_QFILTER = register_policy(SCORED_QFILTER_POLICY)
 EVICT_SCORED_WO = register_policy(SCORED_WO_POLICY)
 EVICT_SCORED_REUSE = register_policy(SCORED_REUSE_POLICY)
 EVICT_SCORED_ACC = register_policy(SCORED_ACC_POLICY)
@@ -185,4 +205,8 @@ def policy_for(scorer: str) -> EvictionPolicy:
     s = SCORERS[scorer]
     if s.needs_wo:
         return SCORED_WO_POLICY
+    if s.lagged:
+        return SCORED_LAG_POLICY
+    if s.filtered:
+        return SCORED_QFILTER_POLICY
     return SCORED_ACC_POLICY if s.stateful else SCORED_ROPE_POLICY if s.rope else SCORED_POLICY

@@ -5,7 +5,9 @@ the generic scored eviction op (``ops/policy_scored.py``) after every chosen lay
 
 * ``score``: a scorer of ``ops/scorers`` (``snapkv``, ``h2o`` = cumulative attention, ``knorm``,
   ``tova``, ``keydiff``, ``expected_attention``, ``criticalkv`` = SnapKV re-weighted in two stages by
-  ||v W_O||_1, arXiv 2502.03805, ``first``/``eps``, reading each layer's ``o_proj`` weight) or ``chunkkv`` (SnapKV scores in chunks of 20;
+  ||v W_O||_1, arXiv 2502.03805, ``first``/``eps``, reading each layer's ``o_proj`` weight; ``lagkv``, arXiv
+  2504.04704, ``lag``, after prefill only; ``qfilter``, arXiv 2503.02812, ``filters`` = a safetensors file or
+  calibrated, ``passes/qfilter_calibrate.py``) or ``chunkkv`` (SnapKV scores in chunks of 20;
   ``chunk=N`` wraps any scorer), or a name in ``DELEGATES`` (policies with their own op);
 * ``when``: ``"prefill"`` (once after the prompt), ``"decode"`` (after prefill and every step),
   ``"every:N"`` or ``every=N`` (after prefill and at decode steps where the row's length is a
@@ -65,6 +67,7 @@ and Qwen2 (logits and 32 greedy tokens); SnapKV/H2O equivalences; schedules; com
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -75,6 +78,7 @@ from ..ops.adakv_critical import describe
 from ..ops.adakv_scored import EVICT_ADAKV_SCORED
 from ..ops.policy_scored import SCORED_REUSE_POLICY, policy_for
 from ..ops.scorers import CHUNKKV, SCORERS
+from ..ops.scorers.lagkv import DEFAULT_LAG
 from .base import MAX_TOKENS, Arg, Pass, PassContext, Tunable, register_pass
 from .packed_rewrite import rewrite_packed
 from .eviction_common import (
@@ -204,6 +208,11 @@ class Evict(EvictionPass):
         Arg("block", int, None, "KeyDiff block-wise prefill: the runtime runs the prompt in blocks of N tokens and each "
             "block evicts back to budget (peak cache <= budget + N per head)", min=2, max=MAX_TOKENS),
         Arg("slack", int, None, "overflow: evict when a head holds more than budget + slack (default 0)", min=0, max=MAX_TOKENS),
+        # LagKV (``ops/scorers/lagkv.py``) and Q-Filters (``ops/scorers/qfilter.py``, ``qfilter_calibrate.py``)
+        Arg("lag", int, None, "lagkv: partition size (default 128; no compression below sinks + 2 * lag)", min=1,
+            max=MAX_TOKENS),
+        Arg("filters", str, None, "qfilter: a safetensors file with one tensor 'q_filters' [layers, KV heads, head "
+            "dim] (default: calibrated from the shipped novel)"),
         LAYERS_ARG,
     )
 
@@ -254,6 +263,7 @@ class Evict(EvictionPass):
         }
         if s.needs_wo:
             self.params["first"] = 0.5 if v["first"] is None else float(v["first"])
+        self._lag_and_filters(v, s)
         self.reuse = v["chunk_reuse"] or 1
         if self.reuse > 1:
             self._check_reuse(v, chunk, s)
@@ -262,6 +272,36 @@ class Evict(EvictionPass):
         self.floor_alpha = 0.2 if v["floor"] is None else float(v["floor"])
         if self.rule == "adaptive":
             self.delegate = self._adaptive(v, n)
+
+    def _lag_and_filters(self, v, s):
+        """LagKV's ``lag`` and schedule, Q-Filters' ``filters``: refuse what a scorer does not read or cannot run."""
+        for arg, owner, reads in (("lag", "lagkv", s.lagged), ("filters", "qfilter", s.filtered)):
+            if v[arg] is not None and not reads:
+                raise RecipeError(f"evict: {arg}= is read only by score={owner!r}; leave it out with score={self.score!r}")
+        if (s.lagged or s.filtered) and (self.rule == "adaptive" or (v["chunk_reuse"] or 1) > 1):
+            raise RecipeError(f"evict: score={s.name!r} with " + ("rule='adaptive'" if self.rule == "adaptive" else
+                              "chunk_reuse") + " is not implemented (that op does not carry its partition size or "
+                              "filters); use rule='fixed' or 'pyramid' without chunk_reuse")
+        if s.lagged:
+            if self.mode != "prefill":
+                raise RecipeError(f"evict: score='lagkv' runs when='prefill' only: its lag partitions are the prompt's, "
+                                  "and once evicted the cache no longer holds whole partitions to score against the "
+                                  f"next; got when={self.mode!r}" + (" (block=)" if self.mode == "block" else ""))
+            self.params["lag"] = DEFAULT_LAG if v["lag"] is None else v["lag"]
+        self.filters_path = v["filters"]
+        if self.filters_path is not None and not Path(self.filters_path).is_file():
+            raise RecipeError(f"evict: filters={self.filters_path!r}: no such file; give a safetensors file with one "
+                              "tensor 'q_filters' [layers, KV heads, head dim], or leave filters out to calibrate them")
+
+    def _qfilters(self, sg, ctx):
+        """(filters [L, Hk, D], where they came from): loaded from ``filters=`` or calibrated (``qfilter_calibrate``)."""
+        from .qfilter_calibrate import QFILTER_TOKENS, calibrate_filters, load_filters
+
+        if self.filters_path is not None:
+            return load_filters(self.filters_path, sg.info), f"file {self.filters_path}"
+        f = calibrate_filters(sg, ctx)
+        text = "northangerabbey.txt" if getattr(ctx, "tokenizer", None) is not None else "seeded random ids"
+        return f, f"calibrated: SVD of post-RoPE queries over up to {QFILTER_TOKENS} tokens of {text}"
 
     def _fraction_window(self, w: float, f: float, s):
         """(0, w, f - w): a fraction window keeps floor(w * L) recent tokens and the rest of the budget
@@ -435,6 +475,9 @@ class Evict(EvictionPass):
             why.append("block= (duo's streaming heads are cut once after a one-shot prefill)")
         if self._decode_adaptive():
             why.append("rule='adaptive' with when='decode' (not implemented on duo's retrieval part)")
+        if self.scorer.filtered:
+            why.append("score='qfilter' (its filters are per KV head of the whole layer; duo's retrieval part holds a "
+                       "subset of the heads)")
         if self.rule == "adaptive" and self.scorer.needs_wo:
             why.append("score='criticalkv' with rule='adaptive' (CriticalAdaKV's value norm reads every query head's "
                        "o_proj columns, not a retrieval-head subset)")
@@ -484,6 +527,7 @@ class Evict(EvictionPass):
             return self._run_adaptive(sg)
         policy = policy_for(self.scorer.name)
         num_layers = sg.info.num_layers
+        filters, filters_from = self._qfilters(sg, ctx) if self.scorer.filtered else (None, None)
         done, leader = [], {}
 
         def build(sg, ed, site, kp_all):
@@ -498,6 +542,11 @@ class Evict(EvictionPass):
                 inputs["inv_freq"] = inv
             if self.scorer.needs_wo:
                 inputs["wo"] = o_proj_weight(site.attn)
+            if filters is not None:  # Q-Filters: this layer's filters as a graph constant
+                device = next((t.device for t in sg.gm.parameters()), torch.device("cpu"))
+                sg.gm.register_buffer(f"gw_qfilter_l{site.layer}", filters[site.layer].to(device))
+                with sg.gm.graph.inserting_before(site.attn):
+                    inputs["qfilter"] = sg.gm.graph.get_attr(f"gw_qfilter_l{site.layer}")
             out = insert_policy(sg, ed, site, policy, params, **inputs)
             leader["pos"] = out[positions_name(site.layer)]
             done.append(site.layer)
@@ -511,6 +560,7 @@ class Evict(EvictionPass):
             "per_layer": {layer: {"budget": self.budget} for layer in layers},
             "counts": {"layers_evicted": len(layers)},
             "settings": {**self.values, "scorer": self.scorer.name, "paper": self.scorer.paper, "when": self.mode,
-                         "every": self.every_n, "rule_text": self.scorer.rule, **latent_settings(sg)},
+                         "every": self.every_n, "rule_text": self.scorer.rule, **latent_settings(sg),
+                         **({"filters_from": filters_from} if filters_from else {})},
         }
         return sg

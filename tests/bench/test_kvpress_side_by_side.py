@@ -265,7 +265,8 @@ def test_labels_tell_methods_of_one_pass_apart():
         "evict(score='tova', when='prefill', budget={budget})", "evict(score='knorm', budget={budget})",
         "evict(score='expected_attention', budget={budget})", "duo(sinks=4, window=256)",
         "evict(score='knorm', budget={budget}, sinks=4, window={window})", "evict(score='keydiff', budget={budget})",
-        "evict(score='chunkkv', budget={budget})", "snapkv(budget={budget}, pyramid=20)")}
+        "evict(score='chunkkv', budget={budget})", "snapkv(budget={budget}, pyramid=20)",
+        "evict(score='lagkv', budget={budget})", "evict(score='qfilter', budget={budget})")}
     assert all(n in rep.SAME_ALGORITHM if isinstance(n, str) else n[1] in rep.twins(n[0]) for n in rep.NEAREST)
     assert rep.twins("AdaKV(SnapKV)") == ("snapkv(heads=adaptive,split=kvpress)", "snapkv(heads=adaptive)")
     assert rep.label("evict(score='knorm', budget={budget}, sinks=4, window={window})") == "evict(score=knorm,sinks=4)"
@@ -518,3 +519,18 @@ def test_agnostic_kept_recovers_gathered_positions():
     assert kept.parse_job("CriticalKV(SnapKV):0.25:L1024-c3") == ("CriticalKV(SnapKV)", 0.25, "L1024-c3")
     with pytest.raises(SystemExit, match="PRESS:BUDGET:CASE"):
         kept.parse_job("TOVA-0.5")
+
+
+def test_qfilters_file_holds_the_filters_evict_calibrates(tmp_path):
+    """The kvpress QFilter twin reads the very filters ``evict(score='qfilter')`` calibrates without a file."""
+    from graphwright.capture import capture
+    from graphwright.passes.pipeline import make_context
+    from graphwright.passes.qfilter_calibrate import calibrate_filters, load_filters
+
+    mod = _load("kvpress_side_by_side")
+    model, tok = mod.load("tiny-llama")
+    path = mod.qfilters_file("tiny-llama", model, tok, folder=tmp_path)
+    sg = capture(model)
+    got = load_filters(path, sg.info)
+    assert path.name == "qfilters-tiny-llama.safetensors"
+    assert torch.equal(got, calibrate_filters(sg, make_context(model, tok)))

@@ -18,7 +18,7 @@ from tests.conftest import _compiled, left_padded_batch
 from tests.passes.eviction_helpers import decode_loop, run_pass, state_of
 
 LENGTHS = [14, 9]  # batch 2, row 1 left-padded by 5
-SCORES = ["snapkv", "h2o", "knorm", "tova", "keydiff", "expected_attention", "chunkkv", "criticalkv"]
+SCORES = ["snapkv", "h2o", "knorm", "tova", "keydiff", "expected_attention", "chunkkv", "criticalkv", "lagkv", "qfilter"]
 
 
 @functools.lru_cache(maxsize=None)

@@ -62,12 +62,12 @@ from ...ops.eviction import (
     POLICIES,
     REFERENCES,
 )
-from ...ops.policy_scored import EVICT_SCORED_REUSE, EVICT_SCORED_WO
+from ...ops.policy_scored import EVICT_SCORED_LAG, EVICT_SCORED_QFILTER, EVICT_SCORED_REUSE, EVICT_SCORED_WO
 from .cache_append import cache_append
 
 # ops the compiled backend runs eagerly after its compiled decode graph (their torch-backend implementation is the reference)
 EAGER_OPS = (EVICT_SCORED, EVICT_SCORED_ACC, EVICT_SCORED_ROPE, EVICT_SCORED_REUSE, EVICT_SCORED_WO, EVICT_KEYFORMER,
-             EVICT_SCISSORHANDS)
+             EVICT_SCISSORHANDS, EVICT_SCORED_LAG, EVICT_SCORED_QFILTER)
 
 
 def runs_eagerly(o: torch.fx.Node) -> bool:

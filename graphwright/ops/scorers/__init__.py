@@ -13,9 +13,11 @@ from .cumulative import H2O
 from .expected_attention import EXPECTED_ATTENTION
 from .keydiff import KEYDIFF
 from .knorm import KNORM
+from .lagkv import LAGKV
+from .qfilter import QFILTER
 from .snapkv import SNAPKV
 from .tova import TOVA
 
 SCORERS: dict[str, Scorer] = {s.name: s for s in (SNAPKV, H2O, KNORM, TOVA, KEYDIFF, EXPECTED_ATTENTION,
-                                                 CRITICALKV)}
+                                                 CRITICALKV, LAGKV, QFILTER)}
 CHUNKKV = "chunkkv"  # SnapKV in chunks of 20 (``chunkkv.py``): a selection wrapper, not a scorer of its own

@@ -14,7 +14,9 @@ combinations that cannot work (``passes/evict.py``):
 * ``rope``: needs the rotary table (Expected Attention: pre-RoPE queries by inverse rotation);
 * ``prefill_only``: needs the prompt's queries (an observation window or query statistics);
 * ``gqa_pool``: reduces per-query-head scores over the g heads of a KV head with ``pool``;
-* ``needs_wo``: reads the layer's ``o_proj`` weight and the head budgets (CriticalKV's value norm).
+* ``needs_wo``: reads the layer's ``o_proj`` weight and the head budgets (CriticalKV's value norm);
+* ``lagged``: reads the partition size ``lag`` (LagKV); ``filtered``: reads the layer's per-KV-head
+  filter ``qfilter`` [Hk, D] (Q-Filters), a constant the pass puts in the graph.
 
 Keys are cached post-RoPE at their original positions and never re-rotated (positions travel with
 the cache as per-head ``k_pos``), so no scorer needs re-rotation.
@@ -55,6 +57,8 @@ class ScoreInputs:
     wo: Optional[Tensor] = None  # the layer's o_proj weight [hidden, H*D] (``needs_wo``: CriticalKV)
     cap: Optional[Tensor] = None  # [B, Hk] tokens each head keeps, sinks and window included
     first: float = 0.5  # CriticalKV: the share of ``cap`` chosen by the base score alone
+    lag: int = 128  # LagKV: partition size (``lagged``)
+    qfilter: Optional[Tensor] = None  # Q-Filters: this layer's filters [Hk, D] (``filtered``)
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,8 @@ class Scorer:
     smoothing: bool = False  # reads kernel / smooth (SnapKV's 1-D pooling)
     default_sinks: int = 0
     needs_wo: bool = False  # reads the layer's output projection weight (CriticalKV)
+    lagged: bool = False  # reads ``lag`` (LagKV)
+    filtered: bool = False  # reads ``qfilter`` (Q-Filters)
 
 
 def gqa_reduce(x: Tensor, pool: str) -> Tensor:
