@@ -518,3 +518,43 @@ def test_agnostic_kept_recovers_gathered_positions():
     assert kept.parse_job("CriticalKV(SnapKV):0.25:L1024-c3") == ("CriticalKV(SnapKV)", 0.25, "L1024-c3")
     with pytest.raises(SystemExit, match="PRESS:BUDGET:CASE"):
         kept.parse_job("TOVA-0.5")
+
+
+def test_finch_delimiter_is_inserted_at_the_split_and_dropped_by_the_hook(tiny, compiled_tiny):
+    """The worker's Finch path: the delimiter goes before ids[split] and FinchPress's embedding hook (here a stand-in
+    with the same rule) drops it again, so with nothing evicted the answer is graphwright's dense one."""
+    import contextlib
+
+    worker = _load("kvpress_worker")
+    model = tiny("tiny-llama")
+    ids = torch.randint(3, 256, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    ours = compiled_tiny("tiny-llama").generate(torch.tensor([ids]), max_new_tokens=6)[0, 40:].tolist()
+    seen = []
+
+    class Drop:  # FinchPress.embed_token_forward_hook's rule; delimiter id 1 (ids avoid 0..2)
+        rerotate_keys = False
+
+        def hook(self, module, inp, out):
+            if inp[0].shape[1] > 1:
+                seen.append(inp[0][0].tolist())
+                return out[:, inp[0][0] != 1]
+            return out
+
+        @contextlib.contextmanager
+        def __call__(self, m):
+            h = m.model.embed_tokens.register_forward_hook(self.hook)
+            try:
+                yield
+            finally:
+                h.remove()
+
+    new, _, kept = worker.answer(model, Drop(), ids, 40, 6, set(), delim=(1, 28))
+    assert seen == [ids[:28] + [1] + ids[28:]] and new == ours and kept == 40
+
+
+def test_question_field_is_filled_per_case():
+    mod = _load("kvpress_side_by_side")
+    t = "evict(score='finch', budget={budget}, window={question})"
+    assert mod.fill(t, 0.25, 1024, question=37) == "evict(score='finch', budget=256, window=37)"
+    with pytest.raises(SystemExit, match="only a case fills"):
+        mod.fill(t, 0.25, 1024)

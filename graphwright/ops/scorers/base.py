@@ -74,6 +74,7 @@ class Scorer:
     smoothing: bool = False  # reads kernel / smooth (SnapKV's 1-D pooling)
     default_sinks: int = 0
     needs_wo: bool = False  # reads the layer's output projection weight (CriticalKV)
+    chunked: Optional[Callable] = None  # its own chunk= selection (Finch: a budget share per chunk), not ChunkKV's
 
 
 def gqa_reduce(x: Tensor, pool: str) -> Tensor:
