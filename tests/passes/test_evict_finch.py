@@ -73,3 +73,17 @@ def test_a_reusable_context_is_refused_with_the_reason():
     ids, _ = left_padded_batch(256, [10], seed=9)
     with pytest.raises(ValueError, match="which a reusable context does not hold"):
         cm.prefill(ids)
+
+
+def test_adaptive_floor_one_keeps_the_fixed_sets_and_pyramid_decreases():
+    """Finch under the generic budget rules: Ada-KV with floor=1 is the uniform split (the fixed rule's tokens);
+    PyramidKV gives earlier layers more."""
+    cm = _compiled("tiny-llama")
+    ids, mask = left_padded_batch(256, LENGTHS, seed=13)
+    la, ta, _ = decode_loop(run_pass(cm, Evict(score="finch", budget=8, window=3, rule="adaptive", floor=1.0)), ids, mask, 4)
+    lf, tf, _ = decode_loop(run_pass(cm, Evict(score="finch", budget=8, window=3)), ids, mask, 4)
+    assert torch.equal(ta, tf) and (la - lf).abs().max() <= 1e-5
+    ids, mask = left_padded_batch(256, [40, 30], seed=5)
+    seen, _, _ = kept_every_step(run_pass(cm, Evict(score="finch", budget=12, window=3, rule="pyramid", beta=4.0)), ids, mask, 0)
+    sizes = [len(seen[0][layer][0][0]) for layer in range(cm.info.num_layers)]
+    assert sizes[0] > sizes[-1] and abs(sum(sizes) - 12 * len(sizes)) <= len(sizes)
