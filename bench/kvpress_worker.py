@@ -88,6 +88,7 @@ def _presses(spec=None):
         # rerotate_keys=False keeps kept keys at their positions, as graphwright; kvpress's default re-rotates them
         "Finch": lambda r: kp.FinchPress(compression_ratio=r, rerotate_keys=False),
         "Finch(rerotate)": lambda r: kp.FinchPress(compression_ratio=r),
+        "Finch(chunk=256)": lambda r: kp.FinchPress(compression_ratio=r, chunk_length=256, rerotate_keys=False),
     }
 
 
@@ -95,7 +96,7 @@ FIXED = {"DuoAttention(graphwright heads)"}  # presses with one setting whatever
 EAGER = {"ObservedAttention"}  # needs the attention weights (kvpress asks for attn_implementation="eager")
 # FinchPress finds its window by a delimiter token between context and question: added to a model copy of its own
 # by FinchPress.update_model_and_tokenizer (embeddings resized by one row; its hook drops the token's embedding)
-FINCH = {"Finch", "Finch(rerotate)"}
+FINCH = {"Finch", "Finch(rerotate)", "Finch(chunk=256)"}
 
 
 def cache_storage_bytes(cache) -> int:
