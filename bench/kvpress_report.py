@@ -34,7 +34,9 @@ SAME_ALGORITHM = {"dense": "dense", "SnapKV": "snapkv", "StreamingLLM": "evict(s
                   "TOVA": "evict(score=tova,when=prefill)", "Knorm": "evict(score=knorm)", "KeyDiff": "evict(score=keydiff)",
                   "ExpectedAttention": "evict(score=expected_attention)", "DuoAttention(graphwright heads)": "duo(sinks=4,window=256)",
                   "ChunkKV(SnapKV)": "evict(score=chunkkv)", "PyramidKV": "snapkv(pyramid=20)",
-                  "LagKV": "evict(score=lagkv)", "QFilter(graphwright filters)": "evict(score=qfilter)"}
+                  "LagKV": "evict(score=lagkv)", "QFilter(graphwright filters)": "evict(score=qfilter)",
+                  "Finch": "evict(score=finch)", "Finch(rerotate)": "evict(score=finch)",
+                  "Finch(chunk=256)": "evict(score=finch,chunk=256)"}
 # pairs whose algorithms differ in a documented detail (README-kvpress "Nearest twins"): compared all the same, marked
 # "nearest" in the table. ChunkKV: kvpress chunks the whole prompt (its observation window scored max, so the window's
 # chunks win; 13 of 52 chunks = 244 tokens at 25%), graphwright always keeps the window and chunks the rest (11 chunks +
@@ -44,7 +46,10 @@ SAME_ALGORITHM = {"dense": "dense", "SnapKV": "snapkv", "StreamingLLM": "evict(s
 # rule (graphwright's default) mixes n_h <- round(0.8 n_h + 0.2 C) (bench/kvpress_adakv_kept.py shows it is the only
 # difference); graphwright's ``snapkv(heads='adaptive', split='kvpress')`` runs kvpress's rule. An entry is a press (all
 # its twins nearest) or a (press, twin label) pair.
-NEAREST = {"ChunkKV(SnapKV)", "PyramidKV", "KeyRerotation(StreamingLLM)", ("AdaKV(SnapKV)", "snapkv(heads=adaptive)")}
+# Finch(rerotate): kvpress's default re-rotates the kept keys to 0..n-1 (later tokens after them); graphwright keeps
+# positions, the twin of FinchPress(rerotate_keys=False) ("Finch").
+NEAREST = {"ChunkKV(SnapKV)", "PyramidKV", "KeyRerotation(StreamingLLM)", ("AdaKV(SnapKV)", "snapkv(heads=adaptive)"),
+           "Finch(rerotate)"}
 
 
 def twins(method: str) -> tuple:

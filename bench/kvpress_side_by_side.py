@@ -58,7 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--cases", type=int, default=50, help="needle cases per length")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25], help="fractions of the prompt the cache keeps")
     p.add_argument("--recipes", nargs="+", default=DEFAULT_RECIPES,
-                   help="graphwright recipe templates ({budget} tokens, {window} = budget - 4, {frac}, {half} = frac / 2)")
+                   help="graphwright recipe templates ({budget} tokens, {window} = budget - 4, {frac}, {half} = frac / 2, "
+                        "{question} = the case's tokens after the context)")
     p.add_argument("--presses", nargs="+", default=DEFAULT_PRESSES, help="kvpress presses")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
                    help="compression modes, both sides (agnostic: the context is compressed alone, then the question is fed)")
@@ -106,14 +107,18 @@ def budget_tokens(frac: float, tokens: int) -> int:
     return max(1, int(tokens * (1.0 - (1.0 - frac))))
 
 
-def fill(template: str, frac: float, tokens: int) -> str:
+def fill(template: str, frac: float, tokens: int, question: int | None = None) -> str:
     """A recipe template filled for one budget fraction and a number of compressed tokens (the whole prompt
-    question-aware, the context alone question-agnostic: kvpress applies its ratio to what it compresses)."""
+    question-aware, the context alone question-agnostic: kvpress applies its ratio to what it compresses);
+    ``{question}``: the case's question tokens (the prompt after the context: Finch's window, ``question``)."""
     budget = budget_tokens(frac, tokens)
+    if "{question}" in template and question is None:
+        raise SystemExit(f"recipe template {template!r} uses {{question}}, which only a case fills (its tokens after the context)")
     try:
-        return template.format(budget=budget, window=max(1, budget - 4), frac=f"{frac:g}", half=f"{frac / 2:g}")
+        return template.format(budget=budget, window=max(1, budget - 4), frac=f"{frac:g}", half=f"{frac / 2:g}", question=question)
     except (KeyError, IndexError) as exc:
-        raise SystemExit(f"recipe template {template!r} uses an unknown field {exc}; allowed: {{budget}}, {{window}}, {{frac}}, {{half}}") from None
+        raise SystemExit(f"recipe template {template!r} uses an unknown field {exc}; allowed: {{budget}}, {{window}}, {{frac}}, "
+                         "{half}, {question}") from None
 
 
 SPREAD = (0, 5, 2, 7, 4, 9, 1, 6, 3, 8)  # residues mod 10, in the order the spread order takes them
@@ -232,21 +237,21 @@ def run_ours(model, tok, cases, recipes, budgets, max_new_tokens, progress=False
             cms[recipe] = CompiledModel(new, tokenizer=tok, recipe=parsed)
         return cms[recipe]
 
-    def held_bytes(recipe, length, ids):
+    def held_bytes(recipe, length, ids, memo=None):
         """(bytes held after prefill, which stat) for this recipe at this prompt length: from the journal or one prefill."""
-        if (recipe, length) not in held_by:
+        if (memo or recipe, length) not in held_by:
             known = [row for key, row in jr.records() if key.get("recipe") == ("dense" if recipe == "noop" else recipe)
                      and key.get("model") == model_name and key.get("length") == length and row.get("mode", "aware") == "aware"
                      and "cache_bytes" in row and row.get("prompt_tokens") == len(ids)]
             if known:
-                held_by[(recipe, length)] = int(known[0]["cache_bytes"]), known[0]["bytes_key"]
+                held_by[(memo or recipe, length)] = int(known[0]["cache_bytes"]), known[0]["bytes_key"]
             else:
                 cm = compiled(recipe)
                 # bytes held after the prefill step: a generate that stops at its first token runs no decode step
                 cm.generate(torch.tensor([ids]), max_new_tokens=1, eos_token_id=eos, pad_token_id=eos, allow_long=True)
                 bk = "kv_storage_bytes" if "kv_storage_bytes" in cm.last_stats else "kv_bytes"
-                held_by[(recipe, length)] = int(cm.last_stats[bk]), bk
-        return held_by[(recipe, length)]
+                held_by[(memo or recipe, length)] = int(cm.last_stats[bk]), bk
+        return held_by[(memo or recipe, length)]
 
     per_length = {length: [c for c in cases if c["length"] == length] for length in lengths}
     step = round_size or max(len(v) for v in per_length.values())
@@ -261,10 +266,13 @@ def run_ours(model, tok, cases, recipes, budgets, max_new_tokens, progress=False
                     for mode in our_modes:
                         by_context = mode == "agnostic" and frac is not None and agnostic_basis == "context"
                         recipe = "noop" if template == "dense" else \
-                            (template if frac is None else fill(template, frac, c["split"] if by_context else length))
+                            (template if frac is None else fill(template, frac, c["split"] if by_context else length,
+                                                                              len(c["ids"]) - c["split"]))
+                        # a {question} recipe (Finch's window) holds the same bytes for every window: measured once
+                        memo = (template, frac) if "{question}" in template else None
                         key = our_key(model_name, recipe, mode, c, seed, max_new_tokens)
                         if jr.get(key) is None:
-                            held, bk = held_bytes(recipe, length, per_length[length][0]["ids"]) if mode == "aware" else (None, None)
+                            held, bk = held_bytes(recipe, length, per_length[length][0]["ids"], memo) if mode == "aware" else (None, None)
                             imported = suite.get(suite_key(model_name, recipe, c, seed, max_new_tokens)) \
                                 if suite is not None and mode == "aware" else None
                             if imported is not None:

@@ -97,11 +97,19 @@ def _presses(spec=None):
         "CriticalAdaKV(SnapKV)": lambda r: kp.CriticalAdaKVPress(kp.SnapKVPress(compression_ratio=r, window_size=SNAPKV_WINDOW,
                                                                               kernel_size=5)),
         "DuoAttention": duo,
+        # Finch: the window is the question (the tokens after the case's split), marked by a delimiter token (FINCH);
+        # rerotate_keys=False keeps kept keys at their positions, as graphwright; kvpress's default re-rotates them
+        "Finch": lambda r: kp.FinchPress(compression_ratio=r, rerotate_keys=False),
+        "Finch(rerotate)": lambda r: kp.FinchPress(compression_ratio=r),
+        "Finch(chunk=256)": lambda r: kp.FinchPress(compression_ratio=r, chunk_length=256, rerotate_keys=False),
     }
 
 
 FIXED = {"DuoAttention(graphwright heads)"}  # presses with one setting whatever the budget: run once, budget None
 EAGER = {"ObservedAttention"}  # needs the attention weights (kvpress asks for attn_implementation="eager")
+# FinchPress finds its window by a delimiter token between context and question: added to a model copy of its own
+# by FinchPress.update_model_and_tokenizer (embeddings resized by one row; its hook drops the token's embedding)
+FINCH = {"Finch", "Finch(rerotate)", "Finch(chunk=256)"}
 
 
 def cache_storage_bytes(cache) -> int:
@@ -131,17 +139,19 @@ def cache_storage_bytes(cache) -> int:
 
 
 @torch.inference_mode()
-def answer(model, press, ids, split, max_new_tokens, eos):
-    """Greedy new token ids for one case, the cache bytes after compression and the tokens kept (layer 0)."""
+def answer(model, press, ids, split, max_new_tokens, eos, delim=None):
+    """Greedy new token ids for one case, the cache bytes after compression and the tokens kept (layer 0);
+    ``delim`` (token id, index): a Finch delimiter inserted before ``ids[index]`` (its embedding is dropped again)."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    ctx = torch.tensor([ids[:split]])
+    ctx = torch.tensor([ids[:split] if delim is None else ids[:delim[1]] + [delim[0]] + ids[delim[1]:split]])
     with press(model) if press is not None else _null():
         out = model(input_ids=ctx, past_key_values=cache, logits_to_keep=1)
     nbytes, kept = cache_storage_bytes(cache), int(cache.get_seq_length())
     # kvpress's pipeline: later tokens go at their original positions, or after the kept ones under key re-rotation
-    pos = kept if type(press).__name__ == "KeyRerotationPress" else split
+    rerotated = type(press).__name__ == "KeyRerotationPress" or bool(getattr(press, "rerotate_keys", False))
+    pos = kept if rerotated else split
     if split < len(ids):
         q = torch.tensor([ids[split:]])
         out = model(input_ids=q, past_key_values=cache, position_ids=torch.arange(pos, pos + q.shape[1])[None], logits_to_keep=1)
@@ -152,6 +162,17 @@ def answer(model, press, ids, split, max_new_tokens, eos):
         pos += 1
         new.append(int(out.logits[0, -1].argmax()))
     return new, nbytes, kept
+
+
+def _finch_delimiter(press, model, folder) -> int:
+    """FinchPress.update_model_and_tokenizer on ``model`` (the tokenizer is kept on the model, so the token is added
+    and the embeddings resized once); returns the delimiter's token id."""
+    if not hasattr(model, "_finch_tokenizer"):
+        from transformers import AutoTokenizer
+
+        model._finch_tokenizer = AutoTokenizer.from_pretrained(folder)
+    press.update_model_and_tokenizer(model, model._finch_tokenizer)
+    return int(press.delimiter_token_id)
 
 
 class _null:
@@ -240,9 +261,12 @@ def run(spec: dict, out_path=None) -> dict:
     # spec["dense"] False leaves the dense run out (a worker started beside another that runs it)
     jobs = [("dense", None, "aware")] * bool(spec.get("dense", True)) + [
         (p, b, m) for p in spec["presses"] for b in ([None] if p in FIXED else spec["budgets"]) for m in spec["modes"]]
-    for name, _, _ in jobs:
+    for name, _, mode in jobs:
         if name != "dense" and name not in factories:
             raise SystemExit(f"unknown press {name!r}; known: {', '.join(factories)}")
+        if name in FINCH and mode != "aware":
+            raise SystemExit(f"{name} compresses context + question together (its window is the question): mode "
+                             f"'aware' only; got {mode!r}")
     # spec["round"] R: the cases are answered R at a time for every job in turn (every cell grows together, so a
     # run stopped early leaves cells of equal size); default: all cases of a job, then the next job
     step = int(spec.get("round") or len(spec["cases"]) or 1)
@@ -263,10 +287,12 @@ def run(spec: dict, out_path=None) -> dict:
                     if ck in done:
                         got[job].append(done[ck])
                         continue
-                    if attn not in models:
-                        models[attn] = _load(spec["model_dir"], attn)
+                    mkey = (attn, name in FINCH)
+                    if mkey not in models:
+                        models[mkey] = _load(spec["model_dir"], attn)
+                    delim = (_finch_delimiter(press, models[mkey], spec["model_dir"]), case["split"]) if name in FINCH else None
                     split = case["split"] if mode == "agnostic" else len(case["ids"])
-                    new, nbytes, kept = answer(models[attn], press, case["ids"], split, spec["max_new_tokens"], eos)
+                    new, nbytes, kept = answer(models[mkey], press, case["ids"], split, spec["max_new_tokens"], eos, delim)
                     row = {"method": name, "budget": budget, "mode": mode, "id": case["id"], "new_ids": new,
                            "cache_bytes": nbytes, "kept_tokens": kept, "compressed_tokens": split}
                     if journal_path is not None:

@@ -23,7 +23,7 @@ filters ``qfilter`` [Hk, D] as a per-step input: Q-Filters). Per layer and step:
    ``pyramid`` (``beta`` > 0): PyramidKV's layer share of the evictable budget
    (``adakv_ref.pyramid_budget``, mean over layers = the uniform budget);
 4. scores from the scorer, top-k per KV head of the evictable slots (ties: earliest slot), or
-   whole chunks (``chunk`` > 0: ``scorers/chunkkv.py``);
+   whole chunks (``chunk`` > 0: ``scorers/chunkkv.py``; a scorer with its own ``chunked`` rule, Finch, uses it);
    ``evict_scored_reuse`` (ChunkKV's layer-wise index reuse, arXiv 2502.00299) skips 3-4 and keeps
    the positions in ``leader_pos`` (an earlier layer's kept positions, [B, Hk, N]) instead;
 5. ``eviction_ref.compact`` (positions travel with the slots: keys stay post-RoPE at their
@@ -85,7 +85,9 @@ def scored_keep(x: ScoreInputs, scorer: str, when: str, every: int, slack: int, 
                               for cr, nr in zip(count.tolist(), n_cand.tolist())], dtype=torch.long, device=count.device)
     x.cap = count + protected.sum(-1)
     score = SCORERS[scorer].fn(x)
-    if chunk > 0:
+    if chunk > 0 and SCORERS[scorer].chunked is not None:  # the scorer's own chunked rule (Finch)
+        chosen = SCORERS[scorer].chunked(score, x, protected, cap, chunk)
+    elif chunk > 0:
         fits = (count >= x.cand.sum(-1))[..., None]  # whole chunks could overshoot: a head that fits keeps all
         chosen = torch.where(fits, x.cand, chunk_keep(score, x.cand, x.k_pos, count, chunk, chunk_heads == "sum"))
     else:

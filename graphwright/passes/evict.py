@@ -7,7 +7,9 @@ the generic scored eviction op (``ops/policy_scored.py``) after every chosen lay
   ``tova``, ``keydiff``, ``expected_attention``, ``criticalkv`` = SnapKV re-weighted in two stages by
   ||v W_O||_1, arXiv 2502.03805, ``first``/``eps``, reading each layer's ``o_proj`` weight; ``lagkv``, arXiv
   2504.04704, ``lag``, after prefill only; ``qfilter``, arXiv 2503.02812, ``filters`` = a safetensors file or
-  calibrated, ``passes/qfilter_calibrate.py``) or ``chunkkv`` (SnapKV scores in chunks of 20;
+  calibrated, ``passes/qfilter_calibrate.py``), ``finch`` (SnapKV whose window is the question, rows weighted by
+  query position, doi 10.1162/tacl_a_00716: ``window`` = the question's token count, required; ``chunk=N`` is its
+  per-chunk budget share; ``passes/evict_finch.py``) or ``chunkkv`` (SnapKV scores in chunks of 20;
   ``chunk=N`` wraps any scorer), or a name in ``DELEGATES`` (policies with their own op);
 * ``when``: ``"prefill"`` (once after the prompt), ``"decode"`` (after prefill and every step),
   ``"every:N"`` or ``every=N`` (after prefill and at decode steps where the row's length is a
@@ -93,6 +95,7 @@ from .eviction_common import (
     retrieval_layers,
     rewrite_layers,
 )
+from .evict_finch import check_finch
 from .keyformer import Keyformer
 from .scissorhands import Scissorhands
 from .streaming import find_rotary
@@ -241,6 +244,8 @@ class Evict(EvictionPass):
                               f"when='prefill'; got when={self.mode!r}. For per-step eviction use score='tova' "
                               "(last query) or 'h2o' (cumulative attention), or a key-only scorer ('knorm', 'keydiff')")
         self._refuse_unused(v, s, chunkkv)
+        if s.name == "finch":  # the question window is required (passes/evict_finch.py)
+            check_finch(v, self.rule)
         n, f = frac_or_count(self.budget)
         window, window_f = v["window"], 0.0
         if isinstance(window, float):

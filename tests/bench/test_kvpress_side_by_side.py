@@ -266,7 +266,9 @@ def test_labels_tell_methods_of_one_pass_apart():
         "evict(score='expected_attention', budget={budget})", "duo(sinks=4, window=256)",
         "evict(score='knorm', budget={budget}, sinks=4, window={window})", "evict(score='keydiff', budget={budget})",
         "evict(score='chunkkv', budget={budget})", "snapkv(budget={budget}, pyramid=20)",
-        "evict(score='lagkv', budget={budget})", "evict(score='qfilter', budget={budget})")}
+        "evict(score='lagkv', budget={budget})", "evict(score='qfilter', budget={budget})",
+        "evict(score='finch', budget={budget}, window={question})",
+        "evict(score='finch', budget={budget}, window={question}, chunk=256)")}
     assert all(n in rep.SAME_ALGORITHM if isinstance(n, str) else n[1] in rep.twins(n[0]) for n in rep.NEAREST)
     assert rep.twins("AdaKV(SnapKV)") == ("snapkv(heads=adaptive,split=kvpress)", "snapkv(heads=adaptive)")
     assert rep.label("evict(score='knorm', budget={budget}, sinks=4, window={window})") == "evict(score=knorm,sinks=4)"
@@ -353,7 +355,7 @@ def test_worker_rounds_grow_every_cell_together(tmp_path, monkeypatch):
     worker = _fake_worker(monkeypatch)
     calls = []
 
-    def answer(model, press, ids, split, max_new_tokens, eos):
+    def answer(model, press, ids, split, max_new_tokens, eos, delim=None):
         calls.append(ids[0])
         return [ids[0] % 7], 8, split
 
@@ -534,3 +536,43 @@ def test_qfilters_file_holds_the_filters_evict_calibrates(tmp_path):
     got = load_filters(path, sg.info)
     assert path.name == "qfilters-tiny-llama.safetensors"
     assert torch.equal(got, calibrate_filters(sg, make_context(model, tok)))
+
+
+def test_finch_delimiter_is_inserted_at_the_split_and_dropped_by_the_hook(tiny, compiled_tiny):
+    """The worker's Finch path: the delimiter goes before ids[split] and FinchPress's embedding hook (here a stand-in
+    with the same rule) drops it again, so with nothing evicted the answer is graphwright's dense one."""
+    import contextlib
+
+    worker = _load("kvpress_worker")
+    model = tiny("tiny-llama")
+    ids = torch.randint(3, 256, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    ours = compiled_tiny("tiny-llama").generate(torch.tensor([ids]), max_new_tokens=6)[0, 40:].tolist()
+    seen = []
+
+    class Drop:  # FinchPress.embed_token_forward_hook's rule; delimiter id 1 (ids avoid 0..2)
+        rerotate_keys = False
+
+        def hook(self, module, inp, out):
+            if inp[0].shape[1] > 1:
+                seen.append(inp[0][0].tolist())
+                return out[:, inp[0][0] != 1]
+            return out
+
+        @contextlib.contextmanager
+        def __call__(self, m):
+            h = m.model.embed_tokens.register_forward_hook(self.hook)
+            try:
+                yield
+            finally:
+                h.remove()
+
+    new, _, kept = worker.answer(model, Drop(), ids, 40, 6, set(), delim=(1, 28))
+    assert seen == [ids[:28] + [1] + ids[28:]] and new == ours and kept == 40
+
+
+def test_question_field_is_filled_per_case():
+    mod = _load("kvpress_side_by_side")
+    t = "evict(score='finch', budget={budget}, window={question})"
+    assert mod.fill(t, 0.25, 1024, question=37) == "evict(score='finch', budget=256, window=37)"
+    with pytest.raises(SystemExit, match="only a case fills"):
+        mod.fill(t, 0.25, 1024)

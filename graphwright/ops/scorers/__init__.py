@@ -11,6 +11,7 @@ from .base import ScoreInputs, Scorer  # noqa: F401
 from .criticalkv import CRITICALKV
 from .cumulative import H2O
 from .expected_attention import EXPECTED_ATTENTION
+from .finch import FINCH
 from .keydiff import KEYDIFF
 from .knorm import KNORM
 from .lagkv import LAGKV
@@ -19,5 +20,5 @@ from .snapkv import SNAPKV
 from .tova import TOVA
 
 SCORERS: dict[str, Scorer] = {s.name: s for s in (SNAPKV, H2O, KNORM, TOVA, KEYDIFF, EXPECTED_ATTENTION,
-                                                 CRITICALKV, LAGKV, QFILTER)}
+                                                 CRITICALKV, LAGKV, QFILTER, FINCH)}
 CHUNKKV = "chunkkv"  # SnapKV in chunks of 20 (``chunkkv.py``): a selection wrapper, not a scorer of its own

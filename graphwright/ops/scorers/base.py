@@ -80,6 +80,7 @@ class Scorer:
     needs_wo: bool = False  # reads the layer's output projection weight (CriticalKV)
     lagged: bool = False  # reads ``lag`` (LagKV)
     filtered: bool = False  # reads ``qfilter`` (Q-Filters)
+    chunked: Optional[Callable] = None  # its own chunk= selection (Finch: a budget share per chunk), not ChunkKV's
 
 
 def gqa_reduce(x: Tensor, pool: str) -> Tensor:
