@@ -33,7 +33,8 @@ SAME_ALGORITHM = {"dense": "dense", "SnapKV": "snapkv", "StreamingLLM": "evict(s
                   "CriticalKV(SnapKV)": "evict(score=criticalkv)", "CriticalAdaKV(SnapKV)": "evict(score=criticalkv,rule=adaptive)",
                   "TOVA": "evict(score=tova,when=prefill)", "Knorm": "evict(score=knorm)", "KeyDiff": "evict(score=keydiff)",
                   "ExpectedAttention": "evict(score=expected_attention)", "DuoAttention(graphwright heads)": "duo(sinks=4,window=256)",
-                  "ChunkKV(SnapKV)": "evict(score=chunkkv)", "PyramidKV": "snapkv(pyramid=20)"}
+                  "ChunkKV(SnapKV)": "evict(score=chunkkv)", "PyramidKV": "snapkv(pyramid=20)",
+                  "KVzip": "evict(score=kvzip)"}
 # pairs whose algorithms differ in a documented detail (README-kvpress "Nearest twins"): compared all the same, marked
 # "nearest" in the table. ChunkKV: kvpress chunks the whole prompt (its observation window scored max, so the window's
 # chunks win; 13 of 52 chunks = 244 tokens at 25%), graphwright always keeps the window and chunks the rest (11 chunks +

@@ -84,6 +84,9 @@ def _presses(spec=None):
         "CriticalAdaKV(SnapKV)": lambda r: kp.CriticalAdaKVPress(kp.SnapKVPress(compression_ratio=r, window_size=SNAPKV_WINDOW,
                                                                               kernel_size=5)),
         "DuoAttention": duo,
+        # KVzip (arXiv 2505.23416): context-replay scores, 4 sinks, chunks of 2,048, one budget over layers and heads
+        # (kvpress masks the pruned pairs; its replay prompt follows the tokenizer's chat template, saved with the weights)
+        "KVzip": lambda r: kp.KVzipPress(compression_ratio=r),
     }
 
 

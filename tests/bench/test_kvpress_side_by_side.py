@@ -265,7 +265,7 @@ def test_labels_tell_methods_of_one_pass_apart():
         "evict(score='tova', when='prefill', budget={budget})", "evict(score='knorm', budget={budget})",
         "evict(score='expected_attention', budget={budget})", "duo(sinks=4, window=256)",
         "evict(score='knorm', budget={budget}, sinks=4, window={window})", "evict(score='keydiff', budget={budget})",
-        "evict(score='chunkkv', budget={budget})", "snapkv(budget={budget}, pyramid=20)")}
+        "evict(score='chunkkv', budget={budget})", "snapkv(budget={budget}, pyramid=20)", "evict(score='kvzip', budget={frac})")}
     assert all(n in rep.SAME_ALGORITHM if isinstance(n, str) else n[1] in rep.twins(n[0]) for n in rep.NEAREST)
     assert rep.twins("AdaKV(SnapKV)") == ("snapkv(heads=adaptive,split=kvpress)", "snapkv(heads=adaptive)")
     assert rep.label("evict(score='knorm', budget={budget}, sinks=4, window={window})") == "evict(score=knorm,sinks=4)"
