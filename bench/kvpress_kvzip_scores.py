@@ -48,6 +48,7 @@ def run_kvpress(a) -> None:
 
         def capture(model_, press=press, original=original, got=got):
             got["scores"] = press.score_val[:, 0].float().clone()  # [L, Hk, n] before the sinks get max + 1
+            got["prefix"] = int(press.prefix_length)  # the chat template's prefix (reset when the press exits)
             original(model_)
             pruned = torch.zeros_like(got["scores"], dtype=torch.bool)
             for i, layer in enumerate(model_.model.layers):
@@ -59,8 +60,7 @@ def run_kvpress(a) -> None:
         ctx = torch.tensor([case["ids"][:case["split"]]])
         with torch.inference_mode(), press(model):
             model(input_ids=ctx, past_key_values=DynamicCache(), logits_to_keep=1)
-        torch.save({**got, "prefix": press.prefix_length if press.prefix_length else None},
-                   Path(a.dir) / f"kvpress_{case_id}_{a.budget}.pt")
+        torch.save(got, Path(a.dir) / f"kvpress_{case_id}_{a.budget}.pt")
         print(f"kvpress {case_id}: kept {int(got['kept'].sum())} of {got['kept'].numel()}")
 
 
