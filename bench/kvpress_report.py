@@ -36,7 +36,8 @@ SAME_ALGORITHM = {"dense": "dense", "SnapKV": "snapkv", "StreamingLLM": "evict(s
                   "ChunkKV(SnapKV)": "evict(score=chunkkv)", "PyramidKV": "snapkv(pyramid=20)",
                   "LagKV": "evict(score=lagkv)", "QFilter(graphwright filters)": "evict(score=qfilter)",
                   "Finch": "evict(score=finch)", "Finch(rerotate)": "evict(score=finch)",
-                  "Finch(chunk=256)": "evict(score=finch,chunk=256)"}
+                  "Finch(chunk=256)": "evict(score=finch,chunk=256)",
+                  "KVzip": "evict(score=kvzip)"}
 # pairs whose algorithms differ in a documented detail (README-kvpress "Nearest twins"): compared all the same, marked
 # "nearest" in the table. ChunkKV: kvpress chunks the whole prompt (its observation window scored max, so the window's
 # chunks win; 13 of 52 chunks = 244 tokens at 25%), graphwright always keeps the window and chunks the rest (11 chunks +

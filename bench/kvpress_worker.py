@@ -102,6 +102,9 @@ def _presses(spec=None):
         "Finch": lambda r: kp.FinchPress(compression_ratio=r, rerotate_keys=False),
         "Finch(rerotate)": lambda r: kp.FinchPress(compression_ratio=r),
         "Finch(chunk=256)": lambda r: kp.FinchPress(compression_ratio=r, chunk_length=256, rerotate_keys=False),
+        # KVzip (arXiv 2505.23416): context-replay scores, 4 sinks, chunks of 2,048, one budget over layers and heads
+        # (kvpress masks the pruned pairs; its replay prompt follows the tokenizer's chat template, saved with the weights)
+        "KVzip": lambda r: kp.KVzipPress(compression_ratio=r),
     }
 
 

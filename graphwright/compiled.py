@@ -37,6 +37,13 @@ class CompiledModel:
                                 max_positions=position_limit(step_graph.info, step_graph.notes.get("recipe"), step_graph.notes),
                                 recipe=str(recipe) if recipe is not None else None,
                                 prefill_chunk=step_graph.notes.get("prefill_chunk"))
+        if "kvzip" in step_graph.notes:  # evict(score='kvzip'): the replay runs after every prompt step
+            if self._backend_step is not None:
+                raise ValueError(f"evict(score='kvzip') runs its replay in graphwright's runtime over the step graph's "
+                                 f"own cache; backend {self.backend!r} owns its cache layout: use torch or reference")
+            from .runtime.kvzip_replay import KVzipReplay
+
+            self._runtime.after_prompt = KVzipReplay(self.runtime_graph, self.backend_object, step_graph.notes["kvzip"])
 
     def _step(self, input_ids, positions, logits_index, state, **extras):
         if self._backend_step is not None:

@@ -145,8 +145,17 @@ def _scissorhands(a: dict) -> Pass:
     return Scissorhands(budget=a["budget"], layers=a.get("layers"), **extra)
 
 
+def _kvzip(a: dict) -> Pass:
+    """``evict(score="kvzip", budget=B, layerwise=, sinks=, chunk=)``: KVzip's context-replay scores (arXiv 2505.23416,
+    ``passes/kvzip.py``; the replay runs after the prompt step, ``runtime/kvzip_replay.py``)."""
+    _only("kvzip", a, ("layerwise", "sinks", "chunk"), ("prefill",))
+    from .kvzip import KVzip
+
+    return KVzip(**{k: a[k] for k in ("budget", "layerwise", "sinks", "chunk", "layers") if a.get(k) is not None})
+
+
 # score name -> (evict argument values -> Pass): policies with their own op, run by their own pass
-DELEGATES: dict[str, Callable] = {"keyformer": _keyformer, "scissorhands": _scissorhands}
+DELEGATES: dict[str, Callable] = {"keyformer": _keyformer, "scissorhands": _scissorhands, "kvzip": _kvzip}
 CHUNKKV_CHUNK = 20  # kvpress ChunkKVPress default
 OBSERVATION_WINDOW = ("snapkv", "criticalkv")  # scorers whose window is SnapKV's observation window (default 32)
 
@@ -216,6 +225,7 @@ class Evict(EvictionPass):
             max=MAX_TOKENS),
         Arg("filters", str, None, "qfilter: a safetensors file with one tensor 'q_filters' [layers, KV heads, head "
             "dim] (default: calibrated from the shipped novel)"),
+        Arg("layerwise", bool, None, "kvzip: the same budget per layer (default: one over all layers and heads)"),
         LAYERS_ARG,
     )
 
@@ -360,6 +370,7 @@ class Evict(EvictionPass):
             no("n_future", "only expected_attention averages future rotations")
         if s.name != "expected_attention" and not s.needs_wo:
             no("eps", "only expected_attention and criticalkv")
+        no("layerwise", "only score='kvzip' spreads one budget over layers")
         if not s.needs_wo:
             no("first", "only criticalkv selects in two stages")
         else:

@@ -88,6 +88,9 @@ class Runtime:
         self.max_positions = info.max_positions if max_positions is FROM_INFO else max_positions
         self.last_stats: dict = {}
         self.recipe = recipe  # recorded in a Context's layout (a context is only reused under the same recipe)
+        # (ids, mask, positions, state, extras) -> (state, stats): run after a prompt step on an empty cache by
+        # prefill and generate (not logits); evict(score='kvzip')'s replay and compaction (``kvzip_replay.py``)
+        self.after_prompt = None
 
     def _prompt_step(self, input_ids, attention_mask, extras, allow_long, logits_index, dense_fn, source: str):
         """One checked prompt step from empty state; ``last_stats`` gets the cache it held. -> (logits, state, positions, mask)."""
@@ -97,10 +100,13 @@ class Runtime:
         positions = positions_from_mask(attention_mask)
         state = [s.empty(B, input_ids.device) for s in self.specs]
         logits, state = self._prompt(input_ids, positions, logits_index(T, input_ids.device), state, extras or {})
+        hook = {}
+        if self.after_prompt is not None and source == "prefill":
+            state, hook = self.after_prompt(input_ids, attention_mask, positions, state, extras)
         kv, dense = state_bytes(state, self.specs), dense_fn(B, T)
         self.last_stats = {"batch": B, "prompt_tokens": int(attention_mask.sum()), "new_tokens": 0, "kv_bytes": kv,
                            **held_bytes(state, self.specs), "kv_peak_bytes": prefill_peak_bytes(state, self.specs, B, T),
-                           "kv_bytes_dense": dense, "kv_fraction": kv / dense if dense else 0.0, "source": source}
+                           "kv_bytes_dense": dense, "kv_fraction": kv / dense if dense else 0.0, "source": source, **hook}
         return logits, state, positions, attention_mask
 
     def _prompt(self, input_ids, positions, logits_index, state, extras):
@@ -199,10 +205,13 @@ class Runtime:
         tokens = [input_ids]
 
         t0 = time.perf_counter()
+        hook = {}
         if context is None:
             positions = positions_from_mask(attention_mask)
             state = [s.empty(B, device) for s in self.specs]
             logits, state = self._prompt(input_ids, positions, torch.tensor([T - 1], device=device), state, extras)
+            if self.after_prompt is not None:
+                state, hook = self.after_prompt(input_ids, attention_mask, positions, state, extras)
             held = held_bytes(state, self.specs)
             peak = max(prefill_peak_bytes(state, self.specs, B, T), held["kv_storage_bytes"])
             next_pos = positions[:, -1:] + 1
@@ -257,5 +266,6 @@ class Runtime:
             "prefill_tokens_per_s": int(attention_mask.sum()) / prefill_s if prefill_s > 0 else 0.0,
             **({"context_tokens": int(before.sum())} if context is not None else {}),
             "decode_tokens_per_s": B * steps / decode_s if steps and decode_s > 0 else 0.0,
+            **hook,
         }
         return out

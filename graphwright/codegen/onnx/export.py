@@ -649,6 +649,10 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
 
     if not hasattr(cm, "step_graph"):
         raise TypeError(f"export_onnx expects a CompiledModel (from graphwright.compile); got {type(cm).__name__}")
+    if "kvzip" in cm.step_graph.notes:
+        raise GraphwrightError("evict(score='kvzip') is not exported: its replay pass (a second prompt step whose "
+                               "attention inputs are scored, runtime/kvzip_replay.py) runs in graphwright's torch runtime "
+                               "only; compile with another scorer to export, or run the model with graphwright")
     if verify_steps < 0:
         raise ValueError(f"verify_steps must be >= 0 (decode steps after the prefill); got {verify_steps}")
     if isinstance(verify_tokens, bool) or not isinstance(verify_tokens, int) or verify_tokens < 7:
