@@ -5,6 +5,8 @@ Usage:
     python bench/long_headline.py --lengths 1024 --cases 10 --out /tmp/x --journal /tmp/x/cases.jsonl
     python bench/long_headline.py --table-only         # rebuild the tables from the journal, run nothing
                                                        # (every recipe the journal holds at each length, unless --recipes)
+    python bench/long_headline.py --table-only --lengths 4096 \
+        --pair 'snapkv(budget={quarter}, heads="scores", gamma=0.5)' 'snapkv(budget={quarter})'   # A - B, paired
 
 Per length L (in order) it runs ``graphwright.eval.run_suite`` on the needle task with dense and
 ``RECIPES`` filled for L (budgets are fractions of the prompt: 50% of 1,024 = ``snapkv(budget=512)``),
@@ -77,6 +79,24 @@ def run_strided(model, tok, recipes, length: int, args, jr) -> None:
 
     run_case_major(model, tok, labels, jobs, strided(len(jobs), args.stride), jr, args.model, 2048, 16, log=log)
 
+def paired(jr, length: int, model: str, a: str, b: str, seed: int = 0) -> dict:
+    """Recipe ``a`` minus recipe ``b`` (canonical strings) on the needle cases both hold at ``length``: accuracies and
+    the paired difference with its seeded 95% bootstrap interval (``eval.stats.paired_difference``)."""
+    from graphwright.eval.stats import bootstrap_mean, paired_difference
+
+    rows: dict = {a: {}, b: {}}
+    for k, r in jr.records():
+        if k["length"] == length and k["model"] == model and k["task"] == "niah" and k["recipe"] in rows:
+            rows[k["recipe"]][k["case"]] = float(r["correct"])
+    ids = [c for c in rows[a] if c in rows[b]]
+    if not ids:
+        return {"a": a, "b": b, "length": length, "n": 0}
+    xa, xb = [rows[a][c] for c in ids], [rows[b][c] for c in ids]
+    d = paired_difference(xb, xa, seed)
+    return {"a": a, "b": b, "length": length, "n": len(ids), "acc_a": bootstrap_mean(xa, seed)["mean"],
+            "acc_b": bootstrap_mean(xb, seed)["mean"], "delta": d["mean"], "lo": d["lo"], "hi": d["hi"]}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -89,6 +109,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(HERE / "results" / "suite"), help="tables go to OUT/L{length}/")
     p.add_argument("--table-only", action="store_true", help="rebuild the tables from the journal; run no case")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--pair", nargs=2, action="append", default=[], metavar=("A", "B"),
+                   help="also print recipe A minus recipe B (templates) paired on the cases both hold, per length")
     p.add_argument("--stride", type=int, default=1,
                    help="> 1: run case by case in the order 0, k, 2k, ... then 1, 1 + k, ... (dense and every recipe per "
                         "case), so a partial cell is spread over the depths; 1 (default): recipe by recipe, cases in order")
@@ -130,6 +152,13 @@ def main(argv=None) -> int:
             if r["metric"] == "all":
                 print(f"L={length} {r['recipe']}: acc {r['value']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] "
                       f"vs dense {r['delta']:+.3f} n={r['n']} kv={r['kv_fraction']}", file=sys.stderr, flush=True)
+        for ta, tb in args.pair:
+            from graphwright.eval.suite import canonical
+
+            pr = paired(jr, length, args.model, canonical(recipes_for(length, [ta])[0]), canonical(recipes_for(length, [tb])[0]))
+            print(f"L={length} {pr['a']} - {pr['b']}: " + (f"{pr['acc_a']:.2f} - {pr['acc_b']:.2f} = {pr['delta']:+.2f} "
+                  f"[{pr['lo']:+.2f}, {pr['hi']:+.2f}] paired, n={pr['n']}" if pr["n"] else "no common cases"),
+                  file=sys.stderr, flush=True)
     if failed:
         print(f"{len(failed)} recipe run(s) failed: {failed}", file=sys.stderr, flush=True)
         return 1

@@ -19,6 +19,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from ..runtime.continuation import score_continuation
 from ..runtime.score import score_stream, token_nll
 from .data import read_text
 
@@ -180,7 +181,7 @@ def heldout_windows(tokenizer, n_windows: int = 8, window: int = 4096, path=None
     return [ids[:, i * window:(i + 1) * window] for i in range(n_windows)]
 
 
-def long_perplexity(model_or_cm, windows_ids, prefix: int = 2048, progress: bool = True) -> dict:
+def long_perplexity(model_or_cm, windows_ids, prefix: int = 2048, progress: bool = True, block: int | None = None) -> dict:
     """Streamed perplexity per window: prefill ``prefix`` tokens, then score every later token by a decode step.
 
     Only the tokens predicted by decode steps are scored (``window - prefix - 1`` per window), so a
@@ -189,7 +190,11 @@ def long_perplexity(model_or_cm, windows_ids, prefix: int = 2048, progress: bool
     "kv_bytes_dense": [...], "seconds"}``; the KV bytes are the compiled runtime's ``last_stats``
     after the window (None for a Hugging Face model).
 
-    Cost: one decode step per scored token. The suite's default (8 windows of 4,096, prefix
+    ``block``: score the continuation teacher-forced in steps of ``block`` tokens over the prefilled cache
+    instead (``runtime.continuation.score_continuation``: the same scores for a CompiledModel whose graph only
+    appends after the prompt step, e.g. SnapKV; graphs that evict later are refused); None: a decode step per token.
+
+    Cost: one decode step per scored token (``block``: one step per ``block`` tokens). The suite's default (8 windows of 4,096, prefix
     2,048) is 16,376 decode steps per model, about 18 minutes at 15 decode tokens/s (an
     estimate for smollm2-135m on 2 CPU cores, not a measurement); size it with the window count
     and sizes.
@@ -200,6 +205,8 @@ def long_perplexity(model_or_cm, windows_ids, prefix: int = 2048, progress: bool
     if not (isinstance(prefix, int) and 1 <= prefix <= T - 2):
         raise ValueError(f"prefix must be an int in [1, window - 2 = {T - 2}] so that decode steps are scored; got {prefix!r}")
     if _is_hf(model_or_cm):
+        if block is not None:
+            raise ValueError("block= scores through a CompiledModel's cache; give a CompiledModel or block=None")
         model_or_cm.eval()
     nlls, kv, dense, t0 = [], [], [], time.perf_counter()
     with tqdm(total=len(windows_ids) * (T - prefix - 1), unit="tok", desc="long ppl (stream)", disable=None if progress else True,
@@ -212,11 +219,12 @@ def long_perplexity(model_or_cm, windows_ids, prefix: int = 2048, progress: bool
                 nll = _hf_stream_nll(model_or_cm, ids, prefix, bar)
                 stats = {}
             else:
-                nll = score_stream(model_or_cm, ids, prefix, bar)
+                nll = (score_stream(model_or_cm, ids, prefix, bar) if block is None else
+                       score_continuation(model_or_cm, ids, prefix, block=block, progress=bar))
                 stats = model_or_cm.last_stats
             nlls.append(float(nll[0, prefix:].double().mean()))
             kv.append(stats.get("kv_bytes"))
             dense.append(stats.get("kv_bytes_dense"))
     mean = sum(nlls) / len(nlls)
     return {"nll": nlls, "ppl": math.exp(mean), "tokens": len(nlls) * (T - prefix - 1), "prefix": prefix, "window": T,
-            "kv_bytes": kv, "kv_bytes_dense": dense, "seconds": time.perf_counter() - t0}
+            "kv_bytes": kv, "kv_bytes_dense": dense, "block": block, "seconds": time.perf_counter() - t0}

@@ -123,24 +123,28 @@ def case_jobs(tokenizer, cases: dict, ppl_prefix: int, max_new_tokens: int, back
     return jobs
 
 
-def _run_case(cm, tokenizer, task, case, ppl_prefix, max_new_tokens) -> dict:
-    """One case's row: niah/ruler the scorer's per-case row; ppl ``{"nll", "kv_bytes", "kv_bytes_dense"}``."""
+def _run_case(cm, tokenizer, task, case, ppl_prefix, max_new_tokens, ppl_block=None) -> dict:
+    """One case's row: niah/ruler the scorer's per-case row; ppl ``{"nll", "kv_bytes", "kv_bytes_dense"}`` (plus
+    ``"block"`` when ``ppl_block`` scored the continuation in teacher-forced steps: ``long_perplexity``)."""
     if task == "niah":
         return _niah.run_niah(cm, tokenizer, [case], max_new_tokens=max_new_tokens, progress=False)["cases"][0]
     if task == "ruler":
         return _ruler.run_ruler(cm, tokenizer, [case], progress=False)["cases"][0]
-    r = long_perplexity(cm, [case], prefix=ppl_prefix, progress=False)
-    return {"nll": r["nll"][0], "kv_bytes": r["kv_bytes"][0], "kv_bytes_dense": r["kv_bytes_dense"][0]}
+    r = long_perplexity(cm, [case], prefix=ppl_prefix, progress=False, block=ppl_block)
+    row = {"nll": r["nll"][0], "kv_bytes": r["kv_bytes"][0], "kv_bytes_dense": r["kv_bytes_dense"][0]}
+    return row if ppl_block is None else {**row, "block": ppl_block}
 
 
 def run_case_major(model, tokenizer, labels, jobs, order, journal, model_name, ppl_prefix, max_new_tokens,
-                   backend="torch", seed=0, log=None) -> None:
+                   backend="torch", seed=0, log=None, ppl_block=None) -> None:
     """Case by case: job ``order[0]`` for every label, then ``order[1]``...; each label compiled once, on its
     first missing row; rows the journal holds are skipped, each new row is appended at once.
 
     The order of the benchmark scripts that stop early on purpose (a cell cut short still covers every
     depth, every window, every task): ``run_label`` runs label by label instead. Keys and rows are
-    ``run_label``'s, so ``run_suite``'s tables read them. ``log(job, label, row, seconds)`` after each row."""
+    ``run_label``'s, so ``run_suite``'s tables read them. ``log(job, label, row, seconds)`` after each row.
+    ``ppl_block``: perplexity windows scored in teacher-forced continuation steps (``long_perplexity``'s
+    ``block``; the same key: the scores equal the decode-step ones, tested to 1e-5)."""
     import time
 
     from ..compile import compile as gw_compile
@@ -156,7 +160,7 @@ def run_case_major(model, tokenizer, labels, jobs, order, journal, model_name, p
                 cms[label] = gw_compile(model, recipe=None if label == DENSE else label, tokenizer=tokenizer,
                                         backend=backend)
             t1 = time.perf_counter()
-            row = _run_case(cms[label], tokenizer, task, case, ppl_prefix, max_new_tokens)
+            row = _run_case(cms[label], tokenizer, task, case, ppl_prefix, max_new_tokens, ppl_block)
             journal.add(key, row)
             if log is not None:
                 log(jobs[i], label, row, time.perf_counter() - t1)

@@ -38,3 +38,18 @@ def test_strided_order_visits_every_case_once_and_spreads_each_pass_over_the_dep
     assert sorted(order) == list(range(50))
     assert order[:10] == [0, 5, 10, 15, 20, 25, 30, 35, 40, 45]  # the first pass: depths 0 to 45/49 in steps of 5/49
     assert lh.strided(7, 1) == list(range(7)) and lh.parse_args([]).stride == 1
+
+
+def test_paired_difference_uses_only_the_cases_both_recipes_hold(tmp_path):
+    lh = _mod()
+    jr = Journal(tmp_path / "cases.jsonl")
+    a, b = 'snapkv(budget=8, gamma=0.5, heads="scores")', "snapkv(budget=8)"
+    for case, ca, cb in [("c0", 1, 0), ("c1", 1, 1), ("c2", 0, 0), ("c3", 1, None)]:
+        jr.add(make_key("m", a, "aware", "niah", 64, case, 0, "h"), {"correct": bool(ca)})
+        if cb is not None:
+            jr.add(make_key("m", b, "aware", "niah", 64, case, 0, "h"), {"correct": bool(cb)})
+    jr.add(make_key("m", b, "aware", "niah", 128, "c0", 0, "h"), {"correct": True})  # another length: not paired
+    pr = lh.paired(jr, 64, "m", a, b)
+    assert pr["n"] == 3 and abs(pr["acc_a"] - 2 / 3) < 1e-12 and abs(pr["acc_b"] - 1 / 3) < 1e-12
+    assert abs(pr["delta"] - 1 / 3) < 1e-12 and pr["lo"] <= pr["delta"] <= pr["hi"]
+    assert lh.paired(jr, 128, "m", a, b)["n"] == 0

@@ -117,11 +117,17 @@ def test_heldout_split_is_disjoint_from_what_calibration_reads():
     assert cal_sentences and not any(s in held for s in cal_sentences)
     for name in tasks.TASKS:  # the steering profiler's examples are generated, not cut from the novel
         assert not any(ex.prompt[:80] in held for ex in tasks.make_task(name, n=4).examples)
-    # no pass or profiler opens the novel: they cannot import graphwright.eval (tests/test_layering.py) and no source names it
+    # passes and profilers cannot import graphwright.eval (tests/test_layering.py); the one pass that opens the novel,
+    # Q-Filters' calibration (passes/qfilter_calibrate.py, named in evict.py's report line), reads only its first
+    # 8 x QFILTER_TOKENS characters, inside the calibration part (the long-perplexity windows never see them)
+    from graphwright.passes import qfilter_calibrate
+
     pkg = pathlib.Path(data.__file__).parents[1]
-    readers = [p for d in ("passes", "steer", "ops", "runtime") for p in (pkg / d).rglob("*.py")
-               if data.DEFAULT_TEXT in p.read_text() or "default_text_path" in p.read_text()]
-    assert readers == []
+    readers = sorted(p.name for d in ("passes", "steer", "ops", "runtime") for p in (pkg / d).rglob("*.py")
+                     if data.DEFAULT_TEXT in p.read_text() or "default_text_path" in p.read_text())
+    assert readers == ["evict.py", "qfilter_calibrate.py"]
+    assert "[: 8 * n_tokens]" in pathlib.Path(qfilter_calibrate.__file__).read_text()
+    assert 8 * qfilter_calibrate.QFILTER_TOKENS < len(cal)
 
 
 def test_heldout_windows_and_long_perplexity(tiny, compiled_tiny):
