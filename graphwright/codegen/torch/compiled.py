@@ -36,7 +36,7 @@ both threads must reach. Inductor parallelised the 30 SiLU * up kernels (1,536 e
 above the default ``min_chunk_size`` 512), which with ATen's 30 SDPA calls made 60 barriers per step; on
 the loaded machine each cost ~18 ms (a descheduled thread), 95% of the step's profile. At 4,096 the
 elementwise kernels of a batch-1 step run serially (a barrier costs more than their microsecond of
-work; at batch >= 6 the SiLU kernel is parallel again). ``size_asserts`` off drops ~300 Python
+work; at batch >= 6 the SiLU kernel, at capacity 8,192 the mask, is parallel again). ``size_asserts`` off drops ~300 Python
 ``assert_size_stride`` calls per step from the output code's wrapper. Graphwright ops inside the step: the torch backend's
 implementations are plain torch functions, so Dynamo traces through them with no graph break
 (``TORCH_LOGS=graph_breaks``): ``attention_sdpa`` and ``latent_attention_sdpa`` reach
