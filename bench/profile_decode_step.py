@@ -3,14 +3,22 @@
 Usage:
 
     python bench/profile_decode_step.py --prompts 256 4096 --steps 16 --recipes identity h2o25 streaming25
+    python bench/profile_decode_step.py --backends torch compiled --profile --kernel-profile
 
-Per prompt length: prefill once per side, then ``--steps`` decode steps, timed one by one
-(median ms per step; sides alternate step by step so load drifts hit all of them). HF is
+Per prompt length: prefill once per side, ``--warmup`` untimed decode steps (the compiled backend
+compiles at its first), then ``--steps`` decode steps, timed one by one: median wall ms and
+median process CPU ms per step (all threads; on a machine shared with other jobs the CPU time
+is the steadier figure); sides alternate step by step so load drifts hit all of them.
+``--backends``: graphwright backends to run each recipe on (``torch``, ``compiled``, ...);
+``compiled:previous`` compiles with the session-13 Inductor settings (``PREVIOUS_CONFIG``),
+``compiled:cppwrap`` adds ``cpp_wrapper`` (the step's kernel calls from C++, not Python) to
+``DECODE_CONFIG``; several variants in one run alternate like the other sides. HF is
 ``model(next_token, past_key_values=cache)`` with its ``DynamicCache`` (what ``generate()`` runs
 per step, without the logits processors); graphwright calls the lowered step graph directly
 (``CompiledModel._step``, the runtime's call). ``--profile`` adds a ``torch.profiler`` table of one
 more step per side (ops by self CPU time; graphwright's own Python functions appear as
-``record_function`` ranges when ``--functions``), ``--cprofile`` a cProfile of the step's Python
+``record_function`` ranges when ``--functions``), ``--kernel-profile`` makes Inductor's generated C++ kernels record themselves
+(``torch._inductor.config.cpp.enable_kernel_profile``: rows ``graph_*_cpp_fused_*``), ``--cprofile`` a cProfile of the step's Python
 (FX GraphModule forward, op dispatch, cache append, eviction slots).
 
 Recipe names as in ``bench/bench_decode.py`` (``h2o25`` = ``h2o(heavy=P/8, recent=P/8)``,
@@ -25,6 +33,7 @@ import io
 import pstats
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from statistics import median
 
@@ -75,41 +84,68 @@ class GWStepper:
         return logits[:, -1]
 
 
+def compiled_model(model, tok, recipe, backend: str):
+    """``gw.compile`` on ``backend``; ``compiled:previous`` / ``compiled:cppwrap`` set the compiled step's Inductor config."""
+    name, *opts = backend.split(":")
+    cm = gw.compile(model, recipe=recipe, tokenizer=tok, backend=name)
+    if opts:
+        from graphwright.codegen.torch.compiled import DECODE_CONFIG, PREVIOUS_CONFIG, compile_decode
+
+        configs = {"previous": PREVIOUS_CONFIG, "cppwrap": {**DECODE_CONFIG, "cpp_wrapper": True}}
+        if opts[0] not in configs:
+            raise SystemExit(f"unknown compiled variant {opts[0]!r}; choose from {', '.join(configs)}")
+        cm._backend_step.compiler = partial(compile_decode, config=configs[opts[0]])
+    return cm
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--prompts", type=int, nargs="+", default=[256])
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--recipes", nargs="+", default=["identity"])
+    p.add_argument("--backends", nargs="+", default=["torch"])
+    p.add_argument("--warmup", type=int, default=2, help="untimed decode steps per side (compiles happen here)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of one step per side")
+    p.add_argument("--kernel-profile", action="store_true", help="Inductor C++ kernels as profiler rows")
     p.add_argument("--cprofile", action="store_true", help="cProfile of a few steps per side")
     p.add_argument("--rows", type=int, default=25)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.kernel_profile:
+        torch._inductor.config.cpp.enable_kernel_profile = True
     model, tok = gw.load_model(args.model)
     model.eval()
     for P in args.prompts:
         ids = prompt_ids(tok, P, model.config.vocab_size)
         sides = [] if args.no_hf else [HFStepper(model)]
         for r in args.recipes:
-            sides.append(GWStepper(f"{r}/torch", gw.compile(model, recipe=recipe_text(r, P), tokenizer=tok)))
+            for b in args.backends:
+                sides.append(GWStepper(f"{r}/{b}", compiled_model(model, tok, recipe_text(r, P), b)))
         with torch.inference_mode():
             nxt = {}
             for s in sides:
                 nxt[s.name] = s.prefill(ids).argmax(-1, keepdim=True)
+            for s in sides:
+                for _ in range(args.warmup):
+                    nxt[s.name] = s.step(nxt[s.name]).argmax(-1, keepdim=True)
             times = {s.name: [] for s in sides}
+            cpu = {s.name: [] for s in sides}
             for _ in range(args.steps):
                 for s in sides:
-                    t0 = time.perf_counter()
+                    c0, t0 = time.process_time(), time.perf_counter()
                     nxt[s.name] = s.step(nxt[s.name]).argmax(-1, keepdim=True)
                     times[s.name].append(time.perf_counter() - t0)
-            print(f"prompt {P}: median ms per decode step over {args.steps} steps (under load: direction only)")
-            base = median(times[sides[0].name])
+                    cpu[s.name].append(time.process_time() - c0)
+            print(f"prompt {P}: median per decode step over {args.steps} steps (wall under load: direction only; "
+                  "process CPU time: all threads)")
+            base, base_cpu = median(times[sides[0].name]), median(cpu[sides[0].name])
             for s in sides:
-                m = median(times[s.name])
-                print(f"  {s.name:24s} {1e3 * m:7.2f} ms   {base / m:5.2f}x {sides[0].name}")
+                m, c = median(times[s.name]), median(cpu[s.name])
+                print(f"  {s.name:24s} wall {1e3 * m:7.2f} ms {base / m:5.2f}x   CPU {1e3 * c:7.2f} ms {base_cpu / c:5.2f}x "
+                      f"{sides[0].name}")
             for s in sides:
                 if args.profile:
                     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

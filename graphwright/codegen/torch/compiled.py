@@ -25,7 +25,19 @@ Compilation is lazy (the first decode step) and cached on the step object, i.e. 
 ``CompiledModel``. Inductor knobs on CPU: ``freezing`` (weights become constants of the compiled
 graph, so the compiled step no longer takes every weight as an input, and linears become
 ``mkl._mkl_linear`` on prepacked weights, ``cpp.weight_prepack``: a prepacked copy of the
-linear weights besides the model's), ``max_autotune`` off. Graphwright ops inside the step: the torch backend's
+linear weights besides the model's), ``max_autotune`` off, and (``DECODE_CONFIG``) ``cpp.min_chunk_size``
+4,096 and ``size_asserts`` off. Where a decode step's time goes (SmolLM2-135M, prompt 256, session 14,
+``bench/profile_decode_step.py --profile --kernel-profile`` and ``bench/profile_compiled_linears.py``, on a
+machine loaded 6x over its 2 cores): the 211 GEMVs stream 538 MB of weights; ``mkl._mkl_linear`` on
+packed weights runs them at the rate of ``x @ Wt`` on [in, out] copies (36.5 vs 36.0 ms CPU per step's
+linears at 2 threads; ``F.linear`` on HF's [out, in] layout 45.8 ms), so the weight layout is not what
+separates this path from ONNX Runtime. What does: each OpenMP parallel region of a step is a barrier
+both threads must reach. Inductor parallelised the 30 SiLU * up kernels (1,536 elements, 768 per thread:
+above the default ``min_chunk_size`` 512), which with ATen's 30 SDPA calls made 60 barriers per step; on
+the loaded machine each cost ~18 ms (a descheduled thread), 95% of the step's profile. At 4,096 the
+elementwise kernels of a batch-1 step run serially (a barrier costs more than their microsecond of
+work; at batch >= 6 the SiLU kernel, at capacity 8,192 the mask, is parallel again). ``size_asserts`` off drops ~300 Python
+``assert_size_stride`` calls per step from the output code's wrapper. Graphwright ops inside the step: the torch backend's
 implementations are plain torch functions, so Dynamo traces through them with no graph break
 (``TORCH_LOGS=graph_breaks``): ``attention_sdpa`` and ``latent_attention_sdpa`` reach
 ``scaled_dot_product_attention``, which Inductor calls as its fallback ATen kernel
@@ -73,24 +85,33 @@ def capacity_for(n: int) -> int:
     return -(-n // granule) * granule
 
 
-def compile_decode(gm: torch.fx.GraphModule, freezing: bool = True):
+# Inductor settings of the CPU decode step (module docstring: why each). ``freezing``: weights become constants,
+# linears ``mkl._mkl_linear`` on packed copies. ``cpp.min_chunk_size``: a generated kernel runs on the OpenMP
+# threads only when each thread gets >= this many elements; at 4,096, every elementwise kernel of a batch-1
+# decode step (<= 1,536 elements, the SiLU * up product the largest) runs serially: no parallel region,
+# no barrier. ``size_asserts``: no shape/stride check of every extern kernel's output in the Python wrapper.
+DECODE_CONFIG = {"freezing": True, "cpp.min_chunk_size": 4096, "size_asserts": False}
+PREVIOUS_CONFIG = {"freezing": True}  # session-13 settings, for benchmarks: ``partial(compile_decode, config=...)``
+
+
+def compile_decode(gm: torch.fx.GraphModule, freezing: bool = True, config: dict | None = None):
     """``torch.compile`` of the decode graph: static shapes; CUDA graphs on CUDA, Inductor C++ on CPU with
-    ``freezing`` (a benchmark can compare ``cm._backend_step.compiler = partial(compile_decode, freezing=False)``)."""
+    ``DECODE_CONFIG`` (``config`` replaces it; ``freezing=False`` turns freezing off). A benchmark can compare
+    ``cm._backend_step.compiler = partial(compile_decode, config=PREVIOUS_CONFIG)``."""
     _raise_recompile_limit()
     device = next((t.device for t in (*gm.parameters(), *gm.buffers())), torch.device("cpu"))
     if device.type == "cuda":
         return torch.compile(gm, dynamic=False, mode="reduce-overhead")
+    patch = {**(DECODE_CONFIG if config is None else config), **({} if freezing else {"freezing": False})}
     fn = torch.compile(gm, dynamic=False, options={"max_autotune": False})
-    if not freezing:
-        return fn
 
-    def frozen(*args, **kwargs):
-        # Inductor reads ``freezing`` when the (lazy) compile runs, so it is patched around each call;
-        # as ``torch.compile(options=...)`` it was not applied (weights stayed graph inputs in the output code)
-        with torch._inductor.config.patch(freezing=True):
+    def patched(*args, **kwargs):
+        # Inductor reads its config when the (lazy) compile runs, so it is patched around each call;
+        # as ``torch.compile(options=...)``, ``freezing`` was not applied (weights stayed graph inputs)
+        with torch._inductor.config.patch(patch):
             return fn(*args, **kwargs)
 
-    return frozen
+    return patched
 
 
 def _raise_recompile_limit() -> None:
