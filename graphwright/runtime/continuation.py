@@ -31,8 +31,7 @@ from ..ops.eviction import EVICT_ADAKV, EVICT_ADAKV_SCORED, EVICT_ADAKV_SHARES, 
 from ..ops.policy_scored import EVICT_SCORED, EVICT_SCORED_ACC, EVICT_SCORED_REUSE, EVICT_SCORED_ROPE, EVICT_SCORED_WO
 from .generate import kept_tokens_per_head, state_bytes
 from .held_bytes import held_bytes
-from .inputs import check_length
-from .score import token_nll
+from .score import scoring_start, token_nll
 
 # compress only at the step whose cache was empty, append at every later step (their references' first test)
 PROMPT_ONLY = (EVICT_SNAPKV, EVICT_ADAKV, EVICT_ADAKV_SHARES, EVICT_ADAKV_SCORED)
@@ -105,17 +104,9 @@ def score_continuation(cm, input_ids: torch.Tensor, prefix_len: int, block: int 
     rt = _runtime_parts(cm)
     if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
         raise ValueError(f"block must be a positive int (tokens per continuation step) or None; got {block!r}")
-    squeeze = input_ids.dim() == 1
-    ids = (input_ids[None] if squeeze else input_ids).long()
+    ids, squeeze, state, positions = scoring_start(rt, input_ids, prefix_len, allow_long, "score_continuation")
     B, T = ids.shape
-    if T < 2:
-        raise ValueError(f"score_continuation needs at least 2 tokens; got {T}")
-    if not 1 <= prefix_len <= T:
-        raise ValueError(f"prefix_len must be in [1, {T}]; got {prefix_len}")
-    check_length(rt.info, T - 1, 0, getattr(rt, "max_positions", rt.info.max_positions), allow_long)
     device = ids.device
-    state = [s.empty(B, device) for s in rt.specs]
-    positions = torch.arange(T, device=device).expand(B, T)
     logits, state = rt.step(ids[:, :prefix_len], positions[:, :prefix_len], torch.arange(prefix_len, device=device), state)
     n = min(prefix_len, T - 1)
     nll = [token_nll(logits[:, :n], ids[:, 1:n + 1])]

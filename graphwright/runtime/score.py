@@ -31,6 +31,21 @@ def _runtime_of(runtime_or_cm):
 
 
 @torch.inference_mode()
+def scoring_start(rt, input_ids: torch.Tensor, prefix_len: int, allow_long: bool, name: str):
+    """Checked ``(ids [B, T] long, squeezed, empty state, positions [B, T])`` for scoring T tokens after a
+    ``prefix_len`` prompt step (``score_stream``, ``continuation.score_continuation``); ``ValueError`` otherwise."""
+    squeeze = input_ids.dim() == 1
+    ids = (input_ids[None] if squeeze else input_ids).long()
+    B, T = ids.shape
+    if T < 2:
+        raise ValueError(f"{name} needs at least 2 tokens; got {T}")
+    if not 1 <= prefix_len <= T:
+        raise ValueError(f"prefix_len must be in [1, {T}]; got {prefix_len}")
+    check_length(rt.info, T - 1, 0, getattr(rt, "max_positions", rt.info.max_positions), allow_long)
+    state = [s.empty(B, ids.device) for s in rt.specs]
+    return ids, squeeze, state, torch.arange(T, device=ids.device).expand(B, T)
+
+
 def score_stream(runtime_or_cm, input_ids: torch.Tensor, prefix_len: int, progress=None, allow_long: bool = False) -> torch.Tensor:
     """NLL of tokens 1..T-1 of ``input_ids`` [B, T] (or [T]) scored as prefill + decode.
 
@@ -43,18 +58,9 @@ def score_stream(runtime_or_cm, input_ids: torch.Tensor, prefix_len: int, progre
     (``allow_long``: as in ``Runtime.generate``).
     """
     rt = _runtime_of(runtime_or_cm)
-    squeeze = input_ids.dim() == 1
-    ids = input_ids[None] if squeeze else input_ids
-    ids = ids.long()
+    ids, squeeze, state, positions = scoring_start(rt, input_ids, prefix_len, allow_long, "score_stream")
     B, T = ids.shape
-    if T < 2:
-        raise ValueError(f"score_stream needs at least 2 tokens; got {T}")
-    if not 1 <= prefix_len <= T:
-        raise ValueError(f"prefix_len must be in [1, {T}]; got {prefix_len}")
-    check_length(rt.info, T - 1, 0, getattr(rt, "max_positions", rt.info.max_positions), allow_long)
     device = ids.device
-    state = [s.empty(B, device) for s in rt.specs]
-    positions = torch.arange(T, device=device).expand(B, T)
 
     logits, state = rt.step(ids[:, :prefix_len], positions[:, :prefix_len],
                             torch.arange(prefix_len, device=device), state)

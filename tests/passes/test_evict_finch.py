@@ -6,9 +6,7 @@ import pytest
 import torch
 
 from graphwright import RecipeError
-from graphwright.compiled import CompiledModel
 from graphwright.passes.evict import Evict
-from graphwright.verify import run_recipe
 from tests.conftest import _compiled, left_padded_batch
 from tests.passes.eviction_helpers import decode_loop, run_pass
 from tests.passes.test_evict_scorers import LENGTHS, dense, kept_every_step
@@ -36,20 +34,6 @@ def test_prefill_keeps_the_budget_with_the_question_then_appends():
                     assert len(h) == 7 + extra  # evicted once after prefill, decode appends
                     assert set(range(L - 3, L)) <= set(h)  # the question window is kept
     assert seen[0][0][0][0] != seen[0][1][0][0] or seen[0][0][0][0] != seen[0][0][0][1]  # sets are per layer / head
-
-
-@pytest.mark.parametrize("recipe", ["lowrank_kv(keep=0.5) + evict(score='finch', budget=6, window=3)",
-                                    "evict(score='finch', budget=6, window=3) + steer(heads={0: [1]}, alpha=0.01)",
-                                    "evict(score='finch', budget=0.5, window=2, chunk=4) + steer(heads='all', alpha=0.05)"])
-def test_composes_with_lowrank_kv_and_steer(recipe):
-    sg = _compiled("tiny-llama").step_graph
-    new, _, _ = run_recipe(sg, recipe)
-    cm = CompiledModel(new)
-    ids, mask = left_padded_batch(256, LENGTHS, seed=8)
-    out = cm.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
-    assert out.shape == (2, 14 + 8) and new.notes["evict"]["settings"]["scorer"] == "finch"
-    kept = cm.last_stats["kept_tokens_per_head"]
-    assert max(h for layer in kept for row in layer for h in row) < 14 + 8
 
 
 @pytest.mark.parametrize("args,msg", [

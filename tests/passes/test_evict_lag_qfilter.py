@@ -152,21 +152,6 @@ def test_qfilter_runs_every_n_steps():
     assert sizes == [6, 7, 8, 9, 6, 7, 8, 9, 6, 7]
 
 
-@pytest.mark.parametrize("recipe", ["lowrank_kv(keep=0.5) + evict(score='lagkv', budget=8, lag=3, sinks=2)",
-                                    "lowrank_kv(keep=0.5) + evict(score='qfilter', budget=6)",
-                                    "evict(score='lagkv', budget=8, lag=3, sinks=2) + steer(heads={0: [1]}, alpha=0.01)",
-                                    "evict(score='qfilter', budget=0.5) + steer(heads='all', alpha=0.05)"])
-def test_composes_with_lowrank_kv_and_steer(recipe):
-    sg = _compiled("tiny-llama").step_graph
-    new, _, _ = run_recipe(sg, recipe)
-    cm = CompiledModel(new)
-    ids, mask = left_padded_batch(256, LENGTHS, seed=8)
-    out = cm.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
-    assert out.shape == (2, 14 + 8) and "evict" in new.notes
-    kept = cm.last_stats["kept_tokens_per_head"]
-    assert max(h for layer in kept for row in layer for h in row) < 14 + 8
-
-
 @pytest.mark.parametrize("recipe,op", [("evict(score='lagkv', budget=8, lag=3, sinks=2)", "graphwright::evict_scored_lag"),
                                        ("evict(score='qfilter', budget=6)", "graphwright::evict_scored_qfilter")])
 def test_compiled_backend_runs_it_with_an_eager_fallback(recipe, op):

@@ -114,7 +114,15 @@ def test_every_n_evicts_only_on_those_steps():
                                     "lowrank_kv(keep=0.5) + evict(score='knorm', budget=0.5)",
                                     "evict(score='snapkv', budget=6) + steer(heads={0: [1]}, alpha=0.01)",
                                     "evict(score='criticalkv', budget=6) + steer(heads={0: [1]}, alpha=0.01)",
-                                    "evict(score='h2o', budget=6, window=2) + steer(heads='all', alpha=0.05)"])
+                                    "evict(score='h2o', budget=6, window=2) + steer(heads='all', alpha=0.05)",
+                                    # session 14's scorers (LagKV, Q-Filters, Finch)
+                                    "lowrank_kv(keep=0.5) + evict(score='lagkv', budget=8, lag=3, sinks=2)",
+                                    "lowrank_kv(keep=0.5) + evict(score='qfilter', budget=6)",
+                                    "evict(score='lagkv', budget=8, lag=3, sinks=2) + steer(heads={0: [1]}, alpha=0.01)",
+                                    "evict(score='qfilter', budget=0.5) + steer(heads='all', alpha=0.05)",
+                                    "lowrank_kv(keep=0.5) + evict(score='finch', budget=6, window=3)",
+                                    "evict(score='finch', budget=6, window=3) + steer(heads={0: [1]}, alpha=0.01)",
+                                    "evict(score='finch', budget=0.5, window=2, chunk=4) + steer(heads='all', alpha=0.05)"])
 def test_composes_with_lowrank_kv_and_steer(recipe):
     sg = _compiled("tiny-llama").step_graph
     new, _, verification = run_recipe(sg, recipe)
