@@ -33,9 +33,10 @@ def prompt_chunking(meta: dict, step: OnnxStep, asked="auto"):
     and holds N x S scores per head; every query row still sees exactly the keys at positions <= its own, so the
     logits and the cache are the same (tested: tiny Llama, left-padded batch). Measured on SmolLM2-135M, quiet, 2
     threads, a 4,096-token prompt of the novel: 15.0 s as one step, 11.0 s in steps of 512 (identical logits;
-    ``bench/bench_onnx_prompt_chunk.py``, the README's ONNX section). Chunking is only exact when a prompt step appends to a dense cache and nothing else: an artifact
-    that evicts in its prompt step (its kept set depends on the whole prompt's scores), one with runtime ops, extra
-    inputs (steering) or a GemFilter selection keeps one prompt step (``"auto"``) and refuses an explicit chunk."""
+    ``bench/bench_onnx_prompt_chunk.py``, the README's ONNX section). Chunking is only exact when a prompt step
+    appends to a dense cache and nothing else: an artifact that evicts in its prompt step (its kept set depends on
+    the whole prompt's scores), one with runtime ops, extra inputs (steering) or a GemFilter selection keeps one
+    prompt step (``"auto"``) and refuses an explicit chunk."""
     fixed = meta.get("prefill_chunk")  # evict(block=N): the export's own blocks
     if fixed is not None:
         if asked not in ("auto", None, fixed):
