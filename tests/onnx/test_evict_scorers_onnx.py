@@ -27,7 +27,10 @@ GEN_LONG = dict(max_new_tokens=24, eos_token_id=[], pad_token_id=0)
 @pytest.mark.parametrize("recipe", ["evict(score='expected_attention', budget=8)",
                                     "evict(score='h2o', budget=8, window=2, when='every:3')",
                                     "evict(score='criticalkv', budget=8, window=3)",  # reads each layer's o_proj weight
-                                    "snapkv(budget=8, window=2, heads='adaptive', split='kvpress')"])
+                                    "snapkv(budget=8, window=2, heads='adaptive', split='kvpress')",
+                                    # LagKV (a partition size) and Q-Filters (the layer's filters, a graph constant)
+                                    "evict(score='lagkv', budget=8, lag=3, sinks=2)", "evict(score='qfilter', budget=8)",
+                                    "evict(score='qfilter', budget=8, when='every:3')"])
 def test_evict_exports_and_gives_the_torch_tokens(onnx_artifact, recipe):
     cm, out = onnx_artifact("tiny-llama", recipe)
     ids, mask = prompt()
