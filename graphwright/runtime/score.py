@@ -30,7 +30,6 @@ def _runtime_of(runtime_or_cm):
     return rt
 
 
-@torch.inference_mode()
 def scoring_start(rt, input_ids: torch.Tensor, prefix_len: int, allow_long: bool, name: str):
     """Checked ``(ids [B, T] long, squeezed, empty state, positions [B, T])`` for scoring T tokens after a
     ``prefix_len`` prompt step (``score_stream``, ``continuation.score_continuation``); ``ValueError`` otherwise."""
@@ -46,6 +45,7 @@ def scoring_start(rt, input_ids: torch.Tensor, prefix_len: int, allow_long: bool
     return ids, squeeze, state, torch.arange(T, device=ids.device).expand(B, T)
 
 
+@torch.inference_mode()
 def score_stream(runtime_or_cm, input_ids: torch.Tensor, prefix_len: int, progress=None, allow_long: bool = False) -> torch.Tensor:
     """NLL of tokens 1..T-1 of ``input_ids`` [B, T] (or [T]) scored as prefill + decode.
 

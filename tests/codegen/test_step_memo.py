@@ -73,16 +73,21 @@ def test_slot_memo_is_shared_only_by_equal_positions_and_keeps_a_copy():
 def test_memos_made_under_inference_mode_serve_a_later_step_with_autograd(compiled_tiny):
     """generate() runs under inference_mode; a later step with autograd on (a user's own loop, a gradient probe)
     must not get cached rows or constants that are inference tensors (they cannot be saved for backward).
-    StreamingLLM's prompt step reads the rank memo and the rope table; H2O's decode reads the slot constants."""
+    StreamingLLM's prompt step reads the rank memo and the rope table; H2O's decode reads the slot constants; an
+    unpadded H2O prompt reads the causal tile (``prefill_scores._TILES``) and the head index (``eviction_slots._HEADS``)."""
     from graphwright import CompiledModel
+    from graphwright.codegen.torch import eviction_slots, prefill_scores
     from graphwright.capture.step_graph import positions_from_mask
     from graphwright.passes.pipeline import run_recipe
     from tests.conftest import left_padded_batch
 
     base = compiled_tiny("tiny-llama")
-    for recipe in ("streaming(sinks=2, window=6)", "h2o(heavy=4, recent=4)"):
+    for recipe, lengths in [("streaming(sinks=2, window=6)", [12, 7]), ("h2o(heavy=4, recent=4)", [12, 7]),
+                            ("h2o(heavy=4, recent=4)", [12, 12])]:
+        prefill_scores._TILES.clear()  # made afresh below, under inference_mode
+        eviction_slots._HEADS.clear()
         cm = CompiledModel(run_recipe(base.step_graph, recipe)[0])
-        ids, mask = left_padded_batch(256, [12, 7], seed=4)
+        ids, mask = left_padded_batch(256, lengths, seed=4)
         pos, li = positions_from_mask(mask), torch.arange(ids.shape[1])
         with torch.inference_mode():
             want, _ = cm._step(ids, pos, li, cm.runtime_graph.init_state(2))

@@ -169,16 +169,21 @@ def _new_rows(B: int, Hk: int, cap: int, S: int, device) -> torch.Tensor:
 _HEADS: dict = {}
 
 
+def _head_index(B: int, Hk: int, device):
+    return torch.arange(B, device=device)[:, None].expand(B, Hk), torch.arange(Hk, device=device)[None].expand(B, Hk)
+
+
 def _heads(B: int, Hk: int, device):
     """(row, head) index tensors [B, Hk] pairing with a per-head slot index (kept per shape)."""
     key = (B, Hk, device)
     hit = _HEADS.get(key)
-    if hit is None or torch.compiler.is_compiling():
-        hit = (torch.arange(B, device=device)[:, None].expand(B, Hk), torch.arange(Hk, device=device)[None].expand(B, Hk))
-        if not torch.compiler.is_compiling():
-            if len(_HEADS) > 256:
-                _HEADS.clear()
-            _HEADS[key] = hit
+    if torch.compiler.is_compiling():
+        return _head_index(B, Hk, device)
+    if hit is None:
+        if len(_HEADS) > 256:
+            _HEADS.clear()
+        with torch.inference_mode(False):  # plain tensors: made under inference_mode they could not serve a later step run with autograd
+            hit = _HEADS[key] = _head_index(B, Hk, device)
     return hit
 
 

@@ -75,7 +75,8 @@ def _after(t: int, device) -> torch.Tensor:
     key = str(device)
     tile = _TILES.get(key)
     if tile is None:
-        tile = _TILES[key] = torch.ones(ROW_CHUNK, ROW_CHUNK, dtype=torch.bool, device=device).triu(1)
+        with torch.inference_mode(False):  # a plain tensor: made under inference_mode it could not be saved for backward later
+            tile = _TILES[key] = torch.ones(ROW_CHUNK, ROW_CHUNK, dtype=torch.bool, device=device).triu(1)
     return tile[:t, :t]
 
 
