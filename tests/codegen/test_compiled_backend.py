@@ -17,6 +17,7 @@ import torch
 
 import graphwright as gw
 from graphwright.capture.step_graph import positions_from_mask
+from graphwright.codegen.torch import decode_linear
 from graphwright.codegen.torch.compiled import capacity_for
 from graphwright.codegen.torch.static_cache import slot_write
 from graphwright.compiled import CompiledModel
@@ -86,8 +87,17 @@ def check_against_torch(model, recipe=None, inductor=True):
 
 
 @pytest.mark.parametrize("inductor", [pytest.param(True, marks=pytest.mark.slow), False], ids=["inductor", "eager"])
-def test_compiled_decode_equals_the_torch_backend_across_a_bucket(tiny, inductor):
+def test_compiled_decode_equals_the_torch_backend_across_a_bucket(tiny, inductor, monkeypatch):
+    calls = []
+    real = decode_linear.decode_rows
+    monkeypatch.setattr(decode_linear, "decode_rows", lambda x, w: calls.append(x.shape) or real(x, w))
     cm, stats = check_against_torch(tiny("tiny-llama"), inductor=inductor)
+    # every decode GEMV (batch 2: 2 rows) reaches decode_rows, through the graphwright::decode_gemv op under Inductor:
+    # 7 linears per layer and the LM head in each decode step of both models, greedy (NEW steps) and generate (NEW - 1),
+    # and the LM head on the last prompt position of each of the 4 prefills; without the op the compiled model's
+    # calls would be missing
+    linears = 7 * cm.info.num_layers + 1
+    assert len(calls) == 2 * (2 * NEW - 1) * linears + 4 and all(s[:-1].numel() == 2 for s in calls)
     # kv_bytes: the static buffers' capacity (512 slots), not the filled length
     assert stats["kv_bytes"] == cm.info.dense_kv_bytes_per_token() * 2 * 512
     assert stats["kept_tokens_per_head"][0] == [[PROMPT + NEW - 1] * cm.info.num_kv_heads, [PROMPT - 9 + NEW - 1] * cm.info.num_kv_heads]

@@ -23,7 +23,38 @@ def test_linear_rows_equals_linear(rows, with_bias):
     with torch.inference_mode():
         got = dl.linear_rows(x, w, b)
     torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
-    assert (id(w) in dl._TRANSPOSED) == (rows <= dl.DECODE_ROWS)  # the copy is made by decode-sized calls only
+    assert (id(w) in dl._TRANSPOSED) == (rows <= dl.DECODE_ROWS)  # 48 rows do not split: decode-sized calls copy
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("out_features", [192, 200, 1000])  # 200 at 3 threads: 2 blocks; 1000: 2 blocks at 3 threads
+@pytest.mark.parametrize("rows", [1, 2])
+def test_decode_rows_split_over_threads_equal_linear_without_a_weight_copy(threads, out_features, rows):
+    """At >= 2 threads a decode GEMV is a bmm over blocks of output rows of the [out, in] weight (a view, no copy)."""
+    g = torch.Generator().manual_seed(out_features + rows)
+    w = torch.randn(out_features, 24, generator=g)
+    b = torch.randn(out_features, generator=g)
+    x = torch.randn(rows, 1, 24, generator=g)  # batch of `rows` sequences, one token each
+    parts = dl.split_parts(out_features, threads)
+    assert parts == {(1, 192): 1, (2, 192): 2, (3, 192): 3, (1, 200): 1, (2, 200): 2, (3, 200): 2,
+                     (1, 1000): 1, (2, 1000): 2, (3, 1000): 2}[(threads, out_features)]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            got = dl.linear_rows(x, w, b)
+    finally:
+        torch.set_num_threads(before)
+    assert got.shape == (rows, 1, out_features)
+    torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    assert (id(w) in dl._TRANSPOSED) == (parts == 1)  # the split reads the weight in place
+
+
+def test_split_parts_keeps_blocks_of_at_least_min_part_rows():
+    assert dl.split_parts(127, 16) == 1  # 127 is prime
+    assert dl.split_parts(128, 16) == 2  # two blocks of 64
+    assert dl.split_parts(49152, 16) == 16 and dl.split_parts(576, 16) == 9  # 9 blocks of 64
+    assert dl.split_parts(1536, 0) == 1
 
 
 def test_transposed_copy_is_shared_refreshed_after_writes_and_dropped_with_the_weight():

@@ -23,15 +23,17 @@ price of symbolic-shape kernels; buckets keep compiles rare enough (one per buck
 
 Compilation is lazy (the first decode step) and cached on the step object, i.e. on the
 ``CompiledModel``. Inductor knobs on CPU: ``freezing`` (weights become constants of the compiled
-graph, so the compiled step no longer takes every weight as an input, and linears become
-``mkl._mkl_linear`` on prepacked weights, ``cpp.weight_prepack``: a prepacked copy of the
-linear weights besides the model's), ``max_autotune`` off, and (``DECODE_CONFIG``) ``cpp.min_chunk_size``
+graph, so the compiled step no longer takes every weight as an input; decode-sized linears reach it as
+``graphwright::decode_gemv`` calls, the torch backend's ``finalize``, which it keeps as they are: one GEMV
+split over the threads, ``decode_linear.py``; larger ones become ``mkl._mkl_linear`` on prepacked weights), ``max_autotune`` off, and (``DECODE_CONFIG``) ``cpp.min_chunk_size``
 4,096 and ``size_asserts`` off. Where a decode step's time goes (SmolLM2-135M, prompt 256, session 14,
 ``bench/profile_decode_step.py --profile --kernel-profile`` and ``bench/profile_compiled_linears.py``, on a
 machine loaded 6x over its 2 cores): the 211 GEMVs stream 538 MB of weights; ``mkl._mkl_linear`` on
 packed weights runs them at the rate of ``x @ Wt`` on [in, out] copies (36.5 vs 36.0 ms CPU per step's
 linears at 2 threads; ``F.linear`` on HF's [out, in] layout 45.8 ms), so the weight layout is not what
-separates this path from ONNX Runtime. What does: each OpenMP parallel region of a step is a barrier
+separates this path from ONNX Runtime. The thread count is (session 15, idle): every one of those GEMVs runs on
+one thread; split over both (``decode_gemv``) a pass over the weights takes 23 ms instead of 34-42 ms and the
+compiled identity step 30 ms instead of 42 ms (``bench/bench_decode_gemv.py``). The other cost: each OpenMP parallel region of a step is a barrier
 both threads must reach. Inductor parallelised the 30 SiLU * up kernels (1,536 elements, 768 per thread:
 above the default ``min_chunk_size`` 512), which with ATen's 30 SDPA calls made 60 barriers per step; on
 the loaded machine each cost ~18 ms (a descheduled thread), 95% of the step's profile. At 4,096 the
@@ -85,8 +87,8 @@ def capacity_for(n: int) -> int:
     return -(-n // granule) * granule
 
 
-# Inductor settings of the CPU decode step (module docstring: why each). ``freezing``: weights become constants,
-# linears ``mkl._mkl_linear`` on packed copies. ``cpp.min_chunk_size``: a generated kernel runs on the OpenMP
+# Inductor settings of the CPU decode step (module docstring: why each). ``freezing``: weights become constants
+# (decode GEMVs stay ``graphwright::decode_gemv`` calls; larger linears ``mkl._mkl_linear`` on packed copies). ``cpp.min_chunk_size``: a generated kernel runs on the OpenMP
 # threads only when each thread gets >= this many elements; at 4,096, every elementwise kernel of a batch-1
 # decode step (<= 1,536 elements, the SiLU * up product the largest) runs serially: no parallel region,
 # no barrier. ``size_asserts``: no shape/stride check of every extern kernel's output in the Python wrapper.
