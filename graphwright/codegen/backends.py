@@ -161,7 +161,7 @@ TORCH = register_backend(Backend(
     # streaming_rope_shift: StreamingLLM keys cached at absolute positions, no per-step key rotation (torch/streaming_shift.py)
     # share_views: one unsqueeze/expand node where every layer repeated the same view (torch/shared_views.py)
     transforms=(append_caches_in_place, scored_attention, streaming_rope_shift, share_views), step_rewrites=(bound_native_windows,),
-    finalize=finalize_torch))  # decode GEMV split over the threads (or on [in, out] copies at 1 thread), flat weight attributes (torch/decode_linear.py)
+    finalize=finalize_torch))  # decode GEMV split over the threads ([in, out] copies at 1 thread), flat weight attributes (torch/decode_linear.py)
 
 TRITON = register_backend(Backend(
     "triton", "the torch backend with attention, latent and block-sparse attention and MoE on Triton kernels "

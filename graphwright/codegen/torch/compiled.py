@@ -23,9 +23,10 @@ price of symbolic-shape kernels; buckets keep compiles rare enough (one per buck
 
 Compilation is lazy (the first decode step) and cached on the step object, i.e. on the
 ``CompiledModel``. Inductor knobs on CPU: ``freezing`` (weights become constants of the compiled
-graph, so the compiled step no longer takes every weight as an input; decode-sized linears reach it as
-``graphwright::decode_gemv`` calls, the torch backend's ``finalize``, which it keeps as they are: one GEMV
-split over the threads, ``decode_linear.py``; larger ones become ``mkl._mkl_linear`` on prepacked weights), ``max_autotune`` off, and (``DECODE_CONFIG``) ``cpp.min_chunk_size``
+graph, so the compiled step no longer takes every weight as an input; decode-sized linears reach it
+as ``graphwright::decode_gemv`` calls, the torch backend's ``finalize``, which it keeps as they are:
+one GEMV split over the threads, ``decode_linear.py``; larger ones become ``mkl._mkl_linear`` on
+prepacked weights), ``max_autotune`` off, and (``DECODE_CONFIG``) ``cpp.min_chunk_size``
 4,096 and ``size_asserts`` off. Where a decode step's time goes (SmolLM2-135M, prompt 256, session 14,
 ``bench/profile_decode_step.py --profile --kernel-profile`` and ``bench/profile_compiled_linears.py``, on a
 machine loaded 6x over its 2 cores): the 211 GEMVs stream 538 MB of weights; ``mkl._mkl_linear`` on
@@ -87,9 +88,9 @@ def capacity_for(n: int) -> int:
     return -(-n // granule) * granule
 
 
-# Inductor settings of the CPU decode step (module docstring: why each). ``freezing``: weights become constants
-# (decode GEMVs stay ``graphwright::decode_gemv`` calls; larger linears ``mkl._mkl_linear`` on packed copies). ``cpp.min_chunk_size``: a generated kernel runs on the OpenMP
-# threads only when each thread gets >= this many elements; at 4,096, every elementwise kernel of a batch-1
+# Inductor settings of the CPU decode step (module docstring: why each). ``freezing``: weights become
+# constants (decode GEMVs stay ``graphwright::decode_gemv`` calls; larger linears ``mkl._mkl_linear``).
+# ``cpp.min_chunk_size``: a generated kernel runs on the OpenMP threads only when each thread gets >= this many elements; at 4,096, every elementwise kernel of a batch-1
 # decode step (<= 1,536 elements, the SiLU * up product the largest) runs serially: no parallel region,
 # no barrier. ``size_asserts``: no shape/stride check of every extern kernel's output in the Python wrapper.
 DECODE_CONFIG = {"freezing": True, "cpp.min_chunk_size": 4096, "size_asserts": False}
