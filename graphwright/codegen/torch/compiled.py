@@ -91,7 +91,8 @@ def capacity_for(n: int) -> int:
 # Inductor settings of the CPU decode step (module docstring: why each). ``freezing``: weights become
 # constants (decode GEMVs stay ``graphwright::decode_gemv`` calls; larger linears ``mkl._mkl_linear``).
 # ``cpp.min_chunk_size``: a generated kernel runs on the OpenMP threads only when each thread gets >= this
-# many elements; at 4,096, every elementwise kernel of a batch-1 decode step (<= 1,536 elements, the SiLU * up product the largest) runs serially: no parallel region,
+# many elements; at 4,096, every elementwise kernel of a batch-1 decode step (<= 1,536 elements, the SiLU
+# * up product the largest) runs serially: no parallel region,
 # no barrier. ``size_asserts``: no shape/stride check of every extern kernel's output in the Python wrapper.
 DECODE_CONFIG = {"freezing": True, "cpp.min_chunk_size": 4096, "size_asserts": False}
 PREVIOUS_CONFIG = {"freezing": True}  # session-13 settings, for benchmarks: ``partial(compile_decode, config=...)``
