@@ -3,7 +3,8 @@
 One reference, ``scored_reference``, defines ``graphwright.evict_scored`` (no state),
 ``graphwright.evict_scored_acc`` (one fp32 running score per slot, state ``attn_score<layer>``:
 the cumulative-attention scorer) and ``graphwright.evict_scored_rope`` (reads the layer's rotary
-table ``inv_freq`` as a per-step input: Expected Attention) and ``graphwright.evict_scored_wo`` (reads the
+table ``inv_freq`` as a per-step input: Expected Attention; ``graphwright.evict_scored_rope_values`` also reads a
+latent layer's value up-projection ``v_up`` and bias ``v_bias``) and ``graphwright.evict_scored_wo`` (reads the
 layer's ``o_proj`` weight ``wo`` as a per-step input and takes ``first`` last: CriticalKV), ``graphwright.evict_scored_lag``
 (takes the partition size ``lag`` last: LagKV) and ``graphwright.evict_scored_qfilter`` (reads the layer's
 filters ``qfilter`` [Hk, D] as a per-step input: Q-Filters). Per layer and step:
@@ -103,7 +104,7 @@ def reuse_keep(k_pos, leader_pos, do):
 
 
 def scored_reference(q, k, v, q_pos, k_pos, *rest, acc: bool = False, rope: bool = False, reuse: bool = False,
-                     wo=None, first: float = 0.5, lag: int = 128, qfilter=None):
+                     wo=None, first: float = 0.5, lag: int = 128, qfilter=None, v_up=None, v_bias=None):
     """-> (k, v, k_pos[, score]): the op's definition (argument order in ``_args``)."""
     rest = list(rest)
     state = rest.pop(0) if acc else None
@@ -118,7 +119,8 @@ def scored_reference(q, k, v, q_pos, k_pos, *rest, acc: bool = False, rope: bool
         state = state + colsum(q, k, q_pos, k_pos, scale)
     x = ScoreInputs(q=q, k=k, v=v, q_pos=q_pos, k_pos=k_pos, scale=scale, cand=k_pos >= 0, length=length, state=state,
                     inv_freq=inv_freq, rope_scaling=rope_scaling, window=window, kernel=kernel, smooth=smooth, pool=pool,
-                    sinks=sinks, n_future=n_future, eps=eps, wo=wo, first=first, lag=lag, qfilter=qfilter)
+                    sinks=sinks, n_future=n_future, eps=eps, wo=wo, first=first, lag=lag, qfilter=qfilter,
+                    v_up=v_up, v_bias=v_bias)
     if reuse:  # the leader's kept positions, on the same schedule (its sets are the same at prefill)
         S, T = k.shape[2], q_pos.shape[1]
         valid = k_pos >= 0
@@ -153,6 +155,12 @@ def _rope(q, k, v, q_pos, k_pos, *rest):
     return scored_reference(q, k, v, q_pos, k_pos, *rest, rope=True)
 
 
+def _rope_values(q, k, v, q_pos, k_pos, inv_freq, v_up, v_bias, scale, *rest):
+    """Expected Attention on a latent layer: the rotary table plus the value up-projection ``v_up`` and bias
+    ``v_bias`` ([0]: none), so the scorer rebuilds per-head value norms from the shared latent payload ``v``."""
+    return scored_reference(q, k, v, q_pos, k_pos, inv_freq, scale, *rest, rope=True, v_up=v_up, v_bias=v_bias)
+
+
 def _reuse(q, k, v, q_pos, k_pos, *rest):
     return scored_reference(q, k, v, q_pos, k_pos, *rest, reuse=True)
 
@@ -182,6 +190,11 @@ SCORED_ACC_POLICY = EvictionPolicy(name="scored_acc", reference=_acc, params=PAR
 SCORED_ROPE_POLICY = EvictionPolicy(name="scored_rope", reference=_rope, params=PARAMS,
                                     step_inputs=(StepInput("inv_freq", torch.float32),),
                                     doc="A scorer + schedule + budget rule that reads the layer's rotary table.")
+SCORED_ROPE_VALUES_POLICY = EvictionPolicy(name="scored_rope_values", reference=_rope_values, params=PARAMS,
+                                           step_inputs=(StepInput("inv_freq", torch.float32),
+                                                        StepInput("v_up", torch.float32),
+                                                        StepInput("v_bias", torch.float32)),
+                                           doc="scored_rope on a latent layer: reads the value up-projection too.")
 SCORED_REUSE_POLICY = EvictionPolicy(name="scored_reuse", reference=_reuse, params=PARAMS,
                                      step_inputs=(StepInput("leader_pos", torch.long),),
                                      doc="ChunkKV index reuse: keep the positions an earlier layer's op kept.")
@@ -200,6 +213,7 @@ EVICT_SCORED_WO = register_policy(SCORED_WO_POLICY)
 EVICT_SCORED_REUSE = register_policy(SCORED_REUSE_POLICY)
 EVICT_SCORED_ACC = register_policy(SCORED_ACC_POLICY)
 EVICT_SCORED_ROPE = register_policy(SCORED_ROPE_POLICY)
+EVICT_SCORED_ROPE_VALUES = register_policy(SCORED_ROPE_VALUES_POLICY)
 
 
 def policy_for(scorer: str) -> EvictionPolicy:

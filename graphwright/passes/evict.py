@@ -53,7 +53,12 @@ refuse the arguments they do not read (tested: same tokens and state shapes as t
 Refused with the reason: a scorer that needs the prompt's queries (SnapKV window, Expected
 Attention statistics) on a schedule other than ``prefill``; arguments a scorer does not read;
 ``adaptive`` with a shared score (TOVA) after prefill, with the cumulative score other than
-``when='decode'``, or with another scorer at decode; Expected Attention on latent (``lowrank_kv``) layers.
+``when='decode'``, or with another scorer at decode; Expected Attention and CriticalKV on latent
+(``lowrank_kv``) layers after ``duo``, CriticalKV on latent layers with value_path='reconstruct' or a value
+bias (it reads the absorbed o_proj W_O'_h = W_O,h B_V,h^T with the latent rows c_v). On latent layers Expected
+Attention runs ``evict_scored_rope_values``: per-head value norms of V = c_v B_V + b_V rebuilt from the shared
+payload with the layer's value up-projection (its attention's ``v_up``, or the parameter ``lowrank_kv`` keeps
+when B_V is absorbed into o_proj; ``evict_latent_values.py``).
 After ``duo`` (``also_on = retrieval_part``): the op evicts the retrieval heads' cache (``rule='adaptive'``:
 packed over the retrieval heads); refused there: the delegated scorers, ``rule='pyramid'``,
 ``chunk_reuse`` and ``block=`` (``tests/passes/test_duo_h2o.py``, ``test_duo_snapkv_adaptive.py``).
@@ -78,7 +83,7 @@ from ..errors import RecipeError
 from ..ops.adakv_decode import DECODE_SCORERS, EVICT_ADAKV_DECODE
 from ..ops.adakv_critical import describe
 from ..ops.adakv_scored import EVICT_ADAKV_SCORED
-from ..ops.policy_scored import SCORED_REUSE_POLICY, policy_for
+from ..ops.policy_scored import SCORED_REUSE_POLICY, SCORED_ROPE_VALUES_POLICY, policy_for
 from ..ops.scorers import CHUNKKV, SCORERS
 from ..ops.scorers.lagkv import DEFAULT_LAG
 from .base import MAX_TOKENS, Arg, Pass, PassContext, Tunable, register_pass
@@ -96,6 +101,7 @@ from .eviction_common import (
     rewrite_layers,
 )
 from .evict_finch import check_finch
+from .evict_latent_values import absorbed_without_bias, latent_value_inputs, value_up
 from .keyformer import Keyformer
 from .scissorhands import Scissorhands
 from .streaming import find_rotary
@@ -514,17 +520,33 @@ class Evict(EvictionPass):
             sites = find_sites(sg, self.target_layers(sg))
             if isinstance(sites, str):
                 return sites
-            if any(s.latent or o_proj_weight(s.attn) is None for s in sites):
+            if any(o_proj_weight(s.attn) is None for s in sites):
                 return (f"evict(score={self.score!r}) weights values by the layer's output projection, and some layer's "
-                        "attention does not reach an o_proj linear with a weight parameter (latent lowrank_kv layers, "
-                        "fused or permuted outputs); evict those layers with another scorer")
+                        "attention does not reach an o_proj linear with a weight parameter (fused or permuted outputs); "
+                        "evict those layers with another scorer")
+            if any(s.latent for s in sites) and retrieval_layers(sg) is not None:
+                return (f"evict(score={self.score!r}) on latent (lowrank_kv) layers after duo is not implemented: duo "
+                        "re-factors a split layer's output projection per head group")
+            latent = [s.layer for s in sites if s.latent and not absorbed_without_bias(s)]
+            if latent:
+                return (f"evict(score={self.score!r}) on latent (lowrank_kv) layers {latent} weights the latent values "
+                        "by the absorbed output projection (W_O B_V^T), which needs value_path='absorbed' (the default) "
+                        "and no value bias (it is folded into o_proj's bias, outside the per-token norm); use those "
+                        "settings or evict those layers with another scorer")
             return None
         if not self.scorer.rope:
             return why
         sites = find_sites(sg, self.target_layers(sg))
-        if any(s.latent for s in sites):
-            return ("evict(score='expected_attention') scores with per-head value norms, and latent (lowrank_kv) layers "
-                    "hold one shared latent payload per token; evict those layers with another scorer")
+        latent = [] if isinstance(sites, str) else [s.layer for s in sites if s.latent]
+        if latent and retrieval_layers(sg) is not None:
+            return ("evict(score='expected_attention') on latent (lowrank_kv) layers after duo is not implemented: duo "
+                    "re-factors a split layer's values per head group, and the scorer rebuilds per-head value norms "
+                    "from the layer's own value up-projection")
+        missing = [s.layer for s in ([] if isinstance(sites, str) else sites) if s.latent and value_up(sg, s) is None]
+        if missing:
+            return (f"evict(score='expected_attention') rebuilds the per-head value norms of latent layers {missing} "
+                    "from their value up-projection B_V, and the graph holds none for them (lowrank_kv keeps it as "
+                    "gw_lowrank_l<layer>_v_up); evict those layers with another scorer")
         rot = find_rotary(sg.gm, sites[0].attn) if sites and not isinstance(sites, str) else find_rotary(sg.gm)
         return rot if isinstance(rot, str) else None
 
@@ -558,12 +580,19 @@ class Evict(EvictionPass):
                 inputs["inv_freq"] = inv
             if self.scorer.needs_wo:
                 inputs["wo"] = o_proj_weight(site.attn)
+                if site.latent:  # the absorbed o_proj weight is read after the attention: read it again before the op
+                    with sg.gm.graph.inserting_before(site.attn):
+                        inputs["wo"] = sg.gm.graph.get_attr(inputs["wo"].target)
             if filters is not None:  # Q-Filters: this layer's filters as a graph constant
                 device = next((t.device for t in sg.gm.parameters()), torch.device("cpu"))
                 sg.gm.register_buffer(f"gw_qfilter_l{site.layer}", filters[site.layer].to(device))
                 with sg.gm.graph.inserting_before(site.attn):
                     inputs["qfilter"] = sg.gm.graph.get_attr(f"gw_qfilter_l{site.layer}")
-            out = insert_policy(sg, ed, site, policy, params, **inputs)
+            op_policy = policy
+            if self.scorer.rope and site.latent:  # Expected Attention: value norms rebuilt from the latent rows
+                op_policy = SCORED_ROPE_VALUES_POLICY
+                inputs.update(latent_value_inputs(sg, site))
+            out = insert_policy(sg, ed, site, op_policy, params, **inputs)
             leader["pos"] = out[positions_name(site.layer)]
             done.append(site.layer)
             return out

@@ -24,12 +24,19 @@ context, one thread: 7.0x (21.8 s vs 3.1 s CPU, loaded machine; README). Decode 
 The replay prompt needs the tokenizer (``gw.compile(..., tokenizer=...)``; a model loaded by name brings its
 own). Without one, a byte-level model (vocabulary 256, graphwright's tiny models) uses the UTF-8 bytes of the
 prompts; any other model is refused. Exact setting: a fraction budget >= 1.0 (no replay, nothing pruned).
-Refused: latent layers (``lowrank_kv``: one latent row serves every KV head, no per-head budget can free
-memory), the ``compiled`` backend and ONNX export (the replay runs in graphwright's torch runtime), emphasis
+Latent layers (``lowrank_kv`` first: one latent row c_k|c_v per token serves every KV head) keep their dense
+latent cache and equal per-head positions; the replay scores their keys rebuilt from the latents
+(``graphwright.latent_keys``) per KV head as above, then pools them to one score per token by the max over
+heads (``ops/scorers/kvzip.pool_latent``: KVzip's own max over a head's queries, extended to every head
+reading the row; under a threshold it keeps the union of the heads' sets, the rule of the other scorers on
+latent layers), and the budget counts a latent token as one unit (as one head's pair elsewhere): the
+dropped rows leave the latent cache, so its bytes shrink. Refused: the ``compiled`` backend and ONNX export
+(the replay runs in graphwright's torch runtime), emphasis
 (steering's spans index the prompt, the replay step extends past it). Invariants tested
 (``tests/ops/test_kvzip_ops.py``, ``tests/ops/test_kvzip_model.py``): scores equal a loop oracle built from
-Hugging Face's eager attention weights; the allocation equals a brute force; budget 1.0 gives dense logits and
-tokens; the cache holds exactly the kept pairs.
+Hugging Face's eager attention weights; the allocation equals a brute force (latent layers: a loop over heads,
+max, then the brute force); budget 1.0 gives dense logits and tokens (with ``lowrank_kv``: its logits); the
+cache holds exactly the kept pairs (latent: the kept rows).
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from ..ops import schema
 from ..ops.policy_adakv import PACKED_POSITIONS
 from .base import MAX_TOKENS, Arg, PassContext
 from .eviction_common import (LAYERS_ARG, EvictionPass, StateEditor, call, find_sites, frac_or_count, positions_name,
-                              positions_node, retrieval_layers)
+                              positions_node, retrieval_layers, site_kv_heads)
 from .packed_rewrite import _pack_cache
 
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
@@ -113,11 +120,6 @@ class KVzip(EvictionPass):
             return why
         if retrieval_layers(sg) is not None:
             return "evict(score='kvzip') after duo is not implemented (the replay scores every KV head's context)"
-        latent = [s.layer for s in find_sites(sg, self.target_layers(sg)) if s.latent]
-        if latent:
-            return (f"evict(score='kvzip') keeps a ragged per-head cache, and layers {latent} hold a latent cache "
-                    "(lowrank_kv): one latent row serves every KV head, so per-head budgets cannot free memory there; "
-                    "run kvzip without lowrank_kv, or with layers= excluding those layers")
         return None
 
     def run(self, sg, ctx: PassContext):
@@ -130,10 +132,26 @@ class KVzip(EvictionPass):
         graph = sg.gm.graph
         pos = positions_node(sg)
         layers = []
+        latent = []
         for site in sites:
-            hk = int(ed.find(site.k_name)[0].shape[1])
+            hk = site_kv_heads(sg, ed, site)
             kp_in = ed.add(StateSpec(positions_name(site.layer), "positions", (-1, hk, 0), torch.long, seq_dim=2,
                                      layer=site.layer))
+            if site.latent:  # one shared latent row per token: dense c_k/c_v, equal per-head positions
+                with graph.inserting_before(site.attn):
+                    per_head = call(graph, torch.ops.aten.expand.default,
+                                    call(graph, torch.ops.aten.unsqueeze.default, pos, 1), [-1, hk, -1])
+                    kp_all = call(graph, torch.ops.aten.cat.default, [kp_in, per_head], 2)
+                    kp_att = call(graph, torch.ops.aten.select.int, kp_all, 1, 0)  # [B, S]: the rows' positions
+                schema.set(site.attn, "k_pos", kp_att)
+                ed.set_output(site.k_name, site.k_cat)
+                ed.set_output(site.v_name, site.v_cat)
+                ed.set_output(positions_name(site.layer), kp_all)
+                meta = site.attn.meta.setdefault("graphwright", {})
+                meta["variant"] = f"{meta['variant']}+kvzip" if meta.get("variant") else "kvzip"
+                layers.append([site.layer, site.k_name, site.v_name, positions_name(site.layer)])
+                latent.append(site.layer)
+                continue
             with graph.inserting_before(site.attn):
                 kp_all = call(graph, torch.ops.aten.cat.default, [kp_in, call(graph, PACKED_POSITIONS, pos, hk)], 2)
                 per_head = call(graph, torch.ops.aten.expand.default,
@@ -150,13 +168,16 @@ class KVzip(EvictionPass):
         ed.finish()
         settings = {"budget": self.budget, "budget_n": self.budget_n, "budget_f": self.budget_f,
                     "layerwise": self.layerwise, "sinks": self.sinks, "chunk": self.chunk}
-        sg.notes["kvzip"] = {"settings": settings, "layers": layers, "replay": prompt}
+        sg.notes["kvzip"] = {"settings": settings, "layers": layers, "replay": prompt, "latent": latent,
+                             "head_dim": sg.info.head_dim}
         sg.notes["evict"] = {
             "per_layer": {row[0]: {"budget": self.budget} for row in layers},
             "counts": {"layers_evicted": len(layers)},
             "settings": {"score": "kvzip", **settings, "scorer": "kvzip", "paper": "arXiv 2505.23416",
-                         "when": "prefill", "packed": True,
+                         "when": "prefill", "packed": len(layers) > len(latent),
                          "rule_text": "KVzip: max softmax weight of context-replay queries; bottom-k pruned "
-                                      + ("per layer" if self.layerwise else "over all layers and heads")},
+                                      + ("per layer" if self.layerwise else "over all layers and heads")
+                                      + ("; latent layers: max over heads, one unit per token" if latent else ""),
+                         **({"latent_layers": len(latent)} if latent else {})},
         }
         return sg

@@ -251,10 +251,13 @@ def rewrite_layer(sg, site: LayerSite, svd_k, svd_v, r_k: int, r_v: int, absorbe
     }
     if site.proj.b_k is not None:
         names["k_bias"] = _param(gm, f"gw_lowrank_l{l}_k_bias", site.proj.b_k, dtype)
+    # B_V (and b_V) are parameters in both value paths; absorbed, no node reads them but eviction scorers that
+    # need per-head value norms from the latent rows (expected_attention, ``passes/evict.py``) do
+    v_names = {"v_up": _param(gm, f"gw_lowrank_l{l}_v_up", up_v, dtype)}
+    if site.proj.b_v is not None:
+        v_names["v_bias"] = _param(gm, f"gw_lowrank_l{l}_v_bias", site.proj.b_v, dtype)
     if not absorbed:
-        names["v_up"] = _param(gm, f"gw_lowrank_l{l}_v_up", up_v, dtype)
-        if site.proj.b_v is not None:
-            names["v_bias"] = _param(gm, f"gw_lowrank_l{l}_v_bias", site.proj.b_v, dtype)
+        names.update(v_names)
     if site.proj.k_norm is not None:
         # fp32 like the models compute it (Gemma: 1 + weight.float()); the op normalises in fp32
         names["k_norm"] = _param(gm, f"gw_lowrank_l{l}_k_norm", site.proj.k_norm.weight, torch.float32)
@@ -277,7 +280,7 @@ def rewrite_layer(sg, site: LayerSite, svd_k, svd_v, r_k: int, r_v: int, absorbe
     for n in (lat_k, lat_v, c_k, c_v, *get.values()):
         _copy_meta(n, site.k_cat)
     _copy_meta(new, attn)
-    new.meta["graphwright"] = {**(attn.meta.get("graphwright") or {}), "variant": "lowrank"}
+    new.meta["graphwright"] = {**(attn.meta.get("graphwright") or {}), "variant": "lowrank", "value_up": v_names}
     attn.replace_all_uses_with(new)
     graph.erase_node(attn)
     site.touched = [*get.values(), lat_k, lat_v, c_k, c_v, new]

@@ -28,7 +28,7 @@ import torch
 from ..ops import schema
 from ..ops.block_sparse import BLOCK_SPARSE_ATTENTION
 from ..ops.eviction import EVICT_ADAKV, EVICT_ADAKV_SCORED, EVICT_ADAKV_SHARES, EVICT_OPS, EVICT_SNAPKV, THINK_PRUNE
-from ..ops.policy_scored import EVICT_SCORED, EVICT_SCORED_ACC, EVICT_SCORED_REUSE, EVICT_SCORED_ROPE, EVICT_SCORED_WO
+from ..ops.policy_scored import EVICT_SCORED, EVICT_SCORED_ACC, EVICT_SCORED_REUSE, EVICT_SCORED_ROPE, EVICT_SCORED_ROPE_VALUES, EVICT_SCORED_WO
 from .generate import kept_tokens_per_head, state_bytes
 from .held_bytes import held_bytes
 from .score import scoring_start, token_nll
@@ -36,7 +36,8 @@ from .score import scoring_start, token_nll
 # compress only at the step whose cache was empty, append at every later step (their references' first test)
 PROMPT_ONLY = (EVICT_SNAPKV, EVICT_ADAKV, EVICT_ADAKV_SHARES, EVICT_ADAKV_SCORED)
 # the generic scored ops: prompt-only when their schedule is when="prefill"
-SCHEDULED = (EVICT_SCORED, EVICT_SCORED_ACC, EVICT_SCORED_ROPE, EVICT_SCORED_REUSE, EVICT_SCORED_WO)
+SCHEDULED = (EVICT_SCORED, EVICT_SCORED_ACC, EVICT_SCORED_ROPE, EVICT_SCORED_ROPE_VALUES, EVICT_SCORED_REUSE,
+             EVICT_SCORED_WO)
 
 
 def _name(target) -> str:

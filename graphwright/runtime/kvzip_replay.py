@@ -16,7 +16,9 @@ holds every prompt token in the packed layout (``ops/adakv_ref.py``: head-major 
    min(sinks, chunk start) positions, the chunk, the replay tokens, causal); each position keeps the score of
    the chunk that holds it (0 before the first chunk).
 3. ``keep_sets`` picks the kept pairs (global or per layer) and ``compact_packed`` gathers them, so the bytes
-   held are the pairs kept. ``last_stats["kvzip"]``: replay time, replay tokens and the pairs kept.
+   held are the pairs kept. A latent (``lowrank_kv``) layer's per-head scores are pooled first
+   (``pool_latent``: max over heads, one unit per token) and its dense latent rows c_k, c_v are gathered
+   with ``eviction_ref.compact`` (one set for every head). ``last_stats["kvzip"]``: replay time, replay tokens and the pairs kept.
 """
 
 from __future__ import annotations
@@ -28,11 +30,18 @@ import torch
 from ..codegen.lower import lower
 from ..ops import schema
 from ..ops.adakv_ref import compact_packed
-from ..ops.scorers.kvzip import keep_sets, replay_scores
+from ..ops.eviction import LATENT_KEYS
+from ..ops.eviction_ref import compact
+from ..ops.latent_attention import LATENT_ATTENTION
+from ..ops.scorers.kvzip import keep_sets, pool_latent, replay_scores
 
 
-def replay_graph(gm: torch.fx.GraphModule, layers: list[int]):
-    """(graph module, scales): a copy of ``gm`` returning (q, k, k_pos) of each listed layer's attention, in order."""
+def replay_graph(gm: torch.fx.GraphModule, layers: list[int], head_dim: int | None = None):
+    """(graph module, scales): a copy of ``gm`` returning (q, k, k_pos) of each listed layer's attention, in order.
+
+    A latent layer (``graphwright.latent_attention``) returns its keys rebuilt per KV head from the latents by
+    ``graphwright.latent_keys`` (fp32 [B, Hk, S, D], the keys the op attends to; ``head_dim`` needed) and its
+    shared positions [B, S]."""
     graph = torch.fx.Graph()
     env = {}
     outs, scales, found = {}, {}, {}
@@ -50,11 +59,23 @@ def replay_graph(gm: torch.fx.GraphModule, layers: list[int]):
         if isinstance(scale, torch.fx.Node):
             raise ValueError(f"kvzip: layer {layer}'s attention scale is computed in the graph; a constant is needed")
         scales[layer] = float(scale)
-        outs[layer] = [env[schema.get(n, name)] for name in ("q", "k", "k_pos")]
+        if n.target is LATENT_ATTENTION:
+            if head_dim is None:
+                raise ValueError(f"kvzip: layer {layer} is latent; its keys are rebuilt with head_dim, none given")
+            values = {name: _mapped(env, schema.get(n, name)) for name in schema.arg_names(LATENT_KEYS)
+                      if name in schema.arg_names(n.target)}
+            keys = schema.call(graph, LATENT_KEYS, **values, head_dim=head_dim)
+            outs[layer] = [env[schema.get(n, "q")], keys, env[schema.get(n, "k_pos")]]
+        else:
+            outs[layer] = [env[schema.get(n, name)] for name in ("q", "k", "k_pos")]
     graph.output(tuple(x for layer in layers for x in outs[layer]))
     graph.eliminate_dead_code()
     graph.lint()
     return torch.fx.GraphModule(gm, graph), scales
+
+
+def _mapped(env: dict, value):
+    return env[value] if isinstance(value, torch.fx.Node) else value
 
 
 def chunks_of(ids: list[int], prefix: int, size: int, prompt: dict) -> list[tuple[int, int, list[int]]]:
@@ -77,7 +98,8 @@ class KVzipReplay:
         names = {row[0]: row[1:] for row in notes["layers"]}
         spec_index = {s.name: i for i, s in enumerate(runtime_graph.state)}
         self.index = {layer: [spec_index[n] for n in names[layer]] for layer in self.layers}  # k, v, positions
-        gm, self.scales = replay_graph(runtime_graph.gm, self.layers)
+        self.latent = set(notes.get("latent", ()))
+        gm, self.scales = replay_graph(runtime_graph.gm, self.layers, notes.get("head_dim"))
         self._run = lower(gm, backend)
 
     @torch.inference_mode()
@@ -100,8 +122,8 @@ class KVzipReplay:
                                  f"prefix ({prompt['prefix']} tokens): there is no context to replay")
             scores, count = self.row_scores([t[b:b + 1] for t in state], ids, T)
             replayed += count
-            sets = keep_sets([scores[layer] for layer in self.layers], s["sinks"], s["budget_n"], s["budget_f"],
-                             s["layerwise"])
+            sets = keep_sets([pool_latent(scores[layer]) if layer in self.latent else scores[layer]
+                              for layer in self.layers], s["sinks"], s["budget_n"], s["budget_f"], s["layerwise"])
             kept += sum(int(k.sum()) for k in sets)
             scored += sum(k.numel() for k in sets)
             keep_rows.append(sets)
@@ -110,6 +132,16 @@ class KVzipReplay:
             ki, vi, pi = self.index[layer]
             k_pos = state[pi]
             hk = k_pos.shape[1]
+            if layer in self.latent:  # one kept set per row: gather the kept latent rows (c_k, c_v, positions)
+                keep = torch.zeros(B, T, dtype=torch.bool, device=k_pos.device)
+                for b in range(B):
+                    pos = k_pos[b, 0]
+                    real = pos >= 0
+                    keep[b][real] = keep_rows[b][i][0].to(k_pos.device)[pos.clamp(min=0)][real]
+                c_k, c_v, state[pi] = compact(keep[:, None].expand(B, hk, T), state[ki][:, None], state[vi][:, None],
+                                              k_pos)
+                state[ki], state[vi] = c_k[:, 0], c_v[:, 0]
+                continue
             keep = torch.zeros(B, hk, T, dtype=torch.bool, device=k_pos.device)
             for b in range(B):
                 pos = torch.diagonal(k_pos[b].reshape(hk, hk, T), dim1=0, dim2=1).T  # [Hk, T]: head h's own slots
@@ -137,13 +169,18 @@ class KVzipReplay:
         outs = self._run(ids, q_pos, torch.tensor([len(rids) - 1], device=device), *row_state)
         for i, layer in enumerate(self.layers):
             q, k, k_pos = outs[3 * i:3 * i + 3]
-            hk = k_pos.shape[1]
-            N = hk * T
-            # the cache part of k is the packed buffer expanded to Hk heads: head h's own slots are h*T .. h*T + T - 1
-            kd = torch.stack([k[0, h, h * T:(h + 1) * T] for h in range(hk)])[None]
-            pd = torch.stack([k_pos[0, h, h * T:(h + 1) * T] for h in range(hk)])[None]
-            keys = torch.cat([kd, k[:, :, N:]], 2)
-            kpos = torch.cat([pd, k_pos[:, :, N:]], 2)
+            if layer in self.latent:  # keys rebuilt per KV head over the dense latent rows, shared positions
+                keys = k
+                kpos = k_pos[:, None].expand(-1, k.shape[1], -1)
+                pd = kpos[:, :, :T]
+            else:
+                hk = k_pos.shape[1]
+                N = hk * T
+                # the cache part of k is the packed buffer expanded to Hk heads: head h's own slots are h*T .. h*T + T - 1
+                kd = torch.stack([k[0, h, h * T:(h + 1) * T] for h in range(hk)])[None]
+                pd = torch.stack([k_pos[0, h, h * T:(h + 1) * T] for h in range(hk)])[None]
+                keys = torch.cat([kd, k[:, :, N:]], 2)
+                kpos = torch.cat([pd, k_pos[:, :, N:]], 2)
             sc = replay_scores(q, keys, q_pos, kpos, self.scales[layer], min(sinks, lo), lo, hi)[0, :, :T]
             chunk = (pd[0] >= lo) & (pd[0] < hi)
             h_idx, t_idx = chunk.nonzero(as_tuple=True)

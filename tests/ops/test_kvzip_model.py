@@ -152,9 +152,7 @@ def test_compress_once_ask_many_and_plain_prompts():
         assert total - steps == 2 * 2 * n - int(2 * 2 * n * 0.5)
 
 
-def test_composition_with_lowrank_kv_refused_and_with_steer():
-    with pytest.raises(RecipeError, match="latent cache"):
-        gw.compile(_tiny("tiny-llama"), recipe="lowrank_kv(keep=0.5) + evict(score='kvzip', budget=0.5)")
+def test_composition_with_steer():
     alone = gw.compile(_tiny("tiny-llama"), recipe=f"evict(score='kvzip', budget=0.5, chunk={CHUNK})")
     steered = gw.compile(_tiny("tiny-llama"),
                          recipe=f"evict(score='kvzip', budget=0.5, chunk={CHUNK}) + steer(heads={{0: [1]}}, alpha=0.01)")
@@ -162,6 +160,87 @@ def test_composition_with_lowrank_kv_refused_and_with_steer():
     assert torch.equal(steered.generate(ids, **GEN), alone.generate(ids, **GEN))  # no emphasis: steering adds nothing
     with pytest.raises(ValueError, match="cannot be combined with evict"):
         steered.generate(ids, emphasis=[(2, 6)], **GEN)
+
+
+LOWRANK = "lowrank_kv(keep=0.5)"
+
+
+def latent_rows(cm, state, layer):
+    """(c_k, c_v) [S, r] the latent cache of ``layer`` holds (row 0)."""
+    row = next(r for r in cm.step_graph.notes["kvzip"]["layers"] if r[0] == layer)
+    names = [s.name for s in cm._runtime.specs]
+    return state[names.index(row[1])][0], state[names.index(row[2])][0]
+
+
+def test_lowrank_full_rank_latent_replay_scores_equal_hf_eager_oracle():
+    """At full rank the latent keys are the dense keys: the latent layers' per-head replay scores equal HF's."""
+    cm = gw.compile(_tiny("tiny-llama"), recipe=f"lowrank_kv(keep=1.0) + evict(score='kvzip', budget=0.5, chunk={CHUNK})")
+    assert cm.step_graph.notes["kvzip"]["latent"] == [0, 1]
+    ids = context()
+    got, _ = cm._runtime.after_prompt.row_scores(prefill_state(cm, ids), ids[0].tolist(), N_CTX)
+    want = hf_oracle_scores("tiny-llama", ids[0].tolist())
+    for layer in want:
+        assert torch.allclose(got[layer], want[layer], atol=1e-4), (layer, (got[layer] - want[layer]).abs().max())
+
+
+def test_lowrank_then_kvzip_drops_the_pooled_bottom_tokens_from_the_latent_cache():
+    cm = gw.compile(_tiny("tiny-llama"), recipe=f"{LOWRANK} + evict(score='kvzip', budget=0.5, chunk={CHUNK})")
+    ids = context()
+    full = prefill_state(cm, ids)
+    scores, _ = cm._runtime.after_prompt.row_scores(full, ids[0].tolist(), N_CTX)
+    scores = {layer: s.detach() for layer, s in scores.items()}
+    hk, layers = cm.info.num_kv_heads, [0, 1]
+    # oracle: a loop over each latent layer's heads, max per token, then the global bottom-k over tokens
+    pooled = [torch.tensor([[max(float(scores[layer][h, j]) for h in range(hk)) for j in range(N_CTX)]])
+              for layer in layers]
+    sets = keep_sets(pooled, 4, 0, 0.5, False)
+    ctx = cm.prefill(ids)
+    kept, want_bytes = 0, 0
+    per_layer = cm.step_graph.notes["lowrank_kv"]["per_layer"]
+    for layer, keep in zip(layers, sets):
+        want = keep[0].nonzero().flatten().tolist()
+        assert held_positions(ctx, cm, layer) == [want] * hk  # every head holds the same (shared) rows
+        c_k, c_v = latent_rows(cm, ctx.state, layer)
+        d_k, d_v = latent_rows(cm, full, layer)
+        assert torch.equal(c_k, d_k[want]) and torch.equal(c_v, d_v[want])  # the kept latent rows, unchanged
+        kept += len(want)
+        want_bytes += len(want) * (per_layer[layer]["r_k"] + per_layer[layer]["r_v"]) * 4
+    assert kept == 2 * N_CTX - int(2 * N_CTX * 0.5)
+    assert ctx.kv_bytes == want_bytes
+    # tokens are the budget's unit, so the layer with more rank keeps more bytes; the latent cache still shrinks
+    assert ctx.kv_bytes < 0.7 * gw.compile(_tiny("tiny-llama"), recipe=LOWRANK).prefill(ids).kv_bytes
+    assert cm.last_stats["kvzip"]["kept_fraction"] == pytest.approx(kept / (2 * N_CTX))
+
+
+def test_lowrank_kvzip_exact_budget_equals_lowrank_alone():
+    lat = gw.compile(_tiny("tiny-llama"), recipe=LOWRANK)
+    cm = gw.compile(_tiny("tiny-llama"), recipe=f"{LOWRANK} + evict(score='kvzip', budget=1.0)")
+    ids, mask = left_padded_batch(256, (14, 9), seed=5)
+    assert (cm.logits(ids, attention_mask=mask) - lat.logits(ids, attention_mask=mask))[mask.bool()].abs().max() <= 1e-5
+    assert torch.equal(cm.generate(ids, attention_mask=mask, **GEN), lat.generate(ids, attention_mask=mask, **GEN))
+    c, q = context(), torch.tensor([[50, 60, 70]])
+    assert torch.equal(cm.generate(q, context=cm.prefill(c), **GEN), lat.generate(torch.cat([c, q], 1), **GEN)[:, N_CTX:])
+
+
+def test_lowrank_kvzip_context_and_two_questions_and_a_padded_batch():
+    lat = gw.compile(_tiny("tiny-llama"), recipe=LOWRANK)
+    cm = gw.compile(_tiny("tiny-llama"), recipe=f"{LOWRANK} + evict(score='kvzip', budget=0.5, chunk={CHUNK})")
+    ctx = cm.prefill(context())
+    before = [t.clone() for t in ctx.state]
+    q1, q2 = torch.tensor([[50, 60, 70]]), torch.tensor([[80, 90]])
+    a1, a2 = cm.generate(q1, context=ctx, **GEN), cm.generate(q2, context=ctx, **GEN)
+    assert a1.shape == (1, 3 + 6) and a2.shape == (1, 2 + 6)
+    assert torch.equal(cm.generate(q1, context=ctx, **GEN), a1)
+    assert all(torch.equal(a, b) for a, b in zip(before, ctx.state))  # the context is never modified
+    # a plain prompt, batch 2, left padded: the first token comes from the latent prompt step; each row compressed
+    ids, mask = left_padded_batch(256, (30, 21), seed=7)
+    out = cm.generate(ids, attention_mask=mask, **GEN)
+    assert torch.equal(out[:, ids.shape[1]], lat.generate(ids, attention_mask=mask, **GEN)[:, ids.shape[1]])
+    kept = cm.last_stats["kept_tokens_per_head"]
+    for b, n in enumerate((30, 21)):  # per layer and head the shared rows: n // 2 kept over 2 layers, + 5 decode
+        total = sum(layer[b][0] for layer in kept)
+        assert total - 5 * cm.info.num_layers == 2 * n - int(2 * n * 0.5)
+        assert all(len(set(layer[b])) == 1 for layer in kept)  # equal across heads
 
 
 def test_refusals_name_the_problem():

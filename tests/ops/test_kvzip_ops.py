@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from graphwright.ops.scorers.kvzip import keep_sets, pruned_count, replay_scores
+from graphwright.ops.scorers.kvzip import keep_sets, pool_latent, pruned_count, replay_scores
 
 
 def scores_oracle(q, k, q_pos, k_pos, scale, sink_end, lo, hi):
@@ -87,6 +87,28 @@ def test_keep_sets_equal_brute_force(budget_n, budget_f, layerwise):
     assert total == want_total
     if not layerwise and budget_f == 0.5:  # one budget over layers: the higher-scoring layer keeps more
         assert int(got[1].sum()) > int(got[0].sum())
+
+
+@pytest.mark.parametrize("budget_n,budget_f", [(0, 0.5), (0, 0.3), (2, 0.0)])
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_latent_layer_pools_heads_by_max_then_selects_tokens(budget_n, budget_f, layerwise):
+    """A latent layer (one row per token for every KV head) among per-head layers: the oracle loops over the
+    latent layer's heads taking the max per token, then the brute force prunes (layer, row, token) units."""
+    g = torch.Generator().manual_seed(7 + budget_n + layerwise)
+    latent = torch.rand(3, 4, generator=g) * 2  # [Hk, n] per-head scores of the latent layer
+    dense = torch.rand(2, 4, generator=g)
+    pooled = torch.tensor([[max(float(latent[h, j]) for h in range(3)) for j in range(4)]])
+    assert torch.equal(pool_latent(latent), pooled)
+    got = keep_sets([pool_latent(latent), dense], 1, budget_n, budget_f, layerwise)
+    want = brute_force([pooled, dense], 1, budget_n, budget_f, layerwise)
+    assert [tuple(s.shape) for s in got] == [(1, 4), (2, 4)]
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    units = 4 + 8  # 4 latent tokens + 2 heads x 4 pairs
+    drop = (pruned_count(4, budget_n, budget_f, 4) + pruned_count(8, budget_n, budget_f, 4) if layerwise
+            else pruned_count(units, budget_n, budget_f, 4))
+    assert sum(int(s.sum()) for s in got) == units - drop > 0
+    assert got[0][0, 0] and got[1][:, 0].all()  # the sink
 
 
 def test_pruned_count_is_kvpress_int_of_numel_times_ratio():

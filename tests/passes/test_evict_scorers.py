@@ -110,22 +110,58 @@ def test_every_n_evicts_only_on_those_steps():
     assert sizes == [6, 7, 8, 9, 6, 7, 8, 9, 6, 7]
 
 
-@pytest.mark.parametrize("recipe", ["lowrank_kv(keep=0.5) + evict(score='tova', budget=6)",
-                                    "lowrank_kv(keep=0.5) + evict(score='knorm', budget=0.5)",
-                                    "evict(score='snapkv', budget=6) + steer(heads={0: [1]}, alpha=0.01)",
-                                    "evict(score='criticalkv', budget=6) + steer(heads={0: [1]}, alpha=0.01)",
-                                    "evict(score='h2o', budget=6, window=2) + steer(heads='all', alpha=0.05)",
-                                    # session 14's scorers (LagKV, Q-Filters, Finch)
-                                    "lowrank_kv(keep=0.5) + evict(score='lagkv', budget=8, lag=3, sinks=2)",
-                                    "lowrank_kv(keep=0.5) + evict(score='qfilter', budget=6)",
-                                    "evict(score='lagkv', budget=8, lag=3, sinks=2) + steer(heads={0: [1]}, alpha=0.01)",
+# Issue 20's audit: every evict score (SCORERS, chunkkv, the DELEGATES) and the preset passes compose with lowrank_kv
+# and with steer. Per name: (lossy arguments, budget-exact arguments: nothing is ever evicted on these prompts).
+AUDIT = {
+    "snapkv": ("budget=6", "budget=1.0"), "h2o": ("budget=6, window=2", "budget=1.0"), "knorm": ("budget=0.5", "budget=1.0"),
+    "tova": ("budget=6", "budget=1.0"), "keydiff": ("budget=6", "budget=1.0"),
+    "expected_attention": ("budget=6", "budget=1.0"), "criticalkv": ("budget=6", "budget=1.0"),
+    "lagkv": ("budget=8, lag=3, sinks=2", "budget=1.0, lag=3, sinks=2"), "qfilter": ("budget=6", "budget=1.0"),
+    "finch": ("budget=6, window=3", "budget=64, window=3"), "chunkkv": ("budget=6", "budget=1.0"),
+    "keyformer": ("budget=8, window=2", "budget=64"), "scissorhands": ("budget=9, window=3", "budget=64"),
+    "kvzip": ("budget=0.5, chunk=8", "budget=1.0"),
+}
+AUDIT_CASES = ([(n, f"evict(score='{n}', {lossy})", f"evict(score='{n}', {exact})") for n, (lossy, exact) in AUDIT.items()]
+               + [(p.name, p.examples["lossy"], p.examples["exact"]) for p in (SnapKV, H2O)])
+LOWRANK, STEER = "lowrank_kv(keep=0.5)", "steer(heads={0: [1]}, alpha=0.05)"
+EMPHASIS = [[(2, 6)], [(1, 4)]]
+
+
+def test_the_audit_lists_every_score():
+    from graphwright.ops.scorers import CHUNKKV, SCORERS
+
+    assert set(AUDIT) == set(SCORERS) | {CHUNKKV} | set(DELEGATES)
+
+
+def _audit_model(recipe):
+    return CompiledModel(run_recipe(_compiled("tiny-llama").step_graph, recipe, verify=False)[0])
+
+
+@pytest.mark.parametrize("other", ["lowrank_kv", "steer"])
+@pytest.mark.parametrize("name,lossy,exact", AUDIT_CASES, ids=[c[0] if c[1].startswith("evict") else f"{c[0]}-pass"
+                                                             for c in AUDIT_CASES])
+def test_every_score_composes_with_lowrank_kv_and_steer(name, lossy, exact, other):
+    compose = (lambda e: f"{LOWRANK} + {e}") if other == "lowrank_kv" else (lambda e: f"{e} + {STEER}")
+    # steering's emphasis spans index the prompt; KVzip's replay runs past it and refuses extra inputs (its own test)
+    emphasis = EMPHASIS if other == "steer" and name != "kvzip" else None
+    ids, mask = left_padded_batch(256, LENGTHS, seed=8)
+    gen = dict(attention_mask=mask, max_new_tokens=8, eos_token_id=[], emphasis=emphasis)
+    cm = _audit_model(compose(lossy))
+    assert cm.generate(ids, **gen).shape == (2, 14 + 8)
+    kept = cm.last_stats["kept_tokens_per_head"]
+    assert min(int(h) for layer in kept for h in layer[0]) < 14 + 7  # row 0 lost tokens: it evicted
+    base, ex = _audit_model(LOWRANK if other == "lowrank_kv" else STEER), _audit_model(compose(exact))
+    assert torch.equal(ex.generate(ids, **gen), base.generate(ids, **gen))
+    (la, ta, _), (lb, tb, _) = decode_loop(ex, ids, mask, 8), decode_loop(base, ids, mask, 8)
+    assert torch.equal(ta, tb) and (la - lb).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("recipe", ["evict(score='h2o', budget=6, window=2) + steer(heads='all', alpha=0.05)",
                                     "evict(score='qfilter', budget=0.5) + steer(heads='all', alpha=0.05)",
-                                    "lowrank_kv(keep=0.5) + evict(score='finch', budget=6, window=3)",
-                                    "evict(score='finch', budget=6, window=3) + steer(heads={0: [1]}, alpha=0.01)",
                                     "evict(score='finch', budget=0.5, window=2, chunk=4) + steer(heads='all', alpha=0.05)"])
-def test_composes_with_lowrank_kv_and_steer(recipe):
-    sg = _compiled("tiny-llama").step_graph
-    new, _, verification = run_recipe(sg, recipe)
+def test_more_settings_compose_with_steer(recipe):
+    """Variants past the audit's one setting per score: fraction budgets, Finch's chunks, steering every head."""
+    new, _, verification = run_recipe(_compiled("tiny-llama").step_graph, recipe)
     cm = CompiledModel(new)
     ids, mask = left_padded_batch(256, LENGTHS, seed=8)
     out = cm.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=[])
@@ -169,10 +205,25 @@ def test_bad_arguments_are_refused(args, msg):
         Evict(**args)
 
 
-def test_expected_attention_refuses_latent_layers():
-    sg = _compiled("tiny-llama").step_graph
-    with pytest.raises(RecipeError, match="latent"):
-        run_recipe(sg, "lowrank_kv(keep=0.5) + evict(score='expected_attention', budget=6)")
+def test_expected_attention_on_latent_layers_reads_the_value_up_projection():
+    """Both value paths: the op rebuilds per-head values from B_V (reconstruct: the attention's v_up; absorbed: the
+    parameter lowrank_kv keeps); the same kept sets either way, since both hold the same latent rows."""
+    ids, mask = left_padded_batch(256, LENGTHS, seed=12)
+    seen = []
+    for path in ("absorbed", "reconstruct"):
+        cm = _audit_model(f"lowrank_kv(keep=0.5, value_path='{path}') + evict(score='expected_attention', budget=6)")
+        ops = [n for n in cm.step_graph.gm.graph.nodes if "evict_scored_rope_values" in str(n.target)]
+        assert len(ops) == cm.info.num_layers
+        seen.append(kept_every_step(cm, ids, mask, 3)[0])
+    assert seen[0] == seen[1]
+    assert all(len(h) < 14 for h in seen[0][0][0][0])  # evicted after prefill
+
+
+def test_criticalkv_on_latent_layers_needs_the_absorbed_value_path():
+    """CriticalKV multiplies the latent rows by the absorbed o_proj (W_O B_V^T): with value_path='reconstruct' o_proj
+    is the original one, so the latent layers are refused with the reason."""
+    with pytest.raises(RecipeError, match="value_path='absorbed'"):
+        _audit_model("lowrank_kv(keep=0.5, value_path='reconstruct') + evict(score='criticalkv', budget=6)")
 
 
 def test_a_delegate_is_one_table_entry(monkeypatch):

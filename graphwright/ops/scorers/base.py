@@ -59,6 +59,10 @@ class ScoreInputs:
     first: float = 0.5  # CriticalKV: the share of ``cap`` chosen by the base score alone
     lag: int = 128  # LagKV: partition size (``lagged``)
     qfilter: Optional[Tensor] = None  # Q-Filters: this layer's filters [Hk, D] (``filtered``)
+    # a latent layer's value up-projection B_V [r_v, Hk*Dv] and bias [Hk*Dv] (or [0]): ``v`` is then the shared
+    # payload [B, 1, S, r_k + r_v] whose last r_v columns are c_v, V = c_v B_V + b_V (Expected Attention)
+    v_up: Optional[Tensor] = None
+    v_bias: Optional[Tensor] = None
 
 
 @dataclass(frozen=True)

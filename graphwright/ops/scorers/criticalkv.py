@@ -18,9 +18,14 @@ length, i.e. the mean over the window rows (the scale kvpress's SnapKV gives; it
 is this rule with first 0.5 and eps 1e-4 (the defaults here).
 With ``rule='adaptive'`` (Ada-KV head budgets, kvpress ``CriticalAdaKVPress``) the selection is
 ``ops/adakv_critical.py``'s, on the packed cache. Exact setting: budget >= prompt length (nothing is evicted).
-Prefill only (SnapKV's window).
+Prefill only (SnapKV's window). On latent (``lowrank_kv``, value_path='absorbed') layers the values are the
+shared latent rows c_v and ``wo`` the absorbed o_proj (W_O'_h = W_O,h B_V,h^T), so ||c_v W_O'_h^T||_1 is exactly
+the norm of the rebuilt value through the original projection (``output_values``; a value bias, folded into
+o_proj's bias, would be missing: the pass refuses latent layers with one), and the layer keeps the union of its
+heads' sets.
 Invariants tested (``tests/ops/test_scorer_criticalkv.py``): kept sets equal a loop oracle on random
-attention and values; ``first=1`` keeps SnapKV's sets; the exact setting is the identity on tiny models.
+attention and values; ``first=1`` keeps SnapKV's sets; the exact setting is the identity on tiny models; on a
+latent payload the score equals that of explicitly decompressed values (``tests/ops/test_scorer_latent_values.py``).
 """
 
 from __future__ import annotations
@@ -43,6 +48,18 @@ def value_output_norm(v: torch.Tensor, wo: torch.Tensor) -> torch.Tensor:
     return out / g
 
 
+def output_values(x: ScoreInputs) -> torch.Tensor:
+    """The values ``wo`` multiplies: ``x.v``, or on a latent layer (``lowrank_kv``, value_path='absorbed': ``v`` the
+    shared payload [B, 1, S, r_k + r_v], ``wo`` the absorbed o_proj [hidden, H*r_v] with W_O'_h = W_O,h B_V,h^T)
+    the payload's last r_v = width / H columns c_v for every KV head: c_v W_O'_h^T = (c_v B_V,h) W_O,h^T, the
+    norm of the rebuilt value through the original projection."""
+    H, Hk = x.q.shape[1], x.k.shape[1]
+    if x.v.shape[-1] * H == x.wo.shape[1]:
+        return x.v
+    r_v = x.wo.shape[1] // H
+    return x.v[..., -r_v:].expand(-1, Hk, -1, -1)
+
+
 def critical_rescale(base: torch.Tensor, x: ScoreInputs) -> torch.Tensor:
     """The two stages over any base score [B, Hk, S]: stage-1 tokens get the largest fp32 value, the others
     (base + eps) * ||v W_O||_1; ``x.cap`` [B, Hk] the per-head budget, ``x.cand`` the evictable slots."""
@@ -54,7 +71,7 @@ def critical_rescale(base: torch.Tensor, x: ScoreInputs) -> torch.Tensor:
     order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
     stage1 = x.cand & (rank < m[..., None])
-    second = (base.float() + x.eps) * value_output_norm(x.v, x.wo)
+    second = (base.float() + x.eps) * value_output_norm(output_values(x), x.wo)
     return torch.where(stage1, torch.finfo(torch.float32).max, second)
 
 

@@ -14,16 +14,22 @@ Pre-RoPE queries: the graph holds the post-RoPE q of the prompt (after any q-nor
 recovered by the inverse rotation at their known positions with the layer's own rotary table
 (``rope_index_ref.rope_invert_reference``, exact up to ~1e-7 in fp32), not re-projected with q_proj.
 Rbar is linear in cos/sin, so it is the rotation with cos and sin averaged over the n_f positions.
-Exact setting: budget >= prompt length. Not on latent (``lowrank_kv``) layers: their value rows
-are a shared latent payload, not per-head values (refused by the pass).
+Exact setting: budget >= prompt length. Latent (``lowrank_kv``) layers: ``v`` is the shared payload
+[B, 1, S, r_k + r_v] (one row per token for every KV head), so the per-head norm is taken of the value the
+layer really attends to, V_h = c_v B_V,h + b_V,h, rebuilt from the payload's c_v columns with the layer's
+value up-projection (``x.v_up``, the ``evict_scored_rope_values`` op; kept as a parameter by ``lowrank_kv``
+in both value paths); keys are the latent keys rebuilt per head, and the layer keeps the union of its
+heads' sets like every scorer there.
 Invariant tested: kept set equals an oracle with explicit sums for mu, Sigma and a loop over p
-building R(p) as a D x D matrix (``tests/ops/test_scorers.py``).
+building R(p) as a D x D matrix (``tests/ops/test_scorers.py``); on a latent payload the scores equal those
+of explicitly decompressed per-head values, head by head (``tests/ops/test_scorer_latent_values.py``).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..latent_attention import rebuild_values
 from ..rope_index_ref import _rotate, rope_angles, rope_invert_reference
 from .base import ScoreInputs, Scorer, gqa_reduce
 
@@ -54,7 +60,17 @@ def expected_attention_score(x: ScoreInputs):
     ok = ((x.k_pos >= 0) & (x.k_pos >= x.sinks)).repeat_interleave(g, dim=1)
     p = torch.softmax(z.masked_fill(~ok, float("-inf")), dim=-1).nan_to_num(0.0)
     p = gqa_reduce(p.view(B, Hk, g, -1), x.pool)
-    return (p + x.eps) * x.v.float().norm(dim=-1)
+    return (p + x.eps) * value_norms(x)
+
+
+def value_norms(x: ScoreInputs) -> torch.Tensor:
+    """[B, Hk, S] fp32 ||v_j|| per KV head; on a latent layer (``x.v_up`` given) of V = c_v B_V + b_V rebuilt
+    from the payload's last r_v columns (c_v)."""
+    if x.v_up is None:
+        return x.v.float().norm(dim=-1)
+    r_v = x.v_up.shape[0]
+    bias = x.v_bias if x.v_bias is not None and x.v_bias.numel() else None
+    return rebuild_values(x.v[:, 0, :, -r_v:], x.v_up, bias, x.k.shape[1]).norm(dim=-1)
 
 
 EXPECTED_ATTENTION = Scorer("expected_attention", expected_attention_score, "arXiv 2510.00636",

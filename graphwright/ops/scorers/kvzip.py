@@ -11,13 +11,16 @@ where the softmax runs over the attention sinks (the first ``sinks`` positions b
 chunk's KV and the replay tokens (causal). The replay's own KV is discarded afterwards. Tokens of the
 context before the chunks (the chat template's prefix) are never scored (0); the sinks are always kept.
 The budget is global over layers and KV heads (the bottom-k of every score is pruned), or, with
-``layerwise``, the same per layer (bottom-k over the layer's heads). This module is the maths, pure
+``layerwise``, the same per layer (bottom-k over the layer's heads). On a latent (``lowrank_kv``) layer one
+row serves every KV head: its per-head scores are pooled by the max over heads (``pool_latent``) and the
+layer takes part with one unit per token. This module is the maths, pure
 torch; ``runtime/kvzip_replay.py`` runs the replay through the compiled model and compacts the
 packed per-head cache; ``passes/kvzip.py`` is the pass.
 
 Exact setting: a fraction budget >= 1.0 keeps everything (no replay runs). Tested
 (``tests/ops/test_kvzip_ops.py``): ``replay_scores`` equals a loop oracle over (head, query, key);
-``keep_sets`` equals a brute-force allocation (the subset of the budget's size with the largest score sum).
+``keep_sets`` equals a brute-force allocation (the subset of the budget's size with the largest score sum),
+with latent layers (max over a loop of heads, then the brute force over tokens) among per-head layers.
 """
 
 from __future__ import annotations
@@ -57,13 +60,24 @@ def pruned_count(total: int, budget_n: int, budget_f: float, per_head: int) -> i
     return max(0, total - (total // per_head) * min(budget_n, per_head)) if per_head else 0
 
 
-def keep_sets(scores: list[Tensor], sinks: int, budget_n: int, budget_f: float, layerwise: bool) -> list[Tensor]:
-    """Per layer, an [Hk, n] bool keep set of one row from its [Hk, n] scores (position order).
+def pool_latent(scores: Tensor) -> Tensor:
+    """[1, n] from a latent layer's [Hk, n] per-head scores: the max over its KV heads.
 
-    The first ``sinks`` positions score max + 1 (always kept). Global (``layerwise=False``): the bottom
-    ``pruned_count`` of all layers' scores together are pruned, so layers and heads keep different counts;
-    ``layerwise``: the same count per layer, bottom-k over its heads. Ties: the lower flat index (layer,
-    head, position) is pruned first (stable sort)."""
+    A latent (``lowrank_kv``) row serves every KV head, so a token is kept or dropped for all heads at once.
+    The max extends KVzip's own reduction (already a max over the replay queries and the g query heads of a
+    KV head) to all H query heads that read the row; with a threshold it keeps exactly the union of the
+    heads' sets, the rule every other scorer follows on latent layers (``eviction_common``)."""
+    return scores.amax(dim=0, keepdim=True)
+
+
+def keep_sets(scores: list[Tensor], sinks: int, budget_n: int, budget_f: float, layerwise: bool) -> list[Tensor]:
+    """Per layer, an [R, n] bool keep set of one row from its [R, n] scores (position order).
+
+    R is a layer's scored rows: its Hk KV heads, or 1 for a latent layer (``pool_latent``: one unit per
+    token, as one head's pair is one unit). The first ``sinks`` positions score max + 1 (always kept).
+    Global (``layerwise=False``): the bottom ``pruned_count`` of all layers' scores together are pruned,
+    so layers and heads keep different counts; ``layerwise``: the same fraction per layer, bottom-k over
+    its rows. Ties: the lower flat index (layer, row, position) is pruned first (stable sort)."""
     if not scores:
         return []
     top = max(float(s.max()) for s in scores) + 1.0
@@ -72,16 +86,16 @@ def keep_sets(scores: list[Tensor], sinks: int, budget_n: int, budget_f: float, 
         s = s.float().clone()
         s[:, :sinks] = top
         marked.append(s)
-    hk, n = marked[0].shape
+    n = marked[0].shape[1]
     if layerwise:
         out = []
         for s in marked:
             drop = pruned_count(s.numel(), budget_n, budget_f, n)
-            out.append(_bottom_k_kept(s.reshape(-1), drop).reshape(hk, n))
+            out.append(_bottom_k_kept(s.reshape(-1), drop).reshape(s.shape))
         return out
     flat = torch.cat([s.reshape(-1) for s in marked])
     kept = _bottom_k_kept(flat, pruned_count(flat.numel(), budget_n, budget_f, n))
-    return list(kept.reshape(len(marked), hk, n).unbind(0))
+    return [part.reshape(s.shape) for part, s in zip(kept.split([s.numel() for s in marked]), marked)]
 
 
 def _bottom_k_kept(flat: Tensor, drop: int) -> Tensor:
