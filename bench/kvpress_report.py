@@ -35,7 +35,7 @@ SAME_ALGORITHM = {"dense": "dense", "SnapKV": "snapkv", "StreamingLLM": "evict(s
                   "ExpectedAttention": "evict(score=expected_attention)", "DuoAttention(graphwright heads)": "duo(sinks=4,window=256)",
                   "ChunkKV(SnapKV)": "evict(score=chunkkv)", "PyramidKV": "snapkv(pyramid=20)",
                   "LagKV": "evict(score=lagkv)", "QFilter(graphwright filters)": "evict(score=qfilter)",
-                  "Finch": "evict(score=finch)", "Finch(rerotate)": "evict(score=finch)",
+                  "Finch": "evict(score=finch)", "Finch(rerotate)": ("evict(score=finch,rerotate=True)", "evict(score=finch)"),
                   "Finch(chunk=256)": "evict(score=finch,chunk=256)",
                   "KVzip": "evict(score=kvzip)"}
 # pairs whose algorithms differ in a documented detail (README-kvpress "Nearest twins"): compared all the same, marked
@@ -47,10 +47,11 @@ SAME_ALGORITHM = {"dense": "dense", "SnapKV": "snapkv", "StreamingLLM": "evict(s
 # rule (graphwright's default) mixes n_h <- round(0.8 n_h + 0.2 C) (bench/kvpress_adakv_kept.py shows it is the only
 # difference); graphwright's ``snapkv(heads='adaptive', split='kvpress')`` runs kvpress's rule. An entry is a press (all
 # its twins nearest) or a (press, twin label) pair.
-# Finch(rerotate): kvpress's default re-rotates the kept keys to 0..n-1 (later tokens after them); graphwright keeps
+# Finch(rerotate): kvpress's default re-rotates the kept keys to 0..n-1 (later tokens after them): the same algorithm as
+# evict(score='finch', ..., rerotate=True) (session 15); without rerotate graphwright keeps
 # positions, the twin of FinchPress(rerotate_keys=False) ("Finch").
 NEAREST = {"ChunkKV(SnapKV)", "PyramidKV", "KeyRerotation(StreamingLLM)", ("AdaKV(SnapKV)", "snapkv(heads=adaptive)"),
-           "Finch(rerotate)"}
+           ("Finch(rerotate)", "evict(score=finch)")}
 
 
 def twins(method: str) -> tuple:

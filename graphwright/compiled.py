@@ -26,6 +26,11 @@ class CompiledModel:
         self.recipe = recipe
         self.backend_object = get_backend(backend)
         self.backend = self.backend_object.name
+        rerotate = step_graph.notes.get("rerotate")  # evict(..., rerotate=True): later tokens at n (runtime/rerotate.py)
+        if rerotate is not None and self.backend_object.make_step is not None:
+            raise ValueError(f"evict(..., rerotate=True) continues positions from the kept count in graphwright's runtime "
+                             f"over the step graph's own cache; backend {self.backend!r} owns its cache layout: use "
+                             "torch, reference or triton")
         self.source = source  # the original model (kept for eval side by side; never modified)
         self.verification: dict = {}
         # what runs: the step graph after the backend's own rewrites (torch: native sliding windows hold their window)
@@ -44,6 +49,8 @@ class CompiledModel:
             from .runtime.kvzip_replay import KVzipReplay
 
             self._runtime.after_prompt = KVzipReplay(self.runtime_graph, self.backend_object, step_graph.notes["kvzip"])
+        if rerotate is not None:
+            self._runtime.rerotated_layers = tuple(rerotate["layers"])
 
     def _step(self, input_ids, positions, logits_index, state, **extras):
         if self._backend_step is not None:

@@ -194,7 +194,8 @@ def run_probe(sg, probe: Probe, backend: str | Backend = "torch") -> tuple[torch
         out = lowered(input_ids, positions, logits_index, *state)
         return out[0], list(out[1:])
 
-    logits, state = stream_logits(step, rg.state, ids, mask, probe.prefill)
+    logits, state = stream_logits(step, rg.state, ids, mask, probe.prefill,
+                                  rerotated_layers=sg.notes.get("rerotate", {}).get("layers"))  # later tokens from n
     info = sg.info
     kept = [k for k in kept_tokens_per_head(state, rg.state, info.num_layers, info.num_kv_heads) if k is not None]
     fed = float(mask.sum()) * info.num_kv_heads * len(kept)

@@ -53,6 +53,7 @@ from .policy_scissorhands import EVICT_SCISSORHANDS, SCISSORHANDS_POLICY  # noqa
 from .policy_scored import EVICT_SCORED, EVICT_SCORED_ACC, EVICT_SCORED_ROPE  # noqa: F401
 from .policy_snapkv import EVICT_SNAPKV, SNAPKV_POLICY  # noqa: F401
 from .policy_streaming import EVICT_STREAMING, STREAMING_POLICY  # noqa: F401
+from .rerotate import REROTATE_KEYS  # noqa: F401  (evict(..., rerotate=True)'s op joins REFERENCES)
 from .rope_index_ref import rope_cache_index_reference, rope_invert_reference
 from .think import THINK_EXPAND, THINK_PRUNE  # noqa: F401  (ThinK's ops join REFERENCES)
 

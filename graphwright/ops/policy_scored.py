@@ -28,7 +28,7 @@ filters ``qfilter`` [Hk, D] as a per-step input: Q-Filters). Per layer and step:
    ``evict_scored_reuse`` (ChunkKV's layer-wise index reuse, arXiv 2502.00299) skips 3-4 and keeps
    the positions in ``leader_pos`` (an earlier layer's kept positions, [B, Hk, N]) instead;
 5. ``eviction_ref.compact`` (positions travel with the slots: keys stay post-RoPE at their
-   original positions, nothing is re-rotated).
+   original positions; ``evict(..., rerotate=True)`` re-rotates after this op, ``ops/rerotate.py``).
 
 Invariants tested (``tests/ops/test_scorers.py``, ``tests/passes/test_evict_scorers.py``): per
 scorer the kept set equals a slow loop oracle on random attention; schedules evict only on their

@@ -36,9 +36,12 @@ the generic scored eviction op (``ops/policy_scored.py``) after every chosen lay
   the budget (schedule ``block``), so a head never holds more than budget + N; decode appends.
   Prompt-query scorers (snapkv, expected_attention) and ``rule='adaptive'`` are refused with it.
 
-Keys stay post-RoPE at their original positions: positions travel with the cache as per-head
-``k_pos`` and attention masks by them, so eviction never re-rotates keys (the issue's
-"re-rotation when keys are kept by cache index" is StreamingLLM's separate choice, ``streaming``).
+Keys stay post-RoPE at their original positions by default: positions travel with the cache as per-head
+``k_pos`` and attention masks by them. ``rerotate=True`` (default False; ``passes/evict_rerotate.py``, kvpress
+``KeyRerotationPress``, ``FinchPress``'s default) re-rotates the kept keys to positions 0..n-1 after prefill
+eviction and the runtime continues later tokens at n: ``when='prefill'``, ``rule='fixed'``, every layer
+(otherwise refused with the reason; not exported to ONNX). StreamingLLM re-rotates by cache index at every step
+(``streaming``).
 
 Presets keep their own passes, ops and fast paths: ``snapkv(budget=B, window=w)`` is
 ``evict(score="snapkv", when="prefill", budget=B, window=w)`` and ``h2o(heavy=H, recent=R)``
@@ -102,6 +105,7 @@ from .eviction_common import (
 )
 from .evict_finch import check_finch
 from .evict_latent_values import absorbed_without_bias, latent_value_inputs, value_up
+from .evict_rerotate import add_rerotation, check_rerotate, note as note_rerotate, rerotate_refusal
 from .keyformer import Keyformer
 from .scissorhands import Scissorhands
 from .streaming import find_rotary
@@ -117,7 +121,7 @@ def o_proj_weight(attn):
 
 def _only(score: str, a: dict, allowed: tuple, when: tuple) -> None:
     """Refuse evict arguments a delegated policy does not read, and schedules it does not run on."""
-    unset = {"rule": "fixed"}  # defaults that are not None
+    unset = {"rule": "fixed", "rerotate": False}  # defaults that are not None
     extra = sorted(k for k, v in a.items()
                    if v is not None and v != unset.get(k) and k not in allowed + ("score", "budget", "when", "layers"))
     if extra:
@@ -232,6 +236,9 @@ class Evict(EvictionPass):
         Arg("filters", str, None, "qfilter: a safetensors file with one tensor 'q_filters' [layers, KV heads, head "
             "dim] (default: calibrated from the shipped novel)"),
         Arg("layerwise", bool, None, "kvzip: the same budget per layer (default: one over all layers and heads)"),
+        # kvpress KeyRerotationPress / FinchPress(rerotate_keys=True): passes/evict_rerotate.py, ops/rerotate.py
+        Arg("rerotate", bool, False, "re-rotate the kept keys to positions 0..n-1 after prefill eviction; later tokens "
+            "continue at n (when='prefill', rule='fixed', every layer; default False: keys keep their positions)"),
         LAYERS_ARG,
     )
 
@@ -244,6 +251,7 @@ class Evict(EvictionPass):
         if isinstance(self.budget, bool) or self.budget <= 0:
             raise RecipeError(f"evict: budget={self.budget!r} must be > 0 (int tokens per head or a float fraction)")
         self.delegate = None
+        check_rerotate(self, self.score in DELEGATES)  # equal kept counts, prefill only (evict_rerotate.py)
         if self.score in DELEGATES:
             self.delegate = DELEGATES[self.score](dict(v))
             return
@@ -516,6 +524,10 @@ class Evict(EvictionPass):
         why = super().applies_to(sg)
         if why:
             return why
+        if self.values["rerotate"]:
+            why = rerotate_refusal(sg, self.target_layers(sg))
+            if why:
+                return why
         if self.scorer.needs_wo:
             sites = find_sites(sg, self.target_layers(sg))
             if isinstance(sites, str):
@@ -597,7 +609,14 @@ class Evict(EvictionPass):
             done.append(site.layer)
             return out
 
-        layers = rewrite_layers(sg, f"evict_{self.scorer.name}", build, self.target_layers(sg))
+        evict_layer = build
+        if self.values["rerotate"]:  # kvpress KeyRerotationPress: after each layer's op (passes/evict_rerotate.py)
+            def evict_layer(sg, ed, site, kp_all):
+                return add_rerotation(sg, site, build(sg, ed, site, kp_all))
+
+        layers = rewrite_layers(sg, f"evict_{self.scorer.name}", evict_layer, self.target_layers(sg))
+        if self.values["rerotate"]:
+            note_rerotate(sg, layers)
         self.note_on_duo(sg, layers, f"the retrieval heads' cache ({self.scorer.name} scores, when={self.mode!r})")
         if self.mode == "block":
             sg.notes["prefill_chunk"] = self.block  # CompiledModel's runtime runs the prompt in these blocks

@@ -31,6 +31,7 @@ from ..ops.eviction import EVICT_ADAKV, EVICT_ADAKV_SCORED, EVICT_ADAKV_SHARES, 
 from ..ops.policy_scored import EVICT_SCORED, EVICT_SCORED_ACC, EVICT_SCORED_REUSE, EVICT_SCORED_ROPE, EVICT_SCORED_ROPE_VALUES, EVICT_SCORED_WO
 from .generate import kept_tokens_per_head, state_bytes
 from .held_bytes import held_bytes
+from .rerotate import continued
 from .score import scoring_start, token_nll
 
 # compress only at the step whose cache was empty, append at every later step (their references' first test)
@@ -109,6 +110,7 @@ def score_continuation(cm, input_ids: torch.Tensor, prefix_len: int, block: int 
     B, T = ids.shape
     device = ids.device
     logits, state = rt.step(ids[:, :prefix_len], positions[:, :prefix_len], torch.arange(prefix_len, device=device), state)
+    positions = continued(rt, state, positions, prefix_len)  # evict(..., rerotate=True): later tokens from n
     n = min(prefix_len, T - 1)
     nll = [token_nll(logits[:, :n], ids[:, 1:n + 1])]
     del logits

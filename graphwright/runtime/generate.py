@@ -91,6 +91,7 @@ class Runtime:
         # (ids, mask, positions, state, extras) -> (state, stats): run after a prompt step on an empty cache by
         # prefill and generate (not logits); evict(score='kvzip')'s replay and compaction (``kvzip_replay.py``)
         self.after_prompt = None
+        self.rerotated_layers = None  # evict(..., rerotate=True): layers whose kept keys sit at 0..n-1 (CompiledModel)
 
     def _prompt_step(self, input_ids, attention_mask, extras, allow_long, logits_index, dense_fn, source: str):
         """One checked prompt step from empty state; ``last_stats`` gets the cache it held. -> (logits, state, positions, mask)."""
@@ -108,6 +109,18 @@ class Runtime:
                            **held_bytes(state, self.specs), "kv_peak_bytes": prefill_peak_bytes(state, self.specs, B, T),
                            "kv_bytes_dense": dense, "kv_fraction": kv / dense if dense else 0.0, "source": source, **hook}
         return logits, state, positions, attention_mask
+
+    def _next_positions(self, state, positions, extras):
+        """[B, 1] positions after a prompt step: the prompt's last + 1, or n, the kept count, when the recipe re-rotates
+        the kept keys to 0..n-1 (``evict(..., rerotate=True)``, ``runtime/rerotate.py``)."""
+        if self.rerotated_layers is None:
+            return positions[:, -1:] + 1
+        if extras:
+            raise ValueError(f"extra inputs {sorted(extras)} (e.g. emphasis) index prompt positions, which "
+                             "evict(..., rerotate=True) renumbers; leave rerotate out to use them")
+        from .rerotate import next_positions
+
+        return next_positions(state, self.specs, self.rerotated_layers).to(positions.device)
 
     def _prompt(self, input_ids, positions, logits_index, state, extras):
         """The prompt as one step, or (``prefill_chunk``) as blocks; logits at ``logits_index`` of the prompt."""
@@ -140,7 +153,8 @@ class Runtime:
 
         logits, state, positions, mask = self._prompt_step(input_ids, attention_mask, extras, allow_long,
                                                            lambda T, dev: torch.tensor([T - 1], device=dev), self.info.dense_kv_bytes, "prefill")
-        return Context(state, mask.clone(), positions[:, -1:] + 1, logits[:, -1].clone(), layout(self.specs, self.info, recipe))
+        return Context(state, mask.clone(), self._next_positions(state, positions, extras), logits[:, -1].clone(),
+                       layout(self.specs, self.info, recipe))
 
     def _check_context(self, context, input_ids, attention_mask, extras):
         """Real context tokens per row (zeros without a context); ``ValueError`` for a context that does not fit."""
@@ -214,7 +228,7 @@ class Runtime:
                 state, hook = self.after_prompt(input_ids, attention_mask, positions, state, extras)
             held = held_bytes(state, self.specs)
             peak = max(prefill_peak_bytes(state, self.specs, B, T), held["kv_storage_bytes"])
-            next_pos = positions[:, -1:] + 1
+            next_pos = self._next_positions(state, positions, extras)
         else:
             logits, state, next_pos, peak = self._continue(context, input_ids)
             held = held_bytes(state, self.specs)

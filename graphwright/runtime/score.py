@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .generate import positions_from_mask, state_bytes
 from .held_bytes import held_bytes
 from .inputs import check_length
+from .rerotate import continued
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -64,6 +65,7 @@ def score_stream(runtime_or_cm, input_ids: torch.Tensor, prefix_len: int, progre
 
     logits, state = rt.step(ids[:, :prefix_len], positions[:, :prefix_len],
                             torch.arange(prefix_len, device=device), state)
+    positions = continued(rt, state, positions, prefix_len)  # evict(..., rerotate=True): later tokens from n
     n = min(prefix_len, T - 1)  # the prefix's last logits predict token prefix_len (if any)
     nll = [token_nll(logits[:, :n], ids[:, 1:n + 1])]
     zero = torch.zeros(1, dtype=torch.long, device=device)
@@ -82,14 +84,16 @@ def score_stream(runtime_or_cm, input_ids: torch.Tensor, prefix_len: int, progre
 
 
 @torch.inference_mode()
-def stream_logits(step, specs, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefill: int, extras: dict | None = None):
+def stream_logits(step, specs, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefill: int, extras: dict | None = None,
+                  rerotated_layers=None):
     """Teacher-forced prefill + decode through ``step``, threading the state as ``Runtime.generate`` does.
 
     ``input_ids``/``attention_mask`` [B, T] (left padding only inside the first ``prefill`` columns):
     one prefill step over the first ``prefill`` tokens with logits at every position, then one decode
     step per later token at its absolute position (``logits_index`` [0], state fed back), so a pass
     that evicts after prefill or at decode acts on every later step. Returns ``(logits [B, T, V],
-    final state)``; logits[:, t] predicts token t + 1.
+    final state)``; logits[:, t] predicts token t + 1. ``rerotated_layers`` (``evict(..., rerotate=True)``): the later
+    tokens continue at the kept count n (``runtime/rerotate.py``), as the runtime feeds them.
     """
     extras = extras or {}
     B, T = input_ids.shape
@@ -101,6 +105,7 @@ def stream_logits(step, specs, input_ids: torch.Tensor, attention_mask: torch.Te
     positions = positions_from_mask(attention_mask)
     state = [s.empty(B, device) for s in specs]
     logits, state = step(input_ids[:, :prefill], positions[:, :prefill], torch.arange(prefill, device=device), state, **extras)
+    positions = continued(None, state, positions, prefill, rerotated_layers, specs)
     out = [logits]
     zero = torch.zeros(1, dtype=torch.long, device=device)
     for t in range(prefill, T):

@@ -267,11 +267,14 @@ def test_labels_tell_methods_of_one_pass_apart():
         "evict(score='knorm', budget={budget}, sinks=4, window={window})", "evict(score='keydiff', budget={budget})",
         "evict(score='chunkkv', budget={budget})", "snapkv(budget={budget}, pyramid=20)",
         "evict(score='lagkv', budget={budget})", "evict(score='qfilter', budget={budget})",
+        "evict(score='finch', budget={budget}, window={question}, rerotate=True)",
         "evict(score='finch', budget={budget}, window={question})",
         "evict(score='finch', budget={budget}, window={question}, chunk=256)",
         "evict(score='kvzip', budget={frac})")}
     assert all(n in rep.SAME_ALGORITHM if isinstance(n, str) else n[1] in rep.twins(n[0]) for n in rep.NEAREST)
     assert rep.twins("AdaKV(SnapKV)") == ("snapkv(heads=adaptive,split=kvpress)", "snapkv(heads=adaptive)")
+    assert rep.twins("Finch(rerotate)")[0] == "evict(score=finch,rerotate=True)"  # same algorithm since session 15
+    assert not rep.is_nearest("Finch(rerotate)", "evict(score=finch,rerotate=True)")
     assert rep.label("evict(score='knorm', budget={budget}, sinks=4, window={window})") == "evict(score=knorm,sinks=4)"
 
 

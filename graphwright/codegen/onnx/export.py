@@ -653,6 +653,10 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
         raise GraphwrightError("evict(score='kvzip') is not exported: its replay pass (a second prompt step whose "
                                "attention inputs are scored, runtime/kvzip_replay.py) runs in graphwright's torch runtime "
                                "only; compile with another scorer to export, or run the model with graphwright")
+    if "rerotate" in cm.step_graph.notes:
+        raise GraphwrightError("evict(..., rerotate=True) is not exported: the artifact's runtime would continue "
+                               "positions from the prompt length, not from the kept count n the re-rotated keys end at "
+                               "(runtime/rerotate.py); export without rerotate, or run the model with graphwright")
     if verify_steps < 0:
         raise ValueError(f"verify_steps must be >= 0 (decode steps after the prefill); got {verify_steps}")
     if isinstance(verify_tokens, bool) or not isinstance(verify_tokens, int) or verify_tokens < 7:

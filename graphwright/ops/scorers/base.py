@@ -18,8 +18,9 @@ combinations that cannot work (``passes/evict.py``):
 * ``lagged``: reads the partition size ``lag`` (LagKV); ``filtered``: reads the layer's per-KV-head
   filter ``qfilter`` [Hk, D] (Q-Filters), a constant the pass puts in the graph.
 
-Keys are cached post-RoPE at their original positions and never re-rotated (positions travel with
-the cache as per-head ``k_pos``), so no scorer needs re-rotation.
+Keys are cached post-RoPE at their original positions (positions travel with the cache as per-head
+``k_pos``), so no scorer needs re-rotation; ``evict(..., rerotate=True)`` re-rotates the kept keys after the
+eviction op (``ops/rerotate.py``), after scoring.
 """
 
 from __future__ import annotations

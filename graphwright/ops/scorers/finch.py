@@ -14,9 +14,9 @@ tokens first (always kept, even where they exceed the chunk's share), then its t
 How the window is known: ``evict(score="finch", budget=B, window=Q)``, Q the question's token count (required:
 a default would silently score with the context's own tail). A reusable context (``cm.prefill``) has no
 question, so it is refused with a Finch recipe; compress context + question as one prompt. Prefill only.
-Positions: kept keys stay at their original positions (graphwright never re-rotates); kvpress's default
-``rerotate_keys=True`` moves the kept keys to positions 0..n-1 and later tokens after them, which is not done
-here (its twin is ``FinchPress(rerotate_keys=False)``, bench/kvpress_worker.py).
+Positions: by default kept keys stay at their original positions (the twin of ``FinchPress(rerotate_keys=False)``,
+bench/kvpress_worker.py); ``rerotate=True`` is kvpress's default ``rerotate_keys=True``: the kept keys move to
+positions 0..n-1 and later tokens follow at n (``passes/evict_rerotate.py``, ``ops/rerotate.py``).
 Exact setting: budget >= prompt length (every token kept).
 Invariant tested (``tests/ops/test_finch.py``): the op's kept sets equal a slow loop oracle on random attention,
 chunked too; budget >= length keeps everything; ``evict(score="finch")`` composes with ``lowrank_kv`` and ``steer``
