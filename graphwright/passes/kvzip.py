@@ -25,8 +25,9 @@ The replay prompt needs the tokenizer (``gw.compile(..., tokenizer=...)``; a mod
 own). Without one, a byte-level model (vocabulary 256, graphwright's tiny models) uses the UTF-8 bytes of the
 prompts; any other model is refused. Exact setting: a fraction budget >= 1.0 (no replay, nothing pruned).
 Refused: latent layers (``lowrank_kv``: one latent row serves every KV head, no per-head budget can free
-memory), the ``compiled`` backend and ONNX export (the replay runs in graphwright's torch runtime), emphasis
-(steering's spans index the prompt, the replay step extends past it). Invariants tested
+memory), the ``compiled`` backend (the replay runs over the step graph's own cache), emphasis (steering's
+spans index the prompt, the replay step extends past it). ONNX export writes the replay step as a second graph
+(``codegen/onnx/kvzip_export.py``; ``graphwright.load`` runs it, ``runtime/kvzip_onnx.py``). Invariants tested
 (``tests/ops/test_kvzip_ops.py``, ``tests/ops/test_kvzip_model.py``): scores equal a loop oracle built from
 Hugging Face's eager attention weights; the allocation equals a brute force; budget 1.0 gives dense logits and
 tokens; the cache holds exactly the kept pairs.
