@@ -4,8 +4,8 @@ layer's rotary table (Expected Attention) and the one with running state (cumula
 ONNX Runtime generates the torch tokens (Finch too, whole-prompt and chunked, and its artifact refuses a reusable
 context as the torch runtime does). ``rule='adaptive'`` (``evict_adakv_scored`` on the packed cache,
 whose slot ops ``codegen/onnx/packed_cache.py`` translates) and ``chunk_reuse=`` (``evict_scored_reuse`` reads
-the leader layer's kept positions, an earlier runtime op's result) are compared with the torch runtime on a
-left-padded batch of 2: logits over a 24-column prefill and 30 decode steps (<= 1e-4), the final state tensors
+the leader layer's kept positions, an earlier runtime op's result) and Finch (whole-prompt and ``chunk=``) are
+compared with the torch runtime on a left-padded batch of 2: logits over a 24-column prefill and 30 decode steps (<= 1e-4), the final state tensors
 (positions equal, K/V <= 1e-4), greedy tokens and the kept tokens per head and KV bytes (``kv_compare``)."""
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ PACKED = {
                    {"graphwright::evict_adakv_scored"}),
     "chunk_reuse": ("evict(score='chunkkv', budget=9, chunk=2, window=1, chunk_reuse=2)",
                     {"graphwright::evict_scored", "graphwright::evict_scored_reuse"}),
+    # issue 20: Finch (the question's window rows), whole-prompt and chunked: logits and kept caches too
+    "finch": ("evict(score='finch', budget=10, window=3)", {"graphwright::evict_scored"}),
+    "finch_chunk": ("evict(score='finch', budget=10, window=3, chunk=5)", {"graphwright::evict_scored"}),
 }
 
 
