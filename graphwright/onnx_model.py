@@ -9,6 +9,8 @@ On CPU each step binds its inputs and outputs to torch tensors' memory (ORT I/O 
 torch tensors. An export with a decode graph (in-graph eviction, ``codegen/onnx/decode_slots.py``)
 runs prompt steps on ``model.onnx`` and single-token steps on ``decode.onnx``. An export of
 ``evict(block=N)`` (``graphwright.json["prefill_chunk"]``) runs a prompt as steps of N tokens, as the torch runtime does.
+An export of ``evict(score="kvzip")`` runs its replay graph after a prompt step (``runtime/kvzip_onnx.py``), as the
+torch runtime runs its replay; a Finch export refuses a reusable context, as ``CompiledModel`` does.
 """
 from __future__ import annotations
 
@@ -102,6 +104,14 @@ class OnnxModel:
                 raise GraphwrightError(f"{self.path}: missing {meta['gemfilter']['model_file']} (the GemFilter "
                                        "selection graph); re-export the model")
             self._select = OnnxSelection(self.path, meta["gemfilter"], self.state_specs, providers, session_options)
+        if meta.get("kvzip"):  # evict(score='kvzip'): the exported replay graph scores the cache after a prompt step
+            from .runtime.kvzip_onnx import OnnxKVzipReplay
+
+            if not (self.path / meta["kvzip"]["model_file"]).is_file():
+                raise GraphwrightError(f"{self.path}: missing {meta['kvzip']['model_file']} (the KVzip replay graph); "
+                                       "re-export the model")
+            self._runtime.after_prompt = OnnxKVzipReplay(self.path, meta["kvzip"], self.state_specs, providers,
+                                                         session_options)
 
     def _position_limit(self):
         """``max_positions``, or None for a streaming export whose attention sees cache indices only (``runtime.inputs``)."""
@@ -140,6 +150,7 @@ class OnnxModel:
         """Like ``CompiledModel.prefill``: a reusable (compressed) context for ``generate(..., context=ctx)``."""
         if self._select is not None:
             raise ValueError("gemfilter selects prompt tokens with the question in view; a reusable context cannot be made with it")
+        self._refuse_finch_context()
         return self._runtime.prefill(input_ids, attention_mask, allow_long=allow_long, recipe=self.recipe)
 
     def generate(self, input_ids, max_new_tokens: int = 32, emphasis=None, **kwargs) -> torch.Tensor:
@@ -153,7 +164,23 @@ class OnnxModel:
             from .runtime.gemfilter import filtered_generate
 
             return filtered_generate(self._runtime, self.info, self._select, input_ids, max_new_tokens, **kwargs)
+        if kwargs.get("context") is not None:
+            self._refuse_finch_context()
         return self._runtime.generate(input_ids, max_new_tokens=max_new_tokens, extras=extras, **kwargs)
+
+    def _refuse_finch_context(self) -> None:
+        """As ``CompiledModel``: Finch scores with the question (its window), which a reusable context lacks."""
+        from .errors import RecipeError
+        from .recipes import Recipe
+
+        try:
+            entries = Recipe.parse(self.recipe).to_list() if isinstance(self.recipe, str) else []
+        except RecipeError:
+            entries = []
+        if any(e.get("pass") == "evict" and e.get("score") == "finch" for e in entries):
+            raise ValueError("evict(score='finch') scores with the question (its observation window), which a reusable "
+                             "context does not hold; compress context + question as one prompt: "
+                             "m.generate(torch.cat([context_ids, question_ids], 1)) with window=question_ids.shape[1]")
 
     def logits(self, input_ids, attention_mask=None, emphasis=None, allow_long: bool = False) -> torch.Tensor:
         return self._runtime.logits(input_ids, attention_mask, extras=self._extras(emphasis, input_ids, attention_mask),

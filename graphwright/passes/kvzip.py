@@ -30,9 +30,10 @@ latent cache and equal per-head positions; the replay scores their keys rebuilt 
 heads (``ops/scorers/kvzip.pool_latent``: KVzip's own max over a head's queries, extended to every head
 reading the row; under a threshold it keeps the union of the heads' sets, the rule of the other scorers on
 latent layers), and the budget counts a latent token as one unit (as one head's pair elsewhere): the
-dropped rows leave the latent cache, so its bytes shrink. Refused: the ``compiled`` backend and ONNX export
-(the replay runs in graphwright's torch runtime), emphasis
-(steering's spans index the prompt, the replay step extends past it). Invariants tested
+dropped rows leave the latent cache, so its bytes shrink. Refused: the ``compiled`` backend (the replay runs over
+the step graph's own cache), emphasis (steering's spans index the prompt, the replay step extends past it).
+ONNX export writes the replay step as a second graph (``codegen/onnx/kvzip_export.py``; ``graphwright.load``
+runs it, ``runtime/kvzip_onnx.py``), not for latent layers (their replay keys are rebuilt host-side). Invariants tested
 (``tests/ops/test_kvzip_ops.py``, ``tests/ops/test_kvzip_model.py``): scores equal a loop oracle built from
 Hugging Face's eager attention weights; the allocation equals a brute force (latent layers: a loop over heads,
 max, then the brute force); budget 1.0 gives dense logits and tokens (with ``lowrank_kv``: its logits); the

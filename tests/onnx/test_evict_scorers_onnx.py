@@ -1,10 +1,11 @@
 """evict(score=...) exports to ONNX: the generic scored op stays on the runtime side of the split
 (``codegen/onnx/split.py`` keeps every registered eviction op), including the variant that reads the
 layer's rotary table (Expected Attention) and the one with running state (cumulative attention).
-ONNX Runtime generates the torch tokens. ``rule='adaptive'`` (``evict_adakv_scored`` on the packed cache,
+ONNX Runtime generates the torch tokens (Finch too, whole-prompt and chunked, and its artifact refuses a reusable
+context as the torch runtime does). ``rule='adaptive'`` (``evict_adakv_scored`` on the packed cache,
 whose slot ops ``codegen/onnx/packed_cache.py`` translates) and ``chunk_reuse=`` (``evict_scored_reuse`` reads
-the leader layer's kept positions, an earlier runtime op's result) are compared with the torch runtime on a
-left-padded batch of 2: logits over a 24-column prefill and 30 decode steps (<= 1e-4), the final state tensors
+the leader layer's kept positions, an earlier runtime op's result) and Finch (whole-prompt and ``chunk=``) are
+compared with the torch runtime on a left-padded batch of 2: logits over a 24-column prefill and 30 decode steps (<= 1e-4), the final state tensors
 (positions equal, K/V <= 1e-4), greedy tokens and the kept tokens per head and KV bytes (``kv_compare``)."""
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ GEN_LONG = dict(max_new_tokens=24, eos_token_id=[], pad_token_id=0)
                                     "snapkv(budget=8, window=2, heads='adaptive', split='kvpress')",
                                     # LagKV (a partition size) and Q-Filters (the layer's filters, a graph constant)
                                     "evict(score='lagkv', budget=8, lag=3, sinks=2)", "evict(score='qfilter', budget=8)",
-                                    "evict(score='qfilter', budget=8, when='every:3')"])
+                                    "evict(score='qfilter', budget=8, when='every:3')",
+                                    # Finch: the question's window rows, whole-prompt and chunked selection (issue 20)
+                                    "evict(score='finch', budget=8, window=3)",
+                                    "evict(score='finch', budget=10, window=3, chunk=5)"])
 def test_evict_exports_and_gives_the_torch_tokens(onnx_artifact, recipe):
     cm, out = onnx_artifact("tiny-llama", recipe)
     ids, mask = prompt()
@@ -38,6 +42,14 @@ def test_evict_exports_and_gives_the_torch_tokens(onnx_artifact, recipe):
     kept = cm.last_stats["kept_tokens_per_head"]
     assert max(h for layer in kept for row in layer for h in row) < 14 + 8  # it evicted
     assert torch.equal(gw.load(out).generate(ids, attention_mask=mask, **GEN), want)
+
+
+def test_finch_export_refuses_a_reusable_context(onnx_artifact):
+    _, out = onnx_artifact("tiny-llama", "evict(score='finch', budget=8, window=3)")
+    rt = gw.load(out)
+    ids, mask = prompt()
+    with pytest.raises(ValueError, match="finch.*question"):
+        rt.prefill(ids, attention_mask=mask)
 
 
 # issue 20 item 2: Ada-KV budgets for any per-head prefill scorer (packed cache, evict_adakv_scored) and ChunkKV's
@@ -52,6 +64,9 @@ PACKED = {
                    {"graphwright::evict_adakv_scored"}),
     "chunk_reuse": ("evict(score='chunkkv', budget=9, chunk=2, window=1, chunk_reuse=2)",
                     {"graphwright::evict_scored", "graphwright::evict_scored_reuse"}),
+    # issue 20: Finch (the question's window rows), whole-prompt and chunked: logits and kept caches too
+    "finch": ("evict(score='finch', budget=10, window=3)", {"graphwright::evict_scored"}),
+    "finch_chunk": ("evict(score='finch', budget=10, window=3, chunk=5)", {"graphwright::evict_scored"}),
 }
 
 

@@ -10,7 +10,6 @@ import torch
 
 import graphwright as gw
 from graphwright import RecipeError
-from graphwright.errors import GraphwrightError
 from graphwright.ops.scorers.kvzip import keep_sets
 from graphwright.passes.kvzip import FIRST_PROMPT, LATER_PROMPT, replay_prompt
 from tests.conftest import _tiny, left_padded_batch
@@ -254,11 +253,6 @@ def test_refusals_name_the_problem():
         replay_prompt(None, 49152)
     with pytest.raises(ValueError, match="compiled.*(cannot run this graph|owns its cache layout)"):
         gw.compile(_tiny("tiny-llama"), recipe="evict(score='kvzip', budget=0.5)", backend="compiled")
-    from graphwright.codegen.onnx.export import export_onnx
-
-    cm = gw.compile(_tiny("tiny-llama"), recipe="evict(score='kvzip', budget=0.5)")
-    with pytest.raises(GraphwrightError, match="not exported"):
-        export_onnx(cm, "/tmp/kvzip-never-written")
     with pytest.raises(ValueError, match="no context to replay"):
         gw.compile(_tiny("tiny-llama"), recipe="evict(score='kvzip', budget=0.5)",
                    tokenizer=_ChatBytes()).prefill(torch.tensor([[5, 6, 7]]))

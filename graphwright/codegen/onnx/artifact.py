@@ -11,8 +11,8 @@ whose evicting layers' state is padded once to its slot capacity and then keeps 
 
 I/O binding (``io_binding=True``, the default on CPU): a step with no runtime ops binds every input
 by pointer to the torch tensor's memory and every output to a torch tensor allocated here with the
-shape it will have (logits [B, len(logits_index), V]; a state grows by T along its seq dim, or
-keeps its shape in the decode graph's capacity states), so ORT writes the next state straight into
+shape it will have (logits [B, len(logits_index), V]; a state grows by T along its seq dim, Hk x T for a packed
+per-head cache (``packed_growth``), or keeps its shape in the decode graph's capacity states), so ORT writes the next state straight into
 the tensors the runtime feeds back: no numpy arrays and no output copy. A step with runtime ops
 (``split.py``), a bf16 model (numpy has no bf16) or a GPU provider uses ``session.run``.
 """
@@ -88,11 +88,11 @@ class OnnxStep:
 
     def __init__(self, model_path, input_names, output_names, providers=None, session_options=None,
                  state_names=None, records=(), extras=None, decode=None, seq_dims=None, io_binding=True, state_kinds=None,
-                 prompt_capacity=None):
+                 prompt_capacity=None, growth=None):
         self.inplace, self.inplace_reason = None, "off (inplace_kv.ENABLED is False)"
         if inplace_kv.ENABLED:  # inplace_kv.py: a dense step appends by ScatterElements into capacity buffers
             proto, self.inplace_reason = _inplace_graph(model_path, providers, state_names, records, decode, seq_dims,
-                                                        io_binding, state_kinds, prompt_capacity)
+                                                        io_binding, state_kinds, prompt_capacity, growth)
             if proto is not None:
                 self.session = inplace_kv.session(proto, model_path, providers or default_providers(), session_options)
                 _check_names(self.session, model_path, [*input_names, inplace_kv.WRITE_INDEX], output_names)
@@ -110,6 +110,8 @@ class OnnxStep:
         self.unshaped = {n for n, k in zip(self.state_names, state_kinds or ()) if k == "summary"}
         # states evicted in model.onnx (prompt_slots.py): next width min(S + T, c), not S + T (None: data dependent)
         self.prompt_capacity = dict(prompt_capacity or {})
+        # slots a state gains per new token when not 1: a packed per-head cache (evict(score='kvzip')) appends Hk
+        self.growth = dict(growth or {})
         self.io_binding = io_binding and "CUDAExecutionProvider" not in self.session.get_providers()
         self.decode = None
         if decode:  # {"model_file", "outputs", "runtime_ops", "capacity"}; model_file resolved by the caller
@@ -143,7 +145,7 @@ class OnnxStep:
                    extras={x["name"]: x["kind"] for x in meta.get("extra_inputs") or ()}, decode=decode,
                    seq_dims=[int(s["seq_dim"]) for s in meta["state"]], io_binding=io_binding,
                    state_kinds=[s.get("kind") for s in meta["state"]],
-                   prompt_capacity=(meta.get("prompt") or {}).get("capacity"))
+                   prompt_capacity=(meta.get("prompt") or {}).get("capacity"), growth=packed_growth(meta))
         from .metadata_schema import check_state_inputs
 
         check_state_inputs(step.session, meta["state"], model_path)
@@ -202,7 +204,7 @@ class OnnxStep:
                 continue  # ORT allocates (a page summary; a prompt step's data-dependent kept width)
             shape = list(t.shape)
             if name not in capacity:
-                shape[dim] += T
+                shape[dim] += T * self.growth.get(name, 1)
             if bounded.get(name) is not None:
                 shape[dim] = min(shape[dim], bounded[name])
             out[f"{name}_next"] = torch.empty(shape, dtype=t.dtype)
@@ -262,6 +264,17 @@ class OnnxStep:
         return dim
 
 
+def packed_growth(meta: dict) -> dict:
+    """{state name: Hk} for the packed per-head caches of ``graphwright.json["kvzip"]`` (k, v and positions of a
+    layer: a step of T tokens appends Hk x T slots, ``packed_rewrite.py``'s head-major layout)."""
+    shapes = {s["name"]: s["shape"] for s in meta["state"]}
+    out = {}
+    for row in (meta.get("kvzip") or {}).get("layers") or ():
+        hk = int(shapes[row[3]][1])  # the positions state [B, Hk, N]
+        out.update({name: hk for name in row[1:]})
+    return out
+
+
 NUMPY = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64", torch.int32: "int32", torch.bool: "bool",
          torch.float64: "float64", torch.int8: "int8", torch.uint8: "uint8"}  # int8: FastGen's token classes; uint8: Scissorhands' ring
 
@@ -298,10 +311,13 @@ def _ort_dtype(type_str: str) -> torch.dtype:
     return names[type_str]
 
 
-def _inplace_graph(model_path, providers, state_names, records, decode, seq_dims, io_binding, state_kinds, prompt_capacity):
+def _inplace_graph(model_path, providers, state_names, records, decode, seq_dims, io_binding, state_kinds, prompt_capacity,
+                   growth=None):
     """``(ModelProto, None)``: the in-place rewrite of a dense step graph (``inplace_kv.rewrite``), or ``(None, reason)``."""
     if decode or records or prompt_capacity:
         return None, "the artifact has a decode graph, runtime ops or prompt eviction (not a dense append)"
+    if growth:
+        return None, "a packed per-head cache appends Hk slots per token (not a dense append)"
     if not io_binding or "CUDAExecutionProvider" in (providers or default_providers()):
         return None, "needs CPU I/O binding"
     if state_names is None or seq_dims is None or state_kinds is None:

@@ -126,8 +126,9 @@ def host_input_examples(records, sg, args) -> list:
 
 def _graph_files() -> list:
     from .gemfilter_export import SELECT_DATA, SELECT_MODEL
+    from .kvzip_export import REPLAY_DATA, REPLAY_MODEL
 
-    return [MODEL, EXTERNAL_DATA, SELECT_MODEL, SELECT_DATA, DECODE_MODEL, DECODE_MODEL + ".data"]
+    return [MODEL, EXTERNAL_DATA, SELECT_MODEL, SELECT_DATA, DECODE_MODEL, DECODE_MODEL + ".data", REPLAY_MODEL, REPLAY_DATA]
 
 
 def _prepare_dir(out: Path, overwrite: bool, tokenizer=None) -> list:
@@ -650,9 +651,9 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
     if not hasattr(cm, "step_graph"):
         raise TypeError(f"export_onnx expects a CompiledModel (from graphwright.compile); got {type(cm).__name__}")
     if "kvzip" in cm.step_graph.notes:
-        raise GraphwrightError("evict(score='kvzip') is not exported: its replay pass (a second prompt step whose "
-                               "attention inputs are scored, runtime/kvzip_replay.py) runs in graphwright's torch runtime "
-                               "only; compile with another scorer to export, or run the model with graphwright")
+        from .kvzip_export import check_exportable
+
+        check_exportable(cm.step_graph)
     if "rerotate" in cm.step_graph.notes:
         raise GraphwrightError("evict(..., rerotate=True) is not exported: the artifact's runtime would continue "
                                "positions from the prompt length, not from the kept count n the re-rotated keys end at "
@@ -710,11 +711,7 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
         meta["prompt"] = prompt
         meta["sliding_windows"] = sliding_record(cm.step_graph)
         meta["session_runs"] = session_runs(records, prompt, decode)
-    if "gemfilter" in cm.step_graph.notes:  # the selection pass as a second, truncated graph
-        from .gemfilter_export import export_selection
-
-        with phases("gemfilter_export"):
-            meta["gemfilter"] = export_selection(cm, out, opset, external_data)
+    _export_second_graphs(cm, out, opset, external_data, phases, meta)
     with phases("hash"):  # manifest.py: sha256 of every file written, checked by graphwright.load
         meta["files"] = record_files(out, [*_graph_files(), *tok_files])
     meta_path = out / METADATA
@@ -729,11 +726,7 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
             with phases("verify_probe"):
                 meta["verification"] = verify_artifact(cm, step, decode_steps=verify_steps, max_probe_tokens=verify_tokens,
                                                        reference=reference)
-            if meta.get("gemfilter"):
-                from .gemfilter_export import verify_selection
-
-                with phases("verify_gemfilter"):
-                    meta["verification"]["gemfilter_selection"] = verify_selection(cm, out, meta["gemfilter"])
+            _verify_second_graphs(cm, out, phases, meta)
         except GraphwrightError as exc:
             meta["verification"] = {"passed": False, "error": str(exc)}
             raise
@@ -741,3 +734,32 @@ def export_onnx(cm, out_dir, opset: int = 23, external_data: bool = True, verify
             meta["export"] = phases.to_json()
             meta_path.write_text(json.dumps(meta, indent=2))
     return out
+
+
+def _export_second_graphs(cm, out: Path, opset: int, external_data: bool, phases: Phases, meta: dict) -> None:
+    """The graphs a generate-time pass runs besides the step: GemFilter's selection (``gemfilter_export.py``) and
+    KVzip's replay (``kvzip_export.py``); each writes its ``graphwright.json`` entry into ``meta``."""
+    if "gemfilter" in cm.step_graph.notes:  # the selection pass as a second, truncated graph
+        from .gemfilter_export import export_selection
+
+        with phases("gemfilter_export"):
+            meta["gemfilter"] = export_selection(cm, out, opset, external_data)
+    if "kvzip" in cm.step_graph.notes:  # evict(score='kvzip'): the replay step as a second graph
+        from .kvzip_export import export_replay
+
+        with phases("kvzip_export"):
+            meta["kvzip"] = export_replay(cm, out, opset, external_data)
+
+
+def _verify_second_graphs(cm, out: Path, phases: Phases, meta: dict) -> None:
+    """Each second graph against its torch twin on the probe, recorded under ``meta["verification"]``."""
+    if meta.get("gemfilter"):
+        from .gemfilter_export import verify_selection
+
+        with phases("verify_gemfilter"):
+            meta["verification"]["gemfilter_selection"] = verify_selection(cm, out, meta["gemfilter"])
+    if meta.get("kvzip"):
+        from .kvzip_export import verify_replay
+
+        with phases("verify_kvzip"):
+            meta["verification"]["kvzip_replay"] = verify_replay(cm, out, meta["kvzip"])

@@ -11,7 +11,7 @@ no field makes the loader allocate without bound); names (the graph inputs are
 ``input_ids, positions, logits_index``, the state names, the extra inputs, in that order; every
 state's next value is a graph output or a runtime op's result; runtime ops read only graph
 outputs and inputs); paths (``model_file``, ``external_data``, ``tokenizer``, ``decode.model_file``,
-``gemfilter.model_file`` and the keys of ``files`` are relative, without ``..``, and resolve inside
+``gemfilter.model_file``, ``kvzip.model_file`` and the keys of ``files`` are relative, without ``..``, and resolve inside
 the artifact folder, symlinks followed). Whether the names match the ONNX graph itself is checked
 when the session opens (``artifact._session``).
 
@@ -151,6 +151,7 @@ def validate(meta: dict, folder) -> dict:
     _decode(c, meta.get("decode"), state, inputs, folder)
     _prompt(c, meta.get("prompt"), state)
     _gemfilter(c, meta.get("gemfilter"), info["num_layers"], folder)
+    _kvzip(c, meta.get("kvzip"), info, meta["state"], folder)
     _files(c, meta.get("files"), folder)
     _verification(c, meta.get("verification"))
     _report(c, meta.get("report"))
@@ -352,6 +353,53 @@ def _gemfilter(c: _Check, d, num_layers: int, folder: Path) -> None:
     c.int(d.get("layer"), "gemfilter.layer", 0, num_layers - 1)
     c.int(d.get("keep"), "gemfilter.keep", 1, MAX_ID)
     c.int(d.get("kernel"), "gemfilter.kernel", 1, 1 << 16)
+
+
+def _kvzip(c: _Check, d, info: dict, specs: list, folder: Path) -> None:
+    """``kvzip``: the replay graph (``kvzip_export.py``) and what the host-side replay reads; each layer's positions
+    state is [B, Hk, N] (``artifact.packed_growth`` reads its Hk)."""
+    d = c.dict(d, "kvzip", optional=True)
+    if d is None:
+        return
+    shapes = {s["name"]: s["shape"] for s in specs}
+    state = sorted(shapes)
+    c.path(d.get("model_file"), "kvzip.model_file", folder)
+    layers = c.list(d.get("layers"), "kvzip.layers", max_len=info["num_layers"])
+    if not layers:
+        c.fail("kvzip.layers", "a non-empty list of [layer, k state, v state, positions state]", layers)
+    for i, row in enumerate(layers):
+        f = f"kvzip.layers[{i}]"
+        row = c.list(row, f, max_len=4)
+        if len(row) != 4:
+            c.fail(f, "[layer, k state, v state, positions state]", row)
+        c.int(row[0], f + "[0]", 0, info["num_layers"] - 1)
+        for j in (1, 2, 3):
+            c.str(row[j], f"{f}[{j}]", choices=state)
+        if len(shapes[row[3]]) != 3 or not 1 <= shapes[row[3]][1] <= info["num_kv_heads"]:
+            c.fail(f"{f}[3]", "a positions state of shape [-1, Hk, 0] (Hk the layer's KV heads)", shapes[row[3]])
+    names = c.names(d.get("outputs"), "kvzip.outputs")
+    if len(names) != 3 * len(layers):
+        c.fail("kvzip.outputs", f"q, k, k_pos per layer ({3 * len(layers)} names)", f"{len(names)} names", show=True)
+    scales = c.list(d.get("scales"), "kvzip.scales", max_len=len(layers))
+    if len(scales) != len(layers):
+        c.fail("kvzip.scales", f"one attention scale per layer ({len(layers)})", f"{len(scales)} items", show=True)
+    for i, x in enumerate(scales):
+        c.number(x, f"kvzip.scales[{i}]")
+    s = c.dict(d.get("settings"), "kvzip.settings")
+    c.number(s.get("budget"), "kvzip.settings.budget")
+    c.int(s.get("budget_n"), "kvzip.settings.budget_n", 0, MAX_ID)
+    c.number(s.get("budget_f"), "kvzip.settings.budget_f")
+    if not 0 <= s["budget_f"] or (not s["budget_n"] and not s["budget_f"] > 0):
+        c.fail("kvzip.settings", "a token budget budget_n >= 1 or a fraction budget_f > 0", s)
+    c.bool(s.get("layerwise"), "kvzip.settings.layerwise")
+    c.int(s.get("sinks"), "kvzip.settings.sinks", 0, MAX_ID)
+    c.int(s.get("chunk"), "kvzip.settings.chunk", 1, MAX_ID)
+    r = c.dict(d.get("replay"), "kvzip.replay")
+    for key in ("first", "later", "suffix"):
+        for i, t in enumerate(c.list(r.get(key), f"kvzip.replay.{key}", max_len=4096)):
+            c.int(t, f"kvzip.replay.{key}[{i}]", 0, info["vocab_size"] - 1)
+    c.int(r.get("prefix"), "kvzip.replay.prefix", 0, MAX_ID)
+    c.str(r.get("source"), "kvzip.replay.source", optional=True)
 
 
 def _files(c: _Check, d, folder: Path) -> None:
