@@ -31,4 +31,5 @@ class OnnxKVzipReplay(KVzipReplay):
         spec_index = {s.name: i for i, s in enumerate(state_specs)}
         self.index = {int(row[0]): [spec_index[n] for n in row[1:]] for row in entry["layers"]}
         self.scales = {layer: float(s) for layer, s in zip(self.layers, entry["scales"])}
+        self.latent = set()  # KVzip on latent (lowrank_kv) layers is refused at export (kvzip_export.check_exportable)
         self._run = OnnxReplay(Path(path), entry, state_specs, providers, session_options)

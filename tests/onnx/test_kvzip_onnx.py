@@ -3,7 +3,7 @@
 compressed context (three replay chunks) holds the same kept positions per (layer, KV head) slot for slot, K/V
 and its last logits within 1e-4; two questions reuse it (decode logits within 1e-4, greedy tokens equal, the
 context unchanged); a plain left-padded batch generates the same tokens and holds the same cache; the exact
-setting (budget 1.0) equals the dense model. Refused: steering extra inputs, a corrupt ``kvzip`` metadata entry."""
+setting (budget 1.0) equals the dense model. Refused: steering extra inputs, latent (lowrank_kv) layers, a corrupt ``kvzip`` metadata entry."""
 
 from __future__ import annotations
 
@@ -99,6 +99,10 @@ def test_kvzip_export_refusals_name_the_problem(onnx_artifact, tmp_path):
     with pytest.raises(GraphwrightError, match="extra graph inputs"):
         gw.export_onnx(steered, tmp_path / "steered")
     assert not (tmp_path / "steered").exists() or not any((tmp_path / "steered").iterdir())  # refused before writing
+    latent = gw.compile(_tiny("tiny-llama"), recipe=f"lowrank_kv(keep=0.5) + {RECIPE}", verify=False)
+    with pytest.raises(GraphwrightError, match=r"latent \(lowrank_kv\) layers \[0, 1\] is not exported"):
+        gw.export_onnx(latent, tmp_path / "latent")
+    assert not (tmp_path / "latent").exists() or not any((tmp_path / "latent").iterdir())
     _, out = onnx_artifact("tiny-llama", RECIPE)
     bad = shutil.copytree(out, tmp_path / "bad")
     meta = json.loads((bad / "graphwright.json").read_text())
