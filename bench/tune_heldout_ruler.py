@@ -39,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--tasks", nargs="+", default=["niah_multikey_1", "niah_multikey_2", "vt"])
     p.add_argument("--recipe", action="append", default=[], help="recipes besides dense (repeatable; default: snapkv(budget=256), the tuned one)")
     p.add_argument("--vs", default=TUNED, help="the recipe every other one is also paired with in table.md")
+    p.add_argument("--vs-name", default="tuned", help="what table.md calls the --vs recipe (its row and the 'vs NAME' differences)")
     p.add_argument("--journal", default=None, help="default OUT/cases.jsonl")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--table-only", action="store_true")
@@ -46,7 +47,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def paired_table(result: dict, vs: str) -> tuple:
+def paired_table(result: dict, vs: str, vs_name: str = "tuned") -> tuple:
     """Markdown lines and rows: per recipe and task (and all headline tasks pooled), mean score, paired diff to dense and to ``vs``.
 
     Each column (a task, or the headline tasks pooled) is paired on its own cases: those held by every recipe that
@@ -89,11 +90,11 @@ def paired_table(result: dict, vs: str) -> tuple:
             if lab != vs and vs in members[g]:
                 d = paired_difference([by[vs][c]["score"] for c in ids], s)
                 cell["vs_tuned"] = d
-                txt += f"; vs tuned {d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
+                txt += f"; vs {vs_name} {d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
             cells.append(f"{txt} ({len(ids)})")
             row["groups"][g] = cell
         rows.append(row)
-        name = f"**tuned: `{lab}`**" if lab == vs else f"`{lab}`"
+        name = f"**{vs_name}: `{lab}`**" if lab == vs else f"`{lab}`"
         lines.append(f"| {name} | {kv:.3f} | " + " | ".join(cells) + " |")
     return lines, rows, len(set().union(*commons.values())) if commons else 0
 
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
     if not args.table_only:
         run_rounds(model, tok, recipes, args, jr, t0)
     res = run_suite(model, tok, recipes, cases=args.cases, out=out, run_missing=False, **kw)
-    lines, rows, n_common = paired_table(res, canonical(args.vs))
+    lines, rows, n_common = paired_table(res, canonical(args.vs), args.vs_name)
     note = (f"\nRULER-style tasks at {args.length} tokens (prompt + answer), seed 0, {n_common} cases in all; each column is "
             "paired on the cases every recipe shown in it holds ('-': the recipe ran none of that column's task). Score: "
             "RULER's string_match_all; [95% bootstrap CI]; 'vs' = paired difference of means with its 95% interval. "

@@ -28,3 +28,11 @@ def test_columns_pair_on_their_own_cases_and_skip_recipes_without_the_task():
     assert lines[4].split(" | ")[3:] == ["-", "-", "- |"]  # r2: columns b, vt, headline
     assert abs(got["r1"]["kv_fraction"] - 0.25) < 1e-9 and abs(got["r2"]["kv_fraction"] - 0.5) < 1e-9
     assert n == 3 + 4 + 3
+
+
+def test_vs_name_labels_the_reference_row_and_its_differences():
+    th = load_bench("tune_heldout_ruler")
+    raw = {"dense": {"ruler": _rows("a", [1, 0])}, "u": {"ruler": _rows("a", [0, 0])}, "s": {"ruler": _rows("a", [1, 0])}}
+    lines, rows, _ = th.paired_table({"raw": raw, "ruler_headline_tasks": ["a"]}, vs="u", vs_name="uniform")
+    assert lines[3].startswith("| **uniform: `u`** |") and "; vs uniform +0.50 " in lines[4]
+    assert rows[2]["groups"]["a"]["vs_tuned"]["mean"] == 0.5 and th.parse_args([]).vs_name == "tuned"
