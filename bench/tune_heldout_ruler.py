@@ -39,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--tasks", nargs="+", default=["niah_multikey_1", "niah_multikey_2", "vt"])
     p.add_argument("--recipe", action="append", default=[], help="recipes besides dense (repeatable; default: snapkv(budget=256), the tuned one)")
     p.add_argument("--vs", default=TUNED, help="the recipe every other one is also paired with in table.md")
+    p.add_argument("--vs-name", default="tuned", help="what table.md calls the --vs recipe (its row and the 'vs NAME' differences)")
     p.add_argument("--journal", default=None, help="default OUT/cases.jsonl")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--table-only", action="store_true")
@@ -46,8 +47,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def paired_table(result: dict, vs: str) -> tuple:
-    """Markdown lines and rows: per recipe and task (and all headline tasks pooled), mean score, paired diff to dense and to ``vs``."""
+def paired_table(result: dict, vs: str, vs_name: str = "tuned") -> tuple:
+    """Markdown lines and rows: per recipe and task (and all headline tasks pooled), mean score, paired diff to dense and to ``vs``.
+
+    Each column (a task, or the headline tasks pooled) is paired on its own cases: those held by every recipe that
+    holds some case of each of the column's tasks; a recipe that ran none of a column's tasks shows ``-`` there
+    (so recipes run only on the headline tasks leave the others' dense rows whole). KV fraction: the recipe's KV
+    bytes over dense's on every case both hold."""
     from graphwright.eval.stats import bootstrap_mean, paired_difference
 
     raw = result["raw"]
@@ -56,16 +62,21 @@ def paired_table(result: dict, vs: str) -> tuple:
     groups = [(t, [t]) for t in tasks] + [("headline", headline)]
     labels = list(raw)
     by = {lab: {r["id"]: r for r in raw[lab].get("ruler", [])} for lab in labels}
-    common = sorted(set.intersection(*(set(v) for v in by.values())))
+    task_of = {c: r["task"] for c, r in by["dense"].items()}
+    members, commons = {}, {}
+    for g, ts in groups:
+        members[g] = [lab for lab in labels if ts and all(any(task_of.get(c) == t for c in by[lab]) for t in ts)]
+        held = [{c for c in by[lab] if task_of.get(c) in ts} for lab in members[g]]
+        commons[g] = sorted(set.intersection(*held)) if held else []
     lines = ["| recipe | KV fraction | " + " | ".join(f"{g} (n)" for g, _ in groups) + " |", "|---|---|" + "---|" * len(groups)]
     rows = []
-    dense_kv = [by["dense"][c]["kv_bytes"] for c in common]
     for lab in labels:
-        kv = sum(by[lab][c]["kv_bytes"] for c in common) / max(1, sum(dense_kv))
+        both = [c for c in by[lab] if c in by["dense"]]
+        kv = sum(by[lab][c]["kv_bytes"] for c in both) / max(1, sum(by["dense"][c]["kv_bytes"] for c in both))
         cells, row = [], {"recipe": lab, "kv_fraction": kv, "groups": {}}
-        for g, ts in groups:
-            ids = [c for c in common if by["dense"][c]["task"] in ts]
-            if not ids:
+        for g, _ in groups:
+            ids = commons[g]
+            if lab not in members[g] or not ids:
                 cells.append("-")
                 continue
             s = [by[lab][c]["score"] for c in ids]
@@ -76,16 +87,16 @@ def paired_table(result: dict, vs: str) -> tuple:
                 d = paired_difference([by["dense"][c]["score"] for c in ids], s)
                 cell["vs_dense"] = d
                 txt += f"; vs dense {d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
-            if lab != vs and vs in by:
+            if lab != vs and vs in members[g]:
                 d = paired_difference([by[vs][c]["score"] for c in ids], s)
                 cell["vs_tuned"] = d
-                txt += f"; vs tuned {d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
+                txt += f"; vs {vs_name} {d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
             cells.append(f"{txt} ({len(ids)})")
             row["groups"][g] = cell
         rows.append(row)
-        name = f"**tuned: `{lab}`**" if lab == vs else f"`{lab}`"
+        name = f"**{vs_name}: `{lab}`**" if lab == vs else f"`{lab}`"
         lines.append(f"| {name} | {kv:.3f} | " + " | ".join(cells) + " |")
-    return lines, rows, len(common)
+    return lines, rows, len(set().union(*commons.values())) if commons else 0
 
 
 def run_rounds(model, tok, recipes, args, jr, t0) -> None:
@@ -131,11 +142,14 @@ def main(argv=None) -> int:
     if not args.table_only:
         run_rounds(model, tok, recipes, args, jr, t0)
     res = run_suite(model, tok, recipes, cases=args.cases, out=out, run_missing=False, **kw)
-    lines, rows, n_common = paired_table(res, canonical(args.vs))
-    note = (f"\nRULER-style tasks at {args.length} tokens (prompt + answer), seed 0, {n_common} cases held by every recipe, "
-            "paired on the same cases. Score: RULER's string_match_all; [95% bootstrap CI]; 'vs' = paired difference of "
-            "means with its 95% interval. 'headline' pools the tasks where dense is above chance "
-            f"({', '.join(res.get('ruler_headline_tasks') or []) or 'none'}). KV fraction: mean KV bytes held after the answer / dense's.\n")
+    lines, rows, n_common = paired_table(res, canonical(args.vs), args.vs_name)
+    note = (f"\nRULER-style tasks at {args.length} tokens (prompt + answer), seed 0, {n_common} cases in all; each column is "
+            "paired on the cases every recipe shown in it holds ('-': the recipe ran none of that column's task). Score: "
+            "RULER's string_match_all; [95% bootstrap CI]; 'vs' = paired difference of means with its 95% interval. "
+            "'headline' pools the tasks where dense is above chance "
+            f"({', '.join(res.get('ruler_headline_tasks') or []) or 'none'}); left out of it (dense not above chance): "
+            f"{', '.join(res.get('ruler_excluded_tasks') or []) or 'none'}. KV fraction: mean KV bytes held after the "
+            "answer / dense's, on every case both hold.\n")
     (out / "table.md").write_text("\n".join(lines) + "\n" + note)
     (out / "table.json").write_text(json.dumps({"length": args.length, "tasks": args.tasks, "n_common": n_common, "rows": rows,
                                                  "ruler_chance": res.get("ruler_chance")}, indent=2, default=str))
