@@ -501,8 +501,9 @@ def test_best_vs_best_picks_kvpress_best_and_pairs_cases():
           + rows("Knorm", 0.5, [1, 1, 1, 1], 1 << 20)[:3]  # 3 of 4 cases: not a candidate
           + rows("Knorm", 0.5, [1, 1, 1, 1], 1 << 20, "agnostic") + rows("dense", None, [1, 1, 1, 1], 9 << 20))
     ours = rows("snapkv(budget={budget})", 0.5, [1, 1, 1, 1], 4 << 20) + rows("duo(sinks=4)", None, [0, 1, 1, 0], 5 << 20)
-    res = best.compare(ours, kv, ids, [(0.5, "snapkv(budget={budget})"), (0.5, "duo(sinks=4)")])
+    res = best.compare(ours, kv, ids, [(0.5, "snapkv(budget={budget})"), (0.5, "duo(sinks=4)")], modes=("aware",))
     assert [r["kvpress"] for r in res] == ["TOVA", "TOVA"] and res[0]["kvpress_ranking"] == [("TOVA", 0.75), ("SnapKV", 0.5)]
+    assert [r["graphwright_best"] for r in res] == [True, False]
     assert res[0]["kvpress_accuracy"][0] == 0.75 and res[0]["graphwright_accuracy"][0] == 1.0
     assert res[0]["delta"][0] == 0.25 and res[0]["verdict"] == "level"  # one case of four: the interval spans 0
     assert res[0]["cases_gw_only"] == 1 and res[0]["cases_kv_only"] == 0
@@ -511,6 +512,18 @@ def test_best_vs_best_picks_kvpress_best_and_pairs_cases():
     assert best.verdict(0.05, 0.3) == "ahead" and best.verdict(-0.3, -0.05) == "behind" and best.verdict(-0.1, 0.1) == "level"
     with pytest.raises(SystemExit, match="holds 0 of the 4"):
         best.compare(ours, kv, ids, [(0.25, "snapkv(budget={budget})")])
+    # both modes (the default): the agnostic Knorm competes too, labelled; a graphwright agnostic pair reads agnostic rows
+    ours += rows("evict(score='kvzip', budget={frac})", 0.5, [1, 0, 1, 1], 1 << 19, "agnostic")
+    res = best.compare(ours, kv, ids, [(0.5, "snapkv(budget={budget})"), (0.5, "agnostic:evict(score='kvzip', budget={frac})")])
+    assert res[0]["kvpress_ranking"] == [("Knorm (agnostic)", 1.0), ("TOVA", 0.75), ("SnapKV", 0.5)]
+    assert [r["kvpress"] for r in res] == ["Knorm (agnostic)"] * 2 and res[0]["kvpress_mib"] == 1.0
+    assert res[1]["graphwright_mode"] == "agnostic" and res[1]["graphwright_accuracy"][0] == 0.75
+    assert res[1]["graphwright_mib"] == 0.5 and res[1]["delta"][0] == -0.25
+    assert [r["graphwright_best"] for r in res] == [True, False]  # 1.0 beats 0.75 whatever the bytes
+    md = best.markdown(res, 4)
+    assert "`Knorm (agnostic)`" in md and "budget={frac})` (agnostic)" in md and "**best**" in md
+    with pytest.raises(SystemExit, match=r"\(agnostic\) at 0.25: the journal holds 0 of the 4"):
+        best.compare(ours, kv, ids, [(0.25, "agnostic:evict(score='kvzip', budget={frac})")])
 
 
 def test_agnostic_kept_recovers_gathered_positions():
