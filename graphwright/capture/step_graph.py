@@ -114,6 +114,15 @@ class StepGraph:
             if isinstance(node.meta.get("graphwright"), dict):
                 node.meta["graphwright"] = dict(node.meta["graphwright"])
         gm = torch.fx.GraphModule(self.gm, graph)
+        for node in graph.nodes:  # tensors a rewrite keeps for later passes with no node reading them yet (lowrank_kv's
+            # absorbed B_V, read by Expected Attention's eviction op): GraphModule copies only get_attr targets
+            for name in ((node.meta.get("graphwright") or {}).get("value_up") or {}).values():
+                if not hasattr(gm, name) and isinstance(getattr(self.gm, name, None), torch.Tensor):
+                    value = getattr(self.gm, name)
+                    if isinstance(value, torch.nn.Parameter):
+                        gm.register_parameter(name, value)
+                    else:
+                        gm.register_buffer(name, value)
         for attr in ("_in_spec", "_out_spec"):
             if hasattr(self.gm, attr):
                 setattr(gm, attr, getattr(self.gm, attr))

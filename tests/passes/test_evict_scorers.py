@@ -117,7 +117,7 @@ AUDIT = {
     "tova": ("budget=6", "budget=1.0"), "keydiff": ("budget=6", "budget=1.0"),
     "expected_attention": ("budget=6", "budget=1.0"), "criticalkv": ("budget=6", "budget=1.0"),
     "lagkv": ("budget=8, lag=3, sinks=2", "budget=1.0, lag=3, sinks=2"), "qfilter": ("budget=6", "budget=1.0"),
-    "finch": ("budget=6, window=3", "budget=64, window=3"), "chunkkv": ("budget=6", "budget=1.0"),
+    "finch": ("budget=6, window=3", "budget=64, window=3"), "chunkkv": ("budget=6, chunk=2", "budget=1.0, chunk=2"),
     "keyformer": ("budget=8, window=2", "budget=64"), "scissorhands": ("budget=9, window=3", "budget=64"),
     "kvzip": ("budget=0.5, chunk=8", "budget=1.0"),
 }
