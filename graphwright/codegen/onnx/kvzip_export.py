@@ -3,7 +3,8 @@
 ``evict(score="kvzip")`` compresses after the prompt step: a *replay* prompt step ("Repeat the previous
 context exactly." + the chat suffix + a context chunk) runs on a copy of the context's cache, and every
 layer's replay queries score the context keys (``runtime/kvzip_replay.py``, ``ops/scorers/kvzip.py``).
-``model.onnx`` is the packed-cache step graph, which only appends; the export writes the replay graph too:
+``model.onnx`` is the packed-cache step graph, which only appends; the export writes the replay graph too
+(``ops/kvzip_graph.replay_graph``, the graph the torch runtime lowers):
 
     kvzip_replay.onnx: (input_ids, positions, logits_index, state...) -> replay_{q,k,k_pos}<l> per KVzip layer
 
@@ -31,37 +32,10 @@ from pathlib import Path
 import torch
 
 from ...errors import GraphwrightError
-from ...ops import schema
+from ...ops.kvzip_graph import replay_graph
 
 REPLAY_MODEL = "kvzip_replay.onnx"
 REPLAY_DATA = REPLAY_MODEL + ".data"
-
-
-def replay_outputs(gm: torch.fx.GraphModule, layers: list[int]):
-    """(graph module, scales): a copy of ``gm`` returning (q, k, k_pos) of each listed layer's attention, in order
-    (the graph ``runtime/kvzip_replay.replay_graph`` runs on the torch runtime; codegen cannot import the runtime)."""
-    graph = torch.fx.Graph()
-    env, outs, scales, found = {}, {}, {}, {}
-    for n in gm.graph.nodes:
-        if n.op == "output":
-            break
-        env[n] = graph.node_copy(n, lambda x: env[x])
-        if schema.is_attention(n) and schema.layer_of(n) in layers:
-            found[schema.layer_of(n)] = n
-    for layer in layers:
-        n = found.get(layer)
-        if n is None:
-            raise GraphwrightError(f"kvzip export: layer {layer} has no attention node in the step graph")
-        scale = schema.get(n, "scale")
-        if isinstance(scale, torch.fx.Node):
-            raise GraphwrightError(f"kvzip export: layer {layer}'s attention scale is computed in the graph; "
-                                   "a constant is needed")
-        scales[layer] = float(scale)
-        outs[layer] = [env[schema.get(n, name)] for name in ("q", "k", "k_pos")]
-    graph.output(tuple(x for layer in layers for x in outs[layer]))
-    graph.eliminate_dead_code()
-    graph.lint()
-    return torch.fx.GraphModule(gm, graph), scales
 
 
 def output_names(layers: list[int]) -> list[str]:
@@ -93,7 +67,7 @@ def export_replay(cm, out: Path, opset: int, external_data: bool) -> dict:
     check_exportable(sg)
     notes = sg.notes["kvzip"]
     layers = [int(row[0]) for row in notes["layers"]]
-    gm, scales = replay_outputs(sg.gm, layers)
+    gm, scales = replay_graph(sg.gm, layers)
     if any(n.op == "call_function" and n.target in RUNTIME_OPS for n in gm.graph.nodes):
         raise GraphwrightError("evict(score='kvzip') after another eviction pass is not exported: the replay graph "
                                "would need the runtime's eviction op between its layers")
@@ -164,7 +138,7 @@ def verify_replay(cm, out: Path, entry: dict, replay_tokens: int = 6) -> dict:
     state = list(step(ids, torch.arange(T)[None], torch.tensor([T - 1]), *sg.init_state(1))[1:])
     rids = ids[:, :replay_tokens]
     args = (rids, torch.arange(T, T + rids.shape[1])[None], torch.tensor([rids.shape[1] - 1]), *state)
-    gm, _ = replay_outputs(sg.gm, [int(row[0]) for row in entry["layers"]])
+    gm, _ = replay_graph(sg.gm, [int(row[0]) for row in entry["layers"]])
     want = lower(gm, cm.backend_object)(*args)
     got = OnnxReplay(out, entry, sg.state, providers=["CPUExecutionProvider"])(*args)
     tol = TOLERANCE.get(sg.info.dtype, 1e-3)
