@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import graphwright as gw
 from graphwright.bench.load import MachineLoad
+from graphwright.bench.timing import alternate
 from graphwright.codegen.torch.decode_linear import linear_rows, split_parts
 
 
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--rows", type=int, default=1, help="rows per GEMV (batch size at decode)")
     a = p.parse_args(argv)
-    model = gw.load_model(a.model)
+    model, _ = gw.load_model(a.model)
     ws = step_weights(model)
     copies = [w.t().contiguous() for w in ws]
     g = torch.Generator().manual_seed(0)
@@ -63,12 +63,7 @@ def main(argv=None) -> int:
             torch.set_num_threads(th)
             want = routes["F.linear"]()
             diff = {r: max(float((o - w_).abs().max()) for o, w_ in zip(f(), want)) for r, f in routes.items()}
-            times = {r: [] for r in routes}
-            for _ in range(a.rounds):
-                for r, f in routes.items():
-                    t = time.perf_counter()
-                    f()
-                    times[r].append(time.perf_counter() - t)
+            times = alternate(routes, a.rounds)
             base = statistics.median(times["F.linear"])
             for r in routes:
                 ms = statistics.median(times[r]) * 1e3

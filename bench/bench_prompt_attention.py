@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper
+
+from graphwright.bench.timing import alternate
 
 F = TensorProto.FLOAT
 
@@ -156,14 +157,9 @@ def main():
     fns["torch_sdpa_causal"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, kk, vv, is_causal=True, scale=scale).numpy()
     want = fns["torch_sdpa_mask"]()
     print(f"T={T} H={H} Hk={Hk} D={D} threads={a.threads} load average before: {os.getloadavg()}")
-    times = {n: [] for n in fns}
     for name, fn in fns.items():  # warm-up + check
         print(f"{name:28s} max|diff| vs torch {float(np.abs(fn() - want).max()):.2e}")
-    for _ in range(a.repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+    times = alternate(fns, a.repeats)
     base = statistics.median(times["torch_sdpa_mask"])
     for name, ts in times.items():
         m = statistics.median(ts)

@@ -66,3 +66,16 @@ def hf_generate(model, input_ids, attention_mask, max_new_tokens: int, pad_token
     return {"tokens": out.sequences, "decode_s": decode_s, "steps": steps,
             "decode_tokens_per_s": B * steps / decode_s if steps and decode_s > 0 else 0.0,
             "kv_bytes": kv, "kv_peak_bytes": kv}  # a dense cache only grows: the final size is the peak
+
+
+def alternate(fns: dict, rounds: int) -> dict:
+    """{name: [wall seconds per call]}: ``rounds`` rounds, each calling every function of ``fns`` once in order,
+    so baseline and candidates share the machine's state (the benchmarks' rule: alternate in one process)."""
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
+

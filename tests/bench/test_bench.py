@@ -90,3 +90,12 @@ def test_bench_decode_script_tables_every_side(tmp_path, capsys):
     assert block["hf_by_runtime"]["torch"] == block["median"]["original/hf"]
     rows = [line.split(" | ")[0] for line in md.splitlines() if line.startswith("| ")]
     assert rows.index("| original") < rows.index("| identity") and "hf (torch block)" in md
+
+
+def test_alternate_runs_every_function_once_per_round_in_order():
+    from graphwright.bench.timing import alternate
+
+    calls = []
+    times = alternate({"base": lambda: calls.append("base"), "cand": lambda: calls.append("cand")}, 3)
+    assert calls == ["base", "cand"] * 3
+    assert list(times) == ["base", "cand"] and all(len(v) == 3 and min(v) >= 0 for v in times.values())
