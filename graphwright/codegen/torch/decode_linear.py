@@ -17,6 +17,10 @@ with both threads (``bench/profile_onnx_decode.py``). So a decode-sized call (at
   for ``F.linear`` at 1 thread), made on the first such call and kept while ``w`` lives (one per
   weight tensor: tied weights and several compiled models of one HF model share it).
 
+Session 16 caveat: in a fresh process at 2 threads ``F.linear`` used both cores (25.3 ms per pass; [in, out] copy
+22.8, split 25.6, ``bench_decode_gemv.py --threads 2``); it stayed on one core after the process had run at 1 thread.
+So the one-thread GEMV depends on process history; the split's sure gain is no weight copy at about the copy's speed.
+
 Prefill (many rows) is a GEMM that ATen already parallelises: ``F.linear`` as written.
 ``prepack_decode_linears`` (part of the torch backend's ``finalize``) points every
 ``aten.linear`` whose weight is a 2-D CPU constant of the graph at ``linear_rows``.
