@@ -90,9 +90,9 @@ class CompiledModel:
             raise ValueError("gemfilter selects prompt tokens with the question in view; a reusable context cannot be "
                              "made with it (compress the context with snapkv/h2o/streaming instead)")
         if self.step_graph.notes.get("evict", {}).get("settings", {}).get("scorer") == "finch":
-            raise ValueError("evict(score='finch') scores with the question (its observation window), which a reusable "
-                             "context does not hold; compress context + question as one prompt: "
-                             "cm.generate(torch.cat([context_ids, question_ids], 1)) with window=question_ids.shape[1]")
+            from .ops.scorers.finch import CONTEXT_REFUSAL
+
+            raise ValueError(CONTEXT_REFUSAL)
         if self._backend_step is not None:
             raise ValueError(f"backend {self.backend!r} owns its cache layout; reusable contexts run on the torch, "
                              "reference and triton backends")

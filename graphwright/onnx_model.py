@@ -178,9 +178,9 @@ class OnnxModel:
         except RecipeError:
             entries = []
         if any(e.get("pass") == "evict" and e.get("score") == "finch" for e in entries):
-            raise ValueError("evict(score='finch') scores with the question (its observation window), which a reusable "
-                             "context does not hold; compress context + question as one prompt: "
-                             "m.generate(torch.cat([context_ids, question_ids], 1)) with window=question_ids.shape[1]")
+            from .ops.scorers.finch import CONTEXT_REFUSAL
+
+            raise ValueError(CONTEXT_REFUSAL)
 
     def logits(self, input_ids, attention_mask=None, emphasis=None, allow_long: bool = False) -> torch.Tensor:
         return self._runtime.logits(input_ids, attention_mask, extras=self._extras(emphasis, input_ids, attention_mask),

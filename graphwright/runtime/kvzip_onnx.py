@@ -24,12 +24,9 @@ class OnnxKVzipReplay(KVzipReplay):
     ``entry``: ``graphwright.json["kvzip"]`` (schema-checked); ``state_specs``: the artifact's state, in step order."""
 
     def __init__(self, path, entry: dict, state_specs, providers=None, session_options=None):
-        # the attributes KVzipReplay.__init__ sets, read from the artifact instead of the runtime graph
-        self.notes = {"settings": dict(entry["settings"]), "layers": [list(r) for r in entry["layers"]],
-                      "replay": dict(entry["replay"])}
-        self.layers = [int(row[0]) for row in entry["layers"]]
-        spec_index = {s.name: i for i, s in enumerate(state_specs)}
-        self.index = {int(row[0]): [spec_index[n] for n in row[1:]] for row in entry["layers"]}
+        # the notes from the artifact instead of the runtime graph (no latent layers: refused at export,
+        # kvzip_export.check_exportable); the replay graph is the artifact's
+        self._bind({"settings": dict(entry["settings"]), "layers": [list(r) for r in entry["layers"]],
+                    "replay": dict(entry["replay"])}, state_specs)
         self.scales = {layer: float(s) for layer, s in zip(self.layers, entry["scales"])}
-        self.latent = set()  # KVzip on latent (lowrank_kv) layers is refused at export (kvzip_export.check_exportable)
         self._run = OnnxReplay(Path(path), entry, state_specs, providers, session_options)

@@ -49,14 +49,18 @@ class KVzipReplay:
     """``Runtime.after_prompt`` for a KVzip model: ``(ids, mask, positions, state, specs, extras) -> (state, stats)``."""
 
     def __init__(self, runtime_graph, backend, notes: dict):
-        self.notes = notes
-        self.layers = [row[0] for row in notes["layers"]]
-        names = {row[0]: row[1:] for row in notes["layers"]}
-        spec_index = {s.name: i for i, s in enumerate(runtime_graph.state)}
-        self.index = {layer: [spec_index[n] for n in names[layer]] for layer in self.layers}  # k, v, positions
-        self.latent = set(notes.get("latent", ()))
+        self._bind(notes, runtime_graph.state)
         gm, self.scales = replay_graph(runtime_graph.gm, self.layers, notes.get("head_dim"))
         self._run = lower(gm, backend)
+
+    def _bind(self, notes: dict, state_specs) -> None:
+        """The pass's notes (``layers`` rows [layer, k, v, positions state names]; ``latent`` layers) against the state
+        the replay reads, in step order; shared with the ONNX replay (``kvzip_onnx.py``), whose run and scales differ."""
+        self.notes = notes
+        self.layers = [int(row[0]) for row in notes["layers"]]
+        spec_index = {s.name: i for i, s in enumerate(state_specs)}
+        self.index = {int(row[0]): [spec_index[n] for n in row[1:]] for row in notes["layers"]}  # k, v, positions
+        self.latent = set(notes.get("latent", ()))
 
     @torch.inference_mode()
     def __call__(self, input_ids, attention_mask, positions, state, extras=None):

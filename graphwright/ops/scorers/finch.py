@@ -58,6 +58,12 @@ def finch_chunk_keep(score, x: ScoreInputs, protected, cap, chunk: int):
     return chosen
 
 
+# why a reusable context is refused with a Finch recipe (CompiledModel and the ONNX OnnxModel say the same)
+CONTEXT_REFUSAL = ("evict(score='finch') scores with the question (its observation window), which a reusable context "
+                   "does not hold; compress context + question as one prompt: "
+                   "m.generate(torch.cat([context_ids, question_ids], 1)) with window=question_ids.shape[1]")
+
+
 FINCH = Scorer("finch", finch_score, "doi 10.1162/tacl_a_00716",
                "question-window attention x query position, mean over rows and heads", "budget >= prompt length",
                prefill_only=True, gqa_pool=True, chunked=finch_chunk_keep)
