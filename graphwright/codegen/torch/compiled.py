@@ -34,7 +34,8 @@ packed weights runs them at the rate of ``x @ Wt`` on [in, out] copies (36.5 vs 
 linears at 2 threads; ``F.linear`` on HF's [out, in] layout 45.8 ms), so the weight layout is not what
 separates this path from ONNX Runtime. The thread count is (session 15, idle): every one of those GEMVs runs on
 one thread; split over both (``decode_gemv``) a pass over the weights takes 23 ms instead of 34-42 ms and the
-compiled identity step 30 ms instead of 42 ms (``bench/bench_decode_gemv.py``). The other cost: each OpenMP parallel region of a step is a barrier
+compiled identity step 30 ms instead of 42 ms (``bench/profile_decode_step.py``; see ``decode_linear.py``'s
+caveat: in a fresh process ``F.linear`` used both cores). The other cost: each OpenMP parallel region of a step is a barrier
 both threads must reach. Inductor parallelised the 30 SiLU * up kernels (1,536 elements, 768 per thread:
 above the default ``min_chunk_size`` 512), which with ATen's 30 SDPA calls made 60 barriers per step; on
 the loaded machine each cost ~18 ms (a descheduled thread), 95% of the step's profile. At 4,096 the

@@ -12,7 +12,7 @@ with both threads (``bench/profile_onnx_decode.py``). So a decode-sized call (at
 * with ``P = split_parts(...) >= 2`` threads, splits ``W`` [out, in] into ``P`` blocks of output
   rows, a free view ``W.view(P, out/P, in)``, and runs one ``torch.bmm`` whose batches MKL runs in
   parallel: 23.2 ms per pass at 2 threads (1.47x the [in, out] copy), with no copy of the weights
-  (``bench/bench_decode_gemv.py``; the same pass through the [in, out] copy: 34.0 ms);
+  (an ad hoc session-15 measurement, not the committed ``bench/bench_decode_gemv.py``; the copy: 34.0 ms);
 * on one thread, runs ``x @ w_t`` with ``w_t`` = ``w.t()`` stored contiguous (35 ms vs 41.5 ms
   for ``F.linear`` at 1 thread), made on the first such call and kept while ``w`` lives (one per
   weight tensor: tied weights and several compiled models of one HF model share it).
