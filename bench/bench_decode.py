@@ -118,6 +118,83 @@ class GWSide:
         return out, {k: s[k] for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "kv_bytes", "kv_bytes_dense")}
 
 
+class HFStepper:
+    """HF's decode step as ``generate()`` runs it (``model(next, past_key_values=cache)``, its ``DynamicCache``),
+    without the logits processors: HF's per-step cost, slightly below ``generate()``'s."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def start(self, ids):
+        from transformers import DynamicCache
+
+        self.cache, self.pos = DynamicCache(), ids.shape[1]
+        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self.next = out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def step(self):
+        pos = torch.tensor([[self.pos]])
+        out = self.model(input_ids=self.next, past_key_values=self.cache, use_cache=True, position_ids=pos,
+                         cache_position=pos[0], logits_to_keep=1)
+        self.pos += 1
+        self.next = out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+class RuntimeStepper:
+    """A graphwright runner's decode step (``CompiledModel`` or ``OnnxModel``: ``runtime.prefill`` makes the
+    compressed context, then ``runtime.step`` one token at a time, as ``generate`` does)."""
+
+    def __init__(self, runner):
+        self.rt = runner._runtime
+
+    def start(self, ids):
+        ctx = self.rt.prefill(ids, torch.ones_like(ids), recipe=self.rt.recipe)
+        self.state, self.pos = ctx.state, ctx.next_positions
+        self.next = ctx.last_logits.argmax(-1, keepdim=True)
+        self.zero = torch.zeros(1, dtype=torch.long)
+
+    def step(self):
+        logits, self.state = self.rt.step(self.next, self.pos, self.zero, self.state)
+        self.pos = self.pos + 1
+        self.next = logits[:, -1].argmax(-1, keepdim=True)
+
+
+def stepper(side):
+    return HFStepper(side.model) if isinstance(side, HFSide) else RuntimeStepper(side.runner)
+
+
+@torch.inference_mode()
+def interleaved_steps(sides: dict, ids, steps: int, warmup: int = 2) -> dict:
+    """Decode ms per step with the sides interleaved step by step: every side prefills ``ids``, then step i of
+    every side runs before step i + 1 of any (the order rotating each step), so a change of the host's speed
+    hits every side alike. Each step's time is divided by HF's and dense's (same runtime) of the same step; the
+    medians of those are the steadiest ratios this host gives (whole generations alternate over ~10 s windows, in
+    which this shared host's speed moves by up to 20%). -> {side: {"ms": median ms, "cpu_ms": ..., "steps": n}}"""
+    st = {k: stepper(s) for k, s in sides.items()}
+    for s in st.values():
+        s.start(ids)
+    for s in st.values():
+        for _ in range(warmup):
+            s.step()
+    keys = list(st)
+    wall, cpu = {k: [] for k in keys}, {k: [] for k in keys}
+    for i in range(steps):
+        for k in keys[i % len(keys):] + keys[:i % len(keys)]:
+            c0, t0 = time.process_time(), time.perf_counter()
+            st[k].step()
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    out = {}
+    for k in keys:
+        rt = k.split("/")[1]
+        row = {"ms": 1e3 * median(wall[k]), "cpu_ms": 1e3 * median(cpu[k]), "steps": steps}
+        for name, base in (("vs_hf", "original/hf"), ("vs_dense", f"identity/{rt}")):
+            if base in wall and rt != "hf":
+                row[name] = median(b / a for a, b in zip(wall[k], wall[base]))  # speed ratio: base time / this time
+        out[k] = row
+    return out
+
+
 def export_artifact(cm, recipe: str | None, model_name: str, artifacts: Path) -> Path:
     """Export once per (model, recipe) into ``artifacts`` (reused when its graphwright.json names the same recipe)."""
     slug = re.sub(r"[^A-Za-z0-9]+", "_", f"{model_name}_{recipe or 'identity'}").strip("_")
@@ -188,22 +265,61 @@ def measure(sides, ids, new, repeats, warmup):
     return med, same, runs
 
 
-def ratios(med: dict) -> dict:
+def _paired(runs: dict, k: str, base: str) -> tuple[float, float, float] | None:
+    """Median, min and max over rounds of side ``k``'s decode tokens/s over ``base``'s in the same round.
+
+    Sides of one round run back to back, so a per-round ratio cancels the host's drift between rounds
+    (this shared host's speed moves by up to 20% between rounds of a quiet machine); the median of
+    the per-round ratios is the reported ratio and the min-max says how steady it was."""
+    a, b = runs.get(k) or [], runs.get(base) or []
+    if not a or len(a) != len(b):
+        return None
+    r = [x["decode_tokens_per_s"] / y["decode_tokens_per_s"] for x, y in zip(a, b)]
+    return median(r), min(r), max(r)
+
+
+def ratios(med: dict, runs: dict | None = None) -> dict:
+    """Ratios to HF and to dense on the same runtime: paired per round (``_paired``) when the raw
+    rounds are given, else of the medians."""
     out = {}
     hf = med["original/hf"]
     for k, m in med.items():
         rt = k.split("/")[1]
-        dense = med.get(f"identity/{rt}") if rt != "hf" else hf
-        out[k] = {"decode_vs_hf": m["decode_tokens_per_s"] / hf["decode_tokens_per_s"],
-                  "prefill_vs_hf": m["prefill_tokens_per_s"] / hf["prefill_tokens_per_s"],
-                  "decode_vs_dense_same_runtime": m["decode_tokens_per_s"] / dense["decode_tokens_per_s"] if dense else None,
-                  "kv_fraction_of_hf": m["kv_bytes"] / hf["kv_bytes"] if hf["kv_bytes"] else None}
+        dense_key = f"identity/{rt}" if rt != "hf" else "original/hf"
+        dense = med.get(dense_key)
+        row = {"decode_vs_hf": m["decode_tokens_per_s"] / hf["decode_tokens_per_s"],
+               "prefill_vs_hf": m["prefill_tokens_per_s"] / hf["prefill_tokens_per_s"],
+               "decode_vs_dense_same_runtime": m["decode_tokens_per_s"] / dense["decode_tokens_per_s"] if dense else None,
+               "kv_fraction_of_hf": m["kv_bytes"] / hf["kv_bytes"] if hf["kv_bytes"] else None}
+        if runs is not None:
+            for name, base in (("decode_vs_hf", "original/hf"), ("decode_vs_dense_same_runtime", dense_key)):
+                pair = _paired(runs, k, base) if dense else None
+                if pair is not None:
+                    row[name], row[name + "_range"] = pair[0], [pair[1], pair[2]]
+        out[k] = row
     return out
+
+
+def _ratio_cell(r: dict, name: str) -> str:
+    rng = r.get(name + "_range")
+    return f"{r[name]:.2f}" + (f" ({rng[0]:.2f}-{rng[1]:.2f})" if rng and rng[0] != rng[1] else "")
+
+
+def _step_cells(block: dict, key: str, rt: str) -> str:
+    """The interleaved-step columns: ms per step, and its speed over HF's / dense's of the same steps."""
+    if rt.startswith("hf ("):  # one HF row per runtime block
+        st = (block.get("hf_steps_by_runtime") or {}).get(rt[4:-7])
+        return f"{st['ms']:.1f} | 1.00 | " if st else " | | "
+    st = (block.get("steps") or {}).get(key)
+    if not st:
+        return " | | "
+    return f"{st['ms']:.1f} | {st.get('vs_hf', 1.0):.2f} | {st['vs_dense']:.2f}" if "vs_dense" in st else f"{st['ms']:.1f} | 1.00 | "
 
 
 def markdown(result) -> str:
     lines = [f"{result['model']}, CPU, {result['torch_threads']} torch threads, batch 1, {result['new_tokens']} new tokens, "
-             f"median of {result['repeats']} alternating rounds (+{result['warmup']} warmup). "
+             f"median of {result['repeats']} alternating rounds (+{result['warmup']} warmup); ratios are medians of the "
+             f"per-round ratios (each side over HF / dense of the same round), with their min-max over rounds. "
              f"Command: `{result['command']}`", ""]
     for P, block in result["prompts"].items():
         load = block["load"]
@@ -211,8 +327,8 @@ def markdown(result) -> str:
         lines += [f"#### prompt {P} tokens ({state}: other processes used {100 * load['foreign_share']:.1f}% of the "
                   f"{load['cores']} cores; load average {load['load_before'][0]:.2f} before, {load['load_after'][0]:.2f} after)", "",
                   "| recipe | runtime | prefill tok/s | decode tok/s | decode / HF | decode / dense same runtime | "
-                  "KV MB held | KV / HF | peak RSS +MB | tokens = HF |",
-                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+                  "step ms (interleaved) | step / HF | step / dense | KV MB held | KV / HF | peak RSS +MB | tokens = HF |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
         rows, hf_rows = list(block["median"].items()), block.get("hf_by_runtime") or {}
         if hf_rows:  # one HF row per runtime block: every ratio is to the HF run of its own process
             rows = [r for rt in hf_rows for r in [(f"original/hf ({rt} block)", hf_rows[rt])]
@@ -223,12 +339,13 @@ def markdown(result) -> str:
             same = block["same_tokens"].get(k, True)
             dense = r["decode_vs_dense_same_runtime"]
             lines.append(f"| {block['recipes'].get(name) or name} | {rt} | {m['prefill_tokens_per_s']:,.0f} | "
-                         f"{m['decode_tokens_per_s']:.1f} | {r['decode_vs_hf']:.2f} | "
-                         f"{'' if rt == 'hf' or dense is None else f'{dense:.2f}'} | {m['kv_bytes'] / 1e6:.1f} | "
+                         f"{m['decode_tokens_per_s']:.1f} | {_ratio_cell(r, 'decode_vs_hf')} | "
+                         f"{'' if rt == 'hf' or dense is None else _ratio_cell(r, 'decode_vs_dense_same_runtime')} | "
+                         f"{_step_cells(block, k, rt)} | {m['kv_bytes'] / 1e6:.1f} | "
                          f"{r['kv_fraction_of_hf']:.2f} | {m['peak_mem_bytes'] / 1e6:.0f} | "
                          f"{'yes' if same else 'no'} |")
         for k, why in block["skipped"].items():
-            lines.append(f"| {k.split('/')[0]} | {k.split('/')[1]} | not run: {why} | | | | | | | |")
+            lines.append(f"| {k.split('/')[0]} | {k.split('/')[1]} | not run: {why} | | | | | | | | | | |")
         lines.append("")
     return "\n".join(lines)
 
@@ -273,6 +390,8 @@ def parse_args(argv):
     p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=128,
+                   help="decode steps timed with the sides interleaved step by step after the rounds (0: none)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--ort-threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     p.add_argument("--artifacts", default="results/bench_decode_artifacts", help="ONNX export cache folder")
@@ -299,9 +418,13 @@ def run_block(args, P: int, rt: str) -> dict:
         print("  the load average stayed above 0.5: measuring anyway, the block will say busy", flush=True)
     with MachineLoad() as load:
         med, same, runs = measure(sides, ids, args.new, args.repeats, args.warmup)
+        steps = interleaved_steps(sides, ids, args.steps) if args.steps else {}
+    for k, r in steps.items():
+        print(f"  interleaved steps {k}: {r['ms']:.1f} ms/step" + (f", {r['vs_hf']:.2f}x HF, {r['vs_dense']:.2f}x dense"
+                                                                 if "vs_hf" in r else ""), flush=True)
     print(f"  {'BUSY' if load.busy else 'quiet'}: other processes used {100 * load.foreign_share:.1f}% of the machine", flush=True)
-    return {"recipes": {n: recipe_text(n, P) for n in recipes}, "median": med, "ratios": ratios(med), "same_tokens": same,
-            "skipped": skipped, "load": {**load.as_dict(), "busy": load.busy}, "runs": runs,
+    return {"recipes": {n: recipe_text(n, P) for n in recipes}, "median": med, "ratios": ratios(med, runs), "same_tokens": same,
+            "skipped": skipped, "load": {**load.as_dict(), "busy": load.busy}, "runs": runs, "steps": steps,
             "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
@@ -323,14 +446,15 @@ def block_in_subprocess(argv: list[str], P: int, rt: str) -> dict:
 def merge_blocks(blocks: dict) -> dict:
     """Blocks of one prompt length (runtime -> block) as one: HF's row from the first block, every ratio from its own block."""
     first = next(iter(blocks.values()))
-    merged = {"recipes": first["recipes"], "median": {}, "ratios": {}, "same_tokens": {}, "skipped": {}, "runs": {},
+    merged = {"recipes": first["recipes"], "median": {}, "ratios": {}, "same_tokens": {}, "skipped": {}, "runs": {}, "steps": {},
               "blocks_load": {rt: b["load"] for rt, b in blocks.items()},
               "process_peak_rss_bytes": {rt: b["process_peak_rss_bytes"] for rt, b in blocks.items()}}
     for b in blocks.values():
-        for part in ("median", "ratios", "same_tokens", "skipped", "runs"):
-            for k, v in b[part].items():
+        for part in ("median", "ratios", "same_tokens", "skipped", "runs", "steps"):
+            for k, v in b.get(part, {}).items():
                 merged[part].setdefault(k, v)
     merged["hf_by_runtime"] = {rt: b["median"]["original/hf"] for rt, b in blocks.items()}
+    merged["hf_steps_by_runtime"] = {rt: b.get("steps", {}).get("original/hf") for rt, b in blocks.items()}
     loads = [b["load"] for b in blocks.values()]
     worst = max(loads, key=lambda d: d["foreign_share"])
     merged["load"] = {**worst, "load_before": loads[0]["load_before"], "load_after": loads[-1]["load_after"],

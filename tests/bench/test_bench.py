@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from graphwright.bench import bench_generate, format_bench
@@ -74,7 +75,7 @@ def test_bench_decode_script_tables_every_side(tmp_path, capsys):
     out = tmp_path / "d"
     rc = mod.main(["--model", "tiny-llama", "--prompts", "12", "--new", "3", "--repeats", "1", "--warmup", "0",
                    "--recipes", "identity", "streaming25", "--runtimes", "torch", "--out", str(out),
-                   "--wait-quiet", "0", "--allow-busy"])
+                   "--wait-quiet", "0", "--allow-busy", "--steps", "4"])
     assert rc == 0
     r = json.loads(out.with_suffix(".json").read_text())
     block = r["prompts"]["12"]
@@ -84,7 +85,13 @@ def test_bench_decode_script_tables_every_side(tmp_path, capsys):
     assert block["ratios"]["identity/torch"]["decode_vs_dense_same_runtime"] == 1.0
     assert block["median"]["streaming25/torch"]["kv_bytes"] < block["median"]["identity/torch"]["kv_bytes"]
     assert "busy" in block["load"] and out.with_suffix(".png").stat().st_size > 0
+    # decode steps interleaved side by side: every side timed, ratios to HF and to dense of the same steps
+    steps = block["steps"]
+    assert set(steps) == set(block["median"]) and all(s["steps"] == 4 and s["ms"] > 0 for s in steps.values())
+    assert steps["identity/torch"]["vs_dense"] == 1.0 and steps["streaming25/torch"]["vs_hf"] > 0
+    assert "vs_hf" not in steps["original/hf"] and block["hf_steps_by_runtime"]["torch"] == steps["original/hf"]
     md = out.with_suffix(".md").read_text()
+    assert "step ms (interleaved)" in md
     assert "prompt 12 tokens" in md and "streaming(sinks=4, window=1)" in md
     # one HF row per runtime block (every ratio is to the HF run of its own process), before that block's rows
     assert block["hf_by_runtime"]["torch"] == block["median"]["original/hf"]
@@ -99,3 +106,25 @@ def test_alternate_runs_every_function_once_per_round_in_order():
     times = alternate({"base": lambda: calls.append("base"), "cand": lambda: calls.append("cand")}, 3)
     assert calls == ["base", "cand"] * 3
     assert list(times) == ["base", "cand"] and all(len(v) == 3 and min(v) >= 0 for v in times.values())
+
+
+def test_bench_decode_ratios_pair_sides_within_each_round():
+    """A host that runs round 1 twice as fast as round 0 must not move a ratio: each round's side is divided by
+    the same round's HF / dense, and the median of those is reported with its min-max."""
+    mod = load_bench("bench_decode")
+
+    def row(tps):
+        return {"decode_tokens_per_s": tps, "prefill_tokens_per_s": 1.0, "kv_bytes": 4, "peak_mem_bytes": 0,
+                "kv_bytes_dense": 4}
+
+    runs = {"original/hf": [row(10.0), row(20.0)], "identity/torch": [row(12.0), row(24.0)],
+            "h2o25/torch": [row(6.0), row(36.0)]}
+    med = {k: {m: sorted(r[m] for r in v)[0] for m in ("decode_tokens_per_s", "prefill_tokens_per_s", "kv_bytes")}
+           for k, v in runs.items()}
+    r = mod.ratios(med, runs)
+    assert r["identity/torch"]["decode_vs_hf"] == pytest.approx(1.2)
+    assert r["identity/torch"]["decode_vs_hf_range"] == pytest.approx([1.2, 1.2])
+    assert r["h2o25/torch"]["decode_vs_dense_same_runtime"] == pytest.approx((0.5 + 1.5) / 2)
+    assert r["h2o25/torch"]["decode_vs_dense_same_runtime_range"] == pytest.approx([0.5, 1.5])
+    assert mod._ratio_cell(r["h2o25/torch"], "decode_vs_dense_same_runtime") == "1.00 (0.50-1.50)"
+    assert "decode_vs_hf_range" not in mod.ratios(med)["identity/torch"]  # no raw rounds: ratio of medians
