@@ -127,3 +127,18 @@ def test_scored_attention_with_full_at_skips_the_mask_only_on_full_steps():
     got = att.attention_sdpa_scored(q, k, v, short, holes, 0.3, full_at=5)
     torch.testing.assert_close(got, attention_reference(q, k, v, short, holes, 0.3), atol=1e-5, rtol=1e-5)
     assert (decode_probs._LAST.entry[6][1, :, :, 0] == 0).all()  # the empty slot got no probability
+
+
+@pytest.mark.parametrize("H,Hk", [(6, 2), (6, 6), (9, 3)])
+def test_grouped_decode_equals_sdpa_with_expanded_heads(H, Hk):
+    """The g query heads of a KV head as g query rows (no K/V expansion) = SDPA over K/V repeated per query head
+    (query head h reads KV head h // g), with and without a per-KV-head mask."""
+    q, k, v = _qkv(H=H, Hk=Hk, S=11)
+    g = H // Hk
+    ke, ve = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    want = torch.nn.functional.scaled_dot_product_attention(q, ke, ve, scale=0.3)
+    torch.testing.assert_close(att._grouped_decode(q, k, v, 0.3), want, atol=1e-6, rtol=1e-5)
+    mask = torch.rand(2, Hk, 1, 11, generator=torch.Generator().manual_seed(1)) > 0.4
+    mask[..., 0] = True
+    want = torch.nn.functional.scaled_dot_product_attention(q, ke, ve, attn_mask=mask.repeat_interleave(g, dim=1), scale=0.3)
+    torch.testing.assert_close(att._grouped_decode(q, k, v, 0.3, mask), want, atol=1e-6, rtol=1e-5)
