@@ -418,7 +418,11 @@ def run_block(args, P: int, rt: str) -> dict:
         print("  the load average stayed above 0.5: measuring anyway, the block will say busy", flush=True)
     with MachineLoad() as load:
         med, same, runs = measure(sides, ids, args.new, args.repeats, args.warmup)
-        steps = interleaved_steps(sides, ids, args.steps) if args.steps else {}
+        try:
+            steps = interleaved_steps(sides, ids, args.steps) if args.steps else {}
+        except Exception as e:  # the whole-generation rounds above stay a result; the row says why steps are missing
+            steps = {}
+            print(f"  interleaved steps failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
     for k, r in steps.items():
         print(f"  interleaved steps {k}: {r['ms']:.1f} ms/step" + (f", {r['vs_hf']:.2f}x HF, {r['vs_dense']:.2f}x dense"
                                                                  if "vs_hf" in r else ""), flush=True)
