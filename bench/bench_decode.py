@@ -21,6 +21,14 @@ processes used more than 10% of the machine (or the load average was high at the
 length is marked busy, the markdown says so, and the script exits with status 3 unless
 ``--allow-busy``: a busy run is not a result.
 
+Decode steps interleaved (``--steps``, default 128; session 17): after the rounds, every side of the block
+prefills the prompt and the sides then take one decode step each in turn (HF: its ``DynamicCache`` step as
+``generate()`` runs it; graphwright: ``runtime.step``), so a change of the host's speed hits every side alike.
+Reported: median ms per step and the medians of each step's speed over HF's and dense's (same runtime) step.
+On this shared host whole generations moved by up to 20% between rounds of a quiet machine; the interleaved
+ratios are the steady ones. ONNX Runtime's intra-op threads spin-wait after a run (its default) and slow the
+side that runs next, so the ORT rows' step columns are marked not comparable unless ``--ort-spin off``.
+
 Memory: each (prompt length, runtime) block runs in its own subprocess (``--block``), holding only
 HF and that runtime's recipes (dense identity always among them, so every ratio is taken within one
 process); holding every side of every runtime in one process was OOM-killed at 24 GB at 4k. ONNX
@@ -210,7 +218,7 @@ def export_artifact(cm, recipe: str | None, model_name: str, artifacts: Path) ->
     return folder
 
 
-def onnx_runner(cm, recipe: str | None, model_name: str, artifacts: Path, threads: int):
+def onnx_runner(cm, recipe: str | None, model_name: str, artifacts: Path, threads: int, spin: str = "on"):
     folder = export_artifact(cm, recipe, model_name, artifacts)
     import onnxruntime as ort
 
@@ -219,6 +227,7 @@ def onnx_runner(cm, recipe: str | None, model_name: str, artifacts: Path, thread
     so.enable_cpu_mem_arena = False  # the arena keeps a session's peak resident for the process's lifetime
     if threads:
         so.intra_op_num_threads = threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin == "on" else "0")
     return gw.load(folder, session_options=so)
 
 
@@ -232,7 +241,8 @@ def build_sides(model, tok, model_name, prompt, recipes, runtimes, args):
             try:
                 if rt == "onnx":
                     cm = gw.compile(model, recipe=text, tokenizer=tok)
-                    sides[key] = GWSide(onnx_runner(cm, text, model_name, Path(args.artifacts), args.ort_threads))
+                    sides[key] = GWSide(onnx_runner(cm, text, model_name, Path(args.artifacts), args.ort_threads,
+                                                        getattr(args, "ort_spin", "on")))
                 else:
                     cm = gw.compile(model, recipe=text, tokenizer=tok, backend=rt)
                     sides[key] = GWSide(cm)
@@ -346,6 +356,11 @@ def markdown(result) -> str:
                          f"{'yes' if same else 'no'} |")
         for k, why in block["skipped"].items():
             lines.append(f"| {k.split('/')[0]} | {k.split('/')[1]} | not run: {why} | | | | | | | | | | |")
+        if result.get("ort_spin", "on") == "on" and any(k.endswith("/onnx") for k in block.get("steps") or {}):
+            lines.append("")
+            lines.append("ORT rows, interleaved steps: **not comparable** (ONNX Runtime's intra-op threads spin after each run "
+                         "and slow the side that runs next; see HF's step in the ORT block against the other blocks): read the "
+                         "rounds' columns, or rerun with `--ort-spin off`.")
         lines.append("")
     return "\n".join(lines)
 
@@ -394,6 +409,9 @@ def parse_args(argv):
                    help="decode steps timed with the sides interleaved step by step after the rounds (0: none)")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--ort-threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    p.add_argument("--ort-spin", choices=("on", "off"), default="on",
+                   help="ONNX Runtime intra-op threads spin-wait after a run (its default: on). Its spinning threads slow "
+                        "whichever side runs next, so the interleaved-step columns of ORT rows are only comparable with 'off'")
     p.add_argument("--artifacts", default="results/bench_decode_artifacts", help="ONNX export cache folder")
     p.add_argument("--out", default="results/bench_decode", help="output path without extension")
     p.add_argument("--allow-busy", action="store_true", help="exit 0 even when the machine was busy (still labelled)")
@@ -483,7 +501,7 @@ def main(argv=None) -> int:
                 export_artifact(gw.compile(model, recipe=text, tokenizer=tok), text, args.model, Path(args.artifacts))
         print(f"artifacts in {args.artifacts}")
         return 0
-    result = {"model": args.model, "torch_threads": args.threads, "new_tokens": args.new,
+    result = {"model": args.model, "torch_threads": args.threads, "new_tokens": args.new, "ort_spin": args.ort_spin,
               "repeats": args.repeats, "warmup": args.warmup, "runtimes": args.runtimes,
               "command": "python bench/bench_decode.py " + " ".join(argv), "prompts": {}}
     for P in args.prompts:
