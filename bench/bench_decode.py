@@ -241,8 +241,7 @@ def build_sides(model, tok, model_name, prompt, recipes, runtimes, args):
             try:
                 if rt == "onnx":
                     cm = gw.compile(model, recipe=text, tokenizer=tok)
-                    sides[key] = GWSide(onnx_runner(cm, text, model_name, Path(args.artifacts), args.ort_threads,
-                                                        getattr(args, "ort_spin", "on")))
+                    sides[key] = GWSide(onnx_runner(cm, text, model_name, Path(args.artifacts), args.ort_threads, args.ort_spin))
                 else:
                     cm = gw.compile(model, recipe=text, tokenizer=tok, backend=rt)
                     sides[key] = GWSide(cm)
