@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_decode as bd  # noqa: E402
 
 import graphwright as gw  # noqa: E402
+from graphwright.bench.timing import rotated  # noqa: E402
 from graphwright.codegen.torch import attention as att  # noqa: E402
 
 
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
                 s.start(ids)
                 s.step()
             for i in range(args.steps):
-                for k in keys[i % len(keys):] + keys[:i % len(keys)]:
+                for k in rotated(keys, i):
                     att._grouped_decode = fns[k]
                     t0 = time.perf_counter()
                     sides[k].step()

@@ -55,7 +55,7 @@ import torch
 import graphwright as gw
 from graphwright.bench.load import MachineLoad, wait_for_quiet
 from graphwright.bench.memory import PeakMemory
-from graphwright.bench.timing import cache_bytes, step_timer
+from graphwright.bench.timing import cache_bytes, rotated, step_timer
 from graphwright.cli.cmd_demo import DEMO_RECIPE
 
 RECIPES = {  # name -> recipe text; {q} = a quarter of the prompt in tokens
@@ -130,6 +130,8 @@ class HFStepper:
     """HF's decode step as ``generate()`` runs it (``model(next, past_key_values=cache)``, its ``DynamicCache``),
     without the logits processors: HF's per-step cost, slightly below ``generate()``'s."""
 
+    name = "original/hf"  # its side's key in bench_decode's blocks and its label in profile_decode_step
+
     def __init__(self, model):
         self.model = model
 
@@ -187,7 +189,7 @@ def interleaved_steps(sides: dict, ids, steps: int, warmup: int = 2) -> dict:
     keys = list(st)
     wall, cpu = {k: [] for k in keys}, {k: [] for k in keys}
     for i in range(steps):
-        for k in keys[i % len(keys):] + keys[:i % len(keys)]:
+        for k in rotated(keys, i):
             c0, t0 = time.process_time(), time.perf_counter()
             st[k].step()
             wall[k].append(time.perf_counter() - t0)
@@ -258,9 +260,8 @@ def measure(sides, ids, new, repeats, warmup):
     runs = {k: [] for k in keys}
     tokens = {}
     for r in range(warmup + repeats):
-        order = keys[r % len(keys):] + keys[:r % len(keys)]
         line = []
-        for k in order:
+        for k in rotated(keys, r):
             with PeakMemory() as mem:
                 out, row = sides[k].run(ids, new)
             row["peak_mem_bytes"] = mem.peak_bytes

@@ -40,6 +40,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import GWSide, HFSide, recipe_text  # noqa: E402 - the CPU speed table's sides and recipes
 
+from graphwright.bench.timing import rotated  # noqa: E402
+
 OUT = Path(".")
 DEVICE = "cuda"  # --device cpu: a smoke run of the code paths on CPU (TRITON_INTERPRET=1 for triton)
 
@@ -145,8 +147,7 @@ def measure(section: str, sides: dict, ids, new: int, repeats: int, warmup: int,
     runs = {k: [] for k in keys}
     tokens = {}
     for r in range(warmup + repeats):
-        order = keys[r % len(keys):] + keys[:r % len(keys)]
-        for k in order:
+        for k in rotated(keys, r):
             try:
                 out, row = sides[k].run(ids, new)
             except Exception as e:  # noqa: BLE001 - a side that fails is reported and dropped

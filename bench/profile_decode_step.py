@@ -40,48 +40,29 @@ from statistics import median
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import prompt_ids, recipe_text  # noqa: E402
+from bench_decode import HFStepper, prompt_ids, recipe_text  # noqa: E402
 
 import graphwright as gw  # noqa: E402
 
 
-class HFStepper:
-    name = "original/hf"
-
-    def __init__(self, model):
-        self.model = model
-
-    def prefill(self, ids):
-        from transformers import DynamicCache
-
-        self.cache = DynamicCache()
-        self.pos = ids.shape[1]
-        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1]
-
-    def step(self, tok):
-        pos = torch.tensor([[self.pos]])
-        out = self.model(input_ids=tok, past_key_values=self.cache, use_cache=True, position_ids=pos,
-                         cache_position=pos[0], logits_to_keep=1)
-        self.pos += 1
-        return out.logits[:, -1]
-
-
 class GWStepper:
+    """The lowered step graph called directly (``CompiledModel._step``, what the runtime calls per token), with
+    ``bench_decode.HFStepper``'s interface: ``start(ids)`` prefills, ``step()`` decodes the next token greedily."""
+
     def __init__(self, name, cm):
         self.name, self.cm = name, cm
 
-    def prefill(self, ids):
+    def start(self, ids):
         B, T = ids.shape
-        self.state = [s.empty(B, ids.device) for s in self.cm._runtime.specs]
+        state = [s.empty(B, ids.device) for s in self.cm._runtime.specs]
         self.pos = torch.full((B, 1), T, dtype=torch.long)
-        logits, self.state = self.cm._step(ids, torch.arange(T)[None].expand(B, T), torch.tensor([T - 1]), self.state)
-        return logits[:, -1]
+        logits, self.state = self.cm._step(ids, torch.arange(T)[None].expand(B, T), torch.tensor([T - 1]), state)
+        self.next = logits[:, -1].argmax(-1, keepdim=True)
 
-    def step(self, tok):
-        logits, self.state = self.cm._step(tok, self.pos, torch.zeros(1, dtype=torch.long), self.state)
+    def step(self):
+        logits, self.state = self.cm._step(self.next, self.pos, torch.zeros(1, dtype=torch.long), self.state)
         self.pos = self.pos + 1
-        return logits[:, -1]
+        self.next = logits[:, -1].argmax(-1, keepdim=True)
 
 
 def compiled_model(model, tok, recipe, backend: str):
@@ -125,18 +106,17 @@ def main(argv=None) -> int:
             for b in args.backends:
                 sides.append(GWStepper(f"{r}/{b}", compiled_model(model, tok, recipe_text(r, P), b)))
         with torch.inference_mode():
-            nxt = {}
             for s in sides:
-                nxt[s.name] = s.prefill(ids).argmax(-1, keepdim=True)
+                s.start(ids)
             for s in sides:
                 for _ in range(args.warmup):
-                    nxt[s.name] = s.step(nxt[s.name]).argmax(-1, keepdim=True)
+                    s.step()
             times = {s.name: [] for s in sides}
             cpu = {s.name: [] for s in sides}
             for _ in range(args.steps):
                 for s in sides:
                     c0, t0 = time.process_time(), time.perf_counter()
-                    nxt[s.name] = s.step(nxt[s.name]).argmax(-1, keepdim=True)
+                    s.step()
                     times[s.name].append(time.perf_counter() - t0)
                     cpu[s.name].append(time.process_time() - c0)
             print(f"prompt {P}: median per decode step over {args.steps} steps (wall under load: direction only; "
@@ -150,14 +130,14 @@ def main(argv=None) -> int:
                 if args.profile:
                     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                         for _ in range(2):
-                            nxt[s.name] = s.step(nxt[s.name]).argmax(-1, keepdim=True)
+                            s.step()
                     print(f"--- torch.profiler {s.name} prompt {P} (2 steps)")
                     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
                 if args.cprofile:
                     pr = cProfile.Profile()
                     pr.enable()
                     for _ in range(4):
-                        nxt[s.name] = s.step(nxt[s.name]).argmax(-1, keepdim=True)
+                        s.step()
                     pr.disable()
                     buf = io.StringIO()
                     pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(args.rows)

@@ -68,14 +68,23 @@ def hf_generate(model, input_ids, attention_mask, max_new_tokens: int, pad_token
             "kv_bytes": kv, "kv_peak_bytes": kv}  # a dense cache only grows: the final size is the peak
 
 
-def alternate(fns: dict, rounds: int) -> dict:
+def rotated(keys: list, i: int) -> list:
+    """``keys`` in the order of round ``i`` when the first side rotates each round (round 0: as given), so that no
+    side always runs right after the same other one (a side's after-effects, e.g. spinning threads or a cold cache,
+    then fall on every side in turn)."""
+    n = i % len(keys) if keys else 0
+    return keys[n:] + keys[:n]
+
+
+def alternate(fns: dict, rounds: int, rotate: bool = False) -> dict:
     """{name: [wall seconds per call]}: ``rounds`` rounds, each calling every function of ``fns`` once in order,
-    so baseline and candidates share the machine's state (the benchmarks' rule: alternate in one process)."""
+    so baseline and candidates share the machine's state (the benchmarks' rule: alternate in one process).
+    ``rotate``: the order rotates each round (``rotated``)."""
     times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(rounds):
+        for name in (rotated(names, r) if rotate else names):
             t = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - t)
     return times
-

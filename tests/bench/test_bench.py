@@ -108,6 +108,18 @@ def test_alternate_runs_every_function_once_per_round_in_order():
     assert list(times) == ["base", "cand"] and all(len(v) == 3 and min(v) >= 0 for v in times.values())
 
 
+def test_alternate_rotate_starts_each_round_with_the_next_side():
+    from graphwright.bench.timing import alternate, rotated
+
+    assert [rotated(["a", "b", "c"], i) for i in range(4)] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"],
+                                                              ["a", "b", "c"]]
+    assert rotated([], 3) == []
+    calls = []
+    times = alternate({k: (lambda k=k: calls.append(k)) for k in "abc"}, 3, rotate=True)
+    assert calls == list("abc" + "bca" + "cab")
+    assert list(times) == ["a", "b", "c"] and all(len(v) == 3 for v in times.values())
+
+
 def test_bench_decode_ratios_pair_sides_within_each_round():
     """A host that runs round 1 twice as fast as round 0 must not move a ratio: each round's side is divided by
     the same round's HF / dense, and the median of those is reported with its min-max."""
