@@ -140,3 +140,42 @@ def test_bench_decode_ratios_pair_sides_within_each_round():
     assert r["h2o25/torch"]["decode_vs_dense_same_runtime_range"] == pytest.approx([0.5, 1.5])
     assert mod._ratio_cell(r["h2o25/torch"], "decode_vs_dense_same_runtime") == "1.00 (0.50-1.50)"
     assert "decode_vs_hf_range" not in mod.ratios(med)["identity/torch"]  # no raw rounds: ratio of medians
+
+
+def _decode_run(P: int, busy: bool, spin: str, steps: dict, ratios: dict) -> dict:
+    """A bench_decode.py result with one prompt block: ``steps`` {side: (vs_hf, vs_dense)}, ``ratios`` {side: (vs_hf,
+    vs_dense, kv fraction)}."""
+    med = {"original/hf": {}, **{k: {} for k in ratios}}
+    return {"ort_spin": spin, "prompts": {str(P): {
+        "load": {"busy": busy}, "median": med, "recipes": {},
+        "steps": {k: {"ms": 10.0, "vs_hf": a, "vs_dense": b} for k, (a, b) in steps.items()},
+        "ratios": {k: {"decode_vs_hf": a, "decode_vs_dense_same_runtime": b, "kv_fraction_of_hf": kv}
+                   for k, (a, b, kv) in ratios.items()}}}}
+
+
+def test_plot_decode_runs_lays_out_ratios_by_length(tmp_path):
+    """Interleaved-step ratios where a run has them, the rounds' where not (and for ONNX Runtime sides of a run whose
+    ORT threads spun); a later run wins a length; busy blocks are left out unless asked."""
+    mod = load_bench("plot_decode_runs")
+    a = _decode_run(256, False, "on", {"identity/torch": (1.1, 1.0), "h2o25/torch": (0.9, 0.8), "identity/onnx": (3.0, 1.0)},
+                    {"identity/torch": (1.05, 1.0, 1.0), "h2o25/torch": (0.95, 0.9, 0.25), "identity/onnx": (1.5, 1.0, 1.0)})
+    b = _decode_run(4096, True, "off", {"identity/torch": (1.3, 1.0)}, {"identity/torch": (1.2, 1.0, 1.0)})
+    c = _decode_run(256, False, "off", {"identity/torch": (1.2, 1.0)}, {"identity/torch": (1.1, 1.0, 1.0)})
+    paths = []
+    for name, run in (("a", a), ("b", b), ("c", c)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(run))
+    table = mod.collect(paths[:2])
+    assert list(table) == [256]  # the busy 4k block is left out
+    assert table[256]["sides"]["h2o25/torch"] == {"vs_hf": 0.9, "vs_dense": 0.8, "ms": 10.0, "source": "steps"}
+    assert table[256]["sides"]["identity/onnx"]["vs_hf"] == 1.5  # spun ORT threads: the rounds' ratio
+    assert table[256]["sides"]["identity/onnx"]["source"] == "rounds"
+    md = mod.markdown(table)
+    assert "| h2o25/torch | 0.90, 0.80 (0.25) |" in md and "| identity/onnx | 1.50, 1.00 (1.00) r |" in md
+    table = mod.collect(paths, allow_busy=True)
+    assert list(table) == [256, 4096] and table[4096]["busy"] and "BUSY" in mod.markdown(table)
+    assert table[256]["run"] == "c.json" and table[256]["sides"]["identity/torch"]["vs_hf"] == 1.2  # the last file wins
+    assert mod.main([str(paths[0]), "--out", str(tmp_path / "by_length")]) == 0
+    assert (tmp_path / "by_length.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="no such result file"):
+        mod.main([str(tmp_path / "missing.json"), "--out", str(tmp_path / "x")])
