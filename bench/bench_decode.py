@@ -17,8 +17,9 @@ repeats after ``--warmup`` rounds. Reported per side: prefill and decode tokens/
 memory increase during the generation (``graphwright.bench.memory.PeakMemory``), KV bytes held
 at the end, ratios to HF and to dense graphwright (identity) on the same runtime, and whether the
 tokens equal HF's. ``graphwright.bench.load.MachineLoad`` watches each prompt length: when other
-processes used more than 10% of the machine (or the load average was high at the start) the
-length is marked busy, the markdown says so, and the script exits with status 3 unless
+processes used more than 10% of the machine during it, or in the 10 s window before it (``wait_for_quiet``
+waits up to ``--wait-quiet`` seconds for a window under 10%; their share, not the load average, which counts this
+process's own compile for a minute), the length is marked busy, the markdown says so, and the script exits with status 3 unless
 ``--allow-busy``: a busy run is not a result.
 
 Decode steps interleaved (``--steps``, default 128; session 17): after the rounds, every side of the block
@@ -334,8 +335,10 @@ def markdown(result) -> str:
     for P, block in result["prompts"].items():
         load = block["load"]
         state = "**BUSY: not a result**" if load["busy"] else "machine quiet"
+        pre = load.get("foreign_before")
+        pre = f", {100 * pre:.1f}% in the 10 s before" if pre is not None else ""
         lines += [f"#### prompt {P} tokens ({state}: other processes used {100 * load['foreign_share']:.1f}% of the "
-                  f"{load['cores']} cores; load average {load['load_before'][0]:.2f} before, {load['load_after'][0]:.2f} after)", "",
+                  f"{load['cores']} cores{pre}; load average {load['load_before'][0]:.2f} before, {load['load_after'][0]:.2f} after)", "",
                   "| recipe | runtime | prefill tok/s | decode tok/s | decode / HF | decode / dense same runtime | "
                   "step ms (interleaved) | step / HF | step / dense | KV MB held | KV / HF | peak RSS +MB | tokens = HF |",
                   "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
@@ -415,7 +418,8 @@ def parse_args(argv):
     p.add_argument("--artifacts", default="results/bench_decode_artifacts", help="ONNX export cache folder")
     p.add_argument("--out", default="results/bench_decode", help="output path without extension")
     p.add_argument("--allow-busy", action="store_true", help="exit 0 even when the machine was busy (still labelled)")
-    p.add_argument("--wait-quiet", type=float, default=120.0, help="seconds to wait for a quiet machine before each block")
+    p.add_argument("--wait-quiet", type=float, default=120.0, help="seconds to wait, before each block, for other processes to use <= 10%% of the "
+                        "machine over a 10 s window (their share, not the load average, which counts this process's own compile)")
     p.add_argument("--export-only", action="store_true", help="only fill the --artifacts cache (exports need no quiet machine)")
     p.add_argument("--same-process", action="store_true", help="run every block in this process (more memory; for debugging)")
     p.add_argument("--block", nargs=2, metavar=("PROMPT", "RUNTIME"), help=argparse.SUPPRESS)
@@ -432,9 +436,11 @@ def run_block(args, P: int, rt: str) -> dict:
     ids = prompt_ids(tok, P, model.config.vocab_size)
     print(f"prompt {P}, runtime {rt}: compiling{'/exporting' if rt == 'onnx' else ''} {len(recipes)} recipes", flush=True)
     sides, skipped = build_sides(model, tok, args.model, P, recipes, [rt], args)
-    if not wait_for_quiet(timeout_s=args.wait_quiet):
-        print("  the load average stayed above 0.5: measuring anyway, the block will say busy", flush=True)
-    with MachineLoad() as load:
+    before = wait_for_quiet(timeout_s=args.wait_quiet, poll_s=min(10.0, max(args.wait_quiet, 0.5)))
+    if before is None:
+        print("  other processes kept using more than 10% of the machine: measuring anyway, the block will say busy",
+              flush=True)
+    with MachineLoad(foreign_before=before if before is not None else 1.0) as load:
         med, same, runs = measure(sides, ids, args.new, args.repeats, args.warmup)
         try:
             steps = interleaved_steps(sides, ids, args.steps) if args.steps else {}
@@ -479,8 +485,9 @@ def merge_blocks(blocks: dict) -> dict:
     merged["hf_steps_by_runtime"] = {rt: b.get("steps", {}).get("original/hf") for rt, b in blocks.items()}
     loads = [b["load"] for b in blocks.values()]
     worst = max(loads, key=lambda d: d["foreign_share"])
+    before = [d["foreign_before"] for d in loads if d.get("foreign_before") is not None]
     merged["load"] = {**worst, "load_before": loads[0]["load_before"], "load_after": loads[-1]["load_after"],
-                      "busy": any(d["busy"] for d in loads)}
+                      "foreign_before": max(before) if before else None, "busy": any(d["busy"] for d in loads)}
     return merged
 
 

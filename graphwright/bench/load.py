@@ -8,9 +8,13 @@ seconds (``psutil.Process().cpu_times``, children included) at entry and exit: t
 divided by wall time x cores, is the share of the machine that other processes used.
 
 ``busy`` is True when that foreign share exceeds ``max_foreign`` (default 10% of the machine) or
-the 1-minute load average at entry exceeded ``max_load_before`` (default 0.5: something was
-already running when we started). Benchmarks report ``as_dict()`` beside their numbers and refuse
-to present a busy run as a result.
+something was already running when we started: the foreign share of the seconds just before
+(``foreign_before``, measured by ``wait_for_quiet``) exceeded ``max_foreign``, or, where no such
+measurement was passed, the 1-minute load average at entry exceeded ``max_load_before`` (default
+0.5). The load average counts this process's own threads for a minute after they ran (a block that
+compiled or exported its sides just before measuring reads "loaded" with nothing else running), so
+``wait_for_quiet`` waits on the foreign share, not on the load average. Benchmarks report
+``as_dict()`` beside their numbers and refuse to present a busy run as a result.
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ def _own_seconds() -> float:
 class MachineLoad:
     """``with MachineLoad() as load: ...``; then ``load.busy``, ``load.foreign_share``, ``load.as_dict()``."""
 
-    def __init__(self, max_foreign: float = 0.10, max_load_before: float = 0.5):
+    def __init__(self, max_foreign: float = 0.10, max_load_before: float = 0.5, foreign_before: float | None = None):
         self.max_foreign = max_foreign
         self.max_load_before = max_load_before
+        self.foreign_before = foreign_before  # other processes' share of the seconds before entry (wait_for_quiet)
         self.cores = psutil.cpu_count() or 1
 
     def __enter__(self):
@@ -56,20 +61,37 @@ class MachineLoad:
 
     @property
     def busy(self) -> bool:
-        return self.foreign_share > self.max_foreign or self.load_before[0] > self.max_load_before
+        if self.foreign_before is not None:
+            started_busy = self.foreign_before > self.max_foreign
+        else:
+            started_busy = self.load_before[0] > self.max_load_before
+        return self.foreign_share > self.max_foreign or started_busy
 
     def as_dict(self) -> dict:
         return {"cores": self.cores, "wall_s": self.wall_s, "own_cpu_s": self.own_cpu_s,
                 "foreign_cpu_s": self.foreign_cpu_s, "foreign_share": self.foreign_share,
                 "load_before": list(self.load_before), "load_after": list(self.load_after),
-                "max_foreign": self.max_foreign, "max_load_before": self.max_load_before, "busy": self.busy}
+                "foreign_before": self.foreign_before, "max_foreign": self.max_foreign,
+                "max_load_before": self.max_load_before, "busy": self.busy}
 
 
-def wait_for_quiet(max_load: float = 0.5, timeout_s: float = 300.0, poll_s: float = 10.0) -> bool:
-    """Wait until the 1-minute load average is at most ``max_load``; False after ``timeout_s``."""
+def foreign_share(window_s: float) -> float:
+    """The share of the machine (0-1) that processes other than this one used over the next ``window_s`` seconds."""
+    t, busy, own = time.perf_counter(), _busy_seconds(), _own_seconds()
+    time.sleep(window_s)
+    wall = time.perf_counter() - t
+    cores = psutil.cpu_count() or 1
+    return max(0.0, (_busy_seconds() - busy) - (_own_seconds() - own)) / (wall * cores)
+
+
+def wait_for_quiet(max_foreign: float = 0.10, timeout_s: float = 300.0, poll_s: float = 10.0) -> float | None:
+    """Wait until other processes used at most ``max_foreign`` of the machine over a ``poll_s`` window; returns that
+    window's share (pass it to ``MachineLoad(foreign_before=...)``), or None after ``timeout_s`` without one.
+    Not the load average: it would count this process's own threads (e.g. a compile just before) for a minute."""
     end = time.monotonic() + timeout_s
-    while os.getloadavg()[0] > max_load:
+    while True:
+        share = foreign_share(poll_s)
+        if share <= max_foreign:
+            return share
         if time.monotonic() > end:
-            return False
-        time.sleep(poll_s)
-    return True
+            return None

@@ -70,6 +70,25 @@ def test_machine_load_counts_only_other_processes():
     assert strict.busy
 
 
+def test_machine_load_judges_the_start_by_the_foreign_share_before_it_when_given():
+    """A block that compiled its sides just before measuring has a high load average of its own; the share of the
+    machine other processes used before it (``wait_for_quiet``) is what says whether something else was running."""
+    from graphwright.bench.load import MachineLoad, foreign_share, wait_for_quiet
+
+    with MachineLoad(max_load_before=-1.0, foreign_before=0.02) as quiet_start:  # load average "high", share low
+        pass
+    assert quiet_start.busy == (quiet_start.foreign_share > 0.10) and quiet_start.as_dict()["foreign_before"] == 0.02
+    with MachineLoad(max_load_before=100.0, foreign_before=0.5) as busy_start:  # load average "low", share high
+        pass
+    assert busy_start.busy
+    t = __import__("time").perf_counter()
+    share = foreign_share(0.2)
+    assert 0.0 <= share <= 1.0 and __import__("time").perf_counter() - t >= 0.2
+    got = wait_for_quiet(max_foreign=1.0, timeout_s=0, poll_s=0.1)  # every share passes a threshold of 100%
+    assert got is not None and 0.0 <= got <= 1.0
+    assert wait_for_quiet(max_foreign=-1.0, timeout_s=0, poll_s=0.1) is None  # none passes a negative one
+
+
 def test_bench_decode_script_tables_every_side(tmp_path, capsys):
     mod = load_bench("bench_decode")
     out = tmp_path / "d"
