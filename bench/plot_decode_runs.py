@@ -55,7 +55,9 @@ def collect(paths: list[Path], allow_busy: bool = False) -> dict:
                 if r is not None:
                     sides[side] = r
             kv = {s: block["ratios"][s]["kv_fraction_of_hf"] for s in sides if s in block.get("ratios", {})}
-            out[int(P)] = {"run": Path(path).name, "busy": busy, "sides": sides, "kv": kv,
+            why = [f"{rt}: other processes {100 * ld['foreign_share']:.1f}%, load average {ld['load_before'][0]:.2f} before"
+                   for rt, ld in block.get("blocks_load", {}).items() if ld.get("busy")]
+            out[int(P)] = {"run": Path(path).name, "busy": busy, "busy_blocks": why, "sides": sides, "kv": kv,
                            "recipes": block.get("recipes", {})}
     return dict(sorted(out.items()))
 
@@ -66,7 +68,8 @@ def markdown(table: dict) -> str:
     head = "| side | " + " | ".join(f"{P} tokens: / HF, / dense (KV)" for P in lengths) + " |"
     lines = ["Decode speed over HF's step and over dense on the same runtime, by prompt length (medians of per-step "
              "ratios, interleaved in one process; 'r' = the rounds' paired ratio where the run had no interleaved "
-             "steps). Sources: " + "; ".join(f"{P}: `{t['run']}`" + (" (BUSY: not a result)" if t["busy"] else "")
+             "steps). Sources: " + "; ".join(f"{P}: `{t['run']}`" + (f" (BUSY-labelled: {'; '.join(t['busy_blocks']) or 'see the run'})"
+                                                              if t["busy"] else "")
                                             for P, t in table.items()), "", head,
              "|---|" + "---:|" * len(lengths)]
     for side in sides:
