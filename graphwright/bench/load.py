@@ -76,12 +76,13 @@ class MachineLoad:
 
 
 def foreign_share(window_s: float) -> float:
-    """The share of the machine (0-1) that processes other than this one used over the next ``window_s`` seconds."""
+    """The share of the machine (0-1, clipped) that processes other than this one used over the next ``window_s`` seconds."""
     t, busy, own = time.perf_counter(), _busy_seconds(), _own_seconds()
     time.sleep(window_s)
     wall = time.perf_counter() - t
     cores = psutil.cpu_count() or 1
-    return max(0.0, (_busy_seconds() - busy) - (_own_seconds() - own)) / (wall * cores)
+    share = max(0.0, (_busy_seconds() - busy) - (_own_seconds() - own)) / (wall * cores)
+    return min(1.0, share)  # the two clocks are sampled apart: a saturated machine can read a hair over 1
 
 
 def wait_for_quiet(max_foreign: float = 0.10, timeout_s: float = 300.0, poll_s: float = 10.0) -> float | None:
