@@ -436,11 +436,12 @@ def run_block(args, P: int, rt: str) -> dict:
     ids = prompt_ids(tok, P, model.config.vocab_size)
     print(f"prompt {P}, runtime {rt}: compiling{'/exporting' if rt == 'onnx' else ''} {len(recipes)} recipes", flush=True)
     sides, skipped = build_sides(model, tok, args.model, P, recipes, [rt], args)
-    before = wait_for_quiet(timeout_s=args.wait_quiet, poll_s=min(10.0, max(args.wait_quiet, 0.5)))
-    if before is None:
-        print("  other processes kept using more than 10% of the machine: measuring anyway, the block will say busy",
+    quiet = 0.10  # the most of the machine other processes may use, before and during a block
+    before = wait_for_quiet(max_foreign=quiet, timeout_s=args.wait_quiet, poll_s=min(10.0, max(args.wait_quiet, 0.5)))
+    if before > quiet:
+        print(f"  other processes kept using {100 * before:.0f}% of the machine: measuring anyway, the block will say busy",
               flush=True)
-    with MachineLoad(foreign_before=before if before is not None else 1.0) as load:
+    with MachineLoad(max_foreign=quiet, foreign_before=before) as load:
         med, same, runs = measure(sides, ids, args.new, args.repeats, args.warmup)
         try:
             steps = interleaved_steps(sides, ids, args.steps) if args.steps else {}

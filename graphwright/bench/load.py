@@ -76,23 +76,20 @@ class MachineLoad:
 
 
 def foreign_share(window_s: float) -> float:
-    """The share of the machine (0-1, clipped) that processes other than this one used over the next ``window_s`` seconds."""
-    t, busy, own = time.perf_counter(), _busy_seconds(), _own_seconds()
-    time.sleep(window_s)
-    wall = time.perf_counter() - t
-    cores = psutil.cpu_count() or 1
-    share = max(0.0, (_busy_seconds() - busy) - (_own_seconds() - own)) / (wall * cores)
-    return min(1.0, share)  # the two clocks are sampled apart: a saturated machine can read a hair over 1
+    """The share of the machine (0-1, clipped) that processes other than this one used over the next ``window_s``
+    seconds: ``MachineLoad``'s measure over a sleep."""
+    with MachineLoad() as load:
+        time.sleep(window_s)
+    return min(1.0, load.foreign_share)  # the two clocks are sampled apart: a saturated machine can read a hair over 1
 
 
-def wait_for_quiet(max_foreign: float = 0.10, timeout_s: float = 300.0, poll_s: float = 10.0) -> float | None:
-    """Wait until other processes used at most ``max_foreign`` of the machine over a ``poll_s`` window; returns that
-    window's share (pass it to ``MachineLoad(foreign_before=...)``), or None after ``timeout_s`` without one.
-    Not the load average: it would count this process's own threads (e.g. a compile just before) for a minute."""
+def wait_for_quiet(max_foreign: float = 0.10, timeout_s: float = 300.0, poll_s: float = 10.0) -> float:
+    """Wait until other processes used at most ``max_foreign`` of the machine over a ``poll_s`` window, or until
+    ``timeout_s``; returns the last window's share (pass it to ``MachineLoad(foreign_before=...)``; above
+    ``max_foreign`` means the wait timed out). Not the load average: it would count this process's own threads
+    (e.g. a compile just before) for a minute."""
     end = time.monotonic() + timeout_s
     while True:
         share = foreign_share(poll_s)
-        if share <= max_foreign:
+        if share <= max_foreign or time.monotonic() > end:
             return share
-        if time.monotonic() > end:
-            return None
