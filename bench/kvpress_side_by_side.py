@@ -92,12 +92,17 @@ def parse_args(argv=None):
         p.error(f"--round must be >= 1; got {a.round}")
     if a.first is not None and a.first < 1:
         p.error(f"--first must be >= 1; got {a.first}")
+    check_budgets_and_cases(p, a)
+    return a
+
+
+def check_budgets_and_cases(p, a) -> None:
+    """``--budgets`` in (0, 1) and ``--cases`` >= 1, or the parser's error (this script's and ``kvpress_ruler.py``'s)."""
     bad = [b for b in a.budgets if not 0.0 < b < 1.0]
     if bad:
         p.error(f"--budgets are fractions of the prompt kept, in (0, 1); got {bad}")
     if a.cases < 1:
         p.error(f"--cases must be >= 1; got {a.cases}")
-    return a
 
 
 def budget_tokens(frac: float, tokens: int) -> int:

@@ -1,0 +1,245 @@
+"""kvpress's presses on the RULER-style cases graphwright's journal answered: same token ids, same scorer, paired.
+
+Usage:
+    bash bench/setup_kvpress.sh                                           # once (bench/README-kvpress.md)
+    python bench/kvpress_ruler.py --length 1024 --cases 50 --tasks niah_multivalue \
+        --journal bench/results/suite/ruler-L1024-mv/cases.jsonl \
+        --presses SnapKV "ChunkKV(SnapKV)" "AdaKV(SnapKV)" --budgets 0.5 0.3 --round 5 \
+        --out bench/results/kvpress/ruler-L1024-mv
+    python bench/kvpress_ruler.py ... --table-only                         # the table from both journals
+
+The graphwright side is whatever ``bench/tune_heldout_ruler.py`` (or ``graphwright eval --suite long``) wrote to
+``--journal`` for these cases: this script never runs graphwright recipes, it only reads their rows, and only rows
+whose ``case_hash`` equals the hash of the prompt rebuilt here (``graphwright.eval.suite.case_jobs``: the same
+seed-0 generator, tokenizer and chat template), so both sides answer the very same token ids.
+
+The kvpress side: ``bench/kvpress_worker.py`` in ``bench/.venv-kvpress`` (question-aware: the whole prompt is
+compressed in one forward pass, as graphwright's one-step prefill; then greedy decoding of the task's
+``max_new_tokens``, stopping at EOS), on the weights graphwright loaded, written once as a safetensors folder. Its
+answers go to ``OUT/kvpress_answers.jsonl`` (resumable; ``--round R``: R cases for every press and budget in turn,
+so a run stopped early leaves cells of equal size). Both sides are scored here with RULER's ``string_match_all``
+(``graphwright.eval.ruler``) on the text decoded with the same tokenizer (special tokens dropped).
+
+Budgets: kvpress's ``--budgets`` are fractions of the prompt kept (``compression_ratio = 1 - fraction``).
+Bytes are each side's own: graphwright's ``kv_bytes`` held after the answer over its dense run's, kvpress's cache
+storage bytes after compression over its dense run's (masking presses, AdaKV and DuoAttention, show dense bytes);
+the table also gives each graphwright recipe's prompt tokens kept per (layer, KV head) where the recipe says it.
+
+Written to ``--out``: ``table.md`` / ``table.json``: every method's score [95% bootstrap CI] and paired difference
+from graphwright's dense run on the cases both hold, the two dense runs' agreement, and per kvpress budget the best
+press against each ``--ours`` recipe (paired, with the verdict: ahead when the interval is above 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+KVPRESS_PY = HERE / ".venv-kvpress" / "bin" / "python"
+DEFAULT_PRESSES = ["SnapKV", "ChunkKV(SnapKV)", "AdaKV(SnapKV)", "CriticalAdaKV(SnapKV)", "ExpectedAttention", "StreamingLLM",
+                   "DuoAttention(graphwright heads)"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--length", type=int, default=1024)
+    p.add_argument("--cases", type=int, default=50, help="cases per task (the first N of the seeded generator)")
+    p.add_argument("--tasks", nargs="+", default=["niah_multivalue"])
+    p.add_argument("--journal", required=True, help="graphwright's answers (JSONL of bench/tune_heldout_ruler.py)")
+    p.add_argument("--presses", nargs="+", default=DEFAULT_PRESSES)
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3], help="fractions of the prompt kvpress keeps")
+    p.add_argument("--ours", action="append", default=[],
+                   help="graphwright recipe (as the journal spells it) compared with kvpress's best press at every budget; repeatable")
+    p.add_argument("--round", type=int, default=5, help="the worker answers R cases for every press and budget in turn")
+    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the kvpress worker")
+    p.add_argument("--out", required=True)
+    p.add_argument("--kvpress-python", default=str(KVPRESS_PY))
+    p.add_argument("--model-dir", default=None, help="safetensors folder for the kvpress side (default: bench/.cache-kvpress/MODEL)")
+    p.add_argument("--table-only", action="store_true", help="no worker run: the table from the journals as they are")
+    a = p.parse_args(argv)
+    import kvpress_side_by_side as sbs
+
+    sbs.check_budgets_and_cases(p, a)
+    return a
+
+
+def build(tok, args) -> list:
+    """The cases as ``{id, task, ids, references, max_new_tokens, case_hash}``, in the order graphwright ran them."""
+    from graphwright.eval.niah import encode
+    from graphwright.eval.suite import build_cases, case_jobs
+
+    cases = build_cases(tok, ("ruler",), (), args.cases, tuple(args.tasks), (args.length,), seed=0)
+    out = []
+    for _, c, key in case_jobs(tok, cases, 2048, 16, "torch"):
+        out.append({"id": c["id"], "task": c["task"], "ids": list(encode(tok, c["prompt"]).input_ids),
+                    "references": c["references"], "max_new_tokens": int(c["max_new_tokens"]), "case_hash": key["case_hash"]})
+    return out
+
+
+def our_rows(journal: Path, cases: list, model: str) -> dict:
+    """``{recipe: {case id: row}}`` of the journal's RULER rows for exactly these prompts (same case id and hash)."""
+    want = {c["id"]: c["case_hash"] for c in cases}
+    out: dict = {}
+    if not journal.is_file():
+        raise SystemExit(f"{journal}: no such journal; run bench/tune_heldout_ruler.py for graphwright's side first")
+    for i, ln in enumerate(journal.read_text().splitlines()):
+        if not ln.strip():
+            continue
+        try:
+            rec = json.loads(ln)
+            key, row = rec["key"], rec["row"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise SystemExit(f"{journal} line {i + 1} is not a journal record ({exc})") from None
+        if key.get("task") == "ruler" and key.get("model") == model and want.get(key.get("case")) == key.get("case_hash"):
+            out.setdefault(key["recipe"], {})[key["case"]] = row
+    if "dense" not in out:
+        raise SystemExit(f"{journal} holds no dense row for these {len(cases)} cases; run bench/tune_heldout_ruler.py with "
+                         "the same --length, --cases and --tasks first")
+    return out
+
+
+def run_worker(args, tok, model, cases: list, out: Path) -> None:
+    """One spec per distinct ``max_new_tokens`` (RULER sets it per task), run in the kvpress environment."""
+    import kvpress_side_by_side as sbs
+
+    py = Path(args.kvpress_python)
+    if not py.is_file():
+        raise SystemExit(sbs.SETUP.format(py=py))
+    model_dir = sbs.save_model_dir(model, tok, Path(args.model_dir) if args.model_dir else HERE / ".cache-kvpress" / args.model)
+    eos = tok.eos_token_id
+    env = dict(os.environ) | ({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})
+    for n_new in sorted({c["max_new_tokens"] for c in cases}):
+        chunk = [c for c in cases if c["max_new_tokens"] == n_new]
+        spec = {"model": args.model, "model_dir": str(model_dir), "presses": args.presses, "budgets": args.budgets,
+                "modes": ["aware"], "max_new_tokens": n_new, "eos": [eos] if isinstance(eos, int) else list(eos),
+                "journal": str(out / "kvpress_answers.jsonl"), "round": args.round,
+                "duo_headset": str(sbs.duo_headset(args.model)), "dense": True,
+                "cases": [{"id": c["id"], "ids": c["ids"], "split": len(c["ids"])} for c in chunk]}
+        spec_path = out / f"kvpress_spec.new{n_new}.json"
+        spec_path.write_text(json.dumps(spec))
+        subprocess.run([str(py), str(HERE / "kvpress_worker.py"), str(spec_path), str(out / f"kvpress_raw.new{n_new}.json")],
+                       check=True, env=env)
+
+
+def kvpress_rows(out: Path, cases: list, tok) -> dict:
+    """``{method label: {case id: row + score}}`` from the worker's journal, scored with ``string_match_all``."""
+    from graphwright.eval.ruler import string_match_all
+
+    from kvpress_worker import load_journal  # noqa: E402  (bench/ is on sys.path)
+
+    by_id = {c["id"]: c for c in cases}
+    got: dict = {}
+    for key, row in load_journal(out / "kvpress_answers.jsonl").items():
+        k = json.loads(key)
+        c = by_id.get(k["case"])
+        if c is None or k["max_new_tokens"] != c["max_new_tokens"] or row["compressed_tokens"] != len(c["ids"]):
+            continue  # another case set, or the same id with a different prompt
+        answer = tok.decode(row["new_ids"], skip_special_tokens=True)
+        label = "dense" if row["method"] == "dense" else f"{row['method']}@{row['budget']}" if row["budget"] is not None else row["method"]
+        got.setdefault(label, {})[k["case"]] = {**row, "answer": answer, "score": string_match_all(answer, by_id[k["case"]]["references"])}
+    return got
+
+
+def summarise(ours: dict, theirs: dict, cases: list, args) -> dict:
+    """Per method: score [CI], paired vs graphwright's dense, bytes fraction; per budget: best press vs each ``--ours``."""
+    from graphwright.eval.stats import bootstrap_mean, paired_difference
+
+    order = [c["id"] for c in cases]
+    dense = ours["dense"]
+
+    def method(side, label, rows, dense_rows, bytes_key):
+        ids = [i for i in order if i in rows and i in dense]
+        if not ids:
+            return None
+        s = [rows[i]["score"] for i in ids]
+        kv = sum(rows[i][bytes_key] for i in ids if i in dense_rows) / max(1, sum(dense_rows[i][bytes_key] for i in ids if i in dense_rows))
+        r = {"side": side, "method": label, "n": len(ids), "score": bootstrap_mean(s), "kv_fraction": kv,
+             "vs_dense": paired_difference([dense[i]["score"] for i in ids], s) if label != "dense" or side != "graphwright" else None}
+        if side == "kvpress" and label != "dense":
+            r["prompt_kept"] = sum(rows[i]["kept_tokens"] for i in ids) / sum(rows[i]["compressed_tokens"] for i in ids)
+        return r
+
+    kv_dense = theirs.get("dense", {})
+    rows = [m for lab, rs in ours.items() if (m := method("graphwright", lab, rs, dense, "kv_bytes"))]
+    rows += [m for lab, rs in theirs.items() if (m := method("kvpress", lab, rs, kv_dense, "cache_bytes"))]
+    same = [i for i in order if i in dense and i in kv_dense]
+    agree = {"n": len(same), "same_answer": sum(dense[i]["answer"].strip() == kv_dense[i]["answer"].strip() for i in same),
+             "same_score": sum(dense[i]["score"] == kv_dense[i]["score"] for i in same)}
+    verdicts = []
+    for b in args.budgets:
+        cells = {lab: rs for lab, rs in theirs.items() if lab.endswith(f"@{b}")}
+        for ours_label in args.ours:
+            mine = ours.get(ours_label)
+            if not mine or not cells:
+                continue
+            ids = [i for i in order if i in mine and all(i in rs for rs in cells.values())]
+            if not ids:
+                continue
+            best = max(cells, key=lambda lab: (sum(cells[lab][i]["score"] for i in ids), lab))
+            d = paired_difference([cells[best][i]["score"] for i in ids], [mine[i]["score"] for i in ids])
+            verdicts.append({"budget": b, "ours": ours_label, "kvpress_best": best, "n": len(ids),
+                             "ours_score": bootstrap_mean([mine[i]["score"] for i in ids]),
+                             "kvpress_score": bootstrap_mean([cells[best][i]["score"] for i in ids]), "difference": d,
+                             "verdict": "ahead" if d["lo"] > 0 else "behind" if d["hi"] < 0 else "level"})
+    return {"length": args.length, "tasks": args.tasks, "cases": len(cases), "rows": rows, "dense_agreement": agree,
+            "best_vs_best": verdicts}
+
+
+def ci(m) -> str:
+    return f"{m['mean']:.2f} [{m['lo']:.2f}, {m['hi']:.2f}]"
+
+
+def diff(m) -> str:
+    return f"{m['mean']:+.2f} [{m['lo']:+.2f}, {m['hi']:+.2f}]"
+
+
+def to_markdown(res: dict) -> str:
+    lines = [f"RULER-style {', '.join(res['tasks'])} at {res['length']} tokens, seed 0, question-aware; graphwright rows from its "
+             "journal, kvpress rows from `bench/kvpress_worker.py` on the same token ids; both scored with `string_match_all`.", "",
+             "| side | method | cases | score [95% CI] | paired vs graphwright dense | KV held / own dense | prompt kept (kvpress) |",
+             "|---|---|---:|---|---|---:|---:|"]
+    for r in sorted(res["rows"], key=lambda r: (r["side"] != "graphwright", r["method"] != "dense", -r["score"]["mean"])):
+        vs = diff(r["vs_dense"]) if r["vs_dense"] else ""
+        kept = f"{r['prompt_kept']:.3f}" if "prompt_kept" in r else ""
+        lines.append(f"| {r['side']} | `{r['method']}` | {r['n']} | {ci(r['score'])} | {vs} | {r['kv_fraction']:.3f} | {kept} |")
+    a = res["dense_agreement"]
+    lines += ["", f"Dense on both sides: the same answer text on {a['same_answer']} of {a['n']} cases, the same score on "
+              f"{a['same_score']} of {a['n']}.", ""]
+    if res["best_vs_best"]:
+        lines += ["| kvpress budget | kvpress best press | its score | graphwright recipe | its score | graphwright - kvpress, paired | verdict |",
+                  "|---:|---|---|---|---|---|---|"]
+        for v in res["best_vs_best"]:
+            lines.append(f"| {v['budget']} | `{v['kvpress_best']}` | {ci(v['kvpress_score'])} | `{v['ours']}` | {ci(v['ours_score'])} | "
+                         f"{diff(v['difference'])} ({v['n']}) | **{v['verdict']}** |")
+        lines += ["", "kvpress's best press is picked on these very cases (a winner's curse in its favour)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import kvpress_side_by_side as sbs
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tok = (None, sbs.load_tokenizer(args.model)) if args.table_only else sbs.load(args.model)
+    cases = build(tok, args)
+    ours = our_rows(Path(args.journal), cases, args.model)
+    if not args.table_only:
+        run_worker(args, tok, model, cases, out)
+    res = summarise(ours, kvpress_rows(out, cases, tok), cases, args)
+    (out / "table.json").write_text(json.dumps(res, indent=2))
+    (out / "table.md").write_text(to_markdown(res))
+    print((out / "table.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

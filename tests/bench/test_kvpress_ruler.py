@@ -1,0 +1,96 @@
+"""bench/kvpress_ruler.py: only rows of the very same prompts are paired; both sides are scored with string_match_all;
+kvpress's best press per budget is compared with each graphwright recipe, with an honest verdict."""
+
+import json
+
+import pytest
+
+from tests.bench.bench_scripts import load_bench
+
+
+class Tok:
+    """Token id i decodes to the i-th word of a fixed list; id 0 is the special end token (dropped)."""
+    words = ["</s>", "111", "222", "333", "444", "x"]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(self.words[i] for i in ids if not (skip_special_tokens and i == 0))
+
+
+CASES = [{"id": f"mv-c{i}", "task": "niah_multivalue", "ids": [7] * 10, "references": ["111", "222"], "max_new_tokens": 8,
+          "case_hash": f"h{i}"} for i in range(4)]
+
+
+def _args(kr, tmp_path, ours=()):
+    argv = ["--journal", str(tmp_path / "j.jsonl"), "--out", str(tmp_path), "--budgets", "0.5", "0.3"]
+    for o in ours:
+        argv += ["--ours", o]
+    return kr.parse_args(argv)
+
+
+def _journal(tmp_path, rows):
+    with open(tmp_path / "j.jsonl", "w") as f:
+        for recipe, case, h, score, kv in rows:
+            key = {"task": "ruler", "model": "smollm2-135m", "case": case, "case_hash": h, "recipe": recipe}
+            f.write(json.dumps({"key": key, "row": {"id": case, "score": score, "kv_bytes": kv, "answer": str(score)}}) + "\n")
+
+
+def _kv_answers(tmp_path, rows):
+    with open(tmp_path / "kvpress_answers.jsonl", "w") as f:
+        for method, budget, case, new_ids, nbytes, kept, compressed in rows:
+            key = {"case": case, "max_new_tokens": 8, "method": method, "budget": budget}
+            row = {"method": method, "budget": budget, "id": case, "new_ids": new_ids, "cache_bytes": nbytes,
+                   "kept_tokens": kept, "compressed_tokens": compressed}
+            f.write(json.dumps({"key": key, "row": row}) + "\n")
+
+
+def test_our_rows_keep_only_the_same_prompts(tmp_path):
+    kr = load_bench("kvpress_ruler")
+    _journal(tmp_path, [("dense", "mv-c0", "h0", 1.0, 100), ("dense", "mv-c1", "OTHER", 1.0, 100),  # another prompt
+                        ("duo", "mv-c0", "h0", 0.5, 40), ("dense", "mv-c9", "h9", 1.0, 100)])       # another case set
+    got = kr.our_rows(tmp_path / "j.jsonl", CASES, "smollm2-135m")
+    assert sorted(got) == ["dense", "duo"] and list(got["dense"]) == ["mv-c0"] and got["duo"]["mv-c0"]["score"] == 0.5
+    with pytest.raises(SystemExit, match="no dense row"):
+        kr.our_rows(tmp_path / "j.jsonl", CASES, "another-model")
+    with pytest.raises(SystemExit, match="no such journal"):
+        kr.our_rows(tmp_path / "missing.jsonl", CASES, "smollm2-135m")
+
+
+def test_kvpress_rows_are_scored_with_string_match_all_and_other_prompts_dropped(tmp_path):
+    kr = load_bench("kvpress_ruler")
+    _kv_answers(tmp_path, [("dense", None, "mv-c0", [1, 2, 0], 1000, 10, 10),        # both values: 1.0
+                           ("SnapKV", 0.5, "mv-c0", [1, 5, 0], 500, 5, 10),          # one of two: 0.5
+                           ("SnapKV", 0.5, "mv-c1", [1, 2], 500, 5, 11),             # 11 compressed tokens: not this prompt
+                           ("DuoAttention(graphwright heads)", None, "mv-c0", [5], 1000, 10, 10)])
+    got = kr.kvpress_rows(tmp_path, CASES, Tok())
+    assert got["dense"]["mv-c0"]["score"] == 1.0 and got["dense"]["mv-c0"]["answer"] == "111 222"
+    assert got["SnapKV@0.5"]["mv-c0"]["score"] == 0.5 and "mv-c1" not in got["SnapKV@0.5"]
+    assert got["DuoAttention(graphwright heads)"]["mv-c0"]["score"] == 0.0
+
+
+def test_summary_pairs_best_press_per_budget_with_each_recipe(tmp_path):
+    kr = load_bench("kvpress_ruler")
+    ids = [c["id"] for c in CASES]
+    ours = {"dense": {i: {"score": 1.0, "kv_bytes": 100, "answer": "a"} for i in ids},
+            "duo": {i: {"score": 1.0, "kv_bytes": 40, "answer": "a"} for i in ids}}
+    one = {"kept_tokens": 5, "compressed_tokens": 10, "cache_bytes": 50, "answer": "b"}
+    theirs = {"dense": {i: {"score": 1.0, "kept_tokens": 10, "compressed_tokens": 10, "cache_bytes": 100, "answer": "a"} for i in ids},
+              "SnapKV@0.5": {i: {**one, "score": 0.0} for i in ids},
+              "ChunkKV(SnapKV)@0.5": {i: {**one, "score": float(i == "mv-c0")} for i in ids},
+              "SnapKV@0.3": {i: {**one, "score": 1.0} for i in ids}}
+    res = kr.summarise(ours, theirs, CASES, _args(kr, tmp_path, ours=["duo"]))
+    v = {r["budget"]: r for r in res["best_vs_best"]}
+    assert v[0.5]["kvpress_best"] == "ChunkKV(SnapKV)@0.5" and v[0.5]["difference"]["mean"] == 0.75 and v[0.5]["verdict"] == "ahead"
+    assert v[0.3]["kvpress_best"] == "SnapKV@0.3" and v[0.3]["difference"]["mean"] == 0.0 and v[0.3]["verdict"] == "level"
+    rows = {(r["side"], r["method"]): r for r in res["rows"]}
+    assert rows[("graphwright", "duo")]["kv_fraction"] == 0.4 and rows[("kvpress", "SnapKV@0.5")]["kv_fraction"] == 0.5
+    assert rows[("kvpress", "SnapKV@0.5")]["prompt_kept"] == 0.5 and rows[("kvpress", "SnapKV@0.5")]["vs_dense"]["mean"] == -1.0
+    assert res["dense_agreement"] == {"n": 4, "same_answer": 4, "same_score": 4}
+    md = kr.to_markdown(res)
+    assert "| 0.5 | `ChunkKV(SnapKV)@0.5` | 0.25 " in md and "**ahead**" in md and "**level**" in md
+    assert "the same answer text on 4 of 4 cases" in md
+
+
+def test_bad_budget_is_refused(tmp_path):
+    kr = load_bench("kvpress_ruler")
+    with pytest.raises(SystemExit):
+        kr.parse_args(["--journal", "j", "--out", str(tmp_path), "--budgets", "1.5"])
