@@ -5,6 +5,7 @@ Usage:
     python bench/kvpress_ruler.py --length 1024 --cases 50 --tasks niah_multivalue \
         --journal bench/results/suite/ruler-L1024-mv/cases.jsonl \
         --presses SnapKV "ChunkKV(SnapKV)" "AdaKV(SnapKV)" --budgets 0.5 0.3 --round 5 \
+        --pair 0.5 'duo(retrieval=0.375, sinks=4, window=128)' --pair 0.3 'snapkv(budget=256, gamma=0.5, heads="scores")' \
         --out bench/results/kvpress/ruler-L1024-mv
     python bench/kvpress_ruler.py ... --table-only                         # the table from both journals
 
@@ -27,7 +28,8 @@ the table also gives each graphwright recipe's prompt tokens kept per (layer, KV
 
 Written to ``--out``: ``table.md`` / ``table.json``: every method's score [95% bootstrap CI] and paired difference
 from graphwright's dense run on the cases both hold, the two dense runs' agreement, and per kvpress budget the best
-press against each ``--ours`` recipe (paired, with the verdict: ahead when the interval is above 0).
+press against each graphwright recipe ``--pair``-ed with that budget (paired, with the verdict: ahead when the interval
+is above 0, behind when below). Pair a recipe only with budgets at or above the share of the prompt it keeps.
 """
 
 from __future__ import annotations
@@ -56,8 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--journal", required=True, help="graphwright's answers (JSONL of bench/tune_heldout_ruler.py)")
     p.add_argument("--presses", nargs="+", default=DEFAULT_PRESSES)
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3], help="fractions of the prompt kvpress keeps")
-    p.add_argument("--ours", action="append", default=[],
-                   help="graphwright recipe (as the journal spells it) compared with kvpress's best press at every budget; repeatable")
+    p.add_argument("--pair", nargs=2, action="append", default=[], metavar=("BUDGET", "RECIPE"),
+                   help="compare graphwright RECIPE (as the journal spells it) with kvpress's best press at BUDGET (one of "
+                        "--budgets); repeatable")
     p.add_argument("--round", type=int, default=5, help="the worker answers R cases for every press and budget in turn")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the kvpress worker")
     p.add_argument("--out", required=True)
@@ -68,6 +71,13 @@ def parse_args(argv=None):
     import kvpress_side_by_side as sbs
 
     sbs.check_budgets_and_cases(p, a)
+    for b, _ in a.pair:
+        try:
+            ok = float(b) in a.budgets
+        except ValueError:
+            ok = False
+        if not ok:
+            p.error(f"--pair BUDGET must be one of --budgets {a.budgets}; got {b!r}")
     return a
 
 
@@ -149,7 +159,8 @@ def kvpress_rows(out: Path, cases: list, tok) -> dict:
 
 
 def summarise(ours: dict, theirs: dict, cases: list, args) -> dict:
-    """Per method: score [CI], paired vs graphwright's dense, bytes fraction; per budget: best press vs each ``--ours``."""
+    """Per method: score [CI], paired vs graphwright's dense, bytes fraction; per ``--pair``: kvpress's best press at
+that budget against the graphwright recipe."""
     from graphwright.eval.stats import bootstrap_mean, paired_difference
 
     order = [c["id"] for c in cases]
@@ -174,21 +185,21 @@ def summarise(ours: dict, theirs: dict, cases: list, args) -> dict:
     agree = {"n": len(same), "same_answer": sum(dense[i]["answer"].strip() == kv_dense[i]["answer"].strip() for i in same),
              "same_score": sum(dense[i]["score"] == kv_dense[i]["score"] for i in same)}
     verdicts = []
-    for b in args.budgets:
+    for b, ours_label in args.pair:
+        b = float(b)
         cells = {lab: rs for lab, rs in theirs.items() if lab.endswith(f"@{b}")}
-        for ours_label in args.ours:
-            mine = ours.get(ours_label)
-            if not mine or not cells:
-                continue
-            ids = [i for i in order if i in mine and all(i in rs for rs in cells.values())]
-            if not ids:
-                continue
-            best = max(cells, key=lambda lab: (sum(cells[lab][i]["score"] for i in ids), lab))
-            d = paired_difference([cells[best][i]["score"] for i in ids], [mine[i]["score"] for i in ids])
-            verdicts.append({"budget": b, "ours": ours_label, "kvpress_best": best, "n": len(ids),
-                             "ours_score": bootstrap_mean([mine[i]["score"] for i in ids]),
-                             "kvpress_score": bootstrap_mean([cells[best][i]["score"] for i in ids]), "difference": d,
-                             "verdict": "ahead" if d["lo"] > 0 else "behind" if d["hi"] < 0 else "level"})
+        mine = ours.get(ours_label)
+        if not mine or not cells:
+            continue
+        ids = [i for i in order if i in mine and all(i in rs for rs in cells.values())]
+        if not ids:
+            continue
+        best = max(cells, key=lambda lab: (sum(cells[lab][i]["score"] for i in ids), lab))
+        d = paired_difference([cells[best][i]["score"] for i in ids], [mine[i]["score"] for i in ids])
+        verdicts.append({"budget": b, "ours": ours_label, "kvpress_best": best, "n": len(ids),
+                         "ours_score": bootstrap_mean([mine[i]["score"] for i in ids]),
+                         "kvpress_score": bootstrap_mean([cells[best][i]["score"] for i in ids]), "difference": d,
+                         "verdict": "ahead" if d["lo"] > 0 else "behind" if d["hi"] < 0 else "level"})
     return {"length": args.length, "tasks": args.tasks, "cases": len(cases), "rows": rows, "dense_agreement": agree,
             "best_vs_best": verdicts}
 

@@ -20,10 +20,10 @@ CASES = [{"id": f"mv-c{i}", "task": "niah_multivalue", "ids": [7] * 10, "referen
           "case_hash": f"h{i}"} for i in range(4)]
 
 
-def _args(kr, tmp_path, ours=()):
+def _args(kr, tmp_path, pairs=()):
     argv = ["--journal", str(tmp_path / "j.jsonl"), "--out", str(tmp_path), "--budgets", "0.5", "0.3"]
-    for o in ours:
-        argv += ["--ours", o]
+    for b, recipe in pairs:
+        argv += ["--pair", b, recipe]
     return kr.parse_args(argv)
 
 
@@ -77,7 +77,7 @@ def test_summary_pairs_best_press_per_budget_with_each_recipe(tmp_path):
               "SnapKV@0.5": {i: {**one, "score": 0.0} for i in ids},
               "ChunkKV(SnapKV)@0.5": {i: {**one, "score": float(i == "mv-c0")} for i in ids},
               "SnapKV@0.3": {i: {**one, "score": 1.0} for i in ids}}
-    res = kr.summarise(ours, theirs, CASES, _args(kr, tmp_path, ours=["duo"]))
+    res = kr.summarise(ours, theirs, CASES, _args(kr, tmp_path, pairs=[("0.5", "duo"), ("0.3", "duo")]))
     v = {r["budget"]: r for r in res["best_vs_best"]}
     assert v[0.5]["kvpress_best"] == "ChunkKV(SnapKV)@0.5" and v[0.5]["difference"]["mean"] == 0.75 and v[0.5]["verdict"] == "ahead"
     assert v[0.3]["kvpress_best"] == "SnapKV@0.3" and v[0.3]["difference"]["mean"] == 0.0 and v[0.3]["verdict"] == "level"
@@ -90,7 +90,11 @@ def test_summary_pairs_best_press_per_budget_with_each_recipe(tmp_path):
     assert "the same answer text on 4 of 4 cases" in md
 
 
-def test_bad_budget_is_refused(tmp_path):
+def test_bad_budget_or_pair_is_refused(tmp_path, capsys):
     kr = load_bench("kvpress_ruler")
     with pytest.raises(SystemExit):
         kr.parse_args(["--journal", "j", "--out", str(tmp_path), "--budgets", "1.5"])
+    assert "in (0, 1); got [1.5]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _args(kr, tmp_path, pairs=[("0.25", "duo")])
+    assert "--pair BUDGET must be one of --budgets [0.5, 0.3]; got '0.25'" in capsys.readouterr().err
