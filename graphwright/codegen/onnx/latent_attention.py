@@ -29,23 +29,21 @@ def _heads(x, num_heads: int):
 
 
 def _rope(k, k_pos, inv_freq, rope_scaling: float, head_dim: int):
-    """Rotate k [B, Hk, S, D] (fp32) at positions k_pos [B, S]; rotate_half convention."""
+    """Rotate k [B, Hk, S, D] (fp32) at positions k_pos [B, S]; rotate_half convention, the first 2 len(inv_freq) dims.
+
+    One opset-23 ``RotaryEmbedding`` on cos/sin [B, S, R/2] of the positions (times rope_scaling): ORT's kernel rotates in
+    one pass where the Slice/Neg/Concat/Mul/Add form wrote five [B, Hk, S, D] intermediates per layer and step. On the
+    lowrank_kv(keep=0.5) artifact of smollm2-135m at 2,048 tokens (``bench/profile_onnx_decode.py --threads 1``, machine
+    shared, so indicative) those ops took ~81 of the step's 272 kernel ms; the 60 ``RotaryEmbedding`` nodes (queries and
+    keys) take ~15. The cos/sin subgraph is the same in every layer of a step (same k_pos, same inv_freq), so ORT's
+    common-subexpression elimination computes it once per step."""
     half = inv_freq.shape[0]
     rdim = 2 * half
     pos = op.Cast(op.Max(k_pos, op.Constant(value_int=0)), to=FLOAT)
     freqs = op.Mul(op.Unsqueeze(pos, [2]), op.Cast(inv_freq, to=FLOAT))  # [B, S, R/2]
-    emb = op.Unsqueeze(op.Concat(freqs, freqs, axis=-1), [1])  # [B, 1, S, R]
     scaling = op.Constant(value_float=float(rope_scaling))
-    cos, sin = op.Mul(op.Cos(emb), scaling), op.Mul(op.Sin(emb), scaling)
-    axis = op.Constant(value_ints=[3])
-
-    def dims(a, b):
-        return op.Slice(k, op.Constant(value_ints=[a]), op.Constant(value_ints=[b]), axis)
-
-    rot = dims(0, rdim)
-    rotated = op.Concat(op.Neg(dims(half, rdim)), dims(0, half), axis=-1)
-    out = op.Add(op.Mul(rot, cos), op.Mul(rotated, sin))
-    return op.Concat(out, dims(rdim, head_dim), axis=-1) if rdim < head_dim else out
+    cos, sin = op.Mul(op.Cos(freqs), scaling), op.Mul(op.Sin(freqs), scaling)
+    return op.RotaryEmbedding(k, cos, sin, rotary_embedding_dim=rdim if rdim < head_dim else 0, interleaved=0)
 
 
 def _rms_norm(k, k_norm, eps: float):
