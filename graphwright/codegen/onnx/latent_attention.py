@@ -29,23 +29,21 @@ def _heads(x, num_heads: int):
 
 
 def _rope(k, k_pos, inv_freq, rope_scaling: float, head_dim: int):
-    """Rotate k [B, Hk, S, D] (fp32) at positions k_pos [B, S]; rotate_half convention."""
+    """Rotate k [B, Hk, S, D] (fp32) at positions k_pos [B, S]; rotate_half convention, the first 2 len(inv_freq) dims.
+
+    One opset-23 ``RotaryEmbedding`` on cos/sin [B, S, R/2] of the positions (times rope_scaling): ORT's kernel rotates in
+    one pass where the Slice/Neg/Concat/Mul/Add form wrote five [B, Hk, S, D] intermediates per layer and step. On the
+    lowrank_kv(keep=0.5) artifact of smollm2-135m at 2,048 tokens (``bench/profile_onnx_decode.py --threads 1``, machine
+    shared, so indicative) those ops took ~81 of the step's 272 kernel ms; the 60 ``RotaryEmbedding`` nodes (queries and
+    keys) take ~15. The cos/sin subgraph is the same in every layer of a step (same k_pos, same inv_freq), so ORT's
+    common-subexpression elimination computes it once per step."""
     half = inv_freq.shape[0]
     rdim = 2 * half
     pos = op.Cast(op.Max(k_pos, op.Constant(value_int=0)), to=FLOAT)
     freqs = op.Mul(op.Unsqueeze(pos, [2]), op.Cast(inv_freq, to=FLOAT))  # [B, S, R/2]
-    emb = op.Unsqueeze(op.Concat(freqs, freqs, axis=-1), [1])  # [B, 1, S, R]
     scaling = op.Constant(value_float=float(rope_scaling))
-    cos, sin = op.Mul(op.Cos(emb), scaling), op.Mul(op.Sin(emb), scaling)
-    axis = op.Constant(value_ints=[3])
-
-    def dims(a, b):
-        return op.Slice(k, op.Constant(value_ints=[a]), op.Constant(value_ints=[b]), axis)
-
-    rot = dims(0, rdim)
-    rotated = op.Concat(op.Neg(dims(half, rdim)), dims(0, half), axis=-1)
-    out = op.Add(op.Mul(rot, cos), op.Mul(rotated, sin))
-    return op.Concat(out, dims(rdim, head_dim), axis=-1) if rdim < head_dim else out
+    cos, sin = op.Mul(op.Cos(freqs), scaling), op.Mul(op.Sin(freqs), scaling)
+    return op.RotaryEmbedding(k, cos, sin, rotary_embedding_dim=rdim if rdim < head_dim else 0, interleaved=0)
 
 
 def _rms_norm(k, k_norm, eps: float):
@@ -57,11 +55,16 @@ def _rms_norm(k, k_norm, eps: float):
 
 def _keys(c_k, k_up, k_bias, k_pos, inv_freq, rope_scaling: float, head_dim: int, k_norm=None,
           k_norm_eps: float = 1e-6):
-    """K = RoPE_{k_pos}(KNorm(c_k @ k_up + k_bias)) as [B, H_kv, S, D] fp32."""
-    k = op.MatMul(op.Cast(c_k, to=FLOAT), op.Cast(k_up, to=FLOAT))
+    """K = RoPE_{k_pos}(KNorm(c_k @ k_up + k_bias)) as [B, H_kv, S, D] fp32.
+
+    The up-projection is applied per KV head, [B, 1, S, r] @ [H_kv, r, D], so the keys come out in the [B, H_kv, S, D]
+    layout ``Attention`` reads, without the transpose of the whole [B, S, H_kv*D] key tensor a single GEMM would need
+    (the [H_kv, r, D] weight is a reshape and transpose of the constant, folded by ORT when the session loads)."""
+    num_kv = k_up.shape[1] // head_dim
+    w = op.Transpose(op.Reshape(op.Cast(k_up, to=FLOAT), op.Constant(value_ints=[0, num_kv, head_dim])), perm=[1, 0, 2])
+    k = op.MatMul(op.Unsqueeze(op.Cast(c_k, to=FLOAT), [1]), w)
     if k_bias is not None:
-        k = op.Add(k, op.Cast(k_bias, to=FLOAT))
-    k = _heads(k, k_up.shape[1] // head_dim)
+        k = op.Add(k, op.Reshape(op.Cast(k_bias, to=FLOAT), op.Constant(value_ints=[num_kv, 1, head_dim])))
     if k_norm is not None:
         k = _rms_norm(k, k_norm, k_norm_eps)
     return _rope(k, k_pos, inv_freq, rope_scaling, head_dim) if inv_freq is not None else k
