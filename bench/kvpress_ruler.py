@@ -191,12 +191,18 @@ that budget against the graphwright recipe."""
         mine = ours.get(ours_label)
         if not mine or not cells:
             continue
-        ids = [i for i in order if i in mine and all(i in rs for rs in cells.values())]
+        # the presses that answered every case the recipe holds that any press at this budget answered; a press stopped
+        # earlier (fewer cases) is listed, not picked, so the pairing keeps all the cases the leading presses ran
+        held = {lab: [i for i in order if i in mine and i in rs] for lab, rs in cells.items()}
+        n_most = max(len(v) for v in held.values())
+        full = sorted(lab for lab, v in held.items() if len(v) == n_most)
+        ids = held[full[0]] if n_most else []
         if not ids:
             continue
-        best = max(cells, key=lambda lab: (sum(cells[lab][i]["score"] for i in ids), lab))
+        best = max(full, key=lambda lab: (sum(cells[lab][i]["score"] for i in ids), lab))
         d = paired_difference([cells[best][i]["score"] for i in ids], [mine[i]["score"] for i in ids])
         verdicts.append({"budget": b, "ours": ours_label, "kvpress_best": best, "n": len(ids),
+                         "fewer_cases": {lab: len(v) for lab, v in held.items() if lab not in full},
                          "ours_score": bootstrap_mean([mine[i]["score"] for i in ids]),
                          "kvpress_score": bootstrap_mean([cells[best][i]["score"] for i in ids]), "difference": d,
                          "verdict": "ahead" if d["lo"] > 0 else "behind" if d["hi"] < 0 else "level"})
@@ -230,7 +236,9 @@ def to_markdown(res: dict) -> str:
         for v in res["best_vs_best"]:
             lines.append(f"| {v['budget']} | `{v['kvpress_best']}` | {ci(v['kvpress_score'])} | `{v['ours']}` | {ci(v['ours_score'])} | "
                          f"{diff(v['difference'])} ({v['n']}) | **{v['verdict']}** |")
-        lines += ["", "kvpress's best press is picked on these very cases (a winner's curse in its favour)."]
+        fewer = sorted({f"`{lab}` ({n})" for v in res["best_vs_best"] for lab, n in v.get("fewer_cases", {}).items()})
+        lines += ["", "kvpress's best press is picked on these very cases (a winner's curse in its favour)"
+                  + (f"; not picked, run on fewer cases: {', '.join(fewer)}." if fewer else ".")]
     return "\n".join(lines) + "\n"
 
 

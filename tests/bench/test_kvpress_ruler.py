@@ -76,18 +76,20 @@ def test_summary_pairs_best_press_per_budget_with_each_recipe(tmp_path):
     theirs = {"dense": {i: {"score": 1.0, "kept_tokens": 10, "compressed_tokens": 10, "cache_bytes": 100, "answer": "a"} for i in ids},
               "SnapKV@0.5": {i: {**one, "score": 0.0} for i in ids},
               "ChunkKV(SnapKV)@0.5": {i: {**one, "score": float(i == "mv-c0")} for i in ids},
-              "SnapKV@0.3": {i: {**one, "score": 1.0} for i in ids}}
+              "SnapKV@0.3": {i: {**one, "score": 1.0} for i in ids},
+              "TOVA@0.3": {ids[0]: {**one, "score": 1.0}}}  # stopped after one case: listed, not picked
     res = kr.summarise(ours, theirs, CASES, _args(kr, tmp_path, pairs=[("0.5", "duo"), ("0.3", "duo")]))
     v = {r["budget"]: r for r in res["best_vs_best"]}
     assert v[0.5]["kvpress_best"] == "ChunkKV(SnapKV)@0.5" and v[0.5]["difference"]["mean"] == 0.75 and v[0.5]["verdict"] == "ahead"
     assert v[0.3]["kvpress_best"] == "SnapKV@0.3" and v[0.3]["difference"]["mean"] == 0.0 and v[0.3]["verdict"] == "level"
+    assert v[0.3]["n"] == 4 and v[0.3]["fewer_cases"] == {"TOVA@0.3": 1} and v[0.5]["fewer_cases"] == {}
     rows = {(r["side"], r["method"]): r for r in res["rows"]}
     assert rows[("graphwright", "duo")]["kv_fraction"] == 0.4 and rows[("kvpress", "SnapKV@0.5")]["kv_fraction"] == 0.5
     assert rows[("kvpress", "SnapKV@0.5")]["prompt_kept"] == 0.5 and rows[("kvpress", "SnapKV@0.5")]["vs_dense"]["mean"] == -1.0
     assert res["dense_agreement"] == {"n": 4, "same_answer": 4, "same_score": 4}
     md = kr.to_markdown(res)
     assert "| 0.5 | `ChunkKV(SnapKV)@0.5` | 0.25 " in md and "**ahead**" in md and "**level**" in md
-    assert "the same answer text on 4 of 4 cases" in md
+    assert "the same answer text on 4 of 4 cases" in md and "not picked, run on fewer cases: `TOVA@0.3` (1)." in md
 
 
 def test_bad_budget_or_pair_is_refused(tmp_path, capsys):
