@@ -55,16 +55,11 @@ def _rms_norm(k, k_norm, eps: float):
 
 def _keys(c_k, k_up, k_bias, k_pos, inv_freq, rope_scaling: float, head_dim: int, k_norm=None,
           k_norm_eps: float = 1e-6):
-    """K = RoPE_{k_pos}(KNorm(c_k @ k_up + k_bias)) as [B, H_kv, S, D] fp32.
-
-    The up-projection is applied per KV head, [B, 1, S, r] @ [H_kv, r, D], so the keys come out in the [B, H_kv, S, D]
-    layout ``Attention`` reads, without the transpose of the whole [B, S, H_kv*D] key tensor a single GEMM would need
-    (the [H_kv, r, D] weight is a reshape and transpose of the constant, folded by ORT when the session loads)."""
-    num_kv = k_up.shape[1] // head_dim
-    w = op.Transpose(op.Reshape(op.Cast(k_up, to=FLOAT), op.Constant(value_ints=[0, num_kv, head_dim])), perm=[1, 0, 2])
-    k = op.MatMul(op.Unsqueeze(op.Cast(c_k, to=FLOAT), [1]), w)
+    """K = RoPE_{k_pos}(KNorm(c_k @ k_up + k_bias)) as [B, H_kv, S, D] fp32."""
+    k = op.MatMul(op.Cast(c_k, to=FLOAT), op.Cast(k_up, to=FLOAT))
     if k_bias is not None:
-        k = op.Add(k, op.Reshape(op.Cast(k_bias, to=FLOAT), op.Constant(value_ints=[num_kv, 1, head_dim])))
+        k = op.Add(k, op.Cast(k_bias, to=FLOAT))
+    k = _heads(k, k_up.shape[1] // head_dim)
     if k_norm is not None:
         k = _rms_norm(k, k_norm, k_norm_eps)
     return _rope(k, k_pos, inv_freq, rope_scaling, head_dim) if inv_freq is not None else k
