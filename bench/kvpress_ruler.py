@@ -10,9 +10,10 @@ Usage:
     python bench/kvpress_ruler.py ... --table-only                         # the table from both journals
 
 The graphwright side is whatever ``bench/tune_heldout_ruler.py`` (or ``graphwright eval --suite long``) wrote to
-``--journal`` for these cases: this script never runs graphwright recipes, it only reads their rows, and only rows
-whose ``case_hash`` equals the hash of the prompt rebuilt here (``graphwright.eval.suite.case_jobs``: the same
-seed-0 generator, tokenizer and chat template), so both sides answer the very same token ids.
+``--journal`` for these cases: this script never runs graphwright recipes, it only reads their rows
+(``graphwright.eval.journal.Journal``), and only rows whose key, recipe aside, is the key those scripts give the prompt
+rebuilt here (``graphwright.eval.suite.case_jobs``: the same seed-0 generator, tokenizer and chat template; the same
+``case_hash``, settings and graphwright/eval version), so both sides answer the very same token ids.
 
 The kvpress side: ``bench/kvpress_worker.py`` in ``bench/.venv-kvpress`` (question-aware: the whole prompt is
 compressed in one forward pass, as graphwright's one-step prefill; then greedy decoding of the task's
@@ -24,7 +25,7 @@ so a run stopped early leaves cells of equal size). Both sides are scored here w
 Budgets: kvpress's ``--budgets`` are fractions of the prompt kept (``compression_ratio = 1 - fraction``).
 Bytes are each side's own: graphwright's ``kv_bytes`` held after the answer over its dense run's, kvpress's cache
 storage bytes after compression over its dense run's (masking presses, AdaKV and DuoAttention, show dense bytes);
-the table also gives each graphwright recipe's prompt tokens kept per (layer, KV head) where the recipe says it.
+kvpress rows also give the share of the prompt kept (kept / compressed tokens).
 
 Written to ``--out``: ``table.md`` / ``table.json``: every method's score [95% bootstrap CI] and paired difference
 from graphwright's dense run on the cases both hold, the two dense runs' agreement, and per kvpress budget the best
@@ -82,7 +83,8 @@ def parse_args(argv=None):
 
 
 def build(tok, args) -> list:
-    """The cases as ``{id, task, ids, references, max_new_tokens, case_hash}``, in the order graphwright ran them."""
+    """The cases as ``{id, task, ids, references, max_new_tokens, case_hash, key}``, in the order graphwright ran them
+    (``key``: the journal key fields ``case_jobs`` gives the case, which lack model, recipe, seed and version)."""
     from graphwright.eval.niah import encode
     from graphwright.eval.suite import build_cases, case_jobs
 
@@ -90,25 +92,26 @@ def build(tok, args) -> list:
     out = []
     for _, c, key in case_jobs(tok, cases, 2048, 16, "torch"):
         out.append({"id": c["id"], "task": c["task"], "ids": list(encode(tok, c["prompt"]).input_ids),
-                    "references": c["references"], "max_new_tokens": int(c["max_new_tokens"]), "case_hash": key["case_hash"]})
+                    "references": c["references"], "max_new_tokens": int(c["max_new_tokens"]), "case_hash": key["case_hash"],
+                    "key": key})
     return out
 
 
 def our_rows(journal: Path, cases: list, model: str) -> dict:
-    """``{recipe: {case id: row}}`` of the journal's RULER rows for exactly these prompts (same case id and hash)."""
-    want = {c["id"]: c["case_hash"] for c in cases}
-    out: dict = {}
+    """``{recipe: {case id: row}}`` of the journal's rows for exactly these prompts: every key field but the recipe
+    equal to the key ``tune_heldout_ruler.py`` / ``run_suite`` give the case (model, seed 0, this graphwright version)."""
+    from graphwright.eval.journal import Journal, make_key
+
     if not journal.is_file():
         raise SystemExit(f"{journal}: no such journal; run bench/tune_heldout_ruler.py for graphwright's side first")
-    for i, ln in enumerate(journal.read_text().splitlines()):
-        if not ln.strip():
-            continue
-        try:
-            rec = json.loads(ln)
-            key, row = rec["key"], rec["row"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise SystemExit(f"{journal} line {i + 1} is not a journal record ({exc})") from None
-        if key.get("task") == "ruler" and key.get("model") == model and want.get(key.get("case")) == key.get("case_hash"):
+    want = {}
+    for c in cases:
+        k = c["key"]
+        want[c["id"]] = {f: v for f, v in make_key(model, "", k["mode"], k["task"], k["length"], k["case"], 0, k["case_hash"],
+                                                   k["settings"]).items() if f != "recipe"}
+    out: dict = {}
+    for key, row in Journal(journal).records():
+        if want.get(key["case"]) == {f: v for f, v in key.items() if f != "recipe"}:
             out.setdefault(key["recipe"], {})[key["case"]] = row
     if "dense" not in out:
         raise SystemExit(f"{journal} holds no dense row for these {len(cases)} cases; run bench/tune_heldout_ruler.py with "

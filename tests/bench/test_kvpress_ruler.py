@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from graphwright.eval.journal import Journal, make_key
 from tests.bench.bench_scripts import load_bench
 
 
@@ -17,7 +18,8 @@ class Tok:
 
 
 CASES = [{"id": f"mv-c{i}", "task": "niah_multivalue", "ids": [7] * 10, "references": ["111", "222"], "max_new_tokens": 8,
-          "case_hash": f"h{i}"} for i in range(4)]
+          "case_hash": f"h{i}", "key": {"mode": "aware", "task": "ruler", "length": 1024, "case": f"mv-c{i}", "case_hash": f"h{i}",
+                                        "settings": {"backend": "torch"}}} for i in range(4)]
 
 
 def _args(kr, tmp_path, pairs=()):
@@ -28,10 +30,10 @@ def _args(kr, tmp_path, pairs=()):
 
 
 def _journal(tmp_path, rows):
-    with open(tmp_path / "j.jsonl", "w") as f:
-        for recipe, case, h, score, kv in rows:
-            key = {"task": "ruler", "model": "smollm2-135m", "case": case, "case_hash": h, "recipe": recipe}
-            f.write(json.dumps({"key": key, "row": {"id": case, "score": score, "kv_bytes": kv, "answer": str(score)}}) + "\n")
+    jr = Journal(tmp_path / "j.jsonl")
+    for recipe, case, h, score, kv, *seed in rows:
+        key = make_key("smollm2-135m", recipe, "aware", "ruler", 1024, case, seed[0] if seed else 0, h, {"backend": "torch"})
+        jr.add(key, {"id": case, "score": score, "kv_bytes": kv, "answer": str(score)})
 
 
 def _kv_answers(tmp_path, rows):
@@ -46,9 +48,11 @@ def _kv_answers(tmp_path, rows):
 def test_our_rows_keep_only_the_same_prompts(tmp_path):
     kr = load_bench("kvpress_ruler")
     _journal(tmp_path, [("dense", "mv-c0", "h0", 1.0, 100), ("dense", "mv-c1", "OTHER", 1.0, 100),  # another prompt
-                        ("duo", "mv-c0", "h0", 0.5, 40), ("dense", "mv-c9", "h9", 1.0, 100)])       # another case set
+                        ("duo", "mv-c0", "h0", 0.5, 40), ("dense", "mv-c9", "h9", 1.0, 100),        # another case set
+                        ("duo", "mv-c2", "h2", 1.0, 40, 7)])                                          # another seed
     got = kr.our_rows(tmp_path / "j.jsonl", CASES, "smollm2-135m")
     assert sorted(got) == ["dense", "duo"] and list(got["dense"]) == ["mv-c0"] and got["duo"]["mv-c0"]["score"] == 0.5
+    assert list(got["duo"]) == ["mv-c0"]  # the seed-7 row is another run's
     with pytest.raises(SystemExit, match="no dense row"):
         kr.our_rows(tmp_path / "j.jsonl", CASES, "another-model")
     with pytest.raises(SystemExit, match="no such journal"):
