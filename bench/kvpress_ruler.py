@@ -146,14 +146,14 @@ def kvpress_rows(out: Path, cases: list, tok) -> dict:
     """``{method label: {case id: row + score}}`` from the worker's journal, scored with ``string_match_all``."""
     from graphwright.eval.ruler import string_match_all
 
-    from kvpress_worker import load_journal  # noqa: E402  (bench/ is on sys.path)
+    from kvpress_worker import ids_hash, load_journal  # noqa: E402  (bench/ is on sys.path)
 
     by_id = {c["id"]: c for c in cases}
     got: dict = {}
     for key, row in load_journal(out / "kvpress_answers.jsonl").items():
         k = json.loads(key)
         c = by_id.get(k["case"])
-        if c is None or k["max_new_tokens"] != c["max_new_tokens"] or row["compressed_tokens"] != len(c["ids"]):
+        if c is None or k["max_new_tokens"] != c["max_new_tokens"] or k["case_hash"] != ids_hash(c["ids"], len(c["ids"])):
             continue  # another case set, or the same id with a different prompt
         answer = tok.decode(row["new_ids"], skip_special_tokens=True)
         label = "dense" if row["method"] == "dense" else f"{row['method']}@{row['budget']}" if row["budget"] is not None else row["method"]

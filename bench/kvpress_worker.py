@@ -192,11 +192,15 @@ def _load(folder, attn):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attn).eval()
 
 
+def ids_hash(ids, split: int) -> str:
+    """A short sha256 of a case's token ids and split: the ``case_hash`` of a worker journal key."""
+    return hashlib.sha256((",".join(str(int(i)) for i in ids) + f"|{split}").encode()).hexdigest()[:20]
+
+
 def case_key(spec: dict, case: dict, name: str, budget, mode: str, kvpress_version: str) -> str:
     """The journal key of one answer (a canonical JSON string)."""
-    h = hashlib.sha256((",".join(str(int(i)) for i in case["ids"]) + f"|{case['split']}").encode()).hexdigest()[:20]
     return json.dumps({"model": spec.get("model", spec["model_dir"]), "method": name, "budget": budget, "mode": mode,
-                       "case": case["id"], "case_hash": h, "max_new_tokens": spec["max_new_tokens"],
+                       "case": case["id"], "case_hash": ids_hash(case["ids"], case["split"]), "max_new_tokens": spec["max_new_tokens"],
                        "version": f"{WORKER_VERSION}/kvpress-{kvpress_version}"}, sort_keys=True)
 
 

@@ -39,7 +39,9 @@ def _journal(tmp_path, rows):
 def _kv_answers(tmp_path, rows):
     with open(tmp_path / "kvpress_answers.jsonl", "w") as f:
         for method, budget, case, new_ids, nbytes, kept, compressed in rows:
-            key = {"case": case, "max_new_tokens": 8, "method": method, "budget": budget}
+            prompt = [7] * compressed  # the CASES prompt when compressed == 10
+            key = {"case": case, "max_new_tokens": 8, "method": method, "budget": budget,
+                   "case_hash": load_bench("kvpress_worker").ids_hash(prompt, len(prompt))}
             row = {"method": method, "budget": budget, "id": case, "new_ids": new_ids, "cache_bytes": nbytes,
                    "kept_tokens": kept, "compressed_tokens": compressed}
             f.write(json.dumps({"key": key, "row": row}) + "\n")
@@ -63,7 +65,7 @@ def test_kvpress_rows_are_scored_with_string_match_all_and_other_prompts_dropped
     kr = load_bench("kvpress_ruler")
     _kv_answers(tmp_path, [("dense", None, "mv-c0", [1, 2, 0], 1000, 10, 10),        # both values: 1.0
                            ("SnapKV", 0.5, "mv-c0", [1, 5, 0], 500, 5, 10),          # one of two: 0.5
-                           ("SnapKV", 0.5, "mv-c1", [1, 2], 500, 5, 11),             # 11 compressed tokens: not this prompt
+                           ("SnapKV", 0.5, "mv-c1", [1, 2], 500, 5, 11),             # other token ids: not this prompt
                            ("DuoAttention(graphwright heads)", None, "mv-c0", [5], 1000, 10, 10)])
     got = kr.kvpress_rows(tmp_path, CASES, Tok())
     assert got["dense"]["mv-c0"]["score"] == 1.0 and got["dense"]["mv-c0"]["answer"] == "111 222"
