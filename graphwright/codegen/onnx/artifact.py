@@ -25,7 +25,7 @@ import torch
 
 from ...capture.step_graph import ModelInfo, StateSpec
 from ...errors import GraphwrightError
-from . import inplace_kv
+from . import decode_attention, inplace_kv
 
 METADATA = "graphwright.json"
 MODEL = "model.onnx"
@@ -94,7 +94,7 @@ class OnnxStep:
             proto, self.inplace_reason = _inplace_graph(model_path, providers, state_names, records, decode, seq_dims,
                                                         io_binding, state_kinds, prompt_capacity, growth)
             if proto is not None:
-                self.session = inplace_kv.session(proto, model_path, providers or default_providers(), session_options)
+                self.session = _proto_session(proto, model_path, providers, session_options)
                 _check_names(self.session, model_path, [*input_names, inplace_kv.WRITE_INDEX], output_names)
                 self.inplace = inplace_kv.Buffers(seq_dims, state_kinds)
         if self.inplace is None:
@@ -122,7 +122,7 @@ class OnnxStep:
             proto, idx, why = _inplace_decode(decode, providers, state_names, _cpu_binding(io_binding, providers),
                                               host, seq_dims, state_kinds)
             if proto is not None:  # inplace_kv.rewrite_decode: the appended states written in place
-                session = inplace_kv.session(proto, decode["path"], providers or default_providers(), session_options)
+                session = _proto_session(proto, decode["path"], providers, session_options)
                 _check_names(session, decode["path"], [*inputs, inplace_kv.WRITE_INDEX], decode["outputs"])
                 inplace = (idx, inplace_kv.Buffers([seq_dims[i] for i in idx], [state_kinds[i] for i in idx]))
             else:
@@ -365,9 +365,26 @@ def _session(model_path, input_names, output_names, providers, session_options):
     """An InferenceSession whose inputs/outputs are the ones ``graphwright.json`` lists."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(model_path), sess_options=session_options, providers=providers or default_providers())
+    session = None
+    if decode_attention.ENABLED:  # grouped one-row attention (decode_attention.py); the graph alone, weights stay on disk
+        import onnx
+
+        proto = onnx.load(str(model_path), load_external_data=False)
+        if decode_attention.rewrite(proto):
+            session = inplace_kv.session(proto, model_path, providers or default_providers(), session_options)
+    if session is None:
+        session = ort.InferenceSession(str(model_path), sess_options=session_options,
+                                       providers=providers or default_providers())
     _check_names(session, model_path, input_names, output_names)
     return session
+
+
+def _proto_session(proto, model_path, providers, session_options):
+    """A session of a graph rewritten at load time (``inplace_kv``), its one-row attention grouped too
+    (``decode_attention``); the weights are read from ``model_path``'s folder."""
+    if decode_attention.ENABLED:
+        decode_attention.rewrite(proto)
+    return inplace_kv.session(proto, model_path, providers or default_providers(), session_options)
 
 
 def _check_names(session, model_path, input_names, output_names) -> None:

@@ -239,11 +239,13 @@ def session(model_proto, model_path, providers, session_options):
         before = so.get_session_config_entry(key)
     except Exception:  # noqa: BLE001 - not set
         before = None
-    so.add_session_config_entry(key, str(Path(model_path).parent))
+    folder = str(Path(model_path).parent)
+    if before != folder:  # set already by this artifact's other graph: ORT would warn that it overwrites it
+        so.add_session_config_entry(key, folder)
     try:
         return ort.InferenceSession(model_proto.SerializeToString(), sess_options=so, providers=providers)
     finally:
-        if before is not None:  # a caller's options keep their own folder (a bytes model needs this one)
+        if before is not None and before != folder:  # a caller's options keep their own folder (a bytes model needs this one)
             so.add_session_config_entry(key, before)
 
 

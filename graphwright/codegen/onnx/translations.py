@@ -115,6 +115,10 @@ def attention(q, k, v, q_pos, k_pos, scale: float, window: int = 0, key_bias=Non
     (q [B*Hk, g, T, D], k/v [B*Hk, 1, S, D], mask [B*Hk, 1, T, S] broadcast over the g query
     heads), so the mask is never expanded to the H query heads: that Expand of a [B, H, T, S]
     tensor per layer was a quarter of a 3k-token prompt step in ONNX Runtime (README, ONNX).
+
+    The exported graph keeps this op for every query length; at load time ``decode_attention.py`` runs one-row
+    (decode) steps of it as grouped MatMuls instead (``If(T == 1, ...)``: ORT's kernel is the faster one for a
+    prompt, 1.2-1.5x the slower one for a decode step at 4-8k keys).
     """
     num_heads, num_kv = q.shape[1], k.shape[1]
     q32, k32, v32 = (op.Cast(t, to=FLOAT) for t in (q, k, v))

@@ -1,0 +1,110 @@
+"""Decode steps of ONNX artifacts with a load-time graph switch off and on, alternating in one process.
+
+Usage::
+
+    python bench/ab_onnx_switch.py --switch decode_attention ART/smollm2_135m_identity [ART/...] --prompt 4096 \\
+        --blocks 6 --block 8 [--threads 2]
+
+``--switch``: ``decode_attention`` (``codegen/onnx/decode_attention.ENABLED``: one-row attention as grouped MatMuls)
+or ``inplace_kv`` (``codegen/onnx/inplace_kv.ENABLED``: the dense cache updated in place). For each artifact it loads
+the artifact twice (switch off, then on; ORT threads not spinning, no memory arena, as ``bench_decode.py``), runs one
+prompt step of ``--prompt`` tokens of the shipped novel on each, then alternates ``--blocks`` blocks of ``--block``
+greedy decode steps between the two, each continuing its own state. Prints per side the median wall and process-CPU
+ms per decode step and the speed ratio on/off, checks that both sides produced the same tokens, and says whether
+other processes used more than 10% of the machine meanwhile (``graphwright.bench.load.MachineLoad``: then the block
+is labelled busy and is not a result).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+from pathlib import Path
+from statistics import median
+
+import torch
+
+import graphwright as gw
+from graphwright.bench.load import MachineLoad, wait_for_quiet
+
+SWITCHES = {"decode_attention": "graphwright.codegen.onnx.decode_attention", "inplace_kv": "graphwright.codegen.onnx.inplace_kv"}
+
+
+def load(folder: Path, threads: int, switch: str, on: bool):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = False  # as bench_decode.py
+    so.intra_op_num_threads = threads
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # bench_decode.py --ort-spin off
+    module = importlib.import_module(SWITCHES[switch])
+    default, module.ENABLED = module.ENABLED, on
+    try:
+        m = gw.load(folder, session_options=so)
+    finally:
+        module.ENABLED = default
+    if switch == "inplace_kv" and (m.step.inplace is not None) != on:
+        raise SystemExit(f"{folder}: in-place KV {'not available' if on else 'still on'} ({m.step.inplace_reason})")
+    return m
+
+
+def prompt_ids(tokenizer, n: int):
+    text = (Path(gw.__file__).parent / "data" / "northangerabbey.txt").read_text(encoding="utf-8")
+    return tokenizer(text[: 8 * n], return_tensors="pt", add_special_tokens=False).input_ids[:, :n]
+
+
+def ab(folder: Path, args) -> dict:
+    """Alternating decode blocks of the artifact with the switch off and on; plain data."""
+    models = {"off": load(folder, args.threads, args.switch, False), "on": load(folder, args.threads, args.switch, True)}
+    ids = prompt_ids(models["on"].tokenizer, args.prompt)
+    run = {}
+    with torch.inference_mode():
+        for name, m in models.items():
+            state = [s.empty(1, torch.device("cpu")) for s in m.state_specs]
+            logits, state = m.step(ids, torch.arange(ids.shape[1])[None], torch.tensor([ids.shape[1] - 1]), state)
+            run[name] = {"state": state, "logits": logits, "pos": ids.shape[1], "tokens": [], "wall": [], "cpu": []}
+        zero = torch.zeros(1, dtype=torch.long)
+        before = wait_for_quiet(max_foreign=0.10, timeout_s=60.0, poll_s=5.0)
+        with MachineLoad(max_foreign=0.10, foreign_before=before) as load_check:
+            for _ in range(args.blocks):
+                for name, m in models.items():
+                    r = run[name]
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    for _ in range(args.block):
+                        nxt = r["logits"][:, -1].argmax(-1)
+                        r["tokens"].append(int(nxt))
+                        r["logits"], r["state"] = m.step(nxt[:, None], torch.tensor([[r["pos"]]]), zero, r["state"])
+                        r["pos"] += 1
+                    r["wall"].append((time.perf_counter() - t0) / args.block * 1e3)
+                    r["cpu"].append((time.process_time() - c0) / args.block * 1e3)
+    off, on = run["off"], run["on"]
+    return {"artifact": folder.name, "same_tokens": off["tokens"] == on["tokens"], "busy": load_check.busy,
+            "foreign_share": load_check.foreign_share,
+            **{f"{k}_{c}_ms": median(run[k][c]) for k in ("off", "on") for c in ("wall", "cpu")},
+            "speed_on_over_off": median(off["wall"]) / median(on["wall"])}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("artifacts", type=Path, nargs="+")
+    p.add_argument("--switch", choices=sorted(SWITCHES), required=True)
+    p.add_argument("--prompt", type=int, default=256)
+    p.add_argument("--blocks", type=int, default=6)
+    p.add_argument("--block", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"switch {args.switch}: prompt {args.prompt}, {args.blocks} alternating blocks of {args.block} decode steps, "
+          f"{args.threads} threads", flush=True)
+    for folder in args.artifacts:
+        r = ab(folder, args)
+        print(f"  {r['artifact']}: off {r['off_wall_ms']:.2f} ms/step (CPU {r['off_cpu_ms']:.2f}), on {r['on_wall_ms']:.2f} "
+              f"(CPU {r['on_cpu_ms']:.2f}): **{r['speed_on_over_off']:.3f}x** decode speed; same tokens: "
+              f"{r['same_tokens']}; {'BUSY' if r['busy'] else 'quiet'} (other processes "
+              f"{100 * r['foreign_share']:.1f}% of the machine)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
