@@ -11,7 +11,8 @@ over HF's step and over dense's on the same runtime, both measured in the same p
 (``--steps``; where a run has no interleaved steps, the rounds' paired ratios are used and the table says so).
 This script takes those ratios from each run's JSON and lays them out by prompt length: ``OUT.md`` (per side, per
 length: speed over HF | over dense, the source run), ``OUT.json`` and ``OUT.png`` (two panels, one line per recipe
-and runtime). A length measured by several runs is taken from the last file given. A block the load check marked
+and runtime). A length measured by several runs takes each side from the last file that has it (so an ORT-only run
+at 8k adds its rows to another run's torch and compiled rows). A block the load check marked
 busy is left out (``--allow-busy`` keeps it, labelled). Why not one run at every length: the 8k and 2k blocks take
 an hour each with every runtime, so lengths are measured in separate quiet windows.
 """
@@ -57,8 +58,15 @@ def collect(paths: list[Path], allow_busy: bool = False) -> dict:
             kv = {s: block["ratios"][s]["kv_fraction_of_hf"] for s in sides if s in block.get("ratios", {})}
             why = [f"{rt}: other processes {100 * ld['foreign_share']:.1f}%, load average {ld['load_before'][0]:.2f} before"
                    for rt, ld in block.get("blocks_load", {}).items() if ld.get("busy")]
-            out[int(P)] = {"run": Path(path).name, "busy": busy, "busy_blocks": why, "sides": sides, "kv": kv,
-                           "recipes": block.get("recipes", {})}
+            prev = out.get(int(P))
+            if prev is not None:  # an earlier run at this length: its sides stay unless this run measured them too
+                sides, kv = {**prev["sides"], **sides}, {**prev["kv"], **kv}
+                why = prev["busy_blocks"] + why
+                busy, runs = busy or prev["busy"], f"{prev['run']}, {Path(path).name}"
+                recipes = {**prev["recipes"], **block.get("recipes", {})}
+            else:
+                runs, recipes = Path(path).name, block.get("recipes", {})
+            out[int(P)] = {"run": runs, "busy": busy, "busy_blocks": why, "sides": sides, "kv": kv, "recipes": recipes}
     return dict(sorted(out.items()))
 
 
@@ -126,7 +134,7 @@ def plot(table: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", type=Path, help="bench_decode.py result JSON files (later files win a length)")
+    p.add_argument("runs", nargs="+", type=Path, help="bench_decode.py result JSON files (later files win a side at a length)")
     p.add_argument("--out", required=True, help="output path without extension")
     p.add_argument("--allow-busy", action="store_true", help="keep blocks the load check marked busy (labelled)")
     args = p.parse_args(argv)

@@ -174,7 +174,8 @@ def _decode_run(P: int, busy: bool, spin: str, steps: dict, ratios: dict) -> dic
 
 def test_plot_decode_runs_lays_out_ratios_by_length(tmp_path):
     """Interleaved-step ratios where a run has them, the rounds' where not (and for ONNX Runtime sides of a run whose
-    ORT threads spun); a later run wins a length; busy blocks are left out unless asked."""
+    ORT threads spun); a later run wins a side at a length, sides only an earlier run has stay; busy blocks are left
+    out unless asked."""
     mod = load_bench("plot_decode_runs")
     a = _decode_run(256, False, "on", {"identity/torch": (1.1, 1.0), "h2o25/torch": (0.9, 0.8), "identity/onnx": (3.0, 1.0)},
                     {"identity/torch": (1.05, 1.0, 1.0), "h2o25/torch": (0.95, 0.9, 0.25), "identity/onnx": (1.5, 1.0, 1.0)})
@@ -193,7 +194,8 @@ def test_plot_decode_runs_lays_out_ratios_by_length(tmp_path):
     assert "| h2o25/torch | 0.90, 0.80 (0.25) |" in md and "| identity/onnx | 1.50, 1.00 (1.00) r |" in md
     table = mod.collect(paths, allow_busy=True)
     assert list(table) == [256, 4096] and table[4096]["busy"] and "BUSY" in mod.markdown(table)
-    assert table[256]["run"] == "c.json" and table[256]["sides"]["identity/torch"]["vs_hf"] == 1.2  # the last file wins
+    assert table[256]["run"] == "a.json, c.json" and table[256]["sides"]["identity/torch"]["vs_hf"] == 1.2  # last file wins
+    assert table[256]["sides"]["h2o25/torch"]["vs_hf"] == 0.9 and table[256]["kv"]["h2o25/torch"] == 0.25  # a's stays
     assert mod.main([str(paths[0]), "--out", str(tmp_path / "by_length")]) == 0
     assert (tmp_path / "by_length.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="no such result file"):
