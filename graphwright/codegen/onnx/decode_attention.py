@@ -1,11 +1,12 @@
 """One-query-row attention as grouped MatMuls on ONNX Runtime: ``If(T == 1, grouped, Attention)``, at load time.
 
 Why. ORT CPU's opset-23 ``Attention`` kernel is the right op for a prompt (T query rows: it beat MatMul + Softmax by
-1.5-1.9x at T = 512-2048, measured below), but at a decode step (T = 1) with GQA it is slow against the bytes it reads:
+1.5-1.9x at T = 512-2048 in an ad hoc timing of the op pair, session 20), but at a decode step (T = 1) with GQA it is slow against the bytes it reads:
 one layer of SmolLM2-135M (9 query / 3 KV heads, head dim 64) over S cached keys took 0.55 ms at S = 4,096 and 1.12
 ms at 8,192 (2 threads, quiet machine), where the same attention written as the g = 3 query heads of each KV head
 stacked into one MatMul per KV head takes 0.40 and 0.77 ms (1.38x, 1.46x; equal at S = 256). Over 30 layers that
-is ~4.5 ms of a ~57 ms dense step at 4k. ``bench/ab_decode_attention.py`` measures the op pair and the whole step.
+is ~4.5 ms of a ~57 ms dense step at 4k. ``bench/ab_onnx_switch.py --switch decode_attention`` measures whole decode
+steps with the rewrite off and on.
 
 What. ``rewrite(model)`` replaces, in place, every eligible ``Attention(q, k, v, mask)`` node of a step graph by::
 
@@ -36,7 +37,7 @@ per-KV-head masks, batch 2; tiny-Llama artifacts (dense, in-place cache; an evic
 
 from __future__ import annotations
 
-ENABLED = True  # False: every Attention node runs as exported (A/B: bench/ab_decode_attention.py)
+ENABLED = True  # False: every Attention node runs as exported (A/B: bench/ab_onnx_switch.py --switch decode_attention)
 _FLOAT, _BOOL = 1, 9  # onnx.TensorProto.FLOAT, BOOL
 _LOWEST = -3.4028234663852886e38  # float32's lowest finite value: exp(lowest - max) is exactly 0 in fp32
 
