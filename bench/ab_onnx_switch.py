@@ -6,7 +6,8 @@ Usage::
         --blocks 6 --block 8 [--threads 2]
 
 ``--switch``: ``decode_attention`` (``codegen/onnx/decode_attention.ENABLED``: one-row attention as grouped MatMuls)
-or ``inplace_kv`` (``codegen/onnx/inplace_kv.ENABLED``: the dense cache updated in place). For each artifact it loads
+``inplace_kv`` (``codegen/onnx/inplace_kv.ENABLED``: the dense cache, or a decode graph's appended states, updated in place)
+or ``inplace_slots`` (``codegen/onnx/inplace_slots.ENABLED``: an evicting decode graph's slot K/V written in place). For each artifact it loads
 the artifact twice (switch off, then on; ORT threads not spinning, no memory arena, as ``bench_decode.py``), runs one
 prompt step of ``--prompt`` tokens of the shipped novel on each, then alternates ``--blocks`` blocks of ``--block``
 greedy decode steps between the two, each continuing its own state. Prints per side the median wall and process-CPU
@@ -28,7 +29,8 @@ import torch
 import graphwright as gw
 from graphwright.bench.load import MachineLoad, wait_for_quiet
 
-SWITCHES = {"decode_attention": "graphwright.codegen.onnx.decode_attention", "inplace_kv": "graphwright.codegen.onnx.inplace_kv"}
+SWITCHES = {"decode_attention": "graphwright.codegen.onnx.decode_attention", "inplace_kv": "graphwright.codegen.onnx.inplace_kv",
+            "inplace_slots": "graphwright.codegen.onnx.inplace_slots"}
 
 
 def load(folder: Path, threads: int, switch: str, on: bool):
@@ -44,8 +46,14 @@ def load(folder: Path, threads: int, switch: str, on: bool):
         m = gw.load(folder, session_options=so)
     finally:
         module.ENABLED = default
-    if switch == "inplace_kv" and (m.step.inplace is not None) != on:
-        raise SystemExit(f"{folder}: in-place KV {'not available' if on else 'still on'} ({m.step.inplace_reason})")
+    if switch == "inplace_kv":  # the dense step graph's cache, or a decode graph's appended states (rewrite_decode)
+        d = m.step.decode
+        got, why = (m.step.inplace, m.step.inplace_reason) if d is None else (d["inplace"], d["inplace_reason"])
+        if (got is not None) != on:
+            raise SystemExit(f"{folder}: in-place KV {'not available' if on else 'still on'} ({why})")
+    if switch == "inplace_slots" and bool(m.step.decode and m.step.decode["alias"]) != on:
+        why = "not written in place (a graph exported before decode_rows.SPLIT_ROWS?)" if on else "still in place"
+        raise SystemExit(f"{folder}: slot states {why}")
     return m
 
 
@@ -74,7 +82,9 @@ def ab(folder: Path, args) -> dict:
                     for _ in range(args.block):
                         nxt = r["logits"][:, -1].argmax(-1)
                         r["tokens"].append(int(nxt))
-                        r["logits"], r["state"] = m.step(nxt[:, None], torch.tensor([[r["pos"]]]), zero, r["state"])
+                        # the loop's own state, donated as generate() does (inplace_slots.py)
+                        r["logits"], r["state"] = m.step(nxt[:, None], torch.tensor([[r["pos"]]]), zero, r["state"],
+                                                         donate_state=True)
                         r["pos"] += 1
                     r["wall"].append((time.perf_counter() - t0) / args.block * 1e3)
                     r["cpu"].append((time.process_time() - c0) / args.block * 1e3)

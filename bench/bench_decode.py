@@ -163,9 +163,11 @@ class RuntimeStepper:
         self.state, self.pos = ctx.state, ctx.next_positions
         self.next = ctx.last_logits.argmax(-1, keepdim=True)
         self.zero = torch.zeros(1, dtype=torch.long)
+        # the state is this stepper's own, as in ``generate``: an ONNX step may write it in place (inplace_slots.py)
+        self.donate = {"donate_state": True} if getattr(self.rt.step, "takes_donated_state", False) else {}
 
     def step(self):
-        logits, self.state = self.rt.step(self.next, self.pos, self.zero, self.state)
+        logits, self.state = self.rt.step(self.next, self.pos, self.zero, self.state, **self.donate)
         self.pos = self.pos + 1
         self.next = logits[:, -1].argmax(-1, keepdim=True)
 

@@ -235,6 +235,7 @@ class Runtime:
         prefill_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         steps = 0
+        donate = {"donate_state": True} if getattr(self.step, "takes_donated_state", False) else {}
         for i in range(max_new_tokens):
             nxt = choose_next(logits[:, -1], do_sample, temperature, top_k, top_p, gen)
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
@@ -243,7 +244,10 @@ class Runtime:
                 finished = finished | torch.isin(nxt, eos_t)
             if i == max_new_tokens - 1 or bool(finished.all()):
                 break
-            logits, state = self.step(nxt[:, None], next_pos, torch.zeros(1, dtype=torch.long, device=device), state, **extras)
+            # the state is this loop's own (its prompt step's, or its copy of a context): an ONNX step may write it in
+            # place (codegen/onnx/inplace_slots.py)
+            logits, state = self.step(nxt[:, None], next_pos, torch.zeros(1, dtype=torch.long, device=device), state,
+                                      **extras, **donate)
             next_pos = next_pos + 1
             steps += 1
             held = held_bytes(state, self.specs)

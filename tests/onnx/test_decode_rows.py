@@ -29,6 +29,7 @@ from graphwright.codegen.onnx.decode_rows import (
     slot_attention,
     slot_index,
     streaming_attend_rows,
+    streaming_attend_slots,
     streaming_rows,
 )
 from graphwright.codegen.onnx.decode_slots import decode_graph, h2o_decode, streaming_decode, streaming_slot
@@ -229,6 +230,76 @@ def test_shared_rows_equal_the_per_layer_functions(evicted):
         torch.testing.assert_close(shared, attention_reference(q, kc, vc, q_pos, torch.cat([kp, kpn], 2), 0.3), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("evicted", [False, True])
+def test_streaming_attend_slots_equals_the_fused_attention_and_rows_at(evicted):
+    """``SPLIT_ROWS``: ``streaming_attend_slots`` (old slots read in place, the sinks scored from their rotated keys and
+    written over their slots' scores, the row written after) = the ``SINK_KEYS`` graph it replaces: the plain attention
+    over ``sink_keys_at`` + the new row (1e-5) and ``rows_at``'s next state bit for bit. States as
+    ``test_shared_rows_equal_the_per_layer_functions``'s (empty slots, sinks in random slots, a padding row), key
+    biases on some trials."""
+    gen = torch.Generator().manual_seed(21 + evicted)
+    B, H, Hk, D, S, R = 3, 6, 2, 16, 9, 8
+    inv = 1.0 / (10000 ** (torch.arange(0, R, 2).float() / R))
+    rotated = 0
+    for trial in range(30):
+        sinks, window = 1 + int(trial % 3), 1 + int(trial % 7)
+        L = 200 if evicted else sinks + window
+        (k, v, kp), (kn, vn, kpn), q_pos = _rows(gen, B=B, Hk=Hk, S=S, D=D, L=max(L, S + 2), empty=(0.0, 0.2, 0.6)[trial % 3])
+        kp = kp[:, :1].expand(B, Hk, S).clone()
+        if q_pos.max() - sinks - window > 0:  # a row that has evicted holds its sinks (StreamingLLM's invariant)
+            for b in range(B):
+                row = kp[b, 0].clone()
+                row[row < sinks] = -1
+                row[torch.randperm(S, generator=gen)[:sinks]] = torch.arange(sinks, dtype=kp.dtype)
+                kp[b] = row
+        q = torch.randn(B, H, 1, D, generator=gen) * 2
+        bias = torch.randn(B, H, S + 1, generator=gen) if trial % 4 == 3 else None
+        j, jd = slot_index(kp, q_pos, sinks, window, D)
+        idx = sink_index(kp, sinks, D)
+        rot = sink_rotation(q, q_pos, inv, sinks, window)
+        ks = sink_keys_at(k, idx, rot)
+        want = attention_reference(q, torch.cat([ks, kn], 2), torch.cat([v, vn], 2), q_pos, key_positions(kp, kpn), 0.3,
+                                   key_bias=bias)
+        got = streaming_attend_slots(q, k, kn, v, vn, kp, kpn, idx, rot, j, 0.3, bias)
+        torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-5)
+        for g, w in zip(got[1:], rows_at(k, kn, v, vn, kp, kpn, j, jd)):
+            assert torch.equal(g, w)
+        rotated += int((ks != k).any(-1).sum())
+    assert rotated > 0 or not evicted
+
+
+def test_after_is_the_index_whatever_the_output_holds():
+    """``after``: the index unchanged (a zero added), for finite, infinite and NaN outputs alike."""
+    from graphwright.codegen.onnx.decode_rows import after
+
+    j = torch.tensor([[[3], [0]], [[1], [2]]])
+    for fill in (0.5, float("inf"), float("-inf"), float("nan")):
+        assert torch.equal(after(j, torch.full((2, 4, 1, 8), fill)), j)
+
+
+@pytest.mark.parametrize("budget", BUDGETS[:3])
+def test_h2o_attend_rows_split_equals_the_concatenation(budget, monkeypatch):
+    """``SPLIT_ROWS`` on and off: ``h2o_attend_rows`` gives the same output (1e-6), running score (1e-6) and K/V /
+    positions bit for bit."""
+    from graphwright.codegen.onnx import decode_rows
+
+    gen = torch.Generator().manual_seed(7)
+    B, H, Hk, D, S = 3, 6, 2, 8, 7
+    for trial in range(20):
+        (k, v, kp), (kn, vn, kpn), q_pos = _rows(gen, B=B, Hk=Hk, S=S, D=D, empty=(0.0, 0.2, 0.6)[trial % 3])
+        q = torch.randn(B, H, 1, D, generator=gen)
+        score = torch.randint(0, 3, (B, Hk, S), generator=gen).float() / 4
+        args = (q, k, kn, v, vn, q_pos, kp, kpn, score, 0.35, *budget)
+        monkeypatch.setattr(decode_rows, "SPLIT_ROWS", False)
+        want = h2o_attend_rows(*args)
+        monkeypatch.setattr(decode_rows, "SPLIT_ROWS", True)
+        got = h2o_attend_rows(*args)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got[4], want[4], rtol=1e-6, atol=1e-7)
+        for g, w in zip(got[1:4], want[1:4]):
+            assert torch.equal(g, w)
+
+
 def test_slot_attention_equals_the_reference_at_a_decode_step():
     gen = torch.Generator().manual_seed(5)
     B, H, Hk, D, S = 3, 6, 2, 8, 9
@@ -259,10 +330,19 @@ REWRITES = {"h2o(heavy=4, recent=4)": ({"h2o_attend_rows": 2, "h2o_decode": 0}, 
             # SINK_KEYS (default): the sinks' keys rotated forward, the plain attention op (ONNX's fused Attention)
             # per layer, the slot write; the step's rotation made once for both layers
             # SHARED_ROWS (default): the step's slot, sinks' slots and key positions made once, read by both layers
-            "streaming(sinks=2, window=6)": ({"sink_keys_at": 2, "rows_at": 2, "sink_rotation": 1, "slot_index": 1,
-                                              "sink_index": 1, "key_positions": 1, "sink_keys": 0, "streaming_rows": 0,
-                                              "back_rotation": 0, "streaming_attend_rows": 0, "streaming_decode": 0,
-                                              "shifted_decode_attention": 0}, 2),
+            # SPLIT_ROWS (default; session 21): each layer's attention reads its old slots in place and scores the
+            # sinks from their rotated keys, then writes the new row: one function per layer, no attention op
+            "streaming(sinks=2, window=6)": ({"streaming_attend_slots": 2, "sink_rotation": 1, "slot_index": 1,
+                                              "sink_index": 1, "key_positions": 0, "sink_keys_at": 0, "rows_at": 0,
+                                              "sink_keys": 0, "streaming_rows": 0, "back_rotation": 0,
+                                              "streaming_attend_rows": 0, "streaming_decode": 0,
+                                              "shifted_decode_attention": 0}, 0),
+            # SPLIT_ROWS off: the fused attention over the concatenated, sink-rotated keys, then rows_at (session 20)
+            "streaming(sinks=2, window=6) SPLIT_ROWS=False": ({"sink_keys_at": 2, "rows_at": 2, "sink_rotation": 1,
+                                                               "slot_index": 1, "sink_index": 1, "key_positions": 1,
+                                                               "sink_keys": 0, "streaming_rows": 0, "back_rotation": 0,
+                                                               "streaming_attend_rows": 0, "streaming_decode": 0,
+                                                               "shifted_decode_attention": 0, "streaming_attend_slots": 0}, 2),
             # SHARED_ROWS off: each layer finds its own slots (session 11's graph)
             "streaming(sinks=2, window=6) SHARED_ROWS=False": ({"sink_keys": 2, "sink_rotation": 1, "streaming_rows": 2,
                                                                 "sink_keys_at": 0, "rows_at": 0, "slot_index": 0,
@@ -292,6 +372,7 @@ def test_rows_rewrite_of_the_decode_graph(recipe, monkeypatch):
     monkeypatch.setattr(decode_rows, "SINK_KEYS", switch != "SINK_KEYS=False")
     monkeypatch.setattr(decode_rows, "SHARED_ROWS", switch != "SHARED_ROWS=False")
     monkeypatch.setattr(decode_rows, "DUO_ROWS", switch != "DUO_ROWS=False")
+    monkeypatch.setattr(decode_rows, "SPLIT_ROWS", switch != "SPLIT_ROWS=False")
     model, _ = gw.load_model("tiny-llama")
     sg = gw.compile(model, recipe).step_graph
     from graphwright.codegen.onnx.streaming_shift import shift_streaming

@@ -151,3 +151,52 @@ def test_not_a_dense_append_keeps_the_concat_graph(tmp_path):
     assert proto is None and "axis 2 is not its seq dim 1" in why
     proto, why = inplace_kv.rewrite(tmp_path / "m.onnx", ["k0"], ["summary"], [2])
     assert proto is None and "kv/positions" in why
+
+
+def _reshape_graph(shape: list):
+    """k0 -> Concat -> k0_next -> Reshape(shape) -> Attention's key (the per-KV-head layout of SnapKV's decode graph)."""
+    from onnx import TensorProto, helper
+
+    f = TensorProto.FLOAT
+    nodes = [helper.make_node("Concat", ["k0", "new"], ["k0_next"], axis=2),
+             helper.make_node("Reshape", ["k0_next", "shape"], ["k_r"]),
+             helper.make_node("Attention", ["q", "k_r", "k_r"], ["logits"])]
+    return helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("positions", TensorProto.INT64, [1, "T"]),
+                     helper.make_tensor_value_info("q", f, [2, 1, "T", 4]),
+                     helper.make_tensor_value_info("k0", f, [1, 2, "S", 4]),
+                     helper.make_tensor_value_info("new", f, [1, 2, "T", 4])],
+        [helper.make_tensor_value_info("logits", f, None), helper.make_tensor_value_info("k0_next", f, None)],
+        [helper.make_tensor("shape", TensorProto.INT64, [len(shape)], shape)])
+
+
+@pytest.mark.parametrize("shape, ok", [([-1, 1, 0, 0], True), ([2, 1, 0, 0], True), ([-1, 1, 0, 4], False),
+                                       ([2, 1, -1, 4], False), ([0, 0, 0, 0], True)])
+def test_a_reshape_that_keeps_the_seq_dim_passes_through(tmp_path, shape, ok):
+    """The cache reaches Attention through a Reshape of a constant target whose seq dim and trailing dims are copied (0):
+    still width-independent, rewritten; a target that fixes or infers a dim from the seq dim on is refused, naming it."""
+    import onnx
+    from onnx import helper
+
+    onnx.save(helper.make_model(_reshape_graph(shape), opset_imports=[helper.make_opsetid("", 23)]), tmp_path / "m.onnx")
+    proto, why = inplace_kv.rewrite(tmp_path / "m.onnx", ["k0"], ["kv"], [2])
+    assert (proto is not None) == ok and (why is None) == ok
+    if not ok:
+        assert "Reshape" in why
+
+
+def test_snapkv_decode_appends_in_place(onnx_artifact, monkeypatch):
+    """SnapKV's decode graph (per-KV-head keys reach Attention through a Reshape [-1, 1, 0, 0]) appends in place:
+    the same tokens and logits (1e-5) as the exported Concat decode graph over 40 steps, buffers reused."""
+    cm, folder = onnx_artifact("tiny-llama", "snapkv(budget=8, window=2)")
+    meta = json.loads((folder / "graphwright.json").read_text())
+    on = _step(folder, meta, True, monkeypatch)
+    assert on.decode["inplace"] is not None, on.decode["inplace_reason"]
+    ptrs = []
+    lx, tx, _ = _loop(on, cm, steps=40, on_step=lambda i, s: ptrs.append(s[0].data_ptr()))
+    off = _step(folder, meta, False, monkeypatch)
+    assert off.decode["inplace"] is None
+    ly, ty, _ = _loop(off, cm, steps=40)
+    assert all(torch.equal(a, b) for a, b in zip(tx, ty))
+    assert max((a - b).abs().max().item() for a, b in zip(lx, ly)) < 1e-5
+    assert len(set(ptrs)) < len(ptrs) // 4  # one buffer per BUCKET steps, not a copy per step

@@ -29,6 +29,7 @@ from graphwright.codegen.onnx.decode_rows import (
     sink_rotation,
     slot_index,
     streaming_attend_rows,
+    streaming_attend_slots,
     streaming_rows,
 )
 from graphwright.codegen.onnx.decode_slots import decode_graph, position_rank, rope_cache_index_decode
@@ -109,25 +110,30 @@ def test_decode_graph_rotates_no_key_and_ranks_nothing(runs):
     gm, _, in_graph, left = decode_graph(shifted, sg.state)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert layers == [0, 1] and left == [] and len(in_graph) == 2
-    # decode_rows.SINK_KEYS (default): each layer's sinks rotated forward by E (sink_keys_at), the rotation made once
-    # for both layers, the plain attention op on the slots and the new row, the slot write; no back rotation;
-    # SHARED_ROWS (default): the slot written, the sinks' slots and the key positions made once for both layers
+    # decode_rows.SINK_KEYS (default): each layer's sinks rotated forward by E, the rotation made once for both
+    # layers; no back rotation; SHARED_ROWS (default): the slot written and the sinks' slots made once for both
+    # layers; SPLIT_ROWS (default): each layer's attention over its old slots (read in place, the sinks' scores from
+    # their rotated keys) and the new row, and its slot write, in one streaming_attend_slots
     assert targets.count(shifted_decode_attention) == 0 and targets.count(streaming_attend_rows) == 0
-    assert targets.count(sink_keys_at) == 2 and targets.count(sink_rotation) == 1 and targets.count(back_rotation) == 0
-    assert targets.count(ATTENTION) == 2 and targets.count(rows_at) == 2
-    assert targets.count(slot_index) == targets.count(sink_index) == targets.count(key_positions) == 1
+    assert targets.count(streaming_attend_slots) == 2 and targets.count(sink_rotation) == 1
+    assert targets.count(back_rotation) == targets.count(sink_keys_at) == targets.count(rows_at) == 0
+    assert targets.count(ATTENTION) == 0 and targets.count(key_positions) == 0
+    assert targets.count(slot_index) == targets.count(sink_index) == 1
     assert targets.count(sink_keys) == targets.count(streaming_rows) == 0
     assert not {ROPE_CACHE_INDEX, ROPE_INVERT, rope_cache_index_decode, position_rank} & set(targets)
-    # decode.onnx: one fused Attention node per layer (as dense), no decomposed attention (Softmax), and one
-    # [D, D] rotation product per layer (the sinks' keys [s, D]), none on a query
+    # decode.onnx: one decomposed attention per layer (a Softmax, no Attention node), and one [D, D] rotation
+    # product per layer (the sinks' keys [s, D]), none on a query
     dec = onnx.load(str(runs["folder"] / "decode.onnx"), load_external_data=False)
     ops = [n.op_type for n in dec.graph.node]
-    assert ops.count("Attention") == 2 and "Softmax" not in ops
-    # every MatMul multiplies by a weight, but one per layer: the sinks' keys (GatherElements) by R(E)
-    weights = {i.name for i in dec.graph.initializer}
-    producer = {o: n.op_type for n in dec.graph.node for o in n.output}
-    others = [[producer.get(i, "input") for i in n.input] for n in dec.graph.node if n.op_type == "MatMul" and not set(n.input) & weights]
-    assert len(others) == 2 and all(o[0] == "GatherElements" for o in others)
+    assert "Attention" not in ops and ops.count("Softmax") == 2
+    producer = {o: n for n in dec.graph.node for o in n.output}
+    rotations = [n for n in dec.graph.node if n.op_type == "MatMul" and n.input[0] in producer
+                 and producer[n.input[0]].op_type == "GatherElements"]
+    assert len(rotations) == 2  # the sinks' gathered keys by R(E), one per layer
+    # the K/V state is read by one MatMul (the scores, or P @ V) and written by one ScatterElements: no copy
+    k0 = [n.op_type for n in dec.graph.node if "k0" in n.input]
+    assert sorted(k0) == ["GatherElements", "MatMul", "ScatterElements"] or sorted(k0) == [
+        "FusedMatMul", "GatherElements", "ScatterElements"] or sorted(k0) == ["GatherElements", "ScatterElements", "Transpose"]
     # in decode.onnx no rotation angle is computed from the slots' positions (only from the query's)
     angles = [n for n in dec.graph.node if n.op_type in ("Cos", "Sin")]
     assert len(angles) > 2 and all("positions" in _inputs_above(dec.graph, n) for n in angles)

@@ -178,10 +178,10 @@ def test_wrap_streaming_shift_functions_same_values(decode):
     keys = slot_functions.wrap(wrapped)
     try:
         names = sorted(slot_functions.KEYS[k]["name"] for k in keys)
-        if decode:  # decode_rows.SINK_KEYS: sink_keys_at and rows_at per layer (the attention is the plain op),
-            # the step's sink_rotation once for all layers (SHARED_ROWS: the slot indices are traced once, not wrapped)
-            assert names == ["rows_at", "sink_keys_at", "sink_rotation"]
-            assert len(_ops_of(wrapped)) == 2 * sg.info.num_layers + 1
+        if decode:  # decode_rows.SPLIT_ROWS: streaming_attend_slots per layer (attention + slot write), the step's
+            # sink_rotation once for all layers (SHARED_ROWS: the slot indices are traced once, not wrapped)
+            assert names == ["sink_rotation", "streaming_attend_slots"]
+            assert len(_ops_of(wrapped)) == sg.info.num_layers + 1
         else:
             assert names == ["invert_slots", "streaming_prompt"]
             assert len(_ops_of(wrapped)) == 2 * sg.info.num_layers

@@ -25,7 +25,7 @@ import torch
 
 from ...capture.step_graph import ModelInfo, StateSpec
 from ...errors import GraphwrightError
-from . import decode_attention, inplace_kv
+from . import decode_attention, inplace_kv, inplace_slots
 
 METADATA = "graphwright.json"
 MODEL = "model.onnx"
@@ -127,7 +127,8 @@ class OnnxStep:
                 inplace = (idx, inplace_kv.Buffers([seq_dims[i] for i in idx], [state_kinds[i] for i in idx]))
             else:
                 session, inplace = _session(decode["path"], inputs, decode["outputs"], providers, session_options), None
-            self.decode = {"session": session, "outputs": list(decode["outputs"]),
+            alias = _slot_aliases(decode, state_names, state_kinds) if _cpu_binding(io_binding, providers) else []
+            self.decode = {"session": session, "outputs": list(decode["outputs"]), "alias": alias,
                            "records": list(decode.get("runtime_ops") or ()), "capacity": dict(decode["capacity"]),
                            "host_inputs": host, "inputs": inputs, "inplace": inplace, "inplace_reason": why,
                            "exported": lambda: _session(decode["path"], inputs, decode["outputs"], providers, session_options)}
@@ -151,7 +152,11 @@ class OnnxStep:
         check_state_inputs(step.session, meta["state"], model_path)
         return step
 
-    def __call__(self, input_ids, positions, logits_index, state, **extras):
+    # the runtime's generate loop may donate its state (``inplace_slots.py``): ``donate_state=True`` lets a decode step
+    # write the capacity K/V states in place
+    takes_donated_state = True
+
+    def __call__(self, input_ids, positions, logits_index, state, donate_state: bool = False, **extras):
         unknown = set(extras) - set(self.extras)
         if unknown:
             raise GraphwrightError(f"unknown extra input(s) {sorted(unknown)}; this model takes {sorted(self.extras) or 'none'}")
@@ -173,7 +178,11 @@ class OnnxStep:
             host, names = [keyformer_noise(r, state, self.state_names, int(r["heads"])) for r in d["host_inputs"]], d["inputs"]
         tensors = [t.detach().cpu().contiguous() for t in (input_ids, positions, logits_index, *state, *extra, *host)]
         if self.io_binding and not records and self.seq_dims is not None and all(t.dtype in NUMPY for t in tensors):
-            out = self._run_bound(session, outputs, tensors, capacity, self.prompt_capacity if session is self.session else {}, names)
+            alias = None
+            if donate_state and capacity and self.decode.get("alias"):  # inplace_slots.py: rows written into the state
+                alias = {n: tensors[3 + i] for i, n in enumerate(self.state_names) if n in self.decode["alias"]}
+            out = self._run_bound(session, outputs, tensors, capacity, self.prompt_capacity if session is self.session else {},
+                                  names, alias)
         else:
             res = session.run(None, {name: t.numpy() for name, t in zip(names, tensors)})
             out = dict(zip(outputs, (torch.from_numpy(o) for o in res)))
@@ -346,6 +355,16 @@ def _one_width(state, idx, seq_dims, d) -> bool:
     d["session"], d["inplace"] = d["exported"](), None
     d["inplace_reason"] = f"appended states of different widths {sorted(widths)[:4]}: the exported decode graph runs"
     return False
+
+
+def _slot_aliases(decode, state_names, state_kinds) -> list:
+    """The decode graph's capacity K/V states a donated step writes in place (``inplace_slots.aliasable``)."""
+    if not inplace_slots.ENABLED or state_names is None or state_kinds is None or decode.get("runtime_ops"):
+        return []
+    import onnx
+
+    graph = onnx.load(str(decode["path"]), load_external_data=False).graph
+    return inplace_slots.aliasable(graph, dict(decode["capacity"]), dict(zip(state_names, state_kinds)))
 
 
 def _inplace_decode(decode, providers, state_names, io_binding, host, seq_dims, state_kinds):

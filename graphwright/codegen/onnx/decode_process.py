@@ -59,7 +59,8 @@ MIN_LAYERS = 8
 SWITCHES = (("graphwright.codegen.onnx.slot_functions", "ENABLED"), ("graphwright.codegen.onnx.optimize", "STEPS"),
             ("graphwright.codegen.onnx.optimize", "FUSE_SIBLINGS"), ("graphwright.codegen.onnx.decode_rows", "SINK_KEYS"),
             ("graphwright.codegen.onnx.decode_rows", "SHARED_ROWS"),
-            ("graphwright.codegen.onnx.decode_rows", "DUO_ROWS"), ("graphwright.codegen.onnx.rule_filter", "ENABLED"))
+            ("graphwright.codegen.onnx.decode_rows", "DUO_ROWS"), ("graphwright.codegen.onnx.decode_rows", "SPLIT_ROWS"),
+            ("graphwright.codegen.onnx.rule_filter", "ENABLED"))
 # Node metadata never sent: fake tensors and values derived from them (nothing after ``_split_graph`` reads them)
 DROPPED_META = frozenset({"val", "tensor_meta", "eager_input_vals", "example_value", "unbacked_bindings"})
 PAYLOAD, RESULT, LOG = "payload.pt", "result.pkl", "child.log"

@@ -50,6 +50,15 @@ of keys eviction saves (``bench/profile_onnx_decode.py``: 2431 nodes run per H2O
   ONNX's ``Attention`` runs their GQA with one [B, 1, 1, S + 1] mask as on the retrieval heads. Any other
   StreamingLLM layer with ``window >= 1`` (or ``DUO_ROWS`` off):
   ``streaming_rows`` (the slot write alone; the attention keeps reading the concatenation);
+* ``SPLIT_ROWS`` (the default; session 21): no layer above concatenates its cache. H2O's ``h2o_attend_rows`` and
+  StreamingLLM's shifted layers (``streaming_attend_slots``, in place of ``sink_keys_at`` + the fused ``Attention`` +
+  ``rows_at``) attend with ``attend_split``: one MatMul reads the old keys where they are, one the new row's, only
+  the [B, Hk, g, S + 1] scores are concatenated, and P @ V is split the same way; StreamingLLM's sinks are scored
+  from their gathered keys rotated by R(E) and written over their slots' scores. The K/V write takes its index
+  ``after`` the attention's output (a data dependency), so it is the state's last reader and ONNX Runtime may write
+  the row into a donated state's own buffer (``inplace_slots.py``): no per-step copy of the cache (SmolLM2-135M at
+  a 4k prompt: 1.23x StreamingLLM, 1.26x H2O decode with the in-place write, ``bench/ab_onnx_switch.py --switch
+  inplace_slots``);
 * any other attention over per-KV-head slots (a per-head positions concatenation along the slot dim;
   no native window or sinks: SnapKV): ``slot_attention``, the same decomposed attention with the T = 1
   mask, instead of the fused Attention whose translation folds Hk into the batch (four Reshapes) and
@@ -89,7 +98,10 @@ attention output equals ``attention_reference`` (H2O) / ``shifted_decode_attenti
 ``streaming_slot`` equals its per-head definition (hit, else first empty, else earliest); the plain attention over
 ``sink_keys`` equals ``shifted_decode_attention`` (1e-5; E = 0 returns every key bit for bit); on states whose heads
 share their positions ``slot_index`` + ``rows_at`` = ``streaming_rows`` and ``sink_index`` + ``sink_keys_at`` =
-``sink_keys`` bit for bit, the attention over ``key_positions`` = the per-head one (1e-6); ``SHARED_ROWS`` on and off
+``sink_keys`` bit for bit, the attention over ``key_positions`` = the per-head one (1e-6); ``SPLIT_ROWS``:
+``streaming_attend_slots`` = the fused attention over ``sink_keys_at`` + ``rows_at`` (1e-5, the next state bit for
+bit), ``h2o_attend_rows`` on = off (1e-6, K/V and positions bit for bit), ``after`` adds zero for finite, infinite
+and NaN outputs; ``SHARED_ROWS`` on and off
 export artifacts with the reference's kept sets and tokens over 120 steps (``test_onnx_streaming_shift.py``); the
 rewrite leaves no H2O attention node in a tiny Llama's decode graph and its eager run equals the unrewritten graph
 (StreamingLLM: with and without ``SHARED_ROWS``, every head and layer holding one position row); duo's decode graph
@@ -121,6 +133,74 @@ def attend_rows(q, k, v, visible, scale, key_bias=None):
     return out.to(v.dtype), p
 
 
+# The decode graph's evicting layers attend over (old slots, new row) without concatenating them, and write the new row
+# only after that attention has read the old slots (``attend_split``, ``after``; session 21): a K/V state's only other
+# reader then precedes its write, so ONNX Runtime may write the row into the caller's buffer in place
+# (``inplace_slots.py``, a donated state) instead of copying the whole cache per layer per step. False: the S + 1
+# concatenations and the out-of-place writes of session 20 (A/B). Listed in ``decode_process.SWITCHES``.
+SPLIT_ROWS = True
+
+
+def attend_split(q, k_old, k_new, v_old, v_new, vis_old, vis_new, scale, key_bias=None, patch=None):
+    """``attend_rows`` over the S old slots and the new row without their [S + 1] concatenation: the old keys and
+    values are read where they are (one MatMul each: ONNX Runtime fuses the transpose, nothing is copied), only the
+    [B, Hk, g, S + 1] scores are concatenated. ``vis_old`` [B, Hk, S] / ``vis_new`` [B, Hk, 1]: visibility; ``patch``:
+    (index [B, Hk, g, s], scores [B, Hk, g, s]) written over the old slots' scores (StreamingLLM's sinks, scored with
+    their keys rotated: ``streaming_attend_slots``). -> (output [B, H, 1, Dv] in v's dtype, probabilities
+    [B, Hk, g, S + 1] fp32): ``attention_reference``'s fp32 math, the same values as ``attend_rows`` on the
+    concatenation up to float summation order."""
+    B, H, _, D = q.shape
+    Hk, S = k_old.shape[1], k_old.shape[2]
+    g = H // Hk
+    qf = q.float().reshape(B, Hk, g, D)
+    s_old = torch.matmul(qf, k_old.float().transpose(-1, -2)) * scale
+    if patch is not None:
+        s_old = s_old.scatter(3, patch[0], patch[1])
+    s = torch.cat([s_old, torch.matmul(qf, k_new.float().transpose(-1, -2)) * scale], dim=-1)
+    if key_bias is not None:
+        s = s + key_bias.float().reshape(B, Hk, g, S + 1)
+    visible = torch.cat([vis_old, vis_new], dim=2)[:, :, None]
+    p = torch.softmax(torch.where(visible, s, MASKED), dim=-1)
+    out = torch.matmul(p[..., :S], v_old.float()) + p[..., S:] * v_new.float()
+    return out.reshape(B, H, 1, v_old.shape[-1]).to(v_old.dtype), p
+
+
+def after(index, out):
+    """``index`` plus a zero computed from ``out`` (one element compared with +inf: never true, NaN included), so the
+    scatter reading it runs after ``out``'s kernels: a data dependency the optimizers cannot fold (a shape-derived
+    zero would fold under ``torch.export``). The K/V writes of a layer wait for its attention this way
+    (``inplace_slots.py`` checks the order in the saved graph)."""
+    return index + (out.reshape(-1)[:1] > float("inf")).to(index.dtype)
+
+
+def write_after(olds, news, j, out):
+    """``decode_slots.write_rows`` with the K/V index (the first two tensors) taken ``after`` ``out``; the other
+    state (positions, scores: small, written out of place) as before."""
+    k, v = olds[0], olds[1]
+    jk = after(j if j.dim() == 3 else j[:, :, None], out)
+    idx = jk[..., None].expand(-1, -1, -1, k.shape[-1])
+    rest = write_rows(olds[2:], news[2:], j) if len(olds) > 2 else ()
+    return (k.scatter(2, idx, news[0]), v.scatter(2, idx if v.shape[-1] == k.shape[-1] else jk[..., None].expand(
+        -1, -1, -1, v.shape[-1]), news[1]), *rest)
+
+
+def streaming_attend_slots(q, k_old, k_new, v_old, v_new, kp_old, kp_new, sinks_idx, rot, j, scale, key_bias=None):
+    """``SPLIT_ROWS``: one StreamingLLM layer's decode step (keys cached at their absolute rotations,
+    ``streaming_shift.py``): the ``SINK_KEYS`` attention (sinks' keys rotated forward by E, every other key as
+    stored) and ``rows_at``'s write, without copying the cache. The sinks' scores are computed from their gathered,
+    rotated keys (``sinks_idx`` = ``sink_index``, ``rot`` = ``sink_rotation``) and written over those slots'
+    scores (``attend_split``'s patch); the new row then takes slot ``j`` (``slot_index``) ``after`` the attention.
+    -> (output [B, H, 1, Dv], k, v, k_pos)."""
+    B, H, _, D = q.shape
+    Hk = k_old.shape[1]
+    g = H // Hk
+    ks = torch.matmul(k_old.gather(2, sinks_idx).float(), rot)  # [B, Hk, s, D]: the sinks at rotation + E
+    s_sink = torch.matmul(q.float().reshape(B, Hk, g, D), ks.transpose(-1, -2)) * scale  # [B, Hk, g, s]
+    where = sinks_idx[..., 0][:, :, None].expand(-1, -1, g, -1)  # [B, Hk, g, s]: the sinks' slots
+    out, _ = attend_split(q, k_old, k_new, v_old, v_new, kp_old >= 0, kp_new >= 0, scale, key_bias, (where, s_sink))
+    return (out, *write_after((k_old, v_old, kp_old), (k_new, v_new, kp_new), j, out))
+
+
 # The per-KV-head attention rewrite below is off by default: its gain is unmeasured (SnapKV's decode.onnx is derived
 # from model.onnx and never uses it; duo's differing head counts skip it), and with ``think`` the keys' and positions'
 # cache lengths are different symbols that torch.export cannot prove equal (tests/onnx/test_registry_onnx.py snapkv+think).
@@ -142,8 +222,11 @@ def h2o_attend_rows(q, k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new, score,
     if recent_n < 1:
         raise ValueError(f"h2o_attend_rows needs recent_n >= 1 (the new token never leaves); got {recent_n}")
     seen = kp_old >= 0
-    visible = torch.cat([seen, kp_new >= 0], dim=2)  # T = 1: k_pos >= 0 (module docstring)
-    out, p = attend_rows(q, torch.cat([k_old, k_new], 2), torch.cat([v_old, v_new], 2), visible, scale, key_bias)
+    if SPLIT_ROWS:  # the old slots read in place, the K/V write after the attention
+        out, p = attend_split(q, k_old, k_new, v_old, v_new, seen, kp_new >= 0, scale, key_bias)
+    else:
+        visible = torch.cat([seen, kp_new >= 0], dim=2)  # T = 1: k_pos >= 0 (module docstring)
+        out, p = attend_rows(q, torch.cat([k_old, k_new], 2), torch.cat([v_old, v_new], 2), visible, scale, key_bias)
     info = step_info(q_pos)
     col = p.mean(dim=2) * info.real  # [B, Hk, S + 1]: decode_colsum (a padding row adds nothing)
     score = score + col[..., :-1]
@@ -155,7 +238,8 @@ def h2o_attend_rows(q, k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new, score,
     victim = torch.where(tie, kp_old, -1).argmax(dim=-1, keepdim=True)  # lowest score, latest position
     # else the first empty slot (0 when none); [B, Hk, 1] (keepdim: the scatter index needs no Unsqueeze)
     j = torch.where(over, victim, seen.to(torch.int32).argmin(dim=-1, keepdim=True))
-    return (out, *write_rows((k_old, v_old, kp_old, score), (k_new, v_new, kp_new, col[..., -1:]), j))
+    write = write_after if SPLIT_ROWS else (lambda olds, news, j, out: write_rows(olds, news, j))
+    return (out, *write((k_old, v_old, kp_old, score), (k_new, v_new, kp_new, col[..., -1:]), j, out))
 
 
 def streaming_rows(k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new, sinks, window):
@@ -365,6 +449,13 @@ def _fused_streaming(graph, node, attn, a: dict, parts: dict, rots: dict, b: dic
     whose keys stay at their absolute rotations)."""
     (k_old, k_new), (v_old, v_new), (kp_old, kp_new) = parts["k"], parts["v"], parts["k_pos"]
     shared = _shared_index(graph, attn, a, parts, rots, b, key) if SHARED_ROWS else None
+    if shared is not None and SPLIT_ROWS:
+        with graph.inserting_before(attn):
+            new = graph.call_function(streaming_attend_slots, (b["q"], k_old, k_new, v_old, v_new, kp_old, kp_new,
+                                                               shared["sinks"], rots[key], shared["j"], b["scale"],
+                                                               b["key_bias"]))
+        _take_over(graph, node, attn, new, a)
+        return "streaming_attend_slots"
     with graph.inserting_before(attn):
         if shared is None:
             ks = graph.call_function(sink_keys, (k_old, kp_old, rots[key], int(b["sinks"])))
@@ -533,6 +624,9 @@ def rows(gm: torch.fx.GraphModule, specs=None) -> list:
                                                         a["recent_f"], a["key_bias"]))
         _take_over(graph, node, attn, new, a)
         done.append("h2o_attend_rows")
+    for value in rots.values():  # ``SPLIT_ROWS``: the shared key positions no attention reads any more
+        if isinstance(value, dict) and "kp" in value and not value["kp"].users:
+            graph.erase_node(value["kp"])
     # the other per-KV-head attentions (duo's streaming heads, SnapKV): the T = 1 mask, where every such layer has the
     # same KV head count (``heads``); with counts differing per layer (duo) the stitched function's head dim is
     # dynamic and its reshapes cost Shape arithmetic that the fused Attention's translation does not have

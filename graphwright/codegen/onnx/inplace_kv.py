@@ -32,8 +32,11 @@ never changes.
 Eligibility (``rewrite`` returns the reason otherwise, the step then keeps the Concat graph, ``OnnxStep.inplace_reason``): every state is
 ``kv`` or ``positions``; each ``<name>`` input's only consumer is that Concat on its seq dim (besides ``Shape`` reads that leave
 the seq dim out); every K/V
-``_next`` feeds only ``Attention`` (as K or V); the positions' ``_next`` reaches only ``Attention`` masks through
-elementwise comparisons (so slots with position -1 are masked, whatever C is). Exactness: the same masked
+``_next`` feeds only ``Attention`` (as K or V), directly or through a ``Reshape`` to a constant target that copies the
+seq dim and every dim after it (``0``) and only regroups the dims before it (``_keeps_trailing``: SnapKV's decode
+graph folds the KV heads into the batch, ``[-1, 1, 0, 0]``; session 21: its 152 Concats per step were 10.8% of a
+4k-prompt step, 1.055x decode once appended in place, ``bench/ab_onnx_switch.py --switch inplace_kv``); the positions' ``_next``
+reaches only ``Attention`` masks through elementwise comparisons (so slots with position -1 are masked, whatever C is). Exactness: the same masked
 attention over more masked slots, which is not bit-identical (the softmax sums over C slots in another order:
 ~1e-6 differences in the next layer's K/V on tiny Llama); tested against the Concat route and the torch runtime
 (``tests/onnx/test_inplace_kv.py``: tiny Llama, batch 2 left-padded, growth across bucket boundaries,
@@ -164,7 +167,7 @@ def _appends(g, state_names: list, state_kinds: list, seq_dims: list):
     for n in g.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
-    concat = {}
+    concat, constants = {}, _constants(g)
     for name, kind, dim in zip(state_names, state_kinds, seq_dims):
         if name not in inputs or f"{name}_next" not in outputs:
             return None, f"state {name!r} is not a graph input with a {name}_next output"
@@ -175,7 +178,7 @@ def _appends(g, state_names: list, state_kinds: list, seq_dims: list):
         axis = next((a.i for a in users[0].attribute if a.name == "axis"), None)
         if axis != dim:
             return None, f"state {name!r}: Concat axis {axis} is not its seq dim {dim}"
-        why = _check_readers(f"{name}_next", kind, consumers)
+        why = _check_readers(f"{name}_next", kind, consumers, dim, constants)
         if why:
             return None, f"state {name!r}: {why}"
         concat[f"{name}_next"] = (name, dim)
@@ -201,14 +204,42 @@ def _shape_without(node, dim: int) -> bool:
     return start >= 0 and end is not None and 0 <= end <= dim or start > dim
 
 
+def _keeps_trailing(node, dim: int, shape) -> bool:
+    """Whether a ``Reshape`` keeps the seq dim and every dim after it (``shape``: its constant target, entries 0 =
+    copy the input's dim, allowzero unset) and only regroups the dims before it, e.g. ``[-1, 1, 0, 0]`` on
+    [B, Hk, S, D] (the per-KV-head layout of a per-head mask): its output still has the capacity at ``dim``, with
+    the same slots masked, whatever the capacity."""
+    if shape is None or any(a.name == "allowzero" and a.i for a in node.attribute):
+        return False
+    shape = [int(v) for v in shape]
+    return dim < len(shape) and all(v == 0 for v in shape[dim:])
+
+
+def _constants(g) -> dict:
+    """{value: list} of the graph's int64 initializers and Constant outputs (Reshape targets)."""
+    from onnx import numpy_helper
+
+    out = {i.name: numpy_helper.to_array(i).tolist() for i in g.initializer if i.data_type == 7 and len(i.dims) == 1}
+    for n in g.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value" and n.attribute[0].t.data_type == 7:
+            out[n.output[0]] = numpy_helper.to_array(n.attribute[0].t).tolist()
+    return out
+
+
 def _input_ranks(g) -> dict:
     return {i.name: list(i.type.tensor_type.shape.dim) for i in g.input}
 
 
-def _check_readers(name: str, kind: str, consumers: dict) -> str | None:
+def _check_readers(name: str, kind: str, consumers: dict, dim: int | None = None, constants: dict | None = None) -> str | None:
     """Why the readers of ``name`` (a state's ``_next``) could see the extra capacity slots, or None."""
     if kind == "kv":
         for c in consumers.get(name, []):
+            if c.op_type == "Reshape" and c.input[0] == name and dim is not None \
+                    and _keeps_trailing(c, dim, (constants or {}).get(c.input[1])):
+                why = _check_readers(c.output[0], kind, consumers, dim, constants)
+                if why:
+                    return why
+                continue
             if c.op_type != "Attention" or name not in (c.input[1], c.input[2]) or name == c.input[0]:
                 return f"{name} is read by {c.op_type} (only Attention K/V reads are width-independent)"
         return None

@@ -72,6 +72,7 @@ OUTPUTS = {"h2o_decode": 4, "streaming_decode": 3, "fastgen_decode": 6, "rope_ca
            "invert_slots": 1, "shifted_decode_attention": 1,
            # decode_rows.py: the H2O layer's attention + eviction on (old slots, new row), StreamingLLM's eviction
            "h2o_attend_rows": 5, "streaming_rows": 3, "slot_attention": 1, "streaming_attend_rows": 4,
+           "streaming_attend_slots": 4,
            "back_rotation": 1, "sink_keys": 1, "sink_rotation": 1, "sink_keys_at": 1, "rows_at": 3}
 
 # key -> {"fn", "params" (signature names), "template" [("t", i) | ("c", value)], "example" [(dtype, sizes, dynamic dims)]}
@@ -129,6 +130,7 @@ SHAPES = {"h2o_decode": [*_KV, ("k_pos", "slots")],
           "h2o_attend_rows": [("q", ("last", "v_old")), ("k_old", "same"), ("v_old", "same"), ("kp_old", "same"), ("score", "same")],
           "streaming_rows": [("k_old", "same"), ("v_old", "same"), ("kp_old", "same")],
           "streaming_attend_rows": [("q", ("last", "v_old")), ("k_old", "same"), ("v_old", "same"), ("kp_old", "same")],
+          "streaming_attend_slots": [("q", ("last", "v_old")), ("k_old", "same"), ("v_old", "same"), ("kp_old", "same")],
           "back_rotation": [("q", "rot")],
           "sink_keys": [("k_old", "same")],
           "sink_rotation": [("q", "rot")],
