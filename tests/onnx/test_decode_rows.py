@@ -198,6 +198,21 @@ def test_sink_rotation_is_the_back_rotations_inverse():
     assert torch.equal(fwd[0], torch.eye(D)[None]) and torch.equal(fwd[2], torch.eye(D)[None])  # E = 0: the identity
 
 
+def _shared_rows(gen, trial, sinks, window, evicted, B, Hk, S, D):
+    """``_rows`` with one position row per batch row, every head the same, and (StreamingLLM's invariant) every row
+    that has evicted holding its sinks, in random slots."""
+    L = 200 if evicted else sinks + window
+    (k, v, kp), new, q_pos = _rows(gen, B=B, Hk=Hk, S=S, D=D, L=max(L, S + 2), empty=(0.0, 0.2, 0.6)[trial % 3])
+    kp = kp[:, :1].expand(B, Hk, S).clone()
+    if q_pos.max() - sinks - window > 0:
+        for b in range(B):
+            row = kp[b, 0].clone()
+            row[row < sinks] = -1
+            row[torch.randperm(S, generator=gen)[:sinks]] = torch.arange(sinks, dtype=kp.dtype)
+            kp[b] = row
+    return (k, v, kp), new, q_pos
+
+
 @pytest.mark.parametrize("evicted", [False, True])
 def test_shared_rows_equal_the_per_layer_functions(evicted):
     """``SHARED_ROWS``: on StreamingLLM states whose heads hold the same positions (its invariant), the step's
@@ -209,15 +224,7 @@ def test_shared_rows_equal_the_per_layer_functions(evicted):
     inv = 1.0 / (10000 ** (torch.arange(0, R, 2).float() / R))
     for trial in range(30):
         sinks, window = int(trial % 3), 1 + int(trial % 7)
-        L = 200 if evicted else sinks + window
-        (k, v, kp), (kn, vn, kpn), q_pos = _rows(gen, B=B, Hk=Hk, S=S, D=D, L=max(L, S + 2), empty=(0.0, 0.2, 0.6)[trial % 3])
-        kp = kp[:, :1].expand(B, Hk, S).clone()  # one position row per batch row, every head the same
-        if q_pos.max() - sinks - window > 0:  # a row that has evicted holds its sinks (StreamingLLM's invariant)
-            for b in range(B):
-                row = kp[b, 0].clone()
-                row[row < sinks] = -1
-                row[torch.randperm(S, generator=gen)[:sinks]] = torch.arange(sinks, dtype=kp.dtype)
-                kp[b] = row
+        (k, v, kp), (kn, vn, kpn), q_pos = _shared_rows(gen, trial, sinks, window, evicted, B, Hk, S, D)
         j, jd = slot_index(kp, q_pos, sinks, window, D)
         for got, want in zip(rows_at(k, kn, v, vn, kp, kpn, j, jd), streaming_rows(k, kn, v, vn, q_pos, kp, kpn, sinks, window)):
             assert torch.equal(got, want)
@@ -243,15 +250,7 @@ def test_streaming_attend_slots_equals_the_fused_attention_and_rows_at(evicted):
     rotated = 0
     for trial in range(30):
         sinks, window = 1 + int(trial % 3), 1 + int(trial % 7)
-        L = 200 if evicted else sinks + window
-        (k, v, kp), (kn, vn, kpn), q_pos = _rows(gen, B=B, Hk=Hk, S=S, D=D, L=max(L, S + 2), empty=(0.0, 0.2, 0.6)[trial % 3])
-        kp = kp[:, :1].expand(B, Hk, S).clone()
-        if q_pos.max() - sinks - window > 0:  # a row that has evicted holds its sinks (StreamingLLM's invariant)
-            for b in range(B):
-                row = kp[b, 0].clone()
-                row[row < sinks] = -1
-                row[torch.randperm(S, generator=gen)[:sinks]] = torch.arange(sinks, dtype=kp.dtype)
-                kp[b] = row
+        (k, v, kp), (kn, vn, kpn), q_pos = _shared_rows(gen, trial, sinks, window, evicted, B, Hk, S, D)
         q = torch.randn(B, H, 1, D, generator=gen) * 2
         bias = torch.randn(B, H, S + 1, generator=gen) if trial % 4 == 3 else None
         j, jd = slot_index(kp, q_pos, sinks, window, D)
