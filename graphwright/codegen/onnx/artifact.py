@@ -129,6 +129,7 @@ class OnnxStep:
                 session, inplace = _session(decode["path"], inputs, decode["outputs"], providers, session_options), None
             alias = _slot_aliases(decode, state_names, state_kinds) if _cpu_binding(io_binding, providers) else []
             self.decode = {"session": session, "outputs": list(decode["outputs"]), "alias": alias,
+                           "alias_index": [i for i, n in enumerate(state_names or ()) if n in set(alias)],
                            "records": list(decode.get("runtime_ops") or ()), "capacity": dict(decode["capacity"]),
                            "host_inputs": host, "inputs": inputs, "inplace": inplace, "inplace_reason": why,
                            "exported": lambda: _session(decode["path"], inputs, decode["outputs"], providers, session_options)}
@@ -179,8 +180,8 @@ class OnnxStep:
         tensors = [t.detach().cpu().contiguous() for t in (input_ids, positions, logits_index, *state, *extra, *host)]
         if self.io_binding and not records and self.seq_dims is not None and all(t.dtype in NUMPY for t in tensors):
             alias = None
-            if donate_state and capacity and self.decode.get("alias"):  # inplace_slots.py: rows written into the state
-                alias = {n: tensors[3 + i] for i, n in enumerate(self.state_names) if n in self.decode["alias"]}
+            if donate_state and capacity and self.decode["alias_index"]:  # inplace_slots.py: rows written into the state
+                alias = {self.state_names[i]: tensors[3 + i] for i in self.decode["alias_index"]}
             out = self._run_bound(session, outputs, tensors, capacity, self.prompt_capacity if session is self.session else {},
                                   names, alias)
         else:

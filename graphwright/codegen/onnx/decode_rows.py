@@ -194,7 +194,7 @@ def streaming_attend_slots(q, k_old, k_new, v_old, v_new, kp_old, kp_new, sinks_
     B, H, _, D = q.shape
     Hk = k_old.shape[1]
     g = H // Hk
-    ks = torch.matmul(k_old.gather(2, sinks_idx).float(), rot)  # [B, Hk, s, D]: the sinks at rotation + E
+    ks = rotated_sinks(k_old, sinks_idx, rot)  # [B, Hk, s, D]: the sinks at rotation + E
     s_sink = torch.matmul(q.float().reshape(B, Hk, g, D), ks.transpose(-1, -2)) * scale  # [B, Hk, g, s]
     where = sinks_idx[..., 0][:, :, None].expand(-1, -1, g, -1)  # [B, Hk, g, s]: the sinks' slots
     out, _ = attend_split(q, k_old, k_new, v_old, v_new, kp_old >= 0, kp_new >= 0, scale, key_bias, (where, s_sink))
@@ -238,8 +238,8 @@ def h2o_attend_rows(q, k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new, score,
     victim = torch.where(tie, kp_old, -1).argmax(dim=-1, keepdim=True)  # lowest score, latest position
     # else the first empty slot (0 when none); [B, Hk, 1] (keepdim: the scatter index needs no Unsqueeze)
     j = torch.where(over, victim, seen.to(torch.int32).argmin(dim=-1, keepdim=True))
-    write = write_after if SPLIT_ROWS else (lambda olds, news, j, out: write_rows(olds, news, j))
-    return (out, *write((k_old, v_old, kp_old, score), (k_new, v_new, kp_new, col[..., -1:]), j, out))
+    olds, news = (k_old, v_old, kp_old, score), (k_new, v_new, kp_new, col[..., -1:])
+    return (out, *(write_after(olds, news, j, out) if SPLIT_ROWS else write_rows(olds, news, j)))
 
 
 def streaming_rows(k_old, k_new, v_old, v_new, q_pos, kp_old, kp_new, sinks, window):
@@ -351,10 +351,16 @@ def sink_index(kp_old, sinks: int, D: int):
     return j.expand(-1, -1, -1, D)
 
 
+def rotated_sinks(k_old, idx, rot):
+    """[B, Hk, sinks, D] fp32: the sinks' rows of ``k_old`` (slot index ``idx`` = ``sink_index``) gathered and
+    rotated forward by E (one [sinks, D] x [D, D] MatMul with ``rot`` = ``sink_rotation``)."""
+    return torch.matmul(k_old.gather(2, idx).float(), rot)
+
+
 def sink_keys_at(k_old, idx, rot):
     """``sink_keys`` given its slot index ``idx`` = ``sink_index`` (made once per step with ``SHARED_ROWS``): the
-    sinks' rows gathered, one [sinks, D] x [D, D] MatMul with ``rot``, scattered into a copy of ``k_old``."""
-    return k_old.scatter(2, idx, torch.matmul(k_old.gather(2, idx).float(), rot).to(k_old.dtype))
+    sinks' rows gathered, rotated (``rotated_sinks``), scattered into a copy of ``k_old``."""
+    return k_old.scatter(2, idx, rotated_sinks(k_old, idx, rot).to(k_old.dtype))
 
 
 def slot_index(kp_old, q_pos, sinks: int, window: int, D: int):
@@ -484,7 +490,8 @@ def _fused_streaming(graph, node, attn, a: dict, parts: dict, rots: dict, b: dic
 
 def _shared_index(graph, attn, a: dict, parts: dict, rots: dict, b: dict, key):
     """``SHARED_ROWS``: {"j", "jd" (``slot_index``), "sinks" (``sink_index``), "kp" (``key_positions``)} of this
-    step, made before the first StreamingLLM layer of this (sinks, window, KV heads, head dim) from its positions and
+    step ("jd" and "kp" only without ``SPLIT_ROWS``: ``streaming_attend_slots`` reads neither), made before the first
+    StreamingLLM layer of this (sinks, window, KV heads, head dim) from its positions and
     shared by the later ones (``rots`` holds them); None (the per-layer graph) when the positions' shape is unknown."""
     (k_old, _), _, (kp_old, kp_new) = parts["k"], parts["v"], parts["k_pos"]
     kval = k_old.meta.get("val")  # the keys' [B, Hk, S, D] (the positions placeholder carries no value)
@@ -496,9 +503,10 @@ def _shared_index(graph, attn, a: dict, parts: dict, rots: dict, b: dict, key):
         with graph.inserting_before(attn):
             idx = graph.call_function(slot_index, (kp_old, a["q_pos"], int(a["sinks"]), int(a["window"]), D))
             rots[skey] = {"j": graph.call_function(operator.getitem, (idx, 0)),
-                          "jd": graph.call_function(operator.getitem, (idx, 1)),
-                          "sinks": graph.call_function(sink_index, (kp_old, int(b["sinks"]), D)),
-                          "kp": graph.call_function(key_positions, (kp_old, kp_new))}
+                          "sinks": graph.call_function(sink_index, (kp_old, int(b["sinks"]), D))}
+            if not SPLIT_ROWS:
+                rots[skey]["jd"] = graph.call_function(operator.getitem, (idx, 1))
+                rots[skey]["kp"] = graph.call_function(key_positions, (kp_old, kp_new))
     return rots[skey]
 
 
@@ -624,9 +632,6 @@ def rows(gm: torch.fx.GraphModule, specs=None) -> list:
                                                         a["recent_f"], a["key_bias"]))
         _take_over(graph, node, attn, new, a)
         done.append("h2o_attend_rows")
-    for value in rots.values():  # ``SPLIT_ROWS``: the shared key positions no attention reads any more
-        if isinstance(value, dict) and "kp" in value and not value["kp"].users:
-            graph.erase_node(value["kp"])
     # the other per-KV-head attentions (duo's streaming heads, SnapKV): the T = 1 mask, where every such layer has the
     # same KV head count (``heads``); with counts differing per layer (duo) the stitched function's head dim is
     # dynamic and its reshapes cost Shape arithmetic that the fused Attention's translation does not have
