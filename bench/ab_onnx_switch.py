@@ -5,6 +5,10 @@ Usage::
     python bench/ab_onnx_switch.py --switch decode_attention ART/smollm2_135m_identity [ART/...] --prompt 4096 \\
         --blocks 6 --block 8 [--threads 2]
 
+``--prompt-steps N`` times N alternating prompt steps per side instead (with each step's peak resident increase):
+the A/B for ``prompt_attention`` (``codegen/onnx/prompt_attention.ENABLED``: a long prompt step's attention and column
+sums in query blocks).
+
 ``--switch``: ``decode_attention`` (``codegen/onnx/decode_attention.ENABLED``: one-row attention as grouped MatMuls)
 ``inplace_kv`` (``codegen/onnx/inplace_kv.ENABLED``: the dense cache, or a decode graph's appended states, updated in place)
 or ``inplace_slots`` (``codegen/onnx/inplace_slots.ENABLED``: an evicting decode graph's slot K/V written in place). For each artifact it loads
@@ -30,7 +34,8 @@ import graphwright as gw
 from graphwright.bench.load import MachineLoad, wait_for_quiet
 
 SWITCHES = {"decode_attention": "graphwright.codegen.onnx.decode_attention", "inplace_kv": "graphwright.codegen.onnx.inplace_kv",
-            "inplace_slots": "graphwright.codegen.onnx.inplace_slots"}
+            "inplace_slots": "graphwright.codegen.onnx.inplace_slots",
+            "prompt_attention": "graphwright.codegen.onnx.prompt_attention"}
 
 
 def load(folder: Path, threads: int, switch: str, on: bool):
@@ -51,6 +56,13 @@ def load(folder: Path, threads: int, switch: str, on: bool):
         got, why = (m.step.inplace, m.step.inplace_reason) if d is None else (d["inplace"], d["inplace_reason"])
         if (got is not None) != on:
             raise SystemExit(f"{folder}: in-place KV {'not available' if on else 'still on'} ({why})")
+    if switch == "prompt_attention":  # the load check: the prompt graph's session was built from the rewritten proto
+        import onnx
+
+        from graphwright.codegen.onnx import prompt_attention
+
+        if on and not prompt_attention.rewrite(onnx.load(str(folder / "model.onnx"), load_external_data=False)):
+            raise SystemExit(f"{folder}: no attention or column sum of model.onnx can run in query blocks")
     if switch == "inplace_slots" and bool(m.step.decode and m.step.decode["alias"]) != on:
         why = "not written in place (a graph exported before decode_rows.SPLIT_ROWS?)" if on else "still in place"
         raise SystemExit(f"{folder}: slot states {why}")
@@ -95,6 +107,38 @@ def ab(folder: Path, args) -> dict:
             "speed_on_over_off": median(off["wall"]) / median(on["wall"])}
 
 
+def ab_prompt(folder: Path, args) -> dict:
+    """Alternating prompt steps of ``--prompt`` tokens with the switch off and on (``--prompt-steps`` each); the peak
+    resident increase of each step (``PeakMemory``) and whether both sides return the same logits and state."""
+    from graphwright.bench.memory import PeakMemory
+
+    models = {"off": load(folder, args.threads, args.switch, False), "on": load(folder, args.threads, args.switch, True)}
+    ids = prompt_ids(models["on"].tokenizer, args.prompt)
+    run = {k: {"wall": [], "cpu": [], "peak": []} for k in models}
+    before = wait_for_quiet(max_foreign=0.10, timeout_s=60.0, poll_s=5.0)
+    with torch.inference_mode(), MachineLoad(max_foreign=0.10, foreign_before=before) as load_check:
+        for _ in range(args.prompt_steps):
+            for name, m in models.items():
+                state = [s.empty(1, torch.device("cpu")) for s in m.state_specs]
+                t0, c0 = time.perf_counter(), time.process_time()
+                with PeakMemory() as mem:
+                    logits, state = m.step(ids, torch.arange(ids.shape[1])[None], torch.tensor([ids.shape[1] - 1]), state)
+                run[name]["wall"].append(time.perf_counter() - t0)
+                run[name]["cpu"].append(time.process_time() - c0)
+                run[name]["peak"].append(mem.peak_bytes)
+                run[name]["out"] = (logits, state)
+    (lo, so), (ln, sn) = run["off"]["out"], run["on"]["out"]
+    shapes = all(tuple(a.shape) == tuple(b.shape) for a, b in zip(so, sn))
+    ints = [(a, b) for a, b in zip(so, sn) if not a.is_floating_point()]
+    floats = [(a, b) for a, b in zip(so, sn) if a.is_floating_point() and a.numel()]
+    rel = max([float((a - b).abs().max() / b.abs().max().clamp(min=1e-30)) for a, b in floats] or [0.0]) if shapes else None
+    return {"artifact": folder.name, "busy": load_check.busy, "foreign_share": load_check.foreign_share,
+            "same_positions": shapes and all(torch.equal(a, b) for a, b in ints), "state_rel_diff": rel,
+            "logits_diff": float((lo - ln).abs().max()),
+            **{f"{k}_{c}": median(run[k][c]) for k in ("off", "on") for c in ("wall", "cpu", "peak")},
+            "speed_on_over_off": median(run["off"]["wall"]) / median(run["on"]["wall"])}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("artifacts", type=Path, nargs="+")
@@ -103,11 +147,23 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", type=int, default=6)
     p.add_argument("--block", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt-steps", type=int, default=0,
+                   help="time N alternating prompt steps per side instead of decode steps (prompt_attention)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"switch {args.switch}: prompt {args.prompt}, {args.blocks} alternating blocks of {args.block} decode steps, "
-          f"{args.threads} threads", flush=True)
+    what = (f"{args.prompt_steps} alternating prompt steps per side" if args.prompt_steps else
+            f"{args.blocks} alternating blocks of {args.block} decode steps")
+    print(f"switch {args.switch}: prompt {args.prompt}, {what}, {args.threads} threads", flush=True)
     for folder in args.artifacts:
+        if args.prompt_steps:
+            r = ab_prompt(folder, args)
+            print(f"  {r['artifact']}: prompt step of {args.prompt} tokens off {r['off_wall']:.2f} s (CPU {r['off_cpu']:.2f}, "
+                  f"peak +{r['off_peak'] / 1e6:.0f} MB), on {r['on_wall']:.2f} s (CPU {r['on_cpu']:.2f}, peak "
+                  f"+{r['on_peak'] / 1e6:.0f} MB): **{r['speed_on_over_off']:.3f}x** prompt speed; same state shapes and kept "
+                  f"positions: {r['same_positions']}, float states differ by {r['state_rel_diff']:.1e} of their largest value, "
+                  f"logits by {r['logits_diff']:.1e}; {'BUSY' if r['busy'] else 'quiet'} "
+                  f"(other processes {100 * r['foreign_share']:.1f}% of the machine)", flush=True)
+            continue
         r = ab(folder, args)
         print(f"  {r['artifact']}: off {r['off_wall_ms']:.2f} ms/step (CPU {r['off_cpu_ms']:.2f}), on {r['on_wall_ms']:.2f} "
               f"(CPU {r['on_cpu_ms']:.2f}): **{r['speed_on_over_off']:.3f}x** decode speed; same tokens: "

@@ -20,7 +20,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
-from graphwright.codegen.onnx import decode_attention
+from graphwright.codegen.onnx import decode_attention, prompt_attention
 from graphwright.codegen.onnx.artifact import OnnxStep
 from tests.conftest import left_padded_batch
 from tests.passes.eviction_helpers import decode_loop
@@ -110,6 +110,8 @@ def test_artifact_decodes_the_same_with_grouped_attention(onnx_artifact, recipe,
     # keep it there too
     assert (attentions[-1] > 0) == (not recipe.startswith("streaming"))
     ids, mask = left_padded_batch(cm.step_graph.info.vocab_size, [12, 7], seed=6)
+    # decode_attention alone: prompt_attention.py (tested in test_prompt_attention.py) would take model.onnx's nodes
+    monkeypatch.setattr(prompt_attention, "ENABLED", False)
     runs, rewritten, rewrite = {}, [], decode_attention.rewrite
     monkeypatch.setattr(decode_attention, "rewrite", lambda proto: rewritten.append(rewrite(proto)) or rewritten[-1])
     for enabled in (False, True):

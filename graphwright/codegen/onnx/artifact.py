@@ -25,7 +25,7 @@ import torch
 
 from ...capture.step_graph import ModelInfo, StateSpec
 from ...errors import GraphwrightError
-from . import decode_attention, inplace_kv, inplace_slots
+from . import decode_attention, inplace_kv, inplace_slots, prompt_attention
 
 METADATA = "graphwright.json"
 MODEL = "model.onnx"
@@ -122,17 +122,19 @@ class OnnxStep:
             proto, idx, why = _inplace_decode(decode, providers, state_names, _cpu_binding(io_binding, providers),
                                               host, seq_dims, state_kinds)
             if proto is not None:  # inplace_kv.rewrite_decode: the appended states written in place
-                session = _proto_session(proto, decode["path"], providers, session_options)
+                session = _proto_session(proto, decode["path"], providers, session_options, prompt=False)
                 _check_names(session, decode["path"], [*inputs, inplace_kv.WRITE_INDEX], decode["outputs"])
                 inplace = (idx, inplace_kv.Buffers([seq_dims[i] for i in idx], [state_kinds[i] for i in idx]))
             else:
-                session, inplace = _session(decode["path"], inputs, decode["outputs"], providers, session_options), None
+                session, inplace = _session(decode["path"], inputs, decode["outputs"], providers, session_options,
+                                            prompt=False), None
             alias = _slot_aliases(decode, state_names, state_kinds) if _cpu_binding(io_binding, providers) else []
             self.decode = {"session": session, "outputs": list(decode["outputs"]), "alias": alias,
                            "alias_index": [i for i, n in enumerate(state_names or ()) if n in set(alias)],
                            "records": list(decode.get("runtime_ops") or ()), "capacity": dict(decode["capacity"]),
                            "host_inputs": host, "inputs": inputs, "inplace": inplace, "inplace_reason": why,
-                           "exported": lambda: _session(decode["path"], inputs, decode["outputs"], providers, session_options)}
+                           "exported": lambda: _session(decode["path"], inputs, decode["outputs"], providers, session_options,
+                                                        prompt=False)}
 
     @classmethod
     def from_metadata(cls, model_path, meta: dict, providers=None, session_options=None, io_binding=True) -> "OnnxStep":
@@ -381,16 +383,17 @@ def _inplace_decode(decode, providers, state_names, io_binding, host, seq_dims, 
                                      dict(decode["capacity"]))
 
 
-def _session(model_path, input_names, output_names, providers, session_options):
-    """An InferenceSession whose inputs/outputs are the ones ``graphwright.json`` lists."""
+def _session(model_path, input_names, output_names, providers, session_options, prompt: bool = True):
+    """An InferenceSession whose inputs/outputs are the ones ``graphwright.json`` lists; ``prompt``: the graph runs
+    prompt steps too (``model.onnx``; ``decode.onnx`` runs single-token steps only)."""
     import onnxruntime as ort
 
     session = None
-    if decode_attention.ENABLED:  # grouped one-row attention (decode_attention.py); the graph alone, weights stay on disk
+    if decode_attention.ENABLED or prompt_attention.ENABLED:  # the graph alone is rewritten, weights stay on disk
         import onnx
 
         proto = onnx.load(str(model_path), load_external_data=False)
-        if decode_attention.rewrite(proto):
+        if _rewrite_attention(proto, prompt):
             session = inplace_kv.session(proto, model_path, providers or default_providers(), session_options)
     if session is None:
         session = ort.InferenceSession(str(model_path), sess_options=session_options,
@@ -399,12 +402,19 @@ def _session(model_path, input_names, output_names, providers, session_options):
     return session
 
 
-def _proto_session(proto, model_path, providers, session_options):
+def _proto_session(proto, model_path, providers, session_options, prompt: bool = True):
     """A session of a graph rewritten at load time (``inplace_kv``), its one-row attention grouped too
     (``decode_attention``); the weights are read from ``model_path``'s folder."""
-    if decode_attention.ENABLED:
-        decode_attention.rewrite(proto)
+    _rewrite_attention(proto, prompt)
     return inplace_kv.session(proto, model_path, providers or default_providers(), session_options)
+
+
+def _rewrite_attention(proto, prompt: bool = True) -> int:
+    """Load-time attention rewrites of ``proto`` (in place): one query row as grouped MatMuls (``decode_attention``),
+    a long prompt step in query blocks (``prompt_attention``; only a graph that runs prompt steps, ``prompt``).
+    Returns how many nodes changed."""
+    count = prompt_attention.rewrite(proto) if prompt and prompt_attention.ENABLED else 0  # takes the T = 1 branch too
+    return count + (decode_attention.rewrite(proto) if decode_attention.ENABLED else 0)
 
 
 def _check_names(session, model_path, input_names, output_names) -> None:
