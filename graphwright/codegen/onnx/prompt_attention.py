@@ -84,13 +84,16 @@ def _loop(prefix: str, trips: str, body_nodes: list, item: str, out: str, axis: 
             helper.make_node("Loop", [trips, "", n("seq0")], [n("seq")], body=body, name=n("loop")), concat]
 
 
-def _rows(prefix: str, T_s: str, block: int) -> tuple[list, list]:
-    """Main-graph nodes (constants, ``trips`` = ceil(T / block), ``long`` = T > block) and the loop body's first nodes
-    (``a``/``b``: rows [a, b) of iteration ``i``; ``a1``/``b1`` as [1] tensors)."""
+def _rows(prefix: str, T: str, block: int) -> tuple[list, list]:
+    """Main-graph nodes (constants, ``T_s`` = the row count ``T`` [1] as a scalar, ``trips`` = ceil(T / block),
+    ``long`` = T > block) and the loop body's first nodes (``a``/``b``: rows [a, b) of iteration ``i``; ``a1``/``b1``
+    as [1] tensors)."""
     from onnx import helper
 
     n = lambda s: f"{prefix}{s}"  # noqa: E731
-    outer = [_const(n("zero1"), [0]), _const(n("one1"), [1]), _const(n("axis_m2"), [-2]),
+    T_s = n("T_s")
+    outer = [_const(n("zero1"), [0]), helper.make_node("Squeeze", [T, n("zero1")], [T_s]),
+             _const(n("one1"), [1]), _const(n("axis_m2"), [-2]),
              _const(n("block_s"), [block], []), _const(n("block_less1"), [block - 1], []),
              helper.make_node("Add", [T_s, n("block_less1")], [n("t_up")]),
              helper.make_node("Div", [n("t_up"), n("block_s")], [n("trips")]),
@@ -117,15 +120,15 @@ def _attention(node, inputs, output, name):
     return a
 
 
-def _attention_nodes(node, g: row_cone.Graph, prefix: str, block: int, grouped: bool) -> list:
-    """``node``'s replacement (module docstring): the mask's row-wise cone is recomputed per block in the loop and
-    copied whole into the branches that read every row, so the main graph no longer builds the [., T, S] mask."""
+def _attention_nodes(node, found, g: row_cone.Graph, prefix: str, block: int, grouped: bool) -> list:
+    """``node``'s replacement (module docstring): the mask's row-wise cone ``found`` (``row_cone.cone``) is recomputed
+    per block in the loop and copied whole into the branches that read every row, so the main graph no longer builds
+    the [., T, S] mask."""
     from onnx import helper
 
     q, k, v, mask = node.input
     n = lambda s: f"{prefix}{s}"  # noqa: E731 - names local to this node
-    found = row_cone.cone(mask, g) or ([], [mask])
-    outer, body = _rows(prefix, n("T_s"), block)
+    outer, body = _rows(prefix, n("T"), block)
     rows, ren = row_cone.rows_nodes(found, g, n("r_"), n("a1"), n("b1"), n("one1"), n("zero1"), n("axis_m2"))
     mrows = ren.get(mask, mask)
     body += rows + [  # keys [0, e): the causal edge S - T + b, or S when a row of the block sees a key past it
@@ -146,10 +149,7 @@ def _attention_nodes(node, g: row_cone.Graph, prefix: str, block: int, grouped: 
     long_ = _branch(_loop(prefix, n("trips"), body, n("yb"), n("blocked_y"), axis=2), n("blocked_y"), n("long"))
     prompt_out = n("prompt_y") if grouped else node.output[0]
     nodes = [helper.make_node("Shape", [q], [n("T")], start=2, end=3),
-             helper.make_node("Shape", [k], [n("S")], start=2, end=3),
-             *outer[:1],  # zero1
-             helper.make_node("Squeeze", [n("T"), n("zero1")], [n("T_s")]),
-             *outer[1:],
+             helper.make_node("Shape", [k], [n("S")], start=2, end=3), *outer,
              _const(n("axis2"), [2]), _const(n("axis3"), [3]),
              helper.make_node("Sub", [n("S"), n("T")], [n("s_minus_t")]),
              helper.make_node("Sub", [n("S"), n("one1")], [n("s_minus_1")])]
@@ -157,8 +157,7 @@ def _attention_nodes(node, g: row_cone.Graph, prefix: str, block: int, grouped: 
     if not grouped:
         return [*nodes, if_prompt]
     gfull, gren = row_cone.rows_nodes(found, g, n("g_"))
-    one_row = helper.make_node("Attention", [q, k, v, gren.get(mask, mask)], [node.output[0]], domain=node.domain)
-    one_row.attribute.extend(node.attribute)
+    one_row = _attention(node, [q, k, v, gren.get(mask, mask)], node.output[0], n("one_row"))
     decode = _branch([*gfull, *decode_attention._grouped_nodes(one_row, n("grouped_y"), n("d_"))], n("grouped_y"),
                      n("decode"))
     return [*nodes, helper.make_node("Equal", [n("T"), n("one1")], [n("is_decode")]),
@@ -178,7 +177,7 @@ def _additive_masks(nodes: list, g: row_cone.Graph, prefix: str) -> list:
     for nd in nodes:
         for i in nd.input:
             readers.setdefault(i, []).append(nd)
-    out, zero = [], f"{prefix}additive_zero"
+    out, zero, has_zero = [], f"{prefix}additive_zero", False
     for nd in nodes:
         fill = [j for j in (1, 2) if nd.op_type == "Where" and _is_lowest(g, nd.input[j])]
         rd = readers.get(nd.output[0], [])
@@ -187,8 +186,9 @@ def _additive_masks(nodes: list, g: row_cone.Graph, prefix: str) -> list:
             out.append(nd)
             continue
         c, low, x = nd.input[0], nd.input[fill[0]], nd.input[3 - fill[0]]
-        if not any(o.output[0] == zero for o in out):
+        if not has_zero:
             out.insert(0, helper.make_node("Constant", [], [zero], value=helper.make_tensor(zero, TensorProto.FLOAT, [], [0.0])))
+            has_zero = True
         bias = f"{nd.output[0]}_additive"
         out += [helper.make_node("Where", [c, low, zero] if fill[0] == 1 else [c, zero, low], [bias]),
                 helper.make_node("Add", [x, bias], [nd.output[0]])]
@@ -231,7 +231,7 @@ def _row_sum_nodes(node, found, g: row_cone.Graph, prefix: str, block: int) -> l
     n = lambda s: f"{prefix}{s}"  # noqa: E731 - names local to this node
     x, axes = node.input
     leaves = row_cone.row_leaves(found, g)
-    outer, body = _rows(prefix, n("T_s"), block)
+    outer, body = _rows(prefix, n("T"), block)
     rows, ren = row_cone.rows_nodes(found, g, n("r_"), n("a1"), n("b1"), n("one1"), n("zero1"), n("axis_m2"))
     body += [*_additive_masks(rows, g, n("r_")), helper.make_node("ReduceSum", [ren[x], axes], [n("part")], keepdims=0)]
     long_ = _branch([*_loop(prefix, n("trips"), body, n("part"), n("parts"), axis=None),
@@ -242,10 +242,8 @@ def _row_sum_nodes(node, found, g: row_cone.Graph, prefix: str, block: int) -> l
                     n("short"))
     keepdims = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "keepdims"), 1)
     out = n("summed") if keepdims else node.output[0]
-    nodes = [*outer[:1],
-             *(helper.make_node("Shape", [leaf], [n(f"rows{i}")], start=-2, end=-1) for i, leaf in enumerate(leaves)),
-             helper.make_node("Max", [n(f"rows{i}") for i in range(len(leaves))], [n("T")]),
-             helper.make_node("Squeeze", [n("T"), n("zero1")], [n("T_s")]), *outer[1:],
+    nodes = [*(helper.make_node("Shape", [leaf], [n(f"rows{i}")], start=-2, end=-1) for i, leaf in enumerate(leaves)),
+             helper.make_node("Max", [n(f"rows{i}") for i in range(len(leaves))], [n("T")]), *outer,
              helper.make_node("If", [n("long")], [out], name=n("if_long"), then_branch=long_, else_branch=short)]
     if keepdims:
         nodes.append(helper.make_node("Unsqueeze", [out, axes], [node.output[0]]))
@@ -277,9 +275,9 @@ def rewrite(model, block: int | None = None, grouped: bool | None = None) -> int
             new.append(node)
             continue
         g = g or row_cone.Graph(model)
-        found = row_cone.cone(node.input[3], g)
-        cones |= {o for nd in (found[0] if found else []) for o in nd.output}
-        new.extend(_attention_nodes(node, g, f"gw_prompt_attention{count}_", block, grouped))
+        found = row_cone.cone(node.input[3], g) or ([], [node.input[3]])  # no cone: the mask itself sliced per block
+        cones |= {o for nd in found[0] for o in nd.output}
+        new.extend(_attention_nodes(node, found, g, f"gw_prompt_attention{count}_", block, grouped))
         count += 1
     if count:
         new = row_cone.drop_unused(new, {o.name for o in graph.output}, cones)

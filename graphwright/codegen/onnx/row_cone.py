@@ -37,7 +37,6 @@ class Graph:
 
     def __init__(self, model):
         import onnx
-        from onnx import numpy_helper
 
         inferred = onnx.shape_inference.infer_shapes(model).graph
         self.producer = {o: nd for nd in model.graph.node for o in nd.output}
@@ -52,14 +51,15 @@ class Graph:
                 self.dims[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
         for name, t in self.consts.items():
             self.dims[name] = list(t.dims)
-        self._array = lambda name: numpy_helper.to_array(self.consts[name])
 
     def const_values(self, name):
         """The values of a small constant (a Reshape target), or None."""
+        from onnx import numpy_helper
+
         t = self.consts.get(name)
         if t is None or t.data_location == 1:  # external data: a weight, not a shape
             return None
-        return [int(x) for x in self._array(name).reshape(-1)]
+        return [int(x) for x in numpy_helper.to_array(t).reshape(-1)]
 
 
 def _row_inputs(node, g: Graph):
