@@ -11,7 +11,11 @@ sums in query blocks).
 
 ``--switch``: ``decode_attention`` (``codegen/onnx/decode_attention.ENABLED``: one-row attention as grouped MatMuls)
 ``inplace_kv`` (``codegen/onnx/inplace_kv.ENABLED``: the dense cache, or a decode graph's appended states, updated in place)
-or ``inplace_slots`` (``codegen/onnx/inplace_slots.ENABLED``: an evicting decode graph's slot K/V written in place). For each artifact it loads
+or ``inplace_slots`` (``codegen/onnx/inplace_slots.ENABLED``: an evicting decode graph's slot K/V written in place)
+or ``session_weights`` (``codegen/onnx/session_weights.ENABLED``: one mapped copy of the weights for the artifact's
+sessions, MatMul weights not prepacked) or ``state_order`` (``codegen/onnx/state_order.ENABLED``: a prompt step's
+state written before the next layer's attention) or ``prompt_rows`` (``codegen/onnx/prompt_rows.ENABLED``: the MLP
+of a long prompt step in row blocks). For each artifact it loads
 the artifact twice (switch off, then on; ORT threads not spinning, no memory arena, as ``bench_decode.py``), runs one
 prompt step of ``--prompt`` tokens of the shipped novel on each, then alternates ``--blocks`` blocks of ``--block``
 greedy decode steps between the two, each continuing its own state. Prints per side the median wall and process-CPU
@@ -35,7 +39,9 @@ from graphwright.bench.load import MachineLoad, wait_for_quiet
 
 SWITCHES = {"decode_attention": "graphwright.codegen.onnx.decode_attention", "inplace_kv": "graphwright.codegen.onnx.inplace_kv",
             "inplace_slots": "graphwright.codegen.onnx.inplace_slots",
-            "prompt_attention": "graphwright.codegen.onnx.prompt_attention"}
+            "prompt_attention": "graphwright.codegen.onnx.prompt_attention",
+            "session_weights": "graphwright.codegen.onnx.session_weights", "state_order": "graphwright.codegen.onnx.state_order",
+            "prompt_rows": "graphwright.codegen.onnx.prompt_rows"}
 
 
 def load(folder: Path, threads: int, switch: str, on: bool):
@@ -63,6 +69,8 @@ def load(folder: Path, threads: int, switch: str, on: bool):
 
         if on and not prompt_attention.rewrite(onnx.load(str(folder / "model.onnx"), load_external_data=False)):
             raise SystemExit(f"{folder}: no attention or column sum of model.onnx can run in query blocks")
+    if switch == "session_weights" and bool(m.weights and m.weights.mapped_bytes) != on:
+        raise SystemExit(f"{folder}: the weights are {'not mapped' if on else 'still mapped'}")
     if switch == "inplace_slots" and bool(m.step.decode and m.step.decode["alias"]) != on:
         why = "not written in place (a graph exported before decode_rows.SPLIT_ROWS?)" if on else "still in place"
         raise SystemExit(f"{folder}: slot states {why}")

@@ -23,10 +23,10 @@ class OnnxKVzipReplay(KVzipReplay):
 
     ``entry``: ``graphwright.json["kvzip"]`` (schema-checked); ``state_specs``: the artifact's state, in step order."""
 
-    def __init__(self, path, entry: dict, state_specs, providers=None, session_options=None):
+    def __init__(self, path, entry: dict, state_specs, providers=None, session_options=None, weights=None):
         # the notes from the artifact instead of the runtime graph (no latent layers: refused at export,
         # kvzip_export.check_exportable); the replay graph is the artifact's
         self._bind({"settings": dict(entry["settings"]), "layers": [list(r) for r in entry["layers"]],
                     "replay": dict(entry["replay"])}, state_specs)
         self.scales = {layer: float(s) for layer, s in zip(self.layers, entry["scales"])}
-        self._run = OnnxReplay(Path(path), entry, state_specs, providers, session_options)
+        self._run = OnnxReplay(Path(path), entry, state_specs, providers, session_options, weights)

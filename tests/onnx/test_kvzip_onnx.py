@@ -78,6 +78,8 @@ def test_kvzip_replay_in_onnx_runtime_keeps_the_torch_pairs(onnx_artifact):
     torch_stats = dict(cm.last_stats)
     assert torch.equal(rt.generate(ids, attention_mask=mask, **GEN), tokens)
     assert_onnx_cache_like_torch(torch_stats, rt.last_stats, meta, cm.info, 2)
+    shared = gw.load(out, share_weights=True)  # the replay graph reads the step's mapped weights (session_weights.py)
+    assert shared.weights.mapped_bytes > 0 and torch.equal(shared.generate(ids, attention_mask=mask, **GEN), tokens)
     assert torch_stats["kv_bytes"] < 0.7 * torch_stats["kv_bytes_dense"]  # it evicted
 
 

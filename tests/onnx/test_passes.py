@@ -180,6 +180,8 @@ def test_gemfilter_exports_its_selection_graph(exported):
     kept = cm.last_stats["gemfilter"]["kept_tokens"]
     got = rt.generate(ids, **kw)
     assert torch.equal(got, want) and rt.last_stats["gemfilter"]["kept_tokens"] == kept == [8, 8]
+    shared = gw.load(out, share_weights=True)  # the selection graph reads the step's mapped weights (session_weights.py)
+    assert shared.weights.mapped_bytes > 0 and torch.equal(shared.generate(ids, **kw), want)
     assert not torch.equal(got, _compiled("tiny-llama").generate(ids, **kw))
 
 

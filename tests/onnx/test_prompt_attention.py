@@ -213,3 +213,76 @@ def test_artifact_prompt_in_blocks_keeps_and_decodes_the_same(onnx_artifact, rec
             assert torch.equal(x, y)
     assert torch.equal(ta, tb)
     assert (la - lb).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("recipe", ["streaming(sinks=2, window=6)", "h2o(heavy=4, recent=4)"])
+def test_each_layers_state_is_written_before_the_next_layers_attention(onnx_artifact, recipe, monkeypatch):
+    """``state_order``: a state output computed before an attention ``If`` becomes its ancestor (ONNX Runtime can no
+    longer keep the layer's whole K/V alive to the end of the step); the step's values do not change."""
+    import onnx
+
+    from graphwright.codegen.onnx import state_order
+
+    cm, folder = onnx_artifact("tiny-llama", recipe)
+    proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    assert prompt_attention.rewrite(proto) == cm.step_graph.info.num_layers * (1 if recipe.startswith("streaming") else 2)
+    anchors = prompt_attention.anchors(proto)
+    order = [nd.name for nd in proto.graph.node if nd.name in anchors]
+    assert len(order) == cm.step_graph.info.num_layers
+    states = [o.name for o in proto.graph.output if o.name != "logits"]
+    assert state_order.rewrite(proto, anchors) == len(states) - len(states) // cm.step_graph.info.num_layers  # the last layer's wait for nothing
+    producer = {o: nd for nd in proto.graph.node for o in nd.output}
+
+    def ancestors(name, seen):
+        nd = producer.get(name)
+        if nd is None or name in seen:
+            return seen
+        seen.add(name)
+        for i in nd.input:
+            ancestors(i, seen)
+        return seen
+
+    second = next(nd for nd in proto.graph.node if nd.name == order[1])
+    before = ancestors(second.input[0], set())
+    assert all(s in before for s in states if s.startswith(("k0_", "v0_"))), states[:4]  # layer 0's state, then layer 1
+    assert not any(s in before for s in states if s.startswith(("k1_", "v1_")))
+    meta = json.loads((folder / "graphwright.json").read_text())
+    ids, mask = left_padded_batch(cm.step_graph.info.vocab_size, [12, 7], seed=5)
+    monkeypatch.setattr(prompt_attention, "BLOCK", 4)
+    runs = {}
+    for enabled in (False, True):
+        monkeypatch.setattr(state_order, "ENABLED", enabled)
+        step = OnnxStep.from_metadata(folder / "model.onnx", meta, providers=["CPUExecutionProvider"])
+        runs[enabled] = decode_loop(SimpleNamespace(step_graph=cm.step_graph, _step=step), ids, mask, 8)
+    (la, ta, sa), (lb, tb, sb) = runs[False], runs[True]
+    assert torch.equal(ta, tb) and torch.equal(la, lb)  # the same nodes in another order: the same values
+    assert all(torch.equal(x, y) for x, y in zip(sa, sb))
+
+
+def test_mlp_rows_in_blocks_give_the_same_step(onnx_artifact, monkeypatch):
+    """``prompt_rows``: every layer's MLP residual (not the attention's, whose branch reads the attention output) runs
+    in blocks of rows in a prompt-only graph; the same ops on the same rows, so the same values bit for bit."""
+    import onnx
+
+    from graphwright.codegen.onnx import prompt_rows
+
+    cm, folder = onnx_artifact("tiny-llama", "streaming(sinks=2, window=6)")
+    proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    assert prompt_rows.rewrite(proto, block=4) == cm.step_graph.info.num_layers
+    loops = [nd for nd in proto.graph.node if nd.name.startswith("gw_prompt_rows") and nd.op_type == "Loop"]
+    assert len(loops) == cm.step_graph.info.num_layers
+    # gate, up, down: once each, in the loop (a second copy would prepack its weights twice in ONNX Runtime)
+    assert all(sum(x.op_type == "MatMul" for x in nd.attribute[0].g.node) == 3 for nd in loops)
+    assert sum(nd.op_type == "MatMul" for nd in proto.graph.node) == sum(
+        nd.op_type == "MatMul" for nd in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node) - 3 * len(loops)
+    meta = json.loads((folder / "graphwright.json").read_text())
+    ids, mask = left_padded_batch(cm.step_graph.info.vocab_size, [12, 7], seed=6)
+    monkeypatch.setattr(prompt_rows, "BLOCK", 4)  # the 12-token prompt's MLP in 3 blocks of rows
+    runs = {}
+    for enabled in (False, True):
+        monkeypatch.setattr(prompt_rows, "ENABLED", enabled)
+        step = OnnxStep.from_metadata(folder / "model.onnx", meta, providers=["CPUExecutionProvider"])
+        runs[enabled] = decode_loop(SimpleNamespace(step_graph=cm.step_graph, _step=step), ids, mask, 8)
+    (la, ta, sa), (lb, tb, sb) = runs[False], runs[True]
+    assert torch.equal(ta, tb) and torch.equal(la, lb)
+    assert all(torch.equal(x, y) for x, y in zip(sa, sb))

@@ -25,7 +25,7 @@ import torch
 
 from ...capture.step_graph import ModelInfo, StateSpec
 from ...errors import GraphwrightError
-from . import decode_attention, inplace_kv, inplace_slots, prompt_attention
+from . import decode_attention, inplace_kv, inplace_slots, prompt_attention, prompt_rows, state_order
 
 METADATA = "graphwright.json"
 MODEL = "model.onnx"
@@ -88,17 +88,21 @@ class OnnxStep:
 
     def __init__(self, model_path, input_names, output_names, providers=None, session_options=None,
                  state_names=None, records=(), extras=None, decode=None, seq_dims=None, io_binding=True, state_kinds=None,
-                 prompt_capacity=None, growth=None):
+                 prompt_capacity=None, growth=None, weights=None):
         self.inplace, self.inplace_reason = None, "off (inplace_kv.ENABLED is False)"
+        # weights: a session_weights.ArtifactWeights, the weights file mapped once for every session of the artifact
+        self.weights = weights
         if inplace_kv.ENABLED:  # inplace_kv.py: a dense step appends by ScatterElements into capacity buffers
             proto, self.inplace_reason = _inplace_graph(model_path, providers, state_names, records, decode, seq_dims,
                                                         io_binding, state_kinds, prompt_capacity, growth)
             if proto is not None:
-                self.session = _proto_session(proto, model_path, providers, session_options)
+                self.session = _proto_session(proto, model_path, providers, session_options, weights=weights,
+                                              prompt_only=bool(decode))
                 _check_names(self.session, model_path, [*input_names, inplace_kv.WRITE_INDEX], output_names)
                 self.inplace = inplace_kv.Buffers(seq_dims, state_kinds)
         if self.inplace is None:
-            self.session = _session(model_path, input_names, output_names, providers, session_options)
+            self.session = _session(model_path, input_names, output_names, providers, session_options, weights=weights,
+                                    prompt_only=bool(decode))
         self.input_names = list(input_names)
         self.output_names = list(output_names)
         self.extras = dict(extras or {})
@@ -122,22 +126,23 @@ class OnnxStep:
             proto, idx, why = _inplace_decode(decode, providers, state_names, _cpu_binding(io_binding, providers),
                                               host, seq_dims, state_kinds)
             if proto is not None:  # inplace_kv.rewrite_decode: the appended states written in place
-                session = _proto_session(proto, decode["path"], providers, session_options, prompt=False)
+                session = _proto_session(proto, decode["path"], providers, session_options, prompt=False, weights=weights)
                 _check_names(session, decode["path"], [*inputs, inplace_kv.WRITE_INDEX], decode["outputs"])
                 inplace = (idx, inplace_kv.Buffers([seq_dims[i] for i in idx], [state_kinds[i] for i in idx]))
             else:
                 session, inplace = _session(decode["path"], inputs, decode["outputs"], providers, session_options,
-                                            prompt=False), None
+                                            prompt=False, weights=weights), None
             alias = _slot_aliases(decode, state_names, state_kinds) if _cpu_binding(io_binding, providers) else []
             self.decode = {"session": session, "outputs": list(decode["outputs"]), "alias": alias,
                            "alias_index": [i for i, n in enumerate(state_names or ()) if n in set(alias)],
                            "records": list(decode.get("runtime_ops") or ()), "capacity": dict(decode["capacity"]),
                            "host_inputs": host, "inputs": inputs, "inplace": inplace, "inplace_reason": why,
                            "exported": lambda: _session(decode["path"], inputs, decode["outputs"], providers, session_options,
-                                                        prompt=False)}
+                                                        prompt=False, weights=weights)}
 
     @classmethod
-    def from_metadata(cls, model_path, meta: dict, providers=None, session_options=None, io_binding=True) -> "OnnxStep":
+    def from_metadata(cls, model_path, meta: dict, providers=None, session_options=None, io_binding=True,
+                      weights=None) -> "OnnxStep":
         decode = meta.get("decode")
         decode = decode if decode and decode.get("model_file") else None
         if decode:
@@ -149,7 +154,7 @@ class OnnxStep:
                    extras={x["name"]: x["kind"] for x in meta.get("extra_inputs") or ()}, decode=decode,
                    seq_dims=[int(s["seq_dim"]) for s in meta["state"]], io_binding=io_binding,
                    state_kinds=[s.get("kind") for s in meta["state"]],
-                   prompt_capacity=(meta.get("prompt") or {}).get("capacity"), growth=packed_growth(meta))
+                   prompt_capacity=(meta.get("prompt") or {}).get("capacity"), growth=packed_growth(meta), weights=weights)
         from .metadata_schema import check_state_inputs
 
         check_state_inputs(step.session, meta["state"], model_path)
@@ -383,18 +388,21 @@ def _inplace_decode(decode, providers, state_names, io_binding, host, seq_dims, 
                                      dict(decode["capacity"]))
 
 
-def _session(model_path, input_names, output_names, providers, session_options, prompt: bool = True):
+def _session(model_path, input_names, output_names, providers, session_options, prompt: bool = True, weights=None,
+             prompt_only: bool = False):
     """An InferenceSession whose inputs/outputs are the ones ``graphwright.json`` lists; ``prompt``: the graph runs
-    prompt steps too (``model.onnx``; ``decode.onnx`` runs single-token steps only)."""
+    prompt steps too (``model.onnx``; ``decode.onnx`` runs single-token steps only); ``weights``: the artifact's mapped
+    weights (``session_weights.py``); ``prompt_only``: the graph runs no one-token steps (an artifact's ``model.onnx``
+    beside a ``decode.onnx``)."""
     import onnxruntime as ort
 
     session = None
-    if decode_attention.ENABLED or prompt_attention.ENABLED:  # the graph alone is rewritten, weights stay on disk
+    if decode_attention.ENABLED or prompt_attention.ENABLED or weights is not None:  # the graph alone is rewritten
         import onnx
 
         proto = onnx.load(str(model_path), load_external_data=False)
-        if _rewrite_attention(proto, prompt):
-            session = inplace_kv.session(proto, model_path, providers or default_providers(), session_options)
+        if _rewrite_attention(proto, prompt, prompt_only) or weights is not None:
+            session = inplace_kv.session(proto, model_path, providers or default_providers(), session_options, weights)
     if session is None:
         session = ort.InferenceSession(str(model_path), sess_options=session_options,
                                        providers=providers or default_providers())
@@ -402,18 +410,24 @@ def _session(model_path, input_names, output_names, providers, session_options, 
     return session
 
 
-def _proto_session(proto, model_path, providers, session_options, prompt: bool = True):
+def _proto_session(proto, model_path, providers, session_options, prompt: bool = True, weights=None,
+                   prompt_only: bool = False):
     """A session of a graph rewritten at load time (``inplace_kv``), its one-row attention grouped too
-    (``decode_attention``); the weights are read from ``model_path``'s folder."""
-    _rewrite_attention(proto, prompt)
-    return inplace_kv.session(proto, model_path, providers or default_providers(), session_options)
+    (``decode_attention``); the weights are read from ``model_path``'s folder, or mapped once (``weights``)."""
+    _rewrite_attention(proto, prompt, prompt_only)
+    return inplace_kv.session(proto, model_path, providers or default_providers(), session_options, weights)
 
 
-def _rewrite_attention(proto, prompt: bool = True) -> int:
+def _rewrite_attention(proto, prompt: bool = True, prompt_only: bool = False) -> int:
     """Load-time attention rewrites of ``proto`` (in place): one query row as grouped MatMuls (``decode_attention``),
-    a long prompt step in query blocks (``prompt_attention``; only a graph that runs prompt steps, ``prompt``).
-    Returns how many nodes changed."""
+    a long prompt step in query blocks (``prompt_attention``; only a graph that runs prompt steps, ``prompt``), each
+    layer's state written before the next layer's attention (``state_order``), and the MLP of a long prompt step in row
+    blocks (``prompt_rows``; only a graph that runs no one-token steps, ``prompt_only``). Returns how many nodes changed."""
     count = prompt_attention.rewrite(proto) if prompt and prompt_attention.ENABLED else 0  # takes the T = 1 branch too
+    if count and state_order.ENABLED:  # each layer's state written before the next layer's attention
+        state_order.rewrite(proto, prompt_attention.anchors(proto))
+    if prompt_only and prompt_rows.ENABLED:  # the MLP of a long prompt step in row blocks
+        count += prompt_rows.rewrite(proto)
     return count + (decode_attention.rewrite(proto) if decode_attention.ENABLED else 0)
 
 

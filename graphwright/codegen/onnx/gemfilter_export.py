@@ -73,13 +73,14 @@ def export_selection(cm, out: Path, opset: int, external_data: bool) -> dict:
 class OnnxSelection:
     """The exported selection graph as a function ``(input_ids, attention_mask) -> kept ids per row``."""
 
-    def __init__(self, path: Path, entry: dict, state_specs, providers=None, session_options=None):
-        import onnxruntime as ort
+    def __init__(self, path: Path, entry: dict, state_specs, providers=None, session_options=None, weights=None):
+        from .session_weights import file_session
 
         self.entry = entry
         self.state_specs = state_specs
-        self.session = ort.InferenceSession(str(path / entry["model_file"]), sess_options=session_options,
-                                            providers=providers or ["CPUExecutionProvider"])
+        # weights: the artifact's mapped weights (session_weights.py), shared with the step's sessions
+        self.session = file_session(path / entry["model_file"], session_options, providers or ["CPUExecutionProvider"],
+                                    weights)
         self.input_names = [i.name for i in self.session.get_inputs()]  # unused state inputs may be pruned
 
     def scores(self, input_ids, attention_mask) -> torch.Tensor:

@@ -61,6 +61,8 @@ from pathlib import Path
 
 import torch
 
+from . import session_weights
+
 ENABLED = True  # False: dense ONNX steps append with the exported Concat graph (a copy per step)
 # The decode graph's growing states (``rewrite_decode``: DuoAttention's retrieval heads and the shared key positions,
 # next to its fixed-capacity streaming caches) appended in place too (session 13). False: decode.onnx as exported.
@@ -260,8 +262,9 @@ def _check_readers(name: str, kind: str, consumers: dict, dim: int | None = None
     return None
 
 
-def session(model_proto, model_path, providers, session_options):
-    """An InferenceSession of the rewritten graph, its external data read from ``model_path``'s folder."""
+def session(model_proto, model_path, providers, session_options, weights=None):
+    """An InferenceSession of the rewritten graph, its external data read from ``model_path``'s folder, or given by
+    ``weights`` (``session_weights.ArtifactWeights``: one mapped copy shared by the artifact's sessions)."""
     import onnxruntime as ort
 
     so = session_options if session_options is not None else ort.SessionOptions()
@@ -274,6 +277,8 @@ def session(model_proto, model_path, providers, session_options):
     if before != folder:  # set already by this artifact's other graph: ORT would warn that it overwrites it
         so.add_session_config_entry(key, folder)
     try:
+        if weights is not None and session_weights.prepack_off(so):
+            weights.attach(model_proto, so)
         return ort.InferenceSession(model_proto.SerializeToString(), sess_options=so, providers=providers)
     finally:
         if before is not None and before != folder:  # a caller's options keep their own folder (a bytes model needs this one)

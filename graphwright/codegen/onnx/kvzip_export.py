@@ -98,13 +98,13 @@ class OnnxReplay:
     """The exported replay graph as the torch replay's function: ``(input_ids, positions, logits_index, *state)``
     -> [q, k, k_pos per layer] (torch tensors, CPU)."""
 
-    def __init__(self, path: Path, entry: dict, state_specs, providers=None, session_options=None):
-        import onnxruntime as ort
-
+    def __init__(self, path: Path, entry: dict, state_specs, providers=None, session_options=None, weights=None):
         from .artifact import default_providers
+        from .session_weights import file_session
 
-        self.session = ort.InferenceSession(str(Path(path) / entry["model_file"]), sess_options=session_options,
-                                            providers=providers or default_providers())
+        # weights: the artifact's mapped weights (session_weights.py), shared with the step's sessions
+        self.session = file_session(Path(path) / entry["model_file"], session_options, providers or default_providers(),
+                                    weights)
         got = [o.name for o in self.session.get_outputs()]
         if got != list(entry["outputs"]):
             raise GraphwrightError(f"{Path(path) / entry['model_file']}: outputs {got[:6]} do not match graphwright.json "

@@ -284,3 +284,9 @@ def rewrite(model, block: int | None = None, grouped: bool | None = None) -> int
         del graph.node[:]
         graph.node.extend(new)
     return count
+
+
+def anchors(model) -> set:
+    """The main-graph nodes ``rewrite`` made to run each layer's attention (an ``If`` on T == 1 or T > BLOCK), for
+    ``state_order``."""
+    return {nd.name for nd in model.graph.node if nd.op_type == "If" and nd.name.startswith("gw_prompt_attention")}

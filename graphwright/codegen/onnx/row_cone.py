@@ -11,6 +11,7 @@ of their row-bearing inputs:
   there (broadcast); a lower-rank input has no row axis;
 * ``Softmax`` / ``LogSoftmax`` over the last axis;
 * ``MatMul``: its output rows are input 0's rows (input 1, the keys, is read whole);
+* ``RMSNormalization`` / ``LayerNormalization`` over the last axis (one output: no saved statistics);
 * ``Unsqueeze`` of new axes before the last two;
 * ``Reshape`` by a constant shape that copies the last two axes (``0, 0`` with ``allowzero`` 0, the same rank in and
   out): ``[B, Hk, T, S] -> [-1, 1, 0, 0]`` folds heads into the batch.
@@ -77,6 +78,10 @@ def _row_inputs(node, g: Graph):
         return [node.input[0]] if axis == -1 or (rank and axis == rank - 1) else None
     if op == "MatMul":
         return [node.input[0]]
+    if op in ("RMSNormalization", "LayerNormalization"):  # over the last axis only: its scale/bias have no row axis
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), -1)
+        rank = len(g.dims.get(node.input[0]) or [])
+        return [node.input[0]] if len(node.output) == 1 and (axis == -1 or (rank and axis == rank - 1)) else None
     if op == "Unsqueeze":  # new axes before the last two: rows and columns stay the last two axes
         axes, rank_in = g.const_values(node.input[1]) if len(node.input) > 1 else None, g.dims.get(node.input[0])
         if axes is None or rank_in is None:

@@ -6,7 +6,8 @@ bytes (names may differ: the exporter names folded constants such as transposed 
 second graph to the location, offset and length of a first-graph initializer with the same bytes
 (matched by SHA-256 and length, then compared byte for byte), and deletes the
 second data file when every initializer moved (else both files stay as written: nothing is
-shared unless all of it is). Disk only: each ONNX Runtime session still loads its own copy.
+shared unless all of it is). This is the disk; in memory, ``session_weights.py`` maps the file once for every
+session of the artifact.
 
 ``save_sharing`` does the same before the second graph is written, so its weights are never
 written at all: each in-memory initializer of at least ``MIN_SHARED_BYTES`` is matched (length,
