@@ -246,16 +246,22 @@ def test_each_layers_state_is_written_before_the_next_layers_attention(onnx_arti
     before = ancestors(second.input[0], set())
     assert all(s in before for s in states if s.startswith(("k0_", "v0_"))), states[:4]  # layer 0's state, then layer 1
     assert not any(s in before for s in states if s.startswith(("k1_", "v1_")))
-    meta = json.loads((folder / "graphwright.json").read_text())
-    ids, mask = left_padded_batch(cm.step_graph.info.vocab_size, [12, 7], seed=5)
     monkeypatch.setattr(prompt_attention, "BLOCK", 4)
+    _assert_switch_changes_no_value(cm, folder, state_order, monkeypatch, seed=5)  # the same nodes in another order
+
+
+def _assert_switch_changes_no_value(cm, folder, module, monkeypatch, seed):
+    """A left-padded prompt and 8 greedy steps through ``OnnxStep`` with ``module.ENABLED`` off and on: the same logits,
+    tokens and final state, bit for bit."""
+    meta = json.loads((folder / "graphwright.json").read_text())
+    ids, mask = left_padded_batch(cm.step_graph.info.vocab_size, [12, 7], seed=seed)
     runs = {}
     for enabled in (False, True):
-        monkeypatch.setattr(state_order, "ENABLED", enabled)
+        monkeypatch.setattr(module, "ENABLED", enabled)
         step = OnnxStep.from_metadata(folder / "model.onnx", meta, providers=["CPUExecutionProvider"])
         runs[enabled] = decode_loop(SimpleNamespace(step_graph=cm.step_graph, _step=step), ids, mask, 8)
     (la, ta, sa), (lb, tb, sb) = runs[False], runs[True]
-    assert torch.equal(ta, tb) and torch.equal(la, lb)  # the same nodes in another order: the same values
+    assert torch.equal(ta, tb) and torch.equal(la, lb)
     assert all(torch.equal(x, y) for x, y in zip(sa, sb))
 
 
@@ -275,14 +281,5 @@ def test_mlp_rows_in_blocks_give_the_same_step(onnx_artifact, monkeypatch):
     assert all(sum(x.op_type == "MatMul" for x in nd.attribute[0].g.node) == 3 for nd in loops)
     assert sum(nd.op_type == "MatMul" for nd in proto.graph.node) == sum(
         nd.op_type == "MatMul" for nd in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node) - 3 * len(loops)
-    meta = json.loads((folder / "graphwright.json").read_text())
-    ids, mask = left_padded_batch(cm.step_graph.info.vocab_size, [12, 7], seed=6)
     monkeypatch.setattr(prompt_rows, "BLOCK", 4)  # the 12-token prompt's MLP in 3 blocks of rows
-    runs = {}
-    for enabled in (False, True):
-        monkeypatch.setattr(prompt_rows, "ENABLED", enabled)
-        step = OnnxStep.from_metadata(folder / "model.onnx", meta, providers=["CPUExecutionProvider"])
-        runs[enabled] = decode_loop(SimpleNamespace(step_graph=cm.step_graph, _step=step), ids, mask, 8)
-    (la, ta, sa), (lb, tb, sb) = runs[False], runs[True]
-    assert torch.equal(ta, tb) and torch.equal(la, lb)
-    assert all(torch.equal(x, y) for x, y in zip(sa, sb))
+    _assert_switch_changes_no_value(cm, folder, prompt_rows, monkeypatch, seed=6)

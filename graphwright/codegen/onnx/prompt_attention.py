@@ -280,9 +280,7 @@ def rewrite(model, block: int | None = None, grouped: bool | None = None) -> int
         new.extend(_attention_nodes(node, found, g, f"gw_prompt_attention{count}_", block, grouped))
         count += 1
     if count:
-        new = row_cone.drop_unused(new, {o.name for o in graph.output}, cones)
-        del graph.node[:]
-        graph.node.extend(new)
+        row_cone.replace_nodes(graph, new, cones)
     return count
 
 

@@ -77,7 +77,5 @@ def rewrite(model, block: int | None = None) -> int:
         new.extend(_blocked(node, x, cone, g, f"gw_prompt_rows{count}_", block))
         count += 1
     if count:
-        new = row_cone.drop_unused(new, {o.name for o in graph.output}, cones)
-        del graph.node[:]
-        graph.node.extend(new)
+        row_cone.replace_nodes(graph, new, cones)
     return count

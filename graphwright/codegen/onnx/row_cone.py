@@ -174,6 +174,13 @@ def drop_unused(nodes: list, graph_outputs: set, candidates: set) -> list:
         nodes = keep
 
 
+def replace_nodes(graph, nodes: list, candidates: set) -> None:
+    """Set ``graph``'s nodes to ``nodes`` after ``drop_unused`` (a rewrite's cone nodes that nothing reads any more)."""
+    nodes = drop_unused(nodes, {o.name for o in graph.output}, candidates)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
 def _reads(nodes) -> set:
     """Every value the nodes read, their subgraphs' reads included."""
     out = set()
