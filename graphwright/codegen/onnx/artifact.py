@@ -401,7 +401,7 @@ def _session(model_path, input_names, output_names, providers, session_options, 
         import onnx
 
         proto = onnx.load(str(model_path), load_external_data=False)
-        if _rewrite_attention(proto, prompt, prompt_only) or weights is not None:
+        if _load_rewrites(proto, prompt, prompt_only) or weights is not None:
             session = inplace_kv.session(proto, model_path, providers or default_providers(), session_options, weights)
     if session is None:
         session = ort.InferenceSession(str(model_path), sess_options=session_options,
@@ -414,12 +414,12 @@ def _proto_session(proto, model_path, providers, session_options, prompt: bool =
                    prompt_only: bool = False):
     """A session of a graph rewritten at load time (``inplace_kv``), its one-row attention grouped too
     (``decode_attention``); the weights are read from ``model_path``'s folder, or mapped once (``weights``)."""
-    _rewrite_attention(proto, prompt, prompt_only)
+    _load_rewrites(proto, prompt, prompt_only)
     return inplace_kv.session(proto, model_path, providers or default_providers(), session_options, weights)
 
 
-def _rewrite_attention(proto, prompt: bool = True, prompt_only: bool = False) -> int:
-    """Load-time attention rewrites of ``proto`` (in place): one query row as grouped MatMuls (``decode_attention``),
+def _load_rewrites(proto, prompt: bool = True, prompt_only: bool = False) -> int:
+    """The load-time rewrites of ``proto`` (in place): one query row as grouped MatMuls (``decode_attention``),
     a long prompt step in query blocks (``prompt_attention``; only a graph that runs prompt steps, ``prompt``), each
     layer's state written before the next layer's attention (``state_order``), and the MLP of a long prompt step in row
     blocks (``prompt_rows``; only a graph that runs no one-token steps, ``prompt_only``). Returns how many nodes changed."""
