@@ -258,7 +258,7 @@ def load(path, providers=None, session_options=None, io_binding: bool = True, ve
     ``model.onnx`` run (``prompt_chunking``: by default 512 where that is exact, else one step). ``share_weights``: an
     artifact that runs more than one graph (an evicting recipe's ``decode.onnx``, GemFilter's selection, KVzip's
     replay) maps its weights file once for all of their sessions instead of one copy each (``codegen/onnx/
-    session_weights.py``): 430 MB less for SmolLM2-135M, decode steps ~13% slower (MatMul weights not prepacked);
+    session_weights.py``): ~420 MB lower peak for SmolLM2-135M at 8k, decode steps ~13% slower (MatMul weights not prepacked);
     None: ``session_weights.ENABLED`` (off)."""
     return OnnxModel(path, providers=providers, session_options=session_options, io_binding=io_binding,
                      verify_hashes=verify_hashes, allow_unverified=allow_unverified, prompt_chunk=prompt_chunk,

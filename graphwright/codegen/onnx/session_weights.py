@@ -24,8 +24,8 @@ uses that memory as is and reads nothing from the file itself. Two consequences,
 Opt-in (``graphwright.load(path, share_weights=True)``; ``ENABLED`` is the default when the argument is None, off),
 because it is a trade, measured on SmolLM2-135M at 8k/4k prompts (README "Decode speed", session 23):
 
-- memory: loading the ``streaming`` artifact takes 408 MB instead of 1,252, and its 8k generation peaks at 2,430 MB
-  instead of 2,859 (``bench/peak_rss.py --shared-weights on|off``; dense: 2,316, one session, nothing to share);
+- memory: loading the ``streaming`` artifact takes 411 MB instead of 1,255, and its 8k generation peaks at 1,839 MB
+  instead of 2,262 (``bench/peak_rss.py --shared-weights on|off``; dense: 2,190, one session, nothing to share);
 - speed: decode steps are 12-13% slower (``bench/ab_onnx_switch.py --switch session_weights``: MLAS packs each
   unprepacked weight per one-row call) and prompt steps 12% faster (a 2k StreamingLLM prompt step).
 

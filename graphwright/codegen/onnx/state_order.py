@@ -4,8 +4,8 @@ Why. ONNX Runtime runs a graph in an order of its own choosing among the topolog
 artifact's prompt step it left the nodes that write each layer's kept slots (``prompt_slots.py``: a TopK and gathers
 over the layer's whole K/V) until the end of the graph. Every layer's whole-prompt K and V then stayed alive until
 then: on SmolLM2-135M's 8,064-token StreamingLLM prompt step, 30 x 11.8 MB, and the step's resident peak grew by
-~13 MB per layer to +0.9 GB (a simulation of ONNX Runtime's own order from its profile put 350 MB of it in those
-K/V concatenations; ``bench/peak_rss.py`` measures the effect).
+~13 MB per layer to +0.9 GB (a simulation of ONNX Runtime's own order from its profile still had those K/V
+concatenations alive near the peak; ``bench/peak_rss.py`` measures the effect).
 
 What. ``rewrite(model, anchors)``: for every graph output that the main graph computes before an anchor node (the
 attention nodes ``prompt_attention`` wrote, in graph order), the first such anchor after it gets a data dependency on
