@@ -15,7 +15,8 @@ or ``inplace_slots`` (``codegen/onnx/inplace_slots.ENABLED``: an evicting decode
 or ``session_weights`` (``codegen/onnx/session_weights.ENABLED``: one mapped copy of the weights for the artifact's
 sessions, MatMul weights not prepacked) or ``state_order`` (``codegen/onnx/state_order.ENABLED``: a prompt step's
 state written before the next layer's attention) or ``prompt_rows`` (``codegen/onnx/prompt_rows.ENABLED``: the MLP
-of a long prompt step in row blocks). For each artifact it loads
+of a long prompt step in row blocks) or ``causal_columns`` (``codegen/onnx/prompt_attention.CAUSAL_COLUMNS``: a blocked
+column sum reads only the keys before each block's causal edge). For each artifact it loads
 the artifact twice (switch off, then on; ORT threads not spinning, no memory arena, as ``bench_decode.py``), runs one
 prompt step of ``--prompt`` tokens of the shipped novel on each, then alternates ``--blocks`` blocks of ``--block``
 greedy decode steps between the two, each continuing its own state. Prints per side the median wall and process-CPU
@@ -41,22 +42,25 @@ SWITCHES = {"decode_attention": "graphwright.codegen.onnx.decode_attention", "in
             "inplace_slots": "graphwright.codegen.onnx.inplace_slots",
             "prompt_attention": "graphwright.codegen.onnx.prompt_attention",
             "session_weights": "graphwright.codegen.onnx.session_weights", "state_order": "graphwright.codegen.onnx.state_order",
-            "prompt_rows": "graphwright.codegen.onnx.prompt_rows"}
+            "prompt_rows": "graphwright.codegen.onnx.prompt_rows",
+            "causal_columns": "graphwright.codegen.onnx.prompt_attention:CAUSAL_COLUMNS"}
 
 
-def load(folder: Path, threads: int, switch: str, on: bool):
+def load(folder: Path, threads: int, switch: str, on: bool, arena: bool = False):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.enable_cpu_mem_arena = False  # as bench_decode.py
+    so.enable_cpu_mem_arena = arena  # off as bench_decode.py (--arena on: as graphwright.load's default options)
     so.intra_op_num_threads = threads
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # bench_decode.py --ort-spin off
-    module = importlib.import_module(SWITCHES[switch])
-    default, module.ENABLED = module.ENABLED, on
+    path, _, attr = SWITCHES[switch].partition(":")
+    module, attr = importlib.import_module(path), attr or "ENABLED"
+    default = getattr(module, attr)
+    setattr(module, attr, on)
     try:
         m = gw.load(folder, session_options=so)
     finally:
-        module.ENABLED = default
+        setattr(module, attr, default)
     if switch == "inplace_kv":  # the dense step graph's cache, or a decode graph's appended states (rewrite_decode)
         d = m.step.decode
         got, why = (m.step.inplace, m.step.inplace_reason) if d is None else (d["inplace"], d["inplace_reason"])
@@ -84,7 +88,8 @@ def prompt_ids(tokenizer, n: int):
 
 def ab(folder: Path, args) -> dict:
     """Alternating decode blocks of the artifact with the switch off and on; plain data."""
-    models = {"off": load(folder, args.threads, args.switch, False), "on": load(folder, args.threads, args.switch, True)}
+    models = {"off": load(folder, args.threads, args.switch, False, args.arena == "on"),
+              "on": load(folder, args.threads, args.switch, True, args.arena == "on")}
     ids = prompt_ids(models["on"].tokenizer, args.prompt)
     run = {}
     with torch.inference_mode():
@@ -120,7 +125,8 @@ def ab_prompt(folder: Path, args) -> dict:
     resident increase of each step (``PeakMemory``) and whether both sides return the same logits and state."""
     from graphwright.bench.memory import PeakMemory
 
-    models = {"off": load(folder, args.threads, args.switch, False), "on": load(folder, args.threads, args.switch, True)}
+    models = {"off": load(folder, args.threads, args.switch, False, args.arena == "on"),
+              "on": load(folder, args.threads, args.switch, True, args.arena == "on")}
     ids = prompt_ids(models["on"].tokenizer, args.prompt)
     run = {k: {"wall": [], "cpu": [], "peak": []} for k in models}
     before = wait_for_quiet(max_foreign=0.10, timeout_s=60.0, poll_s=5.0)
@@ -155,13 +161,15 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", type=int, default=6)
     p.add_argument("--block", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--arena", choices=["on", "off"], default="off",
+                   help="ORT's CPU memory arena (default off, as bench_decode.py; graphwright.load's own default is on)")
     p.add_argument("--prompt-steps", type=int, default=0,
                    help="time N alternating prompt steps per side instead of decode steps (prompt_attention)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     what = (f"{args.prompt_steps} alternating prompt steps per side" if args.prompt_steps else
             f"{args.blocks} alternating blocks of {args.block} decode steps")
-    print(f"switch {args.switch}: prompt {args.prompt}, {what}, {args.threads} threads", flush=True)
+    print(f"switch {args.switch}: prompt {args.prompt}, {what}, {args.threads} threads, ORT arena {args.arena}", flush=True)
     for folder in args.artifacts:
         if args.prompt_steps:
             r = ab_prompt(folder, args)

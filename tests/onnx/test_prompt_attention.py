@@ -167,6 +167,57 @@ def test_blocked_column_sums_equal_the_one_shot_sum():
     assert where.input[2] != "ss" and where.input[1] == "lowest"
 
 
+def _with_block_edges(model):
+    """``model`` (rewritten) with a second output ``edges``: the key columns ``e`` each block of the column sum's loop read."""
+    from onnx import TensorProto
+
+    branch = next(a.g for n in model.graph.node if n.op_type == "If" for a in n.attribute if a.name == "then_branch")
+    loop = next(n for n in branch.node if n.op_type == "Loop")
+    body = next(a.g for a in loop.attribute if a.name == "body")
+    e = next(n.output[0] for n in body.node if n.output[0].endswith("_e"))
+    body.output.append(helper.make_tensor_value_info(e, TensorProto.INT64, [1]))
+    loop.output.append("edges")
+    branch.output.append(helper.make_tensor_value_info("edges", TensorProto.INT64, None))
+    short = next(a.g for n in model.graph.node if n.op_type == "If" for a in n.attribute if a.name == "else_branch")
+    short.node.append(_const("no_edges", [0], [1, 1]))
+    short.output.append(helper.make_tensor_value_info("no_edges", TensorProto.INT64, None))
+    top_if = next(n for n in model.graph.node if n.op_type == "If")
+    top_if.output.append("edges")
+    model.graph.output.append(helper.make_tensor_value_info("edges", TensorProto.INT64, None))
+    return model
+
+
+def test_blocked_column_sums_stop_at_each_blocks_causal_edge(monkeypatch):
+    """A block of rows [a, b) computes the probabilities of keys [0, S - T + b) only and pads its sum with exact zeros:
+    the same sum bit for bit as every column; a block with a row that sees a later key (a left-padded batch's padding
+    rows see every valid key) reads all S."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(6)
+    T, S = 37, P + 37
+    for pad, want_edges in ((0, [13, 21, 29, 37, S]), (9, [S, S, 29, 37, S]), (T, [S] * 5)):
+        qpos, kpos = _positions(T, pad=pad)
+        if pad == T:
+            qpos = np.full_like(qpos, -1)  # every row a padding row: each sees every valid key
+        feeds = {"q": rng.standard_normal((2, HQ, T, D), dtype=np.float32),
+                 "k": rng.standard_normal((2, HK, S, D), dtype=np.float32), "qpos": qpos, "kpos": kpos}
+        sums = {}
+        for on in (True, False):
+            monkeypatch.setattr(prompt_attention, "CAUSAL_COLUMNS", on)
+            model = _colsum_model()
+            assert prompt_attention.rewrite(model, 8) == 1
+            sums[on] = _run(model, feeds)
+        assert np.array_equal(sums[True], sums[False]), pad
+        assert np.abs(sums[True] - _run(_colsum_model(), feeds)).max() < 1e-5
+        monkeypatch.setattr(prompt_attention, "CAUSAL_COLUMNS", True)
+        model = _colsum_model()
+        prompt_attention.rewrite(model, 8)
+        got = ort.InferenceSession(_with_block_edges(model).SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            ["y", "edges"], feeds)
+        assert np.array_equal(got[0], sums[True])
+        assert got[1].reshape(-1).tolist() == want_edges, pad
+
+
 def test_cone_stops_at_nodes_that_are_not_row_wise_and_needs_ranks():
     model = _colsum_model()
     g = row_cone.Graph(model)
@@ -176,6 +227,11 @@ def test_cone_stops_at_nodes_that_are_not_row_wise_and_needs_ranks():
     # the mask is rebuilt from the positions (an Unsqueeze before the last two axes keeps the rows)
     assert {"kp", "qp"} <= set(leaves) and "m5" not in leaves
     assert {n.op_type for n in nodes} >= {"MatMul", "Where", "Softmax", "Mul", "Cast", "Unsqueeze", "And", "Or"}
+    # the columns: the keys (MatMul input 1) and the key positions; not the queries, whose last axis is summed over
+    assert row_cone.column_tensors((nodes, leaves), g, "pw") == ["kp", "kt5"]
+    assert prompt_attention._softmax_mask((nodes, leaves), g, "pw") == ("hidden", True)
+    add = [helper.make_node("Add", ["p", "w"], ["pw"]) if nd.output[0] == "pw" else nd for nd in nodes]
+    assert prompt_attention._softmax_mask((add, leaves), g, "pw") is None  # p + w is not 0 where p is: every column
     g.dims.pop("qg")  # a leaf of unknown rank: the cone cannot be sliced
     assert row_cone.cone("pw", g) is None
 

@@ -25,10 +25,15 @@ What. ``rewrite(model)`` changes, in place, the main graph of a step (the artifa
   loop recomputes the block's rows of the mask, so no [., T, S] mask is ever whole in a long step;
 * every ``ReduceSum`` over the rows (axis -2) of a row-wise cone that holds a ``Softmax`` (the column sums of
   attention probabilities that H2O and SnapKV score with: ``prompt_slots.prompt_colsum``) becomes
-  ``If(T > BLOCK, the sum over blocks of each block's ReduceSum, ReduceSum)``, the probabilities recomputed per block
-  (over every key: the scores past the causal edge are still computed, then masked to exact zeros; so H2O's prompt
-  step stays ~5x slower than a dense prompt at 8k). In those copies a ``Where(c, lowest, x)`` read by the Softmax is
-  written as an additive mask (``_additive_masks``, bit-exact).
+  ``If(T > BLOCK, the sum over blocks of each block's ReduceSum, ReduceSum)``, the probabilities recomputed per block.
+  When they are a softmax of ``Where(c, lowest, scores)`` times query weights (``_softmax_mask``; H2O's), a block
+  computes only the key columns before its causal edge, as the attention blocks do: the tensors that bring the columns
+  (the keys, the key positions: ``row_cone.column_tensors``) are sliced to [0, e) and the block's sum is padded with
+  zeros to S. ``e`` is S - T + b when ``c`` hides every later column from every row of the block and each row sees an
+  earlier one (recomputed per block from ``c``'s boolean cone), else S (``CAUSAL_COLUMNS``; before it, every column was
+  computed and masked, and H2O's 8k prompt step took 1.79x as long: ``bench/results/decode/s24_ab_causal_columns_*``).
+  In those copies a ``Where(c, lowest, x)`` read by the Softmax is written as an additive mask (``_additive_masks``,
+  bit-exact).
 
 So a long step holds the scores of BLOCK query rows at a time, and the keys a block reads stop at the causal edge: in a
 graphwright step the new tokens are the last T keys, in order, so a query row t sees no key past index S - T + t. That
@@ -38,11 +43,15 @@ visible there (padding query rows of a left-padded batch see every valid key, fo
 Exactness: each query row gets the same masked softmax over the same visible keys; the keys dropped are masked for
 every row of the block, and a masked score contributes exactly 0. The attention output agreed bit for bit with the
 one-shot op on SmolLM2-135M's 4k StreamingLLM and SnapKV prompts; a column sum adds its per-block sums in another order
-(H2O's scores: ~1e-7 relative). Eligible Attention nodes are ``decode_attention``'s (``_eligible``: fp32 4-D q/k/v, a
-boolean [., 1, T, S] mask, no causal/softcap/output-mode attribute). Tested (``tests/onnx/test_prompt_attention.py``):
-the rewritten nodes against the op and the one-shot sum with T above and below BLOCK and T = 1, shared and per-KV-head
-masks, a left-padded batch and a past, the mask no longer built whole; the StreamingLLM, H2O and SnapKV tiny-Llama
-artifacts through ``OnnxStep`` with the rewrite off and on: the same kept positions, K/V, logits and greedy tokens.
+(H2O's scores: ~1e-7 relative). Cutting a block's columns at its edge changes no bit: a dropped column's probability is
+exp(lowest - max) = 0 in every row of the block (each row has a larger score), its weighted sum +0, and the pad adds +0
+(H2O's 8k prompt step on SmolLM2-135M: the same state and logits bit for bit, cut or not). Eligible Attention nodes
+are ``decode_attention``'s (``_eligible``: fp32 4-D q/k/v, a boolean [., 1, T, S] mask, no causal/softcap/output-mode
+attribute). Tested (``tests/onnx/test_prompt_attention.py``): the rewritten nodes against the op and the one-shot sum
+with T above and below BLOCK and T = 1, shared and per-KV-head masks, a left-padded batch and a past, the mask no longer
+built whole; the column sums cut at each block's edge equal the uncut ones bit for bit, with the edges each block read
+(S where a padding row sees later keys); the StreamingLLM, H2O and SnapKV tiny-Llama artifacts through ``OnnxStep``
+with the rewrite off and on: the same kept positions, K/V, logits and greedy tokens.
 """
 
 from __future__ import annotations
@@ -55,6 +64,9 @@ ENABLED = True  # False: a prompt step's attention runs as exported (A/B: bench/
 # (ORT's arena on, fresh process) ran in 28.3 s at 256 rows, 28.6 s at 128 and 34.5 s at 512 (peak +1,055 / +1,011 /
 # +1,210 MB), session 22
 BLOCK = 256
+# a blocked column sum of masked softmax probabilities computes only the key columns before each block's causal edge
+# (``_row_sum_nodes``); False: every column, masked to zeros (A/B: bench/ab_onnx_switch.py --switch causal_columns)
+CAUSAL_COLUMNS = True
 
 
 def _const(name, vals, dims=None):
@@ -223,17 +235,85 @@ def _row_sum_cone(node, g: row_cone.Graph):
     return found
 
 
+def _softmax_mask(found, g: row_cone.Graph, x: str):
+    """``(c, masked_if)`` when ``x`` is a last-axis ``Softmax`` of ``Where(c, lowest, s)`` (``masked_if`` True) or
+    ``Where(c, s, lowest)`` (False), times only factors that are not themselves made from the probabilities; else None.
+    Then a column that ``c`` masks for every row (each row seeing some other column) is exactly 0 in ``x``."""
+    nodes = found[0]
+    producer = {o: nd for nd in nodes for o in nd.output}
+    soft = [nd for nd in nodes if nd.op_type in ("Softmax", "LogSoftmax")]
+    if len(soft) != 1 or soft[0].op_type != "Softmax":
+        return None
+    down = {soft[0].output[0]}
+    for nd in nodes[nodes.index(soft[0]) + 1:]:
+        reads = [i for i in nd.input if i in down]
+        if not reads:
+            continue
+        if nd.op_type != "Mul" or len(reads) != 1:  # p * w is 0 where p is 0 (w: a query weight, finite)
+            return None
+        down.add(nd.output[0])
+    where = producer.get(soft[0].input[0])
+    if x not in down or where is None or where.op_type != "Where":
+        return None
+    fill = [j for j in (1, 2) if _is_lowest(g, where.input[j])]
+    return (where.input[0], fill[0] == 1) if len(fill) == 1 else None
+
+
+def _edge_nodes(found, g: row_cone.Graph, mask, n) -> list:
+    """Loop-body nodes for ``e`` [1], the key columns a block of rows [a1, b1) reads (``_row_sum_nodes``): the causal edge
+    S - T + b when the mask ``(c, masked_if)`` hides every column from it on for every row of the block and each row
+    sees a column before it, else S. ``c`` is recomputed for the block's rows over every column (boolean ops)."""
+    from onnx import helper
+
+    c, masked_if = mask
+    cone = row_cone.cone(c, g) or ([], [c])
+    rows, ren = row_cone.rows_nodes(cone, g, n("m_"), n("a1"), n("b1"), n("one1"), n("zero1"), n("axis_m2"))
+    seen = [helper.make_node("Not", [ren.get(c, c)], [n("seen")])] if masked_if else [
+        helper.make_node("Identity", [ren.get(c, c)], [n("seen")])]
+    return [*rows, *seen,
+            helper.make_node("Add", [n("b1"), n("s_minus_t")], [n("edge")]),
+            # columns from the edge on (the last column when the edge is S: ReduceMax refuses an empty bool set)
+            helper.make_node("Min", [n("edge"), n("s_minus_1")], [n("tail_start")]),
+            helper.make_node("Slice", [n("seen"), n("tail_start"), n("S"), n("axis_m1")], [n("tail")]),
+            helper.make_node("ReduceMax", [n("tail")], [n("sees_tail")], keepdims=0),
+            helper.make_node("Slice", [n("seen"), n("zero1"), n("edge"), n("axis_m1")], [n("head")]),
+            helper.make_node("ReduceMax", [n("head"), n("axis_m1")], [n("row_sees")], keepdims=0),
+            helper.make_node("Not", [n("row_sees")], [n("blind")]),
+            helper.make_node("ReduceMax", [n("blind")], [n("some_blind")], keepdims=0),
+            helper.make_node("Or", [n("sees_tail"), n("some_blind")], [n("every_key")]),
+            helper.make_node("Where", [n("every_key"), n("S"), n("edge")], [n("e")])]
+
+
 def _row_sum_nodes(node, found, g: row_cone.Graph, prefix: str, block: int) -> list:
     """``ReduceSum(x, rows)`` as ``If(T > block, the sum of per-block sums, ReduceSum)``, ``x``'s cone recomputed per
-    block: the [..., T, S] probabilities are never whole."""
+    block: the [..., T, S] probabilities are never whole. When ``x`` is masked softmax probabilities (``_softmax_mask``)
+    and its columns can be cut (``row_cone.column_tensors``), a block computes only the columns before its causal edge
+    (``_edge_nodes``) and pads its sum with zeros to S."""
     from onnx import helper
 
     n = lambda s: f"{prefix}{s}"  # noqa: E731 - names local to this node
     x, axes = node.input
     leaves = row_cone.row_leaves(found, g)
     outer, body = _rows(prefix, n("T"), block)
-    rows, ren = row_cone.rows_nodes(found, g, n("r_"), n("a1"), n("b1"), n("one1"), n("zero1"), n("axis_m2"))
-    body += [*_additive_masks(rows, g, n("r_")), helper.make_node("ReduceSum", [ren[x], axes], [n("part")], keepdims=0)]
+    mask = _softmax_mask(found, g, x) if CAUSAL_COLUMNS else None
+    cols = row_cone.column_tensors(found, g, x) if mask is not None else None
+    rank = len(g.dims.get(x) or [])
+    if cols and rank >= 2:
+        outer += [_const(n("axis_m1"), [-1]), *(helper.make_node("Shape", [t], [n(f"cols{i}")], start=-1) for i, t in enumerate(cols)),
+                  helper.make_node("Max", [n(f"cols{i}") for i in range(len(cols))], [n("S")]),
+                  helper.make_node("Sub", [n("S"), n("T")], [n("s_minus_t")]),
+                  helper.make_node("Sub", [n("S"), n("one1")], [n("s_minus_1")]),
+                  _const(n("pads_head"), [0] * (2 * rank - 3))]
+        body += _edge_nodes(found, g, mask, n)
+        rows, ren = row_cone.rows_nodes(found, g, n("r_"), n("a1"), n("b1"), n("one1"), n("zero1"), n("axis_m2"),
+                                        cols, n("e"), n("axis_m1"))
+        body += [*_additive_masks(rows, g, n("r_")), helper.make_node("ReduceSum", [ren[x], axes], [n("part_e")], keepdims=0),
+                 helper.make_node("Sub", [n("S"), n("e")], [n("pad_cols")]),
+                 helper.make_node("Concat", [n("pads_head"), n("pad_cols")], [n("pads")], axis=0),
+                 helper.make_node("Pad", [n("part_e"), n("pads")], [n("part")])]  # exact zeros past the edge
+    else:
+        rows, ren = row_cone.rows_nodes(found, g, n("r_"), n("a1"), n("b1"), n("one1"), n("zero1"), n("axis_m2"))
+        body += [*_additive_masks(rows, g, n("r_")), helper.make_node("ReduceSum", [ren[x], axes], [n("part")], keepdims=0)]
     long_ = _branch([*_loop(prefix, n("trips"), body, n("part"), n("parts"), axis=None),
                      helper.make_node("ReduceSum", [n("parts"), n("zero1")], [n("blocked_y")], keepdims=0)],
                     n("blocked_y"), n("long"))

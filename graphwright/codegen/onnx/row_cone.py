@@ -128,11 +128,12 @@ def row_leaves(found, g: Graph) -> list:
 
 
 def rows_nodes(found, g: Graph, prefix: str, a1: str | None = None, b1: str | None = None, one1: str = "",
-               zero1: str = "", axis_m2: str = "") -> tuple[list, dict]:
+               zero1: str = "", axis_m2: str = "", cols: tuple = (), e1: str = "", axis_m1: str = "") -> tuple[list, dict]:
     """The nodes that compute the cone's tensors for rows [a1, b1) inside a loop body, or (``a1`` None) for every
     row, a renamed copy for a branch; returns ``(nodes, renamed)``, ``renamed[name]`` the copy's name of a cone tensor
     (the target among them). ``one1``/``zero1``/``axis_m2``: names of int64 constants [1], [0] and [-2] the body can
-    read."""
+    read. ``cols``: tensors read (after their rows are sliced) only in columns [0, ``e1``) of their last axis
+    (``column_tensors``; ``axis_m1`` names an int64 [-1]): the copy then computes only those columns of the target."""
     from onnx import helper
 
     nodes, leaves = found
@@ -152,6 +153,9 @@ def rows_nodes(found, g: Graph, prefix: str, a1: str | None = None, b1: str | No
             start, end = p + "start", p + "end"
         out.append(helper.make_node("Slice", [leaf, start, end, axis_m2], [p + "rows"]))
         rename[leaf] = p + "rows"
+    for name in cols:  # columns [0, e1): a broadcast (size 1) last axis stays whole, as Slice clamps the end to it
+        out.append(helper.make_node("Slice", [rename.get(name, name), zero1, e1, axis_m1], [f"{prefix}{name}_cols"]))
+        rename[name] = f"{prefix}{name}_cols"
     for node in nodes:
         copy = helper.make_node(node.op_type, [rename.get(i, i) if i else "" for i in node.input],
                                 [f"{prefix}{o}" if o else "" for o in node.output], domain=node.domain)
@@ -161,6 +165,35 @@ def rows_nodes(found, g: Graph, prefix: str, a1: str | None = None, b1: str | No
                 rename[o] = f"{prefix}{o}"
         out.append(copy)
     return out, rename
+
+
+def column_tensors(found, g: Graph, target: str):
+    """The tensors from outside the cone whose last axis becomes ``target``'s last axis (its columns): walked back
+    through elementwise ops (every input), a last-axis ``Softmax``, ``MatMul`` (input 1: the keys' columns; input 0's
+    last axis is summed over), ``Unsqueeze`` and ``Reshape``; those of rank >= 1 whose last axis is not statically 1.
+    None when a node mixes columns otherwise (a last-axis normalisation, ``LogSoftmax``) or a rank is unknown."""
+    nodes = found[0]
+    made = {o for nd in nodes for o in nd.output}
+    col, out = {target}, []
+    for nd in reversed(nodes):
+        if nd.output[0] not in col:
+            continue
+        if nd.op_type in ELEMENTWISE:
+            reads = [i for i in nd.input if i]
+        elif nd.op_type in ("Softmax", "Unsqueeze", "Reshape"):
+            reads = [nd.input[0]]
+        elif nd.op_type == "MatMul":
+            reads = [nd.input[1]]
+        else:
+            return None
+        col.update(reads)
+    for name in sorted(col - made):
+        dims = g.dims.get(name)
+        if dims is None:
+            return None
+        if dims and dims[-1] != 1:
+            out.append(name)
+    return out
 
 
 def drop_unused(nodes: list, graph_outputs: set, candidates: set) -> list:
