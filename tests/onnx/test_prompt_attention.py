@@ -229,6 +229,10 @@ def test_cone_stops_at_nodes_that_are_not_row_wise_and_needs_ranks():
     assert {n.op_type for n in nodes} >= {"MatMul", "Where", "Softmax", "Mul", "Cast", "Unsqueeze", "And", "Or"}
     # the columns: the keys (MatMul input 1) and the key positions; not the queries, whose last axis is summed over
     assert row_cone.column_tensors((nodes, leaves), g, "pw") == ["kp", "kt5"]
+    # the key positions also read where their last axis is not the columns (as a MatMul's input 0): no cut
+    extra = helper.make_node("MatMul", ["kp", "kt5"], ["kp_mm"])
+    both = [*nodes[:-1], extra, helper.make_node("Mul", ["p", "kp_mm"], ["pw2"])]
+    assert row_cone.column_tensors((both, leaves), g, "pw2") is None
     assert prompt_attention._softmax_mask((nodes, leaves), g, "pw") == ("hidden", True)
     add = [helper.make_node("Add", ["p", "w"], ["pw"]) if nd.output[0] == "pw" else nd for nd in nodes]
     assert prompt_attention._softmax_mask((add, leaves), g, "pw") is None  # p + w is not 0 where p is: every column

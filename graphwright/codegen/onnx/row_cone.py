@@ -171,10 +171,12 @@ def column_tensors(found, g: Graph, target: str):
     """The tensors from outside the cone whose last axis becomes ``target``'s last axis (its columns): walked back
     through elementwise ops (every input), a last-axis ``Softmax``, ``MatMul`` (input 1: the keys' columns; input 0's
     last axis is summed over), ``Unsqueeze`` and ``Reshape``; those of rank >= 1 whose last axis is not statically 1.
-    None when a node mixes columns otherwise (a last-axis normalisation, ``LogSoftmax``) or a rank is unknown."""
+    None when a node mixes columns otherwise (a last-axis normalisation, ``LogSoftmax``), a tensor cut to its columns is
+    also read where its last axis is not the columns (MatMul's input 0, a node outside the column path), or a rank is
+    unknown."""
     nodes = found[0]
     made = {o for nd in nodes for o in nd.output}
-    col, out = {target}, []
+    col, out, reads_of = {target}, [], {}
     for nd in reversed(nodes):
         if nd.output[0] not in col:
             continue
@@ -186,7 +188,10 @@ def column_tensors(found, g: Graph, target: str):
             reads = [nd.input[1]]
         else:
             return None
+        reads_of[id(nd)] = set(reads)
         col.update(reads)
+    if any(i in col and i not in reads_of.get(id(nd), ()) for nd in nodes for i in nd.input if i):
+        return None
     for name in sorted(col - made):
         dims = g.dims.get(name)
         if dims is None:
