@@ -81,6 +81,11 @@ def load(folder: Path, threads: int, switch: str, on: bool, arena: bool = False)
     return m
 
 
+def _both(folder: Path, args) -> dict:
+    """The artifact loaded with the switch off, then on (``--arena`` as asked)."""
+    return {side: load(folder, args.threads, args.switch, side == "on", args.arena == "on") for side in ("off", "on")}
+
+
 def prompt_ids(tokenizer, n: int):
     text = (Path(gw.__file__).parent / "data" / "northangerabbey.txt").read_text(encoding="utf-8")
     return tokenizer(text[: 8 * n], return_tensors="pt", add_special_tokens=False).input_ids[:, :n]
@@ -88,8 +93,7 @@ def prompt_ids(tokenizer, n: int):
 
 def ab(folder: Path, args) -> dict:
     """Alternating decode blocks of the artifact with the switch off and on; plain data."""
-    models = {"off": load(folder, args.threads, args.switch, False, args.arena == "on"),
-              "on": load(folder, args.threads, args.switch, True, args.arena == "on")}
+    models = _both(folder, args)
     ids = prompt_ids(models["on"].tokenizer, args.prompt)
     run = {}
     with torch.inference_mode():
@@ -125,8 +129,7 @@ def ab_prompt(folder: Path, args) -> dict:
     resident increase of each step (``PeakMemory``) and whether both sides return the same logits and state."""
     from graphwright.bench.memory import PeakMemory
 
-    models = {"off": load(folder, args.threads, args.switch, False, args.arena == "on"),
-              "on": load(folder, args.threads, args.switch, True, args.arena == "on")}
+    models = _both(folder, args)
     ids = prompt_ids(models["on"].tokenizer, args.prompt)
     run = {k: {"wall": [], "cpu": [], "peak": []} for k in models}
     before = wait_for_quiet(max_foreign=0.10, timeout_s=60.0, poll_s=5.0)

@@ -296,24 +296,24 @@ def _row_sum_nodes(node, found, g: row_cone.Graph, prefix: str, block: int) -> l
     leaves = row_cone.row_leaves(found, g)
     outer, body = _rows(prefix, n("T"), block)
     mask = _softmax_mask(found, g, x) if CAUSAL_COLUMNS else None
-    cols = row_cone.column_tensors(found, g, x) if mask is not None else None
+    cols = (row_cone.column_tensors(found, g, x) if mask is not None else None) or ()
     rank = len(g.dims.get(x) or [])
-    if cols and rank >= 2:
+    cols = cols if rank >= 2 else ()  # the block's sum is padded back to S on its last axis
+    if cols:
         outer += [_const(n("axis_m1"), [-1]), *(helper.make_node("Shape", [t], [n(f"cols{i}")], start=-1) for i, t in enumerate(cols)),
                   helper.make_node("Max", [n(f"cols{i}") for i in range(len(cols))], [n("S")]),
                   helper.make_node("Sub", [n("S"), n("T")], [n("s_minus_t")]),
                   helper.make_node("Sub", [n("S"), n("one1")], [n("s_minus_1")]),
                   _const(n("pads_head"), [0] * (2 * rank - 3))]
         body += _edge_nodes(found, g, mask, n)
-        rows, ren = row_cone.rows_nodes(found, g, n("r_"), n("a1"), n("b1"), n("one1"), n("zero1"), n("axis_m2"),
-                                        cols, n("e"), n("axis_m1"))
-        body += [*_additive_masks(rows, g, n("r_")), helper.make_node("ReduceSum", [ren[x], axes], [n("part_e")], keepdims=0),
-                 helper.make_node("Sub", [n("S"), n("e")], [n("pad_cols")]),
+    rows, ren = row_cone.rows_nodes(found, g, n("r_"), n("a1"), n("b1"), n("one1"), n("zero1"), n("axis_m2"),
+                                    cols, n("e"), n("axis_m1"))
+    part = n("part_e") if cols else n("part")
+    body += [*_additive_masks(rows, g, n("r_")), helper.make_node("ReduceSum", [ren[x], axes], [part], keepdims=0)]
+    if cols:
+        body += [helper.make_node("Sub", [n("S"), n("e")], [n("pad_cols")]),
                  helper.make_node("Concat", [n("pads_head"), n("pad_cols")], [n("pads")], axis=0),
-                 helper.make_node("Pad", [n("part_e"), n("pads")], [n("part")])]  # exact zeros past the edge
-    else:
-        rows, ren = row_cone.rows_nodes(found, g, n("r_"), n("a1"), n("b1"), n("one1"), n("zero1"), n("axis_m2"))
-        body += [*_additive_masks(rows, g, n("r_")), helper.make_node("ReduceSum", [ren[x], axes], [n("part")], keepdims=0)]
+                 helper.make_node("Pad", [part, n("pads")], [n("part")])]  # exact zeros past the edge
     long_ = _branch([*_loop(prefix, n("trips"), body, n("part"), n("parts"), axis=None),
                      helper.make_node("ReduceSum", [n("parts"), n("zero1")], [n("blocked_y")], keepdims=0)],
                     n("blocked_y"), n("long"))
