@@ -111,7 +111,8 @@ def our_rows(journal: Path, cases: list, model: str) -> dict:
                                                    k["settings"]).items() if f != "recipe"}
     out: dict = {}
     for key, row in Journal(journal).records():
-        if want.get(key["case"]) == {f: v for f, v in key.items() if f != "recipe"}:
+        settings = {f: v for f, v in key["settings"].items() if f != "headsets"}  # the head-set files a recipe read
+        if want.get(key["case"]) == {f: v for f, v in key.items() if f != "recipe"} | {"settings": settings}:
             out.setdefault(key["recipe"], {})[key["case"]] = row
     if "dense" not in out:
         raise SystemExit(f"{journal} holds no dense row for these {len(cases)} cases; run bench/tune_heldout_ruler.py with "
@@ -144,9 +145,9 @@ def run_worker(args, tok, model, cases: list, out: Path) -> None:
 
 def kvpress_rows(out: Path, cases: list, tok) -> dict:
     """``{method label: {case id: row + score}}`` from the worker's journal, scored with ``string_match_all``."""
-    from graphwright.eval.ruler import string_match_all
-
     from kvpress_worker import ids_hash, load_journal  # noqa: E402  (bench/ is on sys.path)
+
+    from graphwright.eval.ruler import string_match_all
 
     by_id = {c["id"]: c for c in cases}
     got: dict = {}

@@ -45,8 +45,13 @@ def add_parser(sub):
     r.add_argument("--threshold", type=float_arg(0, 1), default=0.1, help="retrieval heads: score > threshold")
     d = q.add_argument_group("duo")
     d.add_argument("--steps", type=int_arg(1, 1_000_000), default=200)
-    d.add_argument("--samples", type=int_arg(1, 100_000), default=16, help="passkey samples (cycled over the steps)")
-    d.add_argument("--context", type=int_arg(32, 131072), default=768, help="tokens per passkey sample")
+    d.add_argument("--samples", type=int_arg(1, 100_000), default=16, help="samples (cycled over the steps)")
+    d.add_argument("--context", type=int_arg(32, 131072), default=768, help="tokens per sample")
+    d.add_argument("--data", choices=("passkey", "ruler"), default="passkey",
+                   help="passkey samples, or RULER multi-value needle cases (seeds from --seed + 1; the evaluation uses 0)")
+    d.add_argument("--rows", choices=("all", "answer"), default="all",
+                   help="rows that mix full and streaming attention: all (the paper), or answer only over a dense prompt "
+                        "(how graphwright's duo runs; each prompt runs once, so a step costs its answer only)")
     d.add_argument("--sink", type=int_arg(0, 131072), default=16)
     d.add_argument("--recent", type=int_arg(1, 131072), default=64)
     d.add_argument("--lam", type=float_arg(0, 1e6), default=0.05, help="L1 weight on the gates")
@@ -65,7 +70,7 @@ def run(args):
     hs = profile(model, args.method, tokenizer=tok, name=Path(str(args.model)).stem if "/" in str(args.model) else str(args.model),
                  seed=args.seed, pool=args.pool, lengths=args.lengths, cases=args.cases, max_new_tokens=args.max_new_tokens,
                  threshold=args.threshold, steps=args.steps, samples=args.samples, context=args.context, sink=args.sink,
-                 recent=args.recent, lam=args.lam, lr=args.lr, sparsity=args.sparsity, tau=args.tau)
+                 recent=args.recent, lam=args.lam, lr=args.lr, sparsity=args.sparsity, tau=args.tau, data=args.data, rows=args.rows)
     hs.save(out, overwrite=args.overwrite)
     top = ", ".join(f"({layer},{head}) {s}" for layer, head, s in hs.measured["top_kv_heads"][:5])
     console.print(f"{args.method} head set for {args.model}: {len(hs.retrieval)} of {hs.num_layers * hs.num_kv_heads} KV heads "

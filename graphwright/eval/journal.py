@@ -49,12 +49,55 @@ def case_hash(ids, target=None) -> str:
     return h.hexdigest()[:20]
 
 
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+def headsets_read(model: str, recipe: str) -> dict:
+    """``{file name: short sha256}`` of the head-set files ``recipe`` reads on ``model``; ``{}`` when it reads none.
+
+    A recipe string does not say which heads a shipped head set holds: ``duo(retrieval=0.375)`` means the top 37.5% of
+    whatever file ships for the model. So the files' contents are part of the key, and a re-fitted shipped head set
+    never reuses the rows the old one answered. Read: ``duo`` with ``retrieval`` unset or a fraction (the shipped set,
+    ``duo`` preferred) or a file path; any pass with ``heads="scores"`` (``headset`` "shipped": the shipped set,
+    ``retrieval`` preferred; or a file). Explicit head lists and "auto" read no file."""
+    from ..heads.headset import SHIPPED
+    from ..recipes.recipe import Recipe
+
+    if not recipe or recipe in ("dense", "identity"):
+        return {}
+    try:
+        entries = Recipe.parse(recipe).to_list()
+    except Exception:  # noqa: BLE001 - a label that is not a recipe reads no head set
+        return {}
+
+    def shipped(order):
+        return next((p for p in (SHIPPED / f"{model}_{m}.json" for m in order) if p.is_file()), None)
+
+    paths = []
+    for e in entries:
+        if e["pass"] == "duo":
+            r = e.get("retrieval")
+            if r is None or (isinstance(r, (int, float)) and not isinstance(r, bool)):
+                paths.append(shipped(("duo", "retrieval")))
+            elif isinstance(r, str) and r != "auto":
+                paths.append(Path(r))
+        if e.get("heads") == "scores":
+            h = e.get("headset", "shipped")
+            paths.append(shipped(("retrieval", "duo")) if h == "shipped" else Path(str(h)))
+    return {p.name: _file_hash(p) for p in paths if p is not None and p.is_file()}
+
+
 def make_key(model: str, recipe: str, mode: str, task: str, length: int, case: str, seed: int, case_hash: str,
              settings: dict | None = None) -> dict:
-    """A journal key: everything that determines a case's result."""
+    """A journal key: everything that determines a case's result (with the head-set files the recipe reads:
+    ``headsets_read``, under ``settings["headsets"]``)."""
+    settings = dict(settings or {})
+    if read := headsets_read(str(model), str(recipe)):
+        settings["headsets"] = read
     return {"model": str(model), "recipe": str(recipe), "mode": str(mode), "task": str(task), "length": int(length),
             "case": str(case), "seed": int(seed), "case_hash": str(case_hash), "version": version_tag(),
-            "settings": dict(sorted((settings or {}).items()))}
+            "settings": dict(sorted(settings.items()))}
 
 
 def _norm(key: dict) -> str:

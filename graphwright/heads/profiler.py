@@ -17,6 +17,9 @@ import torch
 
 from .headset import METHODS, HeadSet
 
+DUO_DATA = {"passkey": "graphwright.heads.duo_gates.passkey_samples",
+            "ruler": "graphwright.heads.duo_gates.ruler_samples (RULER niah_multivalue, answer labelled)"}
+
 
 def _load(model, tokenizer):
     if isinstance(model, torch.nn.Module):
@@ -53,13 +56,15 @@ def profile(model, method: str = "retrieval", *, tokenizer=None, name: str | Non
             lengths=(512, 1024), cases: int = 16, max_new_tokens: int = 24, threshold: float = 0.1,
             steps: int = 200, samples: int = 16, context: int = 768, sink: int = 16, recent: int = 64,
             lam: float = 0.05, lr: float = 0.02, sparsity: float | None = 0.5, tau: float | None = None,
-            progress: bool = True) -> HeadSet:
+            data: str = "passkey", rows: str = "all", progress: bool = True) -> HeadSet:
     """Profile ``model`` (built-in name, path or HF module) and return its :class:`HeadSet`.
 
     retrieval: ``cases`` NIAH cases per length in ``lengths``; query heads pooled to KV heads by
     ``pool``; retrieval heads = score > ``threshold``. duo: ``steps`` AdamW steps over ``samples``
-    passkey samples of ``context`` tokens with a ``sink`` + ``recent`` streaming mask; gates
-    pooled per KV head by construction; retrieval heads by ``tau`` if given, else ``sparsity``.
+    samples of ``context`` tokens (``data``: "passkey" samples, or "ruler" multi-value needle cases
+    with seeds from ``seed + 1``, never the evaluation's 0) with a ``sink`` + ``recent`` streaming mask on
+    ``rows`` ("all", the paper; "answer": only the answer rows over a dense prompt, as graphwright's duo
+    runs); gates pooled per KV head by construction; retrieval heads by ``tau`` if given, else ``sparsity``.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -74,8 +79,10 @@ def profile(model, method: str = "retrieval", *, tokenizer=None, name: str | Non
     if method == "retrieval":
         return _retrieval(m, tok, label, L, H, Hk, t0, seed=seed, pool=pool, lengths=tuple(lengths), cases=cases,
                           max_new_tokens=max_new_tokens, threshold=threshold, progress=progress)
+    if data not in DUO_DATA:
+        raise ValueError(f"data must be one of {tuple(DUO_DATA)}, got {data!r}")
     return _duo(m, tok, label, t0, seed=seed, steps=steps, samples=samples, context=context, sink=sink, recent=recent,
-                lam=lam, lr=lr, sparsity=sparsity, tau=tau, progress=progress)
+                lam=lam, lr=lr, sparsity=sparsity, tau=tau, data=data, rows=rows, progress=progress)
 
 
 def _retrieval(m, tok, label, L, H, Hk, t0, *, seed, pool, lengths, cases, max_new_tokens, threshold, progress):
@@ -104,17 +111,21 @@ def _retrieval(m, tok, label, L, H, Hk, t0, *, seed, pool, lengths, cases, max_n
     return HeadSet(model=label, method="retrieval", scores=_rounded(s), retrieval=chosen, settings=settings, measured=measured)
 
 
-def _duo(m, tok, label, t0, *, seed, steps, samples, context, sink, recent, lam, lr, sparsity, tau, progress):
-    from .duo_gates import fit_gates, passkey_samples, select_gates
+def _duo(m, tok, label, t0, *, seed, steps, samples, context, sink, recent, lam, lr, sparsity, tau, data, rows, progress):
+    from .duo_gates import fit_gates, passkey_samples, ruler_samples, select_gates
 
-    data = passkey_samples(tok, samples, context, seed=seed, vocab_size=m.config.vocab_size)
-    fit = fit_gates(m, data, steps=steps, sink=sink, recent=recent, lam=lam, lr=lr, seed=seed, progress=progress)
+    if data == "ruler":
+        pool = ruler_samples(tok, samples, context, seed=seed + 1)
+    else:
+        pool = passkey_samples(tok, samples, context, seed=seed, vocab_size=m.config.vocab_size)
+    fit = fit_gates(m, pool, steps=steps, sink=sink, recent=recent, lam=lam, lr=lr, seed=seed, progress=progress, rows=rows)
     g = fit["gates"]
     chosen = select_gates(g, tau=tau, sparsity=None if tau is not None else sparsity)
     rule = f"gate >= tau = {tau}" if tau is not None else f"target sparsity {sparsity} (tau = quantile of the gates)"
     settings = {"source": "arXiv 2410.10819 DuoAttention gate optimisation (graphwright.heads.duo_gates)",
-                "data": "graphwright.heads.duo_gates.passkey_samples", "samples": samples, "context_tokens": context,
-                "seed": seed, "steps": steps, "sink": sink, "recent": recent, "lambda": lam, "lr": lr, "optimizer": "AdamW(wd=0)",
+                "data": DUO_DATA[data] + (f" (seed {seed + 1})" if data == "ruler" else ""), "samples": samples,
+                "context_tokens": context, "mixed_rows": rows, "seed": seed, "steps": steps, "sink": sink, "recent": recent,
+                "lambda": lam, "lr": lr, "optimizer": "AdamW(wd=0)",
                 "schedule": "linear warm-up steps/5, flat, linear decay over the last steps/5, floor 0.1 lr", "selection": rule}
     measured = {"wall_seconds": round(time.perf_counter() - t0, 1), "fit_seconds": round(fit["seconds"], 1),
                 "loss_first": fit["losses"][0], "loss_last": fit["losses"][-1], "mse_first": fit["mse"][0], "mse_last": fit["mse"][-1],

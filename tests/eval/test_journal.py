@@ -44,6 +44,38 @@ def test_journal_appends_reloads_and_refuses_bad_lines(tmp_path):
         Journal().get({"model": "m"})
 
 
+def test_keys_hold_the_head_set_files_a_recipe_reads(tmp_path, monkeypatch):
+    """duo(retrieval=0.375) means "the top of whatever head set ships": a re-fitted shipped file is a different key."""
+    from graphwright.eval import journal
+
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "m_duo.json").write_text("{1}")
+    (shipped / "m_retrieval.json").write_text("{2}")
+    monkeypatch.setattr("graphwright.heads.headset.SHIPPED", shipped)
+    mine = tmp_path / "mine.json"
+    mine.write_text("{3}")
+
+    def read(recipe):
+        return journal.headsets_read("m", recipe)
+
+    duo_hash = {"m_duo.json": journal._file_hash(shipped / "m_duo.json")}
+    assert read("duo(retrieval=0.375, sinks=4, window=8)") == read("duo(sinks=4, window=8)") == duo_hash
+    assert set(read('duo(sinks=4, window=8) + snapkv(budget=9, heads="scores")')) == {"m_duo.json", "m_retrieval.json"}
+    assert set(read(f'snapkv(budget=9, heads="scores", headset="{mine}")')) == {"mine.json"}
+    assert read("duo(retrieval=[[0, 1]], sinks=4, window=8)") == read('duo(retrieval="auto")') == read("snapkv(budget=9)") == {}
+    assert read("dense") == read("not a recipe (") == {}
+    assert journal.headsets_read("other-model", "duo(sinks=4, window=8)") == {}
+    before = make_key("m", "duo(retrieval=0.375)", "aware", "niah", 100, "c0", 0, "h", {"backend": "torch"})
+    assert before["settings"] == {"backend": "torch", "headsets": {"m_duo.json": journal._file_hash(shipped / "m_duo.json")}}
+    (shipped / "m_duo.json").write_text("{1, refitted}")
+    after = make_key("m", "duo(retrieval=0.375)", "aware", "niah", 100, "c0", 0, "h", {"backend": "torch"})
+    assert after != before and after["settings"]["headsets"] != before["settings"]["headsets"]
+    j = Journal(tmp_path / "j.jsonl")
+    j.add(before, {"score": 1.0})
+    assert Journal(tmp_path / "j.jsonl").get(before) == {"score": 1.0} and Journal(tmp_path / "j.jsonl").get(after) is None
+
+
 def test_case_hash_tells_cases_apart():
     assert case_hash([1, 2, 3]) == case_hash([1, 2, 3]) != case_hash([1, 2, 4])
     assert case_hash([1, 2, 3], "ducks") != case_hash([1, 2, 3], "cake")

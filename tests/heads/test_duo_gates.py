@@ -2,7 +2,19 @@ import pytest
 import torch
 
 import graphwright as gw
-from graphwright.heads.duo_gates import fit_gates, lr_at, passkey_samples, select_gates, stream_mask
+from graphwright.heads.duo_gates import (
+    ATTN_NAME,
+    _final_hidden,
+    _Mixer,
+    _PromptCaches,
+    fit_gates,
+    lr_at,
+    passkey_samples,
+    ruler_samples,
+    select_gates,
+    stream_mask,
+)
+from graphwright.heads.retrieval_score import route_attention
 
 
 def test_stream_mask_matches_the_loop():
@@ -82,3 +94,60 @@ def test_sliding_window_models_are_refused():
     m = gw.load_model("tiny-mistral")[0]
     with pytest.raises(ValueError, match="supports full-attention models"):
         fit_gates(m, passkey_samples(None, 1, 40, vocab_size=256), steps=1, progress=False)
+
+
+def test_answer_rows_over_the_cached_prompt_equal_a_whole_sequence_pass(model):
+    """rows='answer': the prompt runs once, dense; the answer's rows mix over its cache. That equals one pass over the whole
+    sequence in which the prompt rows attend fully and only the answer rows mix, for any gates; the cache is restored."""
+    sample = passkey_samples(None, 1, 64, seed=0, vocab_size=256)[0]
+    p = 64 - int(sample["labels"].sum())
+    gates = torch.nn.Parameter(torch.rand(2, 2, generator=torch.Generator().manual_seed(3)))
+    caches = _PromptCaches(model, [sample])
+    with torch.no_grad(), route_attention(model, ATTN_NAME, _Mixer(gates, 2, 8)):
+        got, again = caches.hidden(0), caches.hidden(0)
+    whole = _Mixer(gates, 2, 8)
+    causal = torch.ones(64, 64, dtype=torch.bool).tril()
+    whole._mask = torch.where(torch.arange(64)[:, None] < p, causal, stream_mask(64, 2, 8))  # prompt rows: full attention
+    with torch.no_grad(), route_attention(model, ATTN_NAME, whole):
+        want = _final_hidden(model, sample["input_ids"])[p:]
+    assert got.shape == (64 - p, model.config.hidden_size)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got, again)
+    with torch.no_grad(), route_attention(model, ATTN_NAME, _Mixer(torch.nn.Parameter(torch.zeros(2, 2)), 2, 8)):
+        assert (caches.hidden(0) - got).abs().max() > 1e-3  # the gates do reach the answer rows
+
+
+def test_answer_row_fit_moves_gates_and_is_exact_when_streaming_sees_everything(model):
+    data = passkey_samples(None, 4, 64, seed=0, vocab_size=256)
+    r = fit_gates(model, data, steps=40, sink=2, recent=8, lam=0.05, progress=False, rows="answer")
+    assert r["mse"][0] < 1e-9 and (r["gates"] < 1.0).any()
+    assert sum(r["losses"][-5:]) / 5 < sum(r["losses"][:5]) / 5
+    assert all(p.requires_grad for p in model.parameters())
+    exact = fit_gates(model, data[:2], steps=60, sink=0, recent=64, lam=0.1, progress=False, rows="answer")
+    assert max(exact["mse"]) < 1e-9 and (exact["gates"] < 0.1).all()
+    with pytest.raises(ValueError, match="rows must be one of"):
+        fit_gates(model, data, steps=1, progress=False, rows="prompt")
+    broken = dict(data[0], labels=data[0]["labels"].roll(-1))  # the answer no longer ends the sample
+    with pytest.raises(ValueError, match="one run at its end"):
+        fit_gates(model, [broken], steps=1, progress=False, rows="answer")
+
+
+def test_ruler_samples_label_the_values_in_text_order():
+    from transformers import AutoTokenizer
+
+    from graphwright.models.smollm2 import converted_folder
+
+    tok = AutoTokenizer.from_pretrained(converted_folder())
+    data = ruler_samples(tok, 2, 600, seed=5)
+    again = ruler_samples(tok, 2, 600, seed=5)
+    assert torch.equal(data[1]["input_ids"], again[1]["input_ids"])
+    for d in data:
+        n = int(d["labels"].sum())
+        assert bool(d["labels"][-n:].all()) and not bool(d["labels"][:-n].any())
+        ids = d["input_ids"][0].tolist()
+        prompt, answer = tok.decode(ids[:-n]), tok.decode(ids[-n:])
+        values = [line.split(". ", 1)[1] for line in answer.split("\n\n", 1)[1].splitlines()]
+        assert len(values) == 4 and answer.startswith(":\n\n1. ")
+        assert [prompt.index(v) for v in values] == sorted(prompt.index(v) for v in values)
+        assert all(f"is: {v}." in prompt for v in values)
+        assert 450 < len(ids) <= 600

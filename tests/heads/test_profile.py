@@ -25,6 +25,16 @@ def test_bad_input_is_a_clear_error():
         profile("tiny-llama", method="gates")
     with pytest.raises(ValueError, match="tau must be in"):
         profile("tiny-llama", method="duo", tau=2.0)
+    with pytest.raises(ValueError, match=r"data must be one of \('passkey', 'ruler'\), got 'wiki'"):
+        profile("tiny-llama", method="duo", data="wiki")
+    with pytest.raises(ValueError, match="ruler samples need the model's tokenizer"):
+        profile("tiny-llama", method="duo", data="ruler", **SMALL)
+
+
+def test_answer_row_profile_records_how_it_was_fitted():
+    hs = profile("tiny-llama", method="duo", rows="answer", **SMALL)
+    assert hs.settings["mixed_rows"] == "answer" and hs.settings["data"] == "graphwright.heads.duo_gates.passkey_samples"
+    assert len(hs.retrieval) == 2 and hs.scores != profile("tiny-llama", method="duo", **SMALL).scores
 
 
 def test_cli_writes_a_loadable_file_and_refuses_to_overwrite(tmp_path, capsys):
@@ -33,10 +43,11 @@ def test_cli_writes_a_loadable_file_and_refuses_to_overwrite(tmp_path, capsys):
             "--sink", "2", "--recent", "8", "--out", str(out)]
     assert main(argv) == 0
     hs = load_headset(out)
-    assert hs.method == "duo" and hs.settings["context_tokens"] == 48
+    assert hs.method == "duo" and hs.settings["context_tokens"] == 48 and hs.settings["mixed_rows"] == "all"
     assert main(argv) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
-    assert main([*argv, "--overwrite"]) == 0
+    assert main([*argv, "--overwrite", "--rows", "answer"]) == 0
+    assert load_headset(out).settings["mixed_rows"] == "answer"
 
 
 def test_top_overlap_counts_shared_top_heads():
