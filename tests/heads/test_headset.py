@@ -56,3 +56,15 @@ def test_not_json_and_missing_files_are_clear(tmp_path):
 def test_check_model_names_both_shapes():
     with pytest.raises(ValueError, match=r"has 2 layers x 2 KV heads; the model 'x' has 30 x 3"):
         make().check_model(30, 3, "x")
+
+
+def test_the_shipped_smollm2_head_sets_fit_the_model_and_say_how_they_were_made():
+    duo, ret = shipped_headset("smollm2-135m"), shipped_headset("smollm2-135m", "retrieval")
+    for hs in (duo, ret):
+        hs.check_model(30, 3, "smollm2-135m")
+    assert duo.method == "duo" and ret.method == "retrieval"
+    # the gates fitted on the answer rows over a dense prompt, as duo runs (session 25)
+    assert duo.settings["mixed_rows"] == "answer" and duo.settings["context_tokens"] == 2048
+    assert (duo.settings["sink"], duo.settings["recent"]) == (4, 129)
+    assert len(duo.retrieval) == 45 and len(duo.select(0.375)) == 34  # default: target sparsity 0.5
+    assert {(17, 0), (14, 0), (21, 2)} <= duo.select(0.05)  # its three highest gates
