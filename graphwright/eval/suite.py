@@ -166,6 +166,19 @@ def run_case_major(model, tokenizer, labels, jobs, order, journal, model_name, p
                 log(jobs[i], label, row, time.perf_counter() - t1)
 
 
+def _warn_other_headsets(journal, label: str, keys: list) -> None:
+    """Say when the journal holds rows of ``label`` made with head-set files other than today's (not shown: the recipe
+    string names a shipped head set, and that file has changed since; ``journal.headsets_read``)."""
+    import warnings
+
+    now = keys[0]["settings"].get("headsets") if keys else None
+    other = {json.dumps(k["settings"].get("headsets"), sort_keys=True) for k, _ in journal.records()
+             if k["recipe"] == label and k["settings"].get("headsets") != now}
+    if other:
+        warnings.warn(f"{journal.path}: rows of {label!r} made with other head-set files ({', '.join(sorted(other))}; today "
+                      f"{json.dumps(now, sort_keys=True)}) are not shown: that recipe now reads different heads", stacklevel=3)
+
+
 def run_label(model, tokenizer, label, jobs, journal, model_name, seed, ppl_prefix, max_new_tokens, backend="torch",
               progress=True, run_missing=True) -> dict:
     """Every job for one recipe label: rows the journal holds are reused, the others run and are appended at once.
@@ -177,6 +190,8 @@ def run_label(model, tokenizer, label, jobs, journal, model_name, seed, ppl_pref
 
     keys = [make_key(model_name, label, seed=seed, **kf) for _, _, kf in jobs]
     todo = [i for i, k in enumerate(keys) if journal.get(k) is None]
+    if todo and not run_missing:
+        _warn_other_headsets(journal, label, keys)
     if todo and run_missing:
         cm = gw_compile(model, recipe=None if label == DENSE else label, tokenizer=tokenizer, backend=backend)
         for i in tqdm(todo, desc=label[:40], unit="case", disable=None if progress else True, leave=False):

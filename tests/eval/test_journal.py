@@ -74,6 +74,12 @@ def test_keys_hold_the_head_set_files_a_recipe_reads(tmp_path, monkeypatch):
     j = Journal(tmp_path / "j.jsonl")
     j.add(before, {"score": 1.0})
     assert Journal(tmp_path / "j.jsonl").get(before) == {"score": 1.0} and Journal(tmp_path / "j.jsonl").get(after) is None
+    # a table rebuilt from the journal does not show the old rows, and says why
+    kf = {f: before[f] for f in ("mode", "task", "length", "case", "case_hash")} | {"settings": {"backend": "torch"}}
+    with pytest.warns(UserWarning, match=r"rows of 'duo\(retrieval=0.375\)' made with other head-set files"):
+        res = suite.run_label(None, None, "duo(retrieval=0.375)", [("niah", None, kf)], Journal(tmp_path / "j.jsonl"), "m", 0,
+                              32, 4, run_missing=False, progress=False)
+    assert res == {}
 
 
 def test_case_hash_tells_cases_apart():
