@@ -61,7 +61,7 @@ def headsets_read(model: str, recipe: str) -> dict:
     never reuses the rows the old one answered. Read: ``duo`` with ``retrieval`` unset or a fraction (the shipped set,
     ``duo`` preferred) or a file path; any pass with ``heads="scores"`` (``headset`` "shipped": the shipped set,
     ``retrieval`` preferred; or a file). Explicit head lists and "auto" read no file."""
-    from ..heads.headset import SHIPPED
+    from ..heads.headset import shipped_file
     from ..recipes.recipe import Recipe
 
     if not recipe or recipe in ("dense", "identity"):
@@ -71,20 +71,17 @@ def headsets_read(model: str, recipe: str) -> dict:
     except Exception:  # noqa: BLE001 - a label that is not a recipe reads no head set
         return {}
 
-    def shipped(order):
-        return next((p for p in (SHIPPED / f"{model}_{m}.json" for m in order) if p.is_file()), None)
-
     paths = []
     for e in entries:
-        if e["pass"] == "duo":
+        if e["pass"] == "duo":  # as passes/duo_select.py resolves it
             r = e.get("retrieval")
             if r is None or (isinstance(r, (int, float)) and not isinstance(r, bool)):
-                paths.append(shipped(("duo", "retrieval")))
+                paths.append(shipped_file(model))
             elif isinstance(r, str) and r != "auto":
                 paths.append(Path(r))
-        if e.get("heads") == "scores":
+        if e.get("heads") == "scores":  # as passes/snapkv.py resolve_scores does
             h = e.get("headset", "shipped")
-            paths.append(shipped(("retrieval", "duo")) if h == "shipped" else Path(str(h)))
+            paths.append((shipped_file(model, "retrieval") or shipped_file(model)) if h == "shipped" else Path(str(h)))
     return {p.name: _file_hash(p) for p in paths if p is not None and p.is_file()}
 
 

@@ -126,13 +126,15 @@ def headset_path(model: str, method: str = "duo") -> Path:
     return path
 
 
+def shipped_file(model: str, method: str | None = None) -> Path | None:
+    """The file ``shipped_headset`` reads for ``model`` (``duo`` preferred over ``retrieval``), or None."""
+    return next((p for p in (SHIPPED / f"{model}_{m}.json" for m in ([method] if method else ["duo", "retrieval"])) if p.is_file()), None)
+
+
 def shipped_headset(model: str, method: str | None = None) -> HeadSet | None:
     """The shipped head set for ``model`` (``duo`` preferred over ``retrieval``), or None."""
-    for name in ([method] if method else ["duo", "retrieval"]):
-        path = SHIPPED / f"{model}_{name}.json"
-        if path.is_file():
-            return load_headset(path)
-    return None
+    path = shipped_file(model, method)
+    return load_headset(path) if path is not None else None
 
 
 def load_headset(path: str | Path) -> HeadSet:
