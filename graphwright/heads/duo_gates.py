@@ -17,7 +17,7 @@ Two choices beyond the paper (``graphwright heads profile --method duo --rows an
   ``duo`` pass runs (a dense one-shot prefill; a streaming head drops to sinks + window from the first decoded
   token), so the gates are fitted for the attention they will decide. The prompt's keys and values then never
   depend on the gates: each sample's prompt runs once into a KV cache and a step runs the answer rows only
-  (``_PromptCaches``), which is what makes 2k-token samples affordable on CPU (32 samples x 300 steps: 7 min).
+  (``_PromptCaches``), which is what makes 2k-token samples affordable on CPU (32 samples x 300 steps: 7-13 min).
 * ``data="ruler"``: RULER multi-value needle cases (``ruler_samples``) instead of passkeys, on seeds the
   evaluation does not use; a head set fitted on them is calibrated on that task family (say so beside any
   score on it).
