@@ -49,9 +49,9 @@ def add_parser(sub):
     d.add_argument("--context", type=int_arg(32, 131072), default=768, help="tokens per sample")
     d.add_argument("--data", choices=("passkey", "ruler"), default="passkey",
                    help="passkey samples, or RULER multi-value needle cases (seeds from --seed + 1; the evaluation uses 0)")
-    d.add_argument("--rows", choices=("all", "answer"), default="all",
-                   help="rows that mix full and streaming attention: all (the paper), or answer only over a dense prompt "
-                        "(how graphwright's duo runs; each prompt runs once, so a step costs its answer only)")
+    d.add_argument("--rows", choices=("answer", "all"), default="answer",
+                   help="rows that mix full and streaming attention: answer (default) only over a dense prompt, as "
+                        "graphwright's duo runs (each prompt runs once, so a step costs its answer only), or all (the paper)")
     d.add_argument("--sink", type=int_arg(0, 131072), default=16)
     d.add_argument("--recent", type=int_arg(1, 131072), default=64)
     d.add_argument("--lam", type=float_arg(0, 1e6), default=0.05, help="L1 weight on the gates")

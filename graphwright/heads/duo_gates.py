@@ -11,7 +11,8 @@ steps/5, flat, linear decay over the last steps/5 with a floor of 0.1 lr; gates 
 after every step. Data: seeded passkey samples built here (novel haystack with a few passkeys of
 random words, then the questions with their answers, which are the labelled positions).
 
-Two choices beyond the paper (``graphwright heads profile --method duo --rows answer --data ruler``):
+Two choices beyond the paper (``graphwright heads profile --method duo --rows answer --data ruler``;
+``--rows answer`` is the profiler's default since session 26, ``fit_gates`` keeps the paper's ``rows="all"``):
 
 * ``rows="answer"`` mixes only the labelled answer rows; the prompt rows attend fully. That is how graphwright's
   ``duo`` pass runs (a dense one-shot prefill; a streaming head drops to sinks + window from the first decoded

@@ -56,15 +56,17 @@ def profile(model, method: str = "retrieval", *, tokenizer=None, name: str | Non
             lengths=(512, 1024), cases: int = 16, max_new_tokens: int = 24, threshold: float = 0.1,
             steps: int = 200, samples: int = 16, context: int = 768, sink: int = 16, recent: int = 64,
             lam: float = 0.05, lr: float = 0.02, sparsity: float | None = 0.5, tau: float | None = None,
-            data: str = "passkey", rows: str = "all", progress: bool = True) -> HeadSet:
+            data: str = "passkey", rows: str = "answer", progress: bool = True) -> HeadSet:
     """Profile ``model`` (built-in name, path or HF module) and return its :class:`HeadSet`.
 
     retrieval: ``cases`` NIAH cases per length in ``lengths``; query heads pooled to KV heads by
     ``pool``; retrieval heads = score > ``threshold``. duo: ``steps`` AdamW steps over ``samples``
     samples of ``context`` tokens (``data``: "passkey" samples, or "ruler" multi-value needle cases
     with seeds from ``seed + 1``, never the evaluation's 0) with a ``sink`` + ``recent`` streaming mask on
-    ``rows`` ("all", the paper; "answer": only the answer rows over a dense prompt, as graphwright's duo
-    runs); gates pooled per KV head by construction; retrieval heads by ``tau`` if given, else ``sparsity``.
+    ``rows`` ("answer", the default: only the answer rows over a dense prompt, as graphwright's duo
+    runs; "all": every row, the paper's fit); gates pooled per KV head by construction; retrieval heads
+    by ``tau`` if given, else ``sparsity``. The answer-row fit is the default since session 26: on
+    smollm2-135m it gave 0.69 vs the every-row fit's 0.59-0.62 on 2k multi-value needles (dense 0.72).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
