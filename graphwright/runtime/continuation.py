@@ -8,8 +8,12 @@ position (``0 <= k_pos <= q_pos``), so the queries of a multi-token step see the
 continuation causally, exactly what each single decode step sees. ``score_continuation`` therefore feeds the
 continuation as steps of up to ``block`` tokens (default: one step), with logits at every position.
 
-The graph must append only after the prompt step (``append_only_refusal``): an eviction op that can act at a
-later step (H2O, TOVA, StreamingLLM and DuoAttention's streaming heads, Scissorhands, Keyformer, FastGen,
+DuoAttention's streaming heads do evict at every later step, but a window mask on their attention makes a
+multi-token step exact (``duo_continuation.py``): continuation steps run that masked copy of the graph, and the
+final check expects sinks + window tokens on those heads.
+
+Otherwise the graph must append only after the prompt step (``append_only_refusal``): an eviction op that can act at a
+later step (H2O, TOVA, StreamingLLM, duo's streaming heads on a latent cache, Scissorhands, Keyformer, FastGen,
 per-step Ada-KV, ``evict`` with ``when`` other than ``prefill``), ThinK's cache split, block-sparse attention
 (dense for a multi-token step, sparse at decode), GemFilter and a block-wise prompt (``evict(block=N)``) are
 refused with the reason, and a backend that owns its cache layout too. After scoring, every layer without a
@@ -17,8 +21,8 @@ native sliding window must hold exactly its prompt-step tokens plus the continua
 so an op that evicted anyway cannot go unnoticed.
 
 Invariant tested (``tests/runtime/test_continuation.py``): on tiny Llama the per-token NLL equals
-``score_stream``'s within 1e-5 for the dense graph, uniform SnapKV and head-score shares (one step and blocks of
-5), with the same ``kv_bytes``; the refused policies raise before any step.
+``score_stream``'s within 1e-5 for the dense graph, uniform SnapKV, head-score shares and three duo recipes (one
+step and blocks of 5 and 1), with the same ``kv_bytes``; the refused policies raise before any step.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from ..ops import schema
 from ..ops.block_sparse import BLOCK_SPARSE_ATTENTION
 from ..ops.eviction import EVICT_ADAKV, EVICT_ADAKV_SCORED, EVICT_ADAKV_SHARES, EVICT_OPS, EVICT_SNAPKV, THINK_PRUNE
 from ..ops.policy_scored import EVICT_SCORED, EVICT_SCORED_ACC, EVICT_SCORED_REUSE, EVICT_SCORED_ROPE, EVICT_SCORED_ROPE_VALUES, EVICT_SCORED_WO
+from .duo_continuation import streaming_evictions, windowed_step
 from .generate import kept_tokens_per_head, state_bytes
 from .held_bytes import held_bytes
 from .rerotate import continued
@@ -45,8 +50,10 @@ def _name(target) -> str:
     return target._schema.name.replace("::", ".")
 
 
-def append_only_refusal(step_graph) -> str | None:
-    """Why ``step_graph`` may change its cache at a step after the prompt step other than by appending, or None."""
+def append_only_refusal(step_graph, ignore=frozenset()) -> str | None:
+    """Why ``step_graph`` may change its cache at a step after the prompt step other than by appending, or None.
+
+    ``ignore``: names of eviction nodes the caller makes exact otherwise (duo's streaming heads, ``duo_continuation``)."""
     notes = step_graph.notes
     if "gemfilter" in notes:
         return "gemfilter selects prompt tokens with the question in view (its runtime re-runs the prompt)"
@@ -54,7 +61,7 @@ def append_only_refusal(step_graph) -> str | None:
         return (f"evict(block={notes['prefill_chunk']}) evicts after every multi-token step (a block-wise prompt), "
                 "so a continuation step would be evicted too")
     for node in step_graph.gm.graph.nodes:
-        if node.op != "call_function":
+        if node.op != "call_function" or node.name in ignore:
             continue
         t = node.target
         if t in PROMPT_ONLY:
@@ -84,11 +91,12 @@ def _runtime_parts(cm):
         raise ValueError(f"backend {cm.backend!r} owns its cache layout; score_continuation runs on the torch, "
                          "reference and triton backends (or use score_stream)")
     step_graph = getattr(cm, "step_graph", graph)  # the notes (gemfilter, prefill_chunk) live on the compiled graph
-    why = append_only_refusal(step_graph) or (append_only_refusal(graph) if graph is not step_graph else None)
-    if why is not None:
-        raise ValueError(f"score_continuation needs a graph that only appends after the prompt step: {why}. "
+    duo, why_not = streaming_evictions(cm)  # duo's streaming heads: exact with a window mask (duo_continuation.py)
+    why = append_only_refusal(step_graph, duo) or (append_only_refusal(graph, duo) if graph is not step_graph else None)
+    if why is not None or why_not is not None:
+        raise ValueError(f"score_continuation needs a graph that only appends after the prompt step: {why_not or why}. "
                          "Score it with score_stream (one decode step per token) instead.")
-    return rt
+    return rt, (windowed_step(cm) if duo else rt.step)
 
 
 @torch.inference_mode()
@@ -103,7 +111,7 @@ def score_continuation(cm, input_ids: torch.Tensor, prefix_len: int, block: int 
     "score_continuation", ``continuation_steps``). Raises ``ValueError`` for a graph that may evict later
     (``append_only_refusal``) or, after the fact, when a layer lost a token.
     """
-    rt = _runtime_parts(cm)
+    rt, cont_step = _runtime_parts(cm)
     if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
         raise ValueError(f"block must be a positive int (tokens per continuation step) or None; got {block!r}")
     ids, squeeze, state, positions = scoring_start(rt, input_ids, prefix_len, allow_long, "score_continuation")
@@ -121,7 +129,7 @@ def score_continuation(cm, input_ids: torch.Tensor, prefix_len: int, block: int 
     steps = 0
     for a in range(prefix_len, T - 1, max(size, 1)):
         b = min(a + size, T - 1)
-        logits, state = rt.step(ids[:, a:b], positions[:, a:b], torch.arange(b - a, device=device), state)
+        logits, state = cont_step(ids[:, a:b], positions[:, a:b], torch.arange(b - a, device=device), state)
         nll.append(token_nll(logits, ids[:, a + 1:b + 1]))
         del logits
         steps += 1
@@ -129,10 +137,17 @@ def score_continuation(cm, input_ids: torch.Tensor, prefix_len: int, block: int 
             progress.update(b - a)
     after = kept_tokens_per_head(state, rt.specs, L, hk)
     windows = rt.info.windows or (0,) * L
+    duo = cm.step_graph.notes.get("duo") if cont_step is not rt.step else None
     for layer, (k0, k1, w) in enumerate(zip(before, after, windows)):
-        if k0 is not None and k1 is not None and not w and not torch.equal(k1, k0 + cont):
+        if k0 is None or k1 is None or w:
+            continue
+        want = k0 + cont
+        if duo is not None and duo["per_layer"].get(layer, {}).get("streaming"):  # streaming heads last: sinks + window
+            n = len(duo["per_layer"][layer]["streaming"])
+            want[:, -n:] = want[:, -n:].clamp(max=duo["settings"]["sinks"] + duo["settings"]["window"])
+        if not torch.equal(k1, want):
             raise ValueError(f"score_continuation: layer {layer} holds {k1.tolist()} tokens per head after the "
-                             f"continuation, not {(k0 + cont).tolist()} (prompt step + {cont}): an op evicted after the "
+                             f"continuation, not {want.tolist()} (prompt step + {cont}): an op evicted after the "
                              "prompt step; score this graph with score_stream")
     out = torch.cat(nll, dim=1)
     kv = state_bytes(state, rt.specs)

@@ -87,3 +87,33 @@ def test_prefill_scheduled_evict_is_allowed_and_bad_block_refused(tiny):
             score_continuation(cm, ids, PREFIX, block=bad)
     with pytest.raises(TypeError, match="CompiledModel"):
         score_continuation(object(), ids, PREFIX)
+
+
+@pytest.mark.parametrize("recipe", [
+    "duo(retrieval=[[0, 0]], sinks=2, window=4)",  # layer 0 split, layer 1 all streaming
+    "duo(retrieval=[[0, 0], [1, 1]], sinks=1, window=7)",  # both layers split
+    "duo(retrieval=[[0, 0]], sinks=2, window=4) + snapkv(budget=8, window=4)",  # snapkv on the retrieval heads' prompt
+])
+def test_duo_streaming_heads_score_in_windowed_continuation_steps_as_in_decode_steps(tiny, recipe):
+    """duo's streaming heads evict at every decode step; their attention masked to sinks + window + itself
+    (runtime/duo_continuation.py) makes a multi-token continuation step equal to one decode step per token."""
+    cm = gw.compile(tiny("tiny-llama"), recipe=recipe, verify=False)
+    ids = _ids(seed=3, rows=2)
+    want = score_stream(cm, ids, PREFIX)
+    want_stats = dict(cm.last_stats)
+    for block in (None, 5, 1):
+        got = score_continuation(cm, ids, PREFIX, block=block)
+        assert (got - want).abs().max() <= 1e-5, (recipe, block)
+        assert cm.last_stats["kv_bytes"] == want_stats["kv_bytes"]
+    assert want_stats["kv_fraction"] < 0.7  # the streaming heads really held sinks + window
+    assert (want - score_stream(gw.compile(tiny("tiny-llama")), ids, PREFIX)).abs().max() > 1e-3
+
+
+def test_duo_windowed_continuation_still_refuses_other_decode_evictions(tiny):
+    model = tiny("tiny-llama")
+    cm = gw.compile(model, recipe="duo(retrieval=[[0, 0]], sinks=2, window=4) + h2o(heavy=4, recent=4)", verify=False)
+    with pytest.raises(ValueError, match="evict_h2o evicts at decode steps"):
+        score_continuation(cm, _ids(), PREFIX)
+    cm = gw.compile(model, recipe="lowrank_kv(keep=0.5) + duo(retrieval=[[0, 0]], sinks=2, window=4)", verify=False)
+    with pytest.raises(ValueError, match="latent cache .*duo \\+ lowrank_kv"):
+        score_continuation(cm, _ids(), PREFIX)
