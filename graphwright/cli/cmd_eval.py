@@ -43,7 +43,11 @@ def add_parser(sub):
     p.add_argument("--ruler-lengths", type=int_arg(16, 10_000_000), nargs="+", default=[1024, 2048, 4096], help="RULER lengths in tokens (--suite)")
     p.add_argument("--ppl-windows", type=int_arg(1, 1_000_000), default=8,
                    help="held-out perplexity windows (--suite); each scores window - prefix - 1 tokens "
-                        "by decode steps (default 8 x 2,047 steps: roughly 18 min per model at 15 tok/s)")
+                        "as decode steps would (default 8 x 2,047 tokens)")
+    p.add_argument("--ppl-block", type=int_arg(0, 10_000_000), default=512,
+                   help="score the continuation in teacher-forced steps of N tokens where that equals decode steps "
+                        "(dense, snapkv and its head budgets, duo: minutes instead of ~20 min per recipe); 0: one decode "
+                        "step per token for every recipe (--suite)")
     p.add_argument("--ppl-window", type=int_arg(2, 10_000_000), default=4096, help="tokens per held-out window (--suite)")
     p.add_argument("--ppl-prefix", type=int_arg(1, 10_000_000), default=2048,
                    help="tokens prefilled per window; the rest is scored by decode steps (--suite)")
@@ -117,7 +121,7 @@ def run_suite_cli(args, model, tok):
     res = run_suite(model, tok, recipes, tasks=args.tasks, lengths=args.lengths or SUITE_DEFAULTS["lengths"],
                     cases=args.cases or SUITE_DEFAULTS["cases"], ruler_tasks=args.ruler_tasks, ruler_lengths=args.ruler_lengths,
                     ppl_windows=args.ppl_windows, ppl_window=args.ppl_window, ppl_prefix=args.ppl_prefix, seed=args.seed,
-                    backend=args.backend, out=args.out)
+                    backend=args.backend, out=args.out, ppl_block=args.ppl_block or None)
     table = Table(title=f"graphwright eval --suite long on {args.model}")
     for col in ("task", "metric", "recipe", "value [95% CI]", "vs dense [95% CI]", "KV fraction"):
         table.add_column(col, overflow="fold")

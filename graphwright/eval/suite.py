@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..runtime.continuation import continuation_refusal
 from . import niah as _niah
 from . import ruler as _ruler
 from .journal import Journal, case_hash, make_key
@@ -180,8 +181,12 @@ def _warn_other_headsets(journal, label: str, keys: list) -> None:
 
 
 def run_label(model, tokenizer, label, jobs, journal, model_name, seed, ppl_prefix, max_new_tokens, backend="torch",
-              progress=True, run_missing=True) -> dict:
+              progress=True, run_missing=True, ppl_block: int | None = None) -> dict:
     """Every job for one recipe label: rows the journal holds are reused, the others run and are appended at once.
+
+    ``ppl_block``: perplexity windows in continuation steps of that many tokens where they equal decode steps
+    (``runtime.continuation.continuation_refusal`` is None: dense, SnapKV and its head-budget forms, duo), else one
+    decode step per token; None: decode steps for every recipe. The key is the same either way; the row says ``block``.
 
     Compiles only when some case is missing; ``run_missing=False`` runs nothing and returns only
     the rows the journal holds. Returns the label's raw results
@@ -194,9 +199,10 @@ def run_label(model, tokenizer, label, jobs, journal, model_name, seed, ppl_pref
         _warn_other_headsets(journal, label, keys)
     if todo and run_missing:
         cm = gw_compile(model, recipe=None if label == DENSE else label, tokenizer=tokenizer, backend=backend)
+        block = ppl_block if ppl_block and continuation_refusal(cm) is None else None
         for i in tqdm(todo, desc=label[:40], unit="case", disable=None if progress else True, leave=False):
             task, case, _ = jobs[i]
-            journal.add(keys[i], _run_case(cm, tokenizer, task, case, ppl_prefix, max_new_tokens))
+            journal.add(keys[i], _run_case(cm, tokenizer, task, case, ppl_prefix, max_new_tokens, block))
         del cm
     res: dict = {}
     for (task, _, kf), key in zip(jobs, keys):
@@ -271,12 +277,14 @@ def _as_float(rows):
 def run_suite(model, tokenizer, recipes, tasks=SUITE_TASKS, lengths=(1024, 2048, 4096, 8192), cases: int = 50,
               ruler_tasks=_ruler.TASKS, ruler_lengths=(1024, 2048, 4096), ppl_windows: int = 8, ppl_window: int = 4096,
               ppl_prefix: int = 2048, max_new_tokens: int = 16, seed: int = 0, backend: str = "torch", out=None,
-              progress: bool = True, journal=None, model_name: str | None = None, run_missing: bool = True) -> dict:
+              progress: bool = True, journal=None, model_name: str | None = None, run_missing: bool = True,
+              ppl_block: int | None = 512) -> dict:
     """Run the long-context suite on the dense model and each recipe; returns (and with ``out`` writes) the table.
 
     ``lengths``/``cases``: needle prompt lengths and cases per length (and per RULER task and
     length); ``ruler_lengths``; ``ppl_windows`` windows of ``ppl_window`` held-out tokens, each
-    prefilled with ``ppl_prefix`` tokens and the rest scored by decode steps. Every recipe sees
+    prefilled with ``ppl_prefix`` tokens and the rest scored by decode steps (``ppl_block``: in continuation steps
+    of that many tokens for the recipes where that is exact, ``run_label``; None: decode steps). Every recipe sees
     exactly the dense side's cases. Resumable: every finished case is appended at once to the
     JSONL ``journal`` (default ``out/cases.jsonl``; in memory when neither is given) and a rerun
     with the same journal runs only the cases it lacks (``eval.journal``); ``model_name`` goes into
@@ -296,12 +304,12 @@ def run_suite(model, tokenizer, recipes, tasks=SUITE_TASKS, lengths=(1024, 2048,
     labels = list(dict.fromkeys([DENSE] + [canonical(r) for r in recipes]))
     jobs = case_jobs(tokenizer, cases, ppl_prefix, max_new_tokens, backend)
     raw = {label: run_label(model, tokenizer, label, jobs, jr, name, seed, ppl_prefix, max_new_tokens, backend, progress,
-                            run_missing) for label in labels}
+                            run_missing, ppl_block) for label in labels}
     summary = summarise(raw, seed)
     settings = {"model": name, "tasks": list(tasks), "lengths": list(lengths), "cases": {k: len(v) for k, v in cases.items()},
                 "cases_per_length": per_length, "ruler_tasks": list(ruler_tasks), "ruler_lengths": list(ruler_lengths),
                 "ppl_windows": ppl_windows, "ppl_window": ppl_window, "ppl_prefix": ppl_prefix, "max_new_tokens": max_new_tokens,
-                "seed": seed, "backend": backend, "recipes": list(raw), "journal": None if jr.path is None else str(jr.path)}
+                "seed": seed, "backend": backend, "ppl_block": ppl_block, "recipes": list(raw), "journal": None if jr.path is None else str(jr.path)}
     result = {"settings": settings, **summary, "raw": _jsonable(raw), "seconds": time.perf_counter() - t0}
     if out is not None:
         result["files"] = [str(p) for p in write_suite(result, out)]

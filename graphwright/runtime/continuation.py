@@ -83,19 +83,32 @@ def append_only_refusal(step_graph, ignore=frozenset()) -> str | None:
     return None
 
 
-def _runtime_parts(cm):
+def _check(cm) -> tuple[str | None, set]:
+    """(why ``score_continuation`` refuses ``cm``, or None; duo's streaming eviction nodes it windows)."""
     rt, graph = getattr(cm, "_runtime", None), getattr(cm, "runtime_graph", None)
     if rt is None or graph is None:
         raise TypeError(f"score_continuation needs a CompiledModel (its graph is checked); got {type(cm).__name__}")
     if getattr(cm, "_backend_step", None) is not None:
-        raise ValueError(f"backend {cm.backend!r} owns its cache layout; score_continuation runs on the torch, "
-                         "reference and triton backends (or use score_stream)")
+        return (f"backend {cm.backend!r} owns its cache layout; score_continuation runs on the torch, reference and "
+                "triton backends"), set()
     step_graph = getattr(cm, "step_graph", graph)  # the notes (gemfilter, prefill_chunk) live on the compiled graph
     duo, why_not = streaming_evictions(cm)  # duo's streaming heads: exact with a window mask (duo_continuation.py)
     why = append_only_refusal(step_graph, duo) or (append_only_refusal(graph, duo) if graph is not step_graph else None)
-    if why is not None or why_not is not None:
-        raise ValueError(f"score_continuation needs a graph that only appends after the prompt step: {why_not or why}. "
+    return why_not or why, duo
+
+
+def continuation_refusal(cm) -> str | None:
+    """Why ``score_continuation`` would refuse the compiled model ``cm`` (then score it with ``score_stream``), or
+    None when its multi-token continuation steps equal decode steps."""
+    return _check(cm)[0]
+
+
+def _runtime_parts(cm):
+    why, duo = _check(cm)
+    if why is not None:
+        raise ValueError(f"score_continuation needs a graph that only appends after the prompt step: {why}. "
                          "Score it with score_stream (one decode step per token) instead.")
+    rt = cm._runtime
     return rt, (windowed_step(cm) if duo else rt.step)
 
 

@@ -184,3 +184,27 @@ def test_cli_suite_writes_table_and_plot(tmp_path):
     ppl = next(r for r in res["rows"] if r["task"] == "ppl" and r["recipe"] != "dense")
     assert ppl["kv_fraction"] < 0.6 and ppl["delta"] != 0.0
     assert res["ruler_excluded_tasks"] == ["niah_multikey_1"]  # a random tiny model finds no 7-digit number
+
+
+def test_suite_scores_perplexity_in_blocks_where_exact_and_decode_steps_elsewhere(tiny, tmp_path):
+    """run_suite's ppl_block: dense and duo score their windows in continuation steps (the row says block), h2o by
+    decode steps (no block); the NLLs equal an all-decode-step run within 1e-5, under the same journal keys."""
+    from graphwright.eval import suite
+    from graphwright.eval.journal import Journal
+
+    small = dict(tasks=("ppl",), lengths=(), cases=1, ruler_tasks=(), ruler_lengths=(), ppl_windows=2, ppl_window=64,
+                 ppl_prefix=32, progress=False, model_name="tiny-llama")
+    recipes = ["duo(retrieval=[[0, 0]], sinks=2, window=4)", "h2o(heavy=4, recent=4)"]
+    model = tiny("tiny-llama")
+    jb, js = Journal(tmp_path / "blocks.jsonl"), Journal(tmp_path / "steps.jsonl")
+    blocks = suite.run_suite(model, ByteTokenizer(), recipes, ppl_block=8, journal=jb, **small)
+    steps = suite.run_suite(model, ByteTokenizer(), recipes, ppl_block=None, journal=js, **small)
+    assert blocks["settings"]["ppl_block"] == 8 and steps["settings"]["ppl_block"] is None
+    for label in ["dense", *recipes]:
+        a, b = blocks["raw"][label]["ppl"], steps["raw"][label]["ppl"]
+        assert len(a["nll"]) == 2 and max(abs(x - y) for x, y in zip(a["nll"], b["nll"])) <= 1e-5, label
+        assert a["kv_bytes"] == b["kv_bytes"]
+    used = {k["recipe"]: row.get("block") for k, row in jb.records()}
+    assert used == {"dense": 8, recipes[0]: 8, recipes[1]: None}
+    assert {k["recipe"]: row.get("block") for k, row in js.records()} == {"dense": None, recipes[0]: None, recipes[1]: None}
+    assert sorted(json.dumps(k, sort_keys=True) for k, _ in jb.records()) == sorted(json.dumps(k, sort_keys=True) for k, _ in js.records())
