@@ -14,7 +14,8 @@ recipe that compresses the prompt once and then appends (SnapKV, uniform and hea
 score as one decode step per token (tested to 1e-5 on tiny Llama; on w0 of smollm2-135m the mean NLL of dense, shares
 and uniform at 25% moved by at most 2.1e-7 from the decode-step rows: ``results/suite/ppl/block_check.txt``), 5 steps
 instead of 2,048 per window (~2 min instead of ~45 per window and recipe on the loaded machine); recipes that evict
-during decode are refused there (``--block 0`` scores them step by step). Rows keep the decode-step keys and record
+during decode are refused there (``--block 0`` scores them step by step), except ``duo``, whose streaming heads are
+scored with a window mask that makes the blocks exact (``runtime/duo_continuation.py``, session 26). Rows keep the decode-step keys and record
 ``"block"``. Budgets in the templates are fractions of the prefill
 (``{quarter}`` = 512 of 2,048, ``{half}`` = 1,024), the prompt the one-shot compressors see: SnapKV (uniform and
 head-score shares) compresses the prefill once and then appends every decoded token, so at the last scored token the
