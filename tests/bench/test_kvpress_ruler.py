@@ -57,6 +57,16 @@ def test_our_rows_keep_only_the_same_prompts(tmp_path):
     assert list(got["duo"]) == ["mv-c0"]  # the seed-7 row is another run's
     with pytest.raises(SystemExit, match="no dense row"):
         kr.our_rows(tmp_path / "j.jsonl", CASES, "another-model")
+    # a fraction of the shipped head set: only the rows answered with the file that ships today
+    recipe = "duo(retrieval=0.375, sinks=4, window=128)"
+    _journal(tmp_path, [(recipe, "mv-c0", "h0", 1.0, 40), (recipe, "mv-c1", "h1", 0.0, 40)])
+    jr = Journal(tmp_path / "j.jsonl")
+    old = make_key("smollm2-135m", recipe, "aware", "ruler", 1024, "mv-c3", 0, "h3", {"backend": "torch"})
+    assert old["settings"]["headsets"]  # the shipped duo file is read
+    old["settings"]["headsets"] = {name: "0" * 12 for name in old["settings"]["headsets"]}  # an earlier file
+    jr.add(old, {"id": "mv-c3", "score": 1.0, "kv_bytes": 40, "answer": "1.0"})
+    got = kr.our_rows(tmp_path / "j.jsonl", CASES, "smollm2-135m")
+    assert sorted(got[recipe]) == ["mv-c0", "mv-c1"]
     with pytest.raises(SystemExit, match="no such journal"):
         kr.our_rows(tmp_path / "missing.jsonl", CASES, "smollm2-135m")
 
