@@ -37,12 +37,12 @@ from ..codegen.lower import lower
 from ..ops import schema
 from ..ops.eviction import EVICT_OPS
 from ..ops.policy_streaming import STREAMING_POLICY
+from ..passes.eviction_common import is_duo_streaming
 
-VARIANT = "duo_streaming"
 
-
-def _is_duo_streaming(node) -> bool:
-    return node.op == "call_function" and (node.meta.get("graphwright") or {}).get("variant") == VARIANT
+def _streaming_attention(node) -> bool:
+    """An attention node of duo's streaming heads (the tag ``passes/duo.py`` gives them)."""
+    return schema.is_attention(node) and is_duo_streaming(node)
 
 
 def streaming_evictions(cm) -> tuple[set, str | None]:
@@ -52,7 +52,7 @@ def streaming_evictions(cm) -> tuple[set, str | None]:
         return set(), None
     sinks, window = notes["settings"]["sinks"], notes["settings"]["window"]
     graph = cm.runtime_graph.gm.graph
-    attn = [n for n in graph.nodes if _is_duo_streaming(n) and schema.is_attention(n)]
+    attn = [n for n in graph.nodes if _streaming_attention(n)]
     names = set()
     for node in attn:
         if not schema.has_arg(node.target, "k"):
@@ -78,7 +78,7 @@ def windowed_step(cm):
     windowed = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))  # shares gm's parameters and buffers
     changed = 0
     for node in windowed.graph.nodes:
-        if _is_duo_streaming(node) and schema.is_attention(node):
+        if _streaming_attention(node):
             schema.set(node, "window", settings["window"] + 1)
             schema.set(node, "sinks", settings["sinks"])
             changed += 1
