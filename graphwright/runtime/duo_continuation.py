@@ -14,7 +14,7 @@ a decode step and no other; the cut after the step keeps sinks + the last ``wind
 steps leave. The prompt step keeps the original graph (dense for every head, as ``duo`` runs).
 
 ``windowed_step(cm)`` builds that step: a copy of the runtime graph with the mask set on each duo streaming
-attention, lowered by the model's backend (weights shared, not copied). It is used only for continuation
+attention, lowered by the model's backend (weights shared, not copied), once per compiled model. It is used only for continuation
 steps; ``streaming_evictions`` names the eviction nodes it makes safe, so ``append_only_refusal`` can ignore
 them and still refuse every other policy that evicts later.
 
@@ -70,9 +70,24 @@ def streaming_evictions(cm) -> tuple[set, str | None]:
     return names, None
 
 
+_CACHE = "_duo_windowed_step"  # attribute of the compiled model: (runtime graph module, backend, step)
+
+
 def windowed_step(cm):
     """The continuation step function of ``cm`` (a ``duo`` model): its runtime graph with every duo streaming
-    attention masked to sinks + window + itself (module docstring), lowered by ``cm``'s backend."""
+    attention masked to sinks + window + itself (module docstring), lowered by ``cm``'s backend.
+
+    Built once per compiled model and kept on it (one lowering, not one per perplexity window); rebuilt if the
+    model's runtime graph or backend object is not the one it was built from."""
+    cached = getattr(cm, _CACHE, None)
+    if cached is not None and cached[0] is cm.runtime_graph.gm and cached[1] is cm.backend_object:
+        return cached[2]
+    step = _build_windowed_step(cm)
+    setattr(cm, _CACHE, (cm.runtime_graph.gm, cm.backend_object, step))
+    return step
+
+
+def _build_windowed_step(cm):
     settings = cm.step_graph.notes["duo"]["settings"]
     gm = cm.runtime_graph.gm
     windowed = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))  # shares gm's parameters and buffers

@@ -109,6 +109,25 @@ def test_duo_streaming_heads_score_in_windowed_continuation_steps_as_in_decode_s
     assert (want - score_stream(gw.compile(tiny("tiny-llama")), ids, PREFIX)).abs().max() > 1e-3
 
 
+def test_duo_windowed_step_is_built_once_per_compiled_model(tiny, monkeypatch):
+    """score_continuation lowers duo's windowed graph on the first call only; later calls (one per perplexity
+    window) reuse it and give the same scores."""
+    from graphwright.runtime import duo_continuation
+
+    cm = gw.compile(tiny("tiny-llama"), recipe="duo(retrieval=[[0, 0]], sinks=2, window=4)", verify=False)
+    builds = []
+    build = duo_continuation._build_windowed_step
+    monkeypatch.setattr(duo_continuation, "_build_windowed_step", lambda c: builds.append(c) or build(c))
+    ids = _ids(seed=5)
+    first = score_continuation(cm, ids, PREFIX, block=7)
+    second = score_continuation(cm, ids, PREFIX, block=7)
+    assert len(builds) == 1
+    assert torch.equal(first, second)
+    other = gw.compile(tiny("tiny-llama"), recipe="duo(retrieval=[[0, 0]], sinks=2, window=4)", verify=False)
+    score_continuation(other, ids, PREFIX, block=7)
+    assert len(builds) == 2  # a second compiled model builds its own
+
+
 def test_duo_windowed_continuation_still_refuses_other_decode_evictions(tiny):
     model = tiny("tiny-llama")
     cm = gw.compile(model, recipe="duo(retrieval=[[0, 0]], sinks=2, window=4) + h2o(heavy=4, recent=4)", verify=False)
