@@ -21,7 +21,7 @@ Written to ``--out``: ``table.md`` / ``table.json`` (every method's perplexity w
 windows, the paired change from its own side's dense run and from graphwright's dense run, KV bytes held after the
 last scored token over its own dense run's, the two dense runs' per-window agreement, and per ``--pair`` kvpress's
 best press at that budget against the graphwright recipe: ahead when the whole interval of ppl_ours / ppl_kvpress - 1
-is below 0) and ``frontier.png`` (perplexity change against KV bytes held, both sides).
+is below 0) and ``frontier.png`` (perplexity change against KV bytes held, both sides; methods run on every window).
 """
 
 from __future__ import annotations
@@ -197,8 +197,9 @@ def plot(res: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    n_all = max(r["n"] for r in res["rows"])
     for r in res["rows"]:
-        if r["method"] == "dense":
+        if r["method"] == "dense" or r["n"] < n_all:  # a press stopped on fewer windows is in the table, not the plot
             continue
         d = r["vs_own_dense"]
         y, lo, hi = (100 * d[k] for k in ("ratio_minus_1", "lo", "hi"))
