@@ -362,14 +362,25 @@ def _basis(row) -> str:
 
 
 def journal_rows(jr, cases, args) -> tuple:
-    """Every graphwright answer the journal holds for these cases (any recipe), as ``run_ours`` rows."""
+    """Every graphwright answer the journal holds for these cases (any recipe), as ``run_ours`` rows.
+
+    A row counts when its key is the one ``our_key`` gives its recipe on that case today: the same prompt hash, seed,
+    model, version and settings, with the head-set files the recipe reads now (``settings["headsets"]``; a row
+    answered with an earlier shipped head set is another method's and is left out)."""
     fields = ("case", "case_hash", "settings", "version", "seed", "model")
-    want = {json.dumps([our_key(args.model, "dense", "aware", c, args.seed, args.max_new_tokens)[f] for f in fields], sort_keys=True)
-            for c in cases}
+    by_id = {c["id"]: c for c in cases}
+    headsets: dict = {}  # recipe -> its settings["headsets"] today (one hash of the files per recipe)
     rows, bytes_key = [], None
     for key, row in jr.records():
-        k = json.dumps([key[f] for f in fields], sort_keys=True)
-        if k in want and _basis(row) in ("aware", args.agnostic_basis):
+        case = by_id.get(key["case"])
+        if case is None:
+            continue
+        if key["recipe"] not in headsets:
+            headsets[key["recipe"]] = our_key(args.model, key["recipe"], "aware", case, args.seed, args.max_new_tokens)["settings"].get("headsets")
+        want = our_key(args.model, "dense", "aware", case, args.seed, args.max_new_tokens)
+        if headsets[key["recipe"]] is not None:
+            want["settings"] = dict(sorted({**want["settings"], "headsets": headsets[key["recipe"]]}.items()))
+        if all(key[f] == want[f] for f in fields) and _basis(row) in ("aware", args.agnostic_basis):
             rows.append({f: v for f, v in row.items() if f != "bytes_key"})
             bytes_key = row.get("bytes_key", bytes_key)
     return rows, bytes_key

@@ -91,6 +91,28 @@ def test_agnostic_rows_of_the_other_basis_stay_out_of_the_table(run):
         assert sum(r["mode"] == "aware" for r in rows) == 6
 
 
+def test_journal_rows_keep_head_set_recipes_answered_with_todays_files(tmp_path):
+    """A recipe that reads a shipped head set is keyed with the files' hashes (``settings["headsets"]``): its rows are
+    read when the hashes are today's, and left out when an earlier file answered them."""
+    from types import SimpleNamespace
+
+    from graphwright.eval.journal import Journal
+
+    mod = _load("kvpress_side_by_side")
+    case = {"id": "L2048-c0", "length": 2048, "ids": [5, 6, 7], "activity": "juggle", "split": 2}
+    args = SimpleNamespace(model="smollm2-135m", seed=0, max_new_tokens=16, agnostic_basis="context")
+    jr = Journal(tmp_path / "j.jsonl")
+    shares = 'snapkv(budget=512, heads="scores", gamma=0.5)'
+    for recipe in ("dense", shares):
+        jr.add(mod.our_key(args.model, recipe, "aware", case, 0, 16), {"id": case["id"], "method": recipe, "mode": "aware"})
+    stale = mod.our_key(args.model, "duo(retrieval=0.375, sinks=4, window=128)", "aware", case, 0, 16)
+    assert stale["settings"]["headsets"]  # the shipped duo file
+    stale["settings"]["headsets"] = {name: "000000000000" for name in stale["settings"]["headsets"]}
+    jr.add(stale, {"id": case["id"], "method": "duo", "mode": "aware"})
+    rows, _ = mod.journal_rows(jr, [case], args)
+    assert [r["method"] for r in rows] == ["dense", shares]
+
+
 def test_budget_tokens_is_kvpress_count():
     mod = _load("kvpress_side_by_side")
     # kvpress.utils.compute_n_kept(n, 1 - frac) = max(1, int(n * (1 - (1 - frac)))): floor, not round
