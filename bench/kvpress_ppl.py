@@ -63,13 +63,9 @@ def parse_args(argv=None):
     bad = [b for b in a.budgets if not 0.0 < b < 1.0]
     if bad:
         p.error(f"--budgets are fractions of the prefill kept, in (0, 1); got {bad}")
-    for b, _ in a.pair:
-        try:
-            ok = float(b) in a.budgets
-        except ValueError:
-            ok = False
-        if not ok:
-            p.error(f"--pair BUDGET must be one of --budgets {a.budgets}; got {b!r}")
+    from kvpress_ruler import check_pairs
+
+    check_pairs(p, a)
     return a
 
 
@@ -115,6 +111,8 @@ def kvpress_rows(out: Path, windows: list, args) -> dict:
 
 
 def summarise(ours: dict, theirs: dict, windows: list, args) -> dict:
+    from kvpress_ruler import common_cases
+
     from graphwright.eval.stats import paired_ppl_ratio, perplexity_interval
 
     order = [w["id"] for w in windows]
@@ -144,15 +142,12 @@ def summarise(ours: dict, theirs: dict, windows: list, args) -> dict:
         mine = ours.get(label)
         if not mine or not cells:
             continue
-        held = {lab: [i for i in order if i in mine and i in rs] for lab, rs in cells.items()}
-        n_most = max(len(v) for v in held.values())
-        if not n_most:
+        full, ids, fewer = common_cases(cells, mine, order)
+        if not ids:
             continue
-        full = sorted(lab for lab, v in held.items() if len(v) == n_most)
-        ids = held[full[0]]
         best = min(full, key=lambda lab: (sum(cells[lab][i]["nll"] for i in ids), lab))
         d = paired_ppl_ratio([cells[best][i]["nll"] for i in ids], [mine[i]["nll"] for i in ids])
-        verdicts.append({"budget": b, "ours": label, "kvpress_best": best, "n": len(ids),
+        verdicts.append({"budget": b, "ours": label, "kvpress_best": best, "n": len(ids), "fewer_windows": fewer,
                          "ours_ppl": perplexity_interval([mine[i]["nll"] for i in ids]),
                          "kvpress_ppl": perplexity_interval([cells[best][i]["nll"] for i in ids]), "ours_over_kvpress": d,
                          "verdict": "ahead" if d["hi"] < 0 else "behind" if d["lo"] > 0 else "level"})

@@ -72,6 +72,12 @@ def parse_args(argv=None):
     import kvpress_side_by_side as sbs
 
     sbs.check_budgets_and_cases(p, a)
+    check_pairs(p, a)
+    return a
+
+
+def check_pairs(p, a) -> None:
+    """``--pair BUDGET RECIPE``: BUDGET must be one of ``--budgets`` (a parser error that says which are allowed)."""
     for b, _ in a.pair:
         try:
             ok = float(b) in a.budgets
@@ -79,7 +85,16 @@ def parse_args(argv=None):
             ok = False
         if not ok:
             p.error(f"--pair BUDGET must be one of --budgets {a.budgets}; got {b!r}")
-    return a
+
+
+def common_cases(cells: dict, mine: dict, order: list) -> tuple:
+    """(the presses that answered the most of the recipe's cases, those cases in ``order``, {press: cases} of the
+    others): a press stopped earlier (fewer cases) is listed, not picked, so the pairing keeps every case the leading
+    presses ran. ``cells``: {press label: {case id: row}}; ``mine``: the recipe's {case id: row}."""
+    held = {lab: [i for i in order if i in mine and i in rs] for lab, rs in cells.items()}
+    n_most = max((len(v) for v in held.values()), default=0)
+    full = sorted(lab for lab, v in held.items() if len(v) == n_most)
+    return full, (held[full[0]] if n_most else []), {lab: len(v) for lab, v in held.items() if lab not in full}
 
 
 def build(tok, args) -> list:
@@ -196,18 +211,12 @@ that budget against the graphwright recipe."""
         mine = ours.get(ours_label)
         if not mine or not cells:
             continue
-        # the presses that answered every case the recipe holds that any press at this budget answered; a press stopped
-        # earlier (fewer cases) is listed, not picked, so the pairing keeps all the cases the leading presses ran
-        held = {lab: [i for i in order if i in mine and i in rs] for lab, rs in cells.items()}
-        n_most = max(len(v) for v in held.values())
-        full = sorted(lab for lab, v in held.items() if len(v) == n_most)
-        ids = held[full[0]] if n_most else []
+        full, ids, fewer = common_cases(cells, mine, order)
         if not ids:
             continue
         best = max(full, key=lambda lab: (sum(cells[lab][i]["score"] for i in ids), lab))
         d = paired_difference([cells[best][i]["score"] for i in ids], [mine[i]["score"] for i in ids])
-        verdicts.append({"budget": b, "ours": ours_label, "kvpress_best": best, "n": len(ids),
-                         "fewer_cases": {lab: len(v) for lab, v in held.items() if lab not in full},
+        verdicts.append({"budget": b, "ours": ours_label, "kvpress_best": best, "n": len(ids), "fewer_cases": fewer,
                          "ours_score": bootstrap_mean([mine[i]["score"] for i in ids]),
                          "kvpress_score": bootstrap_mean([cells[best][i]["score"] for i in ids]), "difference": d,
                          "verdict": "ahead" if d["lo"] > 0 else "behind" if d["hi"] < 0 else "level"})
