@@ -118,21 +118,19 @@ def summarise(ours: dict, theirs: dict, windows: list, args) -> dict:
     order = [w["id"] for w in windows]
     gw_dense, kv_dense = ours["dense"], theirs.get("dense", {})
 
-    def method(side, label, rows, own_dense, bytes_key, dense_bytes_key):
+    def method(side, label, rows, own_dense, bytes_key):
         ids = [i for i in order if i in rows and i in own_dense and i in gw_dense]
         if not ids:
             return None
         nll = [rows[i]["nll"] for i in ids]
-        held = sum(rows[i][bytes_key] for i in ids)
-        dense_held = sum(own_dense[i][dense_bytes_key] for i in ids)
-        r = {"side": side, "method": label, "n": len(ids), "ppl": perplexity_interval(nll), "kv_fraction": held / dense_held,
-             "vs_own_dense": paired_ppl_ratio([own_dense[i]["nll"] for i in ids], nll),
-             "vs_graphwright_dense": paired_ppl_ratio([gw_dense[i]["nll"] for i in ids], nll)}
-        return r
+        kv_fraction = sum(rows[i][bytes_key] for i in ids) / sum(own_dense[i][bytes_key] for i in ids)
+        return {"side": side, "method": label, "n": len(ids), "ppl": perplexity_interval(nll), "kv_fraction": kv_fraction,
+                "vs_own_dense": paired_ppl_ratio([own_dense[i]["nll"] for i in ids], nll),
+                "vs_graphwright_dense": paired_ppl_ratio([gw_dense[i]["nll"] for i in ids], nll)}
 
-    rows = [m for lab, rs in ours.items() if (m := method("graphwright", lab, rs, gw_dense, "kv_bytes", "kv_bytes"))]
+    rows = [m for lab, rs in ours.items() if (m := method("graphwright", lab, rs, gw_dense, "kv_bytes"))]
     if kv_dense:
-        rows += [m for lab, rs in theirs.items() if (m := method("kvpress", lab, rs, kv_dense, "cache_bytes", "cache_bytes"))]
+        rows += [m for lab, rs in theirs.items() if (m := method("kvpress", lab, rs, kv_dense, "cache_bytes"))]
     same = [i for i in order if i in gw_dense and i in kv_dense]
     agree = {"n": len(same), "max_abs_nll_difference": max((abs(gw_dense[i]["nll"] - kv_dense[i]["nll"]) for i in same), default=None)}
     verdicts = []

@@ -367,20 +367,20 @@ def journal_rows(jr, cases, args) -> tuple:
     A row counts when its key is the one ``our_key`` gives its recipe on that case today: the same prompt hash, seed,
     model, version and settings, with the head-set files the recipe reads now (``settings["headsets"]``; a row
     answered with an earlier shipped head set is another method's and is left out)."""
+    from graphwright.eval.journal import headsets_read
+
     fields = ("case", "case_hash", "settings", "version", "seed", "model")
-    by_id = {c["id"]: c for c in cases}
-    headsets: dict = {}  # recipe -> its settings["headsets"] today (one hash of the files per recipe)
+    want = {c["id"]: our_key(args.model, "dense", "aware", c, args.seed, args.max_new_tokens) for c in cases}  # no head sets
+    headsets: dict = {}  # recipe -> the head-set files it reads today, hashed once per recipe
     rows, bytes_key = [], None
     for key, row in jr.records():
-        case = by_id.get(key["case"])
-        if case is None:
+        base = want.get(key["case"])
+        if base is None:
             continue
         if key["recipe"] not in headsets:
-            headsets[key["recipe"]] = our_key(args.model, key["recipe"], "aware", case, args.seed, args.max_new_tokens)["settings"].get("headsets")
-        want = our_key(args.model, "dense", "aware", case, args.seed, args.max_new_tokens)
-        if headsets[key["recipe"]] is not None:
-            want["settings"] = dict(sorted({**want["settings"], "headsets": headsets[key["recipe"]]}.items()))
-        if all(key[f] == want[f] for f in fields) and _basis(row) in ("aware", args.agnostic_basis):
+            headsets[key["recipe"]] = headsets_read(args.model, key["recipe"])
+        expect = {**base, "settings": {**base["settings"], "headsets": headsets[key["recipe"]]}} if headsets[key["recipe"]] else base
+        if all(key[f] == expect[f] for f in fields) and _basis(row) in ("aware", args.agnostic_basis):
             rows.append({f: v for f, v in row.items() if f != "bytes_key"})
             bytes_key = row.get("bytes_key", bytes_key)
     return rows, bytes_key
