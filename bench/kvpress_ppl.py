@@ -134,10 +134,11 @@ def summarise(ours: dict, theirs: dict, windows: list, args) -> dict:
     same = [i for i in order if i in gw_dense and i in kv_dense]
     agree = {"n": len(same), "max_abs_nll_difference": max((abs(gw_dense[i]["nll"] - kv_dense[i]["nll"]) for i in same), default=None)}
     verdicts = []
+    from kvpress_ruler import pair_cells
+
     for b, label in args.pair:
         b = float(b)
-        cells = {lab: rs for lab, rs in theirs.items() if lab.endswith(f"@{b}")}
-        mine = ours.get(label)
+        label, mine, cells = pair_cells(ours, theirs, b, label)
         if not mine or not cells:
             continue
         full, ids, fewer = common_cases(cells, mine, order)

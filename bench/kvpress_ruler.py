@@ -87,6 +87,20 @@ def check_pairs(p, a) -> None:
             p.error(f"--pair BUDGET must be one of --budgets {a.budgets}; got {b!r}")
 
 
+def pair_cells(ours: dict, theirs: dict, budget: float, label: str) -> tuple:
+    """``--pair BUDGET RECIPE``: (RECIPE as the journal spells it, its rows, kvpress's {press@BUDGET: rows}); a pair
+    with no rows on either side is named on stderr (its rows are empty) rather than dropped silently."""
+    from graphwright.eval.suite import canonical
+
+    label = canonical(label)  # 'evict(score=..., rule=...)' -> the journal's 'evict(budget=..., rule=...)'
+    cells = {lab: rs for lab, rs in theirs.items() if lab.endswith(f"@{budget}")}
+    mine = ours.get(label) or {}
+    if not mine or not cells:
+        print(f"--pair {budget} {label}: no " + ("graphwright rows for it in the journal (run it first)" if not mine
+                                                  else f"kvpress rows at budget {budget}"), file=sys.stderr)
+    return label, mine, cells
+
+
 def common_cases(cells: dict, mine: dict, order: list) -> tuple:
     """(the presses that answered the most of the recipe's cases, those cases in ``order``, {press: cases} of the
     others): a press stopped earlier (fewer cases) is listed, not picked, so the pairing keeps every case the leading
@@ -207,8 +221,7 @@ that budget against the graphwright recipe."""
     verdicts = []
     for b, ours_label in args.pair:
         b = float(b)
-        cells = {lab: rs for lab, rs in theirs.items() if lab.endswith(f"@{b}")}
-        mine = ours.get(ours_label)
+        ours_label, mine, cells = pair_cells(ours, theirs, b, ours_label)
         if not mine or not cells:
             continue
         full, ids, fewer = common_cases(cells, mine, order)

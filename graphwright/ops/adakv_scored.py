@@ -19,11 +19,23 @@ Normalisation before the global top-k (scores must be comparable across heads):
   and the split follows how many tokens sit near the head's best (dispersed heads get more, as
   with attention). A head whose candidates all score the same maps to 1.
 
-Exact setting: budget >= the row's length keeps everything (identity); floor = 1 gives every head
-C (uniform). Packed layout and ``compact_packed``: ``adakv_ref``. Invariant tested
+Head-score shares (``rule='scores'``, ``weights`` given; the budget rule of ``snapkv(heads='scores')``,
+``ops/head_shares.py``, over any per-head scorer): head h of this layer keeps b_h tokens, sinks and window
+included, where (b_h) over every evicted (layer, KV head) is ``head_shares(weights, len(weights) * budget, n,
+max(p, round(floor * budget)))`` -- the model's total budget spread in proportion to fixed per-head weights (the
+head set's retrieval scores, ``(score + eps)^gamma``), each head capped at the row's length n and at least the p
+protected tokens or ``floor`` of the budget; ``slot`` is this layer's index among the evicted layers. Each head
+then keeps its top-(b_h - p) candidates by the scorer (normalised as above: a per-head monotone map, so the
+kept set is the raw score's top-k). The weights are fixed, not read from this prompt's scores: they say which
+heads retrieve, and the scorer says which tokens.
+
+Exact settings: budget >= the row's length keeps everything (identity); floor = 1 gives every head
+C (uniform); equal weights (gamma = 0) give every head the budget: ``rule='fixed'``'s per-head kept sets.
+Packed layout and ``compact_packed``: ``adakv_ref``. Invariant tested
 (``tests/ops/test_adakv_scored.py``): per-head counts and kept sets equal a slow loop oracle for
 knorm, keydiff, expected_attention, snapkv and chunkkv; with snapkv the kept sets equal
-``adakv_ref.adakv_keep`` (``snapkv(heads='adaptive')``).
+``adakv_ref.adakv_keep`` (``snapkv(heads='adaptive')``); with ``weights``, the kept counts are the share table
+and the kept sets each head's top-(b_h - p) (``tests/ops/test_adakv_scored_shares.py``).
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ from .adakv_ref import adaptive_counts, compact_packed, packed_fake, unpack_pref
 from .eviction_policy import EVICT_OPS, REFERENCES
 from .eviction_ref import budget as row_budget
 from .eviction_ref import row_length, topk_mask
+from .head_shares import head_shares
 from .scorers import SCORERS, ScoreInputs
 from .scorers.chunkkv import chunk_keep
 
@@ -54,23 +67,38 @@ def normalise(score: Tensor, cand: Tensor, scorer: str) -> Tensor:
     return out.masked_fill(~cand, 0.0)
 
 
+def share_counts(weights, slot: int, hk: int, cap: int, n: int, protected: int, floor: float) -> list:
+    """Head-score shares (module docstring): this layer's Hk candidate counts b_h - p for a row of n tokens."""
+    if len(weights) % hk or not 0 <= slot < len(weights) // hk:
+        raise ValueError(f"evict_adakv_scored: {len(weights)} share weights are not whole layers of {hk} KV heads "
+                         f"holding slot {slot}")
+    table = head_shares(tuple(float(w) for w in weights), len(weights) * cap, n, max(protected, round(floor * cap)))
+    return [max(0, b - protected) for b in table[slot * hk:(slot + 1) * hk]]
+
+
 def adaptive_scored_keep(x: ScoreInputs, scorer: str, budget_n: int, budget_f: float, floor: float, chunk: int,
-                         chunk_heads: str) -> Tensor:
-    """[B, Hk, S] bool keep set on the dense prefill layout (``x.k`` [B, Hk, S, D])."""
+                         chunk_heads: str, weights=None, slot: int = 0) -> Tensor:
+    """[B, Hk, S] bool keep set on the dense prefill layout (``x.k`` [B, Hk, S, D]); ``weights``: head-score shares
+    (``rule='scores'``) instead of Ada-KV's split."""
     valid = x.k_pos >= 0
     L = x.length[:, None, None]
     protected = valid & ((x.k_pos < x.sinks) | (x.k_pos >= L - x.window))
     x.cand = valid & ~protected
     cap = row_budget(budget_n, budget_f, x.length)
-    if SCORERS[scorer].needs_wo:  # CriticalAdaKV: its own two-stage rule (``adakv_critical.py``)
+    if SCORERS[scorer].needs_wo and not weights:  # CriticalAdaKV: its own two-stage rule (``adakv_critical.py``)
         return critical_adaptive_keep(x, cap, protected, floor)
     score = normalise(SCORERS[scorer].fn(x), x.cand, scorer)
     keep = valid.clone()
     for b in range(x.k.shape[0]):
         if int(x.length[b]) <= int(cap[b]):
             continue
-        c = max(0, int(cap[b]) - int(protected[b, 0].sum()))
-        counts = torch.tensor(adaptive_counts(score[b], x.cand[b], c, floor), device=x.k.device)[None]
+        p = int(protected[b, 0].sum())
+        c = max(0, int(cap[b]) - p)
+        if weights:
+            n_counts = share_counts(weights, slot, x.k.shape[1], int(cap[b]), int(x.length[b]), p, floor)
+        else:
+            n_counts = adaptive_counts(score[b], x.cand[b], c, floor)
+        counts = torch.tensor(n_counts, device=x.k.device)[None]
         cb = x.cand[b:b + 1]
         if chunk > 0:
             fits = (counts >= cb.sum(-1))[..., None]
@@ -84,7 +112,7 @@ def adaptive_scored_keep(x: ScoreInputs, scorer: str, budget_n: int, budget_f: f
 
 def adakv_scored_reference(q, k, v, q_pos, k_pos, inv_freq, scale, scorer, budget_n, budget_f, floor, sinks, window,
                            kernel, smooth, pool, chunk, chunk_heads, n_future, eps, rope_scaling, layer, num_layers, wo=None,
-                           first=0.5):
+                           first=0.5, weights=None, slot=0):
     """-> (k, v, k_pos) packed: compressed once after prefill (the cache was empty), appended at decode."""
     T = q.shape[2]
     hk = k_pos.shape[1]
@@ -95,7 +123,7 @@ def adakv_scored_reference(q, k, v, q_pos, k_pos, inv_freq, scale, scorer, budge
     x = ScoreInputs(q=q, k=kd, v=vd, q_pos=q_pos, k_pos=kpd, scale=scale, cand=kpd >= 0, length=row_length(q_pos),
                     inv_freq=inv_freq, rope_scaling=rope_scaling, window=window, kernel=kernel, smooth=smooth, pool=pool,
                     sinks=sinks, n_future=n_future, eps=eps, wo=wo, first=first)
-    keep = adaptive_scored_keep(x, scorer, budget_n, budget_f, floor, chunk, chunk_heads)
+    keep = adaptive_scored_keep(x, scorer, budget_n, budget_f, floor, chunk, chunk_heads, weights, slot)
     return compact_packed(keep.reshape(keep.shape[0], hk * T), k, v, k_pos)
 
 
@@ -104,18 +132,19 @@ def evict_adakv_scored(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Te
                        scale: float, scorer: str, budget_n: int, budget_f: float, floor: float, sinks: int, window: int,
                        kernel: int, smooth: str, pool: str, chunk: int, chunk_heads: str, n_future: int, eps: float,
                        rope_scaling: float, layer: int, num_layers: int, wo: Optional[Tensor],
-                       first: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Ada-KV budgets for a scorer of ``ops/scorers`` on packed slots: once after prefill; decode appends."""
+                       first: float, weights: Optional[list[float]] = None, slot: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Ada-KV budgets (or head-score shares, ``weights``) for a scorer of ``ops/scorers`` on packed slots: once after
+    prefill; decode appends."""
     outs = adakv_scored_reference(q, k, v, q_pos, k_pos, inv_freq, scale, scorer, budget_n, budget_f, floor, sinks,
                                   window, kernel, smooth, pool, chunk, chunk_heads, n_future, eps, rope_scaling, layer,
-                                  num_layers, wo, first)
+                                  num_layers, wo, first, weights, slot)
     ids = {id(k), id(v), id(k_pos)}
     return tuple(o.clone() if id(o) in ids else o for o in outs)
 
 
 @evict_adakv_scored.register_fake
 def _(q, k, v, q_pos, k_pos, inv_freq, scale, scorer, budget_n, budget_f, floor, sinks, window, kernel, smooth, pool,
-      chunk, chunk_heads, n_future, eps, rope_scaling, layer, num_layers, wo, first):
+      chunk, chunk_heads, n_future, eps, rope_scaling, layer, num_layers, wo, first, weights=None, slot=0):
     return packed_fake(k, v, k_pos)
 
 

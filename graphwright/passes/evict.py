@@ -168,6 +168,7 @@ def _kvzip(a: dict) -> Pass:
 DELEGATES: dict[str, Callable] = {"keyformer": _keyformer, "scissorhands": _scissorhands, "kvzip": _kvzip}
 CHUNKKV_CHUNK = 20  # kvpress ChunkKVPress default
 OBSERVATION_WINDOW = ("snapkv", "criticalkv")  # scorers whose window is SnapKV's observation window (default 32)
+HEAD_RULES = ("adaptive", "scores")  # per-head budgets on the packed cache, split once after prefill
 
 
 def parse_when(when, every) -> tuple[str | None, int]:
@@ -208,9 +209,18 @@ class Evict(EvictionPass):
             tune=Tunable("float", 0.05, 0.95, scope="layer")),
         Arg("when", str, None, "prefill | decode | every:N | overflow (default: the scorer's own)"),
         Arg("every", int, None, "evict at decode steps where the row length is a multiple of N", min=1, max=MAX_TOKENS),
-        Arg("rule", str, "fixed", "budget rule", choices=("fixed", "pyramid", "adaptive")),
+        Arg("rule", str, "fixed", "budget rule: fixed, pyramid (PyramidKV layer budgets), adaptive (Ada-KV head "
+            "budgets from this prompt's scores) or scores (the model's L*Hk*budget spread over (layer, KV head) by "
+            "head-set retrieval score, as snapkv(heads='scores'))", choices=("fixed", "pyramid", "adaptive", "scores")),
         Arg("beta", float, None, "PyramidKV beta (rule='pyramid'; default 20)", min=1.0, max=1e6),
-        Arg("floor", float, None, "Ada-KV safeguard alpha (rule='adaptive'; default 0.2)", min=0.0, max=1.0),
+        Arg("floor", float, None, "Ada-KV safeguard alpha (rule='adaptive'; default 0.2); rule='scores': each head "
+            "keeps at least round(floor * budget) tokens, sinks and window at least (default 0.2)", min=0.0, max=1.0),
+        Arg("gamma", float, None, "rule='scores': share exponent, budget_h ~ (score_h + share_eps)^gamma (0 = "
+            "rule='fixed'; default 1)", min=0.0, max=64.0),
+        Arg("headset", str, None, "rule='scores': the head scores, 'shipped' (the model's retrieval head set, "
+            "default) or a head-set file (graphwright heads profile)"),
+        Arg("share_eps", float, None, "rule='scores': added to every head score before the power (default 0.01)",
+            min=1e-6, max=1.0),
         Arg("sinks", int, None, "first positions always kept (default 0; expected_attention 4)", min=0, max=MAX_TOKENS),
         Arg("window", (int, float), None, "recent tokens always kept, a count or (with a fraction budget) a fraction "
             "of the row's length floored on its own like h2o's recent (snapkv: the observation window, default "
@@ -299,16 +309,16 @@ class Evict(EvictionPass):
         if self.rule == "pyramid":
             self.params["beta"] = float(v["beta"] if v["beta"] is not None else 20.0)
         self.floor_alpha = 0.2 if v["floor"] is None else float(v["floor"])
-        if self.rule == "adaptive":
-            self.delegate = self._adaptive(v, n)
+        if self.rule in HEAD_RULES:  # Ada-KV (may delegate to snapkv(heads='adaptive')) or head-score shares
+            self.delegate = self._adaptive(v, n) if self.rule == "adaptive" else self._check_scores(v)
 
     def _lag_and_filters(self, v, s):
         """LagKV's ``lag`` and schedule, Q-Filters' ``filters``: refuse what a scorer does not read or cannot run."""
         for arg, owner, reads in (("lag", "lagkv", s.lagged), ("filters", "qfilter", s.filtered)):
             if v[arg] is not None and not reads:
                 raise RecipeError(f"evict: {arg}= is read only by score={owner!r}; leave it out with score={self.score!r}")
-        if (s.lagged or s.filtered) and (self.rule == "adaptive" or (v["chunk_reuse"] or 1) > 1):
-            raise RecipeError(f"evict: score={s.name!r} with " + ("rule='adaptive'" if self.rule == "adaptive" else
+        if (s.lagged or s.filtered) and (self.rule in HEAD_RULES or (v["chunk_reuse"] or 1) > 1):
+            raise RecipeError(f"evict: score={s.name!r} with " + (f"rule={self.rule!r}" if self.rule in HEAD_RULES else
                               "chunk_reuse") + " is not implemented (that op does not carry its partition size or "
                               "filters); use rule='fixed' or 'pyramid' without chunk_reuse")
         if s.lagged:
@@ -338,9 +348,9 @@ class Evict(EvictionPass):
         if not f:
             raise RecipeError(f"evict: window={w} (a fraction) needs a fraction budget too (e.g. budget=0.5); with "
                               f"budget={self.budget!r} give the window as a token count")
-        if s.name in OBSERVATION_WINDOW or (self.rule == "adaptive" and not self._decode_adaptive()):
+        if s.name in OBSERVATION_WINDOW or (self.rule in HEAD_RULES and not self._decode_adaptive()):
             raise RecipeError("evict: a fraction window is refused with score='snapkv' (its window is the observation "
-                              "window, a count of prompt queries) and with rule='adaptive' after prefill; give window "
+                              f"window, a count of prompt queries) and with rule={self.rule!r} after prefill; give window "
                               "as an int")
         if w > f:
             raise RecipeError(f"evict: window={w} exceeds budget={f}; keep the window fraction <= the budget")
@@ -367,9 +377,9 @@ class Evict(EvictionPass):
             raise RecipeError(f"evict: block= with score={self.score!r} is refused: it scores with the whole prompt's "
                               "queries (observation window / query statistics), which a block does not have; use a "
                               "key-only scorer ('keydiff', the paper's, or 'knorm') or 'tova'/'h2o'")
-        if self.rule == "adaptive":
-            raise RecipeError("evict: block= with rule='adaptive' is refused: Ada-KV's packed cache is split once, on "
-                              "an empty cache, and cannot be re-split block by block")
+        if self.rule in HEAD_RULES:
+            raise RecipeError(f"evict: block= with rule={self.rule!r} is refused: the packed per-head cache is split "
+                              "once, on an empty cache, and cannot be re-split block by block")
 
     def _refuse_unused(self, v, s, chunkkv):
         def no(arg, why):
@@ -397,8 +407,11 @@ class Evict(EvictionPass):
             no("slack", "slack applies to when='overflow'")
         if self.rule != "pyramid":
             no("beta", "beta applies to rule='pyramid'")
-        if self.rule != "adaptive":
-            no("floor", "floor applies to rule='adaptive'")
+        if self.rule not in HEAD_RULES:
+            no("floor", "floor applies to rule='adaptive' and rule='scores'")
+        if self.rule != "scores":
+            for arg in ("gamma", "headset", "share_eps"):
+                no(arg, f"{arg} applies to rule='scores'")
         if v["kernel"] is not None and v["kernel"] % 2 == 0:
             raise RecipeError(f"evict: kernel={v['kernel']} must be odd (centred pooling)")
 
@@ -436,12 +449,51 @@ class Evict(EvictionPass):
                           heads="adaptive", floor=self.floor_alpha, layers=v["layers"])
         return None
 
+    def _check_scores(self, v):
+        """rule='scores': head-score shares (``ops/adakv_scored.share_counts``) split once after prefill, per-head
+        scorers only (the same refusals as rule='adaptive' after prefill)."""
+        s = self.scorer
+        why = None
+        if self.mode != "prefill":
+            why = (f"splits the model's budget once, after prefill, into a packed ragged cache; got when={self.mode!r} "
+                   "(use when='prefill')")
+        elif s.shared:
+            why = f"needs per-head scores, and score={self.score!r} gives every KV head of a layer the same set"
+        elif s.stateful:
+            why = f"does not carry score={self.score!r}'s running per-slot state (use when='prefill' scorers)"
+        elif s.needs_wo:
+            why = f"score={self.score!r} runs its own two-stage rule (CriticalKV); use rule='fixed' or 'adaptive'"
+        if why:
+            raise RecipeError(f"evict: rule='scores' {why}")
+        self.share_args = {"gamma": 1.0 if v["gamma"] is None else float(v["gamma"]),
+                           "headset": v["headset"] or "shipped",
+                           "eps": 0.01 if v["share_eps"] is None else float(v["share_eps"])}
+        return None  # no delegate: the generic packed op runs the shares
+
+    def _share_weights(self, sg, layers) -> tuple[dict, list]:
+        """({layer: slot}, flat weights): the head set's (score + eps)^gamma over the evicted (layer, KV head) pairs."""
+        from ..ops.head_shares import share_weights
+        from .snapkv import resolve_scores
+
+        a = self.share_args
+        try:
+            scores = resolve_scores(a["headset"], sg.info)
+        except RecipeError as err:
+            raise RecipeError(str(err).replace("snapkv", "evict(rule='scores')", 1)) from None
+        hk = sg.info.num_kv_heads
+        weights = share_weights([scores[layer][h] for layer in layers for h in range(hk)], a["gamma"], a["eps"])
+        return {layer: i for i, layer in enumerate(layers)}, list(weights)
+
     def _run_adaptive(self, sg):
         p = self.params
         params = {k: p[k] for k in ("scorer", "budget_n", "budget_f", "sinks", "window", "kernel", "smooth", "pool",
                                     "chunk", "chunk_heads", "n_future", "eps")}
         params["floor"] = self.floor_alpha
         params["first"] = p.get("first", 0.5)  # CriticalAdaKV (``ops/adakv_critical.py``); the others ignore it
+        slots, weights = {}, None
+        if self.rule == "scores":
+            slots, weights = self._share_weights(sg, sorted(self.target_layers(sg)))
+            params["weights"] = weights
 
         tables = {}  # the rotary tables, matched before the packed rewrite changes what attention reads
         if self.scorer.rope:
@@ -451,18 +503,28 @@ class Evict(EvictionPass):
 
         def site_values(sg, site):
             extra = {"wo": o_proj_weight(site.attn) if self.scorer.needs_wo else None}
+            if weights is not None:
+                extra["slot"] = slots[site.layer]
             return {**tables.get(site.layer, {"inv_freq": None, "rope_scaling": 1.0}), **extra}
 
         layers = rewrite_packed(sg, "evict", params, self.target_layers(sg), op=EVICT_ADAKV_SCORED,
                                 site_values=site_values)
         self.note_on_duo(sg, layers, f"the retrieval heads' cache, packed (Ada-KV over {self.scorer.name} scores)")
+        if weights is not None:
+            rule_text = (f"head-score shares ({self.share_args['headset']} head set, (score + {self.share_args['eps']})"
+                         f"^{self.share_args['gamma']}, water-filled over every evicted KV head) over {self.scorer.rule}")
+        elif self.scorer.needs_wo:
+            rule_text = describe(self.floor_alpha, p["first"])
+        else:
+            rule_text = f"Ada-KV (arXiv 2407.11550) head budgets over {self.scorer.rule}"
+        hk = sg.info.num_kv_heads
         sg.notes["evict"] = {
             "per_layer": {layer: {"budget": self.budget} for layer in layers},
             "counts": {"layers_evicted": len(layers)},
             "settings": {**self.values, "scorer": self.scorer.name, "paper": self.scorer.paper, "when": self.mode,
-                         "rule_text": (describe(self.floor_alpha, p["first"]) if self.scorer.needs_wo else
-                                       f"Ada-KV (arXiv 2407.11550) head budgets over {self.scorer.rule}"),
-                         "floor": self.floor_alpha, "packed": True},
+                         "rule_text": rule_text, "floor": self.floor_alpha, "packed": True},
+            **({"shares": {**self.share_args, "weights": {layer: weights[slots[layer] * hk:(slots[layer] + 1) * hk]
+                                                          for layer in layers}}} if weights is not None else {}),
         }
         return sg
 
@@ -508,6 +570,9 @@ class Evict(EvictionPass):
         if self.scorer.filtered:
             why.append("score='qfilter' (its filters are per KV head of the whole layer; duo's retrieval part holds a "
                        "subset of the heads)")
+        if self.rule == "scores":
+            why.append("rule='scores' (duo already decides per head who keeps everything; the shares would spread over "
+                       "its retrieval heads only)")
         if self.rule == "adaptive" and self.scorer.needs_wo:
             why.append("score='criticalkv' with rule='adaptive' (CriticalAdaKV's value norm reads every query head's "
                        "o_proj columns, not a retrieval-head subset)")
@@ -573,7 +638,7 @@ class Evict(EvictionPass):
             raise RecipeError(f"evict: {why}")
         if self._decode_adaptive():
             return self._run_adaptive_decode(sg)
-        if self.rule == "adaptive":
+        if self.rule in HEAD_RULES:
             return self._run_adaptive(sg)
         policy = policy_for(self.scorer.name)
         num_layers = sg.info.num_layers

@@ -57,7 +57,7 @@ def _theirs(tmp_path, rows, prefix=PREFIX):
                                                     "cache_bytes": nbytes}}) + "\n")
 
 
-def test_table_pairs_the_same_windows_and_picks_kvpress_best_press(tmp_path):
+def test_table_pairs_the_same_windows_and_picks_kvpress_best_press(tmp_path, capsys):
     kp = load_bench("kvpress_ppl")
     kr = load_bench("kvpress_ruler")
     base = [3.0, 3.1, 3.2, 3.3]
@@ -70,7 +70,8 @@ def test_table_pairs_the_same_windows_and_picks_kvpress_best_press(tmp_path):
     theirs += [("ChunkKV(SnapKV)", 0.25, i, base[i] + 0.03 + 0.001 * i, 110) for i in range(4)]
     theirs += [("StreamingLLM", 0.5, i, base[i] + 0.002, 130) for i in range(3)]  # one window short
     _theirs(tmp_path, theirs)
-    args = _args(kp, tmp_path, pairs=[("0.25", "snapkv(budget=3)"), ("0.5", "snapkv(budget=3)")])
+    # a pair is read under the journal's spelling of its recipe; one with no rows is named on stderr, not dropped silently
+    args = _args(kp, tmp_path, pairs=[("0.25", "snapkv( budget = 3 )"), ("0.5", "snapkv(budget=3)"), ("0.5", "snapkv(budget=4)")])
     got = kr.our_rows(tmp_path / "j.jsonl", WINDOWS, "smollm2-135m")
     assert sorted(got) == ["dense", "snapkv(budget=3)"] and sorted(got["dense"]) == ["w0", "w1", "w2", "w3"]
     res = kp.summarise(got, kp.kvpress_rows(tmp_path, WINDOWS, args), WINDOWS, args)
@@ -82,6 +83,7 @@ def test_table_pairs_the_same_windows_and_picks_kvpress_best_press(tmp_path):
     assert chunk["kv_fraction"] == pytest.approx(110 / 200)
     assert chunk["vs_own_dense"]["ratio_minus_1"] == pytest.approx(math.expm1(0.0315 - 1e-7), rel=1e-4)
     assert res["dense_agreement"] == {"n": 4, "max_abs_nll_difference": pytest.approx(1e-7)}
+    assert "--pair 0.5 snapkv(budget=4): no graphwright rows for it in the journal" in capsys.readouterr().err
     v25, v50 = res["best_vs_best"]
     assert v25["kvpress_best"] == "ChunkKV(SnapKV)@0.25" and v25["n"] == 4  # lower perplexity than SnapKV's
     assert v25["ours_over_kvpress"]["hi"] < 0 and v25["verdict"] == "ahead"  # ours is lower on every window

@@ -50,6 +50,25 @@ VIEW_OPS = {op.name(): op for op in (torch.ops.aten.select.int, torch.ops.aten.s
                                       torch.ops.aten.view.default, torch.ops.aten.reshape.default)}
 
 
+def _positional(node) -> list:
+    """The node's arguments in schema order: keyword arguments (``schema.call`` passes those with defaults by
+    name, e.g. ``evict_adakv_scored``'s head-share ``weights``) placed at their positions, defaults filled in."""
+    if not node.kwargs:
+        return list(node.args)
+    out = list(node.args)
+    for a in node.target._schema.arguments[len(node.args):]:
+        if a.name in node.kwargs:
+            out.append(node.kwargs[a.name])
+        elif a.has_default_value():
+            out.append(a.default_value)
+        else:
+            raise ValueError(f"{node.target}: argument {a.name!r} missing for the graph/runtime split")
+    unknown = set(node.kwargs) - {a.name for a in node.target._schema.arguments}
+    if unknown:
+        raise ValueError(f"{node.target}: unknown keyword arguments {sorted(unknown)} for the graph/runtime split")
+    return out
+
+
 def split(gm: torch.fx.GraphModule, input_names: list, state_names: list):
     """A copy of ``gm`` without its runtime ops, and the records that let the runtime apply them.
 
@@ -64,10 +83,8 @@ def split(gm: torch.fx.GraphModule, input_names: list, state_names: list):
     names = ["logits", *(f"{s}_next" for s in state_names)]
     cut_nodes, records, produced, erase = [], [], {}, []
     for node in [n for n in graph.nodes if n.op == "call_function" and n.target in RUNTIME_OPS]:
-        if node.kwargs:
-            raise ValueError(f"{node.target}: keyword arguments are not supported by the graph/runtime split")
         args = []
-        for a in node.args:
+        for a in _positional(node):
             if isinstance(a, torch.fx.Node):
                 if a in produced:  # an earlier runtime op's output (snapkv's kept cache feeding think_prune)
                     args.append({"result": list(produced[a])})

@@ -130,7 +130,7 @@ SUPPORTED = ("It supports recipes whose KV state grows only by appending (identi
              "append too, untested) and eviction with a fixed decode capacity: streaming(sinks, window), h2o(heavy=N, recent=M) "
              "with token counts, snapkv(budget=N) (evict(score=...), keyformer, scissorhands, fastgen and h2o with fraction "
              "budgets run eagerly after the compiled step); eviction on lowrank_kv caches, packed Ada-KV caches "
-             "(heads='adaptive', pyramid=, rule='adaptive') and block_sparse need backend='torch'")
+             "(heads='adaptive', pyramid=, rule='adaptive' or 'scores') and block_sparse need backend='torch'")
 
 
 class StaticCacheStep:

@@ -152,7 +152,8 @@ def _reason(op, node) -> str | None:
     layer = node.meta.get("graphwright", {}).get("layer")
     where = f"{name} (layer {layer})" if layer is not None else name
     if op in (EVICT_ADAKV, EVICT_ADAKV_SCORED, EVICT_ADAKV_DECODE):
-        return (f"{where}: snapkv with heads='adaptive' or pyramid= (or evict(rule='adaptive'), h2o(heads='adaptive')) "
+        return (f"{where}: snapkv with heads='adaptive' or pyramid= (or evict(rule='adaptive' or "
+                "'scores'), h2o(heads='adaptive')) "
                 "holds a packed per-layer cache (ragged heads); "
                 "the compiled backend's static buffers are per head, so use the torch backend")
     if op not in (EVICT_H2O, EVICT_STREAMING, EVICT_SNAPKV):
