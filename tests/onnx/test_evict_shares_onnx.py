@@ -7,21 +7,18 @@ from __future__ import annotations
 import json
 
 import onnx
-import torch
 
 import graphwright as gw
-from graphwright.heads.headset import HeadSet
 from graphwright.ops.head_shares import share_weights
 from tests.onnx.kv_compare import assert_onnx_runs_like_torch
+from tests.passes.eviction_helpers import random_headset
 
 GEN = dict(max_new_tokens=24, eos_token_id=[], pad_token_id=0)
 
 
 def test_export_matches_torch(onnx_artifact, compiled_tiny, tmp_path_factory):
     info = compiled_tiny("tiny-llama").step_graph.info
-    scores = torch.rand(info.num_layers, info.num_kv_heads, generator=torch.Generator().manual_seed(7))
-    hs = HeadSet(model="tiny", method="retrieval", scores=tuple(tuple(float(x) for x in r) for r in scores), retrieval=frozenset())
-    path = hs.save(tmp_path_factory.mktemp("heads") / "heads.json")
+    path, scores = random_headset(info, tmp_path_factory.mktemp("heads"), 7)
     cm, out = onnx_artifact("tiny-llama", f"evict(score='expected_attention', budget=10, window=2, rule='scores', gamma=2.0, "
                                           f"floor=0.0, headset='{path}')")
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)

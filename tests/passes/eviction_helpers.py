@@ -188,3 +188,15 @@ def op_decode_loop(op, extra_state, steps, B=1, H=4, Hk=2, D=8, prompt=10, seed=
         if on_step:
             on_step(pos, k_pos, extra)
     return k_pos, extra
+
+
+def random_headset(info, folder, seed=0, zero_below=None):
+    """(path, scores [L, Hk]): a head-set file of seeded random retrieval scores for a tiny model (``zero_below``:
+    scores under it set to 0, like the shipped sets, where most heads score 0)."""
+    from graphwright.heads.headset import HeadSet
+
+    s = torch.rand(info.num_layers, info.num_kv_heads, generator=torch.Generator().manual_seed(seed))
+    if zero_below is not None:
+        s[s < zero_below] = 0.0
+    hs = HeadSet(model="tiny", method="retrieval", scores=tuple(tuple(float(x) for x in r) for r in s), retrieval=frozenset())
+    return str(hs.save(folder / f"heads{seed}.json")), s

@@ -9,10 +9,8 @@ record the weights, and the refusals name what is allowed.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from graphwright import RecipeError
-from graphwright.heads.headset import HeadSet
 from graphwright.ops.adakv_scored import EVICT_ADAKV_SCORED
 from graphwright.ops.head_shares import head_shares, share_weights
 from graphwright.passes.evict import Evict
@@ -20,15 +18,11 @@ from graphwright.passes.snapkv import SnapKV
 from tests.codegen.test_compiled_eviction import with_recipe
 from tests.conftest import _compiled, left_padded_batch
 from tests.passes.duo_common import EVERY_HEAD_RETRIEVAL, compile_tiny
-from tests.passes.eviction_helpers import assert_exact_setting, kept_after_prefill, run_pass
+from tests.passes.eviction_helpers import assert_exact_setting, kept_after_prefill, random_headset, run_pass
 
 
 def _headset(cm, tmp_path, seed=0):
-    info = cm.step_graph.info
-    s = torch.rand(info.num_layers, info.num_kv_heads, generator=torch.Generator().manual_seed(seed))
-    s[s < 0.4] = 0.0  # like the shipped retrieval scores: most heads score 0
-    hs = HeadSet(model="tiny", method="retrieval", scores=tuple(tuple(float(x) for x in r) for r in s), retrieval=frozenset())
-    return str(hs.save(tmp_path / f"heads{seed}.json")), s
+    return random_headset(cm.step_graph.info, tmp_path, seed, zero_below=0.4)
 
 
 @pytest.mark.parametrize("score", ["knorm", "expected_attention"])

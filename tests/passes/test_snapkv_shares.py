@@ -17,16 +17,11 @@ from graphwright.passes.snapkv import SnapKV
 from graphwright.runtime.generate import state_bytes
 from graphwright.tuning.space import recipe_for, search_space
 from tests.conftest import left_padded_batch
-from tests.passes.eviction_helpers import assert_exact_setting, decode_loop, kept_after_prefill, run_pass, state_of
+from tests.passes.eviction_helpers import assert_exact_setting, decode_loop, kept_after_prefill, random_headset, run_pass, state_of
 
 
 def _headset(cm, tmp_path, seed=0):
-    info = cm.step_graph.info
-    g = torch.Generator().manual_seed(seed)
-    s = torch.rand(info.num_layers, info.num_kv_heads, generator=g)
-    s[s < 0.4] = 0.0  # like the shipped retrieval scores: most heads score 0
-    hs = HeadSet(model="tiny", method="retrieval", scores=tuple(tuple(float(x) for x in r) for r in s), retrieval=frozenset())
-    return str(hs.save(tmp_path / "heads.json")), s
+    return random_headset(cm.step_graph.info, tmp_path, seed, zero_below=0.4)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
