@@ -21,7 +21,10 @@ the generic scored eviction op (``ops/policy_scored.py``) after every chosen lay
   per-layer cache: once after prefill for the per-head prompt scorers, SnapKV through
   ``snapkv(heads="adaptive")``'s path; ``criticalkv`` runs CriticalAdaKV, kvpress ``CriticalAdaKVPress``'s
   rule: kvpress's Ada-KV split, then the two stages per head, ``ops/adakv_critical.py``; at every step for
-  ``h2o`` and per-head ``tova`` with ``when="decode"``, ``ops/adakv_decode.py``, floor = 1 keeps the uniform sets);
+  ``h2o`` and per-head ``tova`` with ``when="decode"``, ``ops/adakv_decode.py``, floor = 1 keeps the uniform sets)
+  or ``"scores"`` (head-score shares, the rule of ``snapkv(heads="scores")`` over any per-head prompt scorer: the
+  model's L*Hk*budget tokens spread over every (layer, KV head) by the head set's (score + ``share_eps``)^``gamma``,
+  each head keeping its own top tokens by the scorer; same op and packed cache; gamma = 0 is ``"fixed"``);
 * ``sinks`` (first positions always kept), ``window`` (recent tokens always kept; SnapKV's
   observation window), ``pool`` (GQA mean|max), ``kernel``/``smooth`` (SnapKV's 1-D pooling),
   ``chunk``/``chunk_heads`` (ChunkKV), ``chunk_reuse=L`` (ChunkKV's layer-wise index reuse: the
