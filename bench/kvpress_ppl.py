@@ -111,7 +111,7 @@ def kvpress_rows(out: Path, windows: list, args) -> dict:
 
 
 def summarise(ours: dict, theirs: dict, windows: list, args) -> dict:
-    from kvpress_ruler import common_cases
+    from kvpress_ruler import common_cases, pair_cells
 
     from graphwright.eval.stats import paired_ppl_ratio, perplexity_interval
 
@@ -134,8 +134,6 @@ def summarise(ours: dict, theirs: dict, windows: list, args) -> dict:
     same = [i for i in order if i in gw_dense and i in kv_dense]
     agree = {"n": len(same), "max_abs_nll_difference": max((abs(gw_dense[i]["nll"] - kv_dense[i]["nll"]) for i in same), default=None)}
     verdicts = []
-    from kvpress_ruler import pair_cells
-
     for b, label in args.pair:
         b = float(b)
         label, mine, cells = pair_cells(ours, theirs, b, label)

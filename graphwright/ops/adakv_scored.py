@@ -22,7 +22,7 @@ Normalisation before the global top-k (scores must be comparable across heads):
 Head-score shares (``rule='scores'``, ``weights`` given; the budget rule of ``snapkv(heads='scores')``,
 ``ops/head_shares.py``, over any per-head scorer): head h of this layer keeps b_h tokens, sinks and window
 included, where (b_h) over every evicted (layer, KV head) is ``head_shares(weights, len(weights) * budget, n,
-max(p, round(floor * budget)))`` -- the model's total budget spread in proportion to fixed per-head weights (the
+max(p, round(floor * budget)))`` (``head_shares.layer_counts``) -- the model's total budget spread in proportion to fixed per-head weights (the
 head set's retrieval scores, ``(score + eps)^gamma``), each head capped at the row's length n and at least the p
 protected tokens or ``floor`` of the budget; ``slot`` is this layer's index among the evicted layers. Each head
 then keeps its top-(b_h - p) candidates by the scorer (normalised as above: a per-head monotone map, so the
@@ -50,7 +50,7 @@ from .adakv_ref import adaptive_counts, compact_packed, packed_fake, unpack_pref
 from .eviction_policy import EVICT_OPS, REFERENCES
 from .eviction_ref import budget as row_budget
 from .eviction_ref import row_length, topk_mask
-from .head_shares import head_shares
+from .head_shares import check_slot, layer_counts
 from .scorers import SCORERS, ScoreInputs
 from .scorers.chunkkv import chunk_keep
 
@@ -67,19 +67,12 @@ def normalise(score: Tensor, cand: Tensor, scorer: str) -> Tensor:
     return out.masked_fill(~cand, 0.0)
 
 
-def share_counts(weights, slot: int, hk: int, cap: int, n: int, protected: int, floor: float) -> list:
-    """Head-score shares (module docstring): this layer's Hk candidate counts b_h - p for a row of n tokens."""
-    if len(weights) % hk or not 0 <= slot < len(weights) // hk:
-        raise ValueError(f"evict_adakv_scored: {len(weights)} share weights are not whole layers of {hk} KV heads "
-                         f"holding slot {slot}")
-    table = head_shares(tuple(float(w) for w in weights), len(weights) * cap, n, max(protected, round(floor * cap)))
-    return [max(0, b - protected) for b in table[slot * hk:(slot + 1) * hk]]
-
-
 def adaptive_scored_keep(x: ScoreInputs, scorer: str, budget_n: int, budget_f: float, floor: float, chunk: int,
                          chunk_heads: str, weights=None, slot: int = 0) -> Tensor:
     """[B, Hk, S] bool keep set on the dense prefill layout (``x.k`` [B, Hk, S, D]); ``weights``: head-score shares
     (``rule='scores'``) instead of Ada-KV's split."""
+    if weights:
+        check_slot("evict_adakv_scored", weights, slot, x.k.shape[1])
     valid = x.k_pos >= 0
     L = x.length[:, None, None]
     protected = valid & ((x.k_pos < x.sinks) | (x.k_pos >= L - x.window))
@@ -95,7 +88,7 @@ def adaptive_scored_keep(x: ScoreInputs, scorer: str, budget_n: int, budget_f: f
         p = int(protected[b, 0].sum())
         c = max(0, int(cap[b]) - p)
         if weights:
-            n_counts = share_counts(weights, slot, x.k.shape[1], int(cap[b]), int(x.length[b]), p, floor)
+            n_counts = layer_counts(weights, slot, x.k.shape[1], int(cap[b]), int(x.length[b]), p, round(floor * int(cap[b])))
         else:
             n_counts = adaptive_counts(score[b], x.cand[b], c, floor)
         counts = torch.tensor(n_counts, device=x.k.device)[None]

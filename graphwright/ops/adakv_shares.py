@@ -21,22 +21,18 @@ from torch import Tensor
 
 from .adakv_ref import compact_packed, packed_fake, snap_window, unpack_prefill
 from .eviction_policy import EVICT_OPS, REFERENCES
-from .head_shares import head_shares
+from .head_shares import check_slot, layer_counts
 
 
 def shares_keep(q, k, q_pos, k_pos, scale, budget_: int, window: int, kernel: int, pool: str, weights, slot: int,
                 floor: int) -> torch.Tensor:
     """[B, Hk, S] bool keep set on the dense per-head layout at prefill (k [B, Hk, S, D], k_pos [B, Hk, S])."""
     hk = k.shape[1]
-    if len(weights) % hk or not 0 <= slot < len(weights) // hk:
-        raise ValueError(f"evict_adakv_shares: {len(weights)} weights are not whole layers of {hk} KV heads holding "
-                         f"slot {slot}")
+    check_slot("evict_adakv_shares", weights, slot, hk)
     sw = snap_window(q, k, q_pos, k_pos, scale, window, kernel, pool)
-    weights_t = tuple(float(x) for x in weights)
 
     def counts_of(b, nb):
-        table = head_shares(weights_t, len(weights) * budget_, nb, max(floor, sw.w))
-        return torch.tensor([c - sw.w for c in table[slot * hk:(slot + 1) * hk]], device=k.device)
+        return torch.tensor(layer_counts(weights, slot, hk, budget_, nb, sw.w, floor), device=k.device)
 
     return sw.keep(budget_, k_pos, counts_of)
 

@@ -1,6 +1,7 @@
 """Per-head budget shares from head scores: water-filling of a total token budget over (layer, KV head) pairs.
 
-Used by ``snapkv(heads="scores")`` (``passes/snapkv.py``, op ``ops/adakv_shares.py``). Each head i has a
+Used by ``snapkv(heads="scores")`` (``passes/snapkv.py``, op ``ops/adakv_shares.py``) and ``evict(rule="scores")``
+(``passes/evict.py``, op ``ops/adakv_scored.py``), both through ``layer_counts``. Each head i has a
 weight w_i = (s_i + eps)^gamma from its retrieval score s_i (a head set, arXiv 2404.15574); the total T
 (= number of heads * budget) is split as x_i = clip(lam * w_i, floor, cap) with lam chosen so that
 sum_i x_i = T (water-filling: a head capped at ``cap`` -- its prompt length -- passes its excess on to the
@@ -38,6 +39,19 @@ def share_weights(scores, gamma: float, eps: float) -> tuple[float, ...]:
 
 def _filled(lam: float, weights, floor: float, cap: float) -> float:
     return sum(min(cap, max(floor, lam * w)) for w in weights)
+
+
+def check_slot(op: str, weights, slot: int, hk: int) -> None:
+    """``weights`` must be whole layers of ``hk`` KV heads and ``slot`` one of those layers (ValueError naming ``op``)."""
+    if len(weights) % hk or not 0 <= slot < len(weights) // hk:
+        raise ValueError(f"{op}: {len(weights)} weights are not whole layers of {hk} KV heads holding slot {slot}")
+
+
+def layer_counts(weights, slot: int, hk: int, budget: int, n: int, protected: int, floor: int) -> list:
+    """Layer ``slot``'s Hk token counts beyond its ``protected`` (always kept) tokens, for a row of n tokens: the share
+    table of the model's total budget len(weights) * ``budget``, each head at least max(protected, floor) tokens."""
+    table = head_shares(tuple(float(w) for w in weights), len(weights) * budget, n, max(protected, floor))
+    return [max(0, b - protected) for b in table[slot * hk:(slot + 1) * hk]]
 
 
 @functools.lru_cache(maxsize=256)

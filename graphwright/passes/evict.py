@@ -453,7 +453,7 @@ class Evict(EvictionPass):
         return None
 
     def _check_scores(self, v):
-        """rule='scores': head-score shares (``ops/adakv_scored.share_counts``) split once after prefill, per-head
+        """rule='scores': head-score shares (``ops/head_shares.layer_counts``) split once after prefill, per-head
         scorers only (the same refusals as rule='adaptive' after prefill)."""
         s = self.scorer
         why = None
@@ -473,20 +473,6 @@ class Evict(EvictionPass):
                            "eps": 0.01 if v["share_eps"] is None else float(v["share_eps"])}
         return None  # no delegate: the generic packed op runs the shares
 
-    def _share_weights(self, sg, layers) -> tuple[dict, list]:
-        """({layer: slot}, flat weights): the head set's (score + eps)^gamma over the evicted (layer, KV head) pairs."""
-        from ..ops.head_shares import share_weights
-        from .snapkv import resolve_scores
-
-        a = self.share_args
-        try:
-            scores = resolve_scores(a["headset"], sg.info)
-        except RecipeError as err:
-            raise RecipeError(str(err).replace("snapkv", "evict(rule='scores')", 1)) from None
-        hk = sg.info.num_kv_heads
-        weights = share_weights([scores[layer][h] for layer in layers for h in range(hk)], a["gamma"], a["eps"])
-        return {layer: i for i, layer in enumerate(layers)}, list(weights)
-
     def _run_adaptive(self, sg):
         p = self.params
         params = {k: p[k] for k in ("scorer", "budget_n", "budget_f", "sinks", "window", "kernel", "smooth", "pool",
@@ -495,7 +481,11 @@ class Evict(EvictionPass):
         params["first"] = p.get("first", 0.5)  # CriticalAdaKV (``ops/adakv_critical.py``); the others ignore it
         slots, weights = {}, None
         if self.rule == "scores":
-            slots, weights = self._share_weights(sg, sorted(self.target_layers(sg)))
+            from .snapkv import head_share_weights
+
+            a = self.share_args
+            slots, weights = head_share_weights(a["headset"], sg.info, sorted(self.target_layers(sg)), a["gamma"], a["eps"],
+                                                who="evict(rule='scores')")
             params["weights"] = weights
 
         tables = {}  # the rotary tables, matched before the packed rewrite changes what attention reads

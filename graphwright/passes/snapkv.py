@@ -175,13 +175,10 @@ class SnapKV(EvictionPass):
     def _run_scores(self, sg, params: dict):
         """heads='scores': weights from the head set, one ``evict_adakv_shares`` per layer (``head_shares.py``)."""
         info = sg.info
-        scores = resolve_scores(self.headset, info)
         layers = sorted(self.target_layers(sg))
-        weights = share_weights([scores[layer][h] for layer in layers for h in range(info.num_kv_heads)],
-                                float(self.gamma), float(self.eps))
-        slots = {layer: i for i, layer in enumerate(layers)}
+        slots, weights = head_share_weights(self.headset, info, layers, float(self.gamma), float(self.eps))
         floor = max(self.window, int(round(self.floor * self.budget)))
-        params.update(weights=list(weights), floor=floor)
+        params.update(weights=weights, floor=floor)
         done = rewrite_packed(sg, "snapkv", params, set(layers), op=EVICT_ADAKV_SHARES, layer_args=False,
                               site_values=lambda _sg, site: {"slot": slots[site.layer]})
         return done, {"headset": self.headset, "gamma": float(self.gamma), "eps": float(self.eps), "floor_tokens": floor,
@@ -192,8 +189,18 @@ class SnapKV(EvictionPass):
 SCORE_ARGS = {"gamma": 1.0, "headset": "shipped", "eps": 0.01}
 
 
-def resolve_scores(headset: str, info) -> list:
-    """[L][Hk] retrieval scores of ``headset`` ('shipped' or a file), checked against the model's shape."""
+def head_share_weights(headset: str, info, layers: list, gamma: float, eps: float,
+                       who: str = "snapkv(heads='scores')") -> tuple[dict, list]:
+    """({layer: slot}, flat weights): the head set's (score + eps)^gamma over the (layer, KV head) pairs of ``layers``
+    in order, slot = the layer's index among them (``snapkv(heads='scores')``, ``evict(rule='scores')``)."""
+    scores = resolve_scores(headset, info, who)
+    weights = share_weights([scores[layer][h] for layer in layers for h in range(info.num_kv_heads)], gamma, eps)
+    return {layer: i for i, layer in enumerate(layers)}, list(weights)
+
+
+def resolve_scores(headset: str, info, who: str = "snapkv(heads='scores')") -> list:
+    """[L][Hk] retrieval scores of ``headset`` ('shipped' or a file), checked against the model's shape; errors name
+    ``who``, the recipe that asked."""
     from ..heads.headset import load_headset, shipped_headset  # lazy: graphwright.heads holds the profilers (app layer)
     from .duo_select import HOW_TO_MAKE, model_name
 
@@ -202,17 +209,17 @@ def resolve_scores(headset: str, info) -> list:
         hs = (shipped_headset(name, "retrieval") or shipped_headset(name)) if name else None
         if hs is None:
             model = name or f"{info.architecture} ({info.num_layers} layers x {info.num_kv_heads} KV heads)"
-            raise RecipeError(f"snapkv(heads='scores'): no head set ships for {model}; "
+            raise RecipeError(f"{who}: no head set ships for {model}; "
                               f"{HOW_TO_MAKE.replace('retrieval=', 'headset=')}")
     else:
         try:
             hs = load_headset(headset)
         except (FileNotFoundError, ValueError) as err:
-            raise RecipeError(f"snapkv: headset={headset!r}: {err} (headset is 'shipped' or a head-set file)") from None
+            raise RecipeError(f"{who}: headset={headset!r}: {err} (headset is 'shipped' or a head-set file)") from None
     try:
         hs.check_model(info.num_layers, info.num_kv_heads)
     except ValueError as err:
-        raise RecipeError(f"snapkv: headset={headset!r}: {err}") from None
+        raise RecipeError(f"{who}: headset={headset!r}: {err}") from None
     if any(s < 0 for row in hs.scores for s in row):
-        raise RecipeError(f"snapkv: headset={headset!r} holds negative scores; heads='scores' needs scores >= 0")
+        raise RecipeError(f"{who}: headset={headset!r} holds negative scores; head-score shares need scores >= 0")
     return [list(row) for row in hs.scores]
