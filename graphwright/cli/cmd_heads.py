@@ -1,7 +1,8 @@
 """``graphwright heads profile``: measure a per-KV-head head set (retrieval score or DuoAttention gates).
 
 ``graphwright heads profile --model smollm2-135m --method retrieval --out heads.json`` scores heads
-on seeded NIAH cases (arXiv 2404.15574); ``--method duo`` fits DuoAttention gates on seeded passkey
+on seeded NIAH cases (arXiv 2404.15574); ``--method mass`` measures each head's attention mass on the needles
+while the model answers RULER multi-value cases (``graphwright.heads.needle_mass``); ``--method duo`` fits DuoAttention gates on seeded passkey
 samples (arXiv 2410.10819). The file is the ``graphwright.headset/1`` JSON that ``duo(retrieval=...)``
 reads. An existing ``--out`` is refused (before any model loads) unless ``--overwrite``.
 """
@@ -33,7 +34,9 @@ def add_parser(sub):
     q = hs.add_parser("profile", help="measure a head set and write it as JSON",
                       description="retrieval: NIAH retrieval score (arXiv 2404.15574); duo: DuoAttention gates (arXiv 2410.10819)")
     add_model_args(q)
-    q.add_argument("--method", choices=("retrieval", "duo"), default="retrieval")
+    q.add_argument("--method", choices=("retrieval", "duo", "mass"), default="retrieval",
+                   help="retrieval: copy score on NIAH cases; duo: DuoAttention gates; mass: needle attention mass at the "
+                        "answer rows on RULER multi-value cases (--lengths, --cases, --max-new-tokens, --threshold)")
     q.add_argument("--out", type=out_file, default=None, help="head-set JSON to write (default: results/heads/<model>_<method>.json)")
     q.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     q.add_argument("--seed", type=int_arg(0, 2**63 - 1), default=0)

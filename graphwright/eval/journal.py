@@ -60,8 +60,8 @@ def headsets_read(model: str, recipe: str) -> dict:
     whatever file ships for the model. So the files' contents are part of the key, and a re-fitted shipped head set
     never reuses the rows the old one answered. Read: ``duo`` with ``retrieval`` unset or a fraction (the shipped set,
     ``duo`` preferred) or a file path; any pass with ``heads="scores"`` (``headset`` "shipped": the shipped set,
-    ``retrieval`` preferred; or a file). Explicit head lists and "auto" read no file."""
-    from ..heads.headset import shipped_file
+    ``retrieval`` preferred; "shipped:<method>": that method's set; or a file). Explicit head lists and "auto" read no file."""
+    from ..heads.headset import is_shipped_spec, share_headset_file, shipped_file
     from ..recipes.recipe import Recipe
 
     if not recipe or recipe in ("dense", "identity"):
@@ -81,7 +81,10 @@ def headsets_read(model: str, recipe: str) -> dict:
                 paths.append(Path(r))
         if e.get("heads") == "scores":  # as passes/snapkv.py resolve_scores does
             h = e.get("headset", "shipped")
-            paths.append((shipped_file(model, "retrieval") or shipped_file(model)) if h == "shipped" else Path(str(h)))
+            try:
+                paths.append(share_headset_file(model, h) if is_shipped_spec(h) else Path(str(h)))
+            except ValueError:  # an unknown 'shipped:<method>': the recipe itself will refuse it
+                pass
     return {p.name: _file_hash(p) for p in paths if p is not None and p.is_file()}
 
 

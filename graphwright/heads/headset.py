@@ -2,7 +2,7 @@
 
 File format (JSON, parsed as data; written by :meth:`HeadSet.save`)::
 
-    {"format": "graphwright.headset/1", "model": "smollm2-135m", "method": "retrieval" | "duo",
+    {"format": "graphwright.headset/1", "model": "smollm2-135m", "method": "retrieval" | "duo" | "mass",
      "num_layers": 30, "num_kv_heads": 3,
      "scores": [[s_00, s_01, s_02], ...],          # num_layers rows of num_kv_heads floats
      "retrieval": [[layer, kv_head], ...],          # the default retrieval heads
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 FORMAT = "graphwright.headset/1"
-METHODS = ("retrieval", "duo")
+METHODS = ("retrieval", "duo", "mass")
 MAX_LAYERS = 1024
 MAX_HEADS = 1024
 MAX_BYTES = 16 * 2**20
@@ -129,6 +129,23 @@ def headset_path(model: str, method: str = "duo") -> Path:
 def shipped_file(model: str, method: str | None = None) -> Path | None:
     """The file ``shipped_headset`` reads for ``model`` (``duo`` preferred over ``retrieval``), or None."""
     return next((p for p in (SHIPPED / f"{model}_{m}.json" for m in ([method] if method else ["duo", "retrieval"])) if p.is_file()), None)
+
+
+def share_headset_file(model: str, spec: str) -> Path | None:
+    """The shipped file a head-score-shares ``headset`` spelling names: ``'shipped'`` (the retrieval set, else the duo
+    set) or ``'shipped:<method>'`` (that method's set, e.g. ``'shipped:mass'``); None when no such file ships. A
+    ``ValueError`` names the methods for an unknown ``'shipped:...'``. Any other spelling is a path (not handled here)."""
+    if spec == "shipped":
+        return shipped_file(model, "retrieval") or shipped_file(model)
+    method = spec.partition(":")[2]
+    if method not in METHODS:
+        raise ValueError(f"headset={spec!r}: 'shipped:<method>' takes a method of {METHODS}")
+    return shipped_file(model, method)
+
+
+def is_shipped_spec(spec) -> bool:
+    """True for ``'shipped'`` and ``'shipped:<anything>'`` (the spellings :func:`share_headset_file` reads)."""
+    return isinstance(spec, str) and (spec == "shipped" or spec.startswith("shipped:"))
 
 
 def shipped_headset(model: str, method: str | None = None) -> HeadSet | None:

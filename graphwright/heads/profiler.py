@@ -1,7 +1,10 @@
 """``profile(model, method=...)``: measure a head set (retrieval score or DuoAttention gates) for any model.
 
 ``method="retrieval"``: :mod:`graphwright.heads.retrieval_score` on seeded NIAH cases; the default
-selection is the paper's rule, score > ``threshold`` (0.1). ``method="duo"``:
+selection is the paper's rule, score > ``threshold`` (0.1). ``method="mass"``:
+:mod:`graphwright.heads.needle_mass` (QRHead-style attention mass on the needles at the model's answer rows)
+on seeded RULER multi-value cases at ``lengths`` (seeds from ``seed + 1``); selection: score > ``threshold``.
+``method="duo"``:
 :mod:`graphwright.heads.duo_gates` on seeded passkey samples; the default selection is a target
 sparsity (``sparsity=0.5``: the top half of the gates are retrieval heads, DuoAttention's GQA
 deployment) or a fixed ``tau`` (retrieval iff gate >= tau) when given. Both run the model's
@@ -78,6 +81,9 @@ def profile(model, method: str = "retrieval", *, tokenizer=None, name: str | Non
     label = name or label
     L, H, Hk = _shape(m)
     t0 = time.perf_counter()
+    if method == "mass":
+        return _mass(m, tok, label, t0, seed=seed, lengths=tuple(lengths), cases=cases, max_new_tokens=max_new_tokens,
+                     threshold=threshold, progress=progress)
     if method == "retrieval":
         return _retrieval(m, tok, label, L, H, Hk, t0, seed=seed, pool=pool, lengths=tuple(lengths), cases=cases,
                           max_new_tokens=max_new_tokens, threshold=threshold, progress=progress)
@@ -111,6 +117,33 @@ def _retrieval(m, tok, label, L, H, Hk, t0, *, seed, pool, lengths, cases, max_n
                 "fraction_query_heads_above_0.1": round(float((q > 0.1).float().mean()), 4),
                 "top_kv_heads": _top(s), "query_scores": [[round(float(x), 4) for x in row] for row in q]}
     return HeadSet(model=label, method="retrieval", scores=_rounded(s), retrieval=chosen, settings=settings, measured=measured)
+
+
+def _mass(m, tok, label, t0, *, seed, lengths, cases, max_new_tokens, threshold, progress):
+    from graphwright.eval.ruler import ruler_cases
+
+    from .needle_mass import needle_mass_scores
+
+    if tok is None:
+        raise ValueError(f"needle mass needs a tokenizer and {label!r} has none (tiny random models: pass tokenizer="
+                         "ByteTokenizer()); use e.g. smollm2-135m")
+    if not isinstance(cases, int) or cases < 1:
+        raise ValueError(f"cases must be a positive int, got {cases!r}")
+    suite = ruler_cases(tok, tasks=("niah_multivalue",), lengths=lengths, cases=cases, seed=seed + 1)
+    res = needle_mass_scores(m, tok, suite, max_new_tokens=max_new_tokens, progress=progress)
+    s = res["scores"]
+    L, Hk = s.shape
+    chosen = frozenset((i, j) for i in range(L) for j in range(Hk) if float(s[i, j]) > threshold)
+    settings = {"source": "needle attention mass at the answer rows (graphwright.heads.needle_mass; QRHead, arXiv 2506.09944, "
+                          "adapted)", "data": f"graphwright.eval.ruler niah_multivalue (seed {seed + 1})", "lengths": list(lengths),
+                "cases_per_length": cases, "seed": seed, "max_new_tokens": max_new_tokens,
+                "needle_span": "each value's tokens + 16 before + 2 after", "score": "mass - |needles| / T, mean over cases, >= 0",
+                "gqa_pool": "mean", "selection": f"score > {threshold}"}
+    measured = {"cases": res["cases"], "wall_seconds": round(time.perf_counter() - t0, 1),
+                "dense_answer_score": round(sum(r["score"] for r in res["rows"]) / len(res["rows"]), 4),
+                "fraction_kv_heads_above_0.1": round(float((s > 0.1).float().mean()), 4), "top_kv_heads": _top(s),
+                "rows": res["rows"]}
+    return HeadSet(model=label, method="mass", scores=_rounded(s), retrieval=chosen, settings=settings, measured=measured)
 
 
 def _duo(m, tok, label, t0, *, seed, steps, samples, context, sink, recent, lam, lr, sparsity, tau, data, rows, progress):

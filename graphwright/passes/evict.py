@@ -221,7 +221,7 @@ class Evict(EvictionPass):
         Arg("gamma", float, None, "rule='scores': share exponent, budget_h ~ (score_h + share_eps)^gamma (0 = "
             "rule='fixed'; default 1)", min=0.0, max=64.0),
         Arg("headset", str, None, "rule='scores': the head scores, 'shipped' (the model's retrieval head set, "
-            "default) or a head-set file (graphwright heads profile)"),
+            "default), 'shipped:<method>' ('shipped:mass', 'shipped:duo') or a head-set file (graphwright heads profile)"),
         Arg("share_eps", float, None, "rule='scores': added to every head score before the power (default 0.01)",
             min=1e-6, max=1.0),
         Arg("sinks", int, None, "first positions always kept (default 0; expected_attention 4)", min=0, max=MAX_TOKENS),

@@ -97,7 +97,8 @@ class SnapKV(EvictionPass):
             "SnapKV; large = the top-scored heads fill to the prompt length first, like duo; default 1)", min=0.0,
             max=64.0, tune=Tunable("float", 0.0, 8.0, requires=("heads", "scores"))),
         Arg("headset", str, None, "heads='scores': the head scores, 'shipped' (the model's shipped retrieval head "
-            "set, default) or a head-set file path (graphwright heads profile)"),
+            "set, default), 'shipped:<method>' ('shipped:mass': the needle-mass set, 'shipped:duo') or a head-set file "
+            "path (graphwright heads profile)"),
         Arg("eps", float, None, "heads='scores': added to every score before the power, so zero-score heads still "
             "share (default 0.01)", min=1e-6, max=1.0),
         Arg("split", str, "official", "heads='adaptive': the safeguard; official (FFY0/AdaKV: n_h <- round((1 - floor) "
@@ -199,23 +200,29 @@ def head_share_weights(headset: str, info, layers: list, gamma: float, eps: floa
 
 
 def resolve_scores(headset: str, info, who: str = "snapkv(heads='scores')") -> list:
-    """[L][Hk] retrieval scores of ``headset`` ('shipped' or a file), checked against the model's shape; errors name
+    """[L][Hk] retrieval scores of ``headset`` ('shipped', 'shipped:<method>' or a file), checked against the model's shape; errors name
     ``who``, the recipe that asked."""
-    from ..heads.headset import load_headset, shipped_headset  # lazy: graphwright.heads holds the profilers (app layer)
+    from ..heads.headset import is_shipped_spec, load_headset, share_headset_file  # lazy: graphwright.heads holds the profilers
     from .duo_select import HOW_TO_MAKE, model_name
 
-    if headset == "shipped":
+    if is_shipped_spec(headset):
         name = model_name(info)
-        hs = (shipped_headset(name, "retrieval") or shipped_headset(name)) if name else None
+        try:
+            path = share_headset_file(name, headset) if name else None
+        except ValueError as err:
+            raise RecipeError(f"{who}: {err}") from None
+        hs = load_headset(path) if path is not None else None
         if hs is None:
             model = name or f"{info.architecture} ({info.num_layers} layers x {info.num_kv_heads} KV heads)"
-            raise RecipeError(f"{who}: no head set ships for {model}; "
+            which = "" if headset == "shipped" else f" ({headset!r})"
+            raise RecipeError(f"{who}: no head set{which} ships for {model}; "
                               f"{HOW_TO_MAKE.replace('retrieval=', 'headset=')}")
     else:
         try:
             hs = load_headset(headset)
         except (FileNotFoundError, ValueError) as err:
-            raise RecipeError(f"{who}: headset={headset!r}: {err} (headset is 'shipped' or a head-set file)") from None
+            raise RecipeError(f"{who}: headset={headset!r}: {err} (headset is 'shipped', 'shipped:<method>' or a head-set "
+                              "file)") from None
     try:
         hs.check_model(info.num_layers, info.num_kv_heads)
     except ValueError as err:

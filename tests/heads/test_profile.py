@@ -22,7 +22,7 @@ def test_duo_profile_on_a_tiny_model_is_a_head_set_with_its_settings():
 def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="retrieval scoring needs a tokenizer"):
         profile("tiny-llama", method="retrieval", progress=False)
-    with pytest.raises(ValueError, match=r"method must be one of \('retrieval', 'duo'\), got 'gates'"):
+    with pytest.raises(ValueError, match=r"method must be one of \('retrieval', 'duo', 'mass'\), got 'gates'"):
         profile("tiny-llama", method="gates")
     with pytest.raises(ValueError, match="tau must be in"):
         profile("tiny-llama", method="duo", tau=2.0)
