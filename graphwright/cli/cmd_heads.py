@@ -1,9 +1,9 @@
 """``graphwright heads profile``: measure a per-KV-head head set (retrieval score or DuoAttention gates).
 
 ``graphwright heads profile --model smollm2-135m --method retrieval --out heads.json`` scores heads
-on seeded NIAH cases (arXiv 2404.15574); ``--method mass`` measures each head's attention mass on the needles
-while the model answers RULER multi-value cases (``graphwright.heads.needle_mass``); ``--method duo`` fits DuoAttention gates on seeded passkey
-samples (arXiv 2410.10819). The file is the ``graphwright.headset/1`` JSON that ``duo(retrieval=...)``
+on seeded NIAH cases (arXiv 2404.15574); ``--method mass`` measures each head's attention mass on the
+needles while the model answers RULER multi-value cases (``graphwright.heads.needle_mass``); ``--method duo``
+fits DuoAttention gates on seeded passkey samples (arXiv 2410.10819). The file is the ``graphwright.headset/1`` JSON that ``duo(retrieval=...)``
 reads. An existing ``--out`` is refused (before any model loads) unless ``--overwrite``.
 """
 
@@ -32,7 +32,8 @@ def add_parser(sub):
     hs = p.add_subparsers(dest="heads_command", metavar="ACTION")
     hs.required = True
     q = hs.add_parser("profile", help="measure a head set and write it as JSON",
-                      description="retrieval: NIAH retrieval score (arXiv 2404.15574); duo: DuoAttention gates (arXiv 2410.10819)")
+                      description="retrieval: NIAH retrieval score (arXiv 2404.15574); duo: DuoAttention gates (arXiv "
+                                  "2410.10819); mass: needle attention mass at the answer rows (QRHead, arXiv 2506.09944)")
     add_model_args(q)
     q.add_argument("--method", choices=("retrieval", "duo", "mass"), default="retrieval",
                    help="retrieval: copy score on NIAH cases; duo: DuoAttention gates; mass: needle attention mass at the "

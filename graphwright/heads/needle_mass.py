@@ -4,20 +4,21 @@ Technique: the query-focused retrieval score of QRHead (arXiv 2506.09944) -- a h
 query to the text that answers it, summed over the gold spans -- taken at the rows that matter to a KV cache
 that is compressed once and then decoded: the model's own greedy answer. For every case (RULER-style
 ``niah_multivalue`` prompts from :mod:`graphwright.eval.ruler`, seeds from ``seed + 1``; the evaluation uses 0)
-the model answers greedily; the answer tokens are then fed over the dense prompt cache, and for every layer and
-query head::
+the model answers greedily; then one pass over prompt + answer (one pass, not the answer over a cache: a multi-row
+step over a Hugging Face cache through a custom attention function gets no mask, and SDPA's causal mask is then
+aligned top-left) records, for every layer and query head::
 
     mass = mean over answer rows of  sum over needle positions j of  softmax(q K^T * scale)[j]
 
-The needle positions are each reference value's tokens plus the ``before`` (16) tokens ahead of it (the key
-phrase "One of the special magic numbers for <key> is:") and ``after`` (2) behind. A head that spreads its
+The needle positions are each reference value's tokens plus the ``NEEDLE_BEFORE`` (16) tokens ahead of it (the key
+phrase "One of the special magic numbers for <key> is:") and ``NEEDLE_AFTER`` (2) behind. A head that spreads its
 attention evenly over the prompt puts ``|needles| / T`` there by chance; the case's score is the mass above
 that share. Query heads of a GQA group are averaged to their KV head (a mass is a share of one softmax, so
 the mean stays a share); the head set's score is the mean over cases, clipped at 0.
 
 Why this and not the copy score of :mod:`graphwright.heads.retrieval_score` (arXiv 2404.15574): on smollm2-135m
 the heads that read the needles while the model lists several values (layer 7 head 2, 14/1, 15/2, 8/0) include
-heads that never *copy* a token, so their copy score is 0 and head-score shares leave them ~88 tokens; their
+heads that never *copy* a token, so their copy score is 0 and head-score shares leave them 88-146 tokens; their
 answer-time attention then lands on evicted needle tokens (measured on case c10 of the 2k multi-value cell:
 0.25 of L14h1's answer-row mass, 0.22 of L7h2's). Deviations from QRHead, said here once: the rows are the
 answer's (QRHead: the query's), the spans are the synthetic needles (QRHead: gold documents of real tasks), the
@@ -38,6 +39,7 @@ import torch
 from .retrieval_score import pool_kv, route_attention
 
 ATTN_NAME = "graphwright_needle_mass"
+NEEDLE_BEFORE, NEEDLE_AFTER = 16, 2  # tokens around each value that count as its needle (the key phrase, the period)
 
 
 def needle_mass(probs: torch.Tensor, needles: torch.Tensor) -> torch.Tensor:
@@ -57,7 +59,7 @@ def needle_mass_reference(probs: torch.Tensor, needles: torch.Tensor) -> torch.T
     return out
 
 
-def needle_positions(tokenizer, ids: list, references, before: int = 16, after: int = 2) -> torch.Tensor:
+def needle_positions(tokenizer, ids: list, references, before: int = NEEDLE_BEFORE, after: int = NEEDLE_AFTER) -> torch.Tensor:
     """bool [T]: each reference's tokens in ``ids`` (as " value" or "value") widened by ``before``/``after``."""
     mask = torch.zeros(len(ids), dtype=torch.bool)
     for ref in references:

@@ -49,6 +49,16 @@ def _rounded(t: torch.Tensor) -> tuple:
     return tuple(tuple(round(float(x), 6) for x in row) for row in t)
 
 
+def _check_cases(cases) -> None:
+    if not isinstance(cases, int) or cases < 1:
+        raise ValueError(f"cases must be a positive int, got {cases!r}")
+
+
+def _above(scores: torch.Tensor, threshold: float) -> frozenset:
+    """The (layer, KV head) pairs scoring > ``threshold``: the retrieval and mass methods' default selection."""
+    return frozenset((i, j) for i in range(scores.shape[0]) for j in range(scores.shape[1]) if float(scores[i, j]) > threshold)
+
+
 def _top(scores: torch.Tensor, n: int = 10) -> list:
     flat = [(float(scores[i, j]), i, j) for i in range(scores.shape[0]) for j in range(scores.shape[1])]
     flat.sort(key=lambda t: (-t[0], t[1], t[2]))
@@ -79,13 +89,13 @@ def profile(model, method: str = "retrieval", *, tokenizer=None, name: str | Non
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}")
     m, tok, label = _load(model, tokenizer)
     label = name or label
-    L, H, Hk = _shape(m)
+    H = _shape(m)[1]  # also refuses a model without a decoder config, whatever the method
     t0 = time.perf_counter()
     if method == "mass":
         return _mass(m, tok, label, t0, seed=seed, lengths=tuple(lengths), cases=cases, max_new_tokens=max_new_tokens,
                      threshold=threshold, progress=progress)
     if method == "retrieval":
-        return _retrieval(m, tok, label, L, H, Hk, t0, seed=seed, pool=pool, lengths=tuple(lengths), cases=cases,
+        return _retrieval(m, tok, label, H, t0, seed=seed, pool=pool, lengths=tuple(lengths), cases=cases,
                           max_new_tokens=max_new_tokens, threshold=threshold, progress=progress)
     if data not in DUO_DATA:
         raise ValueError(f"data must be one of {tuple(DUO_DATA)}, got {data!r}")
@@ -93,7 +103,7 @@ def profile(model, method: str = "retrieval", *, tokenizer=None, name: str | Non
                 lam=lam, lr=lr, sparsity=sparsity, tau=tau, data=data, rows=rows, progress=progress)
 
 
-def _retrieval(m, tok, label, L, H, Hk, t0, *, seed, pool, lengths, cases, max_new_tokens, threshold, progress):
+def _retrieval(m, tok, label, H, t0, *, seed, pool, lengths, cases, max_new_tokens, threshold, progress):
     from graphwright.eval.niah import needle_suite
 
     from .retrieval_score import retrieval_scores
@@ -101,12 +111,11 @@ def _retrieval(m, tok, label, L, H, Hk, t0, *, seed, pool, lengths, cases, max_n
     if tok is None:
         raise ValueError(f"retrieval scoring needs a tokenizer and {label!r} has none (tiny random models); use e.g. smollm2-135m "
                          "or method='duo'")
-    if not isinstance(cases, int) or cases < 1:
-        raise ValueError(f"cases must be a positive int, got {cases!r}")
+    _check_cases(cases)
     suite = needle_suite(tok, lengths=lengths, cases=cases, seed=seed)
     res = retrieval_scores(m, tok, suite, pool=pool, max_new_tokens=max_new_tokens, progress=progress)
     s = res["scores"]
-    chosen = frozenset((i, j) for i in range(L) for j in range(Hk) if float(s[i, j]) > threshold)
+    chosen = _above(s, threshold)
     q = res["query_scores"]
     settings = {"source": "arXiv 2404.15574 retrieval score (graphwright.heads.retrieval_score)", "data": "graphwright.eval.niah.needle_suite",
                 "lengths": list(lengths), "cases_per_length": cases, "seed": seed, "max_new_tokens": max_new_tokens,
@@ -122,22 +131,21 @@ def _retrieval(m, tok, label, L, H, Hk, t0, *, seed, pool, lengths, cases, max_n
 def _mass(m, tok, label, t0, *, seed, lengths, cases, max_new_tokens, threshold, progress):
     from graphwright.eval.ruler import ruler_cases
 
-    from .needle_mass import needle_mass_scores
+    from .needle_mass import NEEDLE_AFTER, NEEDLE_BEFORE, needle_mass_scores
 
     if tok is None:
         raise ValueError(f"needle mass needs a tokenizer and {label!r} has none (tiny random models: pass tokenizer="
                          "ByteTokenizer()); use e.g. smollm2-135m")
-    if not isinstance(cases, int) or cases < 1:
-        raise ValueError(f"cases must be a positive int, got {cases!r}")
+    _check_cases(cases)
     suite = ruler_cases(tok, tasks=("niah_multivalue",), lengths=lengths, cases=cases, seed=seed + 1)
     res = needle_mass_scores(m, tok, suite, max_new_tokens=max_new_tokens, progress=progress)
     s = res["scores"]
-    L, Hk = s.shape
-    chosen = frozenset((i, j) for i in range(L) for j in range(Hk) if float(s[i, j]) > threshold)
+    chosen = _above(s, threshold)
     settings = {"source": "needle attention mass at the answer rows (graphwright.heads.needle_mass; QRHead, arXiv 2506.09944, "
                           "adapted)", "data": f"graphwright.eval.ruler niah_multivalue (seed {seed + 1})", "lengths": list(lengths),
                 "cases_per_length": cases, "seed": seed, "max_new_tokens": max_new_tokens,
-                "needle_span": "each value's tokens + 16 before + 2 after", "score": "mass - |needles| / T, mean over cases, >= 0",
+                "needle_span": f"each value's tokens + {NEEDLE_BEFORE} before + {NEEDLE_AFTER} after",
+                "score": "mass - |needles| / T, mean over cases, >= 0",
                 "gqa_pool": "mean", "selection": f"score > {threshold}"}
     measured = {"cases": res["cases"], "wall_seconds": round(time.perf_counter() - t0, 1),
                 "dense_answer_score": round(sum(r["score"] for r in res["rows"]) / len(res["rows"]), 4),
