@@ -32,11 +32,12 @@ attention scores 0.
 
 from __future__ import annotations
 
+import re
 import time
 
 import torch
 
-from .retrieval_score import pool_kv, route_attention
+from .retrieval_score import last_rows_logits, pool_kv, route_attention
 
 ATTN_NAME = "graphwright_needle_mass"
 NEEDLE_BEFORE, NEEDLE_AFTER = 16, 2  # tokens around each value that count as its needle (the key phrase, the period)
@@ -59,24 +60,22 @@ def needle_mass_reference(probs: torch.Tensor, needles: torch.Tensor) -> torch.T
     return out
 
 
-def needle_positions(tokenizer, ids: list, references, before: int = NEEDLE_BEFORE, after: int = NEEDLE_AFTER) -> torch.Tensor:
-    """bool [T]: each reference's tokens in ``ids`` (as " value" or "value") widened by ``before``/``after``."""
-    mask = torch.zeros(len(ids), dtype=torch.bool)
+def needle_positions(tokenizer, prompt: str, references, before: int = NEEDLE_BEFORE, after: int = NEEDLE_AFTER) -> torch.Tensor:
+    """bool [T] over the prompt's tokens: the tokens of each reference value (its first whole-word occurrence in
+    ``prompt``, with the one space before it, located exactly by the tokenizer's character offsets) widened by
+    ``before`` tokens ahead and ``after`` behind."""
+    from graphwright.eval.niah import encode
+
+    enc = encode(tokenizer, prompt, return_offsets_mapping=True)
+    mask = torch.zeros(len(enc.input_ids), dtype=torch.bool)
     for ref in references:
-        span = _find(ids, [tokenizer(" " + ref, add_special_tokens=False).input_ids, tokenizer(ref, add_special_tokens=False).input_ids])
-        if span is None:
-            raise ValueError(f"reference {ref!r} is not in the prompt's tokens; needle mass needs each value written in the prompt")
-        mask[max(0, span[0] - before):span[1] + after] = True
+        m = re.search(rf"(?<![0-9A-Za-z]){re.escape(ref)}(?![0-9A-Za-z])", prompt)
+        if m is None:
+            raise ValueError(f"reference {ref!r} is not in the prompt; needle mass needs each value written in the prompt")
+        c0 = m.start() - (m.start() > 0 and prompt[m.start() - 1] == " ")
+        toks = [i for i, (a, b) in enumerate(enc.offset_mapping) if b > c0 and a < m.end()]
+        mask[max(0, toks[0] - before):toks[-1] + 1 + after] = True
     return mask
-
-
-def _find(ids: list, candidates: list):
-    for cand in candidates:
-        n = len(cand)
-        for i in range(len(ids) - n + 1):
-            if n and ids[i:i + n] == cand:
-                return i, i + n
-    return None
 
 
 class _MassRecorder:
@@ -88,13 +87,8 @@ class _MassRecorder:
 
     def __call__(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        from transformers.models.llama.modeling_llama import repeat_kv
 
-        if kwargs.get("softcap") is not None or kwargs.get("sinks") is not None or kwargs.get("sliding_window"):
-            raise ValueError("needle mass supports plain causal softmax attention (no softcap, sinks or sliding window)")
-        k = repeat_kv(key, query.shape[1] // key.shape[1])[0].float()
-        q = query[0, :, -self.answer_rows:].float()
-        logits = torch.einsum("had,hsd->has", q, k) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+        logits = last_rows_logits(query, key, scaling, self.answer_rows, kwargs, "needle mass", window=False)[0]
         A, S = logits.shape[1:]
         causal = torch.arange(S)[None, :] <= (S - A) + torch.arange(A)[:, None]
         self.rows[module.layer_idx] = needle_mass(logits.masked_fill(~causal, float("-inf")).softmax(-1), self.needles)
@@ -109,7 +103,7 @@ def score_case(model, tokenizer, case: dict, max_new_tokens: int = 32) -> dict:
 
     ids = torch.tensor([encode(tokenizer, case["prompt"]).input_ids])
     T = ids.shape[1]
-    needles = needle_positions(tokenizer, ids[0].tolist(), case["references"])
+    needles = needle_positions(tokenizer, case["prompt"], case["references"])
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tokenizer.eos_token_id)
     answer_ids = out[:, T:]

@@ -85,6 +85,21 @@ def rouge1_recall(answer: str, gold: str) -> float:
     return hits / len(gold_w)
 
 
+def last_rows_logits(query, key, scaling, rows: int, kwargs: dict, what: str, window: bool = True) -> torch.Tensor:
+    """fp32 attention logits [B, H, rows, S] of the last ``rows`` query rows of an HF attention call against every
+    key (GQA keys repeated to their query heads), unmasked. Refuses, naming ``what`` measures, the attention forms
+    whose probabilities are not a plain softmax of these logits (softcap, sinks; a sliding window unless
+    ``window``: the caller then masks with the call's own ``attention_mask``)."""
+    from transformers.models.llama.modeling_llama import repeat_kv
+
+    if kwargs.get("softcap") is not None or kwargs.get("sinks") is not None or (not window and kwargs.get("sliding_window")):
+        extra = "" if window else " or sliding window"
+        raise ValueError(f"{what} supports plain softmax attention (no logit softcap, no attention sinks{extra})")
+    k = repeat_kv(key, query.shape[1] // key.shape[1]).float()
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return torch.einsum("bhad,bhsd->bhas", query[:, :, -rows:].float(), k) * scale
+
+
 class _Recorder:
     """Collects, per forward, each layer's last-row attention argmax [H] (fp32 logits, causal/window mask applied)."""
 
@@ -93,15 +108,10 @@ class _Recorder:
 
     def __call__(self, module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        from transformers.models.llama.modeling_llama import repeat_kv
 
-        if kwargs.get("softcap") is not None or kwargs.get("sinks") is not None:
-            raise ValueError("retrieval scoring supports plain softmax attention (no logit softcap, no attention sinks)")
-        groups = query.shape[1] // key.shape[1]
-        k = repeat_kv(key, groups).float()
-        logits = torch.einsum("bhd,bhsd->bhs", query[:, :, -1].float(), k) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+        logits = last_rows_logits(query, key, scaling, 1, kwargs, "retrieval scoring")[:, :, 0]
         if attention_mask is not None:
-            last = attention_mask[:, :, -1, : k.shape[2]]
+            last = attention_mask[:, :, -1, : key.shape[2]]
             logits = logits.masked_fill(~last, float("-inf")) if last.dtype == torch.bool else logits + last.float()
         self.rows[module.layer_idx] = logits[0].argmax(-1)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

@@ -40,12 +40,12 @@ def test_a_head_on_the_needles_scores_one_and_uniform_attention_the_chance_share
 def test_needle_positions_cover_each_value_and_its_key_phrase():
     tok = ByteTokenizer()
     text = "x" * 40 + " magic is: 1234." + "y" * 30
-    ids = tok(text, add_special_tokens=False).input_ids
-    mask = needle_positions(tok, ids, ["1234"], before=5, after=2)
-    start = text.index(" 1234")
+    mask = needle_positions(tok, text, ["1234"], before=5, after=2)
+    start = text.index(" 1234")  # the value and the space before it: 5 byte tokens
     assert mask.nonzero().flatten().tolist() == list(range(start - 5, start + 5 + 2))
-    with pytest.raises(ValueError, match="reference '9999' is not in the prompt's tokens"):
-        needle_positions(tok, ids, ["9999"])
+    assert needle_positions(tok, "a 12345 b 1234 c", ["1234"], before=0, after=0).nonzero().flatten().tolist() == list(range(9, 14))
+    with pytest.raises(ValueError, match="reference '9999' is not in the prompt"):
+        needle_positions(tok, text, ["9999"])
 
 
 def test_recorder_rows_equal_eager_attention_probabilities():
@@ -67,7 +67,7 @@ def test_recorder_rows_equal_eager_attention_probabilities():
             att = model(out, output_attentions=True).attentions
     finally:
         model.set_attn_implementation(before)
-    needles = needle_positions(tok, ids[0].tolist(), case["references"])
+    needles = needle_positions(tok, case["prompt"], case["references"])
     want = torch.stack([needle_mass(a[0][:, T:, :], needles) for a in att]).double()
     assert got["mass"].shape == (2, 4) and torch.allclose(got["mass"], want, atol=1e-5)
     assert got["chance"] == pytest.approx(float(needles.sum()) / T) and got["needle_tokens"] == int(needles.sum())
