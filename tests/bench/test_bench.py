@@ -200,3 +200,9 @@ def test_plot_decode_runs_lays_out_ratios_by_length(tmp_path):
     assert (tmp_path / "by_length.png").stat().st_size > 0
     with pytest.raises(SystemExit, match="no such result file"):
         mod.main([str(tmp_path / "missing.json"), "--out", str(tmp_path / "x")])
+
+
+def test_bench_decode_names_the_quality_works_best_quarter_recipe():
+    mod = load_bench("bench_decode")
+    assert mod.recipe_text("mass25", 2048) == 'snapkv(budget=512, heads="scores", gamma=1.0, headset="shipped:mass")'
+    assert mod.recipe_text("identity", 2048) is None and "mass25" in mod.DEFAULT_RECIPES
