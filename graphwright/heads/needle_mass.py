@@ -65,6 +65,7 @@ def needle_positions(tokenizer, prompt: str, references, before: int = NEEDLE_BE
     ``prompt``, with the one space before it, located exactly by the tokenizer's character offsets) widened by
     ``before`` tokens ahead and ``after`` behind."""
     from graphwright.eval.niah import encode
+    from graphwright.steer.spans import token_spans
 
     enc = encode(tokenizer, prompt, return_offsets_mapping=True)
     mask = torch.zeros(len(enc.input_ids), dtype=torch.bool)
@@ -73,8 +74,8 @@ def needle_positions(tokenizer, prompt: str, references, before: int = NEEDLE_BE
         if m is None:
             raise ValueError(f"reference {ref!r} is not in the prompt; needle mass needs each value written in the prompt")
         c0 = m.start() - (m.start() > 0 and prompt[m.start() - 1] == " ")
-        toks = [i for i, (a, b) in enumerate(enc.offset_mapping) if b > c0 and a < m.end()]
-        mask[max(0, toks[0] - before):toks[-1] + 1 + after] = True
+        [(s, e)] = token_spans(enc.offset_mapping, [(c0, m.end())])
+        mask[max(0, s - before):e + after] = True
     return mask
 
 

@@ -141,13 +141,12 @@ def route_attention(model, name: str, fn):
 def answer_span(tokenizer, case: dict) -> tuple[int, int]:
     """Token span ``[s, e)`` of the needle's activity words in the case's prompt (exact, from character offsets)."""
     from graphwright.eval.niah import encode
+    from graphwright.steer.spans import token_spans
 
     prompt = case["prompt"]
     enc = encode(tokenizer, prompt, return_offsets_mapping=True)
     n0 = prompt.index(case["activity"], prompt.index(case["city"]))  # the needle names the city before the activity
-    n1 = n0 + len(case["activity"])
-    toks = [i for i, (a, b) in enumerate(enc.offset_mapping) if b > n0 and a < n1]
-    return toks[0], toks[-1] + 1
+    return token_spans(enc.offset_mapping, [(n0, n0 + len(case["activity"]))])[0]
 
 
 @torch.no_grad()
