@@ -56,18 +56,56 @@ def collect(paths: list[Path], allow_busy: bool = False) -> dict:
                 if r is not None:
                     sides[side] = r
             kv = {s: block["ratios"][s]["kv_fraction_of_hf"] for s in sides if s in block.get("ratios", {})}
+            figs = block_figures(block)
             why = [f"{rt}: other processes {100 * ld['foreign_share']:.1f}%, load average {ld['load_before'][0]:.2f} before"
                    for rt, ld in block.get("blocks_load", {}).items() if ld.get("busy")]
             prev = out.get(int(P))
             if prev is not None:  # an earlier run at this length: its sides stay unless this run measured them too
-                sides, kv = {**prev["sides"], **sides}, {**prev["kv"], **kv}
+                sides, kv, figs = {**prev["sides"], **sides}, {**prev["kv"], **kv}, {**prev["figures"], **figs}
                 why = prev["busy_blocks"] + why
                 busy, runs = busy or prev["busy"], f"{prev['run']}, {Path(path).name}"
                 recipes = {**prev["recipes"], **block.get("recipes", {})}
             else:
                 runs, recipes = Path(path).name, block.get("recipes", {})
-            out[int(P)] = {"run": runs, "busy": busy, "busy_blocks": why, "sides": sides, "kv": kv, "recipes": recipes}
+            out[int(P)] = {"run": runs, "busy": busy, "busy_blocks": why, "sides": sides, "kv": kv, "recipes": recipes,
+                           "figures": figs}
     return dict(sorted(out.items()))
+
+
+FIGURES = ("prefill_tokens_per_s", "decode_tokens_per_s", "kv_bytes", "peak_mem_bytes")
+
+
+def block_figures(block: dict) -> dict:
+    """{side: the run's medians (prefill and decode tokens/s, KV bytes held, peak RSS added)} for every measured side,
+    HF once per runtime block as ``hf@RUNTIME`` (each block is its own process with its own HF run)."""
+    def pick(med: dict) -> dict:
+        return {m: med[m] for m in FIGURES if m in med}
+
+    figs = {side: pick(med) for side, med in block.get("median", {}).items() if side != "original/hf"}
+    hf = block.get("hf_by_runtime") or ({"": block["median"]["original/hf"]} if "original/hf" in block.get("median", {}) else {})
+    figs.update({f"hf@{rt}" if rt else "hf": pick(med) for rt, med in hf.items()})
+    return figs
+
+
+def figures_markdown(table: dict) -> str:
+    """One row per prompt length and side: the absolute figures beside the ratios (issue 17's table); MB = 10^6 bytes,
+    as in ``bench_decode.py``'s tables."""
+    lines = ["| prompt | side | prefill tok/s | decode tok/s | decode / HF | decode / dense | KV MB held | KV / HF | peak RSS +MB |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for P, t in table.items():
+        order = sorted(t["figures"], key=lambda s: (s.split("@")[-1].split("/")[-1], not s.startswith("hf"),
+                                                    not s.startswith("identity/"), s))
+        for side in order:
+            f, r = t["figures"][side], t["sides"].get(side, {})
+
+            def num(v, fmt):
+                return format(v, fmt) if v is not None else ""
+            kv = t["kv"].get(side, 1.0 if side.startswith("hf") else None)
+            lines.append(f"| {P} | {side} | {num(f.get('prefill_tokens_per_s'), '.0f')} | {num(f.get('decode_tokens_per_s'), '.1f')} | "
+                         f"{num(r.get('vs_hf', 1.0 if side.startswith('hf') else None), '.2f')} | {num(r.get('vs_dense'), '.2f')} | "
+                         f"{num(f['kv_bytes'] / 1e6 if 'kv_bytes' in f else None, '.1f')} | {num(kv, '.2f')} | "
+                         f"{num(f['peak_mem_bytes'] / 1e6 if 'peak_mem_bytes' in f else None, '.0f')} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(table: dict) -> str:
@@ -101,7 +139,7 @@ def plot(table: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    fig, axes = plt.subplots(1, 3, figsize=(19, 5.5))
     styles = {"torch": "-", "compiled": "-.", "onnx": ":"}
     series: dict = {}
     for P, t in table.items():
@@ -117,9 +155,23 @@ def plot(table: dict, path: Path) -> None:
         dense = [(p[0], p[2]) for p in pts if p[2] is not None]
         if dense and recipe != "identity":
             axes[1].plot(*zip(*dense), **kw)
-    for ax, what in zip(axes, ("speed over HF's decode step", "speed over dense, same runtime")):
+    absolute: dict = {}  # decode tokens/s of the rounds, HF as the median of its runs in the blocks
+    for P, t in table.items():
+        hf = sorted(f["decode_tokens_per_s"] for s, f in t.get("figures", {}).items() if s.startswith("hf") and "decode_tokens_per_s" in f)
+        if hf:
+            absolute.setdefault("HF generate()", []).append((P, hf[len(hf) // 2]))
+        for side, f in t.get("figures", {}).items():
+            if not side.startswith("hf") and "decode_tokens_per_s" in f:
+                absolute.setdefault(side, []).append((P, f["decode_tokens_per_s"]))
+    for side, pts in sorted(absolute.items()):
+        recipe, rt = side.split("/") if "/" in side else (side, "")
+        kw = {"marker": "o", "linestyle": styles.get(rt, "-"), "color": colors.get(recipe, "k"), "label": side,
+              "linewidth": 2.5 if rt == "" else 1.5}
+        axes[2].plot(*zip(*sorted(pts)), **kw)
+    for ax, what in zip(axes, ("speed over HF's decode step", "speed over dense, same runtime", "decode tokens/s (rounds; lengths from different runs and host states)")):
         ax.set_title(f"{what} (- torch, -. compiled, : ONNX Runtime)", fontsize=9)
-        ax.axhline(1.0, color="k", linewidth=0.8)
+        if ax is not axes[2]:
+            ax.axhline(1.0, color="k", linewidth=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("prompt tokens")
         ax.set_ylabel(what)
@@ -147,7 +199,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({str(k): v for k, v in table.items()}, indent=2))
-    md = markdown(table)
+    md = markdown(table) + "\nAbsolute figures (medians of the rounds; decode / HF and / dense as in the table above):\n\n" + figures_markdown(table)
     out.with_suffix(".md").write_text(md)
     plot(table, out.with_suffix(".png"))
     print(md)

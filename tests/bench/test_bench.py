@@ -206,3 +206,25 @@ def test_bench_decode_names_the_quality_works_best_quarter_recipe():
     mod = load_bench("bench_decode")
     assert mod.recipe_text("mass25", 2048) == 'snapkv(budget=512, heads="scores", gamma=1.0, headset="shipped:mass")'
     assert mod.recipe_text("identity", 2048) is None and "mass25" in mod.DEFAULT_RECIPES
+
+
+def test_plot_decode_runs_lists_the_absolute_figures_beside_the_ratios(tmp_path):
+    """Issue 17's table: prefill and decode tokens/s, KV bytes and peak RSS of each side, HF once per runtime block,
+    beside the step ratios; the plot gains a panel of decode tokens/s by prompt length."""
+    mod = load_bench("plot_decode_runs")
+    run = _decode_run(2048, False, "off", {"identity/torch": (1.5, 1.0), "h2o25/torch": (1.8, 1.2)},
+                      {"identity/torch": (1.4, 1.0, 1.0), "h2o25/torch": (1.7, 1.1, 0.25)})
+    block = run["prompts"]["2048"]
+    fig = {"prefill_tokens_per_s": 500.0, "decode_tokens_per_s": 20.0, "kv_bytes": 8_000_000, "peak_mem_bytes": 3_000_000}
+    block["median"] = {"original/hf": dict(fig), "identity/torch": {**fig, "decode_tokens_per_s": 30.0},
+                       "h2o25/torch": {**fig, "decode_tokens_per_s": 36.0, "kv_bytes": 2_000_000}}
+    block["hf_by_runtime"] = {"torch": dict(fig)}
+    (tmp_path / "r.json").write_text(json.dumps(run))
+    table = mod.collect([tmp_path / "r.json"])
+    assert set(table[2048]["figures"]) == {"hf@torch", "identity/torch", "h2o25/torch"}
+    md = mod.figures_markdown(table)
+    assert "| 2048 | hf@torch | 500 | 20.0 | 1.00 |  | 8.0 | 1.00 | 3 |" in md
+    assert "| 2048 | h2o25/torch | 500 | 36.0 | 1.80 | 1.20 | 2.0 | 0.25 | 3 |" in md
+    assert md.index("hf@torch") < md.index("identity/torch") < md.index("h2o25/torch")
+    assert mod.main([str(tmp_path / "r.json"), "--out", str(tmp_path / "o")]) == 0
+    assert "Absolute figures" in (tmp_path / "o.md").read_text() and (tmp_path / "o.png").stat().st_size > 0
