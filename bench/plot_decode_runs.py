@@ -97,15 +97,17 @@ def figures_markdown(table: dict) -> str:
                                                     not s.startswith("identity/"), s))
         for side in order:
             f, r = t["figures"][side], t["sides"].get(side, {})
-
-            def num(v, fmt):
-                return format(v, fmt) if v is not None else ""
-            kv = t["kv"].get(side, 1.0 if side.startswith("hf") else None)
-            lines.append(f"| {P} | {side} | {num(f.get('prefill_tokens_per_s'), '.0f')} | {num(f.get('decode_tokens_per_s'), '.1f')} | "
-                         f"{num(r.get('vs_hf', 1.0 if side.startswith('hf') else None), '.2f')} | {num(r.get('vs_dense'), '.2f')} | "
-                         f"{num(f['kv_bytes'] / 1e6 if 'kv_bytes' in f else None, '.1f')} | {num(kv, '.2f')} | "
-                         f"{num(f['peak_mem_bytes'] / 1e6 if 'peak_mem_bytes' in f else None, '.0f')} |")
+            hf = 1.0 if side.startswith("hf") else None  # HF is its own reference: 1.00 of itself
+            lines.append(f"| {P} | {side} | {_cell(f.get('prefill_tokens_per_s'), '.0f')} | {_cell(f.get('decode_tokens_per_s'), '.1f')} | "
+                         f"{_cell(r.get('vs_hf', hf), '.2f')} | {_cell(r.get('vs_dense'), '.2f')} | "
+                         f"{_cell(f.get('kv_bytes'), '.1f', 1e6)} | {_cell(t['kv'].get(side, hf), '.2f')} | "
+                         f"{_cell(f.get('peak_mem_bytes'), '.0f', 1e6)} |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(value, fmt: str, unit: float = 1.0) -> str:
+    """``value / unit`` formatted, or an empty cell where the run did not measure it."""
+    return "" if value is None else format(value / unit, fmt)
 
 
 def markdown(table: dict) -> str:
