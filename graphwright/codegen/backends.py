@@ -47,6 +47,7 @@ from .torch.decode_linear import finalize_torch
 from .torch.eviction_slots import SLOT_OVERRIDES
 from .torch.latent_attention import latent_attention_sdpa, latent_keys_fast
 from .torch.moe import fused_moe_auto, fused_moe_sorted, fused_moe_triton
+from .torch.packed_attention import packed_decode_attention
 from .torch.policy_slots import POLICY_SLOT_OVERRIDES
 from .torch.scored_attention import scored_attention
 from .torch.shared_views import share_views
@@ -160,7 +161,9 @@ TORCH = register_backend(Backend(
      **EVICTION_REFERENCES, **SLOT_OVERRIDES, **POLICY_SLOT_OVERRIDES, LATENT_KEYS: latent_keys_fast},
     # streaming_rope_shift: StreamingLLM keys cached at absolute positions, no per-step key rotation (torch/streaming_shift.py)
     # share_views: one unsqueeze/expand node where every layer repeated the same view (torch/shared_views.py)
-    transforms=(append_caches_in_place, scored_attention, streaming_rope_shift, share_views), step_rewrites=(bound_native_windows,),
+    # packed_decode_attention: a decode step over a packed Ada-KV cache reads the packed buffer once (torch/packed_attention.py)
+    transforms=(append_caches_in_place, scored_attention, packed_decode_attention, streaming_rope_shift, share_views),
+    step_rewrites=(bound_native_windows,),
     finalize=finalize_torch))  # decode GEMV split over the threads ([in, out] copies at 1 thread), flat weight attributes (torch/decode_linear.py)
 
 TRITON = register_backend(Backend(
