@@ -16,7 +16,8 @@ or ``session_weights`` (``codegen/onnx/session_weights.ENABLED``: one mapped cop
 sessions, MatMul weights not prepacked) or ``state_order`` (``codegen/onnx/state_order.ENABLED``: a prompt step's
 state written before the next layer's attention) or ``prompt_rows`` (``codegen/onnx/prompt_rows.ENABLED``: the MLP
 of a long prompt step in row blocks) or ``causal_columns`` (``codegen/onnx/prompt_attention.CAUSAL_COLUMNS``: a blocked
-column sum reads only the keys before each block's causal edge). For each artifact it loads
+column sum reads only the keys before each block's causal edge) or ``packed_decode`` (``codegen/onnx/packed_decode.ENABLED``:
+a packed Ada-KV cache's one-row step attends to the packed buffer, not a wide view). For each artifact it loads
 the artifact twice (switch off, then on; ORT threads not spinning, no memory arena, as ``bench_decode.py``), runs one
 prompt step of ``--prompt`` tokens of the shipped novel on each, then alternates ``--blocks`` blocks of ``--block``
 greedy decode steps between the two, each continuing its own state. Prints per side the median wall and process-CPU
@@ -42,7 +43,7 @@ SWITCHES = {"decode_attention": "graphwright.codegen.onnx.decode_attention", "in
             "inplace_slots": "graphwright.codegen.onnx.inplace_slots",
             "prompt_attention": "graphwright.codegen.onnx.prompt_attention",
             "session_weights": "graphwright.codegen.onnx.session_weights", "state_order": "graphwright.codegen.onnx.state_order",
-            "prompt_rows": "graphwright.codegen.onnx.prompt_rows",
+            "prompt_rows": "graphwright.codegen.onnx.prompt_rows", "packed_decode": "graphwright.codegen.onnx.packed_decode",
             "causal_columns": "graphwright.codegen.onnx.prompt_attention:CAUSAL_COLUMNS"}
 
 

@@ -177,7 +177,9 @@ COMPILED = register_backend(Backend(
     "compiled", "the torch backend with decode steps run by torch.compile (Inductor) over static-capacity caches, "
                 "eager prefill; append-only recipes and fixed-capacity eviction (streaming, h2o with token counts, snapkv), "
                 "evict(score=...)/keyformer/scissorhands/fastgen/fraction h2o eagerly after the compiled graph; "
-                "no block_sparse, packed Ada-KV or eviction on lowrank_kv caches",
+                "packed Ada-KV caches that compress once (snapkv heads='adaptive'/'scores', pyramid=); no block_sparse, "
+                "Ada-KV re-split at decode or eviction on lowrank_kv caches",
     # streaming_rope_shift as on torch: StreamingLLM keys cached post-RoPE, no per-step key re-rotation in the compiled step
-    TORCH.table, transforms=(append_caches_in_place, scored_attention, streaming_rope_shift), make_step=make_static_step,
+    TORCH.table, transforms=(append_caches_in_place, scored_attention, packed_decode_attention, streaming_rope_shift),
+    make_step=make_static_step,
     finalize=finalize_torch))  # decode GEMVs as graphwright::decode_gemv calls Inductor keeps (torch/decode_linear.py)

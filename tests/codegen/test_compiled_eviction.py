@@ -20,7 +20,7 @@ from graphwright.compiled import CompiledModel
 from graphwright.ops.rope_index_ref import rope_cache_index_reference
 from graphwright.verify import run_recipe
 from tests.conftest import left_padded_batch
-from tests.passes.eviction_helpers import decode_loop, kept_positions
+from tests.passes.eviction_helpers import decode_loop, kept_positions, random_headset
 
 LENGTHS, STEPS = [40, 31], 45
 # recipe -> (capacity after the prefill, capacity buckets compiled); budgets 32 < the longer prompt
@@ -136,3 +136,31 @@ def test_rope_by_rank_on_unordered_slots_equals_the_reference_on_the_ordered_cac
     got_q, got_k = rope_cache_index_static(q, k_p, k_pos_p, inv_freq, 1.0)
     torch.testing.assert_close(got_q, want_q)
     torch.testing.assert_close(got_k[:, :, :S], want_k[:, :, perm])
+
+
+PACKED = ['snapkv(budget=24, window=4, heads="adaptive", floor=0.0)', "snapkv(budget=24, window=4, pyramid=20.0)", "scores"]
+
+
+@pytest.mark.parametrize("inductor", [pytest.param(True, marks=pytest.mark.slow), False], ids=["inductor", "eager"])
+@pytest.mark.parametrize("recipe", PACKED)
+def test_packed_adakv_caches_compile_and_decode_like_the_torch_backend(compiled_tiny, recipe, inductor, tmp_path):
+    """The packed caches that compress once append Hk slots per decode step to one shared buffer per layer
+    (``static_cache.slots_per_step``): the same kept sets, logits and tokens as the torch backend, buckets of capacity."""
+    base = compiled_tiny("tiny-llama")
+    if recipe == "scores":
+        path, _ = random_headset(base.step_graph.info, tmp_path, 3, zero_below=0.4)
+        recipe = f'snapkv(budget=24, window=4, heads="scores", gamma=3.0, headset="{path}")'
+    cm, ref = compiled_and_torch(base, recipe, inductor)
+    _, _, sets, shapes, frames = check_same_as_torch(cm, ref)
+    hk = base.step_graph.info.num_kv_heads
+    names = [s.name for s in cm.runtime_graph.state]
+    k0 = names.index("k0")  # layer 0's packed keys [B, 1, N, D]
+    assert shapes[0][k0][1] == 1 and shapes[1][k0][1] == 1
+    assert [len(h) for h in sets[-1][0]] == [n + STEPS for n in (len(h) for h in sets[0][0])]  # one slot per head and step
+    assert cm._backend_step.grow[k0] == hk and {c["capacity"] for c in cm._backend_step.compiles} <= {256, 512}
+    assert frames == (len(cm._backend_step.compiles) if inductor else 0)
+
+
+def test_adakv_resplit_at_every_decode_step_is_refused_with_the_reason(compiled_tiny):
+    with pytest.raises(ValueError, match=r"cannot run this recipe: .*on a packed per-layer cache .* no static decode translation"):
+        with_recipe(compiled_tiny("tiny-llama"), 'evict(score="h2o", rule="adaptive", budget=8, when="decode")', "compiled")

@@ -25,7 +25,7 @@ import torch
 
 from ...capture.step_graph import ModelInfo, StateSpec
 from ...errors import GraphwrightError
-from . import decode_attention, inplace_kv, inplace_slots, prompt_attention, prompt_rows, state_order
+from . import decode_attention, inplace_kv, inplace_slots, packed_decode, prompt_attention, prompt_rows, state_order
 
 METADATA = "graphwright.json"
 MODEL = "model.onnx"
@@ -397,7 +397,7 @@ def _session(model_path, input_names, output_names, providers, session_options, 
     import onnxruntime as ort
 
     session = None
-    if decode_attention.ENABLED or prompt_attention.ENABLED or weights is not None:  # the graph alone is rewritten
+    if decode_attention.ENABLED or prompt_attention.ENABLED or packed_decode.ENABLED or weights is not None:  # the graph alone is rewritten
         import onnx
 
         proto = onnx.load(str(model_path), load_external_data=False)
@@ -422,13 +422,17 @@ def _load_rewrites(proto, prompt: bool = True, prompt_only: bool = False) -> int
     """The load-time rewrites of ``proto`` (in place): one query row as grouped MatMuls (``decode_attention``),
     a long prompt step in query blocks (``prompt_attention``; only a graph that runs prompt steps, ``prompt``), each
     layer's state written before the next layer's attention (``state_order``), and the MLP of a long prompt step in row
-    blocks (``prompt_rows``; only a graph that runs no one-token steps, ``prompt_only``). Returns how many nodes changed."""
+    blocks (``prompt_rows``; only a graph that runs no one-token steps, ``prompt_only``); then a packed Ada-KV cache's
+    one-row step over its packed buffer (``packed_decode``; a graph that runs one-token steps). Returns how many nodes
+    changed."""
+    packed = [] if prompt_only else packed_decode.find(proto)  # named before the rewrites below move the Attention
     count = prompt_attention.rewrite(proto) if prompt and prompt_attention.ENABLED else 0  # takes the T = 1 branch too
     if count and state_order.ENABLED:  # each layer's state written before the next layer's attention
         state_order.rewrite(proto, prompt_attention.anchors(proto))
     if prompt_only and prompt_rows.ENABLED:  # the MLP of a long prompt step in row blocks
         count += prompt_rows.rewrite(proto)
-    return count + (decode_attention.rewrite(proto) if decode_attention.ENABLED else 0)
+    count += decode_attention.rewrite(proto) if decode_attention.ENABLED else 0
+    return count + packed_decode.rewrite(proto, packed)  # a packed cache's one-row step reads the packed buffer
 
 
 def _check_names(session, model_path, input_names, output_names) -> None:

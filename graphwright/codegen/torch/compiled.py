@@ -55,8 +55,11 @@ step, never change; the new token takes each head's first empty slot and evictio
 victim's slot empty, all in the compiled graph); SnapKV evicts at prefill (eager) and appends at
 decode (the buckets above). StreamingLLM keys are cached post-RoPE (the torch backend's
 ``streaming_rope_shift``): no key is re-rotated per step. Refused with a ``ValueError`` naming the
-recipe and the reason when the ``CompiledModel`` is built: eviction on ``lowrank_kv`` caches, the packed
-Ada-KV caches, ``block_sparse`` (its page summaries are not appended). The generic scored op
+recipe and the reason when the ``CompiledModel`` is built: eviction on ``lowrank_kv`` caches, packed
+Ada-KV caches re-split at every decode step (``evict(rule="adaptive"|"scores")``, ``h2o(heads="adaptive")``),
+``block_sparse`` (its page summaries are not appended). The packed caches that compress once
+(``snapkv(heads="adaptive"|"scores")``, ``pyramid=``) append Hk slots per decode step to one shared buffer per
+layer (``static_cache.slots_per_step``) and attend with ``packed_attention.attention_packed_decode``. The generic scored op
 (``evict(score=...)``), Keyformer, Scissorhands, FastGen and H2O with fraction budgets (no fixed capacity)
 run eagerly after the compiled decode graph (``static_fallback.py``: cut out like the ONNX split's
 runtime ops, applied with their references on the static buffers narrowed to the torch backend's
@@ -128,9 +131,10 @@ def _raise_recompile_limit() -> None:
 
 SUPPORTED = ("It supports recipes whose KV state grows only by appending (identity, window, lowrank_kv; steer, noop, fuse_moe "
              "append too, untested) and eviction with a fixed decode capacity: streaming(sinks, window), h2o(heavy=N, recent=M) "
-             "with token counts, snapkv(budget=N) (evict(score=...), keyformer, scissorhands, fastgen and h2o with fraction "
-             "budgets run eagerly after the compiled step); eviction on lowrank_kv caches, packed Ada-KV caches "
-             "(heads='adaptive', pyramid=, rule='adaptive' or 'scores') and block_sparse need backend='torch'")
+             "with token counts, snapkv(budget=N) including its packed Ada-KV forms (heads='adaptive' or 'scores', pyramid=) "
+             "(evict(score=...), keyformer, scissorhands, fastgen and h2o with fraction budgets run eagerly after the compiled "
+             "step); eviction on lowrank_kv caches, Ada-KV re-split at decode (evict(rule='adaptive' or 'scores'), "
+             "h2o(heads='adaptive')) and block_sparse need backend='torch'")
 
 
 class StaticCacheStep:
@@ -164,7 +168,8 @@ class StaticCacheStep:
         reason = static_cache_unsupported(graph, len(self.specs), skip=skip)
         if reason:
             raise ValueError(f"backend={backend_name!r} cannot run this graph: {reason}. {SUPPORTED}")
-        slots_from_appends(graph, len(self.specs), skip=skip)
+        _, grows = slots_from_appends(graph, len(self.specs), skip=skip)
+        self.grow = [grows.get(i, 1) for i in range(len(self.specs))]  # slots one decode step appends (Hk: packed caches)
         self._names = [n.name for n in graph.nodes if n.op == "placeholder"]
         self._decode_graph = graph
         self.compiler = compile_decode  # GraphModule -> callable; tests swap in ``lambda gm: gm`` (static caches, eager)
@@ -202,7 +207,7 @@ class StaticCacheStep:
         """Copy ``state`` into buffers of capacity ``_cap_for(i, filled[i] + 1)`` (a buffer that already has it is kept)."""
         bufs = []
         for i, (t, s) in enumerate(zip(state, self.specs)):
-            cap = self._cap_for(i, self._filled[i] + 1)
+            cap = self._cap_for(i, self._filled[i] + self.grow[i])
             if t.shape[s.seq_dim] == cap and self._owns(state):
                 bufs.append(t)
                 continue
@@ -263,7 +268,7 @@ class StaticCacheStep:
         if not owned:
             self._filled = [t.shape[s.seq_dim] for t, s in zip(state, self.specs)]
             self._adopt(state)
-        elif any(self._cap_for(i, n + 1) > c for i, (n, c) in enumerate(zip(self._filled, self._caps()))):
+        elif any(self._cap_for(i, n + self.grow[i]) > c for i, (n, c) in enumerate(zip(self._filled, self._caps()))):
             self._adopt(self._bufs)  # a bucket crossed: copy into bigger buffers (whole buffers: evicting slots lie anywhere)
         slot = torch.tensor(self._filled, dtype=torch.long, device=input_ids.device)
         key = (input_ids.shape[0], self._caps())
@@ -273,8 +278,8 @@ class StaticCacheStep:
             self._seen.add(key)
             self.compiles.append({"batch": key[0], "capacity": max(key[1]), "first_call_s": time.perf_counter() - t0})
         filled = list(self._filled)
-        self._filled = [min(n + 1, self.evicting[i]["limit"] - 1) if i in self.evicting else n if i in self.heads else n + 1
-                        for i, n in enumerate(self._filled)]
+        self._filled = [min(n + 1, self.evicting[i]["limit"] - 1) if i in self.evicting else n if i in self.heads
+                        else n + self.grow[i] for i, n in enumerate(self._filled)]
         if self.fallback["records"]:
             self._apply_fallback(out, input_ids, positions, logits_index, slot, extras, filled)
         return out[0], list(self._bufs)

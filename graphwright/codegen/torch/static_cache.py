@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from ...ops.adakv_ref import pack_heads_reference, packed_positions_reference
 from .cache_append import cache_append
 
 
@@ -33,6 +34,17 @@ def slot_write(buf: torch.Tensor, new: torch.Tensor, dim: int, slot: torch.Tenso
     idx = slot + torch.arange(new.shape[dim], device=buf.device)
     buf[(slice(None),) * dim + (idx,)] = new
     return buf
+
+
+def slots_per_step(new: torch.fx.Node) -> int:
+    """Entries a one-token decode step appends with ``new``: Hk for a packed Ada-KV cache (``pack_heads`` of
+    [B, Hk, 1, D] and ``packed_positions(pos, Hk)``: one slot per KV head in the layer's shared buffer), else 1."""
+    target = getattr(new, "target", None)
+    if target is pack_heads_reference:
+        return int(new.args[0].meta["val"].shape[1])
+    if target is packed_positions_reference:
+        return int(new.args[1])
+    return 1
 
 
 def static_cache_unsupported(graph: torch.fx.Graph, num_state: int, skip=()) -> str | None:
@@ -61,19 +73,21 @@ def _batch_size_read(node: torch.fx.Node, state: torch.fx.Node) -> bool:
     return node.target is torch.ops.aten.sym_size.int and node.args[0] is state and node.args[1] == 0
 
 
-def slots_from_appends(graph: torch.fx.Graph, num_state: int, skip=()) -> torch.fx.Node:
+def slots_from_appends(graph: torch.fx.Graph, num_state: int, skip=()) -> tuple[torch.fx.Node, dict]:
     """Rewrite ``graph`` in place (see the module docstring); returns the new ``cache_slot`` input,
-    placed just before the first state input. State ``i`` (but those in ``skip``) writes at
-    ``cache_slot[i]``."""
+    placed just before the first state input, and ``{state index: slots_per_step}`` of the rewritten states. State ``i``
+    (but those in ``skip``) writes at ``cache_slot[i]``."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     with graph.inserting_before(placeholders[3]):
         slot = graph.placeholder("cache_slot")
+    grows = {}
     for i, ph in enumerate(placeholders[3:3 + num_state]):
         if i in skip:
             continue
         (user,) = [u for u in ph.users if u.target is cache_append]
         cache, new, dim = user.args
+        grows[i] = slots_per_step(new)
         with graph.inserting_before(user):
             slot_i = graph.call_method("narrow", (slot, 0, i, 1))
         user.target, user.args = slot_write, (cache, new, dim, slot_i)
-    return slot
+    return slot, grows

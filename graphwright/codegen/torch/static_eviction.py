@@ -23,7 +23,10 @@ decode. ``eviction_decode_rewrite`` rewrites a copy of the lowered graph (the de
   token holds the latest position), as the reference does on its position-ordered cache;
 * SnapKV's op returns its inputs at a decode step (``snapkv_keep`` is None when S != T), so its
   outputs are wired straight to its inputs: its layer is append-only at decode and keeps the
-  compiled backend's shared-slot, bucketed buffers.
+  compiled backend's shared-slot, bucketed buffers. So do its packed Ada-KV forms (``evict_adakv``:
+  ``heads="adaptive"``, ``pyramid=``; ``evict_adakv_shares``: ``heads="scores"``; ``PREFILL_ONLY_PACKED``): their
+  layer's one shared buffer gets Hk slots per step (``static_cache.slots_per_step``) and its attention is
+  ``packed_attention.attention_packed_decode`` (the packed buffer read once, empty slots at position -1).
 
 No fixed capacity, so left to the eager fallback (``static_fallback.runs_eagerly``): H2O with fraction
 budgets (the kept count grows with the row length) and FastGen (special and punctuation tokens
@@ -31,7 +34,8 @@ accumulate and full heads keep everything: a data-dependent capacity; its freque
 all tokens, so several may leave in one step). Refused, with the reason (``EvictionNotStatic``):
 eviction on latent caches (one payload serves every KV head; the op keeps the union of the heads'
 sets, and its outputs reach the latent states through views the fallback does not replay), the
-packed Ada-KV caches, and any layer whose states are not the plain appended caches this rewrite expects.
+packed Ada-KV caches of ``evict(rule="adaptive"|"scores")`` and ``h2o(heads="adaptive")``, and any layer whose
+states are not the plain appended caches this rewrite expects.
 
 StreamingLLM keys: the compiled backend lowers with the torch backend's ``streaming_rope_shift``
 (``streaming_shift.py``), so a StreamingLLM layer caches post-RoPE keys in its slots and its attention is
@@ -51,13 +55,27 @@ import operator
 import torch
 
 from ...ops import schema
-from ...ops.eviction import EVICT_ADAKV, EVICT_ADAKV_DECODE, EVICT_ADAKV_SCORED, EVICT_H2O, EVICT_OPS, EVICT_SNAPKV, EVICT_STREAMING, ROPE_CACHE_INDEX
+from ...ops.eviction import (
+    EVICT_ADAKV,
+    EVICT_ADAKV_DECODE,
+    EVICT_ADAKV_SCORED,
+    EVICT_ADAKV_SHARES,
+    EVICT_H2O,
+    EVICT_OPS,
+    EVICT_SNAPKV,
+    EVICT_STREAMING,
+    ROPE_CACHE_INDEX,
+)
 from ...ops.rope_index_ref import _rotate, rope_angles, rope_invert_reference
 from .attention import attention_sdpa
 from .cache_append import cache_append
 from .eviction_slots import decode_colsum, position_rank
+from .packed_attention import attention_packed, packed_decode_only
 from .static_fallback import runs_eagerly
 from .streaming_shift import invert_slots, streaming_attention
+
+# the packed Ada-KV ops that compress once after prefill and return their inputs at decode (append only, like SnapKV)
+PREFILL_ONLY_PACKED = (EVICT_ADAKV, EVICT_ADAKV_SHARES)
 
 
 class EvictionNotStatic(ValueError):
@@ -151,12 +169,11 @@ def _reason(op, node) -> str | None:
     name = op.name().split("::")[-1].removeprefix("evict_")
     layer = node.meta.get("graphwright", {}).get("layer")
     where = f"{name} (layer {layer})" if layer is not None else name
-    if op in (EVICT_ADAKV, EVICT_ADAKV_SCORED, EVICT_ADAKV_DECODE):
-        return (f"{where}: snapkv with heads='adaptive' or pyramid= (or evict(rule='adaptive' or "
-                "'scores'), h2o(heads='adaptive')) "
-                "holds a packed per-layer cache (ragged heads); "
-                "the compiled backend's static buffers are per head, so use the torch backend")
-    if op not in (EVICT_H2O, EVICT_STREAMING, EVICT_SNAPKV):
+    if op in (EVICT_ADAKV_SCORED, EVICT_ADAKV_DECODE):
+        return (f"{where}: evict(rule='adaptive' or 'scores') and h2o(heads='adaptive') on a packed per-layer cache "
+                "(ragged heads) have no static decode translation; use the torch backend (snapkv's packed forms, "
+                "heads='adaptive'/'scores' or pyramid=, compress once, then append, and compile)")
+    if op not in (EVICT_H2O, EVICT_STREAMING, EVICT_SNAPKV, *PREFILL_ONLY_PACKED):
         return f"{where}: no static decode translation and no eager fallback (static_fallback.EAGER_OPS)"
     return None
 
@@ -233,10 +250,13 @@ def eviction_decode_rewrite(graph: torch.fx.Graph, orig_graph: torch.fx.Graph, s
         if why:
             raise EvictionNotStatic(why)
         node.meta["_orig"] = o
-        if o.target is EVICT_SNAPKV:
+        if o.target is EVICT_SNAPKV or o.target in PREFILL_ONLY_PACKED:  # they return their inputs at decode
             _bypass(node)
             continue
         plan.update(_static_layer(node, o, states, specs, outputs, last_input))
+    for node in list(graph.nodes):  # a packed cache's attention: the decode form only (no wide view to fall back on)
+        if node.op == "call_function" and node.target is attention_packed:
+            packed_decode_only(node, EvictionNotStatic)
     for node in ropes:  # StreamingLLM's rotation: only over the slots this rewrite made
         k_pos = _Args(node, orig[node.name])["k_pos"]
         if k_pos.target is not head_slot_write:
