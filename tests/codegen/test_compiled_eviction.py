@@ -145,7 +145,8 @@ PACKED = ['snapkv(budget=24, window=4, heads="adaptive", floor=0.0)', "snapkv(bu
 @pytest.mark.parametrize("recipe", PACKED)
 def test_packed_adakv_caches_compile_and_decode_like_the_torch_backend(compiled_tiny, recipe, inductor, tmp_path):
     """The packed caches that compress once append Hk slots per decode step to one shared buffer per layer
-    (``static_cache.slots_per_step``): the same kept sets, logits and tokens as the torch backend, buckets of capacity."""
+    (``static_cache.slots_per_step``): the same kept sets, logits and tokens as the torch backend; each buffer gets
+    room for 256 steps at once (``compiled.PACKED_ROOM_STEPS``), so the layers' ragged lengths cost no recompiles."""
     base = compiled_tiny("tiny-llama")
     if recipe == "scores":
         path, _ = random_headset(base.step_graph.info, tmp_path, 3, zero_below=0.4)
@@ -157,10 +158,28 @@ def test_packed_adakv_caches_compile_and_decode_like_the_torch_backend(compiled_
     k0 = names.index("k0")  # layer 0's packed keys [B, 1, N, D]
     assert shapes[0][k0][1] == 1 and shapes[1][k0][1] == 1
     assert [len(h) for h in sets[-1][0]] == [n + STEPS for n in (len(h) for h in sets[0][0])]  # one slot per head and step
-    assert cm._backend_step.grow[k0] == hk and {c["capacity"] for c in cm._backend_step.compiles} <= {256, 512}
-    assert frames == (len(cm._backend_step.compiles) if inductor else 0)
+    assert cm._backend_step.grow[k0] == hk
+    # room for PACKED_ROOM_STEPS (256) steps from the first decode step: the shapes never change over 45, one compile
+    assert all(s == shapes[1] for s in shapes[1:]) and shapes[1][k0][2] >= shapes[0][k0][2] + hk * 256
+    assert len(cm._backend_step.compiles) == 1 and frames == (1 if inductor else 0)
 
 
 def test_adakv_resplit_at_every_decode_step_is_refused_with_the_reason(compiled_tiny):
     with pytest.raises(ValueError, match=r"cannot run this recipe: .*on a packed per-layer cache .* no static decode translation"):
         with_recipe(compiled_tiny("tiny-llama"), 'evict(score="h2o", rule="adaptive", budget=8, when="decode")', "compiled")
+
+
+def test_packed_buffers_run_out_of_room_together(compiled_tiny, monkeypatch):
+    """Room for 8 steps: every packed buffer is reallocated at the same steps (one compile key per reallocation, not one
+    per layer crossing a bucket), and the decode still equals the torch backend's."""
+    from graphwright.codegen.torch import compiled
+
+    monkeypatch.setattr(compiled, "PACKED_ROOM_STEPS", 8)
+    monkeypatch.setattr(compiled, "SMALL_GRANULE", 1)  # exact capacities: the reallocations are visible in the shapes
+    cm, ref = compiled_and_torch(compiled_tiny("tiny-llama"), "snapkv(budget=24, window=4, pyramid=20.0)", inductor=False)
+    _, _, _, shapes, _ = check_same_as_torch(cm, ref)
+    names = [s.name for s in cm.runtime_graph.state]
+    packed = [i for i, n in enumerate(names) if n.startswith(("k", "v"))]
+    changed = [step for step in range(2, len(shapes)) if shapes[step] != shapes[step - 1]]
+    assert changed and all(all(shapes[s][i] != shapes[s - 1][i] for i in packed) for s in changed)  # all at once
+    assert len(cm._backend_step.compiles) == len(changed) + 1 <= STEPS // 8 + 1

@@ -59,7 +59,12 @@ recipe and the reason when the ``CompiledModel`` is built: eviction on ``lowrank
 Ada-KV caches re-split at every decode step (``evict(rule="adaptive"|"scores")``, ``h2o(heads="adaptive")``),
 ``block_sparse`` (its page summaries are not appended). The packed caches that compress once
 (``snapkv(heads="adaptive"|"scores")``, ``pyramid=``) append Hk slots per decode step to one shared buffer per
-layer (``static_cache.slots_per_step``) and attend with ``packed_attention.attention_packed_decode``. The generic scored op
+layer (``static_cache.slots_per_step``) and attend with ``packed_attention.attention_packed_decode``. Their lengths
+differ per layer (the heads' shares), so per-layer buckets would be crossed at different steps, each crossing a
+recompile (SmolLM2-135M, ``mass25`` at 600 tokens: two compiles of 60-100 s in 12 steps); instead a packed buffer is
+(re)allocated with room for ``PACKED_ROOM_STEPS`` steps (Hk slots each, then rounded up to a bucket) and, when one runs
+out, every state is re-checked at once: the others were given the same room at the same step, so recompiles come at
+most once per ``PACKED_ROOM_STEPS`` steps, like the dense buckets. The room is counted in ``kv_bytes`` (what is held). The generic scored op
 (``evict(score=...)``), Keyformer, Scissorhands, FastGen and H2O with fraction budgets (no fixed capacity)
 run eagerly after the compiled decode graph (``static_fallback.py``: cut out like the ONNX split's
 runtime ops, applied with their references on the static buffers narrowed to the torch backend's
@@ -78,6 +83,7 @@ from .static_eviction import EvictionNotStatic, eviction_decode_rewrite
 from .static_fallback import FallbackNotPossible, eager_fallback_rewrite, run_fallback
 
 RECOMPILE_LIMIT = 64
+PACKED_ROOM_STEPS = 256  # decode steps of room a packed Ada-KV buffer gets when (re)allocated: see the module docstring
 SMALL_GRANULE, SMALL_LIMIT = 256, 2048
 
 
@@ -191,8 +197,14 @@ class StaticCacheStep:
     def _cap_for(self, i: int, need: int) -> int:
         if i in self.heads:
             return self._filled[i]
+        if self.grow[i] > 1:  # a packed cache: room for PACKED_ROOM_STEPS more steps (module docstring)
+            return capacity_for(need + self.grow[i] * PACKED_ROOM_STEPS)
         limit = self.evicting[i]["limit"] if i in self.evicting else None
         return capacity_for(need) if limit is None else min(capacity_for(need), limit)
+
+    def _full(self, i: int, n: int, c: int) -> bool:
+        """State ``i`` (``n`` filled of ``c``) cannot take the next step's slots in its bucket."""
+        return n + self.grow[i] > c if self.grow[i] > 1 else self._cap_for(i, n + 1) > c
 
     def _owns(self, state) -> bool:
         return self._bufs is not None and len(state) == len(self._bufs) and all(a is b for a, b in zip(state, self._bufs))
@@ -268,7 +280,7 @@ class StaticCacheStep:
         if not owned:
             self._filled = [t.shape[s.seq_dim] for t, s in zip(state, self.specs)]
             self._adopt(state)
-        elif any(self._cap_for(i, n + self.grow[i]) > c for i, (n, c) in enumerate(zip(self._filled, self._caps()))):
+        elif any(self._full(i, n, c) for i, (n, c) in enumerate(zip(self._filled, self._caps()))):
             self._adopt(self._bufs)  # a bucket crossed: copy into bigger buffers (whole buffers: evicting slots lie anywhere)
         slot = torch.tensor(self._filled, dtype=torch.long, device=input_ids.device)
         key = (input_ids.shape[0], self._caps())
