@@ -7,9 +7,11 @@ batch padding to the longest row) and per-head positions [B, Hk, N] (-1 where a 
 another head): the bytes held are the bytes kept. The attention reads the cached slots expanded to Hk
 heads (each head's mask hides the other heads' slots) concatenated with this step's new tokens in
 the dense per-head layout: a prompt on an empty cache is then plain dense causal attention (the
-fast SDPA path, no per-head mask over Hk*T keys), and a decode step attends over N + 1 slots per
-KV head, Hk times the kept slots per query head instead of 1 times (a transient [B, Hk, N + 1, D]
-copy per layer and step; what the state holds stays N).
+fast SDPA path, no per-head mask over Hk*T keys). Run literally, a decode step would copy the cache
+expanded to Hk heads and each KV head would read all N slots; every runtime instead lowers a one-token
+step to attention over the appended packed buffer ``k_all`` (read once, each query head masked to its
+KV head's slots): torch and compiled ``codegen/torch/packed_attention.py``, ONNX Runtime
+``codegen/onnx/packed_decode.py``.
 
 Per rewritten layer (dense layers only; latent layers share one row across heads and are refused)::
 

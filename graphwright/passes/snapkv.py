@@ -36,8 +36,10 @@ prompt, integer step), the same total over layers (± L); ``pyramid=1`` is SnapK
 appends. Either one stores the layer in a packed cache (``packed_rewrite.py``: one [B, 1, N, D]
 buffer per layer holding the sum of the heads' lengths, per-head positions [B, Hk, N]) so ragged
 heads free real memory; ``last_stats["kv_bytes"]`` counts that buffer. Not on latent layers
-(``lowrank_kv``: refused), no ``compiled`` backend (refused there). ONNX: the slot ops are translated
-(``codegen/onnx/packed_cache.py``), ``evict_adakv`` runs as a cut runtime op (``split.py``).
+(``lowrank_kv``: refused). Decode attends to the appended packed buffer once on every runtime
+(``codegen/torch/packed_attention.py``, ``codegen/onnx/packed_decode.py``); the ``compiled`` backend bypasses the op at
+decode (it returns its inputs) and appends Hk slots per step (``codegen/torch/static_eviction.py``). ONNX: the slot ops
+are translated (``codegen/onnx/packed_cache.py``), ``evict_adakv`` runs as a cut runtime op (``split.py``).
 
 After ``duo`` (``also_on = retrieval_part``): snapkv compresses the retrieval heads' prompt cache of
 each layer duo left retrieval heads in; with ``heads="adaptive"`` the packed cache holds the retrieval
