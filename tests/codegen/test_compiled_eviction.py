@@ -183,3 +183,9 @@ def test_packed_buffers_run_out_of_room_together(compiled_tiny, monkeypatch):
     changed = [step for step in range(2, len(shapes)) if shapes[step] != shapes[step - 1]]
     assert changed and all(all(shapes[s][i] != shapes[s - 1][i] for i in packed) for s in changed)  # all at once
     assert len(cm._backend_step.compiles) == len(changed) + 1 <= STEPS // 8 + 1
+
+
+def test_a_packed_cache_under_a_sliding_window_is_refused_with_the_reason(compiled_tiny):
+    """tiny-gemma3's layer 0 has a native sliding window: the one-query packed attention has no window form."""
+    with pytest.raises(ValueError, match=r"cannot run this recipe: .*packed cache with a window, sinks or key bias"):
+        with_recipe(compiled_tiny("tiny-gemma3"), "snapkv(budget=10, window=2, heads='adaptive', floor=0.0)", "compiled")

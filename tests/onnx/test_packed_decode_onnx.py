@@ -16,7 +16,9 @@ from tests.onnx.kv_compare import assert_onnx_runs_like_torch
 from tests.passes.eviction_helpers import random_headset
 
 RECIPES = {"adaptive": ("tiny-llama", "snapkv(budget=10, window=2, heads='adaptive', floor=0.0)"),
-           "pyramid": ("tiny-qwen2", "snapkv(budget=10, window=2, heads='adaptive', pyramid=20)")}
+           "pyramid": ("tiny-qwen2", "snapkv(budget=10, window=2, heads='adaptive', pyramid=20)"),
+           # layer 0 has a native sliding window (8): its mask is not the plain visibility, so it keeps its attention
+           "gemma3_window": ("tiny-gemma3", "snapkv(budget=10, window=2, heads='adaptive', floor=0.0)")}
 GEN = dict(max_new_tokens=24, eos_token_id=[], pad_token_id=0)
 
 
@@ -48,7 +50,15 @@ def test_every_packed_layer_reads_the_packed_buffer(onnx_artifact, switches, mon
     assert _wide_views(proto) == 0  # moved into the branches the one-row step does not take
 
 
-@pytest.mark.parametrize("case", ["adaptive", "pyramid", "scores"])
+def test_a_windowed_layer_keeps_its_attention(onnx_artifact):
+    cm, out = onnx_artifact(*RECIPES["gemma3_window"])
+    windows = cm.step_graph.info.windows
+    assert windows[0] > 0 and not windows[1]
+    found = packed_decode.find(onnx.load(str(out / "model.onnx"), load_external_data=False))
+    assert len(found) == 1  # the global layer only: the rewrite rebuilds no window
+
+
+@pytest.mark.parametrize("case", ["adaptive", "pyramid", "scores", "gemma3_window"])
 def test_decode_equals_the_rewrite_off_and_torch(onnx_artifact, case, tmp_path, monkeypatch):
     cm, out = onnx_artifact(*_recipe(case, tmp_path))
     ids, mask = left_padded_batch(256, (54, 47), seed=6)  # prefill 24 columns, then 30 one-row steps

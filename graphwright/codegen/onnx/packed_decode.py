@@ -26,8 +26,10 @@ at or before the query's position, or a padding query) and moves the main-graph 
 neither builds nor reads the wide view: K and V are read once, as a uniform cache's Hk * C slots. The graph on disk is
 unchanged.
 
-Exactness: the same masked fp32 softmax per query head over the same keys in another slot order (logits within 1e-5
-of the rewrite switched off). Tested (``tests/onnx/test_packed_decode_onnx.py``): tiny-Llama packed artifacts
+Eligible: an opset ``Attention`` with ``kv_num_heads`` 1 over such a wide view whose boolean mask is the plain
+visibility (no window arithmetic, no float key bias: ``_not_plain_visibility``), with the appends before it; any other
+layer keeps its exported attention. Exactness: the same masked fp32 softmax per query head over the same keys in
+another slot order (logits within 1e-5 of the rewrite switched off). Tested (``tests/onnx/test_packed_decode_onnx.py``): tiny-Llama packed artifacts
 (``heads="adaptive"``, ``pyramid``, ``heads="scores"``) through ``OnnxStep`` with the rewrite on and off over decode
 steps (logits within 1e-5, the same greedy tokens), every packed layer rewritten, the wide-view nodes gone from the
 main graph; ``bench/ab_onnx_switch.py --switch packed_decode`` measures decode steps off and on.
@@ -42,6 +44,7 @@ from .row_cone import _reads
 
 ENABLED = True  # False: packed layers attend over the exported wide view (A/B: bench/ab_onnx_switch.py --switch packed_decode)
 _LOWEST = -3.4028234663852886e38  # float32's lowest finite value, as decode_attention
+_BOOL = 9  # onnx.TensorProto.BOOL
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,16 @@ def _positions_append(mask, consumers, producer, inputs):
     return others[0] if len(others) == 1 else None
 
 
+def _not_plain_visibility(mask, producer, types) -> bool:
+    """The Attention's mask is more than ``translations.visibility`` without a window: not boolean (a steering key
+    bias is added to a float mask) or built with a ``Sub``/``Add`` (a window's ``q_pos - k_pos < window``). The one-row
+    branch rebuilds only the plain visibility, so such a layer keeps its exported attention."""
+    t = types.get(mask)
+    if t is None or t[0] != _BOOL:
+        return True
+    return any((n := producer.get(x)) is not None and n.op_type in ("Sub", "Add") for x in _cone(mask, producer))
+
+
 def find(model, positions: str = "positions") -> list[PackedAttention]:
     """The packed layers' attentions of ``model``'s main graph (module docstring); [] when none or not ``ENABLED``."""
     graph = model.graph
@@ -133,6 +146,8 @@ def find(model, positions: str = "positions") -> list[PackedAttention]:
             continue
         k_all, v_all = _appended(*kw, consumers, producer), _appended(*vw, consumers, producer)
         kp_all = _positions_append(node.input[3], consumers, producer, inputs)
+        if _not_plain_visibility(node.input[3], producer, types):
+            continue
         a = _attrs(node)
         if None in (k_all, v_all, kp_all) or a.get("kv_num_heads") != 1 or a.get("is_causal", 0) or a.get("softcap", 0.0):
             continue
