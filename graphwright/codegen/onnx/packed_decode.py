@@ -40,6 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .decode_attention import _types
+from .prompt_attention import _branch
 from .row_cone import _reads
 
 ENABLED = True  # False: packed layers attend over the exported wide view (A/B: bench/ab_onnx_switch.py --switch packed_decode)
@@ -203,12 +204,6 @@ def _is_decode_if(node) -> bool:
                                      or node.name.startswith("gw_decode_attention"))
 
 
-def _branch(nodes, out: str, name: str):
-    from onnx import TensorProto, helper
-
-    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
-
-
 def _set_branch(node, which: str, graph) -> None:
     for a in node.attribute:
         if a.name == which:
@@ -236,58 +231,64 @@ def _wrap(node, p: PackedAttention, prefix: str) -> list:
                              else_branch=_branch([inner], inner.output[0], f"{prefix}else"))]
 
 
-def _move_into_else(nodes: list, at: int, graph_outputs: set) -> int:
-    """Move the main-graph nodes before ``nodes[at]`` (an If) that only its else-branch needs into that branch (first,
-    in order): a node moves when none of its outputs is a graph output, read by the If's condition or then-branch, or
-    read by a node that stays. Returns how many moved."""
-    node = nodes[at]
-    other = set(node.input) | _reads(_branch_of(node, "then_branch").node) | {o.name for o in
-                                                                            _branch_of(node, "then_branch").output}
-    else_reads = _reads(_branch_of(node, "else_branch").node)
+def _move_into_else(nodes: list, ifs: list[int], graph_outputs: set) -> None:
+    """Move the main-graph nodes before each If of ``ifs`` (indices into ``nodes``) that only its else-branch needs into
+    that branch (first, in order): a node moves when none of its outputs is a graph output, read by the If's condition
+    or then-branch, or read by a node that stays in the main graph or moves into another If's branch. One map of who
+    reads what serves every If (built once, not once per layer)."""
     readers: dict = {}
     for j, n in enumerate(nodes):
-        if j != at:
-            for name in _reads([n]):
-                readers.setdefault(name, set()).add(j)
-    moved: set = set()
-    for j in range(at - 1, -1, -1):
-        outs = [o for o in nodes[j].output if o]
-        if not outs or any(o in graph_outputs or o in other for o in outs):
-            continue
-        if all(readers.get(o, set()) <= moved for o in outs) and any(o in else_reads or readers.get(o) for o in outs):
-            moved.add(j)
-    if moved:
+        for name in _reads([n]):
+            readers.setdefault(name, set()).add(j)
+    moved: dict = {}  # node index -> the If whose else-branch takes it
+    for at in ifs:
+        node = nodes[at]
+        then = _branch_of(node, "then_branch")
+        other = set(node.input) | _reads(then.node) | {o.name for o in then.output}
+        else_reads = _reads(_branch_of(node, "else_branch").node)
+        mine: set = set()
+        for j in range(at - 1, -1, -1):
+            outs = [o for o in nodes[j].output if o]
+            if j in moved or not outs or any(o in graph_outputs or o in other for o in outs):
+                continue
+            rest = [readers.get(o, set()) - {at} for o in outs]  # the If itself reads them in its else-branch
+            if all(r <= mine for r in rest) and any(o in else_reads or r for o, r in zip(outs, rest)):
+                mine.add(j)
         body = _branch_of(node, "else_branch")
         kept = list(body.node)
         del body.node[:]
-        body.node.extend([nodes[j] for j in sorted(moved)] + kept)
-        nodes[:] = [n for j, n in enumerate(nodes) if j not in moved]
-    return len(moved)
+        body.node.extend([nodes[j] for j in sorted(mine)] + kept)
+        moved.update(dict.fromkeys(mine, at))
+    nodes[:] = [n for j, n in enumerate(nodes) if j not in moved]
 
 
 def rewrite(model, found: list[PackedAttention]) -> int:
     """Give each ``found`` layer's one-row step the packed attention (module docstring), in place; returns how many."""
     graph = model.graph
     nodes = list(graph.node)
-    graph_outputs = {o.name for o in graph.output}
-    count = 0
+    at_of = {o: j for j, n in enumerate(nodes) for o in n.output}
+    outer = {x.name for x in graph.input} | {x.name for x in graph.initializer}
+    rewritten, wraps = [], {}
     for i, p in enumerate(found):
-        at = next((j for j, n in enumerate(nodes) if p.out in n.output), None)
+        at = at_of.get(p.out)
         if at is None:
             continue
-        ready = {o for n in nodes[:at] for o in n.output} | {x.name for x in graph.input} | {x.name for x in graph.initializer}
-        if not {p.q, p.k_all, p.v_all, p.kp_all, p.positions} <= ready:  # the appends must come first: leave it as is
-            continue
+        if any(x not in outer and at_of.get(x, at) >= at for x in (p.q, p.k_all, p.v_all, p.kp_all, p.positions)):
+            continue  # the appends must come first: leave it as is
         prefix = f"gw_packed_decode{i}_"
         if _is_decode_if(nodes[at]):
             then_out = _branch_of(nodes[at], "then_branch").output[0].name
             _set_branch(nodes[at], "then_branch", _branch(_decode_nodes(p, then_out, prefix), then_out, f"{prefix}then"))
         else:
-            nodes[at:at + 1] = _wrap(nodes[at], p, prefix)
-            at += 3
-        _move_into_else(nodes, at, graph_outputs)
-        count += 1
-    if count:
-        del graph.node[:]
-        graph.node.extend(nodes)
-    return count
+            wraps[at] = _wrap(nodes[at], p, prefix)
+        rewritten.append(at)
+    if not rewritten:
+        return 0
+    spliced, last = [], {}
+    for j, n in enumerate(nodes):  # a wrapped node becomes Shape, Constant, Equal, If: the If is its last node
+        spliced.extend(wraps.get(j, [n]))
+        last[j] = len(spliced) - 1
+    _move_into_else(spliced, sorted(last[j] for j in rewritten), {o.name for o in graph.output})
+    del graph.node[:]
+    graph.node.extend(spliced)
+    return len(rewritten)

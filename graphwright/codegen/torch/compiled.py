@@ -59,7 +59,7 @@ recipe and the reason when the ``CompiledModel`` is built: eviction on ``lowrank
 Ada-KV caches re-split at every decode step (``evict(rule="adaptive"|"scores")``, ``h2o(heads="adaptive")``),
 ``block_sparse`` (its page summaries are not appended). The packed caches that compress once
 (``snapkv(heads="adaptive"|"scores")``, ``pyramid=``) append Hk slots per decode step to one shared buffer per
-layer (``static_cache.slots_per_step``) and attend with ``packed_attention.attention_packed_decode``. Their lengths
+layer (``static_cache.slots_per_step``) and attend with ``packed_attention.packed_decode``. Their lengths
 differ per layer (the heads' shares), so per-layer buckets would be crossed at different steps, each crossing a
 recompile (SmolLM2-135M, ``mass25`` at 600 tokens: two compiles of 60-100 s in 12 steps); instead a packed buffer is
 (re)allocated with room for ``PACKED_ROOM_STEPS`` steps (Hk slots each, then rounded up to a bucket) and, when one runs

@@ -62,27 +62,6 @@ def attention_packed(q, k, v, q_pos, k_pos, scale, window=0, key_bias=None, sink
     return attention_sdpa(q, kw, vw, q_pos, kp, scale, window, key_bias, sinks)
 
 
-PARTS = ("k_cache", "k_new", "v_cache", "v_new", "kp_cache")
-
-
-def attention_packed_decode(q, k, v, q_pos, k_pos, scale):
-    """``attention_packed`` in a graph that runs decode steps only (the compiled backend's static decode graph)."""
-    return packed_decode(q, k, v, q_pos, k_pos, scale)
-
-
-def packed_decode_only(node: torch.fx.Node, error=ValueError) -> None:
-    """Turn an ``attention_packed`` node of a decode-only graph into ``attention_packed_decode`` (its cache states then
-    feed only their appends, as static caches need); ``error`` when it has a window, sinks or key bias."""
-    window, key_bias, sinks = (node.args[i] if len(node.args) > i else node.kwargs.get(n, d)
-                               for i, n, d in ((6, "window", 0), (7, "key_bias", None), (8, "sinks", 0)))
-    if window or sinks or key_bias is not None:
-        raise error(f"{node.name}: attention over a packed cache with a window, sinks or key bias has no one-query decode "
-                    "form; use the torch backend")
-    node.target = attention_packed_decode
-    node.args = tuple(node.args[:6])
-    node.kwargs = {k: v for k, v in node.kwargs.items() if k not in (*PARTS, "window", "key_bias", "sinks")}
-
-
 def packed_decode(q, k, v, q_pos, k_pos, scale):
     """One decode query per head over the packed slots: q [B, H, 1, D] as H rows of one KV head [B, 1, S, D]; query
     head h sees the slots ``k_pos[:, h // g]`` marks visible (g = H / Hk). Returns [B, H, 1, Dv]."""
@@ -166,8 +145,7 @@ def packed_decode_attention(graph: torch.fx.Graph) -> None:
         kp_cache = _kp_parts(kp_att, q_pos, hk)
         k_all = _appended(kparts[0], PACK_HEADS, kparts[1])
         v_all = _appended(vparts[0], PACK_HEADS, vparts[1])
-        kp_all = next((u for u in kp_cache.users if _target(u) is cache_append and _target(u.args[1]) is PACKED_POSITIONS
-                       and u.args[1].args[0] is q_pos), None) if kp_cache is not None else None
+        kp_all = _appended(kp_cache, PACKED_POSITIONS, q_pos) if kp_cache is not None else None
         if k_all is None or v_all is None or kp_all is None or not _before((k_all, v_all, kp_all), node):
             continue
         schema.set(node, "k", k_all)

@@ -26,7 +26,7 @@ decode. ``eviction_decode_rewrite`` rewrites a copy of the lowered graph (the de
   compiled backend's shared-slot, bucketed buffers. So do its packed Ada-KV forms (``evict_adakv``:
   ``heads="adaptive"``, ``pyramid=``; ``evict_adakv_shares``: ``heads="scores"``; ``PREFILL_ONLY_PACKED``): their
   layer's one shared buffer gets Hk slots per step (``static_cache.slots_per_step``) and its attention is
-  ``packed_attention.attention_packed_decode`` (the packed buffer read once, empty slots at position -1).
+  ``packed_attention.packed_decode`` (the packed buffer read once, empty slots at position -1).
 
 No fixed capacity, so left to the eager fallback (``static_fallback.runs_eagerly``): H2O with fraction
 budgets (the kept count grows with the row length) and FastGen (special and punctuation tokens
@@ -70,7 +70,7 @@ from ...ops.rope_index_ref import _rotate, rope_angles, rope_invert_reference
 from .attention import attention_sdpa
 from .cache_append import cache_append
 from .eviction_slots import decode_colsum, position_rank
-from .packed_attention import attention_packed, packed_decode_only
+from .packed_attention import attention_packed, packed_decode
 from .static_fallback import runs_eagerly
 from .streaming_shift import invert_slots, streaming_attention
 
@@ -256,7 +256,7 @@ def eviction_decode_rewrite(graph: torch.fx.Graph, orig_graph: torch.fx.Graph, s
         plan.update(_static_layer(node, o, states, specs, outputs, last_input))
     for node in list(graph.nodes):  # a packed cache's attention: the decode form only (no wide view to fall back on)
         if node.op == "call_function" and node.target is attention_packed:
-            packed_decode_only(node, EvictionNotStatic)
+            _packed_decode_only(node, orig[node.name])
     for node in ropes:  # StreamingLLM's rotation: only over the slots this rewrite made
         k_pos = _Args(node, orig[node.name])["k_pos"]
         if k_pos.target is not head_slot_write:
@@ -268,6 +268,16 @@ def eviction_decode_rewrite(graph: torch.fx.Graph, orig_graph: torch.fx.Graph, s
         node.target = streaming_attention_static
     graph.lint()
     return plan
+
+
+def _packed_decode_only(node, o) -> None:
+    """``attention_packed`` -> ``packed_decode`` (one query per head over the packed slots; its cache states then feed
+    only their appends, as static caches need); EvictionNotStatic when the layer has a window, sinks or key bias."""
+    args = _Args(node, o)
+    if args["window"] or args["sinks"] or args["key_bias"] is not None:
+        raise EvictionNotStatic(f"{node.name}: attention over a packed cache with a window, sinks or key bias has no "
+                                "one-query decode form; use the torch backend")
+    node.target, node.args, node.kwargs = packed_decode, tuple(args[n] for n in ("q", "k", "v", "q_pos", "k_pos", "scale")), {}
 
 
 def _static_layer(node, o, states, specs, outputs, last_input) -> dict:
