@@ -61,6 +61,9 @@ def test_a_windowed_layer_keeps_its_attention(onnx_artifact):
 @pytest.mark.parametrize("case", ["adaptive", "pyramid", "scores", "gemma3_window"])
 def test_decode_equals_the_rewrite_off_and_torch(onnx_artifact, case, tmp_path, monkeypatch):
     cm, out = onnx_artifact(*_recipe(case, tmp_path))
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    rewritable = sum(not w for w in (cm.step_graph.info.windows or [0] * cm.step_graph.info.num_layers))
+    assert len(packed_decode.find(proto)) == rewritable  # the on side below really runs the packed attention
     ids, mask = left_padded_batch(256, (54, 47), seed=6)  # prefill 24 columns, then 30 one-row steps
     monkeypatch.setattr(packed_decode, "ENABLED", False)
     off = gw.load(out)
